@@ -1,0 +1,13 @@
+//! The gRPC protocol between strait proxies and the strait control plane
+//! (package `strait.api.v1`): discovery, inbound policy and identity.
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("strait.api.v1");
+}
+
+#[cfg(feature = "testing")]
+pub mod testing {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("strait.testing.v1");
+}

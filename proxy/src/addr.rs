@@ -1,0 +1,235 @@
+//! Types for the addresses and ports the proxy deals in, parsed once at the edge.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+/// Where the app meant to connect (from `SO_ORIGINAL_DST` or an `--upstream` listener).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrigDst(pub SocketAddr);
+
+/// The port of the app in the peer pod, carried from proxy to proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TargetPort(pub u16);
+
+/// The address of the client of a connection we accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// A destination: an address, or a DNS name and port to resolve when connecting.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DestAddr {
+    Socket(SocketAddr),
+    Name(NameAddr),
+}
+
+impl DestAddr {
+    pub fn port(&self) -> u16 {
+        match self {
+            DestAddr::Socket(a) => a.port(),
+            DestAddr::Name(n) => n.port,
+        }
+    }
+}
+
+impl fmt::Display for DestAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DestAddr::Socket(a) => a.fmt(f),
+            DestAddr::Name(n) => n.fmt(f),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NameAddr {
+    host: String,
+    port: u16,
+}
+
+impl NameAddr {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for NameAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddrError {
+    #[error("expected HOST:PORT, got {0:?}")]
+    MissingPort(String),
+    #[error("invalid port in {0:?}")]
+    BadPort(String),
+    #[error("invalid host name {0:?}")]
+    BadHost(String),
+    #[error(
+        "expected LOCAL=DEST (e.g. 127.0.0.1:15432=db.default.svc.cluster.local:5432), got {0:?}"
+    )]
+    BadUpstream(String),
+    #[error("invalid port list {0:?}: {1}")]
+    BadPorts(String, String),
+}
+
+impl FromStr for DestAddr {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(DestAddr::Socket(a));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| AddrError::MissingPort(s.to_string()))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| AddrError::BadPort(s.to_string()))?;
+        if port == 0 {
+            return Err(AddrError::BadPort(s.to_string()));
+        }
+        if !is_dns_name(host) {
+            return Err(AddrError::BadHost(host.to_string()));
+        }
+        Ok(DestAddr::Name(NameAddr {
+            host: host.trim_end_matches('.').to_ascii_lowercase(),
+            port,
+        }))
+    }
+}
+
+/// RFC 1123 host name: labels of letters, digits and hyphens, at most 253 bytes.
+fn is_dns_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `--upstream LOCAL=DEST`: a local listener whose connections all go to DEST.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub local: SocketAddr,
+    pub dest: DestAddr,
+}
+
+impl FromStr for Upstream {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (local, dest) = s
+            .split_once('=')
+            .ok_or_else(|| AddrError::BadUpstream(s.to_string()))?;
+        let local = local
+            .trim()
+            .parse()
+            .map_err(|_| AddrError::BadUpstream(s.to_string()))?;
+        let dest = dest.trim().parse()?;
+        Ok(Upstream { local, dest })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.local, self.dest)
+    }
+}
+
+/// A set of ports: "25,587,8000-8100"; the empty string is the empty set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(BTreeSet<u16>);
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.contains(&port)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| AddrError::BadPorts(s.to_string(), why.to_string());
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            let lo: u16 = lo.trim().parse().map_err(|_| bad("not a port number"))?;
+            let hi: u16 = hi.trim().parse().map_err(|_| bad("not a port number"))?;
+            if lo == 0 || lo > hi {
+                return Err(bad("ports are 1-65535 and ranges go low-high"));
+            }
+            set.extend(lo..=hi);
+        }
+        Ok(PortSet(set))
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports: Vec<String> = self.0.iter().map(u16::to_string).collect();
+        f.write_str(&ports.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_parses_name_and_socket_destinations() {
+        let u: Upstream = "127.0.0.1:15432=db.default.svc.cluster.local:5432"
+            .parse()
+            .unwrap();
+        assert_eq!(u.local, "127.0.0.1:15432".parse().unwrap());
+        assert_eq!(u.dest.to_string(), "db.default.svc.cluster.local:5432");
+        let u: Upstream = "127.0.0.1:1=[::1]:80".parse().unwrap();
+        assert_eq!(u.dest, DestAddr::Socket("[::1]:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn malformed_upstreams_are_refused_with_the_reason() {
+        assert!(matches!(
+            "127.0.0.1:1".parse::<Upstream>(),
+            Err(AddrError::BadUpstream(_))
+        ));
+        assert!(matches!(
+            "127.0.0.1:1=db".parse::<Upstream>(),
+            Err(AddrError::MissingPort(_))
+        ));
+        assert!(matches!(
+            "127.0.0.1:1=db:0".parse::<Upstream>(),
+            Err(AddrError::BadPort(_))
+        ));
+        assert!(matches!(
+            "127.0.0.1:1=bad_host!:80".parse::<Upstream>(),
+            Err(AddrError::BadHost(_))
+        ));
+    }
+
+    #[test]
+    fn port_sets_take_lists_ranges_and_nothing() {
+        let p: PortSet = "25, 587,8000-8002".parse().unwrap();
+        assert!(p.contains(25) && p.contains(8001) && !p.contains(80));
+        assert_eq!(p.to_string(), "25,587,8000,8001,8002");
+        assert_eq!("".parse::<PortSet>().unwrap(), PortSet::default());
+        assert!("0".parse::<PortSet>().is_err());
+        assert!("9-3".parse::<PortSet>().is_err());
+        assert!("http".parse::<PortSet>().is_err());
+    }
+}

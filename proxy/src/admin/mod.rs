@@ -1,0 +1,152 @@
+//! The admin server: health, metrics, the running configuration, the log filter,
+//! and shutdown. Loopback by default; `/shutdown` refuses non-loopback callers
+//! even when the admin address is widened.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::telemetry::Metrics;
+use crate::telemetry::log::LogHandle;
+use crate::transport::Drain;
+use crate::transport::drain::ShutdownHandle;
+
+/// Bodies the admin server accepts (a log filter) are small.
+const MAX_BODY: usize = 4 * 1024;
+
+pub struct AdminState {
+    pub config_json: String,
+    pub metrics: Arc<Metrics>,
+    pub log: Option<LogHandle>,
+    pub shutdown: ShutdownHandle,
+    pub drain: Drain,
+    pub ready: watch::Receiver<bool>,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn route(
+    state: &AdminState,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (Method::GET, "/ready") => {
+            if state.drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if *state.ready.borrow() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (Method::GET, "/config") => {
+            let mut r = text(StatusCode::OK, format!("{}\n", state.config_json));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        (Method::GET, "/log-level") => match &state.log {
+            Some(l) => text(StatusCode::OK, format!("{}\n", l.current())),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "logging is not managed by this proxy\n",
+            ),
+        },
+        (Method::PUT, "/log-level") => {
+            let Some(log) = &state.log else {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "logging is not managed by this proxy\n",
+                );
+            };
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "log filter too large\n"),
+            };
+            let Ok(filter) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "log filter is not UTF-8\n");
+            };
+            match log.set(filter.trim()) {
+                Ok(()) => {
+                    info!(filter = filter.trim(), "log filter changed");
+                    text(StatusCode::OK, format!("{}\n", filter.trim()))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        (Method::POST, "/shutdown") => {
+            if !peer.ip().is_loopback() {
+                warn!(client = %peer, "refused /shutdown from a non-loopback address");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "shutdown is accepted only from loopback\n",
+                );
+            }
+            info!(client = %peer, "shutdown requested");
+            state.shutdown.shutdown();
+            text(StatusCode::OK, "shutting down\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}

@@ -1,0 +1,214 @@
+//! Command line: every flag is also an environment variable (`--inbound-addr` is
+//! `STRAIT_PROXY_INBOUND_ADDR`); a bad value exits non-zero naming the flag.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::addr::{PortSet, Upstream};
+use crate::defaults;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "strait-proxy",
+    version,
+    about = "strait's sidecar proxy: mTLS, retries, timeouts and load balancing for every pod",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no subcommand is given).
+    Run(Config),
+}
+
+impl Cli {
+    pub fn into_config(self) -> Config {
+        match self.command {
+            Some(Command::Run(c)) => c,
+            None => self.run,
+        }
+    }
+}
+
+/// The proxy's running configuration; `/config` on the admin server shows it.
+#[derive(Clone, Debug, Args, Serialize)]
+pub struct Config {
+    /// Listener for connections from other proxies and meshed-in clients.
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_ADDR", default_value = defaults::INBOUND_ADDR)]
+    pub inbound_addr: SocketAddr,
+
+    /// Listener for the app's outgoing connections (iptables redirects them here).
+    #[arg(long, env = "STRAIT_PROXY_OUTBOUND_ADDR", default_value = defaults::OUTBOUND_ADDR)]
+    pub outbound_addr: SocketAddr,
+
+    /// Admin server: /live, /ready, /metrics, /config, /log-level, /shutdown.
+    #[arg(long, env = "STRAIT_PROXY_ADMIN_ADDR", default_value = defaults::ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// LOCAL=DEST: listen on LOCAL and send every connection to DEST
+    /// (e.g. 127.0.0.1:15432=db.default.svc.cluster.local:5432). Repeatable; in the
+    /// environment, comma-separated.
+    #[arg(
+        long = "upstream",
+        env = "STRAIT_PROXY_UPSTREAM",
+        value_name = "LOCAL=DEST",
+        value_delimiter = ','
+    )]
+    #[serde(serialize_with = "ser_display_vec")]
+    pub upstreams: Vec<Upstream>,
+
+    /// Ports that skip protocol detection and are carried as opaque TCP
+    /// (comma-separated, ranges allowed; empty for none).
+    #[arg(long, env = "STRAIT_PROXY_OPAQUE_PORTS", default_value = defaults::OPAQUE_PORTS)]
+    #[serde(serialize_with = "ser_display")]
+    pub opaque_ports: PortSet,
+
+    /// How long to wait for a client's first bytes before carrying the connection as
+    /// opaque TCP (server-speaks-first protocols wait this long for their banner).
+    #[arg(long, env = "STRAIT_PROXY_DETECT_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub detect_timeout: Duration,
+
+    /// Timeout of a TCP connect to an upstream.
+    #[arg(long, env = "STRAIT_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+
+    /// Time a client has to finish sending an HTTP/1 request head (answered with 408).
+    #[arg(long, env = "STRAIT_PROXY_HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub http_header_read_timeout: Duration,
+
+    /// An idle HTTP/1 keep-alive connection is closed after this long.
+    #[arg(long, env = "STRAIT_PROXY_HTTP_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub http_idle_timeout: Duration,
+
+    /// An opaque TCP stream with no traffic either way is closed after this long.
+    #[arg(long, env = "STRAIT_PROXY_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub tcp_idle_timeout: Duration,
+
+    /// Connections open at once per listener; more get 503 or are closed.
+    #[arg(long, env = "STRAIT_PROXY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// On SIGTERM or POST /shutdown: how long in-flight requests may take to finish.
+    #[arg(long, env = "STRAIT_PROXY_SHUTDOWN_GRACE_PERIOD", default_value = "25s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_grace_period: Duration,
+
+    /// Log filter, RUST_LOG syntax (e.g. "info,strait_proxy=debug"); changeable at
+    /// run time with PUT /log-level.
+    #[arg(long, env = "STRAIT_PROXY_LOG_LEVEL", default_value = "info", value_parser = parse_log_filter)]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "STRAIT_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The defaults, with every listener on an ephemeral loopback port: for tests
+    /// and embedding.
+    pub fn loopback() -> Self {
+        let cli = Cli::parse_from([
+            "strait-proxy",
+            "--inbound-addr=127.0.0.1:0",
+            "--outbound-addr=127.0.0.1:0",
+            "--admin-addr=127.0.0.1:0",
+        ]);
+        cli.into_config()
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 300ms, 10s, 1h)"))
+}
+
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
+}
+
+fn ser_display_vec<T: std::fmt::Display, S: serde::Serializer>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(ToString::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ports() {
+        let c = Cli::parse_from(["strait-proxy"]).into_config();
+        assert_eq!(c.inbound_addr.to_string(), "0.0.0.0:4143");
+        assert_eq!(c.outbound_addr.to_string(), "127.0.0.1:4140");
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:4191");
+        assert!(c.opaque_ports.contains(5432) && c.opaque_ports.contains(6379));
+        assert_eq!(c.detect_timeout, defaults::DETECT_TIMEOUT);
+        assert_eq!(c.shutdown_grace_period, defaults::SHUTDOWN_GRACE_PERIOD);
+        assert_eq!(
+            c.http_header_read_timeout,
+            defaults::HTTP_HEADER_READ_TIMEOUT
+        );
+        assert_eq!(c.http_idle_timeout, defaults::HTTP_IDLE_TIMEOUT);
+        assert_eq!(c.tcp_idle_timeout, defaults::TCP_IDLE_TIMEOUT);
+        assert_eq!(c.connect_timeout, defaults::CONNECT_TIMEOUT);
+    }
+
+    #[test]
+    fn run_subcommand_and_repeated_upstreams() {
+        let c = Cli::parse_from([
+            "strait-proxy",
+            "run",
+            "--upstream",
+            "127.0.0.1:1=a.b:80",
+            "--upstream=127.0.0.1:2=127.0.0.1:81",
+            "--opaque-ports=",
+        ])
+        .into_config();
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.opaque_ports, PortSet::default());
+    }
+
+    #[test]
+    fn a_bad_value_names_the_flag() {
+        let err = Cli::try_parse_from(["strait-proxy", "--inbound-addr", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("--inbound-addr"), "{err}");
+        let err = Cli::try_parse_from(["strait-proxy", "--detect-timeout", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("--detect-timeout"), "{err}");
+        let err = Cli::try_parse_from(["strait-proxy", "--upstream", "x"]).unwrap_err();
+        assert!(err.to_string().contains("--upstream"), "{err}");
+        let err = Cli::try_parse_from(["strait-proxy", "--log-level", "a=b=c"]).unwrap_err();
+        assert!(err.to_string().contains("--log-level"), "{err}");
+    }
+}

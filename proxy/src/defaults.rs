@@ -1,0 +1,85 @@
+//! Every default, limit and protocol name of the proxy, one line each with the reason
+//! for its value. Flags in `cli` take their defaults from here.
+
+use std::time::Duration;
+
+/// Connections from other proxies (and plaintext clients where policy allows).
+pub const INBOUND_ADDR: &str = "0.0.0.0:4143";
+/// The app's outgoing connections, redirected here by iptables; loopback only.
+pub const OUTBOUND_ADDR: &str = "127.0.0.1:4140";
+/// Health, metrics and control; loopback only so nothing outside the pod reaches it.
+pub const ADMIN_ADDR: &str = "127.0.0.1:4191";
+
+/// Ports whose protocols speak first from the server or are never HTTP: SMTP (25, 587),
+/// MySQL (3306), SQL Server/others (4444), PostgreSQL (5432), Redis (6379),
+/// Elasticsearch transport (9300), memcached (11211). They skip protocol detection.
+pub const OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
+
+/// How long to wait for the client's first bytes before treating a connection as
+/// opaque TCP. A server-speaks-first protocol on an undeclared port waits this long
+/// for its banner; an HTTP client that opens a connection and stays silent longer
+/// (a pre-warmed pool connection) is carried as opaque TCP, correctly but without
+/// HTTP features. 300 ms keeps the first case imperceptible to humans and to the
+/// connect timeouts of database drivers (seconds), while real HTTP clients write
+/// their request within microseconds of connecting.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Bytes read at most while detecting: an HTTP/1 request line longer than this is
+/// not something we route (hyper caps the whole head separately).
+pub const DETECT_MAX_BYTES: usize = 8 * 1024;
+
+/// TCP connect to an upstream. Inside a cluster a healthy peer answers in
+/// milliseconds; a second means it is gone.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Time a client has to send a complete HTTP/1 request head once it started one
+/// (slowloris protection); answered with 408.
+pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HTTP/1 keep-alive connection idle this long is closed silently. Longer than
+/// the idle timeout of common client pools (Go: 90 s) so the client closes first
+/// and never races a reuse against our close.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// An opaque TCP stream with no bytes either way for this long is closed (as Istio).
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Connections open at once per listener; beyond this new ones get 503 (HTTP) or
+/// are closed. Bounds memory against floods.
+pub const MAX_CONNECTIONS: usize = 20_000;
+/// Connections beyond the cap that may be held briefly to be told 503.
+pub const MAX_REJECTING_CONNECTIONS: usize = 256;
+
+/// Request header fields per HTTP/1 message (hyper's default; beyond it: 431).
+pub const MAX_HEADERS: usize = 100;
+/// Bytes of an HTTP/1 request head or HTTP/2 header list (beyond it: 431).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Concurrent streams per HTTP/2 connection: plenty for gRPC fan-in, bounded memory.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Streams a client may open and reset before we answer them; beyond this the
+/// connection is closed (CVE-2023-44487, rapid reset).
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 50;
+/// Streams we may reset for protocol errors before closing the connection.
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// HTTP/2 PING interval and timeout, to notice dead peers on idle connections.
+pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Idle pooled connections to an upstream are closed after this long: shorter than
+/// the keep-alive timeout of most servers (nginx 75 s; Node.js 5 s is covered by
+/// hyper retrying requests that were never written).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle HTTP/1 connections kept per upstream.
+pub const POOL_MAX_IDLE_PER_HOST: usize = 64;
+/// Upstream addresses for which a connection pool is kept; beyond this the least
+/// recently created pools are dropped.
+pub const MAX_CLIENT_POOLS: usize = 4096;
+
+/// Kubernetes' default terminationGracePeriodSeconds is 30 s; drain a bit less.
+pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(25);
+
+/// Set by a proxy on requests to a peer proxy: the port of the app in the peer pod.
+pub const TARGET_PORT_HEADER: &str = "strait-target-port";
+/// Set on responses the proxy itself generates, naming why.
+pub const PROXY_ERROR_HEADER: &str = "strait-proxy-error";
+
+/// Prefix of every metric the proxy exports.
+pub const METRICS_PREFIX: &str = "strait_proxy";

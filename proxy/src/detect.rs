@@ -1,0 +1,165 @@
+//! Protocol detection: HTTP/1.x, HTTP/2 prior knowledge, or opaque TCP, from the
+//! client's first bytes, waiting at most a bounded time (server-speaks-first
+//! protocols send nothing until the server does).
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Opaque => "opaque",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Detected {
+    pub protocol: Protocol,
+    /// Bytes read while detecting, to be replayed to whoever handles the stream.
+    pub prefix: BytesMut,
+}
+
+/// Reads until the protocol is known, the deadline passes (opaque), or EOF.
+/// Returns `None` when the client closed without sending anything.
+pub async fn detect<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+    max_bytes: usize,
+) -> std::io::Result<Option<Detected>> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(protocol) = classify(&buf, max_bytes) {
+            return Ok(Some(Detected {
+                protocol,
+                prefix: buf,
+            }));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) if buf.is_empty() => return Ok(None),
+            // EOF or deadline with a partial prefix: not HTTP we can serve.
+            Ok(Ok(0)) | Err(_) => {
+                return Ok(Some(Detected {
+                    protocol: Protocol::Opaque,
+                    prefix: buf,
+                }));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// `Some` once the bytes so far decide the protocol.
+fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        // "PRI " could still be an HTTP/1 method named PRI; only the full preface decides.
+        return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF.
+    let line_end = buf.iter().position(|&b| b == b'\n');
+    let line = &buf[..line_end.unwrap_or(buf.len())];
+    let method_len = line.iter().take_while(|&&b| is_tchar(b)).count();
+    if method_len == 0 || (method_len < line.len() && line[method_len] != b' ') {
+        return Some(Protocol::Opaque);
+    }
+    match line_end {
+        None if buf.len() >= max_bytes => Some(Protocol::Opaque),
+        None => None,
+        Some(_) => {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let ok = line.len() > method_len + 1
+                && line.len() >= 9
+                && line[line.len() - 9..].starts_with(b" HTTP/1.")
+                && line[line.len() - 1].is_ascii_digit();
+            Some(if ok {
+                Protocol::Http1
+            } else {
+                Protocol::Opaque
+            })
+        }
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn classifies_request_lines_and_prefaces() {
+        let m = 8192;
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n", m), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"POST /x?y=1 HTTP/1.0\n", m),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"GET / HT", m), None);
+        assert_eq!(classify(H2_PREFACE, m), Some(Protocol::Http2));
+        assert_eq!(classify(&H2_PREFACE[..10], m), None);
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), Some(Protocol::Opaque));
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
+        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_is_opaque_after_the_bounded_wait() {
+        let (_client, mut server) = tokio::io::duplex(64);
+        let start = tokio::time::Instant::now();
+        let d = detect(&mut server, Duration::from_millis(300), 8192)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.protocol, Protocol::Opaque);
+        assert!(d.prefix.is_empty());
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http_split_across_reads_is_detected_without_waiting() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET /a HT").await.unwrap();
+        let task =
+            tokio::spawn(async move { detect(&mut server, Duration::from_secs(10), 8192).await });
+        tokio::task::yield_now().await;
+        client.write_all(b"TP/1.1\r\nHost: x\r\n").await.unwrap();
+        let d = task.await.unwrap().unwrap().unwrap();
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert_eq!(&d.prefix[..], b"GET /a HTTP/1.1\r\nHost: x\r\n");
+    }
+
+    #[tokio::test]
+    async fn client_that_closes_at_once_is_none() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        assert!(
+            detect(&mut server, Duration::from_secs(1), 8192)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}

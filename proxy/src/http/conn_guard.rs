@@ -1,0 +1,335 @@
+//! Time limits on an HTTP/1 connection that hyper cannot tell apart: a client that
+//! started a request head and stalls (slowloris: answered 408 and closed) and a
+//! keep-alive connection with nothing to do (closed silently after the idle timeout).
+//!
+//! The guard wraps the connection's IO. The per-connection service tells it whether
+//! a request is in flight (`InFlightLayer`); when none is, the first bytes read start
+//! the header timer and silence starts the idle timer.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\nstrait-proxy-error: request header read timed out\r\n\r\n";
+
+/// Shared between the IO guard and the connection's service.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    in_flight: AtomicUsize,
+    /// Requests that reached the service so far: a change means the head being
+    /// timed was complete, whatever happened since.
+    served: AtomicUsize,
+    /// After an upgrade (WebSocket, CONNECT) the stream is no longer HTTP.
+    upgraded: AtomicBool,
+    header_timed_out: AtomicBool,
+}
+
+impl ConnState {
+    pub fn mark_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
+
+    pub fn header_timed_out(&self) -> bool {
+        self.header_timed_out.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Busy,
+    Idle,
+    Head,
+}
+
+pin_project_lite::pin_project! {
+    pub struct GuardedIo<T> {
+        #[pin]
+        inner: T,
+        state: Arc<ConnState>,
+        phase: Phase,
+        seen: usize,
+        timer: Pin<Box<Sleep>>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    }
+}
+
+impl<T> GuardedIo<T> {
+    pub fn new(
+        inner: T,
+        state: Arc<ConnState>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        GuardedIo {
+            inner,
+            state,
+            phase: Phase::Busy,
+            seen: 0,
+            timer: Box::pin(tokio::time::sleep(idle_timeout)),
+            header_timeout,
+            idle_timeout,
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.as_mut().poll_read(cx, buf);
+        if this.state.upgraded.load(Ordering::Acquire) {
+            return res;
+        }
+        let got = buf.filled().len() > before;
+        if this.state.in_flight.load(Ordering::Acquire) > 0 {
+            *this.phase = Phase::Busy;
+            return res;
+        }
+        let served = this.state.served.load(Ordering::Acquire);
+        if served != *this.seen {
+            *this.seen = served;
+            *this.phase = Phase::Busy;
+        }
+        if got && *this.phase != Phase::Head {
+            *this.phase = Phase::Head;
+            this.timer
+                .as_mut()
+                .reset(Instant::now() + *this.header_timeout);
+        } else if *this.phase == Phase::Busy {
+            *this.phase = Phase::Idle;
+            this.timer
+                .as_mut()
+                .reset(Instant::now() + *this.idle_timeout);
+        }
+        if res.is_ready() {
+            return res;
+        }
+        ready!(this.timer.as_mut().poll(cx));
+        match *this.phase {
+            Phase::Head => {
+                this.state.header_timed_out.store(true, Ordering::Release);
+                // Best effort: a stalled client's socket buffer has room for this.
+                let _ = this.inner.as_mut().poll_write(cx, RESPONSE_408);
+                let _ = this.inner.as_mut().poll_flush(cx);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request header read timed out",
+                )))
+            }
+            // Idle: report EOF, hyper closes the connection quietly.
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Marks a request in flight from the moment it reaches the service until its
+/// response body is finished (or dropped).
+#[derive(Clone, Debug)]
+pub struct InFlightLayer {
+    state: Arc<ConnState>,
+}
+
+impl InFlightLayer {
+    pub fn new(state: Arc<ConnState>) -> Self {
+        Self { state }
+    }
+}
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlight<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        InFlight {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InFlight<S> {
+    inner: S,
+    state: Arc<ConnState>,
+}
+
+#[derive(Debug)]
+struct Guard(Arc<ConnState>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct InFlightBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<Guard>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let res = ready!(this.inner.poll_frame(cx));
+        if res.is_none() {
+            this.guard.take();
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for InFlight<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<InFlightBody<RB>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.state.served.fetch_add(1, Ordering::AcqRel);
+        let guard = Guard(self.state.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let rsp = fut.await?;
+            Ok(rsp.map(|inner| InFlightBody {
+                inner,
+                guard: Some(guard),
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_request_head_gets_408() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let state = Arc::new(ConnState::default());
+        let mut io = GuardedIo::new(
+            server,
+            state.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(120),
+        );
+        client.write_all(b"GET / HTTP/1.1\r\nHos").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(n, 19);
+        let start = Instant::now();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert!(state.header_timed_out());
+        let mut rsp = vec![0u8; RESPONSE_408.len()];
+        client.read_exact(&mut rsp).await.unwrap();
+        assert!(rsp.starts_with(b"HTTP/1.1 408"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_silently() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let state = Arc::new(ConnState::default());
+        let mut io = GuardedIo::new(
+            server,
+            state,
+            Duration::from_secs(10),
+            Duration::from_secs(120),
+        );
+        let mut buf = [0u8; 64];
+        let start = Instant::now();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(start.elapsed(), Duration::from_secs(120));
+        drop(io);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing is written to an idle client");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_timer_while_a_request_is_in_flight() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let state = Arc::new(ConnState::default());
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        let mut io = GuardedIo::new(
+            server,
+            state,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            io.read(&mut buf).await.map(|n| buf[..n].to_vec())
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        client.write_all(b"late").await.unwrap();
+        assert_eq!(reader.await.unwrap().unwrap(), b"late");
+    }
+}

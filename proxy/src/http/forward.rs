@@ -1,0 +1,172 @@
+//! The last service of every HTTP stack: sends the request to the address chosen by
+//! the destination layer, over a pooled connection of the request's HTTP version,
+//! streaming bodies both ways.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, Uri, Version, header};
+use tracing::debug;
+
+use super::client::{ClientCache, ConnectError};
+use super::conn_guard::ConnState;
+use super::error::ProxyError;
+use super::{BoxBody, Dst, upgrade};
+use crate::addr::DestAddr;
+use crate::transport::Drain;
+
+#[derive(Clone, Debug)]
+pub struct Forward {
+    clients: ClientCache,
+    connect_timeout: Duration,
+    /// The HTTP/1 connection this request came on, told about upgrades.
+    conn: Option<Arc<ConnState>>,
+    drain: Drain,
+}
+
+impl Forward {
+    pub fn new(
+        clients: ClientCache,
+        connect_timeout: Duration,
+        conn: Option<Arc<ConnState>>,
+        drain: Drain,
+    ) -> Self {
+        Forward {
+            clients,
+            connect_timeout,
+            conn,
+            drain,
+        }
+    }
+
+    async fn forward<B>(self, mut req: Request<B>) -> Result<Response<BoxBody>, ProxyError>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<super::BoxError>,
+    {
+        let Some(Dst(dst)) = req.extensions_mut().remove::<Dst>() else {
+            return Err(ProxyError::BadRequest("no destination for request"));
+        };
+        let addr = resolve(&dst, self.connect_timeout).await?;
+        let is_connect = req.method() == Method::CONNECT;
+        let client_upgrade =
+            upgrade::is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+        let h2 = req.version() == Version::HTTP_2;
+        if !is_connect {
+            absolute_uri(&mut req, addr)?;
+        }
+        let client = self.clients.get(addr, h2);
+        let mut rsp = client
+            .request(req.map(super::boxed))
+            .await
+            .map_err(|e| client_error(e, addr))?;
+        if let Some(client_upgrade) = client_upgrade
+            && upgrade::accepted(is_connect, &rsp)
+        {
+            if let Some(conn) = &self.conn {
+                conn.mark_upgraded();
+            }
+            let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+            self.drain
+                .spawn(upgrade::splice(client_upgrade, upstream_upgrade));
+        }
+        Ok(rsp.map(super::boxed))
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Forward
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<super::BoxError>,
+{
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            Ok(this.forward(req).await.unwrap_or_else(|e| {
+                debug!(error = %e, "request failed in the proxy");
+                e.into_response()
+            }))
+        })
+    }
+}
+
+/// The address to connect to: as given, or the first address a name resolves to.
+pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, ProxyError> {
+    match dst {
+        DestAddr::Socket(a) => Ok(*a),
+        DestAddr::Name(n) => {
+            let lookup = tokio::net::lookup_host((n.host(), n.port()));
+            let fail = |reason: String| ProxyError::Resolve {
+                name: dst.clone(),
+                reason,
+            };
+            let mut addrs = tokio::time::timeout(timeout, lookup)
+                .await
+                .map_err(|_| fail(format!("timed out after {timeout:?}")))?
+                .map_err(|e| fail(e.to_string()))?;
+            addrs.next().ok_or_else(|| fail("no addresses".into()))
+        }
+    }
+}
+
+/// hyper's client wants `scheme://authority/path`; the authority is the one the
+/// app addressed (Host or :authority), so virtual hosting survives the hop.
+fn absolute_uri<B>(req: &mut Request<B>, addr: SocketAddr) -> Result<(), ProxyError> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => Authority::try_from(h.as_bytes())
+                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
+            None => Authority::try_from(addr.to_string())
+                .map_err(|_| ProxyError::BadRequest("no Host header"))?,
+        },
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    Ok(())
+}
+
+fn client_error(e: hyper_util::client::legacy::Error, addr: SocketAddr) -> ProxyError {
+    use std::error::Error as _;
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(c) = s.downcast_ref::<ConnectError>() {
+            return match c {
+                ConnectError::Timeout { after, .. } => ProxyError::ConnectTimeout {
+                    addr,
+                    after: *after,
+                },
+                ConnectError::Io { source, .. } => ProxyError::Connect {
+                    addr,
+                    reason: source.to_string(),
+                },
+            };
+        }
+        src = s.source();
+    }
+    let reason = match e.source() {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    };
+    ProxyError::Upstream { addr, reason }
+}

@@ -1,0 +1,47 @@
+//! HTTP: serving connections (HTTP/1.1 and HTTP/2 with hyper), the layers every
+//! request passes (metrics, normalization), and forwarding to an upstream.
+
+pub mod client;
+pub mod conn_guard;
+pub mod dst;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod normalize;
+pub mod reject;
+pub mod server;
+pub mod stack;
+pub mod upgrade;
+
+use bytes::Bytes;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type that flows through the proxy: streamed, never buffered whole.
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn empty() -> BoxBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+pub fn full(b: impl Into<Bytes>) -> BoxBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(b.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+pub fn boxed<B>(body: B) -> BoxBody
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// Where a request goes; set by the direction's destination layer, read by `Forward`.
+#[derive(Clone, Debug)]
+pub struct Dst(pub crate::addr::DestAddr);

@@ -1,0 +1,126 @@
+//! Serving one accepted connection as HTTP/1.1 or HTTP/2 with hyper, hardened:
+//! header limits, slowloris and idle timeouts, HTTP/2 stream and reset limits, and
+//! graceful shutdown on drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info};
+
+use super::BoxError;
+use super::conn_guard::{ConnState, GuardedIo};
+use crate::addr::ClientAddr;
+use crate::defaults;
+use crate::telemetry::{Direction, Metrics};
+use crate::transport::Drain;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Who is being served, for logs and metrics.
+#[derive(Clone, Debug)]
+pub struct ConnMeta {
+    pub direction: Direction,
+    pub client: ClientAddr,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn serve_http1<I, S, B>(
+    io: I,
+    svc: S,
+    state: Arc<ConnState>,
+    cfg: &ServerConfig,
+    meta: &ConnMeta,
+    drain: &Drain,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let io = GuardedIo::new(io, state.clone(), cfg.header_read_timeout, cfg.idle_timeout);
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        // GuardedIo times heads and idleness; hyper's single timer cannot tell them apart.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_headers(defaults::MAX_HEADERS)
+        .max_header_size(defaults::MAX_HEADER_BYTES);
+    let conn = b
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
+        .with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        let reason = if state.header_timed_out() {
+            Some("header_timeout")
+        } else if e.is_parse_too_large() {
+            Some("headers_too_large")
+        } else if e.is_parse() {
+            Some("malformed")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                meta.metrics.reject_http(meta.direction, reason);
+                info!(direction = meta.direction.as_str(), client = %meta.client.0, reason, error = %e, "refused HTTP/1 request");
+            }
+            None => {
+                debug!(direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/1 connection ended")
+            }
+        }
+    }
+}
+
+pub async fn serve_http2<I, S, B>(io: I, svc: S, meta: &ConnMeta, drain: &Drain)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(defaults::H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(defaults::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_header_list_size(defaults::MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
+        .adaptive_window(true);
+    let conn = b.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        // h2 answers protocol abuse (rapid reset, oversized headers) with GOAWAY itself.
+        info!(direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/2 connection ended with an error");
+    }
+}

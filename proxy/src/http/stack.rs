@@ -1,0 +1,76 @@
+//! The HTTP stack of a connection, the same in both directions but for how the
+//! destination is chosen: the request's path through the proxy, on one screen.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::{Layer, ServiceBuilder};
+
+use super::BoxBody;
+use super::conn_guard::{ConnState, InFlightLayer};
+use super::forward::Forward;
+use super::metrics::RequestMetricsLayer;
+use super::normalize::NormalizeLayer;
+use super::server::{ConnMeta, serve_http1, serve_http2};
+use crate::proxy::Shared;
+use crate::telemetry::Direction;
+
+#[derive(Clone, Debug)]
+pub struct HttpStack {
+    shared: Arc<Shared>,
+    metrics: RequestMetricsLayer,
+    normalize: NormalizeLayer,
+}
+
+impl HttpStack {
+    pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
+        HttpStack {
+            metrics: RequestMetricsLayer::new(shared.metrics.clone(), direction),
+            normalize: NormalizeLayer::new(shared.metrics.clone(), direction),
+            shared,
+        }
+    }
+
+    /// Serves one connection already detected as HTTP/1 (`h2 == false`) or HTTP/2.
+    pub async fn serve<I, L>(&self, io: I, h2: bool, dst: L, meta: &ConnMeta)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        L: Layer<Forward>,
+        L::Service: tower::Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        <L::Service as tower::Service<Request<Incoming>>>::Future: Send + 'static,
+    {
+        let s = &self.shared;
+        if h2 {
+            let svc = ServiceBuilder::new()
+                .layer(self.metrics.clone())
+                .layer(self.normalize.clone())
+                .layer(dst)
+                .service(Forward::new(
+                    s.clients.clone(),
+                    s.config.connect_timeout,
+                    None,
+                    s.drain.clone(),
+                ));
+            serve_http2(io, svc, meta, &s.drain).await;
+        } else {
+            let state = Arc::new(ConnState::default());
+            let svc = ServiceBuilder::new()
+                .layer(InFlightLayer::new(state.clone()))
+                .layer(self.metrics.clone())
+                .layer(self.normalize.clone())
+                .layer(dst)
+                .service(Forward::new(
+                    s.clients.clone(),
+                    s.config.connect_timeout,
+                    Some(state.clone()),
+                    s.drain.clone(),
+                ));
+            serve_http1(io, svc, state, &s.http, meta, &s.drain).await;
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! HTTP/1.1 upgrades (WebSocket) and CONNECT: once both sides agree, the two
+//! connections are spliced and bytes flow untouched in both directions.
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+/// True for `CONNECT` and for HTTP/1.1 requests asking to switch protocols.
+pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    if req.version() >= http::Version::HTTP_2 {
+        return false;
+    }
+    req.method() == Method::CONNECT
+        || (req.headers().contains_key(header::UPGRADE)
+            && req
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Whether the upstream accepted the upgrade or tunnel.
+pub fn accepted<B>(is_connect: bool, rsp: &Response<B>) -> bool {
+    if is_connect {
+        rsp.status().is_success()
+    } else {
+        rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+    }
+}
+
+/// Copies bytes both ways between the client's and the upstream's upgraded
+/// connections until both sides close.
+pub async fn splice(client: OnUpgrade, upstream: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => debug!(up, down, "upgraded stream closed"),
+        Err(e) => debug!(error = %e, "upgraded stream failed"),
+    }
+}

@@ -1,0 +1,18 @@
+//! strait-proxy: the per-pod sidecar of the strait mesh.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod admin;
+pub mod cli;
+pub mod defaults;
+pub mod detect;
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+pub mod proxy;
+pub mod tcp;
+pub mod telemetry;
+pub mod transport;
+
+pub use cli::Config;
+pub use proxy::{Addrs, Proxy};

@@ -1,0 +1,44 @@
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use strait_proxy::cli::Cli;
+use strait_proxy::telemetry::log;
+use strait_proxy::{Config, Proxy};
+
+fn main() -> anyhow::Result<()> {
+    let config = Cli::parse().into_config();
+    // Two worker threads: a sidecar shares its pod's CPU and should not fan out.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let log = log::init(&config.log_level, config.log_format)?;
+    let proxy = Proxy::bind(config, Some(log)).await?;
+    let handle = proxy.shutdown_handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        handle.shutdown();
+    });
+    let clean = proxy.run().await;
+    tracing::info!(clean, "stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; use POST /shutdown");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,110 @@
+//! Where an outbound request goes: the connection's destination when it has one
+//! (redirected, or an `--upstream` listener), else the request's authority (HTTP
+//! sent straight to the outbound port).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, header};
+
+use crate::addr::DestAddr;
+use crate::http::dst::ChooseDst;
+use crate::http::error::ProxyError;
+
+#[derive(Clone, Debug)]
+pub struct OutboundDst {
+    fixed: Option<DestAddr>,
+    own: Arc<Vec<SocketAddr>>,
+}
+
+impl OutboundDst {
+    pub fn new(fixed: Option<DestAddr>, own: Arc<Vec<SocketAddr>>) -> Self {
+        Self { fixed, own }
+    }
+}
+
+impl ChooseDst for OutboundDst {
+    fn choose<B>(&self, req: &mut Request<B>) -> Result<DestAddr, ProxyError> {
+        let dst = match &self.fixed {
+            Some(d) => d.clone(),
+            None => authority_dst(req)?,
+        };
+        if let DestAddr::Socket(a) = dst {
+            let ours = self.own.iter().any(|l| {
+                l.port() == a.port()
+                    && (l.ip() == a.ip()
+                        || l.ip().is_unspecified()
+                        || a.ip().is_loopback() && l.ip().is_loopback())
+            });
+            if ours {
+                return Err(ProxyError::Loop(a));
+            }
+        }
+        Ok(dst)
+    }
+}
+
+fn authority_dst<B>(req: &Request<B>) -> Result<DestAddr, ProxyError> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.as_str().to_string(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .ok_or(ProxyError::BadRequest(
+                "no Host header and no original destination",
+            ))?
+            .to_string(),
+    };
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority
+    } else if authority.starts_with('[') || !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        authority
+    };
+    with_port
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid Host header"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: &str) -> Request<()> {
+        Request::builder()
+            .uri("/")
+            .header("host", host)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn host_header_gives_the_destination() {
+        let l = OutboundDst::new(None, Arc::new(vec!["127.0.0.1:4140".parse().unwrap()]));
+        assert_eq!(
+            l.choose(&mut req("web.default:8080")).unwrap().to_string(),
+            "web.default:8080"
+        );
+        assert_eq!(
+            l.choose(&mut req("example")).unwrap().to_string(),
+            "example:80"
+        );
+        assert_eq!(
+            l.choose(&mut req("127.0.0.1:9")).unwrap().to_string(),
+            "127.0.0.1:9"
+        );
+        assert!(matches!(
+            l.choose(&mut req("127.0.0.1:4140")),
+            Err(ProxyError::Loop(_))
+        ));
+        assert!(matches!(
+            l.choose(&mut req("bad host")),
+            Err(ProxyError::BadRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,252 @@
+//! The proxy as a whole: binds its listeners, serves them, and drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::addr::ClientAddr;
+use crate::admin::{self, AdminState};
+use crate::cli::Config;
+use crate::defaults;
+use crate::detect::{Protocol, detect};
+use crate::http::client::ClientCache;
+use crate::http::server::ServerConfig;
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::tcp::TcpConfig;
+use crate::telemetry::log::LogHandle;
+use crate::telemetry::metrics::ProtocolLabels;
+use crate::telemetry::{Direction, Metrics};
+use crate::transport::drain::{self, ShutdownHandle};
+use crate::transport::listen::BindError;
+use crate::transport::{Drain, DrainTrigger, Listener, PrefixedIo};
+
+/// What every connection handler needs, shared.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub clients: ClientCache,
+    pub drain: Drain,
+    pub tcp: TcpConfig,
+    pub http: ServerConfig,
+}
+
+impl Shared {
+    /// Detects the protocol of a new connection (or takes `opaque` as given) and
+    /// returns the stream with the bytes read so far put back in front.
+    pub async fn detect(
+        &self,
+        mut stream: TcpStream,
+        opaque: bool,
+        direction: Direction,
+        client: ClientAddr,
+    ) -> Option<(Protocol, PrefixedIo<TcpStream>)> {
+        let (protocol, prefix) = if opaque {
+            (Protocol::Opaque, Bytes::new())
+        } else {
+            match detect(
+                &mut stream,
+                self.config.detect_timeout,
+                defaults::DETECT_MAX_BYTES,
+            )
+            .await
+            {
+                Ok(Some(d)) => (d.protocol, d.prefix.freeze()),
+                Ok(None) => return None,
+                Err(e) => {
+                    debug!(client = %client.0, error = %e, "connection failed during detection");
+                    return None;
+                }
+            }
+        };
+        self.metrics
+            .protocol_detected
+            .get_or_create(&ProtocolLabels {
+                direction,
+                protocol: protocol.as_str(),
+            })
+            .inc();
+        Some((protocol, PrefixedIo::new(prefix, stream)))
+    }
+}
+
+/// The addresses the proxy actually listens on (ports may have been 0).
+#[derive(Clone, Debug)]
+pub struct Addrs {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// One per `--upstream`, in order.
+    pub upstreams: Vec<SocketAddr>,
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+    trigger: DrainTrigger,
+    inbound: Listener,
+    outbound: Listener,
+    upstreams: Vec<(Listener, crate::addr::DestAddr)>,
+    admin: tokio::net::TcpListener,
+    addrs: Addrs,
+    log: Option<LogHandle>,
+    ready: watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn bind(config: Config, log: Option<LogHandle>) -> Result<Self, BindError> {
+        let inbound = Listener::bind(config.inbound_addr, Direction::Inbound, "inbound").await?;
+        let outbound =
+            Listener::bind(config.outbound_addr, Direction::Outbound, "outbound").await?;
+        let mut upstreams = Vec::new();
+        for u in &config.upstreams {
+            let l = Listener::bind(u.local, Direction::Outbound, "upstream").await?;
+            upstreams.push((l, u.dest.clone()));
+        }
+        let admin = tokio::net::TcpListener::bind(config.admin_addr)
+            .await
+            .map_err(|source| BindError {
+                addr: config.admin_addr,
+                what: "admin",
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| BindError {
+            addr: config.admin_addr,
+            what: "admin",
+            source,
+        })?;
+        let addrs = Addrs {
+            inbound: inbound.local_addr(),
+            outbound: outbound.local_addr(),
+            admin: admin_addr,
+            upstreams: upstreams.iter().map(|(l, _)| l.local_addr()).collect(),
+        };
+        let (trigger, drain) = drain::channel();
+        let shared = Arc::new(Shared {
+            metrics: Metrics::new(),
+            clients: ClientCache::new(config.connect_timeout),
+            drain,
+            tcp: TcpConfig {
+                connect_timeout: config.connect_timeout,
+                idle_timeout: config.tcp_idle_timeout,
+            },
+            http: ServerConfig {
+                header_read_timeout: config.http_header_read_timeout,
+                idle_timeout: config.http_idle_timeout,
+            },
+            config,
+        });
+        Ok(Proxy {
+            shared,
+            trigger,
+            inbound,
+            outbound,
+            upstreams,
+            admin,
+            addrs,
+            log,
+            ready: watch::Sender::new(false),
+        })
+    }
+
+    pub fn addrs(&self) -> &Addrs {
+        &self.addrs
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Starts a graceful shutdown from anywhere.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.trigger.handle()
+    }
+
+    /// Serves until shutdown is asked for, then drains for at most the grace
+    /// period. Returns true when every connection finished within it.
+    pub async fn run(self) -> bool {
+        let Proxy {
+            shared,
+            trigger,
+            inbound,
+            outbound,
+            upstreams,
+            admin,
+            addrs,
+            log,
+            ready,
+        } = self;
+        let max = shared.config.max_connections;
+        let own = vec![addrs.outbound, addrs.inbound, addrs.admin]
+            .into_iter()
+            .chain(addrs.upstreams.iter().copied())
+            .collect();
+        let out = Outbound::new(shared.clone(), own);
+        let inb = Inbound::new(shared.clone());
+
+        let mut listeners = Vec::new();
+        {
+            let out = out.clone();
+            listeners.push(tokio::spawn(outbound.serve(
+                shared.drain.clone(),
+                shared.metrics.clone(),
+                max,
+                move |acc| out.clone().handle(acc, None),
+            )));
+        }
+        for (l, dest) in upstreams {
+            let out = out.clone();
+            listeners.push(tokio::spawn(l.serve(
+                shared.drain.clone(),
+                shared.metrics.clone(),
+                max,
+                move |acc| out.clone().handle(acc, Some(dest.clone())),
+            )));
+        }
+        listeners.push(tokio::spawn(inbound.serve(
+            shared.drain.clone(),
+            shared.metrics.clone(),
+            max,
+            move |acc| inb.clone().handle(acc),
+        )));
+
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            Arc::new(AdminState {
+                config_json: serde_json::to_string_pretty(&shared.config).unwrap_or_default(),
+                metrics: shared.metrics.clone(),
+                log,
+                shutdown: trigger.handle(),
+                drain: shared.drain.clone(),
+                ready: ready.subscribe(),
+            }),
+        ));
+        // Until discovery and identity exist, bound listeners are all it takes.
+        ready.send_replace(true);
+        info!(
+            inbound = %addrs.inbound, outbound = %addrs.outbound, admin = %addrs.admin,
+            upstreams = ?addrs.upstreams, "proxy ready"
+        );
+
+        trigger.requested().await;
+        info!(grace = ?shared.config.shutdown_grace_period, in_flight = trigger.in_flight(), "draining");
+        let clean = trigger.wait(shared.config.shutdown_grace_period).await;
+        if clean {
+            info!("drained");
+        } else {
+            warn!(
+                left = trigger.in_flight(),
+                "grace period over, closing what is left"
+            );
+        }
+        for l in listeners {
+            l.abort();
+        }
+        admin_task.abort();
+        clean
+    }
+}

@@ -1,0 +1,173 @@
+//! Opaque TCP: connect to the destination and copy bytes both ways, preserving
+//! half-close, until both sides finish or the stream is idle too long.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::addr::DestAddr;
+use crate::http::client::connect;
+use crate::http::forward::resolve;
+use crate::telemetry::metrics::DirectionLabels;
+use crate::telemetry::{Direction, Metrics};
+
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+pub async fn forward<I>(
+    client: I,
+    dst: &DestAddr,
+    cfg: &TcpConfig,
+    metrics: &Metrics,
+    direction: Direction,
+) where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let addr = match resolve(dst, cfg.connect_timeout).await {
+        Ok(a) => a,
+        Err(e) => {
+            metrics.reject_tcp(direction, "resolve");
+            warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
+            return;
+        }
+    };
+    let mut upstream = match connect(addr, cfg.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            metrics.reject_tcp(direction, "connect");
+            warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
+            return;
+        }
+    };
+    let labels = DirectionLabels { direction };
+    let activity = Arc::new(Activity::new());
+    let mut client = Counted {
+        inner: client,
+        activity: activity.clone(),
+        read: metrics.tcp_read_bytes.get_or_create(&labels).clone(),
+        written: metrics.tcp_write_bytes.get_or_create(&labels).clone(),
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+            Ok((up, down)) => debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed"),
+            Err(e) => debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed"),
+        },
+        _ = activity.idle_for(cfg.idle_timeout) => {
+            info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
+        }
+    }
+}
+
+/// When bytes last moved, in milliseconds since the stream started.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Counted<I> {
+        #[pin]
+        inner: I,
+        activity: Arc<Activity>,
+        read: Counter,
+        written: Counter,
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Counted<I> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.inc_by(n as u64);
+            this.activity.touch();
+        }
+        res
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Counted<I> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = res {
+            this.written.inc_by(n as u64);
+            this.activity.touch();
+        }
+        res
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timer_restarts_on_activity() {
+        let a = Activity::new();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        a.touch();
+        let start = Instant::now();
+        a.idle_for(Duration::from_secs(60)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+    }
+}

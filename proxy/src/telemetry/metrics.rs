@@ -1,0 +1,204 @@
+//! Prometheus metrics (prometheus-client), registered once and shared by every
+//! listener and layer.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::defaults::METRICS_PREFIX;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub direction: Direction,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+/// Latency buckets in seconds: fine below a millisecond, where a proxy lives.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub tcp_open: Family<DirectionLabels, Gauge>,
+    pub tcp_accepted: Family<DirectionLabels, Counter>,
+    pub tcp_rejected: Family<ReasonLabels, Counter>,
+    pub tcp_read_bytes: Family<DirectionLabels, Counter>,
+    pub tcp_write_bytes: Family<DirectionLabels, Counter>,
+    pub protocol_detected: Family<ProtocolLabels, Counter>,
+    pub http_requests: Family<DirectionLabels, Counter>,
+    pub http_responses: Family<StatusLabels, Counter>,
+    pub http_response_latency: Family<DirectionLabels, Histogram, fn() -> Histogram>,
+    pub http_rejected: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let m = Metrics {
+            tcp_open: Family::default(),
+            tcp_accepted: Family::default(),
+            tcp_rejected: Family::default(),
+            tcp_read_bytes: Family::default(),
+            tcp_write_bytes: Family::default(),
+            protocol_detected: Family::default(),
+            http_requests: Family::default(),
+            http_responses: Family::default(),
+            http_response_latency: Family::new_with_constructor(latency_histogram),
+            http_rejected: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open now",
+            m.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "TCP connections accepted",
+            m.tcp_accepted.clone(),
+        );
+        registry.register(
+            "tcp_rejected_connections",
+            "TCP connections refused or closed by the proxy, by reason",
+            m.tcp_rejected.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from clients",
+            m.tcp_read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to clients",
+            m.tcp_write_bytes.clone(),
+        );
+        registry.register(
+            "protocol_detected_connections",
+            "Connections by detected protocol (http1, http2, opaque)",
+            m.protocol_detected.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests received",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_responses",
+            "HTTP responses sent, by status class",
+            m.http_responses.clone(),
+        );
+        registry.register(
+            "http_response_latency_seconds",
+            "Time from request received to response headers sent",
+            m.http_response_latency.clone(),
+        );
+        registry.register(
+            "http_rejected_requests",
+            "HTTP requests refused by the proxy before forwarding, by reason",
+            m.http_rejected.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reject_tcp(&self, direction: Direction, reason: &'static str) {
+        self.tcp_rejected
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn reject_http(&self, direction: Direction, reason: &'static str) {
+        self.http_rejected
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+}
+
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+#[derive(Debug)]
+pub struct OpenConnection {
+    gauge: Gauge,
+}
+
+impl OpenConnection {
+    pub fn new(metrics: &Metrics, direction: Direction) -> Self {
+        let labels = DirectionLabels { direction };
+        metrics.tcp_accepted.get_or_create(&labels).inc();
+        let gauge = metrics.tcp_open.get_or_create(&labels).clone();
+        gauge.inc();
+        OpenConnection { gauge }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}

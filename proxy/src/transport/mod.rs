@@ -1,0 +1,11 @@
+//! Accepting connections: listeners with a connection cap, the original destination
+//! of redirected connections, replaying bytes read during detection, and draining.
+
+pub mod drain;
+pub mod listen;
+pub mod orig_dst;
+pub mod prefixed;
+
+pub use drain::{Drain, DrainTrigger};
+pub use listen::{Accepted, Listener};
+pub use prefixed::PrefixedIo;
