@@ -59,6 +59,10 @@ pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 50;
 /// Streams we may reset for protocol errors before closing the connection.
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// HTTP/2 flow-control windows: what one connection (and one stream) may have in
+/// flight unacknowledged; the bound on buffered bytes per connection.
+pub const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 PING interval and timeout, to notice dead peers on idle connections.
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -114,7 +114,8 @@ impl ClientCache {
             b.http2_only(true)
                 .http2_keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
                 .http2_keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
-                .http2_adaptive_window(true);
+                .http2_initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
+                .http2_initial_stream_window_size(defaults::H2_STREAM_WINDOW);
         }
         b.build(Connector {
             addr,

@@ -5,6 +5,10 @@
 //! The guard wraps the connection's IO. The per-connection service tells it whether
 //! a request is in flight (`InFlightLayer`); when none is, the first bytes read start
 //! the header timer and silence starts the idle timer.
+//!
+//! While a head is read, the guard also notes which framing fields it names: hyper
+//! quietly drops `Content-Length` when `Transfer-Encoding` is present (safe, per RFC
+//! 9112), but a request carrying both is a smuggling attempt we refuse outright.
 
 use std::future::Future;
 use std::io;
@@ -14,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -30,7 +35,19 @@ pub struct ConnState {
     /// After an upgrade (WebSocket, CONNECT) the stream is no longer HTTP.
     upgraded: AtomicBool,
     header_timed_out: AtomicBool,
+    /// Framing fields seen in the head being read (CONTENT_LENGTH | TRANSFER_ENCODING).
+    framing: std::sync::atomic::AtomicU8,
+    /// The connection's reader, woken when the last request in flight finishes so
+    /// the idle timer starts even if hyper is not reading just then.
+    reader: AtomicWaker,
 }
+
+const CONTENT_LENGTH: u8 = 1;
+const TRANSFER_ENCODING: u8 = 2;
+
+/// Put on a request whose head named both Content-Length and Transfer-Encoding.
+#[derive(Clone, Copy, Debug)]
+pub struct ConflictingFraming;
 
 impl ConnState {
     pub fn mark_upgraded(&self) {
@@ -56,6 +73,7 @@ pin_project_lite::pin_project! {
         state: Arc<ConnState>,
         phase: Phase,
         seen: usize,
+        scan: HeadScan,
         timer: Pin<Box<Sleep>>,
         header_timeout: Duration,
         idle_timeout: Duration,
@@ -74,6 +92,7 @@ impl<T> GuardedIo<T> {
             state,
             phase: Phase::Busy,
             seen: 0,
+            scan: HeadScan::default(),
             timer: Box::pin(tokio::time::sleep(idle_timeout)),
             header_timeout,
             idle_timeout,
@@ -88,6 +107,7 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut this = self.project();
+        this.state.reader.register(cx.waker());
         let before = buf.filled().len();
         let res = this.inner.as_mut().poll_read(cx, buf);
         if this.state.upgraded.load(Ordering::Acquire) {
@@ -113,6 +133,12 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
             this.timer
                 .as_mut()
                 .reset(Instant::now() + *this.idle_timeout);
+        }
+        if got && *this.phase == Phase::Head {
+            let found = this.scan.feed(&buf.filled()[before..]);
+            if found != 0 {
+                this.state.framing.fetch_or(found, Ordering::AcqRel);
+            }
         }
         if res.is_ready() {
             return res;
@@ -199,7 +225,9 @@ struct Guard(Arc<ConnState>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
     }
 }
 
@@ -249,7 +277,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if self.state.framing.swap(0, Ordering::AcqRel) == CONTENT_LENGTH | TRANSFER_ENCODING {
+            req.extensions_mut().insert(ConflictingFraming);
+        }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         self.state.served.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone());
@@ -264,8 +295,85 @@ where
     }
 }
 
+/// Finds the field names of a request head as its bytes arrive, however they are
+/// split, and stops at the blank line that ends the head.
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Lower-cased start of the current line, up to the longest name we look for.
+    name: [u8; 18],
+    len: usize,
+    /// The current line is past its name (or too long to be one we look for).
+    in_value: bool,
+    done: bool,
+    /// Bytes seen on the current line, to recognise the empty line.
+    line_bytes: usize,
+}
+
+impl HeadScan {
+    fn feed(&mut self, bytes: &[u8]) -> u8 {
+        let mut found = 0;
+        for &b in bytes {
+            if self.done {
+                break;
+            }
+            match b {
+                b'\n' => {
+                    if self.line_bytes == 0
+                        || (self.line_bytes == 1 && self.len == 1 && self.name[0] == b'\r')
+                    {
+                        self.done = true;
+                    }
+                    self.len = 0;
+                    self.line_bytes = 0;
+                    self.in_value = false;
+                }
+                _ => {
+                    self.line_bytes += 1;
+                    if self.in_value {
+                        continue;
+                    }
+                    if b == b':' {
+                        match &self.name[..self.len] {
+                            b"content-length" => found |= CONTENT_LENGTH,
+                            b"transfer-encoding" => found |= TRANSFER_ENCODING,
+                            _ => {}
+                        }
+                        self.in_value = true;
+                    } else if self.len < self.name.len() {
+                        self.name[self.len] = b.to_ascii_lowercase();
+                        self.len += 1;
+                    } else {
+                        self.in_value = true;
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn head_scan_finds_framing_fields_across_splits_and_stops_at_the_body() {
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\ncontent-length: 9\r\n";
+        for split in 1..head.len() {
+            let mut s = HeadScan::default();
+            let f = s.feed(&head[..split]) | s.feed(&head[split..]);
+            assert_eq!(f, CONTENT_LENGTH | TRANSFER_ENCODING, "split at {split}");
+        }
+        let mut s = HeadScan::default();
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\nx-a: content-length:\r\n\r\ntransfer-encoding: x\r\n"),
+            0
+        );
+        let mut s = HeadScan::default();
+        assert_eq!(
+            s.feed(b"POST / HTTP/1.1\r\ncontent-length: 1\r\n\r\n"),
+            CONTENT_LENGTH
+        );
+    }
+
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

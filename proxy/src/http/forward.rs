@@ -97,7 +97,7 @@ where
         let this = self.clone();
         Box::pin(async move {
             Ok(this.forward(req).await.unwrap_or_else(|e| {
-                debug!(error = %e, "request failed in the proxy");
+                debug!(error = ?e, "request failed in the proxy");
                 e.into_response()
             }))
         })
@@ -165,7 +165,7 @@ fn client_error(e: hyper_util::client::legacy::Error, addr: SocketAddr) -> Proxy
         src = s.source();
     }
     let reason = match e.source() {
-        Some(s) => format!("{e}: {s}"),
+        Some(s) => format!("{e}: {s:?}"),
         None => e.to_string(),
     };
     ProxyError::Upstream { addr, reason }

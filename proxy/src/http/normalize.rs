@@ -11,6 +11,7 @@ use http::{Request, Response, StatusCode};
 use tracing::info;
 
 use super::BoxBody;
+use super::conn_guard::ConflictingFraming;
 use super::error::error_response;
 use super::upgrade;
 use crate::telemetry::{Direction, Metrics};
@@ -61,7 +62,10 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let h = req.headers();
-        if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        let conflicting = req.extensions().get::<ConflictingFraming>().is_some()
+            || (h.contains_key(header::TRANSFER_ENCODING)
+                && h.contains_key(header::CONTENT_LENGTH));
+        if conflicting {
             // hyper would frame by Transfer-Encoding; a peer that frames by
             // Content-Length would see a different request. Refuse both readings.
             self.metrics.reject_http(self.direction, "smuggling");

@@ -109,7 +109,11 @@ where
         .max_header_list_size(defaults::MAX_HEADER_BYTES as u32)
         .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
-        .adaptive_window(true);
+        // Fixed windows rather than adaptive ones: h2 sizes its budget for buffered
+        // small DATA frames from the connection window, and a proxy holds many
+        // small gRPC messages in flight at once.
+        .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(defaults::H2_STREAM_WINDOW);
     let conn = b.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);
     let res = tokio::select! {
@@ -121,6 +125,6 @@ where
     };
     if let Err(e) = res {
         // h2 answers protocol abuse (rapid reset, oversized headers) with GOAWAY itself.
-        info!(direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/2 connection ended with an error");
+        info!(direction = meta.direction.as_str(), client = %meta.client.0, error = ?e, "HTTP/2 connection ended with an error");
     }
 }

@@ -1,0 +1,96 @@
+//! The built `strait-proxy` binary as a separate process: flags, readiness,
+//! traffic, bounded memory on a large streamed body, and SIGTERM.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use strait_tests::backend::Backend;
+use strait_tests::process::{Proc, free_port};
+use strait_tests::{client, wait};
+
+fn bin() -> &'static str {
+    "strait-proxy"
+}
+
+#[tokio::test]
+async fn a_bad_flag_exits_non_zero_naming_it() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args(["--outbound-addr", "not-an-address"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--outbound-addr"), "{err}");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .env("STRAIT_PROXY_SHUTDOWN_GRACE_PERIOD", "soon")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--shutdown-grace-period"), "{err}");
+}
+
+#[tokio::test]
+async fn the_binary_serves_upstream_traffic_and_stops_on_sigterm() {
+    let backend = Backend::start().await;
+    let (admin, local) = (free_port(), free_port());
+    let args = vec![
+        format!("--admin-addr=127.0.0.1:{admin}"),
+        "--inbound-addr=127.0.0.1:0".into(),
+        "--outbound-addr=127.0.0.1:0".into(),
+        format!("--upstream=127.0.0.1:{local}={}", backend.addr),
+        "--log-format=json".into(),
+    ];
+    let mut proxy = Proc::spawn(bin(), &args, &[("STRAIT_PROXY_LOG_LEVEL", "warn")]);
+    let admin_addr = format!("127.0.0.1:{admin}").parse().unwrap();
+    wait::ready(admin_addr, Duration::from_secs(20)).await;
+    let (idle_hwm, _) = proxy.memory_kib();
+
+    let c = client::http1();
+    for _ in 0..50 {
+        let (status, body) = client::get(&c, &format!("http://127.0.0.1:{local}/"))
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    }
+
+    // 1 GiB streamed through: the proxy's memory stays flat.
+    const CHUNK: usize = 256 * 1024;
+    const TOTAL: usize = 1 << 30;
+    let chunk = Bytes::from(vec![b'z'; CHUNK]);
+    let chunks = futures_util::stream::iter(
+        (0..TOTAL / CHUNK)
+            .map(move |_| Ok::<_, strait_tests::BoxError>(Frame::data(chunk.clone()))),
+    );
+    let req = Request::post(format!("http://127.0.0.1:{local}/count"))
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .unwrap();
+    let rsp = c.request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let counted = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(counted, TOTAL.to_string().as_bytes());
+    let (peak_hwm, _) = proxy.memory_kib();
+    eprintln!("strait-proxy RSS peak: idle {idle_hwm} KiB, after 1 GiB upload {peak_hwm} KiB");
+    assert!(
+        peak_hwm < idle_hwm + 32 * 1024,
+        "1 GiB upload grew the proxy from {idle_hwm} KiB to {peak_hwm} KiB"
+    );
+
+    proxy.sigterm().await;
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .expect("exits promptly after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        tokio::net::TcpStream::connect(format!("127.0.0.1:{local}"))
+            .await
+            .is_err()
+    );
+}

@@ -1,0 +1,78 @@
+//! Graceful shutdown: accepted requests finish, new connections are refused.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use strait_tests::backend::Backend;
+use strait_tests::client;
+
+use crate::support;
+
+#[tokio::test]
+async fn drain_under_load_loses_no_accepted_request() {
+    let backend = Backend::start().await;
+    let mut c = support::with_upstream(support::config(), backend.addr);
+    c.shutdown_grace_period = Duration::from_secs(10);
+    let proxy = support::start(c).await;
+    let url = format!("http://{}/slow/300", proxy.upstream());
+
+    // Steady load: 16 keep-alive clients in a loop, each until the proxy is gone.
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed_after_accept = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (url, ok) = (url.clone(), ok.clone());
+        let failed = failed_after_accept.clone();
+        workers.push(tokio::spawn(async move {
+            let c = client::http1();
+            loop {
+                match client::get(&c, &url).await {
+                    Ok((StatusCode::OK, _)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok((s, _)) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        panic!("status {s} during drain");
+                    }
+                    // Refused or closed before the request was accepted: the load
+                    // generator sees the proxy going away, as it should.
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    strait_tests::wait::until("16 requests in flight", Duration::from_secs(10), || async {
+        backend.in_flight() == 16
+    })
+    .await;
+    proxy.shutdown();
+    let clean = tokio::time::timeout(Duration::from_secs(15), proxy.join())
+        .await
+        .unwrap();
+    assert!(clean, "drain finished within the grace period");
+    for w in workers {
+        w.await.unwrap();
+    }
+    // Every request the app accepted was answered to its client.
+    assert_eq!(failed_after_accept.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        backend.stats.completed.load(Ordering::SeqCst),
+        ok.load(Ordering::SeqCst),
+        "each request served by the app reached its client"
+    );
+    assert!(ok.load(Ordering::SeqCst) >= 16);
+}
+
+#[tokio::test]
+async fn after_drain_new_connections_are_refused() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let addr = proxy.upstream();
+    assert!(proxy.stop().await);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed"
+    );
+}

@@ -1,0 +1,246 @@
+//! HTTP/1.1 carried correctly: keep-alive, pipelining, streaming both ways,
+//! upgrades and CONNECT, hop-by-hop headers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use strait_tests::backend::Backend;
+use strait_tests::client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{self, metric};
+
+#[tokio::test]
+async fn keep_alive_reuses_one_connection_each_side() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let c = client::http1();
+    for _ in 0..10 {
+        let (status, body) = client::get(&c, &format!("http://{}/", proxy.upstream()))
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    }
+    assert_eq!(backend.requests(), 10);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "the proxy pools its upstream connection"
+    );
+    let m = proxy.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_tcp_connections_total{direction=\"outbound\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_http_responses_total{direction=\"outbound\",status_class=\"2xx\"}"
+        ),
+        Some(10.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    s.write_all(
+        b"GET /status/201 HTTP/1.1\r\nhost: a\r\n\r\nGET /status/202 HTTP/1.1\r\nhost: a\r\n\r\nGET /status/203 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let statuses: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1 "))
+        .map(|l| &l[9..12])
+        .collect();
+    assert_eq!(statuses, ["201", "202", "203"], "{out}");
+}
+
+#[tokio::test]
+async fn chunked_upload_and_download_stream_through() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let c = client::http1();
+    // An upload of unknown length goes chunked; the echo comes back chunked.
+    let chunks =
+        futures_util::stream::iter((0..100).map(|i| {
+            Ok::<_, strait_tests::BoxError>(Frame::data(Bytes::from(format!("chunk-{i};"))))
+        }));
+    let req = Request::post(format!("http://{}/echo", proxy.upstream()))
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .unwrap();
+    let rsp = c.request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    let want: String = (0..100).map(|i| format!("chunk-{i};")).collect();
+    assert_eq!(body, want.as_bytes());
+
+    let (status, body) = client::get(&c, &format!("http://{}/bytes/1000000", proxy.upstream()))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 1_000_000);
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_before_the_stream_ends() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let c = client::http1();
+    let rsp = c
+        .get(format!("http://{}/sse", proxy.upstream()).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rsp.headers()["content-type"], "text/event-stream");
+    let mut body = rsp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event arrives while the stream is open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"data: first\n\n");
+    backend.release_sse();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest.as_ref(), b"data: last\n\n");
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let (mut ws, rsp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.upstream()))
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let got = ws.next().await.unwrap().unwrap();
+        assert_eq!(got, Message::text(format!("hello {i}")));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![0u8, 1, 2, 255])
+    );
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_tunnels_pass_through() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    s.write_all(b"CONNECT example.test:443 HTTP/1.1\r\nhost: example.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"raw tunnel bytes").await.unwrap();
+    let mut echoed = [0u8; 16];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"raw tunnel bytes");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_the_proxy() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let c = client::http1();
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("http://{}/", proxy.upstream()))
+        .header("host", "web.example:8080")
+        .header("connection", "x-private, keep-alive")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("x-app", "kept")
+        .body(client::empty())
+        .unwrap();
+    let rsp = c.request(req).await.unwrap();
+    let seen = rsp.headers()["x-seen-headers"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        rsp.headers()["x-seen-host"],
+        "web.example:8080",
+        "Host survives the hop"
+    );
+    assert!(seen.contains("x-app"), "{seen}");
+    for h in ["x-private", "keep-alive", "proxy-connection"] {
+        assert!(
+            !seen.split(',').any(|s| s == h),
+            "{h} reached the backend: {seen}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn http_sent_to_the_outbound_port_follows_its_host_header() {
+    let backend = Backend::start().await;
+    let proxy = support::start(support::config()).await;
+    let c = client::http1();
+    let req = Request::get(format!("http://{}/status/204", proxy.addrs.outbound))
+        .header("host", backend.addr.to_string())
+        .body(client::empty())
+        .unwrap();
+    let rsp = c.request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::NO_CONTENT);
+
+    // A Host naming the proxy itself would loop: refused, with the reason.
+    let req = Request::get(format!("http://{}/", proxy.addrs.outbound))
+        .body(client::empty())
+        .unwrap();
+    let rsp = c.request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        rsp.headers()["strait-proxy-error"]
+            .to_str()
+            .unwrap()
+            .contains("loop"),
+        "{:?}",
+        rsp.headers()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_naming_it() {
+    let dead = strait_tests::process::free_port();
+    let proxy = support::start_to(format!("127.0.0.1:{dead}").parse().unwrap()).await;
+    let c = client::http1();
+    let rsp = c
+        .get(format!("http://{}/", proxy.upstream()).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+    let reason = rsp.headers()["strait-proxy-error"].to_str().unwrap();
+    assert!(reason.contains(&format!("127.0.0.1:{dead}")), "{reason}");
+}

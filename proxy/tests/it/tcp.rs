@@ -1,0 +1,78 @@
+//! Opaque TCP: bytes both ways with half-close, server-speaks-first protocols on
+//! declared and undeclared ports.
+
+use std::time::{Duration, Instant};
+
+use strait_proxy::addr::PortSet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{self, metric};
+
+#[tokio::test]
+async fn opaque_echo_preserves_half_close() {
+    let echo = strait_tests::tcp::echo().await;
+    let proxy = support::start_to(echo).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    // Not HTTP: a binary payload that is carried untouched.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    s.write_all(&payload).await.unwrap();
+    // Half-close: we are done writing, but still reading.
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "bytes differ");
+    let m = proxy.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_protocol_detected_connections_total{direction=\"outbound\",protocol=\"opaque\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn server_speaks_first_on_an_undeclared_port_is_answered_within_the_bounded_wait() {
+    let server = strait_tests::tcp::banner(b"220 smtp.test ESMTP\r\n").await;
+    let mut c = support::with_upstream(support::config(), server);
+    c.opaque_ports = PortSet::default();
+    let proxy = support::start(c).await;
+    let start = Instant::now();
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    let mut banner = [0u8; 21];
+    s.read_exact(&mut banner).await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(&banner, b"220 smtp.test ESMTP\r\n");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "detection waited {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1500),
+        "banner took {waited:?}"
+    );
+    s.write_all(b"EHLO me\r\n").await.unwrap();
+    let mut echo = [0u8; 9];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"EHLO me\r\n");
+}
+
+#[tokio::test]
+async fn declared_opaque_ports_skip_detection() {
+    let server = strait_tests::tcp::banner(b"+OK redis\r\n").await;
+    let mut c = support::with_upstream(support::config(), server);
+    c.opaque_ports = server.port().to_string().parse().unwrap();
+    // A huge detection timeout proves the banner does not wait for it.
+    c.detect_timeout = Duration::from_secs(30);
+    let proxy = support::start(c).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    let mut banner = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+        .await
+        .expect("banner without waiting for detection")
+        .unwrap();
+    assert_eq!(&banner, b"+OK redis\r\n");
+}

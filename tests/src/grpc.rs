@@ -1,0 +1,105 @@
+//! A gRPC echo server (tonic) that fails with a chosen status on request.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use strait_api::testing::echo_server::{Echo, EchoServer};
+use strait_api::testing::{EchoReply, EchoRequest};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+#[derive(Debug, Default)]
+struct EchoService;
+
+fn check(req: &EchoRequest) -> Result<(), Status> {
+    if req.fail_code != 0 {
+        return Err(Status::new(
+            Code::from(req.fail_code),
+            format!("failing as asked: {}", req.message),
+        ));
+    }
+    Ok(())
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let req = req.into_inner();
+        check(&req)?;
+        Ok(Response::new(EchoReply {
+            message: req.message,
+            seq: 0,
+        }))
+    }
+
+    type BidiStream = ReplyStream;
+
+    async fn bidi(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let mut input = req.into_inner();
+        let output = async_stream(move |tx| async move {
+            let mut seq = 0;
+            while let Some(item) = input.next().await {
+                let reply = item.and_then(|r| {
+                    check(&r)?;
+                    Ok(EchoReply {
+                        message: r.message,
+                        seq,
+                    })
+                });
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+                seq += 1;
+            }
+        });
+        Ok(Response::new(output))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        req: Request<EchoRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        let req = req.into_inner();
+        check(&req)?;
+        let replies = (0..req.repeat).map(move |seq| {
+            Ok(EchoReply {
+                message: req.message.clone(),
+                seq,
+            })
+        });
+        Ok(Response::new(Box::pin(futures_util::stream::iter(replies))))
+    }
+}
+
+/// A stream fed by a task, so replies can be produced while requests still arrive.
+fn async_stream<F, Fut>(f: F) -> ReplyStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<EchoReply, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Starts the echo server on an ephemeral loopback port.
+pub async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let addr = listener.local_addr().expect("grpc addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
+}

@@ -1,0 +1,84 @@
+//! Running the built binaries as separate processes.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+/// The path of a binary built in this workspace's target dir (next to the test
+/// executable's `deps/` folder).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests through cargo (cargo nextest run --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(binary(bin));
+        cmd.args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Proc {
+            child: cmd.spawn().expect("spawn binary"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running child has a pid")
+    }
+
+    /// Sends SIGTERM (through kill(1), keeping this crate free of unsafe code).
+    pub async fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Peak resident memory (VmHWM) and current (VmRSS), in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
