@@ -1,17 +1,66 @@
 //! `strait`: the control plane and the CLI around it.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use strait_control_plane::controller::{Controller, ControllerArgs};
+use strait_control_plane::demo;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "strait",
-    version,
-    about = "strait's control plane and CLI (the controller arrives with discovery)"
-)]
-struct Cli {}
+#[command(name = "strait", version, about = "strait's control plane and CLI")]
+struct Cli {
+    /// Log as JSON (filter with STRAIT_LOG, RUST_LOG syntax).
+    #[arg(long, global = true, env = "STRAIT_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the proxies: discovery, inbound policy and identity over gRPC.
+    Controller(ControllerArgs),
+    /// Run a whole mesh on this machine: a controller, demo services with their
+    /// sidecars, and traffic between them, with a live table.
+    Demo(demo::DemoArgs),
+    /// The demo's app (used by `strait demo`).
+    #[command(hide = true)]
+    DemoApp(demo::app::AppArgs),
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Controller(args) => {
+                strait_control_plane::log::init(cli.log_json);
+                let c = Controller::bind(args).await?;
+                c.run(async {
+                    wait_for_signal().await;
+                    tracing::info!("shutting down");
+                })
+                .await
+            }
+            Command::Demo(args) => demo::run(args).await,
+            Command::DemoApp(args) => demo::app::run(args).await,
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }

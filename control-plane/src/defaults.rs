@@ -1,0 +1,27 @@
+//! Every default and well-known name of the control plane, with why.
+
+/// gRPC for the proxies (discovery, inbound policy, identity).
+pub const GRPC_ADDR: &str = "0.0.0.0:8090";
+/// Health and metrics; loopback by default (as Linkerd's 9990).
+pub const ADMIN_ADDR: &str = "127.0.0.1:9990";
+
+/// The trust domain of workload identities, as Kubernetes' default cluster domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The cluster DNS suffix of Service names.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Annotation the injector puts on a meshed Pod: the port of its proxy's inbound
+/// listener. Its presence is what makes a Pod meshed.
+pub const INBOUND_PORT_ANNOTATION: &str = "strait.dev/inbound-port";
+/// The default inbound port, when the annotation is present but empty.
+pub const DEFAULT_INBOUND_PORT: u16 = 4143;
+/// Label every EndpointSlice carries naming its Service (set by Kubernetes).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How often the manifests directory is scanned for changes. Files are compared by
+/// modification time and size; a change is applied on the next scan, so an edit
+/// reaches the proxies within about this long.
+pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Prefix of every metric the controller exports.
+pub const METRICS_PREFIX: &str = "strait_controller";

@@ -1,0 +1,289 @@
+//! `strait demo`: a whole mesh on this machine. A controller reads
+//! `deploy/examples/demo/`; each demo pod is an app process with its own
+//! `strait-proxy` sidecar, on its own loopback address (127.0.1.x) so every proxy
+//! keeps its real ports; a load client sends traffic through its sidecar and a live
+//! table shows what the mesh did.
+
+pub mod app;
+mod table;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use table::Stats;
+
+const CONTROLLER_GRPC: &str = "127.0.0.1:18090";
+const CONTROLLER_ADMIN: &str = "127.0.0.1:19990";
+const NAMESPACE: &str = "demo";
+
+/// A demo pod: its name, address, the app's backend (if it calls one) and the
+/// sidecar's `--upstream` for it. Mirrors `deploy/examples/demo/`.
+struct DemoPod {
+    name: &'static str,
+    ip: &'static str,
+    app: bool,
+    upstream: Option<(&'static str, &'static str)>,
+}
+
+const PODS: &[DemoPod] = &[
+    DemoPod {
+        name: "web-0",
+        ip: "127.0.1.1",
+        app: true,
+        upstream: Some(("15081", "api.demo.svc.cluster.local:80")),
+    },
+    DemoPod {
+        name: "api-0",
+        ip: "127.0.1.2",
+        app: true,
+        upstream: None,
+    },
+    DemoPod {
+        name: "api-1",
+        ip: "127.0.1.3",
+        app: true,
+        upstream: None,
+    },
+    DemoPod {
+        name: "load-0",
+        ip: "127.0.1.10",
+        app: false,
+        upstream: Some(("15080", "web.demo.svc.cluster.local:80")),
+    },
+];
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Stop by itself after this long and print a summary (e.g. 20s); default: until Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// The demo's manifests.
+    #[arg(long, default_value = "deploy/examples/demo")]
+    pub manifests: PathBuf,
+    /// Requests per second the load client sends.
+    #[arg(long, default_value_t = 50)]
+    pub rate: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    fn spawn(&mut self, what: &str, bin: &Path, args: &[String], log: &str) -> anyhow::Result<()> {
+        let child = Command::new(bin)
+            .args(args)
+            .env("STRAIT_LOG", log)
+            .env("STRAIT_PROXY_LOG_LEVEL", log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {what} ({})", bin.display()))?;
+        self.0.push((what.to_string(), child));
+        Ok(())
+    }
+
+    /// Fails if any process has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        for (what, c) in &mut self.0 {
+            if let Some(status) = c.try_wait()? {
+                anyhow::bail!("{what} exited ({status}); see its log lines above");
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.start_kill();
+        }
+        for (_, c) in &mut self.0 {
+            let _ = c.wait().await;
+        }
+    }
+}
+
+async fn ready(admin: &str, procs: &mut Procs) -> anyhow::Result<()> {
+    let addr: SocketAddr = admin.parse()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    loop {
+        procs.check()?;
+        if let Ok(r) = client.get(format!("http://{addr}/ready").parse()?).await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{admin}/ready did not answer 200 within 20s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let dir = me.parent().context("locating the strait binary")?;
+    let proxy = dir.join("strait-proxy");
+    anyhow::ensure!(
+        proxy.exists(),
+        "strait-proxy not found next to {}; build the whole workspace (cargo build --release)",
+        me.display()
+    );
+    anyhow::ensure!(
+        args.manifests.is_dir(),
+        "--manifests {}: not a directory (run from the repository root, or pass --manifests)",
+        args.manifests.display()
+    );
+    let mut procs = Procs(Vec::new());
+    let result = run_mesh(&args, &me, &proxy, &mut procs).await;
+    procs.stop().await;
+    result
+}
+
+async fn run_mesh(
+    args: &DemoArgs,
+    me: &Path,
+    proxy: &Path,
+    procs: &mut Procs,
+) -> anyhow::Result<()> {
+    println!(
+        "starting the controller on {CONTROLLER_GRPC} with {}",
+        args.manifests.display()
+    );
+    procs.spawn(
+        "controller",
+        me,
+        &[
+            "controller".into(),
+            format!("--manifests={}", args.manifests.display()),
+            format!("--grpc-addr={CONTROLLER_GRPC}"),
+            format!("--admin-addr={CONTROLLER_ADMIN}"),
+        ],
+        "warn",
+    )?;
+    ready(CONTROLLER_ADMIN, procs).await?;
+
+    for pod in PODS {
+        if pod.app {
+            let mut a = vec![
+                "demo-app".to_string(),
+                format!("--listen={}:8080", pod.ip),
+                format!("--name={}", pod.name),
+            ];
+            if let Some((port, _)) = pod.upstream {
+                a.push(format!("--backend=http://{}:{port}/", pod.ip));
+            }
+            procs.spawn(&format!("{} app", pod.name), me, &a, "warn")?;
+        }
+        let mut a = vec![
+            format!("--inbound-addr={}:4143", pod.ip),
+            format!("--outbound-addr={}:4140", pod.ip),
+            format!("--admin-addr={}:4191", pod.ip),
+            format!("--control-plane=http://{CONTROLLER_GRPC}"),
+            format!("--namespace={NAMESPACE}"),
+            format!("--pod-name={}", pod.name),
+        ];
+        if let Some((port, dest)) = pod.upstream {
+            a.push(format!("--upstream={}:{port}={dest}", pod.ip));
+        }
+        procs.spawn(&format!("{} proxy", pod.name), proxy, &a, "warn")?;
+    }
+    for pod in PODS {
+        ready(&format!("{}:4191", pod.ip), procs).await?;
+    }
+    println!(
+        "mesh ready: {} pods, each with a strait-proxy sidecar",
+        PODS.len()
+    );
+
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let load = tokio::spawn(drive(args.rate, stats.clone()));
+    let tty = std::io::stdout().is_terminal();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = procs.check() {
+                    break Err(e);
+                }
+                let s = stats.lock().map(|mut s| s.take_window()).unwrap_or_default();
+                table::print_live(&s, start.elapsed(), args.rate, tty);
+                if args.duration.is_some_and(|d| start.elapsed() >= d) {
+                    break Ok(());
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        }
+    };
+    load.abort();
+    let total = stats.lock().map(|s| s.total.clone()).unwrap_or_default();
+    table::print_summary(&total, start.elapsed());
+    outcome?;
+    anyhow::ensure!(
+        total.ok_requests() > 0,
+        "no request succeeded through the mesh"
+    );
+    Ok(())
+}
+
+/// Sends `rate` requests per second through the load pod's sidecar.
+async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url: http::Uri = match "http://127.0.1.10:15080/".parse() {
+        Ok(u) => u,
+        Err(_) => return,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    loop {
+        tick.tick().await;
+        let (client, url, stats) = (client.clone(), url.clone(), stats.clone());
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let r = client.get(url).await;
+            let (ok, chain, backend_us) = match r {
+                Ok(rsp) => {
+                    let ok = rsp.status().is_success();
+                    let h = rsp.headers();
+                    let chain = h
+                        .get(app::CHAIN_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let us = h
+                        .get(app::BACKEND_MICROS_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    let _ = rsp.into_body().collect().await;
+                    (ok, chain, us)
+                }
+                Err(_) => (false, String::new(), None),
+            };
+            let micros = start.elapsed().as_micros() as u64;
+            if let Ok(mut s) = stats.lock() {
+                s.record(ok, micros, &chain, backend_us);
+            }
+        });
+    }
+}

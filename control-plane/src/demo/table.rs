@@ -1,0 +1,145 @@
+//! The demo's live table: per destination, requests per second, success rate,
+//! latency percentiles and which endpoints served the traffic.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const WEB: &str = "web.demo.svc.cluster.local:80";
+const API: &str = "api.demo.svc.cluster.local:80";
+
+#[derive(Clone, Debug, Default)]
+pub struct DestStats {
+    pub requests: u64,
+    pub ok: u64,
+    pub micros: Vec<u64>,
+    pub served_by: BTreeMap<String, u64>,
+}
+
+impl DestStats {
+    fn add(&mut self, ok: bool, micros: Option<u64>, by: Option<&str>) {
+        self.requests += 1;
+        self.ok += u64::from(ok);
+        if let Some(m) = micros {
+            self.micros.push(m);
+        }
+        if let Some(b) = by.filter(|b| !b.is_empty()) {
+            *self.served_by.entry(b.to_string()).or_default() += 1;
+        }
+    }
+
+    fn merge(&mut self, o: &DestStats) {
+        self.requests += o.requests;
+        self.ok += o.ok;
+        self.micros.extend_from_slice(&o.micros);
+        for (k, v) in &o.served_by {
+            *self.served_by.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    fn percentile(&self, p: f64) -> Option<Duration> {
+        if self.micros.is_empty() {
+            return None;
+        }
+        let mut v = self.micros.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        Some(Duration::from_micros(v[i.min(v.len() - 1)]))
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    pub dests: BTreeMap<&'static str, DestStats>,
+}
+
+impl Window {
+    pub fn ok_requests(&self) -> u64 {
+        self.dests.get(WEB).map_or(0, |d| d.ok)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    window: Window,
+    pub total: Window,
+}
+
+impl Stats {
+    pub fn record(&mut self, ok: bool, micros: u64, chain: &str, backend_us: Option<u64>) {
+        let mut hops = chain.split(',');
+        let web = hops.next();
+        let api = hops.next();
+        self.window
+            .dests
+            .entry(WEB)
+            .or_default()
+            .add(ok, Some(micros), web);
+        if web.is_some() {
+            self.window
+                .dests
+                .entry(API)
+                .or_default()
+                .add(api.is_some() && ok, backend_us, api);
+        }
+    }
+
+    pub fn take_window(&mut self) -> Window {
+        let w = std::mem::take(&mut self.window);
+        for (k, d) in &w.dests {
+            self.total.dests.entry(k).or_default().merge(d);
+        }
+        w
+    }
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.2}ms", d.as_secs_f64() * 1000.0))
+}
+
+fn rows(w: &Window, seconds: f64) -> String {
+    let mut out = format!(
+        "{:<32} {:>8} {:>9} {:>9} {:>9}  {}\n",
+        "DESTINATION", "RPS", "SUCCESS", "P50", "P99", "ENDPOINTS (requests)"
+    );
+    for (name, d) in &w.dests {
+        let success = if d.requests == 0 {
+            0.0
+        } else {
+            100.0 * d.ok as f64 / d.requests as f64
+        };
+        let eps: Vec<String> = d
+            .served_by
+            .iter()
+            .map(|(k, v)| format!("{k} ({v})"))
+            .collect();
+        out.push_str(&format!(
+            "{:<32} {:>8.1} {:>8.2}% {:>9} {:>9}  {}\n",
+            name,
+            d.requests as f64 / seconds.max(0.001),
+            success,
+            ms(d.percentile(0.5)),
+            ms(d.percentile(0.99)),
+            eps.join(" ")
+        ));
+    }
+    out
+}
+
+pub fn print_live(w: &Window, elapsed: Duration, rate: u32, tty: bool) {
+    if tty {
+        print!("\x1b[H\x1b[2J");
+    }
+    println!(
+        "strait demo: {}s, {rate} req/s offered (Ctrl-C to stop)\n{}",
+        elapsed.as_secs(),
+        rows(w, 1.0)
+    );
+}
+
+pub fn print_summary(total: &Window, elapsed: Duration) {
+    println!(
+        "summary over {:.0}s:\n{}",
+        elapsed.as_secs_f64(),
+        rows(total, elapsed.as_secs_f64())
+    );
+}

@@ -1,0 +1,311 @@
+//! The one in-memory index of the mesh: Services, their endpoints and the Pods
+//! behind them, built from whatever source (manifests or the Kubernetes API) as an
+//! immutable snapshot. Each change produces a new snapshot; views of destinations
+//! are computed from a snapshot.
+
+pub mod view;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tokio::time::Instant;
+
+pub use view::{DestKey, ParseDestError};
+
+use crate::defaults;
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceInfo {
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointInfo {
+    pub addr: IpAddr,
+    pub ready: bool,
+    pub zone: Option<String>,
+    pub pod: Option<ObjKey>,
+}
+
+/// One EndpointSlice, reduced to what discovery needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceInfo {
+    /// Port name ("" for unnamed) to port number.
+    pub ports: Vec<(String, u16)>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    /// Port of the pod's proxy inbound listener: `Some` for meshed pods.
+    pub inbound_port: Option<u16>,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Everything the controller knows at one moment.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    /// When this snapshot was built, for push-latency metrics.
+    pub built: Instant,
+    pub trust_domain: String,
+    pub services: HashMap<ObjKey, ServiceInfo>,
+    pub by_cluster_ip: HashMap<IpAddr, ObjKey>,
+    /// EndpointSlices by the Service they belong to, keyed by slice name for order.
+    pub slices: HashMap<ObjKey, BTreeMap<String, SliceInfo>>,
+    pub pods: HashMap<ObjKey, PodInfo>,
+}
+
+impl Snapshot {
+    pub fn empty(trust_domain: &str) -> Self {
+        Snapshot {
+            version: 0,
+            built: Instant::now(),
+            trust_domain: trust_domain.to_string(),
+            services: HashMap::new(),
+            by_cluster_ip: HashMap::new(),
+            slices: HashMap::new(),
+            pods: HashMap::new(),
+        }
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.slices
+            .values()
+            .flat_map(|s| s.values())
+            .map(|s| s.endpoints.len())
+            .sum()
+    }
+}
+
+/// Collects objects into a snapshot. Objects were validated when parsed.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    snap: Snapshot,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ObjectError {
+    #[error("{kind} has no metadata.name")]
+    NoName { kind: &'static str },
+    #[error("{kind} {key}: {field}: {reason}")]
+    Field {
+        kind: &'static str,
+        key: ObjKey,
+        field: String,
+        reason: String,
+    },
+}
+
+fn key(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<ObjKey, ObjectError> {
+    let name = meta.name.clone().ok_or(ObjectError::NoName { kind })?;
+    Ok(ObjKey {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name,
+    })
+}
+
+fn port(kind: &'static str, key: &ObjKey, field: String, p: i32) -> Result<u16, ObjectError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ObjectError::Field {
+            kind,
+            key: key.clone(),
+            field,
+            reason: format!("{p} is not a port (1-65535)"),
+        })
+}
+
+impl SnapshotBuilder {
+    pub fn new(version: u64, trust_domain: &str) -> Self {
+        let mut snap = Snapshot::empty(trust_domain);
+        snap.version = version;
+        SnapshotBuilder { snap }
+    }
+
+    pub fn build(mut self) -> Snapshot {
+        self.snap.built = Instant::now();
+        self.snap
+    }
+
+    /// Validates a Service into its index form (done once, when parsed).
+    pub fn service(svc: &Service) -> Result<(ObjKey, ServiceInfo), ObjectError> {
+        const KIND: &str = "Service";
+        let k = key(KIND, &svc.metadata)?;
+        let spec = svc.spec.clone().unwrap_or_default();
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.unwrap_or_default().iter().enumerate() {
+            ports.push(ServicePort {
+                name: p.name.clone(),
+                port: port(KIND, &k, format!("spec.ports[{i}].port"), p.port)?,
+            });
+        }
+        let mut cluster_ips = Vec::new();
+        let ips = spec.cluster_ips.unwrap_or_default();
+        for (i, ip) in spec.cluster_ip.iter().chain(ips.iter()).enumerate() {
+            if ip == "None" || ip.is_empty() {
+                continue;
+            }
+            let ip: IpAddr = ip.parse().map_err(|_| ObjectError::Field {
+                kind: KIND,
+                key: k.clone(),
+                field: if i == 0 {
+                    "spec.clusterIP".into()
+                } else {
+                    "spec.clusterIPs".into()
+                },
+                reason: format!("{ip:?} is not an IP address"),
+            })?;
+            if !cluster_ips.contains(&ip) {
+                cluster_ips.push(ip);
+            }
+        }
+        Ok((k, ServiceInfo { cluster_ips, ports }))
+    }
+
+    /// Validates an EndpointSlice: returns the Service it belongs to and its name.
+    pub fn slice(es: &EndpointSlice) -> Result<(ObjKey, String, SliceInfo), ObjectError> {
+        const KIND: &str = "EndpointSlice";
+        let k = key(KIND, &es.metadata)?;
+        let svc = es
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(defaults::SERVICE_NAME_LABEL))
+            .ok_or_else(|| ObjectError::Field {
+                kind: KIND,
+                key: k.clone(),
+                field: format!("metadata.labels[\"{}\"]", defaults::SERVICE_NAME_LABEL),
+                reason: "missing: an EndpointSlice must name its Service".into(),
+            })?;
+        let mut ports = Vec::new();
+        for (i, p) in es.ports.iter().flatten().enumerate() {
+            let Some(n) = p.port else { continue };
+            ports.push((
+                p.name.clone().unwrap_or_default(),
+                port(KIND, &k, format!("ports[{i}].port"), n)?,
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for (i, e) in es.endpoints.iter().enumerate() {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    Some(ObjKey {
+                        namespace: r.namespace.clone().unwrap_or_else(|| k.namespace.clone()),
+                        name: r.name.clone()?,
+                    })
+                });
+            for (j, a) in e.addresses.iter().enumerate() {
+                let addr: IpAddr = a.parse().map_err(|_| ObjectError::Field {
+                    kind: KIND,
+                    key: k.clone(),
+                    field: format!("endpoints[{i}].addresses[{j}]"),
+                    reason: format!("{a:?} is not an IP address"),
+                })?;
+                endpoints.push(EndpointInfo {
+                    addr,
+                    ready,
+                    zone: e.zone.clone(),
+                    pod: pod.clone(),
+                });
+            }
+        }
+        let svc_key = ObjKey {
+            namespace: k.namespace.clone(),
+            name: svc.clone(),
+        };
+        Ok((svc_key, k.name, SliceInfo { ports, endpoints }))
+    }
+
+    pub fn pod(pod: &Pod) -> Result<(ObjKey, PodInfo), ObjectError> {
+        const KIND: &str = "Pod";
+        let k = key(KIND, &pod.metadata)?;
+        let inbound_port = match pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(defaults::INBOUND_PORT_ANNOTATION))
+        {
+            None => None,
+            Some(v) if v.trim().is_empty() => Some(defaults::DEFAULT_INBOUND_PORT),
+            Some(v) => Some(
+                v.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| ObjectError::Field {
+                        kind: KIND,
+                        key: k.clone(),
+                        field: format!(
+                            "metadata.annotations[\"{}\"]",
+                            defaults::INBOUND_PORT_ANNOTATION
+                        ),
+                        reason: format!("{v:?} is not a port (1-65535)"),
+                    })?,
+            ),
+        };
+        let service_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        Ok((
+            k,
+            PodInfo {
+                inbound_port,
+                service_account,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+            },
+        ))
+    }
+
+    pub fn add_service(&mut self, key: ObjKey, info: ServiceInfo) {
+        for ip in &info.cluster_ips {
+            self.snap.by_cluster_ip.insert(*ip, key.clone());
+        }
+        self.snap.services.insert(key, info);
+    }
+
+    pub fn add_slice(&mut self, service: ObjKey, name: String, info: SliceInfo) {
+        self.snap
+            .slices
+            .entry(service)
+            .or_default()
+            .insert(name, info);
+    }
+
+    pub fn add_pod(&mut self, key: ObjKey, info: PodInfo) {
+        self.snap.pods.insert(key, info);
+    }
+}

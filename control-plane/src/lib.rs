@@ -1,0 +1,14 @@
+//! strait's control plane: the index of the mesh, its sources, the gRPC services
+//! the proxies use, and the CLI around them.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod controller;
+pub mod defaults;
+pub mod demo;
+pub mod discovery;
+pub mod index;
+pub mod log;
+pub mod manifests;
+pub mod metrics;
+pub mod policy;

@@ -1,0 +1,259 @@
+//! Parsing manifest files: multi-document YAML, `List` kinds, typed and validated
+//! objects; errors name the document, object and field.
+
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize;
+
+use crate::index::{ObjKey, PodInfo, ServiceInfo, SliceInfo, SnapshotBuilder};
+
+/// A validated object, in the form the index takes.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(ObjKey, ServiceInfo),
+    EndpointSlice(ObjKey, String, SliceInfo),
+    Pod(ObjKey, PodInfo),
+    /// Kept for the identity service (service-account tokens).
+    Secret(Box<Secret>),
+    /// Kinds strait reads but does not act on yet (HTTPRoute, strait policies).
+    Other {
+        kind: String,
+        name: String,
+    },
+}
+
+impl Object {
+    pub fn add_to(&self, b: &mut SnapshotBuilder) {
+        match self {
+            Object::Service(k, s) => b.add_service(k.clone(), s.clone()),
+            Object::EndpointSlice(svc, name, s) => {
+                b.add_slice(svc.clone(), name.clone(), s.clone())
+            }
+            Object::Pod(k, p) => b.add_pod(k.clone(), p.clone()),
+            Object::Secret(_) | Object::Other { .. } => {}
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("cannot read: {0}")]
+    Io(String),
+    #[error("document {doc}: not YAML: {reason}")]
+    Yaml { doc: usize, reason: String },
+    #[error("document {doc}: {what}: field {field}: {reason}")]
+    Field {
+        doc: usize,
+        what: String,
+        field: String,
+        reason: String,
+    },
+    #[error("document {doc}: {0}", doc = .1)]
+    Invalid(crate::index::ObjectError, usize),
+    #[error("document {doc}: no apiVersion/kind")]
+    NoKind { doc: usize },
+}
+
+/// Kinds strait knows, by (apiVersion, kind).
+fn known(api_version: &str, kind: &str) -> bool {
+    matches!(
+        (api_version, kind),
+        (
+            "v1",
+            "Service" | "Pod" | "Secret" | "List" | "ServiceAccount" | "Namespace" | "ConfigMap"
+        ) | ("discovery.k8s.io/v1", "EndpointSlice")
+            | ("apps/v1", _)
+            | (
+                "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
+                "HTTPRoute"
+            )
+            | ("policy.strait.dev/v1alpha1", _)
+    )
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    doc: usize,
+    what: &str,
+    v: serde_json::Value,
+) -> Result<T, ParseError> {
+    serde_path_to_error::deserialize(v).map_err(|e| ParseError::Field {
+        doc,
+        what: what.to_string(),
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    })
+}
+
+fn describe(v: &serde_json::Value) -> String {
+    let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
+    let meta = v.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("?");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("default");
+    format!("{kind} {ns}/{name}")
+}
+
+fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
+    if v.is_null() {
+        return Ok(());
+    }
+    let api_version = v
+        .get("apiVersion")
+        .and_then(|a| a.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let kind = v
+        .get("kind")
+        .and_then(|a| a.as_str())
+        .unwrap_or_default()
+        .to_string();
+    if api_version.is_empty() || kind.is_empty() {
+        return Err(ParseError::NoKind { doc });
+    }
+    let what = describe(&v);
+    let invalid = |e| ParseError::Invalid(e, doc);
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = v
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                object(doc, item, out)?;
+            }
+        }
+        ("v1", "Service") => {
+            let s: Service = typed(doc, &what, v)?;
+            let (k, info) = SnapshotBuilder::service(&s).map_err(invalid)?;
+            out.push(Object::Service(k, info));
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let s: EndpointSlice = typed(doc, &what, v)?;
+            let (svc, name, info) = SnapshotBuilder::slice(&s).map_err(invalid)?;
+            out.push(Object::EndpointSlice(svc, name, info));
+        }
+        ("v1", "Pod") => {
+            let p: Pod = typed(doc, &what, v)?;
+            let (k, info) = SnapshotBuilder::pod(&p).map_err(invalid)?;
+            out.push(Object::Pod(k, info));
+        }
+        ("v1", "Secret") => {
+            let s: Secret = typed(doc, &what, v)?;
+            out.push(Object::Secret(Box::new(s)));
+        }
+        (a, k) if known(a, k) => out.push(Object::Other { kind, name: what }),
+        _ => {
+            tracing::debug!(doc, %what, api_version, "ignoring a kind strait does not use");
+        }
+    }
+    Ok(())
+}
+
+/// Parses every document of a file. All errors are returned, so one edit can fix
+/// them all; any error rejects the whole file.
+pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        match serde_json::Value::deserialize(de) {
+            Ok(v) => {
+                if let Err(e) = object(doc, v, &mut out) {
+                    errors.push(e);
+                }
+            }
+            Err(e) => {
+                errors.push(ParseError::Yaml {
+                    doc,
+                    reason: e.to_string(),
+                });
+                // A syntax error leaves the rest of the stream unreadable.
+                break;
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - addresses: [127.0.0.1]
+    targetRef: {kind: Pod, name: web-0}
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: Pod
+    metadata:
+      name: web-0
+      namespace: shop
+      annotations: {strait.dev/inbound-port: "4143"}
+    spec:
+      serviceAccountName: web
+      containers: [{name: app, image: web}]
+"#;
+
+    #[test]
+    fn reads_multi_document_files_and_lists() {
+        let objs = parse_file(GOOD).unwrap();
+        assert_eq!(objs.len(), 3);
+        assert!(
+            matches!(&objs[2], Object::Pod(k, p) if k.name == "web-0" && p.inbound_port == Some(4143))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_object_and_field() {
+        let bad = GOOD.replace("port: 80,", "port: eighty,");
+        let errs = parse_file(&bad).unwrap_err();
+        let msg = errs[0].to_string();
+        assert!(
+            msg.contains("Service shop/web") && msg.contains("spec.ports"),
+            "{msg}"
+        );
+
+        let bad = GOOD.replace("\"4143\"", "\"many\"");
+        let msg = parse_file(&bad).unwrap_err()[0].to_string();
+        assert!(
+            msg.contains("strait.dev/inbound-port") && msg.contains("shop/web-0"),
+            "{msg}"
+        );
+
+        let bad = GOOD.replace("labels: {kubernetes.io/service-name: web}", "labels: {}");
+        let msg = parse_file(&bad).unwrap_err()[0].to_string();
+        assert!(msg.contains("kubernetes.io/service-name"), "{msg}");
+
+        let msg = parse_file("kind: [oops").unwrap_err()[0].to_string();
+        assert!(msg.contains("not YAML"), "{msg}");
+    }
+}

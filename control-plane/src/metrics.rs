@@ -1,0 +1,120 @@
+//! The controller's Prometheus metrics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::defaults::METRICS_PREFIX;
+use crate::index::Snapshot;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open watch streams, by gRPC service (discovery, inbound_policy).
+    pub watches: Family<ServiceLabels, Gauge>,
+    /// Destinations with at least one watcher (views computed once per change each).
+    pub watched_destinations: Gauge,
+    pub push_latency: Histogram,
+    pub index_services: Gauge,
+    pub index_endpoints: Gauge,
+    pub index_pods: Gauge,
+    pub index_version: Gauge,
+    pub reload_errors: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix(METRICS_PREFIX);
+        let m = Metrics {
+            registry: Registry::default(),
+            watches: Family::default(),
+            watched_destinations: Gauge::default(),
+            push_latency: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            index_services: Gauge::default(),
+            index_endpoints: Gauge::default(),
+            index_pods: Gauge::default(),
+            index_version: Gauge::default(),
+            reload_errors: Counter::default(),
+        };
+        registry.register(
+            "watches",
+            "Open watch streams from proxies",
+            m.watches.clone(),
+        );
+        registry.register(
+            "watched_destinations",
+            "Destinations watched by at least one proxy",
+            m.watched_destinations.clone(),
+        );
+        registry.register(
+            "push_latency_seconds",
+            "Time from an index change to its update being handed to the proxies' streams",
+            m.push_latency.clone(),
+        );
+        registry.register(
+            "index_services",
+            "Services in the index",
+            m.index_services.clone(),
+        );
+        registry.register(
+            "index_endpoints",
+            "Endpoints in the index",
+            m.index_endpoints.clone(),
+        );
+        registry.register("index_pods", "Pods in the index", m.index_pods.clone());
+        registry.register(
+            "index_version",
+            "Version of the current index snapshot",
+            m.index_version.clone(),
+        );
+        registry.register(
+            "reload_errors",
+            "Manifest files or objects rejected on reload",
+            m.reload_errors.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn observe_snapshot(&self, s: &Snapshot) {
+        self.index_services.set(s.services.len() as i64);
+        self.index_endpoints.set(s.endpoint_count() as i64);
+        self.index_pods.set(s.pods.len() as i64);
+        self.index_version.set(s.version as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Counts an open watch for as long as it lives.
+#[derive(Debug)]
+pub struct WatchGuard(Gauge);
+
+impl WatchGuard {
+    pub fn new(m: &Metrics, service: &'static str) -> Self {
+        let g = m.watches.get_or_create(&ServiceLabels { service }).clone();
+        g.inc();
+        WatchGuard(g)
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
