@@ -66,6 +66,24 @@ pub struct Config {
     #[serde(serialize_with = "ser_display_vec")]
     pub upstreams: Vec<Upstream>,
 
+    /// The address the inbound side reaches its app on (the app's port comes with
+    /// each connection).
+    #[arg(long, env = "STRAIT_PROXY_APP_IP", default_value = "127.0.0.1")]
+    pub app_ip: std::net::IpAddr,
+
+    /// The control plane's gRPC address (e.g. http://strait.strait-system.svc:8090).
+    /// Without it, every destination is passed through.
+    #[arg(long, env = "STRAIT_PROXY_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: Option<String>,
+
+    /// The namespace of this proxy's workload (short destination names resolve in it).
+    #[arg(long, env = "STRAIT_PROXY_NAMESPACE", default_value = defaults::NAMESPACE)]
+    pub namespace: String,
+
+    /// The name of this proxy's pod (defaults to $HOSTNAME, as in a pod).
+    #[arg(long, env = "STRAIT_PROXY_POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// Ports that skip protocol detection and are carried as opaque TCP
     /// (comma-separated, ranges allowed; empty for none).
     #[arg(long, env = "STRAIT_PROXY_OPAQUE_PORTS", default_value = defaults::OPAQUE_PORTS)]

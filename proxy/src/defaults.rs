@@ -87,3 +87,25 @@ pub const PROXY_ERROR_HEADER: &str = "strait-proxy-error";
 
 /// Prefix of every metric the proxy exports.
 pub const METRICS_PREFIX: &str = "strait_proxy";
+
+/// Control-plane reconnects: jittered, from 100 ms up to 10 s between attempts.
+pub const CONTROL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const CONTROL_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long the first request to a new destination waits for discovery's first
+/// answer before the destination is treated as not meshed (passed through).
+pub const DISCOVERY_FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A destination no request used for this long stops being watched.
+pub const DISCOVERY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Latency assumed of an endpoint before any response from it (as Linkerd).
+pub const BALANCER_DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Time constant of the latency average: how long good answers take to restore
+/// an endpoint that was slow.
+pub const BALANCER_EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// Set on requests between proxies: the HTTP version the app spoke, restored by
+/// the peer proxy towards its app.
+pub const ORIG_PROTO_HEADER: &str = "strait-orig-proto";
+
+/// The namespace this proxy's workload runs in, when not told.
+pub const NAMESPACE: &str = "default";

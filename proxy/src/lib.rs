@@ -3,10 +3,13 @@
 
 pub mod addr;
 pub mod admin;
+pub mod balance;
 pub mod cli;
+pub mod control;
 pub mod defaults;
 pub mod detect;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod proxy;

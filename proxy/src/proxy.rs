@@ -6,11 +6,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::addr::ClientAddr;
 use crate::admin::{self, AdminState};
 use crate::cli::Config;
+use crate::control::discovery::Discovery;
+use crate::control::{self, ControlPlaneError, Workload};
 use crate::defaults;
 use crate::detect::{Protocol, detect};
 use crate::http::client::ClientCache;
@@ -34,6 +37,7 @@ pub struct Shared {
     pub drain: Drain,
     pub tcp: TcpConfig,
     pub http: ServerConfig,
+    pub discovery: Option<Arc<Discovery>>,
 }
 
 impl Shared {
@@ -85,7 +89,16 @@ pub struct Addrs {
     pub upstreams: Vec<SocketAddr>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
+}
+
 pub struct Proxy {
+    control: Option<(Channel, Workload)>,
     shared: Arc<Shared>,
     trigger: DrainTrigger,
     inbound: Listener,
@@ -98,7 +111,22 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub async fn bind(config: Config, log: Option<LogHandle>) -> Result<Self, BindError> {
+    pub async fn bind(config: Config, log: Option<LogHandle>) -> Result<Self, StartError> {
+        let control = match &config.control_plane {
+            Some(url) => {
+                let pod = config
+                    .pod_name
+                    .clone()
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| "unknown".into());
+                let workload = Workload {
+                    namespace: config.namespace.clone(),
+                    pod,
+                };
+                Some((control::channel(url)?, workload))
+            }
+            None => None,
+        };
         let inbound = Listener::bind(config.inbound_addr, Direction::Inbound, "inbound").await?;
         let outbound =
             Listener::bind(config.outbound_addr, Direction::Outbound, "outbound").await?;
@@ -126,7 +154,11 @@ impl Proxy {
             upstreams: upstreams.iter().map(|(l, _)| l.local_addr()).collect(),
         };
         let (trigger, drain) = drain::channel();
+        let discovery = control
+            .as_ref()
+            .map(|(channel, workload)| Discovery::new(channel.clone(), workload.clone()));
         let shared = Arc::new(Shared {
+            discovery,
             metrics: Metrics::new(),
             clients: ClientCache::new(config.connect_timeout),
             drain,
@@ -141,6 +173,7 @@ impl Proxy {
             config,
         });
         Ok(Proxy {
+            control,
             shared,
             trigger,
             inbound,
@@ -170,6 +203,7 @@ impl Proxy {
     /// period. Returns true when every connection finished within it.
     pub async fn run(self) -> bool {
         let Proxy {
+            control,
             shared,
             trigger,
             inbound,
@@ -225,11 +259,29 @@ impl Proxy {
                 ready: ready.subscribe(),
             }),
         ));
-        // Until discovery and identity exist, bound listeners are all it takes.
-        ready.send_replace(true);
+        // With a control plane, ready once it has answered for this workload;
+        // without one, bound listeners are all it takes.
+        match control {
+            Some((channel, workload)) => {
+                let (tx, mut rx) = watch::channel(None);
+                tokio::spawn(control::policy::follow(channel, workload, tx));
+                let ready = ready.clone();
+                tokio::spawn(async move {
+                    if rx.wait_for(Option::is_some).await.is_ok() {
+                        info!("control plane answered; ready");
+                        ready.send_replace(true);
+                    }
+                    // Keep the policy receiver alive for the proxy's lifetime.
+                    std::future::pending::<()>().await;
+                });
+            }
+            None => {
+                ready.send_replace(true);
+            }
+        }
         info!(
             inbound = %addrs.inbound, outbound = %addrs.outbound, admin = %addrs.admin,
-            upstreams = ?addrs.upstreams, "proxy ready"
+            upstreams = ?addrs.upstreams, "proxy listening"
         );
 
         trigger.requested().await;

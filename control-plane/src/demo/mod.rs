@@ -201,6 +201,7 @@ async fn run_mesh(
             format!("--control-plane=http://{CONTROLLER_GRPC}"),
             format!("--namespace={NAMESPACE}"),
             format!("--pod-name={}", pod.name),
+            format!("--app-ip={}", pod.ip),
         ];
         if let Some((port, dest)) = pod.upstream {
             a.push(format!("--upstream={}:{port}={dest}", pod.ip));

@@ -21,6 +21,8 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::body::GuardedBody;
 use tokio::time::{Instant, Sleep};
 
 const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\nstrait-proxy-error: request header read timed out\r\n\r\n";
@@ -221,7 +223,7 @@ pub struct InFlight<S> {
 }
 
 #[derive(Debug)]
-struct Guard(Arc<ConnState>);
+pub struct Guard(Arc<ConnState>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -231,38 +233,7 @@ impl Drop for Guard {
     }
 }
 
-pin_project_lite::pin_project! {
-    pub struct InFlightBody<B> {
-        #[pin]
-        inner: B,
-        guard: Option<Guard>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let res = ready!(this.inner.poll_frame(cx));
-        if res.is_none() {
-            this.guard.take();
-        }
-        Poll::Ready(res)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub type InFlightBody<B> = GuardedBody<B, Guard>;
 
 impl<S, B, RB> tower::Service<Request<B>> for InFlight<S>
 where
@@ -287,10 +258,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let rsp = fut.await?;
-            Ok(rsp.map(|inner| InFlightBody {
-                inner,
-                guard: Some(guard),
-            }))
+            Ok(rsp.map(|inner| GuardedBody::new(inner, guard)))
         })
     }
 }

@@ -11,14 +11,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use tracing::debug;
 
 use super::client::{ClientCache, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
-use super::{BoxBody, Dst, upgrade};
+use super::{BoxBody, Dst, ToPeer, upgrade};
 use crate::addr::DestAddr;
+use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::transport::Drain;
 
 #[derive(Clone, Debug)]
@@ -57,15 +58,38 @@ impl Forward {
         let is_connect = req.method() == Method::CONNECT;
         let client_upgrade =
             upgrade::is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
-        let h2 = req.version() == Version::HTTP_2;
+        let version = req.version();
         if !is_connect {
             absolute_uri(&mut req, addr)?;
         }
+        // Between proxies, every request rides one multiplexed HTTP/2 connection per
+        // peer (upgrades excepted: they need HTTP/1.1 end to end), and carries what
+        // the peer needs to restore it for its app.
+        let h2 = match req.extensions_mut().remove::<ToPeer>() {
+            Some(peer) => {
+                req.headers_mut()
+                    .insert(TARGET_PORT_HEADER, HeaderValue::from(peer.target_port));
+                let h2 = client_upgrade.is_none();
+                if h2 && version != Version::HTTP_2 {
+                    let orig = if version == Version::HTTP_10 {
+                        "HTTP/1.0"
+                    } else {
+                        "HTTP/1.1"
+                    };
+                    req.headers_mut()
+                        .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(orig));
+                    *req.version_mut() = Version::HTTP_2;
+                }
+                h2
+            }
+            None => version == Version::HTTP_2,
+        };
         let client = self.clients.get(addr, h2);
         let mut rsp = client
             .request(req.map(super::boxed))
             .await
             .map_err(|e| client_error(e, addr))?;
+        *rsp.version_mut() = version;
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)
         {

@@ -1,6 +1,7 @@
 //! HTTP: serving connections (HTTP/1.1 and HTTP/2 with hyper), the layers every
 //! request passes (metrics, normalization), and forwarding to an upstream.
 
+pub mod body;
 pub mod client;
 pub mod conn_guard;
 pub mod dst;
@@ -45,3 +46,11 @@ where
 /// Where a request goes; set by the direction's destination layer, read by `Forward`.
 #[derive(Clone, Debug)]
 pub struct Dst(pub crate::addr::DestAddr);
+
+/// Set when `Dst` is a peer proxy: the app's port in the peer pod, and the identity
+/// discovery promised for it.
+#[derive(Clone, Debug)]
+pub struct ToPeer {
+    pub target_port: u16,
+    pub identity: crate::identity::Identity,
+}

@@ -1,17 +1,17 @@
 //! Which port of the app an inbound request is for: the redirected connection's
 //! original port, or the `strait-target-port` a peer proxy sent with the request.
 
-use http::Request;
-use std::net::{Ipv4Addr, SocketAddr};
+use http::{HeaderValue, Request, Version, header};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::addr::{DestAddr, TargetPort};
-use crate::defaults::TARGET_PORT_HEADER;
+use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::http::dst::ChooseDst;
 use crate::http::error::ProxyError;
 
-/// The app listens on loopback in its own pod.
-pub fn app_addr(p: TargetPort) -> DestAddr {
-    DestAddr::Socket(SocketAddr::from((Ipv4Addr::LOCALHOST, p.0)))
+/// The app in this pod, on its port.
+pub fn app_addr(ip: IpAddr, p: TargetPort) -> DestAddr {
+    DestAddr::Socket(SocketAddr::new(ip, p.0))
 }
 
 #[derive(Clone, Debug)]
@@ -19,21 +19,46 @@ pub struct InboundDst {
     redirected: Option<TargetPort>,
     /// The inbound listener's own port, never a valid target.
     own_port: u16,
+    app_ip: IpAddr,
 }
 
 impl InboundDst {
-    pub fn new(redirected: Option<TargetPort>, own_port: u16) -> Self {
+    pub fn new(redirected: Option<TargetPort>, own_port: u16, app_ip: IpAddr) -> Self {
         Self {
             redirected,
             own_port,
+            app_ip,
         }
     }
 }
 
 impl ChooseDst for InboundDst {
     fn choose<B>(&self, req: &mut Request<B>) -> Result<DestAddr, ProxyError> {
-        self.target(req).map(app_addr)
+        let port = self.target(req)?;
+        restore_version(req)?;
+        Ok(app_addr(self.app_ip, port))
     }
+}
+
+/// A peer proxy carried an HTTP/1 request over HTTP/2: give the app HTTP/1 back,
+/// with the Host header HTTP/1.1 requires.
+fn restore_version<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let Some(v) = req.headers_mut().remove(ORIG_PROTO_HEADER) else {
+        return Ok(());
+    };
+    let version = match v.as_bytes() {
+        b"HTTP/1.1" => Version::HTTP_11,
+        b"HTTP/1.0" => Version::HTTP_10,
+        _ => return Err(ProxyError::BadRequest("invalid strait-orig-proto header")),
+    };
+    if !req.headers().contains_key(header::HOST)
+        && let Some(a) = req.uri().authority()
+        && let Ok(h) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, h);
+    }
+    *req.version_mut() = version;
+    Ok(())
 }
 
 impl InboundDst {
@@ -68,7 +93,7 @@ mod tests {
 
     #[test]
     fn carried_port_wins_and_is_removed() {
-        let l = InboundDst::new(Some(TargetPort(80)), 4143);
+        let l = InboundDst::new(Some(TargetPort(80)), 4143, Ipv4Addr::LOCALHOST.into());
         let mut r = Request::builder()
             .header(TARGET_PORT_HEADER, "8080")
             .body(())
@@ -81,7 +106,7 @@ mod tests {
 
     #[test]
     fn missing_bad_or_looping_ports_are_refused() {
-        let l = InboundDst::new(None, 4143);
+        let l = InboundDst::new(None, 4143, Ipv4Addr::LOCALHOST.into());
         let mut r = Request::builder().body(()).unwrap();
         assert!(matches!(l.target(&mut r), Err(ProxyError::BadRequest(_))));
         let mut r = Request::builder()

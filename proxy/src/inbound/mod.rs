@@ -46,11 +46,22 @@ impl Inbound {
             client: acc.client,
             metrics: s.metrics.clone(),
         };
-        let dst_layer = SetDstLayer(dst::InboundDst::new(target, acc.local.port()));
+        let dst_layer = SetDstLayer(dst::InboundDst::new(
+            target,
+            acc.local.port(),
+            s.config.app_ip,
+        ));
         match protocol {
             Protocol::Opaque => match target {
                 Some(p) => {
-                    crate::tcp::forward(io, &dst::app_addr(p), &s.tcp, &s.metrics, DIRECTION).await
+                    crate::tcp::forward(
+                        io,
+                        &dst::app_addr(s.config.app_ip, p),
+                        &s.tcp,
+                        &s.metrics,
+                        DIRECTION,
+                    )
+                    .await
                 }
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_target_port");

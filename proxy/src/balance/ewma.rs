@@ -1,0 +1,77 @@
+//! Peak-sensitive EWMA of latency (as tower's and Linkerd's): a slower observation
+//! replaces the estimate at once; with time the estimate decays (time constant
+//! `BALANCER_EWMA_DECAY`), so an endpoint that turned slow is avoided immediately,
+//! and one that is no longer chosen becomes worth trying again.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::defaults;
+
+#[derive(Debug, Clone)]
+pub struct PeakEwma {
+    /// Estimated latency, nanoseconds.
+    cost_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    pub fn new(now: Instant) -> Self {
+        PeakEwma {
+            cost_ns: defaults::BALANCER_DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
+        }
+    }
+
+    fn decay(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        (-elapsed / defaults::BALANCER_EWMA_DECAY.as_secs_f64()).exp()
+    }
+
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.cost_ns {
+            self.cost_ns = rtt;
+        } else {
+            let w = self.decay(now);
+            self.cost_ns = self.cost_ns * w + rtt * (1.0 - w);
+        }
+        self.stamp = now;
+    }
+
+    /// The estimate, decayed for the time since the last observation.
+    pub fn cost(&self, now: Instant) -> f64 {
+        self.cost_ns * self.decay(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn peaks_jump_and_decay_slowly() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        e.observe(Duration::from_millis(100), t0);
+        assert_eq!(e.cost(t0), 100e6);
+        let t1 = t0 + Duration::from_secs(1);
+        e.observe(Duration::from_millis(1), t1);
+        assert!(
+            e.cost(t1) > 80e6,
+            "one fast answer does not erase a peak: {}",
+            e.cost(t1)
+        );
+        let t2 = t1 + Duration::from_secs(60);
+        e.observe(Duration::from_millis(1), t2);
+        assert!(e.cost(t2) < 2e6, "{}", e.cost(t2));
+        e.observe(Duration::from_millis(100), t2);
+        let idle = t2 + Duration::from_secs(30);
+        assert!(
+            e.cost(idle) < 10e6,
+            "an endpoint left alone becomes worth a try: {}",
+            e.cost(idle)
+        );
+    }
+}

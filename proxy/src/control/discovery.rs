@@ -1,0 +1,184 @@
+//! Discovery watches: one per destination in use, shared by every connection to
+//! it, dropped when idle. The data path reads the latest answer without waiting;
+//! only the first request to a new destination waits (boundedly) for a first answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strait_api::v1 as api;
+use strait_api::v1::discovery_client::DiscoveryClient;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::Workload;
+use super::backoff::Backoff;
+use super::view::{Resolution, parse};
+use crate::addr::DestAddr;
+use crate::balance::Balancer;
+use crate::defaults;
+
+struct Watch {
+    rx: watch::Receiver<Option<Resolution>>,
+    balancer: Arc<Balancer>,
+    last_used_ms: Arc<AtomicU64>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A destination's current answer and its load balancer.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub resolution: Resolution,
+    pub balancer: Arc<Balancer>,
+}
+
+pub struct Discovery {
+    client: DiscoveryClient<Channel>,
+    workload: Workload,
+    start: Instant,
+    watches: Mutex<HashMap<DestAddr, Watch>>,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("workload", &self.workload)
+            .finish()
+    }
+}
+
+impl Discovery {
+    pub fn new(channel: Channel, workload: Workload) -> Arc<Self> {
+        let d = Arc::new(Discovery {
+            client: DiscoveryClient::new(channel),
+            workload,
+            start: Instant::now(),
+            watches: Mutex::default(),
+        });
+        tokio::spawn(Self::sweep(Arc::downgrade(&d)));
+        d
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// The current answer for `dest`; for a destination not watched yet, waits up
+    /// to `timeout` for the first one. `None` when there is no answer in time.
+    pub async fn resolve(&self, dest: &DestAddr, timeout: Duration) -> Option<Resolved> {
+        let (mut rx, balancer) = self.watch(dest);
+        let current = rx.borrow().clone();
+        let resolution = match current {
+            Some(r) => r,
+            None => {
+                let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+                match r {
+                    Ok(Ok(r)) => r.clone()?,
+                    _ => return None,
+                }
+            }
+        };
+        Some(Resolved {
+            resolution,
+            balancer,
+        })
+    }
+
+    fn watch(&self, dest: &DestAddr) -> (watch::Receiver<Option<Resolution>>, Arc<Balancer>) {
+        let now = self.now_ms();
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = watches.get(dest) {
+            w.last_used_ms.store(now, Ordering::Relaxed);
+            return (w.rx.clone(), w.balancer.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        let req = api::WatchDestination {
+            destination: dest.to_string(),
+            context_namespace: self.workload.namespace.clone(),
+            proxy_id: format!("{}.{}", self.workload.pod, self.workload.namespace),
+        };
+        let task = tokio::spawn(follow(self.client.clone(), req, tx)).abort_handle();
+        let w = Watch {
+            rx: rx.clone(),
+            balancer: Arc::new(Balancer::default()),
+            last_used_ms: Arc::new(AtomicU64::new(now)),
+            task,
+        };
+        let balancer = w.balancer.clone();
+        watches.insert(dest.clone(), w);
+        (rx, balancer)
+    }
+
+    /// Drops watches no request has used for `DISCOVERY_IDLE_TIMEOUT`.
+    async fn sweep(this: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(defaults::DISCOVERY_IDLE_TIMEOUT / 2);
+        loop {
+            tick.tick().await;
+            let Some(d) = this.upgrade() else { return };
+            let now = d.now_ms();
+            let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+            let mut watches = d.watches.lock().unwrap_or_else(|p| p.into_inner());
+            watches.retain(|dest, w| {
+                let keep = now.saturating_sub(w.last_used_ms.load(Ordering::Relaxed)) < idle;
+                if !keep {
+                    debug!(%dest, "dropping idle discovery watch");
+                }
+                keep
+            });
+        }
+    }
+
+    pub fn watched(&self) -> usize {
+        self.watches.lock().map(|w| w.len()).unwrap_or(0)
+    }
+}
+
+/// Follows one destination for as long as it is watched, reconnecting with
+/// jittered backoff; the last answer stays in force while disconnected.
+async fn follow(
+    mut client: DiscoveryClient<Channel>,
+    req: api::WatchDestination,
+    tx: watch::Sender<Option<Resolution>>,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        match client.watch(req.clone()).await {
+            Ok(rsp) => {
+                let mut stream = rsp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(update)) => {
+                            backoff.reset();
+                            let r = parse(update);
+                            if let Resolution::Service(s) = &r {
+                                debug!(destination = %req.destination, service = %s.name, endpoints = s.endpoints.len(), "discovery update");
+                            }
+                            tx.send_replace(Some(r));
+                        }
+                        Ok(None) => {
+                            info!(destination = %req.destination, "discovery stream ended; re-watching");
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(destination = %req.destination, error = %e.message(), "discovery stream failed; keeping the last answer");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}

@@ -1,0 +1,73 @@
+//! Workload identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
+//! parsed once at the edge.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    uri: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid workload identity {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+)]
+pub struct IdentityError(pub String);
+
+impl Identity {
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+}
+
+impl FromStr for Identity {
+    type Err = IdentityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || IdentityError(s.to_string());
+        let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let ok_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 253
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        };
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa] if ok_label(td) && ok_label(ns) && ok_label(sa) => {
+                Ok(Identity { uri: s.to_string() })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_workload_spiffe_ids_parse() {
+        assert!(
+            "spiffe://cluster.local/ns/shop/sa/web"
+                .parse::<Identity>()
+                .is_ok()
+        );
+        for bad in [
+            "",
+            "spiffe://cluster.local/ns/shop",
+            "https://x/ns/a/sa/b",
+            "spiffe://td/ns//sa/b",
+            "spiffe://td/ns/a/sa/b/extra",
+        ] {
+            assert!(bad.parse::<Identity>().is_err(), "{bad}");
+        }
+    }
+}
