@@ -97,8 +97,10 @@ pub const DISCOVERY_FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// A destination no request used for this long stops being watched.
 pub const DISCOVERY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Latency assumed of an endpoint before any response from it (as Linkerd).
-pub const BALANCER_DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Latency assumed of an endpoint before any response from it. Low, so a new
+/// endpoint is tried at once (one response replaces the guess); a high guess
+/// would leave a new, equally fast endpoint idle until the guess decayed.
+pub const BALANCER_DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Time constant of the latency average: how long good answers take to restore
 /// an endpoint that was slow.
 pub const BALANCER_EWMA_DECAY: Duration = Duration::from_secs(10);

@@ -40,6 +40,8 @@ pub struct Stats {
     pub in_flight: AtomicUsize,
     pub completed: AtomicUsize,
     sse_release: Notify,
+    /// Added to every response: a backend that is slow on purpose.
+    delay: std::sync::Mutex<Duration>,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,15 @@ impl Backend {
             }
         });
         Backend { addr, stats, task }
+    }
+
+    /// A backend that answers every request after `delay`.
+    pub async fn start_slow(delay: Duration) -> Backend {
+        let b = Self::start().await;
+        if let Ok(mut d) = b.stats.delay.lock() {
+            *d = delay;
+        }
+        b
     }
 
     pub fn connections(&self) -> usize {
@@ -133,6 +144,10 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
     stats.requests.fetch_add(1, Ordering::SeqCst);
+    let delay = stats.delay.lock().map(|d| *d).unwrap_or_default();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let seen = seen_headers(&req);
     let path = req.uri().path().to_string();
     let mut rsp = if req.method() == Method::CONNECT {

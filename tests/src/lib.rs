@@ -6,6 +6,9 @@
 pub mod backend;
 pub mod client;
 pub mod grpc;
+pub mod load;
+pub mod manifests;
+pub mod mesh;
 pub mod process;
 pub mod tcp;
 pub mod wait;

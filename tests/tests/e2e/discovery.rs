@@ -1,0 +1,313 @@
+//! A controller on a manifests directory and proxies that follow it while traffic
+//! flows: endpoint changes, a controller restart, a broken file, balancing.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use strait_tests::backend::Backend;
+use strait_tests::load::Load;
+use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
+use strait_tests::mesh::{ControllerProc, Sidecar};
+use strait_tests::{client, wait};
+
+const NS: &str = "test";
+const WEB: &str = "web.test.svc.cluster.local:80";
+
+/// A backend with its own sidecar, declared in the manifests as a meshed pod.
+struct Pod {
+    name: String,
+    backend: Backend,
+    _sidecar: Sidecar,
+}
+
+impl Pod {
+    async fn start(dir: &ManifestDir, grpc: SocketAddr, name: &str, backend: Backend) -> Pod {
+        let sidecar = Sidecar::start(grpc, NS, name, &[]).await;
+        dir.write(
+            &format!("pod-{name}.yaml"),
+            &meshed_pod(NS, name, "web", sidecar.inbound.port()),
+        );
+        Pod {
+            name: name.to_string(),
+            backend,
+            _sidecar: sidecar,
+        }
+    }
+
+    fn add_endpoint(&self, dir: &ManifestDir) {
+        dir.write(
+            &self.slice_file(),
+            &endpoint(NS, "web", &self.name, self.backend.addr),
+        );
+    }
+
+    fn remove_endpoint(&self, dir: &ManifestDir) {
+        dir.remove(&self.slice_file());
+    }
+
+    fn slice_file(&self) -> String {
+        format!("slice-{}.yaml", self.name)
+    }
+
+    fn requests(&self) -> usize {
+        self.backend.requests()
+    }
+}
+
+/// Waits until `pod` receives traffic; returns how long that took.
+async fn until_serving(pod: &Pod, since: Instant) -> Duration {
+    let before = pod.requests();
+    wait::until(
+        &format!("{} to receive traffic", pod.name),
+        Duration::from_secs(5),
+        || async { pod.requests() > before },
+    )
+    .await;
+    since.elapsed()
+}
+
+/// Waits until `pod` stops receiving traffic (no new request over a window in
+/// which the load sent plenty); returns how long that took.
+async fn until_drained(pod: &Pod, load: &Load, since: Instant) -> Duration {
+    loop {
+        let (mine, total) = (pod.requests(), load.ok());
+        wait::until("more traffic", Duration::from_secs(5), || async {
+            load.ok() >= total + 20
+        })
+        .await;
+        if pod.requests() == mine {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "{} still gets traffic",
+            pod.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn endpoint_changes_redirect_traffic_within_a_second_without_failures() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let a = Pod::start(&dir, cp.grpc, "web-a", Backend::start().await).await;
+    let b = Pod::start(&dir, cp.grpc, "web-b", Backend::start().await).await;
+    let c = Pod::start(&dir, cp.grpc, "web-c", Backend::start().await).await;
+    a.add_endpoint(&dir);
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    wait::until(
+        "traffic through the mesh",
+        Duration::from_secs(10),
+        || async { matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200) },
+    )
+    .await;
+
+    let load = Load::start(&url, 4);
+    // Add B: it serves within a second.
+    let t = Instant::now();
+    b.add_endpoint(&dir);
+    let took = until_serving(&b, t).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "added endpoint served after {took:?}"
+    );
+    // Remove A: it gets no new requests within a second; its in-flight ones finish.
+    let t = Instant::now();
+    a.remove_endpoint(&dir);
+    let took = until_drained(&a, &load, t).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "removed endpoint drained after {took:?}"
+    );
+    // Replace B with C, one at a time, as a rolling update does.
+    let t = Instant::now();
+    c.add_endpoint(&dir);
+    until_serving(&c, t).await;
+    let t = Instant::now();
+    b.remove_endpoint(&dir);
+    let took = until_drained(&b, &load, t).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "replaced endpoint drained after {took:?}"
+    );
+
+    let (ok, failed, errors) = load.stop().await;
+    assert_eq!(
+        failed, 0,
+        "failed requests during endpoint changes: {errors:?}"
+    );
+    assert!(ok > 100, "load ran ({ok} requests)");
+    assert!(c.requests() > 0 && b.requests() > 0 && a.requests() > 0);
+}
+
+#[tokio::test]
+async fn a_controller_restart_fails_no_request() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let a = Pod::start(&dir, cp.grpc, "web-a", Backend::start().await).await;
+    a.add_endpoint(&dir);
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    wait::until(
+        "traffic through the mesh",
+        Duration::from_secs(10),
+        || async { matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200) },
+    )
+    .await;
+
+    let load = Load::start(&url, 4);
+    let grpc = cp.grpc;
+    let mut cp = cp;
+    cp.proc.child.kill().await.unwrap();
+    // The mesh runs on what it knew while the controller is away.
+    let before = load.ok();
+    wait::until(
+        "traffic without a controller",
+        Duration::from_secs(10),
+        || async { load.ok() > before + 200 },
+    )
+    .await;
+    let cp = ControllerProc::start_on(dir.path(), grpc).await;
+    // Both proxies watch again: the client's destination and its own policy, and
+    // the backend's policy.
+    wait::until("proxies re-watching", Duration::from_secs(20), || async {
+        cp.metric("strait_controller_watches{service=\"inbound_policy\"}")
+            .await
+            >= 2.0
+            && cp
+                .metric("strait_controller_watches{service=\"discovery\"}")
+                .await
+                >= 1.0
+    })
+    .await;
+    let before = load.ok();
+    wait::until(
+        "traffic after the restart",
+        Duration::from_secs(10),
+        || async { load.ok() > before + 200 },
+    )
+    .await;
+    let (ok, failed, errors) = load.stop().await;
+    assert_eq!(
+        failed, 0,
+        "failed requests across the controller restart: {errors:?}"
+    );
+    assert!(ok > 400);
+}
+
+#[tokio::test]
+async fn a_malformed_file_leaves_traffic_untouched_and_is_reported() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let a = Pod::start(&dir, cp.grpc, "web-a", Backend::start().await).await;
+    let b = Pod::start(&dir, cp.grpc, "web-b", Backend::start().await).await;
+    a.add_endpoint(&dir);
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    wait::until(
+        "traffic through the mesh",
+        Duration::from_secs(10),
+        || async { matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200) },
+    )
+    .await;
+    let load = Load::start(&url, 2);
+
+    // Break A's slice (a bad address) and, in the same edit, point it at B: none of
+    // it may apply.
+    let broken = endpoint(NS, "web", "web-a", b.backend.addr).replace("127.0.0.1", "127.0.0.one");
+    dir.write(&a.slice_file(), &broken);
+    wait::until("the error reported", Duration::from_secs(5), || async {
+        cp.metric("strait_controller_reload_errors_total").await >= 1.0
+    })
+    .await;
+    let (served_a, total) = (a.requests(), load.ok());
+    wait::until("more traffic", Duration::from_secs(5), || async {
+        load.ok() > total + 100
+    })
+    .await;
+    assert!(
+        a.requests() > served_a,
+        "the last good endpoint keeps serving"
+    );
+    assert_eq!(b.requests(), 0, "nothing of the broken file applied");
+
+    // Fixing the file applies it.
+    let t = Instant::now();
+    dir.write(
+        &a.slice_file(),
+        &endpoint(NS, "web", "web-a", b.backend.addr),
+    );
+    until_serving(&b, t).await;
+    let (_, failed, errors) = load.stop().await;
+    assert_eq!(failed, 0, "{errors:?}");
+    assert_eq!(a.backend.stats.in_flight.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_ten_times_slower_endpoint_gets_well_under_its_share() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let slow = Pod::start(
+        &dir,
+        cp.grpc,
+        "web-slow",
+        Backend::start_slow(Duration::from_millis(30)).await,
+    )
+    .await;
+    let f1 = Pod::start(
+        &dir,
+        cp.grpc,
+        "web-f1",
+        Backend::start_slow(Duration::from_millis(3)).await,
+    )
+    .await;
+    let f2 = Pod::start(
+        &dir,
+        cp.grpc,
+        "web-f2",
+        Backend::start_slow(Duration::from_millis(3)).await,
+    )
+    .await;
+    for p in [&slow, &f1, &f2] {
+        p.add_endpoint(&dir);
+    }
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    // All three endpoints are in one scan of the directory: once both fast ones
+    // have served, the slow one is known too.
+    let c = client::http1();
+    wait::until(
+        "both fast endpoints serving",
+        Duration::from_secs(10),
+        || async {
+            let _ = client::get(&c, &url).await;
+            f1.requests() > 0 && f2.requests() > 0
+        },
+    )
+    .await;
+    let base = (slow.requests(), f1.requests(), f2.requests());
+    let load = Load::start(&url, 4);
+    wait::until("600 requests", Duration::from_secs(30), || async {
+        load.ok() >= 600
+    })
+    .await;
+    let (ok, failed, errors) = load.stop().await;
+    assert_eq!(failed, 0, "{errors:?}");
+    let (s, a, b) = (
+        slow.requests() - base.0,
+        f1.requests() - base.1,
+        f2.requests() - base.2,
+    );
+    let share = s as f64 / (s + a + b) as f64;
+    eprintln!("slow {s}, fast {a} and {b} of {ok}: slow share {share:.3}");
+    assert!(
+        share < 0.15,
+        "slow endpoint got {share:.3} of the traffic ({s}/{a}/{b})"
+    );
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `strait` and `strait-proxy` binaries as separate
+//! processes on loopback, configured through a manifests directory.
+#![allow(clippy::unwrap_used)]
+
+mod demo;
+mod discovery;
