@@ -18,10 +18,12 @@ pub const DEFAULT_INBOUND_PORT: u16 = 4143;
 /// Label every EndpointSlice carries naming its Service (set by Kubernetes).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// How often the manifests directory is scanned for changes. Files are compared by
-/// modification time and size; a change is applied on the next scan, so an edit
-/// reaches the proxies within about this long.
-pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+/// The manifests directory is watched with inotify; a change is applied after this
+/// quiet period, so an editor's burst of writes becomes one reload.
+pub const MANIFEST_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(10);
+/// And rescanned this often regardless (files compared by modification time and
+/// size), for filesystems that do not report changes.
+pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Prefix of every metric the controller exports.
 pub const METRICS_PREFIX: &str = "strait_controller";

@@ -116,12 +116,36 @@ impl ManifestSource {
         Some(b.build())
     }
 
-    /// Scans now and then every `MANIFEST_SCAN_INTERVAL`, publishing each new snapshot.
+    /// Rescans on every change the filesystem reports (debounced) and every
+    /// `MANIFEST_SCAN_INTERVAL`, publishing each new snapshot.
     pub async fn run(mut self, tx: watch::Sender<Arc<Snapshot>>) {
+        let (ev_tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = ev_tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            notify::Watcher::watch(&mut w, &self.dir, notify::RecursiveMode::Recursive)?;
+            Ok(w)
+        });
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(dir = %self.dir.display(), error = %e, "cannot watch manifests for changes; rescanning every second");
+                None
+            }
+        };
         let mut tick = tokio::time::interval(defaults::MANIFEST_SCAN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(()) = events.recv() => {
+                    tokio::time::sleep(defaults::MANIFEST_DEBOUNCE).await;
+                    while events.try_recv().is_ok() {}
+                }
+            }
             if let Some(s) = self.scan() {
                 self.metrics.observe_snapshot(&s);
                 info!(

@@ -1,0 +1,83 @@
+//! strait's benchmarks. `bench controller-scale` measures the control plane at
+//! scale; `bench proxy` measures the proxy pair against a direct connection and
+//! reference proxies. Results go to stdout (markdown) and `--out` (JSON).
+#![allow(clippy::unwrap_used)]
+
+mod controller_scale;
+mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "strait's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+    /// Where to write the JSON results.
+    #[arg(long, global = true, default_value = "docs/bench")]
+    out: PathBuf,
+    /// A seconds-long smoke run that keeps the harness working.
+    #[arg(long, global = true)]
+    quick: bool,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// The controller with many Services and endpoints and many watching proxies.
+    ControllerScale {
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints_per_service: usize,
+        #[arg(long, default_value_t = 1_000)]
+        watches: usize,
+        #[arg(long, default_value_t = 100)]
+        watched_services: usize,
+        #[arg(long, default_value_t = 50)]
+        changes: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.out)?;
+    match cli.what {
+        What::ControllerScale {
+            services,
+            endpoints_per_service,
+            watches,
+            watched_services,
+            changes,
+        } => {
+            let p = if cli.quick {
+                controller_scale::Params {
+                    services: 200,
+                    endpoints_per_service: 5,
+                    watches: 50,
+                    watched_services: 10,
+                    changes: 5,
+                }
+            } else {
+                controller_scale::Params {
+                    services,
+                    endpoints_per_service,
+                    watches,
+                    watched_services,
+                    changes,
+                }
+            };
+            let r = controller_scale::run(p).await?;
+            println!("{}", controller_scale::markdown(&r));
+            let name = if cli.quick {
+                "controller-scale-quick.json"
+            } else {
+                "controller-scale.json"
+            };
+            std::fs::write(cli.out.join(name), serde_json::to_string_pretty(&r)?)?;
+        }
+    }
+    Ok(())
+}
