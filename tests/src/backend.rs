@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | `/echo` | streams the request body back; `x-seen-*` headers say what arrived |
 //! | `/count` | reads the whole body and answers its length |
+//! | `/1k` | a fixed 1 KiB body (benchmarks) |
 //! | `/bytes/N` | streams N bytes in 64 KiB chunks |
 //! | `/sse` | one event at once, a second only after `release_sse()`, then ends |
 //! | `/slow/MS` | answers after MS milliseconds |
@@ -213,6 +214,8 @@ async fn handle(
                 .unwrap_or(StatusCode::BAD_REQUEST),
             "",
         )
+    } else if path == "/1k" {
+        Response::new(full(Bytes::from_static(&[b'x'; 1024])))
     } else if path == "/trailers" {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-checksum", HeaderValue::from_static("abc123"));

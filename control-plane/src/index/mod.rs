@@ -1,11 +1,14 @@
 //! The one in-memory index of the mesh: Services, their endpoints and the Pods
-//! behind them, built from whatever source (manifests or the Kubernetes API) as an
-//! immutable snapshot. Each change produces a new snapshot; views of destinations
-//! are computed from a snapshot.
+//! behind them, fed by a source (manifests or the Kubernetes API). Each change
+//! produces a new immutable snapshot; views of destinations are computed from a
+//! snapshot. The maps are persistent (structurally shared), so a snapshot costs
+//! O(1) to take and a change costs what it touches, not the size of the mesh.
 
 pub mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use imbl::{HashMap, OrdMap};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -75,7 +78,7 @@ pub struct Snapshot {
     pub services: HashMap<ObjKey, ServiceInfo>,
     pub by_cluster_ip: HashMap<IpAddr, ObjKey>,
     /// EndpointSlices by the Service they belong to, keyed by slice name for order.
-    pub slices: HashMap<ObjKey, BTreeMap<String, SliceInfo>>,
+    pub slices: HashMap<ObjKey, OrdMap<String, SliceInfo>>,
     pub pods: HashMap<ObjKey, PodInfo>,
 }
 
@@ -101,11 +104,9 @@ impl Snapshot {
     }
 }
 
-/// Collects objects into a snapshot. Objects were validated when parsed.
+/// Validates Kubernetes objects into their index form (done once, when parsed).
 #[derive(Debug)]
-pub struct SnapshotBuilder {
-    snap: Snapshot,
-}
+pub struct SnapshotBuilder;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ObjectError {
@@ -144,17 +145,6 @@ fn port(kind: &'static str, key: &ObjKey, field: String, p: i32) -> Result<u16, 
 }
 
 impl SnapshotBuilder {
-    pub fn new(version: u64, trust_domain: &str) -> Self {
-        let mut snap = Snapshot::empty(trust_domain);
-        snap.version = version;
-        SnapshotBuilder { snap }
-    }
-
-    pub fn build(mut self) -> Snapshot {
-        self.snap.built = Instant::now();
-        self.snap
-    }
-
     /// Validates a Service into its index form (done once, when parsed).
     pub fn service(svc: &Service) -> Result<(ObjKey, ServiceInfo), ObjectError> {
         const KIND: &str = "Service";
@@ -289,23 +279,44 @@ impl SnapshotBuilder {
             },
         ))
     }
+}
 
+impl Snapshot {
     pub fn add_service(&mut self, key: ObjKey, info: ServiceInfo) {
         for ip in &info.cluster_ips {
-            self.snap.by_cluster_ip.insert(*ip, key.clone());
+            self.by_cluster_ip.insert(*ip, key.clone());
         }
-        self.snap.services.insert(key, info);
+        self.services.insert(key, info);
+    }
+
+    pub fn remove_service(&mut self, key: &ObjKey) {
+        if let Some(info) = self.services.remove(key) {
+            for ip in &info.cluster_ips {
+                if self.by_cluster_ip.get(ip) == Some(key) {
+                    self.by_cluster_ip.remove(ip);
+                }
+            }
+        }
     }
 
     pub fn add_slice(&mut self, service: ObjKey, name: String, info: SliceInfo) {
-        self.snap
-            .slices
-            .entry(service)
-            .or_default()
-            .insert(name, info);
+        self.slices.entry(service).or_default().insert(name, info);
+    }
+
+    pub fn remove_slice(&mut self, service: &ObjKey, name: &str) {
+        if let Some(slices) = self.slices.get_mut(service) {
+            slices.remove(name);
+            if slices.is_empty() {
+                self.slices.remove(service);
+            }
+        }
     }
 
     pub fn add_pod(&mut self, key: ObjKey, info: PodInfo) {
-        self.snap.pods.insert(key, info);
+        self.pods.insert(key, info);
+    }
+
+    pub fn remove_pod(&mut self, key: &ObjKey) {
+        self.pods.remove(key);
     }
 }

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 pub use parse::{Object, ParseError, parse_file};
 
 use crate::defaults;
-use crate::index::{Snapshot, SnapshotBuilder};
+use crate::index::Snapshot;
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,9 +38,42 @@ struct FileState {
 pub struct ManifestSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    version: u64,
-    trust_domain: String,
+    /// The index as of the last scan; each scan applies only what changed.
+    current: Snapshot,
     metrics: Arc<Metrics>,
+}
+
+type Parsed = Result<Vec<Object>, Vec<ParseError>>;
+
+fn read_and_parse(path: &Path) -> Parsed {
+    std::fs::read_to_string(path)
+        .map_err(|e| vec![ParseError::Io(e.to_string())])
+        .and_then(|text| parse_file(&text))
+}
+
+/// Parses files on every core: the first load of a large mesh is mostly YAML.
+fn parse_all(paths: &[PathBuf]) -> Vec<Parsed> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(paths.len().max(1));
+    if threads <= 1 || paths.len() < 4 {
+        return paths.iter().map(|p| read_and_parse(p)).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(|p| read_and_parse(p)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![Err(vec![ParseError::Io("parser thread panicked".into())])]
+                })
+            })
+            .collect()
+    })
 }
 
 impl ManifestSource {
@@ -48,39 +81,46 @@ impl ManifestSource {
         ManifestSource {
             dir: dir.into(),
             files: BTreeMap::new(),
-            version: 0,
-            trust_domain: trust_domain.to_string(),
+            current: Snapshot::empty(trust_domain),
             metrics,
         }
     }
 
-    /// Re-reads changed files; returns a new snapshot when anything changed.
+    /// Re-reads changed files and applies only what they changed; returns a new
+    /// snapshot when anything did.
     pub fn scan(&mut self) -> Option<Snapshot> {
-        let mut seen = Vec::new();
-        let mut changed = false;
         let mut paths = Vec::new();
         if let Err(e) = list_yaml(&self.dir, &mut paths) {
             warn!(dir = %self.dir.display(), error = %e, "cannot read manifests directory");
             return None;
         }
-        for path in paths {
-            let Ok(meta) = std::fs::metadata(&path) else {
+        let mut todo = Vec::new();
+        for path in &paths {
+            let Ok(meta) = std::fs::metadata(path) else {
                 continue;
             };
             let stamp = Stamp {
                 modified: meta.modified().ok(),
                 len: meta.len(),
             };
-            seen.push(path.clone());
-            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
-                continue;
+            if self.files.get(path).is_none_or(|f| f.stamp != stamp) {
+                todo.push((path.clone(), stamp));
             }
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(|e| vec![ParseError::Io(e.to_string())])
-                .and_then(|text| parse_file(&text));
+        }
+        let mut changed = self.current.version == 0;
+        let to_parse: Vec<PathBuf> = todo.iter().map(|(p, _)| p.clone()).collect();
+        for ((path, stamp), parsed) in todo.into_iter().zip(parse_all(&to_parse)) {
             match parsed {
                 Ok(objects) => {
                     info!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    if let Some(old) = self.files.remove(&path) {
+                        for o in &old.objects {
+                            o.remove_from(&mut self.current);
+                        }
+                    }
+                    for o in &objects {
+                        o.add_to(&mut self.current);
+                    }
                     self.files.insert(path, FileState { stamp, objects });
                     changed = true;
                 }
@@ -99,21 +139,27 @@ impl ManifestSource {
                 }
             }
         }
-        let before = self.files.len();
-        self.files.retain(|p, _| seen.contains(p));
-        if self.files.len() != before {
-            info!("manifest files removed");
-            changed = true;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !paths.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(old) = self.files.remove(&path) {
+                info!(file = %path.display(), "manifest removed");
+                for o in &old.objects {
+                    o.remove_from(&mut self.current);
+                }
+                changed = true;
+            }
         }
-        if !changed && self.version > 0 {
+        if !changed {
             return None;
         }
-        self.version += 1;
-        let mut b = SnapshotBuilder::new(self.version, &self.trust_domain);
-        for obj in self.files.values().flat_map(|f| f.objects.iter()) {
-            obj.add_to(&mut b);
-        }
-        Some(b.build())
+        self.current.version += 1;
+        self.current.built = tokio::time::Instant::now();
+        Some(self.current.clone())
     }
 
     /// Rescans on every change the filesystem reports (debounced) and every
@@ -175,4 +221,63 @@ fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     }
     out.sort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: a}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}\n";
+
+    fn slice(addr: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: a, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [\"{addr}\"]}}]\n"
+        )
+    }
+
+    fn addrs(s: &Snapshot) -> Vec<String> {
+        s.slices
+            .values()
+            .flat_map(|m| m.values().cloned().collect::<Vec<_>>())
+            .flat_map(|sl| sl.endpoints.into_iter().map(|e| e.addr.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn changes_apply_per_file_and_broken_files_keep_their_last_good_objects() {
+        let dir = std::env::temp_dir().join(format!("strait-scan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("slice.yaml"), slice("10.0.0.1")).unwrap();
+        let metrics = Metrics::new();
+        let mut src = ManifestSource::new(&dir, "cluster.local", metrics.clone());
+        let s1 = src.scan().unwrap();
+        assert_eq!(
+            (s1.version, s1.services.len(), addrs(&s1)),
+            (1, 1, vec!["10.0.0.1".to_string()])
+        );
+        assert!(src.scan().is_none(), "nothing changed");
+
+        // A replaced endpoint: the old one is gone, not merged.
+        std::fs::write(dir.join("slice.yaml"), slice("10.0.0.22")).unwrap();
+        let s2 = src.scan().unwrap();
+        assert_eq!(addrs(&s2), vec!["10.0.0.22".to_string()]);
+        assert_eq!(
+            addrs(&s1),
+            vec!["10.0.0.1".to_string()],
+            "earlier snapshots are untouched"
+        );
+
+        // A broken edit changes nothing and is counted.
+        std::fs::write(dir.join("slice.yaml"), slice("not-an-ip")).unwrap();
+        assert!(src.scan().is_none());
+        assert_eq!(metrics.reload_errors.get(), 1);
+
+        // A removed file takes its objects with it.
+        std::fs::remove_file(dir.join("svc.yaml")).unwrap();
+        let s3 = src.scan().unwrap();
+        assert!(s3.services.is_empty() && s3.by_cluster_ip.is_empty());
+        assert_eq!(addrs(&s3), vec!["10.0.0.22".to_string()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use crate::index::{ObjKey, PodInfo, ServiceInfo, SliceInfo, SnapshotBuilder};
+use crate::index::{ObjKey, PodInfo, ServiceInfo, SliceInfo, Snapshot, SnapshotBuilder};
 
 /// A validated object, in the form the index takes.
 #[derive(Clone, Debug)]
@@ -23,13 +23,22 @@ pub enum Object {
 }
 
 impl Object {
-    pub fn add_to(&self, b: &mut SnapshotBuilder) {
+    pub fn add_to(&self, snap: &mut Snapshot) {
         match self {
-            Object::Service(k, s) => b.add_service(k.clone(), s.clone()),
+            Object::Service(k, s) => snap.add_service(k.clone(), s.clone()),
             Object::EndpointSlice(svc, name, s) => {
-                b.add_slice(svc.clone(), name.clone(), s.clone())
+                snap.add_slice(svc.clone(), name.clone(), s.clone())
             }
-            Object::Pod(k, p) => b.add_pod(k.clone(), p.clone()),
+            Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
+            Object::Secret(_) | Object::Other { .. } => {}
+        }
+    }
+
+    pub fn remove_from(&self, snap: &mut Snapshot) {
+        match self {
+            Object::Service(k, _) => snap.remove_service(k),
+            Object::EndpointSlice(svc, name, _) => snap.remove_slice(svc, name),
+            Object::Pod(k, _) => snap.remove_pod(k),
             Object::Secret(_) | Object::Other { .. } => {}
         }
     }

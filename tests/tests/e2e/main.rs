@@ -2,5 +2,6 @@
 //! processes on loopback, configured through a manifests directory.
 #![allow(clippy::unwrap_used)]
 
+mod bench;
 mod demo;
 mod discovery;

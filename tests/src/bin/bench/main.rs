@@ -4,6 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod controller_scale;
+mod plot;
+mod proxy;
+mod refs;
 mod stats;
 
 use std::path::PathBuf;
@@ -25,6 +28,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum What {
+    /// The strait proxy pair against a direct connection and HAProxy and nginx mTLS pairs.
+    Proxy {
+        /// How many times every scenario and load is run, interleaved.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The controller with many Services and endpoints and many watching proxies.
     ControllerScale {
         #[arg(long, default_value_t = 10_000)]
@@ -45,6 +54,22 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.out)?;
     match cli.what {
+        What::Proxy { rounds } => {
+            let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
+            let r = proxy::run(cli.quick, if cli.quick { 1 } else { rounds }, work.clone()).await?;
+            let _ = std::fs::remove_dir_all(&work);
+            println!("{}", proxy::markdown(&r));
+            let name = if cli.quick {
+                "proxy-quick.json"
+            } else {
+                "proxy.json"
+            };
+            std::fs::write(cli.out.join(name), serde_json::to_string_pretty(&r)?)?;
+            let load = if cli.quick { "h1 500/s" } else { "h1 2000/s" };
+            for p in plot::write(&r, &cli.out, load)? {
+                eprintln!("wrote {}", p.display());
+            }
+        }
         What::ControllerScale {
             services,
             endpoints_per_service,

@@ -1,0 +1,179 @@
+//! The reference proxy pairs: HAProxy and nginx, each as a client-side and a
+//! server-side proxy with TLS 1.3 and client certificates between them, one
+//! thread/process each, keep-alive on every hop. Certificates come from openssl.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+async fn sh(cmd: &str, dir: &Path) -> anyhow::Result<()> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Certs {
+    /// A CA, a server certificate for `b.test` (and 127.0.0.1) and a client certificate.
+    pub async fn generate(dir: &Path) -> anyhow::Result<Certs> {
+        std::fs::create_dir_all(dir)?;
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        sh(
+            &format!(
+                "openssl req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca"
+            ),
+            dir,
+        )
+        .await?;
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=DNS:b.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            (
+                "client",
+                "subjectAltName=URI:spiffe://bench/ns/a/sa/a\nextendedKeyUsage=clientAuth",
+            ),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+            sh(
+                &format!("openssl req {ec} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
+                dir,
+            )
+            .await?;
+            sh(
+                &format!("openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.crt -days 2 -extfile {name}.ext"),
+                dir,
+            )
+            .await?;
+            sh(&format!("cat {name}.crt {name}.key > {name}.pem"), dir).await?;
+        }
+        Ok(Certs {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn p(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+}
+
+pub struct RefPair {
+    pub name: &'static str,
+    pub client: Child,
+    pub server: Child,
+    /// The client-side proxy's listeners for HTTP/1.1 and for HTTP/2 (prior knowledge).
+    pub h1: SocketAddr,
+    pub h2: SocketAddr,
+}
+
+fn spawn(bin: &str, args: &[String]) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!("starting {bin} (apt-get install haproxy nginx-light nghttp2-client)")
+        })
+}
+
+pub fn haproxy(
+    certs: &Certs,
+    work: &Path,
+    backend: SocketAddr,
+    ports: [u16; 3],
+) -> anyhow::Result<RefPair> {
+    let [h1, h2, tls] = ports;
+    let common = "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n";
+    let client = format!(
+        "{common}frontend fa\n  bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{tls} ssl crt {} ca-file {} verify required verifyhost b.test sni str(b.test) ssl-min-ver TLSv1.3\n",
+        certs.p("client.pem"),
+        certs.p("ca.pem")
+    );
+    let server = format!(
+        "{common}frontend fb\n  bind 127.0.0.1:{tls} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend bb\nbackend bb\n  server app {backend}\n",
+        certs.p("server.pem"),
+        certs.p("ca.pem")
+    );
+    let (cf, sf) = (work.join("haproxy-a.cfg"), work.join("haproxy-b.cfg"));
+    std::fs::write(&cf, client)?;
+    std::fs::write(&sf, server)?;
+    Ok(RefPair {
+        name: "haproxy-mtls",
+        server: spawn(
+            "haproxy",
+            &["-db".into(), "-f".into(), sf.display().to_string()],
+        )?,
+        client: spawn(
+            "haproxy",
+            &["-db".into(), "-f".into(), cf.display().to_string()],
+        )?,
+        h1: SocketAddr::from(([127, 0, 0, 1], h1)),
+        h2: SocketAddr::from(([127, 0, 0, 1], h2)),
+    })
+}
+
+pub fn nginx(
+    certs: &Certs,
+    work: &Path,
+    backend: SocketAddr,
+    ports: [u16; 3],
+) -> anyhow::Result<RefPair> {
+    let [h1, h2, tls] = ports;
+    let w = work.display();
+    let head = |n: &str| {
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {w}/nginx-{n}.pid;\nerror_log {w}/nginx-{n}.log error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {w}/tmp-{n};\n  proxy_temp_path {w}/ptmp-{n};\n  keepalive_requests 1000000;\n"
+        )
+    };
+    let client = format!(
+        "{}  upstream b {{ server 127.0.0.1:{tls}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{h1};\n    listen 127.0.0.1:{h2} http2;\n    location / {{\n      proxy_pass https://b;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_certificate {};\n      proxy_ssl_certificate_key {};\n      proxy_ssl_trusted_certificate {};\n      proxy_ssl_verify on;\n      proxy_ssl_name b.test;\n      proxy_ssl_server_name on;\n      proxy_ssl_protocols TLSv1.3;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
+        head("a"),
+        certs.p("client.crt"),
+        certs.p("client.key"),
+        certs.p("ca.pem")
+    );
+    let server = format!(
+        "{}  upstream app {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{tls} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_client_certificate {};\n    ssl_verify_client on;\n    ssl_protocols TLSv1.3;\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        head("b"),
+        certs.p("server.crt"),
+        certs.p("server.key"),
+        certs.p("ca.pem")
+    );
+    let (cf, sf) = (work.join("nginx-a.conf"), work.join("nginx-b.conf"));
+    std::fs::write(&cf, client)?;
+    std::fs::write(&sf, server)?;
+    let args = |f: &Path| {
+        vec![
+            "-p".to_string(),
+            w.to_string(),
+            "-c".into(),
+            f.display().to_string(),
+        ]
+    };
+    Ok(RefPair {
+        name: "nginx-mtls",
+        server: spawn("nginx", &args(&sf))?,
+        client: spawn("nginx", &args(&cf))?,
+        h1: SocketAddr::from(([127, 0, 0, 1], h1)),
+        h2: SocketAddr::from(([127, 0, 0, 1], h2)),
+    })
+}

@@ -1,0 +1,71 @@
+//! The benchmark harness keeps working: its quick modes run as tests.
+
+use std::time::Duration;
+
+async fn bench(args: &[&str]) -> String {
+    let out_dir = std::env::temp_dir().join(format!(
+        "strait-bench-out-{}-{}",
+        std::process::id(),
+        args[0]
+    ));
+    let out = tokio::time::timeout(
+        Duration::from_secs(240),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_bench"))
+            .args(args)
+            .arg("--quick")
+            .arg(format!("--out={}", out_dir.display()))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("bench --quick finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+    stdout
+}
+
+#[tokio::test]
+async fn controller_scale_quick_reports_every_measure() {
+    let md = bench(&["controller-scale"]).await;
+    for m in ["first full index", "peak RSS", "every watcher updated"] {
+        assert!(md.contains(m), "{m} missing from\n{md}");
+    }
+}
+
+#[tokio::test]
+async fn proxy_quick_measures_every_scenario() {
+    let missing: Vec<&str> = ["h2load", "haproxy", "nginx"]
+        .into_iter()
+        .filter(|t| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install {missing:?} (.ci/run does)"
+        );
+        eprintln!(
+            "skipping: {missing:?} not installed (apt-get install nghttp2-client haproxy nginx-light)"
+        );
+        return;
+    }
+    let md = bench(&["proxy"]).await;
+    for s in [
+        "| direct |",
+        "| strait |",
+        "| haproxy-mtls |",
+        "| nginx-mtls |",
+    ] {
+        assert!(md.contains(s), "{s} missing from\n{md}");
+    }
+}
