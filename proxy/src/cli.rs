@@ -125,6 +125,11 @@ pub struct Config {
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace_period: Duration,
 
+    /// Worker threads. A sidecar shares its pod's CPU: one thread avoids cross-thread
+    /// wake-ups on every request; more only pay off under a CPU limit above one core.
+    #[arg(long, env = "STRAIT_PROXY_THREADS", default_value_t = defaults::THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+
     /// Log filter, RUST_LOG syntax (e.g. "info,strait_proxy=debug"); changeable at
     /// run time with PUT /log-level.
     #[arg(long, env = "STRAIT_PROXY_LOG_LEVEL", default_value = "info", value_parser = parse_log_filter)]

@@ -111,3 +111,6 @@ pub const ORIG_PROTO_HEADER: &str = "strait-orig-proto";
 
 /// The namespace this proxy's workload runs in, when not told.
 pub const NAMESPACE: &str = "default";
+
+/// Worker threads of the proxy's runtime (see `--threads`).
+pub const THREADS: u16 = 1;

@@ -7,11 +7,17 @@ use strait_proxy::{Config, Proxy};
 
 fn main() -> anyhow::Result<()> {
     let config = Cli::parse().into_config();
-    // Two worker threads: a sidecar shares its pod's CPU and should not fan out.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    // One thread (the default) runs everything on the current thread: a sidecar
+    // shares its pod's CPU, and cross-thread wake-ups cost more than they give.
+    let rt = match config.threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(run(config))
 }
 

@@ -467,7 +467,11 @@ pub async fn run(quick: bool, rounds: usize, work: PathBuf) -> anyhow::Result<Re
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => v[n / 2],
+    }
 }
 
 /// One row per scenario and load: medians over rounds.
