@@ -14,10 +14,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::discovery::{DiscoveryService, Views};
+use crate::identity::IdentityService;
+use crate::identity::ca::Ca;
 use crate::index::Snapshot;
 use crate::manifests::ManifestSource;
 use crate::metrics::Metrics;
-use crate::policy::{IdentityService, InboundPolicyService};
+use crate::policy::InboundPolicyService;
 use crate::{admin, defaults};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -35,6 +37,35 @@ pub struct ControllerArgs {
     /// Trust domain of workload identities.
     #[arg(long, env = "STRAIT_TRUST_DOMAIN", default_value = defaults::TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// PEM certificate of the issuer that signs workload certificates (signed by a
+    /// trust anchor the proxies trust). Without it, no certificates are issued.
+    #[arg(
+        long,
+        env = "STRAIT_ISSUER_CERT",
+        value_name = "FILE",
+        requires = "issuer_key"
+    )]
+    pub issuer_cert: Option<PathBuf>,
+    /// PEM private key of the issuer.
+    #[arg(
+        long,
+        env = "STRAIT_ISSUER_KEY",
+        value_name = "FILE",
+        requires = "issuer_cert"
+    )]
+    pub issuer_key: Option<PathBuf>,
+    /// Lifetime of workload certificates (proxies renew at about 70 % of it).
+    #[arg(long, env = "STRAIT_CERT_LIFETIME", default_value = defaults::CERT_LIFETIME, value_parser = parse_lifetime)]
+    pub cert_lifetime: Duration,
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 24h, 1h, 10s)"))?;
+    if d < Duration::from_secs(1) {
+        return Err("a certificate must live at least 1s".into());
+    }
+    Ok(d)
 }
 
 /// A running controller's addresses, for tests and the demo.
@@ -46,6 +77,7 @@ pub struct Bound {
 
 pub struct Controller {
     args: ControllerArgs,
+    ca: Option<Arc<Ca>>,
     grpc: TcpListener,
     admin: TcpListener,
     pub bound: Bound,
@@ -56,6 +88,10 @@ impl Controller {
         if !args.manifests.is_dir() {
             anyhow::bail!("--manifests {}: not a directory", args.manifests.display());
         }
+        let ca = match (&args.issuer_cert, &args.issuer_key) {
+            (Some(c), Some(k)) => Some(Arc::new(Ca::load(c, k, args.cert_lifetime)?)),
+            _ => None,
+        };
         let grpc = TcpListener::bind(args.grpc_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on --grpc-addr {}: {e}", args.grpc_addr))?;
@@ -68,6 +104,7 @@ impl Controller {
         };
         Ok(Controller {
             args,
+            ca,
             grpc,
             admin,
             bound,
@@ -101,11 +138,11 @@ impl Controller {
         }
         tokio::spawn(source.run(snap_tx));
 
-        let views = Views::new(snap_rx, metrics.clone());
+        let views = Views::new(snap_rx.clone(), metrics.clone());
         tokio::spawn(views.clone().run());
         tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
         ready_tx.send_replace(true);
-        info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = %self.args.manifests.display(), "controller ready");
+        info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = %self.args.manifests.display(), issues_certificates = self.ca.is_some(), "controller ready");
 
         tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.
@@ -116,9 +153,14 @@ impl Controller {
                 metrics.clone(),
             )))
             .add_service(InboundPolicyServer::new(InboundPolicyService::new(
+                snap_rx.clone(),
                 metrics.clone(),
             )))
-            .add_service(IdentityServer::new(IdentityService))
+            .add_service(IdentityServer::new(IdentityService::new(
+                self.ca.clone(),
+                snap_rx,
+                metrics.clone(),
+            )))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown)
             .await?;
         Ok(())

@@ -27,3 +27,16 @@ pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::fro
 
 /// Prefix of every metric the controller exports.
 pub const METRICS_PREFIX: &str = "strait_controller";
+
+/// The Secret type Kubernetes gives long-lived service-account tokens; in local
+/// mode these are the tokens the identity service accepts.
+pub const SA_TOKEN_SECRET_TYPE: &str = "kubernetes.io/service-account-token";
+/// The annotation naming the service account such a Secret's token is for.
+pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
+
+/// Lifetime of workload certificates: short, so a leaked one is soon useless;
+/// proxies renew at about 70 % of it.
+pub const CERT_LIFETIME: &str = "24h";
+/// Certificates are back-dated this much, so a peer whose clock is slightly behind
+/// still accepts a brand-new one.
+pub const CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(60);

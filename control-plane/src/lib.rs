@@ -3,10 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod controller;
 pub mod defaults;
 pub mod demo;
 pub mod discovery;
+pub mod identity;
 pub mod index;
 pub mod log;
 pub mod manifests;

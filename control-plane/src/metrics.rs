@@ -17,6 +17,11 @@ pub struct ServiceLabels {
     pub service: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +35,8 @@ pub struct Metrics {
     pub index_pods: Gauge,
     pub index_version: Gauge,
     pub reload_errors: Counter,
+    pub certificates_issued: Counter,
+    pub certify_refusals: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -47,6 +54,8 @@ impl Metrics {
             index_pods: Gauge::default(),
             index_version: Gauge::default(),
             reload_errors: Counter::default(),
+            certificates_issued: Counter::default(),
+            certify_refusals: Family::default(),
         };
         registry.register(
             "watches",
@@ -84,6 +93,16 @@ impl Metrics {
             "Manifest files or objects rejected on reload",
             m.reload_errors.clone(),
         );
+        registry.register(
+            "identity_certificates_issued",
+            "Workload certificates signed",
+            m.certificates_issued.clone(),
+        );
+        registry.register(
+            "identity_certify_refusals",
+            "Certificate requests refused, by reason",
+            m.certify_refusals.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -92,6 +111,12 @@ impl Metrics {
         self.index_endpoints.set(s.endpoint_count() as i64);
         self.index_pods.set(s.pods.len() as i64);
         self.index_version.set(s.version as i64);
+    }
+
+    pub fn certify_refused(&self, reason: &'static str) {
+        self.certify_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

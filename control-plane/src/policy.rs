@@ -1,25 +1,29 @@
-//! The inbound-policy service: a proxy watches its own workload. Until strait's
-//! authorization policies are applied, every workload is PERMISSIVE with no
-//! restrictions, which is what a proxy assumes of a mesh being adopted.
+//! The inbound-policy service: a proxy watches its own workload and receives its
+//! mTLS mode and authorization rules, computed from strait's AuthorizationPolicies
+//! that apply to its pod, and again whenever they change.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use strait_api::v1 as api;
 use strait_api::v1::inbound_policy_server::InboundPolicy;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::authz::workload_policy;
+use crate::index::{ObjKey, Snapshot};
 use crate::metrics::{Metrics, WatchGuard};
 
 #[derive(Debug)]
 pub struct InboundPolicyService {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
 }
 
 impl InboundPolicyService {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Self {
+        Self { snapshot, metrics }
     }
 }
 
@@ -37,39 +41,35 @@ impl InboundPolicy for InboundPolicyService {
         if w.namespace.is_empty() {
             return Err(Status::invalid_argument("namespace is required"));
         }
-        let guard = WatchGuard::new(&self.metrics, "inbound_policy");
-        let policy = api::WorkloadPolicy {
-            ports: Vec::new(),
-            default: Some(api::PortPolicy {
-                port: 0,
-                mode: api::MtlsMode::Permissive as i32,
-                allow: Vec::new(),
-            }),
+        let pod = ObjKey {
+            namespace: w.namespace,
+            name: w.pod,
         };
-        // The stream stays open: a proxy notices a controller going away.
-        let stream = futures_util::stream::once(async move { Ok(policy) })
-            .chain(futures_util::stream::pending())
-            .map(move |p| {
-                let _alive = &guard;
-                p
-            });
+        let guard = WatchGuard::new(&self.metrics, "inbound_policy");
+        let rx = self.snapshot.clone();
+        // The policy now, then again whenever the index changes it. The stream
+        // stays open, so a proxy notices a controller going away.
+        let stream = futures_util::stream::unfold(
+            (rx, None::<api::WorkloadPolicy>, guard, true),
+            move |(mut rx, last, guard, first)| {
+                let pod = pod.clone();
+                async move {
+                    if !first && rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    loop {
+                        let snap = rx.borrow_and_update().clone();
+                        let p = workload_policy(&snap, &pod);
+                        if last.as_ref() != Some(&p) {
+                            return Some((Ok(p.clone()), (rx, Some(p), guard, false)));
+                        }
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-/// Identity issuance arrives with the certificate authority; until then the
-/// service answers UNIMPLEMENTED so a proxy can tell it apart from a bad request.
-#[derive(Debug, Default)]
-pub struct IdentityService;
-
-#[tonic::async_trait]
-impl strait_api::v1::identity_server::Identity for IdentityService {
-    async fn certify(
-        &self,
-        _: Request<api::CertifyRequest>,
-    ) -> Result<Response<api::CertifyResponse>, Status> {
-        Err(Status::unimplemented(
-            "this controller does not issue certificates yet",
-        ))
     }
 }

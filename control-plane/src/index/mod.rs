@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use imbl::{HashMap, OrdMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::time::Instant;
 
@@ -80,6 +80,31 @@ pub struct Snapshot {
     /// EndpointSlices by the Service they belong to, keyed by slice name for order.
     pub slices: HashMap<ObjKey, OrdMap<String, SliceInfo>>,
     pub pods: HashMap<ObjKey, PodInfo>,
+    /// Service-account tokens (local mode), by digest: the service account each
+    /// proves. Only digests are kept, so the tokens themselves are not in memory.
+    pub tokens: HashMap<TokenDigest, ObjKey>,
+    /// strait's AuthorizationPolicies, by namespace/name.
+    pub authorizations: HashMap<ObjKey, crate::authz::AuthorizationSpec>,
+}
+
+/// SHA-256 of a service-account token.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl TokenDigest {
+    pub fn of(token: &[u8]) -> Self {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        TokenDigest(out)
+    }
+}
+
+// A digest is not the token, but there is no reason to print it either.
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest(..)")
+    }
 }
 
 impl Snapshot {
@@ -92,6 +117,8 @@ impl Snapshot {
             by_cluster_ip: HashMap::new(),
             slices: HashMap::new(),
             pods: HashMap::new(),
+            tokens: HashMap::new(),
+            authorizations: HashMap::new(),
         }
     }
 
@@ -238,6 +265,55 @@ impl SnapshotBuilder {
         Ok((svc_key, k.name, SliceInfo { ports, endpoints }))
     }
 
+    /// A Secret of type `kubernetes.io/service-account-token`: the digest of its
+    /// token and the service account it proves. Other Secrets are not kept.
+    pub fn token(secret: &Secret) -> Result<Option<(TokenDigest, ObjKey)>, ObjectError> {
+        const KIND: &str = "Secret";
+        if secret.type_.as_deref() != Some(defaults::SA_TOKEN_SECRET_TYPE) {
+            return Ok(None);
+        }
+        let k = key(KIND, &secret.metadata)?;
+        let field = |field: String, reason: &str| ObjectError::Field {
+            kind: KIND,
+            key: k.clone(),
+            field,
+            reason: reason.to_string(),
+        };
+        let account = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(defaults::SA_NAME_ANNOTATION))
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                field(
+                    format!("metadata.annotations[\"{}\"]", defaults::SA_NAME_ANNOTATION),
+                    "missing: which service account the token is for",
+                )
+            })?;
+        let token = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("token"))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get("token"))
+                    .map(|s| s.as_bytes().to_vec())
+            })
+            .filter(|t| !t.trim_ascii().is_empty())
+            .ok_or_else(|| field("data.token".into(), "missing or empty"))?;
+        Ok(Some((
+            TokenDigest::of(token.trim_ascii()),
+            ObjKey {
+                namespace: k.namespace.clone(),
+                name: account.clone(),
+            },
+        )))
+    }
+
     pub fn pod(pod: &Pod) -> Result<(ObjKey, PodInfo), ObjectError> {
         const KIND: &str = "Pod";
         let k = key(KIND, &pod.metadata)?;
@@ -318,5 +394,21 @@ impl Snapshot {
 
     pub fn remove_pod(&mut self, key: &ObjKey) {
         self.pods.remove(key);
+    }
+
+    pub fn add_token(&mut self, digest: TokenDigest, account: ObjKey) {
+        self.tokens.insert(digest, account);
+    }
+
+    pub fn remove_token(&mut self, digest: &TokenDigest) {
+        self.tokens.remove(digest);
+    }
+
+    pub fn add_authorization(&mut self, key: ObjKey, spec: crate::authz::AuthorizationSpec) {
+        self.authorizations.insert(key, spec);
+    }
+
+    pub fn remove_authorization(&mut self, key: &ObjKey) {
+        self.authorizations.remove(key);
     }
 }

@@ -5,7 +5,9 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use crate::index::{ObjKey, PodInfo, ServiceInfo, SliceInfo, Snapshot, SnapshotBuilder};
+use crate::index::{
+    ObjKey, PodInfo, ServiceInfo, SliceInfo, Snapshot, SnapshotBuilder, TokenDigest,
+};
 
 /// A validated object, in the form the index takes.
 #[derive(Clone, Debug)]
@@ -13,8 +15,11 @@ pub enum Object {
     Service(ObjKey, ServiceInfo),
     EndpointSlice(ObjKey, String, SliceInfo),
     Pod(ObjKey, PodInfo),
-    /// Kept for the identity service (service-account tokens).
-    Secret(Box<Secret>),
+    /// A service-account token for the identity service (as a digest), and the
+    /// service account it proves.
+    Token(TokenDigest, ObjKey),
+    /// Strait's authorization policy.
+    Authorization(ObjKey, crate::authz::AuthorizationSpec),
     /// Kinds strait reads but does not act on yet (HTTPRoute, strait policies).
     Other {
         kind: String,
@@ -30,7 +35,9 @@ impl Object {
                 snap.add_slice(svc.clone(), name.clone(), s.clone())
             }
             Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
-            Object::Secret(_) | Object::Other { .. } => {}
+            Object::Token(d, sa) => snap.add_token(*d, sa.clone()),
+            Object::Authorization(k, a) => snap.add_authorization(k.clone(), a.clone()),
+            Object::Other { .. } => {}
         }
     }
 
@@ -39,7 +46,9 @@ impl Object {
             Object::Service(k, _) => snap.remove_service(k),
             Object::EndpointSlice(svc, name, _) => snap.remove_slice(svc, name),
             Object::Pod(k, _) => snap.remove_pod(k),
-            Object::Secret(_) | Object::Other { .. } => {}
+            Object::Token(d, _) => snap.remove_token(d),
+            Object::Authorization(k, _) => snap.remove_authorization(k),
+            Object::Other { .. } => {}
         }
     }
 }
@@ -154,7 +163,18 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
         }
         ("v1", "Secret") => {
             let s: Secret = typed(doc, &what, v)?;
-            out.push(Object::Secret(Box::new(s)));
+            if let Some((digest, account)) = SnapshotBuilder::token(&s).map_err(invalid)? {
+                out.push(Object::Token(digest, account));
+            }
+        }
+        ("policy.strait.dev/v1alpha1", "AuthorizationPolicy") => {
+            let (k, spec) = crate::authz::parse(&v).map_err(|e| ParseError::Field {
+                doc,
+                what: what.clone(),
+                field: e.field,
+                reason: e.reason,
+            })?;
+            out.push(Object::Authorization(k, spec));
         }
         (a, k) if known(a, k) => out.push(Object::Other { kind, name: what }),
         _ => {

@@ -1,0 +1,273 @@
+//! strait's AuthorizationPolicy (`policy.strait.dev/v1alpha1`): which workloads it
+//! applies to (a Service by `targetRef`, or a label `selector`), their mTLS mode,
+//! and which identities (or namespaces) may call, optionally per port. Turned here
+//! into the inbound policy each proxy watches.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+use strait_api::v1 as api;
+
+use crate::index::{ObjKey, Snapshot};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    #[default]
+    Permissive,
+    Strict,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Selector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum Allow {
+    #[serde(rename = "identity")]
+    Identity(String),
+    #[serde(rename = "namespace")]
+    Namespace(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationSpec {
+    #[serde(default)]
+    pub target_ref: Option<TargetRef>,
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    /// The workload's own ports this applies to; empty for all.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub allow: Vec<Allow>,
+}
+
+#[derive(Debug)]
+pub struct SpecError {
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct Object {
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: AuthorizationSpec,
+}
+
+/// Parses and validates one AuthorizationPolicy object.
+pub fn parse(v: &serde_json::Value) -> Result<(ObjKey, AuthorizationSpec), SpecError> {
+    let o: Object = serde_path_to_error::deserialize(v).map_err(|e| SpecError {
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    })?;
+    let err = |field: &str, reason: String| SpecError {
+        field: field.to_string(),
+        reason,
+    };
+    let name = o
+        .metadata
+        .name
+        .ok_or_else(|| err("metadata.name", "missing".into()))?;
+    let key = ObjKey {
+        namespace: o.metadata.namespace.unwrap_or_else(|| "default".into()),
+        name,
+    };
+    let s = o.spec;
+    match (&s.target_ref, &s.selector) {
+        (Some(t), None) if t.kind == "Service" && (t.group.is_empty() || t.group == "core") => {}
+        (Some(t), None) => {
+            return Err(err(
+                "spec.targetRef.kind",
+                format!("{:?}: only Service can be targeted", t.kind),
+            ));
+        }
+        (None, Some(_)) => {}
+        _ => {
+            return Err(err(
+                "spec",
+                "exactly one of targetRef and selector is required".into(),
+            ));
+        }
+    }
+    if s.ports.contains(&0) {
+        return Err(err("spec.ports", "0 is not a port".into()));
+    }
+    for (i, a) in s.allow.iter().enumerate() {
+        if let Allow::Identity(id) = a
+            && !valid_identity(id)
+        {
+            return Err(err(
+                &format!("spec.allow[{i}].identity"),
+                format!(
+                    "{id:?} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+                ),
+            ));
+        }
+    }
+    Ok((key, s))
+}
+
+fn valid_identity(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("spiffe://") else {
+        return false;
+    };
+    matches!(rest.split('/').collect::<Vec<_>>().as_slice(),
+        [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
+}
+
+/// Whether a policy applies to a pod.
+fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey) -> bool {
+    if key.namespace != pod.namespace {
+        return false;
+    }
+    if let Some(sel) = &spec.selector {
+        let Some(p) = snap.pods.get(pod) else {
+            return false;
+        };
+        return sel
+            .match_labels
+            .iter()
+            .all(|(k, v)| p.labels.get(k) == Some(v));
+    }
+    if let Some(t) = &spec.target_ref {
+        let svc = ObjKey {
+            namespace: key.namespace.clone(),
+            name: t.name.clone(),
+        };
+        return snap.slices.get(&svc).is_some_and(|slices| {
+            slices
+                .values()
+                .flat_map(|s| s.endpoints.iter())
+                .any(|e| e.pod.as_ref() == Some(pod))
+        });
+    }
+    false
+}
+
+#[derive(Default)]
+struct Merged {
+    strict: bool,
+    allow: BTreeSet<(u8, String)>,
+}
+
+impl Merged {
+    fn add(&mut self, spec: &AuthorizationSpec) {
+        self.strict |= spec.mtls == MtlsMode::Strict;
+        for a in &spec.allow {
+            self.allow.insert(match a {
+                Allow::Identity(i) => (0, i.clone()),
+                Allow::Namespace(n) => (1, n.clone()),
+            });
+        }
+    }
+
+    fn to_api(&self, port: u16) -> api::PortPolicy {
+        api::PortPolicy {
+            port: u32::from(port),
+            mode: if self.strict {
+                api::MtlsMode::Strict
+            } else {
+                api::MtlsMode::Permissive
+            } as i32,
+            allow: self
+                .allow
+                .iter()
+                .map(|(t, v)| api::Authorization {
+                    subject: Some(if *t == 0 {
+                        api::authorization::Subject::Identity(api::WorkloadIdentity {
+                            spiffe_id: v.clone(),
+                        })
+                    } else {
+                        api::authorization::Subject::Namespace(v.clone())
+                    }),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The inbound policy of one pod: every policy that applies, merged (STRICT if any
+/// says so; the union of their allow lists, empty meaning everyone).
+pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
+    let mut all_ports = Merged::default();
+    let mut per_port: BTreeMap<u16, Vec<&AuthorizationSpec>> = BTreeMap::new();
+    let mut applying = Vec::new();
+    for (key, spec) in &snap.authorizations {
+        if !applies(snap, key, spec, pod) {
+            continue;
+        }
+        applying.push(spec);
+        if spec.ports.is_empty() {
+            all_ports.add(spec);
+        } else {
+            for p in &spec.ports {
+                per_port.entry(*p).or_default().push(spec);
+            }
+        }
+    }
+    let ports = per_port
+        .into_iter()
+        .map(|(port, specs)| {
+            let mut m = Merged::default();
+            applying
+                .iter()
+                .filter(|s| s.ports.is_empty())
+                .for_each(|s| m.add(s));
+            specs.into_iter().for_each(|s| m.add(s));
+            m.to_api(port)
+        })
+        .collect();
+    api::WorkloadPolicy {
+        ports,
+        default: Some(all_ports.to_api(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_need_one_target_and_valid_identities() {
+        let v = serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": "STRICT",
+                     "allow": [{"identity": "spiffe://cluster.local/ns/shop/sa/client"}, {"namespace": "ops"}]}
+        });
+        let (k, s) = parse(&v).unwrap();
+        assert_eq!(k.name, "web");
+        assert_eq!(s.mtls, MtlsMode::Strict);
+        assert_eq!(s.allow.len(), 2);
+
+        let mut bad = v.clone();
+        bad["spec"]["allow"][0]["identity"] = "web".into();
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.field, "spec.allow[0].identity");
+
+        let mut bad = v.clone();
+        bad["spec"]["mtls"] = "SOMETIMES".into();
+        assert!(parse(&bad).unwrap_err().field.contains("mtls"));
+
+        let mut bad = v;
+        bad["spec"]["targetRef"] = serde_json::json!({"kind": "Service", "name": "web"});
+        assert_eq!(parse(&bad).unwrap_err().field, "spec");
+    }
+}

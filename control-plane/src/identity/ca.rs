@@ -1,0 +1,216 @@
+//! The certificate authority: an issuer certificate and key (signed by a trust
+//! anchor) that signs short-lived workload certificates carrying exactly one
+//! SPIFFE URI SAN. Also generates a fresh anchor and issuer, for `strait demo` and
+//! tests.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::defaults;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{flag} {path}: {reason}")]
+    File {
+        flag: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("cannot generate certificates: {0}")]
+    Generate(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignError {
+    #[error("the CSR does not parse or its signature does not verify: {0}")]
+    BadCsr(String),
+    #[error("the CSR asks for {asked:?}; this token may only have {allowed}")]
+    WrongName { asked: Vec<String>, allowed: String },
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// A signed leaf.
+#[derive(Debug)]
+pub struct Leaf {
+    pub der: Vec<u8>,
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    issuer_der: CertificateDer<'static>,
+    lifetime: Duration,
+}
+
+// Never prints the key.
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+impl Ca {
+    pub fn load(cert: &Path, key: &Path, lifetime: Duration) -> Result<Self, CaError> {
+        let read = |flag: &'static str, p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| CaError::File {
+                flag,
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let cert_pem = read("--issuer-cert", cert)?;
+        let key_pem = read("--issuer-key", key)?;
+        Self::from_pem(&cert_pem, &key_pem, lifetime).map_err(|(flag, reason)| CaError::File {
+            flag,
+            path: if flag == "--issuer-key" { key } else { cert }
+                .display()
+                .to_string(),
+            reason,
+        })
+    }
+
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        lifetime: Duration,
+    ) -> Result<Self, (&'static str, String)> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| ("--issuer-key", e.to_string()))?;
+        let issuer_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| ("--issuer-cert", e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&issuer_der, key)
+            .map_err(|e| ("--issuer-cert", e.to_string()))?;
+        Ok(Ca {
+            issuer,
+            issuer_der,
+            lifetime,
+        })
+    }
+
+    /// The issuer's certificate, sent with every leaf.
+    pub fn issuer_der(&self) -> &[u8] {
+        &self.issuer_der
+    }
+
+    /// Signs a leaf for `identity` with the CSR's public key, if the CSR asks for
+    /// exactly that identity and nothing else. The leaf carries only what we put
+    /// in it: the SAN, the usages, the validity; nothing else is copied.
+    pub fn sign(&self, csr_der: &[u8], identity: &str) -> Result<Leaf, SignError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
+            .map_err(|e| SignError::BadCsr(e.to_string()))?;
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked.len() != 1 || asked[0] != identity {
+            return Err(SignError::WrongName {
+                asked,
+                allowed: identity.to_string(),
+            });
+        }
+        let uri = rcgen::string::Ia5String::try_from(identity)
+            .map_err(|e| SignError::Sign(e.to_string()))?;
+        let now = SystemTime::now();
+        let not_after = now + self.lifetime;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.not_before = (now - defaults::CERT_BACKDATE).into();
+        params.not_after = not_after.into();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let serial = random_serial();
+        let serial_hex = serial
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        params.serial_number = Some(serial);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| SignError::Sign(e.to_string()))?;
+        Ok(Leaf {
+            der: cert.der().to_vec(),
+            serial: serial_hex,
+            not_after,
+        })
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    // Positive, and never a leading zero byte (DER integers are minimal).
+    b[0] = (b[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&b)
+}
+
+/// A freshly generated trust anchor and an issuer it signed, as PEM.
+#[derive(Clone)]
+pub struct Generated {
+    pub anchor_pem: String,
+    pub issuer_cert_pem: String,
+    pub issuer_key_pem: String,
+}
+
+impl std::fmt::Debug for Generated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Generated(..)")
+    }
+}
+
+fn ca_params(cn: &str, validity: Duration, path_len: u8) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    p.not_before = (now - defaults::CERT_BACKDATE).into();
+    p.not_after = (now + validity).into();
+    p.serial_number = Some(random_serial());
+    p
+}
+
+/// A trust anchor (valid for `validity`) and an issuer signed by it.
+pub fn generate(trust_domain: &str, validity: Duration) -> Result<Generated, CaError> {
+    let g = |e: rcgen::Error| CaError::Generate(e.to_string());
+    let anchor_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let anchor_params = ca_params(&format!("root.{trust_domain}"), validity, 1);
+    let anchor = anchor_params.self_signed(&anchor_key).map_err(g)?;
+    let anchor_issuer = Issuer::new(anchor_params, anchor_key);
+    let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let issuer = ca_params(&format!("identity.{trust_domain}"), validity, 0)
+        .signed_by(&issuer_key, &anchor_issuer)
+        .map_err(g)?;
+    Ok(Generated {
+        anchor_pem: anchor.pem(),
+        issuer_cert_pem: issuer.pem(),
+        issuer_key_pem: issuer_key.serialize_pem(),
+    })
+}

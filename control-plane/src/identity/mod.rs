@@ -1,0 +1,109 @@
+//! The identity service: `Certify(csr, token)`. The token says who asks (a
+//! service-account token from the manifests in local mode); the identity is
+//! derived from it, a CSR for any other name is refused, and the leaf is
+//! short-lived. Every issuance is logged with the identity, never the token.
+
+pub mod ca;
+
+use std::sync::Arc;
+
+use strait_api::v1 as api;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use self::ca::Ca;
+use crate::index::{Snapshot, TokenDigest};
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+pub struct IdentityService {
+    ca: Option<Arc<Ca>>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+}
+
+impl IdentityService {
+    pub fn new(
+        ca: Option<Arc<Ca>>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        IdentityService {
+            ca,
+            snapshot,
+            metrics,
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics.certify_refused(reason);
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl strait_api::v1::identity_server::Identity for IdentityService {
+    async fn certify(
+        &self,
+        req: Request<api::CertifyRequest>,
+    ) -> Result<Response<api::CertifyResponse>, Status> {
+        let Some(ca) = &self.ca else {
+            return Err(self.refuse(
+                "no_issuer",
+                Status::failed_precondition(
+                    "this controller issues no certificates: start it with --issuer-cert and --issuer-key",
+                ),
+            ));
+        };
+        let r = req.into_inner();
+        let (trust_domain, account) = {
+            let snap = self.snapshot.borrow();
+            let account = snap
+                .tokens
+                .get(&TokenDigest::of(r.token.trim_ascii()))
+                .cloned();
+            (snap.trust_domain.clone(), account)
+        };
+        let Some(account) = account else {
+            warn!(asked = %r.identity, "certificate refused: unknown token");
+            return Err(self.refuse(
+                "unknown_token",
+                Status::unauthenticated("the token proves no service account"),
+            ));
+        };
+        let identity = format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            account.namespace, account.name
+        );
+        if r.identity != identity {
+            warn!(asked = %r.identity, token_for = %identity, "certificate refused: identity not the token's");
+            return Err(self.refuse(
+                "wrong_identity",
+                Status::permission_denied(format!(
+                    "asked for {}, the token is for {identity}",
+                    r.identity
+                )),
+            ));
+        }
+        let leaf = match ca.sign(&r.csr_der, &identity) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%identity, error = %e, "certificate refused");
+                let status = match e {
+                    ca::SignError::Sign(_) => Status::internal(e.to_string()),
+                    _ => Status::permission_denied(e.to_string()),
+                };
+                return Err(self.refuse("bad_csr", status));
+            }
+        };
+        let valid_until = prost_types::Timestamp::from(leaf.not_after);
+        info!(%identity, serial = %leaf.serial, valid_until = %humantime::format_rfc3339_seconds(leaf.not_after), "certificate issued");
+        self.metrics.certificates_issued.inc();
+        Ok(Response::new(api::CertifyResponse {
+            leaf_der: leaf.der,
+            intermediates_der: vec![ca.issuer_der().to_vec()],
+            valid_until: Some(valid_until),
+        }))
+    }
+}
