@@ -125,6 +125,26 @@ pub struct Config {
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_grace_period: Duration,
 
+    /// The service account this workload runs as: its identity is
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+    #[arg(long, env = "STRAIT_PROXY_SERVICE_ACCOUNT", default_value = defaults::SERVICE_ACCOUNT)]
+    pub service_account: String,
+
+    /// Trust domain of workload identities.
+    #[arg(long, env = "STRAIT_PROXY_TRUST_DOMAIN", default_value = defaults::TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// PEM bundle of the trust anchors peers' certificates must chain to (several
+    /// anchors may be listed, to rotate them). Enables mTLS between proxies; needs
+    /// --token-file and --control-plane.
+    #[arg(long, env = "STRAIT_PROXY_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<std::path::PathBuf>,
+
+    /// File holding the token that proves this workload's service account to the
+    /// control plane's identity service (re-read at every renewal).
+    #[arg(long, env = "STRAIT_PROXY_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+
     /// Worker threads. A sidecar shares its pod's CPU: one thread avoids cross-thread
     /// wake-ups on every request; more only pay off under a CPU limit above one core.
     #[arg(long, env = "STRAIT_PROXY_THREADS", default_value_t = defaults::THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]

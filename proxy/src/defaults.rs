@@ -114,3 +114,21 @@ pub const NAMESPACE: &str = "default";
 
 /// Worker threads of the proxy's runtime (see `--threads`).
 pub const THREADS: u16 = 1;
+
+/// Certificates are renewed at 65 to 75 % of their lifetime (jittered, so proxies
+/// started together do not renew together), leaving a quarter of it for retries.
+pub const RENEW_AT_MIN: f64 = 0.65;
+pub const RENEW_AT_MAX: f64 = 0.75;
+/// How long a certificate request may take before it is retried.
+pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer has this long to finish its TLS handshake (as the HTTP header timeout).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The service account of this workload, when not told (as Kubernetes' default).
+pub const SERVICE_ACCOUNT: &str = "default";
+/// The trust domain of workload identities, as Kubernetes' default cluster domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
+/// Set by the inbound proxy on requests to its app: the verified identity of the
+/// calling workload (removed from whatever a client sent).
+pub const CLIENT_ID_HEADER: &str = "strait-client-id";

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -16,13 +15,15 @@ use crate::control::discovery::Discovery;
 use crate::control::{self, ControlPlaneError, Workload};
 use crate::defaults;
 use crate::detect::{Protocol, detect};
-use crate::http::client::ClientCache;
+use crate::http::client::{ClientCache, PeerTls};
 use crate::http::server::ServerConfig;
+use crate::identity::{self, Credentials, Identity, TrustAnchors, tls};
 use crate::inbound::Inbound;
+use crate::inbound::policy::{InboundPolicy, PolicyRx};
 use crate::outbound::Outbound;
 use crate::tcp::TcpConfig;
 use crate::telemetry::log::LogHandle;
-use crate::telemetry::metrics::ProtocolLabels;
+use crate::telemetry::metrics::{DirectionLabels, ProtocolLabels};
 use crate::telemetry::{Direction, Metrics};
 use crate::transport::drain::{self, ShutdownHandle};
 use crate::transport::listen::BindError;
@@ -38,18 +39,27 @@ pub struct Shared {
     pub tcp: TcpConfig,
     pub http: ServerConfig,
     pub discovery: Option<Arc<Discovery>>,
+    /// This proxy's credentials, when it takes part in mTLS.
+    pub identity: Option<Arc<Credentials>>,
+    /// The TLS server side of the inbound listener, with `identity`.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// This workload's inbound policy.
+    pub policy: PolicyRx,
 }
 
 impl Shared {
     /// Detects the protocol of a new connection (or takes `opaque` as given) and
     /// returns the stream with the bytes read so far put back in front.
-    pub async fn detect(
+    pub async fn detect<I>(
         &self,
-        mut stream: TcpStream,
+        mut stream: I,
         opaque: bool,
         direction: Direction,
         client: ClientAddr,
-    ) -> Option<(Protocol, PrefixedIo<TcpStream>)> {
+    ) -> Option<(Protocol, PrefixedIo<I>)>
+    where
+        I: tokio::io::AsyncRead + Unpin,
+    {
         let (protocol, prefix) = if opaque {
             (Protocol::Opaque, Bytes::new())
         } else {
@@ -95,10 +105,44 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error(transparent)]
     ControlPlane(#[from] ControlPlaneError),
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// With --trust-anchors: this proxy's credentials (a fresh key, no certificate yet).
+fn credentials(config: &Config) -> Result<Option<Arc<Credentials>>, StartError> {
+    let Some(anchors) = &config.trust_anchors else {
+        if config.token_file.is_some() {
+            return Err(StartError::Identity(
+                "--token-file needs --trust-anchors (mTLS is enabled by the trust anchors)".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if config.token_file.is_none() || config.control_plane.is_none() {
+        return Err(StartError::Identity(
+            "--trust-anchors needs --token-file and --control-plane (certificates come from the control plane)".into(),
+        ));
+    }
+    let anchors = TrustAnchors::load(anchors).map_err(|e| StartError::Identity(e.to_string()))?;
+    let id = Identity::of(
+        &config.trust_domain,
+        &config.namespace,
+        &config.service_account,
+    )
+    .map_err(|e| {
+        StartError::Identity(format!(
+            "--trust-domain/--namespace/--service-account do not make an identity: {e}"
+        ))
+    })?;
+    let creds =
+        Credentials::generate(id, anchors).map_err(|e| StartError::Identity(e.to_string()))?;
+    Ok(Some(Arc::new(creds)))
 }
 
 pub struct Proxy {
     control: Option<(Channel, Workload)>,
+    policy_tx: watch::Sender<Option<Arc<InboundPolicy>>>,
     shared: Arc<Shared>,
     trigger: DrainTrigger,
     inbound: Listener,
@@ -153,14 +197,42 @@ impl Proxy {
             admin: admin_addr,
             upstreams: upstreams.iter().map(|(l, _)| l.local_addr()).collect(),
         };
+        let identity = credentials(&config)?;
+        let tls_server = match &identity {
+            Some(c) => {
+                Some(tls::server_config(c).map_err(|e| StartError::Identity(format!("TLS: {e}")))?)
+            }
+            None => None,
+        };
+        let metrics = Metrics::new();
+        let peer_tls = identity.as_ref().map(|c| PeerTls {
+            creds: c.clone(),
+            mismatches: metrics.tls_identity_mismatches.clone(),
+            handshake_failures: metrics
+                .tls_handshake_failures
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Outbound,
+                })
+                .clone(),
+        });
+        // Without a control plane nothing restricts inbound traffic; with one,
+        // nothing passes until its policy is known.
+        let (policy_tx, policy) = watch::channel(
+            control
+                .is_none()
+                .then(|| Arc::new(InboundPolicy::default())),
+        );
         let (trigger, drain) = drain::channel();
         let discovery = control
             .as_ref()
             .map(|(channel, workload)| Discovery::new(channel.clone(), workload.clone()));
         let shared = Arc::new(Shared {
             discovery,
-            metrics: Metrics::new(),
-            clients: ClientCache::new(config.connect_timeout),
+            identity,
+            tls_server,
+            policy,
+            metrics,
+            clients: ClientCache::new(config.connect_timeout, peer_tls),
             drain,
             tcp: TcpConfig {
                 connect_timeout: config.connect_timeout,
@@ -174,6 +246,7 @@ impl Proxy {
         });
         Ok(Proxy {
             control,
+            policy_tx,
             shared,
             trigger,
             inbound,
@@ -204,6 +277,7 @@ impl Proxy {
     pub async fn run(self) -> bool {
         let Proxy {
             control,
+            policy_tx,
             shared,
             trigger,
             inbound,
@@ -259,20 +333,37 @@ impl Proxy {
                 ready: ready.subscribe(),
             }),
         ));
-        // With a control plane, ready once it has answered for this workload;
-        // without one, bound listeners are all it takes.
+        // With a control plane, ready once it has answered for this workload (and,
+        // with mTLS, once the first certificate is in); without one, bound
+        // listeners are all it takes.
         match control {
             Some((channel, workload)) => {
-                let (tx, mut rx) = watch::channel(None);
-                tokio::spawn(control::policy::follow(channel, workload, tx));
+                let mut rx = policy_tx.subscribe();
+                tokio::spawn(control::policy::follow(
+                    channel.clone(),
+                    workload,
+                    policy_tx,
+                ));
+                if let Some(creds) = &shared.identity
+                    && let Some(token) = &shared.config.token_file
+                {
+                    tokio::spawn(identity::follow(
+                        channel,
+                        creds.clone(),
+                        token.clone(),
+                        shared.metrics.clone(),
+                    ));
+                }
                 let ready = ready.clone();
+                let creds = shared.identity.clone();
                 tokio::spawn(async move {
                     if rx.wait_for(Option::is_some).await.is_ok() {
+                        if let Some(c) = creds {
+                            c.certified().await;
+                        }
                         info!("control plane answered; ready");
                         ready.send_replace(true);
                     }
-                    // Keep the policy receiver alive for the proxy's lifetime.
-                    std::future::pending::<()>().await;
                 });
             }
             None => {

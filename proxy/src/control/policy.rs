@@ -1,6 +1,8 @@
 //! The watch of this workload's inbound policy. Its first answer is what makes the
 //! proxy ready when it has a control plane: it proves the control plane knows it.
 
+use std::sync::Arc;
+
 use strait_api::v1 as api;
 use strait_api::v1::inbound_policy_client::InboundPolicyClient;
 use tokio::sync::watch;
@@ -9,11 +11,12 @@ use tracing::{debug, warn};
 
 use super::Workload;
 use super::backoff::Backoff;
+use crate::inbound::policy::{InboundPolicy, parse};
 
 pub async fn follow(
     channel: Channel,
     workload: Workload,
-    tx: watch::Sender<Option<api::WorkloadPolicy>>,
+    tx: watch::Sender<Option<Arc<InboundPolicy>>>,
 ) {
     let mut client = InboundPolicyClient::new(channel);
     let req = api::WatchWorkload {
@@ -30,7 +33,14 @@ pub async fn follow(
                     match stream.message().await {
                         Ok(Some(p)) => {
                             backoff.reset();
-                            tx.send_replace(Some(p));
+                            let p = Arc::new(parse(p));
+                            tx.send_if_modified(|cur| {
+                                if cur.as_deref() == Some(&*p) {
+                                    return false;
+                                }
+                                *cur = Some(p);
+                                true
+                            });
                         }
                         Ok(None) => break,
                         Err(e) => {

@@ -1,6 +1,6 @@
-//! Connection pools to upstreams: one hyper client per upstream address and HTTP
-//! version, so that requests keep their own `Host`/`:authority` while the
-//! connection goes where the proxy decided.
+//! Connection pools to upstreams: one hyper client per upstream address, HTTP
+//! version and (towards a peer proxy) expected identity, so that requests keep
+//! their own `Host`/`:authority` while the connection goes where the proxy decided.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,19 +13,123 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::BoxBody;
 use crate::defaults;
+use crate::identity::{Credentials, Identity, tls};
 
 pub type HttpClient = Client<Connector, BoxBody>;
 
-/// Connects to one fixed address, whatever the request's URI says.
+/// Connects to one fixed address, whatever the request's URI says; to a peer
+/// proxy, over mTLS that verifies the peer's identity.
 #[derive(Clone, Debug)]
 pub struct Connector {
     addr: SocketAddr,
     timeout: Duration,
+    tls: PeerMode,
+}
+
+#[derive(Clone)]
+enum PeerMode {
+    Plain,
+    Mtls(TlsConnector, ServerName<'static>, Counter),
+    /// mTLS was wanted but cannot be set up: fail rather than fall back to plaintext.
+    Broken(String),
+}
+
+impl std::fmt::Debug for PeerMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerMode::Plain => f.write_str("Plain"),
+            PeerMode::Mtls(_, name, _) => write!(f, "Mtls({name:?})"),
+            PeerMode::Broken(r) => write!(f, "Broken({r})"),
+        }
+    }
+}
+
+/// A connection to an upstream: plaintext, or mTLS to a peer proxy.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        match self {
+            UpstreamIo::Tls(t) if t.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
+                c.negotiated_h2()
+            }
+            _ => c,
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +142,12 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    #[error("mTLS to {addr}: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
 }
 
 impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamIo>;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
 
@@ -50,8 +156,35 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let (addr, timeout) = (self.addr, self.timeout);
-        Box::pin(async move { connect(addr, timeout).await.map(TokioIo::new) })
+        let (addr, timeout, tls) = (self.addr, self.timeout, self.tls.clone());
+        Box::pin(async move {
+            let (connector, name, failures) = match tls {
+                PeerMode::Plain => {
+                    let tcp = connect(addr, timeout).await?;
+                    return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
+                }
+                PeerMode::Broken(reason) => return Err(ConnectError::Tls { addr, reason }),
+                PeerMode::Mtls(c, n, f) => (c, n, f),
+            };
+            let tcp = connect(addr, timeout).await?;
+            let handshake = tokio::time::timeout(timeout, connector.connect(name, tcp));
+            match handshake.await {
+                Ok(Ok(s)) => Ok(TokioIo::new(UpstreamIo::Tls(Box::new(s)))),
+                Ok(Err(e)) => {
+                    failures.inc();
+                    let reason = tls::describe_handshake_error(&e);
+                    tracing::warn!(peer = %addr, error = %reason, "mTLS handshake with peer proxy failed");
+                    Err(ConnectError::Tls { addr, reason })
+                }
+                Err(_) => {
+                    failures.inc();
+                    Err(ConnectError::Timeout {
+                        addr,
+                        after: timeout,
+                    })
+                }
+            }
+        })
     }
 }
 
@@ -68,41 +201,61 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     Ok(stream)
 }
 
+/// What mTLS to peer proxies needs: our credentials, and the counters of failures.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub creds: Arc<Credentials>,
+    pub mismatches: Counter,
+    pub handshake_failures: Counter,
+}
+
+type PoolKey = (SocketAddr, bool, Option<Identity>);
+
 #[derive(Clone, Debug)]
 pub struct ClientCache {
-    pools: Arc<Mutex<HashMap<(SocketAddr, bool), HttpClient>>>,
+    pools: Arc<Mutex<HashMap<PoolKey, HttpClient>>>,
     connect_timeout: Duration,
+    tls: Option<PeerTls>,
 }
 
 impl ClientCache {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, tls: Option<PeerTls>) -> Self {
         ClientCache {
             pools: Arc::default(),
             connect_timeout,
+            tls,
         }
     }
 
-    /// The client for `addr`, speaking HTTP/2 with prior knowledge when `h2`.
-    pub fn get(&self, addr: SocketAddr, h2: bool) -> HttpClient {
+    /// Whether connections to peer proxies use mTLS.
+    pub fn mtls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The client for `addr`, speaking HTTP/2 with prior knowledge when `h2`; over
+    /// mTLS verifying `peer` when it is a peer proxy and this proxy has an identity.
+    pub fn get(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> HttpClient {
+        let peer = peer.filter(|_| self.tls.is_some());
         let mut pools = match self.pools.lock() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(c) = pools.get(&(addr, h2)) {
+        let key = (addr, h2, peer.cloned());
+        if let Some(c) = pools.get(&key) {
             return c.clone();
         }
         if pools.len() >= defaults::MAX_CLIENT_POOLS {
             // Bounded memory: drop some pool; in-flight requests keep their clones.
-            if let Some(k) = pools.keys().next().copied() {
+            if let Some(k) = pools.keys().next().cloned() {
                 pools.remove(&k);
             }
         }
-        let c = self.build(addr, h2);
-        pools.insert((addr, h2), c.clone());
+        let c = self.build(addr, h2, peer);
+        pools.insert(key, c.clone());
         c
     }
 
-    fn build(&self, addr: SocketAddr, h2: bool) -> HttpClient {
+    fn build(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> HttpClient {
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -117,9 +270,27 @@ impl ClientCache {
                 .http2_initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
                 .http2_initial_stream_window_size(defaults::H2_STREAM_WINDOW);
         }
+        let tls = match (peer, &self.tls) {
+            (Some(id), Some(t)) => {
+                let cfg = tls::client_config(&t.creds, id.clone(), h2, t.mismatches.clone())
+                    .map_err(|e| e.to_string());
+                let name = ServerName::try_from(id.server_name()).map_err(|e| e.to_string());
+                match (cfg, name) {
+                    (Ok(cfg), Ok(name)) => {
+                        PeerMode::Mtls(TlsConnector::from(cfg), name, t.handshake_failures.clone())
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::error!(peer = %id, error = %e, "cannot set up mTLS to peer");
+                        PeerMode::Broken(e)
+                    }
+                }
+            }
+            _ => PeerMode::Plain,
+        };
         b.build(Connector {
             addr,
             timeout: self.connect_timeout,
+            tls,
         })
     }
 }

@@ -65,7 +65,8 @@ impl Forward {
         // Between proxies, every request rides one multiplexed HTTP/2 connection per
         // peer (upgrades excepted: they need HTTP/1.1 end to end), and carries what
         // the peer needs to restore it for its app.
-        let h2 = match req.extensions_mut().remove::<ToPeer>() {
+        let to_peer = req.extensions_mut().remove::<ToPeer>();
+        let h2 = match &to_peer {
             Some(peer) => {
                 req.headers_mut()
                     .insert(TARGET_PORT_HEADER, HeaderValue::from(peer.target_port));
@@ -84,7 +85,9 @@ impl Forward {
             }
             None => version == Version::HTTP_2,
         };
-        let client = self.clients.get(addr, h2);
+        let client = self
+            .clients
+            .get(addr, h2, to_peer.as_ref().map(|p| &p.identity));
         let mut rsp = client
             .request(req.map(super::boxed))
             .await
@@ -183,6 +186,10 @@ fn client_error(e: hyper_util::client::legacy::Error, addr: SocketAddr) -> Proxy
                 ConnectError::Io { source, .. } => ProxyError::Connect {
                     addr,
                     reason: source.to_string(),
+                },
+                ConnectError::Tls { reason, .. } => ProxyError::Connect {
+                    addr,
+                    reason: format!("mTLS: {reason}"),
                 },
             };
         }

@@ -19,6 +19,32 @@ impl Identity {
     pub fn as_str(&self) -> &str {
         &self.uri
     }
+
+    /// The identity of a service account.
+    pub fn of(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
+        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    /// The namespace part (the identity was validated when parsed).
+    pub fn namespace(&self) -> &str {
+        self.uri.split('/').nth(4).unwrap_or_default()
+    }
+
+    /// A DNS name for the TLS handshake's SNI (rustls wants one; the peer is
+    /// verified by its URI SAN, never by this name).
+    pub fn server_name(&self) -> String {
+        let p: Vec<&str> = self.uri.split('/').collect();
+        match p.as_slice() {
+            [_, _, td, "ns", ns, "sa", sa] => {
+                format!("{sa}.{ns}.serviceaccount.identity.strait.{td}")
+            }
+            _ => "identity.strait.invalid".to_string(),
+        }
+    }
 }
 
 impl FromStr for Identity {
@@ -69,5 +95,11 @@ mod tests {
         ] {
             assert!(bad.parse::<Identity>().is_err(), "{bad}");
         }
+        let id = Identity::of("cluster.local", "shop", "web").unwrap();
+        assert_eq!(id.namespace(), "shop");
+        assert_eq!(
+            id.server_name(),
+            "web.shop.serviceaccount.identity.strait.cluster.local"
+        );
     }
 }

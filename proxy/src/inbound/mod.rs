@@ -1,20 +1,30 @@
-//! The inbound path: connections to this pod. Learn the target port (from the
-//! redirect, or carried by the peer proxy), detect the protocol, and forward to
-//! the app on 127.0.0.1:<target port>.
+//! The inbound path: connections to this pod. Terminate mTLS from peer proxies
+//! (learning the peer's verified identity), learn the target port (from the
+//! redirect, or carried by the peer proxy), detect the protocol, authorize against
+//! this workload's policy, and forward to the app on 127.0.0.1:<target port>.
 
+mod authorize;
 mod dst;
+pub mod policy;
 
 use std::sync::Arc;
 
-use tracing::warn;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tower::layer::util::Stack;
+use tracing::{debug, warn};
 
-use crate::addr::TargetPort;
+use self::authorize::AuthorizeLayer;
+use crate::addr::{ClientAddr, TargetPort};
+use crate::defaults;
 use crate::detect::Protocol;
 use crate::http::dst::SetDstLayer;
 use crate::http::server::ConnMeta;
 use crate::http::stack::HttpStack;
+use crate::identity::{Identity, tls};
 use crate::proxy::Shared;
 use crate::telemetry::Direction;
+use crate::telemetry::metrics::DirectionLabels;
 use crate::transport::Accepted;
 use crate::transport::orig_dst::orig_dst;
 
@@ -24,6 +34,15 @@ const DIRECTION: Direction = Direction::Inbound;
 pub struct Inbound {
     shared: Arc<Shared>,
     http: HttpStack,
+}
+
+/// What the first bytes of a connection said before any detection.
+enum First {
+    /// A TLS ClientHello, to be answered when this proxy has an identity.
+    Tls,
+    /// Something else (or nothing within the detection timeout: a server-speaks-first
+    /// protocol, which detection would only wait for again).
+    Other { silent: bool },
 }
 
 impl Inbound {
@@ -37,23 +56,95 @@ impl Inbound {
     pub async fn handle(self, acc: Accepted) {
         let s = &self.shared;
         let target = orig_dst(&acc.stream, acc.local).map(|o| TargetPort(o.0.port()));
-        let opaque = target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
-        let Some((protocol, io)) = s.detect(acc.stream, opaque, DIRECTION, acc.client).await else {
+        let client = acc.client;
+        let local_port = acc.local.port();
+        let Some(server) = s.tls_server.clone() else {
+            return self
+                .serve(acc.stream, target, None, false, client, local_port)
+                .await;
+        };
+        match first(&acc.stream, s.config.detect_timeout).await {
+            Some(First::Tls) => {
+                let accept = tokio_rustls::TlsAcceptor::from(server).accept(acc.stream);
+                match tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, accept).await {
+                    Ok(Ok(stream)) => {
+                        let peer = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(tls::identity_of);
+                        let Some(peer) = peer else {
+                            // It chains to our anchors yet names no workload: not a proxy of ours.
+                            s.metrics.reject_tcp(DIRECTION, "no_peer_identity");
+                            warn!(client = %client.0, "peer certificate carries no workload identity; closed");
+                            return;
+                        };
+                        self.serve(stream, target, Some(peer), false, client, local_port)
+                            .await
+                    }
+                    Ok(Err(e)) => {
+                        s.metrics
+                            .tls_handshake_failures
+                            .get_or_create(&DirectionLabels {
+                                direction: DIRECTION,
+                            })
+                            .inc();
+                        warn!(client = %client.0, error = %e, "mTLS handshake from peer failed");
+                    }
+                    Err(_) => {
+                        s.metrics.reject_tcp(DIRECTION, "tls_handshake_timeout");
+                        debug!(client = %client.0, "mTLS handshake timed out");
+                    }
+                }
+            }
+            Some(First::Other { silent }) => {
+                self.serve(acc.stream, target, None, silent, client, local_port)
+                    .await
+            }
+            None => {}
+        }
+    }
+
+    async fn serve<I>(
+        self,
+        io: I,
+        target: Option<TargetPort>,
+        peer: Option<Identity>,
+        silent: bool,
+        client: ClientAddr,
+        local_port: u16,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let s = &self.shared;
+        let opaque = silent || target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
+        let Some((protocol, io)) = s.detect(io, opaque, DIRECTION, client).await else {
             return;
         };
         let meta = ConnMeta {
             direction: DIRECTION,
-            client: acc.client,
+            client,
             metrics: s.metrics.clone(),
         };
-        let dst_layer = SetDstLayer(dst::InboundDst::new(
-            target,
-            acc.local.port(),
-            s.config.app_ip,
-        ));
+        let layers = Stack::new(
+            AuthorizeLayer {
+                peer: peer.clone(),
+                policy: s.policy.clone(),
+                metrics: s.metrics.clone(),
+            },
+            SetDstLayer(dst::InboundDst::new(target, local_port, s.config.app_ip)),
+        );
         match protocol {
             Protocol::Opaque => match target {
                 Some(p) => {
+                    let decision = policy::check(&s.policy, p.0, peer.as_ref());
+                    authorize::count(&s.metrics, peer.as_ref(), "tcp", decision.is_ok());
+                    if let Err(denied) = decision {
+                        s.metrics.reject_tcp(DIRECTION, "unauthorized");
+                        debug!(client = %client.0, %denied, "inbound connection denied");
+                        return;
+                    }
                     crate::tcp::forward(
                         io,
                         &dst::app_addr(s.config.app_ip, p),
@@ -65,11 +156,22 @@ impl Inbound {
                 }
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_target_port");
-                    warn!(client = %acc.client.0, "non-HTTP connection that was not redirected carries no target port, closed");
+                    warn!(client = %client.0, "non-HTTP connection that was not redirected carries no target port, closed");
                 }
             },
-            Protocol::Http1 => self.http.serve(io, false, dst_layer, &meta).await,
-            Protocol::Http2 => self.http.serve(io, true, dst_layer, &meta).await,
+            Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,
+            Protocol::Http2 => self.http.serve(io, true, layers, &meta).await,
         }
+    }
+}
+
+/// Peeks at the first byte without consuming it.
+async fn first(stream: &TcpStream, wait: std::time::Duration) -> Option<First> {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut b)).await {
+        Err(_) => Some(First::Other { silent: true }),
+        Ok(Ok(0)) | Ok(Err(_)) => None,
+        Ok(Ok(_)) if b[0] == defaults::TLS_HANDSHAKE_BYTE => Some(First::Tls),
+        Ok(Ok(_)) => Some(First::Other { silent: false }),
     }
 }

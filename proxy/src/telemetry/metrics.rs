@@ -51,6 +51,15 @@ pub struct StatusLabels {
     pub status_class: &'static str,
 }
 
+/// An inbound authorization decision, by the verified identity of the peer
+/// ("unauthenticated" for plaintext).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub peer: String,
+    pub protocol: &'static str,
+    pub decision: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub direction: Direction,
@@ -79,6 +88,12 @@ pub struct Metrics {
     pub http_responses: Family<StatusLabels, Counter>,
     pub http_response_latency: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub http_rejected: Family<ReasonLabels, Counter>,
+    pub identity_cert_expiry: Gauge,
+    pub identity_renewals: Counter,
+    pub identity_failures: Counter,
+    pub tls_identity_mismatches: Counter,
+    pub tls_handshake_failures: Family<DirectionLabels, Counter>,
+    pub inbound_authz: Family<AuthzLabels, Counter>,
 }
 
 impl Metrics {
@@ -95,6 +110,12 @@ impl Metrics {
             http_responses: Family::default(),
             http_response_latency: Family::new_with_constructor(latency_histogram),
             http_rejected: Family::default(),
+            identity_cert_expiry: Gauge::default(),
+            identity_renewals: Counter::default(),
+            identity_failures: Counter::default(),
+            tls_identity_mismatches: Counter::default(),
+            tls_handshake_failures: Family::default(),
+            inbound_authz: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,6 +167,36 @@ impl Metrics {
             "http_rejected_requests",
             "HTTP requests refused by the proxy before forwarding, by reason",
             m.http_rejected.clone(),
+        );
+        registry.register(
+            "identity_cert_expiration_timestamp_seconds",
+            "When this proxy's current certificate expires (Unix time)",
+            m.identity_cert_expiry.clone(),
+        );
+        registry.register(
+            "identity_certificate_renewals",
+            "Certificates renewed after the first one",
+            m.identity_renewals.clone(),
+        );
+        registry.register(
+            "identity_certificate_failures",
+            "Failed certificate requests",
+            m.identity_failures.clone(),
+        );
+        registry.register(
+            "tls_identity_mismatches",
+            "Peer proxies that presented another identity than discovery promised",
+            m.tls_identity_mismatches.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes with peer proxies that failed",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "inbound_authorizations",
+            "Inbound requests and connections allowed or denied by policy, by peer identity",
+            m.inbound_authz.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

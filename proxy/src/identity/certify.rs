@@ -1,0 +1,125 @@
+//! Getting and renewing the certificate: a CSR and the workload's token to the
+//! control plane's identity service; renewal at about 70 % of the lifetime, with
+//! jittered retries, so a certificate is replaced long before it expires.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use strait_api::v1 as api;
+use strait_api::v1::identity_client::IdentityClient;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use super::Credentials;
+use crate::control::backoff::Backoff;
+use crate::defaults;
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+enum CertifyError {
+    #[error("cannot read --token-file {path}: {reason}")]
+    Token { path: String, reason: String },
+    #[error("the control plane refused the certificate request: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Creds(#[from] super::CredsError),
+}
+
+/// Keeps the proxy certified for as long as it runs.
+pub async fn follow(
+    channel: Channel,
+    creds: Arc<Credentials>,
+    token_file: PathBuf,
+    metrics: Arc<Metrics>,
+) {
+    let mut client = IdentityClient::new(channel);
+    let mut backoff = Backoff::default();
+    let mut first = true;
+    loop {
+        let delay = match certify(&mut client, &creds, &token_file).await {
+            Ok((serial, valid_until)) => {
+                backoff.reset();
+                if !std::mem::take(&mut first) {
+                    metrics.identity_renewals.inc();
+                }
+                let expiry = valid_until
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                metrics
+                    .identity_cert_expiry
+                    .set(i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX));
+                let lifetime = valid_until
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                let renew = renew_after(lifetime);
+                info!(identity = %creds.identity(), %serial, ?lifetime, renew_in = ?renew, "certificate installed");
+                renew
+            }
+            Err(e) => {
+                metrics.identity_failures.inc();
+                let d = backoff.next_delay();
+                warn!(identity = %creds.identity(), error = %e, retry_in = ?d, "certificate request failed");
+                d
+            }
+        };
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// When to renew a certificate that is valid for `lifetime` from now: at 65 to
+/// 75 % of it, so proxies started together do not renew together.
+pub fn renew_after(lifetime: Duration) -> Duration {
+    let f = rand::rng().random_range(defaults::RENEW_AT_MIN..=defaults::RENEW_AT_MAX);
+    lifetime.mul_f64(f)
+}
+
+async fn certify(
+    client: &mut IdentityClient<Channel>,
+    creds: &Credentials,
+    token_file: &Path,
+) -> Result<(String, SystemTime), CertifyError> {
+    // Read every time: a projected token is rotated by the kubelet.
+    let token = std::fs::read(token_file).map_err(|e| CertifyError::Token {
+        path: token_file.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let token = token.trim_ascii().to_vec();
+    let req = api::CertifyRequest {
+        identity: creds.identity().to_string(),
+        token,
+        csr_der: creds.csr_der()?,
+    };
+    let rsp = tokio::time::timeout(defaults::CERTIFY_TIMEOUT, client.certify(req))
+        .await
+        .map_err(|_| {
+            CertifyError::Refused(format!("no answer in {:?}", defaults::CERTIFY_TIMEOUT))
+        })?
+        .map_err(|s| CertifyError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+        .into_inner();
+    let valid_until = rsp
+        .valid_until
+        .and_then(|t| {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(
+                u64::try_from(t.seconds).ok()?,
+                u32::try_from(t.nanos).ok()?,
+            ))
+        })
+        .ok_or_else(|| CertifyError::Refused("answer without valid_until".into()))?;
+    let installed = creds.install(rsp.leaf_der, rsp.intermediates_der)?;
+    Ok((installed.serial, valid_until))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_starts_at_about_seventy_percent() {
+        for _ in 0..100 {
+            let d = renew_after(Duration::from_secs(100));
+            assert!((65.0..=75.0).contains(&d.as_secs_f64()), "{d:?}");
+        }
+    }
+}

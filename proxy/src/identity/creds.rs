@@ -1,0 +1,154 @@
+//! The proxy's credentials: a private key generated in memory at start (never
+//! written anywhere, never shown by the admin server) and the current certificate
+//! for it. A new certificate replaces the old one for new connections; open
+//! connections keep the one they shook hands with.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use tokio::sync::watch;
+
+use super::{Identity, TrustAnchors};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredsError {
+    #[error("cannot generate a private key: {0}")]
+    Key(String),
+    #[error("cannot build a certificate signing request: {0}")]
+    Csr(String),
+    #[error("the control plane returned a certificate that does not verify: {0}")]
+    Untrusted(String),
+    #[error("the control plane returned a certificate for {got:?}, this proxy is {want}")]
+    WrongIdentity { got: Vec<String>, want: Identity },
+    #[error("the control plane returned a certificate for another key")]
+    WrongKey,
+}
+
+/// What was installed, for logs and metrics.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    pub serial: String,
+}
+
+pub struct Credentials {
+    identity: Identity,
+    key: KeyPair,
+    signing_key: Arc<dyn rustls::sign::SigningKey>,
+    pub(crate) anchors: TrustAnchors,
+    pub(crate) provider: Arc<CryptoProvider>,
+    current: watch::Sender<Option<Arc<CertifiedKey>>>,
+}
+
+// Never prints the key.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .field("anchors", &self.anchors.len())
+            .field("certified", &self.current.borrow().is_some())
+            .finish()
+    }
+}
+
+impl Credentials {
+    pub fn generate(identity: Identity, anchors: TrustAnchors) -> Result<Self, CredsError> {
+        let provider = super::tls::provider();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CredsError::Key(e.to_string()))?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing_key = provider
+            .key_provider
+            .load_private_key(der)
+            .map_err(|e| CredsError::Key(e.to_string()))?;
+        Ok(Credentials {
+            identity,
+            key,
+            signing_key,
+            anchors,
+            provider,
+            current: watch::Sender::new(None),
+        })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// A CSR for our key, asking for exactly our identity as its URI SAN.
+    pub fn csr_der(&self) -> Result<Vec<u8>, CredsError> {
+        let uri = rcgen::string::Ia5String::try_from(self.identity.as_str())
+            .map_err(|e| CredsError::Csr(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let csr = params
+            .serialize_request(&self.key)
+            .map_err(|e| CredsError::Csr(e.to_string()))?;
+        Ok(csr.der().to_vec())
+    }
+
+    /// Checks a certificate from the control plane as any peer would (chains to our
+    /// anchors, carries our identity and nothing else, is for our key) and makes it
+    /// the one new connections present.
+    pub fn install(
+        &self,
+        leaf: Vec<u8>,
+        intermediates: Vec<Vec<u8>>,
+    ) -> Result<Installed, CredsError> {
+        let leaf = CertificateDer::from(leaf);
+        let intermediates: Vec<CertificateDer<'static>> = intermediates
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let ee = webpki::EndEntityCert::try_from(&leaf)
+            .map_err(|e| CredsError::Untrusted(e.to_string()))?;
+        for usage in [
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ] {
+            ee.verify_for_usage(
+                self.provider.signature_verification_algorithms.all,
+                &self.anchors.anchors,
+                &intermediates,
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| CredsError::Untrusted(e.to_string()))?;
+        }
+        let uris: Vec<String> = ee.valid_uri_names().map(str::to_string).collect();
+        if uris.len() != 1 || uris[0] != self.identity.as_str() {
+            return Err(CredsError::WrongIdentity {
+                got: uris,
+                want: self.identity.clone(),
+            });
+        }
+        let serial = hex(ee.serial());
+        let mut chain = vec![leaf];
+        chain.extend(intermediates);
+        let certified = CertifiedKey::new(chain, self.signing_key.clone());
+        certified.keys_match().map_err(|_| CredsError::WrongKey)?;
+        self.current.send_replace(Some(Arc::new(certified)));
+        Ok(Installed { serial })
+    }
+
+    /// The certificate new connections present, once there is one.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.borrow().clone()
+    }
+
+    /// Resolves once a certificate is installed.
+    pub async fn certified(&self) {
+        let mut rx = self.current.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,213 @@
+//! rustls between proxies: TLS 1.3 only, aws-lc-rs with the post-quantum hybrid key
+//! exchange (X25519MLKEM768) preferred, a client certificate required both ways.
+//! The client proxy accepts a peer only if its certificate chains to our anchors
+//! and carries exactly the identity discovery promised for that endpoint.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, ServerConfig,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::{Credentials, Identity};
+
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// The one provider in the process: aws-lc-rs, whose default key-exchange order
+/// puts X25519MLKEM768 first.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The identity in a verified peer certificate: its one URI SAN, when that is a
+/// workload identity.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let mut uris = ee.valid_uri_names();
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        return None;
+    }
+    first.parse().ok()
+}
+
+#[derive(Debug)]
+struct Resolver(Arc<Credentials>);
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.current()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The inbound side: peers must present a certificate chaining to our anchors.
+pub fn server_config(creds: &Arc<Credentials>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        creds.anchors.roots.clone(),
+        creds.provider.clone(),
+    )
+    .build()
+    .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(creds.provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(Resolver(creds.clone())));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The outbound side, for one peer identity.
+pub fn client_config(
+    creds: &Arc<Credentials>,
+    peer: Identity,
+    h2: bool,
+    mismatches: Counter,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let verifier = PeerVerifier {
+        creds: creds.clone(),
+        expected: peer,
+        mismatches,
+    };
+    let mut cfg = ClientConfig::builder_with_provider(creds.provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(Resolver(creds.clone())));
+    cfg.alpn_protocols = vec![if h2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("peer presented identity {got}, discovery promised {want}")]
+pub struct IdentityMismatch {
+    pub got: String,
+    pub want: Identity,
+}
+
+/// A handshake error as a reader should see it: an identity mismatch in its
+/// own words rather than nested inside rustls' debug output.
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    let Some(inner) = e.get_ref() else {
+        return e.to_string();
+    };
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(other)))) =
+        inner.downcast_ref::<rustls::Error>()
+        && let Some(m) = other.downcast_ref::<IdentityMismatch>()
+    {
+        return m.to_string();
+    }
+    inner.to_string()
+}
+
+struct PeerVerifier {
+    creds: Arc<Credentials>,
+    expected: Identity,
+    mismatches: Counter,
+}
+
+impl fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerVerifier")
+            .field("expected", &self.expected)
+            .finish()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        ee.verify_for_usage(
+            self.creds.provider.signature_verification_algorithms.all,
+            &self.creds.anchors.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+        let uris: Vec<&str> = ee.valid_uri_names().collect();
+        if uris != [self.expected.as_str()] {
+            self.mismatches.inc();
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(IdentityMismatch {
+                    got: uris.join(","),
+                    want: self.expected.clone(),
+                })),
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.3 only between proxies.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.creds.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.creds
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let c = match e {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(c)
+}

@@ -1,0 +1,98 @@
+//! Authorization of inbound requests: the verified peer identity against the
+//! target port's policy. Denied requests get 403; every decision is counted by
+//! peer identity. The app learns the verified identity from `strait-client-id`
+//! (removed from anything a client sent, so it cannot be forged).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use tracing::debug;
+
+use super::policy::PolicyRx;
+use crate::addr::DestAddr;
+use crate::defaults::CLIENT_ID_HEADER;
+use crate::http::error::error_response;
+use crate::http::{BoxBody, Dst};
+use crate::identity::Identity;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::AuthzLabels;
+
+#[derive(Clone, Debug)]
+pub struct AuthorizeLayer {
+    pub peer: Option<Identity>,
+    pub policy: PolicyRx,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Authorize<S> {
+    inner: S,
+    layer: AuthorizeLayer,
+}
+
+/// Counts a decision; a label per identity (bounded by the service accounts that call).
+pub fn count(metrics: &Metrics, peer: Option<&Identity>, protocol: &'static str, allowed: bool) {
+    metrics
+        .inbound_authz
+        .get_or_create(&AuthzLabels {
+            peer: peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string()),
+            protocol,
+            decision: if allowed { "allow" } else { "deny" },
+        })
+        .inc();
+}
+
+impl<S, B> tower::Service<Request<B>> for Authorize<S>
+where
+    S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let l = &self.layer;
+        let port = match req.extensions().get::<Dst>() {
+            Some(Dst(DestAddr::Socket(a))) => a.port(),
+            _ => 0,
+        };
+        let decision = super::policy::check(&l.policy, port, l.peer.as_ref());
+        count(&l.metrics, l.peer.as_ref(), "http", decision.is_ok());
+        if let Err(denied) = decision {
+            debug!(%denied, "inbound request denied");
+            let status = match denied {
+                super::policy::Denied::NoPolicyYet => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::FORBIDDEN,
+            };
+            let rsp = error_response(status, &denied.to_string());
+            return Box::pin(async move { Ok(rsp) });
+        }
+        let headers = req.headers_mut();
+        headers.remove(CLIENT_ID_HEADER);
+        if let Some(p) = &l.peer
+            && let Ok(v) = HeaderValue::from_str(p.as_str())
+        {
+            headers.insert(CLIENT_ID_HEADER, v);
+        }
+        Box::pin(self.inner.call(req))
+    }
+}

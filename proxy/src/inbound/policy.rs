@@ -1,0 +1,166 @@
+//! This workload's inbound policy, parsed once from the control plane's answer:
+//! per port, the mTLS mode and which identities may call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use strait_api::v1 as api;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::identity::Identity;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Plaintext accepted from clients outside the mesh (the default, so that a mesh
+    /// can be adopted one workload at a time).
+    Permissive,
+    /// Only peers with a verified identity.
+    Strict,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allow {
+    Identity(Identity),
+    Namespace(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortPolicy {
+    pub mode: Mode,
+    /// Empty: every verified identity (and in PERMISSIVE mode, plaintext) may call.
+    pub allow: Vec<Allow>,
+}
+
+impl Default for PortPolicy {
+    fn default() -> Self {
+        PortPolicy {
+            mode: Mode::Permissive,
+            allow: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Denied {
+    #[error("this workload's inbound policy is not known yet")]
+    NoPolicyYet,
+    #[error("port {0} requires mTLS (STRICT); plaintext refused")]
+    PlaintextOnStrict(u16),
+    #[error("port {0} allows only listed identities; an unauthenticated client is not one")]
+    Unauthenticated(u16),
+    #[error("identity {1} is not allowed on port {0}")]
+    NotAllowed(u16, Identity),
+}
+
+impl PortPolicy {
+    pub fn check(&self, port: u16, peer: Option<&Identity>) -> Result<(), Denied> {
+        match peer {
+            None if self.mode == Mode::Strict => Err(Denied::PlaintextOnStrict(port)),
+            None if !self.allow.is_empty() => Err(Denied::Unauthenticated(port)),
+            None => Ok(()),
+            Some(_) if self.allow.is_empty() => Ok(()),
+            Some(id) => {
+                let ok = self.allow.iter().any(|a| match a {
+                    Allow::Identity(i) => i == id,
+                    Allow::Namespace(ns) => ns == id.namespace(),
+                });
+                if ok {
+                    Ok(())
+                } else {
+                    Err(Denied::NotAllowed(port, id.clone()))
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboundPolicy {
+    pub ports: HashMap<u16, PortPolicy>,
+    pub default: PortPolicy,
+}
+
+impl InboundPolicy {
+    pub fn port(&self, port: u16) -> &PortPolicy {
+        self.ports.get(&port).unwrap_or(&self.default)
+    }
+}
+
+fn port_policy(p: api::PortPolicy) -> PortPolicy {
+    let mode = match api::MtlsMode::try_from(p.mode) {
+        Ok(api::MtlsMode::Strict) => Mode::Strict,
+        _ => Mode::Permissive,
+    };
+    let mut allow = Vec::new();
+    for a in p.allow {
+        match a.subject {
+            Some(api::authorization::Subject::Identity(i)) => match i.spiffe_id.parse() {
+                Ok(id) => allow.push(Allow::Identity(id)),
+                Err(e) => warn!(error = %e, "ignoring an invalid identity in the inbound policy"),
+            },
+            Some(api::authorization::Subject::Namespace(ns)) => allow.push(Allow::Namespace(ns)),
+            None => {}
+        }
+    }
+    PortPolicy { mode, allow }
+}
+
+pub fn parse(p: api::WorkloadPolicy) -> InboundPolicy {
+    InboundPolicy {
+        ports: p
+            .ports
+            .into_iter()
+            .filter_map(|pp| {
+                let port = u16::try_from(pp.port).ok()?;
+                Some((port, port_policy(pp)))
+            })
+            .collect(),
+        default: p.default.map(port_policy).unwrap_or_default(),
+    }
+}
+
+/// The policy in force: `None` until the control plane's first answer (everything
+/// is refused until then); without a control plane, the default (all allowed).
+pub type PolicyRx = watch::Receiver<Option<Arc<InboundPolicy>>>;
+
+/// The decision for a peer on a port under the policy in force.
+pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<(), Denied> {
+    match &*policy.borrow() {
+        Some(p) => p.port(port).check(port, peer),
+        None => Err(Denied::NoPolicyYet),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Identity {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn strict_refuses_plaintext_and_allow_lists_pick_identities() {
+        let web = id("spiffe://td/ns/shop/sa/web");
+        let other = id("spiffe://td/ns/other/sa/x");
+        let strict = PortPolicy {
+            mode: Mode::Strict,
+            allow: vec![],
+        };
+        assert_eq!(strict.check(80, None), Err(Denied::PlaintextOnStrict(80)));
+        assert_eq!(strict.check(80, Some(&web)), Ok(()));
+
+        let listed = PortPolicy {
+            mode: Mode::Permissive,
+            allow: vec![Allow::Namespace("shop".into())],
+        };
+        assert_eq!(listed.check(80, Some(&web)), Ok(()));
+        assert_eq!(
+            listed.check(80, Some(&other)),
+            Err(Denied::NotAllowed(80, other.clone()))
+        );
+        assert_eq!(listed.check(80, None), Err(Denied::Unauthenticated(80)));
+        assert_eq!(PortPolicy::default().check(80, None), Ok(()));
+    }
+}
