@@ -153,6 +153,15 @@ async fn handle(
     let path = req.uri().path().to_string();
     let mut rsp = if req.method() == Method::CONNECT {
         tunnel_echo(req)
+    } else if path == "/client-id" {
+        // What the inbound proxy said about the caller.
+        let id = req
+            .headers()
+            .get("strait-client-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        Response::new(full(id))
     } else if path == "/echo" {
         Response::new(req.into_body().map_err(|e| Box::new(e) as BoxError).boxed())
     } else if path == "/count" {

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod load;
 pub mod manifests;
 pub mod mesh;
+pub mod pki;
 pub mod process;
 pub mod tcp;
 pub mod wait;

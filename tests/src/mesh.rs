@@ -2,8 +2,10 @@
 //! sidecar proxies that follow it.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::pki::Pki;
 
 use crate::process::{Proc, free_port};
 use crate::wait;
@@ -22,17 +24,31 @@ impl ControllerProc {
 
     /// Starts on a given gRPC address (to restart a controller where it was).
     pub async fn start_on(dir: &Path, grpc: SocketAddr) -> ControllerProc {
+        Self::start_with(dir, grpc, None, None).await
+    }
+
+    /// Starts issuing certificates from `pki`'s issuer, valid for `lifetime`.
+    pub async fn start_with(
+        dir: &Path,
+        grpc: SocketAddr,
+        pki: Option<&Pki>,
+        lifetime: Option<&str>,
+    ) -> ControllerProc {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let proc = Proc::spawn(
-            "strait",
-            &[
-                "controller".into(),
-                format!("--manifests={}", dir.display()),
-                format!("--grpc-addr={grpc}"),
-                format!("--admin-addr={admin}"),
-            ],
-            &[("STRAIT_LOG", "warn")],
-        );
+        let mut args = vec![
+            "controller".into(),
+            format!("--manifests={}", dir.display()),
+            format!("--grpc-addr={grpc}"),
+            format!("--admin-addr={admin}"),
+        ];
+        if let Some(p) = pki {
+            args.push(format!("--issuer-cert={}", p.issuer_cert().display()));
+            args.push(format!("--issuer-key={}", p.issuer_key().display()));
+        }
+        if let Some(l) = lifetime {
+            args.push(format!("--cert-lifetime={l}"));
+        }
+        let proc = Proc::spawn("strait", &args, &[("STRAIT_LOG", "warn")]);
         wait::ready(admin, Duration::from_secs(20)).await;
         ControllerProc { proc, grpc, admin }
     }
@@ -57,10 +73,35 @@ pub struct Sidecar {
     pub upstreams: Vec<SocketAddr>,
 }
 
+/// What a sidecar needs for mTLS.
+#[derive(Clone, Debug)]
+pub struct SidecarIdentity {
+    pub anchors: PathBuf,
+    pub token_file: PathBuf,
+    pub service_account: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SidecarOpts {
+    pub identity: Option<SidecarIdentity>,
+    /// The proxy's working directory.
+    pub cwd: Option<PathBuf>,
+}
+
 impl Sidecar {
     /// A proxy for pod `pod` in namespace `ns`, following the controller at `grpc`,
     /// with a local listener for each upstream destination name.
     pub async fn start(grpc: SocketAddr, ns: &str, pod: &str, upstreams: &[&str]) -> Sidecar {
+        Self::start_with(grpc, ns, pod, upstreams, SidecarOpts::default()).await
+    }
+
+    pub async fn start_with(
+        grpc: SocketAddr,
+        ns: &str,
+        pod: &str,
+        upstreams: &[&str],
+        opts: SidecarOpts,
+    ) -> Sidecar {
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let locals: Vec<SocketAddr> = upstreams
@@ -78,7 +119,17 @@ impl Sidecar {
         for (local, dest) in locals.iter().zip(upstreams) {
             args.push(format!("--upstream={local}={dest}"));
         }
-        let proc = Proc::spawn("strait-proxy", &args, &[("STRAIT_PROXY_LOG_LEVEL", "warn")]);
+        if let Some(id) = &opts.identity {
+            args.push(format!("--trust-anchors={}", id.anchors.display()));
+            args.push(format!("--token-file={}", id.token_file.display()));
+            args.push(format!("--service-account={}", id.service_account));
+        }
+        let proc = Proc::spawn_in(
+            "strait-proxy",
+            &args,
+            &[("STRAIT_PROXY_LOG_LEVEL", "warn")],
+            opts.cwd.as_deref(),
+        );
         wait::ready(admin, Duration::from_secs(20)).await;
         Sidecar {
             proc,
@@ -87,4 +138,19 @@ impl Sidecar {
             upstreams: locals,
         }
     }
+}
+
+/// The sum of every sample of a metric (all label sets) on an admin server.
+pub async fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
+    let Ok((_, text)) = wait::admin_get(admin, "/metrics").await else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum()
 }

@@ -35,7 +35,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &str, args: &[String], envs: &[(&str, &str)]) -> Proc {
+        Self::spawn_in(bin, args, envs, None)
+    }
+
+    /// Spawns with `cwd` as the working directory.
+    pub fn spawn_in(
+        bin: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+        cwd: Option<&std::path::Path>,
+    ) -> Proc {
         let mut cmd = Command::new(binary(bin));
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
         cmd.args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())

@@ -17,6 +17,9 @@ use tokio::net::TcpListener;
 
 /// Header naming every workload that handled the request, outermost first.
 pub const CHAIN_HEADER: &str = "x-demo-chain";
+/// Header naming, per hop of the chain, the caller identity the inbound proxy
+/// verified (mTLS) for that hop.
+pub const CALLERS_HEADER: &str = "x-demo-callers";
 /// Header with the backend call's latency in microseconds, as the app measured it.
 pub const BACKEND_MICROS_HEADER: &str = "x-demo-backend-us";
 
@@ -52,9 +55,16 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
 async fn handle(
     args: AppArgs,
     client: Client<HttpConnector, Empty<Bytes>>,
-    _req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut chain = args.name.clone();
+    // Set by this pod's proxy from the peer's verified certificate.
+    let mut callers = req
+        .headers()
+        .get("strait-client-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("plaintext")
+        .to_string();
     let mut status = StatusCode::OK;
     let mut backend_us = None;
     if let Some(url) = &args.backend {
@@ -70,6 +80,13 @@ async fn handle(
                     {
                         chain = format!("{chain},{c}");
                     }
+                    if let Some(c) = rsp
+                        .headers()
+                        .get(CALLERS_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        callers = format!("{callers},{c}");
+                    }
                     let _ = rsp.into_body().collect().await;
                 }
                 Err(_) => status = StatusCode::BAD_GATEWAY,
@@ -82,6 +99,9 @@ async fn handle(
     *rsp.status_mut() = status;
     if let Ok(v) = chain.parse() {
         rsp.headers_mut().insert(CHAIN_HEADER, v);
+    }
+    if let Ok(v) = callers.parse() {
+        rsp.headers_mut().insert(CALLERS_HEADER, v);
     }
     if let Some(us) = backend_us.and_then(|u| u.to_string().parse().ok()) {
         rsp.headers_mut().insert(BACKEND_MICROS_HEADER, us);

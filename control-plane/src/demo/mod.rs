@@ -33,6 +33,7 @@ const NAMESPACE: &str = "demo";
 /// sidecar's `--upstream` for it. Mirrors `deploy/examples/demo/`.
 struct DemoPod {
     name: &'static str,
+    service_account: &'static str,
     ip: &'static str,
     app: bool,
     upstream: Option<(&'static str, &'static str)>,
@@ -41,24 +42,28 @@ struct DemoPod {
 const PODS: &[DemoPod] = &[
     DemoPod {
         name: "web-0",
+        service_account: "web",
         ip: "127.0.1.1",
         app: true,
         upstream: Some(("15081", "api.demo.svc.cluster.local:80")),
     },
     DemoPod {
         name: "api-0",
+        service_account: "api",
         ip: "127.0.1.2",
         app: true,
         upstream: None,
     },
     DemoPod {
         name: "api-1",
+        service_account: "api",
         ip: "127.0.1.3",
         app: true,
         upstream: None,
     },
     DemoPod {
         name: "load-0",
+        service_account: "load",
         ip: "127.0.1.10",
         app: false,
         upstream: Some(("15080", "web.demo.svc.cluster.local:80")),
@@ -153,14 +158,87 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--manifests {}: not a directory (run from the repository root, or pass --manifests)",
         args.manifests.display()
     );
+    let work = Workdir::new(&args.manifests)?;
     let mut procs = Procs(Vec::new());
-    let result = run_mesh(&args, &me, &proxy, &mut procs).await;
+    let result = run_mesh(&args, &work, &me, &proxy, &mut procs).await;
     procs.stop().await;
     result
 }
 
+/// The demo's own copy of the manifests, plus what `strait install` would create
+/// in a cluster: a fresh trust anchor and issuer, and a service-account token per
+/// workload (as Secrets for the controller, as files for the proxies). Removed
+/// when the demo ends.
+struct Workdir {
+    path: PathBuf,
+}
+
+impl Workdir {
+    fn new(manifests: &Path) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("strait-demo-{}", std::process::id()));
+        let m = path.join("manifests");
+        std::fs::create_dir_all(&m).with_context(|| format!("creating {}", m.display()))?;
+        let w = Workdir { path };
+        for e in std::fs::read_dir(manifests)? {
+            let e = e?;
+            if e.path()
+                .extension()
+                .is_some_and(|x| x == "yaml" || x == "yml")
+            {
+                std::fs::copy(e.path(), m.join(e.file_name()))?;
+            }
+        }
+        let pki = crate::identity::ca::generate("cluster.local", Duration::from_secs(24 * 3600))?;
+        std::fs::write(w.path.join("anchors.pem"), &pki.anchor_pem)?;
+        std::fs::write(w.path.join("issuer.crt"), &pki.issuer_cert_pem)?;
+        write_private(&w.path.join("issuer.key"), &pki.issuer_key_pem)?;
+        let mut secrets = String::new();
+        let mut accounts: Vec<&str> = PODS.iter().map(|p| p.service_account).collect();
+        accounts.dedup();
+        for sa in accounts {
+            let mut b = [0u8; 24];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+            let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            write_private(&w.token_file(sa), &token)?;
+            secrets.push_str(&format!(
+                "---\napiVersion: v1\nkind: Secret\ntype: kubernetes.io/service-account-token\nmetadata:\n  name: {sa}-token\n  namespace: {NAMESPACE}\n  annotations: {{kubernetes.io/service-account.name: {sa}}}\nstringData: {{token: \"{token}\"}}\n"
+            ));
+        }
+        write_private(&m.join("tokens.yaml"), &secrets)?;
+        Ok(w)
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.path.join("manifests")
+    }
+
+    fn token_file(&self, sa: &str) -> PathBuf {
+        self.path.join(format!("{sa}.token"))
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
 async fn run_mesh(
     args: &DemoArgs,
+    work: &Workdir,
     me: &Path,
     proxy: &Path,
     procs: &mut Procs,
@@ -174,9 +252,11 @@ async fn run_mesh(
         me,
         &[
             "controller".into(),
-            format!("--manifests={}", args.manifests.display()),
+            format!("--manifests={}", work.manifests().display()),
             format!("--grpc-addr={CONTROLLER_GRPC}"),
             format!("--admin-addr={CONTROLLER_ADMIN}"),
+            format!("--issuer-cert={}", work.path.join("issuer.crt").display()),
+            format!("--issuer-key={}", work.path.join("issuer.key").display()),
         ],
         "warn",
     )?;
@@ -202,6 +282,15 @@ async fn run_mesh(
             format!("--namespace={NAMESPACE}"),
             format!("--pod-name={}", pod.name),
             format!("--app-ip={}", pod.ip),
+            format!("--service-account={}", pod.service_account),
+            format!(
+                "--trust-anchors={}",
+                work.path.join("anchors.pem").display()
+            ),
+            format!(
+                "--token-file={}",
+                work.token_file(pod.service_account).display()
+            ),
         ];
         if let Some((port, dest)) = pod.upstream {
             a.push(format!("--upstream={}:{port}={dest}", pod.ip));
@@ -212,7 +301,7 @@ async fn run_mesh(
         ready(&format!("{}:4191", pod.ip), procs).await?;
     }
     println!(
-        "mesh ready: {} pods, each with a strait-proxy sidecar",
+        "mesh ready: {} pods, each with a strait-proxy sidecar holding a certificate for its service account; proxies talk mTLS",
         PODS.len()
     );
 
@@ -263,7 +352,7 @@ async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
         tokio::spawn(async move {
             let start = Instant::now();
             let r = client.get(url).await;
-            let (ok, chain, backend_us) = match r {
+            let (ok, chain, callers, backend_us) = match r {
                 Ok(rsp) => {
                     let ok = rsp.status().is_success();
                     let h = rsp.headers();
@@ -272,18 +361,23 @@ async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default()
                         .to_string();
+                    let callers = h
+                        .get(app::CALLERS_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
                     let us = h
                         .get(app::BACKEND_MICROS_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u64>().ok());
                     let _ = rsp.into_body().collect().await;
-                    (ok, chain, us)
+                    (ok, chain, callers, us)
                 }
-                Err(_) => (false, String::new(), None),
+                Err(_) => (false, String::new(), String::new(), None),
             };
             let micros = start.elapsed().as_micros() as u64;
             if let Ok(mut s) = stats.lock() {
-                s.record(ok, micros, &chain, backend_us);
+                s.record(ok, micros, &chain, &callers, backend_us);
             }
         });
     }

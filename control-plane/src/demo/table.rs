@@ -13,10 +13,15 @@ pub struct DestStats {
     pub ok: u64,
     pub micros: Vec<u64>,
     pub served_by: BTreeMap<String, u64>,
+    /// The caller identities the serving proxies verified.
+    pub callers: BTreeMap<String, u64>,
 }
 
 impl DestStats {
-    fn add(&mut self, ok: bool, micros: Option<u64>, by: Option<&str>) {
+    fn add(&mut self, ok: bool, micros: Option<u64>, by: Option<&str>, caller: Option<&str>) {
+        if let Some(c) = caller.filter(|c| !c.is_empty()) {
+            *self.callers.entry(c.to_string()).or_default() += 1;
+        }
         self.requests += 1;
         self.ok += u64::from(ok);
         if let Some(m) = micros {
@@ -33,6 +38,9 @@ impl DestStats {
         self.micros.extend_from_slice(&o.micros);
         for (k, v) in &o.served_by {
             *self.served_by.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.callers {
+            *self.callers.entry(k.clone()).or_default() += v;
         }
     }
 
@@ -65,21 +73,30 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn record(&mut self, ok: bool, micros: u64, chain: &str, backend_us: Option<u64>) {
+    pub fn record(
+        &mut self,
+        ok: bool,
+        micros: u64,
+        chain: &str,
+        callers: &str,
+        backend_us: Option<u64>,
+    ) {
         let mut hops = chain.split(',');
         let web = hops.next();
         let api = hops.next();
+        let mut callers = callers.split(',');
         self.window
             .dests
             .entry(WEB)
             .or_default()
-            .add(ok, Some(micros), web);
+            .add(ok, Some(micros), web, callers.next());
         if web.is_some() {
-            self.window
-                .dests
-                .entry(API)
-                .or_default()
-                .add(api.is_some() && ok, backend_us, api);
+            self.window.dests.entry(API).or_default().add(
+                api.is_some() && ok,
+                backend_us,
+                api,
+                callers.next(),
+            );
         }
     }
 
@@ -98,8 +115,14 @@ fn ms(d: Option<Duration>) -> String {
 
 fn rows(w: &Window, seconds: f64) -> String {
     let mut out = format!(
-        "{:<32} {:>8} {:>9} {:>9} {:>9}  {}\n",
-        "DESTINATION", "RPS", "SUCCESS", "P50", "P99", "ENDPOINTS (requests)"
+        "{:<32} {:>8} {:>9} {:>9} {:>9}  {:<24} {}\n",
+        "DESTINATION",
+        "RPS",
+        "SUCCESS",
+        "P50",
+        "P99",
+        "ENDPOINTS (requests)",
+        "VERIFIED CALLER (mTLS)"
     );
     for (name, d) in &w.dests {
         let success = if d.requests == 0 {
@@ -112,14 +135,16 @@ fn rows(w: &Window, seconds: f64) -> String {
             .iter()
             .map(|(k, v)| format!("{k} ({v})"))
             .collect();
+        let callers: Vec<&str> = d.callers.keys().map(String::as_str).collect();
         out.push_str(&format!(
-            "{:<32} {:>8.1} {:>8.2}% {:>9} {:>9}  {}\n",
+            "{:<32} {:>8.1} {:>8.2}% {:>9} {:>9}  {:<24} {}\n",
             name,
             d.requests as f64 / seconds.max(0.001),
             success,
             ms(d.percentile(0.5)),
             ms(d.percentile(0.99)),
-            eps.join(" ")
+            eps.join(" "),
+            callers.join(" ")
         ));
     }
     out

@@ -1,0 +1,436 @@
+//! Identity and mTLS with the real binaries: certificates from the controller's CA,
+//! verified peers, STRICT mode and allow lists, rotation of certificates and of
+//! trust anchors, and no key material outside the proxy's memory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use strait_api::v1 as api;
+use strait_api::v1::identity_client::IdentityClient;
+use strait_tests::backend::Backend;
+use strait_tests::load::Load;
+use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
+use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum};
+use strait_tests::pki::{Pki, request_over_tls, token_file, token_secret};
+use strait_tests::process::free_port;
+use strait_tests::{client, wait};
+
+const NS: &str = "test";
+const WEB: &str = "web.test.svc.cluster.local:80";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/test/sa/client";
+
+/// A controller issuing certificates, the `web` service (one backend behind a
+/// sidecar running as service account `web_sa`) and token files for `client`,
+/// `web` and `intruder`.
+struct Mesh {
+    dir: ManifestDir,
+    tokens: ManifestDir,
+    pki: Pki,
+    anchors: PathBuf,
+    ctl: ControllerProc,
+    backend: Backend,
+    web: Sidecar,
+}
+
+impl Mesh {
+    async fn start(web_sa: &str, lifetime: Option<&str>) -> Mesh {
+        let pki = Pki::new();
+        let anchors = pki.anchors();
+        Self::start_with(pki, anchors, web_sa, lifetime).await
+    }
+
+    async fn start_with(pki: Pki, anchors: PathBuf, web_sa: &str, lifetime: Option<&str>) -> Mesh {
+        let dir = ManifestDir::new();
+        let tokens = ManifestDir::new();
+        for sa in ["client", "web", "intruder"] {
+            dir.write(
+                &format!("token-{sa}.yaml"),
+                &token_secret(NS, sa, &format!("token-of-{sa}")),
+            );
+            token_file(tokens.path(), sa, &format!("token-of-{sa}"));
+        }
+        dir.write("svc.yaml", &service(NS, "web", 80));
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let ctl = ControllerProc::start_with(dir.path(), grpc, Some(&pki), lifetime).await;
+        let backend = Backend::start().await;
+        let opts = SidecarOpts {
+            identity: Some(identity(&anchors, &tokens, web_sa)),
+            cwd: None,
+        };
+        let web = Sidecar::start_with(ctl.grpc, NS, "web-0", &[], opts).await;
+        // The pod is declared with service account `web`: what clients will expect.
+        dir.write(
+            "pod-web.yaml",
+            &meshed_pod(NS, "web-0", "web", web.inbound.port()),
+        );
+        dir.write(
+            "slice-web.yaml",
+            &endpoint(NS, "web", "web-0", backend.addr),
+        );
+        Mesh {
+            dir,
+            tokens,
+            pki,
+            anchors,
+            ctl,
+            backend,
+            web,
+        }
+    }
+
+    fn identity(&self, sa: &str) -> SidecarIdentity {
+        identity(&self.anchors, &self.tokens, sa)
+    }
+
+    async fn sidecar(&self, pod: &str, sa: &str, upstreams: &[&str]) -> Sidecar {
+        let opts = SidecarOpts {
+            identity: Some(self.identity(sa)),
+            cwd: None,
+        };
+        Sidecar::start_with(self.ctl.grpc, NS, pod, upstreams, opts).await
+    }
+
+    /// A plaintext request straight to web's inbound port, as a client outside the mesh.
+    async fn plaintext(&self) -> (http::StatusCode, String) {
+        let c = client::http1();
+        let req = http::Request::get(format!("http://{}/client-id", self.web.inbound))
+            .header("strait-target-port", self.backend.addr.port())
+            .body(client::empty())
+            .unwrap();
+        let rsp = c.request(req).await.expect("plaintext request");
+        let status = rsp.status();
+        use http_body_util::BodyExt;
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+fn identity(anchors: &std::path::Path, tokens: &ManifestDir, sa: &str) -> SidecarIdentity {
+    SidecarIdentity {
+        anchors: anchors.to_path_buf(),
+        token_file: tokens.path().join(format!("{sa}.token")),
+        service_account: sa.to_string(),
+    }
+}
+
+fn policy(mtls: &str, allow: &str) -> String {
+    format!(
+        "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  targetRef: {{kind: Service, name: web}}\n  mtls: {mtls}\n  allow: [{allow}]\n"
+    )
+}
+
+async fn get(url: &str) -> (http::StatusCode, String) {
+    client::get(&client::http1(), url).await.expect("request")
+}
+
+#[tokio::test]
+async fn meshed_requests_carry_the_verified_client_identity() {
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let url = format!("http://{}/client-id", c.upstreams[0]);
+    let (status, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body, CLIENT_ID,
+        "the app learns the caller's verified identity"
+    );
+    // PERMISSIVE by default: a plaintext client outside the mesh is served, and
+    // cannot pretend to be anyone.
+    let (status, body) = m.plaintext().await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "none");
+    // The default lifetime is a day.
+    let expiry = metric_sum(
+        c.admin,
+        "strait_proxy_identity_cert_expiration_timestamp_seconds",
+    )
+    .await;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now + 23.0 * 3600.0..now + 25.0 * 3600.0).contains(&expiry),
+        "expiry {expiry}, now {now}"
+    );
+}
+
+#[tokio::test]
+async fn strict_refuses_plaintext_and_the_allow_list_picks_identities() {
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let intruder = m.sidecar("intruder-0", "intruder", &[WEB]).await;
+    m.dir.write(
+        "policy.yaml",
+        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
+    );
+    wait::until("STRICT to apply", Duration::from_secs(5), || async {
+        m.plaintext().await.0 == 403
+    })
+    .await;
+    let (status, body) = m.plaintext().await;
+    assert_eq!(status, 403);
+    assert!(body.contains("plaintext refused"), "{body}");
+
+    let (status, body) = get(&format!("http://{}/client-id", c.upstreams[0])).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
+    let (status, body) = get(&format!("http://{}/client-id", intruder.upstreams[0])).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("spiffe://cluster.local/ns/test/sa/intruder is not allowed"),
+        "{body}"
+    );
+
+    let (_, text) = wait::admin_get(m.web.admin, "/metrics").await.unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("strait_proxy_inbound_authorizations_total")
+                && l.contains("sa/intruder")
+                && l.contains("decision=\"deny\"")
+        ),
+        "denials are counted by peer identity:\n{text}"
+    );
+
+    // A namespace in the allow list admits its workloads.
+    m.dir
+        .write("policy.yaml", &policy("STRICT", "{namespace: test}"));
+    let url = format!("http://{}/client-id", intruder.upstreams[0]);
+    wait::until(
+        "the namespace rule to apply",
+        Duration::from_secs(5),
+        || async { get(&url).await.0 == 200 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_with_the_wrong_identity_is_refused_by_the_client_proxy() {
+    // web-0 is declared as service account `web`, but its proxy holds `intruder`.
+    let m = Mesh::start("intruder", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let (status, body) = get(&format!("http://{}/client-id", c.upstreams[0])).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("presented identity spiffe://cluster.local/ns/test/sa/intruder")
+            && body.contains("promised spiffe://cluster.local/ns/test/sa/web"),
+        "{body}"
+    );
+    assert_eq!(
+        m.backend.requests(),
+        0,
+        "nothing reached the impostor's app"
+    );
+    assert!(metric_sum(c.admin, "strait_proxy_tls_identity_mismatches_total").await >= 1.0);
+}
+
+fn csr(identity: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
+    p.serialize_request(&key).unwrap().der().to_vec()
+}
+
+#[tokio::test]
+async fn the_controller_signs_only_the_identity_a_token_proves() {
+    let dir = ManifestDir::new();
+    dir.write("t.yaml", &token_secret(NS, "client", "secret-client-token"));
+    let pki = Pki::new();
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ctl = ControllerProc::start_with(dir.path(), grpc, Some(&pki), Some("1h")).await;
+    let mut c = IdentityClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let ask = |identity: &str, token: &str, csr_for: &str| api::CertifyRequest {
+        identity: identity.into(),
+        token: token.as_bytes().to_vec(),
+        csr_der: csr(csr_for),
+    };
+    let ok = c
+        .certify(ask(CLIENT_ID, "secret-client-token", CLIENT_ID))
+        .await
+        .unwrap()
+        .into_inner();
+    let leaf = rustls_pki_types::CertificateDer::from(ok.leaf_der.as_slice());
+    let ee = webpki::EndEntityCert::try_from(&leaf).unwrap();
+    assert_eq!(ee.valid_uri_names().collect::<Vec<_>>(), [CLIENT_ID]);
+    let until = ok.valid_until.unwrap().seconds;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((until - now - 3600).abs() < 30, "lifetime as configured");
+
+    let web = "spiffe://cluster.local/ns/test/sa/web";
+    let e = c
+        .certify(ask(web, "secret-client-token", web))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = c
+        .certify(ask(CLIENT_ID, "secret-client-token", web))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "a CSR for another name: {e:?}"
+    );
+    let e = c
+        .certify(ask(CLIENT_ID, "guessed", CLIENT_ID))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(
+        ctl.metric("strait_controller_identity_certify_refusals_total")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn certificates_from_another_ca_or_expired_are_refused() {
+    let m = Mesh::start("web", None).await;
+    let port = m.backend.addr.port();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+
+    let good = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
+    let seen = request_over_tls(m.web.inbound, good, port, "/client-id").await;
+    assert_eq!(
+        seen.status_line.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.kx.as_deref(),
+        Some("X25519MLKEM768"),
+        "post-quantum hybrid preferred"
+    );
+
+    let other = Pki::new().leaf(CLIENT_ID, now - hour, now + hour);
+    let seen = request_over_tls(m.web.inbound, other, port, "/client-id").await;
+    assert_eq!(seen.status_line, None, "another CA's certificate: {seen:?}");
+
+    let expired = m.pki.leaf(CLIENT_ID, now - 2 * hour, now - hour);
+    let seen = request_over_tls(m.web.inbound, expired, port, "/client-id").await;
+    assert_eq!(seen.status_line, None, "an expired certificate: {seen:?}");
+    assert!(metric_sum(m.web.admin, "strait_proxy_tls_handshake_failures_total").await >= 2.0);
+    assert_eq!(m.backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    let m = Mesh::start("web", Some("3s")).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let load = Load::start(&format!("http://{}/1k", c.upstreams[0]), 4);
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let serials = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    // Three serials seen by a peer: two renewals, more than two lifetimes of load.
+    wait::until("three certificate serials", Duration::from_secs(20), || {
+        let leaf = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
+        let inbound = m.web.inbound;
+        let port = m.backend.addr.port();
+        let serials = serials.clone();
+        async move {
+            let seen = request_over_tls(inbound, leaf, port, "/1k")
+                .await
+                .server_serial;
+            let mut s = serials.lock().unwrap();
+            s.extend(seen);
+            s.len() >= 3
+        }
+    })
+    .await;
+    let (ok, failed, errors) = load.stop().await;
+    assert!(ok > 100, "steady load ran: {ok}");
+    assert_eq!(failed, 0, "{errors:?}");
+    // Three serials on web: its first certificate and at least two renewals.
+    assert!(
+        metric_sum(
+            m.web.admin,
+            "strait_proxy_identity_certificate_renewals_total"
+        )
+        .await
+            >= 2.0
+    );
+    for admin in [m.web.admin, c.admin] {
+        assert_eq!(
+            metric_sum(admin, "strait_proxy_identity_certificate_failures_total").await,
+            0.0
+        );
+    }
+}
+
+#[tokio::test]
+async fn trust_anchors_rotate_without_stopping_traffic() {
+    let (a, b) = (Pki::new(), Pki::new());
+    let bundle = ManifestDir::new();
+    bundle.write(
+        "bundle.pem",
+        &format!("{}{}", a.generated.anchor_pem, b.generated.anchor_pem),
+    );
+    let anchors = bundle.path().join("bundle.pem");
+    let m = Mesh::start_with(a, anchors, "web", Some("3s")).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let load = Load::start(&format!("http://{}/1k", c.upstreams[0]), 4);
+    wait::until("traffic", Duration::from_secs(5), || async {
+        load.ok() > 20
+    })
+    .await;
+
+    // The issuer moves from anchor A to anchor B.
+    let grpc = m.ctl.grpc;
+    let mut old = m.ctl.proc;
+    old.child.kill().await.expect("stop the first controller");
+    let ctl = ControllerProc::start_with(m.dir.path(), grpc, Some(&b), Some("3s")).await;
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let b_issuer = b.issuer_der();
+    wait::until(
+        "web to present a certificate from issuer B",
+        Duration::from_secs(15),
+        || {
+            let leaf = b.leaf(CLIENT_ID, now - hour, now + hour);
+            let (inbound, port) = (m.web.inbound, m.backend.addr.port());
+            let want = b_issuer.clone();
+            async move {
+                request_over_tls(inbound, leaf, port, "/1k")
+                    .await
+                    .server_issuer
+                    == Some(want)
+            }
+        },
+    )
+    .await;
+    let before = load.ok();
+    wait::until("traffic after the move", Duration::from_secs(5), || async {
+        load.ok() > before + 50
+    })
+    .await;
+    let (_, failed, errors) = load.stop().await;
+    assert_eq!(failed, 0, "{errors:?}");
+    drop(ctl);
+}
+
+#[tokio::test]
+async fn no_key_material_leaves_the_proxy() {
+    let m = Mesh::start("web", None).await;
+    let cwd = ManifestDir::new();
+    let opts = SidecarOpts {
+        identity: Some(m.identity("client")),
+        cwd: Some(cwd.path().to_path_buf()),
+    };
+    let c = Sidecar::start_with(m.ctl.grpc, NS, "client-0", &[WEB], opts).await;
+    let (status, _) = get(&format!("http://{}/client-id", c.upstreams[0])).await;
+    assert_eq!(status, 200);
+    let files: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+    assert!(files.is_empty(), "the proxy wrote {files:?}");
+    for path in ["/config", "/metrics", "/ready", "/live", "/log-level"] {
+        let (_, body) = wait::admin_get(c.admin, path).await.unwrap();
+        for secret in ["PRIVATE KEY", "BEGIN", "token-of-client"] {
+            assert!(!body.contains(secret), "{path} shows {secret}:\n{body}");
+        }
+    }
+}
