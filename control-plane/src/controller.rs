@@ -24,10 +24,17 @@ use crate::{admin, defaults};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControllerArgs {
-    /// Read Services, EndpointSlices, Pods and policies from the YAML files in DIR
-    /// (re-read on change), instead of the Kubernetes API.
-    #[arg(long, env = "STRAIT_MANIFESTS", value_name = "DIR")]
-    pub manifests: PathBuf,
+    /// Read Services, EndpointSlices, Pods, Secrets and policies from the YAML files
+    /// in DIR (re-read on change), instead of the Kubernetes API. Repeatable (or
+    /// comma-separated): the directories are read as one set.
+    #[arg(
+        long,
+        env = "STRAIT_MANIFESTS",
+        value_name = "DIR",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub manifests: Vec<PathBuf>,
     /// gRPC address the proxies connect to.
     #[arg(long, env = "STRAIT_GRPC_ADDR", default_value = defaults::GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
@@ -85,8 +92,10 @@ pub struct Controller {
 
 impl Controller {
     pub async fn bind(args: ControllerArgs) -> anyhow::Result<Self> {
-        if !args.manifests.is_dir() {
-            anyhow::bail!("--manifests {}: not a directory", args.manifests.display());
+        for dir in &args.manifests {
+            if !dir.is_dir() {
+                anyhow::bail!("--manifests {}: not a directory", dir.display());
+            }
         }
         let ca = match (&args.issuer_cert, &args.issuer_key) {
             (Some(c), Some(k)) => Some(Arc::new(Ca::load(c, k, args.cert_lifetime)?)),
@@ -121,7 +130,7 @@ impl Controller {
         let (ready_tx, ready_rx) = watch::channel(false);
 
         let mut source = ManifestSource::new(
-            &self.args.manifests,
+            self.args.manifests.clone(),
             &self.args.trust_domain,
             metrics.clone(),
         );
@@ -142,7 +151,7 @@ impl Controller {
         tokio::spawn(views.clone().run());
         tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
         ready_tx.send_replace(true);
-        info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = %self.args.manifests.display(), issues_certificates = self.ca.is_some(), "controller ready");
+        info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = ?self.args.manifests, issues_certificates = self.ca.is_some(), "controller ready");
 
         tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.

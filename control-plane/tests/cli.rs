@@ -57,3 +57,39 @@ fn help_lists_the_subcommands() {
         "internal subcommand shown:\n{help}"
     );
 }
+
+#[test]
+fn every_manifests_dir_must_exist() {
+    let out = strait()
+        .args(["controller", "--manifests", "."])
+        .args(["--manifests", "/nonexistent/second-dir"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/second-dir"), "{err}");
+}
+
+#[test]
+fn issuer_flags_come_together_and_unreadable_files_are_named() {
+    let out = strait()
+        .args(["controller", "--manifests", ".", "--issuer-cert", "ca.crt"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--issuer-key"), "{err}");
+
+    let out = strait()
+        .args(["controller", "--manifests", "."])
+        .args(["--issuer-cert", "/nonexistent/issuer.crt"])
+        .args(["--issuer-key", "/nonexistent/issuer.key"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--issuer-cert") && err.contains("/nonexistent/issuer.crt"),
+        "{err}"
+    );
+}

@@ -158,36 +158,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--manifests {}: not a directory (run from the repository root, or pass --manifests)",
         args.manifests.display()
     );
-    let work = Workdir::new(&args.manifests)?;
+    let work = Workdir::new()?;
     let mut procs = Procs(Vec::new());
     let result = run_mesh(&args, &work, &me, &proxy, &mut procs).await;
     procs.stop().await;
     result
 }
 
-/// The demo's own copy of the manifests, plus what `strait install` would create
-/// in a cluster: a fresh trust anchor and issuer, and a service-account token per
-/// workload (as Secrets for the controller, as files for the proxies). Removed
-/// when the demo ends.
+/// What `strait install` would create in a cluster: a fresh trust anchor and
+/// issuer, and a service-account token per workload (as Secrets in a second
+/// manifests directory for the controller, as files for the proxies). Removed when
+/// the demo ends; the demo's own manifests are read where they are, so editing
+/// them changes the running mesh.
 struct Workdir {
     path: PathBuf,
 }
 
 impl Workdir {
-    fn new(manifests: &Path) -> anyhow::Result<Self> {
+    fn new() -> anyhow::Result<Self> {
         let path = std::env::temp_dir().join(format!("strait-demo-{}", std::process::id()));
         let m = path.join("manifests");
         std::fs::create_dir_all(&m).with_context(|| format!("creating {}", m.display()))?;
         let w = Workdir { path };
-        for e in std::fs::read_dir(manifests)? {
-            let e = e?;
-            if e.path()
-                .extension()
-                .is_some_and(|x| x == "yaml" || x == "yml")
-            {
-                std::fs::copy(e.path(), m.join(e.file_name()))?;
-            }
-        }
         let pki = crate::identity::ca::generate("cluster.local", Duration::from_secs(24 * 3600))?;
         std::fs::write(w.path.join("anchors.pem"), &pki.anchor_pem)?;
         std::fs::write(w.path.join("issuer.crt"), &pki.issuer_cert_pem)?;
@@ -252,6 +244,7 @@ async fn run_mesh(
         me,
         &[
             "controller".into(),
+            format!("--manifests={}", args.manifests.display()),
             format!("--manifests={}", work.manifests().display()),
             format!("--grpc-addr={CONTROLLER_GRPC}"),
             format!("--admin-addr={CONTROLLER_ADMIN}"),

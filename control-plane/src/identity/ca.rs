@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -89,6 +90,18 @@ impl Ca {
         let key = KeyPair::from_pem(key_pem).map_err(|e| ("--issuer-key", e.to_string()))?;
         let issuer_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| ("--issuer-cert", e.to_string()))?;
+        // A key that is not the certificate's would sign leaves nobody can verify.
+        let (_, cert) = x509_parser::parse_x509_certificate(&issuer_der)
+            .map_err(|e| ("--issuer-cert", e.to_string()))?;
+        if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
+            return Err((
+                "--issuer-key",
+                "this key does not belong to the --issuer-cert certificate".into(),
+            ));
+        }
+        if !cert.is_ca() {
+            return Err(("--issuer-cert", "not a CA certificate".into()));
+        }
         let issuer = Issuer::from_ca_cert_der(&issuer_der, key)
             .map_err(|e| ("--issuer-cert", e.to_string()))?;
         Ok(Ca {
@@ -213,4 +226,83 @@ pub fn generate(trust_domain: &str, validity: Duration) -> Result<Generated, CaE
         issuer_cert_pem: issuer.pem(),
         issuer_key_pem: issuer_key.serialize_pem(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn ca() -> Ca {
+        let g = generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        Ca::from_pem(
+            &g.issuer_cert_pem,
+            &g.issuer_key_pem,
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    fn csr(sans: Vec<SanType>) -> Vec<u8> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn signs_exactly_the_proven_identity_for_the_configured_lifetime() {
+        let ca = ca();
+        let a = ca.sign(&csr(vec![uri(WEB)]), WEB).unwrap();
+        let b = ca.sign(&csr(vec![uri(WEB)]), WEB).unwrap();
+        assert_ne!(a.serial, b.serial, "every leaf gets its own serial");
+        let left = a.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(55) && left <= Duration::from_secs(60));
+        let needle = WEB.as_bytes();
+        assert!(a.der.windows(needle.len()).any(|w| w == needle));
+    }
+
+    #[test]
+    fn refuses_any_other_or_additional_name() {
+        let ca = ca();
+        let other = "spiffe://cluster.local/ns/shop/sa/admin";
+        for sans in [
+            vec![uri(other)],
+            vec![uri(WEB), uri(other)],
+            vec![uri(WEB), SanType::DnsName("web.shop".try_into().unwrap())],
+            vec![],
+        ] {
+            assert!(matches!(
+                ca.sign(&csr(sans.clone()), WEB),
+                Err(SignError::WrongName { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn refuses_a_csr_whose_signature_does_not_verify() {
+        let mut der = csr(vec![uri(WEB)]);
+        let last = der.len() - 1;
+        der[last] ^= 0xff;
+        assert!(matches!(ca().sign(&der, WEB), Err(SignError::BadCsr(_))));
+        assert!(matches!(ca().sign(b"junk", WEB), Err(SignError::BadCsr(_))));
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_issuer_is_refused_at_load() {
+        let a = generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let b = generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let err = Ca::from_pem(
+            &a.issuer_cert_pem,
+            &b.issuer_key_pem,
+            Duration::from_secs(60),
+        )
+        .unwrap_err();
+        assert_eq!(err.0, "--issuer-key", "{err:?}");
+    }
 }

@@ -36,7 +36,7 @@ struct FileState {
 /// Reads a directory of manifests into snapshots.
 #[derive(Debug)]
 pub struct ManifestSource {
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
     files: BTreeMap<PathBuf, FileState>,
     /// The index as of the last scan; each scan applies only what changed.
     current: Snapshot,
@@ -77,9 +77,10 @@ fn parse_all(paths: &[PathBuf]) -> Vec<Parsed> {
 }
 
 impl ManifestSource {
-    pub fn new(dir: impl Into<PathBuf>, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
+    /// A source over the YAML files of every directory in `dirs`, read as one set.
+    pub fn new(dirs: Vec<PathBuf>, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
         ManifestSource {
-            dir: dir.into(),
+            dirs,
             files: BTreeMap::new(),
             current: Snapshot::empty(trust_domain),
             metrics,
@@ -90,9 +91,12 @@ impl ManifestSource {
     /// snapshot when anything did.
     pub fn scan(&mut self) -> Option<Snapshot> {
         let mut paths = Vec::new();
-        if let Err(e) = list_yaml(&self.dir, &mut paths) {
-            warn!(dir = %self.dir.display(), error = %e, "cannot read manifests directory");
-            return None;
+        for dir in &self.dirs {
+            if let Err(e) = list_yaml(dir, &mut paths) {
+                // Unreadable now, perhaps back later: its files' objects stay in force.
+                warn!(dir = %dir.display(), error = %e, "cannot read manifests directory");
+                return None;
+            }
         }
         let mut todo = Vec::new();
         for path in &paths {
@@ -172,13 +176,15 @@ impl ManifestSource {
             }
         })
         .and_then(|mut w| {
-            notify::Watcher::watch(&mut w, &self.dir, notify::RecursiveMode::Recursive)?;
+            for dir in &self.dirs {
+                notify::Watcher::watch(&mut w, dir, notify::RecursiveMode::Recursive)?;
+            }
             Ok(w)
         });
         let _watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {
-                warn!(dir = %self.dir.display(), error = %e, "cannot watch manifests for changes; rescanning every second");
+                warn!(error = %e, "cannot watch manifests for changes; rescanning every second");
                 None
             }
         };
@@ -250,7 +256,7 @@ mod tests {
         std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
         std::fs::write(dir.join("slice.yaml"), slice("10.0.0.1")).unwrap();
         let metrics = Metrics::new();
-        let mut src = ManifestSource::new(&dir, "cluster.local", metrics.clone());
+        let mut src = ManifestSource::new(vec![dir.clone()], "cluster.local", metrics.clone());
         let s1 = src.scan().unwrap();
         assert_eq!(
             (s1.version, s1.services.len(), addrs(&s1)),

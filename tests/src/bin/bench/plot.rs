@@ -9,9 +9,10 @@ use plotters::style::FontStyle;
 use crate::proxy::{Results, summary};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const COLORS: [RGBColor; 4] = [
+const COLORS: [RGBColor; 5] = [
     RGBColor(90, 90, 90),
     RGBColor(0, 114, 178),
+    RGBColor(86, 180, 233),
     RGBColor(230, 159, 0),
     RGBColor(0, 158, 115),
 ];

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use strait_tests::backend::Backend;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
-use strait_tests::mesh::{ControllerProc, Sidecar};
+use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts};
+use strait_tests::pki::{Pki, token_file, token_secret};
 use strait_tests::process::free_port;
 use tokio::process::Command;
 
@@ -72,6 +73,9 @@ struct Target {
 }
 
 const CONNS: u32 = 16;
+
+/// The well-known pairs strait is judged against.
+const REFERENCES: [&str; 2] = ["haproxy-mtls", "nginx-mtls"];
 
 pub fn loads(quick: bool) -> Vec<Load> {
     let l = |label: &str, proto, rate, new_connection, seconds| Load {
@@ -261,19 +265,54 @@ async fn new_connections(addr: SocketAddr, seconds: u64) -> anyhow::Result<Measu
 }
 
 /// The strait pair: a controller, a server-side proxy in front of the backend and a
-/// client-side proxy whose upstream listener the load generator talks to.
+/// client-side proxy whose upstream listener the load generator talks to. With
+/// `mtls`, the controller issues certificates and the proxies talk mTLS.
 struct StraitPair {
     _dir: ManifestDir,
+    _tokens: ManifestDir,
+    _pki: Option<Pki>,
     _cp: ControllerProc,
     server: Sidecar,
     client: Sidecar,
 }
 
-async fn strait_pair(backend: SocketAddr) -> StraitPair {
+impl StraitPair {
+    fn target(&self, name: &'static str) -> Target {
+        Target {
+            name,
+            h1: self.client.upstreams[0],
+            h2: self.client.upstreams[0],
+            pids: vec![
+                ("client proxy".into(), self.client.proc.pid()),
+                ("server proxy".into(), self.server.proc.pid()),
+            ],
+        }
+    }
+}
+
+async fn strait_pair(backend: SocketAddr, mtls: bool) -> StraitPair {
     let dir = ManifestDir::new();
+    let tokens = ManifestDir::new();
     dir.write("service.yaml", &service("bench", "backend", 80));
-    let cp = ControllerProc::start(dir.path()).await;
-    let server = Sidecar::start(cp.grpc, "bench", "backend-0", &[]).await;
+    let pki = mtls.then(Pki::new);
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let cp = ControllerProc::start_with(dir.path(), grpc, pki.as_ref(), None).await;
+    let opts = |sa: &str| SidecarOpts {
+        identity: pki.as_ref().map(|p| {
+            let token = format!("bench-token-of-{sa}");
+            dir.write(
+                &format!("token-{sa}.yaml"),
+                &token_secret("bench", sa, &token),
+            );
+            SidecarIdentity {
+                anchors: p.anchors(),
+                token_file: token_file(tokens.path(), sa, &token),
+                service_account: sa.to_string(),
+            }
+        }),
+        cwd: None,
+    };
+    let server = Sidecar::start_with(cp.grpc, "bench", "backend-0", &[], opts("backend")).await;
     dir.write(
         "pod.yaml",
         &meshed_pod("bench", "backend-0", "backend", server.inbound.port()),
@@ -282,15 +321,18 @@ async fn strait_pair(backend: SocketAddr) -> StraitPair {
         "slice.yaml",
         &endpoint("bench", "backend", "backend-0", backend),
     );
-    let client = Sidecar::start(
+    let client = Sidecar::start_with(
         cp.grpc,
         "bench",
         "client-0",
         &["backend.bench.svc.cluster.local:80"],
+        opts("client"),
     )
     .await;
     StraitPair {
         _dir: dir,
+        _tokens: tokens,
+        _pki: pki,
         _cp: cp,
         server,
         client,
@@ -331,7 +373,8 @@ pub async fn run(quick: bool, rounds: usize, work: PathBuf) -> anyhow::Result<Re
     std::fs::create_dir_all(&work)?;
     let backend = Backend::start().await;
     let certs = Certs::generate(&work.join("certs")).await?;
-    let pair = strait_pair(backend.addr).await;
+    let pair = strait_pair(backend.addr, false).await;
+    let mtls = strait_pair(backend.addr, true).await;
     let mut hap = refs::haproxy(
         &certs,
         &work,
@@ -361,15 +404,8 @@ pub async fn run(quick: bool, rounds: usize, work: PathBuf) -> anyhow::Result<Re
             h2: backend.addr,
             pids: vec![],
         },
-        Target {
-            name: "strait",
-            h1: pair.client.upstreams[0],
-            h2: pair.client.upstreams[0],
-            pids: vec![
-                ("client proxy".into(), pair.client.proc.pid()),
-                ("server proxy".into(), pair.server.proc.pid()),
-            ],
-        },
+        pair.target("strait"),
+        mtls.target("strait-mtls"),
         Target {
             name: hap.name,
             h1: hap.h1,
@@ -530,7 +566,7 @@ pub fn markdown(r: &Results) -> String {
             .map(|r| r.2.p99_ms);
         let best_ref = rows
             .iter()
-            .filter(|(l, sc, _)| l == load && sc.ends_with("-mtls"))
+            .filter(|(l, sc, _)| l == load && REFERENCES.contains(&sc.as_str()))
             .map(|r| r.2.p99_ms - direct.unwrap_or(0.0))
             .fold(f64::INFINITY, f64::min);
         let added = direct.map(|d| s.p99_ms - d).unwrap_or(0.0);
@@ -561,6 +597,7 @@ pub fn markdown(r: &Results) -> String {
             vs_ref
         ));
     }
+    out.push_str(&mtls_cost(&rows));
     out.push_str(
         "\n| scenario | process | idle RSS MiB | peak RSS MiB |\n| --- | --- | --- | --- |\n",
     );
@@ -568,6 +605,42 @@ pub fn markdown(r: &Results) -> String {
         out.push_str(&format!(
             "| {} | {} | {:.1} | {:.1} |\n",
             m.scenario, m.process, m.idle_rss_mib, m.peak_rss_mib
+        ));
+    }
+    out
+}
+
+/// What mTLS costs strait: the mTLS pair against the plaintext pair, per load.
+fn mtls_cost(rows: &[(String, String, Sample)]) -> String {
+    let find = |load: &str, scenario: &str| {
+        rows.iter()
+            .find(|(l, s, _)| l == load && s == scenario)
+            .map(|r| &r.2)
+    };
+    let mut out = String::from(
+        "\n| load | strait-mtls vs strait: p50 added | p99 added | vCPU/1k req/s client / server (plaintext -> mTLS) | req/s (plaintext -> mTLS) |\n| --- | --- | --- | --- | --- |\n",
+    );
+    let mut loads: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    loads.dedup();
+    for load in loads {
+        let (Some(p), Some(m)) = (find(load, "strait"), find(load, "strait-mtls")) else {
+            continue;
+        };
+        let cpu = |s: &Sample| {
+            s.vcpu_per_krps
+                .iter()
+                .map(|v| format!("{v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        out.push_str(&format!(
+            "| {load} | {:+.3} | {:+.3} | {} -> {} | {:.0} -> {:.0} |\n",
+            m.p50_ms - p.p50_ms,
+            m.p99_ms - p.p99_ms,
+            cpu(p),
+            cpu(m),
+            p.achieved_rps,
+            m.achieved_rps
         ));
     }
     out
