@@ -16,6 +16,7 @@ use tracing::info;
 use crate::discovery::{DiscoveryService, Views};
 use crate::identity::IdentityService;
 use crate::identity::ca::Ca;
+use crate::identity::serving::{self, ServingName};
 use crate::index::Snapshot;
 use crate::manifests::ManifestSource;
 use crate::metrics::Metrics;
@@ -61,6 +62,14 @@ pub struct ControllerArgs {
         requires = "issuer_cert"
     )]
     pub issuer_key: Option<PathBuf>,
+    /// Namespace the controller runs in: with --service-account, its own identity
+    /// (spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT), which its gRPC port
+    /// presents over TLS whenever it issues certificates.
+    #[arg(long, env = "STRAIT_NAMESPACE", default_value = defaults::CONTROLLER_NAMESPACE)]
+    pub namespace: String,
+    /// Service account the controller runs as (see --namespace).
+    #[arg(long, env = "STRAIT_SERVICE_ACCOUNT", default_value = defaults::CONTROLLER_SERVICE_ACCOUNT)]
+    pub service_account: String,
     /// Lifetime of workload certificates (proxies renew at about 70 % of it).
     #[arg(long, env = "STRAIT_CERT_LIFETIME", default_value = defaults::CERT_LIFETIME, value_parser = parse_lifetime)]
     pub cert_lifetime: Duration,
@@ -153,7 +162,7 @@ impl Controller {
         ready_tx.send_replace(true);
         info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = ?self.args.manifests, issues_certificates = self.ca.is_some(), "controller ready");
 
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -169,9 +178,26 @@ impl Controller {
                 self.ca.clone(),
                 snap_rx,
                 metrics.clone(),
-            )))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown)
-            .await?;
+            )));
+        // Issuing certificates means proxies send tokens: the port is TLS-only then.
+        match &self.ca {
+            Some(ca) => {
+                let name = ServingName::new(
+                    &self.args.trust_domain,
+                    &self.args.namespace,
+                    &self.args.service_account,
+                );
+                let acceptor = serving::acceptor(ca.clone(), name)?;
+                router
+                    .serve_with_incoming_shutdown(serving::incoming(self.grpc, acceptor), shutdown)
+                    .await?;
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown)
+                    .await?;
+            }
+        }
         Ok(())
     }
 }

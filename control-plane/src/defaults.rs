@@ -40,3 +40,10 @@ pub const CERT_LIFETIME: &str = "24h";
 /// Certificates are back-dated this much, so a peer whose clock is slightly behind
 /// still accepts a brand-new one.
 pub const CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Where the controller runs, for its own identity.
+pub const CONTROLLER_NAMESPACE: &str = "strait-system";
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "strait-controller";
+
+/// A TLS handshake on the gRPC port must finish within this.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

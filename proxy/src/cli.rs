@@ -71,10 +71,20 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_APP_IP", default_value = "127.0.0.1")]
     pub app_ip: std::net::IpAddr,
 
-    /// The control plane's gRPC address (e.g. http://strait.strait-system.svc:8090).
-    /// Without it, every destination is passed through.
+    /// The control plane's gRPC address (e.g. https://strait.strait-system.svc:8090).
+    /// Without it, every destination is passed through. Must be https:// with
+    /// --trust-anchors: the token and discovery answers never travel in the clear.
     #[arg(long, env = "STRAIT_PROXY_CONTROL_PLANE", value_name = "URL")]
     pub control_plane: Option<String>,
+
+    /// The identity the control plane must present over https:// (default:
+    /// spiffe://<trust-domain>/ns/strait-system/sa/strait-controller).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_CONTROL_PLANE_IDENTITY",
+        value_name = "SPIFFE-ID"
+    )]
+    pub control_plane_identity: Option<String>,
 
     /// The namespace of this proxy's workload (short destination names resolve in it).
     #[arg(long, env = "STRAIT_PROXY_NAMESPACE", default_value = defaults::NAMESPACE)]

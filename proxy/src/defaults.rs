@@ -132,3 +132,10 @@ pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 /// Set by the inbound proxy on requests to its app: the verified identity of the
 /// calling workload (removed from whatever a client sent).
 pub const CLIENT_ID_HEADER: &str = "strait-client-id";
+
+/// Where the controller runs unless --control-plane-identity says otherwise.
+pub const CONTROL_PLANE_NAMESPACE: &str = "strait-system";
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "strait-controller";
+
+/// Connecting (TCP and TLS) to the control plane.
+pub const CONTROL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -140,6 +140,21 @@ fn credentials(config: &Config) -> Result<Option<Arc<Credentials>>, StartError> 
     Ok(Some(Arc::new(creds)))
 }
 
+/// The identity the control plane must present.
+fn control_plane_identity(config: &Config) -> Result<Identity, StartError> {
+    match &config.control_plane_identity {
+        Some(s) => s
+            .parse()
+            .map_err(|e| StartError::Identity(format!("--control-plane-identity {s:?}: {e}"))),
+        None => Identity::of(
+            &config.trust_domain,
+            defaults::CONTROL_PLANE_NAMESPACE,
+            defaults::CONTROL_PLANE_SERVICE_ACCOUNT,
+        )
+        .map_err(|e| StartError::Identity(format!("--trust-domain: {e}"))),
+    }
+}
+
 pub struct Proxy {
     control: Option<(Channel, Workload)>,
     policy_tx: watch::Sender<Option<Arc<InboundPolicy>>>,
@@ -156,6 +171,18 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn bind(config: Config, log: Option<LogHandle>) -> Result<Self, StartError> {
+        let identity = credentials(&config)?;
+        let metrics = Metrics::new();
+        let control_tls = match &identity {
+            Some(c) => {
+                let want = control_plane_identity(&config)?;
+                Some(
+                    tls::client_config(c, want, true, metrics.tls_identity_mismatches.clone())
+                        .map_err(|e| StartError::Identity(format!("TLS: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let control = match &config.control_plane {
             Some(url) => {
                 let pod = config
@@ -167,7 +194,7 @@ impl Proxy {
                     namespace: config.namespace.clone(),
                     pod,
                 };
-                Some((control::channel(url)?, workload))
+                Some((control::channel(url, control_tls)?, workload))
             }
             None => None,
         };
@@ -197,14 +224,12 @@ impl Proxy {
             admin: admin_addr,
             upstreams: upstreams.iter().map(|(l, _)| l.local_addr()).collect(),
         };
-        let identity = credentials(&config)?;
         let tls_server = match &identity {
             Some(c) => {
                 Some(tls::server_config(c).map_err(|e| StartError::Identity(format!("TLS: {e}")))?)
             }
             None => None,
         };
-        let metrics = Metrics::new();
         let peer_tls = identity.as_ref().map(|c| PeerTls {
             creds: c.clone(),
             mismatches: metrics.tls_identity_mismatches.clone(),

@@ -112,7 +112,15 @@ impl Sidecar {
             format!("--inbound-addr={inbound}"),
             "--outbound-addr=127.0.0.1:0".into(),
             format!("--admin-addr={admin}"),
-            format!("--control-plane=http://{grpc}"),
+            // A controller that issues certificates serves TLS only.
+            format!(
+                "--control-plane={}://{grpc}",
+                if opts.identity.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
             format!("--namespace={ns}"),
             format!("--pod-name={pod}"),
         ];

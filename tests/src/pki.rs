@@ -103,6 +103,45 @@ pub fn token_file(dir: &Path, name: &str, token: &str) -> PathBuf {
     p
 }
 
+/// The name the controller's serving certificate carries beside its SPIFFE
+/// identity (with the default --namespace and --service-account).
+pub const CONTROLLER_DNS_NAME: &str = "strait-controller.strait-system.svc";
+
+/// A gRPC channel to a controller that issues certificates (its port is TLS-only),
+/// verified the way a standard gRPC tool would: the chain against `anchors_pem`
+/// and the DNS name in the certificate.
+pub async fn controller_channel(
+    grpc: std::net::SocketAddr,
+    anchors_pem: &str,
+) -> tonic::transport::Channel {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
+        roots.add(c.expect("anchor PEM")).expect("anchor");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(grpc).await?;
+                let name =
+                    ServerName::try_from(CONTROLLER_DNS_NAME).map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("TLS channel to the controller")
+}
+
 /// Accepts any server certificate: these tests check the server's side, and
 /// record what it presented.
 #[derive(Debug)]

@@ -271,7 +271,7 @@ async fn run_mesh(
             format!("--inbound-addr={}:4143", pod.ip),
             format!("--outbound-addr={}:4140", pod.ip),
             format!("--admin-addr={}:4191", pod.ip),
-            format!("--control-plane=http://{CONTROLLER_GRPC}"),
+            format!("--control-plane=https://{CONTROLLER_GRPC}"),
             format!("--namespace={NAMESPACE}"),
             format!("--pod-name={}", pod.name),
             format!("--app-ip={}", pod.ip),

@@ -139,11 +139,33 @@ impl Ca {
         }
         let uri = rcgen::string::Ia5String::try_from(identity)
             .map_err(|e| SignError::Sign(e.to_string()))?;
+        self.issue(&csr.public_key, vec![SanType::URI(uri)])
+    }
+
+    /// The controller's own serving certificate: its identity as the URI SAN and
+    /// `dns_name`, so that standard gRPC tools can verify it too. The key stays in
+    /// the controller's memory, like a proxy's.
+    pub fn serving_certificate(
+        &self,
+        identity: &str,
+        dns_name: &str,
+    ) -> Result<(Leaf, KeyPair), SignError> {
+        let e = |e: rcgen::Error| SignError::Sign(e.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(e)?;
+        let uri = rcgen::string::Ia5String::try_from(identity).map_err(e)?;
+        let dns = rcgen::string::Ia5String::try_from(dns_name).map_err(e)?;
+        let leaf = self.issue(&key, vec![SanType::URI(uri), SanType::DnsName(dns)])?;
+        Ok((leaf, key))
+    }
+
+    /// Signs a leaf for `public` carrying exactly `sans`, the usages and the
+    /// validity; nothing else.
+    fn issue(&self, public: &impl PublicKeyData, sans: Vec<SanType>) -> Result<Leaf, SignError> {
         let now = SystemTime::now();
         let not_after = now + self.lifetime;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names = sans;
         params.not_before = (now - defaults::CERT_BACKDATE).into();
         params.not_after = not_after.into();
         params.is_ca = IsCa::ExplicitNoCa;
@@ -160,7 +182,7 @@ impl Ca {
             .collect();
         params.serial_number = Some(serial);
         let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(public, &self.issuer)
             .map_err(|e| SignError::Sign(e.to_string()))?;
         Ok(Leaf {
             der: cert.der().to_vec(),

@@ -8,9 +8,22 @@ pub mod discovery;
 pub mod policy;
 pub mod view;
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::defaults;
 
 /// Who this proxy is, as told to the control plane.
 #[derive(Clone, Debug)]
@@ -27,22 +40,85 @@ pub struct ControlPlaneError {
 }
 
 /// A lazily connected channel: the proxy starts (and serves pass-through traffic)
-/// whether or not the control plane is up yet.
-pub fn channel(url: &str) -> Result<Channel, ControlPlaneError> {
-    let err = |reason: String| ControlPlaneError {
+/// whether or not the control plane is up yet. With `tls` (the proxy has trust
+/// anchors) the URL must be https:// and the controller must present the identity
+/// the TLS config expects; without, it must be http://.
+pub fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, ControlPlaneError> {
+    let err = |reason: &str| ControlPlaneError {
         url: url.to_string(),
-        reason,
+        reason: reason.to_string(),
     };
     let uri: http::Uri = url
         .parse()
-        .map_err(|e: http::uri::InvalidUri| err(e.to_string()))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(err("expected http://HOST:PORT".into()));
+        .map_err(|e: http::uri::InvalidUri| err(&e.to_string()))?;
+    if uri.host().is_none() {
+        return Err(err("expected https://HOST:PORT"));
     }
-    Ok(Endpoint::from(uri)
-        .connect_timeout(Duration::from_secs(2))
+    let endpoint = Endpoint::from(uri.clone())
+        .connect_timeout(defaults::CONTROL_CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    match (uri.scheme_str(), tls) {
+        (Some("https"), Some(config)) => Ok(endpoint.connect_with_connector_lazy(TlsConnect {
+            config,
+            timeout: defaults::CONTROL_CONNECT_TIMEOUT,
+        })),
+        (Some("http"), None) => Ok(endpoint.connect_lazy()),
+        (Some("http"), Some(_)) => Err(err(
+            "with --trust-anchors the control plane must be https://: the token and the identities of peers must not travel in the clear",
+        )),
+        (Some("https"), None) => Err(err(
+            "https:// needs --trust-anchors to verify the control plane",
+        )),
+        _ => Err(err("expected http:// or https://")),
+    }
+}
+
+/// Connects to the control plane over TLS 1.3, verifying its identity (the
+/// client config's verifier checks the chain and the SPIFFE URI).
+#[derive(Clone)]
+struct TlsConnect {
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+}
+
+impl tower::Service<http::Uri> for TlsConnect {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (config, timeout) = (self.config.clone(), self.timeout);
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let timed_out = || {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connecting to the control plane timed out",
+                )
+            };
+            let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port)))
+                .await
+                .map_err(|_| timed_out())??;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(host).map_err(io::Error::other)?;
+            let tls = tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| {
+                    io::Error::other(crate::identity::tls::describe_handshake_error(&e))
+                })?;
+            Ok(TokioIo::new(tls))
+        })
+    }
 }

@@ -37,6 +37,54 @@ async fn a_bad_flag_exits_non_zero_naming_it() {
 }
 
 #[tokio::test]
+async fn identity_flags_are_checked_before_anything_is_sent() {
+    let pki = strait_tests::pki::Pki::new();
+    let tokens = strait_tests::manifests::ManifestDir::new();
+    let token = strait_tests::pki::token_file(tokens.path(), "web", "t");
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+            .args(["--admin-addr=127.0.0.1:0", "--inbound-addr=127.0.0.1:0"])
+            .args(["--outbound-addr=127.0.0.1:0"])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let anchors = format!("--trust-anchors={}", pki.anchors().display());
+    let token = format!("--token-file={}", token.display());
+    // The token would travel in the clear.
+    let err = run(vec![
+        anchors.clone(),
+        token.clone(),
+        "--control-plane=http://127.0.0.1:8090".into(),
+    ])
+    .await;
+    assert!(err.contains("must be https://"), "{err}");
+    // Nothing to verify the controller with.
+    let err = run(vec!["--control-plane=https://127.0.0.1:8090".into()]).await;
+    assert!(err.contains("needs --trust-anchors"), "{err}");
+    let err = run(vec![anchors.clone(), token.clone()]).await;
+    assert!(err.contains("--control-plane"), "{err}");
+    let err = run(vec![
+        anchors,
+        token,
+        "--control-plane=https://127.0.0.1:8090".into(),
+        "--control-plane-identity=not-spiffe".into(),
+    ])
+    .await;
+    assert!(err.contains("--control-plane-identity"), "{err}");
+    let err = run(vec![
+        "--trust-anchors=/nonexistent/anchors.pem".into(),
+        "--control-plane=https://127.0.0.1:8090".into(),
+        "--token-file=/nonexistent/token".into(),
+    ])
+    .await;
+    assert!(err.contains("/nonexistent/anchors.pem"), "{err}");
+}
+
+#[tokio::test]
 async fn the_binary_serves_upstream_traffic_and_stops_on_sigterm() {
     let backend = Backend::start().await;
     let (admin, local) = (free_port(), free_port());

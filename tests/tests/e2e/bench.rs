@@ -63,6 +63,8 @@ async fn proxy_quick_measures_every_scenario() {
     for s in [
         "| direct |",
         "| strait |",
+        "| strait-mtls |",
+        "strait-mtls vs strait",
         "| haproxy-mtls |",
         "| nginx-mtls |",
     ] {

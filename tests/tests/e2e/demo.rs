@@ -24,12 +24,21 @@ async fn the_demo_runs_a_mesh_and_exits_zero_with_a_summary() {
         String::from_utf8_lossy(&out.stderr)
     );
     let summary = stdout.split("summary over").nth(1).expect("a summary");
-    for (dest, endpoints) in [
-        ("web.demo.svc.cluster.local:80", &["web-0"][..]),
-        ("api.demo.svc.cluster.local:80", &["api-0", "api-1"][..]),
+    // Each hop's caller as the server-side proxy verified it over mTLS.
+    for (dest, endpoints, caller) in [
+        ("web.demo.svc.cluster.local:80", &["web-0"][..], "sa/load"),
+        (
+            "api.demo.svc.cluster.local:80",
+            &["api-0", "api-1"][..],
+            "sa/web",
+        ),
     ] {
         let line = summary.lines().find(|l| l.starts_with(dest)).expect(dest);
         assert!(line.contains("100.00%"), "{line}");
+        assert!(
+            line.contains(&format!("spiffe://cluster.local/ns/demo/{caller}")),
+            "{line}"
+        );
         for e in endpoints {
             assert!(line.contains(e), "{e} served nothing: {line}");
         }

@@ -12,7 +12,7 @@ use strait_tests::backend::Backend;
 use strait_tests::load::Load;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum};
-use strait_tests::pki::{Pki, request_over_tls, token_file, token_secret};
+use strait_tests::pki::{Pki, controller_channel, request_over_tls, token_file, token_secret};
 use strait_tests::process::free_port;
 use strait_tests::{client, wait};
 
@@ -238,9 +238,23 @@ async fn the_controller_signs_only_the_identity_a_token_proves() {
     let pki = Pki::new();
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let ctl = ControllerProc::start_with(dir.path(), grpc, Some(&pki), Some("1h")).await;
-    let mut c = IdentityClient::connect(format!("http://{grpc}"))
+    // A plaintext client gets nowhere: the port is TLS-only once certificates are issued.
+    let mut plain = IdentityClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
+    assert!(
+        plain
+            .certify(api::CertifyRequest {
+                identity: CLIENT_ID.into(),
+                token: b"secret-client-token".to_vec(),
+                csr_der: csr(CLIENT_ID),
+            })
+            .await
+            .is_err()
+    );
+    let mut c = IdentityClient::new(
+        controller_channel(grpc, &std::fs::read_to_string(pki.anchors()).unwrap()).await,
+    );
     let ask = |identity: &str, token: &str, csr_for: &str| api::CertifyRequest {
         identity: identity.into(),
         token: token.as_bytes().to_vec(),
