@@ -177,8 +177,13 @@ impl Proxy {
             Some(c) => {
                 let want = control_plane_identity(&config)?;
                 Some(
-                    tls::client_config(c, want, true, metrics.tls_identity_mismatches.clone())
-                        .map_err(|e| StartError::Identity(format!("TLS: {e}")))?,
+                    tls::client_config(
+                        c,
+                        want,
+                        tls::ALPN_H2,
+                        metrics.tls_identity_mismatches.clone(),
+                    )
+                    .map_err(|e| StartError::Identity(format!("TLS: {e}")))?,
                 )
             }
             None => None,

@@ -39,7 +39,7 @@ pub async fn forward<I>(
             return;
         }
     };
-    let mut upstream = match connect(addr, cfg.connect_timeout).await {
+    let upstream = match connect(addr, cfg.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             metrics.reject_tcp(direction, "connect");
@@ -47,6 +47,21 @@ pub async fn forward<I>(
             return;
         }
     };
+    splice(client, upstream, dst, cfg, metrics, direction).await;
+}
+
+/// Copies both ways between `client` and an already connected `upstream`.
+pub async fn splice<I, U>(
+    client: I,
+    mut upstream: U,
+    dst: &(dyn std::fmt::Display + Sync),
+    cfg: &TcpConfig,
+    metrics: &Metrics,
+    direction: Direction,
+) where
+    I: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let labels = DirectionLabels { direction };
     let activity = Arc::new(Activity::new());
     let mut client = Counted {

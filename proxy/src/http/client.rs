@@ -272,8 +272,13 @@ impl ClientCache {
         }
         let tls = match (peer, &self.tls) {
             (Some(id), Some(t)) => {
-                let cfg = tls::client_config(&t.creds, id.clone(), h2, t.mismatches.clone())
-                    .map_err(|e| e.to_string());
+                let cfg = tls::client_config(
+                    &t.creds,
+                    id.clone(),
+                    if h2 { tls::ALPN_H2 } else { tls::ALPN_HTTP1 },
+                    t.mismatches.clone(),
+                )
+                .map_err(|e| e.to_string());
                 let name = ServerName::try_from(id.server_name()).map_err(|e| e.to_string());
                 match (cfg, name) {
                     (Ok(cfg), Ok(name)) => {

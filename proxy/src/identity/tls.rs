@@ -21,6 +21,9 @@ use super::{Credentials, Identity};
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// An opaque TCP stream between proxies: the target port (2 bytes, big-endian)
+/// comes first, then the app's bytes.
+pub const ALPN_OPAQUE: &[u8] = b"strait-opaque/1";
 
 /// The one provider in the process: aws-lc-rs, whose default key-exchange order
 /// puts X25519MLKEM768 first.
@@ -71,7 +74,7 @@ pub fn server_config(creds: &Arc<Credentials>) -> Result<Arc<ServerConfig>, rust
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(creds.clone())));
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -79,7 +82,7 @@ pub fn server_config(creds: &Arc<Credentials>) -> Result<Arc<ServerConfig>, rust
 pub fn client_config(
     creds: &Arc<Credentials>,
     peer: Identity,
-    h2: bool,
+    alpn: &[u8],
     mismatches: Counter,
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
     let verifier = PeerVerifier {
@@ -92,7 +95,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(Resolver(creds.clone())));
-    cfg.alpn_protocols = vec![if h2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 

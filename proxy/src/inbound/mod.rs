@@ -80,6 +80,11 @@ impl Inbound {
                             warn!(client = %client.0, "peer certificate carries no workload identity; closed");
                             return;
                         };
+                        if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE) {
+                            return self
+                                .opaque_from_peer(stream, peer, client, local_port)
+                                .await;
+                        }
                         self.serve(stream, target, Some(peer), false, client, local_port)
                             .await
                     }
@@ -103,6 +108,38 @@ impl Inbound {
                     .await
             }
             None => {}
+        }
+    }
+
+    /// An opaque stream carried by a peer proxy: its first two bytes are the
+    /// target port.
+    async fn opaque_from_peer<I>(
+        self,
+        mut stream: I,
+        peer: Identity,
+        client: ClientAddr,
+        local_port: u16,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use tokio::io::AsyncReadExt;
+        let read = tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, stream.read_u16());
+        match read.await {
+            Ok(Ok(port)) if port != 0 => {
+                self.serve(
+                    stream,
+                    Some(TargetPort(port)),
+                    Some(peer),
+                    true,
+                    client,
+                    local_port,
+                )
+                .await
+            }
+            _ => {
+                self.shared.metrics.reject_tcp(DIRECTION, "no_target_port");
+                warn!(client = %client.0, %peer, "opaque stream from peer proxy without a target port, closed");
+            }
         }
     }
 

@@ -19,6 +19,7 @@ use crate::detect::Protocol;
 use crate::http::dst::SetDstLayer;
 use crate::http::server::ConnMeta;
 use crate::http::stack::HttpStack;
+use crate::identity::tls;
 use crate::proxy::Shared;
 use crate::telemetry::Direction;
 use crate::transport::Accepted;
@@ -75,8 +76,8 @@ impl Outbound {
         }
     }
 
-    /// Opaque TCP: to a balanced endpoint of a meshed Service, else as addressed.
-    /// (Until streams are carried over mTLS, the endpoint is dialled directly.)
+    /// Opaque TCP: to a balanced endpoint of a meshed Service (over mTLS to its
+    /// proxy when both sides have identities), else as addressed.
     async fn opaque<I>(&self, io: I, dst: DestAddr)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -99,9 +100,72 @@ impl Outbound {
                 warn!(service = %svc.name, "no endpoints; opaque stream closed");
                 return;
             };
+            if let (Some(peer), Some(creds)) = (&ep.proxy, &s.identity) {
+                return self.opaque_over_mtls(io, ep, peer, creds).await;
+            }
             let to = DestAddr::Socket(ep.addr);
             return crate::tcp::forward(io, &to, &s.tcp, &s.metrics, DIRECTION).await;
         }
         crate::tcp::forward(io, &dst, &s.tcp, &s.metrics, DIRECTION).await
+    }
+
+    /// One mTLS connection to the peer proxy per stream (ALPN `strait-opaque/1`),
+    /// the target port first, then the app's bytes both ways. The peer must
+    /// present the identity discovery gave; there is no plaintext fallback.
+    async fn opaque_over_mtls<I>(
+        &self,
+        io: I,
+        ep: &crate::control::view::Endpoint,
+        peer: &crate::control::view::PeerProxy,
+        creds: &std::sync::Arc<crate::identity::Credentials>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let s = &self.shared;
+        let addr = ep.connect_addr();
+        let failed = |reason: &'static str, error: String| {
+            s.metrics.reject_tcp(DIRECTION, reason);
+            warn!(peer = %addr, identity = %peer.identity, %error, "opaque stream to peer proxy refused");
+        };
+        let cfg = match tls::client_config(
+            creds,
+            peer.identity.clone(),
+            tls::ALPN_OPAQUE,
+            s.metrics.tls_identity_mismatches.clone(),
+        ) {
+            Ok(c) => c,
+            Err(e) => return failed("tls", e.to_string()),
+        };
+        let tcp = match crate::http::client::connect(addr, s.tcp.connect_timeout).await {
+            Ok(t) => t,
+            Err(e) => return failed("connect", e.to_string()),
+        };
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let handshake = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
+        let mut stream = match tokio::time::timeout(s.tcp.connect_timeout, handshake).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                s.metrics
+                    .tls_handshake_failures
+                    .get_or_create(&crate::telemetry::metrics::DirectionLabels {
+                        direction: DIRECTION,
+                    })
+                    .inc();
+                return failed("tls", tls::describe_handshake_error(&e));
+            }
+            Err(_) => return failed("tls", "handshake timed out".into()),
+        };
+        // Flushed at once: a server-speaks-first app waits on it.
+        let preamble = ep.addr.port().to_be_bytes();
+        if let Err(e) = async {
+            stream.write_all(&preamble).await?;
+            stream.flush().await
+        }
+        .await
+        {
+            return failed("connect", e.to_string());
+        }
+        crate::tcp::splice(io, stream, &addr, &s.tcp, &s.metrics, DIRECTION).await
     }
 }

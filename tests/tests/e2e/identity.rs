@@ -448,3 +448,65 @@ async fn no_key_material_leaves_the_proxy() {
         }
     }
 }
+
+/// Writes `msg`, half-closes, and returns everything read until the stream ends.
+async fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    if s.write_all(msg).await.is_err() || s.shutdown().await.is_err() {
+        return buf;
+    }
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf));
+    let _ = read.await.expect("the stream ends");
+    buf
+}
+
+#[tokio::test]
+async fn opaque_tcp_between_meshed_pods_rides_mtls() {
+    let m = Mesh::start("web", None).await;
+    // A database-like port on the web pod (5432 is opaque by default).
+    let echo = strait_tests::tcp::echo().await;
+    m.dir.write("svc-db.yaml", &service(NS, "db", 5432));
+    m.dir
+        .write("slice-db.yaml", &endpoint(NS, "db", "web-0", echo));
+    // STRICT: only a stream that arrives over mTLS can reach the app at all.
+    m.dir.write(
+        "policy.yaml",
+        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
+    );
+    wait::until("STRICT to apply", Duration::from_secs(5), || async {
+        m.plaintext().await.0 == 403
+    })
+    .await;
+    let db = "db.test.svc.cluster.local:5432";
+    let c = m.sidecar("client-0", "client", &[db]).await;
+    let intruder = m.sidecar("intruder-0", "intruder", &[db]).await;
+
+    let msg = b"SELECT 1; -- over mTLS, half-closed";
+    wait::until(
+        "the stream to be echoed",
+        Duration::from_secs(5),
+        || async { roundtrip(c.upstreams[0], msg).await == msg },
+    )
+    .await;
+    assert!(
+        roundtrip(intruder.upstreams[0], b"let me in")
+            .await
+            .is_empty(),
+        "an identity outside the allow list is closed"
+    );
+    let (_, text) = wait::admin_get(m.web.admin, "/metrics").await.unwrap();
+    let counted = |sa: &str, decision: &str| {
+        text.lines().any(|l| {
+            l.starts_with("strait_proxy_inbound_authorizations_total")
+                && l.contains("protocol=\"tcp\"")
+                && l.contains(&format!("sa/{sa}\""))
+                && l.contains(&format!("decision=\"{decision}\""))
+        })
+    };
+    assert!(
+        counted("client", "allow") && counted("intruder", "deny"),
+        "{text}"
+    );
+}
