@@ -1,6 +1,8 @@
 //! The gRPC protocol between strait proxies and the strait control plane
 //! (package `strait.api.v1`): discovery, inbound policy and identity.
 
+pub mod identity;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("strait.api.v1");

@@ -94,6 +94,10 @@ pub const CONTROL_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long the first request to a new destination waits for discovery's first
 /// answer before the destination is treated as not meshed (passed through).
 pub const DISCOVERY_FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Destinations watched at once; beyond this the least recently used is dropped.
+/// A pod rarely talks to more than a few hundred Services; the cap bounds memory
+/// and the controller's streams against a flood of made-up names.
+pub const MAX_DISCOVERY_WATCHES: usize = 1000;
 /// A destination no request used for this long stops being watched.
 pub const DISCOVERY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -101,6 +105,11 @@ pub const DISCOVERY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// endpoint is tried at once (one response replaces the guess); a high guess
 /// would leave a new, equally fast endpoint idle until the guess decayed.
 pub const BALANCER_DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Latency recorded for an endpoint that failed (connection refused, its proxy
+/// could not reach its app): as slow as a connect timeout, so that it loses every
+/// comparison with a working endpoint until the penalty decays (tens of seconds),
+/// when one request tries it again.
+pub const BALANCER_FAILURE_PENALTY: Duration = CONNECT_TIMEOUT;
 /// Time constant of the latency average: how long good answers take to restore
 /// an endpoint that was slow.
 pub const BALANCER_EWMA_DECAY: Duration = Duration::from_secs(10);

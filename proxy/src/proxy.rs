@@ -45,6 +45,8 @@ pub struct Shared {
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// This workload's inbound policy.
     pub policy: PolicyRx,
+    /// Every port this proxy listens on: never a destination of its own traffic.
+    pub own_ports: Arc<[u16]>,
 }
 
 impl Shared {
@@ -198,6 +200,7 @@ impl Proxy {
                 let workload = Workload {
                     namespace: config.namespace.clone(),
                     pod,
+                    trust_domain: config.trust_domain.clone(),
                 };
                 Some((control::channel(url, control_tls)?, workload))
             }
@@ -256,7 +259,13 @@ impl Proxy {
         let discovery = control
             .as_ref()
             .map(|(channel, workload)| Discovery::new(channel.clone(), workload.clone()));
+        let own_ports: Vec<u16> = [addrs.inbound, addrs.outbound, addrs.admin]
+            .iter()
+            .chain(&addrs.upstreams)
+            .map(|a| a.port())
+            .collect();
         let shared = Arc::new(Shared {
+            own_ports: own_ports.into(),
             discovery,
             identity,
             tls_server,

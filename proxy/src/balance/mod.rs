@@ -16,6 +16,7 @@ use tokio::time::Instant;
 pub use ewma::PeakEwma;
 
 use crate::control::view::Endpoint;
+use crate::defaults;
 
 #[derive(Debug, Default)]
 pub struct Balancer {
@@ -57,6 +58,17 @@ impl InFlight {
         let now = Instant::now();
         if let Ok(mut e) = self.load.ewma.lock() {
             e.observe(now.saturating_duration_since(self.start), now);
+        }
+    }
+
+    /// The endpoint failed (refused the connection, or its proxy could not reach
+    /// its app). Such failures are fast; recorded as their latency they would make a
+    /// dead endpoint the most attractive one. Recorded as a penalty instead.
+    pub fn fail(&self) {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(self.start);
+        if let Ok(mut e) = self.load.ewma.lock() {
+            e.observe(took.max(defaults::BALANCER_FAILURE_PENALTY), now);
         }
     }
 }
@@ -152,6 +164,27 @@ mod tests {
         }
         assert!(counts[0] < 3000 / 10, "slow endpoint got {counts:?}");
         assert!(counts[1] > 1000 && counts[2] > 1000, "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_is_avoided_though_it_fails_fast() {
+        let b = Balancer::default();
+        let eps = eps(3);
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            let (ep, inflight) = b.pick(&eps).unwrap();
+            let i = (ep.addr.port() - 8000) as usize;
+            counts[i] += 1;
+            if i == 0 {
+                // Connection refused: answered at once.
+                tokio::time::advance(Duration::from_micros(100)).await;
+                inflight.fail();
+            } else {
+                tokio::time::advance(Duration::from_millis(5)).await;
+                inflight.observe();
+            }
+        }
+        assert!(counts[0] < 30, "failing endpoint got {counts:?}");
     }
 
     #[test]

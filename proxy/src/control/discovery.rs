@@ -3,7 +3,7 @@
 //! only the first request to a new destination waits (boundedly) for a first answer.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,8 +24,18 @@ use crate::defaults;
 struct Watch {
     rx: watch::Receiver<Option<Resolution>>,
     balancer: Arc<Balancer>,
-    last_used_ms: Arc<AtomicU64>,
+    state: Arc<WatchState>,
     task: tokio::task::AbortHandle,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    last_used_ms: AtomicU64,
+    /// The stream to the controller is up (it delivered since it last failed).
+    connected: AtomicBool,
+    /// A request already waited for the first answer in vain: later ones do not
+    /// wait again (pass through at once) until an answer comes.
+    waited: AtomicBool,
 }
 
 impl Drop for Watch {
@@ -75,15 +85,22 @@ impl Discovery {
     /// The current answer for `dest`; for a destination not watched yet, waits up
     /// to `timeout` for the first one. `None` when there is no answer in time.
     pub async fn resolve(&self, dest: &DestAddr, timeout: Duration) -> Option<Resolved> {
-        let (mut rx, balancer) = self.watch(dest);
+        let (mut rx, balancer, state) = self.watch(dest);
         let current = rx.borrow().clone();
         let resolution = match current {
             Some(r) => r,
+            // The controller did not answer in time before: do not make every
+            // request to this destination wait as long again.
+            None if state.waited.load(Ordering::Relaxed) => return None,
             None => {
                 let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
                 match r {
                     Ok(Ok(r)) => r.clone()?,
-                    _ => return None,
+                    _ => {
+                        state.waited.store(true, Ordering::Relaxed);
+                        warn!(destination = %dest, ?timeout, "no answer from discovery in time; passing through until it answers");
+                        return None;
+                    }
                 }
             }
         };
@@ -93,12 +110,31 @@ impl Discovery {
         })
     }
 
-    fn watch(&self, dest: &DestAddr) -> (watch::Receiver<Option<Resolution>>, Arc<Balancer>) {
+    fn watch(
+        &self,
+        dest: &DestAddr,
+    ) -> (
+        watch::Receiver<Option<Resolution>>,
+        Arc<Balancer>,
+        Arc<WatchState>,
+    ) {
         let now = self.now_ms();
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = watches.get(dest) {
-            w.last_used_ms.store(now, Ordering::Relaxed);
-            return (w.rx.clone(), w.balancer.clone());
+            w.state.last_used_ms.store(now, Ordering::Relaxed);
+            return (w.rx.clone(), w.balancer.clone(), w.state.clone());
+        }
+        if watches.len() >= defaults::MAX_DISCOVERY_WATCHES {
+            // Bounded: a flood of distinct destinations (random Host headers) evicts
+            // the least recently used watch rather than growing without end.
+            if let Some(lru) = watches
+                .iter()
+                .min_by_key(|(_, w)| w.state.last_used_ms.load(Ordering::Relaxed))
+                .map(|(d, _)| d.clone())
+            {
+                debug!(destination = %lru, "too many discovery watches; dropping the least recently used");
+                watches.remove(&lru);
+            }
         }
         let (tx, rx) = watch::channel(None);
         let req = api::WatchDestination {
@@ -106,19 +142,23 @@ impl Discovery {
             context_namespace: self.workload.namespace.clone(),
             proxy_id: format!("{}.{}", self.workload.pod, self.workload.namespace),
         };
-        let task = tokio::spawn(follow(self.client.clone(), req, tx)).abort_handle();
+        let state = Arc::new(WatchState::default());
+        state.last_used_ms.store(now, Ordering::Relaxed);
+        let task = tokio::spawn(follow(self.client.clone(), req, tx, state.clone())).abort_handle();
         let w = Watch {
             rx: rx.clone(),
             balancer: Arc::new(Balancer::default()),
-            last_used_ms: Arc::new(AtomicU64::new(now)),
+            state: state.clone(),
             task,
         };
         let balancer = w.balancer.clone();
         watches.insert(dest.clone(), w);
-        (rx, balancer)
+        (rx, balancer, state)
     }
 
-    /// Drops watches no request has used for `DISCOVERY_IDLE_TIMEOUT`.
+    /// Drops watches no request has used for `DISCOVERY_IDLE_TIMEOUT`, except
+    /// those holding an answer while the controller is away: dropped, their
+    /// destination would be passed through (no mTLS) on its next use.
     async fn sweep(this: std::sync::Weak<Self>) {
         let mut tick = tokio::time::interval(defaults::DISCOVERY_IDLE_TIMEOUT / 2);
         loop {
@@ -128,7 +168,10 @@ impl Discovery {
             let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
             let mut watches = d.watches.lock().unwrap_or_else(|p| p.into_inner());
             watches.retain(|dest, w| {
-                let keep = now.saturating_sub(w.last_used_ms.load(Ordering::Relaxed)) < idle;
+                let used = now.saturating_sub(w.state.last_used_ms.load(Ordering::Relaxed)) < idle;
+                let stranded =
+                    !w.state.connected.load(Ordering::Relaxed) && w.rx.borrow().is_some();
+                let keep = used || stranded;
                 if !keep {
                     debug!(%dest, "dropping idle discovery watch");
                 }
@@ -148,6 +191,7 @@ async fn follow(
     mut client: DiscoveryClient<Channel>,
     req: api::WatchDestination,
     tx: watch::Sender<Option<Resolution>>,
+    state: Arc<WatchState>,
 ) {
     let mut backoff = Backoff::default();
     loop {
@@ -158,6 +202,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(update)) => {
                             backoff.reset();
+                            state.connected.store(true, Ordering::Relaxed);
                             let r = parse(update);
                             if let Resolution::Service(s) = &r {
                                 debug!(destination = %req.destination, service = %s.name, endpoints = s.endpoints.len(), "discovery update");
@@ -179,6 +224,7 @@ async fn follow(
                 debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
             }
         }
+        state.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }

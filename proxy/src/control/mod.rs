@@ -30,6 +30,8 @@ use crate::defaults;
 pub struct Workload {
     pub namespace: String,
     pub pod: String,
+    /// The mesh's trust domain: only its identities match namespace rules.
+    pub trust_domain: String,
 }
 
 #[derive(Debug, thiserror::Error)]

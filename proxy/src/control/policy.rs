@@ -33,7 +33,7 @@ pub async fn follow(
                     match stream.message().await {
                         Ok(Some(p)) => {
                             backoff.reset();
-                            let p = Arc::new(parse(p));
+                            let p = Arc::new(parse(p, &workload.trust_domain));
                             tx.send_if_modified(|cur| {
                                 if cur.as_deref() == Some(&*p) {
                                     return false;

@@ -59,6 +59,21 @@ impl ConnState {
     pub fn header_timed_out(&self) -> bool {
         self.header_timed_out.load(Ordering::Acquire)
     }
+
+    /// Resolves once the connection served nothing for a whole `idle` period:
+    /// no request in flight, and none arrived. (For HTTP/2, where the streams of a
+    /// connection are served by one service and no IO guard sees the heads.)
+    pub async fn idle_for(&self, idle: Duration) {
+        let mut seen = self.served.load(Ordering::Acquire);
+        loop {
+            tokio::time::sleep(idle).await;
+            let served = self.served.load(Ordering::Acquire);
+            if served == seen && self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            seen = served;
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +142,8 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
         }
         if got && *this.phase != Phase::Head {
             *this.phase = Phase::Head;
+            // A new head: every request of a keep-alive connection is scanned.
+            *this.scan = HeadScan::default();
             this.timer
                 .as_mut()
                 .reset(Instant::now() + *this.header_timeout);

@@ -14,36 +14,40 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use tracing::debug;
 
-use super::client::{ClientCache, ConnectError};
+use super::client::ConnectError;
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
 use super::{BoxBody, Dst, ToPeer, upgrade};
 use crate::addr::DestAddr;
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
-use crate::transport::Drain;
+use crate::proxy::Shared;
+use crate::telemetry::Direction;
 
 #[derive(Clone, Debug)]
 pub struct Forward {
-    clients: ClientCache,
-    connect_timeout: Duration,
+    shared: Arc<Shared>,
+    direction: Direction,
     /// The HTTP/1 connection this request came on, told about upgrades.
     conn: Option<Arc<ConnState>>,
-    drain: Drain,
 }
 
 impl Forward {
-    pub fn new(
-        clients: ClientCache,
-        connect_timeout: Duration,
-        conn: Option<Arc<ConnState>>,
-        drain: Drain,
-    ) -> Self {
+    pub fn new(shared: Arc<Shared>, direction: Direction, conn: Option<Arc<ConnState>>) -> Self {
         Forward {
-            clients,
-            connect_timeout,
+            shared,
+            direction,
             conn,
-            drain,
         }
+    }
+
+    /// Whether `addr` is one of this proxy's own listeners: a request resolved to
+    /// it (`Host: localhost:4140`) would come straight back. A peer proxy's
+    /// inbound port is exempt: a pod calling its own Service goes through its own
+    /// inbound.
+    fn is_self(&self, addr: SocketAddr, to_peer: bool) -> bool {
+        !to_peer
+            && (addr.ip().is_loopback() || addr.ip().is_unspecified())
+            && self.shared.own_ports.contains(&addr.port())
     }
 
     async fn forward<B>(self, mut req: Request<B>) -> Result<Response<BoxBody>, ProxyError>
@@ -54,7 +58,10 @@ impl Forward {
         let Some(Dst(dst)) = req.extensions_mut().remove::<Dst>() else {
             return Err(ProxyError::BadRequest("no destination for request"));
         };
-        let addr = resolve(&dst, self.connect_timeout).await?;
+        let addr = resolve(&dst, self.shared.config.connect_timeout).await?;
+        if self.is_self(addr, req.extensions().get::<ToPeer>().is_some()) {
+            return Err(ProxyError::Loop(addr));
+        }
         let is_connect = req.method() == Method::CONNECT;
         let client_upgrade =
             upgrade::is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
@@ -86,6 +93,7 @@ impl Forward {
             None => version == Version::HTTP_2,
         };
         let client = self
+            .shared
             .clients
             .get(addr, h2, to_peer.as_ref().map(|p| &p.identity));
         let mut rsp = client
@@ -100,8 +108,18 @@ impl Forward {
                 conn.mark_upgraded();
             }
             let upstream_upgrade = hyper::upgrade::on(&mut rsp);
-            self.drain
-                .spawn(upgrade::splice(client_upgrade, upstream_upgrade));
+            let (shared, direction) = (self.shared.clone(), self.direction);
+            self.shared.drain.spawn(async move {
+                upgrade::splice(
+                    client_upgrade,
+                    upstream_upgrade,
+                    addr,
+                    &shared.tcp,
+                    &shared.metrics,
+                    direction,
+                )
+                .await
+            });
         }
         Ok(rsp.map(super::boxed))
     }

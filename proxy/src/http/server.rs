@@ -91,8 +91,17 @@ pub async fn serve_http1<I, S, B>(
     }
 }
 
-pub async fn serve_http2<I, S, B>(io: I, svc: S, meta: &ConnMeta, drain: &Drain)
-where
+/// Serves HTTP/2; `state` is fed by the stack's `InFlightLayer`, so that a
+/// connection with no stream for `cfg.idle_timeout` is closed (GOAWAY): PINGs
+/// alone would keep it open for ever.
+pub async fn serve_http2<I, S, B>(
+    io: I,
+    svc: S,
+    state: Arc<ConnState>,
+    cfg: &ServerConfig,
+    meta: &ConnMeta,
+    drain: &Drain,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -119,6 +128,11 @@ where
     let res = tokio::select! {
         r = conn.as_mut() => r,
         _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = state.idle_for(cfg.idle_timeout) => {
+            debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -20,6 +20,7 @@ use crate::telemetry::Direction;
 #[derive(Clone, Debug)]
 pub struct HttpStack {
     shared: Arc<Shared>,
+    direction: Direction,
     metrics: RequestMetricsLayer,
     normalize: NormalizeLayer,
 }
@@ -27,6 +28,7 @@ pub struct HttpStack {
 impl HttpStack {
     pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
         HttpStack {
+            direction,
             metrics: RequestMetricsLayer::new(shared.metrics.clone(), direction),
             normalize: NormalizeLayer::new(shared.metrics.clone(), direction),
             shared,
@@ -45,31 +47,22 @@ impl HttpStack {
         <L::Service as tower::Service<Request<Incoming>>>::Future: Send + 'static,
     {
         let s = &self.shared;
+        let state = Arc::new(ConnState::default());
         if h2 {
-            let svc = ServiceBuilder::new()
-                .layer(self.metrics.clone())
-                .layer(self.normalize.clone())
-                .layer(dst)
-                .service(Forward::new(
-                    s.clients.clone(),
-                    s.config.connect_timeout,
-                    None,
-                    s.drain.clone(),
-                ));
-            serve_http2(io, svc, meta, &s.drain).await;
-        } else {
-            let state = Arc::new(ConnState::default());
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())
                 .layer(dst)
-                .service(Forward::new(
-                    s.clients.clone(),
-                    s.config.connect_timeout,
-                    Some(state.clone()),
-                    s.drain.clone(),
-                ));
+                .service(Forward::new(s.clone(), self.direction, None));
+            serve_http2(io, svc, state, &s.http, meta, &s.drain).await;
+        } else {
+            let svc = ServiceBuilder::new()
+                .layer(InFlightLayer::new(state.clone()))
+                .layer(self.metrics.clone())
+                .layer(self.normalize.clone())
+                .layer(dst)
+                .service(Forward::new(s.clone(), self.direction, Some(state.clone())));
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;
         }
     }

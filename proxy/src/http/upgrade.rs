@@ -6,6 +6,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use crate::tcp::TcpConfig;
+use crate::telemetry::{Direction, Metrics};
+
 /// True for `CONNECT` and for HTTP/1.1 requests asking to switch protocols.
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     if req.version() >= http::Version::HTTP_2 {
@@ -32,8 +35,16 @@ pub fn accepted<B>(is_connect: bool, rsp: &Response<B>) -> bool {
 }
 
 /// Copies bytes both ways between the client's and the upstream's upgraded
-/// connections until both sides close.
-pub async fn splice(client: OnUpgrade, upstream: OnUpgrade) {
+/// connections until both sides close, or nothing moves for the opaque-stream
+/// idle timeout (an upgraded connection is an opaque stream from here on).
+pub async fn splice(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    addr: std::net::SocketAddr,
+    cfg: &TcpConfig,
+    metrics: &Metrics,
+    direction: Direction,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(c) => c,
         Err(e) => {
@@ -41,10 +52,13 @@ pub async fn splice(client: OnUpgrade, upstream: OnUpgrade) {
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => debug!(up, down, "upgraded stream closed"),
-        Err(e) => debug!(error = %e, "upgraded stream failed"),
-    }
+    crate::tcp::splice(
+        TokioIo::new(client),
+        TokioIo::new(upstream),
+        &addr,
+        cfg,
+        metrics,
+        direction,
+    )
+    .await
 }

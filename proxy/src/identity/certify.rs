@@ -53,7 +53,8 @@ pub async fn follow(
                 let lifetime = valid_until
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
-                let renew = renew_after(lifetime);
+                // Never a busy loop, whatever the certificate says.
+                let renew = renew_after(lifetime).max(defaults::CONTROL_BACKOFF_MIN);
                 info!(identity = %creds.identity(), %serial, ?lifetime, renew_in = ?renew, "certificate installed");
                 renew
             }
@@ -98,17 +99,8 @@ async fn certify(
         })?
         .map_err(|s| CertifyError::Refused(format!("{:?}: {}", s.code(), s.message())))?
         .into_inner();
-    let valid_until = rsp
-        .valid_until
-        .and_then(|t| {
-            SystemTime::UNIX_EPOCH.checked_add(Duration::new(
-                u64::try_from(t.seconds).ok()?,
-                u32::try_from(t.nanos).ok()?,
-            ))
-        })
-        .ok_or_else(|| CertifyError::Refused("answer without valid_until".into()))?;
     let installed = creds.install(rsp.leaf_der, rsp.intermediates_der)?;
-    Ok((installed.serial, valid_until))
+    Ok((installed.serial, installed.not_after))
 }
 
 #[cfg(test)]

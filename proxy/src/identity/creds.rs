@@ -32,6 +32,9 @@ pub enum CredsError {
 #[derive(Clone, Debug)]
 pub struct Installed {
     pub serial: String,
+    /// The certificate's own notAfter: renewal is timed by it, whatever else the
+    /// control plane said.
+    pub not_after: std::time::SystemTime,
 }
 
 pub struct Credentials {
@@ -129,12 +132,13 @@ impl Credentials {
             });
         }
         let serial = hex(ee.serial());
+        let not_after = not_after(&leaf)?;
         let mut chain = vec![leaf];
         chain.extend(intermediates);
         let certified = CertifiedKey::new(chain, self.signing_key.clone());
         certified.keys_match().map_err(|_| CredsError::WrongKey)?;
         self.current.send_replace(Some(Arc::new(certified)));
-        Ok(Installed { serial })
+        Ok(Installed { serial, not_after })
     }
 
     /// The certificate new connections present, once there is one.
@@ -147,6 +151,14 @@ impl Credentials {
         let mut rx = self.current.subscribe();
         let _ = rx.wait_for(Option::is_some).await;
     }
+}
+
+fn not_after(leaf: &[u8]) -> Result<std::time::SystemTime, CredsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| CredsError::Untrusted(format!("unreadable certificate: {e}")))?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp())
+        .map_err(|_| CredsError::Untrusted("notAfter before 1970".into()))?;
+    Ok(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
 pub fn hex(b: &[u8]) -> String {

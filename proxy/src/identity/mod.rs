@@ -5,10 +5,9 @@
 mod anchors;
 mod certify;
 mod creds;
-mod id;
 pub mod tls;
 
 pub use anchors::{AnchorsError, TrustAnchors};
 pub use certify::follow;
 pub use creds::{Credentials, CredsError};
-pub use id::{Identity, IdentityError};
+pub use strait_api::identity::{Identity, IdentityError};

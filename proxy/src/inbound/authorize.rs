@@ -87,12 +87,50 @@ where
             return Box::pin(async move { Ok(rsp) });
         }
         let headers = req.headers_mut();
-        headers.remove(CLIENT_ID_HEADER);
+        remove_client_id(headers);
         if let Some(p) = &l.peer
             && let Ok(v) = HeaderValue::from_str(p.as_str())
         {
             headers.insert(CLIENT_ID_HEADER, v);
         }
         Box::pin(self.inner.call(req))
+    }
+}
+
+/// Removes every spelling of `strait-client-id` a client may have sent, including
+/// `strait_client_id`, which CGI-style servers (Rack, WSGI, PHP) read as the same
+/// variable as the real header.
+fn remove_client_id(headers: &mut http::HeaderMap) {
+    headers.remove(CLIENT_ID_HEADER);
+    let lookalikes: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.len() == CLIENT_ID_HEADER.len()
+                && k.bytes()
+                    .zip(CLIENT_ID_HEADER.bytes())
+                    .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+        })
+        .cloned()
+        .collect();
+    for k in lookalikes {
+        headers.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_of_the_client_id_header_is_removed() {
+        let mut h = http::HeaderMap::new();
+        h.insert(CLIENT_ID_HEADER, HeaderValue::from_static("forged"));
+        h.insert("strait_client_id", HeaderValue::from_static("forged"));
+        h.insert("strait-client_id", HeaderValue::from_static("forged"));
+        h.insert("strait-client-ids", HeaderValue::from_static("kept"));
+        remove_client_id(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("strait-client-ids"));
     }
 }

@@ -14,19 +14,45 @@ pub fn app_addr(ip: IpAddr, p: TargetPort) -> DestAddr {
     DestAddr::Socket(SocketAddr::new(ip, p.0))
 }
 
+/// Which target ports a connection may ask for.
+#[derive(Clone, Debug)]
+pub struct TargetRules {
+    /// The ports this proxy itself listens on (inbound, outbound, admin, upstream
+    /// listeners): never a target, or a caller could reach the admin server's
+    /// `/shutdown` as "loopback", or use the outbound listener as an open proxy
+    /// with this pod's identity.
+    pub own_ports: std::sync::Arc<[u16]>,
+    /// Whether a target port carried by the client (`strait-target-port`) is
+    /// believed over the one the connection was redirected to: not from a
+    /// plaintext client of an mTLS proxy, which gets the port it was redirected to.
+    pub trust_carried: bool,
+}
+
+impl TargetRules {
+    /// Refuses this proxy's own ports.
+    pub fn check(&self, port: TargetPort) -> Result<TargetPort, ProxyError> {
+        if self.own_ports.contains(&port.0) {
+            return Err(ProxyError::Loop(SocketAddr::from((
+                Ipv4Addr::LOCALHOST,
+                port.0,
+            ))));
+        }
+        Ok(port)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct InboundDst {
     redirected: Option<TargetPort>,
-    /// The inbound listener's own port, never a valid target.
-    own_port: u16,
+    rules: TargetRules,
     app_ip: IpAddr,
 }
 
 impl InboundDst {
-    pub fn new(redirected: Option<TargetPort>, own_port: u16, app_ip: IpAddr) -> Self {
+    pub fn new(redirected: Option<TargetPort>, rules: TargetRules, app_ip: IpAddr) -> Self {
         Self {
             redirected,
-            own_port,
+            rules,
             app_ip,
         }
     }
@@ -64,6 +90,7 @@ fn restore_version<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
 impl InboundDst {
     fn target<B>(&self, req: &mut Request<B>) -> Result<TargetPort, ProxyError> {
         let carried = match req.headers_mut().remove(TARGET_PORT_HEADER) {
+            Some(_) if !self.rules.trust_carried => None,
             Some(v) => Some(
                 v.to_str()
                     .ok()
@@ -75,15 +102,9 @@ impl InboundDst {
             None => None,
         };
         let port = carried.or(self.redirected).ok_or(ProxyError::BadRequest(
-            "no target port: not redirected and no strait-target-port header",
+            "no target port: not redirected and no strait-target-port header from a peer proxy",
         ))?;
-        if port.0 == self.own_port {
-            return Err(ProxyError::Loop(SocketAddr::from((
-                Ipv4Addr::LOCALHOST,
-                port.0,
-            ))));
-        }
-        Ok(port)
+        self.rules.check(port)
     }
 }
 
@@ -91,9 +112,20 @@ impl InboundDst {
 mod tests {
     use super::*;
 
+    fn rules(trust_carried: bool) -> TargetRules {
+        TargetRules {
+            own_ports: vec![4143, 4140, 4191].into(),
+            trust_carried,
+        }
+    }
+
     #[test]
     fn carried_port_wins_and_is_removed() {
-        let l = InboundDst::new(Some(TargetPort(80)), 4143, Ipv4Addr::LOCALHOST.into());
+        let l = InboundDst::new(
+            Some(TargetPort(80)),
+            rules(true),
+            Ipv4Addr::LOCALHOST.into(),
+        );
         let mut r = Request::builder()
             .header(TARGET_PORT_HEADER, "8080")
             .body(())
@@ -106,7 +138,7 @@ mod tests {
 
     #[test]
     fn missing_bad_or_looping_ports_are_refused() {
-        let l = InboundDst::new(None, 4143, Ipv4Addr::LOCALHOST.into());
+        let l = InboundDst::new(None, rules(true), Ipv4Addr::LOCALHOST.into());
         let mut r = Request::builder().body(()).unwrap();
         assert!(matches!(l.target(&mut r), Err(ProxyError::BadRequest(_))));
         let mut r = Request::builder()
@@ -119,5 +151,48 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(l.target(&mut r), Err(ProxyError::Loop(_))));
+    }
+
+    #[test]
+    fn the_proxys_own_ports_are_never_a_target() {
+        for port in ["4191", "4140"] {
+            let l = InboundDst::new(None, rules(true), Ipv4Addr::LOCALHOST.into());
+            let mut r = Request::builder()
+                .header(TARGET_PORT_HEADER, port)
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(l.target(&mut r), Err(ProxyError::Loop(_))),
+                "{port}"
+            );
+        }
+        let l = InboundDst::new(
+            Some(TargetPort(4191)),
+            rules(false),
+            Ipv4Addr::LOCALHOST.into(),
+        );
+        let mut r = Request::builder().body(()).unwrap();
+        assert!(matches!(l.target(&mut r), Err(ProxyError::Loop(_))));
+    }
+
+    #[test]
+    fn a_redirected_plaintext_client_cannot_choose_its_port() {
+        let l = InboundDst::new(
+            Some(TargetPort(80)),
+            rules(false),
+            Ipv4Addr::LOCALHOST.into(),
+        );
+        let mut r = Request::builder()
+            .header(TARGET_PORT_HEADER, "6379")
+            .body(())
+            .unwrap();
+        assert_eq!(l.target(&mut r).unwrap(), TargetPort(80));
+        assert!(r.headers().get(TARGET_PORT_HEADER).is_none());
+        let l = InboundDst::new(None, rules(false), Ipv4Addr::LOCALHOST.into());
+        let mut r = Request::builder()
+            .header(TARGET_PORT_HEADER, "8080")
+            .body(())
+            .unwrap();
+        assert!(matches!(l.target(&mut r), Err(ProxyError::BadRequest(_))));
     }
 }

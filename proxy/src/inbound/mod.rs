@@ -55,13 +55,10 @@ impl Inbound {
 
     pub async fn handle(self, acc: Accepted) {
         let s = &self.shared;
-        let target = orig_dst(&acc.stream, acc.local).map(|o| TargetPort(o.0.port()));
+        let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
-        let local_port = acc.local.port();
         let Some(server) = s.tls_server.clone() else {
-            return self
-                .serve(acc.stream, target, None, false, client, local_port)
-                .await;
+            return self.serve(acc.stream, target, None, false, client).await;
         };
         match first(&acc.stream, s.config.detect_timeout).await {
             Some(First::Tls) => {
@@ -81,12 +78,9 @@ impl Inbound {
                             return;
                         };
                         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE) {
-                            return self
-                                .opaque_from_peer(stream, peer, client, local_port)
-                                .await;
+                            return self.opaque_from_peer(stream, peer, client).await;
                         }
-                        self.serve(stream, target, Some(peer), false, client, local_port)
-                            .await
+                        self.serve(stream, target, Some(peer), false, client).await
                     }
                     Ok(Err(e)) => {
                         s.metrics
@@ -104,8 +98,7 @@ impl Inbound {
                 }
             }
             Some(First::Other { silent }) => {
-                self.serve(acc.stream, target, None, silent, client, local_port)
-                    .await
+                self.serve(acc.stream, target, None, silent, client).await
             }
             None => {}
         }
@@ -113,28 +106,16 @@ impl Inbound {
 
     /// An opaque stream carried by a peer proxy: its first two bytes are the
     /// target port.
-    async fn opaque_from_peer<I>(
-        self,
-        mut stream: I,
-        peer: Identity,
-        client: ClientAddr,
-        local_port: u16,
-    ) where
+    async fn opaque_from_peer<I>(self, mut stream: I, peer: Identity, client: ClientAddr)
+    where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         use tokio::io::AsyncReadExt;
         let read = tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, stream.read_u16());
         match read.await {
             Ok(Ok(port)) if port != 0 => {
-                self.serve(
-                    stream,
-                    Some(TargetPort(port)),
-                    Some(peer),
-                    true,
-                    client,
-                    local_port,
-                )
-                .await
+                self.serve(stream, Some(TargetPort(port)), Some(peer), true, client)
+                    .await
             }
             _ => {
                 self.shared.metrics.reject_tcp(DIRECTION, "no_target_port");
@@ -150,7 +131,6 @@ impl Inbound {
         peer: Option<Identity>,
         silent: bool,
         client: ClientAddr,
-        local_port: u16,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -158,6 +138,13 @@ impl Inbound {
         let opaque = silent || target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
         let Some((protocol, io)) = s.detect(io, opaque, DIRECTION, client).await else {
             return;
+        };
+        let rules = dst::TargetRules {
+            own_ports: s.own_ports.clone(),
+            // A redirected plaintext client gets the port it was redirected to.
+            // Peers, and clients that reach the inbound port directly (on
+            // loopback, without iptables), name theirs.
+            trust_carried: peer.is_some() || s.identity.is_none() || target.is_none(),
         };
         let meta = ConnMeta {
             direction: DIRECTION,
@@ -170,11 +157,15 @@ impl Inbound {
                 policy: s.policy.clone(),
                 metrics: s.metrics.clone(),
             },
-            SetDstLayer(dst::InboundDst::new(target, local_port, s.config.app_ip)),
+            SetDstLayer(dst::InboundDst::new(target, rules.clone(), s.config.app_ip)),
         );
         match protocol {
-            Protocol::Opaque => match target {
-                Some(p) => {
+            Protocol::Opaque => match target.map(|p| rules.check(p)) {
+                Some(Err(e)) => {
+                    s.metrics.reject_tcp(DIRECTION, "loop");
+                    warn!(client = %client.0, error = %e, "opaque stream for the proxy's own port, closed");
+                }
+                Some(Ok(p)) => {
                     let decision = policy::check(&s.policy, p.0, peer.as_ref());
                     authorize::count(&s.metrics, peer.as_ref(), "tcp", decision.is_ok());
                     if let Err(denied) = decision {

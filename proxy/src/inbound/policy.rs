@@ -22,7 +22,14 @@ pub enum Mode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Allow {
     Identity(Identity),
-    Namespace(String),
+    /// Every workload of a namespace, in this mesh's trust domain.
+    Namespace {
+        namespace: String,
+        trust_domain: String,
+    },
+    /// An entry this proxy could not read. It matches nobody, but it keeps the
+    /// list non-empty: an unreadable rule must narrow access, never open it.
+    Unreadable,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,7 +70,11 @@ impl PortPolicy {
             Some(id) => {
                 let ok = self.allow.iter().any(|a| match a {
                     Allow::Identity(i) => i == id,
-                    Allow::Namespace(ns) => ns == id.namespace(),
+                    Allow::Namespace {
+                        namespace,
+                        trust_domain,
+                    } => namespace == id.namespace() && trust_domain == id.trust_domain(),
+                    Allow::Unreadable => false,
                 });
                 if ok {
                     Ok(())
@@ -87,7 +98,7 @@ impl InboundPolicy {
     }
 }
 
-fn port_policy(p: api::PortPolicy) -> PortPolicy {
+fn port_policy(p: api::PortPolicy, trust_domain: &str) -> PortPolicy {
     let mode = match api::MtlsMode::try_from(p.mode) {
         Ok(api::MtlsMode::Strict) => Mode::Strict,
         _ => Mode::Permissive,
@@ -97,26 +108,40 @@ fn port_policy(p: api::PortPolicy) -> PortPolicy {
         match a.subject {
             Some(api::authorization::Subject::Identity(i)) => match i.spiffe_id.parse() {
                 Ok(id) => allow.push(Allow::Identity(id)),
-                Err(e) => warn!(error = %e, "ignoring an invalid identity in the inbound policy"),
+                Err(e) => {
+                    warn!(error = %e, "an identity in the inbound policy is unreadable; it matches nobody");
+                    allow.push(Allow::Unreadable);
+                }
             },
-            Some(api::authorization::Subject::Namespace(ns)) => allow.push(Allow::Namespace(ns)),
-            None => {}
+            Some(api::authorization::Subject::Namespace(ns)) => allow.push(Allow::Namespace {
+                namespace: ns,
+                trust_domain: trust_domain.to_string(),
+            }),
+            None => {
+                warn!("an entry of the inbound policy names nobody; it matches nobody");
+                allow.push(Allow::Unreadable);
+            }
         }
     }
     PortPolicy { mode, allow }
 }
 
-pub fn parse(p: api::WorkloadPolicy) -> InboundPolicy {
+/// Reads the control plane's answer; `trust_domain` is this mesh's, the only
+/// one whose identities namespace rules admit.
+pub fn parse(p: api::WorkloadPolicy, trust_domain: &str) -> InboundPolicy {
     InboundPolicy {
         ports: p
             .ports
             .into_iter()
             .filter_map(|pp| {
                 let port = u16::try_from(pp.port).ok()?;
-                Some((port, port_policy(pp)))
+                Some((port, port_policy(pp, trust_domain)))
             })
             .collect(),
-        default: p.default.map(port_policy).unwrap_or_default(),
+        default: p
+            .default
+            .map(|d| port_policy(d, trust_domain))
+            .unwrap_or_default(),
     }
 }
 
@@ -153,8 +178,17 @@ mod tests {
 
         let listed = PortPolicy {
             mode: Mode::Permissive,
-            allow: vec![Allow::Namespace("shop".into())],
+            allow: vec![Allow::Namespace {
+                namespace: "shop".into(),
+                trust_domain: "td".into(),
+            }],
         };
+        let elsewhere = id("spiffe://other.td/ns/shop/sa/web");
+        assert_eq!(
+            listed.check(80, Some(&elsewhere)),
+            Err(Denied::NotAllowed(80, elsewhere.clone())),
+            "a namespace rule admits only this trust domain"
+        );
         assert_eq!(listed.check(80, Some(&web)), Ok(()));
         assert_eq!(
             listed.check(80, Some(&other)),
@@ -162,5 +196,31 @@ mod tests {
         );
         assert_eq!(listed.check(80, None), Err(Denied::Unauthenticated(80)));
         assert_eq!(PortPolicy::default().check(80, None), Ok(()));
+    }
+
+    #[test]
+    fn an_unreadable_allow_entry_narrows_access_never_opens_it() {
+        let p = parse(
+            api::WorkloadPolicy {
+                ports: vec![],
+                default: Some(api::PortPolicy {
+                    port: 0,
+                    mode: api::MtlsMode::Strict as i32,
+                    allow: vec![api::Authorization {
+                        subject: Some(api::authorization::Subject::Identity(
+                            api::WorkloadIdentity {
+                                spiffe_id: "spiffe://td/ns/shop/sa/*".into(),
+                            },
+                        )),
+                    }],
+                }),
+            },
+            "td",
+        );
+        let web = id("spiffe://td/ns/shop/sa/web");
+        assert_eq!(
+            p.port(80).check(80, Some(&web)),
+            Err(Denied::NotAllowed(80, web.clone()))
+        );
     }
 }

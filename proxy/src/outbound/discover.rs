@@ -16,7 +16,7 @@ use crate::control::discovery::{Discovery, Resolved};
 use crate::control::view::Resolution;
 use crate::defaults;
 use crate::http::body::GuardedBody;
-use crate::http::error::error_response;
+use crate::http::error::{endpoint_failed, error_response};
 use crate::http::{BoxBody, Dst, ToPeer, boxed};
 
 #[derive(Clone, Debug)]
@@ -99,7 +99,11 @@ where
                 });
             }
             let rsp = inner.call(req).await?;
-            in_flight.observe();
+            if endpoint_failed(&rsp) {
+                in_flight.fail();
+            } else {
+                in_flight.observe();
+            }
             Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight))))
         })
     }

@@ -47,7 +47,7 @@ impl Outbound {
     /// Handles one connection. `fixed` is the destination of an `--upstream` listener.
     pub async fn handle(self, acc: Accepted, fixed: Option<DestAddr>) {
         let s = &self.shared;
-        let dst = fixed.or_else(|| orig_dst(&acc.stream, acc.local).map(|o| DestAddr::Socket(o.0)));
+        let dst = fixed.or_else(|| orig_dst(&acc.stream).map(|o| DestAddr::Socket(o.0)));
         let opaque = dst
             .as_ref()
             .is_some_and(|d| s.config.opaque_ports.contains(d.port()));
@@ -95,13 +95,13 @@ impl Outbound {
             balancer,
         }) = resolved
         {
-            let Some((ep, _in_flight)) = balancer.pick(&svc.endpoints) else {
+            let Some((ep, in_flight)) = balancer.pick(&svc.endpoints) else {
                 s.metrics.reject_tcp(DIRECTION, "no_endpoints");
                 warn!(service = %svc.name, "no endpoints; opaque stream closed");
                 return;
             };
             if let (Some(peer), Some(creds)) = (&ep.proxy, &s.identity) {
-                return self.opaque_over_mtls(io, ep, peer, creds).await;
+                return self.opaque_over_mtls(io, ep, peer, creds, &in_flight).await;
             }
             let to = DestAddr::Socket(ep.addr);
             return crate::tcp::forward(io, &to, &s.tcp, &s.metrics, DIRECTION).await;
@@ -118,6 +118,7 @@ impl Outbound {
         ep: &crate::control::view::Endpoint,
         peer: &crate::control::view::PeerProxy,
         creds: &std::sync::Arc<crate::identity::Credentials>,
+        in_flight: &crate::balance::InFlight,
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -125,6 +126,7 @@ impl Outbound {
         let s = &self.shared;
         let addr = ep.connect_addr();
         let failed = |reason: &'static str, error: String| {
+            in_flight.fail();
             s.metrics.reject_tcp(DIRECTION, reason);
             warn!(peer = %addr, identity = %peer.identity, %error, "opaque stream to peer proxy refused");
         };
@@ -166,6 +168,7 @@ impl Outbound {
         {
             return failed("connect", e.to_string());
         }
+        in_flight.observe();
         crate::tcp::splice(io, stream, &addr, &s.tcp, &s.metrics, DIRECTION).await
     }
 }

@@ -89,6 +89,31 @@ async fn request_smuggling_is_refused_with_400() {
     .await;
     assert_eq!(status_of(&rsp), "400", "{rsp}");
     assert_eq!(backend.requests(), 0, "nothing reached the app");
+
+    // Not only the first request of a keep-alive connection is checked.
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).ends_with("\r\n\r\nok") {
+        let mut b = [0u8; 256];
+        let n = s.read(&mut b).await.unwrap();
+        assert!(n > 0, "connection closed after the first request");
+        first.extend_from_slice(&b[..n]);
+    }
+    s.write_all(b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let rsp = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&rsp), "400", "{rsp}");
+    assert_eq!(
+        backend.requests(),
+        1,
+        "only the clean request reached the app"
+    );
 }
 
 #[tokio::test]

@@ -56,3 +56,56 @@ async fn inbound_without_a_target_port_is_a_clear_400() {
         StatusCode::BAD_REQUEST
     );
 }
+
+#[tokio::test]
+async fn the_proxys_own_ports_are_never_a_target() {
+    let backend = Backend::start().await;
+    let proxy = support::start(support::with_upstream(support::config(), backend.addr)).await;
+    let c = client::http1();
+    // Aimed at the admin server, a remote client would be "loopback" there and
+    // could shut the proxy down; aimed at the outbound or an upstream listener,
+    // it would use this pod as an open proxy.
+    for port in [
+        proxy.addrs.admin.port(),
+        proxy.addrs.outbound.port(),
+        proxy.upstream().port(),
+        proxy.addrs.inbound.port(),
+    ] {
+        let req = Request::post(format!("http://{}/shutdown", proxy.addrs.inbound))
+            .header("strait-target-port", port.to_string())
+            .body(client::empty())
+            .unwrap();
+        let rsp = c.request(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::BAD_REQUEST, "port {port}");
+        assert!(
+            rsp.headers()["strait-proxy-error"]
+                .to_str()
+                .unwrap()
+                .contains("loop"),
+            "{:?}",
+            rsp.headers()
+        );
+    }
+    let (status, _) = strait_tests::wait::admin_get(proxy.addrs.admin, "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "still serving");
+    assert_eq!(backend.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_host_naming_the_proxy_itself_is_refused_as_a_loop() {
+    let proxy = support::start(support::config()).await;
+    let c = client::http1();
+    let req = Request::get(format!("http://{}/", proxy.addrs.outbound))
+        .header("host", format!("localhost:{}", proxy.addrs.outbound.port()))
+        .body(client::empty())
+        .unwrap();
+    let rsp = c.request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::BAD_REQUEST);
+    let m = proxy.metrics_text();
+    assert!(
+        m.contains("strait_proxy_http_requests_total{direction=\"outbound\"} 1"),
+        "one request, not a cascade: {m}"
+    );
+}

@@ -1,5 +1,6 @@
 //! Workload identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
-//! parsed once at the edge.
+//! parsed once at the edge. One grammar for both sides: what the controller
+//! accepts in a policy or signs into a certificate is exactly what a proxy reads.
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +30,11 @@ impl Identity {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
+    /// The trust domain part.
+    pub fn trust_domain(&self) -> &str {
+        self.uri.split('/').nth(2).unwrap_or_default()
+    }
+
     /// The namespace part (the identity was validated when parsed).
     pub fn namespace(&self) -> &str {
         self.uri.split('/').nth(4).unwrap_or_default()
@@ -47,21 +53,24 @@ impl Identity {
     }
 }
 
+/// Whether `s` may be one part of an identity (trust domain, namespace, service
+/// account): the characters of Kubernetes names and DNS labels, no wildcards.
+pub fn valid_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
 impl FromStr for Identity {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || IdentityError(s.to_string());
+        let bad = || IdentityError(s.chars().take(300).collect());
         let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let ok_label = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 253
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        };
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if ok_label(td) && ok_label(ns) && ok_label(sa) => {
+            [td, "ns", ns, "sa", sa] if valid_part(td) && valid_part(ns) && valid_part(sa) => {
                 Ok(Identity { uri: s.to_string() })
             }
             _ => Err(bad()),
@@ -92,6 +101,8 @@ mod tests {
             "https://x/ns/a/sa/b",
             "spiffe://td/ns//sa/b",
             "spiffe://td/ns/a/sa/b/extra",
+            "spiffe://td/ns/a/sa/*",
+            "spiffe://td/ns/a b/sa/c",
         ] {
             assert!(bad.parse::<Identity>().is_err(), "{bad}");
         }
