@@ -110,26 +110,30 @@ pub fn parse(v: &serde_json::Value) -> Result<(ObjKey, AuthorizationSpec), SpecE
         return Err(err("spec.ports", "0 is not a port".into()));
     }
     for (i, a) in s.allow.iter().enumerate() {
-        if let Allow::Identity(id) = a
-            && !valid_identity(id)
-        {
-            return Err(err(
-                &format!("spec.allow[{i}].identity"),
-                format!(
-                    "{id:?} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-                ),
-            ));
+        match a {
+            Allow::Identity(id) if !valid_identity(id) => {
+                return Err(err(
+                    &format!("spec.allow[{i}].identity"),
+                    format!(
+                        "{id:?} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (no wildcards)"
+                    ),
+                ));
+            }
+            Allow::Namespace(ns) if !strait_api::identity::valid_part(ns) => {
+                return Err(err(
+                    &format!("spec.allow[{i}].namespace"),
+                    format!("{ns:?} is not a namespace name"),
+                ));
+            }
+            _ => {}
         }
     }
     Ok((key, s))
 }
 
+/// The proxies' own grammar: an entry they could not read must not get this far.
 fn valid_identity(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix("spiffe://") else {
-        return false;
-    };
-    matches!(rest.split('/').collect::<Vec<_>>().as_slice(),
-        [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
+    s.parse::<strait_api::identity::Identity>().is_ok()
 }
 
 /// Whether a policy applies to a pod.
@@ -261,6 +265,12 @@ mod tests {
         bad["spec"]["allow"][0]["identity"] = "web".into();
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.field, "spec.allow[0].identity");
+        // What the proxies could not read (and would have to ignore) is refused here.
+        bad["spec"]["allow"][0]["identity"] = "spiffe://cluster.local/ns/shop/sa/*".into();
+        assert_eq!(parse(&bad).unwrap_err().field, "spec.allow[0].identity");
+        let mut bad = v.clone();
+        bad["spec"]["allow"][1]["namespace"] = "*".into();
+        assert_eq!(parse(&bad).unwrap_err().field, "spec.allow[1].namespace");
 
         let mut bad = v.clone();
         bad["spec"]["mtls"] = "SOMETIMES".into();

@@ -11,7 +11,7 @@ use strait_api::v1::inbound_policy_server::InboundPolicyServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::discovery::{DiscoveryService, Views};
 use crate::identity::IdentityService;
@@ -81,6 +81,12 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
     if d < Duration::from_secs(1) {
         return Err("a certificate must live at least 1s".into());
     }
+    if d > defaults::MAX_CERT_LIFETIME {
+        return Err(format!(
+            "a workload certificate may live at most {}",
+            humantime::format_duration(defaults::MAX_CERT_LIFETIME)
+        ));
+    }
     Ok(d)
 }
 
@@ -101,6 +107,17 @@ pub struct Controller {
 
 impl Controller {
     pub async fn bind(args: ControllerArgs) -> anyhow::Result<Self> {
+        for (flag, v) in [
+            ("--trust-domain", &args.trust_domain),
+            ("--namespace", &args.namespace),
+            ("--service-account", &args.service_account),
+        ] {
+            if !strait_api::identity::valid_part(v) {
+                anyhow::bail!(
+                    "{flag} {v:?}: not usable in an identity (letters, digits, '-', '.', '_')"
+                );
+            }
+        }
         for dir in &args.manifests {
             if !dir.is_dir() {
                 anyhow::bail!("--manifests {}: not a directory", dir.display());
@@ -154,11 +171,27 @@ impl Controller {
             );
             snap_tx.send_replace(Arc::new(s));
         }
-        tokio::spawn(source.run(snap_tx));
+        let (clean_tx, mut clean_rx) = watch::channel(source.is_clean());
+        tokio::spawn(source.run(snap_tx, clean_tx));
 
         let views = Views::new(snap_rx.clone(), metrics.clone());
         tokio::spawn(views.clone().run());
         tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
+        // A controller that starts on broken manifests has no last good state for
+        // them: a policy among them would be missing, and the workloads it guards
+        // open. It serves nobody (and is not ready) until they load; proxies keep
+        // what they knew meanwhile, from the controller this one replaces.
+        let mut shutdown = Box::pin(shutdown);
+        if !*clean_rx.borrow() {
+            warn!("some manifests were rejected (see above); not serving until every file loads");
+            tokio::select! {
+                r = clean_rx.wait_for(|c| *c) => if r.is_err() {
+                    anyhow::bail!("manifest reader stopped");
+                },
+                _ = &mut shutdown => return Ok(()),
+            }
+            info!("every manifest loads now");
+        }
         ready_tx.send_replace(true);
         info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = ?self.args.manifests, issues_certificates = self.ca.is_some(), "controller ready");
 
@@ -166,19 +199,27 @@ impl Controller {
             // Notice proxies that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(DiscoveryServer::new(DiscoveryService::new(
-                views,
-                metrics.clone(),
-            )))
-            .add_service(InboundPolicyServer::new(InboundPolicyService::new(
-                snap_rx.clone(),
-                metrics.clone(),
-            )))
-            .add_service(IdentityServer::new(IdentityService::new(
-                self.ca.clone(),
-                snap_rx,
-                metrics.clone(),
-            )));
+            // Bounded per connection: streams, and the size of what a client sends.
+            .max_concurrent_streams(Some(defaults::GRPC_MAX_CONCURRENT_STREAMS))
+            .add_service(
+                DiscoveryServer::new(DiscoveryService::new(views, metrics.clone()))
+                    .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                InboundPolicyServer::new(InboundPolicyService::new(
+                    snap_rx.clone(),
+                    metrics.clone(),
+                ))
+                .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                IdentityServer::new(IdentityService::new(
+                    self.ca.clone(),
+                    snap_rx,
+                    metrics.clone(),
+                ))
+                .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
+            );
         // Issuing certificates means proxies send tokens: the port is TLS-only then.
         match &self.ca {
             Some(ca) => {

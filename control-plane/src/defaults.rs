@@ -21,6 +21,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The manifests directory is watched with inotify; a change is applied after this
 /// quiet period, so an editor's burst of writes becomes one reload.
 pub const MANIFEST_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(10);
+/// A manifest that suddenly holds nothing is applied only once it stayed empty
+/// this long: `cmd > file` truncates the file before `cmd` writes it.
+pub const MANIFEST_EMPTY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Largest manifest file read (a whole namespace's worth of objects fits).
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// And rescanned this often regardless (files compared by modification time and
 /// size), for filesystems that do not report changes.
 pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -37,6 +42,9 @@ pub const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
 /// Lifetime of workload certificates: short, so a leaked one is soon useless;
 /// proxies renew at about 70 % of it.
 pub const CERT_LIFETIME: &str = "24h";
+/// The longest `--cert-lifetime` accepted: a workload certificate is meant to be
+/// short-lived, and no leaf outlives its issuer anyway.
+pub const MAX_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 /// Certificates are back-dated this much, so a peer whose clock is slightly behind
 /// still accepts a brand-new one.
 pub const CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -47,3 +55,14 @@ pub const CONTROLLER_SERVICE_ACCOUNT: &str = "strait-controller";
 
 /// A TLS handshake on the gRPC port must finish within this.
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Longest destination a proxy may watch: a DNS name (253) and a port, with room.
+pub const MAX_DESTINATION_LEN: usize = 300;
+/// Views of destinations are dropped when nobody watches them, on every index
+/// change and whenever the map grows past this (then twice its live size).
+pub const VIEWS_PRUNE_AT: usize = 1024;
+/// Streams one proxy connection may hold: its discovery watches (the proxy keeps
+/// at most 1,000), its policy watch and certificate requests, with room.
+pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 2048;
+/// Largest gRPC message accepted: a CSR and a token are a few KiB.
+pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;

@@ -34,6 +34,18 @@ impl ControllerProc {
         pki: Option<&Pki>,
         lifetime: Option<&str>,
     ) -> ControllerProc {
+        let cp = Self::spawn(dir, grpc, pki, lifetime);
+        wait::ready(cp.admin, Duration::from_secs(20)).await;
+        cp
+    }
+
+    /// Starts without waiting for `/ready`.
+    pub fn spawn(
+        dir: &Path,
+        grpc: SocketAddr,
+        pki: Option<&Pki>,
+        lifetime: Option<&str>,
+    ) -> ControllerProc {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut args = vec![
             "controller".into(),
@@ -49,14 +61,14 @@ impl ControllerProc {
             args.push(format!("--cert-lifetime={l}"));
         }
         let proc = Proc::spawn("strait", &args, &[("STRAIT_LOG", "warn")]);
-        wait::ready(admin, Duration::from_secs(20)).await;
         ControllerProc { proc, grpc, admin }
     }
 
+    /// A metric's value; 0 while the admin server does not answer yet.
     pub async fn metric(&self, name: &str) -> f64 {
-        let (_, text) = wait::admin_get(self.admin, "/metrics")
-            .await
-            .expect("controller metrics");
+        let Ok((_, text)) = wait::admin_get(self.admin, "/metrics").await else {
+            return 0.0;
+        };
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())

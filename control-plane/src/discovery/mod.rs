@@ -14,7 +14,9 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use crate::index::{DestKey, Snapshot, view::view};
+use crate::defaults;
+use crate::index::view::{self, view};
+use crate::index::{DestKey, Snapshot};
 use crate::metrics::{Metrics, WatchGuard};
 
 type Update = Arc<api::DestinationUpdate>;
@@ -23,33 +25,64 @@ type Update = Arc<api::DestinationUpdate>;
 #[derive(Debug)]
 pub struct Views {
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    entries: Mutex<HashMap<DestKey, watch::Sender<Update>>>,
+    entries: Mutex<Entries>,
     metrics: Arc<Metrics>,
+}
+
+#[derive(Debug)]
+struct Entries {
+    views: HashMap<DestKey, watch::Sender<Update>>,
+    /// Size at which views nobody watches any more are dropped, so that watches
+    /// that come and go do not grow the map between index changes.
+    prune_at: usize,
+}
+
+/// The index version a view was computed from, which is not part of what it says.
+fn version_of(u: &api::DestinationUpdate) -> u64 {
+    match &u.kind {
+        Some(api::destination_update::Kind::Service(s)) => s.version,
+        _ => 0,
+    }
+}
+
+fn set_version(u: &mut api::DestinationUpdate, version: u64) {
+    if let Some(api::destination_update::Kind::Service(s)) = &mut u.kind {
+        s.version = version;
+    }
 }
 
 impl Views {
     pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Views {
             snapshot,
-            entries: Mutex::default(),
+            entries: Mutex::new(Entries {
+                views: HashMap::new(),
+                prune_at: defaults::VIEWS_PRUNE_AT,
+            }),
             metrics,
         })
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<DestKey, watch::Sender<Update>>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn subscribe(&self, key: DestKey) -> watch::Receiver<Update> {
         let mut entries = self.entries();
-        if let Some(tx) = entries.get(&key) {
+        if let Some(tx) = entries.views.get(&key) {
             return tx.subscribe();
+        }
+        if entries.views.len() >= entries.prune_at {
+            entries.views.retain(|_, tx| tx.receiver_count() > 0);
+            entries.prune_at = (entries.views.len() * 2).max(defaults::VIEWS_PRUNE_AT);
         }
         let snap = self.snapshot.borrow().clone();
         let tx = watch::Sender::new(Arc::new(view(&snap, &key)));
         let rx = tx.subscribe();
-        entries.insert(key, tx);
-        self.metrics.watched_destinations.set(entries.len() as i64);
+        entries.views.insert(key, tx);
+        self.metrics
+            .watched_destinations
+            .set(entries.views.len() as i64);
         rx
     }
 
@@ -60,16 +93,23 @@ impl Views {
             let snap = rx.borrow_and_update().clone();
             let watched: Vec<(DestKey, watch::Sender<Update>)> = {
                 let mut entries = self.entries();
-                entries.retain(|_, tx| tx.receiver_count() > 0);
-                self.metrics.watched_destinations.set(entries.len() as i64);
+                entries.views.retain(|_, tx| tx.receiver_count() > 0);
+                self.metrics
+                    .watched_destinations
+                    .set(entries.views.len() as i64);
                 entries
+                    .views
                     .iter()
                     .map(|(k, tx)| (k.clone(), tx.clone()))
                     .collect()
             };
             for (key, tx) in watched {
-                let v = view(&snap, &key);
+                // Compared as of the same version: a change elsewhere in the mesh
+                // is not a change of this view, and is not pushed.
+                let mut v = view(&snap, &key);
+                set_version(&mut v, version_of(&tx.borrow()));
                 if **tx.borrow() != v {
+                    set_version(&mut v, snap.version);
                     tx.send_replace(Arc::new(v));
                     self.metrics
                         .push_latency
@@ -103,6 +143,12 @@ impl Discovery for DiscoveryService {
         req: Request<api::WatchDestination>,
     ) -> Result<Response<UpdateStream>, Status> {
         let w = req.into_inner();
+        if w.destination.len() > defaults::MAX_DESTINATION_LEN {
+            return Err(Status::invalid_argument(format!(
+                "destination is longer than {} bytes",
+                defaults::MAX_DESTINATION_LEN
+            )));
+        }
         let ns = if w.context_namespace.is_empty() {
             "default"
         } else {
@@ -112,6 +158,18 @@ impl Discovery for DiscoveryService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         debug!(destination = %w.destination, ?key, proxy = %w.proxy_id, "watch");
         let guard = WatchGuard::new(&self.metrics, "discovery");
+        if let DestKey::External(_) = key {
+            // Never a Service, whatever the index says: answered without keeping a
+            // view, so made-up names cost nothing to hold. The stream stays open,
+            // so the proxy notices a controller going away.
+            let stream = futures_util::stream::once(async { Ok(view::not_meshed()) })
+                .chain(futures_util::stream::pending())
+                .map(move |u| {
+                    let _alive = &guard;
+                    u
+                });
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let rx = self.views.subscribe(key);
         let stream = WatchStream::new(rx).map(move |u| {
             let _alive = &guard;

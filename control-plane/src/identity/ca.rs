@@ -50,6 +50,11 @@ pub struct Leaf {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     issuer_der: CertificateDer<'static>,
+    /// Certificates between the issuer and the anchor (an issuer under an
+    /// intermediate), sent with every leaf.
+    intermediates: Vec<CertificateDer<'static>>,
+    /// No leaf outlives the issuer that signed it.
+    issuer_not_after: SystemTime,
     lifetime: Duration,
 }
 
@@ -88,8 +93,14 @@ impl Ca {
         lifetime: Duration,
     ) -> Result<Self, (&'static str, String)> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| ("--issuer-key", e.to_string()))?;
-        let issuer_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| ("--issuer-cert", e.to_string()))?;
+        let mut chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ("--issuer-cert", e.to_string()))?
+            .into_iter();
+        let issuer_der = chain
+            .next()
+            .ok_or(("--issuer-cert", "no certificate in the file".to_string()))?;
+        let intermediates: Vec<CertificateDer<'static>> = chain.collect();
         // A key that is not the certificate's would sign leaves nobody can verify.
         let (_, cert) = x509_parser::parse_x509_certificate(&issuer_der)
             .map_err(|e| ("--issuer-cert", e.to_string()))?;
@@ -102,18 +113,88 @@ impl Ca {
         if !cert.is_ca() {
             return Err(("--issuer-cert", "not a CA certificate".into()));
         }
+        let validity = cert.validity();
+        let secs = |t: &x509_parser::time::ASN1Time| {
+            u64::try_from(t.timestamp())
+                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        let (not_before, issuer_not_after) =
+            (secs(&validity.not_before), secs(&validity.not_after));
+        let now = SystemTime::now();
+        if issuer_not_after <= now {
+            return Err((
+                "--issuer-cert",
+                format!(
+                    "expired at {}",
+                    humantime::format_rfc3339_seconds(issuer_not_after)
+                ),
+            ));
+        }
+        if not_before > now + defaults::CERT_BACKDATE {
+            return Err((
+                "--issuer-cert",
+                format!(
+                    "not valid before {}",
+                    humantime::format_rfc3339_seconds(not_before)
+                ),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_der(&issuer_der, key)
             .map_err(|e| ("--issuer-cert", e.to_string()))?;
-        Ok(Ca {
+        let ca = Ca {
             issuer,
             issuer_der,
+            intermediates,
+            issuer_not_after,
             lifetime,
-        })
+        };
+        ca.probe().map_err(|e| ("--issuer-cert", e))?;
+        Ok(ca)
+    }
+
+    /// Signs a throw-away leaf and verifies it against the issuer, as a proxy
+    /// would: an issuer whose name rcgen cannot reproduce exactly (repeated
+    /// attributes such as two OUs) would otherwise sign leaves nobody accepts.
+    fn probe(&self) -> Result<(), String> {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+        let uri = rcgen::string::Ia5String::try_from("spiffe://probe/ns/probe/sa/probe")
+            .map_err(|e| e.to_string())?;
+        let leaf = self
+            .issue(&key, vec![SanType::URI(uri)])
+            .map_err(|e| e.to_string())?;
+        let anchor = webpki::anchor_from_trusted_cert(&self.issuer_der)
+            .map_err(|e| format!("unusable as a trust anchor: {e}"))?;
+        let der = CertificateDer::from(leaf.der);
+        let ee = webpki::EndEntityCert::try_from(&der).map_err(|e| e.to_string())?;
+        ee.verify_for_usage(
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .all,
+            &[anchor],
+            &[],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| format!("certificates it signs would not verify against it ({e:?}); is its subject name unusual (repeated attributes)?"))
     }
 
     /// The issuer's certificate, sent with every leaf.
     pub fn issuer_der(&self) -> &[u8] {
         &self.issuer_der
+    }
+
+    /// What a leaf's holder presents after the leaf: the issuer and any
+    /// intermediates above it.
+    pub fn chain_der(&self) -> Vec<Vec<u8>> {
+        std::iter::once(&self.issuer_der)
+            .chain(&self.intermediates)
+            .map(|c| c.to_vec())
+            .collect()
     }
 
     /// Signs a leaf for `identity` with the CSR's public key, if the CSR asks for
@@ -122,6 +203,7 @@ impl Ca {
     pub fn sign(&self, csr_der: &[u8], identity: &str) -> Result<Leaf, SignError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(|e| SignError::BadCsr(e.to_string()))?;
+        check_key(csr_der, csr.public_key.algorithm())?;
         let asked: Vec<String> = csr
             .params
             .subject_alt_names
@@ -162,7 +244,7 @@ impl Ca {
     /// validity; nothing else.
     fn issue(&self, public: &impl PublicKeyData, sans: Vec<SanType>) -> Result<Leaf, SignError> {
         let now = SystemTime::now();
-        let not_after = now + self.lifetime;
+        let not_after = (now + self.lifetime).min(self.issuer_not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = sans;
@@ -189,6 +271,33 @@ impl Ca {
             serial: serial_hex,
             not_after,
         })
+    }
+}
+
+/// The CSR's key is one proxies generate (ECDSA P-256, or Ed25519), and the CSR
+/// is signed with the matching algorithm: rcgen takes the leaf's key algorithm
+/// from the CSR's signature, so a P-384 key signed with SHA-256 would yield a
+/// leaf whose key and algorithm disagree.
+fn check_key(csr_der: &[u8], alg: &rcgen::SignatureAlgorithm) -> Result<(), SignError> {
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
+    use x509_parser::prelude::FromDer;
+    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| SignError::BadCsr(e.to_string()))?;
+    let spki = &req.certification_request_info.subject_pki.algorithm;
+    let curve = spki.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    let ok = if *alg == rcgen::PKCS_ECDSA_P256_SHA256 {
+        spki.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256)
+    } else if *alg == rcgen::PKCS_ED25519 {
+        spki.algorithm == OID_SIG_ED25519
+    } else {
+        false
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(SignError::BadCsr(
+            "the key must be ECDSA P-256 (signed with SHA-256) or Ed25519".into(),
+        ))
     }
 }
 
@@ -326,5 +435,46 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.0, "--issuer-key", "{err:?}");
+    }
+
+    #[test]
+    fn refuses_a_key_proxies_do_not_use() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![uri(WEB)];
+        let der = p.serialize_request(&key).unwrap().der().to_vec();
+        assert!(matches!(ca().sign(&der, WEB), Err(SignError::BadCsr(_))));
+    }
+
+    /// A self-signed CA valid from `from` to `to` (relative to now), as PEM.
+    fn issuer_valid(from: Duration, to: Duration, past: bool) -> (String, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = ca_params("identity.test", Duration::from_secs(1), 0);
+        let now = SystemTime::now();
+        if past {
+            p.not_before = (now - from).into();
+            p.not_after = (now - to).into();
+        } else {
+            p.not_after = (now + to).into();
+        }
+        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn an_expired_issuer_is_refused_at_load() {
+        let (cert, key) = issuer_valid(Duration::from_secs(7200), Duration::from_secs(3600), true);
+        let err = Ca::from_pem(&cert, &key, Duration::from_secs(60)).unwrap_err();
+        assert!(err.1.contains("expired"), "{err:?}");
+    }
+
+    #[test]
+    fn no_leaf_outlives_its_issuer() {
+        let (cert, key) = issuer_valid(Duration::ZERO, Duration::from_secs(30), false);
+        let ca = Ca::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();
+        let leaf = ca.sign(&csr(vec![uri(WEB)]), WEB).unwrap();
+        assert!(
+            leaf.not_after <= SystemTime::now() + Duration::from_secs(30),
+            "the leaf ends with its issuer"
+        );
     }
 }

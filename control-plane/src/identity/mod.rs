@@ -66,24 +66,36 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
                 .cloned();
             (snap.trust_domain.clone(), account)
         };
+        // What a caller asked for is untrusted text: logged short and escaped.
+        let asked: String = r.identity.chars().take(300).collect();
         let Some(account) = account else {
-            warn!(asked = %r.identity, "certificate refused: unknown token");
+            warn!(asked = ?asked, "certificate refused: unknown token");
             return Err(self.refuse(
                 "unknown_token",
                 Status::unauthenticated("the token proves no service account"),
             ));
         };
-        let identity = format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            account.namespace, account.name
-        );
+        let identity = match strait_api::identity::Identity::of(
+            &trust_domain,
+            &account.namespace,
+            &account.name,
+        ) {
+            Ok(id) => id.to_string(),
+            Err(e) => {
+                // Validated when read; a token for an unnameable account is refused.
+                warn!(error = %e, "certificate refused: the token's service account makes no identity");
+                return Err(self.refuse(
+                    "unknown_token",
+                    Status::unauthenticated("the token proves no valid service account"),
+                ));
+            }
+        };
         if r.identity != identity {
-            warn!(asked = %r.identity, token_for = %identity, "certificate refused: identity not the token's");
+            warn!(asked = ?asked, token_for = %identity, "certificate refused: identity not the token's");
             return Err(self.refuse(
                 "wrong_identity",
                 Status::permission_denied(format!(
-                    "asked for {}, the token is for {identity}",
-                    r.identity
+                    "asked for {asked:?}, the token is for {identity}"
                 )),
             ));
         }
@@ -103,7 +115,7 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
         self.metrics.certificates_issued.inc();
         Ok(Response::new(api::CertifyResponse {
             leaf_der: leaf.der,
-            intermediates_der: vec![ca.issuer_der().to_vec()],
+            intermediates_der: ca.chain_der(),
             valid_until: Some(valid_until),
         }))
     }

@@ -50,10 +50,10 @@ fn certified(ca: &Ca, name: &ServingName) -> anyhow::Result<(Arc<CertifiedKey>, 
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let signing = provider.key_provider.load_private_key(der)?;
-    let chain = vec![
-        CertificateDer::from(leaf.der),
-        CertificateDer::from(ca.issuer_der().to_vec()),
-    ];
+    let chain = std::iter::once(leaf.der)
+        .chain(ca.chain_der())
+        .map(CertificateDer::from)
+        .collect();
     info!(identity = %name.identity, serial = %leaf.serial, "controller serving certificate issued");
     Ok((Arc::new(CertifiedKey::new(chain, signing)), leaf.not_after))
 }

@@ -153,10 +153,20 @@ fn key(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> Result<ObjKey, ObjectError> {
     let name = meta.name.clone().ok_or(ObjectError::NoName { kind })?;
-    Ok(ObjKey {
+    let k = ObjKey {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name,
-    })
+    };
+    // Namespaces end up in identities and destination names.
+    if !strait_api::identity::valid_part(&k.namespace) {
+        return Err(ObjectError::Field {
+            kind,
+            field: "metadata.namespace".into(),
+            reason: format!("{:?} is not a namespace name", k.namespace),
+            key: k,
+        });
+    }
+    Ok(k)
 }
 
 fn port(kind: &'static str, key: &ObjKey, field: String, p: i32) -> Result<u16, ObjectError> {
@@ -284,11 +294,11 @@ impl SnapshotBuilder {
             .annotations
             .as_ref()
             .and_then(|a| a.get(defaults::SA_NAME_ANNOTATION))
-            .filter(|n| !n.is_empty())
+            .filter(|n| strait_api::identity::valid_part(n))
             .ok_or_else(|| {
                 field(
                     format!("metadata.annotations[\"{}\"]", defaults::SA_NAME_ANNOTATION),
-                    "missing: which service account the token is for",
+                    "missing or not a service-account name: which service account the token is for",
                 )
             })?;
         let token = secret
@@ -346,6 +356,15 @@ impl SnapshotBuilder {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_else(|| "default".into());
+        // It becomes part of the pod's identity, which proxies parse strictly.
+        if !strait_api::identity::valid_part(&service_account) {
+            return Err(ObjectError::Field {
+                kind: KIND,
+                key: k.clone(),
+                field: "spec.serviceAccountName".into(),
+                reason: format!("{service_account:?} is not a service-account name"),
+            });
+        }
         Ok((
             k,
             PodInfo {

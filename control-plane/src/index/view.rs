@@ -61,7 +61,7 @@ impl DestKey {
     }
 }
 
-fn not_meshed() -> api::DestinationUpdate {
+pub fn not_meshed() -> api::DestinationUpdate {
     api::DestinationUpdate {
         kind: Some(api::destination_update::Kind::NotMeshed(api::NotMeshed {})),
     }

@@ -7,24 +7,41 @@
 
 mod parse;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-pub use parse::{Object, ParseError, parse_file};
+pub use parse::{ObjId, Object, ParseError, parse_file};
 
 use crate::defaults;
 use crate::index::Snapshot;
 use crate::metrics::Metrics;
 
+/// What identifies a version of a file without reading it. The inode and change
+/// time catch a rewrite of the same length within one mtime tick, and a file
+/// replaced by rename.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
+    inode: u64,
+    changed_ns: i128,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+            changed_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -33,11 +50,21 @@ struct FileState {
     objects: Vec<Object>,
 }
 
+type FileName = Arc<Path>;
+
 /// Reads a directory of manifests into snapshots.
 #[derive(Debug)]
 pub struct ManifestSource {
     dirs: Vec<PathBuf>,
-    files: BTreeMap<PathBuf, FileState>,
+    files: BTreeMap<FileName, FileState>,
+    /// Which files define each object, in path order: the first one's definition
+    /// is in force. Objects are added and removed by what defines them, so that a
+    /// file renamed, or an object moved from one file to another, never takes an
+    /// object away that another file still defines.
+    owners: HashMap<ObjId, Vec<FileName>>,
+    /// Files whose current content was rejected (their last good objects, if any,
+    /// stay in force).
+    broken: HashSet<FileName>,
     /// The index as of the last scan; each scan applies only what changed.
     current: Snapshot,
     metrics: Arc<Metrics>,
@@ -46,13 +73,38 @@ pub struct ManifestSource {
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
 
 fn read_and_parse(path: &Path) -> Parsed {
-    std::fs::read_to_string(path)
-        .map_err(|e| vec![ParseError::Io(e.to_string())])
+    read(path)
+        .map_err(|e| vec![ParseError::Io(e)])
         .and_then(|text| parse_file(&text))
 }
 
+/// A manifest's text: a regular file (or a link to one) of bounded size.
+fn read(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let max = defaults::MAX_MANIFEST_BYTES;
+    if meta.len() > max {
+        return Err(format!(
+            "{} bytes, more than the {max} a manifest may hold",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("more than the {max} bytes a manifest may hold"));
+    }
+    Ok(text)
+}
+
 /// Parses files on every core: the first load of a large mesh is mostly YAML.
-fn parse_all(paths: &[PathBuf]) -> Vec<Parsed> {
+fn parse_all(paths: &[FileName]) -> Vec<Parsed> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(paths.len().max(1));
@@ -76,12 +128,27 @@ fn parse_all(paths: &[PathBuf]) -> Vec<Parsed> {
     })
 }
 
+/// Whether a file's new content is "nothing" while it held objects, and it was
+/// written a moment ago: likely a file being rewritten in place (`> file`, then
+/// the writer's output). Applied only once it has stayed empty a while.
+fn emptied_just_now(objects: &[Object], old: Option<&FileState>, stamp: &Stamp) -> bool {
+    objects.is_empty()
+        && old.is_some_and(|o| !o.objects.is_empty())
+        && stamp.modified.is_some_and(|m| {
+            SystemTime::now()
+                .duration_since(m)
+                .is_ok_and(|age| age < defaults::MANIFEST_EMPTY_GRACE)
+        })
+}
+
 impl ManifestSource {
     /// A source over the YAML files of every directory in `dirs`, read as one set.
     pub fn new(dirs: Vec<PathBuf>, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
         ManifestSource {
             dirs,
             files: BTreeMap::new(),
+            owners: HashMap::new(),
+            broken: HashSet::new(),
             current: Snapshot::empty(trust_domain),
             metrics,
         }
@@ -98,33 +165,43 @@ impl ManifestSource {
                 return None;
             }
         }
+        paths.sort();
+        paths.dedup();
         let mut todo = Vec::new();
         for path in &paths {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue;
             };
-            let stamp = Stamp {
-                modified: meta.modified().ok(),
-                len: meta.len(),
-            };
-            if self.files.get(path).is_none_or(|f| f.stamp != stamp) {
-                todo.push((path.clone(), stamp));
+            let stamp = Stamp::of(&meta);
+            if self
+                .files
+                .get(path.as_path())
+                .is_none_or(|f| f.stamp != stamp)
+            {
+                todo.push((FileName::from(path.as_path()), stamp));
             }
         }
         let mut changed = self.current.version == 0;
-        let to_parse: Vec<PathBuf> = todo.iter().map(|(p, _)| p.clone()).collect();
+        let mut touched: HashSet<ObjId> = HashSet::new();
+        let to_parse: Vec<FileName> = todo.iter().map(|(p, _)| p.clone()).collect();
         for ((path, stamp), parsed) in todo.into_iter().zip(parse_all(&to_parse)) {
+            // Written to while we read it: what we read may be half of it. The
+            // write's own event (or the next rescan) brings it back.
+            if std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok() != Some(stamp.clone()) {
+                debug!(file = %path.display(), "manifest changed while read; reading it again later");
+                continue;
+            }
             match parsed {
+                Ok(objects) if emptied_just_now(&objects, self.files.get(&path), &stamp) => {
+                    debug!(file = %path.display(), "manifest emptied; applied if it stays empty");
+                }
                 Ok(objects) => {
                     info!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    self.broken.remove(&path);
                     if let Some(old) = self.files.remove(&path) {
-                        for o in &old.objects {
-                            o.remove_from(&mut self.current);
-                        }
+                        self.disown(&path, &old.objects, &mut touched);
                     }
-                    for o in &objects {
-                        o.add_to(&mut self.current);
-                    }
+                    self.own(&path, &objects, &mut touched);
                     self.files.insert(path, FileState { stamp, objects });
                     changed = true;
                 }
@@ -133,6 +210,7 @@ impl ManifestSource {
                         error!(file = %path.display(), error = %e, "manifest rejected; its last good objects stay in force");
                     }
                     self.metrics.reload_errors.inc();
+                    self.broken.insert(path.clone());
                     // Remember the stamp so the same broken file is reported once.
                     let objects = self
                         .files
@@ -143,21 +221,21 @@ impl ManifestSource {
                 }
             }
         }
-        let gone: Vec<PathBuf> = self
+        let gone: Vec<FileName> = self
             .files
             .keys()
-            .filter(|p| !paths.contains(p))
+            .filter(|p| paths.binary_search_by(|q| q.as_path().cmp(p)).is_err())
             .cloned()
             .collect();
         for path in gone {
+            self.broken.remove(&path);
             if let Some(old) = self.files.remove(&path) {
                 info!(file = %path.display(), "manifest removed");
-                for o in &old.objects {
-                    o.remove_from(&mut self.current);
-                }
+                self.disown(&path, &old.objects, &mut touched);
                 changed = true;
             }
         }
+        self.apply(touched);
         if !changed {
             return None;
         }
@@ -166,12 +244,77 @@ impl ManifestSource {
         Some(self.current.clone())
     }
 
-    /// Rescans on every change the filesystem reports (debounced) and every
-    /// `MANIFEST_SCAN_INTERVAL`, publishing each new snapshot.
-    pub async fn run(mut self, tx: watch::Sender<Arc<Snapshot>>) {
+    /// Whether every file's current content was accepted. A controller that
+    /// starts on broken files has no last good state for them (a policy among
+    /// them would silently be missing), so it serves only once this is true.
+    pub fn is_clean(&self) -> bool {
+        self.broken.is_empty()
+    }
+
+    fn disown(&mut self, path: &FileName, objects: &[Object], touched: &mut HashSet<ObjId>) {
+        for id in objects.iter().filter_map(Object::id) {
+            if let Some(files) = self.owners.get_mut(&id) {
+                files.retain(|f| f != path);
+                if files.is_empty() {
+                    self.owners.remove(&id);
+                }
+            }
+            touched.insert(id);
+        }
+    }
+
+    fn own(&mut self, path: &FileName, objects: &[Object], touched: &mut HashSet<ObjId>) {
+        let mut conflicts = 0;
+        for id in objects.iter().filter_map(Object::id) {
+            let files = self.owners.entry(id.clone()).or_default();
+            if let Err(at) = files.binary_search(path) {
+                files.insert(at, path.clone());
+            }
+            if files.len() > 1 {
+                conflicts += 1;
+                error!(
+                    object = %id,
+                    files = ?files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                    "object defined in more than one file; the first one's definition is used"
+                );
+            }
+            touched.insert(id);
+        }
+        if conflicts > 0 {
+            self.metrics.reload_errors.inc();
+        }
+    }
+
+    /// Brings every touched object in the index in line with the file that now
+    /// defines it (if any does).
+    fn apply(&mut self, touched: HashSet<ObjId>) {
+        let mut by_file: HashMap<FileName, HashSet<ObjId>> = HashMap::new();
+        for id in touched {
+            id.remove_from(&mut self.current);
+            if let Some(first) = self.owners.get(&id).and_then(|f| f.first()) {
+                by_file.entry(first.clone()).or_default().insert(id);
+            }
+        }
+        for (path, ids) in by_file {
+            let Some(file) = self.files.get(&path) else {
+                continue;
+            };
+            for o in &file.objects {
+                if o.id().is_some_and(|id| ids.contains(&id)) {
+                    o.add_to(&mut self.current);
+                }
+            }
+        }
+    }
+
+    /// Rescans on every change the filesystem reports (once the burst of writes
+    /// is over) and every `MANIFEST_SCAN_INTERVAL`, publishing each new snapshot.
+    pub async fn run(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
         let (ev_tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Reads are not changes: our own scans open every directory, and
+            // reporting that would rescan for ever.
+            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                 let _ = ev_tx.try_send(());
             }
         })
@@ -190,16 +333,36 @@ impl ManifestSource {
         };
         let mut tick = tokio::time::interval(defaults::MANIFEST_SCAN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut source = self;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(()) = events.recv() => {
-                    tokio::time::sleep(defaults::MANIFEST_DEBOUNCE).await;
-                    while events.try_recv().is_ok() {}
+                    // Debounced on the trailing edge: wait until writes stop.
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(defaults::MANIFEST_DEBOUNCE, events.recv()).await
+                    {}
                 }
             }
-            if let Some(s) = self.scan() {
-                self.metrics.observe_snapshot(&s);
+            // Reading and parsing is blocking work; keep it off the runtime.
+            let scanned = tokio::task::spawn_blocking(move || {
+                let snap = source.scan();
+                (source, snap)
+            })
+            .await;
+            let snap;
+            (source, snap) = match scanned {
+                Ok(r) => r,
+                Err(e) => {
+                    // Better restarted (and re-read from scratch) than serving a
+                    // mesh that silently stopped following its manifests.
+                    error!(error = %e, "manifest reader failed; exiting");
+                    std::process::exit(70);
+                }
+            };
+            clean.send_if_modified(|c| std::mem::replace(c, source.is_clean()) != *c);
+            if let Some(s) = snap {
+                source.metrics.observe_snapshot(&s);
                 info!(
                     version = s.version,
                     services = s.services.len(),
@@ -213,19 +376,32 @@ impl ManifestSource {
     }
 }
 
+/// Every manifest under `dir`. Hidden entries are skipped (a ConfigMap volume's
+/// `..data` and timestamped folders, which would list every file three times),
+/// directory links are not followed (no loops), and a subdirectory that cannot
+/// be read is skipped with a warning rather than failing the whole directory.
 fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            list_yaml(&path, out)?;
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
+            if let Err(e) = list_yaml(&path, out) {
+                warn!(dir = %path.display(), error = %e, "cannot read manifests subdirectory; skipped");
+            }
         } else if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml" | "json")
-        ) {
+        ) && (kind.is_file() || (kind.is_symlink() && path.is_file()))
+        {
             out.push(path);
         }
     }
-    out.sort();
     Ok(())
 }
 
@@ -251,8 +427,7 @@ mod tests {
 
     #[test]
     fn changes_apply_per_file_and_broken_files_keep_their_last_good_objects() {
-        let dir = std::env::temp_dir().join(format!("strait-scan-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("scan");
         std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
         std::fs::write(dir.join("slice.yaml"), slice("10.0.0.1")).unwrap();
         let metrics = Metrics::new();
@@ -284,6 +459,142 @@ mod tests {
         let s3 = src.scan().unwrap();
         assert!(s3.services.is_empty() && s3.by_cluster_ip.is_empty());
         assert_eq!(addrs(&s3), vec!["10.0.0.22".to_string()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("strait-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn source(dir: &Path) -> ManifestSource {
+        ManifestSource::new(vec![dir.to_path_buf()], "cluster.local", Metrics::new())
+    }
+
+    #[test]
+    fn a_renamed_file_or_a_moved_object_is_never_lost() {
+        let dir = temp_dir("rename");
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        let mut src = source(&dir);
+        assert_eq!(src.scan().unwrap().services.len(), 1);
+
+        std::fs::create_dir(dir.join("shop")).unwrap();
+        std::fs::rename(dir.join("svc.yaml"), dir.join("shop/web.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(
+            s.services.len(),
+            1,
+            "the renamed file still defines the Service"
+        );
+
+        // One edit moves the Service from one file to another.
+        std::fs::write(dir.join("other.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("shop/web.yaml"), slice("10.0.0.1")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!((s.services.len(), addrs(&s).len()), (1, 1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_object_in_two_files_stays_until_both_are_gone() {
+        let dir = temp_dir("dup");
+        std::fs::write(dir.join("a.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("b.yaml"), SVC.replace("10.96.0.1", "10.96.0.2")).unwrap();
+        let mut src = source(&dir);
+        let s = src.scan().unwrap();
+        assert_eq!(s.services.len(), 1);
+        assert!(
+            s.by_cluster_ip
+                .contains_key(&"10.96.0.1".parse::<std::net::IpAddr>().unwrap()),
+            "the first file's definition is in force"
+        );
+        assert_eq!(
+            src.metrics.reload_errors.get(),
+            1,
+            "the conflict is reported"
+        );
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.services.len(), 1);
+        assert!(
+            s.by_cluster_ip
+                .contains_key(&"10.96.0.2".parse::<std::net::IpAddr>().unwrap())
+        );
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert!(src.scan().unwrap().services.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_configmap_volume_is_read_once_and_survives_its_updates() {
+        // Kubernetes' layout: ..<timestamp>/file, ..data -> ..<timestamp>,
+        // file -> ..data/file; an update swaps ..data and removes the old folder.
+        let dir = temp_dir("configmap");
+        std::fs::create_dir(dir.join("..2024_01")).unwrap();
+        std::fs::write(dir.join("..2024_01/svc.yaml"), SVC).unwrap();
+        std::os::unix::fs::symlink("..2024_01", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/svc.yaml", dir.join("svc.yaml")).unwrap();
+        let mut src = source(&dir);
+        let s = src.scan().unwrap();
+        assert_eq!((s.services.len(), src.metrics.reload_errors.get()), (1, 0));
+
+        std::fs::create_dir(dir.join("..2024_02")).unwrap();
+        std::fs::write(
+            dir.join("..2024_02/svc.yaml"),
+            SVC.replace("10.96.0.1", "10.96.0.9"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("..2024_02", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..2024_01")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.services.len(), 1);
+        assert!(
+            s.by_cluster_ip
+                .contains_key(&"10.96.0.9".parse::<std::net::IpAddr>().unwrap())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_emptied_a_moment_ago_is_applied_only_once_it_stays_empty() {
+        let dir = temp_dir("emptied");
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        let mut src = source(&dir);
+        src.scan().unwrap();
+        // `kubectl get ... > svc.yaml`: truncated before it is written again.
+        std::fs::write(dir.join("svc.yaml"), "").unwrap();
+        assert!(
+            src.scan().is_none(),
+            "a just-emptied file changes nothing yet"
+        );
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join("svc.yaml"))
+            .unwrap();
+        f.set_modified(SystemTime::now() - defaults::MANIFEST_EMPTY_GRACE * 2)
+            .unwrap();
+        let s = src.scan().unwrap();
+        assert!(
+            s.services.is_empty(),
+            "emptied for good: its objects are gone"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_or_odd_entries_do_not_stop_the_rest() {
+        let dir = temp_dir("odd");
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        std::fs::create_dir(dir.join("loop")).unwrap();
+        std::os::unix::fs::symlink("..", dir.join("loop/up")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("zero.yaml")).unwrap();
+        let mut src = source(&dir);
+        let s = src.scan().unwrap();
+        assert_eq!(s.services.len(), 1);
+        assert_eq!(src.metrics.reload_errors.get(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

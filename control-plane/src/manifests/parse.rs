@@ -27,7 +27,60 @@ pub enum Object {
     },
 }
 
+/// What identifies an object in the index: two files defining the same one
+/// define one object, not two.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ObjId {
+    Service(ObjKey),
+    EndpointSlice(ObjKey, String),
+    Pod(ObjKey),
+    Token(TokenDigest),
+    Authorization(ObjKey),
+}
+
+impl std::fmt::Display for ObjId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjId::Service(k) => write!(f, "Service {k}"),
+            ObjId::EndpointSlice(svc, name) => {
+                write!(
+                    f,
+                    "EndpointSlice {}/{name} (of Service {})",
+                    svc.namespace, svc.name
+                )
+            }
+            ObjId::Pod(k) => write!(f, "Pod {k}"),
+            ObjId::Token(_) => f.write_str("a service-account token Secret"),
+            ObjId::Authorization(k) => write!(f, "AuthorizationPolicy {k}"),
+        }
+    }
+}
+
+impl ObjId {
+    pub fn remove_from(&self, snap: &mut Snapshot) {
+        match self {
+            ObjId::Service(k) => snap.remove_service(k),
+            ObjId::EndpointSlice(svc, name) => snap.remove_slice(svc, name),
+            ObjId::Pod(k) => snap.remove_pod(k),
+            ObjId::Token(d) => snap.remove_token(d),
+            ObjId::Authorization(k) => snap.remove_authorization(k),
+        }
+    }
+}
+
 impl Object {
+    /// `None` for kinds the index does not hold.
+    pub fn id(&self) -> Option<ObjId> {
+        Some(match self {
+            Object::Service(k, _) => ObjId::Service(k.clone()),
+            Object::EndpointSlice(svc, name, _) => ObjId::EndpointSlice(svc.clone(), name.clone()),
+            Object::Pod(k, _) => ObjId::Pod(k.clone()),
+            Object::Token(d, _) => ObjId::Token(*d),
+            Object::Authorization(k, _) => ObjId::Authorization(k.clone()),
+            Object::Other { .. } => return None,
+        })
+    }
+
     pub fn add_to(&self, snap: &mut Snapshot) {
         match self {
             Object::Service(k, s) => snap.add_service(k.clone(), s.clone()),
@@ -37,17 +90,6 @@ impl Object {
             Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
             Object::Token(d, sa) => snap.add_token(*d, sa.clone()),
             Object::Authorization(k, a) => snap.add_authorization(k.clone(), a.clone()),
-            Object::Other { .. } => {}
-        }
-    }
-
-    pub fn remove_from(&self, snap: &mut Snapshot) {
-        match self {
-            Object::Service(k, _) => snap.remove_service(k),
-            Object::EndpointSlice(svc, name, _) => snap.remove_slice(svc, name),
-            Object::Pod(k, _) => snap.remove_pod(k),
-            Object::Token(d, _) => snap.remove_token(d),
-            Object::Authorization(k, _) => snap.remove_authorization(k),
             Object::Other { .. } => {}
         }
     }
@@ -72,7 +114,14 @@ pub enum ParseError {
     NoKind { doc: usize },
 }
 
-/// Kinds strait knows, by (apiVersion, kind).
+/// strait's own API group: every kind in it must be one strait knows, at a
+/// version it reads. A misspelt policy ignored would leave a workload open.
+const STRAIT_GROUP: &str = "policy.strait.dev";
+const STRAIT_VERSION: &str = "policy.strait.dev/v1alpha1";
+const STRAIT_KINDS: [&str; 2] = ["AuthorizationPolicy", "BackendPolicy"];
+
+/// Kinds strait reads but does not act on (yet), by (apiVersion, kind): accepted
+/// quietly, as they sit beside the others in real manifests.
 fn known(api_version: &str, kind: &str) -> bool {
     matches!(
         (api_version, kind),
@@ -85,7 +134,7 @@ fn known(api_version: &str, kind: &str) -> bool {
                 "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
                 "HTTPRoute"
             )
-            | ("policy.strait.dev/v1alpha1", _)
+            | (STRAIT_VERSION, _)
     )
 }
 
@@ -99,6 +148,21 @@ fn typed<T: serde::de::DeserializeOwned>(
         what: what.to_string(),
         field: e.path().to_string(),
         reason: e.inner().to_string(),
+    })
+}
+
+/// As `typed`, for objects that hold credentials: serde's messages quote the
+/// offending value, which in a Secret may be the token itself.
+fn typed_secret<T: serde::de::DeserializeOwned>(
+    doc: usize,
+    what: &str,
+    v: serde_json::Value,
+) -> Result<T, ParseError> {
+    serde_path_to_error::deserialize(v).map_err(|e| ParseError::Field {
+        doc,
+        what: what.to_string(),
+        field: e.path().to_string(),
+        reason: "invalid value (not shown: a Secret holds credentials)".into(),
     })
 }
 
@@ -162,7 +226,7 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
             out.push(Object::Pod(k, info));
         }
         ("v1", "Secret") => {
-            let s: Secret = typed(doc, &what, v)?;
+            let s: Secret = typed_secret(doc, &what, v)?;
             if let Some((digest, account)) = SnapshotBuilder::token(&s).map_err(invalid)? {
                 out.push(Object::Token(digest, account));
             }
@@ -175,6 +239,20 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
                 reason: e.reason,
             })?;
             out.push(Object::Authorization(k, spec));
+        }
+        (a, k)
+            if a.split('/').next() == Some(STRAIT_GROUP)
+                && (a != STRAIT_VERSION || !STRAIT_KINDS.contains(&k)) =>
+        {
+            return Err(ParseError::Field {
+                doc,
+                what,
+                field: "apiVersion/kind".into(),
+                reason: format!(
+                    "{a} {k} is not a strait kind (known: {} in {STRAIT_VERSION})",
+                    STRAIT_KINDS.join(", ")
+                ),
+            });
         }
         (a, k) if known(a, k) => out.push(Object::Other { kind, name: what }),
         _ => {
@@ -284,5 +362,29 @@ items:
 
         let msg = parse_file("kind: [oops").unwrap_err()[0].to_string();
         assert!(msg.contains("not YAML"), "{msg}");
+    }
+
+    #[test]
+    fn a_misspelt_strait_kind_is_an_error_not_ignored() {
+        for (api, kind) in [
+            ("policy.strait.dev/v1alpha1", "AuthorizationPolicies"),
+            ("policy.strait.dev/v1", "AuthorizationPolicy"),
+        ] {
+            let doc = format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: a, namespace: b}}\nspec: {{}}\n"
+            );
+            let msg = parse_file(&doc).unwrap_err()[0].to_string();
+            assert!(msg.contains("not a strait kind"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_bad_secret_is_reported_without_its_value() {
+        let doc = "apiVersion: v1\nkind: Secret\nmetadata: {name: t, namespace: a}\ntype: kubernetes.io/service-account-token\nstringData: {token: 20240101123456}\n";
+        let msg = parse_file(doc).unwrap_err()[0].to_string();
+        assert!(
+            msg.contains("Secret a/t") && !msg.contains("20240101123456"),
+            "{msg}"
+        );
     }
 }

@@ -311,3 +311,68 @@ async fn a_ten_times_slower_endpoint_gets_well_under_its_share() {
         "slow endpoint got {share:.3} of the traffic ({s}/{a}/{b})"
     );
 }
+
+#[tokio::test]
+async fn a_controller_started_on_a_broken_file_serves_only_once_it_loads() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    dir.write("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x, namespace: test}\nspec: {ports: [{port: eighty}]}\n");
+    let grpc: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let cp = ControllerProc::spawn(dir.path(), grpc, None, None);
+    wait::until("the rejection counted", Duration::from_secs(20), || async {
+        cp.metric("strait_controller_reload_errors_total").await >= 1.0
+    })
+    .await;
+    let (status, _) = wait::admin_get(cp.admin, "/ready").await.unwrap();
+    assert_eq!(status, 503, "not ready while a manifest is rejected");
+    assert!(
+        tokio::net::TcpStream::connect(grpc).await.is_ok(),
+        "the port is bound"
+    );
+
+    dir.write("broken.yaml", &service(NS, "x", 80));
+    wait::ready(cp.admin, Duration::from_secs(10)).await;
+    // Serving now: a proxy gets its answers.
+    let _sidecar = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+}
+
+#[tokio::test]
+async fn a_refusing_endpoint_costs_a_few_requests_not_its_share() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let a = Pod::start(&dir, cp.grpc, "web-a", Backend::start().await).await;
+    let b = Pod::start(&dir, cp.grpc, "web-b", Backend::start().await).await;
+    // C stays listed, but its pod is gone: every connection to its proxy is
+    // refused at once, which looks fast to a latency-aware balancer.
+    let c = Pod::start(&dir, cp.grpc, "web-c", Backend::start().await).await;
+    for p in [&a, &b, &c] {
+        p.add_endpoint(&dir);
+    }
+    drop(c);
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    let http = client::http1();
+    wait::until(
+        "both live endpoints serving",
+        Duration::from_secs(10),
+        || async {
+            let _ = client::get(&http, &url).await;
+            a.requests() > 0 && b.requests() > 0
+        },
+    )
+    .await;
+    let mut failed = 0;
+    for _ in 0..300 {
+        match client::get(&http, &url).await {
+            Ok((s, _)) if s == 200 => {}
+            _ => failed += 1,
+        }
+    }
+    assert!(
+        failed <= 5,
+        "{failed} of 300 requests failed on the refusing endpoint"
+    );
+}

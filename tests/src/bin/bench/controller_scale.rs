@@ -60,7 +60,8 @@ fn services_file(block: usize, p: &Params) -> String {
 }
 
 /// `generation` changes one Service's slice (an extra endpoint comes and goes).
-fn slices_file(block: usize, p: &Params, changed: Option<(usize, usize)>) -> String {
+/// The EndpointSlices of one file; a Service in `extra` has one endpoint more.
+fn slices_file(block: usize, p: &Params, extra: &std::collections::HashSet<usize>) -> String {
     let mut s = String::new();
     for i in block * PER_FILE..((block + 1) * PER_FILE).min(p.services) {
         let _ = write!(
@@ -68,10 +69,7 @@ fn slices_file(block: usize, p: &Params, changed: Option<(usize, usize)>) -> Str
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n  namespace: {}\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
             ns(i)
         );
-        let extra = match changed {
-            Some((svc, generation)) if svc == i => generation % 2,
-            _ => 0,
-        };
+        let extra = usize::from(extra.contains(&i));
         for j in 0..p.endpoints_per_service + extra {
             let _ = write!(
                 s,
@@ -111,7 +109,10 @@ pub async fn run(p: Params) -> anyhow::Result<Results> {
     for b in 0..blocks {
         for (name, text) in [
             (format!("services-{b:04}.yaml"), services_file(b, &p)),
-            (format!("slices-{b:04}.yaml"), slices_file(b, &p, None)),
+            (
+                format!("slices-{b:04}.yaml"),
+                slices_file(b, &p, &Default::default()),
+            ),
             (format!("pods-{b:04}.yaml"), pods_file(b, &p)),
         ] {
             manifest_bytes += text.len() as u64;
@@ -181,13 +182,18 @@ pub async fn run(p: Params) -> anyhow::Result<Results> {
     );
 
     let mut latencies = Vec::new();
+    // Each change adds an endpoint to, or removes one from, one watched Service.
+    let mut extra = std::collections::HashSet::new();
     for c in 0..p.changes {
         let svc = (c * 7) % p.watched_services;
         let watchers: Vec<usize> = (0..p.watches)
             .filter(|w| w % p.watched_services == svc)
             .collect();
         let block = svc / PER_FILE;
-        let text = slices_file(block, &p, Some((svc, c + 1)));
+        if !extra.insert(svc) {
+            extra.remove(&svc);
+        }
+        let text = slices_file(block, &p, &extra);
         // Drain anything left from earlier changes.
         while rx.try_recv().is_ok() {}
         let t = Instant::now();
