@@ -5,6 +5,9 @@ use clap::{Parser, Subcommand};
 use strait_control_plane::controller::{Controller, ControllerArgs};
 use strait_control_plane::demo;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "strait", version, about = "strait's control plane and CLI")]
 struct Cli {

@@ -44,10 +44,12 @@ impl Stamp {
     }
 }
 
+/// What the index holds from a file: the objects themselves live in the index
+/// only (a mesh of 100,000 endpoints is not kept twice).
 #[derive(Debug)]
 struct FileState {
     stamp: Stamp,
-    objects: Vec<Object>,
+    ids: Vec<ObjId>,
 }
 
 type FileName = Arc<Path>;
@@ -133,7 +135,7 @@ fn parse_all(paths: &[FileName]) -> Vec<Parsed> {
 /// the writer's output). Applied only once it has stayed empty a while.
 fn emptied_just_now(objects: &[Object], old: Option<&FileState>, stamp: &Stamp) -> bool {
     objects.is_empty()
-        && old.is_some_and(|o| !o.objects.is_empty())
+        && old.is_some_and(|o| !o.ids.is_empty())
         && stamp.modified.is_some_and(|m| {
             SystemTime::now()
                 .duration_since(m)
@@ -183,6 +185,7 @@ impl ManifestSource {
         }
         let mut changed = self.current.version == 0;
         let mut touched: HashSet<ObjId> = HashSet::new();
+        let mut fresh: HashMap<FileName, Vec<Object>> = HashMap::new();
         let to_parse: Vec<FileName> = todo.iter().map(|(p, _)| p.clone()).collect();
         for ((path, stamp), parsed) in todo.into_iter().zip(parse_all(&to_parse)) {
             // Written to while we read it: what we read may be half of it. The
@@ -199,10 +202,12 @@ impl ManifestSource {
                     info!(file = %path.display(), objects = objects.len(), "manifest loaded");
                     self.broken.remove(&path);
                     if let Some(old) = self.files.remove(&path) {
-                        self.disown(&path, &old.objects, &mut touched);
+                        self.disown(&path, &old.ids, &mut touched);
                     }
-                    self.own(&path, &objects, &mut touched);
-                    self.files.insert(path, FileState { stamp, objects });
+                    let ids: Vec<ObjId> = objects.iter().filter_map(Object::id).collect();
+                    self.own(&path, &ids, &mut touched);
+                    self.files.insert(path.clone(), FileState { stamp, ids });
+                    fresh.insert(path, objects);
                     changed = true;
                 }
                 Err(errors) => {
@@ -212,12 +217,8 @@ impl ManifestSource {
                     self.metrics.reload_errors.inc();
                     self.broken.insert(path.clone());
                     // Remember the stamp so the same broken file is reported once.
-                    let objects = self
-                        .files
-                        .remove(&path)
-                        .map(|f| f.objects)
-                        .unwrap_or_default();
-                    self.files.insert(path, FileState { stamp, objects });
+                    let ids = self.files.remove(&path).map(|f| f.ids).unwrap_or_default();
+                    self.files.insert(path, FileState { stamp, ids });
                 }
             }
         }
@@ -231,11 +232,11 @@ impl ManifestSource {
             self.broken.remove(&path);
             if let Some(old) = self.files.remove(&path) {
                 info!(file = %path.display(), "manifest removed");
-                self.disown(&path, &old.objects, &mut touched);
+                self.disown(&path, &old.ids, &mut touched);
                 changed = true;
             }
         }
-        self.apply(touched);
+        self.apply(touched, fresh);
         if !changed {
             return None;
         }
@@ -251,21 +252,21 @@ impl ManifestSource {
         self.broken.is_empty()
     }
 
-    fn disown(&mut self, path: &FileName, objects: &[Object], touched: &mut HashSet<ObjId>) {
-        for id in objects.iter().filter_map(Object::id) {
-            if let Some(files) = self.owners.get_mut(&id) {
+    fn disown(&mut self, path: &FileName, ids: &[ObjId], touched: &mut HashSet<ObjId>) {
+        for id in ids {
+            if let Some(files) = self.owners.get_mut(id) {
                 files.retain(|f| f != path);
                 if files.is_empty() {
-                    self.owners.remove(&id);
+                    self.owners.remove(id);
                 }
             }
-            touched.insert(id);
+            touched.insert(id.clone());
         }
     }
 
-    fn own(&mut self, path: &FileName, objects: &[Object], touched: &mut HashSet<ObjId>) {
+    fn own(&mut self, path: &FileName, ids: &[ObjId], touched: &mut HashSet<ObjId>) {
         let mut conflicts = 0;
-        for id in objects.iter().filter_map(Object::id) {
+        for id in ids {
             let files = self.owners.entry(id.clone()).or_default();
             if let Err(at) = files.binary_search(path) {
                 files.insert(at, path.clone());
@@ -278,7 +279,7 @@ impl ManifestSource {
                     "object defined in more than one file; the first one's definition is used"
                 );
             }
-            touched.insert(id);
+            touched.insert(id.clone());
         }
         if conflicts > 0 {
             self.metrics.reload_errors.inc();
@@ -286,8 +287,10 @@ impl ManifestSource {
     }
 
     /// Brings every touched object in the index in line with the file that now
-    /// defines it (if any does).
-    fn apply(&mut self, touched: HashSet<ObjId>) {
+    /// defines it (if any does). `fresh` holds the objects of the files read in
+    /// this scan; another file that now defines an object (the second of two
+    /// definitions, when the first went away) is read again.
+    fn apply(&mut self, touched: HashSet<ObjId>, fresh: HashMap<FileName, Vec<Object>>) {
         let mut by_file: HashMap<FileName, HashSet<ObjId>> = HashMap::new();
         for id in touched {
             id.remove_from(&mut self.current);
@@ -296,10 +299,21 @@ impl ManifestSource {
             }
         }
         for (path, ids) in by_file {
-            let Some(file) = self.files.get(&path) else {
-                continue;
+            let reread;
+            let objects = match fresh.get(&path) {
+                Some(o) => o,
+                None => match read_and_parse(&path) {
+                    Ok(o) => {
+                        reread = o;
+                        &reread
+                    }
+                    Err(errors) => {
+                        warn!(file = %path.display(), errors = errors.len(), "cannot read again the file that now defines some objects; they are missing until it loads");
+                        continue;
+                    }
+                },
             };
-            for o in &file.objects {
+            for o in objects {
                 if o.id().is_some_and(|id| ids.contains(&id)) {
                     o.add_to(&mut self.current);
                 }

@@ -201,13 +201,15 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
     let invalid = |e| ParseError::Invalid(e, doc);
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            let items = v
-                .get("items")
-                .and_then(|i| i.as_array())
-                .cloned()
-                .unwrap_or_default();
-            for item in items {
-                object(doc, item, out)?;
+            // Taken, not cloned: a List of Pods is most of a large mesh's YAML.
+            let items = match v {
+                serde_json::Value::Object(mut m) => m.remove("items"),
+                _ => None,
+            };
+            if let Some(serde_json::Value::Array(items)) = items {
+                for item in items {
+                    object(doc, item, out)?;
+                }
             }
         }
         ("v1", "Service") => {

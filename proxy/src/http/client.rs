@@ -1,6 +1,7 @@
-//! Connection pools to upstreams: one hyper client per upstream address, HTTP
-//! version and (towards a peer proxy) expected identity, so that requests keep
-//! their own `Host`/`:authority` while the connection goes where the proxy decided.
+//! Connections to upstreams, per upstream address, HTTP version and (towards a
+//! peer proxy) expected identity: one shared HTTP/2 connection, or a pool of
+//! HTTP/1 ones. Requests keep their own `Host`/`:authority` while the connection
+//! goes where the proxy decided, and a Host never opens a connection of its own.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -209,11 +211,129 @@ pub struct PeerTls {
     pub handshake_failures: Counter,
 }
 
+/// One HTTP/2 connection to an upstream, shared by every request to it whatever
+/// its `:authority` (hyper's pooled client keys connections by authority, which
+/// would open one per Host a client cares to send). Reconnects when it closes.
+#[derive(Clone)]
+pub struct H2Client {
+    inner: Arc<H2Inner>,
+}
+
+struct H2Inner {
+    connector: Connector,
+    current: Mutex<Option<SendRequest<BoxBody>>>,
+    /// Held while connecting, so that requests arriving together share one
+    /// connection instead of racing to open several.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for H2Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Client")
+            .field("addr", &self.inner.connector.addr)
+            .finish()
+    }
+}
+
+/// Why a request to an upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Pooled(#[from] hyper_util::client::legacy::Error),
+}
+
+impl H2Client {
+    fn new(connector: Connector) -> Self {
+        H2Client {
+            inner: Arc::new(H2Inner {
+                connector,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    fn usable(&self) -> Option<SendRequest<BoxBody>> {
+        let current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|s| s.is_ready()).cloned()
+    }
+
+    async fn sender(&self) -> Result<SendRequest<BoxBody>, ClientError> {
+        if let Some(s) = self.usable() {
+            return Ok(s);
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        if let Some(s) = self.usable() {
+            return Ok(s);
+        }
+        let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
+            .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
+            .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
+        let (sender, conn) = b.handshake(io).await?;
+        let addr = self.inner.connector.addr;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to upstream ended");
+            }
+        });
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Sends a request. One that the connection did not take (it was closing) is
+    /// sent again once, on a new connection: it never reached the upstream.
+    pub async fn request(
+        &self,
+        req: http::Request<BoxBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        let mut sender = self.sender().await?;
+        match sender.try_send_request(req).await {
+            Ok(rsp) => Ok(rsp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    let mut sender = self.sender().await?;
+                    Ok(sender.send_request(req).await?)
+                }
+                None => Err(e.into_error().into()),
+            },
+        }
+    }
+}
+
+/// A client for one upstream and HTTP version.
+#[derive(Clone, Debug)]
+pub enum UpstreamClient {
+    /// HTTP/1: a pool of connections, one request at a time on each.
+    Http1(HttpClient),
+    Http2(H2Client),
+}
+
+impl UpstreamClient {
+    pub async fn request(
+        &self,
+        req: http::Request<BoxBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+        match self {
+            UpstreamClient::Http1(c) => Ok(c.request(req).await?),
+            UpstreamClient::Http2(c) => c.request(req).await,
+        }
+    }
+}
+
 type PoolKey = (SocketAddr, bool, Option<Identity>);
 
 #[derive(Clone, Debug)]
 pub struct ClientCache {
-    pools: Arc<Mutex<HashMap<PoolKey, HttpClient>>>,
+    pools: Arc<Mutex<HashMap<PoolKey, UpstreamClient>>>,
     connect_timeout: Duration,
     tls: Option<PeerTls>,
 }
@@ -234,7 +354,7 @@ impl ClientCache {
 
     /// The client for `addr`, speaking HTTP/2 with prior knowledge when `h2`; over
     /// mTLS verifying `peer` when it is a peer proxy and this proxy has an identity.
-    pub fn get(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> HttpClient {
+    pub fn get(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> UpstreamClient {
         let peer = peer.filter(|_| self.tls.is_some());
         let mut pools = match self.pools.lock() {
             Ok(p) => p,
@@ -255,21 +375,7 @@ impl ClientCache {
         c
     }
 
-    fn build(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> HttpClient {
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(defaults::POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(defaults::POOL_MAX_IDLE_PER_HOST)
-            // The request keeps the Host the app sent; we never invent one.
-            .set_host(false);
-        if h2 {
-            b.http2_only(true)
-                .http2_keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
-                .http2_keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
-                .http2_initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
-                .http2_initial_stream_window_size(defaults::H2_STREAM_WINDOW);
-        }
+    fn build(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> UpstreamClient {
         let tls = match (peer, &self.tls) {
             (Some(id), Some(t)) => {
                 let cfg = tls::client_config(
@@ -292,10 +398,21 @@ impl ClientCache {
             }
             _ => PeerMode::Plain,
         };
-        b.build(Connector {
+        let connector = Connector {
             addr,
             timeout: self.connect_timeout,
             tls,
-        })
+        };
+        if h2 {
+            return UpstreamClient::Http2(H2Client::new(connector));
+        }
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(defaults::POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(defaults::POOL_MAX_IDLE_PER_HOST)
+            // The request keeps the Host the app sent; we never invent one.
+            .set_host(false);
+        UpstreamClient::Http1(b.build(connector))
     }
 }

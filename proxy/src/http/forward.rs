@@ -14,7 +14,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use tracing::debug;
 
-use super::client::ConnectError;
+use super::client::{ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
 use super::{BoxBody, Dst, ToPeer, upgrade};
@@ -66,9 +66,6 @@ impl Forward {
         let client_upgrade =
             upgrade::is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
         let version = req.version();
-        if !is_connect {
-            absolute_uri(&mut req, addr)?;
-        }
         // Between proxies, every request rides one multiplexed HTTP/2 connection per
         // peer (upgrades excepted: they need HTTP/1.1 end to end), and carries what
         // the peer needs to restore it for its app.
@@ -92,6 +89,9 @@ impl Forward {
             }
             None => version == Version::HTTP_2,
         };
+        if !is_connect {
+            upstream_uri(&mut req, addr, h2)?;
+        }
         let client = self
             .shared
             .clients
@@ -168,17 +168,40 @@ pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, Pr
     }
 }
 
-/// hyper's client wants `scheme://authority/path`; the authority is the one the
-/// app addressed (Host or :authority), so virtual hosting survives the hop.
-fn absolute_uri<B>(req: &mut Request<B>, addr: SocketAddr) -> Result<(), ProxyError> {
-    let authority = match req.uri().authority() {
-        Some(a) => a.clone(),
+/// hyper's client wants `scheme://authority/path`. Over HTTP/2 the authority is
+/// the one the app addressed (Host or :authority), so virtual hosting survives
+/// the hop. Over HTTP/1 it never reaches the wire (the request line is
+/// origin-form and the app's Host header is kept), so it names the connection's
+/// address instead: the pool is then one per upstream, not one per Host value.
+fn upstream_uri<B>(req: &mut Request<B>, addr: SocketAddr, h2: bool) -> Result<(), ProxyError> {
+    let app_authority = match req.uri().authority() {
+        Some(a) => Some(a.clone()),
         None => match req.headers().get(header::HOST) {
-            Some(h) => Authority::try_from(h.as_bytes())
-                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
-            None => Authority::try_from(addr.to_string())
-                .map_err(|_| ProxyError::BadRequest("no Host header"))?,
+            Some(h) => Some(
+                Authority::try_from(h.as_bytes())
+                    .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
+            ),
+            None => None,
         },
+    };
+    let addr_authority = || {
+        Authority::try_from(addr.to_string())
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))
+    };
+    let authority = if h2 {
+        match app_authority {
+            Some(a) => a,
+            None => addr_authority()?,
+        }
+    } else {
+        // An absolute-form request line named the host: HTTP/1.1 wants it in Host.
+        if !req.headers().contains_key(header::HOST)
+            && let Some(a) = &app_authority
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        addr_authority()?
     };
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
@@ -191,25 +214,30 @@ fn absolute_uri<B>(req: &mut Request<B>, addr: SocketAddr) -> Result<(), ProxyEr
     Ok(())
 }
 
-fn client_error(e: hyper_util::client::legacy::Error, addr: SocketAddr) -> ProxyError {
-    use std::error::Error as _;
+fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
+    let connect = |c: &ConnectError| match c {
+        ConnectError::Timeout { after, .. } => ProxyError::ConnectTimeout {
+            addr,
+            after: *after,
+        },
+        ConnectError::Io { source, .. } => ProxyError::Connect {
+            addr,
+            reason: source.to_string(),
+        },
+        ConnectError::Tls { reason, .. } => ProxyError::Connect {
+            addr,
+            reason: format!("mTLS: {reason}"),
+        },
+    };
+    let e = match e {
+        ClientError::Connect(c) => return connect(&c),
+        ClientError::Http(e) => Box::new(e) as Box<dyn std::error::Error>,
+        ClientError::Pooled(e) => Box::new(e),
+    };
     let mut src = e.source();
     while let Some(s) = src {
         if let Some(c) = s.downcast_ref::<ConnectError>() {
-            return match c {
-                ConnectError::Timeout { after, .. } => ProxyError::ConnectTimeout {
-                    addr,
-                    after: *after,
-                },
-                ConnectError::Io { source, .. } => ProxyError::Connect {
-                    addr,
-                    reason: source.to_string(),
-                },
-                ConnectError::Tls { reason, .. } => ProxyError::Connect {
-                    addr,
-                    reason: format!("mTLS: {reason}"),
-                },
-            };
+            return connect(c);
         }
         src = s.source();
     }

@@ -53,6 +53,35 @@ async fn keep_alive_reuses_one_connection_each_side() {
 }
 
 #[tokio::test]
+async fn many_host_names_share_one_upstream_connection() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    // The client keeps one connection to the proxy; each request names another
+    // host. A pool keyed by host would open a connection to the app for each.
+    for c in [client::http1(), client::http2()] {
+        for i in 0..20 {
+            let req = Request::get(format!("http://{}/", proxy.upstream()))
+                .header("host", format!("name-{i}.example"))
+                .body(client::empty())
+                .unwrap();
+            let rsp = c.request(req).await.unwrap();
+            assert_eq!(rsp.status(), StatusCode::OK);
+            assert_eq!(
+                rsp.headers()["x-seen-host"],
+                format!("name-{i}.example").as_str(),
+                "the app sees the host the client named"
+            );
+        }
+    }
+    assert_eq!(backend.requests(), 40);
+    assert_eq!(
+        backend.connections(),
+        2,
+        "one connection per HTTP version, whatever the host"
+    );
+}
+
+#[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let backend = Backend::start().await;
     let proxy = support::start_to(backend.addr).await;

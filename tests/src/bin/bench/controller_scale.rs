@@ -102,23 +102,29 @@ fn rss_mib(proc: &strait_tests::process::Proc) -> (f64, f64) {
     (rss as f64 / 1024.0, hwm as f64 / 1024.0)
 }
 
-pub async fn run(p: Params) -> anyhow::Result<Results> {
-    let dir = ManifestDir::new();
+/// Writes the mesh's manifests into `dir`; returns their size in bytes.
+pub fn write_manifests(p: &Params, dir: &std::path::Path) -> anyhow::Result<u64> {
     let blocks = p.services.div_ceil(PER_FILE);
     let mut manifest_bytes = 0u64;
     for b in 0..blocks {
         for (name, text) in [
-            (format!("services-{b:04}.yaml"), services_file(b, &p)),
+            (format!("services-{b:04}.yaml"), services_file(b, p)),
             (
                 format!("slices-{b:04}.yaml"),
-                slices_file(b, &p, &Default::default()),
+                slices_file(b, p, &Default::default()),
             ),
-            (format!("pods-{b:04}.yaml"), pods_file(b, &p)),
+            (format!("pods-{b:04}.yaml"), pods_file(b, p)),
         ] {
             manifest_bytes += text.len() as u64;
-            dir.write(&name, &text);
+            std::fs::write(dir.join(name), text)?;
         }
     }
+    Ok(manifest_bytes)
+}
+
+pub async fn run(p: Params) -> anyhow::Result<Results> {
+    let dir = ManifestDir::new();
+    let manifest_bytes = write_manifests(&p, dir.path())?;
     eprintln!(
         "controller-scale: {} services, {} endpoints, {:.1} MiB of YAML",
         p.services,

@@ -33,6 +33,10 @@ enum What {
         /// How many times every scenario and load is run, interleaved.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only these loads (by label, e.g. "h1 1000/s"); repeatable. Plots need
+        /// "h1 2000/s".
+        #[arg(long = "load")]
+        loads: Vec<String>,
     },
     /// The controller with many Services and endpoints and many watching proxies.
     ControllerScale {
@@ -46,6 +50,10 @@ enum What {
         watched_services: usize,
         #[arg(long, default_value_t = 50)]
         changes: usize,
+        /// Only write the manifests into DIR and exit (to profile the controller
+        /// on them by hand).
+        #[arg(long, value_name = "DIR")]
+        write_only: Option<PathBuf>,
     },
 }
 
@@ -54,9 +62,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.out)?;
     match cli.what {
-        What::Proxy { rounds } => {
+        What::Proxy { rounds, loads } => {
             let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
-            let r = proxy::run(cli.quick, if cli.quick { 1 } else { rounds }, work.clone()).await?;
+            let r = proxy::run(
+                cli.quick,
+                if cli.quick { 1 } else { rounds },
+                &loads,
+                work.clone(),
+            )
+            .await?;
             let _ = std::fs::remove_dir_all(&work);
             println!("{}", proxy::markdown(&r));
             let name = if cli.quick {
@@ -76,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
             watches,
             watched_services,
             changes,
+            write_only,
         } => {
             let p = if cli.quick {
                 controller_scale::Params {
@@ -94,6 +109,12 @@ async fn main() -> anyhow::Result<()> {
                     changes,
                 }
             };
+            if let Some(dir) = write_only {
+                std::fs::create_dir_all(&dir)?;
+                let bytes = controller_scale::write_manifests(&p, &dir)?;
+                eprintln!("wrote {bytes} bytes of manifests to {}", dir.display());
+                return Ok(());
+            }
             let r = controller_scale::run(p).await?;
             println!("{}", controller_scale::markdown(&r));
             let name = if cli.quick {

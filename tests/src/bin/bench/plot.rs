@@ -93,6 +93,10 @@ pub fn write(r: &Results, dir: &Path, load: &str) -> anyhow::Result<Vec<std::pat
         .into_iter()
         .filter(|(l, _, _)| l == load)
         .collect();
+    if rows.is_empty() {
+        // A run of other loads only: nothing to plot.
+        return Ok(Vec::new());
+    }
     let scenarios: Vec<String> = rows.iter().map(|(_, s, _)| s.clone()).collect();
     let pct = ["p50", "p90", "p99", "p99.9"];
     let lat: Vec<(String, Vec<f64>)> = rows

@@ -369,7 +369,26 @@ fn machine() -> String {
     )
 }
 
-pub async fn run(quick: bool, rounds: usize, work: PathBuf) -> anyhow::Result<Results> {
+/// Runs every scenario under every load (only those labelled in `only`, when
+/// given), `rounds` times, interleaved.
+pub async fn run(
+    quick: bool,
+    rounds: usize,
+    only: &[String],
+    work: PathBuf,
+) -> anyhow::Result<Results> {
+    let loads: Vec<Load> = loads(quick)
+        .into_iter()
+        .filter(|l| only.is_empty() || only.contains(&l.label))
+        .collect();
+    anyhow::ensure!(
+        !loads.is_empty(),
+        "no load is labelled {only:?}; the labels are {:?}",
+        self::loads(quick)
+            .iter()
+            .map(|l| l.label.clone())
+            .collect::<Vec<_>>()
+    );
     std::fs::create_dir_all(&work)?;
     let backend = Backend::start().await;
     let certs = Certs::generate(&work.join("certs")).await?;
@@ -432,7 +451,7 @@ pub async fn run(quick: bool, rounds: usize, work: PathBuf) -> anyhow::Result<Re
 
     let mut samples = Vec::new();
     for round in 0..rounds {
-        for load in loads(quick) {
+        for load in loads.iter().cloned() {
             for t in &targets {
                 let addr = if load.proto == Proto::H1 { t.h1 } else { t.h2 };
                 let before: Vec<u64> = t.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
