@@ -313,7 +313,7 @@ impl H2Client {
 #[derive(Clone, Debug)]
 pub enum UpstreamClient {
     /// HTTP/1: a pool of connections, one request at a time on each.
-    Http1(HttpClient),
+    Http1(Arc<HttpClient>),
     Http2(H2Client),
 }
 
@@ -413,6 +413,6 @@ impl ClientCache {
             .pool_max_idle_per_host(defaults::POOL_MAX_IDLE_PER_HOST)
             // The request keeps the Host the app sent; we never invent one.
             .set_host(false);
-        UpstreamClient::Http1(b.build(connector))
+        UpstreamClient::Http1(Arc::new(b.build(connector)))
     }
 }
