@@ -192,7 +192,17 @@ impl Config {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 300ms, 10s, 1h)"))
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 300ms, 10s, 1h)"))?;
+    // Timers add these to "now": an absurd value must be refused here, not
+    // overflow a deadline later.
+    if d > defaults::MAX_DURATION_FLAG {
+        return Err(format!(
+            "at most {}",
+            humantime::format_duration(defaults::MAX_DURATION_FLAG)
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_log_filter(s: &str) -> Result<String, String> {
@@ -263,5 +273,8 @@ mod tests {
         assert!(err.to_string().contains("--upstream"), "{err}");
         let err = Cli::try_parse_from(["strait-proxy", "--log-level", "a=b=c"]).unwrap_err();
         assert!(err.to_string().contains("--log-level"), "{err}");
+        let err =
+            Cli::try_parse_from(["strait-proxy", "--tcp-idle-timeout", "1000000000y"]).unwrap_err();
+        assert!(err.to_string().contains("--tcp-idle-timeout"), "{err}");
     }
 }
