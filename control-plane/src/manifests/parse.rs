@@ -138,31 +138,23 @@ fn known(api_version: &str, kind: &str) -> bool {
     )
 }
 
+/// Deserializes into `T`; errors name the field. With `secret`, the value is not
+/// quoted: serde's messages quote it, and in a Secret it may be the token.
 fn typed<T: serde::de::DeserializeOwned>(
     doc: usize,
     what: &str,
     v: serde_json::Value,
+    secret: bool,
 ) -> Result<T, ParseError> {
     serde_path_to_error::deserialize(v).map_err(|e| ParseError::Field {
         doc,
         what: what.to_string(),
         field: e.path().to_string(),
-        reason: e.inner().to_string(),
-    })
-}
-
-/// As `typed`, for objects that hold credentials: serde's messages quote the
-/// offending value, which in a Secret may be the token itself.
-fn typed_secret<T: serde::de::DeserializeOwned>(
-    doc: usize,
-    what: &str,
-    v: serde_json::Value,
-) -> Result<T, ParseError> {
-    serde_path_to_error::deserialize(v).map_err(|e| ParseError::Field {
-        doc,
-        what: what.to_string(),
-        field: e.path().to_string(),
-        reason: "invalid value (not shown: a Secret holds credentials)".into(),
+        reason: if secret {
+            "invalid value (not shown: a Secret holds credentials)".into()
+        } else {
+            e.inner().to_string()
+        },
     })
 }
 
@@ -213,22 +205,22 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
             }
         }
         ("v1", "Service") => {
-            let s: Service = typed(doc, &what, v)?;
+            let s: Service = typed(doc, &what, v, false)?;
             let (k, info) = SnapshotBuilder::service(&s).map_err(invalid)?;
             out.push(Object::Service(k, info));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let s: EndpointSlice = typed(doc, &what, v)?;
+            let s: EndpointSlice = typed(doc, &what, v, false)?;
             let (svc, name, info) = SnapshotBuilder::slice(&s).map_err(invalid)?;
             out.push(Object::EndpointSlice(svc, name, info));
         }
         ("v1", "Pod") => {
-            let p: Pod = typed(doc, &what, v)?;
+            let p: Pod = typed(doc, &what, v, false)?;
             let (k, info) = SnapshotBuilder::pod(&p).map_err(invalid)?;
             out.push(Object::Pod(k, info));
         }
         ("v1", "Secret") => {
-            let s: Secret = typed_secret(doc, &what, v)?;
+            let s: Secret = typed(doc, &what, v, true)?;
             if let Some((digest, account)) = SnapshotBuilder::token(&s).map_err(invalid)? {
                 out.push(Object::Token(digest, account));
             }
