@@ -21,6 +21,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The manifests directory is watched with inotify; a change is applied after this
 /// quiet period, so an editor's burst of writes becomes one reload.
 pub const MANIFEST_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest a reload waits for writes to stop.
+pub const MANIFEST_DEBOUNCE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// A manifest that suddenly holds nothing is applied only once it stayed empty
 /// this long: `cmd > file` truncates the file before `cmd` writes it.
 pub const MANIFEST_EMPTY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -45,6 +47,8 @@ pub const CERT_LIFETIME: &str = "24h";
 /// The longest `--cert-lifetime` accepted: a workload certificate is meant to be
 /// short-lived, and no leaf outlives its issuer anyway.
 pub const MAX_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+/// The issuer signs nothing once it has less than this left to live.
+pub const ISSUER_MIN_REMAINING: std::time::Duration = std::time::Duration::from_secs(60);
 /// Certificates are back-dated this much, so a peer whose clock is slightly behind
 /// still accepts a brand-new one.
 pub const CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(60);

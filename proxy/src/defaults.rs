@@ -128,6 +128,9 @@ pub const THREADS: u16 = 1;
 /// started together do not renew together), leaving a quarter of it for retries.
 pub const RENEW_AT_MIN: f64 = 0.65;
 pub const RENEW_AT_MAX: f64 = 0.75;
+/// A certificate is never renewed sooner than this after the last one, whatever
+/// its lifetime says (a leaf cut short by an expiring issuer, a clock gone wrong).
+pub const RENEW_AFTER_MIN: Duration = Duration::from_secs(1);
 /// How long a certificate request may take before it is retried.
 pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer has this long to finish its TLS handshake (as the HTTP header timeout).

@@ -37,6 +37,8 @@ pub enum SignError {
     WrongName { asked: Vec<String>, allowed: String },
     #[error("signing failed: {0}")]
     Sign(String),
+    #[error("the issuer expires at {0}: too soon to sign anything; rotate the issuer")]
+    IssuerExpiring(String),
 }
 
 /// A signed leaf.
@@ -244,6 +246,13 @@ impl Ca {
     /// validity; nothing else.
     fn issue(&self, public: &impl PublicKeyData, sans: Vec<SanType>) -> Result<Leaf, SignError> {
         let now = SystemTime::now();
+        // Leaves cut ever shorter by an expiring issuer would have every proxy
+        // renewing in lockstep, ever faster: refuse instead, loudly.
+        if self.issuer_not_after < now + defaults::ISSUER_MIN_REMAINING {
+            return Err(SignError::IssuerExpiring(
+                humantime::format_rfc3339_seconds(self.issuer_not_after).to_string(),
+            ));
+        }
         let not_after = (now + self.lifetime).min(self.issuer_not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -469,12 +478,27 @@ mod tests {
 
     #[test]
     fn no_leaf_outlives_its_issuer() {
-        let (cert, key) = issuer_valid(Duration::ZERO, Duration::from_secs(30), false);
+        let (cert, key) = issuer_valid(Duration::ZERO, Duration::from_secs(90), false);
         let ca = Ca::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();
         let leaf = ca.sign(&csr(vec![uri(WEB)]), WEB).unwrap();
         assert!(
-            leaf.not_after <= SystemTime::now() + Duration::from_secs(30),
+            leaf.not_after <= SystemTime::now() + Duration::from_secs(90),
             "the leaf ends with its issuer"
+        );
+    }
+
+    #[test]
+    fn an_issuer_about_to_expire_signs_nothing() {
+        let (cert, key) = issuer_valid(Duration::ZERO, Duration::from_secs(90), false);
+        let ca = Ca::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();
+        // 90 s left is enough; what is left once under the floor is not.
+        assert!(ca.sign(&csr(vec![uri(WEB)]), WEB).is_ok());
+        let (cert, key) = issuer_valid(Duration::ZERO, Duration::from_secs(20), false);
+        let ca = Ca::from_pem(&cert, &key, Duration::from_secs(3600));
+        assert!(
+            matches!(ca, Err((_, ref r)) if r.contains("too soon")),
+            "refused at load already: {:?}",
+            ca.err()
         );
     }
 }

@@ -103,11 +103,15 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
             Ok(l) => l,
             Err(e) => {
                 warn!(%identity, error = %e, "certificate refused");
-                let status = match e {
-                    ca::SignError::Sign(_) => Status::internal(e.to_string()),
-                    _ => Status::permission_denied(e.to_string()),
+                let (reason, status) = match e {
+                    ca::SignError::Sign(_) => ("bad_csr", Status::internal(e.to_string())),
+                    ca::SignError::IssuerExpiring(_) => (
+                        "issuer_expiring",
+                        Status::failed_precondition(e.to_string()),
+                    ),
+                    _ => ("bad_csr", Status::permission_denied(e.to_string())),
                 };
-                return Err(self.refuse("bad_csr", status));
+                return Err(self.refuse(reason, status));
             }
         };
         let valid_until = prost_types::Timestamp::from(leaf.not_after);

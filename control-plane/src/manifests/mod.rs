@@ -64,9 +64,12 @@ pub struct ManifestSource {
     /// file renamed, or an object moved from one file to another, never takes an
     /// object away that another file still defines.
     owners: HashMap<ObjId, Vec<FileName>>,
-    /// Files whose current content was rejected (their last good objects, if any,
-    /// stay in force).
-    broken: HashSet<FileName>,
+    /// Files whose current content is not in force: rejected (their last good
+    /// objects, if any, stay), or never read whole yet.
+    unsettled: HashSet<FileName>,
+    /// Directories that could not be read in the last scan: their files are
+    /// neither read nor taken for gone.
+    unreadable: Vec<PathBuf>,
     /// The index as of the last scan; each scan applies only what changed.
     current: Snapshot,
     metrics: Arc<Metrics>,
@@ -150,7 +153,8 @@ impl ManifestSource {
             dirs,
             files: BTreeMap::new(),
             owners: HashMap::new(),
-            broken: HashSet::new(),
+            unsettled: HashSet::new(),
+            unreadable: vec![PathBuf::new()],
             current: Snapshot::empty(trust_domain),
             metrics,
         }
@@ -160,13 +164,17 @@ impl ManifestSource {
     /// snapshot when anything did.
     pub fn scan(&mut self) -> Option<Snapshot> {
         let mut paths = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut visited = HashSet::new();
         for dir in &self.dirs {
-            if let Err(e) = list_yaml(dir, &mut paths) {
+            if let Err(e) = list_yaml(dir, &mut paths, &mut unreadable, &mut visited) {
                 // Unreadable now, perhaps back later: its files' objects stay in force.
                 warn!(dir = %dir.display(), error = %e, "cannot read manifests directory");
+                self.unreadable = vec![dir.clone()];
                 return None;
             }
         }
+        self.unreadable = unreadable;
         paths.sort();
         paths.dedup();
         let mut todo = Vec::new();
@@ -192,6 +200,9 @@ impl ManifestSource {
             // write's own event (or the next rescan) brings it back.
             if std::fs::metadata(&path).map(|m| Stamp::of(&m)).ok() != Some(stamp.clone()) {
                 debug!(file = %path.display(), "manifest changed while read; reading it again later");
+                if !self.files.contains_key(&path) {
+                    self.unsettled.insert(path);
+                }
                 continue;
             }
             match parsed {
@@ -200,7 +211,7 @@ impl ManifestSource {
                 }
                 Ok(objects) => {
                     info!(file = %path.display(), objects = objects.len(), "manifest loaded");
-                    self.broken.remove(&path);
+                    self.unsettled.remove(&path);
                     if let Some(old) = self.files.remove(&path) {
                         self.disown(&path, &old.ids, &mut touched);
                     }
@@ -215,7 +226,7 @@ impl ManifestSource {
                         error!(file = %path.display(), error = %e, "manifest rejected; its last good objects stay in force");
                     }
                     self.metrics.reload_errors.inc();
-                    self.broken.insert(path.clone());
+                    self.unsettled.insert(path.clone());
                     // Remember the stamp so the same broken file is reported once.
                     let ids = self.files.remove(&path).map(|f| f.ids).unwrap_or_default();
                     self.files.insert(path, FileState { stamp, ids });
@@ -225,11 +236,13 @@ impl ManifestSource {
         let gone: Vec<FileName> = self
             .files
             .keys()
+            .chain(&self.unsettled)
             .filter(|p| paths.binary_search_by(|q| q.as_path().cmp(p)).is_err())
+            .filter(|p| !self.unreadable.iter().any(|d| p.starts_with(d)))
             .cloned()
             .collect();
         for path in gone {
-            self.broken.remove(&path);
+            self.unsettled.remove(&path);
             if let Some(old) = self.files.remove(&path) {
                 info!(file = %path.display(), "manifest removed");
                 self.disown(&path, &old.ids, &mut touched);
@@ -249,7 +262,7 @@ impl ManifestSource {
     /// starts on broken files has no last good state for them (a policy among
     /// them would silently be missing), so it serves only once this is true.
     pub fn is_clean(&self) -> bool {
-        self.broken.is_empty()
+        self.unsettled.is_empty() && self.unreadable.is_empty()
     }
 
     fn disown(&mut self, path: &FileName, ids: &[ObjId], touched: &mut HashSet<ObjId>) {
@@ -287,35 +300,64 @@ impl ManifestSource {
     }
 
     /// Brings every touched object in the index in line with the file that now
-    /// defines it (if any does). `fresh` holds the objects of the files read in
-    /// this scan; another file that now defines an object (the second of two
-    /// definitions, when the first went away) is read again.
-    fn apply(&mut self, touched: HashSet<ObjId>, fresh: HashMap<FileName, Vec<Object>>) {
-        let mut by_file: HashMap<FileName, HashSet<ObjId>> = HashMap::new();
-        for id in touched {
-            id.remove_from(&mut self.current);
-            if let Some(first) = self.owners.get(&id).and_then(|f| f.first()) {
-                by_file.entry(first.clone()).or_default().insert(id);
+    /// defines it: the first of its files (by path) whose definition can be read.
+    /// `fresh` holds the objects of the files read in this scan; other files are
+    /// read again when needed (the second of two definitions, when the first went
+    /// away or is broken). An object no readable file defines any more, though
+    /// some file did, keeps its last state.
+    fn apply(&mut self, mut touched: HashSet<ObjId>, fresh: HashMap<FileName, Vec<Object>>) {
+        // Most objects come from a file read in this scan that defines them first.
+        for (path, objects) in &fresh {
+            for o in objects {
+                let Some(id) = o.id() else { continue };
+                if self.owners.get(&id).and_then(|f| f.first()) == Some(path) && touched.remove(&id)
+                {
+                    id.remove_from(&mut self.current);
+                    o.add_to(&mut self.current);
+                }
             }
         }
-        for (path, ids) in by_file {
-            let reread;
-            let objects = match fresh.get(&path) {
-                Some(o) => o,
-                None => match read_and_parse(&path) {
-                    Ok(o) => {
-                        reread = o;
-                        &reread
-                    }
-                    Err(errors) => {
-                        warn!(file = %path.display(), errors = errors.len(), "cannot read again the file that now defines some objects; they are missing until it loads");
-                        continue;
-                    }
-                },
-            };
-            for o in objects {
-                if o.id().is_some_and(|id| ids.contains(&id)) {
+        // The rest: gone for good, or now defined by another file.
+        let mut defs: HashMap<FileName, Option<HashMap<ObjId, Object>>> = HashMap::new();
+        for id in touched {
+            let owners = self.owners.get(&id).cloned().unwrap_or_default();
+            if owners.is_empty() {
+                id.remove_from(&mut self.current);
+                continue;
+            }
+            let mut found = None;
+            for f in &owners {
+                let d = defs.entry(f.clone()).or_insert_with(|| {
+                    let objects = match fresh.get(f) {
+                        Some(o) => o.clone(),
+                        None => match read_and_parse(f) {
+                            Ok(o) => o,
+                            Err(errors) => {
+                                warn!(file = %f.display(), errors = errors.len(), "cannot read again a file that defines objects; trying their other definitions");
+                                return None;
+                            }
+                        },
+                    };
+                    Some(
+                        objects
+                            .into_iter()
+                            .filter_map(|o| o.id().map(|id| (id, o)))
+                            .collect(),
+                    )
+                });
+                if d.as_ref().is_some_and(|m| m.contains_key(&id)) {
+                    found = Some(f.clone());
+                    break;
+                }
+            }
+            let found = found.and_then(|f| defs.get(&f)?.as_ref()?.get(&id));
+            match found {
+                Some(o) => {
+                    id.remove_from(&mut self.current);
                     o.add_to(&mut self.current);
+                }
+                None => {
+                    warn!(object = %id, "no file that defines this object reads now; its last state stays in force")
                 }
             }
         }
@@ -352,9 +394,12 @@ impl ManifestSource {
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(()) = events.recv() => {
-                    // Debounced on the trailing edge: wait until writes stop.
-                    while let Ok(Some(())) =
-                        tokio::time::timeout(defaults::MANIFEST_DEBOUNCE, events.recv()).await
+                    // Debounced on the trailing edge: wait until writes stop, but not
+                    // for ever (a file written without pause somewhere in the tree).
+                    let give_up = tokio::time::Instant::now() + defaults::MANIFEST_DEBOUNCE_MAX;
+                    while tokio::time::Instant::now() < give_up
+                        && let Ok(Some(())) =
+                            tokio::time::timeout(defaults::MANIFEST_DEBOUNCE, events.recv()).await
                     {}
                 }
             }
@@ -391,27 +436,34 @@ impl ManifestSource {
 }
 
 /// Every manifest under `dir`. Hidden entries are skipped (a ConfigMap volume's
-/// `..data` and timestamped folders, which would list every file three times),
-/// directory links are not followed (no loops), and a subdirectory that cannot
-/// be read is skipped with a warning rather than failing the whole directory.
-fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// `..data` and timestamped folders, which would list every file three times);
+/// links are followed (a ConfigMap's nested paths are links to folders), each
+/// folder once. A subdirectory that cannot be read is noted in `unreadable`, its
+/// files neither read nor taken for gone; the top directory's error is returned.
+fn list_yaml(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    unreadable: &mut Vec<PathBuf>,
+    visited: &mut HashSet<PathBuf>,
+) -> std::io::Result<()> {
+    if !visited.insert(std::fs::canonicalize(dir)?) {
+        return Ok(());
+    }
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
         if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
-        let Ok(kind) = entry.file_type() else {
-            continue;
-        };
-        if kind.is_dir() {
-            if let Err(e) = list_yaml(&path, out) {
-                warn!(dir = %path.display(), error = %e, "cannot read manifests subdirectory; skipped");
+        if path.is_dir() {
+            if let Err(e) = list_yaml(&path, out, unreadable, visited) {
+                warn!(dir = %path.display(), error = %e, "cannot read manifests subdirectory; its files stay as they were");
+                unreadable.push(path);
             }
         } else if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml" | "json")
-        ) && (kind.is_file() || (kind.is_symlink() && path.is_file()))
+        ) && path.is_file()
         {
             out.push(path);
         }
@@ -546,20 +598,25 @@ mod tests {
         // Kubernetes' layout: ..<timestamp>/file, ..data -> ..<timestamp>,
         // file -> ..data/file; an update swaps ..data and removes the old folder.
         let dir = temp_dir("configmap");
-        std::fs::create_dir(dir.join("..2024_01")).unwrap();
+        std::fs::create_dir_all(dir.join("..2024_01/nested")).unwrap();
         std::fs::write(dir.join("..2024_01/svc.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("..2024_01/nested/slice.yaml"), slice("10.0.0.1")).unwrap();
         std::os::unix::fs::symlink("..2024_01", dir.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/svc.yaml", dir.join("svc.yaml")).unwrap();
+        // An item with a nested path is a link to a folder.
+        std::os::unix::fs::symlink("..data/nested", dir.join("nested")).unwrap();
         let mut src = source(&dir);
         let s = src.scan().unwrap();
         assert_eq!((s.services.len(), src.metrics.reload_errors.get()), (1, 0));
+        assert_eq!(addrs(&s), vec!["10.0.0.1".to_string()]);
 
-        std::fs::create_dir(dir.join("..2024_02")).unwrap();
+        std::fs::create_dir_all(dir.join("..2024_02/nested")).unwrap();
         std::fs::write(
             dir.join("..2024_02/svc.yaml"),
             SVC.replace("10.96.0.1", "10.96.0.9"),
         )
         .unwrap();
+        std::fs::write(dir.join("..2024_02/nested/slice.yaml"), slice("10.0.0.1")).unwrap();
         std::os::unix::fs::symlink("..2024_02", dir.join("..data_tmp")).unwrap();
         std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
         std::fs::remove_dir_all(dir.join("..2024_01")).unwrap();
@@ -609,6 +666,36 @@ mod tests {
         let s = src.scan().unwrap();
         assert_eq!(s.services.len(), 1);
         assert_eq!(src.metrics.reload_errors.get(), 0);
+        assert!(src.is_clean());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_object_keeps_a_readable_definition_while_its_first_file_is_broken() {
+        let dir = temp_dir("fallback");
+        let ip = |n: u8| SVC.replace("10.96.0.1", &format!("10.96.0.{n}"));
+        let has = |s: &Snapshot, n: u8| {
+            s.by_cluster_ip
+                .contains_key(&format!("10.96.0.{n}").parse::<std::net::IpAddr>().unwrap())
+        };
+        std::fs::write(dir.join("a.yaml"), ip(1)).unwrap();
+        let mut src = source(&dir);
+        assert!(has(&src.scan().unwrap(), 1));
+        std::fs::write(dir.join("a.yaml"), "kind: [broken").unwrap();
+        assert!(src.scan().is_none(), "a broken edit changes nothing");
+        assert!(!src.is_clean());
+        // Defined again in a file that reads: that definition applies.
+        std::fs::write(dir.join("c.yaml"), ip(3)).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.services.len(), 1);
+        assert!(has(&s, 3), "the readable definition is in force");
+        // Gone from the readable file: the broken file's last good state stays.
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.services.len(), 1, "kept while a file still defines it");
+        std::fs::write(dir.join("a.yaml"), ip(4)).unwrap();
+        let s = src.scan().unwrap();
+        assert!(has(&s, 4) && src.is_clean());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

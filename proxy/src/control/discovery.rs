@@ -38,6 +38,20 @@ struct WatchState {
     waited: AtomicBool,
 }
 
+/// What a request gets of a watch: its answers, its balancer, its state.
+type WatchHandle = (
+    watch::Receiver<Option<Resolution>>,
+    Arc<Balancer>,
+    Arc<WatchState>,
+);
+
+impl Watch {
+    /// Holds an answer while its stream to the controller is down.
+    fn stranded(&self) -> bool {
+        !self.state.connected.load(Ordering::Relaxed) && self.rx.borrow().is_some()
+    }
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         self.task.abort();
@@ -85,7 +99,8 @@ impl Discovery {
     /// The current answer for `dest`; for a destination not watched yet, waits up
     /// to `timeout` for the first one. `None` when there is no answer in time.
     pub async fn resolve(&self, dest: &DestAddr, timeout: Duration) -> Option<Resolved> {
-        let (mut rx, balancer, state) = self.watch(dest);
+        // Every slot holds an answer the controller cannot renew now: pass through.
+        let (mut rx, balancer, state) = self.watch(dest)?;
         let current = rx.borrow().clone();
         let resolution = match current {
             Some(r) => r,
@@ -113,27 +128,29 @@ impl Discovery {
     fn watch(
         &self,
         dest: &DestAddr,
-    ) -> (
-        watch::Receiver<Option<Resolution>>,
-        Arc<Balancer>,
-        Arc<WatchState>,
-    ) {
+    ) -> Option<WatchHandle> {
         let now = self.now_ms();
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = watches.get(dest) {
             w.state.last_used_ms.store(now, Ordering::Relaxed);
-            return (w.rx.clone(), w.balancer.clone(), w.state.clone());
+            return Some((w.rx.clone(), w.balancer.clone(), w.state.clone()));
         }
         if watches.len() >= defaults::MAX_DISCOVERY_WATCHES {
             // Bounded: a flood of distinct destinations (random Host headers) evicts
-            // the least recently used watch rather than growing without end.
-            if let Some(lru) = watches
+            // the least recently used watch rather than growing without end. Never
+            // one that holds an answer while the controller is away: it could not
+            // be answered again, and its traffic would lose its identity.
+            let lru = watches
                 .iter()
+                .filter(|(_, w)| !w.stranded())
                 .min_by_key(|(_, w)| w.state.last_used_ms.load(Ordering::Relaxed))
-                .map(|(d, _)| d.clone())
-            {
-                debug!(destination = %lru, "too many discovery watches; dropping the least recently used");
-                watches.remove(&lru);
+                .map(|(d, _)| d.clone());
+            match lru {
+                Some(lru) => {
+                    debug!(destination = %lru, "too many discovery watches; dropping the least recently used");
+                    watches.remove(&lru);
+                }
+                None => return None,
             }
         }
         let (tx, rx) = watch::channel(None);
@@ -153,7 +170,7 @@ impl Discovery {
         };
         let balancer = w.balancer.clone();
         watches.insert(dest.clone(), w);
-        (rx, balancer, state)
+        Some((rx, balancer, state))
     }
 
     /// Drops watches no request has used for `DISCOVERY_IDLE_TIMEOUT`, except
@@ -169,9 +186,7 @@ impl Discovery {
             let mut watches = d.watches.lock().unwrap_or_else(|p| p.into_inner());
             watches.retain(|dest, w| {
                 let used = now.saturating_sub(w.state.last_used_ms.load(Ordering::Relaxed)) < idle;
-                let stranded =
-                    !w.state.connected.load(Ordering::Relaxed) && w.rx.borrow().is_some();
-                let keep = used || stranded;
+                let keep = used || w.stranded();
                 if !keep {
                     debug!(%dest, "dropping idle discovery watch");
                 }

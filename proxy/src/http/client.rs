@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -213,7 +214,8 @@ pub struct PeerTls {
 
 /// One HTTP/2 connection to an upstream, shared by every request to it whatever
 /// its `:authority` (hyper's pooled client keys connections by authority, which
-/// would open one per Host a client cares to send). Reconnects when it closes.
+/// would open one per Host a client cares to send). Reconnects when it closes;
+/// closes when unused for `POOL_IDLE_TIMEOUT`.
 #[derive(Clone)]
 pub struct H2Client {
     inner: Arc<H2Inner>,
@@ -221,10 +223,22 @@ pub struct H2Client {
 
 struct H2Inner {
     connector: Connector,
-    current: Mutex<Option<SendRequest<BoxBody>>>,
+    state: Mutex<H2State>,
     /// Held while connecting, so that requests arriving together share one
-    /// connection instead of racing to open several.
+    /// connection (or one failure) instead of each opening their own.
     connecting: tokio::sync::Mutex<()>,
+    /// Requests sent so far, to notice an idle connection.
+    requests: AtomicU64,
+}
+
+#[derive(Default)]
+struct H2State {
+    /// The connection in use, with its number.
+    current: Option<(u64, SendRequest<BoxBody>)>,
+    /// Connect attempts so far, and how the last one failed: requests that
+    /// waited on an attempt that failed fail with it.
+    attempts: u64,
+    failed: Option<(u64, ConnectError)>,
 }
 
 impl std::fmt::Debug for H2Client {
@@ -246,30 +260,97 @@ pub enum ClientError {
     Pooled(#[from] hyper_util::client::legacy::Error),
 }
 
+impl ConnectError {
+    /// The same error, for every request that waited on one connect attempt.
+    fn duplicate(&self) -> ConnectError {
+        match self {
+            ConnectError::Timeout { addr, after } => ConnectError::Timeout {
+                addr: *addr,
+                after: *after,
+            },
+            ConnectError::Io { addr, source } => ConnectError::Io {
+                addr: *addr,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            ConnectError::Tls { addr, reason } => ConnectError::Tls {
+                addr: *addr,
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+impl H2Inner {
+    fn state(&self) -> std::sync::MutexGuard<'_, H2State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn usable(&self) -> Option<(u64, SendRequest<BoxBody>)> {
+        self.state()
+            .current
+            .as_ref()
+            .filter(|(_, s)| s.is_ready())
+            .cloned()
+    }
+
+    /// Stops handing out connection `n`; it closes once its streams are done.
+    fn forget(&self, n: u64) {
+        let mut st = self.state();
+        if st.current.as_ref().is_some_and(|(c, _)| *c == n) {
+            st.current = None;
+        }
+    }
+}
+
 impl H2Client {
     fn new(connector: Connector) -> Self {
         H2Client {
             inner: Arc::new(H2Inner {
                 connector,
-                current: Mutex::new(None),
+                state: Mutex::default(),
                 connecting: tokio::sync::Mutex::new(()),
+                requests: AtomicU64::new(0),
             }),
         }
     }
 
-    fn usable(&self) -> Option<SendRequest<BoxBody>> {
-        let current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
-        current.as_ref().filter(|s| s.is_ready()).cloned()
+    async fn sender(&self) -> Result<(u64, SendRequest<BoxBody>), ClientError> {
+        if let Some(s) = self.inner.usable() {
+            return Ok(s);
+        }
+        let attempts_before = self.inner.state().attempts;
+        let _connecting = self.inner.connecting.lock().await;
+        if let Some(s) = self.inner.usable() {
+            return Ok(s);
+        }
+        let attempt = {
+            let mut st = self.inner.state();
+            if st.attempts > attempts_before
+                && let Some((a, e)) = &st.failed
+                && *a == st.attempts
+            {
+                // An attempt made while we waited failed: so do we, at once.
+                return Err(e.duplicate().into());
+            }
+            st.attempts += 1;
+            st.attempts
+        };
+        match self.connect(attempt).await {
+            Ok(sender) => {
+                let mut st = self.inner.state();
+                st.failed = None;
+                st.current = Some((attempt, sender.clone()));
+                Ok((attempt, sender))
+            }
+            Err(e) => {
+                self.inner.state().failed = Some((attempt, e.duplicate()));
+                Err(e.into())
+            }
+        }
     }
 
-    async fn sender(&self) -> Result<SendRequest<BoxBody>, ClientError> {
-        if let Some(s) = self.usable() {
-            return Ok(s);
-        }
-        let _connecting = self.inner.connecting.lock().await;
-        if let Some(s) = self.usable() {
-            return Ok(s);
-        }
+    async fn connect(&self, n: u64) -> Result<SendRequest<BoxBody>, ConnectError> {
+        let addr = self.inner.connector.addr;
         let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
         let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -278,14 +359,35 @@ impl H2Client {
             .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
             .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
-        let (sender, conn) = b.handshake(io).await?;
-        let addr = self.inner.connector.addr;
+        let (sender, conn) = b.handshake(io).await.map_err(|e| ConnectError::Io {
+            addr,
+            source: io::Error::other(format!("HTTP/2 handshake: {e}")),
+        })?;
+        let inner = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let mut seen = u64::MAX;
+            let ended = loop {
+                tokio::select! {
+                    r = &mut conn => break r,
+                    _ = tokio::time::sleep(defaults::POOL_IDLE_TIMEOUT) => {
+                        let Some(inner) = inner.upgrade() else { break conn.await };
+                        let sent = inner.requests.load(Ordering::Relaxed);
+                        if sent == seen {
+                            // Idle: no new request uses it; it closes once the
+                            // streams in flight are done.
+                            inner.forget(n);
+                            drop(inner);
+                            break conn.await;
+                        }
+                        seen = sent;
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to upstream ended");
             }
         });
-        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
         Ok(sender)
     }
 
@@ -295,12 +397,14 @@ impl H2Client {
         &self,
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
-        let mut sender = self.sender().await?;
+        self.inner.requests.fetch_add(1, Ordering::Relaxed);
+        let (n, mut sender) = self.sender().await?;
         match sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
-                    let mut sender = self.sender().await?;
+                    self.inner.forget(n);
+                    let (_, mut sender) = self.sender().await?;
                     Ok(sender.send_request(req).await?)
                 }
                 None => Err(e.into_error().into()),

@@ -46,7 +46,11 @@ impl Forward {
     /// inbound.
     fn is_self(&self, addr: SocketAddr, to_peer: bool) -> bool {
         !to_peer
-            && (addr.ip().is_loopback() || addr.ip().is_unspecified())
+            && {
+                // ::ffff:127.0.0.1 is 127.0.0.1 to the kernel.
+                let ip = addr.ip().to_canonical();
+                ip.is_loopback() || ip.is_unspecified()
+            }
             && self.shared.own_ports.contains(&addr.port())
     }
 
@@ -194,12 +198,18 @@ fn upstream_uri<B>(req: &mut Request<B>, addr: SocketAddr, h2: bool) -> Result<(
             None => addr_authority()?,
         }
     } else {
-        // An absolute-form request line named the host: HTTP/1.1 wants it in Host.
+        // An absolute-form request line named the host: HTTP/1.1 wants it in
+        // Host (host and port only: never the userinfo an authority may carry).
         if !req.headers().contains_key(header::HOST)
             && let Some(a) = &app_authority
-            && let Ok(v) = HeaderValue::from_str(a.as_str())
         {
-            req.headers_mut().insert(header::HOST, v);
+            let host = match a.port_u16() {
+                Some(p) => format!("{}:{p}", a.host()),
+                None => a.host().to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                req.headers_mut().insert(header::HOST, v);
+            }
         }
         addr_authority()?
     };

@@ -54,7 +54,7 @@ pub async fn follow(
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
                 // Never a busy loop, whatever the certificate says.
-                let renew = renew_after(lifetime).max(defaults::CONTROL_BACKOFF_MIN);
+                let renew = renew_after(lifetime).max(defaults::RENEW_AFTER_MIN);
                 info!(identity = %creds.identity(), %serial, ?lifetime, renew_in = ?renew, "certificate installed");
                 renew
             }

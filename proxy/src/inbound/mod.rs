@@ -141,10 +141,15 @@ impl Inbound {
         };
         let rules = dst::TargetRules {
             own_ports: s.own_ports.clone(),
-            // A redirected plaintext client gets the port it was redirected to.
-            // Peers, and clients that reach the inbound port directly (on
-            // loopback, without iptables), name theirs.
-            trust_carried: peer.is_some() || s.identity.is_none() || target.is_none(),
+            // A verified peer names its port. A redirected plaintext client gets
+            // the port it was redirected to. A plaintext client that dialled the
+            // inbound port itself names its port only in a mesh without
+            // identities (where peers look like that), or from this host (the
+            // loopback mesh of tests and the demo): from elsewhere it could reach
+            // ports the app binds to loopback only.
+            trust_carried: peer.is_some()
+                || (target.is_none()
+                    && (s.identity.is_none() || client.0.ip().to_canonical().is_loopback())),
         };
         let meta = ConnMeta {
             direction: DIRECTION,

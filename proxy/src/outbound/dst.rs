@@ -30,11 +30,13 @@ impl ChooseDst for OutboundDst {
             None => authority_dst(req)?,
         };
         if let DestAddr::Socket(a) = dst {
+            // ::ffff:127.0.0.1 is 127.0.0.1 to the kernel.
+            let ip = a.ip().to_canonical();
             let ours = self.own.iter().any(|l| {
                 l.port() == a.port()
-                    && (l.ip() == a.ip()
+                    && (l.ip() == ip
                         || l.ip().is_unspecified()
-                        || a.ip().is_loopback() && l.ip().is_loopback())
+                        || ip.is_loopback() && l.ip().is_loopback())
             });
             if ours {
                 return Err(ProxyError::Loop(a));
