@@ -125,10 +125,7 @@ impl Discovery {
         })
     }
 
-    fn watch(
-        &self,
-        dest: &DestAddr,
-    ) -> Option<WatchHandle> {
+    fn watch(&self, dest: &DestAddr) -> Option<WatchHandle> {
         let now = self.now_ms();
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = watches.get(dest) {

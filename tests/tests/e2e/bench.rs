@@ -67,7 +67,14 @@ async fn proxy_quick_measures_every_scenario() {
         "strait-mtls vs strait",
         "| haproxy-mtls |",
         "| nginx-mtls |",
+        "p99 / best reference",
     ] {
         assert!(md.contains(s), "{s} missing from\n{md}");
+    }
+    // Every scenario measured something: no pair sits at zero requests.
+    let main_table = |l: &&str| l.starts_with("| h1 500/s |") && l.matches('|').count() == 12;
+    for line in md.lines().filter(main_table) {
+        let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
+        assert!(rps > 100.0, "{line}");
     }
 }

@@ -38,6 +38,12 @@ enum What {
         #[arg(long = "load")]
         loads: Vec<String>,
     },
+    /// Prints the tables of a `bench proxy` run again from its JSON (and redraws
+    /// its plots into --out).
+    Report {
+        /// The JSON a run wrote (e.g. docs/bench/proxy.json).
+        from: PathBuf,
+    },
     /// The controller with many Services and endpoints and many watching proxies.
     ControllerScale {
         #[arg(long, default_value_t = 10_000)]
@@ -81,6 +87,13 @@ async fn main() -> anyhow::Result<()> {
             std::fs::write(cli.out.join(name), serde_json::to_string_pretty(&r)?)?;
             let load = if cli.quick { "h1 500/s" } else { "h1 2000/s" };
             for p in plot::write(&r, &cli.out, load)? {
+                eprintln!("wrote {}", p.display());
+            }
+        }
+        What::Report { from } => {
+            let r: proxy::Results = serde_json::from_str(&std::fs::read_to_string(&from)?)?;
+            println!("{}", proxy::markdown(&r));
+            for p in plot::write(&r, &cli.out, "h1 2000/s")? {
                 eprintln!("wrote {}", p.display());
             }
         }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use strait_tests::backend::Backend;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts};
@@ -34,7 +34,7 @@ pub struct Load {
     pub seconds: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
     pub round: usize,
     pub scenario: String,
@@ -50,7 +50,7 @@ pub struct Sample {
     pub vcpu_per_krps: Vec<f64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Memory {
     pub scenario: String,
     pub process: String,
@@ -58,7 +58,7 @@ pub struct Memory {
     pub peak_rss_mib: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub machine: String,
     pub samples: Vec<Sample>,
@@ -530,6 +530,48 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// One row per scenario and load: medians over rounds.
+/// The same figures as ratios, which survive a noisy machine better than
+/// absolute times: each pair's p99 to `direct`'s and to the better reference
+/// pair's, its throughput to the HAProxy pair's, and its CPU (mean of the two
+/// proxies) to the better reference pair's.
+fn ratios(rows: &[(String, String, Sample)]) -> String {
+    let mut out = String::from(
+        "\n| load | scenario | p99 / direct | p99 / best reference | req/s / HAProxy pair | vCPU / best reference |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    let cpu = |s: &Sample| {
+        if s.vcpu_per_krps.is_empty() {
+            f64::NAN
+        } else {
+            s.vcpu_per_krps.iter().sum::<f64>() / s.vcpu_per_krps.len() as f64
+        }
+    };
+    for (load, scenario, s) in rows.iter().filter(|r| r.1 != "direct") {
+        let of = |name: &str| {
+            rows.iter()
+                .find(|(l, sc, _)| l == load && sc == name)
+                .map(|r| &r.2)
+        };
+        let refs: Vec<&Sample> = REFERENCES.iter().filter_map(|n| of(n)).collect();
+        let best_p99 = refs.iter().map(|r| r.p99_ms).fold(f64::INFINITY, f64::min);
+        let best_cpu = refs.iter().map(|r| cpu(r)).fold(f64::INFINITY, f64::min);
+        let fmt = |x: f64| {
+            if x.is_finite() {
+                format!("{x:.2}")
+            } else {
+                "-".to_string()
+            }
+        };
+        out.push_str(&format!(
+            "| {load} | {scenario} | {} | {} | {} | {} |\n",
+            fmt(of("direct").map_or(f64::NAN, |d| s.p99_ms / d.p99_ms)),
+            fmt(s.p99_ms / best_p99),
+            fmt(of("haproxy-mtls").map_or(f64::NAN, |h| s.achieved_rps / h.achieved_rps)),
+            fmt(cpu(s) / best_cpu),
+        ));
+    }
+    out
+}
+
 pub fn summary(r: &Results) -> Vec<(String, String, Sample)> {
     let mut rows = Vec::new();
     let mut keys: Vec<(String, String)> = Vec::new();
@@ -616,6 +658,7 @@ pub fn markdown(r: &Results) -> String {
             vs_ref
         ));
     }
+    out.push_str(&ratios(&rows));
     out.push_str(&mtls_cost(&rows));
     out.push_str(
         "\n| scenario | process | idle RSS MiB | peak RSS MiB |\n| --- | --- | --- | --- |\n",
