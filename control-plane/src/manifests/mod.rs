@@ -109,6 +109,8 @@ fn read(path: &Path) -> Result<String, String> {
 }
 
 /// Parses files on every core: the first load of a large mesh is mostly YAML.
+/// Each thread takes the next file as it finishes one, so a few large files
+/// (a namespace's Pods) do not leave the other cores idle.
 fn parse_all(paths: &[FileName]) -> Vec<Parsed> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -116,21 +118,37 @@ fn parse_all(paths: &[FileName]) -> Vec<Parsed> {
     if threads <= 1 || paths.len() < 4 {
         return paths.iter().map(|p| read_and_parse(p)).collect();
     }
-    let chunk = paths.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = paths
-            .chunks(chunk)
-            .map(|c| s.spawn(move || c.iter().map(|p| read_and_parse(p)).collect::<Vec<_>>()))
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut parsed: Vec<(usize, Parsed)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(p) = paths.get(i) else { break };
+                        mine.push((i, read_and_parse(p)));
+                    }
+                    mine
+                })
+            })
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    vec![Err(vec![ParseError::Io("parser thread panicked".into())])]
-                })
-            })
+            .flat_map(|h| h.join().unwrap_or_default())
             .collect()
-    })
+    });
+    parsed.sort_by_key(|(i, _)| *i);
+    // A parser thread that panicked lost its files: they are errors, in place.
+    let mut out: Vec<Parsed> = Vec::with_capacity(paths.len());
+    let mut it = parsed.into_iter().peekable();
+    for i in 0..paths.len() {
+        match it.next_if(|(j, _)| *j == i) {
+            Some((_, p)) => out.push(p),
+            None => out.push(Err(vec![ParseError::Io("parser thread panicked".into())])),
+        }
+    }
+    out
 }
 
 /// Whether a file's new content is "nothing" while it held objects, and it was
@@ -306,16 +324,25 @@ impl ManifestSource {
     /// away or is broken). An object no readable file defines any more, though
     /// some file did, keeps its last state.
     fn apply(&mut self, mut touched: HashSet<ObjId>, fresh: HashMap<FileName, Vec<Object>>) {
-        // Most objects come from a file read in this scan that defines them first.
-        for (path, objects) in &fresh {
+        // Most objects come from a file read in this scan that defines them first:
+        // they are moved into the index (a first load holds no second copy). What
+        // is left may still be the definition in force of an object whose first
+        // file failed.
+        let mut left: HashMap<FileName, Vec<Object>> = HashMap::new();
+        for (path, objects) in fresh {
+            let mut rest = Vec::new();
             for o in objects {
                 let Some(id) = o.id() else { continue };
-                if self.owners.get(&id).and_then(|f| f.first()) == Some(path) && touched.remove(&id)
+                if self.owners.get(&id).and_then(|f| f.first()) == Some(&path)
+                    && touched.remove(&id)
                 {
                     id.remove_from(&mut self.current);
-                    o.add_to(&mut self.current);
+                    o.insert_into(&mut self.current);
+                } else {
+                    rest.push(o);
                 }
             }
+            left.insert(path, rest);
         }
         // The rest: gone for good, or now defined by another file.
         let mut defs: HashMap<FileName, Option<HashMap<ObjId, Object>>> = HashMap::new();
@@ -328,7 +355,7 @@ impl ManifestSource {
             let mut found = None;
             for f in &owners {
                 let d = defs.entry(f.clone()).or_insert_with(|| {
-                    let objects = match fresh.get(f) {
+                    let objects = match left.get(f) {
                         Some(o) => o.clone(),
                         None => match read_and_parse(f) {
                             Ok(o) => o,

@@ -81,6 +81,18 @@ impl Object {
         })
     }
 
+    /// As `add_to`, moving the object in rather than copying it.
+    pub fn insert_into(self, snap: &mut Snapshot) {
+        match self {
+            Object::Service(k, s) => snap.add_service(k, s),
+            Object::EndpointSlice(svc, name, s) => snap.add_slice(svc, name, s),
+            Object::Pod(k, p) => snap.add_pod(k, p),
+            Object::Token(d, sa) => snap.add_token(d, sa),
+            Object::Authorization(k, a) => snap.add_authorization(k, a),
+            Object::Other { .. } => {}
+        }
+    }
+
     pub fn add_to(&self, snap: &mut Snapshot) {
         match self {
             Object::Service(k, s) => snap.add_service(k.clone(), s.clone()),
