@@ -13,6 +13,33 @@ pub struct OrigDst(pub SocketAddr);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TargetPort(pub u16);
 
+/// The addresses this proxy listens on: never a destination of its own traffic
+/// (a request to one of them would come straight back to us).
+#[derive(Clone, Debug)]
+pub struct OwnAddrs(std::sync::Arc<[SocketAddr]>);
+
+impl OwnAddrs {
+    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        OwnAddrs(addrs.into_iter().collect())
+    }
+
+    /// Whether a connection to `addr` would reach one of our listeners. Loopback
+    /// addresses (and ::ffff:127.0.0.1, and 0.0.0.0) are one host to the kernel.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        let local = ip.is_loopback() || ip.is_unspecified();
+        self.0.iter().any(|l| {
+            l.port() == addr.port()
+                && (l.ip() == ip || l.ip().is_unspecified() || local && l.ip().is_loopback())
+        })
+    }
+
+    /// Whether one of our listeners has this port (as a port of this pod).
+    pub fn has_port(&self, port: u16) -> bool {
+        self.0.iter().any(|l| l.port() == port)
+    }
+}
+
 /// The address of the client of a connection we accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub SocketAddr);

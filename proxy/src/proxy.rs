@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::addr::ClientAddr;
+use crate::addr::{ClientAddr, OwnAddrs};
 use crate::admin::{self, AdminState};
 use crate::cli::Config;
 use crate::control::discovery::Discovery;
@@ -45,8 +45,8 @@ pub struct Shared {
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// This workload's inbound policy.
     pub policy: PolicyRx,
-    /// Every port this proxy listens on: never a destination of its own traffic.
-    pub own_ports: Arc<[u16]>,
+    /// Every address this proxy listens on: never a destination of its own traffic.
+    pub own: OwnAddrs,
 }
 
 impl Shared {
@@ -259,13 +259,13 @@ impl Proxy {
         let discovery = control
             .as_ref()
             .map(|(channel, workload)| Discovery::new(channel.clone(), workload.clone()));
-        let own_ports: Vec<u16> = [addrs.inbound, addrs.outbound, addrs.admin]
-            .iter()
-            .chain(&addrs.upstreams)
-            .map(|a| a.port())
-            .collect();
+        let own = OwnAddrs::new(
+            [addrs.inbound, addrs.outbound, addrs.admin]
+                .into_iter()
+                .chain(addrs.upstreams.iter().copied()),
+        );
         let shared = Arc::new(Shared {
-            own_ports: own_ports.into(),
+            own,
             discovery,
             identity,
             tls_server,
@@ -328,11 +328,7 @@ impl Proxy {
             ready,
         } = self;
         let max = shared.config.max_connections;
-        let own = vec![addrs.outbound, addrs.inbound, addrs.admin]
-            .into_iter()
-            .chain(addrs.upstreams.iter().copied())
-            .collect();
-        let out = Outbound::new(shared.clone(), own);
+        let out = Outbound::new(shared.clone());
         let inb = Inbound::new(shared.clone());
 
         let mut listeners = Vec::new();

@@ -172,7 +172,7 @@ impl ManifestSource {
             files: BTreeMap::new(),
             owners: HashMap::new(),
             unsettled: HashSet::new(),
-            unreadable: vec![PathBuf::new()],
+            unreadable: Vec::new(),
             current: Snapshot::empty(trust_domain),
             metrics,
         }
@@ -246,8 +246,18 @@ impl ManifestSource {
                     self.metrics.reload_errors.inc();
                     self.unsettled.insert(path.clone());
                     // Remember the stamp so the same broken file is reported once.
-                    let ids = self.files.remove(&path).map(|f| f.ids).unwrap_or_default();
-                    self.files.insert(path, FileState { stamp, ids });
+                    match self.files.get_mut(&path) {
+                        Some(f) => f.stamp = stamp,
+                        None => {
+                            self.files.insert(
+                                path,
+                                FileState {
+                                    stamp,
+                                    ids: Vec::new(),
+                                },
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -276,7 +286,8 @@ impl ManifestSource {
         Some(self.current.clone())
     }
 
-    /// Whether every file's current content was accepted. A controller that
+    /// Whether, as of the last scan, every directory read and every file's current
+    /// content was accepted. A controller that
     /// starts on broken files has no last good state for them (a policy among
     /// them would silently be missing), so it serves only once this is true.
     pub fn is_clean(&self) -> bool {

@@ -55,20 +55,22 @@ pub struct InFlight {
 
 impl InFlight {
     pub fn observe(&self) {
-        let now = Instant::now();
-        if let Ok(mut e) = self.load.ewma.lock() {
-            e.observe(now.saturating_duration_since(self.start), now);
-        }
+        self.record(std::time::Duration::ZERO);
     }
 
     /// The endpoint failed (refused the connection, or its proxy could not reach
     /// its app). Such failures are fast; recorded as their latency they would make a
     /// dead endpoint the most attractive one. Recorded as a penalty instead.
     pub fn fail(&self) {
+        self.record(defaults::BALANCER_FAILURE_PENALTY);
+    }
+
+    /// Records the time since the request started, or `at_least`.
+    fn record(&self, at_least: std::time::Duration) {
         let now = Instant::now();
-        let took = now.saturating_duration_since(self.start);
+        let took = now.saturating_duration_since(self.start).max(at_least);
         if let Ok(mut e) = self.load.ewma.lock() {
-            e.observe(took.max(defaults::BALANCER_FAILURE_PENALTY), now);
+            e.observe(took, now);
         }
     }
 }

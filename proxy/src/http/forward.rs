@@ -40,20 +40,6 @@ impl Forward {
         }
     }
 
-    /// Whether `addr` is one of this proxy's own listeners: a request resolved to
-    /// it (`Host: localhost:4140`) would come straight back. A peer proxy's
-    /// inbound port is exempt: a pod calling its own Service goes through its own
-    /// inbound.
-    fn is_self(&self, addr: SocketAddr, to_peer: bool) -> bool {
-        !to_peer
-            && {
-                // ::ffff:127.0.0.1 is 127.0.0.1 to the kernel.
-                let ip = addr.ip().to_canonical();
-                ip.is_loopback() || ip.is_unspecified()
-            }
-            && self.shared.own_ports.contains(&addr.port())
-    }
-
     async fn forward<B>(self, mut req: Request<B>) -> Result<Response<BoxBody>, ProxyError>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -63,7 +49,10 @@ impl Forward {
             return Err(ProxyError::BadRequest("no destination for request"));
         };
         let addr = resolve(&dst, self.shared.config.connect_timeout).await?;
-        if self.is_self(addr, req.extensions().get::<ToPeer>().is_some()) {
+        // A name resolved to one of our listeners (`Host: localhost:4140`) would
+        // come straight back. A peer proxy's inbound is exempt: a pod calling its
+        // own Service goes through its own inbound.
+        if req.extensions().get::<ToPeer>().is_none() && self.shared.own.contains(addr) {
             return Err(ProxyError::Loop(addr));
         }
         let is_connect = req.method() == Method::CONNECT;

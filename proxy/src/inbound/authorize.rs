@@ -101,7 +101,6 @@ where
 /// `strait_client_id`, which CGI-style servers (Rack, WSGI, PHP) read as the same
 /// variable as the real header.
 fn remove_client_id(headers: &mut http::HeaderMap) {
-    headers.remove(CLIENT_ID_HEADER);
     let lookalikes: Vec<http::HeaderName> = headers
         .keys()
         .filter(|k| {
@@ -114,6 +113,7 @@ fn remove_client_id(headers: &mut http::HeaderMap) {
         .cloned()
         .collect();
     for k in lookalikes {
+        // All its values: a client may repeat the header.
         headers.remove(k);
     }
 }

@@ -4,7 +4,7 @@
 use http::{HeaderValue, Request, Version, header};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::addr::{DestAddr, TargetPort};
+use crate::addr::{DestAddr, OwnAddrs, TargetPort};
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::http::dst::ChooseDst;
 use crate::http::error::ProxyError;
@@ -17,21 +17,21 @@ pub fn app_addr(ip: IpAddr, p: TargetPort) -> DestAddr {
 /// Which target ports a connection may ask for.
 #[derive(Clone, Debug)]
 pub struct TargetRules {
-    /// The ports this proxy itself listens on (inbound, outbound, admin, upstream
-    /// listeners): never a target, or a caller could reach the admin server's
-    /// `/shutdown` as "loopback", or use the outbound listener as an open proxy
-    /// with this pod's identity.
-    pub own_ports: std::sync::Arc<[u16]>,
+    /// This proxy's listeners (inbound, outbound, admin, upstream): their ports are
+    /// never a target, or a caller could reach the admin server's `/shutdown` as
+    /// "loopback", or use the outbound listener as an open proxy with this pod's
+    /// identity.
+    pub own: OwnAddrs,
     /// Whether a target port carried by the client (`strait-target-port`) is
-    /// believed over the one the connection was redirected to: not from a
-    /// plaintext client of an mTLS proxy, which gets the port it was redirected to.
+    /// believed over the one the connection was redirected to (who may carry one
+    /// is decided where the connection is accepted).
     pub trust_carried: bool,
 }
 
 impl TargetRules {
     /// Refuses this proxy's own ports.
     pub fn check(&self, port: TargetPort) -> Result<TargetPort, ProxyError> {
-        if self.own_ports.contains(&port.0) {
+        if self.own.has_port(port.0) {
             return Err(ProxyError::Loop(SocketAddr::from((
                 Ipv4Addr::LOCALHOST,
                 port.0,
@@ -114,7 +114,9 @@ mod tests {
 
     fn rules(trust_carried: bool) -> TargetRules {
         TargetRules {
-            own_ports: vec![4143, 4140, 4191].into(),
+            own: OwnAddrs::new(
+                [4143, 4140, 4191].map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
+            ),
             trust_carried,
         }
     }

@@ -140,7 +140,7 @@ impl Inbound {
             return;
         };
         let rules = dst::TargetRules {
-            own_ports: s.own_ports.clone(),
+            own: s.own.clone(),
             // A verified peer names its port. A redirected plaintext client gets
             // the port it was redirected to. A plaintext client that dialled the
             // inbound port itself names its port only in a mesh without

@@ -2,23 +2,20 @@
 //! (redirected, or an `--upstream` listener), else the request's authority (HTTP
 //! sent straight to the outbound port).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
 use http::{Request, header};
 
-use crate::addr::DestAddr;
+use crate::addr::{DestAddr, OwnAddrs};
 use crate::http::dst::ChooseDst;
 use crate::http::error::ProxyError;
 
 #[derive(Clone, Debug)]
 pub struct OutboundDst {
     fixed: Option<DestAddr>,
-    own: Arc<Vec<SocketAddr>>,
+    own: OwnAddrs,
 }
 
 impl OutboundDst {
-    pub fn new(fixed: Option<DestAddr>, own: Arc<Vec<SocketAddr>>) -> Self {
+    pub fn new(fixed: Option<DestAddr>, own: OwnAddrs) -> Self {
         Self { fixed, own }
     }
 }
@@ -29,18 +26,10 @@ impl ChooseDst for OutboundDst {
             Some(d) => d.clone(),
             None => authority_dst(req)?,
         };
-        if let DestAddr::Socket(a) = dst {
-            // ::ffff:127.0.0.1 is 127.0.0.1 to the kernel.
-            let ip = a.ip().to_canonical();
-            let ours = self.own.iter().any(|l| {
-                l.port() == a.port()
-                    && (l.ip() == ip
-                        || l.ip().is_unspecified()
-                        || ip.is_loopback() && l.ip().is_loopback())
-            });
-            if ours {
-                return Err(ProxyError::Loop(a));
-            }
+        if let DestAddr::Socket(a) = dst
+            && self.own.contains(a)
+        {
+            return Err(ProxyError::Loop(a));
         }
         Ok(dst)
     }
@@ -87,7 +76,7 @@ mod tests {
 
     #[test]
     fn host_header_gives_the_destination() {
-        let l = OutboundDst::new(None, Arc::new(vec!["127.0.0.1:4140".parse().unwrap()]));
+        let l = OutboundDst::new(None, OwnAddrs::new(["127.0.0.1:4140".parse().unwrap()]));
         assert_eq!(
             l.choose(&mut req("web.default:8080")).unwrap().to_string(),
             "web.default:8080"

@@ -4,7 +4,6 @@
 mod discover;
 mod dst;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tower::layer::util::Stack;
@@ -31,16 +30,13 @@ const DIRECTION: Direction = Direction::Outbound;
 pub struct Outbound {
     shared: Arc<Shared>,
     http: HttpStack,
-    /// Our own listeners: a request addressed to one of them would loop.
-    own_addrs: Arc<Vec<SocketAddr>>,
 }
 
 impl Outbound {
-    pub fn new(shared: Arc<Shared>, own_addrs: Vec<SocketAddr>) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         Outbound {
             http: HttpStack::new(shared.clone(), DIRECTION),
             shared,
-            own_addrs: Arc::new(own_addrs),
         }
     }
 
@@ -61,7 +57,7 @@ impl Outbound {
         };
         let dst_layer = Stack::new(
             DiscoverLayer::new(s.discovery.clone()),
-            SetDstLayer(dst::OutboundDst::new(dst.clone(), self.own_addrs.clone())),
+            SetDstLayer(dst::OutboundDst::new(dst.clone(), s.own.clone())),
         );
         match protocol {
             Protocol::Opaque => match dst {
