@@ -59,11 +59,7 @@ pub struct AuthorizationSpec {
     pub allow: Vec<Allow>,
 }
 
-#[derive(Debug)]
-pub struct SpecError {
-    pub field: String,
-    pub reason: String,
-}
+pub use crate::spec::SpecError;
 
 #[derive(Deserialize)]
 struct Object {

@@ -70,3 +70,40 @@ pub const VIEWS_PRUNE_AT: usize = 1024;
 pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 2048;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// HTTPRoute annotation listing the grpc-status values its rules retry (names or
+/// numbers, comma separated): Gateway API's `retry` knows only HTTP statuses.
+pub const RETRY_GRPC_CODES_ANNOTATION: &str = "retry.strait.dev/grpc-codes";
+/// Retries of a rule that has no `retry` of its own but whose route asks for gRPC
+/// retries by annotation: one is rarely enough, more multiplies load in an outage.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Most retries a rule may ask for (the proxies cap them too): beyond this,
+/// retries turn a partial outage into a full one.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// HTTP statuses a rule may retry (Gateway API: client and server errors only).
+pub const RETRY_STATUS_CODES: std::ops::RangeInclusive<u32> = 400..=599;
+/// Largest backendRef weight (Gateway API's own bound).
+pub const MAX_BACKEND_WEIGHT: u32 = 1_000_000;
+/// Status of a RequestRedirect that does not give one (Gateway API's default).
+pub const DEFAULT_REDIRECT_STATUS: u32 = 302;
+/// Compiled size limit of a route's regular expressions: the proxies' own, so a
+/// pattern they could not compile is refused here and never reaches them.
+pub const ROUTE_REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Service port `appProtocol` values that are HTTP (or carried over HTTP): any
+/// other value makes the port opaque, as the protocol is not one strait can route.
+pub const HTTP_APP_PROTOCOLS: [&str; 8] = [
+    "",
+    "http",
+    "https",
+    "h2c",
+    "kubernetes.io/h2c",
+    "grpc",
+    "kubernetes.io/ws",
+    "kubernetes.io/wss",
+];
+/// Bounds of a retry budget's `ttl`: shorter reacts to noise, longer remembers
+/// traffic long gone (the proxies clamp to the same range).
+pub const RETRY_BUDGET_TTL: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(60);
+/// Largest `minRetriesPerSecond` of a retry budget: more is no budget at all.
+pub const MAX_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10_000;

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod backend_policy;
 pub mod controller;
 pub mod defaults;
 pub mod demo;
@@ -14,3 +15,5 @@ pub mod log;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;
+pub mod routes;
+pub mod spec;

@@ -1,23 +1,26 @@
 //! The one in-memory index of the mesh: Services, their endpoints and the Pods
-//! behind them, fed by a source (manifests or the Kubernetes API). Each change
-//! produces a new immutable snapshot; views of destinations are computed from a
-//! snapshot. The maps are persistent (structurally shared), so a snapshot costs
+//! behind them, the routes and policies attached to them, fed by a source
+//! (manifests or the Kubernetes API). Each change produces a new immutable
+//! snapshot; views of destinations are computed from a snapshot. The maps are persistent (structurally shared), so a snapshot costs
 //! O(1) to take and a change costs what it touches, not the size of the mesh.
 
 pub mod view;
 
 use std::collections::BTreeMap;
 
-use imbl::{HashMap, OrdMap};
+use imbl::{HashMap, OrdMap, OrdSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::time::Instant;
+use tracing::warn;
 
 pub use view::{DestKey, ParseDestError};
 
+use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
+use crate::routes::RouteSpec;
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,6 +39,8 @@ impl std::fmt::Display for ObjKey {
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
+    /// What the port speaks: anything but HTTP (and its kin) makes it opaque.
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +90,14 @@ pub struct Snapshot {
     pub tokens: HashMap<TokenDigest, ObjKey>,
     /// strait's AuthorizationPolicies, by namespace/name.
     pub authorizations: HashMap<ObjKey, crate::authz::AuthorizationSpec>,
+    /// HTTPRoutes with a Service among their parents, by namespace/name.
+    pub routes: HashMap<ObjKey, RouteSpec>,
+    /// The HTTPRoutes naming each Service as a parent: a view finds its routes
+    /// without looking at every route of the mesh.
+    pub routes_by_parent: HashMap<ObjKey, OrdSet<ObjKey>>,
+    /// strait's BackendPolicies by the Service they target, then by name: the
+    /// first is in force (they share the Service's namespace).
+    pub backend_policies: HashMap<ObjKey, OrdMap<String, BackendPolicySpec>>,
 }
 
 /// SHA-256 of a service-account token.
@@ -119,6 +132,9 @@ impl Snapshot {
             pods: HashMap::new(),
             tokens: HashMap::new(),
             authorizations: HashMap::new(),
+            routes: HashMap::new(),
+            routes_by_parent: HashMap::new(),
+            backend_policies: HashMap::new(),
         }
     }
 
@@ -128,6 +144,13 @@ impl Snapshot {
             .flat_map(|s| s.values())
             .map(|s| s.endpoints.len())
             .sum()
+    }
+
+    /// The BackendPolicy in force for a Service: the first by name.
+    pub fn backend_policy(&self, svc: &ObjKey) -> Option<&BackendPolicySpec> {
+        self.backend_policies
+            .get(svc)
+            .and_then(|m| m.values().next())
     }
 }
 
@@ -192,6 +215,7 @@ impl SnapshotBuilder {
             ports.push(ServicePort {
                 name: p.name.clone(),
                 port: port(KIND, &k, format!("spec.ports[{i}].port"), p.port)?,
+                app_protocol: p.app_protocol.clone(),
             });
         }
         let mut cluster_ips = Vec::new();
@@ -429,5 +453,54 @@ impl Snapshot {
 
     pub fn remove_authorization(&mut self, key: &ObjKey) {
         self.authorizations.remove(key);
+    }
+
+    pub fn add_route(&mut self, key: ObjKey, route: RouteSpec) {
+        self.remove_route(&key);
+        for svc in route.parent_services() {
+            self.routes_by_parent
+                .entry(svc.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.routes.insert(key, route);
+    }
+
+    pub fn remove_route(&mut self, key: &ObjKey) {
+        let Some(route) = self.routes.remove(key) else {
+            return;
+        };
+        for svc in route.parent_services() {
+            if let Some(keys) = self.routes_by_parent.get_mut(svc) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.routes_by_parent.remove(svc);
+                }
+            }
+        }
+    }
+
+    /// A second policy for one Service is kept (it takes over if the first goes)
+    /// but not applied, and said so.
+    pub fn add_backend_policy(&mut self, target: ObjKey, name: String, spec: BackendPolicySpec) {
+        let policies = self.backend_policies.entry(target.clone()).or_default();
+        policies.insert(name, spec);
+        if policies.len() > 1 {
+            let names: Vec<&String> = policies.keys().collect();
+            warn!(
+                service = %target,
+                policies = ?names,
+                "more than one BackendPolicy targets this Service; only the first by name applies"
+            );
+        }
+    }
+
+    pub fn remove_backend_policy(&mut self, target: &ObjKey, name: &str) {
+        if let Some(policies) = self.backend_policies.get_mut(target) {
+            policies.remove(name);
+            if policies.is_empty() {
+                self.backend_policies.remove(target);
+            }
+        }
     }
 }

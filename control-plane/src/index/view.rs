@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 
 use strait_api::v1 as api;
 
-use super::{ObjKey, Snapshot};
+use super::{ObjKey, ServicePort, Snapshot};
+use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
+use crate::routes::RouteSpec;
 
 /// A destination as a proxy names it, normalised so that every spelling of the same
 /// Service shares one view.
@@ -67,8 +69,20 @@ pub fn not_meshed() -> api::DestinationUpdate {
     }
 }
 
-/// The view of `key` in `snap`. Only ready endpoints are included, in a stable order
-/// so that equal views compare equal.
+/// A Service port as proxies name it: "svc.ns.svc.cluster.local:port".
+pub fn service_name(svc: &ObjKey, port: u16) -> String {
+    format!(
+        "{}.{}.svc.{}:{}",
+        svc.name,
+        svc.namespace,
+        defaults::CLUSTER_DOMAIN,
+        port
+    )
+}
+
+/// The view of `key` in `snap`: the Service itself and every Service its routes
+/// send to, each with its ready endpoints and policy; its routes; whether it is
+/// opaque. Everything is in a stable order, so that equal views compare equal.
 pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
     let (svc, port) = match key {
         DestKey::Service { svc, port } => (svc.clone(), *port),
@@ -84,9 +98,82 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
     let Some(sp) = info.ports.iter().find(|p| p.port == port) else {
         return not_meshed();
     };
+    let name = service_name(&svc, port);
+    let policy = snap.backend_policy(&svc);
+    let mut backends = vec![api::Backend {
+        name: name.clone(),
+        endpoints: endpoints(snap, &svc, port),
+        policy: policy.map(BackendPolicySpec::to_api),
+    }];
+    let routes = attached_routes(snap, &svc, sp);
+    for b in routes
+        .iter()
+        .flat_map(|(_, r)| &r.rules)
+        .flat_map(|rule| &rule.backends)
+    {
+        let (target, target_port) = b.target(port);
+        let name = service_name(target, target_port);
+        if backends.iter().all(|x| x.name != name) {
+            // A Service gone since the route was accepted: no endpoints (503).
+            backends.push(api::Backend {
+                name,
+                endpoints: endpoints(snap, target, target_port),
+                policy: snap.backend_policy(target).map(BackendPolicySpec::to_api),
+            });
+        }
+    }
+    let http = |p: &str| {
+        defaults::HTTP_APP_PROTOCOLS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(p))
+    };
+    let opaque = sp.app_protocol.as_deref().is_some_and(|p| !http(p))
+        || policy.is_some_and(|p| p.opaque_ports.contains(&port));
+    api::DestinationUpdate {
+        kind: Some(api::destination_update::Kind::Service(api::Service {
+            name,
+            version: snap.version,
+            backends,
+            routes: routes.iter().map(|(k, r)| r.to_api(k, port)).collect(),
+            policy: policy.map(BackendPolicySpec::to_api),
+            opaque,
+        })),
+    }
+}
+
+/// The HTTPRoutes attached to a Service port, in Gateway API's order: oldest
+/// first (a route without a creation time counts as oldest), then by
+/// namespace/name.
+fn attached_routes<'a>(
+    snap: &'a Snapshot,
+    svc: &ObjKey,
+    port: &ServicePort,
+) -> Vec<(&'a ObjKey, &'a RouteSpec)> {
+    let mut routes: Vec<(&ObjKey, &RouteSpec)> = snap
+        .routes_by_parent
+        .get(svc)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| snap.routes.get(k).map(|r| (k, r)))
+        .filter(|(_, r)| r.attaches_to(svc, port))
+        .collect();
+    routes.sort_by(|(ka, a), (kb, b)| a.created.cmp(&b.created).then_with(|| ka.cmp(kb)));
+    routes
+}
+
+/// The ready endpoints of a Service port, by address; none when the Service or
+/// the port is not in the index.
+fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
+    let Some(sp) = snap
+        .services
+        .get(svc)
+        .and_then(|info| info.ports.iter().find(|p| p.port == port))
+    else {
+        return Vec::new();
+    };
     let port_name = sp.name.clone().unwrap_or_default();
     let mut endpoints = Vec::new();
-    for slice in snap.slices.get(&svc).into_iter().flat_map(|s| s.values()) {
+    for slice in snap.slices.get(svc).into_iter().flat_map(|s| s.values()) {
         let Some((_, target)) = slice.ports.iter().find(|(n, _)| *n == port_name) else {
             continue;
         };
@@ -128,23 +215,7 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
             .cmp(&b.addr.as_ref().map(|x| &x.addr))
     });
     endpoints.dedup_by(|a, b| a.addr == b.addr);
-    let name = format!(
-        "{}.{}.svc.{}:{}",
-        svc.name,
-        svc.namespace,
-        defaults::CLUSTER_DOMAIN,
-        port
-    );
-    api::DestinationUpdate {
-        kind: Some(api::destination_update::Kind::Service(api::Service {
-            name: name.clone(),
-            version: snap.version,
-            backends: vec![api::Backend { name, endpoints }],
-            routes: Vec::new(),
-            policy: None,
-            opaque: false,
-        })),
-    }
+    endpoints
 }
 
 #[cfg(test)]
@@ -190,5 +261,235 @@ mod tests {
         );
         assert!(DestKey::parse("web", "x").is_err());
         assert!(DestKey::parse("web:http", "x").is_err());
+    }
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+    - {name: http, port: 80, targetPort: 8080, appProtocol: kubernetes.io/h2c}
+    - {name: db, port: 5432, appProtocol: tcp}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-canary, namespace: shop}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8081}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: db, port: 5432}]
+endpoints: [{addresses: [10.0.0.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-canary-1, namespace: shop, labels: {kubernetes.io/service-name: web-canary}}
+addressType: IPv4
+ports: [{name: http, port: 8081}]
+endpoints: [{addresses: [10.0.0.2]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b-canary, namespace: shop, creationTimestamp: "2024-01-02T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - backendRefs: [{name: web, weight: 90}, {name: web-canary, weight: 10}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: a-newest, namespace: shop, creationTimestamp: "2024-01-03T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+    - name: slow
+      matches: [{path: {type: Exact, value: /slow}}]
+      timeouts: {request: 5s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: z-oldest, namespace: shop, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: core, kind: Service, name: web, sectionName: http}]
+  rules: [{matches: [{method: POST}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: db-only, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 5432}]
+  rules: [{}]
+"#;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut s = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut s);
+        }
+        s
+    }
+
+    fn service(s: &Snapshot, key: &DestKey) -> api::Service {
+        match view(s, key).kind {
+            Some(api::destination_update::Kind::Service(s)) => s,
+            other => panic!("not a Service: {other:?}"),
+        }
+    }
+
+    fn addrs(b: &api::Backend) -> Vec<&str> {
+        b.endpoints
+            .iter()
+            .filter_map(|e| e.addr.as_ref().map(|a| a.addr.as_str()))
+            .collect()
+    }
+
+    const WEB: &str = "web.shop.svc.cluster.local:80";
+    const CANARY: &str = "web-canary.shop.svc.cluster.local:80";
+
+    #[test]
+    fn routes_attached_to_a_service_reach_its_view_in_order() {
+        let s = service(&snapshot(MESH), &svc("shop", "web", 80));
+        let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
+        // Oldest first; the route for port 5432 only is not this port's.
+        assert_eq!(names, ["shop/z-oldest", "shop/b-canary", "shop/a-newest"]);
+        let slow = &s.routes[2].rules[0];
+        assert_eq!(slow.name, "slow");
+        assert!(
+            slow.backends.is_empty(),
+            "a rule without backendRefs has none"
+        );
+        assert_eq!(slow.request_timeout.map(|d| d.seconds), Some(5));
+        assert_eq!(s.routes[0].rules[0].name, "0", "unnamed rules go by index");
+        let split: Vec<(&str, u32)> = s.routes[1].rules[0]
+            .backends
+            .iter()
+            .map(|b| (b.backend.as_str(), b.weight))
+            .collect();
+        assert_eq!(split, [(WEB, 90), (CANARY, 10)]);
+
+        let db = service(&snapshot(MESH), &svc("shop", "web", 5432));
+        let names: Vec<&str> = db.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["shop/db-only", "shop/a-newest"],
+            "no creation time sorts first"
+        );
+    }
+
+    #[test]
+    fn backend_refs_bring_their_endpoints() {
+        let s = service(&snapshot(MESH), &svc("shop", "web", 80));
+        let backends: Vec<(&str, Vec<&str>)> = s
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), addrs(b)))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                (WEB, vec!["10.0.0.1:8080"]),
+                (CANARY, vec!["10.0.0.2:8081"])
+            ],
+            "the Service first, then each backend once"
+        );
+    }
+
+    #[test]
+    fn a_deleted_backend_service_is_sent_without_endpoints() {
+        let mut snap = snapshot(MESH);
+        snap.remove_service(&ObjKey {
+            namespace: "shop".into(),
+            name: "web-canary".into(),
+        });
+        let s = service(&snap, &svc("shop", "web", 80));
+        assert_eq!(s.backends[1].name, CANARY);
+        assert!(s.backends[1].endpoints.is_empty(), "the proxy answers 503");
+    }
+
+    #[test]
+    fn a_cluster_ip_view_equals_the_service_name_view() {
+        let snap = snapshot(MESH);
+        let by_ip = DestKey::ClusterIp("10.96.0.20:80".parse().unwrap());
+        assert_eq!(view(&snap, &by_ip), view(&snap, &svc("shop", "web", 80)));
+        assert_eq!(service(&snap, &by_ip).routes.len(), 3);
+    }
+
+    const POLICIES: &str = r#"
+apiVersion: policy.strait.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRef: {group: "", kind: Service, name: web}
+  connectTimeout: 1s
+  loadBalancer: {type: RoundRobin}
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: canary, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web-canary}
+  loadBalancer: {type: ConsistentHash, hashCookie: session}
+  opaquePorts: [80]
+"#;
+
+    #[test]
+    fn backend_policy_reaches_the_view() {
+        let snap = snapshot(&format!("{MESH}---{POLICIES}"));
+        let s = service(&snap, &svc("shop", "web", 80));
+        let own = s.policy.clone().unwrap();
+        assert_eq!(own.load_balancer, api::LoadBalancer::RoundRobin as i32);
+        assert_eq!(own.connect_timeout.map(|d| d.seconds), Some(1));
+        assert_eq!(s.backends[0].policy.as_ref(), Some(&own));
+        let canary = s.backends[1].policy.as_ref().unwrap();
+        assert_eq!(
+            canary.load_balancer,
+            api::LoadBalancer::ConsistentHash as i32
+        );
+        assert!(!s.opaque, "the canary's opaque ports are its own");
+        assert!(service(&snap, &svc("shop", "web-canary", 80)).opaque);
+    }
+
+    #[test]
+    fn of_two_backend_policies_for_a_service_the_first_by_name_applies() {
+        let second = POLICIES
+            .replace("name: canary,", "name: a-first,")
+            .replace("name: web-canary}", "name: web}");
+        let snap = snapshot(&format!("{MESH}---{POLICIES}---{second}"));
+        let s = service(&snap, &svc("shop", "web", 80));
+        let p = s.policy.unwrap();
+        assert_eq!(p.load_balancer, api::LoadBalancer::ConsistentHash as i32);
+    }
+
+    #[test]
+    fn app_protocol_tcp_makes_the_port_opaque() {
+        let snap = snapshot(MESH);
+        assert!(service(&snap, &svc("shop", "web", 5432)).opaque);
+        assert!(
+            !service(&snap, &svc("shop", "web", 80)).opaque,
+            "kubernetes.io/h2c is HTTP"
+        );
+        let plain = MESH.replace(", appProtocol: kubernetes.io/h2c", "");
+        assert!(!service(&snapshot(&plain), &svc("shop", "web", 80)).opaque);
+        let mysql = MESH.replace("kubernetes.io/h2c", "mysql");
+        assert!(service(&snapshot(&mysql), &svc("shop", "web", 80)).opaque);
+    }
+
+    #[test]
+    fn route_and_policy_changes_change_the_view_and_others_do_not() {
+        let key = svc("shop", "web", 80);
+        let before = view(&snapshot(MESH), &key);
+        let elsewhere = format!(
+            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: shop}}\nspec: {{ports: [{{port: 80}}]}}\n"
+        );
+        assert_eq!(view(&snapshot(&elsewhere), &key), before);
+        let reweighted = MESH.replace("weight: 10}", "weight: 20}");
+        assert_ne!(view(&snapshot(&reweighted), &key), before);
+        let with_policy = format!("{MESH}---{POLICIES}");
+        assert_ne!(view(&snapshot(&with_policy), &key), before);
     }
 }

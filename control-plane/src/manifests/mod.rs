@@ -3,7 +3,8 @@
 //!
 //! A file that fails to parse, or holds an object that fails validation, is reported
 //! (file, object, field) and keeps its last good objects: nothing half-applied ever
-//! reaches a proxy.
+//! reaches a proxy. So is a file that brings an HTTPRoute sending to a Service
+//! that does not exist; it is tried again on each scan, as the Service may come.
 
 mod parse;
 
@@ -18,7 +19,7 @@ use tracing::{debug, error, info, warn};
 pub use parse::{ObjId, Object, ParseError, parse_file};
 
 use crate::defaults;
-use crate::index::Snapshot;
+use crate::index::{ObjKey, ServiceInfo, Snapshot};
 use crate::metrics::Metrics;
 
 /// What identifies a version of a file without reading it. The inode and change
@@ -54,6 +55,26 @@ struct FileState {
 
 type FileName = Arc<Path>;
 
+/// A file's content refused only because its routes name Services the index does
+/// not hold (yet): kept parsed, and tried again on every scan.
+#[derive(Debug)]
+struct Held {
+    stamp: Stamp,
+    objects: Vec<Object>,
+}
+
+/// A file's content read in this scan (or held from an earlier one), before it
+/// is accepted or refused.
+struct Candidate {
+    path: FileName,
+    stamp: Stamp,
+    parsed: Parsed,
+    /// Held from an earlier scan: already reported.
+    retried: bool,
+    /// Its objects, when refused only for routes to missing Services.
+    held: Option<Vec<Object>>,
+}
+
 /// Reads a directory of manifests into snapshots.
 #[derive(Debug)]
 pub struct ManifestSource {
@@ -70,6 +91,8 @@ pub struct ManifestSource {
     /// Directories that could not be read in the last scan: their files are
     /// neither read nor taken for gone.
     unreadable: Vec<PathBuf>,
+    /// Files refused for routes to Services that do not exist (also unsettled).
+    held: HashMap<FileName, Held>,
     /// The index as of the last scan; each scan applies only what changed.
     current: Snapshot,
     metrics: Arc<Metrics>,
@@ -173,6 +196,7 @@ impl ManifestSource {
             owners: HashMap::new(),
             unsettled: HashSet::new(),
             unreadable: Vec::new(),
+            held: HashMap::new(),
             current: Snapshot::empty(trust_domain),
             metrics,
         }
@@ -213,6 +237,7 @@ impl ManifestSource {
         let mut touched: HashSet<ObjId> = HashSet::new();
         let mut fresh: HashMap<FileName, Vec<Object>> = HashMap::new();
         let to_parse: Vec<FileName> = todo.iter().map(|(p, _)| p.clone()).collect();
+        let mut candidates = Vec::new();
         for ((path, stamp), parsed) in todo.into_iter().zip(parse_all(&to_parse)) {
             // Written to while we read it: what we read may be half of it. The
             // write's own event (or the next rescan) brings it back.
@@ -223,6 +248,44 @@ impl ManifestSource {
                 }
                 continue;
             }
+            candidates.push(Candidate {
+                path,
+                stamp,
+                parsed,
+                retried: false,
+                held: None,
+            });
+        }
+        let read: HashSet<&FileName> = to_parse.iter().collect();
+        for (path, held) in std::mem::take(&mut self.held) {
+            if read.contains(&path) {
+                continue;
+            }
+            if paths.binary_search_by(|q| q.as_path().cmp(&path)).is_err() {
+                // Gone, or in a directory that cannot be read now: only the
+                // latter comes back unchanged.
+                if self.unreadable.iter().any(|d| path.starts_with(d)) {
+                    self.held.insert(path, held);
+                }
+                continue;
+            }
+            candidates.push(Candidate {
+                path,
+                stamp: held.stamp,
+                parsed: Ok(held.objects),
+                retried: true,
+                held: None,
+            });
+        }
+        self.check_references(&mut candidates);
+        for Candidate {
+            path,
+            stamp,
+            parsed,
+            retried,
+            held,
+        } in candidates
+        {
             match parsed {
                 Ok(objects) if emptied_just_now(&objects, self.files.get(&path), &stamp) => {
                     debug!(file = %path.display(), "manifest emptied; applied if it stays empty");
@@ -240,11 +303,24 @@ impl ManifestSource {
                     changed = true;
                 }
                 Err(errors) => {
-                    for e in &errors {
-                        error!(file = %path.display(), error = %e, "manifest rejected; its last good objects stay in force");
+                    if retried {
+                        debug!(file = %path.display(), errors = errors.len(), "manifest still names Services that do not exist");
+                    } else {
+                        for e in &errors {
+                            error!(file = %path.display(), error = %e, "manifest rejected; its last good objects stay in force");
+                        }
+                        self.metrics.reload_errors.inc();
                     }
-                    self.metrics.reload_errors.inc();
                     self.unsettled.insert(path.clone());
+                    if let Some(objects) = held {
+                        self.held.insert(
+                            path.clone(),
+                            Held {
+                                stamp: stamp.clone(),
+                                objects,
+                            },
+                        );
+                    }
                     // Remember the stamp so the same broken file is reported once.
                     match self.files.get_mut(&path) {
                         Some(f) => f.stamp = stamp,
@@ -292,6 +368,69 @@ impl ManifestSource {
     /// them would silently be missing), so it serves only once this is true.
     pub fn is_clean(&self) -> bool {
         self.unsettled.is_empty() && self.unreadable.is_empty()
+    }
+
+    /// Refuses the candidates that bring an HTTPRoute, new or changed, whose
+    /// backendRefs name a Service (or a Service port) that will not be in the
+    /// index. A Service counts when the index holds it or an accepted candidate
+    /// defines it; refusing a file takes its Services away, so this runs until
+    /// nothing more is refused. A Service removed in this same scan still counts:
+    /// that is a Service deleted after the route, which the route outlives.
+    fn check_references(&self, candidates: &mut [Candidate]) {
+        loop {
+            let mut refused = Vec::new();
+            {
+                let defined: HashMap<&ObjKey, &ServiceInfo> = candidates
+                    .iter()
+                    .filter_map(|c| c.parsed.as_ref().ok())
+                    .flatten()
+                    .filter_map(|o| match o {
+                        Object::Service(k, s) => Some((k, s)),
+                        _ => None,
+                    })
+                    .collect();
+                let service = |k: &ObjKey| {
+                    defined
+                        .get(k)
+                        .copied()
+                        .or_else(|| self.current.services.get(k))
+                };
+                for (i, c) in candidates.iter().enumerate() {
+                    let Ok(objects) = &c.parsed else { continue };
+                    let errors: Vec<ParseError> = objects
+                        .iter()
+                        .filter_map(|o| match o {
+                            // A route in force as it is was accepted already;
+                            // its Service may have gone since.
+                            Object::HttpRoute(k, r) if self.current.routes.get(k) != Some(r) => {
+                                Some((k, r))
+                            }
+                            _ => None,
+                        })
+                        .flat_map(|(k, r)| {
+                            r.unresolved(service)
+                                .into_iter()
+                                .map(|error| ParseError::Reference {
+                                    route: k.clone(),
+                                    error,
+                                })
+                        })
+                        .collect();
+                    if !errors.is_empty() {
+                        refused.push((i, errors));
+                    }
+                }
+            }
+            if refused.is_empty() {
+                return;
+            }
+            for (i, errors) in refused {
+                let c = &mut candidates[i];
+                if let Ok(objects) = std::mem::replace(&mut c.parsed, Err(errors)) {
+                    c.held = Some(objects);
+                }
+            }
+        }
     }
 
     fn disown(&mut self, path: &FileName, ids: &[ObjId], touched: &mut HashSet<ObjId>) {
@@ -734,6 +873,132 @@ mod tests {
         std::fs::write(dir.join("a.yaml"), ip(4)).unwrap();
         let s = src.scan().unwrap();
         assert!(has(&s, 4) && src.is_clean());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const API: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: a}\nspec: {ports: [{name: http, port: 80}]}\n";
+
+    fn route(name: &str, backend: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: a}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web}}]\n  rules: [{{backendRefs: [{{name: {backend}}}]}}]\n"
+        )
+    }
+
+    fn route_backends(s: &Snapshot) -> Vec<String> {
+        let mut out: Vec<String> = s
+            .routes
+            .iter()
+            .flat_map(|(k, r)| {
+                r.rules
+                    .iter()
+                    .flat_map(|rule| &rule.backends)
+                    .map(move |b| format!("{}->{}", k.name, b.service.name))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_route_to_an_unknown_service_is_refused_and_the_last_good_route_stays() {
+        let dir = temp_dir("unknown-backend");
+        std::fs::write(dir.join("svc.yaml"), format!("{SVC}---\n{API}")).unwrap();
+        std::fs::write(dir.join("route.yaml"), route("web", "api")).unwrap();
+        let mut src = source(&dir);
+        let s = src.scan().unwrap();
+        assert_eq!(route_backends(&s), ["web->api"]);
+        assert!(src.is_clean());
+
+        std::fs::write(dir.join("route.yaml"), route("web", "ghost")).unwrap();
+        assert!(src.scan().is_none(), "nothing half-valid reaches a proxy");
+        assert_eq!(src.metrics.reload_errors.get(), 1);
+        assert!(!src.is_clean());
+        assert_eq!(
+            route_backends(&src.current),
+            ["web->api"],
+            "the last good route stays"
+        );
+        assert!(src.scan().is_none());
+        assert_eq!(src.metrics.reload_errors.get(), 1, "reported once");
+
+        // The Service arrives: the route it was waiting for is taken, unchanged.
+        std::fs::write(
+            dir.join("ghost.yaml"),
+            API.replace("name: api", "name: ghost"),
+        )
+        .unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(route_backends(&s), ["web->ghost"]);
+        assert!(src.is_clean());
+        assert_eq!(src.metrics.reload_errors.get(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_route_and_its_service_arrive_together_and_a_refused_file_brings_neither() {
+        let dir = temp_dir("together");
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{}---\n{API}", route("one", "api")),
+        )
+        .unwrap();
+        // c.yaml is refused (ghost is nowhere), so the Service it defines does
+        // not exist either, and b.yaml's route to it is refused too.
+        std::fs::write(dir.join("b.yaml"), route("two", "fresh")).unwrap();
+        std::fs::write(
+            dir.join("c.yaml"),
+            format!(
+                "{}---\n{}",
+                route("three", "ghost"),
+                API.replace("name: api", "name: fresh")
+            ),
+        )
+        .unwrap();
+        let mut src = source(&dir);
+        let s = src.scan().unwrap();
+        assert_eq!(route_backends(&s), ["one->api"]);
+        assert!(!s.services.contains_key(&ObjKey {
+            namespace: "a".into(),
+            name: "fresh".into()
+        }));
+        assert_eq!(src.metrics.reload_errors.get(), 2);
+        // A port the Service does not have is refused as well.
+        std::fs::write(
+            dir.join("c.yaml"),
+            route("three", "api").replace("name: api}", "name: api, port: 81}"),
+        )
+        .unwrap();
+        assert!(src.scan().is_none());
+        assert_eq!(src.metrics.reload_errors.get(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_deleted_backend_service_leaves_the_route_with_an_empty_backend() {
+        let dir = temp_dir("deleted-backend");
+        let api_slice = slice("10.0.0.7")
+            .replace("web-1", "api-1")
+            .replace("service-name: web", "service-name: api");
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("api.yaml"), format!("{API}---\n{api_slice}")).unwrap();
+        std::fs::write(dir.join("route.yaml"), route("web", "api")).unwrap();
+        let mut src = source(&dir);
+        let key = crate::index::DestKey::parse("web.a:80", "a").unwrap();
+        let backends = |s: &Snapshot| match crate::index::view::view(s, &key).kind {
+            Some(strait_api::v1::destination_update::Kind::Service(svc)) => svc
+                .backends
+                .into_iter()
+                .map(|b| (b.name, b.endpoints.len()))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let s = src.scan().unwrap();
+        assert_eq!(backends(&s)[1], ("api.a.svc.cluster.local:80".into(), 1));
+        std::fs::remove_file(dir.join("api.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(route_backends(&s), ["web->api"], "the route stays");
+        assert_eq!(backends(&s)[1], ("api.a.svc.cluster.local:80".into(), 0));
+        assert_eq!(src.metrics.reload_errors.get(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

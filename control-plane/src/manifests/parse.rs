@@ -20,7 +20,11 @@ pub enum Object {
     Token(TokenDigest, ObjKey),
     /// Strait's authorization policy.
     Authorization(ObjKey, crate::authz::AuthorizationSpec),
-    /// Kinds strait reads but does not act on yet (HTTPRoute, strait policies).
+    /// A Gateway API HTTPRoute with a Service among its parents.
+    HttpRoute(ObjKey, crate::routes::RouteSpec),
+    /// Strait's backend policy: the Service it targets, its name, its spec.
+    BackendPolicy(ObjKey, String, crate::backend_policy::BackendPolicySpec),
+    /// Kinds strait reads but does not act on (HTTPRoutes of Gateways, ...).
     Other {
         kind: String,
         name: String,
@@ -36,6 +40,8 @@ pub enum ObjId {
     Pod(ObjKey),
     Token(TokenDigest),
     Authorization(ObjKey),
+    HttpRoute(ObjKey),
+    BackendPolicy(ObjKey, String),
 }
 
 impl std::fmt::Display for ObjId {
@@ -52,6 +58,12 @@ impl std::fmt::Display for ObjId {
             ObjId::Pod(k) => write!(f, "Pod {k}"),
             ObjId::Token(_) => f.write_str("a service-account token Secret"),
             ObjId::Authorization(k) => write!(f, "AuthorizationPolicy {k}"),
+            ObjId::HttpRoute(k) => write!(f, "HTTPRoute {k}"),
+            ObjId::BackendPolicy(svc, name) => write!(
+                f,
+                "BackendPolicy {}/{name} (for Service {})",
+                svc.namespace, svc.name
+            ),
         }
     }
 }
@@ -64,6 +76,8 @@ impl ObjId {
             ObjId::Pod(k) => snap.remove_pod(k),
             ObjId::Token(d) => snap.remove_token(d),
             ObjId::Authorization(k) => snap.remove_authorization(k),
+            ObjId::HttpRoute(k) => snap.remove_route(k),
+            ObjId::BackendPolicy(svc, name) => snap.remove_backend_policy(svc, name),
         }
     }
 }
@@ -77,6 +91,8 @@ impl Object {
             Object::Pod(k, _) => ObjId::Pod(k.clone()),
             Object::Token(d, _) => ObjId::Token(*d),
             Object::Authorization(k, _) => ObjId::Authorization(k.clone()),
+            Object::HttpRoute(k, _) => ObjId::HttpRoute(k.clone()),
+            Object::BackendPolicy(svc, name, _) => ObjId::BackendPolicy(svc.clone(), name.clone()),
             Object::Other { .. } => return None,
         })
     }
@@ -89,6 +105,8 @@ impl Object {
             Object::Pod(k, p) => snap.add_pod(k, p),
             Object::Token(d, sa) => snap.add_token(d, sa),
             Object::Authorization(k, a) => snap.add_authorization(k, a),
+            Object::HttpRoute(k, r) => snap.add_route(k, r),
+            Object::BackendPolicy(svc, name, p) => snap.add_backend_policy(svc, name, p),
             Object::Other { .. } => {}
         }
     }
@@ -102,6 +120,10 @@ impl Object {
             Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
             Object::Token(d, sa) => snap.add_token(*d, sa.clone()),
             Object::Authorization(k, a) => snap.add_authorization(k.clone(), a.clone()),
+            Object::HttpRoute(k, r) => snap.add_route(k.clone(), r.clone()),
+            Object::BackendPolicy(svc, name, p) => {
+                snap.add_backend_policy(svc.clone(), name.clone(), p.clone())
+            }
             Object::Other { .. } => {}
         }
     }
@@ -124,6 +146,12 @@ pub enum ParseError {
     Invalid(crate::index::ObjectError, usize),
     #[error("document {doc}: no apiVersion/kind")]
     NoKind { doc: usize },
+    /// Valid on its own, but names what the index does not hold.
+    #[error("HTTPRoute {route}: {error}")]
+    Reference {
+        route: ObjKey,
+        error: crate::spec::SpecError,
+    },
 }
 
 /// strait's own API group: every kind in it must be one strait knows, at a
@@ -203,6 +231,12 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
     }
     let what = describe(&v);
     let invalid = |e| ParseError::Invalid(e, doc);
+    let field = |e: crate::spec::SpecError| ParseError::Field {
+        doc,
+        what: what.clone(),
+        field: e.field,
+        reason: e.reason,
+    };
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
             // Taken, not cloned: a List of Pods is most of a large mesh's YAML.
@@ -238,13 +272,18 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
             }
         }
         ("policy.strait.dev/v1alpha1", "AuthorizationPolicy") => {
-            let (k, spec) = crate::authz::parse(&v).map_err(|e| ParseError::Field {
-                doc,
-                what: what.clone(),
-                field: e.field,
-                reason: e.reason,
-            })?;
+            let (k, spec) = crate::authz::parse(&v).map_err(field)?;
             out.push(Object::Authorization(k, spec));
+        }
+        ("policy.strait.dev/v1alpha1", "BackendPolicy") => {
+            let (k, target, spec) = crate::backend_policy::parse(&v).map_err(field)?;
+            out.push(Object::BackendPolicy(target, k.name, spec));
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            match crate::routes::parse(&v).map_err(field)? {
+                Some((k, route)) => out.push(Object::HttpRoute(k, route)),
+                None => out.push(Object::Other { kind, name: what }),
+            }
         }
         (a, k)
             if a.split('/').next() == Some(STRAIT_GROUP)
@@ -392,5 +431,49 @@ items:
             msg.contains("Secret a/t") && !msg.contains("20240101123456"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn routes_and_backend_policies_are_read_and_their_errors_name_the_object() {
+        let doc = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules: [{matches: [{path: {type: RegularExpression, value: "/a["}}]}]
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  retryBudget: {ratio: 2, minRetriesPerSecond: 1}
+"#;
+        let errs = parse_file(doc).unwrap_err();
+        let msgs: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(
+            msgs[0].contains("HTTPRoute shop/web")
+                && msgs[0].contains("spec.rules[0].matches[0].path.value"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[1].contains("BackendPolicy shop/web")
+                && msgs[1].contains("spec.retryBudget.ratio"),
+            "{msgs:?}"
+        );
+
+        let good = doc.replace("/a[", "/a").replace("ratio: 2", "ratio: 0.5");
+        let objs = parse_file(&good).unwrap();
+        assert!(matches!(&objs[0], Object::HttpRoute(k, _) if k.name == "web"));
+        assert!(
+            matches!(&objs[1], Object::BackendPolicy(svc, name, _) if svc.name == "web" && name == "web")
+        );
+        // A Gateway's route is not strait's: read, not indexed.
+        let gateway = good.replace(r#"{group: "", kind: Service, name: web}"#, "{name: gw}");
+        assert!(matches!(
+            &parse_file(&gateway).unwrap()[0],
+            Object::Other { .. }
+        ));
     }
 }

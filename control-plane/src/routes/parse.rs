@@ -1,0 +1,699 @@
+//! HTTPRoute objects (`gateway.networking.k8s.io` v1 and v1beta1) into their
+//! index form. Only routes with a Service among their parents are strait's; all
+//! they say is validated here, so a proxy never gets a rule it cannot follow.
+//! Fields strait does not read are ignored, as Gateway API keeps adding some.
+
+use std::collections::HashSet;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+use super::filters::{FilterDoc, filters};
+use super::matches::{MatchDoc, http_match};
+use super::{BackendRef, ParentRef, Retry, RouteSpec, Rule};
+use crate::defaults;
+use crate::index::ObjKey;
+use crate::spec::{self, SpecError, dns_label};
+
+#[derive(Deserialize)]
+struct Doc {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: SpecDoc,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecDoc {
+    #[serde(default)]
+    parent_refs: Vec<ParentRefDoc>,
+    #[serde(default)]
+    rules: Vec<RuleDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ParentRefDoc {
+    group: Option<String>,
+    kind: Option<String>,
+    namespace: Option<String>,
+    name: String,
+    section_name: Option<String>,
+    port: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RuleDoc {
+    name: Option<String>,
+    #[serde(default)]
+    matches: Vec<MatchDoc>,
+    #[serde(default)]
+    filters: Vec<FilterDoc>,
+    #[serde(default)]
+    backend_refs: Vec<BackendRefDoc>,
+    timeouts: Option<TimeoutsDoc>,
+    retry: Option<RetryDoc>,
+}
+
+#[derive(Deserialize)]
+struct BackendRefDoc {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<i64>,
+    weight: Option<i64>,
+    #[serde(default)]
+    filters: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TimeoutsDoc {
+    request: Option<String>,
+    backend_request: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RetryDoc {
+    #[serde(default)]
+    codes: Vec<i64>,
+    attempts: Option<i64>,
+    backoff: Option<String>,
+}
+
+/// gRPC status names by code (`canceled` is accepted too).
+const GRPC_CODES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid_argument",
+    "deadline_exceeded",
+    "not_found",
+    "already_exists",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "aborted",
+    "out_of_range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data_loss",
+    "unauthenticated",
+];
+
+/// Parses and validates one HTTPRoute. `None`: none of its parents is a Service,
+/// so it is another implementation's (a Gateway's) and not read further.
+pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecError> {
+    let doc: Doc = serde_path_to_error::deserialize(v).map_err(SpecError::from_serde)?;
+    let key = spec::key(&doc.metadata)?;
+    let parents = parents(&key, &doc.spec.parent_refs)?;
+    if parents.is_empty() {
+        return Ok(None);
+    }
+    let grpc_codes = match doc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(defaults::RETRY_GRPC_CODES_ANNOTATION))
+    {
+        Some(v) => Some(grpc_codes(v)?),
+        None => None,
+    };
+    let mut rules = Vec::new();
+    let mut names = HashSet::new();
+    for (i, r) in doc.spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        let rule = rule(&key, &at, r, grpc_codes.as_deref())?;
+        if let Some(n) = &rule.name
+            && !names.insert(n.clone())
+        {
+            return Err(SpecError::new(
+                format!("{at}.name"),
+                format!("{n:?} names another rule too"),
+            ));
+        }
+        rules.push(rule);
+    }
+    let route = RouteSpec {
+        created: doc.metadata.creation_timestamp,
+        parents,
+        rules,
+    };
+    Ok(Some((key, route)))
+}
+
+pub(super) fn port(field: String, p: i64) -> Result<u16, SpecError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| SpecError::new(field, format!("{p} is not a port (1-65535)")))
+}
+
+fn core_group(group: &str) -> bool {
+    group.is_empty() || group == "core"
+}
+
+fn parents(route: &ObjKey, refs: &[ParentRefDoc]) -> Result<Vec<ParentRef>, SpecError> {
+    let mut out = Vec::new();
+    for (i, p) in refs.iter().enumerate() {
+        let at = format!("spec.parentRefs[{i}]");
+        // Gateway API's defaults: a parentRef without kind is a Gateway's.
+        let kind = p.kind.as_deref().unwrap_or("Gateway");
+        let Some(group) = p.group.as_deref() else {
+            if kind == "Service" {
+                // Defaulted, the group would be Gateway API's own, which has no
+                // Service: the route would silently attach to nothing.
+                return Err(SpecError::new(
+                    format!("{at}.group"),
+                    "missing: a Service parent needs group \"\" (core)",
+                ));
+            }
+            continue;
+        };
+        if kind != "Service" || !core_group(group) {
+            continue;
+        }
+        if !dns_label(&p.name) {
+            return Err(SpecError::new(
+                format!("{at}.name"),
+                format!("{:?} is not a Service name", p.name),
+            ));
+        }
+        let namespace = namespace(&format!("{at}.namespace"), route, p.namespace.as_ref())?;
+        let parent = ParentRef {
+            service: ObjKey {
+                namespace,
+                name: p.name.clone(),
+            },
+            port: p.port.map(|n| port(format!("{at}.port"), n)).transpose()?,
+            section_name: p.section_name.clone(),
+        };
+        if !out.contains(&parent) {
+            out.push(parent);
+        }
+    }
+    Ok(out)
+}
+
+/// A referenced object's namespace: the route's own unless given.
+fn namespace(field: &str, route: &ObjKey, ns: Option<&String>) -> Result<String, SpecError> {
+    match ns {
+        None => Ok(route.namespace.clone()),
+        Some(ns) if dns_label(ns) => Ok(ns.clone()),
+        Some(ns) => Err(SpecError::new(
+            field,
+            format!("{ns:?} is not a namespace name"),
+        )),
+    }
+}
+
+/// The `retry.strait.dev/grpc-codes` annotation: names (any case, snake or kebab
+/// case) or numbers, comma separated.
+fn grpc_codes(v: &str) -> Result<Vec<u32>, SpecError> {
+    let field = format!(
+        "metadata.annotations[\"{}\"]",
+        defaults::RETRY_GRPC_CODES_ANNOTATION
+    );
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = item.to_ascii_lowercase().replace('-', "_");
+        let code = match name.parse::<u32>() {
+            Ok(n) => (usize::try_from(n).is_ok_and(|n| n < GRPC_CODES.len())).then_some(n),
+            Err(_) => GRPC_CODES
+                .iter()
+                .position(|c| *c == name || (name == "canceled" && *c == "cancelled"))
+                .and_then(|p| u32::try_from(p).ok()),
+        };
+        let code = code.ok_or_else(|| {
+            SpecError::new(
+                &field,
+                format!("{item:?} is not a gRPC status code (a name such as unavailable, or 0-16)"),
+            )
+        })?;
+        if !out.contains(&code) {
+            out.push(code);
+        }
+    }
+    if out.is_empty() {
+        return Err(SpecError::new(
+            field,
+            "empty: list gRPC status codes, e.g. \"unavailable,resource-exhausted\"",
+        ));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef, SpecError> {
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    let group = b.group.as_deref().unwrap_or("");
+    if kind != "Service" || !core_group(group) {
+        return Err(SpecError::new(
+            format!("{at}.kind"),
+            format!("{group:?}/{kind:?}: only Services can be backends"),
+        ));
+    }
+    if !dns_label(&b.name) {
+        return Err(SpecError::new(
+            format!("{at}.name"),
+            format!("{:?} is not a Service name", b.name),
+        ));
+    }
+    if !b.filters.is_empty() {
+        return Err(SpecError::new(
+            format!("{at}.filters"),
+            "filters on a backendRef are not supported (put them on the rule)",
+        ));
+    }
+    let weight = match b.weight {
+        None => 1,
+        Some(w) if w < 0 => {
+            return Err(SpecError::new(
+                format!("{at}.weight"),
+                format!("{w} is negative"),
+            ));
+        }
+        Some(w) => u32::try_from(w)
+            .ok()
+            .filter(|w| *w <= defaults::MAX_BACKEND_WEIGHT)
+            .ok_or_else(|| {
+                SpecError::new(
+                    format!("{at}.weight"),
+                    format!("{w} is more than {}", defaults::MAX_BACKEND_WEIGHT),
+                )
+            })?,
+    };
+    Ok(BackendRef {
+        service: ObjKey {
+            namespace: namespace(&format!("{at}.namespace"), route, b.namespace.as_ref())?,
+            name: b.name.clone(),
+        },
+        port: b.port.map(|p| port(format!("{at}.port"), p)).transpose()?,
+        weight,
+    })
+}
+
+/// A timeout: "0s" is none (Gateway API).
+fn timeout(field: &str, v: Option<&String>) -> Result<Option<std::time::Duration>, SpecError> {
+    Ok(v.map(|v| spec::duration(field, v))
+        .transpose()?
+        .filter(|d| !d.is_zero()))
+}
+
+fn retry(at: &str, r: &RetryDoc, grpc: Option<&[u32]>) -> Result<Retry, SpecError> {
+    let mut codes = Vec::new();
+    for (i, c) in r.codes.iter().enumerate() {
+        let code = u32::try_from(*c)
+            .ok()
+            .filter(|c| defaults::RETRY_STATUS_CODES.contains(c))
+            .ok_or_else(|| {
+                SpecError::new(
+                    format!("{at}.codes[{i}]"),
+                    format!(
+                        "{c} is not an HTTP status that can be retried ({}-{})",
+                        defaults::RETRY_STATUS_CODES.start(),
+                        defaults::RETRY_STATUS_CODES.end()
+                    ),
+                )
+            })?;
+        if !codes.contains(&code) {
+            codes.push(code);
+        }
+    }
+    let attempts = match r.attempts {
+        None => defaults::DEFAULT_RETRY_ATTEMPTS,
+        Some(a) => u32::try_from(a)
+            .ok()
+            .filter(|a| *a <= defaults::MAX_RETRY_ATTEMPTS)
+            .ok_or_else(|| {
+                SpecError::new(
+                    format!("{at}.attempts"),
+                    format!("{a} is not 0-{}", defaults::MAX_RETRY_ATTEMPTS),
+                )
+            })?,
+    };
+    Ok(Retry {
+        attempts,
+        codes,
+        backoff: r
+            .backoff
+            .as_ref()
+            .map(|b| spec::duration(&format!("{at}.backoff"), b))
+            .transpose()?,
+        grpc_codes: grpc.unwrap_or_default().to_vec(),
+    })
+}
+
+fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<Rule, SpecError> {
+    if let Some(n) = &r.name
+        && !dns_label(n)
+    {
+        return Err(SpecError::new(
+            format!("{at}.name"),
+            format!("{n:?} is not a rule name (lowercase letters, digits and '-')"),
+        ));
+    }
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| http_match(&format!("{at}.matches[{i}]"), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let filters = filters(at, &r.filters, &matches)?;
+    let backends = r
+        .backend_refs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| backend_ref(route, &format!("{at}.backendRefs[{i}]"), b))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        return Err(SpecError::new(
+            format!("{at}.backendRefs"),
+            "every backendRef has weight 0",
+        ));
+    }
+    let timeouts = r.timeouts.as_ref();
+    let request_timeout = timeout(
+        &format!("{at}.timeouts.request"),
+        timeouts.and_then(|t| t.request.as_ref()),
+    )?;
+    let backend_request_timeout = timeout(
+        &format!("{at}.timeouts.backendRequest"),
+        timeouts.and_then(|t| t.backend_request.as_ref()),
+    )?;
+    if let (Some(req), Some(back)) = (request_timeout, backend_request_timeout)
+        && back > req
+    {
+        return Err(SpecError::new(
+            format!("{at}.timeouts.backendRequest"),
+            "longer than timeouts.request, which it is part of",
+        ));
+    }
+    let retry = match (&r.retry, grpc) {
+        (Some(doc), _) => Some(retry(&format!("{at}.retry"), doc, grpc)?),
+        (None, Some(codes)) => Some(Retry {
+            attempts: defaults::DEFAULT_RETRY_ATTEMPTS,
+            codes: Vec::new(),
+            backoff: None,
+            grpc_codes: codes.to_vec(),
+        }),
+        (None, None) => None,
+    };
+    Ok(Rule {
+        name: r.name.clone(),
+        matches,
+        filters,
+        backends,
+        request_timeout,
+        backend_request_timeout,
+        retry,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+    use strait_api::v1 as api;
+
+    use super::*;
+
+    fn route() -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{
+                    "name": "canary",
+                    "matches": [{
+                        "path": {"type": "PathPrefix", "value": "/api"},
+                        "headers": [{"name": "x-user", "type": "RegularExpression", "value": "a.*"}],
+                        "queryParams": [{"name": "v", "value": "2"}],
+                        "method": "GET"
+                    }],
+                    "filters": [
+                        {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-a", "value": "1"}], "remove": ["x-b"]}},
+                        {"type": "URLRewrite", "urlRewrite": {"hostname": "api.internal", "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"}}}
+                    ],
+                    "backendRefs": [{"name": "web", "port": 80, "weight": 90}, {"name": "web-canary", "weight": 10}],
+                    "timeouts": {"request": "1s", "backendRequest": "200ms"},
+                    "retry": {"codes": [503], "attempts": 3, "backoff": "25ms"}
+                }, {"name": "fallback"}]
+            }
+        })
+    }
+
+    /// Sets (or adds) the value at a JSON pointer.
+    fn set(v: &mut Value, ptr: &str, value: Value) {
+        let (parent, last) = ptr.rsplit_once('/').unwrap();
+        match v.pointer_mut(parent).unwrap() {
+            Value::Object(m) => {
+                m.insert(last.to_string(), value);
+            }
+            Value::Array(a) => a[last.parse::<usize>().unwrap()] = value,
+            other => panic!("{other}"),
+        }
+    }
+
+    fn parsed(v: &Value) -> RouteSpec {
+        parse(v).unwrap().unwrap().1
+    }
+
+    fn field_of(v: &Value) -> String {
+        parse(v).unwrap_err().field
+    }
+
+    #[test]
+    fn a_full_route_is_read_with_gateway_defaults() {
+        let r = parsed(&route());
+        assert_eq!(r.parents.len(), 1);
+        assert_eq!(r.parents[0].port, Some(80));
+        let rule = &r.rules[0];
+        assert_eq!(rule.name.as_deref(), Some("canary"));
+        assert_eq!(
+            rule.matches[0].path,
+            Some(api::http_match::Path::Prefix("/api".into()))
+        );
+        assert_eq!(rule.matches[0].method, "GET");
+        assert_eq!(rule.filters.len(), 2);
+        assert_eq!(rule.backends[1].weight, 10);
+        assert_eq!(rule.backends[1].port, None, "the parent's port is used");
+        assert_eq!(rule.backends[1].service.namespace, "shop");
+        assert_eq!(rule.request_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(
+            rule.backend_request_timeout,
+            Some(Duration::from_millis(200))
+        );
+        let retry = rule.retry.as_ref().unwrap();
+        assert_eq!((retry.attempts, retry.codes.clone()), (3, vec![503]));
+        assert_eq!(retry.backoff, Some(Duration::from_millis(25)));
+        // An empty rule: no matches, no backends, no timeouts, no retries.
+        let empty = &r.rules[1];
+        assert!(empty.matches.is_empty() && empty.backends.is_empty() && empty.retry.is_none());
+    }
+
+    #[test]
+    fn a_bad_regex_rejects_the_route_and_names_the_field() {
+        let mut v = route();
+        v["spec"]["rules"][0]["matches"][0]["headers"][0]["value"] = "[a-".into();
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].matches[0].headers[0].value");
+        assert!(
+            e.reason.contains("bad regular expression") && !e.reason.contains('\n'),
+            "{}",
+            e.reason
+        );
+
+        let mut v = route();
+        v["spec"]["rules"][0]["matches"][0]["path"] =
+            json!({"type": "RegularExpression", "value": "(/x"});
+        assert_eq!(field_of(&v), "spec.rules[0].matches[0].path.value");
+    }
+
+    #[test]
+    fn routes_without_a_service_parent_are_not_strait_s() {
+        let mut v = route();
+        v["spec"]["parentRefs"] =
+            json!([{"name": "gw"}, {"kind": "Service", "group": "other.io", "name": "x"}]);
+        // Not read further: a Gateway's route may use what strait does not support.
+        v["spec"]["rules"][0]["filters"][0]["type"] = "RequestMirror".into();
+        assert!(parse(&v).unwrap().is_none());
+    }
+
+    #[test]
+    fn invalid_rules_are_refused_naming_the_field() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            (
+                "/spec/rules/0/backendRefs/0/weight",
+                json!(-1),
+                "spec.rules[0].backendRefs[0].weight",
+            ),
+            (
+                "/spec/rules/0/backendRefs/0/weight",
+                json!(2_000_000),
+                "spec.rules[0].backendRefs[0].weight",
+            ),
+            (
+                "/spec/rules/0/backendRefs/0/kind",
+                json!("ServiceImport"),
+                "spec.rules[0].backendRefs[0].kind",
+            ),
+            (
+                "/spec/rules/0/filters/0/type",
+                json!("RequestMirror"),
+                "spec.rules[0].filters[0].type",
+            ),
+            (
+                "/spec/rules/0/retry/codes/0",
+                json!(200),
+                "spec.rules[0].retry.codes[0]",
+            ),
+            (
+                "/spec/rules/0/retry/attempts",
+                json!(11),
+                "spec.rules[0].retry.attempts",
+            ),
+            (
+                "/spec/rules/0/retry/backoff",
+                json!("1.5s"),
+                "spec.rules[0].retry.backoff",
+            ),
+            (
+                "/spec/rules/0/timeouts/request",
+                json!("1d"),
+                "spec.rules[0].timeouts.request",
+            ),
+            (
+                "/spec/rules/0/timeouts/request",
+                json!("100ms"),
+                "spec.rules[0].timeouts.backendRequest",
+            ),
+            (
+                "/spec/rules/0/matches/0/path/type",
+                json!("Glob"),
+                "spec.rules[0].matches[0].path.type",
+            ),
+            (
+                "/spec/rules/0/matches/0/path/value",
+                json!("api"),
+                "spec.rules[0].matches[0].path.value",
+            ),
+            (
+                "/spec/rules/0/matches/0/headers/0/type",
+                json!("Prefix"),
+                "spec.rules[0].matches[0].headers[0].type",
+            ),
+            (
+                "/spec/rules/0/matches/0/queryParams/0/type",
+                json!("Fuzzy"),
+                "spec.rules[0].matches[0].queryParams[0].type",
+            ),
+            (
+                "/spec/rules/0/matches/0/method",
+                json!("FETCH"),
+                "spec.rules[0].matches[0].method",
+            ),
+            (
+                "/spec/rules/0/matches/0/path/type",
+                json!("Exact"),
+                "spec.rules[0].filters[1].urlRewrite.path.type",
+            ),
+            (
+                "/spec/rules/0/filters/0/requestHeaderModifier/set/0/name",
+                json!("bad name"),
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+            ),
+            ("/spec/rules/1/name", json!("canary"), "spec.rules[1].name"),
+            (
+                "/spec/rules/1/name",
+                json!("Bad_Name"),
+                "spec.rules[1].name",
+            ),
+            (
+                "/spec/parentRefs/0/port",
+                json!(0),
+                "spec.parentRefs[0].port",
+            ),
+        ];
+        for (ptr, value, field) in cases {
+            let mut v = route();
+            set(&mut v, ptr, value);
+            assert_eq!(field_of(&v), field, "{ptr}");
+        }
+    }
+
+    #[test]
+    fn every_backend_ref_with_weight_zero_is_refused() {
+        let mut v = route();
+        v["spec"]["rules"][0]["backendRefs"][0]["weight"] = 0.into();
+        v["spec"]["rules"][0]["backendRefs"][1]["weight"] = 0.into();
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].backendRefs");
+        assert!(e.reason.contains("every backendRef has weight 0"));
+        // One at 0 is a backend taken out of rotation: fine.
+        v["spec"]["rules"][0]["backendRefs"][1]["weight"] = 1.into();
+        assert!(parse(&v).is_ok());
+    }
+
+    #[test]
+    fn a_redirect_gets_its_default_status_and_cannot_join_a_rewrite() {
+        let mut v = route();
+        v["spec"]["rules"][0]["filters"][0] = json!({"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "port": 8443}});
+        assert_eq!(field_of(&v), "spec.rules[0].filters");
+        v["spec"]["rules"][0]["filters"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
+        let r = parsed(&v);
+        let Some(api::http_filter::Kind::RequestRedirect(red)) = &r.rules[0].filters[0].kind else {
+            panic!("{:?}", r.rules[0].filters)
+        };
+        assert_eq!(
+            (red.scheme.as_str(), red.port, red.status_code),
+            ("https", 8443, 302)
+        );
+        v["spec"]["rules"][0]["filters"][0]["requestRedirect"]["statusCode"] = 307.into();
+        assert_eq!(
+            field_of(&v),
+            "spec.rules[0].filters[0].requestRedirect.statusCode"
+        );
+    }
+
+    #[test]
+    fn zero_timeouts_mean_none() {
+        let mut v = route();
+        v["spec"]["rules"][0]["timeouts"] = json!({"request": "0s", "backendRequest": "1m30s"});
+        let r = parsed(&v);
+        assert_eq!(r.rules[0].request_timeout, None);
+        assert_eq!(
+            r.rules[0].backend_request_timeout,
+            Some(Duration::from_secs(90))
+        );
+    }
+
+    #[test]
+    fn the_grpc_codes_annotation_retries_every_rule() {
+        let mut v = route();
+        v["metadata"]["annotations"] = json!({"retry.strait.dev/grpc-codes": "Unavailable, resource-exhausted,DEADLINE_EXCEEDED,14,cancelled"});
+        let r = parsed(&v);
+        let with_retry = r.rules[0].retry.as_ref().unwrap();
+        assert_eq!(with_retry.attempts, 3, "the rule's own retry stays");
+        assert_eq!(with_retry.grpc_codes, vec![1, 4, 8, 14]);
+        let without = r.rules[1].retry.as_ref().unwrap();
+        assert_eq!((without.attempts, without.grpc_codes.len()), (2, 4));
+
+        for bad in ["unavailabel", "17", ""] {
+            v["metadata"]["annotations"]["retry.strait.dev/grpc-codes"] = bad.into();
+            let e = parse(&v).unwrap_err();
+            assert!(
+                e.field.contains("retry.strait.dev/grpc-codes"),
+                "{bad}: {e}"
+            );
+        }
+    }
+}
