@@ -111,6 +111,15 @@ pub struct Config {
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
 
+    /// Request bodies up to this many bytes are kept while sent so that a retry can
+    /// send them again; larger bodies stream through and are never replayed.
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_MAX_REPLAY_BODY_BYTES",
+        default_value = "65536"
+    )]
+    pub max_replay_body_bytes: usize,
+
     /// Time a client has to finish sending an HTTP/1 request head (answered with 408).
     #[arg(long, env = "STRAIT_PROXY_HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
@@ -246,6 +255,7 @@ mod tests {
         assert_eq!(c.http_idle_timeout, defaults::HTTP_IDLE_TIMEOUT);
         assert_eq!(c.tcp_idle_timeout, defaults::TCP_IDLE_TIMEOUT);
         assert_eq!(c.connect_timeout, defaults::CONNECT_TIMEOUT);
+        assert_eq!(c.max_replay_body_bytes, defaults::MAX_REPLAY_BODY_BYTES);
     }
 
     #[test]

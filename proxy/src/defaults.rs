@@ -80,6 +80,43 @@ pub const MAX_CLIENT_POOLS: usize = 4096;
 /// Kubernetes' default terminationGracePeriodSeconds is 30 s; drain a bit less.
 pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(25);
 
+/// Retries of a request that never reached a backend (connection refused or
+/// timed out) on routes without a retry policy: always safe, and enough to step
+/// over a dead endpoint or two.
+pub const CONNECT_RETRIES: u32 = 2;
+/// The most retries a route may ask for (GEP-1731 leaves it open): beyond a few,
+/// retries only multiply an outage.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Backoff base of a route retry policy that names none (Envoy's default).
+pub const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// The longest wait between two attempts, whatever the backoff base says.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
+/// Retry budget unless a BackendPolicy says otherwise (as Linkerd): retries at
+/// most 20 % of recent requests, plus 10 a second so that low traffic can still
+/// retry, counted over 10 s.
+pub const RETRY_BUDGET_RATIO: f32 = 0.2;
+pub const RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
+pub const RETRY_BUDGET_TTL: Duration = Duration::from_secs(10);
+/// tower's budget takes the floor times the TTL as its reserve: bounded.
+pub const MAX_RETRY_BUDGET_MIN_PER_SECOND: u32 = 100_000;
+/// Request bodies up to this size are kept while sent, so a retry can send them
+/// again; larger ones stream and are never retried (after their first byte).
+pub const MAX_REPLAY_BODY_BYTES: usize = 64 * 1024;
+
+/// Consecutive failures (5xx, connection errors) that eject an endpoint unless a
+/// BackendPolicy says otherwise (Envoy's consecutive_5xx).
+pub const BREAKER_CONSECUTIVE_FAILURES: u32 = 5;
+/// The first ejection's length; each one in a row doubles it, up to the max.
+pub const BREAKER_BASE_EJECTION: Duration = Duration::from_secs(5);
+pub const BREAKER_MAX_EJECTION: Duration = Duration::from_secs(300);
+/// At most half of a backend's endpoints are ejected at once: ejecting them all
+/// would turn a partial outage into a total one.
+pub const BREAKER_MAX_EJECTED_PERCENT: u32 = 50;
+
+/// TLS client configs kept per peer identity (and ALPN), so sessions resume. A
+/// pod talks to a few identities; the bound holds against anything else.
+pub const MAX_PEER_TLS_CONFIGS: usize = 1024;
+
 /// Set by a proxy on requests to a peer proxy: the port of the app in the peer pod.
 pub const TARGET_PORT_HEADER: &str = "strait-target-port";
 /// Set on responses the proxy itself generates, naming why.

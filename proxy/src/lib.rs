@@ -13,8 +13,10 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod proxy;
+pub mod retry;
 pub mod tcp;
 pub mod telemetry;
+pub mod timeout;
 pub mod transport;
 
 pub use cli::Config;

@@ -15,7 +15,7 @@ use crate::control::discovery::Discovery;
 use crate::control::{self, ControlPlaneError, Workload};
 use crate::defaults;
 use crate::detect::{Protocol, detect};
-use crate::http::client::{ClientCache, PeerTls};
+use crate::http::client::ClientCache;
 use crate::http::server::ServerConfig;
 use crate::identity::{self, Credentials, Identity, TrustAnchors, tls};
 use crate::inbound::Inbound;
@@ -25,6 +25,7 @@ use crate::tcp::TcpConfig;
 use crate::telemetry::log::LogHandle;
 use crate::telemetry::metrics::{DirectionLabels, ProtocolLabels};
 use crate::telemetry::{Direction, Metrics};
+use crate::transport::connect::PeerTls;
 use crate::transport::drain::{self, ShutdownHandle};
 use crate::transport::listen::BindError;
 use crate::transport::{Drain, DrainTrigger, Listener, PrefixedIo};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub discovery: Option<Arc<Discovery>>,
     /// This proxy's credentials, when it takes part in mTLS.
     pub identity: Option<Arc<Credentials>>,
+    /// mTLS to peer proxies, with `identity`.
+    pub peer_tls: Option<PeerTls>,
     /// The TLS server side of the inbound listener, with `identity`.
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// This workload's inbound policy.
@@ -238,15 +241,17 @@ impl Proxy {
             }
             None => None,
         };
-        let peer_tls = identity.as_ref().map(|c| PeerTls {
-            creds: c.clone(),
-            mismatches: metrics.tls_identity_mismatches.clone(),
-            handshake_failures: metrics
-                .tls_handshake_failures
-                .get_or_create(&DirectionLabels {
-                    direction: Direction::Outbound,
-                })
-                .clone(),
+        let peer_tls = identity.as_ref().map(|c| {
+            PeerTls::new(
+                c.clone(),
+                metrics.tls_identity_mismatches.clone(),
+                metrics
+                    .tls_handshake_failures
+                    .get_or_create(&DirectionLabels {
+                        direction: Direction::Outbound,
+                    })
+                    .clone(),
+            )
         });
         // Without a control plane nothing restricts inbound traffic; with one,
         // nothing passes until its policy is known.
@@ -271,7 +276,8 @@ impl Proxy {
             tls_server,
             policy,
             metrics,
-            clients: ClientCache::new(config.connect_timeout, peer_tls),
+            clients: ClientCache::new(config.connect_timeout, peer_tls.clone()),
+            peer_tls,
             drain,
             tcp: TcpConfig {
                 connect_timeout: config.connect_timeout,

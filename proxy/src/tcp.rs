@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::DestAddr;
-use crate::http::client::connect;
 use crate::http::forward::resolve;
 use crate::telemetry::metrics::DirectionLabels;
 use crate::telemetry::{Direction, Metrics};
+use crate::transport::connect;
 
 #[derive(Clone, Debug)]
 pub struct TcpConfig {
@@ -39,7 +39,7 @@ pub async fn forward<I>(
             return;
         }
     };
-    let upstream = match connect(addr, cfg.connect_timeout).await {
+    let upstream = match connect::tcp(addr, cfg.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             metrics.reject_tcp(direction, "connect");

@@ -10,6 +10,8 @@
 //! | `/slow/MS` | answers after MS milliseconds |
 //! | `/status/N` | answers status N |
 //! | `/trailers` | a body followed by trailers |
+//! | `/flaky/P` | 503 for P % of requests (spread evenly), else 200 |
+//! | `/upload-flaky` | reads and records the body; 503 for every other upload, else 200 |
 //! | `/ws` | WebSocket echo |
 //! | `CONNECT` | 200, then echoes the tunnel's bytes |
 
@@ -43,6 +45,11 @@ pub struct Stats {
     sse_release: Notify,
     /// Added to every response: a backend that is slow on purpose.
     delay: std::sync::Mutex<Duration>,
+    /// Every request answered with this status: a backend failing hard.
+    fail_with: std::sync::Mutex<Option<StatusCode>>,
+    /// Bodies received on `/upload-flaky`, in order.
+    uploads: std::sync::Mutex<Vec<Bytes>>,
+    flaky: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -108,6 +115,22 @@ impl Backend {
         self.stats.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Answers every request with `status` from now on (`None`: recovers).
+    pub fn fail_with(&self, status: Option<u16>) {
+        if let Ok(mut f) = self.stats.fail_with.lock() {
+            *f = status.and_then(|s| StatusCode::from_u16(s).ok());
+        }
+    }
+
+    /// The bodies `/upload-flaky` received, in order.
+    pub fn uploads(&self) -> Vec<Bytes> {
+        self.stats
+            .uploads
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default()
+    }
+
     /// Lets every open `/sse` stream send its last event and end.
     pub fn release_sse(&self) {
         self.stats.sse_release.notify_waiters();
@@ -151,7 +174,10 @@ async fn handle(
     }
     let seen = seen_headers(&req);
     let path = req.uri().path().to_string();
-    let mut rsp = if req.method() == Method::CONNECT {
+    let failing = stats.fail_with.lock().ok().and_then(|f| *f);
+    let mut rsp = if let Some(code) = failing {
+        status(code, "failing on command")
+    } else if req.method() == Method::CONNECT {
         tunnel_echo(req)
     } else if path == "/client-id" {
         // What the inbound proxy said about the caller.
@@ -223,6 +249,32 @@ async fn handle(
                 .unwrap_or(StatusCode::BAD_REQUEST),
             "",
         )
+    } else if let Some(p) = path.strip_prefix("/flaky/") {
+        let p: usize = p.parse().unwrap_or(0);
+        let n = stats.flaky.fetch_add(1, Ordering::SeqCst);
+        // A multiplicative hash spreads the failures: never a long run of them.
+        if n.wrapping_mul(2_654_435_761) % 100 < p {
+            status(StatusCode::SERVICE_UNAVAILABLE, "flaky")
+        } else {
+            Response::new(full("ok"))
+        }
+    } else if path == "/upload-flaky" {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return Ok(status(StatusCode::BAD_REQUEST, e.to_string())),
+        };
+        let n = match stats.uploads.lock() {
+            Ok(mut u) => {
+                u.push(body.clone());
+                u.len()
+            }
+            Err(_) => 0,
+        };
+        if n % 2 == 1 {
+            status(StatusCode::SERVICE_UNAVAILABLE, "try again")
+        } else {
+            Response::new(full(body.len().to_string()))
+        }
     } else if path == "/1k" {
         Response::new(full(Bytes::from_static(&[b'x'; 1024])))
     } else if path == "/trailers" {

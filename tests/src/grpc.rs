@@ -11,7 +11,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 #[derive(Debug, Default)]
-struct EchoService;
+struct EchoService {
+    /// Counts unary calls; when set, every other one fails with UNAVAILABLE.
+    flaky: Option<std::sync::atomic::AtomicUsize>,
+}
 
 fn check(req: &EchoRequest) -> Result<(), Status> {
     if req.fail_code != 0 {
@@ -30,6 +33,11 @@ impl Echo for EchoService {
     async fn unary(&self, req: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let req = req.into_inner();
         check(&req)?;
+        if let Some(n) = &self.flaky
+            && n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0
+        {
+            return Err(Status::unavailable("flaky: try again"));
+        }
         Ok(Response::new(EchoReply {
             message: req.message,
             seq: 0,
@@ -94,11 +102,23 @@ where
 
 /// Starts the echo server on an ephemeral loopback port.
 pub async fn start_echo() -> SocketAddr {
+    serve(EchoService::default()).await
+}
+
+/// An echo server whose unary calls fail with UNAVAILABLE every other time.
+pub async fn start_flaky_echo() -> SocketAddr {
+    serve(EchoService {
+        flaky: Some(Default::default()),
+    })
+    .await
+}
+
+async fn serve(svc: EchoService) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
     let addr = listener.local_addr().expect("grpc addr");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(EchoServer::new(EchoService))
+            .add_service(EchoServer::new(svc))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     addr

@@ -1,75 +1,393 @@
-//! Load balancing over a destination's endpoints: power of two choices over
-//! peak-EWMA latency. Each request picks two endpoints at random and takes the one
-//! with the lower cost, latency-weighted by requests in flight; a slow endpoint
-//! quickly costs more and gets less traffic, without starving it of the requests
-//! that show it has recovered.
+//! Load balancing over one backend's endpoints. The default is power of two
+//! choices over peak-EWMA latency: each request draws two endpoints and takes the
+//! cheaper one, latency weighted by requests in flight, so a slow endpoint
+//! quickly gets less traffic without being starved of the requests that show it
+//! has recovered. Round robin and consistent hashing (on a header or cookie, for
+//! stickiness) are there for those who ask. Every mode skips endpoints that the
+//! breaker (`outlier`) has ejected.
 
 mod ewma;
+pub mod outlier;
+pub mod service;
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use http::HeaderName;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
+use strait_api::v1 as api;
 use tokio::time::Instant;
 
 pub use ewma::PeakEwma;
+pub use outlier::BreakerConfig;
+use outlier::{Admit, Outlier};
+pub use service::Balance;
 
 use crate::control::view::Endpoint;
 use crate::defaults;
 
-#[derive(Debug, Default)]
-pub struct Balancer {
-    /// Load per endpoint, kept across discovery updates.
-    stats: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+/// Set on a response: the endpoint (workload address) that answered it.
+#[derive(Clone, Copy, Debug)]
+pub struct ServedBy(pub SocketAddr);
+
+/// Set on a retried request: the endpoint that just failed it, to be avoided
+/// when there is another.
+#[derive(Clone, Copy, Debug)]
+pub struct Avoid(pub SocketAddr);
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum LbConfig {
+    #[default]
+    PeakEwma,
+    RoundRobin,
+    ConsistentHash(HashKey),
+}
+
+/// A backend's policy: how its endpoints are chosen and when they are ejected.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct BackendConfig {
+    pub lb: LbConfig,
+    pub breaker: BreakerConfig,
+    pub connect_timeout: Option<Duration>,
+}
+
+impl BackendConfig {
+    pub fn parse(p: Option<api::BackendPolicy>) -> Self {
+        let Some(p) = p else {
+            return Self::default();
+        };
+        let lb = match api::LoadBalancer::try_from(p.load_balancer) {
+            Ok(api::LoadBalancer::RoundRobin) => LbConfig::RoundRobin,
+            Ok(api::LoadBalancer::ConsistentHash) => {
+                use api::consistent_hash::Key;
+                match p.consistent_hash.and_then(|h| h.key) {
+                    Some(Key::Header(h)) => match HeaderName::from_bytes(h.as_bytes()) {
+                        Ok(n) => LbConfig::ConsistentHash(HashKey::Header(n)),
+                        Err(_) => LbConfig::PeakEwma,
+                    },
+                    Some(Key::Cookie(c)) => LbConfig::ConsistentHash(HashKey::Cookie(c)),
+                    None => LbConfig::PeakEwma,
+                }
+            }
+            _ => LbConfig::PeakEwma,
+        };
+        BackendConfig {
+            lb,
+            breaker: BreakerConfig::parse(p.circuit_breaker),
+            connect_timeout: p
+                .connect_timeout
+                .and_then(|d| Duration::try_from(d).ok())
+                .filter(|d| !d.is_zero())
+                .map(|d| d.min(defaults::MAX_DURATION_FLAG)),
+        }
+    }
+}
+
+/// Counters of one backend's breaker.
+#[derive(Clone, Debug, Default)]
+pub struct BackendMetrics {
+    pub ejections: Counter,
+    pub ejected: Gauge,
 }
 
 #[derive(Debug)]
-pub struct EndpointLoad {
+pub struct EndpointState {
     ewma: Mutex<PeakEwma>,
-    pending: std::sync::atomic::AtomicU32,
+    pending: AtomicU32,
+    outlier: Mutex<Outlier>,
 }
 
-impl EndpointLoad {
+impl EndpointState {
     fn new() -> Self {
-        EndpointLoad {
+        EndpointState {
             ewma: Mutex::new(PeakEwma::new(Instant::now())),
-            pending: Default::default(),
+            pending: AtomicU32::new(0),
+            outlier: Mutex::default(),
         }
     }
 
     fn cost(&self, now: Instant) -> f64 {
-        let pending = self.pending.load(std::sync::atomic::Ordering::Relaxed);
+        let pending = self.pending.load(Ordering::Relaxed);
         let ewma = self.ewma.lock().map(|e| e.cost(now)).unwrap_or(f64::MAX);
         ewma * f64::from(pending + 1)
     }
+
+    fn outlier(&self) -> std::sync::MutexGuard<'_, Outlier> {
+        self.outlier.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-/// A request in flight to an endpoint: counted until dropped, and its latency is
-/// recorded with `observe`.
+#[derive(Debug)]
+pub struct Slot {
+    pub endpoint: Endpoint,
+    state: Arc<EndpointState>,
+}
+
+/// One backend's endpoints as discovery last listed them, each with the state
+/// (latency, in flight, breaker) it had under the previous list.
+#[derive(Debug)]
+pub struct Endpoints {
+    name: Arc<str>,
+    slots: Box<[Slot]>,
+    config: BackendConfig,
+    next: AtomicUsize,
+    metrics: BackendMetrics,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PickError {
+    NoEndpoints,
+    AllEjected,
+}
+
+/// A request in flight to an endpoint: counted until dropped; its outcome goes
+/// to the latency estimate and the breaker.
 #[derive(Debug)]
 pub struct InFlight {
-    load: Arc<EndpointLoad>,
+    backend: Arc<Endpoints>,
+    index: usize,
     start: Instant,
 }
 
+impl Endpoints {
+    /// The endpoints of `name`, keeping the state of those already in `prev`.
+    pub fn new(
+        name: Arc<str>,
+        endpoints: &[Endpoint],
+        config: BackendConfig,
+        prev: Option<&Endpoints>,
+        metrics: BackendMetrics,
+    ) -> Self {
+        let old: HashMap<SocketAddr, &Arc<EndpointState>> = prev
+            .map(|p| {
+                p.slots
+                    .iter()
+                    .map(|s| (s.endpoint.addr, &s.state))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let slots: Box<[Slot]> = endpoints
+            .iter()
+            .map(|e| Slot {
+                endpoint: e.clone(),
+                state: old
+                    .get(&e.addr)
+                    .map(|s| Arc::clone(s))
+                    .unwrap_or_else(|| Arc::new(EndpointState::new())),
+            })
+            .collect();
+        let e = Endpoints {
+            name,
+            slots,
+            config,
+            next: AtomicUsize::new(prev.map_or(0, |p| p.next.load(Ordering::Relaxed))),
+            metrics,
+        };
+        e.metrics.ejected.set(e.ejected() as i64);
+        e
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub fn config(&self) -> &BackendConfig {
+        &self.config
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn slot(&self, i: usize) -> &Slot {
+        &self.slots[i]
+    }
+
+    fn ejected(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.state.outlier().is_ejected())
+            .count()
+    }
+
+    /// Picks an endpoint for a request with these headers, avoiding `avoid`
+    /// when another will do.
+    pub fn pick(
+        self: &Arc<Self>,
+        headers: &http::HeaderMap,
+        avoid: Option<SocketAddr>,
+    ) -> Result<InFlight, PickError> {
+        let n = self.slots.len();
+        if n == 0 {
+            return Err(PickError::NoEndpoints);
+        }
+        let now = Instant::now();
+        let admit = |i: usize| self.slots[i].state.outlier().admit(now);
+        let usable = |i: usize, strict: bool| {
+            admit(i) != Admit::No && !(strict && avoid == Some(self.slots[i].endpoint.addr))
+        };
+        let chosen = self
+            .choose(headers, now, |i| usable(i, true))
+            .or_else(|| self.choose(headers, now, |i| usable(i, false)))
+            .ok_or(PickError::AllEjected)?;
+        let state = &self.slots[chosen].state;
+        if admit(chosen) == Admit::Probe {
+            state.outlier().start_probe();
+        }
+        state.pending.fetch_add(1, Ordering::Relaxed);
+        Ok(InFlight {
+            backend: self.clone(),
+            index: chosen,
+            start: now,
+        })
+    }
+
+    fn choose(
+        &self,
+        headers: &http::HeaderMap,
+        now: Instant,
+        ok: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = self.slots.len();
+        if n == 1 {
+            return ok(0).then_some(0);
+        }
+        match &self.config.lb {
+            LbConfig::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
+            }
+            LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
+                // Rendezvous hashing: the same key picks the same endpoint on
+                // every proxy, and a change of endpoints moves only the keys of
+                // the endpoints that changed.
+                Some(k) => (0..n).filter(|&i| ok(i)).max_by_key(|&i| {
+                    let mut h = std::hash::DefaultHasher::new();
+                    k.hash(&mut h);
+                    self.slots[i].endpoint.addr.hash(&mut h);
+                    h.finish()
+                }),
+                None => self.p2c(now, &ok),
+            },
+            LbConfig::PeakEwma => self.p2c(now, &ok),
+        }
+    }
+
+    fn p2c(&self, now: Instant, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.slots.len();
+        let mut rng = rand::rng();
+        let mut draw = |not: Option<usize>| {
+            for _ in 0..4 {
+                let i = rng.random_range(0..n);
+                if Some(i) != not && ok(i) {
+                    return Some(i);
+                }
+            }
+            let start = rng.random_range(0..n);
+            (0..n)
+                .map(|k| (start + k) % n)
+                .find(|&i| Some(i) != not && ok(i))
+        };
+        let a = draw(None)?;
+        let Some(b) = draw(Some(a)) else {
+            return Some(a);
+        };
+        let (ca, cb) = (self.slots[a].state.cost(now), self.slots[b].state.cost(now));
+        Some(if ca <= cb { a } else { b })
+    }
+}
+
+fn hash_key<'a>(key: &HashKey, headers: &'a http::HeaderMap) -> Option<&'a [u8]> {
+    match key {
+        HashKey::Header(h) => headers.get(h).map(|v| v.as_bytes()),
+        HashKey::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes()),
+    }
+}
+
 impl InFlight {
-    pub fn observe(&self) {
-        self.record(std::time::Duration::ZERO);
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.backend.slots[self.index].endpoint
     }
 
-    /// The endpoint failed (refused the connection, or its proxy could not reach
-    /// its app). Such failures are fast; recorded as their latency they would make a
-    /// dead endpoint the most attractive one. Recorded as a penalty instead.
-    pub fn fail(&self) {
+    fn state(&self) -> &EndpointState {
+        &self.backend.slots[self.index].state
+    }
+
+    /// The endpoint answered well (its latency is recorded).
+    pub fn success(&self) {
+        if self.state().outlier().success() {
+            // Re-admitted: its failures are behind it. Judged afresh, as a new
+            // endpoint is, or their penalty would keep it idle long after.
+            if let Ok(mut e) = self.state().ewma.lock() {
+                *e = PeakEwma::new(Instant::now());
+            }
+            tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
+            self.backend
+                .metrics
+                .ejected
+                .set(self.backend.ejected() as i64);
+        }
+        self.record(Duration::ZERO);
+    }
+
+    /// The endpoint could not be reached (refused the connection, timed out,
+    /// its proxy could not reach its app). Such failures are fast: recorded as
+    /// their latency they would make a dead endpoint the most attractive one, so
+    /// they are recorded as a penalty, and counted by the breaker.
+    pub fn unreachable(&self) {
         self.record(defaults::BALANCER_FAILURE_PENALTY);
+        self.breaker_failure();
     }
 
-    /// Records the time since the request started, or `at_least`.
-    fn record(&self, at_least: std::time::Duration) {
+    /// The endpoint answered with a server error: its latency is what it is,
+    /// and the breaker counts the failure.
+    pub fn failed(&self) {
+        self.record(Duration::ZERO);
+        self.breaker_failure();
+    }
+
+    fn breaker_failure(&self) {
+        let b = &self.backend;
+        let cap = b.config.breaker.cap(b.slots.len());
+        let may_eject = b.ejected() < cap;
+        let ejected = self
+            .state()
+            .outlier()
+            .failure(&b.config.breaker, Instant::now(), may_eject);
+        if ejected {
+            b.metrics.ejections.inc();
+            tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
+        }
+        b.metrics.ejected.set(b.ejected() as i64);
+    }
+
+    fn record(&self, at_least: Duration) {
         let now = Instant::now();
         let took = now.saturating_duration_since(self.start).max(at_least);
-        if let Ok(mut e) = self.load.ewma.lock() {
+        if let Ok(mut e) = self.state().ewma.lock() {
             e.observe(took, now);
         }
     }
@@ -77,64 +395,13 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.load
-            .pending
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Balancer {
-    /// Picks an endpoint; `None` when there are none.
-    pub fn pick<'a>(&self, endpoints: &'a [Endpoint]) -> Option<(&'a Endpoint, InFlight)> {
-        let n = endpoints.len();
-        let chosen = match n {
-            0 => return None,
-            1 => 0,
-            _ => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..n);
-                let b = (a + rng.random_range(1..n)) % n;
-                let now = Instant::now();
-                let (la, lb) = (self.load(&endpoints[a]), self.load(&endpoints[b]));
-                if la.cost(now) <= lb.cost(now) { a } else { b }
-            }
-        };
-        let ep = &endpoints[chosen];
-        let load = self.load(ep);
-        load.pending
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.forget_removed(endpoints);
-        Some((
-            ep,
-            InFlight {
-                load,
-                start: Instant::now(),
-            },
-        ))
-    }
-
-    fn load(&self, ep: &Endpoint) -> Arc<EndpointLoad> {
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        stats
-            .entry(ep.addr)
-            .or_insert_with(|| Arc::new(EndpointLoad::new()))
-            .clone()
-    }
-
-    /// Bounded memory: forget endpoints discovery no longer lists, once the map is
-    /// clearly larger than the current set.
-    fn forget_removed(&self, endpoints: &[Endpoint]) {
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if stats.len() > 2 * endpoints.len() + 8 {
-            stats.retain(|addr, _| endpoints.iter().any(|e| e.addr == *addr));
-        }
+        self.state().pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn eps(n: u16) -> Vec<Endpoint> {
         (0..n)
@@ -146,56 +413,158 @@ mod tests {
             .collect()
     }
 
+    fn backend(n: u16, config: BackendConfig) -> Arc<Endpoints> {
+        Arc::new(Endpoints::new(
+            "b".into(),
+            &eps(n),
+            config,
+            None,
+            BackendMetrics::default(),
+        ))
+    }
+
+    fn index(f: &InFlight) -> usize {
+        (f.endpoint().addr.port() - 8000) as usize
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_slow_endpoint_gets_far_less_than_its_share() {
-        let b = Balancer::default();
-        let eps = eps(3);
+        let b = backend(3, BackendConfig::default());
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let (ep, inflight) = b.pick(&eps).unwrap();
-            let i = (ep.addr.port() - 8000) as usize;
+            let f = b.pick(&Default::default(), None).unwrap();
+            let i = index(&f);
             counts[i] += 1;
             // Endpoint 0 is ten times slower.
-            let rtt = if i == 0 {
-                Duration::from_millis(50)
-            } else {
-                Duration::from_millis(5)
-            };
-            tokio::time::advance(rtt).await;
-            inflight.observe();
+            let rtt = if i == 0 { 50 } else { 5 };
+            tokio::time::advance(Duration::from_millis(rtt)).await;
+            f.success();
         }
         assert!(counts[0] < 3000 / 10, "slow endpoint got {counts:?}");
         assert!(counts[1] > 1000 && counts[2] > 1000, "{counts:?}");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failing_endpoint_is_avoided_though_it_fails_fast() {
-        let b = Balancer::default();
-        let eps = eps(3);
+    async fn a_failing_endpoint_is_ejected_then_probed_and_readmitted() {
+        let mut config = BackendConfig::default();
+        config.breaker.base_ejection = Duration::from_secs(5);
+        let b = backend(3, config);
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let (ep, inflight) = b.pick(&eps).unwrap();
-            let i = (ep.addr.port() - 8000) as usize;
+            let f = b.pick(&Default::default(), None).unwrap();
+            let i = index(&f);
+            counts[i] += 1;
+            tokio::time::advance(Duration::from_millis(1)).await;
+            if i == 0 { f.failed() } else { f.success() }
+        }
+        assert!(counts[0] < 30, "failing endpoint got {counts:?}");
+        // It recovers: after its ejection, a probe re-admits it.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let mut back = 0;
+        for _ in 0..3000 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            back += usize::from(index(&f) == 0);
+            tokio::time::advance(Duration::from_millis(1)).await;
+            f.success();
+        }
+        assert!(back > 300, "recovered endpoint got {back} of 3000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_endpoint_is_avoided_though_it_fails_fast() {
+        let mut config = BackendConfig::default();
+        config.breaker.consecutive_failures = 0;
+        let b = backend(3, config);
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            let i = index(&f);
             counts[i] += 1;
             if i == 0 {
                 // Connection refused: answered at once.
                 tokio::time::advance(Duration::from_micros(100)).await;
-                inflight.fail();
+                f.unreachable();
             } else {
                 tokio::time::advance(Duration::from_millis(5)).await;
-                inflight.observe();
+                f.success();
             }
         }
-        assert!(counts[0] < 30, "failing endpoint got {counts:?}");
+        assert!(counts[0] < 30, "unreachable endpoint got {counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn state_survives_an_update_of_the_list() {
+        let b = backend(3, BackendConfig::default());
+        for _ in 0..10 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            if index(&f) == 0 {
+                f.failed()
+            } else {
+                f.success()
+            }
+        }
+        let next = Endpoints::new(
+            "b".into(),
+            &eps(4),
+            BackendConfig::default(),
+            Some(&b),
+            BackendMetrics::default(),
+        );
+        assert!(Arc::ptr_eq(&b.slots[0].state, &next.slots[0].state));
     }
 
     #[test]
-    fn no_endpoints_no_pick_and_one_endpoint_always() {
-        let b = Balancer::default();
-        assert!(b.pick(&[]).is_none());
-        let one = eps(1);
-        for _ in 0..10 {
-            assert_eq!(b.pick(&one).unwrap().0.addr, one[0].addr);
+    fn round_robin_takes_turns_and_hashing_sticks() {
+        let rr = backend(
+            3,
+            BackendConfig {
+                lb: LbConfig::RoundRobin,
+                ..Default::default()
+            },
+        );
+        let seq: Vec<usize> = (0..6)
+            .map(|_| index(&rr.pick(&Default::default(), None).unwrap()))
+            .collect();
+        assert_eq!(seq[..3], seq[3..]);
+        let mut sorted = seq[..3].to_vec();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2]);
+
+        let h = backend(
+            5,
+            BackendConfig {
+                lb: LbConfig::ConsistentHash(HashKey::Cookie("session".into())),
+                ..Default::default()
+            },
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("cookie", "a=1; session=abc".parse().unwrap());
+        let first = index(&h.pick(&headers, None).unwrap());
+        for _ in 0..20 {
+            assert_eq!(index(&h.pick(&headers, None).unwrap()), first);
         }
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_that_failed() {
+        let b = backend(2, BackendConfig::default());
+        let avoid = eps(2)[0].addr;
+        for _ in 0..50 {
+            assert_ne!(
+                b.pick(&Default::default(), Some(avoid))
+                    .unwrap()
+                    .endpoint()
+                    .addr,
+                avoid
+            );
+        }
+        let one = backend(1, BackendConfig::default());
+        assert!(one.pick(&Default::default(), Some(eps(1)[0].addr)).is_ok());
+        assert_eq!(
+            backend(0, BackendConfig::default())
+                .pick(&Default::default(), None)
+                .unwrap_err(),
+            PickError::NoEndpoints
+        );
     }
 }

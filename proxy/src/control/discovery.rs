@@ -18,12 +18,12 @@ use super::Workload;
 use super::backoff::Backoff;
 use super::view::{Resolution, parse};
 use crate::addr::DestAddr;
-use crate::balance::Balancer;
 use crate::defaults;
+use crate::outbound::logical::Logical;
 
 struct Watch {
     rx: watch::Receiver<Option<Resolution>>,
-    balancer: Arc<Balancer>,
+    logical: Arc<Logical>,
     state: Arc<WatchState>,
     task: tokio::task::AbortHandle,
 }
@@ -38,10 +38,10 @@ struct WatchState {
     waited: AtomicBool,
 }
 
-/// What a request gets of a watch: its answers, its balancer, its state.
+/// What a request gets of a watch: its answers, its stages, its state.
 type WatchHandle = (
     watch::Receiver<Option<Resolution>>,
-    Arc<Balancer>,
+    Arc<Logical>,
     Arc<WatchState>,
 );
 
@@ -58,11 +58,12 @@ impl Drop for Watch {
     }
 }
 
-/// A destination's current answer and its load balancer.
+/// A destination's current answer, and the stages built for it (routes,
+/// backends and their balancers), kept with the watch.
 #[derive(Clone, Debug)]
 pub struct Resolved {
     pub resolution: Resolution,
-    pub balancer: Arc<Balancer>,
+    pub logical: Arc<Logical>,
 }
 
 pub struct Discovery {
@@ -100,7 +101,7 @@ impl Discovery {
     /// to `timeout` for the first one. `None` when there is no answer in time.
     pub async fn resolve(&self, dest: &DestAddr, timeout: Duration) -> Option<Resolved> {
         // Every slot holds an answer the controller cannot renew now: pass through.
-        let (mut rx, balancer, state) = self.watch(dest)?;
+        let (mut rx, logical, state) = self.watch(dest)?;
         let current = rx.borrow().clone();
         let resolution = match current {
             Some(r) => r,
@@ -121,7 +122,7 @@ impl Discovery {
         };
         Some(Resolved {
             resolution,
-            balancer,
+            logical,
         })
     }
 
@@ -130,7 +131,7 @@ impl Discovery {
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = watches.get(dest) {
             w.state.last_used_ms.store(now, Ordering::Relaxed);
-            return Some((w.rx.clone(), w.balancer.clone(), w.state.clone()));
+            return Some((w.rx.clone(), w.logical.clone(), w.state.clone()));
         }
         if watches.len() >= defaults::MAX_DISCOVERY_WATCHES {
             // Bounded: a flood of distinct destinations (random Host headers) evicts
@@ -161,13 +162,13 @@ impl Discovery {
         let task = tokio::spawn(follow(self.client.clone(), req, tx, state.clone())).abort_handle();
         let w = Watch {
             rx: rx.clone(),
-            balancer: Arc::new(Balancer::default()),
+            logical: Arc::default(),
             state: state.clone(),
             task,
         };
-        let balancer = w.balancer.clone();
+        let logical = w.logical.clone();
         watches.insert(dest.clone(), w);
-        Some((rx, balancer, state))
+        Some((rx, logical, state))
     }
 
     /// Drops watches no request has used for `DISCOVERY_IDLE_TIMEOUT`, except
@@ -217,7 +218,7 @@ async fn follow(
                             state.connected.store(true, Ordering::Relaxed);
                             let r = parse(update);
                             if let Resolution::Service(s) = &r {
-                                debug!(destination = %req.destination, service = %s.name, endpoints = s.endpoints.len(), "discovery update");
+                                debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");
                             }
                             tx.send_replace(Some(r));
                         }

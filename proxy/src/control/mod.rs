@@ -109,10 +109,7 @@ impl tower::Service<http::Uri> for TlsConnect {
                     "connecting to the control plane timed out",
                 )
             };
-            let tcp = tokio::time::timeout(timeout, TcpStream::connect((host.as_str(), port)))
-                .await
-                .map_err(|_| timed_out())??;
-            tcp.set_nodelay(true)?;
+            let tcp = crate::transport::connect::tcp_host(&host, port, timeout).await?;
             let name = ServerName::try_from(host).map_err(io::Error::other)?;
             let tls = tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
                 .await

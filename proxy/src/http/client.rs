@@ -18,16 +18,15 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus_client::metrics::counter::Counter;
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::BoxBody;
 use crate::defaults;
-use crate::identity::{Credentials, Identity, tls};
+use crate::identity::{Identity, tls};
+use crate::transport::connect;
+pub use crate::transport::connect::{ConnectError, PeerTls};
 
 pub type HttpClient = Client<Connector, BoxBody>;
 
@@ -40,22 +39,10 @@ pub struct Connector {
     tls: PeerMode,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 enum PeerMode {
     Plain,
-    Mtls(TlsConnector, ServerName<'static>, Counter),
-    /// mTLS was wanted but cannot be set up: fail rather than fall back to plaintext.
-    Broken(String),
-}
-
-impl std::fmt::Debug for PeerMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerMode::Plain => f.write_str("Plain"),
-            PeerMode::Mtls(_, name, _) => write!(f, "Mtls({name:?})"),
-            PeerMode::Broken(r) => write!(f, "Broken({r})"),
-        }
-    }
+    Mtls(PeerTls, Identity, &'static [u8]),
 }
 
 /// A connection to an upstream: plaintext, or mTLS to a peer proxy.
@@ -135,20 +122,6 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect to {addr} timed out after {after:?}")]
-    Timeout { addr: SocketAddr, after: Duration },
-    #[error("connect to {addr}: {source}")]
-    Io {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("mTLS to {addr}: {reason}")]
-    Tls { addr: SocketAddr, reason: String },
-}
-
 impl tower::Service<Uri> for Connector {
     type Response = TokioIo<UpstreamIo>;
     type Error = ConnectError;
@@ -161,55 +134,17 @@ impl tower::Service<Uri> for Connector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let (addr, timeout, tls) = (self.addr, self.timeout, self.tls.clone());
         Box::pin(async move {
-            let (connector, name, failures) = match tls {
-                PeerMode::Plain => {
-                    let tcp = connect(addr, timeout).await?;
-                    return Ok(TokioIo::new(UpstreamIo::Plain(tcp)));
-                }
-                PeerMode::Broken(reason) => return Err(ConnectError::Tls { addr, reason }),
-                PeerMode::Mtls(c, n, f) => (c, n, f),
-            };
-            let tcp = connect(addr, timeout).await?;
-            let handshake = tokio::time::timeout(timeout, connector.connect(name, tcp));
-            match handshake.await {
-                Ok(Ok(s)) => Ok(TokioIo::new(UpstreamIo::Tls(Box::new(s)))),
-                Ok(Err(e)) => {
-                    failures.inc();
-                    let reason = tls::describe_handshake_error(&e);
-                    tracing::warn!(peer = %addr, error = %reason, "mTLS handshake with peer proxy failed");
-                    Err(ConnectError::Tls { addr, reason })
-                }
-                Err(_) => {
-                    failures.inc();
-                    Err(ConnectError::Timeout {
-                        addr,
-                        after: timeout,
-                    })
+            match tls {
+                PeerMode::Plain => Ok(TokioIo::new(UpstreamIo::Plain(
+                    connect::tcp(addr, timeout).await?,
+                ))),
+                PeerMode::Mtls(peer_tls, peer, alpn) => {
+                    let s = peer_tls.connect(addr, &peer, alpn, timeout).await?;
+                    Ok(TokioIo::new(UpstreamIo::Tls(Box::new(s))))
                 }
             }
         })
     }
-}
-
-/// A TCP connection with our timeout and TCP_NODELAY.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            addr,
-            after: timeout,
-        })?
-        .map_err(|source| ConnectError::Io { addr, source })?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// What mTLS to peer proxies needs: our credentials, and the counters of failures.
-#[derive(Clone, Debug)]
-pub struct PeerTls {
-    pub creds: Arc<Credentials>,
-    pub mismatches: Counter,
-    pub handshake_failures: Counter,
 }
 
 /// One HTTP/2 connection to an upstream, shared by every request to it whatever
@@ -433,7 +368,7 @@ impl UpstreamClient {
     }
 }
 
-type PoolKey = (SocketAddr, bool, Option<Identity>);
+type PoolKey = (SocketAddr, bool, Option<Identity>, Option<Duration>);
 
 #[derive(Clone, Debug)]
 pub struct ClientCache {
@@ -458,13 +393,20 @@ impl ClientCache {
 
     /// The client for `addr`, speaking HTTP/2 with prior knowledge when `h2`; over
     /// mTLS verifying `peer` when it is a peer proxy and this proxy has an identity.
-    pub fn get(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> UpstreamClient {
+    /// `timeout` overrides the connect timeout (a backend policy's).
+    pub fn get(
+        &self,
+        addr: SocketAddr,
+        h2: bool,
+        peer: Option<&Identity>,
+        timeout: Option<Duration>,
+    ) -> UpstreamClient {
         let peer = peer.filter(|_| self.tls.is_some());
         let mut pools = match self.pools.lock() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let key = (addr, h2, peer.cloned());
+        let key = (addr, h2, peer.cloned(), timeout);
         if let Some(c) = pools.get(&key) {
             return c.clone();
         }
@@ -474,39 +416,27 @@ impl ClientCache {
                 pools.remove(&k);
             }
         }
-        let c = self.build(addr, h2, peer);
+        let c = self.build(addr, h2, peer, timeout.unwrap_or(self.connect_timeout));
         pools.insert(key, c.clone());
         c
     }
 
-    fn build(&self, addr: SocketAddr, h2: bool, peer: Option<&Identity>) -> UpstreamClient {
+    fn build(
+        &self,
+        addr: SocketAddr,
+        h2: bool,
+        peer: Option<&Identity>,
+        timeout: Duration,
+    ) -> UpstreamClient {
         let tls = match (peer, &self.tls) {
-            (Some(id), Some(t)) => {
-                let cfg = tls::client_config(
-                    &t.creds,
-                    id.clone(),
-                    if h2 { tls::ALPN_H2 } else { tls::ALPN_HTTP1 },
-                    t.mismatches.clone(),
-                )
-                .map_err(|e| e.to_string());
-                let name = ServerName::try_from(id.server_name()).map_err(|e| e.to_string());
-                match (cfg, name) {
-                    (Ok(cfg), Ok(name)) => {
-                        PeerMode::Mtls(TlsConnector::from(cfg), name, t.handshake_failures.clone())
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        tracing::error!(peer = %id, error = %e, "cannot set up mTLS to peer");
-                        PeerMode::Broken(e)
-                    }
-                }
-            }
+            (Some(id), Some(t)) => PeerMode::Mtls(
+                t.clone(),
+                id.clone(),
+                if h2 { tls::ALPN_H2 } else { tls::ALPN_HTTP1 },
+            ),
             _ => PeerMode::Plain,
         };
-        let connector = Connector {
-            addr,
-            timeout: self.connect_timeout,
-            tls,
-        };
+        let connector = Connector { addr, timeout, tls };
         if h2 {
             return UpstreamClient::Http2(H2Client::new(connector));
         }

@@ -66,9 +66,28 @@ impl ProxyError {
         if self.is_upstream_failure() {
             rsp.extensions_mut().insert(UpstreamFailure);
         }
+        if self.not_sent() {
+            rsp.extensions_mut().insert(RequestNotSent);
+        }
         rsp
     }
+
+    /// Whether the request failed before any of it was written upstream: it can
+    /// always be sent again, to another endpoint.
+    pub fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Resolve { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Connect { .. }
+        )
+    }
 }
+
+/// Marks a response the proxy made up because the request could not be sent at
+/// all (no connection): safe to retry whatever the request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestNotSent;
 
 /// Marks a response the proxy made up because the upstream could not be reached
 /// or failed mid-request.

@@ -14,29 +14,48 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use tracing::debug;
 
-use super::client::{ClientError, ConnectError};
+use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
-use super::{BoxBody, Dst, ToPeer, upgrade};
-use crate::addr::DestAddr;
+use super::{BoxBody, ConnectTimeout, Dst, ToPeer, upgrade};
+use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
-use crate::proxy::Shared;
-use crate::telemetry::Direction;
+use crate::tcp::TcpConfig;
+use crate::telemetry::{Direction, Metrics};
+use crate::transport::Drain;
 
+/// Set on requests of an HTTP/1 connection: told when the request upgrades it.
+#[derive(Clone, Debug)]
+pub struct UpgradeConn(pub Arc<ConnState>);
+
+/// What forwarding needs: the upstream clients, the proxy's own addresses (never a
+/// destination), and how upgraded streams are carried.
 #[derive(Clone, Debug)]
 pub struct Forward {
-    shared: Arc<Shared>,
+    clients: ClientCache,
+    own: OwnAddrs,
+    tcp: TcpConfig,
+    metrics: Arc<Metrics>,
+    drain: Drain,
     direction: Direction,
-    /// The HTTP/1 connection this request came on, told about upgrades.
-    conn: Option<Arc<ConnState>>,
 }
 
 impl Forward {
-    pub fn new(shared: Arc<Shared>, direction: Direction, conn: Option<Arc<ConnState>>) -> Self {
+    pub fn new(
+        clients: ClientCache,
+        own: OwnAddrs,
+        tcp: TcpConfig,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+        direction: Direction,
+    ) -> Self {
         Forward {
-            shared,
+            clients,
+            own,
+            tcp,
+            metrics,
+            drain,
             direction,
-            conn,
         }
     }
 
@@ -48,11 +67,12 @@ impl Forward {
         let Some(Dst(dst)) = req.extensions_mut().remove::<Dst>() else {
             return Err(ProxyError::BadRequest("no destination for request"));
         };
-        let addr = resolve(&dst, self.shared.config.connect_timeout).await?;
+        let connect_timeout = req.extensions().get::<ConnectTimeout>().map(|t| t.0);
+        let addr = resolve(&dst, connect_timeout.unwrap_or(self.tcp.connect_timeout)).await?;
         // A name resolved to one of our listeners (`Host: localhost:4140`) would
         // come straight back. A peer proxy's inbound is exempt: a pod calling its
         // own Service goes through its own inbound.
-        if req.extensions().get::<ToPeer>().is_none() && self.shared.own.contains(addr) {
+        if req.extensions().get::<ToPeer>().is_none() && self.own.contains(addr) {
             return Err(ProxyError::Loop(addr));
         }
         let is_connect = req.method() == Method::CONNECT;
@@ -85,10 +105,13 @@ impl Forward {
         if !is_connect {
             upstream_uri(&mut req, addr, h2)?;
         }
-        let client = self
-            .shared
-            .clients
-            .get(addr, h2, to_peer.as_ref().map(|p| &p.identity));
+        let conn = req.extensions_mut().remove::<UpgradeConn>();
+        let client = self.clients.get(
+            addr,
+            h2,
+            to_peer.as_ref().map(|p| &p.identity),
+            connect_timeout,
+        );
         let mut rsp = client
             .request(req.map(super::boxed))
             .await
@@ -97,18 +120,19 @@ impl Forward {
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)
         {
-            if let Some(conn) = &self.conn {
+            if let Some(UpgradeConn(conn)) = &conn {
                 conn.mark_upgraded();
             }
             let upstream_upgrade = hyper::upgrade::on(&mut rsp);
-            let (shared, direction) = (self.shared.clone(), self.direction);
-            self.shared.drain.spawn(async move {
+            let (tcp, metrics, direction) =
+                (self.tcp.clone(), self.metrics.clone(), self.direction);
+            self.drain.spawn(async move {
                 upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,
                     addr,
-                    &shared.tcp,
-                    &shared.metrics,
+                    &tcp,
+                    &metrics,
                     direction,
                 )
                 .await

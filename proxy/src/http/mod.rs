@@ -54,3 +54,8 @@ pub struct ToPeer {
     pub target_port: u16,
     pub identity: crate::identity::Identity,
 }
+
+/// A connect timeout for this request's upstream other than the proxy's default
+/// (a backend policy's `connectTimeout`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectTimeout(pub std::time::Duration);

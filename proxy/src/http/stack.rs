@@ -10,7 +10,7 @@ use tower::{Layer, ServiceBuilder};
 
 use super::BoxBody;
 use super::conn_guard::{ConnState, InFlightLayer};
-use super::forward::Forward;
+use super::forward::{Forward, UpgradeConn};
 use super::metrics::RequestMetricsLayer;
 use super::normalize::NormalizeLayer;
 use super::server::{ConnMeta, serve_http1, serve_http2};
@@ -20,19 +20,31 @@ use crate::telemetry::Direction;
 #[derive(Clone, Debug)]
 pub struct HttpStack {
     shared: Arc<Shared>,
-    direction: Direction,
     metrics: RequestMetricsLayer,
     normalize: NormalizeLayer,
+    forward: Forward,
 }
 
 impl HttpStack {
     pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
         HttpStack {
-            direction,
             metrics: RequestMetricsLayer::new(shared.metrics.clone(), direction),
             normalize: NormalizeLayer::new(shared.metrics.clone(), direction),
+            forward: Forward::new(
+                shared.clients.clone(),
+                shared.own.clone(),
+                shared.tcp.clone(),
+                shared.metrics.clone(),
+                shared.drain.clone(),
+                direction,
+            ),
             shared,
         }
+    }
+
+    /// The last service of the stack: sends a request where it was decided.
+    pub fn forward(&self) -> &Forward {
+        &self.forward
     }
 
     /// Serves one connection already detected as HTTP/1 (`h2 == false`) or HTTP/2.
@@ -54,15 +66,21 @@ impl HttpStack {
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())
                 .layer(dst)
-                .service(Forward::new(s.clone(), self.direction, None));
+                .service(self.forward.clone());
             serve_http2(io, svc, state, &s.http, meta, &s.drain).await;
         } else {
+            let upgrades = state.clone();
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
+                // Told when a request upgrades the connection.
+                .map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
+                    req
+                })
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())
                 .layer(dst)
-                .service(Forward::new(s.clone(), self.direction, Some(state.clone())));
+                .service(self.forward.clone());
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;
         }
     }

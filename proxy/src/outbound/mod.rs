@@ -1,16 +1,22 @@
 //! The outbound path: the app's own connections. Learn where the app meant to go,
-//! detect the protocol, and forward (until discovery: pass through untouched).
+//! ask discovery what that is (an opaque port skips protocol detection), detect
+//! the protocol, and send HTTP along its route (`http`) or carry opaque TCP to a
+//! balanced endpoint (`opaque`). Not meshed: pass through untouched.
 
-mod discover;
+pub mod backend;
 mod dst;
+pub mod http;
+pub mod logical;
+mod opaque;
+pub mod route;
 
 use std::sync::Arc;
 
 use tower::layer::util::Stack;
 use tracing::warn;
 
-use self::discover::DiscoverLayer;
-
+use self::http::RouterLayer;
+use self::logical::Builder;
 use crate::addr::DestAddr;
 use crate::control::discovery::Resolved;
 use crate::control::view::Resolution;
@@ -18,7 +24,6 @@ use crate::detect::Protocol;
 use crate::http::dst::SetDstLayer;
 use crate::http::server::ConnMeta;
 use crate::http::stack::HttpStack;
-use crate::identity::tls;
 use crate::proxy::Shared;
 use crate::telemetry::Direction;
 use crate::transport::Accepted;
@@ -30,23 +35,43 @@ const DIRECTION: Direction = Direction::Outbound;
 pub struct Outbound {
     shared: Arc<Shared>,
     http: HttpStack,
+    build: Builder,
 }
 
 impl Outbound {
     pub fn new(shared: Arc<Shared>) -> Self {
+        let http = HttpStack::new(shared.clone(), DIRECTION);
         Outbound {
-            http: HttpStack::new(shared.clone(), DIRECTION),
+            build: Builder {
+                forward: http.forward().clone(),
+                metrics: shared.metrics.clone(),
+                replay_limit: shared.config.max_replay_body_bytes,
+            },
+            http,
             shared,
         }
+    }
+
+    /// Discovery's answer for a connection's destination, waiting (boundedly)
+    /// for the first one.
+    async fn resolve(&self, dst: &DestAddr) -> Option<Resolved> {
+        let d = self.shared.discovery.as_ref()?;
+        d.resolve(dst, crate::defaults::DISCOVERY_FIRST_ANSWER_TIMEOUT)
+            .await
     }
 
     /// Handles one connection. `fixed` is the destination of an `--upstream` listener.
     pub async fn handle(self, acc: Accepted, fixed: Option<DestAddr>) {
         let s = &self.shared;
         let dst = fixed.or_else(|| orig_dst(&acc.stream).map(|o| DestAddr::Socket(o.0)));
+        let resolved = match &dst {
+            Some(d) => self.resolve(d).await,
+            None => None,
+        };
         let opaque = dst
             .as_ref()
-            .is_some_and(|d| s.config.opaque_ports.contains(d.port()));
+            .is_some_and(|d| s.config.opaque_ports.contains(d.port()))
+            || matches!(&resolved, Some(Resolved { resolution: Resolution::Service(v), .. }) if v.opaque);
         let Some((protocol, io)) = s.detect(acc.stream, opaque, DIRECTION, acc.client).await else {
             return;
         };
@@ -55,116 +80,20 @@ impl Outbound {
             client: acc.client,
             metrics: s.metrics.clone(),
         };
-        let dst_layer = Stack::new(
-            DiscoverLayer::new(s.discovery.clone()),
+        let layers = Stack::new(
+            RouterLayer::new(s.discovery.clone(), self.build.clone()),
             SetDstLayer(dst::OutboundDst::new(dst.clone(), s.own.clone())),
         );
         match protocol {
             Protocol::Opaque => match dst {
-                Some(d) => self.opaque(io, d).await,
+                Some(d) => opaque::forward(&self.shared, &self.build, io, d, resolved).await,
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_destination");
                     warn!(client = %acc.client.0, "non-HTTP connection with no original destination, closed");
                 }
             },
-            Protocol::Http1 => self.http.serve(io, false, dst_layer, &meta).await,
-            Protocol::Http2 => self.http.serve(io, true, dst_layer, &meta).await,
+            Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,
+            Protocol::Http2 => self.http.serve(io, true, layers, &meta).await,
         }
-    }
-
-    /// Opaque TCP: to a balanced endpoint of a meshed Service (over mTLS to its
-    /// proxy when both sides have identities), else as addressed.
-    async fn opaque<I>(&self, io: I, dst: DestAddr)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        let s = &self.shared;
-        let resolved = match &s.discovery {
-            Some(d) => {
-                d.resolve(&dst, crate::defaults::DISCOVERY_FIRST_ANSWER_TIMEOUT)
-                    .await
-            }
-            None => None,
-        };
-        if let Some(Resolved {
-            resolution: Resolution::Service(svc),
-            balancer,
-        }) = resolved
-        {
-            let Some((ep, in_flight)) = balancer.pick(&svc.endpoints) else {
-                s.metrics.reject_tcp(DIRECTION, "no_endpoints");
-                warn!(service = %svc.name, "no endpoints; opaque stream closed");
-                return;
-            };
-            if let (Some(peer), Some(creds)) = (&ep.proxy, &s.identity) {
-                return self.opaque_over_mtls(io, ep, peer, creds, &in_flight).await;
-            }
-            let to = DestAddr::Socket(ep.addr);
-            return crate::tcp::forward(io, &to, &s.tcp, &s.metrics, DIRECTION).await;
-        }
-        crate::tcp::forward(io, &dst, &s.tcp, &s.metrics, DIRECTION).await
-    }
-
-    /// One mTLS connection to the peer proxy per stream (ALPN `strait-opaque/1`),
-    /// the target port first, then the app's bytes both ways. The peer must
-    /// present the identity discovery gave; there is no plaintext fallback.
-    async fn opaque_over_mtls<I>(
-        &self,
-        io: I,
-        ep: &crate::control::view::Endpoint,
-        peer: &crate::control::view::PeerProxy,
-        creds: &std::sync::Arc<crate::identity::Credentials>,
-        in_flight: &crate::balance::InFlight,
-    ) where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        use tokio::io::AsyncWriteExt;
-        let s = &self.shared;
-        let addr = ep.connect_addr();
-        let failed = |reason: &'static str, error: String| {
-            in_flight.fail();
-            s.metrics.reject_tcp(DIRECTION, reason);
-            warn!(peer = %addr, identity = %peer.identity, %error, "opaque stream to peer proxy refused");
-        };
-        let cfg = match tls::client_config(
-            creds,
-            peer.identity.clone(),
-            tls::ALPN_OPAQUE,
-            s.metrics.tls_identity_mismatches.clone(),
-        ) {
-            Ok(c) => c,
-            Err(e) => return failed("tls", e.to_string()),
-        };
-        let tcp = match crate::http::client::connect(addr, s.tcp.connect_timeout).await {
-            Ok(t) => t,
-            Err(e) => return failed("connect", e.to_string()),
-        };
-        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-        let handshake = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp);
-        let mut stream = match tokio::time::timeout(s.tcp.connect_timeout, handshake).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                s.metrics
-                    .tls_handshake_failures
-                    .get_or_create(&crate::telemetry::metrics::DirectionLabels {
-                        direction: DIRECTION,
-                    })
-                    .inc();
-                return failed("tls", tls::describe_handshake_error(&e));
-            }
-            Err(_) => return failed("tls", "handshake timed out".into()),
-        };
-        // Flushed at once: a server-speaks-first app waits on it.
-        let preamble = ep.addr.port().to_be_bytes();
-        if let Err(e) = async {
-            stream.write_all(&preamble).await?;
-            stream.flush().await
-        }
-        .await
-        {
-            return failed("connect", e.to_string());
-        }
-        in_flight.observe();
-        crate::tcp::splice(io, stream, &addr, &s.tcp, &s.metrics, DIRECTION).await
     }
 }

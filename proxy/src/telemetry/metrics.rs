@@ -66,6 +66,73 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A route of a Service: names from configuration, so the label set is bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatusLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReasonLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackendLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+    pub backend: String,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub backend: String,
+}
+
+/// The status classes, in the order of `status_index`.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+pub fn status_index(status: http::StatusCode) -> usize {
+    match status.as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// A counter per status class, resolved once per stage so that a request
+/// increments without building labels.
+pub type ByStatus = [Counter; 5];
+
+/// The counters of one route rule, resolved when the route is built.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    pub requests: Counter,
+    pub responses: ByStatus,
+    pub latency: Histogram,
+    pub retry: crate::retry::RetryMetrics,
+    pub request_timeouts: Counter,
+    pub backend_timeouts: Counter,
+}
+
 /// Latency buckets in seconds: fine below a millisecond, where a proxy lives.
 const LATENCY_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -94,6 +161,15 @@ pub struct Metrics {
     pub tls_identity_mismatches: Counter,
     pub tls_handshake_failures: Family<DirectionLabels, Counter>,
     pub inbound_authz: Family<AuthzLabels, Counter>,
+    pub route_requests: Family<RouteLabels, Counter>,
+    pub route_responses: Family<RouteStatusLabels, Counter>,
+    pub route_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub route_retries: Family<RouteLabels, Counter>,
+    pub route_retries_skipped: Family<RouteReasonLabels, Counter>,
+    pub route_timeouts: Family<RouteReasonLabels, Counter>,
+    pub backend_responses: Family<RouteBackendLabels, Counter>,
+    pub backend_ejections: Family<BackendLabels, Counter>,
+    pub backend_ejected: Family<BackendLabels, Gauge>,
 }
 
 impl Metrics {
@@ -116,6 +192,15 @@ impl Metrics {
             tls_identity_mismatches: Counter::default(),
             tls_handshake_failures: Family::default(),
             inbound_authz: Family::default(),
+            route_requests: Family::default(),
+            route_responses: Family::default(),
+            route_latency: Family::new_with_constructor(latency_histogram),
+            route_retries: Family::default(),
+            route_retries_skipped: Family::default(),
+            route_timeouts: Family::default(),
+            backend_responses: Family::default(),
+            backend_ejections: Family::default(),
+            backend_ejected: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,6 +283,51 @@ impl Metrics {
             "Inbound requests and connections allowed or denied by policy, by peer identity",
             m.inbound_authz.clone(),
         );
+        registry.register(
+            "route_requests",
+            "Outbound HTTP requests per route rule of a Service (route \"default\": no HTTPRoute)",
+            m.route_requests.clone(),
+        );
+        registry.register(
+            "route_responses",
+            "Outbound HTTP responses per route rule, by status class, after retries",
+            m.route_responses.clone(),
+        );
+        registry.register(
+            "route_response_latency_seconds",
+            "Time from request to response headers per route rule, retries included",
+            m.route_latency.clone(),
+        );
+        registry.register(
+            "route_retries",
+            "Retries sent per route rule",
+            m.route_retries.clone(),
+        );
+        registry.register(
+            "route_retries_skipped",
+            "Retryable responses not retried, by reason (budget_exhausted, body_too_large, body_unfinished)",
+            m.route_retries_skipped.clone(),
+        );
+        registry.register(
+            "route_timeouts",
+            "Requests cut by a route timeout, by kind (request, backend_request)",
+            m.route_timeouts.clone(),
+        );
+        registry.register(
+            "backend_responses",
+            "Responses per attempt, by route rule, backend and status class",
+            m.backend_responses.clone(),
+        );
+        registry.register(
+            "backend_ejections",
+            "Endpoints ejected by the circuit breaker, per backend",
+            m.backend_ejections.clone(),
+        );
+        registry.register(
+            "backend_ejected_endpoints",
+            "Endpoints of a backend ejected now",
+            m.backend_ejected.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -207,6 +337,78 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The counters of one route rule of `service`.
+    pub fn route(&self, service: &str, route: &str, rule: &str) -> RouteMetrics {
+        let labels = RouteLabels {
+            service: service.to_string(),
+            route: route.to_string(),
+            rule: rule.to_string(),
+        };
+        let reason = |reason: &'static str| RouteReasonLabels {
+            service: labels.service.clone(),
+            route: labels.route.clone(),
+            rule: labels.rule.clone(),
+            reason,
+        };
+        // Owned: a family's read guard held to the end of a statement would
+        // block a second insert into the same family in that statement.
+        let skipped = |r| self.route_retries_skipped.get_or_create_owned(&reason(r));
+        let timeouts = |r| self.route_timeouts.get_or_create_owned(&reason(r));
+        let responses = STATUS_CLASSES.map(|status_class| {
+            self.route_responses
+                .get_or_create_owned(&RouteStatusLabels {
+                    service: labels.service.clone(),
+                    route: labels.route.clone(),
+                    rule: labels.rule.clone(),
+                    status_class,
+                })
+        });
+        let requests = self.route_requests.get_or_create_owned(&labels);
+        let latency = self.route_latency.get_or_create_owned(&labels);
+        let retries = self.route_retries.get_or_create_owned(&labels);
+        let retry = crate::retry::RetryMetrics {
+            retries,
+            budget_exhausted: skipped("budget_exhausted"),
+            body_too_large: skipped("body_too_large"),
+            body_unfinished: skipped("body_unfinished"),
+        };
+        let request_timeouts = timeouts("request");
+        let backend_timeouts = timeouts("backend_request");
+        RouteMetrics {
+            requests,
+            responses,
+            latency,
+            retry,
+            request_timeouts,
+            backend_timeouts,
+        }
+    }
+
+    /// Responses of `backend` on one route rule, per status class.
+    pub fn route_backend(&self, service: &str, route: &str, rule: &str, backend: &str) -> ByStatus {
+        STATUS_CLASSES.map(|status_class| {
+            self.backend_responses
+                .get_or_create_owned(&RouteBackendLabels {
+                    service: service.to_string(),
+                    route: route.to_string(),
+                    rule: rule.to_string(),
+                    backend: backend.to_string(),
+                    status_class,
+                })
+        })
+    }
+
+    /// The breaker counters of `backend`.
+    pub fn backend(&self, service: &str, backend: &str) -> crate::balance::BackendMetrics {
+        let labels = BackendLabels {
+            service: service.to_string(),
+            backend: backend.to_string(),
+        };
+        let ejections = self.backend_ejections.get_or_create_owned(&labels);
+        let ejected = self.backend_ejected.get_or_create_owned(&labels);
+        crate::balance::BackendMetrics { ejections, ejected }
     }
 
     pub fn reject_tcp(&self, direction: Direction, reason: &'static str) {
@@ -219,6 +421,32 @@ impl Metrics {
         self.http_rejected
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_and_backend_counters_resolve_twice_over() {
+        let m = Metrics::new();
+        for _ in 0..2 {
+            let r = m.route("web:80", "ns/web", "0");
+            r.requests.inc();
+            r.retry.budget_exhausted.inc();
+            m.route_backend("web:80", "ns/web", "0", "v1")[1].inc();
+            m.backend("web:80", "v1").ejections.inc();
+        }
+        let text = m.encode();
+        assert!(text.contains("strait_proxy_route_requests_total{service=\"web:80\",route=\"ns/web\",rule=\"0\"} 2"), "{text}");
+        assert!(text.contains("reason=\"budget_exhausted\"} 2"), "{text}");
+        assert!(
+            text.contains(
+                "strait_proxy_backend_ejections_total{service=\"web:80\",backend=\"v1\"} 2"
+            ),
+            "{text}"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! Accepting connections: listeners with a connection cap, the original destination
 //! of redirected connections, replaying bytes read during detection, and draining.
 
+pub mod connect;
 pub mod drain;
 pub mod listen;
 pub mod orig_dst;

@@ -6,3 +6,4 @@ mod bench;
 mod demo;
 mod discovery;
 mod identity;
+mod traffic;

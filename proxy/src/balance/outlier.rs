@@ -1,0 +1,211 @@
+//! Outlier ejection (circuit breaking) per endpoint: consecutive failures eject
+//! it for a while; when the while is over one request probes it (half-open); a
+//! success re-admits it, a failure ejects it again for twice as long.
+
+use std::time::Duration;
+
+use strait_api::v1 as api;
+use tokio::time::Instant;
+
+use crate::defaults;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerConfig {
+    /// 0: never eject.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: defaults::BREAKER_CONSECUTIVE_FAILURES,
+            base_ejection: defaults::BREAKER_BASE_EJECTION,
+            max_ejection: defaults::BREAKER_MAX_EJECTION,
+            max_ejected_percent: defaults::BREAKER_MAX_EJECTED_PERCENT,
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn parse(c: Option<api::CircuitBreaker>) -> Self {
+        let d = Self::default();
+        let Some(c) = c else { return d };
+        let dur = |x: Option<prost_types::Duration>, or: Duration| {
+            x.and_then(|x| Duration::try_from(x).ok())
+                .filter(|x| !x.is_zero())
+                .map_or(or, |x| x.min(defaults::MAX_DURATION_FLAG))
+        };
+        let base_ejection = dur(c.base_ejection_time, d.base_ejection);
+        BreakerConfig {
+            consecutive_failures: c.consecutive_failures,
+            base_ejection,
+            max_ejection: dur(c.max_ejection_time, d.max_ejection).max(base_ejection),
+            max_ejected_percent: if c.max_ejection_percent == 0 {
+                d.max_ejected_percent
+            } else {
+                c.max_ejection_percent.min(100)
+            },
+        }
+    }
+
+    /// How many of `n` endpoints may be ejected at once.
+    pub fn cap(&self, n: usize) -> usize {
+        n * self.max_ejected_percent as usize / 100
+    }
+}
+
+/// What the breaker knows of one endpoint.
+#[derive(Debug, Default)]
+pub struct Outlier {
+    consecutive: u32,
+    ejected_until: Option<Instant>,
+    /// Ejections in a row without a successful probe: the next lasts 2^n times
+    /// the base.
+    ejections: u32,
+    /// A probe request is in flight.
+    probing: bool,
+}
+
+/// Whether an endpoint may take a request now, and as what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Yes,
+    /// Its ejection is over: this request is the probe.
+    Probe,
+    No,
+}
+
+impl Outlier {
+    pub fn admit(&self, now: Instant) -> Admit {
+        match self.ejected_until {
+            None => Admit::Yes,
+            Some(_) if self.probing => Admit::No,
+            Some(until) if now >= until => Admit::Probe,
+            Some(_) => Admit::No,
+        }
+    }
+
+    pub fn start_probe(&mut self) {
+        self.probing = true;
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until.is_some()
+    }
+
+    /// Records a success; returns true when it re-admits the endpoint.
+    pub fn success(&mut self) -> bool {
+        self.consecutive = 0;
+        if self.ejected_until.is_some() {
+            // The probe passed: back in rotation, with a clean record.
+            self.ejected_until = None;
+            self.ejections = 0;
+            self.probing = false;
+            return true;
+        }
+        false
+    }
+
+    /// Records a failure; returns true when it ejects the endpoint.
+    /// `may_eject` says whether the backend's cap leaves room for one more.
+    pub fn failure(&mut self, config: &BreakerConfig, now: Instant, may_eject: bool) -> bool {
+        if self.probing {
+            // The probe failed: out again, for longer.
+            self.probing = false;
+            self.eject(config, now);
+            return true;
+        }
+        self.consecutive = self.consecutive.saturating_add(1);
+        if config.consecutive_failures == 0
+            || self.consecutive < config.consecutive_failures
+            || self.ejected_until.is_some()
+            || !may_eject
+        {
+            return false;
+        }
+        self.eject(config, now);
+        true
+    }
+
+    fn eject(&mut self, config: &BreakerConfig, now: Instant) {
+        let factor = 1u32 << self.ejections.min(16);
+        let d = config
+            .base_ejection
+            .saturating_mul(factor)
+            .min(config.max_ejection);
+        self.ejected_until = Some(now + d);
+        self.ejections = self.ejections.saturating_add(1);
+        self.consecutive = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> BreakerConfig {
+        BreakerConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(8),
+            max_ejected_percent: 50,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_and_a_probe_readmits() {
+        let c = config();
+        let mut o = Outlier::default();
+        let now = Instant::now();
+        assert!(!o.failure(&c, now, true));
+        assert!(!o.success());
+        assert!(!o.failure(&c, now, true));
+        assert!(!o.failure(&c, now, true));
+        assert!(o.failure(&c, now, true), "third in a row ejects");
+        assert_eq!(o.admit(now), Admit::No);
+        let later = now + Duration::from_secs(1);
+        assert_eq!(o.admit(later), Admit::Probe);
+        o.start_probe();
+        assert_eq!(o.admit(later), Admit::No, "one probe at a time");
+        assert!(o.success(), "the probe re-admits");
+        assert_eq!(o.admit(later), Admit::Yes);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_doubles_the_ejection_up_to_the_max() {
+        let c = config();
+        let mut o = Outlier::default();
+        let mut now = Instant::now();
+        for _ in 0..3 {
+            o.failure(&c, now, true);
+        }
+        let mut expected = Duration::from_secs(1);
+        for _ in 0..5 {
+            assert_eq!(
+                o.admit(now + expected - Duration::from_millis(1)),
+                Admit::No
+            );
+            now += expected;
+            assert_eq!(o.admit(now), Admit::Probe);
+            o.start_probe();
+            assert!(o.failure(&c, now, true));
+            expected = (expected * 2).min(Duration::from_secs(8));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_keeps_an_endpoint_in() {
+        let c = config();
+        let mut o = Outlier::default();
+        let now = Instant::now();
+        for _ in 0..10 {
+            assert!(!o.failure(&c, now, false));
+        }
+        assert_eq!(o.admit(now), Admit::Yes);
+        assert_eq!(c.cap(3), 1);
+        assert_eq!(c.cap(1), 0);
+    }
+}

@@ -1,0 +1,95 @@
+//! The balancer of one backend as a service: picks an endpoint, sends the
+//! request to it (to its proxy over mTLS when it is meshed), and tells the
+//! endpoint's state how it went.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, StatusCode};
+
+use super::{Avoid, Endpoints, PickError, ServedBy};
+use crate::addr::DestAddr;
+use crate::http::body::GuardedBody;
+use crate::http::error::{endpoint_failed, error_response};
+use crate::http::{BoxBody, Dst, ToPeer, boxed};
+
+/// Balances over `endpoints`, sending through `inner` (the endpoint stack).
+#[derive(Clone, Debug)]
+pub struct Balance<S> {
+    endpoints: Arc<Endpoints>,
+    inner: S,
+}
+
+impl<S> Balance<S> {
+    pub fn new(endpoints: Arc<Endpoints>, inner: S) -> Self {
+        Balance { endpoints, inner }
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for Balance<S>
+where
+    S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
+        let in_flight = match self.endpoints.pick(req.headers(), avoid) {
+            Ok(f) => f,
+            Err(e) => {
+                let (status, reason) = match e {
+                    PickError::NoEndpoints => (StatusCode::SERVICE_UNAVAILABLE, "no endpoints"),
+                    PickError::AllEjected => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "all endpoints ejected")
+                    }
+                };
+                tracing::debug!(backend = %self.endpoints.name(), reason, "no endpoint for request");
+                let rsp =
+                    error_response(status, &format!("{reason} for {}", self.endpoints.name()));
+                return Box::pin(async move { Ok(rsp) });
+            }
+        };
+        let ep = in_flight.endpoint();
+        let served_by = ep.addr;
+        req.extensions_mut()
+            .insert(Dst(DestAddr::Socket(ep.connect_addr())));
+        if let Some(p) = &ep.proxy {
+            req.extensions_mut().insert(ToPeer {
+                target_port: ep.addr.port(),
+                identity: p.identity.clone(),
+            });
+        }
+        if let Some(t) = self.endpoints.config().connect_timeout {
+            req.extensions_mut().insert(crate::http::ConnectTimeout(t));
+        }
+        // The ready service goes with this request; a clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let mut rsp = inner.call(req).await?;
+            if endpoint_failed(&rsp) {
+                in_flight.unreachable();
+            } else if rsp.status().is_server_error() {
+                in_flight.failed();
+            } else {
+                in_flight.success();
+            }
+            rsp.extensions_mut().insert(ServedBy(served_by));
+            Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight))))
+        })
+    }
+}

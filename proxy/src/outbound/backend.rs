@@ -1,0 +1,125 @@
+//! The weighted choice of a route rule's backends (`backendRefs[].weight`):
+//! canaries and blue/green. A weight of 0 gets no traffic; a rule whose
+//! backends all weigh 0, or that has none, answers 500 (Gateway API).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, StatusCode};
+use rand::Rng;
+
+use crate::http::BoxBody;
+use crate::http::error::error_response;
+use crate::telemetry::metrics::{ByStatus, status_index};
+
+#[derive(Debug)]
+pub struct WeightedBackend<S> {
+    pub weight: u32,
+    pub service: S,
+    pub responses: ByStatus,
+}
+
+#[derive(Debug)]
+pub struct Split<S> {
+    backends: Arc<[WeightedBackend<S>]>,
+    total: u64,
+}
+
+impl<S> Clone for Split<S> {
+    fn clone(&self) -> Self {
+        Split {
+            backends: self.backends.clone(),
+            total: self.total,
+        }
+    }
+}
+
+impl<S> Split<S> {
+    pub fn new(backends: Vec<WeightedBackend<S>>) -> Self {
+        let total = backends.iter().map(|b| u64::from(b.weight)).sum();
+        Split {
+            backends: backends.into(),
+            total,
+        }
+    }
+
+    fn choose(&self) -> Option<&WeightedBackend<S>> {
+        if self.total == 0 {
+            return None;
+        }
+        let mut x = rand::rng().random_range(0..self.total);
+        self.backends.iter().find(|b| {
+            let w = u64::from(b.weight);
+            if x < w {
+                true
+            } else {
+                x -= w;
+                false
+            }
+        })
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for Split<S>
+where
+    S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Backends are always ready: they only pick an endpoint and forward.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(b) = self.choose() else {
+            let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "no backend for route");
+            return Box::pin(async move { Ok(rsp) });
+        };
+        let mut svc = b.service.clone();
+        let responses = b.responses.clone();
+        Box::pin(async move {
+            let rsp = tower::ServiceExt::ready(&mut svc).await?.call(req).await?;
+            responses[status_index(rsp.status())].inc();
+            Ok(rsp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_split_traffic_and_zero_gets_none() {
+        let split = Split::new(
+            [(90, "v1"), (10, "v2"), (0, "v3")]
+                .into_iter()
+                .map(|(weight, service)| WeightedBackend {
+                    weight,
+                    service,
+                    responses: Default::default(),
+                })
+                .collect(),
+        );
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..10_000 {
+            *counts.entry(split.choose().unwrap().service).or_insert(0) += 1;
+        }
+        let v2 = counts.get("v2").copied().unwrap_or(0);
+        assert!((800..1200).contains(&v2), "{counts:?}");
+        assert!(!counts.contains_key("v3"), "{counts:?}");
+        let none: Split<&str> = Split::new(vec![]);
+        assert!(none.choose().is_none());
+    }
+}

@@ -1,0 +1,194 @@
+//! The logical destination (a Service and port) and the stages built for it: its
+//! route rules and its backends, each built once from discovery's view and kept
+//! until the view changes. A new view rebuilds the stages but carries their state
+//! over by target (a backend's endpoint latencies and ejections, a route's retry
+//! budget), so no per-target state is lost to an update.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::retry::budget::TpsBudget;
+use tower::{Service, ServiceExt};
+
+use super::http::{self as stack, RouteService};
+use super::route::{PathMatch, Rule, Table};
+use crate::balance::Endpoints;
+use crate::control::view::ServiceView;
+use crate::http::error::error_response;
+use crate::http::forward::Forward;
+use crate::http::{BoxBody, BoxError, boxed};
+use crate::retry::{BudgetConfig, ReplayBody};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::{RouteMetrics, status_index};
+
+/// What building a destination's stages takes.
+#[derive(Clone, Debug)]
+pub struct Builder {
+    pub forward: Forward,
+    pub metrics: Arc<Metrics>,
+    /// Request bodies up to this size are kept for retries.
+    pub replay_limit: usize,
+}
+
+/// One destination's stages, rebuilt when its view changes.
+#[derive(Debug, Default)]
+pub struct Logical {
+    current: Mutex<Option<Arc<Stages>>>,
+}
+
+struct RouteStage {
+    rule: Rule,
+    service: RouteService,
+    metrics: RouteMetrics,
+    budget: (BudgetConfig, Arc<TpsBudget>),
+}
+
+pub struct Stages {
+    view: Arc<ServiceView>,
+    table: Table,
+    /// Whether routes were attached (else `routes[0]` is the default route).
+    routed: bool,
+    routes: Vec<RouteStage>,
+    backends: HashMap<Arc<str>, Arc<Endpoints>>,
+    replay_limit: usize,
+}
+
+impl std::fmt::Debug for Stages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stages")
+            .field("service", &self.view.name)
+            .field("version", &self.view.version)
+            .finish()
+    }
+}
+
+impl Logical {
+    /// The stages for `view`: the current ones, or new ones built from it.
+    pub fn stages(&self, view: &Arc<ServiceView>, b: &Builder) -> Arc<Stages> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = &*current
+            && Arc::ptr_eq(&s.view, view)
+        {
+            return s.clone();
+        }
+        let s = Arc::new(Stages::build(view.clone(), current.as_deref(), b));
+        *current = Some(s.clone());
+        s
+    }
+}
+
+impl Stages {
+    fn build(view: Arc<ServiceView>, prev: Option<&Stages>, b: &Builder) -> Stages {
+        tracing::debug!(service = %view.name, version = view.version, "building the stages of a destination");
+        let mut backends = HashMap::new();
+        for bv in &view.backends {
+            let old = prev.and_then(|p| p.backends.get(&bv.name));
+            let eps = Endpoints::new(
+                bv.name.clone(),
+                &bv.endpoints,
+                bv.config.clone(),
+                old.map(|e| &**e),
+                b.metrics.backend(&view.name, &bv.name),
+            );
+            backends.insert(bv.name.clone(), Arc::new(eps));
+        }
+        let routed = !view.routes.is_empty();
+        let rules: Vec<Rule> = if routed {
+            view.routes.clone()
+        } else {
+            let default = view
+                .default_backend()
+                .map_or_else(|| view.name.clone(), |b| b.name.clone());
+            vec![Rule::default_for(default)]
+        };
+        let table = Table::new(&rules);
+        let routes = rules
+            .into_iter()
+            .map(|rule| {
+                // A route keeps its budget (its recent requests and retries)
+                // while its budget's settings stay the same.
+                let budget = prev
+                    .and_then(|p| {
+                        p.routes.iter().find(|r| {
+                            r.rule.route == rule.route
+                                && r.rule.rule == rule.rule
+                                && r.budget.0 == view.budget
+                        })
+                    })
+                    .map(|r| r.budget.clone())
+                    .unwrap_or_else(|| (view.budget.clone(), Arc::new(view.budget.build())));
+                let metrics = b.metrics.route(&view.name, &rule.route, &rule.rule);
+                let service = stack::route(&view.name, &rule, &backends, &budget.1, &metrics, b);
+                RouteStage {
+                    rule,
+                    service,
+                    metrics,
+                    budget,
+                }
+            })
+            .collect();
+        Stages {
+            view,
+            table,
+            routed,
+            routes,
+            backends,
+            replay_limit: b.replay_limit,
+        }
+    }
+
+    pub fn view(&self) -> &Arc<ServiceView> {
+        &self.view
+    }
+
+    /// The endpoints of the default backend (opaque streams go there).
+    pub fn default_backend(&self) -> Option<&Arc<Endpoints>> {
+        let name = &self.view.default_backend()?.name;
+        self.backends.get(name)
+    }
+
+    /// Sends a request along the rule it matches.
+    pub async fn serve<B>(self: Arc<Self>, req: Request<B>) -> Response<BoxBody>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let selected = self.table.select(&req).map(|(i, m)| {
+            let prefix = match &m.path {
+                PathMatch::Prefix(p) => Some(p.clone()),
+                _ => None,
+            };
+            (i, prefix)
+        });
+        let Some((i, prefix)) = selected else {
+            // Routes are attached and none matches: Gateway API says 404.
+            debug_assert!(self.routed);
+            return error_response(StatusCode::NOT_FOUND, "no route matches the request");
+        };
+        let stage = &self.routes[i];
+        let m = &stage.metrics;
+        m.requests.inc();
+        let start = Instant::now();
+        let mut req = req.map(boxed);
+        let mut rsp = match stage.rule.filters.on_request(&mut req, prefix.as_deref()) {
+            Err(redirect) => *redirect,
+            Ok(()) => {
+                let req = req.map(|body| ReplayBody::new(body, self.replay_limit));
+                let mut svc = stage.service.clone();
+                match svc.ready().await {
+                    Ok(svc) => match svc.call(req).await {
+                        Ok(rsp) => rsp,
+                        Err(never) => match never {},
+                    },
+                    Err(never) => match never {},
+                }
+            }
+        };
+        stage.rule.filters.on_response(&mut rsp);
+        m.latency.observe(start.elapsed().as_secs_f64());
+        m.responses[status_index(rsp.status())].inc();
+        rsp
+    }
+}

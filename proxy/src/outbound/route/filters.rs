@@ -1,0 +1,328 @@
+//! HTTPRoute filters: header modifiers on the request and the response, URL
+//! rewrites, and redirects (answered by the proxy, never sent to a backend).
+
+use http::header::{HOST, LOCATION};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use strait_api::v1 as api;
+
+use super::ViewError;
+use crate::http::BoxBody;
+
+#[derive(Clone, Debug, Default)]
+pub struct HeaderModifier {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+#[derive(Clone, Debug)]
+pub enum PathModifier {
+    Full(String),
+    /// Replaces the part of the path the rule's prefix match matched.
+    Prefix(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    scheme: Option<http::uri::Scheme>,
+    hostname: Option<String>,
+    port: Option<u16>,
+    path: Option<PathModifier>,
+    status: StatusCode,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rewrite {
+    hostname: Option<HeaderValue>,
+    path: Option<PathModifier>,
+}
+
+/// A rule's filters, grouped by when they apply.
+#[derive(Clone, Debug, Default)]
+pub struct Filters {
+    pub request: Vec<HeaderModifier>,
+    pub response: Vec<HeaderModifier>,
+    pub rewrite: Option<Rewrite>,
+    pub redirect: Option<Redirect>,
+}
+
+fn header_pairs(
+    field: &str,
+    hs: Vec<api::Header>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, ViewError> {
+    hs.into_iter()
+        .map(|h| {
+            let n = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| ViewError::new(field, format!("bad header name {:?}", h.name)))?;
+            let v = HeaderValue::from_str(&h.value)
+                .map_err(|_| ViewError::new(field, format!("bad value for {:?}", h.name)))?;
+            Ok((n, v))
+        })
+        .collect()
+}
+
+impl HeaderModifier {
+    fn parse(field: &str, m: api::HeaderModifier) -> Result<Self, ViewError> {
+        Ok(HeaderModifier {
+            set: header_pairs(field, m.set)?,
+            add: header_pairs(field, m.add)?,
+            remove: m
+                .remove
+                .iter()
+                .map(|n| {
+                    HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|_| ViewError::new(field, format!("bad header name {n:?}")))
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            headers.remove(n);
+        }
+    }
+}
+
+fn path_modifier(p: Option<api::PathModifier>) -> Option<PathModifier> {
+    use api::path_modifier::Kind;
+    match p.and_then(|p| p.kind)? {
+        Kind::ReplaceFullPath(s) => Some(PathModifier::Full(s)),
+        Kind::ReplacePrefixMatch(s) => Some(PathModifier::Prefix(s)),
+    }
+}
+
+impl Filters {
+    pub fn parse(fs: Vec<api::HttpFilter>) -> Result<Filters, ViewError> {
+        use api::http_filter::Kind;
+        let mut out = Filters::default();
+        for f in fs {
+            match f.kind {
+                Some(Kind::RequestHeaderModifier(m)) => out
+                    .request
+                    .push(HeaderModifier::parse("requestHeaderModifier", m)?),
+                Some(Kind::ResponseHeaderModifier(m)) => out
+                    .response
+                    .push(HeaderModifier::parse("responseHeaderModifier", m)?),
+                Some(Kind::UrlRewrite(r)) => {
+                    let hostname = if r.hostname.is_empty() {
+                        None
+                    } else {
+                        Some(HeaderValue::from_str(&r.hostname).map_err(|_| {
+                            ViewError::new("urlRewrite.hostname", format!("{:?}", r.hostname))
+                        })?)
+                    };
+                    out.rewrite = Some(Rewrite {
+                        hostname,
+                        path: path_modifier(r.path),
+                    });
+                }
+                Some(Kind::RequestRedirect(r)) => {
+                    let scheme = match r.scheme.as_str() {
+                        "" => None,
+                        "http" => Some(http::uri::Scheme::HTTP),
+                        "https" => Some(http::uri::Scheme::HTTPS),
+                        s => {
+                            return Err(ViewError::new(
+                                "requestRedirect.scheme",
+                                format!("{s:?} is not http or https"),
+                            ));
+                        }
+                    };
+                    let status = match r.status_code {
+                        0 | 302 => StatusCode::FOUND,
+                        301 => StatusCode::MOVED_PERMANENTLY,
+                        s => {
+                            return Err(ViewError::new(
+                                "requestRedirect.statusCode",
+                                format!("{s} is not 301 or 302"),
+                            ));
+                        }
+                    };
+                    out.redirect = Some(Redirect {
+                        scheme,
+                        hostname: (!r.hostname.is_empty()).then_some(r.hostname),
+                        port: u16::try_from(r.port).ok().filter(|p| *p != 0),
+                        path: path_modifier(r.path),
+                        status,
+                    });
+                }
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty()
+            && self.response.is_empty()
+            && self.rewrite.is_none()
+            && self.redirect.is_none()
+    }
+
+    /// Applies the request filters; `Err` carries the redirect to answer instead.
+    pub fn on_request<B>(
+        &self,
+        req: &mut Request<B>,
+        matched_prefix: Option<&str>,
+    ) -> Result<(), Box<Response<BoxBody>>> {
+        if let Some(r) = &self.redirect {
+            return Err(Box::new(r.response(req, matched_prefix)));
+        }
+        for m in &self.request {
+            m.apply(req.headers_mut());
+        }
+        if let Some(r) = &self.rewrite {
+            if let Some(h) = &r.hostname {
+                req.headers_mut().insert(HOST, h.clone());
+                if req.uri().authority().is_some()
+                    && let Ok(a) = Authority::try_from(h.as_bytes())
+                {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.authority = Some(a);
+                    if let Ok(u) = Uri::from_parts(parts) {
+                        *req.uri_mut() = u;
+                    }
+                }
+            }
+            if let Some(p) = &r.path {
+                let new = rewrite_path(req.uri(), p, matched_prefix);
+                let mut parts = req.uri().clone().into_parts();
+                if let Ok(pq) = PathAndQuery::try_from(new) {
+                    parts.path_and_query = Some(pq);
+                    if let Ok(u) = Uri::from_parts(parts) {
+                        *req.uri_mut() = u;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn on_response<B>(&self, rsp: &mut Response<B>) {
+        for m in &self.response {
+            m.apply(rsp.headers_mut());
+        }
+    }
+}
+
+/// The new path and query of `uri` under `p`.
+fn rewrite_path(uri: &Uri, p: &PathModifier, matched_prefix: Option<&str>) -> String {
+    let path = uri.path();
+    let new_path = match p {
+        PathModifier::Full(f) => f.clone(),
+        PathModifier::Prefix(replacement) => {
+            let prefix = matched_prefix.unwrap_or("/");
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix).unwrap_or(path)
+            };
+            let rest = rest.trim_start_matches('/');
+            let base = replacement.trim_end_matches('/');
+            if rest.is_empty() {
+                if base.is_empty() {
+                    "/".into()
+                } else {
+                    base.into()
+                }
+            } else {
+                format!("{base}/{rest}")
+            }
+        }
+    };
+    match uri.query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    }
+}
+
+impl Redirect {
+    fn response<B>(&self, req: &Request<B>, matched_prefix: Option<&str>) -> Response<BoxBody> {
+        let host_header = req
+            .uri()
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+            })
+            .unwrap_or_default();
+        let scheme = self
+            .scheme
+            .clone()
+            .or_else(|| req.uri().scheme().cloned())
+            .unwrap_or(http::uri::Scheme::HTTP);
+        let host = self.hostname.clone().unwrap_or(host_header);
+        let default_port = if scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let port = self.port.filter(|p| *p != default_port);
+        let path = match &self.path {
+            Some(p) => rewrite_path(req.uri(), p, matched_prefix),
+            None => req
+                .uri()
+                .path_and_query()
+                .map_or("/".into(), |pq| pq.as_str().to_string()),
+        };
+        let location = match port {
+            Some(p) => format!("{scheme}://{host}:{p}{path}"),
+            None => format!("{scheme}://{host}{path}"),
+        };
+        let mut rsp = Response::new(crate::http::empty());
+        *rsp.status_mut() = self.status;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            rsp.headers_mut().insert(LOCATION, v);
+        }
+        rsp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites_keep_the_rest_of_the_path_and_the_query() {
+        let uri: Uri = "/old/items/3?x=1".parse().unwrap();
+        let p = PathModifier::Prefix("/new".into());
+        assert_eq!(rewrite_path(&uri, &p, Some("/old")), "/new/items/3?x=1");
+        let p = PathModifier::Prefix("/".into());
+        assert_eq!(rewrite_path(&uri, &p, Some("/old")), "/items/3?x=1");
+        let full = PathModifier::Full("/x".into());
+        assert_eq!(rewrite_path(&uri, &full, None), "/x?x=1");
+    }
+
+    #[test]
+    fn redirects_answer_with_a_location() {
+        let f = Filters::parse(vec![api::HttpFilter {
+            kind: Some(api::http_filter::Kind::RequestRedirect(
+                api::RequestRedirect {
+                    scheme: "https".into(),
+                    status_code: 301,
+                    ..Default::default()
+                },
+            )),
+        }])
+        .unwrap();
+        let mut req = Request::builder()
+            .uri("/a?b=c")
+            .header("host", "web.shop:80")
+            .body(())
+            .unwrap();
+        let rsp = f.on_request(&mut req, None).unwrap_err();
+        assert_eq!(rsp.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(rsp.headers()[LOCATION], "https://web.shop/a?b=c");
+    }
+}

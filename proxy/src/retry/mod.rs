@@ -1,0 +1,360 @@
+//! Retries, as a `tower::retry` policy: which responses are retried (a request
+//! that never reached a backend, the route's statuses and gRPC codes), whether
+//! the body can be sent again (`replay`), the route's budget, and the backoff.
+//! A retry re-enters the backend split and the balancer, avoiding the endpoint
+//! that just failed.
+
+pub mod replay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use rand::Rng;
+use strait_api::v1 as api;
+use tower::retry::budget::{Budget, TpsBudget};
+
+pub use self::replay::{NotReplayable, ReplayBody};
+use crate::balance::{Avoid, ServedBy};
+use crate::defaults;
+use crate::http::BoxBody;
+use crate::http::error::RequestNotSent;
+
+/// A route's retry policy (Gateway API `retry`, GEP-1731).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryConfig {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    pub codes: Vec<u16>,
+    pub grpc_codes: Vec<u32>,
+    /// Base of the exponential backoff (full jitter).
+    pub backoff: Duration,
+}
+
+impl RetryConfig {
+    /// With no retry policy on a route, only requests that never reached a
+    /// backend are retried: that is always safe, and a dead endpoint then costs
+    /// a retry, not a failed request.
+    pub fn connect_only() -> Self {
+        RetryConfig {
+            attempts: defaults::CONNECT_RETRIES,
+            codes: Vec::new(),
+            grpc_codes: Vec::new(),
+            backoff: Duration::ZERO,
+        }
+    }
+
+    pub fn parse(r: Option<api::RetryPolicy>) -> Self {
+        let Some(r) = r else {
+            return Self::connect_only();
+        };
+        RetryConfig {
+            attempts: r.attempts.min(defaults::MAX_RETRY_ATTEMPTS),
+            codes: r
+                .codes
+                .iter()
+                .filter_map(|c| u16::try_from(*c).ok())
+                .filter(|c| (400..=599).contains(c))
+                .collect(),
+            grpc_codes: r.grpc_codes,
+            backoff: r
+                .backoff
+                .and_then(|d| Duration::try_from(d).ok())
+                .map_or(defaults::RETRY_BACKOFF, |d| {
+                    d.min(defaults::MAX_RETRY_BACKOFF)
+                }),
+        }
+    }
+}
+
+/// A retry budget's settings (`BackendPolicy.retryBudget`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetConfig {
+    pub ratio: f32,
+    pub min_per_second: u32,
+    pub ttl: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            ratio: defaults::RETRY_BUDGET_RATIO,
+            min_per_second: defaults::RETRY_BUDGET_MIN_PER_SECOND,
+            ttl: defaults::RETRY_BUDGET_TTL,
+        }
+    }
+}
+
+impl BudgetConfig {
+    /// Out-of-range values are clamped: tower's budget asserts its bounds.
+    pub fn parse(b: Option<api::RetryBudget>) -> Self {
+        let Some(b) = b else {
+            return Self::default();
+        };
+        let d = Self::default();
+        BudgetConfig {
+            ratio: if b.ratio.is_finite() {
+                (b.ratio as f32).clamp(0.0, 1.0)
+            } else {
+                d.ratio
+            },
+            min_per_second: b
+                .min_retries_per_second
+                .min(defaults::MAX_RETRY_BUDGET_MIN_PER_SECOND),
+            ttl: b
+                .ttl
+                .and_then(|t| Duration::try_from(t).ok())
+                .map_or(d.ttl, |t| {
+                    t.clamp(Duration::from_secs(1), Duration::from_secs(60))
+                }),
+        }
+    }
+
+    pub fn build(&self) -> TpsBudget {
+        TpsBudget::new(self.ttl, self.min_per_second, self.ratio)
+    }
+}
+
+/// Counters of one route's retries.
+#[derive(Clone, Debug)]
+pub struct RetryMetrics {
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+    pub body_too_large: Counter,
+    pub body_unfinished: Counter,
+}
+
+/// The retry policy of one request on one route.
+#[derive(Clone)]
+pub struct Policy {
+    config: Arc<RetryConfig>,
+    budget: Arc<TpsBudget>,
+    metrics: RetryMetrics,
+    /// Retries made so far for this request.
+    retried: u32,
+    deposited: bool,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("config", &self.config)
+            .field("retried", &self.retried)
+            .finish()
+    }
+}
+
+impl Policy {
+    pub fn new(config: Arc<RetryConfig>, budget: Arc<TpsBudget>, metrics: RetryMetrics) -> Self {
+        Policy {
+            config,
+            budget,
+            metrics,
+            retried: 0,
+            deposited: false,
+        }
+    }
+
+    /// Whether this response asks for another attempt.
+    fn retryable(&self, rsp: &Response<BoxBody>) -> bool {
+        if rsp.extensions().get::<RequestNotSent>().is_some() {
+            return true;
+        }
+        if self.config.codes.contains(&rsp.status().as_u16()) {
+            return true;
+        }
+        // A gRPC error without a body comes as a trailers-only response: its
+        // status is in the headers.
+        !self.config.grpc_codes.is_empty()
+            && rsp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|c| self.config.grpc_codes.contains(&c))
+    }
+
+    /// Full-jitter exponential backoff: uniform in [0, base * 2^(n-1)].
+    fn backoff(&self) -> Duration {
+        let base = self.config.backoff;
+        if base.is_zero() {
+            return Duration::ZERO;
+        }
+        let cap = base
+            .saturating_mul(1 << self.retried.saturating_sub(1).min(16))
+            .min(defaults::MAX_RETRY_BACKOFF);
+        cap.mul_f64(rand::rng().random_range(0.0..=1.0))
+    }
+}
+
+impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Policy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request<ReplayBody>,
+        result: &mut Result<Response<BoxBody>, E>,
+    ) -> Option<Self::Future> {
+        let rsp = result.as_ref().ok()?;
+        if !self.retryable(rsp) || self.retried >= self.config.attempts {
+            return None;
+        }
+        if let Err(why) = req.body().replayable() {
+            match why {
+                NotReplayable::TooLarge => self.metrics.body_too_large.inc(),
+                NotReplayable::Unfinished => self.metrics.body_unfinished.inc(),
+            };
+            return None;
+        }
+        if !self.budget.withdraw() {
+            self.metrics.budget_exhausted.inc();
+            return None;
+        }
+        self.retried += 1;
+        self.metrics.retries.inc();
+        if let Some(ServedBy(ep)) = rsp.extensions().get::<ServedBy>() {
+            req.extensions_mut().insert(Avoid(*ep));
+        }
+        Some(tokio::time::sleep(self.backoff()))
+    }
+
+    fn clone_request(&mut self, req: &Request<ReplayBody>) -> Option<Request<ReplayBody>> {
+        if !self.deposited {
+            self.deposited = true;
+            self.budget.deposit();
+        }
+        // An upgrade hands the connection over: there is nothing to send again.
+        if self.config.attempts == 0
+            || req.method() == http::Method::CONNECT
+            || crate::http::upgrade::is_upgrade_request(req)
+        {
+            return None;
+        }
+        let mut r = Request::new(req.body().again());
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.version_mut() = req.version();
+        *r.headers_mut() = req.headers().clone();
+        *r.extensions_mut() = req.extensions().clone();
+        Some(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(attempts: u32, codes: &[u16]) -> Policy {
+        let budget = BudgetConfig {
+            ratio: 0.2,
+            min_per_second: 0,
+            ttl: Duration::from_secs(10),
+        };
+        Policy::new(
+            Arc::new(RetryConfig {
+                attempts,
+                codes: codes.to_vec(),
+                grpc_codes: vec![14],
+                backoff: Duration::from_millis(10),
+            }),
+            Arc::new(budget.build()),
+            RetryMetrics {
+                retries: Counter::default(),
+                budget_exhausted: Counter::default(),
+                body_too_large: Counter::default(),
+                body_unfinished: Counter::default(),
+            },
+        )
+    }
+
+    fn req() -> Request<ReplayBody> {
+        Request::new(ReplayBody::new(crate::http::empty(), 1024))
+    }
+
+    fn rsp(status: u16) -> Result<Response<BoxBody>, std::convert::Infallible> {
+        let mut r = Response::new(crate::http::empty());
+        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        Ok(r)
+    }
+
+    type Tower = dyn tower::retry::Policy<
+            Request<ReplayBody>,
+            Response<BoxBody>,
+            std::convert::Infallible,
+            Future = tokio::time::Sleep,
+        >;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_when_the_budget_is_spent() {
+        let p = policy(3, &[503]);
+        let mut allowed = 0;
+        for _ in 0..100 {
+            let mut p = p.clone();
+            let p: &mut Tower = &mut p;
+            let mut r = p.clone_request(&req()).unwrap();
+            if p.retry(&mut r, &mut rsp(503)).is_some() {
+                allowed += 1;
+            }
+        }
+        // 20 % of 100 requests.
+        assert!((18..=22).contains(&allowed), "{allowed} retries allowed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_share_one_budget() {
+        let p = policy(3, &[503]);
+        let mut allowed = 0;
+        for _ in 0..100 {
+            let mut batch: Vec<(Policy, Request<ReplayBody>)> = (0..8)
+                .map(|_| {
+                    let mut p = p.clone();
+                    let r = {
+                        let t: &mut Tower = &mut p;
+                        t.clone_request(&req()).unwrap()
+                    };
+                    (p, r)
+                })
+                .collect();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            for (p, r) in &mut batch {
+                let t: &mut Tower = p;
+                while t.retry(r, &mut rsp(503)).is_some() {
+                    allowed += 1;
+                }
+            }
+        }
+        assert!(
+            (150..=170).contains(&allowed),
+            "{allowed} retries of 800 requests"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_routes_statuses_and_grpc_codes_are_retried() {
+        let p = policy(3, &[503]);
+        let mut ok = rsp(200).unwrap();
+        assert!(!p.retryable(&ok));
+        ok.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert!(p.retryable(&ok));
+        assert!(p.retryable(&rsp(503).unwrap()));
+        assert!(!p.retryable(&rsp(500).unwrap()));
+        let mut refused = rsp(502).unwrap();
+        refused.extensions_mut().insert(RequestNotSent);
+        assert!(p.retryable(&refused));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_and_stays_under_its_cap() {
+        let mut p = policy(10, &[503]);
+        for n in 1..=10 {
+            p.retried = n;
+            let b = p.backoff();
+            assert!(
+                b <= Duration::from_millis(10) * (1 << (n - 1)),
+                "{n}: {b:?}"
+            );
+        }
+    }
+}

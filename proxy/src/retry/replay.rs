@@ -1,0 +1,276 @@
+//! A request body that can be sent again: it streams to the first attempt while
+//! keeping a copy of what passed, up to a limit. A retry replays the copy, so it
+//! is possible only when the whole body fitted (or none of it was read yet: a
+//! connection that failed before the request was written). Larger or streaming
+//! bodies are never held back: past the limit the copy is dropped and the body
+//! streams on untouched.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::http::{BoxBody, BoxError};
+
+/// Why a body cannot be replayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotReplayable {
+    /// Larger than the limit.
+    TooLarge,
+    /// Partly sent and not finished when the response came (a streaming request).
+    Unfinished,
+}
+
+impl NotReplayable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotReplayable::TooLarge => "body_too_large",
+            NotReplayable::Unfinished => "body_unfinished",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// The original body; taken by nobody, polled under the lock by whichever
+    /// attempt reaches the end of the copy.
+    rest: BoxBody,
+    copy: Vec<Bytes>,
+    copied: usize,
+    limit: usize,
+    /// The copy was dropped (the body outgrew the limit).
+    overflow: bool,
+    /// Some of the body was read.
+    started: bool,
+    /// The original body ended (its trailers, if any, are in `trailers`).
+    complete: bool,
+    trailers: Option<HeaderMap>,
+}
+
+pub struct ReplayBody {
+    state: Arc<Mutex<State>>,
+    /// Index of the next chunk of the copy this attempt sends.
+    pos: usize,
+    trailers_sent: bool,
+}
+
+impl std::fmt::Debug for ReplayBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayBody")
+            .field("pos", &self.pos)
+            .finish()
+    }
+}
+
+impl ReplayBody {
+    pub fn new(body: BoxBody, limit: usize) -> Self {
+        // Known to be too large: no copy is ever started.
+        let overflow = body.size_hint().lower() > limit as u64;
+        let complete = body.is_end_stream();
+        ReplayBody {
+            state: Arc::new(Mutex::new(State {
+                rest: body,
+                copy: Vec::new(),
+                copied: 0,
+                limit,
+                overflow,
+                started: false,
+                complete,
+                trailers: None,
+            })),
+            pos: 0,
+            trailers_sent: false,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether another attempt may send this body from the start.
+    pub fn replayable(&self) -> Result<(), NotReplayable> {
+        let s = self.state();
+        if !s.started || (s.complete && !s.overflow) {
+            Ok(())
+        } else if s.overflow {
+            Err(NotReplayable::TooLarge)
+        } else {
+            Err(NotReplayable::Unfinished)
+        }
+    }
+
+    /// A new attempt, from the start of the body.
+    pub fn again(&self) -> Self {
+        ReplayBody {
+            state: self.state.clone(),
+            pos: 0,
+            trailers_sent: false,
+        }
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut s = this.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(chunk) = s.copy.get(this.pos) {
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+        }
+        if s.complete {
+            if !this.trailers_sent {
+                this.trailers_sent = true;
+                if let Some(t) = s.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        s.started = true;
+        let frame = match Pin::new(&mut s.rest).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                s.complete = true;
+                this.trailers_sent = true;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(Some(Ok(f))) => f,
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                if !s.overflow {
+                    if s.copied + data.len() > s.limit {
+                        // Too large to replay: stop copying, free the copy.
+                        s.overflow = true;
+                        s.copy = Vec::new();
+                        this.pos = 0;
+                    } else {
+                        s.copied += data.len();
+                        s.copy.push(data.clone());
+                        this.pos = s.copy.len();
+                    }
+                }
+                Frame::data(data)
+            }
+            Err(frame) => match frame.into_trailers() {
+                Ok(t) => {
+                    s.trailers = Some(t.clone());
+                    s.complete = true;
+                    this.trailers_sent = true;
+                    Frame::trailers(t)
+                }
+                Err(_) => return Poll::Ready(None),
+            },
+        };
+        if s.rest.is_end_stream() {
+            s.complete = true;
+            this.trailers_sent = s.trailers.is_none();
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let s = self.state();
+        self.pos >= s.copy.len() && s.complete && (self.trailers_sent || s.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let s = self.state();
+        if s.complete && !s.overflow {
+            return SizeHint::with_exact(s.copied as u64);
+        }
+        if !s.started {
+            return s.rest.size_hint();
+        }
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn streamed(chunks: &[&'static str]) -> BoxBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        crate::http::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_sent_again_whole() {
+        let first = ReplayBody::new(streamed(&["ab", "cd"]), 64);
+        let second = first.again();
+        let got = first.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "abcd");
+        assert_eq!(second.replayable(), Ok(()));
+        let again = second.collect().await.unwrap().to_bytes();
+        assert_eq!(again, "abcd");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_through_and_is_never_replayed() {
+        let first = ReplayBody::new(streamed(&["abc", "def", "ghi"]), 4);
+        let second = first.again();
+        let got = first.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "abcdefghi");
+        assert_eq!(second.replayable(), Err(NotReplayable::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn a_body_never_read_can_always_be_sent() {
+        let first = ReplayBody::new(crate::http::full(vec![7u8; 1000]), 4);
+        let second = first.again();
+        drop(first);
+        assert_eq!(second.replayable(), Ok(()));
+        assert_eq!(second.collect().await.unwrap().to_bytes().len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_by_the_response_is_not_replayed() {
+        let (sender, body) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        let body = crate::http::boxed(http_body_util::StreamBody::new(
+            tokio_stream_shim::ReceiverStream::new(body),
+        ));
+        let mut first = ReplayBody::new(body, 64);
+        let second = first.again();
+        sender
+            .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "x");
+        assert_eq!(second.replayable(), Err(NotReplayable::Unfinished));
+    }
+
+    mod tokio_stream_shim {
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        pub struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+        impl<T> ReceiverStream<T> {
+            pub fn new(r: tokio::sync::mpsc::Receiver<T>) -> Self {
+                ReceiverStream(r)
+            }
+        }
+        impl<T> futures_util::Stream for ReceiverStream<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+                self.0.poll_recv(cx)
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Route timeouts as a layer (tower's `Timeout`): `timeouts.request` above the
+//! retries covers every attempt together, `timeouts.backendRequest` below them
+//! covers each attempt. Both run until the response headers: a stream that has
+//! started is not cut. On expiry the proxy answers 504 with `strait-proxy-error`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{Response, StatusCode};
+use pin_project_lite::pin_project;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::http::BoxBody;
+use crate::http::error::error_response;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Request,
+    Backend,
+}
+
+impl Kind {
+    fn reason(self) -> &'static str {
+        match self {
+            Kind::Request => "request timeout",
+            Kind::Backend => "backend request timeout",
+        }
+    }
+}
+
+/// A timeout, or none (`after: None` passes requests through untouched).
+#[derive(Clone, Debug)]
+pub struct TimeoutLayer {
+    after: Option<Duration>,
+    kind: Kind,
+    expired: Counter,
+}
+
+impl TimeoutLayer {
+    pub fn new(after: Option<Duration>, kind: Kind, expired: Counter) -> Self {
+        TimeoutLayer {
+            after,
+            kind,
+            expired,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner: match self.after {
+                Some(d) => Inner::Timed(tower::timeout::Timeout::new(inner, d)),
+                None => Inner::Untimed(inner),
+            },
+            kind: self.kind,
+            expired: self.expired.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Inner<S> {
+    Timed(tower::timeout::Timeout<S>),
+    Untimed(S),
+}
+
+#[derive(Clone, Debug)]
+pub struct Timeout<S> {
+    inner: Inner<S>,
+    kind: Kind,
+    expired: Counter,
+}
+
+pin_project! {
+    #[project = TimeoutFutureProj]
+    pub enum TimeoutFuture<T, U> {
+        Timed { #[pin] f: T, kind: Kind, expired: Counter },
+        Untimed { #[pin] f: U },
+    }
+}
+
+impl<S, Req> tower::Service<Req> for Timeout<S>
+where
+    S: tower::Service<Req, Response = Response<BoxBody>, Error = std::convert::Infallible>,
+{
+    type Response = Response<BoxBody>;
+    type Error = std::convert::Infallible;
+    type Future = TimeoutFuture<tower::timeout::future::ResponseFuture<S::Future>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match &mut self.inner {
+            // Our services are always ready; an error here cannot happen.
+            Inner::Timed(t) => t.poll_ready(cx).map(|_| Ok(())),
+            Inner::Untimed(s) => s.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match &mut self.inner {
+            Inner::Timed(t) => TimeoutFuture::Timed {
+                f: t.call(req),
+                kind: self.kind,
+                expired: self.expired.clone(),
+            },
+            Inner::Untimed(s) => TimeoutFuture::Untimed { f: s.call(req) },
+        }
+    }
+}
+
+impl<T, U> Future for TimeoutFuture<T, U>
+where
+    T: Future<Output = Result<Response<BoxBody>, tower::BoxError>>,
+    U: Future<Output = Result<Response<BoxBody>, std::convert::Infallible>>,
+{
+    type Output = Result<Response<BoxBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            TimeoutFutureProj::Untimed { f } => f.poll(cx),
+            TimeoutFutureProj::Timed { f, kind, expired } => {
+                Poll::Ready(Ok(match ready!(f.poll(cx)) {
+                    Ok(rsp) => rsp,
+                    Err(_) => {
+                        expired.inc();
+                        let mut rsp = error_response(StatusCode::GATEWAY_TIMEOUT, kind.reason());
+                        rsp.extensions_mut().insert(TimedOut(*kind));
+                        rsp
+                    }
+                }))
+            }
+        }
+    }
+}
+
+/// Marks a response the proxy answered because a timeout expired.
+#[derive(Clone, Copy, Debug)]
+pub struct TimedOut(pub Kind);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Service, ServiceExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_backend_gets_a_504_at_the_deadline() {
+        let stall = tower::service_fn(|_: ()| async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, std::convert::Infallible>(Response::new(crate::http::empty()))
+        });
+        let expired = Counter::default();
+        let mut svc = tower::Layer::layer(
+            &TimeoutLayer::new(
+                Some(Duration::from_millis(200)),
+                Kind::Request,
+                expired.clone(),
+            ),
+            stall,
+        );
+        let start = tokio::time::Instant::now();
+        let rsp = svc.ready().await.unwrap().call(()).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(rsp.headers()["strait-proxy-error"], "request timeout");
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        assert_eq!(expired.get(), 1);
+    }
+}

@@ -1,0 +1,133 @@
+//! Connecting to upstreams, in one place for every protocol: TCP with our
+//! timeout and TCP_NODELAY, then (to a peer proxy) TLS 1.3 that verifies the
+//! identity discovery promised. One rustls client config per peer identity and
+//! ALPN is kept, so connections to a peer resume their TLS sessions.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::defaults;
+use crate::identity::{Credentials, Identity, tls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("connect to {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mTLS to {addr}: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
+}
+
+/// A TCP connection with our timeout and TCP_NODELAY.
+pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            addr,
+            after: timeout,
+        })?
+        .map_err(|source| ConnectError::Io { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// A TCP connection to a host name (the control plane's), with our timeout.
+pub async fn tcp_host(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {host}:{port} timed out"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+type ConfigCache = Arc<Mutex<HashMap<(Identity, &'static [u8]), Arc<ClientConfig>>>>;
+
+/// What mTLS to peer proxies needs: our credentials, the counters of failures,
+/// and the client configs already built.
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    creds: Arc<Credentials>,
+    mismatches: Counter,
+    handshake_failures: Counter,
+    configs: ConfigCache,
+}
+
+impl PeerTls {
+    pub fn new(creds: Arc<Credentials>, mismatches: Counter, handshake_failures: Counter) -> Self {
+        PeerTls {
+            creds,
+            mismatches,
+            handshake_failures,
+            configs: Arc::default(),
+        }
+    }
+
+    /// The client config for `peer` speaking `alpn`, built once.
+    fn config(&self, peer: &Identity, alpn: &'static [u8]) -> Result<Arc<ClientConfig>, String> {
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = configs.get(&(peer.clone(), alpn)) {
+            return Ok(c.clone());
+        }
+        let c = tls::client_config(&self.creds, peer.clone(), alpn, self.mismatches.clone())
+            .map_err(|e| e.to_string())?;
+        if configs.len() >= defaults::MAX_PEER_TLS_CONFIGS {
+            // Bounded: identities come from discovery, but a pod talks to few.
+            configs.clear();
+        }
+        configs.insert((peer.clone(), alpn), c.clone());
+        Ok(c)
+    }
+
+    /// An mTLS connection to the peer proxy at `addr`, which must present `peer`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer: &Identity,
+        alpn: &'static [u8],
+        timeout: Duration,
+    ) -> Result<TlsStream<TcpStream>, ConnectError> {
+        let tls_err = |reason: String| ConnectError::Tls { addr, reason };
+        let config = self.config(peer, alpn).map_err(tls_err)?;
+        let name = ServerName::try_from(peer.server_name())
+            .map_err(|e| tls_err(e.to_string()))?
+            .to_owned();
+        let stream = tcp(addr, timeout).await?;
+        match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, stream)).await
+        {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => {
+                self.handshake_failures.inc();
+                let reason = tls::describe_handshake_error(&e);
+                tracing::warn!(peer = %addr, identity = %peer, error = %reason, "mTLS handshake with peer proxy failed");
+                Err(tls_err(reason))
+            }
+            Err(_) => {
+                self.handshake_failures.inc();
+                Err(ConnectError::Timeout {
+                    addr,
+                    after: timeout,
+                })
+            }
+        }
+    }
+}

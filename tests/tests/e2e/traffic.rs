@@ -1,0 +1,599 @@
+//! Traffic policy through real processes: HTTPRoute weights, matches, timeouts
+//! and retries, BackendPolicy budgets and circuit breaking, with backends that
+//! fail, stall and stream on command. Endpoints are plain (unmeshed) workloads:
+//! the client proxy's stack is what is under test.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use strait_tests::backend::Backend;
+use strait_tests::load::Load;
+use strait_tests::manifests::{ManifestDir, endpoint, service};
+use strait_tests::mesh::{ControllerProc, Sidecar, metric_sum};
+use strait_tests::{client, wait};
+
+const NS: &str = "test";
+const WEB: &str = "web.test.svc.cluster.local:80";
+
+/// A controller, a client sidecar with a local listener for `web`, and the
+/// Services `web`, `web-v1` and `web-v2`.
+struct Mesh {
+    dir: ManifestDir,
+    cp: ControllerProc,
+    client: Sidecar,
+}
+
+impl Mesh {
+    async fn start(files: &[(&str, String)]) -> Mesh {
+        let dir = ManifestDir::new();
+        for svc in ["web", "web-v1", "web-v2"] {
+            dir.write(&format!("svc-{svc}.yaml"), &service(NS, svc, 80));
+        }
+        for (name, yaml) in files {
+            dir.write(name, yaml);
+        }
+        let cp = ControllerProc::start(dir.path()).await;
+        let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+        Mesh { dir, cp, client }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.client.upstreams[0])
+    }
+
+    /// `backend` serves `svc`, as pod `pod`.
+    fn serve(&self, svc: &str, pod: &str, backend: &Backend) {
+        self.dir.write(
+            &format!("slice-{pod}.yaml"),
+            &endpoint(NS, svc, pod, backend.addr),
+        );
+    }
+
+    async fn until_ok(&self, path: &str) {
+        let url = self.url(path);
+        wait::until(
+            "traffic through the mesh",
+            Duration::from_secs(10),
+            || async {
+                matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200)
+            },
+        )
+        .await;
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        metric_sum(self.client.admin, name).await
+    }
+}
+
+fn route(name: &str, annotations: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations: {{{annotations}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n{rules}"
+    )
+}
+
+fn backend_policy(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.strait.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  targetRef: {{group: \"\", kind: Service, name: web}}\n{spec}"
+    )
+}
+
+fn split(v1: u32, v2: u32) -> String {
+    route(
+        "web",
+        "",
+        &format!(
+            "  - backendRefs:\n    - {{name: web-v1, port: 80, weight: {v1}}}\n    - {{name: web-v2, port: 80, weight: {v2}}}\n"
+        ),
+    )
+}
+
+/// Sends `n` requests (8 at a time); returns how many answered `want`.
+async fn send(url: &str, n: usize, want: http::StatusCode) -> usize {
+    let c = client::http1();
+    let mut ok = 0;
+    for _ in 0..n / 8 {
+        let batch = (0..8).map(|_| client::get(&c, url));
+        for r in futures_util::future::join_all(batch).await {
+            if matches!(r, Ok((s, _)) if s == want) {
+                ok += 1;
+            }
+        }
+    }
+    ok
+}
+
+#[tokio::test]
+async fn weights_split_traffic_and_a_live_shift_fails_nothing() {
+    let (v1, v2) = (Backend::start().await, Backend::start().await);
+    let mesh = Mesh::start(&[("route.yaml", split(90, 10))]).await;
+    mesh.serve("web-v1", "v1", &v1);
+    mesh.serve("web-v2", "v2", &v2);
+    wait::until("both versions serving", Duration::from_secs(10), || async {
+        send(&mesh.url("/"), 80, http::StatusCode::OK).await;
+        v1.requests() > 0 && v2.requests() > 0
+    })
+    .await;
+
+    let (a1, a2) = (v1.requests(), v2.requests());
+    assert_eq!(send(&mesh.url("/"), 2000, http::StatusCode::OK).await, 2000);
+    let (n1, n2) = (v1.requests() - a1, v2.requests() - a2);
+    let share = n2 as f64 / (n1 + n2) as f64;
+    println!(
+        "90/10 split over {} requests: v1 {n1}, v2 {n2} ({:.1} % to v2)",
+        n1 + n2,
+        share * 100.0
+    );
+    assert!(
+        (0.07..=0.13).contains(&share),
+        "v2 got {:.1} %",
+        share * 100.0
+    );
+
+    // Shift to 10/90 under load: it takes effect within a second, and no
+    // request fails on the way.
+    let load = Load::start(&mesh.url("/"), 4);
+    wait::until("load running", Duration::from_secs(5), || async {
+        load.ok() > 50
+    })
+    .await;
+    let t = Instant::now();
+    mesh.dir.write("route.yaml", &split(10, 90));
+    let took = loop {
+        let (b1, b2) = (v1.requests(), v2.requests());
+        let sent = load.ok();
+        wait::until("more traffic", Duration::from_secs(5), || async {
+            load.ok() >= sent + 60
+        })
+        .await;
+        let (d1, d2) = (v1.requests() - b1, v2.requests() - b2);
+        if d2 > 3 * d1 {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the shift never took effect"
+        );
+    };
+    let (ok, failed, errors) = load.stop().await;
+    println!("shift to 10/90 took effect after {took:?}; {ok} requests, {failed} failed");
+    assert_eq!(failed, 0, "failed during the shift: {errors:?}");
+    assert!(took < Duration::from_secs(1), "the shift took {took:?}");
+}
+
+#[tokio::test]
+async fn retries_on_503_hide_a_flaky_backend() {
+    let b = Backend::start().await;
+    // A backend failing 30 % of requests needs about 0.43 retries a request:
+    // more than the default budget (20 %) grants at this rate.
+    let mesh = Mesh::start(&[
+        (
+            "route.yaml",
+            route(
+                "web",
+                "",
+                "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n",
+            ),
+        ),
+        (
+            "policy.yaml",
+            backend_policy("  retryBudget: {ratio: 0.6, minRetriesPerSecond: 10, ttl: 10s}\n"),
+        ),
+    ])
+    .await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    let n = 1000;
+    let ok = send(&mesh.url("/flaky/30"), n, http::StatusCode::OK).await;
+    let retries = mesh.metric("strait_proxy_route_retries_total").await;
+    println!("30 % failing backend, 3 retries: {ok}/{n} succeeded, {retries} retries");
+    assert!(ok * 100 >= n * 99, "only {ok} of {n} succeeded");
+    assert!(retries >= 250.0, "{retries} retries");
+}
+
+#[tokio::test]
+async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[(
+        "route.yaml",
+        route(
+            "web",
+            "",
+            "  - backendRefs: [{name: web, port: 80}]\n    timeouts: {request: 200ms}\n",
+        ),
+    )])
+    .await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    let c = client::http1();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let rsp = c
+            .get(mesh.url("/slow/2000").parse().unwrap())
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        assert_eq!(rsp.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(rsp.headers()["strait-proxy-error"], "request timeout");
+        println!("stalled backend answered by the proxy after {took:?}");
+        assert!(
+            took >= Duration::from_millis(150) && took <= Duration::from_millis(250),
+            "504 after {took:?}"
+        );
+    }
+    assert_eq!(
+        mesh.metric("strait_proxy_route_timeouts_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",reason=\"request\"}").await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_retry_budget_bounds_the_load_on_a_failing_backend() {
+    let b = Backend::start().await;
+    b.fail_with(Some(503));
+    let mesh = Mesh::start(&[
+        (
+            "route.yaml",
+            route(
+                "web",
+                "",
+                "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n",
+            ),
+        ),
+        (
+            "policy.yaml",
+            backend_policy("  retryBudget: {ratio: 0.2, minRetriesPerSecond: 0, ttl: 10s}\n"),
+        ),
+    ])
+    .await;
+    mesh.serve("web", "web-0", &b);
+    let url = mesh.url("/");
+    // The backend itself answers (not the proxy for want of endpoints).
+    wait::until("the backend failing", Duration::from_secs(10), || async {
+        let _ = client::get(&client::http1(), &url).await;
+        b.requests() > 0
+    })
+    .await;
+    let before = b.requests();
+    let n = 800;
+    send(&url, n, http::StatusCode::SERVICE_UNAVAILABLE).await;
+    let seen = b.requests() - before;
+    let ratio = seen as f64 / n as f64;
+    let exhausted = mesh
+        .metric("strait_proxy_route_retries_skipped_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",reason=\"budget_exhausted\"}")
+        .await;
+    let retries = mesh.metric("strait_proxy_route_retries_total").await;
+    println!(
+        "100 % failing backend, 20 % budget: {n} requests, backend saw {seen} ({ratio:.2}x), {retries} retries, {exhausted} retries refused"
+    );
+    assert!(
+        ratio <= 1.22,
+        "backend saw {ratio:.2}x the client's requests"
+    );
+    assert!(ratio >= 1.1, "retries should still be spent: {ratio:.2}x");
+    assert!(exhausted > 0.0);
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_readmitted_when_it_recovers() {
+    let eps = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let mesh = Mesh::start(&[
+        (
+            "route.yaml",
+            route(
+                "web",
+                "",
+                "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [500], attempts: 2, backoff: 1ms}\n",
+            ),
+        ),
+        (
+            "policy.yaml",
+            backend_policy(
+                "  outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 500ms, maxEjectionTime: 1s, maxEjectionPercent: 50}\n",
+            ),
+        ),
+    ])
+    .await;
+    for (i, b) in eps.iter().enumerate() {
+        mesh.serve("web", &format!("web-{i}"), b);
+    }
+    wait::until("all three serving", Duration::from_secs(10), || async {
+        send(&mesh.url("/"), 64, http::StatusCode::OK).await;
+        eps.iter().all(|b| b.requests() > 0)
+    })
+    .await;
+    eps[2].fail_with(Some(500));
+    let n = 1000;
+    let ok = send(&mesh.url("/"), n, http::StatusCode::OK).await;
+    // Ejected by now: the next requests hardly reach it.
+    let before = eps[2].requests();
+    let ok2 = send(&mesh.url("/"), n, http::StatusCode::OK).await;
+    let share = (eps[2].requests() - before) as f64 / n as f64;
+    let ejections = mesh.metric("strait_proxy_backend_ejections_total").await;
+    println!(
+        "one of three endpoints failing: {ok}/{n} then {ok2}/{n} succeeded; it got {:.2} % of the second {n}; {ejections} ejections",
+        share * 100.0
+    );
+    assert!(ok * 1000 >= n * 995, "{ok} of {n} succeeded");
+    assert!(ok2 * 1000 >= n * 995, "{ok2} of {n} succeeded");
+    assert!(
+        share < 0.01,
+        "the failing endpoint got {:.2} %",
+        share * 100.0
+    );
+    assert!(ejections >= 1.0);
+
+    // It recovers: a probe re-admits it and it takes its share again.
+    eps[2].fail_with(None);
+    let before = eps[2].requests();
+    wait::until(
+        "the recovered endpoint re-admitted",
+        Duration::from_secs(10),
+        || async {
+            send(&mesh.url("/"), 64, http::StatusCode::OK).await;
+            eps[2].requests() > before + 20
+        },
+    )
+    .await;
+}
+
+fn canary_routes() -> String {
+    route(
+        "web",
+        "",
+        "  - matches: [{headers: [{name: x-canary, value: \"true\"}]}]\n    backendRefs: [{name: web-v2, port: 80}]\n  - matches: [{path: {type: RegularExpression, value: \"/items/[0-9]+\"}}]\n    backendRefs: [{name: web-v2, port: 80}]\n  - matches: [{method: DELETE}]\n    backendRefs: [{name: web-v2, port: 80}]\n  - backendRefs: [{name: web-v1, port: 80}]\n",
+    )
+}
+
+async fn which(
+    mesh: &Mesh,
+    v1: &Backend,
+    v2: &Backend,
+    req: http::Request<strait_tests::TestBody>,
+) -> &'static str {
+    let (a1, a2) = (v1.requests(), v2.requests());
+    let rsp = client::http1().request(req).await.unwrap();
+    assert!(rsp.status().is_success(), "{}", rsp.status());
+    let _ = mesh;
+    match (v1.requests() - a1, v2.requests() - a2) {
+        (1, 0) => "v1",
+        (0, 1) => "v2",
+        other => panic!("reached {other:?}"),
+    }
+}
+
+fn req(method: &str, url: &str, canary: Option<&str>) -> http::Request<strait_tests::TestBody> {
+    let mut b = http::Request::builder().method(method).uri(url);
+    if let Some(c) = canary {
+        b = b.header("x-canary", c);
+    }
+    b.body(client::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn matches_route_by_header_path_regex_and_method() {
+    let (v1, v2) = (Backend::start().await, Backend::start().await);
+    let mesh = Mesh::start(&[("route.yaml", canary_routes())]).await;
+    mesh.serve("web-v1", "v1", &v1);
+    mesh.serve("web-v2", "v2", &v2);
+    mesh.until_ok("/").await;
+    wait::until("v2 serving", Duration::from_secs(10), || async {
+        client::http1()
+            .request(req("GET", &mesh.url("/"), Some("true")))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), Some("true"))).await,
+            "v2"
+        );
+        assert_eq!(
+            which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), Some("false"))).await,
+            "v1"
+        );
+        assert_eq!(
+            which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), None)).await,
+            "v1"
+        );
+    }
+    assert_eq!(
+        which(&mesh, &v1, &v2, req("GET", &mesh.url("/items/42"), None)).await,
+        "v2"
+    );
+    assert_eq!(
+        which(&mesh, &v1, &v2, req("GET", &mesh.url("/items/42/x"), None)).await,
+        "v1"
+    );
+    assert_eq!(
+        which(&mesh, &v1, &v2, req("GET", &mesh.url("/items/abc"), None)).await,
+        "v1"
+    );
+    assert_eq!(
+        which(&mesh, &v1, &v2, req("DELETE", &mesh.url("/a"), None)).await,
+        "v2"
+    );
+    assert_eq!(
+        which(&mesh, &v1, &v2, req("PUT", &mesh.url("/a"), None)).await,
+        "v1"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
+    let (v1, v2) = (Backend::start().await, Backend::start().await);
+    let mesh = Mesh::start(&[("route.yaml", canary_routes())]).await;
+    mesh.serve("web-v1", "v1", &v1);
+    mesh.serve("web-v2", "v2", &v2);
+    mesh.until_ok("/").await;
+    wait::until("v2 serving", Duration::from_secs(10), || async {
+        client::http1()
+            .request(req("GET", &mesh.url("/"), Some("true")))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let bad = [
+        (
+            "unknown backend",
+            canary_routes().replace("web-v2", "nowhere"),
+        ),
+        (
+            "bad regex",
+            canary_routes().replace("/items/[0-9]+", "/items/[0-9+"),
+        ),
+        ("weights all 0", split(0, 0)),
+    ];
+    for (i, (what, yaml)) in bad.iter().enumerate() {
+        let errors = mesh.cp.metric("strait_controller_reload_errors").await;
+        mesh.dir.write("route.yaml", yaml);
+        wait::until(
+            &format!("{what} reported"),
+            Duration::from_secs(10),
+            || async { mesh.cp.metric("strait_controller_reload_errors").await > errors },
+        )
+        .await;
+        // The routes in force before the bad edit still route.
+        for _ in 0..10 {
+            assert_eq!(
+                which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), Some("true"))).await,
+                "v2",
+                "after {what}"
+            );
+            assert_eq!(
+                which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), None)).await,
+                "v1",
+                "after {what}"
+            );
+        }
+        println!(
+            "{}: {what} reported, the last good routes kept serving",
+            i + 1
+        );
+    }
+}
+
+async fn post(url: &str, body: Bytes) -> (http::StatusCode, String) {
+    let req = http::Request::post(url).body(client::body(body)).unwrap();
+    let rsp = client::http1().request(req).await.unwrap();
+    let status = rsp.status();
+    let text = rsp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+#[tokio::test]
+async fn a_small_body_is_replayed_intact_and_a_large_one_never() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[(
+        "route.yaml",
+        route(
+            "web",
+            "",
+            "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n",
+        ),
+    )])
+    .await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    // The route is in force once a flaky path is retried.
+    wait::until("retries in force", Duration::from_secs(10), || async {
+        send(&mesh.url("/flaky/50"), 16, http::StatusCode::OK).await == 16
+    })
+    .await;
+
+    let small: Bytes = (0..1024u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let (status, text) = post(&mesh.url("/upload-flaky"), small.clone()).await;
+    assert_eq!((status.as_u16(), text.as_str()), (200, "1024"));
+    let uploads = b.uploads();
+    assert_eq!(uploads.len(), 2, "one attempt and one retry");
+    assert!(
+        uploads.iter().all(|u| *u == small),
+        "every attempt carried the body intact"
+    );
+
+    let large = Bytes::from(vec![7u8; 1024 * 1024]);
+    let (status, _) = post(&mesh.url("/upload-flaky"), large.clone()).await;
+    assert_eq!(
+        status,
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "a 1 MiB body is not replayed"
+    );
+    let uploads = b.uploads();
+    assert_eq!(uploads.len(), 3, "the large body reached the backend once");
+    assert_eq!(uploads[2], large);
+    assert_eq!(
+        mesh.metric("strait_proxy_route_retries_skipped_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",reason=\"body_too_large\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_method_route_retries_unavailable() {
+    let grpc: SocketAddr = strait_tests::grpc::start_flaky_echo().await;
+    let dir = ManifestDir::new();
+    dir.write("svc.yaml", &service(NS, "echo", 80));
+    dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", grpc));
+    dir.write(
+        "route.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{path: {{type: Exact, value: /strait.testing.v1.Echo/Unary}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n    retry: {{attempts: 2, backoff: 1ms}}\n"
+        ),
+    );
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
+    let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(
+        "http://{}",
+        client.upstreams[0]
+    ))
+    .await
+    .unwrap();
+    // Until the route is known, calls may fail; then every call succeeds.
+    wait::until(
+        "the retry route in force",
+        Duration::from_secs(10),
+        || async {
+            let mut all = true;
+            for _ in 0..4 {
+                all &= echo
+                    .clone()
+                    .unary(strait_api::testing::EchoRequest {
+                        message: "hi".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok();
+            }
+            all
+        },
+    )
+    .await;
+    let mut failed = 0;
+    for i in 0..50 {
+        let r = echo
+            .unary(strait_api::testing::EchoRequest {
+                message: format!("m{i}"),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => assert_eq!(r.into_inner().message, format!("m{i}")),
+            Err(_) => failed += 1,
+        }
+    }
+    let retries = metric_sum(client.admin, "strait_proxy_route_retries_total").await;
+    println!(
+        "flaky gRPC backend (every other call UNAVAILABLE): 50 calls, {failed} failed, {retries} retries"
+    );
+    assert_eq!(failed, 0);
+    assert!(retries >= 25.0);
+}
