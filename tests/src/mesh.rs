@@ -98,6 +98,8 @@ pub struct SidecarOpts {
     pub identity: Option<SidecarIdentity>,
     /// The proxy's working directory.
     pub cwd: Option<PathBuf>,
+    /// Another `strait-proxy` binary than this build's (a baseline to compare).
+    pub binary: Option<PathBuf>,
 }
 
 impl Sidecar {
@@ -144,12 +146,11 @@ impl Sidecar {
             args.push(format!("--token-file={}", id.token_file.display()));
             args.push(format!("--service-account={}", id.service_account));
         }
-        let proc = Proc::spawn_in(
-            "strait-proxy",
-            &args,
-            &[("STRAIT_PROXY_LOG_LEVEL", "warn")],
-            opts.cwd.as_deref(),
-        );
+        let envs = [("STRAIT_PROXY_LOG_LEVEL", "warn")];
+        let proc = match opts.binary {
+            Some(path) => Proc::spawn_path(path, &args, &envs, opts.cwd.as_deref()),
+            None => Proc::spawn_in("strait-proxy", &args, &envs, opts.cwd.as_deref()),
+        };
         wait::ready(admin, Duration::from_secs(20)).await;
         Sidecar {
             proc,

@@ -45,7 +45,17 @@ impl Proc {
         envs: &[(&str, &str)],
         cwd: Option<&std::path::Path>,
     ) -> Proc {
-        let mut cmd = Command::new(binary(bin));
+        Self::spawn_path(binary(bin), args, envs, cwd)
+    }
+
+    /// Spawns the binary at `path` (another build of it, to compare against).
+    pub fn spawn_path(
+        path: PathBuf,
+        args: &[String],
+        envs: &[(&str, &str)],
+        cwd: Option<&std::path::Path>,
+    ) -> Proc {
+        let mut cmd = Command::new(path);
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }

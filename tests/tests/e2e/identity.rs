@@ -56,7 +56,7 @@ impl Mesh {
         let backend = Backend::start().await;
         let opts = SidecarOpts {
             identity: Some(identity(&anchors, &tokens, web_sa)),
-            cwd: None,
+            ..Default::default()
         };
         let web = Sidecar::start_with(ctl.grpc, NS, "web-0", &[], opts).await;
         // The pod is declared with service account `web`: what clients will expect.
@@ -86,7 +86,7 @@ impl Mesh {
     async fn sidecar(&self, pod: &str, sa: &str, upstreams: &[&str]) -> Sidecar {
         let opts = SidecarOpts {
             identity: Some(self.identity(sa)),
-            cwd: None,
+            ..Default::default()
         };
         Sidecar::start_with(self.ctl.grpc, NS, pod, upstreams, opts).await
     }
@@ -435,6 +435,7 @@ async fn no_key_material_leaves_the_proxy() {
     let opts = SidecarOpts {
         identity: Some(m.identity("client")),
         cwd: Some(cwd.path().to_path_buf()),
+        ..Default::default()
     };
     let c = Sidecar::start_with(m.ctl.grpc, NS, "client-0", &[WEB], opts).await;
     let (status, _) = get(&format!("http://{}/client-id", c.upstreams[0])).await;

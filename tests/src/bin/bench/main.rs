@@ -37,6 +37,11 @@ enum What {
         /// "h1 2000/s".
         #[arg(long = "load")]
         loads: Vec<String>,
+        /// Also run the mTLS pair with the `strait-proxy` in DIR (another build,
+        /// e.g. of the previous commit) as "strait-mtls-before", interleaved with
+        /// the others, to measure a change.
+        #[arg(long, value_name = "DIR")]
+        baseline: Option<PathBuf>,
     },
     /// Prints the tables of a `bench proxy` run again from its JSON (and redraws
     /// its plots into --out).
@@ -68,13 +73,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     std::fs::create_dir_all(&cli.out)?;
     match cli.what {
-        What::Proxy { rounds, loads } => {
+        What::Proxy {
+            rounds,
+            loads,
+            baseline,
+        } => {
             let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
             let r = proxy::run(
                 cli.quick,
                 if cli.quick { 1 } else { rounds },
                 &loads,
                 work.clone(),
+                baseline.map(|d| d.join("strait-proxy")),
             )
             .await?;
             let _ = std::fs::remove_dir_all(&work);

@@ -290,7 +290,7 @@ impl StraitPair {
     }
 }
 
-async fn strait_pair(backend: SocketAddr, mtls: bool) -> StraitPair {
+async fn strait_pair(backend: SocketAddr, mtls: bool, binary: Option<PathBuf>) -> StraitPair {
     let dir = ManifestDir::new();
     let tokens = ManifestDir::new();
     dir.write("service.yaml", &service("bench", "backend", 80));
@@ -311,6 +311,7 @@ async fn strait_pair(backend: SocketAddr, mtls: bool) -> StraitPair {
             }
         }),
         cwd: None,
+        binary: binary.clone(),
     };
     let server = Sidecar::start_with(cp.grpc, "bench", "backend-0", &[], opts("backend")).await;
     dir.write(
@@ -376,6 +377,7 @@ pub async fn run(
     rounds: usize,
     only: &[String],
     work: PathBuf,
+    baseline: Option<PathBuf>,
 ) -> anyhow::Result<Results> {
     let loads: Vec<Load> = loads(quick)
         .into_iter()
@@ -392,8 +394,15 @@ pub async fn run(
     std::fs::create_dir_all(&work)?;
     let backend = Backend::start().await;
     let certs = Certs::generate(&work.join("certs")).await?;
-    let pair = strait_pair(backend.addr, false).await;
-    let mtls = strait_pair(backend.addr, true).await;
+    if let Some(b) = &baseline {
+        anyhow::ensure!(b.exists(), "--baseline: {} not found", b.display());
+    }
+    let pair = strait_pair(backend.addr, false, None).await;
+    let mtls = strait_pair(backend.addr, true, None).await;
+    let before = match baseline {
+        Some(b) => Some(strait_pair(backend.addr, true, Some(b)).await),
+        None => None,
+    };
     let mut hap = refs::haproxy(
         &certs,
         &work,
@@ -416,7 +425,7 @@ pub async fn run(
         .await;
     }
     let pid = |c: &tokio::process::Child| c.id().unwrap_or(0);
-    let targets = vec![
+    let mut targets = vec![
         Target {
             name: "direct",
             h1: backend.addr,
@@ -425,6 +434,11 @@ pub async fn run(
         },
         pair.target("strait"),
         mtls.target("strait-mtls"),
+    ];
+    if let Some(b) = &before {
+        targets.push(b.target("strait-mtls-before"));
+    }
+    targets.extend([
         Target {
             name: hap.name,
             h1: hap.h1,
@@ -443,7 +457,7 @@ pub async fn run(
                 ("server proxy".into(), pid(&ngx.server)),
             ],
         },
-    ];
+    ]);
     let idle: Vec<Vec<f64>> = targets
         .iter()
         .map(|t| t.pids.iter().map(|(_, p)| rss_mib(*p).0).collect())
