@@ -51,6 +51,21 @@ impl Mesh {
         );
     }
 
+    /// `v1` serves `web-v1` and `v2` serves `web-v2`; returns once the canary
+    /// routes reach both.
+    async fn serve_canary(&self, v1: &Backend, v2: &Backend) {
+        self.serve("web-v1", "v1", v1);
+        self.serve("web-v2", "v2", v2);
+        self.until_ok("/").await;
+        wait::until("v2 serving", Duration::from_secs(10), || async {
+            client::http1()
+                .request(req("GET", &self.url("/"), Some("true")))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
     async fn until_ok(&self, path: &str) {
         let url = self.url(path);
         wait::until(
@@ -352,7 +367,6 @@ fn canary_routes() -> String {
 }
 
 async fn which(
-    mesh: &Mesh,
     v1: &Backend,
     v2: &Backend,
     req: http::Request<strait_tests::TestBody>,
@@ -360,7 +374,6 @@ async fn which(
     let (a1, a2) = (v1.requests(), v2.requests());
     let rsp = client::http1().request(req).await.unwrap();
     assert!(rsp.status().is_success(), "{}", rsp.status());
-    let _ = mesh;
     match (v1.requests() - a1, v2.requests() - a2) {
         (1, 0) => "v1",
         (0, 1) => "v2",
@@ -380,66 +393,30 @@ fn req(method: &str, url: &str, canary: Option<&str>) -> http::Request<strait_te
 async fn matches_route_by_header_path_regex_and_method() {
     let (v1, v2) = (Backend::start().await, Backend::start().await);
     let mesh = Mesh::start(&[("route.yaml", canary_routes())]).await;
-    mesh.serve("web-v1", "v1", &v1);
-    mesh.serve("web-v2", "v2", &v2);
-    mesh.until_ok("/").await;
-    wait::until("v2 serving", Duration::from_secs(10), || async {
-        client::http1()
-            .request(req("GET", &mesh.url("/"), Some("true")))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    for _ in 0..20 {
-        assert_eq!(
-            which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), Some("true"))).await,
-            "v2"
-        );
-        assert_eq!(
-            which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), Some("false"))).await,
-            "v1"
-        );
-        assert_eq!(
-            which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), None)).await,
-            "v1"
-        );
+    mesh.serve_canary(&v1, &v2).await;
+    let cases = [
+        ("GET", "/a", Some("true"), "v2"),
+        ("GET", "/a", Some("false"), "v1"),
+        ("GET", "/a", None, "v1"),
+        ("GET", "/items/42", None, "v2"),
+        ("GET", "/items/42/x", None, "v1"),
+        ("GET", "/items/abc", None, "v1"),
+        ("DELETE", "/a", None, "v2"),
+        ("PUT", "/a", None, "v1"),
+    ];
+    for _ in 0..10 {
+        for (method, path, canary, want) in cases {
+            let got = which(&v1, &v2, req(method, &mesh.url(path), canary)).await;
+            assert_eq!(got, want, "{method} {path} x-canary: {canary:?}");
+        }
     }
-    assert_eq!(
-        which(&mesh, &v1, &v2, req("GET", &mesh.url("/items/42"), None)).await,
-        "v2"
-    );
-    assert_eq!(
-        which(&mesh, &v1, &v2, req("GET", &mesh.url("/items/42/x"), None)).await,
-        "v1"
-    );
-    assert_eq!(
-        which(&mesh, &v1, &v2, req("GET", &mesh.url("/items/abc"), None)).await,
-        "v1"
-    );
-    assert_eq!(
-        which(&mesh, &v1, &v2, req("DELETE", &mesh.url("/a"), None)).await,
-        "v2"
-    );
-    assert_eq!(
-        which(&mesh, &v1, &v2, req("PUT", &mesh.url("/a"), None)).await,
-        "v1"
-    );
 }
 
 #[tokio::test]
 async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
     let (v1, v2) = (Backend::start().await, Backend::start().await);
     let mesh = Mesh::start(&[("route.yaml", canary_routes())]).await;
-    mesh.serve("web-v1", "v1", &v1);
-    mesh.serve("web-v2", "v2", &v2);
-    mesh.until_ok("/").await;
-    wait::until("v2 serving", Duration::from_secs(10), || async {
-        client::http1()
-            .request(req("GET", &mesh.url("/"), Some("true")))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    mesh.serve_canary(&v1, &v2).await;
     let bad = [
         (
             "unknown backend",
@@ -463,12 +440,12 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
         // The routes in force before the bad edit still route.
         for _ in 0..10 {
             assert_eq!(
-                which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), Some("true"))).await,
+                which(&v1, &v2, req("GET", &mesh.url("/a"), Some("true"))).await,
                 "v2",
                 "after {what}"
             );
             assert_eq!(
-                which(&mesh, &v1, &v2, req("GET", &mesh.url("/a"), None)).await,
+                which(&v1, &v2, req("GET", &mesh.url("/a"), None)).await,
                 "v1",
                 "after {what}"
             );
@@ -596,4 +573,38 @@ async fn a_grpc_method_route_retries_unavailable() {
     );
     assert_eq!(failed, 0);
     assert!(retries >= 25.0);
+}
+
+#[tokio::test]
+async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
+    use tokio::io::AsyncReadExt;
+    // A server-speaks-first protocol on a port strait does not know to be opaque:
+    // only the Service's appProtocol says so.
+    let server = strait_tests::tcp::banner(b"220 ready\r\n").await;
+    let dir = ManifestDir::new();
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: smtp, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 2525, appProtocol: smtp}}]\n"
+        ),
+    );
+    dir.write("slice.yaml", &endpoint(NS, "smtp", "smtp-0", server));
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["smtp.test.svc.cluster.local:2525"]).await;
+    let mut fastest = Duration::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(client.upstreams[0])
+            .await
+            .unwrap();
+        let mut banner = [0u8; 11];
+        s.read_exact(&mut banner).await.unwrap();
+        assert_eq!(&banner, b"220 ready\r\n");
+        fastest = fastest.min(t.elapsed());
+    }
+    println!("banner through the proxy after {fastest:?} (detection would wait 300 ms)");
+    assert!(
+        fastest < Duration::from_millis(150),
+        "banner after {fastest:?}"
+    );
 }
