@@ -175,7 +175,15 @@ impl Stages {
         let mut rsp = match stage.rule.filters.on_request(&mut req, prefix.as_deref()) {
             Err(redirect) => *redirect,
             Ok(()) => {
-                let req = req.map(|body| ReplayBody::new(body, self.replay_limit));
+                // A rule that retries only requests never sent needs no copy of
+                // the body: an unsent body is still whole.
+                let retry = &stage.rule.retry;
+                let keep = if retry.codes.is_empty() && retry.grpc_codes.is_empty() {
+                    0
+                } else {
+                    self.replay_limit
+                };
+                let req = req.map(|body| ReplayBody::new(body, keep));
                 let mut svc = stage.service.clone();
                 match svc.ready().await {
                     Ok(svc) => match svc.call(req).await {
