@@ -2,9 +2,14 @@
 //! `deploy/examples/demo/`; each demo pod is an app process with its own
 //! `strait-proxy` sidecar, on its own loopback address (127.0.1.x) so every proxy
 //! keeps its real ports; a load client sends traffic through its sidecar and a live
-//! table shows what the mesh did.
+//! table shows what the mesh did. The manifests' traffic policy shows at work: a
+//! canary whose weight the demo shifts mid-run, retries that hide a flaky
+//! endpoint, a timeout that cuts a slow path and a breaker that ejects a failing
+//! endpoint.
 
 pub mod app;
+mod canary;
+mod proxy_metrics;
 mod table;
 
 use std::io::IsTerminal;
@@ -23,19 +28,29 @@ use hyper_util::rt::TokioExecutor;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use table::Stats;
+use canary::{Restored, RoutesFile};
+use table::{Canary, Stats};
 
 const CONTROLLER_GRPC: &str = "127.0.0.1:18090";
 const CONTROLLER_ADMIN: &str = "127.0.0.1:19990";
 const NAMESPACE: &str = "demo";
+/// web-0's proxy admin: its metrics count the retries, timeouts and ejections of
+/// web's calls to api.
+const WEB_PROXY_METRICS: &str = "http://127.0.1.1:4191/metrics";
+/// When the canary shifts without `--duration` (with it: at half of it).
+const SHIFT_AFTER: Duration = Duration::from_secs(20);
+/// One load request in this many goes to the slow path.
+const SLOW_EVERY: u64 = 20;
 
-/// A demo pod: its name, address, the app's backend (if it calls one) and the
-/// sidecar's `--upstream` for it. Mirrors `deploy/examples/demo/`.
+/// A demo pod: its name, address, whether it runs the app and with which extra
+/// flags, the app's backend (if it calls one) and the sidecar's `--upstream` for
+/// it. Mirrors `deploy/examples/demo/`.
 struct DemoPod {
     name: &'static str,
     service_account: &'static str,
     ip: &'static str,
     app: bool,
+    app_args: &'static [&'static str],
     upstream: Option<(&'static str, &'static str)>,
 }
 
@@ -45,6 +60,7 @@ const PODS: &[DemoPod] = &[
         service_account: "web",
         ip: "127.0.1.1",
         app: true,
+        app_args: &[],
         upstream: Some(("15081", "api.demo.svc.cluster.local:80")),
     },
     DemoPod {
@@ -52,6 +68,7 @@ const PODS: &[DemoPod] = &[
         service_account: "api",
         ip: "127.0.1.2",
         app: true,
+        app_args: &[],
         upstream: None,
     },
     DemoPod {
@@ -59,6 +76,34 @@ const PODS: &[DemoPod] = &[
         service_account: "api",
         ip: "127.0.1.3",
         app: true,
+        app_args: &[],
+        upstream: None,
+    },
+    // Flaky: 503 to 30 % of requests, which the route's retries hide.
+    DemoPod {
+        name: "api-2",
+        service_account: "api",
+        ip: "127.0.1.4",
+        app: true,
+        app_args: &["--fail-percent=30"],
+        upstream: None,
+    },
+    // Broken: 500 to every request, ejected by the breaker.
+    DemoPod {
+        name: "api-3",
+        service_account: "api",
+        ip: "127.0.1.5",
+        app: true,
+        app_args: &["--fail-percent=100", "--fail-status=500"],
+        upstream: None,
+    },
+    // The canary, behind Service api-v2.
+    DemoPod {
+        name: "api-v2-0",
+        service_account: "api",
+        ip: "127.0.1.6",
+        app: true,
+        app_args: &[],
         upstream: None,
     },
     DemoPod {
@@ -66,6 +111,7 @@ const PODS: &[DemoPod] = &[
         service_account: "load",
         ip: "127.0.1.10",
         app: false,
+        app_args: &[],
         upstream: Some(("15080", "web.demo.svc.cluster.local:80")),
     },
 ];
@@ -159,9 +205,32 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.manifests.display()
     );
     let work = Workdir::new()?;
+    let mut routes = RoutesFile::new(&args.manifests);
     let mut procs = Procs(Vec::new());
-    let result = run_mesh(&args, &work, &me, &proxy, &mut procs).await;
+    let result = run_mesh(&args, &work, &me, &proxy, &mut procs, &mut routes).await;
+    let restored = routes.restore();
     procs.stop().await;
+    let shipped = canary::WEIGHT_BEFORE;
+    match restored {
+        Ok(Restored::Nothing) => {}
+        Ok(Restored::Original) => println!(
+            "restored {} (api {} / api-v2 {shipped})",
+            routes.path().display(),
+            100 - shipped
+        ),
+        Ok(Restored::LeftEdited) => println!(
+            "left {} as it is: it changed after the demo's shift (it had api {} / api-v2 {shipped})",
+            routes.path().display(),
+            100 - shipped
+        ),
+        Err(e) => {
+            let e = e.context(format!("restoring {}", routes.path().display()));
+            if result.is_ok() {
+                return Err(e);
+            }
+            eprintln!("{e:#}");
+        }
+    }
     result
 }
 
@@ -186,6 +255,7 @@ impl Workdir {
         write_private(&w.path.join("issuer.key"), &pki.issuer_key_pem)?;
         let mut secrets = String::new();
         let mut accounts: Vec<&str> = PODS.iter().map(|p| p.service_account).collect();
+        accounts.sort_unstable();
         accounts.dedup();
         for sa in accounts {
             let mut b = [0u8; 24];
@@ -234,6 +304,7 @@ async fn run_mesh(
     me: &Path,
     proxy: &Path,
     procs: &mut Procs,
+    routes: &mut RoutesFile,
 ) -> anyhow::Result<()> {
     println!(
         "starting the controller on {CONTROLLER_GRPC} with {}",
@@ -262,8 +333,9 @@ async fn run_mesh(
                 format!("--listen={}:8080", pod.ip),
                 format!("--name={}", pod.name),
             ];
+            a.extend(pod.app_args.iter().map(|s| s.to_string()));
             if let Some((port, _)) = pod.upstream {
-                a.push(format!("--backend=http://{}:{port}/", pod.ip));
+                a.push(format!("--backend=http://{}:{port}", pod.ip));
             }
             procs.spawn(&format!("{} app", pod.name), me, &a, "warn")?;
         }
@@ -298,6 +370,25 @@ async fn run_mesh(
         PODS.len()
     );
 
+    // Listening from here on, so Ctrl-C (or SIGTERM) ends the demo through the
+    // summary and the restore of routes.yaml.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let metrics_client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let metrics_url: http::Uri = WEB_PROXY_METRICS.parse()?;
+    let shift_at = args.duration.map_or(SHIFT_AFTER, |d| d / 2);
+    let mut canary = if routes.can_shift() {
+        Canary::Planned {
+            from: canary::WEIGHT_BEFORE,
+            to: canary::WEIGHT_AFTER,
+            at: shift_at,
+        }
+    } else {
+        Canary::AsConfigured
+    };
+
     let stats = Arc::new(Mutex::new(Stats::default()));
     let load = tokio::spawn(drive(args.rate, stats.clone()));
     let tty = std::io::stdout().is_terminal();
@@ -310,18 +401,32 @@ async fn run_mesh(
                 if let Err(e) = procs.check() {
                     break Err(e);
                 }
+                let shifted = match canary {
+                    Canary::Planned { from, to, at } if start.elapsed() >= at => {
+                        let (next, line) = shift(routes, from, to, start.elapsed());
+                        canary = next;
+                        Some(line)
+                    }
+                    _ => None,
+                };
                 let s = stats.lock().map(|mut s| s.take_window()).unwrap_or_default();
-                table::print_live(&s, start.elapsed(), args.rate, tty);
+                let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
+                table::print_live(&s, counters, canary, start.elapsed(), args.rate, tty);
+                if let Some(line) = shifted {
+                    println!("{line}");
+                }
                 if args.duration.is_some_and(|d| start.elapsed() >= d) {
                     break Ok(());
                 }
             }
-            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
         }
     };
     load.abort();
     let total = stats.lock().map(|s| s.total.clone()).unwrap_or_default();
-    table::print_summary(&total, start.elapsed());
+    let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
+    table::print_summary(&total, counters, canary, start.elapsed());
     outcome?;
     anyhow::ensure!(
         total.ok_requests() > 0,
@@ -330,17 +435,48 @@ async fn run_mesh(
     Ok(())
 }
 
-/// Sends `rate` requests per second through the load pod's sidecar.
+/// Shifts the canary's weight in routes.yaml: the canary state from now on, and
+/// the line that says what happened.
+fn shift(routes: &mut RoutesFile, from: u32, to: u32, at: Duration) -> (Canary, String) {
+    let file = routes.path().display().to_string();
+    match routes.shift() {
+        Ok(true) => (
+            Canary::Shifted { from, to, at },
+            format!(
+                "canary shift: rewrote {file} with api {} / api-v2 {to} (was {} / {from}); the controller sends it to the proxies, and the demo puts the file back when it ends",
+                100 - to,
+                100 - from
+            ),
+        ),
+        Ok(false) => (
+            Canary::AsConfigured,
+            format!(
+                "canary shift: {file} no longer holds api {} / api-v2 {from}; left as it is",
+                100 - from
+            ),
+        ),
+        Err(e) => (
+            Canary::AsConfigured,
+            format!("canary shift: could not rewrite {file}: {e:#}"),
+        ),
+    }
+}
+
+/// Sends `rate` requests per second through the load pod's sidecar, one in
+/// `SLOW_EVERY` to the slow path.
 async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let url: http::Uri = match "http://127.0.1.10:15080/".parse() {
-        Ok(u) => u,
-        Err(_) => return,
+    let (Ok(fast), Ok(slow)) = (
+        "http://127.0.1.10:15080/".parse::<http::Uri>(),
+        format!("http://127.0.1.10:15080{}", app::SLOW_PATH).parse::<http::Uri>(),
+    ) else {
+        return;
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
-    loop {
+    for n in 1u64.. {
         tick.tick().await;
+        let url = if n % SLOW_EVERY == 0 { &slow } else { &fast };
         let (client, url, stats) = (client.clone(), url.clone(), stats.clone());
         tokio::spawn(async move {
             let start = Instant::now();

@@ -1,11 +1,17 @@
 //! The demo's live table: per destination, requests per second, success rate,
-//! latency percentiles and which endpoints served the traffic.
+//! latency percentiles and which endpoints served the traffic; below it, what the
+//! traffic policy did (canary share, retries, timeouts, ejections).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
+
+use super::proxy_metrics::PolicyCounters;
 
 const WEB: &str = "web.demo.svc.cluster.local:80";
 const API: &str = "api.demo.svc.cluster.local:80";
+/// The canary's pods name themselves `api-v2-…` in the chain.
+const CANARY_POD_PREFIX: &str = "api-v2-";
 
 #[derive(Clone, Debug, Default)]
 pub struct DestStats {
@@ -64,6 +70,68 @@ impl Window {
     pub fn ok_requests(&self) -> u64 {
         self.dests.get(WEB).map_or(0, |d| d.ok)
     }
+
+    /// The share (0-100) of api requests the canary served, if api served any.
+    fn canary_percent(&self) -> Option<f64> {
+        let served = &self.dests.get(API)?.served_by;
+        let all: u64 = served.values().sum();
+        let canary: u64 = served
+            .iter()
+            .filter(|(k, _)| k.starts_with(CANARY_POD_PREFIX))
+            .map(|(_, v)| v)
+            .sum();
+        (all > 0).then(|| 100.0 * canary as f64 / all as f64)
+    }
+}
+
+/// The canary's route weight, and when the demo shifts it.
+#[derive(Clone, Copy, Debug)]
+pub enum Canary {
+    /// No weight to shift (the manifests have no routes.yaml with the demo's split).
+    AsConfigured,
+    Planned {
+        from: u32,
+        to: u32,
+        at: Duration,
+    },
+    Shifted {
+        from: u32,
+        to: u32,
+        at: Duration,
+    },
+}
+
+impl fmt::Display for Canary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Canary::AsConfigured => write!(f, "route weights as in the manifests"),
+            Canary::Planned { from, to, at } => {
+                write!(f, "route weight {from}, {to} from {}s", at.as_secs())
+            }
+            Canary::Shifted { from, to, at } => {
+                write!(f, "route weight {from} -> {to} at {}s", at.as_secs())
+            }
+        }
+    }
+}
+
+/// The lines under the table: the canary's share of `w`, and web-0's proxy
+/// counters (since it started).
+fn policy_lines(w: &Window, proxy: Option<PolicyCounters>, canary: Canary) -> String {
+    let share = w
+        .canary_percent()
+        .map_or("-".into(), |p| format!("{p:.1} %"));
+    let mut out = format!("canary api-v2: {share} of api requests ({canary})\n");
+    match proxy {
+        Some(c) => out.push_str(&format!(
+            "retries: {} (503s of the flaky api-2 and 500s of api-3, retried on another endpoint)\n\
+             timeouts: {} (/slow cut at 300ms, answered 504: the failures in SUCCESS, as expected)\n\
+             ejected now: {} (ejections so far: {}; api-3 answers 500 to everything, 3 in a row eject it)\n",
+            c.retries, c.timeouts, c.ejected_now, c.ejections
+        )),
+        None => out.push_str("retries, timeouts, ejections: web-0's proxy metrics did not answer\n"),
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -113,9 +181,25 @@ fn ms(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| format!("{:.2}ms", d.as_secs_f64() * 1000.0))
 }
 
+fn endpoints(d: &DestStats) -> String {
+    let eps: Vec<String> = d
+        .served_by
+        .iter()
+        .map(|(k, v)| format!("{k} ({v})"))
+        .collect();
+    eps.join(" ")
+}
+
 fn rows(w: &Window, seconds: f64) -> String {
+    let width = w
+        .dests
+        .values()
+        .map(|d| endpoints(d).len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     let mut out = format!(
-        "{:<32} {:>8} {:>9} {:>9} {:>9}  {:<24} {}\n",
+        "{:<32} {:>8} {:>9} {:>9} {:>9}  {:<width$} {}\n",
         "DESTINATION",
         "RPS",
         "SUCCESS",
@@ -130,41 +214,50 @@ fn rows(w: &Window, seconds: f64) -> String {
         } else {
             100.0 * d.ok as f64 / d.requests as f64
         };
-        let eps: Vec<String> = d
-            .served_by
-            .iter()
-            .map(|(k, v)| format!("{k} ({v})"))
-            .collect();
         let callers: Vec<&str> = d.callers.keys().map(String::as_str).collect();
         out.push_str(&format!(
-            "{:<32} {:>8.1} {:>8.2}% {:>9} {:>9}  {:<24} {}\n",
+            "{:<32} {:>8.1} {:>8.2}% {:>9} {:>9}  {:<width$} {}\n",
             name,
             d.requests as f64 / seconds.max(0.001),
             success,
             ms(d.percentile(0.5)),
             ms(d.percentile(0.99)),
-            eps.join(" "),
+            endpoints(d),
             callers.join(" ")
         ));
     }
     out
 }
 
-pub fn print_live(w: &Window, elapsed: Duration, rate: u32, tty: bool) {
+pub fn print_live(
+    w: &Window,
+    proxy: Option<PolicyCounters>,
+    canary: Canary,
+    elapsed: Duration,
+    rate: u32,
+    tty: bool,
+) {
     if tty {
         print!("\x1b[H\x1b[2J");
     }
     println!(
-        "strait demo: {}s, {rate} req/s offered (Ctrl-C to stop)\n{}",
+        "strait demo: {}s, {rate} req/s offered (Ctrl-C to stop)\n{}\n{}",
         elapsed.as_secs(),
-        rows(w, 1.0)
+        rows(w, 1.0),
+        policy_lines(w, proxy, canary)
     );
 }
 
-pub fn print_summary(total: &Window, elapsed: Duration) {
+pub fn print_summary(
+    total: &Window,
+    proxy: Option<PolicyCounters>,
+    canary: Canary,
+    elapsed: Duration,
+) {
     println!(
-        "summary over {:.0}s:\n{}",
+        "summary over {:.0}s:\n{}\n{}",
         elapsed.as_secs_f64(),
-        rows(total, elapsed.as_secs_f64())
+        rows(total, elapsed.as_secs_f64()),
+        policy_lines(total, proxy, canary)
     );
 }
