@@ -40,19 +40,23 @@ const METHODS: [&str; 9] = [
 ];
 
 /// Regular expressions match whole values, compiled as the proxies compile them.
+/// The pattern is compiled alone first: with unbalanced groups (`/a)|(.*`) it
+/// would compile inside the anchoring group and escape it.
 fn full_match_regex(field: &str, pattern: &str) -> Result<String, SpecError> {
-    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-        .size_limit(defaults::ROUTE_REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| {
-            // The crate's message spans lines (pattern, caret, error): keep the error.
-            let msg = e.to_string();
-            let why = msg
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("error: "))
-                .unwrap_or(msg.trim());
-            SpecError::new(field, format!("bad regular expression {pattern:?}: {why}"))
-        })?;
+    for p in [pattern.to_string(), format!("^(?:{pattern})$")] {
+        regex::RegexBuilder::new(&p)
+            .size_limit(defaults::ROUTE_REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| {
+                // The crate's message spans lines (pattern, caret, error): keep the error.
+                let msg = e.to_string();
+                let why = msg
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("error: "))
+                    .unwrap_or(msg.trim());
+                SpecError::new(field, format!("bad regular expression {pattern:?}: {why}"))
+            })?;
+    }
     Ok(pattern.to_string())
 }
 

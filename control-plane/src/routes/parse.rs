@@ -513,6 +513,12 @@ mod tests {
         v["spec"]["rules"][0]["matches"][0]["path"] =
             json!({"type": "RegularExpression", "value": "(/x"});
         assert_eq!(field_of(&v), "spec.rules[0].matches[0].path.value");
+
+        // Unbalanced groups would escape the anchors the proxies add.
+        let mut v = route();
+        v["spec"]["rules"][0]["matches"][0]["path"] =
+            json!({"type": "RegularExpression", "value": "/a)|(.*"});
+        assert_eq!(field_of(&v), "spec.rules[0].matches[0].path.value");
     }
 
     #[test]

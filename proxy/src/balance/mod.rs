@@ -149,7 +149,6 @@ pub struct Endpoints {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PickError {
     NoEndpoints,
-    AllEjected,
 }
 
 /// A request in flight to an endpoint: counted until dropped; its outcome goes
@@ -159,6 +158,10 @@ pub struct InFlight {
     backend: Arc<Endpoints>,
     index: usize,
     start: Instant,
+    /// This request probes an ejected endpoint (the probe's number).
+    probe: Option<u64>,
+    /// An outcome was recorded.
+    judged: std::sync::atomic::AtomicBool,
 }
 
 impl Endpoints {
@@ -242,19 +245,25 @@ impl Endpoints {
         let usable = |i: usize, strict: bool| {
             admit(i) != Admit::No && !(strict && avoid == Some(self.slots[i].endpoint.addr))
         };
+        // With every endpoint ejected (a discovery update can leave more than the
+        // cap out), fail open: any endpoint beats a certain 503.
         let chosen = self
             .choose(headers, now, |i| usable(i, true))
             .or_else(|| self.choose(headers, now, |i| usable(i, false)))
-            .ok_or(PickError::AllEjected)?;
+            .or_else(|| self.choose(headers, now, |_| true))
+            .ok_or(PickError::NoEndpoints)?;
         let state = &self.slots[chosen].state;
-        if admit(chosen) == Admit::Probe {
-            state.outlier().start_probe();
-        }
+        let probe = {
+            let mut o = state.outlier();
+            (o.admit(now) == Admit::Probe).then(|| o.start_probe())
+        };
         state.pending.fetch_add(1, Ordering::Relaxed);
         Ok(InFlight {
             backend: self.clone(),
             index: chosen,
             start: now,
+            probe,
+            judged: Default::default(),
         })
     }
 
@@ -338,7 +347,8 @@ impl InFlight {
 
     /// The endpoint answered well (its latency is recorded).
     pub fn success(&self) {
-        if self.state().outlier().success() {
+        self.judged.store(true, Ordering::Relaxed);
+        if self.state().outlier().success(self.probe) {
             // Re-admitted: its failures are behind it. Judged afresh, as a new
             // endpoint is, or their penalty would keep it idle long after.
             if let Ok(mut e) = self.state().ewma.lock() {
@@ -370,13 +380,16 @@ impl InFlight {
     }
 
     fn breaker_failure(&self) {
+        self.judged.store(true, Ordering::Relaxed);
         let b = &self.backend;
         let cap = b.config.breaker.cap(b.slots.len());
         let may_eject = b.ejected() < cap;
-        let ejected = self
-            .state()
-            .outlier()
-            .failure(&b.config.breaker, Instant::now(), may_eject);
+        let ejected = self.state().outlier().failure(
+            &b.config.breaker,
+            Instant::now(),
+            may_eject,
+            self.probe,
+        );
         if ejected {
             b.metrics.ejections.inc();
             tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
@@ -396,6 +409,15 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state().pending.fetch_sub(1, Ordering::Relaxed);
+        if !self.judged.load(Ordering::Relaxed) {
+            // Cancelled or timed out above us: no verdict, but it took at least
+            // this long, which the latency estimate should know.
+            self.record(Duration::ZERO);
+        }
+        if let Some(p) = self.probe {
+            // A no-op once the probe's outcome was recorded.
+            self.state().outlier().abandon_probe(p);
+        }
     }
 }
 

@@ -67,6 +67,9 @@ pub struct Outlier {
     ejections: u32,
     /// A probe request is in flight.
     probing: bool,
+    /// Probes started so far: a probe that ends without a verdict (cancelled)
+    /// frees the slot only if it is still the current one.
+    probes: u64,
 }
 
 /// Whether an endpoint may take a request now, and as what.
@@ -88,18 +91,37 @@ impl Outlier {
         }
     }
 
-    pub fn start_probe(&mut self) {
+    /// Marks the probe started; returns its number, for `abandon_probe`.
+    pub fn start_probe(&mut self) -> u64 {
         self.probing = true;
+        self.probes += 1;
+        self.probes
+    }
+
+    /// The probe ended without a verdict (its request was cancelled or timed
+    /// out in a layer above): the next request probes again, or the endpoint
+    /// would stay ejected for ever.
+    pub fn abandon_probe(&mut self, probe: u64) {
+        if self.probing && self.probes == probe {
+            self.probing = false;
+        }
     }
 
     pub fn is_ejected(&self) -> bool {
         self.ejected_until.is_some()
     }
 
+    /// Whether `probe` is the probe in flight now: only its outcome decides
+    /// an ejected endpoint's fate (requests sent before the ejection may still
+    /// come back).
+    fn is_current(&self, probe: Option<u64>) -> bool {
+        self.probing && probe == Some(self.probes)
+    }
+
     /// Records a success; returns true when it re-admits the endpoint.
-    pub fn success(&mut self) -> bool {
+    pub fn success(&mut self, probe: Option<u64>) -> bool {
         self.consecutive = 0;
-        if self.ejected_until.is_some() {
+        if self.is_current(probe) {
             // The probe passed: back in rotation, with a clean record.
             self.ejected_until = None;
             self.ejections = 0;
@@ -111,17 +133,26 @@ impl Outlier {
 
     /// Records a failure; returns true when it ejects the endpoint.
     /// `may_eject` says whether the backend's cap leaves room for one more.
-    pub fn failure(&mut self, config: &BreakerConfig, now: Instant, may_eject: bool) -> bool {
-        if self.probing {
+    pub fn failure(
+        &mut self,
+        config: &BreakerConfig,
+        now: Instant,
+        may_eject: bool,
+        probe: Option<u64>,
+    ) -> bool {
+        if self.is_current(probe) {
             // The probe failed: out again, for longer.
             self.probing = false;
             self.eject(config, now);
             return true;
         }
+        if self.ejected_until.is_some() {
+            // Out already; a late answer of an earlier request changes nothing.
+            return false;
+        }
         self.consecutive = self.consecutive.saturating_add(1);
         if config.consecutive_failures == 0
             || self.consecutive < config.consecutive_failures
-            || self.ejected_until.is_some()
             || !may_eject
         {
             return false;
@@ -160,17 +191,26 @@ mod tests {
         let c = config();
         let mut o = Outlier::default();
         let now = Instant::now();
-        assert!(!o.failure(&c, now, true));
-        assert!(!o.success());
-        assert!(!o.failure(&c, now, true));
-        assert!(!o.failure(&c, now, true));
-        assert!(o.failure(&c, now, true), "third in a row ejects");
+        assert!(!o.failure(&c, now, true, None));
+        assert!(!o.success(None));
+        assert!(!o.failure(&c, now, true, None));
+        assert!(!o.failure(&c, now, true, None));
+        assert!(o.failure(&c, now, true, None), "third in a row ejects");
         assert_eq!(o.admit(now), Admit::No);
         let later = now + Duration::from_secs(1);
         assert_eq!(o.admit(later), Admit::Probe);
-        o.start_probe();
+        let p = o.start_probe();
         assert_eq!(o.admit(later), Admit::No, "one probe at a time");
-        assert!(o.success(), "the probe re-admits");
+        o.abandon_probe(p);
+        assert_eq!(
+            o.admit(later),
+            Admit::Probe,
+            "a cancelled probe frees the slot"
+        );
+        let p = o.start_probe();
+        assert!(!o.success(None), "only the probe's answer re-admits");
+        assert_eq!(o.admit(later), Admit::No);
+        assert!(o.success(Some(p)), "the probe re-admits");
         assert_eq!(o.admit(later), Admit::Yes);
     }
 
@@ -180,7 +220,7 @@ mod tests {
         let mut o = Outlier::default();
         let mut now = Instant::now();
         for _ in 0..3 {
-            o.failure(&c, now, true);
+            o.failure(&c, now, true, None);
         }
         let mut expected = Duration::from_secs(1);
         for _ in 0..5 {
@@ -190,8 +230,12 @@ mod tests {
             );
             now += expected;
             assert_eq!(o.admit(now), Admit::Probe);
-            o.start_probe();
-            assert!(o.failure(&c, now, true));
+            let p = o.start_probe();
+            assert!(
+                !o.failure(&c, now, true, None),
+                "a late answer is no verdict"
+            );
+            assert!(o.failure(&c, now, true, Some(p)));
             expected = (expected * 2).min(Duration::from_secs(8));
         }
     }
@@ -202,7 +246,7 @@ mod tests {
         let mut o = Outlier::default();
         let now = Instant::now();
         for _ in 0..10 {
-            assert!(!o.failure(&c, now, false));
+            assert!(!o.failure(&c, now, false, None));
         }
         assert_eq!(o.admit(now), Admit::Yes);
         assert_eq!(c.cap(3), 1);

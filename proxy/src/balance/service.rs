@@ -53,9 +53,6 @@ where
             Err(e) => {
                 let (status, reason) = match e {
                     PickError::NoEndpoints => (StatusCode::SERVICE_UNAVAILABLE, "no endpoints"),
-                    PickError::AllEjected => {
-                        (StatusCode::SERVICE_UNAVAILABLE, "all endpoints ejected")
-                    }
                 };
                 tracing::debug!(backend = %self.endpoints.name(), reason, "no endpoint for request");
                 let rsp =

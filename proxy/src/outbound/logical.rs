@@ -69,8 +69,9 @@ impl Logical {
     pub fn stages(&self, view: &Arc<ServiceView>, b: &Builder) -> Arc<Stages> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = &*current
-            && Arc::ptr_eq(&s.view, view)
+            && (Arc::ptr_eq(&s.view, view) || s.view.version > view.version)
         {
+            // Current, or newer than the view a slow caller resolved earlier.
             return s.clone();
         }
         let s = Arc::new(Stages::build(view.clone(), current.as_deref(), b));

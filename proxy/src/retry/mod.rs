@@ -197,10 +197,17 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         result: &mut Result<Response<BoxBody>, E>,
     ) -> Option<Self::Future> {
         let rsp = result.as_ref().ok()?;
-        if !self.retryable(rsp) || self.retried >= self.config.attempts {
+        let not_sent = rsp.extensions().get::<RequestNotSent>().is_some();
+        // Requests never sent are retried whatever the route's attempts say.
+        let attempts = if not_sent {
+            self.config.attempts.max(defaults::CONNECT_RETRIES)
+        } else {
+            self.config.attempts
+        };
+        if !self.retryable(rsp) || self.retried >= attempts {
             return None;
         }
-        if let Err(why) = req.body().replayable() {
+        if let Err(why) = req.body().replayable(not_sent) {
             match why {
                 NotReplayable::TooLarge => self.metrics.body_too_large.inc(),
                 NotReplayable::Unfinished => self.metrics.body_unfinished.inc(),
@@ -225,10 +232,7 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             self.budget.deposit();
         }
         // An upgrade hands the connection over: there is nothing to send again.
-        if self.config.attempts == 0
-            || req.method() == http::Method::CONNECT
-            || crate::http::upgrade::is_upgrade_request(req)
-        {
+        if req.method() == http::Method::CONNECT || crate::http::upgrade::is_upgrade_request(req) {
             return None;
         }
         let mut r = Request::new(req.body().again());
@@ -343,6 +347,27 @@ mod tests {
         let mut refused = rsp(502).unwrap();
         refused.extensions_mut().insert(RequestNotSent);
         assert!(p.retryable(&refused));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_never_sent_are_retried_even_with_no_attempts() {
+        let mut p = policy(0, &[]);
+        let t: &mut Tower = &mut p;
+        let mut r = t.clone_request(&req()).expect("a clone to retry with");
+        let mut refused = rsp(502);
+        if let Ok(rsp) = &mut refused {
+            rsp.extensions_mut().insert(RequestNotSent);
+        }
+        // The budget's floor is 0 in this policy: fill it first.
+        for _ in 0..20 {
+            p.budget.deposit();
+        }
+        let t: &mut Tower = &mut p;
+        assert!(t.retry(&mut r, &mut refused).is_some());
+        assert!(
+            t.retry(&mut r, &mut rsp(503)).is_none(),
+            "statuses need attempts"
+        );
     }
 
     #[tokio::test(start_paused = true)]

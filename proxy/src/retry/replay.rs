@@ -15,6 +15,9 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::http::{BoxBody, BoxError};
 
+/// What a chunk of the copy costs at least (its slot and the buffer it keeps).
+const CHUNK_COST: usize = 256;
+
 /// Why a body cannot be replayed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotReplayable {
@@ -40,6 +43,9 @@ struct State {
     rest: BoxBody,
     copy: Vec<Bytes>,
     copied: usize,
+    /// What the copy costs: its bytes, and at least `CHUNK_COST` a chunk, so a
+    /// body sent a byte at a time cannot hold far more memory than the limit.
+    cost: usize,
     limit: usize,
     /// The copy was dropped (the body outgrew the limit).
     overflow: bool,
@@ -75,6 +81,7 @@ impl ReplayBody {
                 rest: body,
                 copy: Vec::new(),
                 copied: 0,
+                cost: 0,
                 limit,
                 overflow,
                 started: false,
@@ -90,10 +97,13 @@ impl ReplayBody {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether another attempt may send this body from the start.
-    pub fn replayable(&self) -> Result<(), NotReplayable> {
+    /// Whether another attempt may send this body from the start. A body none
+    /// of which was read can be sent only if the last attempt surely is gone
+    /// (`not_sent`: it never had a connection); else the connection may still
+    /// read it, and two attempts would share it.
+    pub fn replayable(&self, not_sent: bool) -> Result<(), NotReplayable> {
         let s = self.state();
-        if !s.started || (s.complete && !s.overflow) {
+        if (not_sent && !s.started) || (s.complete && !s.overflow) {
             Ok(())
         } else if s.overflow {
             Err(NotReplayable::TooLarge)
@@ -149,13 +159,15 @@ impl Body for ReplayBody {
         let frame = match frame.into_data() {
             Ok(data) => {
                 if !s.overflow {
-                    if s.copied + data.len() > s.limit {
+                    let cost = data.len().max(CHUNK_COST);
+                    if s.cost + cost > s.limit {
                         // Too large to replay: stop copying, free the copy.
                         s.overflow = true;
                         s.copy = Vec::new();
                         this.pos = 0;
                     } else {
                         s.copied += data.len();
+                        s.cost += cost;
                         s.copy.push(data.clone());
                         this.pos = s.copy.len();
                     }
@@ -172,9 +184,10 @@ impl Body for ReplayBody {
                 Err(_) => return Poll::Ready(None),
             },
         };
-        if s.rest.is_end_stream() {
+        if !s.complete && s.rest.is_end_stream() {
+            // The data just sent was the last frame: no trailers follow.
             s.complete = true;
-            this.trailers_sent = s.trailers.is_none();
+            this.trailers_sent = true;
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -213,22 +226,43 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_body_is_sent_again_whole() {
-        let first = ReplayBody::new(streamed(&["ab", "cd"]), 64);
+        let first = ReplayBody::new(streamed(&["ab", "cd"]), 1024);
         let second = first.again();
         let got = first.collect().await.unwrap().to_bytes();
         assert_eq!(got, "abcd");
-        assert_eq!(second.replayable(), Ok(()));
+        assert_eq!(second.replayable(false), Ok(()));
         let again = second.collect().await.unwrap().to_bytes();
         assert_eq!(again, "abcd");
     }
 
     #[tokio::test]
     async fn a_body_over_the_limit_streams_through_and_is_never_replayed() {
-        let first = ReplayBody::new(streamed(&["abc", "def", "ghi"]), 4);
+        let first = ReplayBody::new(streamed(&["abc", "def", "ghi"]), 600);
         let second = first.again();
         let got = first.collect().await.unwrap().to_bytes();
         assert_eq!(got, "abcdefghi");
-        assert_eq!(second.replayable(), Err(NotReplayable::TooLarge));
+        assert_eq!(second.replayable(false), Err(NotReplayable::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn trailers_are_sent_once_and_replayed() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = crate::http::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let first = ReplayBody::new(body, 1024);
+        let second = first.again();
+        let got = first.collect().await.unwrap();
+        assert_eq!(got.trailers().map(|t| t.len()), Some(1));
+        assert_eq!(got.to_bytes(), "ab");
+        let again = second.collect().await.unwrap();
+        assert_eq!(again.trailers().map(|t| t.len()), Some(1));
+        assert_eq!(again.to_bytes(), "ab");
     }
 
     #[tokio::test]
@@ -236,7 +270,8 @@ mod tests {
         let first = ReplayBody::new(crate::http::full(vec![7u8; 1000]), 4);
         let second = first.again();
         drop(first);
-        assert_eq!(second.replayable(), Ok(()));
+        assert_eq!(second.replayable(true), Ok(()));
+        assert_eq!(second.replayable(false), Err(NotReplayable::TooLarge));
         assert_eq!(second.collect().await.unwrap().to_bytes().len(), 1000);
     }
 
@@ -246,7 +281,7 @@ mod tests {
         let body = crate::http::boxed(http_body_util::StreamBody::new(
             tokio_stream_shim::ReceiverStream::new(body),
         ));
-        let mut first = ReplayBody::new(body, 64);
+        let mut first = ReplayBody::new(body, 1024);
         let second = first.again();
         sender
             .send(Ok(Frame::data(Bytes::from_static(b"x"))))
@@ -254,7 +289,7 @@ mod tests {
             .unwrap();
         let f = first.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "x");
-        assert_eq!(second.replayable(), Err(NotReplayable::Unfinished));
+        assert_eq!(second.replayable(false), Err(NotReplayable::Unfinished));
     }
 
     mod tokio_stream_shim {

@@ -56,6 +56,12 @@ impl Default for RouteMatch {
 /// Regexes match the whole value (as RE2 full matches in Gateway API
 /// implementations), and are bounded in size: they come from the network.
 fn regex(field: &str, pattern: &str) -> Result<Regex, ViewError> {
+    // Alone first: a pattern with unbalanced groups (`/a)|(.*`) would otherwise
+    // compile inside the anchoring group and escape it.
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| ViewError::new(field, format!("bad regular expression {pattern:?}: {e}")))?;
     regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(1 << 20)
         .build()
@@ -224,6 +230,14 @@ mod tests {
     #[test]
     fn regexes_match_the_whole_path() {
         use api::http_match::Path;
+        assert!(
+            RouteMatch::parse(api::HttpMatch {
+                path: Some(Path::Regex("/a)|(.*".into())),
+                ..Default::default()
+            })
+            .is_err(),
+            "a pattern cannot escape its anchors"
+        );
         let m = parse(Some(Path::Regex("/v[0-9]+/items".into())));
         assert!(m.is_match(&req("GET", "/v2/items", &[])));
         assert!(!m.is_match(&req("GET", "/v2/items/3", &[])));
