@@ -68,6 +68,20 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+/// Whatever changes the proxy's state answers loopback callers only: the admin
+/// port may be bound off loopback for the kubelet's probes.
+/// `Some` is the refusal to answer.
+fn loopback_only(peer: std::net::SocketAddr, what: &str) -> Option<Response<Full<Bytes>>> {
+    if peer.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    warn!(client = %peer, "refused {what} from a non-loopback address");
+    Some(text(
+        StatusCode::FORBIDDEN,
+        format!("{what} is accepted only from loopback\n"),
+    ))
+}
+
 async fn route(
     state: &AdminState,
     peer: std::net::SocketAddr,
@@ -111,6 +125,11 @@ async fn route(
             ),
         },
         (Method::PUT, "/log-level") => {
+            // Trace logging costs tens of KB a request, and silence hides an
+            // attack: changing the filter is the pod's own business.
+            if let Some(refused) = loopback_only(peer, "changing the log level") {
+                return refused;
+            }
             let Some(log) = &state.log else {
                 return text(
                     StatusCode::NOT_FOUND,
@@ -133,12 +152,8 @@ async fn route(
             }
         }
         (Method::POST, "/shutdown") => {
-            if !peer.ip().is_loopback() {
-                warn!(client = %peer, "refused /shutdown from a non-loopback address");
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "shutdown is accepted only from loopback\n",
-                );
+            if let Some(refused) = loopback_only(peer, "shutdown") {
+                return refused;
             }
             info!(client = %peer, "shutdown requested");
             state.shutdown.shutdown();
@@ -148,5 +163,26 @@ async fn route(
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_changes_answer_loopback_only() {
+        for ok in [
+            "127.0.0.1:1",
+            "127.0.1.7:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(loopback_only(ok.parse().unwrap(), "x").is_none(), "{ok}");
+        }
+        for refused in ["10.0.0.5:1", "[fd00::1]:1", "[::ffff:10.0.0.5]:1"] {
+            let r = loopback_only(refused.parse().unwrap(), "changing the log level").unwrap();
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{refused}");
+        }
     }
 }

@@ -57,7 +57,13 @@ pub fn init(filter: &str, format: LogFormat) -> Result<LogHandle, LogError> {
     let registry = tracing_subscriber::registry().with(layer);
     let res = match format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    // Colour codes only for a person at a terminal, never in a
+                    // file or a log collector.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(
