@@ -30,7 +30,18 @@ enum Command {
     DemoApp(demo::app::AppArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with one line naming the cause, never a backtrace.
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

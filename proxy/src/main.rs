@@ -1,11 +1,30 @@
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use strait_proxy::cli::Cli;
+use strait_proxy::proxy::StartError;
 use strait_proxy::telemetry::log;
 use strait_proxy::{Config, Proxy};
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with one line naming the cause, never a backtrace:
+/// status 2 for what the flags said (as clap's own errors), 1 for the rest.
+fn main() -> ExitCode {
+    match start() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let flags = matches!(
+                e.downcast_ref::<StartError>(),
+                Some(StartError::ControlPlane(_) | StartError::Identity(_))
+            );
+            ExitCode::from(if flags { 2 } else { 1 })
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     let config = Cli::parse().into_config();
     // One thread (the default) runs everything on the current thread: a sidecar
     // shares its pod's CPU, and cross-thread wake-ups cost more than they give.

@@ -37,6 +37,40 @@ async fn a_bad_flag_exits_non_zero_naming_it() {
 }
 
 #[tokio::test]
+async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args(["--admin-addr=127.0.0.1:0", "--inbound-addr=127.0.0.1:0"])
+        .args(["--outbound-addr=127.0.0.1:0", "--control-plane=notaurl"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--control-plane") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A port taken by another process is not a flag error, and still one line.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args(["--admin-addr=127.0.0.1:0", "--outbound-addr=127.0.0.1:0"])
+        .arg(format!("--inbound-addr={}", taken.local_addr().unwrap()))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot listen") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn identity_flags_are_checked_before_anything_is_sent() {
     let pki = strait_tests::pki::Pki::new();
     let tokens = strait_tests::manifests::ManifestDir::new();
