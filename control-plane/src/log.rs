@@ -1,9 +1,26 @@
-//! Logging for the `strait` binary: RUST_LOG-style filters (`STRAIT_LOG`), text or JSON.
+//! Logging for the `strait` binary: RUST_LOG-style filters (`--log-level`, or
+//! `STRAIT_LOG`), text or JSON (`--log-format`).
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Checks a filter when the flag is parsed, so a bad one is a flag error.
+pub fn parse_filter(s: &str) -> Result<String, String> {
+    EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+pub fn init(level: Option<&str>, json: bool) {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal, never in a file.

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use strait_control_plane::controller::{Controller, ControllerArgs};
-use strait_control_plane::demo;
+use strait_control_plane::{demo, log};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -11,8 +11,15 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "strait", version, about = "strait's control plane and CLI")]
 struct Cli {
-    /// Log as JSON (filter with STRAIT_LOG, RUST_LOG syntax).
-    #[arg(long, global = true, env = "STRAIT_LOG_JSON")]
+    /// Log filter, RUST_LOG syntax (`info,strait_control_plane=debug`); default
+    /// `$STRAIT_LOG`, else `info`.
+    #[arg(long, global = true, env = "STRAIT_LOG_LEVEL", value_parser = log::parse_filter)]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, env = "STRAIT_LOG_FORMAT", value_enum, default_value_t = log::LogFormat::Text)]
+    log_format: log::LogFormat,
+    /// The same as `--log-format json` (kept for scripts that use it).
+    #[arg(long, global = true, env = "STRAIT_LOG_JSON", hide = true)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -49,7 +56,8 @@ fn start() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Controller(args) => {
-                strait_control_plane::log::init(cli.log_json);
+                let json = cli.log_json || cli.log_format == log::LogFormat::Json;
+                log::init(cli.log_level.as_deref(), json);
                 let c = Controller::bind(args).await?;
                 c.run(async {
                     wait_for_signal().await;

@@ -93,3 +93,16 @@ fn issuer_flags_come_together_and_unreadable_files_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn log_flags_are_checked_and_name_themselves() {
+    for (flag, value) in [("--log-level", "info,[bad"), ("--log-format", "yaml")] {
+        let out = strait()
+            .args([flag, value, "controller", "--manifests", "."])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{err}");
+    }
+}
