@@ -130,8 +130,8 @@ impl EndpointState {
 }
 
 #[derive(Debug)]
-pub struct Slot {
-    pub endpoint: Endpoint,
+struct Slot {
+    endpoint: Endpoint,
     state: Arc<EndpointState>,
 }
 
@@ -208,18 +208,6 @@ impl Endpoints {
 
     pub fn config(&self) -> &BackendConfig {
         &self.config
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    pub fn slot(&self, i: usize) -> &Slot {
-        &self.slots[i]
     }
 
     fn ejected(&self) -> usize {

@@ -48,8 +48,6 @@ struct RouteStage {
 pub struct Stages {
     view: Arc<ServiceView>,
     table: Table,
-    /// Whether routes were attached (else `routes[0]` is the default route).
-    routed: bool,
     routes: Vec<RouteStage>,
     backends: HashMap<Arc<str>, Arc<Endpoints>>,
     replay_limit: usize,
@@ -95,8 +93,7 @@ impl Stages {
             );
             backends.insert(bv.name.clone(), Arc::new(eps));
         }
-        let routed = !view.routes.is_empty();
-        let rules: Vec<Rule> = if routed {
+        let rules: Vec<Rule> = if !view.routes.is_empty() {
             view.routes.clone()
         } else {
             let default = view
@@ -133,15 +130,10 @@ impl Stages {
         Stages {
             view,
             table,
-            routed,
             routes,
             backends,
             replay_limit: b.replay_limit,
         }
-    }
-
-    pub fn view(&self) -> &Arc<ServiceView> {
-        &self.view
     }
 
     /// The endpoints of the default backend (opaque streams go there).
@@ -165,7 +157,6 @@ impl Stages {
         });
         let Some((i, prefix)) = selected else {
             // Routes are attached and none matches: Gateway API says 404.
-            debug_assert!(self.routed);
             return error_response(StatusCode::NOT_FOUND, "no route matches the request");
         };
         let stage = &self.routes[i];

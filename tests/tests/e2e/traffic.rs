@@ -16,6 +16,8 @@ use strait_tests::{client, wait};
 
 const NS: &str = "test";
 const WEB: &str = "web.test.svc.cluster.local:80";
+/// A rule sending everything to `web`, retrying 503s three times.
+const RETRY_503: &str = "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n";
 
 /// A controller, a client sidecar with a local listener for `web`, and the
 /// Services `web`, `web-v1` and `web-v2`.
@@ -184,14 +186,7 @@ async fn retries_on_503_hide_a_flaky_backend() {
     // A backend failing 30 % of requests needs about 0.43 retries a request:
     // more than the default budget (20 %) grants at this rate.
     let mesh = Mesh::start(&[
-        (
-            "route.yaml",
-            route(
-                "web",
-                "",
-                "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n",
-            ),
-        ),
+        ("route.yaml", route("web", "", RETRY_503)),
         (
             "policy.yaml",
             backend_policy("  retryBudget: {ratio: 0.6, minRetriesPerSecond: 10, ttl: 10s}\n"),
@@ -249,14 +244,7 @@ async fn a_retry_budget_bounds_the_load_on_a_failing_backend() {
     let b = Backend::start().await;
     b.fail_with(Some(503));
     let mesh = Mesh::start(&[
-        (
-            "route.yaml",
-            route(
-                "web",
-                "",
-                "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n",
-            ),
-        ),
+        ("route.yaml", route("web", "", RETRY_503)),
         (
             "policy.yaml",
             backend_policy("  retryBudget: {ratio: 0.2, minRetriesPerSecond: 0, ttl: 10s}\n"),
@@ -468,15 +456,7 @@ async fn post(url: &str, body: Bytes) -> (http::StatusCode, String) {
 #[tokio::test]
 async fn a_small_body_is_replayed_intact_and_a_large_one_never() {
     let b = Backend::start().await;
-    let mesh = Mesh::start(&[(
-        "route.yaml",
-        route(
-            "web",
-            "",
-            "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 3, backoff: 1ms}\n",
-        ),
-    )])
-    .await;
+    let mesh = Mesh::start(&[("route.yaml", route("web", "", RETRY_503))]).await;
     mesh.serve("web", "web-0", &b);
     mesh.until_ok("/").await;
     // The route is in force once a flaky path is retried.

@@ -160,13 +160,6 @@ impl Filters {
         Ok(out)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.request.is_empty()
-            && self.response.is_empty()
-            && self.rewrite.is_none()
-            && self.redirect.is_none()
-    }
-
     /// Applies the request filters; `Err` carries the redirect to answer instead.
     pub fn on_request<B>(
         &self,
