@@ -40,6 +40,11 @@ impl Identity {
         self.uri.split('/').nth(4).unwrap_or_default()
     }
 
+    /// The service-account part.
+    pub fn service_account(&self) -> &str {
+        self.uri.split('/').nth(6).unwrap_or_default()
+    }
+
     /// A DNS name for the TLS handshake's SNI (rustls wants one; the peer is
     /// verified by its URI SAN, never by this name).
     pub fn server_name(&self) -> String {

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::discovery::{DiscoveryService, Views};
 use crate::identity::IdentityService;
 use crate::identity::ca::Ca;
+use crate::identity::caller::Authenticator;
 use crate::identity::serving::{self, ServingName};
 use crate::index::Snapshot;
 use crate::manifests::ManifestSource;
@@ -195,6 +196,10 @@ impl Controller {
         ready_tx.send_replace(true);
         info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = ?self.args.manifests, issues_certificates = self.ca.is_some(), "controller ready");
 
+        let auth = self
+            .ca
+            .as_ref()
+            .map(|ca| Authenticator::new(ca.clone(), snap_rx.clone(), metrics.clone()));
         let router = tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -202,13 +207,14 @@ impl Controller {
             // Bounded per connection: streams, and the size of what a client sends.
             .max_concurrent_streams(Some(defaults::GRPC_MAX_CONCURRENT_STREAMS))
             .add_service(
-                DiscoveryServer::new(DiscoveryService::new(views, metrics.clone()))
+                DiscoveryServer::new(DiscoveryService::new(views, metrics.clone(), auth.clone()))
                     .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
             )
             .add_service(
                 InboundPolicyServer::new(InboundPolicyService::new(
                     snap_rx.clone(),
                     metrics.clone(),
+                    auth,
                 ))
                 .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
             )

@@ -22,6 +22,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub service: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +43,8 @@ pub struct Metrics {
     pub reload_errors: Counter,
     pub certificates_issued: Counter,
     pub certify_refusals: Family<ReasonLabels, Counter>,
+    /// Discovery and policy calls refused for want of a credential, by service and reason.
+    pub api_refusals: Family<RefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -56,6 +64,7 @@ impl Metrics {
             reload_errors: Counter::default(),
             certificates_issued: Counter::default(),
             certify_refusals: Family::default(),
+            api_refusals: Family::default(),
         };
         registry.register(
             "watches",
@@ -103,6 +112,11 @@ impl Metrics {
             "Certificate requests refused, by reason",
             m.certify_refusals.clone(),
         );
+        registry.register(
+            "api_refusals",
+            "Discovery and inbound-policy calls refused (no or unknown credential, another workload's policy), by service and reason",
+            m.api_refusals.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -116,6 +130,12 @@ impl Metrics {
     pub fn certify_refused(&self, reason: &'static str) {
         self.certify_refusals
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn api_refused(&self, service: &'static str, reason: &'static str) {
+        self.api_refusals
+            .get_or_create(&RefusalLabels { service, reason })
             .inc();
     }
 

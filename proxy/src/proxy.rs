@@ -204,6 +204,11 @@ impl Proxy {
                     namespace: config.namespace.clone(),
                     pod,
                     trust_domain: config.trust_domain.clone(),
+                    // Sent only where the controller can verify it: over TLS.
+                    token_file: identity
+                        .as_ref()
+                        .and(config.token_file.clone())
+                        .map(Arc::new),
                 };
                 Some((control::channel(url, control_tls)?, workload))
             }

@@ -114,16 +114,30 @@ pub async fn controller_channel(
     grpc: std::net::SocketAddr,
     anchors_pem: &str,
 ) -> tonic::transport::Channel {
+    controller_channel_as(grpc, anchors_pem, None).await
+}
+
+/// As [`controller_channel`], presenting `client` as the TLS client certificate.
+pub async fn controller_channel_as(
+    grpc: std::net::SocketAddr,
+    anchors_pem: &str,
+    client: Option<Leaf>,
+) -> tonic::transport::Channel {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
         roots.add(c.expect("anchor PEM")).expect("anchor");
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(l) => cfg
+            .with_client_auth_cert(l.chain, l.key)
+            .expect("client certificate"),
+        None => cfg.with_no_client_auth(),
+    };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     tonic::transport::Endpoint::from_shared(format!("https://{grpc}"))

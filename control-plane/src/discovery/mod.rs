@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::defaults;
+use crate::identity::caller::Authenticator;
 use crate::index::view::{self, view};
 use crate::index::{DestKey, Snapshot};
 use crate::metrics::{Metrics, WatchGuard};
@@ -124,11 +125,17 @@ impl Views {
 pub struct DiscoveryService {
     views: Arc<Views>,
     metrics: Arc<Metrics>,
+    /// With identities on: only proxies of the mesh may watch.
+    auth: Option<Authenticator>,
 }
 
 impl DiscoveryService {
-    pub fn new(views: Arc<Views>, metrics: Arc<Metrics>) -> Self {
-        DiscoveryService { views, metrics }
+    pub fn new(views: Arc<Views>, metrics: Arc<Metrics>, auth: Option<Authenticator>) -> Self {
+        DiscoveryService {
+            views,
+            metrics,
+            auth,
+        }
     }
 }
 
@@ -142,6 +149,9 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<api::WatchDestination>,
     ) -> Result<Response<UpdateStream>, Status> {
+        if let Some(auth) = &self.auth {
+            auth.caller(&req, "discovery")?;
+        }
         let w = req.into_inner();
         if w.destination.len() > defaults::MAX_DESTINATION_LEN {
             return Err(Status::invalid_argument(format!(

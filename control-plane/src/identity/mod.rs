@@ -4,6 +4,7 @@
 //! short-lived. Every issuance is logged with the identity, never the token.
 
 pub mod ca;
+pub mod caller;
 pub mod serving;
 
 use std::sync::Arc;

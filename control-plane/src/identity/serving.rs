@@ -7,10 +7,11 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rustls::ServerConfig;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -67,7 +68,9 @@ pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
-    .with_no_client_auth()
+    .with_client_cert_verifier(Arc::new(ProofOfKey(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))))
     .with_cert_resolver(current.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let renewing = Arc::downgrade(&current);
@@ -94,12 +97,71 @@ pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// Asks for a client certificate without requiring one, and checks only that
+/// the client holds its key: whether the chain proves an identity is decided per
+/// call (`caller.rs`), where a failed chain can fall back to the token.
+#[derive(Debug)]
+struct ProofOfKey(Arc<rustls::crypto::CryptoProvider>);
+
+impl ClientCertVerifier for ProofOfKey {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.3 only on this port.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Accepted connections, each handshake on its own task (bounded in time) so a
 /// slow or silent client delays nobody else.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+) -> ReceiverStream<std::io::Result<Accepted>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -122,7 +184,7 @@ pub fn incoming(
                     .await
                 {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
+                        let _ = tx.send(Ok(Accepted(s))).await;
                     }
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake on the gRPC port failed")
@@ -133,4 +195,73 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// An accepted TLS connection; each request on it carries the client's
+/// certificate chain, if it presented one, as a [`PeerCerts`] extension.
+pub struct Accepted(TlsStream<TcpStream>);
+
+/// The certificates a client presented (its key was proven in the handshake;
+/// the chain is not verified yet).
+#[derive(Clone, Debug, Default)]
+pub struct PeerCerts(pub Option<Arc<[CertificateDer<'static>]>>);
+
+impl tonic::transport::server::Connected for Accepted {
+    type ConnectInfo = PeerCerts;
+
+    fn connect_info(&self) -> PeerCerts {
+        PeerCerts(
+            self.0
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
+        )
+    }
+}
+
+impl tokio::io::AsyncRead for Accepted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Accepted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }

@@ -12,6 +12,8 @@ use strait_api::v1::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
+
+use super::AuthedChannel;
 use tracing::{debug, info, warn};
 
 use super::Workload;
@@ -67,7 +69,7 @@ pub struct Resolved {
 }
 
 pub struct Discovery {
-    client: DiscoveryClient<Channel>,
+    client: DiscoveryClient<AuthedChannel>,
     workload: Workload,
     start: Instant,
     watches: Mutex<HashMap<DestAddr, Watch>>,
@@ -84,7 +86,7 @@ impl std::fmt::Debug for Discovery {
 impl Discovery {
     pub fn new(channel: Channel, workload: Workload) -> Arc<Self> {
         let d = Arc::new(Discovery {
-            client: DiscoveryClient::new(channel),
+            client: DiscoveryClient::new(super::authed(channel, &workload)),
             workload,
             start: Instant::now(),
             watches: Mutex::default(),
@@ -201,7 +203,7 @@ impl Discovery {
 /// Follows one destination for as long as it is watched, reconnecting with
 /// jittered backoff; the last answer stays in force while disconnected.
 async fn follow(
-    mut client: DiscoveryClient<Channel>,
+    mut client: DiscoveryClient<AuthedChannel>,
     req: api::WatchDestination,
     tx: watch::Sender<Option<Resolution>>,
     state: Arc<WatchState>,

@@ -21,6 +21,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::defaults;
@@ -32,6 +33,47 @@ pub struct Workload {
     pub pod: String,
     /// The mesh's trust domain: only its identities match namespace rules.
     pub trust_domain: String,
+    /// With identities on: the service-account token that proves who we are.
+    pub token_file: Option<Arc<std::path::PathBuf>>,
+}
+
+/// A channel whose calls carry this proxy's credential.
+pub type AuthedChannel = InterceptedService<Channel, Credential>;
+
+/// Puts the proxy's token on each discovery and policy call (`authorization:
+/// Bearer`), read at each call since the kubelet rotates projected tokens. The
+/// controller also accepts the workload certificate, which the TLS config
+/// presents on connections made once there is one; the token keeps a
+/// connection made before the first certificate usable.
+#[derive(Clone, Debug)]
+pub struct Credential(Option<Arc<std::path::PathBuf>>);
+
+impl Credential {
+    pub fn of(workload: &Workload) -> Self {
+        Credential(workload.token_file.clone())
+    }
+}
+
+impl tonic::service::Interceptor for Credential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(path) = &self.0 {
+            // An unreadable token is reported by the certificate loop; the call
+            // goes out without it and the controller says what is missing.
+            if let Ok(t) = std::fs::read(path.as_path())
+                && let Ok(mut v) = tonic::metadata::MetadataValue::try_from(
+                    [b"Bearer ".as_slice(), t.trim_ascii()].concat(),
+                )
+            {
+                v.set_sensitive(true);
+                req.metadata_mut().insert("authorization", v);
+            }
+        }
+        Ok(req)
+    }
+}
+
+pub fn authed(channel: Channel, workload: &Workload) -> AuthedChannel {
+    InterceptedService::new(channel, Credential::of(workload))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ pub async fn follow(
     workload: Workload,
     tx: watch::Sender<Option<Arc<InboundPolicy>>>,
 ) {
-    let mut client = InboundPolicyClient::new(channel);
+    let mut client = InboundPolicyClient::new(super::authed(channel, &workload));
     let req = api::WatchWorkload {
         namespace: workload.namespace.clone(),
         pod: workload.pod.clone(),

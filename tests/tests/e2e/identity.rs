@@ -12,7 +12,9 @@ use strait_tests::backend::Backend;
 use strait_tests::load::Load;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum};
-use strait_tests::pki::{Pki, controller_channel, request_over_tls, token_file, token_secret};
+use strait_tests::pki::{
+    Pki, controller_channel, controller_channel_as, request_over_tls, token_file, token_secret,
+};
 use strait_tests::process::free_port;
 use strait_tests::{client, wait};
 
@@ -300,6 +302,127 @@ async fn the_controller_signs_only_the_identity_a_token_proves() {
             .await
             >= 1.0
     );
+}
+
+/// Opens a discovery watch of `web` and a policy watch of `pod`, each with
+/// `token` as the bearer credential if given; returns the code of each (Ok when
+/// the first message arrived).
+async fn watch_codes(
+    channel: tonic::transport::Channel,
+    token: Option<&str>,
+    ns: &str,
+    pod: &str,
+) -> (tonic::Code, tonic::Code) {
+    use strait_api::v1::discovery_client::DiscoveryClient;
+    use strait_api::v1::inbound_policy_client::InboundPolicyClient;
+    fn with<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    }
+    async fn first<M>(
+        r: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+    ) -> tonic::Code {
+        match r {
+            Ok(rsp) => match rsp.into_inner().message().await {
+                Ok(Some(_)) => tonic::Code::Ok,
+                Ok(None) => tonic::Code::Unknown,
+                Err(e) => e.code(),
+            },
+            Err(e) => e.code(),
+        }
+    }
+    let d = DiscoveryClient::new(channel.clone())
+        .watch(with(
+            api::WatchDestination {
+                destination: WEB.into(),
+                context_namespace: NS.into(),
+                proxy_id: "probe".into(),
+            },
+            token,
+        ))
+        .await;
+    let d = first(d).await;
+    let p = InboundPolicyClient::new(channel)
+        .watch(with(
+            api::WatchWorkload {
+                namespace: ns.into(),
+                pod: pod.into(),
+                proxy_id: "probe".into(),
+            },
+            token,
+        ))
+        .await;
+    (d, first(p).await)
+}
+
+#[tokio::test]
+async fn the_controller_answers_only_proxies_of_the_mesh_and_each_only_its_own_policy() {
+    let m = Mesh::start("web", None).await;
+    let anchors = std::fs::read_to_string(&m.anchors).unwrap();
+    let chan = || controller_channel(m.ctl.grpc, &anchors);
+    use tonic::Code::{Ok as Answered, PermissionDenied, Unauthenticated};
+    // A stranger on the network: no credential, or a made-up one.
+    assert_eq!(
+        watch_codes(chan().await, None, NS, "web-0").await,
+        (Unauthenticated, Unauthenticated)
+    );
+    assert_eq!(
+        watch_codes(chan().await, Some("guessed"), NS, "web-0").await,
+        (Unauthenticated, Unauthenticated)
+    );
+    // A proxy of the mesh by its token: discovery, and its own pod's policy only.
+    assert_eq!(
+        watch_codes(chan().await, Some("token-of-web"), NS, "web-0").await,
+        (Answered, Answered)
+    );
+    assert_eq!(
+        watch_codes(chan().await, Some("token-of-client"), NS, "web-0").await,
+        (Answered, PermissionDenied),
+        "client's token must not read web's policy"
+    );
+    assert_eq!(
+        watch_codes(chan().await, Some("token-of-web"), "other", "web-0").await,
+        (Answered, PermissionDenied),
+        "nor a pod of another namespace"
+    );
+    // By its workload certificate, with no token at all.
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86400);
+    let leaf = m.pki.leaf(
+        "spiffe://cluster.local/ns/test/sa/web",
+        now - day,
+        now + day,
+    );
+    let as_web = controller_channel_as(m.ctl.grpc, &anchors, Some(leaf)).await;
+    assert_eq!(
+        watch_codes(as_web, None, NS, "web-0").await,
+        (Answered, Answered)
+    );
+    // A certificate from another CA proves nothing.
+    let other = Pki::new().leaf(
+        "spiffe://cluster.local/ns/test/sa/web",
+        now - day,
+        now + day,
+    );
+    let forged = controller_channel_as(m.ctl.grpc, &anchors, Some(other)).await;
+    assert_eq!(
+        watch_codes(forged, None, NS, "web-0").await,
+        (Unauthenticated, Unauthenticated)
+    );
+    // Two refusals per probe above: four without a credential, four for the wrong one.
+    assert_eq!(
+        metric_sum(m.ctl.admin, "strait_controller_api_refusals_total").await,
+        8.0
+    );
+    // The real proxies authenticate themselves (web's became ready, which takes
+    // its policy) and are served discovery.
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let (status, body) = get(&format!("http://{}/client-id", c.upstreams[0])).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
 }
 
 #[tokio::test]
