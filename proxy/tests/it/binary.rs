@@ -176,3 +176,55 @@ async fn the_binary_serves_upstream_traffic_and_stops_on_sigterm() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
+    let Some(ip) = strait_tests::host::non_loopback_ip() else {
+        return strait_tests::host::missing("an address that is not loopback (or root to add one)");
+    };
+    let port = free_port();
+    // Bound off loopback, as in a pod for the kubelet's probes.
+    let args = vec![
+        format!("--admin-addr=0.0.0.0:{port}"),
+        "--inbound-addr=127.0.0.1:0".into(),
+        "--outbound-addr=127.0.0.1:0".into(),
+        "--log-level=info".into(),
+    ];
+    let _proxy = Proc::spawn(bin(), &args, &[]);
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let remote = std::net::SocketAddr::new(ip, port);
+    wait::ready(local, Duration::from_secs(20)).await;
+    use strait_tests::wait::{admin_get, admin_request};
+    for path in ["/live", "/ready", "/metrics", "/config", "/log-level"] {
+        assert_eq!(admin_get(remote, path).await.unwrap().0, 200, "{path}");
+    }
+    let (status, body) = admin_request(remote, "PUT", "/log-level", "trace")
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            403,
+            "changing the log level is accepted only from loopback\n"
+        )
+    );
+    let (status, _) = admin_request(remote, "POST", "/shutdown", "")
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    // Nothing changed: the level is as started, and the proxy still serves.
+    assert_eq!(
+        admin_get(local, "/log-level").await.unwrap(),
+        (200, "info\n".into())
+    );
+    assert_eq!(admin_get(remote, "/ready").await.unwrap().0, 200);
+    // The same requests from loopback are the pod's own business.
+    let (status, _) = admin_request(local, "PUT", "/log-level", "debug")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        admin_get(remote, "/log-level").await.unwrap(),
+        (200, "debug\n".into())
+    );
+}
