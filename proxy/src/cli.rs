@@ -125,6 +125,12 @@ pub struct Config {
     #[serde(serialize_with = "ser_duration")]
     pub http_header_read_timeout: Duration,
 
+    /// Time a request body may go without a byte from the client before the
+    /// request is cut with 408 (an upload that stalls holds the upstream too).
+    #[arg(long, env = "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub http_body_read_timeout: Duration,
+
     /// An idle HTTP/1 keep-alive connection is closed after this long.
     #[arg(long, env = "STRAIT_PROXY_HTTP_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
@@ -253,6 +259,7 @@ mod tests {
             defaults::HTTP_HEADER_READ_TIMEOUT
         );
         assert_eq!(c.http_idle_timeout, defaults::HTTP_IDLE_TIMEOUT);
+        assert_eq!(c.http_body_read_timeout, defaults::HTTP_BODY_READ_TIMEOUT);
         assert_eq!(c.tcp_idle_timeout, defaults::TCP_IDLE_TIMEOUT);
         assert_eq!(c.connect_timeout, defaults::CONNECT_TIMEOUT);
         assert_eq!(c.max_replay_body_bytes, defaults::MAX_REPLAY_BODY_BYTES);

@@ -9,6 +9,9 @@ pub const INBOUND_ADDR: &str = "0.0.0.0:4143";
 pub const OUTBOUND_ADDR: &str = "127.0.0.1:4140";
 /// Health, metrics and control; loopback only so nothing outside the pod reaches it.
 pub const ADMIN_ADDR: &str = "127.0.0.1:4191";
+/// The default ports of every proxy (outbound, inbound, admin): never an app's
+/// target port, whichever ports this proxy itself listens on.
+pub const MESH_PORTS: [u16; 3] = [4140, 4143, 4191];
 
 /// Ports whose protocols speak first from the server or are never HTTP: SMTP (25, 587),
 /// MySQL (3306), SQL Server/others (4444), PostgreSQL (5432), Redis (6379),
@@ -34,6 +37,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Time a client has to send a complete HTTP/1 request head once it started one
 /// (slowloris protection); answered with 408.
 pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a request body may stall (no byte from the client); answered with 408.
+pub const HTTP_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// An HTTP/1 keep-alive connection idle this long is closed silently. Longer than
 /// the idle timeout of common client pools (Go: 90 s) so the client closes first
 /// and never races a reuse against our close.

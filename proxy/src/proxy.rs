@@ -290,6 +290,7 @@ impl Proxy {
             },
             http: ServerConfig {
                 header_read_timeout: config.http_header_read_timeout,
+                body_read_timeout: config.http_body_read_timeout,
                 idle_timeout: config.http_idle_timeout,
             },
             config,

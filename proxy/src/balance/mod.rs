@@ -351,6 +351,12 @@ impl InFlight {
         self.record(Duration::ZERO);
     }
 
+    /// The request says nothing about the endpoint (the client failed it): no
+    /// latency sample, no breaker verdict; a probe is abandoned, not decided.
+    pub fn no_verdict(&self) {
+        self.judged.store(true, Ordering::Relaxed);
+    }
+
     /// The endpoint could not be reached (refused the connection, timed out,
     /// its proxy could not reach its app). Such failures are fast: recorded as
     /// their latency they would make a dead endpoint the most attractive one, so

@@ -13,7 +13,7 @@ use http::{Request, Response, StatusCode};
 use super::{Avoid, Endpoints, PickError, ServedBy};
 use crate::addr::DestAddr;
 use crate::http::body::GuardedBody;
-use crate::http::error::{endpoint_failed, error_response};
+use crate::http::error::{ClientFaulted, endpoint_failed, error_response};
 use crate::http::{BoxBody, Dst, ToPeer, boxed};
 
 /// Balances over `endpoints`, sending through `inner` (the endpoint stack).
@@ -78,7 +78,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let mut rsp = inner.call(req).await?;
-            if endpoint_failed(&rsp) {
+            if rsp.extensions().get::<ClientFaulted>().is_some() {
+                // The client broke its own request: nothing learnt of the endpoint.
+                in_flight.no_verdict();
+            } else if endpoint_failed(&rsp) {
                 in_flight.unreachable();
             } else if rsp.status().is_server_error() {
                 in_flight.failed();

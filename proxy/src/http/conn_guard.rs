@@ -46,10 +46,18 @@ pub struct ConnState {
 
 const CONTENT_LENGTH: u8 = 1;
 const TRANSFER_ENCODING: u8 = 2;
+const BARE_LF: u8 = 4;
 
-/// Put on a request whose head named both Content-Length and Transfer-Encoding.
-#[derive(Clone, Copy, Debug)]
-pub struct ConflictingFraming;
+/// Put on a request whose head the scan found at fault: what hyper reads
+/// leniently and another parser might read otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadFault {
+    /// Both Content-Length and Transfer-Encoding (hyper drops the former).
+    ConflictingFraming,
+    /// A line ended by LF alone (RFC 9112 §2.2 lets a recipient accept it; a
+    /// proxy that did would pass on what the next hop may split differently).
+    BareLf,
+}
 
 impl ConnState {
     pub fn mark_upgraded(&self) {
@@ -266,8 +274,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if self.state.framing.swap(0, Ordering::AcqRel) == CONTENT_LENGTH | TRANSFER_ENCODING {
-            req.extensions_mut().insert(ConflictingFraming);
+        let found = self.state.framing.swap(0, Ordering::AcqRel);
+        if found & BARE_LF != 0 {
+            req.extensions_mut().insert(HeadFault::BareLf);
+        } else if found & (CONTENT_LENGTH | TRANSFER_ENCODING) == CONTENT_LENGTH | TRANSFER_ENCODING
+        {
+            req.extensions_mut().insert(HeadFault::ConflictingFraming);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         self.state.served.fetch_add(1, Ordering::AcqRel);
@@ -292,6 +304,8 @@ struct HeadScan {
     done: bool,
     /// Bytes seen on the current line, to recognise the empty line.
     line_bytes: usize,
+    /// The previous byte was CR.
+    cr: bool,
 }
 
 impl HeadScan {
@@ -301,8 +315,12 @@ impl HeadScan {
             if self.done {
                 break;
             }
+            let cr = std::mem::replace(&mut self.cr, b == b'\r');
             match b {
                 b'\n' => {
+                    if !cr {
+                        found |= BARE_LF;
+                    }
                     if self.line_bytes == 0
                         || (self.line_bytes == 1 && self.len == 1 && self.name[0] == b'\r')
                     {
@@ -356,6 +374,18 @@ mod tests {
         assert_eq!(
             s.feed(b"POST / HTTP/1.1\r\ncontent-length: 1\r\n\r\n"),
             CONTENT_LENGTH
+        );
+        let head = b"GET / HTTP/1.1\r\nHost: a\nx: b\r\n\r\n";
+        for split in 1..head.len() {
+            let mut s = HeadScan::default();
+            let f = s.feed(&head[..split]) | s.feed(&head[split..]);
+            assert_eq!(f, BARE_LF, "split at {split}");
+        }
+        let mut s = HeadScan::default();
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\n\r\nbody\n\n"),
+            0,
+            "only the head"
         );
     }
 

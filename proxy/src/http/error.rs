@@ -16,6 +16,12 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request loop: {0} is this proxy")]
     Loop(SocketAddr),
+    #[error("target port {0} is a strait proxy's port, never an app's")]
+    MeshPort(u16),
+    #[error("the request body from the client was malformed or cut short")]
+    ClientBody,
+    #[error("the request body from the client stalled for {0:?}")]
+    ClientBodyStalled(Duration),
     #[error("cannot resolve {name}: {reason}")]
     Resolve { name: DestAddr, reason: String },
     #[error("connect to {addr} timed out after {after:?}")]
@@ -30,6 +36,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) | ProxyError::Loop(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MeshPort(_) => StatusCode::FORBIDDEN,
+            ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Resolve { .. }
             | ProxyError::Connect { .. }
@@ -42,11 +51,22 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Loop(_) => "loop",
+            ProxyError::MeshPort(_) => "mesh_port",
+            ProxyError::ClientBody => "client_body",
+            ProxyError::ClientBodyStalled(_) => "client_body_timeout",
             ProxyError::Resolve { .. } => "resolve",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
         }
+    }
+
+    /// Whether the client failed the request (its body), whatever the upstream did.
+    pub fn is_client_fault(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ClientBody | ProxyError::ClientBodyStalled(_)
+        )
     }
 
     /// Whether the upstream failed us (rather than the request being refused):
@@ -69,6 +89,12 @@ impl ProxyError {
         if self.not_sent() {
             rsp.extensions_mut().insert(RequestNotSent);
         }
+        if self.is_client_fault() {
+            // The connection cannot be reused: the rest of the body is unread.
+            rsp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            rsp.extensions_mut().insert(ClientFaulted);
+        }
         rsp
     }
 
@@ -88,6 +114,11 @@ impl ProxyError {
 /// all (no connection): safe to retry whatever the request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestNotSent;
+
+/// Marks a response to a request the client failed (its body was malformed or
+/// stalled): it says nothing about the endpoint, good or bad.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientFaulted;
 
 /// Marks a response the proxy made up because the upstream could not be reached
 /// or failed mid-request.

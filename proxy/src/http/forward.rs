@@ -17,6 +17,7 @@ use tracing::debug;
 use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
+use super::request_body::ClientFault;
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, upgrade};
 use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
@@ -245,7 +246,11 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
         },
         ConnectError::Io { source, .. } => ProxyError::Connect {
             addr,
-            reason: source.to_string(),
+            // The kind in plain words ("connection refused"), not the OS's text.
+            reason: match source.kind() {
+                std::io::ErrorKind::Other => "connection error".to_string(),
+                k => k.to_string(),
+            },
         },
         ConnectError::Tls { reason, .. } => ProxyError::Connect {
             addr,
@@ -254,9 +259,14 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
     };
     let e = match e {
         ClientError::Connect(c) => return connect(&c),
-        ClientError::Http(e) => Box::new(e) as Box<dyn std::error::Error>,
+        ClientError::Http(e) => Box::new(e) as Box<dyn std::error::Error + 'static>,
         ClientError::Pooled(e) => Box::new(e),
     };
+    match ClientFault::find(e.as_ref()) {
+        Some(ClientFault::Stalled(after)) => return ProxyError::ClientBodyStalled(*after),
+        Some(ClientFault::Malformed(_)) => return ProxyError::ClientBody,
+        None => {}
+    }
     let mut src = e.source();
     while let Some(s) = src {
         if let Some(c) = s.downcast_ref::<ConnectError>() {
@@ -264,9 +274,49 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
         }
         src = s.source();
     }
-    let reason = match e.source() {
-        Some(s) => format!("{e}: {s:?}"),
-        None => e.to_string(),
-    };
-    ProxyError::Upstream { addr, reason }
+    ProxyError::Upstream {
+        addr,
+        reason: upstream_failure(e.as_ref()).to_string(),
+    }
+}
+
+/// What went wrong with an upstream, in our words: library errors describe
+/// their own state, which tells the reader of `strait-proxy-error` nothing.
+fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return "closed the connection before a complete response";
+            }
+            if h.is_parse() || h.is_parse_status() {
+                return "sent a malformed response";
+            }
+            if h.is_timeout() {
+                return "timed out";
+            }
+            if h.is_canceled() || h.is_closed() {
+                return "closed the connection";
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionReset => "reset the connection",
+                std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::BrokenPipe => {
+                    "closed the connection"
+                }
+                std::io::ErrorKind::TimedOut => "timed out",
+                _ => "connection error",
+            };
+        }
+        cur = e.source();
+    }
+    let text = e.to_string();
+    if text.contains("stream error") || text.contains("reset") {
+        "reset the stream"
+    } else if text.contains("protocol error") || text.contains("GOAWAY") {
+        "broke the HTTP/2 protocol"
+    } else {
+        "failed mid-request"
+    }
 }

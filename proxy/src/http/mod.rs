@@ -10,6 +10,7 @@ pub mod forward;
 pub mod metrics;
 pub mod normalize;
 pub mod reject;
+pub mod request_body;
 pub mod server;
 pub mod stack;
 pub mod upgrade;

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use tracing::info;
 
 use super::BoxBody;
-use super::conn_guard::ConflictingFraming;
+use super::conn_guard::HeadFault;
 use super::error::error_response;
 use super::upgrade;
 use crate::telemetry::{Direction, Metrics};
@@ -61,23 +61,16 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let h = req.headers();
-        let conflicting = req.extensions().get::<ConflictingFraming>().is_some()
-            || (h.contains_key(header::TRANSFER_ENCODING)
-                && h.contains_key(header::CONTENT_LENGTH));
-        if conflicting {
-            // hyper would frame by Transfer-Encoding; a peer that frames by
-            // Content-Length would see a different request. Refuse both readings.
-            self.metrics.reject_http(self.direction, "smuggling");
+        if let Err(refused) = check_head(&mut req) {
+            // Each of these lets two parsers read different requests from the
+            // same bytes; refuse every reading and close the connection.
+            self.metrics.reject_http(self.direction, refused.reason());
             info!(
                 direction = self.direction.as_str(),
-                uri = %req.uri(),
-                "refused request with both Content-Length and Transfer-Encoding"
+                reason = refused.reason(),
+                "refused request: {refused}"
             );
-            let mut rsp = error_response(
-                StatusCode::BAD_REQUEST,
-                "conflicting Content-Length and Transfer-Encoding",
-            );
+            let mut rsp = error_response(StatusCode::BAD_REQUEST, refused.message());
             rsp.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
@@ -94,6 +87,73 @@ where
             Ok(rsp)
         })
     }
+}
+
+/// Why a request head is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeadRefusal {
+    #[error("conflicting Content-Length and Transfer-Encoding")]
+    ConflictingFraming,
+    #[error("a line of the request head ends in a bare LF, not CRLF")]
+    BareLf,
+    #[error("more than one Host header")]
+    DuplicateHost,
+    #[error("an HTTP/1.1 request without a Host header")]
+    MissingHost,
+}
+
+impl HeadRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            HeadRefusal::ConflictingFraming => "smuggling",
+            HeadRefusal::BareLf => "bare_lf",
+            HeadRefusal::DuplicateHost => "duplicate_host",
+            HeadRefusal::MissingHost => "missing_host",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            HeadRefusal::ConflictingFraming => "conflicting Content-Length and Transfer-Encoding",
+            HeadRefusal::BareLf => "request head lines must end in CRLF",
+            HeadRefusal::DuplicateHost => "more than one Host header",
+            HeadRefusal::MissingHost => "HTTP/1.1 request without a Host header",
+        }
+    }
+}
+
+/// RFC 9112 framing of a request head: one Host (and one at all in HTTP/1.1),
+/// CRLF line ends, not both Content-Length and Transfer-Encoding. An
+/// absolute-form target's authority is the one that counts (§3.2.2): Host is
+/// rewritten to it, so that the next hop cannot read another.
+pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
+    match req.extensions().get::<HeadFault>() {
+        Some(HeadFault::ConflictingFraming) => return Err(HeadRefusal::ConflictingFraming),
+        Some(HeadFault::BareLf) => return Err(HeadRefusal::BareLf),
+        None => {}
+    }
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(HeadRefusal::ConflictingFraming);
+    }
+    let mut hosts = h.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next().is_some(), hosts.next().is_some());
+    if second {
+        return Err(HeadRefusal::DuplicateHost);
+    }
+    let h1 = matches!(req.version(), Version::HTTP_11 | Version::HTTP_10);
+    if h1 && req.method() != Method::CONNECT {
+        if let Some(a) = req.uri().authority() {
+            if h.get(header::HOST).map(|v| v.as_bytes()) != Some(a.as_str().as_bytes())
+                && let Ok(v) = header::HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        } else if !first && req.version() == Version::HTTP_11 {
+            return Err(HeadRefusal::MissingHost);
+        }
+    }
+    Ok(())
 }
 
 static HOP_BY_HOP: [HeaderName; 5] = [
@@ -117,7 +177,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
     for n in named {
-        if keep_upgrade && n == header::UPGRADE {
+        if (keep_upgrade && n == header::UPGRADE) || protected(&n) {
             continue;
         }
         headers.remove(n);
@@ -141,10 +201,61 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Fields a `Connection` header may not name away: Host, which every HTTP/1.1
+/// request needs, and strait's own, which the proxies act on (a client must not
+/// make one hop drop what the next relies on).
+fn protected(n: &HeaderName) -> bool {
+    n == header::HOST || n.as_str().starts_with("strait-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn connection_cannot_name_host_or_strait_headers_away() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, strait-target-port, x-gone"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert("strait-target-port", HeaderValue::from_static("8080"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[header::HOST], "web");
+        assert_eq!(h["strait-target-port"], "8080");
+        assert!(!h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn host_rules_of_rfc_9112() {
+        let req = |uri: &str, hosts: &[&str]| {
+            let mut b = Request::builder().uri(uri).version(Version::HTTP_11);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(
+            check_head(&mut req("/", &["a", "b"])),
+            Err(HeadRefusal::DuplicateHost)
+        );
+        assert_eq!(
+            check_head(&mut req("/", &[])),
+            Err(HeadRefusal::MissingHost)
+        );
+        let mut abs = req("http://web.test:8080/x", &["evil"]);
+        assert_eq!(check_head(&mut abs), Ok(()));
+        assert_eq!(abs.headers()[header::HOST], "web.test:8080");
+        let mut abs = req("http://web.test/x", &[]);
+        assert_eq!(check_head(&mut abs), Ok(()));
+        assert_eq!(abs.headers()[header::HOST], "web.test");
+        let mut h10 = req("/", &[]);
+        *h10.version_mut() = Version::HTTP_10;
+        assert_eq!(check_head(&mut h10), Ok(()), "HTTP/1.0 needs no Host");
+    }
 
     #[test]
     fn removes_hop_by_hop_and_connection_named_fields() {

@@ -23,6 +23,7 @@ use crate::transport::Drain;
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
 }
 

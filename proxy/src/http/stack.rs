@@ -13,9 +13,13 @@ use super::conn_guard::{ConnState, InFlightLayer};
 use super::forward::{Forward, UpgradeConn};
 use super::metrics::RequestMetricsLayer;
 use super::normalize::NormalizeLayer;
+use super::request_body::RequestBody;
 use super::server::{ConnMeta, serve_http1, serve_http2};
 use crate::proxy::Shared;
 use crate::telemetry::Direction;
+
+/// A request body as the stack sees it: the client's, with its stall timeout.
+pub type ClientBody = RequestBody<Incoming>;
 
 #[derive(Clone, Debug)]
 pub struct HttpStack {
@@ -52,17 +56,21 @@ impl HttpStack {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         L: Layer<Forward>,
-        L::Service: tower::Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
+        L::Service: tower::Service<Request<ClientBody>, Response = Response<BoxBody>, Error = Infallible>
             + Clone
             + Send
             + 'static,
-        <L::Service as tower::Service<Request<Incoming>>>::Future: Send + 'static,
+        <L::Service as tower::Service<Request<ClientBody>>>::Future: Send + 'static,
     {
         let s = &self.shared;
         let state = Arc::new(ConnState::default());
+        let body_timeout = s.http.body_read_timeout;
         if h2 {
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
+                .map_request(move |req: Request<Incoming>| {
+                    req.map(|b| RequestBody::new(b, body_timeout))
+                })
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())
                 .layer(dst)
@@ -75,7 +83,7 @@ impl HttpStack {
                 // Told when a request upgrades the connection.
                 .map_request(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
-                    req
+                    req.map(|b| RequestBody::new(b, body_timeout))
                 })
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())

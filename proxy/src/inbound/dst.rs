@@ -5,7 +5,7 @@ use http::{HeaderValue, Request, Version, header};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::addr::{DestAddr, OwnAddrs, TargetPort};
-use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
+use crate::defaults::{self, ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::http::dst::ChooseDst;
 use crate::http::error::ProxyError;
 
@@ -29,7 +29,9 @@ pub struct TargetRules {
 }
 
 impl TargetRules {
-    /// Refuses this proxy's own ports.
+    /// Refuses this proxy's own ports, and the mesh's well-known proxy ports:
+    /// where several proxies share a host (the demo, a node's host network), a
+    /// request must not reach another proxy's admin server as "loopback".
     pub fn check(&self, port: TargetPort) -> Result<TargetPort, ProxyError> {
         if self.own.has_port(port.0) {
             return Err(ProxyError::Loop(SocketAddr::from((
@@ -37,8 +39,33 @@ impl TargetRules {
                 port.0,
             ))));
         }
+        if defaults::MESH_PORTS.contains(&port.0) {
+            return Err(ProxyError::MeshPort(port.0));
+        }
         Ok(port)
     }
+}
+
+/// A `strait-target-port` value: one header, decimal digits only (no sign, no
+/// spaces), 1 to 65535.
+fn carried_port(values: http::header::GetAll<'_, HeaderValue>) -> Result<TargetPort, ProxyError> {
+    let bad = ProxyError::BadRequest("invalid strait-target-port header");
+    let mut it = values.iter();
+    let (Some(v), None) = (it.next(), it.next()) else {
+        return Err(ProxyError::BadRequest(
+            "more than one strait-target-port header",
+        ));
+    };
+    let b = v.as_bytes();
+    if b.is_empty() || b.len() > 5 || !b.iter().all(u8::is_ascii_digit) {
+        return Err(bad);
+    }
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .map(TargetPort)
+        .ok_or(bad)
 }
 
 #[derive(Clone, Debug)]
@@ -89,17 +116,15 @@ fn restore_version<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
 
 impl InboundDst {
     fn target<B>(&self, req: &mut Request<B>) -> Result<TargetPort, ProxyError> {
-        let carried = match req.headers_mut().remove(TARGET_PORT_HEADER) {
-            Some(_) if !self.rules.trust_carried => None,
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|s| s.parse::<u16>().ok())
-                    .filter(|p| *p != 0)
-                    .map(TargetPort)
-                    .ok_or(ProxyError::BadRequest("invalid strait-target-port header"))?,
-            ),
-            None => None,
+        let carried = if !req.headers().contains_key(TARGET_PORT_HEADER) {
+            None
+        } else if self.rules.trust_carried {
+            let p = carried_port(req.headers().get_all(TARGET_PORT_HEADER))?;
+            req.headers_mut().remove(TARGET_PORT_HEADER);
+            Some(p)
+        } else {
+            req.headers_mut().remove(TARGET_PORT_HEADER);
+            None
         };
         let port = carried.or(self.redirected).ok_or(ProxyError::BadRequest(
             "no target port: not redirected and no strait-target-port header from a peer proxy",
@@ -153,6 +178,44 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(l.target(&mut r), Err(ProxyError::Loop(_))));
+    }
+
+    #[test]
+    fn signed_spaced_or_repeated_ports_are_refused_and_mesh_ports_too() {
+        let l = InboundDst::new(None, rules(true), Ipv4Addr::LOCALHOST.into());
+        for bad in ["+18080", "-1", " 8080", "0", "65536", "8080 ", "0x50", ""] {
+            let mut r = Request::builder()
+                .header(TARGET_PORT_HEADER, bad)
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(l.target(&mut r), Err(ProxyError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+        let mut r = Request::builder()
+            .header(TARGET_PORT_HEADER, "8080")
+            .header(TARGET_PORT_HEADER, "8081")
+            .body(())
+            .unwrap();
+        assert!(matches!(l.target(&mut r), Err(ProxyError::BadRequest(_))));
+        // Another proxy's ports on a shared host (ours are 4143/4140/4191 here,
+        // so take a proxy whose own differ).
+        let other = TargetRules {
+            own: OwnAddrs::new([SocketAddr::from((Ipv4Addr::LOCALHOST, 5000))]),
+            trust_carried: true,
+        };
+        let l = InboundDst::new(None, other, Ipv4Addr::LOCALHOST.into());
+        for port in ["4191", "4140", "4143"] {
+            let mut r = Request::builder()
+                .header(TARGET_PORT_HEADER, port)
+                .body(())
+                .unwrap();
+            assert!(
+                matches!(l.target(&mut r), Err(ProxyError::MeshPort(_))),
+                "{port}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod admin;
 mod binary;
 mod drain;
+mod framing;
 mod grpc;
 mod hardening;
 mod http1;

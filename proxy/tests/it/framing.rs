@@ -1,0 +1,200 @@
+//! HTTP/1 framing the way RFC 9110/9112 require, through the built binary:
+//! every refusal is a 400 (or 408) in strait's words, the app never sees the
+//! request, and a client's own faults are never blamed on the upstream.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use strait_tests::backend::Backend;
+use strait_tests::process::{Proc, free_port};
+use strait_tests::wait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Binary {
+    _proc: Proc,
+    upstream: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// The real proxy: `--upstream` to `backend`, an inbound listener, and the
+/// given extra flags.
+async fn binary(backend: SocketAddr, extra: &[&str]) -> Binary {
+    let (admin, upstream, inbound) = (free_port(), free_port(), free_port());
+    let mut args = vec![
+        format!("--admin-addr=127.0.0.1:{admin}"),
+        format!("--inbound-addr=127.0.0.1:{inbound}"),
+        "--outbound-addr=127.0.0.1:0".into(),
+        format!("--upstream=127.0.0.1:{upstream}={backend}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proc = Proc::spawn("strait-proxy", &args, &[("STRAIT_PROXY_LOG_LEVEL", "warn")]);
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    wait::ready(admin, Duration::from_secs(20)).await;
+    Binary {
+        _proc: proc,
+        upstream: SocketAddr::from(([127, 0, 0, 1], upstream)),
+        inbound: SocketAddr::from(([127, 0, 0, 1], inbound)),
+        admin,
+    }
+}
+
+/// Sends raw bytes; returns all the proxy answers before it closes (or 10 s).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(rsp: &str) -> &str {
+    rsp.get(9..12).unwrap_or("")
+}
+
+fn header<'a>(rsp: &'a str, name: &str) -> Option<&'a str> {
+    rsp.split("\r\n\r\n").next()?.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn host_rules_bare_lf_and_connection_listing_host() {
+    let backend = Backend::start().await;
+    let p = binary(backend.addr, &[]).await;
+    let cases: [(&[u8], &str, &str); 3] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "400",
+            "more than one Host header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\n\r\n",
+            "400",
+            "HTTP/1.1 request without a Host header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\nx-split: b\r\n\r\n",
+            "400",
+            "request head lines must end in CRLF",
+        ),
+    ];
+    for (req, status, reason) in cases {
+        let rsp = raw(p.upstream, req).await;
+        assert_eq!(status_of(&rsp), status, "{rsp}");
+        assert_eq!(header(&rsp, "strait-proxy-error"), Some(reason), "{rsp}");
+    }
+    assert_eq!(backend.requests(), 0, "nothing refused reached the app");
+
+    // Absolute form: the target's authority wins over Host (RFC 9112 §3.2.2).
+    let rsp = raw(
+        p.upstream,
+        b"GET http://right.example:8080/ HTTP/1.1\r\nHost: wrong.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&rsp), "200", "{rsp}");
+    assert_eq!(header(&rsp, "x-seen-host"), Some("right.example:8080"));
+    // `Connection: host` names a field no hop may drop.
+    let rsp = raw(
+        p.upstream,
+        b"GET / HTTP/1.1\r\nHost: kept.example\r\nConnection: host, close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&rsp), "200", "{rsp}");
+    assert_eq!(header(&rsp, "x-seen-host"), Some("kept.example"));
+    // HTTP/1.0 needs no Host.
+    let rsp = raw(p.upstream, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status_of(&rsp), "200", "{rsp}");
+}
+
+#[tokio::test]
+async fn a_clients_bad_chunking_is_a_400_not_a_502() {
+    let backend = Backend::start().await;
+    let p = binary(backend.addr, &[]).await;
+    for chunk in ["zz", "-5", "fffffffffffffffffffff", "5\r\nabc\r\n0"] {
+        let req = format!(
+            "POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}\r\n\r\n"
+        );
+        let rsp = raw(p.upstream, req.as_bytes()).await;
+        assert_eq!(status_of(&rsp), "400", "chunk {chunk:?}: {rsp}");
+        let reason = header(&rsp, "strait-proxy-error").unwrap_or_default();
+        assert!(
+            reason.contains("request body from the client was malformed"),
+            "chunk {chunk:?}: {rsp}"
+        );
+    }
+    let (_, metrics) = wait::admin_get(p.admin, "/metrics").await.unwrap();
+    assert!(
+        !metrics.contains("status_class=\"5xx\""),
+        "no 5xx counted: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_with_408() {
+    let backend = Backend::start().await;
+    let p = binary(backend.addr, &["--http-body-read-timeout=1s"]).await;
+    let started = Instant::now();
+    let rsp = raw(
+        p.upstream,
+        b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab",
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(status_of(&rsp), "408", "{rsp}");
+    assert!(
+        header(&rsp, "strait-proxy-error").is_some_and(|r| r.contains("stalled")),
+        "{rsp}"
+    );
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    // A slow body that keeps moving is not cut.
+    let mut s = TcpStream::connect(p.upstream).await.unwrap();
+    s.write_all(
+        b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for b in [b"a", b"b", b"c", b"d"] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(b).await.unwrap();
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let rsp = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&rsp), "200", "{rsp}");
+    assert!(rsp.ends_with("\r\n\r\n4"), "{rsp}");
+}
+
+#[tokio::test]
+async fn target_ports_must_be_one_plain_number_and_never_a_proxys() {
+    let backend = Backend::start().await;
+    let p = binary(backend.addr, &[]).await;
+    let port = backend.addr.port();
+    let ask = |headers: String| {
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{headers}Connection: close\r\n\r\n")
+    };
+    let ok = raw(
+        p.inbound,
+        ask(format!("strait-target-port: {port}\r\n")).as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&ok), "200", "{ok}");
+    for (headers, status) in [
+        (format!("strait-target-port: +{port}\r\n"), "400"),
+        (
+            format!("strait-target-port: {port}\r\nstrait-target-port: {port}\r\n"),
+            "400",
+        ),
+        (format!("strait-target-port: {}\r\n", p.admin.port()), "400"),
+        ("strait-target-port: 4191\r\n".to_string(), "403"),
+    ] {
+        let rsp = raw(p.inbound, ask(headers.clone()).as_bytes()).await;
+        assert_eq!(status_of(&rsp), status, "{headers:?}: {rsp}");
+    }
+    assert_eq!(backend.requests(), 1);
+}
