@@ -588,3 +588,50 @@ async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
         "banner after {fastest:?}"
     );
 }
+
+#[tokio::test]
+async fn a_clients_bad_chunking_never_counts_against_an_endpoint() {
+    let eps = [Backend::start().await, Backend::start().await];
+    let mesh = Mesh::start(&[(
+        "policy.yaml",
+        backend_policy(
+            "  outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 30s, maxEjectionTime: 60s, maxEjectionPercent: 50}\n",
+        ),
+    )])
+    .await;
+    for (i, b) in eps.iter().enumerate() {
+        mesh.serve("web", &format!("web-{i}"), b);
+    }
+    wait::until("both serving", Duration::from_secs(10), || async {
+        send(&mesh.url("/"), 16, http::StatusCode::OK).await;
+        eps.iter().all(|b| b.requests() > 0)
+    })
+    .await;
+    // A client that breaks its own chunked framing, again and again: each is
+    // its 400, and no endpoint is ejected for it.
+    for _ in 0..10 {
+        let mut s = tokio::net::TcpStream::connect(mesh.client.upstreams[0])
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(
+            b"POST /count HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab",
+        )
+        .await
+        .unwrap();
+        s.write_all(b"zz\r\n-1\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let rsp = String::from_utf8_lossy(&out);
+        assert!(rsp.starts_with("HTTP/1.1 400"), "{rsp}");
+    }
+    assert_eq!(
+        mesh.metric("strait_proxy_backend_ejections_total").await,
+        0.0
+    );
+    let before: Vec<usize> = eps.iter().map(|b| b.requests()).collect();
+    assert_eq!(send(&mesh.url("/"), 64, http::StatusCode::OK).await, 64);
+    for (i, b) in eps.iter().enumerate() {
+        assert!(b.requests() > before[i], "endpoint {i} still serves");
+    }
+}
