@@ -75,7 +75,7 @@ fn loopback_only(peer: std::net::SocketAddr, what: &str) -> Option<Response<Full
     if peer.ip().to_canonical().is_loopback() {
         return None;
     }
-    warn!(client = %peer, "refused {what} from a non-loopback address");
+    crate::sampled!(warn, client = %peer, "refused {what} from a non-loopback address");
     Some(text(
         StatusCode::FORBIDDEN,
         format!("{what} is accepted only from loopback\n"),

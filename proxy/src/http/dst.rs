@@ -54,7 +54,7 @@ where
                 Either::Left(self.inner.call(req))
             }
             Err(e) => {
-                tracing::info!(error = %e, uri = %req.uri(), "request refused");
+                crate::sampled!(info, error = %e, uri = %req.uri(), "request refused");
                 Either::Right(ready(Ok(e.into_response())))
             }
         }

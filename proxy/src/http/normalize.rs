@@ -8,7 +8,6 @@ use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
-use tracing::info;
 
 use super::BoxBody;
 use super::conn_guard::HeadFault;
@@ -65,7 +64,8 @@ where
             // Each of these lets two parsers read different requests from the
             // same bytes; refuse every reading and close the connection.
             self.metrics.reject_http(self.direction, refused.reason());
-            info!(
+            crate::sampled!(
+                info,
                 direction = self.direction.as_str(),
                 reason = refused.reason(),
                 "refused request: {refused}"

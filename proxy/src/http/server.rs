@@ -11,7 +11,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::BoxError;
 use super::conn_guard::{ConnState, GuardedIo};
@@ -83,7 +83,7 @@ pub async fn serve_http1<I, S, B>(
         match reason {
             Some(reason) => {
                 meta.metrics.reject_http(meta.direction, reason);
-                info!(direction = meta.direction.as_str(), client = %meta.client.0, reason, error = %e, "refused HTTP/1 request");
+                crate::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, reason, error = %e, "refused HTTP/1 request");
             }
             None => {
                 debug!(direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/1 connection ended")
@@ -140,6 +140,6 @@ pub async fn serve_http2<I, S, B>(
     };
     if let Err(e) = res {
         // h2 answers protocol abuse (rapid reset, oversized headers) with GOAWAY itself.
-        info!(direction = meta.direction.as_str(), client = %meta.client.0, error = ?e, "HTTP/2 connection ended with an error");
+        crate::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/2 connection ended with an error");
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::layer::util::Stack;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use self::authorize::AuthorizeLayer;
 use crate::addr::{ClientAddr, TargetPort};
@@ -74,7 +74,7 @@ impl Inbound {
                         let Some(peer) = peer else {
                             // It chains to our anchors yet names no workload: not a proxy of ours.
                             s.metrics.reject_tcp(DIRECTION, "no_peer_identity");
-                            warn!(client = %client.0, "peer certificate carries no workload identity; closed");
+                            crate::sampled!(warn, client = %client.0, "peer certificate carries no workload identity; closed");
                             return;
                         };
                         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE) {
@@ -89,7 +89,7 @@ impl Inbound {
                                 direction: DIRECTION,
                             })
                             .inc();
-                        warn!(client = %client.0, error = %e, "mTLS handshake from peer failed");
+                        crate::sampled!(warn, client = %client.0, error = %e, "mTLS handshake from peer failed");
                     }
                     Err(_) => {
                         s.metrics.reject_tcp(DIRECTION, "tls_handshake_timeout");
@@ -119,7 +119,7 @@ impl Inbound {
             }
             _ => {
                 self.shared.metrics.reject_tcp(DIRECTION, "no_target_port");
-                warn!(client = %client.0, %peer, "opaque stream from peer proxy without a target port, closed");
+                crate::sampled!(warn, client = %client.0, %peer, "opaque stream from peer proxy without a target port, closed");
             }
         }
     }
@@ -168,7 +168,7 @@ impl Inbound {
             Protocol::Opaque => match target.map(|p| rules.check(p)) {
                 Some(Err(e)) => {
                     s.metrics.reject_tcp(DIRECTION, "loop");
-                    warn!(client = %client.0, error = %e, "opaque stream for the proxy's own port, closed");
+                    crate::sampled!(warn, client = %client.0, error = %e, "opaque stream for the proxy's own port, closed");
                 }
                 Some(Ok(p)) => {
                     let decision = policy::check(&s.policy, p.0, peer.as_ref());
@@ -189,7 +189,7 @@ impl Inbound {
                 }
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_target_port");
-                    warn!(client = %client.0, "non-HTTP connection that was not redirected carries no target port, closed");
+                    crate::sampled!(warn, client = %client.0, "non-HTTP connection that was not redirected carries no target port, closed");
                 }
             },
             Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,

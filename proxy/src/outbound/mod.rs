@@ -13,7 +13,6 @@ pub mod route;
 use std::sync::Arc;
 
 use tower::layer::util::Stack;
-use tracing::warn;
 
 use self::http::RouterLayer;
 use self::logical::Builder;
@@ -89,7 +88,7 @@ impl Outbound {
                 Some(d) => opaque::forward(&self.shared, &self.build, io, d, resolved).await,
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_destination");
-                    warn!(client = %acc.client.0, "non-HTTP connection with no original destination, closed");
+                    crate::sampled!(warn, client = %acc.client.0, "non-HTTP connection with no original destination, closed");
                 }
             },
             Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,

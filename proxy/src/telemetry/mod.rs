@@ -2,5 +2,6 @@
 
 pub mod log;
 pub mod metrics;
+pub mod sampled;
 
 pub use metrics::{Direction, Metrics};

@@ -198,3 +198,50 @@ async fn target_ports_must_be_one_plain_number_and_never_a_proxys() {
     }
     assert_eq!(backend.requests(), 1);
 }
+
+#[tokio::test]
+async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
+    let backend = Backend::start().await;
+    let (admin, upstream) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args([
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--inbound-addr=127.0.0.1:0".into(),
+            "--outbound-addr=127.0.0.1:0".into(),
+            format!("--upstream=127.0.0.1:{upstream}={}", backend.addr),
+            "--log-level=info".into(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
+    wait::ready(admin, Duration::from_secs(20)).await;
+    const JUNK: usize = 200;
+    for _ in 0..JUNK {
+        let rsp = raw(upstream, b"GET / HTTP/1.1\nHost: a\n\n").await;
+        assert_eq!(status_of(&rsp), "400", "{rsp}");
+    }
+    let (_, metrics) = wait::admin_get(admin, "/metrics").await.unwrap();
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("strait_proxy_http_rejected_requests_total") && l.contains("bare_lf")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(counted, Some(JUNK as f64), "{metrics}");
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refused request"))
+        .count();
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} log lines for {JUNK} junk requests:\n{log}"
+    );
+}
