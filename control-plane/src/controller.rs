@@ -91,6 +91,12 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A flag's value that cannot work: the process exits 2, as for flags clap
+/// refuses itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FlagError(pub String);
+
 /// A running controller's addresses, for tests and the demo.
 #[derive(Clone, Debug)]
 pub struct Bound {
@@ -114,18 +120,30 @@ impl Controller {
             ("--service-account", &args.service_account),
         ] {
             if !strait_api::identity::valid_part(v) {
-                anyhow::bail!(
+                return Err(FlagError(format!(
                     "{flag} {v:?}: not usable in an identity (letters, digits, '-', '.', '_')"
-                );
+                ))
+                .into());
             }
         }
         for dir in &args.manifests {
             if !dir.is_dir() {
-                anyhow::bail!("--manifests {}: not a directory", dir.display());
+                return Err(
+                    FlagError(format!("--manifests {}: not a directory", dir.display())).into(),
+                );
             }
         }
+        if args.grpc_addr == args.admin_addr && args.grpc_addr.port() != 0 {
+            return Err(FlagError(format!(
+                "--grpc-addr and --admin-addr both claim {}",
+                args.grpc_addr
+            ))
+            .into());
+        }
         let ca = match (&args.issuer_cert, &args.issuer_key) {
-            (Some(c), Some(k)) => Some(Arc::new(Ca::load(c, k, args.cert_lifetime)?)),
+            (Some(c), Some(k)) => Some(Arc::new(
+                Ca::load(c, k, args.cert_lifetime).map_err(|e| FlagError(e.to_string()))?,
+            )),
             _ => None,
         };
         let grpc = TcpListener::bind(args.grpc_addr)

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use strait_control_plane::controller::{Controller, ControllerArgs};
+use strait_control_plane::controller::{Controller, ControllerArgs, FlagError};
 use strait_control_plane::{demo, log};
 
 #[global_allocator]
@@ -43,7 +43,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // A flag's value that cannot work is a usage error, as clap's are.
+            if e.downcast_ref::<FlagError>().is_some() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

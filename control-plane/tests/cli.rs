@@ -18,10 +18,67 @@ fn a_missing_manifests_dir_exits_non_zero_naming_the_flag() {
         .args(["controller", "--manifests", "/nonexistent/strait-manifests"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--manifests"), "{err}");
     assert!(err.contains("/nonexistent/strait-manifests"), "{err}");
+}
+
+#[test]
+fn values_that_can_only_misbehave_exit_2_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("strait-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["demo", "--rate", "0"], "--rate"),
+        (
+            &[
+                "controller",
+                "--manifests",
+                ".",
+                "--grpc-addr",
+                "127.0.0.1:19999",
+                "--admin-addr",
+                "127.0.0.1:19999",
+            ],
+            "--grpc-addr and --admin-addr both claim 127.0.0.1:19999",
+        ),
+        (
+            &[
+                "controller",
+                "--manifests",
+                ".",
+                "--issuer-cert",
+                junk,
+                "--issuer-key",
+                junk,
+            ],
+            "expected a PEM private key",
+        ),
+        (
+            &["controller", "--manifests", "/nonexistent/x"],
+            "not a directory",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = strait()
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(says) && !err.contains("backtrace"),
+            "{args:?}: {err}"
+        );
+        if !args.contains(&"--rate") {
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             let flags = matches!(
                 e.downcast_ref::<StartError>(),
-                Some(StartError::ControlPlane(_) | StartError::Identity(_))
+                Some(StartError::ControlPlane(_) | StartError::Identity(_) | StartError::Flag(_))
             );
             ExitCode::from(if flags { 2 } else { 1 })
         }

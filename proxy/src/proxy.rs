@@ -112,6 +112,42 @@ pub enum StartError {
     ControlPlane(#[from] ControlPlaneError),
     #[error("{0}")]
     Identity(String),
+    #[error("{0}")]
+    Flag(String),
+}
+
+/// Two listeners configured on one address: named both, before either binds
+/// (the kernel would only say "address in use" about the second).
+fn check_claims(config: &Config) -> Result<(), StartError> {
+    let mut claims: Vec<(String, std::net::SocketAddr)> = vec![
+        ("--inbound-addr".into(), config.inbound_addr),
+        ("--outbound-addr".into(), config.outbound_addr),
+        ("--admin-addr".into(), config.admin_addr),
+    ];
+    claims.extend(
+        config
+            .upstreams
+            .iter()
+            .map(|u| (format!("--upstream {u}"), u.local)),
+    );
+    let overlap = |a: std::net::SocketAddr, b: std::net::SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    for (i, (na, a)) in claims.iter().enumerate() {
+        if let Some((nb, b)) = claims[i + 1..].iter().find(|(_, b)| overlap(*a, *b)) {
+            return Err(StartError::Flag(format!(
+                "{na} ({a}) and {nb} ({b}) claim the same address"
+            )));
+        }
+    }
+    if config.max_connections == 0 {
+        return Err(StartError::Flag(
+            "--max-connections 0 would refuse every connection; give at least 1".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// With --trust-anchors: this proxy's credentials (a fresh key, no certificate yet).
@@ -176,6 +212,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn bind(config: Config, log: Option<LogHandle>) -> Result<Self, StartError> {
+        check_claims(&config)?;
         let identity = credentials(&config)?;
         let metrics = Metrics::new();
         let control_tls = match &identity {

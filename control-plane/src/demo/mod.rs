@@ -124,8 +124,8 @@ pub struct DemoArgs {
     /// The demo's manifests.
     #[arg(long, default_value = "deploy/examples/demo")]
     pub manifests: PathBuf,
-    /// Requests per second the load client sends.
-    #[arg(long, default_value_t = 50)]
+    /// Requests per second the load client sends (1 to 10000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rate: u32,
 }
 

@@ -94,14 +94,25 @@ impl Ca {
         key_pem: &str,
         lifetime: Duration,
     ) -> Result<Self, (&'static str, String)> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| ("--issuer-key", e.to_string()))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| {
+            (
+                "--issuer-key",
+                format!("expected a PEM private key (-----BEGIN PRIVATE KEY-----): {e}"),
+            )
+        })?;
         let mut chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ("--issuer-cert", e.to_string()))?
+            .map_err(|e| {
+                (
+                    "--issuer-cert",
+                    format!("expected PEM certificates (-----BEGIN CERTIFICATE-----): {e}"),
+                )
+            })?
             .into_iter();
-        let issuer_der = chain
-            .next()
-            .ok_or(("--issuer-cert", "no certificate in the file".to_string()))?;
+        let issuer_der = chain.next().ok_or((
+            "--issuer-cert",
+            "expected a PEM certificate (-----BEGIN CERTIFICATE-----), found none".to_string(),
+        ))?;
         let intermediates: Vec<CertificateDer<'static>> = chain.collect();
         // A key that is not the certificate's would sign leaves nobody can verify.
         let (_, cert) = x509_parser::parse_x509_certificate(&issuer_der)

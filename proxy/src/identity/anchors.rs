@@ -44,7 +44,9 @@ impl TrustAnchors {
             anchors.push(anchor);
         }
         if anchors.is_empty() {
-            return Err("no certificates in the bundle".into());
+            return Err(
+                "expected PEM certificates (-----BEGIN CERTIFICATE-----), found none".into(),
+            );
         }
         Ok(TrustAnchors {
             anchors: Arc::new(anchors),

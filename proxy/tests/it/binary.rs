@@ -53,6 +53,39 @@ async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
+    // Values that can only misbehave, named with what they clash with.
+    for (args, says) in [
+        (
+            vec![
+                "--upstream=127.0.0.1:4140=127.0.0.1:80",
+                "--outbound-addr=127.0.0.1:4140",
+            ],
+            "--outbound-addr (127.0.0.1:4140) and --upstream 127.0.0.1:4140=127.0.0.1:80 (127.0.0.1:4140) claim the same address",
+        ),
+        (vec!["--max-connections=0"], "--max-connections 0"),
+        (
+            vec![
+                "--trust-anchors=/dev/null",
+                "--token-file=/dev/null",
+                "--control-plane=https://127.0.0.1:1",
+            ],
+            "--trust-anchors /dev/null: expected PEM certificates",
+        ),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+            .args(["--admin-addr=127.0.0.1:0", "--inbound-addr=127.0.0.1:0"])
+            // Each is refused before anything binds.
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+
     // A port taken by another process is not a flag error, and still one line.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
