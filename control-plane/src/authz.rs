@@ -105,6 +105,16 @@ pub fn parse(v: &serde_json::Value) -> Result<(ObjKey, AuthorizationSpec), SpecE
     if s.ports.contains(&0) {
         return Err(err("spec.ports", "0 is not a port".into()));
     }
+    crate::spec::SpecError::at_most(
+        "spec.ports",
+        s.ports.len(),
+        crate::defaults::MAX_POLICY_PORTS,
+    )?;
+    crate::spec::SpecError::at_most(
+        "spec.allow",
+        s.allow.len(),
+        crate::defaults::MAX_POLICY_ALLOW,
+    )?;
     for (i, a) in s.allow.iter().enumerate() {
         match a {
             Allow::Identity(id) if !valid_identity(id) => {

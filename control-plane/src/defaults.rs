@@ -28,6 +28,36 @@ pub const MANIFEST_DEBOUNCE_MAX: std::time::Duration = std::time::Duration::from
 pub const MANIFEST_EMPTY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Largest manifest file read (a whole namespace's worth of objects fits).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// One document of a manifest: Kubernetes keeps no object larger (etcd's
+/// default request limit); a `List` of objects may be larger.
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+pub const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
+/// All manifest files together: a file that would take the total past this is
+/// refused (its last good objects stay), so a directory cannot grow the
+/// controller without bound.
+pub const MAX_MANIFESTS_TOTAL_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Per-object limits, so that one object cannot cost the controller (and every
+/// proxy watching it) without bound. Kubernetes' own where it has one.
+pub const MAX_SERVICE_PORTS: usize = 256;
+/// A Service has at most two cluster IPs (one per IP family).
+pub const MAX_CLUSTER_IPS: usize = 2;
+/// EndpointSlice: Kubernetes allows 1000 endpoints and 100 ports per slice,
+/// and 100 addresses per endpoint.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+pub const MAX_SLICE_PORTS: usize = 100;
+pub const MAX_ENDPOINT_ADDRESSES: usize = 100;
+/// HTTPRoute, as Gateway API's CRD validation: rules per route, and per rule
+/// its matches, filters and backendRefs; headers and query params per match.
+pub const MAX_ROUTE_RULES: usize = 16;
+pub const MAX_RULE_MATCHES: usize = 64;
+pub const MAX_RULE_FILTERS: usize = 16;
+pub const MAX_RULE_BACKENDS: usize = 16;
+pub const MAX_MATCH_VALUES: usize = 16;
+pub const MAX_ROUTE_PARENTS: usize = 32;
+/// AuthorizationPolicy: entries of `allow`, and ports.
+pub const MAX_POLICY_ALLOW: usize = 1024;
+pub const MAX_POLICY_PORTS: usize = 256;
 /// And rescanned this often regardless (files compared by modification time and
 /// size), for filesystems that do not report changes.
 pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

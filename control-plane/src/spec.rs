@@ -23,6 +23,17 @@ impl SpecError {
         }
     }
 
+    /// `Err` when a list holds more than `max` entries.
+    pub fn at_most(field: impl Into<String>, len: usize, max: usize) -> Result<(), SpecError> {
+        if len > max {
+            return Err(SpecError::new(
+                field,
+                format!("{len} entries, more than the limit of {max}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// From serde: the path it stopped at and its message.
     pub fn from_serde(e: serde_path_to_error::Error<serde_json::Error>) -> Self {
         SpecError::new(e.path().to_string(), e.inner().to_string())

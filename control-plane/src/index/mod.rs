@@ -204,12 +204,35 @@ fn port(kind: &'static str, key: &ObjKey, field: String, p: i32) -> Result<u16, 
         })
 }
 
+/// `Err` when a list of an object holds more than `max` entries.
+fn at_most(
+    kind: &'static str,
+    key: &ObjKey,
+    field: impl Into<String>,
+    len: usize,
+    max: usize,
+) -> Result<(), ObjectError> {
+    if len > max {
+        return Err(ObjectError::Field {
+            kind,
+            key: key.clone(),
+            field: field.into(),
+            reason: format!("{len} entries, more than the limit of {max}"),
+        });
+    }
+    Ok(())
+}
+
 impl SnapshotBuilder {
     /// Validates a Service into its index form (done once, when parsed).
     pub fn service(svc: &Service) -> Result<(ObjKey, ServiceInfo), ObjectError> {
         const KIND: &str = "Service";
         let k = key(KIND, &svc.metadata)?;
         let spec = svc.spec.clone().unwrap_or_default();
+        let n = spec.ports.as_ref().map_or(0, Vec::len);
+        at_most(KIND, &k, "spec.ports", n, defaults::MAX_SERVICE_PORTS)?;
+        let n = spec.cluster_ips.as_ref().map_or(0, Vec::len);
+        at_most(KIND, &k, "spec.clusterIPs", n, defaults::MAX_CLUSTER_IPS)?;
         let mut ports = Vec::new();
         for (i, p) in spec.ports.unwrap_or_default().iter().enumerate() {
             ports.push(ServicePort {
@@ -256,6 +279,15 @@ impl SnapshotBuilder {
                 field: format!("metadata.labels[\"{}\"]", defaults::SERVICE_NAME_LABEL),
                 reason: "missing: an EndpointSlice must name its Service".into(),
             })?;
+        let n = es.ports.as_ref().map_or(0, Vec::len);
+        at_most(KIND, &k, "ports", n, defaults::MAX_SLICE_PORTS)?;
+        at_most(
+            KIND,
+            &k,
+            "endpoints",
+            es.endpoints.len(),
+            defaults::MAX_SLICE_ENDPOINTS,
+        )?;
         let mut ports = Vec::new();
         for (i, p) in es.ports.iter().flatten().enumerate() {
             let Some(n) = p.port else { continue };
@@ -277,6 +309,13 @@ impl SnapshotBuilder {
                         name: r.name.clone()?,
                     })
                 });
+            at_most(
+                KIND,
+                &k,
+                format!("endpoints[{i}].addresses"),
+                e.addresses.len(),
+                defaults::MAX_ENDPOINT_ADDRESSES,
+            )?;
             for (j, a) in e.addresses.iter().enumerate() {
                 let addr: IpAddr = a.parse().map_err(|_| ObjectError::Field {
                     kind: KIND,

@@ -96,6 +96,10 @@ pub struct ManifestSource {
     /// The index as of the last scan; each scan applies only what changed.
     current: Snapshot,
     metrics: Arc<Metrics>,
+    /// Bytes of all files together that are read (`MAX_MANIFESTS_TOTAL_BYTES`).
+    budget: u64,
+    /// Files refused for the budget: read again once they fit.
+    over_budget: HashSet<FileName>,
 }
 
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
@@ -199,7 +203,15 @@ impl ManifestSource {
             held: HashMap::new(),
             current: Snapshot::empty(trust_domain),
             metrics,
+            budget: defaults::MAX_MANIFESTS_TOTAL_BYTES,
+            over_budget: HashSet::new(),
         }
+    }
+
+    #[cfg(test)]
+    fn with_budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
     }
 
     /// Re-reads changed files and applies only what they changed; returns a new
@@ -220,19 +232,31 @@ impl ManifestSource {
         paths.sort();
         paths.dedup();
         let mut todo = Vec::new();
+        let mut over_budget = Vec::new();
+        let mut total: u64 = 0;
         for path in &paths {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue;
             };
             let stamp = Stamp::of(&meta);
-            if self
+            // In path order: the files that fit keep loading as before.
+            total = total.saturating_add(meta.len());
+            let name = FileName::from(path.as_path());
+            let fits = total <= self.budget;
+            let changed = self
                 .files
                 .get(path.as_path())
-                .is_none_or(|f| f.stamp != stamp)
-            {
-                todo.push((FileName::from(path.as_path()), stamp));
+                .is_none_or(|f| f.stamp != stamp);
+            if fits && (changed || self.over_budget.remove(&name)) {
+                todo.push((name, stamp));
+            } else if !fits && changed {
+                self.over_budget.insert(name.clone());
+                over_budget.push((name, stamp));
             }
         }
+        // Files gone are not waited for.
+        self.over_budget
+            .retain(|f| paths.binary_search_by(|q| q.as_path().cmp(f)).is_ok());
         let mut changed = self.current.version == 0;
         let mut touched: HashSet<ObjId> = HashSet::new();
         let mut fresh: HashMap<FileName, Vec<Object>> = HashMap::new();
@@ -252,6 +276,18 @@ impl ManifestSource {
                 path,
                 stamp,
                 parsed,
+                retried: false,
+                held: None,
+            });
+        }
+        for (path, stamp) in over_budget {
+            candidates.push(Candidate {
+                path,
+                stamp,
+                parsed: Err(vec![ParseError::OverBudget {
+                    total,
+                    max: self.budget,
+                }]),
                 retried: false,
                 held: None,
             });
@@ -714,6 +750,22 @@ mod tests {
 
     fn source(dir: &Path) -> ManifestSource {
         ManifestSource::new(vec![dir.to_path_buf()], "cluster.local", Metrics::new())
+    }
+
+    #[test]
+    fn files_past_the_total_budget_are_refused_and_the_rest_load() {
+        let dir = temp_dir("budget");
+        std::fs::write(dir.join("a.yaml"), SVC).unwrap();
+        let mut src = source(&dir).with_budget(SVC.len() as u64 + 10);
+        assert_eq!(src.scan().unwrap().services.len(), 1);
+        std::fs::write(dir.join("b.yaml"), SVC.replace("name: web", "name: api")).unwrap();
+        assert!(src.scan().is_none(), "b.yaml is past the budget");
+        assert!(!src.is_clean());
+        assert_eq!(src.metrics.reload_errors.get(), 1);
+        // Room made: it loads.
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert!(s.services.keys().any(|k| k.name == "api"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
+use crate::defaults;
 use crate::index::{
     ObjKey, PodInfo, ServiceInfo, SliceInfo, Snapshot, SnapshotBuilder, TokenDigest,
 };
@@ -146,6 +147,19 @@ pub enum ParseError {
     Invalid(crate::index::ObjectError, usize),
     #[error("document {doc}: no apiVersion/kind")]
     NoKind { doc: usize },
+    #[error(
+        "document {doc}: {bytes} bytes, more than the {max} an object may hold (a List: {list})",
+        list = defaults::MAX_LIST_BYTES
+    )]
+    TooLarge {
+        doc: usize,
+        bytes: usize,
+        max: usize,
+    },
+    #[error(
+        "the manifests come to {total} bytes, more than the {max} the controller reads in all; this file is not read"
+    )]
+    OverBudget { total: u64, max: u64 },
     /// Valid on its own, but names what the index does not hold.
     #[error("HTTPRoute {route}: {error}")]
     Reference {
@@ -310,6 +324,26 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
 /// Parses every document of a file. All errors are returned, so one edit can fix
 /// them all; any error rejects the whole file.
 pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
+    // Parsing costs tens of times a document's size: an oversized one is
+    // refused before any of it is parsed.
+    let oversized: Vec<ParseError> = documents(text)
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let max = if is_list(d) {
+                defaults::MAX_LIST_BYTES
+            } else {
+                defaults::MAX_OBJECT_BYTES
+            };
+            (d.len() > max).then_some(ParseError::TooLarge {
+                doc: i + 1,
+                bytes: d.len(),
+                max,
+            })
+        })
+        .collect();
+    if !oversized.is_empty() {
+        return Err(oversized);
+    }
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -337,9 +371,56 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     }
 }
 
+/// The documents of a YAML stream, split at `---` lines as YAML does (a
+/// marker at the start of a line); leading empty parts are skipped, so the
+/// numbering is the parser's.
+fn documents(text: &str) -> impl Iterator<Item = &str> {
+    let mut starts = vec![0];
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("---")
+            && (rest.trim().is_empty() || rest.starts_with([' ', '\t']))
+        {
+            starts.push(at);
+        }
+        at += line.len();
+    }
+    starts.push(text.len());
+    let parts: Vec<&str> = starts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    parts.into_iter().filter(|d| {
+        d.lines()
+            .map(str::trim)
+            .any(|l| !l.is_empty() && !l.starts_with('#') && l != "---")
+    })
+}
+
+/// A `kind: List` document (items of any number, each an object).
+fn is_list(doc: &str) -> bool {
+    doc.lines().any(|l| l.trim_end() == "kind: List")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_documents_are_refused_before_parsing() {
+        let big = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: x}}\ndata: {{a: \"{}\"}}\n",
+            "x".repeat(defaults::MAX_OBJECT_BYTES)
+        );
+        let text =
+            format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: a}}\n---\n{big}");
+        let e = parse_file(&text).unwrap_err();
+        assert_eq!(e.len(), 1);
+        let e = e[0].to_string();
+        assert!(e.starts_with("document 2:") && e.contains("1572864"), "{e}");
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems: []\n# {}\n",
+            "x".repeat(2 << 20)
+        );
+        assert!(parse_file(&list).is_ok(), "a List may be larger");
+    }
 
     const GOOD: &str = r#"
 apiVersion: v1
@@ -407,6 +488,40 @@ items:
 
         let msg = parse_file("kind: [oops").unwrap_err()[0].to_string();
         assert!(msg.contains("not YAML"), "{msg}");
+    }
+
+    #[test]
+    fn objects_over_a_limit_are_refused_naming_the_limit() {
+        let ports: String = (1..=300)
+            .map(|p| format!("  - {{name: p{p}, port: {p}}}\n"))
+            .collect();
+        let svc = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: big, namespace: shop}}\nspec:\n  ports:\n{ports}"
+        );
+        let e = parse_file(&svc).unwrap_err().remove(0).to_string();
+        assert!(
+            e.contains("Service shop/big")
+                && e.contains("spec.ports")
+                && e.contains("300 entries, more than the limit of 256"),
+            "{e}"
+        );
+        let addrs: String = (0..101).map(|i| format!("\"10.0.0.{i}\", ")).collect();
+        let slice = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s\n  namespace: shop\n  labels: {{kubernetes.io/service-name: big}}\naddressType: IPv4\nendpoints:\n  - addresses: [{addrs}]\n"
+        );
+        let e = parse_file(&slice).unwrap_err().remove(0).to_string();
+        assert!(
+            e.contains("endpoints[0].addresses") && e.contains("limit of 100"),
+            "{e}"
+        );
+        let rules: String = (0..17)
+            .map(|_| "  - backendRefs: [{name: big, port: 80}]\n")
+            .collect();
+        let route = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: big}}]\n  rules:\n{rules}"
+        );
+        let e = parse_file(&route).unwrap_err().remove(0).to_string();
+        assert!(e.contains("spec.rules") && e.contains("limit of 16"), "{e}");
     }
 
     #[test]

@@ -72,6 +72,16 @@ pub(super) fn path_value(field: &str, v: &str) -> Result<String, SpecError> {
 
 pub(super) fn http_match(at: &str, m: &MatchDoc) -> Result<api::HttpMatch, SpecError> {
     use api::http_match::Path;
+    SpecError::at_most(
+        format!("{at}.headers"),
+        m.headers.len(),
+        defaults::MAX_MATCH_VALUES,
+    )?;
+    SpecError::at_most(
+        format!("{at}.queryParams"),
+        m.query_params.len(),
+        defaults::MAX_MATCH_VALUES,
+    )?;
     let path = match &m.path {
         None => None,
         Some(p) => {

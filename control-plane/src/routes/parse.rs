@@ -109,6 +109,16 @@ const GRPC_CODES: [&str; 17] = [
 pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecError> {
     let doc: Doc = serde_path_to_error::deserialize(v).map_err(SpecError::from_serde)?;
     let key = spec::key(&doc.metadata)?;
+    SpecError::at_most(
+        "spec.parentRefs",
+        doc.spec.parent_refs.len(),
+        defaults::MAX_ROUTE_PARENTS,
+    )?;
+    SpecError::at_most(
+        "spec.rules",
+        doc.spec.rules.len(),
+        defaults::MAX_ROUTE_RULES,
+    )?;
     let parents = parents(&key, &doc.spec.parent_refs)?;
     if parents.is_empty() {
         return Ok(None);
@@ -356,6 +366,21 @@ fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<R
             format!("{n:?} is not a rule name (lowercase letters, digits and '-')"),
         ));
     }
+    SpecError::at_most(
+        format!("{at}.matches"),
+        r.matches.len(),
+        defaults::MAX_RULE_MATCHES,
+    )?;
+    SpecError::at_most(
+        format!("{at}.filters"),
+        r.filters.len(),
+        defaults::MAX_RULE_FILTERS,
+    )?;
+    SpecError::at_most(
+        format!("{at}.backendRefs"),
+        r.backend_refs.len(),
+        defaults::MAX_RULE_BACKENDS,
+    )?;
     let matches = r
         .matches
         .iter()

@@ -376,3 +376,74 @@ async fn a_refusing_endpoint_costs_a_few_requests_not_its_share() {
         "{failed} of 300 requests failed on the refusing endpoint"
     );
 }
+
+/// VmRSS and VmHWM of a process, KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[tokio::test]
+async fn an_oversized_service_is_refused_and_the_last_good_one_serves() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let a = Pod::start(&dir, cp.grpc, "web-a", Backend::start().await).await;
+    a.add_endpoint(&dir);
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    let ok =
+        || async { matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200) };
+    wait::until("traffic through the mesh", Duration::from_secs(10), ok).await;
+    let pid = cp.proc.pid();
+    let before = rss_kib(pid);
+
+    // 100,000 ports, about 3 MB of YAML, in place of the good Service.
+    let ports: String = (0..100_000u32)
+        .map(|i| format!("  - {{name: p{i}, port: {}}}\n", i % 65_535 + 1))
+        .collect();
+    dir.write(
+        "service.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  ports:\n{ports}"
+        ),
+    );
+    wait::until("the refusal reported", Duration::from_secs(20), || async {
+        cp.metric("strait_controller_reload_errors_total").await >= 1.0
+    })
+    .await;
+    assert!(ok().await, "the last good Service keeps serving");
+    let after = rss_kib(pid);
+    println!(
+        "controller RSS before {} KiB, after refusing 100,000 ports {} KiB (peak {} KiB)",
+        before.0, after.0, after.1
+    );
+    // Refused before it is parsed: neither kept nor paid for on the way.
+    assert!(
+        after.1 < before.1 + 32 * 1024,
+        "peak RSS grew by more than 32 MiB: {before:?} -> {after:?}"
+    );
+    // Small enough to parse, over the limit of ports per Service.
+    let ports: String = (1..=300u32)
+        .map(|p| format!("  - {{name: p{p}, port: {p}}}\n"))
+        .collect();
+    dir.write(
+        "service.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  ports:\n{ports}"
+        ),
+    );
+    wait::until("the second refusal", Duration::from_secs(20), || async {
+        cp.metric("strait_controller_reload_errors_total").await >= 2.0
+    })
+    .await;
+    assert!(ok().await, "the last good Service still serves");
+}
