@@ -50,7 +50,8 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_OUTBOUND_ADDR", default_value = defaults::OUTBOUND_ADDR)]
     pub outbound_addr: SocketAddr,
 
-    /// Admin server: /live, /ready, /metrics, /config, /log-level, /shutdown.
+    /// Admin server: /live, /ready, /metrics, /config, /log-level, /shutdown (changes
+    /// of state answer loopback callers only).
     #[arg(long, env = "STRAIT_PROXY_ADMIN_ADDR", default_value = defaults::ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
 

@@ -43,7 +43,8 @@ fn bars(
         .iter()
         .flat_map(|(_, v)| v.iter().copied())
         .fold(0.0f64, f64::max)
-        * 1.15;
+        // Headroom for the legend above the tallest bars.
+        * 1.45;
     let n = series.len().max(1) as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
@@ -79,6 +80,9 @@ fn bars(
     }
     chart
         .configure_series_labels()
+        // Top left, over the smallest group (p50, or the direct run): never
+        // over the bars that matter.
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
