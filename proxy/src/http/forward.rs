@@ -180,7 +180,13 @@ pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, Pr
             let mut addrs = tokio::time::timeout(timeout, lookup)
                 .await
                 .map_err(|_| fail(format!("timed out after {timeout:?}")))?
-                .map_err(|e| fail(e.to_string()))?;
+                // getaddrinfo's own text varies by libc; say what it means.
+                .map_err(|e| {
+                    fail(match e.kind() {
+                        std::io::ErrorKind::TimedOut => "lookup timed out".to_string(),
+                        _ => "no such name, or no address for it".to_string(),
+                    })
+                })?;
             addrs.next().ok_or_else(|| fail("no addresses".into()))
         }
     }
