@@ -184,6 +184,34 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "STRAIT_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// OpenTelemetry collector (OTLP/gRPC, e.g. http://otel-collector:4317): a client
+    /// span for every sampled outbound request, a server span for every inbound one.
+    /// Without it, no span is made.
+    #[arg(long, env = "STRAIT_PROXY_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of new traces recorded (0.0 to 1.0). A request whose caller sent a
+    /// sampled trace context is always recorded, one whose caller did not sample
+    /// never is.
+    #[arg(long, env = "STRAIT_PROXY_TRACE_SAMPLING", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sampling: f64,
+
+    /// `service.name` of this proxy's spans; default: the service account.
+    #[arg(long, env = "STRAIT_PROXY_SERVICE_NAME")]
+    pub service_name: Option<String>,
+
+    /// One line per HTTP request (method, authority, path, status, duration, route,
+    /// peer identity, trace id) on stdout, as text or JSON; off by default.
+    #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", value_enum)]
+    pub access_log: Option<LogFormat>,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio from 0.0 to 1.0")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]

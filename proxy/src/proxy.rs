@@ -22,8 +22,10 @@ use crate::inbound::Inbound;
 use crate::inbound::policy::{InboundPolicy, PolicyRx};
 use crate::outbound::Outbound;
 use crate::tcp::TcpConfig;
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::log::LogHandle;
 use crate::telemetry::metrics::{DirectionLabels, ProtocolLabels};
+use crate::telemetry::trace::Observe;
 use crate::telemetry::{Direction, Metrics};
 use crate::transport::connect::PeerTls;
 use crate::transport::drain::{self, ShutdownHandle};
@@ -50,6 +52,53 @@ pub struct Shared {
     pub policy: PolicyRx,
     /// Every address this proxy listens on: never a destination of its own traffic.
     pub own: OwnAddrs,
+    /// Spans and access log, when either is on.
+    pub observe: Option<Arc<Observe>>,
+}
+
+/// The tracer (with `--otlp-endpoint`) and the access log (with `--access-log`).
+fn observe(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Observe>>, StartError> {
+    let tracer = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            use opentelemetry::KeyValue;
+            let cfg = strait_otel::ExportConfig {
+                endpoint: endpoint.clone(),
+                sampling: config.trace_sampling,
+                service_name: config
+                    .service_name
+                    .clone()
+                    .unwrap_or_else(|| config.service_account.clone()),
+                resource: vec![
+                    KeyValue::new("k8s.namespace.name", config.namespace.clone()),
+                    KeyValue::new(
+                        "k8s.pod.name",
+                        config
+                            .pod_name
+                            .clone()
+                            .or_else(|| std::env::var("HOSTNAME").ok())
+                            .unwrap_or_default(),
+                    ),
+                    KeyValue::new("strait.service_account", config.service_account.clone()),
+                    KeyValue::new("strait.proxy.version", env!("CARGO_PKG_VERSION")),
+                ],
+            };
+            let e = strait_otel::Exporter::start(cfg, metrics.trace_spans_dropped.clone())
+                .map_err(|e| StartError::Flag(e.to_string()))?;
+            Some(e.tracer)
+        }
+        None => None,
+    };
+    let access_log = config
+        .access_log
+        .map(|f| AccessLog::start(f, metrics.access_log_dropped.clone()));
+    if tracer.is_none() && access_log.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(Observe {
+        tracer,
+        never_start: config.trace_sampling == 0.0,
+        access_log,
+    })))
 }
 
 impl Shared {
@@ -311,7 +360,9 @@ impl Proxy {
                 .into_iter()
                 .chain(addrs.upstreams.iter().copied()),
         );
+        let observe = observe(&config, &metrics)?;
         let shared = Arc::new(Shared {
+            observe,
             own,
             discovery,
             identity,

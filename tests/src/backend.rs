@@ -188,6 +188,22 @@ async fn handle(
             .unwrap_or("none")
             .to_string();
         Response::new(full(id))
+    } else if path == "/trace-context" {
+        // The trace context the app was handed, as the next hop would see it.
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        Response::new(full(format!(
+            "traceparent={}\nb3={}\nx-b3-traceid={}\nx-b3-spanid={}\n",
+            h("traceparent"),
+            h("b3"),
+            h("x-b3-traceid"),
+            h("x-b3-spanid")
+        )))
     } else if path == "/echo" {
         Response::new(req.into_body().map_err(|e| Box::new(e) as BoxError).boxed())
     } else if path == "/count" {

@@ -100,6 +100,8 @@ pub struct SidecarOpts {
     pub cwd: Option<PathBuf>,
     /// Another `strait-proxy` binary than this build's (a baseline to compare).
     pub binary: Option<PathBuf>,
+    /// More flags (`--otlp-endpoint=…`).
+    pub args: Vec<String>,
 }
 
 impl Sidecar {
@@ -146,6 +148,7 @@ impl Sidecar {
             args.push(format!("--token-file={}", id.token_file.display()));
             args.push(format!("--service-account={}", id.service_account));
         }
+        args.extend(opts.args.iter().cloned());
         let envs = [("STRAIT_PROXY_LOG_LEVEL", "warn")];
         let proc = match opts.binary {
             Some(path) => Proc::spawn_path(path, &args, &envs, opts.cwd.as_deref()),

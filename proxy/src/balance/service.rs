@@ -70,6 +70,12 @@ where
                 identity: p.identity.clone(),
             });
         }
+        if let Some(n) = crate::telemetry::trace::notes(&req) {
+            n.with(|n| {
+                n.endpoint = Some(served_by);
+                n.peer = ep.proxy.as_ref().map(|p| p.identity.clone());
+            });
+        }
         if let Some(t) = self.endpoints.config().connect_timeout {
             req.extensions_mut().insert(crate::http::ConnectTimeout(t));
         }

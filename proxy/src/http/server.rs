@@ -33,6 +33,8 @@ pub struct ConnMeta {
     pub direction: Direction,
     pub client: ClientAddr,
     pub metrics: Arc<Metrics>,
+    /// Inbound: the calling proxy's verified identity.
+    pub peer: Option<crate::identity::Identity>,
 }
 
 pub async fn serve_http1<I, S, B>(

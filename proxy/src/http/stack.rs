@@ -17,6 +17,7 @@ use super::request_body::RequestBody;
 use super::server::{ConnMeta, serve_http1, serve_http2};
 use crate::proxy::Shared;
 use crate::telemetry::Direction;
+use crate::telemetry::trace::TraceLayer;
 
 /// A request body as the stack sees it: the client's, with its stall timeout.
 pub type ClientBody = RequestBody<Incoming>;
@@ -65,6 +66,7 @@ impl HttpStack {
         let s = &self.shared;
         let state = Arc::new(ConnState::default());
         let body_timeout = s.http.body_read_timeout;
+        let trace = TraceLayer::new(s.observe.clone(), meta.direction, meta.peer.clone());
         if h2 {
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
@@ -73,6 +75,7 @@ impl HttpStack {
                 })
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())
+                .layer(trace.clone())
                 .layer(dst)
                 .service(self.forward.clone());
             serve_http2(io, svc, state, &s.http, meta, &s.drain).await;
@@ -87,6 +90,7 @@ impl HttpStack {
                 })
                 .layer(self.metrics.clone())
                 .layer(self.normalize.clone())
+                .layer(trace)
                 .layer(dst)
                 .service(self.forward.clone());
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;

@@ -155,6 +155,7 @@ impl Inbound {
             direction: DIRECTION,
             client,
             metrics: s.metrics.clone(),
+            peer: peer.clone(),
         };
         let layers = Stack::new(
             AuthorizeLayer {

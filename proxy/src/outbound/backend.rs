@@ -20,6 +20,8 @@ pub struct WeightedBackend<S> {
     pub weight: u32,
     pub service: S,
     pub responses: ByStatus,
+    /// The backend's Service name, for spans and access logs.
+    pub name: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -86,6 +88,9 @@ where
             let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "no backend for route");
             return Box::pin(async move { Ok(rsp) });
         };
+        if let Some(n) = crate::telemetry::trace::notes(&req) {
+            n.with(|n| n.backend = Some(b.name.clone()));
+        }
         let mut svc = b.service.clone();
         let responses = b.responses.clone();
         Box::pin(async move {
@@ -109,6 +114,7 @@ mod tests {
                     weight,
                     service,
                     responses: Default::default(),
+                    name: service.into(),
                 })
                 .collect(),
         );

@@ -74,6 +74,7 @@ pub fn route(
                     responses: b
                         .metrics
                         .route_backend(service, &rule.route, &rule.rule, name),
+                    name: name.clone(),
                 }
             })
             .collect(),
@@ -138,6 +139,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let (Some(n), Some(Dst(dest))) = (
+            crate::telemetry::trace::notes(&req),
+            req.extensions().get::<Dst>(),
+        ) {
+            n.with(|n| n.destination = Some(dest.clone()));
+        }
         let Some(discovery) = self.discovery.clone() else {
             return self.passthrough.call(req);
         };

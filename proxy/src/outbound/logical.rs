@@ -160,6 +160,10 @@ impl Stages {
             return error_response(StatusCode::NOT_FOUND, "no route matches the request");
         };
         let stage = &self.routes[i];
+        if let Some(n) = crate::telemetry::trace::notes(&req) {
+            let r = &stage.rule;
+            n.with(|n| n.route = Some((self.view.name.clone(), r.route.clone(), r.rule.clone())));
+        }
         let m = &stage.metrics;
         m.requests.inc();
         let start = Instant::now();

@@ -78,6 +78,7 @@ impl Outbound {
             direction: DIRECTION,
             client: acc.client,
             metrics: s.metrics.clone(),
+            peer: None,
         };
         let layers = Stack::new(
             RouterLayer::new(s.discovery.clone(), self.build.clone()),

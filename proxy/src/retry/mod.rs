@@ -220,6 +220,9 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         }
         self.retried += 1;
         self.metrics.retries.inc();
+        if let Some(n) = crate::telemetry::trace::notes(req) {
+            n.retried();
+        }
         if let Some(ServedBy(ep)) = rsp.extensions().get::<ServedBy>() {
             req.extensions_mut().insert(Avoid(*ep));
         }

@@ -159,6 +159,10 @@ pub struct Metrics {
     pub identity_renewals: Counter,
     pub identity_failures: Counter,
     pub tls_identity_mismatches: Counter,
+    /// Spans ended but not delivered to the collector (queue full, export failed).
+    pub trace_spans_dropped: Counter,
+    /// Access-log lines dropped because stdout did not keep up.
+    pub access_log_dropped: Counter,
     pub tls_handshake_failures: Family<DirectionLabels, Counter>,
     pub inbound_authz: Family<AuthzLabels, Counter>,
     pub route_requests: Family<RouteLabels, Counter>,
@@ -190,6 +194,8 @@ impl Metrics {
             identity_renewals: Counter::default(),
             identity_failures: Counter::default(),
             tls_identity_mismatches: Counter::default(),
+            trace_spans_dropped: Counter::default(),
+            access_log_dropped: Counter::default(),
             tls_handshake_failures: Family::default(),
             inbound_authz: Family::default(),
             route_requests: Family::default(),
@@ -272,6 +278,16 @@ impl Metrics {
             "tls_identity_mismatches",
             "Peer proxies that presented another identity than discovery promised",
             m.tls_identity_mismatches.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not delivered to the collector: the export queue was full, or the collector failed or did not answer",
+            m.trace_spans_dropped.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because stdout did not keep up",
+            m.access_log_dropped.clone(),
         );
         registry.register(
             "tls_handshake_failures",

@@ -1,7 +1,9 @@
 //! What the proxy tells operators: Prometheus metrics and logs.
 
+pub mod access_log;
 pub mod log;
 pub mod metrics;
 pub mod sampled;
+pub mod trace;
 
 pub use metrics::{Direction, Metrics};

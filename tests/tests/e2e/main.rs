@@ -6,4 +6,5 @@ mod bench;
 mod demo;
 mod discovery;
 mod identity;
+mod observability;
 mod traffic;

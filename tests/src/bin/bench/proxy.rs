@@ -312,6 +312,7 @@ async fn strait_pair(backend: SocketAddr, mtls: bool, binary: Option<PathBuf>) -
         }),
         cwd: None,
         binary: binary.clone(),
+        args: Vec::new(),
     };
     let server = Sidecar::start_with(cp.grpc, "bench", "backend-0", &[], opts("backend")).await;
     dir.write(

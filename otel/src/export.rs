@@ -1,0 +1,177 @@
+//! Spans leave the process through a bounded queue that one task drains,
+//! sending batches to the collector over OTLP/gRPC. Ending a span never waits on
+//! the network: when the queue is full (the collector is down, slow or
+//! refusing), the span is dropped and counted, and so are the spans of a batch
+//! the collector did not take. Memory is bounded by the queue.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
+};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+
+/// Spans waiting for export at most; beyond, new ones are dropped.
+pub const QUEUE_SPANS: usize = 2048;
+/// Spans per export request at most.
+pub const BATCH_SPANS: usize = 512;
+/// How long a span may wait for its batch to fill.
+pub const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// An export the collector does not answer in this time is abandoned.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where spans go and which of them are kept.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// The collector's OTLP/gRPC endpoint (`http://collector:4317`).
+    pub endpoint: String,
+    /// The share of new traces (no sampled parent) that are recorded, 0.0 to 1.0;
+    /// a request whose parent was sampled is always recorded, one whose parent
+    /// was not never is.
+    pub sampling: f64,
+    /// `service.name`.
+    pub service_name: String,
+    /// The rest of the resource: namespace, pod, service account…
+    pub resource: Vec<KeyValue>,
+}
+
+/// A running exporter: the tracer to start spans with, and the count of spans
+/// that never reached the collector.
+#[derive(Clone, Debug)]
+pub struct Exporter {
+    provider: SdkTracerProvider,
+    pub tracer: SdkTracer,
+    pub dropped: Counter,
+}
+
+/// An `--otlp-endpoint` that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("--otlp-endpoint {0}")]
+pub struct Error(String);
+
+impl Exporter {
+    /// Starts the export task (call within a Tokio runtime). `dropped` counts
+    /// every span that was ended but not delivered.
+    pub fn start(cfg: ExportConfig, dropped: Counter) -> Result<Exporter, Error> {
+        check_endpoint(&cfg.endpoint)?;
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(cfg.endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| Error(format!("{}: {e}", cfg.endpoint)))?;
+        let resource = Resource::builder_empty()
+            .with_service_name(cfg.service_name.clone())
+            .with_attributes(cfg.resource.clone())
+            .build();
+        exporter.set_resource(&resource);
+        let (tx, rx) = mpsc::channel(QUEUE_SPANS);
+        tokio::spawn(drain(rx, exporter, dropped.clone()));
+        let ratio = cfg.sampling.clamp(0.0, 1.0);
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Queue {
+                tx,
+                dropped: dropped.clone(),
+            })
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                ratio,
+            ))))
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("strait");
+        Ok(Exporter {
+            provider,
+            tracer,
+            dropped,
+        })
+    }
+
+    /// Stops taking spans (what is queued is still sent, in the background).
+    pub fn shutdown(&self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// `http://HOST:PORT` or `https://…`: refused at start otherwise, naming it.
+fn check_endpoint(e: &str) -> Result<(), Error> {
+    let uri: http::Uri = e.parse().map_err(|err| Error(format!("{e:?}: {err}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => Err(Error(format!(
+            "{e:?}: expected http://HOST:PORT (the collector's OTLP/gRPC port, 4317)"
+        ))),
+    }
+}
+
+#[derive(Debug)]
+struct Queue {
+    tx: mpsc::Sender<SpanData>,
+    dropped: Counter,
+}
+
+impl SpanProcessor for Queue {
+    fn on_start(&self, _: &mut Span, _: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Sends what the queue holds in batches, one export at a time: while an export
+/// is in flight the queue absorbs new spans, up to its size.
+async fn drain(
+    mut rx: mpsc::Receiver<SpanData>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    dropped: Counter,
+) {
+    let mut failures: u64 = 0;
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(BATCH_SPANS.min(64));
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + BATCH_DELAY;
+        while batch.len() < BATCH_SPANS {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let sent = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
+        let failed = match sent {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer in {EXPORT_TIMEOUT:?}")),
+        };
+        match failed {
+            None => failures = 0,
+            Some(e) => {
+                dropped.inc_by(n);
+                failures += 1;
+                // Once per run of failures, then every hundredth: the counter
+                // says the rest.
+                if failures == 1 || failures.is_multiple_of(100) {
+                    tracing::warn!(spans = n, error = %e, failures, "trace export failed; spans dropped");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! OpenTelemetry for strait's binaries: spans exported over OTLP/gRPC through a
+//! bounded queue off the request path (`export`), and the trace context carried
+//! in HTTP headers, W3C and B3 (`propagate`).
+#![forbid(unsafe_code)]
+
+pub mod export;
+pub mod propagate;
+
+pub use export::{ExportConfig, Exporter};
+pub use opentelemetry;
+pub use opentelemetry_sdk;

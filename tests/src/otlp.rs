@@ -1,0 +1,181 @@
+//! An OpenTelemetry collector in the test process: the OTLP/gRPC trace service,
+//! keeping every span it receives, or misbehaving on command (stalling on every
+//! export, or refusing it).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// How the collector answers exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Accept,
+    /// Takes the request and never answers.
+    Stall,
+    /// Answers every export with UNAVAILABLE.
+    Refuse,
+}
+
+/// A span as received, with its resource's `service.name`.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub service: String,
+    pub span: Span,
+}
+
+impl Received {
+    pub fn trace_id(&self) -> String {
+        hex(&self.span.trace_id)
+    }
+
+    pub fn span_id(&self) -> String {
+        hex(&self.span.span_id)
+    }
+
+    pub fn parent_id(&self) -> String {
+        hex(&self.span.parent_span_id)
+    }
+
+    /// An attribute's value as text (ints and strings).
+    pub fn attr(&self, key: &str) -> Option<String> {
+        self.span
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+            .map(|v| match v {
+                Value::StringValue(s) => s.clone(),
+                Value::IntValue(i) => i.to_string(),
+                Value::BoolValue(b) => b.to_string(),
+                Value::DoubleValue(d) => d.to_string(),
+                other => format!("{other:?}"),
+            })
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Received>>>,
+    mode: Mode,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        match self.mode {
+            Mode::Stall => std::future::pending::<()>().await,
+            Mode::Refuse => return Err(tonic::Status::unavailable("refusing on command")),
+            Mode::Accept => {}
+        }
+        let mut out = self.spans.lock().expect("spans");
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Value::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    out.push(Received {
+                        service: service.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// A running collector; stops when dropped.
+pub struct OtlpCollector {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpCollector {
+    pub async fn start(mode: Mode) -> OtlpCollector {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind collector");
+        let addr = listener.local_addr().expect("addr");
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let svc = Collector {
+            spans: spans.clone(),
+            mode,
+        };
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(svc))
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        OtlpCollector { addr, spans, task }
+    }
+
+    /// `--otlp-endpoint` for this collector.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<Received> {
+        self.spans.lock().expect("spans").clone()
+    }
+
+    /// Waits until the spans received satisfy `done` (or `within` passes);
+    /// returns them.
+    pub async fn wait_until(
+        &self,
+        within: Duration,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let spans = self.spans();
+            if done(&spans) || tokio::time::Instant::now() >= deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The spans of trace `trace` (hex), once there are at least `n` of them.
+    pub async fn trace(&self, trace: &str, n: usize) -> Vec<Received> {
+        self.wait_until(Duration::from_secs(10), |s| {
+            s.iter().filter(|r| r.trace_id() == trace).count() >= n
+        })
+        .await
+        .into_iter()
+        .filter(|r| r.trace_id() == trace)
+        .collect()
+    }
+}
+
+impl Drop for OtlpCollector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

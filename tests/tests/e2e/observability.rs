@@ -1,0 +1,295 @@
+//! Traces, access logs and metrics of the real binaries: spans received by an
+//! in-process OTLP collector, joined across two proxies and the apps around them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use strait_tests::backend::Backend;
+use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
+use strait_tests::mesh::{ControllerProc, Sidecar, SidecarOpts, metric_sum};
+use strait_tests::otlp::{Mode, OtlpCollector, Received};
+use strait_tests::{client, wait};
+
+const NS: &str = "test";
+const WEB: &str = "web.test.svc.cluster.local:80";
+/// The app's own span: the proxies' spans must join its trace.
+const APP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const APP_SPAN: &str = "00f067aa0ba902b7";
+
+/// A client sidecar calling `web`, served by a backend behind its own sidecar;
+/// both proxies export to `collector` with `extra` flags.
+struct Mesh {
+    _dir: ManifestDir,
+    _cp: ControllerProc,
+    backend: Backend,
+    client: Sidecar,
+    server: Sidecar,
+}
+
+impl Mesh {
+    async fn start(collector: &str, extra: &[&str]) -> Mesh {
+        let dir = ManifestDir::new();
+        dir.write("svc.yaml", &service(NS, "web", 80));
+        let cp = ControllerProc::start(dir.path()).await;
+        let backend = Backend::start().await;
+        let args: Vec<String> = [format!("--otlp-endpoint={collector}")]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
+        let opts = |sa: &str| SidecarOpts {
+            args: args
+                .iter()
+                .cloned()
+                .chain([format!("--service-account={sa}")])
+                .collect(),
+            ..Default::default()
+        };
+        let server = Sidecar::start_with(cp.grpc, NS, "web-0", &[], opts("web")).await;
+        dir.write(
+            "pod.yaml",
+            &meshed_pod(NS, "web-0", "web", server.inbound.port()),
+        );
+        dir.write("slice.yaml", &endpoint(NS, "web", "web-0", backend.addr));
+        let client = Sidecar::start_with(cp.grpc, NS, "client-0", &[WEB], opts("client")).await;
+        let m = Mesh {
+            _dir: dir,
+            _cp: cp,
+            backend,
+            client,
+            server,
+        };
+        // Until discovery has the peer proxy: the first requests may pass through.
+        let url = m.url("/");
+        wait::until("meshed traffic", Duration::from_secs(10), || async {
+            let c = client::http1();
+            let req = http::Request::get(&url).body(client::empty()).unwrap();
+            match c.request(req).await {
+                Ok(r) => r.status() == 200 && m.server_requests().await > 0.0,
+                Err(_) => false,
+            }
+        })
+        .await;
+        m
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.client.upstreams[0])
+    }
+
+    async fn server_requests(&self) -> f64 {
+        metric_sum(self.server.admin, "strait_proxy_http_requests_total").await
+    }
+
+    /// GET `path` with `headers`; returns the body.
+    async fn get(&self, path: &str, headers: &[(&str, String)]) -> String {
+        let mut b = http::Request::get(self.url(path));
+        for (k, v) in headers {
+            b = b.header(*k, v);
+        }
+        let rsp = client::http1()
+            .request(b.body(client::empty()).unwrap())
+            .await
+            .expect("request through the mesh");
+        assert_eq!(rsp.status(), 200);
+        use http_body_util::BodyExt;
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+}
+
+/// The value after `key=` on its own line.
+fn field<'a>(body: &'a str, key: &str) -> &'a str {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or("")
+}
+
+fn of_trace<'a>(spans: &'a [Received], trace: &str, kind: i32) -> Vec<&'a Received> {
+    spans
+        .iter()
+        .filter(|s| s.trace_id() == trace && s.span.kind == kind)
+        .collect()
+}
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+#[tokio::test]
+async fn a_request_through_two_proxies_joins_the_apps_trace() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &[]).await;
+    let seen = m
+        .get(
+            "/trace-context",
+            &[("traceparent", format!("00-{APP_TRACE}-{APP_SPAN}-01"))],
+        )
+        .await;
+    let spans = collector.trace(APP_TRACE, 2).await;
+    let client_spans = of_trace(&spans, APP_TRACE, CLIENT);
+    let server_spans = of_trace(&spans, APP_TRACE, SERVER);
+    assert_eq!(
+        (client_spans.len(), server_spans.len()),
+        (1, 1),
+        "{spans:#?}"
+    );
+    let (c, s) = (client_spans[0], server_spans[0]);
+    assert_eq!(
+        c.parent_id(),
+        APP_SPAN,
+        "the client span is the app's child"
+    );
+    assert_eq!(
+        s.parent_id(),
+        c.span_id(),
+        "the server span is the client span's child"
+    );
+    // The upstream app is handed the server span as its parent.
+    let tp = field(&seen, "traceparent");
+    assert_eq!(tp, format!("00-{APP_TRACE}-{}-01", s.span_id()), "{seen}");
+    // Names and attributes.
+    assert_eq!((c.span.name.as_str(), s.span.name.as_str()), ("GET", "GET"));
+    assert_eq!((c.service.as_str(), s.service.as_str()), ("client", "web"));
+    for (span, key, want) in [
+        (c, "http.request.method", "GET"),
+        (c, "http.response.status_code", "200"),
+        (c, "server.address", "web.test.svc.cluster.local"),
+        (c, "server.port", "80"),
+        (c, "strait.service", WEB),
+        (c, "strait.route", "default"),
+        (c, "strait.backend", WEB),
+        (c, "strait.retry.count", "0"),
+        (s, "http.response.status_code", "200"),
+        (s, "url.path", "/trace-context"),
+    ] {
+        assert_eq!(span.attr(key).as_deref(), Some(want), "{key} of {span:#?}");
+    }
+    assert_eq!(
+        c.attr("strait.endpoint"),
+        Some(m.backend.addr.to_string()),
+        "the endpoint chosen"
+    );
+}
+
+#[tokio::test]
+async fn b3_is_continued_and_answered_in_kind() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &[]).await;
+    let trace64 = "a3ce929d0e0e4736";
+    let seen = m
+        .get(
+            "/trace-context",
+            &[
+                ("x-b3-traceid", trace64.to_string()),
+                ("x-b3-spanid", APP_SPAN.to_string()),
+                ("x-b3-sampled", "1".to_string()),
+            ],
+        )
+        .await;
+    let trace = format!("0000000000000000{trace64}");
+    let spans = collector.trace(&trace, 2).await;
+    let c = of_trace(&spans, &trace, CLIENT);
+    let s = of_trace(&spans, &trace, SERVER);
+    assert_eq!((c.len(), s.len()), (1, 1), "{spans:#?}");
+    assert_eq!(c[0].parent_id(), APP_SPAN);
+    // A B3 app downstream stays in the trace: the headers it reads point at
+    // the server span.
+    assert_eq!(field(&seen, "x-b3-spanid"), s[0].span_id(), "{seen}");
+    assert!(field(&seen, "x-b3-traceid").ends_with(trace64), "{seen}");
+    assert!(field(&seen, "traceparent").contains(&trace), "{seen}");
+}
+
+#[tokio::test]
+async fn sampling_zero_exports_nothing_new_and_one_exports_every_request() {
+    let none = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&none.endpoint(), &["--trace-sampling=0"]).await;
+    for _ in 0..20 {
+        let seen = m.get("/trace-context", &[]).await;
+        assert_eq!(field(&seen, "traceparent"), "", "no trace started: {seen}");
+    }
+    // A caller's sampled trace is still followed.
+    m.get(
+        "/",
+        &[("traceparent", format!("00-{APP_TRACE}-{APP_SPAN}-01"))],
+    )
+    .await;
+    assert_eq!(none.trace(APP_TRACE, 2).await.len(), 2);
+    assert!(
+        none.spans().iter().all(|s| s.trace_id() == APP_TRACE),
+        "only the caller's trace: {:#?}",
+        none.spans()
+    );
+    drop(m);
+
+    let all = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&all.endpoint(), &["--trace-sampling=1"]).await;
+    let mut traces = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let seen = m.get("/trace-context", &[]).await;
+        let tp = field(&seen, "traceparent");
+        let trace = tp.split('-').nth(1).expect("a trace started").to_string();
+        traces.insert(trace);
+    }
+    assert_eq!(traces.len(), 20, "one trace per request");
+    for t in &traces {
+        let spans = all.trace(t, 2).await;
+        assert_eq!(
+            (
+                of_trace(&spans, t, CLIENT).len(),
+                of_trace(&spans, t, SERVER).len()
+            ),
+            (1, 1),
+            "a client and a server span for {t}"
+        );
+    }
+}
+
+/// A proxy's resident memory, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_collector_down_or_stalling_costs_spans_not_requests() {
+    // Nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr: SocketAddr = dead.local_addr().unwrap();
+    drop(dead);
+    let stalling = OtlpCollector::start(Mode::Stall).await;
+    for endpoint in [format!("http://{dead_addr}"), stalling.endpoint()] {
+        let m = Mesh::start(&endpoint, &[]).await;
+        let pid = m.client.proc.pid();
+        let url = m.url("/");
+        let c = client::http1();
+        let n = 3000;
+        let started = std::time::Instant::now();
+        for _ in 0..n / 10 {
+            let batch = (0..10).map(|_| client::get(&c, &url));
+            for r in futures_util::future::join_all(batch).await {
+                assert_eq!(r.expect("request").0, 200);
+            }
+        }
+        let took = started.elapsed();
+        wait::until(
+            "spans counted as dropped",
+            Duration::from_secs(20),
+            || async {
+                metric_sum(m.client.admin, "strait_proxy_trace_spans_dropped_total").await > 0.0
+            },
+        )
+        .await;
+        let dropped = metric_sum(m.client.admin, "strait_proxy_trace_spans_dropped_total").await;
+        let rss = rss_kib(pid);
+        println!(
+            "collector {endpoint}: {n} requests in {took:?}, {dropped} spans dropped, client proxy RSS {rss} KiB"
+        );
+        assert!(wait::admin_get(m.client.admin, "/ready").await.unwrap().0 == 200);
+        // The queue holds at most a few thousand spans.
+        assert!(rss < 64 * 1024, "client proxy at {rss} KiB");
+    }
+}
