@@ -11,7 +11,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
-use crate::telemetry::metrics::{DirectionLabels, StatusLabels, status_class};
+use crate::telemetry::metrics::{
+    DirectionLabels, PeerMetrics, StatusLabels, status_class, status_index,
+};
 use crate::telemetry::{Direction, Metrics};
 
 #[derive(Clone, Debug)]
@@ -20,6 +22,8 @@ pub struct RequestMetricsLayer {
     direction: Direction,
     requests: Counter,
     latency: Histogram,
+    /// Inbound: the caller's counters, for this connection.
+    peer: Option<PeerMetrics>,
 }
 
 impl RequestMetricsLayer {
@@ -32,7 +36,17 @@ impl RequestMetricsLayer {
             direction,
             requests,
             latency,
+            peer: None,
         }
+    }
+
+    /// For one inbound connection: also counted by the caller's identity.
+    pub fn for_peer(&self, peer: Option<&crate::identity::Identity>) -> Self {
+        let mut l = self.clone();
+        if self.direction == Direction::Inbound {
+            l.peer = Some(self.metrics.inbound_peer(peer));
+        }
+        l
     }
 }
 
@@ -68,11 +82,19 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
         self.layer.requests.inc();
+        if let Some(p) = &self.layer.peer {
+            p.requests.inc();
+        }
         let layer = self.layer.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let rsp = fut.await?;
-            layer.latency.observe(start.elapsed().as_secs_f64());
+            let took = start.elapsed().as_secs_f64();
+            layer.latency.observe(took);
+            if let Some(p) = &layer.peer {
+                p.latency.observe(took);
+                p.responses[status_index(rsp.status())].inc();
+            }
             layer
                 .metrics
                 .http_responses

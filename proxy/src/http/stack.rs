@@ -73,7 +73,7 @@ impl HttpStack {
                 .map_request(move |req: Request<Incoming>| {
                     req.map(|b| RequestBody::new(b, body_timeout))
                 })
-                .layer(self.metrics.clone())
+                .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 .layer(self.normalize.clone())
                 .layer(trace.clone())
                 .layer(dst)
@@ -88,7 +88,7 @@ impl HttpStack {
                     req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
                     req.map(|b| RequestBody::new(b, body_timeout))
                 })
-                .layer(self.metrics.clone())
+                .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 .layer(self.normalize.clone())
                 .layer(trace)
                 .layer(dst)

@@ -20,6 +20,8 @@ pub struct WeightedBackend<S> {
     pub weight: u32,
     pub service: S,
     pub responses: ByStatus,
+    /// Each attempt's time to response headers.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
     /// The backend's Service name, for spans and access logs.
     pub name: Arc<str>,
 }
@@ -92,9 +94,11 @@ where
             n.with(|n| n.backend = Some(b.name.clone()));
         }
         let mut svc = b.service.clone();
-        let responses = b.responses.clone();
+        let (responses, latency) = (b.responses.clone(), b.latency.clone());
+        let start = tokio::time::Instant::now();
         Box::pin(async move {
             let rsp = tower::ServiceExt::ready(&mut svc).await?.call(req).await?;
+            latency.observe(start.elapsed().as_secs_f64());
             responses[status_index(rsp.status())].inc();
             Ok(rsp)
         })
@@ -114,6 +118,7 @@ mod tests {
                     weight,
                     service,
                     responses: Default::default(),
+                    latency: prometheus_client::metrics::histogram::Histogram::new([1.0]),
                     name: service.into(),
                 })
                 .collect(),

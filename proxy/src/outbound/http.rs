@@ -74,6 +74,12 @@ pub fn route(
                     responses: b
                         .metrics
                         .route_backend(service, &rule.route, &rule.rule, name),
+                    latency: b.metrics.route_backend_latency(
+                        service,
+                        &rule.route,
+                        &rule.rule,
+                        name,
+                    ),
                     name: name.clone(),
                 }
             })

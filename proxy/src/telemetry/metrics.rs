@@ -105,6 +105,34 @@ pub struct BackendLabels {
     pub backend: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackendOnlyLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The calling proxy's verified identity, or `unauthenticated`.
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerStatusLabels {
+    pub peer: String,
+    pub status_class: &'static str,
+}
+
+/// The inbound counters of one calling identity, resolved once per connection.
+#[derive(Clone, Debug)]
+pub struct PeerMetrics {
+    pub requests: Counter,
+    pub responses: ByStatus,
+    pub latency: Histogram,
+}
+
 /// The status classes, in the order of `status_index`.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -172,6 +200,10 @@ pub struct Metrics {
     pub route_retries_skipped: Family<RouteReasonLabels, Counter>,
     pub route_timeouts: Family<RouteReasonLabels, Counter>,
     pub backend_responses: Family<RouteBackendLabels, Counter>,
+    pub backend_latency: Family<RouteBackendOnlyLabels, Histogram, fn() -> Histogram>,
+    pub inbound_peer_requests: Family<PeerLabels, Counter>,
+    pub inbound_peer_responses: Family<PeerStatusLabels, Counter>,
+    pub inbound_peer_latency: Family<PeerLabels, Histogram, fn() -> Histogram>,
     pub backend_ejections: Family<BackendLabels, Counter>,
     pub backend_ejected: Family<BackendLabels, Gauge>,
 }
@@ -205,6 +237,10 @@ impl Metrics {
             route_retries_skipped: Family::default(),
             route_timeouts: Family::default(),
             backend_responses: Family::default(),
+            backend_latency: Family::new_with_constructor(latency_histogram),
+            inbound_peer_requests: Family::default(),
+            inbound_peer_responses: Family::default(),
+            inbound_peer_latency: Family::new_with_constructor(latency_histogram),
             backend_ejections: Family::default(),
             backend_ejected: Family::default(),
             registry: Registry::default(),
@@ -335,6 +371,26 @@ impl Metrics {
             m.backend_responses.clone(),
         );
         registry.register(
+            "backend_response_latency_seconds",
+            "Each attempt's time to response headers, by service, route, rule and backend",
+            m.backend_latency.clone(),
+        );
+        registry.register(
+            "inbound_peer_requests",
+            "Inbound HTTP requests by the caller's verified identity (`unauthenticated` for plaintext)",
+            m.inbound_peer_requests.clone(),
+        );
+        registry.register(
+            "inbound_peer_responses",
+            "Inbound HTTP responses by the caller's verified identity and status class",
+            m.inbound_peer_responses.clone(),
+        );
+        registry.register(
+            "inbound_peer_response_latency_seconds",
+            "Inbound time to response headers by the caller's verified identity",
+            m.inbound_peer_latency.clone(),
+        );
+        registry.register(
             "backend_ejections",
             "Endpoints ejected by the circuit breaker, per backend",
             m.backend_ejections.clone(),
@@ -414,6 +470,41 @@ impl Metrics {
                     status_class,
                 })
         })
+    }
+
+    /// The latency histogram of one backend of a route rule.
+    pub fn route_backend_latency(
+        &self,
+        service: &str,
+        route: &str,
+        rule: &str,
+        backend: &str,
+    ) -> Histogram {
+        self.backend_latency
+            .get_or_create_owned(&RouteBackendOnlyLabels {
+                service: service.to_string(),
+                route: route.to_string(),
+                rule: rule.to_string(),
+                backend: backend.to_string(),
+            })
+    }
+
+    /// The inbound counters of one caller; identities come from certificates of
+    /// this mesh, so their number is bounded by its service accounts.
+    pub fn inbound_peer(&self, peer: Option<&crate::identity::Identity>) -> PeerMetrics {
+        let peer = peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string());
+        let labels = PeerLabels { peer: peer.clone() };
+        PeerMetrics {
+            requests: self.inbound_peer_requests.get_or_create_owned(&labels),
+            responses: STATUS_CLASSES.map(|status_class| {
+                self.inbound_peer_responses
+                    .get_or_create_owned(&PeerStatusLabels {
+                        peer: peer.clone(),
+                        status_class,
+                    })
+            }),
+            latency: self.inbound_peer_latency.get_or_create_owned(&labels),
+        }
     }
 
     /// The breaker counters of `backend`.

@@ -261,3 +261,67 @@ async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
         (200, "debug\n".into())
     );
 }
+
+#[tokio::test]
+async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
+    let backend = Backend::start().await;
+    let (admin, local) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args([
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--inbound-addr=127.0.0.1:0".into(),
+            "--outbound-addr=127.0.0.1:0".into(),
+            format!("--upstream=127.0.0.1:{local}={}", backend.addr),
+            "--access-log=json".into(),
+            // Nobody listens: spans are dropped, their trace ids still logged.
+            format!("--otlp-endpoint=http://127.0.0.1:{}", free_port()),
+            "--log-level=warn".into(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait::ready(
+        std::net::SocketAddr::from(([127, 0, 0, 1], admin)),
+        Duration::from_secs(20),
+    )
+    .await;
+    let c = client::http1();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = Request::get(format!("http://127.0.0.1:{local}/status/404"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(client::empty())
+        .unwrap();
+    assert_eq!(c.request(req).await.unwrap().status(), 404);
+    let (status, _) = client::get(&c, &format!("http://127.0.0.1:{local}/x?q=1"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // Lines are written as requests finish; read until both are there.
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    use tokio::io::AsyncBufReadExt;
+    while lines.len() < 2 {
+        let mut l = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read_line(&mut l))
+            .await
+            .expect("an access-log line within 10 s")
+            .unwrap();
+        assert!(n > 0, "stdout closed");
+        lines.push(serde_json::from_str::<serde_json::Value>(&l).unwrap());
+    }
+    let first = &lines[0];
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/status/404");
+    assert_eq!(first["status"], 404);
+    assert_eq!(first["direction"], "outbound");
+    assert_eq!(first["trace_id"], trace, "{first}");
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(lines[1]["path"], "/x");
+    assert_eq!(lines[1]["status"], 200);
+    assert!(
+        lines[1]["trace_id"].as_str().is_some_and(|t| t.len() == 32),
+        "a new trace for a request without one: {}",
+        lines[1]
+    );
+}

@@ -293,3 +293,157 @@ async fn a_collector_down_or_stalling_costs_spans_not_requests() {
         assert!(rss < 64 * 1024, "client proxy at {rss} KiB");
     }
 }
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+async fn metric_where(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let (_, text) = wait::admin_get(admin, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_by_route_backend_status_and_peer_identity() {
+    use strait_tests::mesh::SidecarIdentity;
+    use strait_tests::pki::{Pki, token_file, token_secret};
+    let dir = ManifestDir::new();
+    let tokens = ManifestDir::new();
+    for sa in ["client", "web"] {
+        dir.write(
+            &format!("token-{sa}.yaml"),
+            &token_secret(NS, sa, &format!("token-of-{sa}")),
+        );
+        token_file(tokens.path(), sa, &format!("token-of-{sa}"));
+    }
+    dir.write("svc.yaml", &service(NS, "web", 80));
+    let pki = Pki::new();
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let grpc: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let _cp = ControllerProc::start_with(dir.path(), grpc, Some(&pki), None).await;
+    let opts = |sa: &str| SidecarOpts {
+        identity: Some(SidecarIdentity {
+            anchors: pki.anchors(),
+            token_file: tokens.path().join(format!("{sa}.token")),
+            service_account: sa.to_string(),
+        }),
+        args: vec![format!("--otlp-endpoint={}", collector.endpoint())],
+        ..Default::default()
+    };
+    let backend = Backend::start().await;
+    let server = Sidecar::start_with(grpc, NS, "web-0", &[], opts("web")).await;
+    dir.write(
+        "pod.yaml",
+        &meshed_pod(NS, "web-0", "web", server.inbound.port()),
+    );
+    dir.write("slice.yaml", &endpoint(NS, "web", "web-0", backend.addr));
+    let client = Sidecar::start_with(grpc, NS, "client-0", &[WEB], opts("client")).await;
+    let url = |p: &str| format!("http://{}{p}", client.upstreams[0]);
+    let peer = "peer=\"spiffe://cluster.local/ns/test/sa/client\"";
+    wait::until(
+        "meshed traffic over mTLS",
+        Duration::from_secs(10),
+        || async {
+            let _ = client::get(&client::http1(), &url("/")).await;
+            metric_where(
+                server.admin,
+                "strait_proxy_inbound_peer_requests_total",
+                &[peer],
+            )
+            .await
+                > 0.0
+        },
+    )
+    .await;
+    let route = [
+        "service=\"web.test.svc.cluster.local:80\"",
+        "route=\"default\"",
+    ];
+    let snapshot = || async {
+        (
+            metric_where(
+                client.admin,
+                "strait_proxy_route_responses_total",
+                &[route[0], route[1], "status_class=\"2xx\""],
+            )
+            .await,
+            metric_where(
+                client.admin,
+                "strait_proxy_backend_responses_total",
+                &[
+                    route[0],
+                    "backend=\"web.test.svc.cluster.local:80\"",
+                    "status_class=\"5xx\"",
+                ],
+            )
+            .await,
+            metric_where(
+                server.admin,
+                "strait_proxy_inbound_peer_responses_total",
+                &[peer, "status_class=\"2xx\""],
+            )
+            .await,
+            metric_where(
+                server.admin,
+                "strait_proxy_inbound_peer_responses_total",
+                &[peer, "status_class=\"5xx\""],
+            )
+            .await,
+        )
+    };
+    let before = snapshot().await;
+    let c = client::http1();
+    for _ in 0..10 {
+        assert_eq!(client::get(&c, &url("/")).await.unwrap().0, 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(client::get(&c, &url("/status/503")).await.unwrap().0, 503);
+    }
+    let after = snapshot().await;
+    assert_eq!(
+        (
+            after.0 - before.0,
+            after.1 - before.1,
+            after.2 - before.2,
+            after.3 - before.3
+        ),
+        (10.0, 5.0, 10.0, 5.0),
+        "route 2xx, backend 5xx (client proxy); by caller identity 2xx, 5xx (server proxy)"
+    );
+    let latency = metric_where(
+        client.admin,
+        "strait_proxy_backend_response_latency_seconds_count",
+        &[route[0]],
+    )
+    .await;
+    assert!(latency >= 15.0, "{latency}");
+
+    // Each proxy's span names the other side's verified identity.
+    let traced = client::http1()
+        .request(
+            http::Request::get(url("/"))
+                .header("traceparent", format!("00-{APP_TRACE}-{APP_SPAN}-01"))
+                .body(client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), 200);
+    let spans = collector.trace(APP_TRACE, 2).await;
+    let (c, s) = (
+        of_trace(&spans, APP_TRACE, CLIENT),
+        of_trace(&spans, APP_TRACE, SERVER),
+    );
+    assert_eq!((c.len(), s.len()), (1, 1), "{spans:#?}");
+    assert_eq!(
+        c[0].attr("strait.peer.identity").as_deref(),
+        Some("spiffe://cluster.local/ns/test/sa/web")
+    );
+    assert_eq!(
+        s[0].attr("strait.peer.identity").as_deref(),
+        Some("spiffe://cluster.local/ns/test/sa/client")
+    );
+}
