@@ -71,6 +71,10 @@ pub struct ControllerArgs {
     /// Service account the controller runs as (see --namespace).
     #[arg(long, env = "STRAIT_SERVICE_ACCOUNT", default_value = defaults::CONTROLLER_SERVICE_ACCOUNT)]
     pub service_account: String,
+    /// OpenTelemetry collector (OTLP/gRPC, e.g. http://otel-collector:4317) for the
+    /// controller's own spans: manifest reloads, pushes to proxies, certificates.
+    #[arg(long, env = "STRAIT_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Lifetime of workload certificates (proxies renew at about 70 % of it).
     #[arg(long, env = "STRAIT_CERT_LIFETIME", default_value = defaults::CERT_LIFETIME, value_parser = parse_lifetime)]
     pub cert_lifetime: Duration,
@@ -171,6 +175,27 @@ impl Controller {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let metrics = Metrics::new();
+        if let Some(endpoint) = &self.args.otlp_endpoint {
+            let exporter = strait_otel::Exporter::start(
+                strait_otel::ExportConfig {
+                    endpoint: endpoint.clone(),
+                    // Every reload, push and certificate: a handful a minute.
+                    sampling: 1.0,
+                    service_name: "strait-controller".into(),
+                    resource: vec![
+                        opentelemetry::KeyValue::new(
+                            "k8s.namespace.name",
+                            self.args.namespace.clone(),
+                        ),
+                        opentelemetry::KeyValue::new("strait.version", env!("CARGO_PKG_VERSION")),
+                    ],
+                },
+                metrics.trace_spans_dropped.clone(),
+            )
+            .map_err(|e| FlagError(e.to_string()))?;
+            exporter.install_global();
+            info!(%endpoint, "exporting spans");
+        }
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::empty(&self.args.trust_domain)));
         let (ready_tx, ready_rx) = watch::channel(false);
 

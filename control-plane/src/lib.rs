@@ -16,4 +16,5 @@ pub mod manifests;
 pub mod metrics;
 pub mod policy;
 pub mod routes;
+pub mod spans;
 pub mod spec;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub certify_refusals: Family<ReasonLabels, Counter>,
     /// Discovery and policy calls refused for want of a credential, by service and reason.
     pub api_refusals: Family<RefusalLabels, Counter>,
+    /// Spans not delivered to the collector.
+    pub trace_spans_dropped: Counter,
 }
 
 impl Metrics {
@@ -65,6 +67,7 @@ impl Metrics {
             certificates_issued: Counter::default(),
             certify_refusals: Family::default(),
             api_refusals: Family::default(),
+            trace_spans_dropped: Counter::default(),
         };
         registry.register(
             "watches",
@@ -116,6 +119,11 @@ impl Metrics {
             "api_refusals",
             "Discovery and inbound-policy calls refused (no or unknown credential, another workload's policy), by service and reason",
             m.api_refusals.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not delivered to the collector: the export queue was full, or the collector failed or did not answer",
+            m.trace_spans_dropped.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

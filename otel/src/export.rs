@@ -92,6 +92,12 @@ impl Exporter {
         })
     }
 
+    /// Makes this the process's tracer provider, for code that reaches it
+    /// through `opentelemetry::global` (the controller's few spans).
+    pub fn install_global(&self) {
+        opentelemetry::global::set_tracer_provider(self.provider.clone());
+    }
+
     /// Stops taking spans (what is queued is still sent, in the background).
     pub fn shutdown(&self) {
         let _ = self.provider.shutdown();

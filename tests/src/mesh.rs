@@ -46,6 +46,17 @@ impl ControllerProc {
         pki: Option<&Pki>,
         lifetime: Option<&str>,
     ) -> ControllerProc {
+        Self::spawn_with(dir, grpc, pki, lifetime, &[])
+    }
+
+    /// As `spawn`, with more flags.
+    pub fn spawn_with(
+        dir: &Path,
+        grpc: SocketAddr,
+        pki: Option<&Pki>,
+        lifetime: Option<&str>,
+        extra: &[String],
+    ) -> ControllerProc {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut args = vec![
             "controller".into(),
@@ -60,6 +71,7 @@ impl ControllerProc {
         if let Some(l) = lifetime {
             args.push(format!("--cert-lifetime={l}"));
         }
+        args.extend(extra.iter().cloned());
         let proc = Proc::spawn("strait", &args, &[("STRAIT_LOG", "warn")]);
         ControllerProc { proc, grpc, admin }
     }

@@ -104,6 +104,7 @@ impl Views {
                     .map(|(k, tx)| (k.clone(), tx.clone()))
                     .collect()
             };
+            let (views, mut pushed) = (watched.len(), 0i64);
             for (key, tx) in watched {
                 // Compared as of the same version: a change elsewhere in the mesh
                 // is not a change of this view, and is not pushed.
@@ -115,8 +116,20 @@ impl Views {
                     self.metrics
                         .push_latency
                         .observe(snap.built.elapsed().as_secs_f64());
+                    pushed += 1;
                 }
             }
+            // From the index change to the last view handed to the streams.
+            crate::spans::record(
+                "discovery.push",
+                crate::spans::since(snap.built.into_std()),
+                vec![
+                    opentelemetry::KeyValue::new("strait.index.version", snap.version as i64),
+                    opentelemetry::KeyValue::new("strait.views.watched", views as i64),
+                    opentelemetry::KeyValue::new("strait.views.pushed", pushed),
+                ],
+                None,
+            );
         }
     }
 }

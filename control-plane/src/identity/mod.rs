@@ -50,6 +50,30 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
         &self,
         req: Request<api::CertifyRequest>,
     ) -> Result<Response<api::CertifyResponse>, Status> {
+        let started = std::time::SystemTime::now();
+        let asked: String = req.get_ref().identity.chars().take(300).collect();
+        let result = self.issue(req);
+        let mut attrs = vec![opentelemetry::KeyValue::new("strait.identity.asked", asked)];
+        if let Ok(rsp) = &result {
+            attrs.push(opentelemetry::KeyValue::new(
+                "strait.certificate.bytes",
+                rsp.get_ref().leaf_der.len() as i64,
+            ));
+        }
+        let error = result
+            .as_ref()
+            .err()
+            .map(|s| format!("{:?}: {}", s.code(), s.message()));
+        crate::spans::record("identity.certify", started, attrs, error);
+        result
+    }
+}
+
+impl IdentityService {
+    fn issue(
+        &self,
+        req: Request<api::CertifyRequest>,
+    ) -> Result<Response<api::CertifyResponse>, Status> {
         let Some(ca) = &self.ca else {
             return Err(self.refuse(
                 "no_issuer",

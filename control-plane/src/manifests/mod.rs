@@ -617,6 +617,8 @@ impl ManifestSource {
                 }
             }
             // Reading and parsing is blocking work; keep it off the runtime.
+            let started = std::time::SystemTime::now();
+            let errors_before = source.metrics.reload_errors.get();
             let scanned = tokio::task::spawn_blocking(move || {
                 let snap = source.scan();
                 (source, snap)
@@ -633,6 +635,24 @@ impl ManifestSource {
                 }
             };
             clean.send_if_modified(|c| std::mem::replace(c, source.is_clean()) != *c);
+            let refused = source.metrics.reload_errors.get() - errors_before;
+            if snap.is_some() || refused > 0 {
+                use opentelemetry::KeyValue;
+                let mut attrs = vec![KeyValue::new(
+                    "strait.manifests.refused_files",
+                    refused as i64,
+                )];
+                if let Some(s) = &snap {
+                    attrs.extend([
+                        KeyValue::new("strait.index.version", s.version as i64),
+                        KeyValue::new("strait.index.services", s.services.len() as i64),
+                        KeyValue::new("strait.index.endpoints", s.endpoint_count() as i64),
+                        KeyValue::new("strait.index.pods", s.pods.len() as i64),
+                    ]);
+                }
+                let error = (refused > 0).then(|| format!("{refused} file(s) refused"));
+                crate::spans::record("manifests.reload", started, attrs, error);
+            }
             if let Some(s) = snap {
                 source.metrics.observe_snapshot(&s);
                 info!(

@@ -447,3 +447,77 @@ async fn metrics_count_by_route_backend_status_and_peer_identity() {
         Some("spiffe://cluster.local/ns/test/sa/client")
     );
 }
+
+#[tokio::test]
+async fn the_controller_exports_reloads_pushes_and_certificates() {
+    use strait_tests::mesh::SidecarIdentity;
+    use strait_tests::pki::{Pki, token_file, token_secret};
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let dir = ManifestDir::new();
+    let tokens = ManifestDir::new();
+    dir.write("token.yaml", &token_secret(NS, "client", "token-of-client"));
+    token_file(tokens.path(), "client", "token-of-client");
+    dir.write("svc.yaml", &service(NS, "web", 80));
+    let pki = Pki::new();
+    let grpc: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let cp = ControllerProc::spawn_with(
+        dir.path(),
+        grpc,
+        Some(&pki),
+        None,
+        &[format!("--otlp-endpoint={}", collector.endpoint())],
+    );
+    wait::ready(cp.admin, Duration::from_secs(20)).await;
+    let opts = SidecarOpts {
+        identity: Some(SidecarIdentity {
+            anchors: pki.anchors(),
+            token_file: tokens.path().join("client.token"),
+            service_account: "client".into(),
+        }),
+        ..Default::default()
+    };
+    let client = Sidecar::start_with(grpc, NS, "client-0", &[WEB], opts).await;
+    // A watch of `web`, then a change to it: a push.
+    let _ = client::get(
+        &client::http1(),
+        &format!("http://{}/", client.upstreams[0]),
+    )
+    .await;
+    dir.write(
+        "slice.yaml",
+        &endpoint(NS, "web", "web-0", "127.0.0.1:9".parse().unwrap()),
+    );
+    let names = ["manifests.reload", "discovery.push", "identity.certify"];
+    let spans = collector
+        .wait_until(Duration::from_secs(15), |s| {
+            names.iter().all(|n| {
+                s.iter()
+                    .any(|r| r.span.name == *n && r.service == "strait-controller")
+            })
+        })
+        .await;
+    for n in names {
+        assert!(
+            spans.iter().any(|r| r.span.name == n),
+            "no {n} span among {:?}",
+            spans
+                .iter()
+                .map(|r| r.span.name.clone())
+                .collect::<Vec<_>>()
+        );
+    }
+    let push = spans.iter().rev().find(|r| {
+        r.span.name == "discovery.push" && r.attr("strait.views.pushed").as_deref() == Some("1")
+    });
+    assert!(push.is_some(), "a push that updated web's view");
+    let certify = spans
+        .iter()
+        .find(|r| r.span.name == "identity.certify")
+        .unwrap();
+    assert_eq!(
+        certify.attr("strait.identity.asked").as_deref(),
+        Some("spiffe://cluster.local/ns/test/sa/client")
+    );
+}
