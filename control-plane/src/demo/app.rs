@@ -105,6 +105,19 @@ pub async fn run(args: AppArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A GET of `uri` carrying the caller's trace context, as any traced app
+/// does: the proxies' spans of this call then join the incoming request's trace.
+fn with_trace_context(incoming: &Request<Incoming>, uri: Uri) -> Request<Empty<Bytes>> {
+    let mut out = Request::new(Empty::new());
+    *out.uri_mut() = uri;
+    for name in ["traceparent", "tracestate"] {
+        if let Some(v) = incoming.headers().get(name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
+}
+
 /// The backend's scheme and authority with the request's path and query.
 fn backend_uri(base: &Uri, path: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
     let mut b = Uri::builder();
@@ -139,7 +152,7 @@ async fn handle(
     } else if let Some(base) = &args.backend {
         let start = Instant::now();
         match backend_uri(base, req.uri().path_and_query()) {
-            Ok(uri) => match client.get(uri).await {
+            Ok(uri) => match client.request(with_trace_context(&req, uri)).await {
                 Ok(rsp) => {
                     status = rsp.status();
                     if let Some(c) = rsp

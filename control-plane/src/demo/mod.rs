@@ -124,6 +124,11 @@ pub struct DemoArgs {
     /// The demo's manifests.
     #[arg(long, default_value = "deploy/examples/demo")]
     pub manifests: PathBuf,
+    /// OpenTelemetry collector (OTLP/gRPC, e.g. http://localhost:4317): every demo
+    /// proxy and the controller send their spans there, the load client starts a
+    /// trace per request, and the table shows the trace id of a recent slow one.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Requests per second the load client sends (1 to 10000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rate: u32,
@@ -321,7 +326,14 @@ async fn run_mesh(
             format!("--admin-addr={CONTROLLER_ADMIN}"),
             format!("--issuer-cert={}", work.path.join("issuer.crt").display()),
             format!("--issuer-key={}", work.path.join("issuer.key").display()),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            args.otlp_endpoint
+                .iter()
+                .map(|e| format!("--otlp-endpoint={e}")),
+        )
+        .collect::<Vec<_>>(),
         "warn",
     )?;
     ready(CONTROLLER_ADMIN, procs).await?;
@@ -357,6 +369,10 @@ async fn run_mesh(
                 work.token_file(pod.service_account).display()
             ),
         ];
+        if let Some(e) = &args.otlp_endpoint {
+            a.push(format!("--otlp-endpoint={e}"));
+            a.push(format!("--service-name={}", pod.service_account));
+        }
         if let Some((port, dest)) = pod.upstream {
             a.push(format!("--upstream={}:{port}={dest}", pod.ip));
         }
@@ -390,7 +406,8 @@ async fn run_mesh(
     };
 
     let stats = Arc::new(Mutex::new(Stats::default()));
-    let load = tokio::spawn(drive(args.rate, stats.clone()));
+    let traced = args.otlp_endpoint.is_some();
+    let load = tokio::spawn(drive(args.rate, stats.clone(), traced));
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -409,9 +426,18 @@ async fn run_mesh(
                     }
                     _ => None,
                 };
-                let s = stats.lock().map(|mut s| s.take_window()).unwrap_or_default();
+                let (s, slowest) = stats
+                    .lock()
+                    .map(|mut s| (s.take_window(), s.slowest.take()))
+                    .unwrap_or_default();
                 let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
                 table::print_live(&s, counters, canary, start.elapsed(), args.rate, tty);
+                if let Some((micros, trace)) = slowest.filter(|_| traced) {
+                    println!(
+                        "slowest request of the last second: {:.1} ms, trace {trace} (look it up in your tracing backend)",
+                        micros as f64 / 1000.0
+                    );
+                }
                 if let Some(line) = shifted {
                     println!("{line}");
                 }
@@ -464,7 +490,7 @@ fn shift(routes: &mut RoutesFile, from: u32, to: u32, at: Duration) -> (Canary, 
 
 /// Sends `rate` requests per second through the load pod's sidecar, one in
 /// `SLOW_EVERY` to the slow path.
-async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
+async fn drive(rate: u32, stats: Arc<Mutex<Stats>>, traced: bool) {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let (Ok(fast), Ok(slow)) = (
@@ -478,9 +504,24 @@ async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
         tick.tick().await;
         let url = if n % SLOW_EVERY == 0 { &slow } else { &fast };
         let (client, url, stats) = (client.clone(), url.clone(), stats.clone());
+        // As a traced app would: a new trace per request, sampled.
+        let trace = traced.then(|| {
+            use rand::RngCore;
+            let mut ids = [0u8; 24];
+            rand::rng().fill_bytes(&mut ids);
+            let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            (hex(&ids[..16]), hex(&ids[16..]))
+        });
         tokio::spawn(async move {
             let start = Instant::now();
-            let r = client.get(url).await;
+            let mut req = http::Request::new(Empty::new());
+            *req.uri_mut() = url;
+            if let Some((trace, span)) = &trace
+                && let Ok(v) = http::HeaderValue::try_from(format!("00-{trace}-{span}-01"))
+            {
+                req.headers_mut().insert("traceparent", v);
+            }
+            let r = client.request(req).await;
             let (ok, chain, callers, backend_us) = match r {
                 Ok(rsp) => {
                     let ok = rsp.status().is_success();
@@ -507,6 +548,11 @@ async fn drive(rate: u32, stats: Arc<Mutex<Stats>>) {
             let micros = start.elapsed().as_micros() as u64;
             if let Ok(mut s) = stats.lock() {
                 s.record(ok, micros, &chain, &callers, backend_us);
+                if let Some((trace, _)) = trace
+                    && s.slowest.as_ref().is_none_or(|(us, _)| micros > *us)
+                {
+                    s.slowest = Some((micros, trace));
+                }
             }
         });
     }

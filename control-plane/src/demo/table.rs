@@ -138,6 +138,8 @@ fn policy_lines(w: &Window, proxy: Option<PolicyCounters>, canary: Canary) -> St
 pub struct Stats {
     window: Window,
     pub total: Window,
+    /// The slowest request since the last table, and its trace id.
+    pub slowest: Option<(u64, String)>,
 }
 
 impl Stats {

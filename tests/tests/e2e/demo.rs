@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use strait_tests::otlp::{Mode, OtlpCollector};
+
 /// The number that follows `label` on the summary line starting with it.
 fn number_after(summary: &str, label: &str) -> f64 {
     let line = summary
@@ -20,10 +22,12 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let routes = root.join("deploy/examples/demo/routes.yaml");
     let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
+    let collector = OtlpCollector::start(Mode::Accept).await;
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(strait_tests::process::binary("strait"))
             .args(["demo", "--duration", "6s"])
+            .arg(format!("--otlp-endpoint={}", collector.endpoint()))
             .current_dir(&root)
             .env("STRAIT_LOG", "warn")
             .kill_on_drop(true)
@@ -80,5 +84,24 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
     assert!(
         number_after(summary, "ejections so far: ") > 0.0,
         "{summary}"
+    );
+
+    // The live table names a recent slow request's trace, and its spans are in
+    // the collector: the proxies of load, web and api, joined in one trace.
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("slowest request of the last second:"))
+        .unwrap_or_else(|| panic!("no slow-request line:\n{stdout}"));
+    let trace = line
+        .split("trace ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .expect("a trace id");
+    let spans = collector.trace(trace, 4).await;
+    let services: std::collections::BTreeSet<&str> =
+        spans.iter().map(|s| s.service.as_str()).collect();
+    assert!(
+        ["load", "web", "api"].iter().all(|s| services.contains(s)),
+        "trace {trace} has spans of {services:?}"
     );
 }
