@@ -521,3 +521,55 @@ async fn the_controller_exports_reloads_pushes_and_certificates() {
         Some("spiffe://cluster.local/ns/test/sa/client")
     );
 }
+
+#[test]
+fn every_metric_the_dashboard_plots_exists_and_is_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/strait-mesh.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let docs = std::fs::read_to_string(root.join("docs/observability.md")).unwrap();
+    let sources = [
+        std::fs::read_to_string(root.join("proxy/src/telemetry/metrics.rs")).unwrap(),
+        std::fs::read_to_string(root.join("control-plane/src/metrics.rs")).unwrap(),
+    ]
+    .concat();
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() > 20, "{} queries", exprs.len());
+    let mut names = std::collections::BTreeSet::new();
+    for e in &exprs {
+        for (i, _) in e.match_indices("strait_") {
+            let name: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    for name in &names {
+        let base = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_count")
+            .trim_end_matches("_sum");
+        let short = base
+            .trim_start_matches("strait_proxy_")
+            .trim_start_matches("strait_controller_");
+        assert!(
+            docs.contains(&format!("`{short}`"))
+                || docs.contains(&format!("`{short}`,"))
+                || docs.contains(short),
+            "{name} is not in docs/observability.md"
+        );
+        let registered = short.trim_end_matches("_total");
+        assert!(
+            sources.contains(&format!("\"{registered}\"")),
+            "{name} is plotted but no such metric is registered"
+        );
+    }
+}
