@@ -24,6 +24,8 @@ pub enum Mode {
     Stall,
     /// Answers every export with UNAVAILABLE.
     Refuse,
+    /// Takes every export and keeps nothing (for benchmarks).
+    Discard,
 }
 
 /// A span as received, with its resource's `service.name`.
@@ -82,6 +84,9 @@ impl TraceService for Collector {
         match self.mode {
             Mode::Stall => std::future::pending::<()>().await,
             Mode::Refuse => return Err(tonic::Status::unavailable("refusing on command")),
+            Mode::Discard => {
+                return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+            }
             Mode::Accept => {}
         }
         let mut out = self.spans.lock().expect("spans");

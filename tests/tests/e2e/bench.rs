@@ -59,12 +59,14 @@ async fn proxy_quick_measures_every_scenario() {
         );
         return;
     }
-    let md = bench(&["proxy"]).await;
+    let md = bench(&["proxy", "--with-tracing"]).await;
     for s in [
         "| direct |",
         "| strait |",
         "| strait-mtls |",
+        "| strait-mtls-traced |",
         "strait-mtls vs strait",
+        "traced vs not",
         "| haproxy-mtls |",
         "| nginx-mtls |",
         "p99 / best reference",

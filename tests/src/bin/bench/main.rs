@@ -42,6 +42,10 @@ enum What {
         /// the others, to measure a change.
         #[arg(long, value_name = "DIR")]
         baseline: Option<PathBuf>,
+        /// Also run the mTLS pair exporting a span per request (100 % sampling)
+        /// to an in-process collector, as "strait-mtls-traced".
+        #[arg(long)]
+        with_tracing: bool,
     },
     /// Prints the tables of a `bench proxy` run again from its JSON (and redraws
     /// its plots into --out).
@@ -77,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             loads,
             baseline,
+            with_tracing,
         } => {
             let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
             let r = proxy::run(
@@ -85,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
                 &loads,
                 work.clone(),
                 baseline.map(|d| d.join("strait-proxy")),
+                with_tracing,
             )
             .await?;
             let _ = std::fs::remove_dir_all(&work);

@@ -290,7 +290,12 @@ impl StraitPair {
     }
 }
 
-async fn strait_pair(backend: SocketAddr, mtls: bool, binary: Option<PathBuf>) -> StraitPair {
+async fn strait_pair(
+    backend: SocketAddr,
+    mtls: bool,
+    binary: Option<PathBuf>,
+    args: Vec<String>,
+) -> StraitPair {
     let dir = ManifestDir::new();
     let tokens = ManifestDir::new();
     dir.write("service.yaml", &service("bench", "backend", 80));
@@ -312,7 +317,7 @@ async fn strait_pair(backend: SocketAddr, mtls: bool, binary: Option<PathBuf>) -
         }),
         cwd: None,
         binary: binary.clone(),
-        args: Vec::new(),
+        args: args.clone(),
     };
     let server = Sidecar::start_with(cp.grpc, "bench", "backend-0", &[], opts("backend")).await;
     dir.write(
@@ -379,6 +384,7 @@ pub async fn run(
     only: &[String],
     work: PathBuf,
     baseline: Option<PathBuf>,
+    with_tracing: bool,
 ) -> anyhow::Result<Results> {
     let loads: Vec<Load> = loads(quick)
         .into_iter()
@@ -398,10 +404,32 @@ pub async fn run(
     if let Some(b) = &baseline {
         anyhow::ensure!(b.exists(), "--baseline: {} not found", b.display());
     }
-    let pair = strait_pair(backend.addr, false, None).await;
-    let mtls = strait_pair(backend.addr, true, None).await;
+    let pair = strait_pair(backend.addr, false, None, Vec::new()).await;
+    let mtls = strait_pair(backend.addr, true, None, Vec::new()).await;
     let before = match baseline {
-        Some(b) => Some(strait_pair(backend.addr, true, Some(b)).await),
+        Some(b) => Some(strait_pair(backend.addr, true, Some(b), Vec::new()).await),
+        None => None,
+    };
+    // A collector that takes every span and keeps none: what tracing costs the
+    // proxies, not what storing spans costs the bench.
+    let collector = if with_tracing {
+        Some(strait_tests::otlp::OtlpCollector::start(strait_tests::otlp::Mode::Discard).await)
+    } else {
+        None
+    };
+    let traced = match &collector {
+        Some(c) => Some(
+            strait_pair(
+                backend.addr,
+                true,
+                None,
+                vec![
+                    format!("--otlp-endpoint={}", c.endpoint()),
+                    "--trace-sampling=1".into(),
+                ],
+            )
+            .await,
+        ),
         None => None,
     };
     let mut hap = refs::haproxy(
@@ -438,6 +466,9 @@ pub async fn run(
     ];
     if let Some(b) = &before {
         targets.push(b.target("strait-mtls-before"));
+    }
+    if let Some(t) = &traced {
+        targets.push(t.target("strait-mtls-traced"));
     }
     targets.extend([
         Target {
@@ -675,6 +706,7 @@ pub fn markdown(r: &Results) -> String {
     }
     out.push_str(&ratios(&rows));
     out.push_str(&mtls_cost(&rows));
+    out.push_str(&tracing_cost(&rows));
     out.push_str(
         "\n| scenario | process | idle RSS MiB | peak RSS MiB |\n| --- | --- | --- | --- |\n",
     );
@@ -682,6 +714,47 @@ pub fn markdown(r: &Results) -> String {
         out.push_str(&format!(
             "| {} | {} | {:.1} | {:.1} |\n",
             m.scenario, m.process, m.idle_rss_mib, m.peak_rss_mib
+        ));
+    }
+    out
+}
+
+/// What tracing every request costs: the mTLS pair exporting a client and a
+/// server span per request against the same pair without tracing.
+fn tracing_cost(rows: &[(String, String, Sample)]) -> String {
+    let find = |load: &str, scenario: &str| {
+        rows.iter()
+            .find(|(l, s, _)| l == load && s == scenario)
+            .map(|r| &r.2)
+    };
+    let mut loads: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    loads.dedup();
+    let mut out = String::new();
+    for load in loads {
+        let (Some(m), Some(t)) = (find(load, "strait-mtls"), find(load, "strait-mtls-traced"))
+        else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push_str("\n| load | traced vs not (strait-mtls, 100 % sampling): p50 added | p99 added | vCPU/1k req/s client / server (off -> on) | CPU change (sum of both) | req/s (off -> on) |\n| --- | --- | --- | --- | --- | --- |\n");
+        }
+        let cpu = |s: &Sample| {
+            s.vcpu_per_krps
+                .iter()
+                .map(|v| format!("{v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let sum = |s: &Sample| s.vcpu_per_krps.iter().sum::<f64>();
+        out.push_str(&format!(
+            "| {load} | {:+.3} | {:+.3} | {} -> {} | {:+.1} % | {:.0} -> {:.0} |\n",
+            t.p50_ms - m.p50_ms,
+            t.p99_ms - m.p99_ms,
+            cpu(m),
+            cpu(t),
+            (sum(t) / sum(m) - 1.0) * 100.0,
+            m.achieved_rps,
+            t.achieved_rps
         ));
     }
     out
