@@ -1,8 +1,11 @@
-//! Spans leave the process through a bounded queue that one task drains,
-//! sending batches to the collector over OTLP/gRPC. Ending a span never waits on
-//! the network: when the queue is full (the collector is down, slow or
-//! refusing), the span is dropped and counted, and so are the spans of a batch
-//! the collector did not take. Memory is bounded by the queue.
+//! Spans leave the process through a bounded queue that a thread of its own
+//! drains, sending batches to the collector over OTLP/gRPC. Ending a span never
+//! waits on the network, and encoding and sending batches never runs on the
+//! threads that serve requests: the exporter wakes on a timer (ending a span
+//! wakes nobody) and takes what has queued. When the queue is full (the
+//! collector is down, slow or refusing), a span is dropped and counted, and so
+//! are the spans of a batch the collector did not take. Memory is bounded by
+//! the queue.
 
 use std::time::Duration;
 
@@ -18,11 +21,11 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 /// Spans waiting for export at most; beyond, new ones are dropped.
-pub const QUEUE_SPANS: usize = 2048;
+pub const QUEUE_SPANS: usize = 4096;
 /// Spans per export request at most.
 pub const BATCH_SPANS: usize = 512;
-/// How long a span may wait for its batch to fill.
-pub const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// How often the exporter takes what has queued.
+pub const BATCH_DELAY: Duration = Duration::from_millis(200);
 /// An export the collector does not answer in this time is abandoned.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -60,19 +63,62 @@ impl Exporter {
     /// every span that was ended but not delivered.
     pub fn start(cfg: ExportConfig, dropped: Counter) -> Result<Exporter, Error> {
         check_endpoint(&cfg.endpoint)?;
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(cfg.endpoint.clone())
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| Error(format!("{}: {e}", cfg.endpoint)))?;
         let resource = Resource::builder_empty()
             .with_service_name(cfg.service_name.clone())
             .with_attributes(cfg.resource.clone())
             .build();
-        exporter.set_resource(&resource);
         let (tx, rx) = mpsc::channel(QUEUE_SPANS);
-        tokio::spawn(drain(rx, exporter, dropped.clone()));
+        // The exporter's channel belongs to the runtime it is built on: built
+        // on the export thread's own, and its result sent back.
+        let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+        let (endpoint, res, lost) = (cfg.endpoint.clone(), resource.clone(), dropped.clone());
+        std::thread::Builder::new()
+            .name("strait-otlp".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let exporter = opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint)
+                        .with_timeout(EXPORT_TIMEOUT)
+                        .build();
+                    match exporter {
+                        Ok(mut e) => {
+                            e.set_resource(&res);
+                            let _ = built_tx.send(Ok(()));
+                            drain(rx, e, lost).await;
+                        }
+                        Err(e) => {
+                            let _ = built_tx.send(Err(e.to_string()));
+                        }
+                    }
+                });
+            })
+            .map_err(|e| {
+                Error(format!(
+                    "{}: cannot start the export thread: {e}",
+                    cfg.endpoint
+                ))
+            })?;
+        match built_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error(format!("{}: {e}", cfg.endpoint))),
+            Err(_) => {
+                return Err(Error(format!(
+                    "{}: the export thread stopped",
+                    cfg.endpoint
+                )));
+            }
+        }
         let ratio = cfg.sampling.clamp(0.0, 1.0);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(Queue {
@@ -142,24 +188,49 @@ impl SpanProcessor for Queue {
     }
 }
 
-/// Sends what the queue holds in batches, one export at a time: while an export
-/// is in flight the queue absorbs new spans, up to its size.
+/// Every `BATCH_DELAY`, sends what the queue holds, in batches, one export at
+/// a time: while an export is in flight the queue absorbs new spans, up to its
+/// size. Polling on a timer rather than waiting on the queue means ending a
+/// span never wakes this thread.
 async fn drain(
     mut rx: mpsc::Receiver<SpanData>,
     exporter: opentelemetry_otlp::SpanExporter,
     dropped: Counter,
 ) {
     let mut failures: u64 = 0;
-    while let Some(first) = rx.recv().await {
-        let mut batch = Vec::with_capacity(BATCH_SPANS.min(64));
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + BATCH_DELAY;
-        while batch.len() < BATCH_SPANS {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
+    let mut tick = tokio::time::interval(BATCH_DELAY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut batch = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(s) => {
+                    batch.push(s);
+                    if batch.len() < BATCH_SPANS {
+                        continue;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Disconnected) if batch.is_empty() => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => {}
             }
+            if batch.is_empty() {
+                break;
+            }
+            failures = export(&exporter, std::mem::take(&mut batch), &dropped, failures).await;
         }
+    }
+}
+
+/// One export; returns the failures in a row so far.
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: Vec<SpanData>,
+    dropped: &Counter,
+    mut failures: u64,
+) -> u64 {
+    {
         let n = batch.len() as u64;
         let sent = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
         let failed = match sent {
@@ -180,4 +251,5 @@ async fn drain(
             }
         }
     }
+    failures
 }

@@ -239,10 +239,14 @@ impl ManifestSource {
                 continue;
             };
             let stamp = Stamp::of(&meta);
-            // In path order: the files that fit keep loading as before.
-            total = total.saturating_add(meta.len());
+            // In path order: the files that fit keep loading as before; a file
+            // refused for the budget takes none of it, so one stray large file
+            // holds up no other.
             let name = FileName::from(path.as_path());
-            let fits = total <= self.budget;
+            let fits = total.saturating_add(meta.len()) <= self.budget;
+            if fits {
+                total += meta.len();
+            }
             let changed = self
                 .files
                 .get(path.as_path())
@@ -281,11 +285,12 @@ impl ManifestSource {
             });
         }
         for (path, stamp) in over_budget {
+            let len = stamp.len;
             candidates.push(Candidate {
                 path,
                 stamp,
                 parsed: Err(vec![ParseError::OverBudget {
-                    total,
+                    total: total + len,
                     max: self.budget,
                 }]),
                 retried: false,
@@ -786,6 +791,13 @@ mod tests {
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         let s = src.scan().unwrap();
         assert!(s.services.keys().any(|k| k.name == "api"));
+        // A stray large file refused for the budget holds up no other file.
+        let big = format!("# {}\n", "x".repeat(4 * SVC.len()));
+        std::fs::write(dir.join("0-big.yaml"), big).unwrap();
+        std::fs::write(dir.join("c.yaml"), SVC.replace("name: web", "name: cart")).unwrap();
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert!(s.services.keys().any(|k| k.name == "cart"));
     }
 
     #[test]

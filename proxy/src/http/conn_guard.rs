@@ -306,6 +306,9 @@ struct HeadScan {
     line_bytes: usize,
     /// The previous byte was CR.
     cr: bool,
+    /// The request line has begun: empty lines before it are skipped, as
+    /// hyper skips them, rather than taken for the end of the head.
+    started: bool,
 }
 
 impl HeadScan {
@@ -321,9 +324,9 @@ impl HeadScan {
                     if !cr {
                         found |= BARE_LF;
                     }
-                    if self.line_bytes == 0
-                        || (self.line_bytes == 1 && self.len == 1 && self.name[0] == b'\r')
-                    {
+                    let empty = self.line_bytes == 0
+                        || (self.line_bytes == 1 && self.len == 1 && self.name[0] == b'\r');
+                    if empty && self.started {
                         self.done = true;
                     }
                     self.len = 0;
@@ -332,6 +335,9 @@ impl HeadScan {
                 }
                 _ => {
                     self.line_bytes += 1;
+                    if b != b'\r' {
+                        self.started = true;
+                    }
                     if self.in_value {
                         continue;
                     }
@@ -386,6 +392,17 @@ mod tests {
             s.feed(b"GET / HTTP/1.1\r\n\r\nbody\n\n"),
             0,
             "only the head"
+        );
+        // Empty lines before the request line do not end the scan.
+        let mut s = HeadScan::default();
+        assert_eq!(
+            s.feed(b"\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"),
+            CONTENT_LENGTH | TRANSFER_ENCODING
+        );
+        let mut s = HeadScan::default();
+        assert_eq!(
+            s.feed(b"\r\nGET / HTTP/1.1\r\nhost: a\nx: 1\r\n\r\n"),
+            BARE_LF
         );
     }
 

@@ -17,7 +17,7 @@ use tracing::debug;
 use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
-use super::request_body::ClientFault;
+use super::request_body::{BodyFault, ClientFault};
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, upgrade};
 use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
@@ -113,10 +113,14 @@ impl Forward {
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
         );
-        let mut rsp = client
-            .request(req.map(super::boxed))
-            .await
-            .map_err(|e| client_error(e, addr))?;
+        let body_fault = req.extensions().get::<BodyFault>().cloned();
+        let mut rsp = client.request(req.map(super::boxed)).await.map_err(|e| {
+            // The client's body failed: its fault, whatever the upstream
+            // client made of it (over HTTP/2, a reset stream).
+            body_fault
+                .and_then(|f| f.fault())
+                .unwrap_or_else(|| client_error(e, addr))
+        })?;
         *rsp.version_mut() = version;
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)

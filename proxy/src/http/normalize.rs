@@ -144,8 +144,13 @@ pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
     let h1 = matches!(req.version(), Version::HTTP_11 | Version::HTTP_10);
     if h1 && req.method() != Method::CONNECT {
         if let Some(a) = req.uri().authority() {
-            if h.get(header::HOST).map(|v| v.as_bytes()) != Some(a.as_str().as_bytes())
-                && let Ok(v) = header::HeaderValue::from_str(a.as_str())
+            // host[:port] only: userinfo (`user:pass@`) never becomes a header.
+            let host = match a.port() {
+                Some(p) => format!("{}:{}", a.host(), p.as_str()),
+                None => a.host().to_string(),
+            };
+            if h.get(header::HOST).map(|v| v.as_bytes()) != Some(host.as_bytes())
+                && let Ok(v) = header::HeaderValue::from_str(&host)
             {
                 req.headers_mut().insert(header::HOST, v);
             }
@@ -252,6 +257,9 @@ mod tests {
         let mut abs = req("http://web.test/x", &[]);
         assert_eq!(check_head(&mut abs), Ok(()));
         assert_eq!(abs.headers()[header::HOST], "web.test");
+        let mut abs = req("http://user:secret@web.test:81/x", &[]);
+        assert_eq!(check_head(&mut abs), Ok(()));
+        assert_eq!(abs.headers()[header::HOST], "web.test:81", "no userinfo");
         let mut h10 = req("/", &[]);
         *h10.version_mut() = Version::HTTP_10;
         assert_eq!(check_head(&mut h10), Ok(()), "HTTP/1.0 needs no Host");

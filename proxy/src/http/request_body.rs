@@ -1,11 +1,19 @@
-//! The request body as the client sends it. A body that stalls (no byte for the
-//! body read timeout) is ended, and whatever goes wrong while reading it (bad
-//! chunked framing, a reset, the stall) is marked as the client's doing: the
-//! client is answered 400 or 408, never a 502 that blames the upstream, and the
-//! balancer does not count it against the endpoint.
+//! The request body as the client sends it. An HTTP/1 body that stalls (no byte
+//! for the body read timeout) is ended, and whatever goes wrong while reading a
+//! body (bad chunked framing, a reset, the stall) is marked as the client's
+//! doing: the client is answered 400 or 408, never a 502 that blames the
+//! upstream, and the balancer does not count it against the endpoint.
+//!
+//! The fault is recorded in a slot the request carries (`BodyFault`), because
+//! the upstream client does not always say why it failed: over HTTP/2 a body
+//! error only resets the stream. HTTP/2 bodies have no stall timeout: a gRPC
+//! stream may rightly be quiet for long, and flow control bounds what a slow
+//! client holds.
 
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,26 +47,65 @@ impl ClientFault {
     }
 }
 
+const MALFORMED: u8 = 1;
+const STALLED: u8 = 2;
+
+/// In a request's extensions when its body can fail: what `Forward` checks
+/// when the upstream client reports an error.
+#[derive(Clone, Debug)]
+pub struct BodyFault(Arc<AtomicU8>, Duration);
+
+impl BodyFault {
+    /// The client's fault, if its body failed.
+    pub fn fault(&self) -> Option<super::error::ProxyError> {
+        match self.0.load(Ordering::Acquire) {
+            MALFORMED => Some(super::error::ProxyError::ClientBody),
+            STALLED => Some(super::error::ProxyError::ClientBodyStalled(self.1)),
+            _ => None,
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     pub struct RequestBody<B> {
         #[pin]
         inner: B,
-        timeout: Duration,
+        timeout: Option<Duration>,
         // Armed when the body first waits for the client, and re-armed after
         // each frame: allocated only for bodies that do wait.
         stall: Option<Pin<Box<Sleep>>>,
         armed: bool,
+        fault: Option<Arc<AtomicU8>>,
     }
 }
 
 impl<B> RequestBody<B> {
-    pub fn new(inner: B, timeout: Duration) -> Self {
+    pub fn new(inner: B, timeout: Option<Duration>) -> Self {
         RequestBody {
             inner,
             timeout,
             stall: None,
             armed: false,
+            fault: None,
         }
+    }
+}
+
+impl<B: Body> RequestBody<B> {
+    /// Wraps `req`'s body; `timeout` is the stall timeout (HTTP/1). A body that
+    /// is already complete (most GETs) gets no fault slot: nothing to allocate.
+    pub fn wrap(req: http::Request<B>, timeout: Option<Duration>) -> http::Request<Self> {
+        if req.body().is_end_stream() {
+            return req.map(|b| RequestBody::new(b, timeout));
+        }
+        let slot = Arc::new(AtomicU8::new(0));
+        let (mut parts, body) = req.into_parts();
+        parts
+            .extensions
+            .insert(BodyFault(slot.clone(), timeout.unwrap_or_default()));
+        let mut b = RequestBody::new(body, timeout);
+        b.fault = Some(slot);
+        http::Request::from_parts(parts, b)
     }
 }
 
@@ -75,13 +122,26 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientFault>>> {
         let this = self.project();
+        let record = |kind: u8| {
+            if let Some(f) = this.fault.as_ref() {
+                f.store(kind, Ordering::Release);
+            }
+        };
         match this.inner.poll_frame(cx) {
             Poll::Ready(f) => {
                 *this.armed = false;
-                Poll::Ready(f.map(|r| r.map_err(|e| ClientFault::Malformed(e.into()))))
+                Poll::Ready(f.map(|r| {
+                    r.map_err(|e| {
+                        record(MALFORMED);
+                        ClientFault::Malformed(e.into())
+                    })
+                }))
             }
             Poll::Pending => {
-                let deadline = tokio::time::Instant::now() + *this.timeout;
+                let Some(timeout) = *this.timeout else {
+                    return Poll::Pending;
+                };
+                let deadline = tokio::time::Instant::now() + timeout;
                 let stall = this
                     .stall
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -90,7 +150,10 @@ where
                     *this.armed = true;
                 }
                 match stall.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(ClientFault::Stalled(*this.timeout)))),
+                    Poll::Ready(()) => {
+                        record(STALLED);
+                        Poll::Ready(Some(Err(ClientFault::Stalled(timeout))))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -128,7 +191,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_stalls_ends_with_the_clients_fault() {
         let (tx, rx) = channel();
-        let mut body = std::pin::pin!(RequestBody::new(rx, Duration::from_secs(30)));
+        let req = http::Request::post("/").body(rx).unwrap();
+        let req = RequestBody::wrap(req, Some(Duration::from_secs(30)));
+        let slot = req.extensions().get::<BodyFault>().cloned().unwrap();
+        let mut body = std::pin::pin!(req.into_body());
         tx.send(Bytes::from_static(b"a")).await.unwrap();
         let f = body.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "a");
@@ -136,13 +202,18 @@ mod tests {
         let e = body.frame().await.unwrap().unwrap_err();
         assert!(matches!(e, ClientFault::Stalled(_)), "{e:?}");
         assert_eq!(start.elapsed(), Duration::from_secs(30));
+        // Found by Forward even when the upstream client says nothing of it.
+        assert!(matches!(
+            slot.fault(),
+            Some(super::super::error::ProxyError::ClientBodyStalled(_))
+        ));
         drop(tx);
     }
 
     #[tokio::test(start_paused = true)]
     async fn each_byte_restarts_the_clock() {
         let (tx, rx) = channel();
-        let body = RequestBody::new(rx, Duration::from_secs(30));
+        let body = RequestBody::new(rx, Some(Duration::from_secs(30)));
         let sender = tokio::spawn(async move {
             for _ in 0..5 {
                 tokio::time::sleep(Duration::from_secs(20)).await;

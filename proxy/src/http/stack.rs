@@ -70,9 +70,8 @@ impl HttpStack {
         if h2 {
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
-                .map_request(move |req: Request<Incoming>| {
-                    req.map(|b| RequestBody::new(b, body_timeout))
-                })
+                // No stall timeout over HTTP/2: streams may rightly be quiet.
+                .map_request(|req: Request<Incoming>| RequestBody::wrap(req, None))
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 .layer(self.normalize.clone())
                 .layer(trace.clone())
@@ -86,7 +85,7 @@ impl HttpStack {
                 // Told when a request upgrades the connection.
                 .map_request(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
-                    req.map(|b| RequestBody::new(b, body_timeout))
+                    RequestBody::wrap(req, Some(body_timeout))
                 })
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 .layer(self.normalize.clone())

@@ -76,7 +76,10 @@ impl Line {
         let authority = req
             .uri()
             .authority()
-            .map(|a| a.as_str().to_string())
+            .map(|a| match a.port() {
+                Some(p) => format!("{}:{}", a.host(), p.as_str()),
+                None => a.host().to_string(),
+            })
             .or_else(|| {
                 req.headers()
                     .get(http::header::HOST)
@@ -88,8 +91,8 @@ impl Line {
             at: SystemTime::now(),
             direction,
             method: req.method().as_str().to_string(),
-            authority,
-            path: req.uri().path().to_string(),
+            authority: bounded(authority),
+            path: bounded(req.uri().path().to_string()),
             version: match req.version() {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 http::Version::HTTP_2 => "HTTP/2",
@@ -195,6 +198,22 @@ impl Line {
             }
         }
     }
+}
+
+/// Values a client chooses, cut to `MAX_FIELD` bytes: the queue is bounded in
+/// lines, so lines are bounded in size.
+pub const MAX_FIELD: usize = 1024;
+
+pub fn bounded(mut s: String) -> String {
+    if s.len() > MAX_FIELD {
+        let mut end = MAX_FIELD;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 #[cfg(test)]

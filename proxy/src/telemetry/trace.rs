@@ -188,8 +188,9 @@ where
 }
 
 /// Starts this request's span, child of the caller's context when it sent one,
-/// and makes the span the context the next hop sees. `None`: not sampled (the
-/// caller's decision, or ours), and the headers are left as they came.
+/// and makes the span the context the next hop sees. `None`: not sampled. The
+/// caller's unsampled context passes untouched; a new trace we chose not to
+/// sample is passed on as unsampled, so the next proxy records none of it.
 fn start_span<B>(
     tracer: &SdkTracer,
     never_start: bool,
@@ -206,15 +207,13 @@ fn start_span<B>(
         Some((sc, _)) => opentelemetry::Context::new().with_remote_span_context(sc.clone()),
         None => opentelemetry::Context::new(),
     };
-    let (kind, name) = match direction {
-        Direction::Outbound => (SpanKind::Client, req.method().as_str().to_string()),
-        Direction::Inbound => (SpanKind::Server, req.method().as_str().to_string()),
+    let kind = match direction {
+        Direction::Outbound => SpanKind::Client,
+        Direction::Inbound => SpanKind::Server,
     };
+    let method = method_name(req.method());
     let mut attrs = Vec::with_capacity(8);
-    attrs.push(KeyValue::new(
-        "http.request.method",
-        req.method().as_str().to_string(),
-    ));
+    attrs.push(KeyValue::new("http.request.method", method.clone()));
     let authority = req
         .uri()
         .authority()
@@ -226,28 +225,57 @@ fn start_span<B>(
         });
     // Outbound, the address is the destination the stages resolve (`end_span`).
     if let (Some((host, port)), Direction::Inbound) = (authority, direction) {
-        attrs.push(KeyValue::new("server.address", host));
+        attrs.push(KeyValue::new(
+            "server.address",
+            super::access_log::bounded(host),
+        ));
         if let Some(p) = port {
             attrs.push(KeyValue::new("server.port", i64::from(p)));
         }
     }
-    attrs.push(KeyValue::new("url.path", req.uri().path().to_string()));
+    // Bounded: the export queue counts spans, so spans are bounded in size.
+    attrs.push(KeyValue::new(
+        "url.path",
+        super::access_log::bounded(req.uri().path().to_string()),
+    ));
     attrs.push(KeyValue::new(
         "network.protocol.version",
         protocol(req.version()),
     ));
     attrs.push(KeyValue::new("strait.direction", direction.as_str()));
     let span = tracer
-        .span_builder(name)
+        .span_builder(method)
         .with_kind(kind)
         .with_attributes(attrs)
         .start_with_context(tracer, &parent_cx);
+    let sc: SpanContext = span.span_context().clone();
+    // Not sampled by our ratio: the next hop is told so (`-00`), and follows
+    // the decision rather than making its own.
+    propagate::inject(req.headers_mut(), &sc, parent.map(|(_, f)| f));
     if !span.is_recording() {
         return None;
     }
-    let sc: SpanContext = span.span_context().clone();
-    propagate::inject(req.headers_mut(), &sc, parent.map(|(_, f)| f));
     Some(parent_cx.with_span(span))
+}
+
+/// The method as a span name and attribute: the standard ones without an
+/// allocation.
+fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    use http::Method;
+    let known: &'static str = match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        // Semantic conventions: other methods are reported as `_OTHER`.
+        _ => "_OTHER",
+    };
+    std::borrow::Cow::Borrowed(known)
 }
 
 fn protocol(v: http::Version) -> &'static str {
@@ -282,19 +310,15 @@ fn end_span(
         }
         _ => {}
     }
+    // Names from configuration, shared rather than copied.
+    let shared = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
     if let Some((service, route, rule)) = &notes.route {
-        attrs.push(KeyValue::new(
-            "strait.service",
-            Value::from(service.to_string()),
-        ));
-        attrs.push(KeyValue::new(
-            "strait.route",
-            Value::from(route.to_string()),
-        ));
-        attrs.push(KeyValue::new("strait.rule", Value::from(rule.to_string())));
+        attrs.push(KeyValue::new("strait.service", shared(service)));
+        attrs.push(KeyValue::new("strait.route", shared(route)));
+        attrs.push(KeyValue::new("strait.rule", shared(rule)));
     }
     if let Some(b) = &notes.backend {
-        attrs.push(KeyValue::new("strait.backend", Value::from(b.to_string())));
+        attrs.push(KeyValue::new("strait.backend", shared(b)));
     }
     if let Some(e) = notes.endpoint {
         attrs.push(KeyValue::new("network.peer.address", e.ip().to_string()));
