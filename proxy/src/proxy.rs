@@ -352,9 +352,13 @@ impl Proxy {
                 .then(|| Arc::new(InboundPolicy::default())),
         );
         let (trigger, drain) = drain::channel();
-        let discovery = control
-            .as_ref()
-            .map(|(channel, workload)| Discovery::new(channel.clone(), workload.clone()));
+        let discovery = control.as_ref().map(|(channel, workload)| {
+            Discovery::new(
+                channel.clone(),
+                workload.clone(),
+                metrics.discovery_lag.clone(),
+            )
+        });
         let own = OwnAddrs::new(
             [addrs.inbound, addrs.outbound, addrs.admin]
                 .into_iter()

@@ -38,17 +38,21 @@ struct Entries {
     prune_at: usize,
 }
 
-/// The index version a view was computed from, which is not part of what it says.
-fn version_of(u: &api::DestinationUpdate) -> u64 {
+/// The index version a view was computed from and when the index changed to
+/// it, which are not part of what the view says.
+type Stamp = (u64, Option<prost_types::Timestamp>);
+
+fn stamp_of(u: &api::DestinationUpdate) -> Stamp {
     match &u.kind {
-        Some(api::destination_update::Kind::Service(s)) => s.version,
-        _ => 0,
+        Some(api::destination_update::Kind::Service(s)) => (s.version, s.changed_at),
+        _ => (0, None),
     }
 }
 
-fn set_version(u: &mut api::DestinationUpdate, version: u64) {
+fn set_stamp(u: &mut api::DestinationUpdate, (version, at): Stamp) {
     if let Some(api::destination_update::Kind::Service(s)) = &mut u.kind {
         s.version = version;
+        s.changed_at = at;
     }
 }
 
@@ -109,9 +113,10 @@ impl Views {
                 // Compared as of the same version: a change elsewhere in the mesh
                 // is not a change of this view, and is not pushed.
                 let mut v = view(&snap, &key);
-                set_version(&mut v, version_of(&tx.borrow()));
+                let stamp = stamp_of(&v);
+                set_stamp(&mut v, stamp_of(&tx.borrow()));
                 if **tx.borrow() != v {
-                    set_version(&mut v, snap.version);
+                    set_stamp(&mut v, stamp);
                     tx.send_replace(Arc::new(v));
                     self.metrics
                         .push_latency

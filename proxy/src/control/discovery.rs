@@ -70,6 +70,8 @@ pub struct Resolved {
 
 pub struct Discovery {
     client: DiscoveryClient<AuthedChannel>,
+    /// Index change at the controller to an update's receipt here.
+    lag: prometheus_client::metrics::histogram::Histogram,
     workload: Workload,
     start: Instant,
     watches: Mutex<HashMap<DestAddr, Watch>>,
@@ -84,8 +86,13 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    pub fn new(channel: Channel, workload: Workload) -> Arc<Self> {
+    pub fn new(
+        channel: Channel,
+        workload: Workload,
+        lag: prometheus_client::metrics::histogram::Histogram,
+    ) -> Arc<Self> {
         let d = Arc::new(Discovery {
+            lag,
             client: DiscoveryClient::new(super::authed(channel, &workload)),
             workload,
             start: Instant::now(),
@@ -161,7 +168,14 @@ impl Discovery {
         };
         let state = Arc::new(WatchState::default());
         state.last_used_ms.store(now, Ordering::Relaxed);
-        let task = tokio::spawn(follow(self.client.clone(), req, tx, state.clone())).abort_handle();
+        let task = tokio::spawn(follow(
+            self.client.clone(),
+            req,
+            tx,
+            state.clone(),
+            self.lag.clone(),
+        ))
+        .abort_handle();
         let w = Watch {
             rx: rx.clone(),
             logical: Arc::default(),
@@ -207,17 +221,33 @@ async fn follow(
     req: api::WatchDestination,
     tx: watch::Sender<Option<Resolution>>,
     state: Arc<WatchState>,
+    lag: prometheus_client::metrics::histogram::Histogram,
 ) {
     let mut backoff = Backoff::default();
     loop {
         match client.watch(req.clone()).await {
             Ok(rsp) => {
                 let mut stream = rsp.into_inner();
+                // A stream's first answer is the view as it stands, however
+                // long ago it changed: only the changes after it are lag.
+                let mut first = true;
                 loop {
                     match stream.message().await {
                         Ok(Some(update)) => {
                             backoff.reset();
                             state.connected.store(true, Ordering::Relaxed);
+                            if !std::mem::replace(&mut first, false)
+                                && let Some(api::destination_update::Kind::Service(s)) =
+                                    &update.kind
+                                && let Some(at) = s.changed_at
+                                && let Ok(at) = std::time::SystemTime::try_from(at)
+                            {
+                                // Clocks apart by more than the lag read as zero.
+                                let d = std::time::SystemTime::now()
+                                    .duration_since(at)
+                                    .unwrap_or_default();
+                                lag.observe(d.as_secs_f64());
+                            }
                             let r = parse(update);
                             if let Resolution::Service(s) = &r {
                                 debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");

@@ -191,6 +191,8 @@ pub struct Metrics {
     pub trace_spans_dropped: Counter,
     /// Access-log lines dropped because stdout did not keep up.
     pub access_log_dropped: Counter,
+    /// From an index change at the controller to its update's receipt here.
+    pub discovery_lag: Histogram,
     pub tls_handshake_failures: Family<DirectionLabels, Counter>,
     pub inbound_authz: Family<AuthzLabels, Counter>,
     pub route_requests: Family<RouteLabels, Counter>,
@@ -228,6 +230,7 @@ impl Metrics {
             tls_identity_mismatches: Counter::default(),
             trace_spans_dropped: Counter::default(),
             access_log_dropped: Counter::default(),
+            discovery_lag: latency_histogram(),
             tls_handshake_failures: Family::default(),
             inbound_authz: Family::default(),
             route_requests: Family::default(),
@@ -319,6 +322,11 @@ impl Metrics {
             "trace_spans_dropped",
             "Spans not delivered to the collector: the export queue was full, or the collector failed or did not answer",
             m.trace_spans_dropped.clone(),
+        );
+        registry.register(
+            "control_discovery_lag_seconds",
+            "From an index change at the controller to its discovery update's receipt by this proxy (after a watch's first answer; clocks as they are)",
+            m.discovery_lag.clone(),
         );
         registry.register(
             "access_log_dropped",

@@ -573,3 +573,37 @@ fn every_metric_the_dashboard_plots_exists_and_is_documented() {
         );
     }
 }
+
+#[tokio::test]
+async fn discovery_lag_is_measured_for_each_change_after_the_first_answer() {
+    let dir = ManifestDir::new();
+    dir.write("svc.yaml", &service(NS, "web", 80));
+    let backend = Backend::start().await;
+    dir.write("slice.yaml", &endpoint(NS, "web", "web-0", backend.addr));
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client-0", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    wait::until("web served", Duration::from_secs(10), || async {
+        matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200)
+    })
+    .await;
+    let count = || {
+        metric_sum(
+            client.admin,
+            "strait_proxy_control_discovery_lag_seconds_count",
+        )
+    };
+    assert_eq!(count().await, 0.0, "the first answer is not lag");
+    let other = Backend::start().await;
+    dir.write("slice-2.yaml", &endpoint(NS, "web", "web-1", other.addr));
+    wait::until("the change measured", Duration::from_secs(10), || async {
+        count().await >= 1.0
+    })
+    .await;
+    let sum = metric_sum(
+        client.admin,
+        "strait_proxy_control_discovery_lag_seconds_sum",
+    )
+    .await;
+    assert!(sum < 5.0, "lag {sum} s for a change on the same host");
+}
