@@ -49,6 +49,12 @@ fn stamp_of(u: &api::DestinationUpdate) -> Stamp {
     }
 }
 
+/// When `snap`'s index change happened, by this host's clock.
+fn changed_at(snap: &Snapshot) -> Option<prost_types::Timestamp> {
+    let at = std::time::SystemTime::now().checked_sub(snap.built.elapsed())?;
+    Some(at.into())
+}
+
 fn set_stamp(u: &mut api::DestinationUpdate, (version, at): Stamp) {
     if let Some(api::destination_update::Kind::Service(s)) = &mut u.kind {
         s.version = version;
@@ -82,7 +88,9 @@ impl Views {
             entries.prune_at = (entries.views.len() * 2).max(defaults::VIEWS_PRUNE_AT);
         }
         let snap = self.snapshot.borrow().clone();
-        let tx = watch::Sender::new(Arc::new(view(&snap, &key)));
+        let mut first = view(&snap, &key);
+        set_stamp(&mut first, (snap.version, changed_at(&snap)));
+        let tx = watch::Sender::new(Arc::new(first));
         let rx = tx.subscribe();
         entries.views.insert(key, tx);
         self.metrics
@@ -113,10 +121,9 @@ impl Views {
                 // Compared as of the same version: a change elsewhere in the mesh
                 // is not a change of this view, and is not pushed.
                 let mut v = view(&snap, &key);
-                let stamp = stamp_of(&v);
                 set_stamp(&mut v, stamp_of(&tx.borrow()));
                 if **tx.borrow() != v {
-                    set_stamp(&mut v, stamp);
+                    set_stamp(&mut v, (snap.version, changed_at(&snap)));
                     tx.send_replace(Arc::new(v));
                     self.metrics
                         .push_latency

@@ -133,11 +133,8 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
         kind: Some(api::destination_update::Kind::Service(api::Service {
             name,
             version: snap.version,
-            changed_at: Some(prost_types::Timestamp::from(
-                std::time::SystemTime::now()
-                    .checked_sub(snap.built.elapsed())
-                    .unwrap_or_else(std::time::SystemTime::now),
-            )),
+            // Stamped when handed to the streams (`discovery::Views`).
+            changed_at: None,
             backends,
             routes: routes.iter().map(|(k, r)| r.to_api(k, port)).collect(),
             policy: policy.map(BackendPolicySpec::to_api),
