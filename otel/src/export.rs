@@ -44,13 +44,11 @@ pub struct ExportConfig {
     pub resource: Vec<KeyValue>,
 }
 
-/// A running exporter: the tracer to start spans with, and the count of spans
-/// that never reached the collector.
+/// A running exporter: the tracer to start spans with.
 #[derive(Clone, Debug)]
 pub struct Exporter {
     provider: SdkTracerProvider,
     pub tracer: SdkTracer,
-    pub dropped: Counter,
 }
 
 /// An `--otlp-endpoint` that cannot work.
@@ -131,22 +129,13 @@ impl Exporter {
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("strait");
-        Ok(Exporter {
-            provider,
-            tracer,
-            dropped,
-        })
+        Ok(Exporter { provider, tracer })
     }
 
     /// Makes this the process's tracer provider, for code that reaches it
     /// through `opentelemetry::global` (the controller's few spans).
     pub fn install_global(&self) {
         opentelemetry::global::set_tracer_provider(self.provider.clone());
-    }
-
-    /// Stops taking spans (what is queued is still sent, in the background).
-    pub fn shutdown(&self) {
-        let _ = self.provider.shutdown();
     }
 }
 

@@ -17,7 +17,7 @@ use tracing::debug;
 use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::ProxyError;
-use super::request_body::{BodyFault, ClientFault};
+use super::request_body::BodyFault;
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, upgrade};
 use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
@@ -272,11 +272,6 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
         ClientError::Http(e) => Box::new(e) as Box<dyn std::error::Error + 'static>,
         ClientError::Pooled(e) => Box::new(e),
     };
-    match ClientFault::find(e.as_ref()) {
-        Some(ClientFault::Stalled(after)) => return ProxyError::ClientBodyStalled(*after),
-        Some(ClientFault::Malformed(_)) => return ProxyError::ClientBody,
-        None => {}
-    }
     let mut src = e.source();
     while let Some(s) = src {
         if let Some(c) = s.downcast_ref::<ConnectError>() {

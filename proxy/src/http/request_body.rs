@@ -23,28 +23,14 @@ use tokio::time::Sleep;
 
 use super::BoxError;
 
-/// The client's fault, as an error of its request body. Found again in the
-/// upstream client's error chain by `ClientFault::find`.
+/// The client's fault, as an error of its request body (also recorded in the
+/// request's `BodyFault`, which is how `Forward` learns of it).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientFault {
     #[error("the request body was malformed or cut short by the client")]
     Malformed(#[source] BoxError),
     #[error("the request body stalled for {0:?}")]
     Stalled(Duration),
-}
-
-impl ClientFault {
-    /// The client fault behind an error, if it was one.
-    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientFault> {
-        let mut cur = Some(e);
-        while let Some(e) = cur {
-            if let Some(f) = e.downcast_ref::<ClientFault>() {
-                return Some(f);
-            }
-            cur = e.source();
-        }
-        None
-    }
 }
 
 const MALFORMED: u8 = 1;
@@ -223,17 +209,5 @@ mod tests {
         let all = body.collect().await.unwrap().to_bytes();
         assert_eq!(all, "xxxxx");
         sender.await.unwrap();
-    }
-
-    #[test]
-    fn the_fault_is_found_through_wrapping_errors() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer")]
-        struct Outer(#[source] ClientFault);
-        let e = Outer(ClientFault::Stalled(Duration::from_secs(1)));
-        assert!(matches!(
-            ClientFault::find(&e),
-            Some(ClientFault::Stalled(_))
-        ));
     }
 }

@@ -377,18 +377,14 @@ async fn a_refusing_endpoint_costs_a_few_requests_not_its_share() {
     );
 }
 
-/// VmRSS and VmHWM of a process, KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+/// Service `web` with `ports` as its ports (each named after its number).
+fn web_with_ports(ports: impl Iterator<Item = u32>) -> String {
+    let ports: String = ports
+        .map(|p| format!("  - {{name: p{p}, port: {}}}\n", (p - 1) % 65_535 + 1))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  ports:\n{ports}"
+    )
 }
 
 #[tokio::test]
@@ -403,44 +399,26 @@ async fn an_oversized_service_is_refused_and_the_last_good_one_serves() {
     let ok =
         || async { matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200) };
     wait::until("traffic through the mesh", Duration::from_secs(10), ok).await;
-    let pid = cp.proc.pid();
-    let before = rss_kib(pid);
+    let (before_peak, before) = cp.proc.memory_kib();
 
     // 100,000 ports, about 3 MB of YAML, in place of the good Service.
-    let ports: String = (0..100_000u32)
-        .map(|i| format!("  - {{name: p{i}, port: {}}}\n", i % 65_535 + 1))
-        .collect();
-    dir.write(
-        "service.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  ports:\n{ports}"
-        ),
-    );
+    dir.write("service.yaml", &web_with_ports(1..=100_000));
     wait::until("the refusal reported", Duration::from_secs(20), || async {
         cp.metric("strait_controller_reload_errors_total").await >= 1.0
     })
     .await;
     assert!(ok().await, "the last good Service keeps serving");
-    let after = rss_kib(pid);
+    let (peak, after) = cp.proc.memory_kib();
     println!(
-        "controller RSS before {} KiB, after refusing 100,000 ports {} KiB (peak {} KiB)",
-        before.0, after.0, after.1
+        "controller RSS before {before} KiB, after refusing 100,000 ports {after} KiB (peak {peak} KiB)"
     );
     // Refused before it is parsed: neither kept nor paid for on the way.
     assert!(
-        after.1 < before.1 + 32 * 1024,
-        "peak RSS grew by more than 32 MiB: {before:?} -> {after:?}"
+        peak < before_peak + 32 * 1024,
+        "peak RSS grew by more than 32 MiB: {before_peak} -> {peak} KiB"
     );
     // Small enough to parse, over the limit of ports per Service.
-    let ports: String = (1..=300u32)
-        .map(|p| format!("  - {{name: p{p}, port: {p}}}\n"))
-        .collect();
-    dir.write(
-        "service.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  ports:\n{ports}"
-        ),
-    );
+    dir.write("service.yaml", &web_with_ports(1..=300));
     wait::until("the second refusal", Duration::from_secs(20), || async {
         cp.metric("strait_controller_reload_errors_total").await >= 2.0
     })

@@ -243,17 +243,6 @@ async fn sampling_zero_exports_nothing_new_and_one_exports_every_request() {
     }
 }
 
-/// A proxy's resident memory, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_collector_down_or_stalling_costs_spans_not_requests() {
     // Nothing listens there.
@@ -263,7 +252,6 @@ async fn a_collector_down_or_stalling_costs_spans_not_requests() {
     let stalling = OtlpCollector::start(Mode::Stall).await;
     for endpoint in [format!("http://{dead_addr}"), stalling.endpoint()] {
         let m = Mesh::start(&endpoint, &[]).await;
-        let pid = m.client.proc.pid();
         let url = m.url("/");
         let c = client::http1();
         let n = 3000;
@@ -284,7 +272,7 @@ async fn a_collector_down_or_stalling_costs_spans_not_requests() {
         )
         .await;
         let dropped = metric_sum(m.client.admin, "strait_proxy_trace_spans_dropped_total").await;
-        let rss = rss_kib(pid);
+        let (_, rss) = m.client.proc.memory_kib();
         println!(
             "collector {endpoint}: {n} requests in {took:?}, {dropped} spans dropped, client proxy RSS {rss} KiB"
         );

@@ -722,75 +722,79 @@ pub fn markdown(r: &Results) -> String {
 /// What tracing every request costs: the mTLS pair exporting a client and a
 /// server span per request against the same pair without tracing.
 fn tracing_cost(rows: &[(String, String, Sample)]) -> String {
-    let find = |load: &str, scenario: &str| {
-        rows.iter()
-            .find(|(l, s, _)| l == load && s == scenario)
-            .map(|r| &r.2)
-    };
-    let mut loads: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    loads.dedup();
-    let mut out = String::new();
-    for load in loads {
-        let (Some(m), Some(t)) = (find(load, "strait-mtls"), find(load, "strait-mtls-traced"))
-        else {
-            continue;
-        };
-        if out.is_empty() {
-            out.push_str("\n| load | traced vs not (strait-mtls, 100 % sampling): p50 added | p99 added | vCPU/1k req/s client / server (off -> on) | CPU change (sum of both) | req/s (off -> on) |\n| --- | --- | --- | --- | --- | --- |\n");
-        }
-        let cpu = |s: &Sample| {
-            s.vcpu_per_krps
-                .iter()
-                .map(|v| format!("{v:.3}"))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
-        let sum = |s: &Sample| s.vcpu_per_krps.iter().sum::<f64>();
-        out.push_str(&format!(
-            "| {load} | {:+.3} | {:+.3} | {} -> {} | {:+.1} % | {:.0} -> {:.0} |\n",
-            t.p50_ms - m.p50_ms,
-            t.p99_ms - m.p99_ms,
-            cpu(m),
-            cpu(t),
-            (sum(t) / sum(m) - 1.0) * 100.0,
-            m.achieved_rps,
-            t.achieved_rps
-        ));
-    }
-    out
+    cost_table(
+        rows,
+        ("strait-mtls", "strait-mtls-traced"),
+        "traced vs not (strait-mtls, 100 % sampling)",
+        "off -> on",
+        true,
+    )
 }
 
 /// What mTLS costs strait: the mTLS pair against the plaintext pair, per load.
 fn mtls_cost(rows: &[(String, String, Sample)]) -> String {
+    cost_table(
+        rows,
+        ("strait", "strait-mtls"),
+        "strait-mtls vs strait",
+        "plaintext -> mTLS",
+        false,
+    )
+}
+
+/// Scenario `with` against `base`, per load: latency added, CPU and rate
+/// before and after (and the CPU change of both proxies together, if asked).
+/// Empty when the run has neither.
+fn cost_table(
+    rows: &[(String, String, Sample)],
+    (base, with): (&str, &str),
+    what: &str,
+    change: &str,
+    cpu_change: bool,
+) -> String {
     let find = |load: &str, scenario: &str| {
         rows.iter()
             .find(|(l, s, _)| l == load && s == scenario)
             .map(|r| &r.2)
     };
-    let mut out = String::from(
-        "\n| load | strait-mtls vs strait: p50 added | p99 added | vCPU/1k req/s client / server (plaintext -> mTLS) | req/s (plaintext -> mTLS) |\n| --- | --- | --- | --- | --- |\n",
-    );
+    let cpu = |s: &Sample| {
+        s.vcpu_per_krps
+            .iter()
+            .map(|v| format!("{v:.3}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let sum = |s: &Sample| s.vcpu_per_krps.iter().sum::<f64>();
     let mut loads: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     loads.dedup();
+    let mut out = String::new();
     for load in loads {
-        let (Some(p), Some(m)) = (find(load, "strait"), find(load, "strait-mtls")) else {
+        let (Some(b), Some(w)) = (find(load, base), find(load, with)) else {
             continue;
         };
-        let cpu = |s: &Sample| {
-            s.vcpu_per_krps
-                .iter()
-                .map(|v| format!("{v:.3}"))
-                .collect::<Vec<_>>()
-                .join(" / ")
+        if out.is_empty() {
+            let (extra, dashes) = if cpu_change {
+                (" CPU change (sum of both) |", " --- |")
+            } else {
+                ("", "")
+            };
+            out.push_str(&format!(
+                "\n| load | {what}: p50 added | p99 added | vCPU/1k req/s client / server ({change}) |{extra} req/s ({change}) |\n| --- | --- | --- | --- |{dashes} --- |\n"
+            ));
+        }
+        let extra = if cpu_change {
+            format!(" {:+.1} % |", (sum(w) / sum(b) - 1.0) * 100.0)
+        } else {
+            String::new()
         };
         out.push_str(&format!(
-            "| {load} | {:+.3} | {:+.3} | {} -> {} | {:.0} -> {:.0} |\n",
-            m.p50_ms - p.p50_ms,
-            m.p99_ms - p.p99_ms,
-            cpu(p),
-            cpu(m),
-            p.achieved_rps,
-            m.achieved_rps
+            "| {load} | {:+.3} | {:+.3} | {} -> {} |{extra} {:.0} -> {:.0} |\n",
+            w.p50_ms - b.p50_ms,
+            w.p99_ms - b.p99_ms,
+            cpu(b),
+            cpu(w),
+            b.achieved_rps,
+            w.achieved_rps
         ));
     }
     out
