@@ -183,6 +183,9 @@ impl PortSet {
     pub fn contains(&self, port: u16) -> bool {
         self.0.contains(&port)
     }
+    pub fn insert(&mut self, port: u16) {
+        self.0.insert(port);
+    }
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
         self.0.iter().copied()
     }

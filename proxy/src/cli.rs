@@ -27,14 +27,23 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default when no subcommand is given).
-    Run(Config),
+    Run(Box<Config>),
+    /// Write the iptables rules that redirect this pod's TCP through its proxy.
+    Init(crate::init::InitArgs),
+}
+
+/// What the command line asks for.
+pub enum Action {
+    Run(Box<Config>),
+    Init(crate::init::InitArgs),
 }
 
 impl Cli {
-    pub fn into_config(self) -> Config {
+    pub fn into_action(self) -> Action {
         match self.command {
-            Some(Command::Run(c)) => c,
-            None => self.run,
+            Some(Command::Run(c)) => Action::Run(c),
+            Some(Command::Init(a)) => Action::Init(a),
+            None => Action::Run(Box::new(self.run)),
         }
     }
 }
@@ -231,7 +240,10 @@ impl Config {
             "--outbound-addr=127.0.0.1:0",
             "--admin-addr=127.0.0.1:0",
         ]);
-        cli.into_config()
+        match cli.into_action() {
+            Action::Run(c) => *c,
+            Action::Init(_) => unreachable!("no subcommand was given"),
+        }
     }
 }
 
@@ -274,9 +286,22 @@ fn ser_display_vec<T: std::fmt::Display, S: serde::Serializer>(
 mod tests {
     use super::*;
 
+    fn config(cli: Cli) -> Config {
+        match cli.into_action() {
+            Action::Run(c) => *c,
+            Action::Init(_) => panic!("not a run command line"),
+        }
+    }
+
+    impl Cli {
+        fn into_config_for_test(self) -> Config {
+            config(self)
+        }
+    }
+
     #[test]
     fn defaults_match_the_documented_ports() {
-        let c = Cli::parse_from(["strait-proxy"]).into_config();
+        let c = Cli::parse_from(["strait-proxy"]).into_config_for_test();
         assert_eq!(c.inbound_addr.to_string(), "0.0.0.0:4143");
         assert_eq!(c.outbound_addr.to_string(), "127.0.0.1:4140");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:4191");
@@ -304,7 +329,7 @@ mod tests {
             "--upstream=127.0.0.1:2=127.0.0.1:81",
             "--opaque-ports=",
         ])
-        .into_config();
+        .into_config_for_test();
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.opaque_ports, PortSet::default());
     }

@@ -198,3 +198,13 @@ pub const CONTROL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::fr
 /// The longest duration any flag takes (a year): longer is a typo, and deadlines
 /// computed from it must not overflow.
 pub const MAX_DURATION_FLAG: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The uid the injected sidecar runs as; `strait-proxy init` exempts its traffic
+/// from redirection (the proxy's own connections would otherwise loop back to it).
+pub const PROXY_UID: u32 = 2102;
+/// The inbound and outbound listener ports that `strait-proxy init` redirects to
+/// (the ports of `INBOUND_ADDR` and `OUTBOUND_ADDR`).
+pub const INBOUND_PORT: u16 = 4143;
+pub const OUTBOUND_PORT: u16 = 4140;
+/// The admin port: the kubelet's probes reach it directly, never through the proxy.
+pub const ADMIN_PORT: u16 = 4191;

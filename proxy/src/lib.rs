@@ -11,6 +11,7 @@ pub mod detect;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod outbound;
 pub mod proxy;
 pub mod retry;

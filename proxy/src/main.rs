@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use strait_proxy::cli::Cli;
+use strait_proxy::cli::{Action, Cli};
 use strait_proxy::proxy::StartError;
 use strait_proxy::telemetry::log;
 use strait_proxy::{Config, Proxy};
@@ -25,7 +25,14 @@ fn main() -> ExitCode {
 }
 
 fn start() -> anyhow::Result<()> {
-    let config = Cli::parse().into_config();
+    let config = match Cli::parse().into_action() {
+        Action::Run(c) => *c,
+        Action::Init(args) => {
+            let rules = strait_proxy::init::run(&args)?;
+            print!("{rules}");
+            return Ok(());
+        }
+    };
     // One thread (the default) runs everything on the current thread: a sidecar
     // shares its pod's CPU, and cross-thread wake-ups cost more than they give.
     let rt = match config.threads {

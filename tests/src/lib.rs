@@ -10,6 +10,7 @@ pub mod host;
 pub mod load;
 pub mod manifests;
 pub mod mesh;
+pub mod netns;
 pub mod otlp;
 pub mod pki;
 pub mod process;

@@ -6,5 +6,6 @@ mod bench;
 mod demo;
 mod discovery;
 mod identity;
+mod interception;
 mod observability;
 mod traffic;

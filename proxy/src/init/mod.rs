@@ -1,0 +1,130 @@
+//! `strait-proxy init`: the nat rules that send a pod's TCP through its proxy.
+//! Runs once per pod, as the injected init container (NET_ADMIN and NET_RAW are
+//! all it needs), or as `ip netns exec POD strait-proxy init` in tests.
+
+pub mod rules;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use clap::{Args, ValueEnum};
+
+use crate::addr::PortSet;
+use crate::defaults;
+use rules::{Installed, Ipv4Net, Plan};
+
+#[derive(Clone, Debug, Args)]
+pub struct InitArgs {
+    /// The proxy's inbound port: connections to the pod are redirected here.
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_PORT", default_value_t = defaults::INBOUND_PORT)]
+    pub inbound_port: u16,
+    /// The proxy's outbound port: the app's connections are redirected here.
+    #[arg(long, env = "STRAIT_PROXY_OUTBOUND_PORT", default_value_t = defaults::OUTBOUND_PORT)]
+    pub outbound_port: u16,
+    /// The uid the proxy runs as: its own connections are never redirected.
+    #[arg(long, env = "STRAIT_PROXY_UID", default_value_t = defaults::PROXY_UID)]
+    pub proxy_uid: u32,
+    /// Inbound ports that bypass the proxy (comma-separated, ranges allowed). The
+    /// admin port is always among them, so the kubelet's probes reach it.
+    #[arg(long, env = "STRAIT_PROXY_SKIP_INBOUND_PORTS", default_value = "")]
+    pub skip_inbound_ports: PortSet,
+    /// Destination ports the app reaches directly, not through the proxy.
+    #[arg(long, env = "STRAIT_PROXY_SKIP_OUTBOUND_PORTS", default_value = "")]
+    pub skip_outbound_ports: PortSet,
+    /// Destination networks the app reaches directly (comma-separated IPv4 CIDRs).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub skip_outbound_cidrs: Vec<Ipv4Net>,
+    /// Which iptables backend writes the rules: nft (the default on current
+    /// distributions and nodes) or legacy (older nodes whose kube-proxy uses it).
+    #[arg(long, env = "STRAIT_PROXY_IPTABLES_MODE", value_enum, default_value_t = IptablesMode::Nft)]
+    pub iptables_mode: IptablesMode,
+    /// Print the rules for a fresh pod and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IptablesMode {
+    Nft,
+    Legacy,
+}
+
+impl IptablesMode {
+    fn command(self, verb: &str) -> String {
+        match self {
+            IptablesMode::Nft => format!("iptables-nft-{verb}"),
+            IptablesMode::Legacy => format!("iptables-legacy-{verb}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("cannot run {0}: {1} (is iptables installed?)")]
+    Spawn(String, std::io::Error),
+    #[error("{0} failed ({1}): {2}")]
+    Failed(String, std::process::ExitStatus, String),
+}
+
+impl InitArgs {
+    pub fn plan(&self) -> Plan {
+        let mut skip_in = self.skip_inbound_ports.clone();
+        skip_in.insert(defaults::ADMIN_PORT);
+        Plan {
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+            proxy_uid: self.proxy_uid,
+            skip_inbound_ports: skip_in,
+            skip_outbound_ports: self.skip_outbound_ports.clone(),
+            skip_outbound_cidrs: self.skip_outbound_cidrs.clone(),
+        }
+    }
+}
+
+/// Applies the rules (or prints them with `--dry-run`), returning what was applied.
+pub fn run(args: &InitArgs) -> Result<String, InitError> {
+    let plan = args.plan();
+    if args.dry_run {
+        return Ok(plan.restore_input(Installed::default()));
+    }
+    let save = iptables(args.iptables_mode.command("save"), &["-t", "nat"], None)?;
+    let input = plan.restore_input(Installed::from_save(&save));
+    // --noflush: other tables and chains (a CNI's, kube-proxy's) stay as they are.
+    iptables(
+        args.iptables_mode.command("restore"),
+        &["--noflush", "--wait"],
+        Some(&input),
+    )?;
+    Ok(input)
+}
+
+fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, InitError> {
+    let mut child = Command::new(&cmd)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| InitError::Spawn(cmd.clone(), e))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| InitError::Spawn(cmd.clone(), e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| InitError::Spawn(cmd.clone(), e))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(InitError::Failed(cmd, out.status, err));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

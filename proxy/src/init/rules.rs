@@ -1,0 +1,235 @@
+//! The nat rules that make a network namespace a meshed pod, as `iptables-restore`
+//! input: pure, so what `--dry-run` prints is exactly what is applied.
+//!
+//! strait's rules live in chains of their own, reached by one jump each from
+//! `PREROUTING` and `OUTPUT`. Declaring a chain in restore input empties it, so
+//! applying twice leaves one set of rules; the jumps are added only when absent.
+
+use std::fmt::{self, Write as _};
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use crate::addr::PortSet;
+
+pub const INBOUND_CHAIN: &str = "STRAIT_INBOUND";
+pub const OUTBOUND_CHAIN: &str = "STRAIT_OUTBOUND";
+/// The hook each chain is reached from: connections arriving at the pod, and
+/// connections the pod's processes open.
+pub const INBOUND_HOOK: &str = "PREROUTING";
+pub const OUTBOUND_HOOK: &str = "OUTPUT";
+
+/// What to redirect and what to leave alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    /// The proxy's own connections are never redirected (they would loop).
+    pub proxy_uid: u32,
+    /// Inbound ports that reach the app (or the proxy) directly.
+    pub skip_inbound_ports: PortSet,
+    pub skip_outbound_ports: PortSet,
+    pub skip_outbound_cidrs: Vec<Ipv4Net>,
+}
+
+/// Whether the hooks already jump to strait's chains (from `iptables-save -t nat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Installed {
+    pub inbound_jump: bool,
+    pub outbound_jump: bool,
+}
+
+impl Installed {
+    pub fn from_save(save: &str) -> Self {
+        let jump = |hook: &str, chain: &str| {
+            let rule = format!("-A {hook} -p tcp -j {chain}");
+            save.lines().any(|l| l.trim_end() == rule)
+        };
+        Installed {
+            inbound_jump: jump(INBOUND_HOOK, INBOUND_CHAIN),
+            outbound_jump: jump(OUTBOUND_HOOK, OUTBOUND_CHAIN),
+        }
+    }
+}
+
+impl Plan {
+    /// `iptables-restore --noflush` input for the nat table.
+    pub fn restore_input(&self, installed: Installed) -> String {
+        let mut out = String::from("*nat\n");
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
+
+        // Inbound: every TCP connection to the pod goes to the proxy, except to
+        // the proxy's own inbound port (peers dial it directly) and skipped ports.
+        let mut skip_in = self.skip_inbound_ports.clone();
+        skip_in.insert(self.inbound_port);
+        for range in ranges(&skip_in) {
+            let _ = writeln!(out, "-A {INBOUND_CHAIN} -p tcp --dport {range} -j RETURN");
+        }
+        let _ = writeln!(
+            out,
+            "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+            self.inbound_port
+        );
+
+        // Outbound: the app's TCP connections go to the proxy; the proxy's own
+        // (by uid), loopback's and skipped destinations go out as they are.
+        let o = OUTBOUND_CHAIN;
+        let _ = writeln!(
+            out,
+            "-A {o} -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        );
+        let _ = writeln!(out, "-A {o} -o lo -j RETURN");
+        let _ = writeln!(out, "-A {o} -d 127.0.0.0/8 -j RETURN");
+        for range in ranges(&self.skip_outbound_ports) {
+            let _ = writeln!(out, "-A {o} -p tcp --dport {range} -j RETURN");
+        }
+        for cidr in &self.skip_outbound_cidrs {
+            let _ = writeln!(out, "-A {o} -d {cidr} -j RETURN");
+        }
+        let _ = writeln!(
+            out,
+            "-A {o} -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        );
+
+        if !installed.inbound_jump {
+            let _ = writeln!(out, "-A {INBOUND_HOOK} -p tcp -j {INBOUND_CHAIN}");
+        }
+        if !installed.outbound_jump {
+            let _ = writeln!(out, "-A {OUTBOUND_HOOK} -p tcp -j {OUTBOUND_CHAIN}");
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+}
+
+/// Consecutive ports as iptables ranges ("8000:8100"), one per rule: no
+/// multiport, so there is no limit of 15 per rule to split around.
+fn ranges(ports: &PortSet) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = ports.iter().peekable();
+    while let Some(lo) = it.next() {
+        let mut hi = lo;
+        while it.peek() == Some(&(hi.wrapping_add(1))) && hi < u16::MAX {
+            hi += 1;
+            it.next();
+        }
+        out.push(if lo == hi {
+            lo.to_string()
+        } else {
+            format!("{lo}:{hi}")
+        });
+    }
+    out
+}
+
+/// An IPv4 network, "10.0.0.0/8" (a bare address is a /32). Host bits must be
+/// zero, so a typo cannot silently skip a different network than meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Net {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CIDR {0:?}: {1}")]
+pub struct CidrError(String, &'static str);
+
+impl FromStr for Ipv4Net {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| CidrError(s.to_string(), why);
+        let (addr, prefix) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| bad("not an IPv4 address (ADDR/PREFIX)"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| bad("the prefix length is 0-32"))?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        if u32::from(addr) & !mask != 0 {
+            return Err(bad("host bits are set"));
+        }
+        Ok(Ipv4Net { addr, prefix })
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            inbound_port: 4143,
+            outbound_port: 4140,
+            proxy_uid: 2102,
+            skip_inbound_ports: "22,4191".parse().unwrap(),
+            skip_outbound_ports: "443,8000-8002".parse().unwrap(),
+            skip_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn a_fresh_namespace_gets_both_chains_and_their_jumps() {
+        let rules = plan().restore_input(Installed::default());
+        let expected = "\
+*nat
+:STRAIT_INBOUND - [0:0]
+:STRAIT_OUTBOUND - [0:0]
+-A STRAIT_INBOUND -p tcp --dport 22 -j RETURN
+-A STRAIT_INBOUND -p tcp --dport 4143 -j RETURN
+-A STRAIT_INBOUND -p tcp --dport 4191 -j RETURN
+-A STRAIT_INBOUND -p tcp -j REDIRECT --to-ports 4143
+-A STRAIT_OUTBOUND -m owner --uid-owner 2102 -j RETURN
+-A STRAIT_OUTBOUND -o lo -j RETURN
+-A STRAIT_OUTBOUND -d 127.0.0.0/8 -j RETURN
+-A STRAIT_OUTBOUND -p tcp --dport 443 -j RETURN
+-A STRAIT_OUTBOUND -p tcp --dport 8000:8002 -j RETURN
+-A STRAIT_OUTBOUND -d 10.96.0.0/12 -j RETURN
+-A STRAIT_OUTBOUND -p tcp -j REDIRECT --to-ports 4140
+-A PREROUTING -p tcp -j STRAIT_INBOUND
+-A OUTPUT -p tcp -j STRAIT_OUTBOUND
+COMMIT
+";
+        assert_eq!(rules, expected);
+    }
+
+    #[test]
+    fn a_second_run_adds_no_second_jump() {
+        let first = plan().restore_input(Installed::default());
+        let installed = Installed::from_save(&first);
+        assert!(installed.inbound_jump && installed.outbound_jump);
+        let second = plan().restore_input(installed);
+        assert!(!second.contains("-A PREROUTING") && !second.contains("-A OUTPUT"));
+        assert!(
+            second.contains(":STRAIT_INBOUND - [0:0]"),
+            "chains are re-declared, so emptied"
+        );
+    }
+
+    #[test]
+    fn cidrs_are_checked() {
+        assert_eq!(
+            "10.0.0.1".parse::<Ipv4Net>().unwrap().to_string(),
+            "10.0.0.1/32"
+        );
+        assert_eq!(
+            "0.0.0.0/0".parse::<Ipv4Net>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+        for bad in ["10.0.0.1/8", "10.0.0.0/33", "fd00::/8", "10.0.0/8", "x"] {
+            assert!(bad.parse::<Ipv4Net>().is_err(), "{bad}");
+        }
+    }
+}

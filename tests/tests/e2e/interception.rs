@@ -1,0 +1,148 @@
+//! `strait-proxy init` in a network namespace makes it a meshed pod: the app's
+//! connections leave through its proxy and connections to it arrive through it,
+//! while the proxy's own traffic (by uid) and skipped ports go around.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use strait_tests::netns::{self, Lan, Pod};
+use strait_tests::process::{Proc, binary};
+use strait_tests::wait;
+
+const UID: u32 = 2102;
+const APP_PORT: u16 = 8080;
+
+/// A pod running the demo app on 0.0.0.0:8080 (calling `backend`, if any) and a
+/// proxy as uid 2102 with its admin port open to the LAN.
+struct MeshedPod {
+    pod: Pod,
+    _app: Proc,
+    _proxy: Proc,
+}
+
+impl MeshedPod {
+    async fn start(lan: &mut Lan, name: &str, backend: Option<SocketAddr>) -> MeshedPod {
+        let pod = lan.pod(name);
+        let init = pod
+            .command(binary("strait-proxy"))
+            .args(["init", "--skip-inbound-ports", "22"])
+            .output()
+            .expect("run strait-proxy init");
+        assert!(
+            init.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let mut app_args = vec![
+            "demo-app".to_string(),
+            format!("--listen=0.0.0.0:{APP_PORT}"),
+            format!("--name={name}"),
+        ];
+        if let Some(b) = backend {
+            app_args.push(format!("--backend=http://{b}"));
+        }
+        let app = pod.spawn_as(0, binary("strait"), &app_args);
+        let proxy = pod.spawn_as(
+            UID,
+            binary("strait-proxy"),
+            &["--admin-addr=0.0.0.0:4191".to_string()],
+        );
+        wait::ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10)).await;
+        let pod = MeshedPod {
+            pod,
+            _app: app,
+            _proxy: proxy,
+        };
+        // The app answers (through the proxy: port 8080 is redirected).
+        let app_addr = pod.app();
+        wait::until("the app", Duration::from_secs(10), || async move {
+            matches!(wait::admin_get(app_addr, "/").await, Ok((200, _)))
+        })
+        .await;
+        pod
+    }
+
+    fn app(&self) -> SocketAddr {
+        SocketAddr::from((self.pod.ip, APP_PORT))
+    }
+
+    /// HTTP requests this pod's proxy received in one direction.
+    async fn requests(&self, direction: &str) -> f64 {
+        let admin = SocketAddr::from((self.pod.ip, 4191));
+        let (_, text) = wait::admin_get(admin, "/metrics").await.expect("metrics");
+        let label = format!("direction=\"{direction}\"");
+        text.lines()
+            .filter(|l| l.starts_with("strait_proxy_http_requests_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+#[tokio::test]
+async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
+    let Some(mut lan) = Lan::new() else { return };
+    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
+        strait_tests::host::missing("iptables (nft) and nsenter");
+        return;
+    }
+    let server = MeshedPod::start(&mut lan, "server", None).await;
+    let client = MeshedPod::start(&mut lan, "client", Some(server.app())).await;
+
+    // From the host: into the client pod (inbound), out to the server pod
+    // (the client's outbound), into the server pod (the server's inbound).
+    let before = (
+        client.requests("inbound").await,
+        client.requests("outbound").await,
+        server.requests("inbound").await,
+    );
+    let (status, body) = wait::admin_get(client.app(), "/").await.expect("request");
+    assert_eq!((status, body.trim()), (200, "client,server"));
+    let after = (
+        client.requests("inbound").await,
+        client.requests("outbound").await,
+        server.requests("inbound").await,
+    );
+    assert_eq!(
+        after.0 - before.0,
+        1.0,
+        "host -> client went through the client's proxy"
+    );
+    assert_eq!(
+        after.1 - before.1,
+        1.0,
+        "client -> server left through the client's proxy"
+    );
+    assert_eq!(
+        after.2 - before.2,
+        1.0,
+        "client -> server arrived through the server's proxy"
+    );
+    assert_eq!(
+        server.requests("outbound").await,
+        0.0,
+        "the server app called no one"
+    );
+
+    // The proxies' own connections were not redirected back to them (uid
+    // 2102), or the request would have looped and failed. A second init
+    // leaves one set of rules.
+    let again = client
+        .pod
+        .command(binary("strait-proxy"))
+        .arg("init")
+        .output()
+        .expect("init again");
+    assert!(again.status.success());
+    let save = client
+        .pod
+        .command("iptables-nft-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("iptables-nft-save");
+    let rules = String::from_utf8_lossy(&save.stdout);
+    assert_eq!(rules.matches("-j STRAIT_OUTBOUND").count(), 1, "{rules}");
+    assert_eq!(rules.matches("-j STRAIT_INBOUND").count(), 1, "{rules}");
+    let (status, _) = wait::admin_get(client.app(), "/").await.expect("request");
+    assert_eq!(status, 200);
+    assert_eq!(client.requests("outbound").await, after.1 + 1.0);
+}
