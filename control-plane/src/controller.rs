@@ -19,6 +19,8 @@ use crate::identity::ca::Ca;
 use crate::identity::caller::Authenticator;
 use crate::identity::serving::{self, ServingName};
 use crate::index::Snapshot;
+use crate::inject::Settings;
+use crate::inject::webhook::{self, FailurePolicy};
 use crate::manifests::ManifestSource;
 use crate::metrics::Metrics;
 use crate::policy::InboundPolicyService;
@@ -75,6 +77,38 @@ pub struct ControllerArgs {
     /// controller's own spans: manifest reloads, pushes to proxies, certificates.
     #[arg(long, env = "STRAIT_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Serve the sidecar injector (a mutating admission webhook, HTTPS) here,
+    /// e.g. 0.0.0.0:8443. Its certificate is --webhook-cert/--webhook-key, or
+    /// else one the issuer signs for the controller's Service name.
+    #[arg(long, env = "STRAIT_WEBHOOK_ADDR", requires = "trust_anchors")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// PEM certificate chain the webhook presents (e.g. from a mounted Secret).
+    #[arg(
+        long,
+        env = "STRAIT_WEBHOOK_CERT",
+        value_name = "FILE",
+        requires = "webhook_key"
+    )]
+    pub webhook_cert: Option<PathBuf>,
+    /// PEM private key of --webhook-cert.
+    #[arg(
+        long,
+        env = "STRAIT_WEBHOOK_KEY",
+        value_name = "FILE",
+        requires = "webhook_cert"
+    )]
+    pub webhook_key: Option<PathBuf>,
+    /// What the webhook does with a pod that asks for the proxy and cannot have it
+    /// (a bad annotation): refuse it with the reason, or admit it unmeshed with a
+    /// warning.
+    #[arg(long, env = "STRAIT_WEBHOOK_FAILURE_POLICY", value_enum, default_value_t = FailurePolicy::Fail)]
+    pub webhook_failure_policy: FailurePolicy,
+    /// The mesh's trust anchors (PEM): injected proxies are given them.
+    #[arg(long, env = "STRAIT_TRUST_ANCHORS", value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+    /// The proxy image injected pods run (default: this release's).
+    #[arg(long, env = "STRAIT_PROXY_IMAGE", value_name = "IMAGE")]
+    pub proxy_image: Option<String>,
     /// Lifetime of workload certificates (proxies renew at about 70 % of it).
     #[arg(long, env = "STRAIT_CERT_LIFETIME", default_value = defaults::CERT_LIFETIME, value_parser = parse_lifetime)]
     pub cert_lifetime: Duration,
@@ -106,6 +140,14 @@ pub struct FlagError(pub String);
 pub struct Bound {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    pub webhook: Option<SocketAddr>,
+}
+
+/// The injector, ready to serve.
+struct Webhook {
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    settings: Arc<Settings>,
 }
 
 pub struct Controller {
@@ -113,6 +155,7 @@ pub struct Controller {
     ca: Option<Arc<Ca>>,
     grpc: TcpListener,
     admin: TcpListener,
+    webhook: Option<Webhook>,
     pub bound: Bound,
 }
 
@@ -156,16 +199,74 @@ impl Controller {
         let admin = TcpListener::bind(args.admin_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on --admin-addr {}: {e}", args.admin_addr)
         })?;
+        let webhook = match args.webhook_addr {
+            Some(addr) => Some(Self::webhook(&args, ca.as_ref(), addr).await?),
+            None => None,
+        };
         let bound = Bound {
             grpc: grpc.local_addr()?,
             admin: admin.local_addr()?,
+            webhook: webhook
+                .as_ref()
+                .map(|w| w.listener.local_addr())
+                .transpose()?,
         };
         Ok(Controller {
             args,
             ca,
             grpc,
             admin,
+            webhook,
             bound,
+        })
+    }
+
+    async fn webhook(
+        args: &ControllerArgs,
+        ca: Option<&Arc<Ca>>,
+        addr: SocketAddr,
+    ) -> anyhow::Result<Webhook> {
+        let anchors_file = args.trust_anchors.as_ref().ok_or_else(|| {
+            FlagError(
+                "--webhook-addr needs --trust-anchors (injected proxies are given them)".into(),
+            )
+        })?;
+        let anchors = std::fs::read_to_string(anchors_file)
+            .ok()
+            .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
+            .ok_or_else(|| {
+                FlagError(format!(
+                    "--trust-anchors {}: not a readable PEM certificate bundle",
+                    anchors_file.display()
+                ))
+            })?;
+        let acceptor = match (&args.webhook_cert, &args.webhook_key, ca) {
+            (Some(c), Some(k), _) => {
+                webhook::acceptor_from_files(c, k).map_err(|e| FlagError(format!("{e:#}")))?
+            }
+            (_, _, Some(ca)) => serving::webhook_acceptor(
+                ca.clone(),
+                ServingName::new(&args.trust_domain, &args.namespace, &args.service_account),
+            )?,
+            _ => {
+                return Err(FlagError(
+                    "--webhook-addr needs a certificate: --webhook-cert/--webhook-key, or --issuer-cert/--issuer-key to sign one".into(),
+                )
+                .into());
+            }
+        };
+        let mut settings = Settings::with_anchors(anchors);
+        settings.trust_domain = args.trust_domain.clone();
+        if let Some(image) = &args.proxy_image {
+            settings.proxy_image = image.clone();
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on --webhook-addr {addr}: {e}"))?;
+        Ok(Webhook {
+            listener,
+            acceptor,
+            settings: Arc::new(settings),
         })
     }
 
@@ -221,6 +322,15 @@ impl Controller {
         let views = Views::new(snap_rx.clone(), metrics.clone());
         tokio::spawn(views.clone().run());
         tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
+        if let Some(w) = self.webhook {
+            info!(addr = %self.bound.webhook.map(|a| a.to_string()).unwrap_or_default(), "serving the sidecar injector");
+            tokio::spawn(webhook::serve(
+                w.listener,
+                w.acceptor,
+                w.settings,
+                self.args.webhook_failure_policy,
+            ));
+        }
         // A controller that starts on broken manifests has no last good state for
         // them: a policy among them would be missing, and the workloads it guards
         // open. It serves nobody (and is not ready) until they load; proxies keep

@@ -137,3 +137,26 @@ pub const RETRY_BUDGET_TTL: std::ops::RangeInclusive<std::time::Duration> =
     std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(60);
 /// Largest `minRetriesPerSecond` of a retry budget: more is no budget at all.
 pub const MAX_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10_000;
+
+/// The proxy's image (`strait.dev/proxy-image` overrides it per pod), tagged with
+/// this release.
+pub const PROXY_IMAGE_REPO: &str = "ghcr.io/strait-dev/strait-proxy";
+pub const CONTROLLER_IMAGE_REPO: &str = "ghcr.io/strait-dev/strait";
+pub fn proxy_image() -> String {
+    format!("{PROXY_IMAGE_REPO}:v{}", env!("CARGO_PKG_VERSION"))
+}
+pub fn controller_image() -> String {
+    format!("{CONTROLLER_IMAGE_REPO}:v{}", env!("CARGO_PKG_VERSION"))
+}
+/// Where injected proxies find the controller: its Service in its namespace.
+pub const CONTROL_PLANE_URL: &str = "https://strait-controller.strait-system.svc:8090";
+/// The audience of the projected ServiceAccount tokens proxies present: a token
+/// minted for another audience (the API server's own) is never accepted.
+pub const TOKEN_AUDIENCE: &str = "identity.strait.dev";
+/// The proxy's uid and admin port, as `strait-proxy init` and its probes know them.
+pub const PROXY_UID: u32 = 2102;
+pub const PROXY_ADMIN_PORT: u16 = 4191;
+/// Where the controller serves the admission webhook (its Service maps 443 here).
+pub const WEBHOOK_ADDR: &str = "0.0.0.0:8443";
+/// An AdmissionReview larger than this is refused (a Pod is at most ~1.5 MiB in etcd).
+pub const MAX_ADMISSION_REVIEW_BYTES: usize = 4 * 1024 * 1024;

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod discovery;
 pub mod identity;
 pub mod index;
+pub mod inject;
 pub mod log;
 pub mod manifests;
 pub mod metrics;

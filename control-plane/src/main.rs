@@ -28,10 +28,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the proxies: discovery, inbound policy and identity over gRPC.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Run a whole mesh on this machine: a controller, demo services with their
     /// sidecars, and traffic between them, with a live table.
     Demo(demo::DemoArgs),
+    /// Add the sidecar to the pods of workload YAML (Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets, Jobs, CronJobs, Pods, Lists): `strait inject
+    /// app.yaml | kubectl apply -f -`.
+    Inject(strait_control_plane::inject::workloads::InjectArgs),
     /// The demo's app (used by `strait demo`).
     #[command(hide = true)]
     DemoApp(demo::app::AppArgs),
@@ -63,7 +67,7 @@ fn start() -> anyhow::Result<()> {
             Command::Controller(args) => {
                 let json = cli.log_json || cli.log_format == log::LogFormat::Json;
                 log::init(cli.log_level.as_deref(), json);
-                let c = Controller::bind(args).await?;
+                let c = Controller::bind(*args).await?;
                 c.run(async {
                     wait_for_signal().await;
                     tracing::info!("shutting down");
@@ -71,6 +75,7 @@ fn start() -> anyhow::Result<()> {
                 .await
             }
             Command::Demo(args) => demo::run(args).await,
+            Command::Inject(args) => strait_control_plane::inject::workloads::run(&args),
             Command::DemoApp(args) => demo::app::run(args).await,
         }
     })

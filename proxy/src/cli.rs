@@ -175,6 +175,18 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_TRUST_ANCHORS", value_name = "FILE")]
     pub trust_anchors: Option<std::path::PathBuf>,
 
+    /// The trust anchors as PEM text rather than a file (the injector sets this:
+    /// a pod in any namespace gets them without a ConfigMap of its own).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_TRUST_ANCHORS_PEM",
+        value_name = "PEM",
+        conflicts_with = "trust_anchors",
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    pub trust_anchors_pem: Option<String>,
+
     /// File holding the token that proves this workload's service account to the
     /// control plane's identity service (re-read at every renewal).
     #[arg(long, env = "STRAIT_PROXY_TOKEN_FILE", value_name = "FILE")]

@@ -201,20 +201,27 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
 
 /// With --trust-anchors: this proxy's credentials (a fresh key, no certificate yet).
 fn credentials(config: &Config) -> Result<Option<Arc<Credentials>>, StartError> {
-    let Some(anchors) = &config.trust_anchors else {
+    if config.trust_anchors.is_none() && config.trust_anchors_pem.is_none() {
         if config.token_file.is_some() {
             return Err(StartError::Identity(
                 "--token-file needs --trust-anchors (mTLS is enabled by the trust anchors)".into(),
             ));
         }
         return Ok(None);
-    };
+    }
     if config.token_file.is_none() || config.control_plane.is_none() {
         return Err(StartError::Identity(
             "--trust-anchors needs --token-file and --control-plane (certificates come from the control plane)".into(),
         ));
     }
-    let anchors = TrustAnchors::load(anchors).map_err(|e| StartError::Identity(e.to_string()))?;
+    let anchors = match (&config.trust_anchors, &config.trust_anchors_pem) {
+        (Some(path), _) => TrustAnchors::load(path).map_err(|e| e.to_string()),
+        (None, Some(pem)) => {
+            TrustAnchors::from_pem(pem.as_bytes()).map_err(|e| format!("--trust-anchors-pem: {e}"))
+        }
+        (None, None) => Err("no trust anchors".to_string()),
+    }
+    .map_err(StartError::Identity)?;
     let id = Identity::of(
         &config.trust_domain,
         &config.namespace,

@@ -62,8 +62,7 @@ fn certified(ca: &Ca, name: &ServingName) -> anyhow::Result<(Arc<CertifiedKey>, 
 /// A TLS 1.3 acceptor (ALPN h2) with a certificate that renews itself for as
 /// long as the returned acceptor is in use.
 pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
-    let (first, mut not_after) = certified(&ca, &name)?;
-    let current = Arc::new(Current(RwLock::new(first)));
+    let current = renewing(ca, name)?;
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -71,8 +70,31 @@ pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
     .with_client_cert_verifier(Arc::new(ProofOfKey(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))))
-    .with_cert_resolver(current.clone());
+    .with_cert_resolver(current);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// The admission webhook's acceptor: the same renewing certificate (the API
+/// server trusts the anchors through the webhook's `caBundle`), HTTP/1.1, no
+/// client certificate.
+pub fn webhook_acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
+    let current = renewing(ca, name)?;
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_cert_resolver(current);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A certificate for `name` that renews itself at half its lifetime, for as
+/// long as the returned resolver is in use.
+fn renewing(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<Arc<Current>> {
+    let (first, mut not_after) = certified(&ca, &name)?;
+    let current = Arc::new(Current(RwLock::new(first)));
     let renewing = Arc::downgrade(&current);
     tokio::spawn(async move {
         loop {
@@ -94,7 +116,7 @@ pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
             }
         }
     });
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
+    Ok(current)
 }
 
 /// Asks for a client certificate without requiring one, and checks only that

@@ -7,5 +7,6 @@ mod demo;
 mod discovery;
 mod identity;
 mod interception;
+mod kubernetes;
 mod observability;
 mod traffic;

@@ -1,0 +1,336 @@
+//! Adding the sidecar to a pod: one pure function, pod in and JSON patch out,
+//! shared by the admission webhook and `strait inject`.
+//!
+//! The proxy goes in as a native sidecar (an init container with
+//! `restartPolicy: Always` and a startup probe on `/ready`), so the app's
+//! containers, and any init container of the app's, start only once the proxy
+//! holds its certificate, and a Job's pod still completes. Before it runs
+//! `strait-proxy init`, which writes the pod's interception rules.
+
+pub mod webhook;
+pub mod workloads;
+
+use serde_json::{Value, json};
+
+use crate::defaults;
+
+/// The annotation (on a pod) or label (on a namespace) that asks for injection.
+pub const INJECT: &str = "strait.dev/inject";
+pub const OPAQUE_PORTS: &str = "strait.dev/opaque-ports";
+pub const SKIP_INBOUND_PORTS: &str = "strait.dev/skip-inbound-ports";
+pub const SKIP_OUTBOUND_PORTS: &str = "strait.dev/skip-outbound-ports";
+pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
+pub const PROXY_IMAGE: &str = "strait.dev/proxy-image";
+
+/// The containers and volumes injection adds, by name: a pod that has the
+/// proxy container is already injected.
+pub const PROXY_CONTAINER: &str = "strait-proxy";
+pub const INIT_CONTAINER: &str = "strait-init";
+const TOKEN_VOLUME: &str = "strait-token";
+const XTABLES_VOLUME: &str = "strait-xtables";
+const TOKEN_DIR: &str = "/var/run/strait/token";
+
+/// What every injected proxy is told: where the control plane is and what to trust.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub proxy_image: String,
+    pub control_plane: String,
+    pub trust_domain: String,
+    /// The trust anchors (PEM), given to each proxy in its environment: a
+    /// ConfigMap would have to exist in every meshed namespace.
+    pub trust_anchors_pem: String,
+    pub token_audience: String,
+}
+
+impl Settings {
+    /// The defaults of a cluster installed by `strait install`, with these anchors.
+    pub fn with_anchors(trust_anchors_pem: String) -> Self {
+        Settings {
+            proxy_image: defaults::proxy_image(),
+            control_plane: defaults::CONTROL_PLANE_URL.to_string(),
+            trust_domain: defaults::TRUST_DOMAIN.to_string(),
+            trust_anchors_pem,
+            token_audience: defaults::TOKEN_AUDIENCE.to_string(),
+        }
+    }
+}
+
+/// Whether the pod's namespace asks for injection (its `strait.dev/inject`
+/// label is `enabled`); `strait inject` asks for every pod it is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Namespace {
+    Enabled,
+    NotEnabled,
+}
+
+/// What injection did with a pod.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The patch that adds the sidecar.
+    Inject(json_patch::Patch),
+    /// Left as it is, and why.
+    Skip(&'static str),
+}
+
+/// A pod that asks for injection and cannot have it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InjectError {
+    #[error("annotation {name}: {value:?} is not a list of ports (e.g. 25,8000-8100)")]
+    Ports { name: &'static str, value: String },
+    #[error("annotation {name}: {value:?} {why}")]
+    Annotation {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("the pod is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// The patch that injects `pod` (a Pod, or a workload's pod template: both
+/// have `metadata` and `spec`), or why it is left alone.
+pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, InjectError> {
+    let annotations = pod
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object);
+    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).and_then(Value::as_str);
+    let spec = pod
+        .get("spec")
+        .and_then(Value::as_object)
+        .ok_or(InjectError::Malformed("no spec"))?;
+    match annotation(INJECT) {
+        Some("disabled") => return Ok(Outcome::Skip("the pod's strait.dev/inject is disabled")),
+        Some("enabled") => {}
+        Some(other) => {
+            return Err(InjectError::Annotation {
+                name: INJECT,
+                value: other.to_string(),
+                why: "is neither enabled nor disabled",
+            });
+        }
+        None if ns == Namespace::NotEnabled => {
+            return Ok(Outcome::Skip(
+                "neither the pod nor its namespace asks for it",
+            ));
+        }
+        None => {}
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Outcome::Skip("the pod uses the host's network"));
+    }
+    let named = |list: &str, name: &str| {
+        spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+        })
+    };
+    if named("initContainers", PROXY_CONTAINER) || named("containers", PROXY_CONTAINER) {
+        return Ok(Outcome::Skip("already injected"));
+    }
+    if !spec.get("containers").is_some_and(Value::is_array) {
+        return Err(InjectError::Malformed("spec.containers is not a list"));
+    }
+
+    let ports = |name: &'static str| -> Result<Option<String>, InjectError> {
+        annotation(name)
+            .map(|v| {
+                valid_ports(v)
+                    .then(|| v.to_string())
+                    .ok_or(InjectError::Ports {
+                        name,
+                        value: v.to_string(),
+                    })
+            })
+            .transpose()
+    };
+    let opaque = ports(OPAQUE_PORTS)?;
+    let skip_in = ports(SKIP_INBOUND_PORTS)?;
+    let skip_out = ports(SKIP_OUTBOUND_PORTS)?;
+    let log_level = annotation(PROXY_LOG_LEVEL)
+        .map(|v| {
+            valid_log_level(v)
+                .then(|| v.to_string())
+                .ok_or(InjectError::Annotation {
+                    name: PROXY_LOG_LEVEL,
+                    value: v.to_string(),
+                    why: "is not a log filter (e.g. info, debug, warn,strait_proxy=debug)",
+                })
+        })
+        .transpose()?;
+    let image = match annotation(PROXY_IMAGE) {
+        Some(i) if valid_image(i) => i.to_string(),
+        Some(i) => {
+            return Err(InjectError::Annotation {
+                name: PROXY_IMAGE,
+                value: i.to_string(),
+                why: "is not an image reference",
+            });
+        }
+        None => s.proxy_image.clone(),
+    };
+
+    let init = init_container(&image, skip_in.as_deref(), skip_out.as_deref());
+    let proxy = proxy_container(&image, s, opaque.as_deref(), log_level.as_deref());
+    let volumes = [
+        json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "audience": s.token_audience, "expirationSeconds": 3600, "path": "token"}}]}}),
+        json!({"name": XTABLES_VOLUME, "emptyDir": {}}),
+    ];
+
+    let mut ops = Vec::new();
+    // The init container first, then the proxy, then the app's own init containers.
+    if spec.get("initContainers").is_some_and(Value::is_array) {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": proxy}));
+        ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init, proxy]}));
+    }
+    if spec.get("volumes").is_some_and(Value::is_array) {
+        for v in volumes {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": v}));
+        }
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
+    }
+    let inbound_port = defaults::DEFAULT_INBOUND_PORT.to_string();
+    if annotations.is_some() {
+        ops.push(json!({"op": "add",
+            "path": format!("/metadata/annotations/{}", pointer_escape(defaults::INBOUND_PORT_ANNOTATION)),
+            "value": inbound_port}));
+    } else if pod.get("metadata").is_some_and(Value::is_object) {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations",
+            "value": {defaults::INBOUND_PORT_ANNOTATION: inbound_port}}));
+    } else if pod.get("metadata").is_none_or(Value::is_null) {
+        ops.push(json!({"op": "add", "path": "/metadata",
+            "value": {"annotations": {defaults::INBOUND_PORT_ANNOTATION: inbound_port}}}));
+    } else {
+        return Err(InjectError::Malformed("metadata is not an object"));
+    }
+    let patch = serde_json::from_value(Value::Array(ops))
+        .map_err(|_| InjectError::Malformed("cannot express the patch"))?;
+    Ok(Outcome::Inject(patch))
+}
+
+fn init_container(image: &str, skip_in: Option<&str>, skip_out: Option<&str>) -> Value {
+    let mut env = Vec::new();
+    if let Some(p) = skip_in {
+        env.push(json!({"name": "STRAIT_PROXY_SKIP_INBOUND_PORTS", "value": p}));
+    }
+    if let Some(p) = skip_out {
+        env.push(json!({"name": "STRAIT_PROXY_SKIP_OUTBOUND_PORTS", "value": p}));
+    }
+    json!({
+        "name": INIT_CONTAINER,
+        "image": image,
+        "args": ["init", "--proxy-uid", defaults::PROXY_UID.to_string()],
+        "env": env,
+        "resources": {"requests": {"cpu": "10m", "memory": "10Mi"}, "limits": {"memory": "50Mi"}},
+        // iptables needs uid 0 with NET_ADMIN and NET_RAW, and nothing else.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        // iptables takes its lock in /run.
+        "volumeMounts": [{"name": XTABLES_VOLUME, "mountPath": "/run"}],
+    })
+}
+
+fn proxy_container(
+    image: &str,
+    s: &Settings,
+    opaque: Option<&str>,
+    log_level: Option<&str>,
+) -> Value {
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let value = |name: &str, v: &str| json!({"name": name, "value": v});
+    let mut env = vec![
+        field("STRAIT_PROXY_NAMESPACE", "metadata.namespace"),
+        field("STRAIT_PROXY_POD_NAME", "metadata.name"),
+        field("STRAIT_PROXY_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        value("STRAIT_PROXY_CONTROL_PLANE", &s.control_plane),
+        value("STRAIT_PROXY_TRUST_DOMAIN", &s.trust_domain),
+        value("STRAIT_PROXY_TRUST_ANCHORS_PEM", &s.trust_anchors_pem),
+        value("STRAIT_PROXY_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
+        // The kubelet probes /ready and /live on the pod's address; state changes
+        // answer loopback callers only.
+        value(
+            "STRAIT_PROXY_ADMIN_ADDR",
+            &format!("0.0.0.0:{}", defaults::PROXY_ADMIN_PORT),
+        ),
+    ];
+    if let Some(p) = opaque {
+        env.push(value("STRAIT_PROXY_OPAQUE_PORTS", p));
+    }
+    if let Some(l) = log_level {
+        env.push(value("STRAIT_PROXY_LOG_LEVEL", l));
+    }
+    let probe = |path: &str, period: u32, failures: u32| {
+        json!({"httpGet": {"path": path, "port": defaults::PROXY_ADMIN_PORT},
+               "periodSeconds": period, "failureThreshold": failures})
+    };
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": image,
+        "restartPolicy": "Always",
+        "env": env,
+        "ports": [
+            {"name": "strait-inbound", "containerPort": defaults::DEFAULT_INBOUND_PORT},
+            {"name": "strait-admin", "containerPort": defaults::PROXY_ADMIN_PORT},
+        ],
+        // The app starts once the proxy holds its certificate and configuration.
+        "startupProbe": probe("/ready", 1, 120),
+        "readinessProbe": probe("/ready", 10, 3),
+        "livenessProbe": probe("/live", 10, 3),
+        "resources": {"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}},
+        "securityContext": {
+            "runAsUser": defaults::PROXY_UID,
+            "runAsGroup": defaults::PROXY_UID,
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+        ],
+    })
+}
+
+/// RFC 6901: `~` and `/` inside a key.
+fn pointer_escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// "25,587,8000-8100": what the proxy's port-set flags accept.
+fn valid_ports(v: &str) -> bool {
+    let port = |p: &str| p.trim().parse::<u16>().is_ok_and(|n| n > 0);
+    v.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .all(|p| match p.split_once('-') {
+            Some((lo, hi)) => {
+                port(lo)
+                    && port(hi)
+                    && lo.trim().parse::<u16>().ok() <= hi.trim().parse::<u16>().ok()
+            }
+            None => port(p),
+        })
+}
+
+/// A RUST_LOG-style filter: directives of `target=level` or `level`.
+fn valid_log_level(v: &str) -> bool {
+    crate::log::parse_filter(v).is_ok()
+}
+
+/// An image reference: no spaces or control characters, bounded.
+fn valid_image(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests;

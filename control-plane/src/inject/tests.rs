@@ -1,0 +1,410 @@
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{Value, json};
+
+use super::webhook::{FailurePolicy, review};
+use super::workloads::inject_stream;
+use super::*;
+
+fn settings() -> Settings {
+    Settings::with_anchors("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into())
+}
+
+fn pod(annotations: Value, spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "p", "namespace": "shop", "annotations": annotations},
+           "spec": spec})
+}
+
+fn app_spec() -> Value {
+    json!({"containers": [{"name": "app", "image": "app:1"}]})
+}
+
+fn applied(mut pod: Value, ns: Namespace) -> Value {
+    match inject(&pod, ns, &settings()).unwrap() {
+        Outcome::Inject(p) => json_patch::patch(&mut pod, &p).unwrap(),
+        Outcome::Skip(why) => panic!("skipped: {why}"),
+    }
+    pod
+}
+
+fn init_names(pod: &Value) -> Vec<&str> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+#[test]
+fn an_annotated_pod_gets_the_init_container_and_the_native_sidecar() {
+    let p = applied(
+        pod(json!({INJECT: "enabled"}), app_spec()),
+        Namespace::NotEnabled,
+    );
+    assert_eq!(init_names(&p), ["strait-init", "strait-proxy"]);
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_NAMESPACE").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_SERVICE_ACCOUNT").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.serviceAccountName"
+    );
+    assert!(
+        env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM").unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    assert!(proxy["resources"]["requests"]["cpu"].is_string());
+    let init = &p["spec"]["initContainers"][0];
+    assert_eq!(init["args"][0], "init");
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"],
+        json!(["NET_ADMIN", "NET_RAW"])
+    );
+    let token = p["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "strait-token")
+        .unwrap();
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        defaults::TOKEN_AUDIENCE
+    );
+    assert_eq!(
+        p["metadata"]["annotations"]["strait.dev/inbound-port"],
+        "4143"
+    );
+    assert_eq!(p["metadata"]["annotations"][INJECT], "enabled", "kept");
+    assert_eq!(
+        p["spec"]["containers"],
+        app_spec()["containers"],
+        "the app is untouched"
+    );
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    let once = applied(
+        pod(json!({INJECT: "enabled"}), app_spec()),
+        Namespace::NotEnabled,
+    );
+    assert_eq!(
+        inject(&once, Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Skip("already injected")
+    );
+}
+
+#[test]
+fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network() {
+    let plain = pod(json!({}), app_spec());
+    assert!(matches!(
+        inject(&plain, Namespace::NotEnabled, &settings()).unwrap(),
+        Outcome::Skip(_)
+    ));
+    assert_eq!(init_names(&applied(plain, Namespace::Enabled)).len(), 2);
+
+    let opted_out = pod(json!({INJECT: "disabled"}), app_spec());
+    assert!(matches!(
+        inject(&opted_out, Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Skip(_)
+    ));
+    let host = pod(
+        json!({INJECT: "enabled"}),
+        json!({"hostNetwork": true, "containers": [{"name": "a", "image": "a"}]}),
+    );
+    assert_eq!(
+        inject(&host, Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Skip("the pod uses the host's network")
+    );
+}
+
+#[test]
+fn annotations_reach_the_proxy_and_the_init_container() {
+    let p = applied(
+        pod(
+            json!({OPAQUE_PORTS: "5432", SKIP_INBOUND_PORTS: "22,9000-9010",
+                   SKIP_OUTBOUND_PORTS: "443", PROXY_LOG_LEVEL: "debug",
+                   PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
+            json!({"initContainers": [{"name": "migrate", "image": "m"}],
+                   "volumes": [{"name": "data", "emptyDir": {}}],
+                   "containers": [{"name": "app", "image": "app"}]}),
+        ),
+        Namespace::Enabled,
+    );
+    assert_eq!(init_names(&p), ["strait-init", "strait-proxy", "migrate"]);
+    let (init, proxy) = (
+        &p["spec"]["initContainers"][0],
+        &p["spec"]["initContainers"][1],
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_OPAQUE_PORTS").unwrap()["value"],
+        "5432"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_LOG_LEVEL").unwrap()["value"],
+        "debug"
+    );
+    assert_eq!(
+        env(init, "STRAIT_PROXY_SKIP_INBOUND_PORTS").unwrap()["value"],
+        "22,9000-9010"
+    );
+    assert_eq!(
+        env(init, "STRAIT_PROXY_SKIP_OUTBOUND_PORTS").unwrap()["value"],
+        "443"
+    );
+    assert_eq!(proxy["image"], "registry.local/strait-proxy:dev");
+    assert_eq!(init["image"], "registry.local/strait-proxy:dev");
+    let volumes: Vec<&str> = p["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(volumes[0], "data", "the app's volumes stay first");
+}
+
+#[test]
+fn bad_annotations_are_named_in_the_error() {
+    for (k, v) in [
+        (OPAQUE_PORTS, "postgres"),
+        (SKIP_INBOUND_PORTS, "0"),
+        (SKIP_OUTBOUND_PORTS, "90-80"),
+        (PROXY_LOG_LEVEL, "loud=="),
+        (PROXY_IMAGE, "two words"),
+        (INJECT, "yes"),
+    ] {
+        let err = inject(
+            &pod(json!({k: v}), app_spec()),
+            Namespace::Enabled,
+            &settings(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(k) && err.contains(v), "{err}");
+    }
+}
+
+fn admission(object: &Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": object, "dryRun": false,
+        }
+    }))
+    .unwrap()
+}
+
+/// The webhook's answer: (HTTP status, allowed, patched object, message, warnings).
+fn webhook(object: &Value, ns: Namespace, policy: FailurePolicy) -> (u16, Value) {
+    let (status, review) = review(&admission(object), ns, &settings(), policy);
+    (status.as_u16(), serde_json::to_value(review).unwrap())
+}
+
+fn patched(object: &Value, rsp: &Value) -> Value {
+    let mut out = object.clone();
+    // The patch's bytes travel as a JSON array of numbers (which the API
+    // server's decoder takes for a []byte as it takes base64).
+    if let Some(p) = rsp["response"]["patch"].as_array() {
+        let bytes: Vec<u8> = p.iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        json_patch::patch(&mut out, &patch).unwrap();
+    }
+    out
+}
+
+/// Every pod template of the sample workloads in deploy/examples/workloads.
+fn sample_pods() -> Vec<(String, Value)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/workloads");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for doc in text.split("\n---\n") {
+            let v: Value = serde_norway::from_str(doc).unwrap();
+            let name = format!(
+                "{}/{}",
+                v["kind"].as_str().unwrap(),
+                v["metadata"]["name"].as_str().unwrap()
+            );
+            let template = match v["kind"].as_str().unwrap() {
+                "Pod" => v.clone(),
+                "CronJob" => v["spec"]["jobTemplate"]["spec"]["template"].clone(),
+                "Deployment" | "StatefulSet" | "DaemonSet" | "Job" => v["spec"]["template"].clone(),
+                _ => continue,
+            };
+            let mut pod = template;
+            pod["apiVersion"] = json!("v1");
+            pod["kind"] = json!("Pod");
+            out.push((name, pod));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn the_webhook_injects_the_sample_workloads_and_leaves_the_opted_out_alone() {
+    let pods = sample_pods();
+    assert_eq!(
+        pods.len(),
+        6,
+        "{:?}",
+        pods.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
+    for (name, pod) in pods {
+        // The namespace `shop` is labelled for injection.
+        let (status, rsp) = webhook(&pod, Namespace::Enabled, FailurePolicy::Fail);
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(rsp["response"]["allowed"], true, "{name}");
+        assert_eq!(
+            rsp["response"]["uid"],
+            "705ab4f5-6393-11e8-b7cc-42010a800002"
+        );
+        let out = patched(&pod, &rsp);
+        let untouched = name == "Pod/debug" || name == "DaemonSet/node-agent";
+        if untouched {
+            assert_eq!(out, pod, "{name} is not injected");
+            assert!(rsp["response"]["patch"].is_null());
+            continue;
+        }
+        assert_eq!(
+            &init_names(&out)[..2],
+            ["strait-init", "strait-proxy"],
+            "{name}"
+        );
+        // Re-injection changes nothing.
+        let (_, again) = webhook(&out, Namespace::Enabled, FailurePolicy::Fail);
+        assert!(again["response"]["patch"].is_null(), "{name}");
+        assert_eq!(again["response"]["allowed"], true);
+    }
+}
+
+#[test]
+fn a_pod_that_cannot_be_injected_is_refused_or_admitted_per_the_failure_policy() {
+    let bad = pod(json!({INJECT: "enabled", OPAQUE_PORTS: "http"}), app_spec());
+    let (status, rsp) = webhook(&bad, Namespace::NotEnabled, FailurePolicy::Fail);
+    assert_eq!(status, 200);
+    assert_eq!(rsp["response"]["allowed"], false);
+    let msg = rsp["response"]["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("strait.dev/opaque-ports"), "{msg}");
+
+    let (_, rsp) = webhook(&bad, Namespace::NotEnabled, FailurePolicy::Ignore);
+    assert_eq!(rsp["response"]["allowed"], true);
+    assert!(rsp["response"]["patch"].is_null());
+    assert!(
+        rsp["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("strait.dev/opaque-ports")
+    );
+}
+
+#[test]
+fn a_malformed_review_gets_a_clear_error() {
+    for body in [
+        &b"{"[..],
+        b"[]",
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+    ] {
+        let (status, review) = review(body, Namespace::Enabled, &settings(), FailurePolicy::Fail);
+        assert_eq!(status.as_u16(), 400);
+        let rsp = serde_json::to_value(review).unwrap();
+        assert_eq!(rsp["response"]["allowed"], false);
+        assert!(
+            rsp["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not an AdmissionReview")
+        );
+    }
+}
+
+#[test]
+fn strait_inject_edits_pod_templates_and_keeps_every_other_document_as_written() {
+    let input = "\
+# the app
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: nginx
+---
+# kept verbatim, comment included
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: a}
+    spec: {containers: [{name: a, image: a}]}
+";
+    let (out, reports) = inject_stream(input, &settings()).unwrap();
+    let docs: Vec<&str> = out.split("\n---\n").collect();
+    assert_eq!(docs.len(), 3);
+    assert!(
+        docs[1].starts_with("# kept verbatim, comment included\n"),
+        "{}",
+        docs[1]
+    );
+    let web: Value = serde_norway::from_str(docs[0]).unwrap();
+    assert_eq!(
+        init_names(&web["spec"]["template"]),
+        ["strait-init", "strait-proxy"]
+    );
+    let list: Value = serde_norway::from_str(docs[2]).unwrap();
+    assert_eq!(init_names(&list["items"][0]).len(), 2);
+    assert_eq!(
+        reports,
+        [
+            workloads::Report {
+                object: "deployment/web".into(),
+                result: Ok("injected")
+            },
+            workloads::Report {
+                object: "pod/a".into(),
+                result: Ok("injected")
+            },
+        ]
+    );
+    // Injecting the output again changes nothing.
+    let (again, _) = inject_stream(&out, &settings()).unwrap();
+    assert_eq!(again, out);
+}
+
+#[test]
+fn strait_inject_refuses_a_broken_document_and_names_it() {
+    let err = inject_stream("kind: Pod\n---\nkind: [\n", &settings()).unwrap_err();
+    assert!(err.to_string().starts_with("document 2: not YAML"), "{err}");
+}

@@ -1,0 +1,226 @@
+//! The mutating admission webhook: AdmissionReview v1 in, the injection patch
+//! (or the reason there is none) out.
+//!
+//! Two paths, because a webhook is not told its namespace's labels: the
+//! webhook configuration sends pods of namespaces labelled
+//! `strait.dev/inject=enabled` to `/inject/enabled-namespace`, and every other
+//! pod (outside the system namespaces) to `/inject`, where only the pod's own
+//! annotation asks for injection.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{Namespace, Outcome, Settings, inject};
+use crate::defaults;
+
+pub const PATH: &str = "/inject";
+pub const ENABLED_NAMESPACE_PATH: &str = "/inject/enabled-namespace";
+
+/// What happens to a pod that asks for injection and cannot have it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// Refuse the pod, with the reason: a workload never runs unmeshed by accident.
+    Fail,
+    /// Admit it without the sidecar, with the reason as a warning.
+    Ignore,
+}
+
+/// An acceptor for a certificate and key from files (a Secret mounted in the pod).
+pub fn acceptor_from_files(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("--webhook-cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("--webhook-key {}: {e}", key.display()))?;
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| anyhow::anyhow!("--webhook-cert/--webhook-key: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Serves the webhook on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    settings: Arc<Settings>,
+    policy: FailurePolicy,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "webhook accept failed");
+                continue;
+            }
+        };
+        let (acceptor, settings) = (acceptor.clone(), settings.clone());
+        tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
+                Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
+            };
+            let svc = service_fn(move |req| {
+                let settings = settings.clone();
+                async move { Ok::<_, Infallible>(handle(req, &settings, policy).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    s: &Settings,
+    policy: FailurePolicy,
+) -> Response<Full<Bytes>> {
+    let ns = match req.uri().path() {
+        PATH => Namespace::NotEnabled,
+        ENABLED_NAMESPACE_PATH => Namespace::Enabled,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook is at /inject\n",
+            );
+        }
+    };
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
+    }
+    let body = match Limited::new(req.into_body(), defaults::MAX_ADMISSION_REVIEW_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the AdmissionReview is too large or was cut short\n",
+            );
+        }
+    };
+    let (status, review) = review(&body, ns, s, policy);
+    let json = serde_json::to_vec(&review).unwrap_or_default();
+    let mut rsp = Response::new(Full::new(Bytes::from(json)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+/// The answer to one AdmissionReview: 200 with the response, or 400 with an
+/// `invalid` response naming what is wrong with the review itself.
+pub fn review(
+    body: &[u8],
+    ns: Namespace,
+    s: &Settings,
+    policy: FailurePolicy,
+) -> (StatusCode, AdmissionReview<DynamicObject>) {
+    let invalid = |why: String| {
+        warn!(reason = %why, "malformed AdmissionReview");
+        (
+            StatusCode::BAD_REQUEST,
+            AdmissionResponse::invalid(why).into_review(),
+        )
+    };
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("not an AdmissionReview: {e}")),
+    };
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("not an AdmissionReview: {e}")),
+    };
+    (StatusCode::OK, respond(&req, ns, s, policy).into_review())
+}
+
+fn respond(
+    req: &AdmissionRequest<DynamicObject>,
+    ns: Namespace,
+    s: &Settings,
+    policy: FailurePolicy,
+) -> AdmissionResponse {
+    let rsp = AdmissionResponse::from(req);
+    let pod_name = req
+        .object
+        .as_ref()
+        .and_then(|o| o.metadata.name.clone().or(o.metadata.generate_name.clone()))
+        .unwrap_or_default();
+    let pod = format!(
+        "{}/{pod_name}",
+        req.namespace.as_deref().unwrap_or("default")
+    );
+    // Only pods are injected; anything else sent here passes untouched.
+    let Some(object) = req.object.as_ref().filter(|_| req.kind.kind == "Pod") else {
+        return rsp;
+    };
+    let outcome = serde_json::to_value(object)
+        .map_err(|_| super::InjectError::Malformed("cannot read the pod"))
+        .and_then(|pod| inject(&pod, ns, s));
+    match outcome {
+        Ok(Outcome::Inject(patch)) => match rsp.clone().with_patch(patch) {
+            Ok(r) => {
+                info!(%pod, "injected");
+                r
+            }
+            Err(e) => fail(rsp, policy, &pod, &e.to_string()),
+        },
+        Ok(Outcome::Skip(why)) => {
+            debug!(%pod, reason = why, "not injected");
+            rsp
+        }
+        Err(e) => fail(rsp, policy, &pod, &e.to_string()),
+    }
+}
+
+fn fail(
+    mut rsp: AdmissionResponse,
+    policy: FailurePolicy,
+    pod: &str,
+    why: &str,
+) -> AdmissionResponse {
+    let reason = format!("strait cannot inject the proxy: {why}");
+    warn!(%pod, %reason, ?policy, "injection failed");
+    match policy {
+        FailurePolicy::Fail => rsp.deny(reason),
+        FailurePolicy::Ignore => {
+            rsp.warnings = Some(vec![reason]);
+            rsp
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *rsp.status_mut() = status;
+    rsp
+}

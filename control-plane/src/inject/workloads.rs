@@ -1,0 +1,201 @@
+//! `strait inject`: the sidecar added to the pods of workload YAML, the way the
+//! webhook adds it at admission. Documents that hold no pod pass through as
+//! they were written (comments and all), in their order.
+
+use serde_json::Value;
+
+use super::{Namespace, Outcome, Settings, inject};
+
+/// What happened to one workload, for the report on stderr.
+#[derive(Debug, PartialEq)]
+pub struct Report {
+    pub object: String,
+    pub result: Result<&'static str, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("document {doc}: not YAML: {reason}")]
+    Yaml { doc: usize, reason: String },
+    #[error("document {doc}: cannot write it back: {reason}")]
+    Write { doc: usize, reason: String },
+}
+
+/// Injects every pod template in a multi-document YAML stream.
+pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>), StreamError> {
+    let mut out = String::with_capacity(input.len() * 2);
+    let mut reports = Vec::new();
+    for (i, doc) in documents(input).into_iter().enumerate() {
+        let doc_no = i + 1;
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        let value: Value = match serde_norway::from_str(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(StreamError::Yaml {
+                    doc: doc_no,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let mut value = value;
+        let before = reports.len();
+        inject_object(&mut value, s, &mut reports);
+        let changed = reports[before..].iter().any(|r| r.result == Ok("injected"));
+        if changed {
+            let yaml = serde_norway::to_string(&value).map_err(|e| StreamError::Write {
+                doc: doc_no,
+                reason: e.to_string(),
+            })?;
+            out.push_str(&yaml);
+        } else {
+            out.push_str(doc);
+            if !doc.ends_with('\n') && !doc.is_empty() {
+                out.push('\n');
+            }
+        }
+    }
+    Ok((out, reports))
+}
+
+/// Splits a stream at `---` lines, as kubectl does.
+fn documents(input: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    for line in input.split_inclusive('\n') {
+        let bare = line.trim_end();
+        if bare == "---" || bare.starts_with("--- ") {
+            docs.push(&input[start..pos]);
+            start = pos + line.len();
+        }
+        pos += line.len();
+    }
+    docs.push(&input[start..]);
+    // A stream that starts with `---` has nothing before it; a document that is
+    // only whitespace or comments is kept, so nothing is lost.
+    if docs.first().is_some_and(|d| d.trim().is_empty()) {
+        docs.remove(0);
+    }
+    docs
+}
+
+/// Where a kind keeps its pod: the object itself, or a template within it.
+fn template_path(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some(""),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => Some("/spec/template"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+fn inject_object(v: &mut Value, s: &Settings, reports: &mut Vec<Report>) {
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if kind == "List" || kind.ends_with("List") {
+        if let Some(items) = v.get_mut("items").and_then(Value::as_array_mut) {
+            for item in items {
+                inject_object(item, s, reports);
+            }
+        }
+        return;
+    }
+    let Some(path) = template_path(&kind) else {
+        return;
+    };
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>");
+    let object = format!("{}/{name}", kind.to_lowercase());
+    let Some(pod) = v.pointer_mut(path) else {
+        reports.push(Report {
+            object,
+            result: Err(format!("no pod template at {path}")),
+        });
+        return;
+    };
+    let result = match inject(pod, Namespace::Enabled, s) {
+        Ok(Outcome::Inject(patch)) => json_patch::patch(pod, &patch)
+            .map(|()| "injected")
+            .map_err(|e| e.to_string()),
+        Ok(Outcome::Skip(why)) => Ok(why),
+        Err(e) => Err(e.to_string()),
+    };
+    reports.push(Report { object, result });
+}
+
+/// `strait inject FILE|-`.
+#[derive(Debug, clap::Args)]
+pub struct InjectArgs {
+    /// The YAML to inject: a file, or `-` for standard input.
+    #[arg(value_name = "FILE|-")]
+    pub input: String,
+    /// The mesh's trust anchors (PEM), as `strait install` generated them
+    /// (`kubectl -n strait-system get configmap strait-trust-anchors -o jsonpath='{.data.ca\.crt}'`).
+    #[arg(long, env = "STRAIT_IDENTITY_TRUST_ANCHORS_FILE", value_name = "FILE")]
+    pub identity_trust_anchors_file: std::path::PathBuf,
+    /// The proxy image (default: this release's).
+    #[arg(long, value_name = "IMAGE")]
+    pub proxy_image: Option<String>,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+/// Reads, injects and prints; what happened to each workload goes to stderr.
+/// Any failure prints nothing on stdout, so `| kubectl apply -f -` applies
+/// nothing half-done.
+pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let input = if args.input == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| anyhow::anyhow!("cannot read standard input: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(&args.input)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.input))?
+    };
+    let anchors = std::fs::read_to_string(&args.identity_trust_anchors_file)
+        .ok()
+        .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--identity-trust-anchors-file {}: not a readable PEM certificate bundle",
+                args.identity_trust_anchors_file.display()
+            )
+        })?;
+    let mut settings = Settings::with_anchors(anchors);
+    settings.trust_domain = args.trust_domain.clone();
+    if let Some(i) = &args.proxy_image {
+        settings.proxy_image = i.clone();
+    }
+    let (out, reports) = inject_stream(&input, &settings)?;
+    let mut failed = 0;
+    for r in &reports {
+        match &r.result {
+            Ok(what) => eprintln!("{}: {what}", r.object),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: error: {e}", r.object);
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} workload(s) could not be injected; nothing was printed");
+    }
+    print!("{out}");
+    Ok(())
+}

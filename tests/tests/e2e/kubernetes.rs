@@ -1,0 +1,171 @@
+//! What strait brings to a cluster, short of an API server: the sidecar
+//! injector as the API server calls it (AdmissionReview over HTTPS).
+
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use strait_tests::manifests::ManifestDir;
+use strait_tests::mesh::ControllerProc;
+use strait_tests::pki::Pki;
+use strait_tests::process::free_port;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// POSTs `body` to the webhook as the API server does: TLS verified against
+/// the webhook's `caBundle` (the mesh's trust anchors) for the controller's
+/// Service name. Returns (status, body).
+async fn post(pki: &Pki, port: u16, path: &str, body: &[u8]) -> (u16, Value) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.anchors()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = ServerName::try_from("strait-controller.strait-system.svc").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("the webhook's certificate is valid for its Service under the anchors");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+    )
+}
+
+fn review(pod: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "b0a8f9d4-1f6e-4c52-9d43-5f0f1c1e2a77",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop", "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let port = free_port();
+    let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = [
+        format!("--webhook-addr=127.0.0.1:{port}"),
+        format!("--trust-anchors={}", pki.anchors().display()),
+        "--proxy-image=registry.local/strait-proxy:test".to_string(),
+    ];
+    let cp = ControllerProc::spawn_with(dir.path(), grpc, Some(&pki), None, &extra);
+    strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
+
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "web", "image": "nginx"}]}});
+    let (status, rsp) = post(&pki, port, "/inject", &review(pod.clone())).await;
+    assert_eq!(status, 200, "{rsp}");
+    assert_eq!(
+        rsp["response"]["uid"],
+        "b0a8f9d4-1f6e-4c52-9d43-5f0f1c1e2a77"
+    );
+    assert_eq!(rsp["response"]["allowed"], true);
+    assert_eq!(rsp["response"]["patchType"], "JSONPatch");
+    let patch: Vec<u8> = rsp["response"]["patch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    let patch = String::from_utf8(patch).unwrap();
+    assert!(
+        patch.contains("registry.local/strait-proxy:test"),
+        "--proxy-image is used"
+    );
+    let anchors = std::fs::read_to_string(pki.anchors()).unwrap();
+    let patch: Value = serde_json::from_str(&patch).unwrap();
+    assert!(
+        patch
+            .to_string()
+            .contains(&serde_json::to_string(&anchors).unwrap()[1..40]),
+        "the proxies are given the anchors"
+    );
+
+    // Not annotated, in a namespace that is not labelled: admitted untouched.
+    let mut plain = pod.clone();
+    plain["metadata"]["annotations"] = json!({});
+    let (status, rsp) = post(&pki, port, "/inject", &review(plain.clone())).await;
+    assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
+    assert!(rsp["response"]["patch"].is_null());
+    // The same pod through the labelled-namespace path is injected.
+    let (_, rsp) = post(&pki, port, "/inject/enabled-namespace", &review(plain)).await;
+    assert!(rsp["response"]["patch"].is_array());
+
+    // A malformed review: a clear 400, and the webhook keeps serving.
+    let (status, rsp) = post(&pki, port, "/inject", b"{\"kind\":").await;
+    assert_eq!(status, 400);
+    assert!(
+        rsp["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not an AdmissionReview")
+    );
+    let (status, _) = post(&pki, port, "/inject", &review(pod)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn the_injector_needs_the_trust_anchors_and_a_certificate() {
+    let dir = ManifestDir::new();
+    let out = std::process::Command::new(strait_tests::process::binary("strait"))
+        .args(["controller", "--manifests"])
+        .arg(dir.path())
+        .args([
+            "--webhook-addr=127.0.0.1:0",
+            "--admin-addr=127.0.0.1:0",
+            "--grpc-addr=127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--trust-anchors"));
+
+    let pki = Pki::new();
+    let out = std::process::Command::new(strait_tests::process::binary("strait"))
+        .args(["controller", "--manifests"])
+        .arg(dir.path())
+        .arg(format!("--trust-anchors={}", pki.anchors().display()))
+        .args([
+            "--webhook-addr=127.0.0.1:0",
+            "--admin-addr=127.0.0.1:0",
+            "--grpc-addr=127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--webhook-cert") && err.contains("--issuer-cert"),
+        "{err}"
+    );
+}
