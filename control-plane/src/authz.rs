@@ -5,12 +5,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use strait_api::v1 as api;
 
 use crate::index::{ObjKey, Snapshot};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     #[default]
@@ -18,7 +20,8 @@ pub enum MtlsMode {
     Strict,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// The object a policy applies to: a Service (group "" or "core").
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetRef {
     #[serde(default)]
@@ -27,14 +30,15 @@ pub struct TargetRef {
     pub name: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// Who may call: one workload identity, or every workload of a namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub enum Allow {
     #[serde(rename = "identity")]
@@ -43,19 +47,35 @@ pub enum Allow {
     Namespace(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// The AuthorizationPolicy resource: which workloads (a Service by
+/// `targetRef`, or pods by label `selector`), their mTLS mode, and who may call.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema, CustomResource)]
+#[kube(
+    group = "policy.strait.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    doc = "Which workloads a policy covers, their mTLS mode (STRICT or PERMISSIVE), and which identities may call them.",
+    status = "crate::crds::PolicyStatus",
+    shortname = "authz",
+    printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.mtls"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationSpec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<TargetRef>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<Selector>,
+    /// STRICT: only mTLS from the mesh; PERMISSIVE (the default): plaintext too.
     #[serde(default)]
     pub mtls: MtlsMode,
     /// The workload's own ports this applies to; empty for all.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
-    #[serde(default)]
+    /// Who may call; empty: any caller the mTLS mode lets in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<Allow>,
 }
 

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use strait_api::v1 as api;
 
 use crate::authz::TargetRef;
@@ -60,50 +62,91 @@ struct Doc {
     spec: SpecDoc,
 }
 
-#[derive(Deserialize)]
+/// The BackendPolicy resource as users write it (validated by `parse`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, CustomResource)]
+#[kube(
+    group = "policy.strait.dev",
+    version = "v1alpha1",
+    kind = "BackendPolicy",
+    namespaced,
+    doc = "How a Service's endpoints are reached: connect timeout, load balancing, outlier ejection, retry budget, opaque ports.",
+    status = "crate::crds::PolicyStatus",
+    shortname = "bp",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SpecDoc {
-    target_ref: TargetRef,
-    connect_timeout: Option<String>,
-    load_balancer: Option<LoadBalancerDoc>,
-    outlier_detection: Option<OutlierDoc>,
-    retry_budget: Option<RetryBudgetDoc>,
-    #[serde(default)]
-    opaque_ports: Vec<i64>,
+pub struct SpecDoc {
+    /// The Service (in the policy's namespace) whose endpoints this policy governs.
+    pub target_ref: TargetRef,
+    /// Timeout of a TCP connect to an endpoint (e.g. 500ms, 2s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerDoc>,
+    /// Circuit breaking: endpoints that fail in a row are ejected for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDoc>,
+    /// How many retries callers may add on top of their requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetDoc>,
+    /// Ports of the Service carried as opaque TCP (no protocol detection).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opaque_ports: Vec<i64>,
 }
 
-#[derive(Deserialize)]
-enum LoadBalancerType {
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub enum LoadBalancerType {
     #[serde(rename = "PeakEWMA")]
     PeakEwma,
     RoundRobin,
     ConsistentHash,
 }
 
-#[derive(Deserialize)]
+/// How requests are spread over the endpoints.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LoadBalancerDoc {
+pub struct LoadBalancerDoc {
+    /// PeakEWMA (the default), RoundRobin or ConsistentHash.
     #[serde(rename = "type")]
-    kind: LoadBalancerType,
-    hash_header: Option<String>,
-    hash_cookie: Option<String>,
+    pub kind: LoadBalancerType,
+    /// ConsistentHash: the request header whose value picks the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_header: Option<String>,
+    /// ConsistentHash: the cookie whose value picks the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_cookie: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct OutlierDoc {
-    consecutive_failures: Option<i64>,
-    base_ejection_time: Option<String>,
-    max_ejection_time: Option<String>,
-    max_ejection_percent: Option<i64>,
+pub struct OutlierDoc {
+    /// Failures in a row that eject an endpoint (0: never eject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<i64>,
+    /// The first ejection's length; each further one doubles it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_time: Option<String>,
+    /// At most this share of the endpoints is ejected at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RetryBudgetDoc {
-    ratio: Option<f64>,
-    min_retries_per_second: Option<i64>,
-    ttl: Option<String>,
+pub struct RetryBudgetDoc {
+    /// Retries allowed per request, on average (0.2: one retry per five requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Retries always allowed, whatever the ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<i64>,
+    /// The window over which the ratio is measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// Parses and validates one BackendPolicy: its own key, the Service it targets,

@@ -36,6 +36,11 @@ enum Command {
     /// DaemonSets, ReplicaSets, Jobs, CronJobs, Pods, Lists): `strait inject
     /// app.yaml | kubectl apply -f -`.
     Inject(strait_control_plane::inject::workloads::InjectArgs),
+    /// Print every manifest a cluster needs (`strait install | kubectl apply -f -`),
+    /// with a freshly generated trust anchor and issuer unless given.
+    Install(strait_control_plane::install::InstallArgs),
+    /// Print strait's CustomResourceDefinitions (`strait crds | kubectl apply -f -`).
+    Crds,
     /// The demo's app (used by `strait demo`).
     #[command(hide = true)]
     DemoApp(demo::app::AppArgs),
@@ -75,6 +80,17 @@ fn start() -> anyhow::Result<()> {
                 .await
             }
             Command::Demo(args) => demo::run(args).await,
+            Command::Install(args) => {
+                print!(
+                    "{}",
+                    strait_control_plane::install::render(&args.values()?)?
+                );
+                Ok(())
+            }
+            Command::Crds => {
+                print!("{}", strait_control_plane::crds::stream()?);
+                Ok(())
+            }
             Command::Inject(args) => strait_control_plane::inject::workloads::run(&args),
             Command::DemoApp(args) => demo::app::run(args).await,
         }

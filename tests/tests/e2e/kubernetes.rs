@@ -169,3 +169,195 @@ async fn the_injector_needs_the_trust_anchors_and_a_certificate() {
         "{err}"
     );
 }
+
+/// The objects of a YAML stream by kind/namespace/name.
+fn objects(yaml: &str) -> std::collections::BTreeMap<String, Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for doc in serde_norway::Deserializer::from_str(yaml) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        let key = format!(
+            "{}/{}/{}",
+            v["kind"].as_str().unwrap(),
+            v["metadata"]["namespace"].as_str().unwrap_or(""),
+            v["metadata"]["name"].as_str().unwrap()
+        );
+        assert!(out.insert(key.clone(), v).is_none(), "{key} twice");
+    }
+    out
+}
+
+/// The identity material, which each generation makes anew.
+fn without_keys(
+    mut objs: std::collections::BTreeMap<String, Value>,
+) -> std::collections::BTreeMap<String, Value> {
+    for (k, v) in objs.iter_mut() {
+        if k.starts_with("ConfigMap/strait-system/strait-trust-anchors") {
+            v["data"]["ca.crt"] = json!("<generated>");
+        }
+        if k.starts_with("Secret/strait-system/strait-identity-issuer") {
+            v["stringData"] = json!("<generated>");
+        }
+        if k.starts_with("MutatingWebhookConfiguration/") {
+            for h in v["webhooks"].as_array_mut().unwrap() {
+                h["clientConfig"]["caBundle"] = json!("<generated>");
+            }
+        }
+    }
+    objs
+}
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// `strait install`, the Helm chart and `strait inject` make manifests that
+/// pass strict schema validation; the chart renders what `strait install`
+/// prints; custom resource examples fit their CRDs.
+#[test]
+fn install_the_chart_and_inject_make_the_same_valid_manifests() {
+    use strait_tests::netns::have;
+    if !have("helm") || !have("kubernetes-validate") {
+        strait_tests::host::missing(
+            "helm and kubernetes-validate (pip install kubernetes-validate; .ci/k8s-tools for helm)",
+        );
+        return;
+    }
+    let strait = strait_tests::process::binary("strait");
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let identity = [
+        format!("--identity-trust-anchors-file={}", pki.anchors().display()),
+        format!(
+            "--identity-issuer-certificate-file={}",
+            pki.issuer_cert().display()
+        ),
+        format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
+    ];
+    let install = run(std::process::Command::new(&strait)
+        .arg("install")
+        .args(&identity));
+    let generated = run(std::process::Command::new(&strait).arg("install"));
+    let chart = repo("deploy/helm/strait");
+    let helm = |extra: &[String]| {
+        run(std::process::Command::new("helm")
+            .args(["template", "strait"])
+            .arg(&chart)
+            .arg("--include-crds")
+            .args(extra))
+    };
+    let given = helm(&[
+        format!(
+            "--set-file=identity.trustAnchorsPEM={}",
+            pki.anchors().display()
+        ),
+        format!(
+            "--set-file=identity.issuer.crtPEM={}",
+            pki.issuer_cert().display()
+        ),
+        format!(
+            "--set-file=identity.issuer.keyPEM={}",
+            pki.issuer_key().display()
+        ),
+    ]);
+    let default = helm(&[]);
+
+    // Same identity: the very same objects. Generated: the same but for keys.
+    assert_eq!(objects(&given), objects(&install));
+    assert_eq!(
+        without_keys(objects(&default)),
+        without_keys(objects(&generated))
+    );
+    assert_ne!(
+        objects(&generated),
+        objects(&install),
+        "a fresh anchor each time"
+    );
+    // The chart's CRDs are strait's.
+    assert_eq!(
+        std::fs::read_to_string(chart.join("crds/policy.strait.dev.yaml")).unwrap(),
+        run(std::process::Command::new(&strait).arg("crds"))
+    );
+    run(std::process::Command::new("helm")
+        .arg("lint")
+        .arg("--strict")
+        .arg(&chart));
+
+    // Every built-in object passes strict validation (unknown fields are errors).
+    let mut examples: Vec<_> = std::fs::read_dir(repo("deploy/examples/workloads"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    examples.sort();
+    let mut injected = String::new();
+    for e in &examples {
+        injected.push_str("---\n");
+        injected.push_str(&run(std::process::Command::new(&strait)
+            .arg("inject")
+            .arg(e)
+            .arg(&identity[0])));
+    }
+    assert!(
+        injected.matches("name: strait-proxy\n").count() >= 4,
+        "the examples were injected"
+    );
+    for (name, yaml) in [
+        ("install.yaml", &install),
+        ("helm.yaml", &default),
+        ("injected.yaml", &injected),
+    ] {
+        dir.write(name, yaml);
+        let out = run(std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--kubernetes-version", "1.33.0", "--no-warn"])
+            .arg(dir.path().join(name)));
+        assert!(
+            !out.contains("ERROR") && !out.contains("FAIL"),
+            "{name}: {out}"
+        );
+    }
+    // The validator does refuse an unknown field.
+    dir.write(
+        "bad.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {}\nspecial: 1\n",
+    );
+    let bad = std::process::Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .arg(dir.path().join("bad.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success(),
+        "strict validation must catch an unknown field"
+    );
+
+    // Custom resource examples fit their CRDs.
+    let mut crs = vec![repo("deploy/crds/policy.strait.dev.yaml")];
+    crs.extend(examples);
+    crs.extend(
+        std::fs::read_dir(repo("deploy/examples/demo"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    let out = run(std::process::Command::new("python3")
+        .arg(repo("tests/scripts/validate_custom_resources.py"))
+        .args(&crs));
+    assert!(
+        out.contains("3 custom resources checked, 0 failed"),
+        "{out}"
+    );
+}

@@ -1,0 +1,313 @@
+//! `strait install`: every manifest a cluster needs, as one YAML stream for
+//! `kubectl apply -f -`: the namespace, the CRDs, least-privilege RBAC, the
+//! identity (a freshly generated trust anchor and issuer unless given), the
+//! controller (two replicas, a PodDisruptionBudget), its Service and the
+//! injector's webhook configuration. The Helm chart in `deploy/helm/strait`
+//! renders the same objects (a test compares them).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::defaults;
+use crate::identity::ca;
+
+pub const NAMESPACE: &str = defaults::CONTROLLER_NAMESPACE;
+pub const CONTROLLER: &str = defaults::CONTROLLER_SERVICE_ACCOUNT;
+pub const ANCHORS_CONFIG_MAP: &str = "strait-trust-anchors";
+pub const ISSUER_SECRET: &str = "strait-identity-issuer";
+pub const WEBHOOK_CONFIG: &str = "strait-proxy-injector";
+/// How long a generated trust anchor and issuer live (rotate before then).
+const GENERATED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// The trust anchors (PEM) proxies verify peers with; with the issuer flags,
+    /// instead of a freshly generated anchor and issuer.
+    #[arg(long, value_name = "FILE", requires_all = ["identity_issuer_certificate_file", "identity_issuer_key_file"])]
+    pub identity_trust_anchors_file: Option<PathBuf>,
+    /// The issuer's certificate (PEM), signed by one of the trust anchors.
+    #[arg(long, value_name = "FILE", requires_all = ["identity_trust_anchors_file", "identity_issuer_key_file"])]
+    pub identity_issuer_certificate_file: Option<PathBuf>,
+    /// The issuer's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["identity_trust_anchors_file", "identity_issuer_certificate_file"])]
+    pub identity_issuer_key_file: Option<PathBuf>,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = defaults::TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The controller's image (default: this release's).
+    #[arg(long, value_name = "IMAGE")]
+    pub controller_image: Option<String>,
+    /// The proxy image injected pods run (default: this release's).
+    #[arg(long, value_name = "IMAGE")]
+    pub proxy_image: Option<String>,
+    /// Controller replicas: each serves proxies; one at a time writes status.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replicas: u16,
+}
+
+/// The identity material the install carries.
+pub struct Identity {
+    pub anchors_pem: String,
+    pub issuer_cert_pem: String,
+    pub issuer_key_pem: String,
+}
+
+/// What the manifests are made from (the chart's values, in effect).
+pub struct Values {
+    pub identity: Identity,
+    pub trust_domain: String,
+    pub controller_image: String,
+    pub proxy_image: String,
+    pub replicas: u16,
+}
+
+impl InstallArgs {
+    pub fn values(&self) -> anyhow::Result<Values> {
+        let identity = match (
+            &self.identity_trust_anchors_file,
+            &self.identity_issuer_certificate_file,
+            &self.identity_issuer_key_file,
+        ) {
+            (Some(a), Some(c), Some(k)) => {
+                let read = |flag: &str, p: &PathBuf| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", p.display()))
+                };
+                let identity = Identity {
+                    anchors_pem: read("--identity-trust-anchors-file", a)?,
+                    issuer_cert_pem: read("--identity-issuer-certificate-file", c)?,
+                    issuer_key_pem: read("--identity-issuer-key-file", k)?,
+                };
+                // The controller would refuse them at start; say so now.
+                ca::Ca::from_pem(
+                    &identity.issuer_cert_pem,
+                    &identity.issuer_key_pem,
+                    Duration::from_secs(3600),
+                )
+                .map_err(|(flag, e)| anyhow::anyhow!("the issuer cannot be used ({flag}): {e}"))?;
+                if !identity.anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
+                    anyhow::bail!("--identity-trust-anchors-file: no PEM certificate in it");
+                }
+                identity
+            }
+            _ => {
+                let g = ca::generate(&self.trust_domain, GENERATED_VALIDITY)?;
+                Identity {
+                    anchors_pem: g.anchor_pem.clone(),
+                    issuer_cert_pem: g.issuer_cert_pem.clone(),
+                    issuer_key_pem: g.issuer_key_pem.clone(),
+                }
+            }
+        };
+        Ok(Values {
+            identity,
+            trust_domain: self.trust_domain.clone(),
+            controller_image: self
+                .controller_image
+                .clone()
+                .unwrap_or_else(defaults::controller_image),
+            proxy_image: self
+                .proxy_image
+                .clone()
+                .unwrap_or_else(defaults::proxy_image),
+            replicas: self.replicas,
+        })
+    }
+}
+
+fn labels() -> Value {
+    json!({"app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strait"})
+}
+
+/// Every object, in the order `kubectl apply` needs them.
+pub fn objects(v: &Values) -> anyhow::Result<Vec<Value>> {
+    let mut out = vec![json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": NAMESPACE, "labels": {"strait.dev/inject": "disabled"}},
+    })];
+    for (_, yaml) in crate::crds::render()? {
+        out.push(serde_norway::from_str(&yaml)?);
+    }
+    out.extend(rbac());
+    out.push(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": ANCHORS_CONFIG_MAP, "namespace": NAMESPACE},
+        "data": {"ca.crt": v.identity.anchors_pem},
+    }));
+    out.push(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": ISSUER_SECRET, "namespace": NAMESPACE},
+        "stringData": {"tls.crt": v.identity.issuer_cert_pem, "tls.key": v.identity.issuer_key_pem},
+    }));
+    out.push(deployment(v));
+    out.push(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": CONTROLLER, "namespace": NAMESPACE},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels()}},
+    }));
+    out.push(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": CONTROLLER, "namespace": NAMESPACE, "labels": labels()},
+        "spec": {"selector": labels(), "ports": [
+            {"name": "grpc", "port": 8090, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"},
+            {"name": "webhook", "port": 443, "targetPort": "webhook"},
+            {"name": "admin", "port": 9990, "targetPort": "admin"},
+        ]},
+    }));
+    out.push(webhook_configuration(&v.identity.anchors_pem));
+    Ok(out)
+}
+
+fn rbac() -> Vec<Value> {
+    let read = json!(["get", "list", "watch"]);
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": CONTROLLER, "namespace": NAMESPACE}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": CONTROLLER},
+            "rules": [
+                {"apiGroups": [""], "resources": ["services", "pods"], "verbs": read},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": read},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["patch"]},
+                {"apiGroups": ["policy.strait.dev"], "resources": ["authorizationpolicies", "backendpolicies"], "verbs": read},
+                {"apiGroups": ["policy.strait.dev"], "resources": ["authorizationpolicies/status", "backendpolicies/status"], "verbs": ["patch"]},
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]},
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": CONTROLLER},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CONTROLLER},
+            "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}],
+        }),
+        // The leader lease lives in the controller's namespace only.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": CONTROLLER, "namespace": NAMESPACE},
+            "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                       "verbs": ["get", "create", "update"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": CONTROLLER, "namespace": NAMESPACE},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROLLER},
+            "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}],
+        }),
+    ]
+}
+
+fn deployment(v: &Values) -> Value {
+    let probe =
+        |path: &str| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": 10});
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": CONTROLLER, "namespace": NAMESPACE, "labels": labels()},
+        "spec": {
+            "replicas": v.replicas,
+            "selector": {"matchLabels": labels()},
+            "template": {
+                "metadata": {"labels": labels()},
+                "spec": {
+                    "serviceAccountName": CONTROLLER,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 2103, "runAsGroup": 2103,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    // Replicas on different nodes where the cluster has them.
+                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                            "labelSelector": {"matchLabels": labels()}},
+                    }]}},
+                    "containers": [{
+                        "name": "controller",
+                        "image": v.controller_image,
+                        "args": [
+                            "controller",
+                            "--kubernetes",
+                            "--issuer-cert=/var/run/strait/issuer/tls.crt",
+                            "--issuer-key=/var/run/strait/issuer/tls.key",
+                            "--trust-anchors=/var/run/strait/trust-anchors/ca.crt",
+                            format!("--trust-domain={}", v.trust_domain),
+                            format!("--proxy-image={}", v.proxy_image),
+                            format!("--webhook-addr={}", defaults::WEBHOOK_ADDR),
+                            "--admin-addr=0.0.0.0:9990",
+                            "--log-format=json",
+                        ],
+                        "env": [
+                            {"name": "STRAIT_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "STRAIT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        ],
+                        "ports": [
+                            {"name": "grpc", "containerPort": 8090},
+                            {"name": "webhook", "containerPort": 8443},
+                            {"name": "admin", "containerPort": 9990},
+                        ],
+                        "readinessProbe": probe("/ready"),
+                        "livenessProbe": probe("/live"),
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
+                                      "limits": {"memory": "512Mi"}},
+                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [
+                            {"name": "issuer", "mountPath": "/var/run/strait/issuer", "readOnly": true},
+                            {"name": "trust-anchors", "mountPath": "/var/run/strait/trust-anchors", "readOnly": true},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "issuer", "secret": {"secretName": ISSUER_SECRET}},
+                        {"name": "trust-anchors", "configMap": {"name": ANCHORS_CONFIG_MAP}},
+                    ],
+                },
+            },
+        },
+    })
+}
+
+/// Two webhooks, as the injector reads them (`inject::webhook`): pods of
+/// labelled namespaces always, other pods (outside the system namespaces) when
+/// their own annotation asks.
+fn webhook_configuration(anchors_pem: &str) -> Value {
+    use base64::Engine as _;
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(anchors_pem.as_bytes());
+    let hook = |name: &str, path: &str, selector: Value, failure: &str| {
+        json!({
+            "name": name,
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": failure,
+            "timeoutSeconds": 10,
+            "reinvocationPolicy": "IfNeeded",
+            "clientConfig": {"caBundle": ca_bundle, "service": {"name": CONTROLLER, "namespace": NAMESPACE, "path": path, "port": 443}},
+            "namespaceSelector": selector,
+            "objectSelector": {"matchExpressions": [{"key": "strait.dev/inject", "operator": "NotIn", "values": ["disabled"]}]},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+        })
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_CONFIG},
+        "webhooks": [
+            hook("namespace.inject.strait.dev", crate::inject::webhook::ENABLED_NAMESPACE_PATH,
+                 json!({"matchLabels": {"strait.dev/inject": "enabled"}}), "Fail"),
+            hook("pod.inject.strait.dev", crate::inject::webhook::PATH,
+                 json!({"matchExpressions": [
+                     {"key": "strait.dev/inject", "operator": "NotIn", "values": ["enabled", "disabled"]},
+                     {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                      "values": ["kube-system", "kube-node-lease", NAMESPACE]},
+                 ]}), "Ignore"),
+        ],
+    })
+}
+
+/// The YAML stream.
+pub fn render(v: &Values) -> anyhow::Result<String> {
+    let docs = objects(v)?
+        .iter()
+        .map(serde_norway::to_string)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(docs.join("---\n"))
+}

@@ -1,0 +1,23 @@
+{{- define "strait.labels" -}}
+app.kubernetes.io/name: strait-controller
+app.kubernetes.io/part-of: strait
+{{- end }}
+
+{{/*
+The identity: given in values, else kept from a previous install, else generated
+(one self-signed issuer that is also the trust anchor).
+*/}}
+{{- define "strait.identity" -}}
+{{- if .Values.identity.issuer.crtPEM -}}
+{{- dict "anchors" .Values.identity.trustAnchorsPEM "crt" .Values.identity.issuer.crtPEM "key" .Values.identity.issuer.keyPEM | toJson -}}
+{{- else -}}
+{{- $secret := lookup "v1" "Secret" .Values.namespace "strait-identity-issuer" -}}
+{{- $anchors := lookup "v1" "ConfigMap" .Values.namespace "strait-trust-anchors" -}}
+{{- if and $secret $anchors -}}
+{{- dict "anchors" (index $anchors.data "ca.crt") "crt" (index $secret.data "tls.crt" | b64dec) "key" (index $secret.data "tls.key" | b64dec) | toJson -}}
+{{- else -}}
+{{- $ca := genCAWithKey (printf "root.%s" .Values.trustDomain) 365 (genPrivateKey "ecdsa") -}}
+{{- dict "anchors" $ca.Cert "crt" $ca.Cert "key" $ca.Key | toJson -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
