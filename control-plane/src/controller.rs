@@ -18,12 +18,16 @@ use crate::identity::IdentityService;
 use crate::identity::ca::Ca;
 use crate::identity::caller::Authenticator;
 use crate::identity::serving::{self, ServingName};
+use crate::identity::tokens::Verifier;
 use crate::index::Snapshot;
 use crate::inject::Settings;
 use crate::inject::webhook::{self, FailurePolicy};
+use crate::kubernetes::KubernetesSource;
+use crate::kubernetes::tokens::TokenReviewer;
 use crate::manifests::ManifestSource;
 use crate::metrics::Metrics;
 use crate::policy::InboundPolicyService;
+use crate::source::Source;
 use crate::{admin, defaults};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -35,10 +39,16 @@ pub struct ControllerArgs {
         long,
         env = "STRAIT_MANIFESTS",
         value_name = "DIR",
-        required = true,
-        value_delimiter = ','
+        value_delimiter = ',',
+        conflicts_with = "kubernetes"
     )]
     pub manifests: Vec<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster config, or KUBECONFIG) for Services,
+    /// EndpointSlices, Pods, HTTPRoutes and strait's policies, and check tokens
+    /// with TokenReview. The default when neither this nor --manifests is given
+    /// and the controller runs in a pod.
+    #[arg(long, env = "STRAIT_KUBERNETES")]
+    pub kubernetes: bool,
     /// gRPC address the proxies connect to.
     #[arg(long, env = "STRAIT_GRPC_ADDR", default_value = defaults::GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
@@ -150,8 +160,15 @@ struct Webhook {
     settings: Arc<Settings>,
 }
 
+/// Where the index comes from.
+enum Feed {
+    Manifests,
+    Kubernetes(kube::Client),
+}
+
 pub struct Controller {
     args: ControllerArgs,
+    feed: Feed,
     ca: Option<Arc<Ca>>,
     grpc: TcpListener,
     admin: TcpListener,
@@ -173,6 +190,7 @@ impl Controller {
                 .into());
             }
         }
+        let feed = Self::feed(&args).await?;
         for dir in &args.manifests {
             if !dir.is_dir() {
                 return Err(
@@ -213,12 +231,33 @@ impl Controller {
         };
         Ok(Controller {
             args,
+            feed,
             ca,
             grpc,
             admin,
             webhook,
             bound,
         })
+    }
+
+    /// --manifests, --kubernetes, or (with neither) Kubernetes when in a pod.
+    async fn feed(args: &ControllerArgs) -> anyhow::Result<Feed> {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        if !args.manifests.is_empty() {
+            return Ok(Feed::Manifests);
+        }
+        if !args.kubernetes && !in_cluster {
+            return Err(FlagError(
+                "say where the mesh is described: --manifests DIR (YAML files on this machine) or --kubernetes (the API server, from in-cluster config or KUBECONFIG)".into(),
+            )
+            .into());
+        }
+        let client = kube::Client::try_default().await.map_err(|e| {
+            FlagError(format!(
+                "--kubernetes: no usable Kubernetes configuration (in-cluster, or KUBECONFIG): {e}"
+            ))
+        })?;
+        Ok(Feed::Kubernetes(client))
     }
 
     async fn webhook(
@@ -300,24 +339,36 @@ impl Controller {
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::empty(&self.args.trust_domain)));
         let (ready_tx, ready_rx) = watch::channel(false);
 
-        let mut source = ManifestSource::new(
-            self.args.manifests.clone(),
-            &self.args.trust_domain,
-            metrics.clone(),
-        );
-        // The first full read happens before serving, so no proxy sees an empty mesh.
-        if let Some(s) = source.scan() {
-            metrics.observe_snapshot(&s);
-            info!(
-                services = s.services.len(),
-                endpoints = s.endpoint_count(),
-                pods = s.pods.len(),
-                "index loaded"
-            );
-            snap_tx.send_replace(Arc::new(s));
-        }
-        let (clean_tx, mut clean_rx) = watch::channel(source.is_clean());
-        tokio::spawn(source.run(snap_tx, clean_tx));
+        let (clean_tx, mut clean_rx) = watch::channel(false);
+        let tokens = match &self.feed {
+            Feed::Manifests => {
+                let mut source = ManifestSource::new(
+                    self.args.manifests.clone(),
+                    &self.args.trust_domain,
+                    metrics.clone(),
+                );
+                // The first full read happens before serving, so no proxy sees an empty mesh.
+                if let Some(s) = source.scan() {
+                    metrics.observe_snapshot(&s);
+                    info!(
+                        services = s.services.len(),
+                        endpoints = s.endpoint_count(),
+                        pods = s.pods.len(),
+                        "index loaded"
+                    );
+                    snap_tx.send_replace(Arc::new(s));
+                }
+                clean_tx.send_replace(source.is_clean());
+                tokio::spawn(source.run(snap_tx, clean_tx));
+                Verifier::Manifests(snap_rx.clone())
+            }
+            Feed::Kubernetes(client) => {
+                let source =
+                    KubernetesSource::new(client.clone(), &self.args.trust_domain, metrics.clone());
+                tokio::spawn(source.run(snap_tx, clean_tx));
+                Verifier::Kubernetes(Box::new(TokenReviewer::new(client.clone())))
+            }
+        };
 
         let views = Views::new(snap_rx.clone(), metrics.clone());
         tokio::spawn(views.clone().run());
@@ -337,7 +388,12 @@ impl Controller {
         // what they knew meanwhile, from the controller this one replaces.
         let mut shutdown = Box::pin(shutdown);
         if !*clean_rx.borrow() {
-            warn!("some manifests were rejected (see above); not serving until every file loads");
+            match self.feed {
+                Feed::Manifests => warn!(
+                    "some manifests were rejected (see above); not serving until every file loads"
+                ),
+                Feed::Kubernetes(_) => info!("waiting for the initial lists from the API server"),
+            }
             tokio::select! {
                 r = clean_rx.wait_for(|c| *c) => if r.is_err() {
                     anyhow::bail!("manifest reader stopped");
@@ -349,10 +405,9 @@ impl Controller {
         ready_tx.send_replace(true);
         info!(grpc = %self.bound.grpc, admin = %self.bound.admin, manifests = ?self.args.manifests, issues_certificates = self.ca.is_some(), "controller ready");
 
-        let auth = self
-            .ca
-            .as_ref()
-            .map(|ca| Authenticator::new(ca.clone(), snap_rx.clone(), metrics.clone()));
+        let auth = self.ca.as_ref().map(|ca| {
+            Authenticator::new(ca.clone(), snap_rx.clone(), tokens.clone(), metrics.clone())
+        });
         let router = tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -375,6 +430,7 @@ impl Controller {
                 IdentityServer::new(IdentityService::new(
                     self.ca.clone(),
                     snap_rx,
+                    tokens,
                     metrics.clone(),
                 ))
                 .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),

@@ -49,7 +49,7 @@ impl InboundPolicy for InboundPolicyService {
         req: Request<api::WatchWorkload>,
     ) -> Result<Response<PolicyStream>, Status> {
         let caller = match &self.auth {
-            Some(auth) => Some((auth.clone(), auth.caller(&req, "inbound_policy")?)),
+            Some(auth) => Some((auth.clone(), auth.caller(&req, "inbound_policy").await?)),
             None => None,
         };
         let w = req.into_inner();

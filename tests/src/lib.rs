@@ -7,6 +7,7 @@ pub mod backend;
 pub mod client;
 pub mod grpc;
 pub mod host;
+pub mod kube_api;
 pub mod load;
 pub mod manifests;
 pub mod mesh;

@@ -175,7 +175,7 @@ impl Discovery for DiscoveryService {
         req: Request<api::WatchDestination>,
     ) -> Result<Response<UpdateStream>, Status> {
         if let Some(auth) = &self.auth {
-            auth.caller(&req, "discovery")?;
+            auth.caller(&req, "discovery").await?;
         }
         let w = req.into_inner();
         if w.destination.len() > defaults::MAX_DESTINATION_LEN {

@@ -19,7 +19,8 @@ use tonic::Request;
 
 use super::ca::Ca;
 use super::serving::PeerCerts;
-use crate::index::{ObjKey, Snapshot, TokenDigest};
+use super::tokens::{TokenError, Verifier};
+use crate::index::{ObjKey, Snapshot};
 use crate::metrics::Metrics;
 
 /// A proven service account.
@@ -38,6 +39,8 @@ pub enum Refused {
     NoCredential,
     #[error("the token proves no service account")]
     UnknownToken,
+    #[error("the token cannot be checked now: {0}")]
+    TokenUnchecked(String),
     #[error("the client certificate does not verify against this controller's issuer: {0}")]
     BadCertificate(String),
     #[error("{0}")]
@@ -49,6 +52,7 @@ impl Refused {
         match self {
             Refused::NoCredential => "no_credential",
             Refused::UnknownToken => "unknown_token",
+            Refused::TokenUnchecked(_) => "token_unchecked",
             Refused::BadCertificate(_) => "bad_certificate",
             Refused::NotYours(_) => "not_own_workload",
         }
@@ -59,6 +63,7 @@ impl From<Refused> for tonic::Status {
     fn from(r: Refused) -> Self {
         match r {
             Refused::NotYours(_) => tonic::Status::permission_denied(r.to_string()),
+            Refused::TokenUnchecked(_) => tonic::Status::unavailable(r.to_string()),
             _ => tonic::Status::unauthenticated(r.to_string()),
         }
     }
@@ -69,6 +74,7 @@ impl From<Refused> for tonic::Status {
 pub struct Authenticator {
     ca: Arc<Ca>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    tokens: Verifier,
     metrics: Arc<Metrics>,
 }
 
@@ -76,25 +82,33 @@ impl Authenticator {
     pub fn new(
         ca: Arc<Ca>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
+        tokens: Verifier,
         metrics: Arc<Metrics>,
     ) -> Self {
         Authenticator {
             ca,
             snapshot,
+            tokens,
             metrics,
         }
     }
 
     /// The caller of `req`, or why it is refused (counted by reason and service).
-    pub fn caller<T>(&self, req: &Request<T>, service: &'static str) -> Result<Caller, Refused> {
-        self.prove(req).inspect_err(|r| self.refused(service, r))
+    pub async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        service: &'static str,
+    ) -> Result<Caller, Refused> {
+        self.prove(req)
+            .await
+            .inspect_err(|r| self.refused(service, r))
     }
 
     pub fn refused(&self, service: &'static str, r: &Refused) {
         self.metrics.api_refused(service, r.reason());
     }
 
-    fn prove<T>(&self, req: &Request<T>) -> Result<Caller, Refused> {
+    async fn prove<T>(&self, req: &Request<T>) -> Result<Caller, Refused> {
         let certs = req
             .extensions()
             .get::<PeerCerts>()
@@ -112,16 +126,14 @@ impl Authenticator {
             return Ok(c);
         }
         match bearer(req) {
-            Some(token) => {
-                let snap = self.snapshot.borrow();
-                snap.tokens
-                    .get(&TokenDigest::of(token))
-                    .map(|k: &ObjKey| Caller {
-                        namespace: k.namespace.clone(),
-                        service_account: k.name.clone(),
-                    })
-                    .ok_or(Refused::UnknownToken)
-            }
+            Some(token) => match self.tokens.verify(token).await {
+                Ok(k) => Ok(Caller {
+                    namespace: k.namespace,
+                    service_account: k.name,
+                }),
+                Err(TokenError::Unknown) => Err(Refused::UnknownToken),
+                Err(TokenError::Unavailable(e)) => Err(Refused::TokenUnchecked(e)),
+            },
             None => Err(match by_cert {
                 Some(Err(e)) => e,
                 _ => Refused::NoCredential,

@@ -6,6 +6,7 @@
 pub mod ca;
 pub mod caller;
 pub mod serving;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -15,13 +16,14 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use self::ca::Ca;
-use crate::index::{Snapshot, TokenDigest};
+use crate::index::Snapshot;
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
 pub struct IdentityService {
     ca: Option<Arc<Ca>>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    tokens: tokens::Verifier,
     metrics: Arc<Metrics>,
 }
 
@@ -29,11 +31,13 @@ impl IdentityService {
     pub fn new(
         ca: Option<Arc<Ca>>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
+        tokens: tokens::Verifier,
         metrics: Arc<Metrics>,
     ) -> Self {
         IdentityService {
             ca,
             snapshot,
+            tokens,
             metrics,
         }
     }
@@ -52,7 +56,7 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
     ) -> Result<Response<api::CertifyResponse>, Status> {
         let started = std::time::SystemTime::now();
         let asked: String = req.get_ref().identity.chars().take(300).collect();
-        let result = self.issue(req);
+        let result = self.issue(req).await;
         let mut attrs = vec![opentelemetry::KeyValue::new("strait.identity.asked", asked)];
         if let Ok(rsp) = &result {
             attrs.push(opentelemetry::KeyValue::new(
@@ -70,7 +74,7 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
 }
 
 impl IdentityService {
-    fn issue(
+    async fn issue(
         &self,
         req: Request<api::CertifyRequest>,
     ) -> Result<Response<api::CertifyResponse>, Status> {
@@ -83,22 +87,23 @@ impl IdentityService {
             ));
         };
         let r = req.into_inner();
-        let (trust_domain, account) = {
-            let snap = self.snapshot.borrow();
-            let account = snap
-                .tokens
-                .get(&TokenDigest::of(r.token.trim_ascii()))
-                .cloned();
-            (snap.trust_domain.clone(), account)
-        };
+        let trust_domain = self.snapshot.borrow().trust_domain.clone();
+        let account = self.tokens.verify(&r.token).await;
         // What a caller asked for is untrusted text: logged short and escaped.
         let asked: String = r.identity.chars().take(300).collect();
-        let Some(account) = account else {
-            warn!(asked = ?asked, "certificate refused: unknown token");
-            return Err(self.refuse(
-                "unknown_token",
-                Status::unauthenticated("the token proves no service account"),
-            ));
+        let account = match account {
+            Ok(a) => a,
+            Err(tokens::TokenError::Unknown) => {
+                warn!(asked = ?asked, "certificate refused: unknown token");
+                return Err(self.refuse(
+                    "unknown_token",
+                    Status::unauthenticated("the token proves no service account"),
+                ));
+            }
+            Err(e @ tokens::TokenError::Unavailable(_)) => {
+                warn!(asked = ?asked, error = %e, "certificate refused: the token cannot be checked now");
+                return Err(self.refuse("token_unchecked", Status::unavailable(e.to_string())));
+            }
         };
         let identity = match strait_api::identity::Identity::of(
             &trust_domain,

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-pub use parse::{ObjId, Object, ParseError, parse_file};
+pub use parse::{ObjId, Object, ParseError, parse_file, parse_object};
 
 use crate::defaults;
 use crate::index::{ObjKey, ServiceInfo, Snapshot};
@@ -583,7 +583,7 @@ impl ManifestSource {
 
     /// Rescans on every change the filesystem reports (once the burst of writes
     /// is over) and every `MANIFEST_SCAN_INTERVAL`, publishing each new snapshot.
-    pub async fn run(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
+    async fn watch_files(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
         let (ev_tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // Reads are not changes: our own scans open every directory, and
@@ -707,6 +707,12 @@ fn list_yaml(
         }
     }
     Ok(())
+}
+
+impl crate::source::Source for ManifestSource {
+    async fn run(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
+        self.watch_files(tx, clean).await
+    }
 }
 
 #[cfg(test)]

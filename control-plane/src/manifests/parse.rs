@@ -321,6 +321,14 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
     Ok(())
 }
 
+/// One object as the Kubernetes API returns it (JSON), read exactly as the
+/// same object in a manifest file would be.
+pub fn parse_object(v: serde_json::Value) -> Result<Vec<Object>, ParseError> {
+    let mut out = Vec::new();
+    object(1, v, &mut out)?;
+    Ok(out)
+}
+
 /// Parses every document of a file. All errors are returned, so one edit can fix
 /// them all; any error rejects the whole file.
 pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {

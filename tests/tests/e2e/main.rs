@@ -2,6 +2,7 @@
 //! processes on loopback, configured through a manifests directory.
 #![allow(clippy::unwrap_used)]
 
+mod api_server;
 mod bench;
 mod demo;
 mod discovery;

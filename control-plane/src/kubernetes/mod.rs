@@ -1,0 +1,376 @@
+//! The Kubernetes source: watchers on the kinds strait reads, feeding the same
+//! index as the manifests source, object by object.
+//!
+//! Each kind has its own watcher (kube-runtime: it lists, then watches from
+//! the list's resourceVersion with bookmarks, resumes a dropped watch where it
+//! was, relists on 410 Gone, and backs off on errors). Objects are turned into
+//! the index's form in the watcher's task and the full objects dropped there,
+//! so the controller holds only what the mesh uses (a Pod is its service
+//! account, labels and inbound port). One task applies the changes to the
+//! index and publishes it at most once per `MANIFEST_DEBOUNCE`, so a burst of
+//! events costs one snapshot.
+
+pub mod tokens;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::defaults;
+use crate::index::{Snapshot, SnapshotBuilder};
+use crate::manifests::{ObjId, Object, parse_object};
+use crate::metrics::Metrics;
+use crate::source::Source;
+
+/// The kinds strait watches. The optional ones are CRDs a cluster may not have
+/// (Gateway API's, or strait's before `strait crds` is applied): their absence
+/// is an empty list, reported once, not an error that holds readiness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    HttpRoute,
+    AuthorizationPolicy,
+    BackendPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::HttpRoute,
+        Kind::AuthorizationPolicy,
+        Kind::BackendPolicy,
+    ];
+
+    fn optional(self) -> bool {
+        matches!(
+            self,
+            Kind::HttpRoute | Kind::AuthorizationPolicy | Kind::BackendPolicy
+        )
+    }
+
+    /// The custom kinds, as the API serves them.
+    pub fn resource(self) -> Option<ApiResource> {
+        let (group, version, kind, plural) = match self {
+            Kind::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+            Kind::AuthorizationPolicy => (
+                "policy.strait.dev",
+                "v1alpha1",
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+            ),
+            Kind::BackendPolicy => (
+                "policy.strait.dev",
+                "v1alpha1",
+                "BackendPolicy",
+                "backendpolicies",
+            ),
+            _ => return None,
+        };
+        Some(ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, kind),
+            plural,
+        ))
+    }
+}
+
+/// One object's change, already in the index's form.
+#[derive(Debug)]
+enum Change {
+    /// The object as it is now: what it means to the index (`None`: nothing,
+    /// such as an HTTPRoute of a Gateway), or why it is refused.
+    Apply {
+        kind: Kind,
+        name: String,
+        object: Box<Result<Option<Object>, String>>,
+        initial: bool,
+    },
+    Delete {
+        kind: Kind,
+        name: String,
+    },
+    /// A (re)list starts: objects not listed again by `Listed` are gone.
+    Relist(Kind),
+    Listed(Kind),
+    /// The API does not serve this (optional) kind.
+    Absent(Kind),
+}
+
+pub struct KubernetesSource {
+    client: Client,
+    trust_domain: String,
+    metrics: Arc<Metrics>,
+}
+
+impl KubernetesSource {
+    pub fn new(client: Client, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
+        KubernetesSource {
+            client,
+            trust_domain: trust_domain.to_string(),
+            metrics,
+        }
+    }
+}
+
+impl Source for KubernetesSource {
+    async fn run(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
+        let (changes_tx, mut changes) = mpsc::channel::<Change>(1024);
+        let mut tasks = Vec::new();
+        for kind in Kind::ALL {
+            let (c, out) = (self.client.clone(), changes_tx.clone());
+            tasks.push(tokio::spawn(watch_kind(c, kind, out)));
+        }
+        drop(changes_tx);
+        let mut index = Index::new(&self.trust_domain);
+        let mut published = false;
+        while let Some(first) = changes.recv().await {
+            index.apply(first);
+            // Whatever else has arrived within the debounce goes in the same snapshot.
+            let deadline = tokio::time::Instant::now() + defaults::MANIFEST_DEBOUNCE;
+            while let Ok(Some(c)) = tokio::time::timeout_at(deadline, changes.recv()).await {
+                index.apply(c);
+            }
+            let whole = index.listed.len() == Kind::ALL.len();
+            if whole && index.dirty {
+                self.metrics.observe_snapshot(&index.snap);
+                if tx.send(Arc::new(index.snap.clone())).is_err() {
+                    break;
+                }
+                index.dirty = false;
+                if !published {
+                    published = true;
+                    info!(
+                        services = index.snap.services.len(),
+                        endpoints = index.snap.endpoint_count(),
+                        pods = index.snap.pods.len(),
+                        "index loaded from the API server"
+                    );
+                }
+            }
+            clean.send_if_modified(|c| std::mem::replace(c, whole) != whole);
+        }
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The index being built, and which object of the API each entry came from.
+struct Index {
+    snap: Snapshot,
+    ids: HashMap<(Kind, String), ObjId>,
+    relisting: HashMap<Kind, HashSet<String>>,
+    listed: HashSet<Kind>,
+    dirty: bool,
+}
+
+impl Index {
+    fn new(trust_domain: &str) -> Self {
+        Index {
+            snap: Snapshot::empty(trust_domain),
+            ids: HashMap::new(),
+            relisting: HashMap::new(),
+            listed: HashSet::new(),
+            dirty: true,
+        }
+    }
+
+    fn apply(&mut self, c: Change) {
+        match c {
+            Change::Apply {
+                kind,
+                name,
+                object,
+                initial,
+            } => {
+                if initial && let Some(seen) = self.relisting.get_mut(&kind) {
+                    seen.insert(name.clone());
+                }
+                match *object {
+                    // A bad object keeps its last good form (or stays out),
+                    // as a bad manifest does.
+                    Err(e) => {
+                        warn!(?kind, object = %name, error = %e, "object rejected; its last good state stays in force")
+                    }
+                    Ok(obj) => {
+                        let key = (kind, name);
+                        if let Some(old) = self.ids.remove(&key) {
+                            old.remove_from(&mut self.snap);
+                        }
+                        if let Some(obj) = obj
+                            && let Some(id) = obj.id()
+                        {
+                            obj.insert_into(&mut self.snap);
+                            self.ids.insert(key, id);
+                        }
+                        self.dirty = true;
+                    }
+                }
+            }
+            Change::Delete { kind, name } => {
+                if let Some(old) = self.ids.remove(&(kind, name)) {
+                    old.remove_from(&mut self.snap);
+                    self.dirty = true;
+                }
+            }
+            Change::Relist(kind) => {
+                self.relisting.insert(kind, HashSet::new());
+            }
+            Change::Listed(kind) => {
+                if let Some(seen) = self.relisting.remove(&kind) {
+                    let gone: Vec<_> = self
+                        .ids
+                        .keys()
+                        .filter(|(k, n)| *k == kind && !seen.contains(n))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        if let Some(old) = self.ids.remove(&key) {
+                            old.remove_from(&mut self.snap);
+                        }
+                    }
+                }
+                self.listed.insert(kind);
+                self.dirty = true;
+            }
+            Change::Absent(kind) => {
+                self.listed.insert(kind);
+            }
+        }
+    }
+}
+
+fn name_of<K: Resource>(o: &K) -> String {
+    format!(
+        "{}/{}",
+        o.meta().namespace.as_deref().unwrap_or("default"),
+        o.meta().name.as_deref().unwrap_or("")
+    )
+}
+
+async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
+    let config = watcher::Config::default();
+    match kind {
+        Kind::Service => {
+            let api: Api<Service> = Api::all(client);
+            run_watcher(api, config, kind, out, |s| {
+                SnapshotBuilder::service(s)
+                    .map(|(k, i)| Some(Object::Service(k, i)))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Kind::EndpointSlice => {
+            let api: Api<EndpointSlice> = Api::all(client);
+            run_watcher(api, config, kind, out, |s| {
+                SnapshotBuilder::slice(s)
+                    .map(|(svc, name, i)| Some(Object::EndpointSlice(svc, name, i)))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Kind::Pod => {
+            let api: Api<Pod> = Api::all(client);
+            run_watcher(api, config, kind, out, |p| {
+                SnapshotBuilder::pod(p)
+                    .map(|(k, i)| Some(Object::Pod(k, i)))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        _ => {
+            let Some(ar) = kind.resource() else { return };
+            let api: Api<DynamicObject> = Api::all_with(client, &ar);
+            let (api_version, kind_name) = (ar.api_version.clone(), ar.kind.clone());
+            run_watcher(api, config, kind, out, move |o| {
+                let mut v = serde_json::to_value(o).map_err(|e| e.to_string())?;
+                // Watch events carry the type; a List's items may not.
+                v["apiVersion"] = serde_json::Value::String(api_version.clone());
+                v["kind"] = serde_json::Value::String(kind_name.clone());
+                let mut objects = parse_object(v).map_err(|e| e.to_string())?;
+                Ok(objects.pop().filter(|o| o.id().is_some()))
+            })
+            .await
+        }
+    }
+}
+
+async fn run_watcher<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    out: mpsc::Sender<Change>,
+    convert: F,
+) where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(&K) -> Result<Option<Object>, String>,
+{
+    let mut absent = false;
+    let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    while let Some(ev) = events.next().await {
+        let change = match ev {
+            Ok(Event::Init) => Change::Relist(kind),
+            Ok(Event::InitApply(o)) => Change::Apply {
+                kind,
+                name: name_of(&o),
+                object: Box::new(convert(&o)),
+                initial: true,
+            },
+            Ok(Event::InitDone) => {
+                absent = false;
+                Change::Listed(kind)
+            }
+            Ok(Event::Apply(o)) => Change::Apply {
+                kind,
+                name: name_of(&o),
+                object: Box::new(convert(&o)),
+                initial: false,
+            },
+            Ok(Event::Delete(o)) => Change::Delete {
+                kind,
+                name: name_of(&o),
+            },
+            Err(e) if kind.optional() && is_not_found(&e) => {
+                if absent {
+                    continue;
+                }
+                absent = true;
+                warn!(
+                    ?kind,
+                    "the API server does not serve this kind (CRD not installed?); none are used until it does"
+                );
+                Change::Absent(kind)
+            }
+            Err(e) => {
+                // The watcher resumes (or relists) after a backoff.
+                debug!(?kind, error = %e, "watch failed; retrying");
+                continue;
+            }
+        };
+        if out.send(change).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    let api_err = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => Some(s),
+        watcher::Error::WatchError(s) => Some(s),
+        _ => None,
+    };
+    api_err.is_some_and(|s| s.code == 404)
+}

@@ -1,0 +1,174 @@
+//! Tokens checked with the API server's TokenReview: the namespace and service
+//! account come from the review, never from the caller. Answers are cached
+//! briefly (proxies present the same token on every call), keyed by the
+//! token's digest: the token itself is never kept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::defaults;
+use crate::identity::tokens::TokenError;
+use crate::index::{ObjKey, TokenDigest};
+
+/// How long an answer is reused: a revoked token (its pod deleted) stops
+/// working within this.
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// At most this many answers are kept (a flood of made-up tokens cannot grow it).
+const CACHE_MAX: usize = 16 * 1024;
+
+/// Answers by token digest, with when they were given.
+type Cache = HashMap<TokenDigest, (Instant, Result<ObjKey, TokenError>)>;
+
+#[derive(Clone)]
+pub struct TokenReviewer {
+    api: Api<TokenReview>,
+    audience: String,
+    cache: Arc<Mutex<Cache>>,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client) -> Self {
+        TokenReviewer {
+            api: Api::all(client),
+            audience: defaults::TOKEN_AUDIENCE.to_string(),
+            cache: Arc::default(),
+        }
+    }
+
+    pub async fn review(&self, token: &[u8]) -> Result<ObjKey, TokenError> {
+        let digest = TokenDigest::of(token);
+        let now = Instant::now();
+        if let Ok(cache) = self.cache.lock()
+            && let Some((at, answer)) = cache.get(&digest)
+            && now.duration_since(*at) < CACHE_TTL
+        {
+            return answer.clone();
+        }
+        let Ok(token) = std::str::from_utf8(token) else {
+            return Err(TokenError::Unknown);
+        };
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let answer = match self.api.create(&PostParams::default(), &review).await {
+            Ok(r) => account(&r, &self.audience),
+            // Not cached: the API server may answer the next time.
+            Err(e) => {
+                warn!(error = %e, "TokenReview failed");
+                return Err(TokenError::Unavailable(
+                    "the API server did not answer".into(),
+                ));
+            }
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, (at, _)| now.duration_since(*at) < CACHE_TTL);
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(digest, (now, answer.clone()));
+        }
+        answer
+    }
+}
+
+/// The service account an answered review proves: authenticated, for our
+/// audience, and a service account's user name.
+fn account(r: &TokenReview, audience: &str) -> Result<ObjKey, TokenError> {
+    let status = r.status.as_ref().ok_or(TokenError::Unknown)?;
+    if status.authenticated != Some(true) {
+        return Err(TokenError::Unknown);
+    }
+    // The API server echoes the audiences the token is valid for; a server that
+    // ignores audiences would echo none, and then the token may be any token.
+    if !status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|x| x == audience))
+    {
+        return Err(TokenError::Unknown);
+    }
+    let user = status
+        .user
+        .as_ref()
+        .and_then(|u| u.username.as_deref())
+        .ok_or(TokenError::Unknown)?;
+    let rest = user
+        .strip_prefix("system:serviceaccount:")
+        .ok_or(TokenError::Unknown)?;
+    let (namespace, name) = rest.split_once(':').ok_or(TokenError::Unknown)?;
+    if namespace.is_empty() || name.is_empty() || name.contains(':') {
+        return Err(TokenError::Unknown);
+    }
+    Ok(ObjKey {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+
+    fn reviewed(authenticated: bool, user: &str, audiences: &[&str]) -> TokenReview {
+        TokenReview {
+            status: Some(TokenReviewStatus {
+                authenticated: Some(authenticated),
+                audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+                user: Some(UserInfo {
+                    username: Some(user.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_an_authenticated_service_account_token_for_our_audience_proves_an_account() {
+        let aud = defaults::TOKEN_AUDIENCE;
+        let ok = account(
+            &reviewed(true, "system:serviceaccount:shop:web", &[aud]),
+            aud,
+        )
+        .unwrap();
+        assert_eq!((ok.namespace.as_str(), ok.name.as_str()), ("shop", "web"));
+        for bad in [
+            reviewed(false, "system:serviceaccount:shop:web", &[aud]),
+            reviewed(
+                true,
+                "system:serviceaccount:shop:web",
+                &["https://kubernetes.default.svc"],
+            ),
+            reviewed(true, "system:serviceaccount:shop:web", &[]),
+            reviewed(true, "alice@example.com", &[aud]),
+            reviewed(true, "system:serviceaccount:shop", &[aud]),
+            reviewed(true, "system:serviceaccount::web", &[aud]),
+            TokenReview::default(),
+        ] {
+            assert_eq!(account(&bad, aud), Err(TokenError::Unknown));
+        }
+    }
+}

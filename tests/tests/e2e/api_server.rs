@@ -1,0 +1,234 @@
+//! The controller on the Kubernetes API (`--kubernetes`), against the test
+//! stand-in for the API server: the same mesh behaviours as on manifests
+//! (endpoints change, a bad object is refused, identities are proven), and the
+//! watch protocol's hard cases (dropped watches, 410 Gone and relists).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use strait_api::v1 as api;
+use strait_api::v1::identity_client::IdentityClient;
+use strait_tests::backend::Backend;
+use strait_tests::kube_api::KubeApi;
+use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
+use strait_tests::mesh::{Sidecar, SidecarIdentity, SidecarOpts};
+use strait_tests::pki::{Pki, controller_channel, token_file};
+use strait_tests::process::{Proc, free_port};
+use strait_tests::{client, wait};
+
+const NS: &str = "test";
+const WEB: &str = "web.test.svc.cluster.local:80";
+const AUDIENCE: &str = "identity.strait.dev";
+
+struct Controller {
+    _proc: Proc,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// `strait controller --kubernetes`, configured by a kubeconfig for `api`.
+async fn controller(api: &KubeApi, dir: &ManifestDir, pki: Option<&Pki>) -> Controller {
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = vec![
+        "controller".to_string(),
+        "--kubernetes".into(),
+        format!("--grpc-addr={grpc}"),
+        format!("--admin-addr={admin}"),
+    ];
+    if let Some(p) = pki {
+        args.push(format!("--issuer-cert={}", p.issuer_cert().display()));
+        args.push(format!("--issuer-key={}", p.issuer_key().display()));
+    }
+    let kubeconfig = api.kubeconfig(dir.path());
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    let proc = Proc::spawn(
+        "strait",
+        &args,
+        &[("KUBECONFIG", kubeconfig), ("STRAIT_LOG", "warn")],
+    );
+    wait::ready(admin, Duration::from_secs(20)).await;
+    Controller {
+        _proc: proc,
+        grpc,
+        admin,
+    }
+}
+
+async fn get_ok(client: &Sidecar) -> bool {
+    let url = format!("http://{}/", client.upstreams[0]);
+    matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200)
+}
+
+/// Waits until `backend` gets requests sent through `client`.
+async fn until_serving(client: &Sidecar, backend: &Backend, what: &str) {
+    wait::until(what, Duration::from_secs(10), || async {
+        let before = backend.requests();
+        get_ok(client).await && backend.requests() > before
+    })
+    .await;
+}
+
+/// Sends `n` requests and says how many reached `backend`; all must succeed.
+async fn share(client: &Sidecar, backend: &Backend, n: usize) -> usize {
+    let before = backend.requests();
+    for _ in 0..n {
+        assert!(get_ok(client).await, "a request failed");
+    }
+    backend.requests() - before
+}
+
+#[tokio::test]
+async fn the_controller_follows_the_api_server_through_dropped_watches_and_relists() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    api.apply(&service(NS, "web", 80));
+    // strait's CRDs are not installed in this cluster: that holds nothing up.
+    api.remove_kind("backendpolicies");
+    let cp = controller(&api, &dir, None).await;
+    assert!(
+        api.lists("services") >= 1 && api.lists("pods") >= 1 && api.lists("endpointslices") >= 1
+    );
+    let ready_lists = api.lists("endpointslices");
+
+    let (a, b, c) = (
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    );
+    let mut sidecars = Vec::new();
+    for (name, backend) in [("web-a", &a), ("web-b", &b), ("web-c", &c)] {
+        let s = Sidecar::start(cp.grpc, NS, name, &[]).await;
+        api.apply(&meshed_pod(NS, name, "web", s.inbound.port()));
+        sidecars.push((name, backend, s));
+    }
+    api.apply(&endpoint(NS, "web", "web-a", a.addr));
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    until_serving(&client, &a, "traffic to web-a").await;
+
+    // Endpoints change: B added, A removed.
+    api.apply(&endpoint(NS, "web", "web-b", b.addr));
+    until_serving(&client, &b, "traffic to web-b").await;
+    api.delete("discovery.k8s.io/v1", "EndpointSlice", NS, "web-web-a");
+    wait::until("web-a drained", Duration::from_secs(10), || async {
+        share(&client, &a, 20).await == 0
+    })
+    .await;
+
+    // A bad update is refused and the last good Service keeps serving.
+    api.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec:\n  ports: [{name: http, port: 0}]\n",
+    );
+    assert_eq!(
+        share(&client, &b, 20).await,
+        20,
+        "the last good Service serves"
+    );
+
+    // A dropped watch resumes from where it was: no relist, changes flow.
+    let watches = api.watches("endpointslices");
+    api.cut_watches();
+    wait::until("the watch resumed", Duration::from_secs(10), || async {
+        api.watches("endpointslices") > watches
+    })
+    .await;
+    api.apply(&endpoint(NS, "web", "web-c", c.addr));
+    until_serving(&client, &c, "traffic to web-c after a dropped watch").await;
+    assert_eq!(
+        api.lists("endpointslices"),
+        ready_lists,
+        "resumed, not relisted"
+    );
+
+    // History compacted: resuming gets 410 Gone, the controller relists, and
+    // a change made meanwhile arrives.
+    api.compact();
+    api.delete("discovery.k8s.io/v1", "EndpointSlice", NS, "web-web-b");
+    wait::until(
+        "a relist after 410 Gone",
+        Duration::from_secs(10),
+        || async { api.lists("endpointslices") > ready_lists },
+    )
+    .await;
+    wait::until(
+        "web-b drained after the relist",
+        Duration::from_secs(10),
+        || async { share(&client, &b, 20).await == 0 },
+    )
+    .await;
+    assert_eq!(share(&client, &c, 20).await, 20);
+    // Still ready throughout.
+    let (status, _) = wait::admin_get(cp.admin, "/ready").await.unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn identities_are_proven_with_token_reviews_for_strait_s_audience() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let pki = Pki::new();
+    api.add_token("web-projected-token", NS, "web", AUDIENCE);
+    api.add_token("client-projected-token", NS, "client", AUDIENCE);
+    api.add_token(
+        "api-server-token",
+        NS,
+        "client",
+        "https://kubernetes.default.svc",
+    );
+    api.apply(&service(NS, "web", 80));
+    let cp = controller(&api, &dir, Some(&pki)).await;
+
+    // A meshed pair whose proxies prove themselves with their projected tokens.
+    let backend = Backend::start().await;
+    let id = |sa: &str, token: &str| SidecarOpts {
+        identity: Some(SidecarIdentity {
+            anchors: pki.anchors(),
+            token_file: token_file(dir.path(), sa, token),
+            service_account: sa.into(),
+        }),
+        ..Default::default()
+    };
+    let server =
+        Sidecar::start_with(cp.grpc, NS, "web-a", &[], id("web", "web-projected-token")).await;
+    api.apply(&meshed_pod(NS, "web-a", "web", server.inbound.port()));
+    api.apply(&endpoint(NS, "web", "web-a", backend.addr));
+    let client = Sidecar::start_with(
+        cp.grpc,
+        NS,
+        "client",
+        &[WEB],
+        id("client", "client-projected-token"),
+    )
+    .await;
+    until_serving(
+        &client,
+        &backend,
+        "mTLS traffic between proxies proven by TokenReview",
+    )
+    .await;
+
+    // Certify: a token for another audience, or none the API server knows, proves nothing.
+    let anchors = std::fs::read_to_string(pki.anchors()).unwrap();
+    let mut c = IdentityClient::new(controller_channel(cp.grpc, &anchors).await);
+    let me = "spiffe://cluster.local/ns/test/sa/client";
+    let ask = |token: &str| api::CertifyRequest {
+        identity: me.into(),
+        token: token.as_bytes().to_vec(),
+        csr_der: csr(me),
+    };
+    assert!(c.certify(ask("client-projected-token")).await.is_ok());
+    for bad in ["api-server-token", "made-up-token"] {
+        let e = c.certify(ask(bad)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad}: {e:?}");
+    }
+    // The namespace and account are the review's: web's token cannot get client's name.
+    let e = c.certify(ask("web-projected-token")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}
+
+fn csr(identity: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
+    p.serialize_request(&key).unwrap().der().to_vec()
+}
