@@ -23,6 +23,8 @@ use crate::index::Snapshot;
 use crate::inject::Settings;
 use crate::inject::webhook::{self, FailurePolicy};
 use crate::kubernetes::KubernetesSource;
+use crate::kubernetes::lease::{self, LeaseConfig};
+use crate::kubernetes::status::{self, Statuses};
 use crate::kubernetes::tokens::TokenReviewer;
 use crate::manifests::ManifestSource;
 use crate::metrics::Metrics;
@@ -119,9 +121,25 @@ pub struct ControllerArgs {
     /// The proxy image injected pods run (default: this release's).
     #[arg(long, env = "STRAIT_PROXY_IMAGE", value_name = "IMAGE")]
     pub proxy_image: Option<String>,
+    /// This replica's name, recorded in the status writers' Lease (default:
+    /// $HOSTNAME, the pod's name).
+    #[arg(long, env = "STRAIT_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// With --kubernetes: how long the status writer's Lease lasts unrenewed;
+    /// another replica takes over writing after it.
+    #[arg(long, env = "STRAIT_LEASE_DURATION", default_value = "15s", value_parser = parse_lease)]
+    pub lease_duration: Duration,
     /// Lifetime of workload certificates (proxies renew at about 70 % of it).
     #[arg(long, env = "STRAIT_CERT_LIFETIME", default_value = defaults::CERT_LIFETIME, value_parser = parse_lifetime)]
     pub cert_lifetime: Duration,
+}
+
+fn parse_lease(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 15s)"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+        return Err("a lease lasts 1s to 5m".into());
+    }
+    Ok(d)
 }
 
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
@@ -363,9 +381,37 @@ impl Controller {
                 Verifier::Manifests(snap_rx.clone())
             }
             Feed::Kubernetes(client) => {
-                let source =
-                    KubernetesSource::new(client.clone(), &self.args.trust_domain, metrics.clone());
+                let (statuses_tx, statuses_rx) = watch::channel(Statuses::default());
+                let source = KubernetesSource::new(
+                    client.clone(),
+                    &self.args.trust_domain,
+                    metrics.clone(),
+                    statuses_tx,
+                );
                 tokio::spawn(source.run(snap_tx, clean_tx));
+                let identity = self
+                    .args
+                    .pod_name
+                    .clone()
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_else(|| format!("strait-controller-{}", std::process::id()));
+                let (leader_tx, leader_rx) = watch::channel(false);
+                tokio::spawn(lease::elect(
+                    client.clone(),
+                    LeaseConfig {
+                        namespace: self.args.namespace.clone(),
+                        identity: identity.clone(),
+                        duration: self.args.lease_duration,
+                    },
+                    leader_tx,
+                ));
+                tokio::spawn(status::write(
+                    client.clone(),
+                    identity,
+                    statuses_rx,
+                    snap_rx.clone(),
+                    leader_rx,
+                ));
                 Verifier::Kubernetes(Box::new(TokenReviewer::new(client.clone())))
             }
         };

@@ -86,7 +86,7 @@ struct State {
     tokens: HashMap<String, (String, String, String)>,
     lists: HashMap<&'static str, usize>,
     watches: HashMap<&'static str, usize>,
-    status_patches: Vec<(String, Value)>,
+    status_patches: Vec<(String, String, Value)>,
 }
 
 /// A running stand-in.
@@ -269,8 +269,8 @@ impl KubeApi {
             .map(|(_, v)| v.clone())
     }
 
-    /// Every status patch received, by request path.
-    pub fn status_patches(&self) -> Vec<(String, Value)> {
+    /// Every status patch received: (field manager, request path, patch).
+    pub fn status_patches(&self) -> Vec<(String, String, Value)> {
         self.state.lock().expect("state").status_patches.clone()
     }
 }
@@ -430,7 +430,9 @@ async fn handle(
             };
             let ns = t.namespace.clone().unwrap_or_default();
             let mut st = state.lock().expect("state");
-            st.status_patches.push((path.clone(), patch.clone()));
+            let manager = q.get("fieldManager").cloned().unwrap_or_default();
+            st.status_patches
+                .push((manager, path.clone(), patch.clone()));
             let key = (t.plural, ns, name.clone());
             let Some(mut object) = st.objects.get(&key).cloned() else {
                 return status(404, "NotFound", "not found");

@@ -10,6 +10,8 @@
 //! index and publishes it at most once per `MANIFEST_DEBOUNCE`, so a burst of
 //! events costs one snapshot.
 
+pub mod lease;
+pub mod status;
 pub mod tokens;
 
 use std::collections::{HashMap, HashSet};
@@ -30,6 +32,7 @@ use crate::index::{Snapshot, SnapshotBuilder};
 use crate::manifests::{ObjId, Object, parse_object};
 use crate::metrics::Metrics;
 use crate::source::Source;
+use status::{StatusInput, Statuses};
 
 /// The kinds strait watches. The optional ones are CRDs a cluster may not have
 /// (Gateway API's, or strait's before `strait crds` is applied): their absence
@@ -95,6 +98,8 @@ enum Change {
         kind: Kind,
         name: String,
         object: Box<Result<Option<Object>, String>>,
+        /// What its status is computed from (custom kinds only).
+        status: Option<Box<StatusInput>>,
         initial: bool,
     },
     Delete {
@@ -112,14 +117,22 @@ pub struct KubernetesSource {
     client: Client,
     trust_domain: String,
     metrics: Arc<Metrics>,
+    statuses: watch::Sender<Statuses>,
 }
 
 impl KubernetesSource {
-    pub fn new(client: Client, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
+    /// `statuses` receives what the objects' statuses are computed from.
+    pub fn new(
+        client: Client,
+        trust_domain: &str,
+        metrics: Arc<Metrics>,
+        statuses: watch::Sender<Statuses>,
+    ) -> Self {
         KubernetesSource {
             client,
             trust_domain: trust_domain.to_string(),
             metrics,
+            statuses,
         }
     }
 }
@@ -149,6 +162,10 @@ impl Source for KubernetesSource {
                     break;
                 }
                 index.dirty = false;
+                if index.statuses_dirty {
+                    self.statuses.send_replace(Arc::new(index.statuses.clone()));
+                    index.statuses_dirty = false;
+                }
                 if !published {
                     published = true;
                     info!(
@@ -171,9 +188,11 @@ impl Source for KubernetesSource {
 struct Index {
     snap: Snapshot,
     ids: HashMap<(Kind, String), ObjId>,
+    statuses: HashMap<(Kind, String), StatusInput>,
     relisting: HashMap<Kind, HashSet<String>>,
     listed: HashSet<Kind>,
     dirty: bool,
+    statuses_dirty: bool,
 }
 
 impl Index {
@@ -181,9 +200,11 @@ impl Index {
         Index {
             snap: Snapshot::empty(trust_domain),
             ids: HashMap::new(),
+            statuses: HashMap::new(),
             relisting: HashMap::new(),
             listed: HashSet::new(),
             dirty: true,
+            statuses_dirty: true,
         }
     }
 
@@ -193,10 +214,16 @@ impl Index {
                 kind,
                 name,
                 object,
+                status,
                 initial,
             } => {
                 if initial && let Some(seen) = self.relisting.get_mut(&kind) {
                     seen.insert(name.clone());
+                }
+                if let Some(st) = status {
+                    self.statuses.insert((kind, name.clone()), *st);
+                    self.statuses_dirty = true;
+                    self.dirty = true;
                 }
                 match *object {
                     // A bad object keeps its last good form (or stays out),
@@ -220,6 +247,9 @@ impl Index {
                 }
             }
             Change::Delete { kind, name } => {
+                if self.statuses.remove(&(kind, name.clone())).is_some() {
+                    self.statuses_dirty = true;
+                }
                 if let Some(old) = self.ids.remove(&(kind, name)) {
                     old.remove_from(&mut self.snap);
                     self.dirty = true;
@@ -241,6 +271,10 @@ impl Index {
                             old.remove_from(&mut self.snap);
                         }
                     }
+                    let before = self.statuses.len();
+                    self.statuses
+                        .retain(|(k, n), _| *k != kind || seen.contains(n));
+                    self.statuses_dirty |= self.statuses.len() != before;
                 }
                 self.listed.insert(kind);
                 self.dirty = true;
@@ -266,27 +300,30 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
         Kind::Service => {
             let api: Api<Service> = Api::all(client);
             run_watcher(api, config, kind, out, |s| {
-                SnapshotBuilder::service(s)
+                let o = SnapshotBuilder::service(s)
                     .map(|(k, i)| Some(Object::Service(k, i)))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                (o, None)
             })
             .await
         }
         Kind::EndpointSlice => {
             let api: Api<EndpointSlice> = Api::all(client);
             run_watcher(api, config, kind, out, |s| {
-                SnapshotBuilder::slice(s)
+                let o = SnapshotBuilder::slice(s)
                     .map(|(svc, name, i)| Some(Object::EndpointSlice(svc, name, i)))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                (o, None)
             })
             .await
         }
         Kind::Pod => {
             let api: Api<Pod> = Api::all(client);
             run_watcher(api, config, kind, out, |p| {
-                SnapshotBuilder::pod(p)
+                let o = SnapshotBuilder::pod(p)
                     .map(|(k, i)| Some(Object::Pod(k, i)))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                (o, None)
             })
             .await
         }
@@ -295,12 +332,21 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             let api: Api<DynamicObject> = Api::all_with(client, &ar);
             let (api_version, kind_name) = (ar.api_version.clone(), ar.kind.clone());
             run_watcher(api, config, kind, out, move |o| {
-                let mut v = serde_json::to_value(o).map_err(|e| e.to_string())?;
+                let mut v = match serde_json::to_value(o) {
+                    Ok(v) => v,
+                    Err(e) => return (Err(e.to_string()), None),
+                };
                 // Watch events carry the type; a List's items may not.
                 v["apiVersion"] = serde_json::Value::String(api_version.clone());
                 v["kind"] = serde_json::Value::String(kind_name.clone());
-                let mut objects = parse_object(v).map_err(|e| e.to_string())?;
-                Ok(objects.pop().filter(|o| o.id().is_some()))
+                let parsed = parse_object(v.clone()).map_err(|e| e.to_string());
+                let error = parsed.as_ref().err().cloned();
+                let object = parsed.map(|mut objects| objects.pop().filter(|o| o.id().is_some()));
+                // An HTTPRoute of Gateways only is not strait's to report on.
+                let status = StatusInput::of(kind, &v, error);
+                let ours = kind != Kind::HttpRoute || !status.targets.is_empty();
+                let status = ours.then(|| Box::new(status));
+                (object, status)
             })
             .await
         }
@@ -315,29 +361,37 @@ async fn run_watcher<K, F>(
     convert: F,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    F: Fn(&K) -> Result<Option<Object>, String>,
+    F: Fn(&K) -> (Result<Option<Object>, String>, Option<Box<StatusInput>>),
 {
     let mut absent = false;
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     while let Some(ev) = events.next().await {
         let change = match ev {
             Ok(Event::Init) => Change::Relist(kind),
-            Ok(Event::InitApply(o)) => Change::Apply {
-                kind,
-                name: name_of(&o),
-                object: Box::new(convert(&o)),
-                initial: true,
-            },
+            Ok(Event::InitApply(o)) => {
+                let (object, status) = convert(&o);
+                Change::Apply {
+                    kind,
+                    name: name_of(&o),
+                    object: Box::new(object),
+                    status,
+                    initial: true,
+                }
+            }
             Ok(Event::InitDone) => {
                 absent = false;
                 Change::Listed(kind)
             }
-            Ok(Event::Apply(o)) => Change::Apply {
-                kind,
-                name: name_of(&o),
-                object: Box::new(convert(&o)),
-                initial: false,
-            },
+            Ok(Event::Apply(o)) => {
+                let (object, status) = convert(&o);
+                Change::Apply {
+                    kind,
+                    name: name_of(&o),
+                    object: Box::new(object),
+                    status,
+                    initial: false,
+                }
+            }
             Ok(Event::Delete(o)) => Change::Delete {
                 kind,
                 name: name_of(&o),

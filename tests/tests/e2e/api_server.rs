@@ -232,3 +232,144 @@ fn csr(identity: &str) -> Vec<u8> {
     p.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
     p.serialize_request(&key).unwrap().der().to_vec()
 }
+
+/// A replica with its own name and a short lease.
+fn replica(api: &KubeApi, dir: &ManifestDir, name: &str) -> (Proc, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let args = vec![
+        "controller".to_string(),
+        "--kubernetes".into(),
+        format!("--grpc-addr=127.0.0.1:{}", free_port()),
+        format!("--admin-addr={admin}"),
+        format!("--pod-name={name}"),
+        "--lease-duration=2s".into(),
+    ];
+    let kubeconfig = api.kubeconfig(dir.path());
+    let proc = Proc::spawn(
+        "strait",
+        &args,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("STRAIT_LOG", "warn"),
+        ],
+    );
+    (proc, admin)
+}
+
+fn condition(object: &serde_json::Value, kind: &str) -> (String, String, i64) {
+    let c = object["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == kind))
+        .cloned()
+        .unwrap_or_default();
+    (
+        c["status"].as_str().unwrap_or_default().to_string(),
+        c["reason"].as_str().unwrap_or_default().to_string(),
+        c["observedGeneration"].as_i64().unwrap_or(-1),
+    )
+}
+
+fn policy(name: &str, target: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: policy.strait.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  targetRef: {{group: \"\", kind: Service, name: {target}}}\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    api.apply(&service(NS, "web", 80));
+    api.apply(&policy("web", "web", "  connectTimeout: 500ms\n"));
+    api.apply(&policy("typo", "web", "  conectTimeout: 500ms\n"));
+    api.apply(&policy("orphan", "gone", ""));
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n    - backendRefs: [{name: web, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]\n",
+    );
+    let (a, a_admin) = replica(&api, &dir, "replica-a");
+    let (b, b_admin) = replica(&api, &dir, "replica-b");
+    wait::ready(a_admin, Duration::from_secs(20)).await;
+    wait::ready(b_admin, Duration::from_secs(20)).await;
+
+    let status_of = |name: &str| api.get("backendpolicies", NS, name).unwrap_or_default();
+    wait::until("statuses written", Duration::from_secs(10), || async {
+        condition(&status_of("web"), "Accepted").0 == "True"
+            && condition(&status_of("typo"), "Accepted").0 == "False"
+            && condition(&status_of("orphan"), "ResolvedRefs").0 == "False"
+            && api
+                .get("httproutes", NS, "web-split")
+                .is_some_and(|r| r["status"]["parents"].is_array())
+    })
+    .await;
+    assert_eq!(
+        condition(&status_of("web"), "Accepted"),
+        ("True".into(), "Accepted".into(), 1)
+    );
+    assert_eq!(
+        condition(&status_of("web"), "ResolvedRefs"),
+        ("True".into(), "ResolvedRefs".into(), 1)
+    );
+    assert_eq!(condition(&status_of("typo"), "Accepted").1, "Invalid");
+    let typo = status_of("typo");
+    let msg = typo["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("conectTimeout"),
+        "the reason names the field: {msg}"
+    );
+    assert_eq!(
+        condition(&status_of("orphan"), "ResolvedRefs").1,
+        "TargetNotFound"
+    );
+    let route = api.get("httproutes", NS, "web-split").unwrap();
+    let parent = &route["status"]["parents"][0];
+    assert_eq!(parent["controllerName"], "strait.dev/controller");
+    assert_eq!(parent["parentRef"]["name"], "web");
+    let resolved = parent["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "ResolvedRefs")
+        .unwrap();
+    assert_eq!(
+        (resolved["status"].as_str(), resolved["reason"].as_str()),
+        (Some("False"), Some("BackendNotFound"))
+    );
+
+    // Exactly one replica wrote, the lease holder, and nothing twice.
+    let lease = api
+        .get("leases", "strait-system", "strait-controller")
+        .expect("a lease");
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let patches = api.status_patches();
+    assert!(patches.iter().all(|(m, _, _)| *m == holder), "{patches:?}");
+    assert_eq!(patches.len(), 4, "one write per object: {patches:?}");
+
+    // The writer dies: the other takes over within the lease's 2 s and writes
+    // the status of a policy changed meanwhile.
+    let (dead, survivor) = if holder == "replica-a" {
+        (a, "replica-b")
+    } else {
+        (b, "replica-a")
+    };
+    drop(dead);
+    api.apply(&policy("typo", "web", "  connectTimeout: 500ms\n"));
+    let t = std::time::Instant::now();
+    wait::until(
+        "the other replica to write",
+        Duration::from_secs(10),
+        || async {
+            condition(&status_of("typo"), "Accepted") == ("True".into(), "Accepted".into(), 2)
+        },
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "took over after {:?}",
+        t.elapsed()
+    );
+    let last = api.status_patches().last().cloned().unwrap();
+    assert_eq!(last.0, survivor);
+}

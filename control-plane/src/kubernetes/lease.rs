@@ -1,0 +1,114 @@
+//! Which replica writes status: the holder of a `coordination.k8s.io/v1` Lease.
+//! Every replica serves proxies; only the leader writes, so replicas never
+//! fight over an object's status. A leader that cannot renew in time stops
+//! writing at once, before any other replica may take the lease over.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+pub const LEASE_NAME: &str = "strait-controller";
+
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    /// This replica's name (its pod's), recorded as the holder.
+    pub identity: String,
+    /// How long a holder's lease lasts without renewal; others take over after.
+    pub duration: Duration,
+}
+
+/// Runs the election for ever, saying on `leader` whether this replica holds
+/// the lease.
+pub async fn elect(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender<bool>) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let renew_every = cfg.duration / 3;
+    // Until when our hold is certain: the last successful renewal plus the
+    // duration, less a margin for clocks and the request's own time.
+    let mut held_until: Option<Instant> = None;
+    loop {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(renew_every, attempt(&api, &cfg)).await;
+        match outcome {
+            Ok(Ok(true)) => held_until = Some(started + cfg.duration - cfg.duration / 4),
+            Ok(Ok(false)) => held_until = None,
+            Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
+            Err(_) => warn!("lease renewal timed out"),
+        }
+        let holds = held_until.is_some_and(|t| Instant::now() < t);
+        if leader.send_if_modified(|l| std::mem::replace(l, holds) != holds) {
+            info!(identity = %cfg.identity, leader = holds, "status writer election");
+        }
+        // Wake up to renew, or at the latest when the hold runs out.
+        let next = started + renew_every;
+        let wake = match held_until {
+            Some(t) if holds => next.min(t),
+            _ => next,
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+/// Takes or renews the lease; `Ok(false)` when another replica holds it.
+async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let seconds = i32::try_from(cfg.duration.as_secs()).unwrap_or(i32::MAX);
+    let current = match api.get_opt(LEASE_NAME).await? {
+        Some(l) => l,
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(LEASE_NAME.into()),
+                    namespace: Some(cfg.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(cfg.identity.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
+    };
+    let spec = current.spec.clone().unwrap_or_default();
+    let ours = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
+    let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+        (Some(renewed), Some(d)) => renewed
+            .0
+            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(d)))
+            .is_ok_and(|until| k8s_openapi::jiff::Timestamp::now() > until),
+        _ => true,
+    };
+    if !ours && !expired {
+        return Ok(false);
+    }
+    let mut next = current;
+    let s = next.spec.get_or_insert_with(LeaseSpec::default);
+    if !ours {
+        s.holder_identity = Some(cfg.identity.clone());
+        s.acquire_time = Some(now.clone());
+        s.lease_transitions = Some(s.lease_transitions.unwrap_or(0) + 1);
+    }
+    s.renew_time = Some(now);
+    s.lease_duration_seconds = Some(seconds);
+    // The resourceVersion we read makes this a compare-and-swap: a replica
+    // that lost a race gets 409 and stays a follower.
+    match api.replace(LEASE_NAME, &PostParams::default(), &next).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
