@@ -1,0 +1,31 @@
+# The sidecar (`strait-proxy`), which is also the init container
+# (`strait-proxy init`), so it carries iptables (nft and legacy) and nothing
+# else: distroless (glibc and libgcc, no shell, no package manager), non-root
+# by default (the init container alone runs as root, with NET_ADMIN and NET_RAW).
+#   docker build -f deploy/docker/strait-proxy.Dockerfile -t ghcr.io/strait-dev/strait-proxy:v0.1.0 .
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p strait-proxy --bin strait-proxy \
+    && cp target/release/strait-proxy /strait-proxy
+
+# iptables and the libraries and extensions it loads, gathered in one tree.
+FROM debian:bookworm-slim AS iptables
+RUN apt-get update && apt-get install -y --no-install-recommends iptables \
+    && mkdir -p /out/usr/sbin /out/usr/lib \
+    && cp -a /usr/sbin/xtables-nft-multi /usr/sbin/xtables-legacy-multi \
+             /usr/sbin/iptables-nft-restore /usr/sbin/iptables-nft-save \
+             /usr/sbin/iptables-legacy-restore /usr/sbin/iptables-legacy-save /out/usr/sbin/ \
+    && arch=$(dpkg-architecture -qDEB_HOST_MULTIARCH) \
+    && mkdir -p /out/usr/lib/$arch \
+    && cp -a /usr/lib/$arch/xtables /usr/lib/$arch/libxtables.so.* /usr/lib/$arch/libip4tc.so.* \
+             /usr/lib/$arch/libip6tc.so.* /usr/lib/$arch/libnftnl.so.* /usr/lib/$arch/libmnl.so.* \
+             /usr/lib/$arch/libnetfilter_conntrack.so.* /usr/lib/$arch/libnfnetlink.so.* /out/usr/lib/$arch/
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=iptables /out/ /
+COPY --from=build /strait-proxy /usr/local/bin/strait-proxy
+USER 2102:2102
+ENTRYPOINT ["/usr/local/bin/strait-proxy"]
