@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod authz;
 pub mod backend_policy;
+pub mod check;
 pub mod controller;
 pub mod crds;
 pub mod defaults;

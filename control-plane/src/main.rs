@@ -39,6 +39,9 @@ enum Command {
     /// Print every manifest a cluster needs (`strait install | kubectl apply -f -`),
     /// with a freshly generated trust anchor and issuer unless given.
     Install(strait_control_plane::install::InstallArgs),
+    /// Check an installed strait: the API, CRDs, controller, injector, identity
+    /// expiry and proxies, one line each; exits non-zero when a check fails.
+    Check(strait_control_plane::check::CheckArgs),
     /// Print strait's CustomResourceDefinitions (`strait crds | kubectl apply -f -`).
     Crds,
     /// The demo's app (used by `strait demo`).
@@ -87,6 +90,7 @@ fn start() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            Command::Check(args) => strait_control_plane::check::run(&args).await,
             Command::Crds => {
                 print!("{}", strait_control_plane::crds::stream()?);
                 Ok(())

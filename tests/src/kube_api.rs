@@ -63,6 +63,21 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
         "Lease",
         "leases",
     ),
+    ("/api/v1", "v1", "ConfigMap", "configmaps"),
+    ("/api/v1", "v1", "Secret", "secrets"),
+    ("/apis/apps/v1", "apps/v1", "Deployment", "deployments"),
+    (
+        "/apis/apiextensions.k8s.io/v1",
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+    ),
+    (
+        "/apis/admissionregistration.k8s.io/v1",
+        "admissionregistration.k8s.io/v1",
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+    ),
 ];
 
 #[derive(Clone, Debug)]
@@ -150,7 +165,12 @@ impl KubeApi {
     pub fn apply(&self, yaml: &str) {
         let object: Value = serde_norway::from_str(yaml).expect("an object");
         let mut st = self.state.lock().expect("state");
-        let (plural, _) = collection(&object).expect("a kind the stand-in serves");
+        let (plural, _) = collection(&object).unwrap_or_else(|| {
+            panic!(
+                "the stand-in does not serve {} {}",
+                object["apiVersion"], object["kind"]
+            )
+        });
         let (ns, name) = ns_name(&object);
         let key = (plural, ns, name);
         let old = st.objects.get(&key).cloned();
@@ -169,10 +189,21 @@ impl KubeApi {
         if meta.get("namespace").is_none() {
             meta["namespace"] = json!("default");
         }
-        if let Some(o) = &old
+        // Status is the status subresource's: kept unless the object brings one.
+        if object.get("status").is_none()
+            && let Some(o) = &old
             && let Some(status) = o.get("status")
         {
             object["status"] = status.clone();
+        }
+        // What kubectl sends as stringData the API server stores as data.
+        if let Some(sd) = object.as_object_mut().and_then(|m| m.remove("stringData"))
+            && let Some(sd) = sd.as_object()
+        {
+            use base64_encode as b64;
+            for (k, v) in sd {
+                object["data"][k] = json!(b64(v.as_str().unwrap_or_default().as_bytes()));
+            }
         }
         st.objects.insert(key, object.clone());
         let ev = if old.is_some() { "MODIFIED" } else { "ADDED" };
@@ -383,6 +414,14 @@ async fn handle(
     cut: watch::Receiver<u64>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if path == "/version" {
+        return full(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-stand-in", "gitCommit": "",
+                    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24",
+                    "compiler": "gc", "platform": "linux/amd64"}),
+        );
+    }
     if path == "/apis/authentication.k8s.io/v1/tokenreviews" && req.method() == Method::POST {
         return token_review(req, &state).await;
     }
@@ -408,7 +447,8 @@ async fn handle(
         (Method::GET, None, None) => list(&t, &state),
         (Method::GET, Some(name), None) => {
             let st = state.lock().expect("state");
-            let ns = t.namespace.clone().unwrap_or_default();
+            // Cluster-scoped objects are kept under "default".
+            let ns = t.namespace.clone().unwrap_or_else(|| "default".into());
             match st.objects.get(&(t.plural, ns, name.clone())) {
                 Some(o) => full(StatusCode::OK, &clean(o)),
                 None => status(
@@ -676,4 +716,10 @@ async fn token_review(req: Request<Incoming>, state: &Mutex<State>) -> Response<
         &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status_}),
     )
+}
+
+/// Standard base64 (Secret data), as the API server stores it.
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }

@@ -373,3 +373,92 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     let last = api.status_patches().last().cloned().unwrap();
     assert_eq!(last.0, survivor);
 }
+
+/// `strait check` against a cluster that has what `strait install` applies.
+#[tokio::test]
+async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let strait = strait_tests::process::binary("strait");
+    let install = std::process::Command::new(&strait)
+        .arg("install")
+        .output()
+        .unwrap();
+    assert!(install.status.success());
+    let text = String::from_utf8(install.stdout).unwrap();
+    for doc in text.split("\n---\n") {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        let served = [
+            "CustomResourceDefinition",
+            "ConfigMap",
+            "Secret",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+        ];
+        if served.contains(&v["kind"].as_str().unwrap()) {
+            api.apply(doc);
+        }
+    }
+    // What the cluster's own controllers would have done: Gateway API's CRD
+    // installed, the Deployment's replicas ready, the Service's endpoints.
+    api.apply("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: httproutes.gateway.networking.k8s.io}\nspec:\n  group: gateway.networking.k8s.io\n  names: {kind: HTTPRoute, plural: httproutes}\n  scope: Namespaced\n  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, properties: {spec: {type: object, properties: {rules: {type: array, items: {type: object, properties: {retry: {type: object}}}}}}}}}}]\n");
+    let mut deployment: serde_json::Value = serde_json::to_value(
+        api.get("deployments", "strait-system", "strait-controller")
+            .unwrap(),
+    )
+    .unwrap();
+    deployment["status"] = serde_json::json!({"replicas": 2, "readyReplicas": 2});
+    api.apply(&deployment.to_string());
+    api.apply("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: strait-controller-x, namespace: strait-system, labels: {kubernetes.io/service-name: strait-controller}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.9], conditions: {ready: true}}]\nports: [{name: webhook, port: 8443}]\n");
+
+    // Run on the runtime: the stand-in answers on this same thread.
+    let kubeconfig = api.kubeconfig(dir.path());
+    let check = || {
+        tokio::process::Command::new(&strait)
+            .arg("check")
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+    };
+    let out = check().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "[ok  ] the Kubernetes API answers",
+        "[ok  ] CRD authorizationpolicies.policy.strait.dev is installed",
+        "[ok  ] Gateway API HTTPRoute is installed (experimental channel",
+        "[ok  ] the controller is ready (2 of 2 replicas)",
+        "[ok  ] the trust anchor is valid for 36",
+        "[ok  ] the issuer is valid for 36",
+        "[ok  ] the injector's webhook is configured and trusts the mesh's anchors",
+        "[ok  ] the injector's Service has 1 ready endpoint(s)",
+        "[warn] no meshed pod yet",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+
+    // Break two things: each is named, and the exit status says so.
+    api.delete(
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "default",
+        "backendpolicies.policy.strait.dev",
+    );
+    deployment["status"] = serde_json::json!({"replicas": 2, "readyReplicas": 0});
+    api.apply(&deployment.to_string());
+    let out = check().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("[FAIL] CRD backendpolicies.policy.strait.dev is missing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[FAIL] the controller has no ready replica (0 of 2)"),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));
+}

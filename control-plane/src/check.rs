@@ -1,0 +1,346 @@
+//! `strait check`: is strait installed and working on this cluster? One line
+//! per check, `ok`, `warn` or `FAIL`, and a non-zero exit when any fails.
+
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::install::{ANCHORS_CONFIG_MAP, CONTROLLER, ISSUER_SECRET, WEBHOOK_CONFIG};
+
+/// Certificates closer than this to their end are a warning.
+const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The namespace strait is installed in.
+    #[arg(long, default_value = crate::defaults::CONTROLLER_NAMESPACE)]
+    pub namespace: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One check's outcome.
+#[derive(Debug)]
+pub struct Line {
+    pub verdict: Verdict,
+    pub what: String,
+}
+
+fn line(verdict: Verdict, what: impl Into<String>) -> Line {
+    Line {
+        verdict,
+        what: what.into(),
+    }
+}
+
+/// Runs every check, printing each as it completes; fails when any fails.
+pub async fn run(args: &CheckArgs) -> anyhow::Result<()> {
+    let lines = checks(args).await;
+    let failed = lines.iter().filter(|l| l.verdict == Verdict::Fail).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
+    }
+    println!("strait is installed and working");
+    Ok(())
+}
+
+async fn checks(args: &CheckArgs) -> Vec<Line> {
+    let mut out = Vec::new();
+    let mut say = |l: Line| {
+        let tag = match l.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "FAIL",
+        };
+        println!("[{tag}] {}", l.what);
+        out.push(l);
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            say(line(
+                Verdict::Fail,
+                format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"),
+            ));
+            return out;
+        }
+    };
+    match client.apiserver_version().await {
+        Ok(v) => say(line(
+            Verdict::Ok,
+            format!("the Kubernetes API answers (version {})", v.git_version),
+        )),
+        Err(e) => {
+            say(line(
+                Verdict::Fail,
+                format!("the Kubernetes API does not answer: {e}"),
+            ));
+            return out;
+        }
+    }
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in [
+        "authorizationpolicies.policy.strait.dev",
+        "backendpolicies.policy.strait.dev",
+    ] {
+        say(match crds.get_opt(name).await {
+            Ok(Some(_)) => line(Verdict::Ok, format!("CRD {name} is installed")),
+            Ok(None) => line(
+                Verdict::Fail,
+                format!("CRD {name} is missing (strait crds | kubectl apply -f -)"),
+            ),
+            Err(e) => line(Verdict::Fail, format!("CRD {name} cannot be read: {e}")),
+        });
+    }
+    say(
+        match crds.get_opt("httproutes.gateway.networking.k8s.io").await {
+            Ok(Some(crd)) => {
+                let schema = serde_json::to_string(&crd.spec.versions).unwrap_or_default();
+                if schema.contains("\"retry\"") {
+                    line(
+                        Verdict::Ok,
+                        "Gateway API HTTPRoute is installed (experimental channel: retries available)",
+                    )
+                } else {
+                    line(
+                        Verdict::Warn,
+                        "Gateway API HTTPRoute is installed from the standard channel: HTTPRoute retry is unavailable (install the experimental channel)",
+                    )
+                }
+            }
+            Ok(None) => line(
+                Verdict::Fail,
+                "Gateway API's CRDs are missing: HTTPRoutes (routing, weights, timeouts, retries) are a prerequisite",
+            ),
+            Err(e) => line(
+                Verdict::Fail,
+                format!("Gateway API's HTTPRoute CRD cannot be read: {e}"),
+            ),
+        },
+    );
+
+    let ns = &args.namespace;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    say(match deployments.get_opt(CONTROLLER).await {
+        Ok(Some(d)) => {
+            let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let ready = d
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            match ready {
+                0 => line(
+                    Verdict::Fail,
+                    format!("the controller has no ready replica (0 of {want})"),
+                ),
+                r if r < want => line(
+                    Verdict::Warn,
+                    format!("the controller is ready on {r} of {want} replicas"),
+                ),
+                r => line(
+                    Verdict::Ok,
+                    format!("the controller is ready ({r} of {want} replicas)"),
+                ),
+            }
+        }
+        Ok(None) => line(
+            Verdict::Fail,
+            format!(
+                "no controller Deployment {ns}/{CONTROLLER} (strait install | kubectl apply -f -)"
+            ),
+        ),
+        Err(e) => line(
+            Verdict::Fail,
+            format!("the controller Deployment cannot be read: {e}"),
+        ),
+    });
+
+    let anchors = match Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(ANCHORS_CONFIG_MAP)
+        .await
+    {
+        Ok(Some(cm)) => cm.data.and_then(|d| d.get("ca.crt").cloned()),
+        _ => None,
+    };
+    say(match &anchors {
+        Some(pem) => expiry("the trust anchor", pem),
+        None => line(
+            Verdict::Fail,
+            format!("no trust anchors (ConfigMap {ns}/{ANCHORS_CONFIG_MAP}, key ca.crt)"),
+        ),
+    });
+    let issuer = match Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(ISSUER_SECRET)
+        .await
+    {
+        Ok(Some(s)) => s.data.and_then(|d| {
+            d.get("tls.crt")
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        }),
+        _ => None,
+    };
+    say(match &issuer {
+        Some(pem) => expiry("the issuer", pem),
+        None => line(
+            Verdict::Fail,
+            format!("no issuer (Secret {ns}/{ISSUER_SECRET}, key tls.crt)"),
+        ),
+    });
+
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    say(match hooks.get_opt(WEBHOOK_CONFIG).await {
+        Ok(Some(h)) => {
+            let bundles: Vec<Vec<u8>> = h
+                .webhooks
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
+                .collect();
+            let matches = anchors
+                .as_ref()
+                .is_some_and(|a| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes()));
+            if matches {
+                line(
+                    Verdict::Ok,
+                    "the injector's webhook is configured and trusts the mesh's anchors",
+                )
+            } else {
+                line(
+                    Verdict::Fail,
+                    "the injector's webhook caBundle is not the trust anchors: the API server cannot verify the injector",
+                )
+            }
+        }
+        Ok(None) => line(
+            Verdict::Fail,
+            format!("no MutatingWebhookConfiguration {WEBHOOK_CONFIG}: pods are not injected"),
+        ),
+        Err(e) => line(
+            Verdict::Fail,
+            format!("the webhook configuration cannot be read: {e}"),
+        ),
+    });
+    // The API server calls the webhook through the Service: it answers only
+    // if the Service has a ready endpoint.
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let selector = format!("kubernetes.io/service-name={CONTROLLER}");
+    say(
+        match slices.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => {
+                let ready = list
+                    .items
+                    .iter()
+                    .flat_map(|s| &s.endpoints)
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+                    .count();
+                if ready > 0 {
+                    line(
+                        Verdict::Ok,
+                        format!("the injector's Service has {ready} ready endpoint(s)"),
+                    )
+                } else {
+                    line(
+                        Verdict::Fail,
+                        format!(
+                            "the Service {ns}/{CONTROLLER} has no ready endpoint: the webhook cannot answer"
+                        ),
+                    )
+                }
+            }
+            Err(e) => line(
+                Verdict::Fail,
+                format!("the controller's endpoints cannot be read: {e}"),
+            ),
+        },
+    );
+
+    let pods: Api<Pod> = Api::all(client);
+    say(match pods.list(&ListParams::default()).await {
+        Ok(list) => {
+            let meshed: Vec<&Pod> = list.items.iter().filter(|p| has_proxy(p)).collect();
+            let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
+            match (meshed.len(), ready) {
+                (0, _) => line(
+                    Verdict::Warn,
+                    "no meshed pod yet (label a namespace strait.dev/inject=enabled)",
+                ),
+                (n, r) if r == n => line(
+                    Verdict::Ok,
+                    format!(
+                        "{r} meshed pod(s), every proxy ready (holds its certificate and configuration)"
+                    ),
+                ),
+                (n, r) => line(
+                    Verdict::Warn,
+                    format!("{r} of {n} meshed pods have a ready proxy"),
+                ),
+            }
+        }
+        Err(e) => line(Verdict::Fail, format!("pods cannot be listed: {e}")),
+    });
+    out
+}
+
+fn has_proxy(p: &Pod) -> bool {
+    let spec = p.spec.as_ref();
+    spec.into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+        .any(|c| c.name == crate::inject::PROXY_CONTAINER)
+}
+
+fn proxy_ready(p: &Pod) -> bool {
+    let status = p.status.as_ref();
+    status
+        .into_iter()
+        .flat_map(|s| {
+            s.init_container_statuses
+                .iter()
+                .flatten()
+                .chain(s.container_statuses.iter().flatten())
+        })
+        .any(|c| c.name == crate::inject::PROXY_CONTAINER && c.ready)
+}
+
+/// How long the first certificate of `pem` has left.
+fn expiry(what: &str, pem: &str) -> Line {
+    let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
+        return line(Verdict::Fail, format!("{what} is not a PEM certificate"));
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return line(Verdict::Fail, format!("{what} is not a valid certificate"));
+    };
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let left = not_after - now;
+    let days = left / 86400;
+    if left <= 0 {
+        line(
+            Verdict::Fail,
+            format!("{what} has expired: no certificate it signs is valid"),
+        )
+    } else if left < EXPIRY_WARNING.as_secs() as i64 {
+        line(
+            Verdict::Warn,
+            format!("{what} expires in {days} day(s): rotate it"),
+        )
+    } else {
+        line(Verdict::Ok, format!("{what} is valid for {days} more days"))
+    }
+}
