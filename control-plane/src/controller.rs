@@ -314,6 +314,22 @@ impl Controller {
         };
         let mut settings = Settings::with_anchors(anchors);
         settings.trust_domain = args.trust_domain.clone();
+        // Proxies reach this controller by its Service, named for its service
+        // account, in its namespace, and check that it presents its identity.
+        settings.control_plane = format!(
+            "https://{}.{}.svc:{}",
+            args.service_account,
+            args.namespace,
+            args.grpc_addr.port()
+        );
+        if args.namespace != defaults::CONTROLLER_NAMESPACE
+            || args.service_account != defaults::CONTROLLER_SERVICE_ACCOUNT
+        {
+            settings.control_plane_identity = Some(format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                args.trust_domain, args.namespace, args.service_account
+            ));
+        }
         if let Some(image) = &args.proxy_image {
             settings.proxy_image = image.clone();
         }

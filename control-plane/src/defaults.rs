@@ -160,3 +160,8 @@ pub const PROXY_ADMIN_PORT: u16 = 4191;
 pub const WEBHOOK_ADDR: &str = "0.0.0.0:8443";
 /// An AdmissionReview larger than this is refused (a Pod is at most ~1.5 MiB in etcd).
 pub const MAX_ADMISSION_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+/// Connections the webhook serves at once (the API server needs a handful).
+pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;
+/// TokenReviews in flight at once, and how long one may take.
+pub const TOKEN_REVIEWS_IN_FLIGHT: usize = 32;
+pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

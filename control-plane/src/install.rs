@@ -151,7 +151,7 @@ pub fn objects(v: &Values) -> anyhow::Result<Vec<Value>> {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": CONTROLLER, "namespace": NAMESPACE, "labels": labels()},
         "spec": {"selector": labels(), "ports": [
-            {"name": "grpc", "port": 8090, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"},
+            {"name": "grpc", "port": 8090, "targetPort": "grpc"},
             {"name": "webhook", "port": 443, "targetPort": "webhook"},
             {"name": "admin", "port": 9990, "targetPort": "admin"},
         ]},

@@ -477,6 +477,12 @@ async fn handle(
             let Some(mut object) = st.objects.get(&key).cloned() else {
                 return status(404, "NotFound", "not found");
             };
+            // A resourceVersion in the patch makes it conditional.
+            if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+                && object["metadata"]["resourceVersion"].as_str() != Some(rv)
+            {
+                return status(409, "Conflict", "the object has been modified");
+            }
             if let Some(s) = patch.get("status") {
                 object["status"] = s.clone();
             }

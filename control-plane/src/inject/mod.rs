@@ -35,6 +35,9 @@ const TOKEN_DIR: &str = "/var/run/strait/token";
 pub struct Settings {
     pub proxy_image: String,
     pub control_plane: String,
+    /// The controller's identity, when not the proxies' default
+    /// (`ns/strait-system/sa/strait-controller`).
+    pub control_plane_identity: Option<String>,
     pub trust_domain: String,
     /// The trust anchors (PEM), given to each proxy in its environment: a
     /// ConfigMap would have to exist in every meshed namespace.
@@ -48,6 +51,7 @@ impl Settings {
         Settings {
             proxy_image: defaults::proxy_image(),
             control_plane: defaults::CONTROL_PLANE_URL.to_string(),
+            control_plane_identity: None,
             trust_domain: defaults::TRUST_DOMAIN.to_string(),
             trust_anchors_pem,
             token_audience: defaults::TOKEN_AUDIENCE.to_string(),
@@ -262,6 +266,9 @@ fn proxy_container(
             &format!("0.0.0.0:{}", defaults::PROXY_ADMIN_PORT),
         ),
     ];
+    if let Some(id) = &s.control_plane_identity {
+        env.push(value("STRAIT_PROXY_CONTROL_PLANE_IDENTITY", id));
+    }
     if let Some(p) = opaque {
         env.push(value("STRAIT_PROXY_OPAQUE_PORTS", p));
     }

@@ -66,16 +66,27 @@ pub async fn serve(
     settings: Arc<Settings>,
     policy: FailurePolicy,
 ) {
+    // Any pod can reach the webhook's Service: connections are bounded, and
+    // so is the time each may take.
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        defaults::WEBHOOK_MAX_CONNECTIONS,
+    ));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
                 warn!(error = %e, "webhook accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
         let (acceptor, settings) = (acceptor.clone(), settings.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let handshake =
                 tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             let tls = match handshake {
@@ -114,15 +125,13 @@ async fn handle(
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
     }
-    let body = match Limited::new(req.into_body(), defaults::MAX_ADMISSION_REVIEW_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let read = Limited::new(req.into_body(), defaults::MAX_ADMISSION_REVIEW_BYTES).collect();
+    let body = match tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) | Err(_) => {
             return text(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "the AdmissionReview is too large or was cut short\n",
+                "the AdmissionReview is too large, too slow or cut short\n",
             );
         }
     };

@@ -31,9 +31,10 @@ pub async fn elect(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender
     // Until when our hold is certain: the last successful renewal plus the
     // duration, less a margin for clocks and the request's own time.
     let mut held_until: Option<Instant> = None;
+    let mut seen = Seen::default();
     loop {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(renew_every, attempt(&api, &cfg)).await;
+        let outcome = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)).await;
         match outcome {
             Ok(Ok(true)) => held_until = Some(started + cfg.duration - cfg.duration / 4),
             Ok(Ok(false)) => held_until = None,
@@ -54,8 +55,21 @@ pub async fn elect(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender
     }
 }
 
+/// The other holder's lease as last read, and when (on this replica's clock):
+/// it is judged expired when it has not changed for its duration as this
+/// replica measures it, so the clocks of replicas need not agree.
+#[derive(Default)]
+struct Seen {
+    last: Option<(Option<String>, Option<MicroTime>)>,
+    since: Option<Instant>,
+}
+
 /// Takes or renews the lease; `Ok(false)` when another replica holds it.
-async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+async fn attempt(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    seen: &mut Seen,
+) -> Result<bool, kube::Error> {
     let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
     let seconds = i32::try_from(cfg.duration.as_secs()).unwrap_or(i32::MAX);
     let current = match api.get_opt(LEASE_NAME).await? {
@@ -85,13 +99,20 @@ async fn attempt(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Erro
     };
     let spec = current.spec.clone().unwrap_or_default();
     let ours = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
-    let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-        (Some(renewed), Some(d)) => renewed
-            .0
-            .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(d)))
-            .is_ok_and(|until| k8s_openapi::jiff::Timestamp::now() > until),
-        _ => true,
-    };
+    let state = (spec.holder_identity.clone(), spec.renew_time.clone());
+    if seen.last.as_ref() != Some(&state) {
+        seen.last = Some(state);
+        seen.since = Some(Instant::now());
+    }
+    let duration = Duration::from_secs(
+        spec.lease_duration_seconds
+            .unwrap_or(0)
+            .max(0)
+            .unsigned_abs()
+            .into(),
+    );
+    let expired =
+        spec.holder_identity.is_none() || seen.since.is_none_or(|t| t.elapsed() > duration);
     if !ours && !expired {
         return Ok(false);
     }

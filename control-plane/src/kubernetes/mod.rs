@@ -176,6 +176,12 @@ impl Source for KubernetesSource {
                     );
                 }
             }
+            // As with manifests: a policy refused with nothing to fall back on
+            // keeps the controller from serving until it is fixed or deleted.
+            let whole = whole && index.refused_policies.is_empty();
+            if whole != *clean.borrow() && !index.refused_policies.is_empty() {
+                warn!(policies = ?index.refused_policies, "AuthorizationPolicies refused with no last good version: not serving until they are fixed or deleted");
+            }
             clean.send_if_modified(|c| std::mem::replace(c, whole) != whole);
         }
         for t in tasks {
@@ -193,6 +199,9 @@ struct Index {
     listed: HashSet<Kind>,
     dirty: bool,
     statuses_dirty: bool,
+    /// AuthorizationPolicies refused with no good version to keep: their
+    /// workloads would be open, so the index is not whole while any is.
+    refused_policies: HashSet<String>,
 }
 
 impl Index {
@@ -205,6 +214,7 @@ impl Index {
             listed: HashSet::new(),
             dirty: true,
             statuses_dirty: true,
+            refused_policies: HashSet::new(),
         }
     }
 
@@ -229,9 +239,17 @@ impl Index {
                     // A bad object keeps its last good form (or stays out),
                     // as a bad manifest does.
                     Err(e) => {
-                        warn!(?kind, object = %name, error = %e, "object rejected; its last good state stays in force")
+                        warn!(?kind, object = %name, error = %e, "object rejected; its last good state stays in force");
+                        if kind == Kind::AuthorizationPolicy
+                            && !self.ids.contains_key(&(kind, name.clone()))
+                        {
+                            self.refused_policies.insert(name);
+                        }
                     }
                     Ok(obj) => {
+                        if kind == Kind::AuthorizationPolicy {
+                            self.refused_policies.remove(&name);
+                        }
                         let key = (kind, name);
                         if let Some(old) = self.ids.remove(&key) {
                             old.remove_from(&mut self.snap);
@@ -247,6 +265,9 @@ impl Index {
                 }
             }
             Change::Delete { kind, name } => {
+                if kind == Kind::AuthorizationPolicy {
+                    self.refused_policies.remove(&name);
+                }
                 if self.statuses.remove(&(kind, name.clone())).is_some() {
                     self.statuses_dirty = true;
                 }
@@ -270,6 +291,9 @@ impl Index {
                         if let Some(old) = self.ids.remove(&key) {
                             old.remove_from(&mut self.snap);
                         }
+                    }
+                    if kind == Kind::AuthorizationPolicy {
+                        self.refused_policies.retain(|n| seen.contains(n));
                     }
                     let before = self.statuses.len();
                     self.statuses
@@ -364,6 +388,7 @@ async fn run_watcher<K, F>(
     F: Fn(&K) -> (Result<Option<Object>, String>, Option<Box<StatusInput>>),
 {
     let mut absent = false;
+    let mut failing = false;
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     while let Some(ev) = events.next().await {
         let change = match ev {
@@ -408,11 +433,19 @@ async fn run_watcher<K, F>(
                 Change::Absent(kind)
             }
             Err(e) => {
-                // The watcher resumes (or relists) after a backoff.
-                debug!(?kind, error = %e, "watch failed; retrying");
+                // The watcher resumes (or relists) after a backoff. The first
+                // error after a success is a warning (403: RBAC; a kind not
+                // served), repeats are not.
+                if failing {
+                    debug!(?kind, error = %e, "watch failed again; retrying");
+                } else {
+                    warn!(?kind, error = %e, "watch failed; retrying with backoff");
+                    failing = true;
+                }
                 continue;
             }
         };
+        failing = false;
         if out.send(change).await.is_err() {
             return;
         }
@@ -427,4 +460,47 @@ fn is_not_found(e: &watcher::Error) -> bool {
         _ => None,
     };
     api_err.is_some_and(|s| s.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn refused(kind: Kind, name: &str, initial: bool) -> Change {
+        Change::Apply {
+            kind,
+            name: name.into(),
+            object: Box::new(Err("spec.allow[0].identity: wildcards".into())),
+            status: None,
+            initial,
+        }
+    }
+
+    fn listed(index: &mut Index) {
+        for k in Kind::ALL {
+            index.apply(Change::Listed(k));
+        }
+    }
+
+    #[test]
+    fn a_refused_authorization_policy_with_nothing_to_fall_back_on_holds_the_index_back() {
+        let mut index = Index::new("cluster.local");
+        index.apply(Change::Relist(Kind::AuthorizationPolicy));
+        index.apply(refused(Kind::AuthorizationPolicy, "shop/web", true));
+        // Other kinds refused are just left out: they open nothing.
+        index.apply(refused(Kind::BackendPolicy, "shop/db", true));
+        listed(&mut index);
+        assert_eq!(index.refused_policies.len(), 1);
+        // Deleted, or gone at a relist: the hold is lifted.
+        index.apply(Change::Relist(Kind::AuthorizationPolicy));
+        index.apply(Change::Listed(Kind::AuthorizationPolicy));
+        assert!(index.refused_policies.is_empty());
+        index.apply(refused(Kind::AuthorizationPolicy, "shop/web", false));
+        index.apply(Change::Delete {
+            kind: Kind::AuthorizationPolicy,
+            name: "shop/web".into(),
+        });
+        assert!(index.refused_policies.is_empty());
+    }
 }

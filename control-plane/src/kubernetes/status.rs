@@ -25,6 +25,7 @@ pub struct StatusInput {
     pub namespace: String,
     pub name: String,
     pub generation: i64,
+    pub resource_version: String,
     /// Why the object was refused, if it was.
     pub error: Option<String>,
     /// Services it applies to (a policy's target, a route's Service parents).
@@ -69,6 +70,7 @@ impl StatusInput {
             namespace: str_at(meta, "/namespace").unwrap_or_else(|| "default".into()),
             name: str_at(meta, "/name").unwrap_or_default(),
             generation: meta["generation"].as_i64().unwrap_or(0),
+            resource_version: str_at(meta, "/resourceVersion").unwrap_or_default(),
             error,
             targets,
             backends,
@@ -198,6 +200,20 @@ pub fn desired(s: &StatusInput, snap: &Snapshot) -> Value {
     }
 }
 
+/// A status without its transition times, to compare what a status says.
+fn without_times(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| *k != "lastTransitionTime")
+                .map(|(k, v)| (k.clone(), without_times(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_times).collect()),
+        v => v.clone(),
+    }
+}
+
 /// Writes statuses while `leader` says this replica holds the lease.
 pub async fn write(
     client: kube::Client,
@@ -215,7 +231,8 @@ pub async fn write(
             );
             for (key, s) in all.iter() {
                 let want = desired(s, &snap);
-                if want == s.current || written.get(key) == Some(&want) {
+                let said = without_times(&want);
+                if said == without_times(&s.current) || written.get(key) == Some(&said) {
                     continue;
                 }
                 // Losing the lease stops writing at once, mid-round included.
@@ -231,13 +248,18 @@ pub async fn write(
                     field_manager: Some(identity.clone()),
                     ..Default::default()
                 };
+                // The resourceVersion read makes the patch conditional: a
+                // status changed meanwhile (another controller's HTTPRoute
+                // entry) is not overwritten from a stale read.
+                let patch =
+                    json!({"metadata": {"resourceVersion": s.resource_version}, "status": want});
                 match api
-                    .patch_status(&s.name, &params, &Patch::Merge(json!({"status": want})))
+                    .patch_status(&s.name, &params, &Patch::Merge(patch))
                     .await
                 {
                     Ok(_) => {
                         debug!(kind = ?s.kind, object = %key.1, "status written");
-                        written.insert(key.clone(), want);
+                        written.insert(key.clone(), said);
                     }
                     Err(e) => {
                         warn!(kind = ?s.kind, object = %key.1, error = %e, "cannot write status")

@@ -30,6 +30,7 @@ pub struct TokenReviewer {
     api: Api<TokenReview>,
     audience: String,
     cache: Arc<Mutex<Cache>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -46,6 +47,9 @@ impl TokenReviewer {
             api: Api::all(client),
             audience: defaults::TOKEN_AUDIENCE.to_string(),
             cache: Arc::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                defaults::TOKEN_REVIEWS_IN_FLIGHT,
+            )),
         }
     }
 
@@ -68,24 +72,36 @@ impl TokenReviewer {
             },
             ..Default::default()
         };
-        let answer = match self.api.create(&PostParams::default(), &review).await {
-            Ok(r) => account(&r, &self.audience),
+        // Bounded: a flood of made-up tokens costs the API server a few
+        // reviews at a time, each of them briefly.
+        let unavailable =
+            || TokenError::Unavailable("the API server did not answer in time".into());
+        let Ok(_permit) = self.in_flight.acquire().await else {
+            return Err(unavailable());
+        };
+        let params = PostParams::default();
+        let call = self.api.create(&params, &review);
+        let answer = match tokio::time::timeout(defaults::TOKEN_REVIEW_TIMEOUT, call).await {
+            Ok(Ok(r)) => account(&r, &self.audience),
             // Not cached: the API server may answer the next time.
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(error = %e, "TokenReview failed");
-                return Err(TokenError::Unavailable(
-                    "the API server did not answer".into(),
-                ));
+                return Err(unavailable());
+            }
+            Err(_) => {
+                warn!("TokenReview timed out");
+                return Err(unavailable());
             }
         };
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_MAX {
                 cache.retain(|_, (at, _)| now.duration_since(*at) < CACHE_TTL);
-                if cache.len() >= CACHE_MAX {
-                    cache.clear();
-                }
             }
-            cache.insert(digest, (now, answer.clone()));
+            // Full of live answers: the new one is not kept (proxies' real
+            // tokens, already there, are worth more than a flood's).
+            if cache.len() < CACHE_MAX {
+                cache.insert(digest, (now, answer.clone()));
+            }
         }
         answer
     }

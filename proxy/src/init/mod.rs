@@ -55,12 +55,18 @@ pub enum IptablesMode {
 }
 
 impl IptablesMode {
-    fn command(self, verb: &str) -> String {
+    fn command(self, family: &str, verb: &str) -> String {
         match self {
-            IptablesMode::Nft => format!("iptables-nft-{verb}"),
-            IptablesMode::Legacy => format!("iptables-legacy-{verb}"),
+            IptablesMode::Nft => format!("{family}-nft-{verb}"),
+            IptablesMode::Legacy => format!("{family}-legacy-{verb}"),
         }
     }
+}
+
+/// Whether this network namespace has IPv6 at all (a kernel booted without
+/// it has no ip6tables tables to write).
+fn has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,21 +92,36 @@ impl InitArgs {
     }
 }
 
-/// Applies the rules (or prints them with `--dry-run`), returning what was applied.
+/// Applies the rules (or prints them with `--dry-run`), returning what was
+/// applied: the IPv4 rules, then the IPv6 ones where the pod has IPv6.
 pub fn run(args: &InitArgs) -> Result<String, InitError> {
     let plan = args.plan();
     if args.dry_run {
-        return Ok(plan.restore_input(Installed::default()));
+        let v4 = plan.restore_input(Installed::default());
+        let v6 = plan.restore_input_v6(Installed::default());
+        return Ok(format!("# iptables\n{v4}# ip6tables\n{v6}"));
     }
-    let save = iptables(args.iptables_mode.command("save"), &["-t", "nat"], None)?;
-    let input = plan.restore_input(Installed::from_save(&save));
+    let mode = args.iptables_mode;
+    let save = iptables(mode.command("iptables", "save"), &["-t", "nat"], None)?;
+    let v4 = plan.restore_input(Installed::from_save(&save));
     // --noflush: other tables and chains (a CNI's, kube-proxy's) stay as they are.
     iptables(
-        args.iptables_mode.command("restore"),
+        mode.command("iptables", "restore"),
         &["--noflush", "--wait"],
-        Some(&input),
+        Some(&v4),
     )?;
-    Ok(input)
+    let mut applied = format!("# iptables\n{v4}");
+    if has_ipv6() {
+        let save = iptables(mode.command("ip6tables", "save"), &["-t", "nat"], None)?;
+        let v6 = plan.restore_input_v6(Installed::from_save(&save));
+        iptables(
+            mode.command("ip6tables", "restore"),
+            &["--noflush", "--wait"],
+            Some(&v6),
+        )?;
+        applied.push_str(&format!("# ip6tables\n{v6}"));
+    }
+    Ok(applied)
 }
 
 fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, InitError> {

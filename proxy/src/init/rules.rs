@@ -105,6 +105,33 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The IPv6 rules (`ip6tables-restore --noflush`): inbound only. Connections
+    /// to the pod over IPv6 go to the inbound port like IPv4 ones, where the
+    /// proxy does not listen, so they are refused rather than reaching the app
+    /// around the proxy's mTLS and authorization. The app's own IPv6
+    /// connections leave the pod unmeshed.
+    pub fn restore_input_v6(&self, installed: Installed) -> String {
+        let mut out = String::from("*nat\n");
+        let _ = writeln!(out, ":{INBOUND_CHAIN} - [0:0]");
+        let mut skip_in = self.skip_inbound_ports.clone();
+        skip_in.insert(self.inbound_port);
+        for range in ranges(&skip_in) {
+            let _ = writeln!(out, "-A {INBOUND_CHAIN} -p tcp --dport {range} -j RETURN");
+        }
+        let _ = writeln!(
+            out,
+            "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+            self.inbound_port
+        );
+        if !installed.inbound_jump {
+            let _ = writeln!(out, "-A {INBOUND_HOOK} -p tcp -j {INBOUND_CHAIN}");
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+}
+
 /// Consecutive ports as iptables ranges ("8000:8100"), one per rule: no
 /// multiport, so there is no limit of 15 per rule to split around.
 fn ranges(ports: &PortSet) -> Vec<String> {
@@ -216,6 +243,19 @@ COMMIT
             second.contains(":STRAIT_INBOUND - [0:0]"),
             "chains are re-declared, so emptied"
         );
+    }
+
+    #[test]
+    fn ipv6_connections_to_the_pod_cannot_go_around_the_proxy() {
+        let v6 = plan().restore_input_v6(Installed::default());
+        assert!(v6.contains("-A STRAIT_INBOUND -p tcp -j REDIRECT --to-ports 4143"));
+        assert!(v6.contains("-A PREROUTING -p tcp -j STRAIT_INBOUND"));
+        assert!(
+            !v6.contains("STRAIT_OUTBOUND"),
+            "the app's IPv6 egress is left alone"
+        );
+        let again = plan().restore_input_v6(Installed::from_save(&v6));
+        assert!(!again.contains("-A PREROUTING"));
     }
 
     #[test]

@@ -104,10 +104,19 @@ async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer(
     );
     let anchors = std::fs::read_to_string(pki.anchors()).unwrap();
     let patch: Value = serde_json::from_str(&patch).unwrap();
-    assert!(
-        patch
-            .to_string()
-            .contains(&serde_json::to_string(&anchors).unwrap()[1..40]),
+    let given = patch
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|op| op["value"].as_array())
+        .flatten()
+        .filter(|c| c["name"] == "strait-proxy")
+        .flat_map(|c| c["env"].as_array().unwrap().iter())
+        .find(|e| e["name"] == "STRAIT_PROXY_TRUST_ANCHORS_PEM")
+        .map(|e| e["value"].as_str().unwrap().to_string());
+    assert_eq!(
+        given.as_deref(),
+        Some(anchors.as_str()),
         "the proxies are given the anchors"
     );
 
