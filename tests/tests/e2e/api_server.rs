@@ -462,3 +462,32 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));
 }
+
+/// Against a real cluster, when one is configured: the controller's source
+/// lists it and becomes ready, and `strait check` runs (its verdict depends on
+/// what is installed there, so only its running is asserted).
+#[tokio::test]
+async fn against_a_real_cluster_when_kubeconfig_is_set() {
+    let Some(kubeconfig) = std::env::var_os("KUBECONFIG") else {
+        eprintln!("skipped: set KUBECONFIG to run this against a real cluster");
+        return;
+    };
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let args = vec![
+        "controller".to_string(),
+        "--kubernetes".into(),
+        format!("--grpc-addr=127.0.0.1:{}", free_port()),
+        format!("--admin-addr={admin}"),
+        "--pod-name=strait-e2e".into(),
+    ];
+    let kubeconfig = kubeconfig.to_string_lossy().to_string();
+    let _cp = Proc::spawn("strait", &args, &[("KUBECONFIG", kubeconfig.as_str())]);
+    wait::ready(admin, Duration::from_secs(60)).await;
+    let out = tokio::process::Command::new(strait_tests::process::binary("strait"))
+        .arg("check")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[ok  ] the Kubernetes API answers"), "{text}");
+}
