@@ -39,6 +39,19 @@ async fn controller_scale_quick_reports_every_measure() {
 }
 
 #[tokio::test]
+async fn controller_scale_quick_on_the_api_server_stand_in_reports_every_measure() {
+    let md = bench(&["controller-scale", "--kubernetes"]).await;
+    for m in [
+        "API server stand-in",
+        "first full index",
+        "peak RSS",
+        "every watcher updated",
+    ] {
+        assert!(md.contains(m), "{m} missing from\n{md}");
+    }
+}
+
+#[tokio::test]
 async fn proxy_quick_measures_every_scenario() {
     let missing: Vec<&str> = ["h2load", "haproxy", "nginx"]
         .into_iter()

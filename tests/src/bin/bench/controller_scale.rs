@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use strait_api::v1 as api;
 use strait_api::v1::discovery_client::DiscoveryClient;
+use strait_tests::kube_api::KubeApi;
 use strait_tests::manifests::ManifestDir;
 use strait_tests::mesh::ControllerProc;
+use strait_tests::process::{Proc, free_port};
+use strait_tests::wait;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 
@@ -23,6 +26,9 @@ pub struct Params {
     pub watches: usize,
     pub watched_services: usize,
     pub changes: usize,
+    /// The controller on the API server stand-in (`--kubernetes`) rather than
+    /// on a manifests directory.
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +70,15 @@ fn services_file(block: usize, p: &Params) -> String {
 fn slices_file(block: usize, p: &Params, extra: &std::collections::HashSet<usize>) -> String {
     let mut s = String::new();
     for i in block * PER_FILE..((block + 1) * PER_FILE).min(p.services) {
+        s.push_str(&slice_doc(i, p, extra));
+    }
+    s
+}
+
+/// Service `i`'s EndpointSlice, one more endpoint if it is in `extra`.
+fn slice_doc(i: usize, p: &Params, extra: &std::collections::HashSet<usize>) -> String {
+    let mut s = String::new();
+    {
         let _ = write!(
             s,
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n  namespace: {}\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
@@ -102,6 +117,40 @@ fn rss_mib(proc: &strait_tests::process::Proc) -> (f64, f64) {
     (rss as f64 / 1024.0, hwm as f64 / 1024.0)
 }
 
+/// Creates the mesh's objects in the API stand-in, one by one as a cluster's
+/// controllers would; returns the size of their YAML.
+fn apply_all(p: &Params, api: &KubeApi) -> anyhow::Result<u64> {
+    let mut bytes = 0u64;
+    let none = Default::default();
+    for i in 0..p.services {
+        let block = services_file_one(i);
+        bytes += block.len() as u64;
+        api.apply(&block);
+        let slice = slice_doc(i, p, &none);
+        bytes += slice.len() as u64;
+        api.apply(&slice);
+        for j in 0..p.endpoints_per_service + 1 {
+            let pod = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: svc-{i}-{j}, namespace: {}, annotations: {{strait.dev/inbound-port: \"4143\"}}}}\nspec: {{serviceAccountName: svc-{i}, containers: [{{name: app, image: app}}]}}\n",
+                ns(i)
+            );
+            bytes += pod.len() as u64;
+            api.apply(&pod);
+        }
+    }
+    Ok(bytes)
+}
+
+fn services_file_one(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: {}}}\nspec:\n  clusterIP: 10.{}.{}.{}\n  ports: [{{name: http, port: 80}}]\n",
+        ns(i),
+        96 + i / 65536,
+        (i / 256) % 256,
+        i % 256
+    )
+}
+
 /// Writes the mesh's manifests into `dir`; returns their size in bytes.
 pub fn write_manifests(p: &Params, dir: &std::path::Path) -> anyhow::Result<u64> {
     let blocks = p.services.div_ceil(PER_FILE);
@@ -124,16 +173,48 @@ pub fn write_manifests(p: &Params, dir: &std::path::Path) -> anyhow::Result<u64>
 
 pub async fn run(p: Params) -> anyhow::Result<Results> {
     let dir = ManifestDir::new();
-    let manifest_bytes = write_manifests(&p, dir.path())?;
+    let api = if p.kubernetes {
+        Some(KubeApi::start().await)
+    } else {
+        None
+    };
+    let manifest_bytes = match &api {
+        Some(api) => apply_all(&p, api)?,
+        None => write_manifests(&p, dir.path())?,
+    };
     eprintln!(
-        "controller-scale: {} services, {} endpoints, {:.1} MiB of YAML",
+        "controller-scale{}: {} services, {} endpoints, {:.1} MiB of YAML",
+        if p.kubernetes { " (--kubernetes)" } else { "" },
         p.services,
         p.services * p.endpoints_per_service,
         manifest_bytes as f64 / 1048576.0
     );
 
     let start = Instant::now();
-    let cp = ControllerProc::start(dir.path()).await;
+    let cp = match &api {
+        Some(api) => {
+            let grpc: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            let kubeconfig = api.kubeconfig(dir.path());
+            let args = vec![
+                "controller".to_string(),
+                "--kubernetes".into(),
+                format!("--grpc-addr={grpc}"),
+                format!("--admin-addr={admin}"),
+            ];
+            let proc = Proc::spawn(
+                "strait",
+                &args,
+                &[
+                    ("KUBECONFIG", kubeconfig.to_str().unwrap_or_default()),
+                    ("STRAIT_LOG", "warn"),
+                ],
+            );
+            wait::ready(admin, Duration::from_secs(120)).await;
+            ControllerProc { proc, grpc, admin }
+        }
+        None => ControllerProc::start(dir.path()).await,
+    };
     let load_to_ready_ms = start.elapsed().as_secs_f64() * 1000.0;
     let (rss_loaded_mib, _) = rss_mib(&cp.proc);
     eprintln!("controller ready after {load_to_ready_ms:.0} ms, RSS {rss_loaded_mib:.1} MiB");
@@ -199,11 +280,17 @@ pub async fn run(p: Params) -> anyhow::Result<Results> {
         if !extra.insert(svc) {
             extra.remove(&svc);
         }
-        let text = slices_file(block, &p, &extra);
         // Drain anything left from earlier changes.
         while rx.try_recv().is_ok() {}
         let t = Instant::now();
-        dir.write(&format!("slices-{block:04}.yaml"), &text);
+        match &api {
+            // One object changes, as an EndpointSlice controller would change it.
+            Some(api) => api.apply(&slice_doc(svc, &p, &extra)),
+            None => dir.write(
+                &format!("slices-{block:04}.yaml"),
+                &slices_file(block, &p, &extra),
+            ),
+        }
         let mut got = std::collections::HashSet::new();
         let mut last = t;
         while got.len() < watchers.len() {
@@ -235,14 +322,20 @@ pub fn markdown(r: &Results) -> String {
     format!(
         "| measure | value | target |\n| --- | --- | --- |\n\
          | Services / endpoints (meshed Pods) | {} / {} | 10,000 / 100,000 |\n\
+         | source | {} | |\n\
          | YAML read | {:.1} MiB | |\n\
          | controller start to `/ready` (first full index) | {:.0} ms | < 2,000 ms |\n\
          | controller RSS, loaded | {:.1} MiB | |\n\
          | {} watches, all first answers | {:.0} ms | |\n\
          | controller peak RSS (VmHWM) | {:.1} MiB | < 300 MB |\n\
-         | file change to every watcher updated, p50 / p99 / max ({} changes) | {:.1} / {:.1} / {:.1} ms | p99 < 100 ms |\n",
+         | change to every watcher updated, p50 / p99 / max ({} changes) | {:.1} / {:.1} / {:.1} ms | p99 < 100 ms |\n",
         r.params.services,
         r.params.services * r.params.endpoints_per_service,
+        if r.params.kubernetes {
+            "API server stand-in (`--kubernetes`)"
+        } else {
+            "manifests directory"
+        },
         r.manifest_bytes as f64 / 1048576.0,
         r.load_to_ready_ms,
         r.rss_loaded_mib,

@@ -69,6 +69,10 @@ enum What {
         /// on them by hand).
         #[arg(long, value_name = "DIR")]
         write_only: Option<PathBuf>,
+        /// Run the controller on the API server stand-in (`--kubernetes`), the
+        /// objects created and changed through it one by one.
+        #[arg(long)]
+        kubernetes: bool,
     },
 }
 
@@ -120,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
             watched_services,
             changes,
             write_only,
+            kubernetes,
         } => {
             let p = if cli.quick {
                 controller_scale::Params {
@@ -128,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
                     watches: 50,
                     watched_services: 10,
                     changes: 5,
+                    kubernetes,
                 }
             } else {
                 controller_scale::Params {
@@ -136,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
                     watches,
                     watched_services,
                     changes,
+                    kubernetes,
                 }
             };
             if let Some(dir) = write_only {
@@ -146,10 +153,11 @@ async fn main() -> anyhow::Result<()> {
             }
             let r = controller_scale::run(p).await?;
             println!("{}", controller_scale::markdown(&r));
-            let name = if cli.quick {
-                "controller-scale-quick.json"
-            } else {
-                "controller-scale.json"
+            let name = match (cli.quick, kubernetes) {
+                (true, false) => "controller-scale-quick.json",
+                (true, true) => "controller-scale-kubernetes-quick.json",
+                (false, false) => "controller-scale.json",
+                (false, true) => "controller-scale-kubernetes.json",
             };
             std::fs::write(cli.out.join(name), serde_json::to_string_pretty(&r)?)?;
         }
