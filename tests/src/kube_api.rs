@@ -444,7 +444,7 @@ async fn handle(
         (Method::GET, None, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             watch_stream(&t, &q, &state, &events, cut)
         }
-        (Method::GET, None, None) => list(&t, &state),
+        (Method::GET, None, None) => list(&t, &q, &state),
         (Method::GET, Some(name), None) => {
             let st = state.lock().expect("state");
             // Cluster-scoped objects are kept under "default".
@@ -516,19 +516,42 @@ fn clean(v: &Value) -> Value {
     v
 }
 
-fn list(t: &Target, state: &Mutex<State>) -> Response<Body> {
+/// A list, in pages of `limit` items when asked (as kube's watcher does, 500
+/// at a time), each page after the first named by the previous one's
+/// `continue` token; a page's resourceVersion is that of the first.
+fn list(t: &Target, q: &HashMap<String, String>, state: &Mutex<State>) -> Response<Body> {
     let mut st = state.lock().expect("state");
-    *st.lists.entry(t.plural).or_default() += 1;
-    let items: Vec<Value> = st
+    let (skip, rv) = match q.get("continue").and_then(|c| c.split_once('.')) {
+        Some((skip, rv)) => (skip.parse().unwrap_or(0), rv.to_string()),
+        None => {
+            *st.lists.entry(t.plural).or_default() += 1;
+            (0usize, st.rv.to_string())
+        }
+    };
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let mut matching = st
         .objects
         .iter()
         .filter(|((p, ns, _), _)| *p == t.plural && t.namespace.as_ref().is_none_or(|n| n == ns))
+        .skip(skip);
+    let items: Vec<Value> = matching
+        .by_ref()
+        .take(limit)
         .map(|(_, v)| clean(v))
         .collect();
+    let more = matching.next().is_some();
+    let mut metadata = json!({"resourceVersion": rv});
+    if more {
+        metadata["continue"] = json!(format!("{}.{rv}", skip + items.len()));
+    }
     full(
         StatusCode::OK,
         &json!({"apiVersion": t.api_version, "kind": format!("{}List", t.kind),
-                "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+                "metadata": metadata, "items": items}),
     )
 }
 
