@@ -271,3 +271,11 @@ pub async fn request_over_tls(
         .map(str::to_string);
     seen
 }
+
+/// A certificate signing request for `identity` (a fresh key), as a proxy sends.
+pub fn csr(identity: &str) -> Vec<u8> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(identity.try_into().expect("a URI"))];
+    p.serialize_request(&key).expect("csr").der().to_vec()
+}

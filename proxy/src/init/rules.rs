@@ -59,18 +59,7 @@ impl Plan {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
 
-        // Inbound: every TCP connection to the pod goes to the proxy, except to
-        // the proxy's own inbound port (peers dial it directly) and skipped ports.
-        let mut skip_in = self.skip_inbound_ports.clone();
-        skip_in.insert(self.inbound_port);
-        for range in ranges(&skip_in) {
-            let _ = writeln!(out, "-A {INBOUND_CHAIN} -p tcp --dport {range} -j RETURN");
-        }
-        let _ = writeln!(
-            out,
-            "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}",
-            self.inbound_port
-        );
+        self.inbound_rules(&mut out);
 
         // Outbound: the app's TCP connections go to the proxy; the proxy's own
         // (by uid), loopback's and skipped destinations go out as they are.
@@ -106,14 +95,9 @@ impl Plan {
 }
 
 impl Plan {
-    /// The IPv6 rules (`ip6tables-restore --noflush`): inbound only. Connections
-    /// to the pod over IPv6 go to the inbound port like IPv4 ones, where the
-    /// proxy does not listen, so they are refused rather than reaching the app
-    /// around the proxy's mTLS and authorization. The app's own IPv6
-    /// connections leave the pod unmeshed.
-    pub fn restore_input_v6(&self, installed: Installed) -> String {
-        let mut out = String::from("*nat\n");
-        let _ = writeln!(out, ":{INBOUND_CHAIN} - [0:0]");
+    /// Inbound: every TCP connection to the pod goes to the proxy, except to
+    /// the proxy's own inbound port (peers dial it directly) and skipped ports.
+    fn inbound_rules(&self, out: &mut String) {
         let mut skip_in = self.skip_inbound_ports.clone();
         skip_in.insert(self.inbound_port);
         for range in ranges(&skip_in) {
@@ -124,6 +108,17 @@ impl Plan {
             "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {}",
             self.inbound_port
         );
+    }
+
+    /// The IPv6 rules (`ip6tables-restore --noflush`): inbound only. Connections
+    /// to the pod over IPv6 go to the inbound port like IPv4 ones, where the
+    /// proxy does not listen, so they are refused rather than reaching the app
+    /// around the proxy's mTLS and authorization. The app's own IPv6
+    /// connections leave the pod unmeshed.
+    pub fn restore_input_v6(&self, installed: Installed) -> String {
+        let mut out = String::from("*nat\n");
+        let _ = writeln!(out, ":{INBOUND_CHAIN} - [0:0]");
+        self.inbound_rules(&mut out);
         if !installed.inbound_jump {
             let _ = writeln!(out, "-A {INBOUND_HOOK} -p tcp -j {INBOUND_CHAIN}");
         }

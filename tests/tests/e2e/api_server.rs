@@ -12,7 +12,7 @@ use strait_tests::backend::Backend;
 use strait_tests::kube_api::KubeApi;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{Sidecar, SidecarIdentity, SidecarOpts};
-use strait_tests::pki::{Pki, controller_channel, token_file};
+use strait_tests::pki::{Pki, controller_channel, csr, token_file};
 use strait_tests::process::{Proc, free_port};
 use strait_tests::{client, wait};
 
@@ -26,8 +26,8 @@ struct Controller {
     admin: SocketAddr,
 }
 
-/// `strait controller --kubernetes`, configured by a kubeconfig for `api`.
-async fn controller(api: &KubeApi, dir: &ManifestDir, pki: Option<&Pki>) -> Controller {
+/// `strait controller --kubernetes` with `extra` flags, on the cluster of `kubeconfig`.
+fn spawn_controller(kubeconfig: &std::path::Path, extra: &[String]) -> Controller {
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut args = vec![
@@ -36,23 +36,33 @@ async fn controller(api: &KubeApi, dir: &ManifestDir, pki: Option<&Pki>) -> Cont
         format!("--grpc-addr={grpc}"),
         format!("--admin-addr={admin}"),
     ];
-    if let Some(p) = pki {
-        args.push(format!("--issuer-cert={}", p.issuer_cert().display()));
-        args.push(format!("--issuer-key={}", p.issuer_key().display()));
-    }
-    let kubeconfig = api.kubeconfig(dir.path());
+    args.extend(extra.iter().cloned());
     let kubeconfig = kubeconfig.to_str().unwrap();
     let proc = Proc::spawn(
         "strait",
         &args,
         &[("KUBECONFIG", kubeconfig), ("STRAIT_LOG", "warn")],
     );
-    wait::ready(admin, Duration::from_secs(20)).await;
     Controller {
         _proc: proc,
         grpc,
         admin,
     }
+}
+
+/// A ready controller on the stand-in, issuing certificates from `pki` if given.
+async fn controller(api: &KubeApi, dir: &ManifestDir, pki: Option<&Pki>) -> Controller {
+    let extra: Vec<String> = pki
+        .map(|p| {
+            vec![
+                format!("--issuer-cert={}", p.issuer_cert().display()),
+                format!("--issuer-key={}", p.issuer_key().display()),
+            ]
+        })
+        .unwrap_or_default();
+    let cp = spawn_controller(&api.kubeconfig(dir.path()), &extra);
+    wait::ready(cp.admin, Duration::from_secs(20)).await;
+    cp
 }
 
 async fn get_ok(client: &Sidecar) -> bool {
@@ -224,13 +234,6 @@ async fn identities_are_proven_with_token_reviews_for_strait_s_audience() {
     // The namespace and account are the review's: web's token cannot get client's name.
     let e = c.certify(ask("web-projected-token")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-}
-
-fn csr(identity: &str) -> Vec<u8> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
-    p.serialize_request(&key).unwrap().der().to_vec()
 }
 
 /// A replica with its own name and a short lease.
@@ -472,17 +475,11 @@ async fn against_a_real_cluster_when_kubeconfig_is_set() {
         eprintln!("skipped: set KUBECONFIG to run this against a real cluster");
         return;
     };
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let args = vec![
-        "controller".to_string(),
-        "--kubernetes".into(),
-        format!("--grpc-addr=127.0.0.1:{}", free_port()),
-        format!("--admin-addr={admin}"),
-        "--pod-name=strait-e2e".into(),
-    ];
-    let kubeconfig = kubeconfig.to_string_lossy().to_string();
-    let _cp = Proc::spawn("strait", &args, &[("KUBECONFIG", kubeconfig.as_str())]);
-    wait::ready(admin, Duration::from_secs(60)).await;
+    let cp = spawn_controller(
+        std::path::Path::new(&kubeconfig),
+        &["--pod-name=strait-e2e".into()],
+    );
+    wait::ready(cp.admin, Duration::from_secs(60)).await;
     let out = tokio::process::Command::new(strait_tests::process::binary("strait"))
         .arg("check")
         .output()
@@ -490,4 +487,65 @@ async fn against_a_real_cluster_when_kubeconfig_is_set() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("[ok  ] the Kubernetes API answers"), "{text}");
+}
+
+fn split(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n  - backendRefs:\n    - {{name: web-v1, port: 80, weight: {v1}}}\n    - {{name: web-v2, port: 80, weight: {v2}}}\n"
+    )
+}
+
+/// Routes change through the API as through manifests: an HTTPRoute's
+/// weights move traffic from one Service to another, and deleting the route
+/// sends it back to the parent Service's own endpoints.
+#[tokio::test]
+async fn httproute_changes_through_the_api_move_traffic() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let (web, v1, v2) = (
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    );
+    for (svc, b) in [("web", &web), ("web-v1", &v1), ("web-v2", &v2)] {
+        api.apply(&service(NS, svc, 80));
+        api.apply(&endpoint(NS, svc, svc, b.addr));
+    }
+    api.apply(&split(100, 0));
+    let cp = controller(&api, &dir, None).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    until_serving(&client, &v1, "the route sends web's traffic to web-v1").await;
+    assert_eq!(share(&client, &v1, 20).await, 20);
+
+    api.apply(&split(0, 100));
+    until_serving(&client, &v2, "the shifted route").await;
+    wait::until("all of it on web-v2", Duration::from_secs(10), || async {
+        share(&client, &v2, 20).await == 20
+    })
+    .await;
+
+    api.delete("gateway.networking.k8s.io/v1", "HTTPRoute", NS, "web");
+    until_serving(&client, &web, "web's own endpoints once the route is gone").await;
+    assert!(web.requests() > 0);
+}
+
+#[tokio::test]
+async fn the_controller_says_what_to_pass_when_it_has_no_source() {
+    let out = tokio::process::Command::new(strait_tests::process::binary("strait"))
+        .args([
+            "controller",
+            "--admin-addr=127.0.0.1:0",
+            "--grpc-addr=127.0.0.1:0",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--manifests DIR") && err.contains("--kubernetes"),
+        "{err}"
+    );
 }

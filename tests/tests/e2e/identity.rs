@@ -13,7 +13,7 @@ use strait_tests::load::Load;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum};
 use strait_tests::pki::{
-    Pki, controller_channel, controller_channel_as, request_over_tls, token_file, token_secret,
+    Pki, controller_channel, controller_channel_as, csr, request_over_tls, token_file, token_secret,
 };
 use strait_tests::process::free_port;
 use strait_tests::{client, wait};
@@ -224,13 +224,6 @@ async fn a_peer_with_the_wrong_identity_is_refused_by_the_client_proxy() {
         "nothing reached the impostor's app"
     );
     assert!(metric_sum(c.admin, "strait_proxy_tls_identity_mismatches_total").await >= 1.0);
-}
-
-fn csr(identity: &str) -> Vec<u8> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
-    p.serialize_request(&key).unwrap().der().to_vec()
 }
 
 #[tokio::test]
