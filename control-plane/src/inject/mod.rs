@@ -255,6 +255,9 @@ fn proxy_container(
         field("STRAIT_PROXY_NAMESPACE", "metadata.namespace"),
         field("STRAIT_PROXY_POD_NAME", "metadata.name"),
         field("STRAIT_PROXY_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        // The inbound side dials the app on the pod's address, not loopback: a
+        // port the app binds to 127.0.0.1 only stays private to the pod.
+        field("STRAIT_PROXY_APP_IP", "status.podIP"),
         value("STRAIT_PROXY_CONTROL_PLANE", &s.control_plane),
         value("STRAIT_PROXY_TRUST_DOMAIN", &s.trust_domain),
         value("STRAIT_PROXY_TRUST_ANCHORS_PEM", &s.trust_anchors_pem),

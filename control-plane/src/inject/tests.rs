@@ -63,6 +63,11 @@ fn an_annotated_pod_gets_the_init_container_and_the_native_sidecar() {
         env(proxy, "STRAIT_PROXY_SERVICE_ACCOUNT").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
         "spec.serviceAccountName"
     );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_APP_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP",
+        "the app is dialled on the pod's address, so loopback-only ports stay private"
+    );
     assert!(
         env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM").unwrap()["value"]
             .as_str()

@@ -146,3 +146,76 @@ async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
     assert_eq!(status, 200);
     assert_eq!(client.requests("outbound").await, after.1 + 1.0);
 }
+
+/// In a pod the inbound side dials the app on the pod's address (as the
+/// injector configures it): a port the app binds to loopback only is not
+/// reachable from other pods through the mesh, one bound to every address is.
+#[tokio::test]
+async fn a_port_the_app_binds_to_loopback_only_stays_private_to_the_pod() {
+    let Some(mut lan) = Lan::new() else { return };
+    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
+        strait_tests::host::missing("iptables (nft) and nsenter");
+        return;
+    }
+    let pod = lan.pod("server");
+    let init = pod
+        .command(binary("strait-proxy"))
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let app = |listen: &str, name: &str| {
+        pod.spawn_as(
+            0,
+            binary("strait"),
+            &[
+                "demo-app".into(),
+                format!("--listen={listen}"),
+                format!("--name={name}"),
+            ],
+        )
+    };
+    let _private = app("127.0.0.1:8080", "private");
+    let _public = app("0.0.0.0:8081", "public");
+    let app_ip = format!("--app-ip={}", pod.ip);
+    let _proxy = pod.spawn_as(
+        UID,
+        binary("strait-proxy"),
+        &["--admin-addr=0.0.0.0:4191".into(), app_ip],
+    );
+    wait::ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10)).await;
+    let public = SocketAddr::from((pod.ip, 8081));
+    wait::until(
+        "the public app through the proxy",
+        Duration::from_secs(10),
+        || async move { matches!(wait::admin_get(public, "/").await, Ok((200, _))) },
+    )
+    .await;
+    let (status, body) = wait::admin_get(public, "/").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "public"));
+    // The private app is up (it answers inside the pod), yet through the mesh
+    // its port is refused.
+    let inside = || {
+        pod.command("bash")
+            .args(["-c", "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("private"))
+    };
+    wait::until(
+        "the private app inside the pod",
+        Duration::from_secs(10),
+        || async { inside() },
+    )
+    .await;
+    let (status, _) = wait::admin_get(SocketAddr::from((pod.ip, 8080)), "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 502,
+        "a loopback-only port is not reachable through the mesh"
+    );
+}
