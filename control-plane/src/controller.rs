@@ -288,15 +288,8 @@ impl Controller {
                 "--webhook-addr needs --trust-anchors (injected proxies are given them)".into(),
             )
         })?;
-        let anchors = std::fs::read_to_string(anchors_file)
-            .ok()
-            .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
-            .ok_or_else(|| {
-                FlagError(format!(
-                    "--trust-anchors {}: not a readable PEM certificate bundle",
-                    anchors_file.display()
-                ))
-            })?;
+        let anchors =
+            crate::inject::read_anchors("--trust-anchors", anchors_file).map_err(FlagError)?;
         let acceptor = match (&args.webhook_cert, &args.webhook_key, ca) {
             (Some(c), Some(k), _) => {
                 webhook::acceptor_from_files(c, k).map_err(|e| FlagError(format!("{e:#}")))?
@@ -312,8 +305,7 @@ impl Controller {
                 .into());
             }
         };
-        let mut settings = Settings::with_anchors(anchors);
-        settings.trust_domain = args.trust_domain.clone();
+        let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
         // Proxies reach this controller by its Service, named for its service
         // account, in its namespace, and check that it presents its identity.
         settings.control_plane = format!(
@@ -329,9 +321,6 @@ impl Controller {
                 "spiffe://{}/ns/{}/sa/{}",
                 args.trust_domain, args.namespace, args.service_account
             ));
-        }
-        if let Some(image) = &args.proxy_image {
-            settings.proxy_image = image.clone();
         }
         let listener = TcpListener::bind(addr)
             .await

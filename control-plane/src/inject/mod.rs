@@ -45,7 +45,32 @@ pub struct Settings {
     pub token_audience: String,
 }
 
+/// The trust anchors from `path` (named by `flag` in the error): a readable
+/// file with at least one PEM certificate.
+pub fn read_anchors(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
+        .ok_or_else(|| {
+            format!(
+                "{flag} {}: not a readable PEM certificate bundle",
+                path.display()
+            )
+        })
+}
+
 impl Settings {
+    /// The installed defaults with these anchors, trust domain and (if given)
+    /// proxy image.
+    pub fn new(trust_anchors_pem: String, trust_domain: &str, proxy_image: Option<&str>) -> Self {
+        let mut s = Settings::with_anchors(trust_anchors_pem);
+        s.trust_domain = trust_domain.to_string();
+        if let Some(i) = proxy_image {
+            s.proxy_image = i.to_string();
+        }
+        s
+    }
+
     /// The defaults of a cluster installed by `strait install`, with these anchors.
     pub fn with_anchors(trust_anchors_pem: String) -> Self {
         Settings {

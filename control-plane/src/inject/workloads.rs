@@ -168,20 +168,12 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.input)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.input))?
     };
-    let anchors = std::fs::read_to_string(&args.identity_trust_anchors_file)
-        .ok()
-        .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "--identity-trust-anchors-file {}: not a readable PEM certificate bundle",
-                args.identity_trust_anchors_file.display()
-            )
-        })?;
-    let mut settings = Settings::with_anchors(anchors);
-    settings.trust_domain = args.trust_domain.clone();
-    if let Some(i) = &args.proxy_image {
-        settings.proxy_image = i.clone();
-    }
+    let anchors = super::read_anchors(
+        "--identity-trust-anchors-file",
+        &args.identity_trust_anchors_file,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
     let (out, reports) = inject_stream(&input, &settings)?;
     let mut failed = 0;
     for r in &reports {
