@@ -9,13 +9,14 @@
 
 use std::time::Duration;
 
-use opentelemetry::KeyValue;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter as _, SpanProcessor,
+    IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span, SpanData,
+    SpanExporter as _, SpanProcessor,
 };
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
@@ -57,72 +58,14 @@ pub struct Exporter {
 pub struct Error(String);
 
 impl Exporter {
-    /// Starts the export task (call within a Tokio runtime). `dropped` counts
-    /// every span that was ended but not delivered.
+    /// Starts the export thread (call within a Tokio runtime). `dropped`
+    /// counts every span that was ended but not delivered.
     pub fn start(cfg: ExportConfig, dropped: Counter) -> Result<Exporter, Error> {
-        check_endpoint(&cfg.endpoint)?;
-        let resource = Resource::builder_empty()
-            .with_service_name(cfg.service_name.clone())
-            .with_attributes(cfg.resource.clone())
-            .build();
-        let (tx, rx) = mpsc::channel(QUEUE_SPANS);
-        // The exporter's channel belongs to the runtime it is built on: built
-        // on the export thread's own, and its result sent back.
-        let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
-        let (endpoint, res, lost) = (cfg.endpoint.clone(), resource.clone(), dropped.clone());
-        std::thread::Builder::new()
-            .name("strait-otlp".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = built_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let exporter = opentelemetry_otlp::SpanExporter::builder()
-                        .with_tonic()
-                        .with_endpoint(endpoint)
-                        .with_timeout(EXPORT_TIMEOUT)
-                        .build();
-                    match exporter {
-                        Ok(mut e) => {
-                            e.set_resource(&res);
-                            let _ = built_tx.send(Ok(()));
-                            drain(rx, e, lost).await;
-                        }
-                        Err(e) => {
-                            let _ = built_tx.send(Err(e.to_string()));
-                        }
-                    }
-                });
-            })
-            .map_err(|e| {
-                Error(format!(
-                    "{}: cannot start the export thread: {e}",
-                    cfg.endpoint
-                ))
-            })?;
-        match built_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error(format!("{}: {e}", cfg.endpoint))),
-            Err(_) => {
-                return Err(Error(format!(
-                    "{}: the export thread stopped",
-                    cfg.endpoint
-                )));
-            }
-        }
+        let resource = resource(&cfg);
+        let tx = spawn::<SpanData>(&cfg, resource.clone(), dropped.clone())?;
         let ratio = cfg.sampling.clamp(0.0, 1.0);
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(Queue {
-                tx,
-                dropped: dropped.clone(),
-            })
+            .with_span_processor(Queue { tx, dropped })
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 ratio,
             ))))
@@ -136,6 +79,136 @@ impl Exporter {
     /// through `opentelemetry::global` (the controller's few spans).
     pub fn install_global(&self) {
         opentelemetry::global::set_tracer_provider(self.provider.clone());
+    }
+}
+
+/// A span as a busy thread records it: whatever it knew, cheaply kept, and
+/// turned into the SDK's `SpanData` (attributes, strings, events) only on the
+/// export thread, so a request pays for a move into the queue and no more.
+pub trait Record: Send + 'static {
+    fn into_span_data(self, scope: &InstrumentationScope) -> SpanData;
+}
+
+impl Record for SpanData {
+    fn into_span_data(self, _: &InstrumentationScope) -> SpanData {
+        self
+    }
+}
+
+/// The request path's side of an export thread fed with records: sampling
+/// decisions, ids, and a queue that drops (and counts) rather than waits.
+#[derive(Debug)]
+pub struct Recorder<R> {
+    tx: mpsc::Sender<R>,
+    dropped: Counter,
+    /// New traces sampled: `ratio × 2^63` compared with the trace id, as the
+    /// SDK's `TraceIdRatioBased` does, so both make the same decision.
+    bound: u64,
+    all: bool,
+}
+
+impl<R: Record> Recorder<R> {
+    /// Starts the export thread (call within a Tokio runtime).
+    pub fn start(cfg: ExportConfig, dropped: Counter) -> Result<Recorder<R>, Error> {
+        let tx = spawn::<R>(&cfg, resource(&cfg), dropped.clone())?;
+        let ratio = cfg.sampling.clamp(0.0, 1.0);
+        Ok(Recorder {
+            tx,
+            dropped,
+            bound: (ratio * (1u64 << 63) as f64) as u64,
+            all: ratio >= 1.0,
+        })
+    }
+
+    /// Queues a finished span; when the queue is full it is dropped and counted.
+    pub fn record(&self, r: R) {
+        if self.tx.try_send(r).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// Whether a new trace with this id is recorded, by the configured ratio.
+    pub fn samples(&self, id: TraceId) -> bool {
+        if self.all {
+            return true;
+        }
+        let low = u64::from_be_bytes(id.to_bytes()[8..].try_into().unwrap_or_default());
+        (low >> 1) < self.bound
+    }
+}
+
+/// Random ids, from a per-thread generator (the SDK's).
+pub fn new_trace_id() -> TraceId {
+    RandomIdGenerator::default().new_trace_id()
+}
+
+pub fn new_span_id() -> SpanId {
+    RandomIdGenerator::default().new_span_id()
+}
+
+fn resource(cfg: &ExportConfig) -> Resource {
+    Resource::builder_empty()
+        .with_service_name(cfg.service_name.clone())
+        .with_attributes(cfg.resource.clone())
+        .build()
+}
+
+/// Starts the thread that exports what arrives on the returned queue.
+fn spawn<R: Record>(
+    cfg: &ExportConfig,
+    resource: Resource,
+    dropped: Counter,
+) -> Result<mpsc::Sender<R>, Error> {
+    check_endpoint(&cfg.endpoint)?;
+    let (tx, rx) = mpsc::channel(QUEUE_SPANS);
+    // The exporter's channel belongs to the runtime it is built on: built
+    // on the export thread's own, and its result sent back.
+    let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+    let endpoint = cfg.endpoint.clone();
+    std::thread::Builder::new()
+        .name("strait-otlp".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = built_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build();
+                match exporter {
+                    Ok(mut e) => {
+                        e.set_resource(&resource);
+                        let _ = built_tx.send(Ok(()));
+                        drain(rx, e, dropped).await;
+                    }
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+        })
+        .map_err(|e| {
+            Error(format!(
+                "{}: cannot start the export thread: {e}",
+                cfg.endpoint
+            ))
+        })?;
+    match built_rx.recv() {
+        Ok(Ok(())) => Ok(tx),
+        Ok(Err(e)) => Err(Error(format!("{}: {e}", cfg.endpoint))),
+        Err(_) => Err(Error(format!(
+            "{}: the export thread stopped",
+            cfg.endpoint
+        ))),
     }
 }
 
@@ -181,11 +254,12 @@ impl SpanProcessor for Queue {
 /// a time: while an export is in flight the queue absorbs new spans, up to its
 /// size. Polling on a timer rather than waiting on the queue means ending a
 /// span never wakes this thread.
-async fn drain(
-    mut rx: mpsc::Receiver<SpanData>,
+async fn drain<R: Record>(
+    mut rx: mpsc::Receiver<R>,
     exporter: opentelemetry_otlp::SpanExporter,
     dropped: Counter,
 ) {
+    let scope = InstrumentationScope::builder("strait").build();
     let mut failures: u64 = 0;
     let mut tick = tokio::time::interval(BATCH_DELAY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,7 +269,7 @@ async fn drain(
         loop {
             match rx.try_recv() {
                 Ok(s) => {
-                    batch.push(s);
+                    batch.push(s.into_span_data(&scope));
                     if batch.len() < BATCH_SPANS {
                         continue;
                     }

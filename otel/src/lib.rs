@@ -6,6 +6,6 @@
 pub mod export;
 pub mod propagate;
 
-pub use export::{ExportConfig, Exporter};
+pub use export::{ExportConfig, Exporter, Record, Recorder};
 pub use opentelemetry;
 pub use opentelemetry_sdk;

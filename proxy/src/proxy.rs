@@ -82,9 +82,9 @@ fn observe(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Observe>>, S
                     KeyValue::new("strait.proxy.version", env!("CARGO_PKG_VERSION")),
                 ],
             };
-            let e = strait_otel::Exporter::start(cfg, metrics.trace_spans_dropped.clone())
+            let r = strait_otel::Recorder::start(cfg, metrics.trace_spans_dropped.clone())
                 .map_err(|e| StartError::Flag(e.to_string()))?;
-            Some(e.tracer)
+            Some(r)
         }
         None => None,
     };

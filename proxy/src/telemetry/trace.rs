@@ -8,25 +8,29 @@
 //! endpoint, peer identity, retries) and write it into the request's `Notes`,
 //! which exist only when something will read them.
 //!
+//! A span is not built here: the request keeps a small record of what it
+//! knew (ids, times, the path, the notes) and hands it to the export thread,
+//! which makes the attributes and the OTLP span. The serving thread pays for
+//! the ids, two clock reads, one copy of the path and a move into the queue.
+//!
 //! A span starts when the request arrives and ends when the response head is
-//! ready. Retries do not get spans of their own: the client span counts them
-//! (`strait.retry.count`) and marks each with an event.
+//! ready, or when the client goes away first (`strait.cancelled`, and the
+//! access-log line's status is 0). Retries do not get spans of their own: the
+//! client span counts them (`strait.retry.count`) and marks each with an event.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use futures_util::future::Either;
 use http::{Request, Response};
-use opentelemetry::trace::{
-    Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
-};
-use opentelemetry::{KeyValue, Value};
-use strait_otel::opentelemetry_sdk::trace::SdkTracer;
-use strait_otel::propagate;
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceState};
+use opentelemetry::{InstrumentationScope, KeyValue, Value};
+use strait_otel::opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use strait_otel::{Record, Recorder, export, propagate};
 
 use super::access_log::{AccessLog, Line};
 use super::metrics::Direction;
@@ -34,9 +38,9 @@ use crate::defaults::PROXY_ERROR_HEADER;
 use crate::identity::Identity;
 
 /// Where spans and access-log lines go; `None` of both when neither is on.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Observe {
-    pub tracer: Option<SdkTracer>,
+    pub tracer: Option<Recorder<ProxySpan>>,
     /// No new trace is ever started: only callers' sampled traces are followed.
     pub never_start: bool,
     pub access_log: Option<AccessLog>,
@@ -52,11 +56,16 @@ pub struct Notes {
     pub endpoint: Option<SocketAddr>,
     pub peer: Option<Identity>,
     pub retries: u32,
+    /// When each retry was sent, for the span's events (the first few).
+    pub retried_at: Vec<SystemTime>,
 }
+
+/// Retry events kept per span at most; the count says the rest.
+const RETRY_EVENTS: usize = 8;
 
 /// In a request's extensions when its span or log line will be written.
 #[derive(Clone, Debug)]
-pub struct RequestNotes(Arc<Mutex<Notes>>, Option<opentelemetry::Context>);
+pub struct RequestNotes(Arc<Mutex<Notes>>);
 
 impl RequestNotes {
     pub fn with(&self, f: impl FnOnce(&mut Notes)) {
@@ -67,17 +76,12 @@ impl RequestNotes {
 
     /// A retry is about to be sent: counted, and an event on the span.
     pub fn retried(&self) {
-        let mut n = 0;
         self.with(|notes| {
             notes.retries += 1;
-            n = notes.retries;
+            if notes.retried_at.len() < RETRY_EVENTS {
+                notes.retried_at.push(SystemTime::now());
+            }
         });
-        if let Some(cx) = &self.1 {
-            cx.span().add_event(
-                "retry",
-                vec![KeyValue::new("strait.retry.attempt", i64::from(n))],
-            );
-        }
     }
 }
 
@@ -147,44 +151,126 @@ where
         };
         let direction = self.layer.direction;
         let start = Instant::now();
-        let span_cx = observe
+        let span = observe
             .tracer
             .as_ref()
             .and_then(|t| start_span(t, observe.never_start, direction, &mut req));
-        if span_cx.is_none() && observe.access_log.is_none() {
+        if span.is_none() && observe.access_log.is_none() {
             return Either::Left(self.inner.call(req));
         }
         let notes = Arc::new(Mutex::new(Notes {
             peer: self.layer.peer.clone(),
             ..Notes::default()
         }));
-        req.extensions_mut()
-            .insert(RequestNotes(notes.clone(), span_cx.clone()));
+        req.extensions_mut().insert(RequestNotes(notes.clone()));
         let line = observe
             .access_log
             .as_ref()
             .map(|_| Line::of(&req, direction));
+        let mut pending = Pending {
+            observe,
+            direction,
+            start,
+            span,
+            line,
+            notes,
+        };
         let fut = self.inner.call(req);
         Either::Right(Box::pin(async move {
-            let rsp = fut.await?;
-            let notes = std::mem::take(&mut *notes.lock().unwrap_or_else(|p| p.into_inner()));
-            let error = rsp
-                .headers()
-                .get(PROXY_ERROR_HEADER)
-                .and_then(|v| v.to_str().ok());
-            let status = rsp.status().as_u16();
-            let trace_id = span_cx
-                .as_ref()
-                .map(|cx| cx.span().span_context().trace_id());
-            if let Some(cx) = &span_cx {
-                end_span(cx, direction, status, error, &notes);
+            match fut.await {
+                Ok(rsp) => {
+                    let error = rsp
+                        .headers()
+                        .get(PROXY_ERROR_HEADER)
+                        .and_then(|v| v.to_str().ok());
+                    pending.end(Some(rsp.status().as_u16()), error);
+                    Ok(rsp)
+                }
+                Err(e) => {
+                    pending.end(None, Some("no-response"));
+                    Err(e)
+                }
             }
-            if let (Some(log), Some(line)) = (&observe.access_log, line) {
-                log.write(line.finish(status, start.elapsed(), &notes, trace_id, error));
-            }
-            Ok(rsp)
         }))
     }
+}
+
+/// A request whose span or log line is still to be written: written when
+/// the response head is ready, or on drop, when the client went away first.
+struct Pending {
+    observe: Arc<Observe>,
+    direction: Direction,
+    start: Instant,
+    span: Option<Started>,
+    line: Option<Line>,
+    notes: Arc<Mutex<Notes>>,
+}
+
+impl Pending {
+    fn end(&mut self, status: Option<u16>, error: Option<&str>) {
+        let (span, line) = (self.span.take(), self.line.take());
+        if span.is_none() && line.is_none() {
+            return;
+        }
+        let notes = std::mem::take(&mut *self.notes.lock().unwrap_or_else(|p| p.into_inner()));
+        let trace_id = span.as_ref().map(|s| s.cx.trace_id());
+        if let (Some(log), Some(line)) = (&self.observe.access_log, line) {
+            log.write(line.finish(
+                status.unwrap_or(0),
+                self.start.elapsed(),
+                &notes,
+                trace_id,
+                error,
+            ));
+        }
+        if let (Some(t), Some(started)) = (&self.observe.tracer, span) {
+            let end = started.at + self.start.elapsed();
+            t.record(ProxySpan {
+                started,
+                direction: self.direction,
+                end,
+                status,
+                error: error.map(str::to_string),
+                notes,
+            });
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.end(None, Some(CANCELLED));
+    }
+}
+
+/// The error a span and log line carry when the client went away before the
+/// response head.
+const CANCELLED: &str = "cancelled";
+
+/// What is known of a span when its request arrives.
+#[derive(Debug)]
+struct Started {
+    /// Ours: the context the next hop sees as its parent.
+    cx: SpanContext,
+    parent: Option<SpanId>,
+    method: &'static str,
+    version: http::Version,
+    /// Inbound: the authority the caller addressed.
+    authority: Option<(String, Option<u16>)>,
+    path: String,
+    at: SystemTime,
+}
+
+/// A finished span, as queued for export.
+#[derive(Debug)]
+pub struct ProxySpan {
+    started: Started,
+    direction: Direction,
+    end: SystemTime,
+    /// `None`: no response (the client went away, or the connection failed).
+    status: Option<u16>,
+    error: Option<String>,
+    notes: Notes,
 }
 
 /// Starts this request's span, child of the caller's context when it sent one,
@@ -192,77 +278,70 @@ where
 /// caller's unsampled context passes untouched; a new trace we chose not to
 /// sample is passed on as unsampled, so the next proxy records none of it.
 fn start_span<B>(
-    tracer: &SdkTracer,
+    tracer: &Recorder<ProxySpan>,
     never_start: bool,
     direction: Direction,
     req: &mut Request<B>,
-) -> Option<opentelemetry::Context> {
+) -> Option<Started> {
     let parent = propagate::extract(req.headers());
-    match &parent {
+    let (trace_id, parent_id, sampled, state, format) = match parent {
         Some((sc, _)) if !sc.is_sampled() => return None,
+        Some((sc, f)) => (
+            sc.trace_id(),
+            Some(sc.span_id()),
+            true,
+            sc.trace_state().clone(),
+            Some(f),
+        ),
         None if never_start => return None,
-        _ => {}
-    }
-    let parent_cx = match &parent {
-        Some((sc, _)) => opentelemetry::Context::new().with_remote_span_context(sc.clone()),
-        None => opentelemetry::Context::new(),
-    };
-    let kind = match direction {
-        Direction::Outbound => SpanKind::Client,
-        Direction::Inbound => SpanKind::Server,
-    };
-    let method = method_name(req.method());
-    let mut attrs = Vec::with_capacity(8);
-    attrs.push(KeyValue::new("http.request.method", method.clone()));
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| (a.host().to_string(), a.port_u16()))
-        .or_else(|| {
-            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            let a: http::uri::Authority = h.parse().ok()?;
-            Some((a.host().to_string(), a.port_u16()))
-        });
-    // Outbound, the address is the destination the stages resolve (`end_span`).
-    if let (Some((host, port)), Direction::Inbound) = (authority, direction) {
-        attrs.push(KeyValue::new(
-            "server.address",
-            super::access_log::bounded(host),
-        ));
-        if let Some(p) = port {
-            attrs.push(KeyValue::new("server.port", i64::from(p)));
+        None => {
+            let id = export::new_trace_id();
+            (id, None, tracer.samples(id), TraceState::default(), None)
         }
-    }
-    // Bounded: the export queue counts spans, so spans are bounded in size.
-    attrs.push(KeyValue::new(
-        "url.path",
-        super::access_log::bounded(req.uri().path().to_string()),
-    ));
-    attrs.push(KeyValue::new(
-        "network.protocol.version",
-        protocol(req.version()),
-    ));
-    attrs.push(KeyValue::new("strait.direction", direction.as_str()));
-    let span = tracer
-        .span_builder(method)
-        .with_kind(kind)
-        .with_attributes(attrs)
-        .start_with_context(tracer, &parent_cx);
-    let sc: SpanContext = span.span_context().clone();
+    };
+    let flags = if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let cx = SpanContext::new(trace_id, export::new_span_id(), flags, false, state);
     // Not sampled by our ratio: the next hop is told so (`-00`), and follows
     // the decision rather than making its own.
-    propagate::inject(req.headers_mut(), &sc, parent.map(|(_, f)| f));
-    if !span.is_recording() {
+    propagate::inject(req.headers_mut(), &cx, format);
+    if !sampled {
         return None;
     }
-    Some(parent_cx.with_span(span))
+    // Outbound, the address is the destination the stages resolve.
+    let authority = match direction {
+        Direction::Outbound => None,
+        Direction::Inbound => req
+            .uri()
+            .authority()
+            .map(|a| (a.host().to_string(), a.port_u16()))
+            .or_else(|| {
+                let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+                let a: http::uri::Authority = h.parse().ok()?;
+                Some((a.host().to_string(), a.port_u16()))
+            })
+            .map(|(h, p)| (super::access_log::bounded(h), p)),
+    };
+    Some(Started {
+        cx,
+        parent: parent_id,
+        method: method_name(req.method()),
+        version: req.version(),
+        authority,
+        // Bounded: the export queue counts spans, so spans are bounded in size.
+        path: super::access_log::bounded(req.uri().path().to_string()),
+        at: SystemTime::now(),
+    })
 }
 
 /// The method as a span name and attribute: the standard ones without an
 /// allocation.
-fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+fn method_name(m: &http::Method) -> &'static str {
     use http::Method;
-    let known: &'static str = match *m {
+    match *m {
         Method::GET => "GET",
         Method::POST => "POST",
         Method::PUT => "PUT",
@@ -274,8 +353,7 @@ fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
         Method::TRACE => "TRACE",
         // Semantic conventions: other methods are reported as `_OTHER`.
         _ => "_OTHER",
-    };
-    std::borrow::Cow::Borrowed(known)
+    }
 }
 
 fn protocol(v: http::Version) -> &'static str {
@@ -286,63 +364,124 @@ fn protocol(v: http::Version) -> &'static str {
     }
 }
 
-fn end_span(
-    cx: &opentelemetry::Context,
-    direction: Direction,
-    status: u16,
-    error: Option<&str>,
-    notes: &Notes,
-) {
-    let span = cx.span();
-    let mut attrs = vec![KeyValue::new(
-        "http.response.status_code",
-        i64::from(status),
-    )];
-    // What the app addressed, rather than the listener it reached us on.
-    match &notes.destination {
-        Some(crate::addr::DestAddr::Name(n)) => {
-            attrs.push(KeyValue::new("server.address", n.host().to_string()));
-            attrs.push(KeyValue::new("server.port", i64::from(n.port())));
+impl Record for ProxySpan {
+    fn into_span_data(self, scope: &InstrumentationScope) -> SpanData {
+        let ProxySpan {
+            started,
+            direction,
+            end,
+            status,
+            error,
+            notes,
+        } = self;
+        let mut attrs = Vec::with_capacity(20);
+        attrs.push(KeyValue::new("http.request.method", started.method));
+        attrs.push(KeyValue::new("url.path", started.path));
+        attrs.push(KeyValue::new(
+            "network.protocol.version",
+            protocol(started.version),
+        ));
+        attrs.push(KeyValue::new("strait.direction", direction.as_str()));
+        if let Some(s) = status {
+            attrs.push(KeyValue::new("http.response.status_code", i64::from(s)));
         }
-        Some(crate::addr::DestAddr::Socket(a)) if direction == Direction::Outbound => {
-            attrs.push(KeyValue::new("server.address", a.ip().to_string()));
-            attrs.push(KeyValue::new("server.port", i64::from(a.port())));
+        // What the app addressed, rather than the listener it reached us on.
+        match (&notes.destination, started.authority) {
+            (_, Some((host, port))) => {
+                attrs.push(KeyValue::new("server.address", host));
+                if let Some(p) = port {
+                    attrs.push(KeyValue::new("server.port", i64::from(p)));
+                }
+            }
+            (Some(crate::addr::DestAddr::Name(n)), None) => {
+                attrs.push(KeyValue::new("server.address", n.host().to_string()));
+                attrs.push(KeyValue::new("server.port", i64::from(n.port())));
+            }
+            (Some(crate::addr::DestAddr::Socket(a)), None) => {
+                attrs.push(KeyValue::new("server.address", a.ip().to_string()));
+                attrs.push(KeyValue::new("server.port", i64::from(a.port())));
+            }
+            (None, None) => {}
         }
-        _ => {}
+        // Names from configuration, shared rather than copied.
+        let shared = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
+        if let Some((service, route, rule)) = &notes.route {
+            attrs.push(KeyValue::new("strait.service", shared(service)));
+            attrs.push(KeyValue::new("strait.route", shared(route)));
+            attrs.push(KeyValue::new("strait.rule", shared(rule)));
+        }
+        if let Some(b) = &notes.backend {
+            attrs.push(KeyValue::new("strait.backend", shared(b)));
+        }
+        if let Some(e) = notes.endpoint {
+            attrs.push(KeyValue::new("network.peer.address", e.ip().to_string()));
+            attrs.push(KeyValue::new("network.peer.port", i64::from(e.port())));
+            attrs.push(KeyValue::new("strait.endpoint", e.to_string()));
+        }
+        if let Some(p) = &notes.peer {
+            attrs.push(KeyValue::new("strait.peer.identity", p.to_string()));
+        }
+        attrs.push(KeyValue::new(
+            "strait.retry.count",
+            i64::from(notes.retries),
+        ));
+        let cancelled = error.as_deref() == Some(CANCELLED);
+        if cancelled {
+            attrs.push(KeyValue::new("strait.cancelled", true));
+        } else if let Some(e) = &error {
+            attrs.push(KeyValue::new("strait.proxy.error", e.clone()));
+        }
+        // Semantic conventions: 5xx is an error on both sides, 4xx on the
+        // client's; no response for another reason than the client leaving is
+        // an error too.
+        let failed = match status {
+            Some(s) => s >= 500 || (direction == Direction::Outbound && s >= 400),
+            None => !cancelled,
+        };
+        if failed {
+            let kind = match (status, &error) {
+                (Some(s), _) => s.to_string(),
+                (None, Some(e)) => e.clone(),
+                (None, None) => "_OTHER".into(),
+            };
+            attrs.push(KeyValue::new("error.type", kind));
+        }
+        let mut events = SpanEvents::default();
+        events.dropped_count = notes.retries.saturating_sub(RETRY_EVENTS as u32);
+        events.events = notes
+            .retried_at
+            .iter()
+            .zip(1i64..)
+            .map(|(at, n)| {
+                opentelemetry::trace::Event::new(
+                    "retry",
+                    *at,
+                    vec![KeyValue::new("strait.retry.attempt", n)],
+                    0,
+                )
+            })
+            .collect();
+        SpanData {
+            span_context: started.cx,
+            parent_span_id: started.parent.unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: started.parent.is_some(),
+            span_kind: match direction {
+                Direction::Outbound => SpanKind::Client,
+                Direction::Inbound => SpanKind::Server,
+            },
+            name: started.method.into(),
+            start_time: started.at,
+            end_time: end,
+            attributes: attrs,
+            dropped_attributes_count: 0,
+            events,
+            links: SpanLinks::default(),
+            status: if failed {
+                Status::error(error.unwrap_or_default())
+            } else {
+                Status::Unset
+            },
+            instrumentation_scope: scope.clone(),
+        }
     }
-    // Names from configuration, shared rather than copied.
-    let shared = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
-    if let Some((service, route, rule)) = &notes.route {
-        attrs.push(KeyValue::new("strait.service", shared(service)));
-        attrs.push(KeyValue::new("strait.route", shared(route)));
-        attrs.push(KeyValue::new("strait.rule", shared(rule)));
-    }
-    if let Some(b) = &notes.backend {
-        attrs.push(KeyValue::new("strait.backend", shared(b)));
-    }
-    if let Some(e) = notes.endpoint {
-        attrs.push(KeyValue::new("network.peer.address", e.ip().to_string()));
-        attrs.push(KeyValue::new("network.peer.port", i64::from(e.port())));
-        attrs.push(KeyValue::new("strait.endpoint", e.to_string()));
-    }
-    if let Some(p) = &notes.peer {
-        attrs.push(KeyValue::new("strait.peer.identity", p.to_string()));
-    }
-    attrs.push(KeyValue::new(
-        "strait.retry.count",
-        i64::from(notes.retries),
-    ));
-    if let Some(e) = error {
-        attrs.push(KeyValue::new("strait.proxy.error", e.to_string()));
-    }
-    // Semantic conventions: 5xx is an error on both sides, 4xx on the client's.
-    let failed = status >= 500 || (direction == Direction::Outbound && status >= 400);
-    if failed {
-        attrs.push(KeyValue::new("error.type", status.to_string()));
-    }
-    span.set_attributes(attrs);
-    if failed {
-        span.set_status(Status::error(error.unwrap_or_default().to_string()));
-    }
-    span.end();
 }

@@ -297,11 +297,21 @@ async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    // Lines are written as requests finish; read until both are there.
+    // A client that gives up before the answer still leaves a line.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        client::get(
+            &client::http1(),
+            &format!("http://127.0.0.1:{local}/slow/10000"),
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the slow answer came early");
+    // Lines are written as requests finish; read until all three are there.
     let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
     use tokio::io::AsyncBufReadExt;
-    while lines.len() < 2 {
+    while lines.len() < 3 {
         let mut l = String::new();
         let n = tokio::time::timeout(Duration::from_secs(10), stdout.read_line(&mut l))
             .await
@@ -323,5 +333,13 @@ async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
         lines[1]["trace_id"].as_str().is_some_and(|t| t.len() == 32),
         "a new trace for a request without one: {}",
         lines[1]
+    );
+    let cancelled = &lines[2];
+    assert_eq!(cancelled["path"], "/slow/10000", "{cancelled}");
+    assert_eq!(cancelled["status"], 0, "{cancelled}");
+    assert_eq!(cancelled["proxy_error"], "cancelled", "{cancelled}");
+    assert!(
+        cancelled["duration_ms"].as_f64().unwrap() >= 250.0,
+        "{cancelled}"
     );
 }

@@ -171,6 +171,40 @@ async fn a_request_through_two_proxies_joins_the_apps_trace() {
 }
 
 #[tokio::test]
+async fn a_request_the_client_abandons_still_ends_both_spans() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &[]).await;
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let req = http::Request::get(m.url("/slow/10000"))
+        .header("traceparent", format!("00-{trace}-{APP_SPAN}-01"))
+        .body(client::empty())
+        .unwrap();
+    let c = client::http1();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), c.request(req)).await;
+    assert!(gave_up.is_err(), "the slow answer came early");
+    drop(c);
+    let spans = collector.trace(trace, 2).await;
+    let (client_spans, server_spans) = (
+        of_trace(&spans, trace, CLIENT),
+        of_trace(&spans, trace, SERVER),
+    );
+    assert_eq!(
+        (client_spans.len(), server_spans.len()),
+        (1, 1),
+        "{spans:#?}"
+    );
+    for span in [client_spans[0], server_spans[0]] {
+        assert_eq!(
+            span.attr("strait.cancelled").as_deref(),
+            Some("true"),
+            "{span:#?}"
+        );
+        assert_eq!(span.attr("http.response.status_code"), None, "{span:#?}");
+        assert_eq!(span.attr("url.path").as_deref(), Some("/slow/10000"));
+    }
+}
+
+#[tokio::test]
 async fn b3_is_continued_and_answered_in_kind() {
     let collector = OtlpCollector::start(Mode::Accept).await;
     let m = Mesh::start(&collector.endpoint(), &[]).await;
