@@ -133,7 +133,14 @@ impl Backend {
 
     /// Lets every open `/sse` stream send its last event and end.
     pub fn release_sse(&self) {
-        self.stats.sse_release.notify_waiters();
+        self.stats.release_sse();
+    }
+}
+
+impl Stats {
+    /// Lets one `/sse` stream send its last event (now, or when it gets there).
+    pub fn release_sse(&self) {
+        self.sse_release.notify_one();
     }
 }
 
@@ -338,8 +345,19 @@ fn websocket_echo(mut req: Request<Incoming>) -> Response<TestBody> {
             }
         }
     });
+    // The first subprotocol the client offers is taken, as a server that
+    // speaks them all would (GraphQL's `graphql-transport-ws`, say).
+    let subprotocol = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|p| HeaderValue::from_str(p.trim()).ok());
     let mut r = status(StatusCode::SWITCHING_PROTOCOLS, "");
     let h = r.headers_mut();
+    if let Some(p) = subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+    }
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(

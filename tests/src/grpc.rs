@@ -113,8 +113,17 @@ pub async fn start_flaky_echo() -> SocketAddr {
     .await
 }
 
+/// The echo service on `addr` (a pod's `0.0.0.0:PORT`, say).
+pub async fn start_echo_on(addr: SocketAddr) -> SocketAddr {
+    serve_on(EchoService::default(), addr).await
+}
+
 async fn serve(svc: EchoService) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    serve_on(svc, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+async fn serve_on(svc: EchoService, addr: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.expect("bind grpc");
     let addr = listener.local_addr().expect("grpc addr");
     tokio::spawn(
         tonic::transport::Server::builder()

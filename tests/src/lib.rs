@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod netns;
 pub mod otlp;
 pub mod pki;
+pub mod pods;
 pub mod process;
 pub mod tcp;
 pub mod wait;

@@ -144,6 +144,62 @@ impl Pod {
     }
 }
 
+/// Code running inside a pod: a thread of its own in the pod's network
+/// namespace, with its own runtime, so every socket it opens is the pod's (the
+/// app side of a test: servers and clients alike). Stopped on drop.
+pub struct InPod<T> {
+    result: Option<tokio::sync::oneshot::Receiver<T>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl<T> InPod<T> {
+    /// What the code returned; panics if it panicked.
+    pub async fn join(mut self) -> T {
+        let rx = self.result.take().expect("joined once");
+        rx.await.expect("the code in the pod panicked")
+    }
+}
+
+impl Pod {
+    /// Runs `f`'s future inside this pod (see [`InPod`]).
+    pub fn run<F, Fut>(&self, f: F) -> InPod<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        use std::os::fd::AsFd;
+        let path = format!("/run/netns/{}", self.name);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("pod {}", self.name))
+            .spawn(move || {
+                let ns = std::fs::File::open(&path).expect("open the pod's namespace");
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .expect("enter the pod's namespace");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime in the pod");
+                rt.block_on(async move {
+                    tokio::select! {
+                        v = f() => { let _ = tx.send(v); }
+                        _ = &mut stopped => {}
+                    }
+                });
+            })
+            .expect("a thread in the pod");
+        InPod {
+            result: Some(rx),
+            _stop: stop,
+        }
+    }
+}
+
 impl Drop for Pod {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);

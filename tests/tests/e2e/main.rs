@@ -10,4 +10,5 @@ mod identity;
 mod interception;
 mod kubernetes;
 mod observability;
+mod pods;
 mod traffic;

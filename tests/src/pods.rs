@@ -1,0 +1,226 @@
+//! A mesh of namespace pods, as in a cluster: the controller on the host
+//! (issuing certificates, on the LAN's host address), and in each pod the
+//! rules of `strait-proxy init`, a `strait-proxy` as uid 2102 with its own
+//! service-account token, and whatever app the test runs there
+//! ([`crate::netns::Pod::run`]). Services get virtual cluster IPs (10.96.0.x)
+//! that exist only in the manifests: the outbound redirect catches them and
+//! discovery resolves them, as kube-proxy's absence would demand.
+//!
+//! Needs root, iproute2, iptables (nft) and nsenter: [`PodMesh::start`] says
+//! so (fails in CI, skips elsewhere).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::manifests::ManifestDir;
+use crate::mesh::ControllerProc;
+use crate::netns::{self, Lan, Pod};
+use crate::pki::{Pki, token_secret};
+use crate::process::{Proc, binary, free_port};
+use crate::wait;
+
+pub const NS: &str = "test";
+/// The proxy's uid, as the injector runs it.
+pub const PROXY_UID: u32 = 2102;
+const TRUST_DOMAIN: &str = "cluster.local";
+
+pub struct PodMesh {
+    pub lan: Lan,
+    pub dir: ManifestDir,
+    /// Tokens and trust anchors, readable by the proxies' uid.
+    files: PathBuf,
+    _pki: Pki,
+    pub controller: ControllerProc,
+    cluster_ips: u8,
+}
+
+/// A pod of the mesh: its namespace, its proxy, and its identity.
+pub struct MeshedPod {
+    pub pod: Pod,
+    pub service_account: String,
+    pub proxy: Option<Proc>,
+}
+
+impl PodMesh {
+    /// The controller on the host, no pods yet; `None` (after
+    /// [`crate::host::missing`]) when this host cannot make pods.
+    pub async fn start() -> Option<PodMesh> {
+        let lan = Lan::new()?;
+        if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
+            crate::host::missing("iptables (nft) and nsenter");
+            return None;
+        }
+        let dir = ManifestDir::new();
+        let pki = Pki::new();
+        let files = std::env::temp_dir().join(format!(
+            "strait-pods-{}-{}",
+            std::process::id(),
+            lan.host_ip()
+        ));
+        std::fs::create_dir_all(&files).expect("pod files dir");
+        readable(&files, 0o755);
+        let anchors = files.join("anchors.pem");
+        std::fs::copy(pki.anchors(), &anchors).expect("copy trust anchors");
+        readable(&anchors, 0o644);
+        let grpc = SocketAddr::from((lan.host_ip(), free_port()));
+        let controller = ControllerProc::start_with(dir.path(), grpc, Some(&pki), None).await;
+        Some(PodMesh {
+            lan,
+            dir,
+            files,
+            _pki: pki,
+            controller,
+            cluster_ips: 0,
+        })
+    }
+
+    /// A Service on a new virtual cluster IP; `port` sends to the pods' `target`.
+    pub fn service(&mut self, name: &str, port: u16, target: u16) -> SocketAddr {
+        self.cluster_ips += 1;
+        let ip = Ipv4Addr::new(10, 96, 0, self.cluster_ips);
+        self.dir.write(
+            &format!("svc-{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: main, port: {port}, targetPort: {target}}}]\n"
+            ),
+        );
+        SocketAddr::from((ip, port))
+    }
+
+    /// The Service's endpoints: `port` on each of `pods`.
+    pub fn endpoints(&self, service: &str, port: u16, pods: &[&MeshedPod]) {
+        let mut eps = String::new();
+        for p in pods {
+            eps.push_str(&format!(
+                "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, name: {}}}\n",
+                p.pod.ip, p.pod.name
+            ));
+        }
+        self.dir.write(
+            &format!("slice-{service}.yaml"),
+            &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}\n  namespace: {NS}\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports: [{{name: main, port: {port}}}]\nendpoints:\n{eps}"
+            ),
+        );
+    }
+
+    /// Only meshed clients reach `service`: plaintext is refused.
+    pub fn strict(&self, service: &str) {
+        self.dir.write(
+            &format!("policy-{service}.yaml"),
+            &format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {service}, namespace: {NS}}}\nspec:\n  targetRef: {{kind: Service, name: {service}}}\n  mtls: STRICT\n"
+            ),
+        );
+    }
+
+    /// A new pod running as `service_account`, with `init`'s rules and its proxy
+    /// (with `extra` flags) ready; its app is up to the test.
+    pub async fn pod(&mut self, name: &str, service_account: &str, extra: &[&str]) -> MeshedPod {
+        let pod = self.lan.pod(name);
+        let init = pod
+            .command(binary("strait-proxy"))
+            .arg("init")
+            .output()
+            .expect("run strait-proxy init");
+        assert!(
+            init.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let token = format!("token-of-{service_account}");
+        self.dir.write(
+            &format!("token-{service_account}.yaml"),
+            &token_secret(NS, service_account, &token),
+        );
+        let token_file = self.files.join(format!("{service_account}.token"));
+        std::fs::write(&token_file, &token).expect("write token");
+        readable(&token_file, 0o644);
+        self.dir.write(
+            &format!("pod-{}.yaml", pod.name),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NS}\n  labels: {{app: {name}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {service_account}\n  containers: [{{name: app, image: app}}]\n",
+                pod.name
+            ),
+        );
+        let mut p = MeshedPod {
+            pod,
+            service_account: service_account.to_string(),
+            proxy: None,
+        };
+        let args = self.proxy_args(&p, &token_file, extra);
+        p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
+        wait::ready(p.admin(), Duration::from_secs(20)).await;
+        p
+    }
+
+    fn proxy_args(&self, p: &MeshedPod, token: &std::path::Path, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--admin-addr=0.0.0.0:4191".to_string(),
+            format!("--control-plane=https://{}", self.controller.grpc),
+            format!("--namespace={NS}"),
+            format!("--pod-name={}", p.pod.name),
+            format!("--service-account={}", p.service_account),
+            format!("--token-file={}", token.display()),
+            format!(
+                "--trust-anchors={}",
+                self.files.join("anchors.pem").display()
+            ),
+            format!("--app-ip={}", p.pod.ip),
+            "--log-level=warn".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Restarts `p`'s proxy (the old one killed first).
+    pub async fn restart_proxy(&self, p: &mut MeshedPod, extra: &[&str]) {
+        p.proxy = None;
+        let token = self.files.join(format!("{}.token", p.service_account));
+        let args = self.proxy_args(p, &token, extra);
+        p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
+        wait::ready(p.admin(), Duration::from_secs(20)).await;
+    }
+}
+
+impl Drop for PodMesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.files);
+    }
+}
+
+impl MeshedPod {
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::from((self.pod.ip, 4191))
+    }
+
+    /// `spiffe://cluster.local/ns/test/sa/<service account>`.
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{NS}/sa/{}",
+            self.service_account
+        )
+    }
+
+    /// The sum of a metric's samples whose labels contain every one of `labels`
+    /// (`peer="spiffe://…"`, …).
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let Ok((_, text)) = wait::admin_get(self.admin(), "/metrics").await else {
+            return 0.0;
+        };
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+fn readable(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}

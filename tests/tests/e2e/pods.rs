@@ -1,0 +1,917 @@
+//! The mesh on namespace pods: every protocol our users run, from an app in a
+//! client pod to a server in another, through both sidecars (intercepted by
+//! the rules of `strait-proxy init`, mutual TLS between them), the apps
+//! unaware of the mesh and addressing Services by virtual cluster IPs.
+//!
+//! Every Service is STRICT, so an answer at all proves the bytes between the
+//! pods were mutual TLS; a plaintext probe from outside the mesh is refused on
+//! the same ports. Each row of the printed table names the protocol, what
+//! crossed, and how many of its requests or connections the server's proxy
+//! admitted as the client's verified identity.
+
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use strait_api::testing::EchoRequest;
+use strait_api::testing::echo_client::EchoClient;
+use strait_tests::backend::Backend;
+use strait_tests::netns::{Pod, have};
+use strait_tests::pods::{MeshedPod, PodMesh};
+use strait_tests::{client, grpc, wait};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A check's outcome: what crossed, or what went wrong.
+type Check = Result<String, String>;
+
+const HTTP_PORT: u16 = 8080;
+const GRPC_PORT: u16 = 9090;
+
+/// Runs a program inside `pod` (as root, so the app side: intercepted).
+fn in_pod(pod: &Pod, program: &str, args: &[&str]) -> Output {
+    pod.command(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+fn stdout_of(o: &Output) -> Check {
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{}: {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// The server's proxy's count of what it admitted from `client`'s identity.
+async fn admitted(server: &MeshedPod, client: &MeshedPod) -> f64 {
+    let peer = format!("peer=\"{}\"", client.identity());
+    server
+        .metric(
+            "strait_proxy_inbound_authorizations_total",
+            &[&peer, "decision=\"allow\""],
+        )
+        .await
+}
+
+async fn post(url: String, content_type: &str, extra: (&str, &str), body: &'static str) -> Check {
+    let req = Request::post(&url)
+        .header("content-type", content_type)
+        .header(extra.0, extra.1)
+        .body(client::body(body))
+        .map_err(|e| e.to_string())?;
+    let rsp = client::http1()
+        .request(req)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = rsp.status();
+    let seen = rsp
+        .headers()
+        .get("x-seen-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let got = rsp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status != StatusCode::OK || got != body.as_bytes() {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&got)));
+    }
+    if !seen.split(',').any(|h| h == extra.0) {
+        return Err(format!("{} did not reach the server: {seen}", extra.0));
+    }
+    Ok(format!("{} bytes echoed, {} kept", got.len(), extra.0))
+}
+
+async fn sse(web: SocketAddr, app: std::sync::Arc<strait_tests::backend::Stats>) -> Check {
+    let rsp = client::http1()
+        .get(
+            format!("http://{web}/sse")
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = rsp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .map_err(|_| "no first event while the stream was open".to_string())?
+        .ok_or("stream ended")?
+        .map_err(|e| e.to_string())?;
+    let first = first.into_data().unwrap_or_default();
+    if first != Bytes::from_static(b"data: first\n\n") {
+        return Err(format!("first event {first:?}"));
+    }
+    app.release_sse();
+    let rest = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    if rest != Bytes::from_static(b"data: last\n\n") {
+        return Err(format!("last event {rest:?}"));
+    }
+    Ok("first event before the stream ended, then the last".into())
+}
+
+/// A WebSocket to the echo; with `subprotocol`, a GraphQL-over-WebSocket
+/// exchange (`graphql-transport-ws` messages), else text and binary frames.
+async fn websocket(web: SocketAddr, subprotocol: Option<&str>) -> Check {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{web}/ws")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    if let Some(p) = subprotocol {
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            p.parse().map_err(|e| format!("{e}"))?,
+        );
+    }
+    let tcp = tokio::net::TcpStream::connect(web)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages: Vec<Message> = match subprotocol {
+        Some(_) => vec![
+            Message::text(r#"{"type":"connection_init"}"#),
+            Message::text(
+                r#"{"id":"1","type":"subscribe","payload":{"query":"subscription { cartUpdated { id } }"}}"#,
+            ),
+        ],
+        None => vec![
+            Message::text("hello"),
+            Message::binary(vec![0u8, 1, 2, 255]),
+        ],
+    };
+    for m in &messages {
+        ws.send(m.clone()).await.map_err(|e| e.to_string())?;
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .map_err(|_| "no echo".to_string())?
+            .ok_or("closed")?
+            .map_err(|e| e.to_string())?;
+        if &got != m {
+            return Err(format!("sent {m:?}, got {got:?}"));
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(format!("{} messages echoed", messages.len()))
+}
+
+async fn grpc_calls(rpc: SocketAddr) -> Check {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{rpc}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut c = EchoClient::new(channel);
+    let msg = |m: &str| EchoRequest {
+        message: m.into(),
+        ..Default::default()
+    };
+    let unary = c
+        .unary(msg("unary"))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    if unary.message != "unary" {
+        return Err(format!("unary: {unary:?}"));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = c
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    // Each reply before the next request: the stream is live both ways.
+    for i in 0..10 {
+        tx.send(msg(&format!("m{i}")))
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = replies
+            .message()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("bidi ended early")?;
+        if r.message != format!("m{i}") || r.seq != i {
+            return Err(format!("bidi {i}: {r:?}"));
+        }
+    }
+    drop(tx);
+    Ok("unary, and 10 bidirectional messages each answered in turn".into())
+}
+
+/// gRPC-Web as a browser sends it: a length-prefixed message in an HTTP/1.1
+/// POST, answered (by the echo) in the same framing.
+async fn grpc_web(web: SocketAddr) -> Check {
+    let mut framed = vec![0u8, 0, 0, 0, 5];
+    framed.extend_from_slice(b"hello");
+    let req = Request::post(format!("http://{web}/echo"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(client::body(framed.clone()))
+        .map_err(|e| e.to_string())?;
+    let rsp = client::http1()
+        .request(req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let version = rsp
+        .headers()
+        .get("x-seen-version")
+        .cloned()
+        .unwrap_or(http::HeaderValue::from_static(""));
+    let got = rsp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if got != framed {
+        return Err(format!("{got:?}"));
+    }
+    Ok(format!(
+        "framed message intact, app saw {}",
+        version.to_str().unwrap_or("?")
+    ))
+}
+
+/// Postgres in the server pod, as its own user, trusting the LAN.
+fn start_postgres(
+    server: &MeshedPod,
+    dir: &std::path::Path,
+) -> Option<strait_tests::process::Proc> {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .find(|b| b.join("postgres").exists())?;
+    let uid = uid_of("postgres")?;
+    std::fs::create_dir_all(dir).ok()?;
+    chown(dir, uid);
+    let data = dir.join("data");
+    let init = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("initdb"))
+        .args(["-A", "trust", "-U", "postgres", "-D"])
+        .arg(&data)
+        .output()
+        .ok()?;
+    assert!(
+        init.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\nhost all all 0.0.0.0/0 trust\n",
+    )
+    .ok()?;
+    Some(server.pod.spawn_as(
+        uid,
+        bin.join("postgres"),
+        &[
+            "-D".into(),
+            data.display().to_string(),
+            "-c".into(),
+            "listen_addresses=0.0.0.0".into(),
+            "-c".into(),
+            format!("unix_socket_directories={}", dir.display()),
+        ],
+    ))
+}
+
+/// MariaDB in the server pod (it drops to its own user), any client admitted.
+fn start_mariadb(server: &MeshedPod, dir: &std::path::Path) -> strait_tests::process::Proc {
+    std::fs::create_dir_all(dir).expect("mariadb dir");
+    if let Some(uid) = uid_of("mysql") {
+        chown(dir, uid);
+    }
+    let data = dir.join("data");
+    let init = Command::new("mariadb-install-db")
+        .args([
+            "--user=mysql",
+            "--skip-test-db",
+            "--auth-root-authentication-method=normal",
+        ])
+        .arg(format!("--datadir={}", data.display()))
+        .output()
+        .expect("mariadb-install-db");
+    assert!(
+        init.status.success(),
+        "mariadb-install-db: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    server.pod.spawn_as(
+        0,
+        "mariadbd".into(),
+        &[
+            "--no-defaults".into(),
+            "--user=mysql".into(),
+            format!("--datadir={}", data.display()),
+            format!("--socket={}", dir.join("sock").display()),
+            format!("--pid-file={}", dir.join("pid").display()),
+            "--bind-address=0.0.0.0".into(),
+            "--port=3306".into(),
+            "--skip-grant-tables".into(),
+            "--skip-name-resolve".into(),
+            format!("--log-error={}", dir.join("error.log").display()),
+        ],
+    )
+}
+
+const RABBITMQ: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/// RabbitMQ in the server pod as its own user, with its files in `dir` and
+/// the guest user allowed from other hosts (the mesh's connections arrive
+/// from the pod's address, not loopback).
+fn start_rabbitmq(server: &MeshedPod, dir: &std::path::Path) -> strait_tests::process::Proc {
+    std::fs::create_dir_all(dir).expect("rabbitmq dir");
+    let conf = dir.join("rabbitmq.conf");
+    std::fs::write(
+        &conf,
+        "loopback_users = none\nlisteners.tcp.default = 5672\n",
+    )
+    .expect("rabbitmq.conf");
+    let uid = uid_of("rabbitmq").expect("the rabbitmq user");
+    let _ = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{uid}"))
+        .arg(dir)
+        .status();
+    let var = |k: &str, v: &std::path::Path| format!("{k}={}", v.display());
+    server.pod.spawn_as(
+        uid,
+        "env".into(),
+        &[
+            var("HOME", dir),
+            var("RABBITMQ_CONFIG_FILE", &conf),
+            var("RABBITMQ_MNESIA_BASE", &dir.join("mnesia")),
+            var("RABBITMQ_LOG_BASE", &dir.join("log")),
+            "RABBITMQ_NODENAME=strait-test@localhost".into(),
+            var("RABBITMQ_LOGS", &dir.join("rabbit.log")),
+            RABBITMQ.into(),
+        ],
+    )
+}
+
+/// Throughput with redis-benchmark, then a message through pub/sub.
+async fn redis_checks(pod: &Pod, host: &str) -> Check {
+    let bench = stdout_of(&in_pod(
+        pod,
+        "redis-benchmark",
+        &["-h", host, "-n", "2000", "-c", "8", "-q", "-t", "set,get"],
+    ))?;
+    let rates: Vec<&str> = bench
+        .lines()
+        .filter_map(|l| l.rsplit('\r').next())
+        .filter(|l| l.starts_with("SET:") || l.starts_with("GET:"))
+        .collect();
+    if rates.len() != 2 {
+        return Err(format!("redis-benchmark: {bench}"));
+    }
+    let mut cmd = pod.command("redis-cli");
+    cmd.args(["-h", host, "subscribe", "news"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut sub = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().ok_or("no stdout")?).lines();
+    // redis-cli prints `subscribe`, `news`, `1` once subscribed; then a message
+    // as `message`, `news`, its text.
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut published = false;
+        while let Ok(Some(l)) = lines.next_line().await {
+            seen.push(l.clone());
+            if !published && seen.ends_with(&["subscribe".into(), "news".into(), "1".into()]) {
+                published = true;
+                let n = stdout_of(&in_pod(
+                    pod,
+                    "redis-cli",
+                    &["-h", host, "publish", "news", "cart 42"],
+                ))?;
+                if n != "1" {
+                    return Err(format!("published to {n} subscribers"));
+                }
+            }
+            if published && l == "cart 42" {
+                return Ok(());
+            }
+        }
+        Err("the subscriber stopped".to_string())
+    })
+    .await;
+    let _ = sub.kill().await;
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("pub/sub: {e}; subscriber saw {seen:?}")),
+        Err(_) => {
+            return Err(format!(
+                "pub/sub: no message in 10 s; subscriber saw {seen:?}"
+            ));
+        }
+    }
+    Ok(format!(
+        "{}; pub/sub message delivered",
+        rates
+            .iter()
+            .map(|r| r.split(',').next().unwrap_or(r).trim())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+fn uid_of(user: &str) -> Option<u32> {
+    let o = Command::new("id").args(["-u", user]).output().ok()?;
+    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+}
+
+fn chown(p: &std::path::Path, uid: u32) {
+    let _ = Command::new("chown")
+        .arg(format!("{uid}:{uid}"))
+        .arg(p)
+        .status();
+}
+
+/// Retries `f` (run in a blocking thread) until it succeeds or `within` passes:
+/// a server just started may not listen yet.
+async fn until_ok(within: Duration, f: impl Fn() -> Check + Send + Sync + 'static) -> Check {
+    let f = std::sync::Arc::new(f);
+    let deadline = Instant::now() + within;
+    loop {
+        let g = f.clone();
+        let r = tokio::task::spawn_blocking(move || g())
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.is_ok() || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
+    let Some(mut mesh) = PodMesh::start().await else {
+        return;
+    };
+    let server = mesh.pod("server", "server", &[]).await;
+    let client = mesh.pod("client", "client", &[]).await;
+
+    // The server pod's apps.
+    let (stats_tx, stats_rx) = tokio::sync::oneshot::channel();
+    let _http_app = server.pod.run(move || async move {
+        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT))).await;
+        let _ = stats_tx.send(b.stats.clone());
+        std::future::pending::<()>().await;
+        drop(b);
+    });
+    let http_stats = stats_rx.await.expect("the HTTP app started");
+    let _grpc_app = server.pod.run(|| async {
+        grpc::start_echo_on(SocketAddr::from(([0, 0, 0, 0], GRPC_PORT))).await;
+        std::future::pending::<()>().await;
+    });
+
+    let web = mesh.service("web", 80, HTTP_PORT);
+    let rpc = mesh.service("rpc", GRPC_PORT, GRPC_PORT);
+    mesh.endpoints("web", HTTP_PORT, &[&server]);
+    mesh.endpoints("rpc", GRPC_PORT, &[&server]);
+    mesh.strict("web");
+    mesh.strict("rpc");
+
+    // Until discovery and policy have reached both proxies.
+    wait::until(
+        "the client pod reaches web",
+        Duration::from_secs(20),
+        || {
+            let c = client.pod.run(move || async move {
+                client::get(&client::http1(), &format!("http://{web}/"))
+                    .await
+                    .is_ok_and(|(s, _)| s == StatusCode::OK)
+            });
+            c.join()
+        },
+    )
+    .await;
+
+    let mut rows: Vec<(&str, Check, f64)> = Vec::new();
+    macro_rules! row {
+        ($name:expr, $check:expr) => {{
+            let before = admitted(&server, &client).await;
+            let outcome = $check;
+            let after = admitted(&server, &client).await;
+            rows.push(($name, outcome, after - before));
+        }};
+    }
+
+    let http =
+        |f: fn(SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = Check>>>| {
+            client.pod.run(move || f(web)).join()
+        };
+    row!(
+        "HTTP/1.1 REST (JSON)",
+        http(|web| Box::pin(post(
+            format!("http://{web}/echo"),
+            "application/json",
+            ("accept", "application/json"),
+            r#"{"cart":{"id":42,"items":["tea","milk"]}}"#,
+        )))
+        .await
+    );
+    row!(
+        "SOAP (XML POST, SOAPAction)",
+        http(|web| Box::pin(post(
+            format!("http://{web}/echo"),
+            "text/xml; charset=utf-8",
+            ("soapaction", "\"urn:shop#GetCart\""),
+            r#"<?xml version="1.0"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><GetCart><Id>42</Id></GetCart></soap:Body></soap:Envelope>"#,
+        )))
+        .await
+    );
+    row!(
+        "GraphQL (POST)",
+        http(|web| Box::pin(post(
+            format!("http://{web}/echo"),
+            "application/json",
+            ("accept", "application/graphql-response+json"),
+            r#"{"query":"query { cart(id: 42) { items { name } } }"}"#,
+        )))
+        .await
+    );
+    row!(
+        "GraphQL subscription (WebSocket)",
+        http(|web| Box::pin(websocket(web, Some("graphql-transport-ws")))).await
+    );
+    row!(
+        "WebSocket",
+        http(|web| Box::pin(websocket(web, None))).await
+    );
+    let release = http_stats.clone();
+    row!(
+        "SSE",
+        client.pod.run(move || sse(web, release)).join().await
+    );
+    row!(
+        "gRPC unary and bidirectional streaming",
+        client.pod.run(move || grpc_calls(rpc)).join().await
+    );
+    row!(
+        "gRPC-Web (HTTP/1.1)",
+        http(|web| Box::pin(grpc_web(web))).await
+    );
+
+    // Real servers from Debian's packages, driven by their own clients.
+    let scratch = Scratch::new();
+    if let Some(_pg) = start_postgres(&server, &scratch.join("pg")) {
+        let pg = mesh.service("pg", 5432, 5432);
+        mesh.endpoints("pg", 5432, &[&server]);
+        mesh.strict("pg");
+        let host = pg.ip().to_string();
+        let cp = client.pod.name.clone();
+        row!("PostgreSQL (psql, pgbench)", {
+            let (h, c) = (host.clone(), cp.clone());
+            let q = until_ok(Duration::from_secs(30), move || {
+                let o = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &c,
+                        "psql",
+                        "-h",
+                        &h,
+                        "-U",
+                        "postgres",
+                        "-Atc",
+                        "select 6*7",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                stdout_of(&o)
+            })
+            .await;
+            match q {
+                Ok(v) if v == "42" => {
+                    let pgbench = |args: &[&str]| {
+                        let mut a = vec!["-h", &host, "-U", "postgres"];
+                        a.extend_from_slice(args);
+                        a.push("postgres");
+                        stdout_of(&in_pod(&client.pod, "pgbench", &a))
+                    };
+                    pgbench(&["-i", "-q"]).and_then(|_| {
+                        let out = pgbench(&["-c", "4", "-t", "200"])?;
+                        let done = out
+                            .lines()
+                            .find(|l| l.contains("transactions actually processed"))
+                            .unwrap_or("")
+                            .to_string();
+                        if done.ends_with("800/800") {
+                            let tps = out.lines().find(|l| l.starts_with("tps")).unwrap_or("");
+                            Ok(format!("select 6*7 = 42; pgbench {done}, {tps}"))
+                        } else {
+                            Err(out)
+                        }
+                    })
+                }
+                Ok(v) => Err(format!("select 6*7 = {v}")),
+                Err(e) => Err(e),
+            }
+        });
+    } else {
+        strait_tests::host::missing("PostgreSQL (postgresql)");
+    }
+
+    if have("redis-server") && have("redis-benchmark") {
+        let _redis = server.pod.spawn_as(
+            0,
+            "redis-server".into(),
+            &[
+                "--bind",
+                "0.0.0.0",
+                "--port",
+                "6379",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from),
+        );
+        let redis = mesh.service("redis", 6379, 6379);
+        mesh.endpoints("redis", 6379, &[&server]);
+        mesh.strict("redis");
+        let (host, cp) = (redis.ip().to_string(), client.pod.name.clone());
+        row!("Redis (redis-benchmark, pub/sub)", {
+            let (h, c) = (host.clone(), cp.clone());
+            let ping = until_ok(Duration::from_secs(20), move || {
+                let o = Command::new("ip")
+                    .args(["netns", "exec", &c, "redis-cli", "-h", &h, "ping"])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                stdout_of(&o).and_then(|s| if s == "PONG" { Ok(s) } else { Err(s) })
+            })
+            .await;
+            match ping {
+                Ok(_) => redis_checks(&client.pod, &host).await,
+                Err(e) => Err(e),
+            }
+        });
+    } else {
+        strait_tests::host::missing("Redis (redis-server, redis-tools)");
+    }
+
+    if have("mosquitto") && have("mosquitto_sub") {
+        let conf = scratch.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            "listener 1883 0.0.0.0\nallow_anonymous true\nlog_dest none\n",
+        )
+        .expect("mosquitto.conf");
+        let _mqtt = server.pod.spawn_as(
+            0,
+            "mosquitto".into(),
+            &["-c".to_string(), conf.display().to_string()],
+        );
+        let mqtt = mesh.service("mqtt", 1883, 1883);
+        mesh.endpoints("mqtt", 1883, &[&server]);
+        mesh.strict("mqtt");
+        let (host, cp) = (mqtt.ip().to_string(), client.pod.name.clone());
+        row!("MQTT (mosquitto)", {
+            let (h, c) = (host.clone(), cp.clone());
+            // A retained message, then a subscriber that must receive it.
+            let published = until_ok(Duration::from_secs(20), move || {
+                let o = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &c,
+                        "mosquitto_pub",
+                        "-h",
+                        &h,
+                        "-t",
+                        "shop/cart",
+                        "-m",
+                        "cart 42 updated",
+                        "-r",
+                        "-q",
+                        "1",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                stdout_of(&o)
+            })
+            .await;
+            published.and_then(|_| {
+                let got = stdout_of(&in_pod(
+                    &client.pod,
+                    "mosquitto_sub",
+                    &[
+                        "-h",
+                        &host,
+                        "-t",
+                        "shop/cart",
+                        "-C",
+                        "1",
+                        "-W",
+                        "10",
+                        "-q",
+                        "1",
+                    ],
+                ))?;
+                if got == "cart 42 updated" {
+                    Ok("QoS 1 publish (retained), subscriber received it".into())
+                } else {
+                    Err(got)
+                }
+            })
+        });
+    } else {
+        strait_tests::host::missing("MQTT (mosquitto, mosquitto-clients)");
+    }
+
+    if have("mariadbd") && have("mariadb-install-db") {
+        let dir = scratch.join("mariadb");
+        let db = start_mariadb(&server, &dir);
+        let _db = db;
+        let svc = mesh.service("db", 3306, 3306);
+        mesh.endpoints("db", 3306, &[&server]);
+        mesh.strict("db");
+        let (host, cp) = (svc.ip().to_string(), client.pod.name.clone());
+        row!("MariaDB (server speaks first)", {
+            let (h, c) = (host.clone(), cp.clone());
+            let ready = until_ok(Duration::from_secs(30), move || {
+                let o = Command::new("ip")
+                    .args([
+                        "netns", "exec", &c, "mariadb", "-h", &h, "-u", "root", "-N", "-e",
+                        "select 1",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                stdout_of(&o)
+            })
+            .await;
+            ready.and_then(|_| {
+                // Timed on a warm server: the client waits for the server's
+                // greeting, which must not wait for the client.
+                let t = Instant::now();
+                let v = stdout_of(&in_pod(
+                    &client.pod,
+                    "mariadb",
+                    &["-h", &host, "-u", "root", "-N", "-e", "select 6*7"],
+                ))?;
+                let took = t.elapsed();
+                if v != "42" {
+                    Err(format!("select 6*7 = {v}"))
+                } else if took > Duration::from_millis(250) {
+                    Err(format!("the connection stalled: {took:?}"))
+                } else {
+                    Ok(format!(
+                        "select 6*7 = 42, connect and query in {} ms",
+                        took.as_millis()
+                    ))
+                }
+            })
+        });
+    } else {
+        strait_tests::host::missing("MariaDB (mariadb-server, mariadb-client)");
+    }
+
+    if have("amqp-publish") && std::path::Path::new(RABBITMQ).exists() {
+        let _rabbit = start_rabbitmq(&server, &scratch.join("rabbitmq"));
+        let amqp = mesh.service("amqp", 5672, 5672);
+        mesh.endpoints("amqp", 5672, &[&server]);
+        mesh.strict("amqp");
+        let url = format!("amqp://guest:guest@{amqp}");
+        let cp = client.pod.name.clone();
+        row!("RabbitMQ (AMQP 0-9-1 publish, consume)", {
+            let (u, c) = (url.clone(), cp.clone());
+            // The broker takes seconds to start: its queue declared once it answers.
+            let declared = until_ok(Duration::from_secs(60), move || {
+                let o = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &c,
+                        "amqp-declare-queue",
+                        "-u",
+                        &u,
+                        "-q",
+                        "orders",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                stdout_of(&o)
+            })
+            .await;
+            declared.and_then(|_| {
+                stdout_of(&in_pod(
+                    &client.pod,
+                    "amqp-publish",
+                    &["-u", &url, "-r", "orders", "-b", "order 42 placed"],
+                ))?;
+                let got = stdout_of(&in_pod(
+                    &client.pod,
+                    "amqp-get",
+                    &["-u", &url, "-q", "orders"],
+                ))?;
+                if got == "order 42 placed" {
+                    Ok("declared a queue, published, consumed the message".into())
+                } else {
+                    Err(format!("consumed {got:?}"))
+                }
+            })
+        });
+    } else {
+        strait_tests::host::missing("RabbitMQ (rabbitmq-server, amqp-tools)");
+    }
+
+    print_table(&rows);
+    // STRICT: plaintext from outside the mesh, straight to the server pod, is refused.
+    let plain = client::get(
+        &client::http1(),
+        &format!("http://{}:{HTTP_PORT}/", server.pod.ip),
+    )
+    .await;
+    assert!(
+        !matches!(plain, Ok((StatusCode::OK, _))),
+        "plaintext reached a STRICT app: {plain:?}"
+    );
+    println!("plaintext probe to the server pod's {HTTP_PORT}: refused ({plain:?})");
+    if have("redis-server") {
+        // An opaque port too: a plaintext client gets nothing from Redis.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect((server.pod.ip, 6379))
+            .await
+            .expect("connect to the server pod");
+        let _ = s.write_all(b"PING\r\n").await;
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("PONG"),
+            "plaintext reached Redis: {buf:?}"
+        );
+        println!(
+            "plaintext probe to the server pod's 6379: closed with {} bytes ({})",
+            buf.len(),
+            if read.is_ok() {
+                "closed"
+            } else {
+                "no answer in 5 s"
+            }
+        );
+    }
+    for (name, outcome, by_identity) in &rows {
+        assert!(outcome.is_ok(), "{name}: {outcome:?}");
+        assert!(
+            *by_identity >= 1.0,
+            "{name}: the server's proxy admitted nothing from {}",
+            client.identity()
+        );
+    }
+}
+
+fn print_table(rows: &[(&str, Check, f64)]) {
+    println!("\n| protocol | outcome | admitted as the client's identity |\n| --- | --- | --- |");
+    for (name, outcome, n) in rows {
+        let o = match outcome {
+            Ok(s) => format!("ok: {s}"),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        println!("| {name} | {o} | {n} |");
+    }
+}
+
+/// A scratch directory for the servers' data, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let d = std::env::temp_dir().join(format!("strait-pods-apps-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        Scratch(d)
+    }
+
+    fn join(&self, p: &str) -> std::path::PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
