@@ -224,6 +224,10 @@ async fn follow(
     lag: prometheus_client::metrics::histogram::Histogram,
 ) {
     let mut backoff = Backoff::default();
+    // Views are ordered by arrival here, not by the controller's index version:
+    // that restarts with the controller (and differs between replicas), so
+    // after a reconnect every change would look older than the last one seen.
+    let mut received: u64 = 0;
     loop {
         match client.watch(req.clone()).await {
             Ok(rsp) => {
@@ -233,8 +237,14 @@ async fn follow(
                 let mut first = true;
                 loop {
                     match stream.message().await {
-                        Ok(Some(update)) => {
+                        Ok(Some(mut update)) => {
                             backoff.reset();
+                            received += 1;
+                            if let Some(api::destination_update::Kind::Service(s)) =
+                                &mut update.kind
+                            {
+                                s.version = received;
+                            }
                             state.connected.store(true, Ordering::Relaxed);
                             if !std::mem::replace(&mut first, false)
                                 && let Some(api::destination_update::Kind::Service(s)) =

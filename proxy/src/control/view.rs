@@ -23,6 +23,8 @@ pub enum Resolution {
 #[derive(Debug)]
 pub struct ServiceView {
     pub name: Arc<str>,
+    /// This view's place among those received for its destination (later is
+    /// higher), so a slow caller's older view never replaces a newer one.
     pub version: u64,
     /// The destination itself first: the default route's backend.
     pub backends: Vec<BackendView>,

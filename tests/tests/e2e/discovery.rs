@@ -159,6 +159,22 @@ async fn a_controller_restart_fails_no_request() {
     )
     .await;
 
+    // A controller that has run a while has counted many index versions; the
+    // one that replaces it starts counting again.
+    // (web's view changes 30 times: web-b in, web-b out).
+    let b = Pod::start(&dir, cp.grpc, "web-b", Backend::start().await).await;
+    for i in 0..30 {
+        let v = cp.metric("strait_controller_index_version").await;
+        if i % 2 == 0 {
+            b.add_endpoint(&dir);
+        } else {
+            b.remove_endpoint(&dir);
+        }
+        wait::until("the change indexed", Duration::from_secs(10), || async {
+            cp.metric("strait_controller_index_version").await > v
+        })
+        .await;
+    }
     let load = Load::start(&url, 4);
     let grpc = cp.grpc;
     let mut cp = cp;
@@ -191,6 +207,12 @@ async fn a_controller_restart_fails_no_request() {
         || async { load.ok() > before + 200 },
     )
     .await;
+    // Changes made through the new controller take effect, though its index
+    // counts versions from the start again.
+    b.add_endpoint(&dir);
+    a.remove_endpoint(&dir);
+    until_serving(&b, Instant::now()).await;
+    until_drained(&a, &load, Instant::now()).await;
     let (ok, failed, errors) = load.stop().await;
     assert_eq!(
         failed, 0,
