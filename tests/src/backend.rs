@@ -108,7 +108,7 @@ impl Backend {
     }
 
     pub fn requests(&self) -> usize {
-        self.stats.requests.load(Ordering::SeqCst)
+        self.stats.requests()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -141,6 +141,11 @@ impl Stats {
     /// Lets one `/sse` stream send its last event (now, or when it gets there).
     pub fn release_sse(&self) {
         self.sse_release.notify_one();
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 }
 

@@ -30,8 +30,10 @@ pub struct PodMesh {
     pub dir: ManifestDir,
     /// Tokens and trust anchors, readable by the proxies' uid.
     files: PathBuf,
-    _pki: Pki,
-    pub controller: ControllerProc,
+    pki: Pki,
+    controller: Option<ControllerProc>,
+    grpc: SocketAddr,
+    cert_lifetime: Option<String>,
     cluster_ips: u8,
 }
 
@@ -46,6 +48,12 @@ impl PodMesh {
     /// The controller on the host, no pods yet; `None` (after
     /// [`crate::host::missing`]) when this host cannot make pods.
     pub async fn start() -> Option<PodMesh> {
+        Self::start_with(None).await
+    }
+
+    /// As [`PodMesh::start`], the controller issuing certificates that last
+    /// `cert_lifetime` (proxies renew them at half-life).
+    pub async fn start_with(cert_lifetime: Option<&str>) -> Option<PodMesh> {
         let lan = Lan::new()?;
         if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
             crate::host::missing("iptables (nft) and nsenter");
@@ -64,15 +72,40 @@ impl PodMesh {
         std::fs::copy(pki.anchors(), &anchors).expect("copy trust anchors");
         readable(&anchors, 0o644);
         let grpc = SocketAddr::from((lan.host_ip(), free_port()));
-        let controller = ControllerProc::start_with(dir.path(), grpc, Some(&pki), None).await;
+        let controller =
+            ControllerProc::start_with(dir.path(), grpc, Some(&pki), cert_lifetime).await;
         Some(PodMesh {
             lan,
             dir,
             files,
-            _pki: pki,
-            controller,
+            pki,
+            controller: Some(controller),
+            grpc,
+            cert_lifetime: cert_lifetime.map(str::to_string),
             cluster_ips: 0,
         })
+    }
+
+    pub fn controller(&self) -> &ControllerProc {
+        self.controller.as_ref().expect("the controller runs")
+    }
+
+    /// Kills the controller (as a crash would).
+    pub fn stop_controller(&mut self) {
+        self.controller = None;
+    }
+
+    /// Starts the controller again, on the same address, manifests and issuer.
+    pub async fn start_controller(&mut self) {
+        self.controller = Some(
+            ControllerProc::start_with(
+                self.dir.path(),
+                self.grpc,
+                Some(&self.pki),
+                self.cert_lifetime.as_deref(),
+            )
+            .await,
+        );
     }
 
     /// A Service on a new virtual cluster IP; `port` sends to the pods' `target`.
@@ -158,7 +191,7 @@ impl PodMesh {
     fn proxy_args(&self, p: &MeshedPod, token: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
             "--admin-addr=0.0.0.0:4191".to_string(),
-            format!("--control-plane=https://{}", self.controller.grpc),
+            format!("--control-plane=https://{}", self.grpc),
             format!("--namespace={NS}"),
             format!("--pod-name={}", p.pod.name),
             format!("--service-account={}", p.service_account),
@@ -168,8 +201,10 @@ impl PodMesh {
                 self.files.join("anchors.pem").display()
             ),
             format!("--app-ip={}", p.pod.ip),
-            "--log-level=warn".into(),
         ];
+        if !extra.iter().any(|a| a.starts_with("--log-level")) {
+            args.push("--log-level=warn".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
@@ -181,6 +216,26 @@ impl PodMesh {
         let args = self.proxy_args(p, &token, extra);
         p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
         wait::ready(p.admin(), Duration::from_secs(20)).await;
+    }
+}
+
+impl PodMesh {
+    /// Waits until `client`'s app gets 200 from `target` through the mesh
+    /// (discovery, policy and certificates in place).
+    pub async fn wait_reachable(&self, client: &MeshedPod, target: SocketAddr) {
+        wait::until(
+            &format!("{} reaching {target}", client.pod.name),
+            Duration::from_secs(20),
+            || {
+                let answered = client.pod.run(move || async move {
+                    crate::client::get(&crate::client::http1(), &format!("http://{target}/"))
+                        .await
+                        .is_ok_and(|(s, _)| s == 200)
+                });
+                answered.join()
+            },
+        )
+        .await;
     }
 }
 

@@ -6,6 +6,7 @@ mod api_server;
 mod bench;
 mod demo;
 mod discovery;
+mod faults;
 mod identity;
 mod interception;
 mod kubernetes;

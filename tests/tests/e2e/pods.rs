@@ -22,7 +22,7 @@ use strait_api::testing::echo_client::EchoClient;
 use strait_tests::backend::Backend;
 use strait_tests::netns::{Pod, have};
 use strait_tests::pods::{MeshedPod, PodMesh};
-use strait_tests::{client, grpc, wait};
+use strait_tests::{client, grpc};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A check's outcome: what crossed, or what went wrong.
@@ -493,19 +493,7 @@ async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
     mesh.strict("rpc");
 
     // Until discovery and policy have reached both proxies.
-    wait::until(
-        "the client pod reaches web",
-        Duration::from_secs(20),
-        || {
-            let c = client.pod.run(move || async move {
-                client::get(&client::http1(), &format!("http://{web}/"))
-                    .await
-                    .is_ok_and(|(s, _)| s == StatusCode::OK)
-            });
-            c.join()
-        },
-    )
-    .await;
+    mesh.wait_reachable(&client, web).await;
 
     let mut rows: Vec<(&str, Check, f64)> = Vec::new();
     macro_rules! row {
