@@ -86,6 +86,11 @@ impl PodMesh {
         })
     }
 
+    /// The mesh's trust anchor and issuer (to make certificates of one's own).
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
     pub fn controller(&self) -> &ControllerProc {
         self.controller.as_ref().expect("the controller runs")
     }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod api_server;
+mod bad_input;
 mod bench;
 mod demo;
 mod discovery;
