@@ -4,7 +4,7 @@
 //! this workload's policy, and forward to the app on 127.0.0.1:<target port>.
 
 mod authorize;
-mod dst;
+pub mod dst;
 pub mod policy;
 
 use std::sync::Arc;

@@ -7,6 +7,7 @@ mod controller_scale;
 mod plot;
 mod proxy;
 mod refs;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -52,6 +53,19 @@ enum What {
     Report {
         /// The JSON a run wrote (e.g. docs/bench/proxy.json).
         from: PathBuf,
+    },
+    /// A long run of mixed traffic through an mTLS pair while endpoints churn,
+    /// sampling every process's memory and open files (not in CI).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// Requests per second (a GET, a 4 KiB POST echoed, a 64 KiB download).
+        #[arg(long, default_value_t = 300)]
+        rate: u64,
+        /// Seconds between endpoint replacements.
+        #[arg(long, default_value_t = 30)]
+        churn_every: u64,
     },
     /// The controller with many Services and endpoints and many watching proxies.
     ControllerScale {
@@ -109,6 +123,29 @@ async fn main() -> anyhow::Result<()> {
             for p in plot::write(&r, &cli.out, load)? {
                 eprintln!("wrote {}", p.display());
             }
+        }
+        What::Soak {
+            minutes,
+            rate,
+            churn_every,
+        } => {
+            let p = soak::Params {
+                duration: if cli.quick {
+                    std::time::Duration::from_secs(20)
+                } else {
+                    std::time::Duration::from_secs(minutes * 60)
+                },
+                sample_every: std::time::Duration::from_secs(if cli.quick { 5 } else { 30 }),
+                churn_every: std::time::Duration::from_secs(if cli.quick {
+                    6
+                } else {
+                    churn_every
+                }),
+                rate,
+            };
+            let r = soak::run(p).await?;
+            println!("{}", soak::markdown(&r));
+            std::fs::write(cli.out.join("soak.json"), serde_json::to_string_pretty(&r)?)?;
         }
         What::Report { from } => {
             let r: proxy::Results = serde_json::from_str(&std::fs::read_to_string(&from)?)?;
