@@ -316,3 +316,37 @@ async fn export(
     }
     failures
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+
+    /// The request path's ratio decision is the SDK's, id for id.
+    #[test]
+    fn samples_new_traces_as_the_sdk_ratio_sampler_does() {
+        for ratio in [0.0, 0.01, 0.25, 0.5, 0.999, 1.0] {
+            let bound = (ratio * (1u64 << 63) as f64) as u64;
+            let r = Recorder::<SpanData> {
+                tx: mpsc::channel(1).0,
+                dropped: Counter::default(),
+                bound,
+                all: ratio >= 1.0,
+            };
+            let sdk = Sampler::TraceIdRatioBased(ratio);
+            let mut kept = 0;
+            for _ in 0..2000 {
+                let id = new_trace_id();
+                let want = sdk
+                    .should_sample(None, id, "GET", &SpanKind::Client, &[], &[])
+                    .decision
+                    == SamplingDecision::RecordAndSample;
+                assert_eq!(r.samples(id), want, "ratio {ratio}, trace {id}");
+                kept += usize::from(want);
+            }
+            let share = kept as f64 / 2000.0;
+            assert!((share - ratio).abs() < 0.05, "ratio {ratio}: kept {share}");
+        }
+    }
+}

@@ -131,7 +131,7 @@ impl Backend {
             .unwrap_or_default()
     }
 
-    /// Lets every open `/sse` stream send its last event and end.
+    /// Lets one `/sse` stream send its last event and end (now, or when it gets there).
     pub fn release_sse(&self) {
         self.stats.release_sse();
     }

@@ -202,6 +202,27 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        // Whatever still runs in the pod goes with it: servers that fork or
+        // daemonize (PostgreSQL, RabbitMQ's Erlang VM and epmd) outlive the
+        // process the test started, and a namespace outlives its name.
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .stdin(Stdio::null())
+            .output()
+        {
+            let pids: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter(|p| *p != std::process::id().to_string())
+                .map(str::to_string)
+                .collect();
+            if !pids.is_empty() {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .args(&pids)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         let _ = ip(&["netns", "del", &self.name]);
     }
 }

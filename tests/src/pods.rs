@@ -24,6 +24,8 @@ pub const NS: &str = "test";
 /// The proxy's uid, as the injector runs it.
 pub const PROXY_UID: u32 = 2102;
 const TRUST_DOMAIN: &str = "cluster.local";
+/// Where Services get their virtual addresses.
+const CLUSTER_IPS: &str = "10.96.0.0/16";
 
 pub struct PodMesh {
     pub lan: Lan,
@@ -167,6 +169,18 @@ impl PodMesh {
             "init failed: {}",
             String::from_utf8_lossy(&init.stderr)
         );
+        // Nothing a proxy passes through (a cluster IP it has no answer for yet)
+        // leaves for the host: those addresses exist only in the manifests.
+        let reject = pod
+            .command("iptables-nft")
+            .args(["-A", "OUTPUT", "-d", CLUSTER_IPS, "-j", "REJECT"])
+            .output()
+            .expect("iptables");
+        assert!(
+            reject.status.success(),
+            "{}",
+            String::from_utf8_lossy(&reject.stderr)
+        );
         let token = format!("token-of-{service_account}");
         self.dir.write(
             &format!("token-{service_account}.yaml"),
@@ -216,7 +230,10 @@ impl PodMesh {
 
     /// Restarts `p`'s proxy (the old one killed first).
     pub async fn restart_proxy(&self, p: &mut MeshedPod, extra: &[&str]) {
-        p.proxy = None;
+        // Gone, not just signalled: the new one binds the same ports.
+        if let Some(mut old) = p.proxy.take() {
+            let _ = old.child.kill().await;
+        }
         let token = self.files.join(format!("{}.token", p.service_account));
         let args = self.proxy_args(p, &token, extra);
         p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
