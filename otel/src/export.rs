@@ -102,9 +102,9 @@ pub struct Recorder<R> {
     tx: mpsc::Sender<R>,
     dropped: Counter,
     /// New traces sampled: `ratio × 2^63` compared with the trace id, as the
-    /// SDK's `TraceIdRatioBased` does, so both make the same decision.
+    /// SDK's `TraceIdRatioBased` does, so both make the same decision (at 1.0
+    /// the bound is above every id's).
     bound: u64,
-    all: bool,
 }
 
 impl<R: Record> Recorder<R> {
@@ -116,7 +116,6 @@ impl<R: Record> Recorder<R> {
             tx,
             dropped,
             bound: (ratio * (1u64 << 63) as f64) as u64,
-            all: ratio >= 1.0,
         })
     }
 
@@ -129,9 +128,6 @@ impl<R: Record> Recorder<R> {
 
     /// Whether a new trace with this id is recorded, by the configured ratio.
     pub fn samples(&self, id: TraceId) -> bool {
-        if self.all {
-            return true;
-        }
         let low = u64::from_be_bytes(id.to_bytes()[8..].try_into().unwrap_or_default());
         (low >> 1) < self.bound
     }
@@ -332,7 +328,6 @@ mod tests {
                 tx: mpsc::channel(1).0,
                 dropped: Counter::default(),
                 bound,
-                all: ratio >= 1.0,
             };
             let sdk = Sampler::TraceIdRatioBased(ratio);
             let mut kept = 0;

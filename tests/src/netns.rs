@@ -128,6 +128,22 @@ impl Pod {
         c
     }
 
+    /// Runs `strait-proxy init` with `args` in this pod; panics with its stderr
+    /// if it fails.
+    pub fn init(&self, args: &[&str]) {
+        let out = self
+            .command(crate::process::binary("strait-proxy"))
+            .arg("init")
+            .args(args)
+            .output()
+            .expect("run strait-proxy init");
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Spawns `program` in this pod as `uid` (killed on drop).
     pub fn spawn_as(&self, uid: u32, program: PathBuf, args: &[String]) -> Proc {
         let mut cmd = tokio::process::Command::new("nsenter");

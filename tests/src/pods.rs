@@ -159,16 +159,7 @@ impl PodMesh {
     /// (with `extra` flags) ready; its app is up to the test.
     pub async fn pod(&mut self, name: &str, service_account: &str, extra: &[&str]) -> MeshedPod {
         let pod = self.lan.pod(name);
-        let init = pod
-            .command(binary("strait-proxy"))
-            .arg("init")
-            .output()
-            .expect("run strait-proxy init");
-        assert!(
-            init.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        pod.init(&[]);
         // Nothing a proxy passes through (a cluster IP it has no answer for yet)
         // leaves for the host: those addresses exist only in the manifests.
         let reject = pod

@@ -23,16 +23,7 @@ struct MeshedPod {
 impl MeshedPod {
     async fn start(lan: &mut Lan, name: &str, backend: Option<SocketAddr>) -> MeshedPod {
         let pod = lan.pod(name);
-        let init = pod
-            .command(binary("strait-proxy"))
-            .args(["init", "--skip-inbound-ports", "22"])
-            .output()
-            .expect("run strait-proxy init");
-        assert!(
-            init.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        pod.init(&["--skip-inbound-ports", "22"]);
         let mut app_args = vec![
             "demo-app".to_string(),
             format!("--listen=0.0.0.0:{APP_PORT}"),
@@ -126,13 +117,7 @@ async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
     // The proxies' own connections were not redirected back to them (uid
     // 2102), or the request would have looped and failed. A second init
     // leaves one set of rules.
-    let again = client
-        .pod
-        .command(binary("strait-proxy"))
-        .arg("init")
-        .output()
-        .expect("init again");
-    assert!(again.status.success());
+    client.pod.init(&[]);
     let save = client
         .pod
         .command("iptables-nft-save")
@@ -158,16 +143,7 @@ async fn a_port_the_app_binds_to_loopback_only_stays_private_to_the_pod() {
         return;
     }
     let pod = lan.pod("server");
-    let init = pod
-        .command(binary("strait-proxy"))
-        .arg("init")
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pod.init(&[]);
     let app = |listen: &str, name: &str| {
         pod.spawn_as(
             0,

@@ -728,8 +728,7 @@ async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
 
     if have("mariadbd") && have("mariadb-install-db") {
         let dir = scratch.join("mariadb");
-        let db = start_mariadb(&server, &dir);
-        let _db = db;
+        let _db = start_mariadb(&server, &dir);
         let svc = strict_service(&mut mesh, "db", 3306, &server);
         let host = svc.ip().to_string();
         row!("MariaDB (server speaks first)", {
