@@ -79,8 +79,11 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle HTTP/1 connections kept per upstream.
 pub const POOL_MAX_IDLE_PER_HOST: usize = 64;
+/// HTTP/2 connections opened to one upstream when every open one is at the
+/// peer's concurrent-stream limit; past this, requests wait for a stream.
+pub const H2_MAX_CONNECTIONS_PER_UPSTREAM: usize = 16;
 /// Upstream addresses for which a connection pool is kept; beyond this the least
-/// recently created pools are dropped.
+/// recently used pool is dropped.
 pub const MAX_CLIENT_POOLS: usize = 4096;
 
 /// Kubernetes' default terminationGracePeriodSeconds is 30 s; drain a bit less.

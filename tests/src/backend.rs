@@ -8,6 +8,7 @@
 //! | `/bytes/N` | streams N bytes in 64 KiB chunks |
 //! | `/sse` | one event at once, a second only after `release_sse()`, then ends |
 //! | `/slow/MS` | answers after MS milliseconds |
+//! | `/hold` | answers once `release_held()` is called (at once after it) |
 //! | `/status/N` | answers status N |
 //! | `/trailers` | a body followed by trailers |
 //! | `/flaky/P` | 503 for P % of requests (spread evenly), else 200 |
@@ -43,6 +44,8 @@ pub struct Stats {
     pub in_flight: AtomicUsize,
     pub completed: AtomicUsize,
     sse_release: Notify,
+    held: Notify,
+    held_released: std::sync::atomic::AtomicBool,
     /// Added to every response: a backend that is slow on purpose.
     delay: std::sync::Mutex<Duration>,
     /// Every request answered with this status: a backend failing hard.
@@ -135,12 +138,23 @@ impl Backend {
     pub fn release_sse(&self) {
         self.stats.release_sse();
     }
+
+    /// Answers every `/hold` request, waiting or still to come.
+    pub fn release_held(&self) {
+        self.stats.release_held();
+    }
 }
 
 impl Stats {
     /// Lets one `/sse` stream send its last event (now, or when it gets there).
     pub fn release_sse(&self) {
         self.sse_release.notify_one();
+    }
+
+    /// Answers every `/hold` request, waiting or still to come.
+    pub fn release_held(&self) {
+        self.held_released.store(true, Ordering::SeqCst);
+        self.held.notify_waiters();
     }
 
     /// Requests received so far.
@@ -269,6 +283,16 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         stats.in_flight.fetch_sub(1, Ordering::SeqCst);
         Response::new(full("slow"))
+    } else if path == "/hold" {
+        stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        let released = stats.held.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        if !stats.held_released.load(Ordering::SeqCst) {
+            released.await;
+        }
+        stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Response::new(full("held"))
     } else if let Some(code) = path.strip_prefix("/status/") {
         status(
             code.parse::<u16>()

@@ -8,12 +8,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -147,10 +148,14 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// One HTTP/2 connection to an upstream, shared by every request to it whatever
-/// its `:authority` (hyper's pooled client keys connections by authority, which
-/// would open one per Host a client cares to send). Reconnects when it closes;
-/// closes when unused for `POOL_IDLE_TIMEOUT`.
+/// HTTP/2 connections to an upstream, shared by every request to it whatever its
+/// `:authority` (hyper's pooled client keys connections by authority, which would
+/// open one per Host a client cares to send). A request takes the first
+/// connection with a stream to spare under the peer's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; when every one is full another is opened
+/// (up to `H2_MAX_CONNECTIONS_PER_UPSTREAM`), so concurrency past one
+/// connection's limit does not queue. Each connection closes when unused for
+/// `POOL_IDLE_TIMEOUT`.
 #[derive(Clone)]
 pub struct H2Client {
     inner: Arc<H2Inner>,
@@ -162,18 +167,100 @@ struct H2Inner {
     /// Held while connecting, so that requests arriving together share one
     /// connection (or one failure) instead of each opening their own.
     connecting: tokio::sync::Mutex<()>,
-    /// Requests sent so far, to notice an idle connection.
-    requests: AtomicU64,
 }
 
 #[derive(Default)]
 struct H2State {
-    /// The connection in use, with its number.
-    current: Option<(u64, SendRequest<BoxBody>)>,
+    /// Open connections, oldest first: requests fill the oldest, so the newer
+    /// ones go idle and close when the burst is over.
+    conns: Vec<H2Conn>,
     /// Connect attempts so far, and how the last one failed: requests that
     /// waited on an attempt that failed fail with it.
     attempts: u64,
     failed: Option<(u64, ConnectError)>,
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    n: u64,
+    sender: SendRequest<BoxBody>,
+    load: Arc<ConnLoad>,
+}
+
+/// What the pool knows of one connection's use.
+struct ConnLoad {
+    /// Streams taken and not yet given back (the response body is done or dropped).
+    streams: AtomicUsize,
+    /// The peer's concurrent-stream limit as last seen by the connection task.
+    max_streams: AtomicUsize,
+    /// Requests sent so far, to notice an idle connection.
+    requests: AtomicU64,
+}
+
+impl H2Conn {
+    fn has_room(&self) -> bool {
+        self.load.streams.load(Ordering::Relaxed) < self.load.max_streams.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> StreamSlot {
+        self.load.streams.fetch_add(1, Ordering::Relaxed);
+        self.load.requests.fetch_add(1, Ordering::Relaxed);
+        StreamSlot(Some(self.load.clone()))
+    }
+}
+
+/// One stream of a connection, given back when dropped.
+struct StreamSlot(Option<Arc<ConnLoad>>);
+
+impl StreamSlot {
+    fn release(&mut self) {
+        if let Some(load) = self.0.take() {
+            load.streams.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// An upstream's response body; over HTTP/2 it holds its stream's place in the
+/// pool until it ends.
+pub struct UpstreamBody {
+    inner: Incoming,
+    slot: StreamSlot,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, slot: StreamSlot) -> Self {
+        UpstreamBody { inner, slot }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            self.slot.release();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl std::fmt::Debug for H2Client {
@@ -215,25 +302,51 @@ impl ConnectError {
     }
 }
 
+/// Where a request goes: a stream on an open connection, or a new connection.
+enum Pick {
+    Stream(H2Conn, StreamSlot),
+    Connect,
+}
+
 impl H2Inner {
     fn state(&self) -> std::sync::MutexGuard<'_, H2State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn usable(&self) -> Option<(u64, SendRequest<BoxBody>)> {
-        self.state()
-            .current
-            .as_ref()
-            .filter(|(_, s)| s.is_ready())
-            .cloned()
+    /// A stream on the oldest open connection with room; past the connection
+    /// limit, on the least loaded one (the request waits there for a stream).
+    fn pick(&self) -> Pick {
+        let mut st = self.state();
+        st.conns.retain(|c| c.sender.is_ready());
+        if let Some(c) = st.conns.iter().find(|c| c.has_room()) {
+            return Pick::Stream(c.clone(), c.take());
+        }
+        if st.conns.len() < defaults::H2_MAX_CONNECTIONS_PER_UPSTREAM {
+            return Pick::Connect;
+        }
+        match st
+            .conns
+            .iter()
+            .min_by_key(|c| c.load.streams.load(Ordering::Relaxed))
+        {
+            Some(c) => Pick::Stream(c.clone(), c.take()),
+            None => Pick::Connect,
+        }
+    }
+
+    /// A stream on any open connection, room or not.
+    fn any(&self) -> Option<(H2Conn, StreamSlot)> {
+        let st = self.state();
+        st.conns
+            .iter()
+            .filter(|c| c.sender.is_ready())
+            .min_by_key(|c| c.load.streams.load(Ordering::Relaxed))
+            .map(|c| (c.clone(), c.take()))
     }
 
     /// Stops handing out connection `n`; it closes once its streams are done.
     fn forget(&self, n: u64) {
-        let mut st = self.state();
-        if st.current.as_ref().is_some_and(|(c, _)| *c == n) {
-            st.current = None;
-        }
+        self.state().conns.retain(|c| c.n != n);
     }
 }
 
@@ -244,19 +357,18 @@ impl H2Client {
                 connector,
                 state: Mutex::default(),
                 connecting: tokio::sync::Mutex::new(()),
-                requests: AtomicU64::new(0),
             }),
         }
     }
 
-    async fn sender(&self) -> Result<(u64, SendRequest<BoxBody>), ClientError> {
-        if let Some(s) = self.inner.usable() {
-            return Ok(s);
+    async fn checkout(&self) -> Result<(H2Conn, StreamSlot), ClientError> {
+        if let Pick::Stream(c, s) = self.inner.pick() {
+            return Ok((c, s));
         }
         let attempts_before = self.inner.state().attempts;
         let _connecting = self.inner.connecting.lock().await;
-        if let Some(s) = self.inner.usable() {
-            return Ok(s);
+        if let Pick::Stream(c, s) = self.inner.pick() {
+            return Ok((c, s));
         }
         let attempt = {
             let mut st = self.inner.state();
@@ -264,27 +376,37 @@ impl H2Client {
                 && let Some((a, e)) = &st.failed
                 && *a == st.attempts
             {
-                // An attempt made while we waited failed: so do we, at once.
-                return Err(e.duplicate().into());
+                // An attempt made while we waited failed: so do we, at once,
+                // unless a connection is open to wait on.
+                let e = e.duplicate();
+                drop(st);
+                return self.inner.any().ok_or_else(|| e.into());
             }
             st.attempts += 1;
             st.attempts
         };
         match self.connect(attempt).await {
-            Ok(sender) => {
+            Ok(conn) => {
+                let slot = conn.take();
                 let mut st = self.inner.state();
                 st.failed = None;
-                st.current = Some((attempt, sender.clone()));
-                Ok((attempt, sender))
+                st.conns.push(conn.clone());
+                Ok((conn, slot))
             }
             Err(e) => {
                 self.inner.state().failed = Some((attempt, e.duplicate()));
-                Err(e.into())
+                match self.inner.any() {
+                    Some(open) => {
+                        tracing::debug!(upstream = %self.inner.connector.addr, error = %e, "another HTTP/2 connection failed; queueing on an open one");
+                        Ok(open)
+                    }
+                    None => Err(e.into()),
+                }
             }
         }
     }
 
-    async fn connect(&self, n: u64) -> Result<SendRequest<BoxBody>, ConnectError> {
+    async fn connect(&self, n: u64) -> Result<H2Conn, ConnectError> {
         let addr = self.inner.connector.addr;
         let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
         let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
@@ -294,28 +416,64 @@ impl H2Client {
             .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
             .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
+        // Until its SETTINGS arrive, a connection assumes the limit the others to
+        // this upstream have seen (a peer proxy's is known): a burst that opened
+        // it must not overshoot and have streams refused.
+        let seen = self
+            .inner
+            .state()
+            .conns
+            .iter()
+            .map(|c| c.load.max_streams.load(Ordering::Relaxed))
+            .max();
+        match (seen, &self.inner.connector.tls) {
+            (Some(max), _) => {
+                b.initial_max_send_streams(max);
+            }
+            (None, PeerMode::Mtls(..)) => {
+                b.initial_max_send_streams(defaults::H2_MAX_CONCURRENT_STREAMS as usize);
+            }
+            (None, PeerMode::Plain) => {}
+        }
         let (sender, conn) = b.handshake(io).await.map_err(|e| ConnectError::Io {
             addr,
             source: io::Error::other(format!("HTTP/2 handshake: {e}")),
         })?;
+        let load = Arc::new(ConnLoad {
+            streams: AtomicUsize::new(0),
+            max_streams: AtomicUsize::new(conn.current_max_send_streams()),
+            requests: AtomicU64::new(0),
+        });
         let inner = Arc::downgrade(&self.inner);
+        let watched = load.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
+            // Polls the connection, and keeps the pool's view of the peer's
+            // stream limit current (SETTINGS may change it at any time). hyper
+            // drives the socket in a task of its own; this one is polled as
+            // requests are handed to it, so the view is as of the last one.
+            let mut conn = std::future::poll_fn(move |cx| {
+                let polled = conn.as_mut().poll(cx);
+                watched
+                    .max_streams
+                    .store(conn.current_max_send_streams(), Ordering::Relaxed);
+                polled
+            });
             let mut seen = u64::MAX;
             let ended = loop {
                 tokio::select! {
                     r = &mut conn => break r,
                     _ = tokio::time::sleep(defaults::POOL_IDLE_TIMEOUT) => {
                         let Some(inner) = inner.upgrade() else { break conn.await };
-                        let sent = inner.requests.load(Ordering::Relaxed);
-                        if sent == seen {
+                        let sent = load_requests(&inner, n);
+                        if sent.is_none() || sent == Some(seen) {
                             // Idle: no new request uses it; it closes once the
                             // streams in flight are done.
                             inner.forget(n);
                             drop(inner);
                             break conn.await;
                         }
-                        seen = sent;
+                        seen = sent.unwrap_or(seen);
                     }
                 }
             };
@@ -323,29 +481,51 @@ impl H2Client {
                 tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to upstream ended");
             }
         });
-        Ok(sender)
+        Ok(H2Conn { n, sender, load })
     }
 
     /// Sends a request. One that the connection did not take (it was closing) is
-    /// sent again once, on a new connection: it never reached the upstream.
+    /// sent again once, on another connection: it never reached the upstream.
     pub async fn request(
         &self,
         req: http::Request<BoxBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
-        self.inner.requests.fetch_add(1, Ordering::Relaxed);
-        let (n, mut sender) = self.sender().await?;
-        match sender.try_send_request(req).await {
-            Ok(rsp) => Ok(rsp),
+    ) -> Result<http::Response<UpstreamBody>, ClientError> {
+        let (conn, slot) = self.checkout().await?;
+        match conn.sender.clone().try_send_request(req).await {
+            Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
-                    self.inner.forget(n);
-                    let (_, mut sender) = self.sender().await?;
-                    Ok(sender.send_request(req).await?)
+                    self.inner.forget(conn.n);
+                    drop(slot);
+                    let (conn, slot) = self.checkout().await?;
+                    let rsp = conn.sender.clone().send_request(req).await?;
+                    Ok(rsp.map(|b| UpstreamBody::new(b, slot)))
                 }
                 None => Err(e.into_error().into()),
             },
         }
     }
+
+    /// Open connections and the streams each has in use.
+    #[cfg(test)]
+    fn streams(&self) -> Vec<usize> {
+        self.inner
+            .state()
+            .conns
+            .iter()
+            .map(|c| c.load.streams.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// Requests sent so far on connection `n`, if the pool still hands it out.
+fn load_requests(inner: &H2Inner, n: u64) -> Option<u64> {
+    inner
+        .state()
+        .conns
+        .iter()
+        .find(|c| c.n == n)
+        .map(|c| c.load.requests.load(Ordering::Relaxed))
 }
 
 /// A client for one upstream and HTTP version.
@@ -360,9 +540,12 @@ impl UpstreamClient {
     pub async fn request(
         &self,
         req: http::Request<BoxBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
+    ) -> Result<http::Response<UpstreamBody>, ClientError> {
         match self {
-            UpstreamClient::Http1(c) => Ok(c.request(req).await?),
+            UpstreamClient::Http1(c) => {
+                let rsp = c.request(req).await?;
+                Ok(rsp.map(|b| UpstreamBody::new(b, StreamSlot(None))))
+            }
             UpstreamClient::Http2(c) => c.request(req).await,
         }
     }
@@ -372,9 +555,17 @@ type PoolKey = (SocketAddr, bool, Option<Identity>, Option<Duration>);
 
 #[derive(Clone, Debug)]
 pub struct ClientCache {
-    pools: Arc<Mutex<HashMap<PoolKey, UpstreamClient>>>,
+    pools: Arc<Mutex<Pools>>,
     connect_timeout: Duration,
     tls: Option<PeerTls>,
+}
+
+/// Clients by upstream, each with the tick of its last use, so that the least
+/// recently used goes first when the cache is full.
+#[derive(Debug, Default)]
+struct Pools {
+    clients: HashMap<PoolKey, (UpstreamClient, u64)>,
+    tick: u64,
 }
 
 impl ClientCache {
@@ -402,22 +593,28 @@ impl ClientCache {
         timeout: Option<Duration>,
     ) -> UpstreamClient {
         let peer = peer.filter(|_| self.tls.is_some());
-        let mut pools = match self.pools.lock() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.tick += 1;
+        let tick = pools.tick;
         let key = (addr, h2, peer.cloned(), timeout);
-        if let Some(c) = pools.get(&key) {
+        if let Some((c, used)) = pools.clients.get_mut(&key) {
+            *used = tick;
             return c.clone();
         }
-        if pools.len() >= defaults::MAX_CLIENT_POOLS {
-            // Bounded memory: drop some pool; in-flight requests keep their clones.
-            if let Some(k) = pools.keys().next().cloned() {
-                pools.remove(&k);
+        if pools.clients.len() >= defaults::MAX_CLIENT_POOLS {
+            // Bounded memory: the least recently used goes; in-flight requests
+            // keep their clones.
+            let oldest = pools
+                .clients
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                pools.clients.remove(&k);
             }
         }
         let c = self.build(addr, h2, peer, timeout.unwrap_or(self.connect_timeout));
-        pools.insert(key, c.clone());
+        pools.clients.insert(key, (c.clone(), tick));
         c
     }
 
@@ -448,5 +645,102 @@ impl ClientCache {
             // The request keeps the Host the app sent; we never invent one.
             .set_host(false);
         UpstreamClient::Http1(Arc::new(b.build(connector)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// An HTTP/2 server allowing `max` concurrent streams whose requests wait
+    /// for a permit; counts the requests it is holding.
+    async fn server(max: u32) -> (SocketAddr, Arc<AtomicUsize>, Arc<Semaphore>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (held, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+        let (h, g) = (held.clone(), gate.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (h, g) = (h.clone(), g.clone());
+                let svc = service_fn(move |_req| {
+                    let (h, g) = (h.clone(), g.clone());
+                    async move {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        g.acquire().await.unwrap().forget();
+                        Ok::<_, std::convert::Infallible>(http::Response::new(super::super::full(
+                            "done",
+                        )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max)
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        (addr, held, gate)
+    }
+
+    fn client(addr: SocketAddr) -> H2Client {
+        H2Client::new(Connector {
+            addr,
+            timeout: Duration::from_secs(5),
+            tls: PeerMode::Plain,
+        })
+    }
+
+    fn get() -> http::Request<BoxBody> {
+        http::Request::get("http://upstream/")
+            .version(http::Version::HTTP_2)
+            .body(super::super::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn past_the_peers_stream_limit_another_connection_opens() {
+        let (addr, held, gate) = server(10).await;
+        let c = client(addr);
+        // The connection learns the limit from the server's SETTINGS, which come
+        // before the first answer; the pool sees it from the next request on.
+        gate.add_permits(2);
+        for _ in 0..2 {
+            let rsp = c.request(get()).await.unwrap();
+            rsp.into_body().collect().await.unwrap();
+        }
+        held.store(0, Ordering::SeqCst);
+        assert_eq!(c.streams(), vec![0], "the stream is given back");
+
+        let mut sent = tokio::task::JoinSet::new();
+        for _ in 0..25 {
+            let c = c.clone();
+            sent.spawn(async move {
+                let rsp = c.request(get()).await.unwrap();
+                rsp.into_body().collect().await.unwrap().to_bytes()
+            });
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while held.load(Ordering::SeqCst) < 25 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of 25 requests reached the server",
+                held.load(Ordering::SeqCst)
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(c.streams(), vec![10, 10, 5]);
+        gate.add_permits(25);
+        while let Some(body) = sent.join_next().await {
+            assert_eq!(body.unwrap(), "done");
+        }
+        assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
     }
 }

@@ -158,6 +158,51 @@ async fn meshed_requests_carry_the_verified_client_identity() {
     );
 }
 
+/// One HTTP/2 connection between two proxies carries at most the peer's
+/// 1,000 concurrent streams: more concurrent requests than that ride a second
+/// connection rather than queue (and the server proxy does the same towards an
+/// app whose own limit is hyper's 200).
+#[tokio::test]
+async fn more_concurrent_requests_than_one_connection_takes_are_all_in_flight() {
+    const REQUESTS: usize = 1_500;
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let url: http::Uri = format!("http://{}/hold", c.upstreams[0]).parse().unwrap();
+    // The app's own HTTP/2 connections to its sidecar: two, each under the limit.
+    let apps = [client::http2(), client::http2()];
+    let mut sent = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let (app, url) = (apps[i % 2].clone(), url.clone());
+        sent.spawn(async move {
+            let rsp = app.get(url).await?;
+            let status = rsp.status();
+            http_body_util::BodyExt::collect(rsp.into_body()).await?;
+            anyhow::Ok(status)
+        });
+    }
+    let backend = m.backend.stats.clone();
+    wait::until(
+        "every request in flight at the app at once",
+        Duration::from_secs(30),
+        || {
+            let backend = backend.clone();
+            async move { backend.in_flight.load(std::sync::atomic::Ordering::SeqCst) == REQUESTS }
+        },
+    )
+    .await;
+    m.backend.release_held();
+    let mut ok = 0;
+    while let Some(done) = sent.join_next().await {
+        let status = done.expect("request task").expect("request");
+        assert_eq!(status, 200);
+        ok += 1;
+    }
+    assert_eq!(ok, REQUESTS);
+    // Every request crossed the pair over mTLS as the client's identity.
+    let allowed = metric_sum(m.web.admin, "strait_proxy_inbound_authorizations_total").await;
+    assert!(allowed >= REQUESTS as f64, "authorizations {allowed}");
+}
+
 #[tokio::test]
 async fn strict_refuses_plaintext_and_the_allow_list_picks_identities() {
     let m = Mesh::start("web", None).await;
