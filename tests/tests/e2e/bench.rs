@@ -53,7 +53,7 @@ async fn controller_scale_quick_on_the_api_server_stand_in_reports_every_measure
 
 #[tokio::test]
 async fn proxy_quick_measures_every_scenario() {
-    let missing: Vec<&str> = ["h2load", "haproxy", "nginx"]
+    let missing: Vec<&str> = ["oha", "h2load", "haproxy", "nginx"]
         .into_iter()
         .filter(|t| {
             !std::process::Command::new("sh")
@@ -68,7 +68,7 @@ async fn proxy_quick_measures_every_scenario() {
             "CI must install {missing:?} (.ci/run does)"
         );
         eprintln!(
-            "skipping: {missing:?} not installed (apt-get install nghttp2-client haproxy nginx-light)"
+            "skipping: {missing:?} not installed (apt-get install nghttp2-client haproxy nginx-light; cargo install oha --locked)"
         );
         return;
     }
@@ -82,7 +82,11 @@ async fn proxy_quick_measures_every_scenario() {
         "traced vs not",
         "| haproxy-mtls |",
         "| nginx-mtls |",
+        "| haproxy-tcp-mtls |",
         "p99 / best reference",
+        "| h1 500/s | p50 added over direct",
+        "| tcp conn | strait-mtls |",
+        "| strait-mtls | client proxy | 200 |",
     ] {
         assert!(md.contains(s), "{s} missing from\n{md}");
     }
@@ -91,5 +95,14 @@ async fn proxy_quick_measures_every_scenario() {
     for line in md.lines().filter(main_table) {
         let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
         assert!(rps > 100.0, "{line}");
+    }
+    // Opaque TCP through each pair: connections made and bytes echoed, none failed.
+    for line in md
+        .lines()
+        .filter(|l| l.starts_with("| tcp ") && l.matches('|').count() == 12)
+    {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (rate, errors): (f64, u64) = (cells[3].parse().unwrap(), cells[8].parse().unwrap());
+        assert!(rate > 1.0 && errors == 0, "{line}");
     }
 }

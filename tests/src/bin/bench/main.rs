@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod controller_scale;
+mod load;
 mod plot;
 mod proxy;
 mod refs;
@@ -34,8 +35,7 @@ enum What {
         /// How many times every scenario and load is run, interleaved.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Only these loads (by label, e.g. "h1 1000/s"); repeatable. Plots need
-        /// "h1 2000/s".
+        /// Only these loads (by label, e.g. "h1 1000/s"); repeatable.
         #[arg(long = "load")]
         loads: Vec<String>,
         /// Also run the mTLS pair with the `strait-proxy` in DIR (another build,
@@ -119,8 +119,7 @@ async fn main() -> anyhow::Result<()> {
                 "proxy.json"
             };
             std::fs::write(cli.out.join(name), serde_json::to_string_pretty(&r)?)?;
-            let load = if cli.quick { "h1 500/s" } else { "h1 2000/s" };
-            for p in plot::write(&r, &cli.out, load)? {
+            for p in plot::write(&r, &cli.out)? {
                 eprintln!("wrote {}", p.display());
             }
         }
@@ -150,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
         What::Report { from } => {
             let r: proxy::Results = serde_json::from_str(&std::fs::read_to_string(&from)?)?;
             println!("{}", proxy::markdown(&r));
-            for p in plot::write(&r, &cli.out, "h1 2000/s")? {
+            for p in plot::write(&r, &cli.out)? {
                 eprintln!("wrote {}", p.display());
             }
         }

@@ -1,5 +1,5 @@
-//! PNG plots of a proxy benchmark: latency percentiles per scenario at a fixed
-//! rate, and CPU and memory per scenario.
+//! PNG plots of a proxy benchmark, one per figure: CPU and latency added at
+//! fixed rates, throughput, opaque TCP, memory under load and per connection.
 
 use std::path::Path;
 
@@ -9,12 +9,15 @@ use plotters::style::FontStyle;
 use crate::proxy::{Results, summary};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const COLORS: [RGBColor; 5] = [
+const COLORS: [RGBColor; 8] = [
     RGBColor(90, 90, 90),
     RGBColor(0, 114, 178),
     RGBColor(86, 180, 233),
     RGBColor(230, 159, 0),
     RGBColor(0, 158, 115),
+    RGBColor(213, 94, 0),
+    RGBColor(204, 121, 167),
+    RGBColor(240, 228, 66),
 ];
 
 /// Registers a font for labels (the fonts-dejavu-core package).
@@ -29,7 +32,8 @@ fn font() -> anyhow::Result<()> {
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
-/// Grouped bars: for each group (x label), one bar per series.
+/// Grouped bars: for each group (x label), one bar per series (NaN: none). The
+/// legend has a column of its own to the right, clear of every bar.
 fn bars(
     path: &Path,
     title: &str,
@@ -37,17 +41,18 @@ fn bars(
     groups: &[String],
     series: &[(String, Vec<f64>)],
 ) -> DrawResult {
-    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1100, 500)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (plot, legend) = root.split_horizontally(880);
     let max = series
         .iter()
         .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max)
-        // Headroom for the legend above the tallest bars.
-        * 1.45;
+        * 1.1;
     let n = series.len().max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let mut chart = ChartBuilder::on(&plot)
+        .caption(title, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -67,117 +72,172 @@ fn bars(
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()?;
-    for (si, (name, values)) in series.iter().enumerate() {
+    for (si, (_, values)) in series.iter().enumerate() {
         let color = COLORS[si % COLORS.len()];
-        chart
-            .draw_series(values.iter().enumerate().map(|(gi, v)| {
-                let x0 = gi as f64 + 0.1 + 0.8 * si as f64 / n;
-                let x1 = x0 + 0.8 / n * 0.9;
-                Rectangle::new([(x0, 0.0), (x1, *v)], color.filled())
-            }))?
-            .label(name.clone())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        chart.draw_series(
+            values
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(gi, v)| {
+                    let x0 = gi as f64 + 0.1 + 0.8 * si as f64 / n;
+                    let x1 = x0 + 0.8 / n * 0.9;
+                    Rectangle::new([(x0, 0.0), (x1, *v)], color.filled())
+                }),
+        )?;
     }
-    chart
-        .configure_series_labels()
-        // Top left, over the smallest group (p50, or the direct run): never
-        // over the bars that matter.
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
+    for (si, (name, _)) in series.iter().enumerate() {
+        let color = COLORS[si % COLORS.len()];
+        let y = 60 + 26 * si as i32;
+        legend.draw(&Rectangle::new([(10, y), (26, y + 14)], color.filled()))?;
+        legend.draw(&Text::new(
+            name.clone(),
+            (34, y),
+            ("sans-serif", 15).into_font(),
+        ))?;
+    }
     root.present()?;
     Ok(())
 }
 
-pub fn write(r: &Results, dir: &Path, load: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
+/// A plot to draw: file name, title, unit, groups and one series per scenario.
+type Figure = (
+    &'static str,
+    String,
+    &'static str,
+    Vec<String>,
+    Vec<(String, Vec<f64>)>,
+);
+
+/// One plot per figure of the run: CPU and latency added at the fixed rates,
+/// throughput, opaque TCP, memory at load and per idle connection.
+pub fn write(r: &Results, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     font()?;
-    let rows: Vec<_> = summary(r)
-        .into_iter()
-        .filter(|(l, _, _)| l == load)
-        .collect();
-    if rows.is_empty() {
-        // A run of other loads only: nothing to plot.
-        return Ok(Vec::new());
+    let rows = summary(r);
+    let mut scenarios: Vec<String> = Vec::new();
+    for (_, s, _) in &rows {
+        if s != "direct" && !scenarios.contains(s) {
+            scenarios.push(s.clone());
+        }
     }
-    let scenarios: Vec<String> = rows.iter().map(|(_, s, _)| s.clone()).collect();
-    let pct = ["p50", "p90", "p99", "p99.9"];
-    let lat: Vec<(String, Vec<f64>)> = rows
-        .iter()
-        .map(|(_, s, x)| (s.clone(), vec![x.p50_ms, x.p90_ms, x.p99_ms, x.p999_ms]))
-        .collect();
-    let latency = dir.join("bench-latency.png");
-    bars(
-        &latency,
-        &format!("Latency at {load}, 16 keep-alive connections (ms)"),
-        "ms",
-        &pct.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        &lat,
-    )
-    .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-
-    let proxies: Vec<String> = scenarios
-        .iter()
-        .filter(|s| *s != "direct")
-        .cloned()
-        .collect();
-    let cpu: Vec<(String, Vec<f64>)> = ["client proxy", "server proxy"]
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            (
-                p.to_string(),
-                rows.iter()
-                    .filter(|(_, s, _)| s != "direct")
-                    .map(|(_, _, x)| x.vcpu_per_krps.get(i).copied().unwrap_or(0.0))
-                    .collect(),
-            )
+    let loads = |pred: &dyn Fn(&str) -> bool| {
+        let mut v: Vec<String> = Vec::new();
+        for (l, _, _) in &rows {
+            if pred(l) && !v.contains(l) {
+                v.push(l.clone());
+            }
+        }
+        v
+    };
+    let find = |l: &str, s: &str| rows.iter().find(|r| r.0 == l && r.1 == s).map(|r| &r.2);
+    let figure =
+        |loads: &[String], f: &dyn Fn(&str, &str) -> Option<f64>| -> Vec<(String, Vec<f64>)> {
+            scenarios
+                .iter()
+                .filter(|s| loads.iter().any(|l| f(l, s).is_some()))
+                .map(|s| {
+                    (
+                        s.clone(),
+                        loads.iter().map(|l| f(l, s).unwrap_or(f64::NAN)).collect(),
+                    )
+                })
+                .collect()
+        };
+    let rate = loads(&|l| l.ends_with("/s"));
+    let max = loads(&|l| l.ends_with("max") || l.ends_with("new conn"));
+    let tcp_conn = loads(&|l| l == "tcp conn");
+    let tcp_bulk = loads(&|l| l.starts_with("tcp ") && l != "tcp conn");
+    let mean_cpu = |s: &crate::proxy::Sample| {
+        (!s.vcpu_per_krps.is_empty())
+            .then(|| s.vcpu_per_krps.iter().sum::<f64>() / s.vcpu_per_krps.len() as f64)
+    };
+    let added = |l: &str, s: &str, f: fn(&crate::proxy::Sample) -> f64| {
+        Some(f(find(l, s)?) - f(find(l, "direct")?))
+    };
+    let mut plots: Vec<Figure> = vec![
+        (
+            "bench-cpu.png",
+            "vCPU per 1,000 requests/s per proxy (mean of the pair)".into(),
+            "vCPU",
+            rate.clone(),
+            figure(&rate, &|l, s| find(l, s).and_then(mean_cpu)),
+        ),
+        (
+            "bench-latency-p50.png",
+            "p50 latency added over direct (ms), 16 keep-alive connections".into(),
+            "ms",
+            rate.clone(),
+            figure(&rate, &|l, s| added(l, s, |x| x.p50_ms)),
+        ),
+        (
+            "bench-latency-p99.png",
+            "p99 latency added over direct (ms), 16 keep-alive connections".into(),
+            "ms",
+            rate.clone(),
+            figure(&rate, &|l, s| added(l, s, |x| x.p99_ms)),
+        ),
+        (
+            "bench-throughput.png",
+            "Requests per second as fast as 16 connections go".into(),
+            "req/s",
+            max.clone(),
+            figure(&max, &|l, s| find(l, s).map(|x| x.achieved_rps)),
+        ),
+        (
+            "bench-tcp-connections.png",
+            "Opaque TCP: new connections per second (64-byte echo each)".into(),
+            "conn/s",
+            tcp_conn.clone(),
+            figure(&tcp_conn, &|l, s| find(l, s).map(|x| x.achieved_rps)),
+        ),
+        (
+            "bench-tcp-throughput.png",
+            "Opaque TCP: one connection's throughput, echoed (MB/s each way)".into(),
+            "MB/s",
+            tcp_bulk.clone(),
+            figure(&tcp_bulk, &|l, s| find(l, s).map(|x| x.achieved_rps)),
+        ),
+    ];
+    let mem_of = |s: &str, peak: bool| {
+        let ms: Vec<_> = r.memory.iter().filter(|m| m.scenario == s).collect();
+        (!ms.is_empty()).then(|| {
+            ms.iter()
+                .map(|m| if peak { m.peak_rss_mib } else { m.idle_rss_mib })
+                .sum::<f64>()
+                / ms.len() as f64
         })
-        .collect();
-    let cpu_png = dir.join("bench-cpu.png");
-    bars(
-        &cpu_png,
-        &format!("vCPU per 1,000 requests/s at {load}"),
-        "vCPU",
-        &proxies,
-        &cpu,
-    )
-    .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-
-    let mem: Vec<(String, Vec<f64>)> = ["idle", "peak"]
-        .iter()
-        .map(|k| {
-            (
-                format!("{k} RSS"),
-                proxies
-                    .iter()
-                    .map(|s| {
-                        let ms: Vec<_> = r.memory.iter().filter(|m| &m.scenario == s).collect();
-                        let v: f64 = ms
-                            .iter()
-                            .map(|m| {
-                                if *k == "idle" {
-                                    m.idle_rss_mib
-                                } else {
-                                    m.peak_rss_mib
-                                }
-                            })
-                            .sum();
-                        v / ms.len().max(1) as f64
-                    })
-                    .collect(),
-            )
-        })
-        .collect();
-    let mem_png = dir.join("bench-memory.png");
-    bars(
-        &mem_png,
-        "Memory per proxy process (MiB, mean of the pair)",
+    };
+    let mem_groups = vec!["idle".to_string(), "peak under the loads".to_string()];
+    plots.push((
+        "bench-memory.png",
+        "RSS per proxy process (MiB, mean of the pair)".into(),
         "MiB",
-        &proxies,
-        &mem,
-    )
-    .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    Ok(vec![latency, cpu_png, mem_png])
+        mem_groups.clone(),
+        figure(&mem_groups, &|g, s| mem_of(s, g != "idle")),
+    ));
+    let idle_groups = vec!["client proxy".to_string(), "server proxy".to_string()];
+    let per_conn = |process: &str, s: &str| {
+        r.idle_conns
+            .iter()
+            .find(|i| i.scenario == s && i.process == process)
+            .map(|i| i.kib_per_connection)
+    };
+    let held = r.idle_conns.first().map_or(0, |i| i.connections);
+    plots.push((
+        "bench-idle-connections.png",
+        format!("Memory per idle keep-alive connection, {held} held open (KiB)"),
+        "KiB",
+        idle_groups.clone(),
+        figure(&idle_groups, &per_conn),
+    ));
+    let mut written = Vec::new();
+    for (file, title, unit, groups, series) in plots {
+        if groups.is_empty() || series.is_empty() {
+            continue;
+        }
+        let path = dir.join(file);
+        bars(&path, &title, unit, &groups, &series).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+        written.push(path);
+    }
+    Ok(written)
 }

@@ -3,7 +3,7 @@
 //! noisy machine.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -12,10 +12,9 @@ use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts};
 use strait_tests::pki::{Pki, token_file, token_secret};
 use strait_tests::process::free_port;
-use tokio::process::Command;
 
+use crate::load as generate;
 use crate::refs::{self, Certs};
-use crate::stats::percentile;
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 pub enum Proto {
@@ -27,11 +26,28 @@ pub enum Proto {
 pub struct Load {
     pub label: String,
     pub proto: Proto,
-    /// Requests per second in total; `None` for as fast as possible.
-    pub rate: Option<u32>,
-    /// A new TCP connection for every request (HTTP/1.1).
-    pub new_connection: bool,
+    pub kind: Kind,
     pub seconds: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum Kind {
+    /// Requests per second in total, open loop (oha).
+    Rate(u32),
+    /// As fast as the connections go (h2load).
+    Max,
+    /// A new TCP connection for every request (HTTP/1.1).
+    NewConnection,
+    /// Opaque TCP: a new connection per 64-byte echo; "req/s" are connections/s.
+    TcpConnections,
+    /// Opaque TCP: this many bytes echoed over one connection; "req/s" are MB/s.
+    TcpBulk(u64),
+}
+
+impl Load {
+    fn tcp(&self) -> bool {
+        matches!(self.kind, Kind::TcpConnections | Kind::TcpBulk(_))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,49 +74,82 @@ pub struct Memory {
     pub peak_rss_mib: f64,
 }
 
+/// Memory held open by idle keep-alive connections, per proxy process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdleConns {
+    pub scenario: String,
+    pub process: String,
+    pub connections: usize,
+    pub rss_before_mib: f64,
+    pub rss_after_mib: f64,
+    pub kib_per_connection: f64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub machine: String,
     pub samples: Vec<Sample>,
     pub memory: Vec<Memory>,
+    #[serde(default)]
+    pub idle_conns: Vec<IdleConns>,
 }
 
 struct Target {
     name: &'static str,
-    h1: SocketAddr,
-    h2: SocketAddr,
+    /// Where HTTP loads go (HTTP/1.1, HTTP/2 with prior knowledge) and opaque TCP
+    /// loads; a target without one is not measured under those loads.
+    h1: Option<SocketAddr>,
+    h2: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
     pids: Vec<(String, u32)>,
 }
 
-const CONNS: u32 = 16;
+impl Target {
+    fn addr(&self, load: &Load) -> Option<SocketAddr> {
+        match (load.tcp(), load.proto) {
+            (true, _) => self.tcp,
+            (false, Proto::H1) => self.h1,
+            (false, Proto::H2) => self.h2,
+        }
+    }
+}
 
-/// The well-known pairs strait is judged against.
-const REFERENCES: [&str; 2] = ["haproxy-mtls", "nginx-mtls"];
+pub const CONNS: u32 = 16;
+
+/// The well-known pairs strait is judged against (the HAProxy TCP pair only
+/// carries the opaque TCP loads).
+const REFERENCES: [&str; 3] = ["haproxy-mtls", "nginx-mtls", "haproxy-tcp-mtls"];
+
+/// Keep-alive connections held open to measure memory per connection.
+const IDLE_CONNECTIONS: usize = 10_000;
 
 pub fn loads(quick: bool) -> Vec<Load> {
-    let l = |label: &str, proto, rate, new_connection, seconds| Load {
+    let l = |label: &str, proto, kind, seconds| Load {
         label: label.to_string(),
         proto,
-        rate,
-        new_connection,
+        kind,
         seconds,
     };
     if quick {
         return vec![
-            l("h1 500/s", Proto::H1, Some(500), false, 2),
-            l("h2 500/s", Proto::H2, Some(500), false, 2),
-            l("h1 new conn", Proto::H1, None, true, 1),
+            l("h1 500/s", Proto::H1, Kind::Rate(500), 2),
+            l("h2 500/s", Proto::H2, Kind::Rate(500), 2),
+            l("h1 max", Proto::H1, Kind::Max, 1),
+            l("h1 new conn", Proto::H1, Kind::NewConnection, 1),
+            l("tcp conn", Proto::H1, Kind::TcpConnections, 1),
+            l("tcp 8 MiB", Proto::H1, Kind::TcpBulk(8 << 20), 0),
         ];
     }
     vec![
-        l("h1 1000/s", Proto::H1, Some(1000), false, 15),
-        l("h1 2000/s", Proto::H1, Some(2000), false, 15),
-        l("h1 4000/s", Proto::H1, Some(4000), false, 15),
-        l("h2 1000/s", Proto::H2, Some(1000), false, 15),
-        l("h2 2000/s", Proto::H2, Some(2000), false, 15),
-        l("h1 max", Proto::H1, None, false, 10),
-        l("h2 max", Proto::H2, None, false, 10),
-        l("h1 new conn", Proto::H1, None, true, 10),
+        l("h1 1000/s", Proto::H1, Kind::Rate(1000), 10),
+        l("h1 2000/s", Proto::H1, Kind::Rate(2000), 10),
+        l("h2 1000/s", Proto::H2, Kind::Rate(1000), 10),
+        l("h2 2000/s", Proto::H2, Kind::Rate(2000), 10),
+        l("h1 max", Proto::H1, Kind::Max, 8),
+        l("h2 max", Proto::H2, Kind::Max, 8),
+        l("h1 new conn", Proto::H1, Kind::NewConnection, 8),
+        l("tcp conn", Proto::H1, Kind::TcpConnections, 5),
+        l("tcp 1 GiB", Proto::H1, Kind::TcpBulk(1 << 30), 0),
     ]
 }
 
@@ -132,138 +181,6 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-struct Measured {
-    rps: f64,
-    sorted_ms: Vec<f64>,
-    requests: u64,
-    errors: u64,
-}
-
-async fn h2load(addr: SocketAddr, load: &Load, work: &Path) -> anyhow::Result<Measured> {
-    let log = work.join("h2load.log");
-    let _ = std::fs::remove_file(&log);
-    let mut args = vec![
-        "-c".to_string(),
-        CONNS.to_string(),
-        "-t".into(),
-        "1".into(),
-        "-D".into(),
-        load.seconds.to_string(),
-        "--log-file".into(),
-        log.display().to_string(),
-    ];
-    if load.proto == Proto::H1 {
-        args.push("--h1".into());
-    } else if load.rate.is_none() {
-        args.extend(["-m".into(), "8".into()]);
-    }
-    if let Some(rate) = load.rate {
-        args.extend(["--rps".into(), format!("{}", (rate / CONNS).max(1))]);
-    }
-    args.push(format!("http://{addr}/1k"));
-    let out = Command::new("h2load").args(&args).output().await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "h2load failed (apt-get install nghttp2-client): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let rps = stdout
-        .lines()
-        .find(|l| l.starts_with("finished in"))
-        .and_then(|l| l.split(',').nth(1))
-        .and_then(|v| v.trim().split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let counts = stdout
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or("");
-    let count = |what: &str| {
-        counts
-            .split(',')
-            .find(|p| p.trim().ends_with(what))
-            .and_then(|p| p.split_whitespace().find(|w| w.parse::<u64>().is_ok()))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let (done, failed, errored, timeout) = (
-        count("done"),
-        count("failed"),
-        count("errored"),
-        count("timeout"),
-    );
-    let mut sorted_ms: Vec<f64> = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            let (_, status, us) = (f.next()?, f.next()?, f.next()?);
-            (status.starts_with('2')).then(|| us.trim().parse::<f64>().ok().map(|u| u / 1000.0))?
-        })
-        .collect();
-    sorted_ms.sort_by(f64::total_cmp);
-    Ok(Measured {
-        rps,
-        sorted_ms,
-        requests: done,
-        errors: failed + errored + timeout,
-    })
-}
-
-/// HTTP/1.1 with a new connection for every request, `CONNS` at a time.
-async fn new_connections(addr: SocketAddr, seconds: u64) -> anyhow::Result<Measured> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..CONNS)
-        .map(|_| {
-            tokio::spawn(async move {
-                let (mut ms, mut errors) = (Vec::new(), 0u64);
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let r = async {
-                        let s = tokio::net::TcpStream::connect(addr).await?;
-                        let (mut send, conn) =
-                            hyper::client::conn::http1::handshake::<
-                                _,
-                                http_body_util::Empty<bytes::Bytes>,
-                            >(hyper_util::rt::TokioIo::new(s))
-                            .await?;
-                        tokio::spawn(conn);
-                        let req = http::Request::get("/1k")
-                            .header("host", "bench")
-                            .header("connection", "close")
-                            .body(http_body_util::Empty::new())?;
-                        let rsp = send.send_request(req).await?;
-                        let ok = rsp.status().is_success();
-                        http_body_util::BodyExt::collect(rsp.into_body()).await?;
-                        anyhow::Ok(ok)
-                    }
-                    .await;
-                    match r {
-                        Ok(true) => ms.push(t.elapsed().as_secs_f64() * 1000.0),
-                        _ => errors += 1,
-                    }
-                }
-                (ms, errors)
-            })
-        })
-        .collect();
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (ms, e) = t.await?;
-        all.extend(ms);
-        errors += e;
-    }
-    all.sort_by(f64::total_cmp);
-    Ok(Measured {
-        rps: all.len() as f64 / start.elapsed().as_secs_f64(),
-        requests: all.len() as u64,
-        sorted_ms: all,
-        errors,
-    })
-}
-
 /// The strait pair: a controller, a server-side proxy in front of the backend and a
 /// client-side proxy whose upstream listener the load generator talks to. With
 /// `mtls`, the controller issues certificates and the proxies talk mTLS.
@@ -280,8 +197,9 @@ impl StraitPair {
     fn target(&self, name: &'static str) -> Target {
         Target {
             name,
-            h1: self.client.upstreams[0],
-            h2: self.client.upstreams[0],
+            h1: Some(self.client.upstreams[0]),
+            h2: Some(self.client.upstreams[0]),
+            tcp: Some(self.client.upstreams[1]),
             pids: vec![
                 ("client proxy".into(), self.client.proc.pid()),
                 ("server proxy".into(), self.server.proc.pid()),
@@ -290,8 +208,10 @@ impl StraitPair {
     }
 }
 
+/// `backend` serves HTTP, `echo` opaque TCP (as a database port, 5432).
 async fn strait_pair(
     backend: SocketAddr,
+    echo: SocketAddr,
     mtls: bool,
     binary: Option<PathBuf>,
     args: Vec<String>,
@@ -299,6 +219,7 @@ async fn strait_pair(
     let dir = ManifestDir::new();
     let tokens = ManifestDir::new();
     dir.write("service.yaml", &service("bench", "backend", 80));
+    dir.write("service-db.yaml", &service("bench", "db", 5432));
     let pki = mtls.then(Pki::new);
     let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let cp = ControllerProc::start_with(dir.path(), grpc, pki.as_ref(), None).await;
@@ -328,11 +249,15 @@ async fn strait_pair(
         "slice.yaml",
         &endpoint("bench", "backend", "backend-0", backend),
     );
+    dir.write("slice-db.yaml", &endpoint("bench", "db", "backend-0", echo));
     let client = Sidecar::start_with(
         cp.grpc,
         "bench",
         "client-0",
-        &["backend.bench.svc.cluster.local:80"],
+        &[
+            "backend.bench.svc.cluster.local:80",
+            "db.bench.svc.cluster.local:5432",
+        ],
         opts("client"),
     )
     .await;
@@ -399,15 +324,17 @@ pub async fn run(
             .collect::<Vec<_>>()
     );
     std::fs::create_dir_all(&work)?;
+    refs::raise_open_files();
     let backend = Backend::start().await;
+    let echo = strait_tests::tcp::echo().await;
     let certs = Certs::generate(&work.join("certs")).await?;
     if let Some(b) = &baseline {
         anyhow::ensure!(b.exists(), "--baseline: {} not found", b.display());
     }
-    let pair = strait_pair(backend.addr, false, None, Vec::new()).await;
-    let mtls = strait_pair(backend.addr, true, None, Vec::new()).await;
+    let pair = strait_pair(backend.addr, echo, false, None, Vec::new()).await;
+    let mtls = strait_pair(backend.addr, echo, true, None, Vec::new()).await;
     let before = match baseline {
-        Some(b) => Some(strait_pair(backend.addr, true, Some(b), Vec::new()).await),
+        Some(b) => Some(strait_pair(backend.addr, echo, true, Some(b), Vec::new()).await),
         None => None,
     };
     // A collector that takes every span and keeps none: what tracing costs the
@@ -421,6 +348,7 @@ pub async fn run(
         Some(c) => Some(
             strait_pair(
                 backend.addr,
+                echo,
                 true,
                 None,
                 vec![
@@ -444,6 +372,7 @@ pub async fn run(
         backend.addr,
         [free_port(), free_port(), free_port()],
     )?;
+    let mut hap_tcp = refs::haproxy_tcp(&certs, &work, echo, [free_port(), free_port()])?;
     // The reference proxies report no readiness: wait until each answers.
     for addr in [hap.h1, ngx.h1] {
         let c = strait_tests::client::http1();
@@ -457,8 +386,9 @@ pub async fn run(
     let mut targets = vec![
         Target {
             name: "direct",
-            h1: backend.addr,
-            h2: backend.addr,
+            h1: Some(backend.addr),
+            h2: Some(backend.addr),
+            tcp: Some(echo),
             pids: vec![],
         },
         pair.target("strait"),
@@ -473,8 +403,9 @@ pub async fn run(
     targets.extend([
         Target {
             name: hap.name,
-            h1: hap.h1,
-            h2: hap.h2,
+            h1: Some(hap.h1),
+            h2: Some(hap.h2),
+            tcp: None,
             pids: vec![
                 ("client proxy".into(), pid(&hap.client)),
                 ("server proxy".into(), pid(&hap.server)),
@@ -482,11 +413,22 @@ pub async fn run(
         },
         Target {
             name: ngx.name,
-            h1: ngx.h1,
-            h2: ngx.h2,
+            h1: Some(ngx.h1),
+            h2: Some(ngx.h2),
+            tcp: None,
             pids: vec![
                 ("client proxy".into(), pid(&ngx.client)),
                 ("server proxy".into(), pid(&ngx.server)),
+            ],
+        },
+        Target {
+            name: hap_tcp.name,
+            h1: None,
+            h2: None,
+            tcp: Some(hap_tcp.h1),
+            pids: vec![
+                ("client proxy".into(), pid(&hap_tcp.client)),
+                ("server proxy".into(), pid(&hap_tcp.server)),
             ],
         },
     ]);
@@ -499,13 +441,17 @@ pub async fn run(
     for round in 0..rounds {
         for load in loads.iter().cloned() {
             for t in &targets {
-                let addr = if load.proto == Proto::H1 { t.h1 } else { t.h2 };
+                let Some(addr) = t.addr(&load) else {
+                    continue;
+                };
                 let before: Vec<u64> = t.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
                 let started = Instant::now();
-                let m = if load.new_connection {
-                    new_connections(addr, load.seconds).await?
-                } else {
-                    h2load(addr, &load, &work).await?
+                let m = match load.kind {
+                    Kind::Rate(rate) => generate::oha(addr, &load, rate).await?,
+                    Kind::Max => generate::h2load(addr, &load, &work).await?,
+                    Kind::NewConnection => generate::new_connections(addr, load.seconds).await?,
+                    Kind::TcpConnections => generate::tcp_connections(addr, load.seconds).await?,
+                    Kind::TcpBulk(bytes) => generate::tcp_bulk(addr, bytes).await?,
                 };
                 let wall = started.elapsed().as_secs_f64();
                 let vcpu_per_krps = t
@@ -526,10 +472,10 @@ pub async fn run(
                     scenario: t.name.to_string(),
                     load: load.label.clone(),
                     achieved_rps: m.rps,
-                    p50_ms: percentile(&m.sorted_ms, 0.5),
-                    p90_ms: percentile(&m.sorted_ms, 0.9),
-                    p99_ms: percentile(&m.sorted_ms, 0.99),
-                    p999_ms: percentile(&m.sorted_ms, 0.999),
+                    p50_ms: m.pct[0],
+                    p90_ms: m.pct[1],
+                    p99_ms: m.pct[2],
+                    p999_ms: m.pct[3],
                     requests: m.requests,
                     errors: m.errors,
                     vcpu_per_krps,
@@ -553,16 +499,42 @@ pub async fn run(
             });
         }
     }
+    // Memory per connection: keep-alive connections that each carried one
+    // request, held open at once, against each HTTP pair in turn.
+    let conns = if quick { 200 } else { IDLE_CONNECTIONS };
+    let mut idle_conns = Vec::new();
+    for t in targets
+        .iter()
+        .filter(|t| t.h1.is_some() && !t.pids.is_empty())
+    {
+        let before: Vec<f64> = t.pids.iter().map(|(_, p)| rss_mib(*p).0).collect();
+        let held = generate::idle_connections(t.h1.expect("filtered"), conns).await?;
+        for ((role, p), before) in t.pids.iter().zip(before) {
+            let after = rss_mib(*p).0;
+            idle_conns.push(IdleConns {
+                scenario: t.name.to_string(),
+                process: role.clone(),
+                connections: held.len(),
+                rss_before_mib: before,
+                rss_after_mib: after,
+                kib_per_connection: (after - before) * 1024.0 / held.len() as f64,
+            });
+        }
+        eprintln!("{} held {} idle connections", t.name, held.len());
+    }
     let _ = (
         hap.client.start_kill(),
         hap.server.start_kill(),
         ngx.client.start_kill(),
         ngx.server.start_kill(),
+        hap_tcp.client.start_kill(),
+        hap_tcp.server.start_kill(),
     );
     Ok(Results {
         machine: machine(),
         samples,
         memory,
+        idle_conns,
     })
 }
 
@@ -611,7 +583,9 @@ fn ratios(rows: &[(String, String, Sample)]) -> String {
             "| {load} | {scenario} | {} | {} | {} | {} |\n",
             fmt(of("direct").map_or(f64::NAN, |d| s.p99_ms / d.p99_ms)),
             fmt(s.p99_ms / best_p99),
-            fmt(of("haproxy-mtls").map_or(f64::NAN, |h| s.achieved_rps / h.achieved_rps)),
+            fmt(of("haproxy-mtls")
+                .or_else(|| of("haproxy-tcp-mtls"))
+                .map_or(f64::NAN, |h| s.achieved_rps / h.achieved_rps)),
             fmt(cpu(s) / best_cpu),
         ));
     }
@@ -705,6 +679,7 @@ pub fn markdown(r: &Results) -> String {
         ));
     }
     out.push_str(&ratios(&rows));
+    out.push_str(&verdicts(r));
     out.push_str(&mtls_cost(&rows));
     out.push_str(&tracing_cost(&rows));
     out.push_str(
@@ -715,6 +690,153 @@ pub fn markdown(r: &Results) -> String {
             "| {} | {} | {:.1} | {:.1} |\n",
             m.scenario, m.process, m.idle_rss_mib, m.peak_rss_mib
         ));
+    }
+    if !r.idle_conns.is_empty() {
+        out.push_str("\n| scenario | process | idle keep-alive connections | RSS MiB before -> after | KiB per connection |\n| --- | --- | --- | --- | --- |\n");
+        for i in &r.idle_conns {
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.1} -> {:.1} | {:.1} |\n",
+                i.scenario,
+                i.process,
+                i.connections,
+                i.rss_before_mib,
+                i.rss_after_mib,
+                i.kib_per_connection
+            ));
+        }
+    }
+    out
+}
+
+/// min..max over rounds.
+#[derive(Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(v: Vec<f64>) -> Option<Spread> {
+        (!v.is_empty()).then(|| Spread {
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median: median(v),
+        })
+    }
+
+    fn show(&self) -> String {
+        format!("{:.3} ({:.3}–{:.3})", self.median, self.min, self.max)
+    }
+
+    /// Lower or higher than `other` only if the ranges do not overlap.
+    fn verdict(&self, other: &Spread) -> &'static str {
+        if self.max < other.min {
+            "lower"
+        } else if self.min > other.max {
+            "higher"
+        } else {
+            "within spread"
+        }
+    }
+}
+
+/// The strait mTLS pair against the better reference pair, per fixed-rate load,
+/// with the spread between rounds: latency added over direct (paired by round)
+/// and each proxy's vCPU per 1,000 requests/s. A verdict only where the rounds'
+/// ranges do not overlap.
+fn verdicts(r: &Results) -> String {
+    let mut loads: Vec<&str> = Vec::new();
+    for s in &r.samples {
+        if s.load.ends_with("/s") && !loads.contains(&s.load.as_str()) {
+            loads.push(&s.load);
+        }
+    }
+    let rounds = |load: &str, scenario: &str| -> Vec<&Sample> {
+        r.samples
+            .iter()
+            .filter(|s| s.load == load && s.scenario == scenario)
+            .collect()
+    };
+    let added = |load: &str, scenario: &str, f: fn(&Sample) -> f64| {
+        let direct = rounds(load, "direct");
+        Spread::of(
+            rounds(load, scenario)
+                .iter()
+                .filter_map(|s| {
+                    let d = direct.iter().find(|d| d.round == s.round)?;
+                    Some(f(s) - f(d))
+                })
+                .collect(),
+        )
+    };
+    let cpu = |load: &str, scenario: &str, i: Option<usize>| {
+        Spread::of(
+            rounds(load, scenario)
+                .iter()
+                .filter(|s| !s.vcpu_per_krps.is_empty())
+                .map(|s| match i {
+                    Some(i) => s.vcpu_per_krps.get(i).copied().unwrap_or(f64::NAN),
+                    None => s.vcpu_per_krps.iter().sum::<f64>() / s.vcpu_per_krps.len() as f64,
+                })
+                .collect(),
+        )
+    };
+    let mut out = String::new();
+    for load in loads {
+        let Some(strait_p50) = added(load, "strait-mtls", |s| s.p50_ms) else {
+            continue;
+        };
+        // The better reference: lower median p50 added.
+        let Some((best, ref_p50)) = ["haproxy-mtls", "nginx-mtls"]
+            .iter()
+            .filter_map(|n| Some((*n, added(load, n, |s| s.p50_ms)?)))
+            .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
+        else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push_str("\nstrait-mtls against the better reference pair, median (min–max) over rounds; a verdict only where the ranges do not overlap:\n\n| load | figure | strait-mtls | better reference | verdict |\n| --- | --- | --- | --- | --- |\n");
+        }
+        let mut row = |what: String, a: Option<Spread>, b: Option<Spread>| {
+            if let (Some(a), Some(b)) = (a, b) {
+                out.push_str(&format!(
+                    "| {load} | {what} | {} | {} | {} |\n",
+                    a.show(),
+                    b.show(),
+                    a.verdict(&b)
+                ));
+            }
+        };
+        row(
+            format!("p50 added over direct, ms ({best})"),
+            Some(strait_p50),
+            Some(ref_p50),
+        );
+        let best_p99 = ["haproxy-mtls", "nginx-mtls"]
+            .iter()
+            .filter_map(|n| Some((*n, added(load, n, |s| s.p99_ms)?)))
+            .min_by(|a, b| a.1.median.total_cmp(&b.1.median));
+        if let Some((n, p99)) = best_p99 {
+            row(
+                format!("p99 added over direct, ms ({n})"),
+                added(load, "strait-mtls", |s| s.p99_ms),
+                Some(p99),
+            );
+        }
+        let best_cpu = ["haproxy-mtls", "nginx-mtls"]
+            .iter()
+            .filter_map(|n| Some((*n, cpu(load, n, None)?)))
+            .min_by(|a, b| a.1.median.total_cmp(&b.1.median));
+        if let Some((n, c)) = best_cpu {
+            for (i, role) in ["client", "server"].iter().enumerate() {
+                row(
+                    format!("vCPU/1k req/s, {role} proxy (vs {n}, mean of its two)"),
+                    cpu(load, "strait-mtls", Some(i)),
+                    Some(c),
+                );
+            }
+        }
     }
     out
 }

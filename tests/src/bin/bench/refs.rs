@@ -73,6 +73,47 @@ impl Certs {
     }
 }
 
+/// Raises this process's open-file limit as far as it may (to 262,144, the hard
+/// limit too when root): the reference proxies inherit it, and holding 10,000
+/// idle connections through a pair takes about three descriptors each.
+pub fn raise_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    const WANT: u64 = 262_144;
+    let cur = getrlimit(Resource::Nofile);
+    if cur.current.is_some_and(|c| c >= WANT) {
+        return;
+    }
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(WANT),
+            maximum: Some(WANT.max(cur.maximum.unwrap_or(WANT))),
+        },
+    );
+    if raised.is_err() {
+        let hard = cur.maximum;
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        );
+    }
+}
+
+fn open_files() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+        .min(1 << 20)
+}
+
+/// Connections a reference proxy may take: each needs two descriptors.
+fn maxconn() -> u64 {
+    (open_files().saturating_sub(100) / 2).min(30_000)
+}
+
 pub struct RefPair {
     pub name: &'static str,
     pub client: Child,
@@ -102,7 +143,10 @@ pub fn haproxy(
     ports: [u16; 3],
 ) -> anyhow::Result<RefPair> {
     let [h1, h2, tls] = ports;
-    let common = "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n";
+    let common = format!(
+        "global\n  nbthread 1\n  maxconn {}\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n",
+        maxconn()
+    );
     let client = format!(
         "{common}frontend fa\n  bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{tls} ssl crt {} ca-file {} verify required verifyhost b.test sni str(b.test) ssl-min-ver TLSv1.3\n",
         certs.p("client.pem"),
@@ -131,6 +175,53 @@ pub fn haproxy(
     })
 }
 
+/// HAProxy in TCP mode: a client-side proxy at `ports[0]` opening an mTLS
+/// connection (TLS 1.3, client certificate) to a server-side one at `ports[1]`
+/// for every connection, which forwards to `backend`. `h1`/`h2` both name the
+/// client side's listener.
+pub fn haproxy_tcp(
+    certs: &Certs,
+    work: &Path,
+    backend: SocketAddr,
+    ports: [u16; 2],
+) -> anyhow::Result<RefPair> {
+    let [tcp, tls] = ports;
+    let common = format!(
+        "global\n  nbthread 1\n  maxconn {}\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
+        maxconn()
+    );
+    let client = format!(
+        "{common}frontend fa\n  bind 127.0.0.1:{tcp}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{tls} ssl crt {} ca-file {} verify required verifyhost b.test sni str(b.test) ssl-min-ver TLSv1.3\n",
+        certs.p("client.pem"),
+        certs.p("ca.pem")
+    );
+    let server = format!(
+        "{common}frontend fb\n  bind 127.0.0.1:{tls} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend bb\nbackend bb\n  server app {backend}\n",
+        certs.p("server.pem"),
+        certs.p("ca.pem")
+    );
+    let (cf, sf) = (
+        work.join("haproxy-tcp-a.cfg"),
+        work.join("haproxy-tcp-b.cfg"),
+    );
+    std::fs::write(&cf, client)?;
+    std::fs::write(&sf, server)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], tcp));
+    Ok(RefPair {
+        name: "haproxy-tcp-mtls",
+        server: spawn(
+            "haproxy",
+            &["-db".into(), "-f".into(), sf.display().to_string()],
+        )?,
+        client: spawn(
+            "haproxy",
+            &["-db".into(), "-f".into(), cf.display().to_string()],
+        )?,
+        h1: addr,
+        h2: addr,
+    })
+}
+
 pub fn nginx(
     certs: &Certs,
     work: &Path,
@@ -141,7 +232,9 @@ pub fn nginx(
     let w = work.display();
     let head = |n: &str| {
         format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {w}/nginx-{n}.pid;\nerror_log {w}/nginx-{n}.log error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {w}/tmp-{n};\n  proxy_temp_path {w}/ptmp-{n};\n  keepalive_requests 1000000;\n"
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {w}/nginx-{n}.pid;\nerror_log {w}/nginx-{n}.log error;\nworker_rlimit_nofile {};\nevents {{ worker_connections {}; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {w}/tmp-{n};\n  proxy_temp_path {w}/ptmp-{n};\n  keepalive_requests 1000000;\n",
+            open_files(),
+            maxconn()
         )
     };
     let client = format!(
