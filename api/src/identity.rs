@@ -5,9 +5,11 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// Shared, not copied: identities ride on every request (the peer a request goes
+/// to, the key of its connection pool), so a clone is a reference count.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
-    uri: String,
+    uri: std::sync::Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -76,7 +78,7 @@ impl FromStr for Identity {
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "ns", ns, "sa", sa] if valid_part(td) && valid_part(ns) && valid_part(sa) => {
-                Ok(Identity { uri: s.to_string() })
+                Ok(Identity { uri: s.into() })
             }
             _ => Err(bad()),
         }

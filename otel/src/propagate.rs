@@ -3,10 +3,10 @@
 //! (and `tracestate`) always, and B3 again in the format it came in, so an app
 //! that only speaks B3 stays in the trace.
 
+use std::str::FromStr;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
 /// How the context came in, so it goes out the same way too (B3 when B3
 /// headers came, with or without `traceparent`).
@@ -17,6 +17,8 @@ pub enum Format {
     B3Multi,
 }
 
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const B3: HeaderName = HeaderName::from_static("b3");
 const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
@@ -24,36 +26,80 @@ const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+/// `traceparent` as W3C Trace Context level 1 writes it: `00-{trace}-{span}-{flags}`,
+/// lowercase hex. Read and written here, on every request of a traced proxy,
+/// without the SDK propagator's `Context` and strings; the tests hold the two
+/// to the same answers.
+fn parse_traceparent(v: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
+    let v = v.trim_ascii();
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
     }
+    let version = hex_u8(&v[0..2])?;
+    // Version 0 is exactly four fields; a later version may append its own.
+    if version == 0xff || (version == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
+        return None;
+    }
+    let mut trace = [0u8; 16];
+    for (i, b) in trace.iter_mut().enumerate() {
+        *b = hex_u8(&v[3 + 2 * i..5 + 2 * i])?;
+    }
+    let mut span = [0u8; 8];
+    for (i, b) in span.iter_mut().enumerate() {
+        *b = hex_u8(&v[36 + 2 * i..38 + 2 * i])?;
+    }
+    let flags = hex_u8(&v[53..55])?;
+    Some((
+        TraceId::from_bytes(trace),
+        SpanId::from_bytes(span),
+        // Unknown flags are accepted and cleared (W3C "other flags").
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+    ))
+}
 
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
+/// Two lowercase hex digits.
+fn hex_u8(two: &[u8]) -> Option<u8> {
+    let d = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    Some(d(two[0])? << 4 | d(two[1])?)
+}
+
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[usize::from(b >> 4)];
+        out[2 * i + 1] = HEX[usize::from(b & 0xf)];
     }
 }
 
-struct HeadersMut<'a>(&'a mut HeaderMap);
+fn traceparent(sc: &SpanContext) -> Option<HeaderValue> {
+    let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    write_hex(&mut b[3..35], &sc.trace_id().to_bytes());
+    write_hex(&mut b[36..52], &sc.span_id().to_bytes());
+    write_hex(
+        &mut b[53..55],
+        &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
+    );
+    HeaderValue::from_bytes(&b).ok()
+}
 
-impl Injector for HeadersMut<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::try_from(value),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
+fn w3c_context(h: &HeaderMap) -> Option<SpanContext> {
+    let (trace, span, flags) = parse_traceparent(h.get(TRACEPARENT)?.as_bytes())?;
+    let state = h
+        .get(TRACESTATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| TraceState::from_str(v).ok())
+        .unwrap_or_default();
+    let sc = SpanContext::new(trace, span, flags, true, state);
+    sc.is_valid().then_some(sc)
 }
 
 /// The caller's span context, if the request carries a valid one.
 pub fn extract(h: &HeaderMap) -> Option<(SpanContext, Format)> {
-    if h.contains_key("traceparent") {
-        let cx = TraceContextPropagator::new().extract(&Headers(h));
-        let sc = cx.span().span_context().clone();
+    if h.contains_key(TRACEPARENT) {
         // B3 beside it (from a proxy that answered a B3 caller in kind) is
         // written again too, or it would point at a stale span.
         let format = if h.contains_key(B3) {
@@ -63,7 +109,7 @@ pub fn extract(h: &HeaderMap) -> Option<(SpanContext, Format)> {
         } else {
             Format::W3c
         };
-        return sc.is_valid().then_some((sc, format));
+        return w3c_context(h).map(|sc| (sc, format));
     }
     if let Some(v) = h.get(B3).and_then(|v| v.to_str().ok()) {
         return b3_single(v).map(|sc| (sc, Format::B3Single));
@@ -109,8 +155,21 @@ fn b3_context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
 /// Writes `sc` as the context of the next hop: `traceparent` (and `tracestate`),
 /// plus B3 in `also`'s format when the caller spoke B3.
 pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
-    let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
-    TraceContextPropagator::new().inject_context(&cx, &mut HeadersMut(h));
+    if !sc.is_valid() {
+        return;
+    }
+    if let Some(v) = traceparent(sc) {
+        h.insert(TRACEPARENT, v);
+    }
+    let state = sc.trace_state().header();
+    match HeaderValue::try_from(state) {
+        Ok(v) if !v.is_empty() => {
+            h.insert(TRACESTATE, v);
+        }
+        _ => {
+            h.remove(TRACESTATE);
+        }
+    }
     let sampled = if sc.is_sampled() { "1" } else { "0" };
     let (trace, span) = (sc.trace_id().to_string(), sc.span_id().to_string());
     match also {
@@ -192,6 +251,77 @@ mod tests {
             headers(&[("x-b3-traceid", TRACE)]),
         ] {
             assert!(extract(&h).is_none(), "{h:?}");
+        }
+    }
+
+    /// Our `traceparent` and the SDK propagator's agree: on well-formed headers
+    /// (the same context read, the same headers written), and ours refuses what
+    /// W3C calls malformed.
+    #[test]
+    fn traceparent_as_the_sdk_reads_and_writes_it() {
+        use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+        use opentelemetry::trace::TraceContextExt;
+        use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+        struct Get<'a>(&'a HeaderMap);
+        impl Extractor for Get<'_> {
+            fn get(&self, key: &str) -> Option<&str> {
+                self.0.get(key).and_then(|v| v.to_str().ok())
+            }
+            fn keys(&self) -> Vec<&str> {
+                self.0.keys().map(HeaderName::as_str).collect()
+            }
+        }
+        struct Set(Vec<(String, String)>);
+        impl Injector for Set {
+            fn set(&mut self, key: &str, value: String) {
+                self.0.push((key.to_string(), value));
+            }
+        }
+        let sdk = TraceContextPropagator::new();
+        for (tp, ts) in [
+            (format!("00-{TRACE}-{SPAN}-01"), None),
+            (
+                format!("00-{TRACE}-{SPAN}-00"),
+                Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+            ),
+            (format!("00-{TRACE}-{SPAN}-ff"), None),
+            (format!("01-{TRACE}-{SPAN}-09-what-comes-next"), Some("a=1")),
+            (format!(" 00-{TRACE}-{SPAN}-01 "), Some("not a valid state")),
+        ] {
+            let mut pairs = vec![("traceparent", tp.as_str())];
+            pairs.extend(ts.map(|t| ("tracestate", t)));
+            let h = headers(&pairs);
+            let theirs = sdk.extract(&Get(&h)).span().span_context().clone();
+            let (ours, _) = extract(&h).expect(&tp);
+            assert_eq!(ours, theirs, "{tp}");
+
+            let cx = opentelemetry::Context::new().with_remote_span_context(theirs);
+            let mut want = Set(Vec::new());
+            sdk.inject_context(&cx, &mut want);
+            let mut got = HeaderMap::new();
+            inject(&mut got, &ours, None);
+            for (k, v) in want.0 {
+                match got.get(&k) {
+                    Some(g) => assert_eq!(g.to_str().unwrap(), v, "{k}"),
+                    // An empty tracestate is left out rather than sent empty.
+                    None => assert!(k == "tracestate" && v.is_empty(), "{k}"),
+                }
+            }
+        }
+        for junk in [
+            format!("00-{TRACE}-{SPAN}-01-extra"),
+            format!("ff-{TRACE}-{SPAN}-01"),
+            format!("00-{}-{SPAN}-01", TRACE.to_uppercase()),
+            format!("00-{TRACE}-{}-01", "0".repeat(16)),
+            format!("00-{}-{SPAN}-01", &TRACE[1..]),
+            format!("00-{TRACE}-{SPAN}-1"),
+            format!("00_{TRACE}-{SPAN}-01"),
+        ] {
+            assert!(
+                extract(&headers(&[("traceparent", &junk)])).is_none(),
+                "{junk}"
+            );
         }
     }
 

@@ -82,6 +82,9 @@ pub const POOL_MAX_IDLE_PER_HOST: usize = 64;
 /// HTTP/2 connections opened to one upstream when every open one is at the
 /// peer's concurrent-stream limit; past this, requests wait for a stream.
 pub const H2_MAX_CONNECTIONS_PER_UPSTREAM: usize = 16;
+/// After another connection to an upstream failed to open, how long requests
+/// queue on the open ones instead of trying again.
+pub const H2_CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 /// Upstream addresses for which a connection pool is kept; beyond this the least
 /// recently used pool is dropped.
 pub const MAX_CLIENT_POOLS: usize = 4096;

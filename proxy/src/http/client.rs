@@ -178,6 +178,9 @@ struct H2State {
     /// waited on an attempt that failed fail with it.
     attempts: u64,
     failed: Option<(u64, ConnectError)>,
+    /// When the last attempt failed: for a while after, requests that find
+    /// every connection full wait on one rather than try again each.
+    failed_at: Option<std::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -321,7 +324,12 @@ impl H2Inner {
         if let Some(c) = st.conns.iter().find(|c| c.has_room()) {
             return Pick::Stream(c.clone(), c.take());
         }
-        if st.conns.len() < defaults::H2_MAX_CONNECTIONS_PER_UPSTREAM {
+        let retry_soon = st
+            .failed_at
+            .is_some_and(|t| t.elapsed() < defaults::H2_CONNECT_BACKOFF);
+        if st.conns.len() < defaults::H2_MAX_CONNECTIONS_PER_UPSTREAM
+            && (st.conns.is_empty() || !retry_soon)
+        {
             return Pick::Connect;
         }
         match st
@@ -390,11 +398,16 @@ impl H2Client {
                 let slot = conn.take();
                 let mut st = self.inner.state();
                 st.failed = None;
+                st.failed_at = None;
                 st.conns.push(conn.clone());
                 Ok((conn, slot))
             }
             Err(e) => {
-                self.inner.state().failed = Some((attempt, e.duplicate()));
+                {
+                    let mut st = self.inner.state();
+                    st.failed = Some((attempt, e.duplicate()));
+                    st.failed_at = Some(std::time::Instant::now());
+                }
                 match self.inner.any() {
                     Some(open) => {
                         tracing::debug!(upstream = %self.inner.connector.addr, error = %e, "another HTTP/2 connection failed; queueing on an open one");
