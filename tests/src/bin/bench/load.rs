@@ -161,11 +161,12 @@ pub async fn h2load(addr: SocketAddr, load: &Load, work: &Path) -> anyhow::Resul
         })
         .collect();
     sorted_ms.sort_by(f64::total_cmp);
+    // h2load's "failed" already counts the errored and timed-out requests.
     Ok(Measured::from_sorted(
         rps,
         &sorted_ms,
         count("done"),
-        count("failed") + count("errored") + count("timeout"),
+        count("failed"),
     ))
 }
 
@@ -262,6 +263,12 @@ pub async fn tcp_connections(addr: SocketAddr, seconds: u64) -> anyhow::Result<M
 /// Opaque TCP, one connection: `bytes` written to an echo server while its echo
 /// is read back. MB (10^6 bytes) per second each way.
 pub async fn tcp_bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Measured> {
+    tokio::time::timeout(Duration::from_secs(120), bulk(addr, bytes))
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr}: {bytes} bytes not echoed within 120 s"))?
+}
+
+async fn bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Measured> {
     let start = Instant::now();
     let s = tokio::net::TcpStream::connect(addr).await?;
     let (mut rd, mut wr) = s.into_split();
@@ -300,17 +307,25 @@ pub async fn tcp_bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Measured> 
 pub async fn idle_connections(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<IdleConn>> {
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        let (mut send, driver) = http1(addr).await?;
-        let req = http::Request::get("/1k")
-            .header("host", "bench")
-            .body(http_body_util::Empty::new())?;
-        let rsp = send.send_request(req).await?;
-        anyhow::ensure!(rsp.status().is_success(), "status {}", rsp.status());
-        http_body_util::BodyExt::collect(rsp.into_body()).await?;
-        held.push(IdleConn {
-            _send: send,
-            driver,
-        });
+        let one = async {
+            let (mut send, driver) = http1(addr).await?;
+            let req = http::Request::get("/1k")
+                .header("host", "bench")
+                .body(http_body_util::Empty::new())?;
+            let rsp = send.send_request(req).await?;
+            anyhow::ensure!(rsp.status().is_success(), "status {}", rsp.status());
+            http_body_util::BodyExt::collect(rsp.into_body()).await?;
+            anyhow::Ok(IdleConn {
+                _send: send,
+                driver,
+            })
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(10), one)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in 10 s"))
+            .and_then(|r| r)
+            .map_err(|e| anyhow::anyhow!("{addr}: connection {} of {n}: {e}", held.len() + 1))?;
+        held.push(conn);
     }
     Ok(held)
 }

@@ -44,19 +44,23 @@ fn bars(
     let root = BitMapBackend::new(path, (1100, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (plot, legend) = root.split_horizontally(880);
-    let max = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max)
-        * 1.1;
+    let values = || {
+        series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .filter(|v| v.is_finite())
+    };
+    // Zero is always on the axis; a negative value (less latency than direct)
+    // gets a bar below it.
+    let max = values().fold(0.0f64, f64::max) * 1.1;
+    let min = values().fold(0.0f64, f64::min) * 1.1;
     let n = series.len().max(1) as f64;
     let mut chart = ChartBuilder::on(&plot)
         .caption(title, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..groups.len() as f64, 0.0..max.max(1e-9))?;
+        .build_cartesian_2d(0.0..groups.len() as f64, min..max.max(1e-9))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
