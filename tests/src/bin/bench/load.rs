@@ -23,6 +23,16 @@ pub struct Measured {
 }
 
 impl Measured {
+    /// What `loops` gave: successes' latencies, failures, seconds taken.
+    fn of_loops(sorted_ms: &[f64], errors: u64, wall: f64) -> Measured {
+        Measured::from_sorted(
+            sorted_ms.len() as f64 / wall,
+            sorted_ms,
+            sorted_ms.len() as u64,
+            errors,
+        )
+    }
+
     fn from_sorted(rps: f64, sorted_ms: &[f64], requests: u64, errors: u64) -> Measured {
         Measured {
             rps,
@@ -219,12 +229,7 @@ pub async fn new_connections(addr: SocketAddr, seconds: u64) -> anyhow::Result<M
         Ok(ok)
     })
     .await?;
-    Ok(Measured::from_sorted(
-        ms.len() as f64 / wall,
-        &ms,
-        ms.len() as u64,
-        errors,
-    ))
+    Ok(Measured::of_loops(&ms, errors, wall))
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
@@ -252,12 +257,7 @@ pub async fn tcp_connections(addr: SocketAddr, seconds: u64) -> anyhow::Result<M
         Ok(back == msg)
     })
     .await?;
-    Ok(Measured::from_sorted(
-        ms.len() as f64 / wall,
-        &ms,
-        ms.len() as u64,
-        errors,
-    ))
+    Ok(Measured::of_loops(&ms, errors, wall))
 }
 
 /// Opaque TCP, one connection: `bytes` written to an echo server while its echo

@@ -147,36 +147,16 @@ pub fn haproxy(
     ports: [u16; 3],
 ) -> anyhow::Result<RefPair> {
     let [h1, h2, tls] = ports;
-    let common = format!(
-        "global\n  nbthread 1\n  maxconn {}\n  no strict-limits\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n",
-        maxconn()
-    );
-    let client = format!(
-        "{common}frontend fa\n  bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{tls} ssl crt {} ca-file {} verify required verifyhost b.test sni str(b.test) ssl-min-ver TLSv1.3\n",
-        certs.p("client.pem"),
-        certs.p("ca.pem")
-    );
-    let server = format!(
-        "{common}frontend fb\n  bind 127.0.0.1:{tls} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend bb\nbackend bb\n  server app {backend}\n",
-        certs.p("server.pem"),
-        certs.p("ca.pem")
-    );
-    let (cf, sf) = (work.join("haproxy-a.cfg"), work.join("haproxy-b.cfg"));
-    std::fs::write(&cf, client)?;
-    std::fs::write(&sf, server)?;
-    Ok(RefPair {
-        name: "haproxy-mtls",
-        server: spawn(
-            "haproxy",
-            &["-db".into(), "-f".into(), sf.display().to_string()],
-        )?,
-        client: spawn(
-            "haproxy",
-            &["-db".into(), "-f".into(), cf.display().to_string()],
-        )?,
-        h1: SocketAddr::from(([127, 0, 0, 1], h1)),
-        h2: SocketAddr::from(([127, 0, 0, 1], h2)),
-    })
+    haproxy_pair(
+        certs,
+        work,
+        "haproxy-mtls",
+        "mode http\n  option http-keep-alive\n  http-reuse always",
+        &format!("bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2"),
+        tls,
+        backend,
+        (h1, h2),
+    )
 }
 
 /// HAProxy in TCP mode: a client-side proxy at `ports[0]` opening an mTLS
@@ -190,12 +170,38 @@ pub fn haproxy_tcp(
     ports: [u16; 2],
 ) -> anyhow::Result<RefPair> {
     let [tcp, tls] = ports;
+    haproxy_pair(
+        certs,
+        work,
+        "haproxy-tcp-mtls",
+        "mode tcp",
+        &format!("bind 127.0.0.1:{tcp}"),
+        tls,
+        backend,
+        (tcp, tcp),
+    )
+}
+
+/// Two HAProxies, one thread each: the client side (`binds`) connects over TLS
+/// 1.3 with a client certificate to the server side on `tls`, which forwards
+/// to `backend`.
+#[allow(clippy::too_many_arguments)]
+fn haproxy_pair(
+    certs: &Certs,
+    work: &Path,
+    name: &'static str,
+    mode: &str,
+    binds: &str,
+    tls: u16,
+    backend: SocketAddr,
+    (h1, h2): (u16, u16),
+) -> anyhow::Result<RefPair> {
     let common = format!(
-        "global\n  nbthread 1\n  maxconn {}\n  no strict-limits\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
+        "global\n  nbthread 1\n  maxconn {}\n  no strict-limits\ndefaults\n  {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
         maxconn()
     );
     let client = format!(
-        "{common}frontend fa\n  bind 127.0.0.1:{tcp}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{tls} ssl crt {} ca-file {} verify required verifyhost b.test sni str(b.test) ssl-min-ver TLSv1.3\n",
+        "{common}frontend fa\n  {binds}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{tls} ssl crt {} ca-file {} verify required verifyhost b.test sni str(b.test) ssl-min-ver TLSv1.3\n",
         certs.p("client.pem"),
         certs.p("ca.pem")
     );
@@ -205,24 +211,23 @@ pub fn haproxy_tcp(
         certs.p("ca.pem")
     );
     let (cf, sf) = (
-        work.join("haproxy-tcp-a.cfg"),
-        work.join("haproxy-tcp-b.cfg"),
+        work.join(format!("{name}-a.cfg")),
+        work.join(format!("{name}-b.cfg")),
     );
     std::fs::write(&cf, client)?;
     std::fs::write(&sf, server)?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], tcp));
+    let run = |f: &Path| {
+        spawn(
+            "haproxy",
+            &["-db".into(), "-f".into(), f.display().to_string()],
+        )
+    };
     Ok(RefPair {
-        name: "haproxy-tcp-mtls",
-        server: spawn(
-            "haproxy",
-            &["-db".into(), "-f".into(), sf.display().to_string()],
-        )?,
-        client: spawn(
-            "haproxy",
-            &["-db".into(), "-f".into(), cf.display().to_string()],
-        )?,
-        h1: addr,
-        h2: addr,
+        name,
+        server: run(&sf)?,
+        client: run(&cf)?,
+        h1: SocketAddr::from(([127, 0, 0, 1], h1)),
+        h2: SocketAddr::from(([127, 0, 0, 1], h2)),
     })
 }
 
