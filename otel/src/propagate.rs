@@ -161,9 +161,13 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
     if let Some(v) = traceparent(sc) {
         h.insert(TRACEPARENT, v);
     }
-    let state = sc.trace_state().header();
-    match HeaderValue::try_from(state) {
-        Ok(v) if !v.is_empty() => {
+    // Most requests carry no state: no string is built for them.
+    let state = sc.trace_state();
+    match (*state != TraceState::NONE)
+        .then(|| HeaderValue::try_from(state.header()).ok())
+        .flatten()
+    {
+        Some(v) if !v.is_empty() => {
             h.insert(TRACESTATE, v);
         }
         _ => {
@@ -171,14 +175,16 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
         }
     }
     let sampled = if sc.is_sampled() { "1" } else { "0" };
-    let (trace, span) = (sc.trace_id().to_string(), sc.span_id().to_string());
+    let ids = || (sc.trace_id().to_string(), sc.span_id().to_string());
     match also {
         Some(Format::B3Single) => {
+            let (trace, span) = ids();
             if let Ok(v) = HeaderValue::try_from(format!("{trace}-{span}-{sampled}")) {
                 h.insert(B3, v);
             }
         }
         Some(Format::B3Multi) => {
+            let (trace, span) = ids();
             for (k, v) in [(B3_TRACE, trace), (B3_SPAN, span)] {
                 if let Ok(v) = HeaderValue::try_from(v) {
                     h.insert(k, v);

@@ -503,15 +503,16 @@ impl H2Client {
         &self,
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
-        let (conn, slot) = self.checkout().await?;
-        match conn.sender.clone().try_send_request(req).await {
+        // The checked-out connection is the pool's clone, to send on as it is.
+        let (mut conn, slot) = self.checkout().await?;
+        match conn.sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     self.inner.forget(conn.n);
                     drop(slot);
-                    let (conn, slot) = self.checkout().await?;
-                    let rsp = conn.sender.clone().send_request(req).await?;
+                    let (mut conn, slot) = self.checkout().await?;
+                    let rsp = conn.sender.send_request(req).await?;
                     Ok(rsp.map(|b| UpstreamBody::new(b, slot)))
                 }
                 None => Err(e.into_error().into()),

@@ -4,6 +4,7 @@ pub mod access_log;
 pub mod log;
 pub mod metrics;
 pub mod sampled;
+pub mod short_str;
 pub mod trace;
 
 pub use metrics::{Direction, Metrics};

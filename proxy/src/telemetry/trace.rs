@@ -11,7 +11,8 @@
 //! A span is not built here: the request keeps a small record of what it
 //! knew (ids, times, the path, the notes) and hands it to the export thread,
 //! which makes the attributes and the OTLP span. The serving thread pays for
-//! the ids, two clock reads, one copy of the path and a move into the queue.
+//! the ids, two clock reads, a copy of the path (inline when short) and a
+//! move into the queue.
 //!
 //! A span starts when the request arrives and ends when the response head is
 //! ready, or when the client goes away first (`strait.cancelled`, and the
@@ -34,6 +35,7 @@ use strait_otel::{Record, Recorder, export, propagate};
 
 use super::access_log::{AccessLog, Line};
 use super::metrics::Direction;
+use super::short_str::ShortStr;
 use crate::defaults::PROXY_ERROR_HEADER;
 use crate::identity::Identity;
 
@@ -128,8 +130,6 @@ pub struct Trace<S> {
     layer: TraceLayer,
 }
 
-type Traced<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
-
 impl<S, B, RB> tower::Service<Request<B>> for Trace<S>
 where
     S: tower::Service<Request<B>, Response = Response<RB>>,
@@ -139,7 +139,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Either<S::Future, Traced<RB, S::Error>>;
+    type Future = Either<S::Future, TracedFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -167,7 +167,7 @@ where
             .access_log
             .as_ref()
             .map(|_| Line::of(&req, direction));
-        let mut pending = Pending {
+        let pending = Pending {
             observe,
             direction,
             start,
@@ -175,23 +175,44 @@ where
             line,
             notes,
         };
-        let fut = self.inner.call(req);
-        Either::Right(Box::pin(async move {
-            match fut.await {
-                Ok(rsp) => {
-                    let error = rsp
-                        .headers()
-                        .get(PROXY_ERROR_HEADER)
-                        .and_then(|v| v.to_str().ok());
-                    pending.end(Some(rsp.status().as_u16()), error);
-                    Ok(rsp)
-                }
-                Err(e) => {
-                    pending.end(None, Some("no-response"));
-                    Err(e)
-                }
+        Either::Right(TracedFuture {
+            inner: self.inner.call(req),
+            pending,
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner future, and the span and log line written as it resolves; in
+    /// the request's own future rather than boxed, so tracing a request moves
+    /// and allocates nothing more.
+    pub struct TracedFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Pending,
+    }
+}
+
+impl<F, B, E> Future for TracedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        match &out {
+            Ok(rsp) => {
+                let error = rsp
+                    .headers()
+                    .get(PROXY_ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok());
+                this.pending.end(Some(rsp.status().as_u16()), error);
             }
-        }))
+            Err(_) => this.pending.end(None, Some("no-response")),
+        }
+        Poll::Ready(out)
     }
 }
 
@@ -256,8 +277,8 @@ struct Started {
     method: &'static str,
     version: http::Version,
     /// Inbound: the authority the caller addressed.
-    authority: Option<(String, Option<u16>)>,
-    path: String,
+    authority: Option<(ShortStr, Option<u16>)>,
+    path: ShortStr,
     at: SystemTime,
 }
 
@@ -317,13 +338,12 @@ fn start_span<B>(
         Direction::Inbound => req
             .uri()
             .authority()
-            .map(|a| (a.host().to_string(), a.port_u16()))
+            .map(|a| (ShortStr::bounded(a.host()), a.port_u16()))
             .or_else(|| {
                 let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
                 let a: http::uri::Authority = h.parse().ok()?;
-                Some((a.host().to_string(), a.port_u16()))
-            })
-            .map(|(h, p)| (super::access_log::bounded(h), p)),
+                Some((ShortStr::bounded(a.host()), a.port_u16()))
+            }),
     };
     Some(Started {
         cx,
@@ -332,7 +352,7 @@ fn start_span<B>(
         version: req.version(),
         authority,
         // Bounded: the export queue counts spans, so spans are bounded in size.
-        path: super::access_log::bounded(req.uri().path().to_string()),
+        path: ShortStr::bounded(req.uri().path()),
         at: SystemTime::now(),
     })
 }
@@ -376,7 +396,7 @@ impl Record for ProxySpan {
         } = self;
         let mut attrs = Vec::with_capacity(20);
         attrs.push(KeyValue::new("http.request.method", started.method));
-        attrs.push(KeyValue::new("url.path", started.path));
+        attrs.push(KeyValue::new("url.path", String::from(started.path)));
         attrs.push(KeyValue::new(
             "network.protocol.version",
             protocol(started.version),
@@ -388,7 +408,7 @@ impl Record for ProxySpan {
         // What the app addressed, rather than the listener it reached us on.
         match (&notes.destination, started.authority) {
             (_, Some((host, port))) => {
-                attrs.push(KeyValue::new("server.address", host));
+                attrs.push(KeyValue::new("server.address", String::from(host)));
                 if let Some(p) = port {
                     attrs.push(KeyValue::new("server.port", i64::from(p)));
                 }
