@@ -85,21 +85,34 @@ async fn proxy_quick_measures_every_scenario() {
         "| haproxy-tcp-mtls |",
         "p99 / best reference",
         "| h1 500/s | p50 added over direct",
+        "| h1 500/s | peak RSS MiB, client proxy",
         "| tcp conn | strait-mtls |",
         "| strait-mtls | client proxy | 200 |",
     ] {
         assert!(md.contains(s), "{s} missing from\n{md}");
     }
     // Every scenario measured something: no pair sits at zero requests.
-    let main_table = |l: &&str| l.starts_with("| h1 500/s |") && l.matches('|').count() == 12;
+    // Every proxy's peak RSS under the load is its own, not a leftover of the
+    // start: a few MiB, never zero.
+    let main_table = |l: &&str| l.starts_with("| h1 500/s |") && l.matches('|').count() == 13;
+    let mut rows = 0;
     for line in md.lines().filter(main_table) {
-        let rps: f64 = line.split('|').nth(3).unwrap().trim().parse().unwrap();
+        rows += 1;
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let rps: f64 = cells[3].parse().unwrap();
         assert!(rps > 100.0, "{line}");
+        if cells[2] != "direct" {
+            for peak in cells[10].split(" / ") {
+                let mib: f64 = peak.parse().unwrap_or_else(|_| panic!("{line}"));
+                assert!(mib > 1.0 && mib < 200.0, "{line}");
+            }
+        }
     }
+    assert!(rows >= 6, "a main-table row per scenario:\n{md}");
     // Opaque TCP through each pair: connections made and bytes echoed, none failed.
     for line in md
         .lines()
-        .filter(|l| l.starts_with("| tcp ") && l.matches('|').count() == 12)
+        .filter(|l| l.starts_with("| tcp ") && l.matches('|').count() == 13)
     {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         let (rate, errors): (f64, u64) = (cells[3].parse().unwrap(), cells[8].parse().unwrap());

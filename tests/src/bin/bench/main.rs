@@ -48,6 +48,14 @@ enum What {
         #[arg(long)]
         with_tracing: bool,
     },
+    /// Starts the strait mTLS pair and the HAProxy mTLS pair in front of the
+    /// backend and keeps them up until interrupted, printing their addresses and
+    /// pids: to profile them by hand under a load of one's own.
+    Pair {
+        /// Also start a pair exporting a span per request to an in-process collector.
+        #[arg(long)]
+        with_tracing: bool,
+    },
     /// Prints the tables of a `bench proxy` run again from its JSON (and redraws
     /// its plots into --out).
     Report {
@@ -122,6 +130,10 @@ async fn main() -> anyhow::Result<()> {
             for p in plot::write(&r, &cli.out)? {
                 eprintln!("wrote {}", p.display());
             }
+        }
+        What::Pair { with_tracing } => {
+            let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
+            proxy::hold(work, with_tracing).await?;
         }
         What::Soak {
             minutes,

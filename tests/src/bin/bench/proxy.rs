@@ -64,6 +64,10 @@ pub struct Sample {
     pub errors: u64,
     /// CPU seconds per second of each proxy process, per 1,000 requests/s.
     pub vcpu_per_krps: Vec<f64>,
+    /// Each proxy process's peak RSS under this load alone (the kernel's
+    /// high-water mark, reset before it).
+    #[serde(default)]
+    pub peak_rss_mib: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -166,6 +170,12 @@ fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
     };
     num(14) + num(15)
+}
+
+/// Starts a new high-water mark of `pid`'s RSS (`clear_refs` 5); false when the
+/// kernel refused, and the mark still covers everything before.
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
 fn rss_mib(pid: u32) -> (f64, f64) {
@@ -451,6 +461,7 @@ pub async fn run(
                     continue;
                 };
                 let before: Vec<u64> = t.pids.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+                let peaks_reset = t.pids.iter().all(|(_, p)| reset_peak_rss(*p));
                 let started = Instant::now();
                 let m = match load.kind {
                     Kind::Rate(rate) => generate::oha(addr, &load, rate).await?,
@@ -473,6 +484,11 @@ pub async fn run(
                         }
                     })
                     .collect();
+                let peak_rss_mib = if peaks_reset {
+                    t.pids.iter().map(|(_, p)| rss_mib(*p).1).collect()
+                } else {
+                    Vec::new()
+                };
                 let s = Sample {
                     round,
                     scenario: t.name.to_string(),
@@ -485,6 +501,7 @@ pub async fn run(
                     requests: m.requests,
                     errors: m.errors,
                     vcpu_per_krps,
+                    peak_rss_mib,
                 };
                 eprintln!(
                     "round {round} {:<13} {:<12} {:>8.0} req/s  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  errors {}",
@@ -625,6 +642,18 @@ pub fn summary(r: &Results) -> Vec<(String, String, Sample)> {
         let vcpu = (0..n)
             .map(|i| median(ss.iter().map(|s| s.vcpu_per_krps[i]).collect()))
             .collect();
+        let peaks: Vec<&Vec<f64>> = ss
+            .iter()
+            .map(|s| &s.peak_rss_mib)
+            .filter(|p| p.len() == n)
+            .collect();
+        let peak_rss_mib = if n > 0 && !peaks.is_empty() {
+            (0..n)
+                .map(|i| median(peaks.iter().map(|p| p[i]).collect()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         rows.push((
             load.clone(),
             scenario.clone(),
@@ -640,6 +669,7 @@ pub fn summary(r: &Results) -> Vec<(String, String, Sample)> {
                 requests: ss.iter().map(|s| s.requests).sum(),
                 errors: ss.iter().map(|s| s.errors).sum(),
                 vcpu_per_krps: vcpu,
+                peak_rss_mib,
             },
         ));
     }
@@ -652,7 +682,7 @@ pub fn markdown(r: &Results) -> String {
         "Machine: {}. Medians over rounds; latency in ms; vCPU per 1,000 requests/s for the client-side / server-side proxy. Under `tcp conn` req/s are connections/s; under `tcp <size>` they are MB/s each way (vCPU per 1,000 MB/s) and the latency is the whole transfer's.\n\n",
         r.machine
     );
-    out.push_str("| load | scenario | req/s | p50 | p90 | p99 | p99.9 | errors | vCPU/1k req/s | p99 added over direct | p99 added vs best reference |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    out.push_str("| load | scenario | req/s | p50 | p90 | p99 | p99.9 | errors | vCPU/1k req/s | peak RSS MiB | p99 added over direct | p99 added vs best reference |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for (load, scenario, s) in &rows {
         let direct = rows
             .iter()
@@ -665,13 +695,14 @@ pub fn markdown(r: &Results) -> String {
             .fold(f64::INFINITY, f64::min);
         let added = direct.map(|d| s.p99_ms - d).unwrap_or(0.0);
         let vcpu: Vec<String> = s.vcpu_per_krps.iter().map(|v| format!("{v:.3}")).collect();
+        let peak: Vec<String> = s.peak_rss_mib.iter().map(|v| format!("{v:.1}")).collect();
         let vs_ref = if scenario == "direct" || !best_ref.is_finite() {
             "-".to_string()
         } else {
             format!("{:+.3}", added - best_ref)
         };
         out.push_str(&format!(
-            "| {load} | {scenario} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+            "| {load} | {scenario} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
             s.achieved_rps,
             s.p50_ms,
             s.p90_ms,
@@ -682,6 +713,11 @@ pub fn markdown(r: &Results) -> String {
                 "-".into()
             } else {
                 vcpu.join(" / ")
+            },
+            if peak.is_empty() {
+                "-".into()
+            } else {
+                peak.join(" / ")
             },
             if scenario == "direct" {
                 "-".into()
@@ -795,6 +831,14 @@ fn verdicts(r: &Results) -> String {
                 .collect(),
         )
     };
+    let peak = |load: &str, scenario: &str, i: usize| {
+        Spread::of(
+            rounds(load, scenario)
+                .iter()
+                .filter_map(|s| s.peak_rss_mib.get(i).copied())
+                .collect(),
+        )
+    };
     let mut out = String::new();
     for load in loads {
         let Some(strait_p50) = added(load, "strait-mtls", |s| s.p50_ms) else {
@@ -849,6 +893,13 @@ fn verdicts(r: &Results) -> String {
                     format!("vCPU/1k req/s, {role} proxy (vs {n}'s)"),
                     cpu(load, "strait-mtls", Some(i)),
                     cpu(load, n, Some(i)),
+                );
+            }
+            for (i, role) in ["client", "server"].iter().enumerate() {
+                row(
+                    format!("peak RSS MiB, {role} proxy (vs {n}'s)"),
+                    peak(load, "strait-mtls", i),
+                    peak(load, n, i),
                 );
             }
         }
@@ -935,4 +986,72 @@ fn cost_table(
         ));
     }
     out
+}
+
+/// Starts the backend, the strait mTLS pair (and, with `with_tracing`, a traced
+/// one) and the HAProxy mTLS pair, prints where each listens and its pids, and
+/// keeps them up until interrupted: to profile or trace them by hand under a
+/// load of one's own.
+pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&work)?;
+    refs::raise_open_files();
+    let backend = Backend::start().await;
+    let echo = strait_tests::tcp::echo().await;
+    let certs = Certs::generate(&work.join("certs")).await?;
+    let mtls = strait_pair(backend.addr, echo, true, None, Vec::new()).await;
+    let collector = if with_tracing {
+        Some(strait_tests::otlp::OtlpCollector::start(strait_tests::otlp::Mode::Discard).await)
+    } else {
+        None
+    };
+    let traced = match &collector {
+        Some(c) => Some(
+            strait_pair(
+                backend.addr,
+                echo,
+                true,
+                None,
+                vec![
+                    format!("--otlp-endpoint={}", c.endpoint()),
+                    "--trace-sampling=1".into(),
+                ],
+            )
+            .await,
+        ),
+        None => None,
+    };
+    let hap = refs::haproxy(
+        &certs,
+        &work,
+        backend.addr,
+        [free_port(), free_port(), free_port()],
+    )?;
+    let pid = |c: &tokio::process::Child| c.id().unwrap_or(0);
+    println!("direct           http://{}/1k", backend.addr);
+    let show = |name: &str, p: &StraitPair| {
+        println!(
+            "{name:<16} http://{}/1k  tcp {}  client pid {}  server pid {}",
+            p.client.upstreams[0],
+            p.client.upstreams[1],
+            p.client.proc.pid(),
+            p.server.proc.pid()
+        )
+    };
+    show("strait-mtls", &mtls);
+    if let Some(t) = &traced {
+        show("strait-traced", t);
+    }
+    println!(
+        "{:<16} http://{}/1k (h2 {})  client pid {}  server pid {}",
+        hap.name,
+        hap.h1,
+        hap.h2,
+        pid(&hap.client),
+        pid(&hap.server)
+    );
+    println!("up until interrupted (ctrl-c)");
+    tokio::signal::ctrl_c().await?;
+    drop(hap);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
