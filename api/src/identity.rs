@@ -23,6 +23,12 @@ impl Identity {
         &self.uri
     }
 
+    /// The identity as a shared string, for what keeps it (a span attribute)
+    /// without a copy.
+    pub fn as_shared(&self) -> &std::sync::Arc<str> {
+        &self.uri
+    }
+
     /// The identity of a service account.
     pub fn of(
         trust_domain: &str,

@@ -261,7 +261,8 @@ async fn drain<R: Record>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut batch = Vec::new();
+        // Sized for what has queued: no regrowing (spans are a few hundred bytes).
+        let mut batch = Vec::with_capacity(rx.len().min(BATCH_SPANS));
         loop {
             match rx.try_recv() {
                 Ok(s) => {
@@ -277,7 +278,14 @@ async fn drain<R: Record>(
             if batch.is_empty() {
                 break;
             }
-            failures = export(&exporter, std::mem::take(&mut batch), &dropped, failures).await;
+            let next = Vec::with_capacity(rx.len().min(BATCH_SPANS));
+            failures = export(
+                &exporter,
+                std::mem::replace(&mut batch, next),
+                &dropped,
+                failures,
+            )
+            .await;
         }
     }
 }

@@ -130,9 +130,11 @@ pub const BREAKER_MAX_EJECTED_PERCENT: u32 = 50;
 pub const MAX_PEER_TLS_CONFIGS: usize = 1024;
 
 /// Set by a proxy on requests to a peer proxy: the port of the app in the peer pod.
-pub const TARGET_PORT_HEADER: &str = "strait-target-port";
+pub const TARGET_PORT_HEADER: http::HeaderName =
+    http::HeaderName::from_static("strait-target-port");
 /// Set on responses the proxy itself generates, naming why.
-pub const PROXY_ERROR_HEADER: &str = "strait-proxy-error";
+pub const PROXY_ERROR_HEADER: http::HeaderName =
+    http::HeaderName::from_static("strait-proxy-error");
 
 /// Prefix of every metric the proxy exports.
 pub const METRICS_PREFIX: &str = "strait_proxy";
@@ -165,7 +167,7 @@ pub const BALANCER_EWMA_DECAY: Duration = Duration::from_secs(10);
 
 /// Set on requests between proxies: the HTTP version the app spoke, restored by
 /// the peer proxy towards its app.
-pub const ORIG_PROTO_HEADER: &str = "strait-orig-proto";
+pub const ORIG_PROTO_HEADER: http::HeaderName = http::HeaderName::from_static("strait-orig-proto");
 
 /// The namespace this proxy's workload runs in, when not told.
 pub const NAMESPACE: &str = "default";
@@ -192,7 +194,7 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 /// Set by the inbound proxy on requests to its app: the verified identity of the
 /// calling workload (removed from whatever a client sent).
-pub const CLIENT_ID_HEADER: &str = "strait-client-id";
+pub const CLIENT_ID_HEADER: http::HeaderName = http::HeaderName::from_static("strait-client-id");
 
 /// Where the controller runs unless --control-plane-identity says otherwise.
 pub const CONTROL_PLANE_NAMESPACE: &str = "strait-system";

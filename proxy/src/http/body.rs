@@ -19,6 +19,12 @@ impl<B, G> GuardedBody<B, G> {
             guard: Some(guard),
         }
     }
+
+    /// A guard that may already be gone (its future was polled again after it
+    /// completed): the body is then unguarded rather than a panic.
+    pub fn maybe(inner: B, guard: Option<G>) -> Self {
+        GuardedBody { inner, guard }
+    }
 }
 
 impl<B: http_body::Body, G> http_body::Body for GuardedBody<B, G> {

@@ -267,7 +267,7 @@ where
 {
     type Response = Response<InFlightBody<RB>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = InFlightFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -284,11 +284,33 @@ where
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         self.state.served.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let rsp = fut.await?;
-            Ok(rsp.map(|inner| GuardedBody::new(inner, guard)))
-        })
+        InFlightFuture {
+            inner: self.inner.call(req),
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request's future; its response body holds the guard until it ends.
+    pub struct InFlightFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<Guard>,
+    }
+}
+
+impl<F, RB, E> Future for InFlightFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = Result<Response<InFlightBody<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let rsp = ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(rsp.map(|inner| GuardedBody::maybe(inner, guard))))
     }
 }
 

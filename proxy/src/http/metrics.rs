@@ -73,7 +73,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = MetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -85,25 +85,48 @@ where
         if let Some(p) = &self.layer.peer {
             p.requests.inc();
         }
-        let layer = self.layer.clone();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let rsp = fut.await?;
-            let took = start.elapsed().as_secs_f64();
-            layer.latency.observe(took);
-            if let Some(p) = &layer.peer {
-                p.latency.observe(took);
-                p.responses[status_index(rsp.status())].inc();
-            }
-            layer
-                .metrics
-                .http_responses
-                .get_or_create(&StatusLabels {
-                    direction: layer.direction,
-                    status_class: status_class(rsp.status()),
-                })
-                .inc();
-            Ok(rsp)
-        })
+        MetricsFuture {
+            inner: self.inner.call(req),
+            start,
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request's future, timed to its response head and counted by status.
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        start: Instant,
+        layer: RequestMetricsLayer,
+    }
+}
+
+impl<F, RB, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let rsp = std::task::ready!(this.inner.poll(cx))?;
+        let layer = &*this.layer;
+        let took = this.start.elapsed().as_secs_f64();
+        layer.latency.observe(took);
+        if let Some(p) = &layer.peer {
+            p.latency.observe(took);
+            p.responses[status_index(rsp.status())].inc();
+        }
+        layer
+            .metrics
+            .http_responses
+            .get_or_create(&StatusLabels {
+                direction: layer.direction,
+                status_class: status_class(rsp.status()),
+            })
+            .inc();
+        Poll::Ready(Ok(rsp))
     }
 }

@@ -1,11 +1,12 @@
 //! Request and response hygiene between hops (RFC 9110 §7.6.1): hop-by-hop headers
 //! are removed, and ambiguous message framing (request smuggling) is refused.
 
-use std::future::Future;
+use std::future::{Future, Ready};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 
@@ -53,7 +54,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, S::Error>> + Send>>;
+    type Future = Either<Ready<Result<Response<BoxBody>, S::Error>>, NormalizeFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -75,17 +76,35 @@ where
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
             );
-            return Box::pin(async move { Ok(rsp) });
+            return Either::Left(std::future::ready(Ok(rsp)));
         }
         let keep_upgrade = upgrade::is_upgrade_request(&req);
         strip_hop_by_hop(req.headers_mut(), keep_upgrade);
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut rsp = fut.await?;
-            let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
-            strip_hop_by_hop(rsp.headers_mut(), keep);
-            Ok(rsp)
+        Either::Right(NormalizeFuture {
+            inner: self.inner.call(req),
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request's future, its response's hop-by-hop fields stripped.
+    pub struct NormalizeFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, E> Future for NormalizeFuture<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut rsp = std::task::ready!(self.project().inner.poll(cx))?;
+        let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(rsp.headers_mut(), keep);
+        Poll::Ready(Ok(rsp))
     }
 }
 

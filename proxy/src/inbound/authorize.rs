@@ -6,10 +6,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
 
 use super::policy::PolicyRx;
@@ -21,11 +22,36 @@ use crate::identity::Identity;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::AuthzLabels;
 
+/// One connection's authorization: its peer is fixed, so the header the app
+/// is given and the decision counters are made once, not per request.
 #[derive(Clone, Debug)]
 pub struct AuthorizeLayer {
-    pub peer: Option<Identity>,
-    pub policy: PolicyRx,
-    pub metrics: Arc<Metrics>,
+    peer: Option<Identity>,
+    peer_header: Option<HeaderValue>,
+    policy: PolicyRx,
+    metrics: Arc<Metrics>,
+    /// This peer's allow and deny counters, looked up on first use.
+    counted: Arc<[OnceLock<Counter>; 2]>,
+}
+
+impl AuthorizeLayer {
+    pub fn new(peer: Option<Identity>, policy: PolicyRx, metrics: Arc<Metrics>) -> Self {
+        AuthorizeLayer {
+            peer_header: peer
+                .as_ref()
+                .and_then(|p| HeaderValue::from_str(p.as_str()).ok()),
+            peer,
+            policy,
+            metrics,
+            counted: Arc::default(),
+        }
+    }
+
+    fn count(&self, allowed: bool) {
+        self.counted[usize::from(allowed)]
+            .get_or_init(|| counter(&self.metrics, self.peer.as_ref(), "http", allowed))
+            .inc();
+    }
 }
 
 impl<S> tower::Layer<S> for AuthorizeLayer {
@@ -46,6 +72,15 @@ pub struct Authorize<S> {
 
 /// Counts a decision; a label per identity (bounded by the service accounts that call).
 pub fn count(metrics: &Metrics, peer: Option<&Identity>, protocol: &'static str, allowed: bool) {
+    counter(metrics, peer, protocol, allowed).inc();
+}
+
+fn counter(
+    metrics: &Metrics,
+    peer: Option<&Identity>,
+    protocol: &'static str,
+    allowed: bool,
+) -> Counter {
     metrics
         .inbound_authz
         .get_or_create(&AuthzLabels {
@@ -53,7 +88,7 @@ pub fn count(metrics: &Metrics, peer: Option<&Identity>, protocol: &'static str,
             protocol,
             decision: if allowed { "allow" } else { "deny" },
         })
-        .inc();
+        .clone()
 }
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>
@@ -76,7 +111,7 @@ where
             _ => 0,
         };
         let decision = super::policy::check(&l.policy, port, l.peer.as_ref());
-        count(&l.metrics, l.peer.as_ref(), "http", decision.is_ok());
+        l.count(decision.is_ok());
         if let Err(denied) = decision {
             debug!(%denied, "inbound request denied");
             let status = match denied {
@@ -88,10 +123,8 @@ where
         }
         let headers = req.headers_mut();
         remove_client_id(headers);
-        if let Some(p) = &l.peer
-            && let Ok(v) = HeaderValue::from_str(p.as_str())
-        {
-            headers.insert(CLIENT_ID_HEADER, v);
+        if let Some(v) = &l.peer_header {
+            headers.insert(CLIENT_ID_HEADER, v.clone());
         }
         Box::pin(self.inner.call(req))
     }
@@ -101,13 +134,15 @@ where
 /// `strait_client_id`, which CGI-style servers (Rack, WSGI, PHP) read as the same
 /// variable as the real header.
 fn remove_client_id(headers: &mut http::HeaderMap) {
+    let id = CLIENT_ID_HEADER;
+    let id = id.as_str();
     let lookalikes: Vec<http::HeaderName> = headers
         .keys()
         .filter(|k| {
             let k = k.as_str();
-            k.len() == CLIENT_ID_HEADER.len()
+            k.len() == id.len()
                 && k.bytes()
-                    .zip(CLIENT_ID_HEADER.bytes())
+                    .zip(id.bytes())
                     .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
         })
         .cloned()

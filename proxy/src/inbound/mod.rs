@@ -158,11 +158,7 @@ impl Inbound {
             peer: peer.clone(),
         };
         let layers = Stack::new(
-            AuthorizeLayer {
-                peer: peer.clone(),
-                policy: s.policy.clone(),
-                metrics: s.metrics.clone(),
-            },
+            AuthorizeLayer::new(peer.clone(), s.policy.clone(), s.metrics.clone()),
             SetDstLayer(dst::InboundDst::new(target, rules.clone(), s.config.app_ip)),
         );
         match protocol {

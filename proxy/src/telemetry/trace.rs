@@ -384,6 +384,29 @@ fn protocol(v: http::Version) -> &'static str {
     }
 }
 
+/// An endpoint's address, without and with its port.
+type EndpointStrings = std::collections::HashMap<SocketAddr, (Arc<str>, Arc<str>)>;
+
+/// Endpoints written as span attributes (the address alone, and with its
+/// port), formatted once per endpoint by the export thread that calls this, and
+/// shared after. Bounded: the cache starts over when it is full.
+fn endpoint_strings(e: SocketAddr) -> (Value, Value) {
+    const MAX: usize = 1024;
+    thread_local! {
+        static SEEN: std::cell::RefCell<EndpointStrings> = std::cell::RefCell::default();
+    }
+    let value = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
+    SEEN.with_borrow_mut(|seen| {
+        if seen.len() >= MAX && !seen.contains_key(&e) {
+            seen.clear();
+        }
+        let (ip, endpoint) = seen
+            .entry(e)
+            .or_insert_with(|| (e.ip().to_string().into(), e.to_string().into()));
+        (value(ip), value(endpoint))
+    })
+}
+
 impl Record for ProxySpan {
     fn into_span_data(self, scope: &InstrumentationScope) -> SpanData {
         let ProxySpan {
@@ -394,9 +417,14 @@ impl Record for ProxySpan {
             error,
             notes,
         } = self;
+        // String values are shared (`Arc<str>`) rather than owned: the exporter
+        // clones every batch before encoding it, and a shared value's clone is
+        // a reference count rather than a copy.
+        let shared = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
+        let copied = |s: &str| Value::String(opentelemetry::StringValue::from(Arc::<str>::from(s)));
         let mut attrs = Vec::with_capacity(20);
         attrs.push(KeyValue::new("http.request.method", started.method));
-        attrs.push(KeyValue::new("url.path", String::from(started.path)));
+        attrs.push(KeyValue::new("url.path", copied(started.path.as_str())));
         attrs.push(KeyValue::new(
             "network.protocol.version",
             protocol(started.version),
@@ -408,23 +436,22 @@ impl Record for ProxySpan {
         // What the app addressed, rather than the listener it reached us on.
         match (&notes.destination, started.authority) {
             (_, Some((host, port))) => {
-                attrs.push(KeyValue::new("server.address", String::from(host)));
+                attrs.push(KeyValue::new("server.address", copied(host.as_str())));
                 if let Some(p) = port {
                     attrs.push(KeyValue::new("server.port", i64::from(p)));
                 }
             }
             (Some(crate::addr::DestAddr::Name(n)), None) => {
-                attrs.push(KeyValue::new("server.address", n.host().to_string()));
+                attrs.push(KeyValue::new("server.address", copied(n.host())));
                 attrs.push(KeyValue::new("server.port", i64::from(n.port())));
             }
             (Some(crate::addr::DestAddr::Socket(a)), None) => {
-                attrs.push(KeyValue::new("server.address", a.ip().to_string()));
+                attrs.push(KeyValue::new("server.address", endpoint_strings(*a).0));
                 attrs.push(KeyValue::new("server.port", i64::from(a.port())));
             }
             (None, None) => {}
         }
         // Names from configuration, shared rather than copied.
-        let shared = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
         if let Some((service, route, rule)) = &notes.route {
             attrs.push(KeyValue::new("strait.service", shared(service)));
             attrs.push(KeyValue::new("strait.route", shared(route)));
@@ -434,12 +461,13 @@ impl Record for ProxySpan {
             attrs.push(KeyValue::new("strait.backend", shared(b)));
         }
         if let Some(e) = notes.endpoint {
-            attrs.push(KeyValue::new("network.peer.address", e.ip().to_string()));
+            let (ip, endpoint) = endpoint_strings(e);
+            attrs.push(KeyValue::new("network.peer.address", ip));
             attrs.push(KeyValue::new("network.peer.port", i64::from(e.port())));
-            attrs.push(KeyValue::new("strait.endpoint", e.to_string()));
+            attrs.push(KeyValue::new("strait.endpoint", endpoint));
         }
         if let Some(p) = &notes.peer {
-            attrs.push(KeyValue::new("strait.peer.identity", p.to_string()));
+            attrs.push(KeyValue::new("strait.peer.identity", shared(p.as_shared())));
         }
         attrs.push(KeyValue::new(
             "strait.retry.count",
