@@ -308,9 +308,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let rsp = ready!(this.inner.poll(cx))?;
+        let out = ready!(this.inner.poll(cx));
+        // Released now if there is no body to hold it.
         let guard = this.guard.take();
-        Poll::Ready(Ok(rsp.map(|inner| GuardedBody::maybe(inner, guard))))
+        Poll::Ready(out.map(|rsp| rsp.map(|inner| GuardedBody::maybe(inner, guard))))
     }
 }
 

@@ -64,8 +64,9 @@ pub struct Sample {
     pub errors: u64,
     /// CPU seconds per second of each proxy process, per 1,000 requests/s.
     pub vcpu_per_krps: Vec<f64>,
-    /// Each proxy process's peak RSS under this load alone (the kernel's
-    /// high-water mark, reset before it).
+    /// Each proxy process's peak RSS during this load (the kernel's high-water
+    /// mark, reset to the RSS of the moment before it: so it includes what the
+    /// allocator kept from the loads before).
     #[serde(default)]
     pub peak_rss_mib: Vec<f64>,
 }
@@ -513,12 +514,20 @@ pub async fn run(
     }
     let mut memory = Vec::new();
     for (t, idle) in targets.iter().zip(idle) {
-        for ((role, p), idle) in t.pids.iter().zip(idle) {
+        for (i, ((role, p), idle)) in t.pids.iter().zip(idle).enumerate() {
+            // The mark is reset before each load, so the peak over the run is the
+            // highest of the loads' (or the mark itself, had the resets failed).
+            let peak = samples
+                .iter()
+                .filter(|s| s.scenario == t.name)
+                .filter_map(|s| s.peak_rss_mib.get(i).copied())
+                .reduce(f64::max)
+                .unwrap_or_else(|| rss_mib(*p).1);
             memory.push(Memory {
                 scenario: t.name.to_string(),
                 process: role.clone(),
                 idle_rss_mib: idle,
-                peak_rss_mib: rss_mib(*p).1,
+                peak_rss_mib: peak,
             });
         }
     }
