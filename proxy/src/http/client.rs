@@ -332,24 +332,15 @@ impl H2Inner {
         {
             return Pick::Connect;
         }
-        match st
-            .conns
-            .iter()
-            .min_by_key(|c| c.load.streams.load(Ordering::Relaxed))
-        {
-            Some(c) => Pick::Stream(c.clone(), c.take()),
+        match least_loaded(st.conns.iter()) {
+            Some((c, slot)) => Pick::Stream(c, slot),
             None => Pick::Connect,
         }
     }
 
     /// A stream on any open connection, room or not.
     fn any(&self) -> Option<(H2Conn, StreamSlot)> {
-        let st = self.state();
-        st.conns
-            .iter()
-            .filter(|c| c.sender.is_ready())
-            .min_by_key(|c| c.load.streams.load(Ordering::Relaxed))
-            .map(|c| (c.clone(), c.take()))
+        least_loaded(self.state().conns.iter().filter(|c| c.sender.is_ready()))
     }
 
     /// Stops handing out connection `n`; it closes once its streams are done.
@@ -478,15 +469,17 @@ impl H2Client {
                     r = &mut conn => break r,
                     _ = tokio::time::sleep(defaults::POOL_IDLE_TIMEOUT) => {
                         let Some(inner) = inner.upgrade() else { break conn.await };
-                        let sent = load_requests(&inner, n);
-                        if sent.is_none() || sent == Some(seen) {
-                            // Idle: no new request uses it; it closes once the
-                            // streams in flight are done.
-                            inner.forget(n);
-                            drop(inner);
-                            break conn.await;
+                        match load_requests(&inner, n) {
+                            Some(sent) if sent != seen => seen = sent,
+                            // Idle (no new request since the last look) or no
+                            // longer handed out: it closes once the streams in
+                            // flight are done.
+                            _ => {
+                                inner.forget(n);
+                                drop(inner);
+                                break conn.await;
+                            }
                         }
-                        seen = sent.unwrap_or(seen);
                     }
                 }
             };
@@ -530,6 +523,13 @@ impl H2Client {
             .map(|c| c.load.streams.load(Ordering::Relaxed))
             .collect()
     }
+}
+
+/// A stream on the connection with the fewest in use.
+fn least_loaded<'a>(conns: impl Iterator<Item = &'a H2Conn>) -> Option<(H2Conn, StreamSlot)> {
+    conns
+        .min_by_key(|c| c.load.streams.load(Ordering::Relaxed))
+        .map(|c| (c.clone(), c.take()))
 }
 
 /// Requests sent so far on connection `n`, if the pool still hands it out.

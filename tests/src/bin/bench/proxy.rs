@@ -282,6 +282,19 @@ async fn strait_pair(
     }
 }
 
+/// The mTLS pair exporting a span per request (100 % sampling) to `collector`.
+async fn traced_pair(
+    backend: SocketAddr,
+    echo: SocketAddr,
+    collector: &strait_tests::otlp::OtlpCollector,
+) -> StraitPair {
+    let args = vec![
+        format!("--otlp-endpoint={}", collector.endpoint()),
+        "--trace-sampling=1".into(),
+    ];
+    strait_pair(backend, echo, true, None, args).await
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -356,19 +369,7 @@ pub async fn run(
         None
     };
     let traced = match &collector {
-        Some(c) => Some(
-            strait_pair(
-                backend.addr,
-                echo,
-                true,
-                None,
-                vec![
-                    format!("--otlp-endpoint={}", c.endpoint()),
-                    "--trace-sampling=1".into(),
-                ],
-            )
-            .await,
-        ),
+        Some(c) => Some(traced_pair(backend.addr, echo, c).await),
         None => None,
     };
     let mut hap = refs::haproxy(
@@ -848,17 +849,20 @@ fn verdicts(r: &Results) -> String {
                 .collect(),
         )
     };
+    // The HTTP reference pair with the lower median of a figure.
+    let better = |f: &dyn Fn(&str) -> Option<Spread>| {
+        ["haproxy-mtls", "nginx-mtls"]
+            .into_iter()
+            .filter_map(|n| Some((n, f(n)?)))
+            .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
+    };
     let mut out = String::new();
     for load in loads {
         let Some(strait_p50) = added(load, "strait-mtls", |s| s.p50_ms) else {
             continue;
         };
         // The better reference: lower median p50 added.
-        let Some((best, ref_p50)) = ["haproxy-mtls", "nginx-mtls"]
-            .iter()
-            .filter_map(|n| Some((*n, added(load, n, |s| s.p50_ms)?)))
-            .min_by(|a, b| a.1.median.total_cmp(&b.1.median))
-        else {
+        let Some((best, ref_p50)) = better(&|n| added(load, n, |s| s.p50_ms)) else {
             continue;
         };
         if out.is_empty() {
@@ -879,10 +883,7 @@ fn verdicts(r: &Results) -> String {
             Some(strait_p50),
             Some(ref_p50),
         );
-        let best_p99 = ["haproxy-mtls", "nginx-mtls"]
-            .iter()
-            .filter_map(|n| Some((*n, added(load, n, |s| s.p99_ms)?)))
-            .min_by(|a, b| a.1.median.total_cmp(&b.1.median));
+        let best_p99 = better(&|n| added(load, n, |s| s.p99_ms));
         if let Some((n, p99)) = best_p99 {
             row(
                 format!("p99 added over direct, ms ({n})"),
@@ -892,10 +893,7 @@ fn verdicts(r: &Results) -> String {
         }
         // The better reference pair (lower mean of its two proxies), each strait
         // proxy against the reference proxy in the same role.
-        let best_cpu = ["haproxy-mtls", "nginx-mtls"]
-            .iter()
-            .filter_map(|n| Some((*n, cpu(load, n, None)?)))
-            .min_by(|a, b| a.1.median.total_cmp(&b.1.median));
+        let best_cpu = better(&|n| cpu(load, n, None));
         if let Some((n, _)) = best_cpu {
             for (i, role) in ["client", "server"].iter().enumerate() {
                 row(
@@ -1014,19 +1012,7 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
         None
     };
     let traced = match &collector {
-        Some(c) => Some(
-            strait_pair(
-                backend.addr,
-                echo,
-                true,
-                None,
-                vec![
-                    format!("--otlp-endpoint={}", c.endpoint()),
-                    "--trace-sampling=1".into(),
-                ],
-            )
-            .await,
-        ),
+        Some(c) => Some(traced_pair(backend.addr, echo, c).await),
         None => None,
     };
     let hap = refs::haproxy(
