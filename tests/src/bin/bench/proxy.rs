@@ -282,17 +282,25 @@ async fn strait_pair(
     }
 }
 
-/// The mTLS pair exporting a span per request (100 % sampling) to `collector`.
+/// With `on`, the mTLS pair exporting a span per request (100 % sampling) to a
+/// collector that takes every span and keeps none: what tracing costs the
+/// proxies, not what storing spans costs the bench.
 async fn traced_pair(
     backend: SocketAddr,
     echo: SocketAddr,
-    collector: &strait_tests::otlp::OtlpCollector,
-) -> StraitPair {
+    on: bool,
+) -> Option<(strait_tests::otlp::OtlpCollector, StraitPair)> {
+    if !on {
+        return None;
+    }
+    let collector =
+        strait_tests::otlp::OtlpCollector::start(strait_tests::otlp::Mode::Discard).await;
     let args = vec![
         format!("--otlp-endpoint={}", collector.endpoint()),
         "--trace-sampling=1".into(),
     ];
-    strait_pair(backend, echo, true, None, args).await
+    let pair = strait_pair(backend, echo, true, None, args).await;
+    Some((collector, pair))
 }
 
 fn machine() -> String {
@@ -361,17 +369,7 @@ pub async fn run(
         Some(b) => Some(strait_pair(backend.addr, echo, true, Some(b), Vec::new()).await),
         None => None,
     };
-    // A collector that takes every span and keeps none: what tracing costs the
-    // proxies, not what storing spans costs the bench.
-    let collector = if with_tracing {
-        Some(strait_tests::otlp::OtlpCollector::start(strait_tests::otlp::Mode::Discard).await)
-    } else {
-        None
-    };
-    let traced = match &collector {
-        Some(c) => Some(traced_pair(backend.addr, echo, c).await),
-        None => None,
-    };
+    let traced = traced_pair(backend.addr, echo, with_tracing).await;
     let mut hap = refs::haproxy(
         &certs,
         &work,
@@ -415,7 +413,7 @@ pub async fn run(
     if let Some(b) = &before {
         targets.push(b.target("strait-mtls-before"));
     }
-    if let Some(t) = &traced {
+    if let Some((_, t)) = &traced {
         targets.push(t.target("strait-mtls-traced"));
     }
     targets.extend([
@@ -1006,15 +1004,7 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
     let echo = strait_tests::tcp::echo().await;
     let certs = Certs::generate(&work.join("certs")).await?;
     let mtls = strait_pair(backend.addr, echo, true, None, Vec::new()).await;
-    let collector = if with_tracing {
-        Some(strait_tests::otlp::OtlpCollector::start(strait_tests::otlp::Mode::Discard).await)
-    } else {
-        None
-    };
-    let traced = match &collector {
-        Some(c) => Some(traced_pair(backend.addr, echo, c).await),
-        None => None,
-    };
+    let traced = traced_pair(backend.addr, echo, with_tracing).await;
     let hap = refs::haproxy(
         &certs,
         &work,
@@ -1033,7 +1023,7 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
         )
     };
     show("strait-mtls", &mtls);
-    if let Some(t) = &traced {
+    if let Some((_, t)) = &traced {
         show("strait-traced", t);
     }
     println!(
