@@ -4,13 +4,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
 
-use super::{Avoid, Endpoints, PickError, ServedBy};
+use super::{Avoid, Endpoints, InFlight, PickError, ServedBy};
 use crate::addr::DestAddr;
 use crate::http::body::GuardedBody;
 use crate::http::error::{ClientFaulted, endpoint_failed, error_response};
@@ -40,7 +41,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    type Future = BalanceFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -57,7 +58,7 @@ where
                 tracing::debug!(backend = %self.endpoints.name(), reason, "no endpoint for request");
                 let rsp =
                     error_response(status, &format!("{reason} for {}", self.endpoints.name()));
-                return Box::pin(async move { Ok(rsp) });
+                return BalanceFuture::Refused { rsp: Some(rsp) };
             }
         };
         let ep = in_flight.endpoint();
@@ -82,20 +83,66 @@ where
         // The ready service goes with this request; a clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let mut rsp = inner.call(req).await?;
-            if rsp.extensions().get::<ClientFaulted>().is_some() {
-                // The client broke its own request: nothing learnt of the endpoint.
-                in_flight.no_verdict();
-            } else if endpoint_failed(&rsp) {
-                in_flight.unreachable();
-            } else if rsp.status().is_server_error() {
-                in_flight.failed();
-            } else {
-                in_flight.success();
+        BalanceFuture::Sent {
+            inner: inner.call(req),
+            in_flight: Some(in_flight),
+            served_by,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request on its way to the endpoint picked for it; on its response the
+    /// endpoint's state learns how it went. Named rather than boxed: the
+    /// balancer is on every request's path.
+    #[project = BalanceProj]
+    pub enum BalanceFuture<F> {
+        /// No endpoint: the error response, given once.
+        Refused { rsp: Option<Response<BoxBody>> },
+        Sent {
+            #[pin]
+            inner: F,
+            in_flight: Option<InFlight>,
+            served_by: SocketAddr,
+        },
+    }
+}
+
+impl<F> Future for BalanceFuture<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, Infallible>>,
+{
+    type Output = Result<Response<BoxBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BalanceProj::Refused { rsp } => match rsp.take() {
+                Some(rsp) => Poll::Ready(Ok(rsp)),
+                None => Poll::Pending,
+            },
+            BalanceProj::Sent {
+                inner,
+                in_flight,
+                served_by,
+            } => {
+                let mut rsp = std::task::ready!(inner.poll(cx))?;
+                let Some(in_flight) = in_flight.take() else {
+                    // Polled again after it completed.
+                    return Poll::Pending;
+                };
+                if rsp.extensions().get::<ClientFaulted>().is_some() {
+                    // The client broke its own request: nothing learnt of the endpoint.
+                    in_flight.no_verdict();
+                } else if endpoint_failed(&rsp) {
+                    in_flight.unreachable();
+                } else if rsp.status().is_server_error() {
+                    in_flight.failed();
+                } else {
+                    in_flight.success();
+                }
+                rsp.extensions_mut().insert(ServedBy(*served_by));
+                Poll::Ready(Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight)))))
             }
-            rsp.extensions_mut().insert(ServedBy(served_by));
-            Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight))))
-        })
+        }
     }
 }

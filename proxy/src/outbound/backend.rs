@@ -69,39 +69,79 @@ impl<S> Split<S> {
 
 impl<S, B> tower::Service<Request<B>> for Split<S>
 where
-    S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible> + Clone,
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    type Future = SplitFuture<S::Future>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Backends are always ready: they only pick an endpoint and forward.
+        // Backends are always ready: they only pick an endpoint and forward
+        // (their balancer and forwarder never hold a request back in
+        // `poll_ready`), so `call` calls the chosen one directly.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(b) = self.choose() else {
             let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "no backend for route");
-            return Box::pin(async move { Ok(rsp) });
+            return SplitFuture::NoBackend { rsp: Some(rsp) };
         };
         if let Some(n) = crate::telemetry::trace::notes(&req) {
             n.with(|n| n.backend = Some(b.name.clone()));
         }
         let mut svc = b.service.clone();
-        let (responses, latency) = (b.responses.clone(), b.latency.clone());
-        let start = tokio::time::Instant::now();
-        Box::pin(async move {
-            let rsp = tower::ServiceExt::ready(&mut svc).await?.call(req).await?;
-            latency.observe(start.elapsed().as_secs_f64());
-            responses[status_index(rsp.status())].inc();
-            Ok(rsp)
-        })
+        SplitFuture::Sent {
+            inner: svc.call(req),
+            responses: b.responses.clone(),
+            latency: b.latency.clone(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request sent to the backend the split chose, counted by status and
+    /// timed per attempt when its response comes. Named rather than boxed: every
+    /// attempt passes here.
+    #[project = SplitProj]
+    pub enum SplitFuture<F> {
+        /// No backend carries weight: the error response, given once.
+        NoBackend { rsp: Option<Response<BoxBody>> },
+        Sent {
+            #[pin]
+            inner: F,
+            responses: ByStatus,
+            latency: prometheus_client::metrics::histogram::Histogram,
+            start: tokio::time::Instant,
+        },
+    }
+}
+
+impl<F> Future for SplitFuture<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, Infallible>>,
+{
+    type Output = Result<Response<BoxBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            SplitProj::NoBackend { rsp } => match rsp.take() {
+                Some(rsp) => Poll::Ready(Ok(rsp)),
+                None => Poll::Pending,
+            },
+            SplitProj::Sent {
+                inner,
+                responses,
+                latency,
+                start,
+            } => {
+                let rsp = std::task::ready!(inner.poll(cx))?;
+                latency.observe(start.elapsed().as_secs_f64());
+                responses[status_index(rsp.status())].inc();
+                Poll::Ready(Ok(rsp))
+            }
+        }
     }
 }
 
