@@ -496,8 +496,18 @@ impl H2Client {
         &self,
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
-        // The checked-out connection is the pool's clone, to send on as it is.
-        let (mut conn, slot) = self.checkout().await?;
+        let (conn, slot) = self.checkout().await?;
+        self.send(conn, slot, req).await
+    }
+
+    /// Sends on a checked-out stream (the connection is the pool's clone, to
+    /// send on as it is).
+    async fn send(
+        &self,
+        mut conn: H2Conn,
+        slot: StreamSlot,
+        req: http::Request<BoxBody>,
+    ) -> Result<http::Response<UpstreamBody>, ClientError> {
         match conn.sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
             Err(mut e) => match e.take_message() {
@@ -550,18 +560,49 @@ pub enum UpstreamClient {
     Http2(H2Client),
 }
 
+/// A client ready to send one request: over HTTP/2 a stream is already
+/// checked out (its connection made if there was none), so a failure to
+/// connect comes before the request is given up, and the caller still has it.
+pub struct Ready(ReadyTo);
+
+enum ReadyTo {
+    Http1(Arc<HttpClient>),
+    Http2(H2Client, H2Conn, StreamSlot),
+}
+
+impl Ready {
+    pub async fn send(
+        self,
+        req: http::Request<BoxBody>,
+    ) -> Result<http::Response<UpstreamBody>, ClientError> {
+        match self.0 {
+            ReadyTo::Http1(c) => {
+                let rsp = c.request(req).await?;
+                Ok(rsp.map(|b| UpstreamBody::new(b, StreamSlot(None))))
+            }
+            ReadyTo::Http2(c, conn, slot) => c.send(conn, slot, req).await,
+        }
+    }
+}
+
 impl UpstreamClient {
+    /// Over HTTP/2, checks out a stream (connecting if need be). HTTP/1's pool
+    /// connects as it sends.
+    pub async fn ready(&self) -> Result<Ready, ClientError> {
+        match self {
+            UpstreamClient::Http1(c) => Ok(Ready(ReadyTo::Http1(c.clone()))),
+            UpstreamClient::Http2(c) => {
+                let (conn, slot) = c.checkout().await?;
+                Ok(Ready(ReadyTo::Http2(c.clone(), conn, slot)))
+            }
+        }
+    }
+
     pub async fn request(
         &self,
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
-        match self {
-            UpstreamClient::Http1(c) => {
-                let rsp = c.request(req).await?;
-                Ok(rsp.map(|b| UpstreamBody::new(b, StreamSlot(None))))
-            }
-            UpstreamClient::Http2(c) => c.request(req).await,
-        }
+        self.ready().await?.send(req).await
     }
 }
 

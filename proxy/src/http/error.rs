@@ -2,6 +2,7 @@
 //! header naming the cause.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
@@ -114,6 +115,28 @@ impl ProxyError {
 /// all (no connection): safe to retry whatever the request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestNotSent;
+
+/// The head of a request that was never sent, handed back on its error
+/// response: a retry of a request that never reached a backend sends it again
+/// without having copied it up front. Taken once.
+#[derive(Clone, Debug)]
+pub struct Unsent(Arc<Mutex<Option<http::request::Parts>>>);
+
+impl Unsent {
+    pub fn new(head: http::request::Parts) -> Self {
+        Unsent(Arc::new(Mutex::new(Some(head))))
+    }
+
+    pub fn take(&self) -> Option<http::request::Parts> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Set on a request whose retry keeps no copy of it and counts on `Unsent`.
+/// An HTTP/1 upstream's pool connects only once it holds the request, so the
+/// forwarder copies the head itself for those.
+#[derive(Clone, Copy, Debug)]
+pub struct ReturnUnsent;
 
 /// Marks a response to a request the client failed (its body was malformed or
 /// stalled): it says nothing about the endpoint, good or bad.

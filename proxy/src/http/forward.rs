@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
-use super::error::ProxyError;
+use super::error::{ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, upgrade};
 use crate::addr::{DestAddr, OwnAddrs};
@@ -60,66 +60,86 @@ impl Forward {
         }
     }
 
-    async fn forward<B>(self, mut req: Request<B>) -> Result<Response<BoxBody>, ProxyError>
+    async fn forward<B>(self, mut req: Request<B>) -> Result<Response<BoxBody>, Failed>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<super::BoxError>,
     {
         let Some(Dst(dst)) = req.extensions_mut().remove::<Dst>() else {
-            return Err(ProxyError::BadRequest("no destination for request"));
+            return Err(ProxyError::BadRequest("no destination for request").into());
         };
-        let connect_timeout = req.extensions().get::<ConnectTimeout>().map(|t| t.0);
-        let addr = resolve(&dst, connect_timeout.unwrap_or(self.tcp.connect_timeout)).await?;
+        // Taken off the request, not read: a request handed back unsent may be
+        // sent next to an endpoint with neither.
+        let connect_timeout = req.extensions_mut().remove::<ConnectTimeout>().map(|t| t.0);
+        let to_peer = req.extensions_mut().remove::<ToPeer>();
+        let addr = match resolve(&dst, connect_timeout.unwrap_or(self.tcp.connect_timeout)).await {
+            Ok(addr) => addr,
+            Err(e) => return Err(Failed::unsent(e, req)),
+        };
         // A name resolved to one of our listeners (`Host: localhost:4140`) would
         // come straight back. A peer proxy's inbound is exempt: a pod calling its
         // own Service goes through its own inbound.
-        if req.extensions().get::<ToPeer>().is_none() && self.own.contains(addr) {
-            return Err(ProxyError::Loop(addr));
+        if to_peer.is_none() && self.own.contains(addr) {
+            return Err(ProxyError::Loop(addr).into());
         }
         let is_connect = req.method() == Method::CONNECT;
-        let client_upgrade =
-            upgrade::is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+        let is_upgrade = upgrade::is_upgrade_request(&req);
         let version = req.version();
         // Between proxies, every request rides one multiplexed HTTP/2 connection per
-        // peer (upgrades excepted: they need HTTP/1.1 end to end), and carries what
-        // the peer needs to restore it for its app.
-        let to_peer = req.extensions_mut().remove::<ToPeer>();
+        // peer (upgrades excepted: they need HTTP/1.1 end to end).
         let h2 = match &to_peer {
-            Some(peer) => {
-                req.headers_mut()
-                    .insert(TARGET_PORT_HEADER, HeaderValue::from(peer.target_port));
-                let h2 = client_upgrade.is_none();
-                if h2 && version != Version::HTTP_2 {
-                    let orig = if version == Version::HTTP_10 {
-                        "HTTP/1.0"
-                    } else {
-                        "HTTP/1.1"
-                    };
-                    req.headers_mut()
-                        .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(orig));
-                    *req.version_mut() = Version::HTTP_2;
-                }
-                h2
-            }
+            Some(_) => !is_upgrade,
             None => version == Version::HTTP_2,
         };
-        if !is_connect {
-            upstream_uri(&mut req, addr, h2)?;
-        }
-        let conn = req.extensions_mut().remove::<UpgradeConn>();
         let client = self.clients.get(
             addr,
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
         );
+        // An HTTP/1 pool connects only once it has the request: keep its head
+        // to hand back, when a retry counts on that.
+        let head = (!h2 && req.extensions().get::<ReturnUnsent>().is_some()).then(|| head_of(&req));
+        // Connected (over HTTP/2) before the request is changed or given up, so
+        // a request that cannot be sent goes back whole.
+        let ready = match client.ready().await {
+            Ok(ready) => ready,
+            Err(e) => return Err(Failed::unsent(client_error(e, addr), req)),
+        };
+        let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+        // What the peer needs to restore the request for its app.
+        if let Some(peer) = &to_peer {
+            req.headers_mut()
+                .insert(TARGET_PORT_HEADER, HeaderValue::from(peer.target_port));
+            if h2 && version != Version::HTTP_2 {
+                let orig = if version == Version::HTTP_10 {
+                    "HTTP/1.0"
+                } else {
+                    "HTTP/1.1"
+                };
+                req.headers_mut()
+                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(orig));
+                *req.version_mut() = Version::HTTP_2;
+            }
+        }
+        if !is_connect {
+            upstream_uri(&mut req, addr, h2)?;
+        }
+        let conn = req.extensions_mut().remove::<UpgradeConn>();
         let body_fault = req.extensions().get::<BodyFault>().cloned();
-        let mut rsp = client.request(req.map(super::boxed)).await.map_err(|e| {
+        let mut rsp = ready.send(req.map(super::boxed)).await.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream
             // client made of it (over HTTP/2, a reset stream).
-            body_fault
-                .and_then(|f| f.fault())
-                .unwrap_or_else(|| client_error(e, addr))
+            match body_fault.and_then(|f| f.fault()) {
+                Some(fault) => Failed::from(fault),
+                None => {
+                    let error = client_error(e, addr);
+                    Failed {
+                        unsent: head.filter(|_| error.not_sent()),
+                        error,
+                    }
+                }
+            }
         })?;
         *rsp.version_mut() = version;
         if let Some(client_upgrade) = client_upgrade
@@ -147,6 +167,51 @@ impl Forward {
     }
 }
 
+/// Why a request was not forwarded, and its head when it never left: the error
+/// response carries it back (`Unsent`) for a retry.
+struct Failed {
+    error: ProxyError,
+    unsent: Option<http::request::Parts>,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Self {
+        Failed {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+impl Failed {
+    fn unsent<B>(error: ProxyError, req: Request<B>) -> Self {
+        Failed {
+            unsent: error.not_sent().then(|| req.into_parts().0),
+            error,
+        }
+    }
+
+    fn into_response(self) -> Response<BoxBody> {
+        debug!(error = ?self.error, "request failed in the proxy");
+        let mut rsp = self.error.into_response();
+        if let Some(head) = self.unsent {
+            rsp.extensions_mut().insert(Unsent::new(head));
+        }
+        rsp
+    }
+}
+
+/// A copy of a request's head (its body is the retry's to give).
+fn head_of<B>(req: &Request<B>) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    *r.extensions_mut() = req.extensions().clone();
+    r.into_parts().0
+}
+
 impl<B> tower::Service<Request<B>> for Forward
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -163,10 +228,10 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            Ok(this.forward(req).await.unwrap_or_else(|e| {
-                debug!(error = ?e, "request failed in the proxy");
-                e.into_response()
-            }))
+            Ok(this
+                .forward(req)
+                .await
+                .unwrap_or_else(Failed::into_response))
         })
     }
 }

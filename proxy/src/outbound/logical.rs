@@ -16,7 +16,7 @@ use super::http::{self as stack, RouteService};
 use super::route::{PathMatch, Rule, Table};
 use crate::balance::Endpoints;
 use crate::control::view::ServiceView;
-use crate::http::error::error_response;
+use crate::http::error::{ReturnUnsent, error_response};
 use crate::http::forward::Forward;
 use crate::http::{BoxBody, BoxError, boxed};
 use crate::retry::{BudgetConfig, ReplayBody};
@@ -173,11 +173,12 @@ impl Stages {
             Ok(()) => {
                 // A rule that retries only requests never sent needs no copy of
                 // the body: an unsent body is still whole.
-                let retry = &stage.rule.retry;
-                let keep = if retry.codes.is_empty() && retry.grpc_codes.is_empty() {
-                    0
-                } else {
+                let keep = if stage.rule.retry.retries_responses() {
                     self.replay_limit
+                } else {
+                    // Retried only if it never left, and then handed back.
+                    req.extensions_mut().insert(ReturnUnsent);
+                    0
                 };
                 let req = req.map(|body| ReplayBody::new(body, keep));
                 let mut svc = stage.service.clone();

@@ -19,7 +19,7 @@ pub use self::replay::{NotReplayable, ReplayBody};
 use crate::balance::{Avoid, ServedBy};
 use crate::defaults;
 use crate::http::BoxBody;
-use crate::http::error::RequestNotSent;
+use crate::http::error::{RequestNotSent, Unsent};
 
 /// A route's retry policy (Gateway API `retry`, GEP-1731).
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +43,13 @@ impl RetryConfig {
             grpc_codes: Vec::new(),
             backoff: Duration::ZERO,
         }
+    }
+
+    /// Whether responses are retried (statuses, gRPC codes), not only requests
+    /// that never reached a backend. Only then is a copy of each request kept:
+    /// a request that never left comes back whole (`Unsent`).
+    pub fn retries_responses(&self) -> bool {
+        !self.codes.is_empty() || !self.grpc_codes.is_empty()
     }
 
     pub fn parse(r: Option<api::RetryPolicy>) -> Self {
@@ -214,6 +221,13 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             };
             return None;
         }
+        if !self.config.retries_responses() {
+            // No copy was kept (`clone_request`): the request is the one that
+            // came back unsent. One that did not come back cannot be sent again.
+            let head = rsp.extensions().get::<Unsent>()?.take()?;
+            let body = req.body().again();
+            *req = Request::from_parts(head, body);
+        }
         if !self.budget.withdraw() {
             self.metrics.budget_exhausted.inc();
             return None;
@@ -238,6 +252,11 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         if req.method() == http::Method::CONNECT || crate::http::upgrade::is_upgrade_request(req) {
             return None;
         }
+        if !self.config.retries_responses() {
+            // Only requests that never left are retried, and those come back
+            // whole: nothing is copied but the handle on the body.
+            return Some(Request::new(req.body().again()));
+        }
         let mut r = Request::new(req.body().again());
         *r.method_mut() = req.method().clone();
         *r.uri_mut() = req.uri().clone();
@@ -253,18 +272,22 @@ mod tests {
     use super::*;
 
     fn policy(attempts: u32, codes: &[u16]) -> Policy {
+        policy_for(RetryConfig {
+            attempts,
+            codes: codes.to_vec(),
+            grpc_codes: vec![14],
+            backoff: Duration::from_millis(10),
+        })
+    }
+
+    fn policy_for(config: RetryConfig) -> Policy {
         let budget = BudgetConfig {
             ratio: 0.2,
             min_per_second: 0,
             ttl: Duration::from_secs(10),
         };
         Policy::new(
-            Arc::new(RetryConfig {
-                attempts,
-                codes: codes.to_vec(),
-                grpc_codes: vec![14],
-                backoff: Duration::from_millis(10),
-            }),
+            Arc::new(config),
             Arc::new(budget.build()),
             RetryMetrics {
                 retries: Counter::default(),
@@ -371,6 +394,39 @@ mod tests {
             t.retry(&mut r, &mut rsp(503)).is_none(),
             "statuses need attempts"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_copy_kept_a_request_is_sent_again_as_handed_back() {
+        let mut p = policy_for(RetryConfig::connect_only());
+        for _ in 0..20 {
+            p.budget.deposit();
+        }
+        let mut original = req();
+        *original.uri_mut() = http::Uri::from_static("/orders?id=7");
+        original
+            .headers_mut()
+            .insert("x-app", http::HeaderValue::from_static("kept"));
+        let t: &mut Tower = &mut p;
+        let mut kept = t.clone_request(&original).expect("a handle to retry with");
+        assert!(kept.headers().is_empty(), "nothing copied up front");
+        // The forwarder could not connect and handed the request back.
+        let (head, _) = original.into_parts();
+        let mut refused = rsp(502);
+        if let Ok(rsp) = &mut refused {
+            rsp.extensions_mut().insert(RequestNotSent);
+            rsp.extensions_mut().insert(Unsent::new(head));
+        }
+        assert!(t.retry(&mut kept, &mut refused).is_some());
+        assert_eq!(kept.uri(), "/orders?id=7");
+        assert_eq!(kept.headers()["x-app"], "kept");
+        // Not handed back: there is nothing whole to send again.
+        let mut lost = rsp(502);
+        if let Ok(rsp) = &mut lost {
+            rsp.extensions_mut().insert(RequestNotSent);
+        }
+        let mut kept = t.clone_request(&kept).expect("a handle to retry with");
+        assert!(t.retry(&mut kept, &mut lost).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use strait_tests::backend::Backend;
 use strait_tests::load::Load;
-use strait_tests::manifests::{ManifestDir, endpoint, service};
+use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, metric_sum};
+use strait_tests::process::free_port;
 use strait_tests::{client, wait};
 
 const NS: &str = "test";
@@ -492,6 +493,63 @@ async fn a_small_body_is_replayed_intact_and_a_large_one_never() {
         mesh.metric("strait_proxy_route_retries_skipped_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",reason=\"body_too_large\"}").await,
         1.0
     );
+}
+
+/// With no retry policy, a request that cannot reach its endpoint (nothing
+/// listens there) is sent again, whole, to another: a dead endpoint costs a
+/// retry, not a failed request. No copy of the request is kept for this; it is
+/// handed back unsent, on both paths: a plain endpoint (an HTTP/1 upstream) and
+/// a meshed one whose proxy is gone (HTTP/2 to the peer proxy).
+#[tokio::test]
+async fn a_dead_endpoint_costs_a_retry_not_a_failed_request() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[]).await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    let nobody = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cases = [
+        (
+            "a plain endpoint nothing listens on",
+            vec![("slice-dead.yaml", endpoint(NS, "web", "dead", nobody()))],
+        ),
+        (
+            "a meshed endpoint whose proxy is gone",
+            vec![
+                ("pod-gone.yaml", meshed_pod(NS, "gone", "web", free_port())),
+                ("slice-gone.yaml", endpoint(NS, "web", "gone", nobody())),
+            ],
+        ),
+    ];
+    let body = Bytes::from_static(b"order 7: two coffees, one without milk");
+    let retries = "strait_proxy_route_retries_total";
+    for (what, files) in cases {
+        let before = mesh.metric(retries).await;
+        for (name, yaml) in &files {
+            mesh.dir.write(name, yaml);
+        }
+        let mut sent = 0;
+        wait::until(
+            &format!("a request to {what} retried"),
+            Duration::from_secs(10),
+            || {
+                sent += 1;
+                let (mesh, body) = (&mesh, body.clone());
+                async move {
+                    // Every request is answered by the live endpoint, its body
+                    // intact, whichever endpoint it was sent to first.
+                    let (status, text) = post(&mesh.url("/echo"), body.clone()).await;
+                    assert_eq!(status, http::StatusCode::OK, "{what}: {text}");
+                    assert_eq!(text.as_bytes(), &body[..], "{what}");
+                    mesh.metric(retries).await > before
+                }
+            },
+        )
+        .await;
+        println!("{what}: retried within {sent} requests, none failed");
+        for (name, _) in &files {
+            mesh.dir.remove(name);
+        }
+    }
 }
 
 #[tokio::test]
