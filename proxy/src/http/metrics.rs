@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -22,6 +22,10 @@ pub struct RequestMetricsLayer {
     direction: Direction,
     requests: Counter,
     latency: Histogram,
+    /// The responses counter of each status class, looked up in the family on
+    /// first use (a series appears once it counts) and kept: a request then
+    /// takes no lock and builds no labels.
+    responses: Arc<[OnceLock<Counter>; 5]>,
     /// Inbound: the caller's counters, for this connection.
     peer: Option<PeerMetrics>,
 }
@@ -36,6 +40,7 @@ impl RequestMetricsLayer {
             direction,
             requests,
             latency,
+            responses: Arc::default(),
             peer: None,
         }
     }
@@ -119,12 +124,16 @@ where
             p.latency.observe(took);
             p.responses[status_index(rsp.status())].inc();
         }
-        layer
-            .metrics
-            .http_responses
-            .get_or_create(&StatusLabels {
-                direction: layer.direction,
-                status_class: status_class(rsp.status()),
+        layer.responses[status_index(rsp.status())]
+            .get_or_init(|| {
+                layer
+                    .metrics
+                    .http_responses
+                    .get_or_create(&StatusLabels {
+                        direction: layer.direction,
+                        status_class: status_class(rsp.status()),
+                    })
+                    .clone()
             })
             .inc();
         Poll::Ready(Ok(rsp))
