@@ -32,9 +32,20 @@ pub use service::Balance;
 use crate::control::view::Endpoint;
 use crate::defaults;
 
-/// Set on a response: the endpoint (workload address) that answered it.
+/// Set on a response a retry could follow (see `ServedBy::worth_noting`): the
+/// endpoint (workload address) that answered it.
 #[derive(Clone, Copy, Debug)]
 pub struct ServedBy(pub SocketAddr);
+
+impl ServedBy {
+    /// Whether a response may be retried, so its endpoint is worth noting: an
+    /// error status (retried statuses are 4xx and 5xx, and so are the proxy's
+    /// own "not sent" answers) or a gRPC status in the headers. A success is
+    /// never retried, and noting it would cost its response an extension map.
+    pub fn worth_noting<B>(rsp: &http::Response<B>) -> bool {
+        rsp.status().as_u16() >= 400 || rsp.headers().contains_key("grpc-status")
+    }
+}
 
 /// Set on a retried request: the endpoint that just failed it, to be avoided
 /// when there is another.
@@ -582,5 +593,27 @@ mod tests {
                 .unwrap_err(),
             PickError::NoEndpoints
         );
+    }
+
+    #[test]
+    fn the_endpoint_is_noted_on_every_response_a_retry_could_follow() {
+        let rsp = |status: u16, grpc: Option<&'static str>| {
+            let mut r = http::Response::new(());
+            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            if let Some(g) = grpc {
+                r.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static(g));
+            }
+            r
+        };
+        // Every status a route may retry (400..=599), the proxy's own 502, 503
+        // and 504, and gRPC errors in a 200's headers.
+        for status in [400, 404, 429, 500, 502, 503, 504, 599] {
+            assert!(ServedBy::worth_noting(&rsp(status, None)), "{status}");
+        }
+        assert!(ServedBy::worth_noting(&rsp(200, Some("14"))));
+        for status in [100, 200, 204, 301, 304] {
+            assert!(!ServedBy::worth_noting(&rsp(status, None)), "{status}");
+        }
     }
 }

@@ -140,7 +140,9 @@ where
                 } else {
                     in_flight.success();
                 }
-                rsp.extensions_mut().insert(ServedBy(*served_by));
+                if ServedBy::worth_noting(&rsp) {
+                    rsp.extensions_mut().insert(ServedBy(*served_by));
+                }
                 Poll::Ready(Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight)))))
             }
         }
