@@ -57,7 +57,9 @@ struct State {
 }
 
 pub struct ReplayBody {
-    state: Arc<Mutex<State>>,
+    /// None for a body that had ended before it started (a GET's): nothing to
+    /// copy, so nothing is allocated or locked for it.
+    state: Option<Arc<Mutex<State>>>,
     /// Index of the next chunk of the copy this attempt sends.
     pos: usize,
     trailers_sent: bool,
@@ -73,11 +75,17 @@ impl std::fmt::Debug for ReplayBody {
 
 impl ReplayBody {
     pub fn new(body: BoxBody, limit: usize) -> Self {
+        if body.is_end_stream() {
+            return ReplayBody {
+                state: None,
+                pos: 0,
+                trailers_sent: true,
+            };
+        }
         // Known to be too large: no copy is ever started.
         let overflow = body.size_hint().lower() > limit as u64;
-        let complete = body.is_end_stream();
         ReplayBody {
-            state: Arc::new(Mutex::new(State {
+            state: Some(Arc::new(Mutex::new(State {
                 rest: body,
                 copy: Vec::new(),
                 copied: 0,
@@ -85,16 +93,18 @@ impl ReplayBody {
                 limit,
                 overflow,
                 started: false,
-                complete,
+                complete: false,
                 trailers: None,
-            })),
+            }))),
             pos: 0,
             trailers_sent: false,
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> Option<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Whether another attempt may send this body from the start. A body none
@@ -102,7 +112,9 @@ impl ReplayBody {
     /// (`not_sent`: it never had a connection); else the connection may still
     /// read it, and two attempts would share it.
     pub fn replayable(&self, not_sent: bool) -> Result<(), NotReplayable> {
-        let s = self.state();
+        let Some(s) = self.state() else {
+            return Ok(());
+        };
         if (not_sent && !s.started) || (s.complete && !s.overflow) {
             Ok(())
         } else if s.overflow {
@@ -117,7 +129,7 @@ impl ReplayBody {
         ReplayBody {
             state: self.state.clone(),
             pos: 0,
-            trailers_sent: false,
+            trailers_sent: self.state.is_none(),
         }
     }
 }
@@ -131,7 +143,10 @@ impl Body for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let mut s = this.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = &this.state else {
+            return Poll::Ready(None);
+        };
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(chunk) = s.copy.get(this.pos) {
             this.pos += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
@@ -193,12 +208,16 @@ impl Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let s = self.state();
+        let Some(s) = self.state() else {
+            return true;
+        };
         self.pos >= s.copy.len() && s.complete && (self.trailers_sent || s.trailers.is_none())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let s = self.state();
+        let Some(s) = self.state() else {
+            return SizeHint::with_exact(0);
+        };
         if s.complete && !s.overflow {
             return SizeHint::with_exact(s.copied as u64);
         }
@@ -273,6 +292,19 @@ mod tests {
         assert_eq!(second.replayable(true), Ok(()));
         assert_eq!(second.replayable(false), Err(NotReplayable::TooLarge));
         assert_eq!(second.collect().await.unwrap().to_bytes().len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_sent_again_as_empty() {
+        let first = ReplayBody::new(crate::http::empty(), 1024);
+        assert!(first.state.is_none(), "nothing kept for an empty body");
+        assert!(first.is_end_stream());
+        assert_eq!(first.size_hint().exact(), Some(0));
+        let second = first.again();
+        assert!(first.collect().await.unwrap().to_bytes().is_empty());
+        assert_eq!(second.replayable(false), Ok(()));
+        assert!(second.is_end_stream());
+        assert!(second.collect().await.unwrap().to_bytes().is_empty());
     }
 
     #[tokio::test]
