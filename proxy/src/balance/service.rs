@@ -127,7 +127,7 @@ where
             } => {
                 let mut rsp = std::task::ready!(inner.poll(cx))?;
                 let Some(in_flight) = in_flight.take() else {
-                    // Polled again after it completed.
+                    // Only if the inner future answered twice.
                     return Poll::Pending;
                 };
                 if rsp.extensions().get::<ClientFaulted>().is_some() {

@@ -497,7 +497,7 @@ impl H2Client {
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
         let (conn, slot) = self.checkout().await?;
-        self.send(conn, slot, req).await
+        self.send(conn, slot, req).await.map_err(|e| e.error)
     }
 
     /// Sends on a checked-out stream (the connection is the pool's clone, to
@@ -507,18 +507,31 @@ impl H2Client {
         mut conn: H2Conn,
         slot: StreamSlot,
         req: http::Request<BoxBody>,
-    ) -> Result<http::Response<UpstreamBody>, ClientError> {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         match conn.sender.try_send_request(req).await {
             Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     self.inner.forget(conn.n);
                     drop(slot);
-                    let (mut conn, slot) = self.checkout().await?;
-                    let rsp = conn.sender.send_request(req).await?;
+                    let (mut conn, slot) = match self.checkout().await {
+                        Ok(c) => c,
+                        // Still never sent: it goes back to the caller.
+                        Err(error) => {
+                            return Err(SendError {
+                                error,
+                                unsent: Some(req),
+                            });
+                        }
+                    };
+                    let rsp = conn
+                        .sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| SendError::from(ClientError::from(e)))?;
                     Ok(rsp.map(|b| UpstreamBody::new(b, slot)))
                 }
-                None => Err(e.into_error().into()),
+                None => Err(ClientError::from(e.into_error()).into()),
             },
         }
     }
@@ -570,14 +583,32 @@ enum ReadyTo {
     Http2(H2Client, H2Conn, StreamSlot),
 }
 
+/// Why a request failed to be sent. Over HTTP/2, a request the connection
+/// closed before taking is sent on another; if no other can be had, it comes
+/// back (`unsent`), as the connection gave it back.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: ClientError,
+    pub unsent: Option<http::Request<BoxBody>>,
+}
+
+impl From<ClientError> for SendError {
+    fn from(error: ClientError) -> Self {
+        SendError {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 impl Ready {
     pub async fn send(
         self,
         req: http::Request<BoxBody>,
-    ) -> Result<http::Response<UpstreamBody>, ClientError> {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         match self.0 {
             ReadyTo::Http1(c) => {
-                let rsp = c.request(req).await?;
+                let rsp = c.request(req).await.map_err(ClientError::from)?;
                 Ok(rsp.map(|b| UpstreamBody::new(b, StreamSlot(None))))
             }
             ReadyTo::Http2(c, conn, slot) => c.send(conn, slot, req).await,
@@ -602,7 +633,7 @@ impl UpstreamClient {
         &self,
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
-        self.ready().await?.send(req).await
+        self.ready().await?.send(req).await.map_err(|e| e.error)
     }
 }
 

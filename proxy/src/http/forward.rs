@@ -72,9 +72,15 @@ impl Forward {
         // sent next to an endpoint with neither.
         let connect_timeout = req.extensions_mut().remove::<ConnectTimeout>().map(|t| t.0);
         let to_peer = req.extensions_mut().remove::<ToPeer>();
+        let is_connect = req.method() == Method::CONNECT;
+        let is_upgrade = upgrade::is_upgrade_request(&req);
+        // A retry counts on getting the request back if it cannot be sent
+        // (upgrades and CONNECT are never retried).
+        let hand_back =
+            req.extensions().get::<ReturnUnsent>().is_some() && !is_connect && !is_upgrade;
         let addr = match resolve(&dst, connect_timeout.unwrap_or(self.tcp.connect_timeout)).await {
             Ok(addr) => addr,
-            Err(e) => return Err(Failed::unsent(e, req)),
+            Err(e) => return Err(Failed::unsent(e, req, hand_back)),
         };
         // A name resolved to one of our listeners (`Host: localhost:4140`) would
         // come straight back. A peer proxy's inbound is exempt: a pod calling its
@@ -82,8 +88,6 @@ impl Forward {
         if to_peer.is_none() && self.own.contains(addr) {
             return Err(ProxyError::Loop(addr).into());
         }
-        let is_connect = req.method() == Method::CONNECT;
-        let is_upgrade = upgrade::is_upgrade_request(&req);
         let version = req.version();
         // Between proxies, every request rides one multiplexed HTTP/2 connection per
         // peer (upgrades excepted: they need HTTP/1.1 end to end).
@@ -91,54 +95,80 @@ impl Forward {
             Some(_) => !is_upgrade,
             None => version == Version::HTTP_2,
         };
+        let target = if is_connect {
+            None
+        } else {
+            Some(upstream_target(&req, addr, h2)?)
+        };
         let client = self.clients.get(
             addr,
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
         );
-        // An HTTP/1 pool connects only once it has the request: keep its head
-        // to hand back, when a retry counts on that.
-        let head = (!h2 && req.extensions().get::<ReturnUnsent>().is_some()).then(|| head_of(&req));
-        // Connected (over HTTP/2) before the request is changed or given up, so
-        // a request that cannot be sent goes back whole.
+        // An HTTP/1 pool connects only once it has the request: keep its head.
+        let head = (hand_back && !h2).then(|| head_of(&req));
+        // Over HTTP/2, connected before the request is changed or given up: a
+        // request that cannot be sent goes back whole.
         let ready = match client.ready().await {
             Ok(ready) => ready,
-            Err(e) => return Err(Failed::unsent(client_error(e, addr), req)),
+            Err(e) => return Err(Failed::unsent(client_error(e, addr), req, hand_back)),
         };
+        // What is changed below, to change back should HTTP/2 still hand the
+        // request back (its connection closed first, and no other could be had).
+        let mut edits = (hand_back && h2).then(|| Edits {
+            uri: req.uri().clone(),
+            version,
+            target_port: None,
+            orig_proto: None,
+        });
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
         // What the peer needs to restore the request for its app.
         if let Some(peer) = &to_peer {
-            req.headers_mut()
+            let was = req
+                .headers_mut()
                 .insert(TARGET_PORT_HEADER, HeaderValue::from(peer.target_port));
+            if let Some(e) = &mut edits {
+                e.target_port = Some(was);
+            }
             if h2 && version != Version::HTTP_2 {
                 let orig = if version == Version::HTTP_10 {
                     "HTTP/1.0"
                 } else {
                     "HTTP/1.1"
                 };
-                req.headers_mut()
+                let was = req
+                    .headers_mut()
                     .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(orig));
+                if let Some(e) = &mut edits {
+                    e.orig_proto = Some(was);
+                }
                 *req.version_mut() = Version::HTTP_2;
             }
         }
-        if !is_connect {
-            upstream_uri(&mut req, addr, h2)?;
+        if let Some(target) = target {
+            target.apply(&mut req);
         }
         let conn = req.extensions_mut().remove::<UpgradeConn>();
         let body_fault = req.extensions().get::<BodyFault>().cloned();
         let mut rsp = ready.send(req.map(super::boxed)).await.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream
             // client made of it (over HTTP/2, a reset stream).
-            match body_fault.and_then(|f| f.fault()) {
-                Some(fault) => Failed::from(fault),
-                None => {
-                    let error = client_error(e, addr);
-                    Failed {
-                        unsent: head.filter(|_| error.not_sent()),
-                        error,
-                    }
+            if let Some(fault) = body_fault.and_then(|f| f.fault()) {
+                return Failed::from(fault);
+            }
+            let error = client_error(e.error, addr);
+            let unsent = match (e.unsent, edits) {
+                (Some(req), Some(edits)) => {
+                    let (mut head, _) = req.into_parts();
+                    edits.undo(&mut head);
+                    Some(head)
                 }
+                _ => head,
+            };
+            Failed {
+                unsent: unsent.filter(|_| error.not_sent()),
+                error,
             }
         })?;
         *rsp.version_mut() = version;
@@ -184,9 +214,9 @@ impl From<ProxyError> for Failed {
 }
 
 impl Failed {
-    fn unsent<B>(error: ProxyError, req: Request<B>) -> Self {
+    fn unsent<B>(error: ProxyError, req: Request<B>, hand_back: bool) -> Self {
         Failed {
-            unsent: error.not_sent().then(|| req.into_parts().0),
+            unsent: (hand_back && error.not_sent()).then(|| req.into_parts().0),
             error,
         }
     }
@@ -198,6 +228,36 @@ impl Failed {
             rsp.extensions_mut().insert(Unsent::new(head));
         }
         rsp
+    }
+}
+
+/// What the forwarder changed in a request for its upstream.
+struct Edits {
+    uri: Uri,
+    version: Version,
+    /// The values the strait headers replaced (`Some(None)`: there was none).
+    target_port: Option<Option<HeaderValue>>,
+    orig_proto: Option<Option<HeaderValue>>,
+}
+
+impl Edits {
+    fn undo(self, head: &mut http::request::Parts) {
+        head.uri = self.uri;
+        head.version = self.version;
+        for (name, was) in [
+            (TARGET_PORT_HEADER, self.target_port),
+            (ORIG_PROTO_HEADER, self.orig_proto),
+        ] {
+            match was {
+                Some(Some(v)) => {
+                    head.headers.insert(name, v);
+                }
+                Some(None) => {
+                    head.headers.remove(name);
+                }
+                None => {}
+            }
+        }
     }
 }
 
@@ -266,7 +326,11 @@ pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, Pr
 /// the hop. Over HTTP/1 it never reaches the wire (the request line is
 /// origin-form and the app's Host header is kept), so it names the connection's
 /// address instead: the pool is then one per upstream, not one per Host value.
-fn upstream_uri<B>(req: &mut Request<B>, addr: SocketAddr, h2: bool) -> Result<(), ProxyError> {
+fn upstream_target<B>(
+    req: &Request<B>,
+    addr: SocketAddr,
+    h2: bool,
+) -> Result<UpstreamTarget, ProxyError> {
     let app_authority = match req.uri().authority() {
         Some(a) => Some(a.clone()),
         None => match req.headers().get(header::HOST) {
@@ -281,36 +345,58 @@ fn upstream_uri<B>(req: &mut Request<B>, addr: SocketAddr, h2: bool) -> Result<(
         Authority::try_from(addr.to_string())
             .map_err(|_| ProxyError::BadRequest("invalid request target"))
     };
-    let authority = if h2 {
-        match app_authority {
+    if h2 {
+        let authority = match app_authority {
             Some(a) => a,
             None => addr_authority()?,
-        }
-    } else {
-        // An absolute-form request line named the host: HTTP/1.1 wants it in
-        // Host (host and port only: never the userinfo an authority may carry).
-        if !req.headers().contains_key(header::HOST)
-            && let Some(a) = &app_authority
-        {
+        };
+        return Ok(UpstreamTarget {
+            authority,
+            host: None,
+        });
+    }
+    // An absolute-form request line named the host: HTTP/1.1 wants it in
+    // Host (host and port only: never the userinfo an authority may carry).
+    let host = match &app_authority {
+        Some(a) if !req.headers().contains_key(header::HOST) => {
             let host = match a.port_u16() {
                 Some(p) => format!("{}:{p}", a.host()),
                 None => a.host().to_string(),
             };
-            if let Ok(v) = HeaderValue::from_str(&host) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+            HeaderValue::from_str(&host).ok()
         }
-        addr_authority()?
+        _ => None,
     };
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    Ok(UpstreamTarget {
+        authority: addr_authority()?,
+        host,
+    })
+}
+
+/// The request target for the upstream, worked out (and any error found)
+/// before a connection is made for it.
+struct UpstreamTarget {
+    authority: Authority,
+    /// A Host header to add (HTTP/1.1 from an absolute-form request line).
+    host: Option<HeaderValue>,
+}
+
+impl UpstreamTarget {
+    fn apply<B>(self, req: &mut Request<B>) {
+        if let Some(host) = self.host {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        // Scheme, authority and path are all set: this cannot fail.
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
     }
-    *req.uri_mut() =
-        Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-    Ok(())
 }
 
 fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
@@ -388,5 +474,116 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> &'static str {
         "broke the HTTP/2 protocol"
     } else {
         "failed mid-request"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    fn forwarder() -> (Forward, crate::transport::DrainTrigger) {
+        let (trigger, drain) = crate::transport::drain::channel();
+        let forward = Forward::new(
+            ClientCache::new(Duration::from_secs(1), None),
+            OwnAddrs::new([]),
+            TcpConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(10),
+            },
+            Metrics::new(),
+            drain,
+            Direction::Outbound,
+        );
+        (forward, trigger)
+    }
+
+    fn request(dead: SocketAddr, to_peer: bool, hand_back: bool) -> Request<BoxBody> {
+        let mut req = Request::get("/orders?id=7")
+            .header(header::HOST, "web")
+            .header("x-app", "kept")
+            .body(crate::http::empty())
+            .unwrap();
+        req.extensions_mut().insert(Dst(DestAddr::Socket(dead)));
+        if hand_back {
+            req.extensions_mut().insert(ReturnUnsent);
+        }
+        if to_peer {
+            req.extensions_mut().insert(ToPeer {
+                target_port: 8080,
+                identity: Identity::of("cluster.local", "test", "web").unwrap(),
+            });
+            req.extensions_mut()
+                .insert(ConnectTimeout(Duration::from_millis(500)));
+        }
+        req
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_be_sent_comes_back_as_it_came() {
+        // Nothing listens on a port just freed.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        // HTTP/2 to a peer proxy (connected before the request is changed), and
+        // HTTP/1 to a plain endpoint (its head copied first).
+        for to_peer in [true, false] {
+            let (forward, _drain) = forwarder();
+            let rsp = tower::ServiceExt::oneshot(forward, request(dead, to_peer, true))
+                .await
+                .unwrap();
+            assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY, "{to_peer}");
+            let head = rsp
+                .extensions()
+                .get::<Unsent>()
+                .and_then(Unsent::take)
+                .expect("the request handed back");
+            assert_eq!(head.uri, "/orders?id=7", "{to_peer}");
+            assert_eq!(head.version, Version::HTTP_11);
+            assert_eq!(head.headers["x-app"], "kept");
+            assert_eq!(head.headers[header::HOST], "web");
+            assert!(!head.headers.contains_key(TARGET_PORT_HEADER));
+            assert!(!head.headers.contains_key(ORIG_PROTO_HEADER));
+            // What the balancer set for this endpoint is gone: the next may differ.
+            assert!(head.extensions.get::<Dst>().is_none());
+            assert!(head.extensions.get::<ToPeer>().is_none());
+            assert!(head.extensions.get::<ConnectTimeout>().is_none());
+            assert!(head.extensions.get::<ReturnUnsent>().is_some());
+
+            // Unasked, nothing is kept.
+            let (forward, _drain) = forwarder();
+            let rsp = tower::ServiceExt::oneshot(forward, request(dead, to_peer, false))
+                .await
+                .unwrap();
+            assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY);
+            assert!(rsp.extensions().get::<Unsent>().is_none());
+        }
+    }
+
+    #[test]
+    fn edits_for_a_peer_are_undone_and_an_apps_own_values_restored() {
+        let mut req = Request::get("/a").body(()).unwrap();
+        req.headers_mut()
+            .insert(TARGET_PORT_HEADER, HeaderValue::from_static("9"));
+        let (mut head, ()) = req.into_parts();
+        let edits = Edits {
+            uri: head.uri.clone(),
+            version: Version::HTTP_11,
+            target_port: Some(
+                head.headers
+                    .insert(TARGET_PORT_HEADER, HeaderValue::from_static("8080")),
+            ),
+            orig_proto: Some(
+                head.headers
+                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1")),
+            ),
+        };
+        head.version = Version::HTTP_2;
+        head.uri = Uri::from_static("http://web/a");
+        edits.undo(&mut head);
+        assert_eq!(head.uri, "/a");
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers[TARGET_PORT_HEADER], "9", "the app's own value");
+        assert!(!head.headers.contains_key(ORIG_PROTO_HEADER));
     }
 }
