@@ -639,6 +639,14 @@ impl UpstreamClient {
 
 type PoolKey = (SocketAddr, bool, Option<Identity>, Option<Duration>);
 
+/// A client for one upstream, with the upstream's address as a URI authority,
+/// made once rather than formatted for every request that names it.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub client: UpstreamClient,
+    pub authority: Option<http::uri::Authority>,
+}
+
 #[derive(Clone, Debug)]
 pub struct ClientCache {
     pools: Arc<Mutex<Pools>>,
@@ -650,7 +658,7 @@ pub struct ClientCache {
 /// recently used goes first when the cache is full.
 #[derive(Debug, Default)]
 struct Pools {
-    clients: HashMap<PoolKey, (UpstreamClient, u64)>,
+    clients: HashMap<PoolKey, (Upstream, u64)>,
     tick: u64,
 }
 
@@ -677,7 +685,7 @@ impl ClientCache {
         h2: bool,
         peer: Option<&Identity>,
         timeout: Option<Duration>,
-    ) -> UpstreamClient {
+    ) -> Upstream {
         let peer = peer.filter(|_| self.tls.is_some());
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.tick += 1;
@@ -699,7 +707,10 @@ impl ClientCache {
                 pools.clients.remove(&k);
             }
         }
-        let c = self.build(addr, h2, peer, timeout.unwrap_or(self.connect_timeout));
+        let c = Upstream {
+            client: self.build(addr, h2, peer, timeout.unwrap_or(self.connect_timeout)),
+            authority: http::uri::Authority::try_from(addr.to_string()).ok(),
+        };
         pools.clients.insert(key, (c.clone(), tick));
         c
     }

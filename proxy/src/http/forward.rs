@@ -95,17 +95,23 @@ impl Forward {
             Some(_) => !is_upgrade,
             None => version == Version::HTTP_2,
         };
-        let target = if is_connect {
-            None
-        } else {
-            Some(upstream_target(&req, addr, h2)?)
-        };
-        let client = self.clients.get(
+        let upstream = self.clients.get(
             addr,
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
         );
+        let target = if is_connect {
+            None
+        } else {
+            Some(upstream_target(
+                &req,
+                addr,
+                upstream.authority.as_ref(),
+                h2,
+            )?)
+        };
+        let client = upstream.client;
         // An HTTP/1 pool connects only once it has the request: keep its head.
         let head = (hand_back && !h2).then(|| head_of(&req));
         // Over HTTP/2, connected before the request is changed or given up: a
@@ -329,6 +335,7 @@ pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, Pr
 fn upstream_target<B>(
     req: &Request<B>,
     addr: SocketAddr,
+    addr_authority: Option<&Authority>,
     h2: bool,
 ) -> Result<UpstreamTarget, ProxyError> {
     let app_authority = match req.uri().authority() {
@@ -341,9 +348,10 @@ fn upstream_target<B>(
             None => None,
         },
     };
-    let addr_authority = || {
-        Authority::try_from(addr.to_string())
-            .map_err(|_| ProxyError::BadRequest("invalid request target"))
+    let addr_authority = || match addr_authority {
+        Some(a) => Ok(a.clone()),
+        None => Authority::try_from(addr.to_string())
+            .map_err(|_| ProxyError::BadRequest("invalid request target")),
     };
     if h2 {
         let authority = match app_authority {
