@@ -97,13 +97,16 @@ impl Listener {
             match limit.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let open = OpenConnection::new(&metrics, self.direction);
-                    drain.spawn(handle(Accepted {
+                    // Boxed: a connection's future holds its whole stack inline
+                    // and is large, and a task moves the future it is given
+                    // several times (into its cell, and over it when done).
+                    drain.spawn(Box::pin(handle(Accepted {
                         stream,
                         client: ClientAddr(peer),
                         local: self.local,
                         _permit: permit,
                         _open: open,
-                    }));
+                    })));
                 }
                 Err(_) => {
                     metrics.reject_tcp(self.direction, "connection_limit");
