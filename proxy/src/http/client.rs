@@ -524,12 +524,22 @@ impl H2Client {
                             });
                         }
                     };
-                    let rsp = conn
-                        .sender
-                        .send_request(req)
-                        .await
-                        .map_err(|e| SendError::from(ClientError::from(e)))?;
-                    Ok(rsp.map(|b| UpstreamBody::new(b, slot)))
+                    match conn.sender.try_send_request(req).await {
+                        Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
+                        Err(mut e) => match e.take_message() {
+                            // Given back again: no connection would take it,
+                            // and the caller has it, unsent.
+                            Some(req) => Err(SendError {
+                                error: ConnectError::Io {
+                                    addr: self.inner.connector.addr,
+                                    source: io::Error::from(io::ErrorKind::ConnectionAborted),
+                                }
+                                .into(),
+                                unsent: Some(req),
+                            }),
+                            None => Err(ClientError::from(e.into_error()).into()),
+                        },
+                    }
                 }
                 None => Err(ClientError::from(e.into_error()).into()),
             },

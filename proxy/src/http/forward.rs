@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, Uri, Version, header};
 use tracing::debug;
 
 use super::client::{ClientCache, ClientError, ConnectError};
@@ -95,66 +95,33 @@ impl Forward {
             Some(_) => !is_upgrade,
             None => version == Version::HTTP_2,
         };
+        // A bad Host is refused before any client or connection is had for it.
+        let app_authority = if is_connect {
+            None
+        } else {
+            app_authority(&req)?
+        };
         let upstream = self.clients.get(
             addr,
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
         );
-        let target = if is_connect {
-            None
-        } else {
-            Some(upstream_target(
-                &req,
-                addr,
-                upstream.authority.as_ref(),
-                h2,
-            )?)
-        };
-        let client = upstream.client;
         // An HTTP/1 pool connects only once it has the request: keep its head.
         let head = (hand_back && !h2).then(|| head_of(&req));
         // Over HTTP/2, connected before the request is changed or given up: a
         // request that cannot be sent goes back whole.
-        let ready = match client.ready().await {
+        let ready = match upstream.client.ready().await {
             Ok(ready) => ready,
             Err(e) => return Err(Failed::unsent(client_error(e, addr), req, hand_back)),
         };
-        // What is changed below, to change back should HTTP/2 still hand the
-        // request back (its connection closed first, and no other could be had).
-        let mut edits = (hand_back && h2).then(|| Edits {
-            uri: req.uri().clone(),
-            version,
-            target_port: None,
-            orig_proto: None,
-        });
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
-        // What the peer needs to restore the request for its app.
-        if let Some(peer) = &to_peer {
-            let was = req
-                .headers_mut()
-                .insert(TARGET_PORT_HEADER, HeaderValue::from(peer.target_port));
-            if let Some(e) = &mut edits {
-                e.target_port = Some(was);
-            }
-            if h2 && version != Version::HTTP_2 {
-                let orig = if version == Version::HTTP_10 {
-                    "HTTP/1.0"
-                } else {
-                    "HTTP/1.1"
-                };
-                let was = req
-                    .headers_mut()
-                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static(orig));
-                if let Some(e) = &mut edits {
-                    e.orig_proto = Some(was);
-                }
-                *req.version_mut() = Version::HTTP_2;
-            }
-        }
-        if let Some(target) = target {
-            target.apply(&mut req);
-        }
+        let target = (!is_connect)
+            .then(|| upstream_target(&req, app_authority, addr, upstream.authority.as_ref(), h2))
+            .transpose()?;
+        // Recorded to be undone should HTTP/2 still hand the request back (its
+        // connection closed first, and no other could be had).
+        let edits = edit_for_upstream(&mut req, to_peer.as_ref(), h2, target, hand_back && h2);
         let conn = req.extensions_mut().remove::<UpgradeConn>();
         let body_fault = req.extensions().get::<BodyFault>().cloned();
         let mut rsp = ready.send(req.map(super::boxed)).await.map_err(|e| {
@@ -237,13 +204,82 @@ impl Failed {
     }
 }
 
+/// Changes a request for its upstream: what a peer proxy needs to restore it
+/// for its app (the target port; the original HTTP version when it rides
+/// HTTP/2), and the request target. With `record`, returns what to undo.
+fn edit_for_upstream<B>(
+    req: &mut Request<B>,
+    to_peer: Option<&ToPeer>,
+    h2: bool,
+    target: Option<UpstreamTarget>,
+    record: bool,
+) -> Option<Edits> {
+    let version = req.version();
+    let mut edits = record.then(|| Edits {
+        uri: req.uri().clone(),
+        version,
+        target_port: None,
+        orig_proto: None,
+    });
+    if let Some(peer) = to_peer {
+        let was = set_header(
+            req,
+            TARGET_PORT_HEADER,
+            HeaderValue::from(peer.target_port),
+            record,
+        );
+        if let Some(e) = &mut edits {
+            e.target_port = Some(was);
+        }
+        if h2 && version != Version::HTTP_2 {
+            let orig = if version == Version::HTTP_10 {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            };
+            let was = set_header(
+                req,
+                ORIG_PROTO_HEADER,
+                HeaderValue::from_static(orig),
+                record,
+            );
+            if let Some(e) = &mut edits {
+                e.orig_proto = Some(was);
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+    if let Some(target) = target {
+        target.apply(req);
+    }
+    edits
+}
+
+/// Sets a header; with `record`, returns every value it had (none, normally:
+/// these are strait's own headers, but an app may send them).
+fn set_header<B>(
+    req: &mut Request<B>,
+    name: HeaderName,
+    value: HeaderValue,
+    record: bool,
+) -> Vec<HeaderValue> {
+    let headers = req.headers_mut();
+    let was = if record && headers.contains_key(&name) {
+        headers.get_all(&name).iter().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    headers.insert(name, value);
+    was
+}
+
 /// What the forwarder changed in a request for its upstream.
 struct Edits {
     uri: Uri,
     version: Version,
-    /// The values the strait headers replaced (`Some(None)`: there was none).
-    target_port: Option<Option<HeaderValue>>,
-    orig_proto: Option<Option<HeaderValue>>,
+    /// The values the strait headers replaced, when they were set.
+    target_port: Option<Vec<HeaderValue>>,
+    orig_proto: Option<Vec<HeaderValue>>,
 }
 
 impl Edits {
@@ -254,14 +290,11 @@ impl Edits {
             (TARGET_PORT_HEADER, self.target_port),
             (ORIG_PROTO_HEADER, self.orig_proto),
         ] {
-            match was {
-                Some(Some(v)) => {
-                    head.headers.insert(name, v);
+            if let Some(was) = was {
+                head.headers.remove(&name);
+                for v in was {
+                    head.headers.append(name.clone(), v);
                 }
-                Some(None) => {
-                    head.headers.remove(name);
-                }
-                None => {}
             }
         }
     }
@@ -334,20 +367,11 @@ pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, Pr
 /// address instead: the pool is then one per upstream, not one per Host value.
 fn upstream_target<B>(
     req: &Request<B>,
+    app_authority: Option<Authority>,
     addr: SocketAddr,
     addr_authority: Option<&Authority>,
     h2: bool,
 ) -> Result<UpstreamTarget, ProxyError> {
-    let app_authority = match req.uri().authority() {
-        Some(a) => Some(a.clone()),
-        None => match req.headers().get(header::HOST) {
-            Some(h) => Some(
-                Authority::try_from(h.as_bytes())
-                    .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
-            ),
-            None => None,
-        },
-    };
     let addr_authority = || match addr_authority {
         Some(a) => Ok(a.clone()),
         None => Authority::try_from(addr.to_string())
@@ -379,6 +403,20 @@ fn upstream_target<B>(
         authority: addr_authority()?,
         host,
     })
+}
+
+/// The authority the app addressed: the URI's (absolute form, HTTP/2), else
+/// the Host header's.
+fn app_authority<B>(req: &Request<B>) -> Result<Option<Authority>, ProxyError> {
+    match req.uri().authority() {
+        Some(a) => Ok(Some(a.clone())),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => Authority::try_from(h.as_bytes())
+                .map(Some)
+                .map_err(|_| ProxyError::BadRequest("invalid Host header")),
+            None => Ok(None),
+        },
+    }
 }
 
 /// The request target for the upstream, worked out (and any error found)
@@ -569,29 +607,41 @@ mod tests {
     }
 
     #[test]
-    fn edits_for_a_peer_are_undone_and_an_apps_own_values_restored() {
-        let mut req = Request::get("/a").body(()).unwrap();
-        req.headers_mut()
-            .insert(TARGET_PORT_HEADER, HeaderValue::from_static("9"));
-        let (mut head, ()) = req.into_parts();
-        let edits = Edits {
-            uri: head.uri.clone(),
-            version: Version::HTTP_11,
-            target_port: Some(
-                head.headers
-                    .insert(TARGET_PORT_HEADER, HeaderValue::from_static("8080")),
-            ),
-            orig_proto: Some(
-                head.headers
-                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1")),
-            ),
+    fn what_is_changed_for_a_peer_is_recorded_and_undone_whole() {
+        // HTTP/1.0, with two values of a strait header the app sent itself.
+        let mut req = Request::get("/a?b=1")
+            .version(Version::HTTP_10)
+            .header(header::HOST, "web:8080")
+            .header(TARGET_PORT_HEADER, "9")
+            .header(TARGET_PORT_HEADER, "10")
+            .header("x-app", "kept")
+            .body(())
+            .unwrap();
+        let original = head_of(&req);
+        let peer = ToPeer {
+            target_port: 8080,
+            identity: Identity::of("cluster.local", "test", "web").unwrap(),
         };
-        head.version = Version::HTTP_2;
-        head.uri = Uri::from_static("http://web/a");
+        let addr: SocketAddr = "10.0.0.7:4143".parse().unwrap();
+        let target = upstream_target(&req, app_authority(&req).unwrap(), addr, None, true).unwrap();
+        let edits = edit_for_upstream(&mut req, Some(&peer), true, Some(target), true)
+            .expect("the edits recorded");
+        // As the peer proxy gets it.
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.uri(), "http://web:8080/a?b=1");
+        assert_eq!(req.headers()[ORIG_PROTO_HEADER], "HTTP/1.0");
+        let ports: Vec<_> = req.headers().get_all(TARGET_PORT_HEADER).iter().collect();
+        assert_eq!(ports, ["8080"]);
+        // Handed back: as the app sent it.
+        let (mut head, ()) = req.into_parts();
         edits.undo(&mut head);
-        assert_eq!(head.uri, "/a");
-        assert_eq!(head.version, Version::HTTP_11);
-        assert_eq!(head.headers[TARGET_PORT_HEADER], "9", "the app's own value");
-        assert!(!head.headers.contains_key(ORIG_PROTO_HEADER));
+        assert_eq!(head.uri, original.uri);
+        assert_eq!(head.version, Version::HTTP_10);
+        assert_eq!(head.headers, original.headers);
+
+        // Not asked to record: nothing is kept.
+        let mut req = Request::get("/a").body(()).unwrap();
+        assert!(edit_for_upstream(&mut req, Some(&peer), true, None, false).is_none());
+        assert_eq!(req.headers()[TARGET_PORT_HEADER], "8080");
     }
 }
