@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response, StatusCode};
 
 use super::{Avoid, Endpoints, InFlight, PickError, ServedBy};
@@ -41,7 +42,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = BalanceFuture<S::Future>;
+    type Future = Either<Ready<Result<Response<BoxBody>, Infallible>>, BalanceFuture<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -58,7 +59,7 @@ where
                 tracing::debug!(backend = %self.endpoints.name(), reason, "no endpoint for request");
                 let rsp =
                     error_response(status, &format!("{reason} for {}", self.endpoints.name()));
-                return BalanceFuture::Refused { rsp: Some(rsp) };
+                return Either::Left(ready(Ok(rsp)));
             }
         };
         let ep = in_flight.endpoint();
@@ -83,11 +84,11 @@ where
         // The ready service goes with this request; a clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        BalanceFuture::Sent {
+        Either::Right(BalanceFuture {
             inner: inner.call(req),
             in_flight: Some(in_flight),
             served_by,
-        }
+        })
     }
 }
 
@@ -95,16 +96,11 @@ pin_project_lite::pin_project! {
     /// A request on its way to the endpoint picked for it; on its response the
     /// endpoint's state learns how it went. Named rather than boxed: the
     /// balancer is on every request's path.
-    #[project = BalanceProj]
-    pub enum BalanceFuture<F> {
-        /// No endpoint: the error response, given once.
-        Refused { rsp: Option<Response<BoxBody>> },
-        Sent {
-            #[pin]
-            inner: F,
-            in_flight: Option<InFlight>,
-            served_by: SocketAddr,
-        },
+    pub struct BalanceFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+        served_by: SocketAddr,
     }
 }
 
@@ -115,36 +111,25 @@ where
     type Output = Result<Response<BoxBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            BalanceProj::Refused { rsp } => match rsp.take() {
-                Some(rsp) => Poll::Ready(Ok(rsp)),
-                None => Poll::Pending,
-            },
-            BalanceProj::Sent {
-                inner,
-                in_flight,
-                served_by,
-            } => {
-                let mut rsp = std::task::ready!(inner.poll(cx))?;
-                let Some(in_flight) = in_flight.take() else {
-                    // Only if the inner future answered twice.
-                    return Poll::Pending;
-                };
-                if rsp.extensions().get::<ClientFaulted>().is_some() {
-                    // The client broke its own request: nothing learnt of the endpoint.
-                    in_flight.no_verdict();
-                } else if endpoint_failed(&rsp) {
-                    in_flight.unreachable();
-                } else if rsp.status().is_server_error() {
-                    in_flight.failed();
-                } else {
-                    in_flight.success();
-                }
-                if ServedBy::worth_noting(&rsp) {
-                    rsp.extensions_mut().insert(ServedBy(*served_by));
-                }
-                Poll::Ready(Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight)))))
-            }
+        let this = self.project();
+        let mut rsp = std::task::ready!(this.inner.poll(cx))?;
+        let Some(in_flight) = this.in_flight.take() else {
+            // Only if the inner future answered twice.
+            return Poll::Pending;
+        };
+        if rsp.extensions().get::<ClientFaulted>().is_some() {
+            // The client broke its own request: nothing learnt of the endpoint.
+            in_flight.no_verdict();
+        } else if endpoint_failed(&rsp) {
+            in_flight.unreachable();
+        } else if rsp.status().is_server_error() {
+            in_flight.failed();
+        } else {
+            in_flight.success();
         }
+        if ServedBy::worth_noting(&rsp) {
+            rsp.extensions_mut().insert(ServedBy(*this.served_by));
+        }
+        Poll::Ready(Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight)))))
     }
 }

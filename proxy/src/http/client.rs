@@ -490,9 +490,9 @@ impl H2Client {
         Ok(H2Conn { n, sender, load })
     }
 
-    /// Sends a request. One that the connection did not take (it was closing) is
-    /// sent again once, on another connection: it never reached the upstream.
-    pub async fn request(
+    /// Checks out a stream and sends on it (the forwarder does the two apart).
+    #[cfg(test)]
+    async fn request(
         &self,
         req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, ClientError> {
@@ -501,48 +501,47 @@ impl H2Client {
     }
 
     /// Sends on a checked-out stream (the connection is the pool's clone, to
-    /// send on as it is).
+    /// send on as it is). A request the connection did not take (it was
+    /// closing) is sent again once, on another connection: it never reached the
+    /// upstream. If no other connection takes it, it comes back unsent.
     async fn send(
         &self,
         mut conn: H2Conn,
-        slot: StreamSlot,
-        req: http::Request<BoxBody>,
+        mut slot: StreamSlot,
+        mut req: http::Request<BoxBody>,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
-        match conn.sender.try_send_request(req).await {
-            Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    self.inner.forget(conn.n);
-                    drop(slot);
-                    let (mut conn, slot) = match self.checkout().await {
-                        Ok(c) => c,
-                        // Still never sent: it goes back to the caller.
-                        Err(error) => {
-                            return Err(SendError {
-                                error,
-                                unsent: Some(req),
-                            });
-                        }
-                    };
-                    match conn.sender.try_send_request(req).await {
-                        Ok(rsp) => Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
-                        Err(mut e) => match e.take_message() {
-                            // Given back again: no connection would take it,
-                            // and the caller has it, unsent.
-                            Some(req) => Err(SendError {
-                                error: ConnectError::Io {
-                                    addr: self.inner.connector.addr,
-                                    source: io::Error::from(io::ErrorKind::ConnectionAborted),
-                                }
-                                .into(),
-                                unsent: Some(req),
-                            }),
-                            None => Err(ClientError::from(e.into_error()).into()),
-                        },
+        let mut again = false;
+        loop {
+            let mut e = match conn.sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
+                Err(e) => e,
+            };
+            let Some(back) = e.take_message() else {
+                return Err(ClientError::from(e.into_error()).into());
+            };
+            if again {
+                return Err(SendError {
+                    error: ConnectError::Io {
+                        addr: self.inner.connector.addr,
+                        source: io::Error::from(io::ErrorKind::ConnectionAborted),
                     }
+                    .into(),
+                    unsent: Some(back),
+                });
+            }
+            self.inner.forget(conn.n);
+            drop(slot);
+            (conn, slot) = match self.checkout().await {
+                Ok(c) => c,
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(back),
+                    });
                 }
-                None => Err(ClientError::from(e.into_error()).into()),
-            },
+            };
+            req = back;
+            again = true;
         }
     }
 
@@ -637,13 +636,6 @@ impl UpstreamClient {
                 Ok(Ready(ReadyTo::Http2(c.clone(), conn, slot)))
             }
         }
-    }
-
-    pub async fn request(
-        &self,
-        req: http::Request<BoxBody>,
-    ) -> Result<http::Response<UpstreamBody>, ClientError> {
-        self.ready().await?.send(req).await.map_err(|e| e.error)
     }
 }
 

@@ -18,7 +18,7 @@ use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::{ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
-use super::{BoxBody, ConnectTimeout, Dst, ToPeer, upgrade};
+use super::{BoxBody, ConnectTimeout, Dst, ToPeer, head_of, upgrade};
 use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::tcp::TcpConfig;
@@ -298,17 +298,6 @@ impl Edits {
             }
         }
     }
-}
-
-/// A copy of a request's head (its body is the retry's to give).
-fn head_of<B>(req: &Request<B>) -> http::request::Parts {
-    let mut r = Request::new(());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    *r.extensions_mut() = req.extensions().clone();
-    r.into_parts().0
 }
 
 impl<B> tower::Service<Request<B>> for Forward

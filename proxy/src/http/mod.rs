@@ -44,6 +44,18 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// A copy of a request's head: what is needed to send it again with a body of
+/// the caller's.
+pub fn head_of<B>(req: &http::Request<B>) -> http::request::Parts {
+    let mut r = http::Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    *r.extensions_mut() = req.extensions().clone();
+    r.into_parts().0
+}
+
 /// Where a request goes; set by the direction's destination layer, read by `Forward`.
 #[derive(Clone, Debug)]
 pub struct Dst(pub crate::addr::DestAddr);

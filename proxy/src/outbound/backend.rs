@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response, StatusCode};
 use rand::Rng;
 
@@ -73,7 +74,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = SplitFuture<S::Future>;
+    type Future = Either<Ready<Result<Response<BoxBody>, Infallible>>, SplitFuture<S::Future>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Backends are always ready: they only pick an endpoint and forward
@@ -85,18 +86,18 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(b) = self.choose() else {
             let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "no backend for route");
-            return SplitFuture::NoBackend { rsp: Some(rsp) };
+            return Either::Left(ready(Ok(rsp)));
         };
         if let Some(n) = crate::telemetry::trace::notes(&req) {
             n.with(|n| n.backend = Some(b.name.clone()));
         }
         let mut svc = b.service.clone();
-        SplitFuture::Sent {
+        Either::Right(SplitFuture {
             inner: svc.call(req),
             responses: b.responses.clone(),
             latency: b.latency.clone(),
             start: tokio::time::Instant::now(),
-        }
+        })
     }
 }
 
@@ -104,17 +105,12 @@ pin_project_lite::pin_project! {
     /// A request sent to the backend the split chose, counted by status and
     /// timed per attempt when its response comes. Named rather than boxed: every
     /// attempt passes here.
-    #[project = SplitProj]
-    pub enum SplitFuture<F> {
-        /// No backend carries weight: the error response, given once.
-        NoBackend { rsp: Option<Response<BoxBody>> },
-        Sent {
-            #[pin]
-            inner: F,
-            responses: ByStatus,
-            latency: prometheus_client::metrics::histogram::Histogram,
-            start: tokio::time::Instant,
-        },
+    pub struct SplitFuture<F> {
+        #[pin]
+        inner: F,
+        responses: ByStatus,
+        latency: prometheus_client::metrics::histogram::Histogram,
+        start: tokio::time::Instant,
     }
 }
 
@@ -125,23 +121,11 @@ where
     type Output = Result<Response<BoxBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            SplitProj::NoBackend { rsp } => match rsp.take() {
-                Some(rsp) => Poll::Ready(Ok(rsp)),
-                None => Poll::Pending,
-            },
-            SplitProj::Sent {
-                inner,
-                responses,
-                latency,
-                start,
-            } => {
-                let rsp = std::task::ready!(inner.poll(cx))?;
-                latency.observe(start.elapsed().as_secs_f64());
-                responses[status_index(rsp.status())].inc();
-                Poll::Ready(Ok(rsp))
-            }
-        }
+        let this = self.project();
+        let rsp = std::task::ready!(this.inner.poll(cx))?;
+        this.latency.observe(this.start.elapsed().as_secs_f64());
+        this.responses[status_index(rsp.status())].inc();
+        Poll::Ready(Ok(rsp))
     }
 }
 

@@ -257,13 +257,10 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             // whole: nothing is copied but the handle on the body.
             return Some(Request::new(req.body().again()));
         }
-        let mut r = Request::new(req.body().again());
-        *r.method_mut() = req.method().clone();
-        *r.uri_mut() = req.uri().clone();
-        *r.version_mut() = req.version();
-        *r.headers_mut() = req.headers().clone();
-        *r.extensions_mut() = req.extensions().clone();
-        Some(r)
+        Some(Request::from_parts(
+            crate::http::head_of(req),
+            req.body().again(),
+        ))
     }
 }
 
