@@ -71,7 +71,9 @@ impl fmt::Display for DestAddr {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NameAddr {
-    host: String,
+    /// Shared: a name is cloned into every request of a fixed destination and
+    /// into discovery's keys.
+    host: std::sync::Arc<str>,
     port: u16,
 }
 
@@ -126,7 +128,7 @@ impl FromStr for DestAddr {
             return Err(AddrError::BadHost(host.to_string()));
         }
         Ok(DestAddr::Name(NameAddr {
-            host: host.trim_end_matches('.').to_ascii_lowercase(),
+            host: host.trim_end_matches('.').to_ascii_lowercase().into(),
             port,
         }))
     }

@@ -387,11 +387,11 @@ impl Proxy {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.tcp_idle_timeout,
             },
-            http: ServerConfig {
-                header_read_timeout: config.http_header_read_timeout,
-                body_read_timeout: config.http_body_read_timeout,
-                idle_timeout: config.http_idle_timeout,
-            },
+            http: ServerConfig::new(
+                config.http_header_read_timeout,
+                config.http_body_read_timeout,
+                config.http_idle_timeout,
+            ),
             config,
         });
         Ok(Proxy {

@@ -31,6 +31,7 @@ pub use service::Balance;
 
 use crate::control::view::Endpoint;
 use crate::defaults;
+use crate::http::ToPeer;
 
 /// Set on a response a retry could follow (see `ServedBy::worth_noting`): the
 /// endpoint (workload address) that answered it.
@@ -143,6 +144,8 @@ impl EndpointState {
 #[derive(Debug)]
 struct Slot {
     endpoint: Endpoint,
+    /// What the forwarder needs for a meshed endpoint, made with the list.
+    to_peer: Option<ToPeer>,
     state: Arc<EndpointState>,
 }
 
@@ -196,6 +199,10 @@ impl Endpoints {
             .iter()
             .map(|e| Slot {
                 endpoint: e.clone(),
+                to_peer: e
+                    .proxy
+                    .as_ref()
+                    .map(|p| ToPeer::new(e.addr.port(), p.identity.clone())),
                 state: old
                     .get(&e.addr)
                     .map(|s| Arc::clone(s))
@@ -338,6 +345,11 @@ fn hash_key<'a>(key: &HashKey, headers: &'a http::HeaderMap) -> Option<&'a [u8]>
 impl InFlight {
     pub fn endpoint(&self) -> &Endpoint {
         &self.backend.slots[self.index].endpoint
+    }
+
+    /// Set when the endpoint is meshed.
+    pub fn to_peer(&self) -> Option<&ToPeer> {
+        self.backend.slots[self.index].to_peer.as_ref()
     }
 
     fn state(&self) -> &EndpointState {

@@ -16,7 +16,7 @@ use super::{Avoid, Endpoints, InFlight, PickError, ServedBy};
 use crate::addr::DestAddr;
 use crate::http::body::GuardedBody;
 use crate::http::error::{ClientFaulted, endpoint_failed, error_response};
-use crate::http::{BoxBody, Dst, ToPeer, boxed};
+use crate::http::{BoxBody, Dst, boxed};
 
 /// Balances over `endpoints`, sending through `inner` (the endpoint stack).
 #[derive(Clone, Debug)]
@@ -64,13 +64,16 @@ where
         };
         let ep = in_flight.endpoint();
         let served_by = ep.addr;
-        req.extensions_mut()
-            .insert(Dst(DestAddr::Socket(ep.connect_addr())));
-        if let Some(p) = &ep.proxy {
-            req.extensions_mut().insert(ToPeer {
-                target_port: ep.addr.port(),
-                identity: p.identity.clone(),
-            });
+        // Dst was set by the router's layer: replaced in place, not boxed again.
+        let dst = Dst(DestAddr::Socket(ep.connect_addr()));
+        match req.extensions_mut().get_mut::<Dst>() {
+            Some(d) => *d = dst,
+            None => {
+                req.extensions_mut().insert(dst);
+            }
+        }
+        if let Some(p) = in_flight.to_peer() {
+            req.extensions_mut().insert(p.clone());
         }
         if let Some(n) = crate::telemetry::trace::notes(&req) {
             n.with(|n| {

@@ -222,12 +222,7 @@ fn edit_for_upstream<B>(
         orig_proto: None,
     });
     if let Some(peer) = to_peer {
-        let was = set_header(
-            req,
-            TARGET_PORT_HEADER,
-            HeaderValue::from(peer.target_port),
-            record,
-        );
+        let was = set_header(req, TARGET_PORT_HEADER, peer.target_port.clone(), record);
         if let Some(e) = &mut edits {
             e.target_port = Some(was);
         }
@@ -544,10 +539,10 @@ mod tests {
             req.extensions_mut().insert(ReturnUnsent);
         }
         if to_peer {
-            req.extensions_mut().insert(ToPeer {
-                target_port: 8080,
-                identity: Identity::of("cluster.local", "test", "web").unwrap(),
-            });
+            req.extensions_mut().insert(ToPeer::new(
+                8080,
+                Identity::of("cluster.local", "test", "web").unwrap(),
+            ));
             req.extensions_mut()
                 .insert(ConnectTimeout(Duration::from_millis(500)));
         }
@@ -607,10 +602,7 @@ mod tests {
             .body(())
             .unwrap();
         let original = head_of(&req);
-        let peer = ToPeer {
-            target_port: 8080,
-            identity: Identity::of("cluster.local", "test", "web").unwrap(),
-        };
+        let peer = ToPeer::new(8080, Identity::of("cluster.local", "test", "web").unwrap());
         let addr: SocketAddr = "10.0.0.7:4143".parse().unwrap();
         let target = upstream_target(&req, app_authority(&req).unwrap(), addr, None, true).unwrap();
         let edits = edit_for_upstream(&mut req, Some(&peer), true, Some(target), true)

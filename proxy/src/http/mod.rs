@@ -64,8 +64,19 @@ pub struct Dst(pub crate::addr::DestAddr);
 /// discovery promised for it.
 #[derive(Clone, Debug)]
 pub struct ToPeer {
-    pub target_port: u16,
+    /// The app's port as the `strait-target-port` value, made once per
+    /// endpoint rather than formatted for every request.
+    pub target_port: http::HeaderValue,
     pub identity: crate::identity::Identity,
+}
+
+impl ToPeer {
+    pub fn new(target_port: u16, identity: crate::identity::Identity) -> Self {
+        ToPeer {
+            target_port: http::HeaderValue::from(target_port),
+            identity,
+        }
+    }
 }
 
 /// A connect timeout for this request's upstream other than the proxy's default

@@ -193,12 +193,16 @@ static HOP_BY_HOP: [HeaderName; 5] = [
 /// `Connection: upgrade` and `Upgrade`, which the next hop needs to upgrade too;
 /// `TE: trailers` is kept because gRPC over HTTP/2 requires it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Only the options that name a field present are made into names: the
+    // usual `close` and `keep-alive` cost no allocation.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| headers.contains_key(*n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         if (keep_upgrade && n == header::UPGRADE) || protected(&n) {
@@ -294,6 +298,22 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-app"], "kept");
+
+        // Options in any case, across several Connection fields; `close` is
+        // also a (reserved) field name and goes too when present.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-Secret ,x-other"),
+        );
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
         h.insert("x-app", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");

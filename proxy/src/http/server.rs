@@ -25,6 +25,46 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// hyper's connection settings, made once: a builder holds its timer and
+    /// executor behind an `Arc` that every new connection would allocate again.
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl ServerConfig {
+    pub fn new(
+        header_read_timeout: Duration,
+        body_read_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // GuardedIo times heads and idleness; hyper's single timer cannot tell them apart.
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_headers(defaults::MAX_HEADERS)
+            .max_header_size(defaults::MAX_HEADER_BYTES);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(defaults::H2_MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(defaults::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_header_list_size(defaults::MAX_HEADER_BYTES as u32)
+            .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
+            // Fixed windows rather than adaptive ones: h2 sizes its budget for buffered
+            // small DATA frames from the connection window, and a proxy holds many
+            // small gRPC messages in flight at once.
+            .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(defaults::H2_STREAM_WINDOW);
+        ServerConfig {
+            header_read_timeout,
+            body_read_timeout,
+            idle_timeout,
+            h1,
+            h2,
+        }
+    }
 }
 
 /// Who is being served, for logs and metrics.
@@ -54,14 +94,8 @@ pub async fn serve_http1<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let io = GuardedIo::new(io, state.clone(), cfg.header_read_timeout, cfg.idle_timeout);
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        // GuardedIo times heads and idleness; hyper's single timer cannot tell them apart.
-        .header_read_timeout(None)
-        .keep_alive(true)
-        .max_headers(defaults::MAX_HEADERS)
-        .max_header_size(defaults::MAX_HEADER_BYTES);
-    let conn = b
+    let conn = cfg
+        .h1
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
         .with_upgrades();
     tokio::pin!(conn);
@@ -113,20 +147,9 @@ pub async fn serve_http2<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_concurrent_streams(defaults::H2_MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(defaults::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
-        .max_header_list_size(defaults::MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
-        // Fixed windows rather than adaptive ones: h2 sizes its budget for buffered
-        // small DATA frames from the connection window, and a proxy holds many
-        // small gRPC messages in flight at once.
-        .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
-        .initial_stream_window_size(defaults::H2_STREAM_WINDOW);
-    let conn = b.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    let conn = cfg
+        .h2
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => r,

@@ -82,9 +82,12 @@ impl HttpStack {
             let upgrades = state.clone();
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
-                // Told when a request upgrades the connection.
+                // Told when a request upgrades the connection (only one that
+                // asks to can: the rest are spared the extension).
                 .map_request(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
+                    if super::upgrade::is_upgrade_request(&req) {
+                        req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
+                    }
                     RequestBody::wrap(req, Some(body_timeout))
                 })
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))

@@ -148,9 +148,10 @@ impl Stages {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        // The matched prefix is borrowed from the table this future owns.
         let selected = self.table.select(&req).map(|(i, m)| {
             let prefix = match &m.path {
-                PathMatch::Prefix(p) => Some(p.clone()),
+                PathMatch::Prefix(p) => Some(p.as_str()),
                 _ => None,
             };
             (i, prefix)
@@ -168,7 +169,7 @@ impl Stages {
         m.requests.inc();
         let start = Instant::now();
         let mut req = req.map(boxed);
-        let mut rsp = match stage.rule.filters.on_request(&mut req, prefix.as_deref()) {
+        let mut rsp = match stage.rule.filters.on_request(&mut req, prefix) {
             Err(redirect) => *redirect,
             Ok(()) => {
                 // A rule that retries only requests never sent needs no copy of

@@ -581,13 +581,29 @@ pub struct OpenConnection {
     gauge: Gauge,
 }
 
-impl OpenConnection {
+/// A listener's connection counters, looked up once rather than per connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionCounters {
+    accepted: Counter,
+    open: Gauge,
+}
+
+impl ConnectionCounters {
     pub fn new(metrics: &Metrics, direction: Direction) -> Self {
         let labels = DirectionLabels { direction };
-        metrics.tcp_accepted.get_or_create(&labels).inc();
-        let gauge = metrics.tcp_open.get_or_create(&labels).clone();
-        gauge.inc();
-        OpenConnection { gauge }
+        ConnectionCounters {
+            accepted: metrics.tcp_accepted.get_or_create(&labels).clone(),
+            open: metrics.tcp_open.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Counts a connection accepted, and open until the returned guard drops.
+    pub fn accepted(&self) -> OpenConnection {
+        self.accepted.inc();
+        self.open.inc();
+        OpenConnection {
+            gauge: self.open.clone(),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::Drain;
 use crate::addr::ClientAddr;
 use crate::defaults;
-use crate::telemetry::metrics::{Direction, Metrics, OpenConnection};
+use crate::telemetry::metrics::{ConnectionCounters, Direction, Metrics, OpenConnection};
 
 /// A connection we accepted, with what we know of it so far.
 #[derive(Debug)]
@@ -76,6 +76,7 @@ impl Listener {
     {
         let limit = Arc::new(Semaphore::new(max_connections));
         let rejecting = Arc::new(Semaphore::new(defaults::MAX_REJECTING_CONNECTIONS));
+        let counters = ConnectionCounters::new(&metrics, self.direction);
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -96,7 +97,7 @@ impl Listener {
             let _ = stream.set_nodelay(true);
             match limit.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let open = OpenConnection::new(&metrics, self.direction);
+                    let open = counters.accepted();
                     // Boxed: a connection's future holds its whole stack inline
                     // and is large, and a task moves the future it is given
                     // several times (into its cell, and over it when done).
