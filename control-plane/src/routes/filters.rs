@@ -63,14 +63,37 @@ struct RedirectDoc {
     status_code: Option<i64>,
 }
 
+/// Fields that describe one hop's connection or message framing: the proxies
+/// strip or set them themselves, and one set by a filter would either vanish
+/// or mis-frame the message (a body read by the wrong length).
+const PROXY_OWNED: [http::HeaderName; 8] = [
+    http::header::CONNECTION,
+    http::header::CONTENT_LENGTH,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+];
+
 fn headers(at: &str, hs: &[HeaderDoc]) -> Result<Vec<api::Header>, SpecError> {
     hs.iter()
         .enumerate()
         .map(|(i, h)| {
-            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+            let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
                 return Err(SpecError::new(
                     format!("{at}[{i}].name"),
                     format!("{:?} is not a header name", h.name),
+                ));
+            };
+            if PROXY_OWNED.contains(&name) {
+                return Err(SpecError::new(
+                    format!("{at}[{i}].name"),
+                    format!(
+                        "{:?} describes the connection or the message framing, which the proxy sets itself; a filter cannot set it",
+                        h.name
+                    ),
                 ));
             }
             if http::HeaderValue::from_str(&h.value).is_err() {

@@ -639,6 +639,16 @@ mod tests {
                 json!("bad name"),
                 "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
             ),
+            (
+                "/spec/rules/0/filters/0/requestHeaderModifier/set/0/name",
+                json!("Connection"),
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+            ),
+            (
+                "/spec/rules/0/filters/0/requestHeaderModifier/set/0/name",
+                json!("transfer-encoding"),
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+            ),
             ("/spec/rules/1/name", json!("canary"), "spec.rules[1].name"),
             (
                 "/spec/rules/1/name",

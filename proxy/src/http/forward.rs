@@ -25,7 +25,8 @@ use crate::tcp::TcpConfig;
 use crate::telemetry::{Direction, Metrics};
 use crate::transport::Drain;
 
-/// Set on requests of an HTTP/1 connection: told when the request upgrades it.
+/// Set on the HTTP/1 requests hyper could upgrade (an `Upgrade` header, or
+/// CONNECT): the connection, told when the request does upgrade it.
 #[derive(Clone, Debug)]
 pub struct UpgradeConn(pub Arc<ConnState>);
 

@@ -193,8 +193,8 @@ static HOP_BY_HOP: [HeaderName; 5] = [
 /// `Connection: upgrade` and `Upgrade`, which the next hop needs to upgrade too;
 /// `TE: trailers` is kept because gRPC over HTTP/2 requires it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Only the options that name a field present are made into names: the
-    // usual `close` and `keep-alive` cost no allocation.
+    // Only the options that name a field present are made into names: an
+    // option that names none (the usual `close`) costs no allocation.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

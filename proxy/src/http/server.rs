@@ -25,8 +25,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
-    /// hyper's connection settings, made once: a builder holds its timer and
-    /// executor behind an `Arc` that every new connection would allocate again.
+    /// hyper's connection settings, made once: a builder holds its timer
+    /// behind an `Arc` that building one per connection would allocate again.
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }

@@ -82,10 +82,15 @@ impl HttpStack {
             let upgrades = state.clone();
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
-                // Told when a request upgrades the connection (only one that
-                // asks to can: the rest are spared the extension).
+                // Told when a request upgrades the connection. Only one hyper
+                // can hand over (an `Upgrade` header, or CONNECT) may, whatever
+                // a route's filters add to it later; the rest are spared it.
                 .map_request(move |mut req: Request<Incoming>| {
-                    if super::upgrade::is_upgrade_request(&req) {
+                    if req
+                        .extensions()
+                        .get::<hyper::upgrade::OnUpgrade>()
+                        .is_some()
+                    {
                         req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
                     }
                     RequestBody::wrap(req, Some(body_timeout))
