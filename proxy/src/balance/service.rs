@@ -64,7 +64,8 @@ where
         };
         let ep = in_flight.endpoint();
         let served_by = ep.addr;
-        // Dst was set by the router's layer: replaced in place, not boxed again.
+        // Dst is replaced in place, not boxed again; a request the forwarder
+        // handed back for a retry comes without one.
         let dst = Dst(DestAddr::Socket(ep.connect_addr()));
         match req.extensions_mut().get_mut::<Dst>() {
             Some(d) => *d = dst,
