@@ -25,8 +25,10 @@ use tokio::sync::mpsc;
 pub const QUEUE_SPANS: usize = 4096;
 /// Spans per export request at most.
 pub const BATCH_SPANS: usize = 512;
-/// How often the exporter takes what has queued.
+/// How often the exporter looks at what has queued (a full batch goes at once).
 pub const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// A span waits at most about this long (plus `BATCH_DELAY`) for its batch to fill.
+pub const EXPORT_DELAY: Duration = Duration::from_secs(1);
 /// An export the collector does not answer in this time is abandoned.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -184,7 +186,11 @@ fn spawn<R: Record>(
                     Ok(mut e) => {
                         e.set_resource(&resource);
                         let _ = built_tx.send(Ok(()));
-                        drain(rx, e, dropped).await;
+                        let mut failures: u64 = 0;
+                        drain(rx, async |batch| {
+                            failures = export(&e, batch, &dropped, failures).await;
+                        })
+                        .await;
                     }
                     Err(e) => {
                         let _ = built_tx.send(Err(e.to_string()));
@@ -246,46 +252,53 @@ impl SpanProcessor for Queue {
     }
 }
 
-/// Every `BATCH_DELAY`, sends what the queue holds, in batches, one export at
-/// a time: while an export is in flight the queue absorbs new spans, up to its
-/// size. Polling on a timer rather than waiting on the queue means ending a
-/// span never wakes this thread.
-async fn drain<R: Record>(
-    mut rx: mpsc::Receiver<R>,
-    exporter: opentelemetry_otlp::SpanExporter,
-    dropped: Counter,
-) {
+/// Every `BATCH_DELAY`, sends what has queued once it fills a batch, and all
+/// of it once `EXPORT_DELAY` has passed since the queue was last emptied; one
+/// export at a time: while an export is in flight the queue absorbs new spans,
+/// up to its size. Polling on a timer rather than waiting on the queue means
+/// ending a span never wakes this thread, and full batches mean a low rate of
+/// requests pays an export's fixed cost (a round trip to the collector) once a
+/// second rather than five times.
+async fn drain<R: Record>(mut rx: mpsc::Receiver<R>, mut send: impl AsyncFnMut(Vec<SpanData>)) {
     let scope = InstrumentationScope::builder("strait").build();
-    let mut failures: u64 = 0;
     let mut tick = tokio::time::interval(BATCH_DELAY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut emptied = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
-        // Sized for what has queued: no regrowing (spans are a few hundred bytes).
-        let mut batch = Vec::with_capacity(rx.len().min(BATCH_SPANS));
-        loop {
-            match rx.try_recv() {
-                Ok(s) => {
-                    batch.push(s.into_span_data(&scope));
-                    if batch.len() < BATCH_SPANS {
-                        continue;
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Empty) => {}
-                Err(mpsc::error::TryRecvError::Disconnected) if batch.is_empty() => return,
-                Err(mpsc::error::TryRecvError::Disconnected) => {}
+        let now = tick.tick().await;
+        let closed = rx.is_closed();
+        let queued = rx.len();
+        if queued == 0 {
+            if closed {
+                return;
+            }
+            emptied = now;
+            continue;
+        }
+        // Full batches at any time; all that has queued once it is due (or the
+        // proxy is stopping). What comes during these exports waits for the
+        // next look, so a steady stream does not chase the queue with small batches.
+        let due = closed || now.duration_since(emptied) >= EXPORT_DELAY;
+        let mut take = if due {
+            emptied = now;
+            queued
+        } else {
+            queued - queued % BATCH_SPANS
+        };
+        while take > 0 {
+            let n = take.min(BATCH_SPANS);
+            take -= n;
+            // Sized for what it takes: no regrowing (spans are a few hundred bytes).
+            let mut batch = Vec::with_capacity(n);
+            while batch.len() < n
+                && let Ok(s) = rx.try_recv()
+            {
+                batch.push(s.into_span_data(&scope));
             }
             if batch.is_empty() {
                 break;
             }
-            let next = Vec::with_capacity(rx.len().min(BATCH_SPANS));
-            failures = export(
-                &exporter,
-                std::mem::replace(&mut batch, next),
-                &dropped,
-                failures,
-            )
-            .await;
+            send(batch).await;
         }
     }
 }
@@ -351,5 +364,77 @@ mod tests {
             let share = kept as f64 / 2000.0;
             assert!((share - ratio).abs() < 0.05, "ratio {ratio}: kept {share}");
         }
+    }
+
+    fn span() -> SpanData {
+        SpanData {
+            span_context: opentelemetry::trace::SpanContext::empty_context(),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: "GET".into(),
+            start_time: std::time::SystemTime::UNIX_EPOCH,
+            end_time: std::time::SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: opentelemetry::trace::Status::Unset,
+            instrumentation_scope: InstrumentationScope::default(),
+        }
+    }
+
+    /// A few spans wait (up to `EXPORT_DELAY`) for company; a full batch goes at
+    /// the next look; and what is queued when the proxy stops is still sent.
+    #[tokio::test(start_paused = true)]
+    async fn exports_full_batches_at_once_and_the_rest_within_the_export_delay() {
+        use std::sync::{Arc, Mutex};
+        use tokio::time::{Duration, Instant, sleep};
+        let (tx, rx) = mpsc::channel::<SpanData>(QUEUE_SPANS);
+        let sent: Arc<Mutex<Vec<(Duration, usize)>>> = Arc::default();
+        let start = Instant::now();
+        let log = sent.clone();
+        let task = tokio::spawn(drain(rx, async move |b: Vec<SpanData>| {
+            log.lock().unwrap().push((start.elapsed(), b.len()));
+        }));
+        let sent = move || std::mem::take(&mut *sent.lock().unwrap());
+
+        for _ in 0..100 {
+            tx.try_send(span()).unwrap();
+        }
+        sleep(EXPORT_DELAY - BATCH_DELAY).await;
+        assert_eq!(sent(), [], "a few spans wait for a fuller batch");
+        sleep(BATCH_DELAY * 2).await;
+        let s = sent();
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1, 100);
+        assert!(s[0].0 <= EXPORT_DELAY + BATCH_DELAY, "{s:?}");
+
+        // A burst: full batches at the next look, the remainder when due.
+        let burst = Instant::now();
+        for _ in 0..(2 * BATCH_SPANS + 10) {
+            tx.try_send(span()).unwrap();
+        }
+        sleep(BATCH_DELAY).await;
+        let s = sent();
+        assert_eq!(
+            s.iter().map(|b| b.1).collect::<Vec<_>>(),
+            [BATCH_SPANS, BATCH_SPANS]
+        );
+        sleep(EXPORT_DELAY).await;
+        let s = sent();
+        assert_eq!(s.iter().map(|b| b.1).collect::<Vec<_>>(), [10]);
+        assert!(
+            s[0].0 <= burst.duration_since(start) + EXPORT_DELAY + BATCH_DELAY,
+            "{s:?}"
+        );
+
+        // Stopping sends what is left and ends the exporter.
+        for _ in 0..3 {
+            tx.try_send(span()).unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(sent().iter().map(|b| b.1).collect::<Vec<_>>(), [3]);
     }
 }
