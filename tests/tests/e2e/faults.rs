@@ -351,15 +351,31 @@ async fn the_mesh_keeps_serving_through_failures_under_load() {
     // has reached the client's proxy (a window of 100 requests with none).
     let v2_before = canary_app.requests();
     let v1 = || apps.iter().map(App::requests).sum::<usize>();
-    wait::until("v1 drained at 0 %", Duration::from_secs(10), || async {
-        let (before, sent) = (v1(), load.tally.counts().sent);
-        wait::until("100 more requests", Duration::from_secs(5), || async {
-            load.tally.counts().ok >= sent + 100
-        })
-        .await;
-        v1() == before
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (before, sent) = (v1(), load.tally.counts().sent);
+            wait::until("100 more requests", Duration::from_secs(5), || async {
+                load.tally.counts().ok >= sent + 100
+            })
+            .await;
+            if v1() == before {
+                return;
+            }
+        }
     })
     .await;
+    if drained.is_err() {
+        // What the client's proxy sent each backend, and what each v1 app served.
+        let (_, metrics) = wait::admin_get(client.admin(), "/metrics")
+            .await
+            .expect("the client proxy's metrics");
+        let sent: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("strait_proxy_backend_responses_total"))
+            .collect();
+        let served: Vec<usize> = apps.iter().map(App::requests).collect();
+        panic!("v1 not drained at 0 % in 10 s: v1 apps served {served:?}; client proxy: {sent:#?}");
+    }
     assert!(canary_app.requests() > v2_before, "v2 took the traffic");
     mesh.dir.write("route.yaml", &route(100, 0));
     serving_any(&apps).await;
@@ -444,6 +460,12 @@ async fn the_mesh_keeps_serving_through_failures_under_load() {
             }
         );
     }
+    // Before the verdicts, so that a failing run says what failed.
+    if let Ok(r) = load_reasons.lock() {
+        for why in r.iter() {
+            println!("a failure: {why}");
+        }
+    }
     for p in &report {
         assert!(p.counts.sent > 0, "{}: no load", p.name);
         assert!(
@@ -453,11 +475,6 @@ async fn the_mesh_keeps_serving_through_failures_under_load() {
             p.success() * 100.0,
             p.target * 100.0
         );
-    }
-    if let Ok(r) = load_reasons.lock() {
-        for why in r.iter() {
-            println!("a failure: {why}");
-        }
     }
     // No proxy crashed or restarted on its own (web-d's and web-e's were
     // restarted by the test).
