@@ -91,6 +91,9 @@ pub const MAX_CLIENT_POOLS: usize = 4096;
 
 /// Kubernetes' default terminationGracePeriodSeconds is 30 s; drain a bit less.
 pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(25);
+/// After the drain, the last requests' spans get this long to reach the
+/// collector before the process exits (still within Kubernetes' 30 s).
+pub const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Retries of a request that never reached a backend (connection refused or
 /// timed out) on routes without a retry policy: always safe, and enough to step

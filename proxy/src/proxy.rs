@@ -536,6 +536,13 @@ impl Proxy {
             l.abort();
         }
         admin_task.abort();
+        // The last requests' spans leave before the process does, rather than
+        // waiting for the next look.
+        if let Some(t) = shared.observe.as_ref().and_then(|o| o.tracer.as_ref())
+            && !t.flush(defaults::TRACE_FLUSH_TIMEOUT).await
+        {
+            warn!(timeout = ?defaults::TRACE_FLUSH_TIMEOUT, "spans queued at exit were not all sent");
+        }
         clean
     }
 }

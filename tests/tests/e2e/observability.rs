@@ -205,6 +205,31 @@ async fn a_request_the_client_abandons_still_ends_both_spans() {
 }
 
 #[tokio::test]
+async fn spans_queued_at_exit_are_sent_before_the_proxies_stop() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let mut m = Mesh::start(&collector.endpoint(), &[]).await;
+    m.get(
+        "/",
+        &[("traceparent", format!("00-{APP_TRACE}-{APP_SPAN}-01"))],
+    )
+    .await;
+    // Stopped at once: the request's two spans fill no batch, and would
+    // otherwise wait about a second to be sent, longer than the proxies live.
+    for p in [&m.client, &m.server] {
+        p.proc.sigterm().await;
+    }
+    for p in [&mut m.client, &mut m.server] {
+        tokio::time::timeout(Duration::from_secs(10), p.proc.child.wait())
+            .await
+            .expect("the proxy stops")
+            .expect("wait for the proxy");
+    }
+    let spans = collector.spans();
+    assert_eq!(of_trace(&spans, APP_TRACE, CLIENT).len(), 1, "{spans:#?}");
+    assert_eq!(of_trace(&spans, APP_TRACE, SERVER).len(), 1, "{spans:#?}");
+}
+
+#[tokio::test]
 async fn b3_is_continued_and_answered_in_kind() {
     let collector = OtlpCollector::start(Mode::Accept).await;
     let m = Mesh::start(&collector.endpoint(), &[]).await;
