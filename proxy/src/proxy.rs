@@ -541,7 +541,7 @@ impl Proxy {
         if let Some(t) = shared.observe.as_ref().and_then(|o| o.tracer.as_ref())
             && !t.flush(defaults::TRACE_FLUSH_TIMEOUT).await
         {
-            warn!(timeout = ?defaults::TRACE_FLUSH_TIMEOUT, "spans queued at exit were not all sent");
+            warn!(within = ?defaults::TRACE_FLUSH_TIMEOUT, "the spans queued at exit could not be handed to the collector in time");
         }
         clean
     }

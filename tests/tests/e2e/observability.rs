@@ -213,8 +213,9 @@ async fn spans_queued_at_exit_are_sent_before_the_proxies_stop() {
         &[("traceparent", format!("00-{APP_TRACE}-{APP_SPAN}-01"))],
     )
     .await;
-    // Stopped at once: the request's two spans fill no batch, and would
-    // otherwise wait about a second to be sent, longer than the proxies live.
+    // Stopped at once: the request's two spans would otherwise wait for the
+    // export thread's next look (up to 200 ms), which a proxy that exits
+    // sooner never makes.
     for p in [&m.client, &m.server] {
         p.proc.sigterm().await;
     }
