@@ -369,9 +369,14 @@ async fn the_mesh_keeps_serving_through_failures_under_load() {
         let (_, metrics) = wait::admin_get(client.admin(), "/metrics")
             .await
             .expect("the client proxy's metrics");
+        // Opaque outbound connections would bypass the route (the client app
+        // speaks only HTTP): detection counts say whether any were made.
         let sent: Vec<&str> = metrics
             .lines()
-            .filter(|l| l.starts_with("strait_proxy_backend_responses_total"))
+            .filter(|l| {
+                l.starts_with("strait_proxy_backend_responses_total")
+                    || l.starts_with("strait_proxy_protocol_detected_connections_total")
+            })
             .collect();
         let served: Vec<usize> = apps.iter().map(App::requests).collect();
         panic!("v1 not drained at 0 % in 10 s: v1 apps served {served:?}; client proxy: {sent:#?}");
