@@ -110,8 +110,8 @@ pub struct Config {
     #[serde(serialize_with = "ser_display")]
     pub opaque_ports: PortSet,
 
-    /// How long to wait for a client's first bytes before carrying the connection as
-    /// opaque TCP (server-speaks-first protocols wait this long for their banner).
+    /// How long to wait for a client's first bytes before connecting onward, so that
+    /// a server that speaks first can (its greeting comes this much later).
     #[arg(long, env = "STRAIT_PROXY_DETECT_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub detect_timeout: Duration,

@@ -18,13 +18,11 @@ pub const MESH_PORTS: [u16; 3] = [4140, 4143, 4191];
 /// Elasticsearch transport (9300), memcached (11211). They skip protocol detection.
 pub const OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 
-/// How long to wait for the client's first bytes before treating a connection as
-/// opaque TCP. A server-speaks-first protocol on an undeclared port waits this long
-/// for its banner; an HTTP client that opens a connection and stays silent longer
-/// (a pre-warmed pool connection) is carried as opaque TCP, correctly but without
-/// HTTP features. 300 ms keeps the first case imperceptible to humans and to the
-/// connect timeouts of database drivers (seconds), while real HTTP clients write
-/// their request within microseconds of connecting.
+/// How long to wait for the client's first bytes before connecting onward as for
+/// opaque TCP, so that a server-speaks-first protocol on an undeclared port gets
+/// its greeting through; a silent client that then speaks HTTP is still served as
+/// HTTP (`outbound::silent`). 300 ms keeps the greeting's delay imperceptible to
+/// humans and far inside database drivers' connect timeouts (seconds).
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Bytes read at most while detecting: an HTTP/1 request line longer than this is
 /// not something we route (hyper caps the whole head separately).

@@ -34,13 +34,23 @@ pub struct Detected {
 }
 
 /// Reads until the protocol is known, the deadline passes (opaque), or EOF.
-/// Returns `None` when the client closed without sending anything.
+/// Returns `None` when the client closed without sending anything. Opaque with
+/// an empty prefix: the client said nothing before the deadline.
 pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
     timeout: Duration,
     max_bytes: usize,
 ) -> std::io::Result<Option<Detected>> {
-    let mut buf = BytesMut::with_capacity(1024);
+    detect_from(io, BytesMut::with_capacity(1024), timeout, max_bytes).await
+}
+
+/// As `detect`, from the first bytes already read into `buf`.
+pub async fn detect_from<I: AsyncRead + Unpin>(
+    io: &mut I,
+    mut buf: BytesMut,
+    timeout: Duration,
+    max_bytes: usize,
+) -> std::io::Result<Option<Detected>> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(protocol) = classify(&buf, max_bytes) {

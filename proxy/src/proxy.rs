@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -14,7 +14,7 @@ use crate::cli::Config;
 use crate::control::discovery::Discovery;
 use crate::control::{self, ControlPlaneError, Workload};
 use crate::defaults;
-use crate::detect::{Protocol, detect};
+use crate::detect::{Protocol, detect_from};
 use crate::http::client::ClientCache;
 use crate::http::server::ServerConfig;
 use crate::identity::{self, Credentials, Identity, TrustAnchors, tls};
@@ -101,12 +101,21 @@ fn observe(config: &Config, metrics: &Metrics) -> Result<Option<Arc<Observe>>, S
     })))
 }
 
+/// What the first bytes of a connection said.
+pub enum Detection<I> {
+    Known(Protocol, PrefixedIo<I>),
+    /// Nothing at all within the detection timeout: a server-speaks-first
+    /// protocol, or a client that connected ahead of its first request.
+    Silent(I),
+}
+
 impl Shared {
     /// Detects the protocol of a new connection (or takes `opaque` as given) and
-    /// returns the stream with the bytes read so far put back in front.
+    /// returns the stream with the bytes read so far put back in front. A
+    /// silent client is carried as opaque.
     pub async fn detect<I>(
         &self,
-        mut stream: I,
+        stream: I,
         opaque: bool,
         direction: Direction,
         client: ClientAddr,
@@ -114,24 +123,93 @@ impl Shared {
     where
         I: tokio::io::AsyncRead + Unpin,
     {
-        let (protocol, prefix) = if opaque {
-            (Protocol::Opaque, Bytes::new())
-        } else {
-            match detect(
-                &mut stream,
-                self.config.detect_timeout,
-                defaults::DETECT_MAX_BYTES,
-            )
-            .await
-            {
-                Ok(Some(d)) => (d.protocol, d.prefix.freeze()),
-                Ok(None) => return None,
-                Err(e) => {
-                    debug!(client = %client.0, error = %e, "connection failed during detection");
-                    return None;
-                }
+        match self
+            .detect_or_silence(stream, opaque, direction, client)
+            .await?
+        {
+            Detection::Known(protocol, io) => Some((protocol, io)),
+            Detection::Silent(io) => {
+                self.count_detected(direction, Protocol::Opaque);
+                Some((Protocol::Opaque, PrefixedIo::new(Bytes::new(), io)))
             }
-        };
+        }
+    }
+
+    /// As `detect`, but says when the client stayed silent rather than taking
+    /// it for opaque (counted only once the caller knows what it is).
+    pub async fn detect_or_silence<I>(
+        &self,
+        mut stream: I,
+        opaque: bool,
+        direction: Direction,
+        client: ClientAddr,
+    ) -> Option<Detection<I>>
+    where
+        I: tokio::io::AsyncRead + Unpin,
+    {
+        if opaque {
+            self.count_detected(direction, Protocol::Opaque);
+            return Some(Detection::Known(
+                Protocol::Opaque,
+                PrefixedIo::new(Bytes::new(), stream),
+            ));
+        }
+        let buf = BytesMut::with_capacity(1024);
+        let d = self.read_first(&mut stream, buf, client).await?;
+        if d.protocol == Protocol::Opaque && d.prefix.is_empty() {
+            return Some(Detection::Silent(stream));
+        }
+        self.count_detected(direction, d.protocol);
+        Some(Detection::Known(
+            d.protocol,
+            PrefixedIo::new(d.prefix.freeze(), stream),
+        ))
+    }
+
+    /// Goes on detecting from the first bytes a client sent (`buf`), for at
+    /// most the detection timeout; counts what it finds.
+    pub async fn detect_more<I>(
+        &self,
+        mut stream: I,
+        buf: BytesMut,
+        direction: Direction,
+        client: ClientAddr,
+    ) -> Option<(Protocol, PrefixedIo<I>)>
+    where
+        I: tokio::io::AsyncRead + Unpin,
+    {
+        let d = self.read_first(&mut stream, buf, client).await?;
+        self.count_detected(direction, d.protocol);
+        Some((d.protocol, PrefixedIo::new(d.prefix.freeze(), stream)))
+    }
+
+    /// Reads until the protocol is known, or the detection timeout; `None`
+    /// when the client closed or failed first.
+    async fn read_first<I>(
+        &self,
+        stream: &mut I,
+        buf: BytesMut,
+        client: ClientAddr,
+    ) -> Option<crate::detect::Detected>
+    where
+        I: tokio::io::AsyncRead + Unpin,
+    {
+        let d = detect_from(
+            stream,
+            buf,
+            self.config.detect_timeout,
+            defaults::DETECT_MAX_BYTES,
+        );
+        match d.await {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(client = %client.0, error = %e, "connection failed during detection");
+                None
+            }
+        }
+    }
+
+    pub fn count_detected(&self, direction: Direction, protocol: Protocol) {
         self.metrics
             .protocol_detected
             .get_or_create(&ProtocolLabels {
@@ -139,7 +217,6 @@ impl Shared {
                 protocol: protocol.as_str(),
             })
             .inc();
-        Some((protocol, PrefixedIo::new(prefix, stream)))
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -31,23 +32,34 @@ pub async fn forward<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    if let Some(upstream) = connect(dst, cfg, metrics, direction).await {
+        splice(client, upstream, dst, cfg, metrics, direction).await;
+    }
+}
+
+/// Connects to `dst` for an opaque stream; a failure is counted and logged.
+pub async fn connect(
+    dst: &DestAddr,
+    cfg: &TcpConfig,
+    metrics: &Metrics,
+    direction: Direction,
+) -> Option<TcpStream> {
     let addr = match resolve(dst, cfg.connect_timeout).await {
         Ok(a) => a,
         Err(e) => {
             metrics.reject_tcp(direction, "resolve");
             warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
-            return;
+            return None;
         }
     };
-    let upstream = match connect::tcp(addr, cfg.connect_timeout).await {
-        Ok(s) => s,
+    match connect::tcp(addr, cfg.connect_timeout).await {
+        Ok(s) => Some(s),
         Err(e) => {
             metrics.reject_tcp(direction, "connect");
             warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
-            return;
+            None
         }
-    };
-    splice(client, upstream, dst, cfg, metrics, direction).await;
+    }
 }
 
 /// Copies both ways between `client` and an already connected `upstream`.

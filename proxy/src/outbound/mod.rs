@@ -1,7 +1,8 @@
 //! The outbound path: the app's own connections. Learn where the app meant to go,
 //! ask discovery what that is (an opaque port skips protocol detection), detect
 //! the protocol, and send HTTP along its route (`http`) or carry opaque TCP to a
-//! balanced endpoint (`opaque`). Not meshed: pass through untouched.
+//! balanced endpoint (`opaque`); a client that says nothing at first is settled
+//! by whoever speaks first (`silent`). Not meshed: pass through untouched.
 
 pub mod backend;
 mod dst;
@@ -9,9 +10,11 @@ pub mod http;
 pub mod logical;
 mod opaque;
 pub mod route;
+mod silent;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tower::layer::util::Stack;
 
 use self::http::RouterLayer;
@@ -23,10 +26,10 @@ use crate::detect::Protocol;
 use crate::http::dst::SetDstLayer;
 use crate::http::server::ConnMeta;
 use crate::http::stack::HttpStack;
-use crate::proxy::Shared;
+use crate::proxy::{Detection, Shared};
 use crate::telemetry::Direction;
-use crate::transport::Accepted;
 use crate::transport::orig_dst::orig_dst;
+use crate::transport::{Accepted, PrefixedIo};
 
 const DIRECTION: Direction = Direction::Outbound;
 
@@ -71,8 +74,28 @@ impl Outbound {
             .as_ref()
             .is_some_and(|d| s.config.opaque_ports.contains(d.port()))
             || matches!(&resolved, Some(Resolved { resolution: Resolution::Service(v), .. }) if v.opaque);
-        let Some((protocol, io)) = s.detect(acc.stream, opaque, DIRECTION, acc.client).await else {
-            return;
+        let detected = s.detect_or_silence(acc.stream, opaque, DIRECTION, acc.client);
+        let (protocol, io) = match (detected.await, &dst) {
+            (None, _) => return,
+            (Some(Detection::Known(protocol, io)), _) => (protocol, io),
+            (Some(Detection::Silent(stream)), Some(d)) => {
+                let settled = silent::settle(
+                    s,
+                    &self.build,
+                    stream,
+                    d.clone(),
+                    resolved.clone(),
+                    acc.client,
+                );
+                match settled.await {
+                    Some(http) => http,
+                    None => return,
+                }
+            }
+            (Some(Detection::Silent(stream)), None) => {
+                s.count_detected(DIRECTION, Protocol::Opaque);
+                (Protocol::Opaque, PrefixedIo::new(Bytes::new(), stream))
+            }
         };
         let meta = ConnMeta {
             direction: DIRECTION,

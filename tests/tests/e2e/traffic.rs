@@ -644,6 +644,112 @@ async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
 }
 
 #[tokio::test]
+async fn a_client_silent_past_detection_is_still_routed_as_http() {
+    // HTTP clients open pool connections ahead of their requests (hyper does
+    // when a connection it was opening is no longer needed): silent past the
+    // detection timeout, such a connection must still follow its route, not
+    // be carried as opaque TCP to the Service's own endpoints.
+    let (v0, v2) = (Backend::start().await, Backend::start().await);
+    let mesh = Mesh::start(&[("route.yaml", split(0, 100))]).await;
+    mesh.serve("web", "v0", &v0);
+    mesh.serve("web-v2", "v2", &v2);
+    mesh.until_ok("/").await;
+    let (c0, r2) = (v0.connections(), v2.requests());
+
+    let silent = tokio::net::TcpStream::connect(mesh.client.upstreams[0])
+        .await
+        .expect("connect");
+    // Past the detection timeout the proxy connects onward as for an opaque
+    // stream, in case the server speaks first: `web`'s endpoint sees it.
+    wait::until(
+        "the connection onward for a silent client",
+        Duration::from_secs(5),
+        || async { v0.connections() > c0 },
+    )
+    .await;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(silent))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let r = http::Request::get("/")
+            .header("host", "web.test.svc.cluster.local")
+            .body(client::empty())
+            .expect("request");
+        let rsp = send
+            .send_request(r)
+            .await
+            .expect("a response on the silent connection");
+        assert_eq!(rsp.status(), 200);
+    }
+    println!(
+        "after a silent start, 3 requests: v2 (weight 100) served {}, web's own endpoint {}",
+        v2.requests() - r2,
+        v0.requests()
+    );
+    assert_eq!(v2.requests() - r2, 3, "the route's backend took them");
+    assert_eq!(
+        v0.requests(),
+        0,
+        "nothing went to the Service's own endpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Undeclared ports, so both go through detection and its timeout.
+    let greeter = strait_tests::tcp::banner(b"220 ready\r\n").await;
+    let echo = strait_tests::tcp::echo().await;
+    let dir = ManifestDir::new();
+    dir.write("svc-smtp.yaml", &service(NS, "smtp", 2525));
+    dir.write("svc-echo.yaml", &service(NS, "echo", 7000));
+    dir.write("slice-smtp.yaml", &endpoint(NS, "smtp", "smtp-0", greeter));
+    dir.write("slice-echo.yaml", &endpoint(NS, "echo", "echo-0", echo));
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(
+        cp.grpc,
+        NS,
+        "client",
+        &[
+            "smtp.test.svc.cluster.local:2525",
+            "echo.test.svc.cluster.local:7000",
+        ],
+    )
+    .await;
+
+    // The server speaks first: its greeting comes once detection gives up.
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(client.upstreams[0])
+        .await
+        .expect("connect");
+    let mut greeting = [0u8; 11];
+    s.read_exact(&mut greeting).await.expect("the greeting");
+    assert_eq!(&greeting, b"220 ready\r\n");
+    println!("greeting through the proxy after {:?}", t.elapsed());
+    s.write_all(b"EHLO mesh\r\n").await.expect("write");
+    let mut back = [0u8; 11];
+    s.read_exact(&mut back).await.expect("the echo");
+    assert_eq!(&back, b"EHLO mesh\r\n");
+
+    // The client speaks first, but late, and not HTTP: carried as it is.
+    let mut s = tokio::net::TcpStream::connect(client.upstreams[1])
+        .await
+        .expect("connect");
+    // Silent past the detection timeout (300 ms): the case under test.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"PING 1\r\n").await.expect("write");
+    let mut back = [0u8; 8];
+    s.read_exact(&mut back).await.expect("the echo");
+    assert_eq!(&back, b"PING 1\r\n");
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.expect("EOF after the echo");
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
 async fn a_clients_bad_chunking_never_counts_against_an_endpoint() {
     let eps = [Backend::start().await, Backend::start().await];
     let mesh = Mesh::start(&[(
