@@ -44,22 +44,24 @@ pub async fn connect(
     metrics: &Metrics,
     direction: Direction,
 ) -> Option<TcpStream> {
-    let addr = match resolve(dst, cfg.connect_timeout).await {
-        Ok(a) => a,
-        Err(e) => {
-            metrics.reject_tcp(direction, "resolve");
-            warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
-            return None;
-        }
-    };
-    match connect::tcp(addr, cfg.connect_timeout).await {
+    match dial(dst, cfg).await {
         Ok(s) => Some(s),
-        Err(e) => {
-            metrics.reject_tcp(direction, "connect");
+        Err((reason, e)) => {
+            metrics.reject_tcp(direction, reason);
             warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
             None
         }
     }
+}
+
+/// Connects to `dst`; on failure, the reason (a metric label) and the error.
+pub async fn dial(dst: &DestAddr, cfg: &TcpConfig) -> Result<TcpStream, (&'static str, String)> {
+    let addr = resolve(dst, cfg.connect_timeout)
+        .await
+        .map_err(|e| ("resolve", e.to_string()))?;
+    connect::tcp(addr, cfg.connect_timeout)
+        .await
+        .map_err(|e| ("connect", e.to_string()))
 }
 
 /// Copies both ways between `client` and an already connected `upstream`.

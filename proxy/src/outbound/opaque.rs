@@ -22,16 +22,18 @@ pub async fn forward<I>(s: &Shared, b: &Builder, io: I, dst: DestAddr, resolved:
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Some(up) = connect(s, b, dst, resolved).await {
-        up.splice(s, io, Bytes::new()).await;
+    match connect(s, b, dst, resolved).await {
+        Ok(up) => up.splice(s, io, Bytes::new()).await,
+        Err(refused) => refused.report(s),
     }
 }
 
 /// An opaque stream's connection onward, made before the client's bytes flow.
 pub struct Upstream {
     conn: Conn,
-    /// Counts the stream as load on its endpoint for as long as it lasts.
-    _load: Option<InFlight>,
+    /// The stream's load on its endpoint, for as long as it lasts; judged once
+    /// the stream is known to be opaque.
+    load: Option<InFlight>,
 }
 
 enum Conn {
@@ -56,8 +58,13 @@ impl Upstream {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let (tcp, m) = (&s.tcp, &s.metrics);
+        let _load = self.load;
         match self.conn {
             Conn::Peer(t, addr) => {
+                // Its proxy took the stream: as far as the balancer can tell, a success.
+                if let Some(l) = &_load {
+                    l.success();
+                }
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await
             }
@@ -67,61 +74,86 @@ impl Upstream {
             }
         }
     }
+
+    /// Closes a connection made for a stream that turned out not to be opaque:
+    /// it says nothing about its endpoint.
+    pub fn discard(self) {
+        if let Some(l) = &self.load {
+            l.no_verdict();
+        }
+    }
 }
 
-/// Connects where an opaque stream to `dst` goes; `None` (counted and logged)
-/// when it cannot.
+/// Why an opaque stream could not be connected; counted and logged by whoever
+/// gives up on the stream.
+pub struct Refused {
+    reason: &'static str,
+    to: String,
+    error: String,
+}
+
+impl Refused {
+    pub fn report(&self, s: &Shared) {
+        s.metrics.reject_tcp(DIRECTION, self.reason);
+        warn!(to = %self.to, error = %self.error, "opaque stream refused");
+    }
+}
+
+/// Connects where an opaque stream to `dst` goes.
 pub async fn connect(
     s: &Shared,
     b: &Builder,
     dst: DestAddr,
     resolved: Option<Resolved>,
-) -> Option<Upstream> {
+) -> Result<Upstream, Refused> {
+    let refused = |reason, to: &dyn std::fmt::Display, error| Refused {
+        reason,
+        to: to.to_string(),
+        error,
+    };
     let Some(Resolved {
         resolution: Resolution::Service(view),
         logical,
     }) = resolved
     else {
-        let t = crate::tcp::connect(&dst, &s.tcp, &s.metrics, DIRECTION).await?;
-        return Some(Upstream {
-            conn: Conn::Direct(t, dst),
-            _load: None,
-        });
+        return match crate::tcp::dial(&dst, &s.tcp).await {
+            Ok(t) => Ok(Upstream {
+                conn: Conn::Direct(t, dst),
+                load: None,
+            }),
+            Err((reason, e)) => Err(refused(reason, &dst, e)),
+        };
     };
     let stages = logical.stages(&view, b);
     let picked = stages
         .default_backend()
         .and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
     let Some(in_flight) = picked else {
-        s.metrics.reject_tcp(DIRECTION, "no_endpoints");
-        warn!(service = %view.name, "no endpoints; opaque stream closed");
-        return None;
+        return Err(refused("no_endpoints", &view.name, "no endpoints".into()));
     };
     let ep = in_flight.endpoint().clone();
     if let (Some(peer), Some(peer_tls)) = (&ep.proxy, &s.peer_tls) {
         let addr = ep.connect_addr();
         return match over_mtls(s, ep.addr.port(), addr, peer, peer_tls).await {
-            Ok(t) => {
-                in_flight.success();
-                Some(Upstream {
-                    conn: Conn::Peer(Box::new(t), addr),
-                    _load: Some(in_flight),
-                })
-            }
-            Err((reason, error)) => {
+            Ok(t) => Ok(Upstream {
+                conn: Conn::Peer(Box::new(t), addr),
+                load: Some(in_flight),
+            }),
+            Err(e) => {
                 in_flight.unreachable();
-                s.metrics.reject_tcp(DIRECTION, reason);
-                warn!(peer = %addr, identity = %peer.identity, %error, "opaque stream to peer proxy refused");
-                None
+                let to = format!("{addr} ({})", peer.identity);
+                Err(refused("connect", &to, e))
             }
         };
     }
     let to = DestAddr::Socket(ep.addr);
-    let t = crate::tcp::connect(&to, &s.tcp, &s.metrics, DIRECTION).await?;
-    Some(Upstream {
-        conn: Conn::Direct(t, to),
-        _load: Some(in_flight),
-    })
+    match crate::tcp::dial(&to, &s.tcp).await {
+        Ok(t) => Ok(Upstream {
+            conn: Conn::Direct(t, to),
+            load: Some(in_flight),
+        }),
+        Err((reason, e)) => Err(refused(reason, &to, e)),
+    }
 }
 
 /// One mTLS connection to the peer proxy per stream (ALPN `strait-opaque/1`),
@@ -133,7 +165,7 @@ async fn over_mtls(
     addr: std::net::SocketAddr,
     peer: &PeerProxy,
     peer_tls: &PeerTls,
-) -> Result<TlsStream<TcpStream>, (&'static str, String)> {
+) -> Result<TlsStream<TcpStream>, String> {
     let mut stream = peer_tls
         .connect(
             addr,
@@ -142,7 +174,7 @@ async fn over_mtls(
             s.tcp.connect_timeout,
         )
         .await
-        .map_err(|e| ("connect", e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     // Flushed at once: a server-speaks-first app waits on it.
     let preamble = target_port.to_be_bytes();
     async {
@@ -150,6 +182,6 @@ async fn over_mtls(
         stream.flush().await
     }
     .await
-    .map_err(|e| ("connect", e.to_string()))?;
+    .map_err(|e| e.to_string())?;
     Ok(stream)
 }

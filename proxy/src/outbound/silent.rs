@@ -13,20 +13,23 @@
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tracing::debug;
 
 use super::DIRECTION;
 use super::logical::Builder;
-use super::opaque;
+use super::opaque::{self, Upstream};
 use crate::addr::{ClientAddr, DestAddr};
 use crate::control::discovery::Resolved;
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
 
-/// Who spoke first.
+/// What ended the wait for a first word.
 enum First {
     Client(std::io::Result<usize>),
+    /// Spoke, closed or failed: whichever, the stream is the server's.
     Server,
+    Idle,
 }
 
 /// Carries a silent client's stream to its end when it turns out opaque, or
@@ -42,44 +45,83 @@ pub async fn settle<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    // Without a connection (no endpoint, refused), there is no server to speak:
-    // wait for the client, as an unmeshed client would wait on its own socket.
-    let mut up = opaque::connect(s, b, dst.clone(), resolved.clone()).await;
     let mut said = BytesMut::with_capacity(1024);
     let mut greeting = BytesMut::new();
-    let idle = tokio::time::sleep(s.tcp.idle_timeout);
-    let first = match &mut up {
-        Some(u) => tokio::select! {
-            // Both at once: the client's bytes decide (HTTP stays HTTP).
-            biased;
-            r = io.read_buf(&mut said) => First::Client(r),
-            // Spoke, closed or failed: whichever, the stream is the server's.
-            _ = u.read_buf(&mut greeting) => First::Server,
-            () = idle => return None,
-        },
-        None => tokio::select! {
-            r = io.read_buf(&mut said) => First::Client(r),
-            () = idle => return None,
-        },
+    let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
+    // The client may speak while the connection onward is being made: then it
+    // is not waited for (its route may not even lead there).
+    let connect = opaque::connect(s, b, dst.clone(), resolved.clone());
+    let connected = tokio::select! {
+        biased;
+        r = io.read_buf(&mut said) => Err(First::Client(r)),
+        c = connect => Ok(c),
+        () = &mut idle => Err(First::Idle),
+    };
+    let (first, up) = match connected {
+        Err(first) => (first, None),
+        Ok(Ok(mut up)) => {
+            let first = tokio::select! {
+                // Both at once: the client's bytes decide (HTTP stays HTTP).
+                biased;
+                r = io.read_buf(&mut said) => First::Client(r),
+                _ = up.read_buf(&mut greeting) => First::Server,
+                () = &mut idle => First::Idle,
+            };
+            (first, Some(up))
+        }
+        // No endpoint, or refused: no server to speak, so the client's first
+        // bytes decide alone (an opaque stream is then connected afresh).
+        Ok(Err(refused)) => {
+            debug!(%dst, "no connection onward for a silent client; waiting for it to speak");
+            drop(refused);
+            let first = tokio::select! {
+                r = io.read_buf(&mut said) => First::Client(r),
+                () = &mut idle => First::Idle,
+            };
+            (first, None)
+        }
     };
     match first {
-        First::Server => {
+        First::Client(Ok(n)) if n > 0 => {}
+        // Closed (or half-closed) without a word, or the server spoke first:
+        // carried as opaque, as the client would see it without a proxy.
+        First::Client(Ok(_)) | First::Server => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            if let Some(u) = up {
-                u.splice(s, io, greeting.freeze()).await;
+            if let Some(up) = up {
+                up.splice(s, io, greeting.freeze()).await;
             }
             return None;
         }
-        First::Client(Ok(0) | Err(_)) => return None,
-        First::Client(Ok(_)) => {}
+        First::Idle => {
+            s.count_detected(DIRECTION, Protocol::Opaque);
+            debug!(%dst, idle = ?s.tcp.idle_timeout, "silent connection idle, closed");
+            discard(up);
+            return None;
+        }
+        First::Client(Err(e)) => {
+            debug!(client = %client.0, error = %e, "connection failed during detection");
+            discard(up);
+            return None;
+        }
     }
-    let (protocol, io) = s.detect_more(io, said, DIRECTION, client).await?;
+    let Some((protocol, io)) = s.detect_more(io, said, DIRECTION, client).await else {
+        discard(up);
+        return None;
+    };
     if protocol != Protocol::Opaque {
+        // The connection made for nothing closes unused.
+        discard(up);
         return Some((protocol, io));
     }
     match up {
-        Some(u) => u.splice(s, io, Bytes::new()).await,
+        Some(up) => up.splice(s, io, Bytes::new()).await,
         None => opaque::forward(s, b, io, dst, resolved).await,
     }
     None
+}
+
+fn discard(up: Option<Upstream>) {
+    if let Some(up) = up {
+        up.discard();
+    }
 }

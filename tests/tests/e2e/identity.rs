@@ -625,6 +625,45 @@ async fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn a_silent_meshed_client_is_served_as_http_with_its_identity() {
+    // A pool connection opened ahead of its request: past the detection timeout
+    // the client proxy opens an opaque mTLS stream to web's proxy, in case the
+    // server speaks first. When the client then speaks HTTP, it is served as
+    // HTTP (the app learns the caller's identity, which opaque bytes never carry).
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let url = format!("http://{}/client-id", c.upstreams[0]);
+    assert_eq!(
+        get(&url).await,
+        (http::StatusCode::OK, CLIENT_ID.to_string())
+    );
+    let before = m.backend.connections();
+    let silent = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .expect("connect");
+    wait::until(
+        "the opaque stream onward for a silent client",
+        Duration::from_secs(5),
+        || async { m.backend.connections() > before },
+    )
+    .await;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(silent))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/client-id")
+        .header("host", "web.test.svc.cluster.local")
+        .body(client::empty())
+        .unwrap();
+    let rsp = send.send_request(req).await.expect("a response");
+    assert_eq!(rsp.status(), 200);
+    use http_body_util::BodyExt;
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, CLIENT_ID, "served as HTTP, over the mesh");
+}
+
+#[tokio::test]
 async fn opaque_tcp_between_meshed_pods_rides_mtls() {
     let m = Mesh::start("web", None).await;
     // A database-like port on the web pod (5432 is opaque by default).

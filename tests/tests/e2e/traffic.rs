@@ -643,6 +643,39 @@ async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
     );
 }
 
+/// The client proxy's outbound connections detected as `protocol`.
+async fn detected(admin: SocketAddr, protocol: &str) -> f64 {
+    let series = format!(
+        "strait_proxy_protocol_detected_connections_total{{direction=\"outbound\",protocol=\"{protocol}\"}}"
+    );
+    let Ok((_, text)) = wait::admin_get(admin, "/metrics").await else {
+        return 0.0;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Sends `n` requests over `conn`, an HTTP/1.1 connection opened earlier.
+async fn requests_on(conn: tokio::net::TcpStream, host: &str, n: usize) -> Vec<http::StatusCode> {
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let r = http::Request::get("/")
+            .header("host", host)
+            .body(client::empty())
+            .expect("request");
+        let rsp = send.send_request(r).await.expect("a response");
+        statuses.push(rsp.status());
+    }
+    statuses
+}
+
 #[tokio::test]
 async fn a_client_silent_past_detection_is_still_routed_as_http() {
     // HTTP clients open pool connections ahead of their requests (hyper does
@@ -654,7 +687,14 @@ async fn a_client_silent_past_detection_is_still_routed_as_http() {
     mesh.serve("web", "v0", &v0);
     mesh.serve("web-v2", "v2", &v2);
     mesh.until_ok("/").await;
-    let (c0, r2) = (v0.connections(), v2.requests());
+    let admin = mesh.client.admin;
+    let rejected = || metric_sum(admin, "strait_proxy_tcp_rejected_connections_total");
+    let (c0, q0, q2) = (v0.connections(), v0.requests(), v2.requests());
+    let (http1, opaque, rejected0) = (
+        detected(admin, "http1").await,
+        detected(admin, "opaque").await,
+        rejected().await,
+    );
 
     let silent = tokio::net::TcpStream::connect(mesh.client.upstreams[0])
         .await
@@ -667,33 +707,71 @@ async fn a_client_silent_past_detection_is_still_routed_as_http() {
         || async { v0.connections() > c0 },
     )
     .await;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(silent))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    for _ in 0..3 {
-        let r = http::Request::get("/")
-            .header("host", "web.test.svc.cluster.local")
-            .body(client::empty())
-            .expect("request");
-        let rsp = send
-            .send_request(r)
-            .await
-            .expect("a response on the silent connection");
-        assert_eq!(rsp.status(), 200);
-    }
+    let statuses = requests_on(silent, "web.test.svc.cluster.local", 3).await;
+    let (to_v2, to_v0) = (v2.requests() - q2, v0.requests() - q0);
     println!(
-        "after a silent start, 3 requests: v2 (weight 100) served {}, web's own endpoint {}",
-        v2.requests() - r2,
-        v0.requests()
+        "after a silent start, 3 requests {statuses:?}: v2 (weight 100) served {to_v2}, web's own endpoint {to_v0}"
     );
-    assert_eq!(v2.requests() - r2, 3, "the route's backend took them");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(to_v2, 3, "the route's backend took them");
+    assert_eq!(to_v0, 0, "nothing went to the Service's own endpoint");
     assert_eq!(
-        v0.requests(),
-        0,
-        "nothing went to the Service's own endpoint"
+        detected(admin, "http1").await - http1,
+        1.0,
+        "counted as HTTP/1"
     );
+    assert_eq!(
+        detected(admin, "opaque").await,
+        opaque,
+        "not counted as opaque"
+    );
+    assert_eq!(rejected().await, rejected0, "nothing refused");
+}
+
+#[tokio::test]
+async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
+    // `web-v1` has no endpoints of its own, only a route to `web-v2`: a silent
+    // client has nothing to connect onward to, and waits to be served as HTTP.
+    let v2 = Backend::start().await;
+    let dir = ManifestDir::new();
+    for svc in ["web-v1", "web-v2"] {
+        dir.write(&format!("svc-{svc}.yaml"), &service(NS, svc, 80));
+    }
+    dir.write("slice-v2.yaml", &endpoint(NS, "web-v2", "v2", v2.addr));
+    dir.write(
+        "route.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: v1, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web-v1, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web-v2, port: 80}}]\n"
+        ),
+    );
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["web-v1.test.svc.cluster.local:80"]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    wait::until("the route serving", Duration::from_secs(10), || async {
+        matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200)
+    })
+    .await;
+    let rejected = || metric_sum(client.admin, "strait_proxy_tcp_rejected_connections_total");
+    let (q2, opaque, rejected0) = (
+        v2.requests(),
+        detected(client.admin, "opaque").await,
+        rejected().await,
+    );
+
+    let silent = tokio::net::TcpStream::connect(client.upstreams[0])
+        .await
+        .expect("connect");
+    // Silent past the detection timeout (300 ms): the case under test.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let statuses = requests_on(silent, "web-v1.test.svc.cluster.local", 2).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(v2.requests() - q2, 2, "the route's backend took them");
+    assert_eq!(
+        detected(client.admin, "opaque").await,
+        opaque,
+        "not counted as opaque"
+    );
+    assert_eq!(rejected().await, rejected0, "nothing refused");
 }
 
 #[tokio::test]
