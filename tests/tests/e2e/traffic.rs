@@ -780,11 +780,26 @@ async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
     // Undeclared ports, so both go through detection and its timeout.
     let greeter = strait_tests::tcp::banner(b"220 ready\r\n").await;
     let echo = strait_tests::tcp::echo().await;
+    // A server that closes every connection at once, without a word.
+    let closer = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let closer_addr = closer.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = closer.accept().await {
+            drop(s);
+        }
+    });
     let dir = ManifestDir::new();
     dir.write("svc-smtp.yaml", &service(NS, "smtp", 2525));
     dir.write("svc-echo.yaml", &service(NS, "echo", 7000));
+    dir.write("svc-closer.yaml", &service(NS, "closer", 7001));
     dir.write("slice-smtp.yaml", &endpoint(NS, "smtp", "smtp-0", greeter));
     dir.write("slice-echo.yaml", &endpoint(NS, "echo", "echo-0", echo));
+    dir.write(
+        "slice-closer.yaml",
+        &endpoint(NS, "closer", "closer-0", closer_addr),
+    );
     let cp = ControllerProc::start(dir.path()).await;
     let client = Sidecar::start(
         cp.grpc,
@@ -793,6 +808,7 @@ async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
         &[
             "smtp.test.svc.cluster.local:2525",
             "echo.test.svc.cluster.local:7000",
+            "closer.test.svc.cluster.local:7001",
         ],
     )
     .await;
@@ -825,6 +841,18 @@ async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.expect("EOF after the echo");
     assert!(rest.is_empty());
+
+    // The server closes first, without a word: so does the client's connection,
+    // rather than waiting on for bytes that will never come.
+    let mut s = tokio::net::TcpStream::connect(client.upstreams[2])
+        .await
+        .expect("connect");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed as the server closed: {closed:?}"
+    );
 }
 
 #[tokio::test]
