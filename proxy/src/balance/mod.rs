@@ -358,6 +358,17 @@ impl InFlight {
 
     /// The endpoint answered well (its latency is recorded).
     pub fn success(&self) {
+        self.succeeded(None);
+    }
+
+    /// As `success`, judged later than the endpoint answered: `took` is how
+    /// long it took (an opaque stream's handshake, judged once the stream is
+    /// known to be opaque).
+    pub fn success_took(&self, took: Duration) {
+        self.succeeded(Some(took));
+    }
+
+    fn succeeded(&self, took: Option<Duration>) {
         self.judged.store(true, Ordering::Relaxed);
         if self.state().outlier().success(self.probe) {
             // Re-admitted: its failures are behind it. Judged afresh, as a new
@@ -371,7 +382,10 @@ impl InFlight {
                 .ejected
                 .set(self.backend.ejected() as i64);
         }
-        self.record(Duration::ZERO);
+        match took {
+            Some(t) => self.observe(t),
+            None => self.record(Duration::ZERO),
+        }
     }
 
     /// The request says nothing about the endpoint (the client failed it): no
@@ -415,10 +429,15 @@ impl InFlight {
     }
 
     fn record(&self, at_least: Duration) {
-        let now = Instant::now();
-        let took = now.saturating_duration_since(self.start).max(at_least);
+        let took = Instant::now()
+            .saturating_duration_since(self.start)
+            .max(at_least);
+        self.observe(took);
+    }
+
+    fn observe(&self, took: Duration) {
         if let Ok(mut e) = self.state().ewma.lock() {
-            e.observe(took, now);
+            e.observe(took, Instant::now());
         }
     }
 }

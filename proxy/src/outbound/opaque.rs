@@ -1,6 +1,8 @@
 //! Opaque TCP: to a balanced endpoint of the Service's default backend (over
 //! mTLS to its proxy when both sides have identities), else as addressed.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,8 +39,8 @@ pub struct Upstream {
 }
 
 enum Conn {
-    /// To the endpoint's proxy, over mTLS.
-    Peer(Box<TlsStream<TcpStream>>, std::net::SocketAddr),
+    /// To the endpoint's proxy, over mTLS; the handshake took the duration.
+    Peer(Box<TlsStream<TcpStream>>, std::net::SocketAddr, Duration),
     /// To the endpoint (or the destination) itself.
     Direct(TcpStream, DestAddr),
 }
@@ -47,7 +49,7 @@ impl Upstream {
     /// Reads what the server sends before the client has said anything.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match &mut self.conn {
-            Conn::Peer(t, _) => t.read_buf(buf).await,
+            Conn::Peer(t, ..) => t.read_buf(buf).await,
             Conn::Direct(t, _) => t.read_buf(buf).await,
         }
     }
@@ -60,10 +62,11 @@ impl Upstream {
         let (tcp, m) = (&s.tcp, &s.metrics);
         let _load = self.load;
         match self.conn {
-            Conn::Peer(t, addr) => {
-                // Its proxy took the stream: as far as the balancer can tell, a success.
+            Conn::Peer(t, addr, took) => {
+                // Its proxy took the stream: as far as the balancer can tell, a
+                // success, as fast as the handshake.
                 if let Some(l) = &_load {
-                    l.success();
+                    l.success_took(took);
                 }
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await
@@ -86,16 +89,44 @@ impl Upstream {
 
 /// Why an opaque stream could not be connected; counted and logged by whoever
 /// gives up on the stream.
-pub struct Refused {
-    reason: &'static str,
-    to: String,
-    error: String,
+pub enum Refused {
+    /// The destination (or an unmeshed endpoint) could not be resolved or reached.
+    Dial {
+        reason: &'static str,
+        to: DestAddr,
+        error: String,
+    },
+    NoEndpoints {
+        service: String,
+    },
+    /// The endpoint's proxy could not be reached, or was not who discovery said.
+    Peer {
+        addr: std::net::SocketAddr,
+        identity: String,
+        error: String,
+    },
 }
 
 impl Refused {
     pub fn report(&self, s: &Shared) {
-        s.metrics.reject_tcp(DIRECTION, self.reason);
-        warn!(to = %self.to, error = %self.error, "opaque stream refused");
+        match self {
+            Refused::Dial { reason, to, error } => {
+                s.metrics.reject_tcp(DIRECTION, reason);
+                warn!(direction = DIRECTION.as_str(), dst = %to, %error, "opaque stream refused");
+            }
+            Refused::NoEndpoints { service } => {
+                s.metrics.reject_tcp(DIRECTION, "no_endpoints");
+                warn!(%service, "no endpoints; opaque stream closed");
+            }
+            Refused::Peer {
+                addr,
+                identity,
+                error,
+            } => {
+                s.metrics.reject_tcp(DIRECTION, "connect");
+                warn!(peer = %addr, %identity, %error, "opaque stream to peer proxy refused");
+            }
+        }
     }
 }
 
@@ -106,53 +137,49 @@ pub async fn connect(
     dst: DestAddr,
     resolved: Option<Resolved>,
 ) -> Result<Upstream, Refused> {
-    let refused = |reason, to: &dyn std::fmt::Display, error| Refused {
-        reason,
-        to: to.to_string(),
-        error,
-    };
+    let dial =
+        async |to: DestAddr, load: Option<InFlight>| match crate::tcp::dial(&to, &s.tcp).await {
+            Ok(t) => Ok(Upstream {
+                conn: Conn::Direct(t, to),
+                load,
+            }),
+            Err((reason, error)) => Err(Refused::Dial { reason, to, error }),
+        };
     let Some(Resolved {
         resolution: Resolution::Service(view),
         logical,
     }) = resolved
     else {
-        return match crate::tcp::dial(&dst, &s.tcp).await {
-            Ok(t) => Ok(Upstream {
-                conn: Conn::Direct(t, dst),
-                load: None,
-            }),
-            Err((reason, e)) => Err(refused(reason, &dst, e)),
-        };
+        return dial(dst, None).await;
     };
     let stages = logical.stages(&view, b);
     let picked = stages
         .default_backend()
         .and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
     let Some(in_flight) = picked else {
-        return Err(refused("no_endpoints", &view.name, "no endpoints".into()));
+        return Err(Refused::NoEndpoints {
+            service: view.name.to_string(),
+        });
     };
     let ep = in_flight.endpoint().clone();
-    if let (Some(peer), Some(peer_tls)) = (&ep.proxy, &s.peer_tls) {
-        let addr = ep.connect_addr();
-        return match over_mtls(s, ep.addr.port(), addr, peer, peer_tls).await {
-            Ok(t) => Ok(Upstream {
-                conn: Conn::Peer(Box::new(t), addr),
-                load: Some(in_flight),
-            }),
-            Err(e) => {
-                in_flight.unreachable();
-                let to = format!("{addr} ({})", peer.identity);
-                Err(refused("connect", &to, e))
-            }
-        };
-    }
-    let to = DestAddr::Socket(ep.addr);
-    match crate::tcp::dial(&to, &s.tcp).await {
+    let (Some(peer), Some(peer_tls)) = (&ep.proxy, &s.peer_tls) else {
+        return dial(DestAddr::Socket(ep.addr), Some(in_flight)).await;
+    };
+    let addr = ep.connect_addr();
+    let start = tokio::time::Instant::now();
+    match over_mtls(s, ep.addr.port(), addr, peer, peer_tls).await {
         Ok(t) => Ok(Upstream {
-            conn: Conn::Direct(t, to),
+            conn: Conn::Peer(Box::new(t), addr, start.elapsed()),
             load: Some(in_flight),
         }),
-        Err((reason, e)) => Err(refused(reason, &to, e)),
+        Err(error) => {
+            in_flight.unreachable();
+            Err(Refused::Peer {
+                addr,
+                identity: peer.identity.to_string(),
+                error,
+            })
+        }
     }
 }
 

@@ -9,17 +9,19 @@
 //! So the opaque stream's connection is made at once, and whoever speaks first
 //! decides. The server: the stream is opaque. The client: its bytes are
 //! detected as any client's are, and when they are HTTP the connection made for
-//! nothing is closed unused.
+//! nothing is closed unused. When no connection can be made, the client is
+//! closed as an opaque stream's would be, unless its Service has HTTP routes.
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::DIRECTION;
 use super::logical::Builder;
 use super::opaque::{self, Upstream};
 use crate::addr::{ClientAddr, DestAddr};
 use crate::control::discovery::Resolved;
+use crate::control::view::Resolution;
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
@@ -57,8 +59,8 @@ where
         c = connect => Ok(c),
         () = &mut idle => Err(First::Idle),
     };
-    let (first, up) = match connected {
-        Err(first) => (first, None),
+    let (first, up, refused) = match connected {
+        Err(first) => (first, None, None),
         Ok(Ok(mut up)) => {
             let first = tokio::select! {
                 // Both at once: the client's bytes decide (HTTP stays HTTP).
@@ -67,18 +69,24 @@ where
                 _ = up.read_buf(&mut greeting) => First::Server,
                 () = &mut idle => First::Idle,
             };
-            (first, Some(up))
+            (first, Some(up), None)
         }
-        // No endpoint, or refused: no server to speak, so the client's first
-        // bytes decide alone (an opaque stream is then connected afresh).
+        // No endpoint, or refused. A Service with HTTP routes is declared HTTP
+        // (it may have no endpoints of its own): its client is waited for.
+        // Anything else fails at once, as an opaque stream that cannot connect
+        // does, so a client waiting for a greeting is not left hanging.
         Ok(Err(refused)) => {
-            debug!(%dst, "no connection onward for a silent client; waiting for it to speak");
-            drop(refused);
+            if !routed(resolved.as_ref()) {
+                s.count_detected(DIRECTION, Protocol::Opaque);
+                refused.report(s);
+                return None;
+            }
+            debug!(%dst, "no connection onward for a silent client of a routed Service; waiting for it to speak");
             let first = tokio::select! {
                 r = io.read_buf(&mut said) => First::Client(r),
                 () = &mut idle => First::Idle,
             };
-            (first, None)
+            (first, None, Some(refused))
         }
     };
     match first {
@@ -87,15 +95,21 @@ where
         // carried as opaque, as the client would see it without a proxy.
         First::Client(Ok(_)) | First::Server => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            if let Some(up) = up {
-                up.splice(s, io, greeting.freeze()).await;
+            match (up, refused) {
+                (Some(up), _) => up.splice(s, io, greeting.freeze()).await,
+                (None, Some(refused)) => refused.report(s),
+                // The connection onward was still being made.
+                (None, None) => opaque::forward(s, b, io, dst, resolved).await,
             }
             return None;
         }
         First::Idle => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            debug!(%dst, idle = ?s.tcp.idle_timeout, "silent connection idle, closed");
+            info!(%dst, idle = ?s.tcp.idle_timeout, "silent connection idle, closed");
             discard(up);
+            if let Some(refused) = refused {
+                refused.report(s);
+            }
             return None;
         }
         First::Client(Err(e)) => {
@@ -124,4 +138,9 @@ fn discard(up: Option<Upstream>) {
     if let Some(up) = up {
         up.discard();
     }
+}
+
+/// The destination is a Service with HTTP routes.
+fn routed(resolved: Option<&Resolved>) -> bool {
+    matches!(resolved, Some(Resolved { resolution: Resolution::Service(v), .. }) if !v.routes.is_empty())
 }

@@ -734,7 +734,7 @@ async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
     // client has nothing to connect onward to, and waits to be served as HTTP.
     let v2 = Backend::start().await;
     let dir = ManifestDir::new();
-    for svc in ["web-v1", "web-v2"] {
+    for svc in ["web-v1", "web-v2", "plain"] {
         dir.write(&format!("svc-{svc}.yaml"), &service(NS, svc, 80));
     }
     dir.write("slice-v2.yaml", &endpoint(NS, "web-v2", "v2", v2.addr));
@@ -745,7 +745,16 @@ async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
         ),
     );
     let cp = ControllerProc::start(dir.path()).await;
-    let client = Sidecar::start(cp.grpc, NS, "client", &["web-v1.test.svc.cluster.local:80"]).await;
+    let client = Sidecar::start(
+        cp.grpc,
+        NS,
+        "client",
+        &[
+            "web-v1.test.svc.cluster.local:80",
+            "plain.test.svc.cluster.local:80",
+        ],
+    )
+    .await;
     let url = format!("http://{}/", client.upstreams[0]);
     wait::until("the route serving", Duration::from_secs(10), || async {
         matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200)
@@ -772,6 +781,18 @@ async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
         "not counted as opaque"
     );
     assert_eq!(rejected().await, rejected0, "nothing refused");
+
+    // `plain` has no endpoints and no routes: nothing says it is HTTP, so a
+    // silent client is closed (and the refusal counted), as an opaque stream
+    // that cannot connect is, rather than left waiting for a greeting.
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(client.upstreams[1])
+        .await
+        .expect("connect");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "closed: {closed:?}");
+    assert_eq!(rejected().await, rejected0 + 1.0, "the refusal counted");
 }
 
 #[tokio::test]
