@@ -52,11 +52,11 @@ where
     let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
     // The client may speak while the connection onward is being made: then it
     // is not waited for (its route may not even lead there).
-    let connect = opaque::connect(s, b, dst.clone(), resolved.clone());
+    let mut connect = std::pin::pin!(opaque::connect(s, b, dst.clone(), resolved.clone()));
     let connected = tokio::select! {
         biased;
         r = io.read_buf(&mut said) => Err(First::Client(r)),
-        c = connect => Ok(c),
+        c = &mut connect => Ok(c),
         () = &mut idle => Err(First::Idle),
     };
     let (first, up, refused) = match connected {
@@ -98,14 +98,17 @@ where
             match (up, refused) {
                 (Some(up), _) => up.splice(s, io, greeting.freeze()).await,
                 (None, Some(refused)) => refused.report(s),
-                // The connection onward was still being made.
-                (None, None) => opaque::forward(s, b, io, dst, resolved).await,
+                // The connection onward was still being made: finish it.
+                (None, None) => match connect.await {
+                    Ok(up) => up.splice(s, io, Bytes::new()).await,
+                    Err(refused) => refused.report(s),
+                },
             }
             return None;
         }
         First::Idle => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            info!(%dst, idle = ?s.tcp.idle_timeout, "silent connection idle, closed");
+            info!(direction = DIRECTION.as_str(), %dst, idle = ?s.tcp.idle_timeout, "opaque stream idle, closed");
             discard(up);
             if let Some(refused) = refused {
                 refused.report(s);
@@ -113,8 +116,13 @@ where
             return None;
         }
         First::Client(Err(e)) => {
+            // Counted as it was before anything else happened: opaque, at the timeout.
+            s.count_detected(DIRECTION, Protocol::Opaque);
             debug!(client = %client.0, error = %e, "connection failed during detection");
             discard(up);
+            if let Some(refused) = refused {
+                refused.report(s);
+            }
             return None;
         }
     }

@@ -643,11 +643,10 @@ async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
     );
 }
 
-/// The client proxy's outbound connections detected as `protocol`.
-async fn detected(admin: SocketAddr, protocol: &str) -> f64 {
-    let series = format!(
-        "strait_proxy_protocol_detected_connections_total{{direction=\"outbound\",protocol=\"{protocol}\"}}"
-    );
+/// The value of one series of the client proxy's outbound metrics (`name`
+/// with `direction="outbound"` and `label="value"`), 0 when absent.
+async fn outbound(admin: SocketAddr, name: &str, label: &str, value: &str) -> f64 {
+    let series = format!("{name}{{direction=\"outbound\",{label}=\"{value}\"}}");
     let Ok((_, text)) = wait::admin_get(admin, "/metrics").await else {
         return 0.0;
     };
@@ -655,6 +654,12 @@ async fn detected(admin: SocketAddr, protocol: &str) -> f64 {
         .find_map(|l| l.strip_prefix(&series))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The client proxy's outbound connections detected as `protocol`.
+async fn detected(admin: SocketAddr, protocol: &str) -> f64 {
+    let name = "strait_proxy_protocol_detected_connections_total";
+    outbound(admin, name, "protocol", protocol).await
 }
 
 /// Sends `n` requests over `conn`, an HTTP/1.1 connection opened earlier.
@@ -786,13 +791,28 @@ async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
     // silent client is closed (and the refusal counted), as an opaque stream
     // that cannot connect is, rather than left waiting for a greeting.
     use tokio::io::AsyncReadExt;
+    let no_endpoints = || {
+        let name = "strait_proxy_tcp_rejected_connections_total";
+        outbound(client.admin, name, "reason", "no_endpoints")
+    };
+    let (refused0, opaque0) = (no_endpoints().await, detected(client.admin, "opaque").await);
     let mut s = tokio::net::TcpStream::connect(client.upstreams[1])
         .await
         .expect("connect");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     assert!(matches!(closed, Ok(Ok(0))), "closed: {closed:?}");
-    assert_eq!(rejected().await, rejected0 + 1.0, "the refusal counted");
+    assert_eq!(rejected().await, rejected0 + 1.0, "one refusal counted");
+    assert_eq!(
+        no_endpoints().await,
+        refused0 + 1.0,
+        "for want of endpoints"
+    );
+    assert_eq!(
+        detected(client.admin, "opaque").await,
+        opaque0 + 1.0,
+        "as opaque"
+    );
 }
 
 #[tokio::test]
