@@ -135,9 +135,15 @@ where
         discard(up);
         return Some((protocol, io));
     }
-    match up {
-        Some(up) => up.splice(s, io, Bytes::new()).await,
-        None => opaque::forward(s, b, io, dst, resolved).await,
+    match (up, refused) {
+        (Some(up), _) => up.splice(s, io, Bytes::new()).await,
+        // The client spoke while the connection onward was being made: finish it.
+        (None, None) => match connect.await {
+            Ok(up) => up.splice(s, io, Bytes::new()).await,
+            Err(refused) => refused.report(s),
+        },
+        // Refused while the client was silent: try again, now that it is opaque.
+        (None, Some(_)) => opaque::forward(s, b, io, dst, resolved).await,
     }
     None
 }
