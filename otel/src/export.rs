@@ -183,6 +183,12 @@ fn spawn<R: Record>(
     std::thread::Builder::new()
         .name("strait-otlp".into())
         .spawn(move || {
+            if let Err(e) = crate::background::yield_to_serving() {
+                tracing::warn!(
+                    error = %e,
+                    "span export runs at normal priority and may delay requests"
+                );
+            }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -360,6 +366,31 @@ mod tests {
     use super::*;
     use opentelemetry::trace::SpanKind;
     use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+
+    /// Exporting yields the CPU to the threads that serve requests.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_export_thread_runs_only_on_idle_cpu() {
+        let cfg = ExportConfig {
+            endpoint: "http://127.0.0.1:9".into(),
+            sampling: 1.0,
+            service_name: "test".into(),
+            resource: vec![],
+        };
+        let _recorder = Recorder::<SpanData>::start(cfg, Counter::default()).expect("start");
+        let mut exporters = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("tasks") {
+            let dir = task.expect("task").path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim() == "strait-otlp" {
+                let stat = std::fs::read_to_string(dir.join("stat")).expect("stat");
+                exporters.push(crate::background::policy_in(&stat));
+            }
+        }
+        assert_eq!(exporters, vec![libc::SCHED_IDLE as u32]);
+        let me = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        assert_ne!(crate::background::policy_in(&me), libc::SCHED_IDLE as u32);
+    }
 
     /// The request path's ratio decision is the SDK's, id for id.
     #[test]
