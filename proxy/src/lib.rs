@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod defaults;
 pub mod detect;
+pub mod dns;
 pub mod http;
 pub mod identity;
 pub mod inbound;

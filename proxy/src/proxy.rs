@@ -463,6 +463,7 @@ impl Proxy {
             tcp: TcpConfig {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.tcp_idle_timeout,
+                names: Default::default(),
             },
             http: ServerConfig::new(
                 config.http_header_read_timeout,

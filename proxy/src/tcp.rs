@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::DestAddr;
-use crate::http::forward::resolve;
+use crate::dns::Names;
 use crate::telemetry::metrics::DirectionLabels;
 use crate::telemetry::{Direction, Metrics};
 use crate::transport::connect;
@@ -21,6 +21,8 @@ use crate::transport::connect;
 pub struct TcpConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Names resolved lately, shared by every stack that connects.
+    pub names: Names,
 }
 
 pub async fn forward<I>(
@@ -56,7 +58,9 @@ pub async fn connect(
 
 /// Connects to `dst`; on failure, the reason (a metric label) and the error.
 pub async fn dial(dst: &DestAddr, cfg: &TcpConfig) -> Result<TcpStream, (&'static str, String)> {
-    let addr = resolve(dst, cfg.connect_timeout)
+    let addr = cfg
+        .names
+        .resolve(dst, cfg.connect_timeout)
         .await
         .map_err(|e| ("resolve", e.to_string()))?;
     connect::tcp(addr, cfg.connect_timeout)

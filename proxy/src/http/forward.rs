@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri, Version, header};
@@ -19,7 +18,7 @@ use super::conn_guard::ConnState;
 use super::error::{ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, head_of, upgrade};
-use crate::addr::{DestAddr, OwnAddrs};
+use crate::addr::OwnAddrs;
 use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::tcp::TcpConfig;
 use crate::telemetry::{Direction, Metrics};
@@ -79,7 +78,8 @@ impl Forward {
         // (upgrades and CONNECT are never retried).
         let hand_back =
             req.extensions().get::<ReturnUnsent>().is_some() && !is_connect && !is_upgrade;
-        let addr = match resolve(&dst, connect_timeout.unwrap_or(self.tcp.connect_timeout)).await {
+        let timeout = connect_timeout.unwrap_or(self.tcp.connect_timeout);
+        let addr = match self.tcp.names.resolve(&dst, timeout).await {
             Ok(addr) => addr,
             Err(e) => return Err(Failed::unsent(e, req, hand_back)),
         };
@@ -320,31 +320,6 @@ where
     }
 }
 
-/// The address to connect to: as given, or the first address a name resolves to.
-pub async fn resolve(dst: &DestAddr, timeout: Duration) -> Result<SocketAddr, ProxyError> {
-    match dst {
-        DestAddr::Socket(a) => Ok(*a),
-        DestAddr::Name(n) => {
-            let lookup = tokio::net::lookup_host((n.host(), n.port()));
-            let fail = |reason: String| ProxyError::Resolve {
-                name: dst.clone(),
-                reason,
-            };
-            let mut addrs = tokio::time::timeout(timeout, lookup)
-                .await
-                .map_err(|_| fail(format!("timed out after {timeout:?}")))?
-                // getaddrinfo's own text varies by libc; say what it means.
-                .map_err(|e| {
-                    fail(match e.kind() {
-                        std::io::ErrorKind::TimedOut => "lookup timed out".to_string(),
-                        _ => "no such name, or no address for it".to_string(),
-                    })
-                })?;
-            addrs.next().ok_or_else(|| fail("no addresses".into()))
-        }
-    }
-}
-
 /// hyper's client wants `scheme://authority/path`. Over HTTP/2 the authority is
 /// the one the app addressed (Host or :authority), so virtual hosting survives
 /// the hop. Over HTTP/1 it never reaches the wire (the request line is
@@ -511,7 +486,9 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::DestAddr;
     use crate::identity::Identity;
+    use std::time::Duration;
 
     fn forwarder() -> (Forward, crate::transport::DrainTrigger) {
         let (trigger, drain) = crate::transport::drain::channel();
@@ -521,6 +498,7 @@ mod tests {
             TcpConfig {
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(10),
+                names: Default::default(),
             },
             Metrics::new(),
             drain,
