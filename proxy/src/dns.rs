@@ -2,9 +2,9 @@
 //! destination on a proxy without a control plane) go to the system resolver.
 //! `getaddrinfo` blocks, so every lookup is a hop to Tokio's blocking pool and
 //! often a query to the cluster's DNS server: done per request, it cost more
-//! than the rest of the request. An answer is kept for `TTL` and used by every
-//! request and stream to that name meanwhile; a failure is not kept, so a name
-//! that starts to resolve is reachable at once.
+//! than the rest of the request. An answer is kept for `TTL`, and the requests
+//! and streams to that name meanwhile take its addresses in turn; a failure is
+//! not kept, so a name that starts to resolve is reachable at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,8 +18,9 @@ use crate::http::error::ProxyError;
 
 /// How long an answer is used. `getaddrinfo` does not say how long a record
 /// may be kept; five seconds is Envoy's default refresh for DNS clusters: a
-/// moved name is followed within that, and a busy one is looked up once per
-/// interval rather than per request.
+/// moved name is followed within that (on top of the record's own TTL in the
+/// resolver's caches), and a busy one is looked up once per interval rather
+/// than per request.
 pub const TTL: Duration = Duration::from_secs(5);
 
 /// Names kept at most: they come from apps' `Host` headers, so the cache must
@@ -27,21 +28,30 @@ pub const TTL: Duration = Duration::from_secs(5);
 /// until expired ones make room.
 pub const MAX_NAMES: usize = 1024;
 
+/// Addresses kept per name at most; a name with more is spread over these.
+pub const MAX_ADDRS: usize = 16;
+
 /// The answers in use, shared by a proxy's stacks.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     kept: Arc<Mutex<HashMap<NameAddr, Answer>>>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Answer {
-    addr: SocketAddr,
+    /// Never empty.
+    addrs: Vec<SocketAddr>,
+    /// Which address the next connection takes: a name with several addresses
+    /// has its connections spread over them, in turn, as a resolver that
+    /// shuffles its answers would spread them, and one of them that refuses
+    /// connections holds up only every n-th.
+    next: usize,
     until: Instant,
 }
 
 impl Names {
-    /// The address to connect to: as given, or the first address the name
-    /// resolves to.
+    /// The address to connect to: as given, or one of the addresses the name
+    /// resolves to, each in turn.
     pub async fn resolve(
         &self,
         dst: &DestAddr,
@@ -50,36 +60,42 @@ impl Names {
         match dst {
             DestAddr::Socket(a) => Ok(*a),
             DestAddr::Name(n) => {
-                if let Some(a) = self.kept(n, Instant::now()) {
+                if let Some(a) = self.next(n, Instant::now()) {
                     return Ok(a);
                 }
-                let addr = lookup(dst, n, timeout).await?;
-                self.keep(n, addr, Instant::now());
-                Ok(addr)
+                let addrs = lookup(dst, n, timeout).await?;
+                Ok(self.keep(n, addrs, Instant::now()))
             }
         }
     }
 
-    fn kept(&self, name: &NameAddr, now: Instant) -> Option<SocketAddr> {
-        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.get(name).filter(|a| a.until > now).map(|a| a.addr)
+    fn next(&self, name: &NameAddr, now: Instant) -> Option<SocketAddr> {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let answer = kept.get_mut(name).filter(|a| a.until > now)?;
+        let addr = answer.addrs[answer.next % answer.addrs.len()];
+        answer.next = answer.next.wrapping_add(1);
+        Some(addr)
     }
 
-    fn keep(&self, name: &NameAddr, addr: SocketAddr, now: Instant) {
+    /// Keeps a fresh answer (not empty) and returns its first address.
+    fn keep(&self, name: &NameAddr, addrs: Vec<SocketAddr>, now: Instant) -> SocketAddr {
+        let first = addrs[0];
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= MAX_NAMES && !kept.contains_key(name) {
             kept.retain(|_, a| a.until > now);
             if kept.len() >= MAX_NAMES {
-                return;
+                return first;
             }
         }
         kept.insert(
             name.clone(),
             Answer {
-                addr,
+                addrs,
+                next: 1,
                 until: now + TTL,
             },
         );
+        first
     }
 
     #[cfg(test)]
@@ -88,12 +104,20 @@ impl Names {
     }
 }
 
-async fn lookup(dst: &DestAddr, n: &NameAddr, timeout: Duration) -> Result<SocketAddr, ProxyError> {
+/// The name's addresses of the family the resolver puts first (a dual-stack
+/// name's server may listen on one only, and the resolver's order is the
+/// system's preference), in its order, without repeats, at most `MAX_ADDRS`;
+/// never empty.
+async fn lookup(
+    dst: &DestAddr,
+    n: &NameAddr,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, ProxyError> {
     let fail = |reason: String| ProxyError::Resolve {
         name: dst.clone(),
         reason,
     };
-    let mut addrs = tokio::time::timeout(timeout, tokio::net::lookup_host((n.host(), n.port())))
+    let found = tokio::time::timeout(timeout, tokio::net::lookup_host((n.host(), n.port())))
         .await
         .map_err(|_| fail(format!("timed out after {timeout:?}")))?
         // getaddrinfo's own text varies by libc; say what it means.
@@ -103,7 +127,28 @@ async fn lookup(dst: &DestAddr, n: &NameAddr, timeout: Duration) -> Result<Socke
                 _ => "no such name, or no address for it".to_string(),
             })
         })?;
-    addrs.next().ok_or_else(|| fail("no addresses".into()))
+    let addrs = usable(found);
+    if addrs.is_empty() {
+        return Err(fail("no addresses".into()));
+    }
+    Ok(addrs)
+}
+
+/// What `lookup` keeps of a resolver's answer.
+fn usable(found: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for a in found {
+        if addrs.len() == MAX_ADDRS {
+            break;
+        }
+        let family = addrs
+            .first()
+            .is_none_or(|f: &SocketAddr| f.is_ipv4() == a.is_ipv4());
+        if family && !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    addrs
 }
 
 #[cfg(test)]
@@ -126,13 +171,33 @@ mod tests {
         let names = Names::default();
         let web = name("web.example:80");
         let t0 = Instant::now();
-        assert_eq!(names.kept(&web, t0), None);
-        names.keep(&web, at(80), t0);
-        assert_eq!(names.kept(&web, t0 + TTL / 2), Some(at(80)));
-        assert_eq!(names.kept(&web, t0 + TTL), None, "expired: looked up again");
-        assert_eq!(names.kept(&name("web.example:81"), t0), None, "ports apart");
-        names.keep(&web, at(8080), t0 + TTL);
-        assert_eq!(names.kept(&web, t0 + TTL), Some(at(8080)), "the new answer");
+        assert_eq!(names.next(&web, t0), None);
+        assert_eq!(names.keep(&web, vec![at(80)], t0), at(80));
+        assert_eq!(names.next(&web, t0 + TTL / 2), Some(at(80)));
+        assert_eq!(names.next(&web, t0 + TTL), None, "expired: looked up again");
+        assert_eq!(names.next(&name("web.example:81"), t0), None, "ports apart");
+        names.keep(&web, vec![at(8080)], t0 + TTL);
+        assert_eq!(names.next(&web, t0 + TTL), Some(at(8080)), "the new answer");
+    }
+
+    #[test]
+    fn connections_take_a_names_addresses_in_turn() {
+        let names = Names::default();
+        let web = name("web.example:80");
+        let t0 = Instant::now();
+        let taken: Vec<_> = std::iter::once(names.keep(&web, vec![at(1), at(2), at(3)], t0))
+            .chain((0..5).map(|_| names.next(&web, t0).expect("kept")))
+            .collect();
+        assert_eq!(taken, [1, 2, 3, 1, 2, 3].map(at));
+    }
+
+    #[test]
+    fn an_answer_keeps_the_first_family_once_each_and_at_most_max_addrs() {
+        let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], 80));
+        assert_eq!(usable([at(1), v6, at(2), at(1)]), [at(1), at(2)]);
+        assert_eq!(usable([v6, at(1)]), [v6]);
+        assert_eq!(usable((0..100).map(at)).len(), MAX_ADDRS);
+        assert!(usable([]).is_empty());
     }
 
     #[test]
@@ -140,20 +205,20 @@ mod tests {
         let names = Names::default();
         let t0 = Instant::now();
         for i in 0..MAX_NAMES {
-            names.keep(&name(&format!("n{i}.example:80")), at(80), t0);
+            names.keep(&name(&format!("n{i}.example:80")), vec![at(80)], t0);
         }
         let late = name("late.example:80");
-        names.keep(&late, at(81), t0);
+        assert_eq!(names.keep(&late, vec![at(81)], t0), at(81), "used");
         assert_eq!(names.len(), MAX_NAMES);
-        assert_eq!(names.kept(&late, t0), None, "used, not kept");
+        assert_eq!(names.next(&late, t0), None, "but not kept");
         assert_eq!(
-            names.kept(&name("n0.example:80"), t0),
+            names.next(&name("n0.example:80"), t0),
             Some(at(80)),
             "a full cache keeps what it has"
         );
-        names.keep(&late, at(81), t0 + TTL);
+        names.keep(&late, vec![at(81)], t0 + TTL);
         assert_eq!(names.len(), 1, "the expired answers went");
-        assert_eq!(names.kept(&late, t0 + TTL), Some(at(81)));
+        assert_eq!(names.next(&late, t0 + TTL), Some(at(81)));
     }
 
     #[tokio::test]
