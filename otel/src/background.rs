@@ -2,14 +2,17 @@
 //! after sleeping, and Linux's fair scheduler favours a thread that has slept:
 //! its burst of conversion and encoding (a few milliseconds at 1,000 req/s)
 //! ran ahead of requests arriving meanwhile, and those requests made the traced
-//! proxy's p99. In the `SCHED_IDLE` class it runs only on CPU time that no
-//! ordinary thread wants, and a waking request preempts it. Under a load that
-//! leaves no such time, spans wait in the bounded queue and, when it is full,
-//! are dropped and counted, as for a collector that is down.
+//! proxy's p99. In the `SCHED_IDLE` class it gets a token share of the CPU
+//! (a weight of 3 against an ordinary thread's 1,024) while the threads it
+//! competes with want it, and a waking request preempts it. It competes with
+//! the threads of its own cgroup: in a pod, the proxy's container, so it yields
+//! to the proxy's serving threads, not to the app's. Under a load that leaves
+//! it little time, spans wait in the bounded queue and, once it is full, are
+//! dropped and counted, as for a collector that is down.
 
 /// Puts the calling thread in `SCHED_IDLE`; an unprivileged thread may always
 /// lower its own class.
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub(crate) fn yield_to_serving() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
@@ -23,13 +26,17 @@ pub(crate) fn yield_to_serving() -> std::io::Result<()> {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+/// musl's `sched_setscheduler` is a stub, and other systems have no such class.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub(crate) fn yield_to_serving() -> std::io::Result<()> {
-    Ok(())
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "SCHED_IDLE is set on Linux with glibc only",
+    ))
 }
 
 /// The scheduling policy in a `/proc/.../stat` line (its 41st field).
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 pub(crate) fn policy_in(stat: &str) -> u32 {
     let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
     after_name
@@ -39,7 +46,7 @@ pub(crate) fn policy_in(stat: &str) -> u32 {
         .expect("policy")
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
 
@@ -48,7 +55,7 @@ mod tests {
     }
 
     #[test]
-    fn the_calling_thread_alone_runs_only_on_idle_cpu() {
+    fn only_the_calling_thread_and_those_it_starts_go_idle() {
         let before = policy();
         let (idle, child) = std::thread::spawn(|| {
             yield_to_serving().expect("SCHED_IDLE");
