@@ -112,6 +112,9 @@ pub const RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
 pub const RETRY_BUDGET_TTL: Duration = Duration::from_secs(10);
 /// tower's budget takes the floor times the TTL as its reserve: bounded.
 pub const MAX_RETRY_BUDGET_MIN_PER_SECOND: u32 = 100_000;
+/// How long a request to an HTTP/1 upstream waits for the first frame of a body
+/// of declared length, so that it is written with the head (`first_frame`).
+pub const FIRST_BODY_FRAME_WAIT: Duration = Duration::from_millis(100);
 /// Request bodies up to this size are kept while sent, so a retry can send them
 /// again; larger ones stream and are never retried (after their first byte).
 pub const MAX_REPLAY_BODY_BYTES: usize = 64 * 1024;

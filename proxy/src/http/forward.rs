@@ -17,9 +17,9 @@ use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::{ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
-use super::{BoxBody, ConnectTimeout, Dst, ToPeer, head_of, upgrade};
+use super::{BoxBody, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
 use crate::addr::OwnAddrs;
-use crate::defaults::{ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
+use crate::defaults::{FIRST_BODY_FRAME_WAIT, ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
 use crate::tcp::TcpConfig;
 use crate::telemetry::{Direction, Metrics};
 use crate::transport::Drain;
@@ -125,7 +125,13 @@ impl Forward {
         let edits = edit_for_upstream(&mut req, to_peer.as_ref(), h2, target, hand_back && h2);
         let conn = req.extensions_mut().remove::<UpgradeConn>();
         let body_fault = req.extensions().get::<BodyFault>().cloned();
-        let mut rsp = ready.send(req.map(super::boxed)).await.map_err(|e| {
+        let mut req = req.map(super::boxed);
+        // Not when a retry counts on getting the body back unread should no
+        // connection take the request (an HTTP/1 pool connects as it sends).
+        if !h2 && !is_upgrade && !is_connect && !hand_back {
+            req = first_frame::with_first_frame(req, FIRST_BODY_FRAME_WAIT).await;
+        }
+        let mut rsp = ready.send(req).await.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream
             // client made of it (over HTTP/2, a reset stream).
             if let Some(fault) = body_fault.and_then(|f| f.fault()) {
@@ -567,6 +573,58 @@ mod tests {
             assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY);
             assert!(rsp.extensions().get::<Unsent>().is_none());
         }
+    }
+
+    /// An HTTP/1 app that answers as soon as it has a head, saying whether the
+    /// body had come with it (an app that answers early keeps its connection
+    /// only if it can drain the body from what it has read).
+    async fn early_answering_app() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let end = loop {
+                let n = conn.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+            };
+            let with_head = String::from_utf8_lossy(&buf[end..]).into_owned();
+            let rsp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{with_head}",
+                with_head.len()
+            );
+            conn.write_all(rsp.as_bytes()).await.unwrap();
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_s_body_goes_with_its_head() {
+        use http_body_util::BodyExt;
+        let app = early_answering_app().await;
+        // The body's bytes come a little after its head, as DATA frames do
+        // after HEADERS over the hop between proxies.
+        let (tx, body) = crate::http::first_frame::tests::held(5);
+        let mut req = Request::post("/upload")
+            .header(header::HOST, "app")
+            .header(header::CONTENT_LENGTH, "5")
+            .body(body)
+            .unwrap();
+        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(Ok(bytes::Bytes::from_static(b"hello"))).await
+        });
+        let (forward, _drain) = forwarder();
+        let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
+        assert_eq!(rsp.status(), http::StatusCode::OK);
+        let seen = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(seen, "hello", "the app had the body with the head");
     }
 
     #[test]

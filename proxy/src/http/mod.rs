@@ -6,6 +6,7 @@ pub mod client;
 pub mod conn_guard;
 pub mod dst;
 pub mod error;
+pub mod first_frame;
 pub mod forward;
 pub mod metrics;
 pub mod normalize;
