@@ -625,6 +625,35 @@ async fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn an_app_that_answers_before_reading_an_upload_keeps_its_connection() {
+    // `/1k` answers without reading the body. The body rides DATA frames behind
+    // the request's HEADERS between the proxies; had the server proxy written
+    // the head alone, the app would have answered, found no body to drain and
+    // closed the connection, and the next request on it would have failed.
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let url = format!("http://{}/1k", c.upstreams[0]);
+    let http = client::http1();
+    assert_eq!(get(&url).await.0, 200);
+    let before = m.backend.connections();
+    for i in 0..100 {
+        let req = http::Request::post(&url)
+            .body(client::body(vec![b'u'; 1024]))
+            .unwrap();
+        let rsp = http.request(req).await.expect("a response");
+        assert_eq!(rsp.status(), 200, "upload {i}");
+        use http_body_util::BodyExt;
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1024, "upload {i}");
+    }
+    let opened = m.backend.connections() - before;
+    assert!(
+        opened <= 1,
+        "the app's connections were closed under 100 uploads: {opened} opened"
+    );
+}
+
+#[tokio::test]
 async fn a_silent_meshed_client_is_served_as_http_with_its_identity() {
     // A pool connection opened ahead of its request: past the detection timeout
     // the client proxy opens an opaque mTLS stream to web's proxy, in case the
