@@ -107,15 +107,17 @@ impl ReplayBody {
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Whether another attempt may send this body from the start. A body none
-    /// of which was read can be sent only if the last attempt surely is gone
-    /// (`not_sent`: it never had a connection); else the connection may still
-    /// read it, and two attempts would share it.
+    /// Whether another attempt may send this body from the start: one whose
+    /// body ended within the limit; or, when the last attempt surely is gone
+    /// (`not_sent`: it never had a connection), one not read yet or read only
+    /// within the limit (the copy has what was read, the rest follows it).
+    /// Otherwise the last attempt's connection may still read the body, and
+    /// two attempts would share it.
     pub fn replayable(&self, not_sent: bool) -> Result<(), NotReplayable> {
         let Some(s) = self.state() else {
             return Ok(());
         };
-        if (not_sent && !s.started) || (s.complete && !s.overflow) {
+        if (not_sent && !s.started) || ((not_sent || s.complete) && !s.overflow) {
             Ok(())
         } else if s.overflow {
             Err(NotReplayable::TooLarge)
@@ -292,6 +294,31 @@ mod tests {
         assert_eq!(second.replayable(true), Ok(()));
         assert_eq!(second.replayable(false), Err(NotReplayable::TooLarge));
         assert_eq!(second.collect().await.unwrap().to_bytes().len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_in_part_before_its_connection_failed_is_sent_again_whole() {
+        // The forwarder reads a first frame before an HTTP/1 pool connects.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .await
+            .unwrap();
+        let body = crate::http::boxed(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let mut first = ReplayBody::new(body, 1024);
+        let second = first.again();
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "ab");
+        drop(first);
+        // Had the connection taken it, it might still be reading it.
+        assert_eq!(second.replayable(false), Err(NotReplayable::Unfinished));
+        assert_eq!(second.replayable(true), Ok(()));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"cd"))))
+            .await
+            .unwrap();
+        drop(tx);
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "abcd");
     }
 
     #[tokio::test]
