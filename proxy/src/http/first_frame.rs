@@ -6,8 +6,10 @@
 //! byte is there (an early 4xx, a handler that ignores the body); hyper, Go's
 //! net/http and others then close the connection rather than wait for a body they
 //! do not want, and the next request sent on that pooled connection fails. With
-//! the first frame in the same write the app finds the body in its buffer,
-//! drains it, and keeps the connection.
+//! the first frame in the same write (and hyper's client adds any frames already
+//! at hand) the app finds the body in its buffer, drains it, and keeps the
+//! connection. A body larger than what has arrived still loses the connection
+//! to such an app, as through any proxy that streams.
 //!
 //! Only a body of declared length waits: its client has it in hand. A body of
 //! unknown length may be a stream that starts when the response does, and one
@@ -108,6 +110,8 @@ pub(crate) mod tests {
     struct Held {
         rx: mpsc::Receiver<Result<Bytes, BoxError>>,
         left: u64,
+        /// Told when the body is first asked for a frame.
+        asked: Option<tokio::sync::oneshot::Sender<()>>,
     }
 
     impl Body for Held {
@@ -118,6 +122,9 @@ pub(crate) mod tests {
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if let Some(asked) = self.asked.take() {
+                let _ = asked.send(());
+            }
             self.rx.poll_recv(cx).map(|b| {
                 b.map(|b| {
                     let b = b?;
@@ -138,8 +145,26 @@ pub(crate) mod tests {
 
     /// A body of declared length `len` and what sends its frames.
     pub(crate) fn held(len: u64) -> (mpsc::Sender<Result<Bytes, BoxError>>, BoxBody) {
+        let (tx, _, body) = held_until_asked(len);
+        (tx, body)
+    }
+
+    /// As `held`, and what tells when the body is first asked for a frame.
+    pub(crate) fn held_until_asked(
+        len: u64,
+    ) -> (
+        mpsc::Sender<Result<Bytes, BoxError>>,
+        tokio::sync::oneshot::Receiver<()>,
+        BoxBody,
+    ) {
         let (tx, rx) = mpsc::channel(4);
-        (tx, boxed(Held { rx, left: len }))
+        let (asked, asked_rx) = tokio::sync::oneshot::channel();
+        let body = Held {
+            rx,
+            left: len,
+            asked: Some(asked),
+        };
+        (tx, asked_rx, boxed(body))
     }
 
     #[tokio::test(start_paused = true)]
@@ -200,7 +225,11 @@ pub(crate) mod tests {
     async fn a_body_that_fails_first_fails_as_it_would_have() {
         let (tx, rx) = mpsc::channel(1);
         tx.send(Err("reset by the client".into())).await.unwrap();
-        let body = boxed(Held { rx, left: 5 });
+        let body = boxed(Held {
+            rx,
+            left: 5,
+            asked: None,
+        });
         let req = with_first_frame(
             Request::post("/").body(body).unwrap(),
             Duration::from_secs(1),

@@ -588,6 +588,7 @@ mod tests {
             let mut chunk = [0u8; 4096];
             let end = loop {
                 let n = conn.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before a whole head");
                 buf.extend_from_slice(&chunk[..n]);
                 if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     break i + 4;
@@ -607,9 +608,10 @@ mod tests {
     async fn an_http1_request_s_body_goes_with_its_head() {
         use http_body_util::BodyExt;
         let app = early_answering_app().await;
-        // The body's bytes come a little after its head, as DATA frames do
-        // after HEADERS over the hop between proxies.
-        let (tx, body) = crate::http::first_frame::tests::held(5);
+        // The body's bytes come a little after the forwarder first asks for
+        // them, as DATA frames trail HEADERS between proxies: well within the
+        // wait, long enough for an app to have read a head written alone.
+        let (tx, asked, body) = crate::http::first_frame::tests::held_until_asked(5);
         let mut req = Request::post("/upload")
             .header(header::HOST, "app")
             .header(header::CONTENT_LENGTH, "5")
@@ -617,7 +619,8 @@ mod tests {
             .unwrap();
         req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            asked.await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
             tx.send(Ok(bytes::Bytes::from_static(b"hello"))).await
         });
         let (forward, _drain) = forwarder();
