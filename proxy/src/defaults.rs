@@ -71,10 +71,16 @@ pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Idle pooled connections to an upstream are closed after this long: shorter than
-/// the keep-alive timeout of most servers (nginx 75 s; Node.js 5 s is covered by
-/// hyper retrying requests that were never written).
+/// An HTTP/2 connection to an upstream (a peer proxy, or an app speaking HTTP/2)
+/// is closed after this long unused.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle pooled HTTP/1 connection to an app is not used past this (Linkerd's
+/// 3 s): under the keep-alive timeout of common app servers (Node.js and
+/// uvicorn 5 s, nginx 75 s), so a request is never sent on a connection the app
+/// is closing for idleness. Sent on one, it would get a 502: the app never reads
+/// it, and the request has been written, so it is not retried. (hyper resends
+/// only requests the close beat to the socket.)
+pub const HTTP1_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle HTTP/1 connections kept per upstream.
 pub const POOL_MAX_IDLE_PER_HOST: usize = 64;
 /// HTTP/2 connections opened to one upstream when every open one is at the

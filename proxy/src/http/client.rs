@@ -739,7 +739,7 @@ impl ClientCache {
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(defaults::POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(defaults::HTTP1_POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(defaults::POOL_MAX_IDLE_PER_HOST)
             // The request keeps the Host the app sent; we never invent one.
             .set_host(false);

@@ -630,6 +630,54 @@ mod tests {
         assert_eq!(seen, "hello", "the app had the body with the head");
     }
 
+    #[tokio::test]
+    async fn an_http1_connection_idle_for_an_apps_keep_alive_is_not_used_again() {
+        use crate::defaults::HTTP1_POOL_IDLE_TIMEOUT;
+        // An app that counts the connections it accepts (Node.js and uvicorn
+        // would close one of them after 5 s idle).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let svc = hyper::service::service_fn(|_| async {
+                    Ok::<_, Infallible>(Response::new(crate::http::full("ok")))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        let (forward, _drain) = forwarder();
+        let get = || {
+            let mut req = Request::get("/")
+                .header(header::HOST, "app")
+                .body(crate::http::empty())
+                .unwrap();
+            req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+            tower::ServiceExt::oneshot(forward.clone(), req)
+        };
+        assert_eq!(get().await.unwrap().status(), http::StatusCode::OK);
+        assert_eq!(get().await.unwrap().status(), http::StatusCode::OK);
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "kept alive"
+        );
+        // Idle past the pool's limit, still short of the app's.
+        assert!(HTTP1_POOL_IDLE_TIMEOUT < Duration::from_secs(5));
+        tokio::time::sleep(HTTP1_POOL_IDLE_TIMEOUT + Duration::from_millis(200)).await;
+        assert_eq!(get().await.unwrap().status(), http::StatusCode::OK);
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "a new connection after the pool's idle limit"
+        );
+    }
+
     #[test]
     fn what_is_changed_for_a_peer_is_recorded_and_undone_whole() {
         // HTTP/1.0, with two values of a strait header the app sent itself.
