@@ -76,10 +76,11 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle pooled HTTP/1 connection to an app is not used past this (Linkerd's
 /// 3 s): under the keep-alive timeout of common app servers (Node.js and
-/// uvicorn 5 s, nginx 75 s), so a request is never sent on a connection the app
-/// is closing for idleness. Sent on one, it would get a 502: the app never reads
-/// it, and the request has been written, so it is not retried. (hyper resends
-/// only requests the close beat to the socket.)
+/// uvicorn 5 s, nginx 75 s), so a request is not sent on a connection such an
+/// app is closing for idleness. Sent on one, it would get a 502: the app never
+/// reads it, and it was written, so the proxy cannot know it is safe to resend.
+/// (hyper resends only requests the close beat to the socket.) Apps with a
+/// shorter keep-alive (gunicorn's async workers, 2 s) can still meet the race.
 pub const HTTP1_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle HTTP/1 connections kept per upstream.
 pub const POOL_MAX_IDLE_PER_HOST: usize = 64;

@@ -1,9 +1,10 @@
 //! A request body that can be sent again: it streams to the first attempt while
 //! keeping a copy of what passed, up to a limit. A retry replays the copy, so it
-//! is possible only when the whole body fitted (or none of it was read yet: a
-//! connection that failed before the request was written). Larger or streaming
-//! bodies are never held back: past the limit the copy is dropped and the body
-//! streams on untouched.
+//! is possible only when the whole body fitted, or when the request was never
+//! sent (no connection took it) and what was read of the body fitted: the copy
+//! goes first, then the rest of the body. Larger or streaming bodies are never
+//! held back: past the limit the copy is dropped and the body streams on
+//! untouched.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
