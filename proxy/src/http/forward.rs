@@ -130,6 +130,11 @@ impl Forward {
         // connection take the request (an HTTP/1 pool connects as it sends).
         if !h2 && !is_upgrade && !is_connect && !hand_back {
             req = first_frame::with_first_frame(req, FIRST_BODY_FRAME_WAIT).await;
+            // A body that failed while waited for is the client's fault, and
+            // the app is spared the head of a request that cannot finish.
+            if let Some(fault) = body_fault.as_ref().and_then(|f| f.fault()) {
+                return Err(fault.into());
+            }
         }
         let mut rsp = ready.send(req).await.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream
@@ -628,6 +633,30 @@ mod tests {
         assert_eq!(rsp.status(), http::StatusCode::OK);
         let seen = rsp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(seen, "hello", "the app had the body with the head");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_before_the_head_goes_never_reaches_the_app() {
+        use futures_util::FutureExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        let (tx, body) = crate::http::first_frame::tests::held(5);
+        tx.send(Err("bad chunk".into())).await.unwrap();
+        let mut req = Request::post("/upload")
+            .header(header::HOST, "app")
+            .header(header::CONTENT_LENGTH, "5")
+            .body(body)
+            .unwrap();
+        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+        let req = crate::http::request_body::RequestBody::wrap(req, None);
+        let (forward, _drain) = forwarder();
+        let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
+        assert_eq!(rsp.status(), http::StatusCode::BAD_REQUEST);
+        // A connection the pool had made would be waiting to be accepted.
+        assert!(
+            listener.accept().now_or_never().is_none(),
+            "the app was connected to"
+        );
     }
 
     #[tokio::test]
