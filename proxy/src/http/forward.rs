@@ -609,6 +609,17 @@ mod tests {
         addr
     }
 
+    /// A 5-byte upload to `app`.
+    fn upload(app: SocketAddr, body: BoxBody) -> Request<BoxBody> {
+        let mut req = Request::post("/upload")
+            .header(header::HOST, "app")
+            .header(header::CONTENT_LENGTH, "5")
+            .body(body)
+            .unwrap();
+        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+        req
+    }
+
     #[tokio::test]
     async fn an_http1_request_s_body_goes_with_its_head() {
         use http_body_util::BodyExt;
@@ -617,12 +628,7 @@ mod tests {
         // them, as DATA frames trail HEADERS between proxies: well within the
         // wait, long enough for an app to have read a head written alone.
         let (tx, asked, body) = crate::http::first_frame::tests::held_until_asked(5);
-        let mut req = Request::post("/upload")
-            .header(header::HOST, "app")
-            .header(header::CONTENT_LENGTH, "5")
-            .body(body)
-            .unwrap();
-        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+        let req = upload(app, body);
         tokio::spawn(async move {
             asked.await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -642,13 +648,7 @@ mod tests {
         let app = listener.local_addr().unwrap();
         let (tx, body) = crate::http::first_frame::tests::held(5);
         tx.send(Err("bad chunk".into())).await.unwrap();
-        let mut req = Request::post("/upload")
-            .header(header::HOST, "app")
-            .header(header::CONTENT_LENGTH, "5")
-            .body(body)
-            .unwrap();
-        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
-        let req = crate::http::request_body::RequestBody::wrap(req, None);
+        let req = crate::http::request_body::RequestBody::wrap(upload(app, body), None);
         let (forward, _drain) = forwarder();
         let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
         assert_eq!(rsp.status(), http::StatusCode::BAD_REQUEST);
