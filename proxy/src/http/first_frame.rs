@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{Request, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -87,7 +87,7 @@ impl Body for Primed {
 
     fn size_hint(&self) -> SizeHint {
         let ahead = match &self.first {
-            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.remaining() as u64),
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
             _ => 0,
         };
         let rest = self.rest.size_hint();
