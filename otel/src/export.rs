@@ -33,12 +33,12 @@ pub const BATCH_SPANS: usize = 64;
 /// Exports in flight at once at most.
 pub const EXPORTS_IN_FLIGHT: usize = 4;
 /// A collector that answers an export within this time gets one at a time:
-/// batches converted ahead would hold as much memory as one large batch. One
-/// that does not (far, slow or down) gets another export this long after the
-/// last one started, up to `EXPORTS_IN_FLIGHT`: a batch every 5 ms (12,800
-/// spans a second) up to a round trip of 20 ms, four batches per round trip
-/// beyond. A proxy that records more than its collector takes drops the rest,
-/// counted.
+/// batches converted ahead would hold the memory of a large batch. One that
+/// does not (far, slow or down) gets another export this long after the last
+/// one started, up to `EXPORTS_IN_FLIGHT`: at most a batch every 5 ms (12,800
+/// spans a second) up to a round trip of about 20 ms, four batches per round
+/// trip beyond. A proxy that records more than its collector takes drops the
+/// rest, counted.
 pub const SLOW_EXPORT: Duration = Duration::from_millis(5);
 /// How often the exporter takes what has queued.
 pub const BATCH_DELAY: Duration = Duration::from_millis(200);
@@ -356,15 +356,15 @@ async fn send_all(
     let mut more = true;
     let mut last_start = Instant::now();
     loop {
-        let now = Instant::now();
         if more
             && in_flight.len() < EXPORTS_IN_FLIGHT
-            && (in_flight.is_empty() || now >= last_start + SLOW_EXPORT)
+            && (in_flight.is_empty() || Instant::now() >= last_start + SLOW_EXPORT)
         {
             match batches.next() {
                 Some(b) => {
                     in_flight.push(send(b));
-                    last_start = now;
+                    // After converting: the time is the collector's to answer in.
+                    last_start = Instant::now();
                 }
                 None => more = false,
             }
@@ -374,6 +374,8 @@ async fn send_all(
         }
         let room = more && in_flight.len() < EXPORTS_IN_FLIGHT;
         tokio::select! {
+            // Exports first: one just started is sent before its clock is read.
+            biased;
             _ = in_flight.next() => {}
             _ = tokio::time::sleep_until(last_start + SLOW_EXPORT), if room => {}
         }
@@ -576,8 +578,9 @@ mod tests {
         assert_eq!(s.iter().map(|b| b.1).collect::<Vec<_>>(), sizes, "{s:?}");
         let look = s[0].0;
         assert!(look <= BATCH_DELAY + BATCH_DELAY / 2, "{s:?}");
-        // One more each `SLOW_EXPORT` while none is answered; then one as each
-        // is answered, 50 ms after it started.
+        // One more each `SLOW_EXPORT` while none is answered, up to the limit;
+        // then, every slot taken, one as each is answered, 50 ms after it
+        // started.
         let mut starts: Vec<_> = (0..EXPORTS_IN_FLIGHT as u32)
             .map(|i| look + SLOW_EXPORT * i)
             .collect();
