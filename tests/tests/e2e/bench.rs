@@ -81,6 +81,7 @@ async fn proxy_quick_measures_every_scenario() {
         "strait-mtls vs strait",
         "traced vs not",
         "| haproxy-mtls |",
+        "| haproxy-h2-mtls |",
         "| nginx-mtls |",
         "| haproxy-tcp-mtls |",
         "p99 / best reference",
@@ -108,7 +109,18 @@ async fn proxy_quick_measures_every_scenario() {
             }
         }
     }
-    assert!(rows >= 6, "a main-table row per scenario:\n{md}");
+    assert!(rows >= 7, "a main-table row per scenario:\n{md}");
+    // No pair failed a request under any load: a reference that fails them all
+    // would otherwise pass for a fast one.
+    for line in md
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.matches('|').count() == 13)
+    {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let Ok(errors) = cells[8].parse::<u64>() {
+            assert_eq!(errors, 0, "{line}");
+        }
+    }
     // Opaque TCP through each pair: connections made and bytes echoed, none failed.
     for line in md
         .lines()

@@ -48,7 +48,7 @@ enum What {
         #[arg(long)]
         with_tracing: bool,
     },
-    /// Starts the strait mTLS pair and the HAProxy mTLS pair in front of the
+    /// Starts the strait mTLS pair and the HAProxy mTLS pairs in front of the
     /// backend and keeps them up until interrupted, printing their addresses and
     /// pids: to profile them by hand under a load of one's own.
     Pair {

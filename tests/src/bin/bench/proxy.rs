@@ -382,6 +382,12 @@ pub async fn run(
         backend.addr,
         [free_port(), free_port(), free_port()],
     )?;
+    let mut hap_h2 = refs::haproxy_h2(
+        &certs,
+        &work,
+        backend.addr,
+        [free_port(), free_port(), free_port()],
+    )?;
     let mut hap_tcp = refs::haproxy_tcp(&certs, &work, echo, [free_port(), free_port()])?;
     // The reference proxies report no readiness: wait until each answers.
     strait_tests::wait::until(
@@ -390,7 +396,7 @@ pub async fn run(
         || async { tokio::net::TcpStream::connect(hap_tcp.h1).await.is_ok() },
     )
     .await;
-    for addr in [hap.h1, ngx.h1] {
+    for addr in [hap.h1, ngx.h1, hap_h2.h1] {
         let c = strait_tests::client::http1();
         strait_tests::wait::until(&format!("{addr} answering"), Duration::from_secs(10), || {
             let c = c.clone();
@@ -435,6 +441,16 @@ pub async fn run(
             pids: vec![
                 ("client proxy".into(), pid(&ngx.client)),
                 ("server proxy".into(), pid(&ngx.server)),
+            ],
+        },
+        Target {
+            name: hap_h2.name,
+            h1: Some(hap_h2.h1),
+            h2: Some(hap_h2.h2),
+            tcp: None,
+            pids: vec![
+                ("client proxy".into(), pid(&hap_h2.client)),
+                ("server proxy".into(), pid(&hap_h2.server)),
             ],
         },
         Target {
@@ -565,6 +581,8 @@ pub async fn run(
         hap.server.start_kill(),
         ngx.client.start_kill(),
         ngx.server.start_kill(),
+        hap_h2.client.start_kill(),
+        hap_h2.server.start_kill(),
         hap_tcp.client.start_kill(),
         hap_tcp.server.start_kill(),
     );
@@ -994,7 +1012,7 @@ fn cost_table(
 }
 
 /// Starts the backend, the strait mTLS pair (and, with `with_tracing`, a traced
-/// one) and the HAProxy mTLS pair, prints where each listens and its pids, and
+/// one) and the HAProxy mTLS pairs (HTTP/1.1 and HTTP/2 between the two), prints where each listens and its pids, and
 /// keeps them up until interrupted: to profile or trace them by hand under a
 /// load of one's own.
 pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
@@ -1006,6 +1024,12 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
     let mtls = strait_pair(backend.addr, echo, true, None, Vec::new()).await;
     let traced = traced_pair(backend.addr, echo, with_tracing).await;
     let hap = refs::haproxy(
+        &certs,
+        &work,
+        backend.addr,
+        [free_port(), free_port(), free_port()],
+    )?;
+    let hap_h2 = refs::haproxy_h2(
         &certs,
         &work,
         backend.addr,
@@ -1026,17 +1050,19 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
     if let Some((_, t)) = &traced {
         show("strait-traced", t);
     }
-    println!(
-        "{:<16} http://{}/1k (h2 {})  client pid {}  server pid {}",
-        hap.name,
-        hap.h1,
-        hap.h2,
-        pid(&hap.client),
-        pid(&hap.server)
-    );
+    for h in [&hap, &hap_h2] {
+        println!(
+            "{:<16} http://{}/1k (h2 {})  client pid {}  server pid {}",
+            h.name,
+            h.h1,
+            h.h2,
+            pid(&h.client),
+            pid(&h.server)
+        );
+    }
     println!("up until interrupted (ctrl-c)");
     tokio::signal::ctrl_c().await?;
-    drop(hap);
+    drop((hap, hap_h2));
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
