@@ -146,18 +146,7 @@ pub fn haproxy(
     backend: SocketAddr,
     ports: [u16; 3],
 ) -> anyhow::Result<RefPair> {
-    let [h1, h2, tls] = ports;
-    haproxy_pair(
-        certs,
-        work,
-        "haproxy-mtls",
-        "mode http\n  option http-keep-alive\n  http-reuse always",
-        &format!("bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2"),
-        Hop::NoAlpn,
-        tls,
-        backend,
-        (h1, h2),
-    )
+    haproxy_http(certs, work, backend, ports, "haproxy-mtls", Hop::NoAlpn)
 }
 
 /// The HAProxy pair with HTTP/2 between its two proxies (ALPN `h2`), as strait
@@ -171,14 +160,24 @@ pub fn haproxy_h2(
     backend: SocketAddr,
     ports: [u16; 3],
 ) -> anyhow::Result<RefPair> {
-    let [h1, h2, tls] = ports;
+    haproxy_http(certs, work, backend, ports, "haproxy-h2-mtls", Hop::H2)
+}
+
+fn haproxy_http(
+    certs: &Certs,
+    work: &Path,
+    backend: SocketAddr,
+    [h1, h2, tls]: [u16; 3],
+    name: &'static str,
+    hop: Hop,
+) -> anyhow::Result<RefPair> {
     haproxy_pair(
         certs,
         work,
-        "haproxy-h2-mtls",
+        name,
         "mode http\n  option http-keep-alive\n  http-reuse always",
         &format!("bind 127.0.0.1:{h1}\n  bind 127.0.0.1:{h2} proto h2"),
-        Hop::H2,
+        hop,
         tls,
         backend,
         (h1, h2),
