@@ -112,6 +112,7 @@ async fn proxy_quick_measures_every_scenario() {
     assert!(rows >= 7, "a main-table row per scenario:\n{md}");
     // No pair failed a request under any load: a reference that fails them all
     // would otherwise pass for a fast one.
+    let mut counted = 0;
     for line in md
         .lines()
         .filter(|l| l.starts_with("| ") && l.matches('|').count() == 13)
@@ -119,8 +120,11 @@ async fn proxy_quick_measures_every_scenario() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         if let Ok(errors) = cells[8].parse::<u64>() {
             assert_eq!(errors, 0, "{line}");
+            counted += 1;
         }
     }
+    // A column moved would leave nothing checked.
+    assert!(counted >= rows, "errors read from {counted} rows:\n{md}");
     // Opaque TCP through each pair: connections made and bytes echoed, none failed.
     for line in md
         .lines()
