@@ -1012,9 +1012,9 @@ fn cost_table(
 }
 
 /// Starts the backend, the strait mTLS pair (and, with `with_tracing`, a traced
-/// one) and the HAProxy mTLS pairs (HTTP/1.1 and HTTP/2 between the two), prints where each listens and its pids, and
-/// keeps them up until interrupted: to profile or trace them by hand under a
-/// load of one's own.
+/// one) and the HAProxy mTLS pairs (HTTP/1.1 and HTTP/2 between the two),
+/// prints where each listens and its pids, and keeps them up until interrupted:
+/// to profile or trace them by hand under a load of one's own.
 pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     refs::raise_open_files();
