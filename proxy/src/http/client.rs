@@ -26,8 +26,8 @@ use tokio_rustls::client::TlsStream;
 use super::BoxBody;
 use crate::defaults;
 use crate::identity::{Identity, tls};
-use crate::transport::connect;
 pub use crate::transport::connect::{ConnectError, PeerTls};
+use crate::transport::{Coalesced, connect};
 
 pub type HttpClient = Client<Connector, BoxBody>;
 
@@ -439,6 +439,7 @@ impl H2Client {
             }
             (None, PeerMode::Plain) => {}
         }
+        let io = TokioIo::new(Coalesced::new(io.into_inner()));
         let (sender, conn) = b.handshake(io).await.map_err(|e| ConnectError::Io {
             addr,
             source: io::Error::other(format!("HTTP/2 handshake: {e}")),

@@ -18,7 +18,7 @@ use super::conn_guard::{ConnState, GuardedIo};
 use crate::addr::ClientAddr;
 use crate::defaults;
 use crate::telemetry::{Direction, Metrics};
-use crate::transport::Drain;
+use crate::transport::{Coalesced, Drain};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -147,9 +147,10 @@ pub async fn serve_http2<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let conn = cfg
-        .h2
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    let conn = cfg.h2.serve_connection(
+        TokioIo::new(Coalesced::new(io)),
+        TowerToHyperService::new(svc),
+    );
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => r,
