@@ -26,8 +26,9 @@ use tokio_rustls::client::TlsStream;
 use super::BoxBody;
 use crate::defaults;
 use crate::identity::{Identity, tls};
+use crate::transport::coalesce::{Coalesced, FlushAfterPollExecutor};
+use crate::transport::connect;
 pub use crate::transport::connect::{ConnectError, PeerTls};
-use crate::transport::{Coalesced, connect};
 
 pub type HttpClient = Client<Connector, BoxBody>;
 
@@ -413,7 +414,7 @@ impl H2Client {
     async fn connect(&self, n: u64) -> Result<H2Conn, ConnectError> {
         let addr = self.inner.connector.addr;
         let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
-        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        let mut b = hyper::client::conn::http2::Builder::new(FlushAfterPollExecutor);
         b.timer(TokioTimer::new())
             .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)

@@ -18,7 +18,8 @@ use super::conn_guard::{ConnState, GuardedIo};
 use crate::addr::ClientAddr;
 use crate::defaults;
 use crate::telemetry::{Direction, Metrics};
-use crate::transport::{Coalesced, Drain};
+use crate::transport::Drain;
+use crate::transport::coalesce::{Coalesced, FlushAfterPoll};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -147,20 +148,21 @@ pub async fn serve_http2<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let conn = cfg.h2.serve_connection(
+    // Each poll's writes leave together (transport::coalesce).
+    let conn = FlushAfterPoll::new(cfg.h2.serve_connection(
         TokioIo::new(Coalesced::new(io)),
         TowerToHyperService::new(svc),
-    );
+    ));
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => r,
         _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().inner().graceful_shutdown();
             conn.await
         }
         _ = state.idle_for(cfg.idle_timeout) => {
             debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().inner().graceful_shutdown();
             conn.await
         }
     };

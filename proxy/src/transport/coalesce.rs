@@ -1,88 +1,103 @@
-//! Groups an HTTP/2 connection's writes until the runtime has run every task
-//! that was ready, so that responses finished in one turn of the event loop
-//! leave in one write (one TLS record, one system call, one wake-up of the peer).
+//! Writes what an HTTP/2 connection produced in one poll of its task at once:
+//! responses finished together leave in one write (one TLS record, one system
+//! call, one wake-up of the peer) instead of one write each.
 //!
 //! h2 writes any DATA frame of 256 bytes or more on its own: it flushes before it
-//! buffers the next frame. Through a proxy, where responses finish together
-//! because their upstream replies were read together, that made one write per
-//! response. Here a flush with bytes pending is put off once: the bytes wait in
-//! a buffer, the task is woken after the runtime next polls for I/O (tokio's
-//! `yield_now`), and the first call after that writes them. A second flush in the
-//! same turn adds to the same write.
+//! buffers the next frame. Through a proxy, where a poll of the connection finds
+//! several responses ready because their upstream replies were read together,
+//! that made one write per response. Here the connection's writes wait in a
+//! buffer, and its flushes are noted rather than done while its task is being
+//! polled inside [`FlushAfterPoll`]; once that poll returns, the buffer is
+//! written and flushed. Nothing waits for another task or another turn of the
+//! event loop, so a lone response goes out as soon as it did before.
+//!
+//! Outside [`FlushAfterPoll`] (a connection polled by a task that is not
+//! wrapped) a flush is done at once, as without this module.
 
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
-use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes held before a write goes out whatever the turn: a TLS record's worth,
+/// Bytes held before they are written whatever the poll: a TLS record's worth,
 /// so a large body still streams.
 const MAX_PENDING: usize = 16 * 1024;
+/// Buffer kept between writes; a larger one, grown for a large poll, is freed.
+const RETAIN: usize = 4 * 1024;
 
-pub struct Coalesced<T> {
+thread_local! {
+    /// How deep this thread is in [`FlushAfterPoll`] polls.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Connections that noted a flush in the polls under way.
+    static NOTED: RefCell<Vec<Arc<dyn Finish>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The IO handed to hyper's HTTP/2: buffers writes, and while its task is in a
+/// [`FlushAfterPoll`] poll, notes flushes for the end of that poll.
+pub struct Coalesced<T: AsyncWrite + Unpin> {
+    state: Arc<Mutex<State<T>>>,
+}
+
+struct State<T> {
     io: T,
     pending: Vec<u8>,
     /// Bytes of `pending` already written.
     written: usize,
-    /// Set once a flush has been put off, until the turn has passed.
-    turn: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
-    passed: Arc<TurnPassed>,
+    /// In `NOTED`, to be written when the poll ends.
+    noted: bool,
+    /// A write that failed after h2 had been told it was flushed, for the next
+    /// write or flush to report.
+    failed: Option<io::Error>,
 }
 
-/// Woken by the runtime once it has polled for I/O after the put-off flush.
-#[derive(Default)]
-struct TurnPassed {
-    passed: AtomicBool,
-    task: AtomicWaker,
+/// What [`FlushAfterPoll`] does with a noted connection when its poll ends.
+trait Finish: Send + Sync {
+    fn finish(&self, cx: &mut Context<'_>);
 }
 
-impl Wake for TurnPassed {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.passed.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl<T> Coalesced<T> {
-    pub fn new(io: T) -> Self {
-        Coalesced {
-            io,
-            pending: Vec::new(),
-            written: 0,
-            turn: None,
-            passed: Arc::default(),
+impl<T: AsyncWrite + Unpin + Send> Finish for Mutex<State<T>> {
+    fn finish(&self, cx: &mut Context<'_>) {
+        let mut st = lock(self);
+        st.noted = false;
+        // Pending (the socket is full) leaves the task's waker with the socket:
+        // when there is room the connection is polled, h2 flushes, and the rest
+        // is noted again.
+        match st.poll_drain(cx) {
+            Poll::Ready(Ok(())) => {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut st.io).poll_flush(cx) {
+                    st.failed = Some(e);
+                }
+            }
+            Poll::Ready(Err(e)) => st.failed = Some(e),
+            Poll::Pending => {}
         }
     }
+}
 
-    fn turn_passed(&self) -> bool {
-        self.turn.is_some() && self.passed.passed.load(Ordering::Acquire)
-    }
-
-    /// Puts the write off to the end of the runtime's turn; the task is woken then.
-    fn defer(&mut self, cx: &mut Context<'_>) {
-        self.passed.task.register(cx.waker());
-        if self.turn.is_none() {
-            self.passed.passed.store(false, Ordering::Release);
-            let mut turn: Pin<Box<dyn Future<Output = ()> + Send + Sync>> =
-                Box::pin(tokio::task::yield_now());
-            let waker = Waker::from(self.passed.clone());
-            // The first poll only hands the waker to the runtime.
-            let _ = turn.as_mut().poll(&mut Context::from_waker(&waker));
-            self.turn = Some(turn);
-        }
-    }
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic mid-write leaves bytes, not broken invariants: carry on.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<T: AsyncWrite + Unpin> Coalesced<T> {
+    pub fn new(io: T) -> Self {
+        Coalesced {
+            state: Arc::new(Mutex::new(State {
+                io,
+                pending: Vec::new(),
+                written: 0,
+                noted: false,
+                failed: None,
+            })),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> State<T> {
     /// Writes out what is pending.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.pending.len() {
@@ -96,7 +111,9 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         }
         self.written = 0;
         self.pending.clear();
-        self.turn = None;
+        if self.pending.capacity() > RETAIN {
+            self.pending = Vec::new();
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -105,8 +122,8 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.turn_passed() {
-            std::task::ready!(self.poll_drain(cx))?;
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
         }
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if self.pending.len() + len > MAX_PENDING {
@@ -116,8 +133,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             }
         }
         if self.pending.capacity() == 0 {
-            // Sized once, never grown: at most MAX_PENDING is ever held.
-            self.pending.reserve_exact(MAX_PENDING);
+            self.pending.reserve(RETAIN);
         }
         for b in bufs {
             self.pending.extend_from_slice(b);
@@ -132,25 +148,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesced<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        // A connection's task reads first when polled: the put-off write goes
-        // out now. If the socket is full it waits for room; reading goes on.
-        if this.turn_passed()
-            && let Poll::Ready(Err(e)) = this.poll_drain(cx)
-        {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        Pin::new(&mut lock(&self.state).io).poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
+impl<T: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Coalesced<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_add(cx, &[io::IoSlice::new(buf)])
+        lock(&self.state).poll_add(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -158,7 +166,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_add(cx, bufs)
+        lock(&self.state).poll_add(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -166,46 +174,152 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pending.is_empty() {
-            return Pin::new(&mut this.io).poll_flush(cx);
+        let mut st = lock(&self.state);
+        if let Some(e) = st.failed.take() {
+            return Poll::Ready(Err(e));
         }
-        if !this.turn_passed() {
-            this.defer(cx);
+        if st.pending.is_empty() {
+            return Pin::new(&mut st.io).poll_flush(cx);
+        }
+        if DEPTH.get() > 0 {
+            if !st.noted {
+                st.noted = true;
+                let noted: Arc<dyn Finish> = self.state.clone();
+                NOTED.with_borrow_mut(|n| n.push(noted));
+            }
             return Poll::Ready(Ok(()));
         }
-        std::task::ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.io).poll_flush(cx)
+        std::task::ready!(st.poll_drain(cx))?;
+        Pin::new(&mut st.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_drain(cx))?;
-        std::task::ready!(Pin::new(&mut this.io).poll_flush(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        let mut st = lock(&self.state);
+        std::task::ready!(st.poll_drain(cx))?;
+        std::task::ready!(Pin::new(&mut st.io).poll_flush(cx))?;
+        Pin::new(&mut st.io).poll_shutdown(cx)
+    }
+}
+
+/// hyper and h2 drop a connection without shutting it down on some ends (the
+/// peer's EOF, an I/O error, a CONNECT with a body): what they took as flushed
+/// is written if the socket has room. (A noted connection is written by the
+/// poll that noted it, which holds it until then.)
+impl<T: AsyncWrite + Unpin> Drop for Coalesced<T> {
+    fn drop(&mut self) {
+        if let Some(st) = Arc::get_mut(&mut self.state) {
+            let st = st.get_mut().unwrap_or_else(|e| e.into_inner());
+            st.drop_write();
+        }
+    }
+}
+
+impl<T> State<T> {
+    fn drop_write(&mut self)
+    where
+        T: AsyncWrite + Unpin,
+    {
+        if self.written < self.pending.len() {
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(Ok(())) = self.poll_drain(&mut cx) {
+                let _ = Pin::new(&mut self.io).poll_flush(&mut cx);
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Polls a task's future, then writes what the [`Coalesced`] connections it
+    /// polled wrote meanwhile.
+    pub struct FlushAfterPoll<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> FlushAfterPoll<F> {
+    pub fn new(inner: F) -> Self {
+        FlushAfterPoll { inner }
+    }
+
+    pub fn inner(self: Pin<&mut Self>) -> Pin<&mut F> {
+        self.project().inner
+    }
+}
+
+impl<F: Future> Future for FlushAfterPoll<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Ends the poll, even one that panics: the depth is restored and
+        /// what was noted under it written.
+        struct End<'a, 'b> {
+            start: usize,
+            cx: &'a mut Context<'b>,
+        }
+        impl Drop for End<'_, '_> {
+            fn drop(&mut self) {
+                DEPTH.set(DEPTH.get() - 1);
+                while let Some(c) =
+                    NOTED.with_borrow_mut(|n| if n.len() > self.start { n.pop() } else { None })
+                {
+                    c.finish(self.cx);
+                }
+            }
+        }
+        let start = NOTED.with_borrow(|n| n.len());
+        DEPTH.set(DEPTH.get() + 1);
+        let end = End { start, cx };
+        self.project().inner.poll(&mut *end.cx)
+    }
+}
+
+/// hyper's executor for HTTP/2 client connections: tokio's, each task in a
+/// [`FlushAfterPoll`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlushAfterPollExecutor;
+
+impl<F> hyper::rt::Executor<F> for FlushAfterPollExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(FlushAfterPoll::new(fut));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::client::conn::http2::SendRequest;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::AsyncWriteExt;
 
     use super::*;
 
-    /// Records every write that reaches the socket; `room` bytes fit before it
-    /// reports full, as a peer that stopped reading would.
+    /// Records every write that reaches the socket. With `room` set, that many
+    /// bytes fit before it reports full, as a peer that stopped reading would.
     #[derive(Clone, Default)]
     struct Socket {
         writes: Arc<Mutex<Vec<Vec<u8>>>>,
         room: Arc<Mutex<Option<usize>>>,
+        broken: Arc<AtomicBool>,
         shut: Arc<AtomicBool>,
     }
 
     impl Socket {
         fn writes(&self) -> Vec<Vec<u8>> {
             self.writes.lock().unwrap().clone()
+        }
+
+        fn sent(&self) -> Vec<u8> {
+            self.writes().concat()
         }
     }
 
@@ -225,6 +339,9 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
+            if self.broken.load(Ordering::SeqCst) {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
             let mut room = self.room.lock().unwrap();
             let n = match *room {
                 Some(0) => return Poll::Pending,
@@ -248,121 +365,123 @@ mod tests {
         }
     }
 
-    /// What h2 does with three responses finished in one turn: each DATA frame
-    /// written and flushed before the next.
+    /// What h2 does with responses it finds ready in one poll: each DATA frame
+    /// written (vectored: head and payload) and flushed before the next.
     fn write_frames(io: &mut Coalesced<Socket>, cx: &mut Context<'_>, frames: &[&[u8]]) {
         for f in frames {
-            let n = Pin::new(&mut *io).poll_write(cx, f);
+            let (head, payload) = f.split_at(f.len() / 2);
+            let bufs = [io::IoSlice::new(head), io::IoSlice::new(payload)];
+            let n = Pin::new(&mut *io).poll_write_vectored(cx, &bufs);
             assert!(matches!(n, Poll::Ready(Ok(n)) if n == f.len()));
-            assert!(Pin::new(&mut *io).poll_flush(cx).is_ready());
+            assert!(matches!(
+                Pin::new(&mut *io).poll_flush(cx),
+                Poll::Ready(Ok(()))
+            ));
         }
     }
 
-    /// Polls the connection as its task would once woken (it reads first) until
-    /// the socket has seen a write.
-    async fn until_written(io: &mut Coalesced<Socket>, socket: &Socket) {
-        let polled = poll_fn(|cx| {
-            let mut b = [0u8; 16];
-            let _ = Pin::new(&mut *io).poll_read(cx, &mut ReadBuf::new(&mut b));
-            if socket.writes().is_empty() {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(5), polled)
-            .await
-            .expect("the put-off write never went out");
-    }
-
     #[tokio::test]
-    async fn flushes_in_one_turn_leave_in_one_write() {
+    async fn flushes_in_one_poll_leave_in_one_write_when_it_ends() {
         let socket = Socket::default();
         let mut io = Coalesced::new(socket.clone());
-        poll_fn(|cx| {
+        FlushAfterPoll::new(poll_fn(|cx| {
             write_frames(&mut io, cx, &[b"first ", b"second ", b"third"]);
+            assert!(socket.writes().is_empty(), "written before the poll ended");
             Poll::Ready(())
-        })
+        }))
         .await;
-        assert!(
-            socket.writes().is_empty(),
-            "nothing is written before the turn ends"
-        );
-        until_written(&mut io, &socket).await;
         assert_eq!(socket.writes(), vec![b"first second third".to_vec()]);
-    }
-
-    #[tokio::test]
-    async fn a_lone_flush_is_written_without_further_traffic() {
-        let socket = Socket::default();
-        let mut io = Coalesced::new(socket.clone());
-        poll_fn(|cx| {
-            write_frames(&mut io, cx, &[b"only"]);
-            Poll::Ready(())
-        })
-        .await;
-        until_written(&mut io, &socket).await;
-        assert_eq!(socket.writes(), vec![b"only".to_vec()]);
-        // And the next turn starts afresh.
-        poll_fn(|cx| {
+        // The next poll starts afresh.
+        FlushAfterPoll::new(poll_fn(|cx| {
             write_frames(&mut io, cx, &[b"next"]);
             Poll::Ready(())
+        }))
+        .await;
+        assert_eq!(socket.writes()[1], b"next");
+    }
+
+    #[tokio::test]
+    async fn outside_a_flushing_poll_each_flush_writes() {
+        let socket = Socket::default();
+        let mut io = Coalesced::new(socket.clone());
+        poll_fn(|cx| {
+            write_frames(&mut io, cx, &[b"one", b"two"]);
+            Poll::Ready(())
         })
         .await;
-        assert_eq!(socket.writes().len(), 1);
-        let polled = poll_fn(|cx| {
-            let mut b = [0u8; 16];
-            let _ = Pin::new(&mut io).poll_read(cx, &mut ReadBuf::new(&mut b));
-            if socket.writes().len() == 2 {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(5), polled)
-            .await
-            .unwrap();
-        assert_eq!(socket.writes()[1], b"next");
+        assert_eq!(socket.writes(), vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_write_failing_after_the_poll_is_reported_by_the_next_write() {
+        let socket = Socket::default();
+        socket.broken.store(true, Ordering::SeqCst);
+        let mut io = Coalesced::new(socket.clone());
+        FlushAfterPoll::new(poll_fn(|cx| {
+            write_frames(&mut io, cx, &[b"lost"]);
+            Poll::Ready(())
+        }))
+        .await;
+        let err = io.write(b"more").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[tokio::test]
     async fn shutdown_writes_what_is_pending_first() {
         let socket = Socket::default();
         let mut io = Coalesced::new(socket.clone());
-        poll_fn(|cx| {
-            write_frames(&mut io, cx, &[b"goaway"]);
-            Poll::Ready(())
-        })
-        .await;
-        tokio::io::AsyncWriteExt::shutdown(&mut io).await.unwrap();
-        assert_eq!(socket.writes(), vec![b"goaway".to_vec()]);
+        io.write_all(b"goaway").await.unwrap();
+        assert!(socket.writes().is_empty());
+        io.shutdown().await.unwrap();
+        assert_eq!(socket.sent(), b"goaway");
         assert!(socket.shut.load(Ordering::SeqCst));
     }
 
     #[tokio::test]
-    async fn a_full_socket_holds_writes_back_and_loses_nothing() {
+    async fn dropped_without_shutdown_it_still_writes_what_it_took() {
         let socket = Socket::default();
-        *socket.room.lock().unwrap() = Some(0);
         let mut io = Coalesced::new(socket.clone());
-        let chunk = vec![7u8; 4096];
+        io.write_all(b"last reply").await.unwrap();
+        drop(io);
+        assert_eq!(socket.sent(), b"last reply");
+    }
+
+    #[tokio::test]
+    async fn a_slow_socket_holds_writes_back_and_loses_or_reorders_nothing() {
+        let socket = Socket::default();
+        *socket.room.lock().unwrap() = Some(5000);
+        let mut io = Coalesced::new(socket.clone());
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         let mut accepted = 0;
         poll_fn(|cx| {
             loop {
-                match Pin::new(&mut io).poll_write(cx, &chunk) {
+                let end = (accepted + 3000).min(data.len());
+                match Pin::new(&mut io).poll_write(cx, &data[accepted..end]) {
                     Poll::Ready(Ok(n)) => accepted += n,
                     Poll::Pending => return Poll::Ready(()),
                     Poll::Ready(Err(e)) => panic!("{e}"),
                 }
-                assert!(accepted <= MAX_PENDING, "buffered past the bound");
+                assert!(
+                    lock(&io.state).pending.len() <= MAX_PENDING,
+                    "buffered past the bound"
+                );
             }
         })
         .await;
-        assert_eq!(accepted, MAX_PENDING);
-        // The peer reads again: everything accepted arrives, in order.
+        assert!(accepted < data.len(), "a full socket pushes back");
+        // The peer reads again, a little at a time.
+        while accepted < data.len() {
+            *socket.room.lock().unwrap() = Some(777);
+            let end = (accepted + 3000).min(data.len());
+            let polled =
+                poll_fn(|cx| Poll::Ready(Pin::new(&mut io).poll_write(cx, &data[accepted..end])));
+            if let Poll::Ready(Ok(n)) = polled.await {
+                accepted += n;
+            }
+        }
         *socket.room.lock().unwrap() = None;
-        tokio::io::AsyncWriteExt::shutdown(&mut io).await.unwrap();
-        let sent: usize = socket.writes().iter().map(Vec::len).sum();
-        assert_eq!(sent, accepted);
+        io.shutdown().await.unwrap();
+        assert!(socket.sent() == data, "bytes lost or out of order");
     }
 
     #[tokio::test]
@@ -370,15 +489,137 @@ mod tests {
         let socket = Socket::default();
         let mut io = Coalesced::new(socket.clone());
         let big = vec![1u8; MAX_PENDING + 1];
-        poll_fn(|cx| {
-            write_frames(&mut io, cx, &[b"head"]);
-            assert!(matches!(Pin::new(&mut io).poll_write(cx, &big), Poll::Ready(Ok(n)) if n == big.len()));
-            Poll::Ready(())
-        })
-        .await;
+        io.write_all(b"head").await.unwrap();
+        io.write_all(&big).await.unwrap();
         let w = socket.writes();
         assert_eq!(w.len(), 2);
         assert_eq!(w[0], b"head");
         assert_eq!(w[1].len(), big.len());
+    }
+
+    /// Counts the writes below the adapter, on a real connection.
+    struct Counted {
+        io: tokio::io::DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.io).poll_write(cx, buf);
+            if r.is_ready() {
+                self.writes.fetch_add(1, Ordering::SeqCst);
+            }
+            r
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// An HTTP/2 server and client, both on the adapter as the proxy uses them,
+    /// over a pipe that holds `pipe` bytes. The server's handlers (hyper runs
+    /// each in a task of its own) wait for `gate`, then answer `body` bytes.
+    /// Returns the client and a count of the server's writes.
+    async fn h2_pair(
+        gate: Arc<tokio::sync::Semaphore>,
+        arrived: Arc<AtomicUsize>,
+        pipe: usize,
+        body: usize,
+    ) -> (SendRequest<Full<Bytes>>, Arc<AtomicUsize>) {
+        let (client, server) = tokio::io::duplex(pipe);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let server = Coalesced::new(Counted {
+            io: server,
+            writes: writes.clone(),
+        });
+        let svc = hyper::service::service_fn(move |_: http::Request<hyper::body::Incoming>| {
+            let (gate, arrived) = (gate.clone(), arrived.clone());
+            async move {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                gate.acquire().await.unwrap().forget();
+                let body = Full::new(Bytes::from(vec![b'x'; body]));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            }
+        });
+        tokio::spawn(FlushAfterPoll::new(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), svc),
+        ));
+        let client = TokioIo::new(Coalesced::new(client));
+        let (send, conn) = hyper::client::conn::http2::handshake(FlushAfterPollExecutor, client)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (send, writes)
+    }
+
+    async fn get(mut send: SendRequest<Full<Bytes>>) -> usize {
+        let req = http::Request::get("http://test/")
+            .body(Full::default())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes().len()
+    }
+
+    #[tokio::test]
+    async fn responses_finished_together_by_their_own_tasks_leave_in_one_write() {
+        const N: usize = 8;
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (send, writes) = h2_pair(gate.clone(), arrived.clone(), 1 << 20, 1024).await;
+        let gets: Vec<_> = (0..N).map(|_| tokio::spawn(get(send.clone()))).collect();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while arrived.load(Ordering::SeqCst) < N {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every request arrives");
+        let before = writes.load(Ordering::SeqCst);
+        gate.add_permits(N);
+        for g in gets {
+            assert_eq!(g.await.unwrap(), 1024);
+        }
+        // h2 alone writes each 1 KiB DATA frame by itself: N writes or more.
+        let made = writes.load(Ordering::SeqCst) - before;
+        assert!(made <= 2, "{N} responses took {made} writes");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_response_arrives_whole_through_a_full_pipe_on_many_threads() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(
+            tokio::sync::Semaphore::MAX_PERMITS,
+        ));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        // 40 KiB responses through a pipe that holds 4 KiB: writes wait for room.
+        let (send, _) = h2_pair(gate, arrived, 4096, 40 * 1024).await;
+        for _ in 0..10 {
+            let one = tokio::time::timeout(Duration::from_secs(5), get(send.clone()));
+            assert_eq!(one.await.expect("a lone response was held back"), 40 * 1024);
+        }
+        let many: Vec<_> = (0..50).map(|_| tokio::spawn(get(send.clone()))).collect();
+        for g in many {
+            let got = tokio::time::timeout(Duration::from_secs(10), g).await;
+            assert_eq!(got.expect("a response was held back").unwrap(), 40 * 1024);
+        }
     }
 }

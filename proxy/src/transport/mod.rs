@@ -8,7 +8,6 @@ pub mod listen;
 pub mod orig_dst;
 pub mod prefixed;
 
-pub use coalesce::Coalesced;
 pub use drain::{Drain, DrainTrigger};
 pub use listen::{Accepted, Listener};
 pub use prefixed::PrefixedIo;
