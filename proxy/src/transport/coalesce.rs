@@ -11,8 +11,15 @@
 //! written and flushed. Nothing waits for another task or another turn of the
 //! event loop, so a lone response goes out as soon as it did before.
 //!
-//! Outside [`FlushAfterPoll`] (a connection polled by a task that is not
-//! wrapped) a flush is done at once, as without this module.
+//! Outside a [`FlushAfterPoll`] poll a flush is done at once. The thread's
+//! depth in such polls decides, so a connection must only be polled by the
+//! task that wraps it (hyper polls each from its own task; nothing polls one
+//! inline under another's).
+//!
+//! A connection future that ends in the same poll in which its last write found
+//! the socket full gets one more try, when it is dropped; then the rest is lost.
+//! h2's own shutdown writes everything first: only its ends on a broken socket,
+//! an unexpected EOF or hyper's keep-alive timeout skip it.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -67,12 +74,11 @@ impl<T: AsyncWrite + Unpin + Send> Finish for Mutex<State<T>> {
         // when there is room the connection is polled, h2 flushes, and the rest
         // is noted again.
         match st.poll_drain(cx) {
-            Poll::Ready(Ok(())) => {
-                if let Poll::Ready(Err(e)) = Pin::new(&mut st.io).poll_flush(cx) {
-                    st.failed = Some(e);
-                }
-            }
-            Poll::Ready(Err(e)) => st.failed = Some(e),
+            Poll::Ready(Ok(())) => match Pin::new(&mut st.io).poll_flush(cx) {
+                Poll::Ready(Err(e)) => st.fail(e, cx),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            },
+            Poll::Ready(Err(e)) => st.fail(e, cx),
             Poll::Pending => {}
         }
     }
@@ -98,6 +104,13 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
 }
 
 impl<T: AsyncWrite + Unpin> State<T> {
+    /// h2 took these bytes as flushed: it learns of the failure at its next
+    /// write or flush, so its task is woken to make one.
+    fn fail(&mut self, e: io::Error, cx: &mut Context<'_>) {
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+    }
+
     /// Writes out what is pending.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.pending.len() {
@@ -195,16 +208,19 @@ impl<T: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Coalesced<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = lock(&self.state);
+        if let Some(e) = st.failed.take() {
+            return Poll::Ready(Err(e));
+        }
         std::task::ready!(st.poll_drain(cx))?;
         std::task::ready!(Pin::new(&mut st.io).poll_flush(cx))?;
         Pin::new(&mut st.io).poll_shutdown(cx)
     }
 }
 
-/// hyper and h2 drop a connection without shutting it down on some ends (the
-/// peer's EOF, an I/O error, a CONNECT with a body): what they took as flushed
-/// is written if the socket has room. (A noted connection is written by the
-/// poll that noted it, which holds it until then.)
+/// hyper and h2 drop a connection without shutting it down on some ends (an
+/// unexpected EOF, an I/O error, a CONNECT with a body): what they took as
+/// flushed gets one write that does not wait. (A noted connection is written by
+/// the poll that noted it, which holds it until then.)
 impl<T: AsyncWrite + Unpin> Drop for Coalesced<T> {
     fn drop(&mut self) {
         if let Some(st) = Arc::get_mut(&mut self.state) {
@@ -229,8 +245,8 @@ impl<T> State<T> {
 }
 
 pin_project_lite::pin_project! {
-    /// Polls a task's future, then writes what the [`Coalesced`] connections it
-    /// polled wrote meanwhile.
+    /// Polls a task's future, then writes and flushes every [`Coalesced`]
+    /// connection that flushed meanwhile.
     pub struct FlushAfterPoll<F> {
         #[pin]
         inner: F,
@@ -251,8 +267,8 @@ impl<F: Future> Future for FlushAfterPoll<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        /// Ends the poll, even one that panics: the depth is restored and
-        /// what was noted under it written.
+        /// Ends the poll: the depth is restored, and what was noted under it
+        /// written (or, if the poll panicked, dropped from the list).
         struct End<'a, 'b> {
             start: usize,
             cx: &'a mut Context<'b>,
@@ -260,6 +276,18 @@ impl<F: Future> Future for FlushAfterPoll<F> {
         impl Drop for End<'_, '_> {
             fn drop(&mut self) {
                 DEPTH.set(DEPTH.get() - 1);
+                // Should a write panic, the connections after it are dropped
+                // from the list with it rather than left for another poll.
+                struct Truncate(usize);
+                impl Drop for Truncate {
+                    fn drop(&mut self) {
+                        NOTED.with_borrow_mut(|n| n.truncate(self.0));
+                    }
+                }
+                let _truncate = Truncate(self.start);
+                if std::thread::panicking() {
+                    return;
+                }
                 while let Some(c) =
                     NOTED.with_borrow_mut(|n| if n.len() > self.start { n.pop() } else { None })
                 {
@@ -501,6 +529,7 @@ mod tests {
     struct Counted {
         io: tokio::io::DuplexStream,
         writes: Arc<AtomicUsize>,
+        broken: Arc<AtomicBool>,
     }
 
     impl AsyncRead for Counted {
@@ -519,6 +548,9 @@ mod tests {
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
+            if self.broken.load(Ordering::SeqCst) {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
             let r = Pin::new(&mut self.io).poll_write(cx, buf);
             if r.is_ready() {
                 self.writes.fetch_add(1, Ordering::SeqCst);
@@ -538,18 +570,21 @@ mod tests {
     /// An HTTP/2 server and client, both on the adapter as the proxy uses them,
     /// over a pipe that holds `pipe` bytes. The server's handlers (hyper runs
     /// each in a task of its own) wait for `gate`, then answer `body` bytes.
-    /// Returns the client and a count of the server's writes.
+    /// Returns the client, a count of the server's writes and a switch that
+    /// breaks the server's socket.
     async fn h2_pair(
         gate: Arc<tokio::sync::Semaphore>,
         arrived: Arc<AtomicUsize>,
         pipe: usize,
         body: usize,
-    ) -> (SendRequest<Full<Bytes>>, Arc<AtomicUsize>) {
+    ) -> (SendRequest<Full<Bytes>>, Arc<AtomicUsize>, Arc<AtomicBool>) {
         let (client, server) = tokio::io::duplex(pipe);
         let writes = Arc::new(AtomicUsize::new(0));
+        let broken = Arc::new(AtomicBool::new(false));
         let server = Coalesced::new(Counted {
             io: server,
             writes: writes.clone(),
+            broken: broken.clone(),
         });
         let svc = hyper::service::service_fn(move |_: http::Request<hyper::body::Incoming>| {
             let (gate, arrived) = (gate.clone(), arrived.clone());
@@ -569,7 +604,7 @@ mod tests {
             .await
             .unwrap();
         tokio::spawn(conn);
-        (send, writes)
+        (send, writes, broken)
     }
 
     async fn get(mut send: SendRequest<Full<Bytes>>) -> usize {
@@ -585,7 +620,7 @@ mod tests {
         const N: usize = 8;
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let arrived = Arc::new(AtomicUsize::new(0));
-        let (send, writes) = h2_pair(gate.clone(), arrived.clone(), 1 << 20, 1024).await;
+        let (send, writes, _) = h2_pair(gate.clone(), arrived.clone(), 1 << 20, 1024).await;
         let gets: Vec<_> = (0..N).map(|_| tokio::spawn(get(send.clone()))).collect();
         tokio::time::timeout(Duration::from_secs(5), async {
             while arrived.load(Ordering::SeqCst) < N {
@@ -611,7 +646,7 @@ mod tests {
         ));
         let arrived = Arc::new(AtomicUsize::new(0));
         // 40 KiB responses through a pipe that holds 4 KiB: writes wait for room.
-        let (send, _) = h2_pair(gate, arrived, 4096, 40 * 1024).await;
+        let (send, _, _) = h2_pair(gate, arrived, 4096, 40 * 1024).await;
         for _ in 0..10 {
             let one = tokio::time::timeout(Duration::from_secs(5), get(send.clone()));
             assert_eq!(one.await.expect("a lone response was held back"), 40 * 1024);
@@ -621,5 +656,32 @@ mod tests {
             let got = tokio::time::timeout(Duration::from_secs(10), g).await;
             assert_eq!(got.expect("a response was held back").unwrap(), 40 * 1024);
         }
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_breaks_after_the_poll_fails_the_request_promptly() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (send, _, broken) = h2_pair(gate.clone(), arrived.clone(), 1 << 20, 1024).await;
+        let mut send2 = send.clone();
+        let got = tokio::spawn(async move {
+            let req = http::Request::get("http://test/")
+                .body(Full::default())
+                .unwrap();
+            send2.send_request(req).await.map(|_| ())
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while arrived.load(Ordering::SeqCst) < 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the request arrives");
+        // The response is noted, then its write fails: h2 must hear of it and
+        // end the connection, rather than wait for a keep-alive to notice.
+        broken.store(true, Ordering::SeqCst);
+        gate.add_permits(1);
+        let ended = tokio::time::timeout(Duration::from_secs(5), got).await;
+        assert!(ended.expect("the request hung").unwrap().is_err());
     }
 }
