@@ -111,6 +111,16 @@ impl<T: AsyncWrite + Unpin> State<T> {
         cx.waker().wake_by_ref();
     }
 
+    /// One write that does not wait, for a connection being dropped.
+    fn drop_write(&mut self) {
+        if self.written < self.pending.len() {
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(Ok(())) = self.poll_drain(&mut cx) {
+                let _ = Pin::new(&mut self.io).poll_flush(&mut cx);
+            }
+        }
+    }
+
     /// Writes out what is pending.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.pending.len() {
@@ -226,20 +236,6 @@ impl<T: AsyncWrite + Unpin> Drop for Coalesced<T> {
         if let Some(st) = Arc::get_mut(&mut self.state) {
             let st = st.get_mut().unwrap_or_else(|e| e.into_inner());
             st.drop_write();
-        }
-    }
-}
-
-impl<T> State<T> {
-    fn drop_write(&mut self)
-    where
-        T: AsyncWrite + Unpin,
-    {
-        if self.written < self.pending.len() {
-            let mut cx = Context::from_waker(Waker::noop());
-            if let Poll::Ready(Ok(())) = self.poll_drain(&mut cx) {
-                let _ = Pin::new(&mut self.io).poll_flush(&mut cx);
-            }
         }
     }
 }
