@@ -45,6 +45,10 @@ pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// An opaque TCP stream with no bytes either way for this long is closed (as Istio).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// How often heap freed since is handed back to the kernel (`malloc_trim`), so
+/// a burst's memory leaves within this time of its end.
+pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Connections open at once per listener; beyond this new ones get 503 (HTTP) or
 /// are closed. Bounds memory against floods.
 pub const MAX_CONNECTIONS: usize = 20_000;

@@ -1,4 +1,6 @@
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+mod heap;
 
 use std::process::ExitCode;
 
@@ -51,6 +53,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
     let proxy = Proxy::bind(config, Some(log)).await?;
     let handle = proxy.shutdown_handle();
+    tokio::spawn(heap::return_freed(
+        strait_proxy::defaults::HEAP_TRIM_INTERVAL,
+    ));
     tokio::spawn(async move {
         wait_for_signal().await;
         handle.shutdown();
