@@ -517,8 +517,8 @@ impl Proxy {
             ready,
         } = self;
         let max = shared.config.max_connections;
-        let out = Outbound::new(shared.clone());
-        let inb = Inbound::new(shared.clone());
+        let out = Arc::new(Outbound::new(shared.clone()));
+        let inb = Arc::new(Inbound::new(shared.clone()));
 
         let mut listeners = Vec::new();
         {

@@ -63,7 +63,10 @@ impl Outbound {
     }
 
     /// Handles one connection. `fixed` is the destination of an `--upstream` listener.
-    pub async fn handle(self, acc: Accepted, fixed: Option<DestAddr>) {
+    /// Serves one accepted connection. Its future is what an idle connection
+    /// costs, so `self` is shared rather than copied into it, and the rare
+    /// server-speaks-first path, five times an HTTP connection's size, is boxed.
+    pub async fn handle(self: Arc<Self>, acc: Accepted, fixed: Option<DestAddr>) {
         let s = &self.shared;
         let dst = fixed.or_else(|| orig_dst(&acc.stream).map(|o| DestAddr::Socket(o.0)));
         let resolved = match &dst {
@@ -79,14 +82,14 @@ impl Outbound {
             (None, _) => return,
             (Some(Detection::Known(protocol, io)), _) => (protocol, io),
             (Some(Detection::Silent(stream)), Some(d)) => {
-                let settled = silent::settle(
+                let settled = Box::pin(silent::settle(
                     s,
                     &self.build,
                     stream,
                     d.clone(),
                     resolved.clone(),
                     acc.client,
-                );
+                ));
                 match settled.await {
                     Some(http) => http,
                     None => return,
