@@ -64,8 +64,8 @@ impl Outbound {
 
     /// Handles one connection; `fixed` is the destination of an `--upstream`
     /// listener. Its future is what an idle connection costs, so `self` is shared
-    /// rather than copied into it, and the rare server-speaks-first path, larger
-    /// than the rest together, is boxed.
+    /// rather than copied into it, and the rare server-speaks-first path, the
+    /// largest by far, is boxed.
     pub async fn handle(self: Arc<Self>, acc: Accepted, fixed: Option<DestAddr>) {
         let s = &self.shared;
         let dst = fixed.or_else(|| orig_dst(&acc.stream).map(|o| DestAddr::Socket(o.0)));
