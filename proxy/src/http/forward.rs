@@ -30,9 +30,14 @@ use crate::transport::Drain;
 pub struct UpgradeConn(pub Arc<ConnState>);
 
 /// What forwarding needs: the upstream clients, the proxy's own addresses (never a
-/// destination), and how upgraded streams are carried.
+/// destination), and how upgraded streams are carried. Shared: the stacks above
+/// clone it several times per request (retry, balancer, this call), and one
+/// reference count is cheaper than the dozen its parts hold.
 #[derive(Clone, Debug)]
-pub struct Forward {
+pub struct Forward(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
     clients: ClientCache,
     own: OwnAddrs,
     tcp: TcpConfig,
@@ -50,14 +55,14 @@ impl Forward {
         drain: Drain,
         direction: Direction,
     ) -> Self {
-        Forward {
+        Forward(Arc::new(Shared {
             clients,
             own,
             tcp,
             metrics,
             drain,
             direction,
-        }
+        }))
     }
 
     async fn forward<B>(self, mut req: Request<B>) -> Result<Response<BoxBody>, Failed>
@@ -78,15 +83,15 @@ impl Forward {
         // (upgrades and CONNECT are never retried).
         let hand_back =
             req.extensions().get::<ReturnUnsent>().is_some() && !is_connect && !is_upgrade;
-        let timeout = connect_timeout.unwrap_or(self.tcp.connect_timeout);
-        let addr = match self.tcp.names.resolve(&dst, timeout).await {
+        let timeout = connect_timeout.unwrap_or(self.0.tcp.connect_timeout);
+        let addr = match self.0.tcp.names.resolve(&dst, timeout).await {
             Ok(addr) => addr,
             Err(e) => return Err(Failed::unsent(e, req, hand_back)),
         };
         // A name resolved to one of our listeners (`Host: localhost:4140`) would
         // come straight back. A peer proxy's inbound is exempt: a pod calling its
         // own Service goes through its own inbound.
-        if to_peer.is_none() && self.own.contains(addr) {
+        if to_peer.is_none() && self.0.own.contains(addr) {
             return Err(ProxyError::Loop(addr).into());
         }
         let version = req.version();
@@ -102,7 +107,7 @@ impl Forward {
         } else {
             app_authority(&req)?
         };
-        let upstream = self.clients.get(
+        let upstream = self.0.clients.get(
             addr,
             h2,
             to_peer.as_ref().map(|p| &p.identity),
@@ -165,8 +170,8 @@ impl Forward {
             }
             let upstream_upgrade = hyper::upgrade::on(&mut rsp);
             let (tcp, metrics, direction) =
-                (self.tcp.clone(), self.metrics.clone(), self.direction);
-            self.drain.spawn(async move {
+                (self.0.tcp.clone(), self.0.metrics.clone(), self.0.direction);
+            self.0.drain.spawn(async move {
                 upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,
