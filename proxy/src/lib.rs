@@ -4,6 +4,7 @@
 pub mod addr;
 pub mod admin;
 pub mod balance;
+pub mod boxed;
 pub mod cli;
 pub mod control;
 pub mod defaults;

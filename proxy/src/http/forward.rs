@@ -327,7 +327,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
+        crate::boxed::future(|| async move {
             Ok(this
                 .forward(req)
                 .await

@@ -16,6 +16,7 @@ use tracing::debug;
 
 use self::authorize::AuthorizeLayer;
 use crate::addr::{ClientAddr, TargetPort};
+use crate::boxed;
 use crate::defaults;
 use crate::detect::Protocol;
 use crate::http::dst::SetDstLayer;
@@ -61,12 +62,14 @@ impl Inbound {
         let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
         let Some(server) = self.shared.tls_server.clone() else {
-            return Box::pin(self.serve(acc.stream, target, None, false, client)).await;
+            return boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
         };
         match first(&acc.stream, self.shared.config.detect_timeout).await {
-            Some(First::Tls) => Box::pin(self.from_peer(acc.stream, server, target, client)).await,
+            Some(First::Tls) => {
+                boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
+            }
             Some(First::Other { silent }) => {
-                Box::pin(self.serve(acc.stream, target, None, silent, client)).await
+                boxed::pin(|| self.serve(acc.stream, target, None, silent, client)).await
             }
             None => {}
         }

@@ -156,7 +156,7 @@ where
         };
         let build = self.build.clone();
         let mut passthrough = self.passthrough.clone();
-        Box::pin(async move {
+        crate::boxed::future(|| async move {
             let resolved = match req.extensions().get::<Dst>() {
                 Some(Dst(dest)) => {
                     discovery

@@ -82,14 +82,16 @@ impl Outbound {
             (None, _) => return,
             (Some(Detection::Known(protocol, io)), _) => (protocol, io),
             (Some(Detection::Silent(stream)), Some(d)) => {
-                let settled = Box::pin(silent::settle(
-                    s,
-                    &self.build,
-                    stream,
-                    d.clone(),
-                    resolved.clone(),
-                    acc.client,
-                ));
+                let settled = crate::boxed::pin(|| {
+                    silent::settle(
+                        s,
+                        &self.build,
+                        stream,
+                        d.clone(),
+                        resolved.clone(),
+                        acc.client,
+                    )
+                });
                 match settled.await {
                     Some(http) => http,
                     None => return,

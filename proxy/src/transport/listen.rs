@@ -101,13 +101,15 @@ impl Listener {
                     // Boxed: a connection's future holds its whole stack inline
                     // and is large, and a task moves the future it is given
                     // several times (into its cell, and over it when done).
-                    drain.spawn(Box::pin(handle(Accepted {
-                        stream,
-                        client: ClientAddr(peer),
-                        local: self.local,
-                        _permit: permit,
-                        _open: open,
-                    })));
+                    drain.spawn(crate::boxed::pin(|| {
+                        handle(Accepted {
+                            stream,
+                            client: ClientAddr(peer),
+                            local: self.local,
+                            _permit: permit,
+                            _open: open,
+                        })
+                    }));
                 }
                 Err(_) => {
                     metrics.reject_tcp(self.direction, "connection_limit");

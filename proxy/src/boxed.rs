@@ -1,0 +1,36 @@
+//! Boxing a future without copying it. `Box::pin(f)` builds `f` on the stack
+//! and then copies all of it into the allocation, and the proxy's futures are
+//! kilobytes: a request's forwarding future 3.7 KB, a connection's 2.5 to 5.5 KB.
+//! Allocating first and building the future in the allocation leaves only its
+//! captures to write (checked in the release build's code: the copy is gone).
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A future behind a pointer, as the stacks' boxed stages return.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// `Box::pin(make())`, built in place.
+#[inline(always)]
+pub fn pin<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
+/// [`pin`], as a [`BoxFuture`].
+#[inline(always)]
+pub fn future<F>(make: impl FnOnce() -> F) -> BoxFuture<F::Output>
+where
+    F: Future + Send + 'static,
+{
+    pin(make)
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_future_boxed_in_place_runs_as_built() {
+        let big = [7u8; 4096];
+        let fut = super::future(|| async move { big.iter().map(|&b| u32::from(b)).sum::<u32>() });
+        assert_eq!(fut.await, 7 * 4096);
+    }
+}
