@@ -28,7 +28,7 @@ where
 #[cfg(test)]
 mod tests {
     #[tokio::test]
-    async fn a_future_boxed_in_place_runs_as_built() {
+    async fn a_boxed_future_runs_as_built() {
         let big = [7u8; 4096];
         let fut = super::future(|| async move { big.iter().map(|&b| u32::from(b)).sum::<u32>() });
         assert_eq!(fut.await, 7 * 4096);

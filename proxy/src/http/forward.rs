@@ -3,9 +3,7 @@
 //! streaming bodies both ways.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -319,7 +317,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    type Future = crate::boxed::BoxFuture<Result<Response<BoxBody>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))

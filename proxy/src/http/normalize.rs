@@ -347,6 +347,10 @@ mod tests {
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h, ordinary(), "{name}");
         }
+        // An upgrade is told to the next hop even when nothing else is there.
+        let mut h = ordinary();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::CONNECTION], "upgrade");
     }
 
     #[test]

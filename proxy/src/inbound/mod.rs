@@ -16,7 +16,6 @@ use tracing::debug;
 
 use self::authorize::AuthorizeLayer;
 use crate::addr::{ClientAddr, TargetPort};
-use crate::boxed;
 use crate::defaults;
 use crate::detect::Protocol;
 use crate::http::dst::SetDstLayer;
@@ -62,14 +61,14 @@ impl Inbound {
         let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
         let Some(server) = self.shared.tls_server.clone() else {
-            return boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
+            return crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
         };
         match first(&acc.stream, self.shared.config.detect_timeout).await {
             Some(First::Tls) => {
-                boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
+                crate::boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
             }
             Some(First::Other { silent }) => {
-                boxed::pin(|| self.serve(acc.stream, target, None, silent, client)).await
+                crate::boxed::pin(|| self.serve(acc.stream, target, None, silent, client)).await
             }
             None => {}
         }
