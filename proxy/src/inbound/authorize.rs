@@ -4,11 +4,10 @@
 //! (removed from anything a client sent, so it cannot be forged).
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
+use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
@@ -98,7 +97,9 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    /// A refusal is ready at once; an allowed request is the inner future, not
+    /// boxed again (one allocation less per inbound request).
+    type Future = Either<Ready<Result<Response<BoxBody>, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -119,14 +120,14 @@ where
                 _ => StatusCode::FORBIDDEN,
             };
             let rsp = error_response(status, &denied.to_string());
-            return Box::pin(async move { Ok(rsp) });
+            return Either::Left(ready(Ok(rsp)));
         }
         let headers = req.headers_mut();
         remove_client_id(headers);
         if let Some(v) = &l.peer_header {
             headers.insert(CLIENT_ID_HEADER, v.clone());
         }
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 
