@@ -7,8 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-/// A future behind a pointer, as the stacks' boxed stages return.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use futures_util::future::BoxFuture;
 
 /// `Box::pin(make())`, built in place.
 #[inline(always)]
@@ -16,9 +15,9 @@ pub fn pin<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
-/// [`pin`], as a [`BoxFuture`].
+/// [`pin`], as the `BoxFuture` the stacks' boxed stages return.
 #[inline(always)]
-pub fn future<F>(make: impl FnOnce() -> F) -> BoxFuture<F::Output>
+pub fn future<F>(make: impl FnOnce() -> F) -> BoxFuture<'static, F::Output>
 where
     F: Future + Send + 'static,
 {

@@ -317,7 +317,7 @@ where
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = crate::boxed::BoxFuture<Result<Response<BoxBody>, Infallible>>;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<BoxBody>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
