@@ -24,8 +24,8 @@ pub const OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
 /// HTTP (`outbound::silent`). 300 ms keeps the greeting's delay imperceptible to
 /// humans and far inside database drivers' connect timeouts (seconds).
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
-/// Bytes read at most while detecting: an HTTP/1 request line longer than this is
-/// not something we route (hyper caps the whole head separately).
+/// Bytes read at most while detecting: an HTTP/1 request line still unfinished
+/// here is taken for HTTP, and hyper caps the whole head (`MAX_HEADER_BYTES`).
 pub const DETECT_MAX_BYTES: usize = 8 * 1024;
 
 /// TCP connect to an upstream. Inside a cluster a healthy peer answers in

@@ -61,7 +61,21 @@ pub async fn detect_from<I: AsyncRead + Unpin>(
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Ok(Ok(0)) if buf.is_empty() => return Ok(None),
-            // EOF or deadline with a partial prefix: not HTTP we can serve.
+            // The start of an HTTP request, and then a pause: HTTP, whose server
+            // waits for the rest with its own timeout. Carried raw, the rest
+            // would reach the app past everything the HTTP stack enforces (a
+            // forged `strait-client-id` among them).
+            Err(_) if !buf.is_empty() => {
+                return Ok(Some(Detected {
+                    protocol: if H2_PREFACE.starts_with(&buf[..]) {
+                        Protocol::Http2
+                    } else {
+                        Protocol::Http1
+                    },
+                    prefix: buf,
+                }));
+            }
+            // EOF with a partial prefix: nothing more can follow it, carried as it is.
             Ok(Ok(0)) | Err(_) => {
                 return Ok(Some(Detected {
                     protocol: Protocol::Opaque,
@@ -84,6 +98,13 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // "PRI " could still be an HTTP/1 method named PRI; only the full preface decides.
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
+    // Servers skip empty lines before a request line (RFC 9112, 2.2), and so
+    // would the app: a request behind them is HTTP too.
+    let full = buf.len() >= max_bytes;
+    let Some(start) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
+        return full.then_some(Protocol::Opaque);
+    };
+    let buf = &buf[start..];
     // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF.
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = &buf[..line_end.unwrap_or(buf.len())];
@@ -92,8 +113,12 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     match line_end {
-        None if buf.len() >= max_bytes => Some(Protocol::Opaque),
-        None => None,
+        // No method is this long.
+        None if method_len == line.len() => full.then_some(Protocol::Opaque),
+        None if !line[method_len..].iter().all(|&b| is_line_byte(b)) => Some(Protocol::Opaque),
+        // A request line longer than detection reads is still HTTP, for the
+        // HTTP server to answer (414), not opaque bytes for the app to parse.
+        None => full.then_some(Protocol::Http1),
         Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let ok = line.len() > method_len + 1
@@ -107,6 +132,11 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
             })
         }
     }
+}
+
+/// A byte that may appear in a request line after the method.
+fn is_line_byte(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | 0x21..=0x7e)
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -133,6 +163,54 @@ mod tests {
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn requests_an_app_would_parse_are_http() {
+        let m = 8192;
+        // Empty lines before the request line, which servers skip.
+        assert_eq!(
+            classify(b"\r\n\r\nGET / HTTP/1.1\r\n", m),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"\r\n", m), None);
+        // A request line longer than detection reads.
+        let mut long = b"GET /".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 9000));
+        assert_eq!(classify(&long, m), Some(Protocol::Http1));
+        assert_eq!(classify(&long[..4000], m), None);
+        // Bytes no request line holds decide at once.
+        assert_eq!(classify(b"AB \x00\x01", m), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_start_of_a_request_then_a_pause_is_http() {
+        for (sent, protocol) in [
+            (&b"G"[..], Protocol::Http1),
+            (b"GET /x?a=", Protocol::Http1),
+            (&H2_PREFACE[..6], Protocol::Http2),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(64);
+            client.write_all(sent).await.unwrap();
+            let d = detect(&mut server, Duration::from_millis(300), 8192)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(d.protocol, protocol, "{sent:?}");
+            assert_eq!(&d.prefix[..], sent);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_start_of_a_request_then_eof_is_carried_as_it_is() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET /x").await.unwrap();
+        drop(client);
+        let d = detect(&mut server, Duration::from_secs(10), 8192)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.protocol, Protocol::Opaque);
     }
 
     #[tokio::test(start_paused = true)]

@@ -111,32 +111,8 @@ pub enum Detection<I> {
 
 impl Shared {
     /// Detects the protocol of a new connection (or takes `opaque` as given) and
-    /// returns the stream with the bytes read so far put back in front. A
-    /// silent client is carried as opaque.
-    pub async fn detect<I>(
-        &self,
-        stream: I,
-        opaque: bool,
-        direction: Direction,
-        client: ClientAddr,
-    ) -> Option<(Protocol, PrefixedIo<I>)>
-    where
-        I: tokio::io::AsyncRead + Unpin,
-    {
-        match self
-            .detect_or_silence(stream, opaque, direction, client)
-            .await?
-        {
-            Detection::Known(protocol, io) => Some((protocol, io)),
-            Detection::Silent(io) => {
-                self.count_detected(direction, Protocol::Opaque);
-                Some((Protocol::Opaque, PrefixedIo::new(Bytes::new(), io)))
-            }
-        }
-    }
-
-    /// As `detect`, but says when the client stayed silent rather than taking
-    /// it for opaque (counted only once the caller knows what it is).
+    /// returns the stream with the bytes read so far put back in front, or says
+    /// the client stayed silent (counted only once the caller knows what it is).
     pub async fn detect_or_silence<I>(
         &self,
         mut stream: I,

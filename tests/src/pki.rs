@@ -272,6 +272,37 @@ pub async fn request_over_tls(
     seen
 }
 
+/// Opens TLS to `inbound` presenting `leaf` and offering `alpn`, writes `bytes`,
+/// half-closes, and returns all that comes back (within 5 s): what a peer proxy
+/// holding `leaf` could send, byte for byte.
+pub async fn exchange_over_tls(
+    inbound: std::net::SocketAddr,
+    leaf: Leaf,
+    alpn: &[u8],
+    bytes: &[u8],
+) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(leaf.chain, leaf.key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(inbound).await.expect("connect inbound");
+    let name = ServerName::try_from("web.test.serviceaccount.identity.strait.cluster.local")
+        .expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the inbound port");
+    tls.write_all(bytes).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    buf
+}
+
 /// A certificate signing request for `identity` (a fresh key), as a proxy sends.
 pub fn csr(identity: &str) -> Vec<u8> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");

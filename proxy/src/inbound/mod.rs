@@ -6,15 +6,18 @@
 mod authorize;
 pub mod dst;
 pub mod policy;
+mod settle;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::layer::util::Stack;
 use tracing::debug;
 
 use self::authorize::AuthorizeLayer;
+use self::settle::Settled;
 use crate::addr::{ClientAddr, TargetPort};
 use crate::defaults;
 use crate::detect::Protocol;
@@ -22,11 +25,11 @@ use crate::http::dst::SetDstLayer;
 use crate::http::server::ConnMeta;
 use crate::http::stack::HttpStack;
 use crate::identity::{Identity, tls};
-use crate::proxy::Shared;
+use crate::proxy::{Detection, Shared};
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::DirectionLabels;
-use crate::transport::Accepted;
 use crate::transport::orig_dst::orig_dst;
+use crate::transport::{Accepted, PrefixedIo};
 
 const DIRECTION: Direction = Direction::Inbound;
 
@@ -143,6 +146,9 @@ impl Inbound {
         }
     }
 
+    /// Serves a stream to the app. `silent`: its protocol is to be settled by
+    /// whoever speaks first rather than detected (the client already said nothing
+    /// for the detection timeout, or a peer proxy carried it as opaque).
     async fn serve<I>(
         self: Arc<Self>,
         io: I,
@@ -154,10 +160,6 @@ impl Inbound {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let s = &self.shared;
-        let opaque = silent || target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
-        let Some((protocol, io)) = s.detect(io, opaque, DIRECTION, client).await else {
-            return;
-        };
         let rules = dst::TargetRules {
             own: s.own.clone(),
             // A verified peer names its port. A redirected plaintext client gets
@@ -169,6 +171,37 @@ impl Inbound {
             trust_carried: peer.is_some()
                 || (target.is_none()
                     && (s.identity.is_none() || client.0.ip().to_canonical().is_loopback())),
+        };
+        let declared = target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
+        // Only a port declared opaque is carried without a look at its bytes: on
+        // any other, HTTP goes through the HTTP stack, whatever came before it.
+        let detection = if declared {
+            Detection::Known(Protocol::Opaque, PrefixedIo::new(Bytes::new(), io))
+        } else if silent {
+            Detection::Silent(io)
+        } else {
+            let Some(d) = s.detect_or_silence(io, false, DIRECTION, client).await else {
+                return;
+            };
+            d
+        };
+        let (protocol, io, app_conn) = match detection {
+            Detection::Known(protocol, io) => {
+                if declared {
+                    s.count_detected(DIRECTION, protocol);
+                }
+                (protocol, io, None)
+            }
+            Detection::Silent(io) => {
+                let app = target
+                    .and_then(|p| rules.check(p).ok())
+                    .map(|p| dst::app_addr(s.config.app_ip, p));
+                match settle::settle(s, io, app, client).await {
+                    Some(Settled::Http(protocol, io)) => (protocol, io, None),
+                    Some(Settled::Opaque(io, up)) => (Protocol::Opaque, io, up),
+                    None => return,
+                }
+            }
         };
         let meta = ConnMeta {
             direction: DIRECTION,
@@ -194,14 +227,14 @@ impl Inbound {
                         debug!(client = %client.0, %denied, "inbound connection denied");
                         return;
                     }
-                    crate::tcp::forward(
-                        io,
-                        &dst::app_addr(s.config.app_ip, p),
-                        &s.tcp,
-                        &s.metrics,
-                        DIRECTION,
-                    )
-                    .await
+                    let app = dst::app_addr(s.config.app_ip, p);
+                    match app_conn {
+                        // Made while settling; what the app said on it goes now.
+                        Some(up) => {
+                            crate::tcp::splice(io, up, &app, &s.tcp, &s.metrics, DIRECTION).await
+                        }
+                        None => crate::tcp::forward(io, &app, &s.tcp, &s.metrics, DIRECTION).await,
+                    }
                 }
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_target_port");

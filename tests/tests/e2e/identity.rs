@@ -13,7 +13,8 @@ use strait_tests::load::Load;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
 use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum};
 use strait_tests::pki::{
-    Pki, controller_channel, controller_channel_as, csr, request_over_tls, token_file, token_secret,
+    Pki, controller_channel, controller_channel_as, csr, exchange_over_tls, request_over_tls,
+    token_file, token_secret,
 };
 use strait_tests::process::free_port;
 use strait_tests::{client, wait};
@@ -739,4 +740,115 @@ async fn opaque_tcp_between_meshed_pods_rides_mtls() {
         counted("client", "allow") && counted("intruder", "deny"),
         "{text}"
     );
+}
+
+/// An identity a caller may claim in `strait-client-id`; the app must never see it.
+const FORGED_ID: &str = "spiffe://cluster.local/ns/prod/sa/admin";
+
+#[tokio::test]
+async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
+    let m = Mesh::start("web", None).await;
+    let port = m.backend.addr.port();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let forged_get = |target: &str| {
+        format!(
+            "GET {target} HTTP/1.1\r\nhost: web\r\nstrait-target-port: {port}\r\nstrait-client-id: {FORGED_ID}\r\nconnection: close\r\n\r\n"
+        )
+    };
+    // What the app said the caller was: the body, whatever its framing.
+    let body = |rsp: &[u8]| {
+        let text = String::from_utf8_lossy(rsp).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            !text.contains(FORGED_ID),
+            "the claimed identity reached the app: {text}"
+        );
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        [CLIENT_ID, "none"]
+            .into_iter()
+            .find(|id| body.contains(id))
+            .unwrap_or(body)
+            .to_string()
+    };
+
+    // Anything holding a workload certificate can carry a stream as opaque
+    // (the port first, then raw bytes) to a port not declared opaque: HTTP on
+    // it is served as HTTP, and the app is told the verified identity.
+    let leaf = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
+    let mut stream = port.to_be_bytes().to_vec();
+    stream.extend(forged_get("/client-id").as_bytes());
+    let rsp = exchange_over_tls(m.web.inbound, leaf, b"strait-opaque/1", &stream).await;
+    assert_eq!(body(&rsp), CLIENT_ID, "carried as opaque by a peer");
+
+    // A plaintext client silent past the detection timeout, then HTTP.
+    let mut s = tokio::net::TcpStream::connect(m.web.inbound).await.unwrap();
+    // Silent past the detection timeout (300 ms): the case under test.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let rsp = send_raw(&mut s, &[forged_get("/client-id").as_bytes()]).await;
+    assert_eq!(body(&rsp), "none", "silent, then HTTP");
+
+    // The start of a request, a pause past the detection timeout, the rest.
+    let mut s = tokio::net::TcpStream::connect(m.web.inbound).await.unwrap();
+    let req = forged_get("/client-id");
+    let (start, rest) = req.split_at(1);
+    use tokio::io::AsyncWriteExt;
+    s.write_all(start.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let rsp = send_raw(&mut s, &[rest.as_bytes()]).await;
+    assert_eq!(body(&rsp), "none", "a pause within the request line");
+
+    // A meshed app's request whose line is longer than detection reads: HTTP
+    // through both proxies, not opaque bytes.
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    let long = format!("/client-id?pad={}", "a".repeat(9000));
+    let rsp = send_raw(&mut s, &[forged_get(&long).as_bytes()]).await;
+    assert_eq!(body(&rsp), CLIENT_ID, "a 9 KiB request line");
+    assert_eq!(m.backend.requests(), 4);
+}
+
+#[tokio::test]
+async fn a_server_that_speaks_first_is_still_reached_across_the_mesh() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An undeclared port: the client proxy carries the silent client as
+    // opaque, and web's proxy, which settles who speaks first, lets the
+    // app's greeting through.
+    let m = Mesh::start("web", None).await;
+    let greeter = strait_tests::tcp::banner(b"220 ready\r\n").await;
+    m.dir.write("svc-smtp.yaml", &service(NS, "smtp", 2525));
+    m.dir
+        .write("slice-smtp.yaml", &endpoint(NS, "smtp", "web-0", greeter));
+    let smtp = "smtp.test.svc.cluster.local:2525";
+    let c = m.sidecar("client-0", "client", &[smtp]).await;
+    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut greeting))
+        .await
+        .expect("the greeting in time")
+        .expect("the greeting");
+    assert_eq!(&greeting, b"220 ready\r\n");
+    s.write_all(b"EHLO mesh\r\n").await.unwrap();
+    let mut back = [0u8; 11];
+    s.read_exact(&mut back).await.expect("the echo");
+    assert_eq!(&back, b"EHLO mesh\r\n");
+}
+
+/// Writes `parts` in turn and reads to the end.
+async fn send_raw(s: &mut tokio::net::TcpStream, parts: &[&[u8]]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for p in parts {
+        s.write_all(p).await.unwrap();
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf));
+    read.await.expect("the response ends").unwrap();
+    buf
 }

@@ -1,0 +1,115 @@
+//! A stream whose protocol its first bytes did not tell: a client that said
+//! nothing within the detection timeout, or an opaque stream a peer proxy
+//! carried to a port this workload did not declare opaque. Either may be a
+//! server-speaks-first protocol waiting for its greeting, or a client about to
+//! speak HTTP. Carried raw, that HTTP would reach the app past the HTTP stack
+//! and whatever `strait-client-id` it claimed with it.
+//!
+//! So, as outbound (`outbound::silent`), the connection to the app is made at
+//! once and whoever speaks first decides. The app: the stream is opaque, with
+//! the app's greeting. The client: its bytes are detected as any client's are,
+//! and when they are HTTP the connection made for nothing is closed unused.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::DIRECTION;
+use crate::addr::{ClientAddr, DestAddr};
+use crate::detect::Protocol;
+use crate::proxy::Shared;
+use crate::transport::PrefixedIo;
+
+/// How the stream turned out.
+pub(super) enum Settled<I> {
+    Http(Protocol, PrefixedIo<I>),
+    /// Opaque; with the connection to the app, when it was made, and what the
+    /// app said on it.
+    Opaque(PrefixedIo<I>, Option<PrefixedIo<TcpStream>>),
+}
+
+/// What ended the wait for a first word.
+enum First {
+    Client(std::io::Result<usize>),
+    /// Spoke, closed or failed: whichever, the stream is the app's.
+    Server,
+    Idle,
+}
+
+/// Waits for whoever speaks first; `app` is where an opaque stream goes (none
+/// when the client named no port: only its own words can say where).
+pub(super) async fn settle<I>(
+    s: &Shared,
+    mut io: I,
+    app: Option<DestAddr>,
+    client: ClientAddr,
+) -> Option<Settled<I>>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut said = BytesMut::with_capacity(1024);
+    let mut greeting = BytesMut::new();
+    let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
+    let connect = async {
+        match &app {
+            Some(a) => crate::tcp::dial(a, &s.tcp).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut connect = std::pin::pin!(connect);
+    let connected = tokio::select! {
+        biased;
+        r = io.read_buf(&mut said) => Err(First::Client(r)),
+        c = &mut connect => Ok(c),
+        () = &mut idle => Err(First::Idle),
+    };
+    let (first, up) = match connected {
+        Err(first) => (first, None),
+        Ok(Ok(mut up)) => {
+            let first = tokio::select! {
+                // Both at once: the client's bytes decide (HTTP stays HTTP).
+                biased;
+                r = io.read_buf(&mut said) => First::Client(r),
+                _ = up.read_buf(&mut greeting) => First::Server,
+                () = &mut idle => First::Idle,
+            };
+            (first, Some(up))
+        }
+        // Refused, as an opaque stream to it would be: a client waiting for a
+        // greeting is not left hanging.
+        Ok(Err((reason, e))) => {
+            s.count_detected(DIRECTION, Protocol::Opaque);
+            s.metrics.reject_tcp(DIRECTION, reason);
+            warn!(direction = DIRECTION.as_str(), dst = ?app, error = %e, "opaque stream refused");
+            return None;
+        }
+    };
+    match first {
+        First::Client(Ok(n)) if n > 0 => {}
+        // Closed (or half-closed) without a word, or the app spoke first:
+        // opaque, as the client would see it without a proxy.
+        First::Client(Ok(_)) | First::Server => {
+            s.count_detected(DIRECTION, Protocol::Opaque);
+            let up = up.map(|up| PrefixedIo::new(greeting.freeze(), up));
+            return Some(Settled::Opaque(PrefixedIo::new(Bytes::new(), io), up));
+        }
+        First::Idle => {
+            s.count_detected(DIRECTION, Protocol::Opaque);
+            info!(direction = DIRECTION.as_str(), client = %client.0, idle = ?s.tcp.idle_timeout, "opaque stream idle, closed");
+            return None;
+        }
+        First::Client(Err(e)) => {
+            s.count_detected(DIRECTION, Protocol::Opaque);
+            debug!(client = %client.0, error = %e, "connection failed during detection");
+            return None;
+        }
+    }
+    let (protocol, io) = s.detect_more(io, said, DIRECTION, client).await?;
+    if protocol != Protocol::Opaque {
+        // The connection made for nothing closes unused.
+        return Some(Settled::Http(protocol, io));
+    }
+    let up = up.map(|up| PrefixedIo::new(Bytes::new(), up));
+    Some(Settled::Opaque(io, up))
+}
