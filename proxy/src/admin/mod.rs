@@ -10,11 +10,12 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::defaults;
 use crate::telemetry::Metrics;
 use crate::telemetry::log::LogHandle;
 use crate::transport::Drain;
@@ -32,7 +33,18 @@ pub struct AdminState {
     pub ready: watch::Receiver<bool>,
 }
 
+/// Admin connections open at once at most: probes and scrapes need a few, and
+/// the port may be reachable from other pods, which must not be able to hold
+/// the process's file descriptors (those the data path needs too).
+pub const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    // A connection that does not finish a request head in time, idle ones
+    // included, is closed.
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(defaults::HTTP_HEADER_READ_TIMEOUT);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -42,16 +54,19 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 continue;
             }
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            crate::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
+            continue;
+        };
         let state = state.clone();
+        let h1 = h1.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = h1.serve_connection(TokioIo::new(stream), svc).await {
                 debug!(error = %e, "admin connection ended");
             }
         });

@@ -86,3 +86,36 @@ async fn shutdown_from_loopback_drains_and_ready_turns_503() {
     assert_eq!((status.as_u16(), body.as_str()), (200, "slow"));
     assert!(proxy.join().await, "drained cleanly");
 }
+
+#[tokio::test]
+async fn admin_connections_are_capped_and_the_data_path_is_not() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let admin = proxy.addrs.admin;
+    // Connections that never send a request hold every admin slot.
+    let mut held = Vec::new();
+    for _ in 0..strait_proxy::admin::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    // Accepted in order, so one more finds no slot: closed at once.
+    let mut extra = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection past the cap: {read:?}"
+    );
+    // The proxy's own traffic is untouched.
+    let c = strait_tests::client::http1();
+    let (status, _) = strait_tests::client::get(&c, &format!("http://{}/", proxy.upstream()))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    // A slot freed is a slot for the next probe.
+    held.pop();
+    strait_tests::wait::until("an admin slot to free", Duration::from_secs(5), || async {
+        matches!(admin_get(admin, "/ready").await, Ok((200, _)))
+    })
+    .await;
+}
