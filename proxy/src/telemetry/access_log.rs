@@ -90,7 +90,7 @@ impl Line {
         Line {
             at: SystemTime::now(),
             direction,
-            method: req.method().as_str().to_string(),
+            method: bounded_str(req.method().as_str()),
             authority: bounded(authority),
             path: bounded(req.uri().path().to_string()),
             version: match req.version() {
@@ -129,7 +129,8 @@ impl Line {
         self.peer = notes.peer.as_ref().map(|p| p.to_string());
         self.retries = notes.retries;
         self.trace_id = trace_id.map(|t| t.to_string());
-        self.error = error.map(str::to_string);
+        // The value may be an upstream's own header: any length.
+        self.error = error.map(bounded_str);
         self
     }
 
@@ -204,6 +205,21 @@ impl Line {
 /// lines, so lines are bounded in size.
 pub const MAX_FIELD: usize = 1024;
 
+/// `s` cut to `MAX_FIELD` bytes, copying no more than that.
+pub fn bounded_str(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_string();
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = String::with_capacity(end + '…'.len_utf8());
+    cut.push_str(&s[..end]);
+    cut.push('…');
+    cut
+}
+
 pub fn bounded(mut s: String) -> String {
     if s.len() > MAX_FIELD {
         let mut end = MAX_FIELD;
@@ -219,6 +235,16 @@ pub fn bounded(mut s: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_cut_to_the_bound_whatever_their_length() {
+        assert_eq!(bounded_str("short"), "short");
+        let long = "é".repeat(MAX_FIELD);
+        let cut = bounded_str(&long);
+        assert!(cut.len() <= MAX_FIELD + '…'.len_utf8(), "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert_eq!(cut, bounded(long));
+    }
 
     #[test]
     fn a_line_cannot_be_split_by_what_the_client_sent() {

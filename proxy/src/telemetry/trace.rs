@@ -251,7 +251,8 @@ impl Pending {
                 direction: self.direction,
                 end,
                 status,
-                error: error.map(str::to_string),
+                // The value may be an upstream's own header: any length.
+                error: error.map(super::access_log::bounded_str),
                 notes,
             });
         }
