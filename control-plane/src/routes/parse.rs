@@ -192,7 +192,14 @@ fn parents(route: &ObjKey, refs: &[ParentRefDoc]) -> Result<Vec<ParentRef>, Spec
                 format!("{:?} is not a Service name", p.name),
             ));
         }
-        let namespace = namespace(&format!("{at}.namespace"), route, p.namespace.as_ref())?;
+        let namespace = own_namespace(
+            &format!("{at}.namespace"),
+            route,
+            p.namespace.as_ref(),
+            "a route changes traffic only to Services of its own namespace (one elsewhere would \
+             change it for every client in the mesh; routes for one namespace's own clients are \
+             not supported)",
+        )?;
         let parent = ParentRef {
             service: ObjKey {
                 namespace,
@@ -208,11 +215,24 @@ fn parents(route: &ObjKey, refs: &[ParentRefDoc]) -> Result<Vec<ParentRef>, Spec
     Ok(out)
 }
 
-/// A referenced object's namespace: the route's own unless given.
-fn namespace(field: &str, route: &ObjKey, ns: Option<&String>) -> Result<String, SpecError> {
+/// A referenced object's namespace, which must be the route's own (its
+/// default): a route may not reach into a namespace that did not write it.
+fn own_namespace(
+    field: &str,
+    route: &ObjKey,
+    ns: Option<&String>,
+    why: &str,
+) -> Result<String, SpecError> {
     match ns {
         None => Ok(route.namespace.clone()),
-        Some(ns) if dns_label(ns) => Ok(ns.clone()),
+        Some(ns) if *ns == route.namespace => Ok(ns.clone()),
+        Some(ns) if dns_label(ns) => Err(SpecError::new(
+            field,
+            format!(
+                "{ns:?} is not the route's namespace ({:?}): {why}",
+                route.namespace
+            ),
+        )),
         Some(ns) => Err(SpecError::new(
             field,
             format!("{ns:?} is not a namespace name"),
@@ -298,7 +318,13 @@ fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef
     };
     Ok(BackendRef {
         service: ObjKey {
-            namespace: namespace(&format!("{at}.namespace"), route, b.namespace.as_ref())?,
+            namespace: own_namespace(
+                &format!("{at}.namespace"),
+                route,
+                b.namespace.as_ref(),
+                "a backend in another namespace needs that namespace's consent (a ReferenceGrant), \
+                 which is not supported",
+            )?,
             name: b.name.clone(),
         },
         port: b.port.map(|p| port(format!("{at}.port"), p)).transpose()?,
@@ -394,12 +420,8 @@ fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<R
         .enumerate()
         .map(|(i, b)| backend_ref(route, &format!("{at}.backendRefs[{i}]"), b))
         .collect::<Result<Vec<_>, _>>()?;
-    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
-        return Err(SpecError::new(
-            format!("{at}.backendRefs"),
-            "every backendRef has weight 0",
-        ));
-    }
+    // Every backend at weight 0 is accepted: it is how a rule is drained, and
+    // the proxies answer its requests 500, as Gateway API says.
     let timeouts = r.timeouts.as_ref();
     let request_timeout = timeout(
         &format!("{at}.timeouts.request"),
@@ -520,6 +542,27 @@ mod tests {
         // An empty rule: no matches, no backends, no timeouts, no retries.
         let empty = &r.rules[1];
         assert!(empty.matches.is_empty() && empty.backends.is_empty() && empty.retry.is_none());
+    }
+
+    #[test]
+    fn a_route_reaches_only_into_its_own_namespace() {
+        // Named explicitly, the route's own namespace is as good as the default.
+        let mut v = route();
+        v["spec"]["parentRefs"][0]["namespace"] = "shop".into();
+        v["spec"]["rules"][0]["backendRefs"][0]["namespace"] = "shop".into();
+        assert_eq!(parsed(&v).parents[0].service.namespace, "shop");
+        // A route written in `dev` would otherwise send every client's traffic
+        // for `shop/web` wherever it liked.
+        let mut v = route();
+        v["spec"]["parentRefs"][0]["namespace"] = "prod".into();
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "spec.parentRefs[0].namespace");
+        assert!(e.reason.contains("its own namespace"), "{}", e.reason);
+        let mut v = route();
+        v["spec"]["rules"][0]["backendRefs"][1]["namespace"] = "prod".into();
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].backendRefs[1].namespace");
+        assert!(e.reason.contains("ReferenceGrant"), "{}", e.reason);
     }
 
     #[test]
@@ -669,16 +712,13 @@ mod tests {
     }
 
     #[test]
-    fn every_backend_ref_with_weight_zero_is_refused() {
+    fn every_backend_ref_at_weight_zero_is_a_drained_rule_not_an_error() {
+        // Refused, the change would leave the split before it in force.
         let mut v = route();
         v["spec"]["rules"][0]["backendRefs"][0]["weight"] = 0.into();
         v["spec"]["rules"][0]["backendRefs"][1]["weight"] = 0.into();
-        let e = parse(&v).unwrap_err();
-        assert_eq!(e.field, "spec.rules[0].backendRefs");
-        assert!(e.reason.contains("every backendRef has weight 0"));
-        // One at 0 is a backend taken out of rotation: fine.
-        v["spec"]["rules"][0]["backendRefs"][1]["weight"] = 1.into();
-        assert!(parse(&v).is_ok());
+        let r = parsed(&v);
+        assert!(r.rules[0].backends.iter().all(|b| b.weight == 0));
     }
 
     #[test]

@@ -415,7 +415,17 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
             "bad regex",
             canary_routes().replace("/items/[0-9]+", "/items/[0-9+"),
         ),
-        ("weights all 0", split(0, 0)),
+        (
+            "a parent in another namespace",
+            canary_routes().replace(
+                "kind: Service, name: web,",
+                "kind: Service, namespace: other, name: web,",
+            ),
+        ),
+        (
+            "a backend in another namespace",
+            canary_routes().replace("{name: web-v2,", "{name: web-v2, namespace: other,"),
+        ),
     ];
     for (i, (what, yaml)) in bad.iter().enumerate() {
         let errors = mesh.cp.metric("strait_controller_reload_errors").await;
@@ -444,6 +454,12 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
             i + 1
         );
     }
+    // Every backend at weight 0 is no error: the rule is drained, and answers 500.
+    mesh.dir.write("route.yaml", &split(0, 0));
+    wait::until("the drained rule", Duration::from_secs(10), || async {
+        send(&mesh.url("/a"), 8, http::StatusCode::INTERNAL_SERVER_ERROR).await == 8
+    })
+    .await;
 }
 
 async fn post(url: &str, body: Bytes) -> (http::StatusCode, String) {
