@@ -54,9 +54,24 @@ where
                 Either::Left(self.inner.call(req))
             }
             Err(e) => {
-                crate::sampled!(info, error = %e, uri = %req.uri(), "request refused");
+                // The path only: a query or userinfo may hold credentials.
+                crate::sampled!(info, error = %e, path = %ShortPath(req.uri()), "request refused");
                 Either::Right(ready(Ok(e.into_response())))
             }
         }
+    }
+}
+
+/// A URI's path, cut to the log's field bound.
+struct ShortPath<'a>(&'a http::Uri);
+
+impl std::fmt::Display for ShortPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self.0.path();
+        let mut end = p.len().min(crate::telemetry::access_log::MAX_FIELD);
+        while !p.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.write_str(&p[..end])
     }
 }
