@@ -42,6 +42,23 @@ pub struct ConnState {
     /// The connection's reader, woken when the last request in flight finishes so
     /// the idle timer starts even if hyper is not reading just then.
     reader: AtomicWaker,
+    /// Streams taken over by an upgrade and still spliced: until the last ends,
+    /// the connection holds its place under the listener's connection limit.
+    tunnels: AtomicUsize,
+    tunnels_done: tokio::sync::Notify,
+}
+
+/// An upgraded stream of a connection, open while this is alive.
+#[derive(Debug)]
+pub struct Tunnel(Arc<ConnState>);
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if self.0.tunnels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit is stored if no one waits yet: the waiter sees it.
+            self.0.tunnels_done.notify_one();
+        }
+    }
 }
 
 const CONTENT_LENGTH: u8 = 1;
@@ -62,6 +79,19 @@ pub enum HeadFault {
 impl ConnState {
     pub fn mark_upgraded(&self) {
         self.upgraded.store(true, Ordering::Release);
+    }
+
+    /// A stream this connection hands over to an upgrade (WebSocket, CONNECT).
+    pub fn tunnel(self: &Arc<Self>) -> Tunnel {
+        self.tunnels.fetch_add(1, Ordering::AcqRel);
+        Tunnel(self.clone())
+    }
+
+    /// Resolves once no stream this connection handed over is still open.
+    pub async fn tunnels_closed(&self) {
+        while self.tunnels.load(Ordering::Acquire) > 0 {
+            self.tunnels_done.notified().await;
+        }
     }
 
     pub fn header_timed_out(&self) -> bool {

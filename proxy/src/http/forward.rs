@@ -163,13 +163,16 @@ impl Forward {
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)
         {
-            if let Some(UpgradeConn(conn)) = &conn {
+            let tunnel = conn.as_ref().map(|UpgradeConn(conn)| {
                 conn.mark_upgraded();
-            }
+                conn.tunnel()
+            });
             let upstream_upgrade = hyper::upgrade::on(&mut rsp);
             let (tcp, metrics, direction) =
                 (self.0.tcp.clone(), self.0.metrics.clone(), self.0.direction);
             self.0.drain.spawn(async move {
+                // The client's connection counts as open until the splice ends.
+                let _tunnel = tunnel;
                 upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,

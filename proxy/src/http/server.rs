@@ -127,6 +127,9 @@ pub async fn serve_http1<I, S, B>(
             }
         }
     }
+    // hyper is done once it hands an upgraded stream over; the connection is
+    // not, and keeps its place under the connection limit until the stream ends.
+    state.tunnels_closed().await;
 }
 
 /// Serves HTTP/2; `state` is fed by the stack's `InFlightLayer`, so that a

@@ -192,6 +192,55 @@ async fn connections_beyond_the_cap_get_503() {
     .await;
 }
 
+#[tokio::test]
+async fn an_upgraded_connection_keeps_its_place_under_the_cap() {
+    let backend = Backend::start().await;
+    let mut c = support::with_upstream(support::config(), backend.addr);
+    c.max_connections = 1;
+    let proxy = support::start(c).await;
+    // A CONNECT tunnel: hyper hands the stream over and is done with it.
+    let mut tunnel = TcpStream::connect(proxy.upstream()).await.unwrap();
+    tunnel
+        .write_all(b"CONNECT example.test:443 HTTP/1.1\r\nhost: example.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tunnel.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tunnel.read_exact(&mut echoed).await.unwrap();
+    // The tunnel is still a connection: no room for another.
+    let rsp = raw(proxy.upstream(), b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(status_of(&rsp), "503", "{rsp}");
+    let m = proxy.metrics_text();
+    assert_eq!(
+        support::metric(
+            &m,
+            "strait_proxy_tcp_open_connections{direction=\"outbound\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // Closed, it frees its place.
+    drop(tunnel);
+    let c = strait_tests::client::http1();
+    strait_tests::wait::until("the tunnel's slot", Duration::from_secs(5), || {
+        let c = c.clone();
+        let url = format!("http://{}/", proxy.upstream());
+        async move { matches!(strait_tests::client::get(&c, &url).await, Ok((s, _)) if s == 200) }
+    })
+    .await;
+}
+
 /// HTTP/2 frames, written by hand: this is the attacker's side.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
