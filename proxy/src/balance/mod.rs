@@ -174,6 +174,9 @@ pub struct InFlight {
     start: Instant,
     /// This request probes an ejected endpoint (the probe's number).
     probe: Option<u64>,
+    /// When the route's per-attempt timeout gives up on the endpoint: dropped
+    /// unjudged by then, the request timed out, a failure of the endpoint's.
+    deadline: Option<Instant>,
     /// An outcome was recorded.
     judged: std::sync::atomic::AtomicBool,
 }
@@ -269,6 +272,7 @@ impl Endpoints {
             index: chosen,
             start: now,
             probe,
+            deadline: None,
             judged: Default::default(),
         })
     }
@@ -343,6 +347,12 @@ fn hash_key<'a>(key: &HashKey, headers: &'a http::HeaderMap) -> Option<&'a [u8]>
 }
 
 impl InFlight {
+    /// The request is given up on at `deadline` (the route's `backendRequest`
+    /// timeout), and counts then as the endpoint's failure.
+    pub fn give_up_at(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.backend.slots[self.index].endpoint
     }
@@ -446,9 +456,16 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.state().pending.fetch_sub(1, Ordering::Relaxed);
         if !self.judged.load(Ordering::Relaxed) {
-            // Cancelled or timed out above us: no verdict, but it took at least
-            // this long, which the latency estimate should know.
-            self.record(Duration::ZERO);
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                // The attempt timed out: an endpoint that accepts requests and
+                // never answers must not keep its share of them.
+                self.failed();
+            } else {
+                // Cancelled above us (the client went away, or the whole
+                // request's timeout): no verdict, but it took at least this
+                // long, which the latency estimate should know.
+                self.record(Duration::ZERO);
+            }
         }
         if let Some(p) = self.probe {
             // A no-op once the probe's outcome was recorded.
@@ -526,6 +543,49 @@ mod tests {
             f.success();
         }
         assert!(back > 300, "recovered endpoint got {back} of 3000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_that_never_answers_is_ejected_when_attempts_time_out() {
+        // Round robin: nothing but the breaker steers around a silent endpoint
+        // (the latency-aware default shuns it after its first timeout).
+        let b = backend(
+            3,
+            BackendConfig {
+                lb: LbConfig::RoundRobin,
+                ..Default::default()
+            },
+        );
+        let timeout = Duration::from_secs(1);
+        let mut counts = [0usize; 3];
+        for _ in 0..300 {
+            let mut f = b.pick(&Default::default(), None).unwrap();
+            f.give_up_at(Instant::now() + timeout);
+            let i = index(&f);
+            counts[i] += 1;
+            if i == 0 {
+                // Accepted, never answered: the route's timeout drops it.
+                tokio::time::advance(timeout).await;
+                drop(f);
+            } else {
+                tokio::time::advance(Duration::from_millis(1)).await;
+                f.success();
+            }
+        }
+        assert_eq!(b.ejected(), 1, "{counts:?}");
+        assert!(counts[0] <= 10, "the silent endpoint got {counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_gives_up_early_ejects_nothing() {
+        let b = backend(1, BackendConfig::default());
+        for _ in 0..100 {
+            let mut f = b.pick(&Default::default(), None).unwrap();
+            f.give_up_at(Instant::now() + Duration::from_secs(1));
+            tokio::time::advance(Duration::from_millis(10)).await;
+            drop(f);
+        }
+        assert_eq!(b.ejected(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response, StatusCode};
@@ -23,11 +24,18 @@ use crate::http::{BoxBody, Dst, boxed};
 pub struct Balance<S> {
     endpoints: Arc<Endpoints>,
     inner: S,
+    /// The route's per-attempt timeout, which sits above: a request it gives
+    /// up on counts as the endpoint's failure.
+    attempt_timeout: Option<Duration>,
 }
 
 impl<S> Balance<S> {
-    pub fn new(endpoints: Arc<Endpoints>, inner: S) -> Self {
-        Balance { endpoints, inner }
+    pub fn new(endpoints: Arc<Endpoints>, inner: S, attempt_timeout: Option<Duration>) -> Self {
+        Balance {
+            endpoints,
+            inner,
+            attempt_timeout,
+        }
     }
 }
 
@@ -50,7 +58,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
-        let in_flight = match self.endpoints.pick(req.headers(), avoid) {
+        // Taken before the timeout above starts its clock (it calls us first),
+        // so an attempt it gave up on is always past this.
+        let deadline = self
+            .attempt_timeout
+            .map(|t| tokio::time::Instant::now() + t);
+        let mut in_flight = match self.endpoints.pick(req.headers(), avoid) {
             Ok(f) => f,
             Err(e) => {
                 let (status, reason) = match e {
@@ -62,6 +75,9 @@ where
                 return Either::Left(ready(Ok(rsp)));
             }
         };
+        if let Some(d) = deadline {
+            in_flight.give_up_at(d);
+        }
         let ep = in_flight.endpoint();
         let served_by = ep.addr;
         // Dst is replaced in place, not boxed again; a request the forwarder

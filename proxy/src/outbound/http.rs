@@ -68,7 +68,11 @@ pub fn route(
                             timeout::Kind::Backend,
                             metrics.backend_timeouts.clone(),
                         ))
-                        .service(Balance::new(endpoints, b.forward.clone())),
+                        .service(Balance::new(
+                            endpoints,
+                            b.forward.clone(),
+                            rule.backend_timeout,
+                        )),
                     responses: b
                         .metrics
                         .route_backend(service, &rule.route, &rule.rule, name),
