@@ -14,8 +14,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::retry::RetryBudget;
 use http::{Request, Response};
-use tower::retry::budget::TpsBudget;
 use tower::{Layer, Service, ServiceBuilder};
 
 use super::backend::{Split, WeightedBackend};
@@ -42,7 +42,7 @@ pub fn route(
     service: &str,
     rule: &Rule,
     backends: &HashMap<Arc<str>, Arc<Endpoints>>,
-    budget: &Arc<TpsBudget>,
+    budget: &Arc<RetryBudget>,
     metrics: &RouteMetrics,
     b: &Builder,
 ) -> RouteService {

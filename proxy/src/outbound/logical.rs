@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::retry::RetryBudget;
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
-use tower::retry::budget::TpsBudget;
 use tower::{Service, ServiceExt};
 
 use super::http::{self as stack, RouteService};
@@ -42,7 +42,7 @@ struct RouteStage {
     rule: Rule,
     service: RouteService,
     metrics: RouteMetrics,
-    budget: (BudgetConfig, Arc<TpsBudget>),
+    budget: (BudgetConfig, Arc<RetryBudget>),
 }
 
 pub struct Stages {

@@ -4,6 +4,7 @@
 //! A retry re-enters the backend split and the balancer, avoiding the endpoint
 //! that just failed.
 
+mod budget;
 pub mod replay;
 
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use strait_api::v1 as api;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
+
+pub use self::budget::RetryBudget;
 
 pub use self::replay::{NotReplayable, ReplayBody};
 use crate::balance::{Avoid, ServedBy};
@@ -94,7 +97,7 @@ impl Default for BudgetConfig {
 }
 
 impl BudgetConfig {
-    /// Out-of-range values are clamped: tower's budget asserts its bounds.
+    /// Out-of-range values are clamped.
     pub fn parse(b: Option<api::RetryBudget>) -> Self {
         let Some(b) = b else {
             return Self::default();
@@ -118,8 +121,8 @@ impl BudgetConfig {
         }
     }
 
-    pub fn build(&self) -> TpsBudget {
-        TpsBudget::new(self.ttl, self.min_per_second, self.ratio)
+    pub fn build(&self) -> RetryBudget {
+        RetryBudget::new(self.ttl, self.min_per_second, self.ratio)
     }
 }
 
@@ -136,7 +139,7 @@ pub struct RetryMetrics {
 #[derive(Clone)]
 pub struct Policy {
     config: Arc<RetryConfig>,
-    budget: Arc<TpsBudget>,
+    budget: Arc<RetryBudget>,
     metrics: RetryMetrics,
     /// Retries made so far for this request.
     retried: u32,
@@ -153,7 +156,7 @@ impl std::fmt::Debug for Policy {
 }
 
 impl Policy {
-    pub fn new(config: Arc<RetryConfig>, budget: Arc<TpsBudget>, metrics: RetryMetrics) -> Self {
+    pub fn new(config: Arc<RetryConfig>, budget: Arc<RetryBudget>, metrics: RetryMetrics) -> Self {
         Policy {
             config,
             budget,

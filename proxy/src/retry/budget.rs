@@ -1,0 +1,155 @@
+//! A retry budget: retries may be at most `ratio` of the requests of the last
+//! `ttl`, plus `min_per_second`. tower's `TpsBudget` works the same way but
+//! charges a retry `(1 / ratio) as isize` requests, so a ratio between those
+//! steps rounds up to the next: 0.3 allowed a third of requests, 0.6 all of
+//! them. Here a request deposits a million units and a retry withdraws
+//! a million over `ratio`, rounded down: a ratio is kept to a millionth, and
+//! never allows fewer retries than it says.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::retry::budget::Budget;
+
+/// Units a request deposits.
+const DEPOSIT: i64 = 1_000_000;
+/// Windows the `ttl` is divided in: deposits older than the oldest are gone.
+const WINDOWS: usize = 10;
+
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Units a request deposits: none with a ratio of 0, when only the
+    /// reserve pays for retries.
+    deposit: i64,
+    /// Units a retry withdraws.
+    withdraw: i64,
+    /// What `min_per_second` grants, always there.
+    reserve: i64,
+    window: Duration,
+    state: Mutex<Windows>,
+}
+
+#[derive(Debug)]
+struct Windows {
+    /// Net units per window; `current` is being written.
+    slots: [i64; WINDOWS],
+    current: usize,
+    started: Instant,
+}
+
+impl RetryBudget {
+    /// `ratio` in 0..=1, `ttl` in 1..=60 s (the configuration clamps both).
+    pub fn new(ttl: Duration, min_per_second: u32, ratio: f32) -> Self {
+        let (deposit, withdraw) = if ratio > 0.0 {
+            (
+                DEPOSIT,
+                ((DEPOSIT as f64 / f64::from(ratio)).floor() as i64).max(1),
+            )
+        } else {
+            (0, DEPOSIT)
+        };
+        let reserve = i64::from(min_per_second)
+            .saturating_mul(ttl.as_secs() as i64)
+            .saturating_mul(withdraw);
+        RetryBudget {
+            deposit,
+            withdraw,
+            reserve,
+            window: (ttl / WINDOWS as u32).max(Duration::from_millis(1)),
+            state: Mutex::new(Windows {
+                slots: [0; WINDOWS],
+                current: 0,
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    fn windows(&self) -> std::sync::MutexGuard<'_, Windows> {
+        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Windows that passed since the current one started are emptied.
+        let passed = Instant::now().saturating_duration_since(w.started);
+        let n = passed.as_nanos() / self.window.as_nanos();
+        if n > 0 {
+            for _ in 0..n.min(WINDOWS as u128) {
+                w.current = (w.current + 1) % WINDOWS;
+                let c = w.current;
+                w.slots[c] = 0;
+            }
+            // Whole windows only, so the current one keeps its phase; after a
+            // long quiet spell, restarted now.
+            w.started = if n >= WINDOWS as u128 {
+                Instant::now()
+            } else {
+                w.started + self.window * n as u32
+            };
+        }
+        w
+    }
+}
+
+impl Budget for RetryBudget {
+    fn deposit(&self) {
+        let mut w = self.windows();
+        let c = w.current;
+        w.slots[c] = w.slots[c].saturating_add(self.deposit);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut w = self.windows();
+        let balance = w
+            .slots
+            .iter()
+            .fold(self.reserve, |sum, s| sum.saturating_add(*s));
+        if balance < self.withdraw {
+            return false;
+        }
+        let c = w.current;
+        w.slots[c] -= self.withdraw;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Retries the budget allows against `requests` requests.
+    fn allowed(b: &RetryBudget, requests: usize) -> usize {
+        for _ in 0..requests {
+            b.deposit();
+        }
+        (0..requests).take_while(|_| b.withdraw()).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ratio_is_kept_between_tower_steps() {
+        // tower's budget allowed 1,000, 1,000, 500 and 333 here.
+        for (ratio, want) in [(0.75, 750), (0.6, 600), (0.4, 400), (0.3, 300), (0.2, 200)] {
+            let b = RetryBudget::new(Duration::from_secs(10), 0, ratio);
+            assert_eq!(allowed(&b, 1000), want, "ratio {ratio}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reserve_pays_without_requests_and_a_zero_ratio_adds_nothing() {
+        let b = RetryBudget::new(Duration::from_secs(10), 2, 0.0);
+        // 2 a second over 10 s.
+        assert_eq!(allowed(&b, 1000), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_expire_after_the_ttl() {
+        let b = RetryBudget::new(Duration::from_secs(10), 0, 0.5);
+        for _ in 0..100 {
+            b.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!b.withdraw(), "deposits older than the ttl still paid");
+        for _ in 0..100 {
+            b.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!((0..100).take_while(|_| b.withdraw()).count(), 50);
+    }
+}
