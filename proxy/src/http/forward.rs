@@ -17,7 +17,9 @@ use super::error::{ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
 use crate::addr::OwnAddrs;
-use crate::defaults::{FIRST_BODY_FRAME_WAIT, ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
+use crate::defaults::{
+    FIRST_BODY_FRAME_WAIT, ORIG_PROTO_HEADER, PROXY_ERROR_HEADER, TARGET_PORT_HEADER,
+};
 use crate::tcp::TcpConfig;
 use crate::telemetry::{Direction, Metrics};
 use crate::transport::Drain;
@@ -160,6 +162,12 @@ impl Forward {
             }
         })?;
         *rsp.version_mut() = version;
+        // Only a peer proxy speaks for the mesh: an app's or an outside
+        // server's own field would pass for one of ours, counting against its
+        // endpoint as unreachable and reaching the client as the proxy's word.
+        if to_peer.is_none() {
+            rsp.headers_mut().remove(PROXY_ERROR_HEADER);
+        }
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)
         {

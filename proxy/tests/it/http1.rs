@@ -273,3 +273,43 @@ async fn an_unreachable_upstream_is_a_502_naming_it() {
     let reason = rsp.headers()["strait-proxy-error"].to_str().unwrap();
     assert!(reason.contains(&format!("127.0.0.1:{dead}")), "{reason}");
 }
+
+#[tokio::test]
+async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
+    // A server outside the mesh answers with the field the proxies use to tell
+    // their own answers from the app's.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nstrait-proxy-error: connection refused\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let proxy = support::start_to(addr).await;
+    let rsp = client::http1()
+        .request(
+            Request::get(format!("http://{}/", proxy.upstream()))
+                .body(client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        rsp.headers().get("strait-proxy-error").is_none(),
+        "{:?}",
+        rsp.headers()
+    );
+}
