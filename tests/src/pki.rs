@@ -206,14 +206,9 @@ pub struct Seen {
     pub server_issuer: Option<Vec<u8>>,
 }
 
-/// Opens TLS to `inbound` presenting `leaf` and sends one HTTP/1.1 request for the
-/// app's `target_port`.
-pub async fn request_over_tls(
-    inbound: std::net::SocketAddr,
-    leaf: Leaf,
-    target_port: u16,
-    path: &str,
-) -> Seen {
+/// A TLS client as a peer proxy holding `leaf` is, offering `alpn`; it
+/// accepts any server certificate (the server's side is under test).
+fn peer_client(leaf: Leaf, alpn: &[u8]) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -222,7 +217,19 @@ pub async fn request_over_tls(
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_client_auth_cert(leaf.chain, leaf.key)
         .expect("client cert");
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
+/// Opens TLS to `inbound` presenting `leaf` and sends one HTTP/1.1 request for the
+/// app's `target_port`.
+pub async fn request_over_tls(
+    inbound: std::net::SocketAddr,
+    leaf: Leaf,
+    target_port: u16,
+    path: &str,
+) -> Seen {
+    let cfg = peer_client(leaf, b"http/1.1");
     let tcp = TcpStream::connect(inbound).await.expect("connect inbound");
     let name = ServerName::try_from("web.test.serviceaccount.identity.strait.cluster.local")
         .expect("name");
@@ -281,15 +288,7 @@ pub async fn exchange_over_tls(
     alpn: &[u8],
     bytes: &[u8],
 ) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
-        .with_client_auth_cert(leaf.chain, leaf.key)
-        .expect("client cert");
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let cfg = peer_client(leaf, alpn);
     let tcp = TcpStream::connect(inbound).await.expect("connect inbound");
     let name = ServerName::try_from("web.test.serviceaccount.identity.strait.cluster.local")
         .expect("name");

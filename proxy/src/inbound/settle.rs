@@ -20,6 +20,7 @@ use crate::addr::{ClientAddr, DestAddr};
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
+use crate::transport::first_word::{First, first_word};
 
 /// How the stream turned out.
 pub(super) enum Settled<I> {
@@ -27,14 +28,6 @@ pub(super) enum Settled<I> {
     /// Opaque; with the connection to the app, when it was made, and what the
     /// app said on it.
     Opaque(PrefixedIo<I>, Option<PrefixedIo<TcpStream>>),
-}
-
-/// What ended the wait for a first word.
-enum First {
-    Client(std::io::Result<usize>),
-    /// Spoke, closed or failed: whichever, the stream is the app's.
-    Server,
-    Idle,
 }
 
 /// Waits for whoever speaks first; `app` is where an opaque stream goes (none
@@ -67,13 +60,13 @@ where
     let (first, up) = match connected {
         Err(first) => (first, None),
         Ok(Ok(mut up)) => {
-            let first = tokio::select! {
-                // Both at once: the client's bytes decide (HTTP stays HTTP).
-                biased;
-                r = io.read_buf(&mut said) => First::Client(r),
-                _ = up.read_buf(&mut greeting) => First::Server,
-                () = &mut idle => First::Idle,
-            };
+            let first = first_word(
+                &mut io,
+                &mut said,
+                up.read_buf(&mut greeting),
+                idle.as_mut(),
+            )
+            .await;
             (first, Some(up))
         }
         // Refused, as an opaque stream to it would be: a client waiting for a

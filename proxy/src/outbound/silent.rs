@@ -25,14 +25,7 @@ use crate::control::view::Resolution;
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
-
-/// What ended the wait for a first word.
-enum First {
-    Client(std::io::Result<usize>),
-    /// Spoke, closed or failed: whichever, the stream is the server's.
-    Server,
-    Idle,
-}
+use crate::transport::first_word::{First, first_word};
 
 /// Carries a silent client's stream to its end when it turns out opaque, or
 /// returns it, with what it said, when it is HTTP.
@@ -62,13 +55,13 @@ where
     let (first, up, refused) = match connected {
         Err(first) => (first, None, None),
         Ok(Ok(mut up)) => {
-            let first = tokio::select! {
-                // Both at once: the client's bytes decide (HTTP stays HTTP).
-                biased;
-                r = io.read_buf(&mut said) => First::Client(r),
-                _ = up.read_buf(&mut greeting) => First::Server,
-                () = &mut idle => First::Idle,
-            };
+            let first = first_word(
+                &mut io,
+                &mut said,
+                up.read_buf(&mut greeting),
+                idle.as_mut(),
+            )
+            .await;
             (first, Some(up), None)
         }
         // No endpoint, or refused. A Service with HTTP routes is declared HTTP

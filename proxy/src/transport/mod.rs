@@ -4,6 +4,7 @@
 pub mod coalesce;
 pub mod connect;
 pub mod drain;
+pub mod first_word;
 pub mod listen;
 pub mod orig_dst;
 pub mod prefixed;
