@@ -11,7 +11,7 @@
 //! and when they are HTTP the connection made for nothing is closed unused.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -50,39 +50,27 @@ where
             None => std::future::pending().await,
         }
     };
-    let mut connect = std::pin::pin!(connect);
-    let connected = tokio::select! {
-        biased;
-        r = io.read_buf(&mut said) => Err(First::Client(r)),
-        c = &mut connect => Ok(c),
-        () = &mut idle => Err(First::Idle),
-    };
-    let (first, up) = match connected {
-        Err(first) => (first, None),
-        Ok(Ok(mut up)) => {
-            let first = first_word(
-                &mut io,
-                &mut said,
-                up.read_buf(&mut greeting),
-                idle.as_mut(),
-            )
-            .await;
-            (first, Some(up))
+    let (first, up) = match first_word(&mut io, &mut said, connect, idle.as_mut()).await {
+        First::Server(Ok(mut up)) => {
+            let spoke = up.read_buf(&mut greeting);
+            let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
+            (first.ended(), Some(up))
         }
         // Refused, as an opaque stream to it would be: a client waiting for a
         // greeting is not left hanging.
-        Ok(Err((reason, e))) => {
+        First::Server(Err((reason, e))) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             s.metrics.reject_tcp(DIRECTION, reason);
             warn!(direction = DIRECTION.as_str(), dst = ?app, error = %e, "opaque stream refused");
             return None;
         }
+        first => (first.ended(), None),
     };
     match first {
         First::Client(Ok(n)) if n > 0 => {}
         // Closed (or half-closed) without a word, or the app spoke first:
         // opaque, as the client would see it without a proxy.
-        First::Client(Ok(_)) | First::Server => {
+        First::Client(Ok(_)) | First::Server(()) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             let up = up.map(|up| PrefixedIo::new(greeting.freeze(), up));
             return Some(Settled::Opaque(PrefixedIo::new(Bytes::new(), io), up));

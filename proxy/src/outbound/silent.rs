@@ -13,7 +13,7 @@
 //! closed as an opaque stream's would be, unless its Service has HTTP routes.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info};
 
 use super::DIRECTION;
@@ -46,47 +46,35 @@ where
     // The client may speak while the connection onward is being made: then it
     // is not waited for (its route may not even lead there).
     let mut connect = std::pin::pin!(opaque::connect(s, b, dst.clone(), resolved.clone()));
-    let connected = tokio::select! {
-        biased;
-        r = io.read_buf(&mut said) => Err(First::Client(r)),
-        c = &mut connect => Ok(c),
-        () = &mut idle => Err(First::Idle),
-    };
+    let connected = first_word(&mut io, &mut said, connect.as_mut(), idle.as_mut()).await;
     let (first, up, refused) = match connected {
-        Err(first) => (first, None, None),
-        Ok(Ok(mut up)) => {
-            let first = first_word(
-                &mut io,
-                &mut said,
-                up.read_buf(&mut greeting),
-                idle.as_mut(),
-            )
-            .await;
-            (first, Some(up), None)
+        First::Server(Ok(mut up)) => {
+            let spoke = up.read_buf(&mut greeting);
+            let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
+            (first.ended(), Some(up), None)
         }
         // No endpoint, or refused. A Service with HTTP routes is declared HTTP
         // (it may have no endpoints of its own): its client is waited for.
         // Anything else fails at once, as an opaque stream that cannot connect
         // does, so a client waiting for a greeting is not left hanging.
-        Ok(Err(refused)) => {
+        First::Server(Err(refused)) => {
             if !routed(resolved.as_ref()) {
                 s.count_detected(DIRECTION, Protocol::Opaque);
                 refused.report(s);
                 return None;
             }
             debug!(%dst, "no connection onward for a silent client of a routed Service; waiting for it to speak");
-            let first = tokio::select! {
-                r = io.read_buf(&mut said) => First::Client(r),
-                () = &mut idle => First::Idle,
-            };
-            (first, None, Some(refused))
+            let never = std::future::pending::<()>();
+            let first = first_word(&mut io, &mut said, never, idle.as_mut()).await;
+            (first.ended(), None, Some(refused))
         }
+        first => (first.ended(), None, None),
     };
     match first {
         First::Client(Ok(n)) if n > 0 => {}
         // Closed (or half-closed) without a word, or the server spoke first:
         // carried as opaque, as the client would see it without a proxy.
-        First::Client(Ok(_)) | First::Server => {
+        First::Client(Ok(_)) | First::Server(()) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             match (up, refused) {
                 (Some(up), _) => up.splice(s, io, greeting.freeze()).await,
