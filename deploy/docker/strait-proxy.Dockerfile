@@ -17,7 +17,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends iptables \
     && mkdir -p /out/usr/sbin /out/usr/lib \
     && cp -a /usr/sbin/xtables-nft-multi /usr/sbin/xtables-legacy-multi \
              /usr/sbin/iptables-nft-restore /usr/sbin/iptables-nft-save \
-             /usr/sbin/iptables-legacy-restore /usr/sbin/iptables-legacy-save /out/usr/sbin/ \
+             /usr/sbin/iptables-legacy-restore /usr/sbin/iptables-legacy-save \
+             /usr/sbin/ip6tables-nft-restore /usr/sbin/ip6tables-nft-save \
+             /usr/sbin/ip6tables-legacy-restore /usr/sbin/ip6tables-legacy-save /out/usr/sbin/ \
     && arch=$(dpkg-architecture -qDEB_HOST_MULTIARCH) \
     && mkdir -p /out/usr/lib/$arch \
     && cp -a /usr/lib/$arch/xtables /usr/lib/$arch/libxtables.so.* /usr/lib/$arch/libip4tc.so.* \

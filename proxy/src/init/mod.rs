@@ -149,3 +149,26 @@ fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, I
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command `init` may run is in the proxy's image: a node with IPv6
+    /// (most, whatever the cluster's family) runs the ip6tables ones too.
+    #[test]
+    fn the_image_carries_every_command_init_runs() {
+        let dockerfile = include_str!("../../../deploy/docker/strait-proxy.Dockerfile");
+        for mode in [IptablesMode::Nft, IptablesMode::Legacy] {
+            for family in ["iptables", "ip6tables"] {
+                for verb in ["save", "restore"] {
+                    let cmd = mode.command(family, verb);
+                    assert!(
+                        dockerfile.contains(&format!("/usr/sbin/{cmd} ")),
+                        "{cmd} is not copied into the image"
+                    );
+                }
+            }
+        }
+    }
+}
