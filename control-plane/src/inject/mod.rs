@@ -198,7 +198,10 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         None => s.proxy_image.clone(),
     };
 
-    let init = init_container(&image, skip_in.as_deref(), skip_out.as_deref());
+    // The init container runs as root with NET_ADMIN: its image is always the
+    // operator's, never one a pod's author names (the proxy's runs as the
+    // proxy's user, with no capability, as any container of theirs could).
+    let init = init_container(&s.proxy_image, skip_in.as_deref(), skip_out.as_deref());
     let proxy = proxy_container(&image, s, opaque.as_deref(), log_level.as_deref());
     let volumes = [
         json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {

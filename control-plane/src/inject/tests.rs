@@ -174,7 +174,8 @@ fn annotations_reach_the_proxy_and_the_init_container() {
         "443"
     );
     assert_eq!(proxy["image"], "registry.local/strait-proxy:dev");
-    assert_eq!(init["image"], "registry.local/strait-proxy:dev");
+    // The root, NET_ADMIN init container keeps the operator's image.
+    assert_eq!(init["image"], settings().proxy_image);
     let volumes: Vec<&str> = p["spec"]["volumes"]
         .as_array()
         .unwrap()
