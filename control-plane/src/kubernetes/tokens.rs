@@ -22,6 +22,10 @@ const CACHE_TTL: Duration = Duration::from_secs(60);
 /// At most this many answers are kept (a flood of made-up tokens cannot grow it).
 const CACHE_MAX: usize = 16 * 1024;
 
+/// Refusals kept at most, apart from the answers that proved an account: a
+/// flood of made-up tokens fills this, and the proxies' real answers stay.
+const REFUSALS_MAX: usize = 1024;
+
 /// Answers by token digest, with when they were given.
 type Cache = HashMap<TokenDigest, (Instant, Result<ObjKey, TokenError>)>;
 
@@ -30,6 +34,7 @@ pub struct TokenReviewer {
     api: Api<TokenReview>,
     audience: String,
     cache: Arc<Mutex<Cache>>,
+    refused: Arc<Mutex<Cache>>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -47,6 +52,7 @@ impl TokenReviewer {
             api: Api::all(client),
             audience: defaults::TOKEN_AUDIENCE.to_string(),
             cache: Arc::default(),
+            refused: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 defaults::TOKEN_REVIEWS_IN_FLIGHT,
             )),
@@ -56,15 +62,21 @@ impl TokenReviewer {
     pub async fn review(&self, token: &[u8]) -> Result<ObjKey, TokenError> {
         let digest = TokenDigest::of(token);
         let now = Instant::now();
-        if let Ok(cache) = self.cache.lock()
-            && let Some((at, answer)) = cache.get(&digest)
-            && now.duration_since(*at) < CACHE_TTL
-        {
-            return answer.clone();
+        for cache in [&self.cache, &self.refused] {
+            if let Ok(cache) = cache.lock()
+                && let Some((at, answer)) = cache.get(&digest)
+                && now.duration_since(*at) < CACHE_TTL
+            {
+                return answer.clone();
+            }
         }
         let Ok(token) = std::str::from_utf8(token) else {
             return Err(TokenError::Unknown);
         };
+        // What cannot be a live token of ours costs the API server nothing.
+        if !plausible(token, &self.audience, std::time::SystemTime::now()) {
+            return Err(TokenError::Unknown);
+        }
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -76,7 +88,10 @@ impl TokenReviewer {
         // reviews at a time, each of them briefly.
         let unavailable =
             || TokenError::Unavailable("the API server did not answer in time".into());
-        let Ok(_permit) = self.in_flight.acquire().await else {
+        // The wait for a turn is bounded too: queued callers hold their
+        // requests, and a proxy's own check must not wait behind a flood.
+        let turn = tokio::time::timeout(defaults::TOKEN_REVIEW_TIMEOUT, self.in_flight.acquire());
+        let Ok(Ok(_permit)) = turn.await else {
             return Err(unavailable());
         };
         let params = PostParams::default();
@@ -93,18 +108,50 @@ impl TokenReviewer {
                 return Err(unavailable());
             }
         };
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_MAX {
+        let (cache, max) = match &answer {
+            Ok(_) => (&self.cache, CACHE_MAX),
+            Err(_) => (&self.refused, REFUSALS_MAX),
+        };
+        if let Ok(mut cache) = cache.lock() {
+            if cache.len() >= max {
                 cache.retain(|_, (at, _)| now.duration_since(*at) < CACHE_TTL);
             }
             // Full of live answers: the new one is not kept (proxies' real
             // tokens, already there, are worth more than a flood's).
-            if cache.len() < CACHE_MAX {
+            if cache.len() < max {
                 cache.insert(digest, (now, answer.clone()));
             }
         }
         answer
     }
+}
+
+/// Whether `token` could be a service account token for `audience` that has
+/// not expired: a JWT whose claims (read, not verified: the review verifies)
+/// name the audience and a future expiry.
+fn plausible(token: &str, audience: &str, now: std::time::SystemTime) -> bool {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (Some(_), Some(claims), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Ok(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims) else {
+        return false;
+    };
+    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&claims) else {
+        return false;
+    };
+    let ours = match &claims["aud"] {
+        serde_json::Value::String(a) => a == audience,
+        serde_json::Value::Array(a) => a.iter().any(|a| a == audience),
+        _ => false,
+    };
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ours && claims["exp"].as_u64().is_some_and(|exp| exp > now)
 }
 
 /// The service account an answered review proves: authenticated, for our
@@ -159,6 +206,43 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    fn jwt(claims: serde_json::Value) -> String {
+        use base64::Engine as _;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.{}",
+            b64(br#"{"alg":"RS256"}"#),
+            b64(claims.to_string().as_bytes()),
+            b64(b"signature")
+        )
+    }
+
+    #[test]
+    fn only_a_token_that_could_be_ours_goes_to_the_api_server() {
+        let aud = defaults::TOKEN_AUDIENCE;
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let live = serde_json::json!({"aud": [aud], "exp": 1_000_600});
+        assert!(plausible(&jwt(live), aud, now));
+        assert!(plausible(
+            &jwt(serde_json::json!({"aud": aud, "exp": 1_000_600})),
+            aud,
+            now
+        ));
+        for bad in [
+            "not a token".to_string(),
+            "a.b.c".to_string(),
+            jwt(serde_json::json!({"aud": ["https://kubernetes.default.svc"], "exp": 1_000_600})),
+            jwt(serde_json::json!({"aud": [aud], "exp": 999_999})),
+            jwt(serde_json::json!({"aud": [aud]})),
+            format!(
+                "{}.extra",
+                jwt(serde_json::json!({"aud": [aud], "exp": 1_000_600}))
+            ),
+        ] {
+            assert!(!plausible(&bad, aud, now), "{bad}");
         }
     }
 

@@ -177,14 +177,15 @@ async fn identities_are_proven_with_token_reviews_for_strait_s_audience() {
     let api = KubeApi::start().await;
     let dir = ManifestDir::new();
     let pki = Pki::new();
-    api.add_token("web-projected-token", NS, "web", AUDIENCE);
-    api.add_token("client-projected-token", NS, "client", AUDIENCE);
-    api.add_token(
-        "api-server-token",
-        NS,
-        "client",
-        "https://kubernetes.default.svc",
-    );
+    let web_token = KubeApi::service_account_token("web", AUDIENCE);
+    let client_token = KubeApi::service_account_token("client", AUDIENCE);
+    // The API server would accept it, for its own audience: not ours.
+    let api_token = KubeApi::service_account_token("client", "https://kubernetes.default.svc");
+    api.add_token(&web_token, NS, "web", AUDIENCE);
+    api.add_token(&client_token, NS, "client", AUDIENCE);
+    api.add_token(&api_token, NS, "client", "https://kubernetes.default.svc");
+    // Shaped as ours, but unknown to the API server.
+    let made_up = KubeApi::service_account_token("made-up", AUDIENCE);
     api.apply(&service(NS, "web", 80));
     let cp = controller(&api, &dir, Some(&pki)).await;
 
@@ -198,18 +199,11 @@ async fn identities_are_proven_with_token_reviews_for_strait_s_audience() {
         }),
         ..Default::default()
     };
-    let server =
-        Sidecar::start_with(cp.grpc, NS, "web-a", &[], id("web", "web-projected-token")).await;
+    let server = Sidecar::start_with(cp.grpc, NS, "web-a", &[], id("web", &web_token)).await;
     api.apply(&meshed_pod(NS, "web-a", "web", server.inbound.port()));
     api.apply(&endpoint(NS, "web", "web-a", backend.addr));
-    let client = Sidecar::start_with(
-        cp.grpc,
-        NS,
-        "client",
-        &[WEB],
-        id("client", "client-projected-token"),
-    )
-    .await;
+    let client =
+        Sidecar::start_with(cp.grpc, NS, "client", &[WEB], id("client", &client_token)).await;
     until_serving(
         &client,
         &backend,
@@ -226,13 +220,13 @@ async fn identities_are_proven_with_token_reviews_for_strait_s_audience() {
         token: token.as_bytes().to_vec(),
         csr_der: csr(me),
     };
-    assert!(c.certify(ask("client-projected-token")).await.is_ok());
-    for bad in ["api-server-token", "made-up-token"] {
+    assert!(c.certify(ask(&client_token)).await.is_ok());
+    for bad in [api_token.as_str(), made_up.as_str(), "not-a-token"] {
         let e = c.certify(ask(bad)).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{bad}: {e:?}");
     }
     // The namespace and account are the review's: web's token cannot get client's name.
-    let e = c.certify(ask("web-projected-token")).await.unwrap_err();
+    let e = c.certify(ask(&web_token)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 }
 
