@@ -3,34 +3,50 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
+/// Admin connections open at once at most: probes and scrapes need a few, and
+/// in a pod the port listens beyond loopback, where other pods must not be able
+/// to hold the process's file descriptors (those the API and webhook need too).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that does not finish a request head in this time, idle ones
+/// included, is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::Receiver<bool>) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // At the limit: closed at once.
+            continue;
+        };
+        let (metrics, ready, h1) = (metrics.clone(), ready.clone(), h1.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (metrics, ready) = (metrics.clone(), ready.clone());
                 async move {
                     Ok::<_, Infallible>(route(&metrics, &ready, req.method(), req.uri().path()))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = h1.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -70,4 +86,49 @@ fn route(
         header::HeaderValue::from_static(ctype),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn live(addr: std::net::SocketAddr) -> bool {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            return false;
+        };
+        let req = b"GET /live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+        if s.write_all(req).await.is_err() {
+            return false;
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out.starts_with(b"HTTP/1.1 200")
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_and_a_freed_slot_serves() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_ready_tx, ready) = watch::channel(true);
+        tokio::spawn(serve(listener, Metrics::new(), ready));
+        assert!(live(addr).await);
+        // Connections that never send a request hold every slot.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted in order, so one more finds none: closed at once.
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+        held.pop();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !live(addr).await {
+            assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        }
+    }
 }
