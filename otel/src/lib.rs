@@ -1,6 +1,7 @@
 //! OpenTelemetry for strait's binaries: spans exported over OTLP/gRPC through a
 //! bounded queue off the request path (`export`), and the trace context carried
-//! in HTTP headers, W3C and B3 (`propagate`).
+//! in HTTP headers, W3C and B3 (`propagate`); and log lines that strangers can
+//! cause, sampled (`sampled!`).
 // One system call is allowed where it stands (`background`).
 #![deny(unsafe_code)]
 
@@ -8,6 +9,7 @@ mod background;
 
 pub mod export;
 pub mod propagate;
+pub mod sampled;
 
 pub use export::{ExportConfig, Exporter, Record, Recorder};
 pub use opentelemetry;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use strait_api::v1 as api;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use self::ca::Ca;
 use crate::index::Snapshot;
@@ -94,14 +94,14 @@ impl IdentityService {
         let account = match account {
             Ok(a) => a,
             Err(tokens::TokenError::Unknown) => {
-                warn!(asked = ?asked, "certificate refused: unknown token");
+                strait_otel::sampled!(warn, asked = ?asked, "certificate refused: unknown token");
                 return Err(self.refuse(
                     "unknown_token",
                     Status::unauthenticated("the token proves no service account"),
                 ));
             }
             Err(e @ tokens::TokenError::Unavailable(_)) => {
-                warn!(asked = ?asked, error = %e, "certificate refused: the token cannot be checked now");
+                strait_otel::sampled!(warn, asked = ?asked, error = %e, "certificate refused: the token cannot be checked now");
                 return Err(self.refuse("token_unchecked", Status::unavailable(e.to_string())));
             }
         };
@@ -113,7 +113,7 @@ impl IdentityService {
             Ok(id) => id.to_string(),
             Err(e) => {
                 // Validated when read; a token for an unnameable account is refused.
-                warn!(error = %e, "certificate refused: the token's service account makes no identity");
+                strait_otel::sampled!(warn, error = %e, "certificate refused: the token's service account makes no identity");
                 return Err(self.refuse(
                     "unknown_token",
                     Status::unauthenticated("the token proves no valid service account"),
@@ -121,7 +121,7 @@ impl IdentityService {
             }
         };
         if r.identity != identity {
-            warn!(asked = ?asked, token_for = %identity, "certificate refused: identity not the token's");
+            strait_otel::sampled!(warn, asked = ?asked, token_for = %identity, "certificate refused: identity not the token's");
             return Err(self.refuse(
                 "wrong_identity",
                 Status::permission_denied(format!(
@@ -132,7 +132,7 @@ impl IdentityService {
         let leaf = match ca.sign(&r.csr_der, &identity) {
             Ok(l) => l,
             Err(e) => {
-                warn!(%identity, error = %e, "certificate refused");
+                strait_otel::sampled!(warn, %identity, error = %e, "certificate refused");
                 let (reason, status) = match e {
                     ca::SignError::Sign(_) => ("bad_csr", Status::internal(e.to_string())),
                     ca::SignError::IssuerExpiring(_) => (

@@ -55,7 +55,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             }
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            crate::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
+            strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
             continue;
         };
         let state = state.clone();
@@ -90,7 +90,7 @@ fn loopback_only(peer: std::net::SocketAddr, what: &str) -> Option<Response<Full
     if peer.ip().to_canonical().is_loopback() {
         return None;
     }
-    crate::sampled!(warn, client = %peer, "refused {what} from a non-loopback address");
+    strait_otel::sampled!(warn, client = %peer, "refused {what} from a non-loopback address");
     Some(text(
         StatusCode::FORBIDDEN,
         format!("{what} is accepted only from loopback\n"),

@@ -55,7 +55,7 @@ where
             }
             Err(e) => {
                 // The path only: a query or userinfo may hold credentials.
-                crate::sampled!(info, error = %e, path = %ShortPath(req.uri()), "request refused");
+                strait_otel::sampled!(info, error = %e, path = %ShortPath(req.uri()), "request refused");
                 Either::Right(ready(Ok(e.into_response())))
             }
         }

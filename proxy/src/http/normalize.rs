@@ -65,7 +65,7 @@ where
             // Each of these lets two parsers read different requests from the
             // same bytes; refuse every reading and close the connection.
             self.metrics.reject_http(self.direction, refused.reason());
-            crate::sampled!(
+            strait_otel::sampled!(
                 info,
                 direction = self.direction.as_str(),
                 reason = refused.reason(),

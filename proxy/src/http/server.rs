@@ -120,7 +120,7 @@ pub async fn serve_http1<I, S, B>(
         match reason {
             Some(reason) => {
                 meta.metrics.reject_http(meta.direction, reason);
-                crate::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, reason, error = %e, "refused HTTP/1 request");
+                strait_otel::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, reason, error = %e, "refused HTTP/1 request");
             }
             None => {
                 debug!(direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/1 connection ended")
@@ -171,6 +171,6 @@ pub async fn serve_http2<I, S, B>(
     };
     if let Err(e) = res {
         // h2 answers protocol abuse (rapid reset, oversized headers) with GOAWAY itself.
-        crate::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/2 connection ended with an error");
+        strait_otel::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/2 connection ended with an error");
     }
 }

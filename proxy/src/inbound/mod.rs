@@ -99,7 +99,7 @@ impl Inbound {
                 let Some(peer) = peer else {
                     // It chains to our anchors yet names no workload: not a proxy of ours.
                     s.metrics.reject_tcp(DIRECTION, "no_peer_identity");
-                    crate::sampled!(warn, client = %client.0, "peer certificate carries no workload identity; closed");
+                    strait_otel::sampled!(warn, client = %client.0, "peer certificate carries no workload identity; closed");
                     return;
                 };
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE);
@@ -117,7 +117,7 @@ impl Inbound {
                         direction: DIRECTION,
                     })
                     .inc();
-                crate::sampled!(warn, client = %client.0, error = %e, "mTLS handshake from peer failed");
+                strait_otel::sampled!(warn, client = %client.0, error = %e, "mTLS handshake from peer failed");
             }
             Err(_) => {
                 s.metrics.reject_tcp(DIRECTION, "tls_handshake_timeout");
@@ -141,7 +141,7 @@ impl Inbound {
             }
             _ => {
                 self.shared.metrics.reject_tcp(DIRECTION, "no_target_port");
-                crate::sampled!(warn, client = %client.0, %peer, "opaque stream from peer proxy without a target port, closed");
+                strait_otel::sampled!(warn, client = %client.0, %peer, "opaque stream from peer proxy without a target port, closed");
             }
         }
     }
@@ -217,7 +217,7 @@ impl Inbound {
             Protocol::Opaque => match target.map(|p| rules.check(p)) {
                 Some(Err(e)) => {
                     s.metrics.reject_tcp(DIRECTION, "loop");
-                    crate::sampled!(warn, client = %client.0, error = %e, "opaque stream for the proxy's own port, closed");
+                    strait_otel::sampled!(warn, client = %client.0, error = %e, "opaque stream for the proxy's own port, closed");
                 }
                 Some(Ok(p)) => {
                     let decision = policy::check(&s.policy, p.0, peer.as_ref());
@@ -238,7 +238,7 @@ impl Inbound {
                 }
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_target_port");
-                    crate::sampled!(warn, client = %client.0, "non-HTTP connection that was not redirected carries no target port, closed");
+                    strait_otel::sampled!(warn, client = %client.0, "non-HTTP connection that was not redirected carries no target port, closed");
                 }
             },
             Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,

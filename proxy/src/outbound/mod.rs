@@ -117,7 +117,7 @@ impl Outbound {
                 Some(d) => opaque::forward(&self.shared, &self.build, io, d, resolved).await,
                 None => {
                     s.metrics.reject_tcp(DIRECTION, "no_destination");
-                    crate::sampled!(warn, client = %acc.client.0, "non-HTTP connection with no original destination, closed");
+                    strait_otel::sampled!(warn, client = %acc.client.0, "non-HTTP connection with no original destination, closed");
                 }
             },
             Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,

@@ -3,7 +3,6 @@
 pub mod access_log;
 pub mod log;
 pub mod metrics;
-pub mod sampled;
 pub mod short_str;
 pub mod trace;
 

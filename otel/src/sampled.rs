@@ -66,7 +66,7 @@ impl Default for Budget {
 #[macro_export]
 macro_rules! sampled {
     ($level:ident, $($arg:tt)+) => {{
-        static BUDGET: $crate::telemetry::sampled::Budget = $crate::telemetry::sampled::Budget::new();
+        static BUDGET: $crate::sampled::Budget = $crate::sampled::Budget::new();
         if let Some(suppressed) = BUDGET.take() {
             ::tracing::$level!(suppressed, $($arg)+);
         }
