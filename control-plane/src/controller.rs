@@ -474,6 +474,7 @@ impl Controller {
                     snap_rx.clone(),
                     metrics.clone(),
                     auth,
+                    matches!(self.feed, Feed::Kubernetes(_)),
                 ))
                 .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
             )

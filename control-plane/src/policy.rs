@@ -22,6 +22,9 @@ pub struct InboundPolicyService {
     metrics: Arc<Metrics>,
     /// With identities on: a proxy may watch only its own workload's policy.
     auth: Option<Authenticator>,
+    /// Every pod appears in the index (the API server's), so a pod not there
+    /// yet is waited for rather than answered with the open default.
+    wait_for_pods: bool,
 }
 
 impl InboundPolicyService {
@@ -29,13 +32,27 @@ impl InboundPolicyService {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         metrics: Arc<Metrics>,
         auth: Option<Authenticator>,
+        wait_for_pods: bool,
     ) -> Self {
         Self {
             snapshot,
             metrics,
             auth,
+            wait_for_pods,
         }
     }
+}
+
+/// Whether `pod`'s policy cannot be told yet: the index does not know the pod,
+/// and a policy of its namespace might name it by its labels. Answered then,
+/// the proxy would go ready with the open default (PERMISSIVE, everyone
+/// allowed), and its app start before the policy that applies arrives.
+fn unknown_yet(snap: &Snapshot, pod: &ObjKey) -> bool {
+    !snap.pods.contains_key(pod)
+        && snap
+            .authorizations
+            .keys()
+            .any(|k| k.namespace == pod.namespace)
 }
 
 type PolicyStream = Pin<Box<dyn Stream<Item = Result<api::WorkloadPolicy, Status>> + Send>>;
@@ -66,6 +83,7 @@ impl InboundPolicy for InboundPolicyService {
         }
         let guard = WatchGuard::new(&self.metrics, "inbound_policy");
         let rx = self.snapshot.clone();
+        let wait_for_pods = self.wait_for_pods;
         // The policy now, then again whenever the index changes it. The stream
         // stays open, so a proxy notices a controller going away.
         let stream = futures_util::stream::unfold(
@@ -88,6 +106,12 @@ impl InboundPolicy for InboundPolicyService {
                             auth.refused("inbound_policy", &r);
                             return Some((Err(r.into()), (rx, last, guard, false, true)));
                         }
+                        if wait_for_pods && last.is_none() && unknown_yet(&snap, &pod) {
+                            if rx.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                            continue;
+                        }
                         let p = workload_policy(&snap, &pod);
                         if last.as_ref() != Some(&p) {
                             return Some((Ok(p.clone()), (rx, Some(p), guard, false, false)));
@@ -100,5 +124,78 @@ impl InboundPolicy for InboundPolicyService {
             },
         );
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::index::PodInfo;
+
+    fn key(name: &str) -> ObjKey {
+        ObjKey {
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    async fn watch(
+        wait_for_pods: bool,
+        snap: Snapshot,
+    ) -> (watch::Sender<Arc<Snapshot>>, PolicyStream) {
+        let (tx, rx) = watch::channel(Arc::new(snap));
+        let svc = InboundPolicyService::new(rx, Metrics::new(), None, wait_for_pods);
+        let req = Request::new(api::WatchWorkload {
+            namespace: "shop".into(),
+            pod: "web-0".into(),
+            proxy_id: "web-0.shop".into(),
+        });
+        let stream = svc.watch(req).await.unwrap().into_inner();
+        (tx, stream)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_not_indexed_yet_waits_for_its_policy_rather_than_going_open() {
+        let mut snap = Snapshot::empty("cluster.local");
+        let policy = serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": "STRICT"}
+        });
+        let (k, spec) = crate::authz::parse(&policy).unwrap();
+        snap.authorizations.insert(k, spec);
+        let (tx, mut stream) = watch(true, snap.clone()).await;
+        let first = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+        assert!(
+            first.is_err(),
+            "answered before the pod was known: {first:?}"
+        );
+        // The pod appears, labelled as the policy selects: STRICT from the first answer.
+        snap.pods.insert(
+            key("web-0"),
+            PodInfo {
+                inbound_port: Some(4143),
+                service_account: "web".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+            },
+        );
+        tx.send_replace(Arc::new(snap.clone()));
+        let p = stream.next().await.unwrap().unwrap();
+        assert_eq!(p.default.unwrap().mode, api::MtlsMode::Strict as i32);
+
+        // Without policies in its namespace, an unknown pod's answer is the
+        // open default at once: nothing could narrow it.
+        let (_tx, mut stream) = watch(true, Snapshot::empty("cluster.local")).await;
+        let p = stream.next().await.unwrap().unwrap();
+        assert_eq!(p.default.unwrap().mode, api::MtlsMode::Permissive as i32);
+        // Nor does a mesh described in files wait: its pods need not be listed.
+        snap.pods.clear();
+        let (_tx, mut stream) = watch(false, snap).await;
+        assert!(stream.next().await.unwrap().is_ok());
     }
 }
