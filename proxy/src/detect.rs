@@ -100,9 +100,12 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     }
     // Servers skip empty lines before a request line (RFC 9112, 2.2), and so
     // would the app: a request behind them is HTTP too.
+    // Undecided when detection has read all it reads: what an app's server
+    // could still parse as a request is HTTP, for our HTTP server to serve or
+    // refuse (its head limit), never bytes for the app to parse.
     let full = buf.len() >= max_bytes;
     let Some(start) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
-        return full.then_some(Protocol::Opaque);
+        return full.then_some(Protocol::Http1);
     };
     let buf = &buf[start..];
     // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF.
@@ -113,11 +116,8 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     match line_end {
-        // No method is this long.
-        None if method_len == line.len() => full.then_some(Protocol::Opaque),
         None if !line[method_len..].iter().all(|&b| is_line_byte(b)) => Some(Protocol::Opaque),
-        // A request line longer than detection reads is still HTTP, for the
-        // HTTP server to answer (414), not opaque bytes for the app to parse.
+        // A request line (or method) longer than detection reads.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -134,9 +134,10 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     }
 }
 
-/// A byte that may appear in a request line after the method.
+/// A byte that some server takes in a request line after the method: any but
+/// the controls (lenient ones take bytes above 0x7f in a target).
 fn is_line_byte(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | 0x21..=0x7e)
+    matches!(b, b' ' | b'\t' | b'\r' | 0x21..=0x7e | 0x80..=0xff)
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -162,7 +163,8 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
-        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Opaque));
+        // No method is this long, but a lenient server might still read one.
+        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Http1));
     }
 
     #[test]
@@ -174,6 +176,14 @@ mod tests {
             Some(Protocol::Http1)
         );
         assert_eq!(classify(b"\r\n", m), None);
+        assert_eq!(classify(&b"\r\n".repeat(5000), m), Some(Protocol::Http1));
+        // Bytes above 0x7f in a target: taken by lenient servers, so undecided
+        // until the line ends, as any other.
+        assert_eq!(classify(b"GET /\x80", m), None);
+        assert_eq!(
+            classify(b"GET /\x80 HTTP/1.1\r\n", m),
+            Some(Protocol::Http1)
+        );
         // A request line longer than detection reads.
         let mut long = b"GET /".to_vec();
         long.extend(std::iter::repeat_n(b'a', 9000));
