@@ -193,9 +193,21 @@ impl Inbound {
                 (protocol, io, None)
             }
             Detection::Silent(io) => {
-                let app = target
-                    .and_then(|p| rules.check(p).ok())
-                    .map(|p| dst::app_addr(s.config.app_ip, p));
+                // Authorized before a connection to the app is made for it, as
+                // an opaque stream is: the port's policy decides HTTP alike.
+                let app = match target.map(|p| rules.check(p)) {
+                    Some(Ok(p)) => {
+                        if let Err(denied) = policy::check(&s.policy, p.0, peer.as_ref()) {
+                            s.count_detected(DIRECTION, Protocol::Opaque);
+                            authorize::count(&s.metrics, peer.as_ref(), "tcp", false);
+                            s.metrics.reject_tcp(DIRECTION, "unauthorized");
+                            debug!(client = %client.0, %denied, "inbound connection denied");
+                            return;
+                        }
+                        Some(dst::app_addr(s.config.app_ip, p))
+                    }
+                    _ => None,
+                };
                 match settle::settle(s, io, app, client).await {
                     Some(Settled::Http(protocol, io)) => (protocol, io, None),
                     Some(Settled::Opaque(io, up)) => (Protocol::Opaque, io, up),
