@@ -95,16 +95,21 @@ pub async fn serve_http1<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let io = GuardedIo::new(io, state.clone(), cfg.header_read_timeout, cfg.idle_timeout);
-    let conn = cfg
-        .h1
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
-        .with_upgrades();
-    tokio::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // The connection is dropped before its tunnels are waited for below: an
+    // upgrade hyper has not handed over yet is cancelled by the drop, and
+    // would otherwise keep its tunnel waiting, and this, for ever.
+    let res = {
+        let conn = cfg
+            .h1
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc))
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
         }
     };
     if let Err(e) = res {
