@@ -46,7 +46,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    B: http_body::Body + Send + 'static,
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
@@ -59,9 +59,12 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
         // Taken before the timeout above starts its clock (it calls us first),
-        // so an attempt it gave up on is always past this.
+        // so an attempt it gave up on is always past this. Only for a request
+        // whose body is all sent: the clock runs while a client uploads, and a
+        // client that trickles its body must not eject the endpoint.
         let deadline = self
             .attempt_timeout
+            .filter(|_| req.body().is_end_stream())
             .map(|t| tokio::time::Instant::now() + t);
         let mut in_flight = match self.endpoints.pick(req.headers(), avoid) {
             Ok(f) => f,
