@@ -112,7 +112,7 @@ impl Authenticator {
         let certs = req
             .extensions()
             .get::<PeerCerts>()
-            .and_then(|c| c.0.clone());
+            .and_then(|c| c.certs.clone());
         let trust_domain = self.snapshot.borrow().trust_domain.clone();
         let by_cert = match certs.as_deref() {
             Some([leaf, intermediates @ ..]) => {
@@ -126,7 +126,7 @@ impl Authenticator {
             return Ok(c);
         }
         match bearer(req) {
-            Some(token) => match self.tokens.verify(token).await {
+            Some(token) => match self.tokens.verify(token, super::serving::source(req)).await {
                 Ok(k) => Ok(Caller {
                     namespace: k.namespace,
                     service_account: k.name,

@@ -86,9 +86,10 @@ impl IdentityService {
                 ),
             ));
         };
+        let source = serving::source(&req);
         let r = req.into_inner();
         let trust_domain = self.snapshot.borrow().trust_domain.clone();
-        let account = self.tokens.verify(&r.token).await;
+        let account = self.tokens.verify(&r.token, source).await;
         // What a caller asked for is untrusted text: logged short and escaped.
         let asked: String = r.identity.chars().take(300).collect();
         let account = match account {

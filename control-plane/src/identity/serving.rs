@@ -220,26 +220,35 @@ pub fn incoming(
 }
 
 /// An accepted TLS connection; each request on it carries the client's
-/// certificate chain, if it presented one, as a [`PeerCerts`] extension.
+/// certificate chain, if it presented one, and address, as a [`PeerCerts`]
+/// extension.
 pub struct Accepted(TlsStream<TcpStream>);
 
 /// The certificates a client presented (its key was proven in the handshake;
-/// the chain is not verified yet).
+/// the chain is not verified yet), and where it connected from.
 #[derive(Clone, Debug, Default)]
-pub struct PeerCerts(pub Option<Arc<[CertificateDer<'static>]>>);
+pub struct PeerCerts {
+    pub certs: Option<Arc<[CertificateDer<'static>]>>,
+    pub addr: Option<std::net::IpAddr>,
+}
 
 impl tonic::transport::server::Connected for Accepted {
     type ConnectInfo = PeerCerts;
 
     fn connect_info(&self) -> PeerCerts {
-        PeerCerts(
-            self.0
-                .get_ref()
-                .1
+        let (tcp, tls) = self.0.get_ref();
+        PeerCerts {
+            certs: tls
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
-        )
+            addr: tcp.peer_addr().ok().map(|a| a.ip().to_canonical()),
+        }
     }
+}
+
+/// Where the caller of `req` connected from, when known.
+pub fn source<T>(req: &tonic::Request<T>) -> Option<std::net::IpAddr> {
+    req.extensions().get::<PeerCerts>().and_then(|p| p.addr)
 }
 
 impl tokio::io::AsyncRead for Accepted {

@@ -27,8 +27,13 @@ pub enum Verifier {
 }
 
 impl Verifier {
-    /// The service account (namespace and name) `token` proves.
-    pub async fn verify(&self, token: &[u8]) -> Result<ObjKey, TokenError> {
+    /// The service account (namespace and name) `token` proves; `source` is
+    /// the address the caller connected from.
+    pub async fn verify(
+        &self,
+        token: &[u8],
+        source: Option<std::net::IpAddr>,
+    ) -> Result<ObjKey, TokenError> {
         let token = token.trim_ascii();
         match self {
             Verifier::Manifests(snap) => snap
@@ -37,7 +42,7 @@ impl Verifier {
                 .get(&TokenDigest::of(token))
                 .cloned()
                 .ok_or(TokenError::Unknown),
-            Verifier::Kubernetes(r) => r.review(token).await,
+            Verifier::Kubernetes(r) => r.review(token, source).await,
         }
     }
 }
