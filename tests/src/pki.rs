@@ -280,8 +280,8 @@ pub async fn request_over_tls(
 }
 
 /// Opens TLS to `inbound` presenting `leaf` and offering `alpn`, writes `bytes`,
-/// half-closes, and returns all that comes back (within 5 s): what a peer proxy
-/// holding `leaf` could send, byte for byte.
+/// and returns all that comes back until the server closes (within 5 s): what a
+/// peer proxy holding `leaf` could send, byte for byte.
 pub async fn exchange_over_tls(
     inbound: std::net::SocketAddr,
     leaf: Leaf,
