@@ -116,8 +116,11 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     match line_end {
+        // No method is this long, and streams of letters and digits (base64,
+        // say) are common: opaque.
+        None if method_len == line.len() => full.then_some(Protocol::Opaque),
         None if !line[method_len..].iter().all(|&b| is_line_byte(b)) => Some(Protocol::Opaque),
-        // A request line (or method) longer than detection reads.
+        // A request line longer than detection reads.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -163,8 +166,7 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
-        // No method is this long, but a lenient server might still read one.
-        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Http1));
+        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Opaque));
     }
 
     #[test]
