@@ -116,11 +116,12 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     match line_end {
-        // No method is this long, and streams of letters and digits (base64,
-        // say) are common: opaque.
-        None if method_len == line.len() => full.then_some(Protocol::Opaque),
         None if !line[method_len..].iter().all(|&b| is_line_byte(b)) => Some(Protocol::Opaque),
-        // A request line longer than detection reads.
+        // A request line longer than detection reads, or a method as long:
+        // servers (Go's, hyper's) take a method of any length, so even a run
+        // of letters with no space may yet be a request. A client-first
+        // stream that opens with 8 KiB of letters and digits alone is carried
+        // as HTTP, then: declare its port opaque.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -166,7 +167,8 @@ mod tests {
         assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
-        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Opaque));
+        // Servers take a method of any length.
+        assert_eq!(classify(&[b'A'; 9000], m), Some(Protocol::Http1));
     }
 
     #[test]

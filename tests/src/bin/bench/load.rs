@@ -273,7 +273,9 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> anyhow::Result<Measured> {
     let s = tokio::net::TcpStream::connect(addr).await?;
     let (mut rd, mut wr) = s.into_split();
     let writer = tokio::spawn(async move {
-        let chunk = vec![0x5au8; 64 * 1024];
+        // Binary, as bulk data is: a run of one letter would open like an
+        // HTTP method, and be detected as HTTP on a port not declared opaque.
+        let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
         let mut left = bytes;
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
