@@ -10,7 +10,6 @@ mod settle;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::layer::util::Stack;
@@ -28,8 +27,8 @@ use crate::identity::{Identity, tls};
 use crate::proxy::{Detection, Shared};
 use crate::telemetry::Direction;
 use crate::telemetry::metrics::DirectionLabels;
+use crate::transport::Accepted;
 use crate::transport::orig_dst::orig_dst;
-use crate::transport::{Accepted, PrefixedIo};
 
 const DIRECTION: Direction = Direction::Inbound;
 
@@ -175,23 +174,16 @@ impl Inbound {
         let declared = target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
         // Only a port declared opaque is carried without a look at its bytes: on
         // any other, HTTP goes through the HTTP stack, whatever came before it.
-        let detection = if declared {
-            Detection::Known(Protocol::Opaque, PrefixedIo::new(Bytes::new(), io))
-        } else if silent {
+        let detection = if silent && !declared {
             Detection::Silent(io)
         } else {
-            let Some(d) = s.detect_or_silence(io, false, DIRECTION, client).await else {
+            let Some(d) = s.detect_or_silence(io, declared, DIRECTION, client).await else {
                 return;
             };
             d
         };
         let (protocol, io, app_conn) = match detection {
-            Detection::Known(protocol, io) => {
-                if declared {
-                    s.count_detected(DIRECTION, protocol);
-                }
-                (protocol, io, None)
-            }
+            Detection::Known(protocol, io) => (protocol, io, None),
             Detection::Silent(io) => {
                 // Authorized before a connection to the app is made for it, as
                 // an opaque stream is: the port's policy decides HTTP alike.

@@ -13,7 +13,7 @@
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::DIRECTION;
 use crate::addr::{ClientAddr, DestAddr};
@@ -46,22 +46,20 @@ where
     let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
     let connect = async {
         match &app {
-            Some(a) => crate::tcp::dial(a, &s.tcp).await,
+            Some(a) => crate::tcp::connect(a, &s.tcp, &s.metrics, DIRECTION).await,
             None => std::future::pending().await,
         }
     };
     let (first, up) = match first_word(&mut io, &mut said, connect, idle.as_mut()).await {
-        First::Server(Ok(mut up)) => {
+        First::Server(Some(mut up)) => {
             let spoke = up.read_buf(&mut greeting);
             let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
             (first.ended(), Some(up))
         }
-        // Refused, as an opaque stream to it would be: a client waiting for a
-        // greeting is not left hanging.
-        First::Server(Err((reason, e))) => {
+        // Refused (counted and logged), as an opaque stream to it would be: a
+        // client waiting for a greeting is not left hanging.
+        First::Server(None) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            s.metrics.reject_tcp(DIRECTION, reason);
-            warn!(direction = DIRECTION.as_str(), dst = ?app, error = %e, "opaque stream refused");
             return None;
         }
         first => (first.ended(), None),
