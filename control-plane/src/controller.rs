@@ -10,7 +10,6 @@ use strait_api::v1::identity_server::IdentityServer;
 use strait_api::v1::inbound_policy_server::InboundPolicyServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::discovery::{DiscoveryService, Views};
@@ -27,7 +26,8 @@ use crate::kubernetes::lease::{self, LeaseConfig};
 use crate::kubernetes::status::{self, Statuses};
 use crate::kubernetes::tokens::TokenReviewer;
 use crate::manifests::ManifestSource;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Watches};
+use crate::per_source::PerSource;
 use crate::policy::InboundPolicyService;
 use crate::source::Source;
 use crate::{admin, defaults};
@@ -459,6 +459,9 @@ impl Controller {
         let auth = self.ca.as_ref().map(|ca| {
             Authenticator::new(ca.clone(), snap_rx.clone(), tokens.clone(), metrics.clone())
         });
+        // Watches and connections are bounded per source address, so one pod
+        // cannot hold what every other proxy needs.
+        let watches = Watches::new(metrics.clone());
         let router = tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -466,13 +469,13 @@ impl Controller {
             // Bounded per connection: streams, and the size of what a client sends.
             .max_concurrent_streams(Some(defaults::GRPC_MAX_CONCURRENT_STREAMS))
             .add_service(
-                DiscoveryServer::new(DiscoveryService::new(views, metrics.clone(), auth.clone()))
+                DiscoveryServer::new(DiscoveryService::new(views, watches.clone(), auth.clone()))
                     .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
             )
             .add_service(
                 InboundPolicyServer::new(InboundPolicyService::new(
                     snap_rx.clone(),
-                    metrics.clone(),
+                    watches,
                     auth,
                     matches!(self.feed, Feed::Kubernetes(_)),
                 ))
@@ -488,24 +491,22 @@ impl Controller {
                 .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),
             );
         // Issuing certificates means proxies send tokens: the port is TLS-only then.
-        match &self.ca {
+        let tls = match &self.ca {
             Some(ca) => {
                 let name = ServingName::new(
                     &self.args.trust_domain,
                     &self.args.namespace,
                     &self.args.service_account,
                 );
-                let acceptor = serving::acceptor(ca.clone(), name)?;
-                router
-                    .serve_with_incoming_shutdown(serving::incoming(self.grpc, acceptor), shutdown)
-                    .await?;
+                Some(serving::acceptor(ca.clone(), name)?)
             }
-            None => {
-                router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown)
-                    .await?;
-            }
-        }
+            None => None,
+        };
+        let per_source = PerSource::sparing_loopback(defaults::GRPC_CONNECTIONS_PER_SOURCE);
+        let incoming = serving::incoming(self.grpc, tls, per_source, metrics);
+        router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
         Ok(())
     }
 }

@@ -98,6 +98,13 @@ pub const VIEWS_PRUNE_AT: usize = 1024;
 /// Streams one proxy connection may hold: its discovery watches (the proxy keeps
 /// at most 1,000), its policy watch and certificate requests, with room.
 pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 2048;
+/// Watches (discovery and policy) one source address may hold open at once:
+/// one connection's worth, twice what one proxy keeps. Loopback is not counted.
+pub const WATCHES_PER_SOURCE: usize = 2048;
+/// Connections to the gRPC port one source address may hold open (or be
+/// handshaking) at once: a proxy needs one, and another while it reconnects.
+/// Loopback is not counted.
+pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 

@@ -19,6 +19,7 @@ pub mod kubernetes;
 pub mod log;
 pub mod manifests;
 pub mod metrics;
+pub mod per_source;
 pub mod policy;
 pub mod routes;
 pub mod source;

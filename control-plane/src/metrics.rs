@@ -1,5 +1,6 @@
 //! The controller's Prometheus metrics.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,8 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::defaults::METRICS_PREFIX;
+use crate::defaults::{self, METRICS_PREFIX};
 use crate::index::Snapshot;
+use crate::per_source::{PerSource, Share};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
@@ -154,20 +156,59 @@ impl Metrics {
     }
 }
 
-/// Counts an open watch for as long as it lives.
-#[derive(Debug)]
-pub struct WatchGuard(Gauge);
+/// Admits watches: at most a share per source address, each counted while it
+/// is open.
+#[derive(Clone, Debug)]
+pub struct Watches {
+    metrics: Arc<Metrics>,
+    per_source: PerSource,
+}
 
-impl WatchGuard {
-    pub fn new(m: &Metrics, service: &'static str) -> Self {
-        let g = m.watches.get_or_create(&ServiceLabels { service }).clone();
-        g.inc();
-        WatchGuard(g)
+impl Watches {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Watches {
+            metrics,
+            per_source: PerSource::sparing_loopback(defaults::WATCHES_PER_SOURCE),
+        }
     }
+
+    /// A watch of `service` for a caller at `source`, unless that address
+    /// holds its share of watches already.
+    pub fn open(
+        &self,
+        service: &'static str,
+        source: Option<IpAddr>,
+    ) -> Result<WatchGuard, tonic::Status> {
+        let Some(share) = self.per_source.take(source) else {
+            self.metrics.api_refused(service, "too_many_watches");
+            return Err(tonic::Status::resource_exhausted(format!(
+                "{} watches are open from this address already",
+                self.per_source.limit()
+            )));
+        };
+        let g = self
+            .metrics
+            .watches
+            .get_or_create(&ServiceLabels { service })
+            .clone();
+        g.inc();
+        Ok(WatchGuard {
+            open: g,
+            _share: share,
+        })
+    }
+}
+
+/// Counts an open watch, and holds its place among its source's, for as long
+/// as it lives.
+#[derive(Debug)]
+pub struct WatchGuard {
+    open: Gauge,
+    _share: Share,
 }
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.open.dec();
     }
 }

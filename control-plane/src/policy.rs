@@ -13,13 +13,14 @@ use tonic::{Request, Response, Status};
 
 use crate::authz::workload_policy;
 use crate::identity::caller::{Authenticator, may_watch_pod};
+use crate::identity::serving;
 use crate::index::{ObjKey, Snapshot};
-use crate::metrics::{Metrics, WatchGuard};
+use crate::metrics::Watches;
 
 #[derive(Debug)]
 pub struct InboundPolicyService {
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    metrics: Arc<Metrics>,
+    watches: Watches,
     /// With identities on: a proxy may watch only its own workload's policy.
     auth: Option<Authenticator>,
     /// Every pod appears in the index (the API server's), so a pod not there
@@ -30,13 +31,13 @@ pub struct InboundPolicyService {
 impl InboundPolicyService {
     pub fn new(
         snapshot: watch::Receiver<Arc<Snapshot>>,
-        metrics: Arc<Metrics>,
+        watches: Watches,
         auth: Option<Authenticator>,
         wait_for_pods: bool,
     ) -> Self {
         Self {
             snapshot,
-            metrics,
+            watches,
             auth,
             wait_for_pods,
         }
@@ -69,6 +70,7 @@ impl InboundPolicy for InboundPolicyService {
             Some(auth) => Some((auth.clone(), auth.caller(&req, "inbound_policy").await?)),
             None => None,
         };
+        let source = serving::source(&req);
         let w = req.into_inner();
         if w.namespace.is_empty() {
             return Err(Status::invalid_argument("namespace is required"));
@@ -81,7 +83,7 @@ impl InboundPolicy for InboundPolicyService {
             may_watch_pod(&self.snapshot.borrow(), c, &pod)
                 .inspect_err(|r| auth.refused("inbound_policy", r))?;
         }
-        let guard = WatchGuard::new(&self.metrics, "inbound_policy");
+        let guard = self.watches.open("inbound_policy", source)?;
         let rx = self.snapshot.clone();
         let wait_for_pods = self.wait_for_pods;
         // The policy now, then again whenever the index changes it. The stream
@@ -136,6 +138,7 @@ mod tests {
 
     use super::*;
     use crate::index::PodInfo;
+    use crate::metrics::Metrics;
 
     fn key(name: &str) -> ObjKey {
         ObjKey {
@@ -149,7 +152,7 @@ mod tests {
         snap: Snapshot,
     ) -> (watch::Sender<Arc<Snapshot>>, PolicyStream) {
         let (tx, rx) = watch::channel(Arc::new(snap));
-        let svc = InboundPolicyService::new(rx, Metrics::new(), None, wait_for_pods);
+        let svc = InboundPolicyService::new(rx, Watches::new(Metrics::new()), None, wait_for_pods);
         let req = Request::new(api::WatchWorkload {
             namespace: "shop".into(),
             pod: "web-0".into(),

@@ -16,9 +16,10 @@ use tracing::debug;
 
 use crate::defaults;
 use crate::identity::caller::Authenticator;
+use crate::identity::serving;
 use crate::index::view::{self, view};
 use crate::index::{DestKey, Snapshot};
-use crate::metrics::{Metrics, WatchGuard};
+use crate::metrics::{Metrics, Watches};
 
 type Update = Arc<api::DestinationUpdate>;
 
@@ -149,16 +150,16 @@ impl Views {
 #[derive(Debug)]
 pub struct DiscoveryService {
     views: Arc<Views>,
-    metrics: Arc<Metrics>,
+    watches: Watches,
     /// With identities on: only proxies of the mesh may watch.
     auth: Option<Authenticator>,
 }
 
 impl DiscoveryService {
-    pub fn new(views: Arc<Views>, metrics: Arc<Metrics>, auth: Option<Authenticator>) -> Self {
+    pub fn new(views: Arc<Views>, watches: Watches, auth: Option<Authenticator>) -> Self {
         DiscoveryService {
             views,
-            metrics,
+            watches,
             auth,
         }
     }
@@ -177,6 +178,7 @@ impl Discovery for DiscoveryService {
         if let Some(auth) = &self.auth {
             auth.caller(&req, "discovery").await?;
         }
+        let source = serving::source(&req);
         let w = req.into_inner();
         if w.destination.len() > defaults::MAX_DESTINATION_LEN {
             return Err(Status::invalid_argument(format!(
@@ -192,7 +194,7 @@ impl Discovery for DiscoveryService {
         let key = DestKey::parse(&w.destination, ns)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         debug!(destination = %w.destination, ?key, proxy = %w.proxy_id, "watch");
-        let guard = WatchGuard::new(&self.metrics, "discovery");
+        let guard = self.watches.open("discovery", source)?;
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a
             // view, so made-up names cost nothing to hold. The stream stays open,
@@ -211,5 +213,59 @@ impl Discovery for DiscoveryService {
             Ok((*u).clone())
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::identity::serving::PeerCerts;
+
+    fn watch_from(addr: &str, service: usize) -> Request<api::WatchDestination> {
+        let mut req = Request::new(api::WatchDestination {
+            destination: format!("svc-{service}.shop.svc.cluster.local:80"),
+            context_namespace: "shop".into(),
+            proxy_id: "web-0.shop".into(),
+        });
+        req.extensions_mut().insert(PeerCerts {
+            certs: None,
+            addr: Some(addr.parse().unwrap()),
+        });
+        req
+    }
+
+    /// A pod that opens watch after watch is refused past its share, and
+    /// nobody else is: the controller's memory is not its to take.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_watches() {
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let metrics = Metrics::new();
+        let svc = DiscoveryService::new(
+            Views::new(rx, metrics.clone()),
+            Watches::new(metrics.clone()),
+            None,
+        );
+        let mut open = Vec::new();
+        for i in 0..defaults::WATCHES_PER_SOURCE {
+            open.push(svc.watch(watch_from("10.0.0.7", i % 50)).await.unwrap());
+        }
+        let refused = svc.watch(watch_from("10.0.0.7", 1)).await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("2048 watches"), "{refused:?}");
+        assert!(svc.watch(watch_from("10.0.0.8", 1)).await.is_ok());
+        assert!(svc.watch(watch_from("127.0.0.1", 1)).await.is_ok());
+        // A watch that ends gives its place back.
+        drop(open.pop());
+        let again = svc.watch(watch_from("10.0.0.7", 1)).await.unwrap();
+        let mut stream = again.into_inner();
+        assert!(stream.next().await.unwrap().is_ok(), "answered");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "strait_controller_api_refusals_total{service=\"discovery\",reason=\"too_many_watches\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

@@ -16,10 +16,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use super::ca::Ca;
 use crate::defaults;
+use crate::metrics::Metrics;
+use crate::per_source::{PerSource, Share};
 
 /// The controller's identity and the DNS name its certificate also carries.
 #[derive(Clone, Debug)]
@@ -178,11 +181,15 @@ impl ClientCertVerifier for ProofOfKey {
     }
 }
 
-/// Accepted connections, each handshake on its own task (bounded in time) so a
-/// slow or silent client delays nobody else.
+/// Accepted connections, each TLS handshake (with `tls`) on its own task,
+/// bounded in time, so a slow or silent client delays nobody else. A source
+/// address holding its share of connections already (`per_source`) has the
+/// new one closed at once: handshakes and connections are bounded per pod.
 pub fn incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Option<TlsAcceptor>,
+    per_source: PerSource,
+    metrics: Arc<Metrics>,
 ) -> ReceiverStream<std::io::Result<Accepted>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -199,14 +206,32 @@ pub fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            let Some(share) = per_source.take(Some(peer.ip().to_canonical())) else {
+                metrics.api_refused("grpc", "too_many_connections");
+                strait_otel::sampled!(
+                    warn,
+                    source = %peer.ip(),
+                    limit = per_source.limit(),
+                    "refused a connection to the gRPC port: its address holds its share already"
+                );
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let Some(acceptor) = tls.clone() else {
+                let io = Either::Left(tcp);
+                if tx.send(Ok(Accepted { io, _share: share })).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(Accepted(s))).await;
+                        let io = Either::Right(Box::new(s));
+                        let _ = tx.send(Ok(Accepted { io, _share: share })).await;
                     }
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake on the gRPC port failed")
@@ -219,10 +244,13 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// An accepted TLS connection; each request on it carries the client's
-/// certificate chain, if it presented one, and address, as a [`PeerCerts`]
-/// extension.
-pub struct Accepted(TlsStream<TcpStream>);
+/// An accepted connection, plaintext or TLS, holding its place among its
+/// source's; each request on it carries the client's certificate chain, if it
+/// presented one, and address, as a [`PeerCerts`] extension.
+pub struct Accepted {
+    io: Either<TcpStream, Box<TlsStream<TcpStream>>>,
+    _share: Share,
+}
 
 /// The certificates a client presented (its key was proven in the handshake;
 /// the chain is not verified yet), and where it connected from.
@@ -236,11 +264,18 @@ impl tonic::transport::server::Connected for Accepted {
     type ConnectInfo = PeerCerts;
 
     fn connect_info(&self) -> PeerCerts {
-        let (tcp, tls) = self.0.get_ref();
+        let (tcp, certs) = match &self.io {
+            Either::Left(tcp) => (tcp, None),
+            Either::Right(tls) => {
+                let (tcp, tls) = tls.get_ref();
+                let certs = tls
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                (tcp, certs)
+            }
+        };
         PeerCerts {
-            certs: tls
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
+            certs,
             addr: tcp.peer_addr().ok().map(|a| a.ip().to_canonical()),
         }
     }
@@ -257,7 +292,7 @@ impl tokio::io::AsyncRead for Accepted {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -267,7 +302,7 @@ impl tokio::io::AsyncWrite for Accepted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -275,24 +310,67 @@ impl tokio::io::AsyncWrite for Accepted {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use futures_util::StreamExt;
+    use tokio::io::AsyncReadExt;
+    use tonic::transport::server::Connected;
+
+    use super::*;
+
+    /// A pod past its share of connections has the next one closed before
+    /// anything is read from it, and gets its place back when one closes.
+    #[tokio::test]
+    async fn a_source_past_its_share_of_connections_is_closed_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+        let mut accepted = incoming(listener, None, PerSource::new(2), metrics.clone());
+        fn within<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+            tokio::time::timeout(Duration::from_secs(10), f)
+        }
+        let (_a, _b) = (
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        );
+        let first = within(accepted.next()).await.unwrap().unwrap().unwrap();
+        let _second = within(accepted.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(first.connect_info().addr, Some(addr.ip()));
+
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let read = within(third.read(&mut [0u8; 1])).await.unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let text = metrics.encode();
+        assert!(
+            text.contains("api_refusals_total{service=\"grpc\",reason=\"too_many_connections\"} 1"),
+            "{text}"
+        );
+
+        drop(first);
+        let _d = TcpStream::connect(addr).await.unwrap();
+        assert!(matches!(within(accepted.next()).await, Ok(Some(Ok(_)))));
     }
 }

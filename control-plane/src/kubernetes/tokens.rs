@@ -16,6 +16,7 @@ use tracing::warn;
 use crate::defaults;
 use crate::identity::tokens::TokenError;
 use crate::index::{ObjKey, TokenDigest};
+use crate::per_source::PerSource;
 
 /// How long an answer is reused: a revoked token (its pod deleted) stops
 /// working within this.
@@ -39,32 +40,13 @@ pub struct TokenReviewer {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Reviews in flight by the address that asked: one pod cannot take every
     /// turn, whatever tokens it makes up.
-    by_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    by_source: PerSource,
 }
 
 /// Reviews one address may have in flight at once. A proxy asks once per
 /// token (then the answer is cached), so a few suffice even for a node's
 /// worth of pods starting behind one address.
 const REVIEWS_PER_SOURCE: usize = 4;
-
-/// A review's place among its source's.
-struct SourceTurn {
-    by_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    source: IpAddr,
-}
-
-impl Drop for SourceTurn {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.by_source.lock()
-            && let Some(n) = m.get_mut(&self.source)
-        {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.source);
-            }
-        }
-    }
-}
 
 impl std::fmt::Debug for TokenReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,25 +63,11 @@ impl TokenReviewer {
             audience: defaults::TOKEN_AUDIENCE.to_string(),
             cache: Arc::default(),
             refused: Arc::default(),
-            by_source: Arc::default(),
+            by_source: PerSource::new(REVIEWS_PER_SOURCE),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 defaults::TOKEN_REVIEWS_IN_FLIGHT,
             )),
         }
-    }
-
-    /// A turn for a review asked from `source`, unless it has its share.
-    fn turn_for(&self, source: IpAddr) -> Option<SourceTurn> {
-        let mut m = self.by_source.lock().ok()?;
-        let n = m.entry(source).or_default();
-        if *n >= REVIEWS_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceTurn {
-            by_source: self.by_source.clone(),
-            source,
-        })
     }
 
     pub async fn review(&self, token: &[u8], source: Option<IpAddr>) -> Result<ObjKey, TokenError> {
@@ -131,16 +99,10 @@ impl TokenReviewer {
         // reviews at a time, each of them briefly.
         let unavailable =
             || TokenError::Unavailable("the API server did not answer in time".into());
-        let _source_turn = match source {
-            Some(a) => match self.turn_for(a) {
-                Some(t) => Some(t),
-                None => {
-                    return Err(TokenError::Unavailable(
-                        "too many token checks from this address at once".into(),
-                    ));
-                }
-            },
-            None => None,
+        let Some(_source_turn) = self.by_source.take(source) else {
+            return Err(TokenError::Unavailable(
+                "too many token checks from this address at once".into(),
+            ));
         };
         // The wait for a turn is bounded too: queued callers hold their
         // requests, and a proxy's own check must not wait behind a flood.
@@ -272,32 +234,6 @@ mod tests {
             b64(claims.to_string().as_bytes()),
             b64(b"signature")
         )
-    }
-
-    #[tokio::test]
-    async fn one_address_gets_a_few_turns_at_once() {
-        let client =
-            kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
-                .unwrap();
-        let r = TokenReviewer::new(client);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let turns: Vec<_> = (0..REVIEWS_PER_SOURCE)
-            .map(|_| r.turn_for(a).expect("a turn"))
-            .collect();
-        assert!(r.turn_for(a).is_none(), "a fifth at once");
-        assert!(
-            r.turn_for("10.0.0.2".parse().unwrap()).is_some(),
-            "another address"
-        );
-        drop(turns);
-        let t = r.turn_for(a);
-        assert!(t.is_some(), "turns given back");
-        assert_eq!(r.by_source.lock().unwrap().get(&a), Some(&1));
-        drop(t);
-        assert!(
-            r.by_source.lock().unwrap().is_empty(),
-            "no entry left behind"
-        );
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! What one source address may hold at once: connections to the gRPC port,
+//! watches, token reviews. Every pod has an address of its own, so a pod that
+//! opens connections or watches without end is refused past its share rather
+//! than growing the controller's memory and file descriptors until every other
+//! proxy is refused too.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+type Held = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+#[derive(Clone, Debug)]
+pub struct PerSource {
+    limit: usize,
+    /// Loopback callers are in the controller's own network namespace: in a
+    /// cluster only its own pod, and the demo and the benchmarks run every
+    /// proxy there. Some shares count them anyway.
+    count_loopback: bool,
+    held: Held,
+}
+
+/// One place in a source's share, given back when dropped.
+#[derive(Debug)]
+#[must_use = "the place is given back when this is dropped"]
+pub struct Share(Option<(Held, IpAddr)>);
+
+impl PerSource {
+    /// At most `limit` at once per address, loopback included.
+    pub fn new(limit: usize) -> Self {
+        PerSource {
+            limit,
+            count_loopback: true,
+            held: Held::default(),
+        }
+    }
+
+    /// At most `limit` at once per address; loopback is not counted.
+    pub fn sparing_loopback(limit: usize) -> Self {
+        PerSource {
+            count_loopback: false,
+            ..PerSource::new(limit)
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A place for `source`, unless it holds its share already. An unknown
+    /// source (no address) is not counted.
+    pub fn take(&self, source: Option<IpAddr>) -> Option<Share> {
+        let Some(source) = source.filter(|s| self.count_loopback || !s.is_loopback()) else {
+            return Some(Share(None));
+        };
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(source).or_default();
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(Share(Some((self.held.clone(), source))))
+    }
+
+    #[cfg(test)]
+    pub fn held_by(&self, source: IpAddr) -> usize {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(&source).copied().unwrap_or(0)
+    }
+
+    #[cfg(test)]
+    pub fn sources(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let Some((held, source)) = &self.0 else {
+            return;
+        };
+        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(source) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn one_address_gets_its_share_and_no_more() {
+        let p = PerSource::new(3);
+        let shares: Vec<_> = (0..3).map(|_| p.take(ip("10.0.0.1")).unwrap()).collect();
+        assert!(p.take(ip("10.0.0.1")).is_none(), "a fourth at once");
+        assert!(p.take(ip("10.0.0.2")).is_some(), "another address");
+        drop(shares);
+        let s = p.take(ip("10.0.0.1"));
+        assert!(s.is_some(), "places given back");
+        assert_eq!(p.held_by("10.0.0.1".parse().unwrap()), 1);
+        drop(s);
+        assert_eq!(p.sources(), 0, "no entry left behind");
+    }
+
+    #[test]
+    fn loopback_and_unknown_sources_are_spared_where_asked() {
+        let spared = PerSource::sparing_loopback(1);
+        let kept: Vec<_> = (0..10)
+            .map(|_| spared.take(ip("127.0.0.1")).unwrap())
+            .chain((0..10).map(|_| spared.take(ip("::1")).unwrap()))
+            .chain((0..10).map(|_| spared.take(None).unwrap()))
+            .collect();
+        assert_eq!(spared.sources(), 0);
+        let _one = spared.take(ip("10.0.0.1")).unwrap();
+        assert!(spared.take(ip("10.0.0.1")).is_none());
+        drop(kept);
+
+        let counted = PerSource::new(1);
+        let _one = counted.take(ip("127.0.0.1")).unwrap();
+        assert!(counted.take(ip("127.0.0.1")).is_none());
+    }
+}
