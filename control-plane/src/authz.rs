@@ -267,6 +267,11 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
     api::WorkloadPolicy {
         ports,
         default: Some(all_ports.to_api(0)),
+        probes: snap
+            .pods
+            .get(pod)
+            .map(|p| p.probes.clone())
+            .unwrap_or_default(),
     }
 }
 

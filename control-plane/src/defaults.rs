@@ -58,6 +58,12 @@ pub const MAX_ROUTE_PARENTS: usize = 32;
 /// AuthorizationPolicy: entries of `allow`, and ports.
 pub const MAX_POLICY_ALLOW: usize = 1024;
 pub const MAX_POLICY_PORTS: usize = 256;
+/// A pod's kubelet probes kept for its policy, and the longest path: beyond
+/// them a probe is not let through (and fails as before).
+pub const MAX_PROBE_ROUTES: usize = 64;
+pub const MAX_PROBE_PATH: usize = 1024;
+/// What the kubelet's gRPC probes call.
+pub const GRPC_HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
 /// And rescanned this often regardless (files compared by modification time and
 /// size), for filesystems that do not report changes.
 pub const MANIFEST_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -185,6 +185,7 @@ mod tests {
                 inbound_port: Some(4143),
                 service_account: "web".into(),
                 labels: [("app".to_string(), "web".to_string())].into(),
+                probes: Vec::new(),
             },
         );
         tx.send_replace(Arc::new(snap.clone()));

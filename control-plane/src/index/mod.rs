@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use imbl::{HashMap, OrdMap, OrdSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use strait_api::v1 as api;
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -71,6 +73,8 @@ pub struct PodInfo {
     pub inbound_port: Option<u16>,
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
+    /// The kubelet's probes of its containers, let through in plaintext.
+    pub probes: Vec<api::ProbeRoute>,
 }
 
 /// Everything the controller knows at one moment.
@@ -434,9 +438,80 @@ impl SnapshotBuilder {
                 inbound_port,
                 service_account,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
+                probes: pod.spec.as_ref().map(probe_routes).unwrap_or_default(),
             },
         ))
     }
+}
+
+/// The kubelet's HTTP and gRPC probes of a pod's containers, as the requests
+/// its proxy lets through in plaintext. Not those for another host, nor HTTPS
+/// ones (TLS without a client certificate): the proxy does not see them as
+/// the kubelet's.
+fn probe_routes(spec: &PodSpec) -> Vec<api::ProbeRoute> {
+    let mut routes: Vec<api::ProbeRoute> = Vec::new();
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    for c in containers {
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for p in probes.into_iter().flatten() {
+            let route = if let Some(h) = &p.http_get {
+                let elsewhere = h.host.as_deref().is_some_and(|h| !h.is_empty());
+                let http = h
+                    .scheme
+                    .as_deref()
+                    .is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+                let path = match h.path.as_deref().unwrap_or_default() {
+                    "" => "/".to_string(),
+                    p if p.starts_with('/') => p.to_string(),
+                    p => format!("/{p}"),
+                };
+                container_port(c, &h.port)
+                    .filter(|_| http && !elsewhere && path.len() <= defaults::MAX_PROBE_PATH)
+                    .map(|port| api::ProbeRoute {
+                        port: port.into(),
+                        kind: api::ProbeKind::HttpGet as i32,
+                        path,
+                    })
+            } else if let Some(g) = &p.grpc {
+                u16::try_from(g.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map(|port| api::ProbeRoute {
+                        port: port.into(),
+                        kind: api::ProbeKind::Grpc as i32,
+                        path: defaults::GRPC_HEALTH_CHECK_PATH.to_string(),
+                    })
+            } else {
+                None
+            };
+            if let Some(r) = route
+                && !routes.contains(&r)
+                && routes.len() < defaults::MAX_PROBE_ROUTES
+            {
+                routes.push(r);
+            }
+        }
+    }
+    routes
+}
+
+/// A probe's port: a number, or the name of one of the container's ports.
+fn container_port(c: &Container, port: &IntOrString) -> Option<u16> {
+    let n = match port {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))?
+                .container_port
+        }
+    };
+    u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
 impl Snapshot {
@@ -541,5 +616,50 @@ impl Snapshot {
                 self.backend_policies.remove(target);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// What the kubelet will send, per probe: the path as written (query
+    /// included), a named port resolved against its own container's ports.
+    #[test]
+    fn the_kubelets_probes_become_the_requests_let_through() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-0", "namespace": "shop"},
+            "spec": {"containers": [
+                {"name": "app", "image": "app",
+                 "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"path": "/ready?full=1", "port": "http"}},
+                 "livenessProbe": {"httpGet": {"port": 8081}},
+                 "startupProbe": {"grpc": {"port": 9090}}},
+                {"name": "other", "image": "other",
+                 "readinessProbe": {"httpGet": {"path": "/x", "port": "http"}},
+                 "livenessProbe": {"httpGet": {"path": "/tls", "port": 8443, "scheme": "HTTPS"}},
+                 "startupProbe": {"httpGet": {"path": "/y", "port": 80, "host": "10.0.0.9"}}},
+                {"name": "tcp", "image": "tcp",
+                 "readinessProbe": {"tcpSocket": {"port": 5432}},
+                 "livenessProbe": {"httpGet": {"path": "/ready?full=1", "port": 8080}}}
+            ]}
+        }))
+        .unwrap();
+        let (_, info) = SnapshotBuilder::pod(&pod).unwrap();
+        let got: Vec<(u32, i32, &str)> = info
+            .probes
+            .iter()
+            .map(|r| (r.port, r.kind, r.path.as_str()))
+            .collect();
+        let (get, grpc) = (api::ProbeKind::HttpGet as i32, api::ProbeKind::Grpc as i32);
+        assert_eq!(
+            got,
+            [
+                (8081, get, "/"),
+                (8080, get, "/ready?full=1"),
+                (9090, grpc, "/grpc.health.v1.Health/Check"),
+            ]
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Authorization of inbound requests: the verified peer identity against the
-//! target port's policy. Denied requests get 403; every decision is counted by
-//! peer identity. The app learns the verified identity from `strait-client-id`
+//! target port's policy, except the kubelet's probes, which pass in plaintext.
+//! Denied requests get 403; every decision is counted by peer identity. The app learns the verified identity from `strait-client-id`
 //! (removed from anything a client sent, so it cannot be forged).
 
 use std::convert::Infallible;
@@ -111,7 +111,7 @@ where
             Some(Dst(DestAddr::Socket(a))) => a.port(),
             _ => 0,
         };
-        let decision = super::policy::check(&l.policy, port, l.peer.as_ref());
+        let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
         l.count(decision.is_ok());
         if let Err(denied) = decision {
             debug!(%denied, "inbound request denied");

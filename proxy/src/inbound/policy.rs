@@ -90,11 +90,36 @@ impl PortPolicy {
 pub struct InboundPolicy {
     pub ports: HashMap<u16, PortPolicy>,
     pub default: PortPolicy,
+    /// The kubelet's probes of this pod: allowed in plaintext whatever the
+    /// port's policy, since the kubelet has no identity to present.
+    pub probes: Vec<Probe>,
+}
+
+/// One probe request: this method and exactly this request target on this port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub port: u16,
+    pub grpc: bool,
+    pub target: Box<str>,
 }
 
 impl InboundPolicy {
     pub fn port(&self, port: u16) -> &PortPolicy {
         self.ports.get(&port).unwrap_or(&self.default)
+    }
+
+    /// Whether a plaintext request is one of the kubelet's probes: GET or
+    /// HEAD of an HTTP probe's path, POST of a gRPC probe's method, its
+    /// request target compared byte for byte.
+    pub fn is_probe(&self, port: u16, method: &http::Method, target: &str) -> bool {
+        self.probes.iter().any(|p| {
+            p.port == port
+                && *p.target == *target
+                && match p.grpc {
+                    true => method == http::Method::POST,
+                    false => method == http::Method::GET || method == http::Method::HEAD,
+                }
+        })
     }
 }
 
@@ -142,6 +167,23 @@ pub fn parse(p: api::WorkloadPolicy, trust_domain: &str) -> InboundPolicy {
             .default
             .map(|d| port_policy(d, trust_domain))
             .unwrap_or_default(),
+        probes: p
+            .probes
+            .into_iter()
+            .filter_map(|r| {
+                let grpc = match api::ProbeKind::try_from(r.kind) {
+                    Ok(api::ProbeKind::HttpGet) => false,
+                    Ok(api::ProbeKind::Grpc) => true,
+                    // A kind this proxy does not know lets nothing through.
+                    _ => return None,
+                };
+                Some(Probe {
+                    port: u16::try_from(r.port).ok()?,
+                    grpc,
+                    target: r.path.into(),
+                })
+            })
+            .collect(),
     }
 }
 
@@ -155,6 +197,27 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
         Some(p) => p.port(port).check(port, peer),
         None => Err(Denied::NoPolicyYet),
     }
+}
+
+/// The decision for an HTTP request: as [`check`], except that the kubelet's
+/// probes are let through in plaintext.
+pub fn check_request<B>(
+    policy: &PolicyRx,
+    port: u16,
+    peer: Option<&Identity>,
+    req: &http::Request<B>,
+) -> Result<(), Denied> {
+    let policy = policy.borrow();
+    let Some(p) = &*policy else {
+        return Err(Denied::NoPolicyYet);
+    };
+    p.port(port).check(port, peer).or_else(|denied| {
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        match peer {
+            None if p.is_probe(port, req.method(), target) => Ok(()),
+            _ => Err(denied),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -214,6 +277,7 @@ mod tests {
                         )),
                     }],
                 }),
+                probes: vec![],
             },
             "td",
         );
@@ -221,6 +285,73 @@ mod tests {
         assert_eq!(
             p.port(80).check(80, Some(&web)),
             Err(Denied::NotAllowed(80, web.clone()))
+        );
+    }
+
+    /// The kubelet's probes get through a STRICT port in plaintext, and
+    /// nothing else does: not another path, method or port, nor a peer the
+    /// allow list refuses.
+    #[test]
+    fn only_the_kubelets_probes_pass_strict_in_plaintext() {
+        let probe = |port, kind: api::ProbeKind, path: &str| api::ProbeRoute {
+            port,
+            kind: kind as i32,
+            path: path.into(),
+        };
+        let (tx, rx) = watch::channel(Some(Arc::new(parse(
+            api::WorkloadPolicy {
+                ports: vec![],
+                default: Some(api::PortPolicy {
+                    port: 0,
+                    mode: api::MtlsMode::Strict as i32,
+                    allow: vec![api::Authorization {
+                        subject: Some(api::authorization::Subject::Namespace("shop".into())),
+                    }],
+                }),
+                probes: vec![
+                    probe(8080, api::ProbeKind::HttpGet, "/ready?full=1"),
+                    probe(9090, api::ProbeKind::Grpc, "/grpc.health.v1.Health/Check"),
+                    probe(7070, api::ProbeKind::Unspecified, "/"),
+                ],
+            },
+            "td",
+        ))));
+        let req = |method: &str, target: &str| {
+            http::Request::builder()
+                .method(method)
+                .uri(target)
+                .body(())
+                .unwrap()
+        };
+        let decide = |port, peer: Option<&Identity>, r: &http::Request<()>| {
+            check_request(&rx, port, peer, r).is_ok()
+        };
+        assert!(decide(8080, None, &req("GET", "/ready?full=1")));
+        assert!(decide(8080, None, &req("HEAD", "/ready?full=1")));
+        assert!(decide(
+            9090,
+            None,
+            &req("POST", "/grpc.health.v1.Health/Check")
+        ));
+        for (port, method, target) in [
+            (8080, "GET", "/ready"),
+            (8080, "GET", "/ready?full=1&x"),
+            (8080, "POST", "/ready?full=1"),
+            (8081, "GET", "/ready?full=1"),
+            (9090, "GET", "/grpc.health.v1.Health/Check"),
+            (7070, "GET", "/"),
+        ] {
+            assert!(
+                !decide(port, None, &req(method, target)),
+                "{method} {target} on {port}"
+            );
+        }
+        let outsider = id("spiffe://td/ns/other/sa/x");
+        assert!(!decide(8080, Some(&outsider), &req("GET", "/ready?full=1")));
+        tx.send_replace(None);
+        assert_eq!(
+            check_request(&rx, 8080, None, &req("GET", "/ready?full=1")),
+            Err(Denied::NoPolicyYet)
         );
     }
 }

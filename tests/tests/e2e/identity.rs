@@ -96,8 +96,14 @@ impl Mesh {
 
     /// A plaintext request straight to web's inbound port, as a client outside the mesh.
     async fn plaintext(&self) -> (http::StatusCode, String) {
+        self.plaintext_to("GET", "/client-id").await
+    }
+
+    async fn plaintext_to(&self, method: &str, target: &str) -> (http::StatusCode, String) {
         let c = client::http1();
-        let req = http::Request::get(format!("http://{}/client-id", self.web.inbound))
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{target}", self.web.inbound))
             .header("strait-target-port", self.backend.addr.port())
             .body(client::empty())
             .unwrap();
@@ -250,6 +256,42 @@ async fn strict_refuses_plaintext_and_the_allow_list_picks_identities() {
         || async { get(&url).await.0 == 200 },
     )
     .await;
+}
+
+/// STRICT does not fail the pod's probes: the kubelet, which has no identity,
+/// gets through in plaintext to exactly what the pod declares it probes.
+#[tokio::test]
+async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
+    let m = Mesh::start("web", None).await;
+    let app_port = m.backend.addr.port();
+    m.dir.write(
+        "pod-web.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {app_port}}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}\n",
+            m.web.inbound.port()
+        ),
+    );
+    m.dir
+        .write("policy.yaml", &policy("STRICT", "{namespace: test}"));
+    wait::until(
+        "STRICT and the probe to apply",
+        Duration::from_secs(5),
+        || async {
+            m.plaintext().await.0 == 403 && m.plaintext_to("GET", "/healthz").await.0 == 200
+        },
+    )
+    .await;
+    let (status, body) = m.plaintext_to("GET", "/healthz").await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "ok"));
+    for (method, target) in [
+        ("POST", "/healthz"),
+        ("GET", "/healthz/"),
+        ("GET", "/healthz?x=1"),
+    ] {
+        let (status, body) = m.plaintext_to(method, target).await;
+        assert_eq!(status, 403, "{method} {target}: {body}");
+        assert!(body.contains("plaintext refused"), "{body}");
+    }
 }
 
 #[tokio::test]
