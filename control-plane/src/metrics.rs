@@ -45,6 +45,8 @@ pub struct Metrics {
     pub reload_errors: Counter,
     pub certificates_issued: Counter,
     pub certify_refusals: Family<ReasonLabels, Counter>,
+    /// When the issuer that signs workload certificates expires (Unix seconds).
+    pub issuer_expiration: Gauge,
     /// Discovery and policy calls refused for want of a credential, by service and reason.
     pub api_refusals: Family<RefusalLabels, Counter>,
     /// Spans not delivered to the collector.
@@ -68,6 +70,7 @@ impl Metrics {
             reload_errors: Counter::default(),
             certificates_issued: Counter::default(),
             certify_refusals: Family::default(),
+            issuer_expiration: Gauge::default(),
             api_refusals: Family::default(),
             trace_spans_dropped: Counter::default(),
         };
@@ -118,8 +121,13 @@ impl Metrics {
             m.certify_refusals.clone(),
         );
         registry.register(
+            "identity_issuer_expiration_timestamp_seconds",
+            "When the issuer that signs workload certificates expires, in Unix seconds: rotate it before",
+            m.issuer_expiration.clone(),
+        );
+        registry.register(
             "api_refusals",
-            "Discovery and inbound-policy calls refused (no or unknown credential, another workload's policy), by service and reason",
+            "Discovery and inbound-policy calls refused (no or unknown credential, another workload's policy, an address past its share of watches), and gRPC connections closed at once (an address past its share), by service and reason",
             m.api_refusals.clone(),
         );
         registry.register(

@@ -196,6 +196,11 @@ impl Ca {
         .map_err(|e| format!("certificates it signs would not verify against it ({e:?}); is its subject name unusual (repeated attributes)?"))
     }
 
+    /// When the issuer expires: no leaf outlives it.
+    pub fn issuer_not_after(&self) -> SystemTime {
+        self.issuer_not_after
+    }
+
     /// The issuer's certificate, sent with every leaf.
     pub fn issuer_der(&self) -> &[u8] {
         &self.issuer_der

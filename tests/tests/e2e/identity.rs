@@ -383,6 +383,18 @@ async fn the_controller_signs_only_the_identity_a_token_proves() {
             .await
             >= 1.0
     );
+    // The test PKI's issuer is valid for a day: the gauge says when to rotate.
+    let expires = ctl
+        .metric("strait_controller_identity_issuer_expiration_timestamp_seconds")
+        .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (expires - (now + 86400.0)).abs() < 3600.0,
+        "issuer expiry {expires}, now {now}"
+    );
 }
 
 /// Opens a discovery watch of `web` and a policy watch of `pod`, each with
