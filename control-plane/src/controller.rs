@@ -337,12 +337,10 @@ impl Controller {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let metrics = Metrics::new();
-        if let Some(ca) = &self.ca
-            && let Ok(at) = ca.issuer_not_after().duration_since(std::time::UNIX_EPOCH)
-        {
-            metrics.issuer_expiration.set(at.as_secs() as i64);
-        }
+        let metrics = Metrics::issuing_until(self.ca.as_ref().and_then(|ca| {
+            let at = ca.issuer_not_after().duration_since(std::time::UNIX_EPOCH);
+            at.ok().map(|d| d.as_secs() as i64)
+        }));
         if let Some(endpoint) = &self.args.otlp_endpoint {
             let exporter = strait_otel::Exporter::start(
                 strait_otel::ExportConfig {

@@ -45,8 +45,6 @@ pub struct Metrics {
     pub reload_errors: Counter,
     pub certificates_issued: Counter,
     pub certify_refusals: Family<ReasonLabels, Counter>,
-    /// When the issuer that signs workload certificates expires (Unix seconds).
-    pub issuer_expiration: Gauge,
     /// Discovery and policy calls refused for want of a credential, by service and reason.
     pub api_refusals: Family<RefusalLabels, Counter>,
     /// Spans not delivered to the collector.
@@ -55,6 +53,13 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
+        Self::issuing_until(None)
+    }
+
+    /// With `issuer_expiry` (Unix seconds) when the controller issues
+    /// certificates: exported then only, so that no alert reads a missing
+    /// issuer as one that expired in 1970.
+    pub fn issuing_until(issuer_expiry: Option<i64>) -> Arc<Self> {
         let mut registry = Registry::with_prefix(METRICS_PREFIX);
         let m = Metrics {
             registry: Registry::default(),
@@ -70,7 +75,6 @@ impl Metrics {
             reload_errors: Counter::default(),
             certificates_issued: Counter::default(),
             certify_refusals: Family::default(),
-            issuer_expiration: Gauge::default(),
             api_refusals: Family::default(),
             trace_spans_dropped: Counter::default(),
         };
@@ -121,11 +125,6 @@ impl Metrics {
             m.certify_refusals.clone(),
         );
         registry.register(
-            "identity_issuer_expiration_timestamp_seconds",
-            "When the issuer that signs workload certificates expires, in Unix seconds: rotate it before",
-            m.issuer_expiration.clone(),
-        );
-        registry.register(
             "api_refusals",
             "Discovery and inbound-policy calls refused (no or unknown credential, another workload's policy, an address past its share of watches), and gRPC connections closed at once (an address past its share), by service and reason",
             m.api_refusals.clone(),
@@ -135,6 +134,15 @@ impl Metrics {
             "Spans not delivered to the collector: the export queue was full, or the collector failed or did not answer",
             m.trace_spans_dropped.clone(),
         );
+        if let Some(at) = issuer_expiry {
+            let g = Gauge::<i64>::default();
+            g.set(at);
+            registry.register(
+                "identity_issuer_expiration_timestamp_seconds",
+                "When the issuer that signs workload certificates expires, in Unix seconds: rotate it before",
+                g,
+            );
+        }
         Arc::new(Metrics { registry, ..m })
     }
 

@@ -186,6 +186,7 @@ mod tests {
                 service_account: "web".into(),
                 labels: [("app".to_string(), "web".to_string())].into(),
                 probes: Vec::new(),
+                ips: Vec::new(),
             },
         );
         tx.send_replace(Arc::new(snap.clone()));

@@ -206,7 +206,8 @@ pub fn incoming(
                 },
                 () = tx.closed() => return,
             };
-            let Some(share) = per_source.take(Some(peer.ip().to_canonical())) else {
+            let source = peer.ip().to_canonical();
+            let Some(share) = per_source.take(Some(source)) else {
                 metrics.api_refused("grpc", "too_many_connections");
                 strait_otel::sampled!(
                     warn,
@@ -219,7 +220,12 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let Some(acceptor) = tls.clone() else {
                 let io = Either::Left(tcp);
-                if tx.send(Ok(Accepted { io, _share: share })).await.is_err() {
+                let accepted = Accepted {
+                    io,
+                    source,
+                    _share: share,
+                };
+                if tx.send(Ok(accepted)).await.is_err() {
                     return;
                 }
                 continue;
@@ -231,7 +237,12 @@ pub fn incoming(
                 {
                     Ok(Ok(s)) => {
                         let io = Either::Right(Box::new(s));
-                        let _ = tx.send(Ok(Accepted { io, _share: share })).await;
+                        let accepted = Accepted {
+                            io,
+                            source,
+                            _share: share,
+                        };
+                        let _ = tx.send(Ok(accepted)).await;
                     }
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake on the gRPC port failed")
@@ -249,6 +260,8 @@ pub fn incoming(
 /// presented one, and address, as a [`PeerCerts`] extension.
 pub struct Accepted {
     io: Either<TcpStream, Box<TlsStream<TcpStream>>>,
+    /// The address its share was counted for.
+    source: std::net::IpAddr,
     _share: Share,
 }
 
@@ -264,19 +277,17 @@ impl tonic::transport::server::Connected for Accepted {
     type ConnectInfo = PeerCerts;
 
     fn connect_info(&self) -> PeerCerts {
-        let (tcp, certs) = match &self.io {
-            Either::Left(tcp) => (tcp, None),
-            Either::Right(tls) => {
-                let (tcp, tls) = tls.get_ref();
-                let certs = tls
-                    .peer_certificates()
-                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-                (tcp, certs)
-            }
+        let certs = match &self.io {
+            Either::Left(_) => None,
+            Either::Right(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect()),
         };
         PeerCerts {
             certs,
-            addr: tcp.peer_addr().ok().map(|a| a.ip().to_canonical()),
+            addr: Some(self.source),
         }
     }
 }

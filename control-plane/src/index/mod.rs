@@ -75,6 +75,9 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     /// The kubelet's probes of its containers, let through in plaintext.
     pub probes: Vec<api::ProbeRoute>,
+    /// Its own addresses (`status.podIPs`): none for a pod on the node's
+    /// network, which shares the node's, or one that has ended.
+    pub ips: Vec<IpAddr>,
 }
 
 /// Everything the controller knows at one moment.
@@ -89,6 +92,9 @@ pub struct Snapshot {
     /// EndpointSlices by the Service they belong to, keyed by slice name for order.
     pub slices: HashMap<ObjKey, OrdMap<String, SliceInfo>>,
     pub pods: HashMap<ObjKey, PodInfo>,
+    /// The pods at each address: one, but for a moment two while an address
+    /// passes from a pod that ended to a new one.
+    pub by_pod_ip: HashMap<IpAddr, OrdSet<ObjKey>>,
     /// Service-account tokens (local mode), by digest: the service account each
     /// proves. Only digests are kept, so the tokens themselves are not in memory.
     pub tokens: HashMap<TokenDigest, ObjKey>,
@@ -134,6 +140,7 @@ impl Snapshot {
             by_cluster_ip: HashMap::new(),
             slices: HashMap::new(),
             pods: HashMap::new(),
+            by_pod_ip: HashMap::new(),
             tokens: HashMap::new(),
             authorizations: HashMap::new(),
             routes: HashMap::new(),
@@ -439,9 +446,33 @@ impl SnapshotBuilder {
                 service_account,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 probes: pod.spec.as_ref().map(probe_routes).unwrap_or_default(),
+                ips: own_ips(pod),
             },
         ))
     }
+}
+
+/// A pod's own addresses, while it runs.
+fn own_ips(pod: &Pod) -> Vec<IpAddr> {
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    if host_network || ended {
+        return Vec::new();
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|i| i.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// The kubelet's HTTP and gRPC probes of a pod's containers, as the requests
@@ -464,11 +495,7 @@ fn probe_routes(spec: &PodSpec) -> Vec<api::ProbeRoute> {
                     .scheme
                     .as_deref()
                     .is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
-                let path = match h.path.as_deref().unwrap_or_default() {
-                    "" => "/".to_string(),
-                    p if p.starts_with('/') => p.to_string(),
-                    p => format!("/{p}"),
-                };
+                let path = kubelet_target(h.path.as_deref().unwrap_or_default());
                 container_port(c, &h.port)
                     .filter(|_| http && !elsewhere && path.len() <= defaults::MAX_PROBE_PATH)
                     .map(|port| api::ProbeRoute {
@@ -499,19 +526,55 @@ fn probe_routes(spec: &PodSpec) -> Vec<api::ProbeRoute> {
     routes
 }
 
-/// A probe's port: a number, or the name of one of the container's ports.
+/// A probe's port: a number, or the name of one of the container's ports
+/// (or, as the kubelet falls back to, a number written as a string).
 fn container_port(c: &Container, port: &IntOrString) -> Option<u16> {
     let n = match port {
         IntOrString::Int(n) => *n,
-        IntOrString::String(name) => {
-            c.ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name))?
-                .container_port
-        }
+        IntOrString::String(name) => match c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+        {
+            Some(p) => p.container_port,
+            None => name.parse().ok()?,
+        },
     };
     u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+/// The request target the kubelet sends for an HTTP probe's `path`, as Go's
+/// `url.Parse(path).RequestURI()` makes it: the fragment dropped, the path's
+/// bytes that may not stand in a path percent-encoded (valid escapes kept),
+/// the query as written, and `/` for nothing.
+fn kubelet_target(path: &str) -> String {
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let mut out = String::with_capacity(path.len() + 1);
+    if !path.starts_with('/') {
+        out.push('/');
+    }
+    let bytes = path.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = b == b'%'
+            && bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b) || escape {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
 }
 
 impl Snapshot {
@@ -546,11 +609,34 @@ impl Snapshot {
     }
 
     pub fn add_pod(&mut self, key: ObjKey, info: PodInfo) {
+        self.remove_pod(&key);
+        for ip in &info.ips {
+            self.by_pod_ip.entry(*ip).or_default().insert(key.clone());
+        }
         self.pods.insert(key, info);
     }
 
     pub fn remove_pod(&mut self, key: &ObjKey) {
-        self.pods.remove(key);
+        let Some(old) = self.pods.remove(key) else {
+            return;
+        };
+        for ip in &old.ips {
+            if let Some(keys) = self.by_pod_ip.get_mut(ip) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_pod_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// The pod at `ip`, unless none or more than one claims it.
+    pub fn pod_at(&self, ip: IpAddr) -> Option<(&ObjKey, &PodInfo)> {
+        let keys = self.by_pod_ip.get(&ip)?;
+        match keys.len() {
+            1 => keys.iter().next().and_then(|k| self.pods.get_key_value(k)),
+            _ => None,
+        }
     }
 
     pub fn add_token(&mut self, digest: TokenDigest, account: ObjKey) {
@@ -633,7 +719,7 @@ mod tests {
             "spec": {"containers": [
                 {"name": "app", "image": "app",
                  "ports": [{"name": "http", "containerPort": 8080}],
-                 "readinessProbe": {"httpGet": {"path": "/ready?full=1", "port": "http"}},
+                 "readinessProbe": {"httpGet": {"path": "/ready?full=1#top", "port": "http"}},
                  "livenessProbe": {"httpGet": {"port": 8081}},
                  "startupProbe": {"grpc": {"port": 9090}}},
                 {"name": "other", "image": "other",
@@ -642,7 +728,8 @@ mod tests {
                  "startupProbe": {"httpGet": {"path": "/y", "port": 80, "host": "10.0.0.9"}}},
                 {"name": "tcp", "image": "tcp",
                  "readinessProbe": {"tcpSocket": {"port": 5432}},
-                 "livenessProbe": {"httpGet": {"path": "/ready?full=1", "port": 8080}}}
+                 "livenessProbe": {"httpGet": {"path": "/ready?full=1", "port": 8080}},
+                 "startupProbe": {"httpGet": {"path": "health/ä b", "port": "8082"}}}
             ]}
         }))
         .unwrap();
@@ -659,6 +746,7 @@ mod tests {
                 (8081, get, "/"),
                 (8080, get, "/ready?full=1"),
                 (9090, grpc, "/grpc.health.v1.Health/Check"),
+                (8082, get, "/health/%C3%A4%20b"),
             ]
         );
     }

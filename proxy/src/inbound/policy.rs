@@ -108,17 +108,24 @@ impl InboundPolicy {
         self.ports.get(&port).unwrap_or(&self.default)
     }
 
-    /// Whether a plaintext request is one of the kubelet's probes: GET or
-    /// HEAD of an HTTP probe's path, POST of a gRPC probe's method, its
-    /// request target compared byte for byte.
-    pub fn is_probe(&self, port: u16, method: &http::Method, target: &str) -> bool {
+    /// Whether a plaintext request is one of the kubelet's probes, as the
+    /// kubelet sends them: an HTTP probe is a GET or HEAD over HTTP/1.x with no
+    /// body and no upgrade (an upgrade on the probe's path would open a tunnel
+    /// to the app past the policy); a gRPC probe is a POST of the health
+    /// method over HTTP/2. The request target is compared byte for byte.
+    pub fn is_probe<B>(&self, port: u16, req: &http::Request<B>) -> bool {
+        use http::{Method, Version, header};
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let h = req.headers();
+        let bodiless = !h.contains_key(header::TRANSFER_ENCODING)
+            && h.get_all(header::CONTENT_LENGTH).iter().all(|v| v == "0");
+        let plain_get = (req.method() == Method::GET || req.method() == Method::HEAD)
+            && req.version() < Version::HTTP_2
+            && bodiless
+            && !h.contains_key(header::UPGRADE);
+        let grpc = req.method() == Method::POST && req.version() == Version::HTTP_2;
         self.probes.iter().any(|p| {
-            p.port == port
-                && *p.target == *target
-                && match p.grpc {
-                    true => method == http::Method::POST,
-                    false => method == http::Method::GET || method == http::Method::HEAD,
-                }
+            p.port == port && *p.target == *target && if p.grpc { grpc } else { plain_get }
         })
     }
 }
@@ -211,12 +218,9 @@ pub fn check_request<B>(
     let Some(p) = &*policy else {
         return Err(Denied::NoPolicyYet);
     };
-    p.port(port).check(port, peer).or_else(|denied| {
-        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        match peer {
-            None if p.is_probe(port, req.method(), target) => Ok(()),
-            _ => Err(denied),
-        }
+    p.port(port).check(port, peer).or_else(|denied| match peer {
+        None if p.is_probe(port, req) => Ok(()),
+        _ => Err(denied),
     })
 }
 
@@ -317,11 +321,22 @@ mod tests {
             "td",
         ))));
         let req = |method: &str, target: &str| {
+            let h2 = target.starts_with("/grpc");
             http::Request::builder()
                 .method(method)
                 .uri(target)
+                .version(if h2 {
+                    http::Version::HTTP_2
+                } else {
+                    http::Version::HTTP_11
+                })
                 .body(())
                 .unwrap()
+        };
+        let with = |mut r: http::Request<()>, name: &'static str, value: &'static str| {
+            r.headers_mut()
+                .insert(name, http::HeaderValue::from_static(value));
+            r
         };
         let decide = |port, peer: Option<&Identity>, r: &http::Request<()>| {
             check_request(&rx, port, peer, r).is_ok()
@@ -345,6 +360,25 @@ mod tests {
                 !decide(port, None, &req(method, target)),
                 "{method} {target} on {port}"
             );
+        }
+        // Nothing that would carry more than the probe: an upgrade (a tunnel
+        // to the app), a body, a gRPC call over HTTP/1.1.
+        let probe = || req("GET", "/ready?full=1");
+        assert!(decide(8080, None, &with(probe(), "content-length", "0")));
+        let grpc_over_h1 = http::Request::post("/grpc.health.v1.Health/Check")
+            .body(())
+            .unwrap();
+        for (port, r) in [
+            (
+                8080,
+                with(with(probe(), "upgrade", "h2c"), "connection", "Upgrade"),
+            ),
+            (8080, with(probe(), "upgrade", "websocket")),
+            (8080, with(probe(), "content-length", "5")),
+            (8080, with(probe(), "transfer-encoding", "chunked")),
+            (9090, grpc_over_h1),
+        ] {
+            assert!(!decide(port, None, &r), "{r:?}");
         }
         let outsider = id("spiffe://td/ns/other/sa/x");
         assert!(!decide(8080, Some(&outsider), &req("GET", "/ready?full=1")));
