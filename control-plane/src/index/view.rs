@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use strait_api::v1 as api;
 
-use super::{ObjKey, ServicePort, Snapshot};
+use super::{ObjKey, PodInfo, ServicePort, Snapshot};
 use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
 use crate::routes::RouteSpec;
@@ -88,7 +88,7 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
         DestKey::Service { svc, port } => (svc.clone(), *port),
         DestKey::ClusterIp(sa) => match snap.by_cluster_ip.get(&sa.ip()) {
             Some(svc) => (svc.clone(), sa.port()),
-            None => return not_meshed(),
+            None => return pod_view(snap, *sa),
         },
         DestKey::External(_) => return not_meshed(),
     };
@@ -184,30 +184,12 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
                 .pod
                 .as_ref()
                 .and_then(|k| snap.pods.get(k).map(|p| (k, p)));
-            let (proxy_port, identity, labels) = match pod {
-                Some((k, p)) if p.inbound_port.is_some() => (
-                    u32::from(p.inbound_port.unwrap_or(defaults::DEFAULT_INBOUND_PORT)),
-                    Some(api::WorkloadIdentity {
-                        spiffe_id: format!(
-                            "spiffe://{}/ns/{}/sa/{}",
-                            snap.trust_domain, k.namespace, p.service_account
-                        ),
-                    }),
-                    p.labels.clone().into_iter().collect(),
-                ),
-                Some((_, p)) => (0, None, p.labels.clone().into_iter().collect()),
-                None => (0, None, Default::default()),
-            };
-            endpoints.push(api::Endpoint {
-                addr: Some(api::SocketAddress {
-                    addr: SocketAddr::new(e.addr, *target).to_string(),
-                }),
-                proxy_port,
-                identity,
-                weight: 1,
-                zone: e.zone.clone().unwrap_or_default(),
-                labels,
-            });
+            endpoints.push(endpoint(
+                snap,
+                SocketAddr::new(e.addr, *target),
+                pod,
+                e.zone.clone().unwrap_or_default(),
+            ));
         }
     }
     endpoints.sort_by(|a, b| {
@@ -218,6 +200,77 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
     });
     endpoints.dedup_by(|a, b| a.addr == b.addr);
     endpoints
+}
+
+/// An endpoint at `addr`, with its pod's proxy and identity when it is meshed.
+fn endpoint(
+    snap: &Snapshot,
+    addr: SocketAddr,
+    pod: Option<(&ObjKey, &PodInfo)>,
+    zone: String,
+) -> api::Endpoint {
+    let (proxy_port, identity, labels) = match pod {
+        Some((k, p)) if p.inbound_port.is_some() => (
+            u32::from(p.inbound_port.unwrap_or(defaults::DEFAULT_INBOUND_PORT)),
+            Some(api::WorkloadIdentity {
+                spiffe_id: format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    snap.trust_domain, k.namespace, p.service_account
+                ),
+            }),
+            p.labels.clone().into_iter().collect(),
+        ),
+        Some((_, p)) => (0, None, p.labels.clone().into_iter().collect()),
+        None => (0, None, Default::default()),
+    };
+    api::Endpoint {
+        addr: Some(api::SocketAddress {
+            addr: addr.to_string(),
+        }),
+        proxy_port,
+        identity,
+        weight: 1,
+        zone,
+        labels,
+    }
+}
+
+/// A meshed pod's own address, which a client reaches without a Service's
+/// address: a StatefulSet pod's DNS name, a headless Service, an endpoint the
+/// client picked itself (databases, brokers, scrapers). The view is that one
+/// endpoint, so the connection gets mTLS and the pod's identity is checked,
+/// and nothing else: a Service's routes and policy are not the pod's, and the
+/// client chose where to go. Not meshed when no pod, or more than one, holds
+/// the address, or its pod has no proxy.
+fn pod_view(snap: &Snapshot, addr: SocketAddr) -> api::DestinationUpdate {
+    let Some((key, pod)) = snap
+        .pod_at(addr.ip())
+        .filter(|(_, p)| p.inbound_port.is_some())
+    else {
+        return not_meshed();
+    };
+    let name = format!(
+        "{}.{}.pod.{}:{}",
+        key.name,
+        key.namespace,
+        defaults::CLUSTER_DOMAIN,
+        addr.port()
+    );
+    api::DestinationUpdate {
+        kind: Some(api::destination_update::Kind::Service(api::Service {
+            name: name.clone(),
+            version: snap.version,
+            changed_at: None,
+            backends: vec![api::Backend {
+                name,
+                endpoints: vec![endpoint(snap, addr, Some((key, pod)), String::new())],
+                policy: None,
+            }],
+            routes: Vec::new(),
+            policy: None,
+            opaque: false,
+        })),
+    }
 }
 
 #[cfg(test)]
@@ -493,5 +546,60 @@ spec:
         assert_ne!(view(&snapshot(&reweighted), &key), before);
         let with_policy = format!("{MESH}---{POLICIES}");
         assert_ne!(view(&snapshot(&with_policy), &key), before);
+    }
+
+    /// A client that dials a meshed pod's own address (a StatefulSet's pod,
+    /// a headless Service) gets that pod, with its identity, and nothing else.
+    #[test]
+    fn a_pods_own_address_is_that_pod_over_mtls() {
+        let pod = |name: &str, ip: &str, meshed: bool, phase: &str| {
+            let annotations = if meshed {
+                "annotations: {strait.dev/inbound-port: \"4143\"}"
+            } else {
+                "annotations: {}"
+            };
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, {annotations}}}\nspec: {{serviceAccountName: db, containers: [{{name: db, image: db}}]}}\nstatus: {{phase: {phase}, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n---\n"
+            )
+        };
+        let mut s = snapshot(
+            &[
+                pod("db-0", "10.1.0.5", true, "Running"),
+                pod("plain-0", "10.1.0.6", false, "Running"),
+                pod("done-0", "10.1.0.7", true, "Succeeded"),
+            ]
+            .concat(),
+        );
+        let at = |ip: &str| DestKey::ClusterIp(format!("{ip}:5432").parse().unwrap());
+        let db = service(&s, &at("10.1.0.5"));
+        assert_eq!(db.name, "db-0.shop.pod.cluster.local:5432");
+        assert!(db.routes.is_empty() && !db.opaque);
+        let [b] = db.backends.as_slice() else {
+            panic!("{db:?}")
+        };
+        assert_eq!(addrs(b), ["10.1.0.5:5432"]);
+        let e = &b.endpoints[0];
+        assert_eq!(e.proxy_port, 4143);
+        assert_eq!(
+            e.identity.as_ref().unwrap().spiffe_id,
+            "spiffe://cluster.local/ns/shop/sa/db"
+        );
+        for ip in ["10.1.0.6", "10.1.0.7", "10.1.0.8"] {
+            assert_eq!(view(&s, &at(ip)), not_meshed(), "{ip}");
+        }
+        // An address two pods claim (one ended, its successor started) is
+        // nobody's until one lets go of it.
+        for o in crate::manifests::parse_file(&pod("db-1", "10.1.0.5", true, "Pending")).unwrap() {
+            o.insert_into(&mut s);
+        }
+        assert_eq!(view(&s, &at("10.1.0.5")), not_meshed());
+        s.remove_pod(&ObjKey {
+            namespace: "shop".into(),
+            name: "db-0".into(),
+        });
+        assert_eq!(
+            service(&s, &at("10.1.0.5")).name,
+            "db-1.shop.pod.cluster.local:5432"
+        );
     }
 }

@@ -294,6 +294,39 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
     }
 }
 
+/// A client that dials a meshed pod's own address, as a StatefulSet's clients
+/// do, reaches it over mTLS with its identity checked, not in plaintext.
+#[tokio::test]
+async fn a_pod_dialled_by_its_own_address_is_reached_over_mtls() {
+    let m = Mesh::start("web", None).await;
+    // The pod's address is where its app listens: loopback, in this mesh.
+    m.dir.write(
+        "pod-web.yaml",
+        &format!(
+            "{}status: {{phase: Running, podIP: 127.0.0.1, podIPs: [{{ip: 127.0.0.1}}]}}\n",
+            meshed_pod(NS, "web-0", "web", m.web.inbound.port())
+        ),
+    );
+    let pod_addr = m.backend.addr.to_string();
+    let c = m.sidecar("client-0", "client", &[&pod_addr]).await;
+    let url = format!("http://{}/client-id", c.upstreams[0]);
+    wait::until(
+        "the pod's address to resolve to it",
+        Duration::from_secs(5),
+        || async { get(&url).await.1 == CLIENT_ID },
+    )
+    .await;
+    let (status, body) = get(&url).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
+    // The pod's policy holds on that path too.
+    m.dir
+        .write("policy.yaml", &policy("STRICT", "{namespace: other}"));
+    wait::until("the policy to apply", Duration::from_secs(5), || async {
+        get(&url).await.0 == 403
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_peer_with_the_wrong_identity_is_refused_by_the_client_proxy() {
     // web-0 is declared as service account `web`, but its proxy holds `intruder`.
