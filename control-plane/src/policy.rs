@@ -187,6 +187,7 @@ mod tests {
                 labels: [("app".to_string(), "web".to_string())].into(),
                 probes: Vec::new(),
                 ips: Vec::new(),
+                skip_inbound: Vec::new(),
             },
         );
         tx.send_replace(Arc::new(snap.clone()));

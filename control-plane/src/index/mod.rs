@@ -78,6 +78,9 @@ pub struct PodInfo {
     /// Its own addresses (`status.podIPs`): none for a pod on the node's
     /// network, which shares the node's, or one that has ended.
     pub ips: Vec<IpAddr>,
+    /// Ports its proxy does not intercept (`strait.dev/skip-inbound-ports`),
+    /// as inclusive ranges.
+    pub skip_inbound: Vec<(u16, u16)>,
 }
 
 /// Everything the controller knows at one moment.
@@ -447,8 +450,40 @@ impl SnapshotBuilder {
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 probes: pod.spec.as_ref().map(probe_routes).unwrap_or_default(),
                 ips: own_ips(pod),
+                skip_inbound: pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::inject::SKIP_INBOUND_PORTS))
+                    .map(|v| port_ranges(v))
+                    .unwrap_or_default(),
             },
         ))
+    }
+}
+
+/// `22,9000-9010` as ranges; what does not read as ports is left out (the
+/// injector refuses such values before a pod runs with them).
+fn port_ranges(v: &str) -> Vec<(u16, u16)> {
+    let port = |p: &str| p.trim().parse::<u16>().ok();
+    v.split(',')
+        .filter_map(|p| match p.split_once('-') {
+            Some((lo, hi)) => Some((port(lo)?, port(hi)?)),
+            None => port(p).map(|n| (n, n)),
+        })
+        .collect()
+}
+
+impl PodInfo {
+    /// Whether a connection to `port` at this pod's address goes to its app
+    /// through its proxy: not the proxy's own ports, nor those it skips.
+    pub fn proxied_port(&self, port: u16) -> bool {
+        self.inbound_port.is_some_and(|p| p != port)
+            && !defaults::MESH_PORTS.contains(&port)
+            && !self
+                .skip_inbound
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&port))
     }
 }
 
@@ -564,7 +599,7 @@ fn kubelet_target(path: &str) -> String {
             && bytes
                 .get(i + 1..i + 3)
                 .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b) || escape {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/[]".contains(&b) || escape {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));

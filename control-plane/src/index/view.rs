@@ -241,17 +241,20 @@ fn endpoint(
 /// endpoint, so the connection gets mTLS and the pod's identity is checked,
 /// and nothing else: a Service's routes and policy are not the pod's, and the
 /// client chose where to go. Not meshed when no pod, or more than one, holds
-/// the address, or its pod has no proxy.
+/// the address, its pod has no proxy, or the port is not the app's through
+/// the proxy (the proxy's own ports, ports it skips).
 fn pod_view(snap: &Snapshot, addr: SocketAddr) -> api::DestinationUpdate {
     let Some((key, pod)) = snap
         .pod_at(addr.ip())
-        .filter(|(_, p)| p.inbound_port.is_some())
+        .filter(|(_, p)| p.proxied_port(addr.port()))
     else {
         return not_meshed();
     };
+    // Named for the pods' service account, not the pod: the name labels the
+    // client's metrics, which must stay bounded while pods come and go.
     let name = format!(
-        "{}.{}.pod.{}:{}",
-        key.name,
+        "{}.{}.serviceaccount.{}:{}",
+        pod.service_account,
         key.namespace,
         defaults::CLUSTER_DOMAIN,
         addr.port()
@@ -554,12 +557,12 @@ spec:
     fn a_pods_own_address_is_that_pod_over_mtls() {
         let pod = |name: &str, ip: &str, meshed: bool, phase: &str| {
             let annotations = if meshed {
-                "annotations: {strait.dev/inbound-port: \"4143\"}"
+                "annotations: {strait.dev/inbound-port: \"4143\", strait.dev/skip-inbound-ports: \"22,9000-9010\"}"
             } else {
                 "annotations: {}"
             };
             format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, {annotations}}}\nspec: {{serviceAccountName: db, containers: [{{name: db, image: db}}]}}\nstatus: {{phase: {phase}, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n---\n"
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}, {annotations}}}\nspec: {{serviceAccountName: db, containers: [{{name: db, image: db}}]}}\nstatus: {{phase: {phase}, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n---\n"
             )
         };
         let mut s = snapshot(
@@ -572,7 +575,7 @@ spec:
         );
         let at = |ip: &str| DestKey::ClusterIp(format!("{ip}:5432").parse().unwrap());
         let db = service(&s, &at("10.1.0.5"));
-        assert_eq!(db.name, "db-0.shop.pod.cluster.local:5432");
+        assert_eq!(db.name, "db.shop.serviceaccount.cluster.local:5432");
         assert!(db.routes.is_empty() && !db.opaque);
         let [b] = db.backends.as_slice() else {
             panic!("{db:?}")
@@ -587,6 +590,11 @@ spec:
         for ip in ["10.1.0.6", "10.1.0.7", "10.1.0.8"] {
             assert_eq!(view(&s, &at(ip)), not_meshed(), "{ip}");
         }
+        // The proxy's own ports and those it skips are not the app's through it.
+        for port in [22, 4140, 4143, 4191, 9000, 9010] {
+            let key = DestKey::ClusterIp(format!("10.1.0.5:{port}").parse().unwrap());
+            assert_eq!(view(&s, &key), not_meshed(), "{port}");
+        }
         // An address two pods claim (one ended, its successor started) is
         // nobody's until one lets go of it.
         for o in crate::manifests::parse_file(&pod("db-1", "10.1.0.5", true, "Pending")).unwrap() {
@@ -597,9 +605,8 @@ spec:
             namespace: "shop".into(),
             name: "db-0".into(),
         });
-        assert_eq!(
-            service(&s, &at("10.1.0.5")).name,
-            "db-1.shop.pod.cluster.local:5432"
-        );
+        let db1 = service(&s, &at("10.1.0.5"));
+        let labels = &db1.backends[0].endpoints[0].labels;
+        assert_eq!(labels.get("app").map(String::as_str), Some("db-1"));
     }
 }

@@ -92,6 +92,7 @@ fn counter(
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>
 where
+    B: http_body::Body,
     S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {

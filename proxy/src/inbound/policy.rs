@@ -113,16 +113,16 @@ impl InboundPolicy {
     /// body and no upgrade (an upgrade on the probe's path would open a tunnel
     /// to the app past the policy); a gRPC probe is a POST of the health
     /// method over HTTP/2. The request target is compared byte for byte.
-    pub fn is_probe<B>(&self, port: u16, req: &http::Request<B>) -> bool {
+    pub fn is_probe<B: http_body::Body>(&self, port: u16, req: &http::Request<B>) -> bool {
         use http::{Method, Version, header};
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let h = req.headers();
-        let bodiless = !h.contains_key(header::TRANSFER_ENCODING)
-            && h.get_all(header::CONTENT_LENGTH).iter().all(|v| v == "0");
+        // By the body as it was framed: its headers may be gone by now
+        // (hop-by-hop, or named in `Connection`).
+        let bodiless = req.body().size_hint().exact() == Some(0);
         let plain_get = (req.method() == Method::GET || req.method() == Method::HEAD)
             && req.version() < Version::HTTP_2
             && bodiless
-            && !h.contains_key(header::UPGRADE);
+            && !req.headers().contains_key(header::UPGRADE);
         let grpc = req.method() == Method::POST && req.version() == Version::HTTP_2;
         self.probes.iter().any(|p| {
             p.port == port && *p.target == *target && if p.grpc { grpc } else { plain_get }
@@ -208,7 +208,7 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
 
 /// The decision for an HTTP request: as [`check`], except that the kubelet's
 /// probes are let through in plaintext.
-pub fn check_request<B>(
+pub fn check_request<B: http_body::Body>(
     policy: &PolicyRx,
     port: u16,
     peer: Option<&Identity>,
@@ -265,24 +265,33 @@ mod tests {
         assert_eq!(PortPolicy::default().check(80, None), Ok(()));
     }
 
+    /// STRICT on every port, allowing `subject`.
+    fn strict_for(
+        subject: api::authorization::Subject,
+        probes: Vec<api::ProbeRoute>,
+    ) -> api::WorkloadPolicy {
+        api::WorkloadPolicy {
+            ports: vec![],
+            default: Some(api::PortPolicy {
+                port: 0,
+                mode: api::MtlsMode::Strict as i32,
+                allow: vec![api::Authorization {
+                    subject: Some(subject),
+                }],
+            }),
+            probes,
+        }
+    }
+
     #[test]
     fn an_unreadable_allow_entry_narrows_access_never_opens_it() {
         let p = parse(
-            api::WorkloadPolicy {
-                ports: vec![],
-                default: Some(api::PortPolicy {
-                    port: 0,
-                    mode: api::MtlsMode::Strict as i32,
-                    allow: vec![api::Authorization {
-                        subject: Some(api::authorization::Subject::Identity(
-                            api::WorkloadIdentity {
-                                spiffe_id: "spiffe://td/ns/shop/sa/*".into(),
-                            },
-                        )),
-                    }],
+            strict_for(
+                api::authorization::Subject::Identity(api::WorkloadIdentity {
+                    spiffe_id: "spiffe://td/ns/shop/sa/*".into(),
                 }),
-                probes: vec![],
-            },
+                vec![],
+            ),
             "td",
         );
         let web = id("spiffe://td/ns/shop/sa/web");
@@ -303,21 +312,14 @@ mod tests {
             path: path.into(),
         };
         let (tx, rx) = watch::channel(Some(Arc::new(parse(
-            api::WorkloadPolicy {
-                ports: vec![],
-                default: Some(api::PortPolicy {
-                    port: 0,
-                    mode: api::MtlsMode::Strict as i32,
-                    allow: vec![api::Authorization {
-                        subject: Some(api::authorization::Subject::Namespace("shop".into())),
-                    }],
-                }),
-                probes: vec![
+            strict_for(
+                api::authorization::Subject::Namespace("shop".into()),
+                vec![
                     probe(8080, api::ProbeKind::HttpGet, "/ready?full=1"),
                     probe(9090, api::ProbeKind::Grpc, "/grpc.health.v1.Health/Check"),
                     probe(7070, api::ProbeKind::Unspecified, "/"),
                 ],
-            },
+            ),
             "td",
         ))));
         let req = |method: &str, target: &str| {
@@ -330,15 +332,15 @@ mod tests {
                 } else {
                     http::Version::HTTP_11
                 })
-                .body(())
+                .body(Framed::Length(0))
                 .unwrap()
         };
-        let with = |mut r: http::Request<()>, name: &'static str, value: &'static str| {
+        let with = |mut r: http::Request<Framed>, name: &'static str, value: &'static str| {
             r.headers_mut()
                 .insert(name, http::HeaderValue::from_static(value));
             r
         };
-        let decide = |port, peer: Option<&Identity>, r: &http::Request<()>| {
+        let decide = |port, peer: Option<&Identity>, r: &http::Request<Framed>| {
             check_request(&rx, port, peer, r).is_ok()
         };
         assert!(decide(8080, None, &req("GET", "/ready?full=1")));
@@ -366,16 +368,18 @@ mod tests {
         let probe = || req("GET", "/ready?full=1");
         assert!(decide(8080, None, &with(probe(), "content-length", "0")));
         let grpc_over_h1 = http::Request::post("/grpc.health.v1.Health/Check")
-            .body(())
+            .body(Framed::Length(5))
             .unwrap();
+        // The body as framed, whatever headers are left to say so.
+        let framed = |body| probe().map(|_| body);
         for (port, r) in [
             (
                 8080,
                 with(with(probe(), "upgrade", "h2c"), "connection", "Upgrade"),
             ),
             (8080, with(probe(), "upgrade", "websocket")),
-            (8080, with(probe(), "content-length", "5")),
-            (8080, with(probe(), "transfer-encoding", "chunked")),
+            (8080, framed(Framed::Length(5))),
+            (8080, framed(Framed::Chunked)),
             (9090, grpc_over_h1),
         ] {
             assert!(!decide(port, None, &r), "{r:?}");
@@ -387,5 +391,31 @@ mod tests {
             check_request(&rx, 8080, None, &req("GET", "/ready?full=1")),
             Err(Denied::NoPolicyYet)
         );
+    }
+
+    /// A request body as hyper framed it: a length, or chunks of unknown size.
+    #[derive(Debug)]
+    enum Framed {
+        Length(u64),
+        Chunked,
+    }
+
+    impl http_body::Body for Framed {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            match self {
+                Framed::Length(n) => http_body::SizeHint::with_exact(*n),
+                Framed::Chunked => http_body::SizeHint::default(),
+            }
+        }
     }
 }

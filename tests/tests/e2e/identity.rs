@@ -100,13 +100,25 @@ impl Mesh {
     }
 
     async fn plaintext_to(&self, method: &str, target: &str) -> (http::StatusCode, String) {
+        self.plaintext_with(method, target, &[], "").await
+    }
+
+    async fn plaintext_with(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> (http::StatusCode, String) {
         let c = client::http1();
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(format!("http://{}{target}", self.web.inbound))
-            .header("strait-target-port", self.backend.addr.port())
-            .body(client::empty())
-            .unwrap();
+            .header("strait-target-port", self.backend.addr.port());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(client::body(body)).unwrap();
         let rsp = c.request(req).await.expect("plaintext request");
         let status = rsp.status();
         use http_body_util::BodyExt;
@@ -292,6 +304,15 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
         assert_eq!(status, 403, "{method} {target}: {body}");
         assert!(body.contains("plaintext refused"), "{body}");
     }
+    // Nothing more than the probe: not a body (whatever headers are left to
+    // say so), not an upgrade, which would open a tunnel to the app.
+    for headers in [&[][..], &[("connection", "content-length")][..]] {
+        let (status, body) = m.plaintext_with("GET", "/healthz", headers, "hello").await;
+        assert_eq!(status, 403, "a body with {headers:?}: {body}");
+    }
+    let upgrade = [("connection", "upgrade"), ("upgrade", "h2c")];
+    let (status, body) = m.plaintext_with("GET", "/healthz", &upgrade, "").await;
+    assert_eq!(status, 403, "{body}");
 }
 
 /// A client that dials a meshed pod's own address, as a StatefulSet's clients
