@@ -183,8 +183,9 @@ impl PodMesh {
         self.dir.write(
             &format!("pod-{}.yaml", pod.name),
             &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NS}\n  labels: {{app: {name}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {service_account}\n  containers: [{{name: app, image: app}}]\n",
-                pod.name
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NS}\n  labels: {{app: {name}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {service_account}\n  containers: [{{name: app, image: app}}]\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n",
+                pod.name,
+                ip = pod.ip,
             ),
         );
         let mut p = MeshedPod {

@@ -660,6 +660,19 @@ async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
                 Err(e) => Err(e),
             }
         });
+        // As a StatefulSet's clients do: the pod's own address, no Service.
+        let pod_ip = server.pod.ip.to_string();
+        row!(
+            "Redis by the pod's own address (no Service)",
+            until_ok(
+                Duration::from_secs(20),
+                &client.pod,
+                "redis-cli",
+                &["-h", &pod_ip, "ping"],
+                |s| s == "PONG",
+            )
+            .await
+        );
     } else {
         strait_tests::host::missing("Redis (redis-server, redis-tools)");
     }
