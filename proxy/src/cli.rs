@@ -110,6 +110,14 @@ pub struct Config {
     #[serde(serialize_with = "ser_display")]
     pub opaque_ports: PortSet,
 
+    /// App ports the admin server reports on at `/probe/tcp/PORT`: 200 when the app
+    /// accepts a connection there, 503 when not. The injector points the app's
+    /// `tcpSocket` probes there, since a probe of the port itself would reach this
+    /// proxy, which accepts whether or not the app listens.
+    #[arg(long, env = "STRAIT_PROXY_TCP_PROBE_PORTS", default_value = "")]
+    #[serde(serialize_with = "ser_display")]
+    pub tcp_probe_ports: PortSet,
+
     /// How long to wait for a client's first bytes before connecting onward, so that
     /// a server that speaks first can (its greeting comes this much later).
     #[arg(long, env = "STRAIT_PROXY_DETECT_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]

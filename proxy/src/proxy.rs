@@ -531,6 +531,10 @@ impl Proxy {
                 shutdown: trigger.handle(),
                 drain: shared.drain.clone(),
                 ready: ready.subscribe(),
+                tcp_probes: admin::TcpProbes {
+                    ports: shared.config.tcp_probe_ports.clone(),
+                    app_ip: shared.config.app_ip,
+                },
             }),
         ));
         // With a control plane, ready once it has answered for this workload (and,

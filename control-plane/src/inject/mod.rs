@@ -202,7 +202,18 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // operator's, never one a pod's author names (the proxy's runs as the
     // proxy's user, with no capability, as any container of theirs could).
     let init = init_container(&s.proxy_image, skip_in.as_deref(), skip_out.as_deref());
-    let proxy = proxy_container(&image, s, opaque.as_deref(), log_level.as_deref());
+    let (probe_ops, probed) = tcp_probes(spec);
+    let probed = (!probed.is_empty()).then(|| {
+        let ports: Vec<String> = probed.iter().map(u16::to_string).collect();
+        ports.join(",")
+    });
+    let proxy = proxy_container(
+        &image,
+        s,
+        opaque.as_deref(),
+        log_level.as_deref(),
+        probed.as_deref(),
+    );
     let volumes = [
         json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
             "audience": s.token_audience, "expirationSeconds": 3600, "path": "token"}}]}}),
@@ -224,6 +235,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     } else {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
     }
+    ops.extend(probe_ops);
     let inbound_port = defaults::DEFAULT_INBOUND_PORT.to_string();
     if annotations.is_some() {
         ops.push(json!({"op": "add",
@@ -271,11 +283,77 @@ fn init_container(image: &str, skip_in: Option<&str>, skip_out: Option<&str>) ->
     })
 }
 
+/// The app's `tcpSocket` probes, pointed at its proxy's `/probe/tcp/PORT`, and
+/// the ports they probe. A probe of the port itself would reach the proxy,
+/// which accepts whether or not the app listens: a dead app would pass. The
+/// rest of each probe (periods, thresholds, timeouts) is kept; a probe of
+/// another host, or of a port no container declares by that name, is left
+/// as it is.
+fn tcp_probes(spec: &serde_json::Map<String, Value>) -> (Vec<Value>, Vec<u16>) {
+    let (mut ops, mut ports) = (Vec::new(), Vec::new());
+    let containers = spec.get("containers").and_then(Value::as_array);
+    for (i, c) in containers.into_iter().flatten().enumerate() {
+        for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let Some(probe) = c.get(kind).and_then(Value::as_object) else {
+                continue;
+            };
+            let Some(tcp) = probe.get("tcpSocket").and_then(Value::as_object) else {
+                continue;
+            };
+            let elsewhere = tcp
+                .get("host")
+                .and_then(Value::as_str)
+                .is_some_and(|h| !h.is_empty());
+            let Some(port) = tcp.get("port").and_then(|p| container_port(c, p)) else {
+                continue;
+            };
+            if elsewhere {
+                continue;
+            }
+            let mut rewritten = probe.clone();
+            rewritten.remove("tcpSocket");
+            rewritten.insert(
+                "httpGet".into(),
+                json!({"path": format!("/probe/tcp/{port}"), "port": defaults::PROXY_ADMIN_PORT}),
+            );
+            ops.push(
+                json!({"op": "replace", "path": format!("/spec/containers/{i}/{kind}"),
+                "value": rewritten}),
+            );
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+    }
+    (ops, ports)
+}
+
+/// A probe's port: a number, the name of one of the container's ports, or a
+/// number written as a string (as the kubelet reads it).
+fn container_port(c: &Value, port: &Value) -> Option<u16> {
+    let n = match port {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(name) => match c
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+        {
+            Some(p) => p.get("containerPort").and_then(Value::as_u64)?,
+            None => name.parse().ok()?,
+        },
+        _ => return None,
+    };
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
 fn proxy_container(
     image: &str,
     s: &Settings,
     opaque: Option<&str>,
     log_level: Option<&str>,
+    tcp_probe_ports: Option<&str>,
 ) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let value = |name: &str, v: &str| json!({"name": name, "value": v});
@@ -305,6 +383,9 @@ fn proxy_container(
     }
     if let Some(l) = log_level {
         env.push(value("STRAIT_PROXY_LOG_LEVEL", l));
+    }
+    if let Some(p) = tcp_probe_ports {
+        env.push(value("STRAIT_PROXY_TCP_PROBE_PORTS", p));
     }
     let probe = |path: &str, period: u32, failures: u32| {
         json!({"httpGet": {"path": path, "port": defaults::PROXY_ADMIN_PORT},

@@ -414,3 +414,61 @@ fn strait_inject_refuses_a_broken_document_and_names_it() {
     let err = inject_stream("kind: Pod\n---\nkind: [\n", &settings()).unwrap_err();
     assert!(err.to_string().starts_with("document 2: not YAML"), "{err}");
 }
+
+/// A `tcpSocket` probe of the app's port would reach its proxy, which accepts
+/// whether or not the app listens: it is pointed at the proxy's report on the
+/// app's port instead, the rest of the probe as written.
+#[test]
+fn tcp_probes_ask_the_proxy_whether_the_app_listens() {
+    let p = applied(
+        pod(
+            json!({INJECT: "enabled"}),
+            json!({"containers": [
+                {"name": "db", "image": "db", "ports": [{"name": "pg", "containerPort": 5432}],
+                 "readinessProbe": {"tcpSocket": {"port": "pg"}, "periodSeconds": 7},
+                 "livenessProbe": {"tcpSocket": {"port": 5432}, "failureThreshold": 9},
+                 "startupProbe": {"httpGet": {"path": "/up", "port": 8080}}},
+                {"name": "cache", "image": "cache",
+                 "livenessProbe": {"tcpSocket": {"port": "6379"}},
+                 "readinessProbe": {"tcpSocket": {"port": 11211, "host": "10.0.0.9"}}}
+            ]}),
+        ),
+        Namespace::Enabled,
+    );
+    let c = &p["spec"]["containers"];
+    let to_proxy = |port: u16| json!({"path": format!("/probe/tcp/{port}"), "port": 4191});
+    assert_eq!(
+        c[0]["readinessProbe"],
+        json!({"httpGet": to_proxy(5432), "periodSeconds": 7})
+    );
+    assert_eq!(
+        c[0]["livenessProbe"],
+        json!({"httpGet": to_proxy(5432), "failureThreshold": 9})
+    );
+    assert_eq!(
+        c[0]["startupProbe"]["httpGet"]["port"], 8080,
+        "HTTP probes stay"
+    );
+    assert_eq!(c[1]["livenessProbe"], json!({"httpGet": to_proxy(6379)}));
+    assert_eq!(
+        c[1]["readinessProbe"]["tcpSocket"]["host"], "10.0.0.9",
+        "another host's port is not the proxy's to answer for"
+    );
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_TCP_PROBE_PORTS").unwrap()["value"],
+        "5432,6379"
+    );
+    // Without tcpSocket probes, nothing is asked of the proxy.
+    let plain = applied(
+        pod(json!({INJECT: "enabled"}), app_spec()),
+        Namespace::Enabled,
+    );
+    assert!(
+        env(
+            &plain["spec"]["initContainers"][1],
+            "STRAIT_PROXY_TCP_PROBE_PORTS"
+        )
+        .is_none()
+    );
+}

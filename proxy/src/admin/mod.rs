@@ -31,6 +31,37 @@ pub struct AdminState {
     pub shutdown: ShutdownHandle,
     pub drain: Drain,
     pub ready: watch::Receiver<bool>,
+    /// The app ports `/probe/tcp/PORT` answers for, and where the app is.
+    pub tcp_probes: TcpProbes,
+}
+
+#[derive(Clone, Debug)]
+pub struct TcpProbes {
+    pub ports: crate::addr::PortSet,
+    pub app_ip: std::net::IpAddr,
+}
+
+impl TcpProbes {
+    /// Whether the app accepts a connection on `port`, for the kubelet: the
+    /// answer a `tcpSocket` probe of the port itself would have had without
+    /// the proxy in front of it. Only the listed ports are tried, so the admin
+    /// port, which other pods can reach, reveals nothing more than the probes
+    /// the pod declared.
+    async fn answer(&self, port: &str) -> Response<Full<Bytes>> {
+        let Some(port) = port.parse::<u16>().ok().filter(|p| self.ports.contains(*p)) else {
+            return text(StatusCode::NOT_FOUND, "not a probed port\n");
+        };
+        let addr = std::net::SocketAddr::new(self.app_ip, port);
+        let dial = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(defaults::CONNECT_TIMEOUT, dial).await {
+            Ok(Ok(_)) => text(StatusCode::OK, format!("{addr} accepts connections\n")),
+            Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{addr}: {e}\n")),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{addr}: no answer in {:?}\n", defaults::CONNECT_TIMEOUT),
+            ),
+        }
+    }
 }
 
 /// Admin connections open at once at most: probes and scrapes need a few, and
@@ -105,6 +136,9 @@ async fn route(
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (Method::GET, p) if p.starts_with("/probe/tcp/") => {
+            state.tcp_probes.answer(&p["/probe/tcp/".len()..]).await
+        }
         (Method::GET, "/ready") => {
             if state.drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")

@@ -262,6 +262,37 @@ async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
     );
 }
 
+/// The kubelet's `tcpSocket` probes, pointed here by the injector, learn
+/// whether the app listens: the probe of the port itself would reach the
+/// proxy, which accepts either way. Only the listed ports are tried.
+#[tokio::test]
+async fn tcp_probes_say_whether_the_app_listens() {
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let gone_port = free_port();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args = vec![
+        format!("--admin-addr={admin}"),
+        "--inbound-addr=127.0.0.1:0".into(),
+        "--outbound-addr=127.0.0.1:0".into(),
+        format!("--tcp-probe-ports={app_port},{gone_port}"),
+    ];
+    let _proxy = Proc::spawn(bin(), &args, &[]);
+    wait::ready(admin, Duration::from_secs(20)).await;
+    use strait_tests::wait::admin_get;
+    let probe = |port: u16| async move { admin_get(admin, &format!("/probe/tcp/{port}")).await };
+    assert_eq!(probe(app_port).await.unwrap().0, 200);
+    let (status, body) = probe(gone_port).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("refused"), "{body}");
+    // The app stops listening: the probe fails, as it would without a proxy.
+    drop(app);
+    assert_eq!(probe(app_port).await.unwrap().0, 503);
+    // A port no probe declared is not tried.
+    assert_eq!(probe(22).await.unwrap().0, 404);
+    assert_eq!(admin_get(admin, "/probe/tcp/x").await.unwrap().0, 404);
+}
+
 #[tokio::test]
 async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
     let backend = Backend::start().await;
