@@ -202,7 +202,12 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // operator's, never one a pod's author names (the proxy's runs as the
     // proxy's user, with no capability, as any container of theirs could).
     let init = init_container(&s.proxy_image, skip_in.as_deref(), skip_out.as_deref());
-    let (probe_ops, probed) = tcp_probes(spec);
+    // An older proxy, named by the pod, would not answer a rewritten probe:
+    // its probes stay as written.
+    let (probe_ops, init_probe_ops, probed) = match annotation(PROXY_IMAGE) {
+        None => tcp_probes(spec),
+        Some(_) => Default::default(),
+    };
     let probed = (!probed.is_empty()).then(|| {
         let ports: Vec<String> = probed.iter().map(u16::to_string).collect();
         ports.join(",")
@@ -220,7 +225,9 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         json!({"name": XTABLES_VOLUME, "emptyDir": {}}),
     ];
 
-    let mut ops = Vec::new();
+    // The app's own init containers' probes first, at their indices before
+    // the proxy's containers go in ahead of them.
+    let mut ops = init_probe_ops;
     // The init container first, then the proxy, then the app's own init containers.
     if spec.get("initContainers").is_some_and(Value::is_array) {
         ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": proxy}));
@@ -283,49 +290,89 @@ fn init_container(image: &str, skip_in: Option<&str>, skip_out: Option<&str>) ->
     })
 }
 
+/// The path of a rewritten probe: the port, and the probe's own timeout
+/// (the kubelet's default, 1 s, when it has none), which the proxy waits for
+/// the app's answer.
+const PROBE_TCP_PATH: &str = "/probe/tcp/";
+
 /// The app's `tcpSocket` probes, pointed at its proxy's `/probe/tcp/PORT`, and
 /// the ports they probe. A probe of the port itself would reach the proxy,
 /// which accepts whether or not the app listens: a dead app would pass. The
 /// rest of each probe (periods, thresholds, timeouts) is kept; a probe of
 /// another host, or of a port no container declares by that name, is left
-/// as it is.
-fn tcp_probes(spec: &serde_json::Map<String, Value>) -> (Vec<Value>, Vec<u16>) {
-    let (mut ops, mut ports) = (Vec::new(), Vec::new());
-    let containers = spec.get("containers").and_then(Value::as_array);
-    for (i, c) in containers.into_iter().flatten().enumerate() {
-        for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
-            let Some(probe) = c.get(kind).and_then(Value::as_object) else {
-                continue;
-            };
-            let Some(tcp) = probe.get("tcpSocket").and_then(Value::as_object) else {
-                continue;
-            };
-            let elsewhere = tcp
-                .get("host")
-                .and_then(Value::as_str)
-                .is_some_and(|h| !h.is_empty());
-            let Some(port) = tcp.get("port").and_then(|p| container_port(c, p)) else {
-                continue;
-            };
-            if elsewhere {
+/// as it is. Probes rewritten before (a template injected once, its sidecar
+/// since removed) keep their port on the list. The app's containers come
+/// first, then its restartable init containers (sidecars), whose ops must run
+/// before the proxy's containers are inserted ahead of them.
+fn tcp_probes(spec: &serde_json::Map<String, Value>) -> (Vec<Value>, Vec<Value>, Vec<u16>) {
+    let (mut containers_ops, mut init_ops, mut ports) = (Vec::new(), Vec::new(), Vec::new());
+    for (list, ops) in [
+        ("containers", &mut containers_ops),
+        ("initContainers", &mut init_ops),
+    ] {
+        let containers = spec.get(list).and_then(Value::as_array);
+        for (i, c) in containers.into_iter().flatten().enumerate() {
+            let sidecar = c.get("restartPolicy").and_then(Value::as_str) == Some("Always");
+            if list == "initContainers" && !sidecar {
                 continue;
             }
-            let mut rewritten = probe.clone();
-            rewritten.remove("tcpSocket");
-            rewritten.insert(
-                "httpGet".into(),
-                json!({"path": format!("/probe/tcp/{port}"), "port": defaults::PROXY_ADMIN_PORT}),
-            );
-            ops.push(
-                json!({"op": "replace", "path": format!("/spec/containers/{i}/{kind}"),
-                "value": rewritten}),
-            );
-            if !ports.contains(&port) {
-                ports.push(port);
+            for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                let Some(probe) = c.get(kind).and_then(Value::as_object) else {
+                    continue;
+                };
+                if let Some(port) = rewritten_port(probe) {
+                    if !ports.contains(&port) {
+                        ports.push(port);
+                    }
+                    continue;
+                }
+                let Some(tcp) = probe.get("tcpSocket").and_then(Value::as_object) else {
+                    continue;
+                };
+                let elsewhere = tcp
+                    .get("host")
+                    .and_then(Value::as_str)
+                    .is_some_and(|h| !h.is_empty());
+                let Some(port) = tcp.get("port").and_then(|p| container_port(c, p)) else {
+                    continue;
+                };
+                if elsewhere {
+                    continue;
+                }
+                let timeout = probe
+                    .get("timeoutSeconds")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                let mut rewritten = probe.clone();
+                rewritten.remove("tcpSocket");
+                rewritten.insert(
+                    "httpGet".into(),
+                    json!({"path": format!("{PROBE_TCP_PATH}{port}?timeout={timeout}s"),
+                           "port": defaults::PROXY_ADMIN_PORT}),
+                );
+                ops.push(
+                    json!({"op": "replace", "path": format!("/spec/{list}/{i}/{kind}"),
+                    "value": rewritten}),
+                );
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
             }
         }
     }
-    (ops, ports)
+    ports.sort_unstable();
+    (containers_ops, init_ops, ports)
+}
+
+/// The app port of a probe rewritten by an earlier injection.
+fn rewritten_port(probe: &serde_json::Map<String, Value>) -> Option<u16> {
+    let get = probe.get("httpGet")?;
+    if get.get("port").and_then(Value::as_u64) != Some(u64::from(defaults::PROXY_ADMIN_PORT)) {
+        return None;
+    }
+    let rest = get.get("path")?.as_str()?.strip_prefix(PROBE_TCP_PATH)?;
+    let port = rest.split_once('?').map_or(rest, |(p, _)| p);
+    port.parse().ok().filter(|p| *p != 0)
 }
 
 /// A probe's port: a number, the name of one of the container's ports, or a

@@ -436,7 +436,8 @@ fn tcp_probes_ask_the_proxy_whether_the_app_listens() {
         Namespace::Enabled,
     );
     let c = &p["spec"]["containers"];
-    let to_proxy = |port: u16| json!({"path": format!("/probe/tcp/{port}"), "port": 4191});
+    let to_proxy =
+        |port: u16| json!({"path": format!("/probe/tcp/{port}?timeout=1s"), "port": 4191});
     assert_eq!(
         c[0]["readinessProbe"],
         json!({"httpGet": to_proxy(5432), "periodSeconds": 7})
@@ -470,5 +471,57 @@ fn tcp_probes_ask_the_proxy_whether_the_app_listens() {
             "STRAIT_PROXY_TCP_PROBE_PORTS"
         )
         .is_none()
+    );
+}
+
+/// The probe's own timeout travels with it; the app's sidecars are covered
+/// at their places; probes rewritten before keep their port on the proxy's
+/// list; a pod that names another proxy image keeps its probes as written.
+#[test]
+fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
+    let p = applied(
+        pod(
+            json!({INJECT: "enabled"}),
+            json!({
+                "initContainers": [
+                    {"name": "migrate", "image": "m"},
+                    {"name": "envoy", "image": "e", "restartPolicy": "Always",
+                     "livenessProbe": {"tcpSocket": {"port": 9901}}}],
+                "containers": [
+                    {"name": "db", "image": "db",
+                     "readinessProbe": {"tcpSocket": {"port": 5432}, "timeoutSeconds": 5},
+                     "livenessProbe": {"httpGet": {"path": "/probe/tcp/6379?timeout=1s", "port": 4191}}}]}),
+        ),
+        Namespace::Enabled,
+    );
+    assert_eq!(
+        init_names(&p),
+        ["strait-init", "strait-proxy", "migrate", "envoy"]
+    );
+    assert_eq!(
+        p["spec"]["initContainers"][3]["livenessProbe"]["httpGet"]["path"],
+        "/probe/tcp/9901?timeout=1s"
+    );
+    assert_eq!(
+        p["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
+        "/probe/tcp/5432?timeout=5s"
+    );
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_TCP_PROBE_PORTS").unwrap()["value"],
+        "5432,6379,9901"
+    );
+
+    let pinned = applied(
+        pod(
+            json!({INJECT: "enabled", PROXY_IMAGE: "registry.local/strait-proxy:old"}),
+            json!({"containers": [{"name": "db", "image": "db",
+                   "readinessProbe": {"tcpSocket": {"port": 5432}}}]}),
+        ),
+        Namespace::Enabled,
+    );
+    assert_eq!(
+        pinned["spec"]["containers"][0]["readinessProbe"],
+        json!({"tcpSocket": {"port": 5432}})
     );
 }

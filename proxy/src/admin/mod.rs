@@ -42,23 +42,30 @@ pub struct TcpProbes {
 }
 
 impl TcpProbes {
-    /// Whether the app accepts a connection on `port`, for the kubelet: the
-    /// answer a `tcpSocket` probe of the port itself would have had without
-    /// the proxy in front of it. Only the listed ports are tried, so the admin
-    /// port, which other pods can reach, reveals nothing more than the probes
-    /// the pod declared.
-    async fn answer(&self, port: &str) -> Response<Full<Bytes>> {
+    /// Whether the app accepts a connection on `port` within `timeout` (the
+    /// probe's own, as the injector wrote it: `?timeout=5s`; 1 s, the
+    /// kubelet's default, without), for the kubelet: the answer a `tcpSocket`
+    /// probe of the port itself would have had without the proxy in front of
+    /// it. Only the listed ports are tried, so the admin port, which other pods
+    /// can reach, reveals nothing more than the probes the pod declared.
+    async fn answer(&self, port: &str, query: Option<&str>) -> Response<Full<Bytes>> {
         let Some(port) = port.parse::<u16>().ok().filter(|p| self.ports.contains(*p)) else {
             return text(StatusCode::NOT_FOUND, "not a probed port\n");
         };
+        let timeout = query
+            .and_then(|q| q.strip_prefix("timeout="))
+            .and_then(|t| t.strip_suffix('s'))
+            .and_then(|t| t.parse::<u64>().ok())
+            .map_or(PROBE_TIMEOUT, std::time::Duration::from_secs)
+            .min(MAX_PROBE_TIMEOUT);
         let addr = std::net::SocketAddr::new(self.app_ip, port);
         let dial = tokio::net::TcpStream::connect(addr);
-        match tokio::time::timeout(defaults::CONNECT_TIMEOUT, dial).await {
+        match tokio::time::timeout(timeout, dial).await {
             Ok(Ok(_)) => text(StatusCode::OK, format!("{addr} accepts connections\n")),
             Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{addr}: {e}\n")),
             Err(_) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("{addr}: no answer in {:?}\n", defaults::CONNECT_TIMEOUT),
+                format!("{addr}: no answer in {timeout:?}\n"),
             ),
         }
     }
@@ -68,9 +75,18 @@ impl TcpProbes {
 /// the port may be reachable from other pods, which must not be able to hold
 /// the process's file descriptors (those the data path needs too).
 pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections one address may hold: another pod cannot take every
+/// place and starve the kubelet's probes (which would restart the proxy, and
+/// the app whose TCP probes come here).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+/// A TCP probe's wait for the app without a timeout of its own (the kubelet's
+/// default), and the longest any may ask for.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let by_source = BySource::default();
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // A connection that does not finish a request head in time, idle ones
     // included, is closed.
@@ -89,10 +105,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
             continue;
         };
+        // Loopback is the pod's own containers: not another pod.
+        let source = Some(peer.ip().to_canonical()).filter(|ip| !ip.is_loopback());
+        let Some(share) = by_source.take(source) else {
+            strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS_PER_SOURCE, "admin connections from this address at the limit; closed");
+            continue;
+        };
         let state = state.clone();
         let h1 = h1.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, share);
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
@@ -101,6 +123,45 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 debug!(error = %e, "admin connection ended");
             }
         });
+    }
+}
+
+/// Admin connections open per address.
+#[derive(Clone, Default)]
+struct BySource(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One connection's place among its address's, given back when dropped.
+struct SourceShare(BySource, Option<std::net::IpAddr>);
+
+impl BySource {
+    /// A place for a connection from `ip`; one without an address to count
+    /// always gets one.
+    fn take(&self, ip: Option<std::net::IpAddr>) -> Option<SourceShare> {
+        let Some(ip) = ip else {
+            return Some(SourceShare(self.clone(), None));
+        };
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceShare(self.clone(), Some(ip)))
+    }
+}
+
+impl Drop for SourceShare {
+    fn drop(&mut self) {
+        let Some(ip) = self.1 else {
+            return;
+        };
+        let mut open = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
     }
 }
 
@@ -137,7 +198,8 @@ async fn route(
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (Method::GET, p) if p.starts_with("/probe/tcp/") => {
-            state.tcp_probes.answer(&p["/probe/tcp/".len()..]).await
+            let port = &p["/probe/tcp/".len()..];
+            state.tcp_probes.answer(port, req.uri().query()).await
         }
         (Method::GET, "/ready") => {
             if state.drain.is_draining() {

@@ -282,6 +282,8 @@ async fn tcp_probes_say_whether_the_app_listens() {
     use strait_tests::wait::admin_get;
     let probe = |port: u16| async move { admin_get(admin, &format!("/probe/tcp/{port}")).await };
     assert_eq!(probe(app_port).await.unwrap().0, 200);
+    let timed = format!("/probe/tcp/{app_port}?timeout=5s");
+    assert_eq!(admin_get(admin, &timed).await.unwrap().0, 200);
     let (status, body) = probe(gone_port).await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("refused"), "{body}");
@@ -291,6 +293,52 @@ async fn tcp_probes_say_whether_the_app_listens() {
     // A port no probe declared is not tried.
     assert_eq!(probe(22).await.unwrap().0, 404);
     assert_eq!(admin_get(admin, "/probe/tcp/x").await.unwrap().0, 404);
+}
+
+/// Another pod cannot take every admin place: the kubelet's probes, of the
+/// proxy and of the app's TCP ports, still get through.
+#[tokio::test]
+async fn one_address_holds_a_few_admin_connections_at_most() {
+    use tokio::io::AsyncReadExt;
+    let Some(ip) = strait_tests::host::non_loopback_ip() else {
+        return strait_tests::host::missing("an address that is not loopback (or root to add one)");
+    };
+    let port = free_port();
+    let args = vec![
+        format!("--admin-addr=0.0.0.0:{port}"),
+        "--inbound-addr=127.0.0.1:0".into(),
+        "--outbound-addr=127.0.0.1:0".into(),
+    ];
+    let _proxy = Proc::spawn(bin(), &args, &[]);
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let remote = std::net::SocketAddr::new(ip, port);
+    wait::ready(local, Duration::from_secs(20)).await;
+    let mut held = Vec::new();
+    for _ in 0..strait_proxy::admin::MAX_CONNECTIONS_PER_SOURCE {
+        held.push(tokio::net::TcpStream::connect(remote).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(remote).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut [0u8; 1])).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection past the address's share: {read:?}"
+    );
+    // Loopback (the pod's own containers) is served meanwhile.
+    assert_eq!(
+        strait_tests::wait::admin_get(local, "/ready")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    held.pop();
+    strait_tests::wait::until("a place to free", Duration::from_secs(5), || async {
+        matches!(
+            strait_tests::wait::admin_get(remote, "/live").await,
+            Ok((200, _))
+        )
+    })
+    .await;
 }
 
 #[tokio::test]
