@@ -210,23 +210,32 @@ async fn the_binary_serves_upstream_traffic_and_stops_on_sigterm() {
     );
 }
 
-#[tokio::test]
-async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
+/// A proxy whose admin server is bound off loopback, as in a pod for the
+/// kubelet's probes, at info level: it and the admin address from loopback
+/// and from another address of this host. None, said why, without one.
+async fn admin_off_loopback() -> Option<(Proc, std::net::SocketAddr, std::net::SocketAddr)> {
     let Some(ip) = strait_tests::host::non_loopback_ip() else {
-        return strait_tests::host::missing("an address that is not loopback (or root to add one)");
+        strait_tests::host::missing("an address that is not loopback (or root to add one)");
+        return None;
     };
     let port = free_port();
-    // Bound off loopback, as in a pod for the kubelet's probes.
     let args = vec![
         format!("--admin-addr=0.0.0.0:{port}"),
         "--inbound-addr=127.0.0.1:0".into(),
         "--outbound-addr=127.0.0.1:0".into(),
         "--log-level=info".into(),
     ];
-    let _proxy = Proc::spawn(bin(), &args, &[]);
+    let proxy = Proc::spawn(bin(), &args, &[]);
     let local = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let remote = std::net::SocketAddr::new(ip, port);
     wait::ready(local, Duration::from_secs(20)).await;
+    Some((proxy, local, std::net::SocketAddr::new(ip, port)))
+}
+
+#[tokio::test]
+async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
+    let Some((_proxy, local, remote)) = admin_off_loopback().await else {
+        return;
+    };
     use strait_tests::wait::{admin_get, admin_request};
     for path in ["/live", "/ready", "/metrics", "/config", "/log-level"] {
         assert_eq!(admin_get(remote, path).await.unwrap().0, 200, "{path}");
@@ -300,19 +309,9 @@ async fn tcp_probes_say_whether_the_app_listens() {
 #[tokio::test]
 async fn one_address_holds_a_few_admin_connections_at_most() {
     use tokio::io::AsyncReadExt;
-    let Some(ip) = strait_tests::host::non_loopback_ip() else {
-        return strait_tests::host::missing("an address that is not loopback (or root to add one)");
+    let Some((_proxy, local, remote)) = admin_off_loopback().await else {
+        return;
     };
-    let port = free_port();
-    let args = vec![
-        format!("--admin-addr=0.0.0.0:{port}"),
-        "--inbound-addr=127.0.0.1:0".into(),
-        "--outbound-addr=127.0.0.1:0".into(),
-    ];
-    let _proxy = Proc::spawn(bin(), &args, &[]);
-    let local = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let remote = std::net::SocketAddr::new(ip, port);
-    wait::ready(local, Duration::from_secs(20)).await;
     let mut held = Vec::new();
     for _ in 0..strait_proxy::admin::MAX_CONNECTIONS_PER_SOURCE {
         held.push(tokio::net::TcpStream::connect(remote).await.unwrap());
