@@ -206,7 +206,8 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // its probes stay as written.
     let (probe_ops, init_probe_ops, probed) = match annotation(PROXY_IMAGE) {
         None => tcp_probes(spec),
-        Some(_) => Default::default(),
+        // Probes an earlier injection rewrote still need their ports listed.
+        Some(_) => (Vec::new(), Vec::new(), tcp_probes(spec).2),
     };
     let probed = (!probed.is_empty()).then(|| {
         let ports: Vec<String> = probed.iter().map(u16::to_string).collect();
@@ -339,10 +340,13 @@ fn tcp_probes(spec: &serde_json::Map<String, Value>) -> (Vec<Value>, Vec<Value>,
                 if elsewhere {
                     continue;
                 }
+                // 0 or none is the kubelet's 1 s; the proxy waits 60 s at most.
                 let timeout = probe
                     .get("timeoutSeconds")
                     .and_then(Value::as_u64)
-                    .unwrap_or(1);
+                    .filter(|t| *t > 0)
+                    .unwrap_or(1)
+                    .min(60);
                 let mut rewritten = probe.clone();
                 rewritten.remove("tcpSocket");
                 rewritten.insert(

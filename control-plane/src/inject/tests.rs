@@ -486,10 +486,11 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
                 "initContainers": [
                     {"name": "migrate", "image": "m"},
                     {"name": "envoy", "image": "e", "restartPolicy": "Always",
-                     "livenessProbe": {"tcpSocket": {"port": 9901}}}],
+                     "livenessProbe": {"tcpSocket": {"port": 9901}, "timeoutSeconds": 0}}],
                 "containers": [
                     {"name": "db", "image": "db",
                      "readinessProbe": {"tcpSocket": {"port": 5432}, "timeoutSeconds": 5},
+                     "startupProbe": {"tcpSocket": {"port": 5432}, "timeoutSeconds": 120},
                      "livenessProbe": {"httpGet": {"path": "/probe/tcp/6379?timeout=1s", "port": 4191}}}]}),
         ),
         Namespace::Enabled,
@@ -505,6 +506,11 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
     assert_eq!(
         p["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
         "/probe/tcp/5432?timeout=5s"
+    );
+    assert_eq!(
+        p["spec"]["containers"][0]["startupProbe"]["httpGet"]["path"],
+        "/probe/tcp/5432?timeout=60s",
+        "the proxy waits 60 s at most"
     );
     let proxy = &p["spec"]["initContainers"][1];
     assert_eq!(

@@ -56,6 +56,7 @@ impl TcpProbes {
             .and_then(|q| q.strip_prefix("timeout="))
             .and_then(|t| t.strip_suffix('s'))
             .and_then(|t| t.parse::<u64>().ok())
+            .filter(|t| *t > 0)
             .map_or(PROBE_TIMEOUT, std::time::Duration::from_secs)
             .min(MAX_PROBE_TIMEOUT);
         let addr = std::net::SocketAddr::new(self.app_ip, port);
