@@ -2,6 +2,7 @@
 //! (package `strait.api.v1`): discovery, inbound policy and identity.
 
 pub mod identity;
+pub mod per_source;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

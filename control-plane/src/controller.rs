@@ -27,10 +27,10 @@ use crate::kubernetes::status::{self, Statuses};
 use crate::kubernetes::tokens::TokenReviewer;
 use crate::manifests::ManifestSource;
 use crate::metrics::{Metrics, Watches};
-use crate::per_source::PerSource;
 use crate::policy::InboundPolicyService;
 use crate::source::Source;
 use crate::{admin, defaults};
+use strait_api::per_source::PerSource;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControllerArgs {

@@ -19,7 +19,6 @@ pub mod kubernetes;
 pub mod log;
 pub mod manifests;
 pub mod metrics;
-pub mod per_source;
 pub mod policy;
 pub mod routes;
 pub mod source;

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 
 use crate::defaults::{self, METRICS_PREFIX};
 use crate::index::Snapshot;
-use crate::per_source::{PerSource, Share};
+use strait_api::per_source::{PerSource, Share};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::ca::Ca;
 use crate::defaults;
 use crate::metrics::Metrics;
-use crate::per_source::{PerSource, Share};
+use strait_api::per_source::{PerSource, Share};
 
 /// The controller's identity and the DNS name its certificate also carries.
 #[derive(Clone, Debug)]

@@ -16,7 +16,7 @@ use tracing::warn;
 use crate::defaults;
 use crate::identity::tokens::TokenError;
 use crate::index::{ObjKey, TokenDigest};
-use crate::per_source::PerSource;
+use strait_api::per_source::PerSource;
 
 /// How long an answer is reused: a revoked token (its pod deleted) stops
 /// working within this.

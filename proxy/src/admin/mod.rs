@@ -20,6 +20,7 @@ use crate::telemetry::Metrics;
 use crate::telemetry::log::LogHandle;
 use crate::transport::Drain;
 use crate::transport::drain::ShutdownHandle;
+use strait_api::per_source::PerSource;
 
 /// Bodies the admin server accepts (a log filter) are small.
 const MAX_BODY: usize = 4 * 1024;
@@ -87,7 +88,7 @@ const MAX_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let by_source = BySource::default();
+    let by_source = PerSource::sparing_loopback(MAX_CONNECTIONS_PER_SOURCE);
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // A connection that does not finish a request head in time, idle ones
     // included, is closed.
@@ -106,9 +107,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
             continue;
         };
-        // Loopback is the pod's own containers: not another pod.
-        let source = Some(peer.ip().to_canonical()).filter(|ip| !ip.is_loopback());
-        let Some(share) = by_source.take(source) else {
+        // Loopback, spared, is the pod's own containers: not another pod.
+        let Some(share) = by_source.take(Some(peer.ip().to_canonical())) else {
             strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS_PER_SOURCE, "admin connections from this address at the limit; closed");
             continue;
         };
@@ -124,45 +124,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 debug!(error = %e, "admin connection ended");
             }
         });
-    }
-}
-
-/// Admin connections open per address.
-#[derive(Clone, Default)]
-struct BySource(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
-
-/// One connection's place among its address's, given back when dropped.
-struct SourceShare(BySource, Option<std::net::IpAddr>);
-
-impl BySource {
-    /// A place for a connection from `ip`; one without an address to count
-    /// always gets one.
-    fn take(&self, ip: Option<std::net::IpAddr>) -> Option<SourceShare> {
-        let Some(ip) = ip else {
-            return Some(SourceShare(self.clone(), None));
-        };
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_default();
-        if *n >= MAX_CONNECTIONS_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceShare(self.clone(), Some(ip)))
-    }
-}
-
-impl Drop for SourceShare {
-    fn drop(&mut self) {
-        let Some(ip) = self.1 else {
-            return;
-        };
-        let mut open = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&ip);
-            }
-        }
     }
 }
 

@@ -1,8 +1,8 @@
-//! What one source address may hold at once: connections to the gRPC port,
-//! watches, token reviews. Every pod has an address of its own, so a pod that
-//! opens connections or watches without end is refused past its share rather
-//! than growing the controller's memory and file descriptors until every other
-//! proxy is refused too.
+//! What one source address may hold at once: connections to the controller's
+//! gRPC port, watches, token reviews, connections to a proxy's admin port.
+//! Every pod has an address of its own, so a pod that opens them without end
+//! is refused past its share rather than taking what every other caller (other
+//! proxies, the kubelet) needs.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
