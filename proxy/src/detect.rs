@@ -98,21 +98,27 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // "PRI " could still be an HTTP/1 method named PRI; only the full preface decides.
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
-    // Servers skip empty lines before a request line (RFC 9112, 2.2), and so
-    // would the app: a request behind them is HTTP too.
+    // Servers skip empty lines before a request line (RFC 9112, 2.2), and
+    // lenient ones (Python's) any whitespace: a request behind it is HTTP too.
     // Undecided when detection has read all it reads: what an app's server
     // could still parse as a request is HTTP, for our HTTP server to serve or
     // refuse (its head limit), never bytes for the app to parse.
     let full = buf.len() >= max_bytes;
-    let Some(start) = buf.iter().position(|&b| b != b'\r' && b != b'\n') else {
+    let Some(start) = buf.iter().position(|&b| !is_space(b)) else {
         return full.then_some(Protocol::Http1);
     };
     let buf = &buf[start..];
-    // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF.
+    // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF,
+    // as lenient servers read it: Tomcat and Python take tabs (or runs of
+    // whitespace) between the parts, Python an `HTTP/1.10` or trailing
+    // whitespace. Whatever such a server would take for a request with
+    // headers is HTTP here, and what our server's strict parser refuses is
+    // refused (400) rather than carried raw to the app, forged
+    // `strait-client-id` and all.
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = &buf[..line_end.unwrap_or(buf.len())];
     let method_len = line.iter().take_while(|&&b| is_tchar(b)).count();
-    if method_len == 0 || (method_len < line.len() && line[method_len] != b' ') {
+    if method_len == 0 || (method_len < line.len() && !is_space(line[method_len])) {
         return Some(Protocol::Opaque);
     }
     match line_end {
@@ -124,12 +130,12 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // as HTTP, then: declare its port opaque.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let ok = line.len() > method_len + 1
-                && line.len() >= 9
-                && line[line.len() - 9..].starts_with(b" HTTP/1.")
-                && line[line.len() - 1].is_ascii_digit();
-            Some(if ok {
+            // A request without a version is HTTP/0.9, which has no headers
+            // to forge; one with a version, however spelled, is HTTP.
+            let rest = &line[method_len..];
+            let versioned =
+                rest.len() > 1 && rest.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
+            Some(if versioned {
                 Protocol::Http1
             } else {
                 Protocol::Opaque
@@ -138,10 +144,19 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     }
 }
 
+/// Whitespace as the most lenient servers split a request line on it
+/// (Python's `str.split` of the line decoded as Latin-1 included).
+fn is_space(b: u8) -> bool {
+    matches!(
+        b,
+        b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
+    )
+}
+
 /// A byte that some server takes in a request line after the method: any but
 /// the controls (lenient ones take bytes above 0x7f in a target).
 fn is_line_byte(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | 0x21..=0x7e | 0x80..=0xff)
+    is_space(b) || matches!(b, 0x21..=0x7e | 0x80..=0xff)
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -195,6 +210,23 @@ mod tests {
         assert_eq!(classify(&long[..4000], m), None);
         // Bytes no request line holds decide at once.
         assert_eq!(classify(b"AB \x00\x01", m), Some(Protocol::Opaque));
+        // Lines lenient servers read as requests with headers, and strict
+        // ones refuse: HTTP, for ours to refuse.
+        for line in [
+            &b"GET\t/ HTTP/1.1\r\n"[..],
+            b"GET\t/\tHTTP/1.1\r\n",
+            b" \tGET / HTTP/1.1\r\n",
+            b"GET  /  HTTP/1.1\r\n",
+            b"GET / HTTP/1.10\r\n",
+            b"GET / HTTP/1.1 \r\n",
+            b"GET / http/1.1\r\n",
+            b"GET\x0b/ HTTP/1.1\n",
+        ] {
+            assert_eq!(classify(line, m), Some(Protocol::Http1), "{line:?}");
+        }
+        // No version: HTTP/0.9 at most, which has no headers.
+        assert_eq!(classify(b"GET /\r\n", m), Some(Protocol::Opaque));
+        assert_eq!(classify(b"SET key value\r\n", m), Some(Protocol::Opaque));
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::addr::DestAddr;
 use crate::dns::Names;
@@ -50,7 +50,8 @@ pub async fn connect(
         Ok(s) => Some(s),
         Err((reason, e)) => {
             metrics.reject_tcp(direction, reason);
-            warn!(direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
+            // Sampled: a client can ask for a port nothing listens on at will.
+            strait_otel::sampled!(warn, direction = direction.as_str(), %dst, error = %e, "opaque stream refused");
             None
         }
     }

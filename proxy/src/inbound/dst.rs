@@ -88,17 +88,22 @@ impl InboundDst {
 impl ChooseDst for InboundDst {
     fn choose<B>(&self, req: &mut Request<B>) -> Result<DestAddr, ProxyError> {
         let port = self.target(req)?;
-        restore_version(req)?;
+        restore_version(req, self.rules.trust_carried)?;
         Ok(app_addr(self.app_ip, port))
     }
 }
 
 /// A peer proxy carried an HTTP/1 request over HTTP/2: give the app HTTP/1 back,
-/// with the Host header HTTP/1.1 requires.
-fn restore_version<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+/// with the Host header HTTP/1.1 requires. From anyone else, or on HTTP/1
+/// itself, the header is dropped rather than obeyed: it would turn a chunked
+/// request into an HTTP/1.0 head without its body.
+fn restore_version<B>(req: &mut Request<B>, from_peer: bool) -> Result<(), ProxyError> {
     let Some(v) = req.headers_mut().remove(ORIG_PROTO_HEADER) else {
         return Ok(());
     };
+    if !from_peer || req.version() != Version::HTTP_2 {
+        return Ok(());
+    }
     let version = match v.as_bytes() {
         b"HTTP/1.1" => Version::HTTP_11,
         b"HTTP/1.0" => Version::HTTP_10,
@@ -161,6 +166,40 @@ mod tests {
         assert!(r.headers().get(TARGET_PORT_HEADER).is_none());
         let mut r = Request::builder().body(()).unwrap();
         assert_eq!(l.target(&mut r).unwrap(), TargetPort(80));
+    }
+
+    #[test]
+    fn only_a_peer_over_http2_restores_http1() {
+        let request = |version| {
+            Request::builder()
+                .version(version)
+                .uri("http://web:8080/")
+                .header(ORIG_PROTO_HEADER, "HTTP/1.0")
+                .body(())
+                .unwrap()
+        };
+        let choose = |trusted: bool, version| {
+            let l = InboundDst::new(
+                Some(TargetPort(80)),
+                rules(trusted),
+                Ipv4Addr::LOCALHOST.into(),
+            );
+            let mut r = request(version);
+            l.choose(&mut r).unwrap();
+            assert!(!r.headers().contains_key(ORIG_PROTO_HEADER));
+            r.version()
+        };
+        assert_eq!(choose(true, Version::HTTP_2), Version::HTTP_10);
+        assert_eq!(
+            choose(false, Version::HTTP_2),
+            Version::HTTP_2,
+            "not a peer"
+        );
+        assert_eq!(
+            choose(true, Version::HTTP_11),
+            Version::HTTP_11,
+            "a chunked HTTP/1.1 request stays HTTP/1.1"
+        );
     }
 
     #[test]

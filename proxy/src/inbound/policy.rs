@@ -131,9 +131,18 @@ impl InboundPolicy {
 }
 
 fn port_policy(p: api::PortPolicy, trust_domain: &str) -> PortPolicy {
+    // A mode this proxy does not know (a newer controller's) narrows access,
+    // as an unreadable rule does: only an unset one or PERMISSIVE opens it.
     let mode = match api::MtlsMode::try_from(p.mode) {
+        Ok(api::MtlsMode::Unspecified | api::MtlsMode::Permissive) => Mode::Permissive,
         Ok(api::MtlsMode::Strict) => Mode::Strict,
-        _ => Mode::Permissive,
+        Err(_) => {
+            warn!(
+                mode = p.mode,
+                "an mTLS mode in the inbound policy is unknown; taken as STRICT"
+            );
+            Mode::Strict
+        }
     };
     let mut allow = Vec::new();
     for a in p.allow {
@@ -281,6 +290,22 @@ mod tests {
             }),
             probes,
         }
+    }
+
+    #[test]
+    fn an_unknown_mode_narrows_access_never_opens_it() {
+        let mut policy = strict_for(
+            api::authorization::Subject::Identity(api::WorkloadIdentity {
+                spiffe_id: "spiffe://td/ns/shop/sa/web".into(),
+            }),
+            vec![],
+        );
+        if let Some(d) = policy.default.as_mut() {
+            d.mode = 7;
+            d.allow.clear();
+        }
+        let p = parse(policy, "td");
+        assert_eq!(p.port(80).check(80, None), Err(Denied::PlaintextOnStrict(80)));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::DIRECTION;
 use crate::addr::{ClientAddr, DestAddr};
@@ -43,7 +43,15 @@ where
 {
     let mut said = BytesMut::with_capacity(1024);
     let mut greeting = BytesMut::new();
-    let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
+    // With no app to connect to, only the client's words can lead anywhere,
+    // and only HTTP's: it has as long to start as an HTTP client has for its
+    // head, not an opaque stream's idle time (an hour of a connection slot,
+    // for anyone who connects and says nothing).
+    let wait = match app {
+        Some(_) => s.tcp.idle_timeout,
+        None => s.config.http_header_read_timeout,
+    };
+    let mut idle = std::pin::pin!(tokio::time::sleep(wait));
     let connect = async {
         match &app {
             Some(a) => crate::tcp::connect(a, &s.tcp, &s.metrics, DIRECTION).await,
@@ -75,7 +83,7 @@ where
         }
         First::Idle => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            info!(direction = DIRECTION.as_str(), client = %client.0, idle = ?s.tcp.idle_timeout, "opaque stream idle, closed");
+            strait_otel::sampled!(info, direction = DIRECTION.as_str(), client = %client.0, idle = ?wait, "client silent, closed");
             return None;
         }
         First::Client(Err(e)) => {

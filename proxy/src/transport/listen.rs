@@ -113,7 +113,9 @@ impl Listener {
                 }
                 Err(_) => {
                     metrics.reject_tcp(self.direction, "connection_limit");
-                    warn!(
+                    // Sampled: each refusal is the client's doing, and counted.
+                    strait_otel::sampled!(
+                        warn,
                         listener = %self.local, client = %peer, max_connections,
                         "connection limit reached, refusing connection"
                     );

@@ -137,6 +137,24 @@ async fn a_stalled_request_head_gets_408() {
     );
 }
 
+/// A client that dials the inbound port itself and says nothing has no app a
+/// stream could go to: it is closed after the head's timeout, not left to
+/// hold its place for the hour an opaque stream may idle.
+#[tokio::test]
+async fn a_silent_client_with_nowhere_to_go_is_closed_after_the_head_timeout() {
+    let mut c = support::config();
+    c.http_header_read_timeout = Duration::from_millis(500);
+    let proxy = support::start(c).await;
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(proxy.addrs.inbound).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut [0u8; 1])).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed rather than held: {read:?}"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(500));
+}
+
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_quietly() {
     let backend = Backend::start().await;

@@ -892,6 +892,30 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
     let rsp = exchange_over_tls(m.web.inbound, leaf, b"strait-opaque/1", &stream).await;
     assert_eq!(body(&rsp), CLIENT_ID, "carried as opaque by a peer");
 
+    // A request line that lenient servers (Tomcat, Python's) take and ours
+    // does not: refused as HTTP, never carried raw to the app (here an echo
+    // server, which would send the forged header back).
+    let lenient_app = strait_tests::tcp::echo().await;
+    for line in [
+        "GET\t/client-id\tHTTP/1.1",
+        "  GET /client-id HTTP/1.1",
+        "GET /client-id HTTP/1.10",
+        "GET /client-id HTTP/1.1 ",
+    ] {
+        let mut stream = lenient_app.port().to_be_bytes().to_vec();
+        stream.extend(
+            format!("{line}\r\nhost: web\r\nstrait-client-id: {FORGED_ID}\r\n\r\n").as_bytes(),
+        );
+        let leaf = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
+        let rsp = exchange_over_tls(m.web.inbound, leaf, b"strait-opaque/1", &stream).await;
+        let text = String::from_utf8_lossy(&rsp);
+        assert!(text.starts_with("HTTP/1.1 400"), "{line:?}: {text}");
+        assert!(
+            !text.contains(FORGED_ID),
+            "{line:?} reached the app: {text}"
+        );
+    }
+
     // A plaintext client silent past the detection timeout, then HTTP.
     let mut s = tokio::net::TcpStream::connect(m.web.inbound).await.unwrap();
     // Silent past the detection timeout (300 ms): the case under test.
