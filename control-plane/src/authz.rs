@@ -236,6 +236,24 @@ impl Merged {
 /// The inbound policy of one pod: every policy that applies, merged (STRICT if any
 /// says so; the union of their allow lists, empty meaning everyone).
 pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
+    let probes = snap
+        .pods
+        .get(pod)
+        .map(|p| p.probes.clone())
+        .unwrap_or_default();
+    if snap.sealed_namespaces.contains(&pod.namespace) {
+        // STRICT, allowing an entry that names nobody: every caller refused,
+        // on every proxy version (an unreadable entry narrows access).
+        return api::WorkloadPolicy {
+            ports: vec![],
+            default: Some(api::PortPolicy {
+                port: 0,
+                mode: api::MtlsMode::Strict as i32,
+                allow: vec![api::Authorization { subject: None }],
+            }),
+            probes,
+        };
+    }
     let mut all_ports = Merged::default();
     let mut per_port: BTreeMap<u16, Vec<&AuthorizationSpec>> = BTreeMap::new();
     let mut applying = Vec::new();
@@ -267,11 +285,7 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
     api::WorkloadPolicy {
         ports,
         default: Some(all_ports.to_api(0)),
-        probes: snap
-            .pods
-            .get(pod)
-            .map(|p| p.probes.clone())
-            .unwrap_or_default(),
+        probes,
     }
 }
 

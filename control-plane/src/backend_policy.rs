@@ -180,6 +180,13 @@ pub fn parse(v: &serde_json::Value) -> Result<(ObjKey, ObjKey, BackendPolicySpec
     let load_balancer = s.load_balancer.as_ref().map(load_balancer).transpose()?;
     let outlier_detection = s.outlier_detection.as_ref().map(outlier).transpose()?;
     let retry_budget = s.retry_budget.as_ref().map(retry_budget).transpose()?;
+    // Bounded, as a Service's ports are: the duplicates check below is
+    // quadratic in the list.
+    crate::spec::SpecError::at_most(
+        "spec.opaquePorts",
+        s.opaque_ports.len(),
+        crate::defaults::MAX_SERVICE_PORTS,
+    )?;
     let mut opaque_ports = Vec::new();
     for (i, p) in s.opaque_ports.iter().enumerate() {
         let port = u16::try_from(*p).ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -511,6 +518,11 @@ mod tests {
                 "spec.retryBudget.minRetriesPerSecond",
             ),
             ("/spec/opaquePorts/0", json!(70000), "spec.opaquePorts[0]"),
+            (
+                "/spec/opaquePorts",
+                json!(vec![5432; 257]),
+                "spec.opaquePorts",
+            ),
             (
                 "/spec/targetRef/kind",
                 json!("Deployment"),

@@ -75,6 +75,16 @@ impl InboundPolicy for InboundPolicyService {
         if w.namespace.is_empty() {
             return Err(Status::invalid_argument("namespace is required"));
         }
+        // Names as Kubernetes has them, so that what a watch holds (and clones
+        // at every change) is bounded by more than the message size.
+        if !crate::spec::dns_label(&w.namespace) {
+            return Err(Status::invalid_argument(
+                "namespace is not a Kubernetes name",
+            ));
+        }
+        if !w.pod.is_empty() && !crate::spec::dns_name(&w.pod) {
+            return Err(Status::invalid_argument("pod is not a Kubernetes name"));
+        }
         let pod = ObjKey {
             namespace: w.namespace,
             name: w.pod,
@@ -160,6 +170,32 @@ mod tests {
         });
         let stream = svc.watch(req).await.unwrap().into_inner();
         (tx, stream)
+    }
+
+    #[tokio::test]
+    async fn names_that_kubernetes_would_not_take_are_refused() {
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let svc = InboundPolicyService::new(rx, Watches::new(Metrics::new()), None, false);
+        for (namespace, pod, ok) in [
+            ("shop", "web-0", true),
+            ("shop", "", true),
+            ("Shop", "web-0", false),
+            ("shop", "web 0", false),
+            ("shop", &*"a".repeat(60_000), false),
+        ] {
+            let req = Request::new(api::WatchWorkload {
+                namespace: namespace.into(),
+                pod: pod.into(),
+                proxy_id: "web-0.shop".into(),
+            });
+            let got = svc.watch(req).await.map(|_| ()).map_err(|e| e.code());
+            let want = if ok {
+                Ok(())
+            } else {
+                Err(tonic::Code::InvalidArgument)
+            };
+            assert_eq!(got, want, "{namespace:?} {:.20}", pod);
+        }
     }
 
     #[tokio::test(start_paused = true)]

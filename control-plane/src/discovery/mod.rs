@@ -186,10 +186,15 @@ impl Discovery for DiscoveryService {
                 defaults::MAX_DESTINATION_LEN
             )));
         }
-        let ns = if w.context_namespace.is_empty() {
-            "default"
-        } else {
-            w.context_namespace.as_str()
+        let ns = match w.context_namespace.as_str() {
+            "" => "default",
+            // A view's key holds it: bounded as Kubernetes bounds the name.
+            ns if crate::spec::dns_label(ns) => ns,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "context_namespace is not a Kubernetes namespace name",
+                ));
+            }
         };
         let key = DestKey::parse(&w.destination, ns)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -267,5 +272,29 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// What a watch keeps is bounded: a namespace that is no Kubernetes name
+    /// (60 KB of it, say, on each of a pod's 2,048 watches) is refused.
+    #[tokio::test]
+    async fn a_context_namespace_that_is_no_name_is_refused() {
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let metrics = Metrics::new();
+        let svc = DiscoveryService::new(
+            Views::new(rx, metrics.clone()),
+            Watches::new(metrics.clone()),
+            None,
+        );
+        for (ns, ok) in [("shop", true), ("", true), ("Shop", false)] {
+            let mut req = watch_from("10.0.0.7", 1);
+            req.get_mut().destination = "web:80".into();
+            req.get_mut().context_namespace = ns.into();
+            assert_eq!(svc.watch(req).await.is_ok(), ok, "{ns:?}");
+        }
+        let mut req = watch_from("10.0.0.7", 1);
+        req.get_mut().destination = "web:80".into();
+        req.get_mut().context_namespace = "a".repeat(60_000);
+        let refused = svc.watch(req).await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     }
 }

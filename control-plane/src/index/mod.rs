@@ -6,7 +6,7 @@
 
 pub mod view;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use imbl::{HashMap, OrdMap, OrdSet};
 use std::net::IpAddr;
@@ -111,6 +111,12 @@ pub struct Snapshot {
     /// strait's BackendPolicies by the Service they target, then by name: the
     /// first is in force (they share the Service's namespace).
     pub backend_policies: HashMap<ObjKey, OrdMap<String, BackendPolicySpec>>,
+    /// Namespaces holding an AuthorizationPolicy the API server took and the
+    /// controller refused, with no good version of it to keep: what it guards
+    /// is unknown, so every pod of the namespace is refused every caller (its
+    /// kubelet probes aside) until the policy is fixed or deleted. One
+    /// tenant's broken policy closes that tenant's namespace, not the mesh.
+    pub sealed_namespaces: BTreeSet<String>,
 }
 
 /// SHA-256 of a service-account token.
@@ -149,6 +155,7 @@ impl Snapshot {
             routes: HashMap::new(),
             routes_by_parent: HashMap::new(),
             backend_policies: HashMap::new(),
+            sealed_namespaces: BTreeSet::new(),
         }
     }
 
@@ -237,6 +244,12 @@ fn at_most(
     Ok(())
 }
 
+/// A Service or EndpointSlice port's protocol: TCP when unset, as Kubernetes
+/// defaults it.
+fn is_tcp(protocol: Option<&str>) -> bool {
+    matches!(protocol, None | Some("TCP"))
+}
+
 impl SnapshotBuilder {
     /// Validates a Service into its index form (done once, when parsed).
     pub fn service(svc: &Service) -> Result<(ObjKey, ServiceInfo), ObjectError> {
@@ -249,6 +262,11 @@ impl SnapshotBuilder {
         at_most(KIND, &k, "spec.clusterIPs", n, defaults::MAX_CLUSTER_IPS)?;
         let mut ports = Vec::new();
         for (i, p) in spec.ports.unwrap_or_default().iter().enumerate() {
+            // The mesh carries TCP: a UDP or SCTP port of the same number
+            // must not lend its target or protocol to the TCP one.
+            if !is_tcp(p.protocol.as_deref()) {
+                continue;
+            }
             ports.push(ServicePort {
                 name: p.name.clone(),
                 port: port(KIND, &k, format!("spec.ports[{i}].port"), p.port)?,
@@ -304,7 +322,9 @@ impl SnapshotBuilder {
         )?;
         let mut ports = Vec::new();
         for (i, p) in es.ports.iter().flatten().enumerate() {
-            let Some(n) = p.port else { continue };
+            let Some(n) = p.port.filter(|_| is_tcp(p.protocol.as_deref())) else {
+                continue;
+            };
             ports.push((
                 p.name.clone().unwrap_or_default(),
                 port(KIND, &k, format!("ports[{i}].port"), n)?,
@@ -744,6 +764,36 @@ impl Snapshot {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A UDP port of the same number as a TCP one (DNS's 53, say) lends it
+    /// neither its target nor its name.
+    #[test]
+    fn only_tcp_ports_are_indexed() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "dns", "namespace": "shop"},
+            "spec": {"ports": [
+                {"name": "udp", "port": 8080, "protocol": "UDP", "targetPort": 9000},
+                {"name": "tcp", "port": 8080, "protocol": "TCP"},
+                {"name": "sctp", "port": 9, "protocol": "SCTP"},
+                {"name": "plain", "port": 80}
+            ]}
+        }))
+        .unwrap();
+        let (_, info) = SnapshotBuilder::service(&svc).unwrap();
+        let names: Vec<_> = info.ports.iter().map(|p| p.name.as_deref()).collect();
+        assert_eq!(names, [Some("tcp"), Some("plain")]);
+        let es: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "dns-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "udp", "port": 9000, "protocol": "UDP"},
+                      {"name": "tcp", "port": 8080}],
+            "endpoints": []
+        }))
+        .unwrap();
+        let (_, _, info) = SnapshotBuilder::slice(&es).unwrap();
+        assert_eq!(info.ports, [("tcp".to_string(), 8080)]);
+    }
 
     /// What the kubelet will send, per probe: the path as written (query
     /// included), a named port resolved against its own container's ports.

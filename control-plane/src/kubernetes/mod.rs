@@ -14,7 +14,7 @@ pub mod lease;
 pub mod status;
 pub mod tokens;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -155,6 +155,7 @@ impl Source for KubernetesSource {
             while let Ok(Some(c)) = tokio::time::timeout_at(deadline, changes.recv()).await {
                 index.apply(c);
             }
+            index.seal();
             let whole = index.listed.len() == Kind::ALL.len();
             if whole && index.dirty {
                 self.metrics.observe_snapshot(&index.snap);
@@ -176,12 +177,6 @@ impl Source for KubernetesSource {
                     );
                 }
             }
-            // As with manifests: a policy refused with nothing to fall back on
-            // keeps the controller from serving until it is fixed or deleted.
-            let whole = whole && index.refused_policies.is_empty();
-            if whole != *clean.borrow() && !index.refused_policies.is_empty() {
-                warn!(policies = ?index.refused_policies, "AuthorizationPolicies refused with no last good version: not serving until they are fixed or deleted");
-            }
             clean.send_if_modified(|c| std::mem::replace(c, whole) != whole);
         }
         for t in tasks {
@@ -200,7 +195,7 @@ struct Index {
     dirty: bool,
     statuses_dirty: bool,
     /// AuthorizationPolicies refused with no good version to keep: their
-    /// workloads would be open, so the index is not whole while any is.
+    /// workloads would be open, so their namespaces are sealed while any is.
     refused_policies: HashSet<String>,
 }
 
@@ -215,6 +210,23 @@ impl Index {
             dirty: true,
             statuses_dirty: true,
             refused_policies: HashSet::new(),
+        }
+    }
+
+    /// Seals the namespaces of refused policies (and unseals the rest), as
+    /// the next snapshot will carry them.
+    fn seal(&mut self) {
+        let sealed: BTreeSet<String> = self
+            .refused_policies
+            .iter()
+            .filter_map(|n| n.split_once('/').map(|(ns, _)| ns.to_string()))
+            .collect();
+        if sealed != self.snap.sealed_namespaces {
+            if !sealed.is_empty() {
+                warn!(policies = ?self.refused_policies, namespaces = ?sealed, "AuthorizationPolicies refused with no last good version: every pod of their namespaces refuses every caller until they are fixed or deleted");
+            }
+            self.snap.sealed_namespaces = sealed;
+            self.dirty = true;
         }
     }
 
@@ -466,6 +478,7 @@ fn is_not_found(e: &watcher::Error) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::index::ObjKey;
 
     fn refused(kind: Kind, name: &str, initial: bool) -> Change {
         Change::Apply {
@@ -484,23 +497,62 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_authorization_policy_with_nothing_to_fall_back_on_holds_the_index_back() {
+    fn a_refused_authorization_policy_with_nothing_to_fall_back_on_seals_its_namespace() {
         let mut index = Index::new("cluster.local");
         index.apply(Change::Relist(Kind::AuthorizationPolicy));
         index.apply(refused(Kind::AuthorizationPolicy, "shop/web", true));
         // Other kinds refused are just left out: they open nothing.
         index.apply(refused(Kind::BackendPolicy, "shop/db", true));
         listed(&mut index);
-        assert_eq!(index.refused_policies.len(), 1);
-        // Deleted, or gone at a relist: the hold is lifted.
+        index.seal();
+        let sealed = |index: &Index| {
+            index
+                .snap
+                .sealed_namespaces
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sealed(&index), ["shop"]);
+        // Its namespace's pods refuse every caller; other namespaces are as
+        // their own policies say.
+        let shop = crate::authz::workload_policy(
+            &index.snap,
+            &ObjKey {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+            },
+        );
+        let default = shop.default.unwrap();
+        assert_eq!(default.mode, strait_api::v1::MtlsMode::Strict as i32);
+        assert_eq!(
+            default.allow,
+            [strait_api::v1::Authorization { subject: None }]
+        );
+        let other = crate::authz::workload_policy(
+            &index.snap,
+            &ObjKey {
+                namespace: "web".into(),
+                name: "web-0".into(),
+            },
+        );
+        assert_eq!(
+            other.default.unwrap().mode,
+            strait_api::v1::MtlsMode::Permissive as i32
+        );
+        // Deleted, or gone at a relist: the namespace opens again.
         index.apply(Change::Relist(Kind::AuthorizationPolicy));
         index.apply(Change::Listed(Kind::AuthorizationPolicy));
-        assert!(index.refused_policies.is_empty());
+        index.seal();
+        assert!(sealed(&index).is_empty());
         index.apply(refused(Kind::AuthorizationPolicy, "shop/web", false));
+        index.seal();
+        assert_eq!(sealed(&index), ["shop"]);
         index.apply(Change::Delete {
             kind: Kind::AuthorizationPolicy,
             name: "shop/web".into(),
         });
-        assert!(index.refused_policies.is_empty());
+        index.seal();
+        assert!(sealed(&index).is_empty());
     }
 }

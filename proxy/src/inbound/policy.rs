@@ -305,7 +305,10 @@ mod tests {
             d.allow.clear();
         }
         let p = parse(policy, "td");
-        assert_eq!(p.port(80).check(80, None), Err(Denied::PlaintextOnStrict(80)));
+        assert_eq!(
+            p.port(80).check(80, None),
+            Err(Denied::PlaintextOnStrict(80))
+        );
     }
 
     #[test]
