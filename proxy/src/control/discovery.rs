@@ -238,7 +238,7 @@ async fn follow(
                 loop {
                     match stream.message().await {
                         Ok(Some(mut update)) => {
-                            backoff.reset();
+                            backoff.connected();
                             received += 1;
                             if let Some(api::destination_update::Kind::Service(s)) =
                                 &mut update.kind
@@ -258,7 +258,13 @@ async fn follow(
                                     .unwrap_or_default();
                                 lag.observe(d.as_secs_f64());
                             }
-                            let r = parse(update);
+                            let r = match parse(update) {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    warn!(destination = %req.destination, error = %e, "discovery sent an update that does not parse; keeping the last answer");
+                                    continue;
+                                }
+                            };
                             if let Resolution::Service(s) = &r {
                                 debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");
                             }

@@ -32,7 +32,7 @@ pub async fn follow(
                 loop {
                     match stream.message().await {
                         Ok(Some(p)) => {
-                            backoff.reset();
+                            backoff.connected();
                             let p = Arc::new(parse(p, &workload.trust_domain));
                             tx.send_if_modified(|cur| {
                                 if cur.as_deref() == Some(&*p) {

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use strait_api::v1 as api;
-use tracing::warn;
 
 use crate::balance::BackendConfig;
 use crate::identity::Identity;
@@ -75,14 +74,18 @@ impl Endpoint {
     }
 }
 
-fn endpoints(service: &str, b: Vec<api::Endpoint>) -> Vec<Endpoint> {
-    let mut out = Vec::with_capacity(b.len());
+/// A backend's endpoints; the first that does not parse refuses the update.
+/// An address sent twice is kept once (it would get twice the traffic).
+fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
+    let mut out: Vec<Endpoint> = Vec::with_capacity(b.len());
     for e in b {
         let addr = match e.addr.as_ref().map(|a| a.addr.parse::<SocketAddr>()) {
             Some(Ok(a)) => a,
             _ => {
-                warn!(%service, addr = ?e.addr, "discovery sent an endpoint without a valid address; ignored");
-                continue;
+                return Err(format!(
+                    "an endpoint without a valid address ({:?})",
+                    e.addr
+                ));
             }
         };
         let proxy = if e.proxy_port == 0 {
@@ -93,44 +96,118 @@ fn endpoints(service: &str, b: Vec<api::Endpoint>) -> Vec<Endpoint> {
             match (port, identity) {
                 (Some(port), Some(Ok(identity))) => Some(PeerProxy { port, identity }),
                 _ => {
-                    warn!(%service, %addr, "discovery sent a meshed endpoint without a valid proxy port and identity; ignored");
-                    continue;
+                    return Err(format!(
+                        "meshed endpoint {addr} without a valid proxy port and identity"
+                    ));
                 }
             }
         };
+        if out.iter().any(|o| o.addr == addr) {
+            continue;
+        }
         out.push(Endpoint {
             addr,
             proxy,
             zone: e.zone,
         });
     }
-    out
+    Ok(out)
 }
 
-/// Parses an update. Endpoints and routes that do not parse are dropped with a
-/// log line (the control plane should never send them; a proxy must not trust
-/// that).
-pub fn parse(update: api::DestinationUpdate) -> Resolution {
+/// Parses an update. One that does not parse whole (no kind, an endpoint or a
+/// route that does not read) is refused, and the caller keeps the answer it
+/// had: the control plane should never send one, and a proxy must not trust
+/// that, nor serve half of a Service (half its endpoints, or its routes gone
+/// and every request sent to the first backend whatever the weights said).
+pub fn parse(update: api::DestinationUpdate) -> Result<Resolution, String> {
     let svc = match update.kind {
         Some(api::destination_update::Kind::Service(s)) => s,
-        _ => return Resolution::NotMeshed,
+        Some(api::destination_update::Kind::NotMeshed(_)) => return Ok(Resolution::NotMeshed),
+        None => return Err("an update that is neither a Service nor not meshed".into()),
     };
-    let backends = svc
-        .backends
-        .into_iter()
-        .map(|b| BackendView {
-            endpoints: endpoints(&svc.name, b.endpoints),
+    let mut backends = Vec::with_capacity(svc.backends.len());
+    for b in svc.backends {
+        backends.push(BackendView {
+            endpoints: endpoints(b.endpoints).map_err(|e| format!("backend {}: {e}", b.name))?,
             config: BackendConfig::parse(b.policy),
             name: b.name.into(),
-        })
-        .collect();
+        });
+    }
     let budget = BudgetConfig::parse(svc.policy.and_then(|p| p.retry_budget));
-    Resolution::Service(Arc::new(ServiceView {
-        routes: route::parse(&svc.name, svc.routes),
+    Ok(Resolution::Service(Arc::new(ServiceView {
+        routes: route::parse(svc.routes)?,
         name: svc.name.into(),
         version: svc.version,
         backends,
         budget,
         opaque: svc.opaque,
-    }))
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(addr: &str, proxy_port: u32, identity: &str) -> api::Endpoint {
+        api::Endpoint {
+            addr: Some(api::SocketAddress { addr: addr.into() }),
+            proxy_port,
+            identity: Some(api::WorkloadIdentity {
+                spiffe_id: identity.into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn service(endpoints: Vec<api::Endpoint>) -> api::DestinationUpdate {
+        api::DestinationUpdate {
+            kind: Some(api::destination_update::Kind::Service(api::Service {
+                name: "web.shop.svc.cluster.local:80".into(),
+                backends: vec![api::Backend {
+                    name: "web".into(),
+                    endpoints,
+                    policy: None,
+                }],
+                ..Default::default()
+            })),
+        }
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    #[test]
+    fn an_update_that_does_not_parse_whole_is_refused() {
+        assert!(parse(api::DestinationUpdate { kind: None }).is_err());
+        for bad in [
+            endpoint("10.0.0.1", 4143, WEB),
+            endpoint("10.0.0.1:80", 70000, WEB),
+            endpoint("10.0.0.1:80", 4143, "web"),
+        ] {
+            let update = service(vec![endpoint("10.0.0.2:80", 4143, WEB), bad]);
+            let e = parse(update).unwrap_err();
+            assert!(e.starts_with("backend web: "), "{e}");
+        }
+        let not_meshed = api::DestinationUpdate {
+            kind: Some(api::destination_update::Kind::NotMeshed(api::NotMeshed {})),
+        };
+        assert!(matches!(parse(not_meshed), Ok(Resolution::NotMeshed)));
+    }
+
+    #[test]
+    fn an_address_sent_twice_is_one_endpoint() {
+        let update = service(vec![
+            endpoint("10.0.0.1:80", 4143, WEB),
+            endpoint("10.0.0.2:80", 4143, WEB),
+            endpoint("10.0.0.1:80", 4143, WEB),
+        ]);
+        let Ok(Resolution::Service(s)) = parse(update) else {
+            panic!("a Service");
+        };
+        let addrs: Vec<String> = s.backends[0]
+            .endpoints
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(addrs, ["10.0.0.1:80", "10.0.0.2:80"]);
+    }
 }

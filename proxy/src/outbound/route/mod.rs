@@ -101,27 +101,18 @@ impl Rule {
     }
 }
 
-/// The rules of every route, in the controller's order. A route that does not
-/// parse is left out whole (never half of it), with a log line: the controller
-/// validates routes, so this is a proxy not trusting the wire.
-pub fn parse(service: &str, routes: Vec<api::HttpRoute>) -> Vec<Rule> {
+/// The rules of every route, in the controller's order; a rule that does not
+/// parse refuses them all (the controller validates routes: this is a proxy
+/// not trusting the wire).
+pub fn parse(routes: Vec<api::HttpRoute>) -> Result<Vec<Rule>, String> {
     let mut out = Vec::new();
     for r in routes {
         let name: Arc<str> = r.name.into();
-        let rules: Result<Vec<Rule>, ViewError> = r
-            .rules
-            .into_iter()
-            .enumerate()
-            .map(|(i, rule)| Rule::parse(&name, i, rule))
-            .collect();
-        match rules {
-            Ok(rules) => out.extend(rules),
-            Err(e) => {
-                tracing::warn!(%service, route = %name, error = %e, "discovery sent a route that does not parse; ignored");
-            }
+        for (i, rule) in r.rules.into_iter().enumerate() {
+            out.push(Rule::parse(&name, i, rule).map_err(|e| format!("route {name}: {e}"))?);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Which rule each match leads to, most specific match first.
@@ -193,13 +184,11 @@ mod tests {
 
     #[test]
     fn a_header_match_wins_over_a_catch_all_declared_first() {
-        let rules = parse(
-            "web",
-            vec![route(
-                "ns/web",
-                vec![to("v1", vec![]), to("v2", vec![header("x-canary", "true")])],
-            )],
-        );
+        let rules = parse(vec![route(
+            "ns/web",
+            vec![to("v1", vec![]), to("v2", vec![header("x-canary", "true")])],
+        )])
+        .unwrap();
         let t = Table::new(&rules);
         let pick = |h: &[(&str, &str)]| &*rules[t.select(&req(h)).unwrap().0].backends[0].0;
         assert_eq!(pick(&[("x-canary", "true")]), "v2");
@@ -207,32 +196,29 @@ mod tests {
         assert_eq!(pick(&[]), "v1");
     }
 
+    /// Half a Service's routes would send what the other half describes
+    /// along the default route, whatever its weights and timeouts said.
     #[test]
-    fn a_route_that_does_not_parse_is_left_out_whole() {
+    fn a_route_that_does_not_parse_refuses_them_all() {
         let bad = api::HttpMatch {
             path: Some(api::http_match::Path::Regex("(".into())),
             ..Default::default()
         };
-        let rules = parse(
-            "web",
-            vec![
-                route("ns/bad", vec![to("v1", vec![]), to("v2", vec![bad])]),
-                route("ns/good", vec![to("v3", vec![])]),
-            ],
-        );
-        assert_eq!(rules.len(), 1);
-        assert_eq!(&*rules[0].route, "ns/good");
+        let e = parse(vec![
+            route("ns/bad", vec![to("v1", vec![]), to("v2", vec![bad])]),
+            route("ns/good", vec![to("v3", vec![])]),
+        ])
+        .unwrap_err();
+        assert!(e.starts_with("route ns/bad: "), "{e}");
     }
 
     #[test]
     fn no_match_means_no_rule() {
-        let rules = parse(
-            "web",
-            vec![route(
-                "ns/web",
-                vec![to("v2", vec![header("x-canary", "true")])],
-            )],
-        );
+        let rules = parse(vec![route(
+            "ns/web",
+            vec![to("v2", vec![header("x-canary", "true")])],
+        )])
+        .unwrap();
         assert!(Table::new(&rules).select(&req(&[])).is_none());
     }
 }
