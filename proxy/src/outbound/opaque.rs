@@ -41,8 +41,8 @@ pub struct Upstream {
 enum Conn {
     /// To the endpoint's proxy, over mTLS; the handshake took the duration.
     Peer(Box<TlsStream<TcpStream>>, std::net::SocketAddr, Duration),
-    /// To the endpoint (or the destination) itself.
-    Direct(TcpStream, DestAddr),
+    /// To the endpoint (or the destination) itself; connecting took the duration.
+    Direct(TcpStream, DestAddr, Duration),
 }
 
 impl Upstream {
@@ -50,7 +50,7 @@ impl Upstream {
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match &mut self.conn {
             Conn::Peer(t, ..) => t.read_buf(buf).await,
-            Conn::Direct(t, _) => t.read_buf(buf).await,
+            Conn::Direct(t, _, _) => t.read_buf(buf).await,
         }
     }
 
@@ -71,7 +71,12 @@ impl Upstream {
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await
             }
-            Conn::Direct(t, dst) => {
+            Conn::Direct(t, dst, took) => {
+                // Connected: a success as fast as the connect, as for a peer.
+                // The stream's life says nothing of the endpoint's latency.
+                if let Some(l) = &_load {
+                    l.success_took(took);
+                }
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &dst, tcp, m, DIRECTION).await
             }
@@ -137,14 +142,23 @@ pub async fn connect(
     dst: DestAddr,
     resolved: Option<Resolved>,
 ) -> Result<Upstream, Refused> {
-    let dial =
-        async |to: DestAddr, load: Option<InFlight>| match crate::tcp::dial(&to, &s.tcp).await {
+    let dial = async |to: DestAddr, load: Option<InFlight>| {
+        let start = tokio::time::Instant::now();
+        match crate::tcp::dial(&to, &s.tcp).await {
             Ok(t) => Ok(Upstream {
-                conn: Conn::Direct(t, to),
+                conn: Conn::Direct(t, to, start.elapsed()),
                 load,
             }),
-            Err((reason, error)) => Err(Refused::Dial { reason, to, error }),
-        };
+            Err((reason, error)) => {
+                // An endpoint that refuses is a failure for the breaker, not
+                // the fastest answer of all.
+                if let Some(l) = load {
+                    l.unreachable();
+                }
+                Err(Refused::Dial { reason, to, error })
+            }
+        }
+    };
     let Some(Resolved {
         resolution: Resolution::Service(view),
         logical,

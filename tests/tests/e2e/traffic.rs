@@ -659,6 +659,44 @@ async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
     );
 }
 
+/// An endpoint that refuses opaque streams is judged unreachable, as one that
+/// fails requests is, and avoided: not taken for the fastest of all.
+#[tokio::test]
+async fn an_endpoint_refusing_opaque_streams_is_avoided() {
+    use tokio::io::AsyncReadExt;
+    let server = strait_tests::tcp::banner(b"220 ready\r\n").await;
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = ManifestDir::new();
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: smtp, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 2525, appProtocol: smtp}}]\n"
+        ),
+    );
+    dir.write("slice-0.yaml", &endpoint(NS, "smtp", "smtp-0", server));
+    dir.write("slice-1.yaml", &endpoint(NS, "smtp", "smtp-1", dead));
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["smtp.test.svc.cluster.local:2525"]).await;
+    let greeted = async || {
+        let mut s = tokio::net::TcpStream::connect(client.upstreams[0])
+            .await
+            .unwrap();
+        let mut banner = [0u8; 11];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner));
+        matches!(read.await, Ok(Ok(_))) && &banner == b"220 ready\r\n"
+    };
+    let mut warm_up = 0;
+    for _ in 0..30 {
+        warm_up += usize::from(greeted().await);
+    }
+    let mut after = 0;
+    for _ in 0..20 {
+        after += usize::from(greeted().await);
+    }
+    println!("greeted {warm_up}/30 while learning, {after}/20 after");
+    assert_eq!(after, 20, "the dead endpoint still chosen");
+}
+
 /// The value of one series of the client proxy's outbound metrics (`name`
 /// with `direction="outbound"` and `label="value"`), 0 when absent.
 async fn outbound(admin: SocketAddr, name: &str, label: &str, value: &str) -> f64 {
