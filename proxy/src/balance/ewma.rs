@@ -44,6 +44,26 @@ impl PeakEwma {
     pub fn cost(&self, now: Instant) -> f64 {
         self.cost_ns * self.decay(now)
     }
+
+    /// The estimate of an endpoint that holds `pending` requests. Decay is for
+    /// an endpoint left alone: one holding requests that answers none (hung,
+    /// or deadlocked) would otherwise look ever faster for its silence and
+    /// draw ever more of them. So with requests out the estimate stays at
+    /// least the default, and once no answer has come for longer than the
+    /// failure penalty it is at least that silence.
+    pub fn cost_holding(&self, pending: u32, now: Instant) -> f64 {
+        let cost = self.cost(now);
+        if pending == 0 {
+            return cost;
+        }
+        let silent = now.saturating_duration_since(self.stamp);
+        let floor = if silent > defaults::BALANCER_FAILURE_PENALTY {
+            silent
+        } else {
+            defaults::BALANCER_DEFAULT_RTT
+        };
+        cost.max(floor.as_nanos() as f64)
+    }
 }
 
 #[cfg(test)]

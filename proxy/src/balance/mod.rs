@@ -132,7 +132,11 @@ impl EndpointState {
 
     fn cost(&self, now: Instant) -> f64 {
         let pending = self.pending.load(Ordering::Relaxed);
-        let ewma = self.ewma.lock().map(|e| e.cost(now)).unwrap_or(f64::MAX);
+        let ewma = self
+            .ewma
+            .lock()
+            .map(|e| e.cost_holding(pending, now))
+            .unwrap_or(f64::MAX);
         ewma * f64::from(pending + 1)
     }
 
@@ -517,6 +521,27 @@ mod tests {
         }
         assert!(counts[0] < 3000 / 10, "slow endpoint got {counts:?}");
         assert!(counts[1] > 1000 && counts[2] > 1000, "{counts:?}");
+    }
+
+    /// An endpoint that takes requests and answers none (no timeout to fail
+    /// them, so the breaker never hears of it) is not taken for a fast one
+    /// as its estimate decays.
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_holding_requests_it_never_answers_draws_few() {
+        let b = backend(3, BackendConfig::default());
+        let mut hung = Vec::new();
+        for _ in 0..40_000 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            tokio::time::advance(Duration::from_millis(2)).await;
+            if index(&f) == 0 {
+                hung.push(f);
+            } else {
+                f.success();
+            }
+        }
+        // 80 s of load: without a floor, the hung endpoint's estimate
+        // decays to nothing and it draws hundreds.
+        assert!(hung.len() < 20, "{} requests hung", hung.len());
     }
 
     #[tokio::test(start_paused = true)]

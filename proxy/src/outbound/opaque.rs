@@ -7,7 +7,6 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tracing::warn;
 
 use super::DIRECTION;
 use super::logical::Builder;
@@ -113,15 +112,17 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Counted, and logged sampled: the app can open streams to a dead
+    /// destination as fast as it likes.
     pub fn report(&self, s: &Shared) {
         match self {
             Refused::Dial { reason, to, error } => {
                 s.metrics.reject_tcp(DIRECTION, reason);
-                warn!(direction = DIRECTION.as_str(), dst = %to, %error, "opaque stream refused");
+                strait_otel::sampled!(warn, direction = DIRECTION.as_str(), dst = %to, %error, "opaque stream refused");
             }
             Refused::NoEndpoints { service } => {
                 s.metrics.reject_tcp(DIRECTION, "no_endpoints");
-                warn!(%service, "no endpoints; opaque stream closed");
+                strait_otel::sampled!(warn, %service, "no endpoints; opaque stream closed");
             }
             Refused::Peer {
                 addr,
@@ -129,7 +130,7 @@ impl Refused {
                 error,
             } => {
                 s.metrics.reject_tcp(DIRECTION, "connect");
-                warn!(peer = %addr, %identity, %error, "opaque stream to peer proxy refused");
+                strait_otel::sampled!(warn, peer = %addr, %identity, %error, "opaque stream to peer proxy refused");
             }
         }
     }
