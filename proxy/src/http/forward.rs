@@ -122,6 +122,9 @@ impl Forward {
             Err(e) => return Err(Failed::unsent(client_error(e, addr), req, hand_back)),
         };
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+        let revocation = is_upgrade
+            .then(|| req.extensions_mut().remove::<upgrade::Revocation>())
+            .flatten();
         let target = (!is_connect)
             .then(|| upstream_target(&req, app_authority, addr, upstream.authority.as_ref(), h2))
             .transpose()?;
@@ -181,15 +184,23 @@ impl Forward {
             self.0.drain.spawn(async move {
                 // The client's connection counts as open until the splice ends.
                 let _tunnel = tunnel;
-                upgrade::splice(
+                let splice = upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,
                     addr,
                     &tcp,
                     &metrics,
                     direction,
-                )
-                .await
+                );
+                match revocation {
+                    Some(revoked) => {
+                        tokio::select! {
+                            () = splice => {}
+                            () = (revoked.0)() => {}
+                        }
+                    }
+                    None => splice.await,
+                }
             });
         }
         Ok(rsp.map(super::boxed))

@@ -25,6 +25,20 @@ pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
+/// In an upgrade request's extensions when a layer above may later withdraw
+/// what it allowed (inbound authorization): resolves when it does, and the
+/// tunnel is then closed.
+#[derive(Clone)]
+pub struct Revocation(
+    pub std::sync::Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revocation")
+    }
+}
+
 /// Whether the upstream accepted the upgrade or tunnel.
 pub fn accepted<B>(is_connect: bool, rsp: &Response<B>) -> bool {
     if is_connect {

@@ -123,6 +123,20 @@ where
             let rsp = error_response(status, &denied.to_string());
             return Either::Left(ready(Ok(rsp)));
         }
+        if crate::http::upgrade::is_upgrade_request(&req) {
+            // A tunnel lives on after this decision: closed when a policy
+            // change revokes it.
+            let (policy, peer, metrics) = (l.policy.clone(), l.peer.clone(), l.metrics.clone());
+            req.extensions_mut()
+                .insert(crate::http::upgrade::Revocation(Arc::new(move || {
+                    let (policy, peer, metrics) = (policy.clone(), peer.clone(), metrics.clone());
+                    Box::pin(async move {
+                        let denied = super::policy::revoked(policy, port, peer).await;
+                        metrics.reject_tcp(super::DIRECTION, "unauthorized");
+                        strait_otel::sampled!(info, %denied, "upgraded connection no longer authorized; closed");
+                    })
+                })));
+        }
         let headers = req.headers_mut();
         remove_client_id(headers);
         if let Some(v) = &l.peer_header {

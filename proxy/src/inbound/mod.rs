@@ -232,12 +232,24 @@ impl Inbound {
                         return;
                     }
                     let app = dst::app_addr(s.config.app_ip, p);
-                    match app_conn {
-                        // Made while settling; what the app said on it goes now.
-                        Some(up) => {
-                            crate::tcp::splice(io, up, &app, &s.tcp, &s.metrics, DIRECTION).await
+                    let carried = async {
+                        match app_conn {
+                            // Made while settling; what the app said on it goes now.
+                            Some(up) => {
+                                crate::tcp::splice(io, up, &app, &s.tcp, &s.metrics, DIRECTION)
+                                    .await
+                            }
+                            None => {
+                                crate::tcp::forward(io, &app, &s.tcp, &s.metrics, DIRECTION).await
+                            }
                         }
-                        None => crate::tcp::forward(io, &app, &s.tcp, &s.metrics, DIRECTION).await,
+                    };
+                    tokio::select! {
+                        () = carried => {}
+                        denied = policy::revoked(s.policy.clone(), p.0, peer.clone()) => {
+                            s.metrics.reject_tcp(DIRECTION, "unauthorized");
+                            strait_otel::sampled!(info, client = %client.0, %denied, "open stream no longer authorized; closed");
+                        }
                     }
                 }
                 None => {

@@ -215,6 +215,22 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
     }
 }
 
+/// Resolves once the port's policy no longer admits `peer`: a stream admitted
+/// when it opened (opaque TCP, an upgraded connection) is closed when a change
+/// revokes it, as a new one would be refused, rather than run for as long as
+/// bytes move.
+pub async fn revoked(mut policy: PolicyRx, port: u16, peer: Option<Identity>) -> Denied {
+    loop {
+        if policy.changed().await.is_err() {
+            // The policy can no longer change: what was admitted stays so.
+            return std::future::pending().await;
+        }
+        if let Err(denied) = check(&policy, port, peer.as_ref()) {
+            return denied;
+        }
+    }
+}
+
 /// The decision for an HTTP request: as [`check`], except that the kubelet's
 /// probes are let through in plaintext.
 pub fn check_request<B: http_body::Body>(

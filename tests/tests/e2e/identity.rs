@@ -848,6 +848,78 @@ async fn opaque_tcp_between_meshed_pods_rides_mtls() {
         counted("client", "allow") && counted("intruder", "deny"),
         "{text}"
     );
+
+    // A stream open when the allow list drops its identity is closed, as a
+    // new one would be refused: not left running for as long as bytes move.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut open = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    open.write_all(b"PING 1\r\n").await.unwrap();
+    let mut back = [0u8; 8];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"PING 1\r\n");
+    m.dir.write(
+        "policy.yaml",
+        &policy(
+            "STRICT",
+            "{identity: \"spiffe://cluster.local/ns/test/sa/other\"}",
+        ),
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the revoked stream is still open: {closed:?} {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+/// A WebSocket outlives the request that opened it: when the allow list
+/// drops its caller, the tunnel is closed as a new request would be refused.
+#[tokio::test]
+async fn an_upgraded_connection_closes_when_its_caller_is_no_longer_allowed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mesh::start("web", None).await;
+    m.dir.write(
+        "policy.yaml",
+        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
+    );
+    wait::until("STRICT to apply", Duration::from_secs(5), || async {
+        m.plaintext().await.0 == 403
+    })
+    .await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let mut ws = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        ws.read_exact(&mut b).await.expect("the upgrade's answer");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    m.dir.write(
+        "policy.yaml",
+        &policy(
+            "STRICT",
+            "{identity: \"spiffe://cluster.local/ns/test/sa/other\"}",
+        ),
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), ws.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the revoked tunnel is still open"
+    );
 }
 
 /// An identity a caller may claim in `strait-client-id`; the app must never see it.
