@@ -48,6 +48,22 @@ impl ServedBy {
     }
 }
 
+/// On a request whose attempts may time out above the balancer: the endpoint
+/// each attempt went to, shared by the attempts (their heads are copies of one
+/// another's), so a retry after a timeout avoids it as after any failure.
+#[derive(Clone, Debug, Default)]
+pub struct Picked(Arc<std::sync::Mutex<Option<SocketAddr>>>);
+
+impl Picked {
+    pub fn set(&self, ep: SocketAddr) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(ep);
+    }
+
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Set on a retried request: the endpoint that just failed it, to be avoided
 /// when there is another.
 #[derive(Clone, Copy, Debug)]

@@ -83,6 +83,11 @@ where
         }
         let ep = in_flight.endpoint();
         let served_by = ep.addr;
+        if deadline.is_some()
+            && let Some(p) = req.extensions().get::<super::Picked>()
+        {
+            p.set(served_by);
+        }
         // Dst is replaced in place, not boxed again; a request the forwarder
         // handed back for a retry comes without one.
         let dst = Dst(DestAddr::Socket(ep.connect_addr()));

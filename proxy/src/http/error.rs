@@ -96,6 +96,12 @@ impl ProxyError {
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             rsp.extensions_mut().insert(ClientFaulted);
         }
+        // Refused here after an endpoint was picked (a bad Host, a loop): the
+        // endpoint never saw the request, so its balancer learns nothing, and
+        // a probe of an ejected endpoint does not re-admit it unasked.
+        if matches!(self, ProxyError::BadRequest(_) | ProxyError::Loop(_)) {
+            rsp.extensions_mut().insert(ClientFaulted);
+        }
         rsp
     }
 
@@ -139,7 +145,8 @@ impl Unsent {
 pub struct ReturnUnsent;
 
 /// Marks a response to a request the client failed (its body was malformed or
-/// stalled): it says nothing about the endpoint, good or bad.
+/// stalled, its head refused before it was sent): it says nothing about the
+/// endpoint, good or bad.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientFaulted;
 
@@ -171,4 +178,26 @@ pub fn error_response(status: StatusCode, reason: &str) -> Response<BoxBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the proxy refuses after picking an endpoint, the endpoint never
+    /// saw: its balancer must learn nothing from it (a 400 read as a success
+    /// would re-admit an ejected endpoint that answered no probe).
+    #[test]
+    fn a_request_refused_before_it_was_sent_says_nothing_of_the_endpoint() {
+        for e in [
+            ProxyError::BadRequest("invalid Host header"),
+            ProxyError::Loop(SocketAddr::from(([127, 0, 0, 1], 4140))),
+        ] {
+            let rsp = e.into_response();
+            assert_eq!(rsp.status(), StatusCode::BAD_REQUEST);
+            assert!(rsp.extensions().get::<ClientFaulted>().is_some());
+            assert!(!endpoint_failed(&rsp));
+            assert!(!rsp.headers().contains_key(http::header::CONNECTION));
+        }
+    }
 }

@@ -175,6 +175,14 @@ impl Stages {
                 // A rule that retries only requests never sent needs no copy of
                 // the body: an unsent body is still whole.
                 let keep = if stage.rule.retry.retries_responses() {
+                    if stage.rule.backend_timeout.is_some() {
+                        // The 504 of an attempt that timed out is made above
+                        // the balancer, which no longer answers for it: the
+                        // endpoint it picked is noted here for the retry to
+                        // avoid.
+                        req.extensions_mut()
+                            .insert(crate::balance::Picked::default());
+                    }
                     self.replay_limit
                 } else {
                     // Retried only if it never left, and then handed back.

@@ -19,7 +19,7 @@ use tower::retry::budget::Budget;
 pub use self::budget::RetryBudget;
 
 pub use self::replay::{NotReplayable, ReplayBody};
-use crate::balance::{Avoid, ServedBy};
+use crate::balance::{Avoid, Picked, ServedBy};
 use crate::defaults;
 use crate::http::BoxBody;
 use crate::http::error::{RequestNotSent, Unsent};
@@ -240,8 +240,12 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         if let Some(n) = crate::telemetry::trace::notes(req) {
             n.retried();
         }
-        if let Some(ServedBy(ep)) = rsp.extensions().get::<ServedBy>() {
-            req.extensions_mut().insert(Avoid(*ep));
+        let served_by = rsp.extensions().get::<ServedBy>().map(|s| s.0);
+        // A timed-out attempt's 504 was made above the balancer: its endpoint
+        // is where the balancer noted it.
+        let picked = || req.extensions().get::<Picked>().and_then(Picked::get);
+        if let Some(ep) = served_by.or_else(picked) {
+            req.extensions_mut().insert(Avoid(ep));
         }
         Some(tokio::time::sleep(self.backoff()))
     }
@@ -314,6 +318,35 @@ mod tests {
             std::convert::Infallible,
             Future = tokio::time::Sleep,
         >;
+
+    /// The 504 of a timed-out attempt is made above the balancer and names no
+    /// endpoint: the retry avoids the one the balancer noted on the request.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_a_timeout_avoids_the_endpoint_that_timed_out() {
+        let p = policy(2, &[504]);
+        // Other requests' deposits, for the budget to allow one retry.
+        for _ in 0..10 {
+            let mut q = p.clone();
+            let q: &mut Tower = &mut q;
+            q.clone_request(&req());
+        }
+        let mut p = p.clone();
+        let p: &mut Tower = &mut p;
+        let mut sent = req();
+        sent.extensions_mut().insert(Picked::default());
+        let mut kept = p.clone_request(&sent).unwrap();
+        // The balancer picks for the request it was sent; the kept copy shares
+        // the note.
+        let hung = std::net::SocketAddr::from(([10, 0, 0, 7], 8080));
+        sent.extensions().get::<Picked>().unwrap().set(hung);
+        let mut timed_out = rsp(504);
+        if let Ok(r) = &mut timed_out {
+            r.extensions_mut()
+                .insert(crate::timeout::TimedOut(crate::timeout::Kind::Backend));
+        }
+        assert!(p.retry(&mut kept, &mut timed_out).is_some());
+        assert_eq!(kept.extensions().get::<Avoid>().map(|a| a.0), Some(hung));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retries_stop_when_the_budget_is_spent() {
