@@ -178,6 +178,8 @@ struct H2State {
     /// Connect attempts so far, and how the last one failed: requests that
     /// waited on an attempt that failed fail with it.
     attempts: u64,
+    /// Whether attempt `attempts` is still under way.
+    connecting: bool,
     failed: Option<(u64, ConnectError)>,
     /// When the last attempt failed: for a while after, requests that find
     /// every connection full wait on one rather than try again each.
@@ -306,6 +308,19 @@ impl ConnectError {
     }
 }
 
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 /// Where a request goes: a stream on an open connection, or a new connection.
 enum Pick {
     Stream(H2Conn, StreamSlot),
@@ -365,7 +380,12 @@ impl H2Client {
         if let Pick::Stream(c, s) = self.inner.pick() {
             return Ok((c, s));
         }
-        let attempts_before = self.inner.state().attempts;
+        // The attempts whose outcome is known: one under way now is one this
+        // request waits on, and fails with.
+        let attempts_before = {
+            let st = self.inner.state();
+            st.attempts - u64::from(st.connecting)
+        };
         let _connecting = self.inner.connecting.lock().await;
         if let Pick::Stream(c, s) = self.inner.pick() {
             return Ok((c, s));
@@ -383,9 +403,14 @@ impl H2Client {
                 return self.inner.any().ok_or_else(|| e.into());
             }
             st.attempts += 1;
+            st.connecting = true;
             st.attempts
         };
-        match self.connect(attempt).await {
+        // Cleared however the attempt ends, the request given up included.
+        let attempt_done = scopeguard(|| self.inner.state().connecting = false);
+        let connected = self.connect(attempt).await;
+        drop(attempt_done);
+        match connected {
             Ok(conn) => {
                 let slot = conn.take();
                 let mut st = self.inner.state();
