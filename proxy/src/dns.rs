@@ -4,7 +4,8 @@
 //! often a query to the cluster's DNS server: done per request, it cost more
 //! than the rest of the request. An answer is kept for `TTL`, and the requests
 //! and streams to that name meanwhile take its addresses in turn; a failure is
-//! not kept, so a name that starts to resolve is reachable at once.
+//! not kept, so a name that starts to resolve is reachable at once. At most
+//! `MAX_LOOKUPS` calls run at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +31,15 @@ pub const MAX_NAMES: usize = 1024;
 
 /// Addresses kept per name at most; a name with more is spread over these.
 pub const MAX_ADDRS: usize = 16;
+
+/// `getaddrinfo` calls under way at most. Each holds a thread of Tokio's
+/// blocking pool until it returns, however long after its request gave up: a
+/// resolver that hangs would otherwise take a thread for every request to a
+/// new name (and then queue them without bound). Past these, a lookup waits
+/// for one to finish, within its own timeout.
+pub const MAX_LOOKUPS: usize = 16;
+
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
 /// The answers in use, shared by a proxy's stacks.
 #[derive(Clone, Debug, Default)]
@@ -117,9 +127,21 @@ async fn lookup(
         name: dst.clone(),
         reason,
     };
-    let found = tokio::time::timeout(timeout, tokio::net::lookup_host((n.host(), n.port())))
+    let (host, port) = (n.host().to_string(), n.port());
+    let looked_up = async {
+        let permit = LOOKUPS.acquire().await.ok();
+        // The permit goes with the call: freed when getaddrinfo returns.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .map(|found| found.collect::<Vec<_>>())
+        })
+        .await
+    };
+    let found = tokio::time::timeout(timeout, looked_up)
         .await
         .map_err(|_| fail(format!("timed out after {timeout:?}")))?
+        .map_err(|e| fail(format!("lookup failed: {e}")))?
         // getaddrinfo's own text varies by libc; say what it means.
         .map_err(|e| {
             fail(match e.kind() {
@@ -164,6 +186,25 @@ mod tests {
 
     fn at(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    /// With every lookup slot taken (a resolver that hangs), a new lookup
+    /// waits within its timeout and fails, rather than take another thread.
+    #[tokio::test]
+    async fn lookups_under_way_are_bounded() {
+        let dst: DestAddr = "localhost:80".parse().unwrap();
+        let names = Names::default();
+        let ok = names.resolve(&dst, Duration::from_secs(5)).await;
+        assert!(ok.is_ok(), "{ok:?}");
+        let held = LOOKUPS.acquire_many(MAX_LOOKUPS as u32).await.unwrap();
+        let other: DestAddr = "localhost:81".parse().unwrap();
+        let e = names
+            .resolve(&other, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        drop(held);
+        assert!(names.resolve(&other, Duration::from_secs(5)).await.is_ok());
     }
 
     #[test]
