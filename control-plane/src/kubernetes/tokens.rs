@@ -18,9 +18,13 @@ use crate::identity::tokens::TokenError;
 use crate::index::{ObjKey, TokenDigest};
 use strait_api::per_source::PerSource;
 
-/// How long an answer is reused: a revoked token (its pod deleted) stops
-/// working within this.
+/// How long an answer is reused at most: a revoked token (its pod deleted)
+/// stops working within this, and an expired one at its expiry.
 const CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long a refusal is reused: long enough that a flood of one made-up token
+/// costs the API server one review in a while, short enough that a pod whose
+/// brand-new token the API server did not know yet is not locked out a minute.
+const REFUSAL_TTL: Duration = Duration::from_secs(5);
 /// At most this many answers are kept (a flood of made-up tokens cannot grow it).
 const CACHE_MAX: usize = 16 * 1024;
 
@@ -28,7 +32,7 @@ const CACHE_MAX: usize = 16 * 1024;
 /// flood of made-up tokens fills this, and the proxies' real answers stay.
 const REFUSALS_MAX: usize = 1024;
 
-/// Answers by token digest, with when they were given.
+/// Answers by token digest, with until when they hold.
 type Cache = HashMap<TokenDigest, (Instant, Result<ObjKey, TokenError>)>;
 
 #[derive(Clone)]
@@ -75,8 +79,8 @@ impl TokenReviewer {
         let now = Instant::now();
         for cache in [&self.cache, &self.refused] {
             if let Ok(cache) = cache.lock()
-                && let Some((at, answer)) = cache.get(&digest)
-                && now.duration_since(*at) < CACHE_TTL
+                && let Some((until, answer)) = cache.get(&digest)
+                && now < *until
             {
                 return answer.clone();
             }
@@ -85,9 +89,10 @@ impl TokenReviewer {
             return Err(TokenError::Unknown);
         };
         // What cannot be a live token of ours costs the API server nothing.
-        if !plausible(token, &self.audience, std::time::SystemTime::now()) {
+        let Some(expires_in) = plausible(token, &self.audience, std::time::SystemTime::now())
+        else {
             return Err(TokenError::Unknown);
-        }
+        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -124,18 +129,19 @@ impl TokenReviewer {
                 return Err(unavailable());
             }
         };
-        let (cache, max) = match &answer {
-            Ok(_) => (&self.cache, CACHE_MAX),
-            Err(_) => (&self.refused, REFUSALS_MAX),
+        let (cache, max, ttl) = match &answer {
+            // Never past the token's own expiry.
+            Ok(_) => (&self.cache, CACHE_MAX, CACHE_TTL.min(expires_in)),
+            Err(_) => (&self.refused, REFUSALS_MAX, REFUSAL_TTL),
         };
         if let Ok(mut cache) = cache.lock() {
             if cache.len() >= max {
-                cache.retain(|_, (at, _)| now.duration_since(*at) < CACHE_TTL);
+                cache.retain(|_, (until, _)| now < *until);
             }
             // Full of live answers: the new one is not kept (proxies' real
             // tokens, already there, are worth more than a flood's).
             if cache.len() < max {
-                cache.insert(digest, (now, answer.clone()));
+                cache.insert(digest, (now + ttl, answer.clone()));
             }
         }
         answer
@@ -144,20 +150,20 @@ impl TokenReviewer {
 
 /// Whether `token` could be a service account token for `audience` that has
 /// not expired: a JWT whose claims (read, not verified: the review verifies)
-/// name the audience and a future expiry.
-fn plausible(token: &str, audience: &str, now: std::time::SystemTime) -> bool {
+/// name the audience and a future expiry. `Some(time left)` when it could.
+fn plausible(token: &str, audience: &str, now: std::time::SystemTime) -> Option<Duration> {
     use base64::Engine as _;
     let mut parts = token.split('.');
     let (Some(_), Some(claims), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return false;
+        return None;
     };
     let Ok(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims) else {
-        return false;
+        return None;
     };
     let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&claims) else {
-        return false;
+        return None;
     };
     let ours = match &claims["aud"] {
         serde_json::Value::String(a) => a == audience,
@@ -167,7 +173,8 @@ fn plausible(token: &str, audience: &str, now: std::time::SystemTime) -> bool {
     let now = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    ours && claims["exp"].as_u64().is_some_and(|exp| exp > now)
+    let exp = claims["exp"].as_u64().filter(|exp| ours && *exp > now)?;
+    Some(Duration::from_secs(exp - now))
 }
 
 /// The service account an answered review proves: authenticated, for our
@@ -241,12 +248,19 @@ mod tests {
         let aud = defaults::TOKEN_AUDIENCE;
         let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let live = serde_json::json!({"aud": [aud], "exp": 1_000_600});
-        assert!(plausible(&jwt(live), aud, now));
-        assert!(plausible(
-            &jwt(serde_json::json!({"aud": aud, "exp": 1_000_600})),
-            aud,
-            now
-        ));
+        // How long it has left bounds how long its answer is kept.
+        assert_eq!(
+            plausible(&jwt(live), aud, now),
+            Some(Duration::from_secs(600))
+        );
+        assert!(
+            plausible(
+                &jwt(serde_json::json!({"aud": aud, "exp": 1_000_600})),
+                aud,
+                now
+            )
+            .is_some()
+        );
         for bad in [
             "not a token".to_string(),
             "a.b.c".to_string(),
@@ -258,7 +272,7 @@ mod tests {
                 jwt(serde_json::json!({"aud": [aud], "exp": 1_000_600}))
             ),
         ] {
-            assert!(!plausible(&bad, aud, now), "{bad}");
+            assert!(plausible(&bad, aud, now).is_none(), "{bad}");
         }
     }
 
