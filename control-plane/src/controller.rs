@@ -229,6 +229,13 @@ impl Controller {
             )),
             _ => None,
         };
+        // Anchors the issuer does not chain to would be handed to every
+        // injected proxy, and every mTLS handshake would fail.
+        if let (Some(ca), Some(anchors)) = (&ca, &args.trust_anchors) {
+            let pem = crate::inject::read_anchors("--trust-anchors", anchors).map_err(FlagError)?;
+            ca.chains_to(&pem)
+                .map_err(|e| FlagError(format!("--issuer-cert and --trust-anchors: {e}")))?;
+        }
         let grpc = TcpListener::bind(args.grpc_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on --grpc-addr {}: {e}", args.grpc_addr))?;

@@ -81,7 +81,7 @@ impl InstallArgs {
                     issuer_key_pem: read("--identity-issuer-key-file", k)?,
                 };
                 // The controller would refuse them at start; say so now.
-                ca::Ca::from_pem(
+                let issuer = ca::Ca::from_pem(
                     &identity.issuer_cert_pem,
                     &identity.issuer_key_pem,
                     Duration::from_secs(3600),
@@ -90,6 +90,11 @@ impl InstallArgs {
                 if !identity.anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
                     anyhow::bail!("--identity-trust-anchors-file: no PEM certificate in it");
                 }
+                issuer.chains_to(&identity.anchors_pem).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--identity-issuer-certificate-file and --identity-trust-anchors-file: {e}"
+                    )
+                })?;
                 identity
             }
             _ => {

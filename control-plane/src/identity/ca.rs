@@ -170,6 +170,44 @@ impl Ca {
     /// would: an issuer whose name rcgen cannot reproduce exactly (repeated
     /// attributes such as two OUs) would otherwise sign leaves nobody accepts.
     fn probe(&self) -> Result<(), String> {
+        let anchor = webpki::anchor_from_trusted_cert(&self.issuer_der)
+            .map_err(|e| format!("unusable as a trust anchor: {e}"))?;
+        self.verify_probe(&[anchor], &[]).map_err(|e| format!("certificates it signs would not verify against it ({e}); is its subject name unusual (repeated attributes)?"))
+    }
+
+    /// Whether the leaves this issuer signs verify against the trust anchors
+    /// in `anchors_pem`, with the chain sent along, as the proxies will check
+    /// them: an issuer from another PKI would install fine and then fail every
+    /// mTLS handshake, and the webhook's TLS with them.
+    pub fn chains_to(&self, anchors_pem: &str) -> Result<(), String> {
+        let anchors_der: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(anchors_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("the trust anchors do not parse: {e}"))?;
+        let anchors = anchors_der
+            .iter()
+            .map(|a| webpki::anchor_from_trusted_cert(a).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("a trust anchor is unusable: {e}"))?;
+        if anchors.is_empty() {
+            return Err("no certificate among the trust anchors".into());
+        }
+        let chain: Vec<CertificateDer<'static>> = self
+            .chain_der()
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        self.verify_probe(&anchors, &chain)
+            .map_err(|e| format!("certificates it signs do not verify against the trust anchors ({e}): is the issuer signed by one of them?"))
+    }
+
+    /// Signs a throw-away leaf and verifies it against `anchors`, with
+    /// `chain` as the intermediates.
+    fn verify_probe(
+        &self,
+        anchors: &[rustls_pki_types::TrustAnchor<'_>],
+        chain: &[CertificateDer<'_>],
+    ) -> Result<(), String> {
         let key =
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let uri = rcgen::string::Ia5String::try_from("spiffe://probe/ns/probe/sa/probe")
@@ -177,23 +215,21 @@ impl Ca {
         let leaf = self
             .issue(&key, vec![SanType::URI(uri)])
             .map_err(|e| e.to_string())?;
-        let anchor = webpki::anchor_from_trusted_cert(&self.issuer_der)
-            .map_err(|e| format!("unusable as a trust anchor: {e}"))?;
         let der = CertificateDer::from(leaf.der);
         let ee = webpki::EndEntityCert::try_from(&der).map_err(|e| e.to_string())?;
         ee.verify_for_usage(
             rustls::crypto::aws_lc_rs::default_provider()
                 .signature_verification_algorithms
                 .all,
-            &[anchor],
-            &[],
+            anchors,
+            chain,
             rustls_pki_types::UnixTime::now(),
             webpki::KeyUsage::client_auth(),
             None,
             None,
         )
         .map(|_| ())
-        .map_err(|e| format!("certificates it signs would not verify against it ({e:?}); is its subject name unusual (repeated attributes)?"))
+        .map_err(|e| format!("{e:?}"))
     }
 
     /// When the issuer expires: no leaf outlives it.
@@ -421,6 +457,27 @@ mod tests {
         assert!(left > Duration::from_secs(55) && left <= Duration::from_secs(60));
         let needle = WEB.as_bytes();
         assert!(a.der.windows(needle.len()).any(|w| w == needle));
+    }
+
+    /// An issuer is checked against the anchors proxies will be given: its
+    /// own root's pass, another PKI's are refused with a reason.
+    #[test]
+    fn an_issuer_is_checked_against_the_anchors_it_is_installed_with() {
+        let mine = generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let other = generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let ca = Ca::from_pem(
+            &mine.issuer_cert_pem,
+            &mine.issuer_key_pem,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        ca.chains_to(&mine.anchor_pem).unwrap();
+        // A bundle mid-rotation, the old root among others.
+        ca.chains_to(&format!("{}{}", other.anchor_pem, mine.anchor_pem))
+            .unwrap();
+        let e = ca.chains_to(&other.anchor_pem).unwrap_err();
+        assert!(e.contains("do not verify against the trust anchors"), "{e}");
+        assert!(ca.chains_to("no certificate").is_err());
     }
 
     #[test]

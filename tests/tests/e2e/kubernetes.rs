@@ -261,6 +261,23 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
     let install = run(std::process::Command::new(&strait)
         .arg("install")
         .args(&identity));
+    // An issuer from another PKI than the anchors is refused, with the reason.
+    let other = Pki::new();
+    let mismatched = std::process::Command::new(&strait)
+        .arg("install")
+        .arg(format!(
+            "--identity-trust-anchors-file={}",
+            other.anchors().display()
+        ))
+        .args(&identity[1..])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&mismatched.stderr);
+    assert!(!mismatched.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("do not verify against the trust anchors"),
+        "{stderr}"
+    );
     let generated = run(std::process::Command::new(&strait).arg("install"));
     let chart = repo("deploy/helm/strait");
     let helm = |extra: &[String]| {
