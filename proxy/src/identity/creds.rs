@@ -153,7 +153,7 @@ impl Credentials {
     }
 }
 
-fn not_after(leaf: &[u8]) -> Result<std::time::SystemTime, CredsError> {
+pub(crate) fn not_after(leaf: &[u8]) -> Result<std::time::SystemTime, CredsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| CredsError::Untrusted(format!("unreadable certificate: {e}")))?;
     let secs = u64::try_from(cert.validity().not_after.timestamp())

@@ -33,6 +33,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// The identity in a verified peer certificate: its one URI SAN, when that is a
 /// workload identity.
+/// The workload a peer's leaf names, while the leaf is valid. A resumed TLS
+/// session carries the certificate of the handshake that made it, and rustls
+/// does not verify it again: a leaf that expired since is refused here.
+pub fn live_identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let not_after = super::creds::not_after(cert).ok()?;
+    if not_after <= std::time::SystemTime::now() {
+        return None;
+    }
+    identity_of(cert)
+}
+
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     let ee = webpki::EndEntityCert::try_from(cert).ok()?;
     let mut uris = ee.valid_uri_names();
@@ -213,4 +224,35 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
         other => CertificateError::Other(OtherError(Arc::new(other))),
     };
     rustls::Error::InvalidCertificate(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leaf for web: expired in 2020, or valid until rcgen's far future.
+    fn leaf(expired: bool) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
+        )];
+        if expired {
+            p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// A resumed session brings back the leaf of its first handshake: once
+    /// that has expired, it names nobody.
+    #[test]
+    fn an_expired_leaf_names_no_live_identity() {
+        assert_eq!(
+            live_identity_of(&leaf(false)).map(|i| i.to_string()),
+            Some("spiffe://cluster.local/ns/shop/sa/web".to_string())
+        );
+        let expired = leaf(true);
+        assert!(identity_of(&expired).is_some());
+        assert!(live_identity_of(&expired).is_none());
+    }
 }

@@ -94,11 +94,12 @@ impl Inbound {
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(tls::identity_of);
+                    .and_then(tls::live_identity_of);
                 let Some(peer) = peer else {
-                    // It chains to our anchors yet names no workload: not a proxy of ours.
+                    // It chains to our anchors yet names no workload (not a
+                    // proxy of ours), or a resumed session's has expired.
                     s.metrics.reject_tcp(DIRECTION, "no_peer_identity");
-                    strait_otel::sampled!(warn, client = %client.0, "peer certificate carries no workload identity; closed");
+                    strait_otel::sampled!(warn, client = %client.0, "peer certificate carries no live workload identity; closed");
                     return;
                 };
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE);
