@@ -130,11 +130,19 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // as HTTP, then: declare its port opaque.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
-            // A request without a version is HTTP/0.9, which has no headers
-            // to forge; one with a version, however spelled, is HTTP.
-            let rest = &line[method_len..];
-            let versioned =
-                rest.len() > 1 && rest.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
+            // As Python's server splits it: a method, a target and a version
+            // (the last word, however spelled) is a request with headers to
+            // come. Without a version it is HTTP/0.9, which has none to forge;
+            // a line that merely mentions `HTTP/` (a log line, a metric) is
+            // not a request.
+            let words: Vec<&[u8]> = line[method_len..]
+                .split(|&b| is_space(b))
+                .filter(|w| !w.is_empty())
+                .collect();
+            let versioned = words.len() >= 2
+                && words
+                    .last()
+                    .is_some_and(|v| v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/"));
             Some(if versioned {
                 Protocol::Http1
             } else {
@@ -227,6 +235,16 @@ mod tests {
         // No version: HTTP/0.9 at most, which has no headers.
         assert_eq!(classify(b"GET /\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"SET key value\r\n", m), Some(Protocol::Opaque));
+        // Lines that mention a version without being requests: a log line
+        // shipped over TCP, a metric, a cache key.
+        for line in [
+            &b"10.0.0.1 - - [30/Nov/2026] \"GET /x HTTP/1.1\" 200 512\n"[..],
+            b"http_requests proto=\"HTTP/1.1\" 1\n",
+            b"get HTTP/a\r\n",
+            b"SET k HTTP/1.1 EX 10\r\n",
+        ] {
+            assert_eq!(classify(line, m), Some(Protocol::Opaque), "{line:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
