@@ -14,6 +14,8 @@ pub struct PeakEwma {
     /// Estimated latency, nanoseconds.
     cost_ns: f64,
     stamp: Instant,
+    /// When the requests now awaited began to wait.
+    busy_since: Instant,
 }
 
 impl PeakEwma {
@@ -21,6 +23,7 @@ impl PeakEwma {
         PeakEwma {
             cost_ns: defaults::BALANCER_DEFAULT_RTT.as_nanos() as f64,
             stamp: now,
+            busy_since: now,
         }
     }
 
@@ -45,18 +48,26 @@ impl PeakEwma {
         self.cost_ns * self.decay(now)
     }
 
-    /// The estimate of an endpoint that holds `pending` requests. Decay is for
-    /// an endpoint left alone: one holding requests that answers none (hung,
-    /// or deadlocked) would otherwise look ever faster for its silence and
-    /// draw ever more of them. So with requests out the estimate stays at
-    /// least the default, and once no answer has come for longer than the
-    /// failure penalty it is at least that silence.
-    pub fn cost_holding(&self, pending: u32, now: Instant) -> f64 {
+    /// Requests are waiting on the endpoint again, from `now` (none were).
+    pub fn busy_from(&mut self, now: Instant) {
+        self.busy_since = now;
+    }
+
+    /// The estimate, `awaiting` answers. Decay is for an endpoint left alone:
+    /// one holding requests that answers none (hung, or deadlocked) would
+    /// otherwise look ever faster for its silence and draw ever more of them.
+    /// So while answers are awaited the estimate stays at least the default,
+    /// and once none has come for longer than the failure penalty (counted
+    /// from the last answer, or from when requests began to wait if later:
+    /// an endpoint idle an hour is not slow for it) it is at least that
+    /// silence. Streams already judged (an opaque stream, a response body
+    /// being read) wait for nothing.
+    pub fn cost_awaiting(&self, awaiting: bool, now: Instant) -> f64 {
         let cost = self.cost(now);
-        if pending == 0 {
+        if !awaiting {
             return cost;
         }
-        let silent = now.saturating_duration_since(self.stamp);
+        let silent = now.saturating_duration_since(self.stamp.max(self.busy_since));
         let floor = if silent > defaults::BALANCER_FAILURE_PENALTY {
             silent
         } else {

@@ -133,7 +133,10 @@ pub struct BackendMetrics {
 #[derive(Debug)]
 pub struct EndpointState {
     ewma: Mutex<PeakEwma>,
+    /// Requests and streams on the endpoint: its load.
     pending: AtomicU32,
+    /// Of those, the ones not judged yet: waiting for an answer.
+    awaiting: AtomicU32,
     outlier: Mutex<Outlier>,
 }
 
@@ -142,16 +145,18 @@ impl EndpointState {
         EndpointState {
             ewma: Mutex::new(PeakEwma::new(Instant::now())),
             pending: AtomicU32::new(0),
+            awaiting: AtomicU32::new(0),
             outlier: Mutex::default(),
         }
     }
 
     fn cost(&self, now: Instant) -> f64 {
         let pending = self.pending.load(Ordering::Relaxed);
+        let awaiting = self.awaiting.load(Ordering::Relaxed) > 0;
         let ewma = self
             .ewma
             .lock()
-            .map(|e| e.cost_holding(pending, now))
+            .map(|e| e.cost_awaiting(awaiting, now))
             .unwrap_or(f64::MAX);
         ewma * f64::from(pending + 1)
     }
@@ -287,6 +292,11 @@ impl Endpoints {
             (o.admit(now) == Admit::Probe).then(|| o.start_probe())
         };
         state.pending.fetch_add(1, Ordering::Relaxed);
+        if state.awaiting.fetch_add(1, Ordering::Relaxed) == 0
+            && let Ok(mut e) = state.ewma.lock()
+        {
+            e.busy_from(now);
+        }
         Ok(InFlight {
             backend: self.clone(),
             index: chosen,
@@ -399,7 +409,7 @@ impl InFlight {
     }
 
     fn succeeded(&self, took: Option<Duration>) {
-        self.judged.store(true, Ordering::Relaxed);
+        self.settle();
         if self.state().outlier().success(self.probe) {
             // Re-admitted: its failures are behind it. Judged afresh, as a new
             // endpoint is, or their penalty would keep it idle long after.
@@ -418,10 +428,27 @@ impl InFlight {
         }
     }
 
+    /// Gives back the probe slot this pick holds, undecided: for a connection
+    /// that may idle for long before it says anything of its endpoint (made
+    /// for a client that has not spoken), while every other request sees the
+    /// endpoint as ejected and waiting on its probe.
+    pub fn forgo_probe(&mut self) {
+        if let Some(p) = self.probe.take() {
+            self.state().outlier().abandon_probe(p);
+        }
+    }
+
     /// The request says nothing about the endpoint (the client failed it): no
     /// latency sample, no breaker verdict; a probe is abandoned, not decided.
     pub fn no_verdict(&self) {
-        self.judged.store(true, Ordering::Relaxed);
+        self.settle();
+    }
+
+    /// Judged: no longer waiting for an answer (once, whatever judged it).
+    fn settle(&self) {
+        if !self.judged.swap(true, Ordering::Relaxed) {
+            self.state().awaiting.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// The endpoint could not be reached (refused the connection, timed out,
@@ -441,7 +468,7 @@ impl InFlight {
     }
 
     fn breaker_failure(&self) {
-        self.judged.store(true, Ordering::Relaxed);
+        self.settle();
         let b = &self.backend;
         let cap = b.config.breaker.cap(b.slots.len());
         let may_eject = b.ejected() < cap;
@@ -485,6 +512,7 @@ impl Drop for InFlight {
                 // request's timeout): no verdict, but it took at least this
                 // long, which the latency estimate should know.
                 self.record(Duration::ZERO);
+                self.settle();
             }
         }
         if let Some(p) = self.probe {
@@ -584,6 +612,63 @@ mod tests {
             f.success();
         }
         assert!(back > 300, "recovered endpoint got {back} of 3000");
+    }
+
+    /// Streams already judged (pooled database connections, a response
+    /// body being read) wait for no answer: however long since an endpoint
+    /// last answered, they do not make it look slow, and no endpoint is
+    /// starved for holding them.
+    #[tokio::test(start_paused = true)]
+    async fn long_lived_judged_streams_do_not_make_an_endpoint_look_slow() {
+        let b = backend(2, BackendConfig::default());
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            f.success_took(Duration::from_millis(1));
+            held.push(f);
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        let mut counts = [0usize; 2];
+        for _ in 0..200 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            counts[index(&f)] += 1;
+            tokio::time::advance(Duration::from_millis(1)).await;
+            f.success();
+        }
+        assert!(counts[0] > 40 && counts[1] > 40, "{counts:?}");
+    }
+
+    /// A connection that forgoes its probe (a silent client's, which may
+    /// idle for an hour) frees the slot at once, and its later success does
+    /// not re-admit the endpoint: the next request probes it.
+    #[tokio::test(start_paused = true)]
+    async fn a_forgone_probe_frees_the_slot_and_decides_nothing() {
+        let mut config = BackendConfig {
+            lb: LbConfig::RoundRobin,
+            ..Default::default()
+        };
+        config.breaker.base_ejection = Duration::from_secs(5);
+        let b = backend(2, config);
+        // The next pick of endpoint 0; endpoint 1's meanwhile answer well.
+        let pick_0 = || loop {
+            let f = b.pick(&Default::default(), None).unwrap();
+            if index(&f) == 0 {
+                return f;
+            }
+            f.success();
+        };
+        for _ in 0..5 {
+            pick_0().failed();
+        }
+        assert_eq!(b.ejected(), 1);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let mut silent = pick_0();
+        silent.forgo_probe();
+        let probe = pick_0();
+        silent.success_took(Duration::from_millis(1));
+        assert_eq!(b.ejected(), 1, "the forgone probe re-admits nothing");
+        probe.success();
+        assert_eq!(b.ejected(), 0, "the request's probe does");
     }
 
     #[tokio::test(start_paused = true)]

@@ -83,9 +83,7 @@ where
         }
         let ep = in_flight.endpoint();
         let served_by = ep.addr;
-        if deadline.is_some()
-            && let Some(p) = req.extensions().get::<super::Picked>()
-        {
+        if let Some(p) = req.extensions().get::<super::Picked>() {
             p.set(served_by);
         }
         // Dst is replaced in place, not boxed again; a request the forwarder

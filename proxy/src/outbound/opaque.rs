@@ -45,6 +45,13 @@ enum Conn {
 }
 
 impl Upstream {
+    /// See `InFlight::forgo_probe`.
+    pub fn forgo_probe(&mut self) {
+        if let Some(l) = &mut self.load {
+            l.forgo_probe();
+        }
+    }
+
     /// Reads what the server sends before the client has said anything.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match &mut self.conn {
