@@ -73,7 +73,21 @@ impl Names {
                 if let Some(a) = self.next(n, Instant::now()) {
                     return Ok(a);
                 }
-                let addrs = lookup(dst, n, timeout).await?;
+                let deadline = Instant::now() + timeout;
+                let waited = tokio::time::timeout_at(deadline, LOOKUPS.acquire()).await;
+                let Ok(Ok(permit)) = waited else {
+                    return Err(ProxyError::Resolve {
+                        name: dst.clone(),
+                        reason: format!("timed out after {timeout:?} (resolver busy)"),
+                    });
+                };
+                // Another request may have looked it up while this one waited
+                // its turn: at an answer's expiry, many do.
+                if let Some(a) = self.next(n, Instant::now()) {
+                    return Ok(a);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let addrs = lookup(dst, n, left, permit).await?;
                 Ok(self.keep(n, addrs, Instant::now()))
             }
         }
@@ -122,22 +136,20 @@ async fn lookup(
     dst: &DestAddr,
     n: &NameAddr,
     timeout: Duration,
+    permit: tokio::sync::SemaphorePermit<'static>,
 ) -> Result<Vec<SocketAddr>, ProxyError> {
     let fail = |reason: String| ProxyError::Resolve {
         name: dst.clone(),
         reason,
     };
     let (host, port) = (n.host().to_string(), n.port());
-    let looked_up = async {
-        let permit = LOOKUPS.acquire().await.ok();
-        // The permit goes with the call: freed when getaddrinfo returns.
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                .map(|found| found.collect::<Vec<_>>())
-        })
-        .await
-    };
+    // The permit goes with the call: freed when getaddrinfo returns, however
+    // long after this request gave up on it.
+    let looked_up = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .map(|found| found.collect::<Vec<_>>())
+    });
     let found = tokio::time::timeout(timeout, looked_up)
         .await
         .map_err(|_| fail(format!("timed out after {timeout:?}")))?
