@@ -258,7 +258,8 @@ async fn follow(
                                     .unwrap_or_default();
                                 lag.observe(d.as_secs_f64());
                             }
-                            let r = match parse(update) {
+                            let parsed = parse(update, tx.borrow().as_ref());
+                            let r = match parsed {
                                 Ok(r) => r,
                                 Err(e) => {
                                     warn!(destination = %req.destination, error = %e, "discovery sent an update that does not parse; keeping the last answer");

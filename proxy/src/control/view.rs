@@ -78,6 +78,7 @@ impl Endpoint {
 /// An address sent twice is kept once (it would get twice the traffic).
 fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
     let mut out: Vec<Endpoint> = Vec::with_capacity(b.len());
+    let mut seen = std::collections::HashSet::with_capacity(b.len());
     for e in b {
         let addr = match e.addr.as_ref().map(|a| a.addr.parse::<SocketAddr>()) {
             Some(Ok(a)) => a,
@@ -102,7 +103,7 @@ fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
                 }
             }
         };
-        if out.iter().any(|o| o.addr == addr) {
+        if !seen.insert(addr) {
             continue;
         }
         out.push(Endpoint {
@@ -114,12 +115,18 @@ fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
     Ok(out)
 }
 
-/// Parses an update. One that does not parse whole (no kind, an endpoint or a
-/// route that does not read) is refused, and the caller keeps the answer it
-/// had: the control plane should never send one, and a proxy must not trust
-/// that, nor serve half of a Service (half its endpoints, or its routes gone
-/// and every request sent to the first backend whatever the weights said).
-pub fn parse(update: api::DestinationUpdate) -> Result<Resolution, String> {
+/// Parses an update. One that does not parse whole (no kind, an endpoint that
+/// does not read) is refused, and the caller keeps the answer it had: the
+/// control plane should never send one, and a proxy must not trust that, nor
+/// serve half of a Service's endpoints. Routes that do not read (a newer
+/// controller's, say, during an upgrade) keep the last routes that did, with
+/// the update's endpoints, so that endpoints still follow the pods; with no
+/// routes before, the update is refused rather than served without some of
+/// its routes (every request on the first backend whatever the weights said).
+pub fn parse(
+    update: api::DestinationUpdate,
+    previous: Option<&Resolution>,
+) -> Result<Resolution, String> {
     let svc = match update.kind {
         Some(api::destination_update::Kind::Service(s)) => s,
         Some(api::destination_update::Kind::NotMeshed(_)) => return Ok(Resolution::NotMeshed),
@@ -134,8 +141,18 @@ pub fn parse(update: api::DestinationUpdate) -> Result<Resolution, String> {
         });
     }
     let budget = BudgetConfig::parse(svc.policy.and_then(|p| p.retry_budget));
+    let routes = match route::parse(svc.routes) {
+        Ok(routes) => routes,
+        Err(e) => match previous {
+            Some(Resolution::Service(prev)) if *prev.name == *svc.name => {
+                tracing::warn!(service = %svc.name, error = %e, "discovery sent routes that do not parse; keeping the last ones with the new endpoints");
+                prev.routes.clone()
+            }
+            _ => return Err(e),
+        },
+    };
     Ok(Resolution::Service(Arc::new(ServiceView {
-        routes: route::parse(svc.routes)?,
+        routes,
         name: svc.name.into(),
         version: svc.version,
         backends,
@@ -177,20 +194,62 @@ mod tests {
 
     #[test]
     fn an_update_that_does_not_parse_whole_is_refused() {
-        assert!(parse(api::DestinationUpdate { kind: None }).is_err());
+        assert!(parse(api::DestinationUpdate { kind: None }, None).is_err());
         for bad in [
             endpoint("10.0.0.1", 4143, WEB),
             endpoint("10.0.0.1:80", 70000, WEB),
             endpoint("10.0.0.1:80", 4143, "web"),
         ] {
             let update = service(vec![endpoint("10.0.0.2:80", 4143, WEB), bad]);
-            let e = parse(update).unwrap_err();
+            let e = parse(update, None).unwrap_err();
             assert!(e.starts_with("backend web: "), "{e}");
         }
         let not_meshed = api::DestinationUpdate {
             kind: Some(api::destination_update::Kind::NotMeshed(api::NotMeshed {})),
         };
-        assert!(matches!(parse(not_meshed), Ok(Resolution::NotMeshed)));
+        assert!(matches!(parse(not_meshed, None), Ok(Resolution::NotMeshed)));
+    }
+
+    fn with_route(mut update: api::DestinationUpdate, path: &str) -> api::DestinationUpdate {
+        if let Some(api::destination_update::Kind::Service(s)) = &mut update.kind {
+            s.routes = vec![api::HttpRoute {
+                name: "shop/web".into(),
+                rules: vec![api::HttpRouteRule {
+                    matches: vec![api::HttpMatch {
+                        path: Some(api::http_match::Path::Regex(path.into())),
+                        ..Default::default()
+                    }],
+                    backends: vec![api::WeightedBackend {
+                        backend: "web".into(),
+                        weight: 1,
+                    }],
+                    ..Default::default()
+                }],
+            }];
+        }
+        update
+    }
+
+    /// Routes a proxy cannot read (a newer controller's) keep the last ones
+    /// it could, while endpoints go on following the pods.
+    #[test]
+    fn routes_that_do_not_parse_keep_the_last_ones_and_endpoints_move_on() {
+        let first = parse(
+            with_route(service(vec![endpoint("10.0.0.1:80", 4143, WEB)]), "/v1/.*"),
+            None,
+        )
+        .unwrap();
+        let bad = with_route(service(vec![endpoint("10.0.0.2:80", 4143, WEB)]), "(");
+        assert!(parse(bad.clone(), None).is_err(), "nothing to keep");
+        let Ok(Resolution::Service(next)) = parse(bad, Some(&first)) else {
+            panic!("a Service");
+        };
+        assert_eq!(next.routes.len(), 1, "the last routes");
+        assert_eq!(&*next.routes[0].route, "shop/web");
+        assert_eq!(
+            next.backends[0].endpoints[0].addr.to_string(),
+            "10.0.0.2:80"
+        );
     }
 
     #[test]
@@ -200,7 +259,7 @@ mod tests {
             endpoint("10.0.0.2:80", 4143, WEB),
             endpoint("10.0.0.1:80", 4143, WEB),
         ]);
-        let Ok(Resolution::Service(s)) = parse(update) else {
+        let Ok(Resolution::Service(s)) = parse(update, None) else {
             panic!("a Service");
         };
         let addrs: Vec<String> = s.backends[0]
