@@ -317,6 +317,11 @@ impl Index {
             }
             Change::Absent(kind) => {
                 self.listed.insert(kind);
+                // No such kind served (its CRD removed): nothing of it is
+                // refused any more, and no namespace stays sealed for it.
+                if kind == Kind::AuthorizationPolicy {
+                    self.refused_policies.clear();
+                }
             }
         }
     }
@@ -552,6 +557,11 @@ mod tests {
             kind: Kind::AuthorizationPolicy,
             name: "shop/web".into(),
         });
+        index.seal();
+        assert!(sealed(&index).is_empty());
+        // Its CRD removed: nothing of the kind stays refused.
+        index.apply(refused(Kind::AuthorizationPolicy, "shop/web", false));
+        index.apply(Change::Absent(Kind::AuthorizationPolicy));
         index.seal();
         assert!(sealed(&index).is_empty());
     }
