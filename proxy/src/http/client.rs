@@ -407,13 +407,15 @@ impl H2Client {
             st.attempts
         };
         // Cleared however the attempt ends, the request given up included.
-        let attempt_done = scopeguard(|| self.inner.state().connecting = false);
+        let _attempt_done = scopeguard(|| self.inner.state().connecting = false);
         let connected = self.connect(attempt).await;
-        drop(attempt_done);
         match connected {
             Ok(conn) => {
                 let slot = conn.take();
                 let mut st = self.inner.state();
+                // With the outcome, under one lock: a request looking in
+                // between would see neither.
+                st.connecting = false;
                 st.failed = None;
                 st.failed_at = None;
                 st.conns.push(conn.clone());
@@ -422,6 +424,7 @@ impl H2Client {
             Err(e) => {
                 {
                     let mut st = self.inner.state();
+                    st.connecting = false;
                     st.failed = Some((attempt, e.duplicate()));
                     st.failed_at = Some(std::time::Instant::now());
                 }

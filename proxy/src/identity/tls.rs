@@ -31,8 +31,6 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// The identity in a verified peer certificate: its one URI SAN, when that is a
-/// workload identity.
 /// The workload a peer's leaf names, while the leaf is valid. A resumed TLS
 /// session carries the certificate of the handshake that made it, and rustls
 /// does not verify it again: a leaf that expired since is refused here.
@@ -44,6 +42,8 @@ pub fn live_identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     identity_of(cert)
 }
 
+/// The identity in a verified peer certificate: its one URI SAN, when that is a
+/// workload identity.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     let ee = webpki::EndEntityCert::try_from(cert).ok()?;
     let mut uris = ee.valid_uri_names();
