@@ -240,17 +240,23 @@ mod tests {
         req
     }
 
-    /// A pod that opens watch after watch is refused past its share, and
-    /// nobody else is: the controller's memory is not its to take.
-    #[tokio::test]
-    async fn one_address_holds_at_most_its_share_of_watches() {
-        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+    /// A discovery service on an empty index, without identities.
+    fn service() -> (watch::Sender<Arc<Snapshot>>, Arc<Metrics>, DiscoveryService) {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
         let metrics = Metrics::new();
         let svc = DiscoveryService::new(
             Views::new(rx, metrics.clone()),
             Watches::new(metrics.clone()),
             None,
         );
+        (tx, metrics, svc)
+    }
+
+    /// A pod that opens watch after watch is refused past its share, and
+    /// nobody else is: the controller's memory is not its to take.
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_watches() {
+        let (_tx, metrics, svc) = service();
         let mut open = Vec::new();
         for i in 0..defaults::WATCHES_PER_SOURCE {
             open.push(svc.watch(watch_from("10.0.0.7", i % 50)).await.unwrap());
@@ -278,13 +284,7 @@ mod tests {
     /// (60 KB of it, say, on each of a pod's 2,048 watches) is refused.
     #[tokio::test]
     async fn a_context_namespace_that_is_no_name_is_refused() {
-        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
-        let metrics = Metrics::new();
-        let svc = DiscoveryService::new(
-            Views::new(rx, metrics.clone()),
-            Watches::new(metrics.clone()),
-            None,
-        );
+        let (_tx, _, svc) = service();
         for (ns, ok) in [("shop", true), ("", true), ("Shop", false)] {
             let mut req = watch_from("10.0.0.7", 1);
             req.get_mut().destination = "web:80".into();
