@@ -402,14 +402,18 @@ impl InFlight {
     }
 
     /// As `success`, judged later than the endpoint answered: `took` is how
-    /// long it took (an opaque stream's handshake, judged once the stream is
-    /// known to be opaque).
+    /// long it took (an opaque stream's connect). A pick is judged once: a
+    /// later success is a no-op.
     pub fn success_took(&self, took: Duration) {
         self.succeeded(Some(took));
     }
 
     fn succeeded(&self, took: Option<Duration>) {
-        self.settle();
+        // Once: a stream judged when it connected is not judged again when
+        // its bytes start to flow.
+        if !self.settle() {
+            return;
+        }
         if self.state().outlier().success(self.probe) {
             // Re-admitted: its failures are behind it. Judged afresh, as a new
             // endpoint is, or their penalty would keep it idle long after.
@@ -428,16 +432,6 @@ impl InFlight {
         }
     }
 
-    /// Gives back the probe slot this pick holds, undecided: for a connection
-    /// that may idle for long before it says anything of its endpoint (made
-    /// for a client that has not spoken), while every other request sees the
-    /// endpoint as ejected and waiting on its probe.
-    pub fn forgo_probe(&mut self) {
-        if let Some(p) = self.probe.take() {
-            self.state().outlier().abandon_probe(p);
-        }
-    }
-
     /// The request says nothing about the endpoint (the client failed it): no
     /// latency sample, no breaker verdict; a probe is abandoned, not decided.
     pub fn no_verdict(&self) {
@@ -445,10 +439,13 @@ impl InFlight {
     }
 
     /// Judged: no longer waiting for an answer (once, whatever judged it).
-    fn settle(&self) {
-        if !self.judged.swap(true, Ordering::Relaxed) {
+    /// True for the call that judged it.
+    fn settle(&self) -> bool {
+        let first = !self.judged.swap(true, Ordering::Relaxed);
+        if first {
             self.state().awaiting.fetch_sub(1, Ordering::Relaxed);
         }
+        first
     }
 
     /// The endpoint could not be reached (refused the connection, timed out,
@@ -638,18 +635,17 @@ mod tests {
         assert!(counts[0] > 40 && counts[1] > 40, "{counts:?}");
     }
 
-    /// A connection that forgoes its probe (a silent client's, which may
-    /// idle for an hour) frees the slot at once, and its later success does
-    /// not re-admit the endpoint: the next request probes it.
+    /// A connection judged when it was made (a silent client's) decides the
+    /// probe of an endpoint just out of ejection at once, and is not judged
+    /// again when its bytes flow.
     #[tokio::test(start_paused = true)]
-    async fn a_forgone_probe_frees_the_slot_and_decides_nothing() {
+    async fn a_connection_judged_when_made_decides_its_probe_once() {
         let mut config = BackendConfig {
             lb: LbConfig::RoundRobin,
             ..Default::default()
         };
         config.breaker.base_ejection = Duration::from_secs(5);
         let b = backend(2, config);
-        // The next pick of endpoint 0; endpoint 1's meanwhile answer well.
         let pick_0 = || loop {
             let f = b.pick(&Default::default(), None).unwrap();
             if index(&f) == 0 {
@@ -662,13 +658,13 @@ mod tests {
         }
         assert_eq!(b.ejected(), 1);
         tokio::time::advance(Duration::from_secs(6)).await;
-        let mut silent = pick_0();
-        silent.forgo_probe();
-        let probe = pick_0();
-        silent.success_took(Duration::from_millis(1));
-        assert_eq!(b.ejected(), 1, "the forgone probe re-admits nothing");
-        probe.success();
-        assert_eq!(b.ejected(), 0, "the request's probe does");
+        let held = pick_0();
+        held.success_took(Duration::from_millis(1));
+        assert_eq!(b.ejected(), 0, "connected: re-admitted at once");
+        assert_eq!(b.slots[0].state.awaiting.load(Ordering::Relaxed), 0);
+        held.success_took(Duration::from_secs(3600));
+        let cost = b.slots[0].state.cost(Instant::now());
+        assert!(cost < 1e9, "judged once, not by the stream's life: {cost}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -120,9 +120,11 @@ fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
 /// control plane should never send one, and a proxy must not trust that, nor
 /// serve half of a Service's endpoints. Routes that do not read (a newer
 /// controller's, say, during an upgrade) keep the last routes that did, with
-/// the update's endpoints, so that endpoints still follow the pods; with no
-/// routes before, the update is refused rather than served without some of
-/// its routes (every request on the first backend whatever the weights said).
+/// the update's endpoints, so that endpoints still follow the pods. With no
+/// view of the Service before, or last routes that name a backend the update
+/// no longer carries, the update is refused rather than served without some
+/// of its routes (every request on the first backend whatever the weights
+/// said) or with a backend emptied (503s for its share).
 pub fn parse(
     update: api::DestinationUpdate,
     previous: Option<&Resolution>,
@@ -144,7 +146,14 @@ pub fn parse(
     let routes = match route::parse(svc.routes) {
         Ok(routes) => routes,
         Err(e) => match previous {
-            Some(Resolution::Service(prev)) if *prev.name == *svc.name => {
+            Some(Resolution::Service(prev))
+                if *prev.name == *svc.name
+                    && prev.routes.iter().all(|r| {
+                        r.backends
+                            .iter()
+                            .all(|(b, _)| backends.iter().any(|v: &BackendView| v.name == *b))
+                    }) =>
+            {
                 tracing::warn!(service = %svc.name, error = %e, "discovery sent routes that do not parse; keeping the last ones with the new endpoints");
                 prev.routes.clone()
             }
@@ -250,6 +259,13 @@ mod tests {
             next.backends[0].endpoints[0].addr.to_string(),
             "10.0.0.2:80"
         );
+        // Last routes naming a backend the update no longer carries would
+        // send its share to an empty backend: refused.
+        let mut gone = with_route(service(vec![endpoint("10.0.0.2:80", 4143, WEB)]), "(");
+        if let Some(api::destination_update::Kind::Service(s)) = &mut gone.kind {
+            s.backends[0].name = "web-v2".into();
+        }
+        assert!(parse(gone, Some(&first)).is_err());
     }
 
     #[test]

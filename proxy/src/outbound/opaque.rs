@@ -45,10 +45,18 @@ enum Conn {
 }
 
 impl Upstream {
-    /// See `InFlight::forgo_probe`.
-    pub fn forgo_probe(&mut self) {
-        if let Some(l) = &mut self.load {
-            l.forgo_probe();
+    /// Judges the endpoint by the connection made to it, now rather than
+    /// when the stream turns out opaque: made for a client that has not
+    /// spoken, it may idle for an hour, and meanwhile neither awaits an answer
+    /// (which would make its endpoint look slow) nor holds the probe of an
+    /// endpoint just out of ejection (which it decides: the endpoint took a
+    /// connection, as an opaque stream's does).
+    pub fn judge_connected(&self) {
+        if let Some(l) = &self.load {
+            let took = match &self.conn {
+                Conn::Peer(_, _, took) | Conn::Direct(_, _, took) => *took,
+            };
+            l.success_took(took);
         }
     }
 

@@ -49,9 +49,8 @@ where
     let connected = first_word(&mut io, &mut said, connect.as_mut(), idle.as_mut()).await;
     let (first, up, refused) = match connected {
         First::Server(Ok(mut up)) => {
-            // Its client may say nothing for as long as it idles: the probe
-            // of an endpoint just out of ejection is left to a request.
-            up.forgo_probe();
+            // Its client may say nothing for as long as it idles.
+            up.judge_connected();
             let spoke = up.read_buf(&mut greeting);
             let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
             (first.ended(), Some(up), None)
