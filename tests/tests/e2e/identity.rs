@@ -135,6 +135,18 @@ fn identity(anchors: &std::path::Path, tokens: &ManifestDir, sa: &str) -> Sideca
     }
 }
 
+/// STRICT on web, allowing the client only; once web's proxy refuses plaintext.
+async fn strict_for_client(m: &Mesh) {
+    m.dir.write(
+        "policy.yaml",
+        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
+    );
+    wait::until("STRICT to apply", Duration::from_secs(5), || async {
+        m.plaintext().await.0 == 403
+    })
+    .await;
+}
+
 fn policy(mtls: &str, allow: &str) -> String {
     format!(
         "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  targetRef: {{kind: Service, name: web}}\n  mtls: {mtls}\n  allow: [{allow}]\n"
@@ -227,14 +239,7 @@ async fn strict_refuses_plaintext_and_the_allow_list_picks_identities() {
     let m = Mesh::start("web", None).await;
     let c = m.sidecar("client-0", "client", &[WEB]).await;
     let intruder = m.sidecar("intruder-0", "intruder", &[WEB]).await;
-    m.dir.write(
-        "policy.yaml",
-        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
-    );
-    wait::until("STRICT to apply", Duration::from_secs(5), || async {
-        m.plaintext().await.0 == 403
-    })
-    .await;
+    strict_for_client(&m).await;
     let (status, body) = m.plaintext().await;
     assert_eq!(status, 403);
     assert!(body.contains("plaintext refused"), "{body}");
@@ -810,14 +815,7 @@ async fn opaque_tcp_between_meshed_pods_rides_mtls() {
     m.dir
         .write("slice-db.yaml", &endpoint(NS, "db", "web-0", echo));
     // STRICT: only a stream that arrives over mTLS can reach the app at all.
-    m.dir.write(
-        "policy.yaml",
-        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
-    );
-    wait::until("STRICT to apply", Duration::from_secs(5), || async {
-        m.plaintext().await.0 == 403
-    })
-    .await;
+    strict_for_client(&m).await;
     let db = "db.test.svc.cluster.local:5432";
     let c = m.sidecar("client-0", "client", &[db]).await;
     let intruder = m.sidecar("intruder-0", "intruder", &[db]).await;
@@ -889,14 +887,7 @@ async fn closed_when_revoked(m: &Mesh, open: &mut tokio::net::TcpStream, what: &
 async fn an_upgraded_connection_closes_when_its_caller_is_no_longer_allowed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m = Mesh::start("web", None).await;
-    m.dir.write(
-        "policy.yaml",
-        &policy("STRICT", &format!("{{identity: \"{CLIENT_ID}\"}}")),
-    );
-    wait::until("STRICT to apply", Duration::from_secs(5), || async {
-        m.plaintext().await.0 == 403
-    })
-    .await;
+    strict_for_client(&m).await;
     let c = m.sidecar("client-0", "client", &[WEB]).await;
     let mut ws = tokio::net::TcpStream::connect(c.upstreams[0])
         .await
