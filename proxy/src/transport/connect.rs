@@ -114,6 +114,19 @@ impl PeerTls {
         let stream = tcp(addr, timeout).await?;
         match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, stream)).await
         {
+            // A resumed session brings back the server's leaf from the
+            // handshake that made it, unverified: one expired since is refused.
+            Ok(Ok(s))
+                if s.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(tls::live_identity_of)
+                    .is_none() =>
+            {
+                self.handshake_failures.inc();
+                Err(tls_err("the peer's certificate has expired".into()))
+            }
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
                 self.handshake_failures.inc();
