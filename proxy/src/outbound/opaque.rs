@@ -1,8 +1,6 @@
 //! Opaque TCP: to a balanced endpoint of the Service's default backend (over
 //! mTLS to its proxy when both sides have identities), else as addressed.
 
-use std::time::Duration;
-
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,39 +30,29 @@ where
 /// An opaque stream's connection onward, made before the client's bytes flow.
 pub struct Upstream {
     conn: Conn,
-    /// The stream's load on its endpoint, for as long as it lasts; judged once
-    /// the stream is known to be opaque.
+    /// The stream's load on its endpoint, for as long as it lasts. Judged by
+    /// the connect, as soon as it is made: the endpoint took the stream, as
+    /// far as the balancer can tell, as fast as the connect (the stream's life
+    /// says nothing of its latency). A connection made for a client that has
+    /// not spoken may idle for an hour, and meanwhile neither awaits an answer
+    /// (which would make its endpoint look slow) nor holds the probe of an
+    /// endpoint just out of ejection (which it decides).
     load: Option<InFlight>,
 }
 
 enum Conn {
-    /// To the endpoint's proxy, over mTLS; the handshake took the duration.
-    Peer(Box<TlsStream<TcpStream>>, std::net::SocketAddr, Duration),
-    /// To the endpoint (or the destination) itself; connecting took the duration.
-    Direct(TcpStream, DestAddr, Duration),
+    /// To the endpoint's proxy, over mTLS.
+    Peer(Box<TlsStream<TcpStream>>, std::net::SocketAddr),
+    /// To the endpoint (or the destination) itself.
+    Direct(TcpStream, DestAddr),
 }
 
 impl Upstream {
-    /// Judges the endpoint by the connection made to it, now rather than
-    /// when the stream turns out opaque: made for a client that has not
-    /// spoken, it may idle for an hour, and meanwhile neither awaits an answer
-    /// (which would make its endpoint look slow) nor holds the probe of an
-    /// endpoint just out of ejection (which it decides: the endpoint took a
-    /// connection, as an opaque stream's does).
-    pub fn judge_connected(&self) {
-        if let Some(l) = &self.load {
-            let took = match &self.conn {
-                Conn::Peer(_, _, took) | Conn::Direct(_, _, took) => *took,
-            };
-            l.success_took(took);
-        }
-    }
-
     /// Reads what the server sends before the client has said anything.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match &mut self.conn {
             Conn::Peer(t, ..) => t.read_buf(buf).await,
-            Conn::Direct(t, _, _) => t.read_buf(buf).await,
+            Conn::Direct(t, _) => t.read_buf(buf).await,
         }
     }
 
@@ -76,32 +64,14 @@ impl Upstream {
         let (tcp, m) = (&s.tcp, &s.metrics);
         let _load = self.load;
         match self.conn {
-            Conn::Peer(t, addr, took) => {
-                // Its proxy took the stream: as far as the balancer can tell, a
-                // success, as fast as the handshake.
-                if let Some(l) = &_load {
-                    l.success_took(took);
-                }
+            Conn::Peer(t, addr) => {
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await
             }
-            Conn::Direct(t, dst, took) => {
-                // Connected: a success as fast as the connect, as for a peer.
-                // The stream's life says nothing of the endpoint's latency.
-                if let Some(l) = &_load {
-                    l.success_took(took);
-                }
+            Conn::Direct(t, dst) => {
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &dst, tcp, m, DIRECTION).await
             }
-        }
-    }
-
-    /// Closes a connection made for a stream that turned out not to be opaque:
-    /// it says nothing about its endpoint.
-    pub fn discard(self) {
-        if let Some(l) = &self.load {
-            l.no_verdict();
         }
     }
 }
@@ -161,10 +131,15 @@ pub async fn connect(
     let dial = async |to: DestAddr, load: Option<InFlight>| {
         let start = tokio::time::Instant::now();
         match crate::tcp::dial(&to, &s.tcp).await {
-            Ok(t) => Ok(Upstream {
-                conn: Conn::Direct(t, to, start.elapsed()),
-                load,
-            }),
+            Ok(t) => {
+                if let Some(l) = &load {
+                    l.success_took(start.elapsed());
+                }
+                Ok(Upstream {
+                    conn: Conn::Direct(t, to),
+                    load,
+                })
+            }
             Err((reason, error)) => {
                 // An endpoint that refuses is a failure for the breaker, not
                 // the fastest answer of all.
@@ -198,10 +173,13 @@ pub async fn connect(
     let addr = ep.connect_addr();
     let start = tokio::time::Instant::now();
     match over_mtls(s, ep.addr.port(), addr, peer, peer_tls).await {
-        Ok(t) => Ok(Upstream {
-            conn: Conn::Peer(Box::new(t), addr, start.elapsed()),
-            load: Some(in_flight),
-        }),
+        Ok(t) => {
+            in_flight.success_took(start.elapsed());
+            Ok(Upstream {
+                conn: Conn::Peer(Box::new(t), addr),
+                load: Some(in_flight),
+            })
+        }
         Err(error) => {
             in_flight.unreachable();
             Err(Refused::Peer {

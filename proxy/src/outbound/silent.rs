@@ -18,7 +18,7 @@ use tracing::{debug, info};
 
 use super::DIRECTION;
 use super::logical::Builder;
-use super::opaque::{self, Upstream};
+use super::opaque;
 use crate::addr::{ClientAddr, DestAddr};
 use crate::control::discovery::Resolved;
 use crate::control::view::Resolution;
@@ -49,8 +49,6 @@ where
     let connected = first_word(&mut io, &mut said, connect.as_mut(), idle.as_mut()).await;
     let (first, up, refused) = match connected {
         First::Server(Ok(mut up)) => {
-            // Its client may say nothing for as long as it idles.
-            up.judge_connected();
             let spoke = up.read_buf(&mut greeting);
             let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
             (first.ended(), Some(up), None)
@@ -92,7 +90,7 @@ where
         First::Idle => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             info!(direction = DIRECTION.as_str(), %dst, idle = ?s.tcp.idle_timeout, "opaque stream idle, closed");
-            discard(up);
+            drop(up);
             if let Some(refused) = refused {
                 refused.report(s);
             }
@@ -102,7 +100,7 @@ where
             // Counted as it was before anything else happened: opaque, at the timeout.
             s.count_detected(DIRECTION, Protocol::Opaque);
             debug!(client = %client.0, error = %e, "connection failed during detection");
-            discard(up);
+            drop(up);
             if let Some(refused) = refused {
                 refused.report(s);
             }
@@ -110,12 +108,12 @@ where
         }
     }
     let Some((protocol, io)) = s.detect_more(io, said, DIRECTION, client).await else {
-        discard(up);
+        drop(up);
         return None;
     };
     if protocol != Protocol::Opaque {
         // The connection made for nothing closes unused.
-        discard(up);
+        drop(up);
         return Some((protocol, io));
     }
     match (up, refused) {
@@ -129,12 +127,6 @@ where
         (None, Some(_)) => opaque::forward(s, b, io, dst, resolved).await,
     }
     None
-}
-
-fn discard(up: Option<Upstream>) {
-    if let Some(up) = up {
-        up.discard();
-    }
 }
 
 /// The destination is a Service with HTTP routes.
