@@ -75,6 +75,16 @@ fn write_hex(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
+/// A value new on every request (span ids). Marked sensitive so that HTTP/2's
+/// header compression sends it as a literal instead of adding it to the
+/// connection's table, where each request's id would push out the entries that
+/// do repeat (authority, user agent...) and make the next requests' headers
+/// larger and costlier to encode and decode.
+fn unique(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
+
 fn traceparent(sc: &SpanContext) -> Option<HeaderValue> {
     let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
     write_hex(&mut b[3..35], &sc.trace_id().to_bytes());
@@ -83,7 +93,7 @@ fn traceparent(sc: &SpanContext) -> Option<HeaderValue> {
         &mut b[53..55],
         &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
     );
-    HeaderValue::from_bytes(&b).ok()
+    HeaderValue::from_bytes(&b).ok().map(unique)
 }
 
 fn w3c_context(h: &HeaderMap) -> Option<SpanContext> {
@@ -180,14 +190,14 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
         Some(Format::B3Single) => {
             let (trace, span) = ids();
             if let Ok(v) = HeaderValue::try_from(format!("{trace}-{span}-{sampled}")) {
-                h.insert(B3, v);
+                h.insert(B3, unique(v));
             }
         }
         Some(Format::B3Multi) => {
             let (trace, span) = ids();
             for (k, v) in [(B3_TRACE, trace), (B3_SPAN, span)] {
                 if let Ok(v) = HeaderValue::try_from(v) {
-                    h.insert(k, v);
+                    h.insert(k, unique(v));
                 }
             }
             h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
@@ -346,8 +356,13 @@ mod tests {
         assert_eq!(h["x-b3-spanid"], "1111111111111111");
         assert_eq!(h["x-b3-sampled"], "1");
         assert!(!h.contains_key("x-b3-parentspanid"));
+        // Ids new at every request stay out of HTTP/2's compression table.
+        for k in ["traceparent", "x-b3-traceid", "x-b3-spanid"] {
+            assert!(h[k].is_sensitive(), "{k}");
+        }
         let mut h = HeaderMap::new();
         inject(&mut h, &sc, Some(Format::B3Single));
         assert_eq!(h["b3"], format!("{TRACE}-1111111111111111-1"));
+        assert!(h["b3"].is_sensitive() && h["traceparent"].is_sensitive());
     }
 }
