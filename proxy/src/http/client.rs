@@ -575,6 +575,12 @@ impl H2Client {
         }
     }
 
+    /// Connect attempts made so far.
+    #[cfg(test)]
+    fn attempts(&self) -> u64 {
+        self.inner.state().attempts
+    }
+
     /// Open connections and the streams each has in use.
     #[cfg(test)]
     fn streams(&self) -> Vec<usize> {
@@ -871,5 +877,57 @@ mod tests {
             assert_eq!(body.unwrap(), "done");
         }
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
+    }
+
+    /// An address whose connects hang: a listener that accepts nobody, its
+    /// accept queue filled, so the kernel drops further SYNs. The listener and
+    /// the queued connections are kept with it.
+    async fn stalling() -> (
+        SocketAddr,
+        Vec<tokio::net::TcpStream>,
+        tokio::net::TcpListener,
+    ) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        loop {
+            match tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(c) => queued.push(c.unwrap()),
+                Err(_) => break,
+            }
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        (addr, queued, listener)
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_on_a_connect_fail_with_it() {
+        let (addr, _queued, _listener) = stalling().await;
+        let c = H2Client::new(Connector {
+            addr,
+            timeout: Duration::from_millis(300),
+            tls: PeerMode::Plain,
+        });
+        let mut sent = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let c = c.clone();
+            sent.spawn(async move { c.request(get()).await.map(drop) });
+        }
+        while let Some(r) = sent.join_next().await {
+            assert!(
+                r.unwrap().is_err(),
+                "a request got through a stalled connect"
+            );
+        }
+        // One attempt, its failure shared: before, each waiter made its own
+        // after the one before it failed, so the last waited 3 x 300 ms.
+        assert_eq!(c.attempts(), 1);
     }
 }
