@@ -9,13 +9,31 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
 /// How the context came in, so it goes out the same way too (B3 when B3
-/// headers came, with or without `traceparent`).
+/// headers came, with or without `traceparent`). `debug`: B3's debug flag
+/// (`d`, `x-b3-flags: 1`), passed on as it came.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     W3c,
-    B3Single,
-    B3Multi,
+    B3Single { debug: bool },
+    B3Multi { debug: bool },
 }
+
+/// What a request says of its trace.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Parent {
+    /// The caller's context; its sampled flag is the caller's decision.
+    Decided(SpanContext, Format),
+    /// B3 ids without a sampling state: the caller left the decision to the
+    /// receiver, so it is ours to make, within the caller's trace.
+    Deferred(SpanContext, Format),
+    /// The caller decided not to sample and sent no ids (B3 `0`, or
+    /// `x-b3-sampled: 0` alone): nothing is recorded, nothing rewritten.
+    Denied,
+}
+
+/// A B3 sampling state: `Some(true)` accept (or debug), `Some(false)` deny,
+/// `None` deferred.
+type B3State = Option<bool>;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -98,68 +116,132 @@ fn traceparent(sc: &SpanContext) -> Option<HeaderValue> {
 
 fn w3c_context(h: &HeaderMap) -> Option<SpanContext> {
     let (trace, span, flags) = parse_traceparent(h.get(TRACEPARENT)?.as_bytes())?;
-    let state = h
-        .get(TRACESTATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| TraceState::from_str(v).ok())
-        .unwrap_or_default();
-    let sc = SpanContext::new(trace, span, flags, true, state);
+    let sc = SpanContext::new(trace, span, flags, true, trace_state(h));
     sc.is_valid().then_some(sc)
 }
 
-/// The caller's span context, if the request carries a valid one.
-pub fn extract(h: &HeaderMap) -> Option<(SpanContext, Format)> {
+/// `tracestate` at most this long: the size W3C Trace Context asks every
+/// vendor to pass on. Kept whole, a caller's state (32 entries of up to 512
+/// bytes) would put 16 KiB of its choosing in every queued span.
+pub const TRACESTATE_MAX: usize = 512;
+
+/// The caller's `tracestate`, its header lines joined as one list. Past
+/// `TRACESTATE_MAX`, entries longer than 128 bytes go first, then entries from
+/// the end, as W3C Trace Context says to truncate. A list that does not parse
+/// is no state.
+fn trace_state(h: &HeaderMap) -> TraceState {
+    let mut lines = h.get_all(TRACESTATE).iter();
+    let Some(first) = lines.next() else {
+        return TraceState::default();
+    };
+    let parse = |v: &str| TraceState::from_str(v).unwrap_or_default();
+    let Ok(first) = first.to_str() else {
+        return TraceState::default();
+    };
+    if first.len() <= TRACESTATE_MAX && h.get_all(TRACESTATE).iter().nth(1).is_none() {
+        return parse(first);
+    }
+    let mut joined = String::from(first);
+    for more in lines {
+        let Ok(more) = more.to_str() else {
+            return TraceState::default();
+        };
+        joined.push(',');
+        joined.push_str(more);
+        // Lines past what could be kept are not read further.
+        if joined.len() > 64 * TRACESTATE_MAX {
+            break;
+        }
+    }
+    let entries = joined
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && e.len() <= 128);
+    let mut kept = String::new();
+    for e in entries {
+        if kept.len() + usize::from(!kept.is_empty()) + e.len() > TRACESTATE_MAX {
+            break;
+        }
+        if !kept.is_empty() {
+            kept.push(',');
+        }
+        kept.push_str(e);
+    }
+    parse(&kept)
+}
+
+/// B3's debug flag among the headers, for B3 written back beside `traceparent`.
+fn b3_debug(h: &HeaderMap) -> bool {
+    match h.get(B3) {
+        Some(v) => v.as_bytes().split(|b| *b == b'-').nth(2) == Some(b"d"),
+        None => h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1"),
+    }
+}
+
+/// The caller's trace, if the request names one.
+pub fn extract(h: &HeaderMap) -> Option<Parent> {
     if h.contains_key(TRACEPARENT) {
         // B3 beside it (from a proxy that answered a B3 caller in kind) is
         // written again too, or it would point at a stale span.
         let format = if h.contains_key(B3) {
-            Format::B3Single
+            Format::B3Single { debug: b3_debug(h) }
         } else if h.contains_key(B3_TRACE) {
-            Format::B3Multi
+            Format::B3Multi { debug: b3_debug(h) }
         } else {
             Format::W3c
         };
-        return w3c_context(h).map(|sc| (sc, format));
+        return w3c_context(h).map(|sc| Parent::Decided(sc, format));
     }
     if let Some(v) = h.get(B3).and_then(|v| v.to_str().ok()) {
-        return b3_single(v).map(|sc| (sc, Format::B3Single));
+        if v.trim() == "0" {
+            return Some(Parent::Denied);
+        }
+        let mut parts = v.split('-');
+        let (trace, span) = (parts.next()?, parts.next()?);
+        let (state, debug) = match parts.next() {
+            None => (None, false),
+            Some("1") => (Some(true), false),
+            Some("d") => (Some(true), true),
+            Some("0") => (Some(false), false),
+            Some(_) => return None,
+        };
+        return b3_context(trace, span, state, Format::B3Single { debug });
     }
-    let trace = h.get(B3_TRACE)?.to_str().ok()?;
+    let sampled = h.get(B3_SAMPLED).map(HeaderValue::as_bytes);
+    let debug = h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1");
+    let state = match (sampled, debug) {
+        (_, true) | (Some(b"1" | b"true"), _) => Some(true),
+        (Some(b"0" | b"false"), _) => Some(false),
+        _ => None,
+    };
+    let Some(trace) = h.get(B3_TRACE) else {
+        return (state == Some(false)).then_some(Parent::Denied);
+    };
     let span = h.get(B3_SPAN)?.to_str().ok()?;
-    let sampled = matches!(
-        (
-            h.get(B3_SAMPLED).map(HeaderValue::as_bytes),
-            h.get(B3_FLAGS).map(HeaderValue::as_bytes),
-        ),
-        (_, Some(b"1")) | (Some(b"1" | b"true"), _)
-    );
-    b3_context(trace, span, sampled).map(|sc| (sc, Format::B3Multi))
-}
-
-/// `{trace}-{span}[-{sampled}[-{parent}]]`; a bare `0`/`1`/`d` carries no ids.
-fn b3_single(v: &str) -> Option<SpanContext> {
-    let mut parts = v.split('-');
-    let trace = parts.next()?;
-    let span = parts.next()?;
-    let sampled = matches!(parts.next(), Some("1" | "d"));
-    b3_context(trace, span, sampled)
+    b3_context(trace.to_str().ok()?, span, state, Format::B3Multi { debug })
 }
 
 /// B3 ids are hex: a 64-bit trace id is the low half of a 128-bit one.
-fn b3_context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
+fn b3_context(trace: &str, span: &str, state: B3State, format: Format) -> Option<Parent> {
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     if !(hex(trace, 32) || hex(trace, 16)) || !hex(span, 16) {
         return None;
     }
     let trace_id = TraceId::from_hex(trace).ok()?;
     let span_id = SpanId::from_hex(span).ok()?;
-    let flags = if sampled {
+    let flags = if state == Some(true) {
         TraceFlags::SAMPLED
     } else {
         TraceFlags::default()
     };
     let sc = SpanContext::new(trace_id, span_id, flags, true, TraceState::default());
-    sc.is_valid().then_some(sc)
+    if !sc.is_valid() {
+        return None;
+    }
+    Some(match state {
+        Some(_) => Parent::Decided(sc, format),
+        None => Parent::Deferred(sc, format),
+    })
 }
 
 /// Writes `sc` as the context of the next hop: `traceparent` (and `tracestate`),
@@ -184,26 +266,37 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
             h.remove(TRACESTATE);
         }
     }
-    let sampled = if sc.is_sampled() { "1" } else { "0" };
     let ids = || (sc.trace_id().to_string(), sc.span_id().to_string());
     match also {
-        Some(Format::B3Single) => {
+        Some(Format::B3Single { debug }) => {
             let (trace, span) = ids();
-            if let Ok(v) = HeaderValue::try_from(format!("{trace}-{span}-{sampled}")) {
+            let state = match (sc.is_sampled(), debug) {
+                (true, true) => "d",
+                (true, false) => "1",
+                (false, _) => "0",
+            };
+            if let Ok(v) = HeaderValue::try_from(format!("{trace}-{span}-{state}")) {
                 h.insert(B3, unique(v));
             }
         }
-        Some(Format::B3Multi) => {
+        Some(Format::B3Multi { debug }) => {
             let (trace, span) = ids();
             for (k, v) in [(B3_TRACE, trace), (B3_SPAN, span)] {
                 if let Ok(v) = HeaderValue::try_from(v) {
                     h.insert(k, unique(v));
                 }
             }
-            h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+            // Debug implies accept, and is sent instead of `x-b3-sampled`.
+            if debug && sc.is_sampled() {
+                h.insert(B3_FLAGS, HeaderValue::from_static("1"));
+                h.remove(B3_SAMPLED);
+            } else {
+                let sampled = if sc.is_sampled() { "1" } else { "0" };
+                h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+                h.remove(B3_FLAGS);
+            }
             // Our span is the next hop's parent; the caller's parent id is stale.
             h.remove(B3_PARENT);
-            h.remove(B3_FLAGS);
         }
         Some(Format::W3c) | None => {}
     }
@@ -228,18 +321,25 @@ mod tests {
             .collect()
     }
 
+    fn decided(p: Option<Parent>) -> (SpanContext, Format) {
+        match p {
+            Some(Parent::Decided(sc, f)) => (sc, f),
+            other => panic!("not a decided context: {other:?}"),
+        }
+    }
+
     #[test]
     fn reads_w3c_b3_single_and_b3_multi() {
         let w3c = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
-        let (sc, f) = extract(&w3c).expect("w3c");
+        let (sc, f) = decided(extract(&w3c));
         assert_eq!((sc.trace_id().to_string(), f), (TRACE.into(), Format::W3c));
         assert!(sc.is_sampled() && sc.is_remote());
 
         let single = headers(&[("b3", &format!("{TRACE}-{SPAN}-1"))]);
-        let (sc, f) = extract(&single).expect("b3");
+        let (sc, f) = decided(extract(&single));
         assert_eq!(
             (sc.span_id().to_string(), f),
-            (SPAN.into(), Format::B3Single)
+            (SPAN.into(), Format::B3Single { debug: false })
         );
         assert!(sc.is_sampled());
 
@@ -248,12 +348,12 @@ mod tests {
             ("x-b3-spanid", SPAN),
             ("x-b3-sampled", "0"),
         ]);
-        let (sc, f) = extract(&multi).expect("b3 multi");
+        let (sc, f) = decided(extract(&multi));
         assert_eq!(
             sc.trace_id().to_string(),
             "0000000000000000a3ce929d0e0e4736"
         );
-        assert_eq!(f, Format::B3Multi);
+        assert_eq!(f, Format::B3Multi { debug: false });
         assert!(!sc.is_sampled());
     }
 
@@ -309,7 +409,7 @@ mod tests {
             pairs.extend(ts.map(|t| ("tracestate", t)));
             let h = headers(&pairs);
             let theirs = sdk.extract(&Get(&h)).span().span_context().clone();
-            let (ours, _) = extract(&h).expect(&tp);
+            let (ours, _) = decided(extract(&h));
             assert_eq!(ours, theirs, "{tp}");
 
             let cx = opentelemetry::Context::new().with_remote_span_context(theirs);
@@ -351,7 +451,7 @@ mod tests {
             TraceState::default(),
         );
         let mut h = headers(&[("x-b3-parentspanid", SPAN)]);
-        inject(&mut h, &sc, Some(Format::B3Multi));
+        inject(&mut h, &sc, Some(Format::B3Multi { debug: false }));
         assert_eq!(h["traceparent"], format!("00-{TRACE}-1111111111111111-01"));
         assert_eq!(h["x-b3-spanid"], "1111111111111111");
         assert_eq!(h["x-b3-sampled"], "1");
@@ -361,8 +461,89 @@ mod tests {
             assert!(h[k].is_sensitive(), "{k}");
         }
         let mut h = HeaderMap::new();
-        inject(&mut h, &sc, Some(Format::B3Single));
+        inject(&mut h, &sc, Some(Format::B3Single { debug: false }));
         assert_eq!(h["b3"], format!("{TRACE}-1111111111111111-1"));
         assert!(h["b3"].is_sensitive() && h["traceparent"].is_sensitive());
+    }
+
+    #[test]
+    fn b3_deny_deferred_and_debug_are_kept_apart() {
+        // A decision not to sample, without ids: nothing to continue, nothing
+        // to start.
+        for h in [headers(&[("b3", "0")]), headers(&[("x-b3-sampled", "0")])] {
+            assert_eq!(extract(&h), Some(Parent::Denied), "{h:?}");
+        }
+        // Ids without a sampling state: the receiver decides.
+        for h in [
+            headers(&[("b3", &format!("{TRACE}-{SPAN}"))]),
+            headers(&[("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN)]),
+        ] {
+            match extract(&h) {
+                Some(Parent::Deferred(sc, _)) => {
+                    assert_eq!(sc.trace_id().to_string(), TRACE);
+                    assert!(!sc.is_sampled());
+                }
+                other => panic!("{h:?}: {other:?}"),
+            }
+        }
+        // Debug is sampled, and written back as debug.
+        let sc = SpanContext::new(
+            TraceId::from_hex(TRACE).unwrap(),
+            SpanId::from_hex("1111111111111111").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let (got, f) = decided(extract(&headers(&[("b3", &format!("{TRACE}-{SPAN}-d"))])));
+        assert!(got.is_sampled());
+        assert_eq!(f, Format::B3Single { debug: true });
+        let mut h = HeaderMap::new();
+        inject(&mut h, &sc, Some(f));
+        assert_eq!(h["b3"], format!("{TRACE}-1111111111111111-d"));
+
+        let mut h = headers(&[
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", SPAN),
+            ("x-b3-flags", "1"),
+        ]);
+        let (got, f) = decided(extract(&h));
+        assert!(got.is_sampled());
+        assert_eq!(f, Format::B3Multi { debug: true });
+        inject(&mut h, &sc, Some(f));
+        assert_eq!(h["x-b3-flags"], "1");
+        assert!(!h.contains_key("x-b3-sampled"));
+        // Beside a traceparent (a proxy answered a B3 caller in kind), too.
+        let h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("b3", &format!("{TRACE}-{SPAN}-d")),
+        ]);
+        assert_eq!(decided(extract(&h)).1, Format::B3Single { debug: true });
+    }
+
+    #[test]
+    fn tracestate_lines_are_joined_and_cut_to_512_bytes() {
+        let tp = format!("00-{TRACE}-{SPAN}-01");
+        let mut h = headers(&[("traceparent", &tp), ("tracestate", "a=1,b=2")]);
+        h.append("tracestate", HeaderValue::from_static("c=3"));
+        let (sc, _) = decided(extract(&h));
+        assert_eq!(sc.trace_state().header(), "a=1,b=2,c=3");
+
+        // 32 entries of 100 bytes: the first ones that fit in 512 are kept,
+        // and an entry over 128 bytes goes first.
+        let long = format!("big={}", "x".repeat(200));
+        let entries: Vec<String> = (0..32)
+            .map(|i| format!("k{i:02}={}", "v".repeat(96)))
+            .collect();
+        let state = format!("{long},{}", entries.join(","));
+        let h = headers(&[("traceparent", &tp), ("tracestate", &state)]);
+        let (sc, _) = decided(extract(&h));
+        let kept = sc.trace_state().header();
+        assert!(kept.len() <= TRACESTATE_MAX, "{}", kept.len());
+        assert!(kept.starts_with("k00=") && !kept.contains("big="), "{kept}");
+        assert_eq!(kept.split(',').count(), 5);
+
+        let mut out = HeaderMap::new();
+        inject(&mut out, &sc, None);
+        assert_eq!(out["tracestate"], kept.as_str());
     }
 }

@@ -297,21 +297,32 @@ pub struct ProxySpan {
 
 /// Starts this request's span, child of the caller's context when it sent one,
 /// and makes the span the context the next hop sees. `None`: not sampled. The
-/// caller's unsampled context passes untouched; a new trace we chose not to
-/// sample is passed on as unsampled, so the next proxy records none of it.
+/// caller's unsampled context (or B3 deny) passes untouched; a new trace we
+/// chose not to sample is passed on as unsampled, so the next proxy records
+/// none of it, and so is a B3 caller's trace it left us to decide on.
 fn start_span<B>(
     tracer: &Recorder<ProxySpan>,
     never_start: bool,
     direction: Direction,
     req: &mut Request<B>,
 ) -> Option<Started> {
-    let parent = propagate::extract(req.headers());
-    let (trace_id, parent_id, sampled, state, format) = match parent {
-        Some((sc, _)) if !sc.is_sampled() => return None,
-        Some((sc, f)) => (
+    use propagate::Parent;
+    let (trace_id, parent_id, sampled, state, format) = match propagate::extract(req.headers()) {
+        Some(Parent::Denied) => return None,
+        Some(Parent::Decided(sc, _)) if !sc.is_sampled() => return None,
+        Some(Parent::Decided(sc, f)) => (
             sc.trace_id(),
             Some(sc.span_id()),
             true,
+            sc.trace_state().clone(),
+            Some(f),
+        ),
+        // B3 ids left for us to decide on: the ratio decides, in their trace.
+        Some(Parent::Deferred(..)) if never_start => return None,
+        Some(Parent::Deferred(sc, f)) => (
+            sc.trace_id(),
+            Some(sc.span_id()),
+            tracer.samples(sc.trace_id()),
             sc.trace_state().clone(),
             Some(f),
         ),
