@@ -19,27 +19,37 @@ use crate::metrics::Metrics;
 /// in a pod the port listens beyond loopback, where other pods must not be able
 /// to hold the process's file descriptors (those the API and webhook need too).
 pub const MAX_CONNECTIONS: usize = 64;
+/// Admin connections one address may hold: one pod cannot take every place
+/// and starve the kubelet's probes, which would restart the controller and
+/// take it out of its Service.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// A connection that does not finish a request head in this time, idle ones
 /// included, is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::Receiver<bool>) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let by_source = strait_api::per_source::PerSource::sparing_loopback(MAX_CONNECTIONS_PER_SOURCE);
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            // At the limit: closed at once.
+            strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
+            continue;
+        };
+        // Loopback, spared, is the controller's own pod.
+        let Some(share) = by_source.take(Some(peer.ip().to_canonical())) else {
+            strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS_PER_SOURCE, "admin connections from this address at the limit; closed");
             continue;
         };
         let (metrics, ready, h1) = (metrics.clone(), ready.clone(), h1.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, share);
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (metrics, ready) = (metrics.clone(), ready.clone());
                 async move {
