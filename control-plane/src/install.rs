@@ -45,6 +45,90 @@ pub struct InstallArgs {
     /// Controller replicas: each serves proxies; one at a time writes status.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replicas: u16,
+    /// Do not look for an existing install's identity in the cluster: without
+    /// the identity flags, a new trust anchor and issuer are generated even if
+    /// strait is installed (applied there, they replace the mesh's identity).
+    #[arg(long)]
+    pub ignore_cluster: bool,
+}
+
+/// How long looking for an existing install may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The manifests, keeping the identity of the install already in the cluster
+/// (as the chart does with `lookup`): applying them again, to change an image
+/// or the replicas, must not replace the trust anchor and issuer under running
+/// controllers and proxies, which would each keep the old ones.
+pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
+    let given = args.identity_trust_anchors_file.is_some();
+    let existing = if given || args.ignore_cluster {
+        None
+    } else {
+        existing_identity().await?
+    };
+    render(&args.values(existing)?)
+}
+
+/// The identity of the install in the cluster KUBECONFIG (or the in-cluster
+/// configuration) names; `None` when there is no configuration (rendering
+/// for elsewhere) or no install.
+async fn existing_identity() -> anyhow::Result<Option<Identity>> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let Ok(config) = kube::Config::infer().await else {
+        eprintln!(
+            "strait install: no Kubernetes configuration, so no existing install was looked for: a new trust anchor and issuer are generated (applied over an install, they would replace its identity)"
+        );
+        return Ok(None);
+    };
+    let cannot = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot tell whether strait is installed (reading {NAMESPACE}/{ISSUER_SECRET}): {e}; pass the --identity-* files, or --ignore-cluster to generate a new identity anyway"
+        )
+    };
+    let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client, NAMESPACE);
+    let both = async {
+        Ok::<_, kube::Error>((
+            secrets.get_opt(ISSUER_SECRET).await?,
+            maps.get_opt(ANCHORS_CONFIG_MAP).await?,
+        ))
+    };
+    let (secret, anchors) = tokio::time::timeout(LOOKUP_TIMEOUT, both)
+        .await
+        .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
+        .map_err(|e| cannot(&e))?;
+    let (secret, anchors) = match (secret, anchors) {
+        (None, None) => return Ok(None),
+        (Some(s), Some(a)) => (s, a),
+        _ => anyhow::bail!(
+            "{NAMESPACE} has only one of Secret {ISSUER_SECRET} and ConfigMap {ANCHORS_CONFIG_MAP}: pass the --identity-* files"
+        ),
+    };
+    let secret_field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .ok_or_else(|| anyhow::anyhow!("Secret {NAMESPACE}/{ISSUER_SECRET} has no {k}"))
+    };
+    let identity = Identity {
+        anchors_pem: anchors
+            .data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .cloned()
+            .ok_or_else(|| {
+                anyhow::anyhow!("ConfigMap {NAMESPACE}/{ANCHORS_CONFIG_MAP} has no ca.crt")
+            })?,
+        issuer_cert_pem: secret_field("tls.crt")?,
+        issuer_key_pem: secret_field("tls.key")?,
+    };
+    eprintln!(
+        "strait install: keeping the trust anchors and issuer of the install in the cluster ({NAMESPACE}/{ISSUER_SECRET})"
+    );
+    Ok(Some(identity))
 }
 
 /// The identity material the install carries.
@@ -64,7 +148,8 @@ pub struct Values {
 }
 
 impl InstallArgs {
-    pub fn values(&self) -> anyhow::Result<Values> {
+    /// The values, with `existing` the identity of the install in the cluster.
+    pub fn values(&self, existing: Option<Identity>) -> anyhow::Result<Values> {
         let identity = match (
             &self.identity_trust_anchors_file,
             &self.identity_issuer_certificate_file,
@@ -80,31 +165,27 @@ impl InstallArgs {
                     issuer_cert_pem: read("--identity-issuer-certificate-file", c)?,
                     issuer_key_pem: read("--identity-issuer-key-file", k)?,
                 };
-                // The controller would refuse them at start; say so now.
-                let issuer = ca::Ca::from_pem(
-                    &identity.issuer_cert_pem,
-                    &identity.issuer_key_pem,
-                    Duration::from_secs(3600),
-                )
-                .map_err(|(flag, e)| anyhow::anyhow!("the issuer cannot be used ({flag}): {e}"))?;
-                if !identity.anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
-                    anyhow::bail!("--identity-trust-anchors-file: no PEM certificate in it");
-                }
-                issuer.chains_to(&identity.anchors_pem).map_err(|e| {
-                    anyhow::anyhow!(
-                        "--identity-issuer-certificate-file and --identity-trust-anchors-file: {e}"
-                    )
-                })?;
-                identity
+                checked(
+                    identity,
+                    "--identity-trust-anchors-file",
+                    "--identity-issuer-certificate-file and --identity-trust-anchors-file",
+                )?
             }
-            _ => {
-                let g = ca::generate(&self.trust_domain, GENERATED_VALIDITY)?;
-                Identity {
-                    anchors_pem: g.anchor_pem.clone(),
-                    issuer_cert_pem: g.issuer_cert_pem.clone(),
-                    issuer_key_pem: g.issuer_key_pem.clone(),
+            _ => match existing {
+                Some(identity) => checked(
+                    identity,
+                    "the installed ConfigMap's ca.crt",
+                    "the installed issuer and trust anchors",
+                )?,
+                None => {
+                    let g = ca::generate(&self.trust_domain, GENERATED_VALIDITY)?;
+                    Identity {
+                        anchors_pem: g.anchor_pem.clone(),
+                        issuer_cert_pem: g.issuer_cert_pem.clone(),
+                        issuer_key_pem: g.issuer_key_pem.clone(),
+                    }
                 }
-            }
+            },
         };
         Ok(Values {
             identity,
@@ -120,6 +201,25 @@ impl InstallArgs {
             replicas: self.replicas,
         })
     }
+}
+
+/// `identity` if the controller would take it: an issuer it can load, which
+/// signs certificates that verify against the anchors.
+fn checked(identity: Identity, anchors_from: &str, pair_from: &str) -> anyhow::Result<Identity> {
+    // The controller would refuse them at start; say so now.
+    let issuer = ca::Ca::from_pem(
+        &identity.issuer_cert_pem,
+        &identity.issuer_key_pem,
+        Duration::from_secs(3600),
+    )
+    .map_err(|(flag, e)| anyhow::anyhow!("the issuer cannot be used ({flag}): {e}"))?;
+    if !identity.anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("{anchors_from}: no PEM certificate in it");
+    }
+    issuer
+        .chains_to(&identity.anchors_pem)
+        .map_err(|e| anyhow::anyhow!("{pair_from}: {e}"))?;
+    Ok(identity)
 }
 
 fn labels() -> Value {

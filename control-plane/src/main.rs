@@ -84,10 +84,7 @@ fn start() -> anyhow::Result<()> {
             }
             Command::Demo(args) => demo::run(args).await,
             Command::Install(args) => {
-                print!(
-                    "{}",
-                    strait_control_plane::install::render(&args.values()?)?
-                );
+                print!("{}", strait_control_plane::install::run(&args).await?);
                 Ok(())
             }
             Command::Check(args) => strait_control_plane::check::run(&args).await,

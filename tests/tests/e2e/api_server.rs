@@ -378,7 +378,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     let dir = ManifestDir::new();
     let strait = strait_tests::process::binary("strait");
     let install = std::process::Command::new(&strait)
-        .arg("install")
+        .args(["install", "--ignore-cluster"])
         .output()
         .unwrap();
     assert!(install.status.success());
@@ -458,6 +458,90 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));
+}
+
+/// The trust anchors and issuer `strait install` put in a cluster, and the
+/// `ca.crt` of its output.
+fn installed_identity(manifests: &[u8]) -> (String, String) {
+    let text = std::str::from_utf8(manifests).unwrap();
+    let (mut anchors, mut issuer) = (None, None);
+    for doc in text.split("\n---\n") {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("ConfigMap") => anchors = v["data"]["ca.crt"].as_str().map(String::from),
+            Some("Secret") => issuer = v["stringData"]["tls.key"].as_str().map(String::from),
+            _ => {}
+        }
+    }
+    (anchors.expect("the anchors"), issuer.expect("the issuer"))
+}
+
+/// `strait install` applied again (to change an image, the replicas) keeps the
+/// identity the cluster has: new anchors would be trusted by the API server's
+/// webhook call and new proxies, while running controllers and proxies kept
+/// the old ones.
+#[tokio::test]
+async fn strait_install_again_keeps_the_installed_identity() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let strait = strait_tests::process::binary("strait");
+    let install = |extra: &[&str], kubeconfig: &std::path::Path| {
+        tokio::process::Command::new(&strait)
+            .arg("install")
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+    };
+    // An empty cluster: a new identity, applied.
+    let first = install(&[], &kubeconfig).await.unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for doc in String::from_utf8(first.stdout.clone())
+        .unwrap()
+        .split("\n---\n")
+    {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        if matches!(v["kind"].as_str(), Some("ConfigMap" | "Secret")) {
+            api.apply(doc);
+        }
+    }
+    let installed = installed_identity(&first.stdout);
+
+    let again = install(&["--replicas", "3"], &kubeconfig).await.unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(installed_identity(&again.stdout), installed);
+    assert!(
+        stderr.contains("keeping the trust anchors and issuer"),
+        "{stderr}"
+    );
+
+    // Asked to, it generates anew.
+    let fresh = install(&["--ignore-cluster"], &kubeconfig).await.unwrap();
+    assert!(fresh.status.success());
+    let fresh = installed_identity(&fresh.stdout);
+    assert_ne!(fresh.0, installed.0);
+    assert_ne!(fresh.1, installed.1);
+
+    // A cluster that cannot be asked: nothing printed, and the way out named.
+    let gone = dir.path().join("gone");
+    std::fs::write(
+        &gone,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\ncontexts:\n- name: gone\n  context: {{cluster: gone, user: none}}\nusers:\n- name: none\n  user: {{}}\ncurrent-context: gone\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let refused = install(&[], &gone).await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(refused.stdout.is_empty());
+    assert!(stderr.contains("--ignore-cluster"), "{stderr}");
 }
 
 /// Against a real cluster, when one is configured: the controller's source
