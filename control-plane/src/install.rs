@@ -396,16 +396,26 @@ fn webhook_configuration(anchors_pem: &str) -> Value {
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": WEBHOOK_CONFIG},
         "webhooks": [
+            // Fail closed, but never on the system's or the mesh's own pods,
+            // whatever their namespace's labels: a controller that could only
+            // be admitted by a running controller would never come back.
             hook("namespace.inject.strait.dev", crate::inject::webhook::ENABLED_NAMESPACE_PATH,
-                 json!({"matchLabels": {"strait.dev/inject": "enabled"}}), "Fail"),
+                 json!({"matchLabels": {"strait.dev/inject": "enabled"},
+                        "matchExpressions": [not_system()]}), "Fail"),
             hook("pod.inject.strait.dev", crate::inject::webhook::PATH,
                  json!({"matchExpressions": [
                      {"key": "strait.dev/inject", "operator": "NotIn", "values": ["enabled", "disabled"]},
-                     {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                      "values": ["kube-system", "kube-node-lease", NAMESPACE]},
+                     not_system(),
                  ]}), "Ignore"),
         ],
     })
+}
+
+/// Namespaces no webhook of the mesh's sees, by name (which the API server
+/// sets, so no label can take it off).
+fn not_system() -> Value {
+    json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+           "values": ["kube-system", "kube-node-lease", NAMESPACE]})
 }
 
 /// The YAML stream.
@@ -415,4 +425,35 @@ pub fn render(v: &Values) -> anyhow::Result<String> {
         .map(serde_norway::to_string)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(docs.join("---\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Neither webhook, the fail-closed one included, sees the system's or the
+    /// mesh's own namespace, whatever labels those carry.
+    #[test]
+    fn no_webhook_sees_the_system_or_the_mesh_namespace() {
+        let config = webhook_configuration("anchors");
+        let hooks = config["webhooks"].as_array().unwrap();
+        assert_eq!(hooks.len(), 2);
+        for hook in hooks {
+            let excluded = hook["namespaceSelector"]["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["key"] == "kubernetes.io/metadata.name")
+                .unwrap_or_else(|| panic!("{} selects by name", hook["name"]));
+            assert_eq!(excluded["operator"], "NotIn");
+            for ns in ["kube-system", "kube-node-lease", NAMESPACE] {
+                assert!(
+                    excluded["values"].as_array().unwrap().contains(&json!(ns)),
+                    "{} sees {ns}",
+                    hook["name"]
+                );
+            }
+        }
+    }
 }
