@@ -121,6 +121,10 @@ pub struct ControllerArgs {
     /// The proxy image injected pods run (default: this release's).
     #[arg(long, env = "STRAIT_PROXY_IMAGE", value_name = "IMAGE")]
     pub proxy_image: Option<String>,
+    /// The iptables backend injected pods' init containers write with: the one
+    /// the nodes' kube-proxy uses.
+    #[arg(long, env = "STRAIT_PROXY_IPTABLES_MODE", value_enum, default_value_t = crate::inject::IptablesMode::Nft)]
+    pub proxy_iptables_mode: crate::inject::IptablesMode,
     /// This replica's name, recorded in the status writers' Lease (default:
     /// $HOSTNAME, the pod's name).
     #[arg(long, env = "STRAIT_POD_NAME")]
@@ -313,6 +317,7 @@ impl Controller {
             }
         };
         let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
+        settings.iptables_mode = args.proxy_iptables_mode;
         // Proxies reach this controller by its Service, named for its service
         // account, in its namespace, and check that it presents its identity.
         settings.control_plane = format!(

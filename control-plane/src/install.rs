@@ -42,6 +42,10 @@ pub struct InstallArgs {
     /// The proxy image injected pods run (default: this release's).
     #[arg(long, value_name = "IMAGE")]
     pub proxy_image: Option<String>,
+    /// The iptables backend injected pods' init containers write with: the one
+    /// the nodes' kube-proxy uses.
+    #[arg(long, value_enum, default_value_t = crate::inject::IptablesMode::Nft)]
+    pub proxy_iptables_mode: crate::inject::IptablesMode,
     /// Controller replicas: each serves proxies; one at a time writes status.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replicas: u16,
@@ -144,6 +148,7 @@ pub struct Values {
     pub trust_domain: String,
     pub controller_image: String,
     pub proxy_image: String,
+    pub proxy_iptables_mode: crate::inject::IptablesMode,
     pub replicas: u16,
 }
 
@@ -198,6 +203,7 @@ impl InstallArgs {
                 .proxy_image
                 .clone()
                 .unwrap_or_else(defaults::proxy_image),
+            proxy_iptables_mode: self.proxy_iptables_mode,
             replicas: self.replicas,
         })
     }
@@ -338,6 +344,7 @@ fn deployment(v: &Values) -> Value {
                             "--trust-anchors=/var/run/strait/trust-anchors/ca.crt",
                             format!("--trust-domain={}", v.trust_domain),
                             format!("--proxy-image={}", v.proxy_image),
+                            format!("--proxy-iptables-mode={}", v.proxy_iptables_mode.as_str()),
                             format!("--webhook-addr={}", defaults::WEBHOOK_ADDR),
                             "--admin-addr=0.0.0.0:9990",
                             "--log-format=json",

@@ -19,6 +19,10 @@ pub const INJECT: &str = "strait.dev/inject";
 pub const OPAQUE_PORTS: &str = "strait.dev/opaque-ports";
 pub const SKIP_INBOUND_PORTS: &str = "strait.dev/skip-inbound-ports";
 pub const SKIP_OUTBOUND_PORTS: &str = "strait.dev/skip-outbound-ports";
+/// Destination networks (IPv4 CIDRs) the app reaches directly.
+pub const SKIP_OUTBOUND_CIDRS: &str = "strait.dev/skip-outbound-cidrs";
+/// At most this many networks in `SKIP_OUTBOUND_CIDRS`: each is a rule.
+const MAX_SKIP_CIDRS: usize = 64;
 pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
 pub const PROXY_IMAGE: &str = "strait.dev/proxy-image";
 
@@ -43,6 +47,27 @@ pub struct Settings {
     /// ConfigMap would have to exist in every meshed namespace.
     pub trust_anchors_pem: String,
     pub token_audience: String,
+    /// The iptables backend the init container writes with.
+    pub iptables_mode: IptablesMode,
+}
+
+/// Which iptables backend writes a pod's rules: the one the nodes' kube-proxy
+/// uses. nft on current distributions; legacy on older nodes, where nft rules
+/// would not load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IptablesMode {
+    #[default]
+    Nft,
+    Legacy,
+}
+
+impl IptablesMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IptablesMode::Nft => "nft",
+            IptablesMode::Legacy => "legacy",
+        }
+    }
 }
 
 /// The trust anchors from `path` (named by `flag` in the error): a readable
@@ -80,6 +105,7 @@ impl Settings {
             trust_domain: defaults::TRUST_DOMAIN.to_string(),
             trust_anchors_pem,
             token_audience: defaults::TOKEN_AUDIENCE.to_string(),
+            iptables_mode: IptablesMode::default(),
         }
     }
 }
@@ -175,6 +201,15 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     let opaque = ports(OPAQUE_PORTS)?;
     let skip_in = ports(SKIP_INBOUND_PORTS)?;
     let skip_out = ports(SKIP_OUTBOUND_PORTS)?;
+    let skip_cidrs = annotation(SKIP_OUTBOUND_CIDRS)
+        .map(|v| {
+            cidrs(v).ok_or(InjectError::Annotation {
+                    name: SKIP_OUTBOUND_CIDRS,
+                    value: v.to_string(),
+                    why: "is not a list of at most 64 IPv4 networks (e.g. 169.254.169.254/32,10.0.0.0/8)",
+                })
+        })
+        .transpose()?;
     let log_level = annotation(PROXY_LOG_LEVEL)
         .map(|v| {
             valid_log_level(v)
@@ -201,7 +236,12 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // The init container runs as root with NET_ADMIN: its image is always the
     // operator's, never one a pod's author names (the proxy's runs as the
     // proxy's user, with no capability, as any container of theirs could).
-    let init = init_container(&s.proxy_image, skip_in.as_deref(), skip_out.as_deref());
+    let init = init_container(
+        s,
+        skip_in.as_deref(),
+        skip_out.as_deref(),
+        skip_cidrs.as_deref(),
+    );
     // An older proxy, named by the pod, would not answer a rewritten probe:
     // its probes stay as written.
     let (probe_ops, init_probe_ops, probed) = match annotation(PROXY_IMAGE) {
@@ -263,13 +303,25 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     Ok(Outcome::Inject(patch))
 }
 
-fn init_container(image: &str, skip_in: Option<&str>, skip_out: Option<&str>) -> Value {
+fn init_container(
+    s: &Settings,
+    skip_in: Option<&str>,
+    skip_out: Option<&str>,
+    skip_cidrs: Option<&str>,
+) -> Value {
+    let image = &s.proxy_image;
     let mut env = Vec::new();
     if let Some(p) = skip_in {
         env.push(json!({"name": "STRAIT_PROXY_SKIP_INBOUND_PORTS", "value": p}));
     }
     if let Some(p) = skip_out {
         env.push(json!({"name": "STRAIT_PROXY_SKIP_OUTBOUND_PORTS", "value": p}));
+    }
+    if let Some(c) = skip_cidrs {
+        env.push(json!({"name": "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS", "value": c}));
+    }
+    if s.iptables_mode != IptablesMode::default() {
+        env.push(json!({"name": "STRAIT_PROXY_IPTABLES_MODE", "value": s.iptables_mode.as_str()}));
     }
     json!({
         "name": INIT_CONTAINER,
@@ -490,6 +542,24 @@ fn valid_ports(v: &str) -> bool {
             }
             None => port(p),
         })
+}
+
+/// "169.254.169.254/32, 10.0.0.0/8" as the init's `--skip-outbound-cidrs`
+/// takes it (IPv4 networks, comma-separated, no spaces), if it is at most
+/// `MAX_SKIP_CIDRS` of them.
+fn cidrs(v: &str) -> Option<String> {
+    let cidr = |c: &str| {
+        c.split_once('/').is_some_and(|(ip, len)| {
+            ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
+        })
+    };
+    let cidrs: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    (!cidrs.is_empty() && cidrs.len() <= MAX_SKIP_CIDRS && cidrs.iter().all(|c| cidr(c)))
+        .then(|| cidrs.join(","))
 }
 
 /// A RUST_LOG-style filter: directives of `target=level` or `level`.

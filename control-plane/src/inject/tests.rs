@@ -145,6 +145,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
         pod(
             json!({OPAQUE_PORTS: "5432", SKIP_INBOUND_PORTS: "22,9000-9010",
                    SKIP_OUTBOUND_PORTS: "443", PROXY_LOG_LEVEL: "debug",
+                   SKIP_OUTBOUND_CIDRS: "169.254.169.254/32, 10.0.0.0/8",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
                    "volumes": [{"name": "data", "emptyDir": {}}],
@@ -173,6 +174,12 @@ fn annotations_reach_the_proxy_and_the_init_container() {
         env(init, "STRAIT_PROXY_SKIP_OUTBOUND_PORTS").unwrap()["value"],
         "443"
     );
+    assert_eq!(
+        env(init, "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS").unwrap()["value"],
+        "169.254.169.254/32,10.0.0.0/8"
+    );
+    // The default backend (nft) is the init's own default.
+    assert!(env(init, "STRAIT_PROXY_IPTABLES_MODE").is_none());
     assert_eq!(proxy["image"], "registry.local/strait-proxy:dev");
     // The root, NET_ADMIN init container keeps the operator's image.
     assert_eq!(init["image"], settings().proxy_image);
@@ -186,6 +193,24 @@ fn annotations_reach_the_proxy_and_the_init_container() {
 }
 
 #[test]
+fn the_iptables_backend_set_on_the_controller_reaches_the_init_container() {
+    let mut s = settings();
+    s.iptables_mode = IptablesMode::Legacy;
+    let patch = match inject(&pod(json!({}), app_spec()), Namespace::Enabled, &s).unwrap() {
+        Outcome::Inject(p) => p,
+        Outcome::Skip(why) => panic!("skipped: {why}"),
+    };
+    let mut p = pod(json!({}), app_spec());
+    json_patch::patch(&mut p, &patch).unwrap();
+    let init = &p["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "strait-init");
+    assert_eq!(
+        env(init, "STRAIT_PROXY_IPTABLES_MODE").unwrap()["value"],
+        "legacy"
+    );
+}
+
+#[test]
 fn bad_annotations_are_named_in_the_error() {
     for (k, v) in [
         (OPAQUE_PORTS, "postgres"),
@@ -193,6 +218,9 @@ fn bad_annotations_are_named_in_the_error() {
         (SKIP_OUTBOUND_PORTS, "90-80"),
         (PROXY_LOG_LEVEL, "loud=="),
         (PROXY_IMAGE, "two words"),
+        (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
+        (SKIP_OUTBOUND_CIDRS, "fd00::/8"),
+        (SKIP_OUTBOUND_CIDRS, "10.0.0.1"),
         (INJECT, "yes"),
     ] {
         let err = inject(

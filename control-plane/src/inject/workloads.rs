@@ -148,6 +148,10 @@ pub struct InjectArgs {
     /// The proxy image (default: this release's).
     #[arg(long, value_name = "IMAGE")]
     pub proxy_image: Option<String>,
+    /// The iptables backend the init containers write with: the one the nodes'
+    /// kube-proxy uses.
+    #[arg(long, value_enum, default_value_t = super::IptablesMode::Nft)]
+    pub proxy_iptables_mode: super::IptablesMode,
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -173,7 +177,8 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
         &args.identity_trust_anchors_file,
     )
     .map_err(anyhow::Error::msg)?;
-    let settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
+    let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
+    settings.iptables_mode = args.proxy_iptables_mode;
     let (out, reports) = inject_stream(&input, &settings)?;
     let mut failed = 0;
     for r in &reports {
