@@ -206,7 +206,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             cidrs(v).ok_or(InjectError::Annotation {
                     name: SKIP_OUTBOUND_CIDRS,
                     value: v.to_string(),
-                    why: "is not a list of at most 64 IPv4 networks (e.g. 169.254.169.254/32,10.0.0.0/8)",
+                    why: "is not a list of at most 64 IPv4 networks, host bits zero (e.g. 169.254.169.254,10.0.0.0/8)",
                 })
         })
         .transpose()?;
@@ -544,14 +544,21 @@ fn valid_ports(v: &str) -> bool {
         })
 }
 
-/// "169.254.169.254/32, 10.0.0.0/8" as the init's `--skip-outbound-cidrs`
-/// takes it (IPv4 networks, comma-separated, no spaces), if it is at most
-/// `MAX_SKIP_CIDRS` of them.
+/// "169.254.169.254, 10.0.0.0/8" as the init's `--skip-outbound-cidrs`
+/// takes it (comma-separated, no spaces), if it is at most `MAX_SKIP_CIDRS`
+/// networks the init accepts: IPv4, a bare address a /32, host bits zero (a
+/// network the init would refuse would keep the pod from starting).
 fn cidrs(v: &str) -> Option<String> {
     let cidr = |c: &str| {
-        c.split_once('/').is_some_and(|(ip, len)| {
-            ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
-        })
+        let (ip, len) = c.split_once('/').unwrap_or((c, "32"));
+        let (Ok(ip), Some(len)) = (
+            ip.parse::<std::net::Ipv4Addr>(),
+            len.parse::<u32>().ok().filter(|l| *l <= 32),
+        ) else {
+            return false;
+        };
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        u32::from(ip) & !mask == 0
     };
     let cidrs: Vec<&str> = v
         .split(',')

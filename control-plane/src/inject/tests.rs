@@ -145,7 +145,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
         pod(
             json!({OPAQUE_PORTS: "5432", SKIP_INBOUND_PORTS: "22,9000-9010",
                    SKIP_OUTBOUND_PORTS: "443", PROXY_LOG_LEVEL: "debug",
-                   SKIP_OUTBOUND_CIDRS: "169.254.169.254/32, 10.0.0.0/8",
+                   SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
                    "volumes": [{"name": "data", "emptyDir": {}}],
@@ -176,7 +176,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     );
     assert_eq!(
         env(init, "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS").unwrap()["value"],
-        "169.254.169.254/32,10.0.0.0/8"
+        "169.254.169.254,10.0.0.0/8"
     );
     // The default backend (nft) is the init's own default.
     assert!(env(init, "STRAIT_PROXY_IPTABLES_MODE").is_none());
@@ -220,7 +220,7 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::/8"),
-        (SKIP_OUTBOUND_CIDRS, "10.0.0.1"),
+        (SKIP_OUTBOUND_CIDRS, "10.1.2.3/16"),
         (INJECT, "yes"),
     ] {
         let err = inject(

@@ -387,3 +387,53 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         "{out}"
     );
 }
+
+/// What the injector writes into the init container's environment (the
+/// iptables backend, the networks a pod skips) is what `strait-proxy init`
+/// reads: a value it refused would keep every such pod from starting.
+#[test]
+fn the_init_container_takes_what_the_injector_writes() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    dir.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: shop\n  annotations:\n    strait.dev/inject: enabled\n    strait.dev/skip-outbound-cidrs: \"169.254.169.254, 10.0.0.0/8\"\nspec:\n  containers: [{name: app, image: app}]\n",
+    );
+    let injected = run(
+        std::process::Command::new(strait_tests::process::binary("strait"))
+            .arg("inject")
+            .arg(dir.path().join("pod.yaml"))
+            .arg(format!(
+                "--identity-trust-anchors-file={}",
+                pki.anchors().display()
+            ))
+            .args(["--proxy-iptables-mode", "legacy"]),
+    );
+    let pod: serde_json::Value = serde_norway::from_str(&injected).unwrap();
+    let init = &pod["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "strait-init");
+    let mut cmd = std::process::Command::new(strait_tests::process::binary("strait-proxy"));
+    cmd.args(
+        init["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap()),
+    )
+    .arg("--dry-run")
+    .env_clear();
+    let mut names = Vec::new();
+    for e in init["env"].as_array().unwrap() {
+        names.push(e["name"].as_str().unwrap().to_string());
+        cmd.env(e["name"].as_str().unwrap(), e["value"].as_str().unwrap());
+    }
+    assert!(
+        names.contains(&"STRAIT_PROXY_IPTABLES_MODE".to_string())
+            && names.contains(&"STRAIT_PROXY_SKIP_OUTBOUND_CIDRS".to_string()),
+        "{names:?}"
+    );
+    let rules = run(&mut cmd);
+    for skipped in ["169.254.169.254/32", "10.0.0.0/8"] {
+        assert!(rules.contains(skipped), "{skipped} not in:\n{rules}");
+    }
+}
