@@ -29,6 +29,10 @@ pub enum Parent {
     /// The caller decided not to sample and sent no ids (B3 `0`, or
     /// `x-b3-sampled: 0` alone): nothing is recorded, nothing rewritten.
     Denied,
+    /// The caller decided to sample (or debug) and sent no ids (B3 `1` or
+    /// `d`, `x-b3-sampled: 1` or `x-b3-flags: 1` alone): a new trace, recorded
+    /// whatever the ratio.
+    Forced(Format),
 }
 
 /// A B3 sampling state: `Some(true)` accept (or debug), `Some(false)` deny,
@@ -153,6 +157,9 @@ fn trace_state(h: &HeaderMap) -> TraceState {
             break;
         }
     }
+    if joined.len() <= TRACESTATE_MAX {
+        return parse(&joined);
+    }
     let entries = joined
         .split(',')
         .map(str::trim)
@@ -193,8 +200,11 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         return w3c_context(h).map(|sc| Parent::Decided(sc, format));
     }
     if let Some(v) = h.get(B3).and_then(|v| v.to_str().ok()) {
-        if v.trim() == "0" {
-            return Some(Parent::Denied);
+        match v.trim() {
+            "0" => return Some(Parent::Denied),
+            "1" => return Some(Parent::Forced(Format::B3Single { debug: false })),
+            "d" => return Some(Parent::Forced(Format::B3Single { debug: true })),
+            _ => {}
         }
         let mut parts = v.split('-');
         let (trace, span) = (parts.next()?, parts.next()?);
@@ -215,7 +225,11 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         _ => None,
     };
     let Some(trace) = h.get(B3_TRACE) else {
-        return (state == Some(false)).then_some(Parent::Denied);
+        return match state {
+            Some(false) => Some(Parent::Denied),
+            Some(true) => Some(Parent::Forced(Format::B3Multi { debug })),
+            None => None,
+        };
     };
     let span = h.get(B3_SPAN)?.to_str().ok()?;
     b3_context(trace.to_str().ok()?, span, state, Format::B3Multi { debug })
@@ -362,7 +376,6 @@ mod tests {
         for h in [
             headers(&[("traceparent", "00-xyz-abc-01")]),
             headers(&[("traceparent", &format!("00-{}-{SPAN}-01", "0".repeat(32)))]),
-            headers(&[("b3", "1")]),
             headers(&[("b3", "nothex-00f067aa0ba902b7-1")]),
             headers(&[("x-b3-traceid", TRACE)]),
         ] {
@@ -473,6 +486,21 @@ mod tests {
         for h in [headers(&[("b3", "0")]), headers(&[("x-b3-sampled", "0")])] {
             assert_eq!(extract(&h), Some(Parent::Denied), "{h:?}");
         }
+        // A decision to sample without ids: a new trace, recorded.
+        for (h, want) in [
+            (headers(&[("b3", "1")]), Format::B3Single { debug: false }),
+            (headers(&[("b3", "d")]), Format::B3Single { debug: true }),
+            (
+                headers(&[("x-b3-sampled", "1")]),
+                Format::B3Multi { debug: false },
+            ),
+            (
+                headers(&[("x-b3-flags", "1")]),
+                Format::B3Multi { debug: true },
+            ),
+        ] {
+            assert_eq!(extract(&h), Some(Parent::Forced(want)), "{h:?}");
+        }
         // Ids without a sampling state: the receiver decides.
         for h in [
             headers(&[("b3", &format!("{TRACE}-{SPAN}"))]),
@@ -527,6 +555,12 @@ mod tests {
         h.append("tracestate", HeaderValue::from_static("c=3"));
         let (sc, _) = decided(extract(&h));
         assert_eq!(sc.trace_state().header(), "a=1,b=2,c=3");
+        // Nothing to cut: an entry over 128 bytes on a line of its own stays.
+        let vendor = format!("vendor={}", "v".repeat(150));
+        let mut h = headers(&[("traceparent", &tp), ("tracestate", "a=1")]);
+        h.append("tracestate", HeaderValue::from_str(&vendor).unwrap());
+        let (sc, _) = decided(extract(&h));
+        assert_eq!(sc.trace_state().header(), format!("a=1,{vendor}"));
 
         // 32 entries of 100 bytes: the first ones that fit in 512 are kept,
         // and an entry over 128 bytes goes first.

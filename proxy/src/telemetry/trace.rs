@@ -309,6 +309,15 @@ fn start_span<B>(
     use propagate::Parent;
     let (trace_id, parent_id, sampled, state, format) = match propagate::extract(req.headers()) {
         Some(Parent::Denied) => return None,
+        // The caller asked for this trace to be recorded, with no ids: a new
+        // one, whatever the ratio.
+        Some(Parent::Forced(f)) => (
+            export::new_trace_id(),
+            None,
+            true,
+            TraceState::default(),
+            Some(f),
+        ),
         Some(Parent::Decided(sc, _)) if !sc.is_sampled() => return None,
         Some(Parent::Decided(sc, f)) => (
             sc.trace_id(),

@@ -258,6 +258,37 @@ async fn b3_is_continued_and_answered_in_kind() {
     assert!(field(&seen, "traceparent").contains(&trace), "{seen}");
 }
 
+/// An app's B3 decision is kept whatever the proxies' ratio: `b3: 0` passes
+/// untouched and records nothing (it used to start a sampled trace, and the
+/// next hop rewrote the header to `1`), `b3: d` starts a recorded one.
+#[tokio::test]
+async fn b3_decisions_without_ids_are_kept() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &["--trace-sampling=1"]).await;
+    let seen = m.get("/trace-context", &[("b3", "0".to_string())]).await;
+    assert_eq!(field(&seen, "traceparent"), "", "{seen}");
+    // No proxy started a trace: each would have handed the next hop its span.
+    assert_eq!(field(&seen, "b3"), "0", "{seen}");
+    drop(m);
+
+    // Debug without ids, with sampling off: recorded, and still debug for the app.
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &["--trace-sampling=0"]).await;
+    let seen = m.get("/trace-context", &[("b3", "d".to_string())]).await;
+    let b3 = field(&seen, "b3");
+    assert!(b3.ends_with("-d"), "{seen}");
+    let trace = b3.split('-').next().unwrap().to_string();
+    let spans = collector.trace(&trace, 2).await;
+    assert_eq!(
+        (
+            of_trace(&spans, &trace, CLIENT).len(),
+            of_trace(&spans, &trace, SERVER).len()
+        ),
+        (1, 1),
+        "{spans:#?}"
+    );
+}
+
 #[tokio::test]
 async fn sampling_zero_exports_nothing_new_and_one_exports_every_request() {
     let none = OtlpCollector::start(Mode::Accept).await;
