@@ -73,22 +73,38 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     render(&args.values(existing)?)
 }
 
+/// Whether anything names a cluster: KUBECONFIG, `~/.kube/config`, or a pod's
+/// in-cluster configuration. kubectl would use it, so a configuration that
+/// cannot be read is an error rather than no cluster.
+fn has_kube_config() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    set("KUBECONFIG")
+        || set("KUBERNETES_SERVICE_HOST")
+        || std::env::var_os("HOME").is_some_and(|h| {
+            std::path::Path::new(&h)
+                .join(".kube")
+                .join("config")
+                .exists()
+        })
+}
+
 /// The identity of the install in the cluster KUBECONFIG (or the in-cluster
-/// configuration) names; `None` when there is no configuration (rendering
-/// for elsewhere) or no install.
+/// configuration) names; `None` when nothing names a cluster (rendering for
+/// elsewhere) or it has no install.
 async fn existing_identity() -> anyhow::Result<Option<Identity>> {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    let Ok(config) = kube::Config::infer().await else {
+    if !has_kube_config() {
         eprintln!(
-            "strait install: no Kubernetes configuration, so no existing install was looked for: a new trust anchor and issuer are generated (applied over an install, they would replace its identity)"
+            "strait install: no Kubernetes configuration (KUBECONFIG, ~/.kube/config, in a pod), so no existing install was looked for: a new trust anchor and issuer are generated (applied over an install, they would replace its identity)"
         );
         return Ok(None);
-    };
+    }
     let cannot = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "cannot tell whether strait is installed (reading {NAMESPACE}/{ISSUER_SECRET}): {e}; pass the --identity-* files, or --ignore-cluster to generate a new identity anyway"
         )
     };
+    let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
     let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client, NAMESPACE);

@@ -537,11 +537,14 @@ async fn strait_install_again_keeps_the_installed_identity() {
         ),
     )
     .unwrap();
-    let refused = install(&[], &gone).await.unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
-    assert!(refused.stdout.is_empty());
-    assert!(stderr.contains("--ignore-cluster"), "{stderr}");
+    // So does a configuration that cannot be read, which kubectl would use.
+    for kubeconfig in [gone, dir.path().join("missing")] {
+        let refused = install(&[], &kubeconfig).await.unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{stderr}");
+        assert!(refused.stdout.is_empty());
+        assert!(stderr.contains("--ignore-cluster"), "{stderr}");
+    }
 }
 
 /// Against a real cluster, when one is configured: the controller's source
