@@ -218,8 +218,13 @@ fn rewrite_path(uri: &Uri, p: &PathModifier, matched_prefix: Option<&str>) -> St
             } else {
                 path.strip_prefix(prefix).unwrap_or(path)
             };
-            let rest = rest.trim_start_matches('/');
             let base = replacement.trim_end_matches('/');
+            // A trailing slash after the prefix stays (Gateway API's table:
+            // /foo/ with prefix /foo and replacement /xyz is /xyz/).
+            if prefix != "/" && rest == "/" {
+                return with_query(format!("{base}/"), uri);
+            }
+            let rest = rest.trim_start_matches('/');
             if rest.is_empty() {
                 if base.is_empty() {
                     "/".into()
@@ -231,9 +236,13 @@ fn rewrite_path(uri: &Uri, p: &PathModifier, matched_prefix: Option<&str>) -> St
             }
         }
     };
+    with_query(new_path, uri)
+}
+
+fn with_query(path: String, uri: &Uri) -> String {
     match uri.query() {
-        Some(q) => format!("{new_path}?{q}"),
-        None => new_path,
+        Some(q) => format!("{path}?{q}"),
+        None => path,
     }
 }
 
@@ -261,7 +270,20 @@ impl Redirect {
         } else {
             80
         };
-        let port = self.port.filter(|p| *p != default_port);
+        // No port given and no scheme: the port the request came to (the
+        // Service's, GAMMA's listener port). With a scheme, its own.
+        let came_to = || {
+            req.uri().port_u16().or_else(|| {
+                let h = req.headers().get(HOST)?.to_str().ok()?;
+                h.parse::<http::uri::Authority>().ok()?.port_u16()
+            })
+        };
+        let port = match (self.port, &self.scheme) {
+            (Some(p), _) => Some(p),
+            (None, None) => came_to(),
+            (None, Some(_)) => None,
+        }
+        .filter(|p| *p != default_port);
         let path = match &self.path {
             Some(p) => rewrite_path(req.uri(), p, matched_prefix),
             None => req
@@ -297,6 +319,32 @@ mod tests {
         assert_eq!(rewrite_path(&uri, &full, None), "/x?x=1");
     }
 
+    /// Gateway API's ReplacePrefixMatch table.
+    #[test]
+    fn prefix_rewrites_follow_the_gateway_api_table() {
+        for (path, prefix, replacement, want) in [
+            ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/foo", "", "/bar"),
+            ("/foo/", "/foo", "", "/"),
+            ("/foo", "/foo", "", "/"),
+            ("/foo/", "/foo", "/", "/"),
+            ("/foo", "/foo", "/", "/"),
+        ] {
+            let uri: Uri = path.parse().unwrap();
+            let p = PathModifier::Prefix(replacement.into());
+            assert_eq!(
+                rewrite_path(&uri, &p, Some(prefix)),
+                want,
+                "{path} {prefix} {replacement:?}"
+            );
+        }
+    }
+
     #[test]
     fn redirects_answer_with_a_location() {
         let f = Filters::parse(vec![api::HttpFilter {
@@ -317,5 +365,38 @@ mod tests {
         let rsp = f.on_request(&mut req, None).unwrap_err();
         assert_eq!(rsp.status(), StatusCode::MOVED_PERMANENTLY);
         assert_eq!(rsp.headers()[LOCATION], "https://web.shop/a?b=c");
+    }
+
+    /// Without a scheme or a port, a redirect keeps the port the request came
+    /// to (the Service's), not HTTP's 80; with a scheme, that scheme's port.
+    #[test]
+    fn a_redirect_without_a_port_keeps_the_services() {
+        let redirect = |scheme: &str| {
+            Filters::parse(vec![api::HttpFilter {
+                kind: Some(api::http_filter::Kind::RequestRedirect(
+                    api::RequestRedirect {
+                        scheme: scheme.into(),
+                        hostname: "new.shop".into(),
+                        status_code: 302,
+                        ..Default::default()
+                    },
+                )),
+            }])
+            .unwrap()
+        };
+        for (scheme, host, want) in [
+            ("", "web.shop:8080", "http://new.shop:8080/a"),
+            ("", "web.shop", "http://new.shop/a"),
+            ("", "web.shop:80", "http://new.shop/a"),
+            ("https", "web.shop:8080", "https://new.shop/a"),
+        ] {
+            let mut req = Request::builder()
+                .uri("/a")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            let rsp = redirect(scheme).on_request(&mut req, None).unwrap_err();
+            assert_eq!(rsp.headers()[LOCATION], want, "{scheme:?} {host}");
+        }
     }
 }
