@@ -185,16 +185,21 @@ impl Policy {
                 .is_some_and(|c| self.config.grpc_codes.contains(&c))
     }
 
-    /// Full-jitter exponential backoff: uniform in [0, base * 2^(n-1)].
+    /// Exponential backoff with jitter above a floor: uniform in
+    /// [base * 2^(n-1), base * 2^n]. `backoff` is the least wait between
+    /// attempts (GEP-1731), so even the first retry waits that long; the
+    /// jitter keeps clients that failed together from retrying together.
     fn backoff(&self) -> Duration {
         let base = self.config.backoff;
         if base.is_zero() {
             return Duration::ZERO;
         }
-        let cap = base
+        let floor = base
             .saturating_mul(1 << self.retried.saturating_sub(1).min(16))
             .min(defaults::MAX_RETRY_BACKOFF);
-        cap.mul_f64(rand::rng().random_range(0.0..=1.0))
+        floor
+            .mul_f64(rand::rng().random_range(1.0..=2.0))
+            .min(defaults::MAX_RETRY_BACKOFF)
     }
 }
 
@@ -463,15 +468,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn backoff_grows_and_stays_under_its_cap() {
+    async fn backoff_grows_from_its_floor_and_stays_under_its_cap() {
         let mut p = policy(10, &[503]);
-        for n in 1..=10 {
+        for n in 1..=12 {
             p.retried = n;
             let b = p.backoff();
-            assert!(
-                b <= Duration::from_millis(10) * (1 << (n - 1)),
-                "{n}: {b:?}"
-            );
+            let floor =
+                (Duration::from_millis(10) * (1 << (n - 1))).min(defaults::MAX_RETRY_BACKOFF);
+            assert!(b >= floor && b <= floor * 2, "{n}: {b:?}");
+            assert!(b <= defaults::MAX_RETRY_BACKOFF, "{n}: {b:?}");
         }
     }
 }
