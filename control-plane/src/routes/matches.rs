@@ -61,7 +61,12 @@ fn full_match_regex(field: &str, pattern: &str) -> Result<String, SpecError> {
 }
 
 pub(super) fn path_value(field: &str, v: &str) -> Result<String, SpecError> {
-    if !v.starts_with('/') || v.contains(['?', '#']) {
+    // As a request's path would parse: a rewrite to a path that cannot be
+    // sent (a space, a control character) would be silently skipped.
+    if !v.starts_with('/')
+        || v.contains(['?', '#'])
+        || http::uri::PathAndQuery::try_from(v).is_err()
+    {
         return Err(SpecError::new(
             field,
             format!("{v:?} is not a path (it starts with \"/\", without query or fragment)"),

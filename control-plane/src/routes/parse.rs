@@ -658,6 +658,11 @@ mod tests {
                 "spec.rules[0].matches[0].path.value",
             ),
             (
+                "/spec/rules/0/matches/0/path/value",
+                json!("/a b"),
+                "spec.rules[0].matches[0].path.value",
+            ),
+            (
                 "/spec/rules/0/matches/0/headers/0/type",
                 json!("Prefix"),
                 "spec.rules[0].matches[0].headers[0].type",
