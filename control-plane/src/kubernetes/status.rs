@@ -32,8 +32,35 @@ pub struct StatusInput {
     pub targets: Vec<String>,
     /// Services it sends to (a route's backends).
     pub backends: Vec<String>,
+    /// A route's Service parents as its parentRefs name them: the port and
+    /// `sectionName` (a port's name) each must exist on the Service.
+    pub parent_refs: Vec<ParentRef>,
+    /// The ports a route's backendRefs name, per Service.
+    pub backend_ports: Vec<(String, u16)>,
     /// Its status as last read.
     pub current: Value,
+}
+
+/// A route's parentRef to a Service, as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentRef {
+    pub name: String,
+    pub port: Option<u16>,
+    pub section: Option<String>,
+}
+
+impl ParentRef {
+    /// As `status.parents[].parentRef` echoes it.
+    fn to_json(&self) -> Value {
+        let mut r = json!({"group": "", "kind": "Service", "name": self.name});
+        if let Some(p) = self.port {
+            r["port"] = json!(p);
+        }
+        if let Some(s) = &self.section {
+            r["sectionName"] = json!(s);
+        }
+        r
+    }
 }
 
 impl StatusInput {
@@ -41,23 +68,36 @@ impl StatusInput {
     pub fn of(kind: Kind, v: &Value, error: Option<String>) -> Self {
         let meta = &v["metadata"];
         let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(String::from);
+        let port_at = |v: &Value| v["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+        let (mut parent_refs, mut backend_ports) = (Vec::new(), Vec::new());
         let (targets, backends) = match kind {
             Kind::HttpRoute => {
-                let parents = v["spec"]["parentRefs"]
+                parent_refs = v["spec"]["parentRefs"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter(|p| p["kind"].as_str() == Some("Service"))
-                    .filter_map(|p| str_at(p, "/name"))
-                    .collect();
-                let backends = v["spec"]["rules"]
+                    .filter_map(|p| {
+                        Some(ParentRef {
+                            name: str_at(p, "/name")?,
+                            port: port_at(p),
+                            section: str_at(p, "/sectionName"),
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                let parents = parent_refs.iter().map(|p| p.name.clone()).collect();
+                let refs: Vec<&Value> = v["spec"]["rules"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .flat_map(|r| r["backendRefs"].as_array().into_iter().flatten())
                     .filter(|b| b["kind"].as_str().is_none_or(|k| k == "Service"))
-                    .filter_map(|b| str_at(b, "/name"))
                     .collect();
+                backend_ports = refs
+                    .iter()
+                    .filter_map(|b| Some((str_at(b, "/name")?, port_at(b)?)))
+                    .collect();
+                let backends = refs.iter().filter_map(|b| str_at(b, "/name")).collect();
                 (parents, backends)
             }
             _ => (
@@ -74,6 +114,8 @@ impl StatusInput {
             error,
             targets,
             backends,
+            parent_refs,
+            backend_ports,
             current: v.get("status").cloned().unwrap_or(Value::Null),
         }
     }
@@ -108,16 +150,56 @@ fn condition(
            "observedGeneration": generation, "lastTransitionTime": since})
 }
 
-/// The two conditions of an object whose `targets` and `backends` are looked up in `snap`.
-fn conditions(s: &StatusInput, snap: &Snapshot, old: &Value) -> Vec<Value> {
-    let exists = |name: &String| {
-        snap.services.contains_key(&ObjKey {
+/// The two conditions of an object whose `targets` and `backends` are looked
+/// up in `snap`; for a route, of its entry for `parent`.
+fn conditions(
+    s: &StatusInput,
+    snap: &Snapshot,
+    old: &Value,
+    parent: Option<&ParentRef>,
+) -> Vec<Value> {
+    let service = |name: &String| {
+        snap.services.get(&ObjKey {
             namespace: s.namespace.clone(),
             name: name.clone(),
         })
     };
-    let accepted = match &s.error {
-        None => condition(
+    let exists = |name: &String| service(name).is_some();
+    // A parentRef whose port or sectionName the Service does not have
+    // attaches the route to nothing (Gateway API: NoMatchingParent).
+    let unmatched = parent.and_then(|p| {
+        let ports = &service(&p.name)?.ports;
+        match (p.port, &p.section) {
+            (Some(n), _) if !ports.iter().any(|sp| sp.port == n) => {
+                Some(format!("Service {} has no port {n}", p.name))
+            }
+            (_, Some(sec)) if !ports.iter().any(|sp| sp.name.as_ref() == Some(sec)) => {
+                Some(format!("Service {} has no port named {sec}", p.name))
+            }
+            _ => None,
+        }
+    });
+    // A backendRef to a port its Service does not have sends its share nowhere.
+    let bad_ports: Vec<String> = s
+        .backend_ports
+        .iter()
+        .filter_map(|(name, port)| {
+            let info = service(name)?;
+            (!info.ports.iter().any(|sp| sp.port == *port))
+                .then(|| format!("Service {name} has no port {port}"))
+        })
+        .collect();
+    let accepted = match (&s.error, unmatched) {
+        (Some(e), _) => condition("Accepted", false, "Invalid", e, s.generation, old),
+        (None, Some(why)) => condition(
+            "Accepted",
+            false,
+            "NoMatchingParent",
+            &why,
+            s.generation,
+            old,
+        ),
+        (None, None) => condition(
             "Accepted",
             true,
             "Accepted",
@@ -125,7 +207,6 @@ fn conditions(s: &StatusInput, snap: &Snapshot, old: &Value) -> Vec<Value> {
             s.generation,
             old,
         ),
-        Some(e) => condition("Accepted", false, "Invalid", e, s.generation, old),
     };
     let missing: Vec<&String> = s
         .targets
@@ -142,12 +223,21 @@ fn conditions(s: &StatusInput, snap: &Snapshot, old: &Value) -> Vec<Value> {
             s.generation,
             old,
         )
-    } else if missing.is_empty() {
+    } else if missing.is_empty() && bad_ports.is_empty() {
         condition(
             "ResolvedRefs",
             true,
             "ResolvedRefs",
             "every Service referenced exists",
+            s.generation,
+            old,
+        )
+    } else if missing.is_empty() {
+        condition(
+            "ResolvedRefs",
+            false,
+            "BackendNotFound",
+            &bad_ports.join("; "),
             s.generation,
             old,
         )
@@ -179,24 +269,24 @@ pub fn desired(s: &StatusInput, snap: &Snapshot) -> Value {
                 .flatten()
                 .filter(|p| p["controllerName"] != CONTROLLER_NAME)
                 .cloned();
-            let ours = s.targets.iter().map(|parent| {
+            let ours = s.parent_refs.iter().map(|parent| {
+                let parent_ref = parent.to_json();
                 let old = s.current["parents"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .find(|p| {
-                        p["controllerName"] == CONTROLLER_NAME
-                            && p["parentRef"]["name"] == parent.as_str()
+                        p["controllerName"] == CONTROLLER_NAME && p["parentRef"] == parent_ref
                     })
                     .map(|p| p["conditions"].clone())
                     .unwrap_or(Value::Null);
-                json!({"parentRef": {"group": "", "kind": "Service", "name": parent},
+                json!({"parentRef": parent_ref,
                        "controllerName": CONTROLLER_NAME,
-                       "conditions": conditions(s, snap, &old)})
+                       "conditions": conditions(s, snap, &old, Some(parent))})
             });
             json!({"parents": others.chain(ours).collect::<Vec<_>>()})
         }
-        _ => json!({"conditions": conditions(s, snap, &s.current["conditions"])}),
+        _ => json!({"conditions": conditions(s, snap, &s.current["conditions"], None)}),
     }
 }
 

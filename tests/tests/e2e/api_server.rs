@@ -283,6 +283,10 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     api.apply(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n    - backendRefs: [{name: web, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]\n",
     );
+    // Both Services exist; the ports named do not.
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-ports, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 81}]\n  rules:\n    - backendRefs: [{name: web, port: 9090}]\n",
+    );
     let (a, a_admin) = replica(&api, &dir, "replica-a");
     let (b, b_admin) = replica(&api, &dir, "replica-b");
     wait::ready(a_admin, Duration::from_secs(20)).await;
@@ -293,9 +297,10 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
         condition(&status_of("web"), "Accepted").0 == "True"
             && condition(&status_of("typo"), "Accepted").0 == "False"
             && condition(&status_of("orphan"), "ResolvedRefs").0 == "False"
-            && api
-                .get("httproutes", NS, "web-split")
-                .is_some_and(|r| r["status"]["parents"].is_array())
+            && ["web-split", "web-ports"].iter().all(|r| {
+                api.get("httproutes", NS, r)
+                    .is_some_and(|r| r["status"]["parents"].is_array())
+            })
     })
     .await;
     assert_eq!(
@@ -332,6 +337,35 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
         (Some("False"), Some("BackendNotFound"))
     );
 
+    let route = api.get("httproutes", NS, "web-ports").unwrap();
+    let parent = &route["status"]["parents"][0];
+    assert_eq!(parent["parentRef"]["port"], 81, "the parentRef as written");
+    let of = |kind: &str| {
+        let c = parent["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap();
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["reason"].as_str().unwrap().to_string(),
+            c["message"].as_str().unwrap().to_string(),
+        )
+    };
+    let (accepted, reason, msg) = of("Accepted");
+    assert_eq!(
+        (accepted.as_str(), reason.as_str()),
+        ("False", "NoMatchingParent")
+    );
+    assert!(msg.contains("no port 81"), "{msg}");
+    let (resolved, reason, msg) = of("ResolvedRefs");
+    assert_eq!(
+        (resolved.as_str(), reason.as_str()),
+        ("False", "BackendNotFound")
+    );
+    assert!(msg.contains("Service web has no port 9090"), "{msg}");
+
     // Exactly one replica wrote, the lease holder, and nothing twice.
     let lease = api
         .get("leases", "strait-system", "strait-controller")
@@ -342,7 +376,7 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
         .to_string();
     let patches = api.status_patches();
     assert!(patches.iter().all(|(m, _, _)| *m == holder), "{patches:?}");
-    assert_eq!(patches.len(), 4, "one write per object: {patches:?}");
+    assert_eq!(patches.len(), 5, "one write per object: {patches:?}");
 
     // The writer dies: the other takes over within the lease's 2 s and writes
     // the status of a policy changed meanwhile.
