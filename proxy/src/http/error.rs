@@ -144,6 +144,13 @@ impl Unsent {
 #[derive(Clone, Copy, Debug)]
 pub struct ReturnUnsent;
 
+/// Set on a request whose body is too large to copy for a retry: its first
+/// frame is not read ahead of the connection (as it is to spare an app the
+/// head of a request whose body fails), so a request no connection took is
+/// still unread, and can be sent whole to another endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct KeepUnread;
+
 /// Marks a response to a request the client failed (its body was malformed or
 /// stalled, its head refused before it was sent): it says nothing about the
 /// endpoint, good or bad.

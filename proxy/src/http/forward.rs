@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
-use super::error::{ProxyError, ReturnUnsent, Unsent};
+use super::error::{KeepUnread, ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
 use super::{BoxBody, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
 use crate::addr::OwnAddrs;
@@ -132,11 +132,12 @@ impl Forward {
         // connection closed first, and no other could be had).
         let edits = edit_for_upstream(&mut req, to_peer.as_ref(), h2, target, hand_back && h2);
         let conn = req.extensions_mut().remove::<UpgradeConn>();
+        let keep_unread = req.extensions().get::<KeepUnread>().is_some();
         let body_fault = req.extensions().get::<BodyFault>().cloned();
         let mut req = req.map(super::boxed);
         // Not when a retry counts on getting the body back unread should no
         // connection take the request (an HTTP/1 pool connects as it sends).
-        if !h2 && !is_upgrade && !is_connect && !hand_back {
+        if !h2 && !is_upgrade && !is_connect && !hand_back && !keep_unread {
             req = first_frame::with_first_frame(req, FIRST_BODY_FRAME_WAIT).await;
             // A body that failed while waited for is the client's fault, and
             // the app is spared the head of a request that cannot finish.

@@ -16,7 +16,7 @@ use super::http::{self as stack, RouteService};
 use super::route::{PathMatch, Rule, Table};
 use crate::balance::Endpoints;
 use crate::control::view::ServiceView;
-use crate::http::error::{ReturnUnsent, error_response};
+use crate::http::error::{KeepUnread, ReturnUnsent, error_response};
 use crate::http::forward::Forward;
 use crate::http::{BoxBody, BoxError, boxed};
 use crate::retry::{BudgetConfig, ReplayBody};
@@ -189,7 +189,10 @@ impl Stages {
                     req.extensions_mut().insert(ReturnUnsent);
                     0
                 };
-                let req = req.map(|body| ReplayBody::new(body, keep));
+                let mut req = req.map(|body| ReplayBody::new(body, keep));
+                if keep > 0 && req.body().too_large() {
+                    req.extensions_mut().insert(KeepUnread);
+                }
                 let mut svc = stage.service.clone();
                 match svc.ready().await {
                     Ok(svc) => match svc.call(req).await {

@@ -102,6 +102,12 @@ impl ReplayBody {
         }
     }
 
+    /// Known from its declared length to be over the limit: no copy of it is
+    /// kept, so only a body never read can be sent again.
+    pub fn too_large(&self) -> bool {
+        self.state().is_some_and(|s| s.overflow)
+    }
+
     fn state(&self) -> Option<std::sync::MutexGuard<'_, State>> {
         self.state
             .as_ref()

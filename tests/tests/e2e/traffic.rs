@@ -564,6 +564,45 @@ async fn a_dead_endpoint_costs_a_retry_not_a_failed_request() {
     }
 }
 
+/// A rule that retries statuses still retries a request no endpoint took,
+/// even one whose body is too large to keep a copy of: that body was never
+/// read. (It was read ahead by one frame, and then could not be sent again:
+/// the client got 502 where a route without retries retried.)
+#[tokio::test]
+async fn a_large_body_never_sent_is_retried_on_a_retrying_route() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[("route.yaml", route("web", "", RETRY_503))]).await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    wait::until("retries in force", Duration::from_secs(10), || async {
+        send(&mesh.url("/flaky/50"), 16, http::StatusCode::OK).await == 16
+    })
+    .await;
+    let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    mesh.dir
+        .write("slice-dead.yaml", &endpoint(NS, "web", "dead", nobody));
+    let large = Bytes::from(vec![7u8; 1024 * 1024]);
+    const RETRIES: &str = "strait_proxy_route_retries_total";
+    let before = mesh.metric(RETRIES).await;
+    let mut sent = 0;
+    wait::until(
+        "a large request to the dead endpoint retried",
+        Duration::from_secs(10),
+        || {
+            sent += 1;
+            let (mesh, large) = (&mesh, large.clone());
+            async move {
+                let (status, text) = post(&mesh.url("/echo"), large.clone()).await;
+                assert_eq!(status, http::StatusCode::OK, "{text}");
+                assert_eq!(text.len(), large.len());
+                mesh.metric(RETRIES).await > before
+            }
+        },
+    )
+    .await;
+    println!("retried within {sent} requests, none failed");
+}
+
 #[tokio::test]
 async fn a_grpc_method_route_retries_unavailable() {
     let grpc: SocketAddr = strait_tests::grpc::start_flaky_echo().await;
