@@ -357,6 +357,17 @@ impl Endpoints {
         let Some(b) = draw(Some(a)) else {
             return Some(a);
         };
+        // An endpoint whose ejection is over is probed when drawn, whatever
+        // its estimate: the failures that ejected it (timeouts above all)
+        // left it costly for a minute, and it would lose every comparison
+        // for that long, still counted against `maxEjectionPercent`.
+        let probing = |i: usize| self.slots[i].state.outlier().admit(now) == Admit::Probe;
+        if probing(a) {
+            return Some(a);
+        }
+        if probing(b) {
+            return Some(b);
+        }
         let (ca, cb) = (self.slots[a].state.cost(now), self.slots[b].state.cost(now));
         Some(if ca <= cb { a } else { b })
     }
@@ -696,6 +707,44 @@ mod tests {
         }
         assert_eq!(b.ejected(), 1, "{counts:?}");
         assert!(counts[0] <= 10, "the silent endpoint got {counts:?}");
+    }
+
+    /// Ejected for timing out, an endpoint's estimate is seconds, which would
+    /// lose every comparison for a minute after its ejection: it is probed as
+    /// soon as its ejection is over, and re-admitted when the probe succeeds.
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_ejected_for_timeouts_is_probed_when_its_ejection_ends() {
+        let mut config = BackendConfig::default();
+        config.breaker.base_ejection = Duration::from_secs(5);
+        let b = backend(3, config);
+        let timeout = Duration::from_secs(10);
+        // Endpoint 0 hangs: its attempts time out until it is ejected.
+        while b.ejected() == 0 {
+            let mut f = b.pick(&Default::default(), None).unwrap();
+            f.give_up_at(Instant::now() + timeout);
+            if index(&f) == 0 {
+                tokio::time::advance(timeout).await;
+                drop(f);
+            } else {
+                tokio::time::advance(Duration::from_millis(1)).await;
+                f.success();
+            }
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Healthy again: within a few requests it is probed and re-admitted.
+        let mut until_probed = 0;
+        loop {
+            until_probed += 1;
+            assert!(until_probed < 50, "no probe in 50 requests");
+            let f = b.pick(&Default::default(), None).unwrap();
+            let probed = index(&f) == 0;
+            tokio::time::advance(Duration::from_millis(1)).await;
+            f.success();
+            if probed {
+                break;
+            }
+        }
+        assert_eq!(b.ejected(), 0, "re-admitted after {until_probed} requests");
     }
 
     #[tokio::test(start_paused = true)]
