@@ -270,13 +270,19 @@ impl Redirect {
         } else {
             80
         };
-        // No port given and no scheme: the port the request came to (the
-        // Service's, GAMMA's listener port). With a scheme, its own.
+        // No port given and no scheme: the Service's port (GAMMA's listener
+        // port), the one the app addressed, not a local `--upstream`
+        // listener's that its Host may name. With a scheme, its own.
         let came_to = || {
-            req.uri().port_u16().or_else(|| {
-                let h = req.headers().get(HOST)?.to_str().ok()?;
-                h.parse::<http::uri::Authority>().ok()?.port_u16()
-            })
+            req.extensions()
+                .get::<crate::http::Dst>()
+                .map(|d| d.0.port())
+                .or_else(|| {
+                    req.uri().port_u16().or_else(|| {
+                        let h = req.headers().get(HOST)?.to_str().ok()?;
+                        h.parse::<http::uri::Authority>().ok()?.port_u16()
+                    })
+                })
         };
         let port = match (self.port, &self.scheme) {
             (Some(p), _) => Some(p),
@@ -397,6 +403,19 @@ mod tests {
                 .unwrap();
             let rsp = redirect(scheme).on_request(&mut req, None).unwrap_err();
             assert_eq!(rsp.headers()[LOCATION], want, "{scheme:?} {host}");
+        }
+        // The Service the app addressed decides, not the Host of a local
+        // listener (`--upstream 127.0.0.1:9000=web.shop:8080`), nor its absence.
+        for host in ["127.0.0.1:9000", "web.shop"] {
+            let mut req = Request::builder()
+                .uri("/a")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            let dst: crate::addr::DestAddr = "web.shop:8080".parse().unwrap();
+            req.extensions_mut().insert(crate::http::Dst(dst));
+            let rsp = redirect("").on_request(&mut req, None).unwrap_err();
+            assert_eq!(rsp.headers()[LOCATION], "http://new.shop:8080/a", "{host}");
         }
     }
 }
