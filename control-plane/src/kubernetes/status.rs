@@ -41,26 +41,15 @@ pub struct StatusInput {
     pub current: Value,
 }
 
-/// A route's parentRef to a Service, as written.
+/// A route's parentRef to a Service.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParentRef {
     pub name: String,
     pub port: Option<u16>,
     pub section: Option<String>,
-}
-
-impl ParentRef {
-    /// As `status.parents[].parentRef` echoes it.
-    fn to_json(&self) -> Value {
-        let mut r = json!({"group": "", "kind": "Service", "name": self.name});
-        if let Some(p) = self.port {
-            r["port"] = json!(p);
-        }
-        if let Some(s) = &self.section {
-            r["sectionName"] = json!(s);
-        }
-        r
-    }
+    /// As written in the spec, which `status.parents[].parentRef` echoes so
+    /// that tools can pair the two.
+    pub written: Value,
 }
 
 impl StatusInput {
@@ -82,6 +71,7 @@ impl StatusInput {
                             name: str_at(p, "/name")?,
                             port: port_at(p),
                             section: str_at(p, "/sectionName"),
+                            written: p.clone(),
                         })
                     })
                     .collect::<Vec<_>>();
@@ -169,15 +159,19 @@ fn conditions(
     // attaches the route to nothing (Gateway API: NoMatchingParent).
     let unmatched = parent.and_then(|p| {
         let ports = &service(&p.name)?.ports;
-        match (p.port, &p.section) {
-            (Some(n), _) if !ports.iter().any(|sp| sp.port == n) => {
-                Some(format!("Service {} has no port {n}", p.name))
-            }
-            (_, Some(sec)) if !ports.iter().any(|sp| sp.name.as_ref() == Some(sec)) => {
-                Some(format!("Service {} has no port named {sec}", p.name))
-            }
-            _ => None,
-        }
+        // One port must match both, as attaching asks.
+        let matches = ports.iter().any(|sp| {
+            p.port.is_none_or(|n| sp.port == n)
+                && p.section
+                    .as_ref()
+                    .is_none_or(|s| sp.name.as_ref() == Some(s))
+        });
+        (!matches).then(|| match (p.port, &p.section) {
+            (Some(n), Some(s)) => format!("Service {} has no port {n} named {s}", p.name),
+            (Some(n), None) => format!("Service {} has no port {n}", p.name),
+            (None, Some(s)) => format!("Service {} has no port named {s}", p.name),
+            (None, None) => format!("Service {} has no ports", p.name),
+        })
     });
     // A backendRef to a port its Service does not have sends its share nowhere.
     let bad_ports: Vec<String> = s
@@ -270,7 +264,7 @@ pub fn desired(s: &StatusInput, snap: &Snapshot) -> Value {
                 .filter(|p| p["controllerName"] != CONTROLLER_NAME)
                 .cloned();
             let ours = s.parent_refs.iter().map(|parent| {
-                let parent_ref = parent.to_json();
+                let parent_ref = parent.written.clone();
                 let old = s.current["parents"]
                     .as_array()
                     .into_iter()

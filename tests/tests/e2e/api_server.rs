@@ -283,9 +283,10 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     api.apply(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n    - backendRefs: [{name: web, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]\n",
     );
-    // Both Services exist; the ports named do not.
+    // The Services exist; the ports named do not.
+    api.apply("apiVersion: v1\nkind: Service\nmetadata: {name: multi, namespace: test}\nspec:\n  ports: [{name: http, port: 80}, {name: admin, port: 9090}]\n");
     api.apply(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-ports, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 81}]\n  rules:\n    - backendRefs: [{name: web, port: 9090}]\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-ports, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 81}, {group: \"\", kind: Service, name: multi, port: 80, sectionName: admin}]\n  rules:\n    - backendRefs: [{name: web, port: 9090}]\n",
     );
     let (a, a_admin) = replica(&api, &dir, "replica-a");
     let (b, b_admin) = replica(&api, &dir, "replica-b");
@@ -339,7 +340,11 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
 
     let route = api.get("httproutes", NS, "web-ports").unwrap();
     let parent = &route["status"]["parents"][0];
-    assert_eq!(parent["parentRef"]["port"], 81, "the parentRef as written");
+    assert_eq!(
+        parent["parentRef"],
+        serde_json::json!({"group": "", "kind": "Service", "name": "web", "port": 81}),
+        "the parentRef as written"
+    );
     let of = |kind: &str| {
         let c = parent["conditions"]
             .as_array()
@@ -365,6 +370,17 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
         ("False", "BackendNotFound")
     );
     assert!(msg.contains("Service web has no port 9090"), "{msg}");
+    // Port 80 exists, and so does a port named admin, but not one that is
+    // both: the route attaches to nothing there either.
+    let second = &route["status"]["parents"][1];
+    assert_eq!(second["parentRef"]["sectionName"], "admin");
+    let accepted = second["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .unwrap();
+    assert_eq!(accepted["reason"], "NoMatchingParent", "{accepted}");
 
     // Exactly one replica wrote, the lease holder, and nothing twice.
     let lease = api
