@@ -31,7 +31,8 @@ pub struct RetryConfig {
     pub attempts: u32,
     pub codes: Vec<u16>,
     pub grpc_codes: Vec<u32>,
-    /// Base of the exponential backoff (full jitter).
+    /// The least wait before the first retry; it doubles with each (jittered
+    /// up to twice itself).
     pub backoff: Duration,
 }
 

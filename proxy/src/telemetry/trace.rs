@@ -43,7 +43,8 @@ use crate::identity::Identity;
 #[derive(Debug)]
 pub struct Observe {
     pub tracer: Option<Recorder<ProxySpan>>,
-    /// No new trace is ever started: only callers' sampled traces are followed.
+    /// No trace is started by ratio: only callers' sampled traces are
+    /// followed, and traces a caller asked for without ids (B3 `1`, `d`).
     pub never_start: bool,
     pub access_log: Option<AccessLog>,
 }
