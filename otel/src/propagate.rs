@@ -454,15 +454,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn writes_traceparent_and_b3_as_it_came() {
-        let sc = SpanContext::new(
+    /// A proxy's span, sampled, as it is written for the next hop.
+    fn ours() -> SpanContext {
+        SpanContext::new(
             TraceId::from_hex(TRACE).unwrap(),
             SpanId::from_hex("1111111111111111").unwrap(),
             TraceFlags::SAMPLED,
             false,
             TraceState::default(),
-        );
+        )
+    }
+
+    #[test]
+    fn writes_traceparent_and_b3_as_it_came() {
+        let sc = ours();
         let mut h = headers(&[("x-b3-parentspanid", SPAN)]);
         inject(&mut h, &sc, Some(Format::B3Multi { debug: false }));
         assert_eq!(h["traceparent"], format!("00-{TRACE}-1111111111111111-01"));
@@ -515,13 +520,7 @@ mod tests {
             }
         }
         // Debug is sampled, and written back as debug.
-        let sc = SpanContext::new(
-            TraceId::from_hex(TRACE).unwrap(),
-            SpanId::from_hex("1111111111111111").unwrap(),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        );
+        let sc = ours();
         let (got, f) = decided(extract(&headers(&[("b3", &format!("{TRACE}-{SPAN}-d"))])));
         assert!(got.is_sampled());
         assert_eq!(f, Format::B3Single { debug: true });

@@ -470,17 +470,23 @@ async fn post(url: &str, body: Bytes) -> (http::StatusCode, String) {
     (status, String::from_utf8_lossy(&text).into_owned())
 }
 
-#[tokio::test]
-async fn a_small_body_is_replayed_intact_and_a_large_one_never() {
-    let b = Backend::start().await;
+/// A mesh whose `web` (served by `b`) retries 503s, the route in force: a
+/// flaky path is retried.
+async fn retrying_mesh(b: &Backend) -> Mesh {
     let mesh = Mesh::start(&[("route.yaml", route("web", "", RETRY_503))]).await;
-    mesh.serve("web", "web-0", &b);
+    mesh.serve("web", "web-0", b);
     mesh.until_ok("/").await;
-    // The route is in force once a flaky path is retried.
     wait::until("retries in force", Duration::from_secs(10), || async {
         send(&mesh.url("/flaky/50"), 16, http::StatusCode::OK).await == 16
     })
     .await;
+    mesh
+}
+
+#[tokio::test]
+async fn a_small_body_is_replayed_intact_and_a_large_one_never() {
+    let b = Backend::start().await;
+    let mesh = retrying_mesh(&b).await;
 
     let small: Bytes = (0..1024u32)
         .map(|i| (i % 251) as u8)
@@ -571,13 +577,7 @@ async fn a_dead_endpoint_costs_a_retry_not_a_failed_request() {
 #[tokio::test]
 async fn a_large_body_never_sent_is_retried_on_a_retrying_route() {
     let b = Backend::start().await;
-    let mesh = Mesh::start(&[("route.yaml", route("web", "", RETRY_503))]).await;
-    mesh.serve("web", "web-0", &b);
-    mesh.until_ok("/").await;
-    wait::until("retries in force", Duration::from_secs(10), || async {
-        send(&mesh.url("/flaky/50"), 16, http::StatusCode::OK).await == 16
-    })
-    .await;
+    let mesh = retrying_mesh(&b).await;
     let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
     mesh.dir
         .write("slice-dead.yaml", &endpoint(NS, "web", "dead", nobody));
