@@ -73,8 +73,10 @@ impl HttpStack {
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
                 .map_request(|req: Request<Incoming>| RequestBody::wrap(req, None))
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
-                .layer(self.normalize.clone())
+                // Outside normalization, so a request it refuses (smuggling,
+                // a bare LF) still leaves its span and access-log line.
                 .layer(trace.clone())
+                .layer(self.normalize.clone())
                 .layer(dst)
                 .service(self.forward.clone());
             serve_http2(io, svc, state, &s.http, meta, &s.drain).await;
@@ -96,8 +98,8 @@ impl HttpStack {
                     RequestBody::wrap(req, Some(body_timeout))
                 })
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
-                .layer(self.normalize.clone())
                 .layer(trace)
+                .layer(self.normalize.clone())
                 .layer(dst)
                 .service(self.forward.clone());
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;

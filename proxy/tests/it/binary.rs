@@ -385,11 +385,28 @@ async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
     )
     .await;
     assert!(gave_up.is_err(), "the slow answer came early");
-    // Lines are written as requests finish; read until all three are there.
+    // A request the proxy refuses (its framing is ambiguous) leaves a line too.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", local))
+            .await
+            .unwrap();
+        s.write_all(b"POST /smuggle HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rsp = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rsp)).await;
+        assert!(
+            rsp.starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&rsp)
+        );
+    }
+    // Lines are written as requests finish; read until all four are there.
     let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
     let mut lines = Vec::new();
     use tokio::io::AsyncBufReadExt;
-    while lines.len() < 3 {
+    while lines.len() < 4 {
         let mut l = String::new();
         let n = tokio::time::timeout(Duration::from_secs(10), stdout.read_line(&mut l))
             .await
@@ -412,13 +429,37 @@ async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
         "a new trace for a request without one: {}",
         lines[1]
     );
-    let cancelled = &lines[2];
+    // The last two in either order: the cancelled request's line is written
+    // when its connection is seen closed.
+    let by_path = |p: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == p)
+            .unwrap_or_else(|| panic!("no line for {p}: {lines:?}"))
+    };
+    let cancelled = by_path("/slow/10000");
     assert_eq!(cancelled["path"], "/slow/10000", "{cancelled}");
     assert_eq!(cancelled["status"], 0, "{cancelled}");
     assert_eq!(cancelled["proxy_error"], "cancelled", "{cancelled}");
     assert!(
         cancelled["duration_ms"].as_f64().unwrap() >= 250.0,
         "{cancelled}"
+    );
+    let refused = by_path("/smuggle");
+    assert_eq!(
+        (&refused["method"], &refused["path"], &refused["status"]),
+        (
+            &serde_json::json!("POST"),
+            &serde_json::json!("/smuggle"),
+            &serde_json::json!(400)
+        ),
+        "{refused}"
+    );
+    assert!(
+        refused["proxy_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{refused}"
     );
 }
 
