@@ -270,19 +270,25 @@ impl Redirect {
         } else {
             80
         };
-        // No port given and no scheme: the Service's port (GAMMA's listener
-        // port), the one the app addressed, not a local `--upstream`
-        // listener's that its Host may name. With a scheme, its own.
-        let came_to = || {
+        // No port given and no scheme: the port the request came to. To a
+        // new hostname, the Service's (GAMMA's listener port), the one the app
+        // addressed, not that of a local `--upstream` listener its Host may
+        // name; to the same host, the port that host was reached on, as Host
+        // says (the Service's when it says none). With a scheme, its own.
+        let host_port = || {
+            req.uri().port_u16().or_else(|| {
+                let h = req.headers().get(HOST)?.to_str().ok()?;
+                h.parse::<http::uri::Authority>().ok()?.port_u16()
+            })
+        };
+        let dst_port = || {
             req.extensions()
                 .get::<crate::http::Dst>()
                 .map(|d| d.0.port())
-                .or_else(|| {
-                    req.uri().port_u16().or_else(|| {
-                        let h = req.headers().get(HOST)?.to_str().ok()?;
-                        h.parse::<http::uri::Authority>().ok()?.port_u16()
-                    })
-                })
+        };
+        let came_to = || match self.hostname {
+            Some(_) => dst_port().or_else(host_port),
+            None => host_port().or_else(dst_port),
         };
         let port = match (self.port, &self.scheme) {
             (Some(p), _) => Some(p),
@@ -404,18 +410,45 @@ mod tests {
             let rsp = redirect(scheme).on_request(&mut req, None).unwrap_err();
             assert_eq!(rsp.headers()[LOCATION], want, "{scheme:?} {host}");
         }
-        // The Service the app addressed decides, not the Host of a local
-        // listener (`--upstream 127.0.0.1:9000=web.shop:8080`), nor its absence.
+        // To a new host, the Service the app addressed decides, not the Host
+        // of a local listener (`--upstream 127.0.0.1:9000=web.shop:8080`),
+        // nor its absence.
+        let dst = || {
+            let d: crate::addr::DestAddr = "web.shop:8080".parse().unwrap();
+            crate::http::Dst(d)
+        };
         for host in ["127.0.0.1:9000", "web.shop"] {
             let mut req = Request::builder()
                 .uri("/a")
                 .header("host", host)
                 .body(())
                 .unwrap();
-            let dst: crate::addr::DestAddr = "web.shop:8080".parse().unwrap();
-            req.extensions_mut().insert(crate::http::Dst(dst));
+            req.extensions_mut().insert(dst());
             let rsp = redirect("").on_request(&mut req, None).unwrap_err();
             assert_eq!(rsp.headers()[LOCATION], "http://new.shop:8080/a", "{host}");
+        }
+        // To the same host, the port that host was reached on.
+        let same_host = Filters::parse(vec![api::HttpFilter {
+            kind: Some(api::http_filter::Kind::RequestRedirect(
+                api::RequestRedirect {
+                    status_code: 302,
+                    ..Default::default()
+                },
+            )),
+        }])
+        .unwrap();
+        for (host, want) in [
+            ("127.0.0.1:9000", "http://127.0.0.1:9000/a"),
+            ("web.shop", "http://web.shop:8080/a"),
+        ] {
+            let mut req = Request::builder()
+                .uri("/a")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            req.extensions_mut().insert(dst());
+            let rsp = same_host.on_request(&mut req, None).unwrap_err();
+            assert_eq!(rsp.headers()[LOCATION], want, "{host}");
         }
     }
 }
