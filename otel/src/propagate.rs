@@ -48,6 +48,21 @@ const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
+/// Whether `name` carries a trace context (W3C or B3) that `inject` writes.
+pub fn is_context_header(name: &HeaderName) -> bool {
+    [
+        TRACEPARENT,
+        TRACESTATE,
+        B3,
+        B3_TRACE,
+        B3_SPAN,
+        B3_PARENT,
+        B3_SAMPLED,
+        B3_FLAGS,
+    ]
+    .contains(name)
+}
+
 /// `traceparent` as W3C Trace Context level 1 writes it: `00-{trace}-{span}-{flags}`,
 /// lowercase hex. Read and written here, on every request of a traced proxy,
 /// without the SDK propagator's `Context` and strings; the tests hold the two

@@ -239,10 +239,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Fields a `Connection` header may not name away: Host, which every HTTP/1.1
-/// request needs, and strait's own, which the proxies act on (a client must not
-/// make one hop drop what the next relies on).
+/// request needs, strait's own, which the proxies act on (a client must not
+/// make one hop drop what the next relies on), and the trace context, which
+/// the proxy has written for the next hop by then.
 fn protected(n: &HeaderName) -> bool {
-    n == header::HOST || n.as_str().starts_with("strait-")
+    n == header::HOST
+        || n.as_str().starts_with("strait-")
+        || strait_otel::propagate::is_context_header(n)
 }
 
 #[cfg(test)]
@@ -251,18 +254,20 @@ mod tests {
     use http::HeaderValue;
 
     #[test]
-    fn connection_cannot_name_host_or_strait_headers_away() {
+    fn connection_cannot_name_host_strait_or_trace_headers_away() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("host, strait-target-port, x-gone"),
+            HeaderValue::from_static("host, strait-target-port, traceparent, x-gone"),
         );
         h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert("traceparent", HeaderValue::from_static("00-1-2-01"));
         h.insert("strait-target-port", HeaderValue::from_static("8080"));
         h.insert("x-gone", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h[header::HOST], "web");
         assert_eq!(h["strait-target-port"], "8080");
+        assert_eq!(h["traceparent"], "00-1-2-01");
         assert!(!h.contains_key("x-gone"));
     }
 
