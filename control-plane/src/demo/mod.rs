@@ -165,11 +165,12 @@ impl Procs {
         Ok(())
     }
 
+    /// Last started first, each gone before the next: the proxies stop
+    /// before the controller they stream from, so none warns that its
+    /// streams were cut.
     async fn stop(&mut self) {
-        for (_, c) in &mut self.0 {
+        for (_, c) in self.0.iter_mut().rev() {
             let _ = c.start_kill();
-        }
-        for (_, c) in &mut self.0 {
             let _ = c.wait().await;
         }
     }

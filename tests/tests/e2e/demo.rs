@@ -42,6 +42,10 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
         "{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Stopped in order, proxies before the controller: none reports a cut
+    // control stream, at the end of a newcomer's first run.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("stream failed"), "{stderr}");
     // The canary shift rewrote routes.yaml mid-run; the demo put it back.
     assert!(stdout.contains("canary shift: rewrote"), "{stdout}");
     assert_eq!(
