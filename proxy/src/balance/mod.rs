@@ -275,22 +275,29 @@ impl Endpoints {
             return Err(PickError::NoEndpoints);
         }
         let now = Instant::now();
-        let admit = |i: usize| self.slots[i].state.outlier().admit(now);
+        // What the breaker says of an endpoint, read once per draw: `None`
+        // when it may not take this request.
         let usable = |i: usize, strict: bool| {
-            admit(i) != Admit::No && !(strict && avoid == Some(self.slots[i].endpoint.addr))
+            if strict && avoid == Some(self.slots[i].endpoint.addr) {
+                return None;
+            }
+            Some(self.slots[i].state.outlier().admit(now)).filter(|a| *a != Admit::No)
         };
         // With every endpoint ejected (a discovery update can leave more than the
         // cap out), fail open: any endpoint beats a certain 503.
-        let chosen = self
+        let (chosen, admit) = self
             .choose(headers, now, |i| usable(i, true))
             .or_else(|| self.choose(headers, now, |i| usable(i, false)))
-            .or_else(|| self.choose(headers, now, |_| true))
+            .or_else(|| self.choose(headers, now, |_| Some(Admit::Yes)))
             .ok_or(PickError::NoEndpoints)?;
         let state = &self.slots[chosen].state;
-        let probe = {
+        // Read again under the lock that starts the probe: another thread may
+        // have started it since the draw.
+        let probe = (admit == Admit::Probe).then(|| {
             let mut o = state.outlier();
             (o.admit(now) == Admit::Probe).then(|| o.start_probe())
-        };
+        });
+        let probe = probe.flatten();
         state.pending.fetch_add(1, Ordering::Relaxed);
         if state.awaiting.fetch_add(1, Ordering::Relaxed) == 0
             && let Ok(mut e) = state.ewma.lock()
@@ -311,64 +318,66 @@ impl Endpoints {
         &self,
         headers: &http::HeaderMap,
         now: Instant,
-        ok: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+        ok: impl Fn(usize) -> Option<Admit>,
+    ) -> Option<(usize, Admit)> {
         let n = self.slots.len();
         if n == 1 {
-            return ok(0).then_some(0);
+            return ok(0).map(|a| (0, a));
         }
         match &self.config.lb {
             LbConfig::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
+                (0..n).find_map(|k| ok((start + k) % n).map(|a| ((start + k) % n, a)))
             }
             LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
                 // Rendezvous hashing: the same key picks the same endpoint on
                 // every proxy, and a change of endpoints moves only the keys of
                 // the endpoints that changed.
-                Some(k) => (0..n).filter(|&i| ok(i)).max_by_key(|&i| {
-                    let mut h = std::hash::DefaultHasher::new();
-                    k.hash(&mut h);
-                    self.slots[i].endpoint.addr.hash(&mut h);
-                    h.finish()
-                }),
+                Some(k) => (0..n)
+                    .filter_map(|i| ok(i).map(|a| (i, a)))
+                    .max_by_key(|&(i, _)| {
+                        let mut h = std::hash::DefaultHasher::new();
+                        k.hash(&mut h);
+                        self.slots[i].endpoint.addr.hash(&mut h);
+                        h.finish()
+                    }),
                 None => self.p2c(now, &ok),
             },
             LbConfig::PeakEwma => self.p2c(now, &ok),
         }
     }
 
-    fn p2c(&self, now: Instant, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+    fn p2c(&self, now: Instant, ok: &impl Fn(usize) -> Option<Admit>) -> Option<(usize, Admit)> {
         let n = self.slots.len();
         let mut rng = rand::rng();
         let mut draw = |not: Option<usize>| {
+            let usable = |i: usize| (Some(i) != not).then(|| ok(i)).flatten().map(|a| (i, a));
             for _ in 0..4 {
-                let i = rng.random_range(0..n);
-                if Some(i) != not && ok(i) {
-                    return Some(i);
+                if let Some(d) = usable(rng.random_range(0..n)) {
+                    return Some(d);
                 }
             }
             let start = rng.random_range(0..n);
-            (0..n)
-                .map(|k| (start + k) % n)
-                .find(|&i| Some(i) != not && ok(i))
+            (0..n).find_map(|k| usable((start + k) % n))
         };
         let a = draw(None)?;
-        let Some(b) = draw(Some(a)) else {
+        let Some(b) = draw(Some(a.0)) else {
             return Some(a);
         };
         // An endpoint whose ejection is over is probed when drawn, whatever
         // its estimate: the failures that ejected it (timeouts above all)
         // left it costly for a minute, and it would lose every comparison
         // for that long, still counted against `maxEjectionPercent`.
-        let probing = |i: usize| self.slots[i].state.outlier().admit(now) == Admit::Probe;
-        if probing(a) {
+        if a.1 == Admit::Probe {
             return Some(a);
         }
-        if probing(b) {
+        if b.1 == Admit::Probe {
             return Some(b);
         }
-        let (ca, cb) = (self.slots[a].state.cost(now), self.slots[b].state.cost(now));
+        let (ca, cb) = (
+            self.slots[a.0].state.cost(now),
+            self.slots[b.0].state.cost(now),
+        );
         Some(if ca <= cb { a } else { b })
     }
 }
