@@ -357,98 +357,81 @@ mod tests {
         }
     }
 
-    #[test]
-    fn redirects_answer_with_a_location() {
-        let f = Filters::parse(vec![api::HttpFilter {
-            kind: Some(api::http_filter::Kind::RequestRedirect(
-                api::RequestRedirect {
-                    scheme: "https".into(),
-                    status_code: 301,
-                    ..Default::default()
-                },
-            )),
+    fn redirect(r: api::RequestRedirect) -> Filters {
+        Filters::parse(vec![api::HttpFilter {
+            kind: Some(api::http_filter::Kind::RequestRedirect(r)),
         }])
-        .unwrap();
+        .unwrap()
+    }
+
+    /// The `Location` that `f` answers a GET of `/a?b=c` with, sent with
+    /// this `Host` to the Service `dst` when given.
+    fn location(f: &Filters, host: &str, dst: Option<&str>) -> (StatusCode, String) {
         let mut req = Request::builder()
             .uri("/a?b=c")
-            .header("host", "web.shop:80")
+            .header("host", host)
             .body(())
             .unwrap();
+        if let Some(d) = dst {
+            req.extensions_mut()
+                .insert(crate::http::Dst(d.parse().unwrap()));
+        }
         let rsp = f.on_request(&mut req, None).unwrap_err();
-        assert_eq!(rsp.status(), StatusCode::MOVED_PERMANENTLY);
-        assert_eq!(rsp.headers()[LOCATION], "https://web.shop/a?b=c");
+        let at = rsp.headers()[LOCATION].to_str().unwrap().to_string();
+        (rsp.status(), at)
+    }
+
+    #[test]
+    fn redirects_answer_with_a_location() {
+        let f = redirect(api::RequestRedirect {
+            scheme: "https".into(),
+            status_code: 301,
+            ..Default::default()
+        });
+        let (status, at) = location(&f, "web.shop:80", None);
+        assert_eq!(status, StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(at, "https://web.shop/a?b=c");
     }
 
     /// Without a scheme or a port, a redirect keeps the port the request came
     /// to (the Service's), not HTTP's 80; with a scheme, that scheme's port.
     #[test]
     fn a_redirect_without_a_port_keeps_the_services() {
-        let redirect = |scheme: &str| {
-            Filters::parse(vec![api::HttpFilter {
-                kind: Some(api::http_filter::Kind::RequestRedirect(
-                    api::RequestRedirect {
-                        scheme: scheme.into(),
-                        hostname: "new.shop".into(),
-                        status_code: 302,
-                        ..Default::default()
-                    },
-                )),
-            }])
-            .unwrap()
+        let to_new_host = |scheme: &str| {
+            redirect(api::RequestRedirect {
+                scheme: scheme.into(),
+                hostname: "new.shop".into(),
+                status_code: 302,
+                ..Default::default()
+            })
         };
         for (scheme, host, want) in [
-            ("", "web.shop:8080", "http://new.shop:8080/a"),
-            ("", "web.shop", "http://new.shop/a"),
-            ("", "web.shop:80", "http://new.shop/a"),
-            ("https", "web.shop:8080", "https://new.shop/a"),
+            ("", "web.shop:8080", "http://new.shop:8080/a?b=c"),
+            ("", "web.shop", "http://new.shop/a?b=c"),
+            ("", "web.shop:80", "http://new.shop/a?b=c"),
+            ("https", "web.shop:8080", "https://new.shop/a?b=c"),
         ] {
-            let mut req = Request::builder()
-                .uri("/a")
-                .header("host", host)
-                .body(())
-                .unwrap();
-            let rsp = redirect(scheme).on_request(&mut req, None).unwrap_err();
-            assert_eq!(rsp.headers()[LOCATION], want, "{scheme:?} {host}");
+            let (_, at) = location(&to_new_host(scheme), host, None);
+            assert_eq!(at, want, "{scheme:?} {host}");
         }
         // To a new host, the Service the app addressed decides, not the Host
         // of a local listener (`--upstream 127.0.0.1:9000=web.shop:8080`),
         // nor its absence.
-        let dst = || {
-            let d: crate::addr::DestAddr = "web.shop:8080".parse().unwrap();
-            crate::http::Dst(d)
-        };
         for host in ["127.0.0.1:9000", "web.shop"] {
-            let mut req = Request::builder()
-                .uri("/a")
-                .header("host", host)
-                .body(())
-                .unwrap();
-            req.extensions_mut().insert(dst());
-            let rsp = redirect("").on_request(&mut req, None).unwrap_err();
-            assert_eq!(rsp.headers()[LOCATION], "http://new.shop:8080/a", "{host}");
+            let (_, at) = location(&to_new_host(""), host, Some("web.shop:8080"));
+            assert_eq!(at, "http://new.shop:8080/a?b=c", "{host}");
         }
         // To the same host, the port that host was reached on.
-        let same_host = Filters::parse(vec![api::HttpFilter {
-            kind: Some(api::http_filter::Kind::RequestRedirect(
-                api::RequestRedirect {
-                    status_code: 302,
-                    ..Default::default()
-                },
-            )),
-        }])
-        .unwrap();
+        let same_host = redirect(api::RequestRedirect {
+            status_code: 302,
+            ..Default::default()
+        });
         for (host, want) in [
-            ("127.0.0.1:9000", "http://127.0.0.1:9000/a"),
-            ("web.shop", "http://web.shop:8080/a"),
+            ("127.0.0.1:9000", "http://127.0.0.1:9000/a?b=c"),
+            ("web.shop", "http://web.shop:8080/a?b=c"),
         ] {
-            let mut req = Request::builder()
-                .uri("/a")
-                .header("host", host)
-                .body(())
-                .unwrap();
-            req.extensions_mut().insert(dst());
-            let rsp = same_host.on_request(&mut req, None).unwrap_err();
-            assert_eq!(rsp.headers()[LOCATION], want, "{host}");
+            let (_, at) = location(&same_host, host, Some("web.shop:8080"));
+            assert_eq!(at, want, "{host}");
         }
     }
 }
