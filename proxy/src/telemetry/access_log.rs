@@ -177,19 +177,18 @@ impl Line {
                     self.version,
                     self.status
                 );
+                // The JSON format's names, so one parser's keys serve both.
+                let _ = write!(s, " retries={}", self.retries);
                 for (k, val) in [
                     ("route", &self.route),
                     ("backend", &self.backend),
                     ("endpoint", &self.endpoint),
-                    ("peer", &self.peer),
+                    ("peer_identity", &self.peer),
                     ("trace_id", &self.trace_id),
                 ] {
                     if let Some(val) = val {
                         let _ = write!(s, " {k}={val}");
                     }
-                }
-                if self.retries > 0 {
-                    let _ = write!(s, " retries={}", self.retries);
                 }
                 if let Some(e) = &self.error {
                     let _ = write!(s, " proxy_error={e:?}");
@@ -236,6 +235,28 @@ pub fn bounded(mut s: String) -> String {
 mod tests {
     use super::*;
 
+    /// Text names its fields as JSON does.
+    #[test]
+    fn text_and_json_name_the_peer_alike() {
+        let req = Request::get("/").header("host", "web").body(()).unwrap();
+        let notes = Notes {
+            peer: Some("spiffe://cluster.local/ns/shop/sa/web".parse().unwrap()),
+            ..Notes::default()
+        };
+        let line =
+            Line::of(&req, Direction::Inbound).finish(200, Duration::ZERO, &notes, None, None);
+        let text = line.render(LogFormat::Text);
+        assert!(
+            text.contains(" peer_identity=spiffe://cluster.local/ns/shop/sa/web"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&line.render(LogFormat::Json)).unwrap();
+        assert_eq!(
+            json["peer_identity"],
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+    }
+
     #[test]
     fn fields_are_cut_to_the_bound_whatever_their_length() {
         assert_eq!(bounded_str("short"), "short");
@@ -261,6 +282,7 @@ mod tests {
         );
         let text = line.render(LogFormat::Text);
         assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains(" 200 2.000ms retries=0"), "{text}");
         assert!(text.contains(r#""/a\"b""#), "{text}");
         let json: serde_json::Value = serde_json::from_str(&line.render(LogFormat::Json)).unwrap();
         assert_eq!(json["path"], "/a\"b");
