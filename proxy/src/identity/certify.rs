@@ -47,9 +47,10 @@ pub async fn follow(
                 let expiry = valid_until
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap_or_default();
-                metrics
-                    .identity_cert_expiry
-                    .set(i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX));
+                metrics.certificate_expires(
+                    creds.identity(),
+                    i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX),
+                );
                 let lifetime = valid_until
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();

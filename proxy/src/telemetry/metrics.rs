@@ -34,6 +34,12 @@ impl Direction {
     }
 }
 
+/// The proxy's own identity: one series, once it has a certificate.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: Direction,
@@ -183,7 +189,9 @@ pub struct Metrics {
     pub http_responses: Family<StatusLabels, Counter>,
     pub http_response_latency: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub http_rejected: Family<ReasonLabels, Counter>,
-    pub identity_cert_expiry: Gauge,
+    /// No series until the first certificate: a proxy without one exports
+    /// nothing rather than an expiry in 1970.
+    identity_cert_expiry: Family<IdentityLabels, Gauge>,
     pub identity_renewals: Counter,
     pub identity_failures: Counter,
     pub tls_identity_mismatches: Counter,
@@ -224,7 +232,7 @@ impl Metrics {
             http_responses: Family::default(),
             http_response_latency: Family::new_with_constructor(latency_histogram),
             http_rejected: Family::default(),
-            identity_cert_expiry: Gauge::default(),
+            identity_cert_expiry: Family::default(),
             identity_renewals: Counter::default(),
             identity_failures: Counter::default(),
             tls_identity_mismatches: Counter::default(),
@@ -419,6 +427,15 @@ impl Metrics {
         out
     }
 
+    /// The proxy's current certificate, for `identity`, expires at `unix`
+    /// (seconds).
+    pub fn certificate_expires(&self, identity: &crate::identity::Identity, unix: i64) {
+        let labels = IdentityLabels {
+            identity: identity.to_string(),
+        };
+        self.identity_cert_expiry.get_or_create(&labels).set(unix);
+    }
+
     /// The counters of one route rule of `service`.
     pub fn route(&self, service: &str, route: &str, rule: &str) -> RouteMetrics {
         let labels = RouteLabels {
@@ -542,6 +559,21 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proxy without a certificate exports no expiry, not one in 1970.
+    #[test]
+    fn certificate_expiry_is_absent_until_there_is_one() {
+        let m = Metrics::new();
+        let name = "strait_proxy_identity_cert_expiration_timestamp_seconds";
+        let series = |text: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(series(&m.encode()), 0, "{}", m.encode());
+        let id = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        m.certificate_expires(&id, 1_900_000_000);
+        let text = m.encode();
+        let want =
+            format!("{name}{{identity=\"spiffe://cluster.local/ns/shop/sa/web\"}} 1900000000\n");
+        assert!(text.contains(&want), "{text}");
+    }
 
     #[test]
     fn route_and_backend_counters_resolve_twice_over() {
