@@ -82,7 +82,13 @@ fn start() -> anyhow::Result<()> {
                 })
                 .await
             }
-            Command::Demo(args) => demo::run(args).await,
+            Command::Demo(args) => {
+                let log = demo::ChildLog {
+                    level: cli.log_level,
+                    json: cli.log_json || cli.log_format == log::LogFormat::Json,
+                };
+                demo::run(args, log).await
+            }
             Command::Install(args) => {
                 print!("{}", strait_control_plane::install::run(&args).await?);
                 Ok(())

@@ -138,26 +138,54 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
-struct Procs(Vec<(String, Child)>);
+/// How the demo's controller, apps and proxies log, to the terminal above the
+/// table: `strait`'s global `--log-level` and `--log-format`, warnings only
+/// when no level is given.
+#[derive(Clone, Debug, Default)]
+pub struct ChildLog {
+    pub level: Option<String>,
+    pub json: bool,
+}
+
+impl ChildLog {
+    /// `bin` run with `args`, logging as asked whatever the environment
+    /// says (a `STRAIT_LOG_LEVEL` in it would otherwise win).
+    fn command(&self, bin: &Path, args: &[String]) -> Command {
+        let level = self.level.as_deref().unwrap_or("warn");
+        let format = if self.json { "json" } else { "text" };
+        let mut c = Command::new(bin);
+        c.args(args)
+            .env("STRAIT_LOG_LEVEL", level)
+            .env("STRAIT_PROXY_LOG_LEVEL", level)
+            .env("STRAIT_LOG_FORMAT", format)
+            .env("STRAIT_PROXY_LOG_FORMAT", format)
+            .env_remove("STRAIT_LOG_JSON");
+        c
+    }
+}
+
+struct Procs {
+    running: Vec<(String, Child)>,
+    log: ChildLog,
+}
 
 impl Procs {
-    fn spawn(&mut self, what: &str, bin: &Path, args: &[String], log: &str) -> anyhow::Result<()> {
-        let child = Command::new(bin)
-            .args(args)
-            .env("STRAIT_LOG", log)
-            .env("STRAIT_PROXY_LOG_LEVEL", log)
+    fn spawn(&mut self, what: &str, bin: &Path, args: &[String]) -> anyhow::Result<()> {
+        let child = self
+            .log
+            .command(bin, args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {what} ({})", bin.display()))?;
-        self.0.push((what.to_string(), child));
+        self.running.push((what.to_string(), child));
         Ok(())
     }
 
     /// Fails if any process has exited.
     fn check(&mut self) -> anyhow::Result<()> {
-        for (what, c) in &mut self.0 {
+        for (what, c) in &mut self.running {
             if let Some(status) = c.try_wait()? {
                 anyhow::bail!("{what} exited ({status}); see its log lines above");
             }
@@ -169,7 +197,7 @@ impl Procs {
     /// before the controller they stream from, so none warns that its
     /// streams were cut.
     async fn stop(&mut self) {
-        for (_, c) in self.0.iter_mut().rev() {
+        for (_, c) in self.running.iter_mut().rev() {
             let _ = c.start_kill();
             let _ = c.wait().await;
         }
@@ -196,7 +224,7 @@ async fn ready(admin: &str, procs: &mut Procs) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
     let me = std::env::current_exe()?;
     let dir = me.parent().context("locating the strait binary")?;
     let proxy = dir.join("strait-proxy");
@@ -212,7 +240,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let work = Workdir::new()?;
     let mut routes = RoutesFile::new(&args.manifests);
-    let mut procs = Procs(Vec::new());
+    let mut procs = Procs {
+        running: Vec::new(),
+        log,
+    };
     let result = run_mesh(&args, &work, &me, &proxy, &mut procs, &mut routes).await;
     let restored = routes.restore();
     procs.stop().await;
@@ -335,7 +366,6 @@ async fn run_mesh(
                 .map(|e| format!("--otlp-endpoint={e}")),
         )
         .collect::<Vec<_>>(),
-        "warn",
     )?;
     ready(CONTROLLER_ADMIN, procs).await?;
 
@@ -350,7 +380,7 @@ async fn run_mesh(
             if let Some((port, _)) = pod.upstream {
                 a.push(format!("--backend=http://{}:{port}", pod.ip));
             }
-            procs.spawn(&format!("{} app", pod.name), me, &a, "warn")?;
+            procs.spawn(&format!("{} app", pod.name), me, &a)?;
         }
         let mut a = vec![
             format!("--inbound-addr={}:4143", pod.ip),
@@ -377,7 +407,7 @@ async fn run_mesh(
         if let Some((port, dest)) = pod.upstream {
             a.push(format!("--upstream={}:{port}={dest}", pod.ip));
         }
-        procs.spawn(&format!("{} proxy", pod.name), proxy, &a, "warn")?;
+        procs.spawn(&format!("{} proxy", pod.name), proxy, &a)?;
     }
     for pod in PODS {
         ready(&format!("{}:4191", pod.ip), procs).await?;
@@ -556,5 +586,50 @@ async fn drive(rate: u32, stats: Arc<Mutex<Stats>>, traced: bool) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envs(c: &Command) -> Vec<(String, Option<String>)> {
+        c.as_std()
+            .get_envs()
+            .map(|(k, v)| {
+                let s = |o: &std::ffi::OsStr| o.to_string_lossy().into_owned();
+                (s(k), v.map(s))
+            })
+            .collect()
+    }
+
+    /// `strait --log-level debug --log-format json demo` reaches every
+    /// process; without them they log warnings only, as text.
+    #[test]
+    fn the_log_flags_reach_the_demos_processes() {
+        let bin = Path::new("strait-proxy");
+        let quiet = envs(&ChildLog::default().command(bin, &[]));
+        let set = |k: &str, v: &str| (k.to_string(), Some(v.to_string()));
+        assert!(
+            quiet.contains(&set("STRAIT_PROXY_LOG_LEVEL", "warn")),
+            "{quiet:?}"
+        );
+        assert!(
+            quiet.contains(&set("STRAIT_LOG_FORMAT", "text")),
+            "{quiet:?}"
+        );
+        let asked = ChildLog {
+            level: Some("debug".into()),
+            json: true,
+        };
+        let loud = envs(&asked.command(bin, &[]));
+        for want in [
+            set("STRAIT_LOG_LEVEL", "debug"),
+            set("STRAIT_PROXY_LOG_LEVEL", "debug"),
+            set("STRAIT_LOG_FORMAT", "json"),
+            set("STRAIT_PROXY_LOG_FORMAT", "json"),
+        ] {
+            assert!(loud.contains(&want), "{want:?} not in {loud:?}");
+        }
     }
 }
