@@ -29,6 +29,7 @@ use crate::manifests::ManifestSource;
 use crate::metrics::{Metrics, Watches};
 use crate::policy::InboundPolicyService;
 use crate::source::Source;
+use crate::unanswered::UnansweredLayer;
 use crate::{admin, defaults};
 use strait_api::per_source::PerSource;
 
@@ -477,12 +478,24 @@ impl Controller {
         // Watches and connections are bounded per source address, so one pod
         // cannot hold what every other proxy needs.
         let watches = Watches::new(metrics.clone());
+        let unanswered = UnansweredLayer::new(
+            PerSource::sparing_loopback(defaults::GRPC_UNANSWERED_PER_SOURCE),
+            metrics.clone(),
+        );
         let router = tonic::transport::Server::builder()
             // Notice proxies that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            // Bounded per connection: streams, and the size of what a client sends.
+            // Bounded per connection: streams, and the size of what a client
+            // sends, read or not yet.
             .max_concurrent_streams(Some(defaults::GRPC_MAX_CONCURRENT_STREAMS))
+            .http2_max_header_list_size(defaults::GRPC_MAX_HEADER_LIST_BYTES)
+            .initial_stream_window_size(defaults::GRPC_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(defaults::GRPC_CONNECTION_WINDOW_BYTES)
+            // Bounded in time and per source address: requests still waiting
+            // for an answer, which hold memory before anyone is authenticated.
+            .timeout(defaults::GRPC_REQUEST_TIMEOUT)
+            .layer(unanswered)
             .add_service(
                 DiscoveryServer::new(DiscoveryService::new(views, watches.clone(), auth.clone()))
                     .max_decoding_message_size(defaults::GRPC_MAX_MESSAGE_BYTES),

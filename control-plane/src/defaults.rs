@@ -113,6 +113,20 @@ pub const WATCHES_PER_SOURCE: usize = 2048;
 pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Requests one source address may have waiting for an answer at once (a
+/// certificate, or a watch not yet authenticated): each holds its headers and
+/// up to a message's buffer. A proxy sends a few at start, one per new
+/// destination after. Loopback is not counted.
+pub const GRPC_UNANSWERED_PER_SOURCE: usize = 64;
+/// A request must be received and answered (a watch: authenticated and its
+/// stream begun) within this; a message that never completes is dropped then.
+pub const GRPC_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// Request headers per stream at most: a token is about 1 KiB.
+pub const GRPC_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// What a client may send ahead on one stream and on a connection: requests
+/// are small, and unread data is held in memory.
+pub const GRPC_STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+pub const GRPC_CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
 
 /// HTTPRoute annotation listing the grpc-status values its rules retry (names or
 /// numbers, comma separated): Gateway API's `retry` knows only HTTP statuses.

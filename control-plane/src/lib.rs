@@ -24,3 +24,4 @@ pub mod routes;
 pub mod source;
 pub mod spans;
 pub mod spec;
+pub mod unanswered;

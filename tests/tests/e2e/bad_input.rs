@@ -365,3 +365,91 @@ async fn bad_input_from_the_network_is_refused_and_costs_no_memory() {
         );
     }
 }
+
+/// HPACK for one request header block, by hand (literals, no Huffman): a gRPC
+/// call of `path`.
+fn grpc_headers(path: &str) -> Vec<u8> {
+    let literal = |out: &mut Vec<u8>, v: &str| {
+        out.push(v.len() as u8);
+        out.extend_from_slice(v.as_bytes());
+    };
+    // :method POST, :scheme http (static table 3 and 6).
+    let mut h = vec![0x83, 0x86];
+    // :path (static name 4), without indexing.
+    h.push(0x04);
+    literal(&mut h, path);
+    // :authority (static name 1).
+    h.push(0x01);
+    literal(&mut h, "strait-controller");
+    // content-type (static name 31: 15 in the prefix, 16 after).
+    h.extend_from_slice(&[0x0f, 0x10]);
+    literal(&mut h, "application/grpc");
+    // te: trailers, a new name.
+    h.push(0x00);
+    literal(&mut h, "te");
+    literal(&mut h, "trailers");
+    h
+}
+
+/// Requests whose message never completes, more of them from one address
+/// than the controller answers at once: each held one would keep a message's
+/// buffer before anyone is authenticated. Past the address's share they are
+/// refused at once (`RESOURCE_EXHAUSTED`, counted), and the controller stays
+/// ready for everyone else.
+#[tokio::test]
+async fn unfinished_grpc_requests_from_one_address_are_refused_past_its_share() {
+    use strait_tests::manifests::ManifestDir;
+    use strait_tests::mesh::ControllerProc;
+
+    let Some(ip) = strait_tests::host::non_loopback_ip() else {
+        return strait_tests::host::missing("an address that is not loopback (or root to add one)");
+    };
+    let dir = ManifestDir::new();
+    let grpc = SocketAddr::new(ip, strait_tests::process::free_port());
+    let cp = ControllerProc::start_on(dir.path(), grpc).await;
+
+    // One connection, 200 calls, each announcing a 64 KiB message and
+    // sending only the 5-byte prefix of it.
+    const CALLS: u32 = 200;
+    let mut frames = Vec::new();
+    for i in 0..CALLS {
+        let stream = 2 * i + 1;
+        // HEADERS with END_HEADERS, then DATA without END_STREAM.
+        frames.extend(frame(
+            0x1,
+            0x4,
+            stream,
+            &grpc_headers("/strait.api.v1.Discovery/Watch"),
+        ));
+        frames.extend(frame(0x0, 0x0, stream, &[0, 0, 1, 0, 0]));
+    }
+    let mut s = TcpStream::connect(grpc).await.expect("connect");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frames);
+    s.write_all(&out).await.expect("write");
+
+    let name =
+        "strait_controller_api_refusals_total{service=\"grpc\",reason=\"too_many_requests\"}";
+    let past_share = f64::from(CALLS) - 64.0;
+    strait_tests::wait::until(
+        "the calls past the share refused",
+        Duration::from_secs(10),
+        || {
+            let cp = &cp;
+            async move { cp.metric(name).await >= past_share }
+        },
+    )
+    .await;
+    assert_eq!(
+        cp.metric(name).await,
+        past_share,
+        "the address's share is 64 unanswered requests"
+    );
+    // Still there for everyone else, with the stalled connection open.
+    let (status, _) = strait_tests::wait::admin_get(cp.admin, "/ready")
+        .await
+        .expect("admin");
+    assert_eq!(status, 200);
+    drop(s);
+}
