@@ -198,7 +198,12 @@ impl Discovery for DiscoveryService {
         };
         let key = DestKey::parse(&w.destination, ns)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        debug!(destination = %w.destination, ?key, proxy = %w.proxy_id, "watch");
+        // The proxy's id is what it says: cut short and escaped.
+        debug!(
+            ?key,
+            proxy = ?w.proxy_id.chars().take(100).collect::<String>(),
+            "watch"
+        );
         let guard = self.watches.open("discovery", source)?;
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a

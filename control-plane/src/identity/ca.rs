@@ -33,8 +33,14 @@ pub enum CaError {
 pub enum SignError {
     #[error("the CSR does not parse or its signature does not verify: {0}")]
     BadCsr(String),
-    #[error("the CSR asks for {asked:?}; this token may only have {allowed}")]
-    WrongName { asked: Vec<String>, allowed: String },
+    /// `asked`: the first few names, each cut short (a CSR may carry
+    /// thousands, and the message is returned, logged and traced).
+    #[error("the CSR asks for {count} names ({asked:?}); this token may only have {allowed}")]
+    WrongName {
+        count: usize,
+        asked: Vec<String>,
+        allowed: String,
+    },
     #[error("signing failed: {0}")]
     Sign(String),
     #[error("the issuer expires at {0}: too soon to sign anything; rotate the issuer")]
@@ -258,17 +264,24 @@ impl Ca {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(|e| SignError::BadCsr(e.to_string()))?;
         check_key(csr_der, csr.public_key.algorithm())?;
-        let asked: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .map(|s| match s {
-                SanType::URI(u) => u.as_str().to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect();
-        if asked.len() != 1 || asked[0] != identity {
+        let sans = &csr.params.subject_alt_names;
+        let only_ours = matches!(sans.as_slice(), [SanType::URI(u)] if u.as_str() == identity);
+        if !only_ours {
+            const SHOWN: usize = 4;
+            const SHOWN_CHARS: usize = 256;
+            let asked = sans
+                .iter()
+                .take(SHOWN)
+                .map(|s| {
+                    let name = match s {
+                        SanType::URI(u) => u.as_str().to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    name.chars().take(SHOWN_CHARS).collect()
+                })
+                .collect();
             return Err(SignError::WrongName {
+                count: sans.len(),
                 asked,
                 allowed: identity.to_string(),
             });
@@ -495,6 +508,21 @@ mod tests {
                 Err(SignError::WrongName { .. })
             ));
         }
+    }
+
+    /// What a refusal says of the names asked for is bounded, however many
+    /// and however long: it is returned, logged and traced.
+    #[test]
+    fn a_refusal_names_a_few_names_only() {
+        let long = format!("{}.shop", "a".repeat(250));
+        let mut sans = vec![uri(WEB)];
+        sans.extend((0..2000).map(|i| SanType::DnsName(format!("{i}{long}").try_into().unwrap())));
+        let e = ca().sign(&csr(sans), WEB).unwrap_err();
+        let SignError::WrongName { count, asked, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert_eq!((*count, asked.len()), (2001, 4));
+        assert!(e.to_string().len() < 2048, "{}", e.to_string().len());
     }
 
     #[test]

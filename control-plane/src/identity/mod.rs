@@ -135,12 +135,17 @@ impl IdentityService {
             Err(e) => {
                 strait_otel::sampled!(warn, %identity, error = %e, "certificate refused");
                 let (reason, status) = match e {
-                    ca::SignError::Sign(_) => ("bad_csr", Status::internal(e.to_string())),
+                    ca::SignError::Sign(_) => ("sign_failed", Status::internal(e.to_string())),
                     ca::SignError::IssuerExpiring(_) => (
                         "issuer_expiring",
                         Status::failed_precondition(e.to_string()),
                     ),
-                    _ => ("bad_csr", Status::permission_denied(e.to_string())),
+                    ca::SignError::BadCsr(_) => {
+                        ("bad_csr", Status::invalid_argument(e.to_string()))
+                    }
+                    ca::SignError::WrongName { .. } => {
+                        ("wrong_identity", Status::permission_denied(e.to_string()))
+                    }
                 };
                 return Err(self.refuse(reason, status));
             }
