@@ -120,12 +120,12 @@ pub struct Config {
 
     /// How long to wait for a client's first bytes before connecting onward, so that
     /// a server that speaks first can (its greeting comes this much later).
-    #[arg(long, env = "STRAIT_PROXY_DETECT_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
+    #[arg(long, env = "STRAIT_PROXY_DETECT_TIMEOUT", default_value = "300ms", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub detect_timeout: Duration,
 
     /// Timeout of a TCP connect to an upstream.
-    #[arg(long, env = "STRAIT_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "STRAIT_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
 
@@ -139,23 +139,23 @@ pub struct Config {
     pub max_replay_body_bytes: usize,
 
     /// Time a client has to finish sending an HTTP/1 request head (answered with 408).
-    #[arg(long, env = "STRAIT_PROXY_HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "STRAIT_PROXY_HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub http_header_read_timeout: Duration,
 
     /// Time a request body may go without a byte from the client before the
     /// request is cut with 408 (an upload that stalls holds the upstream too).
-    #[arg(long, env = "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub http_body_read_timeout: Duration,
 
     /// An idle HTTP/1 keep-alive connection is closed after this long.
-    #[arg(long, env = "STRAIT_PROXY_HTTP_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, env = "STRAIT_PROXY_HTTP_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub http_idle_timeout: Duration,
 
     /// An opaque TCP stream with no traffic either way is closed after this long.
-    #[arg(long, env = "STRAIT_PROXY_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "STRAIT_PROXY_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub tcp_idle_timeout: Duration,
 
@@ -281,6 +281,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A timeout: a duration, and not zero, which would end at once every
+/// connection, request or stream it applies to.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0 (a timeout of 0 would end everything at once)".into());
+    }
+    Ok(d)
+}
+
 fn parse_log_filter(s: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(s)
         .map(|_| s.to_string())
@@ -367,5 +377,26 @@ mod tests {
         let err =
             Cli::try_parse_from(["strait-proxy", "--tcp-idle-timeout", "1000000000y"]).unwrap_err();
         assert!(err.to_string().contains("--tcp-idle-timeout"), "{err}");
+    }
+
+    /// A timeout of 0 would close every stream or fail every connect at
+    /// once: refused, naming the flag. A grace period of 0 means stop now.
+    #[test]
+    fn a_timeout_of_zero_is_refused() {
+        for flag in [
+            "--detect-timeout",
+            "--connect-timeout",
+            "--http-header-read-timeout",
+            "--http-body-read-timeout",
+            "--http-idle-timeout",
+            "--tcp-idle-timeout",
+        ] {
+            let err = Cli::try_parse_from(["strait-proxy", flag, "0s"]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+            assert!(err.to_string().contains("more than 0"), "{err}");
+        }
+        let c = Cli::parse_from(["strait-proxy", "--shutdown-grace-period", "0s"])
+            .into_config_for_test();
+        assert!(c.shutdown_grace_period.is_zero());
     }
 }
