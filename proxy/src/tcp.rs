@@ -59,12 +59,21 @@ pub async fn connect(
 
 /// Connects to `dst`; on failure, the reason (a metric label) and the error.
 pub async fn dial(dst: &DestAddr, cfg: &TcpConfig) -> Result<TcpStream, (&'static str, String)> {
+    dial_within(dst, cfg, cfg.connect_timeout).await
+}
+
+/// As [`dial`], within `timeout` (a backend's own connect timeout).
+pub async fn dial_within(
+    dst: &DestAddr,
+    cfg: &TcpConfig,
+    timeout: Duration,
+) -> Result<TcpStream, (&'static str, String)> {
     let addr = cfg
         .names
-        .resolve(dst, cfg.connect_timeout)
+        .resolve(dst, timeout)
         .await
         .map_err(|e| ("resolve", e.to_string()))?;
-    connect::tcp(addr, cfg.connect_timeout)
+    connect::tcp(addr, timeout)
         .await
         .map_err(|e| ("connect", e.to_string()))
 }

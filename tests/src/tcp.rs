@@ -48,3 +48,29 @@ async fn serve(banner: Option<&'static [u8]>) -> SocketAddr {
     });
     addr
 }
+
+/// An address whose connects hang: a listener that accepts nobody, its accept
+/// queue filled, so the kernel drops further SYNs. Keep what is returned for
+/// as long as the address must stall.
+pub async fn stalling() -> (
+    SocketAddr,
+    Vec<tokio::net::TcpStream>,
+    tokio::net::TcpListener,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(std::time::Duration::from_millis(200), connect).await {
+            Ok(c) => queued.push(c.expect("connect")),
+            Err(_) => break,
+        }
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    (addr, queued, listener)
+}

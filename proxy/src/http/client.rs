@@ -879,37 +879,9 @@ mod tests {
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
     }
 
-    /// An address whose connects hang: a listener that accepts nobody, its
-    /// accept queue filled, so the kernel drops further SYNs. The listener and
-    /// the queued connections are kept with it.
-    async fn stalling() -> (
-        SocketAddr,
-        Vec<tokio::net::TcpStream>,
-        tokio::net::TcpListener,
-    ) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut queued = Vec::new();
-        loop {
-            match tokio::time::timeout(
-                Duration::from_millis(200),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(c) => queued.push(c.unwrap()),
-                Err(_) => break,
-            }
-            assert!(queued.len() < 64, "the accept queue never filled");
-        }
-        (addr, queued, listener)
-    }
-
     #[tokio::test]
     async fn requests_waiting_on_a_connect_fail_with_it() {
-        let (addr, _queued, _listener) = stalling().await;
+        let (addr, _queued, _listener) = strait_tests::tcp::stalling().await;
         let c = H2Client::new(Connector {
             addr,
             timeout: Duration::from_millis(300),

@@ -1,6 +1,8 @@
 //! Opaque TCP: to a balanced endpoint of the Service's default backend (over
 //! mTLS to its proxy when both sides have identities), else as addressed.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -128,9 +130,9 @@ pub async fn connect(
     dst: DestAddr,
     resolved: Option<Resolved>,
 ) -> Result<Upstream, Refused> {
-    let dial = async |to: DestAddr, load: Option<InFlight>| {
+    let dial = async |to: DestAddr, load: Option<InFlight>, within: Duration| {
         let start = tokio::time::Instant::now();
-        match crate::tcp::dial(&to, &s.tcp).await {
+        match crate::tcp::dial_within(&to, &s.tcp, within).await {
             Ok(t) => {
                 if let Some(l) = &load {
                     l.success_took(start.elapsed());
@@ -155,12 +157,15 @@ pub async fn connect(
         logical,
     }) = resolved
     else {
-        return dial(dst, None).await;
+        return dial(dst, None, s.tcp.connect_timeout).await;
     };
     let stages = logical.stages(&view, b);
-    let picked = stages
-        .default_backend()
-        .and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
+    let backend = stages.default_backend();
+    // A BackendPolicy's connectTimeout holds for its opaque streams too.
+    let within = backend
+        .and_then(|eps| eps.config().connect_timeout)
+        .unwrap_or(s.tcp.connect_timeout);
+    let picked = backend.and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
     let Some(in_flight) = picked else {
         return Err(Refused::NoEndpoints {
             service: view.name.to_string(),
@@ -168,11 +173,11 @@ pub async fn connect(
     };
     let ep = in_flight.endpoint().clone();
     let (Some(peer), Some(peer_tls)) = (&ep.proxy, &s.peer_tls) else {
-        return dial(DestAddr::Socket(ep.addr), Some(in_flight)).await;
+        return dial(DestAddr::Socket(ep.addr), Some(in_flight), within).await;
     };
     let addr = ep.connect_addr();
     let start = tokio::time::Instant::now();
-    match over_mtls(s, ep.addr.port(), addr, peer, peer_tls).await {
+    match over_mtls(ep.addr.port(), addr, peer, peer_tls, within).await {
         Ok(t) => {
             in_flight.success_took(start.elapsed());
             Ok(Upstream {
@@ -195,19 +200,14 @@ pub async fn connect(
 /// the target port first, then the app's bytes both ways. The peer must present
 /// the identity discovery gave; there is no plaintext fallback.
 async fn over_mtls(
-    s: &Shared,
     target_port: u16,
     addr: std::net::SocketAddr,
     peer: &PeerProxy,
     peer_tls: &PeerTls,
+    within: Duration,
 ) -> Result<TlsStream<TcpStream>, String> {
     let mut stream = peer_tls
-        .connect(
-            addr,
-            &peer.identity,
-            tls::ALPN_OPAQUE,
-            s.tcp.connect_timeout,
-        )
+        .connect(addr, &peer.identity, tls::ALPN_OPAQUE, within)
         .await
         .map_err(|e| e.to_string())?;
     // Flushed at once: a server-speaks-first app waits on it.

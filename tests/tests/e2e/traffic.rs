@@ -736,6 +736,49 @@ async fn an_endpoint_refusing_opaque_streams_is_avoided() {
     assert_eq!(after, 20, "the dead endpoint still chosen");
 }
 
+/// A BackendPolicy's `connectTimeout` holds for opaque streams as for HTTP:
+/// to an endpoint whose connects hang, the stream is closed after the
+/// policy's 200 ms, not the proxy's default second.
+#[tokio::test]
+async fn a_backend_connect_timeout_holds_for_opaque_streams() {
+    use tokio::io::AsyncReadExt;
+    let (hanging, _queued, _listener) = strait_tests::tcp::stalling().await;
+    let dir = ManifestDir::new();
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 5432, appProtocol: postgresql}}]\n"
+        ),
+    );
+    dir.write("slice.yaml", &endpoint(NS, "web", "web-0", hanging));
+    dir.write("policy.yaml", &backend_policy("  connectTimeout: 200ms\n"));
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["web.test.svc.cluster.local:5432"]).await;
+    // The policy has reached the proxy once a stream ends within it; before,
+    // streams end after the default second. The last five must all be quick.
+    let mut quick = 0;
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(client.upstreams[0])
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut [0u8; 1])).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        let took = start.elapsed();
+        // Not at once either: the endpoint was tried, for the policy's time.
+        assert!(took >= Duration::from_millis(150), "closed after {took:?}");
+        quick = if took < Duration::from_millis(700) {
+            quick + 1
+        } else {
+            0
+        };
+        if quick == 5 {
+            return;
+        }
+    }
+    panic!("opaque streams to a hanging endpoint waited past the backend's connectTimeout");
+}
+
 /// The value of one series of the client proxy's outbound metrics (`name`
 /// with `direction="outbound"` and `label="value"`), 0 when absent.
 async fn outbound(admin: SocketAddr, name: &str, label: &str, value: &str) -> f64 {
