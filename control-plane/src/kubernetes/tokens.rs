@@ -11,7 +11,6 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use tokio::time::Instant;
-use tracing::warn;
 
 use crate::defaults;
 use crate::identity::tokens::TokenError;
@@ -45,6 +44,46 @@ pub struct TokenReviewer {
     /// Reviews in flight by the address that asked: one pod cannot take every
     /// turn, whatever tokens it makes up.
     by_source: PerSource,
+    /// Nor can it have the API server review made-up tokens without end.
+    refusing: Arc<Refusing>,
+}
+
+/// Refused reviews one address may cause per `REFUSALS_WINDOW`. A pod's own
+/// token is refused only while the API server does not know it yet; made-up
+/// tokens, each differing so that no cached refusal serves, would otherwise
+/// cost the API server a review each, as fast as the address can ask. Past
+/// this, the address's uncached tokens wait for the window's end unreviewed.
+const REFUSALS_PER_SOURCE: u32 = 8;
+const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+/// Addresses whose refusals are counted, at most (ended windows go first).
+const REFUSING_SOURCES_MAX: usize = 4096;
+
+/// Refused reviews per address, in its current window.
+#[derive(Debug, Default)]
+struct Refusing(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+
+impl Refusing {
+    /// Whether `source` has caused its share of refusals in this window.
+    fn exhausted(&self, source: IpAddr, now: Instant) -> bool {
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(&source)
+            .is_some_and(|(since, n)| now < *since + REFUSALS_WINDOW && *n >= REFUSALS_PER_SOURCE)
+    }
+
+    fn refused(&self, source: IpAddr, now: Instant) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() >= REFUSING_SOURCES_MAX && !held.contains_key(&source) {
+            held.retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
+            if held.len() >= REFUSING_SOURCES_MAX {
+                return;
+            }
+        }
+        let (since, n) = held.entry(source).or_insert((now, 0));
+        if now >= *since + REFUSALS_WINDOW {
+            (*since, *n) = (now, 0);
+        }
+        *n += 1;
+    }
 }
 
 /// Reviews one address may have in flight at once. A proxy asks once per
@@ -68,6 +107,7 @@ impl TokenReviewer {
             cache: Arc::default(),
             refused: Arc::default(),
             by_source: PerSource::new(REVIEWS_PER_SOURCE),
+            refusing: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 defaults::TOKEN_REVIEWS_IN_FLIGHT,
             )),
@@ -104,6 +144,14 @@ impl TokenReviewer {
         // reviews at a time, each of them briefly.
         let unavailable =
             || TokenError::Unavailable("the API server did not answer in time".into());
+        if let Some(s) = source
+            && self.refusing.exhausted(s, now)
+        {
+            return Err(TokenError::Unavailable(
+                "too many unknown tokens from this address lately; try again in a few seconds"
+                    .into(),
+            ));
+        }
         let Some(_source_turn) = self.by_source.take(source) else {
             return Err(TokenError::Unavailable(
                 "too many token checks from this address at once".into(),
@@ -120,15 +168,19 @@ impl TokenReviewer {
         let answer = match tokio::time::timeout(defaults::TOKEN_REVIEW_TIMEOUT, call).await {
             Ok(Ok(r)) => account(&r, &self.audience),
             // Not cached: the API server may answer the next time.
+            // Sampled: an API server in trouble fails every review.
             Ok(Err(e)) => {
-                warn!(error = %e, "TokenReview failed");
+                strait_otel::sampled!(warn, error = %e, "TokenReview failed");
                 return Err(unavailable());
             }
             Err(_) => {
-                warn!("TokenReview timed out");
+                strait_otel::sampled!(warn, "TokenReview timed out");
                 return Err(unavailable());
             }
         };
+        if let (Err(TokenError::Unknown), Some(s)) = (&answer, source) {
+            self.refusing.refused(s, Instant::now());
+        }
         let (cache, max, ttl) = match &answer {
             // Never past the token's own expiry.
             Ok(_) => (&self.cache, CACHE_MAX, CACHE_TTL.min(expires_in)),
@@ -241,6 +293,27 @@ mod tests {
             b64(claims.to_string().as_bytes()),
             b64(b"signature")
         )
+    }
+
+    /// Made-up tokens from one address are reviewed a few times per window,
+    /// then not until it ends; other addresses are not affected.
+    #[tokio::test(start_paused = true)]
+    async fn an_address_refused_too_often_waits_for_its_window() {
+        let r = Refusing::default();
+        let (pod, other): (IpAddr, IpAddr) =
+            ("10.0.0.7".parse().unwrap(), "10.0.0.8".parse().unwrap());
+        let now = Instant::now();
+        for _ in 0..REFUSALS_PER_SOURCE {
+            assert!(!r.exhausted(pod, now));
+            r.refused(pod, now);
+        }
+        assert!(r.exhausted(pod, now));
+        assert!(!r.exhausted(other, now));
+        tokio::time::advance(REFUSALS_WINDOW).await;
+        let later = Instant::now();
+        assert!(!r.exhausted(pod, later), "a new window");
+        r.refused(pod, later);
+        assert!(!r.exhausted(pod, later), "counted from 0 again");
     }
 
     #[test]
