@@ -270,6 +270,26 @@ impl Endpoints {
         headers: &http::HeaderMap,
         avoid: Option<SocketAddr>,
     ) -> Result<InFlight, PickError> {
+        self.pick_for(headers, avoid, true)
+    }
+
+    /// As `pick`, for a connection made ahead of a client that has not spoken
+    /// (and may turn out to speak HTTP, and the connection be dropped unused):
+    /// it never probes an endpoint just out of ejection, whose verdict would
+    /// then rest on a connect alone; the next request or opaque stream does.
+    pub fn pick_sparing_probes(
+        self: &Arc<Self>,
+        headers: &http::HeaderMap,
+    ) -> Result<InFlight, PickError> {
+        self.pick_for(headers, None, false)
+    }
+
+    fn pick_for(
+        self: &Arc<Self>,
+        headers: &http::HeaderMap,
+        avoid: Option<SocketAddr>,
+        probes: bool,
+    ) -> Result<InFlight, PickError> {
         let n = self.slots.len();
         if n == 0 {
             return Err(PickError::NoEndpoints);
@@ -281,7 +301,8 @@ impl Endpoints {
             if strict && avoid == Some(self.slots[i].endpoint.addr) {
                 return None;
             }
-            Some(self.slots[i].state.outlier().admit(now)).filter(|a| *a != Admit::No)
+            Some(self.slots[i].state.outlier().admit(now))
+                .filter(|a| *a == Admit::Yes || (probes && *a == Admit::Probe))
         };
         // With every endpoint ejected (a discovery update can leave more than the
         // cap out), fail open: any endpoint beats a certain 503.
@@ -685,6 +706,44 @@ mod tests {
         held.success_took(Duration::from_secs(3600));
         let cost = b.slots[0].state.cost(Instant::now());
         assert!(cost < 1e9, "judged once, not by the stream's life: {cost}");
+    }
+
+    /// A connection made ahead of a silent client leaves an endpoint just
+    /// out of ejection to be probed by a request: a connect that succeeds
+    /// (the peer's proxy is up, the app answers 503) does not re-admit it.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_made_ahead_of_a_silent_client_never_probes() {
+        let mut config = BackendConfig {
+            lb: LbConfig::RoundRobin,
+            ..Default::default()
+        };
+        config.breaker.base_ejection = Duration::from_secs(5);
+        let b = backend(2, config);
+        for _ in 0..10 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            if index(&f) == 0 {
+                f.failed();
+            } else {
+                f.success();
+            }
+        }
+        assert_eq!(b.ejected(), 1);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        for _ in 0..20 {
+            let f = b.pick_sparing_probes(&Default::default()).unwrap();
+            assert_eq!(index(&f), 1, "the endpoint awaiting its probe");
+            f.success_took(Duration::from_millis(1));
+        }
+        assert_eq!(b.ejected(), 1, "still out until a request probes it");
+        let probe = loop {
+            let f = b.pick(&Default::default(), None).unwrap();
+            if index(&f) == 0 {
+                break f;
+            }
+            f.success();
+        };
+        probe.success();
+        assert_eq!(b.ejected(), 0, "a request's answer re-admits it");
     }
 
     #[tokio::test(start_paused = true)]

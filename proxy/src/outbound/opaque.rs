@@ -23,7 +23,7 @@ pub async fn forward<I>(s: &Shared, b: &Builder, io: I, dst: DestAddr, resolved:
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    match connect(s, b, dst, resolved).await {
+    match connect(s, b, dst, resolved, Ahead::No).await {
         Ok(up) => up.splice(s, io, Bytes::new()).await,
         Err(refused) => refused.report(s),
     }
@@ -36,9 +36,9 @@ pub struct Upstream {
     /// the connect, as soon as it is made: the endpoint took the stream, as
     /// far as the balancer can tell, as fast as the connect (the stream's life
     /// says nothing of its latency). A connection made for a client that has
-    /// not spoken may idle for an hour, and meanwhile neither awaits an answer
-    /// (which would make its endpoint look slow) nor holds the probe of an
-    /// endpoint just out of ejection (which it decides).
+    /// not spoken may idle for an hour, and meanwhile does not await an answer
+    /// (which would make its endpoint look slow); it never probes an endpoint
+    /// just out of ejection (`Ahead`).
     load: Option<InFlight>,
 }
 
@@ -123,12 +123,23 @@ impl Refused {
     }
 }
 
+/// Whether a connection is made ahead of a client that has not spoken yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ahead {
+    /// The stream is opaque: its connect is all the balancer will learn.
+    No,
+    /// It may turn out HTTP and the connection be dropped unused: it does not
+    /// probe an endpoint just out of ejection.
+    OfASilentClient,
+}
+
 /// Connects where an opaque stream to `dst` goes.
 pub async fn connect(
     s: &Shared,
     b: &Builder,
     dst: DestAddr,
     resolved: Option<Resolved>,
+    ahead: Ahead,
 ) -> Result<Upstream, Refused> {
     let dial = async |to: DestAddr, load: Option<InFlight>, within: Duration| {
         let start = tokio::time::Instant::now();
@@ -165,7 +176,11 @@ pub async fn connect(
     let within = backend
         .and_then(|eps| eps.config().connect_timeout)
         .unwrap_or(s.tcp.connect_timeout);
-    let picked = backend.and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
+    let headers = http::HeaderMap::new();
+    let picked = backend.and_then(|eps| match ahead {
+        Ahead::No => eps.pick(&headers, None).ok(),
+        Ahead::OfASilentClient => eps.pick_sparing_probes(&headers).ok(),
+    });
     let Some(in_flight) = picked else {
         return Err(Refused::NoEndpoints {
             service: view.name.to_string(),

@@ -45,7 +45,8 @@ where
     let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
     // The client may speak while the connection onward is being made: then it
     // is not waited for (its route may not even lead there).
-    let mut connect = std::pin::pin!(opaque::connect(s, b, dst.clone(), resolved.clone()));
+    let ahead = opaque::Ahead::OfASilentClient;
+    let mut connect = std::pin::pin!(opaque::connect(s, b, dst.clone(), resolved.clone(), ahead));
     let connected = first_word(&mut io, &mut said, connect.as_mut(), idle.as_mut()).await;
     let (first, up, refused) = match connected {
         First::Server(Ok(mut up)) => {
