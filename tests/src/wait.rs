@@ -26,6 +26,24 @@ where
     }
 }
 
+/// Polls `check` until it returns true (true) or `within` passes (false).
+pub async fn until_or<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A GET to an admin endpoint; returns (status, body). Plain HTTP/1.0 so it works
 /// against any admin server without a client pool.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {

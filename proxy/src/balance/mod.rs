@@ -13,8 +13,8 @@ pub mod service;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -183,6 +183,12 @@ pub struct Endpoints {
     config: BackendConfig,
     next: AtomicUsize,
     metrics: BackendMetrics,
+    /// Shared by every list of this backend built one from another: the
+    /// newest. A request that outlives its list (a retry waiting out its
+    /// backoff while the endpoints change) picks from that one.
+    newest: Arc<Mutex<Weak<Endpoints>>>,
+    /// A newer list exists: only then is `newest` read.
+    replaced: AtomicBool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -207,14 +213,15 @@ pub struct InFlight {
 }
 
 impl Endpoints {
-    /// The endpoints of `name`, keeping the state of those already in `prev`.
+    /// The endpoints of `name`, keeping the state of those already in `prev`,
+    /// which they replace.
     pub fn new(
         name: Arc<str>,
         endpoints: &[Endpoint],
         config: BackendConfig,
         prev: Option<&Endpoints>,
         metrics: BackendMetrics,
-    ) -> Self {
+    ) -> Arc<Self> {
         let old: HashMap<SocketAddr, &Arc<EndpointState>> = prev
             .map(|p| {
                 p.slots
@@ -243,9 +250,27 @@ impl Endpoints {
             config,
             next: AtomicUsize::new(prev.map_or(0, |p| p.next.load(Ordering::Relaxed))),
             metrics,
+            newest: prev.map(|p| p.newest.clone()).unwrap_or_default(),
+            replaced: AtomicBool::new(false),
         };
         e.metrics.ejected.set(e.ejected() as i64);
+        let e = Arc::new(e);
+        *e.newest.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&e);
+        if let Some(p) = prev {
+            p.replaced.store(true, Ordering::Release);
+        }
         e
+    }
+
+    /// The list that replaced this one since it was built, newest first: for
+    /// a request that outlived its list. `None` while this is the newest (or
+    /// its backend is gone from discovery: its last list stands).
+    pub fn replacement(&self) -> Option<Arc<Self>> {
+        if !self.replaced.load(Ordering::Acquire) {
+            return None;
+        }
+        let newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        newest.upgrade()
     }
 
     pub fn name(&self) -> &Arc<str> {
@@ -575,13 +600,7 @@ mod tests {
     }
 
     fn backend(n: u16, config: BackendConfig) -> Arc<Endpoints> {
-        Arc::new(Endpoints::new(
-            "b".into(),
-            &eps(n),
-            config,
-            None,
-            BackendMetrics::default(),
-        ))
+        Endpoints::new("b".into(), &eps(n), config, None, BackendMetrics::default())
     }
 
     fn index(f: &InFlight) -> usize {
@@ -868,6 +887,36 @@ mod tests {
             BackendMetrics::default(),
         );
         assert!(Arc::ptr_eq(&b.slots[0].state, &next.slots[0].state));
+    }
+
+    /// A request that outlived its list (a retry after its backoff, the
+    /// endpoints changed meanwhile) picks from the newest list, not from
+    /// endpoints discovery has since removed.
+    #[test]
+    fn a_request_that_outlived_its_list_picks_from_the_newest() {
+        let first = backend(1, BackendConfig::default());
+        assert!(first.replacement().is_none());
+        let moved: Vec<Endpoint> = eps(3).into_iter().skip(1).collect();
+        let second = Endpoints::new(
+            "b".into(),
+            &moved,
+            BackendConfig::default(),
+            Some(&first),
+            BackendMetrics::default(),
+        );
+        let third = Endpoints::new(
+            "b".into(),
+            &moved,
+            BackendConfig::default(),
+            Some(&second),
+            BackendMetrics::default(),
+        );
+        let newest = first.replacement().expect("replaced");
+        assert!(Arc::ptr_eq(&newest, &third), "the newest, not the next");
+        assert!(third.replacement().is_none());
+        // Gone from discovery: the last list stands.
+        drop((second, third, newest));
+        assert!(first.replacement().is_none());
     }
 
     #[test]

@@ -66,15 +66,18 @@ where
             .attempt_timeout
             .filter(|_| req.body().is_end_stream())
             .map(|t| tokio::time::Instant::now() + t);
-        let mut in_flight = match self.endpoints.pick(req.headers(), avoid) {
+        // A retry may come after discovery changed the endpoints: it goes to
+        // the current ones, not to those of when its request began.
+        let replacement = self.endpoints.replacement();
+        let endpoints = replacement.as_ref().unwrap_or(&self.endpoints);
+        let mut in_flight = match endpoints.pick(req.headers(), avoid) {
             Ok(f) => f,
             Err(e) => {
                 let (status, reason) = match e {
                     PickError::NoEndpoints => (StatusCode::SERVICE_UNAVAILABLE, "no endpoints"),
                 };
-                tracing::debug!(backend = %self.endpoints.name(), reason, "no endpoint for request");
-                let rsp =
-                    error_response(status, &format!("{reason} for {}", self.endpoints.name()));
+                tracing::debug!(backend = %endpoints.name(), reason, "no endpoint for request");
+                let rsp = error_response(status, &format!("{reason} for {}", endpoints.name()));
                 return Either::Left(ready(Ok(rsp)));
             }
         };
@@ -104,7 +107,7 @@ where
                 n.peer = ep.proxy.as_ref().map(|p| p.identity.clone());
             });
         }
-        if let Some(t) = self.endpoints.config().connect_timeout {
+        if let Some(t) = endpoints.config().connect_timeout {
             req.extensions_mut().insert(crate::http::ConnectTimeout(t));
         }
         // The ready service goes with this request; a clone waits for the next.

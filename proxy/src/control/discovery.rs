@@ -168,21 +168,22 @@ impl Discovery {
         };
         let state = Arc::new(WatchState::default());
         state.last_used_ms.store(now, Ordering::Relaxed);
+        let logical: Arc<Logical> = Arc::default();
         let task = tokio::spawn(follow(
             self.client.clone(),
             req,
             tx,
+            logical.clone(),
             state.clone(),
             self.lag.clone(),
         ))
         .abort_handle();
         let w = Watch {
             rx: rx.clone(),
-            logical: Arc::default(),
+            logical: logical.clone(),
             state: state.clone(),
             task,
         };
-        let logical = w.logical.clone();
         watches.insert(dest.clone(), w);
         Some((rx, logical, state))
     }
@@ -220,6 +221,7 @@ async fn follow(
     mut client: DiscoveryClient<AuthedChannel>,
     req: api::WatchDestination,
     tx: watch::Sender<Option<Resolution>>,
+    logical: Arc<Logical>,
     state: Arc<WatchState>,
     lag: prometheus_client::metrics::histogram::Histogram,
 ) {
@@ -268,6 +270,7 @@ async fn follow(
                             };
                             if let Resolution::Service(s) = &r {
                                 debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");
+                                logical.refresh(s);
                             }
                             tx.send_replace(Some(r));
                         }

@@ -52,13 +52,13 @@ pub fn route(
             .map(|(name, weight)| {
                 // A backend discovery did not describe has no endpoints: 503.
                 let endpoints = backends.get(name).cloned().unwrap_or_else(|| {
-                    Arc::new(Endpoints::new(
+                    Endpoints::new(
                         name.clone(),
                         &[],
                         BackendConfig::default(),
                         None,
                         b.metrics.backend(service, name),
-                    ))
+                    )
                 });
                 WeightedBackend {
                     weight: *weight,

@@ -5,7 +5,7 @@
 //! budget), so no per-target state is lost to an update.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::retry::RetryBudget;
 use http::{Request, Response, StatusCode};
@@ -36,6 +36,9 @@ pub struct Builder {
 #[derive(Debug, Default)]
 pub struct Logical {
     current: Mutex<Option<Arc<Stages>>>,
+    /// What the stages were first built with, to rebuild them as soon as a
+    /// new view arrives rather than at the next request.
+    builder: OnceLock<Builder>,
 }
 
 struct RouteStage {
@@ -65,6 +68,7 @@ impl std::fmt::Debug for Stages {
 impl Logical {
     /// The stages for `view`: the current ones, or new ones built from it.
     pub fn stages(&self, view: &Arc<ServiceView>, b: &Builder) -> Arc<Stages> {
+        self.builder.get_or_init(|| b.clone());
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = &*current
             && (Arc::ptr_eq(&s.view, view) || s.view.version > view.version)
@@ -75,6 +79,17 @@ impl Logical {
         let s = Arc::new(Stages::build(view.clone(), current.as_deref(), b));
         *current = Some(s.clone());
         s
+    }
+}
+
+impl Logical {
+    /// A new view arrived: stages in use are rebuilt at once, so that
+    /// requests already under way (a retry waiting out its backoff) find the
+    /// new endpoints (`Endpoints::replacement`) rather than the old ones.
+    pub fn refresh(&self, view: &Arc<ServiceView>) {
+        if let Some(b) = self.builder.get() {
+            self.stages(view, b);
+        }
     }
 }
 
@@ -91,7 +106,7 @@ impl Stages {
                 old.map(|e| &**e),
                 b.metrics.backend(&view.name, &bv.name),
             );
-            backends.insert(bv.name.clone(), Arc::new(eps));
+            backends.insert(bv.name.clone(), eps);
         }
         let rules: Vec<Rule> = if !view.routes.is_empty() {
             view.routes.clone()

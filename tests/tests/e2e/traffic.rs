@@ -204,6 +204,49 @@ async fn retries_on_503_hide_a_flaky_backend() {
     assert!(retries >= 250.0, "{retries} retries");
 }
 
+/// A retry waiting out its backoff while discovery moves the Service to
+/// other endpoints goes to those, not to the ones its request began on.
+#[tokio::test]
+async fn a_retry_after_the_endpoints_changed_goes_to_the_new_ones() {
+    let (old, new) = (Backend::start().await, Backend::start().await);
+    old.fail_with(Some(503));
+    let rule = "  - backendRefs: [{name: web, port: 80}]\n    retry: {codes: [503], attempts: 1, backoff: 1s}\n";
+    let mesh = Mesh::start(&[("route.yaml", route("web", "", rule))]).await;
+    mesh.serve("web", "web-0", &new);
+    mesh.until_ok("/").await;
+    mesh.serve("web", "web-0", &old);
+    // A request whose first attempt reached the old endpoint (once the proxy
+    // has the change; before, requests go to the new one and succeed).
+    let url = mesh.url("/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pending = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the old endpoint never got a request"
+        );
+        let seen = old.requests();
+        let url = url.clone();
+        let r = tokio::spawn(async move { client::get(&client::http1(), &url).await });
+        let reached = wait::until_or(Duration::from_millis(900), || async {
+            old.requests() > seen
+        });
+        if reached.await {
+            break r;
+        }
+        let (status, _) = r.await.unwrap().unwrap();
+        assert_eq!(status, 200, "before the change reached the proxy");
+    };
+    // Its retry waits at least a second: the endpoints change back meanwhile.
+    let served = new.requests();
+    mesh.serve("web", "web-0", &new);
+    let (status, _) = pending.await.unwrap().unwrap();
+    assert_eq!(
+        status, 200,
+        "the retry went to the endpoint its request began on"
+    );
+    assert!(new.requests() > served);
+}
+
 #[tokio::test]
 async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
     let b = Backend::start().await;
