@@ -8,22 +8,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// Polls `check` until it returns true; fails after `within`.
-pub async fn until<F, Fut>(what: &str, within: Duration, mut check: F)
+pub async fn until<F, Fut>(what: &str, within: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        until_or(within, check).await,
+        "timed out after {within:?} waiting for {what}"
+    );
 }
 
 /// Polls `check` until it returns true (true) or `within` passes (false).
