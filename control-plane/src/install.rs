@@ -328,6 +328,15 @@ fn rbac() -> Vec<Value> {
     ]
 }
 
+/// A hash of the public identity (anchors and issuer certificate) on the
+/// controller's pod template: applying a new identity restarts the
+/// controllers, which read it only at start. The chart computes the same.
+pub fn identity_checksum(id: &Identity) -> String {
+    let both = format!("{}{}", id.anchors_pem, id.issuer_cert_pem);
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, both.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn deployment(v: &Values) -> Value {
     let probe =
         |path: &str| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": 10});
@@ -338,7 +347,8 @@ fn deployment(v: &Values) -> Value {
             "replicas": v.replicas,
             "selector": {"matchLabels": labels()},
             "template": {
-                "metadata": {"labels": labels()},
+                "metadata": {"labels": labels(),
+                             "annotations": {"strait.dev/identity-checksum": identity_checksum(&v.identity)}},
                 "spec": {
                     "serviceAccountName": CONTROLLER,
                     "securityContext": {"runAsNonRoot": true, "runAsUser": 2103, "runAsGroup": 2103,

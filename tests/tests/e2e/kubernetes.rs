@@ -214,6 +214,10 @@ fn without_keys(
                 h["clientConfig"]["caBundle"] = json!("<generated>");
             }
         }
+        if k.starts_with("Deployment/strait-system/strait-controller") {
+            v["spec"]["template"]["metadata"]["annotations"]["strait.dev/identity-checksum"] =
+                json!("<generated>");
+        }
     }
     objs
 }
@@ -302,6 +306,34 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         ),
     ]);
     let default = helm(&[]);
+
+    // The controllers restart when the identity changes: their pod template
+    // carries a hash of it, of the very identity the same render made.
+    let checksum = |objs: &std::collections::BTreeMap<String, Value>| {
+        let d = &objs["Deployment/strait-system/strait-controller"];
+        d["spec"]["template"]["metadata"]["annotations"]["strait.dev/identity-checksum"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let rendered = objects(&default);
+    let made = strait_control_plane::install::Identity {
+        anchors_pem: rendered["ConfigMap/strait-system/strait-trust-anchors"]["data"]["ca.crt"]
+            .as_str()
+            .unwrap()
+            .into(),
+        issuer_cert_pem:
+            rendered["Secret/strait-system/strait-identity-issuer"]["stringData"]["tls.crt"]
+                .as_str()
+                .unwrap()
+                .into(),
+        issuer_key_pem: String::new(),
+    };
+    assert_eq!(
+        checksum(&rendered),
+        strait_control_plane::install::identity_checksum(&made)
+    );
+    assert_ne!(checksum(&objects(&install)), checksum(&objects(&generated)));
 
     // Same identity: the very same objects. Generated: the same but for keys.
     assert_eq!(objects(&given), objects(&install));

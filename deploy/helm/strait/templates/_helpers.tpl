@@ -8,6 +8,25 @@ The identity: given in values, else kept from a previous install, else generated
 (one self-signed issuer that is also the trust anchor).
 */}}
 {{- define "strait.identity" -}}
+{{- /* Made once per render and kept: every template that includes it (the
+identity objects, the controller's checksum of them) must see the same one. */ -}}
+{{- if not .Values._identity -}}
+{{- $_ := set .Values "_identity" (include "strait.identity.make" .) -}}
+{{- end -}}
+{{- .Values._identity -}}
+{{- end }}
+
+{{/*
+A hash of the public identity (trust anchors and issuer certificate): on the
+controller's pod template, so that changing the identity restarts the
+controllers, which read it only at start.
+*/}}
+{{- define "strait.identityChecksum" -}}
+{{- $id := include "strait.identity" . | fromJson -}}
+{{- printf "%s%s" $id.anchors $id.crt | sha256sum -}}
+{{- end }}
+
+{{- define "strait.identity.make" -}}
 {{- if .Values.identity.issuer.crtPEM -}}
 {{- dict "anchors" .Values.identity.trustAnchorsPEM "crt" .Values.identity.issuer.crtPEM "key" .Values.identity.issuer.keyPEM | toJson -}}
 {{- else -}}
