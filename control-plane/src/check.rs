@@ -78,9 +78,16 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         }
     };
     match client.apiserver_version().await {
-        Ok(v) => say(line(
+        Ok(v) if supports_native_sidecars(&v.major, &v.minor) => say(line(
             Verdict::Ok,
             format!("the Kubernetes API answers (version {})", v.git_version),
+        )),
+        Ok(v) => say(line(
+            Verdict::Fail,
+            format!(
+                "Kubernetes {} is too old: injected proxies are native sidecars, which need 1.29 or later",
+                v.git_version
+            ),
         )),
         Err(e) => {
             say(line(
@@ -342,5 +349,35 @@ fn expiry(what: &str, pem: &str) -> Line {
         )
     } else {
         line(Verdict::Ok, format!("{what} is valid for {days} more days"))
+    }
+}
+
+/// Whether a Kubernetes version (`major`, `minor` as `/version` gives them:
+/// some providers write `29+`) runs init containers with `restartPolicy:
+/// Always` as sidecars: on by default from 1.29.
+fn supports_native_sidecars(major: &str, minor: &str) -> bool {
+    let number = |s: &str| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<u32>()
+            .ok()
+    };
+    match (number(major), number(minor)) {
+        (Some(major), Some(minor)) => (major, minor) >= (1, 29),
+        // Unknown: not refused on a guess.
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_sidecars_need_1_29() {
+        assert!(supports_native_sidecars("1", "29"));
+        assert!(supports_native_sidecars("1", "33+"));
+        assert!(!supports_native_sidecars("1", "28"));
+        assert!(!supports_native_sidecars("1", "27+"));
+        assert!(supports_native_sidecars("", ""));
     }
 }
