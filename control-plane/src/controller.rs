@@ -478,6 +478,7 @@ impl Controller {
         // Watches and connections are bounded per source address, so one pod
         // cannot hold what every other proxy needs.
         let watches = Watches::new(metrics.clone());
+        let ending = watches.clone();
         let unanswered = UnansweredLayer::new(
             PerSource::sparing_loopback(defaults::GRPC_UNANSWERED_PER_SOURCE),
             metrics.clone(),
@@ -532,6 +533,13 @@ impl Controller {
         };
         let per_source = PerSource::sparing_loopback(defaults::GRPC_CONNECTIONS_PER_SOURCE);
         let incoming = serving::incoming(self.grpc, tls, per_source, metrics);
+        // Stopping ends the watches, which never end on their own: their
+        // connections then close, and the proxies re-watch from a replica
+        // that stays, rather than this one being killed mid-stream.
+        let shutdown = async move {
+            shutdown.await;
+            ending.end_all();
+        };
         router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

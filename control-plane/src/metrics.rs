@@ -178,6 +178,11 @@ impl Metrics {
 pub struct Watches {
     metrics: Arc<Metrics>,
     per_source: PerSource,
+    /// Cancelled when the controller stops: every watch ends then, so that
+    /// its connection can close and the server's graceful shutdown finish
+    /// (watches never end on their own), and each proxy moves to a replica
+    /// that stays.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Watches {
@@ -185,7 +190,13 @@ impl Watches {
         Watches {
             metrics,
             per_source: PerSource::sparing_loopback(defaults::WATCHES_PER_SOURCE),
+            stopping: Default::default(),
         }
+    }
+
+    /// Ends every open watch, and any opened after.
+    pub fn end_all(&self) {
+        self.stopping.cancel();
     }
 
     /// A watch of `service` for a caller at `source`, unless that address
@@ -211,6 +222,7 @@ impl Watches {
         Ok(WatchGuard {
             open: g,
             _share: share,
+            stopping: self.stopping.clone(),
         })
     }
 }
@@ -221,6 +233,14 @@ impl Watches {
 pub struct WatchGuard {
     open: Gauge,
     _share: Share,
+    stopping: tokio_util::sync::CancellationToken,
+}
+
+impl WatchGuard {
+    /// Resolves when the controller stops: the watch's stream ends there.
+    pub fn ended(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.stopping.clone().cancelled_owned()
+    }
 }
 
 impl Drop for WatchGuard {

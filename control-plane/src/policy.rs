@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use strait_api::v1 as api;
 use strait_api::v1::inbound_policy_server::InboundPolicy;
 use tokio::sync::watch;
@@ -96,6 +96,7 @@ impl InboundPolicy for InboundPolicyService {
                 .inspect_err(|r| auth.refused("inbound_policy", r))?;
         }
         let guard = self.watches.open("inbound_policy", source)?;
+        let ended = guard.ended();
         let rx = self.snapshot.clone();
         let wait_for_pods = self.wait_for_pods;
         // The policy now, then again whenever the index changes it. The stream
@@ -136,7 +137,8 @@ impl InboundPolicy for InboundPolicyService {
                     }
                 }
             },
-        );
+        )
+        .take_until(ended);
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -209,19 +209,24 @@ impl Discovery for DiscoveryService {
             // Never a Service, whatever the index says: answered without keeping a
             // view, so made-up names cost nothing to hold. The stream stays open,
             // so the proxy notices a controller going away.
+            let ended = guard.ended();
             let stream = futures_util::stream::once(async { Ok(view::not_meshed()) })
                 .chain(futures_util::stream::pending())
                 .map(move |u| {
                     let _alive = &guard;
                     u
-                });
+                })
+                .take_until(ended);
             return Ok(Response::new(Box::pin(stream)));
         }
         let rx = self.views.subscribe(key);
-        let stream = WatchStream::new(rx).map(move |u| {
-            let _alive = &guard;
-            Ok((*u).clone())
-        });
+        let ended = guard.ended();
+        let stream = WatchStream::new(rx)
+            .map(move |u| {
+                let _alive = &guard;
+                Ok((*u).clone())
+            })
+            .take_until(ended);
         Ok(Response::new(Box::pin(stream)))
     }
 }

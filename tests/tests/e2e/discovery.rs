@@ -221,6 +221,36 @@ async fn a_controller_restart_fails_no_request() {
     assert!(ok > 400);
 }
 
+/// Told to stop (SIGTERM, as Kubernetes does), a controller ends its
+/// proxies' watches and exits at once, rather than wait on streams that never
+/// end until it is killed; its proxies serve on with what they knew.
+#[tokio::test]
+async fn a_controller_stops_at_once_though_proxies_watch_it() {
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let mut cp = ControllerProc::start(dir.path()).await;
+    let a = Pod::start(&dir, cp.grpc, "web-a", Backend::start().await).await;
+    a.add_endpoint(&dir);
+    let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    let served =
+        || async { matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200) };
+    wait::until("traffic through the mesh", Duration::from_secs(10), served).await;
+    assert!(
+        cp.metric("strait_controller_watches{service=\"discovery\"}")
+            .await
+            >= 1.0
+    );
+
+    cp.proc.sigterm().await;
+    let exited = tokio::time::timeout(Duration::from_secs(10), cp.proc.child.wait()).await;
+    assert!(
+        matches!(&exited, Ok(Ok(s)) if s.success()),
+        "the controller did not stop within 10 s: {exited:?}"
+    );
+    assert!(served().await, "the proxies serve on without it");
+}
+
 #[tokio::test]
 async fn a_malformed_file_leaves_traffic_untouched_and_is_reported() {
     let dir = ManifestDir::new();
