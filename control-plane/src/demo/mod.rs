@@ -138,7 +138,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// How the demo's controller, apps and proxies log, to the terminal above the
+/// How the demo's controller and proxies log, to the terminal above the
 /// table: `strait`'s global `--log-level` and `--log-format`, warnings only
 /// when no level is given.
 #[derive(Clone, Debug, Default)]

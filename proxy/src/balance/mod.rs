@@ -210,6 +210,9 @@ pub struct InFlight {
     deadline: Option<Instant>,
     /// An outcome was recorded.
     judged: std::sync::atomic::AtomicBool,
+    /// A connection made ahead, whose probe was given back at its connect:
+    /// made again if the connection is used (`used`).
+    probe_when_used: AtomicBool,
 }
 
 impl Endpoints {
@@ -262,9 +265,11 @@ impl Endpoints {
         e
     }
 
-    /// The list that replaced this one since it was built, newest first: for
-    /// a request that outlived its list. `None` while this is the newest (or
-    /// its backend is gone from discovery: its last list stands).
+    /// The newest list of this backend, when a newer one replaced this one:
+    /// for a request that outlived its list. `None` while this is the newest,
+    /// and once the backend is gone from discovery (its newest list dropped:
+    /// held weakly, or each list would keep its successors alive): a request
+    /// still under way then keeps the list it began with.
     pub fn replacement(&self) -> Option<Arc<Self>> {
         if !self.replaced.load(Ordering::Acquire) {
             return None;
@@ -295,26 +300,6 @@ impl Endpoints {
         headers: &http::HeaderMap,
         avoid: Option<SocketAddr>,
     ) -> Result<InFlight, PickError> {
-        self.pick_for(headers, avoid, true)
-    }
-
-    /// As `pick`, for a connection made ahead of a client that has not spoken
-    /// (and may turn out to speak HTTP, and the connection be dropped unused):
-    /// it never probes an endpoint just out of ejection, whose verdict would
-    /// then rest on a connect alone; the next request or opaque stream does.
-    pub fn pick_sparing_probes(
-        self: &Arc<Self>,
-        headers: &http::HeaderMap,
-    ) -> Result<InFlight, PickError> {
-        self.pick_for(headers, None, false)
-    }
-
-    fn pick_for(
-        self: &Arc<Self>,
-        headers: &http::HeaderMap,
-        avoid: Option<SocketAddr>,
-        probes: bool,
-    ) -> Result<InFlight, PickError> {
         let n = self.slots.len();
         if n == 0 {
             return Err(PickError::NoEndpoints);
@@ -326,8 +311,7 @@ impl Endpoints {
             if strict && avoid == Some(self.slots[i].endpoint.addr) {
                 return None;
             }
-            Some(self.slots[i].state.outlier().admit(now))
-                .filter(|a| *a == Admit::Yes || (probes && *a == Admit::Probe))
+            Some(self.slots[i].state.outlier().admit(now)).filter(|a| *a != Admit::No)
         };
         // With every endpoint ejected (a discovery update can leave more than the
         // cap out), fail open: any endpoint beats a certain 503.
@@ -357,6 +341,7 @@ impl Endpoints {
             probe,
             deadline: None,
             judged: Default::default(),
+            probe_when_used: Default::default(),
         })
     }
 
@@ -481,20 +466,61 @@ impl InFlight {
             return;
         }
         if self.state().outlier().success(self.probe) {
-            // Re-admitted: its failures are behind it. Judged afresh, as a new
-            // endpoint is, or their penalty would keep it idle long after.
-            if let Ok(mut e) = self.state().ewma.lock() {
-                *e = PeakEwma::new(Instant::now());
-            }
-            tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
-            self.backend
-                .metrics
-                .ejected
-                .set(self.backend.ejected() as i64);
+            self.readmitted();
         }
         match took {
             Some(t) => self.observe(t),
             None => self.record(Duration::ZERO),
+        }
+    }
+
+    /// Its failures are behind it: judged afresh, as a new endpoint is, or
+    /// their penalty would keep it idle long after.
+    fn readmitted(&self) {
+        if let Ok(mut e) = self.state().ewma.lock() {
+            *e = PeakEwma::new(Instant::now());
+        }
+        tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
+        self.backend
+            .metrics
+            .ejected
+            .set(self.backend.ejected() as i64);
+    }
+
+    /// As `success_took`, for a connection made ahead of a client that has
+    /// not spoken: its latency counts now, but a connect alone does not
+    /// re-admit an endpoint it probes, since the client may speak HTTP and
+    /// the connection go unused. The probe is given back at once (so a
+    /// request can make it while this connection idles), and made again
+    /// if the connection is used.
+    pub fn connected_ahead(&self, took: Duration) {
+        if !self.settle() {
+            return;
+        }
+        self.observe(took);
+        if let Some(p) = self.probe {
+            self.state().outlier().abandon_probe(p);
+            self.probe_when_used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection made ahead carries the stream after all (it is
+    /// opaque): a working stream, the probe of its endpoint if that still
+    /// waits for one.
+    pub fn used(&self) {
+        if !self.probe_when_used.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let readmitted = {
+            let mut o = self.state().outlier();
+            if o.admit(Instant::now()) != Admit::Probe {
+                return;
+            }
+            let p = o.start_probe();
+            o.success(Some(p))
+        };
+        if readmitted {
+            self.readmitted();
         }
     }
 
@@ -727,42 +753,50 @@ mod tests {
         assert!(cost < 1e9, "judged once, not by the stream's life: {cost}");
     }
 
-    /// A connection made ahead of a silent client leaves an endpoint just
-    /// out of ejection to be probed by a request: a connect that succeeds
-    /// (the peer's proxy is up, the app answers 503) does not re-admit it.
+    /// A connection made ahead of a silent client does not re-admit an
+    /// endpoint by its connect alone (the peer's proxy is up, its app may
+    /// answer 503): dropped unused, the next request probes; used for an
+    /// opaque stream, it is the probe.
     #[tokio::test(start_paused = true)]
-    async fn a_connection_made_ahead_of_a_silent_client_never_probes() {
+    async fn a_connection_made_ahead_probes_only_when_used() {
         let mut config = BackendConfig {
             lb: LbConfig::RoundRobin,
             ..Default::default()
         };
         config.breaker.base_ejection = Duration::from_secs(5);
         let b = backend(2, config);
-        for _ in 0..10 {
+        let pick_0 = || loop {
             let f = b.pick(&Default::default(), None).unwrap();
             if index(&f) == 0 {
-                f.failed();
-            } else {
-                f.success();
-            }
-        }
-        assert_eq!(b.ejected(), 1);
-        tokio::time::advance(Duration::from_secs(6)).await;
-        for _ in 0..20 {
-            let f = b.pick_sparing_probes(&Default::default()).unwrap();
-            assert_eq!(index(&f), 1, "the endpoint awaiting its probe");
-            f.success_took(Duration::from_millis(1));
-        }
-        assert_eq!(b.ejected(), 1, "still out until a request probes it");
-        let probe = loop {
-            let f = b.pick(&Default::default(), None).unwrap();
-            if index(&f) == 0 {
-                break f;
+                return f;
             }
             f.success();
         };
+        let eject = || {
+            for _ in 0..5 {
+                pick_0().failed();
+            }
+            assert_eq!(b.ejected(), 1);
+        };
+        eject();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let ahead = pick_0();
+        ahead.connected_ahead(Duration::from_millis(1));
+        assert_eq!(b.ejected(), 1, "a connect alone re-admits nothing");
+        // While it idles, a request may probe: its answer decides.
+        let probe = pick_0();
         probe.success();
-        assert_eq!(b.ejected(), 0, "a request's answer re-admits it");
+        assert_eq!(b.ejected(), 0, "the request's answer re-admits");
+        drop(ahead);
+
+        // Ejected again; this time the connection made ahead is used.
+        eject();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let ahead = pick_0();
+        ahead.connected_ahead(Duration::from_millis(1));
+        assert_eq!(b.ejected(), 1);
+        ahead.used();
+        assert_eq!(b.ejected(), 0, "an opaque stream that flows re-admits");
     }
 
     #[tokio::test(start_paused = true)]

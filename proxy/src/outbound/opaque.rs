@@ -37,8 +37,8 @@ pub struct Upstream {
     /// far as the balancer can tell, as fast as the connect (the stream's life
     /// says nothing of its latency). A connection made for a client that has
     /// not spoken may idle for an hour, and meanwhile does not await an answer
-    /// (which would make its endpoint look slow); it never probes an endpoint
-    /// just out of ejection (`Ahead`).
+    /// (which would make its endpoint look slow), nor hold the probe of an
+    /// endpoint just out of ejection: it probes only if used (`Ahead`).
     load: Option<InFlight>,
 }
 
@@ -64,6 +64,9 @@ impl Upstream {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let (tcp, m) = (&s.tcp, &s.metrics);
+        if let Some(l) = &self.load {
+            l.used();
+        }
         let _load = self.load;
         match self.conn {
             Conn::Peer(t, addr) => {
@@ -128,9 +131,18 @@ impl Refused {
 pub enum Ahead {
     /// The stream is opaque: its connect is all the balancer will learn.
     No,
-    /// It may turn out HTTP and the connection be dropped unused: it does not
-    /// probe an endpoint just out of ejection.
+    /// It may turn out HTTP and the connection be dropped unused: its connect
+    /// re-admits no endpoint it probes unless the connection is used
+    /// (`InFlight::connected_ahead`).
     OfASilentClient,
+}
+
+/// The connect went through: judged so, as `ahead` says.
+fn connected(load: &InFlight, ahead: Ahead, took: Duration) {
+    match ahead {
+        Ahead::No => load.success_took(took),
+        Ahead::OfASilentClient => load.connected_ahead(took),
+    }
 }
 
 /// Connects where an opaque stream to `dst` goes.
@@ -146,7 +158,7 @@ pub async fn connect(
         match crate::tcp::dial_within(&to, &s.tcp, within).await {
             Ok(t) => {
                 if let Some(l) = &load {
-                    l.success_took(start.elapsed());
+                    connected(l, ahead, start.elapsed());
                 }
                 Ok(Upstream {
                     conn: Conn::Direct(t, to),
@@ -176,11 +188,7 @@ pub async fn connect(
     let within = backend
         .and_then(|eps| eps.config().connect_timeout)
         .unwrap_or(s.tcp.connect_timeout);
-    let headers = http::HeaderMap::new();
-    let picked = backend.and_then(|eps| match ahead {
-        Ahead::No => eps.pick(&headers, None).ok(),
-        Ahead::OfASilentClient => eps.pick_sparing_probes(&headers).ok(),
-    });
+    let picked = backend.and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
     let Some(in_flight) = picked else {
         return Err(Refused::NoEndpoints {
             service: view.name.to_string(),
@@ -194,7 +202,7 @@ pub async fn connect(
     let start = tokio::time::Instant::now();
     match over_mtls(ep.addr.port(), addr, peer, peer_tls, within).await {
         Ok(t) => {
-            in_flight.success_took(start.elapsed());
+            connected(&in_flight, ahead, start.elapsed());
             Ok(Upstream {
                 conn: Conn::Peer(Box::new(t), addr),
                 load: Some(in_flight),
