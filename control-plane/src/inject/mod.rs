@@ -149,6 +149,16 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         .pointer("/metadata/annotations")
         .and_then(Value::as_object);
     let annotation = |k: &str| annotations.and_then(|a| a.get(k)).and_then(Value::as_str);
+    // The label keeps a pod from the webhooks (their objectSelector); the
+    // injector and `strait inject` honour it too.
+    let label = pod
+        .pointer("/metadata/labels/strait.dev~1inject")
+        .and_then(Value::as_str);
+    if label == Some("disabled") {
+        return Ok(Outcome::Skip(
+            "the pod is labelled strait.dev/inject=disabled",
+        ));
+    }
     let spec = pod
         .get("spec")
         .and_then(Value::as_object)

@@ -129,6 +129,14 @@ fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network(
         inject(&opted_out, Namespace::Enabled, &settings()).unwrap(),
         Outcome::Skip(_)
     ));
+    // The label (which also keeps the pod from the webhooks) opts out too,
+    // whatever the annotation says.
+    let mut labelled = pod(json!({INJECT: "enabled"}), app_spec());
+    labelled["metadata"]["labels"] = json!({INJECT: "disabled"});
+    assert_eq!(
+        inject(&labelled, Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Skip("the pod is labelled strait.dev/inject=disabled")
+    );
     let host = pod(
         json!({INJECT: "enabled"}),
         json!({"hostNetwork": true, "containers": [{"name": "a", "image": "a"}]}),
