@@ -306,6 +306,40 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         ),
     ]);
     let default = helm(&[]);
+    // Part of an identity, or something else than PEM, is refused with the
+    // reason, rather than rendered into controllers that cannot start.
+    for (extra, why) in [
+        (
+            vec![format!(
+                "--set-file=identity.issuer.crtPEM={}",
+                pki.issuer_cert().display()
+            )],
+            "together, or none",
+        ),
+        (
+            vec![
+                "--set=identity.trustAnchorsPEM=nope".to_string(),
+                format!(
+                    "--set-file=identity.issuer.crtPEM={}",
+                    pki.issuer_cert().display()
+                ),
+                format!(
+                    "--set-file=identity.issuer.keyPEM={}",
+                    pki.issuer_key().display()
+                ),
+            ],
+            "trustAnchorsPEM holds no PEM certificate",
+        ),
+    ] {
+        let out = std::process::Command::new("helm")
+            .args(["template", "strait"])
+            .arg(&chart)
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(why), "{stderr}");
+    }
 
     // The controllers restart when the identity changes: their pod template
     // carries a hash of it, of the very identity the same render made.

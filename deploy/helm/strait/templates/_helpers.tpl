@@ -27,7 +27,23 @@ controllers, which read it only at start.
 {{- end }}
 
 {{- define "strait.identity.make" -}}
-{{- if .Values.identity.issuer.crtPEM -}}
+{{- $i := .Values.identity -}}
+{{- $given := list $i.trustAnchorsPEM $i.issuer.crtPEM $i.issuer.keyPEM | compact | len -}}
+{{- if and (gt $given 0) (lt $given 3) -}}
+{{- fail "identity: give trustAnchorsPEM, issuer.crtPEM and issuer.keyPEM together, or none of them" -}}
+{{- end -}}
+{{- if eq $given 3 -}}
+{{- if not (contains "-----BEGIN CERTIFICATE-----" $i.trustAnchorsPEM) -}}
+{{- fail "identity.trustAnchorsPEM holds no PEM certificate" -}}
+{{- end -}}
+{{- if not (contains "-----BEGIN CERTIFICATE-----" $i.issuer.crtPEM) -}}
+{{- fail "identity.issuer.crtPEM holds no PEM certificate" -}}
+{{- end -}}
+{{- if not (contains "PRIVATE KEY-----" $i.issuer.keyPEM) -}}
+{{- fail "identity.issuer.keyPEM holds no PEM private key" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $given 3 -}}
 {{- dict "anchors" .Values.identity.trustAnchorsPEM "crt" .Values.identity.issuer.crtPEM "key" .Values.identity.issuer.keyPEM | toJson -}}
 {{- else -}}
 {{- $secret := lookup "v1" "Secret" .Values.namespace "strait-identity-issuer" -}}
