@@ -24,6 +24,11 @@ pub const SKIP_OUTBOUND_CIDRS: &str = "strait.dev/skip-outbound-cidrs";
 /// At most this many networks in `SKIP_OUTBOUND_CIDRS`: each is a rule.
 const MAX_SKIP_CIDRS: usize = 64;
 pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
+/// The proxy's resources, as Kubernetes quantities (`100m`, `64Mi`).
+pub const PROXY_CPU_REQUEST: &str = "strait.dev/proxy-cpu-request";
+pub const PROXY_CPU_LIMIT: &str = "strait.dev/proxy-cpu-limit";
+pub const PROXY_MEMORY_REQUEST: &str = "strait.dev/proxy-memory-request";
+pub const PROXY_MEMORY_LIMIT: &str = "strait.dev/proxy-memory-limit";
 pub const PROXY_IMAGE: &str = "strait.dev/proxy-image";
 
 /// The containers and volumes injection adds, by name: a pod that has the
@@ -231,6 +236,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 })
         })
         .transpose()?;
+    let resources = proxy_resources(&annotation)?;
     let image = match annotation(PROXY_IMAGE) {
         Some(i) if valid_image(i) => i.to_string(),
         Some(i) => {
@@ -269,6 +275,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         opaque.as_deref(),
         log_level.as_deref(),
         probed.as_deref(),
+        resources,
     );
     let volumes = [
         json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
@@ -467,6 +474,7 @@ fn proxy_container(
     opaque: Option<&str>,
     log_level: Option<&str>,
     tcp_probe_ports: Option<&str>,
+    resources: Value,
 ) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let value = |name: &str, v: &str| json!({"name": name, "value": v});
@@ -517,7 +525,7 @@ fn proxy_container(
         "startupProbe": probe("/ready", 1, 120),
         "readinessProbe": probe("/ready", 10, 3),
         "livenessProbe": probe("/live", 10, 3),
-        "resources": {"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}},
+        "resources": resources,
         "securityContext": {
             "runAsUser": defaults::PROXY_UID,
             "runAsGroup": defaults::PROXY_UID,
@@ -585,6 +593,97 @@ fn valid_log_level(v: &str) -> bool {
 }
 
 /// An image reference: no spaces or control characters, bounded.
+/// The proxy's resources: the pod's annotations over the defaults (requests
+/// 10m CPU and 20Mi, a 250Mi memory limit, no CPU limit). A default request
+/// above a given limit comes down to it; a given one is refused.
+fn proxy_resources<'a>(
+    annotation: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<Value, InjectError> {
+    let get = |name: &'static str| -> Result<Option<(&'a str, f64)>, InjectError> {
+        let Some(v) = annotation(name) else {
+            return Ok(None);
+        };
+        match quantity(v) {
+            Some(q) => Ok(Some((v, q))),
+            None => Err(InjectError::Annotation {
+                name,
+                value: v.to_string(),
+                why: "is not a Kubernetes quantity (e.g. 100m, 0.5, 64Mi, 1Gi)",
+            }),
+        }
+    };
+    let mut requests = serde_json::Map::new();
+    let mut limits = serde_json::Map::new();
+    for (kind, req_name, limit_name, default_req, default_limit) in [
+        ("cpu", PROXY_CPU_REQUEST, PROXY_CPU_LIMIT, "10m", None),
+        (
+            "memory",
+            PROXY_MEMORY_REQUEST,
+            PROXY_MEMORY_LIMIT,
+            "20Mi",
+            Some("250Mi"),
+        ),
+    ] {
+        let given_req = get(req_name)?;
+        let limit = match get(limit_name)? {
+            Some(l) => Some(l),
+            None => default_limit.map(|d| (d, quantity(d).unwrap_or(f64::MAX))),
+        };
+        let req = match (given_req, limit) {
+            (Some((r, q)), Some((_, l))) if q > l => {
+                return Err(InjectError::Annotation {
+                    name: req_name,
+                    value: r.to_string(),
+                    why: "is above the proxy's limit",
+                });
+            }
+            (Some((r, _)), _) => r,
+            (None, Some((l, lq))) if quantity(default_req).is_some_and(|d| d > lq) => l,
+            (None, _) => default_req,
+        };
+        requests.insert(kind.into(), json!(req));
+        if let Some((l, _)) = limit {
+            limits.insert(kind.into(), json!(l));
+        }
+    }
+    Ok(json!({"requests": requests, "limits": limits}))
+}
+
+/// A Kubernetes quantity's value (`100m` is 0.1, `64Mi` 67108864), for
+/// checking and comparing: decimal numbers with an optional suffix.
+fn quantity(v: &str) -> Option<f64> {
+    if v.is_empty() || v.len() > 32 {
+        return None;
+    }
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024f64),
+        ("Mi", 1024f64.powi(2)),
+        ("Gi", 1024f64.powi(3)),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, factor) = suffixes
+        .iter()
+        .find_map(|(s, f)| v.strip_suffix(s).map(|n| (n, *f)))
+        .unwrap_or((v, 1.0));
+    let digits_and_dot = !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && number.bytes().filter(|b| *b == b'.').count() <= 1
+        && number != ".";
+    if !digits_and_dot {
+        return None;
+    }
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
 fn valid_image(v: &str) -> bool {
     !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_graphic())
 }

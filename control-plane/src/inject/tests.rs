@@ -567,3 +567,46 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
         json!({"tcpSocket": {"port": 5432}})
     );
 }
+
+/// The proxy's resources: defaults, or what the pod's annotations say; a
+/// value that is not a quantity, or a request above its limit, refuses the
+/// pod with the annotation's name.
+#[test]
+fn proxy_resources_follow_the_pods_annotations() {
+    let resources = |annotations: Value| {
+        let mut a = json!({INJECT: "enabled"});
+        a.as_object_mut()
+            .unwrap()
+            .extend(annotations.as_object().unwrap().clone());
+        let p = applied(pod(a, app_spec()), Namespace::NotEnabled);
+        p["spec"]["initContainers"][1]["resources"].clone()
+    };
+    assert_eq!(
+        resources(json!({})),
+        json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}})
+    );
+    assert_eq!(
+        resources(json!({PROXY_CPU_REQUEST: "100m", PROXY_CPU_LIMIT: "1",
+                         PROXY_MEMORY_REQUEST: "64Mi", PROXY_MEMORY_LIMIT: "1Gi"})),
+        json!({"requests": {"cpu": "100m", "memory": "64Mi"},
+               "limits": {"cpu": "1", "memory": "1Gi"}})
+    );
+    // A limit under the default request brings the request down with it.
+    assert_eq!(
+        resources(json!({PROXY_MEMORY_LIMIT: "16Mi", PROXY_CPU_LIMIT: "5m"})),
+        json!({"requests": {"cpu": "5m", "memory": "16Mi"},
+               "limits": {"cpu": "5m", "memory": "16Mi"}})
+    );
+    for (name, value, why) in [
+        (PROXY_CPU_REQUEST, "lots", "quantity"),
+        (PROXY_MEMORY_LIMIT, "-1Mi", "quantity"),
+        (PROXY_MEMORY_REQUEST, "1Gi", "above the proxy's limit"),
+    ] {
+        let p = pod(json!({INJECT: "enabled", name: value}), app_spec());
+        let e = inject(&p, Namespace::NotEnabled, &settings()).unwrap_err();
+        assert!(
+            e.to_string().contains(name) && e.to_string().contains(why),
+            "{e}"
+        );
+    }
+}
