@@ -362,6 +362,7 @@ fn deployment(v: &Values) -> Value {
                     "containers": [{
                         "name": "controller",
                         "image": v.controller_image,
+                        "imagePullPolicy": "IfNotPresent",
                         "args": [
                             "controller",
                             "--kubernetes",
