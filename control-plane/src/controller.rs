@@ -379,6 +379,11 @@ impl Controller {
         let (ready_tx, ready_rx) = watch::channel(false);
 
         let (clean_tx, mut clean_rx) = watch::channel(false);
+        // The status writer's election, told when the controller stops so
+        // that it gives its lease up rather than leave the other replicas to
+        // wait out its duration.
+        let stop_election = tokio_util::sync::CancellationToken::new();
+        let mut election = None;
         let tokens = match &self.feed {
             Feed::Manifests => {
                 let mut source = ManifestSource::new(
@@ -417,7 +422,7 @@ impl Controller {
                     .or_else(|| std::env::var("HOSTNAME").ok())
                     .unwrap_or_else(|| format!("strait-controller-{}", std::process::id()));
                 let (leader_tx, leader_rx) = watch::channel(false);
-                tokio::spawn(lease::elect(
+                election = Some(tokio::spawn(lease::elect(
                     client.clone(),
                     LeaseConfig {
                         namespace: self.args.namespace.clone(),
@@ -425,7 +430,8 @@ impl Controller {
                         duration: self.args.lease_duration,
                     },
                     leader_tx,
-                ));
+                    stop_election.clone(),
+                )));
                 tokio::spawn(status::write(
                     client.clone(),
                     identity,
@@ -540,9 +546,14 @@ impl Controller {
             shutdown.await;
             ending.end_all();
         };
-        router
+        let served = router
             .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+            .await;
+        stop_election.cancel();
+        if let Some(e) = election {
+            let _ = tokio::time::timeout(defaults::LEASE_RELEASE_TIMEOUT, e).await;
+        }
+        served?;
         Ok(())
     }
 }

@@ -23,9 +23,14 @@ pub struct LeaseConfig {
     pub duration: Duration,
 }
 
-/// Runs the election for ever, saying on `leader` whether this replica holds
-/// the lease.
-pub async fn elect(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender<bool>) {
+/// Runs the election until `stop`, saying on `leader` whether this replica
+/// holds the lease; stopped, it stops writing and gives the lease up.
+pub async fn elect(
+    client: kube::Client,
+    cfg: LeaseConfig,
+    leader: watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let renew_every = cfg.duration / 3;
     // Until when our hold is certain: the last successful renewal plus the
@@ -51,7 +56,38 @@ pub async fn elect(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender
             Some(t) if holds => next.min(t),
             _ => next,
         };
-        tokio::time::sleep_until(wake).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            () = stop.cancelled() => {
+                leader.send_replace(false);
+                if holds {
+                    release(&api, &cfg).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Gives the lease up, as client-go's elections do on a clean stop: without
+/// a holder, another replica takes it at its next attempt instead of waiting
+/// for the lease's duration to pass. Only if it is still ours (the resource
+/// version makes the write a compare-and-swap).
+async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let Ok(Some(mut lease)) = api.get_opt(LEASE_NAME).await else {
+        return;
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+        return;
+    }
+    spec.holder_identity = None;
+    match api
+        .replace(LEASE_NAME, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => info!(identity = %cfg.identity, "status writer's lease given up"),
+        Err(e) => warn!(error = %e, "could not give the status writer's lease up"),
     }
 }
 

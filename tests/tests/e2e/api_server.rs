@@ -232,6 +232,10 @@ async fn identities_are_proven_with_token_reviews_for_strait_s_audience() {
 
 /// A replica with its own name and a short lease.
 fn replica(api: &KubeApi, dir: &ManifestDir, name: &str) -> (Proc, SocketAddr) {
+    replica_with(api, dir, name, "2s")
+}
+
+fn replica_with(api: &KubeApi, dir: &ManifestDir, name: &str, lease: &str) -> (Proc, SocketAddr) {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let args = vec![
         "controller".to_string(),
@@ -239,7 +243,7 @@ fn replica(api: &KubeApi, dir: &ManifestDir, name: &str) -> (Proc, SocketAddr) {
         format!("--grpc-addr=127.0.0.1:{}", free_port()),
         format!("--admin-addr={admin}"),
         format!("--pod-name={name}"),
-        "--lease-duration=2s".into(),
+        format!("--lease-duration={lease}"),
     ];
     let kubeconfig = api.kubeconfig(dir.path());
     let proc = Proc::spawn(
@@ -419,6 +423,45 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     );
     let last = api.status_patches().last().cloned().unwrap();
     assert_eq!(last.0, survivor);
+}
+
+/// A replica told to stop (SIGTERM) gives the status writer's lease up: the
+/// other takes it at its next attempt, not once the lease's 6 s have passed.
+#[tokio::test]
+async fn a_stopping_replica_gives_its_lease_up() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let (a, a_admin) = replica_with(&api, &dir, "replica-a", "6s");
+    wait::ready(a_admin, Duration::from_secs(20)).await;
+    let holder = || {
+        api.get("leases", "strait-system", "strait-controller")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    wait::until(
+        "replica-a to hold the lease",
+        Duration::from_secs(10),
+        || async { holder().as_deref() == Some("replica-a") },
+    )
+    .await;
+    let (_b, b_admin) = replica_with(&api, &dir, "replica-b", "6s");
+    wait::ready(b_admin, Duration::from_secs(20)).await;
+
+    let mut a = a;
+    a.sigterm().await;
+    let t = std::time::Instant::now();
+    let exited = tokio::time::timeout(Duration::from_secs(10), a.child.wait()).await;
+    assert!(matches!(&exited, Ok(Ok(s)) if s.success()), "{exited:?}");
+    wait::until(
+        "replica-b to take the lease",
+        Duration::from_secs(15),
+        || async { holder().as_deref() == Some("replica-b") },
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_millis(4500),
+        "taken over after {:?}: the lease was not given up",
+        t.elapsed()
+    );
 }
 
 /// `strait check` against a cluster that has what `strait install` applies.
