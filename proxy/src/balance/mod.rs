@@ -498,15 +498,19 @@ impl InFlight {
             return;
         }
         self.observe(took);
+        let mut o = self.state().outlier();
+        // A success all the same: the endpoint's run of failures is over.
+        o.success(None);
         if let Some(p) = self.probe {
-            self.state().outlier().abandon_probe(p);
+            o.abandon_probe(p);
             self.probe_when_used.store(true, Ordering::Relaxed);
         }
     }
 
-    /// The connection made ahead carries the stream after all (it is
-    /// opaque): a working stream, the probe of its endpoint if that still
-    /// waits for one.
+    /// The connection made ahead carries a stream that works after all (the
+    /// server greeted, or the client's bytes are opaque and the connect is
+    /// all an opaque stream is judged by): the probe of its endpoint, if
+    /// that still waits for one. Not for a connection closed without a word.
     pub fn used(&self) {
         if !self.probe_when_used.swap(false, Ordering::Relaxed) {
             return;
@@ -797,6 +801,17 @@ mod tests {
         assert_eq!(b.ejected(), 1);
         ahead.used();
         assert_eq!(b.ejected(), 0, "an opaque stream that flows re-admits");
+
+        // A connection made ahead that connects ends a run of failures, as
+        // any success does.
+        for _ in 0..4 {
+            pick_0().failed();
+        }
+        pick_0().connected_ahead(Duration::from_millis(1));
+        for _ in 0..4 {
+            pick_0().failed();
+        }
+        assert_eq!(b.ejected(), 0, "no five failures in a row");
     }
 
     #[tokio::test(start_paused = true)]

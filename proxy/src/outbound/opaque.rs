@@ -50,6 +50,14 @@ enum Conn {
 }
 
 impl Upstream {
+    /// A connection made ahead carries a stream that works: see
+    /// `InFlight::used`.
+    pub fn used(&self) {
+        if let Some(l) = &self.load {
+            l.used();
+        }
+    }
+
     /// Reads what the server sends before the client has said anything.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match &mut self.conn {
@@ -64,9 +72,6 @@ impl Upstream {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let (tcp, m) = (&s.tcp, &s.metrics);
-        if let Some(l) = &self.load {
-            l.used();
-        }
         let _load = self.load;
         match self.conn {
             Conn::Peer(t, addr) => {

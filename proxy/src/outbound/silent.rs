@@ -78,7 +78,14 @@ where
         First::Client(Ok(_)) | First::Server(()) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             match (up, refused) {
-                (Some(up), _) => up.splice(s, io, greeting.freeze()).await,
+                (Some(up), _) => {
+                    // A greeting shows the endpoint works; a close without
+                    // one (the server's or the client's) shows nothing.
+                    if !greeting.is_empty() {
+                        up.used();
+                    }
+                    up.splice(s, io, greeting.freeze()).await
+                }
                 (None, Some(refused)) => refused.report(s),
                 // The connection onward was still being made: finish it.
                 (None, None) => match connect.await {
@@ -118,10 +125,17 @@ where
         return Some((protocol, io));
     }
     match (up, refused) {
-        (Some(up), _) => up.splice(s, io, Bytes::new()).await,
+        // Opaque: the connect is what an opaque stream is judged by.
+        (Some(up), _) => {
+            up.used();
+            up.splice(s, io, Bytes::new()).await
+        }
         // The client spoke while the connection onward was being made: finish it.
         (None, None) => match connect.await {
-            Ok(up) => up.splice(s, io, Bytes::new()).await,
+            Ok(up) => {
+                up.used();
+                up.splice(s, io, Bytes::new()).await
+            }
             Err(refused) => refused.report(s),
         },
         // Refused while the client was silent: try again, now that it is opaque.
