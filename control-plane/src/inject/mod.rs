@@ -252,11 +252,15 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // The init container runs as root with NET_ADMIN: its image is always the
     // operator's, never one a pod's author names (the proxy's runs as the
     // proxy's user, with no capability, as any container of theirs could).
+    // The init container gets the proxy's resources: a quota or LimitRange
+    // that asks the proxy for a CPU limit or a minimum asks it too, and an
+    // init container's resources cost the pod nothing beyond its sidecars'.
     let init = init_container(
         s,
         skip_in.as_deref(),
         skip_out.as_deref(),
         skip_cidrs.as_deref(),
+        resources.clone(),
     );
     // An older proxy, named by the pod, would not answer a rewritten probe:
     // its probes stay as written.
@@ -325,6 +329,7 @@ fn init_container(
     skip_in: Option<&str>,
     skip_out: Option<&str>,
     skip_cidrs: Option<&str>,
+    resources: Value,
 ) -> Value {
     let image = &s.proxy_image;
     let mut env = Vec::new();
@@ -345,7 +350,7 @@ fn init_container(
         "image": image,
         "args": ["init", "--proxy-uid", defaults::PROXY_UID.to_string()],
         "env": env,
-        "resources": {"requests": {"cpu": "10m", "memory": "10Mi"}, "limits": {"memory": "50Mi"}},
+        "resources": resources,
         // iptables needs uid 0 with NET_ADMIN and NET_RAW, and nothing else.
         "securityContext": {
             "runAsUser": 0,
@@ -649,19 +654,31 @@ fn proxy_resources<'a>(
     Ok(json!({"requests": requests, "limits": limits}))
 }
 
-/// A Kubernetes quantity's value (`100m` is 0.1, `64Mi` 67108864), for
-/// checking and comparing: decimal numbers with an optional suffix.
+/// A Kubernetes quantity's value (`100m` is 0.1, `64Mi` 67108864, `1e3`
+/// 1000), for checking and comparing: a decimal number, optionally signed
+/// `+`, with a binary (`Ki`…`Ei`) or decimal (`n`…`E`) suffix or a decimal
+/// exponent. Negative values are refused: no resource is.
 fn quantity(v: &str) -> Option<f64> {
     if v.is_empty() || v.len() > 32 {
         return None;
     }
-    let suffixes: [(&str, f64); 13] = [
+    let v = v.strip_prefix('+').unwrap_or(v);
+    let number = |n: &str| -> Option<f64> {
+        let ok = !n.is_empty()
+            && n != "."
+            && n.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && n.bytes().filter(|b| *b == b'.').count() <= 1;
+        ok.then(|| n.parse::<f64>().ok()).flatten()
+    };
+    let suffixes: [(&str, f64); 15] = [
         ("Ki", 1024f64),
         ("Mi", 1024f64.powi(2)),
         ("Gi", 1024f64.powi(3)),
         ("Ti", 1024f64.powi(4)),
         ("Pi", 1024f64.powi(5)),
         ("Ei", 1024f64.powi(6)),
+        ("n", 1e-9),
+        ("u", 1e-6),
         ("m", 1e-3),
         ("k", 1e3),
         ("M", 1e6),
@@ -670,18 +687,22 @@ fn quantity(v: &str) -> Option<f64> {
         ("P", 1e15),
         ("E", 1e18),
     ];
-    let (number, factor) = suffixes
+    if let Some(n) = suffixes
         .iter()
-        .find_map(|(s, f)| v.strip_suffix(s).map(|n| (n, *f)))
-        .unwrap_or((v, 1.0));
-    let digits_and_dot = !number.is_empty()
-        && number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        && number.bytes().filter(|b| *b == b'.').count() <= 1
-        && number != ".";
-    if !digits_and_dot {
+        .find_map(|(s, f)| v.strip_suffix(s).and_then(number).map(|n| n * f))
+    {
+        return Some(n);
+    }
+    // A decimal exponent: `1e3`, `5E-1`.
+    if let Some((mantissa, exp)) = v.split_once(['e', 'E']) {
+        let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            let e: i32 = exp.parse().ok()?;
+            return number(mantissa).map(|m| m * 10f64.powi(e));
+        }
         return None;
     }
-    number.parse::<f64>().ok().map(|n| n * factor)
+    number(v)
 }
 
 fn valid_image(v: &str) -> bool {

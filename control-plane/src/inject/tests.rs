@@ -579,6 +579,12 @@ fn proxy_resources_follow_the_pods_annotations() {
             .unwrap()
             .extend(annotations.as_object().unwrap().clone());
         let p = applied(pod(a, app_spec()), Namespace::NotEnabled);
+        // The init container's are the proxy's: a quota asking for a CPU
+        // limit asks it of every container.
+        assert_eq!(
+            p["spec"]["initContainers"][0]["resources"],
+            p["spec"]["initContainers"][1]["resources"]
+        );
         p["spec"]["initContainers"][1]["resources"].clone()
     };
     assert_eq!(
@@ -597,6 +603,26 @@ fn proxy_resources_follow_the_pods_annotations() {
         json!({"requests": {"cpu": "5m", "memory": "16Mi"},
                "limits": {"cpu": "5m", "memory": "16Mi"}})
     );
+    // Every form Kubernetes takes.
+    for (q, want) in [
+        ("+1", 1.0),
+        ("1e3", 1e3),
+        ("1E3", 1e3),
+        ("5e-1", 0.5),
+        ("500u", 5e-4),
+        ("100n", 1e-7),
+        ("0", 0.0),
+        (".5", 0.5),
+        ("5.", 5.0),
+        ("1Ki", 1024.0),
+        ("2E", 2e18),
+    ] {
+        let got = quantity(q).unwrap_or_else(|| panic!("{q} refused"));
+        assert!((got - want).abs() <= want * 1e-12, "{q}: {got}");
+    }
+    for q in ["-1", "1x", "e3", "1e", "1.2.3", "Mi", ""] {
+        assert_eq!(quantity(q), None, "{q}");
+    }
     for (name, value, why) in [
         (PROXY_CPU_REQUEST, "lots", "quantity"),
         (PROXY_MEMORY_LIMIT, "-1Mi", "quantity"),
