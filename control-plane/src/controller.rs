@@ -137,6 +137,19 @@ pub struct ControllerArgs {
     /// Lifetime of workload certificates (proxies renew at about 70 % of it).
     #[arg(long, env = "STRAIT_CERT_LIFETIME", default_value = defaults::CERT_LIFETIME, value_parser = parse_lifetime)]
     pub cert_lifetime: Duration,
+    /// After SIGTERM, how long the controller still serves the injector and
+    /// the proxies (not ready, and no longer writing status) before it stops:
+    /// the API server and the nodes stop sending it calls meanwhile.
+    #[arg(long, env = "STRAIT_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_shutdown_delay)]
+    pub shutdown_delay: Duration,
+}
+
+fn parse_shutdown_delay(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5s)"))?;
+    if d > Duration::from_secs(60) {
+        return Err("at most 60s (the pod's grace period must cover it)".into());
+    }
+    Ok(d)
 }
 
 fn parse_lease(s: &str) -> Result<Duration, String> {
@@ -471,7 +484,13 @@ impl Controller {
                 r = clean_rx.wait_for(|c| *c) => if r.is_err() {
                     anyhow::bail!("manifest reader stopped");
                 },
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    stop_election.cancel();
+                    if let Some(e) = election {
+                        let _ = tokio::time::timeout(defaults::LEASE_RELEASE_TIMEOUT, e).await;
+                    }
+                    return Ok(());
+                }
             }
             info!("every manifest loads now");
         }
@@ -542,8 +561,20 @@ impl Controller {
         // Stopping ends the watches, which never end on their own: their
         // connections then close, and the proxies re-watch from a replica
         // that stays, rather than this one being killed mid-stream.
+        //
+        // First the controller says it is not ready and gives its status
+        // lease up, then serves on for the delay: a terminating pod leaves
+        // its Service's endpoints a moment after, and the fail-closed
+        // webhook's calls (and proxies' reconnections) still arrive here
+        // until then.
+        let delay = self.args.shutdown_delay;
+        let stop = stop_election.clone();
         let shutdown = async move {
             shutdown.await;
+            ready_tx.send_replace(false);
+            stop.cancel();
+            info!(delay = ?delay, "stopping: serving on, not ready, for the shutdown delay");
+            tokio::time::sleep(delay).await;
             ending.end_all();
         };
         let served = router

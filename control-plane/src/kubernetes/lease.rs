@@ -39,7 +39,17 @@ pub async fn elect(
     let mut seen = Seen::default();
     loop {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)).await;
+        let outcome = tokio::select! {
+            o = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)) => o,
+            // Stopped mid-attempt (a slow API server): given up at once.
+            () = stop.cancelled() => {
+                leader.send_replace(false);
+                if held_until.is_some() {
+                    release(&api, &cfg).await;
+                }
+                return;
+            }
+        };
         match outcome {
             Ok(Ok(true)) => held_until = Some(started + cfg.duration - cfg.duration / 4),
             Ok(Ok(false)) => held_until = None,

@@ -221,11 +221,12 @@ async fn a_controller_restart_fails_no_request() {
     assert!(ok > 400);
 }
 
-/// Told to stop (SIGTERM, as Kubernetes does), a controller ends its
-/// proxies' watches and exits at once, rather than wait on streams that never
-/// end until it is killed; its proxies serve on with what they knew.
+/// Told to stop (SIGTERM, as Kubernetes does), a controller says it is not
+/// ready, serves on for its shutdown delay (5 s), then ends its proxies'
+/// watches and exits, rather than wait on streams that never end until it
+/// is killed; its proxies serve on with what they knew.
 #[tokio::test]
-async fn a_controller_stops_at_once_though_proxies_watch_it() {
+async fn a_controller_stops_after_its_delay_though_proxies_watch_it() {
     let dir = ManifestDir::new();
     dir.write("service.yaml", &service(NS, "web", 80));
     let mut cp = ControllerProc::start(dir.path()).await;
@@ -243,6 +244,12 @@ async fn a_controller_stops_at_once_though_proxies_watch_it() {
     );
 
     cp.proc.sigterm().await;
+    wait::until(
+        "the controller not ready",
+        Duration::from_secs(3),
+        || async { matches!(wait::admin_get(cp.admin, "/ready").await, Ok((503, _))) },
+    )
+    .await;
     let exited = tokio::time::timeout(Duration::from_secs(10), cp.proc.child.wait()).await;
     assert!(
         matches!(&exited, Ok(Ok(s)) if s.success()),
