@@ -146,8 +146,12 @@ pub struct ControllerArgs {
 
 fn parse_shutdown_delay(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5s)"))?;
-    if d > Duration::from_secs(60) {
-        return Err("at most 60s (the pod's grace period must cover it)".into());
+    // With the drain after it (up to the 15 s request timeout), within the
+    // pod's default 30 s grace period.
+    if d > Duration::from_secs(10) {
+        return Err(
+            "at most 10s (with the drain after it, within the pod's 30 s grace period)".into(),
+        );
     }
     Ok(d)
 }

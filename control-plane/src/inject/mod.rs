@@ -635,7 +635,8 @@ fn proxy_resources<'a>(
             None => default_limit.map(|d| (d, quantity(d).unwrap_or(f64::MAX))),
         };
         let req = match (given_req, limit) {
-            (Some((r, q)), Some((_, l))) if q > l => {
+            // Compared with room for rounding: `700m` and `0.7` are equal.
+            (Some((r, q)), Some((_, l))) if q > l * (1.0 + 1e-9) => {
                 return Err(InjectError::Annotation {
                     name: req_name,
                     value: r.to_string(),
@@ -643,7 +644,11 @@ fn proxy_resources<'a>(
                 });
             }
             (Some((r, _)), _) => r,
-            (None, Some((l, lq))) if quantity(default_req).is_some_and(|d| d > lq) => l,
+            (None, Some((l, lq)))
+                if quantity(default_req).is_some_and(|d| d > lq * (1.0 + 1e-9)) =>
+            {
+                l
+            }
             (None, _) => default_req,
         };
         requests.insert(kind.into(), json!(req));

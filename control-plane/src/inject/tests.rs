@@ -597,6 +597,11 @@ fn proxy_resources_follow_the_pods_annotations() {
         json!({"requests": {"cpu": "100m", "memory": "64Mi"},
                "limits": {"cpu": "1", "memory": "1Gi"}})
     );
+    // Equal in other notations is equal.
+    assert_eq!(
+        resources(json!({PROXY_CPU_REQUEST: "700m", PROXY_CPU_LIMIT: "0.7"}))["limits"]["cpu"],
+        "0.7"
+    );
     // A limit under the default request brings the request down with it.
     assert_eq!(
         resources(json!({PROXY_MEMORY_LIMIT: "16Mi", PROXY_CPU_LIMIT: "5m"})),

@@ -41,12 +41,11 @@ pub async fn elect(
         let started = Instant::now();
         let outcome = tokio::select! {
             o = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)) => o,
-            // Stopped mid-attempt (a slow API server): given up at once.
+            // Stopped mid-attempt (a slow API server): given up at once,
+            // whether or not that attempt won it (`release` checks).
             () = stop.cancelled() => {
                 leader.send_replace(false);
-                if held_until.is_some() {
-                    release(&api, &cfg).await;
-                }
+                release(&api, &cfg).await;
                 return;
             }
         };

@@ -488,22 +488,21 @@ impl InFlight {
     }
 
     /// As `success_took`, for a connection made ahead of a client that has
-    /// not spoken: its latency counts now, but a connect alone does not
-    /// re-admit an endpoint it probes, since the client may speak HTTP and
-    /// the connection go unused. The probe is given back at once (so a
-    /// request can make it while this connection idles), and made again
-    /// if the connection is used.
+    /// not spoken: its latency counts now, but a connect alone is no success
+    /// for the breaker (the client may speak HTTP and the connection go
+    /// unused, or the app behind a peer's proxy answer only 503s). The probe
+    /// is given back at once (so a request can make it while this connection
+    /// idles); `used` makes it, and counts the success, once the stream works.
     pub fn connected_ahead(&self, took: Duration) {
         if !self.settle() {
             return;
         }
         self.observe(took);
-        let mut o = self.state().outlier();
-        // A success all the same: the endpoint's run of failures is over.
-        o.success(None);
+        // Not a success yet either: its app may answer nothing but 503 (the
+        // endpoint's run of failures goes on until `used`).
+        self.probe_when_used.store(true, Ordering::Relaxed);
         if let Some(p) = self.probe {
-            o.abandon_probe(p);
-            self.probe_when_used.store(true, Ordering::Relaxed);
+            self.state().outlier().abandon_probe(p);
         }
     }
 
@@ -517,11 +516,13 @@ impl InFlight {
         }
         let readmitted = {
             let mut o = self.state().outlier();
-            if o.admit(Instant::now()) != Admit::Probe {
-                return;
+            if o.admit(Instant::now()) == Admit::Probe {
+                let p = o.start_probe();
+                o.success(Some(p))
+            } else {
+                // A success: the endpoint's run of failures is over.
+                o.success(None)
             }
-            let p = o.start_probe();
-            o.success(Some(p))
         };
         if readmitted {
             self.readmitted();
@@ -802,16 +803,25 @@ mod tests {
         ahead.used();
         assert_eq!(b.ejected(), 0, "an opaque stream that flows re-admits");
 
-        // A connection made ahead that connects ends a run of failures, as
-        // any success does.
+        // A connection made ahead ends a run of failures once its stream
+        // works, as any success does; its connect alone does not.
         for _ in 0..4 {
             pick_0().failed();
         }
-        pick_0().connected_ahead(Duration::from_millis(1));
+        let worked = pick_0();
+        worked.connected_ahead(Duration::from_millis(1));
+        worked.used();
         for _ in 0..4 {
             pick_0().failed();
         }
         assert_eq!(b.ejected(), 0, "no five failures in a row");
+        pick_0().connected_ahead(Duration::from_millis(1));
+        pick_0().failed();
+        assert_eq!(
+            b.ejected(),
+            1,
+            "five in a row: the connect counted for nothing"
+        );
     }
 
     #[tokio::test(start_paused = true)]
