@@ -463,14 +463,20 @@ impl Controller {
         let views = Views::new(snap_rx.clone(), metrics.clone());
         tokio::spawn(views.clone().run());
         tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
+        // Stopped after the shutdown delay, as the gRPC server is: reviews in
+        // flight are answered, and the API server's kept-alive connections
+        // closed, before the controller exits.
+        let stop_webhook = tokio_util::sync::CancellationToken::new();
+        let mut injector = None;
         if let Some(w) = self.webhook {
             info!(addr = %self.bound.webhook.map(|a| a.to_string()).unwrap_or_default(), "serving the sidecar injector");
-            tokio::spawn(webhook::serve(
+            injector = Some(tokio::spawn(webhook::serve(
                 w.listener,
                 w.acceptor,
                 w.settings,
                 self.args.webhook_failure_policy,
-            ));
+                stop_webhook.clone(),
+            )));
         }
         // A controller that starts on broken manifests has no last good state for
         // them: a policy among them would be missing, and the workloads it guards
@@ -573,6 +579,7 @@ impl Controller {
         // until then.
         let delay = self.args.shutdown_delay;
         let stop = stop_election.clone();
+        let stop_injector = stop_webhook.clone();
         let shutdown = async move {
             shutdown.await;
             ready_tx.send_replace(false);
@@ -580,13 +587,18 @@ impl Controller {
             info!(delay = ?delay, "stopping: serving on, not ready, for the shutdown delay");
             tokio::time::sleep(delay).await;
             ending.end_all();
+            stop_injector.cancel();
         };
         let served = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         stop_election.cancel();
+        stop_webhook.cancel();
         if let Some(e) = election {
             let _ = tokio::time::timeout(defaults::LEASE_RELEASE_TIMEOUT, e).await;
+        }
+        if let Some(i) = injector {
+            let _ = tokio::time::timeout(defaults::WEBHOOK_DRAIN_TIMEOUT, i).await;
         }
         served?;
         Ok(())

@@ -113,6 +113,8 @@ pub const WATCHES_PER_SOURCE: usize = 2048;
 pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How long a stopping controller waits for the injector's reviews in flight.
+pub const WEBHOOK_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a stopping controller tries to give its status writer's lease up.
 pub const LEASE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Requests one source address may have waiting for an answer at once (a

@@ -24,6 +24,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{Namespace, Outcome, Settings, inject};
@@ -59,23 +61,35 @@ pub fn acceptor_from_files(cert: &Path, key: &Path) -> anyhow::Result<TlsAccepto
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Serves the webhook on `listener` until the task is dropped.
+/// Serves the webhook on `listener` until `stop`; then answers the reviews in
+/// flight, closes every connection (keep-alive off), and returns once they
+/// are closed.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     settings: Arc<Settings>,
     policy: FailurePolicy,
+    stop: CancellationToken,
 ) {
     // Any pod can reach the webhook's Service: connections are bounded, and
     // so is the time each may take.
     let slots = Arc::new(tokio::sync::Semaphore::new(
         defaults::WEBHOOK_MAX_CONNECTIONS,
     ));
+    let conns = TaskTracker::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
         };
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = stop.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors, say: wait rather than spin.
@@ -84,8 +98,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, settings) = (acceptor.clone(), settings.clone());
-        tokio::spawn(async move {
+        let (acceptor, settings, stop) = (acceptor.clone(), settings.clone(), stop.clone());
+        conns.spawn(async move {
             let _slot = slot;
             let handshake =
                 tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
@@ -98,13 +112,24 @@ pub async fn serve(
                 let settings = settings.clone();
                 async move { Ok::<_, Infallible>(handle(req, &settings, policy).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+                .serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = stop.cancelled() => {}
+            }
+            // Stopping: the review in flight is answered, then the
+            // connection closes, so the API server's next call opens one to
+            // a replica that stays rather than find this one gone mid-call.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         });
     }
+    conns.close();
+    conns.wait().await;
 }
 
 async fn handle(

@@ -13,10 +13,10 @@ use strait_tests::process::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// POSTs `body` to the webhook as the API server does: TLS verified against
-/// the webhook's `caBundle` (the mesh's trust anchors) for the controller's
-/// Service name. Returns (status, body).
-async fn post(pki: &Pki, port: u16, path: &str, body: &[u8]) -> (u16, Value) {
+/// A TLS connection to the webhook as the API server makes it: verified
+/// against the webhook's `caBundle` (the mesh's trust anchors) for the
+/// controller's Service name.
+async fn connect(pki: &Pki, port: u16) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(pki.anchors()).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -30,10 +30,15 @@ async fn post(pki: &Pki, port: u16, path: &str, body: &[u8]) -> (u16, Value) {
     .with_no_client_auth();
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = ServerName::try_from("strait-controller.strait-system.svc").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
-        .expect("the webhook's certificate is valid for its Service under the anchors");
+        .expect("the webhook's certificate is valid for its Service under the anchors")
+}
+
+/// POSTs `body` to the webhook as the API server does. Returns (status, body).
+async fn post(pki: &Pki, port: u16, path: &str, body: &[u8]) -> (u16, Value) {
+    let mut tls = connect(pki, port).await;
     let head = format!(
         "POST {path} HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -141,6 +146,83 @@ async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer(
     );
     let (status, _) = post(&pki, port, "/inject", &review(pod)).await;
     assert_eq!(status, 200);
+}
+
+/// One review on a kept-alive connection (as the API server keeps them):
+/// the status, or `None` when the connection was closed instead.
+async fn review_on(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    body: &[u8],
+) -> Option<u16> {
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.ok()?;
+    tls.write_all(body).await.ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap();
+        if rest.len() >= length {
+            return head.split_whitespace().nth(1)?.parse().ok();
+        }
+    }
+}
+
+/// Told to stop, the controller still answers the injector's calls for its
+/// shutdown delay (a terminating pod leaves its Service a moment later),
+/// then closes the API server's kept-alive connections, answering what is
+/// in flight first, and exits.
+#[tokio::test]
+async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connections() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let port = free_port();
+    let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = [
+        format!("--webhook-addr=127.0.0.1:{port}"),
+        format!("--trust-anchors={}", pki.anchors().display()),
+    ];
+    let mut cp = ControllerProc::spawn_with(dir.path(), grpc, Some(&pki), None, &extra);
+    strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let mut kept = connect(&pki, port).await;
+    assert_eq!(review_on(&mut kept, &review(pod.clone())).await, Some(200));
+
+    cp.proc.sigterm().await;
+    let stopped = std::time::Instant::now();
+    // During the delay, on the same connection and on a new one.
+    assert_eq!(review_on(&mut kept, &review(pod.clone())).await, Some(200));
+    let mut fresh = connect(&pki, port).await;
+    assert_eq!(review_on(&mut fresh, &review(pod)).await, Some(200));
+    assert!(stopped.elapsed() < std::time::Duration::from_secs(4));
+    // Then the kept connections are closed, before the process is gone.
+    let mut buf = [0u8; 1];
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(15), kept.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    let exited =
+        tokio::time::timeout(std::time::Duration::from_secs(15), cp.proc.child.wait()).await;
+    assert!(matches!(&exited, Ok(Ok(s)) if s.success()), "{exited:?}");
 }
 
 #[tokio::test]
