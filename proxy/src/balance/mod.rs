@@ -726,24 +726,34 @@ mod tests {
         assert!(counts[0] > 40 && counts[1] > 40, "{counts:?}");
     }
 
-    /// A connection judged when it was made (a silent client's) decides the
-    /// probe of an endpoint just out of ejection at once, and is not judged
-    /// again when its bytes flow.
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_judged_when_made_decides_its_probe_once() {
+    /// Two endpoints taken in turn, ejected for 5 s the first time.
+    fn two_in_turn() -> Arc<Endpoints> {
         let mut config = BackendConfig {
             lb: LbConfig::RoundRobin,
             ..Default::default()
         };
         config.breaker.base_ejection = Duration::from_secs(5);
-        let b = backend(2, config);
-        let pick_0 = || loop {
+        backend(2, config)
+    }
+
+    /// A pick of the first endpoint; picks of the other on the way succeed.
+    fn pick_0(b: &Arc<Endpoints>) -> InFlight {
+        loop {
             let f = b.pick(&Default::default(), None).unwrap();
             if index(&f) == 0 {
                 return f;
             }
             f.success();
-        };
+        }
+    }
+
+    /// A connection judged when it was made (a silent client's) decides the
+    /// probe of an endpoint just out of ejection at once, and is not judged
+    /// again when its bytes flow.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_judged_when_made_decides_its_probe_once() {
+        let b = two_in_turn();
+        let pick_0 = || pick_0(&b);
         for _ in 0..5 {
             pick_0().failed();
         }
@@ -764,19 +774,8 @@ mod tests {
     /// opaque stream, it is the probe.
     #[tokio::test(start_paused = true)]
     async fn a_connection_made_ahead_probes_only_when_used() {
-        let mut config = BackendConfig {
-            lb: LbConfig::RoundRobin,
-            ..Default::default()
-        };
-        config.breaker.base_ejection = Duration::from_secs(5);
-        let b = backend(2, config);
-        let pick_0 = || loop {
-            let f = b.pick(&Default::default(), None).unwrap();
-            if index(&f) == 0 {
-                return f;
-            }
-            f.success();
-        };
+        let b = two_in_turn();
+        let pick_0 = || pick_0(&b);
         let eject = || {
             for _ in 0..5 {
                 pick_0().failed();

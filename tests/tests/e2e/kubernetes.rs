@@ -71,10 +71,8 @@ fn review(pod: Value) -> Vec<u8> {
     .unwrap()
 }
 
-#[tokio::test]
-async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer() {
-    let pki = Pki::new();
-    let dir = ManifestDir::new();
+/// A controller serving the injector on the returned port.
+fn injector(pki: &Pki, dir: &ManifestDir) -> (ControllerProc, u16) {
     let port = free_port();
     let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let extra = [
@@ -82,7 +80,15 @@ async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer(
         format!("--trust-anchors={}", pki.anchors().display()),
         "--proxy-image=registry.local/strait-proxy:test".to_string(),
     ];
-    let cp = ControllerProc::spawn_with(dir.path(), grpc, Some(&pki), None, &extra);
+    let cp = ControllerProc::spawn_with(dir.path(), grpc, Some(pki), None, &extra);
+    (cp, port)
+}
+
+#[tokio::test]
+async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let (cp, port) = injector(&pki, &dir);
     strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
 
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
@@ -194,13 +200,7 @@ async fn review_on(
 async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connections() {
     let pki = Pki::new();
     let dir = ManifestDir::new();
-    let port = free_port();
-    let grpc = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let extra = [
-        format!("--webhook-addr=127.0.0.1:{port}"),
-        format!("--trust-anchors={}", pki.anchors().display()),
-    ];
-    let mut cp = ControllerProc::spawn_with(dir.path(), grpc, Some(&pki), None, &extra);
+    let (mut cp, port) = injector(&pki, &dir);
     strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
