@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 pub use ewma::PeakEwma;
 pub use outlier::BreakerConfig;
-use outlier::{Admit, Outlier};
+use outlier::{Admit, Failed, Outlier};
 pub use service::Balance;
 
 use crate::control::view::Endpoint;
@@ -498,11 +498,13 @@ impl InFlight {
             return;
         }
         self.observe(took);
-        // Not a success yet either: its app may answer nothing but 503 (the
-        // endpoint's run of failures goes on until `used`).
+        // Not a success yet either: its app may answer nothing but 503. It
+        // ends a run of failures to connect only; `used` counts the rest.
         self.probe_when_used.store(true, Ordering::Relaxed);
+        let mut o = self.state().outlier();
+        o.reachable();
         if let Some(p) = self.probe {
-            self.state().outlier().abandon_probe(p);
+            o.abandon_probe(p);
         }
     }
 
@@ -551,26 +553,27 @@ impl InFlight {
     /// they are recorded as a penalty, and counted by the breaker.
     pub fn unreachable(&self) {
         self.record(defaults::BALANCER_FAILURE_PENALTY);
-        self.breaker_failure();
+        self.breaker_failure(Failed::Unreachable);
     }
 
     /// The endpoint answered with a server error: its latency is what it is,
     /// and the breaker counts the failure.
     pub fn failed(&self) {
         self.record(Duration::ZERO);
-        self.breaker_failure();
+        self.breaker_failure(Failed::Answer);
     }
 
-    fn breaker_failure(&self) {
+    fn breaker_failure(&self, kind: Failed) {
         self.settle();
         let b = &self.backend;
         let cap = b.config.breaker.cap(b.slots.len());
         let may_eject = b.ejected() < cap;
-        let ejected = self.state().outlier().failure(
+        let ejected = self.state().outlier().failure_as(
             &b.config.breaker,
             Instant::now(),
             may_eject,
             self.probe,
+            kind,
         );
         if ejected {
             b.metrics.ejections.inc();
@@ -820,6 +823,23 @@ mod tests {
             b.ejected(),
             1,
             "five in a row: the connect counted for nothing"
+        );
+
+        // Failures to connect are another matter: a connect ends their run.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        pick_0().success();
+        assert_eq!(b.ejected(), 0);
+        for _ in 0..4 {
+            pick_0().unreachable();
+        }
+        pick_0().connected_ahead(Duration::from_millis(1));
+        for _ in 0..4 {
+            pick_0().unreachable();
+        }
+        assert_eq!(
+            b.ejected(),
+            0,
+            "the connect ended the run of failed connects"
         );
     }
 

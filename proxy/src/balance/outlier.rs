@@ -61,6 +61,8 @@ impl BreakerConfig {
 #[derive(Debug, Default)]
 pub struct Outlier {
     consecutive: u32,
+    /// Every failure of the current run was a failure to connect.
+    only_unreachable: bool,
     ejected_until: Option<Instant>,
     /// Ejections in a row without a successful probe: the next lasts 2^n times
     /// the base.
@@ -70,6 +72,13 @@ pub struct Outlier {
     /// Probes started so far: a probe that ends without a verdict (cancelled)
     /// frees the slot only if it is still the current one.
     probes: u64,
+}
+
+/// What failed: an answer (a server error, a timeout), or the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failed {
+    Answer,
+    Unreachable,
 }
 
 /// Whether an endpoint may take a request now, and as what.
@@ -140,6 +149,27 @@ impl Outlier {
         may_eject: bool,
         probe: Option<u64>,
     ) -> bool {
+        self.failure_as(config, now, may_eject, probe, Failed::Answer)
+    }
+
+    /// A connection to the endpoint was made: a run of failures to connect
+    /// is over. One that holds failed answers is not: a connect says nothing
+    /// of those (the peer's proxy may be up, its app answering 503).
+    pub fn reachable(&mut self) {
+        if self.only_unreachable {
+            self.consecutive = 0;
+        }
+    }
+
+    /// As `failure`, saying what failed.
+    pub fn failure_as(
+        &mut self,
+        config: &BreakerConfig,
+        now: Instant,
+        may_eject: bool,
+        probe: Option<u64>,
+        kind: Failed,
+    ) -> bool {
         if self.is_current(probe) {
             // The probe failed: out again, for longer.
             self.probing = false;
@@ -150,6 +180,8 @@ impl Outlier {
             // Out already; a late answer of an earlier request changes nothing.
             return false;
         }
+        let unreachable = kind == Failed::Unreachable;
+        self.only_unreachable = unreachable && (self.consecutive == 0 || self.only_unreachable);
         self.consecutive = self.consecutive.saturating_add(1);
         if config.consecutive_failures == 0
             || self.consecutive < config.consecutive_failures
