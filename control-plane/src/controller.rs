@@ -146,11 +146,11 @@ pub struct ControllerArgs {
 
 fn parse_shutdown_delay(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 5s)"))?;
-    // With the drain after it (up to the 15 s request timeout), within the
-    // pod's default 30 s grace period.
-    if d > Duration::from_secs(10) {
+    // With the drain after it (up to the 15 s request timeout, the
+    // injector's 5 s alongside), within the pod's default 30 s grace period.
+    if d > Duration::from_secs(8) {
         return Err(
-            "at most 10s (with the drain after it, within the pod's 30 s grace period)".into(),
+            "at most 8s (with the drain after it, within the pod's 30 s grace period)".into(),
         );
     }
     Ok(d)
@@ -463,10 +463,12 @@ impl Controller {
         let views = Views::new(snap_rx.clone(), metrics.clone());
         tokio::spawn(views.clone().run());
         tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
-        // Stopped after the shutdown delay, as the gRPC server is: reviews in
-        // flight are answered, and the API server's kept-alive connections
-        // closed, before the controller exits.
+        // From SIGTERM the injector keeps no connection alive (reviews in
+        // flight answered, then closed), so the API server's next calls open
+        // new ones, which reach a replica that stays once this pod has left
+        // the Service; after the shutdown delay it stops, as the gRPC server.
         let stop_webhook = tokio_util::sync::CancellationToken::new();
+        let drain_webhook = tokio_util::sync::CancellationToken::new();
         let mut injector = None;
         if let Some(w) = self.webhook {
             info!(addr = %self.bound.webhook.map(|a| a.to_string()).unwrap_or_default(), "serving the sidecar injector");
@@ -475,6 +477,7 @@ impl Controller {
                 w.acceptor,
                 w.settings,
                 self.args.webhook_failure_policy,
+                drain_webhook.clone(),
                 stop_webhook.clone(),
             )));
         }
@@ -580,10 +583,12 @@ impl Controller {
         let delay = self.args.shutdown_delay;
         let stop = stop_election.clone();
         let stop_injector = stop_webhook.clone();
+        let drain_injector = drain_webhook.clone();
         let shutdown = async move {
             shutdown.await;
             ready_tx.send_replace(false);
             stop.cancel();
+            drain_injector.cancel();
             info!(delay = ?delay, "stopping: serving on, not ready, for the shutdown delay");
             tokio::time::sleep(delay).await;
             ending.end_all();
@@ -593,6 +598,7 @@ impl Controller {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         stop_election.cancel();
+        drain_webhook.cancel();
         stop_webhook.cancel();
         if let Some(e) = election {
             let _ = tokio::time::timeout(defaults::LEASE_RELEASE_TIMEOUT, e).await;

@@ -61,14 +61,18 @@ pub fn acceptor_from_files(cert: &Path, key: &Path) -> anyhow::Result<TlsAccepto
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Serves the webhook on `listener` until `stop`; then answers the reviews in
-/// flight, closes every connection (keep-alive off), and returns once they
-/// are closed.
+/// Serves the webhook on `listener`. From `draining` (the controller was told
+/// to stop) connections are not kept alive: the review in flight on each is
+/// answered, then it closes, so the API server's next call opens a new one,
+/// which the Service sends to a replica that stays once this pod has left it.
+/// At `stop` no more are accepted, and this returns once every connection
+/// has closed.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     settings: Arc<Settings>,
     policy: FailurePolicy,
+    draining: CancellationToken,
     stop: CancellationToken,
 ) {
     // Any pod can reach the webhook's Service: connections are bounded, and
@@ -98,7 +102,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, settings, stop) = (acceptor.clone(), settings.clone(), stop.clone());
+        let (acceptor, settings, draining) = (acceptor.clone(), settings.clone(), draining.clone());
         conns.spawn(async move {
             let _slot = slot;
             let handshake =
@@ -112,22 +116,30 @@ pub async fn serve(
                 let settings = settings.clone();
                 async move { Ok::<_, Infallible>(handle(req, &settings, policy).await) }
             });
+            // Made while draining: one review, then closed.
+            let keep_alive = !draining.is_cancelled();
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
+                .keep_alive(keep_alive)
                 .serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = stop.cancelled() => {}
+            if keep_alive {
+                tokio::select! {
+                    biased;
+                    _ = conn.as_mut() => return,
+                    () = draining.cancelled() => {}
+                }
+                // The review in flight is answered, then the connection
+                // closes; an idle one closes at once.
+                conn.as_mut().graceful_shutdown();
             }
-            // Stopping: the review in flight is answered, then the
-            // connection closes, so the API server's next call opens one to
-            // a replica that stays rather than find this one gone mid-call.
-            conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         });
     }
+    // No more connections: the listener closes, and callers are refused
+    // rather than left in its backlog.
+    drop(listener);
     conns.close();
     conns.wait().await;
 }
