@@ -604,7 +604,7 @@ fn valid_log_level(v: &str) -> bool {
 fn proxy_resources<'a>(
     annotation: &impl Fn(&str) -> Option<&'a str>,
 ) -> Result<Value, InjectError> {
-    let get = |name: &'static str| -> Result<Option<(&'a str, f64)>, InjectError> {
+    let get = |name: &'static str| -> Result<Option<(&'a str, i128)>, InjectError> {
         let Some(v) = annotation(name) else {
             return Ok(None);
         };
@@ -632,11 +632,10 @@ fn proxy_resources<'a>(
         let given_req = get(req_name)?;
         let limit = match get(limit_name)? {
             Some(l) => Some(l),
-            None => default_limit.map(|d| (d, quantity(d).unwrap_or(f64::MAX))),
+            None => default_limit.map(|d| (d, quantity(d).unwrap_or(i128::MAX))),
         };
         let req = match (given_req, limit) {
-            // Compared with room for rounding: `700m` and `0.7` are equal.
-            (Some((r, q)), Some((_, l))) if q > l * (1.0 + 1e-9) => {
+            (Some((r, q)), Some((_, l))) if q > l => {
                 return Err(InjectError::Annotation {
                     name: req_name,
                     value: r.to_string(),
@@ -644,11 +643,7 @@ fn proxy_resources<'a>(
                 });
             }
             (Some((r, _)), _) => r,
-            (None, Some((l, lq)))
-                if quantity(default_req).is_some_and(|d| d > lq * (1.0 + 1e-9)) =>
-            {
-                l
-            }
+            (None, Some((l, lq))) if quantity(default_req).is_some_and(|d| d > lq) => l,
             (None, _) => default_req,
         };
         requests.insert(kind.into(), json!(req));
@@ -659,55 +654,78 @@ fn proxy_resources<'a>(
     Ok(json!({"requests": requests, "limits": limits}))
 }
 
-/// A Kubernetes quantity's value (`100m` is 0.1, `64Mi` 67108864, `1e3`
-/// 1000), for checking and comparing: a decimal number, optionally signed
-/// `+`, with a binary (`Ki`…`Ei`) or decimal (`n`…`E`) suffix or a decimal
-/// exponent. Negative values are refused: no resource is.
-fn quantity(v: &str) -> Option<f64> {
+/// A Kubernetes quantity's value in billionths (`100m` is 100,000,000,
+/// `64Mi` 64 × 2^20 × 10^9), exact, for checking and comparing as the API
+/// server does: a decimal number, optionally signed `+`, with a binary
+/// (`Ki`…`Ei`) or decimal (`n`…`E`) suffix or a decimal exponent (`1e3`).
+/// Negative values are refused (no resource is), and so are values too
+/// large to hold.
+fn quantity(v: &str) -> Option<i128> {
     if v.is_empty() || v.len() > 32 {
         return None;
     }
     let v = v.strip_prefix('+').unwrap_or(v);
-    let number = |n: &str| -> Option<f64> {
-        let ok = !n.is_empty()
-            && n != "."
-            && n.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-            && n.bytes().filter(|b| *b == b'.').count() <= 1;
-        ok.then(|| n.parse::<f64>().ok()).flatten()
+    // Billionths per unit: 10^(9 + exponent), or 2^(10k) × 10^9.
+    let decimal = |e: i32| -> Option<(i128, i128)> {
+        let e = e + 9;
+        if e >= 0 {
+            Some((10i128.checked_pow(u32::try_from(e).ok()?)?, 1))
+        } else {
+            Some((1, 10i128.checked_pow(u32::try_from(-e).ok()?)?))
+        }
     };
-    let suffixes: [(&str, f64); 15] = [
-        ("Ki", 1024f64),
-        ("Mi", 1024f64.powi(2)),
-        ("Gi", 1024f64.powi(3)),
-        ("Ti", 1024f64.powi(4)),
-        ("Pi", 1024f64.powi(5)),
-        ("Ei", 1024f64.powi(6)),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
+    let binary = |k: u32| Some((1024i128.pow(k) * 1_000_000_000, 1));
+    let suffixes: [(&str, Option<(i128, i128)>); 15] = [
+        ("Ki", binary(1)),
+        ("Mi", binary(2)),
+        ("Gi", binary(3)),
+        ("Ti", binary(4)),
+        ("Pi", binary(5)),
+        ("Ei", binary(6)),
+        ("n", decimal(-9)),
+        ("u", decimal(-6)),
+        ("m", decimal(-3)),
+        ("k", decimal(3)),
+        ("M", decimal(6)),
+        ("G", decimal(9)),
+        ("T", decimal(12)),
+        ("P", decimal(15)),
+        ("E", decimal(18)),
     ];
-    if let Some(n) = suffixes
-        .iter()
-        .find_map(|(s, f)| v.strip_suffix(s).and_then(number).map(|n| n * f))
-    {
-        return Some(n);
+    // The number as an integer and its count of fraction digits.
+    let number = |n: &str| -> Option<(i128, u32)> {
+        let (int, frac) = n.split_once('.').unwrap_or((n, ""));
+        let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+        if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+            return None;
+        }
+        let all: i128 = format!("{int}{frac}").parse().ok()?;
+        Some((all, u32::try_from(frac.len()).ok()?))
+    };
+    let scaled = |n: &str, (mul, div): (i128, i128)| -> Option<i128> {
+        let (all, frac) = number(n)?;
+        let den = 10i128.checked_pow(frac)?.checked_mul(div)?;
+        // Rounded up, as the API server rounds what it cannot hold.
+        let num = all.checked_mul(mul)?;
+        Some(num / den + i128::from(num % den != 0))
+    };
+    for (suffix, factor) in &suffixes {
+        if let Some(n) = v.strip_suffix(suffix)
+            && let (Some(_), Some(f)) = (number(n), factor)
+        {
+            return scaled(n, *f);
+        }
     }
     // A decimal exponent: `1e3`, `5E-1`.
     if let Some((mantissa, exp)) = v.split_once(['e', 'E']) {
         let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
-        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if !digits.is_empty() && digits.len() <= 3 && digits.bytes().all(|b| b.is_ascii_digit()) {
             let e: i32 = exp.parse().ok()?;
-            return number(mantissa).map(|m| m * 10f64.powi(e));
+            return scaled(mantissa, decimal(e)?);
         }
         return None;
     }
-    number(v)
+    scaled(v, (1_000_000_000, 1))
 }
 
 fn valid_image(v: &str) -> bool {

@@ -608,26 +608,33 @@ fn proxy_resources_follow_the_pods_annotations() {
         json!({"requests": {"cpu": "5m", "memory": "16Mi"},
                "limits": {"cpu": "5m", "memory": "16Mi"}})
     );
-    // Every form Kubernetes takes.
+    // Every form Kubernetes takes, in billionths, exact.
     for (q, want) in [
-        ("+1", 1.0),
-        ("1e3", 1e3),
-        ("1E3", 1e3),
-        ("5e-1", 0.5),
-        ("500u", 5e-4),
-        ("100n", 1e-7),
-        ("0", 0.0),
-        (".5", 0.5),
-        ("5.", 5.0),
-        ("1Ki", 1024.0),
-        ("2E", 2e18),
+        ("+1", 1_000_000_000),
+        ("1e3", 1_000_000_000_000),
+        ("1E3", 1_000_000_000_000),
+        ("5e-1", 500_000_000),
+        ("500u", 500_000),
+        ("100n", 100),
+        ("0", 0),
+        (".5", 500_000_000),
+        ("5.", 5_000_000_000),
+        ("1Ki", 1_024_000_000_000),
+        ("700m", 700_000_000),
+        ("0.7", 700_000_000),
+        ("2E", 2_000_000_000_000_000_000_000_000_000),
     ] {
-        let got = quantity(q).unwrap_or_else(|| panic!("{q} refused"));
-        assert!((got - want).abs() <= want * 1e-12, "{q}: {got}");
+        assert_eq!(quantity(q), Some(want), "{q}");
     }
-    for q in ["-1", "1x", "e3", "1e", "1.2.3", "Mi", ""] {
+    for q in ["-1", "1x", "e3", "1e", "1.2.3", "Mi", "", ".", "1e9999"] {
         assert_eq!(quantity(q), None, "{q}");
     }
+    // A byte over the limit is over it, however the two are written.
+    let over = pod(
+        json!({INJECT: "enabled", PROXY_MEMORY_REQUEST: "1073741825", PROXY_MEMORY_LIMIT: "1Gi"}),
+        app_spec(),
+    );
+    assert!(inject(&over, Namespace::NotEnabled, &settings()).is_err());
     for (name, value, why) in [
         (PROXY_CPU_REQUEST, "lots", "quantity"),
         (PROXY_MEMORY_LIMIT, "-1Mi", "quantity"),
