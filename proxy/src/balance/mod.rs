@@ -210,9 +210,9 @@ pub struct InFlight {
     deadline: Option<Instant>,
     /// An outcome was recorded.
     judged: std::sync::atomic::AtomicBool,
-    /// A connection made ahead, whose probe was given back at its connect:
-    /// made again if the connection is used (`used`).
-    probe_when_used: AtomicBool,
+    /// A connection made ahead: its success (and its probe, given back at
+    /// the connect) wait for the connection to be used (`used`).
+    judged_when_used: AtomicBool,
 }
 
 impl Endpoints {
@@ -341,7 +341,7 @@ impl Endpoints {
             probe,
             deadline: None,
             judged: Default::default(),
-            probe_when_used: Default::default(),
+            judged_when_used: Default::default(),
         })
     }
 
@@ -500,7 +500,7 @@ impl InFlight {
         self.observe(took);
         // Not a success yet either: its app may answer nothing but 503. It
         // ends a run of failures to connect only; `used` counts the rest.
-        self.probe_when_used.store(true, Ordering::Relaxed);
+        self.judged_when_used.store(true, Ordering::Relaxed);
         let mut o = self.state().outlier();
         o.reachable();
         if let Some(p) = self.probe {
@@ -513,7 +513,7 @@ impl InFlight {
     /// all an opaque stream is judged by): the probe of its endpoint, if
     /// that still waits for one. Not for a connection closed without a word.
     pub fn used(&self) {
-        if !self.probe_when_used.swap(false, Ordering::Relaxed) {
+        if !self.judged_when_used.swap(false, Ordering::Relaxed) {
             return;
         }
         let readmitted = {

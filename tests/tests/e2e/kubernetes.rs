@@ -376,43 +376,19 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             .arg("--include-crds")
             .args(extra))
     };
-    let given = helm(&[
-        format!(
-            "--set-file=identity.trustAnchorsPEM={}",
-            pki.anchors().display()
-        ),
-        format!(
-            "--set-file=identity.issuer.crtPEM={}",
-            pki.issuer_cert().display()
-        ),
-        format!(
-            "--set-file=identity.issuer.keyPEM={}",
-            pki.issuer_key().display()
-        ),
-    ]);
+    let set_file =
+        |key: &str, path: &std::path::Path| format!("--set-file={key}={}", path.display());
+    let anchors = set_file("identity.trustAnchorsPEM", &pki.anchors());
+    let crt = set_file("identity.issuer.crtPEM", &pki.issuer_cert());
+    let key = set_file("identity.issuer.keyPEM", &pki.issuer_key());
+    let given = helm(&[anchors, crt.clone(), key.clone()]);
     let default = helm(&[]);
     // Part of an identity, or something else than PEM, is refused with the
     // reason, rather than rendered into controllers that cannot start.
     for (extra, why) in [
+        (vec![crt.clone()], "together, or none"),
         (
-            vec![format!(
-                "--set-file=identity.issuer.crtPEM={}",
-                pki.issuer_cert().display()
-            )],
-            "together, or none",
-        ),
-        (
-            vec![
-                "--set=identity.trustAnchorsPEM=nope".to_string(),
-                format!(
-                    "--set-file=identity.issuer.crtPEM={}",
-                    pki.issuer_cert().display()
-                ),
-                format!(
-                    "--set-file=identity.issuer.keyPEM={}",
-                    pki.issuer_key().display()
-                ),
-            ],
+            vec!["--set=identity.trustAnchorsPEM=nope".to_string(), crt, key],
             "trustAnchorsPEM holds no PEM certificate",
         ),
     ] {
