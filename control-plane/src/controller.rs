@@ -396,10 +396,10 @@ impl Controller {
         let (ready_tx, ready_rx) = watch::channel(false);
 
         let (clean_tx, mut clean_rx) = watch::channel(false);
-        // The status writer's election, told when the controller stops so
-        // that it gives its lease up rather than leave the other replicas to
-        // wait out its duration.
-        let stop_election = tokio_util::sync::CancellationToken::new();
+        // Cancelled at SIGTERM: the status writer's election gives its lease
+        // up (rather than leave the other replicas to wait out its duration),
+        // and the injector keeps no connection alive.
+        let stopping = tokio_util::sync::CancellationToken::new();
         let mut election = None;
         let tokens = match &self.feed {
             Feed::Manifests => {
@@ -447,7 +447,7 @@ impl Controller {
                         duration: self.args.lease_duration,
                     },
                     leader_tx,
-                    stop_election.clone(),
+                    stopping.clone(),
                 )));
                 tokio::spawn(status::write(
                     client.clone(),
@@ -468,7 +468,6 @@ impl Controller {
         // new ones, which reach a replica that stays once this pod has left
         // the Service; after the shutdown delay it stops, as the gRPC server.
         let stop_webhook = tokio_util::sync::CancellationToken::new();
-        let drain_webhook = tokio_util::sync::CancellationToken::new();
         let mut injector = None;
         if let Some(w) = self.webhook {
             info!(addr = %self.bound.webhook.map(|a| a.to_string()).unwrap_or_default(), "serving the sidecar injector");
@@ -477,7 +476,7 @@ impl Controller {
                 w.acceptor,
                 w.settings,
                 self.args.webhook_failure_policy,
-                drain_webhook.clone(),
+                stopping.clone(),
                 stop_webhook.clone(),
             )));
         }
@@ -498,7 +497,7 @@ impl Controller {
                     anyhow::bail!("manifest reader stopped");
                 },
                 _ = &mut shutdown => {
-                    stop_election.cancel();
+                    stopping.cancel();
                     if let Some(e) = election {
                         let _ = tokio::time::timeout(defaults::LEASE_RELEASE_TIMEOUT, e).await;
                     }
@@ -581,14 +580,12 @@ impl Controller {
         // webhook's calls (and proxies' reconnections) still arrive here
         // until then.
         let delay = self.args.shutdown_delay;
-        let stop = stop_election.clone();
+        let signalled = stopping.clone();
         let stop_injector = stop_webhook.clone();
-        let drain_injector = drain_webhook.clone();
         let shutdown = async move {
             shutdown.await;
             ready_tx.send_replace(false);
-            stop.cancel();
-            drain_injector.cancel();
+            signalled.cancel();
             info!(delay = ?delay, "stopping: serving on, not ready, for the shutdown delay");
             tokio::time::sleep(delay).await;
             ending.end_all();
@@ -597,8 +594,7 @@ impl Controller {
         let served = router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
-        stop_election.cancel();
-        drain_webhook.cancel();
+        stopping.cancel();
         stop_webhook.cancel();
         if let Some(e) = election {
             let _ = tokio::time::timeout(defaults::LEASE_RELEASE_TIMEOUT, e).await;
