@@ -597,7 +597,6 @@ fn valid_log_level(v: &str) -> bool {
     crate::log::parse_filter(v).is_ok()
 }
 
-/// An image reference: no spaces or control characters, bounded.
 /// The proxy's resources: the pod's annotations over the defaults (requests
 /// 10m CPU and 20Mi, a 250Mi memory limit, no CPU limit). A default request
 /// above a given limit comes down to it; a given one is refused.
@@ -728,6 +727,7 @@ fn quantity(v: &str) -> Option<i128> {
     scaled(v, (1_000_000_000, 1))
 }
 
+/// An image reference: no spaces or control characters, bounded.
 fn valid_image(v: &str) -> bool {
     !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_graphic())
 }

@@ -37,45 +37,38 @@ pub async fn elect(
     // duration, less a margin for clocks and the request's own time.
     let mut held_until: Option<Instant> = None;
     let mut seen = Seen::default();
-    loop {
-        let started = Instant::now();
-        let outcome = tokio::select! {
-            o = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)) => o,
-            // Stopped mid-attempt (a slow API server): given up at once,
-            // whether or not that attempt won it (`release` checks).
-            () = stop.cancelled() => {
-                leader.send_replace(false);
-                release(&api, &cfg).await;
-                return;
+    let run = async {
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)).await;
+            match outcome {
+                Ok(Ok(true)) => held_until = Some(started + cfg.duration - cfg.duration / 4),
+                Ok(Ok(false)) => held_until = None,
+                Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
+                Err(_) => warn!("lease renewal timed out"),
             }
-        };
-        match outcome {
-            Ok(Ok(true)) => held_until = Some(started + cfg.duration - cfg.duration / 4),
-            Ok(Ok(false)) => held_until = None,
-            Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
-            Err(_) => warn!("lease renewal timed out"),
-        }
-        let holds = held_until.is_some_and(|t| Instant::now() < t);
-        if leader.send_if_modified(|l| std::mem::replace(l, holds) != holds) {
-            info!(identity = %cfg.identity, leader = holds, "status writer election");
-        }
-        // Wake up to renew, or at the latest when the hold runs out.
-        let next = started + renew_every;
-        let wake = match held_until {
-            Some(t) if holds => next.min(t),
-            _ => next,
-        };
-        tokio::select! {
-            () = tokio::time::sleep_until(wake) => {}
-            () = stop.cancelled() => {
-                leader.send_replace(false);
-                if holds {
-                    release(&api, &cfg).await;
-                }
-                return;
+            let holds = held_until.is_some_and(|t| Instant::now() < t);
+            if leader.send_if_modified(|l| std::mem::replace(l, holds) != holds) {
+                info!(identity = %cfg.identity, leader = holds, "status writer election");
             }
+            // Wake up to renew, or at the latest when the hold runs out.
+            let next = started + renew_every;
+            let wake = match held_until {
+                Some(t) if holds => next.min(t),
+                _ => next,
+            };
+            tokio::time::sleep_until(wake).await;
         }
+    };
+    // Stopped, even mid-attempt (a slow API server): writing stops, and the
+    // lease is given up whether or not that attempt won it (`release`
+    // checks that it is ours).
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = run => {}
     }
+    leader.send_replace(false);
+    release(&api, &cfg).await;
 }
 
 /// Gives the lease up, as client-go's elections do on a clean stop: without
