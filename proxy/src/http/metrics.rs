@@ -1,5 +1,5 @@
 //! Request metrics as a layer: requests, responses by status class, and the time
-//! to response headers, per direction.
+//! to response headers, per direction; gRPC calls by their status.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,8 +11,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
+use super::{BoxBody, grpc};
 use crate::telemetry::metrics::{
-    DirectionLabels, PeerMetrics, StatusLabels, status_class, status_index,
+    ByGrpcStatus, DirectionLabels, PeerMetrics, StatusLabels, status_class, status_index,
 };
 use crate::telemetry::{Direction, Metrics};
 
@@ -32,6 +33,7 @@ struct Counters {
     /// first use (a series appears once it counts) and kept: a request then
     /// takes no lock and builds no labels.
     responses: Arc<[OnceLock<Counter>; 5]>,
+    grpc: ByGrpcStatus,
     /// Inbound: the caller's counters, for this connection.
     peer: Option<PeerMetrics>,
 }
@@ -42,6 +44,7 @@ impl RequestMetricsLayer {
         let requests = metrics.http_requests.get_or_create(&labels).clone();
         let latency = metrics.http_response_latency.get_or_create(&labels).clone();
         Self(Arc::new(Counters {
+            grpc: metrics.grpc(direction),
             metrics,
             direction,
             requests,
@@ -78,12 +81,12 @@ pub struct RequestMetrics<S> {
     layer: RequestMetricsLayer,
 }
 
-impl<S, B, RB> tower::Service<Request<B>> for RequestMetrics<S>
+impl<S, B> tower::Service<Request<B>> for RequestMetrics<S>
 where
-    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S: tower::Service<Request<B>, Response = Response<BoxBody>>,
     S::Future: Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<BoxBody>;
     type Error = S::Error;
     type Future = MetricsFuture<S::Future>;
 
@@ -98,6 +101,7 @@ where
             p.requests.inc();
         }
         MetricsFuture {
+            grpc: grpc::is_call(&req),
             inner: self.inner.call(req),
             start,
             layer: self.layer.clone(),
@@ -112,12 +116,13 @@ pin_project_lite::pin_project! {
         inner: F,
         start: Instant,
         layer: RequestMetricsLayer,
+        grpc: bool,
     }
 }
 
-impl<F, RB, E> Future for MetricsFuture<F>
+impl<F, E> Future for MetricsFuture<F>
 where
-    F: Future<Output = Result<Response<RB>, E>>,
+    F: Future<Output = Result<Response<BoxBody>, E>>,
 {
     type Output = F::Output;
 
@@ -143,6 +148,10 @@ where
                     .clone()
             })
             .inc();
-        Poll::Ready(Ok(rsp))
+        if !*this.grpc {
+            return Poll::Ready(Ok(rsp));
+        }
+        let peer = layer.peer.as_ref().map(|p| p.grpc.clone());
+        Poll::Ready(Ok(grpc::on_status(rsp, (layer.grpc.clone(), peer))))
     }
 }

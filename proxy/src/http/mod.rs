@@ -8,6 +8,7 @@ pub mod dst;
 pub mod error;
 pub mod first_frame;
 pub mod forward;
+pub mod grpc;
 pub mod metrics;
 pub mod normalize;
 pub mod reject;

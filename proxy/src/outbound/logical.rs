@@ -182,6 +182,7 @@ impl Stages {
         }
         let m = &stage.metrics;
         m.requests.inc();
+        let grpc = crate::http::grpc::is_call(&req);
         let start = Instant::now();
         let mut req = req.map(boxed);
         let mut rsp = match stage.rule.filters.on_request(&mut req, prefix) {
@@ -221,6 +222,9 @@ impl Stages {
         stage.rule.filters.on_response(&mut rsp);
         m.latency.observe(start.elapsed().as_secs_f64());
         m.responses[status_index(rsp.status())].inc();
+        if grpc {
+            return crate::http::grpc::on_status(rsp, m.grpc.clone());
+        }
         rsp
     }
 }

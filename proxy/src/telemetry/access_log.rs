@@ -69,6 +69,7 @@ pub struct Line {
     retries: u32,
     trace_id: Option<String>,
     error: Option<String>,
+    grpc_status: Option<&'static str>,
 }
 
 impl Line {
@@ -107,6 +108,7 @@ impl Line {
             retries: 0,
             trace_id: None,
             error: None,
+            grpc_status: None,
         }
     }
 
@@ -128,6 +130,7 @@ impl Line {
         self.endpoint = notes.endpoint.map(|e| e.to_string());
         self.peer = notes.peer.as_ref().map(|p| p.to_string());
         self.retries = notes.retries;
+        self.grpc_status = notes.grpc_status.map(|c| crate::http::grpc::LABELS[c]);
         self.trace_id = trace_id.map(|t| t.to_string());
         // The value may be an upstream's own header: any length.
         self.error = error.map(bounded_str);
@@ -162,6 +165,9 @@ impl Line {
                         v[k] = serde_json::Value::String(val.clone());
                     }
                 }
+                if let Some(g) = self.grpc_status {
+                    v["grpc_status"] = g.into();
+                }
                 format!("{v}\n")
             }
             LogFormat::Text => {
@@ -189,6 +195,9 @@ impl Line {
                     if let Some(val) = val {
                         let _ = write!(s, " {k}={val}");
                     }
+                }
+                if let Some(g) = self.grpc_status {
+                    let _ = write!(s, " grpc_status={g}");
                 }
                 if let Some(e) = &self.error {
                     let _ = write!(s, " proxy_error={e:?}");

@@ -1,7 +1,7 @@
 //! Prometheus metrics (prometheus-client), registered once and shared by every
 //! listener and layer.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +11,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::defaults::METRICS_PREFIX;
+use crate::http::grpc;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -131,12 +132,67 @@ pub struct PeerStatusLabels {
     pub status_class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub direction: Direction,
+    pub grpc_status: grpc::Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerGrpcLabels {
+    pub peer: String,
+    pub grpc_status: grpc::Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteGrpcLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+    pub grpc_status: grpc::Label,
+}
+
 /// The inbound counters of one calling identity, resolved once per connection.
 #[derive(Clone, Debug)]
 pub struct PeerMetrics {
     pub requests: Counter,
     pub responses: ByStatus,
     pub latency: Histogram,
+    pub grpc: ByGrpcStatus,
+}
+
+/// gRPC calls by status, each series made when it first counts: most
+/// services never see a gRPC call, and their metrics stay as they were.
+#[derive(Clone)]
+pub struct ByGrpcStatus(Arc<GrpcCounters>);
+
+struct GrpcCounters {
+    counters: [OnceLock<Counter>; grpc::LABELS.len()],
+    make: Box<dyn Fn(grpc::Label) -> Counter + Send + Sync>,
+}
+
+impl ByGrpcStatus {
+    fn new(make: impl Fn(grpc::Label) -> Counter + Send + Sync + 'static) -> Self {
+        ByGrpcStatus(Arc::new(GrpcCounters {
+            counters: Default::default(),
+            make: Box::new(make),
+        }))
+    }
+}
+
+impl grpc::OnStatus for ByGrpcStatus {
+    fn status(self, code: usize) {
+        let c = &self.0;
+        c.counters[code]
+            .get_or_init(|| (c.make)(grpc::LABELS[code]))
+            .inc();
+    }
+}
+
+impl std::fmt::Debug for ByGrpcStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ByGrpcStatus")
+    }
 }
 
 /// The status classes, in the order of `status_index`.
@@ -165,6 +221,7 @@ pub struct RouteMetrics {
     pub retry: crate::retry::RetryMetrics,
     pub request_timeouts: Counter,
     pub backend_timeouts: Counter,
+    pub grpc: ByGrpcStatus,
 }
 
 /// Latency buckets in seconds: fine below a millisecond, where a proxy lives.
@@ -189,6 +246,7 @@ pub struct Metrics {
     pub http_responses: Family<StatusLabels, Counter>,
     pub http_response_latency: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub http_rejected: Family<ReasonLabels, Counter>,
+    pub grpc_responses: Family<GrpcLabels, Counter>,
     /// No series until the first certificate: a proxy without one exports
     /// nothing rather than an expiry in 1970.
     identity_cert_expiry: Family<IdentityLabels, Gauge>,
@@ -205,6 +263,7 @@ pub struct Metrics {
     pub inbound_authz: Family<AuthzLabels, Counter>,
     pub route_requests: Family<RouteLabels, Counter>,
     pub route_responses: Family<RouteStatusLabels, Counter>,
+    pub route_grpc_responses: Family<RouteGrpcLabels, Counter>,
     pub route_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub route_retries: Family<RouteLabels, Counter>,
     pub route_retries_skipped: Family<RouteReasonLabels, Counter>,
@@ -213,6 +272,7 @@ pub struct Metrics {
     pub backend_latency: Family<RouteBackendOnlyLabels, Histogram, fn() -> Histogram>,
     pub inbound_peer_requests: Family<PeerLabels, Counter>,
     pub inbound_peer_responses: Family<PeerStatusLabels, Counter>,
+    pub inbound_peer_grpc_responses: Family<PeerGrpcLabels, Counter>,
     pub inbound_peer_latency: Family<PeerLabels, Histogram, fn() -> Histogram>,
     pub backend_ejections: Family<BackendLabels, Counter>,
     pub backend_ejected: Family<BackendLabels, Gauge>,
@@ -232,6 +292,7 @@ impl Metrics {
             http_responses: Family::default(),
             http_response_latency: Family::new_with_constructor(latency_histogram),
             http_rejected: Family::default(),
+            grpc_responses: Family::default(),
             identity_cert_expiry: Family::default(),
             identity_renewals: Counter::default(),
             identity_failures: Counter::default(),
@@ -243,6 +304,7 @@ impl Metrics {
             inbound_authz: Family::default(),
             route_requests: Family::default(),
             route_responses: Family::default(),
+            route_grpc_responses: Family::default(),
             route_latency: Family::new_with_constructor(latency_histogram),
             route_retries: Family::default(),
             route_retries_skipped: Family::default(),
@@ -251,6 +313,7 @@ impl Metrics {
             backend_latency: Family::new_with_constructor(latency_histogram),
             inbound_peer_requests: Family::default(),
             inbound_peer_responses: Family::default(),
+            inbound_peer_grpc_responses: Family::default(),
             inbound_peer_latency: Family::new_with_constructor(latency_histogram),
             backend_ejections: Family::default(),
             backend_ejected: Family::default(),
@@ -305,6 +368,11 @@ impl Metrics {
             "http_rejected_requests",
             "HTTP requests refused by the proxy before forwarding, by reason",
             m.http_rejected.clone(),
+        );
+        registry.register(
+            "grpc_responses",
+            "gRPC calls by grpc-status (from the trailers, the head, or the HTTP status as a gRPC client reads it; `none`: ended without one)",
+            m.grpc_responses.clone(),
         );
         registry.register(
             "identity_cert_expiration_timestamp_seconds",
@@ -362,6 +430,11 @@ impl Metrics {
             m.route_responses.clone(),
         );
         registry.register(
+            "route_grpc_responses",
+            "Outbound gRPC calls per route rule, by grpc-status, after retries",
+            m.route_grpc_responses.clone(),
+        );
+        registry.register(
             "route_response_latency_seconds",
             "Time from request to response headers per route rule, retries included",
             m.route_latency.clone(),
@@ -402,6 +475,11 @@ impl Metrics {
             m.inbound_peer_responses.clone(),
         );
         registry.register(
+            "inbound_peer_grpc_responses",
+            "Inbound gRPC calls by the caller's verified identity and grpc-status",
+            m.inbound_peer_grpc_responses.clone(),
+        );
+        registry.register(
             "inbound_peer_response_latency_seconds",
             "Inbound time to response headers by the caller's verified identity",
             m.inbound_peer_latency.clone(),
@@ -434,6 +512,17 @@ impl Metrics {
             identity: identity.to_string(),
         };
         self.identity_cert_expiry.get_or_create(&labels).set(unix);
+    }
+
+    /// gRPC calls in `direction`, by status.
+    pub fn grpc(&self, direction: Direction) -> ByGrpcStatus {
+        let family = self.grpc_responses.clone();
+        ByGrpcStatus::new(move |grpc_status| {
+            family.get_or_create_owned(&GrpcLabels {
+                direction,
+                grpc_status,
+            })
+        })
     }
 
     /// The counters of one route rule of `service`.
@@ -473,6 +562,15 @@ impl Metrics {
         };
         let request_timeouts = timeouts("request");
         let backend_timeouts = timeouts("backend_request");
+        let family = self.route_grpc_responses.clone();
+        let grpc = ByGrpcStatus::new(move |grpc_status| {
+            family.get_or_create_owned(&RouteGrpcLabels {
+                service: labels.service.clone(),
+                route: labels.route.clone(),
+                rule: labels.rule.clone(),
+                grpc_status,
+            })
+        });
         RouteMetrics {
             requests,
             responses,
@@ -480,6 +578,7 @@ impl Metrics {
             retry,
             request_timeouts,
             backend_timeouts,
+            grpc,
         }
     }
 
@@ -529,6 +628,15 @@ impl Metrics {
                     })
             }),
             latency: self.inbound_peer_latency.get_or_create_owned(&labels),
+            grpc: {
+                let family = self.inbound_peer_grpc_responses.clone();
+                ByGrpcStatus::new(move |grpc_status| {
+                    family.get_or_create_owned(&PeerGrpcLabels {
+                        peer: peer.clone(),
+                        grpc_status,
+                    })
+                })
+            },
         }
     }
 

@@ -16,8 +16,10 @@
 //!
 //! A span starts when the request arrives and ends when the response head is
 //! ready, or when the client goes away first (`strait.cancelled`, and the
-//! access-log line's status is 0). Retries do not get spans of their own: the
-//! client span counts them (`strait.retry.count`) and marks each with an event.
+//! access-log line's status is 0). A gRPC call's span ends with the call, when
+//! its status is known (the trailers, or a head that carries it), so that the
+//! span reports it. Retries do not get spans of their own: the client span
+//! counts them (`strait.retry.count`) and marks each with an event.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +39,7 @@ use super::access_log::{AccessLog, Line};
 use super::metrics::Direction;
 use super::short_str::ShortStr;
 use crate::defaults::PROXY_ERROR_HEADER;
+use crate::http::{BoxBody, grpc};
 use crate::identity::Identity;
 
 /// Where spans and access-log lines go; `None` of both when neither is on.
@@ -61,6 +64,8 @@ pub struct Notes {
     pub retries: u32,
     /// When each retry was sent, for the span's events (the first few).
     pub retried_at: Vec<SystemTime>,
+    /// A gRPC call's status once known, as an index into `grpc::LABELS`.
+    pub grpc_status: Option<usize>,
 }
 
 /// Retry events kept per span at most; the count says the rest.
@@ -131,14 +136,13 @@ pub struct Trace<S> {
     layer: TraceLayer,
 }
 
-impl<S, B, RB> tower::Service<Request<B>> for Trace<S>
+impl<S, B> tower::Service<Request<B>> for Trace<S>
 where
-    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S: tower::Service<Request<B>, Response = Response<BoxBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    RB: Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<BoxBody>;
     type Error = S::Error;
     type Future = Either<S::Future, TracedFuture<S::Future>>;
 
@@ -171,6 +175,7 @@ where
         let pending = Pending {
             observe,
             direction,
+            grpc: grpc::is_call(&req),
             start,
             span,
             line,
@@ -178,7 +183,7 @@ where
         };
         Either::Right(TracedFuture {
             inner: self.inner.call(req),
-            pending,
+            pending: Some(pending),
         })
     }
 }
@@ -190,30 +195,62 @@ pin_project_lite::pin_project! {
     pub struct TracedFuture<F> {
         #[pin]
         inner: F,
-        pending: Pending,
+        pending: Option<Pending>,
     }
 }
 
-impl<F, B, E> Future for TracedFuture<F>
+impl<F, E> Future for TracedFuture<F>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    F: Future<Output = Result<Response<BoxBody>, E>>,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
-        match &out {
+        let Some(mut pending) = this.pending.take() else {
+            return Poll::Ready(out);
+        };
+        match out {
             Ok(rsp) => {
+                let status = rsp.status().as_u16();
                 let error = rsp
                     .headers()
                     .get(PROXY_ERROR_HEADER)
                     .and_then(|v| v.to_str().ok());
-                this.pending.end(Some(rsp.status().as_u16()), error);
+                if pending.grpc {
+                    let end = GrpcEnd {
+                        status,
+                        // The value may be an upstream's own header: any length.
+                        error: error.map(super::access_log::bounded_str),
+                        pending,
+                    };
+                    return Poll::Ready(Ok(grpc::on_status(rsp, end)));
+                }
+                pending.end(Some(status), error);
+                Poll::Ready(Ok(rsp))
             }
-            Err(_) => this.pending.end(None, Some("no-response")),
+            Err(e) => {
+                pending.end(None, Some("no-response"));
+                Poll::Ready(Err(e))
+            }
         }
-        Poll::Ready(out)
+    }
+}
+
+/// A gRPC call's span and line, written when its status is known.
+struct GrpcEnd {
+    pending: Pending,
+    status: u16,
+    error: Option<String>,
+}
+
+impl grpc::OnStatus for GrpcEnd {
+    fn status(mut self, code: usize) {
+        if let Ok(mut n) = self.pending.notes.lock() {
+            n.grpc_status = Some(code);
+        }
+        self.pending.end(Some(self.status), self.error.as_deref());
     }
 }
 
@@ -222,6 +259,8 @@ where
 struct Pending {
     observe: Arc<Observe>,
     direction: Direction,
+    /// The request was a gRPC call.
+    grpc: bool,
     start: Instant,
     span: Option<Started>,
     line: Option<Line>,
@@ -250,6 +289,7 @@ impl Pending {
             t.record(ProxySpan {
                 started,
                 direction: self.direction,
+                grpc: self.grpc,
                 end,
                 status,
                 // The value may be an upstream's own header: any length.
@@ -289,6 +329,7 @@ struct Started {
 pub struct ProxySpan {
     started: Started,
     direction: Direction,
+    grpc: bool,
     end: SystemTime,
     /// `None`: no response (the client went away, or the connection failed).
     status: Option<u16>,
@@ -434,6 +475,7 @@ impl Record for ProxySpan {
         let ProxySpan {
             started,
             direction,
+            grpc,
             end,
             status,
             error,
@@ -501,18 +543,41 @@ impl Record for ProxySpan {
         } else if let Some(e) = &error {
             attrs.push(KeyValue::new("strait.proxy.error", e.clone()));
         }
+        // The RPC conventions beside HTTP's: the service and method from the
+        // path, and the call's status.
+        let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
+        let grpc_code = notes.grpc_status.filter(|_| grpc);
+        if let Some(rpc) = rpc {
+            attrs.push(KeyValue::new("rpc.system", "grpc"));
+            if let Some((service, method)) = rpc {
+                attrs.push(KeyValue::new("rpc.service", copied(service)));
+                attrs.push(KeyValue::new("rpc.method", copied(method)));
+            }
+            if let Some(c) = grpc_code.filter(|c| *c < grpc::INVALID) {
+                attrs.push(KeyValue::new("rpc.grpc.status_code", c as i64));
+            }
+        }
         // Semantic conventions: 5xx is an error on both sides, 4xx on the
         // client's; no response for another reason than the client leaving is
-        // an error too.
-        let failed = match status {
+        // an error too. A gRPC call failed by its status: any but OK on the
+        // client's side; on the server's, those that say the server failed;
+        // no status, or one that is not a code, on both.
+        let http_failed = match status {
             Some(s) => s >= 500 || (direction == Direction::Outbound && s >= 400),
             None => !cancelled,
         };
+        let grpc_failed = grpc_code.is_some_and(|c| match direction {
+            Direction::Outbound => c != 0,
+            Direction::Inbound => matches!(c, 2 | 4 | 12 | 13 | 14 | 15) || c >= grpc::INVALID,
+        });
+        let failed = http_failed || grpc_failed;
         if failed {
-            let kind = match (status, &error) {
-                (Some(s), _) => s.to_string(),
-                (None, Some(e)) => e.clone(),
-                (None, None) => "_OTHER".into(),
+            let kind = match (status, &error, grpc_code) {
+                (Some(s), _, _) if http_failed => s.to_string(),
+                (_, _, Some(c)) if grpc_failed => grpc::LABELS[c].to_string(),
+                (Some(s), _, _) => s.to_string(),
+                (None, Some(e), _) => e.clone(),
+                (None, None, _) => "_OTHER".into(),
             };
             attrs.push(KeyValue::new("error.type", kind));
         }
@@ -539,7 +604,11 @@ impl Record for ProxySpan {
                 Direction::Outbound => SpanKind::Client,
                 Direction::Inbound => SpanKind::Server,
             },
-            name: started.method.into(),
+            // RPC spans are named for the method they call.
+            name: match rpc.flatten() {
+                Some((service, method)) => format!("{service}/{method}").into(),
+                None => started.method.into(),
+            },
             start_time: started.at,
             end_time: end,
             attributes: attrs,

@@ -686,3 +686,197 @@ async fn discovery_lag_is_measured_for_each_change_after_the_first_answer() {
     .await;
     assert!(sum < 5.0, "lag {sum} s for a change on the same host");
 }
+
+/// gRPC answers a failed call with HTTP 200 and its status in the trailers (or
+/// in the head of a response without a body): both proxies count and trace
+/// calls by that status, on the route, by direction and by caller.
+#[tokio::test]
+async fn grpc_calls_are_counted_and_traced_by_their_status() {
+    use strait_api::testing::EchoRequest;
+    use strait_api::testing::echo_client::EchoClient;
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let app = strait_tests::grpc::start_echo().await;
+    let dir = ManifestDir::new();
+    dir.write("svc.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let opts = |sa: &str| SidecarOpts {
+        args: vec![
+            format!("--otlp-endpoint={}", collector.endpoint()),
+            format!("--service-account={sa}"),
+        ],
+        ..Default::default()
+    };
+    let server = Sidecar::start_with(cp.grpc, NS, "web-0", &[], opts("web")).await;
+    dir.write(
+        "pod.yaml",
+        &meshed_pod(NS, "web-0", "web", server.inbound.port()),
+    );
+    dir.write("slice.yaml", &endpoint(NS, "web", "web-0", app));
+    let client = Sidecar::start_with(cp.grpc, NS, "client-0", &[WEB], opts("client")).await;
+    let echo = EchoClient::connect(format!("http://{}", client.upstreams[0]))
+        .await
+        .expect("connect through the client proxy");
+    let call = |fail_code: i32| EchoRequest {
+        message: "hi".into(),
+        fail_code,
+        ..Default::default()
+    };
+    wait::until("gRPC through both proxies", Duration::from_secs(10), || {
+        let mut echo = echo.clone();
+        async move {
+            echo.unary(call(0)).await.is_ok()
+                && metric_sum(server.admin, "strait_proxy_http_requests_total").await > 0.0
+        }
+    })
+    .await;
+
+    let codes = ["0", "5", "14"];
+    let snapshot = || async {
+        let mut counts = Vec::new();
+        for code in codes {
+            let code = format!("grpc_status=\"{code}\"");
+            counts.push([
+                metric_where(
+                    client.admin,
+                    "strait_proxy_route_grpc_responses_total",
+                    &["route=\"default\"", &code],
+                )
+                .await,
+                metric_where(
+                    client.admin,
+                    "strait_proxy_grpc_responses_total",
+                    &["direction=\"outbound\"", &code],
+                )
+                .await,
+                metric_where(
+                    server.admin,
+                    "strait_proxy_grpc_responses_total",
+                    &["direction=\"inbound\"", &code],
+                )
+                .await,
+                metric_where(
+                    server.admin,
+                    "strait_proxy_inbound_peer_grpc_responses_total",
+                    &["peer=\"unauthenticated\"", &code],
+                )
+                .await,
+            ]);
+        }
+        let http_2xx = metric_where(
+            client.admin,
+            "strait_proxy_route_responses_total",
+            &["status_class=\"2xx\""],
+        )
+        .await;
+        (counts, http_2xx)
+    };
+    let (before, before_2xx) = snapshot().await;
+    let mut e = echo.clone();
+    for _ in 0..3 {
+        e.unary(call(0)).await.expect("an OK call");
+    }
+    for _ in 0..2 {
+        let err = e.unary(call(5)).await.expect_err("a NOT_FOUND call");
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+    // A stream that answers once, then fails: the status comes in the trailers.
+    let mut replies = e
+        .bidi(futures_util::stream::iter([call(0), call(14)]))
+        .await
+        .expect("a stream")
+        .into_inner();
+    assert!(replies.message().await.expect("a reply").is_some());
+    let err = replies.message().await.expect_err("then UNAVAILABLE");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    drop(replies);
+    // Counted once the trailers have passed each proxy; the server proxy may
+    // count the last one just after the client has it.
+    let want = [3.0, 2.0, 1.0];
+    let deltas = || async {
+        let (after, _) = snapshot().await;
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| [a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3]])
+            .collect::<Vec<_>>()
+    };
+    let counted = |d: &[[f64; 4]]| d.iter().zip(want).all(|(d, w)| d.iter().all(|n| *n == w));
+    wait::until_or(Duration::from_secs(5), || async {
+        counted(&deltas().await)
+    })
+    .await;
+    let last = deltas().await;
+    assert!(
+        counted(&last),
+        "per code 0, 5, 14 (route, outbound, inbound, by caller): {last:?}"
+    );
+    println!("per code (route, outbound, inbound, by caller): {last:?}");
+    let (_, after_2xx) = snapshot().await;
+    assert_eq!(
+        after_2xx - before_2xx,
+        6.0,
+        "every call was an HTTP 200, failed or not"
+    );
+
+    // Spans name the method, carry the status and end with the call.
+    let traced = |trace: &str, fail_code| {
+        let mut r = tonic::Request::new(call(fail_code));
+        r.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace}-{APP_SPAN}-01").parse().unwrap(),
+        );
+        r
+    };
+    let unary_trace = "11111111111111111111111111111111";
+    assert!(e.unary(traced(unary_trace, 5)).await.is_err());
+    let stream_trace = "22222222222222222222222222222222";
+    let mut r = tonic::Request::new(futures_util::stream::iter([call(0), call(14)]));
+    r.metadata_mut().insert(
+        "traceparent",
+        format!("00-{stream_trace}-{APP_SPAN}-01").parse().unwrap(),
+    );
+    let mut replies = e.bidi(r).await.expect("a stream").into_inner();
+    assert!(replies.message().await.expect("a reply").is_some());
+    assert!(replies.message().await.is_err());
+    drop(replies);
+    for (trace, code, server_failed) in [(unary_trace, "5", false), (stream_trace, "14", true)] {
+        let spans = collector.trace(trace, 2).await;
+        let (c, s) = (
+            of_trace(&spans, trace, CLIENT),
+            of_trace(&spans, trace, SERVER),
+        );
+        assert_eq!((c.len(), s.len()), (1, 1), "{spans:#?}");
+        for span in [c[0], s[0]] {
+            let method = if trace == unary_trace {
+                "Unary"
+            } else {
+                "Bidi"
+            };
+            assert_eq!(span.span.name, format!("strait.testing.v1.Echo/{method}"));
+            assert_eq!(span.attr("rpc.system").as_deref(), Some("grpc"));
+            assert_eq!(
+                span.attr("rpc.service").as_deref(),
+                Some("strait.testing.v1.Echo")
+            );
+            assert_eq!(
+                span.attr("rpc.grpc.status_code").as_deref(),
+                Some(code),
+                "{span:#?}"
+            );
+            assert_eq!(
+                span.attr("http.response.status_code").as_deref(),
+                Some("200")
+            );
+        }
+        // Any status but OK fails the client's call; on the server's side only
+        // those that say the server failed.
+        assert_eq!(c[0].attr("error.type").as_deref(), Some(code));
+        let server_error = s[0].attr("error.type");
+        assert_eq!(
+            server_error.as_deref(),
+            server_failed.then_some(code),
+            "{:#?}",
+            s[0]
+        );
+    }
+}

@@ -1,0 +1,278 @@
+//! A gRPC call's outcome. gRPC answers HTTP 200 and puts its status in the
+//! trailers (`grpc-status`), or in the headers of a response without a body
+//! (trailers-only), so a failed call looks like a success to anything that
+//! reads only the status line. Metrics and spans learn the call's status here:
+//! from the head when it is there, else when the body ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{HeaderMap, Request, Response, StatusCode};
+
+use super::BoxBody;
+
+/// A gRPC call: what its client sent says so (`content-type: application/grpc`,
+/// `application/grpc+proto`…). gRPC-Web (`application/grpc-web…`) is not: its
+/// status travels inside the body.
+pub fn is_call<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+}
+
+/// How a call ended, as the `grpc_status` label says it: a code from 0 to 16;
+/// `invalid` for a `grpc-status` that is not one; `none` when the response
+/// ended without one (the stream was reset or cut, or the caller went away).
+pub type Label = &'static str;
+
+pub const LABELS: [Label; 19] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "invalid", "none",
+];
+
+/// Index of `invalid` and `none` in `LABELS`.
+pub const INVALID: usize = 17;
+pub const NONE: usize = 18;
+
+/// The call's status, as an index into `LABELS`, from a `grpc-status` field.
+fn code_in(headers: &HeaderMap) -> Option<usize> {
+    let v = headers.get("grpc-status")?;
+    Some(
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|c| *c <= 16)
+            .unwrap_or(INVALID),
+    )
+}
+
+/// What a gRPC client makes of a response head without `grpc-status`: gRPC's
+/// mapping of HTTP statuses to codes; `None` for a 200, whose status is still
+/// to come in the trailers.
+fn code_of_head<B>(rsp: &Response<B>) -> Option<usize> {
+    if let Some(c) = code_in(rsp.headers()) {
+        return Some(c);
+    }
+    Some(match rsp.status() {
+        StatusCode::OK => return None,
+        StatusCode::BAD_REQUEST => 13,
+        StatusCode::UNAUTHORIZED => 16,
+        StatusCode::FORBIDDEN => 7,
+        StatusCode::NOT_FOUND => 12,
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => 14,
+        _ => 2,
+    })
+}
+
+/// Told a call's status once, however its response ends.
+pub trait OnStatus: Send + Unpin + 'static {
+    /// `code` indexes `LABELS`.
+    fn status(self, code: usize);
+}
+
+impl<A: OnStatus, B: OnStatus> OnStatus for (A, B) {
+    fn status(self, code: usize) {
+        self.0.status(code);
+        self.1.status(code);
+    }
+}
+
+impl<A: OnStatus> OnStatus for Option<A> {
+    fn status(self, code: usize) {
+        if let Some(a) = self {
+            a.status(code);
+        }
+    }
+}
+
+/// Calls `on` with the status of the call `rsp` answers: at once when the head
+/// says it, else when the body's trailers come (or it ends without them, or is
+/// dropped first), the body then wrapped to watch for them.
+pub fn on_status(rsp: Response<BoxBody>, on: impl OnStatus) -> Response<BoxBody> {
+    match code_of_head(&rsp) {
+        Some(code) => {
+            on.status(code);
+            rsp
+        }
+        None => rsp.map(|inner| {
+            BoxBody::new(StatusBody {
+                inner,
+                on: Some(on),
+            })
+        }),
+    }
+}
+
+struct StatusBody<F: OnStatus> {
+    inner: BoxBody,
+    on: Option<F>,
+}
+
+impl<F: OnStatus> Drop for StatusBody<F> {
+    fn drop(&mut self) {
+        if let Some(on) = self.on.take() {
+            on.status(NONE);
+        }
+    }
+}
+
+impl<F: OnStatus> http_body::Body for StatusBody<F> {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let code = match &frame {
+            Some(Ok(f)) => f.trailers_ref().map(|t| code_in(t).unwrap_or(NONE)),
+            Some(Err(_)) | None => Some(NONE),
+        };
+        if let Some(code) = code
+            && let Some(on) = this.on.take()
+        {
+            on.status(code);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `/package.Service/Method` as its service and method, for spans.
+pub fn service_and_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt as _;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<&'static str>>>);
+
+    impl OnStatus for Seen {
+        fn status(self, code: usize) {
+            self.0.lock().unwrap().push(LABELS[code]);
+        }
+    }
+
+    impl Seen {
+        fn take(&self) -> Vec<&'static str> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    /// A body of one data frame, then `grpc-status: code` in the trailers.
+    fn frames(data: &'static [u8], trailers: Option<&'static str>) -> BoxBody {
+        let mut v: Vec<Result<_, super::super::BoxError>> =
+            vec![Ok(http_body::Frame::data(Bytes::from_static(data)))];
+        if let Some(code) = trailers {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", code.parse().unwrap());
+            v.push(Ok(http_body::Frame::trailers(t)));
+        }
+        BoxBody::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            v,
+        )))
+    }
+
+    fn response(status: u16, head: Option<&str>, body: BoxBody) -> Response<BoxBody> {
+        let mut r = Response::new(body);
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        if let Some(c) = head {
+            r.headers_mut().insert("grpc-status", c.parse().unwrap());
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn the_status_comes_from_the_trailers_the_head_or_the_http_status() {
+        let seen = Seen::default();
+        // In the trailers: told once the body has ended, not before.
+        let rsp = on_status(
+            response(200, None, frames(b"msg", Some("14"))),
+            seen.clone(),
+        );
+        assert_eq!(seen.take(), Vec::<&str>::new());
+        let body = rsp.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], "14");
+        assert_eq!(seen.take(), ["14"]);
+
+        // Trailers-only: at once, the body untouched.
+        let _ = on_status(response(200, Some("5"), frames(b"", None)), seen.clone());
+        assert_eq!(seen.take(), ["5"]);
+        // Not a code.
+        let _ = on_status(response(200, Some("99"), frames(b"", None)), seen.clone());
+        assert_eq!(seen.take(), ["invalid"]);
+        // An HTTP error, as a gRPC client reads it.
+        for (status, code) in [(503, "14"), (404, "12"), (500, "2"), (429, "14")] {
+            let _ = on_status(response(status, None, frames(b"", None)), seen.clone());
+            assert_eq!(seen.take(), [code], "HTTP {status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_without_a_status_or_is_dropped_is_told_none() {
+        let seen = Seen::default();
+        let rsp = on_status(response(200, None, frames(b"msg", None)), seen.clone());
+        rsp.into_body().collect().await.unwrap();
+        assert_eq!(seen.take(), ["none"]);
+        let rsp = on_status(response(200, None, frames(b"msg", Some("0"))), seen.clone());
+        drop(rsp);
+        assert_eq!(seen.take(), ["none"]);
+    }
+
+    #[test]
+    fn calls_are_known_by_their_content_type() {
+        let req = |ct: &str| {
+            Request::post("/")
+                .header("content-type", ct)
+                .body(())
+                .unwrap()
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;x=1",
+        ] {
+            assert!(is_call(&req(ct)), "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/grpc-web-text",
+            "application/json",
+        ] {
+            assert!(!is_call(&req(ct)), "{ct}");
+        }
+        assert!(!is_call(&Request::post("/").body(()).unwrap()));
+    }
+
+    #[test]
+    fn paths_name_a_service_and_method() {
+        assert_eq!(
+            service_and_method("/strait.testing.v1.Echo/Unary"),
+            Some(("strait.testing.v1.Echo", "Unary"))
+        );
+        for p in ["/", "/Echo", "//Unary", "/Echo/", "/a/b/c", "Echo/Unary"] {
+            assert_eq!(service_and_method(p), None, "{p}");
+        }
+    }
+}
