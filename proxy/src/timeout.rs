@@ -128,6 +128,8 @@ where
                         expired.inc();
                         let mut rsp = error_response(StatusCode::GATEWAY_TIMEOUT, kind.reason());
                         rsp.extensions_mut().insert(TimedOut(*kind));
+                        rsp.extensions_mut()
+                            .insert(crate::http::grpc::DEADLINE_EXCEEDED);
                         rsp
                     }
                 }))

@@ -7,9 +7,12 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::{HeaderMap, Request, Response, StatusCode};
+use futures_util::future::{Either, FutureExt as _, Map};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 
 use super::BoxBody;
+use crate::defaults::PROXY_ERROR_HEADER;
+use crate::telemetry::Direction;
 
 /// A gRPC call: what its client sent says so (`content-type: application/grpc`,
 /// `application/grpc+proto`…). gRPC-Web (`application/grpc-web…`) is not: its
@@ -47,12 +50,23 @@ fn code_in(headers: &HeaderMap) -> Option<usize> {
     )
 }
 
+/// On a response the proxy made, the gRPC code it stands for where the HTTP
+/// status alone would mislead: a route's timeout is DEADLINE_EXCEEDED, not the
+/// UNAVAILABLE a 504 reads as, which gRPC clients may retry.
+#[derive(Clone, Copy, Debug)]
+pub struct Code(pub u8);
+
+pub const DEADLINE_EXCEEDED: Code = Code(4);
+
 /// What a gRPC client makes of a response head without `grpc-status`: gRPC's
 /// mapping of HTTP statuses to codes; `None` for a 200, whose status is still
 /// to come in the trailers.
 fn code_of_head<B>(rsp: &Response<B>) -> Option<usize> {
     if let Some(c) = code_in(rsp.headers()) {
         return Some(c);
+    }
+    if let Some(Code(c)) = rsp.extensions().get::<Code>() {
+        return Some(usize::from(*c));
     }
     Some(match rsp.status() {
         StatusCode::OK => return None,
@@ -151,6 +165,95 @@ impl<F: OnStatus> http_body::Body for StatusBody<F> {
     }
 }
 
+/// Answers a gRPC call the proxy failed as gRPC does: a response without a
+/// body whose head carries the code (`grpc-status`) and the reason
+/// (`grpc-message`), so the app's gRPC client reports the proxy's reason and
+/// the right code rather than "unexpected HTTP status 503". Outbound only,
+/// where the app is the caller: between proxies the HTTP status stays, as the
+/// calling proxy's retries and balancer read it, and the calling proxy
+/// answers its app in kind. Outermost but for the connection's own layers, so
+/// metrics and spans see what the proxy decided.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorsLayer {
+    on: bool,
+}
+
+impl ErrorsLayer {
+    pub fn new(direction: Direction) -> Self {
+        ErrorsLayer {
+            on: direction == Direction::Outbound,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ErrorsLayer {
+    type Service = Errors<S>;
+    fn layer(&self, inner: S) -> Errors<S> {
+        Errors { inner, on: self.on }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Errors<S> {
+    inner: S,
+    on: bool,
+}
+
+type Answer<E> = fn(Result<Response<BoxBody>, E>) -> Result<Response<BoxBody>, E>;
+
+impl<S, B> tower::Service<Request<B>> for Errors<S>
+where
+    S: tower::Service<Request<B>, Response = Response<BoxBody>>,
+{
+    type Response = Response<BoxBody>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Map<S::Future, Answer<S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if !self.on || !is_call(&req) {
+            return Either::Left(self.inner.call(req));
+        }
+        let answer: Answer<S::Error> = |r| r.map(in_kind);
+        Either::Right(self.inner.call(req).map(answer))
+    }
+}
+
+/// The proxy's own error response to a call, as a gRPC error; any other
+/// response as it is.
+fn in_kind(rsp: Response<BoxBody>) -> Response<BoxBody> {
+    let proxy_error = rsp.headers().get(PROXY_ERROR_HEADER).cloned();
+    let Some(reason) = proxy_error else {
+        return rsp;
+    };
+    let failed = rsp.status().is_client_error() || rsp.status().is_server_error();
+    if !failed || rsp.headers().contains_key("grpc-status") {
+        return rsp;
+    }
+    let Some(code) = code_of_head(&rsp).filter(|c| *c < INVALID) else {
+        return rsp;
+    };
+    let (mut head, _) = rsp.into_parts();
+    head.status = StatusCode::OK;
+    let h = &mut head.headers;
+    h.remove(http::header::CONTENT_LENGTH);
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static(LABELS[code]));
+    // gRPC's own escaping: printable ASCII but `%` as it is, the rest as %XX.
+    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    let message = percent_encoding::percent_encode(reason.as_bytes(), ESCAPED).to_string();
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
+    Response::from_parts(head, super::empty())
+}
+
 /// `/package.Service/Method` as its service and method, for spans.
 pub fn service_and_method(path: &str) -> Option<(&str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
@@ -238,6 +341,45 @@ mod tests {
         let rsp = on_status(response(200, None, frames(b"msg", Some("0"))), seen.clone());
         drop(rsp);
         assert_eq!(seen.take(), ["none"]);
+    }
+
+    #[test]
+    fn the_proxys_own_errors_are_answered_as_grpc_errors() {
+        use crate::http::error::error_response;
+        let answered = in_kind(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no endpoints for web:80 (100% ejected)",
+        ));
+        assert_eq!(answered.status(), StatusCode::OK);
+        let h = answered.headers();
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["grpc-status"], "14");
+        assert_eq!(
+            h["grpc-message"],
+            "no endpoints for web:80 (100%25 ejected)"
+        );
+        assert_eq!(
+            h[PROXY_ERROR_HEADER],
+            "no endpoints for web:80 (100% ejected)"
+        );
+        assert!(!h.contains_key("content-length"));
+        assert!(
+            http_body::Body::is_end_stream(answered.body()),
+            "trailers-only"
+        );
+
+        let mut timeout = error_response(StatusCode::GATEWAY_TIMEOUT, "request timeout");
+        timeout.extensions_mut().insert(DEADLINE_EXCEEDED);
+        assert_eq!(in_kind(timeout).headers()["grpc-status"], "4");
+
+        // The app's own answers pass as they came.
+        let app = response(503, None, frames(b"busy", None));
+        assert_eq!(in_kind(app).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let mut already = error_response(StatusCode::SERVICE_UNAVAILABLE, "x");
+        already
+            .headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("8"));
+        assert_eq!(in_kind(already).status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

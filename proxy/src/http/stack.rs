@@ -11,6 +11,7 @@ use tower::{Layer, ServiceBuilder};
 use super::BoxBody;
 use super::conn_guard::{ConnState, InFlightLayer};
 use super::forward::{Forward, UpgradeConn};
+use super::grpc::ErrorsLayer;
 use super::metrics::RequestMetricsLayer;
 use super::normalize::NormalizeLayer;
 use super::request_body::RequestBody;
@@ -26,6 +27,7 @@ pub type ClientBody = RequestBody<Incoming>;
 pub struct HttpStack {
     shared: Arc<Shared>,
     metrics: RequestMetricsLayer,
+    grpc_errors: ErrorsLayer,
     normalize: NormalizeLayer,
     forward: Forward,
 }
@@ -34,6 +36,7 @@ impl HttpStack {
     pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
         HttpStack {
             metrics: RequestMetricsLayer::new(shared.metrics.clone(), direction),
+            grpc_errors: ErrorsLayer::new(direction),
             normalize: NormalizeLayer::new(shared.metrics.clone(), direction),
             forward: Forward::new(
                 shared.clients.clone(),
@@ -72,6 +75,7 @@ impl HttpStack {
                 .layer(InFlightLayer::new(state.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
                 .map_request(|req: Request<Incoming>| RequestBody::wrap(req, None))
+                .layer(self.grpc_errors)
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,
                 // a bare LF) still leaves its span and access-log line.
@@ -97,6 +101,7 @@ impl HttpStack {
                     }
                     RequestBody::wrap(req, Some(body_timeout))
                 })
+                .layer(self.grpc_errors)
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 .layer(trace)
                 .layer(self.normalize.clone())

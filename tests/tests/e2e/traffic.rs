@@ -283,6 +283,67 @@ async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
     );
 }
 
+/// A gRPC call the proxy fails is answered as gRPC answers: HTTP 200, the code
+/// the app's gRPC library reports (a route's timeout is DEADLINE_EXCEEDED, not
+/// the UNAVAILABLE a 504 reads as) and the proxy's reason as its message.
+#[tokio::test]
+async fn a_grpc_call_the_proxy_fails_is_answered_as_a_grpc_error() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[(
+        "route.yaml",
+        route(
+            "web",
+            "",
+            "  - backendRefs: [{name: web, port: 80}]\n    timeouts: {request: 200ms}\n",
+        ),
+    )])
+    .await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    let c = client::http2();
+    let call = |path: &str| {
+        http::Request::post(mesh.url(path))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(client::empty())
+            .unwrap()
+    };
+    let rsp = c.request(call("/slow/2000")).await.unwrap();
+    assert_eq!(rsp.status(), http::StatusCode::OK);
+    let h = rsp.headers().clone();
+    assert_eq!(h["content-type"], "application/grpc");
+    assert_eq!(h["grpc-status"], "4", "{h:?}");
+    assert_eq!(h["grpc-message"], "request timeout");
+    assert_eq!(h["strait-proxy-error"], "request timeout");
+    assert!(
+        rsp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty()
+    );
+    assert_eq!(
+        mesh.metric("strait_proxy_route_grpc_responses_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",grpc_status=\"4\"}").await,
+        1.0,
+        "counted as the code the app received"
+    );
+    // The app's own answer passes as it came.
+    let rsp = c.request(call("/status/503")).await.unwrap();
+    assert_eq!(rsp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!rsp.headers().contains_key("grpc-status"));
+    // A request that is not a gRPC call gets the HTTP status.
+    let rsp = c
+        .request(
+            http::Request::post(mesh.url("/slow/2000"))
+                .body(client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), http::StatusCode::GATEWAY_TIMEOUT);
+}
+
 #[tokio::test]
 async fn a_retry_budget_bounds_the_load_on_a_failing_backend() {
     let b = Backend::start().await;
