@@ -20,23 +20,46 @@ use crate::telemetry::Direction;
 pub fn is_call<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.as_bytes().strip_prefix(b"application/grpc"))
-        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() >= PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
+        .is_some_and(|v| matches!(v.get(PREFIX.len()), None | Some(b'+' | b';')))
 }
+
+const PREFIX: &[u8] = b"application/grpc";
 
 /// How a call ended, as the `grpc_status` label says it: a code from 0 to 16;
 /// `invalid` for a `grpc-status` that is not one; `none` when the response
-/// ended without one (the stream was reset or cut, or the caller went away).
+/// ended without one (the stream was reset or cut); `cancelled` when the
+/// caller went away before the status came.
 pub type Label = &'static str;
 
-pub const LABELS: [Label; 19] = [
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-    "invalid", "none",
+pub const LABELS: [Label; 20] = [
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
+    "10",
+    "11",
+    "12",
+    "13",
+    "14",
+    "15",
+    "16",
+    "invalid",
+    "none",
+    "cancelled",
 ];
 
-/// Index of `invalid` and `none` in `LABELS`.
+/// Indexes of `invalid`, `none` and `cancelled` in `LABELS`.
 pub const INVALID: usize = 17;
 pub const NONE: usize = 18;
+pub const CANCELLED: usize = 19;
 
 /// The call's status, as an index into `LABELS`, from a `grpc-status` field.
 fn code_in(headers: &HeaderMap) -> Option<usize> {
@@ -129,7 +152,36 @@ struct StatusBody<F: OnStatus> {
 impl<F: OnStatus> Drop for StatusBody<F> {
     fn drop(&mut self) {
         if let Some(on) = self.on.take() {
-            on.status(NONE);
+            // A body at its end may be dropped unpolled (it ended without
+            // trailers); one that is not was given up by the caller.
+            on.status(if http_body::Body::is_end_stream(&self.inner) {
+                NONE
+            } else {
+                CANCELLED
+            });
+        }
+    }
+}
+
+/// Tells `F` the call was cancelled if it is dropped before `answered`: a
+/// call whose caller went away before the response head.
+pub struct UntilAnswered<F: OnStatus>(Option<F>);
+
+impl<F: OnStatus> UntilAnswered<F> {
+    pub fn new(on: F) -> Self {
+        UntilAnswered(Some(on))
+    }
+
+    /// The head has come: the status is the response's to tell.
+    pub fn answered(mut self) -> Option<F> {
+        self.0.take()
+    }
+}
+
+impl<F: OnStatus> Drop for UntilAnswered<F> {
+    fn drop(&mut self) {
+        if let Some(on) = self.0.take() {
+            on.status(CANCELLED);
         }
     }
 }
@@ -254,11 +306,16 @@ fn in_kind(rsp: Response<BoxBody>) -> Response<BoxBody> {
     Response::from_parts(head, super::empty())
 }
 
-/// `/package.Service/Method` as its service and method, for spans.
+/// `/package.Service/Method` as its service and method, for spans: names as
+/// protobuf writes them, 128 bytes at most, since a client chooses them.
 pub fn service_and_method(path: &str) -> Option<(&str, &str)> {
+    let ident = |s: &str, dots: bool| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
+    };
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
-        .then_some((service, method))
+    (path.len() <= 128 && ident(service, true) && ident(method, false)).then_some((service, method))
 }
 
 #[cfg(test)]
@@ -333,14 +390,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_that_ends_without_a_status_or_is_dropped_is_told_none() {
+    async fn a_body_that_ends_without_a_status_is_none_and_one_given_up_cancelled() {
         let seen = Seen::default();
         let rsp = on_status(response(200, None, frames(b"msg", None)), seen.clone());
         rsp.into_body().collect().await.unwrap();
         assert_eq!(seen.take(), ["none"]);
+        // Dropped before its end: the caller gave up.
         let rsp = on_status(response(200, None, frames(b"msg", Some("0"))), seen.clone());
         drop(rsp);
+        assert_eq!(seen.take(), ["cancelled"]);
+        // Dropped at its end, unpolled: it had no status to give.
+        let rsp = on_status(response(200, None, super::super::empty()), seen.clone());
+        drop(rsp);
         assert_eq!(seen.take(), ["none"]);
+        // Before the head.
+        let waiting = UntilAnswered::new(seen.clone());
+        drop(waiting);
+        assert_eq!(seen.take(), ["cancelled"]);
+        let waiting = UntilAnswered::new(seen.clone());
+        assert!(waiting.answered().is_some());
+        assert_eq!(seen.take(), Vec::<&str>::new());
     }
 
     #[test]
@@ -394,6 +463,7 @@ mod tests {
             "application/grpc",
             "application/grpc+proto",
             "application/grpc;x=1",
+            "Application/gRPC",
         ] {
             assert!(is_call(&req(ct)), "{ct}");
         }
@@ -413,7 +483,19 @@ mod tests {
             service_and_method("/strait.testing.v1.Echo/Unary"),
             Some(("strait.testing.v1.Echo", "Unary"))
         );
-        for p in ["/", "/Echo", "//Unary", "/Echo/", "/a/b/c", "Echo/Unary"] {
+        let long = format!("/{}/Unary", "a".repeat(128 - 6));
+        for p in [
+            "/",
+            "/Echo",
+            "//Unary",
+            "/Echo/",
+            "/a/b/c",
+            "Echo/Unary",
+            "/Echo/Un.ary",
+            "/Echo/Un%20ary",
+            "/Ech o/Unary",
+            &long,
+        ] {
             assert_eq!(service_and_method(p), None, "{p}");
         }
     }

@@ -100,8 +100,12 @@ where
         if let Some(p) = &self.layer.0.peer {
             p.requests.inc();
         }
+        let grpc = grpc::is_call(&req).then(|| {
+            let peer = self.layer.0.peer.as_ref().map(|p| p.grpc.clone());
+            grpc::UntilAnswered::new((self.layer.0.grpc.clone(), peer))
+        });
         MetricsFuture {
-            grpc: grpc::is_call(&req),
+            grpc,
             inner: self.inner.call(req),
             start,
             layer: self.layer.clone(),
@@ -116,7 +120,9 @@ pin_project_lite::pin_project! {
         inner: F,
         start: Instant,
         layer: RequestMetricsLayer,
-        grpc: bool,
+        // A gRPC call's counters, told `cancelled` if the caller goes away
+        // before the response head.
+        grpc: Option<grpc::UntilAnswered<(ByGrpcStatus, Option<ByGrpcStatus>)>>,
     }
 }
 
@@ -148,10 +154,9 @@ where
                     .clone()
             })
             .inc();
-        if !*this.grpc {
-            return Poll::Ready(Ok(rsp));
+        match this.grpc.take().and_then(grpc::UntilAnswered::answered) {
+            Some(counters) => Poll::Ready(Ok(grpc::on_status(rsp, counters))),
+            None => Poll::Ready(Ok(rsp)),
         }
-        let peer = layer.peer.as_ref().map(|p| p.grpc.clone());
-        Poll::Ready(Ok(grpc::on_status(rsp, (layer.grpc.clone(), peer))))
     }
 }

@@ -182,7 +182,10 @@ impl Stages {
         }
         let m = &stage.metrics;
         m.requests.inc();
-        let grpc = crate::http::grpc::is_call(&req);
+        // A gRPC call whose caller goes away before the head is counted
+        // `cancelled` as this future is dropped.
+        let grpc = crate::http::grpc::is_call(&req)
+            .then(|| crate::http::grpc::UntilAnswered::new(m.grpc.clone()));
         let start = Instant::now();
         let mut req = req.map(boxed);
         let mut rsp = match stage.rule.filters.on_request(&mut req, prefix) {
@@ -222,9 +225,9 @@ impl Stages {
         stage.rule.filters.on_response(&mut rsp);
         m.latency.observe(start.elapsed().as_secs_f64());
         m.responses[status_index(rsp.status())].inc();
-        if grpc {
-            return crate::http::grpc::on_status(rsp, m.grpc.clone());
+        match grpc.and_then(crate::http::grpc::UntilAnswered::answered) {
+            Some(counters) => crate::http::grpc::on_status(rsp, counters),
+            None => rsp,
         }
-        rsp
     }
 }

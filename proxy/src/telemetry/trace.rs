@@ -250,7 +250,12 @@ impl grpc::OnStatus for GrpcEnd {
         if let Ok(mut n) = self.pending.notes.lock() {
             n.grpc_status = Some(code);
         }
-        self.pending.end(Some(self.status), self.error.as_deref());
+        // The caller went away before the status: cancelled, as before the head.
+        let error = match code {
+            grpc::CANCELLED => Some(CANCELLED),
+            _ => self.error.as_deref(),
+        };
+        self.pending.end(Some(self.status), error);
     }
 }
 
@@ -566,18 +571,23 @@ impl Record for ProxySpan {
             Some(s) => s >= 500 || (direction == Direction::Outbound && s >= 400),
             None => !cancelled,
         };
-        let grpc_failed = grpc_code.is_some_and(|c| match direction {
-            Direction::Outbound => c != 0,
-            Direction::Inbound => matches!(c, 2 | 4 | 12 | 13 | 14 | 15) || c >= grpc::INVALID,
+        let grpc_failed = grpc_code.is_some_and(|c| match c {
+            grpc::CANCELLED => false,
+            c if c >= grpc::INVALID => true,
+            c => match direction {
+                Direction::Outbound => c != 0,
+                Direction::Inbound => matches!(c, 2 | 4 | 12 | 13 | 14 | 15),
+            },
         });
         let failed = http_failed || grpc_failed;
         if failed {
-            let kind = match (status, &error, grpc_code) {
-                (Some(s), _, _) if http_failed => s.to_string(),
-                (_, _, Some(c)) if grpc_failed => grpc::LABELS[c].to_string(),
-                (Some(s), _, _) => s.to_string(),
-                (None, Some(e), _) => e.clone(),
-                (None, None, _) => "_OTHER".into(),
+            // A gRPC call's error is its code, however it came (an HTTP error
+            // is read as a gRPC client reads it).
+            let kind = match (grpc_code, status, &error) {
+                (Some(c), _, _) if c != grpc::CANCELLED => grpc::LABELS[c].to_string(),
+                (_, Some(s), _) => s.to_string(),
+                (_, None, Some(e)) => e.clone(),
+                (_, None, None) => "_OTHER".into(),
             };
             attrs.push(KeyValue::new("error.type", kind));
         }

@@ -771,6 +771,12 @@ async fn grpc_calls_are_counted_and_traced_by_their_status() {
         (counts, http_2xx)
     };
     let (before, before_2xx) = snapshot().await;
+    let before_all = metric_where(
+        client.admin,
+        "strait_proxy_route_grpc_responses_total",
+        &["route=\"default\""],
+    )
+    .await;
     let mut e = echo.clone();
     for _ in 0..3 {
         e.unary(call(0)).await.expect("an OK call");
@@ -789,8 +795,7 @@ async fn grpc_calls_are_counted_and_traced_by_their_status() {
     let err = replies.message().await.expect_err("then UNAVAILABLE");
     assert_eq!(err.code(), tonic::Code::Unavailable);
     drop(replies);
-    // Counted once the trailers have passed each proxy; the server proxy may
-    // count the last one just after the client has it.
+    // Counted as each status passes each proxy.
     let want = [3.0, 2.0, 1.0];
     let deltas = || async {
         let (after, _) = snapshot().await;
@@ -817,6 +822,63 @@ async fn grpc_calls_are_counted_and_traced_by_their_status() {
         6.0,
         "every call was an HTTP 200, failed or not"
     );
+    // Each call counted once, under one status.
+    let all = metric_where(
+        client.admin,
+        "strait_proxy_route_grpc_responses_total",
+        &["route=\"default\""],
+    )
+    .await;
+    assert_eq!(all, before_all + 6.0);
+
+    // A caller that gives up on a stream after its head: `cancelled`, and
+    // not a failure of its span.
+    let cancelled = || async {
+        let c = "grpc_status=\"cancelled\"";
+        (
+            metric_where(
+                client.admin,
+                "strait_proxy_route_grpc_responses_total",
+                &[c],
+            )
+            .await,
+            metric_where(client.admin, "strait_proxy_grpc_responses_total", &[c]).await,
+        )
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, strait_tests::BoxError>,
+    >(1);
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let given_up = "33333333333333333333333333333333";
+    let req = http::Request::post(format!(
+        "http://{}/strait.testing.v1.Echo/Bidi",
+        client.upstreams[0]
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("traceparent", format!("00-{given_up}-{APP_SPAN}-01"))
+    .body(body)
+    .unwrap();
+    let rsp = client::http2()
+        .request(req)
+        .await
+        .expect("the stream's head");
+    assert_eq!(rsp.status(), http::StatusCode::OK);
+    // The request's body fails: the client resets the stream.
+    tx.send(Err("the caller gives up".into())).await.unwrap();
+    drop(rsp);
+    let counted = wait::until_or(Duration::from_secs(5), || async {
+        cancelled().await == (1.0, 1.0)
+    })
+    .await;
+    assert!(counted, "route, outbound: {:?}", cancelled().await);
+    let spans = collector.trace(given_up, 2).await;
+    let c = of_trace(&spans, given_up, CLIENT);
+    assert_eq!(c.len(), 1, "{spans:#?}");
+    assert_eq!(c[0].attr("strait.cancelled").as_deref(), Some("true"));
+    assert_eq!(c[0].attr("error.type"), None, "{:#?}", c[0]);
 
     // Spans name the method, carry the status and end with the call.
     let traced = |trace: &str, fail_code| {
