@@ -126,6 +126,9 @@ pub struct ControllerArgs {
     /// the nodes' kube-proxy uses.
     #[arg(long, env = "STRAIT_PROXY_IPTABLES_MODE", value_enum, default_value_t = crate::inject::IptablesMode::Nft)]
     pub proxy_iptables_mode: crate::inject::IptablesMode,
+
+    #[command(flatten)]
+    pub proxy_telemetry: crate::inject::Telemetry,
     /// This replica's name, recorded in the status writers' Lease (default:
     /// $HOSTNAME, the pod's name).
     #[arg(long, env = "STRAIT_POD_NAME")]
@@ -336,6 +339,7 @@ impl Controller {
         };
         let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
         settings.iptables_mode = args.proxy_iptables_mode;
+        settings.telemetry = args.proxy_telemetry.clone();
         // Proxies reach this controller by its Service, named for its service
         // account, in its namespace, and check that it presents its identity.
         settings.control_plane = format!(

@@ -49,6 +49,16 @@ pub struct InstallArgs {
     /// Controller replicas: each serves proxies; one at a time writes status.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replicas: u16,
+    /// The OpenTelemetry collector (OTLP/gRPC, `http://collector:4317`) the
+    /// controller and every injected proxy export spans to.
+    #[arg(long, value_name = "URL", value_parser = crate::inject::otlp_endpoint)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces injected proxies record (0.0 to 1.0); default 1.0.
+    #[arg(long, value_name = "RATIO", value_parser = crate::inject::sampling_ratio)]
+    pub proxy_trace_sampling: Option<String>,
+    /// Injected proxies' access log on their stdout; default none.
+    #[arg(long, value_enum)]
+    pub proxy_access_log: Option<crate::inject::AccessLog>,
     /// Do not look for an existing install's identity in the cluster: without
     /// the identity flags, a new trust anchor and issuer are generated even if
     /// strait is installed (applied there, they replace the mesh's identity).
@@ -166,6 +176,9 @@ pub struct Values {
     pub proxy_image: String,
     pub proxy_iptables_mode: crate::inject::IptablesMode,
     pub replicas: u16,
+    pub otlp_endpoint: Option<String>,
+    pub proxy_trace_sampling: Option<String>,
+    pub proxy_access_log: Option<crate::inject::AccessLog>,
 }
 
 impl InstallArgs {
@@ -221,6 +234,9 @@ impl InstallArgs {
                 .unwrap_or_else(defaults::proxy_image),
             proxy_iptables_mode: self.proxy_iptables_mode,
             replicas: self.replicas,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            proxy_trace_sampling: self.proxy_trace_sampling.clone(),
+            proxy_access_log: self.proxy_access_log,
         })
     }
 }
@@ -246,6 +262,39 @@ fn checked(identity: Identity, anchors_from: &str, pair_from: &str) -> anyhow::R
 
 fn labels() -> Value {
     json!({"app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strait"})
+}
+
+/// The controller's arguments, in the chart's order.
+fn controller_args(v: &Values) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "controller",
+        "--kubernetes",
+        "--issuer-cert=/var/run/strait/issuer/tls.crt",
+        "--issuer-key=/var/run/strait/issuer/tls.key",
+        "--trust-anchors=/var/run/strait/trust-anchors/ca.crt",
+    ]
+    .map(String::from)
+    .into();
+    args.push(format!("--trust-domain={}", v.trust_domain));
+    args.push(format!("--proxy-image={}", v.proxy_image));
+    args.push(format!(
+        "--proxy-iptables-mode={}",
+        v.proxy_iptables_mode.as_str()
+    ));
+    if let Some(e) = &v.otlp_endpoint {
+        args.push(format!("--otlp-endpoint={e}"));
+        args.push(format!("--proxy-otlp-endpoint={e}"));
+    }
+    if let Some(r) = &v.proxy_trace_sampling {
+        args.push(format!("--proxy-trace-sampling={r}"));
+    }
+    if let Some(l) = v.proxy_access_log {
+        args.push(format!("--proxy-access-log={}", l.as_str()));
+    }
+    args.push(format!("--webhook-addr={}", defaults::WEBHOOK_ADDR));
+    args.push("--admin-addr=0.0.0.0:9990".into());
+    args.push("--log-format=json".into());
+    args
 }
 
 /// Every object, in the order `kubectl apply` needs them.
@@ -363,19 +412,7 @@ fn deployment(v: &Values) -> Value {
                         "name": "controller",
                         "image": v.controller_image,
                         "imagePullPolicy": "IfNotPresent",
-                        "args": [
-                            "controller",
-                            "--kubernetes",
-                            "--issuer-cert=/var/run/strait/issuer/tls.crt",
-                            "--issuer-key=/var/run/strait/issuer/tls.key",
-                            "--trust-anchors=/var/run/strait/trust-anchors/ca.crt",
-                            format!("--trust-domain={}", v.trust_domain),
-                            format!("--proxy-image={}", v.proxy_image),
-                            format!("--proxy-iptables-mode={}", v.proxy_iptables_mode.as_str()),
-                            format!("--webhook-addr={}", defaults::WEBHOOK_ADDR),
-                            "--admin-addr=0.0.0.0:9990",
-                            "--log-format=json",
-                        ],
+                        "args": controller_args(v),
                         "env": [
                             {"name": "STRAIT_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             {"name": "STRAIT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -30,6 +30,14 @@ pub const PROXY_CPU_LIMIT: &str = "strait.dev/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "strait.dev/proxy-memory-request";
 pub const PROXY_MEMORY_LIMIT: &str = "strait.dev/proxy-memory-limit";
 pub const PROXY_IMAGE: &str = "strait.dev/proxy-image";
+/// Where the proxy exports spans (`none`: nowhere), the share of new traces
+/// it records, its access log (`off`: none): the mesh's defaults, per pod.
+pub const PROXY_OTLP_ENDPOINT: &str = "strait.dev/proxy-otlp-endpoint";
+pub const PROXY_TRACE_SAMPLING: &str = "strait.dev/proxy-trace-sampling";
+pub const PROXY_ACCESS_LOG: &str = "strait.dev/proxy-access-log";
+/// `service.name` of the proxy's spans; else the pod's
+/// `app.kubernetes.io/name` or `app` label, else its service account.
+pub const SERVICE_NAME: &str = "strait.dev/service-name";
 
 /// The containers and volumes injection adds, by name: a pod that has the
 /// proxy container is already injected.
@@ -54,6 +62,67 @@ pub struct Settings {
     pub token_audience: String,
     /// The iptables backend the init container writes with.
     pub iptables_mode: IptablesMode,
+    /// What every proxy exports and logs, unless its pod says otherwise.
+    pub telemetry: Telemetry,
+}
+
+/// Traces and access logs of injected proxies, for the whole mesh: flags of
+/// the controller (and of `strait inject`), which pods' annotations override.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Telemetry {
+    /// The OpenTelemetry collector (OTLP/gRPC, `http://collector:4317`) every
+    /// injected proxy exports spans to; a pod's `strait.dev/proxy-otlp-endpoint`
+    /// overrides it.
+    #[arg(long, env = "STRAIT_PROXY_OTLP_ENDPOINT", value_name = "URL", value_parser = otlp_endpoint)]
+    pub proxy_otlp_endpoint: Option<String>,
+    /// Share of new traces injected proxies record (0.0 to 1.0; callers'
+    /// sampled traces are always followed); default the proxy's, 1.0.
+    #[arg(long, env = "STRAIT_PROXY_TRACE_SAMPLING", value_name = "RATIO", value_parser = sampling_ratio)]
+    pub proxy_trace_sampling: Option<String>,
+    /// Injected proxies' access log on their stdout.
+    #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", value_enum)]
+    pub proxy_access_log: Option<AccessLog>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLog {
+    Text,
+    Json,
+}
+
+impl AccessLog {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLog::Text => "text",
+            AccessLog::Json => "json",
+        }
+    }
+}
+
+/// `http://HOST:PORT` or `https://…`, as the proxy takes it.
+pub fn otlp_endpoint(v: &str) -> Result<String, String> {
+    let uri: http::Uri = v
+        .parse()
+        .map_err(|_| format!("{v:?} is not a URL (http://collector:4317)"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(v.to_string()),
+        _ => Err(format!(
+            "{v:?} is not http://HOST:PORT (the collector's OTLP/gRPC port, 4317)"
+        )),
+    }
+}
+
+/// A ratio from 0.0 to 1.0, kept as written.
+pub fn sampling_ratio(v: &str) -> Result<String, String> {
+    match v.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(v.trim().to_string()),
+        _ => Err(format!("{v:?} is not a ratio from 0.0 to 1.0")),
+    }
+}
+
+/// A `service.name`: printable, at most 253 bytes (a Kubernetes name's length).
+fn valid_service_name(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 253 && !v.chars().any(char::is_control)
 }
 
 /// Which iptables backend writes a pod's rules: the one the nodes' kube-proxy
@@ -111,6 +180,7 @@ impl Settings {
             trust_anchors_pem,
             token_audience: defaults::TOKEN_AUDIENCE.to_string(),
             iptables_mode: IptablesMode::default(),
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -237,6 +307,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         })
         .transpose()?;
     let resources = proxy_resources(&annotation)?;
+    let telemetry = telemetry_env(pod, &annotation, &s.telemetry)?;
     let image = match annotation(PROXY_IMAGE) {
         Some(i) if valid_image(i) => i.to_string(),
         Some(i) => {
@@ -280,6 +351,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         log_level.as_deref(),
         probed.as_deref(),
         resources,
+        telemetry,
     );
     let volumes = [
         json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
@@ -322,6 +394,78 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     let patch = serde_json::from_value(Value::Array(ops))
         .map_err(|_| InjectError::Malformed("cannot express the patch"))?;
     Ok(Outcome::Inject(patch))
+}
+
+/// The proxy's telemetry settings as its environment: the pod's annotations,
+/// else the mesh's; and the spans' `service.name`.
+fn telemetry_env<'a>(
+    pod: &Value,
+    annotation: &impl Fn(&str) -> Option<&'a str>,
+    mesh: &Telemetry,
+) -> Result<Vec<Value>, InjectError> {
+    let refused = |name: &'static str, value: &str, why: &'static str| InjectError::Annotation {
+        name,
+        value: value.to_string(),
+        why,
+    };
+    let mut env = Vec::new();
+    let mut set = |name: &str, v: &str| env.push(json!({"name": name, "value": v}));
+    let endpoint = match annotation(PROXY_OTLP_ENDPOINT) {
+        Some("none") => None,
+        Some(v) => Some(otlp_endpoint(v).map_err(|_| {
+            refused(
+                PROXY_OTLP_ENDPOINT,
+                v,
+                "is not http://HOST:PORT (the collector's OTLP/gRPC port) or none",
+            )
+        })?),
+        None => mesh.proxy_otlp_endpoint.clone(),
+    };
+    let sampling = match annotation(PROXY_TRACE_SAMPLING) {
+        Some(v) => Some(
+            sampling_ratio(v)
+                .map_err(|_| refused(PROXY_TRACE_SAMPLING, v, "is not a ratio from 0.0 to 1.0"))?,
+        ),
+        None => mesh.proxy_trace_sampling.clone(),
+    };
+    let access_log = match annotation(PROXY_ACCESS_LOG) {
+        Some("off") => None,
+        Some("text") => Some(AccessLog::Text),
+        Some("json") => Some(AccessLog::Json),
+        Some(v) => return Err(refused(PROXY_ACCESS_LOG, v, "is not text, json or off")),
+        None => mesh.proxy_access_log,
+    };
+    let label = |k: &str| {
+        pod.pointer(&format!("/metadata/labels/{}", pointer_escape(k)))
+            .and_then(Value::as_str)
+    };
+    let service_name = match annotation(SERVICE_NAME) {
+        Some(v) if valid_service_name(v) => Some(v),
+        Some(v) => {
+            return Err(refused(
+                SERVICE_NAME,
+                v,
+                "is not a name (printable, at most 253 bytes)",
+            ));
+        }
+        // A label that is no name is left out: the service account names the spans.
+        None => label("app.kubernetes.io/name")
+            .or_else(|| label("app"))
+            .filter(|v| valid_service_name(v)),
+    };
+    if let Some(e) = &endpoint {
+        set("STRAIT_PROXY_OTLP_ENDPOINT", e);
+        if let Some(r) = &sampling {
+            set("STRAIT_PROXY_TRACE_SAMPLING", r);
+        }
+        if let Some(n) = service_name {
+            set("STRAIT_PROXY_SERVICE_NAME", n);
+        }
+    }
+    if let Some(f) = access_log {
+        set("STRAIT_PROXY_ACCESS_LOG", f.as_str());
+    }
+    Ok(env)
 }
 
 fn init_container(
@@ -480,6 +624,7 @@ fn proxy_container(
     log_level: Option<&str>,
     tcp_probe_ports: Option<&str>,
     resources: Value,
+    telemetry: Vec<Value>,
 ) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let value = |name: &str, v: &str| json!({"name": name, "value": v});
@@ -513,6 +658,7 @@ fn proxy_container(
     if let Some(p) = tcp_probe_ports {
         env.push(value("STRAIT_PROXY_TCP_PROBE_PORTS", p));
     }
+    env.extend(telemetry);
     let probe = |path: &str, period: u32, failures: u32| {
         json!({"httpGet": {"path": path, "port": defaults::PROXY_ADMIN_PORT},
                "periodSeconds": period, "failureThreshold": failures})

@@ -218,6 +218,96 @@ fn the_iptables_backend_set_on_the_controller_reaches_the_init_container() {
     );
 }
 
+/// The proxy container's value of `name`, for a pod with `labels` and
+/// `annotations` injected with `s`.
+fn proxy_env(s: &Settings, labels: Value, annotations: Value, name: &str) -> Option<String> {
+    let mut p = pod(annotations, app_spec());
+    p["metadata"]["labels"] = labels;
+    match inject(&p, Namespace::Enabled, s).unwrap() {
+        Outcome::Inject(patch) => json_patch::patch(&mut p, &patch).unwrap(),
+        Outcome::Skip(why) => panic!("skipped: {why}"),
+    }
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(proxy["name"], PROXY_CONTAINER);
+    env(proxy, name).map(|e| e["value"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn traces_and_access_logs_follow_the_mesh_unless_the_pod_says_otherwise() {
+    let none = settings();
+    let mut mesh = settings();
+    mesh.telemetry = Telemetry {
+        proxy_otlp_endpoint: Some("http://otel.observability:4317".into()),
+        proxy_trace_sampling: Some("0.1".into()),
+        proxy_access_log: Some(AccessLog::Json),
+    };
+    let (endpoint, sampling, log, service) = (
+        "STRAIT_PROXY_OTLP_ENDPOINT",
+        "STRAIT_PROXY_TRACE_SAMPLING",
+        "STRAIT_PROXY_ACCESS_LOG",
+        "STRAIT_PROXY_SERVICE_NAME",
+    );
+    // Nothing configured: nothing exported or logged.
+    for name in [endpoint, sampling, log, service] {
+        assert_eq!(
+            proxy_env(&none, json!({"app": "web"}), json!({}), name),
+            None
+        );
+    }
+    // The mesh's defaults, the spans named for the app's label.
+    let labels = json!({"app.kubernetes.io/name": "checkout", "app": "web"});
+    let got = |s: &Settings, labels: &Value, annotations: Value, name| {
+        proxy_env(s, labels.clone(), annotations, name)
+    };
+    assert_eq!(
+        got(&mesh, &labels, json!({}), endpoint).as_deref(),
+        Some("http://otel.observability:4317")
+    );
+    assert_eq!(
+        got(&mesh, &labels, json!({}), sampling).as_deref(),
+        Some("0.1")
+    );
+    assert_eq!(got(&mesh, &labels, json!({}), log).as_deref(), Some("json"));
+    assert_eq!(
+        got(&mesh, &labels, json!({}), service).as_deref(),
+        Some("checkout")
+    );
+    assert_eq!(
+        got(&mesh, &json!({"app": "web"}), json!({}), service).as_deref(),
+        Some("web")
+    );
+    // No label: the proxy names its spans for the service account.
+    assert_eq!(got(&mesh, &json!({}), json!({}), service), None);
+    // A pod's own choices.
+    let own = json!({
+        PROXY_OTLP_ENDPOINT: "https://tempo.tracing:4317",
+        PROXY_TRACE_SAMPLING: "1",
+        PROXY_ACCESS_LOG: "text",
+        SERVICE_NAME: "checkout-api",
+    });
+    assert_eq!(
+        got(&none, &labels, own.clone(), endpoint).as_deref(),
+        Some("https://tempo.tracing:4317")
+    );
+    assert_eq!(
+        got(&none, &labels, own.clone(), sampling).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        got(&none, &labels, own.clone(), log).as_deref(),
+        Some("text")
+    );
+    assert_eq!(
+        got(&none, &labels, own, service).as_deref(),
+        Some("checkout-api")
+    );
+    // And its way out of the mesh's.
+    let out = json!({PROXY_OTLP_ENDPOINT: "none", PROXY_ACCESS_LOG: "off"});
+    for name in [endpoint, sampling, log, service] {
+        assert_eq!(got(&mesh, &labels, out.clone(), name), None, "{name}");
+    }
+}
+
 #[test]
 fn bad_annotations_are_named_in_the_error() {
     for (k, v) in [
@@ -230,6 +320,9 @@ fn bad_annotations_are_named_in_the_error() {
         (SKIP_OUTBOUND_CIDRS, "fd00::/8"),
         (SKIP_OUTBOUND_CIDRS, "10.1.2.3/16"),
         (INJECT, "yes"),
+        (PROXY_OTLP_ENDPOINT, "collector:4317"),
+        (PROXY_TRACE_SAMPLING, "1.5"),
+        (PROXY_ACCESS_LOG, "apache"),
     ] {
         let err = inject(
             &pod(json!({k: v}), app_spec()),
@@ -240,6 +333,14 @@ fn bad_annotations_are_named_in_the_error() {
         .to_string();
         assert!(err.contains(k) && err.contains(v), "{err}");
     }
+    let err = inject(
+        &pod(json!({SERVICE_NAME: "two\nlines"}), app_spec()),
+        Namespace::Enabled,
+        &settings(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains(SERVICE_NAME), "{err}");
 }
 
 fn admission(object: &Value) -> Vec<u8> {

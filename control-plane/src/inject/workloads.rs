@@ -155,6 +155,8 @@ pub struct InjectArgs {
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
     pub trust_domain: String,
+    #[command(flatten)]
+    pub telemetry: super::Telemetry,
 }
 
 /// Reads, injects and prints; what happened to each workload goes to stderr.
@@ -179,6 +181,7 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
     settings.iptables_mode = args.proxy_iptables_mode;
+    settings.telemetry = args.telemetry.clone();
     let (out, reports) = inject_stream(&input, &settings)?;
     let mut failed = 0;
     for r in &reports {

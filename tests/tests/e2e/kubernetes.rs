@@ -432,6 +432,37 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
 
     // Same identity: the very same objects. Generated: the same but for keys.
     assert_eq!(objects(&given), objects(&install));
+    // Traces and access logs of the mesh, set the same way through both.
+    let telemetry = ["http://otel.observability:4317", "0.1", "json"];
+    let installed = run(std::process::Command::new(&strait)
+        .arg("install")
+        .args(&identity)
+        .arg(format!("--otlp-endpoint={}", telemetry[0]))
+        .arg(format!("--proxy-trace-sampling={}", telemetry[1]))
+        .arg(format!("--proxy-access-log={}", telemetry[2])));
+    let charted = helm(&[
+        set_file("identity.trustAnchorsPEM", &pki.anchors()),
+        set_file("identity.issuer.crtPEM", &pki.issuer_cert()),
+        set_file("identity.issuer.keyPEM", &pki.issuer_key()),
+        format!("--set=tracing.otlpEndpoint={}", telemetry[0]),
+        format!("--set=tracing.proxySampling={}", telemetry[1]),
+        format!("--set=proxyAccessLog={}", telemetry[2]),
+    ]);
+    assert_eq!(objects(&charted), objects(&installed));
+    let args = objects(&installed)["Deployment/strait-system/strait-controller"]["spec"]
+        ["template"]["spec"]["containers"][0]["args"]
+        .clone();
+    for want in [
+        "--otlp-endpoint=http://otel.observability:4317",
+        "--proxy-otlp-endpoint=http://otel.observability:4317",
+        "--proxy-trace-sampling=0.1",
+        "--proxy-access-log=json",
+    ] {
+        assert!(
+            args.as_array().unwrap().iter().any(|a| a == want),
+            "{want} in {args}"
+        );
+    }
     assert_eq!(
         without_keys(objects(&default)),
         without_keys(objects(&generated))

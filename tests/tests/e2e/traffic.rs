@@ -247,9 +247,8 @@ async fn a_retry_after_the_endpoints_changed_goes_to_the_new_ones() {
     assert!(new.requests() > served);
 }
 
-#[tokio::test]
-async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
-    let b = Backend::start().await;
+/// `web` served by `b`, its one rule with a 200 ms request timeout.
+async fn with_request_timeout(b: &Backend) -> Mesh {
     let mesh = Mesh::start(&[(
         "route.yaml",
         route(
@@ -259,8 +258,15 @@ async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
         ),
     )])
     .await;
-    mesh.serve("web", "web-0", &b);
+    mesh.serve("web", "web-0", b);
     mesh.until_ok("/").await;
+    mesh
+}
+
+#[tokio::test]
+async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
+    let b = Backend::start().await;
+    let mesh = with_request_timeout(&b).await;
     let c = client::http1();
     for _ in 0..3 {
         let t = Instant::now();
@@ -289,17 +295,7 @@ async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
 #[tokio::test]
 async fn a_grpc_call_the_proxy_fails_is_answered_as_a_grpc_error() {
     let b = Backend::start().await;
-    let mesh = Mesh::start(&[(
-        "route.yaml",
-        route(
-            "web",
-            "",
-            "  - backendRefs: [{name: web, port: 80}]\n    timeouts: {request: 200ms}\n",
-        ),
-    )])
-    .await;
-    mesh.serve("web", "web-0", &b);
-    mesh.until_ok("/").await;
+    let mesh = with_request_timeout(&b).await;
     let c = client::http2();
     let call = |path: &str| {
         http::Request::post(mesh.url(path))
