@@ -90,6 +90,9 @@ impl ProxyError {
         if self.not_sent() {
             rsp.extensions_mut().insert(RequestNotSent);
         }
+        if matches!(self, ProxyError::ClientBody) {
+            rsp.extensions_mut().insert(super::grpc::CALLER_CANCELLED);
+        }
         if self.is_client_fault() {
             // The connection cannot be reused: the rest of the body is unread.
             rsp.headers_mut()

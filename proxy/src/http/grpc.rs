@@ -73,13 +73,27 @@ fn code_in(headers: &HeaderMap) -> Option<usize> {
     )
 }
 
-/// On a response the proxy made, the gRPC code it stands for where the HTTP
-/// status alone would mislead: a route's timeout is DEADLINE_EXCEEDED, not the
-/// UNAVAILABLE a 504 reads as, which gRPC clients may retry.
+/// On a response the proxy made, how the call ended (an index into
+/// `LABELS`) where the HTTP status alone would mislead: a route's timeout is
+/// DEADLINE_EXCEEDED, not the UNAVAILABLE a 504 reads as, which gRPC clients
+/// may retry; a request body the caller failed (over HTTP/2, a stream it
+/// reset) is the caller's cancellation, not the server's error.
 #[derive(Clone, Copy, Debug)]
 pub struct Code(pub u8);
 
 pub const DEADLINE_EXCEEDED: Code = Code(4);
+pub const CALLER_CANCELLED: Code = Code(CANCELLED as u8);
+
+/// The gRPC code a response stands for, as retries weigh it: its
+/// `grpc-status`, or for a response a proxy made (this one, or the one in
+/// front of the server), the code the app will be answered with.
+pub fn retry_code<B>(rsp: &Response<B>) -> Option<usize> {
+    let h = rsp.headers();
+    if !h.contains_key("grpc-status") && !h.contains_key(PROXY_ERROR_HEADER) {
+        return None;
+    }
+    code_of_head(rsp).filter(|c| *c < INVALID)
+}
 
 /// What a gRPC client makes of a response head without `grpc-status`: gRPC's
 /// mapping of HTTP statuses to codes; `None` for a 200, whose status is still
@@ -266,7 +280,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if !self.on || !is_call(&req) {
+        // A CONNECT answered 200 would be taken for an open tunnel.
+        if !self.on || req.method() == http::Method::CONNECT || !is_call(&req) {
             return Either::Left(self.inner.call(req));
         }
         let answer: Answer<S::Error> = |r| r.map(in_kind);
@@ -403,6 +418,12 @@ mod tests {
         let rsp = on_status(response(200, None, super::super::empty()), seen.clone());
         drop(rsp);
         assert_eq!(seen.take(), ["none"]);
+        // A request body the caller failed (a stream it reset) answered by
+        // the proxy: the caller's cancellation, answered as it was.
+        let rsp = crate::http::error::ProxyError::ClientBody.into_response();
+        let rsp = on_status(rsp, seen.clone());
+        assert_eq!(seen.take(), ["cancelled"]);
+        assert_eq!(in_kind(rsp).status(), StatusCode::BAD_REQUEST);
         // Before the head.
         let waiting = UntilAnswered::new(seen.clone());
         drop(waiting);

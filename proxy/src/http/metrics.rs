@@ -134,7 +134,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let rsp = std::task::ready!(this.inner.poll(cx))?;
+        let out = std::task::ready!(this.inner.poll(cx));
+        let grpc = this.grpc.take();
+        let rsp = match out {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                // No response: the call ended without a status.
+                if let Some(counters) = grpc.and_then(grpc::UntilAnswered::answered) {
+                    grpc::OnStatus::status(counters, grpc::NONE);
+                }
+                return Poll::Ready(Err(e));
+            }
+        };
         let layer = &*this.layer.0;
         let took = this.start.elapsed().as_secs_f64();
         layer.latency.observe(took);
@@ -154,7 +165,7 @@ where
                     .clone()
             })
             .inc();
-        match this.grpc.take().and_then(grpc::UntilAnswered::answered) {
+        match grpc.and_then(grpc::UntilAnswered::answered) {
             Some(counters) => Poll::Ready(Ok(grpc::on_status(rsp, counters))),
             None => Poll::Ready(Ok(rsp)),
         }

@@ -176,14 +176,11 @@ impl Policy {
             return true;
         }
         // A gRPC error without a body comes as a trailers-only response: its
-        // status is in the headers.
+        // status is in the headers. A proxy's own error counts as the code
+        // the app will be answered with (a 503 is UNAVAILABLE).
         !self.config.grpc_codes.is_empty()
-            && rsp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u32>().ok())
-                .is_some_and(|c| self.config.grpc_codes.contains(&c))
+            && crate::http::grpc::retry_code(rsp)
+                .is_some_and(|c| self.config.grpc_codes.contains(&(c as u32)))
     }
 
     /// Exponential backoff with jitter above a floor: uniform in
@@ -412,6 +409,23 @@ mod tests {
         let mut refused = rsp(502).unwrap();
         refused.extensions_mut().insert(RequestNotSent);
         assert!(p.retryable(&refused));
+        // A proxy's own 502 (this one's, or relayed from the server's) is
+        // the UNAVAILABLE the app will be answered with; an app's is not.
+        let p = policy(3, &[]);
+        assert!(!p.retryable(&rsp(502).unwrap()));
+        let proxys = crate::http::error::error_response(
+            http::StatusCode::BAD_GATEWAY,
+            "connect to 10.0.0.7:8080 failed: refused",
+        );
+        assert!(p.retryable(&proxys));
+        let mut timeout = crate::http::error::error_response(
+            http::StatusCode::GATEWAY_TIMEOUT,
+            "request timeout",
+        );
+        timeout
+            .extensions_mut()
+            .insert(crate::http::grpc::DEADLINE_EXCEEDED);
+        assert!(!p.retryable(&timeout), "DEADLINE_EXCEEDED is not listed");
     }
 
     #[tokio::test(start_paused = true)]

@@ -307,6 +307,12 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        if self.grpc
+            && (self.span.is_some() || self.line.is_some())
+            && let Ok(mut n) = self.notes.lock()
+        {
+            n.grpc_status = Some(grpc::CANCELLED);
+        }
         self.end(None, Some(CANCELLED));
     }
 }

@@ -880,6 +880,32 @@ async fn grpc_calls_are_counted_and_traced_by_their_status() {
     assert_eq!(c[0].attr("strait.cancelled").as_deref(), Some("true"));
     assert_eq!(c[0].attr("error.type"), None, "{:#?}", c[0]);
 
+    // A caller that gives up before the head (a unary call whose message
+    // never comes, abandoned by its deadline): `cancelled` too.
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, strait_tests::BoxError>,
+    >(1);
+    let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let req = http::Request::post(format!(
+        "http://{}/strait.testing.v1.Echo/Unary",
+        client.upstreams[0]
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(body)
+    .unwrap();
+    let h2 = client::http2();
+    let abandoned = tokio::time::timeout(Duration::from_millis(300), h2.request(req)).await;
+    assert!(abandoned.is_err(), "no head while the message is missing");
+    let counted = wait::until_or(Duration::from_secs(5), || async {
+        cancelled().await == (2.0, 2.0)
+    })
+    .await;
+    drop(tx);
+    assert!(counted, "route, outbound: {:?}", cancelled().await);
+
     // Spans name the method, carry the status and end with the call.
     let traced = |trace: &str, fail_code| {
         let mut r = tonic::Request::new(call(fail_code));
@@ -941,4 +967,67 @@ async fn grpc_calls_are_counted_and_traced_by_their_status() {
             s[0]
         );
     }
+}
+
+/// The proxy in front of a server that cannot reach its app answers 502; the
+/// calling proxy hands that to its app's gRPC client as UNAVAILABLE with the
+/// server proxy's reason, rather than as an unexplained HTTP status.
+#[tokio::test]
+async fn a_grpc_call_the_server_proxy_fails_reaches_the_app_as_a_grpc_error() {
+    use strait_api::testing::EchoRequest;
+    use strait_api::testing::echo_client::EchoClient;
+    // Nothing listens where the app should be.
+    let dead: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let dir = ManifestDir::new();
+    dir.write("svc.yaml", &service(NS, "web", 80));
+    let cp = ControllerProc::start(dir.path()).await;
+    let server = Sidecar::start(cp.grpc, NS, "web-0", &[]).await;
+    dir.write(
+        "pod.yaml",
+        &meshed_pod(NS, "web-0", "web", server.inbound.port()),
+    );
+    dir.write("slice.yaml", &endpoint(NS, "web", "web-0", dead));
+    let client = Sidecar::start(cp.grpc, NS, "client-0", &[WEB]).await;
+    let echo = EchoClient::connect(format!("http://{}", client.upstreams[0]))
+        .await
+        .expect("connect to the client proxy");
+    let call = |mut echo: EchoClient<_>| async move {
+        echo.unary(EchoRequest {
+            message: "hi".into(),
+            ..Default::default()
+        })
+        .await
+    };
+    let relayed = wait::until_or(Duration::from_secs(10), || {
+        let echo = echo.clone();
+        async move {
+            let _ = call(echo).await;
+            metric_sum(server.admin, "strait_proxy_http_requests_total").await > 0.0
+        }
+    })
+    .await;
+    assert!(relayed, "the server proxy was never reached");
+    let err = call(echo.clone())
+        .await
+        .expect_err("no app behind the server proxy");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with(&format!("connect to {dead} failed")),
+        "the server proxy's reason: {err:?}"
+    );
+    assert!(
+        err.metadata().get("strait-proxy-error").is_some(),
+        "{err:?}"
+    );
+    // The server proxy counts the call as the code its caller's app gets.
+    let inbound = metric_where(
+        server.admin,
+        "strait_proxy_grpc_responses_total",
+        &["direction=\"inbound\"", "grpc_status=\"14\""],
+    )
+    .await;
+    assert!(inbound >= 1.0, "{inbound}");
 }
