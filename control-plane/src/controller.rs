@@ -127,8 +127,18 @@ pub struct ControllerArgs {
     #[arg(long, env = "STRAIT_PROXY_IPTABLES_MODE", value_enum, default_value_t = crate::inject::IptablesMode::Nft)]
     pub proxy_iptables_mode: crate::inject::IptablesMode,
 
-    #[command(flatten)]
-    pub proxy_telemetry: crate::inject::Telemetry,
+    /// The OpenTelemetry collector (plaintext OTLP/gRPC,
+    /// `http://collector:4317`) every injected proxy exports spans to; a pod's
+    /// `strait.dev/proxy-otlp-endpoint` overrides it.
+    #[arg(long, env = "STRAIT_PROXY_OTLP_ENDPOINT", value_name = "URL", value_parser = crate::inject::otlp_endpoint)]
+    pub proxy_otlp_endpoint: Option<String>,
+    /// Share of new traces injected proxies record (0.0 to 1.0; callers'
+    /// sampled traces are always followed); default the proxy's, 1.0.
+    #[arg(long, env = "STRAIT_PROXY_TRACE_SAMPLING", value_name = "RATIO", value_parser = crate::inject::sampling_ratio)]
+    pub proxy_trace_sampling: Option<String>,
+    /// Injected proxies' access log on their stdout.
+    #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", value_enum)]
+    pub proxy_access_log: Option<crate::inject::AccessLog>,
     /// This replica's name, recorded in the status writers' Lease (default:
     /// $HOSTNAME, the pod's name).
     #[arg(long, env = "STRAIT_POD_NAME")]
@@ -339,7 +349,11 @@ impl Controller {
         };
         let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
         settings.iptables_mode = args.proxy_iptables_mode;
-        settings.telemetry = args.proxy_telemetry.clone();
+        settings.telemetry = crate::inject::Telemetry {
+            proxy_otlp_endpoint: args.proxy_otlp_endpoint.clone(),
+            proxy_trace_sampling: args.proxy_trace_sampling.clone(),
+            proxy_access_log: args.proxy_access_log,
+        };
         // Proxies reach this controller by its Service, named for its service
         // account, in its namespace, and check that it presents its identity.
         settings.control_plane = format!(

@@ -252,14 +252,25 @@ fn spawn<R: Record>(
     }
 }
 
-/// `http://HOST:PORT` or `https://…`: refused at start otherwise, naming it.
+/// `http://HOST:PORT`: refused at start otherwise, naming it.
 fn check_endpoint(e: &str) -> Result<(), Error> {
-    let uri: http::Uri = e.parse().map_err(|err| Error(format!("{e:?}: {err}")))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(_)) => Ok(()),
-        _ => Err(Error(format!(
-            "{e:?}: expected http://HOST:PORT (the collector's OTLP/gRPC port, 4317)"
-        ))),
+    endpoint_problem(e).map_or(Ok(()), |why| Err(Error(format!("{e:?}: {why}"))))
+}
+
+/// Why `e` is no collector endpoint this exporter can send to, if it is not:
+/// plaintext OTLP/gRPC (`http://HOST:PORT`) with its port written out, since
+/// a URL without one would send to port 80. TLS to the collector is not built
+/// in: an `https://` endpoint would fail at the first export.
+pub fn endpoint_problem(e: &str) -> Option<String> {
+    let expected = "expected http://HOST:PORT (the collector's plaintext OTLP/gRPC port, 4317)";
+    let uri: http::Uri = match e.parse() {
+        Ok(u) => u,
+        Err(err) => return Some(format!("{err}; {expected}")),
+    };
+    match (uri.scheme_str(), uri.host(), uri.port_u16()) {
+        (Some("http"), Some(_), Some(_)) => None,
+        (Some("https"), ..) => Some(format!("TLS to the collector is not supported; {expected}")),
+        _ => Some(expected.to_string()),
     }
 }
 
@@ -441,6 +452,34 @@ mod tests {
         assert_eq!(exporters, vec![libc::SCHED_IDLE as u32]);
         let me = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
         assert_ne!(crate::background::policy_in(&me), libc::SCHED_IDLE as u32);
+    }
+
+    /// Plaintext OTLP/gRPC with the port written out: anything else would
+    /// fail at the first export, or send to port 80.
+    #[test]
+    fn endpoints_are_http_with_a_port() {
+        for ok in [
+            "http://otel:4317",
+            "http://10.0.0.7:4317/",
+            "http://[::1]:4317",
+        ] {
+            assert_eq!(endpoint_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "https://otel:4317",
+            "http://otel",
+            "http://otel:43l7",
+            "otel:4317",
+            "http://otel:4317 x",
+            "",
+        ] {
+            assert!(endpoint_problem(bad).is_some(), "{bad}");
+        }
+        assert!(
+            endpoint_problem("https://otel:4317")
+                .unwrap()
+                .contains("TLS")
+        );
     }
 
     /// The request path's ratio decision is the SDK's, id for id.

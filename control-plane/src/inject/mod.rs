@@ -68,20 +68,40 @@ pub struct Settings {
 
 /// Traces and access logs of injected proxies, for the whole mesh: flags of
 /// the controller (and of `strait inject`), which pods' annotations override.
-#[derive(Clone, Debug, Default, clap::Args)]
+#[derive(Clone, Debug, Default)]
 pub struct Telemetry {
-    /// The OpenTelemetry collector (OTLP/gRPC, `http://collector:4317`) every
-    /// injected proxy exports spans to; a pod's `strait.dev/proxy-otlp-endpoint`
-    /// overrides it.
-    #[arg(long, env = "STRAIT_PROXY_OTLP_ENDPOINT", value_name = "URL", value_parser = otlp_endpoint)]
+    pub proxy_otlp_endpoint: Option<String>,
+    pub proxy_trace_sampling: Option<String>,
+    pub proxy_access_log: Option<AccessLog>,
+}
+
+/// `strait inject`'s telemetry flags: the controller's, without their
+/// environment variables, which are the proxy's own names (a shell set up to
+/// run a proxy by hand would otherwise write its settings into manifests).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TelemetryArgs {
+    /// The OpenTelemetry collector (plaintext OTLP/gRPC,
+    /// `http://collector:4317`) every injected proxy exports spans to; a pod's
+    /// `strait.dev/proxy-otlp-endpoint` overrides it.
+    #[arg(long, value_name = "URL", value_parser = otlp_endpoint)]
     pub proxy_otlp_endpoint: Option<String>,
     /// Share of new traces injected proxies record (0.0 to 1.0; callers'
     /// sampled traces are always followed); default the proxy's, 1.0.
-    #[arg(long, env = "STRAIT_PROXY_TRACE_SAMPLING", value_name = "RATIO", value_parser = sampling_ratio)]
+    #[arg(long, value_name = "RATIO", value_parser = sampling_ratio)]
     pub proxy_trace_sampling: Option<String>,
     /// Injected proxies' access log on their stdout.
-    #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", value_enum)]
+    #[arg(long, value_enum)]
     pub proxy_access_log: Option<AccessLog>,
+}
+
+impl From<TelemetryArgs> for Telemetry {
+    fn from(a: TelemetryArgs) -> Telemetry {
+        Telemetry {
+            proxy_otlp_endpoint: a.proxy_otlp_endpoint,
+            proxy_trace_sampling: a.proxy_trace_sampling,
+            proxy_access_log: a.proxy_access_log,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -99,16 +119,11 @@ impl AccessLog {
     }
 }
 
-/// `http://HOST:PORT` or `https://…`, as the proxy takes it.
+/// `http://HOST:PORT`, as the proxy takes it.
 pub fn otlp_endpoint(v: &str) -> Result<String, String> {
-    let uri: http::Uri = v
-        .parse()
-        .map_err(|_| format!("{v:?} is not a URL (http://collector:4317)"))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(_)) => Ok(v.to_string()),
-        _ => Err(format!(
-            "{v:?} is not http://HOST:PORT (the collector's OTLP/gRPC port, 4317)"
-        )),
+    match strait_otel::export::endpoint_problem(v) {
+        None => Ok(v.to_string()),
+        Some(why) => Err(format!("{v:?}: {why}")),
     }
 }
 
@@ -416,7 +431,7 @@ fn telemetry_env<'a>(
             refused(
                 PROXY_OTLP_ENDPOINT,
                 v,
-                "is not http://HOST:PORT (the collector's OTLP/gRPC port) or none",
+                "is not http://HOST:PORT (the collector's plaintext OTLP/gRPC port) or none",
             )
         })?),
         None => mesh.proxy_otlp_endpoint.clone(),

@@ -280,14 +280,14 @@ fn traces_and_access_logs_follow_the_mesh_unless_the_pod_says_otherwise() {
     assert_eq!(got(&mesh, &json!({}), json!({}), service), None);
     // A pod's own choices.
     let own = json!({
-        PROXY_OTLP_ENDPOINT: "https://tempo.tracing:4317",
+        PROXY_OTLP_ENDPOINT: "http://tempo.tracing:4317",
         PROXY_TRACE_SAMPLING: "1",
         PROXY_ACCESS_LOG: "text",
         SERVICE_NAME: "checkout-api",
     });
     assert_eq!(
         got(&none, &labels, own.clone(), endpoint).as_deref(),
-        Some("https://tempo.tracing:4317")
+        Some("http://tempo.tracing:4317")
     );
     assert_eq!(
         got(&none, &labels, own.clone(), sampling).as_deref(),
@@ -321,6 +321,8 @@ fn bad_annotations_are_named_in_the_error() {
         (SKIP_OUTBOUND_CIDRS, "10.1.2.3/16"),
         (INJECT, "yes"),
         (PROXY_OTLP_ENDPOINT, "collector:4317"),
+        (PROXY_OTLP_ENDPOINT, "https://collector:4317"),
+        (PROXY_OTLP_ENDPOINT, "http://collector"),
         (PROXY_TRACE_SAMPLING, "1.5"),
         (PROXY_ACCESS_LOG, "apache"),
     ] {

@@ -156,7 +156,7 @@ pub struct InjectArgs {
     #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
     pub trust_domain: String,
     #[command(flatten)]
-    pub telemetry: super::Telemetry,
+    pub telemetry: super::TelemetryArgs,
 }
 
 /// Reads, injects and prints; what happened to each workload goes to stderr.
@@ -181,7 +181,7 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
     settings.iptables_mode = args.proxy_iptables_mode;
-    settings.telemetry = args.telemetry.clone();
+    settings.telemetry = args.telemetry.clone().into();
     let (out, reports) = inject_stream(&input, &settings)?;
     let mut failed = 0;
     for r in &reports {
