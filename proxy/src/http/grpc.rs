@@ -84,12 +84,15 @@ pub struct Code(pub u8);
 pub const DEADLINE_EXCEEDED: Code = Code(4);
 pub const CALLER_CANCELLED: Code = Code(CANCELLED as u8);
 
-/// The gRPC code a response stands for, as retries weigh it: its
-/// `grpc-status`, or for a response a proxy made (this one, or the one in
-/// front of the server), the code the app will be answered with.
+/// The gRPC code the head of a response to a call stands for, as retries
+/// weigh it: its `grpc-status`, or the code the app's gRPC client reads from
+/// an HTTP error; none for an error the caller's own request caused.
 pub fn retry_code<B>(rsp: &Response<B>) -> Option<usize> {
-    let h = rsp.headers();
-    if !h.contains_key("grpc-status") && !h.contains_key(PROXY_ERROR_HEADER) {
+    if rsp
+        .extensions()
+        .get::<super::error::ClientFaulted>()
+        .is_some()
+    {
         return None;
     }
     code_of_head(rsp).filter(|c| *c < INVALID)
@@ -314,6 +317,9 @@ fn in_kind(rsp: Response<BoxBody>) -> Response<BoxBody> {
     h.insert("grpc-status", HeaderValue::from_static(LABELS[code]));
     // gRPC's own escaping: printable ASCII but `%` as it is, the rest as %XX.
     const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    // Bounded: the reason may be the server proxy's, relayed.
+    let reason =
+        crate::telemetry::access_log::bounded_str(&String::from_utf8_lossy(reason.as_bytes()));
     let message = percent_encoding::percent_encode(reason.as_bytes(), ESCAPED).to_string();
     if let Ok(v) = HeaderValue::from_str(&message) {
         h.insert("grpc-message", v);

@@ -168,17 +168,19 @@ impl Policy {
     }
 
     /// Whether this response asks for another attempt.
-    fn retryable(&self, rsp: &Response<BoxBody>) -> bool {
+    fn retryable(&self, grpc_call: bool, rsp: &Response<BoxBody>) -> bool {
         if rsp.extensions().get::<RequestNotSent>().is_some() {
             return true;
         }
         if self.config.codes.contains(&rsp.status().as_u16()) {
             return true;
         }
-        // A gRPC error without a body comes as a trailers-only response: its
-        // status is in the headers. A proxy's own error counts as the code
-        // the app will be answered with (a 503 is UNAVAILABLE).
-        !self.config.grpc_codes.is_empty()
+        // Of a gRPC call only. A gRPC error without a body comes as a
+        // trailers-only response: its status is in the headers. An HTTP error
+        // counts as the code the app's gRPC client reads (a 503 is
+        // UNAVAILABLE), but not one the caller's own request caused.
+        grpc_call
+            && !self.config.grpc_codes.is_empty()
             && crate::http::grpc::retry_code(rsp)
                 .is_some_and(|c| self.config.grpc_codes.contains(&(c as u32)))
     }
@@ -217,7 +219,8 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         } else {
             self.config.attempts
         };
-        if !self.retryable(rsp) || self.retried >= attempts {
+        let grpc_call = crate::http::grpc::is_call(req);
+        if !self.retryable(grpc_call, rsp) || self.retried >= attempts {
             return None;
         }
         if let Err(why) = req.body().replayable(not_sent) {
@@ -400,24 +403,31 @@ mod tests {
     async fn only_the_routes_statuses_and_grpc_codes_are_retried() {
         let p = policy(3, &[503]);
         let mut ok = rsp(200).unwrap();
-        assert!(!p.retryable(&ok));
+        assert!(!p.retryable(true, &ok));
         ok.headers_mut()
             .insert("grpc-status", http::HeaderValue::from_static("14"));
-        assert!(p.retryable(&ok));
-        assert!(p.retryable(&rsp(503).unwrap()));
-        assert!(!p.retryable(&rsp(500).unwrap()));
+        assert!(p.retryable(true, &ok));
+        assert!(!p.retryable(false, &ok), "gRPC codes of gRPC calls only");
+        assert!(p.retryable(false, &rsp(503).unwrap()));
+        assert!(!p.retryable(false, &rsp(500).unwrap()));
         let mut refused = rsp(502).unwrap();
         refused.extensions_mut().insert(RequestNotSent);
-        assert!(p.retryable(&refused));
-        // A proxy's own 502 (this one's, or relayed from the server's) is
-        // the UNAVAILABLE the app will be answered with; an app's is not.
+        assert!(p.retryable(false, &refused));
+        // An HTTP error answered to a gRPC call is the UNAVAILABLE the app's
+        // client reads; not for another request.
         let p = policy(3, &[]);
-        assert!(!p.retryable(&rsp(502).unwrap()));
+        assert!(p.retryable(true, &rsp(502).unwrap()));
+        assert!(!p.retryable(false, &rsp(502).unwrap()));
         let proxys = crate::http::error::error_response(
             http::StatusCode::BAD_GATEWAY,
             "connect to 10.0.0.7:8080 failed: refused",
         );
-        assert!(p.retryable(&proxys));
+        assert!(p.retryable(true, &proxys));
+        // Not what the caller's own request caused.
+        let mut bad = rsp(502).unwrap();
+        bad.extensions_mut()
+            .insert(crate::http::error::ClientFaulted);
+        assert!(!p.retryable(true, &bad));
         let mut timeout = crate::http::error::error_response(
             http::StatusCode::GATEWAY_TIMEOUT,
             "request timeout",
@@ -425,7 +435,10 @@ mod tests {
         timeout
             .extensions_mut()
             .insert(crate::http::grpc::DEADLINE_EXCEEDED);
-        assert!(!p.retryable(&timeout), "DEADLINE_EXCEEDED is not listed");
+        assert!(
+            !p.retryable(true, &timeout),
+            "DEADLINE_EXCEEDED is not listed"
+        );
     }
 
     #[tokio::test(start_paused = true)]

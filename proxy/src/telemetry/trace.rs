@@ -573,10 +573,12 @@ impl Record for ProxySpan {
         // an error too. A gRPC call failed by its status: any but OK on the
         // client's side; on the server's, those that say the server failed;
         // no status, or one that is not a code, on both.
-        let http_failed = match status {
-            Some(s) => s >= 500 || (direction == Direction::Outbound && s >= 400),
-            None => !cancelled,
-        };
+        // A caller that went away failed nothing, whatever was answered.
+        let http_failed = !cancelled
+            && match status {
+                Some(s) => s >= 500 || (direction == Direction::Outbound && s >= 400),
+                None => true,
+            };
         let grpc_failed = grpc_code.is_some_and(|c| match c {
             grpc::CANCELLED => false,
             c if c >= grpc::INVALID => true,
