@@ -85,13 +85,22 @@ pub const DEADLINE_EXCEEDED: Code = Code(4);
 pub const CALLER_CANCELLED: Code = Code(CANCELLED as u8);
 
 /// The gRPC code the head of a response to a call stands for, as retries
-/// weigh it: its `grpc-status`, or the code the app's gRPC client reads from
-/// an HTTP error; none for an error the caller's own request caused.
+/// weigh it: its `grpc-status`, or for a proxy's own server error (this
+/// one's, or relayed from the server's proxy) the code the app will be
+/// answered with. Not an app's bare HTTP error, which a gateway in front of
+/// it may send after the call ran (the route's HTTP `codes` say whether to
+/// retry those), nor a proxy's 4xx, which the request itself caused.
 pub fn retry_code<B>(rsp: &Response<B>) -> Option<usize> {
-    if rsp
+    if rsp.headers().contains_key("grpc-status") {
+        return code_in(rsp.headers()).filter(|c| *c < INVALID);
+    }
+    let caller_caused = rsp
         .extensions()
         .get::<super::error::ClientFaulted>()
-        .is_some()
+        .is_some();
+    if caller_caused
+        || !rsp.status().is_server_error()
+        || !rsp.headers().contains_key(PROXY_ERROR_HEADER)
     {
         return None;
     }

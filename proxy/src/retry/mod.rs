@@ -176,9 +176,9 @@ impl Policy {
             return true;
         }
         // Of a gRPC call only. A gRPC error without a body comes as a
-        // trailers-only response: its status is in the headers. An HTTP error
-        // counts as the code the app's gRPC client reads (a 503 is
-        // UNAVAILABLE), but not one the caller's own request caused.
+        // trailers-only response: its status is in the headers. A proxy's
+        // own server error counts as the code the app will get (a 503 is
+        // UNAVAILABLE).
         grpc_call
             && !self.config.grpc_codes.is_empty()
             && crate::http::grpc::retry_code(rsp)
@@ -413,21 +413,35 @@ mod tests {
         let mut refused = rsp(502).unwrap();
         refused.extensions_mut().insert(RequestNotSent);
         assert!(p.retryable(false, &refused));
-        // An HTTP error answered to a gRPC call is the UNAVAILABLE the app's
-        // client reads; not for another request.
+        // A proxy's own server error (this one's, or relayed) is the
+        // UNAVAILABLE the app will get; an app's bare 502 is left to the
+        // route's HTTP codes, and so is every request but a gRPC call.
         let p = policy(3, &[]);
-        assert!(p.retryable(true, &rsp(502).unwrap()));
-        assert!(!p.retryable(false, &rsp(502).unwrap()));
-        let proxys = crate::http::error::error_response(
-            http::StatusCode::BAD_GATEWAY,
-            "connect to 10.0.0.7:8080 failed: refused",
-        );
-        assert!(p.retryable(true, &proxys));
+        assert!(!p.retryable(true, &rsp(502).unwrap()));
+        let proxys = || {
+            crate::http::error::error_response(
+                http::StatusCode::BAD_GATEWAY,
+                "connect to 10.0.0.7:8080 failed: refused",
+            )
+        };
+        assert!(p.retryable(true, &proxys()));
+        assert!(!p.retryable(false, &proxys()));
         // Not what the caller's own request caused.
-        let mut bad = rsp(502).unwrap();
+        let mut bad = proxys();
         bad.extensions_mut()
             .insert(crate::http::error::ClientFaulted);
         assert!(!p.retryable(true, &bad));
+        let relayed_loop = crate::http::error::error_response(
+            http::StatusCode::BAD_REQUEST,
+            "request loop: 10.0.0.7:4143 is this proxy",
+        );
+        let p13 = policy_for(RetryConfig {
+            attempts: 3,
+            codes: Vec::new(),
+            grpc_codes: vec![13],
+            backoff: Duration::from_millis(10),
+        });
+        assert!(!p13.retryable(true, &relayed_loop));
         let mut timeout = crate::http::error::error_response(
             http::StatusCode::GATEWAY_TIMEOUT,
             "request timeout",

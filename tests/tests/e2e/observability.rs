@@ -896,7 +896,15 @@ async fn grpc_calls_are_counted_and_traced_by_their_status() {
     .header("te", "trailers")
     .body(body)
     .unwrap();
-    let requests = || metric_sum(client.admin, "strait_proxy_http_requests_total");
+    // The route's count: the call is then in the route's hands, and its
+    // cancellation counted there. A failed scrape fails the test.
+    let requests = || {
+        metric_where(
+            client.admin,
+            "strait_proxy_route_requests_total",
+            &["route=\"default\""],
+        )
+    };
     let seen = requests().await;
     let h2 = client::http2();
     let pending = tokio::spawn(async move { h2.request(req).await.map(|r| r.status()) });
