@@ -124,10 +124,11 @@ pub struct DemoArgs {
     /// The demo's manifests.
     #[arg(long, default_value = "deploy/examples/demo")]
     pub manifests: PathBuf,
-    /// OpenTelemetry collector (OTLP/gRPC, e.g. http://localhost:4317): every demo
-    /// proxy and the controller send their spans there, the load client starts a
-    /// trace per request, and the table shows the trace id of a recent slow one.
-    #[arg(long, value_name = "URL")]
+    /// OpenTelemetry collector (plaintext OTLP/gRPC, e.g. http://localhost:4317):
+    /// every demo proxy and the controller send their spans there, the load
+    /// client starts a trace per request, and the table shows the trace id of a
+    /// recent slow one.
+    #[arg(long, value_name = "URL", value_parser = crate::inject::otlp_endpoint)]
     pub otlp_endpoint: Option<String>,
     /// Requests per second the load client sends (1 to 10000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]

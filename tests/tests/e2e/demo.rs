@@ -109,3 +109,25 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
         "trace {trace} has spans of {services:?}"
     );
 }
+
+/// A collector the exporter cannot reach is refused before anything starts,
+/// with the reason, rather than as a child process's failure.
+#[test]
+fn an_unusable_collector_is_refused_up_front() {
+    for (url, why) in [
+        (
+            "https://localhost:4317",
+            "TLS to the collector is not supported",
+        ),
+        ("http://localhost", "expected http://HOST:PORT"),
+    ] {
+        let out = std::process::Command::new(strait_tests::process::binary("strait"))
+            .args(["demo", "--duration", "1s"])
+            .arg(format!("--otlp-endpoint={url}"))
+            .output()
+            .expect("run strait demo");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains(why), "{url}: {stderr}");
+    }
+}
