@@ -9,17 +9,18 @@
 
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
-use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span, SpanData,
-    SpanExporter as _, SpanProcessor,
+    SpanProcessor,
 };
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
+
+use crate::otlp::{Batch, Collector, Encoder, Record};
 
 /// Spans waiting for export at most; beyond, new ones are dropped.
 pub const QUEUE_SPANS: usize = 4096;
@@ -96,19 +97,6 @@ impl Exporter {
     /// through `opentelemetry::global` (the controller's few spans).
     pub fn install_global(&self) {
         opentelemetry::global::set_tracer_provider(self.provider.clone());
-    }
-}
-
-/// A span as a busy thread records it: whatever it knew, cheaply kept, and
-/// turned into the SDK's `SpanData` (attributes, strings, events) only on the
-/// export thread, so a request pays for a move into the queue and no more.
-pub trait Record: Send + 'static {
-    fn into_span_data(self, scope: &InstrumentationScope) -> SpanData;
-}
-
-impl Record for SpanData {
-    fn into_span_data(self, _: &InstrumentationScope) -> SpanData {
-        self
     }
 }
 
@@ -215,23 +203,17 @@ fn spawn<R: Record>(
                 }
             };
             rt.block_on(async move {
-                let exporter = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint)
-                    .with_timeout(EXPORT_TIMEOUT)
-                    .build();
-                match exporter {
-                    Ok(mut e) => {
-                        e.set_resource(&resource);
+                match Collector::new(&endpoint, EXPORT_TIMEOUT) {
+                    Ok(collector) => {
                         let _ = built_tx.send(Ok(()));
                         let failures = std::cell::Cell::new(0);
-                        drain(rx, flush_rx, async |batch| {
-                            export(&e, batch, &dropped, &failures).await;
+                        drain(rx, flush_rx, Encoder::new(&resource), async |batch| {
+                            export(&collector, batch, &dropped, &failures).await;
                         })
                         .await;
                     }
                     Err(e) => {
-                        let _ = built_tx.send(Err(e.to_string()));
+                        let _ = built_tx.send(Err(e));
                     }
                 }
             });
@@ -302,7 +284,7 @@ impl SpanProcessor for Queue {
 }
 
 /// Every `BATCH_DELAY`, and at once when asked to flush, sends what has queued,
-/// in batches, each converted as its export starts (see `send_all`): while
+/// in batches, each encoded as its export starts (see `send_all`): while
 /// exports are in flight the queue absorbs new spans, up to its size. Polling
 /// on a timer rather than waiting on the queue means ending a span never wakes
 /// this thread. Waiting for fuller batches (512 spans, or a second) saved
@@ -312,9 +294,9 @@ impl SpanProcessor for Queue {
 async fn drain<R: Record>(
     mut rx: mpsc::Receiver<R>,
     mut asks: mpsc::Receiver<FlushAsk>,
-    send: impl AsyncFn(Vec<SpanData>),
+    mut encoder: Encoder,
+    send: impl AsyncFn(Batch),
 ) {
-    let scope = InstrumentationScope::builder("strait").build();
     let mut tick = tokio::time::interval(BATCH_DELAY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut asked = Vec::new();
@@ -339,14 +321,7 @@ async fn drain<R: Record>(
         let batches = std::iter::from_fn(|| {
             let n = take.min(BATCH_SPANS);
             take -= n;
-            // Sized for what it takes: no regrowing (spans are a few hundred bytes).
-            let mut batch = Vec::with_capacity(n);
-            while batch.len() < n
-                && let Ok(s) = rx.try_recv()
-            {
-                batch.push(s.into_span_data(&scope));
-            }
-            (!batch.is_empty()).then_some(batch)
+            encoder.encode(std::iter::from_fn(|| rx.try_recv().ok()).take(n))
         });
         send_all(batches, &send).await;
         for ask in asked.drain(..) {
@@ -358,10 +333,7 @@ async fn drain<R: Record>(
 /// Sends `batches`, each taken from the iterator as its export starts: when
 /// no export is in flight, or when `SLOW_EXPORT` has passed since the last one
 /// started and one is still unanswered, up to `EXPORTS_IN_FLIGHT` at once.
-async fn send_all(
-    mut batches: impl Iterator<Item = Vec<SpanData>>,
-    send: &impl AsyncFn(Vec<SpanData>),
-) {
+async fn send_all<T>(mut batches: impl Iterator<Item = T>, send: &impl AsyncFn(T)) {
     use futures_util::StreamExt as _;
     use tokio::time::Instant;
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
@@ -375,7 +347,7 @@ async fn send_all(
             match batches.next() {
                 Some(b) => {
                     in_flight.push(send(b));
-                    // After converting: the time is the collector's to answer in.
+                    // After encoding: the time is the collector's to answer in.
                     last_start = Instant::now();
                 }
                 None => more = false,
@@ -396,16 +368,25 @@ async fn send_all(
 
 /// One export; `failures` counts the failed ones in a row.
 async fn export(
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: Vec<SpanData>,
+    collector: &Collector,
+    batch: Batch,
     dropped: &Counter,
     failures: &std::cell::Cell<u64>,
 ) {
-    let n = batch.len() as u64;
-    let sent = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
+    let n = batch.spans as u64;
+    let sent = tokio::time::timeout(EXPORT_TIMEOUT, collector.export(batch.body)).await;
     let failed = match sent {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
+        Ok(Ok(answer)) => {
+            // Taken in part: the spans it turned away are dropped too.
+            if let Some(p) = answer.partial_success
+                && p.rejected_spans > 0
+            {
+                dropped.inc_by(p.rejected_spans.unsigned_abs());
+                crate::sampled!(warn, spans = p.rejected_spans, reason = %p.error_message, "collector rejected spans");
+            }
+            None
+        }
+        Ok(Err(e)) => Some(format!("{:?}: {}", e.code(), e.message())),
         Err(_) => Some(format!("no answer in {EXPORT_TIMEOUT:?}")),
     };
     match failed {
@@ -523,7 +504,7 @@ mod tests {
             events: Default::default(),
             links: Default::default(),
             status: opentelemetry::trace::Status::Unset,
-            instrumentation_scope: InstrumentationScope::default(),
+            instrumentation_scope: opentelemetry::InstrumentationScope::default(),
         }
     }
 
@@ -590,8 +571,9 @@ mod tests {
         // Spans that end while an export is in flight, during the burst.
         let late = Arc::new(Mutex::new(Some(tx.clone())));
         let during = late.clone();
-        let task = tokio::spawn(drain(rx, asks, async move |b: Vec<SpanData>| {
-            log.lock().unwrap().push((start.elapsed(), b.len()));
+        let encoder = Encoder::new(&Resource::builder_empty().build());
+        let task = tokio::spawn(drain(rx, asks, encoder, async move |b: Batch| {
+            log.lock().unwrap().push((start.elapsed(), b.spans));
             if let Some(t) = during.lock().unwrap().as_ref() {
                 for _ in 0..7 {
                     t.try_send(span()).unwrap();

@@ -6,11 +6,13 @@
 #![deny(unsafe_code)]
 
 mod background;
+mod otlp;
 
 pub mod export;
 pub mod propagate;
 pub mod sampled;
 
-pub use export::{ExportConfig, Exporter, Record, Recorder};
+pub use export::{ExportConfig, Exporter, Recorder};
 pub use opentelemetry;
 pub use opentelemetry_sdk;
+pub use otlp::{Record, SpanWriter};

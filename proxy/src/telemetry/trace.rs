@@ -30,10 +30,8 @@ use std::time::{Instant, SystemTime};
 
 use futures_util::future::Either;
 use http::{Request, Response};
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceState};
-use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use strait_otel::opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
-use strait_otel::{Record, Recorder, export, propagate};
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceState};
+use strait_otel::{Record, Recorder, SpanWriter, export, propagate};
 
 use super::access_log::{AccessLog, Line};
 use super::metrics::Direction;
@@ -464,25 +462,23 @@ type EndpointStrings = std::collections::HashMap<SocketAddr, (Arc<str>, Arc<str>
 /// Endpoints written as span attributes (the address alone, and with its
 /// port), formatted once per endpoint by the export thread that calls this, and
 /// shared after. Bounded: the cache starts over when it is full.
-fn endpoint_strings(e: SocketAddr) -> (Value, Value) {
+fn endpoint_strings(e: SocketAddr) -> (Arc<str>, Arc<str>) {
     const MAX: usize = 1024;
     thread_local! {
         static SEEN: std::cell::RefCell<EndpointStrings> = std::cell::RefCell::default();
     }
-    let value = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
     SEEN.with_borrow_mut(|seen| {
         if seen.len() >= MAX && !seen.contains_key(&e) {
             seen.clear();
         }
-        let (ip, endpoint) = seen
-            .entry(e)
-            .or_insert_with(|| (e.ip().to_string().into(), e.to_string().into()));
-        (value(ip), value(endpoint))
+        seen.entry(e)
+            .or_insert_with(|| (e.ip().to_string().into(), e.to_string().into()))
+            .clone()
     })
 }
 
 impl Record for ProxySpan {
-    fn into_span_data(self, scope: &InstrumentationScope) -> SpanData {
+    fn write(self, w: &mut SpanWriter<'_>) {
         let ProxySpan {
             started,
             direction,
@@ -492,80 +488,78 @@ impl Record for ProxySpan {
             error,
             notes,
         } = self;
-        // String values are shared (`Arc<str>`) rather than owned: the exporter
-        // clones every batch before encoding it, and a shared value's clone is
-        // a reference count rather than a copy.
-        let shared = |s: &Arc<str>| Value::String(opentelemetry::StringValue::from(s.clone()));
-        let copied = |s: &str| Value::String(opentelemetry::StringValue::from(Arc::<str>::from(s)));
-        let mut attrs = Vec::with_capacity(20);
-        attrs.push(KeyValue::new("http.request.method", started.method));
-        attrs.push(KeyValue::new("url.path", copied(started.path.as_str())));
-        attrs.push(KeyValue::new(
-            "network.protocol.version",
-            protocol(started.version),
-        ));
-        attrs.push(KeyValue::new("strait.direction", direction.as_str()));
+        w.context(&started.cx, started.parent);
+        w.kind(match direction {
+            Direction::Outbound => SpanKind::Client,
+            Direction::Inbound => SpanKind::Server,
+        });
+        w.times(started.at, end);
+        // The RPC conventions beside HTTP's: the service and method from the
+        // path, and the call's status.
+        let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
+        // RPC spans are named for the method they call.
+        match rpc.flatten() {
+            Some((service, method)) => w.name(&[service, "/", method]),
+            None => w.name(&[started.method]),
+        }
+        w.str("http.request.method", started.method);
+        w.str("url.path", started.path.as_str());
+        w.str("network.protocol.version", protocol(started.version));
+        w.str("strait.direction", direction.as_str());
         if let Some(s) = status {
-            attrs.push(KeyValue::new("http.response.status_code", i64::from(s)));
+            w.int("http.response.status_code", i64::from(s));
         }
         // What the app addressed, rather than the listener it reached us on.
         match (&notes.destination, started.authority) {
             (_, Some((host, port))) => {
-                attrs.push(KeyValue::new("server.address", copied(host.as_str())));
+                w.str("server.address", host.as_str());
                 if let Some(p) = port {
-                    attrs.push(KeyValue::new("server.port", i64::from(p)));
+                    w.int("server.port", i64::from(p));
                 }
             }
             (Some(crate::addr::DestAddr::Name(n)), None) => {
-                attrs.push(KeyValue::new("server.address", copied(n.host())));
-                attrs.push(KeyValue::new("server.port", i64::from(n.port())));
+                w.str("server.address", n.host());
+                w.int("server.port", i64::from(n.port()));
             }
             (Some(crate::addr::DestAddr::Socket(a)), None) => {
-                attrs.push(KeyValue::new("server.address", endpoint_strings(*a).0));
-                attrs.push(KeyValue::new("server.port", i64::from(a.port())));
+                w.str("server.address", &endpoint_strings(*a).0);
+                w.int("server.port", i64::from(a.port()));
             }
             (None, None) => {}
         }
-        // Names from configuration, shared rather than copied.
         if let Some((service, route, rule)) = &notes.route {
-            attrs.push(KeyValue::new("strait.service", shared(service)));
-            attrs.push(KeyValue::new("strait.route", shared(route)));
-            attrs.push(KeyValue::new("strait.rule", shared(rule)));
+            w.str("strait.service", service);
+            w.str("strait.route", route);
+            w.str("strait.rule", rule);
         }
         if let Some(b) = &notes.backend {
-            attrs.push(KeyValue::new("strait.backend", shared(b)));
+            w.str("strait.backend", b);
         }
         if let Some(e) = notes.endpoint {
             let (ip, endpoint) = endpoint_strings(e);
-            attrs.push(KeyValue::new("network.peer.address", ip));
-            attrs.push(KeyValue::new("network.peer.port", i64::from(e.port())));
-            attrs.push(KeyValue::new("strait.endpoint", endpoint));
+            w.str("network.peer.address", &ip);
+            w.int("network.peer.port", i64::from(e.port()));
+            w.str("strait.endpoint", &endpoint);
         }
         if let Some(p) = &notes.peer {
-            attrs.push(KeyValue::new("strait.peer.identity", shared(p.as_shared())));
+            w.str("strait.peer.identity", p.as_shared());
         }
-        attrs.push(KeyValue::new(
-            "strait.retry.count",
-            i64::from(notes.retries),
-        ));
+        w.int("strait.retry.count", i64::from(notes.retries));
         let cancelled = error.as_deref() == Some(CANCELLED);
         if cancelled {
-            attrs.push(KeyValue::new("strait.cancelled", true));
+            w.bool("strait.cancelled", true);
         } else if let Some(e) = &error {
-            attrs.push(KeyValue::new("strait.proxy.error", e.clone()));
+            w.str("strait.proxy.error", e);
         }
-        // The RPC conventions beside HTTP's: the service and method from the
-        // path, and the call's status.
-        let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
         let grpc_code = notes.grpc_status.filter(|_| grpc);
         if let Some(rpc) = rpc {
-            attrs.push(KeyValue::new("rpc.system", "grpc"));
+            w.str("rpc.system", "grpc");
             if let Some((service, method)) = rpc {
-                attrs.push(KeyValue::new("rpc.service", copied(service)));
-                attrs.push(KeyValue::new("rpc.method", copied(method)));
+                w.str("rpc.service", service);
+                w.str("rpc.method", method);
             }
             if let Some(c) = grpc_code.filter(|c| *c < grpc::INVALID) {
-                attrs.push(KeyValue::new("rpc.grpc.status_code", c as i64));
+                w.int("rpc.grpc.status_code", c as i64);
             }
         }
         // Semantic conventions: 5xx is an error on both sides, 4xx on the
@@ -587,58 +581,25 @@ impl Record for ProxySpan {
                 Direction::Inbound => matches!(c, 2 | 4 | 12 | 13 | 14 | 15),
             },
         });
-        let failed = http_failed || grpc_failed;
-        if failed {
+        if http_failed || grpc_failed {
             // A gRPC call's error is its code, however it came (an HTTP error
             // is read as a gRPC client reads it).
+            let code;
             let kind = match (grpc_code, status, &error) {
-                (Some(c), _, _) if c != grpc::CANCELLED => grpc::LABELS[c].to_string(),
-                (_, Some(s), _) => s.to_string(),
-                (_, None, Some(e)) => e.clone(),
-                (_, None, None) => "_OTHER".into(),
+                (Some(c), _, _) if c != grpc::CANCELLED => grpc::LABELS[c],
+                (_, Some(s), _) => {
+                    code = s.to_string();
+                    code.as_str()
+                }
+                (_, None, Some(e)) => e.as_str(),
+                (_, None, None) => "_OTHER",
             };
-            attrs.push(KeyValue::new("error.type", kind));
+            w.str("error.type", kind);
+            w.error(error.as_deref().unwrap_or_default());
         }
-        let mut events = SpanEvents::default();
-        events.dropped_count = notes.retries.saturating_sub(RETRY_EVENTS as u32);
-        events.events = notes
-            .retried_at
-            .iter()
-            .zip(1i64..)
-            .map(|(at, n)| {
-                opentelemetry::trace::Event::new(
-                    "retry",
-                    *at,
-                    vec![KeyValue::new("strait.retry.attempt", n)],
-                    0,
-                )
-            })
-            .collect();
-        SpanData {
-            span_context: started.cx,
-            parent_span_id: started.parent.unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: started.parent.is_some(),
-            span_kind: match direction {
-                Direction::Outbound => SpanKind::Client,
-                Direction::Inbound => SpanKind::Server,
-            },
-            // RPC spans are named for the method they call.
-            name: match rpc.flatten() {
-                Some((service, method)) => format!("{service}/{method}").into(),
-                None => started.method.into(),
-            },
-            start_time: started.at,
-            end_time: end,
-            attributes: attrs,
-            dropped_attributes_count: 0,
-            events,
-            links: SpanLinks::default(),
-            status: if failed {
-                Status::error(error.unwrap_or_default())
-            } else {
-                Status::Unset
-            },
-            instrumentation_scope: scope.clone(),
+        w.dropped_events(notes.retries.saturating_sub(RETRY_EVENTS as u32));
+        for (at, n) in notes.retried_at.iter().zip(1i64..) {
+            w.event("retry", *at, "strait.retry.attempt", n);
         }
     }
 }
