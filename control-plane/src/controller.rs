@@ -404,6 +404,7 @@ impl Controller {
                         opentelemetry::KeyValue::new("strait.version", env!("CARGO_PKG_VERSION")),
                     ],
                 },
+                crate::spans::SCOPE,
                 metrics.trace_spans_dropped.clone(),
             )
             .map_err(|e| FlagError(e.to_string()))?;

@@ -8,9 +8,12 @@ use std::time::SystemTime;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, Status, Tracer as _};
 
+/// The instrumentation scope of the controller's spans.
+pub const SCOPE: &str = "strait-controller";
+
 /// Records a finished piece of work that began at `start`.
 pub fn record(name: &'static str, start: SystemTime, attrs: Vec<KeyValue>, error: Option<String>) {
-    let tracer = opentelemetry::global::tracer("strait-controller");
+    let tracer = opentelemetry::global::tracer(SCOPE);
     let mut span = tracer
         .span_builder(name)
         .with_start_time(start)

@@ -74,13 +74,19 @@ pub struct Exporter {
 pub struct Error(String);
 
 impl Exporter {
-    /// Starts the export thread (call within a Tokio runtime). `dropped`
-    /// counts every span that was ended but not delivered.
-    pub fn start(cfg: ExportConfig, dropped: Counter) -> Result<Exporter, Error> {
+    /// Starts the export thread (call within a Tokio runtime). Spans are
+    /// exported under the instrumentation scope `scope`, the name of the
+    /// tracer to start them with. `dropped` counts every span that was ended
+    /// but not delivered.
+    pub fn start(
+        cfg: ExportConfig,
+        scope: &'static str,
+        dropped: Counter,
+    ) -> Result<Exporter, Error> {
         let resource = resource(&cfg);
         // The controller's spans are not flushed at exit: it has no request
         // whose trace would be cut short.
-        let (tx, _) = spawn::<SpanData>(&cfg, resource.clone(), dropped.clone())?;
+        let (tx, _) = spawn::<SpanData>(&cfg, scope, resource.clone(), dropped.clone())?;
         let ratio = cfg.sampling.clamp(0.0, 1.0);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(Queue { tx, dropped })
@@ -89,7 +95,7 @@ impl Exporter {
             ))))
             .with_resource(resource)
             .build();
-        let tracer = provider.tracer("strait");
+        let tracer = provider.tracer(scope);
         Ok(Exporter { provider, tracer })
     }
 
@@ -116,7 +122,7 @@ pub struct Recorder<R> {
 impl<R: Record> Recorder<R> {
     /// Starts the export thread (call within a Tokio runtime).
     pub fn start(cfg: ExportConfig, dropped: Counter) -> Result<Recorder<R>, Error> {
-        let (tx, flush) = spawn::<R>(&cfg, resource(&cfg), dropped.clone())?;
+        let (tx, flush) = spawn::<R>(&cfg, "strait", resource(&cfg), dropped.clone())?;
         let ratio = cfg.sampling.clamp(0.0, 1.0);
         Ok(Recorder {
             tx,
@@ -173,6 +179,7 @@ type FlushAsk = tokio::sync::oneshot::Sender<()>;
 /// sends it at once when asked on the second.
 fn spawn<R: Record>(
     cfg: &ExportConfig,
+    scope: &'static str,
     resource: Resource,
     dropped: Counter,
 ) -> Result<(mpsc::Sender<R>, mpsc::Sender<FlushAsk>), Error> {
@@ -207,9 +214,14 @@ fn spawn<R: Record>(
                     Ok(collector) => {
                         let _ = built_tx.send(Ok(()));
                         let failures = std::cell::Cell::new(0);
-                        drain(rx, flush_rx, Encoder::new(&resource), async |batch| {
-                            export(&collector, batch, &dropped, &failures).await;
-                        })
+                        drain(
+                            rx,
+                            flush_rx,
+                            Encoder::new(&resource, scope),
+                            async |batch| {
+                                export(&collector, batch, &dropped, &failures).await;
+                            },
+                        )
                         .await;
                     }
                     Err(e) => {
@@ -366,6 +378,45 @@ async fn send_all<T>(mut batches: impl Iterator<Item = T>, send: &impl AsyncFn(T
     }
 }
 
+/// An export the collector could not take just then (restarting, or asking
+/// to slow down) is sent again this many times at most, within
+/// `EXPORT_TIMEOUT`, after `RETRY_WAIT` and then four times longer each time.
+const RETRIES: u32 = 2;
+const RETRY_WAIT: Duration = Duration::from_millis(100);
+
+/// Sends one export request, again while the collector says it could not
+/// take it for now.
+async fn send(
+    collector: &Collector,
+    body: bytes::Bytes,
+) -> Result<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse, String> {
+    let deadline = tokio::time::Instant::now() + EXPORT_TIMEOUT;
+    let mut wait = RETRY_WAIT;
+    let mut retries = 0;
+    loop {
+        // A clone of the encoded request is a reference count.
+        match tokio::time::timeout_at(deadline, collector.export(body.clone())).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => {
+                let transient = matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::ResourceExhausted
+                );
+                if !transient
+                    || retries == RETRIES
+                    || tokio::time::Instant::now() + wait >= deadline
+                {
+                    return Err(format!("{:?}: {}", e.code(), e.message()));
+                }
+                tokio::time::sleep(wait).await;
+                wait *= 4;
+                retries += 1;
+            }
+            Err(_) => return Err(format!("no answer in {EXPORT_TIMEOUT:?}")),
+        }
+    }
+}
+
 /// One export; `failures` counts the failed ones in a row.
 async fn export(
     collector: &Collector,
@@ -374,20 +425,19 @@ async fn export(
     failures: &std::cell::Cell<u64>,
 ) {
     let n = batch.spans as u64;
-    let sent = tokio::time::timeout(EXPORT_TIMEOUT, collector.export(batch.body)).await;
-    let failed = match sent {
-        Ok(Ok(answer)) => {
-            // Taken in part: the spans it turned away are dropped too.
+    let failed = match send(collector, batch.body).await {
+        Ok(answer) => {
+            // Taken in part: the spans it turned away are dropped too; a
+            // warning may come without any.
             if let Some(p) = answer.partial_success
-                && p.rejected_spans > 0
+                && (p.rejected_spans > 0 || !p.error_message.is_empty())
             {
-                dropped.inc_by(p.rejected_spans.unsigned_abs());
+                dropped.inc_by(p.rejected_spans.unsigned_abs().min(n));
                 crate::sampled!(warn, spans = p.rejected_spans, reason = %p.error_message, "collector rejected spans");
             }
             None
         }
-        Ok(Err(e)) => Some(format!("{:?}: {}", e.code(), e.message())),
-        Err(_) => Some(format!("no answer in {EXPORT_TIMEOUT:?}")),
+        Err(e) => Some(e),
     };
     match failed {
         None => failures.set(0),
@@ -571,7 +621,7 @@ mod tests {
         // Spans that end while an export is in flight, during the burst.
         let late = Arc::new(Mutex::new(Some(tx.clone())));
         let during = late.clone();
-        let encoder = Encoder::new(&Resource::builder_empty().build());
+        let encoder = Encoder::new(&Resource::builder_empty().build(), "strait");
         let task = tokio::spawn(drain(rx, asks, encoder, async move |b: Batch| {
             log.lock().unwrap().push((start.elapsed(), b.spans));
             if let Some(t) = during.lock().unwrap().as_ref() {

@@ -48,6 +48,16 @@ pub struct SpanWriter<'a> {
 
 impl<'a> SpanWriter<'a> {
     fn new(span: &'a mut Span) -> Self {
+        // What a record might not write is cleared; strings keep their memory.
+        span.trace_id.clear();
+        span.span_id.clear();
+        span.parent_span_id.clear();
+        span.trace_state.clear();
+        span.flags = 0;
+        span.name.clear();
+        span.kind = 0;
+        span.start_time_unix_nano = 0;
+        span.end_time_unix_nano = 0;
         span.dropped_attributes_count = 0;
         span.dropped_events_count = 0;
         span.dropped_links_count = 0;
@@ -215,10 +225,11 @@ pub(crate) struct Encoder {
 }
 
 impl Encoder {
-    /// Every batch under one resource (the workload) and one scope (`strait`).
-    pub fn new(resource: &opentelemetry_sdk::Resource) -> Self {
+    /// Every batch under one resource (the workload) and one scope (what
+    /// recorded the spans: `strait` for a proxy's).
+    pub fn new(resource: &opentelemetry_sdk::Resource, scope: &'static str) -> Self {
         let attrs = ResourceAttributesWithSchema::from(resource);
-        let scope = opentelemetry::InstrumentationScope::builder("strait").build();
+        let scope = opentelemetry::InstrumentationScope::builder(scope).build();
         Encoder {
             request: ExportTraceServiceRequest {
                 resource_spans: vec![ResourceSpans {
@@ -360,6 +371,9 @@ mod tests {
         attrs: Vec<(&'static str, &'static str)>,
         failed: Option<&'static str>,
         retries: i64,
+        /// Called from another process, as a server span: else a client span
+        /// starting a trace.
+        remote_parent: bool,
     }
 
     impl Record for Test {
@@ -371,9 +385,14 @@ mod tests {
                 false,
                 TraceState::default(),
             );
-            w.context(&cx, Some(SpanId::from(3)));
+            if self.remote_parent {
+                w.context(&cx, Some(SpanId::from(3)));
+                w.kind(SpanKind::Server);
+            } else {
+                w.context(&cx, None);
+                w.kind(SpanKind::Client);
+            }
             w.name(&["pkg.", self.name]);
-            w.kind(SpanKind::Server);
             w.times(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH);
             for (k, v) in self.attrs {
                 w.str(k, v);
@@ -402,7 +421,7 @@ mod tests {
         let resource = opentelemetry_sdk::Resource::builder_empty()
             .with_service_name("svc")
             .build();
-        let mut enc = Encoder::new(&resource);
+        let mut enc = Encoder::new(&resource, "strait");
         let first = enc
             .encode([
                 Test {
@@ -410,12 +429,14 @@ mod tests {
                     attrs: vec![("a", "a value that is long"), ("b", "b"), ("c", "c")],
                     failed: Some("refused"),
                     retries: 2,
+                    remote_parent: true,
                 },
                 Test {
                     name: "B",
                     attrs: vec![("a", "x")],
                     failed: None,
                     retries: 0,
+                    remote_parent: true,
                 },
             ])
             .expect("batch");
@@ -439,12 +460,14 @@ mod tests {
                     attrs: vec![("b", "short")],
                     failed: None,
                     retries: 0,
+                    remote_parent: false,
                 },
                 Test {
                     name: "D",
                     attrs: vec![],
                     failed: None,
                     retries: 1,
+                    remote_parent: true,
                 },
             ])
             .expect("batch");
@@ -455,6 +478,9 @@ mod tests {
             assert_eq!((st.code, st.message.as_str()), (0, ""), "{s:?}");
         }
         assert_eq!(spans[0].name, "pkg.C");
+        assert!(spans[0].parent_span_id.is_empty(), "{:?}", spans[0]);
+        assert_eq!(spans[0].flags, 0x101, "sampled, no remote parent");
+        assert_eq!(spans[0].kind, span::SpanKind::Client as i32);
         assert_eq!(spans[0].attributes.len(), 2);
         assert_eq!(
             attr(&spans[0], "b"),

@@ -3,6 +3,7 @@
 //! export, or refusing it).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -26,6 +27,11 @@ pub enum Mode {
     Refuse,
     /// Takes every export and keeps nothing (for benchmarks).
     Discard,
+    /// Takes every export and answers that it rejected half its spans
+    /// (rounded up; an OTLP partial success).
+    Reject,
+    /// Answers the first export UNAVAILABLE, then takes every one.
+    RefuseFirst,
 }
 
 /// A span as received, with its resource's `service.name`.
@@ -72,7 +78,16 @@ pub fn hex(b: &[u8]) -> String {
 #[derive(Clone)]
 struct Collector {
     spans: Arc<Mutex<Vec<Received>>>,
+    counts: Arc<Counts>,
     mode: Mode,
+}
+
+/// Spans received and rejected (`Reject`), exports refused (`RefuseFirst`).
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub received: AtomicU64,
+    pub rejected: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 #[tonic::async_trait]
@@ -86,6 +101,35 @@ impl TraceService for Collector {
             Mode::Refuse => return Err(tonic::Status::unavailable("refusing on command")),
             Mode::Discard => {
                 return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+            }
+            Mode::Reject => {
+                let spans: u64 = req
+                    .get_ref()
+                    .resource_spans
+                    .iter()
+                    .flat_map(|rs| &rs.scope_spans)
+                    .map(|ss| ss.spans.len() as u64)
+                    .sum();
+                let rejected = spans.div_ceil(2);
+                self.counts.received.fetch_add(spans, Ordering::Relaxed);
+                self.counts.rejected.fetch_add(rejected, Ordering::Relaxed);
+                return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                    partial_success: Some(ExportTracePartialSuccess {
+                        rejected_spans: rejected as i64,
+                        error_message: "rejecting on command".into(),
+                    }),
+                }));
+            }
+            Mode::RefuseFirst => {
+                let first = self.counts.refused.compare_exchange(
+                    0,
+                    1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                if first.is_ok() {
+                    return Err(tonic::Status::unavailable("refusing the first on command"));
+                }
             }
             Mode::Accept => {}
         }
@@ -117,6 +161,7 @@ impl TraceService for Collector {
 /// A running collector; stops when dropped.
 pub struct OtlpCollector {
     pub addr: SocketAddr,
+    pub counts: Arc<Counts>,
     spans: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -128,8 +173,10 @@ impl OtlpCollector {
             .expect("bind collector");
         let addr = listener.local_addr().expect("addr");
         let spans = Arc::new(Mutex::new(Vec::new()));
+        let counts = Arc::new(Counts::default());
         let svc = Collector {
             spans: spans.clone(),
+            counts: counts.clone(),
             mode,
         };
         let task = tokio::spawn(async move {
@@ -138,7 +185,12 @@ impl OtlpCollector {
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await;
         });
-        OtlpCollector { addr, spans, task }
+        OtlpCollector {
+            addr,
+            counts,
+            spans,
+            task,
+        }
     }
 
     /// `--otlp-endpoint` for this collector.

@@ -2,6 +2,7 @@
 //! in-process OTLP collector, joined across two proxies and the apps around them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use strait_tests::backend::Backend;
@@ -370,6 +371,79 @@ async fn a_collector_down_or_stalling_costs_spans_not_requests() {
         assert!(wait::admin_get(m.client.admin, "/ready").await.unwrap().0 == 200);
         // The queue holds at most a few thousand spans.
         assert!(rss < 64 * 1024, "client proxy at {rss} KiB");
+    }
+}
+
+/// A collector that takes an export but says it rejected some of its spans
+/// (an OTLP partial success) has not got those: each counts as dropped, once.
+#[tokio::test]
+async fn spans_a_collector_rejects_count_as_dropped() {
+    let rejecting = OtlpCollector::start(Mode::Reject).await;
+    let m = Mesh::start(&rejecting.endpoint(), &[]).await;
+    let c = client::http1();
+    let url = m.url("/");
+    for _ in 0..20 {
+        assert_eq!(client::get(&c, &url).await.expect("request").0, 200);
+    }
+    let admins = [m.client.admin, m.server.admin];
+    let sum = async |name: &str| {
+        let mut total = 0.0;
+        for a in admins {
+            total += metric_sum(a, name).await;
+        }
+        total
+    };
+    // Every request either proxy served made a span, and each reached the
+    // collector.
+    let spans = sum("strait_proxy_http_requests_total").await as u64;
+    assert!(spans >= 40, "{spans}");
+    let counts = &rejecting.counts;
+    wait::until("every span exported", Duration::from_secs(10), || async {
+        counts.received.load(Ordering::Relaxed) >= spans
+    })
+    .await;
+    let rejected = counts.rejected.load(Ordering::Relaxed);
+    assert!(rejected > 0);
+    wait::until(
+        "rejected spans counted",
+        Duration::from_secs(10),
+        || async { sum("strait_proxy_trace_spans_dropped_total").await >= rejected as f64 },
+    )
+    .await;
+    assert_eq!(
+        sum("strait_proxy_trace_spans_dropped_total").await,
+        rejected as f64,
+        "one dropped span per span rejected"
+    );
+}
+
+/// An export the collector could not take just then (UNAVAILABLE, as while it
+/// restarts) is sent again: no span is lost.
+#[tokio::test]
+async fn an_export_the_collector_refuses_once_is_sent_again() {
+    let collector = OtlpCollector::start(Mode::RefuseFirst).await;
+    let m = Mesh::start(&collector.endpoint(), &[]).await;
+    let seen = m.get("/trace-context", &[]).await;
+    let trace = field(&seen, "traceparent")
+        .split('-')
+        .nth(1)
+        .expect("a trace started")
+        .to_string();
+    assert_eq!(collector.trace(&trace, 2).await.len(), 2);
+    let mut spans = 0.0;
+    for a in [m.client.admin, m.server.admin] {
+        spans += metric_sum(a, "strait_proxy_http_requests_total").await;
+    }
+    let received = collector
+        .wait_until(Duration::from_secs(10), |s| s.len() as f64 >= spans)
+        .await;
+    assert_eq!(received.len() as f64, spans, "every request's span");
+    assert_eq!(collector.counts.refused.load(Ordering::Relaxed), 1);
+    for a in [m.client.admin, m.server.admin] {
+        assert_eq!(
+            metric_sum(a, "strait_proxy_trace_spans_dropped_total").await,
+            0.0
+        );
     }
 }
 
