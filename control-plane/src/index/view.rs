@@ -113,8 +113,15 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
     {
         let (target, target_port) = b.target(port);
         let name = service_name(target, target_port);
-        if backends.iter().all(|x| x.name != name) {
-            // A Service gone since the route was accepted: no endpoints (503).
+        // A Service (or a port of it) that does not exist, or is gone since
+        // the route was accepted, is left out: the proxies answer its share
+        // of requests 500, as Gateway API asks of a backendRef that does not
+        // resolve. One without ready endpoints is sent, and answers 503.
+        let resolves = snap
+            .services
+            .get(target)
+            .is_some_and(|i| i.ports.iter().any(|p| p.port == target_port));
+        if resolves && backends.iter().all(|x| x.name != name) {
             backends.push(api::Backend {
                 name,
                 endpoints: endpoints(snap, target, target_port),
@@ -457,16 +464,25 @@ spec:
         );
     }
 
+    /// A backendRef whose Service is gone is left out of the backends, while
+    /// the route still names it: the proxies answer its share 500.
     #[test]
-    fn a_deleted_backend_service_is_sent_without_endpoints() {
+    fn a_deleted_backend_service_is_left_out() {
         let mut snap = snapshot(MESH);
         snap.remove_service(&ObjKey {
             namespace: "shop".into(),
             name: "web-canary".into(),
         });
         let s = service(&snap, &svc("shop", "web", 80));
-        assert_eq!(s.backends[1].name, CANARY);
-        assert!(s.backends[1].endpoints.is_empty(), "the proxy answers 503");
+        let names: Vec<&str> = s.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, [WEB]);
+        let named = s
+            .routes
+            .iter()
+            .flat_map(|r| &r.rules)
+            .flat_map(|r| &r.backends)
+            .any(|w| w.backend == CANARY);
+        assert!(named, "the route keeps its share: {s:?}");
     }
 
     #[test]

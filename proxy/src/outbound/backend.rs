@@ -1,6 +1,7 @@
 //! The weighted choice of a route rule's backends (`backendRefs[].weight`):
 //! canaries and blue/green. A weight of 0 gets no traffic; a rule whose
-//! backends all weigh 0, or that has none, answers 500 (Gateway API).
+//! backends all weigh 0, or that has none, answers 500, and so does the share
+//! of a backend that does not resolve (Gateway API).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +20,9 @@ use crate::telemetry::metrics::{ByStatus, status_index};
 #[derive(Debug)]
 pub struct WeightedBackend<S> {
     pub weight: u32,
-    pub service: S,
+    /// `None`: the backendRef does not resolve (its Service, or that port of
+    /// it, does not exist); its share of requests gets 500.
+    pub service: Option<S>,
     pub responses: ByStatus,
     /// Each attempt's time to response headers.
     pub latency: prometheus_client::metrics::histogram::Histogram,
@@ -91,7 +94,11 @@ where
         if let Some(n) = crate::telemetry::trace::notes(&req) {
             n.with(|n| n.backend = Some(b.name.clone()));
         }
-        let mut svc = b.service.clone();
+        let Some(mut svc) = b.service.clone() else {
+            let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "backend not found");
+            b.responses[status_index(rsp.status())].inc();
+            return Either::Left(ready(Ok(rsp)));
+        };
         Either::Right(SplitFuture {
             inner: svc.call(req),
             responses: b.responses.clone(),
@@ -140,7 +147,7 @@ mod tests {
                 .into_iter()
                 .map(|(weight, service)| WeightedBackend {
                     weight,
-                    service,
+                    service: Some(service),
                     responses: Default::default(),
                     latency: prometheus_client::metrics::histogram::Histogram::new([1.0]),
                     name: service.into(),
@@ -149,7 +156,9 @@ mod tests {
         );
         let mut counts = std::collections::HashMap::new();
         for _ in 0..10_000 {
-            *counts.entry(split.choose().unwrap().service).or_insert(0) += 1;
+            *counts
+                .entry(split.choose().unwrap().service.unwrap())
+                .or_insert(0) += 1;
         }
         let v2 = counts.get("v2").copied().unwrap_or(0);
         assert!((800..1200).contains(&v2), "{counts:?}");

@@ -21,7 +21,7 @@ use tower::{Layer, Service, ServiceBuilder};
 use super::backend::{Split, WeightedBackend};
 use super::logical::Builder;
 use super::route::Rule;
-use crate::balance::{BackendConfig, Balance, Endpoints};
+use crate::balance::{Balance, Endpoints};
 use crate::control::discovery::{Discovery, Resolved};
 use crate::control::view::Resolution;
 use crate::defaults;
@@ -50,29 +50,25 @@ pub fn route(
         rule.backends
             .iter()
             .map(|(name, weight)| {
-                // A backend discovery did not describe has no endpoints: 503.
-                let endpoints = backends.get(name).cloned().unwrap_or_else(|| {
-                    Endpoints::new(
-                        name.clone(),
-                        &[],
-                        BackendConfig::default(),
-                        None,
-                        b.metrics.backend(service, name),
-                    )
-                });
-                WeightedBackend {
-                    weight: *weight,
-                    service: ServiceBuilder::new()
+                // A backend discovery did not describe does not resolve (its
+                // Service is gone): its share gets 500, as Gateway API asks.
+                // One described without endpoints answers 503.
+                let stack = backends.get(name).map(|endpoints| {
+                    ServiceBuilder::new()
                         .layer(TimeoutLayer::new(
                             rule.backend_timeout,
                             timeout::Kind::Backend,
                             metrics.backend_timeouts.clone(),
                         ))
                         .service(Balance::new(
-                            endpoints,
+                            endpoints.clone(),
                             b.forward.clone(),
                             rule.backend_timeout,
-                        )),
+                        ))
+                });
+                WeightedBackend {
+                    weight: *weight,
+                    service: stack,
                     responses: b
                         .metrics
                         .route_backend(service, &rule.route, &rule.rule, name),

@@ -562,6 +562,54 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
     .await;
 }
 
+/// A backend Service deleted after its route was accepted no longer resolves:
+/// its share of requests is answered 500, as Gateway API asks, while the
+/// route's other rules keep serving; a backend that resolves but has no ready
+/// endpoints answers 503.
+#[tokio::test]
+async fn a_backend_service_deleted_later_gets_its_share_answered_500() {
+    let (v1, v2) = (Backend::start().await, Backend::start().await);
+    let mesh = Mesh::start(&[("route.yaml", canary_routes())]).await;
+    mesh.serve_canary(&v1, &v2).await;
+    let status = async |canary: Option<&str>| {
+        let rsp = client::http1()
+            .request(req("GET", &mesh.url("/a"), canary))
+            .await
+            .unwrap();
+        let reason = rsp
+            .headers()
+            .get("strait-proxy-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (rsp.status(), reason)
+    };
+    // No ready endpoint: the backend still resolves.
+    mesh.dir.remove("slice-v2.yaml");
+    wait::until(
+        "web-v2 without endpoints",
+        Duration::from_secs(10),
+        || async { status(Some("true")).await.0 == http::StatusCode::SERVICE_UNAVAILABLE },
+    )
+    .await;
+    mesh.dir.remove("svc-web-v2.yaml");
+    wait::until("web-v2 gone", Duration::from_secs(10), || async {
+        status(Some("true")).await.0 == http::StatusCode::INTERNAL_SERVER_ERROR
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(
+            status(Some("true")).await,
+            (
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                Some("backend not found".to_string())
+            )
+        );
+        assert_eq!(
+            which(&v1, &v2, req("GET", &mesh.url("/a"), None)).await,
+            "v1"
+        );
+    }
+}
+
 async fn post(url: &str, body: Bytes) -> (http::StatusCode, String) {
     let req = http::Request::post(url).body(client::body(body)).unwrap();
     let rsp = client::http1().request(req).await.unwrap();
