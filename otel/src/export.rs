@@ -380,7 +380,8 @@ async fn send_all<T>(mut batches: impl Iterator<Item = T>, send: &impl AsyncFn(T
 
 /// An export the collector could not take just then (restarting, or asking
 /// to slow down) is sent again this many times at most, within
-/// `EXPORT_TIMEOUT`, after `RETRY_WAIT` and then four times longer each time.
+/// `EXPORT_TIMEOUT`, after `RETRY_WAIT` and then four times longer each time;
+/// not while the exports before it fail.
 const RETRIES: u32 = 2;
 const RETRY_WAIT: Duration = Duration::from_millis(100);
 
@@ -389,6 +390,7 @@ const RETRY_WAIT: Duration = Duration::from_millis(100);
 async fn send(
     collector: &Collector,
     body: bytes::Bytes,
+    most: u32,
 ) -> Result<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse, String> {
     let deadline = tokio::time::Instant::now() + EXPORT_TIMEOUT;
     let mut wait = RETRY_WAIT;
@@ -402,10 +404,7 @@ async fn send(
                     e.code(),
                     tonic::Code::Unavailable | tonic::Code::ResourceExhausted
                 );
-                if !transient
-                    || retries == RETRIES
-                    || tokio::time::Instant::now() + wait >= deadline
-                {
+                if !transient || retries >= most || tokio::time::Instant::now() + wait >= deadline {
                     return Err(format!("{:?}: {}", e.code(), e.message()));
                 }
                 tokio::time::sleep(wait).await;
@@ -425,14 +424,17 @@ async fn export(
     failures: &std::cell::Cell<u64>,
 ) {
     let n = batch.spans as u64;
-    let failed = match send(collector, batch.body).await {
+    // After a failure, no retries until an export gets through: a collector
+    // that is down costs a failed export, not waits.
+    let retries = if failures.get() == 0 { RETRIES } else { 0 };
+    let failed = match send(collector, batch.body, retries).await {
         Ok(answer) => {
             // Taken in part: the spans it turned away are dropped too; a
             // warning may come without any.
             if let Some(p) = answer.partial_success
                 && (p.rejected_spans > 0 || !p.error_message.is_empty())
             {
-                dropped.inc_by(p.rejected_spans.unsigned_abs().min(n));
+                dropped.inc_by(u64::try_from(p.rejected_spans).unwrap_or(0).min(n));
                 crate::sampled!(warn, spans = p.rejected_spans, reason = %p.error_message, "collector rejected spans");
             }
             None

@@ -121,10 +121,11 @@ fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
 /// serve half of a Service's endpoints. Routes that do not read (a newer
 /// controller's, say, during an upgrade) keep the last routes that did, with
 /// the update's endpoints, so that endpoints still follow the pods. With no
-/// view of the Service before, or last routes that name a backend the update
-/// no longer carries, the update is refused rather than served without some
-/// of its routes (every request on the first backend whatever the weights
-/// said) or with a backend emptied (503s for its share).
+/// view of the Service before, or last routes that name a backend the last
+/// view carried and the update does not, the update is refused rather than
+/// served without some of its routes (every request on the first backend
+/// whatever the weights said) or with a backend gone (500s for its share). A
+/// backend the last view did not carry either does not resolve, and stays so.
 pub fn parse(
     update: api::DestinationUpdate,
     previous: Option<&Resolution>,
@@ -149,9 +150,10 @@ pub fn parse(
             Some(Resolution::Service(prev))
                 if *prev.name == *svc.name
                     && prev.routes.iter().all(|r| {
-                        r.backends
-                            .iter()
-                            .all(|(b, _)| backends.iter().any(|v: &BackendView| v.name == *b))
+                        r.backends.iter().all(|(b, _)| {
+                            backends.iter().any(|v: &BackendView| v.name == *b)
+                                || prev.backends.iter().all(|v| v.name != *b)
+                        })
                     }) =>
             {
                 tracing::warn!(service = %svc.name, error = %e, "discovery sent routes that do not parse; keeping the last ones with the new endpoints");
@@ -259,13 +261,32 @@ mod tests {
             next.backends[0].endpoints[0].addr.to_string(),
             "10.0.0.2:80"
         );
-        // Last routes naming a backend the update no longer carries would
-        // send its share to an empty backend: refused.
+        // Last routes naming a backend the last view carried and the update
+        // does not would turn its share to 500s: refused.
         let mut gone = with_route(service(vec![endpoint("10.0.0.2:80", 4143, WEB)]), "(");
         if let Some(api::destination_update::Kind::Service(s)) = &mut gone.kind {
             s.backends[0].name = "web-v2".into();
         }
         assert!(parse(gone, Some(&first)).is_err());
+        // A backend the last view did not carry either (its Service does not
+        // exist: 500s for its share) does not stop endpoints moving on.
+        let mut dangling = with_route(service(vec![endpoint("10.0.0.1:80", 4143, WEB)]), "/v1/.*");
+        if let Some(api::destination_update::Kind::Service(s)) = &mut dangling.kind {
+            s.routes[0].rules[0].backends.push(api::WeightedBackend {
+                backend: "nowhere".into(),
+                weight: 1,
+            });
+        }
+        let first = parse(dangling, None).unwrap();
+        let bad = with_route(service(vec![endpoint("10.0.0.3:80", 4143, WEB)]), "(");
+        let Ok(Resolution::Service(next)) = parse(bad, Some(&first)) else {
+            panic!("a Service");
+        };
+        assert_eq!(next.routes[0].backends.len(), 2, "the last routes");
+        assert_eq!(
+            next.backends[0].endpoints[0].addr.to_string(),
+            "10.0.0.3:80"
+        );
     }
 
     #[test]

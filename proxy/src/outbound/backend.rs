@@ -94,6 +94,7 @@ where
         if let Some(n) = crate::telemetry::trace::notes(&req) {
             n.with(|n| n.backend = Some(b.name.clone()));
         }
+        // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
             let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "backend not found");
             b.responses[status_index(rsp.status())].inc();
@@ -165,5 +166,40 @@ mod tests {
         assert!(!counts.contains_key("v3"), "{counts:?}");
         let none: Split<&str> = Split::new(vec![]);
         assert!(none.choose().is_none());
+    }
+
+    /// The share of a backend that does not resolve is answered 500 and
+    /// counted under it; the others are served.
+    #[tokio::test]
+    async fn a_backend_that_does_not_resolve_answers_its_share_500() {
+        use tower::Service as _;
+        let ok = tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(crate::http::full("ok")))
+        });
+        let backend = |weight, service| WeightedBackend {
+            weight,
+            service,
+            responses: Default::default(),
+            latency: prometheus_client::metrics::histogram::Histogram::new([1.0]),
+            name: "b".into(),
+        };
+        let mut split = Split::new(vec![backend(1, None), backend(1, Some(ok))]);
+        let mut statuses = std::collections::HashMap::new();
+        for _ in 0..200 {
+            let rsp = split.call(Request::new(())).await.unwrap();
+            if rsp.status() == StatusCode::INTERNAL_SERVER_ERROR {
+                assert_eq!(
+                    rsp.headers()[crate::defaults::PROXY_ERROR_HEADER],
+                    "backend not found"
+                );
+            }
+            *statuses.entry(rsp.status().as_u16()).or_insert(0) += 1;
+        }
+        let failed = statuses.get(&500).copied().unwrap_or(0);
+        assert!((50..150).contains(&failed), "{statuses:?}");
+        assert_eq!(statuses.get(&200).copied().unwrap_or(0), 200 - failed);
+        let counted =
+            split.backends[0].responses[status_index(StatusCode::INTERNAL_SERVER_ERROR)].get();
+        assert_eq!(counted, failed as u64);
     }
 }
