@@ -73,14 +73,13 @@ impl<'a> SpanWriter<'a> {
     /// The span's own context and its parent's: a parent recorded in another
     /// process (the caller's proxy or app) is remote.
     pub fn context(&mut self, cx: &SpanContext, parent: Option<SpanId>) {
+        // Ids and trace state were cleared when the writer was made.
         let s = &mut *self.span;
-        overwrite_bytes(&mut s.trace_id, &cx.trace_id().to_bytes());
-        overwrite_bytes(&mut s.span_id, &cx.span_id().to_bytes());
-        match parent {
-            Some(p) => overwrite_bytes(&mut s.parent_span_id, &p.to_bytes()),
-            None => s.parent_span_id.clear(),
+        s.trace_id.extend_from_slice(&cx.trace_id().to_bytes());
+        s.span_id.extend_from_slice(&cx.span_id().to_bytes());
+        if let Some(p) = parent {
+            s.parent_span_id.extend_from_slice(&p.to_bytes());
         }
-        s.trace_state.clear();
         s.trace_state.push_str(&cx.trace_state().header());
         let remote = if parent.is_some() {
             SpanFlags::ContextIsRemoteMask as u32
@@ -197,11 +196,6 @@ fn slot<'a>(
     &mut kv.value.get_or_insert_with(AnyValue::default).value
 }
 
-fn overwrite_bytes(v: &mut Vec<u8>, with: &[u8]) {
-    v.clear();
-    v.extend_from_slice(with);
-}
-
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -262,9 +256,9 @@ impl Encoder {
         if n == 0 {
             return None;
         }
-        let len = self.request.encoded_len();
-        self.buf.reserve(len);
-        // Cannot fail: the room was reserved.
+        // Cannot fail: a `BytesMut` grows as written (and keeps the room of
+        // the batches before, once sent). `encode` sizes the request itself:
+        // sizing it here too was a second pass over every span.
         let encoded = self.request.encode(&mut self.buf);
         debug_assert!(encoded.is_ok());
         let spans = &mut self.request.resource_spans[0].scope_spans[0].spans;
