@@ -24,8 +24,8 @@ use crate::otlp::{Batch, Collector, Encoder, Record};
 
 /// Spans waiting for export at most; beyond, new ones are dropped.
 pub const QUEUE_SPANS: usize = 4096;
-/// Spans per export request at most. Small enough that converting and
-/// encoding a batch fits in what the export thread's heap already holds: at
+/// Spans per export request at most. Small enough that writing and encoding
+/// a batch fits in what the export thread's heap already holds: at
 /// 512 a batch's few hundred KiB were returned to the kernel after each export
 /// (`madvise`) and faulted in again at the next, about 900 page faults a second
 /// at 2,000 req/s, and the traced p99 rose by 0.3–0.9 ms. At 64, sent one at
@@ -34,7 +34,7 @@ pub const BATCH_SPANS: usize = 64;
 /// Exports in flight at once at most.
 pub const EXPORTS_IN_FLIGHT: usize = 4;
 /// A collector that answers an export within this time gets one at a time:
-/// batches converted ahead would hold the memory of a large batch. One that
+/// batches encoded ahead would hold the memory of a large batch. One that
 /// does not (far, slow or down) gets another export this long after the last
 /// one started, up to `EXPORTS_IN_FLIGHT`: at most a batch every 5 ms (12,800
 /// spans a second) up to a round trip of about 20 ms, four batches per round

@@ -92,10 +92,7 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
         },
         DestKey::External(_) => return not_meshed(),
     };
-    let Some(info) = snap.services.get(&svc) else {
-        return not_meshed();
-    };
-    let Some(sp) = info.ports.iter().find(|p| p.port == port) else {
+    let Some(sp) = service_port(snap, &svc, port) else {
         return not_meshed();
     };
     let name = service_name(&svc, port);
@@ -117,11 +114,9 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
         // the route was accepted, is left out: the proxies answer its share
         // of requests 500, as Gateway API asks of a backendRef that does not
         // resolve. One without ready endpoints is sent, and answers 503.
-        let resolves = snap
-            .services
-            .get(target)
-            .is_some_and(|i| i.ports.iter().any(|p| p.port == target_port));
-        if resolves && backends.iter().all(|x| x.name != name) {
+        if backends.iter().all(|x| x.name != name)
+            && service_port(snap, target, target_port).is_some()
+        {
             backends.push(api::Backend {
                 name,
                 endpoints: endpoints(snap, target, target_port),
@@ -170,14 +165,19 @@ fn attached_routes<'a>(
     routes
 }
 
+/// A Service's port, when the index has both.
+fn service_port<'a>(snap: &'a Snapshot, svc: &ObjKey, port: u16) -> Option<&'a ServicePort> {
+    snap.services
+        .get(svc)?
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+}
+
 /// The ready endpoints of a Service port, by address; none when the Service or
 /// the port is not in the index.
 fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
-    let Some(sp) = snap
-        .services
-        .get(svc)
-        .and_then(|info| info.ports.iter().find(|p| p.port == port))
-    else {
+    let Some(sp) = service_port(snap, svc, port) else {
         return Vec::new();
     };
     let port_name = sp.name.clone().unwrap_or_default();

@@ -91,8 +91,8 @@ pub const CALLER_CANCELLED: Code = Code(CANCELLED as u8);
 /// it may send after the call ran (the route's HTTP `codes` say whether to
 /// retry those), nor a proxy's 4xx, which the request itself caused.
 pub fn retry_code<B>(rsp: &Response<B>) -> Option<usize> {
-    if rsp.headers().contains_key("grpc-status") {
-        return code_in(rsp.headers()).filter(|c| *c < INVALID);
+    if let Some(c) = code_in(rsp.headers()) {
+        return (c < INVALID).then_some(c);
     }
     let caller_caused = rsp
         .extensions()
@@ -201,6 +201,15 @@ impl<F: OnStatus> UntilAnswered<F> {
     /// The head has come: the status is the response's to tell.
     pub fn answered(mut self) -> Option<F> {
         self.0.take()
+    }
+
+    /// `rsp` answers the call, which `waiting` (if any) was waiting on: the
+    /// status is read from it as it goes.
+    pub fn respond(waiting: Option<Self>, rsp: Response<BoxBody>) -> Response<BoxBody> {
+        match waiting.and_then(Self::answered) {
+            Some(on) => on_status(rsp, on),
+            None => rsp,
+        }
     }
 }
 

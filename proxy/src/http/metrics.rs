@@ -165,9 +165,6 @@ where
                     .clone()
             })
             .inc();
-        match grpc.and_then(grpc::UntilAnswered::answered) {
-            Some(counters) => Poll::Ready(Ok(grpc::on_status(rsp, counters))),
-            None => Poll::Ready(Ok(rsp)),
-        }
+        Poll::Ready(Ok(grpc::UntilAnswered::respond(grpc, rsp)))
     }
 }

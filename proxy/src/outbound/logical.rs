@@ -225,9 +225,6 @@ impl Stages {
         stage.rule.filters.on_response(&mut rsp);
         m.latency.observe(start.elapsed().as_secs_f64());
         m.responses[status_index(rsp.status())].inc();
-        match grpc.and_then(crate::http::grpc::UntilAnswered::answered) {
-            Some(counters) => crate::http::grpc::on_status(rsp, counters),
-            None => rsp,
-        }
+        crate::http::grpc::UntilAnswered::respond(grpc, rsp)
     }
 }

@@ -219,7 +219,8 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         } else {
             self.config.attempts
         };
-        let grpc_call = crate::http::grpc::is_call(req);
+        // The content type is read only where a route retries by gRPC code.
+        let grpc_call = !self.config.grpc_codes.is_empty() && crate::http::grpc::is_call(req);
         if !self.retryable(grpc_call, rsp) || self.retried >= attempts {
             return None;
         }

@@ -461,7 +461,7 @@ type EndpointStrings = std::collections::HashMap<SocketAddr, (Arc<str>, Arc<str>
 
 /// Endpoints written as span attributes (the address alone, and with its
 /// port), formatted once per endpoint by the export thread that calls this, and
-/// shared after. Bounded: the cache starts over when it is full.
+/// copied from the cache after. Bounded: the cache starts over when it is full.
 fn endpoint_strings(e: SocketAddr) -> (Arc<str>, Arc<str>) {
     const MAX: usize = 1024;
     thread_local! {
