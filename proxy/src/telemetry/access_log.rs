@@ -119,6 +119,7 @@ impl Line {
         notes: &Notes,
         trace_id: Option<TraceId>,
         error: Option<&str>,
+        grpc_code: Option<usize>,
     ) -> Line {
         self.status = status;
         self.duration = duration;
@@ -130,7 +131,7 @@ impl Line {
         self.endpoint = notes.endpoint.map(|e| e.to_string());
         self.peer = notes.peer.as_ref().map(|p| p.to_string());
         self.retries = notes.retries;
-        self.grpc_status = notes.grpc_status.map(|c| crate::http::grpc::LABELS[c]);
+        self.grpc_status = grpc_code.map(|c| crate::http::grpc::LABELS[c]);
         self.trace_id = trace_id.map(|t| t.to_string());
         // The value may be an upstream's own header: any length.
         self.error = error.map(bounded_str);
@@ -252,8 +253,14 @@ mod tests {
             peer: Some("spiffe://cluster.local/ns/shop/sa/web".parse().unwrap()),
             ..Notes::default()
         };
-        let line =
-            Line::of(&req, Direction::Inbound).finish(200, Duration::ZERO, &notes, None, None);
+        let line = Line::of(&req, Direction::Inbound).finish(
+            200,
+            Duration::ZERO,
+            &notes,
+            None,
+            None,
+            None,
+        );
         let text = line.render(LogFormat::Text);
         assert!(
             text.contains(" peer_identity=spiffe://cluster.local/ns/shop/sa/web"),
@@ -286,6 +293,7 @@ mod tests {
             200,
             Duration::from_millis(2),
             &Notes::default(),
+            None,
             None,
             None,
         );

@@ -172,10 +172,19 @@ struct GrpcCounters {
 }
 
 impl ByGrpcStatus {
-    fn new(make: impl Fn(grpc::Label) -> Counter + Send + Sync + 'static) -> Self {
+    /// Counters of `family`, each labelled by `labels` with its status when
+    /// first counted.
+    fn of<L>(
+        family: &Family<L, Counter>,
+        labels: impl Fn(grpc::Label) -> L + Send + Sync + 'static,
+    ) -> Self
+    where
+        L: Clone + std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        let family = family.clone();
         ByGrpcStatus(Arc::new(GrpcCounters {
             counters: Default::default(),
-            make: Box::new(make),
+            make: Box::new(move |status| family.get_or_create_owned(&labels(status))),
         }))
     }
 }
@@ -516,12 +525,9 @@ impl Metrics {
 
     /// gRPC calls in `direction`, by status.
     pub fn grpc(&self, direction: Direction) -> ByGrpcStatus {
-        let family = self.grpc_responses.clone();
-        ByGrpcStatus::new(move |grpc_status| {
-            family.get_or_create_owned(&GrpcLabels {
-                direction,
-                grpc_status,
-            })
+        ByGrpcStatus::of(&self.grpc_responses, move |grpc_status| GrpcLabels {
+            direction,
+            grpc_status,
         })
     }
 
@@ -562,14 +568,13 @@ impl Metrics {
         };
         let request_timeouts = timeouts("request");
         let backend_timeouts = timeouts("backend_request");
-        let family = self.route_grpc_responses.clone();
-        let grpc = ByGrpcStatus::new(move |grpc_status| {
-            family.get_or_create_owned(&RouteGrpcLabels {
+        let grpc = ByGrpcStatus::of(&self.route_grpc_responses, move |grpc_status| {
+            RouteGrpcLabels {
                 service: labels.service.clone(),
                 route: labels.route.clone(),
                 rule: labels.rule.clone(),
                 grpc_status,
-            })
+            }
         });
         RouteMetrics {
             requests,
@@ -628,15 +633,12 @@ impl Metrics {
                     })
             }),
             latency: self.inbound_peer_latency.get_or_create_owned(&labels),
-            grpc: {
-                let family = self.inbound_peer_grpc_responses.clone();
-                ByGrpcStatus::new(move |grpc_status| {
-                    family.get_or_create_owned(&PeerGrpcLabels {
-                        peer: peer.clone(),
-                        grpc_status,
-                    })
-                })
-            },
+            grpc: ByGrpcStatus::of(&self.inbound_peer_grpc_responses, move |grpc_status| {
+                PeerGrpcLabels {
+                    peer: peer.clone(),
+                    grpc_status,
+                }
+            }),
         }
     }
 

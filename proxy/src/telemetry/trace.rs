@@ -62,8 +62,6 @@ pub struct Notes {
     pub retries: u32,
     /// When each retry was sent, for the span's events (the first few).
     pub retried_at: Vec<SystemTime>,
-    /// A gRPC call's status once known, as an index into `grpc::LABELS`.
-    pub grpc_status: Option<usize>,
 }
 
 /// Retry events kept per span at most; the count says the rest.
@@ -212,24 +210,21 @@ where
         match out {
             Ok(rsp) => {
                 let status = rsp.status().as_u16();
-                let error = rsp
-                    .headers()
-                    .get(PROXY_ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok());
+                let error = rsp.headers().get(PROXY_ERROR_HEADER);
                 if pending.grpc {
                     let end = GrpcEnd {
                         status,
-                        // The value may be an upstream's own header: any length.
-                        error: error.map(super::access_log::bounded_str),
+                        // Kept as it came (a reference count): read at the end.
+                        error: error.cloned(),
                         pending,
                     };
                     return Poll::Ready(Ok(grpc::on_status(rsp, end)));
                 }
-                pending.end(Some(status), error);
+                pending.end(Some(status), error.and_then(|v| v.to_str().ok()), None);
                 Poll::Ready(Ok(rsp))
             }
             Err(e) => {
-                pending.end(None, Some("no-response"));
+                pending.end(None, Some("no-response"), None);
                 Poll::Ready(Err(e))
             }
         }
@@ -240,20 +235,17 @@ where
 struct GrpcEnd {
     pending: Pending,
     status: u16,
-    error: Option<String>,
+    error: Option<http::HeaderValue>,
 }
 
 impl grpc::OnStatus for GrpcEnd {
     fn status(mut self, code: usize) {
-        if let Ok(mut n) = self.pending.notes.lock() {
-            n.grpc_status = Some(code);
-        }
         // The caller went away before the status: cancelled, as before the head.
         let error = match code {
             grpc::CANCELLED => Some(CANCELLED),
-            _ => self.error.as_deref(),
+            _ => self.error.as_ref().and_then(|v| v.to_str().ok()),
         };
-        self.pending.end(Some(self.status), error);
+        self.pending.end(Some(self.status), error, Some(code));
     }
 }
 
@@ -271,7 +263,9 @@ struct Pending {
 }
 
 impl Pending {
-    fn end(&mut self, status: Option<u16>, error: Option<&str>) {
+    /// `grpc_code`: a gRPC call's status once known, as an index into
+    /// `grpc::LABELS`.
+    fn end(&mut self, status: Option<u16>, error: Option<&str>, grpc_code: Option<usize>) {
         let (span, line) = (self.span.take(), self.line.take());
         if span.is_none() && line.is_none() {
             return;
@@ -285,6 +279,7 @@ impl Pending {
                 &notes,
                 trace_id,
                 error,
+                grpc_code,
             ));
         }
         if let (Some(t), Some(started)) = (&self.observe.tracer, span) {
@@ -293,6 +288,7 @@ impl Pending {
                 started,
                 direction: self.direction,
                 grpc: self.grpc,
+                grpc_code,
                 end,
                 status,
                 // The value may be an upstream's own header: any length.
@@ -305,13 +301,8 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if self.grpc
-            && (self.span.is_some() || self.line.is_some())
-            && let Ok(mut n) = self.notes.lock()
-        {
-            n.grpc_status = Some(grpc::CANCELLED);
-        }
-        self.end(None, Some(CANCELLED));
+        let code = self.grpc.then_some(grpc::CANCELLED);
+        self.end(None, Some(CANCELLED), code);
     }
 }
 
@@ -339,6 +330,8 @@ pub struct ProxySpan {
     started: Started,
     direction: Direction,
     grpc: bool,
+    /// A gRPC call's status, as an index into `grpc::LABELS`.
+    grpc_code: Option<usize>,
     end: SystemTime,
     /// `None`: no response (the client went away, or the connection failed).
     status: Option<u16>,
@@ -483,6 +476,7 @@ impl Record for ProxySpan {
             started,
             direction,
             grpc,
+            grpc_code,
             end,
             status,
             error,
@@ -551,7 +545,6 @@ impl Record for ProxySpan {
         } else if let Some(e) = &error {
             w.str("strait.proxy.error", e);
         }
-        let grpc_code = notes.grpc_status.filter(|_| grpc);
         if let Some(rpc) = rpc {
             w.str("rpc.system", "grpc");
             if let Some((service, method)) = rpc {
