@@ -133,8 +133,15 @@ fn traceparent(sc: &SpanContext) -> Option<HeaderValue> {
     HeaderValue::from_bytes(&b).ok().map(unique)
 }
 
+/// The W3C context; none when `traceparent` is missing, malformed or sent
+/// more than once (W3C: a duplicated header is invalid, not the first of two).
 fn w3c_context(h: &HeaderMap) -> Option<SpanContext> {
-    let (trace, span, flags) = parse_traceparent(h.get(TRACEPARENT)?.as_bytes())?;
+    let mut lines = h.get_all(TRACEPARENT).iter();
+    let (first, second) = (lines.next()?, lines.next());
+    if second.is_some() {
+        return None;
+    }
+    let (trace, span, flags) = parse_traceparent(first.as_bytes())?;
     let sc = SpanContext::new(trace, span, flags, true, trace_state(h));
     sc.is_valid().then_some(sc)
 }
@@ -144,16 +151,25 @@ fn w3c_context(h: &HeaderMap) -> Option<SpanContext> {
 /// bytes) would put 16 KiB of its choosing in every queued span.
 pub const TRACESTATE_MAX: usize = 512;
 
+/// W3C Trace Context's limit on list members.
+const TRACESTATE_MEMBERS: usize = 32;
+
 /// The caller's `tracestate`, its header lines joined as one list. Past
 /// `TRACESTATE_MAX`, entries longer than 128 bytes go first, then entries from
-/// the end, as W3C Trace Context says to truncate. A list that does not parse
-/// is no state.
+/// the end, as W3C Trace Context says to truncate. A list that is not valid as
+/// a whole (a member that does not parse, a key twice, more than 32 members)
+/// is no state: W3C asks that it be discarded rather than passed on in part.
 fn trace_state(h: &HeaderMap) -> TraceState {
     let mut lines = h.get_all(TRACESTATE).iter();
     let Some(first) = lines.next() else {
         return TraceState::default();
     };
-    let parse = |v: &str| TraceState::from_str(v).unwrap_or_default();
+    let parse = |v: &str| {
+        if !members_valid(v) {
+            return TraceState::default();
+        }
+        TraceState::from_str(v).unwrap_or_default()
+    };
     let Ok(first) = first.to_str() else {
         return TraceState::default();
     };
@@ -175,6 +191,11 @@ fn trace_state(h: &HeaderMap) -> TraceState {
     if joined.len() <= TRACESTATE_MAX {
         return parse(&joined);
     }
+    // Valid as a whole before it is cut: cutting must not launder a list
+    // whose invalid members happen to be the ones that go.
+    if parse(&joined) == TraceState::default() {
+        return TraceState::default();
+    }
     let entries = joined
         .split(',')
         .map(str::trim)
@@ -192,10 +213,34 @@ fn trace_state(h: &HeaderMap) -> TraceState {
     parse(&kept)
 }
 
-/// B3's debug flag among the headers, for B3 written back beside `traceparent`.
+/// At most `TRACESTATE_MEMBERS` members, each `key=value` with a key of its own.
+/// The syntax of each key and value is the SDK parser's to check; it keeps the
+/// first 32 members of a longer list without a word, hence the count here.
+fn members_valid(list: &str) -> bool {
+    let mut keys: Vec<&str> = Vec::new();
+    for member in list.split(',').map(|m| m.trim_matches([' ', '\t'])) {
+        if member.is_empty() {
+            continue;
+        }
+        let Some((key, _)) = member.split_once('=') else {
+            return false;
+        };
+        if keys.len() == TRACESTATE_MEMBERS || keys.contains(&key) {
+            return false;
+        }
+        keys.push(key);
+    }
+    true
+}
+
+/// B3's debug flag among the headers, for B3 written back beside `traceparent`:
+/// `b3: {trace}-{span}-d`, or `b3: d` alone.
 fn b3_debug(h: &HeaderMap) -> bool {
     match h.get(B3) {
-        Some(v) => v.as_bytes().split(|b| *b == b'-').nth(2) == Some(b"d"),
+        Some(v) => {
+            let v = v.as_bytes().trim_ascii();
+            v == b"d" || v.split(|b| *b == b'-').nth(2) == Some(b"d")
+        }
         None => h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1"),
     }
 }
@@ -212,7 +257,12 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         } else {
             Format::W3c
         };
-        return w3c_context(h).map(|sc| Parent::Decided(sc, format));
+        if let Some(sc) = w3c_context(h) {
+            return Some(Parent::Decided(sc, format));
+        }
+        // A `traceparent` that cannot be read says nothing: B3 beside it may
+        // still name the caller's trace (as OpenTelemetry's composite
+        // propagator reads it), else a new trace starts.
     }
     if let Some(v) = h.get(B3).and_then(|v| v.to_str().ok()) {
         match v.trim() {
@@ -576,10 +626,10 @@ mod tests {
         let (sc, _) = decided(extract(&h));
         assert_eq!(sc.trace_state().header(), format!("a=1,{vendor}"));
 
-        // 32 entries of 100 bytes: the first ones that fit in 512 are kept,
+        // 31 entries of 100 bytes: the first ones that fit in 512 are kept,
         // and an entry over 128 bytes goes first.
         let long = format!("big={}", "x".repeat(200));
-        let entries: Vec<String> = (0..32)
+        let entries: Vec<String> = (0..31)
             .map(|i| format!("k{i:02}={}", "v".repeat(96)))
             .collect();
         let state = format!("{long},{}", entries.join(","));
@@ -593,5 +643,70 @@ mod tests {
         let mut out = HeaderMap::new();
         inject(&mut out, &sc, None);
         assert_eq!(out["tracestate"], kept.as_str());
+    }
+
+    /// W3C's test suite: a duplicated key, more than 32 members, or a member
+    /// that does not parse makes the whole list invalid, however long.
+    #[test]
+    fn an_invalid_tracestate_is_dropped_whole() {
+        let tp = format!("00-{TRACE}-{SPAN}-01");
+        let state_of = |ts: &str| {
+            let h = headers(&[("traceparent", &tp), ("tracestate", ts)]);
+            decided(extract(&h)).0.trace_state().header()
+        };
+        assert_eq!(state_of("foo=1,bar=2"), "foo=1,bar=2");
+        assert_eq!(state_of("foo=1,bar=2,foo=3"), "");
+        let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>();
+        assert_eq!(state_of(&members(32).join(",")).split(',').count(), 32);
+        assert_eq!(state_of(&members(33).join(",")), "");
+        // Long enough to be cut: the bad member would have been cut away.
+        let mut long: Vec<String> = (0..8).map(|i| format!("k{i}={}", "v".repeat(96))).collect();
+        long.push("not a member".into());
+        assert_eq!(state_of(&long.join(",")), "");
+        long.pop();
+        long.push("k0=again".into());
+        assert_eq!(state_of(&long.join(",")), "");
+        long.pop();
+        assert!(state_of(&long.join(",")).starts_with("k0="));
+    }
+
+    /// A `traceparent` that cannot be used, malformed or sent twice, is no
+    /// context of its own; B3 beside it still names the caller's trace.
+    #[test]
+    fn a_traceparent_that_cannot_be_read_leaves_the_trace_to_b3() {
+        let tp = format!("00-{TRACE}-{SPAN}-01");
+        let other = format!("00-{}-{SPAN}-01", "1".repeat(32));
+        let mut twice = headers(&[("traceparent", &tp)]);
+        twice.append("traceparent", HeaderValue::from_str(&other).unwrap());
+        assert!(extract(&twice).is_none());
+
+        let b3 = format!("{}-{SPAN}-1", "2".repeat(32));
+        for bad in ["", "00-xyz-abc-01"] {
+            let h = headers(&[("traceparent", bad), ("b3", &b3)]);
+            let (sc, f) = decided(extract(&h));
+            assert_eq!(sc.trace_id().to_string(), "2".repeat(32), "{bad:?}");
+            assert_eq!(f, Format::B3Single { debug: false });
+        }
+        twice.insert("x-b3-traceid", HeaderValue::from_static(TRACE));
+        twice.insert("x-b3-spanid", HeaderValue::from_static(SPAN));
+        twice.insert("x-b3-sampled", HeaderValue::from_static("1"));
+        let (sc, f) = decided(extract(&twice));
+        assert_eq!(sc.trace_id().to_string(), TRACE);
+        assert_eq!(f, Format::B3Multi { debug: false });
+    }
+
+    /// `b3: d` alone beside a `traceparent` asks for debug too.
+    #[test]
+    fn b3_debug_without_ids_beside_traceparent_is_kept() {
+        let h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("b3", "d"),
+        ]);
+        let (sc, f) = decided(extract(&h));
+        assert_eq!(f, Format::B3Single { debug: true });
+        let mut out = HeaderMap::new();
+        inject(&mut out, &ours(), Some(f));
+        assert!(sc.is_sampled());
+        assert_eq!(out["b3"], format!("{TRACE}-1111111111111111-d"));
     }
 }
