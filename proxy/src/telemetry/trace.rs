@@ -317,6 +317,8 @@ struct Started {
     cx: SpanContext,
     parent: Option<SpanId>,
     method: &'static str,
+    /// A method the conventions do not know (`method` is `_OTHER`), as sent.
+    method_original: Option<ShortStr>,
     version: http::Version,
     /// Inbound: the authority the caller addressed.
     authority: Option<(ShortStr, Option<u16>)>,
@@ -414,6 +416,8 @@ fn start_span<B>(
         cx,
         parent: parent_id,
         method: method_name(req.method()),
+        method_original: (method_name(req.method()) == OTHER_METHOD)
+            .then(|| ShortStr::bounded(req.method().as_str())),
         version: req.version(),
         authority,
         // Bounded: the export queue counts spans, so spans are bounded in size.
@@ -421,6 +425,8 @@ fn start_span<B>(
         at: SystemTime::now(),
     })
 }
+
+const OTHER_METHOD: &str = "_OTHER";
 
 /// The method as a span name and attribute: the standard ones without an
 /// allocation.
@@ -437,7 +443,7 @@ fn method_name(m: &http::Method) -> &'static str {
         Method::CONNECT => "CONNECT",
         Method::TRACE => "TRACE",
         // Semantic conventions: other methods are reported as `_OTHER`.
-        _ => "_OTHER",
+        _ => OTHER_METHOD,
     }
 }
 
@@ -491,35 +497,60 @@ impl Record for ProxySpan {
         // The RPC conventions beside HTTP's: the service and method from the
         // path, and the call's status.
         let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
-        // RPC spans are named for the method they call.
-        match rpc.flatten() {
-            Some((service, method)) => w.name(&[service, "/", method]),
-            None => w.name(&[started.method]),
+        // RPC spans are named for the method they call; HTTP spans for
+        // theirs, or `HTTP` for a method the conventions do not know.
+        match (rpc.flatten(), &started.method_original) {
+            (Some((service, method)), _) => w.name(&[service, "/", method]),
+            (None, Some(_)) => w.name(&["HTTP"]),
+            (None, None) => w.name(&[started.method]),
         }
         w.str("http.request.method", started.method);
+        if let Some(m) = &started.method_original {
+            w.str("http.request.method_original", m.as_str());
+        }
         w.str("url.path", started.path.as_str());
+        if direction == Direction::Inbound {
+            // The app's own scheme: mTLS between the proxies is the mesh's.
+            w.str("url.scheme", "http");
+        }
         w.str("network.protocol.version", protocol(started.version));
         w.str("strait.direction", direction.as_str());
         if let Some(s) = status {
             w.int("http.response.status_code", i64::from(s));
         }
         // What the app addressed, rather than the listener it reached us on.
-        match (&notes.destination, started.authority) {
-            (_, Some((host, port))) => {
-                w.str("server.address", host.as_str());
-                if let Some(p) = port {
-                    w.int("server.port", i64::from(p));
+        let ip;
+        let server = match (&notes.destination, &started.authority) {
+            (_, Some((host, port))) => Some((host.as_str(), *port)),
+            (Some(crate::addr::DestAddr::Name(n)), None) => Some((n.host(), Some(n.port()))),
+            (Some(crate::addr::DestAddr::Socket(a)), None) => {
+                ip = endpoint_strings(*a).0;
+                Some((&*ip, Some(a.port())))
+            }
+            (None, None) => None,
+        };
+        if let Some((host, port)) = server {
+            w.str("server.address", host);
+            if let Some(p) = port {
+                w.int("server.port", i64::from(p));
+            }
+            if direction == Direction::Outbound {
+                // The URL the app asked for, without its query: strait records
+                // no query string anywhere (it can carry credentials).
+                let path = started.path.as_str();
+                let (open, close) = if host.contains(':') && !host.starts_with('[') {
+                    ("[", "]")
+                } else {
+                    ("", "")
+                };
+                match port {
+                    Some(p) => w.str_fmt(
+                        "url.full",
+                        format_args!("http://{open}{host}{close}:{p}{path}"),
+                    ),
+                    None => w.str_fmt("url.full", format_args!("http://{open}{host}{close}{path}")),
                 }
             }
-            (Some(crate::addr::DestAddr::Name(n)), None) => {
-                w.str("server.address", n.host());
-                w.int("server.port", i64::from(n.port()));
-            }
-            (Some(crate::addr::DestAddr::Socket(a)), None) => {
-                w.str("server.address", &endpoint_strings(*a).0);
-                w.int("server.port", i64::from(a.port()));
-            }
-            (None, None) => {}
         }
         if let Some((service, route, rule)) = &notes.route {
             w.str("strait.service", service);

@@ -121,7 +121,7 @@ async fn a_request_through_two_proxies_joins_the_apps_trace() {
     let m = Mesh::start(&collector.endpoint(), &[]).await;
     let seen = m
         .get(
-            "/trace-context",
+            "/trace-context?token=secret",
             &[("traceparent", format!("00-{APP_TRACE}-{APP_SPAN}-01"))],
         )
         .await;
@@ -159,8 +159,15 @@ async fn a_request_through_two_proxies_joins_the_apps_trace() {
         (c, "strait.route", "default"),
         (c, "strait.backend", WEB),
         (c, "strait.retry.count", "0"),
+        // The URL the app asked for, its query left out.
+        (
+            c,
+            "url.full",
+            "http://web.test.svc.cluster.local:80/trace-context",
+        ),
         (s, "http.response.status_code", "200"),
         (s, "url.path", "/trace-context"),
+        (s, "url.scheme", "http"),
     ] {
         assert_eq!(span.attr(key).as_deref(), Some(want), "{key} of {span:#?}");
     }
@@ -169,6 +176,36 @@ async fn a_request_through_two_proxies_joins_the_apps_trace() {
         Some(m.backend.addr.to_string()),
         "the endpoint chosen"
     );
+}
+
+/// The HTTP conventions name a span for its method only when they know the
+/// method; any other is `_OTHER`, in a span named `HTTP`, with the method as sent.
+#[tokio::test]
+async fn a_method_the_conventions_do_not_know_is_reported_as_sent() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &[]).await;
+    let trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let req = http::Request::builder()
+        .method(http::Method::from_bytes(b"PROPFIND").unwrap())
+        .uri(m.url("/dav"))
+        .header("traceparent", format!("00-{trace}-{APP_SPAN}-01"))
+        .body(client::empty())
+        .unwrap();
+    let rsp = client::http1()
+        .request(req)
+        .await
+        .expect("through the mesh");
+    assert_eq!(rsp.status(), 200);
+    let spans = collector.trace(trace, 2).await;
+    for kind in [CLIENT, SERVER] {
+        let span = of_trace(&spans, trace, kind)[0];
+        assert_eq!(span.span.name, "HTTP", "{span:#?}");
+        assert_eq!(span.attr("http.request.method").as_deref(), Some("_OTHER"));
+        assert_eq!(
+            span.attr("http.request.method_original").as_deref(),
+            Some("PROPFIND")
+        );
+    }
 }
 
 #[tokio::test]
