@@ -601,6 +601,12 @@ impl Proxy {
         {
             warn!(within = ?defaults::TRACE_FLUSH_TIMEOUT, "the spans queued at exit could not be handed to the collector in time");
         }
+        // And the last requests' access-log lines, the cancelled ones included.
+        if let Some(l) = shared.observe.as_ref().and_then(|o| o.access_log.as_ref())
+            && !l.flush(defaults::TRACE_FLUSH_TIMEOUT).await
+        {
+            warn!(within = ?defaults::TRACE_FLUSH_TIMEOUT, "the access-log lines queued at exit could not be written in time");
+        }
         clean
     }
 }

@@ -1,44 +1,49 @@
 //! The access log: one line per HTTP request on stdout, as text or JSON. Lines
 //! go through a bounded queue to a writer task, so a slow stdout never holds a
-//! request; when the queue is full a line is dropped and counted.
+//! request; when the queue is full a line is dropped and counted, and so is
+//! every line of a write that failed (stdout closed).
 
 use std::time::{Duration, SystemTime};
 
 use http::Request;
 use opentelemetry::trace::TraceId;
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Direction;
 use super::trace::Notes;
 use crate::cli::LogFormat;
 
 const QUEUE_LINES: usize = 4096;
+/// Lines queued together go out in one write of about this much at most.
+const WRITE_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct AccessLog {
     tx: mpsc::Sender<String>,
+    flush: mpsc::Sender<oneshot::Sender<()>>,
     format: LogFormat,
     dropped: Counter,
 }
 
 impl AccessLog {
-    /// Starts the writer (within a Tokio runtime).
+    /// Starts the writer to stdout (within a Tokio runtime).
     pub fn start(format: LogFormat, dropped: Counter) -> Self {
-        let (tx, mut rx) = mpsc::channel::<String>(QUEUE_LINES);
-        tokio::spawn(async move {
-            let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
-            while let Some(line) = rx.recv().await {
-                let _ = out.write_all(line.as_bytes()).await;
-                // Flush once the queue is empty: one write for a burst.
-                if rx.is_empty() {
-                    let _ = out.flush().await;
-                }
-            }
-        });
+        Self::start_to(tokio::io::stdout(), format, dropped)
+    }
+
+    fn start_to(
+        out: impl AsyncWrite + Unpin + Send + 'static,
+        format: LogFormat,
+        dropped: Counter,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<String>(QUEUE_LINES);
+        let (flush, asks) = mpsc::channel(4);
+        tokio::spawn(write_lines(out, rx, asks, dropped.clone()));
         AccessLog {
             tx,
+            flush,
             format,
             dropped,
         }
@@ -47,6 +52,62 @@ impl AccessLog {
     pub fn write(&self, line: Line) {
         if self.tx.try_send(line.render(self.format)).is_err() {
             self.dropped.inc();
+        }
+    }
+
+    /// Writes out every line queued so far, waiting at most `within`: for a
+    /// process about to exit. False when that did not happen in time.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let (ask, done) = oneshot::channel();
+        let asked = async { self.flush.send(ask).await.is_ok() && done.await.is_ok() };
+        tokio::time::timeout(within, asked).await.unwrap_or(false)
+    }
+}
+
+/// Writes what has queued, a burst in one write; answers a flush once every
+/// line queued before it is out.
+async fn write_lines(
+    mut out: impl AsyncWrite + Unpin,
+    mut rx: mpsc::Receiver<String>,
+    mut asks: mpsc::Receiver<oneshot::Sender<()>>,
+    dropped: Counter,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let (first, ask) = tokio::select! {
+            line = rx.recv() => match line {
+                Some(l) => (Some(l), None),
+                None => return,
+            },
+            Some(ask) = asks.recv() => (None, Some(ask)),
+        };
+        let mut lines = 0u64;
+        for l in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
+            buf.extend_from_slice(l.as_bytes());
+            lines += 1;
+            // A flush takes everything queued; a burst goes out in parts.
+            if buf.len() >= WRITE_BYTES && ask.is_none() {
+                break;
+            }
+        }
+        if lines > 0 {
+            let written = async {
+                out.write_all(&buf).await?;
+                out.flush().await
+            };
+            if written.await.is_err() {
+                dropped.inc_by(lines);
+            }
+            buf.clear();
+            if buf.capacity() > WRITE_BYTES {
+                buf = Vec::new();
+            }
+        }
+        if let Some(ask) = ask {
+            let _ = ask.send(());
         }
     }
 }
@@ -244,6 +305,78 @@ pub fn bounded(mut s: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    /// stdout as a test sees it: what was written, or a pipe nobody reads.
+    #[derive(Clone, Default)]
+    struct Out {
+        written: Arc<Mutex<Vec<u8>>>,
+        closed: bool,
+    }
+
+    impl AsyncWrite for Out {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.closed {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            self.written.lock().unwrap().extend_from_slice(b);
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn line(path: &str) -> Line {
+        let req = Request::get(path).header("host", "web").body(()).unwrap();
+        Line::of(&req, Direction::Outbound).finish(
+            200,
+            Duration::ZERO,
+            &Notes::default(),
+            None,
+            None,
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_every_line_queued_before_it() {
+        let out = Out::default();
+        let dropped = Counter::default();
+        let log = AccessLog::start_to(out.clone(), LogFormat::Text, dropped.clone());
+        for i in 0..100 {
+            log.write(line(&format!("/{i}")));
+        }
+        assert!(log.flush(Duration::from_secs(5)).await);
+        let written = String::from_utf8(out.written.lock().unwrap().clone()).unwrap();
+        assert_eq!(written.lines().count(), 100, "{written}");
+        assert!(written.lines().last().unwrap().contains("\"/99\""));
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn lines_a_closed_stdout_did_not_take_are_counted_dropped() {
+        let out = Out {
+            closed: true,
+            ..Out::default()
+        };
+        let dropped = Counter::default();
+        let log = AccessLog::start_to(out, LogFormat::Json, dropped.clone());
+        for i in 0..10 {
+            log.write(line(&format!("/{i}")));
+        }
+        assert!(log.flush(Duration::from_secs(5)).await);
+        assert_eq!(dropped.get(), 10);
+    }
 
     /// Text names its fields as JSON does.
     #[test]
