@@ -68,9 +68,15 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 50;
 /// Streams we may reset for protocol errors before closing the connection.
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// HTTP/2 flow-control windows: what one connection (and one stream) may have in
-/// flight unacknowledged; the bound on buffered bytes per connection.
-pub const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
-pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// flight unacknowledged; the bound on buffered bytes per connection. Bytes a
+/// slow reader leaves unread hold window of the connection as well as of their
+/// stream (h2 gives both back only as they are read), so the connection's is
+/// 32 streams' worth: it takes that many stalled downloads or uploads, not
+/// four, before the connection's other streams wait too. A stream's window
+/// still carries 256 KiB per round trip (a quarter of a gigabyte a second at
+/// 1 ms).
+pub const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// HTTP/2 PING interval and timeout, to notice dead peers on idle connections.
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);

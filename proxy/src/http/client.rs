@@ -879,6 +879,86 @@ mod tests {
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
     }
 
+    /// Response bodies a client is slow to read hold flow-control window of
+    /// the connection as well as of their stream: enough of them must not
+    /// stall every other response on the connection. Eight unread downloads
+    /// filled the window of the connection (4 MiB, four streams' worth), and a
+    /// small answer behind them never came.
+    #[tokio::test]
+    async fn unread_downloads_leave_the_connection_room_for_other_answers() {
+        use futures_util::StreamExt as _;
+        use http_body_util::{BodyExt as _, StreamBody};
+        const CHUNK: usize = 16 * 1024;
+        const DOWNLOAD: usize = 2 * 1024 * 1024;
+        const DOWNLOADS: usize = 8;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Bytes of the downloads hyper took from their bodies: what it had
+        // window for, give or take a chunk.
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let p = pulled.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let p = p.clone();
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let p = p.clone();
+                    async move {
+                        let body = if req.uri().path() == "/big" {
+                            let chunks =
+                                futures_util::stream::iter(0..DOWNLOAD / CHUNK).map(move |_| {
+                                    p.fetch_add(CHUNK, Ordering::SeqCst);
+                                    Ok::<_, super::super::BoxError>(http_body::Frame::data(
+                                        bytes::Bytes::from(vec![b'x'; CHUNK]),
+                                    ))
+                                });
+                            StreamBody::new(chunks).boxed_unsync()
+                        } else {
+                            super::super::full("ok")
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        let c = client(addr);
+        let to = |path: &str| {
+            http::Request::get(format!("http://upstream{path}"))
+                .version(http::Version::HTTP_2)
+                .body(super::super::empty())
+                .unwrap()
+        };
+        let mut unread = Vec::new();
+        for _ in 0..DOWNLOADS {
+            unread.push(c.request(to("/big")).await.unwrap());
+        }
+        // Every download has sent what the windows allow.
+        let want = (DOWNLOADS * (defaults::H2_STREAM_WINDOW as usize).min(DOWNLOAD))
+            .min(defaults::H2_CONNECTION_WINDOW as usize);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pulled.load(Ordering::SeqCst) < want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the downloads sent {} of {want} bytes",
+                pulled.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(c.streams(), vec![DOWNLOADS], "all on one connection");
+        let small = async {
+            let rsp = c.request(to("/small")).await.unwrap();
+            rsp.into_body().collect().await.unwrap().to_bytes()
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), small)
+            .await
+            .expect("a small answer is stuck behind unread downloads");
+        assert_eq!(got, "ok");
+        drop(unread);
+    }
+
     #[tokio::test]
     async fn requests_waiting_on_a_connect_fail_with_it() {
         let (addr, _queued, _listener) = strait_tests::tcp::stalling().await;
