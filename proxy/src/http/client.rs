@@ -167,7 +167,7 @@ struct H2Inner {
     state: Mutex<H2State>,
     /// Held while connecting, so that requests arriving together share one
     /// connection (or one failure) instead of each opening their own.
-    connecting: tokio::sync::Mutex<()>,
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -371,7 +371,7 @@ impl H2Client {
             inner: Arc::new(H2Inner {
                 connector,
                 state: Mutex::default(),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: Arc::default(),
             }),
         }
     }
@@ -386,7 +386,7 @@ impl H2Client {
             let st = self.inner.state();
             st.attempts - u64::from(st.connecting)
         };
-        let _connecting = self.inner.connecting.lock().await;
+        let connecting = self.inner.connecting.clone().lock_owned().await;
         if let Pick::Stream(c, s) = self.inner.pick() {
             return Ok((c, s));
         }
@@ -406,36 +406,52 @@ impl H2Client {
             st.connecting = true;
             st.attempts
         };
-        // Cleared however the attempt ends, the request given up included.
-        let _attempt_done = scopeguard(|| self.inner.state().connecting = false);
-        let connected = self.connect(attempt).await;
-        match connected {
-            Ok(conn) => {
-                let slot = conn.take();
-                let mut st = self.inner.state();
-                // With the outcome, under one lock: a request looking in
-                // between would see neither.
-                st.connecting = false;
-                st.failed = None;
-                st.failed_at = None;
-                st.conns.push(conn.clone());
-                Ok((conn, slot))
-            }
-            Err(e) => {
-                {
-                    let mut st = self.inner.state();
-                    st.connecting = false;
+        // The attempt runs on its own: a request that gives up (its client
+        // gone, its deadline past) does not take the connect with it, and the
+        // requests after it wait on this one rather than start over, which
+        // under handshakes slower than the requests' deadlines would never
+        // connect at all.
+        let me = self.clone();
+        let attempt = tokio::spawn(async move {
+            // The next request looks once the outcome is recorded.
+            let _connecting = connecting;
+            // Cleared however the attempt ends, the runtime stopping included.
+            let _attempt_done = scopeguard(|| me.inner.state().connecting = false);
+            let connected = me.connect(attempt).await;
+            let mut st = me.inner.state();
+            // With the outcome, under one lock: a request looking in between
+            // would see neither.
+            st.connecting = false;
+            match connected {
+                Ok(conn) => {
+                    let slot = conn.take();
+                    st.failed = None;
+                    st.failed_at = None;
+                    st.conns.push(conn.clone());
+                    Ok((conn, slot))
+                }
+                Err(e) => {
                     st.failed = Some((attempt, e.duplicate()));
                     st.failed_at = Some(std::time::Instant::now());
-                }
-                match self.inner.any() {
-                    Some(open) => {
-                        tracing::debug!(upstream = %self.inner.connector.addr, error = %e, "another HTTP/2 connection failed; queueing on an open one");
-                        Ok(open)
-                    }
-                    None => Err(e.into()),
+                    Err(e)
                 }
             }
+        });
+        let e = match attempt.await {
+            Ok(Ok(picked)) => return Ok(picked),
+            Ok(Err(e)) => e,
+            // The runtime is stopping (the task cannot panic).
+            Err(e) => ConnectError::Io {
+                addr: self.inner.connector.addr,
+                source: std::io::Error::other(e),
+            },
+        };
+        match self.inner.any() {
+            Some(open) => {
+                tracing::debug!(upstream = %self.inner.connector.addr, error = %e, "another HTTP/2 connection failed; queueing on an open one");
+                Ok(open)
+            }
+            None => Err(e.into()),
         }
     }
 
@@ -957,6 +973,50 @@ mod tests {
             .expect("a small answer is stuck behind unread downloads");
         assert_eq!(got, "ok");
         drop(unread);
+    }
+
+    /// Requests that give up on a connect still under way (their client went
+    /// away, their deadline passed) leave it running: the next requests wait
+    /// on it rather than start over, so a handshake slower than the requests'
+    /// deadlines still ends in a connection.
+    #[tokio::test]
+    async fn a_connect_outlives_the_requests_that_gave_up_on_it() {
+        let (addr, queued, listener) = strait_tests::tcp::stalling().await;
+        let c = H2Client::new(Connector {
+            addr,
+            timeout: Duration::from_secs(10),
+            tls: PeerMode::Plain,
+        });
+        for _ in 0..3 {
+            let gave_up = tokio::time::timeout(Duration::from_millis(100), c.request(get())).await;
+            assert!(gave_up.is_err(), "a request got through a stalled connect");
+        }
+        // The upstream takes connections again: the connect's next SYN is
+        // answered.
+        drop(queued);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(super::super::full(
+                        "done",
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        let rsp = tokio::time::timeout(Duration::from_secs(10), c.request(get()))
+            .await
+            .expect("no connection in 10 s")
+            .expect("the request through the connection");
+        assert_eq!(rsp.into_body().collect().await.unwrap().to_bytes(), "done");
+        assert_eq!(
+            c.attempts(),
+            1,
+            "one connect, carried on when requests gave up"
+        );
     }
 
     #[tokio::test]
