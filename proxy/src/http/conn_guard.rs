@@ -249,7 +249,9 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
 }
 
 /// Marks a request in flight from the moment it reaches the service until its
-/// response body is finished (or dropped).
+/// response body is finished (or dropped), and its request body too: an app may
+/// answer before it has read the body, which the client goes on sending, and
+/// those bytes are not the next request's head (nor its to time out).
 #[derive(Clone, Debug)]
 pub struct InFlightLayer {
     state: Arc<ConnState>,
@@ -292,8 +294,9 @@ pub type InFlightBody<B> = GuardedBody<B, Guard>;
 
 impl<S, B, RB> tower::Service<Request<B>> for InFlight<S>
 where
-    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S: tower::Service<Request<InFlightBody<B>>, Response = Response<RB>>,
     S::Future: Send + 'static,
+    B: http_body::Body,
 {
     type Response = Response<InFlightBody<RB>>;
     type Error = S::Error;
@@ -314,6 +317,12 @@ where
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         self.state.served.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone());
+        // Most requests have no body to wait for: no second count.
+        let reading = (!req.body().is_end_stream()).then(|| {
+            self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+            Guard(self.state.clone())
+        });
+        let req = req.map(|b| GuardedBody::maybe(b, reading));
         InFlightFuture {
             inner: self.inner.call(req),
             guard: Some(guard),
@@ -524,5 +533,81 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         client.write_all(b"late").await.unwrap();
         assert_eq!(reader.await.unwrap().unwrap(), b"late");
+    }
+
+    /// An app may answer before it reads the request body; the client then
+    /// sends the rest of it. Those bytes are the body, not the next head: the
+    /// next request must not inherit what scanning them would find (a bare LF
+    /// in a text body made it a 400), nor their header timer.
+    #[tokio::test]
+    async fn a_body_read_after_its_response_is_not_taken_for_the_next_head() {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Incoming;
+        use std::sync::Mutex;
+
+        let (mut client, server) = tokio::io::duplex(4096);
+        let state = Arc::new(ConnState::default());
+        let io = GuardedIo::new(
+            server,
+            state.clone(),
+            Duration::from_secs(10),
+            Duration::from_secs(120),
+        );
+        let faults = Arc::new(Mutex::new(Vec::new()));
+        let svc = {
+            let faults = faults.clone();
+            tower::service_fn(move |req: Request<InFlightBody<Incoming>>| {
+                faults
+                    .lock()
+                    .unwrap()
+                    .push(req.extensions().get::<HeadFault>().copied());
+                // Answered at once; the body is read as it comes, by another task.
+                tokio::spawn(req.into_body().collect());
+                async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                        bytes::Bytes::from_static(b"early"),
+                    )))
+                }
+            })
+        };
+        let svc = tower::Layer::layer(&InFlightLayer::new(state), svc);
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(svc),
+        );
+        let served = tokio::spawn(conn);
+
+        async fn head(client: &mut tokio::io::DuplexStream) -> String {
+            let mut got = Vec::new();
+            let mut b = [0u8; 1];
+            while !got.ends_with(b"\r\n\r\n") {
+                client.read_exact(&mut b).await.unwrap();
+                got.push(b[0]);
+            }
+            String::from_utf8(got).unwrap()
+        }
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n")
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), head(&mut client))
+            .await
+            .expect("first response");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let mut early = [0u8; 5];
+        client.read_exact(&mut early).await.unwrap();
+        // The body after its response, lines ended by LF alone, and the
+        // next request.
+        client
+            .write_all(b"line1\nline2\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), head(&mut client))
+            .await
+            .expect("second response");
+        assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+        assert_eq!(*faults.lock().unwrap(), vec![None, None]);
+        drop(client);
+        let _ = served.await;
     }
 }

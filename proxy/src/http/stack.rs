@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use tower::{Layer, ServiceBuilder};
 
 use super::BoxBody;
-use super::conn_guard::{ConnState, InFlightLayer};
+use super::conn_guard::{ConnState, InFlightBody, InFlightLayer};
 use super::forward::{Forward, UpgradeConn};
 use super::grpc::ErrorsLayer;
 use super::metrics::RequestMetricsLayer;
@@ -21,7 +21,7 @@ use crate::telemetry::Direction;
 use crate::telemetry::trace::TraceLayer;
 
 /// A request body as the stack sees it: the client's, with its stall timeout.
-pub type ClientBody = RequestBody<Incoming>;
+pub type ClientBody = RequestBody<InFlightBody<Incoming>>;
 
 #[derive(Clone, Debug)]
 pub struct HttpStack {
@@ -74,7 +74,7 @@ impl HttpStack {
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
-                .map_request(|req: Request<Incoming>| RequestBody::wrap(req, None))
+                .map_request(|req: Request<InFlightBody<Incoming>>| RequestBody::wrap(req, None))
                 .layer(self.grpc_errors)
                 .layer(self.metrics.for_peer(meta.peer.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,
@@ -91,7 +91,7 @@ impl HttpStack {
                 // Told when a request upgrades the connection. Only one hyper
                 // can hand over (an `Upgrade` header, or CONNECT) may, whatever
                 // a route's filters add to it later; the rest are spared it.
-                .map_request(move |mut req: Request<Incoming>| {
+                .map_request(move |mut req: Request<InFlightBody<Incoming>>| {
                     if req
                         .extensions()
                         .get::<hyper::upgrade::OnUpgrade>()
