@@ -116,17 +116,17 @@ impl<'a> SpanWriter<'a> {
         }
     }
 
-    /// A string attribute formatted in place, over the string kept there.
-    pub fn str_fmt(&mut self, key: &str, value: std::fmt::Arguments<'_>) {
-        use std::fmt::Write as _;
+    /// A string attribute made of `parts`, written over the string kept there.
+    pub fn str_parts(&mut self, key: &str, parts: &[&str]) {
         let v = slot(&mut self.span.attributes, &mut self.attributes, key);
         if !matches!(v, Some(any_value::Value::StringValue(_))) {
             *v = Some(any_value::Value::StringValue(String::new()));
         }
         if let Some(any_value::Value::StringValue(s)) = v {
             s.clear();
-            // Writing to a String cannot fail.
-            let _ = s.write_fmt(value);
+            for p in parts {
+                s.push_str(p);
+            }
         }
     }
 

@@ -543,13 +543,13 @@ impl Record for ProxySpan {
                 } else {
                     ("", "")
                 };
-                match port {
-                    Some(p) => w.str_fmt(
-                        "url.full",
-                        format_args!("http://{open}{host}{close}:{p}{path}"),
-                    ),
-                    None => w.str_fmt("url.full", format_args!("http://{open}{host}{close}{path}")),
-                }
+                let mut digits = itoa::Buffer::new();
+                let port = port.map_or("", |p| digits.format(p));
+                let colon = if port.is_empty() { "" } else { ":" };
+                w.str_parts(
+                    "url.full",
+                    &["http://", open, host, close, colon, port, path],
+                );
             }
         }
         if let Some((service, route, rule)) = &notes.route {
