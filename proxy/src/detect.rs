@@ -122,19 +122,22 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     match line_end {
-        None if !line[method_len..].iter().all(|&b| is_line_byte(b)) => Some(Protocol::Opaque),
         // A request line longer than detection reads, or a method as long:
         // servers (Go's, hyper's) take a method of any length, so even a run
         // of letters with no space may yet be a request. A client-first
         // stream that opens with 8 KiB of letters and digits alone is carried
-        // as HTTP, then: declare its port opaque.
+        // as HTTP, then: declare its port opaque. Nor does a control byte
+        // decide before the line ends: Python's server takes any byte in a
+        // target, and deciding here would carry the rest of the line raw, the
+        // headers after it too.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
             // As Python's server splits it: a method, a target and a version
             // (the last word, however spelled) is a request with headers to
-            // come. Without a version it is HTTP/0.9, which has none to forge;
-            // a line that merely mentions `HTTP/` (a log line, a metric) is
-            // not a request.
+            // come. So is `GET` and a target without a version: HTTP/0.9, yet
+            // Python reads headers after it too (and our server refuses it,
+            // 400); any other line without a version is not a request, nor is
+            // a line that merely mentions `HTTP/` (a log line, a metric).
             let words: Vec<&[u8]> = line[method_len..]
                 .split(|&b| is_space(b))
                 .filter(|w| !w.is_empty())
@@ -143,7 +146,8 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
                 && words
                     .last()
                     .is_some_and(|v| v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/"));
-            Some(if versioned {
+            let http09 = words.len() == 1 && &line[..method_len] == b"GET";
+            Some(if versioned || http09 {
                 Protocol::Http1
             } else {
                 Protocol::Opaque
@@ -159,12 +163,6 @@ fn is_space(b: u8) -> bool {
         b,
         b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
     )
-}
-
-/// A byte that some server takes in a request line after the method: any but
-/// the controls (lenient ones take bytes above 0x7f in a target).
-fn is_line_byte(b: u8) -> bool {
-    is_space(b) || matches!(b, 0x21..=0x7e | 0x80..=0xff)
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -216,8 +214,12 @@ mod tests {
         long.extend(std::iter::repeat_n(b'a', 9000));
         assert_eq!(classify(&long, m), Some(Protocol::Http1));
         assert_eq!(classify(&long[..4000], m), None);
-        // Bytes no request line holds decide at once.
-        assert_eq!(classify(b"AB \x00\x01", m), Some(Protocol::Opaque));
+        // Bytes a strict server refuses in a request line decide nothing
+        // until the line ends: a lenient one may take them. A method followed
+        // at once by such a byte is no request line at all.
+        assert_eq!(classify(b"AB \x00\x01", m), None);
+        assert_eq!(classify(b"AB \x00\x01\r\n", m), Some(Protocol::Opaque));
+        assert_eq!(classify(b"AB\x00\x01", m), Some(Protocol::Opaque));
         // Lines lenient servers read as requests with headers, and strict
         // ones refuse: HTTP, for ours to refuse.
         for line in [
@@ -232,9 +234,24 @@ mod tests {
         ] {
             assert_eq!(classify(line, m), Some(Protocol::Http1), "{line:?}");
         }
-        // No version: HTTP/0.9 at most, which has no headers.
-        assert_eq!(classify(b"GET /\r\n", m), Some(Protocol::Opaque));
+        // No version: HTTP/0.9, headers after which Python's server reads
+        // (a forged `strait-client-id` among them), so HTTP, for ours to
+        // refuse. Other lines without a version are not requests.
+        assert_eq!(classify(b"GET /\r\n", m), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"GET /x\r\nstrait-client-id: a\r\n\r\n", m),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(b"SET key value\r\n", m), Some(Protocol::Opaque));
+        assert_eq!(classify(b"GET a b\r\n", m), Some(Protocol::Opaque));
+        // A control byte before the line ends: a lenient server still takes
+        // it once the line is complete, so the line decides.
+        assert_eq!(classify(b"GET /\x7f", m), None);
+        assert_eq!(classify(b"GET /\x01", m), None);
+        assert_eq!(
+            classify(b"GET /\x7f HTTP/1.1\r\n", m),
+            Some(Protocol::Http1)
+        );
         // Lines that mention a version without being requests: a log line
         // shipped over TCP, a metric, a cache key.
         for line in [

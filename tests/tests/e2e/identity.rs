@@ -960,6 +960,8 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
         "  GET /client-id HTTP/1.1",
         "GET /client-id HTTP/1.10",
         "GET /client-id HTTP/1.1 ",
+        // HTTP/0.9, after which Python's server reads headers all the same.
+        "GET /client-id",
     ] {
         let mut stream = lenient_app.port().to_be_bytes().to_vec();
         stream.extend(
@@ -991,6 +993,18 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let rsp = send_raw(&mut s, &[rest.as_bytes()]).await;
     assert_eq!(body(&rsp), "none", "a pause within the request line");
+
+    // A control byte in the request line, and a pause before its end: the
+    // line decides, not the byte.
+    let mut s = tokio::net::TcpStream::connect(m.web.inbound).await.unwrap();
+    let req = forged_get("/client-id\x7f");
+    let (start, rest) = req.split_at("GET /client-id\x7f".len());
+    s.write_all(start.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rsp = send_raw(&mut s, &[rest.as_bytes()]).await;
+    let text = String::from_utf8_lossy(&rsp);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(!text.contains(FORGED_ID), "reached the app: {text}");
 
     // A meshed app's request whose line is longer than detection reads: HTTP
     // through both proxies, not opaque bytes.
