@@ -149,6 +149,7 @@ impl Source for KubernetesSource {
         let mut index = Index::new(&self.trust_domain);
         let mut published = false;
         while let Some(first) = changes.recv().await {
+            let since = tokio::time::Instant::now();
             index.apply(first);
             // Whatever else has arrived within the debounce goes in the same snapshot.
             let deadline = tokio::time::Instant::now() + defaults::MANIFEST_DEBOUNCE;
@@ -158,8 +159,9 @@ impl Source for KubernetesSource {
             index.seal();
             let whole = index.listed.len() == Kind::ALL.len();
             if whole && index.dirty {
-                self.metrics.observe_snapshot(&index.snap);
-                if tx.send(Arc::new(index.snap.clone())).is_err() {
+                let snap = index.publish(since);
+                self.metrics.observe_snapshot(&snap);
+                if tx.send(snap).is_err() {
                     break;
                 }
                 index.dirty = false;
@@ -200,6 +202,16 @@ struct Index {
 }
 
 impl Index {
+    /// The snapshot to serve for the changes first seen at `since`: numbered
+    /// after the last one, and dated by that change, which is what push
+    /// latency and the proxies' discovery lag are measured from (left as
+    /// they were, they measured the controller's uptime).
+    fn publish(&mut self, since: tokio::time::Instant) -> Arc<Snapshot> {
+        self.snap.version += 1;
+        self.snap.built = since;
+        Arc::new(self.snap.clone())
+    }
+
     fn new(trust_domain: &str) -> Self {
         Index {
             snap: Snapshot::empty(trust_domain),
@@ -484,6 +496,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::index::ObjKey;
+    use std::time::Duration;
 
     fn refused(kind: Kind, name: &str, initial: bool) -> Change {
         Change::Apply {
@@ -499,6 +512,22 @@ mod tests {
         for k in Kind::ALL {
             index.apply(Change::Listed(k));
         }
+    }
+
+    /// Each snapshot served is numbered after the last and dated by the
+    /// change that made it, not by when the index was first built.
+    #[tokio::test(start_paused = true)]
+    async fn a_published_snapshot_is_numbered_and_dated_by_its_change() {
+        let mut index = Index::new("cluster.local");
+        listed(&mut index);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        let changed = tokio::time::Instant::now();
+        let first = index.publish(changed);
+        assert_eq!((first.version, first.built), (1, changed));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let second = index.publish(tokio::time::Instant::now());
+        assert_eq!(second.version, 2);
+        assert_eq!(second.built.elapsed(), Duration::ZERO);
     }
 
     #[test]
