@@ -331,6 +331,19 @@ impl SnapshotBuilder {
             ));
         }
         let mut endpoints = Vec::new();
+        // Proxies listen on IPv4 only: a dual-stack Service's IPv6 slice lists
+        // the same pods again at addresses where no proxy answers, and an
+        // FQDN slice has no addresses to dial. Neither adds endpoints.
+        if es.address_type != "IPv4" {
+            return Ok((
+                ObjKey {
+                    namespace: k.namespace.clone(),
+                    name: svc.clone(),
+                },
+                k.name,
+                SliceInfo { ports, endpoints },
+            ));
+        }
         for (i, e) in es.endpoints.iter().enumerate() {
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             let pod = e

@@ -209,7 +209,10 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
     endpoints
 }
 
-/// An endpoint at `addr`, with its pod's proxy and identity when it is meshed.
+/// An endpoint at `addr`, with its pod's proxy and identity when it is meshed
+/// for that port: a Service port that targets the proxy's own ports or a port
+/// it skips (`strait.dev/skip-inbound-ports`) reaches the pod as it is, as the
+/// pod's own address does.
 fn endpoint(
     snap: &Snapshot,
     addr: SocketAddr,
@@ -217,7 +220,7 @@ fn endpoint(
     zone: String,
 ) -> api::Endpoint {
     let (proxy_port, identity, labels) = match pod {
-        Some((k, p)) if p.inbound_port.is_some() => (
+        Some((k, p)) if p.proxied_port(addr.port()) => (
             u32::from(p.inbound_port.unwrap_or(defaults::DEFAULT_INBOUND_PORT)),
             Some(api::WorkloadIdentity {
                 spiffe_id: format!(
@@ -464,6 +467,32 @@ spec:
         );
     }
 
+    /// A dual-stack Service has a slice per family, listing the same pods;
+    /// proxies listen on IPv4 only, so the IPv6 one adds no endpoints (nor
+    /// does an FQDN one, which has no addresses to dial).
+    #[test]
+    fn only_ipv4_slices_bring_endpoints() {
+        let yaml = format!(
+            "{MESH}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v6, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [\"fd00::1\"]}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-fqdn, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: FQDN
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [db.example.com]}}]
+"
+        );
+        let s = service(&snapshot(&yaml), &svc("shop", "web", 80));
+        assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
+    }
+
     /// A backendRef whose Service is gone is left out of the backends, while
     /// the route still names it: the proxies answer its share 500.
     #[test]
@@ -565,6 +594,44 @@ spec:
         assert_ne!(view(&snapshot(&reweighted), &key), before);
         let with_policy = format!("{MESH}---{POLICIES}");
         assert_ne!(view(&snapshot(&with_policy), &key), before);
+    }
+
+    /// A Service port that targets the proxy's own ports, or a port the pod's
+    /// proxy skips, reaches the pod as it is: sent as meshed, the client's
+    /// proxy would dial the peer's inbound port, which refuses them.
+    #[test]
+    fn a_service_port_the_proxy_does_not_serve_is_not_meshed() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143", strait.dev/skip-inbound-ports: "9000"}}
+spec: {serviceAccountName: web, containers: [{name: web, image: web}]}
+status: {phase: Running, podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  ports:
+    - {name: http, port: 80, targetPort: 8080}
+    - {name: admin, port: 4191, targetPort: 4191}
+    - {name: skipped, port: 9000, targetPort: 9000}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: admin, port: 4191}, {name: skipped, port: 9000}]
+endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
+"#;
+        let s = snapshot(yaml);
+        let proxied = |port: u16| {
+            let e = &service(&s, &svc("shop", "web", port)).backends[0].endpoints[0];
+            (e.proxy_port, e.identity.is_some())
+        };
+        assert_eq!(proxied(80), (4143, true));
+        assert_eq!(proxied(4191), (0, false));
+        assert_eq!(proxied(9000), (0, false));
     }
 
     /// A client that dials a meshed pod's own address (a StatefulSet's pod,
