@@ -288,8 +288,21 @@ pub async fn exchange_over_tls(
     alpn: &[u8],
     bytes: &[u8],
 ) -> Vec<u8> {
+    exchange_over_tls_after(inbound, leaf, alpn, bytes, Duration::ZERO).await
+}
+
+/// As [`exchange_over_tls`], the handshake starting `pause` after the connect:
+/// a peer whose ClientHello is late (a lost segment, a throttled CPU).
+pub async fn exchange_over_tls_after(
+    inbound: std::net::SocketAddr,
+    leaf: Leaf,
+    alpn: &[u8],
+    bytes: &[u8],
+    pause: Duration,
+) -> Vec<u8> {
     let cfg = peer_client(leaf, alpn);
     let tcp = TcpStream::connect(inbound).await.expect("connect inbound");
+    tokio::time::sleep(pause).await;
     let name = ServerName::try_from("web.test.serviceaccount.identity.strait.cluster.local")
         .expect("name");
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))

@@ -65,7 +65,19 @@ impl Inbound {
         let Some(server) = self.shared.tls_server.clone() else {
             return crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
         };
-        match first(&acc.stream, self.shared.config.detect_timeout).await {
+        // Redirected to us: a client outside the mesh, since peer proxies dial
+        // the inbound port itself, which is never redirected. TLS from it is
+        // the app's own (an admission webhook's, an HTTPS endpoint's), carried
+        // as TCP under the port's policy like any other bytes, and a port
+        // declared opaque is not waited on here.
+        if target.is_some() {
+            return crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
+        }
+        // Dialled directly: a peer proxy, whose handshake may start late (a
+        // lost segment, a throttled CPU) and gets the handshake's time for it,
+        // or a plaintext client of a mesh without redirection, for whom
+        // nothing is settled before it speaks anyway.
+        match first(&acc.stream, defaults::TLS_HANDSHAKE_TIMEOUT).await {
             Some(First::Tls) => {
                 crate::boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
             }

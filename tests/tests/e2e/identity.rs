@@ -1018,6 +1018,34 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
     assert_eq!(m.backend.requests(), 4);
 }
 
+/// A peer proxy's handshake that starts past the detection timeout (a lost
+/// segment, a throttled CPU) is answered, not taken for a silent plaintext
+/// client and closed.
+#[tokio::test]
+async fn a_peers_handshake_that_starts_late_is_still_answered() {
+    let m = Mesh::start("web", None).await;
+    let port = m.backend.addr.port();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let leaf = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
+    let req = format!(
+        "GET /client-id HTTP/1.1\r\nhost: web\r\nstrait-target-port: {port}\r\nconnection: close\r\n\r\n"
+    );
+    // Past the detection timeout (300 ms).
+    let late = Duration::from_millis(600);
+    let rsp = strait_tests::pki::exchange_over_tls_after(
+        m.web.inbound,
+        leaf,
+        b"http/1.1",
+        req.as_bytes(),
+        late,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&rsp);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(CLIENT_ID), "{text}");
+}
+
 #[tokio::test]
 async fn a_server_that_speaks_first_is_still_reached_across_the_mesh() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

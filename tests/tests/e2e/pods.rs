@@ -851,6 +851,41 @@ async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
             }
         );
     }
+    // TLS from outside the mesh (the API server calling a webhook, an HTTPS
+    // scrape) to a workload no policy makes STRICT (the client pod's) is the
+    // app's own: carried to it as TCP, not taken for a peer proxy's mTLS,
+    // which it cannot finish.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const TLS_PORT: u16 = 9443;
+        let (listening_tx, listening) = tokio::sync::oneshot::channel();
+        let _tls_app = client.pod.run(move || async move {
+            let l = tokio::net::TcpListener::bind(("0.0.0.0", TLS_PORT))
+                .await
+                .expect("bind the app's TLS port");
+            let _ = listening_tx.send(());
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        listening.await.expect("the app listens");
+        // The start of a ClientHello: what the proxy decides on.
+        let hello = b"\x16\x03\x01\x00\x05hello";
+        let mut s = tokio::net::TcpStream::connect((client.pod.ip, TLS_PORT))
+            .await
+            .expect("connect to the client pod");
+        s.write_all(hello).await.unwrap();
+        let mut back = [0u8; 10];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await;
+        assert!(
+            matches!(read, Ok(Ok(_))) && &back == hello,
+            "TLS from outside the mesh did not reach the app: {read:?} {back:?}"
+        );
+        println!("TLS from outside the mesh to the client pod's {TLS_PORT}: reached the app");
+    }
     for (name, outcome, by_identity) in &rows {
         assert!(outcome.is_ok(), "{name}: {outcome:?}");
         assert!(
