@@ -254,7 +254,9 @@ impl Index {
                 if initial && let Some(seen) = self.relisting.get_mut(&kind) {
                     seen.insert(name.clone());
                 }
-                if let Some(st) = status {
+                if let Some(st) = status
+                    && self.statuses.get(&(kind, name.clone())) != Some(&*st)
+                {
                     self.statuses.insert((kind, name.clone()), *st);
                     self.statuses_dirty = true;
                     self.dirty = true;
@@ -275,6 +277,15 @@ impl Index {
                             self.refused_policies.remove(&name);
                         }
                         let key = (kind, name);
+                        // An update that changes nothing strait keeps (a Pod's
+                        // status, a resync) makes no new snapshot: each one
+                        // wakes every proxy's stream.
+                        if let Some(obj) = &obj
+                            && obj.id().is_some_and(|id| self.ids.get(&key) == Some(&id))
+                            && obj.is_in(&self.snap)
+                        {
+                            return;
+                        }
                         if let Some(old) = self.ids.remove(&key) {
                             old.remove_from(&mut self.snap);
                         }
@@ -512,6 +523,36 @@ mod tests {
         for k in Kind::ALL {
             index.apply(Change::Listed(k));
         }
+    }
+
+    /// An update that changes nothing the index keeps (a Pod's status moving
+    /// on, a resync) makes no new snapshot; one that does, does.
+    #[test]
+    fn an_update_that_changes_nothing_kept_makes_no_snapshot() {
+        let pod = |ready: bool, ip: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, annotations: {{strait.dev/inbound-port: \"4143\"}}}}\nspec: {{serviceAccountName: web, containers: [{{name: web, image: web}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}], conditions: [{{type: Ready, status: \"{}\"}}]}}\n",
+                if ready { "True" } else { "False" }
+            );
+            let obj = crate::manifests::parse_file(&yaml).unwrap().remove(0);
+            Change::Apply {
+                kind: Kind::Pod,
+                name: "shop/web-0".into(),
+                object: Box::new(Ok(Some(obj))),
+                status: None,
+                initial: false,
+            }
+        };
+        let mut index = Index::new("cluster.local");
+        listed(&mut index);
+        index.apply(pod(false, "10.1.0.9"));
+        assert!(index.dirty);
+        index.dirty = false;
+        // Readiness is the EndpointSlice's to say: nothing kept of the Pod moved.
+        index.apply(pod(true, "10.1.0.9"));
+        assert!(!index.dirty, "a Pod status update made a snapshot");
+        index.apply(pod(true, "10.1.0.10"));
+        assert!(index.dirty, "a new address made none");
     }
 
     /// Each snapshot served is numbered after the last and dated by the

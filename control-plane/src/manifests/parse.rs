@@ -98,6 +98,25 @@ impl Object {
         })
     }
 
+    /// Whether `snap` already holds this object as it is: applying it again
+    /// would change nothing a view is made of.
+    pub fn is_in(&self, snap: &Snapshot) -> bool {
+        match self {
+            Object::Service(k, s) => snap.services.get(k) == Some(s),
+            Object::EndpointSlice(svc, name, s) => {
+                snap.slices.get(svc).and_then(|m| m.get(name)) == Some(s)
+            }
+            Object::Pod(k, p) => snap.pods.get(k) == Some(p),
+            Object::Token(d, sa) => snap.tokens.get(d) == Some(sa),
+            Object::Authorization(k, a) => snap.authorizations.get(k) == Some(a),
+            Object::HttpRoute(k, r) => snap.routes.get(k) == Some(r),
+            Object::BackendPolicy(svc, name, p) => {
+                snap.backend_policies.get(svc).and_then(|m| m.get(name)) == Some(p)
+            }
+            Object::Other { .. } => true,
+        }
+    }
+
     /// As `add_to`, moving the object in rather than copying it.
     pub fn insert_into(self, snap: &mut Snapshot) {
         match self {
