@@ -65,7 +65,13 @@ impl StatusInput {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter(|p| p["kind"].as_str() == Some("Service"))
+                    // A core Service: a `Service` of another group is not
+                    // strait's to report on. One without a group is, to say
+                    // the route is refused for it.
+                    .filter(|p| {
+                        p["kind"].as_str() == Some("Service")
+                            && p["group"].as_str().is_none_or(crate::routes::core_group)
+                    })
                     .filter_map(|p| {
                         Some(ParentRef {
                             name: str_at(p, "/name")?,
@@ -359,5 +365,28 @@ pub async fn write(
             r = snapshot.changed() => if r.is_err() { return },
             r = leader.changed() => if r.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only core Services are strait's parents to report on: a `Service`
+    /// kind of another API group belongs to whoever serves that group.
+    #[test]
+    fn a_service_parent_of_another_group_is_not_strait_s() {
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r"},
+            "spec": {"parentRefs": [
+                {"group": "", "kind": "Service", "name": "web"},
+                {"group": "core", "kind": "Service", "name": "api"},
+                {"group": "mesh.example.io", "kind": "Service", "name": "theirs"},
+                {"kind": "Service", "name": "no-group"},
+                {"name": "a-gateway"}
+            ]}
+        });
+        let s = StatusInput::of(Kind::HttpRoute, &route, None);
+        assert_eq!(s.targets, ["web", "api", "no-group"]);
     }
 }

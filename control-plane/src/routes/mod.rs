@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use strait_api::v1 as api;
 
+pub(crate) use parse::core_group;
 pub use parse::parse;
 
 use crate::index::view::service_name;

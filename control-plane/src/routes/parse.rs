@@ -162,7 +162,8 @@ pub(super) fn port(field: String, p: i64) -> Result<u16, SpecError> {
         .ok_or_else(|| SpecError::new(field, format!("{p} is not a port (1-65535)")))
 }
 
-fn core_group(group: &str) -> bool {
+/// The core API group, as a parentRef or backendRef writes it.
+pub(crate) fn core_group(group: &str) -> bool {
     group.is_empty() || group == "core"
 }
 
