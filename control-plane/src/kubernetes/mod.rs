@@ -254,12 +254,21 @@ impl Index {
                 if initial && let Some(seen) = self.relisting.get_mut(&kind) {
                     seen.insert(name.clone());
                 }
-                if let Some(st) = status
-                    && self.statuses.get(&(kind, name.clone())) != Some(&*st)
-                {
-                    self.statuses.insert((kind, name.clone()), *st);
-                    self.statuses_dirty = true;
-                    self.dirty = true;
+                match status {
+                    Some(st) if self.statuses.get(&(kind, name.clone())) != Some(&*st) => {
+                        self.statuses.insert((kind, name.clone()), *st);
+                        self.statuses_dirty = true;
+                        self.dirty = true;
+                    }
+                    Some(_) => {}
+                    // No longer strait's to report on (a route that lost its
+                    // Service parents, its entries taken out): not kept.
+                    None => {
+                        if self.statuses.remove(&(kind, name.clone())).is_some() {
+                            self.statuses_dirty = true;
+                            self.dirty = true;
+                        }
+                    }
                 }
                 match *object {
                     // A bad object keeps its last good form (or stays out),
@@ -406,9 +415,13 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
                 let parsed = parse_object(v.clone()).map_err(|e| e.to_string());
                 let error = parsed.as_ref().err().cloned();
                 let object = parsed.map(|mut objects| objects.pop().filter(|o| o.id().is_some()));
-                // An HTTPRoute of Gateways only is not strait's to report on.
+                // An HTTPRoute of Gateways only is not strait's to report on,
+                // unless strait's entries from when it had a Service parent
+                // are still there, to be taken out.
                 let status = StatusInput::of(kind, &v, error);
-                let ours = kind != Kind::HttpRoute || !status.targets.is_empty();
+                let ours = kind != Kind::HttpRoute
+                    || !status.targets.is_empty()
+                    || status.has_entries_of_ours();
                 let status = ours.then(|| Box::new(status));
                 (object, status)
             })
@@ -523,6 +536,32 @@ mod tests {
         for k in Kind::ALL {
             index.apply(Change::Listed(k));
         }
+    }
+
+    /// A route no longer strait's to report on (its Service parents gone,
+    /// its entries taken out) is no longer kept among the statuses.
+    #[test]
+    fn a_status_no_longer_reported_on_is_dropped() {
+        let route = |status: Option<StatusInput>| Change::Apply {
+            kind: Kind::HttpRoute,
+            name: "shop/r".into(),
+            object: Box::new(Ok(None)),
+            status: status.map(Box::new),
+            initial: false,
+        };
+        let input = StatusInput::of(
+            Kind::HttpRoute,
+            &serde_json::json!({"metadata": {"namespace": "shop", "name": "r"},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}}),
+            None,
+        );
+        let mut index = Index::new("cluster.local");
+        listed(&mut index);
+        index.apply(route(Some(input)));
+        assert_eq!(index.statuses.len(), 1);
+        index.statuses_dirty = false;
+        index.apply(route(None));
+        assert!(index.statuses.is_empty() && index.statuses_dirty);
     }
 
     /// An update that changes nothing the index keeps (a Pod's status moving

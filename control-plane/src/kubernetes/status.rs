@@ -6,10 +6,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::Kind;
@@ -117,7 +119,53 @@ impl StatusInput {
     }
 }
 
+impl StatusInput {
+    /// Whether its status, as read, holds entries strait wrote.
+    pub fn has_entries_of_ours(&self) -> bool {
+        self.current["parents"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == CONTROLLER_NAME))
+    }
+}
+
 pub type Statuses = Arc<HashMap<(Kind, String), StatusInput>>;
+
+/// A status write the API server refused is tried again after this long, or
+/// at once when the object changes (a conflict's newer version arriving).
+const RETRY_REFUSED_WRITE: Duration = Duration::from_secs(30);
+
+/// Status writes the API server refused (a conflict, a denial, an invalid
+/// status), so that a refusal is not repeated at every snapshot: by object,
+/// the version it was for and when.
+#[derive(Debug, Default)]
+struct Refused(HashMap<(Kind, String), (String, Instant)>);
+
+impl Refused {
+    /// Whether the write for `version` of `key` waits: refused for that very
+    /// version less than `RETRY_REFUSED_WRITE` ago.
+    fn holds_back(&self, key: &(Kind, String), version: &str) -> bool {
+        self.0
+            .get(key)
+            .is_some_and(|(v, at)| v == version && at.elapsed() < RETRY_REFUSED_WRITE)
+    }
+
+    fn record(&mut self, key: &(Kind, String), version: &str) {
+        self.0
+            .insert(key.clone(), (version.to_string(), Instant::now()));
+    }
+
+    fn forget(&mut self, key: &(Kind, String)) {
+        self.0.remove(key);
+    }
+
+    /// When the first write held back may be tried again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.0
+            .values()
+            .map(|(_, at)| *at + RETRY_REFUSED_WRITE)
+            .min()
+    }
+}
 
 fn condition(
     kind: &str,
@@ -313,6 +361,7 @@ pub async fn write(
     mut leader: watch::Receiver<bool>,
 ) {
     let mut written: HashMap<(Kind, String), Value> = HashMap::new();
+    let mut refused = Refused::default();
     loop {
         if *leader.borrow_and_update() {
             let (all, snap) = (
@@ -323,6 +372,9 @@ pub async fn write(
                 let want = desired(s, &snap);
                 let said = without_times(&want);
                 if said == without_times(&s.current) || written.get(key) == Some(&said) {
+                    continue;
+                }
+                if refused.holds_back(key, &s.resource_version) {
                     continue;
                 }
                 // Losing the lease stops writing at once, mid-round included.
@@ -350,20 +402,28 @@ pub async fn write(
                     Ok(_) => {
                         debug!(kind = ?s.kind, object = %key.1, "status written");
                         written.insert(key.clone(), said);
+                        refused.forget(key);
                     }
                     Err(e) => {
-                        warn!(kind = ?s.kind, object = %key.1, error = %e, "cannot write status")
+                        warn!(kind = ?s.kind, object = %key.1, error = %e, retry_in = ?RETRY_REFUSED_WRITE, "cannot write status");
+                        refused.record(key, &s.resource_version);
                     }
                 }
             }
             written.retain(|k, _| all.contains_key(k));
+            refused.0.retain(|k, _| all.contains_key(k));
         } else {
             written.clear();
+            refused.0.clear();
         }
+        // A refused write is tried again once its wait is over, whatever else
+        // happens meanwhile.
+        let retry = refused.next_retry();
         tokio::select! {
             r = statuses.changed() => if r.is_err() { return },
             r = snapshot.changed() => if r.is_err() { return },
             r = leader.changed() => if r.is_err() { return },
+            () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {}
         }
     }
 }
@@ -371,6 +431,50 @@ pub async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused write waits before it is tried again for the same version
+    /// of the object; a newer version is tried at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_write_is_not_repeated_at_every_snapshot() {
+        let key = (Kind::HttpRoute, "shop/r".to_string());
+        let mut refused = Refused::default();
+        assert!(!refused.holds_back(&key, "7"));
+        refused.record(&key, "7");
+        let at = Instant::now();
+        assert!(refused.holds_back(&key, "7"));
+        assert!(!refused.holds_back(&key, "8"), "a newer version waits");
+        assert_eq!(refused.next_retry(), Some(at + RETRY_REFUSED_WRITE));
+        tokio::time::advance(RETRY_REFUSED_WRITE).await;
+        assert!(!refused.holds_back(&key, "7"));
+        refused.forget(&key);
+        assert_eq!(refused.next_retry(), None);
+    }
+
+    /// A route that no longer has a Service parent still has strait's
+    /// entries taken out of its status; other controllers' stay.
+    #[test]
+    fn strait_s_entries_of_a_route_without_service_parents_are_taken_out() {
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r"},
+            "spec": {"parentRefs": [{"name": "a-gateway"}]},
+            "status": {"parents": [
+                {"parentRef": {"group": "", "kind": "Service", "name": "web"},
+                 "controllerName": CONTROLLER_NAME, "conditions": []},
+                {"parentRef": {"name": "a-gateway"},
+                 "controllerName": "example.io/gateway", "conditions": []}
+            ]}
+        });
+        let s = StatusInput::of(Kind::HttpRoute, &route, None);
+        assert!(s.targets.is_empty() && s.has_entries_of_ours());
+        let want = desired(&s, &Snapshot::empty("cluster.local"));
+        assert_eq!(
+            want["parents"],
+            serde_json::json!([{"parentRef": {"name": "a-gateway"},
+                "controllerName": "example.io/gateway", "conditions": []}])
+        );
+        let ours_gone = serde_json::json!({"metadata": route["metadata"], "spec": route["spec"], "status": want});
+        assert!(!StatusInput::of(Kind::HttpRoute, &ours_gone, None).has_entries_of_ours());
+    }
 
     /// Only core Services are strait's parents to report on: a `Service`
     /// kind of another API group belongs to whoever serves that group.
