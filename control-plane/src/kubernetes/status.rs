@@ -134,6 +134,29 @@ pub type Statuses = Arc<HashMap<(Kind, String), StatusInput>>;
 /// at once when the object changes (a conflict's newer version arriving).
 const RETRY_REFUSED_WRITE: Duration = Duration::from_secs(30);
 
+/// The status to write for `s` (and what it says, times aside), if one is
+/// due: not when the object already says it or it was written, nor while a
+/// refused write for this version waits. A refusal is forgotten once nothing
+/// is left to write, so that no retry stays armed for it.
+fn to_write(
+    key: &(Kind, String),
+    s: &StatusInput,
+    snap: &Snapshot,
+    written: &HashMap<(Kind, String), Value>,
+    refused: &mut Refused,
+) -> Option<(Value, Value)> {
+    let want = desired(s, snap);
+    let said = without_times(&want);
+    if said == without_times(&s.current) || written.get(key) == Some(&said) {
+        refused.forget(key);
+        return None;
+    }
+    if refused.holds_back(key, &s.resource_version) {
+        return None;
+    }
+    Some((want, said))
+}
+
 /// Status writes the API server refused (a conflict, a denial, an invalid
 /// status), so that a refusal is not repeated at every snapshot: by object,
 /// the version it was for and when.
@@ -369,14 +392,9 @@ pub async fn write(
                 snapshot.borrow_and_update().clone(),
             );
             for (key, s) in all.iter() {
-                let want = desired(s, &snap);
-                let said = without_times(&want);
-                if said == without_times(&s.current) || written.get(key) == Some(&said) {
+                let Some((want, said)) = to_write(key, s, &snap, &written, &mut refused) else {
                     continue;
-                }
-                if refused.holds_back(key, &s.resource_version) {
-                    continue;
-                }
+                };
                 // Losing the lease stops writing at once, mid-round included.
                 if !*leader.borrow() {
                     break;
@@ -447,6 +465,34 @@ mod tests {
         tokio::time::advance(RETRY_REFUSED_WRITE).await;
         assert!(!refused.holds_back(&key, "7"));
         refused.forget(&key);
+        assert_eq!(refused.next_retry(), None);
+    }
+
+    /// A refused write whose status arrived anyway (the write landed though
+    /// its answer did not, another replica wrote it) leaves no retry armed:
+    /// an expired one would wake the writer at once, round after round.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_forgotten_once_nothing_is_left_to_write() {
+        let snap = Snapshot::empty("cluster.local");
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r", "resourceVersion": "7"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}
+        });
+        let s = StatusInput::of(Kind::HttpRoute, &route, None);
+        let key = (Kind::HttpRoute, "shop/r".to_string());
+        let (written, mut refused) = (HashMap::new(), Refused::default());
+        let (want, _) =
+            to_write(&key, &s, &snap, &written, &mut refused).expect("a status to write");
+        refused.record(&key, "7");
+        assert!(
+            to_write(&key, &s, &snap, &written, &mut refused).is_none(),
+            "held back"
+        );
+        let mut landed = route.clone();
+        landed["status"] = want;
+        landed["metadata"]["resourceVersion"] = "8".into();
+        let s = StatusInput::of(Kind::HttpRoute, &landed, None);
+        assert!(to_write(&key, &s, &snap, &written, &mut refused).is_none());
         assert_eq!(refused.next_retry(), None);
     }
 
