@@ -165,10 +165,6 @@ impl Source for KubernetesSource {
                     break;
                 }
                 index.dirty = false;
-                if index.statuses_dirty {
-                    self.statuses.send_replace(Arc::new(index.statuses.clone()));
-                    index.statuses_dirty = false;
-                }
                 if !published {
                     published = true;
                     info!(
@@ -178,6 +174,11 @@ impl Source for KubernetesSource {
                         "index loaded from the API server"
                     );
                 }
+            }
+            // After the snapshot they are read against.
+            if whole && index.statuses_dirty {
+                self.statuses.send_replace(Arc::new(index.statuses.clone()));
+                index.statuses_dirty = false;
             }
             clean.send_if_modified(|c| std::mem::replace(c, whole) != whole);
         }
@@ -255,10 +256,12 @@ impl Index {
                     seen.insert(name.clone());
                 }
                 match status {
+                    // Statuses are published on their own: a status input
+                    // changing (each write of strait's own moves its version)
+                    // makes no snapshot.
                     Some(st) if self.statuses.get(&(kind, name.clone())) != Some(&*st) => {
                         self.statuses.insert((kind, name.clone()), *st);
                         self.statuses_dirty = true;
-                        self.dirty = true;
                     }
                     Some(_) => {}
                     // No longer strait's to report on (a route that lost its
@@ -266,7 +269,6 @@ impl Index {
                     None => {
                         if self.statuses.remove(&(kind, name.clone())).is_some() {
                             self.statuses_dirty = true;
-                            self.dirty = true;
                         }
                     }
                 }
@@ -289,10 +291,15 @@ impl Index {
                         // An update that changes nothing strait keeps (a Pod's
                         // status, a resync) makes no new snapshot: each one
                         // wakes every proxy's stream.
-                        if let Some(obj) = &obj
-                            && obj.id().is_some_and(|id| self.ids.get(&key) == Some(&id))
-                            && obj.is_in(&self.snap)
-                        {
+                        let unchanged = match &obj {
+                            Some(obj) => {
+                                obj.id().is_some_and(|id| self.ids.get(&key) == Some(&id))
+                                    && obj.is_in(&self.snap)
+                            }
+                            // Not strait's (a route of Gateways only), as before.
+                            None => !self.ids.contains_key(&key),
+                        };
+                        if unchanged {
                             return;
                         }
                         if let Some(old) = self.ids.remove(&key) {
@@ -592,6 +599,17 @@ mod tests {
         assert!(!index.dirty, "a Pod status update made a snapshot");
         index.apply(pod(true, "10.1.0.10"));
         assert!(index.dirty, "a new address made none");
+        index.dirty = false;
+        // A route of Gateways only, updated (a Gateway controller writing its
+        // status): nothing of it is held, nothing changes.
+        index.apply(Change::Apply {
+            kind: Kind::HttpRoute,
+            name: "shop/gateway-only".into(),
+            object: Box::new(Ok(None)),
+            status: None,
+            initial: false,
+        });
+        assert!(!index.dirty, "a route of Gateways only made a snapshot");
     }
 
     /// Each snapshot served is numbered after the last and dated by the
