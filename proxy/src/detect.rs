@@ -122,22 +122,31 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     match line_end {
+        // A control byte in a line not yet ended: no request line to a strict
+        // server, and most binary protocols (LDAP's BER, say) look like this,
+        // so opaque at once; but Python's server takes any byte in a target,
+        // so after a standard method and a path it decides nothing before the
+        // line ends (deciding would carry the rest raw, the headers after it
+        // too).
+        None if !line[method_len..].iter().all(|&b| is_line_byte(b))
+            && !method_and_path(line, method_len) =>
+        {
+            Some(Protocol::Opaque)
+        }
         // A request line longer than detection reads, or a method as long:
         // servers (Go's, hyper's) take a method of any length, so even a run
         // of letters with no space may yet be a request. A client-first
         // stream that opens with 8 KiB of letters and digits alone is carried
-        // as HTTP, then: declare its port opaque. Nor does a control byte
-        // decide before the line ends: Python's server takes any byte in a
-        // target, and deciding here would carry the rest of the line raw, the
-        // headers after it too.
+        // as HTTP, then: declare its port opaque.
         None => full.then_some(Protocol::Http1),
         Some(_) => {
             // As Python's server splits it: a method, a target and a version
             // (the last word, however spelled) is a request with headers to
-            // come. So is `GET` and a target without a version: HTTP/0.9, yet
+            // come. So is `GET` and a path without a version: HTTP/0.9, yet
             // Python reads headers after it too (and our server refuses it,
-            // 400); any other line without a version is not a request, nor is
-            // a line that merely mentions `HTTP/` (a log line, a metric).
+            // 400); any other line without a version is not a request (Redis's
+            // inline `GET key`), nor is a line that merely mentions `HTTP/` (a
+            // log line, a metric).
             let words: Vec<&[u8]> = line[method_len..]
                 .split(|&b| is_space(b))
                 .filter(|w| !w.is_empty())
@@ -146,7 +155,8 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
                 && words
                     .last()
                     .is_some_and(|v| v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/"));
-            let http09 = words.len() == 1 && &line[..method_len] == b"GET";
+            let http09 =
+                words.len() == 1 && &line[..method_len] == b"GET" && words[0].starts_with(b"/");
             Some(if versioned || http09 {
                 Protocol::Http1
             } else {
@@ -163,6 +173,22 @@ fn is_space(b: u8) -> bool {
         b,
         b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
     )
+}
+
+/// A byte that some server takes in a request line after the method: any but
+/// the controls (lenient ones take bytes above 0x7f in a target).
+fn is_line_byte(b: u8) -> bool {
+    is_space(b) || matches!(b, 0x21..=0x7e | 0x80..=0xff)
+}
+
+/// A standard method and then a path: the start of a request whatever bytes
+/// follow.
+fn method_and_path(line: &[u8], method_len: usize) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+    ];
+    METHODS.contains(&&line[..method_len])
+        && line[method_len..].iter().find(|&&b| !is_space(b)) == Some(&b'/')
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -214,11 +240,14 @@ mod tests {
         long.extend(std::iter::repeat_n(b'a', 9000));
         assert_eq!(classify(&long, m), Some(Protocol::Http1));
         assert_eq!(classify(&long[..4000], m), None);
-        // Bytes a strict server refuses in a request line decide nothing
-        // until the line ends: a lenient one may take them. A method followed
-        // at once by such a byte is no request line at all.
-        assert_eq!(classify(b"AB \x00\x01", m), None);
-        assert_eq!(classify(b"AB \x00\x01\r\n", m), Some(Protocol::Opaque));
+        // Bytes no request line holds decide at once (LDAP's anonymous bind,
+        // in BER), unless a standard method and a path came first, which a
+        // lenient server may take them in.
+        assert_eq!(classify(b"AB \x00\x01", m), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"0\x0c\x02\x01\x01\x60\x07\x02\x01\x03\x04\x00\x80\x00", m),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(classify(b"AB\x00\x01", m), Some(Protocol::Opaque));
         // Lines lenient servers read as requests with headers, and strict
         // ones refuse: HTTP, for ours to refuse.
@@ -244,6 +273,8 @@ mod tests {
         );
         assert_eq!(classify(b"SET key value\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET a b\r\n", m), Some(Protocol::Opaque));
+        // Redis's inline command: no path.
+        assert_eq!(classify(b"GET key\r\n", m), Some(Protocol::Opaque));
         // A control byte before the line ends: a lenient server still takes
         // it once the line is complete, so the line decides.
         assert_eq!(classify(b"GET /\x7f", m), None);

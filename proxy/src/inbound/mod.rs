@@ -76,13 +76,18 @@ impl Inbound {
         // Dialled directly: a peer proxy, whose handshake may start late (a
         // lost segment, a throttled CPU) and gets the handshake's time for it,
         // or a plaintext client of a mesh without redirection, for whom
-        // nothing is settled before it speaks anyway.
+        // nothing is settled before it speaks anyway. Silent all that time,
+        // it is neither: closed, rather than held for a header timeout more.
         match first(&acc.stream, defaults::TLS_HANDSHAKE_TIMEOUT).await {
             Some(First::Tls) => {
                 crate::boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
             }
-            Some(First::Other { silent }) => {
-                crate::boxed::pin(|| self.serve(acc.stream, target, None, silent, client)).await
+            Some(First::Other { silent: false }) => {
+                crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await
+            }
+            Some(First::Other { silent: true }) => {
+                self.shared.metrics.reject_tcp(DIRECTION, "silent");
+                debug!(client = %client.0, "silent on the inbound port past the handshake timeout; closed");
             }
             None => {}
         }
