@@ -125,11 +125,10 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // A control byte in a line not yet ended: no request line to a strict
         // server, and most binary protocols (LDAP's BER, say) look like this,
         // so opaque at once; but Python's server takes any byte in a target,
-        // so after a standard method and a path it decides nothing before the
-        // line ends (deciding would carry the rest raw, the headers after it
-        // too).
+        // so after a standard method it decides nothing before the line ends
+        // (deciding would carry the rest raw, the headers after it too).
         None if !line[method_len..].iter().all(|&b| is_line_byte(b))
-            && !method_and_path(line, method_len) =>
+            && !standard_method(&line[..method_len]) =>
         {
             Some(Protocol::Opaque)
         }
@@ -142,11 +141,11 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         Some(_) => {
             // As Python's server splits it: a method, a target and a version
             // (the last word, however spelled) is a request with headers to
-            // come. So is `GET` and a path without a version: HTTP/0.9, yet
-            // Python reads headers after it too (and our server refuses it,
-            // 400); any other line without a version is not a request (Redis's
-            // inline `GET key`), nor is a line that merely mentions `HTTP/` (a
-            // log line, a metric).
+            // come. So is `GET` and a target without a version: HTTP/0.9, yet
+            // Python reads headers after it too, whatever the target (and our
+            // server refuses it, 400); any other line without a version is not
+            // a request, nor is a line that merely mentions `HTTP/` (a log
+            // line, a metric).
             let words: Vec<&[u8]> = line[method_len..]
                 .split(|&b| is_space(b))
                 .filter(|w| !w.is_empty())
@@ -155,8 +154,7 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
                 && words
                     .last()
                     .is_some_and(|v| v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/"));
-            let http09 =
-                words.len() == 1 && &line[..method_len] == b"GET" && words[0].starts_with(b"/");
+            let http09 = words.len() == 1 && &line[..method_len] == b"GET";
             Some(if versioned || http09 {
                 Protocol::Http1
             } else {
@@ -181,14 +179,13 @@ fn is_line_byte(b: u8) -> bool {
     is_space(b) || matches!(b, 0x21..=0x7e | 0x80..=0xff)
 }
 
-/// A standard method and then a path: the start of a request whatever bytes
-/// follow.
-fn method_and_path(line: &[u8], method_len: usize) -> bool {
+/// One of HTTP's standard methods: followed by a space, the start of a
+/// request whatever bytes come after.
+fn standard_method(method: &[u8]) -> bool {
     const METHODS: [&[u8]; 9] = [
         b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
     ];
-    METHODS.contains(&&line[..method_len])
-        && line[method_len..].iter().find(|&&b| !is_space(b)) == Some(&b'/')
+    METHODS.contains(&method)
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -241,8 +238,8 @@ mod tests {
         assert_eq!(classify(&long, m), Some(Protocol::Http1));
         assert_eq!(classify(&long[..4000], m), None);
         // Bytes no request line holds decide at once (LDAP's anonymous bind,
-        // in BER), unless a standard method and a path came first, which a
-        // lenient server may take them in.
+        // in BER), unless a standard method came first, after which a lenient
+        // server may take them in a target.
         assert_eq!(classify(b"AB \x00\x01", m), Some(Protocol::Opaque));
         assert_eq!(
             classify(b"0\x0c\x02\x01\x01\x60\x07\x02\x01\x03\x04\x00\x80\x00", m),
@@ -273,12 +270,17 @@ mod tests {
         );
         assert_eq!(classify(b"SET key value\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET a b\r\n", m), Some(Protocol::Opaque));
-        // Redis's inline command: no path.
-        assert_eq!(classify(b"GET key\r\n", m), Some(Protocol::Opaque));
-        // A control byte before the line ends: a lenient server still takes
-        // it once the line is complete, so the line decides.
+        // Whatever the target: Python's server takes `GET x` too (Redis's
+        // inline `GET key` on a port not declared opaque is HTTP, then).
+        assert_eq!(classify(b"GET key\r\n", m), Some(Protocol::Http1));
+        // A control byte before the line ends, after a standard method: a
+        // lenient server still takes it once the line is complete, so the
+        // line decides, whatever the target.
         assert_eq!(classify(b"GET /\x7f", m), None);
         assert_eq!(classify(b"GET /\x01", m), None);
+        assert_eq!(classify(b"GET \x01/api", m), None);
+        assert_eq!(classify(b"OPTIONS *\x01", m), None);
+        assert_eq!(classify(b"GET x\x01", m), None);
         assert_eq!(
             classify(b"GET /\x7f HTTP/1.1\r\n", m),
             Some(Protocol::Http1)
