@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
-use strait_proxy::http::conn_guard::{ConnState, GuardedIo, InFlightLayer};
+use strait_proxy::http::conn_guard::{ConnState, GuardedIo, InFlightBody, InFlightLayer};
 use strait_proxy::http::normalize::check_head;
 use tokio::io::AsyncWriteExt;
 
@@ -26,7 +26,7 @@ fn rt() -> &'static tokio::runtime::Runtime {
     })
 }
 
-async fn guarded(mut req: Request<Incoming>) -> Result<Response<String>, Infallible> {
+async fn guarded(mut req: Request<InFlightBody<Incoming>>) -> Result<Response<String>, Infallible> {
     let status = match check_head(&mut req) {
         Ok(()) => {
             let h = req.headers();
