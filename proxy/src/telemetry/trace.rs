@@ -412,12 +412,12 @@ fn start_span<B>(
                 Some((ShortStr::bounded(a.host()), a.port_u16()))
             }),
     };
+    let method = method_name(req.method());
     Some(Started {
         cx,
         parent: parent_id,
-        method: method_name(req.method()),
-        method_original: (method_name(req.method()) == OTHER_METHOD)
-            .then(|| ShortStr::bounded(req.method().as_str())),
+        method,
+        method_original: (method == OTHER_METHOD).then(|| ShortStr::bounded(req.method().as_str())),
         version: req.version(),
         authority,
         // Bounded: the export queue counts spans, so spans are bounded in size.
