@@ -103,6 +103,11 @@ pub const H2_CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 /// Upstream addresses for which a connection pool is kept; beyond this the least
 /// recently used pool is dropped.
 pub const MAX_CLIENT_POOLS: usize = 4096;
+/// Largest message taken from the controller's streams. gRPC's default of
+/// 4 MiB is a Service of some 40,000 endpoints, or one AuthorizationPolicy
+/// of a hundred ports and a thousand identities (the all-ports entries are
+/// repeated in each port's); past it a proxy's view would freeze for good.
+pub const CONTROL_MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Kubernetes' default terminationGracePeriodSeconds is 30 s; drain a bit less.
 pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(25);

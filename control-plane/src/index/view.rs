@@ -219,7 +219,7 @@ fn endpoint(
     pod: Option<(&ObjKey, &PodInfo)>,
     zone: String,
 ) -> api::Endpoint {
-    let (proxy_port, identity, labels) = match pod {
+    let (proxy_port, identity) = match pod {
         Some((k, p)) if p.proxied_port(addr.port()) => (
             u32::from(p.inbound_port.unwrap_or(defaults::DEFAULT_INBOUND_PORT)),
             Some(api::WorkloadIdentity {
@@ -228,11 +228,12 @@ fn endpoint(
                     snap.trust_domain, k.namespace, p.service_account
                 ),
             }),
-            p.labels.clone().into_iter().collect(),
         ),
-        Some((_, p)) => (0, None, p.labels.clone().into_iter().collect()),
-        None => (0, None, Default::default()),
+        _ => (0, None),
     };
+    // No pod labels: proxies do not use them, they made up most of a view's
+    // bytes (a label edit pushed every watcher a new view), and any mesh
+    // member may watch any Service.
     api::Endpoint {
         addr: Some(api::SocketAddress {
             addr: addr.to_string(),
@@ -241,7 +242,6 @@ fn endpoint(
         identity,
         weight: 1,
         zone,
-        labels,
     }
 }
 
@@ -689,7 +689,6 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
             name: "db-0".into(),
         });
         let db1 = service(&s, &at("10.1.0.5"));
-        let labels = &db1.backends[0].endpoints[0].labels;
-        assert_eq!(labels.get("app").map(String::as_str), Some("db-1"));
+        assert_eq!(db1.backends[0].endpoints[0].proxy_port, 4143, "db-1's now");
     }
 }

@@ -93,7 +93,8 @@ impl Discovery {
     ) -> Arc<Self> {
         let d = Arc::new(Discovery {
             lag,
-            client: DiscoveryClient::new(super::authed(channel, &workload)),
+            client: DiscoveryClient::new(super::authed(channel, &workload))
+                .max_decoding_message_size(crate::defaults::CONTROL_MAX_MESSAGE_BYTES),
             workload,
             start: Instant::now(),
             watches: Mutex::default(),
@@ -291,5 +292,88 @@ async fn follow(
         }
         state.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use strait_api::v1::discovery_server::{Discovery as Serve, DiscoveryServer};
+
+    /// Answers every watch with one Service of `n` meshed endpoints.
+    struct Large(usize);
+
+    type Updates = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<api::DestinationUpdate, tonic::Status>> + Send>,
+    >;
+
+    #[tonic::async_trait]
+    impl Serve for Large {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            let endpoints = (0..self.0)
+                .map(|i| api::Endpoint {
+                    addr: Some(api::SocketAddress {
+                        addr: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255),
+                    }),
+                    proxy_port: 4143,
+                    identity: Some(api::WorkloadIdentity {
+                        spiffe_id: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                    }),
+                    weight: 1,
+                    zone: "europe-west1-b".into(),
+                })
+                .collect();
+            let update = api::DestinationUpdate {
+                kind: Some(api::destination_update::Kind::Service(api::Service {
+                    name: "web.shop.svc.cluster.local:80".into(),
+                    backends: vec![api::Backend {
+                        name: "web".into(),
+                        endpoints,
+                        policy: None,
+                    }],
+                    ..Default::default()
+                })),
+            };
+            use futures_util::StreamExt;
+            let s = futures_util::stream::once(async { Ok(update) })
+                .chain(futures_util::stream::pending());
+            Ok(tonic::Response::new(Box::pin(s)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_service_past_grpcs_default_message_size_is_taken_whole() {
+        const ENDPOINTS: usize = 60_000;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(DiscoveryServer::new(Large(ENDPOINTS)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = super::super::channel(&format!("http://{addr}"), None).unwrap();
+        let workload = Workload {
+            namespace: "shop".into(),
+            pod: "client-0".into(),
+            trust_domain: "cluster.local".into(),
+            token_file: None,
+        };
+        let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
+        let d = Discovery::new(channel, workload, lag);
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        let r = d.resolve(&dest, Duration::from_secs(10)).await;
+        let Some(Resolved {
+            resolution: Resolution::Service(s),
+            ..
+        }) = r
+        else {
+            panic!("no view of the Service");
+        };
+        assert_eq!(s.backends[0].endpoints.len(), ENDPOINTS);
     }
 }

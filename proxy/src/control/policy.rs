@@ -18,7 +18,8 @@ pub async fn follow(
     workload: Workload,
     tx: watch::Sender<Option<Arc<InboundPolicy>>>,
 ) {
-    let mut client = InboundPolicyClient::new(super::authed(channel, &workload));
+    let mut client = InboundPolicyClient::new(super::authed(channel, &workload))
+        .max_decoding_message_size(crate::defaults::CONTROL_MAX_MESSAGE_BYTES);
     let req = api::WatchWorkload {
         namespace: workload.namespace.clone(),
         pod: workload.pod.clone(),
