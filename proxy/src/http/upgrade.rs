@@ -9,20 +9,30 @@ use tracing::debug;
 use crate::tcp::TcpConfig;
 use crate::telemetry::{Direction, Metrics};
 
-/// True for `CONNECT` and for HTTP/1.1 requests asking to switch protocols.
+/// True for `CONNECT` and for HTTP/1.1 requests asking to switch protocols,
+/// other than to h2c. An `Upgrade: h2c` request goes on as the HTTP/1.1
+/// request it is, its `Upgrade` dropped with the other hop-by-hop fields (a
+/// server may always decline). Switched, the connection would be a tunnel of
+/// HTTP/2 requests the proxy never reads, each free to carry a forged
+/// `strait-client-id` and none decided by the policy; and the proxies speak
+/// HTTP/2 between them anyway.
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     if req.version() >= http::Version::HTTP_2 {
         return false;
     }
     req.method() == Method::CONNECT
         || (req.headers().contains_key(header::UPGRADE)
-            && req
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            && tokens(req.headers(), header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
+            && !tokens(req.headers(), header::UPGRADE).any(|t| t.eq_ignore_ascii_case("h2c")))
+}
+
+/// The comma-separated tokens of every `name` field.
+fn tokens(h: &http::HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
+    h.get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// In an upgrade request's extensions when a layer above may later withdraw
@@ -75,4 +85,37 @@ pub async fn splice(
         direction,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(upgrade: &str) -> Request<()> {
+        Request::builder()
+            .uri("/")
+            .header(header::CONNECTION, "keep-alive, Upgrade, HTTP2-Settings")
+            .header(header::UPGRADE, upgrade)
+            .header("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA")
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_goes_on_as_http_1_without_it() {
+        assert!(is_upgrade_request(&req("websocket")));
+        for h2c in ["h2c", "H2C", "foo/1, h2c"] {
+            let mut r = req(h2c);
+            let keep = is_upgrade_request(&r);
+            assert!(!keep, "{h2c}");
+            crate::http::normalize::strip_hop_by_hop(r.headers_mut(), keep);
+            let h = r.headers();
+            assert!(
+                !h.contains_key(header::UPGRADE)
+                    && !h.contains_key(header::CONNECTION)
+                    && !h.contains_key("http2-settings"),
+                "{h:?}"
+            );
+        }
+    }
 }
