@@ -33,9 +33,10 @@ pub struct InstallArgs {
     /// The issuer's private key (PEM).
     #[arg(long, value_name = "FILE", requires_all = ["identity_trust_anchors_file", "identity_issuer_certificate_file"])]
     pub identity_issuer_key_file: Option<PathBuf>,
-    /// Trust domain of workload identities.
-    #[arg(long, default_value = defaults::TRUST_DOMAIN)]
-    pub trust_domain: String,
+    /// Trust domain of workload identities [default: the installed one, or
+    /// cluster.local].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
     /// The controller's image (default: this release's).
     #[arg(long, value_name = "IMAGE")]
     pub controller_image: Option<String>,
@@ -43,9 +44,9 @@ pub struct InstallArgs {
     #[arg(long, value_name = "IMAGE")]
     pub proxy_image: Option<String>,
     /// The iptables backend injected pods' init containers write with: the one
-    /// the nodes' kube-proxy uses.
-    #[arg(long, value_enum, default_value_t = crate::inject::IptablesMode::Nft)]
-    pub proxy_iptables_mode: crate::inject::IptablesMode,
+    /// the nodes' kube-proxy uses [default: the installed one, or nft].
+    #[arg(long, value_enum)]
+    pub proxy_iptables_mode: Option<crate::inject::IptablesMode>,
     /// Controller replicas: each serves proxies; one at a time writes status.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replicas: u16,
@@ -72,13 +73,16 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The manifests, keeping the identity of the install already in the cluster
 /// (as the chart does with `lookup`): applying them again, to change an image
 /// or the replicas, must not replace the trust anchor and issuer under running
-/// controllers and proxies, which would each keep the old ones.
+/// controllers and proxies, which would each keep the old ones. Nor the
+/// settings not given again: a trust domain reset to the default would cut
+/// every running proxy off, and a reset iptables mode would give new pods
+/// rules the nodes cannot load.
 pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     let given = args.identity_trust_anchors_file.is_some();
     let existing = if given || args.ignore_cluster {
         None
     } else {
-        existing_identity().await?
+        existing_install().await?
     };
     render(&args.values(existing)?)
 }
@@ -98,10 +102,11 @@ fn has_kube_config() -> bool {
         })
 }
 
-/// The identity of the install in the cluster KUBECONFIG (or the in-cluster
-/// configuration) names; `None` when nothing names a cluster (rendering for
-/// elsewhere) or it has no install.
-async fn existing_identity() -> anyhow::Result<Option<Identity>> {
+/// The install in the cluster KUBECONFIG (or the in-cluster configuration)
+/// names; `None` when nothing names a cluster (rendering for elsewhere) or it
+/// has no install.
+async fn existing_install() -> anyhow::Result<Option<Installed>> {
+    use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     if !has_kube_config() {
         eprintln!(
@@ -117,14 +122,16 @@ async fn existing_identity() -> anyhow::Result<Option<Identity>> {
     let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
     let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), NAMESPACE);
-    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client, NAMESPACE);
-    let both = async {
+    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, NAMESPACE);
+    let all = async {
         Ok::<_, kube::Error>((
             secrets.get_opt(ISSUER_SECRET).await?,
             maps.get_opt(ANCHORS_CONFIG_MAP).await?,
+            deployments.get_opt(CONTROLLER).await?,
         ))
     };
-    let (secret, anchors) = tokio::time::timeout(LOOKUP_TIMEOUT, both)
+    let (secret, anchors, controller) = tokio::time::timeout(LOOKUP_TIMEOUT, all)
         .await
         .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
         .map_err(|e| cannot(&e))?;
@@ -158,7 +165,38 @@ async fn existing_identity() -> anyhow::Result<Option<Identity>> {
     eprintln!(
         "strait install: keeping the trust anchors and issuer of the install in the cluster ({NAMESPACE}/{ISSUER_SECRET})"
     );
-    Ok(Some(identity))
+    // The controller's own arguments say what it was installed with.
+    let args: Vec<String> = controller
+        .and_then(|d| d.spec?.template.spec)
+        .and_then(|p| p.containers.into_iter().find(|c| c.name == "controller"))
+        .and_then(|c| c.args)
+        .unwrap_or_default();
+    let arg = |flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(flag)?.strip_prefix('='))
+            .map(String::from)
+    };
+    let trust_domain = arg("--trust-domain");
+    let iptables_mode = arg("--proxy-iptables-mode")
+        .and_then(|m| <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok());
+    if trust_domain.is_none() {
+        eprintln!(
+            "strait install: Deployment {NAMESPACE}/{CONTROLLER} names no --trust-domain; pass --trust-domain if it is not {}",
+            defaults::TRUST_DOMAIN
+        );
+    }
+    Ok(Some(Installed {
+        identity,
+        trust_domain,
+        iptables_mode,
+    }))
+}
+
+/// What an install in the cluster was made with.
+pub struct Installed {
+    pub identity: Identity,
+    pub trust_domain: Option<String>,
+    pub iptables_mode: Option<crate::inject::IptablesMode>,
 }
 
 /// The identity material the install carries.
@@ -182,8 +220,22 @@ pub struct Values {
 }
 
 impl InstallArgs {
-    /// The values, with `existing` the identity of the install in the cluster.
-    pub fn values(&self, existing: Option<Identity>) -> anyhow::Result<Values> {
+    /// The values, with `existing` the install in the cluster.
+    pub fn values(&self, existing: Option<Installed>) -> anyhow::Result<Values> {
+        let installed = existing.as_ref().and_then(|e| e.trust_domain.as_deref());
+        let trust_domain = match (&self.trust_domain, installed) {
+            (Some(want), Some(have)) if want != have => anyhow::bail!(
+                "strait is installed with trust domain {have:?}: another would cut every running proxy off from the controller and its peers; leave --trust-domain out to keep it, or remove strait first to change it"
+            ),
+            (Some(want), _) => want.clone(),
+            (None, Some(have)) => have.to_string(),
+            (None, None) => defaults::TRUST_DOMAIN.to_string(),
+        };
+        let proxy_iptables_mode = self
+            .proxy_iptables_mode
+            .or(existing.as_ref().and_then(|e| e.iptables_mode))
+            .unwrap_or_default();
+        let existing = existing.map(|e| e.identity);
         let identity = match (
             &self.identity_trust_anchors_file,
             &self.identity_issuer_certificate_file,
@@ -212,7 +264,7 @@ impl InstallArgs {
                     "the installed issuer and trust anchors",
                 )?,
                 None => {
-                    let g = ca::generate(&self.trust_domain, GENERATED_VALIDITY)?;
+                    let g = ca::generate(&trust_domain, GENERATED_VALIDITY)?;
                     Identity {
                         anchors_pem: g.anchor_pem.clone(),
                         issuer_cert_pem: g.issuer_cert_pem.clone(),
@@ -223,7 +275,7 @@ impl InstallArgs {
         };
         Ok(Values {
             identity,
-            trust_domain: self.trust_domain.clone(),
+            trust_domain,
             controller_image: self
                 .controller_image
                 .clone()
@@ -232,7 +284,7 @@ impl InstallArgs {
                 .proxy_image
                 .clone()
                 .unwrap_or_else(defaults::proxy_image),
-            proxy_iptables_mode: self.proxy_iptables_mode,
+            proxy_iptables_mode,
             replicas: self.replicas,
             otlp_endpoint: self.otlp_endpoint.clone(),
             proxy_trace_sampling: self.proxy_trace_sampling.clone(),

@@ -573,7 +573,7 @@ fn installed_identity(manifests: &[u8]) -> (String, String) {
 /// `strait install` applied again (to change an image, the replicas) keeps the
 /// identity the cluster has: new anchors would be trusted by the API server's
 /// webhook call and new proxies, while running controllers and proxies kept
-/// the old ones.
+/// the old ones. So are the trust domain and iptables mode not given again.
 #[tokio::test]
 async fn strait_install_again_keeps_the_installed_identity() {
     let api = KubeApi::start().await;
@@ -588,7 +588,13 @@ async fn strait_install_again_keeps_the_installed_identity() {
             .output()
     };
     // An empty cluster: a new identity, applied.
-    let first = install(&[], &kubeconfig).await.unwrap();
+    let settings = [
+        "--trust-domain",
+        "corp.example",
+        "--proxy-iptables-mode",
+        "legacy",
+    ];
+    let first = install(&settings, &kubeconfig).await.unwrap();
     assert!(
         first.status.success(),
         "{}",
@@ -599,7 +605,10 @@ async fn strait_install_again_keeps_the_installed_identity() {
         .split("\n---\n")
     {
         let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
-        if matches!(v["kind"].as_str(), Some("ConfigMap" | "Secret")) {
+        if matches!(
+            v["kind"].as_str(),
+            Some("ConfigMap" | "Secret" | "Deployment")
+        ) {
             api.apply(doc);
         }
     }
@@ -611,6 +620,31 @@ async fn strait_install_again_keeps_the_installed_identity() {
     assert_eq!(installed_identity(&again.stdout), installed);
     assert!(
         stderr.contains("keeping the trust anchors and issuer"),
+        "{stderr}"
+    );
+    let again = String::from_utf8(again.stdout).unwrap();
+    for kept in [
+        "--trust-domain=corp.example",
+        "--proxy-iptables-mode=legacy",
+    ] {
+        assert!(again.contains(kept), "{kept} not kept");
+    }
+    assert!(again.contains("replicas: 3"));
+    // The iptables mode may change (the nodes did); the trust domain may not.
+    let nft = install(&["--proxy-iptables-mode", "nft"], &kubeconfig)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&nft.stdout).contains("--proxy-iptables-mode=nft"));
+    let moved = install(&["--trust-domain", "cluster.local"], &kubeconfig)
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&moved.stderr);
+    assert!(
+        !moved.status.success() && moved.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("installed with trust domain \"corp.example\""),
         "{stderr}"
     );
 
