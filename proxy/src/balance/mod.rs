@@ -357,8 +357,16 @@ impl Endpoints {
         }
         match &self.config.lb {
             LbConfig::RoundRobin => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n).find_map(|k| ok((start + k) % n).map(|a| ((start + k) % n, a)))
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                if let Some(a) = ok(turn % n) {
+                    return Some((turn % n, a));
+                }
+                // A turn of an endpoint out of use goes to the usable ones in
+                // turn: given to the next in line, a run of ejected neighbours
+                // (one node's pods, sorted by address) would all land on one.
+                let usable: Vec<(usize, Admit)> =
+                    (0..n).filter_map(|i| ok(i).map(|a| (i, a))).collect();
+                (!usable.is_empty()).then(|| usable[turn % usable.len()])
             }
             LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
                 // Rendezvous hashing: the same key picks the same endpoint on
@@ -388,8 +396,10 @@ impl Endpoints {
                     return Some(d);
                 }
             }
-            let start = rng.random_range(0..n);
-            (0..n).find_map(|k| usable((start + k) % n))
+            // Drawn among the usable, not the next usable after a draw,
+            // which would favour the endpoints after ejected ones.
+            let all: Vec<(usize, Admit)> = (0..n).filter_map(usable).collect();
+            (!all.is_empty()).then(|| all[rng.random_range(0..all.len())])
         };
         let a = draw(None)?;
         let Some(b) = draw(Some(a.0)) else {
@@ -995,6 +1005,37 @@ mod tests {
         // Gone from discovery: the last list stands.
         drop((second, third, newest));
         assert!(first.replacement().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_spreads_the_turns_of_ejected_endpoints_over_the_rest() {
+        let b = backend(
+            10,
+            BackendConfig {
+                lb: LbConfig::RoundRobin,
+                ..Default::default()
+            },
+        );
+        // Neighbours 0 to 4 (half, the cap) fail until ejected.
+        for _ in 0..200 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            if index(&f) < 5 {
+                f.failed();
+            } else {
+                f.success();
+            }
+        }
+        let mut counts = [0usize; 10];
+        for _ in 0..1000 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            counts[index(&f)] += 1;
+            f.success();
+        }
+        assert_eq!(counts[..5], [0; 5], "{counts:?}");
+        assert!(
+            counts[5..].iter().all(|c| (180..=220).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -51,9 +51,14 @@ impl BreakerConfig {
         }
     }
 
-    /// How many of `n` endpoints may be ejected at once.
+    /// How many of `n` endpoints may be ejected at once: one at least when
+    /// there are two, as Envoy does, or a small percentage (Istio's 10 on
+    /// fewer than ten endpoints) would turn the breaker off unseen.
     pub fn cap(&self, n: usize) -> usize {
-        n * self.max_ejected_percent as usize / 100
+        if n < 2 {
+            return 0;
+        }
+        (n * self.max_ejected_percent as usize / 100).max(1)
     }
 }
 
@@ -216,6 +221,18 @@ mod tests {
             max_ejection: Duration::from_secs(8),
             max_ejected_percent: 50,
         }
+    }
+
+    #[test]
+    fn a_small_percentage_still_ejects_one_of_a_few() {
+        let at = |pct| BreakerConfig {
+            max_ejected_percent: pct,
+            ..config()
+        };
+        assert_eq!(at(10).cap(5), 1);
+        assert_eq!(at(30).cap(3), 1);
+        assert_eq!(at(50).cap(10), 5);
+        assert_eq!(at(100).cap(1), 0, "a lone endpoint stays");
     }
 
     #[tokio::test(start_paused = true)]
