@@ -111,7 +111,12 @@ impl RouteMatch {
                 Some(Value::Regex(r)) => (None, Some(r)),
                 None => (None, None),
             };
-            headers.push((name, value("headers", e, r)?));
+            let v = value("headers", e, r)?;
+            // Gateway API: of entries naming one header (names are
+            // case-insensitive), only the first counts.
+            if !headers.iter().any(|(n, _)| *n == name) {
+                headers.push((name, v));
+            }
         }
         let mut query = Vec::new();
         for q in m.query_params {
@@ -121,7 +126,11 @@ impl RouteMatch {
                 Some(Value::Regex(r)) => (None, Some(r)),
                 None => (None, None),
             };
-            query.push((q.name, value("queryParams", e, r)?));
+            let v = value("queryParams", e, r)?;
+            // As for headers; query names are compared exactly.
+            if !query.iter().any(|(n, _)| *n == q.name) {
+                query.push((q.name, v));
+            }
         }
         Ok(RouteMatch {
             path,
@@ -152,10 +161,15 @@ impl RouteMatch {
             return false;
         }
         for (name, want) in &self.headers {
-            // Repeated headers match as their comma-joined value would; in
+            // A repeated header matches when any one of its values does; in
             // practice a match names single-valued headers.
             let mut values = req.headers().get_all(name).iter();
-            let ok = values.any(|v| v.to_str().is_ok_and(|v| want.is_match(v)));
+            let ok = values.any(|v| v.to_str().is_ok_and(|v| want.is_match(v)))
+                // HTTP/2 and gRPC carry the host in `:authority`, which GAMMA
+                // users match as `Host` (a match cannot name `:authority`).
+                || (name == http::header::HOST
+                    && !req.headers().contains_key(http::header::HOST)
+                    && req.uri().authority().is_some_and(|a| want.is_match(a.as_str())));
             if !ok {
                 return false;
             }
@@ -270,6 +284,59 @@ mod tests {
         assert!(!m.is_match(&req("POST", "/?v=3", &[("x-canary", "true")])));
         assert!(!m.is_match(&req("POST", "/?v=2", &[("x-canary", "false")])));
         assert!(!m.is_match(&req("POST", "/?v=2", &[])));
+    }
+
+    #[test]
+    fn of_entries_naming_one_field_the_first_counts() {
+        let exact = |v: &str| Some(api::header_match::Value::Exact(v.into()));
+        let m = RouteMatch::parse(api::HttpMatch {
+            headers: vec![
+                api::HeaderMatch {
+                    name: "X-V".into(),
+                    value: exact("a"),
+                },
+                api::HeaderMatch {
+                    name: "x-v".into(),
+                    value: exact("b"),
+                },
+            ],
+            query_params: ["1", "2"]
+                .map(|v| api::QueryParamMatch {
+                    name: "q".into(),
+                    value: Some(api::query_param_match::Value::Exact(v.into())),
+                })
+                .into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(m.is_match(&req("GET", "/?q=1", &[("x-v", "a")])));
+        assert!(!m.is_match(&req("GET", "/?q=1", &[("x-v", "b")])));
+        assert!(!m.is_match(&req("GET", "/?q=2", &[("x-v", "a")])));
+    }
+
+    #[test]
+    fn a_host_match_reads_the_authority_of_http_2() {
+        let m = RouteMatch::parse(api::HttpMatch {
+            headers: vec![api::HeaderMatch {
+                name: "host".into(),
+                value: Some(api::header_match::Value::Exact("api.shop:8080".into())),
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let h2 = |uri: &str| {
+            let mut r = req("POST", uri, &[]);
+            *r.version_mut() = http::Version::HTTP_2;
+            r
+        };
+        assert!(m.is_match(&h2("http://api.shop:8080/pkg.Svc/Call")));
+        assert!(!m.is_match(&h2("http://other.shop:8080/pkg.Svc/Call")));
+        assert!(m.is_match(&req("GET", "/", &[("host", "api.shop:8080")])));
+        assert!(!m.is_match(&req(
+            "GET",
+            "http://api.shop:8080/",
+            &[("host", "other.shop:8080")]
+        )));
     }
 
     #[test]
