@@ -49,9 +49,11 @@ impl RetryBudget {
         } else {
             (0, DEPOSIT)
         };
+        // In milliseconds of the ttl: a 1.5 s ttl holds 1.5 s of retries.
         let reserve = i64::from(min_per_second)
-            .saturating_mul(ttl.as_secs() as i64)
-            .saturating_mul(withdraw);
+            .saturating_mul(ttl.as_millis() as i64)
+            .saturating_mul(withdraw)
+            / 1000;
         RetryBudget {
             deposit,
             withdraw,
@@ -136,6 +138,8 @@ mod tests {
         let b = RetryBudget::new(Duration::from_secs(10), 2, 0.0);
         // 2 a second over 10 s.
         assert_eq!(allowed(&b, 1000), 20);
+        let b = RetryBudget::new(Duration::from_millis(1500), 10, 0.0);
+        assert_eq!(allowed(&b, 1000), 15);
     }
 
     #[tokio::test(start_paused = true)]

@@ -172,6 +172,15 @@ impl Policy {
         if rsp.extensions().get::<RequestNotSent>().is_some() {
             return true;
         }
+        // A proxy's answer to what the request itself did (a bad Host, a
+        // loop, a stalled body) would only come again.
+        if rsp
+            .extensions()
+            .get::<crate::http::error::ClientFaulted>()
+            .is_some()
+        {
+            return false;
+        }
         if self.config.codes.contains(&rsp.status().as_u16()) {
             return true;
         }
@@ -432,6 +441,13 @@ mod tests {
         bad.extensions_mut()
             .insert(crate::http::error::ClientFaulted);
         assert!(!p.retryable(true, &bad));
+        let mut bad = rsp(400).unwrap();
+        bad.extensions_mut()
+            .insert(crate::http::error::ClientFaulted);
+        assert!(
+            !policy(3, &[400]).retryable(false, &bad),
+            "whatever the codes"
+        );
         let relayed_loop = crate::http::error::error_response(
             http::StatusCode::BAD_REQUEST,
             "request loop: 10.0.0.7:4143 is this proxy",
