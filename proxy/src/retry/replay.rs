@@ -192,7 +192,11 @@ impl Body for ReplayBody {
                     } else {
                         s.copied += data.len();
                         s.cost += cost;
-                        s.copy.push(data.clone());
+                        // Copied, not shared: a chunk shares the buffer it
+                        // was read into, and a few bytes kept would hold the
+                        // whole of it (8 KiB and more a read), far past what
+                        // the limit counts.
+                        s.copy.push(Bytes::copy_from_slice(&data));
                         this.pos = s.copy.len();
                     }
                 }
@@ -261,6 +265,32 @@ mod tests {
         assert_eq!(second.replayable(false), Ok(()));
         let again = second.collect().await.unwrap().to_bytes();
         assert_eq!(again, "abcd");
+    }
+
+    #[tokio::test]
+    async fn the_copy_does_not_hold_the_buffers_its_chunks_were_read_into() {
+        // As a connection's reads hand them out: a few bytes of a large buffer.
+        let buffer = Bytes::from(vec![7u8; 64 * 1024]);
+        let (start, end) = (
+            buffer.as_ptr() as usize,
+            buffer.as_ptr() as usize + buffer.len(),
+        );
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(buffer.slice(0..10)))];
+        drop(buffer);
+        let body = crate::http::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let first = ReplayBody::new(body, 1024);
+        let mut second = first.again();
+        assert_eq!(first.collect().await.unwrap().to_bytes().len(), 10);
+        let kept = second.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(kept, [7u8; 10][..]);
+        let at = kept.as_ptr() as usize;
+        assert!(
+            !(start..end).contains(&at),
+            "the copy shares the 64 KiB read"
+        );
     }
 
     #[tokio::test]
