@@ -230,7 +230,19 @@ pub enum InjectError {
     },
     #[error("the pod is malformed: {0}")]
     Malformed(&'static str),
+    #[error("{0}")]
+    Conflict(String),
 }
+
+/// Containers of other meshes' injection: two sidecars would each redirect the
+/// pod's traffic, and Linkerd's proxy takes strait's very ports and user id.
+const OTHER_MESHES: [&str; 5] = [
+    "istio-proxy",
+    "istio-init",
+    "istio-validation",
+    "linkerd-proxy",
+    "linkerd-init",
+];
 
 /// The patch that injects `pod` (a Pod, or a workload's pod template: both
 /// have `metadata` and `spec`), or why it is left alone.
@@ -281,6 +293,42 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     };
     if named("initContainers", PROXY_CONTAINER) || named("containers", PROXY_CONTAINER) {
         return Ok(Outcome::Skip("already injected"));
+    }
+    // What an earlier injection left when its proxy was taken out by hand:
+    // added again, the names clash (the API server refuses the pod), and an
+    // init container alone would redirect the app's traffic to no proxy.
+    let volume = |name: &str| {
+        spec.get("volumes")
+            .and_then(Value::as_array)
+            .is_some_and(|vs| {
+                vs.iter()
+                    .any(|v| v.get("name").and_then(Value::as_str) == Some(name))
+            })
+    };
+    let left: Vec<&str> = [INIT_CONTAINER]
+        .into_iter()
+        .filter(|n| named("initContainers", n) || named("containers", n))
+        .chain(
+            [TOKEN_VOLUME, XTABLES_VOLUME]
+                .into_iter()
+                .filter(|v| volume(v)),
+        )
+        .collect();
+    if !left.is_empty() {
+        return Err(InjectError::Conflict(format!(
+            "the pod has {} from an earlier injection but no {PROXY_CONTAINER}: remove them, or the proxy too was meant to stay",
+            left.join(", ")
+        )));
+    }
+    let other: Vec<&str> = OTHER_MESHES
+        .into_iter()
+        .filter(|n| named("initContainers", n) || named("containers", n))
+        .collect();
+    if !other.is_empty() {
+        return Err(InjectError::Conflict(format!(
+            "the pod already has another mesh's {}: take it out of that mesh first (strait.dev/inject: disabled keeps strait out)",
+            other.join(", ")
+        )));
     }
     if !spec.get("containers").is_some_and(Value::is_array) {
         return Err(InjectError::Malformed("spec.containers is not a list"));

@@ -116,6 +116,42 @@ fn injecting_twice_changes_nothing() {
 }
 
 #[test]
+fn leftovers_of_an_injection_or_another_mesh_s_sidecar_are_refused_by_name() {
+    let once = applied(
+        pod(json!({INJECT: "enabled"}), app_spec()),
+        Namespace::NotEnabled,
+    );
+    // The proxy taken out by hand, the rest left.
+    let mut left = once.clone();
+    left["spec"]["initContainers"] = json!(
+        once["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["name"] != PROXY_CONTAINER)
+            .collect::<Vec<_>>()
+    );
+    let e = inject(&left, Namespace::Enabled, &settings()).unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("strait-init, strait-token, strait-xtables from an earlier injection"),
+        "{e}"
+    );
+    for (list, name) in [
+        ("containers", "linkerd-proxy"),
+        ("initContainers", "istio-init"),
+    ] {
+        let mut spec = app_spec();
+        spec[list] = json!([{"name": name, "image": "x"}, {"name": "app", "image": "app:1"}]);
+        let e = inject(&pod(json!({}), spec), Namespace::Enabled, &settings()).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("another mesh's {name}")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network() {
     let plain = pod(json!({}), app_spec());
     assert!(matches!(
