@@ -84,6 +84,11 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else {
         existing_install().await?
     };
+    if args.replicas == 1 {
+        eprintln!(
+            "strait install: with one replica, a node drain or a restart leaves no injector for a while, and pods of labelled namespaces are refused until it is back"
+        );
+    }
     render(&args.values(existing)?)
 }
 
@@ -418,7 +423,9 @@ fn rbac() -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": CONTROLLER, "namespace": NAMESPACE},
             "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                       "verbs": ["get", "create", "update"]}],
+                       "verbs": ["create"]},
+                      {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                       "resourceNames": [crate::kubernetes::lease::LEASE_NAME], "verbs": ["get", "update"]}],
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -495,6 +502,20 @@ fn deployment(v: &Values) -> Value {
     })
 }
 
+/// The pods the injector would leave alone, as CEL: those on the host's
+/// network, those injected already (`strait inject`, or a reinvocation), and
+/// those whose annotation opts out.
+fn match_conditions() -> Value {
+    json!([
+        {"name": "not-host-network",
+         "expression": "!has(object.spec.hostNetwork) || !object.spec.hostNetwork"},
+        {"name": "not-injected",
+         "expression": "!object.spec.containers.exists(c, c.name == 'strait-proxy') && !(has(object.spec.initContainers) && object.spec.initContainers.exists(c, c.name == 'strait-proxy'))"},
+        {"name": "not-opted-out",
+         "expression": "!(has(object.metadata.annotations) && 'strait.dev/inject' in object.metadata.annotations && object.metadata.annotations['strait.dev/inject'] == 'disabled')"},
+    ])
+}
+
 /// Two webhooks, as the injector reads them (`inject::webhook`): pods of
 /// labelled namespaces always, other pods (outside the system namespaces) when
 /// their own annotation asks.
@@ -512,6 +533,9 @@ fn webhook_configuration(anchors_pem: &str) -> Value {
             "clientConfig": {"caBundle": ca_bundle, "service": {"name": CONTROLLER, "namespace": NAMESPACE, "path": path, "port": 443}},
             "namespaceSelector": selector,
             "objectSelector": {"matchExpressions": [{"key": "strait.dev/inject", "operator": "NotIn", "values": ["disabled"]}]},
+            // What the injector leaves alone is not sent at all: while no
+            // controller answers, the fail-closed hook would refuse it.
+            "matchConditions": match_conditions(),
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
         })
     };

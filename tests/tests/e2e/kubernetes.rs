@@ -391,6 +391,10 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             vec!["--set=identity.trustAnchorsPEM=nope".to_string(), crt, key],
             "trustAnchorsPEM holds no PEM certificate",
         ),
+        (
+            vec!["--set=proxyIptablesMode=Legacy".to_string()],
+            "proxyIptablesMode \"Legacy\": expected nft or legacy",
+        ),
     ] {
         let out = std::process::Command::new("helm")
             .args(["template", "strait"])

@@ -50,6 +50,8 @@ controllers, which read it only at start.
 {{- $anchors := lookup "v1" "ConfigMap" .Values.namespace "strait-trust-anchors" -}}
 {{- if and $secret $anchors -}}
 {{- dict "anchors" (index $anchors.data "ca.crt") "crt" (index $secret.data "tls.crt" | b64dec) "key" (index $secret.data "tls.key" | b64dec) | toJson -}}
+{{- else if or $secret $anchors -}}
+{{- fail (printf "%s has only one of Secret strait-identity-issuer and ConfigMap strait-trust-anchors: give the identity values (a new identity would replace the one running proxies trust)" .Values.namespace) -}}
 {{- else -}}
 {{- $ca := genCAWithKey (printf "root.%s" .Values.trustDomain) 365 (genPrivateKey "ecdsa") -}}
 {{- dict "anchors" $ca.Cert "crt" $ca.Cert "key" $ca.Key | toJson -}}
