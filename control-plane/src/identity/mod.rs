@@ -13,7 +13,6 @@ use std::sync::Arc;
 use strait_api::v1 as api;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::info;
 
 use self::ca::Ca;
 use crate::index::Snapshot;
@@ -151,7 +150,9 @@ impl IdentityService {
             }
         };
         let valid_until = prost_types::Timestamp::from(leaf.not_after);
-        info!(%identity, serial = %leaf.serial, valid_until = %humantime::format_rfc3339_seconds(leaf.not_after), "certificate issued");
+        // Sampled: any pod with a token may ask as often as it likes (a
+        // rollout asks once per pod); the count is in the metric.
+        strait_otel::sampled!(info, %identity, serial = %leaf.serial, valid_until = %humantime::format_rfc3339_seconds(leaf.not_after), "certificate issued");
         self.metrics.certificates_issued.inc();
         Ok(Response::new(api::CertifyResponse {
             leaf_der: leaf.der,
