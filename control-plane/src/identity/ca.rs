@@ -138,14 +138,21 @@ impl Ca {
                 .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
                 .unwrap_or(SystemTime::UNIX_EPOCH)
         };
-        let (not_before, issuer_not_after) =
-            (secs(&validity.not_before), secs(&validity.not_after));
+        let not_before = secs(&validity.not_before);
+        // A leaf verifies only while every certificate of its chain is
+        // valid: an intermediate ending before the issuer ends them all.
+        let mut issuer_not_after = secs(&validity.not_after);
+        for der in &intermediates {
+            let (_, c) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| ("--issuer-cert", format!("a certificate of its chain: {e}")))?;
+            issuer_not_after = issuer_not_after.min(secs(&c.validity().not_after));
+        }
         let now = SystemTime::now();
         if issuer_not_after <= now {
             return Err((
                 "--issuer-cert",
                 format!(
-                    "expired at {}",
+                    "expired at {} (the issuer, or a certificate of its chain)",
                     humantime::format_rfc3339_seconds(issuer_not_after)
                 ),
             ));
@@ -585,6 +592,30 @@ mod tests {
         assert!(
             leaf.not_after <= SystemTime::now() + Duration::from_secs(90),
             "the leaf ends with its issuer"
+        );
+    }
+
+    #[test]
+    fn no_leaf_outlives_an_intermediate_of_the_issuer_s_chain() {
+        // A root, an intermediate with 90 s left, and a year-long issuer under it.
+        let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let root_params = ca_params("root.test", Duration::from_secs(365 * 86400), 2);
+        let root = Issuer::new(root_params, root_key);
+        let mid_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mid_params = ca_params("mid.test", Duration::from_secs(90), 1);
+        let mid = mid_params.signed_by(&mid_key, &root).unwrap();
+        let mid_issuer = Issuer::new(mid_params, mid_key);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = ca_params("identity.test", Duration::from_secs(365 * 86400), 0)
+            .signed_by(&key, &mid_issuer)
+            .unwrap();
+        let chain = format!("{}{}", issuer.pem(), mid.pem());
+        let ca = Ca::from_pem(&chain, &key.serialize_pem(), Duration::from_secs(3600)).unwrap();
+        assert!(ca.issuer_not_after() <= SystemTime::now() + Duration::from_secs(90));
+        let leaf = ca.sign(&csr(vec![uri(WEB)]), WEB).unwrap();
+        assert!(
+            leaf.not_after <= SystemTime::now() + Duration::from_secs(90),
+            "the leaf ends with the intermediate"
         );
     }
 
