@@ -315,7 +315,7 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
         let (status, body) = m.plaintext_with("GET", "/healthz", headers, "hello").await;
         assert_eq!(status, 403, "a body with {headers:?}: {body}");
     }
-    let upgrade = [("connection", "upgrade"), ("upgrade", "h2c")];
+    let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
     let (status, body) = m.plaintext_with("GET", "/healthz", &upgrade, "").await;
     assert_eq!(status, 403, "{body}");
 }
