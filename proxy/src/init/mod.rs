@@ -69,6 +69,16 @@ fn has_ipv6() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
+/// Whether `/proc/net/if_inet6` (`addr ifindex prefix scope flags name` per
+/// line) lists an address of global scope on an interface other than
+/// loopback: one other pods could reach the app at, around the proxy.
+fn has_global_ipv6(if_inet6: &str) -> bool {
+    if_inet6.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        matches!(f.as_slice(), [_, _, _, "00", _, name] if *name != "lo")
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error("cannot run {0}: {1} (is iptables installed?)")]
@@ -112,14 +122,33 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
     )?;
     let mut applied = format!("# iptables\n{v4}");
     if has_ipv6() {
-        let save = iptables(mode.command("ip6tables", "save"), &["-t", "nat"], None)?;
-        let v6 = plan.restore_input_v6(Installed::from_save(&save));
-        iptables(
-            mode.command("ip6tables", "restore"),
-            &["--noflush", "--wait"],
-            Some(&v6),
-        )?;
-        applied.push_str(&format!("# ip6tables\n{v6}"));
+        let v6 =
+            iptables(mode.command("ip6tables", "save"), &["-t", "nat"], None).and_then(|save| {
+                let v6 = plan.restore_input_v6(Installed::from_save(&save));
+                iptables(
+                    mode.command("ip6tables", "restore"),
+                    &["--noflush", "--wait"],
+                    Some(&v6),
+                )
+                .map(|_| v6)
+            });
+        match v6 {
+            Ok(v6) => applied.push_str(&format!("# ip6tables\n{v6}")),
+            // The IPv6 rules only keep callers from reaching the app over
+            // IPv6 around the proxy. On nodes that cannot load them (no
+            // ip6table_nat module) a pod with no IPv6 address of its own
+            // starts without them rather than never.
+            Err(e)
+                if !std::fs::read_to_string("/proc/net/if_inet6")
+                    .is_ok_and(|t| has_global_ipv6(&t)) =>
+            {
+                eprintln!(
+                    "strait-proxy init: the IPv6 rules were not applied, and the pod has no IPv6 address but link-local ones: {e}"
+                );
+                applied.push_str("# ip6tables: not applied (no IPv6 address but link-local)\n");
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(applied)
 }
@@ -153,6 +182,15 @@ fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_global_address_off_loopback_is_the_pods_ipv6() {
+        let link_local = "00000000000000000000000000000001 01 80 10 80       lo\nfe8000000000000000fc00fffe000001 04 40 20 80     eth0\n";
+        assert!(!has_global_ipv6(link_local));
+        assert!(!has_global_ipv6(""));
+        let global = format!("{link_local}fd000000000000000000000000000002 04 40 00 82     eth0\n");
+        assert!(has_global_ipv6(&global));
+    }
 
     /// Every command `init` may run is in the proxy's image: a node with IPv6
     /// (most, whatever the cluster's family) runs the ip6tables ones too.
