@@ -3,15 +3,18 @@
 //! `getaddrinfo` blocks, so every lookup is a hop to Tokio's blocking pool and
 //! often a query to the cluster's DNS server: done per request, it cost more
 //! than the rest of the request. An answer is kept for `TTL`, and the requests
-//! and streams to that name meanwhile take its addresses in turn; a failure is
-//! not kept, so a name that starts to resolve is reachable at once. At most
-//! `MAX_LOOKUPS` calls run at once.
+//! and streams to that name meanwhile take its addresses in turn. One lookup of
+//! a name runs at a time, whatever the requests waiting for it; a failure is
+//! kept for `FAILURE_TTL`, and meanwhile (or while a lookup is slow) the last
+//! answer, for up to `MAX_STALE` past its expiry, is used rather than none. At
+//! most `MAX_LOOKUPS` calls run at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::addr::{DestAddr, NameAddr};
@@ -24,6 +27,20 @@ use crate::http::error::ProxyError;
 /// than per request.
 pub const TTL: Duration = Duration::from_secs(5);
 
+/// How long a failed lookup is the answer: a name that does not resolve is not
+/// looked up again for every request, and one that starts to is reachable
+/// within this.
+pub const FAILURE_TTL: Duration = Duration::from_secs(1);
+
+/// How long past its expiry an answer is still used when the lookups that
+/// should renew it fail or are slow: a resolver's outage does not take every
+/// name with it the moment their answers expire (Envoy keeps the last answer
+/// of a DNS cluster too).
+pub const MAX_STALE: Duration = Duration::from_secs(300);
+
+/// How long one lookup may take before it counts as failed.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Names kept at most: they come from apps' `Host` headers, so the cache must
 /// not grow with whatever an app sends. Past it, new answers are used unkept
 /// until expired ones make room.
@@ -35,31 +52,98 @@ pub const MAX_ADDRS: usize = 16;
 /// `getaddrinfo` calls under way at most. Each holds a thread of Tokio's
 /// blocking pool until it returns, however long after its request gave up: a
 /// resolver that hangs would otherwise take a thread for every request to a
-/// new name (and then queue them without bound). Past these, a lookup waits
-/// for one to finish, within its own timeout.
+/// new name. Past these, a lookup waits for one to finish; its requests wait
+/// within their own timeout. One name takes at most one.
 pub const MAX_LOOKUPS: usize = 16;
+
+/// Names whose lookups may be under way or waiting for a turn at once; past
+/// these a new name fails at once ("resolver busy").
+pub const MAX_PENDING: usize = 256;
 
 static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
+/// How names are looked up: `getaddrinfo`, or a stand-in in tests.
+type Resolver = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
+
+/// A lookup's outcome, as its waiters see it: `None` until it comes.
+type Outcome = Option<Result<Vec<SocketAddr>, String>>;
+
 /// The answers in use, shared by a proxy's stacks.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone)]
 pub struct Names {
-    kept: Arc<Mutex<HashMap<NameAddr, Answer>>>,
+    kept: Arc<Mutex<Kept>>,
+    resolver: Resolver,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names::with_resolver(Arc::new(|host: &str, port| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).map(|f| f.collect())
+        }))
+    }
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Names(..)")
+    }
+}
+
+#[derive(Default)]
+struct Kept {
+    answers: HashMap<NameAddr, Answer>,
+    /// Lookups under way, one per name.
+    pending: HashMap<NameAddr, watch::Receiver<Outcome>>,
 }
 
 #[derive(Clone, Debug)]
 struct Answer {
-    /// Never empty.
+    /// Empty only while the name has never resolved.
     addrs: Vec<SocketAddr>,
     /// Which address the next connection takes: a name with several addresses
     /// has its connections spread over them, in turn, as a resolver that
     /// shuffles its answers would spread them, and one of them that refuses
     /// connections holds up only every n-th.
     next: usize,
+    /// Used freely until then.
     until: Instant,
+    /// The last lookup failed: not looked up again until then.
+    failed: Option<(Instant, String)>,
+}
+
+impl Answer {
+    /// The next address, if the answer is fresh, or `stale` and not too old.
+    fn take(&mut self, now: Instant, stale: bool) -> Option<SocketAddr> {
+        let usable = if stale {
+            self.until + MAX_STALE
+        } else {
+            self.until
+        };
+        if self.addrs.is_empty() || usable <= now {
+            return None;
+        }
+        let addr = self.addrs[self.next % self.addrs.len()];
+        self.next = self.next.wrapping_add(1);
+        Some(addr)
+    }
+
+    fn forgotten(&self, now: Instant) -> bool {
+        self.until + MAX_STALE <= now && self.failed.as_ref().is_none_or(|(t, _)| *t <= now)
+    }
 }
 
 impl Names {
+    fn with_resolver(resolver: Resolver) -> Self {
+        Names {
+            kept: Arc::default(),
+            resolver,
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The address to connect to: as given, or one of the addresses the name
     /// resolves to, each in turn.
     pub async fn resolve(
@@ -67,64 +151,105 @@ impl Names {
         dst: &DestAddr,
         timeout: Duration,
     ) -> Result<SocketAddr, ProxyError> {
-        match dst {
-            DestAddr::Socket(a) => Ok(*a),
-            DestAddr::Name(n) => {
-                if let Some(a) = self.next(n, Instant::now()) {
-                    return Ok(a);
+        let n = match dst {
+            DestAddr::Socket(a) => return Ok(*a),
+            DestAddr::Name(n) => n,
+        };
+        let fail = |reason: String| ProxyError::Resolve {
+            name: dst.clone(),
+            reason,
+        };
+        let mut outcome = {
+            let now = Instant::now();
+            let mut kept = self.kept();
+            if let Some(a) = kept.answers.get_mut(n) {
+                if let Some(addr) = a.take(now, false) {
+                    return Ok(addr);
                 }
-                let deadline = Instant::now() + timeout;
-                let waited = tokio::time::timeout_at(deadline, LOOKUPS.acquire()).await;
-                let Ok(Ok(permit)) = waited else {
-                    return Err(ProxyError::Resolve {
-                        name: dst.clone(),
-                        reason: format!("timed out after {timeout:?} (resolver busy)"),
-                    });
-                };
-                // Another request may have looked it up while this one waited
-                // its turn: at an answer's expiry, many do.
-                if let Some(a) = self.next(n, Instant::now()) {
-                    return Ok(a);
+                if let Some((until, reason)) = &a.failed
+                    && *until > now
+                {
+                    let reason = reason.clone();
+                    return a.take(now, true).ok_or_else(|| fail(reason));
                 }
-                let left = deadline.saturating_duration_since(Instant::now());
-                let addrs = lookup(dst, n, left, permit).await?;
-                Ok(self.keep(n, addrs, Instant::now()))
             }
-        }
-    }
-
-    fn next(&self, name: &NameAddr, now: Instant) -> Option<SocketAddr> {
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let answer = kept.get_mut(name).filter(|a| a.until > now)?;
-        let addr = answer.addrs[answer.next % answer.addrs.len()];
-        answer.next = answer.next.wrapping_add(1);
-        Some(addr)
-    }
-
-    /// Keeps a fresh answer (not empty) and returns its first address.
-    fn keep(&self, name: &NameAddr, addrs: Vec<SocketAddr>, now: Instant) -> SocketAddr {
-        let first = addrs[0];
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.len() >= MAX_NAMES && !kept.contains_key(name) {
-            kept.retain(|_, a| a.until > now);
-            if kept.len() >= MAX_NAMES {
-                return first;
+            // Expired or never known: looked up once, for every request; the
+            // last answer, if any, serves them meanwhile.
+            let rx = match kept.pending.get(n) {
+                Some(rx) => Some(rx.clone()),
+                None if kept.pending.len() >= MAX_PENDING => None,
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    kept.pending.insert(n.clone(), rx.clone());
+                    tokio::spawn(self.clone().look_up(n.clone(), tx));
+                    Some(rx)
+                }
+            };
+            if let Some(addr) = kept.answers.get_mut(n).and_then(|a| a.take(now, true)) {
+                return Ok(addr);
             }
-        }
-        kept.insert(
-            name.clone(),
-            Answer {
-                addrs,
-                next: 1,
-                until: now + TTL,
+            rx.ok_or_else(|| fail("resolver busy".into()))?
+        };
+        let waited = tokio::time::timeout(timeout, outcome.wait_for(Option::is_some)).await;
+        // Taken again from what is kept, for the turn of addresses.
+        let mut kept = self.kept();
+        let kept = kept
+            .answers
+            .get_mut(n)
+            .and_then(|a| a.take(Instant::now(), false));
+        match waited {
+            Ok(Ok(o)) => match o.as_ref() {
+                Some(Ok(addrs)) => kept
+                    .or(addrs.first().copied())
+                    .ok_or_else(|| fail("no addresses".into())),
+                Some(Err(reason)) => Err(fail(reason.clone())),
+                None => Err(fail("lookup abandoned".into())),
             },
-        );
-        first
+            Ok(Err(_)) => Err(fail("lookup abandoned".into())),
+            Err(_) => Err(fail(format!("timed out after {timeout:?}"))),
+        }
+    }
+
+    /// Looks `n` up once, for every request waiting on `tx`, and keeps what
+    /// comes: its own task, so the answer is kept however early they give up.
+    async fn look_up(self, n: NameAddr, tx: watch::Sender<Outcome>) {
+        let outcome = match LOOKUPS.acquire().await {
+            Ok(permit) => lookup(&self.resolver, &n, permit).await,
+            Err(_) => Err("resolver closed".into()),
+        };
+        let now = Instant::now();
+        let mut kept = self.kept();
+        kept.pending.remove(&n);
+        let full = kept.answers.len() >= MAX_NAMES && !kept.answers.contains_key(&n);
+        if full {
+            kept.answers.retain(|_, a| !a.forgotten(now));
+        }
+        if kept.answers.len() < MAX_NAMES || kept.answers.contains_key(&n) {
+            let a = kept.answers.entry(n).or_insert_with(|| Answer {
+                addrs: Vec::new(),
+                next: 0,
+                until: now,
+                failed: None,
+            });
+            match &outcome {
+                Ok(addrs) => {
+                    *a = Answer {
+                        addrs: addrs.clone(),
+                        next: 0,
+                        until: now + TTL,
+                        failed: None,
+                    }
+                }
+                Err(reason) => a.failed = Some((now + FAILURE_TTL, reason.clone())),
+            }
+        }
+        drop(kept);
+        tx.send_replace(Some(outcome));
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.kept.lock().map(|k| k.len()).unwrap_or_default()
+        self.kept().answers.len()
     }
 }
 
@@ -133,37 +258,29 @@ impl Names {
 /// system's preference), in its order, without repeats, at most `MAX_ADDRS`;
 /// never empty.
 async fn lookup(
-    dst: &DestAddr,
+    resolver: &Resolver,
     n: &NameAddr,
-    timeout: Duration,
     permit: tokio::sync::SemaphorePermit<'static>,
-) -> Result<Vec<SocketAddr>, ProxyError> {
-    let fail = |reason: String| ProxyError::Resolve {
-        name: dst.clone(),
-        reason,
-    };
-    let (host, port) = (n.host().to_string(), n.port());
+) -> Result<Vec<SocketAddr>, String> {
+    let (host, port, resolver) = (n.host().to_string(), n.port(), resolver.clone());
     // The permit goes with the call: freed when getaddrinfo returns, however
-    // long after this request gave up on it.
+    // long after it counted as failed here.
     let looked_up = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-            .map(|found| found.collect::<Vec<_>>())
+        resolver(&host, port)
     });
-    let found = tokio::time::timeout(timeout, looked_up)
+    let found = tokio::time::timeout(LOOKUP_TIMEOUT, looked_up)
         .await
-        .map_err(|_| fail(format!("timed out after {timeout:?}")))?
-        .map_err(|e| fail(format!("lookup failed: {e}")))?
+        .map_err(|_| format!("lookup timed out after {LOOKUP_TIMEOUT:?}"))?
+        .map_err(|e| format!("lookup failed: {e}"))?
         // getaddrinfo's own text varies by libc; say what it means.
-        .map_err(|e| {
-            fail(match e.kind() {
-                std::io::ErrorKind::TimedOut => "lookup timed out".to_string(),
-                _ => "no such name, or no address for it".to_string(),
-            })
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => "lookup timed out".to_string(),
+            _ => "no such name, or no address for it".to_string(),
         })?;
     let addrs = usable(found);
     if addrs.is_empty() {
-        return Err(fail("no addresses".into()));
+        return Err("no addresses".into());
     }
     Ok(addrs)
 }
@@ -188,6 +305,7 @@ fn usable(found: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn name(s: &str) -> NameAddr {
         match s.parse::<DestAddr>().expect("name") {
@@ -196,52 +314,177 @@ mod tests {
         }
     }
 
+    fn dest(s: &str) -> DestAddr {
+        s.parse().expect("name")
+    }
+
     fn at(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A resolver answering what `answer` says, counting its calls.
+    fn counted(
+        answer: impl Fn(&str) -> std::io::Result<Vec<SocketAddr>> + Send + Sync + 'static,
+    ) -> (Names, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let names = Names::with_resolver(Arc::new(move |host: &str, _| {
+            c.fetch_add(1, Ordering::SeqCst);
+            answer(host)
+        }));
+        (names, calls)
+    }
+
+    fn no_such_name() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "NXDOMAIN")
+    }
+
+    /// Makes the kept answer of `n` as old as `age` past its expiry.
+    fn age(names: &Names, n: &str, age: Duration) {
+        let mut kept = names.kept();
+        let a = kept.answers.get_mut(&name(n)).expect("kept");
+        a.until = Instant::now() - age;
+    }
+
+    /// Waits for the lookup of `n` under way, if any, to end.
+    async fn settled(names: &Names, n: &str) {
+        let rx = names.kept().pending.get(&name(n)).cloned();
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
     }
 
     /// With every lookup slot taken (a resolver that hangs), a new lookup
     /// waits within its timeout and fails, rather than take another thread.
     #[tokio::test]
     async fn lookups_under_way_are_bounded() {
-        let dst: DestAddr = "localhost:80".parse().unwrap();
         let names = Names::default();
-        let ok = names.resolve(&dst, Duration::from_secs(5)).await;
+        let ok = names.resolve(&dest("localhost:80"), WAIT).await;
         assert!(ok.is_ok(), "{ok:?}");
         let held = LOOKUPS.acquire_many(MAX_LOOKUPS as u32).await.unwrap();
-        let other: DestAddr = "localhost:81".parse().unwrap();
+        let other = dest("localhost:81");
         let e = names
             .resolve(&other, Duration::from_millis(100))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("timed out"), "{e}");
         drop(held);
-        assert!(names.resolve(&other, Duration::from_secs(5)).await.is_ok());
+        assert!(names.resolve(&other, WAIT).await.is_ok());
     }
 
-    #[test]
-    fn an_answer_is_used_until_it_expires() {
-        let names = Names::default();
-        let web = name("web.example:80");
-        let t0 = Instant::now();
-        assert_eq!(names.next(&web, t0), None);
-        assert_eq!(names.keep(&web, vec![at(80)], t0), at(80));
-        assert_eq!(names.next(&web, t0 + TTL / 2), Some(at(80)));
-        assert_eq!(names.next(&web, t0 + TTL), None, "expired: looked up again");
-        assert_eq!(names.next(&name("web.example:81"), t0), None, "ports apart");
-        names.keep(&web, vec![at(8080)], t0 + TTL);
-        assert_eq!(names.next(&web, t0 + TTL), Some(at(8080)), "the new answer");
-    }
-
-    #[test]
-    fn connections_take_a_names_addresses_in_turn() {
-        let names = Names::default();
-        let web = name("web.example:80");
-        let t0 = Instant::now();
-        let taken: Vec<_> = std::iter::once(names.keep(&web, vec![at(1), at(2), at(3)], t0))
-            .chain((0..5).map(|_| names.next(&web, t0).expect("kept")))
+    #[tokio::test]
+    async fn a_name_is_looked_up_once_for_every_request_waiting_on_it() {
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, released) = (Mutex::new(entered_tx), Mutex::new(released));
+        let (names, calls) = counted(move |_| {
+            let _ = entered_tx.lock().unwrap().send(());
+            let _ = released.lock().unwrap().recv();
+            Ok(vec![at(80)])
+        });
+        let waiting: Vec<_> = (0..20)
+            .map(|_| {
+                let names = names.clone();
+                tokio::spawn(async move { names.resolve(&dest("web.example:80"), WAIT).await })
+            })
             .collect();
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        release.send(()).unwrap();
+        for w in waiting {
+            assert_eq!(w.await.unwrap().unwrap(), at(80));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A name whose lookups hang holds one lookup slot, not all of them,
+    /// however many requests it gets.
+    #[tokio::test]
+    async fn a_name_that_hangs_holds_one_lookup_slot() {
+        let (_hold, hung) = std::sync::mpsc::channel::<()>();
+        let hung = Mutex::new(hung);
+        let (names, calls) = counted(move |host| {
+            if host == "hung.example" {
+                let _ = hung.lock().unwrap().recv();
+            }
+            Ok(vec![at(80)])
+        });
+        for _ in 0..(2 * MAX_LOOKUPS) {
+            let e = names
+                .resolve(&dest("hung.example:80"), Duration::from_millis(10))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("timed out"), "{e}");
+        }
+        assert_eq!(
+            names.resolve(&dest("fine.example:80"), WAIT).await.unwrap(),
+            at(80)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(LOOKUPS.available_permits(), MAX_LOOKUPS - 1);
+    }
+
+    #[tokio::test]
+    async fn the_last_answer_serves_while_its_renewal_fails() {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = failing.clone();
+        let (names, calls) = counted(move |_| {
+            if f.load(Ordering::SeqCst) {
+                Err(no_such_name())
+            } else {
+                Ok(vec![at(80)])
+            }
+        });
+        let web = dest("web.example:80");
+        assert_eq!(names.resolve(&web, WAIT).await.unwrap(), at(80));
+        // Expired, and the resolver down: the old answer at once, renewed
+        // in the background, and kept while the renewal fails.
+        failing.store(true, Ordering::SeqCst);
+        age(&names, "web.example:80", Duration::from_secs(1));
+        assert_eq!(names.resolve(&web, WAIT).await.unwrap(), at(80));
+        settled(&names, "web.example:80").await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(names.resolve(&web, WAIT).await.unwrap(), at(80));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "a failure is kept a while");
+        // Too old to use: the failure is the answer.
+        age(&names, "web.example:80", MAX_STALE);
+        let e = names.resolve(&web, WAIT).await.unwrap_err();
+        assert!(e.to_string().contains("no such name"), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_kept_briefly() {
+        let (names, calls) = counted(|_| Err(no_such_name()));
+        let gone = dest("gone.example:80");
+        for _ in 0..3 {
+            let e = names.resolve(&gone, WAIT).await.unwrap_err();
+            assert_eq!(e.reason(), "resolve");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        {
+            let mut kept = names.kept();
+            let a = kept.answers.get_mut(&name("gone.example:80")).unwrap();
+            a.failed.as_mut().unwrap().0 = Instant::now();
+        }
+        assert!(names.resolve(&gone, WAIT).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "looked up again");
+    }
+
+    #[tokio::test]
+    async fn connections_take_a_names_addresses_in_turn() {
+        let (names, _) = counted(|_| Ok(vec![at(1), at(2), at(3)]));
+        let web = dest("web.example:80");
+        let mut taken = Vec::new();
+        for _ in 0..6 {
+            taken.push(names.resolve(&web, WAIT).await.unwrap());
+        }
         assert_eq!(taken, [1, 2, 3, 1, 2, 3].map(at));
+        let other = names.resolve(&dest("web.example:81"), WAIT).await;
+        assert_eq!(other.unwrap(), at(1), "ports apart");
     }
 
     #[test]
@@ -253,48 +496,40 @@ mod tests {
         assert!(usable([]).is_empty());
     }
 
-    #[test]
-    fn the_cache_is_bounded_and_expired_answers_make_room() {
-        let names = Names::default();
-        let t0 = Instant::now();
+    #[tokio::test]
+    async fn the_cache_is_bounded_and_forgotten_answers_make_room() {
+        let (names, _) = counted(|_| Ok(vec![at(80)]));
         for i in 0..MAX_NAMES {
-            names.keep(&name(&format!("n{i}.example:80")), vec![at(80)], t0);
+            let n = dest(&format!("n{i}.example:80"));
+            names.resolve(&n, WAIT).await.unwrap();
         }
-        let late = name("late.example:80");
-        assert_eq!(names.keep(&late, vec![at(81)], t0), at(81), "used");
-        assert_eq!(names.len(), MAX_NAMES);
-        assert_eq!(names.next(&late, t0), None, "but not kept");
-        assert_eq!(
-            names.next(&name("n0.example:80"), t0),
-            Some(at(80)),
-            "a full cache keeps what it has"
-        );
-        names.keep(&late, vec![at(81)], t0 + TTL);
-        assert_eq!(names.len(), 1, "the expired answers went");
-        assert_eq!(names.next(&late, t0 + TTL), Some(at(81)));
+        let late = dest("late.example:80");
+        assert_eq!(names.resolve(&late, WAIT).await.unwrap(), at(80), "used");
+        assert_eq!(names.len(), MAX_NAMES, "but not kept");
+        for i in 0..MAX_NAMES {
+            age(&names, &format!("n{i}.example:80"), MAX_STALE);
+        }
+        names.resolve(&late, WAIT).await.unwrap();
+        assert_eq!(names.len(), 1, "the forgotten answers went");
     }
 
     #[tokio::test]
-    async fn a_name_is_looked_up_once_and_a_failure_is_not_kept() {
+    async fn the_system_resolver_answers() {
         let names = Names::default();
-        let local = "localhost:8080".parse::<DestAddr>().expect("name");
         let addr = names
-            .resolve(&local, Duration::from_secs(10))
+            .resolve(&dest("localhost:8080"), Duration::from_secs(10))
             .await
             .expect("localhost resolves");
         assert!(addr.ip().is_loopback(), "{addr}");
         assert_eq!(addr.port(), 8080);
-        assert_eq!(names.len(), 1);
-        let bad = "no-such-name.invalid:80".parse::<DestAddr>().expect("name");
         let err = names
-            .resolve(&bad, Duration::from_secs(10))
+            .resolve(&dest("no-such-name.invalid:80"), Duration::from_secs(10))
             .await
             .expect_err("an .invalid name never resolves");
         assert_eq!(err.reason(), "resolve");
-        assert_eq!(names.len(), 1, "the failure is not kept");
         let ip = "10.1.2.3:80".parse::<DestAddr>().expect("address");
         let same = names.resolve(&ip, Duration::from_secs(10)).await;
         assert_eq!(same.ok(), Some(SocketAddr::from(([10, 1, 2, 3], 80))));
-        assert_eq!(names.len(), 1, "addresses are not kept");
+        assert_eq!(names.len(), 2, "addresses are not kept");
     }
 }
