@@ -38,6 +38,9 @@ struct WatchState {
     /// A request already waited for the first answer in vain: later ones do not
     /// wait again (pass through at once) until an answer comes.
     waited: AtomicBool,
+    /// The answer an earlier watch of this destination held when it was
+    /// dropped idle: what requests get should the controller not answer.
+    fallback: Option<Resolution>,
 }
 
 /// What a request gets of a watch: its answers, its stages, its state.
@@ -50,7 +53,15 @@ type WatchHandle = (
 impl Watch {
     /// Holds an answer while its stream to the controller is down.
     fn stranded(&self) -> bool {
-        !self.state.connected.load(Ordering::Relaxed) && self.rx.borrow().is_some()
+        !self.state.connected.load(Ordering::Relaxed) && self.answer().is_some()
+    }
+
+    /// The answer it has, or failing one, the one it started with.
+    fn answer(&self) -> Option<Resolution> {
+        self.rx
+            .borrow()
+            .clone()
+            .or_else(|| self.state.fallback.clone())
     }
 }
 
@@ -75,6 +86,10 @@ pub struct Discovery {
     workload: Workload,
     start: Instant,
     watches: Mutex<HashMap<DestAddr, Watch>>,
+    /// The last answers of watches dropped idle, with when (`now_ms`): a
+    /// destination used again while the controller is away gets its last
+    /// answer (its identity, its routes) rather than being passed through.
+    remembered: Mutex<HashMap<DestAddr, (Resolution, u64)>>,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -98,6 +113,7 @@ impl Discovery {
             workload,
             start: Instant::now(),
             watches: Mutex::default(),
+            remembered: Mutex::default(),
         });
         tokio::spawn(Self::sweep(Arc::downgrade(&d)));
         d
@@ -117,15 +133,20 @@ impl Discovery {
             Some(r) => r,
             // The controller did not answer in time before: do not make every
             // request to this destination wait as long again.
-            None if state.waited.load(Ordering::Relaxed) => return None,
+            None if state.waited.load(Ordering::Relaxed) => state.fallback.clone()?,
             None => {
                 let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
                 match r {
                     Ok(Ok(r)) => r.clone()?,
                     _ => {
                         state.waited.store(true, Ordering::Relaxed);
-                        warn!(destination = %dest, ?timeout, "no answer from discovery in time; passing through until it answers");
-                        return None;
+                        if let Some(last) = state.fallback.clone() {
+                            warn!(destination = %dest, ?timeout, "no answer from discovery in time; using its last answer until it answers");
+                            last
+                        } else {
+                            warn!(destination = %dest, ?timeout, "no answer from discovery in time; passing through until it answers");
+                            return None;
+                        }
                     }
                 }
             }
@@ -156,18 +177,29 @@ impl Discovery {
             match lru {
                 Some(lru) => {
                     debug!(destination = %lru, "too many discovery watches; dropping the least recently used");
-                    watches.remove(&lru);
+                    if let Some(w) = watches.remove(&lru) {
+                        self.remember(lru, &w, now);
+                    }
                 }
                 None => return None,
             }
         }
+        let fallback = self
+            .remembered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(dest)
+            .map(|(r, _)| r);
         let (tx, rx) = watch::channel(None);
         let req = api::WatchDestination {
             destination: dest.to_string(),
             context_namespace: self.workload.namespace.clone(),
             proxy_id: format!("{}.{}", self.workload.pod, self.workload.namespace),
         };
-        let state = Arc::new(WatchState::default());
+        let state = Arc::new(WatchState {
+            fallback,
+            ..WatchState::default()
+        });
         state.last_used_ms.store(now, Ordering::Relaxed);
         let logical: Arc<Logical> = Arc::default();
         let task = tokio::spawn(follow(
@@ -197,18 +229,48 @@ impl Discovery {
         loop {
             tick.tick().await;
             let Some(d) = this.upgrade() else { return };
-            let now = d.now_ms();
-            let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
-            let mut watches = d.watches.lock().unwrap_or_else(|p| p.into_inner());
-            watches.retain(|dest, w| {
-                let used = now.saturating_sub(w.state.last_used_ms.load(Ordering::Relaxed)) < idle;
-                let keep = used || w.stranded();
-                if !keep {
-                    debug!(%dest, "dropping idle discovery watch");
-                }
-                keep
-            });
+            d.drop_idle(d.now_ms());
         }
+    }
+
+    fn drop_idle(&self, now: u64) {
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        let dropped: Vec<(DestAddr, Watch)> = {
+            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<DestAddr> = watches
+                .iter()
+                .filter(|(_, w)| {
+                    let used =
+                        now.saturating_sub(w.state.last_used_ms.load(Ordering::Relaxed)) < idle;
+                    !used && !w.stranded()
+                })
+                .map(|(d, _)| d.clone())
+                .collect();
+            gone.into_iter()
+                .filter_map(|d| watches.remove(&d).map(|w| (d, w)))
+                .collect()
+        };
+        for (dest, w) in dropped {
+            debug!(%dest, "dropping idle discovery watch");
+            self.remember(dest, &w, now);
+        }
+    }
+
+    /// Keeps what a dropped watch knew, within `MAX_DISCOVERY_WATCHES`
+    /// answers (the oldest forgotten first).
+    fn remember(&self, dest: DestAddr, w: &Watch, now: u64) {
+        let Some(answer) = w.answer() else { return };
+        let mut kept = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() >= defaults::MAX_DISCOVERY_WATCHES && !kept.contains_key(&dest) {
+            let oldest = kept
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(d, _)| d.clone());
+            if let Some(oldest) = oldest {
+                kept.remove(&oldest);
+            }
+        }
+        kept.insert(dest, (answer, now));
     }
 
     pub fn watched(&self) -> usize {
@@ -344,6 +406,78 @@ mod tests {
                 .chain(futures_util::stream::pending());
             Ok(tonic::Response::new(Box::pin(s)))
         }
+    }
+
+    /// Answers the first watch with one endpoint and keeps it open; refuses
+    /// every later one (a controller gone).
+    struct Once(std::sync::atomic::AtomicUsize);
+
+    #[tonic::async_trait]
+    impl Serve for Once {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
+                return Err(tonic::Status::unavailable("gone"));
+            }
+            let Large(n) = Large(1);
+            Large(n)
+                .watch(tonic::Request::new(Default::default()))
+                .await
+        }
+    }
+
+    async fn discovery_of(svc: impl Serve) -> Arc<Discovery> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(DiscoveryServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = super::super::channel(&format!("http://{addr}"), None).unwrap();
+        let workload = Workload {
+            namespace: "shop".into(),
+            pod: "client-0".into(),
+            trust_domain: "cluster.local".into(),
+            token_file: None,
+        };
+        let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
+        Discovery::new(channel, workload, lag)
+    }
+
+    fn service_of(r: Option<Resolved>) -> Option<Arc<super::super::view::ServiceView>> {
+        match r? {
+            Resolved {
+                resolution: Resolution::Service(s),
+                ..
+            } => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A destination used now and then (a job every few minutes) keeps its
+    /// identity and routes through a controller outage: its watch, dropped
+    /// idle, left its last answer.
+    #[tokio::test]
+    async fn a_destination_used_again_while_the_controller_is_away_gets_its_last_answer() {
+        let d = discovery_of(Once(Default::default())).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        let first = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
+        assert_eq!(first.expect("answered").backends[0].endpoints.len(), 1);
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(d.now_ms() + idle + 1);
+        assert_eq!(d.watched(), 0);
+        let again = service_of(d.resolve(&dest, Duration::from_millis(300)).await);
+        assert_eq!(
+            again.expect("its last answer").backends[0].endpoints.len(),
+            1
+        );
+        // And so does every later request, without waiting again.
+        let later = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
+        assert!(later.is_some());
     }
 
     #[tokio::test]
