@@ -4,6 +4,7 @@
 //! and reconnects with jittered backoff.
 
 pub mod backoff;
+pub mod dial;
 pub mod discovery;
 pub mod policy;
 pub mod view;
@@ -21,6 +22,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -104,11 +106,18 @@ pub fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, Con
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     match (uri.scheme_str(), tls) {
-        (Some("https"), Some(config)) => Ok(endpoint.connect_with_connector_lazy(TlsConnect {
-            config,
-            timeout: defaults::CONTROL_CONNECT_TIMEOUT,
-        })),
-        (Some("http"), None) => Ok(endpoint.connect_lazy()),
+        (Some("https"), Some(config)) => Ok(endpoint.connect_with_connector_lazy(
+            dial::Gated::new(TlsConnect {
+                config: Some(config),
+                timeout: defaults::CONTROL_CONNECT_TIMEOUT,
+            }),
+        )),
+        (Some("http"), None) => Ok(endpoint.connect_with_connector_lazy(dial::Gated::new(
+            TlsConnect {
+                config: None,
+                timeout: defaults::CONTROL_CONNECT_TIMEOUT,
+            },
+        ))),
         (Some("http"), Some(_)) => Err(err(
             "with --trust-anchors the control plane must be https://: the token and the identities of peers must not travel in the clear",
         )),
@@ -120,15 +129,16 @@ pub fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, Con
 }
 
 /// Connects to the control plane over TLS 1.3, verifying its identity (the
-/// client config's verifier checks the chain and the SPIFFE URI).
+/// client config's verifier checks the chain and the SPIFFE URI); without a
+/// config (no trust anchors: tests, the demo), in plaintext.
 #[derive(Clone)]
 struct TlsConnect {
-    config: Arc<ClientConfig>,
+    config: Option<Arc<ClientConfig>>,
     timeout: Duration,
 }
 
 impl tower::Service<http::Uri> for TlsConnect {
-    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Response = TokioIo<Either<TcpStream, TlsStream<TcpStream>>>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -144,7 +154,9 @@ impl tower::Service<http::Uri> for TlsConnect {
                 .unwrap_or_default()
                 .trim_matches(['[', ']'])
                 .to_string();
-            let port = uri.port_u16().unwrap_or(443);
+            let port = uri
+                .port_u16()
+                .unwrap_or(if config.is_some() { 443 } else { 80 });
             let timed_out = || {
                 io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -152,6 +164,9 @@ impl tower::Service<http::Uri> for TlsConnect {
                 )
             };
             let tcp = crate::transport::connect::tcp_host(&host, port, timeout).await?;
+            let Some(config) = config else {
+                return Ok(TokioIo::new(Either::Left(tcp)));
+            };
             let name = ServerName::try_from(host).map_err(io::Error::other)?;
             let tls = tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
                 .await
@@ -159,7 +174,7 @@ impl tower::Service<http::Uri> for TlsConnect {
                 .map_err(|e| {
                     io::Error::other(crate::identity::tls::describe_handshake_error(&e))
                 })?;
-            Ok(TokioIo::new(tls))
+            Ok(TokioIo::new(Either::Right(tls)))
         })
     }
 }
