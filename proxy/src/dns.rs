@@ -42,8 +42,8 @@ pub const MAX_STALE: Duration = Duration::from_secs(300);
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Names kept at most: they come from apps' `Host` headers, so the cache must
-/// not grow with whatever an app sends. Past it, new answers are used unkept
-/// until expired ones make room.
+/// not grow with whatever an app sends. Past it, a new answer takes the place
+/// of the one that expired longest ago.
 pub const MAX_NAMES: usize = 1024;
 
 /// Addresses kept per name at most; a name with more is spread over these.
@@ -60,8 +60,6 @@ pub const MAX_LOOKUPS: usize = 16;
 /// these a new name fails at once ("resolver busy").
 pub const MAX_PENDING: usize = 256;
 
-static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
-
 /// How names are looked up: `getaddrinfo`, or a stand-in in tests.
 type Resolver = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
 
@@ -73,6 +71,10 @@ type Outcome = Option<Result<Vec<SocketAddr>, String>>;
 pub struct Names {
     kept: Arc<Mutex<Kept>>,
     resolver: Resolver,
+    /// The `MAX_LOOKUPS` slots.
+    lookups: Arc<tokio::sync::Semaphore>,
+    lookup_timeout: Duration,
+    failure_ttl: Duration,
 }
 
 impl Default for Names {
@@ -127,8 +129,10 @@ impl Answer {
         Some(addr)
     }
 
+    /// Of no more use: no failure to remember, and no answer, or one too old.
     fn forgotten(&self, now: Instant) -> bool {
-        self.until + MAX_STALE <= now && self.failed.as_ref().is_none_or(|(t, _)| *t <= now)
+        self.failed.as_ref().is_none_or(|(t, _)| *t <= now)
+            && (self.addrs.is_empty() || self.until + MAX_STALE <= now)
     }
 }
 
@@ -137,6 +141,9 @@ impl Names {
         Names {
             kept: Arc::default(),
             resolver,
+            lookups: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)),
+            lookup_timeout: LOOKUP_TIMEOUT,
+            failure_ttl: FAILURE_TTL,
         }
     }
 
@@ -212,36 +219,74 @@ impl Names {
 
     /// Looks `n` up once, for every request waiting on `tx`, and keeps what
     /// comes: its own task, so the answer is kept however early they give up.
+    /// Past `lookup_timeout` the waiters are told it failed, but the name
+    /// stays looked up until the call returns (an answer that comes late is
+    /// kept): no second lookup of it takes another slot meanwhile.
     async fn look_up(self, n: NameAddr, tx: watch::Sender<Outcome>) {
-        let outcome = match LOOKUPS.acquire().await {
-            Ok(permit) => lookup(&self.resolver, &n, permit).await,
-            Err(_) => Err("resolver closed".into()),
+        let Ok(permit) = self.lookups.clone().acquire_owned().await else {
+            self.settle(&n, Err("resolver closed".into()), &tx, true);
+            return;
         };
+        let (host, port, resolver) = (n.host().to_string(), n.port(), self.resolver.clone());
+        // The permit goes with the call: freed when getaddrinfo returns.
+        let mut call = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            resolver(&host, port)
+        });
+        tokio::select! {
+            r = &mut call => self.settle(&n, answer(r), &tx, true),
+            () = tokio::time::sleep(self.lookup_timeout) => {
+                let late = format!("lookup timed out after {:?}", self.lookup_timeout);
+                self.settle(&n, Err(late), &tx, false);
+                let r = call.await;
+                self.settle(&n, answer(r), &tx, true);
+            }
+        }
+    }
+
+    /// Keeps a lookup's outcome and tells its waiters; `done` when the call
+    /// has returned.
+    fn settle(
+        &self,
+        n: &NameAddr,
+        outcome: Result<Vec<SocketAddr>, String>,
+        tx: &watch::Sender<Outcome>,
+        done: bool,
+    ) {
         let now = Instant::now();
         let mut kept = self.kept();
-        kept.pending.remove(&n);
-        let full = kept.answers.len() >= MAX_NAMES && !kept.answers.contains_key(&n);
-        if full {
-            kept.answers.retain(|_, a| !a.forgotten(now));
+        if done {
+            kept.pending.remove(n);
         }
-        if kept.answers.len() < MAX_NAMES || kept.answers.contains_key(&n) {
-            let a = kept.answers.entry(n).or_insert_with(|| Answer {
-                addrs: Vec::new(),
-                next: 0,
-                until: now,
-                failed: None,
-            });
-            match &outcome {
-                Ok(addrs) => {
-                    *a = Answer {
-                        addrs: addrs.clone(),
-                        next: 0,
-                        until: now + TTL,
-                        failed: None,
-                    }
+        let answers = &mut kept.answers;
+        if answers.len() >= MAX_NAMES && !answers.contains_key(n) {
+            answers.retain(|_, a| !a.forgotten(now));
+            if answers.len() >= MAX_NAMES {
+                let oldest = answers
+                    .iter()
+                    .min_by_key(|(_, a)| a.until)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    answers.remove(&oldest);
                 }
-                Err(reason) => a.failed = Some((now + FAILURE_TTL, reason.clone())),
             }
+        }
+        let a = answers.entry(n.clone()).or_insert_with(|| Answer {
+            addrs: Vec::new(),
+            next: 0,
+            until: now,
+            failed: None,
+        });
+        match &outcome {
+            Ok(addrs) => {
+                *a = Answer {
+                    addrs: addrs.clone(),
+                    next: 0,
+                    until: now + TTL,
+                    failed: None,
+                }
+            }
+            Err(reason) => a.failed = Some((now + self.failure_ttl, reason.clone())),
         }
         drop(kept);
         tx.send_replace(Some(outcome));
@@ -253,25 +298,14 @@ impl Names {
     }
 }
 
-/// The name's addresses of the family the resolver puts first (a dual-stack
-/// name's server may listen on one only, and the resolver's order is the
-/// system's preference), in its order, without repeats, at most `MAX_ADDRS`;
-/// never empty.
-async fn lookup(
-    resolver: &Resolver,
-    n: &NameAddr,
-    permit: tokio::sync::SemaphorePermit<'static>,
+/// What a lookup found: the addresses of the family the resolver puts first
+/// (a dual-stack name's server may listen on one only, and the resolver's
+/// order is the system's preference), in its order, without repeats, at most
+/// `MAX_ADDRS`; never empty.
+fn answer(
+    r: Result<std::io::Result<Vec<SocketAddr>>, tokio::task::JoinError>,
 ) -> Result<Vec<SocketAddr>, String> {
-    let (host, port, resolver) = (n.host().to_string(), n.port(), resolver.clone());
-    // The permit goes with the call: freed when getaddrinfo returns, however
-    // long after it counted as failed here.
-    let looked_up = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        resolver(&host, port)
-    });
-    let found = tokio::time::timeout(LOOKUP_TIMEOUT, looked_up)
-        .await
-        .map_err(|_| format!("lookup timed out after {LOOKUP_TIMEOUT:?}"))?
+    let found = r
         .map_err(|e| format!("lookup failed: {e}"))?
         // getaddrinfo's own text varies by libc; say what it means.
         .map_err(|e| match e.kind() {
@@ -285,7 +319,7 @@ async fn lookup(
     Ok(addrs)
 }
 
-/// What `lookup` keeps of a resolver's answer.
+/// What `answer` keeps of a resolver's.
 fn usable(found: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
     let mut addrs = Vec::new();
     for a in found {
@@ -363,7 +397,11 @@ mod tests {
         let names = Names::default();
         let ok = names.resolve(&dest("localhost:80"), WAIT).await;
         assert!(ok.is_ok(), "{ok:?}");
-        let held = LOOKUPS.acquire_many(MAX_LOOKUPS as u32).await.unwrap();
+        let held = names
+            .lookups
+            .acquire_many(MAX_LOOKUPS as u32)
+            .await
+            .unwrap();
         let other = dest("localhost:81");
         let e = names
             .resolve(&other, Duration::from_millis(100))
@@ -424,7 +462,31 @@ mod tests {
             at(80)
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert_eq!(LOOKUPS.available_permits(), MAX_LOOKUPS - 1);
+        assert_eq!(names.lookups.available_permits(), MAX_LOOKUPS - 1);
+    }
+
+    /// Nor when it hangs past the lookup's timeout: its waiters are told it
+    /// failed, and it is not looked up again while the call is under way.
+    #[tokio::test]
+    async fn a_name_that_hangs_past_the_timeout_is_not_looked_up_again() {
+        let (_hold, hung) = std::sync::mpsc::channel::<()>();
+        let hung = Mutex::new(hung);
+        let (names, calls) = counted(move |_| {
+            let _ = hung.lock().unwrap().recv();
+            Ok(vec![at(80)])
+        });
+        let names = Names {
+            lookup_timeout: Duration::from_millis(50),
+            failure_ttl: Duration::ZERO,
+            ..names
+        };
+        let hung = dest("hung.example:80");
+        for _ in 0..20 {
+            let e = names.resolve(&hung, WAIT).await.unwrap_err();
+            assert!(e.to_string().contains("timed out after 50ms"), "{e}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(names.lookups.available_permits(), MAX_LOOKUPS - 1);
     }
 
     #[tokio::test]
@@ -438,6 +500,10 @@ mod tests {
                 Ok(vec![at(80)])
             }
         });
+        let names = Names {
+            failure_ttl: Duration::from_secs(3600),
+            ..names
+        };
         let web = dest("web.example:80");
         assert_eq!(names.resolve(&web, WAIT).await.unwrap(), at(80));
         // Expired, and the resolver down: the old answer at once, renewed
@@ -459,6 +525,10 @@ mod tests {
     #[tokio::test]
     async fn a_failure_is_kept_briefly() {
         let (names, calls) = counted(|_| Err(no_such_name()));
+        let names = Names {
+            failure_ttl: Duration::from_secs(3600),
+            ..names
+        };
         let gone = dest("gone.example:80");
         for _ in 0..3 {
             let e = names.resolve(&gone, WAIT).await.unwrap_err();
@@ -497,20 +567,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_name_that_never_resolved_is_forgotten_with_its_failure() {
+        let (names, _) = counted(|_| Err(no_such_name()));
+        let names = Names {
+            failure_ttl: Duration::ZERO,
+            ..names
+        };
+        for i in 0..10 {
+            let _ = names
+                .resolve(&dest(&format!("bad{i}.example:80")), WAIT)
+                .await;
+        }
+        let (ok, _) = counted(|_| Ok(vec![at(80)]));
+        let names = Names {
+            resolver: ok.resolver,
+            ..names
+        };
+        // Filling up, the failures make room before any answer would.
+        for i in 0..MAX_NAMES {
+            names
+                .resolve(&dest(&format!("n{i}.example:80")), WAIT)
+                .await
+                .unwrap();
+        }
+        assert_eq!(names.len(), MAX_NAMES);
+        assert!(names.kept().answers.values().all(|a| !a.addrs.is_empty()));
+    }
+
+    #[tokio::test]
     async fn the_cache_is_bounded_and_forgotten_answers_make_room() {
         let (names, _) = counted(|_| Ok(vec![at(80)]));
         for i in 0..MAX_NAMES {
             let n = dest(&format!("n{i}.example:80"));
             names.resolve(&n, WAIT).await.unwrap();
         }
+        // Full: the answer that expired longest ago makes room.
+        age(&names, "n7.example:80", Duration::from_secs(1));
         let late = dest("late.example:80");
-        assert_eq!(names.resolve(&late, WAIT).await.unwrap(), at(80), "used");
-        assert_eq!(names.len(), MAX_NAMES, "but not kept");
+        assert_eq!(names.resolve(&late, WAIT).await.unwrap(), at(80));
+        assert_eq!(names.len(), MAX_NAMES);
+        assert!(names.kept().answers.contains_key(&name("late.example:80")));
+        assert!(!names.kept().answers.contains_key(&name("n7.example:80")));
+        // Answers too old to serve go first, all of them.
         for i in 0..MAX_NAMES {
-            age(&names, &format!("n{i}.example:80"), MAX_STALE);
+            if i != 7 {
+                age(&names, &format!("n{i}.example:80"), MAX_STALE);
+            }
         }
-        names.resolve(&late, WAIT).await.unwrap();
-        assert_eq!(names.len(), 1, "the forgotten answers went");
+        names
+            .resolve(&dest("later.example:80"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(names.len(), 2, "the forgotten answers went");
     }
 
     #[tokio::test]
