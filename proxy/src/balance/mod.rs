@@ -182,6 +182,9 @@ pub struct Endpoints {
     slots: Box<[Slot]>,
     config: BackendConfig,
     next: AtomicUsize,
+    /// Round robin's turns given over: a counter of their own, so they go
+    /// round the usable endpoints whatever the pattern of those out of use.
+    given_over: AtomicUsize,
     metrics: BackendMetrics,
     /// Shared by every list of this backend built one from another: the
     /// newest. A request that outlives its list (a retry waiting out its
@@ -252,6 +255,7 @@ impl Endpoints {
             slots,
             config,
             next: AtomicUsize::new(prev.map_or(0, |p| p.next.load(Ordering::Relaxed))),
+            given_over: AtomicUsize::new(0),
             metrics,
             newest: prev.map(|p| p.newest.clone()).unwrap_or_default(),
             replaced: AtomicBool::new(false),
@@ -366,7 +370,8 @@ impl Endpoints {
                 // (one node's pods, sorted by address) would all land on one.
                 let usable: Vec<(usize, Admit)> =
                     (0..n).filter_map(|i| ok(i).map(|a| (i, a))).collect();
-                (!usable.is_empty()).then(|| usable[turn % usable.len()])
+                (!usable.is_empty())
+                    .then(|| usable[self.given_over.fetch_add(1, Ordering::Relaxed) % usable.len()])
             }
             LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
                 // Rendezvous hashing: the same key picks the same endpoint on
@@ -1036,6 +1041,30 @@ mod tests {
             counts[5..].iter().all(|c| (180..=220).contains(c)),
             "{counts:?}"
         );
+        // Not neighbours: every other one of four.
+        let b = backend(
+            4,
+            BackendConfig {
+                lb: LbConfig::RoundRobin,
+                ..Default::default()
+            },
+        );
+        for _ in 0..100 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            if index(&f) % 2 == 0 {
+                f.failed();
+            } else {
+                f.success();
+            }
+        }
+        let mut counts = [0usize; 4];
+        for _ in 0..1000 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            counts[index(&f)] += 1;
+            f.success();
+        }
+        assert_eq!([counts[0], counts[2]], [0, 0], "{counts:?}");
+        assert!((480..=520).contains(&counts[1]), "{counts:?}");
     }
 
     #[test]
