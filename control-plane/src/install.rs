@@ -79,10 +79,19 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// rules the nodes cannot load.
 pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     let given = args.identity_trust_anchors_file.is_some();
-    let existing = if given || args.ignore_cluster {
+    let existing = if args.ignore_cluster {
         None
+    } else if given {
+        // The identity is given; the settings are still read back, but a
+        // cluster that cannot be asked (rendering for elsewhere) is no error.
+        existing_install(false).await.unwrap_or_else(|e| {
+            eprintln!(
+                "strait install: {e:#}; give --trust-domain and --proxy-iptables-mode as installed"
+            );
+            None
+        })
     } else {
-        existing_install().await?
+        existing_install(true).await?
     };
     if args.replicas == 1 {
         eprintln!(
@@ -108,12 +117,15 @@ fn has_kube_config() -> bool {
 }
 
 /// The install in the cluster KUBECONFIG (or the in-cluster configuration)
-/// names; `None` when nothing names a cluster (rendering for elsewhere) or it
-/// has no install.
-async fn existing_install() -> anyhow::Result<Option<Installed>> {
+/// names, its identity too if `identity`; `None` when nothing names a cluster
+/// (rendering for elsewhere) or it has no install.
+async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     if !has_kube_config() {
+        if !identity {
+            return Ok(None);
+        }
         eprintln!(
             "strait install: no Kubernetes configuration (KUBECONFIG, ~/.kube/config, in a pod), so no existing install was looked for: a new trust anchor and issuer are generated (applied over an install, they would replace its identity)"
         );
@@ -130,6 +142,9 @@ async fn existing_install() -> anyhow::Result<Option<Installed>> {
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, NAMESPACE);
     let all = async {
+        if !identity {
+            return Ok::<_, kube::Error>((None, None, deployments.get_opt(CONTROLLER).await?));
+        }
         Ok::<_, kube::Error>((
             secrets.get_opt(ISSUER_SECRET).await?,
             maps.get_opt(ANCHORS_CONFIG_MAP).await?,
@@ -141,35 +156,42 @@ async fn existing_install() -> anyhow::Result<Option<Installed>> {
         .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
         .map_err(|e| cannot(&e))?;
     let (secret, anchors) = match (secret, anchors) {
-        (None, None) => return Ok(None),
-        (Some(s), Some(a)) => (s, a),
+        (None, None) if identity || controller.is_none() => return Ok(None),
+        (None, None) => (None, None),
+        (Some(s), Some(a)) => (Some(s), Some(a)),
         _ => anyhow::bail!(
             "{NAMESPACE} has only one of Secret {ISSUER_SECRET} and ConfigMap {ANCHORS_CONFIG_MAP}: pass the --identity-* files"
         ),
     };
-    let secret_field = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .ok_or_else(|| anyhow::anyhow!("Secret {NAMESPACE}/{ISSUER_SECRET} has no {k}"))
+    let identity = match (secret, anchors) {
+        (Some(secret), Some(anchors)) => {
+            let secret_field = |k: &str| {
+                secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(k))
+                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                    .ok_or_else(|| anyhow::anyhow!("Secret {NAMESPACE}/{ISSUER_SECRET} has no {k}"))
+            };
+            let identity = Identity {
+                anchors_pem: anchors
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("ca.crt"))
+                    .cloned()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("ConfigMap {NAMESPACE}/{ANCHORS_CONFIG_MAP} has no ca.crt")
+                    })?,
+                issuer_cert_pem: secret_field("tls.crt")?,
+                issuer_key_pem: secret_field("tls.key")?,
+            };
+            eprintln!(
+                "strait install: keeping the trust anchors and issuer of the install in the cluster ({NAMESPACE}/{ISSUER_SECRET})"
+            );
+            Some(identity)
+        }
+        _ => None,
     };
-    let identity = Identity {
-        anchors_pem: anchors
-            .data
-            .as_ref()
-            .and_then(|d| d.get("ca.crt"))
-            .cloned()
-            .ok_or_else(|| {
-                anyhow::anyhow!("ConfigMap {NAMESPACE}/{ANCHORS_CONFIG_MAP} has no ca.crt")
-            })?,
-        issuer_cert_pem: secret_field("tls.crt")?,
-        issuer_key_pem: secret_field("tls.key")?,
-    };
-    eprintln!(
-        "strait install: keeping the trust anchors and issuer of the install in the cluster ({NAMESPACE}/{ISSUER_SECRET})"
-    );
     // The controller's own arguments say what it was installed with.
     let args: Vec<String> = controller
         .and_then(|d| d.spec?.template.spec)
@@ -199,7 +221,8 @@ async fn existing_install() -> anyhow::Result<Option<Installed>> {
 
 /// What an install in the cluster was made with.
 pub struct Installed {
-    pub identity: Identity,
+    /// Unless the identity was given, so not read back.
+    pub identity: Option<Identity>,
     pub trust_domain: Option<String>,
     pub iptables_mode: Option<crate::inject::IptablesMode>,
 }
@@ -240,7 +263,7 @@ impl InstallArgs {
             .proxy_iptables_mode
             .or(existing.as_ref().and_then(|e| e.iptables_mode))
             .unwrap_or_default();
-        let existing = existing.map(|e| e.identity);
+        let existing = existing.and_then(|e| e.identity);
         let identity = match (
             &self.identity_trust_anchors_file,
             &self.identity_issuer_certificate_file,

@@ -647,6 +647,29 @@ async fn strait_install_again_keeps_the_installed_identity() {
         stderr.contains("installed with trust domain \"corp.example\""),
         "{stderr}"
     );
+    // Given identity files (rotating the anchors), the settings still are kept.
+    let pki = Pki::new();
+    let files = [
+        format!("--identity-trust-anchors-file={}", pki.anchors().display()),
+        format!(
+            "--identity-issuer-certificate-file={}",
+            pki.issuer_cert().display()
+        ),
+        format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
+    ];
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    let rotated = install(&files, &kubeconfig).await.unwrap();
+    let out = String::from_utf8_lossy(&rotated.stdout);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    assert!(
+        out.contains("--trust-domain=corp.example"),
+        "trust domain not kept"
+    );
+    assert_ne!(installed_identity(&rotated.stdout), installed);
 
     // Asked to, it generates anew.
     let fresh = install(&["--ignore-cluster"], &kubeconfig).await.unwrap();
