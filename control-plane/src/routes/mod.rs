@@ -134,7 +134,21 @@ impl RouteSpec {
                 .rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| r.to_api(i, parent_port))
+                .map(|(i, r)| {
+                    let mut rule = r.to_api(i, parent_port);
+                    // An unnamed rule goes by its index: by `_1` should
+                    // another be named `1` (names cannot start so), so the
+                    // two share no metrics and no retry budget.
+                    if r.name.is_none()
+                        && self
+                            .rules
+                            .iter()
+                            .any(|o| o.name.as_deref() == Some(&rule.name))
+                    {
+                        rule.name = format!("_{i}");
+                    }
+                    rule
+                })
                 .collect(),
         }
     }

@@ -147,22 +147,6 @@ pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecE
         }
         rules.push(rule);
     }
-    // An unnamed rule is labelled by its index in metrics and spans (and
-    // keyed by it for its retry budget): a rule named like it would share both.
-    for (i, r) in rules.iter().enumerate() {
-        if r.name.is_none() && names.contains(&i.to_string()) {
-            let named = rules
-                .iter()
-                .position(|o| o.name.as_deref() == Some(i.to_string().as_str()))
-                .unwrap_or(i);
-            return Err(SpecError::new(
-                format!("spec.rules[{named}].name"),
-                format!(
-                    "{i:?} is how the unnamed spec.rules[{i}] is known; name that one too, or pick another"
-                ),
-            ));
-        }
-    }
     let route = RouteSpec {
         created: doc.metadata.creation_timestamp,
         parents,
@@ -533,13 +517,21 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_named_as_an_unnamed_rule_is_known_is_refused() {
+    fn an_unnamed_rule_and_one_named_as_its_index_keep_apart() {
         let mut v = route();
         set(&mut v, "/spec/rules/0/name", json!("1"));
         set(&mut v, "/spec/rules/1", json!({}));
-        assert_eq!(field_of(&v), "spec.rules[0].name");
-        set(&mut v, "/spec/rules/1", json!({"name": "fallback"}));
-        assert_eq!(parsed(&v).rules[0].name.as_deref(), Some("1"));
+        let key = ObjKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let api = parsed(&v).to_api(&key, 80);
+        let names: Vec<&str> = api.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["1", "_1"]);
+        set(&mut v, "/spec/rules/0/name", json!("canary"));
+        let api = parsed(&v).to_api(&key, 80);
+        let names: Vec<&str> = api.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["canary", "1"]);
     }
 
     #[test]
