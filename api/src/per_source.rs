@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-type Held = Arc<Mutex<HashMap<IpAddr, usize>>>;
+/// Places held, by source and what they are of (0 when not told).
+type Held = Arc<Mutex<HashMap<(IpAddr, u64), usize>>>;
 
 #[derive(Clone, Debug)]
 pub struct PerSource {
@@ -23,7 +24,7 @@ pub struct PerSource {
 /// One place in a source's share, given back when dropped.
 #[derive(Debug)]
 #[must_use = "the place is given back when this is dropped"]
-pub struct Share(Option<(Held, IpAddr)>);
+pub struct Share(Option<(Held, (IpAddr, u64))>);
 
 impl PerSource {
     /// At most `limit` at once per address, loopback included.
@@ -50,22 +51,29 @@ impl PerSource {
     /// A place for `source`, unless it holds its share already. An unknown
     /// source (no address) is not counted.
     pub fn take(&self, source: Option<IpAddr>) -> Option<Share> {
+        self.take_of(source, 0)
+    }
+
+    /// A place for `source` among those of `what` (a hash of what is held:
+    /// a watched view), unless it holds its share of them already.
+    pub fn take_of(&self, source: Option<IpAddr>, what: u64) -> Option<Share> {
         let Some(source) = source.filter(|s| self.count_loopback || !s.is_loopback()) else {
             return Some(Share(None));
         };
+        let key = (source, what);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let n = held.entry(source).or_default();
+        let n = held.entry(key).or_default();
         if *n >= self.limit {
             return None;
         }
         *n += 1;
-        Some(Share(Some((self.held.clone(), source))))
+        Some(Share(Some((self.held.clone(), key))))
     }
 
     #[cfg(test)]
     pub fn held_by(&self, source: IpAddr) -> usize {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.get(&source).copied().unwrap_or(0)
+        held.get(&(source, 0)).copied().unwrap_or(0)
     }
 
     #[cfg(test)]

@@ -107,6 +107,10 @@ pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 2048;
 /// Watches (discovery and policy) one source address may hold open at once:
 /// one connection's worth, twice what one proxy keeps. Loopback is not counted.
 pub const WATCHES_PER_SOURCE: usize = 2048;
+/// Watches of one view (one destination, one pod's policy) one source address
+/// may hold open at once: a proxy keeps one, and another while it
+/// reconnects; a few proxies behind one address (VMs behind NAT) more.
+pub const WATCHES_PER_SOURCE_AND_VIEW: usize = 16;
 /// Connections to the gRPC port one source address may hold open (or be
 /// handshaking) at once: a proxy needs one, and another while it reconnects.
 /// Loopback is not counted.

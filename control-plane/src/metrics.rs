@@ -178,6 +178,11 @@ impl Metrics {
 pub struct Watches {
     metrics: Arc<Metrics>,
     per_source: PerSource,
+    /// Of one view: each open watch keeps its latest view encoded and queued
+    /// until its proxy reads it, so a caller that opened its whole share of
+    /// watches on the largest Service, and read none, would hold that many
+    /// copies of it.
+    per_view: PerSource,
     /// Cancelled when the controller stops: every watch ends then, so that
     /// its connection can close and the server's graceful shutdown finish
     /// (watches never end on their own), and each proxy moves to a replica
@@ -190,6 +195,7 @@ impl Watches {
         Watches {
             metrics,
             per_source: PerSource::sparing_loopback(defaults::WATCHES_PER_SOURCE),
+            per_view: PerSource::sparing_loopback(defaults::WATCHES_PER_SOURCE_AND_VIEW),
             stopping: Default::default(),
         }
     }
@@ -199,13 +205,27 @@ impl Watches {
         self.stopping.cancel();
     }
 
-    /// A watch of `service` for a caller at `source`, unless that address
-    /// holds its share of watches already.
+    /// A watch of `service` for a caller at `source`, of the view `what`
+    /// (a hash of it), unless that address holds its share of watches, or of
+    /// watches of that view, already.
     pub fn open(
         &self,
         service: &'static str,
         source: Option<IpAddr>,
+        what: &impl std::hash::Hash,
     ) -> Result<WatchGuard, tonic::Status> {
+        let what = {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(what)
+        };
+        let Some(same) = self.per_view.take_of(source, what) else {
+            self.metrics.api_refused(service, "too_many_watches");
+            return Err(tonic::Status::resource_exhausted(format!(
+                "{} watches of this are open from this address already",
+                self.per_view.limit()
+            )));
+        };
         let Some(share) = self.per_source.take(source) else {
             self.metrics.api_refused(service, "too_many_watches");
             return Err(tonic::Status::resource_exhausted(format!(
@@ -222,6 +242,7 @@ impl Watches {
         Ok(WatchGuard {
             open: g,
             _share: share,
+            _same: same,
             stopping: self.stopping.clone(),
         })
     }
@@ -233,6 +254,7 @@ impl Watches {
 pub struct WatchGuard {
     open: Gauge,
     _share: Share,
+    _same: Share,
     stopping: tokio_util::sync::CancellationToken,
 }
 

@@ -95,7 +95,7 @@ impl InboundPolicy for InboundPolicyService {
             may_watch_pod(&self.snapshot.borrow(), c, &pod)
                 .inspect_err(|r| auth.refused("inbound_policy", r))?;
         }
-        let guard = self.watches.open("inbound_policy", source)?;
+        let guard = self.watches.open("inbound_policy", source, &pod)?;
         let ended = guard.ended();
         let rx = self.snapshot.clone();
         let wait_for_pods = self.wait_for_pods;

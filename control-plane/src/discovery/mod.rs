@@ -204,7 +204,7 @@ impl Discovery for DiscoveryService {
             proxy = ?w.proxy_id.chars().take(100).collect::<String>(),
             "watch"
         );
-        let guard = self.watches.open("discovery", source)?;
+        let guard = self.watches.open("discovery", source, &key)?;
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a
             // view, so made-up names cost nothing to hold. The stream stays open,
@@ -269,7 +269,7 @@ mod tests {
         let (_tx, metrics, svc) = service();
         let mut open = Vec::new();
         for i in 0..defaults::WATCHES_PER_SOURCE {
-            open.push(svc.watch(watch_from("10.0.0.7", i % 50)).await.unwrap());
+            open.push(svc.watch(watch_from("10.0.0.7", i)).await.unwrap());
         }
         let refused = svc.watch(watch_from("10.0.0.7", 1)).await.err().unwrap();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
@@ -288,6 +288,32 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// Each watch holds its view, encoded, until its proxy reads it: one
+    /// address cannot hold its whole share of watches on one (large) view.
+    #[tokio::test]
+    async fn one_address_holds_few_watches_of_one_view() {
+        let (_tx, _, svc) = service();
+        let mut open = Vec::new();
+        for _ in 0..defaults::WATCHES_PER_SOURCE_AND_VIEW {
+            open.push(svc.watch(watch_from("10.0.0.7", 1)).await.unwrap());
+        }
+        let refused = svc.watch(watch_from("10.0.0.7", 1)).await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("16 watches of this"),
+            "{refused:?}"
+        );
+        // Another spelling of the same Service is the same view.
+        let mut same = watch_from("10.0.0.7", 1);
+        same.get_mut().destination = "svc-1.shop:80".into();
+        assert!(svc.watch(same).await.is_err());
+        assert!(svc.watch(watch_from("10.0.0.7", 2)).await.is_ok());
+        assert!(svc.watch(watch_from("10.0.0.8", 1)).await.is_ok());
+        assert!(svc.watch(watch_from("127.0.0.1", 1)).await.is_ok());
+        drop(open.pop());
+        assert!(svc.watch(watch_from("10.0.0.7", 1)).await.is_ok());
     }
 
     /// What a watch keeps is bounded: a namespace that is no Kubernetes name
