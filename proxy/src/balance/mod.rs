@@ -1051,7 +1051,7 @@ mod tests {
         );
         for _ in 0..100 {
             let f = b.pick(&Default::default(), None).unwrap();
-            if index(&f) % 2 == 0 {
+            if index(&f).is_multiple_of(2) {
                 f.failed();
             } else {
                 f.success();
@@ -1065,6 +1065,38 @@ mod tests {
         }
         assert_eq!([counts[0], counts[2]], [0, 0], "{counts:?}");
         assert!((480..=520).contains(&counts[1]), "{counts:?}");
+    }
+
+    /// A WebSocket counts as load on its endpoint while it is open, as an
+    /// opaque stream does, not only until its 101.
+    #[tokio::test]
+    async fn an_upgraded_connection_is_load_while_it_lasts() {
+        use tower::{Service, ServiceExt};
+        let b = backend(1, BackendConfig::default());
+        let tunnel = crate::http::upgrade::TunnelHold::default();
+        let held = tunnel.clone();
+        let inner = tower::service_fn(move |_: http::Request<crate::http::BoxBody>| {
+            let held = held.clone();
+            async move {
+                let mut rsp = http::Response::new(crate::http::empty());
+                *rsp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                rsp.extensions_mut().insert(held);
+                Ok::<_, std::convert::Infallible>(rsp)
+            }
+        });
+        let mut svc = service::Balance::new(b.clone(), inner, None);
+        let rsp = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(crate::http::empty()))
+            .await
+            .unwrap();
+        drop(rsp);
+        let pending = || b.slots[0].state.pending.load(Ordering::Relaxed);
+        assert_eq!(pending(), 1, "open");
+        drop((tunnel, svc));
+        assert_eq!(pending(), 0, "closed");
     }
 
     #[test]

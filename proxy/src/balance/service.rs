@@ -159,6 +159,11 @@ where
         if ServedBy::worth_noting(&rsp) {
             rsp.extensions_mut().insert(ServedBy(*this.served_by));
         }
+        if let Some(hold) = rsp.extensions().get::<crate::http::upgrade::TunnelHold>() {
+            // A tunnel is load on its endpoint for as long as it is open.
+            hold.keep(in_flight);
+            return Poll::Ready(Ok(rsp));
+        }
         Poll::Ready(Ok(rsp.map(|b| boxed(GuardedBody::new(b, in_flight)))))
     }
 }

@@ -182,9 +182,13 @@ impl Forward {
             let upstream_upgrade = hyper::upgrade::on(&mut rsp);
             let (tcp, metrics, direction) =
                 (self.0.tcp.clone(), self.0.metrics.clone(), self.0.direction);
+            let hold = upgrade::TunnelHold::default();
+            rsp.extensions_mut().insert(hold.clone());
             self.0.drain.spawn(async move {
-                // The client's connection counts as open until the splice ends.
+                // The client's connection counts as open until the splice ends,
+                // and so does what the layers above keep in the hold.
                 let _tunnel = tunnel;
+                let _hold = hold;
                 let splice = upgrade::splice(
                     client_upgrade,
                     upstream_upgrade,

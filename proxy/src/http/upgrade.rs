@@ -49,6 +49,28 @@ impl std::fmt::Debug for Revocation {
     }
 }
 
+/// In an accepted upgrade's response, and held by its splice: what must live
+/// as long as the tunnel (the balancer puts the endpoint's in-flight count
+/// there, so a WebSocket counts as load on its endpoint while it is open, as
+/// an opaque stream does). Dropped once both the splice and the response are.
+#[derive(Clone, Default)]
+pub struct TunnelHold(std::sync::Arc<std::sync::Mutex<Vec<Box<dyn Send>>>>);
+
+impl TunnelHold {
+    pub fn keep(&self, v: impl Send + 'static) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(v));
+    }
+}
+
+impl std::fmt::Debug for TunnelHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TunnelHold")
+    }
+}
+
 /// Whether the upstream accepted the upgrade or tunnel.
 pub fn accepted<B>(is_connect: bool, rsp: &Response<B>) -> bool {
     if is_connect {
