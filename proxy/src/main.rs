@@ -46,11 +46,47 @@ fn start() -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     };
-    rt.block_on(run(config))
+    let open_files = raise_open_files();
+    let r = rt.block_on(run(config, open_files));
+    // Drained: what is left is blocking work (a resolver call that hangs)
+    // that must not hold the process past its grace period.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    r
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// Raises the soft limit on open files to the hard one, which container
+/// runtimes often leave at 1,024 (Go raises it by itself; Rust does not): an
+/// opaque stream takes two descriptors, so a few hundred would exhaust it,
+/// and the admin port and its probes with them, long before
+/// `--max-connections`. Returns the limit now in force.
+fn raise_open_files() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let cur = getrlimit(Resource::Nofile);
+    if cur.current < cur.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: cur.maximum,
+                maximum: cur.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+async fn run(config: Config, open_files: Option<u64>) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
+    // Each connection of an opaque stream takes two descriptors (the
+    // client's and the upstream's); HTTP ones share theirs upstream.
+    let needs = 2 * config.max_connections as u64;
+    match open_files {
+        Some(n) if n < needs => tracing::warn!(
+            open_files = n,
+            max_connections = config.max_connections,
+            "the open-file limit is below two per --max-connections; past it, connections fail"
+        ),
+        n => tracing::debug!(open_files = ?n, "open-file limit"),
+    }
     let proxy = Proxy::bind(config, Some(log)).await?;
     let handle = proxy.shutdown_handle();
     tokio::spawn(heap::return_freed(

@@ -177,7 +177,13 @@ impl Shared {
             defaults::DETECT_MAX_BYTES,
         );
         match d.await {
-            Ok(d) => d,
+            Ok(Some(d)) => Some(d),
+            // Half-closed without a word: a client that only reads (a server
+            // that speaks first), carried as it would be without a proxy.
+            Ok(None) => Some(crate::detect::Detected {
+                protocol: crate::detect::Protocol::Opaque,
+                prefix: BytesMut::new(),
+            }),
             Err(e) => {
                 debug!(client = %client.0, error = %e, "connection failed during detection");
                 None

@@ -13,7 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::defaults;
 use crate::telemetry::Metrics;
@@ -98,7 +98,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
-                warn!(error = %e, "admin accept failed");
+                strait_otel::sampled!(warn, error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::Drain;
 use crate::addr::ClientAddr;
@@ -88,7 +88,8 @@ impl Listener {
                 Err(e) => {
                     // Out of file descriptors and the like: log, back off briefly so
                     // we do not spin, and keep serving what is open.
-                    warn!(listener = %self.local, error = %e, "accept failed");
+                    // Sampled: out of descriptors, this comes every 10 ms.
+                    strait_otel::sampled!(warn, listener = %self.local, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }

@@ -1152,6 +1152,15 @@ async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
     s.read_exact(&mut back).await.expect("the echo");
     assert_eq!(&back, b"EHLO mesh\r\n");
 
+    // The client only reads, and half-closes at once: the greeting still comes.
+    let mut s = tokio::net::TcpStream::connect(client.upstreams[0])
+        .await
+        .expect("connect");
+    s.shutdown().await.expect("half-close");
+    let mut greeting = Vec::new();
+    s.read_to_end(&mut greeting).await.expect("the greeting, then EOF");
+    assert_eq!(greeting, b"220 ready\r\n");
+
     // The client speaks first, but late, and not HTTP: carried as it is.
     let mut s = tokio::net::TcpStream::connect(client.upstreams[1])
         .await
