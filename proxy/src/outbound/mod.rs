@@ -14,7 +14,6 @@ mod silent;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tower::layer::util::Stack;
 
 use self::http::RouterLayer;
@@ -98,8 +97,11 @@ impl Outbound {
                 }
             }
             (Some(Detection::Silent(stream)), None) => {
-                s.count_detected(DIRECTION, Protocol::Opaque);
-                (Protocol::Opaque, PrefixedIo::new(Bytes::new(), stream))
+                let spoke = crate::boxed::pin(|| words_for_http(s, stream, acc.client));
+                match spoke.await {
+                    Some(http) => http,
+                    None => return,
+                }
             }
         };
         let meta = ConnMeta {
@@ -122,6 +124,28 @@ impl Outbound {
             },
             Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,
             Protocol::Http2 => self.http.serve(io, true, layers, &meta).await,
+        }
+    }
+}
+
+/// A client silent past detection on a connection made to this port itself
+/// (HTTP naming its `Host`): one that opens connections ahead of use speaks
+/// later. With nowhere else to go it has as long as an HTTP client has for
+/// its head, and then is detected; silent that long, or gone, it is closed.
+async fn words_for_http(
+    s: &Shared,
+    mut stream: tokio::net::TcpStream,
+    client: crate::addr::ClientAddr,
+) -> Option<(Protocol, PrefixedIo<tokio::net::TcpStream>)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    let read = tokio::time::timeout(s.config.http_header_read_timeout, stream.read_buf(&mut buf));
+    match read.await {
+        Ok(Ok(n)) if n > 0 => s.detect_more(stream, buf, DIRECTION, client).await,
+        _ => {
+            s.count_detected(DIRECTION, Protocol::Opaque);
+            s.metrics.reject_tcp(DIRECTION, "no_destination");
+            None
         }
     }
 }

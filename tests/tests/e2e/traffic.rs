@@ -1099,6 +1099,38 @@ async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
     );
 }
 
+/// A client pointed at the outbound port itself (HTTP naming its `Host`)
+/// that opens its connection ahead of use, and speaks after detection gave
+/// up, is still served.
+#[tokio::test]
+async fn a_connection_to_the_outbound_port_made_ahead_of_use_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let port = |_| format!("127.0.0.1:{}", free_port());
+    let (outbound, inbound, admin) = (port(0), port(1), port(2));
+    let _proxy = strait_tests::process::Proc::spawn(
+        "strait-proxy",
+        &[
+            format!("--outbound-addr={outbound}"),
+            format!("--inbound-addr={inbound}"),
+            format!("--admin-addr={admin}"),
+        ],
+        &[],
+    );
+    wait::ready(admin.parse().unwrap(), Duration::from_secs(10)).await;
+    let mut s = tokio::net::TcpStream::connect(&outbound).await.unwrap();
+    // Silent past the detection timeout (300 ms): the case under test.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let req = format!(
+        "GET / HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+        backend.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut rsp = String::new();
+    s.read_to_string(&mut rsp).await.unwrap();
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp:?}");
+}
+
 #[tokio::test]
 async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1158,7 +1190,9 @@ async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
         .expect("connect");
     s.shutdown().await.expect("half-close");
     let mut greeting = Vec::new();
-    s.read_to_end(&mut greeting).await.expect("the greeting, then EOF");
+    s.read_to_end(&mut greeting)
+        .await
+        .expect("the greeting, then EOF");
     assert_eq!(greeting, b"220 ready\r\n");
 
     // The client speaks first, but late, and not HTTP: carried as it is.
