@@ -54,6 +54,9 @@ fn start() -> anyhow::Result<()> {
     r
 }
 
+/// Below this many open files the proxy warns at start.
+const MIN_OPEN_FILES: u64 = 4096;
+
 /// Raises the soft limit on open files to the hard one, which container
 /// runtimes often leave at 1,024 (Go raises it by itself; Rust does not): an
 /// opaque stream takes two descriptors, so a few hundred would exhaust it,
@@ -62,11 +65,14 @@ fn start() -> anyhow::Result<()> {
 fn raise_open_files() -> Option<u64> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let cur = getrlimit(Resource::Nofile);
-    if cur.current < cur.maximum {
+    // No hard limit (`None`): as far as the kernel's own (`nr_open`,
+    // 1,048,576 by default) lets a soft one go.
+    let want = cur.maximum.unwrap_or(1 << 20);
+    if cur.current.is_some_and(|c| c < want) {
         let _ = setrlimit(
             Resource::Nofile,
             Rlimit {
-                current: cur.maximum,
+                current: Some(want),
                 maximum: cur.maximum,
             },
         );
@@ -76,18 +82,19 @@ fn raise_open_files() -> Option<u64> {
 
 async fn run(config: Config, open_files: Option<u64>) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
-    // Each connection of an opaque stream takes two descriptors (the
-    // client's and the upstream's); HTTP ones share theirs upstream.
-    let needs = 2 * config.max_connections as u64;
+    let max_connections = config.max_connections;
+    let proxy = Proxy::bind(config, Some(log)).await?;
+    // An opaque stream takes two descriptors (the client's and the
+    // upstream's); a limit this low runs out at a few thousand connections.
     match open_files {
-        Some(n) if n < needs => tracing::warn!(
+        Some(n) if n < MIN_OPEN_FILES => tracing::warn!(
             open_files = n,
-            max_connections = config.max_connections,
-            "the open-file limit is below two per --max-connections; past it, connections fail"
+            max_connections,
+            "the open-file limit is low (the hard limit allows no more): past some {} opaque streams, connections fail",
+            n / 2
         ),
         n => tracing::debug!(open_files = ?n, "open-file limit"),
     }
-    let proxy = Proxy::bind(config, Some(log)).await?;
     let handle = proxy.shutdown_handle();
     tokio::spawn(heap::return_freed(
         strait_proxy::defaults::HEAP_TRIM_INTERVAL,

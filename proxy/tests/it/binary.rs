@@ -496,3 +496,28 @@ fn relative_relocations_are_packed() {
         "{plain:?} bytes of plain relocations"
     );
 }
+
+/// A runtime that leaves the soft open-file limit at 1,024 would let a few
+/// hundred opaque streams exhaust it (and the admin port's probes with them):
+/// the proxy raises it to the hard limit at start.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_one() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} --admin-addr={admin} --inbound-addr=127.0.0.1:0 --outbound-addr=127.0.0.1:0",
+            env!("CARGO_BIN_EXE_strait-proxy")
+        ))
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    wait::ready(admin.parse().unwrap(), Duration::from_secs(10)).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id().unwrap())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (f[3], f[4]);
+    assert_eq!(soft, hard, "{line}");
+}
