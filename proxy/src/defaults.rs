@@ -82,7 +82,7 @@ pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An HTTP/2 connection to an upstream (a peer proxy, or an app speaking HTTP/2)
-/// is closed after this long unused.
+/// is closed after this long unused: no new request, and no stream open.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle pooled HTTP/1 connection to an app is not used past this (Linkerd's
 /// 3 s): under the keep-alive timeout of common app servers (Node.js and

@@ -515,8 +515,12 @@ impl H2Client {
                     r = &mut conn => break r,
                     _ = tokio::time::sleep(defaults::POOL_IDLE_TIMEOUT) => {
                         let Some(inner) = inner.upgrade() else { break conn.await };
-                        match load_requests(&inner, n) {
-                            Some(sent) if sent != seen => seen = sent,
+                        match load_of(&inner, n) {
+                            // Busy: new requests, or streams still open (a
+                            // gRPC stream, server-sent events), which would
+                            // otherwise keep it open outside the set while
+                            // another connection replaced it.
+                            Some((sent, open)) if sent != seen || open > 0 => seen = sent,
                             // Idle (no new request since the last look) or no
                             // longer handed out: it closes once the streams in
                             // flight are done.
@@ -617,13 +621,14 @@ fn least_loaded<'a>(conns: impl Iterator<Item = &'a H2Conn>) -> Option<(H2Conn, 
 }
 
 /// Requests sent so far on connection `n`, if the pool still hands it out.
-fn load_requests(inner: &H2Inner, n: u64) -> Option<u64> {
-    inner
-        .state()
-        .conns
-        .iter()
-        .find(|c| c.n == n)
-        .map(|c| c.load.requests.load(Ordering::Relaxed))
+/// Requests sent on connection `n` so far, and its streams open now.
+fn load_of(inner: &H2Inner, n: u64) -> Option<(u64, usize)> {
+    inner.state().conns.iter().find(|c| c.n == n).map(|c| {
+        (
+            c.load.requests.load(Ordering::Relaxed),
+            c.load.streams.load(Ordering::Relaxed),
+        )
+    })
 }
 
 /// A client for one upstream and HTTP version.
@@ -893,6 +898,26 @@ mod tests {
             assert_eq!(body.unwrap(), "done");
         }
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
+    }
+
+    /// A connection carrying a long stream (gRPC streaming, server-sent
+    /// events) is not idle, however long since its last new request.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_a_stream_open_is_not_idle() {
+        let (addr, held, gate) = server(10).await;
+        let c = client(addr);
+        let c2 = c.clone();
+        let open = tokio::spawn(async move { c2.request(get()).await.unwrap() });
+        while held.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(defaults::POOL_IDLE_TIMEOUT * 3).await;
+        assert_eq!(c.streams(), vec![1], "still in the set");
+        gate.add_permits(1);
+        let rsp = open.await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        tokio::time::sleep(defaults::POOL_IDLE_TIMEOUT * 3).await;
+        assert!(c.streams().is_empty(), "idle once the stream is done");
     }
 
     /// Response bodies a client is slow to read hold flow-control window of
