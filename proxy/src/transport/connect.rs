@@ -111,9 +111,12 @@ impl PeerTls {
         let name = ServerName::try_from(peer.server_name())
             .map_err(|e| tls_err(e.to_string()))?
             .to_owned();
+        // One deadline for the TCP connect and the handshake together: the
+        // connect timeout bounds the whole (not twice it).
+        let deadline = tokio::time::Instant::now() + timeout;
         let stream = tcp(addr, timeout).await?;
-        match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, stream)).await
-        {
+        let handshake = TlsConnector::from(config).connect(name, stream);
+        match tokio::time::timeout_at(deadline, handshake).await {
             // A resumed session brings back the server's leaf from the
             // handshake that made it, unverified: one expired since is refused.
             Ok(Ok(s))
