@@ -86,7 +86,7 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
         // cluster that cannot be asked (rendering for elsewhere) is no error.
         existing_install(false).await.unwrap_or_else(|e| {
             eprintln!(
-                "strait install: {e:#}; give --trust-domain and --proxy-iptables-mode as installed"
+                "strait install: the installed settings could not be read back ({e:#}); the identity files given are used, with --trust-domain and --proxy-iptables-mode as given (give them as installed)"
             );
             None
         })

@@ -145,8 +145,10 @@ impl Ca {
         for der in &intermediates {
             let (_, c) = x509_parser::parse_x509_certificate(der)
                 .map_err(|e| ("--issuer-cert", format!("a certificate of its chain: {e}")))?;
-            // A root sent along is a trust anchor, whose dates no verifier
-            // checks.
+            // A root sent along is a trust anchor, whose dates rustls does
+            // not check: it bounds no proxy's leaf. (The API server, in Go,
+            // does check it for the webhook's certificate; `strait check`
+            // warns of an anchor's expiry.)
             if c.subject() != c.issuer() {
                 issuer_not_after = issuer_not_after.min(secs(&c.validity().not_after));
             }

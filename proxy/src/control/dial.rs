@@ -1,10 +1,11 @@
-//! Dialling the controller: one attempt at a time, and after a failure none
-//! until a shared, jittered backoff says. Every discovery watch and the policy
-//! watch share one channel, and each retries on its own schedule; without the
-//! gate each retry while the controller is away would dial anew (resolving its
-//! name, and with TLS handshaking), hundreds a second from one proxy with
-//! many destinations, times every proxy, at the cluster's DNS and the
-//! controller.
+//! Dialling the controller: one attempt at a time, and after a failure the
+//! next not before a shared, jittered backoff. Every discovery watch and the
+//! policy watch share one channel, and each retries on its own schedule;
+//! without the gate each retry while the controller is away would dial anew
+//! (resolving its name, and with TLS handshaking), hundreds a second from one
+//! proxy with many destinations, times every proxy, at the cluster's DNS and
+//! the controller. An attempt that must wait waits (the channel queues the
+//! calls behind it), so the proxy reconnects as soon as the backoff allows.
 
 use std::future::Future;
 use std::io;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
+use tower::ServiceExt as _;
 
 use super::backoff::Backoff;
 
@@ -23,12 +25,38 @@ struct Gate {
     backoff: Backoff,
 }
 
-/// A connector whose attempts after a failure wait for the gate: those made
-/// before it opens fail at once, without touching the network.
+type Shared = Arc<Mutex<Gate>>;
+
+fn record(gate: &Shared, ok: bool) {
+    let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+    if ok {
+        // The backoff starts over only once the connection has lasted:
+        // one that fails just after it is made is retried ever more slowly.
+        g.not_before = None;
+        g.backoff.connected();
+    } else {
+        let wait = g.backoff.next_delay();
+        g.not_before = Some(Instant::now() + wait);
+    }
+}
+
+/// An attempt under way: dropped before it ended (its caller gave up), it
+/// counts as failed, or the next would dial at once.
+struct Attempt(Option<Shared>);
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            record(&g, false);
+        }
+    }
+}
+
+/// A connector whose attempts after a failure wait for the gate.
 #[derive(Clone, Debug)]
 pub struct Gated<C> {
     inner: C,
-    gate: Arc<Mutex<Gate>>,
+    gate: Shared,
 }
 
 impl<C> Gated<C> {
@@ -42,7 +70,7 @@ impl<C> Gated<C> {
 
 impl<C, R> tower::Service<http::Uri> for Gated<C>
 where
-    C: tower::Service<http::Uri, Response = R, Error = io::Error>,
+    C: tower::Service<http::Uri, Response = R, Error = io::Error> + Clone + Send + 'static,
     C::Future: Send + 'static,
     R: Send + 'static,
 {
@@ -50,39 +78,21 @@ where
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<R>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let now = Instant::now();
-        {
-            let gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = gate.not_before
-                && at > now
-            {
-                let wait = at - now;
-                return Box::pin(std::future::ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("the control plane was unreachable; next attempt in {wait:?}"),
-                ))));
-            }
-        }
-        let attempt = self.inner.call(uri);
-        let gate = self.gate.clone();
+        let (gate, inner) = (self.gate.clone(), self.inner.clone());
         Box::pin(async move {
-            let r = attempt.await;
-            let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
-            match &r {
-                Ok(_) => {
-                    g.not_before = None;
-                    g.backoff.reset();
-                }
-                Err(_) => {
-                    let wait = g.backoff.next_delay();
-                    g.not_before = Some(Instant::now() + wait);
-                }
+            let not_before = gate.lock().unwrap_or_else(|p| p.into_inner()).not_before;
+            if let Some(at) = not_before {
+                tokio::time::sleep_until(at).await;
             }
+            let mut attempt = Attempt(Some(gate.clone()));
+            let r = inner.oneshot(uri).await;
+            attempt.0 = None;
+            record(&gate, r.is_ok());
             r
         })
     }
@@ -91,46 +101,86 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
     use tower::Service as _;
 
-    #[derive(Clone)]
-    struct Refused(Arc<AtomicUsize>, Arc<std::sync::atomic::AtomicBool>);
+    /// Counts its dials; refuses them unless `up`, or never answers if `hang`.
+    #[derive(Clone, Default)]
+    struct Dialled {
+        dials: Arc<AtomicUsize>,
+        up: Arc<AtomicBool>,
+        hang: Arc<AtomicBool>,
+    }
 
-    impl tower::Service<http::Uri> for Refused {
+    impl tower::Service<http::Uri> for Dialled {
         type Response = ();
         type Error = io::Error;
-        type Future = std::future::Ready<io::Result<()>>;
+        type Future = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
         fn call(&mut self, _: http::Uri) -> Self::Future {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(if self.1.load(Ordering::SeqCst) {
-                Ok(())
-            } else {
-                Err(io::ErrorKind::ConnectionRefused.into())
+            self.dials.fetch_add(1, Ordering::SeqCst);
+            let (up, hang) = (
+                self.up.load(Ordering::SeqCst),
+                self.hang.load(Ordering::SeqCst),
+            );
+            Box::pin(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                if up {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::ConnectionRefused.into())
+                }
             })
         }
     }
 
+    fn uri() -> http::Uri {
+        "http://strait-controller:8090".parse().unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn after_a_failure_attempts_wait_for_the_backoff() {
-        let (dials, up) = (Arc::default(), Arc::default());
-        let mut c = Gated::new(Refused(Arc::clone(&dials), Arc::clone(&up)));
-        let uri: http::Uri = "http://strait-controller:8090".parse().unwrap();
-        for _ in 0..100 {
-            assert!(c.call(uri.clone()).await.is_err());
-        }
-        assert_eq!(dials.load(Ordering::SeqCst), 1, "one dial, then the gate");
-        tokio::time::advance(crate::defaults::CONTROL_BACKOFF_MIN * 2).await;
-        up.store(true, Ordering::SeqCst);
-        assert!(c.call(uri.clone()).await.is_ok());
-        assert_eq!(dials.load(Ordering::SeqCst), 2);
-        // Up again: every attempt dials.
+    async fn after_a_failure_the_next_dial_waits_for_the_backoff() {
+        let d = Dialled::default();
+        let mut c = Gated::new(d.clone());
+        assert!(c.call(uri()).await.is_err());
+        assert_eq!(d.dials.load(Ordering::SeqCst), 1);
+        // The next attempt waits its turn, then dials.
+        let start = Instant::now();
+        let next = tokio::spawn(c.call(uri()));
+        tokio::task::yield_now().await;
+        assert_eq!(d.dials.load(Ordering::SeqCst), 1, "not yet");
+        d.up.store(true, Ordering::SeqCst);
+        assert!(next.await.unwrap().is_ok());
+        assert_eq!(d.dials.load(Ordering::SeqCst), 2);
+        let waited = start.elapsed();
+        assert!(
+            waited >= crate::defaults::CONTROL_BACKOFF_MIN
+                && waited <= crate::defaults::CONTROL_BACKOFF_MIN * 2,
+            "{waited:?}"
+        );
+        // Up: every attempt dials at once.
+        let start = Instant::now();
         for _ in 0..3 {
-            assert!(c.call(uri.clone()).await.is_ok());
+            assert!(c.call(uri()).await.is_ok());
         }
-        assert_eq!(dials.load(Ordering::SeqCst), 5);
+        assert_eq!(d.dials.load(Ordering::SeqCst), 5);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// An attempt given up on (its caller's timeout) counts as failed.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_dropped_unfinished_counts_as_failed() {
+        let d = Dialled::default();
+        d.hang.store(true, Ordering::SeqCst);
+        let mut c = Gated::new(d.clone());
+        let gave_up = tokio::time::timeout(Duration::from_secs(2), c.call(uri())).await;
+        assert!(gave_up.is_err());
+        let gate = c.gate.lock().unwrap().not_before;
+        assert!(gate.is_some_and(|at| at > Instant::now()), "{gate:?}");
     }
 }

@@ -43,6 +43,12 @@ struct WatchState {
     fallback: Option<Resolution>,
 }
 
+/// How long a dropped watch's last answer may stand in for the controller:
+/// older, its endpoints are likely gone (pods rescheduled), and passing
+/// through to the Service's address, which kube-proxy keeps current, is the
+/// better guess.
+const MAX_REMEMBERED_AGE_MS: u64 = 30 * 60 * 1000;
+
 /// What a request gets of a watch: its answers, its stages, its state.
 type WatchHandle = (
     watch::Receiver<Option<Resolution>>,
@@ -90,6 +96,11 @@ pub struct Discovery {
     /// destination used again while the controller is away gets its last
     /// answer (its identity, its routes) rather than being passed through.
     remembered: Mutex<HashMap<DestAddr, (Resolution, u64)>>,
+    /// The last watch call or stream to the controller failed, and none has
+    /// answered since: what tells an outage from a slow answer.
+    unreachable: Arc<AtomicBool>,
+    /// How long a remembered answer may stand in (`MAX_REMEMBERED_AGE_MS`).
+    remembered_for_ms: u64,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -106,6 +117,15 @@ impl Discovery {
         workload: Workload,
         lag: prometheus_client::metrics::histogram::Histogram,
     ) -> Arc<Self> {
+        Self::remembering_for(channel, workload, lag, MAX_REMEMBERED_AGE_MS)
+    }
+
+    fn remembering_for(
+        channel: Channel,
+        workload: Workload,
+        lag: prometheus_client::metrics::histogram::Histogram,
+        remembered_for_ms: u64,
+    ) -> Arc<Self> {
         let d = Arc::new(Discovery {
             lag,
             client: DiscoveryClient::new(super::authed(channel, &workload))
@@ -114,6 +134,8 @@ impl Discovery {
             start: Instant::now(),
             watches: Mutex::default(),
             remembered: Mutex::default(),
+            unreachable: Arc::default(),
+            remembered_for_ms,
         });
         tokio::spawn(Self::sweep(Arc::downgrade(&d)));
         d
@@ -129,18 +151,27 @@ impl Discovery {
         // Every slot holds an answer the controller cannot renew now: pass through.
         let (mut rx, logical, state) = self.watch(dest)?;
         let current = rx.borrow().clone();
+        // The last answer of an earlier watch, while the controller is away
+        // (not when it is only slow: discovery's answer is then on its way).
+        let fallback = || {
+            self.unreachable
+                .load(Ordering::Relaxed)
+                .then(|| state.fallback.clone())
+                .flatten()
+        };
         let resolution = match current {
             Some(r) => r,
             // The controller did not answer in time before: do not make every
             // request to this destination wait as long again.
-            None if state.waited.load(Ordering::Relaxed) => state.fallback.clone()?,
+            None if state.waited.load(Ordering::Relaxed) => fallback()?,
+            None if fallback().is_some() => fallback()?,
             None => {
                 let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
                 match r {
                     Ok(Ok(r)) => r.clone()?,
                     _ => {
                         state.waited.store(true, Ordering::Relaxed);
-                        if let Some(last) = state.fallback.clone() {
+                        if let Some(last) = fallback() {
                             warn!(destination = %dest, ?timeout, "no answer from discovery in time; using its last answer until it answers");
                             last
                         } else {
@@ -189,6 +220,7 @@ impl Discovery {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(dest)
+            .filter(|(_, at)| now.saturating_sub(*at) < self.remembered_for_ms)
             .map(|(r, _)| r);
         let (tx, rx) = watch::channel(None);
         let req = api::WatchDestination {
@@ -209,6 +241,7 @@ impl Discovery {
             logical.clone(),
             state.clone(),
             self.lag.clone(),
+            self.unreachable.clone(),
         ))
         .abort_handle();
         let w = Watch {
@@ -259,7 +292,11 @@ impl Discovery {
     /// Keeps what a dropped watch knew, within `MAX_DISCOVERY_WATCHES`
     /// answers (the oldest forgotten first).
     fn remember(&self, dest: DestAddr, w: &Watch, now: u64) {
-        let Some(answer) = w.answer() else { return };
+        // Not `NotMeshed`: it is what no answer gives, and would crowd out
+        // the answers worth keeping.
+        let Some(answer @ Resolution::Service(_)) = w.answer() else {
+            return;
+        };
         let mut kept = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() >= defaults::MAX_DISCOVERY_WATCHES && !kept.contains_key(&dest) {
             let oldest = kept
@@ -287,6 +324,7 @@ async fn follow(
     logical: Arc<Logical>,
     state: Arc<WatchState>,
     lag: prometheus_client::metrics::histogram::Histogram,
+    unreachable: Arc<AtomicBool>,
 ) {
     let mut backoff = Backoff::default();
     // Views are ordered by arrival here, not by the controller's index version:
@@ -304,6 +342,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(mut update)) => {
                             backoff.connected();
+                            unreachable.store(false, Ordering::Relaxed);
                             received += 1;
                             if let Some(api::destination_update::Kind::Service(s)) =
                                 &mut update.kind
@@ -342,6 +381,7 @@ async fn follow(
                             break;
                         }
                         Err(e) => {
+                            unreachable.store(true, Ordering::Relaxed);
                             warn!(destination = %req.destination, error = %e.message(), "discovery stream failed; keeping the last answer");
                             break;
                         }
@@ -349,6 +389,7 @@ async fn follow(
                 }
             }
             Err(e) => {
+                unreachable.store(true, Ordering::Relaxed);
                 debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
             }
         }
@@ -409,8 +450,8 @@ mod tests {
     }
 
     /// Answers the first watch with one endpoint and keeps it open; refuses
-    /// every later one (a controller gone).
-    struct Once(std::sync::atomic::AtomicUsize);
+    /// every later one (a controller gone), or with `slow` answers it never.
+    struct Once(std::sync::atomic::AtomicUsize, bool);
 
     #[tonic::async_trait]
     impl Serve for Once {
@@ -420,6 +461,11 @@ mod tests {
             _: tonic::Request<api::WatchDestination>,
         ) -> Result<tonic::Response<Updates>, tonic::Status> {
             if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
+                if self.1 {
+                    return Ok(tonic::Response::new(Box::pin(
+                        futures_util::stream::pending(),
+                    )));
+                }
                 return Err(tonic::Status::unavailable("gone"));
             }
             let Large(n) = Large(1);
@@ -430,6 +476,10 @@ mod tests {
     }
 
     async fn discovery_of(svc: impl Serve) -> Arc<Discovery> {
+        discovery_remembering(svc, MAX_REMEMBERED_AGE_MS).await
+    }
+
+    async fn discovery_remembering(svc: impl Serve, for_ms: u64) -> Arc<Discovery> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
@@ -445,7 +495,7 @@ mod tests {
             token_file: None,
         };
         let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
-        Discovery::new(channel, workload, lag)
+        Discovery::remembering_for(channel, workload, lag, for_ms)
     }
 
     fn service_of(r: Option<Resolved>) -> Option<Arc<super::super::view::ServiceView>> {
@@ -463,7 +513,7 @@ mod tests {
     /// idle, left its last answer.
     #[tokio::test]
     async fn a_destination_used_again_while_the_controller_is_away_gets_its_last_answer() {
-        let d = discovery_of(Once(Default::default())).await;
+        let d = discovery_of(Once(Default::default(), false)).await;
         let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
         let first = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
         assert_eq!(first.expect("answered").backends[0].endpoints.len(), 1);
@@ -478,6 +528,25 @@ mod tests {
         // And so does every later request, without waiting again.
         let later = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
         assert!(later.is_some());
+    }
+
+    /// Not while the controller is only slow (its answer is on its way), nor
+    /// once the answer is too old to trust.
+    #[tokio::test]
+    async fn a_last_answer_stands_in_only_for_an_absent_controller_and_not_for_long() {
+        let d = discovery_of(Once(Default::default(), true)).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(d.now_ms() + idle + 1);
+        let slow = d.resolve(&dest, Duration::from_millis(300)).await;
+        assert!(slow.is_none(), "passed through");
+
+        let d = discovery_remembering(Once(Default::default(), false), 0).await;
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        d.drop_idle(d.now_ms() + idle + 1);
+        let old = d.resolve(&dest, Duration::from_millis(300)).await;
+        assert!(old.is_none(), "too old: passed through");
     }
 
     #[tokio::test]

@@ -100,8 +100,9 @@ pub fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, Con
     if uri.host().is_none() {
         return Err(err("expected https://HOST:PORT"));
     }
+    // No connect timeout here: the connector bounds its attempt itself, and
+    // one that waits its turn behind the gate (dial.rs) must not be cut off.
     let endpoint = Endpoint::from(uri.clone())
-        .connect_timeout(defaults::CONTROL_CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
@@ -163,17 +164,20 @@ impl tower::Service<http::Uri> for TlsConnect {
                     "connecting to the control plane timed out",
                 )
             };
+            // One deadline for the connect and the handshake together.
+            let deadline = tokio::time::Instant::now() + timeout;
             let tcp = crate::transport::connect::tcp_host(&host, port, timeout).await?;
             let Some(config) = config else {
                 return Ok(TokioIo::new(Either::Left(tcp)));
             };
             let name = ServerName::try_from(host).map_err(io::Error::other)?;
-            let tls = tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp))
-                .await
-                .map_err(|_| timed_out())?
-                .map_err(|e| {
-                    io::Error::other(crate::identity::tls::describe_handshake_error(&e))
-                })?;
+            let tls =
+                tokio::time::timeout_at(deadline, TlsConnector::from(config).connect(name, tcp))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| {
+                        io::Error::other(crate::identity::tls::describe_handshake_error(&e))
+                    })?;
             Ok(TokioIo::new(Either::Right(tls)))
         })
     }

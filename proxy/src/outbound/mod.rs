@@ -130,8 +130,8 @@ impl Outbound {
 
 /// A client silent past detection on a connection made to this port itself
 /// (HTTP naming its `Host`): one that opens connections ahead of use speaks
-/// later. With nowhere else to go it has as long as an HTTP client has for
-/// its head, and then is detected; silent that long, or gone, it is closed.
+/// later. With nowhere else to go it has as long as an idle HTTP connection
+/// has, and then is detected; silent that long, or gone, it is closed.
 async fn words_for_http(
     s: &Shared,
     mut stream: tokio::net::TcpStream,
@@ -139,9 +139,11 @@ async fn words_for_http(
 ) -> Option<(Protocol, PrefixedIo<tokio::net::TcpStream>)> {
     use tokio::io::AsyncReadExt as _;
     let mut buf = bytes::BytesMut::with_capacity(1024);
-    let read = tokio::time::timeout(s.config.http_header_read_timeout, stream.read_buf(&mut buf));
+    let read = tokio::time::timeout(s.config.http_idle_timeout, stream.read_buf(&mut buf));
     match read.await {
         Ok(Ok(n)) if n > 0 => s.detect_more(stream, buf, DIRECTION, client).await,
+        // Gone without a word (a port check): nothing was refused.
+        Ok(Ok(_)) => None,
         _ => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             s.metrics.reject_tcp(DIRECTION, "no_destination");
