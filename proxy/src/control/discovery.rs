@@ -552,22 +552,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_past_grpcs_default_message_size_is_taken_whole() {
         const ENDPOINTS: usize = 60_000;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(DiscoveryServer::new(Large(ENDPOINTS)))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = super::super::channel(&format!("http://{addr}"), None).unwrap();
-        let workload = Workload {
-            namespace: "shop".into(),
-            pod: "client-0".into(),
-            trust_domain: "cluster.local".into(),
-            token_file: None,
-        };
-        let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
-        let d = Discovery::new(channel, workload, lag);
+        let d = discovery_of(Large(ENDPOINTS)).await;
         let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
         let r = d.resolve(&dest, Duration::from_secs(10)).await;
         let Some(Resolved {
