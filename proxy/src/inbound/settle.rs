@@ -78,6 +78,9 @@ where
         // opaque, as the client would see it without a proxy.
         First::Client(Ok(_)) | First::Server(()) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
+            // Gone without a word, with no app it could have meant (a port
+            // check of the inbound port): nothing to carry, nothing refused.
+            app.as_ref()?;
             let up = up.map(|up| PrefixedIo::new(greeting.freeze(), up));
             return Some(Settled::Opaque(PrefixedIo::new(Bytes::new(), io), up));
         }

@@ -155,6 +155,26 @@ async fn a_silent_client_with_nowhere_to_go_is_closed_after_the_head_timeout() {
     assert!(start.elapsed() >= Duration::from_millis(500));
 }
 
+/// A port check of the inbound port (connect, close) is no refused stream.
+#[tokio::test]
+async fn a_client_gone_without_a_word_is_not_counted_refused() {
+    let proxy = support::start(support::config()).await;
+    let opaque = |t: &str| {
+        metric(
+            t,
+            "strait_proxy_protocol_detected_connections_total{direction=\"inbound\",protocol=\"opaque\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    drop(TcpStream::connect(proxy.addrs.inbound).await.unwrap());
+    strait_tests::wait::until("the connection settled", Duration::from_secs(5), || async {
+        opaque(&proxy.metrics_text()) >= 1.0
+    })
+    .await;
+    let text = proxy.metrics_text();
+    assert!(!text.contains("no_target_port"), "{text}");
+}
+
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_quietly() {
     let backend = Backend::start().await;
