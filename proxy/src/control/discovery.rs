@@ -161,26 +161,28 @@ impl Discovery {
         };
         let resolution = match current {
             Some(r) => r,
-            // The controller did not answer in time before: do not make every
-            // request to this destination wait as long again.
-            None if state.waited.load(Ordering::Relaxed) => fallback()?,
-            None if fallback().is_some() => fallback()?,
-            None => {
-                let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
-                match r {
-                    Ok(Ok(r)) => r.clone()?,
-                    _ => {
-                        state.waited.store(true, Ordering::Relaxed);
-                        if let Some(last) = fallback() {
-                            warn!(destination = %dest, ?timeout, "no answer from discovery in time; using its last answer until it answers");
-                            last
-                        } else {
-                            warn!(destination = %dest, ?timeout, "no answer from discovery in time; passing through until it answers");
-                            return None;
+            None => match fallback() {
+                Some(last) => last,
+                // The controller did not answer in time before: do not make
+                // every request to this destination wait as long again.
+                None if state.waited.load(Ordering::Relaxed) => return None,
+                None => {
+                    let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+                    match r {
+                        Ok(Ok(r)) => r.clone()?,
+                        _ => {
+                            state.waited.store(true, Ordering::Relaxed);
+                            if let Some(last) = fallback() {
+                                warn!(destination = %dest, ?timeout, "no answer from discovery in time; using its last answer until it answers");
+                                last
+                            } else {
+                                warn!(destination = %dest, ?timeout, "no answer from discovery in time; passing through until it answers");
+                                return None;
+                            }
                         }
                     }
                 }
-            }
+            },
         };
         Some(Resolved {
             resolution,
