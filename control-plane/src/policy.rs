@@ -121,7 +121,10 @@ impl InboundPolicy for InboundPolicyService {
                             auth.refused("inbound_policy", &r);
                             return Some((Err(r.into()), (rx, last, guard, false, true)));
                         }
-                        if wait_for_pods && last.is_none() && unknown_yet(&snap, &pod) {
+                        // Unknown after an answer: deleted (force-deleted pods run on
+                        // through their grace period) or lost in a relist. Its last
+                        // answer stands rather than the open default.
+                        if wait_for_pods && unknown_yet(&snap, &pod) {
                             if rx.changed().await.is_err() {
                                 std::future::pending::<()>().await;
                             }
@@ -233,6 +236,14 @@ mod tests {
         tx.send_replace(Arc::new(snap.clone()));
         let p = stream.next().await.unwrap().unwrap();
         assert_eq!(p.default.unwrap().mode, api::MtlsMode::Strict as i32);
+
+        // Deleted while its containers still run (force-deleted): the last
+        // answer stands, not the open default.
+        let mut gone = snap.clone();
+        gone.pods.clear();
+        tx.send_replace(Arc::new(gone));
+        let next = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+        assert!(next.is_err(), "answered for a pod gone: {next:?}");
 
         // Without policies in its namespace, an unknown pod's answer is the
         // open default at once: nothing could narrow it.

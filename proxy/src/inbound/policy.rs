@@ -35,8 +35,15 @@ pub enum Allow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortPolicy {
     pub mode: Mode,
-    /// Empty: every verified identity (and in PERMISSIVE mode, plaintext) may call.
+    /// Empty: every verified identity of the mesh (and in PERMISSIVE mode,
+    /// plaintext) may call.
     pub allow: Vec<Allow>,
+    /// The mesh's trust domain: with an empty allow list, a peer whose
+    /// certificate verifies but names another trust domain (the anchors also
+    /// sign another mesh's issuer) is not one of the mesh's workloads, and is
+    /// let in only by an `identity` entry naming it. `None` without a control
+    /// plane, where there is no policy to keep.
+    pub trust_domain: Option<Arc<str>>,
 }
 
 impl Default for PortPolicy {
@@ -44,6 +51,7 @@ impl Default for PortPolicy {
         PortPolicy {
             mode: Mode::Permissive,
             allow: Vec::new(),
+            trust_domain: None,
         }
     }
 }
@@ -58,6 +66,8 @@ pub enum Denied {
     Unauthenticated(u16),
     #[error("identity {1} is not allowed on port {0}")]
     NotAllowed(u16, Identity),
+    #[error("identity {1} is of another trust domain than this mesh's; port {0} admits it only by name")]
+    ForeignTrustDomain(u16, Identity),
 }
 
 impl PortPolicy {
@@ -66,7 +76,12 @@ impl PortPolicy {
             None if self.mode == Mode::Strict => Err(Denied::PlaintextOnStrict(port)),
             None if !self.allow.is_empty() => Err(Denied::Unauthenticated(port)),
             None => Ok(()),
-            Some(_) if self.allow.is_empty() => Ok(()),
+            Some(id) if self.allow.is_empty() => match self.trust_domain.as_deref() {
+                Some(td) if td != id.trust_domain() => {
+                    Err(Denied::ForeignTrustDomain(port, id.clone()))
+                }
+                _ => Ok(()),
+            },
             Some(id) => {
                 let ok = self.allow.iter().any(|a| match a {
                     Allow::Identity(i) => i == id,
@@ -130,7 +145,7 @@ impl InboundPolicy {
     }
 }
 
-fn port_policy(p: api::PortPolicy, trust_domain: &str) -> PortPolicy {
+fn port_policy(p: api::PortPolicy, trust_domain: &Arc<str>) -> PortPolicy {
     // A mode this proxy does not know (a newer controller's) narrows access,
     // as an unreadable rule does: only an unset one or PERMISSIVE opens it.
     let mode = match api::MtlsMode::try_from(p.mode) {
@@ -164,12 +179,18 @@ fn port_policy(p: api::PortPolicy, trust_domain: &str) -> PortPolicy {
             }
         }
     }
-    PortPolicy { mode, allow }
+    PortPolicy {
+        mode,
+        allow,
+        trust_domain: Some(trust_domain.clone()),
+    }
 }
 
 /// Reads the control plane's answer; `trust_domain` is this mesh's, the only
 /// one whose identities namespace rules admit.
 pub fn parse(p: api::WorkloadPolicy, trust_domain: &str) -> InboundPolicy {
+    let trust_domain: Arc<str> = trust_domain.into();
+    let trust_domain = &trust_domain;
     InboundPolicy {
         ports: p
             .ports
@@ -261,12 +282,24 @@ mod tests {
     fn strict_refuses_plaintext_and_allow_lists_pick_identities() {
         let web = id("spiffe://td/ns/shop/sa/web");
         let other = id("spiffe://td/ns/other/sa/x");
+        let elsewhere = id("spiffe://other.td/ns/shop/sa/web");
         let strict = PortPolicy {
             mode: Mode::Strict,
             allow: vec![],
+            trust_domain: Some("td".into()),
         };
         assert_eq!(strict.check(80, None), Err(Denied::PlaintextOnStrict(80)));
         assert_eq!(strict.check(80, Some(&web)), Ok(()));
+        assert_eq!(
+            strict.check(80, Some(&elsewhere)),
+            Err(Denied::ForeignTrustDomain(80, elsewhere.clone())),
+            "every identity of the mesh, not every one the anchors verify"
+        );
+        let by_name = PortPolicy {
+            allow: vec![Allow::Identity(elsewhere.clone())],
+            ..strict.clone()
+        };
+        assert_eq!(by_name.check(80, Some(&elsewhere)), Ok(()));
 
         let listed = PortPolicy {
             mode: Mode::Permissive,
@@ -274,8 +307,8 @@ mod tests {
                 namespace: "shop".into(),
                 trust_domain: "td".into(),
             }],
+            trust_domain: Some("td".into()),
         };
-        let elsewhere = id("spiffe://other.td/ns/shop/sa/web");
         assert_eq!(
             listed.check(80, Some(&elsewhere)),
             Err(Denied::NotAllowed(80, elsewhere.clone())),
