@@ -16,12 +16,13 @@ pub mod tokens;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
 use tokio::sync::{mpsc, watch};
@@ -449,8 +450,20 @@ async fn run_watcher<K, F>(
 {
     let mut absent = false;
     let mut failing = false;
-    let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    // Paced here rather than by the watcher's own backoff, which is reset by
+    // any event: a relist announces itself (`Init`) before it lists, so a list
+    // that failed every time was retried every second for ever, a full list
+    // of the kind each time, from every replica. Only progress resets it.
+    let mut backoff = watcher::DefaultBackoff::default();
+    let mut events = std::pin::pin!(watcher::watcher(api, config));
     while let Some(ev) = events.next().await {
+        if matches!(
+            ev,
+            Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))
+        ) {
+            backoff.reset();
+            failing = false;
+        }
         let change = match ev {
             Ok(Event::Init) => Change::Relist(kind),
             Ok(Event::InitApply(o)) => {
@@ -482,19 +495,22 @@ async fn run_watcher<K, F>(
                 name: name_of(&o),
             },
             Err(e) if kind.optional() && is_not_found(&e) => {
-                if absent {
-                    continue;
+                if !absent {
+                    absent = true;
+                    warn!(
+                        ?kind,
+                        "the API server does not serve this kind (CRD not installed?); none are used until it does"
+                    );
+                    if out.send(Change::Absent(kind)).await.is_err() {
+                        return;
+                    }
                 }
-                absent = true;
-                warn!(
-                    ?kind,
-                    "the API server does not serve this kind (CRD not installed?); none are used until it does"
-                );
-                Change::Absent(kind)
+                tokio::time::sleep(backoff.next().unwrap_or(WATCH_BACKOFF_MAX)).await;
+                continue;
             }
             Err(e) => {
                 // The watcher resumes (or relists) after a backoff. The first
-                // error after a success is a warning (403: RBAC; a kind not
+                // error after progress is a warning (403: RBAC; a kind not
                 // served), repeats are not.
                 if failing {
                     debug!(?kind, error = %e, "watch failed again; retrying");
@@ -502,15 +518,19 @@ async fn run_watcher<K, F>(
                     warn!(?kind, error = %e, "watch failed; retrying with backoff");
                     failing = true;
                 }
+                tokio::time::sleep(backoff.next().unwrap_or(WATCH_BACKOFF_MAX)).await;
                 continue;
             }
         };
-        failing = false;
         if out.send(change).await.is_err() {
             return;
         }
     }
 }
+
+/// The longest wait between a failed list or watch and the next: kube-rs's
+/// default backoff's cap, as client-go's reflector's.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 fn is_not_found(e: &watcher::Error) -> bool {
     let api_err = match e {
@@ -528,6 +548,39 @@ mod tests {
     use super::*;
     use crate::index::ObjKey;
     use std::time::Duration;
+
+    /// A list the API server fails every time (overloaded, or a kind RBAC
+    /// does not grant) is retried ever less often, up to 30 s apart, rather
+    /// than about every second for as long as it fails.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_that_keeps_failing_is_retried_ever_less_often() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let lists = Arc::new(AtomicUsize::new(0));
+        let counted = lists.clone();
+        let api = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let status = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"overloaded","reason":"InternalError","code":500}"#;
+            std::future::ready(http::Response::builder()
+                .status(500)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(status.to_vec())))
+        });
+        let client = Client::new(api, "default");
+        let (tx, mut rx) = mpsc::channel(16);
+        let drained = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let run = run_watcher(
+            Api::<Service>::all(client),
+            watcher::Config::default(),
+            Kind::Service,
+            tx,
+            |_| (Ok(None), None),
+        );
+        assert!(tokio::time::timeout(Duration::from_secs(120), run).await.is_err());
+        let n = lists.load(Ordering::SeqCst);
+        // 0.8 s doubling to 30 s (with jitter) is about 9 tries in two minutes.
+        assert!((4..=12).contains(&n), "{n} lists in two minutes");
+        drained.abort();
+    }
 
     fn refused(kind: Kind, name: &str, initial: bool) -> Change {
         Change::Apply {
