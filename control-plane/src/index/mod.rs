@@ -55,6 +55,9 @@ pub struct ServiceInfo {
 pub struct EndpointInfo {
     pub addr: IpAddr,
     pub ready: bool,
+    /// Terminating but still serving: used only while no endpoint of the
+    /// Service is ready, as kube-proxy does (KEP-1669).
+    pub draining: bool,
     pub zone: Option<String>,
     pub pod: Option<ObjKey>,
 }
@@ -345,7 +348,13 @@ impl SnapshotBuilder {
             ));
         }
         for (i, e) in es.endpoints.iter().enumerate() {
-            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let c = e.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            // `ready` is false for every terminating endpoint; `serving` says
+            // whether it still serves (unset: as `ready`).
+            let draining = !ready
+                && c.and_then(|c| c.terminating).unwrap_or(false)
+                && c.and_then(|c| c.serving).unwrap_or(ready);
             let pod = e
                 .target_ref
                 .as_ref()
@@ -373,6 +382,7 @@ impl SnapshotBuilder {
                 endpoints.push(EndpointInfo {
                     addr,
                     ready,
+                    draining,
                     zone: e.zone.clone(),
                     pod: pod.clone(),
                 });

@@ -175,25 +175,37 @@ fn service_port<'a>(snap: &'a Snapshot, svc: &ObjKey, port: u16) -> Option<&'a S
 }
 
 /// The ready endpoints of a Service port, by address; none when the Service or
-/// the port is not in the index.
+/// the port is not in the index. When none is ready, those terminating but
+/// still serving (a single replica rolling over, a `Recreate` Deployment, a
+/// scale-down draining), as kube-proxy falls back to them: unmeshed callers
+/// are still served then, so meshed ones must be too.
 fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
     let Some(sp) = service_port(snap, svc, port) else {
         return Vec::new();
     };
     let port_name = sp.name.clone().unwrap_or_default();
+    let slices = || {
+        snap.slices
+            .get(svc)
+            .into_iter()
+            .flat_map(|s| s.values())
+            .filter_map(|slice| {
+                let (_, target) = slice.ports.iter().find(|(n, _)| *n == port_name)?;
+                Some((slice, *target))
+            })
+    };
+    let any_ready = slices().any(|(s, _)| s.endpoints.iter().any(|e| e.ready));
     let mut endpoints = Vec::new();
-    for slice in snap.slices.get(svc).into_iter().flat_map(|s| s.values()) {
-        let Some((_, target)) = slice.ports.iter().find(|(n, _)| *n == port_name) else {
-            continue;
-        };
-        for e in slice.endpoints.iter().filter(|e| e.ready) {
+    for (slice, target) in slices() {
+        let usable = |e: &&crate::index::EndpointInfo| if any_ready { e.ready } else { e.draining };
+        for e in slice.endpoints.iter().filter(usable) {
             let pod = e
                 .pod
                 .as_ref()
                 .and_then(|k| snap.pods.get(k).map(|p| (k, p)));
             endpoints.push(endpoint(
                 snap,
-                SocketAddr::new(e.addr, *target),
+                SocketAddr::new(e.addr, target),
                 pod,
                 e.zone.clone().unwrap_or_default(),
             ));
@@ -491,6 +503,46 @@ endpoints: [{{addresses: [db.example.com]}}]
         );
         let s = service(&snapshot(&yaml), &svc("shop", "web", 80));
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
+    }
+
+    /// Endpoints terminating but still serving are used while none is ready,
+    /// and only then; one neither ready nor serving never is.
+    #[test]
+    fn terminating_endpoints_still_serving_stand_in_while_none_is_ready() {
+        let slice = |endpoints: &str| {
+            format!(
+                "{MESH}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-2, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: {endpoints}
+"
+            )
+        };
+        let draining = "{addresses: [\"10.0.0.7\"], conditions: {ready: false, serving: true, terminating: true}}";
+        let gone = "{addresses: [\"10.0.0.8\"], conditions: {ready: false, serving: false, terminating: true}}";
+        let starting = "{addresses: [\"10.0.0.9\"], conditions: {ready: false}}";
+        // With the Service's ready endpoint: only it.
+        let s = service(&snapshot(&slice(&format!("[{draining}, {gone}, {starting}]"))), &svc("shop", "web", 80));
+        assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
+        // Without it: the one still serving.
+        let mut snap = snapshot(&slice(&format!("[{draining}, {gone}, {starting}]")));
+        let web = snap
+            .slices
+            .get_mut(&ObjKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            })
+            .unwrap();
+        for name in web.keys().cloned().collect::<Vec<_>>() {
+            let mut s = web.get(&name).unwrap().clone();
+            s.endpoints.retain(|e| e.addr.to_string() != "10.0.0.1");
+            web.insert(name, s);
+        }
+        let s = service(&snap, &svc("shop", "web", 80));
+        assert_eq!(addrs(&s.backends[0]), ["10.0.0.7:8080"]);
     }
 
     /// A backendRef whose Service is gone is left out of the backends, while
