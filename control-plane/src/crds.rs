@@ -120,7 +120,10 @@ mod tests {
     fn every_object_of_a_spec_keeps_fields_its_schema_does_not_name() {
         fn objects(v: &serde_json::Value, path: String, out: &mut Vec<(String, bool)>) {
             if let Some(props) = v["properties"].as_object() {
-                out.push((path.clone(), v["x-kubernetes-preserve-unknown-fields"] == true));
+                out.push((
+                    path.clone(),
+                    v["x-kubernetes-preserve-unknown-fields"] == true,
+                ));
                 for (k, p) in props {
                     objects(p, format!("{path}.{k}"), out);
                 }

@@ -525,7 +525,10 @@ endpoints: {endpoints}
         let gone = "{addresses: [\"10.0.0.8\"], conditions: {ready: false, serving: false, terminating: true}}";
         let starting = "{addresses: [\"10.0.0.9\"], conditions: {ready: false}}";
         // With the Service's ready endpoint: only it.
-        let s = service(&snapshot(&slice(&format!("[{draining}, {gone}, {starting}]"))), &svc("shop", "web", 80));
+        let s = service(
+            &snapshot(&slice(&format!("[{draining}, {gone}, {starting}]"))),
+            &svc("shop", "web", 80),
+        );
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
         // Without it: the one still serving.
         let mut snap = snapshot(&slice(&format!("[{draining}, {gone}, {starting}]")));

@@ -457,10 +457,7 @@ async fn run_watcher<K, F>(
     let mut backoff = watcher::DefaultBackoff::default();
     let mut events = std::pin::pin!(watcher::watcher(api, config));
     while let Some(ev) = events.next().await {
-        if matches!(
-            ev,
-            Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))
-        ) {
+        if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
             backoff.reset();
             failing = false;
         }
@@ -560,10 +557,12 @@ mod tests {
         let api = tower::service_fn(move |_: http::Request<kube::client::Body>| {
             counted.fetch_add(1, Ordering::SeqCst);
             let status = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"overloaded","reason":"InternalError","code":500}"#;
-            std::future::ready(http::Response::builder()
-                .status(500)
-                .header("content-type", "application/json")
-                .body(kube::client::Body::from(status.to_vec())))
+            std::future::ready(
+                http::Response::builder()
+                    .status(500)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(status.to_vec())),
+            )
         });
         let client = Client::new(api, "default");
         let (tx, mut rx) = mpsc::channel(16);
@@ -575,7 +574,11 @@ mod tests {
             tx,
             |_| (Ok(None), None),
         );
-        assert!(tokio::time::timeout(Duration::from_secs(120), run).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(120), run)
+                .await
+                .is_err()
+        );
         let n = lists.load(Ordering::SeqCst);
         // 0.8 s doubling to 30 s (with jitter) is about 9 tries in two minutes.
         assert!((4..=12).contains(&n), "{n} lists in two minutes");

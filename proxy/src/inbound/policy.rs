@@ -66,7 +66,9 @@ pub enum Denied {
     Unauthenticated(u16),
     #[error("identity {1} is not allowed on port {0}")]
     NotAllowed(u16, Identity),
-    #[error("identity {1} is of another trust domain than this mesh's; port {0} admits it only by name")]
+    #[error(
+        "identity {1} is of another trust domain than this mesh's; port {0} admits it only by name"
+    )]
     ForeignTrustDomain(u16, Identity),
 }
 
