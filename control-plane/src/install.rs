@@ -192,7 +192,20 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         }
         _ => None,
     };
-    // The controller's own arguments say what it was installed with.
+    let (trust_domain, iptables_mode) = settings_of(controller, "strait install");
+    Ok(Some(Installed {
+        identity,
+        trust_domain,
+        iptables_mode,
+    }))
+}
+
+/// What the controller Deployment's own arguments say it was installed with:
+/// the trust domain and the iptables mode.
+fn settings_of(
+    controller: Option<k8s_openapi::api::apps::v1::Deployment>,
+    who: &str,
+) -> (Option<String>, Option<crate::inject::IptablesMode>) {
     let args: Vec<String> = controller
         .and_then(|d| d.spec?.template.spec)
         .and_then(|p| p.containers.into_iter().find(|c| c.name == "controller"))
@@ -208,15 +221,56 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         .and_then(|m| <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok());
     if trust_domain.is_none() {
         eprintln!(
-            "strait install: Deployment {NAMESPACE}/{CONTROLLER} names no --trust-domain; pass --trust-domain if it is not {}",
+            "{who}: Deployment {NAMESPACE}/{CONTROLLER} names no --trust-domain; pass --trust-domain if it is not {}",
             defaults::TRUST_DOMAIN
         );
     }
-    Ok(Some(Installed {
-        identity,
-        trust_domain,
-        iptables_mode,
-    }))
+    (trust_domain, iptables_mode)
+}
+
+/// What `strait inject` needs of the install in the cluster KUBECONFIG names:
+/// its trust anchors (public, unlike the issuer's key, which is not read) and
+/// its settings. `None` when nothing names a cluster or it has no install.
+pub async fn installed_for_injection() -> anyhow::Result<Option<(Option<String>, Installed)>> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    if !has_kube_config() {
+        return Ok(None);
+    }
+    let cannot = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot read the install in the cluster ({NAMESPACE}/{ANCHORS_CONFIG_MAP}): {e}"
+        )
+    };
+    let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
+    let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
+    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, NAMESPACE);
+    let both = async {
+        Ok::<_, kube::Error>((
+            maps.get_opt(ANCHORS_CONFIG_MAP).await?,
+            deployments.get_opt(CONTROLLER).await?,
+        ))
+    };
+    let (anchors, controller) = tokio::time::timeout(LOOKUP_TIMEOUT, both)
+        .await
+        .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
+        .map_err(|e| cannot(&e))?;
+    if anchors.is_none() && controller.is_none() {
+        return Ok(None);
+    }
+    let anchors = anchors
+        .and_then(|m| m.data?.remove("ca.crt"))
+        .filter(|pem| !pem.trim().is_empty());
+    let (trust_domain, iptables_mode) = settings_of(controller, "strait inject");
+    Ok(Some((
+        anchors,
+        Installed {
+            identity: None,
+            trust_domain,
+            iptables_mode,
+        },
+    )))
 }
 
 /// What an install in the cluster was made with.

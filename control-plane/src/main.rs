@@ -98,7 +98,7 @@ fn start() -> anyhow::Result<()> {
                 print!("{}", strait_control_plane::crds::stream()?);
                 Ok(())
             }
-            Command::Inject(args) => strait_control_plane::inject::workloads::run(&args),
+            Command::Inject(args) => strait_control_plane::inject::workloads::run(&args).await,
             Command::DemoApp(args) => demo::app::run(args).await,
         }
     })

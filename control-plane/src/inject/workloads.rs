@@ -141,28 +141,86 @@ pub struct InjectArgs {
     /// The YAML to inject: a file, or `-` for standard input.
     #[arg(value_name = "FILE|-")]
     pub input: String,
-    /// The mesh's trust anchors (PEM), as `strait install` generated them
-    /// (`kubectl -n strait-system get configmap strait-trust-anchors -o jsonpath='{.data.ca\.crt}'`).
+    /// The mesh's trust anchors (PEM) [default: those of the install in the
+    /// cluster KUBECONFIG names, its ConfigMap strait-system/strait-trust-anchors].
     #[arg(long, env = "STRAIT_IDENTITY_TRUST_ANCHORS_FILE", value_name = "FILE")]
-    pub identity_trust_anchors_file: std::path::PathBuf,
+    pub identity_trust_anchors_file: Option<std::path::PathBuf>,
     /// The proxy image (default: this release's).
     #[arg(long, value_name = "IMAGE")]
     pub proxy_image: Option<String>,
     /// The iptables backend the init containers write with: the one the nodes'
-    /// kube-proxy uses.
-    #[arg(long, value_enum, default_value_t = super::IptablesMode::Nft)]
-    pub proxy_iptables_mode: super::IptablesMode,
-    /// Trust domain of workload identities.
-    #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
-    pub trust_domain: String,
+    /// kube-proxy uses [default: the installed one, or nft].
+    #[arg(long, value_enum)]
+    pub proxy_iptables_mode: Option<super::IptablesMode>,
+    /// Trust domain of workload identities [default: the installed one, or
+    /// cluster.local].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Do not read the install in the cluster: the anchors file is then needed,
+    /// and the settings are as given (or their defaults).
+    #[arg(long)]
+    pub ignore_cluster: bool,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
+}
+
+/// The anchors, trust domain and iptables mode to inject with: as given, and
+/// what is not given as the install in the cluster has it, so that injected
+/// proxies can reach its controller and their init containers' rules load.
+async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
+    let given = match &args.identity_trust_anchors_file {
+        Some(path) => Some(
+            super::read_anchors("--identity-trust-anchors-file", path)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let installed = if args.ignore_cluster {
+        None
+    } else {
+        match crate::install::installed_for_injection().await {
+            Ok(i) => i,
+            // Rendering for another cluster with everything given is no error.
+            Err(e) if given.is_some() => {
+                eprintln!(
+                    "strait inject: {e:#}; the anchors file given is used, with --trust-domain and --proxy-iptables-mode as given (give them as installed)"
+                );
+                None
+            }
+            Err(e) => return Err(e.context("pass --identity-trust-anchors-file (and the settings strait was installed with), or --ignore-cluster")),
+        }
+    };
+    let (cluster_anchors, installed) = match installed {
+        Some((a, i)) => (a, Some(i)),
+        None => (None, None),
+    };
+    let anchors = given.or(cluster_anchors).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no trust anchors: pass --identity-trust-anchors-file, or run against the cluster strait is installed in (KUBECONFIG)"
+        )
+    })?;
+    let have = installed.as_ref().and_then(|i| i.trust_domain.as_deref());
+    let trust_domain = match (&args.trust_domain, have) {
+        (Some(want), Some(have)) if want != have => anyhow::bail!(
+            "strait is installed with trust domain {have:?}: proxies injected with {want:?} could not reach its controller; leave --trust-domain out"
+        ),
+        (Some(want), _) => want.clone(),
+        (None, Some(have)) => have.to_string(),
+        (None, None) => crate::defaults::TRUST_DOMAIN.to_string(),
+    };
+    let mut settings = Settings::new(anchors, &trust_domain, args.proxy_image.as_deref());
+    settings.iptables_mode = args
+        .proxy_iptables_mode
+        .or(installed.and_then(|i| i.iptables_mode))
+        .unwrap_or_default();
+    settings.telemetry = args.telemetry.clone().into();
+    Ok(settings)
 }
 
 /// Reads, injects and prints; what happened to each workload goes to stderr.
 /// Any failure prints nothing on stdout, so `| kubectl apply -f -` applies
 /// nothing half-done.
-pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
+pub async fn run(args: &InjectArgs) -> anyhow::Result<()> {
     use std::io::Read as _;
     let input = if args.input == "-" {
         let mut s = String::new();
@@ -174,14 +232,7 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.input)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.input))?
     };
-    let anchors = super::read_anchors(
-        "--identity-trust-anchors-file",
-        &args.identity_trust_anchors_file,
-    )
-    .map_err(anyhow::Error::msg)?;
-    let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
-    settings.iptables_mode = args.proxy_iptables_mode;
-    settings.telemetry = args.telemetry.clone().into();
+    let settings = settings_from_args(args).await?;
     let (out, reports) = inject_stream(&input, &settings)?;
     let mut failed = 0;
     for r in &reports {

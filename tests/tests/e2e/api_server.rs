@@ -781,3 +781,98 @@ async fn the_controller_says_what_to_pass_when_it_has_no_source() {
         "{err}"
     );
 }
+
+/// `strait inject` against the cluster strait is installed in injects with its
+/// anchors, trust domain and iptables mode, as the webhook would: defaults
+/// (cluster.local, nft) would give proxies that cannot reach the controller
+/// and init rules the nodes cannot load. A trust domain other than the
+/// installed one is refused.
+#[tokio::test]
+async fn strait_inject_takes_the_installed_anchors_and_settings() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let strait = strait_tests::process::binary("strait");
+    let installed = std::process::Command::new(&strait)
+        .args([
+            "install",
+            "--ignore-cluster",
+            "--trust-domain",
+            "corp.example",
+        ])
+        .args(["--proxy-iptables-mode", "legacy"])
+        .output()
+        .unwrap();
+    assert!(installed.status.success());
+    for doc in String::from_utf8(installed.stdout.clone())
+        .unwrap()
+        .split("\n---\n")
+    {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        if matches!(v["kind"].as_str(), Some("ConfigMap" | "Deployment")) {
+            api.apply(doc);
+        }
+    }
+    let (anchors, _) = installed_identity(&installed.stdout);
+    dir.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec:\n  containers: [{name: app, image: app}]\n",
+    );
+    let inject = |extra: &[&str]| {
+        tokio::process::Command::new(&strait)
+            .arg("inject")
+            .arg(dir.path().join("pod.yaml"))
+            .args(extra)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+    };
+    let out = inject(&[]).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod: serde_json::Value = serde_norway::from_slice(&out.stdout).unwrap();
+    let env = |name: &str| {
+        pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(String::from))
+    };
+    assert_eq!(
+        env("STRAIT_PROXY_TRUST_DOMAIN").as_deref(),
+        Some("corp.example")
+    );
+    assert_eq!(
+        env("STRAIT_PROXY_TRUST_ANCHORS_PEM")
+            .as_deref()
+            .map(str::trim),
+        Some(anchors.trim())
+    );
+    let init = serde_json::to_string(&pod["spec"]["initContainers"][0]).unwrap();
+    assert!(init.contains("legacy"), "{init}");
+
+    let other = inject(&["--trust-domain", "cluster.local"]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && other.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"corp.example\""), "{stderr}");
+    // Without a cluster to read and without the anchors: the way out named.
+    let alone = std::process::Command::new(&strait)
+        .arg("inject")
+        .arg(dir.path().join("pod.yaml"))
+        .arg("--ignore-cluster")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&alone.stderr);
+    assert!(
+        !alone.status.success() && alone.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--identity-trust-anchors-file"), "{stderr}");
+}
