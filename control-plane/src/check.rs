@@ -176,37 +176,49 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         ),
     });
 
-    let anchors = match Api::<ConfigMap>::namespaced(client.clone(), ns)
+    // A read refused (a `view` role cannot read Secrets) or failing is not
+    // the object missing: it is said as what it is, and not failed on.
+    let unread = |what: &str, e: &kube::Error| {
+        line(
+            Verdict::Warn,
+            format!("{what} cannot be read ({e}): not checked"),
+        )
+    };
+    let anchors = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(ANCHORS_CONFIG_MAP)
         .await
-    {
-        Ok(Some(cm)) => cm.data.and_then(|d| d.get("ca.crt").cloned()),
-        _ => None,
-    };
+        .map(|cm| cm.and_then(|cm| cm.data?.remove("ca.crt")));
     say(match &anchors {
-        Some(pem) => expiry("the trust anchor", pem),
-        None => line(
+        Ok(Some(pem)) => expiry("the trust anchor", pem),
+        Ok(None) => line(
             Verdict::Fail,
             format!("no trust anchors (ConfigMap {ns}/{ANCHORS_CONFIG_MAP}, key ca.crt)"),
         ),
+        Err(e) => unread(&format!("ConfigMap {ns}/{ANCHORS_CONFIG_MAP}"), e),
     });
-    let issuer = match Api::<Secret>::namespaced(client.clone(), ns)
+    let issuer = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(ISSUER_SECRET)
         .await
-    {
-        Ok(Some(s)) => s.data.and_then(|d| {
-            d.get("tls.crt")
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        }),
-        _ => None,
-    };
+        .map(|s| {
+            s.and_then(|s| {
+                s.data?
+                    .get("tls.crt")
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            })
+        });
     say(match &issuer {
-        Some(pem) => expiry("the issuer", pem),
-        None => line(
+        Ok(Some(pem)) => expiry("the issuer", pem),
+        Ok(None) => line(
             Verdict::Fail,
             format!("no issuer (Secret {ns}/{ISSUER_SECRET}, key tls.crt)"),
         ),
+        Err(e) => unread(&format!("Secret {ns}/{ISSUER_SECRET}"), e),
     });
+    let anchors = match anchors {
+        Ok(a) => Some(a),
+        // Unknown: the webhook's bundle cannot be compared with them.
+        Err(_) => None,
+    };
 
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     say(match hooks.get_opt(WEBHOOK_CONFIG).await {
@@ -217,10 +229,13 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 .into_iter()
                 .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
                 .collect();
-            let matches = anchors
-                .as_ref()
-                .is_some_and(|a| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes()));
-            if matches {
+            let matches = |a: &String| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes());
+            if anchors.is_none() {
+                line(
+                    Verdict::Warn,
+                    "the injector's webhook is configured; its caBundle is not compared with the unread anchors",
+                )
+            } else if anchors.flatten().as_ref().is_some_and(matches) {
                 line(
                     Verdict::Ok,
                     "the injector's webhook is configured and trusts the mesh's anchors",
@@ -277,29 +292,48 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 
     let pods: Api<Pod> = Api::all(client);
     say(match pods.list(&ListParams::default()).await {
-        Ok(list) => {
-            let meshed: Vec<&Pod> = list.items.iter().filter(|p| has_proxy(p)).collect();
-            let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
-            match (meshed.len(), ready) {
-                (0, _) => line(
-                    Verdict::Warn,
-                    "no meshed pod yet (label a namespace strait.dev/inject=enabled)",
-                ),
-                (n, r) if r == n => line(
-                    Verdict::Ok,
-                    format!(
-                        "{r} meshed pod(s), every proxy ready (holds its certificate and configuration)"
-                    ),
-                ),
-                (n, r) => line(
-                    Verdict::Warn,
-                    format!("{r} of {n} meshed pods have a ready proxy"),
-                ),
-            }
-        }
+        Ok(list) => pods_line(&list.items),
         Err(e) => line(Verdict::Fail, format!("pods cannot be listed: {e}")),
     });
     out
+}
+
+/// The meshed pods' proxies: those of pods that should be running count (a
+/// finished Job's pod, or one being deleted, keeps its stopped proxy); none
+/// ready among them is a mesh that does not work (no certificate issued, no
+/// configuration), some is a mesh starting or in trouble.
+fn pods_line(pods: &[Pod]) -> Line {
+    let running = |p: &&Pod| {
+        p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+    };
+    let meshed: Vec<&Pod> = pods.iter().filter(|p| has_proxy(p)).filter(running).collect();
+    let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
+    match (meshed.len(), ready) {
+        (0, _) => line(
+            Verdict::Warn,
+            "no meshed pod yet (label a namespace strait.dev/inject=enabled)",
+        ),
+        (n, r) if r == n => line(
+            Verdict::Ok,
+            format!(
+                "{r} meshed pod(s), every proxy ready (holds its certificate and configuration)"
+            ),
+        ),
+        (n, 0) => line(
+            Verdict::Fail,
+            format!(
+                "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them (see a proxy's log)"
+            ),
+        ),
+        (n, r) => line(
+            Verdict::Warn,
+            format!("{r} of {n} meshed pods have a ready proxy"),
+        ),
+    }
 }
 
 fn has_proxy(p: &Pod) -> bool {
@@ -371,6 +405,46 @@ fn supports_native_sidecars(major: &str, minor: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod(phase: &str, ready: bool, deleted: bool) -> Pod {
+        let mut metadata = serde_json::json!({"name": "p"});
+        if deleted {
+            metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": metadata,
+            "spec": {
+                "initContainers": [{"name": crate::inject::PROXY_CONTAINER, "restartPolicy": "Always"}],
+                "containers": [{"name": "app"}],
+            },
+            "status": {
+                "phase": phase,
+                "initContainerStatuses": [{
+                    "name": crate::inject::PROXY_CONTAINER, "ready": ready,
+                    "image": "", "imageID": "", "restartCount": 0,
+                }],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn no_ready_proxy_fails_and_finished_pods_do_not_count() {
+        let verdict = |pods: &[Pod]| pods_line(pods).verdict;
+        let running = |ready| pod("Running", ready, false);
+        assert_eq!(verdict(&[running(false), running(false)]), Verdict::Fail);
+        assert_eq!(verdict(&[running(true), running(false)]), Verdict::Warn);
+        // A finished Job's pod and one being deleted keep a stopped proxy.
+        let finished = [
+            running(true),
+            running(true),
+            pod("Succeeded", false, false),
+            pod("Failed", false, false),
+            pod("Running", false, true),
+        ];
+        assert_eq!(verdict(&finished), Verdict::Ok);
+        assert_eq!(verdict(&[pod("Succeeded", false, false)]), Verdict::Warn);
+    }
 
     #[test]
     fn native_sidecars_need_1_29() {
