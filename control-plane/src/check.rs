@@ -229,7 +229,8 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 .into_iter()
                 .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
                 .collect();
-            let matches = |a: &String| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes());
+            let matches =
+                |a: &String| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes());
             if anchors.is_none() {
                 line(
                     Verdict::Warn,
@@ -310,7 +311,11 @@ fn pods_line(pods: &[Pod]) -> Line {
                 Some("Succeeded" | "Failed")
             )
     };
-    let meshed: Vec<&Pod> = pods.iter().filter(|p| has_proxy(p)).filter(running).collect();
+    let meshed: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| has_proxy(p))
+        .filter(running)
+        .collect();
     let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
     match (meshed.len(), ready) {
         (0, _) => line(

@@ -3,6 +3,8 @@
 
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::HashMap;
+
 use serde::Deserialize;
 
 use crate::defaults;
@@ -179,6 +181,15 @@ pub enum ParseError {
         "the manifests come to {total} bytes, more than the {max} the controller reads in all; this file is not read"
     )]
     OverBudget { total: u64, max: u64 },
+    /// A second definition of one object in one file: which one was meant
+    /// cannot be told (`kubectl apply` takes the last, a first-wins reading
+    /// the first), so neither is.
+    #[error("document {doc}: {id} is defined again (first in document {first})")]
+    Duplicate {
+        doc: usize,
+        first: usize,
+        id: String,
+    },
     /// Valid on its own, but names what the index does not hold.
     #[error("HTTPRoute {route}: {error}")]
     Reference {
@@ -271,7 +282,9 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
         reason: e.reason,
     };
     match (api_version.as_str(), kind.as_str()) {
-        ("v1", "List") => {
+        // `List` as kubectl writes it; typed lists (`PodList`) as the API
+        // returns them.
+        (_, k) if k.ends_with("List") && v.get("items").is_some_and(|i| i.is_array()) => {
             // Taken, not cloned: a List of Pods is most of a large mesh's YAML.
             let items = match v {
                 serde_json::Value::Object(mut m) => m.remove("items"),
@@ -373,12 +386,25 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     }
     let mut out = Vec::new();
     let mut errors = Vec::new();
+    let mut seen: HashMap<ObjId, usize> = HashMap::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
         match serde_json::Value::deserialize(de) {
             Ok(v) => {
+                let before = out.len();
                 if let Err(e) = object(doc, v, &mut out) {
                     errors.push(e);
+                }
+                for id in out[before..].iter().filter_map(Object::id) {
+                    if let Some(&first) = seen.get(&id) {
+                        errors.push(ParseError::Duplicate {
+                            doc,
+                            first,
+                            id: id.to_string(),
+                        });
+                    } else {
+                        seen.insert(id, doc);
+                    }
                 }
             }
             Err(e) => {
@@ -421,9 +447,23 @@ fn documents(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// A `kind: List` document (items of any number, each an object).
+/// A List document (items of any number, each an object): `kind: List` as
+/// kubectl writes it, or a typed list (`PodList`) as the API returns it, in
+/// YAML or JSON (`"kind": "List",`), quoted or not.
 fn is_list(doc: &str) -> bool {
-    doc.lines().any(|l| l.trim_end() == "kind: List")
+    fn unquote(s: &str) -> &str {
+        s.trim().trim_matches(|c| c == '"' || c == '\'')
+    }
+    doc.lines().any(|l| {
+        let l = l
+            .split(" #")
+            .next()
+            .unwrap_or(l)
+            .trim()
+            .trim_end_matches(',');
+        l.split_once(':')
+            .is_some_and(|(k, v)| unquote(k) == "kind" && unquote(v).ends_with("List"))
+    })
 }
 
 #[cfg(test)]
@@ -515,6 +555,55 @@ items:
 
         let msg = parse_file("kind: [oops").unwrap_err()[0].to_string();
         assert!(msg.contains("not YAML"), "{msg}");
+    }
+
+    #[test]
+    fn one_object_twice_in_a_file_is_refused_naming_both_documents() {
+        let svc = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: a}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let text = format!("{}---\n{}", svc("10.96.0.1"), svc("10.96.0.2"));
+        let e = parse_file(&text).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = e[0].to_string();
+        assert!(
+            e.contains("document 2") && e.contains("first in document 1"),
+            "{e}"
+        );
+        // In one List too.
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}\n",
+            "{apiVersion: v1, kind: Service, metadata: {name: web, namespace: a}, spec: {ports: [{port: 80}]}}",
+            "{apiVersion: v1, kind: Service, metadata: {name: web, namespace: a}, spec: {ports: [{port: 81}]}}",
+        );
+        assert!(parse_file(&list).is_err());
+    }
+
+    /// `kubectl get -o json` writes a List pretty-printed; the API a typed
+    /// one (`ServiceList`). Both are Lists, with a List's size limit.
+    #[test]
+    fn lists_as_kubectl_and_the_api_write_them_are_lists() {
+        let items: Vec<serde_json::Value> = (0..8000)
+            .map(|i| {
+                serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": format!("svc-{i}"), "namespace": "shop",
+                                 "annotations": {"note": "x".repeat(160)}},
+                    "spec": {"ports": [{"port": 80}]},
+                })
+            })
+            .collect();
+        for kind in ["List", "ServiceList"] {
+            let doc = serde_json::to_string_pretty(&serde_json::json!({
+                "apiVersion": "v1", "kind": kind, "items": items,
+            }))
+            .unwrap();
+            assert!(doc.len() > defaults::MAX_OBJECT_BYTES, "{}", doc.len());
+            let objects = parse_file(&doc).unwrap();
+            assert_eq!(objects.len(), 8000, "{kind}");
+        }
     }
 
     #[test]
