@@ -165,6 +165,9 @@ impl ChildLog {
     }
 }
 
+/// Turns true once the demo is asked to stop (a signal).
+type Stop = tokio::sync::watch::Receiver<bool>;
+
 struct Procs {
     running: Vec<(String, Child)>,
     log: ChildLog,
@@ -205,12 +208,13 @@ impl Procs {
     }
 }
 
-async fn ready(admin: &str, procs: &mut Procs) -> anyhow::Result<()> {
+async fn ready(admin: &str, procs: &mut Procs, stop: &Stop) -> anyhow::Result<()> {
     let addr: SocketAddr = admin.parse()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     loop {
+        anyhow::ensure!(!*stop.borrow(), "stopped before the mesh was ready");
         procs.check()?;
         if let Ok(r) = client.get(format!("http://{addr}/ready").parse()?).await
             && r.status().is_success()
@@ -239,13 +243,30 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
         "--manifests {}: not a directory (run from the repository root, or pass --manifests)",
         args.manifests.display()
     );
+    // Listening before anything starts, so that Ctrl-C, SIGTERM or a closed
+    // terminal (SIGHUP) at any point ends the demo through its cleanup: the
+    // processes stopped, routes.yaml restored, the keys' directory removed.
+    // The default action of each would kill the demo and leave them all.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (stopped, stop) = tokio::sync::watch::channel(false);
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+        stopped.send_replace(true);
+    });
     let work = Workdir::new()?;
     let mut routes = RoutesFile::new(&args.manifests);
     let mut procs = Procs {
         running: Vec::new(),
         log,
     };
-    let result = run_mesh(&args, &work, &me, &proxy, &mut procs, &mut routes).await;
+    let result = run_mesh(&args, &work, &me, &proxy, &mut procs, &mut routes, stop).await;
     let restored = routes.restore();
     procs.stop().await;
     let shipped = canary::WEIGHT_BEFORE;
@@ -283,10 +304,22 @@ struct Workdir {
 
 impl Workdir {
     fn new() -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("strait-demo-{}", std::process::id()));
-        let m = path.join("manifests");
-        std::fs::create_dir_all(&m).with_context(|| format!("creating {}", m.display()))?;
+        // A name no other user can guess and a directory only its owner can
+        // enter, made here and not found: a directory someone made first in
+        // the shared temp directory would hand them the issuer's key, or the
+        // controller tokens of their choosing.
+        use std::os::unix::fs::DirBuilderExt as _;
+        let mut b = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+        let suffix: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let path = std::env::temp_dir().join(format!("strait-demo-{suffix}"));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
         let w = Workdir { path };
+        let m = w.manifests();
+        std::fs::create_dir(&m).with_context(|| format!("creating {}", m.display()))?;
         let pki = crate::identity::ca::generate("cluster.local", Duration::from_secs(24 * 3600))?;
         std::fs::write(w.path.join("anchors.pem"), &pki.anchor_pem)?;
         std::fs::write(w.path.join("issuer.crt"), &pki.issuer_cert_pem)?;
@@ -343,6 +376,7 @@ async fn run_mesh(
     proxy: &Path,
     procs: &mut Procs,
     routes: &mut RoutesFile,
+    mut stop: Stop,
 ) -> anyhow::Result<()> {
     println!(
         "starting the controller on {CONTROLLER_GRPC} with {}",
@@ -368,7 +402,7 @@ async fn run_mesh(
         )
         .collect::<Vec<_>>(),
     )?;
-    ready(CONTROLLER_ADMIN, procs).await?;
+    ready(CONTROLLER_ADMIN, procs, &stop).await?;
 
     for pod in PODS {
         if pod.app {
@@ -411,18 +445,13 @@ async fn run_mesh(
         procs.spawn(&format!("{} proxy", pod.name), proxy, &a)?;
     }
     for pod in PODS {
-        ready(&format!("{}:4191", pod.ip), procs).await?;
+        ready(&format!("{}:4191", pod.ip), procs, &stop).await?;
     }
     println!(
         "mesh ready: {} pods, each with a strait-proxy sidecar holding a certificate for its service account; proxies talk mTLS",
         PODS.len()
     );
 
-    // Listening from here on, so Ctrl-C (or SIGTERM) ends the demo through the
-    // summary and the restore of routes.yaml.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
     let metrics_client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let metrics_url: http::Uri = WEB_PROXY_METRICS.parse()?;
@@ -477,8 +506,8 @@ async fn run_mesh(
                     break Ok(());
                 }
             }
-            _ = interrupt.recv() => break Ok(()),
-            _ = terminate.recv() => break Ok(()),
+            // A signal ends the demo through the summary.
+            _ = stop.changed() => break Ok(()),
         }
     };
     load.abort();

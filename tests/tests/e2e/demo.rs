@@ -110,6 +110,67 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
     );
 }
 
+/// A closed terminal (SIGHUP) after the canary shift ends the demo through
+/// its cleanup, as Ctrl-C does: the summary, routes.yaml as shipped, the
+/// directory with the issuer's key removed.
+#[tokio::test]
+async fn a_demo_hung_up_on_cleans_up_after_itself() {
+    use tokio::io::AsyncBufReadExt as _;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let routes = root.join("deploy/examples/demo/routes.yaml");
+    let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
+    let tmp = strait_tests::manifests::ManifestDir::new();
+    let mut demo = tokio::process::Command::new(strait_tests::process::binary("strait"))
+        .args(["demo", "--duration", "16s"])
+        .current_dir(&root)
+        .env("STRAIT_LOG", "warn")
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let shifted = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            seen.push_str(&l);
+            seen.push('\n');
+            if l.contains("canary shift: rewrote") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(shifted, Ok(true)), "no canary shift:\n{seen}");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "its work directory"
+    );
+    let pid = rustix::process::Pid::from_raw(demo.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let mut rest = String::new();
+    let status = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            rest.push_str(&l);
+            rest.push('\n');
+        }
+        demo.wait().await.unwrap()
+    })
+    .await
+    .expect("the demo ends on SIGHUP");
+    assert!(status.success(), "{status}\n{rest}");
+    assert!(rest.contains("summary over"), "{rest}");
+    assert_eq!(
+        std::fs::read(&routes).unwrap(),
+        routes_before,
+        "routes.yaml left shifted"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// A collector the exporter cannot reach is refused before anything starts,
 /// with the reason, rather than as a child process's failure.
 #[test]
