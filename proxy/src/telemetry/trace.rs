@@ -50,6 +50,33 @@ pub struct Observe {
     pub access_log: Option<AccessLog>,
 }
 
+/// `server.address` and `server.port`: what the app addressed, rather than
+/// the listener it reached us on or the address a name resolved to.
+fn server_of<'a>(
+    direction: Direction,
+    destination: Option<&'a crate::addr::DestAddr>,
+    authority: &'a Option<(ShortStr, Option<u16>)>,
+    ip: &'a mut Option<Arc<str>>,
+) -> Option<(&'a str, Option<u16>)> {
+    use crate::addr::DestAddr;
+    let authority = authority.as_ref().map(|(h, p)| (h.as_str(), *p));
+    match (direction, destination, authority) {
+        (Direction::Inbound, _, Some(a)) => Some(a),
+        (Direction::Outbound, Some(DestAddr::Name(n)), _) => Some((n.host(), Some(n.port()))),
+        // Redirected from an address (a ClusterIP): the name the app gave,
+        // at the port it connected to unless it named one.
+        (Direction::Outbound, Some(DestAddr::Socket(a)), Some((host, port))) => {
+            Some((host, port.or(Some(a.port()))))
+        }
+        (_, Some(DestAddr::Name(n)), _) => Some((n.host(), Some(n.port()))),
+        (_, Some(DestAddr::Socket(a)), _) => {
+            let ip: &str = ip.insert(endpoint_strings(*a).0);
+            Some((ip, Some(a.port())))
+        }
+        (_, None, a) => a,
+    }
+}
+
 /// What the stages learnt about one request, for its span and log line.
 #[derive(Debug, Default)]
 pub struct Notes {
@@ -155,7 +182,7 @@ where
         let span = observe
             .tracer
             .as_ref()
-            .and_then(|t| start_span(t, observe.never_start, direction, &mut req));
+            .and_then(|t| start_span(t, observe.never_start, &mut req));
         if span.is_none() && observe.access_log.is_none() {
             return Either::Left(self.inner.call(req));
         }
@@ -320,7 +347,7 @@ struct Started {
     /// A method the conventions do not know (`method` is `_OTHER`), as sent.
     method_original: Option<ShortStr>,
     version: http::Version,
-    /// Inbound: the authority the caller addressed.
+    /// The authority the caller addressed (`:authority` or `Host`).
     authority: Option<(ShortStr, Option<u16>)>,
     path: ShortStr,
     at: SystemTime,
@@ -349,7 +376,6 @@ pub struct ProxySpan {
 fn start_span<B>(
     tracer: &Recorder<ProxySpan>,
     never_start: bool,
-    direction: Direction,
     req: &mut Request<B>,
 ) -> Option<Started> {
     use propagate::Parent;
@@ -399,19 +425,18 @@ fn start_span<B>(
     if !sampled {
         return None;
     }
-    // Outbound, the address is the destination the stages resolve.
-    let authority = match direction {
-        Direction::Outbound => None,
-        Direction::Inbound => req
-            .uri()
-            .authority()
-            .map(|a| (ShortStr::bounded(a.host()), a.port_u16()))
-            .or_else(|| {
-                let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-                let a: http::uri::Authority = h.parse().ok()?;
-                Some((ShortStr::bounded(a.host()), a.port_u16()))
-            }),
-    };
+    // Outbound, the destination the stages resolve comes first; this stands
+    // in for it when that is an address (a ClusterIP the app's connection
+    // was redirected from), as the name the app used is the one to show.
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| (ShortStr::bounded(a.host()), a.port_u16()))
+        .or_else(|| {
+            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            let a: http::uri::Authority = h.parse().ok()?;
+            Some((ShortStr::bounded(a.host()), a.port_u16()))
+        });
     let method = method_name(req.method());
     Some(Started {
         cx,
@@ -518,17 +543,13 @@ impl Record for ProxySpan {
         if let Some(s) = status {
             w.int("http.response.status_code", i64::from(s));
         }
-        // What the app addressed, rather than the listener it reached us on.
-        let ip;
-        let server = match (&notes.destination, &started.authority) {
-            (_, Some((host, port))) => Some((host.as_str(), *port)),
-            (Some(crate::addr::DestAddr::Name(n)), None) => Some((n.host(), Some(n.port()))),
-            (Some(crate::addr::DestAddr::Socket(a)), None) => {
-                ip = endpoint_strings(*a).0;
-                Some((&*ip, Some(a.port())))
-            }
-            (None, None) => None,
-        };
+        let mut ip = None;
+        let server = server_of(
+            direction,
+            notes.destination.as_ref(),
+            &started.authority,
+            &mut ip,
+        );
         if let Some((host, port)) = server {
             w.str("server.address", host);
             if let Some(p) = port {
@@ -625,5 +646,41 @@ impl Record for ProxySpan {
         for (at, n) in notes.retried_at.iter().zip(1i64..) {
             w.event("retry", *at, "strait.retry.attempt", n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::DestAddr;
+
+    #[test]
+    fn the_server_is_what_the_app_addressed() {
+        let host = |h: &str, p: Option<u16>| Some((ShortStr::bounded(h), p));
+        let ip: DestAddr = DestAddr::Socket("10.96.0.10:80".parse().unwrap());
+        let name: DestAddr = "web.shop.svc.cluster.local:80".parse().unwrap();
+        let mut buf = None;
+        // Redirected from a ClusterIP: the name in Host, at the port dialled.
+        let web = host("web.shop.svc.cluster.local", None);
+        assert_eq!(
+            server_of(Direction::Outbound, Some(&ip), &web, &mut buf),
+            Some(("web.shop.svc.cluster.local", Some(80)))
+        );
+        // An address with no Host: the address.
+        assert_eq!(
+            server_of(Direction::Outbound, Some(&ip), &None, &mut buf),
+            Some(("10.96.0.10", Some(80)))
+        );
+        // A name resolved by the stages: the name, whatever the Host says.
+        let other = host("localhost", Some(4140));
+        assert_eq!(
+            server_of(Direction::Outbound, Some(&name), &other, &mut buf),
+            Some(("web.shop.svc.cluster.local", Some(80)))
+        );
+        // Inbound: the caller's Host.
+        assert_eq!(
+            server_of(Direction::Inbound, Some(&ip), &web, &mut buf),
+            Some(("web.shop.svc.cluster.local", None))
+        );
     }
 }
