@@ -531,7 +531,7 @@ impl Proxy {
         let admin_task = tokio::spawn(admin::serve(
             admin,
             Arc::new(AdminState {
-                config_json: serde_json::to_string_pretty(&shared.config).unwrap_or_default(),
+                config: serde_json::to_value(&shared.config).unwrap_or_default(),
                 metrics: shared.metrics.clone(),
                 log,
                 shutdown: trigger.handle(),

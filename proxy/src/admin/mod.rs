@@ -26,7 +26,8 @@ use strait_api::per_source::PerSource;
 const MAX_BODY: usize = 4 * 1024;
 
 pub struct AdminState {
-    pub config_json: String,
+    /// The running configuration, as `GET /config` shows it.
+    pub config: serde_json::Value,
     pub metrics: Arc<Metrics>,
     pub log: Option<LogHandle>,
     pub shutdown: ShutdownHandle,
@@ -183,7 +184,13 @@ async fn route(
             r
         }
         (Method::GET, "/config") => {
-            let mut r = text(StatusCode::OK, format!("{}\n", state.config_json));
+            // The filter in force, which `PUT /log-level` may have changed.
+            let mut config = state.config.clone();
+            if let (Some(l), Some(c)) = (&state.log, config.as_object_mut()) {
+                c.insert("log_level".into(), l.current().into());
+            }
+            let json = serde_json::to_string_pretty(&config).unwrap_or_default();
+            let mut r = text(StatusCode::OK, format!("{json}\n"));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),

@@ -269,6 +269,10 @@ async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
         admin_get(remote, "/log-level").await.unwrap(),
         (200, "debug\n".into())
     );
+    // The running configuration says so too.
+    let (_, config) = admin_get(local, "/config").await.unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["log_level"], "debug", "{config}");
 }
 
 /// The kubelet's `tcpSocket` probes, pointed here by the injector, learn
