@@ -260,8 +260,35 @@ fn conditions(
                 .then(|| format!("Service {name} has no port {port}"))
         })
         .collect();
+    // Of BackendPolicies on one Service only the first by name applies; the
+    // others are told so (Gateway API policy attachment's `Conflicted`).
+    let conflicted = (s.kind == Kind::BackendPolicy)
+        .then(|| {
+            s.targets.iter().find_map(|t| {
+                let first = snap
+                    .backend_policies
+                    .get(&ObjKey {
+                        namespace: s.namespace.clone(),
+                        name: t.clone(),
+                    })?
+                    .keys()
+                    .next()?;
+                (*first != s.name).then(|| {
+                    format!("BackendPolicy {first} applies to Service {t}: of several, the first by name does")
+                })
+            })
+        })
+        .flatten();
     let accepted = match (&s.error, unmatched) {
         (Some(e), _) => condition("Accepted", false, "Invalid", e, s.generation, old),
+        (None, _) if conflicted.is_some() => condition(
+            "Accepted",
+            false,
+            "Conflicted",
+            conflicted.as_deref().unwrap_or_default(),
+            s.generation,
+            old,
+        ),
         (None, Some(why)) => condition(
             "Accepted",
             false,
@@ -520,6 +547,47 @@ mod tests {
         );
         let ours_gone = serde_json::json!({"metadata": route["metadata"], "spec": route["spec"], "status": want});
         assert!(!StatusInput::of(Kind::HttpRoute, &ours_gone, None).has_entries_of_ours());
+    }
+
+    /// Of two BackendPolicies on one Service, the one that does not apply
+    /// says so rather than reading Accepted.
+    #[test]
+    fn the_backend_policy_that_does_not_apply_is_conflicted() {
+        let policy = |name: &str| {
+            format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: web}}\n  connectTimeout: 1s\n"
+            )
+        };
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{ports: [{{port: 80}}]}}\n---\n{}---\n{}",
+            policy("a"),
+            policy("b")
+        );
+        let mut snap = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(&yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let accepted = |name: &str| {
+            let v: Value = serde_norway::from_str(&policy(name)).unwrap();
+            let s = StatusInput::of(Kind::BackendPolicy, &v, None);
+            let want = desired(&s, &snap);
+            let c = want["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Accepted")
+                .cloned()
+                .unwrap();
+            (
+                c["status"].as_str().unwrap().to_string(),
+                c["reason"].as_str().unwrap().to_string(),
+            )
+        };
+        assert_eq!(accepted("a"), ("True".to_string(), "Accepted".to_string()));
+        assert_eq!(
+            accepted("b"),
+            ("False".to_string(), "Conflicted".to_string())
+        );
     }
 
     /// Only core Services are strait's parents to report on: a `Service`
