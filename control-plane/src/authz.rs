@@ -242,17 +242,7 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
         .map(|p| p.probes.clone())
         .unwrap_or_default();
     if snap.sealed_namespaces.contains(&pod.namespace) {
-        // STRICT, allowing an entry that names nobody: every caller refused,
-        // on every proxy version (an unreadable entry narrows access).
-        return api::WorkloadPolicy {
-            ports: vec![],
-            default: Some(api::PortPolicy {
-                port: 0,
-                mode: api::MtlsMode::Strict as i32,
-                allow: vec![api::Authorization { subject: None }],
-            }),
-            probes,
-        };
+        return sealed(probes);
     }
     let mut all_ports = Merged::default();
     let mut per_port: BTreeMap<u16, Vec<&AuthorizationSpec>> = BTreeMap::new();
@@ -269,6 +259,37 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
                 per_port.entry(*p).or_default().push(spec);
             }
         }
+    }
+    // Each port's list repeats the all-ports one, so the view grows as ports
+    // times entries, and policies per namespace are not counted: a tenant's
+    // policies could make it hundreds of MB, held and encoded per watching
+    // proxy, past what a proxy reads. Bounded before it is built, and past
+    // the bound closed rather than open.
+    let entry_bytes = |m: &Merged| m.allow.iter().map(|(_, v)| v.len() + 8).sum::<usize>();
+    let all_bytes = entry_bytes(&all_ports);
+    let bound: usize = all_bytes
+        + per_port
+            .values()
+            .map(|specs| {
+                all_bytes
+                    + specs
+                        .iter()
+                        .flat_map(|s| &s.allow)
+                        .map(|a| match a {
+                            Allow::Identity(v) | Allow::Namespace(v) => v.len() + 8,
+                        })
+                        .sum::<usize>()
+            })
+            .sum::<usize>();
+    if bound > crate::defaults::MAX_POLICY_VIEW_BYTES {
+        strait_otel::sampled!(
+            warn,
+            pod = %pod,
+            bytes = bound,
+            max = crate::defaults::MAX_POLICY_VIEW_BYTES,
+            "the AuthorizationPolicies of this pod make an inbound policy too large to send: every caller is refused until they shrink (fewer ports per policy, namespace entries for many identities)"
+        );
+        return sealed(probes);
     }
     let ports = per_port
         .into_iter()
@@ -289,9 +310,74 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
     }
 }
 
+/// STRICT, allowing an entry that names nobody: every caller refused, on
+/// every proxy version (an unreadable entry narrows access).
+fn sealed(probes: Vec<api::ProbeRoute>) -> api::WorkloadPolicy {
+    api::WorkloadPolicy {
+        ports: vec![],
+        default: Some(api::PortPolicy {
+            port: 0,
+            mode: api::MtlsMode::Strict as i32,
+            allow: vec![api::Authorization { subject: None }],
+        }),
+        probes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant's policies cannot make a pod's view grow as ports times
+    /// entries without bound: past the bound the pod refuses every caller.
+    #[test]
+    fn a_view_too_large_to_send_closes_the_pod_rather_than_growing() {
+        let mut snap = Snapshot::empty("cluster.local");
+        let pod = ObjKey {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+        };
+        snap.pods.insert(
+            pod.clone(),
+            crate::index::PodInfo {
+                inbound_port: Some(4143),
+                service_account: "web".into(),
+                labels: Default::default(),
+                probes: Vec::new(),
+                ips: Vec::new(),
+                skip_inbound: Vec::new(),
+            },
+        );
+        let policy = |name: &str, spec: serde_json::Value| {
+            parse(&serde_json::json!({
+                "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec,
+            }))
+            .unwrap()
+        };
+        let many: Vec<serde_json::Value> = (0..1024)
+            .map(|i| serde_json::json!({"identity": format!("spiffe://cluster.local/ns/callers/sa/{:0>60}", i)}))
+            .collect();
+        let (k, s) = policy(
+            "everyone-listed",
+            serde_json::json!({"selector": {}, "allow": many}),
+        );
+        snap.authorizations.insert(k, s);
+        let small = workload_policy(&snap, &pod);
+        assert_eq!(small.default.as_ref().unwrap().allow.len(), 1024);
+        // The same list again for each of 256 ports: about 25 MB unbounded.
+        let ports: Vec<u16> = (1..=256).collect();
+        let (k, s) = policy(
+            "ports",
+            serde_json::json!({"selector": {}, "ports": ports, "mtls": "STRICT"}),
+        );
+        snap.authorizations.insert(k, s);
+        let view = workload_policy(&snap, &pod);
+        assert!(view.ports.is_empty(), "{} ports", view.ports.len());
+        let default = view.default.unwrap();
+        assert_eq!(default.mode, api::MtlsMode::Strict as i32);
+        assert_eq!(default.allow, [api::Authorization { subject: None }]);
+    }
 
     #[test]
     fn policies_need_one_target_and_valid_identities() {

@@ -58,6 +58,10 @@ pub const MAX_ROUTE_PARENTS: usize = 32;
 /// AuthorizationPolicy: entries of `allow`, and ports.
 pub const MAX_POLICY_ALLOW: usize = 1024;
 pub const MAX_POLICY_PORTS: usize = 256;
+/// The largest inbound policy a pod's view may be (about, in bytes of its
+/// entries): policies that would make it larger close the pod instead. Well
+/// under the 32 MiB a proxy reads, and far over what real policies make.
+pub const MAX_POLICY_VIEW_BYTES: usize = 4 * 1024 * 1024;
 /// A pod's kubelet probes kept for its policy, and the longest path: beyond
 /// them a probe is not let through (and fails as before).
 pub const MAX_PROBE_ROUTES: usize = 64;
