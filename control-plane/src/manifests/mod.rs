@@ -8,7 +8,7 @@
 
 mod parse;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -100,6 +100,10 @@ pub struct ManifestSource {
     budget: u64,
     /// Files refused for the budget: read again once they fit.
     over_budget: HashSet<FileName>,
+    /// Refused files holding AuthorizationPolicies that are not in force
+    /// from a last good version: the namespaces they name. What such a
+    /// policy guards would be open, so those namespaces are sealed.
+    unguarded: BTreeMap<FileName, BTreeSet<String>>,
 }
 
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
@@ -205,6 +209,7 @@ impl ManifestSource {
             metrics,
             budget: defaults::MAX_MANIFESTS_TOTAL_BYTES,
             over_budget: HashSet::new(),
+            unguarded: BTreeMap::new(),
         }
     }
 
@@ -334,6 +339,7 @@ impl ManifestSource {
                 Ok(objects) => {
                     info!(file = %path.display(), objects = objects.len(), "manifest loaded");
                     self.unsettled.remove(&path);
+                    self.unguarded.remove(&path);
                     if let Some(old) = self.files.remove(&path) {
                         self.disown(&path, &old.ids, &mut touched);
                     }
@@ -353,6 +359,15 @@ impl ManifestSource {
                         self.metrics.reload_errors.inc();
                     }
                     self.unsettled.insert(path.clone());
+                    let in_force = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
+                    let unguarded = self::read(&path)
+                        .map(|text| unguarded_policies(&text, in_force))
+                        .unwrap_or_default();
+                    if unguarded.is_empty() {
+                        self.unguarded.remove(&path);
+                    } else {
+                        self.unguarded.insert(path.clone(), unguarded);
+                    }
                     if let Some(objects) = held {
                         self.held.insert(
                             path.clone(),
@@ -388,6 +403,7 @@ impl ManifestSource {
             .collect();
         for path in gone {
             self.unsettled.remove(&path);
+            self.unguarded.remove(&path);
             if let Some(old) = self.files.remove(&path) {
                 info!(file = %path.display(), "manifest removed");
                 self.disown(&path, &old.ids, &mut touched);
@@ -395,6 +411,14 @@ impl ManifestSource {
             }
         }
         self.apply(touched, fresh);
+        let sealed: BTreeSet<String> = self.unguarded.values().flatten().cloned().collect();
+        if sealed != self.current.sealed_namespaces {
+            if !sealed.is_empty() {
+                warn!(files = ?self.unguarded.keys().map(|f| f.display().to_string()).collect::<Vec<_>>(), namespaces = ?sealed, "refused files hold AuthorizationPolicies that are not in force: every pod of their namespaces refuses every caller until the files are fixed or removed");
+            }
+            self.current.sealed_namespaces = sealed;
+            changed = true;
+        }
         if !changed {
             return None;
         }
@@ -709,6 +733,61 @@ fn list_yaml(
     Ok(())
 }
 
+/// The namespaces of the AuthorizationPolicies a refused file's text holds
+/// that are not in force (`in_force`: the file's last good objects). Text
+/// YAML cannot read still names its namespaces, when it mentions a policy and
+/// none of its policies is in force.
+fn unguarded_policies(text: &str, in_force: &[ObjId]) -> BTreeSet<String> {
+    use serde::Deserialize as _;
+    fn collect(v: &serde_json::Value, in_force: &[ObjId], out: &mut BTreeSet<String>) {
+        let kind = v["kind"].as_str().unwrap_or_default();
+        if let Some(items) = v["items"].as_array().filter(|_| kind.ends_with("List")) {
+            items.iter().for_each(|i| collect(i, in_force, out));
+        } else if kind == "AuthorizationPolicy" {
+            let namespace = v["metadata"]["namespace"].as_str().unwrap_or("default");
+            let kept = v["metadata"]["name"].as_str().is_some_and(|name| {
+                in_force.contains(&ObjId::Authorization(ObjKey {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                }))
+            });
+            if !kept {
+                out.insert(namespace.to_string());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    let mut unreadable = false;
+    for de in serde_norway::Deserializer::from_str(text) {
+        match serde_json::Value::deserialize(de) {
+            Ok(v) => collect(&v, in_force, &mut out),
+            Err(_) => {
+                unreadable = true;
+                break;
+            }
+        }
+    }
+    let none_in_force = !in_force
+        .iter()
+        .any(|id| matches!(id, ObjId::Authorization(_)));
+    if unreadable && none_in_force && text.contains("AuthorizationPolicy") {
+        for (at, _) in text.match_indices("namespace:") {
+            let rest = &text[at + "namespace:".len()..];
+            let end = rest
+                .find(|c: char| matches!(c, ',' | '}' | '#' | '\n'))
+                .unwrap_or(rest.len());
+            let ns = rest[..end].trim().trim_matches(['"', '\'']);
+            if !ns.is_empty() {
+                out.insert(ns.to_string());
+            }
+        }
+        if out.is_empty() {
+            out.insert("default".to_string());
+        }
+    }
+    out
+}
+
 impl crate::source::Source for ManifestSource {
     async fn run(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
         self.watch_files(tx, clean).await
@@ -781,6 +860,50 @@ mod tests {
 
     fn source(dir: &Path) -> ManifestSource {
         ManifestSource::new(vec![dir.to_path_buf()], "cluster.local", Metrics::new())
+    }
+
+    /// A policy that cannot be loaded and has no good version in force (a
+    /// new file, or moved from a good file into a broken one) closes its
+    /// namespace while the controller runs, as at start, where the
+    /// controller waits for clean files: what it guards would be open.
+    #[test]
+    fn a_refused_policy_with_nothing_in_force_seals_its_namespace() {
+        let dir = temp_dir("seal");
+        let policy = |mtls: &str| {
+            format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: lock, namespace: shop}}\nspec: {{selector: {{matchLabels: {{app: web}}}}, mtls: {mtls}}}\n"
+            )
+        };
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        let mut src = source(&dir);
+        assert!(src.scan().unwrap().sealed_namespaces.is_empty());
+        // A new file whose policy does not validate.
+        std::fs::write(dir.join("lock.yaml"), policy("strict")).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.sealed_namespaces.iter().collect::<Vec<_>>(), ["shop"]);
+        // Fixed: in force, and the namespace open to it again.
+        std::fs::write(dir.join("lock.yaml"), policy("STRICT")).unwrap();
+        let s = src.scan().unwrap();
+        assert!(s.sealed_namespaces.is_empty() && s.authorizations.len() == 1);
+        // Broken again while its last good version is in force: that stands.
+        std::fs::write(
+            dir.join("lock.yaml"),
+            format!("{}  bogus: 1\n", policy("STRICT")),
+        )
+        .unwrap();
+        assert!(src.scan().is_none());
+        // A file YAML cannot read, new, that mentions a policy: the
+        // namespaces it names.
+        std::fs::write(
+            dir.join("new.yaml"),
+            "kind: AuthorizationPolicy\nmetadata: {namespace: ops\n",
+        )
+        .unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.sealed_namespaces.iter().collect::<Vec<_>>(), ["ops"]);
+        std::fs::remove_file(dir.join("new.yaml")).unwrap();
+        assert!(src.scan().unwrap().sealed_namespaces.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
