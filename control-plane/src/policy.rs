@@ -102,7 +102,8 @@ impl InboundPolicy for InboundPolicyService {
         // The policy now, then again whenever the index changes it. The stream
         // stays open, so a proxy notices a controller going away.
         let stream = futures_util::stream::unfold(
-            (rx, None::<api::WorkloadPolicy>, guard, true, false),
+            // `last`: the last answer, and whether the pod was in the index then.
+            (rx, None::<(api::WorkloadPolicy, bool)>, guard, true, false),
             move |(mut rx, last, guard, first, refused)| {
                 let (pod, caller) = (pod.clone(), caller.clone());
                 async move {
@@ -121,18 +122,24 @@ impl InboundPolicy for InboundPolicyService {
                             auth.refused("inbound_policy", &r);
                             return Some((Err(r.into()), (rx, last, guard, false, true)));
                         }
-                        // Unknown after an answer: deleted (force-deleted pods run on
-                        // through their grace period) or lost in a relist. Its last
-                        // answer stands rather than the open default.
-                        if wait_for_pods && unknown_yet(&snap, &pod) {
+                        // Unknown after an answer given while it was known: deleted
+                        // (force-deleted pods run on through their grace period) or
+                        // lost in a relist. Its last answer stands rather than the
+                        // open default. A pod never known waits only for its first.
+                        let known_once = last.as_ref().is_none_or(|(_, known)| *known);
+                        if wait_for_pods && known_once && unknown_yet(&snap, &pod) {
                             if rx.changed().await.is_err() {
                                 std::future::pending::<()>().await;
                             }
                             continue;
                         }
                         let p = workload_policy(&snap, &pod);
-                        if last.as_ref() != Some(&p) {
-                            return Some((Ok(p.clone()), (rx, Some(p), guard, false, false)));
+                        if last.as_ref().map(|(l, _)| l) != Some(&p) {
+                            let known = snap.pods.contains_key(&pod);
+                            return Some((
+                                Ok(p.clone()),
+                                (rx, Some((p, known)), guard, false, false),
+                            ));
                         }
                         if rx.changed().await.is_err() {
                             std::future::pending::<()>().await;
@@ -247,9 +254,21 @@ mod tests {
 
         // Without policies in its namespace, an unknown pod's answer is the
         // open default at once: nothing could narrow it.
-        let (_tx, mut stream) = watch(true, Snapshot::empty("cluster.local")).await;
+        let (tx, mut stream) = watch(true, Snapshot::empty("cluster.local")).await;
         let p = stream.next().await.unwrap().unwrap();
         assert_eq!(p.default.unwrap().mode, api::MtlsMode::Permissive as i32);
+        // Never known, it is not held at that answer: its namespace closing
+        // (a policy refused) reaches it.
+        let mut closed = snap.clone();
+        closed.pods.clear();
+        closed.sealed_namespaces.insert("shop".into());
+        tx.send_replace(Arc::new(closed));
+        let p = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("the closed namespace reaches a pod never known")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.default.unwrap().mode, api::MtlsMode::Strict as i32);
         // Nor does a mesh described in files wait: its pods need not be listed.
         snap.pods.clear();
         let (_tx, mut stream) = watch(false, snap).await;
