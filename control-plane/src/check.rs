@@ -178,11 +178,12 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 
     // A read refused (a `view` role cannot read Secrets) or failing is not
     // the object missing: it is said as what it is, and not failed on.
-    let unread = |what: &str, e: &kube::Error| {
-        line(
+    let unread = |what: &str, e: &kube::Error| match e {
+        kube::Error::Api(s) if s.code == 403 => line(
             Verdict::Warn,
-            format!("{what} cannot be read ({e}): not checked"),
-        )
+            format!("{what} cannot be read with these credentials ({e}): not checked"),
+        ),
+        _ => line(Verdict::Fail, format!("{what} cannot be read: {e}")),
     };
     let anchors = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(ANCHORS_CONFIG_MAP)
@@ -317,6 +318,10 @@ fn pods_line(pods: &[Pod]) -> Line {
         .filter(running)
         .collect();
     let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
+    // Pods still starting (Pending) may simply not be there yet.
+    let started = meshed
+        .iter()
+        .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
     match (meshed.len(), ready) {
         (0, _) => line(
             Verdict::Warn,
@@ -328,7 +333,7 @@ fn pods_line(pods: &[Pod]) -> Line {
                 "{r} meshed pod(s), every proxy ready (holds its certificate and configuration)"
             ),
         ),
-        (n, 0) => line(
+        (n, 0) if started => line(
             Verdict::Fail,
             format!(
                 "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them (see a proxy's log)"
@@ -439,6 +444,8 @@ mod tests {
         let running = |ready| pod("Running", ready, false);
         assert_eq!(verdict(&[running(false), running(false)]), Verdict::Fail);
         assert_eq!(verdict(&[running(true), running(false)]), Verdict::Warn);
+        // Just installed: pods starting are not yet a failure.
+        assert_eq!(verdict(&[pod("Pending", false, false)]), Verdict::Warn);
         // A finished Job's pod and one being deleted keep a stopped proxy.
         let finished = [
             running(true),
