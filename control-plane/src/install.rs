@@ -231,7 +231,9 @@ fn settings_of(
 /// What `strait inject` needs of the install in the cluster KUBECONFIG names:
 /// its trust anchors (public, unlike the issuer's key, which is not read) and
 /// its settings. `None` when nothing names a cluster or it has no install.
-pub async fn installed_for_injection() -> anyhow::Result<Option<(Option<String>, Installed)>> {
+pub async fn installed_for_injection(
+    namespace: &str,
+) -> anyhow::Result<Option<(Option<String>, Installed)>> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::ConfigMap;
     if !has_kube_config() {
@@ -239,13 +241,13 @@ pub async fn installed_for_injection() -> anyhow::Result<Option<(Option<String>,
     }
     let cannot = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
-            "cannot read the install in the cluster ({NAMESPACE}/{ANCHORS_CONFIG_MAP}): {e}"
+            "cannot read the install in the cluster ({namespace}/{ANCHORS_CONFIG_MAP}): {e}"
         )
     };
     let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
     let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
-    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
-    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, NAMESPACE);
+    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), namespace);
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, namespace);
     let both = async {
         Ok::<_, kube::Error>((
             maps.get_opt(ANCHORS_CONFIG_MAP).await?,

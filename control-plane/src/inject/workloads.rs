@@ -157,9 +157,13 @@ pub struct InjectArgs {
     #[arg(long)]
     pub trust_domain: Option<String>,
     /// Do not read the install in the cluster: the anchors file is then needed,
-    /// and the settings are as given (or their defaults).
+    /// and the settings are as given (or their defaults). Nothing is read
+    /// either when all three are given.
     #[arg(long)]
     pub ignore_cluster: bool,
+    /// The namespace strait is installed in, where its settings are read.
+    #[arg(long, default_value = crate::defaults::CONTROLLER_NAMESPACE)]
+    pub namespace: String,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
 }
@@ -175,10 +179,12 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         ),
         None => None,
     };
-    let installed = if args.ignore_cluster {
+    let all_given =
+        given.is_some() && args.trust_domain.is_some() && args.proxy_iptables_mode.is_some();
+    let installed = if args.ignore_cluster || all_given {
         None
     } else {
-        match crate::install::installed_for_injection().await {
+        match crate::install::installed_for_injection(&args.namespace).await {
             Ok(i) => i,
             // Rendering for another cluster with everything given is no error.
             Err(e) if given.is_some() => {
@@ -194,6 +200,13 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         Some((a, i)) => (a, Some(i)),
         None => (None, None),
     };
+    if let (Some(g), Some(c)) = (&given, &cluster_anchors)
+        && g.trim() != c.trim()
+    {
+        eprintln!(
+            "strait inject: the anchors file given differs from the anchors of the install in the cluster KUBECONFIG names; its trust domain and iptables mode are used unless given (--ignore-cluster to read nothing)"
+        );
+    }
     let anchors = given.or(cluster_anchors).ok_or_else(|| {
         anyhow::anyhow!(
             "no trust anchors: pass --identity-trust-anchors-file, or run against the cluster strait is installed in (KUBECONFIG)"
@@ -202,7 +215,7 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
     let have = installed.as_ref().and_then(|i| i.trust_domain.as_deref());
     let trust_domain = match (&args.trust_domain, have) {
         (Some(want), Some(have)) if want != have => anyhow::bail!(
-            "strait is installed with trust domain {have:?}: proxies injected with {want:?} could not reach its controller; leave --trust-domain out"
+            "strait is installed with trust domain {have:?} in the cluster KUBECONFIG names: proxies injected with {want:?} could not reach its controller; leave --trust-domain out, or pass --ignore-cluster to render for another cluster"
         ),
         (Some(want), _) => want.clone(),
         (None, Some(have)) => have.to_string(),

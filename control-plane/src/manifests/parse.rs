@@ -290,8 +290,16 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
                 serde_json::Value::Object(mut m) => m.remove("items"),
                 _ => None,
             };
+            // A typed list's items, as the API returns them, carry no type
+            // of their own: it is the list's, less `List`.
+            let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
             if let Some(serde_json::Value::Array(items)) = items {
-                for item in items {
+                for mut item in items {
+                    if let (Some(k), Some(m)) = (item_kind, item.as_object_mut()) {
+                        m.entry("apiVersion")
+                            .or_insert_with(|| api_version.clone().into());
+                        m.entry("kind").or_insert_with(|| k.into());
+                    }
                     object(doc, item, out)?;
                 }
             }
@@ -454,7 +462,10 @@ fn is_list(doc: &str) -> bool {
     fn unquote(s: &str) -> &str {
         s.trim().trim_matches(|c| c == '"' || c == '\'')
     }
-    doc.lines().any(|l| {
+    // The document's own `kind`: at the top of YAML, or one level into
+    // pretty-printed JSON; not one nested deeper (an embedded manifest).
+    let top = |l: &&str| l.len() - l.trim_start().len() <= 2;
+    doc.lines().filter(top).any(|l| {
         let l = l
             .split(" #")
             .next()
@@ -595,7 +606,18 @@ items:
                 })
             })
             .collect();
-        for kind in ["List", "ServiceList"] {
+        // The API's typed lists leave the items' type out.
+        let untyped: Vec<serde_json::Value> = items
+            .iter()
+            .cloned()
+            .map(|mut i| {
+                let m = i.as_object_mut().unwrap();
+                m.remove("apiVersion");
+                m.remove("kind");
+                i
+            })
+            .collect();
+        for (kind, items) in [("List", &items), ("ServiceList", &untyped)] {
             let doc = serde_json::to_string_pretty(&serde_json::json!({
                 "apiVersion": "v1", "kind": kind, "items": items,
             }))
