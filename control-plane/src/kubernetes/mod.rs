@@ -453,12 +453,17 @@ async fn run_watcher<K, F>(
     // Paced here rather than by the watcher's own backoff, which is reset by
     // any event: a relist announces itself (`Init`) before it lists, so a list
     // that failed every time was retried every second for ever, a full list
-    // of the kind each time, from every replica. Only progress resets it.
+    // of the kind each time, from every replica. Only the watch's own events
+    // reset it (a list that succeeds and a watch that then fails at once, as
+    // from an API server behind the list's, is no progress), and two minutes
+    // without an error.
     let mut backoff = watcher::DefaultBackoff::default();
     let mut events = std::pin::pin!(watcher::watcher(api, config));
     while let Some(ev) = events.next().await {
-        if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
+        if matches!(ev, Ok(Event::Apply(_) | Event::Delete(_))) {
             backoff.reset();
+        }
+        if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
             failing = false;
         }
         let change = match ev {
@@ -551,17 +556,41 @@ mod tests {
     /// than about every second for as long as it fails.
     #[tokio::test(start_paused = true)]
     async fn a_list_that_keeps_failing_is_retried_ever_less_often() {
+        let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"overloaded","reason":"InternalError","code":500}"#;
+        let n = requests_in_two_minutes(move |_| (500, status)).await;
+        // 0.8 s doubling to 30 s (with jitter) is about 9 tries in two minutes.
+        assert!((4..=12).contains(&n), "{n} lists in two minutes");
+    }
+
+    /// Nor is a list that succeeds followed by a watch that fails at once
+    /// (`410 Gone`, as from an API server behind the list's) progress.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_fails_at_once_after_each_list_backs_off_too() {
+        let list = r#"{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[]}"#;
+        // The watch's first event: its resourceVersion is too old.
+        let gone = "{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"message\":\"too old\",\"reason\":\"Expired\",\"code\":410}}\n";
+        let n = requests_in_two_minutes(move |watch| if watch { (200, gone) } else { (200, list) })
+            .await;
+        assert!((4..=30).contains(&n), "{n} requests in two minutes");
+    }
+
+    /// Requests a watcher of Services makes in two minutes of a paused clock
+    /// against an API that answers `answer(is_watch)`.
+    async fn requests_in_two_minutes(
+        answer: impl Fn(bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
+    ) -> usize {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let lists = Arc::new(AtomicUsize::new(0));
-        let counted = lists.clone();
-        let api = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
             counted.fetch_add(1, Ordering::SeqCst);
-            let status = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"overloaded","reason":"InternalError","code":500}"#;
+            let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
+            let (status, body) = answer(watch);
             std::future::ready(
                 http::Response::builder()
-                    .status(500)
+                    .status(status)
                     .header("content-type", "application/json")
-                    .body(kube::client::Body::from(status.to_vec())),
+                    .body(kube::client::Body::from(body.as_bytes().to_vec())),
             )
         });
         let client = Client::new(api, "default");
@@ -579,10 +608,8 @@ mod tests {
                 .await
                 .is_err()
         );
-        let n = lists.load(Ordering::SeqCst);
-        // 0.8 s doubling to 30 s (with jitter) is about 9 tries in two minutes.
-        assert!((4..=12).contains(&n), "{n} lists in two minutes");
         drained.abort();
+        requests.load(Ordering::SeqCst)
     }
 
     fn refused(kind: Kind, name: &str, initial: bool) -> Change {
