@@ -253,12 +253,17 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-            _ = hup.recv() => {}
+        for _ in 0..2 {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            if stopped.send_replace(true) {
+                // Asked twice: the cleanup is not waited for.
+                std::process::exit(130);
+            }
         }
-        stopped.send_replace(true);
     });
     let work = Workdir::new()?;
     let mut routes = RoutesFile::new(&args.manifests);
