@@ -215,11 +215,8 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         ),
         Err(e) => unread(&format!("Secret {ns}/{ISSUER_SECRET}"), e),
     });
-    let anchors = match anchors {
-        Ok(a) => Some(a),
-        // Unknown: the webhook's bundle cannot be compared with them.
-        Err(_) => None,
-    };
+    // Unread: the webhook's bundle cannot be compared with them.
+    let anchors = anchors.ok();
 
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     say(match hooks.get_opt(WEBHOOK_CONFIG).await {

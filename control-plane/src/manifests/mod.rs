@@ -773,9 +773,7 @@ fn unguarded_policies(text: &str, in_force: &[ObjId]) -> BTreeSet<String> {
     if unreadable && none_in_force && text.contains("AuthorizationPolicy") {
         for (at, _) in text.match_indices("namespace:") {
             let rest = &text[at + "namespace:".len()..];
-            let end = rest
-                .find(|c: char| matches!(c, ',' | '}' | '#' | '\n'))
-                .unwrap_or(rest.len());
+            let end = rest.find([',', '}', '#', '\n']).unwrap_or(rest.len());
             let ns = rest[..end].trim().trim_matches(['"', '\'']);
             if !ns.is_empty() {
                 out.insert(ns.to_string());
