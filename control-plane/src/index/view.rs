@@ -614,7 +614,10 @@ spec:
 
     #[test]
     fn of_two_backend_policies_for_a_service_the_first_by_name_applies() {
-        let second = POLICIES
+        // The canary's policy, renamed and on web (the rest of POLICIES is
+        // not repeated: one object twice in a file is refused).
+        let canary = POLICIES.split("---").nth(1).unwrap();
+        let second = canary
             .replace("name: canary,", "name: a-first,")
             .replace("name: web-canary}", "name: web}");
         let snap = snapshot(&format!("{MESH}---{POLICIES}---{second}"));
