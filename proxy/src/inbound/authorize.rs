@@ -100,7 +100,7 @@ where
     type Error = Infallible;
     /// A refusal is ready at once; an allowed request is the inner future, not
     /// boxed again (one allocation less per inbound request).
-    type Future = Either<Ready<Result<Response<BoxBody>, Infallible>>, S::Future>;
+    type Future = Either<Ready<Result<Response<BoxBody>, Infallible>>, Revocable<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -142,7 +142,101 @@ where
         if let Some(v) = &l.peer_header {
             headers.insert(CLIENT_ID_HEADER, v.clone());
         }
-        Either::Right(self.inner.call(req))
+        Either::Right(Revocable {
+            inner: self.inner.call(req),
+            grant: Some(Grant {
+                policy: l.policy.clone(),
+                port,
+                peer: l.peer.clone(),
+                metrics: l.metrics.clone(),
+            }),
+        })
+    }
+}
+
+/// What a request was admitted under, kept for its response.
+struct Grant {
+    policy: PolicyRx,
+    port: u16,
+    peer: Option<Identity>,
+    metrics: Arc<Metrics>,
+}
+
+pin_project_lite::pin_project! {
+    /// An allowed request's response: one whose body has no known end (a gRPC
+    /// stream, server-sent events, a long download) outlives the decision
+    /// that admitted it, so it is ended when a policy change revokes it, as
+    /// opaque streams and upgraded connections are. A body of known length
+    /// is left as it is: no cost on the common response.
+    pub struct Revocable<F> {
+        #[pin]
+        inner: F,
+        grant: Option<Grant>,
+    }
+}
+
+impl<F> std::future::Future for Revocable<F>
+where
+    F: std::future::Future<Output = Result<Response<BoxBody>, Infallible>>,
+{
+    type Output = Result<Response<BoxBody>, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use http_body::Body as _;
+        let this = self.project();
+        let Ok(rsp) = std::task::ready!(this.inner.poll(cx));
+        let open_ended = !rsp.body().is_end_stream() && rsp.body().size_hint().exact().is_none();
+        let Some(g) = this.grant.take().filter(|_| open_ended) else {
+            return Poll::Ready(Ok(rsp));
+        };
+        let revoked = Box::pin(async move {
+            let denied = super::policy::revoked(g.policy, g.port, g.peer.clone()).await;
+            count(&g.metrics, g.peer.as_ref(), "http", false);
+            strait_otel::sampled!(info, %denied, "response stream no longer authorized; ended");
+        });
+        Poll::Ready(Ok(rsp.map(|body| {
+            BoxBody::new(RevocableBody {
+                inner: body,
+                revoked: Some(revoked),
+            })
+        })))
+    }
+}
+
+/// A response body ended, with an error (the stream reset, the connection
+/// closed), once its request's admission is revoked.
+struct RevocableBody {
+    inner: BoxBody,
+    revoked: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+impl http_body::Body for RevocableBody {
+    type Data = bytes::Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let Some(r) = self.revoked.as_mut() else {
+            // Ended: nothing more of it reaches the caller.
+            return Poll::Ready(None);
+        };
+        if r.as_mut().poll(cx).is_ready() {
+            self.revoked = None;
+            return Poll::Ready(Some(Err(
+                "no longer authorized by the inbound policy".into()
+            )));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -909,6 +909,36 @@ async fn an_upgraded_connection_closes_when_its_caller_is_no_longer_allowed() {
     closed_when_revoked(&m, &mut ws, "the WebSocket").await;
 }
 
+/// A response that streams on (server-sent events, a gRPC stream) outlives
+/// the decision that admitted its request: when the allow list drops its
+/// caller, it is ended, as a new request would be refused.
+#[tokio::test]
+async fn a_response_stream_ends_when_its_caller_is_no_longer_allowed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mesh::start("web", None).await;
+    strict_for_client(&m).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let mut sse = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    sse.write_all(b"GET /sse HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("data: first") {
+        let mut b = [0u8; 256];
+        let n = sse.read(&mut b).await.expect("the first event");
+        assert!(n > 0, "closed before the first event");
+        got.extend_from_slice(&b[..n]);
+    }
+    let rest = closed_when_revoked(&m, &mut sse, "the event stream").await;
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("data: last"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
 /// An identity a caller may claim in `strait-client-id`; the app must never see it.
 const FORGED_ID: &str = "spiffe://cluster.local/ns/prod/sa/admin";
 
