@@ -42,15 +42,18 @@ pub struct ControllerArgs {
         long,
         env = "STRAIT_MANIFESTS",
         value_name = "DIR",
-        value_delimiter = ',',
-        conflicts_with = "kubernetes"
+        value_delimiter = ','
     )]
     pub manifests: Vec<PathBuf>,
     /// Watch the Kubernetes API (in-cluster config, or KUBECONFIG) for Services,
     /// EndpointSlices, Pods, HTTPRoutes and strait's policies, and check tokens
     /// with TokenReview. The default when neither this nor --manifests is given
     /// and the controller runs in a pod.
-    #[arg(long, env = "STRAIT_KUBERNETES")]
+    #[arg(
+        long,
+        env = "STRAIT_KUBERNETES",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub kubernetes: bool,
     /// gRPC address the proxies connect to.
     #[arg(long, env = "STRAIT_GRPC_ADDR", default_value = defaults::GRPC_ADDR)]
@@ -303,6 +306,11 @@ impl Controller {
     /// --manifests, --kubernetes, or (with neither) Kubernetes when in a pod.
     async fn feed(args: &ControllerArgs) -> anyhow::Result<Feed> {
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        // Checked here rather than by clap, which takes an environment
+        // variable set to false (`STRAIT_KUBERNETES=false`) as the flag given.
+        if args.kubernetes && !args.manifests.is_empty() {
+            return Err(FlagError("--manifests and --kubernetes: give one".into()).into());
+        }
         if !args.manifests.is_empty() {
             return Ok(Feed::Manifests);
         }

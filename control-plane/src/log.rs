@@ -16,11 +16,21 @@ pub fn parse_filter(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `STRAIT_LOG`, checked as `--log-level` is: a filter that does not parse is
+/// a usage error rather than a silent `info`.
+pub fn from_env() -> Result<Option<String>, String> {
+    match std::env::var("STRAIT_LOG") {
+        Ok(s) if !s.is_empty() => parse_filter(&s)
+            .map(Some)
+            .map_err(|e| format!("STRAIT_LOG {s:?}: {e}")),
+        _ => Ok(None),
+    }
+}
+
 pub fn init(level: Option<&str>, json: bool) {
-    let filter = match level {
-        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_env("STRAIT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+    let filter = level
+        .and_then(|l| EnvFilter::try_new(l).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal, never in a file.

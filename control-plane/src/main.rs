@@ -19,7 +19,13 @@ struct Cli {
     #[arg(long, global = true, env = "STRAIT_LOG_FORMAT", value_enum, default_value_t = log::LogFormat::Text)]
     log_format: log::LogFormat,
     /// The same as `--log-format json` (kept for scripts that use it).
-    #[arg(long, global = true, env = "STRAIT_LOG_JSON", hide = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "STRAIT_LOG_JSON",
+        hide = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -66,7 +72,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn start() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.log_level.is_none() {
+        cli.log_level = log::from_env().map_err(FlagError)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -228,6 +228,49 @@ async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connect
     assert!(matches!(&exited, Ok(Ok(s)) if s.success()), "{exited:?}");
 }
 
+/// Environment variables are read as a deployment writes them: a boolean as
+/// `false`, `0` or `yes`, and a log filter checked as the flag's is.
+#[test]
+fn environment_variables_read_as_deployments_write_them() {
+    let dir = ManifestDir::new();
+    let strait = |env: &[(&str, &str)], args: &[&str]| {
+        let mut c = std::process::Command::new(strait_tests::process::binary("strait"));
+        c.args(args).envs(env.iter().copied());
+        c.output().unwrap()
+    };
+    let manifests = dir.path().to_str().unwrap();
+    // Off, it does not clash with --manifests: the next problem is reported.
+    let off = strait(
+        &[("STRAIT_KUBERNETES", "false")],
+        &[
+            "controller",
+            "--manifests",
+            manifests,
+            "--webhook-addr=127.0.0.1:0",
+        ],
+    );
+    let err = String::from_utf8_lossy(&off.stderr);
+    assert_eq!(off.status.code(), Some(2), "{err}");
+    assert!(err.contains("--trust-anchors"), "{err}");
+    // On (as `yes`), it does, by name.
+    let on = strait(
+        &[("STRAIT_KUBERNETES", "yes")],
+        &["controller", "--manifests", manifests],
+    );
+    let err = String::from_utf8_lossy(&on.stderr);
+    assert_eq!(on.status.code(), Some(2), "{err}");
+    assert!(err.contains("--manifests and --kubernetes"), "{err}");
+    assert!(
+        strait(&[("STRAIT_LOG_JSON", "1")], &["crds"])
+            .status
+            .success()
+    );
+    let bad = strait(&[("STRAIT_LOG", "a=b=c")], &["crds"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("STRAIT_LOG"), "{err}");
+}
+
 #[tokio::test]
 async fn the_injector_needs_the_trust_anchors_and_a_certificate() {
     let dir = ManifestDir::new();
