@@ -28,6 +28,9 @@ pub struct StatusInput {
     pub name: String,
     pub generation: i64,
     pub resource_version: String,
+    /// Which object of that name: one deleted and made again (`kubectl
+    /// replace --force`) is another, whose status is still to write.
+    pub uid: String,
     /// Why the object was refused, if it was.
     pub error: Option<String>,
     /// Services it applies to (a policy's target, a route's Service parents).
@@ -109,6 +112,7 @@ impl StatusInput {
             name: str_at(meta, "/name").unwrap_or_default(),
             generation: meta["generation"].as_i64().unwrap_or(0),
             resource_version: str_at(meta, "/resourceVersion").unwrap_or_default(),
+            uid: str_at(meta, "/uid").unwrap_or_default(),
             error,
             targets,
             backends,
@@ -134,6 +138,10 @@ pub type Statuses = Arc<HashMap<(Kind, String), StatusInput>>;
 /// at once when the object changes (a conflict's newer version arriving).
 const RETRY_REFUSED_WRITE: Duration = Duration::from_secs(30);
 
+/// What was last written for each object (its uid, and the status times
+/// aside).
+type Written = HashMap<(Kind, String), (String, Value)>;
+
 /// The status to write for `s` (and what it says, times aside), if one is
 /// due: not when the object already says it or it was written, nor while a
 /// refused write for this version waits. A refusal is forgotten once nothing
@@ -142,12 +150,15 @@ fn to_write(
     key: &(Kind, String),
     s: &StatusInput,
     snap: &Snapshot,
-    written: &HashMap<(Kind, String), Value>,
+    written: &Written,
     refused: &mut Refused,
 ) -> Option<(Value, Value)> {
     let want = desired(s, snap);
     let said = without_times(&want);
-    if said == without_times(&s.current) || written.get(key) == Some(&said) {
+    let wrote = written
+        .get(key)
+        .is_some_and(|(uid, w)| *uid == s.uid && *w == said);
+    if said == without_times(&s.current) || wrote {
         refused.forget(key);
         return None;
     }
@@ -410,7 +421,7 @@ pub async fn write(
     mut snapshot: watch::Receiver<Arc<Snapshot>>,
     mut leader: watch::Receiver<bool>,
 ) {
-    let mut written: HashMap<(Kind, String), Value> = HashMap::new();
+    let mut written: Written = HashMap::new();
     let mut refused = Refused::default();
     loop {
         if *leader.borrow_and_update() {
@@ -446,7 +457,7 @@ pub async fn write(
                 {
                     Ok(_) => {
                         debug!(kind = ?s.kind, object = %key.1, "status written");
-                        written.insert(key.clone(), said);
+                        written.insert(key.clone(), (s.uid.clone(), said));
                         refused.forget(key);
                     }
                     Err(e) => {
@@ -493,6 +504,28 @@ mod tests {
         assert!(!refused.holds_back(&key, "7"));
         refused.forget(&key);
         assert_eq!(refused.next_retry(), None);
+    }
+
+    /// An object deleted and made again with the same spec (`kubectl replace
+    /// --force`) is another object: its status is written though the same
+    /// words were written for the one before.
+    #[test]
+    fn an_object_made_again_gets_its_status_though_the_last_one_had_it() {
+        let snap = Snapshot::empty("cluster.local");
+        let route = |uid: &str| {
+            serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "r", "resourceVersion": "7", "uid": uid},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}
+            })
+        };
+        let key = (Kind::HttpRoute, "shop/r".to_string());
+        let (mut written, mut refused) = (Written::new(), Refused::default());
+        let first = StatusInput::of(Kind::HttpRoute, &route("a"), None);
+        let (_, said) = to_write(&key, &first, &snap, &written, &mut refused).unwrap();
+        written.insert(key.clone(), (first.uid.clone(), said));
+        assert!(to_write(&key, &first, &snap, &written, &mut refused).is_none());
+        let again = StatusInput::of(Kind::HttpRoute, &route("b"), None);
+        assert!(to_write(&key, &again, &snap, &written, &mut refused).is_some());
     }
 
     /// A refused write whose status arrived anyway (the write landed though
