@@ -177,6 +177,10 @@ fn parse_lease(s: &str) -> Result<Duration, String> {
     if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
         return Err("a lease lasts 1s to 5m".into());
     }
+    // The Lease records whole seconds, which followers wait for.
+    if d.subsec_nanos() != 0 {
+        return Err("a lease lasts whole seconds".into());
+    }
     Ok(d)
 }
 

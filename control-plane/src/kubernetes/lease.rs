@@ -33,6 +33,8 @@ pub async fn elect(
 ) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let renew_every = cfg.duration / 3;
+    // As the Lease records it, in whole seconds: followers wait that long.
+    let recorded = Duration::from_secs(cfg.duration.as_secs());
     // Until when our hold is certain: the last successful renewal plus the
     // duration, less a margin for clocks and the request's own time.
     let mut held_until: Option<Instant> = None;
@@ -40,9 +42,16 @@ pub async fn elect(
     let run = async {
         loop {
             let started = Instant::now();
-            let outcome = tokio::time::timeout(renew_every, attempt(&api, &cfg, &mut seen)).await;
+            // An attempt that hangs (a dead pooled connection) is not waited
+            // for past the hold: writing stops then, before a follower may
+            // take over, whatever the attempt comes to.
+            let deadline = match held_until {
+                Some(t) if t > started => (started + renew_every).min(t),
+                _ => started + renew_every,
+            };
+            let outcome = tokio::time::timeout_at(deadline, attempt(&api, &cfg, &mut seen)).await;
             match outcome {
-                Ok(Ok(true)) => held_until = Some(started + cfg.duration - cfg.duration / 4),
+                Ok(Ok(true)) => held_until = Some(started + recorded - recorded / 4),
                 Ok(Ok(false)) => held_until = None,
                 Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
                 Err(_) => warn!("lease renewal timed out"),
@@ -169,5 +178,61 @@ async fn attempt(
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A leader whose renewal hangs (a dead pooled connection) stops writing
+    /// when its hold ends, three quarters of the lease in, not when the
+    /// hanging attempt gives up: a follower may take over at the full lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewal_hangs_stops_writing_when_its_hold_ends() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let method = req.method().clone();
+            async move {
+                let (status, body) = match (n, method) {
+                    // No lease yet: created, ours.
+                    (0, _) => (
+                        404,
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
+                    ),
+                    (1, http::Method::POST) => (
+                        201,
+                        r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"strait-controller","namespace":"s","resourceVersion":"1"},"spec":{"holderIdentity":"a","leaseDurationSeconds":15}}"#,
+                    ),
+                    // Every renewal after: no answer.
+                    _ => std::future::pending().await,
+                };
+                http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.as_bytes().to_vec()))
+            }
+        });
+        let client = kube::Client::new(api, "s");
+        let (tx, rx) = watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cfg = LeaseConfig {
+            namespace: "s".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+        };
+        let start = Instant::now();
+        let election = tokio::spawn(elect(client, cfg, tx, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(*rx.borrow(), "the leader after creating the lease");
+        // Held until 11.25 s; followers may take over from 15 s.
+        tokio::time::sleep_until(start + Duration::from_millis(11_500)).await;
+        assert!(!*rx.borrow(), "still writing past its hold");
+        stop.cancel();
+        election.abort();
     }
 }
