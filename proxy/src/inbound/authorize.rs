@@ -29,6 +29,9 @@ pub struct AuthorizeLayer {
     peer_header: Option<HeaderValue>,
     policy: PolicyRx,
     metrics: Arc<Metrics>,
+    /// What a response stream needs to be revoked: one per connection, so
+    /// that a request pays one reference count for it.
+    grant: Arc<Grant>,
     /// This peer's allow and deny counters, looked up on first use.
     counted: Arc<[OnceLock<Counter>; 2]>,
 }
@@ -39,6 +42,11 @@ impl AuthorizeLayer {
             peer_header: peer
                 .as_ref()
                 .and_then(|p| HeaderValue::from_str(p.as_str()).ok()),
+            grant: Arc::new(Grant {
+                policy: policy.clone(),
+                peer: peer.clone(),
+                metrics: metrics.clone(),
+            }),
             peer,
             policy,
             metrics,
@@ -114,15 +122,18 @@ where
         };
         let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
         l.count(decision.is_ok());
-        if let Err(denied) = decision {
-            debug!(%denied, "inbound request denied");
-            let status = match denied {
-                super::policy::Denied::NoPolicyYet => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::FORBIDDEN,
-            };
-            let rsp = error_response(status, &denied.to_string());
-            return Either::Left(ready(Ok(rsp)));
-        }
+        let admitted = match decision {
+            Ok(a) => a,
+            Err(denied) => {
+                debug!(%denied, "inbound request denied");
+                let status = match denied {
+                    super::policy::Denied::NoPolicyYet => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                let rsp = error_response(status, &denied.to_string());
+                return Either::Left(ready(Ok(rsp)));
+            }
+        };
         if crate::http::upgrade::is_upgrade_request(&req) {
             // A tunnel lives on after this decision: closed when a policy
             // change revokes it.
@@ -142,22 +153,19 @@ where
         if let Some(v) = &l.peer_header {
             headers.insert(CLIENT_ID_HEADER, v.clone());
         }
+        // A probe is let in whatever the policy: nothing to revoke.
+        let grant = (admitted == super::policy::Admitted::Policy).then(|| l.grant.clone());
         Either::Right(Revocable {
             inner: self.inner.call(req),
-            grant: Some(Grant {
-                policy: l.policy.clone(),
-                port,
-                peer: l.peer.clone(),
-                metrics: l.metrics.clone(),
-            }),
+            grant: grant.map(|g| (g, port)),
         })
     }
 }
 
-/// What a request was admitted under, kept for its response.
+/// What a connection's requests are admitted under, kept for responses.
+#[derive(Debug)]
 struct Grant {
     policy: PolicyRx,
-    port: u16,
     peer: Option<Identity>,
     metrics: Arc<Metrics>,
 }
@@ -171,7 +179,7 @@ pin_project_lite::pin_project! {
     pub struct Revocable<F> {
         #[pin]
         inner: F,
-        grant: Option<Grant>,
+        grant: Option<(Arc<Grant>, u16)>,
     }
 }
 
@@ -186,12 +194,12 @@ where
         let this = self.project();
         let Ok(rsp) = std::task::ready!(this.inner.poll(cx));
         let open_ended = !rsp.body().is_end_stream() && rsp.body().size_hint().exact().is_none();
-        let Some(g) = this.grant.take().filter(|_| open_ended) else {
+        let Some((g, port)) = this.grant.take().filter(|_| open_ended) else {
             return Poll::Ready(Ok(rsp));
         };
         let revoked = Box::pin(async move {
-            let denied = super::policy::revoked(g.policy, g.port, g.peer.clone()).await;
-            count(&g.metrics, g.peer.as_ref(), "http", false);
+            let denied = super::policy::revoked(g.policy.clone(), port, g.peer.clone()).await;
+            g.metrics.reject_http(super::DIRECTION, "unauthorized");
             strait_otel::sampled!(info, %denied, "response stream no longer authorized; ended");
         });
         Poll::Ready(Ok(rsp.map(|body| {
@@ -266,6 +274,76 @@ fn remove_client_id(headers: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inbound::policy::{Allow, InboundPolicy, Mode, PortPolicy, Probe};
+    use bytes::Bytes;
+    use http_body_util::BodyExt as _;
+    use tower::{Layer as _, Service as _};
+
+    /// A streaming response is ended when a change of policy refuses its
+    /// caller; a kubelet probe's, let in whatever the policy, is not.
+    #[tokio::test]
+    async fn a_response_stream_is_revoked_with_its_caller_and_a_probe_s_is_not() {
+        use futures_util::StreamExt as _;
+        let allowing = |who: &str| {
+            Some(Arc::new(InboundPolicy {
+                ports: Default::default(),
+                default: PortPolicy {
+                    mode: Mode::Strict,
+                    allow: vec![Allow::Identity(who.parse().unwrap())],
+                    trust_domain: Some("td".into()),
+                },
+                probes: vec![Probe {
+                    port: 8080,
+                    grpc: false,
+                    target: "/events".into(),
+                }],
+            }))
+        };
+        let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
+        // A response of no known length, whose frames the test sends.
+        let open = |peer: Option<&str>| {
+            let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let frames = std::sync::Mutex::new(Some(frames));
+            let app = tower::service_fn(move |_: Request<http_body_util::Empty<Bytes>>| {
+                let frames = frames.lock().unwrap().take().unwrap();
+                let body = http_body_util::StreamBody::new(
+                    tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
+                        .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
+                );
+                std::future::ready(Ok::<_, Infallible>(Response::new(BoxBody::new(body))))
+            });
+            let peer = peer.map(|p| p.parse().unwrap());
+            let svc = AuthorizeLayer::new(peer, rx.clone(), Metrics::new()).layer(app);
+            (tx, svc)
+        };
+        let request = || {
+            let mut r = Request::get("/events")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            r.extensions_mut().insert(crate::http::Dst(DestAddr::Socket(
+                "127.0.0.1:8080".parse().unwrap(),
+            )));
+            r
+        };
+        let (caller_tx, mut caller) = open(Some("spiffe://td/ns/a/sa/web"));
+        let (probe_tx, mut probe) = open(None);
+        let mut from_caller = caller.call(request()).await.unwrap().into_body();
+        let mut from_probe = probe.call(request()).await.unwrap().into_body();
+        caller_tx.send(Bytes::from_static(b"one")).unwrap();
+        probe_tx.send(Bytes::from_static(b"one")).unwrap();
+        assert!(from_caller.frame().await.unwrap().is_ok());
+        assert!(from_probe.frame().await.unwrap().is_ok());
+
+        // The caller is no longer allowed: its stream ends; the probe's goes on.
+        policy.send_replace(allowing("spiffe://td/ns/a/sa/other"));
+        assert!(
+            from_caller.frame().await.unwrap().is_err(),
+            "still streaming"
+        );
+        probe_tx.send(Bytes::from_static(b"two")).unwrap();
+        let frame = from_probe.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "two");
+    }
 
     #[test]
     fn every_spelling_of_the_client_id_header_is_removed() {

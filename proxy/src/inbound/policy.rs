@@ -243,6 +243,8 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
 /// revokes it, as a new one would be refused, rather than run for as long as
 /// bytes move.
 pub async fn revoked(mut policy: PolicyRx, port: u16, peer: Option<Identity>) -> Denied {
+    // Decided on the policy in force now: only a change after it counts.
+    policy.borrow_and_update();
     loop {
         if policy.changed().await.is_err() {
             // The policy can no longer change: what was admitted stays so.
@@ -254,6 +256,15 @@ pub async fn revoked(mut policy: PolicyRx, port: u16, peer: Option<Identity>) ->
     }
 }
 
+/// How a request was let in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// By the port's policy: a change of policy may revoke it.
+    Policy,
+    /// As one of the kubelet's probes, whatever the port's policy.
+    Probe,
+}
+
 /// The decision for an HTTP request: as [`check`], except that the kubelet's
 /// probes are let through in plaintext.
 pub fn check_request<B: http_body::Body>(
@@ -261,15 +272,16 @@ pub fn check_request<B: http_body::Body>(
     port: u16,
     peer: Option<&Identity>,
     req: &http::Request<B>,
-) -> Result<(), Denied> {
+) -> Result<Admitted, Denied> {
     let policy = policy.borrow();
     let Some(p) = &*policy else {
         return Err(Denied::NoPolicyYet);
     };
-    p.port(port).check(port, peer).or_else(|denied| match peer {
-        None if p.is_probe(port, req) => Ok(()),
-        _ => Err(denied),
-    })
+    match p.port(port).check(port, peer) {
+        Ok(()) => Ok(Admitted::Policy),
+        Err(_) if peer.is_none() && p.is_probe(port, req) => Ok(Admitted::Probe),
+        Err(denied) => Err(denied),
+    }
 }
 
 #[cfg(test)]
