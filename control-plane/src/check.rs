@@ -301,6 +301,10 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 /// finished Job's pod, or one being deleted, keeps its stopped proxy); none
 /// ready among them is a mesh that does not work (no certificate issued, no
 /// configuration), some is a mesh starting or in trouble.
+/// How long a meshed pod may take to start before `check` calls it stuck:
+/// about the injected proxy's startup probe's window.
+const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn pods_line(pods: &[Pod]) -> Line {
     let running = |p: &&Pod| {
         p.metadata.deletion_timestamp.is_none()
@@ -315,10 +319,16 @@ fn pods_line(pods: &[Pod]) -> Line {
         .filter(running)
         .collect();
     let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
-    // Pods still starting (Pending) may simply not be there yet.
-    let started = meshed
-        .iter()
-        .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+    // Pods still starting (Pending) may simply not be there yet; one Pending
+    // past the proxy's startup window is not starting, it is stuck.
+    let stuck_since = k8s_openapi::jiff::Timestamp::now() - STARTUP_WINDOW;
+    let started = meshed.iter().any(|p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            || p.metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| t.0 < stuck_since)
+    });
     match (meshed.len(), ready) {
         (0, _) => line(
             Verdict::Warn,
@@ -441,8 +451,13 @@ mod tests {
         let running = |ready| pod("Running", ready, false);
         assert_eq!(verdict(&[running(false), running(false)]), Verdict::Fail);
         assert_eq!(verdict(&[running(true), running(false)]), Verdict::Warn);
-        // Just installed: pods starting are not yet a failure.
+        // Just installed: pods starting are not yet a failure; pods Pending
+        // for long are stuck.
         assert_eq!(verdict(&[pod("Pending", false, false)]), Verdict::Warn);
+        let mut stuck = pod("Pending", false, false);
+        stuck.metadata.creation_timestamp =
+            Some(serde_json::from_value(serde_json::json!("2026-01-01T00:00:00Z")).unwrap());
+        assert_eq!(verdict(&[stuck]), Verdict::Fail);
         // A finished Job's pod and one being deleted keep a stopped proxy.
         let finished = [
             running(true),

@@ -64,8 +64,12 @@ fn server_of<'a>(
         (Direction::Inbound, _, Some(a)) => Some(a),
         (Direction::Outbound, Some(DestAddr::Name(n)), _) => Some((n.host(), Some(n.port()))),
         // Redirected from an address (a ClusterIP): the name the app gave,
-        // at the port it connected to unless it named one.
-        (Direction::Outbound, Some(DestAddr::Socket(a)), Some((host, port))) => {
+        // at the port it connected to unless it named one; not a local
+        // listener's name or an address (`--upstream` on loopback).
+        (Direction::Outbound, Some(DestAddr::Socket(a)), Some((host, port)))
+            if host.parse::<std::net::IpAddr>().is_err()
+                && !host.eq_ignore_ascii_case("localhost") =>
+        {
             Some((host, port.or(Some(a.port()))))
         }
         (_, Some(DestAddr::Name(n)), _) => Some((n.host(), Some(n.port()))),
@@ -666,9 +670,15 @@ mod tests {
             server_of(Direction::Outbound, Some(&ip), &web, &mut buf),
             Some(("web.shop.svc.cluster.local", Some(80)))
         );
-        // An address with no Host: the address.
+        // An address with no Host, or one that names a local listener: the
+        // address.
         assert_eq!(
             server_of(Direction::Outbound, Some(&ip), &None, &mut buf),
+            Some(("10.96.0.10", Some(80)))
+        );
+        let local = host("localhost", Some(7000));
+        assert_eq!(
+            server_of(Direction::Outbound, Some(&ip), &local, &mut buf),
             Some(("10.96.0.10", Some(80)))
         );
         // A name resolved by the stages: the name, whatever the Host says.
