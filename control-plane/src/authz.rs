@@ -263,46 +263,33 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
     // Each port's list repeats the all-ports one, so the view grows as ports
     // times entries, and policies per namespace are not counted: a tenant's
     // policies could make it hundreds of MB, held and encoded per watching
-    // proxy, past what a proxy reads. Bounded before it is built, and past
-    // the bound closed rather than open.
+    // proxy, past what a proxy reads. Counted as it is built, and past the
+    // bound closed rather than open.
     let entry_bytes = |m: &Merged| m.allow.iter().map(|(_, v)| v.len() + 8).sum::<usize>();
-    let all_bytes = entry_bytes(&all_ports);
-    let bound: usize = all_bytes
-        + per_port
-            .values()
-            .map(|specs| {
-                all_bytes
-                    + specs
-                        .iter()
-                        .flat_map(|s| &s.allow)
-                        .map(|a| match a {
-                            Allow::Identity(v) | Allow::Namespace(v) => v.len() + 8,
-                        })
-                        .sum::<usize>()
-            })
-            .sum::<usize>();
-    if bound > crate::defaults::MAX_POLICY_VIEW_BYTES {
+    let mut total = entry_bytes(&all_ports);
+    let mut ports = Vec::with_capacity(per_port.len());
+    for (port, specs) in per_port {
+        if total > crate::defaults::MAX_POLICY_VIEW_BYTES {
+            break;
+        }
+        let mut m = Merged::default();
+        applying
+            .iter()
+            .filter(|s| s.ports.is_empty())
+            .for_each(|s| m.add(s));
+        specs.into_iter().for_each(|s| m.add(s));
+        total += entry_bytes(&m);
+        ports.push(m.to_api(port));
+    }
+    if total > crate::defaults::MAX_POLICY_VIEW_BYTES {
         strait_otel::sampled!(
             warn,
             pod = %pod,
-            bytes = bound,
             max = crate::defaults::MAX_POLICY_VIEW_BYTES,
             "the AuthorizationPolicies of this pod make an inbound policy too large to send: every caller is refused until they shrink (fewer ports per policy, namespace entries for many identities)"
         );
         return sealed(probes);
     }
-    let ports = per_port
-        .into_iter()
-        .map(|(port, specs)| {
-            let mut m = Merged::default();
-            applying
-                .iter()
-                .filter(|s| s.ports.is_empty())
-                .for_each(|s| m.add(s));
-            specs.into_iter().for_each(|s| m.add(s));
-            m.to_api(port)
-        })
-        .collect();
     api::WorkloadPolicy {
         ports,
         default: Some(all_ports.to_api(0)),
@@ -377,6 +364,20 @@ mod tests {
         let default = view.default.unwrap();
         assert_eq!(default.mode, api::MtlsMode::Strict as i32);
         assert_eq!(default.allow, [api::Authorization { subject: None }]);
+
+        // Many policies repeating one list on a few ports are counted as the
+        // view they make (the list once per port), not as their sum.
+        snap.authorizations.clear();
+        for team in 0..40 {
+            let (k, s) = policy(
+                &format!("team-{team}"),
+                serde_json::json!({"selector": {}, "ports": [8080, 9090], "allow": many}),
+            );
+            snap.authorizations.insert(k, s);
+        }
+        let view = workload_policy(&snap, &pod);
+        assert_eq!(view.ports.len(), 2);
+        assert!(view.ports.iter().all(|p| p.allow.len() == 1024));
     }
 
     #[test]
