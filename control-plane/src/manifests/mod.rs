@@ -359,9 +359,12 @@ impl ManifestSource {
                         self.metrics.reload_errors.inc();
                     }
                     self.unsettled.insert(path.clone());
-                    let in_force = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
+                    let last_good = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
+                    let owners = &self.owners;
                     let unguarded = self::read(&path)
-                        .map(|text| unguarded_policies(&text, in_force))
+                        .map(|text| {
+                            unguarded_policies(&text, last_good, |id| owners.contains_key(id))
+                        })
                         .unwrap_or_default();
                     if unguarded.is_empty() {
                         self.unguarded.remove(&path);
@@ -734,19 +737,28 @@ fn list_yaml(
 }
 
 /// The namespaces of the AuthorizationPolicies a refused file's text holds
-/// that are not in force (`in_force`: the file's last good objects). Text
-/// YAML cannot read still names its namespaces, when it mentions a policy and
-/// none of its policies is in force.
-fn unguarded_policies(text: &str, in_force: &[ObjId]) -> BTreeSet<String> {
+/// that are not in force (`in_force`: defined by a file whose definition is
+/// read, this file's last good version or another). Text YAML cannot read
+/// still names its policies' namespaces, when a line of it says it holds one
+/// and none of this file's last good objects is a policy.
+fn unguarded_policies(
+    text: &str,
+    last_good: &[ObjId],
+    in_force: impl Fn(&ObjId) -> bool,
+) -> BTreeSet<String> {
     use serde::Deserialize as _;
-    fn collect(v: &serde_json::Value, in_force: &[ObjId], out: &mut BTreeSet<String>) {
+    fn collect(
+        v: &serde_json::Value,
+        in_force: &dyn Fn(&ObjId) -> bool,
+        out: &mut BTreeSet<String>,
+    ) {
         let kind = v["kind"].as_str().unwrap_or_default();
         if let Some(items) = v["items"].as_array().filter(|_| kind.ends_with("List")) {
             items.iter().for_each(|i| collect(i, in_force, out));
         } else if kind == "AuthorizationPolicy" {
             let namespace = v["metadata"]["namespace"].as_str().unwrap_or("default");
             let kept = v["metadata"]["name"].as_str().is_some_and(|name| {
-                in_force.contains(&ObjId::Authorization(ObjKey {
+                in_force(&ObjId::Authorization(ObjKey {
                     namespace: namespace.to_string(),
                     name: name.to_string(),
                 }))
@@ -760,28 +772,81 @@ fn unguarded_policies(text: &str, in_force: &[ObjId]) -> BTreeSet<String> {
     let mut unreadable = false;
     for de in serde_norway::Deserializer::from_str(text) {
         match serde_json::Value::deserialize(de) {
-            Ok(v) => collect(&v, in_force, &mut out),
+            Ok(v) => collect(&v, &in_force, &mut out),
             Err(_) => {
                 unreadable = true;
                 break;
             }
         }
     }
-    let none_in_force = !in_force
+    let had_policies = last_good
         .iter()
         .any(|id| matches!(id, ObjId::Authorization(_)));
-    if unreadable && none_in_force && text.contains("AuthorizationPolicy") {
-        for (at, _) in text.match_indices("namespace:") {
-            let rest = &text[at + "namespace:".len()..];
-            let end = rest.find([',', '}', '#', '\n']).unwrap_or(rest.len());
-            let ns = rest[..end].trim().trim_matches(['"', '\'']);
-            if !ns.is_empty() {
+    if unreadable && !had_policies {
+        out.extend(guessed_policy_namespaces(text));
+    }
+    out
+}
+
+/// The namespaces of the policies in text YAML cannot read: each `kind:
+/// AuthorizationPolicy` line (not a comment) counts one; the namespaces are
+/// those under `metadata` (not an allow entry's), and `default` too when
+/// fewer are found than policies.
+fn guessed_policy_namespaces(text: &str) -> BTreeSet<String> {
+    fn value_of<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+        let at = line.find(key)?;
+        let rest = line[at + key.len()..]
+            .trim_start_matches(['"', '\''])
+            .trim_start()
+            .strip_prefix(':')?;
+        let end = rest.find([',', '}', '#']).unwrap_or(rest.len());
+        Some(rest[..end].trim().trim_matches(['"', '\'']))
+    }
+    let code = |l: &str| l.split('#').next().unwrap_or_default().to_string();
+    let policies = text
+        .lines()
+        .map(code)
+        .filter(|l| {
+            value_of(l, "kind").is_some_and(|k| k == "AuthorizationPolicy")
+                || value_of(l, "\"kind\"").is_some_and(|k| k == "AuthorizationPolicy")
+        })
+        .count();
+    let mut out = BTreeSet::new();
+    if policies == 0 {
+        return out;
+    }
+    let mut found = 0;
+    let mut metadata: Option<usize> = None;
+    for line in text.lines().map(code) {
+        let indent = line.len() - line.trim_start().len();
+        let trimmed = line.trim_start();
+        let key = |k: &str| trimmed.starts_with(k) || trimmed.starts_with(&format!("\"{k}\""));
+        if key("metadata") {
+            metadata = Some(indent);
+            // Flow style: `metadata: {name: p, namespace: shop}`.
+            if let Some(ns) = value_of(trimmed, "namespace").filter(|n| !n.is_empty()) {
                 out.insert(ns.to_string());
+                found += 1;
+                metadata = None;
             }
+            continue;
         }
-        if out.is_empty() {
-            out.insert("default".to_string());
+        match metadata {
+            Some(m) if indent > m && !trimmed.is_empty() => {
+                if key("namespace")
+                    && let Some(ns) = value_of(trimmed, "namespace").filter(|n| !n.is_empty())
+                {
+                    out.insert(ns.to_string());
+                    found += 1;
+                    metadata = None;
+                }
+            }
+            Some(_) if !trimmed.is_empty() => metadata = None,
+            _ => {}
         }
+    }
+    if found < policies {
+        out.insert("default".to_string());
     }
     out
 }
@@ -902,6 +967,33 @@ mod tests {
         std::fs::remove_file(dir.join("new.yaml")).unwrap();
         assert!(src.scan().unwrap().sealed_namespaces.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_namespaces_of_policies_in_text_yaml_cannot_read_are_their_metadata_s() {
+        let guess = |t: &str| guessed_policy_namespaces(t).into_iter().collect::<Vec<_>>();
+        // A comment that names the kind holds no policy.
+        assert!(
+            guess("# no AuthorizationPolicy here\nkind: Service\nmetadata: {namespace: a\n")
+                .is_empty()
+        );
+        assert_eq!(
+            guess("kind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop\n"),
+            ["shop"]
+        );
+        assert_eq!(
+            guess(
+                "{\"kind\": \"AuthorizationPolicy\",\n \"metadata\": {\n  \"namespace\": \"shop\",\n"
+            ),
+            ["shop"]
+        );
+        // Two policies, one namespace found: the other may be `default`'s.
+        assert_eq!(
+            guess(
+                "kind: AuthorizationPolicy\nmetadata: {namespace: shop}\n---\nkind: AuthorizationPolicy\nmetadata: {name: q\n"
+            ),
+            ["default", "shop"]
+        );
     }
 
     #[test]
