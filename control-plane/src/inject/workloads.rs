@@ -222,6 +222,19 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         (None, None) => crate::defaults::TRUST_DOMAIN.to_string(),
     };
     let mut settings = Settings::new(anchors, &trust_domain, args.proxy_image.as_deref());
+    // Installed elsewhere than the default: its controller's Service and
+    // identity there, as its injector would set them.
+    if args.namespace != crate::defaults::CONTROLLER_NAMESPACE {
+        let sa = crate::defaults::CONTROLLER_SERVICE_ACCOUNT;
+        let port = crate::defaults::GRPC_ADDR
+            .parse::<std::net::SocketAddr>()
+            .map_or(8090, |a| a.port());
+        settings.control_plane = format!("https://{sa}.{}.svc:{port}", args.namespace);
+        settings.control_plane_identity = Some(format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{sa}",
+            args.namespace
+        ));
+    }
     settings.iptables_mode = args
         .proxy_iptables_mode
         .or(installed.and_then(|i| i.iptables_mode))

@@ -862,6 +862,40 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
         "{stderr}"
     );
     assert!(stderr.contains("\"corp.example\""), "{stderr}");
+    // Installed in another namespace, all given: its controller there, as
+    // its injector would name it.
+    let anchors_file = dir.path().join("anchors.pem");
+    std::fs::write(&anchors_file, &anchors).unwrap();
+    let elsewhere = std::process::Command::new(&strait)
+        .arg("inject")
+        .arg(dir.path().join("pod.yaml"))
+        .arg(format!(
+            "--identity-trust-anchors-file={}",
+            anchors_file.display()
+        ))
+        .args([
+            "--trust-domain",
+            "corp.example",
+            "--proxy-iptables-mode",
+            "nft",
+        ])
+        .args(["--namespace", "mesh"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&elsewhere.stdout);
+    assert!(
+        elsewhere.status.success(),
+        "{}",
+        String::from_utf8_lossy(&elsewhere.stderr)
+    );
+    assert!(
+        out.contains("https://strait-controller.mesh.svc:8090"),
+        "{out}"
+    );
+    assert!(
+        out.contains("spiffe://corp.example/ns/mesh/sa/strait-controller"),
+        "{out}"
+    );
     // Without a cluster to read and without the anchors: the way out named.
     let alone = std::process::Command::new(&strait)
         .arg("inject")
