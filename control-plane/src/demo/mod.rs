@@ -171,6 +171,9 @@ type Stop = tokio::sync::watch::Receiver<bool>;
 struct Procs {
     running: Vec<(String, Child)>,
     log: ChildLog,
+    /// The children's process ids, for a second signal to kill them without
+    /// waiting for the cleanup.
+    pids: Arc<Mutex<Vec<u32>>>,
 }
 
 impl Procs {
@@ -183,6 +186,9 @@ impl Procs {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {what} ({})", bin.display()))?;
+        if let (Some(pid), Ok(mut pids)) = (child.id(), self.pids.lock()) {
+            pids.push(pid);
+        }
         self.running.push((what.to_string(), child));
         Ok(())
     }
@@ -252,16 +258,24 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let children = pids.clone();
     tokio::spawn(async move {
         for _ in 0..2 {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-                _ = hup.recv() => {}
-            }
+            let signal = tokio::select! {
+                _ = int.recv() => rustix::process::Signal::INT,
+                _ = term.recv() => rustix::process::Signal::TERM,
+                _ = hup.recv() => rustix::process::Signal::HUP,
+            };
             if stopped.send_replace(true) {
-                // Asked twice: the cleanup is not waited for.
-                std::process::exit(130);
+                // Asked twice: the cleanup is not waited for, but the
+                // processes it would stop are not left running.
+                for pid in children.lock().map(|p| p.clone()).unwrap_or_default() {
+                    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                }
+                std::process::exit(128 + signal.as_raw());
             }
         }
     });
@@ -270,6 +284,7 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
     let mut procs = Procs {
         running: Vec::new(),
         log,
+        pids: pids.clone(),
     };
     let result = run_mesh(&args, &work, &me, &proxy, &mut procs, &mut routes, stop).await;
     let restored = routes.restore();
