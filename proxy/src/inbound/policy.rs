@@ -243,15 +243,15 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
 /// revokes it, as a new one would be refused, rather than run for as long as
 /// bytes move.
 pub async fn revoked(mut policy: PolicyRx, port: u16, peer: Option<Identity>) -> Denied {
-    // Decided on the policy in force now: only a change after it counts.
-    policy.borrow_and_update();
     loop {
+        // The policy in force now first: a change between the admission and
+        // this call is not missed.
+        if let Err(denied) = check(&policy, port, peer.as_ref()) {
+            return denied;
+        }
         if policy.changed().await.is_err() {
             // The policy can no longer change: what was admitted stays so.
             return std::future::pending().await;
-        }
-        if let Err(denied) = check(&policy, port, peer.as_ref()) {
-            return denied;
         }
     }
 }
