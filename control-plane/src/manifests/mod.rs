@@ -103,7 +103,7 @@ pub struct ManifestSource {
     /// Refused files holding AuthorizationPolicies that are not in force
     /// from a last good version: the namespaces they name. What such a
     /// policy guards would be open, so those namespaces are sealed.
-    unguarded: BTreeMap<FileName, BTreeSet<String>>,
+    unguarded: BTreeMap<FileName, Unguarded>,
 }
 
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
@@ -360,11 +360,8 @@ impl ManifestSource {
                     }
                     self.unsettled.insert(path.clone());
                     let last_good = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
-                    let owners = &self.owners;
                     let unguarded = self::read(&path)
-                        .map(|text| {
-                            unguarded_policies(&text, last_good, |id| owners.contains_key(id))
-                        })
+                        .map(|text| unguarded_policies(&text, last_good))
                         .unwrap_or_default();
                     if unguarded.is_empty() {
                         self.unguarded.remove(&path);
@@ -414,7 +411,13 @@ impl ManifestSource {
             }
         }
         self.apply(touched, fresh);
-        let sealed: BTreeSet<String> = self.unguarded.values().flatten().cloned().collect();
+        // After this scan's files are applied and removed: a policy is in
+        // force if some file's accepted version defines it now.
+        let sealed: BTreeSet<String> = self
+            .unguarded
+            .values()
+            .flat_map(|u| u.sealed(&self.owners))
+            .collect();
         if sealed != self.current.sealed_namespaces {
             if !sealed.is_empty() {
                 warn!(files = ?self.unguarded.keys().map(|f| f.display().to_string()).collect::<Vec<_>>(), namespaces = ?sealed, "refused files hold AuthorizationPolicies that are not in force: every pod of their namespaces refuses every caller until the files are fixed or removed");
@@ -736,43 +739,62 @@ fn list_yaml(
     Ok(())
 }
 
-/// The namespaces of the AuthorizationPolicies a refused file's text holds
-/// that are not in force (`in_force`: defined by a file whose definition is
-/// read, this file's last good version or another). Text YAML cannot read
-/// still names its policies' namespaces, when a line of it says it holds one
-/// and none of this file's last good objects is a policy.
-fn unguarded_policies(
-    text: &str,
-    last_good: &[ObjId],
-    in_force: impl Fn(&ObjId) -> bool,
-) -> BTreeSet<String> {
+/// What a refused file holds of AuthorizationPolicies: those it defines (by
+/// namespace and name), and for text YAML cannot read, the namespaces it
+/// seems to hold policies in.
+#[derive(Debug, Default)]
+struct Unguarded {
+    policies: Vec<ObjKey>,
+    guessed: BTreeSet<String>,
+}
+
+impl Unguarded {
+    fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.guessed.is_empty()
+    }
+
+    /// The namespaces to seal: of the policies no file keeps in force (some
+    /// file's accepted version defines them), and those guessed.
+    fn sealed<'a>(
+        &'a self,
+        owners: &'a HashMap<ObjId, Vec<FileName>>,
+    ) -> impl Iterator<Item = String> + 'a {
+        self.policies
+            .iter()
+            .filter(|k| !owners.contains_key(&ObjId::Authorization((*k).clone())))
+            .map(|k| k.namespace.clone())
+            .chain(self.guessed.iter().cloned())
+    }
+}
+
+/// The AuthorizationPolicies a refused file's text holds. Text YAML cannot
+/// read still says which namespaces it holds policies in, when a line of it
+/// says it holds one and none of its last good objects (`last_good`) is a
+/// policy, which would stand in for them.
+fn unguarded_policies(text: &str, last_good: &[ObjId]) -> Unguarded {
     use serde::Deserialize as _;
-    fn collect(
-        v: &serde_json::Value,
-        in_force: &dyn Fn(&ObjId) -> bool,
-        out: &mut BTreeSet<String>,
-    ) {
+    fn collect(v: &serde_json::Value, out: &mut Vec<ObjKey>) {
         let kind = v["kind"].as_str().unwrap_or_default();
         if let Some(items) = v["items"].as_array().filter(|_| kind.ends_with("List")) {
-            items.iter().for_each(|i| collect(i, in_force, out));
+            items.iter().for_each(|i| collect(i, out));
         } else if kind == "AuthorizationPolicy" {
-            let namespace = v["metadata"]["namespace"].as_str().unwrap_or("default");
-            let kept = v["metadata"]["name"].as_str().is_some_and(|name| {
-                in_force(&ObjId::Authorization(ObjKey {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                }))
+            out.push(ObjKey {
+                namespace: v["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string(),
+                name: v["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
             });
-            if !kept {
-                out.insert(namespace.to_string());
-            }
         }
     }
-    let mut out = BTreeSet::new();
+    let mut out = Unguarded::default();
     let mut unreadable = false;
     for de in serde_norway::Deserializer::from_str(text) {
         match serde_json::Value::deserialize(de) {
-            Ok(v) => collect(&v, &in_force, &mut out),
+            Ok(v) => collect(&v, &mut out.policies),
             Err(_) => {
                 unreadable = true;
                 break;
@@ -783,15 +805,15 @@ fn unguarded_policies(
         .iter()
         .any(|id| matches!(id, ObjId::Authorization(_)));
     if unreadable && !had_policies {
-        out.extend(guessed_policy_namespaces(text));
+        out.guessed = guessed_policy_namespaces(text);
     }
     out
 }
 
-/// The namespaces of the policies in text YAML cannot read: each `kind:
-/// AuthorizationPolicy` line (not a comment) counts one; the namespaces are
-/// those under `metadata` (not an allow entry's), and `default` too when
-/// fewer are found than policies.
+/// The namespaces of the policies in text YAML cannot read, document by
+/// document (split at `---`): one with a `kind: AuthorizationPolicy` (not in
+/// a comment) is a policy, in the namespace its metadata names, or
+/// `default`. A namespace elsewhere (an allow entry's) does not count.
 fn guessed_policy_namespaces(text: &str) -> BTreeSet<String> {
     fn value_of<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         let at = line.find(key)?;
@@ -803,50 +825,51 @@ fn guessed_policy_namespaces(text: &str) -> BTreeSet<String> {
         Some(rest[..end].trim().trim_matches(['"', '\'']))
     }
     let code = |l: &str| l.split('#').next().unwrap_or_default().to_string();
-    let policies = text
-        .lines()
-        .map(code)
-        .filter(|l| {
-            value_of(l, "kind").is_some_and(|k| k == "AuthorizationPolicy")
-                || value_of(l, "\"kind\"").is_some_and(|k| k == "AuthorizationPolicy")
-        })
-        .count();
     let mut out = BTreeSet::new();
-    if policies == 0 {
-        return out;
+    let mut docs: Vec<Vec<String>> = vec![Vec::new()];
+    for line in text.lines() {
+        if line.starts_with("---") {
+            docs.push(Vec::new());
+        } else if let Some(d) = docs.last_mut() {
+            d.push(code(line));
+        }
     }
-    let mut found = 0;
-    let mut metadata: Option<usize> = None;
-    for line in text.lines().map(code) {
-        let indent = line.len() - line.trim_start().len();
-        let trimmed = line.trim_start();
-        let key = |k: &str| trimmed.starts_with(k) || trimmed.starts_with(&format!("\"{k}\""));
-        if key("metadata") {
-            metadata = Some(indent);
-            // Flow style: `metadata: {name: p, namespace: shop}`.
-            if let Some(ns) = value_of(trimmed, "namespace").filter(|n| !n.is_empty()) {
-                out.insert(ns.to_string());
-                found += 1;
-                metadata = None;
-            }
+    for doc in docs {
+        let policy = doc
+            .iter()
+            .any(|l| value_of(l, "kind").is_some_and(|k| k == "AuthorizationPolicy"));
+        if !policy {
             continue;
         }
-        match metadata {
-            Some(m) if indent > m && !trimmed.is_empty() => {
-                if key("namespace")
-                    && let Some(ns) = value_of(trimmed, "namespace").filter(|n| !n.is_empty())
-                {
-                    out.insert(ns.to_string());
-                    found += 1;
-                    metadata = None;
+        let mut namespace = None;
+        let mut metadata: Option<usize> = None;
+        for line in &doc {
+            let indent = line.len() - line.trim_start().len();
+            let trimmed = line.trim_start().trim_start_matches(['{', '-', ' ']);
+            // Flow style, on the metadata's line: `metadata: {namespace: shop}`.
+            if let Some(at) = line.find("metadata") {
+                metadata = Some(indent);
+                if let Some(ns) = value_of(&line[at..], "namespace").filter(|n| !n.is_empty()) {
+                    namespace = Some(ns.to_string());
+                    break;
                 }
+                continue;
             }
-            Some(_) if !trimmed.is_empty() => metadata = None,
-            _ => {}
+            match metadata {
+                Some(m) if indent > m && !trimmed.is_empty() => {
+                    let key = trimmed.trim_start_matches(['"', '\'']);
+                    if key.starts_with("namespace")
+                        && let Some(ns) = value_of(trimmed, "namespace").filter(|n| !n.is_empty())
+                    {
+                        namespace = Some(ns.to_string());
+                        break;
+                    }
+                }
+                Some(_) if !trimmed.is_empty() => metadata = None,
+                _ => {}
+            }
         }
-    }
-    if found < policies {
-        out.insert("default".to_string());
+        out.insert(namespace.unwrap_or_else(|| "default".to_string()));
     }
     out
 }
@@ -955,6 +978,15 @@ mod tests {
         )
         .unwrap();
         assert!(src.scan().is_none());
+        // Moved, broken, into another file while the first goes, in one scan:
+        // nothing keeps it in force any more.
+        std::fs::write(dir.join("moved.yaml"), policy("strict")).unwrap();
+        std::fs::remove_file(dir.join("lock.yaml")).unwrap();
+        let s = src.scan().unwrap();
+        assert!(s.authorizations.is_empty());
+        assert_eq!(s.sealed_namespaces.iter().collect::<Vec<_>>(), ["shop"]);
+        std::fs::remove_file(dir.join("moved.yaml")).unwrap();
+        assert!(src.scan().unwrap().sealed_namespaces.is_empty());
         // A file YAML cannot read, new, that mentions a policy: the
         // namespaces it names.
         std::fs::write(
