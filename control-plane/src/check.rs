@@ -297,14 +297,14 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     out
 }
 
-/// The meshed pods' proxies: those of pods that should be running count (a
-/// finished Job's pod, or one being deleted, keeps its stopped proxy); none
-/// ready among them is a mesh that does not work (no certificate issued, no
-/// configuration), some is a mesh starting or in trouble.
 /// How long a meshed pod may take to start before `check` calls it stuck:
 /// about the injected proxy's startup probe's window.
 const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// The meshed pods' proxies: those of pods that should be running count (a
+/// finished Job's pod, or one being deleted, keeps its stopped proxy); none
+/// ready among them is a mesh that does not work (no certificate issued, no
+/// configuration), some is a mesh starting or in trouble.
 fn pods_line(pods: &[Pod]) -> Line {
     let running = |p: &&Pod| {
         p.metadata.deletion_timestamp.is_none()
@@ -343,7 +343,7 @@ fn pods_line(pods: &[Pod]) -> Line {
         (n, 0) if started => line(
             Verdict::Fail,
             format!(
-                "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them (see a proxy's log)"
+                "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them, or the pods cannot start (see kubectl describe, and a proxy's log)"
             ),
         ),
         (n, r) => line(

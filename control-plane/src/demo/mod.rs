@@ -165,6 +165,12 @@ impl ChildLog {
     }
 }
 
+fn forget(pids: &Mutex<Vec<u32>>, pid: Option<u32>) {
+    if let (Some(pid), Ok(mut pids)) = (pid, pids.lock()) {
+        pids.retain(|p| *p != pid);
+    }
+}
+
 /// Turns true once the demo is asked to stop (a signal).
 type Stop = tokio::sync::watch::Receiver<bool>;
 
@@ -196,7 +202,15 @@ impl Procs {
     /// Fails if any process has exited.
     fn check(&mut self) -> anyhow::Result<()> {
         for (what, c) in &mut self.running {
-            if let Some(status) = c.try_wait()? {
+            // Forgotten while it may be reaped (its pid may be reused then),
+            // and remembered again if it runs on.
+            let pid = c.id();
+            forget(&self.pids, pid);
+            let status = c.try_wait()?;
+            if let (None, Some(pid), Ok(mut pids)) = (&status, pid, self.pids.lock()) {
+                pids.push(pid);
+            }
+            if let Some(status) = status {
                 anyhow::bail!("{what} exited ({status}); see its log lines above");
             }
         }
@@ -208,6 +222,7 @@ impl Procs {
     /// streams were cut.
     async fn stop(&mut self) {
         for (_, c) in self.running.iter_mut().rev() {
+            forget(&self.pids, c.id());
             let _ = c.start_kill();
             let _ = c.wait().await;
         }

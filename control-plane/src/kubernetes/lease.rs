@@ -42,6 +42,14 @@ pub async fn elect(
     let run = async {
         loop {
             let started = Instant::now();
+            // A hold that ran out while this replica slept (a renewal failed
+            // and nothing else happened) ends before the next attempt, which
+            // may hang.
+            if held_until.is_some_and(|t| started >= t)
+                && leader.send_if_modified(|l| std::mem::replace(l, false))
+            {
+                info!(identity = %cfg.identity, leader = false, "status writer election");
+            }
             // An attempt that hangs (a dead pooled connection) is not waited
             // for past the hold: writing stops then, before a follower may
             // take over, whatever the attempt comes to.

@@ -134,7 +134,9 @@ where
                 return Either::Left(ready(Ok(rsp)));
             }
         };
-        if crate::http::upgrade::is_upgrade_request(&req) {
+        if admitted == super::policy::Admitted::Policy
+            && crate::http::upgrade::is_upgrade_request(&req)
+        {
             // A tunnel lives on after this decision: closed when a policy
             // change revokes it.
             let (policy, peer, metrics) = (l.policy.clone(), l.peer.clone(), l.metrics.clone());

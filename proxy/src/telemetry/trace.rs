@@ -67,7 +67,11 @@ fn server_of<'a>(
         // at the port it connected to unless it named one; not a local
         // listener's name or an address (`--upstream` on loopback).
         (Direction::Outbound, Some(DestAddr::Socket(a)), Some((host, port)))
-            if host.parse::<std::net::IpAddr>().is_err()
+            if host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_err()
                 && !host.eq_ignore_ascii_case("localhost") =>
         {
             Some((host, port.or(Some(a.port()))))
