@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -12,7 +14,9 @@ use kube::api::{Api, ListParams};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::install::{ANCHORS_CONFIG_MAP, CONTROLLER, ISSUER_SECRET, WEBHOOK_CONFIG};
+use crate::install::{
+    ANCHORS_CONFIG_MAP, CONTROLLER, ISSUER_SECRET, VALIDATION_CONFIG, WEBHOOK_CONFIG,
+};
 
 /// Certificates closer than this to their end are a warning.
 const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -219,42 +223,35 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     let anchors = anchors.ok();
 
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    say(match hooks.get_opt(WEBHOOK_CONFIG).await {
-        Ok(Some(h)) => {
-            let bundles: Vec<Vec<u8>> = h
-                .webhooks
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
-                .collect();
-            let matches =
-                |a: &String| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes());
-            if anchors.is_none() {
-                line(
-                    Verdict::Warn,
-                    "the injector's webhook is configured; its caBundle is not compared with the unread anchors",
-                )
-            } else if anchors.flatten().as_ref().is_some_and(matches) {
-                line(
-                    Verdict::Ok,
-                    "the injector's webhook is configured and trusts the mesh's anchors",
-                )
-            } else {
-                line(
-                    Verdict::Fail,
-                    "the injector's webhook caBundle is not the trust anchors: the API server cannot verify the injector",
-                )
-            }
-        }
-        Ok(None) => line(
-            Verdict::Fail,
-            format!("no MutatingWebhookConfiguration {WEBHOOK_CONFIG}: pods are not injected"),
+    say(webhook_line(
+        "the injector's webhook",
+        hooks.get_opt(WEBHOOK_CONFIG).await.map(|h| {
+            h.map(|h| {
+                (h.webhooks.unwrap_or_default().into_iter())
+                    .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
+                    .collect()
+            })
+        }),
+        anchors.as_ref(),
+        &format!("no MutatingWebhookConfiguration {WEBHOOK_CONFIG}: pods are not injected"),
+        Verdict::Fail,
+    ));
+    let hooks: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    say(webhook_line(
+        "the policy validator's webhook",
+        hooks.get_opt(VALIDATION_CONFIG).await.map(|h| {
+            h.map(|h| {
+                (h.webhooks.unwrap_or_default().into_iter())
+                    .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
+                    .collect()
+            })
+        }),
+        anchors.as_ref(),
+        &format!(
+            "no ValidatingWebhookConfiguration {VALIDATION_CONFIG}: policies are not checked at apply"
         ),
-        Err(e) => line(
-            Verdict::Fail,
-            format!("the webhook configuration cannot be read: {e}"),
-        ),
-    });
+        Verdict::Warn,
+    ));
     // The API server calls the webhook through the Service: it answers only
     // if the Service has a ready endpoint.
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
@@ -374,6 +371,43 @@ fn proxy_ready(p: &Pod) -> bool {
 }
 
 /// How long the first certificate of `pem` has left.
+/// A webhook configuration: there, and trusting the anchors the controller's
+/// serving certificate is signed under, or the API server cannot call it.
+fn webhook_line(
+    what: &str,
+    bundles: Result<Option<Vec<Vec<u8>>>, kube::Error>,
+    anchors: Option<&Option<String>>,
+    missing: &str,
+    if_missing: Verdict,
+) -> Line {
+    match bundles {
+        Ok(Some(bundles)) => {
+            let matches =
+                |a: &String| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes());
+            match anchors {
+                None => line(
+                    Verdict::Warn,
+                    format!(
+                        "{what} is configured; its caBundle is not compared with the unread anchors"
+                    ),
+                ),
+                Some(Some(a)) if matches(a) => line(
+                    Verdict::Ok,
+                    format!("{what} is configured and trusts the mesh's anchors"),
+                ),
+                Some(_) => line(
+                    Verdict::Fail,
+                    format!(
+                        "{what}'s caBundle is not the trust anchors: the API server cannot verify it"
+                    ),
+                ),
+            }
+        }
+        Ok(None) => line(if_missing, missing),
+        Err(e) => line(Verdict::Fail, format!("{what} cannot be read: {e}")),
+    }
+}
+
 fn expiry(what: &str, pem: &str) -> Line {
     let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
         return line(Verdict::Fail, format!("{what} is not a PEM certificate"));

@@ -3,6 +3,9 @@
 //! users' `kubectl apply` is checked against cannot drift from what the
 //! controller accepts. `strait crds` prints them; `deploy/crds/` holds the same.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
@@ -24,12 +27,47 @@ pub struct PolicyStatus {
 pub fn render() -> Result<Vec<(String, String)>, serde_norway::Error> {
     [AuthorizationPolicy::crd(), BackendPolicy::crd()]
         .into_iter()
-        .map(|crd| {
+        .map(|mut crd| {
+            keep_unknown_spec_fields(&mut crd);
             let name = crd.metadata.name.clone().unwrap_or_default();
             let yaml = serde_norway::to_string(&crd)?;
             Ok((name, yaml))
         })
         .collect()
+}
+
+/// The API server drops fields a structural schema does not name before the
+/// object is stored (and before admission), so a misspelt field (`mTLS:
+/// STRICT`, `allowed:`) would reach the controller as a policy without it,
+/// accepted and more open than meant, whenever the client does not ask for
+/// strict field validation (Helm, GitOps controllers, `kubectl
+/// --validate=false`). Kept, the field reaches the validating webhook
+/// (`inject::validate`), which refuses the policy at apply by name; past it
+/// (the webhook configuration removed), the controller refuses it, and a
+/// refused AuthorizationPolicy closes its namespace rather than opening it.
+fn keep_unknown_spec_fields(crd: &mut CustomResourceDefinition) {
+    fn keep(schema: &mut JSONSchemaProps) {
+        if let Some(props) = schema.properties.as_mut() {
+            schema.x_kubernetes_preserve_unknown_fields = Some(true);
+            props.values_mut().for_each(keep);
+        }
+        match schema.items.as_mut() {
+            Some(JSONSchemaPropsOrArray::Schema(item)) => keep(item),
+            Some(JSONSchemaPropsOrArray::Schemas(items)) => items.iter_mut().for_each(keep),
+            None => {}
+        }
+    }
+    for version in &mut crd.spec.versions {
+        let spec = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("spec"));
+        if let Some(spec) = spec {
+            keep(spec);
+        }
+    }
 }
 
 /// `strait crds`: the CRDs as one multi-document stream.
@@ -76,5 +114,47 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// Every object of a spec keeps what its schema does not name, so the API
+    /// server hands a misspelt field on to the controller to refuse.
+    #[test]
+    fn every_object_of_a_spec_keeps_fields_its_schema_does_not_name() {
+        fn objects(v: &serde_json::Value, path: String, out: &mut Vec<(String, bool)>) {
+            if let Some(props) = v["properties"].as_object() {
+                out.push((
+                    path.clone(),
+                    v["x-kubernetes-preserve-unknown-fields"] == true,
+                ));
+                for (k, p) in props {
+                    objects(p, format!("{path}.{k}"), out);
+                }
+            }
+            if v["items"].is_object() {
+                objects(&v["items"], format!("{path}[]"), out);
+            }
+        }
+        for (name, yaml) in render().unwrap() {
+            let v: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+            let spec = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+            let mut found = Vec::new();
+            objects(spec, "spec".into(), &mut found);
+            assert!(found.len() > 2, "{name}: {found:?}");
+            let pruned: Vec<_> = found.iter().filter(|(_, kept)| !kept).collect();
+            assert!(pruned.is_empty(), "{name}: pruned {pruned:?}");
+        }
+    }
+
+    /// What the kept field then meets: the controller's parser, which names it.
+    #[test]
+    fn a_misspelt_field_is_refused_by_name() {
+        let v = serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"mTLS": "STRICT", "selector": {"matchLabels": {"app": "web"}}},
+        });
+        let e = crate::authz::parse(&v).unwrap_err();
+        assert!(e.reason.contains("unknown field `mTLS`"), "{e:?}");
     }
 }

@@ -2,7 +2,7 @@
 //! `kubectl apply -f -`: the namespace, the CRDs, least-privilege RBAC, the
 //! identity (a freshly generated trust anchor and issuer unless given), the
 //! controller (two replicas, a PodDisruptionBudget), its Service and the
-//! injector's webhook configuration. The Helm chart in `deploy/helm/strait`
+//! webhook configurations of the injector and of the policy validator. The Helm chart in `deploy/helm/strait`
 //! renders the same objects (a test compares them).
 
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ pub const CONTROLLER: &str = defaults::CONTROLLER_SERVICE_ACCOUNT;
 pub const ANCHORS_CONFIG_MAP: &str = "strait-trust-anchors";
 pub const ISSUER_SECRET: &str = "strait-identity-issuer";
 pub const WEBHOOK_CONFIG: &str = "strait-proxy-injector";
+pub const VALIDATION_CONFIG: &str = "strait-policy-validator";
 /// How long a generated trust anchor and issuer live (rotate before then).
 const GENERATED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -469,6 +470,7 @@ pub fn objects(v: &Values) -> anyhow::Result<Vec<Value>> {
         ]},
     }));
     out.push(webhook_configuration(&v.identity.anchors_pem));
+    out.push(validation_configuration(&v.identity.anchors_pem));
     Ok(out)
 }
 
@@ -634,6 +636,29 @@ fn webhook_configuration(anchors_pem: &str) -> Value {
                      not_system(),
                  ]}), "Ignore"),
         ],
+    })
+}
+
+/// Policies are checked as the controller parses them (`inject::validate`),
+/// so a misspelt or invalid one fails at apply. Fail closed: while no
+/// controller answers, a policy cannot be created or changed (a clear error
+/// to retry), rather than stored unchecked; deletes are never held up.
+fn validation_configuration(anchors_pem: &str) -> Value {
+    use base64::Engine as _;
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(anchors_pem.as_bytes());
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": VALIDATION_CONFIG},
+        "webhooks": [{
+            "name": "validate.policy.strait.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {"caBundle": ca_bundle, "service": {"name": CONTROLLER, "namespace": NAMESPACE, "path": crate::inject::validate::PATH, "port": 443}},
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["policy.strait.dev"], "apiVersions": ["*"],
+                       "resources": ["authorizationpolicies", "backendpolicies"], "scope": "Namespaced"}],
+        }],
     })
 }
 

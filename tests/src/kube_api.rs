@@ -78,6 +78,12 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
         "MutatingWebhookConfiguration",
         "mutatingwebhookconfigurations",
     ),
+    (
+        "/apis/admissionregistration.k8s.io/v1",
+        "admissionregistration.k8s.io/v1",
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+    ),
 ];
 
 #[derive(Clone, Debug)]

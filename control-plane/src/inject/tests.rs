@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::webhook::{FailurePolicy, review};
+use super::webhook::{FailurePolicy, Hook, review};
 use super::workloads::inject_stream;
 use super::*;
 
@@ -398,7 +398,7 @@ fn admission(object: &Value) -> Vec<u8> {
 
 /// The webhook's answer: (HTTP status, allowed, patched object, message, warnings).
 fn webhook(object: &Value, ns: Namespace, policy: FailurePolicy) -> (u16, Value) {
-    let (status, review) = review(&admission(object), ns, &settings(), policy);
+    let (status, review) = review(&admission(object), Hook::Inject(ns), &settings(), policy);
     (status.as_u16(), serde_json::to_value(review).unwrap())
 }
 
@@ -507,7 +507,12 @@ fn a_malformed_review_gets_a_clear_error() {
         b"[]",
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
     ] {
-        let (status, review) = review(body, Namespace::Enabled, &settings(), FailurePolicy::Fail);
+        let (status, review) = review(
+            body,
+            Hook::Inject(Namespace::Enabled),
+            &settings(),
+            FailurePolicy::Fail,
+        );
         assert_eq!(status.as_u16(), 400);
         let rsp = serde_json::to_value(review).unwrap();
         assert_eq!(rsp["response"]["allowed"], false);

@@ -1,5 +1,6 @@
-//! The mutating admission webhook: AdmissionReview v1 in, the injection patch
-//! (or the reason there is none) out.
+//! The admission webhooks: AdmissionReview v1 in; for pods the injection
+//! patch (or the reason there is none) out, for policies the controller's
+//! verdict (`validate`).
 //!
 //! Two paths, because a webhook is not told its namespace's labels: the
 //! webhook configuration sends pods of namespaces labelled
@@ -149,13 +150,14 @@ async fn handle(
     s: &Settings,
     policy: FailurePolicy,
 ) -> Response<Full<Bytes>> {
-    let ns = match req.uri().path() {
-        PATH => Namespace::NotEnabled,
-        ENABLED_NAMESPACE_PATH => Namespace::Enabled,
+    let hook = match req.uri().path() {
+        PATH => Hook::Inject(Namespace::NotEnabled),
+        ENABLED_NAMESPACE_PATH => Hook::Inject(Namespace::Enabled),
+        super::validate::PATH => Hook::Validate,
         _ => {
             return text(
                 StatusCode::NOT_FOUND,
-                "not found; the webhook is at /inject\n",
+                "not found; the webhooks are at /inject and /validate\n",
             );
         }
     };
@@ -172,7 +174,7 @@ async fn handle(
             );
         }
     };
-    let (status, review) = review(&body, ns, s, policy);
+    let (status, review) = review(&body, hook, s, policy);
     let json = serde_json::to_vec(&review).unwrap_or_default();
     let mut rsp = Response::new(Full::new(Bytes::from(json)));
     *rsp.status_mut() = status;
@@ -183,11 +185,20 @@ async fn handle(
     rsp
 }
 
+/// What a path of the webhook server does.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// Injects pods (`inject`).
+    Inject(Namespace),
+    /// Checks policies (`validate`).
+    Validate,
+}
+
 /// The answer to one AdmissionReview: 200 with the response, or 400 with an
 /// `invalid` response naming what is wrong with the review itself.
 pub fn review(
     body: &[u8],
-    ns: Namespace,
+    hook: Hook,
     s: &Settings,
     policy: FailurePolicy,
 ) -> (StatusCode, AdmissionReview<DynamicObject>) {
@@ -206,7 +217,11 @@ pub fn review(
         Ok(r) => r,
         Err(e) => return invalid(format!("not an AdmissionReview: {e}")),
     };
-    (StatusCode::OK, respond(&req, ns, s, policy).into_review())
+    let rsp = match hook {
+        Hook::Inject(ns) => respond(&req, ns, s, policy),
+        Hook::Validate => super::validate::respond(&req),
+    };
+    (StatusCode::OK, rsp.into_review())
 }
 
 fn respond(

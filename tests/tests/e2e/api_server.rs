@@ -485,6 +485,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
             "Secret",
             "Deployment",
             "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
         ];
         if served.contains(&v["kind"].as_str().unwrap()) {
             api.apply(doc);
@@ -525,13 +526,22 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         "[ok  ] the trust anchor is valid for 36",
         "[ok  ] the issuer is valid for 36",
         "[ok  ] the injector's webhook is configured and trusts the mesh's anchors",
+        "[ok  ] the policy validator's webhook is configured and trusts the mesh's anchors",
         "[ok  ] the injector's Service has 1 ready endpoint(s)",
         "[warn] no meshed pod yet",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 
-    // Break two things: each is named, and the exit status says so.
+    // Break two things: each is named, and the exit status says so. A
+    // missing validator is a warning: the controller still refuses what it
+    // would have.
+    api.delete(
+        "admissionregistration.k8s.io/v1",
+        "ValidatingWebhookConfiguration",
+        "default",
+        "strait-policy-validator",
+    );
     api.delete(
         "apiextensions.k8s.io/v1",
         "CustomResourceDefinition",
@@ -549,6 +559,10 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     );
     assert!(
         text.contains("[FAIL] the controller has no ready replica (0 of 2)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[warn] no ValidatingWebhookConfiguration strait-policy-validator"),
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));

@@ -154,6 +154,45 @@ async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer(
     assert_eq!(status, 200);
 }
 
+/// The same server checks strait's policies as the API server sends them: a
+/// misspelt field is refused at apply with its name, the right spelling is
+/// admitted.
+#[tokio::test]
+async fn the_validator_refuses_at_apply_a_policy_the_controller_would_refuse() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let (cp, port) = injector(&pki, &dir);
+    strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
+    let review = |spec: Value| {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
+                "kind": {"group": "policy.strait.dev", "version": "v1alpha1", "kind": "AuthorizationPolicy"},
+                "resource": {"group": "policy.strait.dev", "version": "v1alpha1", "resource": "authorizationpolicies"},
+                "namespace": "shop", "operation": "CREATE",
+                "userInfo": {"username": "alice"},
+                "object": {"apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                           "metadata": {"name": "web", "namespace": "shop"}, "spec": spec},
+            }
+        }))
+        .unwrap()
+    };
+    let typo = json!({"selector": {"matchLabels": {"app": "web"}}, "mTLS": "STRICT"});
+    let (status, rsp) = post(&pki, port, "/validate", &review(typo)).await;
+    assert_eq!(status, 200, "{rsp}");
+    assert_eq!(rsp["response"]["allowed"], false, "{rsp}");
+    let msg = rsp["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("strait refuses AuthorizationPolicy shop/web: ")
+            && msg.contains("unknown field `mTLS`"),
+        "{msg}"
+    );
+    let right = json!({"selector": {"matchLabels": {"app": "web"}}, "mtls": "STRICT"});
+    let (status, rsp) = post(&pki, port, "/validate", &review(right)).await;
+    assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
+}
+
 /// One review on a kept-alive connection (as the API server keeps them):
 /// the status, or `None` when the connection was closed instead.
 async fn review_on(
@@ -337,7 +376,9 @@ fn without_keys(
         if k.starts_with("Secret/strait-system/strait-identity-issuer") {
             v["stringData"] = json!("<generated>");
         }
-        if k.starts_with("MutatingWebhookConfiguration/") {
+        if k.starts_with("MutatingWebhookConfiguration/")
+            || k.starts_with("ValidatingWebhookConfiguration/")
+        {
             for h in v["webhooks"].as_array_mut().unwrap() {
                 h["clientConfig"]["caBundle"] = json!("<generated>");
             }
