@@ -366,22 +366,11 @@ impl Controller {
             proxy_trace_sampling: args.proxy_trace_sampling.clone(),
             proxy_access_log: args.proxy_access_log,
         };
-        // Proxies reach this controller by its Service, named for its service
-        // account, in its namespace, and check that it presents its identity.
-        settings.control_plane = format!(
-            "https://{}.{}.svc:{}",
-            args.service_account,
-            args.namespace,
-            args.grpc_addr.port()
+        settings.controller_at(
+            &args.namespace,
+            &args.service_account,
+            args.grpc_addr.port(),
         );
-        if args.namespace != defaults::CONTROLLER_NAMESPACE
-            || args.service_account != defaults::CONTROLLER_SERVICE_ACCOUNT
-        {
-            settings.control_plane_identity = Some(format!(
-                "spiffe://{}/ns/{}/sa/{}",
-                args.trust_domain, args.namespace, args.service_account
-            ));
-        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on --webhook-addr {addr}: {e}"))?;

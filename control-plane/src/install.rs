@@ -304,18 +304,33 @@ pub struct Values {
     pub proxy_access_log: Option<crate::inject::AccessLog>,
 }
 
+/// The trust domain asked for, or else the installed one, or else the
+/// default; one asked for that is not the installed one is refused with
+/// `clash(installed, asked)`: a mesh has one trust domain.
+pub fn trust_domain(
+    want: Option<&str>,
+    installed: Option<&str>,
+    clash: impl FnOnce(&str, &str) -> String,
+) -> anyhow::Result<String> {
+    match (want, installed) {
+        (Some(want), Some(have)) if want != have => Err(anyhow::anyhow!(clash(have, want))),
+        (Some(d), _) | (None, Some(d)) => Ok(d.to_string()),
+        (None, None) => Ok(defaults::TRUST_DOMAIN.to_string()),
+    }
+}
+
 impl InstallArgs {
     /// The values, with `existing` the install in the cluster.
     pub fn values(&self, existing: Option<Installed>) -> anyhow::Result<Values> {
-        let installed = existing.as_ref().and_then(|e| e.trust_domain.as_deref());
-        let trust_domain = match (&self.trust_domain, installed) {
-            (Some(want), Some(have)) if want != have => anyhow::bail!(
-                "strait is installed with trust domain {have:?}: another would cut every running proxy off from the controller and its peers; leave --trust-domain out to keep it, or remove strait first to change it"
-            ),
-            (Some(want), _) => want.clone(),
-            (None, Some(have)) => have.to_string(),
-            (None, None) => defaults::TRUST_DOMAIN.to_string(),
-        };
+        let trust_domain = trust_domain(
+            self.trust_domain.as_deref(),
+            existing.as_ref().and_then(|e| e.trust_domain.as_deref()),
+            |have, _| {
+                format!(
+                    "strait is installed with trust domain {have:?}: another would cut every running proxy off from the controller and its peers; leave --trust-domain out to keep it, or remove strait first to change it"
+                )
+            },
+        )?;
         let proxy_iptables_mode = self
             .proxy_iptables_mode
             .or(existing.as_ref().and_then(|e| e.iptables_mode))

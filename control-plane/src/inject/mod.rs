@@ -186,6 +186,22 @@ impl Settings {
         s
     }
 
+    /// Proxies reach the controller by its Service, named for its service
+    /// account, in its namespace, and check that it presents that account's
+    /// identity (said outright only where it is not the installed default's,
+    /// which the proxy assumes).
+    pub fn controller_at(&mut self, namespace: &str, service_account: &str, grpc_port: u16) {
+        self.control_plane = format!("https://{service_account}.{namespace}.svc:{grpc_port}");
+        self.control_plane_identity = (namespace != defaults::CONTROLLER_NAMESPACE
+            || service_account != defaults::CONTROLLER_SERVICE_ACCOUNT)
+            .then(|| {
+                format!(
+                    "spiffe://{}/ns/{namespace}/sa/{service_account}",
+                    self.trust_domain
+                )
+            });
+    }
+
     /// The defaults of a cluster installed by `strait install`, with these anchors.
     pub fn with_anchors(trust_anchors_pem: String) -> Self {
         Settings {

@@ -212,29 +212,26 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
             "no trust anchors: pass --identity-trust-anchors-file, or run against the cluster strait is installed in (KUBECONFIG)"
         )
     })?;
-    let have = installed.as_ref().and_then(|i| i.trust_domain.as_deref());
-    let trust_domain = match (&args.trust_domain, have) {
-        (Some(want), Some(have)) if want != have => anyhow::bail!(
-            "strait is installed with trust domain {have:?} in the cluster KUBECONFIG names: proxies injected with {want:?} could not reach its controller; leave --trust-domain out, or pass --ignore-cluster to render for another cluster"
-        ),
-        (Some(want), _) => want.clone(),
-        (None, Some(have)) => have.to_string(),
-        (None, None) => crate::defaults::TRUST_DOMAIN.to_string(),
-    };
+    let trust_domain = crate::install::trust_domain(
+        args.trust_domain.as_deref(),
+        installed.as_ref().and_then(|i| i.trust_domain.as_deref()),
+        |have, want| {
+            format!(
+                "strait is installed with trust domain {have:?} in the cluster KUBECONFIG names: proxies injected with {want:?} could not reach its controller; leave --trust-domain out, or pass --ignore-cluster to render for another cluster"
+            )
+        },
+    )?;
     let mut settings = Settings::new(anchors, &trust_domain, args.proxy_image.as_deref());
     // Installed elsewhere than the default: its controller's Service and
     // identity there, as its injector would set them.
-    if args.namespace != crate::defaults::CONTROLLER_NAMESPACE {
-        let sa = crate::defaults::CONTROLLER_SERVICE_ACCOUNT;
-        let port = crate::defaults::GRPC_ADDR
-            .parse::<std::net::SocketAddr>()
-            .map_or(8090, |a| a.port());
-        settings.control_plane = format!("https://{sa}.{}.svc:{port}", args.namespace);
-        settings.control_plane_identity = Some(format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{sa}",
-            args.namespace
-        ));
-    }
+    let port = crate::defaults::GRPC_ADDR
+        .parse::<std::net::SocketAddr>()
+        .map_or(8090, |a| a.port());
+    settings.controller_at(
+        &args.namespace,
+        crate::defaults::CONTROLLER_SERVICE_ACCOUNT,
+        port,
+    );
     settings.iptables_mode = args
         .proxy_iptables_mode
         .or(installed.and_then(|i| i.iptables_mode))
