@@ -108,7 +108,18 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         "backendpolicies.policy.strait.dev",
     ] {
         say(match crds.get_opt(name).await {
-            Ok(Some(_)) => line(Verdict::Ok, format!("CRD {name} is installed")),
+            Ok(Some(crd)) if crate::crds::keeps_unknown_spec_fields(&crd) => {
+                line(Verdict::Ok, format!("CRD {name} is installed"))
+            }
+            // Helm does not upgrade CRDs: one from before they kept unknown
+            // fields has the API server drop a misspelt field before the
+            // validator can refuse it.
+            Ok(Some(_)) => line(
+                Verdict::Fail,
+                format!(
+                    "CRD {name} is an earlier release's: a misspelt field is dropped rather than refused (strait crds | kubectl apply -f -)"
+                ),
+            ),
             Ok(None) => line(
                 Verdict::Fail,
                 format!("CRD {name} is missing (strait crds | kubectl apply -f -)"),
@@ -248,9 +259,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         }),
         anchors.as_ref(),
         &format!(
-            "no ValidatingWebhookConfiguration {VALIDATION_CONFIG}: policies are not checked at apply"
+            "no ValidatingWebhookConfiguration {VALIDATION_CONFIG}: a misspelt policy is not refused at apply, and closes its namespace or is ignored instead"
         ),
-        Verdict::Warn,
+        Verdict::Fail,
     ));
     // The API server calls the webhook through the Service: it answers only
     // if the Service has a ready endpoint.
@@ -370,7 +381,6 @@ fn proxy_ready(p: &Pod) -> bool {
         .any(|c| c.name == crate::inject::PROXY_CONTAINER && c.ready)
 }
 
-/// How long the first certificate of `pem` has left.
 /// A webhook configuration: there, and trusting the anchors the controller's
 /// serving certificate is signed under, or the API server cannot call it.
 fn webhook_line(
@@ -408,6 +418,7 @@ fn webhook_line(
     }
 }
 
+/// How long the first certificate of `pem` has left.
 fn expiry(what: &str, pem: &str) -> Line {
     let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
         return line(Verdict::Fail, format!("{what} is not a PEM certificate"));

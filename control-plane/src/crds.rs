@@ -70,6 +70,19 @@ fn keep_unknown_spec_fields(crd: &mut CustomResourceDefinition) {
     }
 }
 
+/// Whether an installed CRD is one whose spec keeps unknown fields, as this
+/// release's do (those of earlier releases pruned them).
+pub fn keeps_unknown_spec_fields(crd: &CustomResourceDefinition) -> bool {
+    crd.spec.versions.iter().all(|v| {
+        v.schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .and_then(|s| s.properties.as_ref())
+            .and_then(|p| p.get("spec"))
+            .is_some_and(|spec| spec.x_kubernetes_preserve_unknown_fields == Some(true))
+    })
+}
+
 /// `strait crds`: the CRDs as one multi-document stream.
 pub fn stream() -> Result<String, serde_norway::Error> {
     Ok(render()?
@@ -114,6 +127,16 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// `strait check` tells this release's CRDs from an earlier release's,
+    /// which pruned unknown fields.
+    #[test]
+    fn an_earlier_release_s_pruning_crd_is_told_apart() {
+        let mut crd = AuthorizationPolicy::crd();
+        assert!(!keeps_unknown_spec_fields(&crd));
+        keep_unknown_spec_fields(&mut crd);
+        assert!(keeps_unknown_spec_fields(&crd));
     }
 
     /// Every object of a spec keeps what its schema does not name, so the API

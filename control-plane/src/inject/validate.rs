@@ -8,7 +8,7 @@
 //! more open than meant.
 
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use tracing::{debug, info};
 
 use crate::spec::SpecError;
@@ -23,6 +23,18 @@ pub fn respond(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     let Some(object) = req.object.as_ref().filter(|_| req.kind.group == GROUP) else {
         return rsp;
     };
+    // A change that leaves the spec as it was (a label, a finalizer taken
+    // off) or comes once deletion has begun is not held up by a spec stored
+    // before it was checked here (an earlier release, the webhook away).
+    if req.operation == Operation::Update
+        && (object.metadata.deletion_timestamp.is_some()
+            || req
+                .old_object
+                .as_ref()
+                .is_some_and(|old| old.data.get("spec") == object.data.get("spec")))
+    {
+        return rsp;
+    }
     let Ok(mut v) = serde_json::to_value(object) else {
         return rsp.deny("the object cannot be read");
     };
@@ -136,6 +148,30 @@ mod tests {
         assert!(respond(&request("AuthorizationPolicy", v.clone())).allowed);
         v["spec"]["allowed"] = json!([]);
         assert!(!respond(&request("AuthorizationPolicy", v)).allowed);
+    }
+
+    /// A policy stored invalid (before the webhook) can still be labelled,
+    /// and deleted with its finalizers taken off; its spec cannot be changed
+    /// to another invalid one.
+    #[test]
+    fn a_stored_invalid_policy_is_not_held_up_but_its_spec_is_still_checked() {
+        let bad = authz(json!({"selector": {}, "targetRef": {"kind": "Service", "name": "web"}}));
+        let update = |old: &Value, new: &Value| {
+            let mut req = request("AuthorizationPolicy", new.clone());
+            req.operation = Operation::Update;
+            req.old_object = Some(serde_json::from_value(old.clone()).unwrap());
+            respond(&req)
+        };
+        let mut labelled = bad.clone();
+        labelled["metadata"]["labels"] = json!({"team": "a"});
+        assert!(update(&bad, &labelled).allowed);
+        let mut deleting = bad.clone();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        deleting["spec"]["ports"] = json!([0]);
+        assert!(update(&bad, &deleting).allowed);
+        let mut changed = bad.clone();
+        changed["spec"]["ports"] = json!([0]);
+        assert!(!update(&bad, &changed).allowed);
     }
 
     /// Kinds of other groups sent here pass untouched.

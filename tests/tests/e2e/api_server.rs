@@ -476,8 +476,8 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         .output()
         .unwrap();
     assert!(install.status.success());
-    let text = String::from_utf8(install.stdout).unwrap();
-    for doc in text.split("\n---\n") {
+    let install_text = String::from_utf8(install.stdout).unwrap();
+    for doc in install_text.split("\n---\n") {
         let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
         let served = [
             "CustomResourceDefinition",
@@ -533,9 +533,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 
-    // Break two things: each is named, and the exit status says so. A
-    // missing validator is a warning: the controller still refuses what it
-    // would have.
+    // Break three things: each is named, and the exit status says so.
     api.delete(
         "admissionregistration.k8s.io/v1",
         "ValidatingWebhookConfiguration",
@@ -562,10 +560,24 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         "{text}"
     );
     assert!(
-        text.contains("[warn] no ValidatingWebhookConfiguration strait-policy-validator"),
+        text.contains("[FAIL] no ValidatingWebhookConfiguration strait-policy-validator"),
         "{text}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 check(s) failed"));
+
+    // An earlier release's CRD, which prunes unknown fields (Helm does not
+    // upgrade CRDs), is named as such.
+    let crd = install_text
+        .split("\n---\n")
+        .find(|d| d.contains("name: authorizationpolicies.policy.strait.dev"))
+        .unwrap()
+        .replace("x-kubernetes-preserve-unknown-fields: true", "");
+    api.apply(&crd);
+    let text = String::from_utf8_lossy(&check().await.unwrap().stdout).to_string();
+    assert!(
+        text.contains("[FAIL] CRD authorizationpolicies.policy.strait.dev is an earlier release's"),
+        "{text}"
+    );
 }
 
 /// The trust anchors and issuer `strait install` put in a cluster, and the
