@@ -56,7 +56,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::R
                     Ok::<_, Infallible>(route(&metrics, &ready, req.method(), req.uri().path()))
                 }
             });
-            let _ = h1.serve_connection(TokioIo::new(stream), svc).await;
+            // A client that asks and never reads the answers would hold its
+            // place for ever: hyper reads nothing while a write waits.
+            let io = strait_api::write_deadline::WriteDeadline::new(stream, HEADER_READ_TIMEOUT);
+            let _ = h1.serve_connection(TokioIo::new(io), svc).await;
         });
     }
 }
@@ -116,6 +119,57 @@ mod tests {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
         out.starts_with(b"HTTP/1.1 200")
+    }
+
+    /// A client that pipelines requests and never reads the answers is cut
+    /// off once a write has waited the limit, rather than holding its place.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_its_answers_is_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_ready_tx, ready) = watch::channel(true);
+        let metrics = Metrics::new();
+        let one = metrics.encode().len();
+        tokio::spawn(serve(listener, metrics, ready));
+        // Far more answers than the sockets' buffers hold.
+        let asked = 64 * 1024 * 1024 / one.max(1);
+        let (mut rx, mut tx) = TcpStream::connect(addr).await.unwrap().into_split();
+        tokio::spawn(async move {
+            let req = b"GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n";
+            for _ in 0..asked {
+                if tx.write_all(req).await.is_err() {
+                    break;
+                }
+            }
+            // Held open: the server is not told the client has finished.
+            std::future::pending::<()>().await;
+        });
+        // Not read for longer than the limit (the paused clock runs on while
+        // every task waits).
+        tokio::time::sleep(HEADER_READ_TIMEOUT * 3).await;
+        let mut answered = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut tail = Vec::new();
+        loop {
+            match rx.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    tail.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&tail);
+                    answered += text.matches("HTTP/1.1 200").count();
+                    let keep = tail.len().saturating_sub(11);
+                    tail.drain(..keep);
+                }
+            }
+            if answered >= asked {
+                break;
+            }
+        }
+        assert!(
+            answered < asked,
+            "every one of {asked} answers was written to a client that read none for {:?}",
+            HEADER_READ_TIMEOUT * 3
+        );
     }
 
     #[tokio::test]

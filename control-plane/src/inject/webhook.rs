@@ -106,6 +106,12 @@ pub async fn serve(
         let (acceptor, settings, draining) = (acceptor.clone(), settings.clone(), draining.clone());
         conns.spawn(async move {
             let _slot = slot;
+            // A caller that stops reading its answers is cut off rather than
+            // holding its place: hyper reads nothing while a write waits.
+            let tcp = strait_api::write_deadline::WriteDeadline::new(
+                tcp,
+                defaults::TLS_HANDSHAKE_TIMEOUT,
+            );
             let handshake =
                 tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             let tls = match handshake {

@@ -21,6 +21,7 @@ use crate::telemetry::log::LogHandle;
 use crate::transport::Drain;
 use crate::transport::drain::ShutdownHandle;
 use strait_api::per_source::PerSource;
+use strait_api::write_deadline::WriteDeadline;
 
 /// Bodies the admin server accepts (a log filter) are small.
 const MAX_BODY: usize = 4 * 1024;
@@ -121,7 +122,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
             });
-            if let Err(e) = h1.serve_connection(TokioIo::new(stream), svc).await {
+            // A client that asks and never reads the answers would hold its
+            // place for ever: hyper reads nothing while a write waits.
+            let io = WriteDeadline::new(stream, defaults::HTTP_HEADER_READ_TIMEOUT);
+            if let Err(e) = h1.serve_connection(TokioIo::new(io), svc).await {
                 debug!(error = %e, "admin connection ended");
             }
         });
