@@ -18,7 +18,12 @@ use crate::telemetry::Direction;
 /// `application/grpc+proto`…). gRPC-Web (`application/grpc-web…`) is not: its
 /// status travels inside the body.
 pub fn is_call<B>(req: &Request<B>) -> bool {
-    req.headers()
+    is_grpc(req.headers())
+}
+
+/// Whether a head's `content-type` is gRPC's (a request's or a response's).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
         .map(|v| v.as_bytes())
         .filter(|v| v.len() >= PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX))
@@ -26,6 +31,47 @@ pub fn is_call<B>(req: &Request<B>) -> bool {
 }
 
 const PREFIX: &[u8] = b"application/grpc";
+
+/// Where a gRPC body stands between length-prefixed messages (a flag byte,
+/// four bytes of length, the message), so that a status sent in trailers
+/// lands on a message boundary, where a client reads it as the call's status
+/// rather than as a message cut short.
+#[derive(Debug, Default)]
+pub struct Messages {
+    /// Bytes of the current prefix seen (0 to 4; 0 also between messages).
+    prefix: u8,
+    length: [u8; 4],
+    /// Bytes of the current message still to come.
+    remaining: u64,
+}
+
+impl Messages {
+    pub fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = data
+                    .len()
+                    .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            if self.prefix > 0 {
+                self.length[usize::from(self.prefix) - 1] = data[0];
+            }
+            data = &data[1..];
+            self.prefix += 1;
+            if self.prefix == 5 {
+                self.prefix = 0;
+                self.remaining = u64::from(u32::from_be_bytes(self.length));
+            }
+        }
+    }
+
+    pub fn between(&self) -> bool {
+        self.prefix == 0 && self.remaining == 0
+    }
+}
 
 /// How a call ended, as the `grpc_status` label says it: a code from 0 to 16;
 /// `invalid` for a `grpc-status` that is not one; `none` when the response

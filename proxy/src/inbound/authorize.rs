@@ -204,20 +204,36 @@ where
             g.metrics.reject_http(super::DIRECTION, "unauthorized");
             strait_otel::sampled!(info, %denied, "response stream no longer authorized; ended");
         });
+        let grpc = crate::http::grpc::is_grpc(rsp.headers()).then(Default::default);
         Poll::Ready(Ok(rsp.map(|body| {
             BoxBody::new(RevocableBody {
                 inner: body,
                 revoked: Some(revoked),
+                grpc,
             })
         })))
     }
 }
 
 /// A response body ended, with an error (the stream reset, the connection
-/// closed), once its request's admission is revoked.
+/// closed), once its request's admission is revoked. A gRPC call between
+/// messages ends instead with its status, PERMISSION_DENIED, as its client
+/// would have been answered at the start.
 struct RevocableBody {
     inner: BoxBody,
     revoked: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    grpc: Option<crate::http::grpc::Messages>,
+}
+
+/// The trailers a revoked gRPC call ends with.
+fn permission_denied() -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from_static("7"));
+    t.insert(
+        "grpc-message",
+        HeaderValue::from_static("no longer authorized by the inbound policy"),
+    );
+    t
 }
 
 impl http_body::Body for RevocableBody {
@@ -234,11 +250,20 @@ impl http_body::Body for RevocableBody {
         };
         if r.as_mut().poll(cx).is_ready() {
             self.revoked = None;
+            if self.grpc.as_ref().is_some_and(|m| m.between()) {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(permission_denied()))));
+            }
             return Poll::Ready(Some(Err(
                 "no longer authorized by the inbound policy".into()
             )));
         }
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx));
+        if let (Some(m), Some(Ok(f))) = (self.grpc.as_mut(), &frame)
+            && let Some(data) = f.data_ref()
+        {
+            m.advance(data);
+        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -345,6 +370,45 @@ mod tests {
         probe_tx.send(Bytes::from_static(b"two")).unwrap();
         let frame = from_probe.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "two");
+    }
+
+    /// A revoked gRPC call between messages ends with PERMISSION_DENIED in
+    /// its trailers; one cut mid-message can only be reset.
+    #[tokio::test]
+    async fn a_revoked_grpc_stream_ends_with_permission_denied_between_messages() {
+        async fn revoked_after(sent: &[&'static [u8]]) -> Result<http_body::Frame<Bytes>, ()> {
+            use futures_util::StreamExt as _;
+            let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let (revoke, revoked) = tokio::sync::oneshot::channel::<()>();
+            let inner = http_body_util::StreamBody::new(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
+                    .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
+            );
+            let mut body = RevocableBody {
+                inner: BoxBody::new(inner),
+                revoked: Some(Box::pin(async move {
+                    let _ = revoked.await;
+                })),
+                grpc: Some(Default::default()),
+            };
+            for s in sent {
+                tx.send(Bytes::from_static(s)).unwrap();
+                assert!(body.frame().await.unwrap().is_ok());
+            }
+            revoke.send(()).unwrap();
+            let last = body.frame().await.unwrap().map_err(drop);
+            assert!(body.frame().await.is_none(), "nothing after the end");
+            last
+        }
+        // Two whole messages, the first split across frames.
+        let end = revoked_after(&[b"\0\0\0", b"\0\x03abc\0\0\0\0\0"])
+            .await
+            .expect("trailers");
+        let trailers = end.into_trailers().expect("trailers, not data");
+        assert_eq!(trailers["grpc-status"], "7");
+        // Cut inside a message's length prefix, then inside a message.
+        assert!(revoked_after(&[b"\0\0"]).await.is_err());
+        assert!(revoked_after(&[b"\0\0\0\0\x05ab"]).await.is_err());
     }
 
     #[test]
