@@ -165,6 +165,7 @@ mod tests {
                 break;
             }
         }
+        assert!(answered > 0, "answered none");
         assert!(
             answered < asked,
             "every one of {asked} answers was written to a client that read none for {:?}",

@@ -23,15 +23,15 @@ pub fn respond(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     let Some(object) = req.object.as_ref().filter(|_| req.kind.group == GROUP) else {
         return rsp;
     };
-    // A change that leaves the spec as it was (a label, a finalizer taken
-    // off) or comes once deletion has begun is not held up by a spec stored
-    // before it was checked here (an earlier release, the webhook away).
+    // A change that leaves the spec as it was (a label, a finalizer taken off
+    // so that a delete completes) is not held up by a spec stored before it
+    // was checked here (an earlier release, the webhook away). The parsers
+    // read nothing else that may change.
     if req.operation == Operation::Update
-        && (object.metadata.deletion_timestamp.is_some()
-            || req
-                .old_object
-                .as_ref()
-                .is_some_and(|old| old.data.get("spec") == object.data.get("spec")))
+        && req
+            .old_object
+            .as_ref()
+            .is_some_and(|old| old.data.get("spec") == object.data.get("spec"))
     {
         return rsp;
     }
@@ -152,7 +152,7 @@ mod tests {
 
     /// A policy stored invalid (before the webhook) can still be labelled,
     /// and deleted with its finalizers taken off; its spec cannot be changed
-    /// to another invalid one.
+    /// to another invalid one, while it is being deleted included.
     #[test]
     fn a_stored_invalid_policy_is_not_held_up_but_its_spec_is_still_checked() {
         let bad = authz(json!({"selector": {}, "targetRef": {"kind": "Service", "name": "web"}}));
@@ -167,8 +167,14 @@ mod tests {
         assert!(update(&bad, &labelled).allowed);
         let mut deleting = bad.clone();
         deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-        deleting["spec"]["ports"] = json!([0]);
-        assert!(update(&bad, &deleting).allowed);
+        deleting["metadata"]["finalizers"] = json!(["example.com/keep"]);
+        let mut done = deleting.clone();
+        done["metadata"]["finalizers"] = json!([]);
+        assert!(update(&deleting, &done).allowed);
+        // Being deleted is no way past the check for a new spec.
+        let mut edited = deleting.clone();
+        edited["spec"]["ports"] = json!([0]);
+        assert!(!update(&deleting, &edited).allowed);
         let mut changed = bad.clone();
         changed["spec"]["ports"] = json!([0]);
         assert!(!update(&bad, &changed).allowed);

@@ -685,6 +685,19 @@ mod tests {
             server_of(Direction::Outbound, Some(&ip), &local, &mut buf),
             Some(("10.96.0.10", Some(80)))
         );
+        // An address in Host, IPv6 in brackets included: the address dialled.
+        for literal in ["10.96.0.10", "[fd00::10]", "fd00::10"] {
+            assert_eq!(
+                server_of(
+                    Direction::Outbound,
+                    Some(&ip),
+                    &host(literal, Some(80)),
+                    &mut buf
+                ),
+                Some(("10.96.0.10", Some(80))),
+                "{literal}"
+            );
+        }
         // A name resolved by the stages: the name, whatever the Host says.
         let other = host("localhost", Some(4140));
         assert_eq!(
