@@ -243,4 +243,60 @@ mod tests {
         stop.cancel();
         election.abort();
     }
+
+    /// A leader whose renewals fail at once keeps writing until its hold
+    /// ends, not through the next attempt, which may hang: it stops when the
+    /// hold runs out while it sleeps.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_that_runs_out_between_attempts_ends_before_the_next() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let method = req.method().clone();
+            async move {
+                let (status, body) = match (n, method) {
+                    (0, _) => (
+                        404,
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
+                    ),
+                    (1, http::Method::POST) => (
+                        201,
+                        r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"strait-controller","namespace":"s","resourceVersion":"1"},"spec":{"holderIdentity":"a","leaseDurationSeconds":15}}"#,
+                    ),
+                    // The renewals at 5 s and 10 s fail at once…
+                    (2 | 3, _) => (
+                        500,
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500}"#,
+                    ),
+                    // …and the next one hangs.
+                    _ => std::future::pending().await,
+                };
+                http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.as_bytes().to_vec()))
+            }
+        });
+        let client = kube::Client::new(api, "s");
+        let (tx, rx) = watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cfg = LeaseConfig {
+            namespace: "s".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+        };
+        let start = Instant::now();
+        let election = tokio::spawn(elect(client, cfg, tx, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(*rx.borrow(), "the leader after creating the lease");
+        tokio::time::sleep_until(start + Duration::from_millis(10_500)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "two renewals failed");
+        assert!(*rx.borrow(), "still within its hold (11.25 s)");
+        tokio::time::sleep_until(start + Duration::from_millis(11_500)).await;
+        assert!(!*rx.borrow(), "still writing past its hold");
+        stop.cancel();
+        election.abort();
+    }
 }
