@@ -194,11 +194,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    /// A leader whose renewal hangs (a dead pooled connection) stops writing
-    /// when its hold ends, three quarters of the lease in, not when the
-    /// hanging attempt gives up: a follower may take over at the full lease.
-    #[tokio::test(start_paused = true)]
-    async fn a_leader_whose_renewal_hangs_stops_writing_when_its_hold_ends() {
+    const NOT_FOUND: &str =
+        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+    const CREATED: &str = r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"strait-controller","namespace":"s","resourceVersion":"1"},"spec":{"holderIdentity":"a","leaseDurationSeconds":15}}"#;
+    const FAILED: &str = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500}"#;
+
+    /// An election of replica `a` for a 15 s lease against an API server
+    /// that finds no lease, creates it (ours), answers the next `failing`
+    /// requests with 500 and never answers any after. Returns the leader
+    /// flag, the count of requests, the start, and the election's stop.
+    fn elected_then(
+        failing: usize,
+    ) -> (
+        watch::Receiver<bool>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Instant,
+        tokio_util::sync::CancellationToken,
+    ) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
@@ -207,16 +219,9 @@ mod tests {
             let method = req.method().clone();
             async move {
                 let (status, body) = match (n, method) {
-                    // No lease yet: created, ours.
-                    (0, _) => (
-                        404,
-                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
-                    ),
-                    (1, http::Method::POST) => (
-                        201,
-                        r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"strait-controller","namespace":"s","resourceVersion":"1"},"spec":{"holderIdentity":"a","leaseDurationSeconds":15}}"#,
-                    ),
-                    // Every renewal after: no answer.
+                    (0, _) => (404, NOT_FOUND),
+                    (1, http::Method::POST) => (201, CREATED),
+                    (n, _) if n < 2 + failing => (500, FAILED),
                     _ => std::future::pending().await,
                 };
                 http::Response::builder()
@@ -234,14 +239,22 @@ mod tests {
             duration: Duration::from_secs(15),
         };
         let start = Instant::now();
-        let election = tokio::spawn(elect(client, cfg, tx, stop.clone()));
+        tokio::spawn(elect(client, cfg, tx, stop.clone()));
+        (rx, calls, start, stop)
+    }
+
+    /// A leader whose renewal hangs (a dead pooled connection) stops writing
+    /// when its hold ends, three quarters of the lease in, not when the
+    /// hanging attempt gives up: a follower may take over at the full lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewal_hangs_stops_writing_when_its_hold_ends() {
+        let (rx, _, start, stop) = elected_then(0);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(*rx.borrow(), "the leader after creating the lease");
         // Held until 11.25 s; followers may take over from 15 s.
         tokio::time::sleep_until(start + Duration::from_millis(11_500)).await;
         assert!(!*rx.borrow(), "still writing past its hold");
         stop.cancel();
-        election.abort();
     }
 
     /// A leader whose renewals fail at once keeps writing until its hold
@@ -249,54 +262,15 @@ mod tests {
     /// hold runs out while it sleeps.
     #[tokio::test(start_paused = true)]
     async fn a_hold_that_runs_out_between_attempts_ends_before_the_next() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let n = counted.fetch_add(1, Ordering::SeqCst);
-            let method = req.method().clone();
-            async move {
-                let (status, body) = match (n, method) {
-                    (0, _) => (
-                        404,
-                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#,
-                    ),
-                    (1, http::Method::POST) => (
-                        201,
-                        r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"strait-controller","namespace":"s","resourceVersion":"1"},"spec":{"holderIdentity":"a","leaseDurationSeconds":15}}"#,
-                    ),
-                    // The renewals at 5 s and 10 s fail at once…
-                    (2 | 3, _) => (
-                        500,
-                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500}"#,
-                    ),
-                    // …and the next one hangs.
-                    _ => std::future::pending().await,
-                };
-                http::Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(body.as_bytes().to_vec()))
-            }
-        });
-        let client = kube::Client::new(api, "s");
-        let (tx, rx) = watch::channel(false);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let cfg = LeaseConfig {
-            namespace: "s".into(),
-            identity: "a".into(),
-            duration: Duration::from_secs(15),
-        };
-        let start = Instant::now();
-        let election = tokio::spawn(elect(client, cfg, tx, stop.clone()));
+        let (rx, calls, start, stop) = elected_then(2);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(*rx.borrow(), "the leader after creating the lease");
+        // Renewals at 5 s and 10 s fail at once; the one at 11.25 s hangs.
         tokio::time::sleep_until(start + Duration::from_millis(10_500)).await;
-        assert_eq!(calls.load(Ordering::SeqCst), 4, "two renewals failed");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
         assert!(*rx.borrow(), "still within its hold (11.25 s)");
         tokio::time::sleep_until(start + Duration::from_millis(11_500)).await;
         assert!(!*rx.borrow(), "still writing past its hold");
         stop.cancel();
-        election.abort();
     }
 }

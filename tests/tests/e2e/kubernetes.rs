@@ -57,15 +57,20 @@ async fn post(pki: &Pki, port: u16, path: &str, body: &[u8]) -> (u16, Value) {
 }
 
 fn review(pod: Value) -> Vec<u8> {
+    review_of(("", "v1", "Pod", "pods"), pod)
+}
+
+/// The review of a creation in namespace `shop`, as the API server sends it.
+fn review_of((group, version, kind, resource): (&str, &str, &str, &str), object: Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
             "uid": "b0a8f9d4-1f6e-4c52-9d43-5f0f1c1e2a77",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": resource},
             "namespace": "shop", "operation": "CREATE",
             "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-            "object": pod,
+            "object": object,
         }
     }))
     .unwrap()
@@ -164,19 +169,16 @@ async fn the_validator_refuses_at_apply_a_policy_the_controller_would_refuse() {
     let (cp, port) = injector(&pki, &dir);
     strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
     let review = |spec: Value| {
-        serde_json::to_vec(&json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {
-                "uid": "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f",
-                "kind": {"group": "policy.strait.dev", "version": "v1alpha1", "kind": "AuthorizationPolicy"},
-                "resource": {"group": "policy.strait.dev", "version": "v1alpha1", "resource": "authorizationpolicies"},
-                "namespace": "shop", "operation": "CREATE",
-                "userInfo": {"username": "alice"},
-                "object": {"apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
-                           "metadata": {"name": "web", "namespace": "shop"}, "spec": spec},
-            }
-        }))
-        .unwrap()
+        review_of(
+            (
+                "policy.strait.dev",
+                "v1alpha1",
+                "AuthorizationPolicy",
+                "authorizationpolicies",
+            ),
+            json!({"apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                   "metadata": {"name": "web", "namespace": "shop"}, "spec": spec}),
+        )
     };
     let typo = json!({"selector": {"matchLabels": {"app": "web"}}, "mTLS": "STRICT"});
     let (status, rsp) = post(&pki, port, "/validate", &review(typo)).await;
