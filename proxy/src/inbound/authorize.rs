@@ -157,9 +157,13 @@ where
         }
         // A probe is let in whatever the policy: nothing to revoke.
         let grant = (admitted == super::policy::Admitted::Policy).then(|| l.grant.clone());
+        // Trailers reach the caller over HTTP/2 only (the caller's own
+        // version, restored by now): hyper drops them on HTTP/1.1.
+        let trailers = req.version() == http::Version::HTTP_2;
         Either::Right(Revocable {
             inner: self.inner.call(req),
             grant: grant.map(|g| (g, port)),
+            trailers,
         })
     }
 }
@@ -182,6 +186,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         grant: Option<(Arc<Grant>, u16)>,
+        // Whether the caller can be sent trailers.
+        trailers: bool,
     }
 }
 
@@ -204,7 +210,12 @@ where
             g.metrics.reject_http(super::DIRECTION, "unauthorized");
             strait_otel::sampled!(info, %denied, "response stream no longer authorized; ended");
         });
-        let grpc = crate::http::grpc::is_grpc(rsp.headers()).then(Default::default);
+        // A gRPC call that has its status already (in the head) is not sent
+        // a second one.
+        let grpc = (*this.trailers
+            && crate::http::grpc::is_grpc(rsp.headers())
+            && !rsp.headers().contains_key("grpc-status"))
+        .then(Default::default);
         Poll::Ready(Ok(rsp.map(|body| {
             BoxBody::new(RevocableBody {
                 inner: body,
@@ -216,9 +227,9 @@ where
 }
 
 /// A response body ended, with an error (the stream reset, the connection
-/// closed), once its request's admission is revoked. A gRPC call between
-/// messages ends instead with its status, PERMISSION_DENIED, as its client
-/// would have been answered at the start.
+/// closed), once its request's admission is revoked. A gRPC call over
+/// HTTP/2 between messages ends instead with its status, PERMISSION_DENIED,
+/// as its client would have been answered at the start.
 struct RevocableBody {
     inner: BoxBody,
     revoked: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
@@ -267,10 +278,13 @@ impl http_body::Body for RevocableBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.revoked.is_none() || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        if self.revoked.is_none() {
+            return http_body::SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }
@@ -370,6 +384,65 @@ mod tests {
         probe_tx.send(Bytes::from_static(b"two")).unwrap();
         let frame = from_probe.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "two");
+    }
+
+    /// Through the layer: a gRPC caller over HTTP/2 is told PERMISSION_DENIED;
+    /// one over HTTP/1.1, to whom hyper would not send trailers, is cut off
+    /// as before rather than shown a stream that ended cleanly.
+    #[tokio::test]
+    async fn a_grpc_status_is_sent_only_where_trailers_can_go() {
+        use futures_util::StreamExt as _;
+        let allowing = |who: &str| {
+            Some(Arc::new(InboundPolicy {
+                ports: Default::default(),
+                default: PortPolicy {
+                    mode: Mode::Strict,
+                    allow: vec![Allow::Identity(who.parse().unwrap())],
+                    trust_domain: Some("td".into()),
+                },
+                probes: vec![],
+            }))
+        };
+        let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
+        let call = |version: http::Version| {
+            let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let frames = std::sync::Mutex::new(Some(frames));
+            let app = tower::service_fn(move |_: Request<http_body_util::Empty<Bytes>>| {
+                let frames = frames.lock().unwrap().take().unwrap();
+                let body = http_body_util::StreamBody::new(
+                    tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
+                        .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
+                );
+                let mut rsp = Response::new(BoxBody::new(body));
+                rsp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                std::future::ready(Ok::<_, Infallible>(rsp))
+            });
+            let peer = Some("spiffe://td/ns/a/sa/web".parse().unwrap());
+            let mut svc = AuthorizeLayer::new(peer, rx.clone(), Metrics::new()).layer(app);
+            let mut req = Request::post("/pkg.Svc/Watch")
+                .version(version)
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            req.extensions_mut()
+                .insert(crate::http::Dst(DestAddr::Socket(
+                    "127.0.0.1:8080".parse().unwrap(),
+                )));
+            async move { (tx, svc.call(req).await.unwrap().into_body()) }
+        };
+        let (h2_tx, mut h2) = call(http::Version::HTTP_2).await;
+        let (h1_tx, mut h1) = call(http::Version::HTTP_11).await;
+        for (tx, body) in [(&h2_tx, &mut h2), (&h1_tx, &mut h1)] {
+            tx.send(Bytes::from_static(b"\0\0\0\0\x01x")).unwrap();
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        policy.send_replace(allowing("spiffe://td/ns/a/sa/other"));
+        let end = h2.frame().await.unwrap().unwrap();
+        assert_eq!(end.into_trailers().unwrap()["grpc-status"], "7");
+        assert!(h1.frame().await.unwrap().is_err(), "HTTP/1.1: reset");
     }
 
     /// A revoked gRPC call between messages ends with PERMISSION_DENIED in
