@@ -939,6 +939,55 @@ async fn a_response_stream_ends_when_its_caller_is_no_longer_allowed() {
     );
 }
 
+/// A gRPC stream whose caller the policy stops allowing ends as a call
+/// refused at the start would: PERMISSION_DENIED, through both proxies.
+#[tokio::test]
+async fn a_grpc_stream_ends_permission_denied_when_its_caller_is_no_longer_allowed() {
+    use strait_api::testing::EchoRequest;
+    use strait_api::testing::echo_client::EchoClient;
+    let m = Mesh::start("web", None).await;
+    let app = strait_tests::grpc::start_echo().await;
+    m.dir
+        .write("slice-web.yaml", &endpoint(NS, "web", "web-0", app));
+    strict_for_client(&m).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let echo = EchoClient::connect(format!("http://{}", c.upstreams[0]))
+        .await
+        .expect("connect through the client proxy");
+    let say = |message: &str| EchoRequest {
+        message: message.into(),
+        ..Default::default()
+    };
+    wait::until("gRPC through both proxies", Duration::from_secs(10), || {
+        let mut echo = echo.clone();
+        async move { echo.unary(say("hi")).await.is_ok() }
+    })
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(say("one")).await.unwrap();
+    let mut replies = echo
+        .clone()
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "one");
+
+    m.dir.write(
+        "policy.yaml",
+        &policy(
+            "STRICT",
+            "{identity: \"spiffe://cluster.local/ns/test/sa/other\"}",
+        ),
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .expect("the revoked stream is still open");
+    let status = end.expect_err("the stream ends with a status");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    drop(tx);
+}
+
 /// An identity a caller may claim in `strait-client-id`; the app must never see it.
 const FORGED_ID: &str = "spiffe://cluster.local/ns/prod/sa/admin";
 
