@@ -70,16 +70,26 @@ fn keep_unknown_spec_fields(crd: &mut CustomResourceDefinition) {
     }
 }
 
-/// Whether an installed CRD is one whose spec keeps unknown fields, as this
-/// release's do (those of earlier releases pruned them).
+/// Whether an installed CRD is one whose spec keeps unknown fields at every
+/// level, as this release's do (those of earlier releases pruned them).
 pub fn keeps_unknown_spec_fields(crd: &CustomResourceDefinition) -> bool {
+    fn kept(schema: &JSONSchemaProps) -> bool {
+        let here = schema.properties.as_ref().is_none_or(|props| {
+            schema.x_kubernetes_preserve_unknown_fields == Some(true) && props.values().all(kept)
+        });
+        here && match schema.items.as_ref() {
+            Some(JSONSchemaPropsOrArray::Schema(item)) => kept(item),
+            Some(JSONSchemaPropsOrArray::Schemas(items)) => items.iter().all(kept),
+            None => true,
+        }
+    }
     crd.spec.versions.iter().all(|v| {
         v.schema
             .as_ref()
             .and_then(|s| s.open_api_v3_schema.as_ref())
             .and_then(|s| s.properties.as_ref())
             .and_then(|p| p.get("spec"))
-            .is_some_and(|spec| spec.x_kubernetes_preserve_unknown_fields == Some(true))
+            .is_some_and(kept)
     })
 }
 
@@ -137,6 +147,22 @@ mod tests {
         assert!(!keeps_unknown_spec_fields(&crd));
         keep_unknown_spec_fields(&mut crd);
         assert!(keeps_unknown_spec_fields(&crd));
+        // Kept at the top of the spec only (edited by hand): a misspelt
+        // field of an allow entry would still be dropped.
+        let allow = crd.spec.versions[0]
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("spec"))
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("allow"))
+            .and_then(|a| a.items.as_mut());
+        let Some(JSONSchemaPropsOrArray::Schema(item)) = allow else {
+            panic!("allow is a list of objects")
+        };
+        item.x_kubernetes_preserve_unknown_fields = None;
+        assert!(!keeps_unknown_spec_fields(&crd));
     }
 
     /// Every object of a spec keeps what its schema does not name, so the API
