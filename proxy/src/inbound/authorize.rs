@@ -320,25 +320,33 @@ mod tests {
     use http_body_util::BodyExt as _;
     use tower::{Layer as _, Service as _};
 
+    /// STRICT, allowing `who` only (and `probes`).
+    fn strict_for(who: &str, probes: Vec<Probe>) -> Option<Arc<InboundPolicy>> {
+        Some(Arc::new(InboundPolicy {
+            ports: Default::default(),
+            default: PortPolicy {
+                mode: Mode::Strict,
+                allow: vec![Allow::Identity(who.parse().unwrap())],
+                trust_domain: Some("td".into()),
+            },
+            probes,
+        }))
+    }
+
     /// A streaming response is ended when a change of policy refuses its
     /// caller; a kubelet probe's, let in whatever the policy, is not.
     #[tokio::test]
     async fn a_response_stream_is_revoked_with_its_caller_and_a_probe_s_is_not() {
         use futures_util::StreamExt as _;
         let allowing = |who: &str| {
-            Some(Arc::new(InboundPolicy {
-                ports: Default::default(),
-                default: PortPolicy {
-                    mode: Mode::Strict,
-                    allow: vec![Allow::Identity(who.parse().unwrap())],
-                    trust_domain: Some("td".into()),
-                },
-                probes: vec![Probe {
+            strict_for(
+                who,
+                vec![Probe {
                     port: 8080,
                     grpc: false,
                     target: "/events".into(),
                 }],
-            }))
+            )
         };
         let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
         // A response of no known length, whose frames the test sends.
@@ -392,17 +400,7 @@ mod tests {
     #[tokio::test]
     async fn a_grpc_status_is_sent_only_where_trailers_can_go() {
         use futures_util::StreamExt as _;
-        let allowing = |who: &str| {
-            Some(Arc::new(InboundPolicy {
-                ports: Default::default(),
-                default: PortPolicy {
-                    mode: Mode::Strict,
-                    allow: vec![Allow::Identity(who.parse().unwrap())],
-                    trust_domain: Some("td".into()),
-                },
-                probes: vec![],
-            }))
-        };
+        let allowing = |who: &str| strict_for(who, vec![]);
         let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
         let call = |version: http::Version| {
             let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
