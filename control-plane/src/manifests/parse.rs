@@ -371,6 +371,25 @@ pub fn parse_object(v: serde_json::Value) -> Result<Vec<Object>, ParseError> {
 
 /// Parses every document of a file. All errors are returned, so one edit can fix
 /// them all; any error rejects the whole file.
+/// What makes two documents one object, as the API server names it: kind,
+/// namespace and name. A BackendPolicy's and an EndpointSlice's ids also
+/// carry their Service, which two definitions of one object may differ in.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Named {
+    Id(ObjId),
+    Kind(&'static str, String, String),
+}
+
+impl Named {
+    fn of(id: ObjId) -> Self {
+        match id {
+            ObjId::BackendPolicy(svc, name) => Named::Kind("BackendPolicy", svc.namespace, name),
+            ObjId::EndpointSlice(svc, name) => Named::Kind("EndpointSlice", svc.namespace, name),
+            other => Named::Id(other),
+        }
+    }
+}
+
 pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     // Parsing costs tens of times a document's size: an oversized one is
     // refused before any of it is parsed.
@@ -394,7 +413,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     }
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    let mut seen: HashMap<ObjId, usize> = HashMap::new();
+    let mut seen: HashMap<Named, usize> = HashMap::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
         match serde_json::Value::deserialize(de) {
@@ -404,14 +423,15 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
                     errors.push(e);
                 }
                 for id in out[before..].iter().filter_map(Object::id) {
-                    if let Some(&first) = seen.get(&id) {
+                    let shown = id.to_string();
+                    if let Some(&first) = seen.get(&Named::of(id.clone())) {
                         errors.push(ParseError::Duplicate {
                             doc,
                             first,
-                            id: id.to_string(),
+                            id: shown,
                         });
                     } else {
-                        seen.insert(id, doc);
+                        seen.insert(Named::of(id), doc);
                     }
                 }
             }
@@ -590,6 +610,17 @@ items:
             "{apiVersion: v1, kind: Service, metadata: {name: web, namespace: a}, spec: {ports: [{port: 81}]}}",
         );
         assert!(parse_file(&list).is_err());
+        // One BackendPolicy twice, each time for another Service.
+        let policy = |target: &str| {
+            format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p, namespace: a}}\nspec: {{targetRef: {{kind: Service, name: {target}}}, connectTimeout: 1s}}\n"
+            )
+        };
+        let e = parse_file(&format!("{}---\n{}", policy("web"), policy("api"))).unwrap_err();
+        assert!(e[0].to_string().contains("first in document 1"), "{e:?}");
+        // Two of one name in two namespaces are two objects.
+        let other = policy("web").replace("namespace: a", "namespace: b");
+        assert!(parse_file(&format!("{}---\n{other}", policy("web"))).is_ok());
     }
 
     /// `kubectl get -o json` writes a List pretty-printed; the API a typed
