@@ -31,10 +31,6 @@ impl<S> WriteDeadline<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// `Pending` from the stream: pending still, or the limit's error once
     /// it has waited that long.
     fn waited<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
@@ -238,9 +238,12 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         "the injector's webhook",
         hooks.get_opt(WEBHOOK_CONFIG).await.map(|h| {
             h.map(|h| {
-                (h.webhooks.unwrap_or_default().into_iter())
-                    .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
-                    .collect()
+                ca_bundles(
+                    h.webhooks
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|w| w.client_config),
+                )
             })
         }),
         anchors.as_ref(),
@@ -252,9 +255,12 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         "the policy validator's webhook",
         hooks.get_opt(VALIDATION_CONFIG).await.map(|h| {
             h.map(|h| {
-                (h.webhooks.unwrap_or_default().into_iter())
-                    .filter_map(|w| w.client_config.ca_bundle.map(|b| b.0))
-                    .collect()
+                ca_bundles(
+                    h.webhooks
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|w| w.client_config),
+                )
             })
         }),
         anchors.as_ref(),
@@ -379,6 +385,11 @@ fn proxy_ready(p: &Pod) -> bool {
                 .chain(s.container_statuses.iter().flatten())
         })
         .any(|c| c.name == crate::inject::PROXY_CONTAINER && c.ready)
+}
+
+/// The CA bundles a webhook configuration's webhooks are called under.
+fn ca_bundles(configs: impl Iterator<Item = WebhookClientConfig>) -> Vec<Vec<u8>> {
+    configs.filter_map(|c| c.ca_bundle.map(|b| b.0)).collect()
 }
 
 /// A webhook configuration: there, and trusting the anchors the controller's

@@ -333,11 +333,42 @@ mod tests {
         }))
     }
 
+    /// An app answering one request with a response of no known length
+    /// (of the given content type), whose frames the test sends.
+    fn streaming_app(
+        content_type: Option<&'static str>,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        impl tower::Service<
+            Request<http_body_util::Empty<Bytes>>,
+            Response = Response<BoxBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        >,
+    ) {
+        use futures_util::StreamExt as _;
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let frames = std::sync::Mutex::new(Some(frames));
+        let app = tower::service_fn(move |_: Request<http_body_util::Empty<Bytes>>| {
+            let frames = frames.lock().unwrap().take().unwrap();
+            let body = http_body_util::StreamBody::new(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
+                    .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
+            );
+            let mut rsp = Response::new(BoxBody::new(body));
+            if let Some(ct) = content_type {
+                rsp.headers_mut()
+                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            }
+            std::future::ready(Ok::<_, Infallible>(rsp))
+        });
+        (tx, app)
+    }
+
     /// A streaming response is ended when a change of policy refuses its
     /// caller; a kubelet probe's, let in whatever the policy, is not.
     #[tokio::test]
     async fn a_response_stream_is_revoked_with_its_caller_and_a_probe_s_is_not() {
-        use futures_util::StreamExt as _;
         let allowing = |who: &str| {
             strict_for(
                 who,
@@ -349,18 +380,8 @@ mod tests {
             )
         };
         let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
-        // A response of no known length, whose frames the test sends.
         let open = |peer: Option<&str>| {
-            let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
-            let frames = std::sync::Mutex::new(Some(frames));
-            let app = tower::service_fn(move |_: Request<http_body_util::Empty<Bytes>>| {
-                let frames = frames.lock().unwrap().take().unwrap();
-                let body = http_body_util::StreamBody::new(
-                    tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
-                        .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
-                );
-                std::future::ready(Ok::<_, Infallible>(Response::new(BoxBody::new(body))))
-            });
+            let (tx, app) = streaming_app(None);
             let peer = peer.map(|p| p.parse().unwrap());
             let svc = AuthorizeLayer::new(peer, rx.clone(), Metrics::new()).layer(app);
             (tx, svc)
@@ -399,25 +420,10 @@ mod tests {
     /// as before rather than shown a stream that ended cleanly.
     #[tokio::test]
     async fn a_grpc_status_is_sent_only_where_trailers_can_go() {
-        use futures_util::StreamExt as _;
         let allowing = |who: &str| strict_for(who, vec![]);
         let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
         let call = |version: http::Version| {
-            let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
-            let frames = std::sync::Mutex::new(Some(frames));
-            let app = tower::service_fn(move |_: Request<http_body_util::Empty<Bytes>>| {
-                let frames = frames.lock().unwrap().take().unwrap();
-                let body = http_body_util::StreamBody::new(
-                    tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
-                        .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
-                );
-                let mut rsp = Response::new(BoxBody::new(body));
-                rsp.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/grpc"),
-                );
-                std::future::ready(Ok::<_, Infallible>(rsp))
-            });
+            let (tx, app) = streaming_app(Some("application/grpc"));
             let peer = Some("spiffe://td/ns/a/sa/web".parse().unwrap());
             let mut svc = AuthorizeLayer::new(peer, rx.clone(), Metrics::new()).layer(app);
             let mut req = Request::post("/pkg.Svc/Watch")
