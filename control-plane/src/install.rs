@@ -500,8 +500,8 @@ fn rbac() -> Vec<Value> {
             "rules": [
                 {"apiGroups": [""], "resources": ["services", "pods"], "verbs": read},
                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
-                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": read},
-                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["patch"]},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": read},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"]},
                 {"apiGroups": ["policy.strait.dev"], "resources": ["authorizationpolicies", "backendpolicies"], "verbs": read},
                 {"apiGroups": ["policy.strait.dev"], "resources": ["authorizationpolicies/status", "backendpolicies/status"], "verbs": ["patch"]},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},

@@ -46,6 +46,12 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
         "httproutes",
     ),
     (
+        "/apis/gateway.networking.k8s.io/v1",
+        "gateway.networking.k8s.io/v1",
+        "GRPCRoute",
+        "grpcroutes",
+    ),
+    (
         "/apis/policy.strait.dev/v1alpha1",
         "policy.strait.dev/v1alpha1",
         "AuthorizationPolicy",

@@ -22,7 +22,7 @@ pub use view::{DestKey, ParseDestError};
 
 use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
-use crate::routes::RouteSpec;
+use crate::routes::{RouteId, RouteSpec};
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,11 +106,11 @@ pub struct Snapshot {
     pub tokens: HashMap<TokenDigest, ObjKey>,
     /// strait's AuthorizationPolicies, by namespace/name.
     pub authorizations: HashMap<ObjKey, crate::authz::AuthorizationSpec>,
-    /// HTTPRoutes with a Service among their parents, by namespace/name.
-    pub routes: HashMap<ObjKey, RouteSpec>,
-    /// The HTTPRoutes naming each Service as a parent: a view finds its routes
+    /// HTTPRoutes and GRPCRoutes with a Service among their parents.
+    pub routes: HashMap<RouteId, RouteSpec>,
+    /// The routes naming each Service as a parent: a view finds its routes
     /// without looking at every route of the mesh.
-    pub routes_by_parent: HashMap<ObjKey, OrdSet<ObjKey>>,
+    pub routes_by_parent: HashMap<ObjKey, OrdSet<RouteId>>,
     /// strait's BackendPolicies by the Service they target, then by name: the
     /// first is in force (they share the Service's namespace).
     pub backend_policies: HashMap<ObjKey, OrdMap<String, BackendPolicySpec>>,
@@ -733,7 +733,7 @@ impl Snapshot {
         self.authorizations.remove(key);
     }
 
-    pub fn add_route(&mut self, key: ObjKey, route: RouteSpec) {
+    pub fn add_route(&mut self, key: RouteId, route: RouteSpec) {
         self.remove_route(&key);
         for svc in route.parent_services() {
             self.routes_by_parent
@@ -744,7 +744,7 @@ impl Snapshot {
         self.routes.insert(key, route);
     }
 
-    pub fn remove_route(&mut self, key: &ObjKey) {
+    pub fn remove_route(&mut self, key: &RouteId) {
         let Some(route) = self.routes.remove(key) else {
             return;
         };

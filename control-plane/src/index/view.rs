@@ -8,7 +8,7 @@ use strait_api::v1 as api;
 use super::{ObjKey, PodInfo, ServicePort, Snapshot};
 use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
-use crate::routes::RouteSpec;
+use crate::routes::{RouteId, RouteSpec};
 
 /// A destination as a proxy names it, normalised so that every spelling of the same
 /// Service shares one view.
@@ -138,22 +138,26 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
             // Stamped when handed to the streams (`discovery::Views`).
             changed_at: None,
             backends,
-            routes: routes.iter().map(|(k, r)| r.to_api(k, port)).collect(),
+            routes: routes
+                .iter()
+                .map(|(id, r)| r.to_api(&id.key, port))
+                .collect(),
             policy: policy.map(BackendPolicySpec::to_api),
             opaque,
         })),
     }
 }
 
-/// The HTTPRoutes attached to a Service port, in Gateway API's order: oldest
-/// first (a route without a creation time counts as oldest), then by
-/// namespace/name.
+/// The HTTPRoutes and GRPCRoutes attached to a Service port, in Gateway
+/// API's order: oldest first (a route without a creation time counts as
+/// oldest), then by namespace/name (an HTTPRoute before a GRPCRoute of the
+/// same name).
 fn attached_routes<'a>(
     snap: &'a Snapshot,
     svc: &ObjKey,
     port: &ServicePort,
-) -> Vec<(&'a ObjKey, &'a RouteSpec)> {
-    let mut routes: Vec<(&ObjKey, &RouteSpec)> = snap
+) -> Vec<(&'a RouteId, &'a RouteSpec)> {
+    let mut routes: Vec<(&RouteId, &RouteSpec)> = snap
         .routes_by_parent
         .get(svc)
         .into_iter()
@@ -459,6 +463,50 @@ spec:
             ["shop/db-only", "shop/a-newest"],
             "no creation time sorts first"
         );
+    }
+
+    /// A GRPCRoute is served beside the HTTPRoutes, in the same order, and
+    /// one may share an HTTPRoute's name: neither replaces the other.
+    #[test]
+    fn a_grpc_route_joins_the_http_routes_and_may_share_a_name() {
+        let grpc = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: b-canary, namespace: shop, creationTimestamp: "2024-01-02T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - matches: [{method: {service: shop.v1.Cart, method: AddItem}}]
+      backendRefs: [{name: web-canary}]
+"#;
+        let snap = snapshot(&format!("{MESH}{grpc}"));
+        let s = service(&snap, &svc("shop", "web", 80));
+        let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "shop/z-oldest",
+                "shop/b-canary",
+                "shop/b-canary",
+                "shop/a-newest"
+            ]
+        );
+        let rule = &s.routes[2].rules[0];
+        assert_eq!(
+            rule.matches[0].path,
+            Some(api::http_match::Path::Exact("/shop.v1.Cart/AddItem".into()))
+        );
+        assert_eq!(rule.backends[0].backend, CANARY);
+        // Removing the GRPCRoute leaves the HTTPRoute of its name.
+        let mut snap = snap;
+        snap.remove_route(&crate::routes::RouteId::grpc(ObjKey {
+            namespace: "shop".into(),
+            name: "b-canary".into(),
+        }));
+        let s = service(&snap, &svc("shop", "web", 80));
+        assert_eq!(s.routes.len(), 3);
+        assert_eq!(s.routes[1].rules[0].backends.len(), 2);
     }
 
     #[test]

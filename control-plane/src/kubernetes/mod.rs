@@ -44,16 +44,18 @@ pub enum Kind {
     EndpointSlice,
     Pod,
     HttpRoute,
+    GrpcRoute,
     AuthorizationPolicy,
     BackendPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
         Kind::BackendPolicy,
     ];
@@ -61,14 +63,20 @@ impl Kind {
     fn optional(self) -> bool {
         matches!(
             self,
-            Kind::HttpRoute | Kind::AuthorizationPolicy | Kind::BackendPolicy
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::AuthorizationPolicy | Kind::BackendPolicy
         )
+    }
+
+    /// Gateway API's route kinds, whose status is per parent.
+    pub fn is_route(self) -> bool {
+        matches!(self, Kind::HttpRoute | Kind::GrpcRoute)
     }
 
     /// The custom kinds, as the API serves them.
     pub fn resource(self) -> Option<ApiResource> {
         let (group, version, kind, plural) = match self {
             Kind::HttpRoute => ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+            Kind::GrpcRoute => ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
             Kind::AuthorizationPolicy => (
                 "policy.strait.dev",
                 "v1alpha1",
@@ -423,13 +431,12 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
                 let parsed = parse_object(v.clone()).map_err(|e| e.to_string());
                 let error = parsed.as_ref().err().cloned();
                 let object = parsed.map(|mut objects| objects.pop().filter(|o| o.id().is_some()));
-                // An HTTPRoute of Gateways only is not strait's to report on,
+                // A route of Gateways only is not strait's to report on,
                 // unless strait's entries from when it had a Service parent
                 // are still there, to be taken out.
                 let status = StatusInput::of(kind, &v, error);
-                let ours = kind != Kind::HttpRoute
-                    || !status.targets.is_empty()
-                    || status.has_entries_of_ours();
+                let ours =
+                    !kind.is_route() || !status.targets.is_empty() || status.has_entries_of_ours();
                 let status = ours.then(|| Box::new(status));
                 (object, status)
             })

@@ -1,4 +1,4 @@
-//! What the controller says of strait's policies and of the HTTPRoutes whose
+//! What the controller says of strait's policies and of the routes whose
 //! parents are Services: `Accepted` (the object is valid) and `ResolvedRefs`
 //! (the Services it names exist), with a reason, a message and the generation
 //! they describe. Written only by the replica that holds the lease, and only
@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::Kind;
 use crate::index::{ObjKey, Snapshot};
 
-/// The controller name in HTTPRoute `status.parents[]`.
+/// The controller name in a route's `status.parents[]`.
 pub const CONTROLLER_NAME: &str = "strait.dev/controller";
 
 /// What an object's status is computed from, taken from it as it was read.
@@ -65,7 +65,7 @@ impl StatusInput {
         let port_at = |v: &Value| v["port"].as_u64().and_then(|p| u16::try_from(p).ok());
         let (mut parent_refs, mut backend_ports) = (Vec::new(), Vec::new());
         let (targets, backends) = match kind {
-            Kind::HttpRoute => {
+            Kind::HttpRoute | Kind::GrpcRoute => {
                 parent_refs = v["spec"]["parentRefs"]
                     .as_array()
                     .into_iter()
@@ -352,7 +352,7 @@ fn conditions(
         )
     } else {
         let names: Vec<&str> = missing.iter().map(|n| n.as_str()).collect();
-        let reason = if s.kind == Kind::HttpRoute {
+        let reason = if s.kind.is_route() {
             "BackendNotFound"
         } else {
             "TargetNotFound"
@@ -370,7 +370,7 @@ fn conditions(
 /// The status the object should have.
 pub fn desired(s: &StatusInput, snap: &Snapshot) -> Value {
     match s.kind {
-        Kind::HttpRoute => {
+        Kind::HttpRoute | Kind::GrpcRoute => {
             // Entries of other controllers (a Gateway's) are kept as they are.
             let others = s.current["parents"]
                 .as_array()

@@ -473,7 +473,7 @@ impl ManifestSource {
                         .filter_map(|o| match o {
                             // A route in force as it is was accepted already;
                             // its Service may have gone since.
-                            Object::HttpRoute(k, r) if self.current.routes.get(k) != Some(r) => {
+                            Object::Route(k, r) if self.current.routes.get(k) != Some(r) => {
                                 Some((k, r))
                             }
                             _ => None,
@@ -1227,7 +1227,7 @@ mod tests {
                 r.rules
                     .iter()
                     .flat_map(|rule| &rule.backends)
-                    .map(move |b| format!("{}->{}", k.name, b.service.name))
+                    .map(move |b| format!("{}->{}", k.key.name, b.service.name))
             })
             .collect();
         out.sort();

@@ -11,6 +11,7 @@ use crate::defaults;
 use crate::index::{
     ObjKey, PodInfo, ServiceInfo, SliceInfo, Snapshot, SnapshotBuilder, TokenDigest,
 };
+use crate::routes::RouteId;
 
 /// A validated object, in the form the index takes.
 #[derive(Clone, Debug)]
@@ -23,8 +24,8 @@ pub enum Object {
     Token(TokenDigest, ObjKey),
     /// Strait's authorization policy.
     Authorization(ObjKey, crate::authz::AuthorizationSpec),
-    /// A Gateway API HTTPRoute with a Service among its parents.
-    HttpRoute(ObjKey, crate::routes::RouteSpec),
+    /// A Gateway API HTTPRoute or GRPCRoute with a Service among its parents.
+    Route(RouteId, crate::routes::RouteSpec),
     /// Strait's backend policy: the Service it targets, its name, its spec.
     BackendPolicy(ObjKey, String, crate::backend_policy::BackendPolicySpec),
     /// Kinds strait reads but does not act on (HTTPRoutes of Gateways, ...).
@@ -43,7 +44,7 @@ pub enum ObjId {
     Pod(ObjKey),
     Token(TokenDigest),
     Authorization(ObjKey),
-    HttpRoute(ObjKey),
+    Route(RouteId),
     BackendPolicy(ObjKey, String),
 }
 
@@ -61,7 +62,7 @@ impl std::fmt::Display for ObjId {
             ObjId::Pod(k) => write!(f, "Pod {k}"),
             ObjId::Token(_) => f.write_str("a service-account token Secret"),
             ObjId::Authorization(k) => write!(f, "AuthorizationPolicy {k}"),
-            ObjId::HttpRoute(k) => write!(f, "HTTPRoute {k}"),
+            ObjId::Route(r) => r.fmt(f),
             ObjId::BackendPolicy(svc, name) => write!(
                 f,
                 "BackendPolicy {}/{name} (for Service {})",
@@ -79,7 +80,7 @@ impl ObjId {
             ObjId::Pod(k) => snap.remove_pod(k),
             ObjId::Token(d) => snap.remove_token(d),
             ObjId::Authorization(k) => snap.remove_authorization(k),
-            ObjId::HttpRoute(k) => snap.remove_route(k),
+            ObjId::Route(r) => snap.remove_route(r),
             ObjId::BackendPolicy(svc, name) => snap.remove_backend_policy(svc, name),
         }
     }
@@ -94,7 +95,7 @@ impl Object {
             Object::Pod(k, _) => ObjId::Pod(k.clone()),
             Object::Token(d, _) => ObjId::Token(*d),
             Object::Authorization(k, _) => ObjId::Authorization(k.clone()),
-            Object::HttpRoute(k, _) => ObjId::HttpRoute(k.clone()),
+            Object::Route(r, _) => ObjId::Route(r.clone()),
             Object::BackendPolicy(svc, name, _) => ObjId::BackendPolicy(svc.clone(), name.clone()),
             Object::Other { .. } => return None,
         })
@@ -111,7 +112,7 @@ impl Object {
             Object::Pod(k, p) => snap.pods.get(k) == Some(p),
             Object::Token(d, sa) => snap.tokens.get(d) == Some(sa),
             Object::Authorization(k, a) => snap.authorizations.get(k) == Some(a),
-            Object::HttpRoute(k, r) => snap.routes.get(k) == Some(r),
+            Object::Route(id, r) => snap.routes.get(id) == Some(r),
             Object::BackendPolicy(svc, name, p) => {
                 snap.backend_policies.get(svc).and_then(|m| m.get(name)) == Some(p)
             }
@@ -127,7 +128,7 @@ impl Object {
             Object::Pod(k, p) => snap.add_pod(k, p),
             Object::Token(d, sa) => snap.add_token(d, sa),
             Object::Authorization(k, a) => snap.add_authorization(k, a),
-            Object::HttpRoute(k, r) => snap.add_route(k, r),
+            Object::Route(id, r) => snap.add_route(id, r),
             Object::BackendPolicy(svc, name, p) => snap.add_backend_policy(svc, name, p),
             Object::Other { .. } => {}
         }
@@ -142,7 +143,7 @@ impl Object {
             Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
             Object::Token(d, sa) => snap.add_token(*d, sa.clone()),
             Object::Authorization(k, a) => snap.add_authorization(k.clone(), a.clone()),
-            Object::HttpRoute(k, r) => snap.add_route(k.clone(), r.clone()),
+            Object::Route(id, r) => snap.add_route(id.clone(), r.clone()),
             Object::BackendPolicy(svc, name, p) => {
                 snap.add_backend_policy(svc.clone(), name.clone(), p.clone())
             }
@@ -191,9 +192,9 @@ pub enum ParseError {
         id: String,
     },
     /// Valid on its own, but names what the index does not hold.
-    #[error("HTTPRoute {route}: {error}")]
+    #[error("{route}: {error}")]
     Reference {
-        route: ObjKey,
+        route: RouteId,
         error: crate::spec::SpecError,
     },
 }
@@ -217,6 +218,10 @@ fn known(api_version: &str, kind: &str) -> bool {
             | (
                 "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
                 "HTTPRoute"
+            )
+            | (
+                "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2",
+                "GRPCRoute"
             )
             | (STRAIT_VERSION, _)
     )
@@ -335,7 +340,14 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
         }
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             match crate::routes::parse(&v).map_err(field)? {
-                Some((k, route)) => out.push(Object::HttpRoute(k, route)),
+                Some((k, route)) => out.push(Object::Route(RouteId::http(k), route)),
+                None => out.push(Object::Other { kind, name: what }),
+            }
+        }
+        // GRPCRoute was v1alpha2 before Gateway API 1.1, with the same fields.
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
+            match crate::routes::parse_grpc(&v).map_err(field)? {
+                Some((k, route)) => out.push(Object::Route(RouteId::grpc(k), route)),
                 None => out.push(Object::Other { kind, name: what }),
             }
         }
@@ -749,7 +761,7 @@ spec:
 
         let good = doc.replace("/a[", "/a").replace("ratio: 2", "ratio: 0.5");
         let objs = parse_file(&good).unwrap();
-        assert!(matches!(&objs[0], Object::HttpRoute(k, _) if k.name == "web"));
+        assert!(matches!(&objs[0], Object::Route(r, _) if r.key.name == "web"));
         assert!(
             matches!(&objs[1], Object::BackendPolicy(svc, name, _) if svc.name == "web" && name == "web")
         );

@@ -15,7 +15,7 @@ use crate::spec::{SpecError, dns_name};
 #[serde(rename_all = "camelCase")]
 pub(super) struct FilterDoc {
     #[serde(rename = "type")]
-    kind: String,
+    pub(super) kind: String,
     request_header_modifier: Option<HeaderModifierDoc>,
     response_header_modifier: Option<HeaderModifierDoc>,
     url_rewrite: Option<UrlRewriteDoc>,

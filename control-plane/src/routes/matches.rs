@@ -27,7 +27,7 @@ struct PathDoc {
 }
 
 #[derive(Deserialize)]
-struct ValueMatchDoc {
+pub(super) struct ValueMatchDoc {
     #[serde(rename = "type")]
     kind: Option<String>,
     name: String,
@@ -42,7 +42,7 @@ const METHODS: [&str; 9] = [
 /// Regular expressions match whole values, compiled as the proxies compile them.
 /// The pattern is compiled alone first: with unbalanced groups (`/a)|(.*`) it
 /// would compile inside the anchoring group and escape it.
-fn full_match_regex(field: &str, pattern: &str) -> Result<String, SpecError> {
+pub(super) fn full_match_regex(field: &str, pattern: &str) -> Result<String, SpecError> {
     for p in [pattern.to_string(), format!("^(?:{pattern})$")] {
         regex::RegexBuilder::new(&p)
             .size_limit(defaults::ROUTE_REGEX_SIZE_LIMIT)
@@ -78,11 +78,6 @@ pub(super) fn path_value(field: &str, v: &str) -> Result<String, SpecError> {
 pub(super) fn http_match(at: &str, m: &MatchDoc) -> Result<api::HttpMatch, SpecError> {
     use api::http_match::Path;
     SpecError::at_most(
-        format!("{at}.headers"),
-        m.headers.len(),
-        defaults::MAX_MATCH_VALUES,
-    )?;
-    SpecError::at_most(
         format!("{at}.queryParams"),
         m.query_params.len(),
         defaults::MAX_MATCH_VALUES,
@@ -110,25 +105,7 @@ pub(super) fn http_match(at: &str, m: &MatchDoc) -> Result<api::HttpMatch, SpecE
             ));
         }
     };
-    let mut headers = Vec::new();
-    for (i, h) in m.headers.iter().enumerate() {
-        let at = format!("{at}.headers[{i}]");
-        if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
-            return Err(SpecError::new(
-                format!("{at}.name"),
-                format!("{:?} is not a header name", h.name),
-            ));
-        }
-        use api::header_match::Value;
-        let value = match value_kind(&at, h)? {
-            true => Value::Exact(h.value.clone()),
-            false => Value::Regex(full_match_regex(&format!("{at}.value"), &h.value)?),
-        };
-        headers.push(api::HeaderMatch {
-            name: h.name.clone(),
-            value: Some(value),
-        });
-    }
+    let headers = header_matches(at, &m.headers)?;
     let mut query_params = Vec::new();
     for (i, q) in m.query_params.iter().enumerate() {
         let at = format!("{at}.queryParams[{i}]");
@@ -151,6 +128,38 @@ pub(super) fn http_match(at: &str, m: &MatchDoc) -> Result<api::HttpMatch, SpecE
         headers,
         query_params,
     })
+}
+
+/// Header matches (`{at}.headers`), of HTTPRoutes and GRPCRoutes alike.
+pub(super) fn header_matches(
+    at: &str,
+    docs: &[ValueMatchDoc],
+) -> Result<Vec<api::HeaderMatch>, SpecError> {
+    SpecError::at_most(
+        format!("{at}.headers"),
+        docs.len(),
+        defaults::MAX_MATCH_VALUES,
+    )?;
+    let mut headers = Vec::new();
+    for (i, h) in docs.iter().enumerate() {
+        let at = format!("{at}.headers[{i}]");
+        if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+            return Err(SpecError::new(
+                format!("{at}.name"),
+                format!("{:?} is not a header name", h.name),
+            ));
+        }
+        use api::header_match::Value;
+        let value = match value_kind(&at, h)? {
+            true => Value::Exact(h.value.clone()),
+            false => Value::Regex(full_match_regex(&format!("{at}.value"), &h.value)?),
+        };
+        headers.push(api::HeaderMatch {
+            name: h.name.clone(),
+            value: Some(value),
+        });
+    }
+    Ok(headers)
 }
 
 /// Whether a header or query match is exact (else a regular expression).

@@ -1,7 +1,10 @@
-//! Gateway API HTTPRoutes attached to Services (GAMMA: `parentRefs` of kind
-//! Service): their validated index form, and what the proxies are sent of them.
+//! Gateway API HTTPRoutes and GRPCRoutes attached to Services (GAMMA:
+//! `parentRefs` of kind Service): their validated index form, and what the
+//! proxies are sent of them. A GRPCRoute is served as an HTTP route: a gRPC
+//! method is the path `/package.Service/Method`.
 
 mod filters;
+mod grpc;
 mod matches;
 mod parse;
 
@@ -11,13 +14,53 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use strait_api::v1 as api;
 
 pub(crate) use parse::core_group;
-pub use parse::parse;
+pub use parse::{parse, parse_grpc};
 
 use crate::index::view::service_name;
 use crate::index::{ObjKey, ServiceInfo, ServicePort};
 use crate::spec::{SpecError, proto_duration};
 
-/// One HTTPRoute, as strait serves it.
+/// Which of Gateway API's route kinds an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+}
+
+/// A route in the index: an HTTPRoute and a GRPCRoute may share a name.
+/// Ordered by namespace/name first, as Gateway API orders routes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteId {
+    pub key: ObjKey,
+    pub kind: RouteKind,
+}
+
+impl RouteId {
+    pub fn http(key: ObjKey) -> Self {
+        RouteId {
+            key,
+            kind: RouteKind::Http,
+        }
+    }
+
+    pub fn grpc(key: ObjKey) -> Self {
+        RouteId {
+            key,
+            kind: RouteKind::Grpc,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            RouteKind::Http => write!(f, "HTTPRoute {}", self.key),
+            RouteKind::Grpc => write!(f, "GRPCRoute {}", self.key),
+        }
+    }
+}
+
+/// One HTTPRoute or GRPCRoute, as strait serves it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteSpec {
     /// `metadata.creationTimestamp`: the older of two routes wins ties.

@@ -1,4 +1,4 @@
-//! HTTPRoute objects (`gateway.networking.k8s.io` v1 and v1beta1) into their
+//! HTTPRoute and GRPCRoute objects (`gateway.networking.k8s.io`) into their
 //! index form. Only routes with a Service among their parents are strait's; all
 //! they say is validated here, so a proxy never gets a rule it cannot follow.
 //! Fields strait does not read are ignored, as Gateway API keeps adding some.
@@ -8,27 +8,40 @@ use std::collections::HashSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
+use strait_api::v1 as api;
+
 use super::filters::{FilterDoc, filters};
+use super::grpc::GrpcRuleDoc;
 use super::matches::{MatchDoc, http_match};
 use super::{BackendRef, ParentRef, Retry, RouteSpec, Rule};
 use crate::defaults;
 use crate::index::ObjKey;
 use crate::spec::{self, SpecError, dns_label};
 
+/// A route of either kind: `R` is its kind's rule.
 #[derive(Deserialize)]
-struct Doc {
+struct Doc<R> {
     metadata: ObjectMeta,
-    #[serde(default)]
-    spec: SpecDoc,
+    #[serde(default = "SpecDoc::empty")]
+    spec: SpecDoc<R>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SpecDoc {
+struct SpecDoc<R> {
     #[serde(default)]
     parent_refs: Vec<ParentRefDoc>,
-    #[serde(default)]
-    rules: Vec<RuleDoc>,
+    #[serde(default = "Vec::new")]
+    rules: Vec<R>,
+}
+
+impl<R> SpecDoc<R> {
+    fn empty() -> Self {
+        SpecDoc {
+            parent_refs: Vec::new(),
+            rules: Vec::new(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -57,7 +70,7 @@ struct RuleDoc {
 }
 
 #[derive(Deserialize)]
-struct BackendRefDoc {
+pub(super) struct BackendRefDoc {
     group: Option<String>,
     kind: Option<String>,
     name: String,
@@ -107,7 +120,23 @@ const GRPC_CODES: [&str; 17] = [
 /// Parses and validates one HTTPRoute. `None`: none of its parents is a Service,
 /// so it is another implementation's (a Gateway's) and not read further.
 pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecError> {
-    let doc: Doc = serde_path_to_error::deserialize(v).map_err(SpecError::from_serde)?;
+    parse_kind::<RuleDoc>(v, rule)
+}
+
+/// As `parse`, for a GRPCRoute.
+pub fn parse_grpc(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecError> {
+    parse_kind::<GrpcRuleDoc>(v, super::grpc::rule)
+}
+
+/// A route's rule of kind `R`: the route, the rule's field path, the rule,
+/// and the gRPC codes its route's annotation retries.
+type RuleFn<R> = fn(&ObjKey, &str, &R, Option<&[u32]>) -> Result<Rule, SpecError>;
+
+fn parse_kind<R: serde::de::DeserializeOwned>(
+    v: &serde_json::Value,
+    rule: RuleFn<R>,
+) -> Result<Option<(ObjKey, RouteSpec)>, SpecError> {
+    let doc: Doc<R> = serde_path_to_error::deserialize(v).map_err(SpecError::from_serde)?;
     let key = spec::key(&doc.metadata)?;
     SpecError::at_most(
         "spec.parentRefs",
@@ -384,8 +413,17 @@ fn retry(at: &str, r: &RetryDoc, grpc: Option<&[u32]>) -> Result<Retry, SpecErro
     })
 }
 
-fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<Rule, SpecError> {
-    if let Some(n) = &r.name
+/// What the rules of both kinds have: a name, matches (already in the
+/// proxies' form), filters and backendRefs. No timeouts and no retry.
+pub(super) fn rule_parts(
+    route: &ObjKey,
+    at: &str,
+    name: Option<&String>,
+    matches: Vec<api::HttpMatch>,
+    filter_docs: &[FilterDoc],
+    backend_refs: &[BackendRefDoc],
+) -> Result<Rule, SpecError> {
+    if let Some(n) = name
         && !dns_label(n)
     {
         return Err(SpecError::new(
@@ -394,19 +432,50 @@ fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<R
         ));
     }
     SpecError::at_most(
-        format!("{at}.matches"),
-        r.matches.len(),
-        defaults::MAX_RULE_MATCHES,
-    )?;
-    SpecError::at_most(
         format!("{at}.filters"),
-        r.filters.len(),
+        filter_docs.len(),
         defaults::MAX_RULE_FILTERS,
     )?;
     SpecError::at_most(
         format!("{at}.backendRefs"),
-        r.backend_refs.len(),
+        backend_refs.len(),
         defaults::MAX_RULE_BACKENDS,
+    )?;
+    let filters = filters(at, filter_docs, &matches)?;
+    let backends = backend_refs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| backend_ref(route, &format!("{at}.backendRefs[{i}]"), b))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Every backend at weight 0 is accepted: it is how a rule is drained, and
+    // the proxies answer its requests 500, as Gateway API says.
+    Ok(Rule {
+        name: name.cloned(),
+        matches,
+        filters,
+        backends,
+        request_timeout: None,
+        backend_request_timeout: None,
+        retry: None,
+    })
+}
+
+/// The retry of a rule whose route's annotation names gRPC codes and whose
+/// own spec says nothing of retries.
+pub(super) fn grpc_codes_retry(codes: &[u32]) -> Retry {
+    Retry {
+        attempts: defaults::DEFAULT_RETRY_ATTEMPTS,
+        codes: Vec::new(),
+        backoff: None,
+        grpc_codes: codes.to_vec(),
+    }
+}
+
+fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<Rule, SpecError> {
+    SpecError::at_most(
+        format!("{at}.matches"),
+        r.matches.len(),
+        defaults::MAX_RULE_MATCHES,
     )?;
     let matches = r
         .matches
@@ -414,15 +483,14 @@ fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<R
         .enumerate()
         .map(|(i, m)| http_match(&format!("{at}.matches[{i}]"), m))
         .collect::<Result<Vec<_>, _>>()?;
-    let filters = filters(at, &r.filters, &matches)?;
-    let backends = r
-        .backend_refs
-        .iter()
-        .enumerate()
-        .map(|(i, b)| backend_ref(route, &format!("{at}.backendRefs[{i}]"), b))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Every backend at weight 0 is accepted: it is how a rule is drained, and
-    // the proxies answer its requests 500, as Gateway API says.
+    let mut rule = rule_parts(
+        route,
+        at,
+        r.name.as_ref(),
+        matches,
+        &r.filters,
+        &r.backend_refs,
+    )?;
     let timeouts = r.timeouts.as_ref();
     let request_timeout = timeout(
         &format!("{at}.timeouts.request"),
@@ -440,25 +508,14 @@ fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<R
             "longer than timeouts.request, which it is part of",
         ));
     }
-    let retry = match (&r.retry, grpc) {
+    rule.retry = match (&r.retry, grpc) {
         (Some(doc), _) => Some(retry(&format!("{at}.retry"), doc, grpc)?),
-        (None, Some(codes)) => Some(Retry {
-            attempts: defaults::DEFAULT_RETRY_ATTEMPTS,
-            codes: Vec::new(),
-            backoff: None,
-            grpc_codes: codes.to_vec(),
-        }),
+        (None, Some(codes)) => Some(grpc_codes_retry(codes)),
         (None, None) => None,
     };
-    Ok(Rule {
-        name: r.name.clone(),
-        matches,
-        filters,
-        backends,
-        request_timeout,
-        backend_request_timeout,
-        retry,
-    })
+    rule.request_timeout = request_timeout;
+    rule.backend_request_timeout = backend_request_timeout;
+    Ok(rule)
 }
 
 #[cfg(test)]

@@ -287,6 +287,10 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     api.apply(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-split, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n    - backendRefs: [{name: web, port: 80, weight: 90}, {name: web-v2, port: 80, weight: 10}]\n",
     );
+    // A GRPCRoute may share an HTTPRoute's name: each has its own status.
+    api.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: web-split, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n    - matches: [{method: {service: shop.v1.Cart}}]\n      backendRefs: [{name: web, port: 80}]\n",
+    );
     // The Services exist; the ports named do not.
     api.apply("apiVersion: v1\nkind: Service\nmetadata: {name: multi, namespace: test}\nspec:\n  ports: [{name: http, port: 80}, {name: admin, port: 9090}]\n");
     api.apply(
@@ -302,8 +306,14 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
         condition(&status_of("web"), "Accepted").0 == "True"
             && condition(&status_of("typo"), "Accepted").0 == "False"
             && condition(&status_of("orphan"), "ResolvedRefs").0 == "False"
-            && ["web-split", "web-ports"].iter().all(|r| {
-                api.get("httproutes", NS, r)
+            && [
+                ("httproutes", "web-split"),
+                ("httproutes", "web-ports"),
+                ("grpcroutes", "web-split"),
+            ]
+            .iter()
+            .all(|(kind, r)| {
+                api.get(kind, NS, r)
                     .is_some_and(|r| r["status"]["parents"].is_array())
             })
     })
@@ -340,6 +350,17 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     assert_eq!(
         (resolved["status"].as_str(), resolved["reason"].as_str()),
         (Some("False"), Some("BackendNotFound"))
+    );
+
+    let grpc = api.get("grpcroutes", NS, "web-split").unwrap();
+    let conditions = grpc["status"]["parents"][0]["conditions"]
+        .as_array()
+        .unwrap();
+    assert!(
+        conditions
+            .iter()
+            .all(|c| c["status"] == "True" && c["observedGeneration"] == 1),
+        "the GRPCRoute is accepted and its Service resolved: {conditions:?}"
     );
 
     let route = api.get("httproutes", NS, "web-ports").unwrap();
@@ -396,7 +417,7 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
         .to_string();
     let patches = api.status_patches();
     assert!(patches.iter().all(|(m, _, _)| *m == holder), "{patches:?}");
-    assert_eq!(patches.len(), 5, "one write per object: {patches:?}");
+    assert_eq!(patches.len(), 6, "one write per object: {patches:?}");
 
     // The writer dies: the other takes over within the lease's 2 s and writes
     // the status of a policy changed meanwhile.

@@ -753,16 +753,30 @@ async fn a_large_body_never_sent_is_retried_on_a_retrying_route() {
 
 #[tokio::test]
 async fn a_grpc_method_route_retries_unavailable() {
+    grpc_calls_retried_by(format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{path: {{type: Exact, value: /strait.testing.v1.Echo/Unary}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n    retry: {{attempts: 2, backoff: 1ms}}\n"
+    ))
+    .await;
+}
+
+/// The same through a GRPCRoute: its method match and the route's retry
+/// annotation are what retries the calls (calls no rule matches are not).
+#[tokio::test]
+async fn a_grpcroute_method_match_retries_unavailable() {
+    grpc_calls_retried_by(format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{method: {{service: strait.testing.v1.Echo, method: Unary}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n"
+    ))
+    .await;
+}
+
+/// Unary calls to an echo server failing every other call UNAVAILABLE,
+/// through a mesh with `route`: none fails.
+async fn grpc_calls_retried_by(route: String) {
     let grpc: SocketAddr = strait_tests::grpc::start_flaky_echo().await;
     let dir = ManifestDir::new();
     dir.write("svc.yaml", &service(NS, "echo", 80));
     dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", grpc));
-    dir.write(
-        "route.yaml",
-        &format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{path: {{type: Exact, value: /strait.testing.v1.Echo/Unary}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n    retry: {{attempts: 2, backoff: 1ms}}\n"
-        ),
-    );
+    dir.write("route.yaml", &route);
     let cp = ControllerProc::start(dir.path()).await;
     let client = Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
     let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(

@@ -1,0 +1,320 @@
+//! GRPCRoute rules in the form the proxies follow for HTTP: a gRPC call is a
+//! POST to `/package.Service/Method`, so a method match is a path match, and
+//! the rest (headers, filters, backends) is an HTTPRoute rule's.
+//!
+//! Precedence, as the proxies order path matches: a service and method
+//! (an exact path), then a regular expression or a method alone, then a
+//! service alone (a path prefix).
+
+use serde::Deserialize;
+use strait_api::v1 as api;
+
+use super::Rule;
+use super::filters::FilterDoc;
+use super::matches::{ValueMatchDoc, full_match_regex, header_matches, unsupported};
+use super::parse::{BackendRefDoc, grpc_codes_retry, rule_parts};
+use crate::defaults;
+use crate::index::ObjKey;
+use crate::spec::SpecError;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct GrpcRuleDoc {
+    name: Option<String>,
+    #[serde(default)]
+    matches: Vec<GrpcMatchDoc>,
+    #[serde(default)]
+    filters: Vec<FilterDoc>,
+    #[serde(default)]
+    backend_refs: Vec<BackendRefDoc>,
+}
+
+#[derive(Deserialize)]
+struct GrpcMatchDoc {
+    method: Option<MethodDoc>,
+    #[serde(default)]
+    headers: Vec<ValueMatchDoc>,
+}
+
+#[derive(Deserialize)]
+struct MethodDoc {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    service: Option<String>,
+    method: Option<String>,
+}
+
+/// The filters Gateway API defines for GRPCRoute that strait applies.
+const FILTERS: [&str; 2] = ["RequestHeaderModifier", "ResponseHeaderModifier"];
+
+/// One GRPCRoute rule. GRPCRoute has no timeouts or retry of its own: the
+/// route's `retry.strait.dev/grpc-codes` annotation retries its calls.
+pub(super) fn rule(
+    route: &ObjKey,
+    at: &str,
+    r: &GrpcRuleDoc,
+    grpc: Option<&[u32]>,
+) -> Result<Rule, SpecError> {
+    SpecError::at_most(
+        format!("{at}.matches"),
+        r.matches.len(),
+        defaults::MAX_RULE_MATCHES,
+    )?;
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| grpc_match(&format!("{at}.matches[{i}]"), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some((i, f)) = (r.filters.iter().enumerate()).find(|(_, f)| !FILTERS.contains(&&*f.kind))
+    {
+        return Err(SpecError::new(
+            format!("{at}.filters[{i}].type"),
+            format!(
+                "{:?} is not a GRPCRoute filter strait applies ({})",
+                f.kind,
+                FILTERS.join(", ")
+            ),
+        ));
+    }
+    let mut rule = rule_parts(
+        route,
+        at,
+        r.name.as_ref(),
+        matches,
+        &r.filters,
+        &r.backend_refs,
+    )?;
+    rule.retry = grpc.map(grpc_codes_retry);
+    Ok(rule)
+}
+
+fn grpc_match(at: &str, m: &GrpcMatchDoc) -> Result<api::HttpMatch, SpecError> {
+    Ok(api::HttpMatch {
+        path: m
+            .method
+            .as_ref()
+            .map(|x| method_path(&format!("{at}.method"), x))
+            .transpose()?,
+        method: String::new(),
+        headers: header_matches(at, &m.headers)?,
+        query_params: Vec::new(),
+    })
+}
+
+/// A method match as the path it matches.
+fn method_path(at: &str, m: &MethodDoc) -> Result<api::http_match::Path, SpecError> {
+    use api::http_match::Path;
+    let service = m.service.as_deref().filter(|s| !s.is_empty());
+    let method = m.method.as_deref().filter(|s| !s.is_empty());
+    let neither = || {
+        SpecError::new(
+            at,
+            "names neither a service nor a method (give one or both)",
+        )
+    };
+    if service.is_none() && method.is_none() {
+        return Err(neither());
+    }
+    match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => {
+            if let Some(s) = service
+                && !service_name(s)
+            {
+                return Err(SpecError::new(
+                    format!("{at}.service"),
+                    format!("{s:?} is not a gRPC service name (such as \"shop.v1.Cart\")"),
+                ));
+            }
+            if let Some(x) = method
+                && !method_name(x)
+            {
+                return Err(SpecError::new(
+                    format!("{at}.method"),
+                    format!("{x:?} is not a gRPC method name (such as \"AddItem\")"),
+                ));
+            }
+            Ok(match (service, method) {
+                (Some(s), Some(x)) => Path::Exact(format!("/{s}/{x}")),
+                (Some(s), None) => Path::Prefix(format!("/{s}")),
+                // A method name is letters, digits and `_`: nothing a
+                // pattern gives a meaning to.
+                (None, Some(x)) => Path::Regex(format!("/[^/]+/{x}")),
+                (None, None) => return Err(neither()),
+            })
+        }
+        "RegularExpression" => {
+            let part = |field: &str, v: Option<&str>| match v {
+                Some(v) => {
+                    full_match_regex(&format!("{at}.{field}"), v).map(|p| format!("(?:{p})"))
+                }
+                None => Ok("[^/]+".to_string()),
+            };
+            let pattern = format!("/{}/{}", part("service", service)?, part("method", method)?);
+            Ok(Path::Regex(full_match_regex(at, &pattern)?))
+        }
+        other => Err(unsupported(&format!("{at}.type"), other)),
+    }
+}
+
+/// Gateway API's pattern for a service: dot-separated identifiers, with an
+/// optional leading dot.
+fn service_name(s: &str) -> bool {
+    let s = s.strip_prefix('.').unwrap_or(s);
+    s.len() <= 1024 && s.split('.').all(identifier)
+}
+
+fn method_name(s: &str) -> bool {
+    s.len() <= 1024 && identifier(s)
+}
+
+fn identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use strait_api::v1 as api;
+
+    use crate::routes::parse_grpc;
+
+    fn route(matches: Value, filters: Value) -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": "cart", "namespace": "shop",
+                         "annotations": {"retry.strait.dev/grpc-codes": "unavailable"}},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "cart", "port": 50051}],
+                "rules": [{
+                    "matches": matches,
+                    "filters": filters,
+                    "backendRefs": [{"name": "cart-v2", "port": 50051, "weight": 10}]
+                }]
+            }
+        })
+    }
+
+    fn path_of(method: Value) -> Option<api::http_match::Path> {
+        let (_, spec) = parse_grpc(&route(json!([{"method": method}]), json!([])))
+            .unwrap()
+            .unwrap();
+        spec.rules[0].matches[0].path.clone()
+    }
+
+    fn refused(matches: Value, filters: Value) -> (String, String) {
+        let e = parse_grpc(&route(matches, filters)).unwrap_err();
+        (e.field, e.reason)
+    }
+
+    #[test]
+    fn a_method_match_is_the_path_of_the_call() {
+        use api::http_match::Path;
+        let path = |m| path_of(m).unwrap();
+        assert_eq!(
+            path(json!({"service": "shop.v1.Cart", "method": "AddItem"})),
+            Path::Exact("/shop.v1.Cart/AddItem".into())
+        );
+        assert_eq!(
+            path(json!({"type": "Exact", "service": "shop.v1.Cart"})),
+            Path::Prefix("/shop.v1.Cart".into())
+        );
+        assert_eq!(
+            path(json!({"method": "AddItem"})),
+            Path::Regex("/[^/]+/AddItem".into())
+        );
+        assert_eq!(
+            path(json!({"type": "RegularExpression", "service": "shop\\.v[12]\\.Cart"})),
+            Path::Regex("/(?:shop\\.v[12]\\.Cart)/[^/]+".into())
+        );
+        // The path regex a proxy compiles matches what the rule means.
+        let Path::Regex(r) = path(json!({"type": "RegularExpression", "method": "Add.*"})) else {
+            panic!()
+        };
+        let r = regex::Regex::new(&format!("^(?:{r})$")).unwrap();
+        assert!(r.is_match("/shop.v1.Cart/AddItem"));
+        assert!(!r.is_match("/shop.v1.Cart/RemoveItem"));
+    }
+
+    #[test]
+    fn a_rule_keeps_its_headers_backends_filters_and_the_route_s_grpc_retry() {
+        let (key, spec) = parse_grpc(&route(
+            json!([{"method": {"service": "shop.v1.Cart"},
+                    "headers": [{"name": "x-tenant", "value": "a"},
+                                {"type": "RegularExpression", "name": "x-user", "value": "b.*"}]}]),
+            json!([{"type": "RequestHeaderModifier",
+                    "requestHeaderModifier": {"set": [{"name": "x-via", "value": "mesh"}]}}]),
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(key.to_string(), "shop/cart");
+        let rule = &spec.rules[0];
+        assert_eq!(rule.matches[0].headers.len(), 2);
+        assert_eq!(rule.filters.len(), 1);
+        assert_eq!(rule.backends[0].service.name, "cart-v2");
+        assert_eq!(
+            (rule.backends[0].port, rule.backends[0].weight),
+            (Some(50051), 10)
+        );
+        let retry = rule.retry.as_ref().expect("the annotation's retry");
+        assert_eq!(retry.grpc_codes, vec![14]);
+        assert!(retry.codes.is_empty());
+    }
+
+    #[test]
+    fn what_a_grpc_route_cannot_say_is_refused_by_field() {
+        let at = "spec.rules[0]";
+        let cases = [
+            (
+                json!([{"method": {"type": "Exact"}}]),
+                json!([]),
+                format!("{at}.matches[0].method"),
+            ),
+            (
+                json!([{"method": {"service": "shop/Cart"}}]),
+                json!([]),
+                format!("{at}.matches[0].method.service"),
+            ),
+            (
+                json!([{"method": {"method": "Add.Item"}}]),
+                json!([]),
+                format!("{at}.matches[0].method.method"),
+            ),
+            (
+                json!([{"method": {"type": "RegularExpression", "method": "(a"}}]),
+                json!([]),
+                format!("{at}.matches[0].method.method"),
+            ),
+            (
+                json!([{"method": {"type": "Prefix", "service": "a"}}]),
+                json!([]),
+                format!("{at}.matches[0].method.type"),
+            ),
+            (
+                json!([{"headers": [{"name": "bad name", "value": "a"}]}]),
+                json!([]),
+                format!("{at}.matches[0].headers[0].name"),
+            ),
+            (
+                json!([]),
+                json!([{"type": "URLRewrite", "urlRewrite": {"hostname": "a"}}]),
+                format!("{at}.filters[0].type"),
+            ),
+        ];
+        for (matches, filters, field) in cases {
+            let (got, why) = refused(matches.clone(), filters);
+            assert_eq!(got, field, "{matches}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_route_of_gateways_only_is_not_strait_s() {
+        let mut v = route(json!([]), json!([]));
+        v["spec"]["parentRefs"] = json!([{"name": "gw"}]);
+        assert!(parse_grpc(&v).unwrap().is_none());
+    }
+}
