@@ -110,6 +110,8 @@ struct State {
     compacted: u64,
     /// Kinds answered with 404 (a CRD not installed).
     absent: Vec<&'static str>,
+    /// Kinds answered with 403 (the client's role does not name them).
+    forbidden: Vec<&'static str>,
     tokens: HashMap<String, (String, String, String)>,
     lists: HashMap<&'static str, usize>,
     watches: HashMap<&'static str, usize>,
@@ -269,6 +271,12 @@ impl KubeApi {
     /// Makes a kind unserved (404), as when its CRD is not installed.
     pub fn remove_kind(&self, plural: &'static str) {
         self.state.lock().expect("state").absent.push(plural);
+    }
+
+    /// Refuses the client every request of a kind (403), as RBAC does
+    /// a role that does not name it.
+    pub fn forbid_kind(&self, plural: &'static str) {
+        self.state.lock().expect("state").forbidden.push(plural);
     }
 
     /// A token shaped as the kubelet's projected ones are (a JWT naming
@@ -467,6 +475,13 @@ async fn handle(
             404,
             "NotFound",
             "the server could not find the requested resource",
+        );
+    }
+    if state.lock().expect("state").forbidden.contains(&t.plural) {
+        return status(
+            403,
+            "Forbidden",
+            &format!("cannot list resource \"{}\"", t.plural),
         );
     }
     let q = query(&req);

@@ -8,7 +8,7 @@ use strait_api::v1 as api;
 use super::{ObjKey, PodInfo, ServicePort, Snapshot};
 use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
-use crate::routes::{RouteId, RouteSpec};
+use crate::routes::{RouteId, RouteKind, RouteSpec};
 
 /// A destination as a proxy names it, normalised so that every spelling of the same
 /// Service shares one view.
@@ -148,25 +148,48 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
     }
 }
 
-/// The HTTPRoutes and GRPCRoutes attached to a Service port, in Gateway
-/// API's order: oldest first (a route without a creation time counts as
-/// oldest), then by namespace/name (an HTTPRoute before a GRPCRoute of the
-/// same name).
+/// The routes attached to a Service port, in Gateway API's order: oldest
+/// first (a route without a creation time counts as oldest), then by
+/// namespace/name. Where a GRPCRoute is attached, the GRPCRoutes only: of
+/// the two kinds on one parent, the more specific wins (GEP-1426) and the
+/// HTTPRoutes are told they conflict.
 fn attached_routes<'a>(
     snap: &'a Snapshot,
     svc: &ObjKey,
     port: &ServicePort,
 ) -> Vec<(&'a RouteId, &'a RouteSpec)> {
-    let mut routes: Vec<(&RouteId, &RouteSpec)> = snap
-        .routes_by_parent
+    let mut routes: Vec<(&RouteId, &RouteSpec)> = attached(snap, svc, port).collect();
+    if routes.iter().any(|(id, _)| id.kind == RouteKind::Grpc) {
+        routes.retain(|(id, _)| id.kind == RouteKind::Grpc);
+    }
+    routes.sort_by(|(ka, a), (kb, b)| a.created.cmp(&b.created).then_with(|| ka.cmp(kb)));
+    routes
+}
+
+fn attached<'a: 'b, 'b>(
+    snap: &'a Snapshot,
+    svc: &'b ObjKey,
+    port: &'b ServicePort,
+) -> impl Iterator<Item = (&'a RouteId, &'a RouteSpec)> + 'b {
+    snap.routes_by_parent
         .get(svc)
         .into_iter()
         .flatten()
         .filter_map(|k| snap.routes.get(k).map(|r| (k, r)))
-        .filter(|(_, r)| r.attaches_to(svc, port))
-        .collect();
-    routes.sort_by(|(ka, a), (kb, b)| a.created.cmp(&b.created).then_with(|| ka.cmp(kb)));
-    routes
+        .filter(move |(_, r)| r.attaches_to(svc, port))
+}
+
+/// A GRPCRoute attached to a Service port, which the port's HTTPRoutes
+/// give way to.
+pub fn grpc_route_on<'a>(
+    snap: &'a Snapshot,
+    svc: &ObjKey,
+    port: &ServicePort,
+) -> Option<&'a RouteId> {
+    attached(snap, svc, port)
+        .map(|(id, _)| id)
+        .filter(|id| id.kind == RouteKind::Grpc)
+        .min()
 }
 
 /// A Service's port, when the index has both.
@@ -465,10 +488,10 @@ spec:
         );
     }
 
-    /// A GRPCRoute is served beside the HTTPRoutes, in the same order, and
-    /// one may share an HTTPRoute's name: neither replaces the other.
+    /// Where a GRPCRoute is attached to a port, it is served and the port's
+    /// HTTPRoutes are not (GEP-1426); it may share an HTTPRoute's name.
     #[test]
-    fn a_grpc_route_joins_the_http_routes_and_may_share_a_name() {
+    fn a_grpc_route_on_a_port_is_served_instead_of_its_http_routes() {
         let grpc = r#"
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -483,29 +506,26 @@ spec:
         let snap = snapshot(&format!("{MESH}{grpc}"));
         let s = service(&snap, &svc("shop", "web", 80));
         let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "shop/z-oldest",
-                "shop/b-canary",
-                "shop/b-canary",
-                "shop/a-newest"
-            ]
-        );
-        let rule = &s.routes[2].rules[0];
+        assert_eq!(names, ["shop/b-canary"]);
+        let rule = &s.routes[0].rules[0];
         assert_eq!(
             rule.matches[0].path,
             Some(api::http_match::Path::Exact("/shop.v1.Cart/AddItem".into()))
         );
         assert_eq!(rule.backends[0].backend, CANARY);
-        // Removing the GRPCRoute leaves the HTTPRoute of its name.
+        // Another port of the Service keeps its HTTPRoutes.
+        let db = service(&snap, &svc("shop", "web", 5432));
+        assert_eq!(db.routes.len(), 2);
+        // Removing the GRPCRoute brings the HTTPRoutes back, the one of its
+        // name among them.
         let mut snap = snap;
         snap.remove_route(&crate::routes::RouteId::grpc(ObjKey {
             namespace: "shop".into(),
             name: "b-canary".into(),
         }));
         let s = service(&snap, &svc("shop", "web", 80));
-        assert_eq!(s.routes.len(), 3);
+        let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["shop/z-oldest", "shop/b-canary", "shop/a-newest"]);
         assert_eq!(s.routes[1].rules[0].backends.len(), 2);
     }
 

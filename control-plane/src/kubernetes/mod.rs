@@ -503,13 +503,29 @@ async fn run_watcher<K, F>(
                 kind,
                 name: name_of(&o),
             },
-            Err(e) if kind.optional() && is_not_found(&e) => {
+            // A route kind the controller may not read (RBAC of a release
+            // before it read GRPCRoutes) is as good as absent: holding the
+            // whole index back for it would stop every update. Not so for
+            // strait's policies, whose absence would open workloads.
+            Err(e)
+                if kind.optional()
+                    && (api_code(&e) == Some(404)
+                        || kind.is_route() && api_code(&e) == Some(403)) =>
+            {
                 if !absent {
                     absent = true;
-                    warn!(
-                        ?kind,
-                        "the API server does not serve this kind (CRD not installed?); none are used until it does"
-                    );
+                    if api_code(&e) == Some(403) {
+                        warn!(
+                            ?kind,
+                            error = %e,
+                            "not allowed to read this kind (the ClusterRole of an earlier release?); none are used until it is"
+                        );
+                    } else {
+                        warn!(
+                            ?kind,
+                            "the API server does not serve this kind (CRD not installed?); none are used until it does"
+                        );
+                    }
                     if out.send(Change::Absent(kind)).await.is_err() {
                         return;
                     }
@@ -541,14 +557,14 @@ async fn run_watcher<K, F>(
 /// default backoff's cap, as client-go's reflector's.
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-fn is_not_found(e: &watcher::Error) -> bool {
-    let api_err = match e {
+/// The HTTP status of an error the API server answered.
+fn api_code(e: &watcher::Error) -> Option<u16> {
+    match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => Some(s),
-        watcher::Error::WatchError(s) => Some(s),
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
         _ => None,
-    };
-    api_err.is_some_and(|s| s.code == 404)
+    }
 }
 
 #[cfg(test)]

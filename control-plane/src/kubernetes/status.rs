@@ -243,24 +243,52 @@ fn conditions(
         })
     };
     let exists = |name: &String| service(name).is_some();
+    // The ports of its Service a route's parentRef attaches it to: one port
+    // must match both the port and the sectionName given.
+    let parent_ports = parent.and_then(|p| {
+        let ports = &service(&p.name)?.ports;
+        Some(
+            ports
+                .iter()
+                .filter(|sp| {
+                    p.port.is_none_or(|n| sp.port == n)
+                        && p.section
+                            .as_ref()
+                            .is_none_or(|s| sp.name.as_ref() == Some(s))
+                })
+                .collect::<Vec<_>>(),
+        )
+    });
     // A parentRef whose port or sectionName the Service does not have
     // attaches the route to nothing (Gateway API: NoMatchingParent).
-    let unmatched = parent.and_then(|p| {
-        let ports = &service(&p.name)?.ports;
-        // One port must match both, as attaching asks.
-        let matches = ports.iter().any(|sp| {
-            p.port.is_none_or(|n| sp.port == n)
-                && p.section
-                    .as_ref()
-                    .is_none_or(|s| sp.name.as_ref() == Some(s))
-        });
-        (!matches).then(|| match (p.port, &p.section) {
+    let unmatched = parent
+        .zip(parent_ports.as_ref())
+        .filter(|(_, ports)| ports.is_empty())
+        .map(|(p, _)| match (p.port, &p.section) {
             (Some(n), Some(s)) => format!("Service {} has no port {n} named {s}", p.name),
             (Some(n), None) => format!("Service {} has no port {n}", p.name),
             (None, Some(s)) => format!("Service {} has no port named {s}", p.name),
             (None, None) => format!("Service {} has no ports", p.name),
-        })
-    });
+        });
+    // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
+    // where one is attached to every port this parentRef is, it is not served.
+    let shadowed = parent
+        .zip(parent_ports.as_ref())
+        .filter(|(_, ports)| s.kind == Kind::HttpRoute && !ports.is_empty())
+        .and_then(|(p, ports)| {
+            let svc = ObjKey {
+                namespace: s.namespace.clone(),
+                name: p.name.clone(),
+            };
+            let by: Vec<_> = ports
+                .iter()
+                .map(|sp| crate::index::view::grpc_route_on(snap, &svc, sp))
+                .collect::<Option<_>>()?;
+            Some(format!(
+                "{} is attached to Service {} too: of an HTTPRoute and a GRPCRoute on one parent, only the GRPCRoute is served",
+                by[0], p.name
+            ))
+        });
     // A backendRef to a port its Service does not have sends its share nowhere.
     let bad_ports: Vec<String> = s
         .backend_ports
@@ -305,6 +333,14 @@ fn conditions(
             false,
             "NoMatchingParent",
             &why,
+            s.generation,
+            old,
+        ),
+        (None, None) if shadowed.is_some() => condition(
+            "Accepted",
+            false,
+            "Conflicted",
+            shadowed.as_deref().unwrap_or_default(),
             s.generation,
             old,
         ),

@@ -105,8 +105,15 @@ fn grpc_match(at: &str, m: &GrpcMatchDoc) -> Result<api::HttpMatch, SpecError> {
 /// A method match as the path it matches.
 fn method_path(at: &str, m: &MethodDoc) -> Result<api::http_match::Path, SpecError> {
     use api::http_match::Path;
-    let service = m.service.as_deref().filter(|s| !s.is_empty());
-    let method = m.method.as_deref().filter(|s| !s.is_empty());
+    for (field, v) in [("service", &m.service), ("method", &m.method)] {
+        if v.as_deref() == Some("") {
+            return Err(SpecError::new(
+                format!("{at}.{field}"),
+                "empty (leave it out to match any)",
+            ));
+        }
+    }
+    let (service, method) = (m.service.as_deref(), m.method.as_deref());
     let neither = || {
         SpecError::new(
             at,
@@ -134,6 +141,8 @@ fn method_path(at: &str, m: &MethodDoc) -> Result<api::http_match::Path, SpecErr
                     format!("{x:?} is not a gRPC method name (such as \"AddItem\")"),
                 ));
             }
+            // A fully qualified name's leading dot is not in the call's path.
+            let service = service.map(|s| s.strip_prefix('.').unwrap_or(s));
             Ok(match (service, method) {
                 (Some(s), Some(x)) => Path::Exact(format!("/{s}/{x}")),
                 (Some(s), None) => Path::Prefix(format!("/{s}")),
@@ -145,9 +154,7 @@ fn method_path(at: &str, m: &MethodDoc) -> Result<api::http_match::Path, SpecErr
         }
         "RegularExpression" => {
             let part = |field: &str, v: Option<&str>| match v {
-                Some(v) => {
-                    full_match_regex(&format!("{at}.{field}"), v).map(|p| format!("(?:{p})"))
-                }
+                Some(v) => name_pattern(&format!("{at}.{field}"), v),
                 None => Ok("[^/]+".to_string()),
             };
             let pattern = format!("/{}/{}", part("service", service)?, part("method", method)?);
@@ -155,6 +162,44 @@ fn method_path(at: &str, m: &MethodDoc) -> Result<api::http_match::Path, SpecErr
         }
         other => Err(unsupported(&format!("{at}.type"), other)),
     }
+}
+
+/// A service's or method's pattern as a group of the path's. It matches the
+/// whole name, so a `^` that starts it and a `$` that ends it are dropped;
+/// any other anchor could never match inside the path, and is refused
+/// rather than leave a rule that matches nothing.
+fn name_pattern(field: &str, pattern: &str) -> Result<String, SpecError> {
+    use regex_syntax::hir::Look;
+    full_match_regex(field, pattern)?;
+    let trimmed = pattern.strip_prefix('^').unwrap_or(pattern);
+    let trimmed = trimmed.strip_suffix('$').unwrap_or(trimmed);
+    // Unless dropping them broke it (`a\\$` ends with a literal `$`).
+    let parsed = |p: &str| regex_syntax::Parser::new().parse(p).ok();
+    let (p, hir) = match parsed(trimmed) {
+        Some(hir) => (trimmed, hir),
+        None => (
+            pattern,
+            parsed(pattern).ok_or_else(|| SpecError::new(field, "not a regular expression"))?,
+        ),
+    };
+    let looks = hir.properties().look_set();
+    let anchors = [
+        Look::Start,
+        Look::End,
+        Look::StartLF,
+        Look::EndLF,
+        Look::StartCRLF,
+        Look::EndCRLF,
+    ];
+    if anchors.into_iter().any(|a| looks.contains(a)) {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{pattern:?} anchors inside the name (^ or $ but at its start and end): it would match no call"
+            ),
+        ));
+    }
+    Ok(format!("(?:{p})"))
 }
 
 /// Gateway API's pattern for a service: dot-separated identifiers, with an
@@ -231,6 +276,16 @@ mod tests {
             path(json!({"type": "RegularExpression", "service": "shop\\.v[12]\\.Cart"})),
             Path::Regex("/(?:shop\\.v[12]\\.Cart)/[^/]+".into())
         );
+        // Anchors at the ends of a name are where it ends anyway.
+        assert_eq!(
+            path(json!({"type": "RegularExpression", "service": "^shop\\..*$", "method": "^Add"})),
+            Path::Regex("/(?:shop\\..*)/(?:Add)".into())
+        );
+        // A fully qualified service's leading dot is not in the path.
+        assert_eq!(
+            path(json!({"service": ".shop.v1.Cart", "method": "AddItem"})),
+            Path::Exact("/shop.v1.Cart/AddItem".into())
+        );
         // The path regex a proxy compiles matches what the rule means.
         let Path::Regex(r) = path(json!({"type": "RegularExpression", "method": "Add.*"})) else {
             panic!()
@@ -288,6 +343,16 @@ mod tests {
                 json!([{"method": {"type": "RegularExpression", "method": "(a"}}]),
                 json!([]),
                 format!("{at}.matches[0].method.method"),
+            ),
+            (
+                json!([{"method": {"type": "RegularExpression", "service": "a|^b"}}]),
+                json!([]),
+                format!("{at}.matches[0].method.service"),
+            ),
+            (
+                json!([{"method": {"service": "", "method": "Add"}}]),
+                json!([]),
+                format!("{at}.matches[0].method.service"),
             ),
             (
                 json!([{"method": {"type": "Prefix", "service": "a"}}]),

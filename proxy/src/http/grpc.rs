@@ -128,6 +128,7 @@ fn code_in(headers: &HeaderMap) -> Option<usize> {
 pub struct Code(pub u8);
 
 pub const DEADLINE_EXCEEDED: Code = Code(4);
+pub const UNAVAILABLE: Code = Code(14);
 pub const CALLER_CANCELLED: Code = Code(CANCELLED as u8);
 
 /// The gRPC code the head of a response to a call stands for, as retries

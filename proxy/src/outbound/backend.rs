@@ -88,7 +88,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(b) = self.choose() else {
-            let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "no backend for route");
+            let rsp = unresolved("no backend for route");
             return Either::Left(ready(Ok(rsp)));
         };
         if let Some(n) = crate::telemetry::trace::notes(&req) {
@@ -96,7 +96,7 @@ where
         }
         // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
-            let rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, "backend not found");
+            let rsp = unresolved("backend not found");
             b.responses[status_index(rsp.status())].inc();
             return Either::Left(ready(Ok(rsp)));
         };
@@ -135,6 +135,14 @@ where
         this.responses[status_index(rsp.status())].inc();
         Poll::Ready(Ok(rsp))
     }
+}
+
+/// A request a rule has no backend for: 500, as Gateway API asks, and to a
+/// gRPC caller UNAVAILABLE, as its GRPCRoute asks (a 500 reads as UNKNOWN).
+fn unresolved(reason: &str) -> Response<BoxBody> {
+    let mut rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, reason);
+    rsp.extensions_mut().insert(crate::http::grpc::UNAVAILABLE);
+    rsp
 }
 
 #[cfg(test)]
@@ -192,6 +200,7 @@ mod tests {
                     rsp.headers()[crate::defaults::PROXY_ERROR_HEADER],
                     "backend not found"
                 );
+                assert_eq!(crate::http::grpc::retry_code(&rsp), Some(14), "UNAVAILABLE");
             }
             *statuses.entry(rsp.status().as_u16()).or_insert(0) += 1;
         }

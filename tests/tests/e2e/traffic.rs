@@ -760,18 +760,34 @@ async fn a_grpc_method_route_retries_unavailable() {
 }
 
 /// The same through a GRPCRoute: its method match and the route's retry
-/// annotation are what retries the calls (calls no rule matches are not).
+/// annotation are what retries the calls, and a call no rule matches is
+/// answered UNIMPLEMENTED (Gateway API's 404).
 #[tokio::test]
 async fn a_grpcroute_method_match_retries_unavailable() {
-    grpc_calls_retried_by(format!(
+    let (_mesh, mut echo) = grpc_calls_retried_by(format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{method: {{service: strait.testing.v1.Echo, method: Unary}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n"
     ))
     .await;
+    let other = echo
+        .server_stream(strait_api::testing::EchoRequest {
+            message: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no rule matches ServerStream");
+    assert_eq!(other.code(), tonic::Code::Unimplemented, "{other:?}");
+    assert_eq!(other.message(), "no route matches the request");
 }
 
 /// Unary calls to an echo server failing every other call UNAVAILABLE,
-/// through a mesh with `route`: none fails.
-async fn grpc_calls_retried_by(route: String) {
+/// through a mesh with `route`: none fails. Returns what keeps the mesh up,
+/// and the client.
+async fn grpc_calls_retried_by(
+    route: String,
+) -> (
+    (ControllerProc, Sidecar),
+    strait_api::testing::echo_client::EchoClient<tonic::transport::Channel>,
+) {
     let grpc: SocketAddr = strait_tests::grpc::start_flaky_echo().await;
     let dir = ManifestDir::new();
     dir.write("svc.yaml", &service(NS, "echo", 80));
@@ -824,6 +840,7 @@ async fn grpc_calls_retried_by(route: String) {
     );
     assert_eq!(failed, 0);
     assert!(retries >= 25.0);
+    ((cp, client), echo)
 }
 
 #[tokio::test]
