@@ -332,7 +332,12 @@ async fn follow(
     // Views are ordered by arrival here, not by the controller's index version:
     // that restarts with the controller (and differs between replicas), so
     // after a reconnect every change would look older than the last one seen.
-    let mut received: u64 = 0;
+    // Counted on from the answer this watch started with, if any: stages
+    // built from it must give way to the first view that arrives.
+    let mut received: u64 = match &state.fallback {
+        Some(Resolution::Service(v)) => v.version,
+        _ => 0,
+    };
     loop {
         match client.watch(req.clone()).await {
             Ok(rsp) => {
@@ -420,32 +425,62 @@ mod tests {
             &self,
             _: tonic::Request<api::WatchDestination>,
         ) -> Result<tonic::Response<Updates>, tonic::Status> {
-            let endpoints = (0..self.0)
-                .map(|i| api::Endpoint {
-                    addr: Some(api::SocketAddress {
-                        addr: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255),
-                    }),
-                    proxy_port: 4143,
-                    identity: Some(api::WorkloadIdentity {
-                        spiffe_id: "spiffe://cluster.local/ns/shop/sa/web".into(),
-                    }),
-                    weight: 1,
-                    zone: "europe-west1-b".into(),
-                })
-                .collect();
-            let update = api::DestinationUpdate {
-                kind: Some(api::destination_update::Kind::Service(api::Service {
-                    name: "web.shop.svc.cluster.local:80".into(),
-                    backends: vec![api::Backend {
-                        name: "web".into(),
-                        endpoints,
-                        policy: None,
-                    }],
-                    ..Default::default()
-                })),
-            };
             use futures_util::StreamExt;
-            let s = futures_util::stream::once(async { Ok(update) })
+            let s = futures_util::stream::once(std::future::ready(Ok(update(self.0))))
+                .chain(futures_util::stream::pending());
+            Ok(tonic::Response::new(Box::pin(s)))
+        }
+    }
+
+    /// A Service of `n` meshed endpoints.
+    fn update(n: usize) -> api::DestinationUpdate {
+        let endpoints = (0..n)
+            .map(|i| api::Endpoint {
+                addr: Some(api::SocketAddress {
+                    addr: format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255),
+                }),
+                proxy_port: 4143,
+                identity: Some(api::WorkloadIdentity {
+                    spiffe_id: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                }),
+                weight: 1,
+                zone: "europe-west1-b".into(),
+            })
+            .collect();
+        api::DestinationUpdate {
+            kind: Some(api::destination_update::Kind::Service(api::Service {
+                name: "web.shop.svc.cluster.local:80".into(),
+                backends: vec![api::Backend {
+                    name: "web".into(),
+                    endpoints,
+                    policy: None,
+                }],
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Answers its first watch with three views in turn (1, 2, then 3
+    /// endpoints); later ones it refuses (a controller restarting) until it
+    /// is back up, then answers with 4 endpoints.
+    struct Restarting(std::sync::atomic::AtomicUsize, Arc<AtomicBool>);
+
+    #[tonic::async_trait]
+    impl Serve for Restarting {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            use futures_util::StreamExt;
+            let views = match self.0.fetch_add(1, Ordering::SeqCst) {
+                0 => vec![update(1), update(2), update(3)],
+                _ if !self.1.load(Ordering::SeqCst) => {
+                    return Err(tonic::Status::unavailable("restarting"));
+                }
+                _ => vec![update(4)],
+            };
+            let s = futures_util::stream::iter(views.into_iter().map(Ok))
                 .chain(futures_util::stream::pending());
             Ok(tonic::Response::new(Box::pin(s)))
         }
@@ -530,6 +565,55 @@ mod tests {
         // And so does every later request, without waiting again.
         let later = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
         assert!(later.is_some());
+    }
+
+    /// Once the controller is back, its first view replaces the last answer
+    /// the watch started with: stages built from that answer (a later view's
+    /// place is compared with theirs) would otherwise stay in force until
+    /// the new watch had received as many views as the old one.
+    #[tokio::test]
+    async fn the_first_view_after_an_outage_is_newer_than_the_answer_it_replaces() {
+        let up = Arc::new(AtomicBool::new(false));
+        let d = discovery_of(Restarting(Default::default(), up.clone())).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        let endpoints = |r: &Option<Resolution>| match r {
+            Some(Resolution::Service(s)) => s.backends[0].endpoints.len(),
+            _ => 0,
+        };
+        let (mut rx, _, _) = d.watch(&dest).unwrap();
+        let third =
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|r| endpoints(r) == 3))
+                .await
+                .unwrap()
+                .unwrap()
+                .clone();
+        let Some(Resolution::Service(third)) = third else {
+            panic!()
+        };
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(d.now_ms() + idle + 1);
+        // The controller refuses: the last answer stands in.
+        let stand_in = service_of(d.resolve(&dest, Duration::from_millis(300)).await)
+            .expect("the last answer");
+        assert_eq!(stand_in.version, third.version);
+        // It is back: its view is the newer one.
+        up.store(true, Ordering::SeqCst);
+        let (mut rx, _, _) = d.watch(&dest).unwrap();
+        let live = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+        let Some(Resolution::Service(live)) = live else {
+            panic!()
+        };
+        assert_eq!(live.backends[0].endpoints.len(), 4);
+        assert!(
+            live.version > stand_in.version,
+            "live {} after the stand-in's {}",
+            live.version,
+            stand_in.version
+        );
     }
 
     /// Not while the controller is only slow (its answer is on its way), nor
