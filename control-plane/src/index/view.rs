@@ -36,7 +36,13 @@ impl DestKey {
     pub fn parse(dest: &str, namespace: &str) -> Result<DestKey, ParseDestError> {
         let no_port = || ParseDestError::NoPort(dest.to_string());
         if let Ok(sa) = dest.parse::<SocketAddr>() {
-            return Ok(DestKey::ClusterIp(sa));
+            // One spelling per address: a scope id, a flow label or an
+            // IPv4-mapped form would make one Service's view as many watch
+            // keys as a client cares to spell, each held and recomputed apart.
+            return Ok(DestKey::ClusterIp(SocketAddr::new(
+                sa.ip().to_canonical(),
+                sa.port(),
+            )));
         }
         let (host, port) = dest.rsplit_once(':').ok_or_else(no_port)?;
         let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(no_port)?;
@@ -367,6 +373,15 @@ mod tests {
             DestKey::External("api.example.com:443".into())
         );
         assert!(DestKey::parse("web", "x").is_err());
+        // An address has one key however it is spelt.
+        let v6 = DestKey::parse("[fd00::20]:80", "x").unwrap();
+        for spelling in ["[fd00::20%1]:80", "[fd00::20%2]:80", "[fd00:0::20]:80"] {
+            assert_eq!(DestKey::parse(spelling, "x").unwrap(), v6, "{spelling}");
+        }
+        assert_eq!(
+            DestKey::parse("[::ffff:10.96.0.20]:80", "x").unwrap(),
+            DestKey::parse("10.96.0.20:80", "x").unwrap()
+        );
         assert!(DestKey::parse("web:http", "x").is_err());
     }
 
