@@ -182,10 +182,9 @@ fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey
             name: t.name.clone(),
         };
         return snap.slices.get(&svc).is_some_and(|slices| {
-            slices
-                .values()
-                .flat_map(|s| s.endpoints.iter())
-                .any(|e| e.pod.as_ref() == Some(pod))
+            slices.values().any(|s| {
+                s.pods.contains(pod) || s.endpoints.iter().any(|e| e.pod.as_ref() == Some(pod))
+            })
         });
     }
     false
@@ -378,6 +377,53 @@ mod tests {
         let view = workload_policy(&snap, &pod);
         assert_eq!(view.ports.len(), 2);
         assert!(view.ports.iter().all(|p| p.allow.len() == 1024));
+    }
+
+    /// A `targetRef` policy covers the Service's pods whatever their
+    /// slices' address type: an IPv6-only Service's pods were left open.
+    #[test]
+    fn a_target_ref_policy_covers_the_pods_of_an_ipv6_only_service() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["fd00::9"], targetRef: {kind: Pod, name: web-0}}]
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  mtls: STRICT
+  allow: [{identity: spiffe://cluster.local/ns/shop/sa/client}]
+"#;
+        let mut snap = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let of = |name: &str| {
+            workload_policy(
+                &snap,
+                &ObjKey {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                },
+            )
+            .default
+            .unwrap()
+        };
+        let web = of("web-0");
+        assert_eq!(web.mode, api::MtlsMode::Strict as i32);
+        assert_eq!(web.allow.len(), 1, "{:?}", web.allow);
+        // A pod the Service does not name is not covered.
+        assert_eq!(of("other-0").mode, api::MtlsMode::Permissive as i32);
     }
 
     #[test]

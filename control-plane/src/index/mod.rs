@@ -68,6 +68,10 @@ pub struct SliceInfo {
     /// Port name ("" for unnamed) to port number.
     pub ports: Vec<(String, u16)>,
     pub endpoints: Vec<EndpointInfo>,
+    /// Of a slice that brings no endpoints (IPv6, FQDN), the pods its
+    /// endpoints name: still the Service's members, which a `targetRef`
+    /// AuthorizationPolicy covers.
+    pub pods: Vec<ObjKey>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -334,17 +338,36 @@ impl SnapshotBuilder {
             ));
         }
         let mut endpoints = Vec::new();
+        let pod_of = |e: &k8s_openapi::api::discovery::v1::Endpoint| {
+            e.target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    Some(ObjKey {
+                        namespace: r.namespace.clone().unwrap_or_else(|| k.namespace.clone()),
+                        name: r.name.clone()?,
+                    })
+                })
+        };
         // Proxies listen on IPv4 only: a dual-stack Service's IPv6 slice lists
         // the same pods again at addresses where no proxy answers, and an
-        // FQDN slice has no addresses to dial. Neither adds endpoints.
+        // FQDN slice has no addresses to dial. Neither adds endpoints; their
+        // pods are kept, or an IPv6-only Service's policy would cover none.
         if es.address_type != "IPv4" {
+            let mut pods: Vec<ObjKey> = es.endpoints.iter().filter_map(pod_of).collect();
+            pods.sort();
+            pods.dedup();
             return Ok((
                 ObjKey {
                     namespace: k.namespace.clone(),
                     name: svc.clone(),
                 },
                 k.name,
-                SliceInfo { ports, endpoints },
+                SliceInfo {
+                    ports,
+                    endpoints,
+                    pods,
+                },
             ));
         }
         for (i, e) in es.endpoints.iter().enumerate() {
@@ -355,16 +378,7 @@ impl SnapshotBuilder {
             let draining = !ready
                 && c.and_then(|c| c.terminating).unwrap_or(false)
                 && c.and_then(|c| c.serving).unwrap_or(ready);
-            let pod = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    Some(ObjKey {
-                        namespace: r.namespace.clone().unwrap_or_else(|| k.namespace.clone()),
-                        name: r.name.clone()?,
-                    })
-                });
+            let pod = pod_of(e);
             at_most(
                 KIND,
                 &k,
@@ -392,7 +406,15 @@ impl SnapshotBuilder {
             namespace: k.namespace.clone(),
             name: svc.clone(),
         };
-        Ok((svc_key, k.name, SliceInfo { ports, endpoints }))
+        Ok((
+            svc_key,
+            k.name,
+            SliceInfo {
+                ports,
+                endpoints,
+                pods: Vec::new(),
+            },
+        ))
     }
 
     /// A Secret of type `kubernetes.io/service-account-token`: the digest of its
