@@ -496,10 +496,9 @@ impl InFlight {
             *e = PeakEwma::new(Instant::now());
         }
         tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
-        self.backend
-            .metrics
-            .ejected
-            .set(self.backend.ejected() as i64);
+        let live = self.backend.replacement();
+        let live = live.as_deref().unwrap_or(&self.backend);
+        self.backend.metrics.ejected.set(live.ejected() as i64);
     }
 
     /// As `success_took`, for a connection made ahead of a client that has
@@ -581,8 +580,12 @@ impl InFlight {
     fn breaker_failure(&self, kind: Failed) {
         self.settle();
         let b = &self.backend;
-        let cap = b.config.breaker.cap(b.slots.len());
-        let may_eject = b.ejected() < cap;
+        // Counted over the list in force: this request's may have been
+        // replaced while it was under way (its endpoints' state carries over).
+        let live = b.replacement();
+        let live = live.as_deref().unwrap_or(b);
+        let cap = live.config.breaker.cap(live.slots.len());
+        let may_eject = live.ejected() < cap;
         let ejected = self.state().outlier().failure_as(
             &b.config.breaker,
             Instant::now(),
@@ -594,7 +597,7 @@ impl InFlight {
             b.metrics.ejections.inc();
             tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
         }
-        b.metrics.ejected.set(b.ejected() as i64);
+        b.metrics.ejected.set(live.ejected() as i64);
     }
 
     fn record(&self, at_least: Duration) {
@@ -742,6 +745,40 @@ mod tests {
             f.success();
         }
         assert!(counts[0] > 40 && counts[1] > 40, "{counts:?}");
+    }
+
+    /// The ejected gauge counts the list in force: a request that outlived
+    /// its list (discovery replaced it meanwhile) does not set it from the
+    /// old one, whose gone endpoints would count for ever.
+    #[tokio::test(start_paused = true)]
+    async fn the_ejected_gauge_counts_the_list_in_force() {
+        let b = two_in_turn();
+        let mut in_flight = None;
+        for _ in 0..100 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            match index(&f) {
+                0 => f.failed(),
+                _ if in_flight.is_none() => in_flight = Some(f),
+                _ => f.success(),
+            }
+            if b.ejected() == 1 && in_flight.is_some() {
+                break;
+            }
+        }
+        assert_eq!(b.metrics.ejected.get(), 1, "endpoint 0 ejected");
+        // Endpoint 0 leaves the Service; the request on endpoint 1 then fails.
+        let newer = Endpoints::new(
+            "b".into(),
+            &eps(2)[1..],
+            b.config.clone(),
+            Some(&b),
+            b.metrics.clone(),
+        );
+        assert_eq!(b.metrics.ejected.get(), 0);
+        in_flight.expect("a request on endpoint 1").failed();
+        assert_eq!(b.metrics.ejected.get(), 0, "none of the list in force");
+        drop(newer);
     }
 
     /// Two endpoints taken in turn, ejected for 5 s the first time.
