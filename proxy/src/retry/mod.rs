@@ -213,7 +213,7 @@ impl Policy {
 }
 
 impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Policy {
-    type Future = tokio::time::Sleep;
+    type Future = Backoff;
 
     fn retry(
         &mut self,
@@ -252,10 +252,7 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             return None;
         }
         self.retried += 1;
-        self.metrics.retries.inc();
-        if let Some(n) = crate::telemetry::trace::notes(req) {
-            n.retried();
-        }
+        let notes = crate::telemetry::trace::notes(req).cloned();
         let served_by = rsp.extensions().get::<ServedBy>().map(|s| s.0);
         // A timed-out attempt's 504 was made above the balancer: its endpoint
         // is where the balancer noted it.
@@ -263,7 +260,10 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         if let Some(ep) = served_by.or_else(picked) {
             req.extensions_mut().insert(Avoid(ep));
         }
-        Some(tokio::time::sleep(self.backoff()))
+        Some(Backoff {
+            sleep: tokio::time::sleep(self.backoff()),
+            sent: Some((self.metrics.retries.clone(), notes)),
+        })
     }
 
     fn clone_request(&mut self, req: &Request<ReplayBody>) -> Option<Request<ReplayBody>> {
@@ -284,6 +284,36 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             crate::http::head_of(req),
             req.body().again(),
         ))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The wait before a retry. The retry is counted (in metrics and on the
+    /// request's span) once the wait is over and it goes: a request's
+    /// timeout during the wait sends none.
+    pub struct Backoff {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        sent: Option<(Counter, Option<crate::telemetry::trace::RequestNotes>)>,
+    }
+}
+
+impl std::future::Future for Backoff {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        std::task::ready!(this.sleep.poll(cx));
+        if let Some((retries, notes)) = this.sent.take() {
+            retries.inc();
+            if let Some(n) = notes {
+                n.retried();
+            }
+        }
+        std::task::Poll::Ready(())
     }
 }
 
@@ -332,7 +362,7 @@ mod tests {
             Request<ReplayBody>,
             Response<BoxBody>,
             std::convert::Infallible,
-            Future = tokio::time::Sleep,
+            Future = Backoff,
         >;
 
     /// The 504 of a timed-out attempt is made above the balancer and names no
@@ -364,6 +394,29 @@ mod tests {
         assert_eq!(kept.extensions().get::<Avoid>().map(|a| a.0), Some(hung));
     }
 
+    /// A retry counts when it goes, after its backoff: one whose wait the
+    /// request's timeout cut short (its future dropped) never went.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_counts_once_its_backoff_is_over() {
+        let p = policy(3, &[503]);
+        for _ in 0..10 {
+            let mut q = p.clone();
+            let q: &mut Tower = &mut q;
+            q.clone_request(&req());
+        }
+        let mut q = p.clone();
+        let q: &mut Tower = &mut q;
+        let mut r = q.clone_request(&req()).unwrap();
+        let cut_short = q.retry(&mut r, &mut rsp(503)).expect("a retry");
+        drop(cut_short);
+        assert_eq!(p.metrics.retries.get(), 0);
+        let waited = q.retry(&mut r, &mut rsp(503)).expect("a retry");
+        let t = tokio::time::Instant::now();
+        waited.await;
+        assert!(t.elapsed() >= Duration::from_millis(5), "backed off");
+        assert_eq!(p.metrics.retries.get(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_stop_when_the_budget_is_spent() {
         let p = policy(3, &[503]);
@@ -378,6 +431,7 @@ mod tests {
         }
         // 20 % of 100 requests.
         assert!((18..=22).contains(&allowed), "{allowed} retries allowed");
+        assert_eq!(p.metrics.retries.get(), 0, "none sent yet");
     }
 
     #[tokio::test(start_paused = true)]
