@@ -41,7 +41,9 @@ struct Windows {
 impl RetryBudget {
     /// `ratio` in 0..=1, `ttl` in 1..=60 s (the configuration clamps both).
     pub fn new(ttl: Duration, min_per_second: u32, ratio: f32) -> Self {
-        let (deposit, withdraw) = if ratio > 0.0 {
+        // Kept to a millionth: a smaller ratio is 0, when the reserve alone
+        // pays (charged a billion deposits, a retry would outweigh it).
+        let (deposit, withdraw) = if ratio >= 1e-6 {
             (
                 DEPOSIT,
                 ((DEPOSIT as f64 / f64::from(ratio)).floor() as i64).max(1),
@@ -50,10 +52,11 @@ impl RetryBudget {
             (0, DEPOSIT)
         };
         // In milliseconds of the ttl: a 1.5 s ttl holds 1.5 s of retries.
-        let reserve = i64::from(min_per_second)
-            .saturating_mul(ttl.as_millis() as i64)
-            .saturating_mul(withdraw)
-            / 1000;
+        // At most 10,000/s for 60 s at a millionth's price: well inside i64.
+        let reserve = i64::try_from(
+            i128::from(min_per_second) * (ttl.as_millis() as i128) * i128::from(withdraw) / 1000,
+        )
+        .unwrap_or(i64::MAX);
         RetryBudget {
             deposit,
             withdraw,
@@ -107,7 +110,7 @@ impl Budget for RetryBudget {
             return false;
         }
         let c = w.current;
-        w.slots[c] -= self.withdraw;
+        w.slots[c] = w.slots[c].saturating_sub(self.withdraw);
         true
     }
 }
@@ -122,6 +125,20 @@ mod tests {
             b.deposit();
         }
         (0..requests).take_while(|_| b.withdraw()).count()
+    }
+
+    /// However small a ratio, the reserve still grants `min_per_second`:
+    /// a billionth once charged a retry so much that it granted a tenth.
+    #[tokio::test(start_paused = true)]
+    async fn a_tiny_ratio_keeps_the_reserve_whole() {
+        for ratio in [1e-9, 1e-7, 0.0] {
+            let b = RetryBudget::new(Duration::from_secs(10), 10, ratio);
+            assert_eq!(allowed(&b, 0), 0, "nothing asked");
+            let granted = (0..1000).take_while(|_| b.withdraw()).count();
+            assert_eq!(granted, 100, "ratio {ratio}");
+        }
+        let b = RetryBudget::new(Duration::from_secs(60), 10_000, 1e-6);
+        assert_eq!((0..1_000_000).take_while(|_| b.withdraw()).count(), 600_000);
     }
 
     #[tokio::test(start_paused = true)]
