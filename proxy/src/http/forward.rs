@@ -284,6 +284,16 @@ fn edit_for_upstream<B>(
                 e.orig_proto = Some(was);
             }
             *req.version_mut() = Version::HTTP_2;
+        } else if req.headers().contains_key(ORIG_PROTO_HEADER) {
+            // Only this proxy says what a request was: one the app (or a
+            // client whose headers it passes on) marked would be sent on
+            // by the peer as HTTP/1.0, its body cut.
+            let headers = req.headers_mut();
+            let was = headers.get_all(ORIG_PROTO_HEADER).iter().cloned().collect();
+            headers.remove(ORIG_PROTO_HEADER);
+            if let Some(e) = &mut edits {
+                e.orig_proto = Some(was);
+            }
         }
     }
     if let Some(target) = target {
@@ -781,5 +791,20 @@ mod tests {
         let mut req = Request::get("/a").body(()).unwrap();
         assert!(edit_for_upstream(&mut req, Some(&peer), true, None, false).is_none());
         assert_eq!(req.headers()[TARGET_PORT_HEADER], "8080");
+
+        // An HTTP/2 request that claims to have been HTTP/1.0 (the app's
+        // own header, or its client's passed on) does not reach the peer
+        // so: the peer would send it on as HTTP/1.0 and cut its body.
+        let mut req = Request::post("/a")
+            .version(Version::HTTP_2)
+            .header(ORIG_PROTO_HEADER, "HTTP/1.0")
+            .body(())
+            .unwrap();
+        let original = head_of(&req);
+        let edits = edit_for_upstream(&mut req, Some(&peer), true, None, true).unwrap();
+        assert!(!req.headers().contains_key(ORIG_PROTO_HEADER));
+        let (mut head, ()) = req.into_parts();
+        edits.undo(&mut head);
+        assert_eq!(head.headers, original.headers, "handed back whole");
     }
 }
