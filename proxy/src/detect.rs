@@ -98,13 +98,14 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // "PRI " could still be an HTTP/1 method named PRI; only the full preface decides.
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
-    // Servers skip empty lines before a request line (RFC 9112, 2.2), and
-    // lenient ones (Python's) any whitespace: a request behind it is HTTP too.
+    // Servers skip empty lines before a request line (RFC 9112, 2.2), lenient
+    // ones (Python's) any whitespace, and Netty's every control byte: a
+    // request behind them is HTTP too.
     // Undecided when detection has read all it reads: what an app's server
     // could still parse as a request is HTTP, for our HTTP server to serve or
     // refuse (its head limit), never bytes for the app to parse.
     let full = buf.len() >= max_bytes;
-    let Some(start) = buf.iter().position(|&b| !is_space(b)) else {
+    let Some(start) = buf.iter().position(|&b| !skipped_before_request(b)) else {
         return full.then_some(Protocol::Http1);
     };
     let buf = &buf[start..];
@@ -150,10 +151,7 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
                 .split(|&b| is_space(b))
                 .filter(|w| !w.is_empty())
                 .collect();
-            let versioned = words.len() >= 2
-                && words
-                    .last()
-                    .is_some_and(|v| v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/"));
+            let versioned = words.len() >= 2 && words.last().is_some_and(|v| is_version(v));
             let http09 = words.len() == 1 && &line[..method_len] == b"GET";
             Some(if versioned || http09 {
                 Protocol::Http1
@@ -171,6 +169,30 @@ fn is_space(b: u8) -> bool {
         b,
         b' ' | b'\t' | b'\r' | b'\n' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
     )
+}
+
+/// What a server skips before a request line: whitespace as above, and
+/// Netty's ISO controls (0x00 to 0x1f, 0x7f to 0x9f).
+fn skipped_before_request(b: u8) -> bool {
+    is_space(b) || b < 0x20 || (0x7f..=0x9f).contains(&b)
+}
+
+/// A request line's last word as some server reads it for a version: any
+/// spelling after `HTTP/` (Python's), or any `NAME/digits.digits` (Netty's
+/// `HttpVersion.valueOf`, which takes `RTSP/1.0` and the like).
+fn is_version(v: &[u8]) -> bool {
+    if v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"HTTP/") {
+        return true;
+    }
+    let Some(slash) = v.iter().rposition(|&b| b == b'/') else {
+        return false;
+    };
+    let number = &v[slash + 1..];
+    let Some(dot) = number.iter().position(|&b| b == b'.') else {
+        return false;
+    };
+    let digits = |d: &[u8]| !d.is_empty() && d.iter().all(u8::is_ascii_digit);
+    slash > 0 && digits(&number[..dot]) && digits(&number[dot + 1..])
 }
 
 /// A byte that some server takes in a request line after the method: any but
@@ -208,7 +230,13 @@ mod tests {
         assert_eq!(classify(b"GET / HT", m), None);
         assert_eq!(classify(H2_PREFACE, m), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10], m), None);
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), Some(Protocol::Opaque));
+        // A TLS record's header is all controls, which a lenient server
+        // skips: its handshake's first bytes past them decide.
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), None);
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc", m),
+            Some(Protocol::Opaque)
+        );
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
         // Servers take a method of any length.
@@ -257,6 +285,12 @@ mod tests {
             b"GET / HTTP/1.1 \r\n",
             b"GET / http/1.1\r\n",
             b"GET\x0b/ HTTP/1.1\n",
+            // Netty skips every control byte before the line, and takes any
+            // `NAME/d.d` for a version.
+            b"\x00GET /admin HTTP/1.1\r\n",
+            b"\x01\x7f\x85GET / HTTP/1.1\r\n",
+            b"GET /admin RTSP/1.0\r\n",
+            b"GET / X/10.2\r\n",
         ] {
             assert_eq!(classify(line, m), Some(Protocol::Http1), "{line:?}");
         }
@@ -292,9 +326,24 @@ mod tests {
             b"http_requests proto=\"HTTP/1.1\" 1\n",
             b"get HTTP/a\r\n",
             b"SET k HTTP/1.1 EX 10\r\n",
+            b"SET k v/1.2.3\r\n",
+            b"SET k /1.2\r\n",
+            b"SET k v/1.\r\n",
         ] {
             assert_eq!(classify(line, m), Some(Protocol::Opaque), "{line:?}");
         }
+        // Binary protocols whose first bytes are controls still decide on
+        // the first byte past them (a Postgres SSLRequest, a TLS ClientHello);
+        // controls alone decide nothing yet.
+        assert_eq!(
+            classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f", m),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", m),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(classify(b"\x05\x01\x00", m), None);
     }
 
     #[tokio::test(start_paused = true)]
