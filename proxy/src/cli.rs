@@ -144,7 +144,9 @@ pub struct Config {
     pub http_header_read_timeout: Duration,
 
     /// Time a request body may go without a byte from the client before the
-    /// request is cut with 408 (an upload that stalls holds the upstream too).
+    /// request is cut with 408 (an upload that stalls holds the upstream too);
+    /// also how long an HTTP/1 answer may wait on a client that reads none
+    /// of it before the connection is closed.
     #[arg(long, env = "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub http_body_read_timeout: Duration,

@@ -94,6 +94,11 @@ pub async fn serve_http1<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    // hyper reads nothing while an answer waits to be written: a client that
+    // stops reading (its window shut) would hold the connection, its slot and
+    // the app's side of it for ever, as no read timer runs while a request is
+    // in flight. A write that makes no progress for the body timeout fails.
+    let io = strait_api::write_deadline::WriteDeadline::new(io, cfg.body_read_timeout);
     let io = GuardedIo::new(io, state.clone(), cfg.header_read_timeout, cfg.idle_timeout);
     // The connection is dropped before its tunnels are waited for below: an
     // upgrade hyper has not handed over yet is cancelled by the drop, and
@@ -177,5 +182,76 @@ pub async fn serve_http2<I, S, B>(
     if let Err(e) = res {
         // h2 answers protocol abuse (rapid reset, oversized headers) with GOAWAY itself.
         strait_otel::sampled!(info, direction = meta.direction.as_str(), client = %meta.client.0, error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A client that asks and then reads nothing of a large answer (its
+    /// window shut) loses the connection once the write has made no
+    /// progress for the body timeout, rather than holding it for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let cfg = ServerConfig::new(
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            Duration::from_secs(120),
+        );
+        let meta = ConnMeta {
+            direction: Direction::Inbound,
+            client: crate::addr::ClientAddr("127.0.0.1:40000".parse().unwrap()),
+            metrics: Metrics::new(),
+            peer: None,
+        };
+        let (_trigger, drain) = crate::transport::drain::channel();
+        let svc = tower::service_fn(
+            |_: Request<super::super::conn_guard::InFlightBody<Incoming>>| async {
+                // Streamed, as hyper takes a whole body at once into its buffer.
+                let chunks = futures_util::stream::iter((0..64).map(|_| {
+                    Ok(http_body::Frame::data(bytes::Bytes::from(vec![
+                        b'x';
+                        16384
+                    ])))
+                }));
+                Ok::<_, Infallible>(Response::new(super::super::BoxBody::new(
+                    http_body_util::StreamBody::new(chunks),
+                )))
+            },
+        );
+        let state = Arc::new(ConnState::default());
+        // As the stack has it: the guard knows a request is in flight.
+        let svc = tower::Layer::layer(
+            &super::super::conn_guard::InFlightLayer::new(state.clone()),
+            svc,
+        );
+        let served = tokio::spawn(async move {
+            serve_http1(server, svc, state, &cfg, &meta, &drain).await;
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), served)
+            .await
+            .expect("held an hour")
+            .unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "closed after {waited:?}"
+        );
+        // What was written before it stalled is there; the rest never came.
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert!(got.len() < 1 << 20, "{} bytes", got.len());
     }
 }
