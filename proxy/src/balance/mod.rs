@@ -580,14 +580,19 @@ impl InFlight {
     fn breaker_failure(&self, kind: Failed) {
         self.settle();
         let b = &self.backend;
-        // Counted over the list in force: this request's may have been
-        // replaced while it was under way (its endpoints' state carries over).
+        // Judged by the list in force: this request's may have been replaced
+        // while it was under way (its endpoints' state carries over). An
+        // endpoint no longer in it is gone, and gets no verdict.
         let live = b.replacement();
         let live = live.as_deref().unwrap_or(b);
+        let state = &b.slots[self.index].state;
+        if !live.slots.iter().any(|s| Arc::ptr_eq(&s.state, state)) {
+            return;
+        }
         let cap = live.config.breaker.cap(live.slots.len());
         let may_eject = live.ejected() < cap;
         let ejected = self.state().outlier().failure_as(
-            &b.config.breaker,
+            &live.config.breaker,
             Instant::now(),
             may_eject,
             self.probe,
@@ -778,6 +783,42 @@ mod tests {
         assert_eq!(b.metrics.ejected.get(), 0);
         in_flight.expect("a request on endpoint 1").failed();
         assert_eq!(b.metrics.ejected.get(), 0, "none of the list in force");
+        drop(newer);
+    }
+
+    /// An endpoint discovery took away meanwhile gets no verdict from a
+    /// request that outlived its list: no ejection is counted or logged
+    /// for an endpoint that is gone.
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_gone_from_the_list_is_not_ejected() {
+        let b = two_in_turn();
+        let needed = b.config.breaker.consecutive_failures as usize;
+        let mut on_first = Vec::new();
+        while on_first.len() < needed {
+            let f = b.pick(&Default::default(), None).unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            if index(&f) == 0 {
+                on_first.push(f);
+            } else {
+                f.success();
+            }
+        }
+        let last = on_first.pop().unwrap();
+        for f in on_first {
+            f.failed();
+        }
+        assert_eq!(b.metrics.ejections.get(), 0, "one failure short");
+        // Endpoint 0 leaves the Service, two others join (room under the
+        // ejection cap); its last request then fails.
+        let newer = Endpoints::new(
+            "b".into(),
+            &eps(4)[1..],
+            b.config.clone(),
+            Some(&b),
+            b.metrics.clone(),
+        );
+        last.failed();
+        assert_eq!(b.metrics.ejections.get(), 0);
         drop(newer);
     }
 
