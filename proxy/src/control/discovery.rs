@@ -369,7 +369,12 @@ async fn follow(
                                     .unwrap_or_default();
                                 lag.observe(d.as_secs_f64());
                             }
-                            let parsed = parse(update, tx.borrow().as_ref());
+                            // Against the answer in force, or else the one this
+                            // watch started with: a refused part keeps its last good form.
+                            let parsed = {
+                                let prev = tx.borrow();
+                                parse(update, prev.as_ref().or(state.fallback.as_ref()))
+                            };
                             let r = match parsed {
                                 Ok(r) => r,
                                 Err(e) => {
