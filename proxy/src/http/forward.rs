@@ -289,11 +289,10 @@ fn edit_for_upstream<B>(
             // client whose headers it passes on) marked would be sent on
             // by the peer as HTTP/1.0, its body cut.
             let headers = req.headers_mut();
-            let was = headers.get_all(ORIG_PROTO_HEADER).iter().cloned().collect();
-            headers.remove(ORIG_PROTO_HEADER);
             if let Some(e) = &mut edits {
-                e.orig_proto = Some(was);
+                e.orig_proto = Some(headers.get_all(ORIG_PROTO_HEADER).iter().cloned().collect());
             }
+            headers.remove(ORIG_PROTO_HEADER);
         }
     }
     if let Some(target) = target {
