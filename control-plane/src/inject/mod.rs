@@ -10,6 +10,7 @@
 pub mod validate;
 pub mod webhook;
 pub mod workloads;
+mod yaml;
 
 use serde_json::{Value, json};
 

@@ -589,6 +589,35 @@ items:
     assert_eq!(again, out);
 }
 
+/// What kubectl (YAML 1.1) reads differently from this parser comes out
+/// as kubectl would have read the input: a plain octal file mode is a
+/// number, a quoted `on` stays a string rather than turning boolean.
+#[test]
+fn strait_inject_writes_what_kubectl_reads_as_written() {
+    let input = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  template:
+    spec:
+      containers:
+        - name: web
+          image: nginx
+          env: [{name: FEATURE, value: \"on\"}, {name: SINCE, value: \"2024-01-01\"}]
+      volumes:
+        - name: config
+          configMap: {name: web, defaultMode: 0644}
+";
+    let (out, reports) = inject_stream(input, &settings()).unwrap();
+    assert_eq!(reports[0].result, Ok("injected"));
+    let web: Value = serde_norway::from_str(&out).unwrap();
+    let pod = &web["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["configMap"]["defaultMode"], 420);
+    assert_eq!(pod["containers"][0]["env"][0]["value"], "on");
+    assert!(out.contains("value: \"on\""), "{out}");
+    assert!(out.contains("value: \"2024-01-01\""), "{out}");
+}
+
 #[test]
 fn strait_inject_refuses_a_broken_document_and_names_it() {
     let err = inject_stream("kind: Pod\n---\nkind: [\n", &settings()).unwrap_err();

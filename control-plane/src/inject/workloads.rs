@@ -17,8 +17,6 @@ pub struct Report {
 pub enum StreamError {
     #[error("document {doc}: not YAML: {reason}")]
     Yaml { doc: usize, reason: String },
-    #[error("document {doc}: cannot write it back: {reason}")]
-    Write { doc: usize, reason: String },
 }
 
 /// Injects every pod template in a multi-document YAML stream.
@@ -44,11 +42,9 @@ pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>),
         inject_object(&mut value, s, &mut reports);
         let changed = reports[before..].iter().any(|r| r.result == Ok("injected"));
         if changed {
-            let yaml = serde_norway::to_string(&value).map_err(|e| StreamError::Write {
-                doc: doc_no,
-                reason: e.to_string(),
-            })?;
-            out.push_str(&yaml);
+            // Written so that kubectl (YAML 1.1) reads back what was meant.
+            super::yaml::octal_modes(&mut value);
+            out.push_str(&super::yaml::to_yaml(&value));
         } else {
             out.push_str(doc);
             if !doc.ends_with('\n') && !doc.is_empty() {
