@@ -193,20 +193,33 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         }
         _ => None,
     };
-    let (trust_domain, iptables_mode) = settings_of(controller, "strait install");
+    let InstalledArgs {
+        trust_domain,
+        iptables_mode,
+        ..
+    } = settings_of(controller, "strait install");
     Ok(Some(Installed {
         identity,
         trust_domain,
         iptables_mode,
+        proxy_image: None,
+        telemetry: Default::default(),
     }))
 }
 
-/// What the controller Deployment's own arguments say it was installed with:
-/// the trust domain and the iptables mode.
+/// What the controller Deployment's own arguments say it was installed with.
+#[derive(Debug, Default)]
+struct InstalledArgs {
+    trust_domain: Option<String>,
+    iptables_mode: Option<crate::inject::IptablesMode>,
+    proxy_image: Option<String>,
+    telemetry: crate::inject::Telemetry,
+}
+
 fn settings_of(
     controller: Option<k8s_openapi::api::apps::v1::Deployment>,
     who: &str,
-) -> (Option<String>, Option<crate::inject::IptablesMode>) {
+) -> InstalledArgs {
     let args: Vec<String> = controller
         .and_then(|d| d.spec?.template.spec)
         .and_then(|p| p.containers.into_iter().find(|c| c.name == "controller"))
@@ -226,7 +239,18 @@ fn settings_of(
             defaults::TRUST_DOMAIN
         );
     }
-    (trust_domain, iptables_mode)
+    InstalledArgs {
+        trust_domain,
+        iptables_mode,
+        proxy_image: arg("--proxy-image"),
+        telemetry: crate::inject::Telemetry {
+            proxy_otlp_endpoint: arg("--proxy-otlp-endpoint"),
+            proxy_trace_sampling: arg("--proxy-trace-sampling"),
+            proxy_access_log: arg("--proxy-access-log").and_then(|l| {
+                <crate::inject::AccessLog as clap::ValueEnum>::from_str(&l, false).ok()
+            }),
+        },
+    }
 }
 
 /// What `strait inject` needs of the install in the cluster KUBECONFIG names:
@@ -265,13 +289,15 @@ pub async fn installed_for_injection(
     let anchors = anchors
         .and_then(|m| m.data?.remove("ca.crt"))
         .filter(|pem| !pem.trim().is_empty());
-    let (trust_domain, iptables_mode) = settings_of(controller, "strait inject");
+    let a = settings_of(controller, "strait inject");
     Ok(Some((
         anchors,
         Installed {
             identity: None,
-            trust_domain,
-            iptables_mode,
+            trust_domain: a.trust_domain,
+            iptables_mode: a.iptables_mode,
+            proxy_image: a.proxy_image,
+            telemetry: a.telemetry,
         },
     )))
 }
@@ -282,6 +308,10 @@ pub struct Installed {
     pub identity: Option<Identity>,
     pub trust_domain: Option<String>,
     pub iptables_mode: Option<crate::inject::IptablesMode>,
+    /// The proxy image and telemetry its injector uses (read for `strait
+    /// inject` only: `strait install` installs what it is given).
+    pub proxy_image: Option<String>,
+    pub telemetry: crate::inject::Telemetry,
 }
 
 /// The identity material the install carries.

@@ -141,7 +141,7 @@ pub struct InjectArgs {
     /// cluster KUBECONFIG names, its ConfigMap strait-system/strait-trust-anchors].
     #[arg(long, env = "STRAIT_IDENTITY_TRUST_ANCHORS_FILE", value_name = "FILE")]
     pub identity_trust_anchors_file: Option<std::path::PathBuf>,
-    /// The proxy image (default: this release's).
+    /// The proxy image [default: the installed one, or this release's].
     #[arg(long, value_name = "IMAGE")]
     pub proxy_image: Option<String>,
     /// The iptables backend the init containers write with: the one the nodes'
@@ -217,7 +217,12 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
             )
         },
     )?;
-    let mut settings = Settings::new(anchors, &trust_domain, args.proxy_image.as_deref());
+    // What is not given is as the installed injector has it, so that a pod
+    // injected here runs the proxy (from the registry, with the telemetry)
+    // the webhook would give it.
+    let proxy_image =
+        (args.proxy_image.as_ref()).or(installed.as_ref().and_then(|i| i.proxy_image.as_ref()));
+    let mut settings = Settings::new(anchors, &trust_domain, proxy_image.map(String::as_str));
     // Installed elsewhere than the default: its controller's Service and
     // identity there, as its injector would set them.
     let port = crate::defaults::GRPC_ADDR
@@ -230,9 +235,17 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
     );
     settings.iptables_mode = args
         .proxy_iptables_mode
-        .or(installed.and_then(|i| i.iptables_mode))
+        .or(installed.as_ref().and_then(|i| i.iptables_mode))
         .unwrap_or_default();
-    settings.telemetry = args.telemetry.clone().into();
+    let given: super::Telemetry = args.telemetry.clone().into();
+    let installed = installed.map(|i| i.telemetry).unwrap_or_default();
+    settings.telemetry = super::Telemetry {
+        proxy_otlp_endpoint: given.proxy_otlp_endpoint.or(installed.proxy_otlp_endpoint),
+        proxy_trace_sampling: given
+            .proxy_trace_sampling
+            .or(installed.proxy_trace_sampling),
+        proxy_access_log: given.proxy_access_log.or(installed.proxy_access_log),
+    };
     Ok(settings)
 }
 

@@ -865,6 +865,9 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
             "corp.example",
         ])
         .args(["--proxy-iptables-mode", "legacy"])
+        // A registry of its own (air-gapped) and the mesh's collector.
+        .args(["--proxy-image", "registry.internal/strait-proxy:1"])
+        .args(["--otlp-endpoint", "http://collector.obs:4317"])
         .output()
         .unwrap();
     assert!(installed.status.success());
@@ -918,6 +921,18 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
     );
     let init = serde_json::to_string(&pod["spec"]["initContainers"][0]).unwrap();
     assert!(init.contains("legacy"), "{init}");
+    // The installed injector's proxy image and telemetry, not this CLI's defaults.
+    let inits = pod["spec"]["initContainers"].as_array().unwrap();
+    assert!(
+        inits
+            .iter()
+            .all(|c| c["image"] == "registry.internal/strait-proxy:1"),
+        "{inits:?}"
+    );
+    assert_eq!(
+        env("STRAIT_PROXY_OTLP_ENDPOINT").as_deref(),
+        Some("http://collector.obs:4317")
+    );
 
     let other = inject(&["--trust-domain", "cluster.local"]).await.unwrap();
     let stderr = String::from_utf8_lossy(&other.stderr);
