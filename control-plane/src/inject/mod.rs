@@ -351,6 +351,36 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     if !spec.get("containers").is_some_and(Value::is_array) {
         return Err(InjectError::Malformed("spec.containers is not a list"));
     }
+    // The proxy listens on these in the pod's network: an app container
+    // declaring one would keep one of them from starting, with no reason
+    // given but a crash loop.
+    let taken: Vec<String> = ["initContainers", "containers"]
+        .into_iter()
+        .flat_map(|list| {
+            spec.get(list)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .flat_map(|c| {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+            (c.get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten())
+            .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
+            .filter(|p| defaults::MESH_PORTS.iter().any(|m| u64::from(*m) == *p))
+            .map(move |p| format!("container {name} port {p}"))
+        })
+        .collect();
+    if !taken.is_empty() {
+        let mesh: Vec<String> = defaults::MESH_PORTS.iter().map(u16::to_string).collect();
+        return Err(InjectError::Conflict(format!(
+            "{} is a port the proxy listens on in the pod ({}): move the app's port, or keep the pod out of the mesh (strait.dev/inject: disabled)",
+            taken.join(", "),
+            mesh.join(", ")
+        )));
+    }
 
     let ports = |name: &'static str| -> Result<Option<String>, InjectError> {
         annotation(name)

@@ -151,6 +151,28 @@ fn leftovers_of_an_injection_or_another_mesh_s_sidecar_are_refused_by_name() {
     }
 }
 
+/// An app port the proxy listens on would keep the proxy (or the app)
+/// from starting with nothing said: the pod is refused, naming the port.
+#[test]
+fn an_app_on_a_port_of_the_proxy_is_refused_by_name() {
+    let mut spec = app_spec();
+    spec["containers"] = json!([{"name": "app", "image": "app:1",
+                                 "ports": [{"containerPort": 8080}, {"containerPort": 4191}]}]);
+    let e = inject(&pod(json!({}), spec), Namespace::Enabled, &settings()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("container app port 4191 is a port the proxy listens on"),
+        "{e}"
+    );
+    let mut spec = app_spec();
+    spec["containers"] =
+        json!([{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}]);
+    assert!(matches!(
+        inject(&pod(json!({}), spec), Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Inject(_)
+    ));
+}
+
 #[test]
 fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network() {
     let plain = pod(json!({}), app_spec());
