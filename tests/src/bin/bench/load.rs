@@ -250,10 +250,7 @@ async fn http1(addr: SocketAddr) -> anyhow::Result<(Sender, tokio::task::JoinHan
 pub async fn tcp_connections(addr: SocketAddr, seconds: u64) -> anyhow::Result<Measured> {
     let (ms, errors, wall) = loops(seconds, move || async move {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        // Binary, as a protocol's first bytes are; not control bytes alone,
-        // which a lenient HTTP server skips before a request (and detection,
-        // on a port not declared opaque, waits past for what follows).
-        let msg: [u8; 64] = std::array::from_fn(|i| 0xc0 | i as u8);
+        let msg = [7u8; 64];
         s.write_all(&msg).await?;
         let mut back = [0u8; 64];
         s.read_exact(&mut back).await?;
