@@ -98,17 +98,33 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
         // "PRI " could still be an HTTP/1 method named PRI; only the full preface decides.
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
-    // Servers skip empty lines before a request line (RFC 9112, 2.2), lenient
-    // ones (Python's) any whitespace, and Netty's every control byte: a
-    // request behind them is HTTP too.
+    // Servers skip empty lines before a request line (RFC 9112, 2.2), and
+    // lenient ones (Python's) any whitespace: a request behind it is HTTP too.
     // Undecided when detection has read all it reads: what an app's server
     // could still parse as a request is HTTP, for our HTTP server to serve or
     // refuse (its head limit), never bytes for the app to parse.
     let full = buf.len() >= max_bytes;
-    let Some(start) = buf.iter().position(|&b| !skipped_before_request(b)) else {
+    let Some(start) = buf.iter().position(|&b| !is_space(b)) else {
         return full.then_some(Protocol::Http1);
     };
     let buf = &buf[start..];
+    if skipped_before_request(buf[0]) {
+        // Netty skips every control byte before a request line too; binary
+        // protocols open with them (lengths, small numbers: a Cassandra
+        // frame, SOCKS5's greeting), and waiting on each for what follows
+        // would take them for HTTP at the detection timeout. So only a whole
+        // request line behind them is HTTP; anything else is opaque at once.
+        let rest = &buf[buf
+            .iter()
+            .take_while(|&&b| skipped_before_request(b))
+            .count()..];
+        let line = rest.contains(&b'\n') && classify(rest, max_bytes) == Some(Protocol::Http1);
+        return Some(if line {
+            Protocol::Http1
+        } else {
+            Protocol::Opaque
+        });
+    }
     // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF,
     // as lenient servers read it: Tomcat and Python take tabs (or runs of
     // whitespace) between the parts, Python an `HTTP/1.10` or trailing
@@ -171,8 +187,8 @@ fn is_space(b: u8) -> bool {
     )
 }
 
-/// What a server skips before a request line: whitespace as above, and
-/// Netty's ISO controls (0x00 to 0x1f, 0x7f to 0x9f).
+/// What Netty skips before a request line: whitespace, and the ISO controls
+/// (0x00 to 0x1f, 0x7f to 0x9f).
 fn skipped_before_request(b: u8) -> bool {
     is_space(b) || b < 0x20 || (0x7f..=0x9f).contains(&b)
 }
@@ -230,13 +246,7 @@ mod tests {
         assert_eq!(classify(b"GET / HT", m), None);
         assert_eq!(classify(H2_PREFACE, m), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10], m), None);
-        // A TLS record's header is all controls, which a lenient server
-        // skips: its handshake's first bytes past them decide.
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), None);
-        assert_eq!(
-            classify(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc", m),
-            Some(Protocol::Opaque)
-        );
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n", m), Some(Protocol::Opaque));
         assert_eq!(classify(b"GET / SPDY/3\r\n", m), Some(Protocol::Opaque));
         // Servers take a method of any length.
@@ -332,18 +342,17 @@ mod tests {
         ] {
             assert_eq!(classify(line, m), Some(Protocol::Opaque), "{line:?}");
         }
-        // Binary protocols whose first bytes are controls still decide on
-        // the first byte past them (a Postgres SSLRequest, a TLS ClientHello);
-        // controls alone decide nothing yet.
-        assert_eq!(
-            classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f", m),
-            Some(Protocol::Opaque)
-        );
-        assert_eq!(
-            classify(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", m),
-            Some(Protocol::Opaque)
-        );
-        assert_eq!(classify(b"\x05\x01\x00", m), None);
+        // Binary protocols open with control bytes: opaque at once, unless
+        // a whole request line follows them (which Netty would read).
+        for binary in [
+            &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..],
+            b"\x04\x00\x00\x01\x05\x00\x00\x00\x00",
+            b"\x05\x01\x00",
+            b"\x00\x00\x00\x05hello",
+            b"\x00GET / HT",
+        ] {
+            assert_eq!(classify(binary, m), Some(Protocol::Opaque), "{binary:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
