@@ -43,7 +43,7 @@ pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>),
         let changed = reports[before..].iter().any(|r| r.result == Ok("injected"));
         if changed {
             // Written so that kubectl (YAML 1.1) reads back what was meant.
-            super::yaml::octal_modes(&mut value);
+            super::yaml::yaml11_booleans(&mut value);
             out.push_str(&super::yaml::to_yaml(&value));
         } else {
             out.push_str(doc);
@@ -123,7 +123,13 @@ fn inject_object(v: &mut Value, s: &Settings, reports: &mut Vec<Report>) {
     };
     let result = match inject(pod, Namespace::Enabled, s) {
         Ok(Outcome::Inject(patch)) => json_patch::patch(pod, &patch)
-            .map(|()| "injected")
+            .map(|()| {
+                // Read as kubectl would have read the file (YAML 1.1).
+                if let Some(volumes) = pod.pointer_mut("/spec/volumes") {
+                    super::yaml::octal_modes(volumes);
+                }
+                "injected"
+            })
             .map_err(|e| e.to_string()),
         Ok(Outcome::Skip(why)) => Ok(why),
         Err(e) => Err(e.to_string()),

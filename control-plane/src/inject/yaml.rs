@@ -1,9 +1,10 @@
 //! Workload YAML written back after injection, so that kubectl reads what
 //! was meant. kubectl reads YAML 1.1 and the parser here 1.2, and the two
 //! disagree on plain scalars: `on` and `yes` are booleans to kubectl, a
-//! plain `0644` an octal number. So every string is written double-quoted
-//! (JSON's escapes, which both read alike), and a file mode written in
-//! octal is read as kubectl would.
+//! plain `0644` an octal number. So every string is written double-quoted,
+//! with escapes both read alike, and what kubectl would have read as a
+//! number or a boolean where the API wants one (file modes, Kubernetes'
+//! boolean fields) is made one.
 
 use serde_json::Value;
 
@@ -25,7 +26,7 @@ fn scalar(v: &Value) -> Option<String> {
     Some(match v {
         Value::Null => "null".into(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => number(n),
         Value::String(s) => quoted(s),
         Value::Array(a) if a.is_empty() => "[]".into(),
         Value::Object(m) if m.is_empty() => "{}".into(),
@@ -33,8 +34,55 @@ fn scalar(v: &Value) -> Option<String> {
     })
 }
 
+/// Double-quoted, with every character a YAML 1.1 reader refuses raw
+/// (controls, DEL, C1) or folds (its line breaks U+0085, U+2028, U+2029)
+/// escaped.
 fn quoted(s: &str) -> String {
-    Value::String(s.to_string()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+                ) =>
+            {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A number both read alike: a float has a point and a signed exponent
+/// (`1e100` is a string to a strict YAML 1.1 reader).
+fn number(n: &serde_json::Number) -> String {
+    let s = n.to_string();
+    if !n.is_f64() {
+        return s;
+    }
+    let (mantissa, exponent) = match s.split_once(['e', 'E']) {
+        Some((m, e)) => (m.to_string(), Some(e.to_string())),
+        None => (s.clone(), None),
+    };
+    let mantissa = if mantissa.contains('.') {
+        mantissa
+    } else {
+        format!("{mantissa}.0")
+    };
+    match exponent {
+        Some(e) if e.starts_with(['+', '-']) => format!("{mantissa}e{e}"),
+        Some(e) => format!("{mantissa}e+{e}"),
+        None => mantissa,
+    }
 }
 
 /// Words YAML 1.1 reads as something other than a string.
@@ -100,9 +148,9 @@ fn block(v: &Value, indent: usize, out: &mut String) {
     }
 }
 
-/// File modes (`defaultMode`, `mode`) as kubectl reads them: a plain `0644`
-/// is octal to YAML 1.1 (420), and a string to this parser, which the API
-/// server would refuse where it wants a number.
+/// A pod's volumes' file modes (`defaultMode`, `items[].mode`) as kubectl
+/// reads them: a plain `0644` is octal to YAML 1.1 (420), and a string to
+/// this parser, which the API server would refuse where it wants a number.
 pub fn octal_modes(v: &mut Value) {
     match v {
         Value::Object(m) => {
@@ -119,6 +167,64 @@ pub fn octal_modes(v: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(octal_modes),
         _ => {}
+    }
+}
+
+/// Kubernetes' boolean fields of a pod (and of the workloads that hold one),
+/// where YAML 1.1 reads a plain `yes`, `on`, `y`... as a boolean.
+const BOOL_FIELDS: [&str; 20] = [
+    "readOnly",
+    "privileged",
+    "allowPrivilegeEscalation",
+    "runAsNonRoot",
+    "readOnlyRootFilesystem",
+    "hostNetwork",
+    "hostPID",
+    "hostIPC",
+    "hostUsers",
+    "stdin",
+    "stdinOnce",
+    "tty",
+    "optional",
+    "automountServiceAccountToken",
+    "shareProcessNamespace",
+    "setHostnameAsFQDN",
+    "enableServiceLinks",
+    "paused",
+    "suspend",
+    "publishNotReadyAddresses",
+];
+
+/// Booleans as kubectl reads them: where the API wants one, a YAML 1.1
+/// boolean word (a string to this parser) becomes the boolean it meant.
+pub fn yaml11_booleans(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let b = match &*val {
+                    Value::String(s) if BOOL_FIELDS.contains(&k.as_str()) => yaml11_bool(s),
+                    _ => None,
+                };
+                match b {
+                    Some(b) => *val = Value::Bool(b),
+                    None => yaml11_booleans(val),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(yaml11_booleans),
+        _ => {}
+    }
+}
+
+fn yaml11_bool(s: &str) -> Option<bool> {
+    match s {
+        "y" | "Y" | "yes" | "Yes" | "YES" | "true" | "True" | "TRUE" | "on" | "On" | "ON" => {
+            Some(true)
+        }
+        "n" | "N" | "no" | "No" | "NO" | "false" | "False" | "FALSE" | "off" | "Off" | "OFF" => {
+            Some(false)
+        }
+        _ => None,
     }
 }
 
@@ -143,7 +249,8 @@ mod tests {
             "apiVersion": "apps/v1",
             "metadata": {"labels": {"app.kubernetes.io/name": "web", "on": "yes"},
                          "annotations": {"a: b": "line\nbreak \"quoted\" \\ é", "n": ""}},
-            "spec": {"replicas": 3, "paused": false, "x": null, "ratio": 0.5,
+            "spec": {"replicas": 3, "paused": false, "x": null, "ratio": 0.5, "big": 1e100,
+                     "odd": "del\u{7f} c1\u{85} ls\u{2028} nul\u{0} tab\t",
                      "containers": [{"name": "web", "env": [{"name": "A", "value": "on"},
                                                             {"name": "B", "value": "0644"},
                                                             {"name": "C", "value": "2024-01-01"},
@@ -164,6 +271,26 @@ mod tests {
             assert!(yaml.contains(quoted), "{quoted} in {yaml}");
         }
         assert!(yaml.contains("app.kubernetes.io/name: \"web\""), "{yaml}");
+        assert!(yaml.contains("big: 1.0e+100"), "{yaml}");
+        assert!(
+            yaml.contains("\\u007f") && yaml.contains("\\u0085") && yaml.contains("\\u2028"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn a_yaml_1_1_boolean_word_is_a_boolean_where_kubernetes_wants_one() {
+        let mut v: Value = serde_norway::from_str(
+            "volumeMounts: [{name: a, mountPath: /a, readOnly: yes}]\nsecurityContext: {privileged: off}\nenv: [{name: A, value: \"on\"}]\n",
+        )
+        .unwrap();
+        yaml11_booleans(&mut v);
+        assert_eq!(v["volumeMounts"][0]["readOnly"], true);
+        assert_eq!(v["securityContext"]["privileged"], false);
+        assert_eq!(
+            v["env"][0]["value"], "on",
+            "a string field keeps its string"
+        );
     }
 
     #[test]
