@@ -368,6 +368,12 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten())
+            // TCP only: the proxy's listeners leave UDP and SCTP free.
+            .filter(|p| {
+                p.get("protocol")
+                    .and_then(Value::as_str)
+                    .is_none_or(|p| p == "TCP")
+            })
             .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
             .filter(|p| defaults::MESH_PORTS.iter().any(|m| u64::from(*m) == *p))
             .map(move |p| format!("container {name} port {p}"))

@@ -165,8 +165,7 @@ fn an_app_on_a_port_of_the_proxy_is_refused_by_name() {
         "{e}"
     );
     let mut spec = app_spec();
-    spec["containers"] =
-        json!([{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}]);
+    spec["containers"] = json!([{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}, {"containerPort": 4143, "protocol": "UDP"}]}]);
     assert!(matches!(
         inject(&pod(json!({}), spec), Namespace::Enabled, &settings()).unwrap(),
         Outcome::Inject(_)
