@@ -18,8 +18,11 @@ use tokio::time::Sleep;
 pub struct WriteDeadline<S> {
     inner: S,
     limit: Duration,
-    /// Armed while a write waits; dropped on progress.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// Made at a connection's first wait, then reset: a stream held back by
+    /// a slow reader waits on most writes, and allocates once.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A write is waiting: the timer runs.
+    armed: bool,
 }
 
 impl<S> WriteDeadline<S> {
@@ -27,7 +30,8 @@ impl<S> WriteDeadline<S> {
         WriteDeadline {
             inner,
             limit,
-            stalled: None,
+            timer: None,
+            armed: false,
         }
     }
 
@@ -35,13 +39,20 @@ impl<S> WriteDeadline<S> {
     /// it has waited that long.
     fn waited<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if r.is_ready() {
-            self.stalled = None;
+            self.armed = false;
             return r;
         }
         let limit = self.limit;
-        let timer = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if !self.armed {
+                    t.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.armed = true;
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -160,7 +160,7 @@ pub struct InjectArgs {
     pub trust_domain: Option<String>,
     /// Do not read the install in the cluster: the anchors file is then needed,
     /// and the settings are as given (or their defaults). Nothing is read
-    /// either when all three are given.
+    /// either when all four (with --proxy-image) are given.
     #[arg(long)]
     pub ignore_cluster: bool,
     /// The namespace strait is installed in, where its settings are read.
@@ -181,8 +181,10 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         ),
         None => None,
     };
-    let all_given =
-        given.is_some() && args.trust_domain.is_some() && args.proxy_iptables_mode.is_some();
+    let all_given = given.is_some()
+        && args.trust_domain.is_some()
+        && args.proxy_iptables_mode.is_some()
+        && args.proxy_image.is_some();
     let installed = if args.ignore_cluster || all_given {
         None
     } else {
