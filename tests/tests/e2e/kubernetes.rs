@@ -587,7 +587,7 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             .arg(&identity[0])));
     }
     assert!(
-        injected.matches("name: strait-proxy\n").count() >= 4,
+        injected.matches("name: \"strait-proxy\"\n").count() >= 4,
         "the examples were injected"
     );
     for (name, yaml) in [
