@@ -12,8 +12,7 @@ use strait_api::v1 as api;
 use super::Rule;
 use super::filters::FilterDoc;
 use super::matches::{ValueMatchDoc, full_match_regex, header_matches, unsupported};
-use super::parse::{BackendRefDoc, grpc_codes_retry, rule_parts};
-use crate::defaults;
+use super::parse::{BackendRefDoc, grpc_codes_retry, rule_matches, rule_parts};
 use crate::index::ObjKey;
 use crate::spec::SpecError;
 
@@ -55,17 +54,7 @@ pub(super) fn rule(
     r: &GrpcRuleDoc,
     grpc: Option<&[u32]>,
 ) -> Result<Rule, SpecError> {
-    SpecError::at_most(
-        format!("{at}.matches"),
-        r.matches.len(),
-        defaults::MAX_RULE_MATCHES,
-    )?;
-    let matches = r
-        .matches
-        .iter()
-        .enumerate()
-        .map(|(i, m)| grpc_match(&format!("{at}.matches[{i}]"), m))
-        .collect::<Result<Vec<_>, _>>()?;
+    let matches = rule_matches(at, &r.matches, grpc_match)?;
     if let Some((i, f)) = (r.filters.iter().enumerate()).find(|(_, f)| !FILTERS.contains(&&*f.kind))
     {
         return Err(SpecError::new(

@@ -471,18 +471,24 @@ pub(super) fn grpc_codes_retry(codes: &[u32]) -> Retry {
     }
 }
 
-fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<Rule, SpecError> {
+/// A rule's matches, bounded in number, each parsed at its own field path.
+pub(super) fn rule_matches<M>(
+    at: &str,
+    matches: &[M],
+    parse: impl Fn(&str, &M) -> Result<api::HttpMatch, SpecError>,
+) -> Result<Vec<api::HttpMatch>, SpecError> {
     SpecError::at_most(
         format!("{at}.matches"),
-        r.matches.len(),
+        matches.len(),
         defaults::MAX_RULE_MATCHES,
     )?;
-    let matches = r
-        .matches
-        .iter()
-        .enumerate()
-        .map(|(i, m)| http_match(&format!("{at}.matches[{i}]"), m))
-        .collect::<Result<Vec<_>, _>>()?;
+    (matches.iter().enumerate())
+        .map(|(i, m)| parse(&format!("{at}.matches[{i}]"), m))
+        .collect()
+}
+
+fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<Rule, SpecError> {
+    let matches = rule_matches(at, &r.matches, http_match)?;
     let mut rule = rule_parts(
         route,
         at,
