@@ -220,16 +220,13 @@ fn settings_of(
     controller: Option<k8s_openapi::api::apps::v1::Deployment>,
     who: &str,
 ) -> InstalledArgs {
-    let args: Vec<String> = controller
+    let container = controller
         .and_then(|d| d.spec?.template.spec)
         .and_then(|p| p.containers.into_iter().find(|c| c.name == "controller"))
-        .and_then(|c| c.args)
         .unwrap_or_default();
-    let arg = |flag: &str| {
-        args.iter()
-            .find_map(|a| a.strip_prefix(flag)?.strip_prefix('='))
-            .map(String::from)
-    };
+    let args = container.args.unwrap_or_default();
+    let env = container.env.unwrap_or_default();
+    let arg = |flag: &str| flag_value(&args, &env, flag);
     let trust_domain = arg("--trust-domain");
     let iptables_mode = arg("--proxy-iptables-mode")
         .and_then(|m| <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok());
@@ -251,6 +248,37 @@ fn settings_of(
             }),
         },
     }
+}
+
+/// A controller flag's value as the controller reads it: the last
+/// `--flag=value` or `--flag value` among its arguments, or else the
+/// container's `STRAIT_FLAG` variable when it is given literally.
+fn flag_value(
+    args: &[String],
+    env: &[k8s_openapi::api::core::v1::EnvVar],
+    flag: &str,
+) -> Option<String> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        match a.strip_prefix(flag) {
+            Some("") => found = it.next().cloned().or(found),
+            Some(v) if v.starts_with('=') => found = Some(v[1..].to_string()),
+            _ => {}
+        }
+    }
+    found.or_else(|| {
+        let name = format!(
+            "STRAIT_{}",
+            flag.trim_start_matches('-')
+                .replace('-', "_")
+                .to_uppercase()
+        );
+        env.iter().rev().find(|e| e.name == name)?.value.clone()
+    })
 }
 
 /// What `strait inject` needs of the install in the cluster KUBECONFIG names:
@@ -727,6 +755,69 @@ pub fn render(v: &Values) -> anyhow::Result<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An install edited by hand, or by a tool that splits flags from their
+    /// values, still gives its settings to `strait inject`.
+    #[test]
+    fn settings_are_read_in_every_spelling_the_controller_takes() {
+        use k8s_openapi::api::core::v1::EnvVar;
+        let var = |n: &str, v: &str| EnvVar {
+            name: n.into(),
+            value: Some(v.into()),
+            value_from: None,
+        };
+        let deployment = |args: &[&str], env: Vec<EnvVar>| {
+            serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
+                "spec": {"selector": {}, "template": {"spec": {"containers": [
+                    {"name": "sidecar", "args": ["--trust-domain=wrong"]},
+                    {"name": "controller", "args": args, "env": env},
+                ]}}}
+            }))
+            .unwrap()
+        };
+        let a = settings_of(
+            Some(deployment(
+                &[
+                    "controller",
+                    "--trust-domain",
+                    "corp.example",
+                    "--proxy-image=old/proxy:1",
+                    "--proxy-image=registry.local/proxy:2",
+                    "--proxy-access-log",
+                    "json",
+                ],
+                vec![
+                    var("STRAIT_TRUST_DOMAIN", "from-env"),
+                    var("STRAIT_PROXY_OTLP_ENDPOINT", "http://collector:4317"),
+                    var("STRAIT_PROXY_TRACE_SAMPLING", "0.25"),
+                ],
+            )),
+            "test",
+        );
+        // Arguments win over the environment, and the last of a flag wins.
+        assert_eq!(a.trust_domain.as_deref(), Some("corp.example"));
+        assert_eq!(a.proxy_image.as_deref(), Some("registry.local/proxy:2"));
+        assert_eq!(
+            a.telemetry.proxy_access_log,
+            Some(crate::inject::AccessLog::Json)
+        );
+        assert_eq!(
+            a.telemetry.proxy_otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        assert_eq!(a.telemetry.proxy_trace_sampling.as_deref(), Some("0.25"));
+        // A flag that is only a prefix of another is not it, and a flag with
+        // no value after it is not given.
+        let a = settings_of(
+            Some(deployment(
+                &["--proxy-image-pull-policy=Always", "--proxy-image"],
+                vec![],
+            )),
+            "test",
+        );
+        assert_eq!(a.proxy_image, None);
+        assert_eq!(a.trust_domain, None);
+    }
 
     /// Neither webhook, the fail-closed one included, sees the system's or the
     /// mesh's own namespace, whatever labels those carry.
