@@ -36,6 +36,15 @@ struct Windows {
     slots: [i64; WINDOWS],
     current: usize,
     started: Instant,
+    /// Windows begun since the budget was made: which one a withdrawal
+    /// was taken from, and whether it is still counted.
+    epoch: u64,
+}
+
+/// A retry paid for, which `refund` gives back if it is never sent.
+#[derive(Debug)]
+pub struct Withdrawal {
+    epoch: u64,
 }
 
 impl RetryBudget {
@@ -66,6 +75,7 @@ impl RetryBudget {
                 slots: [0; WINDOWS],
                 current: 0,
                 started: Instant::now(),
+                epoch: 0,
             }),
         }
     }
@@ -76,6 +86,7 @@ impl RetryBudget {
         let passed = Instant::now().saturating_duration_since(w.started);
         let n = passed.as_nanos() / self.window.as_nanos();
         if n > 0 {
+            w.epoch = w.epoch.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
             for _ in 0..n.min(WINDOWS as u128) {
                 w.current = (w.current + 1) % WINDOWS;
                 let c = w.current;
@@ -91,6 +102,34 @@ impl RetryBudget {
         }
         w
     }
+
+    /// Pays for one retry, if the budget allows it.
+    pub fn take(&self) -> Option<Withdrawal> {
+        let mut w = self.windows();
+        let balance = w
+            .slots
+            .iter()
+            .fold(self.reserve, |sum, s| sum.saturating_add(*s));
+        if balance < self.withdraw {
+            return None;
+        }
+        let c = w.current;
+        w.slots[c] = w.slots[c].saturating_sub(self.withdraw);
+        Some(Withdrawal { epoch: w.epoch })
+    }
+
+    /// Gives back a retry that was paid for and not sent (its request ended
+    /// during the backoff), to the window it was taken from: once that
+    /// window is past, the payment has expired anyway.
+    pub fn refund(&self, paid: Withdrawal) {
+        let mut w = self.windows();
+        let age = w.epoch.saturating_sub(paid.epoch);
+        if age >= WINDOWS as u64 {
+            return;
+        }
+        let slot = (w.current + WINDOWS - age as usize) % WINDOWS;
+        w.slots[slot] = w.slots[slot].saturating_add(self.withdraw);
+    }
 }
 
 impl Budget for RetryBudget {
@@ -101,17 +140,7 @@ impl Budget for RetryBudget {
     }
 
     fn withdraw(&self) -> bool {
-        let mut w = self.windows();
-        let balance = w
-            .slots
-            .iter()
-            .fold(self.reserve, |sum, s| sum.saturating_add(*s));
-        if balance < self.withdraw {
-            return false;
-        }
-        let c = w.current;
-        w.slots[c] = w.slots[c].saturating_sub(self.withdraw);
-        true
+        self.take().is_some()
     }
 }
 
@@ -157,6 +186,29 @@ mod tests {
         assert_eq!(allowed(&b, 1000), 20);
         let b = RetryBudget::new(Duration::from_millis(1500), 10, 0.0);
         assert_eq!(allowed(&b, 1000), 15);
+    }
+
+    /// A refunded retry can be taken again while its window lasts, and not
+    /// after: a refund never grants more than the budget would have.
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_returns_the_retry_to_its_own_window() {
+        let b = RetryBudget::new(Duration::from_secs(10), 1, 0.0);
+        let paid: Vec<_> = (0..10).map_while(|_| b.take()).collect();
+        assert_eq!(paid.len(), 10, "1 a second over 10 s");
+        assert!(b.take().is_none());
+        let mut paid = paid.into_iter();
+        b.refund(paid.next().unwrap());
+        let again = b.take().expect("a refunded retry is there again");
+        // Refunded later, in a later window, it still goes back.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        b.refund(again);
+        assert!(b.take().is_some());
+        assert!(b.take().is_none());
+        // Past the ttl the payment has expired by itself: a refund then
+        // adds nothing beyond the reserve, which is whole again.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        b.refund(paid.next().unwrap());
+        assert_eq!((0..100).map_while(|_| b.take()).count(), 10);
     }
 
     #[tokio::test(start_paused = true)]

@@ -247,10 +247,10 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             let body = req.body().again();
             *req = Request::from_parts(head, body);
         }
-        if !self.budget.withdraw() {
+        let Some(paid) = self.budget.take() else {
             self.metrics.budget_exhausted.inc();
             return None;
-        }
+        };
         self.retried += 1;
         let notes = crate::telemetry::trace::notes(req).cloned();
         let served_by = rsp.extensions().get::<ServedBy>().map(|s| s.0);
@@ -262,7 +262,11 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         }
         Some(Backoff {
             sleep: tokio::time::sleep(self.backoff()),
-            sent: Some((self.metrics.retries.clone(), notes)),
+            pending: Some(Pending {
+                retries: self.metrics.retries.clone(),
+                notes,
+                paid: Some((self.budget.clone(), paid)),
+            }),
         })
     }
 
@@ -290,11 +294,36 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
 pin_project_lite::pin_project! {
     /// The wait before a retry. The retry is counted (in metrics and on the
     /// request's span) once the wait is over and it goes: a request's
-    /// timeout during the wait sends none.
+    /// timeout during the wait sends none, and gives its budget back.
     pub struct Backoff {
         #[pin]
         sleep: tokio::time::Sleep,
-        sent: Option<(Counter, Option<crate::telemetry::trace::RequestNotes>)>,
+        pending: Option<Pending>,
+    }
+}
+
+/// A retry decided and paid for, not yet sent.
+struct Pending {
+    retries: Counter,
+    notes: Option<crate::telemetry::trace::RequestNotes>,
+    paid: Option<(Arc<RetryBudget>, budget::Withdrawal)>,
+}
+
+impl Pending {
+    fn sent(mut self) {
+        self.paid = None;
+        self.retries.inc();
+        if let Some(n) = &self.notes {
+            n.retried();
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some((budget, paid)) = self.paid.take() {
+            budget.refund(paid);
+        }
     }
 }
 
@@ -307,11 +336,8 @@ impl std::future::Future for Backoff {
     ) -> std::task::Poll<()> {
         let this = self.project();
         std::task::ready!(this.sleep.poll(cx));
-        if let Some((retries, notes)) = this.sent.take() {
-            retries.inc();
-            if let Some(n) = notes {
-                n.retried();
-            }
+        if let Some(p) = this.pending.take() {
+            p.sent();
         }
         std::task::Poll::Ready(())
     }
@@ -395,7 +421,8 @@ mod tests {
     }
 
     /// A retry counts when it goes, after its backoff: one whose wait the
-    /// request's timeout cut short (its future dropped) never went.
+    /// request's timeout cut short (its future dropped) never went, and
+    /// gives back what it took of the budget.
     #[tokio::test(start_paused = true)]
     async fn a_retry_counts_once_its_backoff_is_over() {
         let p = policy(3, &[503]);
@@ -415,20 +442,28 @@ mod tests {
         waited.await;
         assert!(t.elapsed() >= Duration::from_millis(5), "backed off");
         assert_eq!(p.metrics.retries.get(), 1);
+        // 11 requests at 20 % pay for 2 retries: the one cut short was not
+        // one of them.
+        let last = q
+            .retry(&mut r, &mut rsp(503))
+            .expect("the budget's second retry");
+        last.await;
+        assert_eq!(p.metrics.retries.get(), 2);
+        assert_eq!(p.metrics.budget_exhausted.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn retries_stop_when_the_budget_is_spent() {
         let p = policy(3, &[503]);
-        let mut allowed = 0;
+        // Retries waiting out their backoff: none has given its share back.
+        let mut waiting = Vec::new();
         for _ in 0..100 {
             let mut p = p.clone();
             let p: &mut Tower = &mut p;
             let mut r = p.clone_request(&req()).unwrap();
-            if p.retry(&mut r, &mut rsp(503)).is_some() {
-                allowed += 1;
-            }
+            waiting.extend(p.retry(&mut r, &mut rsp(503)));
         }
+        let allowed = waiting.len();
         // 20 % of 100 requests.
         assert!((18..=22).contains(&allowed), "{allowed} retries allowed");
         assert_eq!(p.metrics.retries.get(), 0, "none sent yet");
@@ -438,6 +473,7 @@ mod tests {
     async fn concurrent_requests_share_one_budget() {
         let p = policy(3, &[503]);
         let mut allowed = 0;
+        let mut waiting = Vec::new();
         for _ in 0..100 {
             let mut batch: Vec<(Policy, Request<ReplayBody>)> = (0..8)
                 .map(|_| {
@@ -452,7 +488,8 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1)).await;
             for (p, r) in &mut batch {
                 let t: &mut Tower = p;
-                while t.retry(r, &mut rsp(503)).is_some() {
+                while let Some(backoff) = t.retry(r, &mut rsp(503)) {
+                    waiting.push(backoff);
                     allowed += 1;
                 }
             }
