@@ -7,7 +7,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams};
@@ -101,6 +101,20 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             return out;
         }
     }
+
+    // The API server may be newer than the kubelets (up to three minors): a
+    // kubelet before 1.29 runs the proxy as an init container that never
+    // ends, and the pods scheduled there never start.
+    say(match kubelets(&client).await {
+        Ok(kubelets) => nodes_line(&kubelets),
+        Err(kube::Error::Api(s)) if s.code == 403 => line(
+            Verdict::Warn,
+            format!(
+                "nodes cannot be listed with these credentials ({s}): kubelet versions not checked"
+            ),
+        ),
+        Err(e) => line(Verdict::Fail, format!("nodes cannot be listed: {e}")),
+    });
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [
@@ -459,6 +473,76 @@ fn expiry(what: &str, pem: &str) -> Line {
     }
 }
 
+/// Each node's name and kubelet version, read a page at a time: a node's
+/// object is large (its images), and a cluster may have thousands.
+async fn kubelets(client: &kube::Client) -> Result<Vec<(String, String)>, kube::Error> {
+    let nodes = Api::<Node>::all(client.clone());
+    let mut out = Vec::new();
+    let mut page = ListParams::default().limit(200);
+    loop {
+        let list = nodes.list(&page).await?;
+        out.extend(list.items.into_iter().map(|n| {
+            let version = n
+                .status
+                .and_then(|s| s.node_info)
+                .map(|i| i.kubelet_version)
+                .unwrap_or_default();
+            (n.metadata.name.unwrap_or_default(), version)
+        }));
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(next) => page = page.continue_token(&next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// The verdict on the nodes' kubelets, `(name, version)`.
+fn nodes_line(kubelets: &[(String, String)]) -> Line {
+    if kubelets.is_empty() {
+        return line(Verdict::Warn, "no node is registered: nothing can run yet");
+    }
+    let old: Vec<String> = kubelets
+        .iter()
+        .filter(|(_, v)| {
+            let (major, minor) = version_parts(v);
+            !supports_native_sidecars(major, minor)
+        })
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    if old.is_empty() {
+        return line(
+            Verdict::Ok,
+            format!(
+                "every node's kubelet runs native sidecars ({} node(s))",
+                kubelets.len()
+            ),
+        );
+    }
+    let shown = old.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let more = old.len().saturating_sub(5);
+    line(
+        Verdict::Fail,
+        format!(
+            "{} node(s) run a kubelet older than 1.29 ({shown}{}): injected pods scheduled there never start; upgrade them or keep meshed pods off them",
+            old.len(),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+        ),
+    )
+}
+
+/// `v1.28.3-eks-1234` as `("1", "28")`.
+fn version_parts(v: &str) -> (&str, &str) {
+    let v = v.strip_prefix('v').unwrap_or(v);
+    let mut parts = v.splitn(3, '.');
+    let major = parts.next().unwrap_or("");
+    let minor = parts.next().unwrap_or("");
+    (major, minor)
+}
+
 /// Whether a Kubernetes version (`major`, `minor` as `/version` gives them:
 /// some providers write `29+`) runs init containers with `restartPolicy:
 /// Always` as sidecars: on by default from 1.29.
@@ -524,6 +608,35 @@ mod tests {
         ];
         assert_eq!(verdict(&finished), Verdict::Ok);
         assert_eq!(verdict(&[pod("Succeeded", false, false)]), Verdict::Warn);
+    }
+
+    /// A kubelet older than the API server fails the check by name: pods
+    /// scheduled on it never start.
+    #[test]
+    fn an_old_kubelet_fails_by_name() {
+        let nodes = |vs: &[&str]| -> Vec<(String, String)> {
+            (vs.iter().enumerate())
+                .map(|(i, v)| (format!("node-{i}"), v.to_string()))
+                .collect()
+        };
+        let ok = nodes_line(&nodes(&["v1.29.0", "v1.31.2-eks-1234", "v1.30.1+k3s1", ""]));
+        assert_eq!(ok.verdict, Verdict::Ok, "{}", ok.what);
+        let old = nodes_line(&nodes(&["v1.30.0", "v1.28.9-gke.100", "v1.27.3"]));
+        assert_eq!(old.verdict, Verdict::Fail);
+        assert!(
+            old.what.starts_with(
+                "2 node(s) run a kubelet older than 1.29 (node-1 v1.28.9-gke.100, node-2 v1.27.3)"
+            ),
+            "{}",
+            old.what
+        );
+        let many = nodes_line(&nodes(&["v1.28.0"; 8]));
+        assert!(
+            many.what.contains("node-4 v1.28.0 and 3 more)"),
+            "{}",
+            many.what
+        );
+        assert_eq!(nodes_line(&[]).verdict, Verdict::Warn);
     }
 
     #[test]

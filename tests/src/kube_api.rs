@@ -33,6 +33,7 @@ type Body = BoxBody<Bytes, Infallible>;
 const KINDS: &[(&str, &str, &str, &str)] = &[
     ("/api/v1", "v1", "Service", "services"),
     ("/api/v1", "v1", "Pod", "pods"),
+    ("/api/v1", "v1", "Node", "nodes"),
     (
         "/apis/discovery.k8s.io/v1",
         "discovery.k8s.io/v1",

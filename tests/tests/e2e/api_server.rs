@@ -539,6 +539,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     .unwrap();
     deployment["status"] = serde_json::json!({"replicas": 2, "readyReplicas": 2});
     api.apply(&deployment.to_string());
+    api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus: {nodeInfo: {kubeletVersion: v1.30.2}}\n");
     api.apply("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: strait-controller-x, namespace: strait-system, labels: {kubernetes.io/service-name: strait-controller}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.9], conditions: {ready: true}}]\nports: [{name: webhook, port: 8443}]\n");
 
     // Run on the runtime: the stand-in answers on this same thread.
@@ -558,6 +559,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     );
     for expected in [
         "[ok  ] the Kubernetes API answers",
+        "[ok  ] every node's kubelet runs native sidecars (1 node(s))",
         "[ok  ] CRD authorizationpolicies.policy.strait.dev is installed",
         "[ok  ] Gateway API HTTPRoute is installed (experimental channel",
         "[ok  ] the controller is ready (2 of 2 replicas)",
@@ -571,7 +573,8 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 
-    // Break three things: each is named, and the exit status says so.
+    // Break four things: each is named, and the exit status says so.
+    api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nstatus: {nodeInfo: {kubeletVersion: v1.28.7}}\n");
     api.delete(
         "admissionregistration.k8s.io/v1",
         "ValidatingWebhookConfiguration",
@@ -594,6 +597,10 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         "{text}"
     );
     assert!(
+        text.contains("[FAIL] 1 node(s) run a kubelet older than 1.29 (node-b v1.28.7)"),
+        "{text}"
+    );
+    assert!(
         text.contains("[FAIL] the controller has no ready replica (0 of 2)"),
         "{text}"
     );
@@ -601,7 +608,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         text.contains("[FAIL] no ValidatingWebhookConfiguration strait-policy-validator"),
         "{text}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("3 check(s) failed"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 check(s) failed"));
 
     // An earlier release's CRD, which prunes unknown fields (Helm does not
     // upgrade CRDs), is named as such.
