@@ -6,9 +6,10 @@
 //! a request is in flight (`InFlightLayer`); when none is, the first bytes read start
 //! the header timer and silence starts the idle timer.
 //!
-//! While a head is read, the guard also notes which framing fields it names: hyper
-//! quietly drops `Content-Length` when `Transfer-Encoding` is present (safe, per RFC
-//! 9112), but a request carrying both is a smuggling attempt we refuse outright.
+//! The guard also scans every request head as it is read (`request_scan`), and
+//! notes which framing fields it names: hyper quietly drops `Content-Length` when
+//! `Transfer-Encoding` is present (safe, per RFC 9112), but a request carrying both
+//! is a smuggling attempt we refuse outright.
 
 use std::future::Future;
 use std::io;
@@ -23,6 +24,7 @@ use http::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::GuardedBody;
+use super::request_scan::{BARE_LF, CONTENT_LENGTH, RequestScan, TRANSFER_ENCODING};
 use tokio::time::{Instant, Sleep};
 
 const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\nstrait-proxy-error: request header read timed out\r\n\r\n";
@@ -37,8 +39,11 @@ pub struct ConnState {
     /// After an upgrade (WebSocket, CONNECT) the stream is no longer HTTP.
     upgraded: AtomicBool,
     header_timed_out: AtomicBool,
-    /// Framing fields seen in the head being read (CONTENT_LENGTH | TRANSFER_ENCODING).
-    framing: std::sync::atomic::AtomicU8,
+    /// Heads the scan found at fault, by their number on the connection, not
+    /// yet served (hyper may read several before it serves the first).
+    faults: std::sync::Mutex<std::collections::VecDeque<(usize, u8)>>,
+    /// Entries in `faults`: most connections never lock it.
+    faulted: AtomicUsize,
     /// The connection's reader, woken when the last request in flight finishes so
     /// the idle timer starts even if hyper is not reading just then.
     reader: AtomicWaker,
@@ -47,6 +52,9 @@ pub struct ConnState {
     tunnels: AtomicUsize,
     tunnels_done: tokio::sync::Notify,
 }
+
+/// Heads at fault noted ahead of their serving.
+const MAX_FAULTS: usize = 4;
 
 /// An upgraded stream of a connection, open while this is alive.
 #[derive(Debug)]
@@ -60,10 +68,6 @@ impl Drop for Tunnel {
         }
     }
 }
-
-const CONTENT_LENGTH: u8 = 1;
-const TRANSFER_ENCODING: u8 = 2;
-const BARE_LF: u8 = 4;
 
 /// Put on a request whose head the scan found at fault: what hyper reads
 /// leniently and another parser might read otherwise.
@@ -92,6 +96,26 @@ impl ConnState {
         while self.tunnels.load(Ordering::Acquire) > 0 {
             self.tunnels_done.notified().await;
         }
+    }
+
+    /// What the scan found at fault in the `n`th head of the connection.
+    fn fault_of(&self, n: usize) -> u8 {
+        if self.faulted.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        while faults.front().is_some_and(|&(at, _)| at < n) {
+            faults.pop_front();
+        }
+        let found = match faults.front() {
+            Some(&(at, found)) if at == n => {
+                faults.pop_front();
+                found
+            }
+            _ => 0,
+        };
+        self.faulted.store(faults.len(), Ordering::Release);
+        found
     }
 
     pub fn header_timed_out(&self) -> bool {
@@ -128,7 +152,7 @@ pin_project_lite::pin_project! {
         state: Arc<ConnState>,
         phase: Phase,
         seen: usize,
-        scan: HeadScan,
+        scan: RequestScan,
         timer: Pin<Box<Sleep>>,
         header_timeout: Duration,
         idle_timeout: Duration,
@@ -147,7 +171,7 @@ impl<T> GuardedIo<T> {
             state,
             phase: Phase::Busy,
             seen: 0,
-            scan: HeadScan::default(),
+            scan: RequestScan::default(),
             timer: Box::pin(tokio::time::sleep(idle_timeout)),
             header_timeout,
             idle_timeout,
@@ -169,6 +193,20 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
             return res;
         }
         let got = buf.filled().len() > before;
+        if got {
+            let state = &**this.state;
+            this.scan.feed(&buf.filled()[before..], |n, found| {
+                if found != 0 {
+                    let mut faults = state.faults.lock().unwrap_or_else(|p| p.into_inner());
+                    // The first served is refused and closes the connection:
+                    // a few are kept, never one per head of a large read.
+                    if faults.len() < MAX_FAULTS {
+                        faults.push_back((n, found));
+                        state.faulted.store(faults.len(), Ordering::Release);
+                    }
+                }
+            });
+        }
         if this.state.in_flight.load(Ordering::Acquire) > 0 {
             *this.phase = Phase::Busy;
             return res;
@@ -180,8 +218,6 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
         }
         if got && *this.phase != Phase::Head {
             *this.phase = Phase::Head;
-            // A new head: every request of a keep-alive connection is scanned.
-            *this.scan = HeadScan::default();
             this.timer
                 .as_mut()
                 .reset(Instant::now() + *this.header_timeout);
@@ -190,12 +226,6 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
             this.timer
                 .as_mut()
                 .reset(Instant::now() + *this.idle_timeout);
-        }
-        if got && *this.phase == Phase::Head {
-            let found = this.scan.feed(&buf.filled()[before..]);
-            if found != 0 {
-                this.state.framing.fetch_or(found, Ordering::AcqRel);
-            }
         }
         if res.is_ready() {
             return res;
@@ -307,7 +337,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let found = self.state.framing.swap(0, Ordering::AcqRel);
+        // Requests reach the service in the order their heads were read.
+        let n = self.state.served.fetch_add(1, Ordering::AcqRel);
+        let found = self.state.fault_of(n);
         if found & BARE_LF != 0 {
             req.extensions_mut().insert(HeadFault::BareLf);
         } else if found & (CONTENT_LENGTH | TRANSFER_ENCODING) == CONTENT_LENGTH | TRANSFER_ENCODING
@@ -315,7 +347,6 @@ where
             req.extensions_mut().insert(HeadFault::ConflictingFraming);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.state.served.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone());
         // Most requests have no body to wait for: no second count.
         let reading = (!req.body().is_end_stream()).then(|| {
@@ -354,120 +385,8 @@ where
     }
 }
 
-/// Finds the field names of a request head as its bytes arrive, however they are
-/// split, and stops at the blank line that ends the head.
-#[derive(Debug, Default)]
-struct HeadScan {
-    /// Lower-cased start of the current line, up to the longest name we look for.
-    name: [u8; 18],
-    len: usize,
-    /// The current line is past its name (or too long to be one we look for).
-    in_value: bool,
-    done: bool,
-    /// Bytes seen on the current line, to recognise the empty line.
-    line_bytes: usize,
-    /// The previous byte was CR.
-    cr: bool,
-    /// The request line has begun: empty lines before it are skipped, as
-    /// hyper skips them, rather than taken for the end of the head.
-    started: bool,
-}
-
-impl HeadScan {
-    fn feed(&mut self, bytes: &[u8]) -> u8 {
-        let mut found = 0;
-        for &b in bytes {
-            if self.done {
-                break;
-            }
-            let cr = std::mem::replace(&mut self.cr, b == b'\r');
-            match b {
-                b'\n' => {
-                    if !cr {
-                        found |= BARE_LF;
-                    }
-                    let empty = self.line_bytes == 0
-                        || (self.line_bytes == 1 && self.len == 1 && self.name[0] == b'\r');
-                    if empty && self.started {
-                        self.done = true;
-                    }
-                    self.len = 0;
-                    self.line_bytes = 0;
-                    self.in_value = false;
-                }
-                _ => {
-                    self.line_bytes += 1;
-                    if b != b'\r' {
-                        self.started = true;
-                    }
-                    if self.in_value {
-                        continue;
-                    }
-                    if b == b':' {
-                        match &self.name[..self.len] {
-                            b"content-length" => found |= CONTENT_LENGTH,
-                            b"transfer-encoding" => found |= TRANSFER_ENCODING,
-                            _ => {}
-                        }
-                        self.in_value = true;
-                    } else if self.len < self.name.len() {
-                        self.name[self.len] = b.to_ascii_lowercase();
-                        self.len += 1;
-                    } else {
-                        self.in_value = true;
-                    }
-                }
-            }
-        }
-        found
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn head_scan_finds_framing_fields_across_splits_and_stops_at_the_body() {
-        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\ncontent-length: 9\r\n";
-        for split in 1..head.len() {
-            let mut s = HeadScan::default();
-            let f = s.feed(&head[..split]) | s.feed(&head[split..]);
-            assert_eq!(f, CONTENT_LENGTH | TRANSFER_ENCODING, "split at {split}");
-        }
-        let mut s = HeadScan::default();
-        assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\nx-a: content-length:\r\n\r\ntransfer-encoding: x\r\n"),
-            0
-        );
-        let mut s = HeadScan::default();
-        assert_eq!(
-            s.feed(b"POST / HTTP/1.1\r\ncontent-length: 1\r\n\r\n"),
-            CONTENT_LENGTH
-        );
-        let head = b"GET / HTTP/1.1\r\nHost: a\nx: b\r\n\r\n";
-        for split in 1..head.len() {
-            let mut s = HeadScan::default();
-            let f = s.feed(&head[..split]) | s.feed(&head[split..]);
-            assert_eq!(f, BARE_LF, "split at {split}");
-        }
-        let mut s = HeadScan::default();
-        assert_eq!(
-            s.feed(b"GET / HTTP/1.1\r\n\r\nbody\n\n"),
-            0,
-            "only the head"
-        );
-        // Empty lines before the request line do not end the scan.
-        let mut s = HeadScan::default();
-        assert_eq!(
-            s.feed(b"\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"),
-            CONTENT_LENGTH | TRANSFER_ENCODING
-        );
-        let mut s = HeadScan::default();
-        assert_eq!(
-            s.feed(b"\r\nGET / HTTP/1.1\r\nhost: a\nx: 1\r\n\r\n"),
-            BARE_LF
-        );
-    }
-
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -535,17 +454,20 @@ mod tests {
         assert_eq!(reader.await.unwrap().unwrap(), b"late");
     }
 
-    /// An app may answer before it reads the request body; the client then
-    /// sends the rest of it. Those bytes are the body, not the next head: the
-    /// next request must not inherit what scanning them would find (a bare LF
-    /// in a text body made it a 400), nor their header timer.
-    #[tokio::test]
-    async fn a_body_read_after_its_response_is_not_taken_for_the_next_head() {
+    type Faults = Arc<std::sync::Mutex<Vec<Option<HeadFault>>>>;
+
+    /// An HTTP/1 connection served by hyper behind the guard, answering every
+    /// request at once (its body read as it comes, by another task) and noting
+    /// what the scan found at fault in its head.
+    fn serve() -> (
+        tokio::io::DuplexStream,
+        Faults,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
         use http_body_util::{BodyExt, Full};
         use hyper::body::Incoming;
-        use std::sync::Mutex;
 
-        let (mut client, server) = tokio::io::duplex(4096);
+        let (client, server) = tokio::io::duplex(4096);
         let state = Arc::new(ConnState::default());
         let io = GuardedIo::new(
             server,
@@ -553,7 +475,7 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_secs(120),
         );
-        let faults = Arc::new(Mutex::new(Vec::new()));
+        let faults = Faults::default();
         let svc = {
             let faults = faults.clone();
             tower::service_fn(move |req: Request<InFlightBody<Incoming>>| {
@@ -561,7 +483,6 @@ mod tests {
                     .lock()
                     .unwrap()
                     .push(req.extensions().get::<HeadFault>().copied());
-                // Answered at once; the body is read as it comes, by another task.
                 tokio::spawn(req.into_body().collect());
                 async {
                     Ok::<_, std::convert::Infallible>(Response::new(Full::new(
@@ -575,34 +496,79 @@ mod tests {
             hyper_util::rt::TokioIo::new(io),
             hyper_util::service::TowerToHyperService::new(svc),
         );
-        let served = tokio::spawn(conn);
+        (client, faults, tokio::spawn(conn))
+    }
 
-        async fn head(client: &mut tokio::io::DuplexStream) -> String {
-            let mut got = Vec::new();
-            let mut b = [0u8; 1];
-            while !got.ends_with(b"\r\n\r\n") {
-                client.read_exact(&mut b).await.unwrap();
-                got.push(b[0]);
-            }
-            String::from_utf8(got).unwrap()
+    /// A response head, then its 5-byte body.
+    async fn response(client: &mut tokio::io::DuplexStream) -> String {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut b).await.unwrap();
+            got.push(b[0]);
         }
+        let mut body = [0u8; 5];
+        client.read_exact(&mut body).await.unwrap();
+        String::from_utf8(got).unwrap()
+    }
+
+    /// A request sent right behind another, in the same read as its head or
+    /// its body, is scanned as well: hyper serves it from its own buffer,
+    /// without reading again.
+    #[tokio::test]
+    async fn a_pipelined_request_is_scanned_too() {
+        for (second, fault) in [
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                HeadFault::ConflictingFraming,
+            ),
+            ("GET / HTTP/1.1\r\nHost: a\nx: 1\r\n\r\n", HeadFault::BareLf),
+        ] {
+            for first in [
+                "GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nab\n",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab\n\r\n0\r\n\r\n",
+            ] {
+                let (mut client, faults, served) = serve();
+                client
+                    .write_all(format!("{first}{second}").as_bytes())
+                    .await
+                    .unwrap();
+                for _ in 0..2 {
+                    let r = tokio::time::timeout(Duration::from_secs(5), response(&mut client))
+                        .await
+                        .expect("a response");
+                    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+                }
+                assert_eq!(*faults.lock().unwrap(), vec![None, Some(fault)], "{first}");
+                drop(client);
+                let _ = served.await;
+            }
+        }
+    }
+
+    /// An app may answer before it reads the request body; the client then
+    /// sends the rest of it. Those bytes are the body, not the next head: the
+    /// next request must not inherit what scanning them would find (a bare LF
+    /// in a text body made it a 400), nor their header timer.
+    #[tokio::test]
+    async fn a_body_read_after_its_response_is_not_taken_for_the_next_head() {
+        let (mut client, faults, served) = serve();
         client
             .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n")
             .await
             .unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), head(&mut client))
+        let first = tokio::time::timeout(Duration::from_secs(5), response(&mut client))
             .await
             .expect("first response");
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-        let mut early = [0u8; 5];
-        client.read_exact(&mut early).await.unwrap();
         // The body after its response, lines ended by LF alone, and the
         // next request.
         client
             .write_all(b"line1\nline2\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();
-        let second = tokio::time::timeout(Duration::from_secs(5), head(&mut client))
+        let second = tokio::time::timeout(Duration::from_secs(5), response(&mut client))
             .await
             .expect("second response");
         assert!(second.starts_with("HTTP/1.1 200"), "{second}");

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod reject;
 pub mod request_body;
+mod request_scan;
 pub mod server;
 pub mod stack;
 pub mod upgrade;
