@@ -13,6 +13,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ListParams};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use x509_parser::certificate::X509Certificate;
 
 use crate::install::{
     ANCHORS_CONFIG_MAP, CONTROLLER, ISSUER_SECRET, VALIDATION_CONFIG, WEBHOOK_CONFIG,
@@ -107,13 +108,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     // ends, and the pods scheduled there never start.
     say(match kubelets(&client).await {
         Ok(kubelets) => nodes_line(&kubelets),
-        Err(kube::Error::Api(s)) if s.code == 403 => line(
-            Verdict::Warn,
-            format!(
-                "nodes cannot be listed with these credentials ({s}): kubelet versions not checked"
-            ),
-        ),
-        Err(e) => line(Verdict::Fail, format!("nodes cannot be listed: {e}")),
+        Err(e) => unread("the nodes (kubelet versions)", &e),
     });
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -138,7 +133,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 Verdict::Fail,
                 format!("CRD {name} is missing (strait crds | kubectl apply -f -)"),
             ),
-            Err(e) => line(Verdict::Fail, format!("CRD {name} cannot be read: {e}")),
+            Err(e) => unread(&format!("CRD {name}"), &e),
         });
     }
     say(
@@ -161,10 +156,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 Verdict::Fail,
                 "Gateway API's CRDs are missing: HTTPRoutes (routing, weights, timeouts, retries) are a prerequisite",
             ),
-            Err(e) => line(
-                Verdict::Fail,
-                format!("Gateway API's HTTPRoute CRD cannot be read: {e}"),
-            ),
+            Err(e) => unread("Gateway API's HTTPRoute CRD", &e),
         },
     );
 
@@ -199,27 +191,15 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 "no controller Deployment {ns}/{CONTROLLER} (strait install | kubectl apply -f -)"
             ),
         ),
-        Err(e) => line(
-            Verdict::Fail,
-            format!("the controller Deployment cannot be read: {e}"),
-        ),
+        Err(e) => unread("the controller Deployment", &e),
     });
 
-    // A read refused (a `view` role cannot read Secrets) or failing is not
-    // the object missing: it is said as what it is, and not failed on.
-    let unread = |what: &str, e: &kube::Error| match e {
-        kube::Error::Api(s) if s.code == 403 => line(
-            Verdict::Warn,
-            format!("{what} cannot be read with these credentials ({e}): not checked"),
-        ),
-        _ => line(Verdict::Fail, format!("{what} cannot be read: {e}")),
-    };
     let anchors = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(ANCHORS_CONFIG_MAP)
         .await
         .map(|cm| cm.and_then(|cm| cm.data?.remove("ca.crt")));
     say(match &anchors {
-        Ok(Some(pem)) => expiry("the trust anchor", pem),
+        Ok(Some(pem)) => expiry("the trust anchor", pem, false),
         Ok(None) => line(
             Verdict::Fail,
             format!("no trust anchors (ConfigMap {ns}/{ANCHORS_CONFIG_MAP}, key ca.crt)"),
@@ -237,13 +217,16 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             })
         });
     say(match &issuer {
-        Ok(Some(pem)) => expiry("the issuer", pem),
+        Ok(Some(pem)) => expiry("the issuer", pem, true),
         Ok(None) => line(
             Verdict::Fail,
             format!("no issuer (Secret {ns}/{ISSUER_SECRET}, key tls.crt)"),
         ),
         Err(e) => unread(&format!("Secret {ns}/{ISSUER_SECRET}"), e),
     });
+    if let (Ok(Some(issuer)), Ok(Some(anchors))) = (&issuer, &anchors) {
+        say(chain_line(issuer, anchors));
+    }
     // Unread: the webhook's bundle cannot be compared with them.
     let anchors = anchors.ok();
 
@@ -310,17 +293,14 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                     )
                 }
             }
-            Err(e) => line(
-                Verdict::Fail,
-                format!("the controller's endpoints cannot be read: {e}"),
-            ),
+            Err(e) => unread("the controller's endpoints", &e),
         },
     );
 
     let pods: Api<Pod> = Api::all(client);
     say(match pods.list(&ListParams::default()).await {
         Ok(list) => pods_line(&list.items),
-        Err(e) => line(Verdict::Fail, format!("pods cannot be listed: {e}")),
+        Err(e) => unread("the pods", &e),
     });
     out
 }
@@ -401,9 +381,13 @@ fn proxy_ready(p: &Pod) -> bool {
         .any(|c| c.name == crate::inject::PROXY_CONTAINER && c.ready)
 }
 
-/// The CA bundles a webhook configuration's webhooks are called under.
+/// The CA bundles a webhook configuration's webhooks are called under: a
+/// webhook without one is called under the API server's system roots, which
+/// cannot verify the mesh's certificate, so it counts as an empty bundle.
 fn ca_bundles(configs: impl Iterator<Item = WebhookClientConfig>) -> Vec<Vec<u8>> {
-    configs.filter_map(|c| c.ca_bundle.map(|b| b.0)).collect()
+    configs
+        .map(|c| c.ca_bundle.map(|b| b.0).unwrap_or_default())
+        .collect()
 }
 
 /// A webhook configuration: there, and trusting the anchors the controller's
@@ -439,19 +423,64 @@ fn webhook_line(
             }
         }
         Ok(None) => line(if_missing, missing),
-        Err(e) => line(Verdict::Fail, format!("{what} cannot be read: {e}")),
+        Err(e) => unread(what, &e),
     }
 }
 
-/// How long the first certificate of `pem` has left.
-fn expiry(what: &str, pem: &str) -> Line {
-    let Some(Ok(der)) = CertificateDer::pem_slice_iter(pem.as_bytes()).next() else {
-        return line(Verdict::Fail, format!("{what} is not a PEM certificate"));
+/// A read refused (a `view` role cannot read Secrets or cluster-scoped
+/// objects) is not the object missing: it is said as what it is, and not
+/// failed on. Any other error fails.
+fn unread(what: &str, e: &kube::Error) -> Line {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => line(
+            Verdict::Warn,
+            format!("{what} cannot be read with these credentials ({e}): not checked"),
+        ),
+        _ => line(Verdict::Fail, format!("{what} cannot be read: {e}")),
+    }
+}
+
+/// The certificates of a PEM text, parsed; an error names what is wrong.
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, &'static str> {
+    let ders = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| "is not a PEM certificate")?;
+    if ders.is_empty() {
+        return Err("is not a PEM certificate");
+    }
+    for der in &ders {
+        x509_parser::parse_x509_certificate(der).map_err(|_| "is not a valid certificate")?;
+    }
+    Ok(ders)
+}
+
+/// How long `pem`'s certificate has left: the first one's, or with
+/// `whole_chain` the earliest to end of all (an issuer's intermediates bound
+/// every leaf it signs as much as it does).
+fn expiry(what: &str, pem: &str, whole_chain: bool) -> Line {
+    let ders = match certificates(pem) {
+        Ok(d) => d,
+        Err(e) => return line(Verdict::Fail, format!("{what} {e}")),
     };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+    let take = if whole_chain { ders.len() } else { 1 };
+    let Some((not_after, subject, at)) = (ders.iter().take(take).enumerate())
+        .filter_map(|(i, der)| {
+            let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+            Some((
+                c.validity().not_after.timestamp(),
+                c.subject().to_string(),
+                i,
+            ))
+        })
+        .min_by_key(|(t, _, _)| *t)
+    else {
         return line(Verdict::Fail, format!("{what} is not a valid certificate"));
     };
-    let not_after = cert.validity().not_after.timestamp();
+    let what = if at == 0 {
+        what.to_string()
+    } else {
+        format!("{what}'s intermediate ({subject})")
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -470,6 +499,53 @@ fn expiry(what: &str, pem: &str) -> Line {
         )
     } else {
         line(Verdict::Ok, format!("{what} is valid for {days} more days"))
+    }
+}
+
+/// Whether the issuer's chain (`tls.crt`: the issuer, then any
+/// intermediates) leads to one of the trust anchors, signature by signature.
+/// A rotation done out of order breaks this: the controller then refuses to
+/// start, and proxies would refuse what it signs.
+fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
+    let (chain, anchors) = match (certificates(issuer_pem), certificates(anchors_pem)) {
+        (Ok(c), Ok(a)) => (c, a),
+        // Said by the expiry lines already.
+        _ => {
+            return line(
+                Verdict::Fail,
+                "the issuer's chain to the trust anchors cannot be checked: one of them does not parse",
+            );
+        }
+    };
+    fn parse<'a>(der: &'a CertificateDer<'static>) -> Option<X509Certificate<'a>> {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, c)| c)
+            .ok()
+    }
+    let chain: Vec<_> = chain.iter().filter_map(parse).collect();
+    let anchors: Vec<_> = anchors.iter().filter_map(parse).collect();
+    let linked = chain
+        .windows(2)
+        .all(|w| w[0].verify_signature(Some(w[1].public_key())).is_ok());
+    let top = chain.last();
+    let anchored = top.is_some_and(|top| {
+        anchors
+            .iter()
+            .any(|a| top.verify_signature(Some(a.public_key())).is_ok())
+    });
+    if linked && anchored {
+        line(Verdict::Ok, "the issuer is signed under the trust anchors")
+    } else {
+        line(
+            Verdict::Fail,
+            format!(
+                "the issuer ({}) is not signed under the trust anchors: the controller does not start with it, and proxies would refuse every certificate it signs (rotate in the order docs/kubernetes.md gives)",
+                chain
+                    .first()
+                    .map(|c| c.subject().to_string())
+                    .unwrap_or_default()
+            ),
+        )
     }
 }
 
@@ -608,6 +684,113 @@ mod tests {
         ];
         assert_eq!(verdict(&finished), Verdict::Ok);
         assert_eq!(verdict(&[pod("Succeeded", false, false)]), Verdict::Warn);
+    }
+
+    /// A CA certificate `cn` valid for `days`, signed by `by` (or itself).
+    fn ca(
+        cn: &str,
+        days: i64,
+        by: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
+    ) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+        let cert = match by {
+            Some(by) => p.signed_by(&key, by).unwrap(),
+            None => p.self_signed(&key).unwrap(),
+        };
+        (cert.pem(), rcgen::Issuer::new(p, key))
+    }
+
+    /// The issuer's intermediates bound what it signs as much as it does:
+    /// the earliest to end is the one told.
+    #[test]
+    fn an_intermediate_ending_before_the_issuer_is_told() {
+        let (root, root_ca) = ca("root.test", 3650, None);
+        let (mid, mid_ca) = ca("mid.test", 10, Some(&root_ca));
+        let (issuer, _) = ca("issuer.test", 365, Some(&mid_ca));
+        let chain = format!("{issuer}{mid}");
+        let l = expiry("the issuer", &chain, true);
+        assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
+        assert!(
+            l.what.contains("intermediate (CN=mid.test) expires in"),
+            "{}",
+            l.what
+        );
+        assert_eq!(expiry("the issuer", &issuer, true).verdict, Verdict::Ok);
+        let (old_mid, old_mid_ca) = ca("mid.test", -1, Some(&root_ca));
+        let (issuer, _) = ca("issuer.test", 365, Some(&old_mid_ca));
+        let l = expiry("the issuer", &format!("{issuer}{old_mid}"), true);
+        assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
+        // The chain leads to the anchor; another anchor does not verify it.
+        assert_eq!(chain_line(&chain, &root).verdict, Verdict::Ok);
+        let (other_root, _) = ca("root.test", 3650, None);
+        let l = chain_line(&chain, &other_root);
+        assert_eq!(l.verdict, Verdict::Fail);
+        assert!(
+            l.what
+                .starts_with("the issuer (CN=issuer.test) is not signed under"),
+            "{}",
+            l.what
+        );
+        // A bundle of old and new anchors, mid-rotation, holds the right one.
+        assert_eq!(
+            chain_line(&chain, &format!("{other_root}{root}")).verdict,
+            Verdict::Ok
+        );
+        // An intermediate left out breaks the chain.
+        assert_eq!(chain_line(&issuer_of(&chain), &root).verdict, Verdict::Fail);
+    }
+
+    /// The first certificate of a PEM chain.
+    fn issuer_of(chain: &str) -> String {
+        let end = "-----END CERTIFICATE-----";
+        let at = chain.find(end).unwrap() + end.len();
+        chain[..at].to_string()
+    }
+
+    /// What `strait install` generates passes; an issuer of another
+    /// install, as after a rotation done out of order, fails.
+    #[test]
+    fn an_issuer_of_other_anchors_fails() {
+        let a = crate::identity::ca::generate("cluster.local", Duration::from_secs(86400 * 365))
+            .unwrap();
+        let b = crate::identity::ca::generate("cluster.local", Duration::from_secs(86400 * 365))
+            .unwrap();
+        assert_eq!(
+            chain_line(&a.issuer_cert_pem, &a.anchor_pem).verdict,
+            Verdict::Ok
+        );
+        assert_eq!(
+            chain_line(&b.issuer_cert_pem, &a.anchor_pem).verdict,
+            Verdict::Fail
+        );
+        assert_eq!(chain_line("junk", &a.anchor_pem).verdict, Verdict::Fail);
+    }
+
+    /// A webhook without a caBundle is called under the API server's own
+    /// roots and cannot be verified; a refused read is a warning.
+    #[test]
+    fn a_webhook_without_a_ca_bundle_fails_and_a_refused_read_warns() {
+        let anchors = Some(Some("PEM".to_string()));
+        let config = |b: Option<&str>| WebhookClientConfig {
+            ca_bundle: b.map(|b| k8s_openapi::ByteString(b.as_bytes().to_vec())),
+            ..Default::default()
+        };
+        let both = ca_bundles([config(Some("PEM")), config(Some("PEM"))].into_iter());
+        let l = webhook_line("w", Ok(Some(both)), anchors.as_ref(), "m", Verdict::Fail);
+        assert_eq!(l.verdict, Verdict::Ok);
+        let one = ca_bundles([config(Some("PEM")), config(None)].into_iter());
+        let l = webhook_line("w", Ok(Some(one)), anchors.as_ref(), "m", Verdict::Fail);
+        assert_eq!(l.verdict, Verdict::Fail);
+        let forbidden = kube::Error::Api(Box::new(
+            kube::core::Status::failure("forbidden", "Forbidden").with_code(403),
+        ));
+        let l = webhook_line("w", Err(forbidden), anchors.as_ref(), "m", Verdict::Fail);
+        assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
     }
 
     /// A kubelet older than the API server fails the check by name: pods

@@ -565,6 +565,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         "[ok  ] the controller is ready (2 of 2 replicas)",
         "[ok  ] the trust anchor is valid for 36",
         "[ok  ] the issuer is valid for 36",
+        "[ok  ] the issuer is signed under the trust anchors",
         "[ok  ] the injector's webhook is configured and trusts the mesh's anchors",
         "[ok  ] the policy validator's webhook is configured and trusts the mesh's anchors",
         "[ok  ] the injector's Service has 1 ready endpoint(s)",
