@@ -619,6 +619,17 @@ impl InFlight {
     }
 }
 
+impl Drop for Endpoints {
+    fn drop(&mut self) {
+        // The newest list is gone: its backend left discovery, or its
+        // destination was dropped. Nothing of it is ejected any more, and
+        // no verdict will come to set the gauge again.
+        if !*self.replaced.get_mut() {
+            self.metrics.ejected.set(0);
+        }
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state().pending.fetch_sub(1, Ordering::Relaxed);
@@ -784,6 +795,37 @@ mod tests {
         in_flight.expect("a request on endpoint 1").failed();
         assert_eq!(b.metrics.ejected.get(), 0, "none of the list in force");
         drop(newer);
+    }
+
+    /// A backend gone from discovery (dropped from its route, its Service
+    /// deleted) has nothing ejected: its gauge does not keep the last count.
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_gone_from_discovery_has_nothing_ejected() {
+        let b = two_in_turn();
+        while b.ejected() == 0 {
+            let f = b.pick(&Default::default(), None).unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            match index(&f) {
+                0 => f.failed(),
+                _ => f.success(),
+            }
+        }
+        let metrics = b.metrics.clone();
+        let newer = Endpoints::new(
+            "b".into(),
+            &eps(2),
+            b.config.clone(),
+            Some(&b),
+            metrics.clone(),
+        );
+        drop(b);
+        assert_eq!(
+            metrics.ejected.get(),
+            1,
+            "a replaced list is not the backend gone"
+        );
+        drop(newer);
+        assert_eq!(metrics.ejected.get(), 0);
     }
 
     /// An endpoint discovery took away meanwhile gets no verdict from a
