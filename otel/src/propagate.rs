@@ -168,6 +168,13 @@ fn trace_state(h: &HeaderMap) -> TraceState {
         if !members_valid(v) {
             return TraceState::default();
         }
+        // The SDK counts empty members towards its 32 before it skips them,
+        // and would drop the last real ones: they go first.
+        let members = v.split(',').map(|m| m.trim_matches([' ', '\t']));
+        if members.clone().any(str::is_empty) {
+            let kept: Vec<&str> = members.filter(|m| !m.is_empty()).collect();
+            return TraceState::from_str(&kept.join(",")).unwrap_or_default();
+        }
         TraceState::from_str(v).unwrap_or_default()
     };
     let Ok(first) = first.to_str() else {
@@ -659,6 +666,14 @@ mod tests {
         let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>();
         assert_eq!(state_of(&members(32).join(",")).split(',').count(), 32);
         assert_eq!(state_of(&members(33).join(",")), "");
+        // Empty members (W3C allows them) are not members: 32 and an empty
+        // one are all kept.
+        let mut with_empty = members(32);
+        with_empty.insert(1, " ".into());
+        with_empty.insert(5, String::new());
+        let kept = state_of(&with_empty.join(","));
+        assert_eq!(kept.split(',').count(), 32, "{kept}");
+        assert!(kept.ends_with("k31=v"), "{kept}");
         // Long enough to be cut: the bad member would have been cut away.
         let mut long: Vec<String> = (0..8).map(|i| format!("k{i}={}", "v".repeat(96))).collect();
         long.push("not a member".into());
