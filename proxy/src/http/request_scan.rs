@@ -84,10 +84,8 @@ struct HeadScan {
     in_value: bool,
     /// The framing field whose value the current line holds, if any.
     field: u8,
-    /// The value's current comma-separated item, leading whitespace skipped.
-    item: [u8; 16],
-    item_len: usize,
-    item_long: bool,
+    /// The framing field's value as read so far.
+    value: Value,
     done: bool,
     /// Bytes seen on the current line, to recognise the empty line.
     line_bytes: usize,
@@ -97,13 +95,35 @@ struct HeadScan {
     /// hyper skips them, rather than taken for the end of the head.
     started: bool,
     found: u8,
-    /// Content-Length's value, once every item of it agreed.
+    /// Content-Length's value, once every line of it agreed.
     length: Option<u64>,
-    /// Content-Length items that are not one agreed number.
+    /// A Content-Length that is not one agreed number.
     length_invalid: bool,
-    /// The last Transfer-Encoding item is `chunked`.
+    /// The last item of the last Transfer-Encoding is `chunked`.
     chunked_last: bool,
 }
+
+/// A framing field's value as read so far, in constant space however long:
+/// Content-Length's number, or how much of `chunked` the current
+/// Transfer-Encoding item has matched. `ended`: whitespace followed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Value {
+    /// Only whitespace so far.
+    #[default]
+    Blank,
+    Number {
+        n: u64,
+        ended: bool,
+    },
+    Coding {
+        matched: u8,
+        ended: bool,
+    },
+    /// Neither a length nor `chunked`.
+    Other,
+}
+
+const CHUNKED: &[u8; 7] = b"chunked";
 
 impl HeadScan {
     /// Reads up to the end of the head; returns the bytes used.
@@ -112,11 +132,13 @@ impl HeadScan {
             let cr = std::mem::replace(&mut self.cr, b == b'\r');
             match b {
                 b'\n' => {
-                    if !cr {
+                    // hyper skips empty lines before a request line, however
+                    // they end.
+                    if !cr && self.started {
                         self.found |= BARE_LF;
                     }
                     if self.field != 0 {
-                        self.end_item();
+                        self.end_value();
                     }
                     let empty = self.line_bytes == 0
                         || (self.line_bytes == 1 && self.len == 1 && self.name[0] == b'\r');
@@ -148,8 +170,7 @@ impl HeadScan {
                         };
                         self.found |= self.field;
                         self.in_value = true;
-                        self.item_len = 0;
-                        self.item_long = false;
+                        self.value = Value::Blank;
                     } else if self.len < self.name.len() {
                         self.name[self.len] = b.to_ascii_lowercase();
                         self.len += 1;
@@ -162,38 +183,61 @@ impl HeadScan {
         bytes.len()
     }
 
+    /// One byte of a framing field's value. httparse trims the value, and
+    /// hyper reads Content-Length as digits only and a body as chunked when
+    /// the last comma-separated coding is `chunked`, in any case.
     fn value_byte(&mut self, b: u8) {
-        match b {
-            b',' => {
-                self.end_item();
-                self.item_len = 0;
-                self.item_long = false;
+        use Value::*;
+        let ws = matches!(b, b' ' | b'\t' | b'\r');
+        self.value = match (self.value, self.field) {
+            (v, _) if ws => match v {
+                Number { n, .. } => Number { n, ended: true },
+                Coding { matched, .. } => Coding {
+                    matched,
+                    ended: true,
+                },
+                v => v,
+            },
+            (_, TRANSFER_ENCODING) if b == b',' => Blank,
+            (Blank, CONTENT_LENGTH) if b.is_ascii_digit() => Number {
+                n: u64::from(b - b'0'),
+                ended: false,
+            },
+            (Number { n, ended: false }, _) if b.is_ascii_digit() => n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                .map_or(Other, |n| Number { n, ended: false }),
+            (Blank, TRANSFER_ENCODING) if b.eq_ignore_ascii_case(&CHUNKED[0]) => Coding {
+                matched: 1,
+                ended: false,
+            },
+            (
+                Coding {
+                    matched,
+                    ended: false,
+                },
+                _,
+            ) if (matched as usize) < CHUNKED.len()
+                && b.eq_ignore_ascii_case(&CHUNKED[matched as usize]) =>
+            {
+                Coding {
+                    matched: matched + 1,
+                    ended: false,
+                }
             }
-            // Whitespace before an item is skipped; the CR before LF is not
-            // part of the value.
-            b' ' | b'\t' | b'\r' if self.item_len == 0 => {}
-            _ if self.item_len < self.item.len() => {
-                self.item[self.item_len] = b;
-                self.item_len += 1;
-            }
-            _ => self.item_long = true,
-        }
+            _ => Other,
+        };
     }
 
-    /// One comma-separated item of a framing field's value is whole.
-    fn end_item(&mut self) {
-        let item = self.item[..self.item_len].trim_ascii_end();
+    /// A framing field's line is whole.
+    fn end_value(&mut self) {
         if self.field == TRANSFER_ENCODING {
-            // hyper reads a body as chunked when the last coding is chunked.
-            self.chunked_last = !self.item_long && item.eq_ignore_ascii_case(b"chunked");
+            self.chunked_last = matches!(self.value, Value::Coding { matched: 7, .. });
             return;
         }
-        let n = (!self.item_long && !item.is_empty() && item.iter().all(u8::is_ascii_digit))
-            .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
-            .flatten();
-        match (n, self.length) {
-            (Some(n), None) => self.length = Some(n),
-            (Some(n), Some(m)) if n == m => {}
+        match (self.value, self.length) {
+            (Value::Number { n, .. }, None) => self.length = Some(n),
+            (Value::Number { n, .. }, Some(m)) if n == m => {}
             _ => self.length_invalid = true,
         }
     }
@@ -384,8 +428,24 @@ mod tests {
         );
         assert_eq!(heads(chunked.as_bytes()), [TRANSFER_ENCODING, BARE_LF]);
         // The same length named twice is one length.
-        let twice = b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\ncontent-length: 3\r\n\r\na\nbGET / HTTP/1.1\r\n\r\n";
+        let twice = b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length:  3 \r\n\r\na\nbGET / HTTP/1.1\r\n\r\n";
         assert_eq!(heads(twice), [CONTENT_LENGTH, 0]);
+        // However long a framing value, as hyper reads it.
+        let zeros = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}1\r\n\r\nxGET / HTTP/1.1\r\nHost: a\nx: 1\r\n\r\n",
+            "0".repeat(40)
+        );
+        assert_eq!(heads(zeros.as_bytes()), [CONTENT_LENGTH, BARE_LF]);
+        let spaced = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: {}ChunKed{}\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: a\nx: 1\r\n\r\n",
+            " ".repeat(30),
+            "\t ".repeat(30)
+        );
+        assert_eq!(heads(spaced.as_bytes()), [TRANSFER_ENCODING, BARE_LF]);
+        // Empty lines between requests, however they end, are skipped as
+        // hyper skips them: not the next head's fault.
+        let stray = b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx\n\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(heads(stray), [CONTENT_LENGTH, 0]);
     }
 
     /// Framing hyper refuses ends the scan: what it would call the next
@@ -393,7 +453,11 @@ mod tests {
     #[test]
     fn framing_hyper_refuses_stops_the_scan() {
         for bad in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\nabcGET / HTTP/1.1\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3 4\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunkedx\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\nGET / HTTP/1.1\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET / HTTP/1.1\r\n\r\n",
