@@ -282,6 +282,16 @@ impl Endpoints {
         newest.upgrade()
     }
 
+    /// The list a request on this one is judged by: this one while it is
+    /// the newest, else its replacement; none once the backend has left
+    /// discovery (its newest list dropped).
+    fn in_force(self: &Arc<Self>) -> Option<Arc<Self>> {
+        if !self.replaced.load(Ordering::Acquire) {
+            return Some(self.clone());
+        }
+        self.replacement()
+    }
+
     pub fn name(&self) -> &Arc<str> {
         &self.name
     }
@@ -496,9 +506,9 @@ impl InFlight {
             *e = PeakEwma::new(Instant::now());
         }
         tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
-        let live = self.backend.replacement();
-        let live = live.as_deref().unwrap_or(&self.backend);
-        self.backend.metrics.ejected.set(live.ejected() as i64);
+        if let Some(live) = self.backend.in_force() {
+            self.backend.metrics.ejected.set(live.ejected() as i64);
+        }
     }
 
     /// As `success_took`, for a connection made ahead of a client that has
@@ -582,9 +592,11 @@ impl InFlight {
         let b = &self.backend;
         // Judged by the list in force: this request's may have been replaced
         // while it was under way (its endpoints' state carries over). An
-        // endpoint no longer in it is gone, and gets no verdict.
-        let live = b.replacement();
-        let live = live.as_deref().unwrap_or(b);
+        // endpoint no longer in it is gone, and gets no verdict; nor does any
+        // once the backend has left discovery.
+        let Some(live) = b.in_force() else {
+            return;
+        };
         let state = &b.slots[self.index].state;
         if !live.slots.iter().any(|s| Arc::ptr_eq(&s.state, state)) {
             return;
@@ -825,6 +837,36 @@ mod tests {
             "a replaced list is not the backend gone"
         );
         drop(newer);
+        assert_eq!(metrics.ejected.get(), 0);
+    }
+
+    /// A request that outlived its backend (replaced, then gone from
+    /// discovery) gives no verdict: the gauge is not set again from its list.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_outliving_its_backend_leaves_the_gauge_at_zero() {
+        let b = two_in_turn();
+        let mut in_flight = None;
+        while b.ejected() == 0 || in_flight.is_none() {
+            let f = b.pick(&Default::default(), None).unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            match index(&f) {
+                0 => f.failed(),
+                _ if in_flight.is_none() => in_flight = Some(f),
+                _ => f.success(),
+            }
+        }
+        let metrics = b.metrics.clone();
+        let newer = Endpoints::new(
+            "b".into(),
+            &eps(2),
+            b.config.clone(),
+            Some(&b),
+            metrics.clone(),
+        );
+        drop(newer);
+        assert_eq!(metrics.ejected.get(), 0);
+        in_flight.expect("a request on endpoint 1").failed();
+        drop(b);
         assert_eq!(metrics.ejected.get(), 0);
     }
 
