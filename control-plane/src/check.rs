@@ -524,26 +524,50 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     }
     let chain: Vec<_> = chain.iter().filter_map(parse).collect();
     let anchors: Vec<_> = anchors.iter().filter_map(parse).collect();
-    let linked = chain
-        .windows(2)
-        .all(|w| w[0].verify_signature(Some(w[1].public_key())).is_ok());
-    let top = chain.last();
-    let anchored = top.is_some_and(|top| {
-        anchors
-            .iter()
-            .any(|a| top.verify_signature(Some(a.public_key())).is_ok())
-    });
-    if linked && anchored {
+    // A path from the issuer up through the certificates with it, in any
+    // order, to an anchor: as the controller's own check builds it.
+    let mut unsupported = false;
+    let mut signs = |by: &X509Certificate<'_>, c: &X509Certificate<'_>| match c
+        .verify_signature(Some(by.public_key()))
+    {
+        Ok(()) => true,
+        Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+            unsupported = true;
+            false
+        }
+        Err(_) => false,
+    };
+    let mut used = vec![false; chain.len()];
+    let mut at = 0;
+    let anchored = loop {
+        used[at] = true;
+        let current = &chain[at];
+        if anchors.iter().any(|a| signs(a, current)) {
+            break true;
+        }
+        match (0..chain.len()).find(|&j| !used[j] && signs(&chain[j], current)) {
+            Some(j) => at = j,
+            None => break false,
+        }
+    };
+    let issuer = chain
+        .first()
+        .map(|c| c.subject().to_string())
+        .unwrap_or_default();
+    if anchored {
         line(Verdict::Ok, "the issuer is signed under the trust anchors")
+    } else if unsupported {
+        line(
+            Verdict::Warn,
+            format!(
+                "the issuer's ({issuer}) chain to the trust anchors uses a signature algorithm this check cannot verify: not checked"
+            ),
+        )
     } else {
         line(
             Verdict::Fail,
             format!(
-                "the issuer ({}) is not signed under the trust anchors: the controller does not start with it, and proxies would refuse every certificate it signs (rotate in the order docs/kubernetes.md gives)",
-                chain
-                    .first()
-                    .map(|c| c.subject().to_string())
-                    .unwrap_or_default()
+                "the issuer ({issuer}) is not signed under the trust anchors: the controller does not start with it, and proxies would refuse every certificate it signs (rotate in the order docs/kubernetes.md gives)"
             ),
         )
     }
@@ -692,7 +716,16 @@ mod tests {
         days: i64,
         by: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
     ) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        ca_of(&rcgen::PKCS_ECDSA_P256_SHA256, cn, days, by)
+    }
+
+    fn ca_of(
+        alg: &'static rcgen::SignatureAlgorithm,
+        cn: &str,
+        days: i64,
+        by: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
+    ) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, cn);
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -743,6 +776,25 @@ mod tests {
         );
         // An intermediate left out breaks the chain.
         assert_eq!(chain_line(&issuer_of(&chain), &root).verdict, Verdict::Fail);
+    }
+
+    /// The chain is built as the controller builds it: intermediates in any
+    /// order, up to the first anchor met. An algorithm this check cannot
+    /// verify (P-521) is not called a broken chain.
+    #[test]
+    fn the_chain_is_built_in_any_order_and_an_unknown_algorithm_is_not_a_failure() {
+        let (root, root_ca) = ca("root.test", 3650, None);
+        let (mid1, mid1_ca) = ca("mid1.test", 3650, Some(&root_ca));
+        let (mid2, mid2_ca) = ca("mid2.test", 3650, Some(&mid1_ca));
+        let (issuer, _) = ca("issuer.test", 365, Some(&mid2_ca));
+        let l = chain_line(&format!("{issuer}{mid1}{mid2}"), &root);
+        assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);
+        let l = chain_line(&format!("{issuer}{mid2}{mid1}{root}"), &mid1);
+        assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);
+        let (big_root, big_ca) = ca_of(&rcgen::PKCS_ECDSA_P521_SHA512, "root.test", 3650, None);
+        let (issuer, _) = ca("issuer.test", 365, Some(&big_ca));
+        let l = chain_line(&issuer, &big_root);
+        assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
     }
 
     /// The first certificate of a PEM chain.
