@@ -104,6 +104,18 @@ where
         let mut rsp = std::task::ready!(self.project().inner.poll(cx))?;
         let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(rsp.headers_mut(), keep);
+        // The proxy's own answer to a client's broken body: the connection
+        // is not reused, and the client is told so (RFC 9110 §15.5.9).
+        if rsp
+            .extensions()
+            .get::<super::error::ClientFaulted>()
+            .is_some()
+        {
+            rsp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         Poll::Ready(Ok(rsp))
     }
 }
@@ -213,20 +225,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter(|n| headers.contains_key(*n))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
+    // A client that accepts trailers says so among its codings, and names TE
+    // in Connection as RFC 9110 asks: the app gets `TE: trailers` whatever
+    // else came with it (and HTTP/2 allows no other value).
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     for n in named {
-        if (keep_upgrade && n == header::UPGRADE) || protected(&n) {
+        if (keep_upgrade && n == header::UPGRADE) || protected(&n) || n == header::TE {
             continue;
         }
         headers.remove(n);
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in &HOP_BY_HOP {
-        if (keep_upgrade && n == header::UPGRADE) || (te_trailers && n == header::TE) {
+        if keep_upgrade && n == header::UPGRADE {
             continue;
         }
         headers.remove(n);
+    }
+    if te_trailers {
+        headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
     }
     if keep_upgrade {
         headers.insert(
@@ -368,5 +389,61 @@ mod tests {
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    /// A client asking for trailers as RFC 9110 has it (TE named in
+    /// Connection, trailers among other codings, over several lines) still
+    /// gets them: hyper apps send trailers only to `TE: trailers`.
+    #[test]
+    fn te_trailers_is_kept_however_it_is_asked() {
+        for (connection, te) in [
+            (Some("TE"), &["trailers"][..]),
+            (Some("keep-alive, te"), &["trailers"][..]),
+            (None, &["trailers, deflate"][..]),
+            (None, &["gzip", "Trailers"][..]),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(c) = connection {
+                h.insert(header::CONNECTION, HeaderValue::from_static(c));
+            }
+            for t in te {
+                h.append(header::TE, HeaderValue::from_static(t));
+            }
+            strip_hop_by_hop(&mut h, false);
+            let kept: Vec<_> = h.get_all(header::TE).iter().collect();
+            assert_eq!(kept, ["trailers"], "{connection:?} {te:?}");
+            assert!(!h.contains_key(header::CONNECTION));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip, deflate"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key(header::TE));
+    }
+
+    /// The proxy's own answer to a client's broken body tells the client
+    /// the connection closes, though the response's hop-by-hop fields go.
+    #[tokio::test]
+    async fn the_proxy_s_own_close_survives_the_stripping() {
+        use tower::{Layer, Service, ServiceExt};
+        let inner = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(
+                crate::http::error::ProxyError::ClientBodyStalled(std::time::Duration::from_secs(
+                    30,
+                ))
+                .into_response(),
+            )
+        });
+        let mut svc = NormalizeLayer::new(
+            crate::telemetry::metrics::Metrics::new(),
+            crate::telemetry::metrics::Direction::Inbound,
+        )
+        .layer(inner);
+        let req = Request::get("/")
+            .header(header::HOST, "a")
+            .body(())
+            .unwrap();
+        let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(rsp.headers()[header::CONNECTION], "close");
     }
 }
