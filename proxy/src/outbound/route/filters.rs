@@ -78,6 +78,10 @@ impl HeaderModifier {
         })
     }
 
+    fn names_host(&self) -> bool {
+        self.set.iter().chain(&self.add).any(|(n, _)| n == HOST)
+    }
+
     pub fn apply(&self, headers: &mut http::HeaderMap) {
         for (n, v) in &self.set {
             headers.insert(n.clone(), v.clone());
@@ -172,18 +176,18 @@ impl Filters {
         for m in &self.request {
             m.apply(req.headers_mut());
         }
+        // A filter that sets Host sets the authority too: an HTTP/2 request
+        // goes with `:authority`, which must not differ from Host (RFC 9113
+        // §8.3.1), and gRPC servers read only that.
+        if self.request.iter().any(HeaderModifier::names_host)
+            && let Some(h) = req.headers().get(HOST).cloned()
+        {
+            set_authority(req, &h);
+        }
         if let Some(r) = &self.rewrite {
             if let Some(h) = &r.hostname {
                 req.headers_mut().insert(HOST, h.clone());
-                if req.uri().authority().is_some()
-                    && let Ok(a) = Authority::try_from(h.as_bytes())
-                {
-                    let mut parts = req.uri().clone().into_parts();
-                    parts.authority = Some(a);
-                    if let Ok(u) = Uri::from_parts(parts) {
-                        *req.uri_mut() = u;
-                    }
-                }
+                set_authority(req, h);
             }
             if let Some(p) = &r.path {
                 let new = rewrite_path(req.uri(), p, matched_prefix);
@@ -239,6 +243,19 @@ fn rewrite_path(uri: &Uri, p: &PathModifier, matched_prefix: Option<&str>) -> St
     with_query(new_path, uri)
 }
 
+/// Makes a request's authority, where its URI has one, `host`.
+fn set_authority<B>(req: &mut Request<B>, host: &http::HeaderValue) {
+    if req.uri().authority().is_some()
+        && let Ok(a) = Authority::try_from(host.as_bytes())
+    {
+        let mut parts = req.uri().clone().into_parts();
+        parts.authority = Some(a);
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
 fn with_query(path: String, uri: &Uri) -> String {
     match uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -253,10 +270,12 @@ impl Redirect {
             .host()
             .map(str::to_string)
             .or_else(|| {
+                // As an authority: an IPv6 literal keeps its brackets and colons.
                 req.headers()
                     .get(HOST)
                     .and_then(|h| h.to_str().ok())
-                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+                    .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                    .map(|a| a.host().to_string())
             })
             .unwrap_or_default();
         let scheme = self
@@ -364,6 +383,38 @@ mod tests {
         .unwrap()
     }
 
+    /// A header filter that sets Host sets the authority an HTTP/2 request
+    /// goes with as well: an HTTP/2 app's request is routed as an HTTP/1 one.
+    #[test]
+    fn a_filter_setting_host_sets_the_authority() {
+        let f = Filters::parse(vec![api::HttpFilter {
+            kind: Some(api::http_filter::Kind::RequestHeaderModifier(
+                api::HeaderModifier {
+                    set: vec![api::Header {
+                        name: "Host".into(),
+                        value: "api.internal".into(),
+                    }],
+                    ..Default::default()
+                },
+            )),
+        }])
+        .unwrap();
+        let mut h2 = Request::post("http://web.shop:8080/pkg.Svc/Call")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        f.on_request(&mut h2, None).unwrap();
+        assert_eq!(h2.uri().authority().unwrap().as_str(), "api.internal");
+        assert_eq!(h2.headers()[HOST], "api.internal");
+        let mut h1 = Request::get("/a")
+            .header(HOST, "web.shop:8080")
+            .body(())
+            .unwrap();
+        f.on_request(&mut h1, None).unwrap();
+        assert_eq!(h1.uri(), "/a");
+        assert_eq!(h1.headers()[HOST], "api.internal");
+    }
+
     /// The `Location` that `f` answers a GET of `/a?b=c` with, sent with
     /// this `Host` to the Service `dst` when given.
     fn location(f: &Filters, host: &str, dst: Option<&str>) -> (StatusCode, String) {
@@ -391,6 +442,20 @@ mod tests {
         let (status, at) = location(&f, "web.shop:80", None);
         assert_eq!(status, StatusCode::MOVED_PERMANENTLY);
         assert_eq!(at, "https://web.shop/a?b=c");
+        // A Service reached by its IPv6 address, with and without a port.
+        assert_eq!(location(&f, "[fd00::1]", None).1, "https://[fd00::1]/a?b=c");
+        assert_eq!(
+            location(&f, "[fd00::1]:8080", None).1,
+            "https://[fd00::1]/a?b=c"
+        );
+        let same = redirect(api::RequestRedirect {
+            status_code: 302,
+            ..Default::default()
+        });
+        assert_eq!(
+            location(&same, "[fd00::1]", None).1,
+            "http://[fd00::1]/a?b=c"
+        );
     }
 
     /// Without a scheme or a port, a redirect keeps the port the request came
