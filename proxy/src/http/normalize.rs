@@ -103,14 +103,18 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let mut rsp = std::task::ready!(self.project().inner.poll(cx))?;
         let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        strip_hop_by_hop(rsp.headers_mut(), keep);
-        // The proxy's own answer to a client's broken body: the connection
-        // is not reused, and the client is told so (RFC 9110 §15.5.9).
-        if rsp
+        // The proxy's own answer to a client's broken body closes the
+        // connection, and the client is told so (RFC 9110 §15.5.9).
+        let close = rsp
             .extensions()
             .get::<super::error::ClientFaulted>()
             .is_some()
-        {
+            && rsp
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v == "close");
+        strip_hop_by_hop(rsp.headers_mut(), keep);
+        if close {
             rsp.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
@@ -445,5 +449,23 @@ mod tests {
         let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(rsp.headers()[header::CONNECTION], "close");
+        // A refusal of one request (a bad Host) leaves the connection open.
+        let inner = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(
+                crate::http::error::ProxyError::BadRequest("invalid Host header").into_response(),
+            )
+        });
+        let mut svc = NormalizeLayer::new(
+            crate::telemetry::metrics::Metrics::new(),
+            crate::telemetry::metrics::Direction::Inbound,
+        )
+        .layer(inner);
+        let req = Request::get("/")
+            .header(header::HOST, "a")
+            .body(())
+            .unwrap();
+        let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::BAD_REQUEST);
+        assert!(!rsp.headers().contains_key(header::CONNECTION));
     }
 }
