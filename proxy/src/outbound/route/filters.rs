@@ -243,9 +243,11 @@ fn rewrite_path(uri: &Uri, p: &PathModifier, matched_prefix: Option<&str>) -> St
     with_query(new_path, uri)
 }
 
-/// Makes a request's authority, where its URI has one, `host`.
+/// Makes a request's authority, where its URI has one, `host`. A CONNECT's
+/// is its target, which a Host does not move.
 fn set_authority<B>(req: &mut Request<B>, host: &http::HeaderValue) {
-    if req.uri().authority().is_some()
+    if req.method() != http::Method::CONNECT
+        && req.uri().authority().is_some()
         && let Ok(a) = Authority::try_from(host.as_bytes())
     {
         let mut parts = req.uri().clone().into_parts();
@@ -413,6 +415,12 @@ mod tests {
         f.on_request(&mut h1, None).unwrap();
         assert_eq!(h1.uri(), "/a");
         assert_eq!(h1.headers()[HOST], "api.internal");
+        let mut connect = Request::connect("web.shop:443")
+            .header(HOST, "web.shop:443")
+            .body(())
+            .unwrap();
+        f.on_request(&mut connect, None).unwrap();
+        assert_eq!(connect.uri(), "web.shop:443");
     }
 
     /// The `Location` that `f` answers a GET of `/a?b=c` with, sent with
