@@ -525,31 +525,24 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     let chain: Vec<_> = chain.iter().filter_map(parse).collect();
     let anchors: Vec<_> = anchors.iter().filter_map(parse).collect();
     // A path from the issuer up through the certificates with it, in any
-    // order, to an anchor: as the controller's own check builds it.
+    // order, to an anchor (or to a certificate that is one), as webpki builds
+    // it for the controller: only a certificate named as the issuer is tried.
     let mut unsupported = false;
-    let mut signs = |by: &X509Certificate<'_>, c: &X509Certificate<'_>| match c
-        .verify_signature(Some(by.public_key()))
-    {
-        Ok(()) => true,
-        Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
-            unsupported = true;
-            false
+    let mut signs = |by: &X509Certificate<'_>, c: &X509Certificate<'_>| {
+        if by.subject().as_raw() != c.issuer().as_raw() {
+            return false;
         }
-        Err(_) => false,
+        match c.verify_signature(Some(by.public_key())) {
+            Ok(()) => true,
+            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+                unsupported = true;
+                false
+            }
+            Err(_) => false,
+        }
     };
     let mut used = vec![false; chain.len()];
-    let mut at = 0;
-    let anchored = loop {
-        used[at] = true;
-        let current = &chain[at];
-        if anchors.iter().any(|a| signs(a, current)) {
-            break true;
-        }
-        match (0..chain.len()).find(|&j| !used[j] && signs(&chain[j], current)) {
-            Some(j) => at = j,
-            None => break false,
-        }
-    };
+    let anchored = path_up(0, &chain, &anchors, &mut used, &mut signs);
     let issuer = chain
         .first()
         .map(|c| c.subject().to_string())
@@ -571,6 +564,32 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
             ),
         )
     }
+}
+
+/// Whether `chain[at]` leads to an anchor through the certificates of `chain`
+/// not `used` on the path so far (depth-first: a chain is a few certificates).
+fn path_up(
+    at: usize,
+    chain: &[X509Certificate<'_>],
+    anchors: &[X509Certificate<'_>],
+    used: &mut [bool],
+    signs: &mut dyn FnMut(&X509Certificate<'_>, &X509Certificate<'_>) -> bool,
+) -> bool {
+    let c = &chain[at];
+    if anchors
+        .iter()
+        .any(|a| a.as_raw() == c.as_raw() || signs(a, c))
+    {
+        return true;
+    }
+    used[at] = true;
+    for j in 0..chain.len() {
+        if !used[j] && signs(&chain[j], c) && path_up(j, chain, anchors, used, signs) {
+            return true;
+        }
+    }
+    used[at] = false;
+    false
 }
 
 /// Each node's name and kubelet version, read a page at a time: a node's
@@ -795,6 +814,36 @@ mod tests {
         let (issuer, _) = ca("issuer.test", 365, Some(&big_ca));
         let l = chain_line(&issuer, &big_root);
         assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
+        // An issuer of nobody's in the bundle fails, whatever algorithm the
+        // other anchors use.
+        let (_, stray_ca) = ca("stray.test", 3650, None);
+        let (stray_issuer, _) = ca("issuer.test", 365, Some(&stray_ca));
+        let l = chain_line(&stray_issuer, &format!("{big_root}{root}"));
+        assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
+        // The issuer itself among the anchors.
+        let (issuer, _) = ca("issuer.test", 365, Some(&mid2_ca));
+        assert_eq!(chain_line(&issuer, &issuer).verdict, Verdict::Ok);
+        // Two intermediates of one name and key, cross-signed by an old root
+        // gone from the bundle and the new one in it: the path that leads
+        // to an anchor is found, whichever comes first.
+        let (_, old_root_ca) = ca("root.test", 3650, None);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cross = |by: &rcgen::Issuer<'static, rcgen::KeyPair>| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "mid.test");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.signed_by(&key, by).unwrap().pem()
+        };
+        let (old_mid, new_mid) = (cross(&old_root_ca), cross(&root_ca));
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "mid.test");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let mid_ca = rcgen::Issuer::new(p, key);
+        let (issuer, _) = ca("issuer.test", 365, Some(&mid_ca));
+        let l = chain_line(&format!("{issuer}{old_mid}{new_mid}"), &root);
+        assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);
     }
 
     /// The first certificate of a PEM chain.
