@@ -814,22 +814,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_backend_gone_from_discovery_has_nothing_ejected() {
         let b = two_in_turn();
-        while b.ejected() == 0 {
-            let f = b.pick(&Default::default(), None).unwrap();
-            tokio::time::advance(Duration::from_millis(1)).await;
-            match index(&f) {
-                0 => f.failed(),
-                _ => f.success(),
-            }
-        }
+        drop(eject_the_first(&b, false).await);
         let metrics = b.metrics.clone();
-        let newer = Endpoints::new(
-            "b".into(),
-            &eps(2),
-            b.config.clone(),
-            Some(&b),
-            metrics.clone(),
-        );
+        let newer = replaced(&b);
         drop(b);
         assert_eq!(
             metrics.ejected.get(),
@@ -845,25 +832,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_outliving_its_backend_leaves_the_gauge_at_zero() {
         let b = two_in_turn();
-        let mut in_flight = None;
-        while b.ejected() == 0 || in_flight.is_none() {
-            let f = b.pick(&Default::default(), None).unwrap();
-            tokio::time::advance(Duration::from_millis(1)).await;
-            match index(&f) {
-                0 => f.failed(),
-                _ if in_flight.is_none() => in_flight = Some(f),
-                _ => f.success(),
-            }
-        }
+        let in_flight = eject_the_first(&b, true).await;
         let metrics = b.metrics.clone();
-        let newer = Endpoints::new(
-            "b".into(),
-            &eps(2),
-            b.config.clone(),
-            Some(&b),
-            metrics.clone(),
-        );
-        drop(newer);
+        drop(replaced(&b));
         assert_eq!(metrics.ejected.get(), 0);
         in_flight.expect("a request on endpoint 1").failed();
         drop(b);
@@ -904,6 +875,33 @@ mod tests {
         last.failed();
         assert_eq!(b.metrics.ejections.get(), 0);
         drop(newer);
+    }
+
+    /// Fails the first of `b`'s endpoints until it is ejected; with `hold`,
+    /// keeps a request on the second under way, and returns it.
+    async fn eject_the_first(b: &Arc<Endpoints>, hold: bool) -> Option<InFlight> {
+        let mut in_flight = None;
+        while b.ejected() == 0 || (hold && in_flight.is_none()) {
+            let f = b.pick(&Default::default(), None).unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            match index(&f) {
+                0 => f.failed(),
+                _ if hold && in_flight.is_none() => in_flight = Some(f),
+                _ => f.success(),
+            }
+        }
+        in_flight
+    }
+
+    /// A newer list of `b`'s endpoints, as discovery makes it.
+    fn replaced(b: &Arc<Endpoints>) -> Arc<Endpoints> {
+        Endpoints::new(
+            "b".into(),
+            &eps(2),
+            b.config.clone(),
+            Some(b),
+            b.metrics.clone(),
+        )
     }
 
     /// Two endpoints taken in turn, ejected for 5 s the first time.

@@ -425,46 +425,33 @@ mod tests {
     }
 
     /// The proxy's own answer to a client's broken body tells the client
-    /// the connection closes, though the response's hop-by-hop fields go.
+    /// the connection closes, though the response's hop-by-hop fields go; a
+    /// refusal of one request (a bad Host) leaves the connection open.
     #[tokio::test]
     async fn the_proxy_s_own_close_survives_the_stripping() {
+        use crate::http::error::ProxyError;
         use tower::{Layer, Service, ServiceExt};
-        let inner = tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(
-                crate::http::error::ProxyError::ClientBodyStalled(std::time::Duration::from_secs(
-                    30,
-                ))
-                .into_response(),
+        async fn through_normalize(e: fn() -> ProxyError) -> Response<BoxBody> {
+            let inner = tower::service_fn(move |_req: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(e().into_response())
+            });
+            let mut svc = NormalizeLayer::new(
+                crate::telemetry::metrics::Metrics::new(),
+                crate::telemetry::metrics::Direction::Inbound,
             )
-        });
-        let mut svc = NormalizeLayer::new(
-            crate::telemetry::metrics::Metrics::new(),
-            crate::telemetry::metrics::Direction::Inbound,
-        )
-        .layer(inner);
-        let req = Request::get("/")
-            .header(header::HOST, "a")
-            .body(())
-            .unwrap();
-        let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
+            .layer(inner);
+            let req = Request::get("/")
+                .header(header::HOST, "a")
+                .body(())
+                .unwrap();
+            svc.ready().await.unwrap().call(req).await.unwrap()
+        }
+        let rsp =
+            through_normalize(|| ProxyError::ClientBodyStalled(std::time::Duration::from_secs(30)))
+                .await;
         assert_eq!(rsp.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(rsp.headers()[header::CONNECTION], "close");
-        // A refusal of one request (a bad Host) leaves the connection open.
-        let inner = tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(
-                crate::http::error::ProxyError::BadRequest("invalid Host header").into_response(),
-            )
-        });
-        let mut svc = NormalizeLayer::new(
-            crate::telemetry::metrics::Metrics::new(),
-            crate::telemetry::metrics::Direction::Inbound,
-        )
-        .layer(inner);
-        let req = Request::get("/")
-            .header(header::HOST, "a")
-            .body(())
-            .unwrap();
-        let rsp = svc.ready().await.unwrap().call(req).await.unwrap();
+        let rsp = through_normalize(|| ProxyError::BadRequest("invalid Host header")).await;
         assert_eq!(rsp.status(), StatusCode::BAD_REQUEST);
         assert!(!rsp.headers().contains_key(header::CONNECTION));
     }
