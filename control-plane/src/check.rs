@@ -522,6 +522,17 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
             .map(|(_, c)| c)
             .ok()
     }
+    // What the controller's webpki would try, and then some: a Secret of
+    // thousands of certificates is not something to verify pair by pair.
+    if chain.len() > MAX_CHAIN {
+        return line(
+            Verdict::Fail,
+            format!(
+                "the issuer's tls.crt holds {} certificates, more than {MAX_CHAIN}: no chain that long is verified",
+                chain.len()
+            ),
+        );
+    }
     let chain: Vec<_> = chain.iter().filter_map(parse).collect();
     let anchors: Vec<_> = anchors.iter().filter_map(parse).collect();
     // A path from the issuer up through the certificates with it, in any
@@ -566,8 +577,13 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     }
 }
 
+/// Certificates in an issuer's `tls.crt` that `strait check` walks: webpki
+/// allows 6 intermediates.
+const MAX_CHAIN: usize = 16;
+
 /// Whether `chain[at]` leads to an anchor through the certificates of `chain`
-/// not `used` on the path so far (depth-first: a chain is a few certificates).
+/// not yet `used`: a certificate from which no anchor was reached is not
+/// tried again, so each is visited once, whatever `tls.crt` holds.
 fn path_up(
     at: usize,
     chain: &[X509Certificate<'_>],
@@ -588,7 +604,6 @@ fn path_up(
             return true;
         }
     }
-    used[at] = false;
     false
 }
 
@@ -844,6 +859,21 @@ mod tests {
         let (issuer, _) = ca("issuer.test", 365, Some(&mid_ca));
         let l = chain_line(&format!("{issuer}{old_mid}{new_mid}"), &root);
         assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);
+        // Copies of one self-signed certificate that every copy verifies,
+        // none an anchor: each is tried once, not every order of them.
+        let (stray, _) = ca("stray.test", 3650, None);
+        let started = std::time::Instant::now();
+        let l = chain_line(&stray.repeat(MAX_CHAIN), &root);
+        assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            chain_line(&stray.repeat(MAX_CHAIN + 1), &root).verdict,
+            Verdict::Fail
+        );
     }
 
     /// The first certificate of a PEM chain.
