@@ -843,19 +843,18 @@ mod tests {
         // to an anchor is found, whichever comes first.
         let (_, old_root_ca) = ca("root.test", 3650, None);
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cross = |by: &rcgen::Issuer<'static, rcgen::KeyPair>| {
+        let mid_params = || {
             let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
             p.distinguished_name
                 .push(rcgen::DnType::CommonName, "mid.test");
             p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            p.signed_by(&key, by).unwrap().pem()
+            p
+        };
+        let cross = |by: &rcgen::Issuer<'static, rcgen::KeyPair>| {
+            mid_params().signed_by(&key, by).unwrap().pem()
         };
         let (old_mid, new_mid) = (cross(&old_root_ca), cross(&root_ca));
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "mid.test");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let mid_ca = rcgen::Issuer::new(p, key);
+        let mid_ca = rcgen::Issuer::new(mid_params(), key);
         let (issuer, _) = ca("issuer.test", 365, Some(&mid_ca));
         let l = chain_line(&format!("{issuer}{old_mid}{new_mid}"), &root);
         assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);

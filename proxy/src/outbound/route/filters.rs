@@ -45,6 +45,8 @@ pub struct Filters {
     pub response: Vec<HeaderModifier>,
     pub rewrite: Option<Rewrite>,
     pub redirect: Option<Redirect>,
+    /// A request filter sets or adds Host: known when parsed, not per request.
+    sets_host: bool,
 }
 
 fn header_pairs(
@@ -161,6 +163,7 @@ impl Filters {
                 None => {}
             }
         }
+        out.sets_host = out.request.iter().any(HeaderModifier::names_host);
         Ok(out)
     }
 
@@ -179,7 +182,7 @@ impl Filters {
         // A filter that sets Host sets the authority too: an HTTP/2 request
         // goes with `:authority`, which must not differ from Host (RFC 9113
         // §8.3.1), and gRPC servers read only that.
-        if self.request.iter().any(HeaderModifier::names_host)
+        if self.sets_host
             && let Some(h) = req.headers().get(HOST).cloned()
         {
             set_authority(req, &h);
