@@ -60,6 +60,17 @@ pub async fn tcp_host(host: &str, port: u16, timeout: Duration) -> io::Result<Tc
     Ok(stream)
 }
 
+/// The name sent as SNI to `peer`. rustls wants a DNS name, and Kubernetes
+/// takes service-account names that make none (a dot-free part over 63
+/// bytes); the peer is verified by its URI SAN, never by this name, and each
+/// identity has its own config (and session cache), so a stand-in serves.
+fn sni(peer: &Identity) -> ServerName<'static> {
+    ServerName::try_from(peer.server_name())
+        .unwrap_or_else(|_| ServerName::try_from(STAND_IN_SNI).expect("a DNS name"))
+}
+
+const STAND_IN_SNI: &str = "identity.strait.invalid";
+
 type ConfigCache = Arc<Mutex<HashMap<(Identity, &'static [u8]), Arc<ClientConfig>>>>;
 
 /// What mTLS to peer proxies needs: our credentials, the counters of failures,
@@ -108,9 +119,7 @@ impl PeerTls {
     ) -> Result<TlsStream<TcpStream>, ConnectError> {
         let tls_err = |reason: String| ConnectError::Tls { addr, reason };
         let config = self.config(peer, alpn).map_err(tls_err)?;
-        let name = ServerName::try_from(peer.server_name())
-            .map_err(|e| tls_err(e.to_string()))?
-            .to_owned();
+        let name = sni(peer);
         // One deadline for the TCP connect and the handshake together: the
         // connect timeout bounds the whole (not twice it).
         let deadline = tokio::time::Instant::now() + timeout;
@@ -144,6 +153,23 @@ impl PeerTls {
                     after: timeout,
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_identity_has_a_server_name() {
+        let id = |sa: &str| Identity::of("cluster.local", "shop", sa).unwrap();
+        assert_eq!(
+            sni(&id("web")).to_str(),
+            "web.shop.serviceaccount.identity.strait.cluster.local"
+        );
+        for sa in ["a".repeat(64), format!("{}.b", "a".repeat(200))] {
+            assert_eq!(sni(&id(&sa)).to_str(), STAND_IN_SNI, "{sa}");
         }
     }
 }

@@ -353,6 +353,39 @@ async fn a_pod_dialled_by_its_own_address_is_reached_over_mtls() {
     .await;
 }
 
+/// Kubernetes takes a service-account name with a dot-free part over 63 bytes,
+/// which makes no DNS name for the handshake's SNI: such a pod is still
+/// reached, over mTLS, by its URI identity.
+#[tokio::test]
+async fn a_service_account_name_that_is_no_dns_label_is_reached_over_mtls() {
+    let m = Mesh::start("web", None).await;
+    let long = "a".repeat(64);
+    m.dir
+        .write("token-long.yaml", &token_secret(NS, &long, "token-of-long"));
+    token_file(m.tokens.path(), &long, "token-of-long");
+    // The pod must be known (as that account's) for its proxy to get its
+    // policy; its inbound port is known once the proxy runs.
+    let pod = |port| meshed_pod(NS, "long-0", &long, port);
+    m.dir.write("pod-long.yaml", &pod(1));
+    let long_web = m.sidecar("long-0", &long, &[]).await;
+    m.dir.write("pod-long.yaml", &pod(long_web.inbound.port()));
+    m.dir.write(
+        "slice-web.yaml",
+        &endpoint(NS, "web", "long-0", m.backend.addr),
+    );
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let url = format!("http://{}/client-id", c.upstreams[0]);
+    wait::until(
+        "web to be reached as the long account",
+        Duration::from_secs(5),
+        || async { get(&url).await.1 == CLIENT_ID },
+    )
+    .await;
+    // Only long-0's proxy holds that account, and web's only endpoint is there.
+    let (status, body) = get(&url).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
+}
+
 #[tokio::test]
 async fn a_peer_with_the_wrong_identity_is_refused_by_the_client_proxy() {
     // web-0 is declared as service account `web`, but its proxy holds `intruder`.
