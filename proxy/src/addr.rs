@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 /// Where the app meant to connect (from `SO_ORIGINAL_DST` or an `--upstream` listener).
@@ -16,11 +16,29 @@ pub struct TargetPort(pub u16);
 /// The addresses this proxy listens on: never a destination of its own traffic
 /// (a request to one of them would come straight back to us).
 #[derive(Clone, Debug)]
-pub struct OwnAddrs(std::sync::Arc<[SocketAddr]>);
+pub struct OwnAddrs {
+    listeners: std::sync::Arc<[SocketAddr]>,
+    /// This host's address besides loopback (the pod's, where the app is
+    /// reached): a listener on every address is there too, and only there;
+    /// another pod's port 4191 is not ours.
+    host: Option<IpAddr>,
+}
 
 impl OwnAddrs {
     pub fn new(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
-        OwnAddrs(addrs.into_iter().collect())
+        OwnAddrs {
+            listeners: addrs.into_iter().collect(),
+            host: None,
+        }
+    }
+
+    /// As [`OwnAddrs::new`], on a host that also has `host`.
+    pub fn on_host(self, host: IpAddr) -> Self {
+        let host = host.to_canonical();
+        OwnAddrs {
+            host: (!host.is_loopback() && !host.is_unspecified()).then_some(host),
+            ..self
+        }
     }
 
     /// Whether a connection to `addr` would reach one of our listeners. Loopback
@@ -28,15 +46,18 @@ impl OwnAddrs {
     pub fn contains(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();
         let local = ip.is_loopback() || ip.is_unspecified();
-        self.0.iter().any(|l| {
+        let ours = local || self.host == Some(ip);
+        self.listeners.iter().any(|l| {
             l.port() == addr.port()
-                && (l.ip() == ip || l.ip().is_unspecified() || local && l.ip().is_loopback())
+                && (l.ip() == ip
+                    || l.ip().is_unspecified() && ours
+                    || local && l.ip().is_loopback())
         })
     }
 
     /// Whether one of our listeners has this port (as a port of this pod).
     pub fn has_port(&self, port: u16) -> bool {
-        self.0.iter().any(|l| l.port() == port)
+        self.listeners.iter().any(|l| l.port() == port)
     }
 }
 
@@ -222,6 +243,34 @@ impl fmt::Display for PortSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener on every address is reached at loopback and at the pod's own
+    /// address; another pod's admin port (a meshed Prometheus scraping it)
+    /// is not ours.
+    #[test]
+    fn a_listener_on_every_address_is_ours_at_our_addresses_only() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = OwnAddrs::new([a("0.0.0.0:4191"), a("127.0.0.1:4140")])
+            .on_host("10.0.0.7".parse().unwrap());
+        for mine in [
+            "127.0.0.1:4191",
+            "127.0.0.2:4191",
+            "0.0.0.0:4191",
+            "[::ffff:127.0.0.1]:4191",
+            "10.0.0.7:4191",
+            "[::ffff:10.0.0.7]:4191",
+            "127.0.0.1:4140",
+        ] {
+            assert!(own.contains(a(mine)), "{mine}");
+        }
+        for other in ["10.0.0.8:4191", "10.0.0.7:4140", "10.0.0.7:80"] {
+            assert!(!own.contains(a(other)), "{other}");
+        }
+        // Without a host address, loopback only.
+        let own = OwnAddrs::new([a("0.0.0.0:4191")]);
+        assert!(own.contains(a("127.0.0.1:4191")));
+        assert!(!own.contains(a("10.0.0.7:4191")));
+    }
 
     #[test]
     fn upstream_parses_name_and_socket_destinations() {

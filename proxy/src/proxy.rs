@@ -429,7 +429,8 @@ impl Proxy {
             [addrs.inbound, addrs.outbound, addrs.admin]
                 .into_iter()
                 .chain(addrs.upstreams.iter().copied()),
-        );
+        )
+        .on_host(config.app_ip);
         let observe = observe(&config, &metrics)?;
         let shared = Arc::new(Shared {
             observe,

@@ -22,6 +22,18 @@ struct MeshedPod {
 
 impl MeshedPod {
     async fn start(lan: &mut Lan, name: &str, backend: Option<SocketAddr>) -> MeshedPod {
+        let pod = Self::spawn(lan, name, backend).await;
+        // The app answers (through the proxy: port 8080 is redirected).
+        let app_addr = pod.app();
+        wait::until("the app", Duration::from_secs(10), || async move {
+            matches!(wait::admin_get(app_addr, "/").await, Ok((200, _)))
+        })
+        .await;
+        pod
+    }
+
+    /// As [`MeshedPod::start`], without waiting for its app to answer `/`.
+    async fn spawn(lan: &mut Lan, name: &str, backend: Option<SocketAddr>) -> MeshedPod {
         let pod = lan.pod(name);
         pod.init(&["--skip-inbound-ports", "22"]);
         let mut app_args = vec![
@@ -39,18 +51,11 @@ impl MeshedPod {
             &["--admin-addr=0.0.0.0:4191".to_string()],
         );
         wait::ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10)).await;
-        let pod = MeshedPod {
+        MeshedPod {
             pod,
             _app: app,
             _proxy: proxy,
-        };
-        // The app answers (through the proxy: port 8080 is redirected).
-        let app_addr = pod.app();
-        wait::until("the app", Duration::from_secs(10), || async move {
-            matches!(wait::admin_get(app_addr, "/").await, Ok((200, _)))
-        })
-        .await;
-        pod
+        }
     }
 
     fn app(&self) -> SocketAddr {
@@ -130,6 +135,38 @@ async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
     let (status, _) = wait::admin_get(client.app(), "/").await.expect("request");
     assert_eq!(status, 200);
     assert_eq!(client.requests("outbound").await, after.1 + 1.0);
+}
+
+/// A meshed pod reaches another pod's proxy admin port (a meshed Prometheus
+/// scraping `:4191`): that port is its own proxy's too, but not at that address.
+#[tokio::test]
+async fn a_meshed_pod_reaches_another_pods_admin_port() {
+    let Some(mut lan) = Lan::new() else { return };
+    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
+        strait_tests::host::missing("iptables (nft) and nsenter");
+        return;
+    }
+    let server = MeshedPod::start(&mut lan, "server", None).await;
+    let server_admin = SocketAddr::from((server.pod.ip, 4191));
+    // Its app asks the server's admin server for the path it is asked.
+    let scraper = MeshedPod::spawn(&mut lan, "scraper", Some(server_admin)).await;
+    let app = scraper.app();
+    wait::until(
+        "the scraper's app",
+        Duration::from_secs(10),
+        || async move {
+            matches!(wait::admin_get(app, "/ready").await, Ok((_, b)) if !b.contains("refused"))
+        },
+    )
+    .await;
+    let (status, body) = wait::admin_get(scraper.app(), "/ready")
+        .await
+        .expect("request");
+    assert_eq!((status, body.trim()), (200, "scraper"));
+    assert!(
+        scraper.requests("outbound").await >= 1.0,
+        "through its proxy"
+    );
 }
 
 /// In a pod the inbound side dials the app on the pod's address (as the
