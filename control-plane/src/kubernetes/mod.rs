@@ -506,9 +506,14 @@ async fn run_watcher<K, F>(
             // A route kind the controller may not read (RBAC of a release
             // before it read GRPCRoutes) is as good as absent: holding the
             // whole index back for it would stop every update. Not so for
-            // strait's policies, whose absence would open workloads.
+            // strait's policies, whose absence would open workloads. Only a
+            // list says so: a watch resumed after one may meet a passing 404
+            // (an API server restarting, its CRDs not yet served), and taking
+            // that for absence would forget refused policies that no event
+            // brings back, opening their sealed namespaces.
             Err(e)
                 if kind.optional()
+                    && matches!(e, watcher::Error::InitialListFailed(_))
                     && (api_code(&e) == Some(404)
                         || kind.is_route() && api_code(&e) == Some(403)) =>
             {
@@ -597,11 +602,43 @@ mod tests {
         assert!((4..=30).contains(&n), "{n} requests in two minutes");
     }
 
+    /// A watch that meets a 404 after its list (an API server that does not
+    /// serve the CRD for a moment) is retried: the kind is not taken for
+    /// absent, which would forget its refused policies and open their
+    /// namespaces. A list's 404 is absence.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_list_says_a_kind_is_absent() {
+        let list = r#"{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[]}"#;
+        let missing = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
+        let kind = Kind::AuthorizationPolicy;
+        let (_, changes) =
+            watched_for_two_minutes(
+                kind,
+                move |watch| {
+                    if watch { (404, missing) } else { (200, list) }
+                },
+            )
+            .await;
+        assert_eq!(changes, ["Relist", "Listed"]);
+        let (_, changes) = watched_for_two_minutes(kind, move |_| (404, missing)).await;
+        assert_eq!(changes[..2], ["Relist", "Absent"]);
+        assert!(changes[2..].iter().all(|c| c == "Relist"), "{changes:?}");
+    }
+
     /// Requests a watcher of Services makes in two minutes of a paused clock
     /// against an API that answers `answer(is_watch)`.
     async fn requests_in_two_minutes(
         answer: impl Fn(bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
     ) -> usize {
+        watched_for_two_minutes(Kind::Service, answer).await.0
+    }
+
+    /// As [`requests_in_two_minutes`], as the watcher of `kind`, with the
+    /// changes it sent (their variants' names).
+    async fn watched_for_two_minutes(
+        kind: Kind,
+        answer: impl Fn(bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
+    ) -> (usize, Vec<String>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
@@ -618,11 +655,18 @@ mod tests {
         });
         let client = Client::new(api, "default");
         let (tx, mut rx) = mpsc::channel(16);
-        let drained = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let drained = tokio::spawn(async move {
+            let mut changes = Vec::new();
+            while let Some(c) = rx.recv().await {
+                let name = format!("{c:?}");
+                changes.push(name[..name.find([' ', '(']).unwrap_or(name.len())].to_string());
+            }
+            changes
+        });
         let run = run_watcher(
             Api::<Service>::all(client),
             watcher::Config::default(),
-            Kind::Service,
+            kind,
             tx,
             |_| (Ok(None), None),
         );
@@ -631,8 +675,7 @@ mod tests {
                 .await
                 .is_err()
         );
-        drained.abort();
-        requests.load(Ordering::SeqCst)
+        (requests.load(Ordering::SeqCst), drained.await.unwrap())
     }
 
     fn refused(kind: Kind, name: &str, initial: bool) -> Change {
