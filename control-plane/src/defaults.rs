@@ -204,6 +204,7 @@ pub const WEBHOOK_ADDR: &str = "0.0.0.0:8443";
 pub const MAX_ADMISSION_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// Connections the webhook serves at once (the API server needs a handful).
 pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;
-/// TokenReviews in flight at once, and how long one may take.
+/// TokenReviews in flight at once, and how long one may take, its wait for a
+/// turn included: less than a proxy waits for its call (5 s).
 pub const TOKEN_REVIEWS_IN_FLIGHT: usize = 32;
-pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::defaults;
@@ -46,7 +47,12 @@ pub struct TokenReviewer {
     by_source: PerSource,
     /// Nor can it have the API server review made-up tokens without end.
     refusing: Arc<Refusing>,
+    /// Reviews under way, by token: their answers, once they come.
+    pending: Arc<Mutex<HashMap<TokenDigest, watch::Receiver<Pending>>>>,
 }
+
+/// A review's answer, as its waiters see it: `None` until it comes.
+type Pending = Option<Result<ObjKey, TokenError>>;
 
 /// Refused reviews one address may cause per `REFUSALS_WINDOW`. A pod's own
 /// token is refused only while the API server does not know it yet; made-up
@@ -108,6 +114,7 @@ impl TokenReviewer {
             refused: Arc::default(),
             by_source: PerSource::new(REVIEWS_PER_SOURCE),
             refusing: Arc::default(),
+            pending: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 defaults::TOKEN_REVIEWS_IN_FLIGHT,
             )),
@@ -133,17 +140,6 @@ impl TokenReviewer {
         else {
             return Err(TokenError::Unknown);
         };
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..Default::default()
-        };
-        // Bounded: a flood of made-up tokens costs the API server a few
-        // reviews at a time, each of them briefly.
-        let unavailable =
-            || TokenError::Unavailable("the API server did not answer in time".into());
         if let Some(s) = source
             && self.refusing.exhausted(s, now)
         {
@@ -152,20 +148,73 @@ impl TokenReviewer {
                     .into(),
             ));
         }
-        let Some(_source_turn) = self.by_source.take(source) else {
-            return Err(TokenError::Unavailable(
-                "too many token checks from this address at once".into(),
-            ));
+        let mut answer = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.get(&digest) {
+                // Asked again while its review is under way (a proxy's first
+                // certificate, policy and discovery calls come at once): one
+                // review answers them all.
+                Some(rx) => rx.clone(),
+                None => {
+                    let Some(turn) = self.by_source.take(source) else {
+                        return Err(TokenError::Unavailable(
+                            "too many token checks from this address at once".into(),
+                        ));
+                    };
+                    let (tx, rx) = watch::channel(None);
+                    pending.insert(digest, rx.clone());
+                    // On its own: a caller that gives up (the proxy's deadline)
+                    // does not throw the answer away, which its next call finds
+                    // cached.
+                    let this = self.clone();
+                    let token = token.to_string();
+                    tokio::spawn(async move {
+                        let answer = this.ask(token, digest, expires_in, source).await;
+                        drop(turn);
+                        this.pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&digest);
+                        let _ = tx.send(Some(answer));
+                    });
+                    rx
+                }
+            }
         };
-        // The wait for a turn is bounded too: queued callers hold their
-        // requests, and a proxy's own check must not wait behind a flood.
-        let turn = tokio::time::timeout(defaults::TOKEN_REVIEW_TIMEOUT, self.in_flight.acquire());
+        match answer.wait_for(Option::is_some).await {
+            Ok(a) => a.clone().unwrap_or(Err(TokenError::Unknown)),
+            Err(_) => Err(unavailable()),
+        }
+    }
+
+    /// Has the API server review `token`, and keeps the answer. Bounded: a
+    /// flood of made-up tokens costs the API server a few reviews at a time,
+    /// each of them briefly; and the wait for a turn and the review together
+    /// end before a proxy's own deadline for its call.
+    async fn ask(
+        &self,
+        token: String,
+        digest: TokenDigest,
+        expires_in: Duration,
+        source: Option<IpAddr>,
+    ) -> Result<ObjKey, TokenError> {
+        let deadline = Instant::now() + defaults::TOKEN_REVIEW_TIMEOUT;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        // Queued callers hold their requests, and a proxy's own check must not
+        // wait behind a flood.
+        let turn = tokio::time::timeout_at(deadline, self.in_flight.acquire());
         let Ok(Ok(_permit)) = turn.await else {
             return Err(unavailable());
         };
         let params = PostParams::default();
         let call = self.api.create(&params, &review);
-        let answer = match tokio::time::timeout(defaults::TOKEN_REVIEW_TIMEOUT, call).await {
+        let answer = match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(r)) => account(&r, &self.audience),
             // Not cached: the API server may answer the next time.
             // Sampled: an API server in trouble fails every review.
@@ -178,8 +227,9 @@ impl TokenReviewer {
                 return Err(unavailable());
             }
         };
+        let now = Instant::now();
         if let (Err(TokenError::Unknown), Some(s)) = (&answer, source) {
-            self.refusing.refused(s, Instant::now());
+            self.refusing.refused(s, now);
         }
         let (cache, max, ttl) = match &answer {
             // Never past the token's own expiry.
@@ -198,6 +248,10 @@ impl TokenReviewer {
         }
         answer
     }
+}
+
+fn unavailable() -> TokenError {
+    TokenError::Unavailable("the API server did not answer in time".into())
 }
 
 /// Whether `token` could be a service account token for `audience` that has
@@ -314,6 +368,62 @@ mod tests {
         assert!(!r.exhausted(pod, later), "a new window");
         r.refused(pod, later);
         assert!(!r.exhausted(pod, later), "counted from 0 again");
+    }
+
+    /// One review answers every call with a token while it is under way,
+    /// and its answer is kept though its callers gave up waiting for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_reviewed_once_whoever_waits_for_it() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let aud = defaults::TOKEN_AUDIENCE;
+        let posts = Arc::new(AtomicUsize::new(0));
+        let counted = posts.clone();
+        // An API server that takes 3 s per review.
+        let api = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let body =
+                serde_json::to_vec(&reviewed(true, "system:serviceaccount:shop:web", &[aud]))
+                    .unwrap();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                http::Response::builder()
+                    .status(201)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body))
+            }
+        });
+        let r = TokenReviewer::new(kube::Client::new(api, "default"));
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let token = jwt(serde_json::json!({"aud": [aud], "exp": exp}));
+        let pod: Option<IpAddr> = Some("10.0.0.7".parse().unwrap());
+        let web = ObjKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        // Six calls at once, more than an address's share of reviews.
+        let calls: Vec<_> = (0..6)
+            .map(|_| {
+                let (r, token) = (r.clone(), token.clone());
+                tokio::spawn(async move { r.review(token.as_bytes(), pod).await })
+            })
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.unwrap(), Ok(web.clone()));
+        }
+        assert_eq!(posts.load(Ordering::SeqCst), 1);
+        // A caller that gives up before the answer (a proxy's deadline)...
+        let other = jwt(serde_json::json!({"aud": [aud], "exp": exp, "n": 1}));
+        let gave_up =
+            tokio::time::timeout(Duration::from_secs(1), r.review(other.as_bytes(), pod)).await;
+        assert!(gave_up.is_err());
+        // ...finds it when it asks again.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(r.review(other.as_bytes(), pod).await, Ok(web));
+        assert_eq!(posts.load(Ordering::SeqCst), 2);
     }
 
     #[test]
