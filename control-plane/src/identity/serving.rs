@@ -100,11 +100,12 @@ fn renewing(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<Arc<Current>> {
     let current = Arc::new(Current(RwLock::new(first)));
     let renewing = Arc::downgrade(&current);
     tokio::spawn(async move {
+        let mut failures = 0;
         loop {
             let left = not_after
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep((left / 2).max(Duration::from_millis(500))).await;
+            tokio::time::sleep(renewal_delay(left, failures)).await;
             let Some(current) = renewing.upgrade() else {
                 return;
             };
@@ -114,13 +115,34 @@ fn renewing(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<Arc<Current>> {
                         *slot = c;
                     }
                     not_after = until;
+                    failures = 0;
                 }
-                Err(e) => warn!(error = %e, "cannot renew the controller's serving certificate"),
+                Err(e) => {
+                    failures += 1;
+                    strait_otel::sampled!(warn, error = %e, "cannot renew the controller's serving certificate");
+                }
             }
         }
     });
     Ok(current)
 }
+
+/// How long to wait before renewing a certificate with `left` to live, after
+/// `failures` failed renewals in a row: at half its life, but a renewal that
+/// keeps failing (the issuer about to expire, or expired) is retried ever less
+/// often, up to `RENEWAL_RETRY_MAX` apart, rather than twice a second.
+fn renewal_delay(left: Duration, failures: u32) -> Duration {
+    let floor = Duration::from_millis(500);
+    if failures == 0 {
+        return (left / 2).max(floor);
+    }
+    let backoff = floor.saturating_mul(2u32.saturating_pow(failures.min(16)));
+    backoff
+        .min(RENEWAL_RETRY_MAX)
+        .max((left / 2).min(RENEWAL_RETRY_MAX))
+}
+
+const RENEWAL_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Asks for a client certificate without requiring one, and checks only that
 /// the client holds its key: whether the chain proves an identity is decided per
@@ -349,6 +371,23 @@ mod tests {
     use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
     use tonic::transport::server::Connected;
+
+    /// A renewal is due at half the certificate's life; one that keeps
+    /// failing is retried ever less often, 30 s apart at most.
+    #[test]
+    fn a_failing_renewal_backs_off() {
+        use super::renewal_delay;
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        assert_eq!(renewal_delay(s(3600), 0), s(1800));
+        assert_eq!(renewal_delay(s(0), 0), Duration::from_millis(500));
+        let delays: Vec<_> = (1..=8).map(|n| renewal_delay(s(0), n)).collect();
+        assert_eq!(delays[..3], [s(1), s(2), s(4)]);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert_eq!(delays[7], s(30));
+        // A certificate with long to live is not retried sooner than 30 s.
+        assert_eq!(renewal_delay(s(3600), 1), s(30));
+    }
 
     use super::*;
 
