@@ -538,6 +538,7 @@ impl Proxy {
                 shutdown: trigger.handle(),
                 drain: shared.drain.clone(),
                 ready: ready.subscribe(),
+                identity: shared.identity.clone(),
                 tcp_probes: admin::TcpProbes {
                     ports: shared.config.tcp_probe_ports.clone(),
                     app_ip: shared.config.app_ip,

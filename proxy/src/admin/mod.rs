@@ -34,6 +34,9 @@ pub struct AdminState {
     pub shutdown: ShutdownHandle,
     pub drain: Drain,
     pub ready: watch::Receiver<bool>,
+    /// With mTLS: a proxy whose certificate has expired is not ready (peers
+    /// refuse it, so its pod is better out of its Services' endpoints).
+    pub identity: Option<Arc<crate::identity::Credentials>>,
     /// The app ports `/probe/tcp/PORT` answers for, and where the app is.
     pub tcp_probes: TcpProbes,
 }
@@ -171,6 +174,8 @@ async fn route(
         (Method::GET, "/ready") => {
             if state.drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.identity.as_ref().is_some_and(|c| c.expired()) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "certificate expired\n")
             } else if *state.ready.borrow() {
                 text(StatusCode::OK, "ready\n")
             } else {

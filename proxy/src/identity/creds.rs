@@ -44,6 +44,9 @@ pub struct Credentials {
     pub(crate) anchors: TrustAnchors,
     pub(crate) provider: Arc<CryptoProvider>,
     current: watch::Sender<Option<Arc<CertifiedKey>>>,
+    /// The current certificate's notAfter, in seconds since the epoch (0:
+    /// none yet).
+    not_after: std::sync::atomic::AtomicU64,
 }
 
 // Never prints the key.
@@ -74,6 +77,7 @@ impl Credentials {
             anchors,
             provider,
             current: watch::Sender::new(None),
+            not_after: Default::default(),
         })
     }
 
@@ -138,7 +142,16 @@ impl Credentials {
         let certified = CertifiedKey::new(chain, self.signing_key.clone());
         certified.keys_match().map_err(|_| CredsError::WrongKey)?;
         self.current.send_replace(Some(Arc::new(certified)));
+        self.not_after
+            .store(epoch_secs(not_after), std::sync::atomic::Ordering::Relaxed);
         Ok(Installed { serial, not_after })
+    }
+
+    /// Whether the certificate new connections present has expired (renewals
+    /// failing for its whole lifetime): every peer refuses it.
+    pub fn expired(&self) -> bool {
+        let t = self.not_after.load(std::sync::atomic::Ordering::Relaxed);
+        t != 0 && epoch_secs(std::time::SystemTime::now()) >= t
     }
 
     /// The certificate new connections present, once there is one.
@@ -151,6 +164,11 @@ impl Credentials {
         let mut rx = self.current.subscribe();
         let _ = rx.wait_for(Option::is_some).await;
     }
+}
+
+fn epoch_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub(crate) fn not_after(leaf: &[u8]) -> Result<std::time::SystemTime, CredsError> {

@@ -641,6 +641,27 @@ async fn certificates_from_another_ca_or_expired_are_refused() {
     assert_eq!(m.backend.requests(), 1);
 }
 
+/// A proxy whose certificate has expired (its control plane gone for longer
+/// than a certificate lives) is not ready, as peers refuse it; still live.
+#[tokio::test]
+async fn a_proxy_whose_certificate_expired_is_not_ready() {
+    let m = Mesh::start("web", Some("3s")).await;
+    let admin = m.web.admin;
+    assert_eq!(wait::admin_get(admin, "/ready").await.unwrap().0, 200);
+    let mut ctl = m.ctl.proc;
+    ctl.child.kill().await.expect("stop the controller");
+    wait::until(
+        "web's proxy to say its certificate expired",
+        Duration::from_secs(10),
+        || async move {
+            matches!(wait::admin_get(admin, "/ready").await,
+                Ok((503, body)) if body.trim() == "certificate expired")
+        },
+    )
+    .await;
+    assert_eq!(wait::admin_get(admin, "/live").await.unwrap().0, 200);
+}
+
 #[tokio::test]
 async fn certificates_rotate_under_load_without_a_failed_request() {
     let m = Mesh::start("web", Some("3s")).await;
