@@ -259,8 +259,12 @@ fn conditions(
                 .collect::<Vec<_>>(),
         )
     });
-    // A parentRef whose port or sectionName the Service does not have
-    // attaches the route to nothing (Gateway API: NoMatchingParent).
+    // A parentRef to a Service that does not exist, or whose port or
+    // sectionName the Service does not have, attaches the route to nothing
+    // (Gateway API: NoMatchingParent).
+    let no_parent = parent
+        .filter(|p| !exists(&p.name))
+        .map(|p| format!("no Service {} in namespace {}", p.name, s.namespace));
     let unmatched = parent
         .zip(parent_ports.as_ref())
         .filter(|(_, ports)| ports.is_empty())
@@ -269,7 +273,8 @@ fn conditions(
             (Some(n), None) => format!("Service {} has no port {n}", p.name),
             (None, Some(s)) => format!("Service {} has no port named {s}", p.name),
             (None, None) => format!("Service {} has no ports", p.name),
-        });
+        })
+        .or(no_parent);
     // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
     // where one is attached to every port this parentRef is, it is not served.
     let shadowed = parent
@@ -353,8 +358,14 @@ fn conditions(
             old,
         ),
     };
-    let missing: Vec<&String> = s
-        .targets
+    // A route's parents are told of under `Accepted`, each in its own entry:
+    // its references are its backends.
+    let parents = if parent.is_some() {
+        &[][..]
+    } else {
+        &s.targets[..]
+    };
+    let missing: Vec<&String> = parents
         .iter()
         .chain(&s.backends)
         .filter(|n| !exists(n))
@@ -616,6 +627,64 @@ mod tests {
         );
         let ours_gone = serde_json::json!({"metadata": route["metadata"], "spec": route["spec"], "status": want});
         assert!(!StatusInput::of(Kind::HttpRoute, &ours_gone, None).has_entries_of_ours());
+    }
+
+    /// A route's parentRef to a Service that does not exist attaches it to
+    /// nothing: that entry is not Accepted, and the other parent's entry does
+    /// not take the missing parent for a missing backend.
+    #[test]
+    fn a_parent_service_that_does_not_exist_is_no_matching_parent() {
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r"},
+            "spec": {
+                "parentRefs": [
+                    {"group": "", "kind": "Service", "name": "web"},
+                    {"group": "", "kind": "Service", "name": "api"}
+                ],
+                "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]
+            }
+        });
+        let mut snap = Snapshot::empty("cluster.local");
+        snap.services.insert(
+            ObjKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            crate::index::ServiceInfo {
+                cluster_ips: vec![],
+                ports: vec![crate::index::ServicePort {
+                    name: None,
+                    port: 80,
+                    app_protocol: None,
+                }],
+            },
+        );
+        let s = StatusInput::of(Kind::HttpRoute, &route, None);
+        let want = desired(&s, &snap);
+        let said = |parent: usize, kind: &str| {
+            let c = want["parents"][parent]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == kind)
+                .unwrap()
+                .clone();
+            (c["status"].clone(), c["reason"].clone())
+        };
+        assert_eq!(want["parents"][1]["parentRef"]["name"], "api");
+        assert_eq!(said(0, "Accepted"), ("True".into(), "Accepted".into()));
+        assert_eq!(
+            said(0, "ResolvedRefs"),
+            ("True".into(), "ResolvedRefs".into())
+        );
+        assert_eq!(
+            said(1, "Accepted"),
+            ("False".into(), "NoMatchingParent".into())
+        );
+        assert_eq!(
+            said(1, "ResolvedRefs"),
+            ("True".into(), "ResolvedRefs".into())
+        );
     }
 
     /// Of two BackendPolicies on one Service, the one that does not apply
