@@ -34,6 +34,16 @@ impl MeshedPod {
 
     /// As [`MeshedPod::start`], without waiting for its app to answer `/`.
     async fn spawn(lan: &mut Lan, name: &str, backend: Option<SocketAddr>) -> MeshedPod {
+        Self::spawn_with(lan, name, backend, &[]).await
+    }
+
+    /// As [`MeshedPod::spawn`], with more flags for its proxy.
+    async fn spawn_with(
+        lan: &mut Lan,
+        name: &str,
+        backend: Option<SocketAddr>,
+        proxy_args: &[&str],
+    ) -> MeshedPod {
         let pod = lan.pod(name);
         pod.init(&["--skip-inbound-ports", "22"]);
         let mut app_args = vec![
@@ -45,11 +55,9 @@ impl MeshedPod {
             app_args.push(format!("--backend=http://{b}"));
         }
         let app = pod.spawn_as(0, binary("strait"), &app_args);
-        let proxy = pod.spawn_as(
-            UID,
-            binary("strait-proxy"),
-            &["--admin-addr=0.0.0.0:4191".to_string()],
-        );
+        let mut args = vec!["--admin-addr=0.0.0.0:4191".to_string()];
+        args.extend(proxy_args.iter().map(|a| a.to_string()));
+        let proxy = pod.spawn_as(UID, binary("strait-proxy"), &args);
         wait::ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10)).await;
         MeshedPod {
             pod,
@@ -231,4 +239,27 @@ async fn a_port_the_app_binds_to_loopback_only_stays_private_to_the_pod() {
         status, 502,
         "a loopback-only port is not reachable through the mesh"
     );
+}
+
+/// An inbound listener on `[::]` (to take IPv6 connections too) still knows
+/// where redirected IPv4 connections were going, which reach it with
+/// IPv4-mapped addresses.
+#[tokio::test]
+async fn an_inbound_listener_on_every_family_serves_redirected_ipv4() {
+    let Some(mut lan) = Lan::new() else { return };
+    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
+        strait_tests::host::missing("iptables (nft) and nsenter");
+        return;
+    }
+    let server =
+        MeshedPod::spawn_with(&mut lan, "server", None, &["--inbound-addr=[::]:4143"]).await;
+    let app = server.app();
+    let answer = || async move { wait::admin_get(app, "/").await.expect("request") };
+    wait::until("the app", Duration::from_secs(10), || async move {
+        !answer().await.1.contains("refused")
+    })
+    .await;
+    let (status, body) = answer().await;
+    assert_eq!((status, body.trim()), (200, "server"));
+    assert!(server.requests("inbound").await >= 1.0, "through its proxy");
 }
