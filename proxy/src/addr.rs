@@ -18,24 +18,32 @@ pub struct TargetPort(pub u16);
 #[derive(Clone, Debug)]
 pub struct OwnAddrs {
     listeners: std::sync::Arc<[SocketAddr]>,
-    /// This host's address besides loopback (the pod's, where the app is
-    /// reached): a listener on every address is there too, and only there;
-    /// another pod's port 4191 is not ours.
+    /// Listeners other hosts reach (inbound, admin): bound to every address,
+    /// one is ours at loopback and at `host` only; another pod's port 4191
+    /// is not ours.
+    public: std::sync::Arc<[SocketAddr]>,
+    /// This host's address besides loopback (the pod's, where the app is reached).
     host: Option<IpAddr>,
 }
 
 impl OwnAddrs {
+    /// Listeners bound to every address are ours at any address: a loop
+    /// through one reached by an address of the host not known here (another
+    /// interface, the other family) is still caught.
     pub fn new(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
         OwnAddrs {
             listeners: addrs.into_iter().collect(),
+            public: std::sync::Arc::new([]),
             host: None,
         }
     }
 
-    /// As [`OwnAddrs::new`], on a host that also has `host`.
-    pub fn on_host(self, host: IpAddr) -> Self {
+    /// With `public` listeners, which other hosts reach at their own ports,
+    /// on a host whose address is `host`.
+    pub fn with_public(self, public: impl IntoIterator<Item = SocketAddr>, host: IpAddr) -> Self {
         let host = host.to_canonical();
         OwnAddrs {
+            public: public.into_iter().collect(),
             host: (!host.is_loopback() && !host.is_unspecified()).then_some(host),
             ..self
         }
@@ -47,17 +55,21 @@ impl OwnAddrs {
         let ip = addr.ip().to_canonical();
         let local = ip.is_loopback() || ip.is_unspecified();
         let ours = local || self.host == Some(ip);
-        self.listeners.iter().any(|l| {
+        let at = |l: &SocketAddr, any: bool| {
             l.port() == addr.port()
-                && (l.ip() == ip
-                    || l.ip().is_unspecified() && ours
+                && (l.ip().to_canonical() == ip
+                    || l.ip().is_unspecified() && any
                     || local && l.ip().is_loopback())
-        })
+        };
+        self.listeners.iter().any(|l| at(l, true)) || self.public.iter().any(|l| at(l, ours))
     }
 
     /// Whether one of our listeners has this port (as a port of this pod).
     pub fn has_port(&self, port: u16) -> bool {
-        self.listeners.iter().any(|l| l.port() == port)
+        self.listeners
+            .iter()
+            .chain(self.public.iter())
+            .any(|l| l.port() == port)
     }
 }
 
@@ -244,14 +256,15 @@ impl fmt::Display for PortSet {
 mod tests {
     use super::*;
 
-    /// A listener on every address is reached at loopback and at the pod's own
-    /// address; another pod's admin port (a meshed Prometheus scraping it)
-    /// is not ours.
+    /// A public listener on every address is reached at loopback and at the
+    /// pod's own address; another pod's admin port (a meshed Prometheus
+    /// scraping it) is not ours. Other listeners on every address are ours at
+    /// any address.
     #[test]
     fn a_listener_on_every_address_is_ours_at_our_addresses_only() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        let own = OwnAddrs::new([a("0.0.0.0:4191"), a("127.0.0.1:4140")])
-            .on_host("10.0.0.7".parse().unwrap());
+        let own = OwnAddrs::new([a("127.0.0.1:4140"), a("0.0.0.0:15432")])
+            .with_public([a("0.0.0.0:4191")], "10.0.0.7".parse().unwrap());
         for mine in [
             "127.0.0.1:4191",
             "127.0.0.2:4191",
@@ -260,6 +273,8 @@ mod tests {
             "10.0.0.7:4191",
             "[::ffff:10.0.0.7]:4191",
             "127.0.0.1:4140",
+            // Any address's, for a listener of the pod's own traffic.
+            "10.0.0.8:15432",
         ] {
             assert!(own.contains(a(mine)), "{mine}");
         }
@@ -267,7 +282,7 @@ mod tests {
             assert!(!own.contains(a(other)), "{other}");
         }
         // Without a host address, loopback only.
-        let own = OwnAddrs::new([a("0.0.0.0:4191")]);
+        let own = OwnAddrs::new([]).with_public([a("0.0.0.0:4191")], "127.0.0.1".parse().unwrap());
         assert!(own.contains(a("127.0.0.1:4191")));
         assert!(!own.contains(a("10.0.0.7:4191")));
     }

@@ -425,12 +425,9 @@ impl Proxy {
                 metrics.discovery_lag.clone(),
             )
         });
-        let own = OwnAddrs::new(
-            [addrs.inbound, addrs.outbound, addrs.admin]
-                .into_iter()
-                .chain(addrs.upstreams.iter().copied()),
-        )
-        .on_host(config.app_ip);
+        let own =
+            OwnAddrs::new(std::iter::once(addrs.outbound).chain(addrs.upstreams.iter().copied()))
+                .with_public([addrs.inbound, addrs.admin], config.app_ip);
         let observe = observe(&config, &metrics)?;
         let shared = Arc::new(Shared {
             observe,
