@@ -465,7 +465,7 @@ async fn run_watcher<K, F>(
     // from an API server behind the list's, is no progress), and two minutes
     // without an error.
     let mut backoff = watcher::DefaultBackoff::default();
-    let mut events = std::pin::pin!(watcher::watcher(api, config));
+    let mut events = std::pin::pin!(watcher::watcher(api.clone(), config.clone()));
     while let Some(ev) = events.next().await {
         if matches!(ev, Ok(Event::Apply(_) | Event::Delete(_))) {
             backoff.reset();
@@ -549,6 +549,13 @@ async fn run_watcher<K, F>(
                     failing = true;
                 }
                 tokio::time::sleep(backoff.next().unwrap_or(WATCH_BACKOFF_MAX)).await;
+                // An optional kind's watch that meets a 404 is retried as a
+                // list, which says whether the kind is gone (its CRD removed
+                // while no watch was open, the deletes of its objects missed)
+                // or was not served for a moment (and lists it again whole).
+                if kind.optional() && api_code(&e) == Some(404) {
+                    events.set(watcher::watcher(api.clone(), config.clone()));
+                }
                 continue;
             }
         };
@@ -603,8 +610,8 @@ mod tests {
     }
 
     /// A watch that meets a 404 after its list (an API server that does not
-    /// serve the CRD for a moment) is retried: the kind is not taken for
-    /// absent, which would forget its refused policies and open their
+    /// serve the CRD for a moment) is retried as a list: the kind is not taken
+    /// for absent, which would forget its refused policies and open their
     /// namespaces. A list's 404 is absence.
     #[tokio::test(start_paused = true)]
     async fn only_a_list_says_a_kind_is_absent() {
@@ -619,7 +626,9 @@ mod tests {
                 },
             )
             .await;
-        assert_eq!(changes, ["Relist", "Listed"]);
+        // Listed again (the 404 is retried as a list), never absent.
+        assert_eq!(changes[..4], ["Relist", "Listed", "Relist", "Listed"]);
+        assert!(!changes.iter().any(|c| c == "Absent"), "{changes:?}");
         let (_, changes) = watched_for_two_minutes(kind, move |_| (404, missing)).await;
         assert_eq!(changes[..2], ["Relist", "Absent"]);
         assert!(changes[2..].iter().all(|c| c == "Relist"), "{changes:?}");
