@@ -54,6 +54,21 @@ pub struct TokenReviewer {
 /// A review's answer, as its waiters see it: `None` until it comes.
 type Pending = Option<Result<ObjKey, TokenError>>;
 
+/// Takes a review out of the pending ones when dropped.
+struct Unlist(
+    Arc<Mutex<HashMap<TokenDigest, watch::Receiver<Pending>>>>,
+    TokenDigest,
+);
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
 /// Refused reviews one address may cause per `REFUSALS_WINDOW`. A pod's own
 /// token is refused only while the API server does not know it yet; made-up
 /// tokens, each differing so that no cached refusal serves, would otherwise
@@ -169,12 +184,11 @@ impl TokenReviewer {
                     let this = self.clone();
                     let token = token.to_string();
                     tokio::spawn(async move {
+                        // Taken out however the review ends (a panic too): the
+                        // token's next call starts a review of its own.
+                        let _unlisted = Unlist(this.pending.clone(), digest);
                         let answer = this.ask(token, digest, expires_in, source).await;
                         drop(turn);
-                        this.pending
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&digest);
                         let _ = tx.send(Some(answer));
                     });
                     rx
