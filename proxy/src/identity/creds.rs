@@ -151,7 +151,7 @@ impl Credentials {
     /// failing for its whole lifetime): every peer refuses it.
     pub fn expired(&self) -> bool {
         let t = self.not_after.load(std::sync::atomic::Ordering::Relaxed);
-        t != 0 && epoch_secs(std::time::SystemTime::now()) >= t
+        t != 0 && epoch_secs(std::time::SystemTime::now()) > t
     }
 
     /// The certificate new connections present, once there is one.
