@@ -55,6 +55,9 @@ pub const MAX_RULE_FILTERS: usize = 16;
 pub const MAX_RULE_BACKENDS: usize = 16;
 pub const MAX_MATCH_VALUES: usize = 16;
 pub const MAX_ROUTE_PARENTS: usize = 32;
+/// Regular expressions per route (Gateway API sets no limit of its own): each
+/// is compiled here and in every client proxy.
+pub const MAX_ROUTE_REGEXES: usize = 64;
 /// AuthorizationPolicy: entries of `allow`, and ports.
 pub const MAX_POLICY_ALLOW: usize = 1024;
 pub const MAX_POLICY_PORTS: usize = 256;

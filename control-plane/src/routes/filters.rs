@@ -111,6 +111,14 @@ fn headers(at: &str, hs: &[HeaderDoc]) -> Result<Vec<api::Header>, SpecError> {
 }
 
 fn header_modifier(at: &str, m: &HeaderModifierDoc) -> Result<api::HeaderModifier, SpecError> {
+    // Gateway API's CRD allows 16 of each.
+    for (list, len) in [
+        ("set", m.set.len()),
+        ("add", m.add.len()),
+        ("remove", m.remove.len()),
+    ] {
+        SpecError::at_most(format!("{at}.{list}"), len, defaults::MAX_MATCH_VALUES)?;
+    }
     for (i, n) in m.remove.iter().enumerate() {
         if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
             return Err(SpecError::new(

@@ -128,6 +128,24 @@ pub fn parse_grpc(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, 
     parse_kind::<GrpcRuleDoc>(v, super::grpc::rule)
 }
 
+/// The matches of `rules` that are regular expressions (path, header, query
+/// parameter, gRPC method), of either route kind.
+fn regexes_in(rules: &serde_json::Value) -> usize {
+    fn count(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Object(m) => {
+                usize::from(m.get("type").and_then(|t| t.as_str()) == Some("RegularExpression"))
+                    + m.values().map(count).sum::<usize>()
+            }
+            serde_json::Value::Array(a) => a.iter().map(count).sum(),
+            _ => 0,
+        }
+    }
+    rules
+        .as_array()
+        .map_or(0, |rules| rules.iter().map(|r| count(&r["matches"])).sum())
+}
+
 /// A route's rule of kind `R`: the route, the rule's field path, the rule,
 /// and the gRPC codes its route's annotation retries.
 type RuleFn<R> = fn(&ObjKey, &str, &R, Option<&[u32]>) -> Result<Rule, SpecError>;
@@ -151,6 +169,18 @@ fn parse_kind<R: serde::de::DeserializeOwned>(
     let parents = parents(&key, &doc.spec.parent_refs)?;
     if parents.is_empty() {
         return Ok(None);
+    }
+    // Each regular expression may take milliseconds to compile, here and in
+    // every client proxy: a route of thousands would stall them all.
+    let regexes = regexes_in(&v["spec"]["rules"]);
+    if regexes > defaults::MAX_ROUTE_REGEXES {
+        return Err(SpecError::new(
+            "spec.rules",
+            format!(
+                "{regexes} regular expressions, more than the limit of {} in one route",
+                defaults::MAX_ROUTE_REGEXES
+            ),
+        ));
     }
     let grpc_codes = match doc
         .metadata
@@ -669,6 +699,38 @@ mod tests {
         v["spec"]["rules"][0]["matches"][0]["path"] =
             json!({"type": "RegularExpression", "value": "/a)|(.*"});
         assert_eq!(field_of(&v), "spec.rules[0].matches[0].path.value");
+    }
+
+    /// Regular expressions are bounded per route (each costs every client
+    /// proxy a compile), and header modifier lists as Gateway API bounds them.
+    #[test]
+    fn a_route_of_too_many_regexes_or_header_changes_is_refused() {
+        let with_regexes = |n: usize| {
+            let mut v = route();
+            let header = json!({"name": "x-user", "type": "RegularExpression", "value": "a.*"});
+            let m = json!({"headers": vec![header; 16]});
+            v["spec"]["rules"][0]["matches"] = json!(vec![m; n / 16]);
+            v["spec"]["rules"][1]["matches"] =
+                json!([{"path": {"type": "RegularExpression", "value": "/a.*"}}]);
+            v
+        };
+        assert!(parse(&with_regexes(48)).is_ok(), "49 regexes");
+        let e = parse(&with_regexes(64)).unwrap_err();
+        assert_eq!(e.field, "spec.rules");
+        assert!(
+            e.reason.starts_with("65 regular expressions"),
+            "{}",
+            e.reason
+        );
+
+        let mut v = route();
+        let header = json!({"name": "x-a", "value": "1"});
+        v["spec"]["rules"][0]["filters"][0]["requestHeaderModifier"]["add"] =
+            json!(vec![header; 17]);
+        assert_eq!(
+            field_of(&v),
+            "spec.rules[0].filters[0].requestHeaderModifier.add"
+        );
     }
 
     #[test]
