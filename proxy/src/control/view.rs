@@ -33,6 +33,10 @@ pub struct ServiceView {
     /// The retry budget of each of this Service's routes.
     pub budget: BudgetConfig,
     pub opaque: bool,
+    /// The routes as received, when `routes` are they: an update with the
+    /// same (most are endpoint changes) reuses `routes` rather than compile
+    /// their regexes again.
+    received: Option<Vec<api::HttpRoute>>,
 }
 
 impl ServiceView {
@@ -144,7 +148,20 @@ pub fn parse(
         });
     }
     let budget = BudgetConfig::parse(svc.policy.and_then(|p| p.retry_budget));
-    let routes = match route::parse(svc.routes) {
+    let same_routes = match previous {
+        Some(Resolution::Service(prev))
+            if *prev.name == *svc.name && prev.received.as_ref() == Some(&svc.routes) =>
+        {
+            Some(prev.routes.clone())
+        }
+        _ => None,
+    };
+    let parsed = match same_routes {
+        Some(routes) => Ok(routes),
+        None => route::parse(svc.routes.clone()),
+    };
+    let mut received = Some(svc.routes);
+    let routes = match parsed {
         Ok(routes) => routes,
         Err(e) => match previous {
             Some(Resolution::Service(prev))
@@ -157,6 +174,7 @@ pub fn parse(
                     }) =>
             {
                 tracing::warn!(service = %svc.name, error = %e, "discovery sent routes that do not parse; keeping the last ones with the new endpoints");
+                received = None;
                 prev.routes.clone()
             }
             _ => return Err(e),
@@ -169,6 +187,7 @@ pub fn parse(
         backends,
         budget,
         opaque: svc.opaque,
+        received,
     })))
 }
 
@@ -287,6 +306,42 @@ mod tests {
             next.backends[0].endpoints[0].addr.to_string(),
             "10.0.0.3:80"
         );
+    }
+
+    /// An update whose routes are the last ones (an endpoint moved) keeps
+    /// the routes already built (their regexes compiled once); new routes are
+    /// built anew, and a kept-over view's routes are never taken for parsed.
+    #[test]
+    fn routes_received_again_are_not_built_again() {
+        let at =
+            |addr: &str, path: &str| with_route(service(vec![endpoint(addr, 4143, WEB)]), path);
+        let view = |r: &Resolution| match r {
+            Resolution::Service(s) => s.clone(),
+            _ => panic!("a Service"),
+        };
+        let first = parse(at("10.0.0.1:80", "/v1/.*"), None).unwrap();
+        let moved = parse(at("10.0.0.2:80", "/v1/.*"), Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(
+            &view(&first).routes[0].route,
+            &view(&moved).routes[0].route
+        ));
+        assert_eq!(
+            view(&moved).backends[0].endpoints[0].addr.to_string(),
+            "10.0.0.2:80"
+        );
+        let changed = parse(at("10.0.0.2:80", "/v2/.*"), Some(&moved)).unwrap();
+        assert!(!Arc::ptr_eq(
+            &view(&moved).routes[0].route,
+            &view(&changed).routes[0].route
+        ));
+        // Bad routes keep the last ones; the same bad routes again are checked
+        // again (their backends may be gone by then).
+        let kept = parse(at("10.0.0.3:80", "("), Some(&changed)).unwrap();
+        let mut gone = at("10.0.0.3:80", "(");
+        if let Some(api::destination_update::Kind::Service(s)) = &mut gone.kind {
+            s.backends[0].name = "web-v2".into();
+        }
+        assert!(parse(gone, Some(&kept)).is_err());
     }
 
     #[test]
