@@ -408,11 +408,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     let oversized: Vec<ParseError> = documents(text)
         .enumerate()
         .filter_map(|(i, d)| {
-            let max = if is_list(d) {
-                defaults::MAX_LIST_BYTES
-            } else {
-                defaults::MAX_OBJECT_BYTES
-            };
+            let max = max_bytes(d);
             (d.len() > max).then_some(ParseError::TooLarge {
                 doc: i + 1,
                 bytes: d.len(),
@@ -464,10 +460,20 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     }
 }
 
+/// The most a document may hold to be parsed: a List's items together may
+/// hold more than one object.
+pub(super) fn max_bytes(doc: &str) -> usize {
+    if is_list(doc) {
+        defaults::MAX_LIST_BYTES
+    } else {
+        defaults::MAX_OBJECT_BYTES
+    }
+}
+
 /// The documents of a YAML stream, split at `---` lines as YAML does (a
 /// marker at the start of a line); leading empty parts are skipped, so the
 /// numbering is the parser's.
-fn documents(text: &str) -> impl Iterator<Item = &str> {
+pub(super) fn documents(text: &str) -> impl Iterator<Item = &str> {
     let mut starts = vec![0];
     let mut at = 0;
     for line in text.split_inclusive('\n') {
@@ -491,6 +497,16 @@ fn documents(text: &str) -> impl Iterator<Item = &str> {
 /// kubectl writes it, or a typed list (`PodList`) as the API returns it, in
 /// YAML or JSON (`"kind": "List",`), quoted or not.
 fn is_list(doc: &str) -> bool {
+    // JSON (as kubectl and the API write it, at any indentation, or on one
+    // line with `kind` after `items`): the `kind` of the outermost object.
+    let body = doc.trim_start();
+    let body = match body.strip_prefix("---") {
+        Some(rest) => rest.split_once('\n').map_or("", |(_, r)| r).trim_start(),
+        None => body,
+    };
+    if body.starts_with('{') {
+        return json_top_kind(body).is_some_and(|k| k.ends_with("List"));
+    }
     fn unquote(s: &str) -> &str {
         s.trim().trim_matches(|c| c == '"' || c == '\'')
     }
@@ -507,6 +523,46 @@ fn is_list(doc: &str) -> bool {
         l.split_once(':')
             .is_some_and(|(k, v)| unquote(k) == "kind" && unquote(v).ends_with("List"))
     })
+}
+
+/// The string value of `kind` in the outermost object of the JSON `doc`,
+/// found without parsing the rest (a List may be megabytes of items).
+fn json_top_kind(doc: &str) -> Option<&str> {
+    let b = doc.as_bytes();
+    let (mut depth, mut i, mut value_of_kind) = (0usize, 0usize, false);
+    while i < b.len() {
+        let c = b[i];
+        if value_of_kind && c != b'"' && !c.is_ascii_whitespace() {
+            return None;
+        }
+        match c {
+            b'"' => {
+                let start = i + 1;
+                let mut end = start;
+                while end < b.len() && b[end] != b'"' {
+                    end += if b[end] == b'\\' { 2 } else { 1 };
+                }
+                let s = doc.get(start..end.min(b.len()))?;
+                i = end + 1;
+                if depth == 1 {
+                    if value_of_kind {
+                        return Some(s);
+                    }
+                    let rest = doc.get(i..)?.trim_start();
+                    if s == "kind" && rest.starts_with(':') {
+                        value_of_kind = true;
+                        i = doc.len() - rest.len() + 1;
+                    }
+                }
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -660,15 +716,34 @@ items:
                 i
             })
             .collect();
+        // Pretty-printed at two or four spaces, or on one line with `kind`
+        // after `items` (as kubectl and the API write them).
+        let four = |v: &serde_json::Value| {
+            use serde::Serialize as _;
+            let mut out = Vec::new();
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+            v.serialize(&mut serde_json::Serializer::with_formatter(&mut out, fmt))
+                .unwrap();
+            String::from_utf8(out).unwrap()
+        };
         for (kind, items) in [("List", &items), ("ServiceList", &untyped)] {
-            let doc = serde_json::to_string_pretty(&serde_json::json!({
-                "apiVersion": "v1", "kind": kind, "items": items,
-            }))
-            .unwrap();
-            assert!(doc.len() > defaults::MAX_OBJECT_BYTES, "{}", doc.len());
-            let objects = parse_file(&doc).unwrap();
-            assert_eq!(objects.len(), 8000, "{kind}");
+            let list = serde_json::json!({"apiVersion": "v1", "kind": kind, "items": items});
+            for doc in [
+                serde_json::to_string_pretty(&list).unwrap(),
+                four(&list),
+                // Keys in order: `kind` after `items`.
+                serde_json::to_string(&list).unwrap(),
+            ] {
+                assert!(doc.len() > defaults::MAX_OBJECT_BYTES, "{}", doc.len());
+                let objects = parse_file(&doc).unwrap();
+                assert_eq!(objects.len(), 8000, "{kind}");
+            }
         }
+        // A `kind` inside the items is not the document's.
+        assert!(!is_list(
+            r#"{"items": [{"kind": "PodList"}], "kind": "Pod"}"#
+        ));
+        assert!(is_list("---\n{\"kind\": \"List\", \"items\": []}"));
     }
 
     #[test]
