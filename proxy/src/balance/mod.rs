@@ -250,6 +250,12 @@ impl Endpoints {
                     .unwrap_or_else(|| Arc::new(EndpointState::new())),
             })
             .collect();
+        // The breaker switched off: those it had ejected are in again.
+        if config.breaker.consecutive_failures == 0 {
+            for s in &slots {
+                s.state.outlier().readmit();
+            }
+        }
         let e = Endpoints {
             name,
             slots,
@@ -825,6 +831,29 @@ mod tests {
         );
         drop(newer);
         assert_eq!(metrics.ejected.get(), 0);
+    }
+
+    /// Switching the breaker off (a BackendPolicy's `consecutiveFailures: 0`)
+    /// lets the endpoints it had ejected in again at once.
+    #[tokio::test(start_paused = true)]
+    async fn switching_the_breaker_off_readmits_the_ejected() {
+        let b = two_in_turn();
+        drop(eject_the_first(&b, false).await);
+        assert_eq!(b.ejected(), 1);
+        let mut off = b.config.clone();
+        off.breaker.consecutive_failures = 0;
+        let newer = Endpoints::new("b".into(), &eps(2), off, Some(&b), b.metrics.clone());
+        assert_eq!(newer.ejected(), 0);
+        assert_eq!(newer.metrics.ejected.get(), 0);
+        let picked: Vec<usize> = (0..2)
+            .map(|_| {
+                let f = newer.pick(&Default::default(), None).unwrap();
+                let i = index(&f);
+                f.success();
+                i
+            })
+            .collect();
+        assert!(picked.contains(&0), "{picked:?}");
     }
 
     /// A request that outlived its backend (replaced, then gone from

@@ -176,8 +176,13 @@ impl Outlier {
         kind: Failed,
     ) -> bool {
         if self.is_current(probe) {
-            // The probe failed: out again, for longer.
             self.probing = false;
+            // The breaker switched off meanwhile: in again for good.
+            if config.consecutive_failures == 0 {
+                self.readmit();
+                return false;
+            }
+            // The probe failed: out again, for longer.
             self.eject(config, now);
             return true;
         }
@@ -196,6 +201,15 @@ impl Outlier {
         }
         self.eject(config, now);
         true
+    }
+
+    /// In again with a clean slate (the breaker switched off).
+    pub fn readmit(&mut self) {
+        self.consecutive = 0;
+        self.only_unreachable = false;
+        self.ejected_until = None;
+        self.ejections = 0;
+        self.probing = false;
     }
 
     fn eject(&mut self, config: &BreakerConfig, now: Instant) {
