@@ -586,6 +586,15 @@ impl InFlight {
         self.breaker_failure(Failed::Unreachable);
     }
 
+    /// The peer proxy in front of the endpoint answered that its app could
+    /// not be reached: as fast as a failed connect, and as much a penalty,
+    /// but a failed answer to the breaker (a connect to that peer proxy says
+    /// nothing of its app).
+    pub fn app_unreachable(&self) {
+        self.record(defaults::BALANCER_FAILURE_PENALTY);
+        self.breaker_failure(Failed::Answer);
+    }
+
     /// The endpoint answered with a server error: its latency is what it is,
     /// and the breaker counts the failure.
     pub fn failed(&self) {
@@ -1045,6 +1054,63 @@ mod tests {
             0,
             "the connect ended the run of failed connects"
         );
+
+        // Not a run of the peer proxy's word that its app is unreachable: a
+        // connect to the peer proxy says nothing of its app.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        pick_0().success();
+        for _ in 0..4 {
+            pick_0().app_unreachable();
+        }
+        pick_0().connected_ahead(Duration::from_millis(1));
+        pick_0().app_unreachable();
+        assert_eq!(b.ejected(), 1, "five in a row");
+    }
+
+    /// Through the balancer: a peer proxy's answer that its app cannot be
+    /// reached is a failed answer, whose run a connect made ahead to that
+    /// peer proxy does not end; this proxy's own failure to connect is a
+    /// failed connect.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_s_word_that_its_app_is_unreachable_is_a_failed_answer() {
+        use crate::http::error::{UpstreamFailure, error_response};
+        use tower::Service as _;
+        let answer = |ours: bool| {
+            let mut rsp = error_response(http::StatusCode::BAD_GATEWAY, "connection refused");
+            if ours {
+                rsp.extensions_mut().insert(UpstreamFailure);
+            }
+            rsp
+        };
+        for (ours, ejected) in [(false, 1), (true, 0)] {
+            let b = two_in_turn();
+            // Endpoint 0 fails every request; the other answers.
+            let failed = Arc::new(AtomicUsize::new(0));
+            let counted = failed.clone();
+            type Empty = http_body_util::Empty<bytes::Bytes>;
+            let inner = tower::service_fn(move |req: http::Request<Empty>| {
+                let to_0 = matches!(req.extensions().get::<crate::http::Dst>(),
+                    Some(crate::http::Dst(crate::addr::DestAddr::Socket(a))) if a.port() == 8000);
+                if to_0 {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                std::future::ready(Ok::<_, std::convert::Infallible>(if to_0 {
+                    answer(ours)
+                } else {
+                    http::Response::new(crate::http::empty())
+                }))
+            });
+            let mut svc = service::Balance::new(b.clone(), inner, None);
+            for n in [4, 5] {
+                while failed.load(Ordering::SeqCst) < n {
+                    let _ = svc.call(http::Request::new(Empty::new())).await;
+                }
+                if n == 4 {
+                    pick_0(&b).connected_ahead(Duration::from_millis(1));
+                }
+            }
+            assert_eq!(b.ejected(), ejected, "ours: {ours}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode};
 use super::{Avoid, Endpoints, InFlight, PickError, ServedBy};
 use crate::addr::DestAddr;
 use crate::http::body::GuardedBody;
-use crate::http::error::{ClientFaulted, endpoint_failed, error_response};
+use crate::http::error::{ClientFaulted, UpstreamFailure, endpoint_failed, error_response};
 use crate::http::{BoxBody, Dst, boxed};
 
 /// Balances over `endpoints`, sending through `inner` (the endpoint stack).
@@ -149,8 +149,10 @@ where
         if rsp.extensions().get::<ClientFaulted>().is_some() {
             // The client broke its own request: nothing learnt of the endpoint.
             in_flight.no_verdict();
-        } else if endpoint_failed(&rsp) {
+        } else if rsp.extensions().get::<UpstreamFailure>().is_some() {
             in_flight.unreachable();
+        } else if endpoint_failed(&rsp) {
+            in_flight.app_unreachable();
         } else if rsp.status().is_server_error() {
             in_flight.failed();
         } else {
