@@ -160,15 +160,10 @@ where
         // Trailers reach the caller over HTTP/2 only (the caller's own
         // version, restored by now): hyper drops them on HTTP/1.1.
         let trailers = req.version() == http::Version::HTTP_2;
-        // A request body of no known end (an upload, a client-streaming gRPC
-        // call) outlives the decision too, until the response head.
-        let open_ended = !req.body().is_end_stream() && req.body().size_hint().exact().is_none();
         Either::Right(Revocable {
             inner: self.inner.call(req),
-            watch_request: grant.is_some() && open_ended,
             grant: grant.map(|g| (g, port)),
             trailers,
-            request_revoked: None,
         })
     }
 }
@@ -193,12 +188,6 @@ pin_project_lite::pin_project! {
         grant: Option<(Arc<Grant>, u16)>,
         // Whether the caller can be sent trailers.
         trailers: bool,
-        // Whether the request's body has no known end: until the response
-        // head, the request is ended (403) when its admission is revoked.
-        watch_request: bool,
-        // Made once the response is awaited: most requests are answered
-        // at once.
-        request_revoked: Option<std::pin::Pin<Box<dyn std::future::Future<Output = super::policy::Denied> + Send>>>,
     }
 }
 
@@ -211,35 +200,7 @@ where
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         use http_body::Body as _;
         let this = self.project();
-        let rsp = match this.inner.poll(cx) {
-            Poll::Ready(Ok(rsp)) => rsp,
-            Poll::Pending => {
-                if *this.watch_request
-                    && let Some((g, port)) = this.grant.as_ref()
-                {
-                    let revoked = this.request_revoked.get_or_insert_with(|| {
-                        Box::pin(super::policy::revoked(
-                            g.policy.clone(),
-                            *port,
-                            g.peer.clone(),
-                        ))
-                    });
-                    if let Poll::Ready(denied) = revoked.as_mut().poll(cx) {
-                        // The request (its upload) ends with this future.
-                        g.metrics.reject_http(super::DIRECTION, "unauthorized");
-                        strait_otel::sampled!(info, %denied, "request stream no longer authorized; ended");
-                        *this.grant = None;
-                        *this.request_revoked = None;
-                        return Poll::Ready(Ok(error_response(
-                            StatusCode::FORBIDDEN,
-                            &denied.to_string(),
-                        )));
-                    }
-                }
-                return Poll::Pending;
-            }
-        };
-        *this.request_revoked = None;
+        let Ok(rsp) = std::task::ready!(this.inner.poll(cx));
         let open_ended = !rsp.body().is_end_stream() && rsp.body().size_hint().exact().is_none();
         let Some((g, port)) = this.grant.take().filter(|_| open_ended) else {
             return Poll::Ready(Ok(rsp));
@@ -452,49 +413,6 @@ mod tests {
         probe_tx.send(Bytes::from_static(b"two")).unwrap();
         let frame = from_probe.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "two");
-    }
-
-    /// An upload (a request body of no known end) is ended with a 403 when a
-    /// change of policy refuses its caller before the app has answered.
-    #[tokio::test]
-    async fn an_upload_is_revoked_with_its_caller() {
-        use http_body_util::BodyExt;
-        type Upload = http_body_util::StreamBody<
-            tokio_stream::wrappers::UnboundedReceiverStream<
-                Result<http_body::Frame<Bytes>, Infallible>,
-            >,
-        >;
-        let allowing = |who: &str| strict_for(who, vec![]);
-        let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
-        // The app reads the whole upload, then answers.
-        let app = tower::service_fn(|req: Request<Upload>| async move {
-            let n = BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
-            Ok::<_, Infallible>(Response::new(crate::http::full(n.len().to_string())))
-        });
-        let peer = Some("spiffe://td/ns/a/sa/web".parse().unwrap());
-        let mut svc = AuthorizeLayer::new(peer, rx, Metrics::new()).layer(app);
-        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
-        let mut req = Request::post("/upload")
-            .body(http_body_util::StreamBody::new(
-                tokio_stream::wrappers::UnboundedReceiverStream::new(frames),
-            ))
-            .unwrap();
-        req.extensions_mut()
-            .insert(crate::http::Dst(DestAddr::Socket(
-                "127.0.0.1:8080".parse().unwrap(),
-            )));
-        let call = tokio::spawn(svc.call(req));
-        tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"part"))))
-            .unwrap();
-        tokio::task::yield_now().await;
-        assert!(!call.is_finished(), "the upload goes on");
-        policy.send_replace(allowing("spiffe://td/ns/a/sa/other"));
-        let rsp = tokio::time::timeout(std::time::Duration::from_secs(5), call)
-            .await
-            .expect("ended when revoked")
-            .unwrap()
-            .unwrap();
-        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
     }
 
     /// Through the layer: a gRPC caller over HTTP/2 is told PERMISSION_DENIED;
