@@ -791,19 +791,13 @@ fn unguarded_policies(text: &str, last_good: &[ObjId]) -> Unguarded {
         }
     }
     let mut out = Unguarded::default();
-    // Parsing costs tens of times a document's size: a file refused as too
-    // large (or over the directory's budget) is read as text only, as YAML
-    // that does not parse is, rather than parsed whole after all.
-    let mut unreadable = text.len() > defaults::MAX_LIST_BYTES
-        || parse::documents(text).any(|d| d.len() > parse::max_bytes(d));
-    if !unreadable {
-        for de in serde_norway::Deserializer::from_str(text) {
-            match serde_json::Value::deserialize(de) {
-                Ok(v) => collect(&v, &mut out.policies),
-                Err(_) => {
-                    unreadable = true;
-                    break;
-                }
+    let mut unreadable = false;
+    for de in serde_norway::Deserializer::from_str(text) {
+        match serde_json::Value::deserialize(de) {
+            Ok(v) => collect(&v, &mut out.policies),
+            Err(_) => {
+                unreadable = true;
+                break;
             }
         }
     }
@@ -1032,23 +1026,6 @@ mod tests {
             ),
             ["default", "shop"]
         );
-    }
-
-    /// A file refused as too large to parse is not parsed after all to find
-    /// its policies: it is read as text, as YAML that does not parse is.
-    #[test]
-    fn the_policies_of_a_file_too_large_to_parse_are_read_as_text() {
-        let policy = "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n";
-        let small = format!("{policy}---\nkind: ConfigMap\ndata: {{a: b}}\n");
-        let u = unguarded_policies(&small, &[]);
-        assert_eq!(u.policies.len(), 1, "parsed");
-        let big = format!(
-            "{policy}---\nkind: ConfigMap\ndata: {{a: {}}}\n",
-            "x".repeat(defaults::MAX_OBJECT_BYTES)
-        );
-        let u = unguarded_policies(&big, &[]);
-        assert!(u.policies.is_empty(), "not parsed");
-        assert_eq!(u.guessed.iter().collect::<Vec<_>>(), ["shop"]);
     }
 
     #[test]

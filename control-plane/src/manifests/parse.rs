@@ -501,11 +501,14 @@ fn is_list(doc: &str) -> bool {
     // line with `kind` after `items`): the `kind` of the outermost object.
     let body = doc.trim_start();
     let body = match body.strip_prefix("---") {
+        Some(rest) if rest.trim_start_matches([' ', '\t']).starts_with('{') => rest.trim_start(),
         Some(rest) => rest.split_once('\n').map_or("", |(_, r)| r).trim_start(),
         None => body,
     };
-    if body.starts_with('{') {
-        return json_top_kind(body).is_some_and(|k| k.ends_with("List"));
+    if body.starts_with('{')
+        && let Some(kind) = json_top_kind(body)
+    {
+        return kind.ends_with("List");
     }
     fn unquote(s: &str) -> &str {
         s.trim().trim_matches(|c| c == '"' || c == '\'')
@@ -525,14 +528,17 @@ fn is_list(doc: &str) -> bool {
     })
 }
 
-/// The string value of `kind` in the outermost object of the JSON `doc`,
-/// found without parsing the rest (a List may be megabytes of items).
+/// The string value of `kind` in the outermost object of the JSON `doc` (the
+/// last, as the parser keeps), found without parsing the rest (a List may be
+/// megabytes of items).
 fn json_top_kind(doc: &str) -> Option<&str> {
     let b = doc.as_bytes();
     let (mut depth, mut i, mut value_of_kind) = (0usize, 0usize, false);
+    let mut kind = None;
     while i < b.len() {
         let c = b[i];
         if value_of_kind && c != b'"' && !c.is_ascii_whitespace() {
+            // Not a string: not JSON as written by kubectl or the API.
             return None;
         }
         match c {
@@ -546,7 +552,9 @@ fn json_top_kind(doc: &str) -> Option<&str> {
                 i = end + 1;
                 if depth == 1 {
                     if value_of_kind {
-                        return Some(s);
+                        kind = Some(s);
+                        value_of_kind = false;
+                        continue;
                     }
                     let rest = doc.get(i..)?.trim_start();
                     if s == "kind" && rest.starts_with(':') {
@@ -562,7 +570,7 @@ fn json_top_kind(doc: &str) -> Option<&str> {
         }
         i += 1;
     }
-    None
+    kind
 }
 
 #[cfg(test)]
@@ -739,11 +747,16 @@ items:
                 assert_eq!(objects.len(), 8000, "{kind}");
             }
         }
-        // A `kind` inside the items is not the document's.
+        // A `kind` inside the items is not the document's; of two, the last
+        // is (as parsed).
         assert!(!is_list(
             r#"{"items": [{"kind": "PodList"}], "kind": "Pod"}"#
         ));
+        assert!(!is_list(r#"{"kind": "List", "kind": "ConfigMap"}"#));
         assert!(is_list("---\n{\"kind\": \"List\", \"items\": []}"));
+        assert!(is_list("--- {\"kind\": \"List\", \"items\": []}"));
+        // YAML in flow style is YAML: read as before.
+        assert!(is_list("{\n  kind: List,\n  items: []\n}"));
     }
 
     #[test]
