@@ -129,12 +129,25 @@ pub fn parse_grpc(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, 
 }
 
 /// The matches of `rules` that are regular expressions (path, header, query
-/// parameter, gRPC method), of either route kind.
+/// parameter, gRPC method), of either route kind; a GRPCRoute's match of a
+/// method alone is one too, as proxies match it.
 fn regexes_in(rules: &serde_json::Value) -> usize {
     fn count(v: &serde_json::Value) -> usize {
         match v {
             serde_json::Value::Object(m) => {
-                usize::from(m.get("type").and_then(|t| t.as_str()) == Some("RegularExpression"))
+                let kind = |o: &serde_json::Map<String, serde_json::Value>| {
+                    o.get("type").and_then(|t| t.as_str()).map(str::to_owned)
+                };
+                let method_alone = match m.get("method") {
+                    Some(serde_json::Value::Object(g)) => {
+                        g.get("service").is_none()
+                            && g.get("method").is_some()
+                            && kind(g).is_none_or(|t| t == "Exact")
+                    }
+                    _ => false,
+                };
+                usize::from(kind(m).as_deref() == Some("RegularExpression"))
+                    + usize::from(method_alone)
                     + m.values().map(count).sum::<usize>()
             }
             serde_json::Value::Array(a) => a.iter().map(count).sum(),
@@ -731,6 +744,17 @@ mod tests {
             field_of(&v),
             "spec.rules[0].filters[0].requestHeaderModifier.add"
         );
+
+        // A GRPCRoute's match of a method alone is matched as a regex; of a
+        // service (and method), exactly.
+        let grpc = json!([{"matches": [
+            {"method": {"method": "Add"}},
+            {"method": {"type": "Exact", "method": "Add"}},
+            {"method": {"service": "shop.Cart", "method": "Add"}},
+            {"method": {"type": "RegularExpression", "service": "shop\\..*"}},
+            {"headers": [{"name": "x", "value": "y"}]}
+        ]}]);
+        assert_eq!(regexes_in(&grpc), 3);
     }
 
     #[test]
