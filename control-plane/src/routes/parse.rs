@@ -140,8 +140,8 @@ fn regexes_in(rules: &serde_json::Value) -> usize {
                 };
                 let method_alone = match m.get("method") {
                     Some(serde_json::Value::Object(g)) => {
-                        g.get("service").is_none()
-                            && g.get("method").is_some()
+                        g.get("service").is_none_or(serde_json::Value::is_null)
+                            && g.get("method").is_some_and(|m| !m.is_null())
                             && kind(g).is_none_or(|t| t == "Exact")
                     }
                     _ => false,
@@ -749,7 +749,7 @@ mod tests {
         // service (and method), exactly.
         let grpc = json!([{"matches": [
             {"method": {"method": "Add"}},
-            {"method": {"type": "Exact", "method": "Add"}},
+            {"method": {"type": "Exact", "service": null, "method": "Add"}},
             {"method": {"service": "shop.Cart", "method": "Add"}},
             {"method": {"type": "RegularExpression", "service": "shop\\..*"}},
             {"headers": [{"name": "x", "value": "y"}]}
