@@ -250,10 +250,14 @@ impl Endpoints {
                     .unwrap_or_else(|| Arc::new(EndpointState::new())),
             })
             .collect();
-        // The breaker switched off: those it had ejected are in again.
+        // The breaker switched off: those it had ejected are in again, judged
+        // afresh (their failures' penalty would keep them idle long after).
         if config.breaker.consecutive_failures == 0 {
             for s in &slots {
-                s.state.outlier().readmit();
+                let was_out = s.state.outlier().readmit();
+                if was_out && let Ok(mut e) = s.state.ewma.lock() {
+                    *e = PeakEwma::new(Instant::now());
+                }
             }
         }
         let e = Endpoints {

@@ -179,7 +179,7 @@ impl Outlier {
             self.probing = false;
             // The breaker switched off meanwhile: in again for good.
             if config.consecutive_failures == 0 {
-                self.readmit();
+                let _ = self.readmit();
                 return false;
             }
             // The probe failed: out again, for longer.
@@ -203,13 +203,16 @@ impl Outlier {
         true
     }
 
-    /// In again with a clean slate (the breaker switched off).
-    pub fn readmit(&mut self) {
+    /// In again with a clean slate (the breaker switched off); whether it
+    /// was out.
+    pub fn readmit(&mut self) -> bool {
+        let was_out = self.ejected_until.is_some() || self.probing;
         self.consecutive = 0;
         self.only_unreachable = false;
         self.ejected_until = None;
         self.ejections = 0;
         self.probing = false;
+        was_out
     }
 
     fn eject(&mut self, config: &BreakerConfig, now: Instant) {
