@@ -157,6 +157,17 @@ async fn get(url: &str) -> (http::StatusCode, String) {
     client::get(&client::http1(), url).await.expect("request")
 }
 
+/// Waits for `url` (an app's `/client-id`) to be served with the client's
+/// verified identity, then checks it is, with a 200.
+async fn served_as_client(url: &str, what: &str) {
+    wait::until(what, Duration::from_secs(5), || async {
+        get(url).await.1 == CLIENT_ID
+    })
+    .await;
+    let (status, body) = get(url).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
+}
+
 #[tokio::test]
 async fn meshed_requests_carry_the_verified_client_identity() {
     let m = Mesh::start("web", None).await;
@@ -336,14 +347,7 @@ async fn a_pod_dialled_by_its_own_address_is_reached_over_mtls() {
     let pod_addr = m.backend.addr.to_string();
     let c = m.sidecar("client-0", "client", &[&pod_addr]).await;
     let url = format!("http://{}/client-id", c.upstreams[0]);
-    wait::until(
-        "the pod's address to resolve to it",
-        Duration::from_secs(5),
-        || async { get(&url).await.1 == CLIENT_ID },
-    )
-    .await;
-    let (status, body) = get(&url).await;
-    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
+    served_as_client(&url, "the pod's address to resolve to it").await;
     // The pod's policy holds on that path too.
     m.dir
         .write("policy.yaml", &policy("STRICT", "{namespace: other}"));
@@ -374,16 +378,12 @@ async fn a_service_account_name_that_is_no_dns_label_is_reached_over_mtls() {
         &endpoint(NS, "web", "long-0", m.backend.addr),
     );
     let c = m.sidecar("client-0", "client", &[WEB]).await;
-    let url = format!("http://{}/client-id", c.upstreams[0]);
-    wait::until(
+    // Only long-0's proxy holds that account, and web's only endpoint is there.
+    served_as_client(
+        &format!("http://{}/client-id", c.upstreams[0]),
         "web to be reached as the long account",
-        Duration::from_secs(5),
-        || async { get(&url).await.1 == CLIENT_ID },
     )
     .await;
-    // Only long-0's proxy holds that account, and web's only endpoint is there.
-    let (status, body) = get(&url).await;
-    assert_eq!((status.as_u16(), body.as_str()), (200, CLIENT_ID));
 }
 
 #[tokio::test]

@@ -70,6 +70,21 @@ impl MeshedPod {
         SocketAddr::from((self.pod.ip, APP_PORT))
     }
 
+    /// The app's answer to `path`, once the app listens (before, the pod's
+    /// proxy answers that its connection was refused).
+    async fn answer(&self, path: &'static str) -> (u16, String) {
+        let app = self.app();
+        wait::until(
+            "the app to listen",
+            Duration::from_secs(10),
+            || async move {
+                matches!(wait::admin_get(app, path).await, Ok((_, b)) if !b.contains("refused"))
+            },
+        )
+        .await;
+        wait::admin_get(app, path).await.expect("request")
+    }
+
     /// HTTP requests this pod's proxy received in one direction.
     async fn requests(&self, direction: &str) -> f64 {
         let admin = SocketAddr::from((self.pod.ip, 4191));
@@ -82,13 +97,19 @@ impl MeshedPod {
     }
 }
 
-#[tokio::test]
-async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
-    let Some(mut lan) = Lan::new() else { return };
+/// A LAN for pods, with the tools `init` needs (or a printed reason why not).
+fn lan() -> Option<Lan> {
+    let lan = Lan::new()?;
     if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
         strait_tests::host::missing("iptables (nft) and nsenter");
-        return;
+        return None;
     }
+    Some(lan)
+}
+
+#[tokio::test]
+async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
+    let Some(mut lan) = lan() else { return };
     let server = MeshedPod::start(&mut lan, "server", None).await;
     let client = MeshedPod::start(&mut lan, "client", Some(server.app())).await;
 
@@ -149,27 +170,12 @@ async fn init_rules_send_a_pods_traffic_in_and_out_through_its_proxy() {
 /// scraping `:4191`): that port is its own proxy's too, but not at that address.
 #[tokio::test]
 async fn a_meshed_pod_reaches_another_pods_admin_port() {
-    let Some(mut lan) = Lan::new() else { return };
-    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
-        strait_tests::host::missing("iptables (nft) and nsenter");
-        return;
-    }
+    let Some(mut lan) = lan() else { return };
     let server = MeshedPod::start(&mut lan, "server", None).await;
     let server_admin = SocketAddr::from((server.pod.ip, 4191));
     // Its app asks the server's admin server for the path it is asked.
     let scraper = MeshedPod::spawn(&mut lan, "scraper", Some(server_admin)).await;
-    let app = scraper.app();
-    wait::until(
-        "the scraper's app",
-        Duration::from_secs(10),
-        || async move {
-            matches!(wait::admin_get(app, "/ready").await, Ok((_, b)) if !b.contains("refused"))
-        },
-    )
-    .await;
-    let (status, body) = wait::admin_get(scraper.app(), "/ready")
-        .await
-        .expect("request");
+    let (status, body) = scraper.answer("/ready").await;
     assert_eq!((status, body.trim()), (200, "scraper"));
     assert!(
         scraper.requests("outbound").await >= 1.0,
@@ -182,11 +188,7 @@ async fn a_meshed_pod_reaches_another_pods_admin_port() {
 /// reachable from other pods through the mesh, one bound to every address is.
 #[tokio::test]
 async fn a_port_the_app_binds_to_loopback_only_stays_private_to_the_pod() {
-    let Some(mut lan) = Lan::new() else { return };
-    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
-        strait_tests::host::missing("iptables (nft) and nsenter");
-        return;
-    }
+    let Some(mut lan) = lan() else { return };
     let pod = lan.pod("server");
     pod.init(&[]);
     let app = |listen: &str, name: &str| {
@@ -246,20 +248,10 @@ async fn a_port_the_app_binds_to_loopback_only_stays_private_to_the_pod() {
 /// IPv4-mapped addresses.
 #[tokio::test]
 async fn an_inbound_listener_on_every_family_serves_redirected_ipv4() {
-    let Some(mut lan) = Lan::new() else { return };
-    if !netns::have("iptables-nft-restore") || !netns::have("nsenter") {
-        strait_tests::host::missing("iptables (nft) and nsenter");
-        return;
-    }
+    let Some(mut lan) = lan() else { return };
     let server =
         MeshedPod::spawn_with(&mut lan, "server", None, &["--inbound-addr=[::]:4143"]).await;
-    let app = server.app();
-    let answer = || async move { wait::admin_get(app, "/").await.expect("request") };
-    wait::until("the app", Duration::from_secs(10), || async move {
-        !answer().await.1.contains("refused")
-    })
-    .await;
-    let (status, body) = answer().await;
+    let (status, body) = server.answer("/").await;
     assert_eq!((status, body.trim()), (200, "server"));
     assert!(server.requests("inbound").await >= 1.0, "through its proxy");
 }
