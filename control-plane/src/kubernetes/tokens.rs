@@ -48,17 +48,17 @@ pub struct TokenReviewer {
     /// Nor can it have the API server review made-up tokens without end.
     refusing: Arc<Refusing>,
     /// Reviews under way, by token: their answers, once they come.
-    pending: Arc<Mutex<HashMap<TokenDigest, watch::Receiver<Pending>>>>,
+    pending: Arc<Mutex<Reviewing>>,
 }
 
 /// A review's answer, as its waiters see it: `None` until it comes.
 type Pending = Option<Result<ObjKey, TokenError>>;
 
+/// Reviews under way, by token digest.
+type Reviewing = HashMap<TokenDigest, watch::Receiver<Pending>>;
+
 /// Takes a review out of the pending ones when dropped.
-struct Unlist(
-    Arc<Mutex<HashMap<TokenDigest, watch::Receiver<Pending>>>>,
-    TokenDigest,
-);
+struct Unlist(Arc<Mutex<Reviewing>>, TokenDigest);
 
 impl Drop for Unlist {
     fn drop(&mut self) {

@@ -462,7 +462,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
 
 /// The most a document may hold to be parsed: a List's items together may
 /// hold more than one object.
-pub(super) fn max_bytes(doc: &str) -> usize {
+fn max_bytes(doc: &str) -> usize {
     if is_list(doc) {
         defaults::MAX_LIST_BYTES
     } else {
@@ -473,7 +473,7 @@ pub(super) fn max_bytes(doc: &str) -> usize {
 /// The documents of a YAML stream, split at `---` lines as YAML does (a
 /// marker at the start of a line); leading empty parts are skipped, so the
 /// numbering is the parser's.
-pub(super) fn documents(text: &str) -> impl Iterator<Item = &str> {
+fn documents(text: &str) -> impl Iterator<Item = &str> {
     let mut starts = vec![0];
     let mut at = 0;
     for line in text.split_inclusive('\n') {

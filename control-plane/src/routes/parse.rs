@@ -135,9 +135,9 @@ fn regexes_in(rules: &serde_json::Value) -> usize {
     fn count(v: &serde_json::Value) -> usize {
         match v {
             serde_json::Value::Object(m) => {
-                let kind = |o: &serde_json::Map<String, serde_json::Value>| {
-                    o.get("type").and_then(|t| t.as_str()).map(str::to_owned)
-                };
+                fn kind(o: &serde_json::Map<String, serde_json::Value>) -> Option<&str> {
+                    o.get("type").and_then(serde_json::Value::as_str)
+                }
                 let method_alone = match m.get("method") {
                     Some(serde_json::Value::Object(g)) => {
                         g.get("service").is_none_or(serde_json::Value::is_null)
@@ -146,7 +146,7 @@ fn regexes_in(rules: &serde_json::Value) -> usize {
                     }
                     _ => false,
                 };
-                usize::from(kind(m).as_deref() == Some("RegularExpression"))
+                usize::from(kind(m) == Some("RegularExpression"))
                     + usize::from(method_alone)
                     + m.values().map(count).sum::<usize>()
             }
