@@ -23,6 +23,8 @@ pub enum ProxyError {
     ClientBody,
     #[error("the request body from the client stalled for {0:?}")]
     ClientBodyStalled(Duration),
+    #[error("no longer authorized by the inbound policy")]
+    Revoked,
     #[error("cannot resolve {name}: {reason}")]
     Resolve { name: DestAddr, reason: String },
     #[error("connect to {addr} timed out after {after:?}")]
@@ -37,7 +39,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) | ProxyError::Loop(_) => StatusCode::BAD_REQUEST,
-            ProxyError::MeshPort(_) => StatusCode::FORBIDDEN,
+            ProxyError::MeshPort(_) | ProxyError::Revoked => StatusCode::FORBIDDEN,
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
             ProxyError::ClientBodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -55,6 +57,7 @@ impl ProxyError {
             ProxyError::MeshPort(_) => "mesh_port",
             ProxyError::ClientBody => "client_body",
             ProxyError::ClientBodyStalled(_) => "client_body_timeout",
+            ProxyError::Revoked => "unauthorized",
             ProxyError::Resolve { .. } => "resolve",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect",
@@ -66,7 +69,7 @@ impl ProxyError {
     pub fn is_client_fault(&self) -> bool {
         matches!(
             self,
-            ProxyError::ClientBody | ProxyError::ClientBodyStalled(_)
+            ProxyError::ClientBody | ProxyError::ClientBodyStalled(_) | ProxyError::Revoked
         )
     }
 

@@ -16,6 +16,7 @@ use super::policy::PolicyRx;
 use crate::addr::DestAddr;
 use crate::defaults::CLIENT_ID_HEADER;
 use crate::http::error::error_response;
+use crate::http::request_body::{Admission, Admitted};
 use crate::http::{BoxBody, Dst};
 use crate::identity::Identity;
 use crate::telemetry::Metrics;
@@ -100,7 +101,7 @@ fn counter(
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>
 where
-    B: http_body::Body,
+    B: http_body::Body + Admitted,
     S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {
@@ -157,6 +158,11 @@ where
         }
         // A probe is let in whatever the policy: nothing to revoke.
         let grant = (admitted == super::policy::Admitted::Policy).then(|| l.grant.clone());
+        // An upload outlives the decision too: each frame of it goes on only
+        // while the caller is still let in.
+        if let Some(g) = grant.as_ref().filter(|_| !req.body().is_end_stream()) {
+            req.body_mut().admitted_under(g.clone(), port);
+        }
         // Trailers reach the caller over HTTP/2 only (the caller's own
         // version, restored by now): hyper drops them on HTTP/1.1.
         let trailers = req.version() == http::Version::HTTP_2;
@@ -168,12 +174,24 @@ where
     }
 }
 
-/// What a connection's requests are admitted under, kept for responses.
+/// What a connection's requests are admitted under, kept for their bodies
+/// and responses.
 #[derive(Debug)]
 struct Grant {
     policy: PolicyRx,
     peer: Option<Identity>,
     metrics: Arc<Metrics>,
+}
+
+impl Admission for Grant {
+    fn still_admitted(&self, port: u16) -> bool {
+        let Err(denied) = super::policy::check(&self.policy, port, self.peer.as_ref()) else {
+            return true;
+        };
+        self.metrics.reject_http(super::DIRECTION, "unauthorized");
+        strait_otel::sampled!(info, %denied, "request body no longer authorized; ended");
+        false
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -486,6 +504,50 @@ mod tests {
         // Cut inside a message's length prefix, then inside a message.
         assert!(revoked_after(&[b"\0\0"]).await.is_err());
         assert!(revoked_after(&[b"\0\0\0\0\x05ab"]).await.is_err());
+    }
+
+    /// An upload admitted before a change of policy refuses its caller goes
+    /// no further: the frame after the change is not sent on, and the request
+    /// is marked so that its caller is answered 403.
+    #[tokio::test]
+    async fn an_upload_stops_when_its_caller_is_no_longer_allowed() {
+        use crate::http::request_body::{BodyFault, RequestBody};
+        use futures_util::StreamExt as _;
+        let allowing = |who: &str| strict_for(who, vec![]);
+        let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let upload = BoxBody::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
+                .map(|b| Ok::<_, crate::http::BoxError>(http_body::Frame::data(b))),
+        ));
+        let mut req = Request::post("/upload").body(upload).unwrap();
+        req.extensions_mut()
+            .insert(crate::http::Dst(DestAddr::Socket(
+                "127.0.0.1:8080".parse().unwrap(),
+            )));
+        let req = RequestBody::wrap(req, None);
+        // The app keeps the request, to read its body as it comes.
+        let (to_app, at_app) = tokio::sync::oneshot::channel();
+        let to_app = std::sync::Mutex::new(Some(to_app));
+        let app = tower::service_fn(move |req: Request<RequestBody<BoxBody>>| {
+            let _ = to_app.lock().unwrap().take().unwrap().send(req);
+            ready(Ok::<_, Infallible>(Response::new(crate::http::empty())))
+        });
+        let peer = Some("spiffe://td/ns/a/sa/web".parse().unwrap());
+        let mut svc = AuthorizeLayer::new(peer, rx, Metrics::new()).layer(app);
+        let rsp = svc.call(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let (head, mut body) = at_app.await.unwrap().into_parts();
+
+        tx.send(Bytes::from_static(b"one")).unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "one");
+        policy.send_replace(allowing("spiffe://td/ns/a/sa/other"));
+        tx.send(Bytes::from_static(b"two")).unwrap();
+        let refused = body.frame().await.unwrap();
+        assert!(refused.is_err(), "sent on: {refused:?}");
+        let fault = head.extensions.get::<BodyFault>().unwrap().fault().unwrap();
+        assert_eq!(fault.into_response().status(), StatusCode::FORBIDDEN);
     }
 
     #[test]

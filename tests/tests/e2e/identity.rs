@@ -993,6 +993,67 @@ async fn a_response_stream_ends_when_its_caller_is_no_longer_allowed() {
     );
 }
 
+/// An upload outlives the decision that admitted it too: when the allow list
+/// drops its caller mid-body, the rest never reaches the app, and the caller
+/// is answered 403 as a new request would be.
+#[tokio::test]
+async fn an_upload_stops_when_its_caller_is_no_longer_allowed() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mesh::start("web", None).await;
+    strict_for_client(&m).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    served_as_client(
+        &format!("http://{}/client-id", c.upstreams[0]),
+        "the client to be let in",
+    )
+    .await;
+    let heads = || m.backend.stats.requests.load(Ordering::SeqCst);
+    let before = heads();
+    let mut up = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    // `/count` answers the body's length once all of it has come.
+    up.write_all(
+        b"POST /count HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n",
+    )
+    .await
+    .unwrap();
+    wait::until(
+        "the upload to reach the app",
+        Duration::from_secs(5),
+        || async { heads() > before },
+    )
+    .await;
+
+    m.dir.write(
+        "policy.yaml",
+        &policy(
+            "STRICT",
+            "{identity: \"spiffe://cluster.local/ns/test/sa/other\"}",
+        ),
+    );
+    wait::until(
+        "the client to be refused",
+        Duration::from_secs(5),
+        || async { get(&format!("http://{}/client-id", c.upstreams[0])).await.0 == 403 },
+    )
+    .await;
+    up.write_all(b"3\r\ntwo\r\n0\r\n\r\n").await.unwrap();
+    let mut rsp = Vec::new();
+    while !rsp.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), up.read(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("no answer: {}", String::from_utf8_lossy(&rsp)))
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&rsp));
+        rsp.extend_from_slice(&b[..n]);
+    }
+    let rsp = String::from_utf8_lossy(&rsp);
+    assert!(rsp.starts_with("HTTP/1.1 403"), "{rsp}");
+}
+
 /// A gRPC stream whose caller the policy stops allowing ends as a call
 /// refused at the start would: PERMISSION_DENIED, through both proxies.
 #[tokio::test]
