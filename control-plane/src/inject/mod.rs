@@ -419,7 +419,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 .ok_or(InjectError::Annotation {
                     name: PROXY_LOG_LEVEL,
                     value: v.to_string(),
-                    why: "is not a log filter (e.g. info, debug, warn,strait_proxy=debug)",
+                    why: "is not a log filter of at most 512 bytes without field filters (e.g. info, debug, warn,strait_proxy=debug)",
                 })
         })
         .transpose()?;
@@ -855,10 +855,18 @@ fn cidrs(v: &str) -> Option<String> {
         .then(|| cidrs.join(","))
 }
 
-/// A RUST_LOG-style filter: directives of `target=level` or `level`.
+/// A RUST_LOG-style filter: directives of `target=level` or `level`, or
+/// spans by name. Not field values (`{field=value}`): each is compiled into
+/// an automaton whose size the pattern's author chooses, here by anyone who
+/// can create a pod, in the controller that serves every proxy.
 fn valid_log_level(v: &str) -> bool {
-    crate::log::parse_filter(v).is_ok()
+    v.len() <= MAX_LOG_FILTER_BYTES
+        && !v.contains(['{', '}'])
+        && crate::log::parse_filter(v).is_ok()
 }
+
+/// A proxy's log filter at most: a few dozen directives.
+const MAX_LOG_FILTER_BYTES: usize = 512;
 
 /// The proxy's resources: the pod's annotations over the defaults (requests
 /// 10m CPU and 20Mi, a 250Mi memory limit, no CPU limit). A default request

@@ -402,6 +402,30 @@ fn bad_annotations_are_named_in_the_error() {
     assert!(err.contains(SERVICE_NAME), "{err}");
 }
 
+/// A field filter's value is a regular expression, compiled into an
+/// automaton as the filter is parsed: one that grows exponentially would take
+/// the controller's memory and a worker for as long as it builds. Refused
+/// before any of that, as is a filter of unbounded length.
+#[test]
+fn a_log_filter_is_refused_before_it_can_cost_the_controller() {
+    let blowup = format!("[{{f=(a|b)*a{}}}]=debug", "(a|b)".repeat(16));
+    for v in [blowup, format!("info,{}", "a=debug,".repeat(100))] {
+        let start = std::time::Instant::now();
+        let err = inject(
+            &pod(json!({PROXY_LOG_LEVEL: v}), app_spec()),
+            Namespace::Enabled,
+            &settings(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(PROXY_LOG_LEVEL), "{err}");
+        assert!(start.elapsed() < std::time::Duration::from_millis(100));
+    }
+    // Spans by name are fine.
+    let spans = pod(json!({PROXY_LOG_LEVEL: "warn,[connect]=debug"}), app_spec());
+    assert!(inject(&spans, Namespace::Enabled, &settings()).is_ok());
+}
+
 fn admission(object: &Value) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
