@@ -41,7 +41,7 @@ pub struct ConnState {
     header_timed_out: AtomicBool,
     /// Heads the scan found at fault, by their number on the connection, not
     /// yet served (hyper may read several before it serves the first).
-    faults: std::sync::Mutex<std::collections::VecDeque<(usize, u8)>>,
+    faults: std::sync::Mutex<std::collections::VecDeque<(usize, HeadFault)>>,
     /// Entries in `faults`: most connections never lock it.
     faulted: AtomicUsize,
     /// The connection's reader, woken when the last request in flight finishes so
@@ -80,6 +80,21 @@ pub enum HeadFault {
     BareLf,
 }
 
+impl HeadFault {
+    /// What the scan's findings in a head amount to: a length or a coding
+    /// alone is no fault.
+    fn of(found: u8) -> Option<HeadFault> {
+        if found & BARE_LF != 0 {
+            Some(HeadFault::BareLf)
+        } else if found & (CONTENT_LENGTH | TRANSFER_ENCODING) == CONTENT_LENGTH | TRANSFER_ENCODING
+        {
+            Some(HeadFault::ConflictingFraming)
+        } else {
+            None
+        }
+    }
+}
+
 impl ConnState {
     pub fn mark_upgraded(&self) {
         self.upgraded.store(true, Ordering::Release);
@@ -99,20 +114,20 @@ impl ConnState {
     }
 
     /// What the scan found at fault in the `n`th head of the connection.
-    fn fault_of(&self, n: usize) -> u8 {
+    fn fault_of(&self, n: usize) -> Option<HeadFault> {
         if self.faulted.load(Ordering::Acquire) == 0 {
-            return 0;
+            return None;
         }
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         while faults.front().is_some_and(|&(at, _)| at < n) {
             faults.pop_front();
         }
         let found = match faults.front() {
-            Some(&(at, found)) if at == n => {
+            Some(&(at, fault)) if at == n => {
                 faults.pop_front();
-                found
+                Some(fault)
             }
-            _ => 0,
+            _ => None,
         };
         self.faulted.store(faults.len(), Ordering::Release);
         found
@@ -196,12 +211,14 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
         if got {
             let state = &**this.state;
             this.scan.feed(&buf.filled()[before..], |n, found| {
-                if found != 0 {
+                // Faults only: heads that merely carry a length must not fill
+                // the queue ahead of one that is at fault.
+                if let Some(fault) = HeadFault::of(found) {
                     let mut faults = state.faults.lock().unwrap_or_else(|p| p.into_inner());
                     // The first served is refused and closes the connection:
                     // a few are kept, never one per head of a large read.
                     if faults.len() < MAX_FAULTS {
-                        faults.push_back((n, found));
+                        faults.push_back((n, fault));
                         state.faulted.store(faults.len(), Ordering::Release);
                     }
                 }
@@ -339,12 +356,8 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Requests reach the service in the order their heads were read.
         let n = self.state.served.fetch_add(1, Ordering::AcqRel);
-        let found = self.state.fault_of(n);
-        if found & BARE_LF != 0 {
-            req.extensions_mut().insert(HeadFault::BareLf);
-        } else if found & (CONTENT_LENGTH | TRANSFER_ENCODING) == CONTENT_LENGTH | TRANSFER_ENCODING
-        {
-            req.extensions_mut().insert(HeadFault::ConflictingFraming);
+        if let Some(fault) = self.state.fault_of(n) {
+            req.extensions_mut().insert(fault);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone());
@@ -544,6 +557,25 @@ mod tests {
                 drop(client);
                 let _ = served.await;
             }
+            // Behind heads that only carry a length, more than the faults
+            // kept at once: they take no place, and the fault is still found.
+            let (mut client, faults, served) = serve();
+            let sized = "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n".repeat(MAX_FAULTS);
+            client
+                .write_all(format!("{sized}{second}").as_bytes())
+                .await
+                .unwrap();
+            for _ in 0..=MAX_FAULTS {
+                let r = tokio::time::timeout(Duration::from_secs(5), response(&mut client))
+                    .await
+                    .expect("a response");
+                assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+            }
+            let mut expected = vec![None; MAX_FAULTS];
+            expected.push(Some(fault));
+            assert_eq!(*faults.lock().unwrap(), expected, "{second}");
+            drop(client);
+            let _ = served.await;
         }
     }
 
