@@ -9,10 +9,6 @@
 //! error only resets the stream. HTTP/2 bodies have no stall timeout: a gRPC
 //! stream may rightly be quiet for long, and flow control bounds what a slow
 //! client holds.
-//!
-//! A body may also carry its request's admission: each frame is let on only
-//! while the policy still admits the caller, so a policy change stops an
-//! upload in flight as it ends a response stream.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -35,25 +31,13 @@ pub enum ClientFault {
     Malformed(#[source] BoxError),
     #[error("the request body stalled for {0:?}")]
     Stalled(Duration),
-    #[error("the caller is no longer authorized to send this request")]
-    Revoked,
 }
 
 const MALFORMED: u8 = 1;
 const STALLED: u8 = 2;
+/// Not the client's doing, but its own: the inbound policy stopped admitting
+/// it while its body was still coming (see `inbound::authorize`).
 const REVOKED: u8 = 3;
-
-/// What a request was admitted under, asked again before each frame of its
-/// body goes on.
-pub trait Admission: Send + Sync {
-    /// Whether the policy in force still admits the caller on `port`.
-    fn still_admitted(&self, port: u16) -> bool;
-}
-
-/// A request body that can be bound to its request's admission.
-pub trait Admitted {
-    fn admitted_under(&mut self, admission: Arc<dyn Admission>, port: u16);
-}
 
 /// In a request's extensions when its body can fail: what `Forward` checks
 /// when the upstream client reports an error.
@@ -70,6 +54,14 @@ impl BodyFault {
             _ => None,
         }
     }
+
+    /// Marks the request's admission revoked; `false` if it failed already
+    /// (revoked by its response's side, say): counted once.
+    pub fn revoke(&self) -> bool {
+        self.0
+            .compare_exchange(0, REVOKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -82,20 +74,7 @@ pin_project_lite::pin_project! {
         stall: Option<Pin<Box<Sleep>>>,
         armed: bool,
         fault: Option<Arc<AtomicU8>>,
-        admission: Option<(Arc<dyn Admission>, u16)>,
     }
-}
-
-impl<B> Admitted for RequestBody<B> {
-    fn admitted_under(&mut self, admission: Arc<dyn Admission>, port: u16) {
-        self.admission = Some((admission, port));
-    }
-}
-
-/// Bodies known complete, as tests send them: nothing to revoke.
-#[cfg(test)]
-impl Admitted for http_body_util::Empty<Bytes> {
-    fn admitted_under(&mut self, _: Arc<dyn Admission>, _: u16) {}
 }
 
 impl<B> RequestBody<B> {
@@ -106,7 +85,6 @@ impl<B> RequestBody<B> {
             stall: None,
             armed: false,
             fault: None,
-            admission: None,
         }
     }
 }
@@ -148,18 +126,6 @@ where
             }
         };
         match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(_)))
-                if this
-                    .admission
-                    .as_ref()
-                    .is_some_and(|(a, port)| !a.still_admitted(*port)) =>
-            {
-                // The frame that came after the revocation is not sent on,
-                // nor is anything after it.
-                *this.admission = None;
-                record(REVOKED);
-                Poll::Ready(Some(Err(ClientFault::Revoked)))
-            }
             Poll::Ready(f) => {
                 *this.armed = false;
                 Poll::Ready(f.map(|r| {

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
@@ -16,7 +17,7 @@ use super::policy::PolicyRx;
 use crate::addr::DestAddr;
 use crate::defaults::CLIENT_ID_HEADER;
 use crate::http::error::error_response;
-use crate::http::request_body::{Admission, Admitted};
+use crate::http::request_body::BodyFault;
 use crate::http::{BoxBody, Dst};
 use crate::identity::Identity;
 use crate::telemetry::Metrics;
@@ -101,8 +102,8 @@ fn counter(
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>
 where
-    B: http_body::Body + Admitted,
-    S: tower::Service<Request<B>, Response = Response<BoxBody>, Error = Infallible>,
+    B: http_body::Body,
+    S: tower::Service<Request<AdmittedBody<B>>, Response = Response<BoxBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response<BoxBody>;
@@ -158,17 +159,30 @@ where
         }
         // A probe is let in whatever the policy: nothing to revoke.
         let grant = (admitted == super::policy::Admitted::Policy).then(|| l.grant.clone());
-        // An upload outlives the decision too: each frame of it goes on only
-        // while the caller is still let in.
-        if let Some(g) = grant.as_ref().filter(|_| !req.body().is_end_stream()) {
-            req.body_mut().admitted_under(g.clone(), port);
-        }
+        // Shared by both sides of the request, so a revocation is counted once.
+        let fault = grant
+            .as_ref()
+            .and_then(|_| req.extensions().get::<BodyFault>().cloned());
+        // An upload outlives the decision too: it goes on only while the
+        // caller is still let in. A body already complete needs no watch.
+        let watch = grant
+            .as_ref()
+            .filter(|_| !req.body().is_end_stream())
+            .map(|g| Watching {
+                policy: g.policy.clone(),
+                grant: g.clone(),
+                port,
+                fault: fault.clone(),
+                revoked: None,
+                ended: false,
+            });
         // Trailers reach the caller over HTTP/2 only (the caller's own
         // version, restored by now): hyper drops them on HTTP/1.1.
         let trailers = req.version() == http::Version::HTTP_2;
+        let req = req.map(|inner| AdmittedBody { inner, watch });
         Either::Right(Revocable {
             inner: self.inner.call(req),
-            grant: grant.map(|g| (g, port)),
+            grant: grant.map(|g| (g, port, fault)),
             trailers,
         })
     }
@@ -183,14 +197,112 @@ struct Grant {
     metrics: Arc<Metrics>,
 }
 
-impl Admission for Grant {
-    fn still_admitted(&self, port: u16) -> bool {
-        let Err(denied) = super::policy::check(&self.policy, port, self.peer.as_ref()) else {
-            return true;
+impl Grant {
+    /// Counts a revocation, once per request whichever side saw it first.
+    fn count_revoked(&self, fault: Option<&BodyFault>, denied: &super::policy::Denied, what: &str) {
+        if fault.is_none_or(BodyFault::revoke) {
+            self.metrics.reject_http(super::DIRECTION, "unauthorized");
+            strait_otel::sampled!(info, %denied, "{what} no longer authorized; ended");
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body bound to its request's admission: nothing of it goes on
+    /// once a policy change refuses its caller, whether frames still come or
+    /// the body waits. It then ends with an error, marked in the request's
+    /// `BodyFault` so that `Forward` answers 403 if the app has not answered.
+    pub struct AdmittedBody<B> {
+        #[pin]
+        inner: B,
+        // None: a probe's, or complete already.
+        watch: Option<Watching>,
+    }
+}
+
+struct Watching {
+    /// Its own receiver: a frame pays one atomic load while nothing changed.
+    policy: PolicyRx,
+    grant: Arc<Grant>,
+    port: u16,
+    fault: Option<BodyFault>,
+    /// Made once the body first waits: a change must end a quiet upload too.
+    revoked:
+        Option<std::pin::Pin<Box<dyn std::future::Future<Output = super::policy::Denied> + Send>>>,
+    ended: bool,
+}
+
+impl Watching {
+    /// The policy in force, if it changed since last looked at, refuses.
+    fn refused(&mut self) -> Option<super::policy::Denied> {
+        if !self.policy.has_changed().unwrap_or(false) {
+            return None;
+        }
+        self.policy.mark_unchanged();
+        super::policy::check(&self.policy, self.port, self.grant.peer.as_ref()).err()
+    }
+
+    fn end(&mut self, denied: &super::policy::Denied) -> crate::http::BoxError {
+        self.ended = true;
+        self.revoked = None;
+        self.grant
+            .count_revoked(self.fault.as_ref(), denied, "request body");
+        "no longer authorized by the inbound policy".into()
+    }
+}
+
+impl<B> http_body::Body for AdmittedBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::http::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let Some(w) = this.watch.as_mut() else {
+            return this.inner.poll_frame(cx).map_err(Into::into);
         };
-        self.metrics.reject_http(super::DIRECTION, "unauthorized");
-        strait_otel::sampled!(info, %denied, "request body no longer authorized; ended");
-        false
+        if w.ended {
+            // Nothing after the end, were it asked again.
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_frame(cx) {
+            // Every frame, the body's end too: an upload finished by a
+            // caller no longer let in is not complete at the app.
+            Poll::Ready(f) => {
+                if let Some(denied) = w.refused() {
+                    return Poll::Ready(Some(Err(w.end(&denied))));
+                }
+                Poll::Ready(f.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let revoked = w.revoked.get_or_insert_with(|| {
+                    let g = &w.grant;
+                    Box::pin(super::policy::revoked(
+                        w.policy.clone(),
+                        w.port,
+                        g.peer.clone(),
+                    ))
+                });
+                let Poll::Ready(denied) = revoked.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                Poll::Ready(Some(Err(w.end(&denied))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.ended) || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -203,7 +315,7 @@ pin_project_lite::pin_project! {
     pub struct Revocable<F> {
         #[pin]
         inner: F,
-        grant: Option<(Arc<Grant>, u16)>,
+        grant: Option<(Arc<Grant>, u16, Option<BodyFault>)>,
         // Whether the caller can be sent trailers.
         trailers: bool,
     }
@@ -220,13 +332,12 @@ where
         let this = self.project();
         let Ok(rsp) = std::task::ready!(this.inner.poll(cx));
         let open_ended = !rsp.body().is_end_stream() && rsp.body().size_hint().exact().is_none();
-        let Some((g, port)) = this.grant.take().filter(|_| open_ended) else {
+        let Some((g, port, fault)) = this.grant.take().filter(|_| open_ended) else {
             return Poll::Ready(Ok(rsp));
         };
         let revoked = Box::pin(async move {
             let denied = super::policy::revoked(g.policy.clone(), port, g.peer.clone()).await;
-            g.metrics.reject_http(super::DIRECTION, "unauthorized");
-            strait_otel::sampled!(info, %denied, "response stream no longer authorized; ended");
+            g.count_revoked(fault.as_ref(), &denied, "response stream");
         });
         // A gRPC call that has its status already (in the head) is not sent
         // a second one.
@@ -334,7 +445,6 @@ fn remove_client_id(headers: &mut http::HeaderMap) {
 mod tests {
     use super::*;
     use crate::inbound::policy::{Allow, InboundPolicy, Mode, PortPolicy, Probe};
-    use bytes::Bytes;
     use http_body_util::BodyExt as _;
     use tower::{Layer as _, Service as _};
 
@@ -351,6 +461,8 @@ mod tests {
         }))
     }
 
+    type Empty = http_body_util::Empty<Bytes>;
+
     /// An app answering one request with a response of no known length
     /// (of the given content type), whose frames the test sends.
     fn streaming_app(
@@ -358,7 +470,7 @@ mod tests {
     ) -> (
         tokio::sync::mpsc::UnboundedSender<Bytes>,
         impl tower::Service<
-            Request<http_body_util::Empty<Bytes>>,
+            Request<AdmittedBody<Empty>>,
             Response = Response<BoxBody>,
             Error = Infallible,
             Future: Send + 'static,
@@ -367,7 +479,7 @@ mod tests {
         use futures_util::StreamExt as _;
         let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
         let frames = std::sync::Mutex::new(Some(frames));
-        let app = tower::service_fn(move |_: Request<http_body_util::Empty<Bytes>>| {
+        let app = tower::service_fn(move |_: Request<AdmittedBody<Empty>>| {
             let frames = frames.lock().unwrap().take().unwrap();
             let body = http_body_util::StreamBody::new(
                 tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
@@ -506,15 +618,17 @@ mod tests {
         assert!(revoked_after(&[b"\0\0\0\0\x05ab"]).await.is_err());
     }
 
-    /// An upload admitted before a change of policy refuses its caller goes
-    /// no further: the frame after the change is not sent on, and the request
-    /// is marked so that its caller is answered 403.
-    #[tokio::test]
-    async fn an_upload_stops_when_its_caller_is_no_longer_allowed() {
-        use crate::http::request_body::{BodyFault, RequestBody};
+    /// An upload through the layer, admitted as `web` under `rx`: its frames'
+    /// sender, and the request as the app gets it.
+    async fn upload(
+        rx: PolicyRx,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        http::request::Parts,
+        AdmittedBody<crate::http::request_body::RequestBody<BoxBody>>,
+    ) {
+        use crate::http::request_body::RequestBody;
         use futures_util::StreamExt as _;
-        let allowing = |who: &str| strict_for(who, vec![]);
-        let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
         let (tx, frames) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
         let upload = BoxBody::new(http_body_util::StreamBody::new(
             tokio_stream::wrappers::UnboundedReceiverStream::new(frames)
@@ -529,7 +643,7 @@ mod tests {
         // The app keeps the request, to read its body as it comes.
         let (to_app, at_app) = tokio::sync::oneshot::channel();
         let to_app = std::sync::Mutex::new(Some(to_app));
-        let app = tower::service_fn(move |req: Request<RequestBody<BoxBody>>| {
+        let app = tower::service_fn(move |req| {
             let _ = to_app.lock().unwrap().take().unwrap().send(req);
             ready(Ok::<_, Infallible>(Response::new(crate::http::empty())))
         });
@@ -537,17 +651,41 @@ mod tests {
         let mut svc = AuthorizeLayer::new(peer, rx, Metrics::new()).layer(app);
         let rsp = svc.call(req).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::OK);
-        let (head, mut body) = at_app.await.unwrap().into_parts();
+        let (head, body) = at_app.await.unwrap().into_parts();
+        (tx, head, body)
+    }
 
-        tx.send(Bytes::from_static(b"one")).unwrap();
-        let first = body.frame().await.unwrap().unwrap();
-        assert_eq!(first.into_data().unwrap(), "one");
-        policy.send_replace(allowing("spiffe://td/ns/a/sa/other"));
-        tx.send(Bytes::from_static(b"two")).unwrap();
-        let refused = body.frame().await.unwrap();
-        assert!(refused.is_err(), "sent on: {refused:?}");
-        let fault = head.extensions.get::<BodyFault>().unwrap().fault().unwrap();
-        assert_eq!(fault.into_response().status(), StatusCode::FORBIDDEN);
+    /// An upload admitted before a change of policy refuses its caller goes
+    /// no further, whether more of it comes, it ends, or it goes quiet; the
+    /// request is marked so that its caller is answered 403.
+    #[tokio::test]
+    async fn an_upload_stops_when_its_caller_is_no_longer_allowed() {
+        let allowing = |who: &str| strict_for(who, vec![]);
+        let (policy, rx) = tokio::sync::watch::channel(allowing("spiffe://td/ns/a/sa/web"));
+        for then in ["more", "the end", "nothing"] {
+            policy.send_replace(allowing("spiffe://td/ns/a/sa/web"));
+            let (tx, head, mut body) = upload(rx.clone()).await;
+            tx.send(Bytes::from_static(b"one")).unwrap();
+            let first = body.frame().await.unwrap().unwrap();
+            assert_eq!(first.into_data().unwrap(), "one");
+
+            policy.send_replace(allowing("spiffe://td/ns/a/sa/other"));
+            match then {
+                "more" => tx.send(Bytes::from_static(b"two")).unwrap(),
+                "the end" => drop(tx),
+                _ => std::mem::forget(tx),
+            }
+            let refused = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("{then}: still waiting"));
+            assert!(
+                refused.as_ref().is_some_and(Result::is_err),
+                "{then}: went on as {refused:?}"
+            );
+            assert!(body.frame().await.is_none(), "{then}: more after the end");
+            let fault = head.extensions.get::<BodyFault>().unwrap().fault().unwrap();
+            assert_eq!(fault.into_response().status(), StatusCode::FORBIDDEN);
+        }
     }
 
     #[test]

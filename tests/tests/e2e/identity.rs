@@ -1052,6 +1052,19 @@ async fn an_upload_stops_when_its_caller_is_no_longer_allowed() {
     }
     let rsp = String::from_utf8_lossy(&rsp);
     assert!(rsp.starts_with("HTTP/1.1 403"), "{rsp}");
+    // Counted once, as the one request it is.
+    let (_, text) = wait::admin_get(m.web.admin, "/metrics").await.unwrap();
+    let revoked: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("strait_proxy_http_rejected_requests_total")
+                && l.contains("reason=\"unauthorized\"")
+        })
+        .collect();
+    assert!(
+        revoked.len() == 1 && revoked[0].ends_with(" 1"),
+        "{revoked:?}"
+    );
 }
 
 /// A gRPC stream whose caller the policy stops allowing ends as a call
