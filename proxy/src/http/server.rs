@@ -51,6 +51,7 @@ impl ServerConfig {
             .max_pending_accept_reset_streams(defaults::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
             .max_header_list_size(defaults::MAX_HEADER_BYTES as u32)
+            .max_send_buf_size(defaults::H2_MAX_SEND_BUF)
             .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
             // Fixed windows rather than adaptive ones: h2 sizes its budget for buffered
@@ -176,7 +177,12 @@ pub async fn serve_http2<I, S, B>(
         _ = state.idle_for(cfg.idle_timeout) => {
             debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
             conn.as_mut().inner().graceful_shutdown();
-            conn.await
+            // Nothing is in flight, so the GOAWAY needs no long wait; and a
+            // connection still in its handshake (a preface sent in part)
+            // would take the shutdown only once the handshake ended, never.
+            tokio::time::timeout(cfg.header_read_timeout, conn)
+                .await
+                .unwrap_or(Ok(()))
         }
     };
     if let Err(e) = res {
@@ -192,6 +198,44 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    /// A client that sends part of the HTTP/2 preface and then nothing holds
+    /// its connection (and its place under the listener's limit) no longer
+    /// than an idle one: hyper's handshake has no timer of its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_http2_preface_is_closed_as_idle() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let cfg = ServerConfig::new(
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            Duration::from_secs(120),
+        );
+        let meta = ConnMeta {
+            direction: Direction::Inbound,
+            client: crate::addr::ClientAddr("127.0.0.1:40000".parse().unwrap()),
+            metrics: Metrics::new(),
+            peer: None,
+        };
+        let (_trigger, drain) = crate::transport::drain::channel();
+        let svc = tower::service_fn(|_: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(super::super::empty()))
+        });
+        let state = Arc::new(ConnState::default());
+        let served = tokio::spawn(async move {
+            serve_http2(server, svc, state, &cfg, &meta, &drain).await;
+        });
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), served)
+            .await
+            .expect("held an hour")
+            .unwrap();
+        assert!(
+            start.elapsed() <= Duration::from_secs(130),
+            "closed after {:?}",
+            start.elapsed()
+        );
+    }
 
     /// A client that asks and then reads nothing of a large answer (its
     /// window shut) loses the connection once the write has made no
