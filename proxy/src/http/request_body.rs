@@ -55,12 +55,17 @@ impl BodyFault {
         }
     }
 
-    /// Marks the request's admission revoked; `false` if it failed already
-    /// (revoked by its response's side, say): counted once.
+    /// Marks the request's admission revoked (an earlier fault of the
+    /// client's stays what `Forward` answers); `false` if it was already, by
+    /// the other side of the request: counted once.
     pub fn revoke(&self) -> bool {
-        self.0
+        match self
+            .0
             .compare_exchange(0, REVOKED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        {
+            Ok(_) => true,
+            Err(before) => before != REVOKED,
+        }
     }
 }
 

@@ -122,6 +122,13 @@ where
             Some(Dst(DestAddr::Socket(a))) => a.port(),
             _ => 0,
         };
+        // For an upload, a receiver that has seen the policy this decision is
+        // made under (marked first: a change after it is still noticed).
+        let seen = (!req.body().is_end_stream()).then(|| {
+            let mut rx = l.policy.clone();
+            rx.mark_unchanged();
+            rx
+        });
         let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
         l.count(decision.is_ok());
         let admitted = match decision {
@@ -162,20 +169,18 @@ where
         // Shared by both sides of the request, so a revocation is counted once.
         let fault = grant
             .as_ref()
+            .filter(|_| seen.is_some())
             .and_then(|_| req.extensions().get::<BodyFault>().cloned());
         // An upload outlives the decision too: it goes on only while the
         // caller is still let in. A body already complete needs no watch.
-        let watch = grant
-            .as_ref()
-            .filter(|_| !req.body().is_end_stream())
-            .map(|g| Watching {
-                policy: g.policy.clone(),
-                grant: g.clone(),
-                port,
-                fault: fault.clone(),
-                revoked: None,
-                ended: false,
-            });
+        let watch = grant.as_ref().zip(seen).map(|(g, policy)| Watching {
+            policy,
+            grant: g.clone(),
+            port,
+            fault: fault.clone(),
+            revoked: None,
+            ended: false,
+        });
         // Trailers reach the caller over HTTP/2 only (the caller's own
         // version, restored by now): hyper drops them on HTTP/1.1.
         let trailers = req.version() == http::Version::HTTP_2;
@@ -302,6 +307,9 @@ where
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        if self.watch.as_ref().is_some_and(|w| w.ended) {
+            return http_body::SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }
