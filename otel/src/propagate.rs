@@ -287,7 +287,8 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
             Some("0") => (Some(false), false),
             Some(_) => return None,
         };
-        return b3_context(trace, span, state, Format::B3Single { debug });
+        let format = Format::B3Single { debug };
+        return b3_context(trace, span, state, format).or_else(|| undecided(state, format));
     }
     let sampled = h.get(B3_SAMPLED).map(HeaderValue::as_bytes);
     let debug = h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1");
@@ -296,15 +297,22 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         (Some(b"0" | b"false"), _) => Some(false),
         _ => None,
     };
-    let Some(trace) = h.get(B3_TRACE) else {
-        return match state {
-            Some(false) => Some(Parent::Denied),
-            Some(true) => Some(Parent::Forced(Format::B3Multi { debug })),
-            None => None,
-        };
-    };
-    let span = h.get(B3_SPAN)?.to_str().ok()?;
-    b3_context(trace.to_str().ok()?, span, state, Format::B3Multi { debug })
+    let format = Format::B3Multi { debug };
+    let id = |k| h.get(k).and_then(|v: &HeaderValue| v.to_str().ok());
+    id(B3_TRACE)
+        .zip(id(B3_SPAN))
+        .and_then(|(trace, span)| b3_context(trace, span, state, format))
+        .or_else(|| undecided(state, format))
+}
+
+/// A caller's sampling decision without a trace to join (no ids, or ids
+/// that cannot be read) still holds: "not sampled" is not a new trace.
+fn undecided(state: B3State, format: Format) -> Option<Parent> {
+    match state {
+        Some(false) => Some(Parent::Denied),
+        Some(true) => Some(Parent::Forced(format)),
+        None => None,
+    }
 }
 
 /// B3 ids are hex: a 64-bit trace id is the low half of a 128-bit one.
@@ -364,28 +372,37 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
             if let Ok(v) = HeaderValue::try_from(format!("{trace}-{span}-{state}")) {
                 h.insert(B3, unique(v));
             }
-        }
-        Some(Format::B3Multi { debug }) => {
-            let (trace, span) = ids();
-            for (k, v) in [(B3_TRACE, trace), (B3_SPAN, span)] {
-                if let Ok(v) = HeaderValue::try_from(v) {
-                    h.insert(k, unique(v));
-                }
+            // A caller that sent both forms (B3 propagators can) has the
+            // multi headers written too: left as they came, they would name
+            // its own span as the next hop's parent.
+            if h.contains_key(B3_TRACE) || h.contains_key(B3_SPAN) {
+                b3_multi(h, sc, debug);
             }
-            // Debug implies accept, and is sent instead of `x-b3-sampled`.
-            if debug && sc.is_sampled() {
-                h.insert(B3_FLAGS, HeaderValue::from_static("1"));
-                h.remove(B3_SAMPLED);
-            } else {
-                let sampled = if sc.is_sampled() { "1" } else { "0" };
-                h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
-                h.remove(B3_FLAGS);
-            }
-            // Our span is the next hop's parent; the caller's parent id is stale.
-            h.remove(B3_PARENT);
         }
+        Some(Format::B3Multi { debug }) => b3_multi(h, sc, debug),
         Some(Format::W3c) | None => {}
     }
+}
+
+/// Writes `sc` as B3's multiple headers.
+fn b3_multi(h: &mut HeaderMap, sc: &SpanContext, debug: bool) {
+    let (trace, span) = (sc.trace_id().to_string(), sc.span_id().to_string());
+    for (k, v) in [(B3_TRACE, trace), (B3_SPAN, span)] {
+        if let Ok(v) = HeaderValue::try_from(v) {
+            h.insert(k, unique(v));
+        }
+    }
+    // Debug implies accept, and is sent instead of `x-b3-sampled`.
+    if debug && sc.is_sampled() {
+        h.insert(B3_FLAGS, HeaderValue::from_static("1"));
+        h.remove(B3_SAMPLED);
+    } else {
+        let sampled = if sc.is_sampled() { "1" } else { "0" };
+        h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+        h.remove(B3_FLAGS);
+    }
+    // Our span is the next hop's parent; the caller's parent id is stale.
+    h.remove(B3_PARENT);
 }
 
 #[cfg(test)]
@@ -448,7 +465,7 @@ mod tests {
         for h in [
             headers(&[("traceparent", "00-xyz-abc-01")]),
             headers(&[("traceparent", &format!("00-{}-{SPAN}-01", "0".repeat(32)))]),
-            headers(&[("b3", "nothex-00f067aa0ba902b7-1")]),
+            headers(&[("b3", "nothex-00f067aa0ba902b7")]),
             headers(&[("x-b3-traceid", TRACE)]),
         ] {
             assert!(extract(&h).is_none(), "{h:?}");
@@ -617,6 +634,47 @@ mod tests {
             ("b3", &format!("{TRACE}-{SPAN}-d")),
         ]);
         assert_eq!(decided(extract(&h)).1, Format::B3Single { debug: true });
+    }
+
+    /// A caller that sends both of B3's forms has both written for the next
+    /// hop, and its decision not to sample holds however broken its ids.
+    #[test]
+    fn b3_in_both_forms_and_broken_ids() {
+        let sampled = format!("{TRACE}-{SPAN}-1");
+        let mut h = headers(&[
+            ("b3", &sampled),
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", SPAN),
+            ("x-b3-parentspanid", "2222222222222222"),
+            ("x-b3-sampled", "1"),
+        ]);
+        let (_, f) = decided(extract(&h));
+        inject(&mut h, &ours(), Some(f));
+        assert_eq!(h["b3"], format!("{TRACE}-1111111111111111-1"));
+        assert_eq!(h["x-b3-spanid"], "1111111111111111");
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert!(!h.contains_key("x-b3-parentspanid"));
+
+        for h in [
+            headers(&[("x-b3-traceid", TRACE), ("x-b3-sampled", "0")]),
+            headers(&[
+                ("x-b3-traceid", TRACE),
+                ("x-b3-spanid", "00f067aa0ba902b"),
+                ("x-b3-sampled", "0"),
+            ]),
+            headers(&[("b3", &format!("{TRACE}-xyz-0"))]),
+        ] {
+            assert_eq!(extract(&h), Some(Parent::Denied), "{h:?}");
+        }
+        let forced = headers(&[
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", "00f067aa0ba902b"),
+            ("x-b3-flags", "1"),
+        ]);
+        assert_eq!(
+            extract(&forced),
+            Some(Parent::Forced(Format::B3Multi { debug: true }))
+        );
     }
 
     #[test]
