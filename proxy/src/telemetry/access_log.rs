@@ -135,18 +135,22 @@ pub struct Line {
 
 impl Line {
     pub fn of<B>(req: &Request<B>, direction: Direction) -> Line {
+        // Host and port only: the user-info part of either (`user:password@`)
+        // is a credential, never written to a log.
+        let host_port = |a: &http::uri::Authority| match a.port() {
+            Some(p) => format!("{}:{}", a.host(), p.as_str()),
+            None => a.host().to_string(),
+        };
         let authority = req
             .uri()
             .authority()
-            .map(|a| match a.port() {
-                Some(p) => format!("{}:{}", a.host(), p.as_str()),
-                None => a.host().to_string(),
-            })
+            .map(host_port)
             .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
+                let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+                Some(match h.parse::<http::uri::Authority>() {
+                    Ok(a) => host_port(&a),
+                    Err(_) => h.rsplit('@').next().unwrap_or_default().to_string(),
+                })
             })
             .unwrap_or_default();
         Line {
@@ -414,6 +418,34 @@ mod tests {
         assert!(cut.len() <= MAX_FIELD + '…'.len_utf8(), "{}", cut.len());
         assert!(cut.ends_with('…'));
         assert_eq!(cut, bounded(long));
+    }
+
+    /// User info in the authority is a credential: the line has the host.
+    #[test]
+    fn a_password_in_the_authority_is_not_logged() {
+        for (target, host) in [
+            ("/cart", "alice:s3cret@web.shop.svc.cluster.local:8080"),
+            ("/cart", "alice:s3cret@[web"),
+            (
+                "http://alice:s3cret@web.shop.svc.cluster.local:8080/cart",
+                "web",
+            ),
+        ] {
+            let req = Request::get(target).header("host", host).body(()).unwrap();
+            let line = Line::of(&req, Direction::Outbound).finish(
+                200,
+                Duration::ZERO,
+                &Notes::default(),
+                None,
+                None,
+                None,
+            );
+            for format in [LogFormat::Text, LogFormat::Json] {
+                let text = line.render(format);
+                assert!(!text.contains("s3cret"), "{text}");
+                assert!(text.contains("web"), "{text}");
+            }
+        }
     }
 
     #[test]
