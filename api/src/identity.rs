@@ -67,12 +67,22 @@ impl Identity {
 }
 
 /// Whether `s` may be one part of an identity (trust domain, namespace, service
-/// account): the characters of Kubernetes names and DNS labels, no wildcards.
+/// account): the characters of Kubernetes names and DNS labels, no wildcards,
+/// and not `.` or `..`, which SPIFFE forbids as path segments (a verifier that
+/// normalised the path would read another identity).
 pub fn valid_part(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+/// Whether `s` may be a trust domain: as [`valid_part`], in lower case only,
+/// as SPIFFE has it.
+pub fn valid_trust_domain(s: &str) -> bool {
+    valid_part(s) && !s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 impl FromStr for Identity {
@@ -83,7 +93,9 @@ impl FromStr for Identity {
         let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if valid_part(td) && valid_part(ns) && valid_part(sa) => {
+            [td, "ns", ns, "sa", sa]
+                if valid_trust_domain(td) && valid_part(ns) && valid_part(sa) =>
+            {
                 Ok(Identity { uri: s.into() })
             }
             _ => Err(bad()),
@@ -116,6 +128,9 @@ mod tests {
             "spiffe://td/ns/a/sa/b/extra",
             "spiffe://td/ns/a/sa/*",
             "spiffe://td/ns/a b/sa/c",
+            "spiffe://cluster.local/ns/shop/sa/..",
+            "spiffe://td/ns/./sa/web",
+            "spiffe://Cluster.Local/ns/a/sa/b",
         ] {
             assert!(bad.parse::<Identity>().is_err(), "{bad}");
         }

@@ -238,8 +238,14 @@ pub struct Controller {
 
 impl Controller {
     pub async fn bind(args: ControllerArgs) -> anyhow::Result<Self> {
+        if !strait_api::identity::valid_trust_domain(&args.trust_domain) {
+            return Err(FlagError(format!(
+                "--trust-domain {:?}: not a trust domain (lower-case letters, digits, '-', '.', '_')",
+                args.trust_domain
+            ))
+            .into());
+        }
         for (flag, v) in [
-            ("--trust-domain", &args.trust_domain),
             ("--namespace", &args.namespace),
             ("--service-account", &args.service_account),
         ] {

@@ -41,14 +41,15 @@ impl SpecError {
 }
 
 /// An object's namespace/name (namespace "default" when absent), validated as the
-/// index's keys are: namespaces end up in identities and destination names.
+/// index's keys are: namespaces end up in identities and destination names,
+/// and are DNS labels, as Kubernetes has them and as proxies ask by them.
 pub fn key(meta: &ObjectMeta) -> Result<ObjKey, SpecError> {
     let name = meta
         .name
         .clone()
         .ok_or_else(|| SpecError::new("metadata.name", "missing"))?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    if !strait_api::identity::valid_part(&namespace) {
+    if !dns_label(&namespace) {
         return Err(SpecError::new(
             "metadata.namespace",
             format!("{namespace:?} is not a namespace name"),

@@ -208,8 +208,9 @@ fn key(
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name,
     };
-    // Namespaces end up in identities and destination names.
-    if !strait_api::identity::valid_part(&k.namespace) {
+    // Namespaces end up in identities and destination names, and proxies
+    // ask by them as DNS labels (a pod in `Team_A` would never get its policy).
+    if !crate::spec::dns_label(&k.namespace) {
         return Err(ObjectError::Field {
             kind,
             field: "metadata.namespace".into(),
@@ -809,6 +810,23 @@ impl Snapshot {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A namespace is a DNS label, as Kubernetes has it and as proxies ask
+    /// by it: one that is not (accepted from a file) would leave its pods'
+    /// proxies waiting for a policy they can never ask for.
+    #[test]
+    fn a_namespace_that_is_no_dns_label_is_refused() {
+        for ns in ["Team_A", "prod.eu", "-a", ".."] {
+            let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("web-0".into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            };
+            let e = key("Pod", &meta).unwrap_err().to_string();
+            assert!(e.contains("metadata.namespace"), "{ns}: {e}");
+            assert!(crate::spec::key(&meta).is_err(), "{ns}");
+        }
+    }
 
     /// A UDP port of the same number as a TCP one (DNS's 53, say) lends it
     /// neither its target nor its name.
