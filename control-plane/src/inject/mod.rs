@@ -865,6 +865,15 @@ fn valid_log_level(v: &str) -> bool {
         && crate::log::parse_filter(v).is_ok()
 }
 
+/// What a log line keeps of a text a client chose: its first 256 bytes.
+pub(crate) fn clipped(s: &str) -> &str {
+    let mut end = s.len().min(256);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// A proxy's log filter at most: a few dozen directives.
 const MAX_LOG_FILTER_BYTES: usize = 512;
 

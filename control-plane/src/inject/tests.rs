@@ -570,6 +570,46 @@ fn a_malformed_review_gets_a_clear_error() {
     }
 }
 
+/// Anyone who reaches the webhook's port can send bad reviews: the log
+/// takes a few of them, each short, however many and however long.
+#[test]
+fn bad_reviews_are_logged_sampled_and_short() {
+    #[derive(Clone, Default)]
+    struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // serde's message quotes the string it could not take.
+    let long = format!(r#"{{"kind": "{}"}}"#, "x".repeat(1 << 20));
+    tracing::subscriber::with_default(subscriber, || {
+        for _ in 0..100 {
+            let (status, _) = review(
+                long.as_bytes(),
+                Hook::Inject(Namespace::Enabled),
+                &settings(),
+                FailurePolicy::Fail,
+            );
+            assert_eq!(status.as_u16(), 400);
+        }
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty() && lines.len() <= 10, "{} lines", lines.len());
+    assert!(lines.iter().all(|l| l.len() < 1024), "{}", lines[0].len());
+}
+
 #[test]
 fn strait_inject_edits_pod_templates_and_keeps_every_other_document_as_written() {
     let input = "\

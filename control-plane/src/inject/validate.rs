@@ -9,7 +9,7 @@
 
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::spec::SpecError;
 
@@ -71,7 +71,11 @@ pub fn respond(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         }
         Err(e) => {
             let reason = format!("strait refuses {what}: {}: {}", e.field, e.reason);
-            info!(%reason, "refused at admission");
+            strait_otel::sampled!(
+                info,
+                reason = super::clipped(&reason),
+                "refused at admission"
+            );
             rsp.deny(reason)
         }
     }

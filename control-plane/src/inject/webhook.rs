@@ -209,7 +209,13 @@ pub fn review(
     policy: FailurePolicy,
 ) -> (StatusCode, AdmissionReview<DynamicObject>) {
     let invalid = |why: String| {
-        warn!(reason = %why, "malformed AdmissionReview");
+        // Anyone who reaches the port can send these, as often and as long
+        // as they like (serde's message quotes what it could not read).
+        strait_otel::sampled!(
+            warn,
+            reason = super::clipped(&why),
+            "malformed AdmissionReview"
+        );
         (
             StatusCode::BAD_REQUEST,
             AdmissionResponse::invalid(why).into_review(),
@@ -276,7 +282,14 @@ fn fail(
     why: &str,
 ) -> AdmissionResponse {
     let reason = format!("strait cannot inject the proxy: {why}");
-    warn!(%pod, %reason, ?policy, "injection failed");
+    // A pod's annotation values (up to 256 KiB) may be in the reason.
+    strait_otel::sampled!(
+        warn,
+        pod = super::clipped(pod),
+        reason = super::clipped(&reason),
+        ?policy,
+        "injection failed"
+    );
     match policy {
         FailurePolicy::Fail => rsp.deny(reason),
         FailurePolicy::Ignore => {
