@@ -207,6 +207,9 @@ pub const WEBHOOK_ADDR: &str = "0.0.0.0:8443";
 pub const MAX_ADMISSION_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// Connections the webhook serves at once (the API server needs a handful).
 pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;
+/// Bytes of AdmissionReviews the webhook holds at once, whatever the number
+/// of connections: eight of the largest, well inside the controller's memory.
+pub const WEBHOOK_BODY_BUDGET: usize = 8 * MAX_ADMISSION_REVIEW_BYTES;
 /// TokenReviews in flight at once, and how long one may take, its wait for a
 /// turn included: less than a proxy waits for its call (5 s).
 pub const TOKEN_REVIEWS_IN_FLIGHT: usize = 32;

@@ -606,7 +606,11 @@ fn bad_reviews_are_logged_sampled_and_short() {
     });
     let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(!lines.is_empty() && lines.len() <= 10, "{} lines", lines.len());
+    assert!(
+        !lines.is_empty() && lines.len() <= 10,
+        "{} lines",
+        lines.len()
+    );
     assert!(lines.iter().all(|l| l.len() < 1024), "{}", lines[0].len());
 }
 

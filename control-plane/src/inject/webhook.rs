@@ -77,10 +77,11 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     // Any pod can reach the webhook's Service: connections are bounded, and
-    // so is the time each may take.
+    // so is the time each may take, and the memory all of them hold.
     let slots = Arc::new(tokio::sync::Semaphore::new(
         defaults::WEBHOOK_MAX_CONNECTIONS,
     ));
+    let budget = Arc::new(Budget::new(defaults::WEBHOOK_BODY_BUDGET));
     let conns = TaskTracker::new();
     loop {
         let slot = tokio::select! {
@@ -103,7 +104,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, settings, draining) = (acceptor.clone(), settings.clone(), draining.clone());
+        let (acceptor, settings, draining, budget) = (
+            acceptor.clone(),
+            settings.clone(),
+            draining.clone(),
+            budget.clone(),
+        );
         conns.spawn(async move {
             let _slot = slot;
             // A caller that stops reading its answers is cut off rather than
@@ -120,8 +126,8 @@ pub async fn serve(
                 Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
             };
             let svc = service_fn(move |req| {
-                let settings = settings.clone();
-                async move { Ok::<_, Infallible>(handle(req, &settings, policy).await) }
+                let (settings, budget) = (settings.clone(), budget.clone());
+                async move { Ok::<_, Infallible>(handle(req, &settings, policy, &budget).await) }
             });
             // Made while draining: one review, then closed.
             let keep_alive = !draining.is_cancelled();
@@ -151,10 +157,44 @@ pub async fn serve(
     conns.wait().await;
 }
 
+/// What the webhook's reviews may hold in memory at once. A review's body
+/// reserves its declared length (the most, undeclared) before it is read, and
+/// one review is parsed at a time: a parse can take tens of times its text
+/// (a long array of small numbers), and takes a millisecond or so.
+pub struct Budget {
+    bytes: tokio::sync::Semaphore,
+    parsing: tokio::sync::Semaphore,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        Budget {
+            bytes: tokio::sync::Semaphore::new(bytes),
+            parsing: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    /// Room for a body of `declared` bytes, waited for until `deadline`.
+    async fn room(
+        &self,
+        declared: Option<u64>,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
+        let n = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max).min(max));
+        let n = u32::try_from(n).ok()?;
+        tokio::time::timeout_at(deadline, self.bytes.acquire_many(n))
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     s: &Settings,
     policy: FailurePolicy,
+    budget: &Budget,
 ) -> Response<Full<Bytes>> {
     let hook = match req.uri().path() {
         PATH => Hook::Inject(Namespace::NotEnabled),
@@ -170,8 +210,25 @@ async fn handle(
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
     }
+    let deadline = tokio::time::Instant::now() + defaults::TLS_HANDSHAKE_TIMEOUT;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > defaults::MAX_ADMISSION_REVIEW_BYTES as u64) {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the AdmissionReview is too large\n",
+        );
+    }
+    let Some(_room) = budget.room(declared, deadline).await else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many AdmissionReviews at once; try again\n",
+        );
+    };
     let read = Limited::new(req.into_body(), defaults::MAX_ADMISSION_REVIEW_BYTES).collect();
-    let body = match tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, read).await {
+    let body = match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) | Err(_) => {
             return text(
@@ -179,6 +236,12 @@ async fn handle(
                 "the AdmissionReview is too large, too slow or cut short\n",
             );
         }
+    };
+    let Ok(Ok(_parsing)) = tokio::time::timeout_at(deadline, budget.parsing.acquire()).await else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many AdmissionReviews at once; try again\n",
+        );
     };
     let (status, review) = review(&body, hook, s, policy);
     let json = serde_json::to_vec(&review).unwrap_or_default();
@@ -303,4 +366,31 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *rsp.status_mut() = status;
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However many connections send large reviews, the bytes held at once
+    /// stay within the budget: past it a review waits for room, and is
+    /// refused if none comes in time.
+    #[tokio::test(start_paused = true)]
+    async fn reviews_hold_no_more_than_the_budget() {
+        let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
+        let budget = Budget::new(3 * max);
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let held: Vec<_> = futures_util::future::join_all(
+            (0..3).map(|_| budget.room(Some(max as u64), soon())),
+        )
+        .await;
+        assert!(held.iter().all(Option::is_some));
+        // Undeclared: the most is reserved.
+        assert!(budget.room(None, soon()).await.is_none());
+        // A small one fits once a large one is done.
+        drop(held);
+        let small = budget.room(Some(10_000), soon()).await;
+        assert!(small.is_some());
+        assert_eq!(budget.bytes.available_permits(), 3 * max - 10_000);
+    }
 }
