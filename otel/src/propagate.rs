@@ -3,7 +3,6 @@
 //! (and `tracestate`) always, and B3 again in the format it came in, so an app
 //! that only speaks B3 stays in the trace.
 
-use std::str::FromStr;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
@@ -168,14 +167,15 @@ fn trace_state(h: &HeaderMap) -> TraceState {
         if !members_valid(v) {
             return TraceState::default();
         }
-        // The SDK counts empty members towards its 32 before it skips them,
-        // and would drop the last real ones: they go first.
-        let members = v.split(',').map(|m| m.trim_matches([' ', '\t']));
-        if members.clone().any(str::is_empty) {
-            let kept: Vec<&str> = members.filter(|m| !m.is_empty()).collect();
-            return TraceState::from_str(&kept.join(",")).unwrap_or_default();
-        }
-        TraceState::from_str(v).unwrap_or_default()
+        // Empty members are no members (the SDK would count them towards
+        // its 32). A member W3C allows and the SDK cannot hold (a system id
+        // of 14 characters) is left out, not the whole list.
+        let pairs = v
+            .split(',')
+            .map(|m| m.trim_matches([' ', '\t']))
+            .filter_map(|m| m.split_once('='))
+            .filter(|&kv| TraceState::from_key_value([kv]).is_ok());
+        TraceState::from_key_value(pairs).unwrap_or_default()
     };
     let Ok(first) = first.to_str() else {
         return TraceState::default();
@@ -220,24 +220,61 @@ fn trace_state(h: &HeaderMap) -> TraceState {
     parse(&kept)
 }
 
-/// At most `TRACESTATE_MEMBERS` members, each `key=value` with a key of its own.
-/// The syntax of each key and value is the SDK parser's to check; it keeps the
-/// first 32 members of a longer list without a word, hence the count here.
+/// At most `TRACESTATE_MEMBERS` members, each `key=value` as W3C writes them,
+/// with a key of its own. Checked here rather than by the SDK, whose parser
+/// takes an empty value or `a==b`, refuses a valid system id of 14
+/// characters, and keeps the first 32 members of a longer list without a word.
 fn members_valid(list: &str) -> bool {
     let mut keys: Vec<&str> = Vec::new();
     for member in list.split(',').map(|m| m.trim_matches([' ', '\t'])) {
         if member.is_empty() {
             continue;
         }
-        let Some((key, _)) = member.split_once('=') else {
+        let Some((key, value)) = member.split_once('=') else {
             return false;
         };
+        if !state_key(key) || !state_value(value) {
+            return false;
+        }
         if keys.len() == TRACESTATE_MEMBERS || keys.contains(&key) {
             return false;
         }
         keys.push(key);
     }
     true
+}
+
+/// A `tracestate` key: `simple-key`, or `tenant-id@system-id`.
+fn state_key(key: &str) -> bool {
+    let rest = |b: &[u8]| {
+        b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-*/".contains(c))
+    };
+    match key.split_once('@') {
+        None => {
+            let b = key.as_bytes();
+            (1..=256).contains(&b.len()) && b[0].is_ascii_lowercase() && rest(b)
+        }
+        Some((tenant, system)) => {
+            let (t, s) = (tenant.as_bytes(), system.as_bytes());
+            (1..=241).contains(&t.len())
+                && (t[0].is_ascii_lowercase() || t[0].is_ascii_digit())
+                && rest(t)
+                && (1..=14).contains(&s.len())
+                && s[0].is_ascii_lowercase()
+                && rest(s)
+        }
+    }
+}
+
+/// A `tracestate` value: 1 to 256 printable characters but `,` and `=`, not
+/// ending in a space.
+fn state_value(v: &str) -> bool {
+    let b = v.as_bytes();
+    (1..=256).contains(&b.len())
+        && b.iter()
+            .all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+        && b[b.len() - 1] != b' '
 }
 
 /// B3's debug flag among the headers, for B3 written back beside `traceparent`:
@@ -721,6 +758,23 @@ mod tests {
         };
         assert_eq!(state_of("foo=1,bar=2"), "foo=1,bar=2");
         assert_eq!(state_of("foo=1,bar=2,foo=3"), "");
+        // W3C's grammar, as its test suite has it.
+        for bad in [
+            "foo=,bar=3",
+            "foo@=1,bar=2",
+            "a==b",
+            "Foo=1",
+            "foo =1",
+            "@v=1",
+        ] {
+            assert_eq!(state_of(bad), "", "{bad}");
+        }
+        let tenant = |n: usize, m: usize| format!("{}@{}=1", "t".repeat(n), "v".repeat(m));
+        assert_eq!(state_of(&tenant(242, 1)), "");
+        assert_eq!(state_of(&tenant(1, 15)), "");
+        assert_eq!(state_of(&tenant(241, 13)), tenant(241, 13));
+        // A valid member the SDK cannot hold is left out, not the list.
+        assert_eq!(state_of(&format!("foo=1,{}", tenant(241, 14))), "foo=1");
         let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>();
         assert_eq!(state_of(&members(32).join(",")).split(',').count(), 32);
         assert_eq!(state_of(&members(33).join(",")), "");

@@ -380,10 +380,9 @@ mod tests {
         let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
         let budget = Budget::new(3 * max);
         let soon = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        let held: Vec<_> = futures_util::future::join_all(
-            (0..3).map(|_| budget.room(Some(max as u64), soon())),
-        )
-        .await;
+        let held: Vec<_> =
+            futures_util::future::join_all((0..3).map(|_| budget.room(Some(max as u64), soon())))
+                .await;
         assert!(held.iter().all(Option::is_some));
         // Undeclared: the most is reserved.
         assert!(budget.room(None, soon()).await.is_none());
