@@ -241,21 +241,35 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         .await
         .map(|s| {
             s.and_then(|s| {
-                s.data?
-                    .get("tls.crt")
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                let data = s.data?;
+                let text = |k: &str| {
+                    data.get(k)
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                };
+                Some((text("tls.crt")?, text("tls.key")))
             })
         });
     say(match &issuer {
-        Ok(Some(pem)) => expiry("the issuer", pem, true),
+        Ok(Some((pem, _))) => expiry("the issuer", pem, true),
         Ok(None) => line(
             Verdict::Fail,
             format!("no issuer (Secret {ns}/{ISSUER_SECRET}, key tls.crt)"),
         ),
         Err(e) => unread(&format!("Secret {ns}/{ISSUER_SECRET}"), e),
     });
-    if let (Ok(Some(issuer)), Ok(Some(anchors))) = (&issuer, &anchors) {
+    if let (Ok(Some((issuer, _))), Ok(Some(anchors))) = (&issuer, &anchors) {
         say(chain_line(issuer, anchors));
+    }
+    // What the controller checks of it before it signs anything: a chain to
+    // the anchors alone does not make an issuer.
+    if let Ok(Some((crt, key))) = &issuer {
+        say(match key {
+            Some(key) => issuer_key_line(crt, key),
+            None => line(
+                Verdict::Fail,
+                format!("the issuer has no key (Secret {ns}/{ISSUER_SECRET}, key tls.key)"),
+            ),
+        });
     }
     // Unread: the webhook's bundle cannot be compared with them.
     let anchors = anchors.ok();
@@ -540,6 +554,21 @@ fn expiry(what: &str, pem: &str, whole_chain: bool) -> Line {
 /// intermediates) leads to one of the trust anchors, signature by signature.
 /// A rotation done out of order breaks this: the controller then refuses to
 /// start, and proxies would refuse what it signs.
+/// Whether the controller would sign with this issuer: its key is the
+/// certificate's, it is a CA, and a leaf it signs verifies against it.
+fn issuer_key_line(crt: &str, key: &str) -> Line {
+    match crate::identity::ca::Ca::from_pem(crt, key, std::time::Duration::from_secs(3600)) {
+        Ok(_) => line(
+            Verdict::Ok,
+            "the issuer's key is its certificate's, and what it signs verifies",
+        ),
+        Err((_, why)) => line(
+            Verdict::Fail,
+            format!("the controller cannot sign with the issuer: {why}"),
+        ),
+    }
+}
+
 fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     let (chain, anchors) = match (certificates(issuer_pem), certificates(anchors_pem)) {
         (Ok(c), Ok(a)) => (c, a),
@@ -806,6 +835,36 @@ mod tests {
             None => p.self_signed(&key).unwrap(),
         };
         (cert.pem(), rcgen::Issuer::new(p, key))
+    }
+
+    /// An issuer signed under the anchors is no issuer if the controller
+    /// cannot sign with it: a key of another certificate, or no CA.
+    #[test]
+    fn an_issuer_the_controller_cannot_sign_with_fails() {
+        let (_, root_ca) = ca("root.test", 3650, None);
+        let signed = |is_ca: rcgen::IsCa, key: &rcgen::KeyPair| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "issuer.test");
+            p.is_ca = is_ca;
+            p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+            p.signed_by(key, &root_ca).unwrap().pem()
+        };
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let ca_cert = signed(
+            rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained),
+            &key,
+        );
+        let l = issuer_key_line(&ca_cert, &key.serialize_pem());
+        assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let l = issuer_key_line(&ca_cert, &other.serialize_pem());
+        assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
+        let leaf = signed(rcgen::IsCa::ExplicitNoCa, &key);
+        let l = issuer_key_line(&leaf, &key.serialize_pem());
+        assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
+        assert!(l.what.contains("not a CA"), "{}", l.what);
     }
 
     /// The issuer's intermediates bound what it signs as much as it does:

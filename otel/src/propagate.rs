@@ -3,7 +3,6 @@
 //! (and `tracestate`) always, and B3 again in the format it came in, so an app
 //! that only speaks B3 stays in the trace.
 
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
