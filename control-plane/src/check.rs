@@ -185,16 +185,14 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 .unwrap_or(0);
             // Ready replicas count the old ReplicaSet's too: a new one that
             // cannot start hides behind them until they are replaced.
-            let updated = d
-                .status
-                .as_ref()
-                .and_then(|s| s.updated_replicas)
-                .unwrap_or(0);
+            // Unsaid (the API leaves zeros out): no new pod made yet.
+            let updated = d.status.as_ref().and_then(|s| s.updated_replicas);
             match ready {
-                r if r >= want && updated < want => line(
+                r if r >= want && updated.is_some_and(|u| u < want) => line(
                     Verdict::Warn,
                     format!(
-                        "the controller is ready on {r} of {want} replicas, but only {updated} run the current template: its rollout has not finished (kubectl -n {ns} rollout status deploy/{CONTROLLER})"
+                        "the controller is ready on {r} of {want} replicas, but only {} run the current template: its rollout has not finished (kubectl -n {ns} rollout status deploy/{CONTROLLER})",
+                        updated.unwrap_or(0)
                     ),
                 ),
                 0 => line(
