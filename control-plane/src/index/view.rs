@@ -232,10 +232,17 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
     for (slice, target) in slices() {
         let usable = |e: &&crate::index::EndpointInfo| if any_ready { e.ready } else { e.draining };
         for e in slice.endpoints.iter().filter(usable) {
-            let pod = e
-                .pod
-                .as_ref()
-                .and_then(|k| snap.pods.get(k).map(|p| (k, p)));
+            let pod = match e.pod.as_ref().map(|k| (k, snap.pods.get(k))) {
+                // The pod named holds another address now (recreated): what
+                // answers at this one is not it.
+                Some((_, Some(p))) if !p.ips.is_empty() && !p.ips.contains(&e.addr) => continue,
+                Some((k, Some(p))) => Some((k, p)),
+                // The pod named is gone, and another holds its address (a
+                // slice behind a force-deleted pod): that one is not the
+                // Service's, and would be called in plaintext as unmeshed.
+                Some((_, None)) if snap.by_pod_ip.contains_key(&e.addr) => continue,
+                _ => None,
+            };
             endpoints.push(endpoint(
                 snap,
                 SocketAddr::new(e.addr, target),
@@ -773,6 +780,65 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
         assert_eq!(proxied(80), (4143, true));
         assert_eq!(proxied(4191), (0, false));
         assert_eq!(proxied(9000), (0, false));
+    }
+
+    /// A slice that names a pod no longer at its address (gone, and the
+    /// address another's; or recreated elsewhere) does not send callers to
+    /// whoever holds it now, unverified.
+    #[test]
+    fn an_endpoint_whose_pod_is_no_longer_there_is_left_out() {
+        let yaml = |pods: &str| {
+            format!(
+                r#"{pods}
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+  - {{addresses: [10.1.0.9], targetRef: {{kind: Pod, name: web-0}}}}
+  - {{addresses: [10.1.0.10]}}
+"#
+            )
+        };
+        let pod = |ns: &str, name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, annotations: {{strait.dev/inbound-port: \"4143\"}}}}
+spec: {{serviceAccountName: {name}, containers: [{{name: a, image: a}}]}}
+status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
+---"
+            )
+        };
+        let endpoints = |pods: &str| {
+            let s = snapshot(&yaml(pods));
+            let v = service(&s, &svc("shop", "web", 80));
+            v.backends[0]
+                .endpoints
+                .iter()
+                .map(|e| (e.addr.as_ref().unwrap().addr.clone(), e.proxy_port))
+                .collect::<Vec<_>>()
+        };
+        let ours = endpoints(&pod("shop", "web-0", "10.1.0.9"));
+        assert_eq!(
+            ours,
+            [("10.1.0.10:8080".into(), 0), ("10.1.0.9:8080".into(), 4143)]
+        );
+        // Gone, its address another namespace's pod's now.
+        let taken = endpoints(&pod("other", "x", "10.1.0.9"));
+        assert_eq!(taken, [("10.1.0.10:8080".to_string(), 0)]);
+        // Recreated at another address.
+        let moved = endpoints(&pod("shop", "web-0", "10.1.0.77"));
+        assert_eq!(moved, [("10.1.0.10:8080".to_string(), 0)]);
+        // Gone, and nobody at its address yet: as before.
+        assert_eq!(endpoints("").len(), 2);
     }
 
     /// A client that dials a meshed pod's own address (a StatefulSet's pod,
