@@ -68,14 +68,19 @@ pub async fn dial_within(
     cfg: &TcpConfig,
     timeout: Duration,
 ) -> Result<TcpStream, (&'static str, String)> {
+    // One deadline for the lookup and the connect, as HTTP's connects have.
+    let deadline = tokio::time::Instant::now() + timeout;
     let addr = cfg
         .names
         .resolve(dst, timeout)
         .await
         .map_err(|e| ("resolve", e.to_string()))?;
-    connect::tcp(addr, timeout)
-        .await
-        .map_err(|e| ("connect", e.to_string()))
+    connect::tcp(
+        addr,
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await
+    .map_err(|e| ("connect", e.to_string()))
 }
 
 /// Copies both ways between `client` and an already connected `upstream`.

@@ -109,9 +109,14 @@ fn restore_version<B>(req: &mut Request<B>, from_peer: bool) -> Result<(), Proxy
         b"HTTP/1.0" => Version::HTTP_10,
         _ => return Err(ProxyError::BadRequest("invalid strait-orig-proto header")),
     };
+    // Host and port only: user info (`user:password@`) never reaches the
+    // app as its Host.
     if !req.headers().contains_key(header::HOST)
         && let Some(a) = req.uri().authority()
-        && let Ok(h) = HeaderValue::from_str(a.as_str())
+        && let Ok(h) = HeaderValue::from_str(match a.as_str().rsplit_once('@') {
+            Some((_, host)) => host,
+            None => a.as_str(),
+        })
     {
         req.headers_mut().insert(header::HOST, h);
     }
@@ -200,6 +205,20 @@ mod tests {
             Version::HTTP_11,
             "a chunked HTTP/1.1 request stays HTTP/1.1"
         );
+        // The Host made from `:authority` carries no user info.
+        let l = InboundDst::new(
+            Some(TargetPort(80)),
+            rules(true),
+            Ipv4Addr::LOCALHOST.into(),
+        );
+        let mut r = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://user:secret@web:8080/")
+            .header(ORIG_PROTO_HEADER, "HTTP/1.1")
+            .body(())
+            .unwrap();
+        l.choose(&mut r).unwrap();
+        assert_eq!(r.headers()[http::header::HOST], "web:8080");
     }
 
     #[test]

@@ -165,10 +165,12 @@ fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, I
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| InitError::Spawn(cmd.clone(), e))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| InitError::Spawn(cmd.clone(), e))?;
-    }
+    // A tool that stops reading (it refused an early line) closes the pipe:
+    // its status and stderr, not the broken pipe, say why.
+    let written = match (stdin, child.stdin.take()) {
+        (Some(input), Some(mut pipe)) => pipe.write_all(input.as_bytes()),
+        _ => Ok(()),
+    };
     let out = child
         .wait_with_output()
         .map_err(|e| InitError::Spawn(cmd.clone(), e))?;
@@ -176,6 +178,7 @@ fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, I
         let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
         return Err(InitError::Failed(cmd, out.status, err));
     }
+    written.map_err(|e| InitError::Spawn(cmd.clone(), e))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -190,6 +193,23 @@ mod tests {
         assert!(!has_global_ipv6(""));
         let global = format!("{link_local}fd000000000000000000000000000002 04 40 00 82     eth0\n");
         assert!(has_global_ipv6(&global));
+    }
+
+    /// A tool that refuses its input early and stops reading is reported by
+    /// what it said, not as a broken pipe.
+    #[test]
+    fn a_tool_that_stops_reading_is_reported_by_what_it_said() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tool = std::env::temp_dir().join(format!("strait-refusing-{}", std::process::id()));
+        std::fs::write(&tool, "#!/bin/sh\necho 'line 2 failed' >&2\nexit 2\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let input = "-A X -j ACCEPT\n".repeat(16 * 1024);
+        let e = iptables(tool.display().to_string(), &[], Some(&input)).unwrap_err();
+        assert!(
+            matches!(&e, InitError::Failed(_, _, err) if err.contains("line 2 failed")),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(&tool);
     }
 
     /// Every command `init` may run is in the proxy's image: a node with IPv6

@@ -143,7 +143,9 @@ impl PeerTls {
             Ok(Err(e)) => {
                 self.handshake_failures.inc();
                 let reason = tls::describe_handshake_error(&e);
-                tracing::warn!(peer = %addr, identity = %peer, error = %reason, "mTLS handshake with peer proxy failed");
+                // Any endpoint a Service lists can fail every handshake:
+                // counted each time, logged as a sample.
+                strait_otel::sampled!(warn, peer = %addr, identity = %peer, error = %reason, "mTLS handshake with peer proxy failed");
                 Err(tls_err(reason))
             }
             Err(_) => {
