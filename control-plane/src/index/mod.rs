@@ -269,7 +269,14 @@ impl SnapshotBuilder {
         let n = spec.cluster_ips.as_ref().map_or(0, Vec::len);
         at_most(KIND, &k, "spec.clusterIPs", n, defaults::MAX_CLUSTER_IPS)?;
         let mut ports = Vec::new();
+        // An ExternalName Service is a DNS alias with no endpoints of its own:
+        // no port of it is the mesh's, so callers reach the name it points
+        // at, as they would without the mesh.
+        let alias = spec.type_.as_deref() == Some("ExternalName");
         for (i, p) in spec.ports.unwrap_or_default().iter().enumerate() {
+            if alias {
+                break;
+            }
             // The mesh carries TCP: a UDP or SCTP port of the same number
             // must not lend its target or protocol to the TCP one.
             if !is_tcp(p.protocol.as_deref()) {

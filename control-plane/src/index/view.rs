@@ -782,6 +782,16 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
         assert_eq!(proxied(9000), (0, false));
     }
 
+    /// An ExternalName Service is an alias, not a meshed Service without
+    /// endpoints: callers pass through to the name, and no route sends to it.
+    #[test]
+    fn an_external_name_service_is_not_meshed() {
+        let s = snapshot(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {type: ExternalName, externalName: db.example.com, ports: [{port: 5432}]}\n",
+        );
+        assert_eq!(view(&s, &svc("shop", "db", 5432)), not_meshed());
+    }
+
     /// A slice that names a pod no longer at its address (gone, and the
     /// address another's; or recreated elsewhere) does not send callers to
     /// whoever holds it now, unverified.
