@@ -393,7 +393,9 @@ async fn follow(
                             break;
                         }
                         Err(e) => {
-                            unreachable.store(true, Ordering::Relaxed);
+                            if away(&e) {
+                                unreachable.store(true, Ordering::Relaxed);
+                            }
                             warn!(destination = %req.destination, error = %e.message(), "discovery stream failed; keeping the last answer");
                             break;
                         }
@@ -401,13 +403,30 @@ async fn follow(
                 }
             }
             Err(e) => {
-                unreachable.store(true, Ordering::Relaxed);
+                if away(&e) {
+                    unreachable.store(true, Ordering::Relaxed);
+                }
                 debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
             }
         }
         state.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(backoff.next_delay()).await;
     }
+}
+
+/// Whether a failed call says the controller could not be reached (down,
+/// restarting, the network), rather than that it answered and refused: only
+/// then do remembered answers stand in for its own.
+fn away(e: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        e.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Internal
+    )
 }
 
 #[cfg(test)]
@@ -491,9 +510,19 @@ mod tests {
         }
     }
 
-    /// Answers the first watch with one endpoint and keeps it open; refuses
-    /// every later one (a controller gone), or with `slow` answers it never.
-    struct Once(std::sync::atomic::AtomicUsize, bool);
+    /// Answers the first watch with one endpoint and keeps it open; every
+    /// later one as `Later` says.
+    struct Once(std::sync::atomic::AtomicUsize, Later);
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Later {
+        /// Unavailable: a controller gone.
+        Gone,
+        /// Never answered: a controller slow.
+        Slow,
+        /// Refused by a controller that is up (past this address's share).
+        Refused,
+    }
 
     #[tonic::async_trait]
     impl Serve for Once {
@@ -503,12 +532,13 @@ mod tests {
             _: tonic::Request<api::WatchDestination>,
         ) -> Result<tonic::Response<Updates>, tonic::Status> {
             if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
-                if self.1 {
-                    return Ok(tonic::Response::new(Box::pin(
+                return match self.1 {
+                    Later::Slow => Ok(tonic::Response::new(Box::pin(
                         futures_util::stream::pending(),
-                    )));
-                }
-                return Err(tonic::Status::unavailable("gone"));
+                    ))),
+                    Later::Gone => Err(tonic::Status::unavailable("gone")),
+                    Later::Refused => Err(tonic::Status::resource_exhausted("too many watches")),
+                };
             }
             let Large(n) = Large(1);
             Large(n)
@@ -555,7 +585,7 @@ mod tests {
     /// idle, left its last answer.
     #[tokio::test]
     async fn a_destination_used_again_while_the_controller_is_away_gets_its_last_answer() {
-        let d = discovery_of(Once(Default::default(), false)).await;
+        let d = discovery_of(Once(Default::default(), Later::Gone)).await;
         let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
         let first = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
         assert_eq!(first.expect("answered").backends[0].endpoints.len(), 1);
@@ -625,7 +655,7 @@ mod tests {
     /// once the answer is too old to trust.
     #[tokio::test]
     async fn a_last_answer_stands_in_only_for_an_absent_controller_and_not_for_long() {
-        let d = discovery_of(Once(Default::default(), true)).await;
+        let d = discovery_of(Once(Default::default(), Later::Slow)).await;
         let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
         assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
         let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
@@ -633,11 +663,19 @@ mod tests {
         let slow = d.resolve(&dest, Duration::from_millis(300)).await;
         assert!(slow.is_none(), "passed through");
 
-        let d = discovery_remembering(Once(Default::default(), false), 0).await;
+        let d = discovery_remembering(Once(Default::default(), Later::Gone), 0).await;
         assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
         d.drop_idle(d.now_ms() + idle + 1);
         let old = d.resolve(&dest, Duration::from_millis(300)).await;
         assert!(old.is_none(), "too old: passed through");
+
+        // Nor when the controller is up and refuses the watch: its word
+        // stands, not an answer from before.
+        let d = discovery_of(Once(Default::default(), Later::Refused)).await;
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        d.drop_idle(d.now_ms() + idle + 1);
+        let refused = d.resolve(&dest, Duration::from_millis(300)).await;
+        assert!(refused.is_none(), "refused: passed through");
     }
 
     #[tokio::test]
