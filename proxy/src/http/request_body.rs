@@ -38,6 +38,9 @@ const STALLED: u8 = 2;
 /// Not the client's doing, but its own: the inbound policy stopped admitting
 /// it while its body was still coming (see `inbound::authorize`).
 const REVOKED: u8 = 3;
+/// What the fault is, in the slot; a revocation counted once sets the rest.
+const KIND: u8 = 0x7f;
+const COUNTED: u8 = 0x80;
 
 /// In a request's extensions when its body can fail: what `Forward` checks
 /// when the upstream client reports an error.
@@ -47,7 +50,7 @@ pub struct BodyFault(Arc<AtomicU8>, Duration);
 impl BodyFault {
     /// The client's fault, if its body failed.
     pub fn fault(&self) -> Option<super::error::ProxyError> {
-        match self.0.load(Ordering::Acquire) {
+        match self.0.load(Ordering::Acquire) & KIND {
             MALFORMED => Some(super::error::ProxyError::ClientBody),
             STALLED => Some(super::error::ProxyError::ClientBodyStalled(self.1)),
             REVOKED => Some(super::error::ProxyError::Revoked),
@@ -59,13 +62,14 @@ impl BodyFault {
     /// client's stays what `Forward` answers); `false` if it was already, by
     /// the other side of the request: counted once.
     pub fn revoke(&self) -> bool {
-        match self
-            .0
-            .compare_exchange(0, REVOKED, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => true,
-            Err(before) => before != REVOKED,
-        }
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur & COUNTED == 0).then(|| {
+                    let kind = if cur & KIND == 0 { REVOKED } else { cur & KIND };
+                    kind | COUNTED
+                })
+            })
+            .is_ok()
     }
 }
 
@@ -126,8 +130,12 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, ClientFault>>> {
         let this = self.project();
         let record = |kind: u8| {
+            // The first fault stands (a revocation's among them), and so
+            // does whether it was counted.
             if let Some(f) = this.fault.as_ref() {
-                f.store(kind, Ordering::Release);
+                let _ = f.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    (cur & KIND == 0).then_some(cur | kind)
+                });
             }
         };
         match this.inner.poll_frame(cx) {
@@ -211,6 +219,44 @@ mod tests {
             Some(super::super::error::ProxyError::ClientBodyStalled(_))
         ));
         drop(tx);
+    }
+
+    /// A request revoked on both its sides, or failed first by its client,
+    /// is counted once; the first fault is the one answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_is_counted_once_and_the_first_fault_stands() {
+        let (_tx, rx) = channel();
+        let req = RequestBody::wrap(
+            http::Request::post("/").body(rx).unwrap(),
+            Some(Duration::from_secs(30)),
+        );
+        let slot = req.extensions().get::<BodyFault>().cloned().unwrap();
+        assert!(slot.revoke(), "the first side counts");
+        assert!(!slot.revoke(), "the other does not");
+        // The body then stalls: the revocation stays the fault.
+        let mut body = std::pin::pin!(req.into_body());
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(matches!(
+            slot.fault(),
+            Some(super::super::error::ProxyError::Revoked)
+        ));
+        assert!(!slot.revoke());
+
+        // Stalled first, then revoked: counted once, the stall answered.
+        let (_tx, rx) = channel();
+        let req = RequestBody::wrap(
+            http::Request::post("/").body(rx).unwrap(),
+            Some(Duration::from_secs(30)),
+        );
+        let slot = req.extensions().get::<BodyFault>().cloned().unwrap();
+        let mut body = std::pin::pin!(req.into_body());
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(slot.revoke());
+        assert!(!slot.revoke());
+        assert!(matches!(
+            slot.fault(),
+            Some(super::super::error::ProxyError::ClientBodyStalled(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
