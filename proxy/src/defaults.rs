@@ -78,8 +78,9 @@ pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 pub const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// Bytes of a response an HTTP/2 stream may hold ready for a client that
-/// does not take them (hyper's default is 400 KiB): a client that grants
-/// itself huge windows and stops reading could otherwise have a connection's
+/// does not take them (hyper's default is 400 KiB), give or take the one body
+/// chunk hyper sends whole once there is room: a client that grants itself
+/// huge windows and stops reading could otherwise have a connection's
 /// thousand streams hold 400 MiB.
 pub const H2_MAX_SEND_BUF: usize = 64 * 1024;
 /// HTTP/2 PING interval and timeout, to notice dead peers on idle connections.

@@ -133,6 +133,11 @@ impl ConnState {
         found
     }
 
+    /// Whether a request is in flight on the connection.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
     pub fn header_timed_out(&self) -> bool {
         self.header_timed_out.load(Ordering::Acquire)
     }

@@ -177,12 +177,17 @@ pub async fn serve_http2<I, S, B>(
         _ = state.idle_for(cfg.idle_timeout) => {
             debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
             conn.as_mut().inner().graceful_shutdown();
-            // Nothing is in flight, so the GOAWAY needs no long wait; and a
-            // connection still in its handshake (a preface sent in part)
-            // would take the shutdown only once the handshake ended, never.
-            tokio::time::timeout(cfg.header_read_timeout, conn)
-                .await
-                .unwrap_or(Ok(()))
+            // A stream that raced the GOAWAY is let finish. A connection
+            // still in its handshake (a preface sent in part) would take the
+            // shutdown only once the handshake ended, never: given up once
+            // nothing is in flight.
+            loop {
+                match tokio::time::timeout(cfg.header_read_timeout, conn.as_mut()).await {
+                    Ok(r) => break r,
+                    Err(_) if !state.busy() => break Ok(()),
+                    Err(_) => {}
+                }
+            }
         }
     };
     if let Err(e) = res {
