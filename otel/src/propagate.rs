@@ -24,12 +24,13 @@ pub enum Parent {
     /// B3 ids without a sampling state: the caller left the decision to the
     /// receiver, so it is ours to make, within the caller's trace.
     Deferred(SpanContext, Format),
-    /// The caller decided not to sample and sent no ids (B3 `0`, or
-    /// `x-b3-sampled: 0` alone): nothing is recorded, nothing rewritten.
+    /// The caller decided not to sample and sent no ids, or ids that cannot
+    /// be read (B3 `0`, or `x-b3-sampled: 0`): nothing is recorded, nothing
+    /// rewritten.
     Denied,
-    /// The caller decided to sample (or debug) and sent no ids (B3 `1` or
-    /// `d`, `x-b3-sampled: 1` or `x-b3-flags: 1` alone): a new trace, recorded
-    /// whatever the ratio.
+    /// The caller decided to sample (or debug) and sent no ids, or ids that
+    /// cannot be read (B3 `1` or `d`, `x-b3-sampled: 1` or `x-b3-flags: 1`):
+    /// a new trace, recorded whatever the ratio.
     Forced(Format),
 }
 
@@ -197,7 +198,8 @@ fn trace_state(h: &HeaderMap) -> TraceState {
     if joined.len() <= TRACESTATE_MAX {
         return parse(&joined);
     }
-    // Valid as a whole before it is cut: cutting must not launder a list
+    // Valid as a whole (or nothing the SDK can hold, which cutting cannot
+    // change) before it is cut: cutting must not launder a list
     // whose invalid members happen to be the ones that go.
     if parse(&joined) == TraceState::default() {
         return TraceState::default();
@@ -243,7 +245,8 @@ fn members_valid(list: &str) -> bool {
     true
 }
 
-/// A `tracestate` key: `simple-key`, or `tenant-id@system-id`.
+/// A `tracestate` key: `simple-key`, or `tenant-id@system-id`. A simple key
+/// may start with a digit, as Trace Context Level 2 (and the SDK) has it.
 fn state_key(key: &str) -> bool {
     let rest = |b: &[u8]| {
         b.iter()
@@ -252,7 +255,9 @@ fn state_key(key: &str) -> bool {
     match key.split_once('@') {
         None => {
             let b = key.as_bytes();
-            (1..=256).contains(&b.len()) && b[0].is_ascii_lowercase() && rest(b)
+            (1..=256).contains(&b.len())
+                && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+                && rest(b)
         }
         Some((tenant, system)) => {
             let (t, s) = (tenant.as_bytes(), system.as_bytes());
@@ -411,7 +416,10 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
             // A caller that sent both forms (B3 propagators can) has the
             // multi headers written too: left as they came, they would name
             // its own span as the next hop's parent.
-            if h.contains_key(B3_TRACE) || h.contains_key(B3_SPAN) {
+            if [B3_TRACE, B3_SPAN, B3_SAMPLED, B3_FLAGS, B3_PARENT]
+                .iter()
+                .any(|k| h.contains_key(k))
+            {
                 b3_multi(h, sc, debug);
             }
         }
@@ -688,6 +696,11 @@ mod tests {
         inject(&mut h, &ours(), Some(f));
         assert_eq!(h["b3"], format!("{TRACE}-1111111111111111-1"));
         assert_eq!(h["x-b3-spanid"], "1111111111111111");
+        // The sampling state alone beside `b3` is written again too.
+        let mut alone = headers(&[("b3", &sampled), ("x-b3-sampled", "0")]);
+        let (_, f) = decided(extract(&alone));
+        inject(&mut alone, &ours(), Some(f));
+        assert_eq!(alone["x-b3-sampled"], "1");
         assert_eq!(h["x-b3-sampled"], "1");
         assert!(!h.contains_key("x-b3-parentspanid"));
 
@@ -763,6 +776,7 @@ mod tests {
             "foo@=1,bar=2",
             "a==b",
             "Foo=1",
+            "-a=1",
             "foo =1",
             "@v=1",
         ] {
@@ -772,6 +786,7 @@ mod tests {
         assert_eq!(state_of(&tenant(242, 1)), "");
         assert_eq!(state_of(&tenant(1, 15)), "");
         assert_eq!(state_of(&tenant(241, 13)), tenant(241, 13));
+        assert_eq!(state_of("1vendor=x,foo=1"), "1vendor=x,foo=1");
         // A valid member the SDK cannot hold is left out, not the list.
         assert_eq!(state_of(&format!("foo=1,{}", tenant(241, 14))), "foo=1");
         let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>();
