@@ -105,7 +105,20 @@ pub fn parse(v: &serde_json::Value) -> Result<(ObjKey, AuthorizationSpec), SpecE
         namespace: o.metadata.namespace.unwrap_or_else(|| "default".into()),
         name,
     };
-    let s = o.spec;
+    let mut s = o.spec;
+    // SPIFFE trust domains are lower case: an entry that spells one
+    // otherwise names the same trust domain (and was taken before they were
+    // checked, so refusing it now would seal its namespace on an upgrade).
+    for a in &mut s.allow {
+        if let Allow::Identity(id) = a
+            && let Some(rest) = id.strip_prefix("spiffe://")
+        {
+            let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if td.bytes().any(|b| b.is_ascii_uppercase()) {
+                *id = format!("spiffe://{}/{path}", td.to_ascii_lowercase());
+            }
+        }
+    }
     match (&s.target_ref, &s.selector) {
         (Some(t), None) if t.kind == "Service" && (t.group.is_empty() || t.group == "core") => {}
         (Some(t), None) => {
@@ -446,6 +459,13 @@ spec:
         // What the proxies could not read (and would have to ignore) is refused here.
         bad["spec"]["allow"][0]["identity"] = "spiffe://cluster.local/ns/shop/sa/*".into();
         assert_eq!(parse(&bad).unwrap_err().field, "spec.allow[0].identity");
+        // A trust domain spelt in capitals is the same one, not a refusal.
+        let mut upper = v.clone();
+        upper["spec"]["allow"][0]["identity"] = "spiffe://Cluster.Local/ns/shop/sa/client".into();
+        let (_, s) = parse(&upper).unwrap();
+        assert!(
+            matches!(&s.allow[0], Allow::Identity(id) if id == "spiffe://cluster.local/ns/shop/sa/client")
+        );
         let mut bad = v.clone();
         bad["spec"]["allow"][1]["namespace"] = "*".into();
         assert_eq!(parse(&bad).unwrap_err().field, "spec.allow[1].namespace");
