@@ -183,16 +183,11 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 .as_ref()
                 .and_then(|s| s.ready_replicas)
                 .unwrap_or(0);
-            // Ready replicas count the old ReplicaSet's too: a new one that
-            // cannot start hides behind them until they are replaced.
-            // Unsaid (the API leaves zeros out): no new pod made yet.
-            let updated = d.status.as_ref().and_then(|s| s.updated_replicas);
             match ready {
-                r if r >= want && updated.is_some_and(|u| u < want) => line(
+                r if r >= want && rolling_out(&d) => line(
                     Verdict::Warn,
                     format!(
-                        "the controller is ready on {r} of {want} replicas, but only {} run the current template: its rollout has not finished (kubectl -n {ns} rollout status deploy/{CONTROLLER})",
-                        updated.unwrap_or(0)
+                        "the controller is ready on {r} of {want} replicas, but its rollout has not finished: pods of the current template are missing or not available (kubectl -n {ns} rollout status deploy/{CONTROLLER})"
                     ),
                 ),
                 0 => line(
@@ -548,10 +543,25 @@ fn expiry(what: &str, pem: &str, whole_chain: bool) -> Line {
     }
 }
 
-/// Whether the issuer's chain (`tls.crt`: the issuer, then any
-/// intermediates) leads to one of the trust anchors, signature by signature.
-/// A rotation done out of order breaks this: the controller then refuses to
-/// start, and proxies would refuse what it signs.
+/// Whether a Deployment's rollout has not finished, as `kubectl rollout
+/// status` reads it: ready replicas count the old ReplicaSet's too, so a new
+/// one that cannot start hides behind them until they are replaced. No
+/// verdict without an observed generation (zeros are left out of a status).
+fn rolling_out(d: &Deployment) -> bool {
+    let (Some(status), Some(spec)) = (d.status.as_ref(), d.spec.as_ref()) else {
+        return false;
+    };
+    let Some(observed) = status.observed_generation else {
+        return false;
+    };
+    let want = spec.replicas.unwrap_or(1);
+    let updated = status.updated_replicas.unwrap_or(0);
+    observed < d.metadata.generation.unwrap_or(0)
+        || updated < want
+        || status.replicas.unwrap_or(0) > updated
+        || status.available_replicas.unwrap_or(0) < updated
+}
+
 /// Whether the controller would sign with this issuer: its key is the
 /// certificate's, it is a CA, and a leaf it signs verifies against it.
 fn issuer_key_line(crt: &str, key: &str) -> Line {
@@ -567,6 +577,10 @@ fn issuer_key_line(crt: &str, key: &str) -> Line {
     }
 }
 
+/// Whether the issuer's chain (`tls.crt`: the issuer, then any
+/// intermediates) leads to one of the trust anchors, signature by signature.
+/// A rotation done out of order breaks this: the controller then refuses to
+/// start, and proxies would refuse what it signs.
 fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     let (chain, anchors) = match (certificates(issuer_pem), certificates(anchors_pem)) {
         (Ok(c), Ok(a)) => (c, a),
@@ -622,12 +636,16 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     if anchored {
         line(Verdict::Ok, "the issuer is signed under the trust anchors")
     } else if unsupported {
-        line(
+        let l = line(
             Verdict::Warn,
             format!(
                 "the issuer's ({issuer}) chain to the trust anchors uses a signature algorithm this check cannot verify: not checked"
             ),
-        )
+        );
+        Line {
+            unchecked: true,
+            ..l
+        }
     } else {
         line(
             Verdict::Fail,
@@ -833,6 +851,39 @@ mod tests {
             None => p.self_signed(&key).unwrap(),
         };
         (cert.pem(), rcgen::Issuer::new(p, key))
+    }
+
+    /// A rollout whose new pods cannot start hides behind the old ones'
+    /// readiness: read as kubectl reads it, and not at all without an
+    /// observed generation.
+    #[test]
+    fn an_unfinished_rollout_is_told() {
+        let deployment = |status: serde_json::Value| -> Deployment {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "strait-controller", "generation": 2},
+                "spec": {"replicas": 1, "selector": {}, "template": {}},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        // One replica, its successor crash-looping beside it.
+        let stuck = deployment(serde_json::json!({
+            "observedGeneration": 2, "replicas": 2, "updatedReplicas": 1,
+            "readyReplicas": 1, "availableReplicas": 1,
+        }));
+        assert!(rolling_out(&stuck));
+        // The new ReplicaSet's pods not even made (quota): zeros left out.
+        let unmade = deployment(serde_json::json!({
+            "observedGeneration": 2, "replicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+        }));
+        assert!(rolling_out(&unmade));
+        let done = deployment(serde_json::json!({
+            "observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
+            "readyReplicas": 1, "availableReplicas": 1,
+        }));
+        assert!(!rolling_out(&done));
+        let unsaid = deployment(serde_json::json!({"replicas": 1, "readyReplicas": 1}));
+        assert!(!rolling_out(&unsaid));
     }
 
     /// An issuer signed under the anchors is no issuer if the controller
