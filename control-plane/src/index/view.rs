@@ -227,21 +227,34 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
                 Some((slice, *target))
             })
     };
-    let any_ready = slices().any(|(s, _)| s.endpoints.iter().any(|e| e.ready));
+    // Endpoints whose pod is no longer at their address are left out first,
+    // so that they do not count as the ready ones either.
+    let live = |e: &crate::index::EndpointInfo| -> Option<Option<(&ObjKey, &PodInfo)>> {
+        let Some(k) = e.pod.as_ref() else {
+            return Some(None);
+        };
+        let holder = || snap.by_pod_ip.get(&e.addr).filter(|keys| !keys.contains(k));
+        match snap.pods.get_key_value(k) {
+            // The pod named holds another address now (recreated): what
+            // answers at this one is not it.
+            Some((_, p)) if !p.ips.is_empty() && !p.ips.contains(&e.addr) => None,
+            // Not addressed yet (recreated), or gone, while another pod holds
+            // the address (a slice behind a force-deleted pod): that one is
+            // not the Service's, and would be called as this pod, or in
+            // plaintext as unmeshed.
+            Some((_, p)) if p.ips.is_empty() && holder().is_some() => None,
+            None if holder().is_some() => None,
+            Some(kp) => Some(Some(kp)),
+            None => Some(None),
+        }
+    };
+    let any_ready = slices().any(|(s, _)| s.endpoints.iter().any(|e| e.ready && live(e).is_some()));
     let mut endpoints = Vec::new();
     for (slice, target) in slices() {
         let usable = |e: &&crate::index::EndpointInfo| if any_ready { e.ready } else { e.draining };
         for e in slice.endpoints.iter().filter(usable) {
-            let pod = match e.pod.as_ref().map(|k| (k, snap.pods.get(k))) {
-                // The pod named holds another address now (recreated): what
-                // answers at this one is not it.
-                Some((_, Some(p))) if !p.ips.is_empty() && !p.ips.contains(&e.addr) => continue,
-                Some((k, Some(p))) => Some((k, p)),
-                // The pod named is gone, and another holds its address (a
-                // slice behind a force-deleted pod): that one is not the
-                // Service's, and would be called in plaintext as unmeshed.
-                Some((_, None)) if snap.by_pod_ip.contains_key(&e.addr) => continue,
-                _ => None,
+            let Some(pod) = live(e) else {
+                continue;
             };
             endpoints.push(endpoint(
                 snap,
@@ -849,6 +862,37 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
         assert_eq!(moved, [("10.1.0.10:8080".to_string(), 0)]);
         // Gone, and nobody at its address yet: as before.
         assert_eq!(endpoints("").len(), 2);
+        // Recreated and not addressed yet, its old address another's.
+        let unaddressed = format!(
+            "{}\n{}",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, annotations: {strait.dev/inbound-port: \"4143\"}}\nspec: {serviceAccountName: web, containers: [{name: a, image: a}]}\nstatus: {phase: Pending}\n---",
+            pod("other", "x", "10.1.0.9")
+        );
+        assert_eq!(endpoints(&unaddressed), [("10.1.0.10:8080".to_string(), 0)]);
+
+        // A stale ready endpoint does not count as ready: the one still
+        // serving while it terminates stands in, as when none is ready.
+        let s = snapshot(&format!(
+            r#"{}
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+  - {{addresses: [10.1.0.9], targetRef: {{kind: Pod, name: web-0}}}}
+  - {{addresses: [10.1.0.11], conditions: {{ready: false, serving: true, terminating: true}}}}
+"#,
+            pod("other", "x", "10.1.0.9")
+        ));
+        let v = service(&s, &svc("shop", "web", 80));
+        assert_eq!(addrs(&v.backends[0]), ["10.1.0.11:8080"]);
     }
 
     /// A client that dials a meshed pod's own address (a StatefulSet's pod,
