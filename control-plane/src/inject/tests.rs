@@ -592,7 +592,10 @@ fn bad_reviews_are_logged_sampled_and_short() {
         .with_ansi(false)
         .finish();
     // serde's message quotes the string it could not take.
-    let long = format!(r#"{{"kind": "{}"}}"#, "x".repeat(1 << 20));
+    let long = format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
     tracing::subscriber::with_default(subscriber, || {
         for _ in 0..100 {
             let (status, _) = review(

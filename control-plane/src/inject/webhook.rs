@@ -160,16 +160,23 @@ pub async fn serve(
 /// What the webhook's reviews may hold in memory at once. A review's body
 /// reserves its declared length (the most, undeclared) before it is read, and
 /// one review is parsed at a time: a parse can take tens of times its text
-/// (a long array of small numbers), and takes a millisecond or so.
+/// (a long array of small numbers), and takes a millisecond or so. Reviews
+/// of pods as they usually are (under 256 KiB) have half the room to
+/// themselves: a few slow senders of large bodies cannot take it all.
 pub struct Budget {
     bytes: tokio::sync::Semaphore,
+    small: tokio::sync::Semaphore,
     parsing: tokio::sync::Semaphore,
 }
+
+/// A review at most this large takes its room from the small ones' half.
+const SMALL_REVIEW_BYTES: u64 = 256 * 1024;
 
 impl Budget {
     pub fn new(bytes: usize) -> Self {
         Budget {
-            bytes: tokio::sync::Semaphore::new(bytes),
+            bytes: tokio::sync::Semaphore::new(bytes / 2),
+            small: tokio::sync::Semaphore::new(bytes / 2),
             parsing: tokio::sync::Semaphore::new(1),
         }
     }
@@ -183,7 +190,12 @@ impl Budget {
         let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
         let n = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max).min(max));
         let n = u32::try_from(n).ok()?;
-        tokio::time::timeout_at(deadline, self.bytes.acquire_many(n))
+        let pool = if declared.is_some_and(|d| d <= SMALL_REVIEW_BYTES) {
+            &self.small
+        } else {
+            &self.bytes
+        };
+        tokio::time::timeout_at(deadline, pool.acquire_many(n))
             .await
             .ok()?
             .ok()
@@ -325,7 +337,7 @@ fn respond(
     match outcome {
         Ok(Outcome::Inject(patch)) => match rsp.clone().with_patch(patch) {
             Ok(r) => {
-                info!(%pod, "injected");
+                info!(pod = super::clipped(&pod), "injected");
                 r
             }
             Err(e) => fail(rsp, policy, &pod, &e.to_string()),
@@ -378,7 +390,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reviews_hold_no_more_than_the_budget() {
         let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
-        let budget = Budget::new(3 * max);
+        let budget = Budget::new(6 * max);
         let soon = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         let held: Vec<_> =
             futures_util::future::join_all((0..3).map(|_| budget.room(Some(max as u64), soon())))
@@ -386,10 +398,11 @@ mod tests {
         assert!(held.iter().all(Option::is_some));
         // Undeclared: the most is reserved.
         assert!(budget.room(None, soon()).await.is_none());
-        // A small one fits once a large one is done.
-        drop(held);
+        // Small reviews (pods as they are) still have their half.
         let small = budget.room(Some(10_000), soon()).await;
         assert!(small.is_some());
-        assert_eq!(budget.bytes.available_permits(), 3 * max - 10_000);
+        assert_eq!(budget.small.available_permits(), 3 * max - 10_000);
+        drop(held);
+        assert!(budget.room(None, soon()).await.is_some());
     }
 }
