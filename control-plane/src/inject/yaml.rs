@@ -155,6 +155,9 @@ pub fn octal_modes(v: &mut Value) {
     match v {
         Value::Object(m) => {
             for (k, val) in m.iter_mut() {
+                if STRING_MAPS.contains(&k.as_str()) {
+                    continue;
+                }
                 let octal = match &*val {
                     Value::String(s) if k == "defaultMode" || k == "mode" => octal(s),
                     _ => None,
@@ -195,12 +198,30 @@ const BOOL_FIELDS: [&str; 20] = [
     "publishNotReadyAddresses",
 ];
 
+/// Fields whose values are strings whatever they look like (labels,
+/// annotations, a ConfigMap's data, a CSI volume's attributes): neither
+/// booleans nor modes are read into them.
+const STRING_MAPS: [&str; 9] = [
+    "labels",
+    "annotations",
+    "nodeSelector",
+    "matchLabels",
+    "data",
+    "stringData",
+    "binaryData",
+    "volumeAttributes",
+    "parameters",
+];
+
 /// Booleans as kubectl reads them: where the API wants one, a YAML 1.1
 /// boolean word (a string to this parser) becomes the boolean it meant.
 pub fn yaml11_booleans(v: &mut Value) {
     match v {
         Value::Object(m) => {
             for (k, val) in m.iter_mut() {
+                if STRING_MAPS.contains(&k.as_str()) {
+                    continue;
+                }
                 let b = match &*val {
                     Value::String(s) if BOOL_FIELDS.contains(&k.as_str()) => yaml11_bool(s),
                     _ => None,
@@ -291,6 +312,21 @@ mod tests {
             v["env"][0]["value"], "on",
             "a string field keeps its string"
         );
+        // Labels and annotations are strings whatever their keys.
+        let mut v: Value = serde_norway::from_str(
+            "metadata: {annotations: {paused: \"yes\", mode: \"0755\"}, labels: {suspend: \"on\"}}\nvolumes: [{csi: {driver: d, volumeAttributes: {readOnly: \"yes\", mode: \"0755\"}}}]\n",
+        )
+        .unwrap();
+        yaml11_booleans(&mut v);
+        octal_modes(&mut v);
+        assert_eq!(v["metadata"]["annotations"]["paused"], "yes");
+        assert_eq!(v["metadata"]["annotations"]["mode"], "0755");
+        assert_eq!(v["metadata"]["labels"]["suspend"], "on");
+        assert_eq!(
+            v["volumes"][0]["csi"]["volumeAttributes"]["readOnly"],
+            "yes"
+        );
+        assert_eq!(v["volumes"][0]["csi"]["volumeAttributes"]["mode"], "0755");
     }
 
     #[test]
