@@ -810,7 +810,7 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
     /// whoever holds it now, unverified.
     #[test]
     fn an_endpoint_whose_pod_is_no_longer_there_is_left_out() {
-        let yaml = |pods: &str| {
+        let with = |pods: &str, endpoints: &str| {
             format!(
                 r#"{pods}
 apiVersion: v1
@@ -826,10 +826,11 @@ addressType: IPv4
 ports: [{{name: http, port: 8080}}]
 endpoints:
   - {{addresses: [10.1.0.9], targetRef: {{kind: Pod, name: web-0}}}}
-  - {{addresses: [10.1.0.10]}}
+  - {endpoints}
 "#
             )
         };
+        let yaml = |pods: &str| with(pods, "{addresses: [10.1.0.10]}");
         let pod = |ns: &str, name: &str, ip: &str| {
             format!(
                 "apiVersion: v1
@@ -872,24 +873,9 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
 
         // A stale ready endpoint does not count as ready: the one still
         // serving while it terminates stands in, as when none is ready.
-        let s = snapshot(&format!(
-            r#"{}
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints:
-  - {{addresses: [10.1.0.9], targetRef: {{kind: Pod, name: web-0}}}}
-  - {{addresses: [10.1.0.11], conditions: {{ready: false, serving: true, terminating: true}}}}
-"#,
-            pod("other", "x", "10.1.0.9")
+        let s = snapshot(&with(
+            &pod("other", "x", "10.1.0.9"),
+            "{addresses: [10.1.0.11], conditions: {ready: false, serving: true, terminating: true}}",
         ));
         let v = service(&s, &svc("shop", "web", 80));
         assert_eq!(addrs(&v.backends[0]), ["10.1.0.11:8080"]);

@@ -204,12 +204,13 @@ mod tests {
 
     use super::*;
 
-    /// A client that sends part of the HTTP/2 preface and then nothing holds
-    /// its connection (and its place under the listener's limit) no longer
-    /// than an idle one: hyper's handshake has no timer of its own.
-    #[tokio::test(start_paused = true)]
-    async fn a_stalled_http2_preface_is_closed_as_idle() {
-        let (mut client, server) = tokio::io::duplex(1024);
+    /// Timeouts of 10 s (head), 30 s (body) and 120 s (idle), an inbound
+    /// client, and a drain never signalled while the trigger lives.
+    fn setup() -> (
+        ServerConfig,
+        ConnMeta,
+        (crate::transport::drain::DrainTrigger, Drain),
+    ) {
         let cfg = ServerConfig::new(
             Duration::from_secs(10),
             Duration::from_secs(30),
@@ -221,7 +222,16 @@ mod tests {
             metrics: Metrics::new(),
             peer: None,
         };
-        let (_trigger, drain) = crate::transport::drain::channel();
+        (cfg, meta, crate::transport::drain::channel())
+    }
+
+    /// A client that sends part of the HTTP/2 preface and then nothing holds
+    /// its connection (and its place under the listener's limit) no longer
+    /// than an idle one: hyper's handshake has no timer of its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_http2_preface_is_closed_as_idle() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (cfg, meta, (_trigger, drain)) = setup();
         let svc = tower::service_fn(|_: Request<Incoming>| async {
             Ok::<_, Infallible>(Response::new(super::super::empty()))
         });
@@ -248,18 +258,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_is_cut_off() {
         let (mut client, server) = tokio::io::duplex(1024);
-        let cfg = ServerConfig::new(
-            Duration::from_secs(10),
-            Duration::from_secs(30),
-            Duration::from_secs(120),
-        );
-        let meta = ConnMeta {
-            direction: Direction::Inbound,
-            client: crate::addr::ClientAddr("127.0.0.1:40000".parse().unwrap()),
-            metrics: Metrics::new(),
-            peer: None,
-        };
-        let (_trigger, drain) = crate::transport::drain::channel();
+        let (cfg, meta, (_trigger, drain)) = setup();
         let svc = tower::service_fn(
             |_: Request<super::super::conn_guard::InFlightBody<Incoming>>| async {
                 // Streamed, as hyper takes a whole body at once into its buffer.

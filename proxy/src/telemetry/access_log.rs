@@ -342,7 +342,12 @@ mod tests {
 
     fn line(path: &str) -> Line {
         let req = Request::get(path).header("host", "web").body(()).unwrap();
-        Line::of(&req, Direction::Outbound).finish(
+        answered(&req)
+    }
+
+    /// `req`'s line, answered 200 at once.
+    fn answered(req: &Request<()>) -> Line {
+        Line::of(req, Direction::Outbound).finish(
             200,
             Duration::ZERO,
             &Notes::default(),
@@ -432,14 +437,7 @@ mod tests {
             ),
         ] {
             let req = Request::get(target).header("host", host).body(()).unwrap();
-            let line = Line::of(&req, Direction::Outbound).finish(
-                200,
-                Duration::ZERO,
-                &Notes::default(),
-                None,
-                None,
-                None,
-            );
+            let line = answered(&req);
             for format in [LogFormat::Text, LogFormat::Json] {
                 let text = line.render(format);
                 assert!(!text.contains("s3cret"), "{text}");
