@@ -293,7 +293,8 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 why: "is neither enabled nor disabled",
             });
         }
-        None if ns == Namespace::NotEnabled => {
+        // The label asks as the annotation does (as Istio's pod label does).
+        None if ns == Namespace::NotEnabled && label != Some("enabled") => {
             return Ok(Outcome::Skip(
                 "neither the pod nor its namespace asks for it",
             ));

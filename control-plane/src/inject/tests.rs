@@ -194,6 +194,10 @@ fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network(
         inject(&labelled, Namespace::Enabled, &settings()).unwrap(),
         Outcome::Skip("the pod is labelled strait.dev/inject=disabled")
     );
+    // The label asks for it as the annotation does.
+    let mut asked = pod(json!({}), app_spec());
+    asked["metadata"]["labels"] = json!({INJECT: "enabled"});
+    assert_eq!(init_names(&applied(asked, Namespace::NotEnabled)).len(), 2);
     let host = pod(
         json!({INJECT: "enabled"}),
         json!({"hostNetwork": true, "containers": [{"name": "a", "image": "a"}]}),
