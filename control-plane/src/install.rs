@@ -672,7 +672,7 @@ fn match_conditions() -> Value {
 
 /// Two webhooks, as the injector reads them (`inject::webhook`): pods of
 /// labelled namespaces always, other pods (outside the system namespaces) when
-/// their own annotation asks.
+/// their own annotation or label asks.
 fn webhook_configuration(anchors_pem: &str) -> Value {
     use base64::Engine as _;
     let ca_bundle = base64::engine::general_purpose::STANDARD.encode(anchors_pem.as_bytes());
