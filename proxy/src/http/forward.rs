@@ -401,11 +401,7 @@ fn upstream_target<B>(
     // Host (host and port only: never the userinfo an authority may carry).
     let host = match &app_authority {
         Some(a) if !req.headers().contains_key(header::HOST) => {
-            let host = match a.port_u16() {
-                Some(p) => format!("{}:{p}", a.host()),
-                None => a.host().to_string(),
-            };
-            HeaderValue::from_str(&host).ok()
+            HeaderValue::from_str(&super::host_port(a)).ok()
         }
         _ => None,
     };

@@ -24,6 +24,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type that flows through the proxy: streamed, never buffered whole.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
+/// An authority's host and port, without the user info (`user:password@`)
+/// it may carry: what becomes a `Host` header or a log field.
+pub fn host_port(a: &http::uri::Authority) -> String {
+    match a.port() {
+        Some(p) => format!("{}:{}", a.host(), p.as_str()),
+        None => a.host().to_string(),
+    }
+}
+
 pub fn empty() -> BoxBody {
     use http_body_util::BodyExt;
     http_body_util::Empty::new()

@@ -179,11 +179,7 @@ pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
     let h1 = matches!(req.version(), Version::HTTP_11 | Version::HTTP_10);
     if h1 && req.method() != Method::CONNECT {
         if let Some(a) = req.uri().authority() {
-            // host[:port] only: userinfo (`user:pass@`) never becomes a header.
-            let host = match a.port() {
-                Some(p) => format!("{}:{}", a.host(), p.as_str()),
-                None => a.host().to_string(),
-            };
+            let host = super::host_port(a);
             if h.get(header::HOST).map(|v| v.as_bytes()) != Some(host.as_bytes())
                 && let Ok(v) = header::HeaderValue::from_str(&host)
             {

@@ -113,10 +113,7 @@ fn restore_version<B>(req: &mut Request<B>, from_peer: bool) -> Result<(), Proxy
     // app as its Host.
     if !req.headers().contains_key(header::HOST)
         && let Some(a) = req.uri().authority()
-        && let Ok(h) = HeaderValue::from_str(match a.as_str().rsplit_once('@') {
-            Some((_, host)) => host,
-            None => a.as_str(),
-        })
+        && let Ok(h) = HeaderValue::from_str(&crate::http::host_port(a))
     {
         req.headers_mut().insert(header::HOST, h);
     }

@@ -137,18 +137,14 @@ impl Line {
     pub fn of<B>(req: &Request<B>, direction: Direction) -> Line {
         // Host and port only: the user-info part of either (`user:password@`)
         // is a credential, never written to a log.
-        let host_port = |a: &http::uri::Authority| match a.port() {
-            Some(p) => format!("{}:{}", a.host(), p.as_str()),
-            None => a.host().to_string(),
-        };
         let authority = req
             .uri()
             .authority()
-            .map(host_port)
+            .map(crate::http::host_port)
             .or_else(|| {
                 let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
                 Some(match h.parse::<http::uri::Authority>() {
-                    Ok(a) => host_port(&a),
+                    Ok(a) => crate::http::host_port(&a),
                     Err(_) => h.rsplit('@').next().unwrap_or_default().to_string(),
                 })
             })
