@@ -37,6 +37,10 @@ struct Entries {
     /// Size at which views nobody watches any more are dropped, so that watches
     /// that come and go do not grow the map between index changes.
     prune_at: usize,
+    /// The snapshot the last round recomputed the views from. A new watch's
+    /// first view is built from it, not from a newer one a round under way
+    /// has not reached: that round would push its older view over it.
+    snap: Arc<Snapshot>,
 }
 
 /// The index version a view was computed from and when the index changed to
@@ -65,11 +69,13 @@ fn set_stamp(u: &mut api::DestinationUpdate, (version, at): Stamp) {
 
 impl Views {
     pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let snap = snapshot.borrow().clone();
         Arc::new(Views {
             snapshot,
             entries: Mutex::new(Entries {
                 views: HashMap::new(),
                 prune_at: defaults::VIEWS_PRUNE_AT,
+                snap,
             }),
             metrics,
         })
@@ -88,7 +94,7 @@ impl Views {
             entries.views.retain(|_, tx| tx.receiver_count() > 0);
             entries.prune_at = (entries.views.len() * 2).max(defaults::VIEWS_PRUNE_AT);
         }
-        let snap = self.snapshot.borrow().clone();
+        let snap = entries.snap.clone();
         let mut first = view(&snap, &key);
         set_stamp(&mut first, (snap.version, changed_at(&snap)));
         let tx = watch::Sender::new(Arc::new(first));
@@ -105,45 +111,51 @@ impl Views {
         let mut rx = self.snapshot.clone();
         while rx.changed().await.is_ok() {
             let snap = rx.borrow_and_update().clone();
-            let watched: Vec<(DestKey, watch::Sender<Update>)> = {
-                let mut entries = self.entries();
-                entries.views.retain(|_, tx| tx.receiver_count() > 0);
-                self.metrics
-                    .watched_destinations
-                    .set(entries.views.len() as i64);
-                entries
-                    .views
-                    .iter()
-                    .map(|(k, tx)| (k.clone(), tx.clone()))
-                    .collect()
-            };
-            let (views, mut pushed) = (watched.len(), 0i64);
-            for (key, tx) in watched {
-                // Compared as of the same version: a change elsewhere in the mesh
-                // is not a change of this view, and is not pushed.
-                let mut v = view(&snap, &key);
-                set_stamp(&mut v, stamp_of(&tx.borrow()));
-                if **tx.borrow() != v {
-                    set_stamp(&mut v, (snap.version, changed_at(&snap)));
-                    tx.send_replace(Arc::new(v));
-                    self.metrics
-                        .push_latency
-                        .observe(snap.built.elapsed().as_secs_f64());
-                    pushed += 1;
-                }
-            }
-            // From the index change to the last view handed to the streams.
-            crate::spans::record(
-                "discovery.push",
-                crate::spans::since(snap.built.into_std()),
-                vec![
-                    opentelemetry::KeyValue::new("strait.index.version", snap.version as i64),
-                    opentelemetry::KeyValue::new("strait.views.watched", views as i64),
-                    opentelemetry::KeyValue::new("strait.views.pushed", pushed),
-                ],
-                None,
-            );
+            self.round(snap);
         }
+    }
+
+    /// Recomputes every watched view from `snap` and pushes the changed ones.
+    fn round(&self, snap: Arc<Snapshot>) {
+        let watched: Vec<(DestKey, watch::Sender<Update>)> = {
+            let mut entries = self.entries();
+            entries.snap = snap.clone();
+            entries.views.retain(|_, tx| tx.receiver_count() > 0);
+            self.metrics
+                .watched_destinations
+                .set(entries.views.len() as i64);
+            entries
+                .views
+                .iter()
+                .map(|(k, tx)| (k.clone(), tx.clone()))
+                .collect()
+        };
+        let (views, mut pushed) = (watched.len(), 0i64);
+        for (key, tx) in watched {
+            // Compared as of the same version: a change elsewhere in the mesh
+            // is not a change of this view, and is not pushed.
+            let mut v = view(&snap, &key);
+            set_stamp(&mut v, stamp_of(&tx.borrow()));
+            if **tx.borrow() != v {
+                set_stamp(&mut v, (snap.version, changed_at(&snap)));
+                tx.send_replace(Arc::new(v));
+                self.metrics
+                    .push_latency
+                    .observe(snap.built.elapsed().as_secs_f64());
+                pushed += 1;
+            }
+        }
+        // From the index change to the last view handed to the streams.
+        crate::spans::record(
+            "discovery.push",
+            crate::spans::since(snap.built.into_std()),
+            vec![
+                opentelemetry::KeyValue::new("strait.index.version", snap.version as i64),
+                opentelemetry::KeyValue::new("strait.views.watched", views as i64),
+                opentelemetry::KeyValue::new("strait.views.pushed", pushed),
+            ],
+            None,
+        );
     }
 }
 
@@ -314,6 +326,67 @@ mod tests {
         assert!(svc.watch(watch_from("127.0.0.1", 1)).await.is_ok());
         drop(open.pop());
         assert!(svc.watch(watch_from("10.0.0.7", 1)).await.is_ok());
+    }
+
+    /// A snapshot of one Service whose one endpoint is `addr`, at `version`.
+    fn web_at(version: u64, addr: &str) -> Arc<Snapshot> {
+        let yaml = format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{clusterIP: 10.96.0.20, ports: [{{name: http, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 80}}]
+endpoints: [{{addresses: [{addr}]}}]
+"#
+        );
+        let mut s = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(&yaml).unwrap() {
+            o.insert_into(&mut s);
+        }
+        s.version = version;
+        Arc::new(s)
+    }
+
+    fn endpoints(u: &api::DestinationUpdate) -> (u64, Vec<String>) {
+        let Some(api::destination_update::Kind::Service(s)) = &u.kind else {
+            return (0, Vec::new());
+        };
+        let addrs = s
+            .backends
+            .iter()
+            .flat_map(|b| &b.endpoints)
+            .filter_map(|e| e.addr.as_ref().map(|a| a.addr.clone()))
+            .collect();
+        (s.version, addrs)
+    }
+
+    /// A watch that starts while a round is recomputing the views from an
+    /// older snapshot is never sent that older view after a newer one.
+    #[test]
+    fn a_new_watch_never_goes_back_to_an_older_view() {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let views = Views::new(rx, Metrics::new());
+        let (older, newer) = (web_at(1, "10.0.0.1"), web_at(2, "10.0.0.2"));
+        // A round has taken `older` when `newer` is published and the watch starts.
+        tx.send_replace(newer.clone());
+        let key = DestKey::parse("web.shop:80", "shop").unwrap();
+        let mut w = views.subscribe(key);
+        let mut seen = vec![endpoints(&w.borrow_and_update())];
+        views.round(older);
+        seen.push(endpoints(&w.borrow_and_update()));
+        views.round(newer);
+        seen.push(endpoints(&w.borrow_and_update()));
+        assert!(
+            seen.windows(2).all(|p| p[0].0 <= p[1].0),
+            "went back: {seen:?}"
+        );
+        assert_eq!(seen[2], (2, vec!["10.0.0.2:80".to_string()]));
     }
 
     /// What a watch keeps is bounded: a namespace that is no Kubernetes name

@@ -287,11 +287,10 @@ where
             }
             Poll::Pending => {
                 let revoked = w.revoked.get_or_insert_with(|| {
-                    let g = &w.grant;
                     Box::pin(super::policy::revoked(
                         w.policy.clone(),
                         w.port,
-                        g.peer.clone(),
+                        w.grant.peer.clone(),
                     ))
                 });
                 let Poll::Ready(denied) = revoked.as_mut().poll(cx) else {
