@@ -176,6 +176,21 @@ fn valid_identity(s: &str) -> bool {
 }
 
 /// Whether a policy applies to a pod.
+/// The AuthorizationPolicies of one namespace.
+pub fn in_namespace<'s>(
+    snap: &'s Snapshot,
+    namespace: &str,
+) -> impl Iterator<Item = (&'s ObjKey, &'s AuthorizationSpec)> {
+    let from = ObjKey {
+        namespace: namespace.to_string(),
+        name: String::new(),
+    };
+    let namespace = from.namespace.clone();
+    snap.authorizations
+        .range(from..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+}
+
 fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey) -> bool {
     if key.namespace != pod.namespace {
         return false;
@@ -259,7 +274,7 @@ pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
     let mut all_ports = Merged::default();
     let mut per_port: BTreeMap<u16, Vec<&AuthorizationSpec>> = BTreeMap::new();
     let mut applying = Vec::new();
-    for (key, spec) in &snap.authorizations {
+    for (key, spec) in in_namespace(snap, &pod.namespace) {
         if !applies(snap, key, spec, pod) {
             continue;
         }
@@ -390,6 +405,27 @@ mod tests {
         let view = workload_policy(&snap, &pod);
         assert_eq!(view.ports.len(), 2);
         assert!(view.ports.iter().all(|p| p.allow.len() == 1024));
+    }
+
+    /// A pod's policies are its namespace's and no other's, however close
+    /// their names sort.
+    #[test]
+    fn only_the_pods_own_namespace_counts() {
+        let mut snap = Snapshot::empty("cluster.local");
+        for ns in ["sho", "shop", "shop-2", "shopa"] {
+            let (k, s) = parse(&serde_json::json!({
+                "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "a", "namespace": ns},
+                "spec": {"selector": {}, "allow": [{"namespace": ns}]},
+            }))
+            .unwrap();
+            snap.authorizations.insert(k, s);
+        }
+        let names: Vec<&str> = in_namespace(&snap, "shop")
+            .map(|(k, _)| k.namespace.as_str())
+            .collect();
+        assert_eq!(names, ["shop"]);
+        assert_eq!(in_namespace(&snap, "web").count(), 0);
     }
 
     /// A `targetRef` policy covers the Service's pods whatever their

@@ -50,10 +50,9 @@ impl InboundPolicyService {
 /// allowed), and its app start before the policy that applies arrives.
 fn unknown_yet(snap: &Snapshot, pod: &ObjKey) -> bool {
     !snap.pods.contains_key(pod)
-        && snap
-            .authorizations
-            .keys()
-            .any(|k| k.namespace == pod.namespace)
+        && crate::authz::in_namespace(snap, &pod.namespace)
+            .next()
+            .is_some()
 }
 
 type PolicyStream = Pin<Box<dyn Stream<Item = Result<api::WorkloadPolicy, Status>> + Send>>;

@@ -108,8 +108,10 @@ pub struct Snapshot {
     /// Service-account tokens (local mode), by digest: the service account each
     /// proves. Only digests are kept, so the tokens themselves are not in memory.
     pub tokens: HashMap<TokenDigest, ObjKey>,
-    /// strait's AuthorizationPolicies, by namespace/name.
-    pub authorizations: HashMap<ObjKey, crate::authz::AuthorizationSpec>,
+    /// strait's AuthorizationPolicies, by namespace/name: ordered, so that a
+    /// namespace's are one range, and a pod's policy is not worked out from
+    /// every policy of the mesh at every change.
+    pub authorizations: BTreeMap<ObjKey, crate::authz::AuthorizationSpec>,
     /// HTTPRoutes and GRPCRoutes with a Service among their parents.
     pub routes: HashMap<RouteId, RouteSpec>,
     /// The routes naming each Service as a parent: a view finds its routes
@@ -158,7 +160,7 @@ impl Snapshot {
             pods: HashMap::new(),
             by_pod_ip: HashMap::new(),
             tokens: HashMap::new(),
-            authorizations: HashMap::new(),
+            authorizations: BTreeMap::new(),
             routes: HashMap::new(),
             routes_by_parent: HashMap::new(),
             backend_policies: HashMap::new(),
