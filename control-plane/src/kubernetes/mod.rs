@@ -341,37 +341,49 @@ impl Index {
             }
             Change::Listed(kind) => {
                 if let Some(seen) = self.relisting.remove(&kind) {
-                    let gone: Vec<_> = self
-                        .ids
-                        .keys()
-                        .filter(|(k, n)| *k == kind && !seen.contains(n))
-                        .cloned()
-                        .collect();
-                    for key in gone {
-                        if let Some(old) = self.ids.remove(&key) {
-                            old.remove_from(&mut self.snap);
-                        }
-                    }
-                    if kind == Kind::AuthorizationPolicy {
-                        self.refused_policies.retain(|n| seen.contains(n));
-                    }
-                    let before = self.statuses.len();
-                    self.statuses
-                        .retain(|(k, n), _| *k != kind || seen.contains(n));
-                    self.statuses_dirty |= self.statuses.len() != before;
+                    self.keep_only(kind, &seen);
                 }
                 self.listed.insert(kind);
                 self.dirty = true;
             }
             Change::Absent(kind) => {
-                self.listed.insert(kind);
-                // No such kind served (its CRD removed): nothing of it is
-                // refused any more, and no namespace stays sealed for it.
-                if kind == Kind::AuthorizationPolicy {
-                    self.refused_policies.clear();
+                // No such kind served (its CRD removed, and its objects with
+                // it, their deletes perhaps missed while no watch was open),
+                // or a route kind the controller may not read: none of it is
+                // used, refused, or written status for.
+                self.relisting.remove(&kind);
+                if self.keep_only(kind, &HashSet::new()) {
+                    self.dirty = true;
                 }
+                self.listed.insert(kind);
             }
         }
+    }
+
+    /// Forgets every object of `kind` not in `seen`, with its status, and
+    /// says whether the index changed.
+    fn keep_only(&mut self, kind: Kind, seen: &HashSet<String>) -> bool {
+        let gone: Vec<_> = self
+            .ids
+            .keys()
+            .filter(|(k, n)| *k == kind && !seen.contains(n))
+            .cloned()
+            .collect();
+        let changed = !gone.is_empty();
+        for key in gone {
+            if let Some(old) = self.ids.remove(&key) {
+                old.remove_from(&mut self.snap);
+            }
+        }
+        // Unsealing what they sealed is `seal`'s.
+        if kind == Kind::AuthorizationPolicy {
+            self.refused_policies.retain(|n| seen.contains(n));
+        }
+        let before = self.statuses.len();
+        self.statuses
+            .retain(|(k, n), _| *k != kind || seen.contains(n));
+        self.statuses_dirty |= self.statuses.len() != before;
+        changed
     }
 }
 
@@ -727,6 +739,40 @@ mod tests {
         index.statuses_dirty = false;
         index.apply(route(None));
         assert!(index.statuses.is_empty() && index.statuses_dirty);
+    }
+
+    /// A kind found no longer served (its CRD removed while no watch was
+    /// open, its objects' deletes missed) is empty: its routes stop steering
+    /// traffic and no status is written for them.
+    #[test]
+    fn a_kind_no_longer_served_keeps_nothing() {
+        let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules: [{}]
+"#;
+        let value = serde_json::json!({"metadata": {"namespace": "shop", "name": "r"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}});
+        let obj = crate::manifests::parse_file(yaml).unwrap().remove(0);
+        let mut index = Index::new("cluster.local");
+        listed(&mut index);
+        index.apply(Change::Apply {
+            kind: Kind::HttpRoute,
+            name: "shop/r".into(),
+            object: Box::new(Ok(Some(obj))),
+            status: Some(Box::new(StatusInput::of(Kind::HttpRoute, &value, None))),
+            initial: false,
+        });
+        assert_eq!((index.snap.routes.len(), index.statuses.len()), (1, 1));
+        index.dirty = false;
+        index.apply(Change::Relist(Kind::HttpRoute));
+        index.apply(Change::Absent(Kind::HttpRoute));
+        assert!(index.snap.routes.is_empty(), "the route still steers");
+        assert!(index.statuses.is_empty() && index.statuses_dirty);
+        assert!(index.dirty);
     }
 
     /// An update that changes nothing the index keeps (a Pod's status moving
