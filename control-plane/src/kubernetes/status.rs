@@ -71,11 +71,12 @@ impl StatusInput {
                     .into_iter()
                     .flatten()
                     // A core Service: a `Service` of another group is not
-                    // strait's to report on. One without a group is, to say
-                    // the route is refused for it.
+                    // strait's to report on. One without a group (or with
+                    // Gateway API's, its default) is, to say the route is
+                    // refused for it.
                     .filter(|p| {
                         p["kind"].as_str() == Some("Service")
-                            && p["group"].as_str().is_none_or(crate::routes::core_group)
+                            && crate::routes::service_parent(p["group"].as_str())
                     })
                     .filter_map(|p| {
                         Some(ParentRef {
@@ -739,10 +740,12 @@ mod tests {
                 {"group": "core", "kind": "Service", "name": "api"},
                 {"group": "mesh.example.io", "kind": "Service", "name": "theirs"},
                 {"kind": "Service", "name": "no-group"},
+                {"group": "gateway.networking.k8s.io", "kind": "Service", "name": "defaulted"},
                 {"name": "a-gateway"}
             ]}
         });
         let s = StatusInput::of(Kind::HttpRoute, &route, None);
-        assert_eq!(s.targets, ["web", "api", "no-group"]);
+        // Those refused for their group are reported, to say so.
+        assert_eq!(s.targets, ["web", "api", "no-group", "defaulted"]);
     }
 }

@@ -239,25 +239,36 @@ pub(crate) fn core_group(group: &str) -> bool {
     group.is_empty() || group == "core"
 }
 
+/// Gateway API's group, what a parentRef's `group` defaults to.
+pub(crate) const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Whether a parentRef names a Service strait reports on: a core one, or one
+/// whose group was left out (or defaulted), to say the route is refused for it.
+pub(crate) fn service_parent(group: Option<&str>) -> bool {
+    group.is_none_or(|g| core_group(g) || g == GATEWAY_GROUP)
+}
+
 fn parents(route: &ObjKey, refs: &[ParentRefDoc]) -> Result<Vec<ParentRef>, SpecError> {
     let mut out = Vec::new();
     for (i, p) in refs.iter().enumerate() {
         let at = format!("spec.parentRefs[{i}]");
         // Gateway API's defaults: a parentRef without kind is a Gateway's.
         let kind = p.kind.as_deref().unwrap_or("Gateway");
-        let Some(group) = p.group.as_deref() else {
-            if kind == "Service" {
-                // Defaulted, the group would be Gateway API's own, which has no
-                // Service: the route would silently attach to nothing.
+        if kind != "Service" {
+            continue;
+        }
+        // Left out, the group is Gateway API's own (the API server writes it
+        // in), which has no Service: the route would attach to nothing.
+        match p.group.as_deref() {
+            Some(g) if core_group(g) => {}
+            None | Some(GATEWAY_GROUP) => {
                 return Err(SpecError::new(
                     format!("{at}.group"),
-                    "missing: a Service parent needs group \"\" (core)",
+                    "a Service parent needs group \"\" (core); left out, it is Gateway API's, \
+                     which has no Service",
                 ));
             }
-            continue;
-        };
-        if kind != "Service" || !core_group(group) {
-            continue;
+            Some(_) => continue,
         }
         if !dns_label(&p.name) {
             return Err(SpecError::new(
@@ -466,12 +477,13 @@ pub(super) fn rule_parts(
     filter_docs: &[FilterDoc],
     backend_refs: &[BackendRefDoc],
 ) -> Result<Rule, SpecError> {
+    // A SectionName: a DNS name, dots allowed.
     if let Some(n) = name
-        && !dns_label(n)
+        && !crate::spec::dns_name(n)
     {
         return Err(SpecError::new(
             format!("{at}.name"),
-            format!("{n:?} is not a rule name (lowercase letters, digits and '-')"),
+            format!("{n:?} is not a rule name (lowercase letters, digits, '-' and '.')"),
         ));
     }
     SpecError::at_most(
@@ -638,6 +650,10 @@ mod tests {
         let api = parsed(&v).to_api(&key, 80);
         let names: Vec<&str> = api.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["canary", "1"]);
+        // A SectionName may have dots.
+        set(&mut v, "/spec/rules/0/name", json!("canary.v2"));
+        let api = parsed(&v).to_api(&key, 80);
+        assert_eq!(api.rules[0].name, "canary.v2");
     }
 
     #[test]
@@ -876,6 +892,13 @@ mod tests {
                 json!(0),
                 "spec.parentRefs[0].port",
             ),
+            // What the API server writes in for a group left out.
+            (
+                "/spec/parentRefs/0/group",
+                json!("gateway.networking.k8s.io"),
+                "spec.parentRefs[0].group",
+            ),
+            ("/spec/rules/1/name", json!("a..b"), "spec.rules[1].name"),
         ];
         for (ptr, value, field) in cases {
             let mut v = route();
