@@ -225,8 +225,24 @@ fn condition(
                     .to_string()
             )
         });
-    json!({"type": kind, "status": status, "reason": reason, "message": message,
+    json!({"type": kind, "status": status, "reason": reason, "message": short(message),
            "observedGeneration": generation, "lastTransitionTime": since})
+}
+
+/// A condition's message at most. An error may quote what it refused (a
+/// 40 KB regex), and past Gateway API's 32,768 characters the API server
+/// refuses the whole status, leaving the last one (`Accepted`) in place.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn short(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.into();
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end]).into()
 }
 
 /// The two conditions of an object whose `targets` and `backends` are looked
@@ -727,6 +743,19 @@ mod tests {
             accepted("b"),
             ("False".to_string(), "Conflicted".to_string())
         );
+    }
+
+    /// A message quoting a long refused value is cut, so that the status
+    /// that says the route is refused is one the API server takes.
+    #[test]
+    fn a_long_message_is_cut_to_what_a_status_takes() {
+        let long = format!("spec.rules[0]: {:?} is not a regex", "é(".repeat(20_000));
+        let c = condition("Accepted", false, "Invalid", &long, 3, &Value::Null);
+        let m = c["message"].as_str().unwrap();
+        assert!(m.len() <= MAX_MESSAGE_BYTES + 3, "{} bytes", m.len());
+        assert!(m.starts_with("spec.rules[0]: \"é(") && m.ends_with('…'));
+        let c = condition("Accepted", false, "Invalid", "short", 3, &Value::Null);
+        assert_eq!(c["message"], "short");
     }
 
     /// Only core Services are strait's parents to report on: a `Service`
