@@ -284,12 +284,20 @@ fn outlier(o: &OutlierDoc) -> Result<OutlierDetection, SpecError> {
         .as_ref()
         .map(|d| positive(&format!("{AT}.maxEjectionTime"), d))
         .transpose()?;
-    if let (Some(base), Some(max)) = (base_ejection_time, max_ejection_time)
-        && max < base
+    // Against the proxies' default base too: a shorter maximum would be
+    // raised to it, unsaid.
+    if let Some(max) = max_ejection_time
+        && max < base_ejection_time.unwrap_or(defaults::BREAKER_BASE_EJECTION)
     {
         return Err(SpecError::new(
             format!("{AT}.maxEjectionTime"),
-            "shorter than baseEjectionTime",
+            match base_ejection_time {
+                Some(_) => "shorter than baseEjectionTime".to_string(),
+                None => format!(
+                    "shorter than baseEjectionTime, {}s when not given",
+                    defaults::BREAKER_BASE_EJECTION.as_secs()
+                ),
+            },
         ));
     }
     let max_ejection_percent = o
@@ -542,6 +550,14 @@ mod tests {
             let e = parse(&v).unwrap_err();
             assert_eq!(e.field, field, "{ptr}: {e}");
         }
+        // A maximum below the base the proxies would use is refused, not raised.
+        let mut v = policy();
+        v["spec"]["outlierDetection"] = json!({"consecutiveFailures": 5, "maxEjectionTime": "2s"});
+        let e = parse(&v).unwrap_err();
+        assert_eq!(e.field, "spec.outlierDetection.maxEjectionTime", "{e}");
+        assert!(e.to_string().contains("5s when not given"), "{e}");
+        v["spec"]["outlierDetection"]["maxEjectionTime"] = json!("5s");
+        assert!(parse(&v).is_ok());
         let mut v = policy();
         v["spec"]["loadBalancer"] = json!({"type": "RoundRobin", "hashHeader": "x"});
         assert_eq!(parse(&v).unwrap_err().field, "spec.loadBalancer");

@@ -214,3 +214,7 @@ pub const WEBHOOK_BODY_BUDGET: usize = 8 * MAX_ADMISSION_REVIEW_BYTES;
 /// turn included: less than a proxy waits for its call (5 s).
 pub const TOKEN_REVIEWS_IN_FLIGHT: usize = 32;
 pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// How long a proxy ejects an endpoint the first time when a BackendPolicy's
+/// `outlierDetection` gives no `baseEjectionTime` (the proxy's own default).
+pub const BREAKER_BASE_EJECTION: std::time::Duration = std::time::Duration::from_secs(5);
