@@ -110,6 +110,14 @@ where
         if let Some(t) = endpoints.config().connect_timeout {
             req.extensions_mut().insert(crate::http::ConnectTimeout(t));
         }
+        if let Some(t) = self.attempt_timeout {
+            // A quarter of the attempt left to answer it unsent.
+            let after = t * 3 / 4;
+            req.extensions_mut().insert(crate::http::ConnectBy {
+                at: tokio::time::Instant::now() + after,
+                after,
+            });
+        }
         // The ready service goes with this request; a clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

@@ -15,7 +15,7 @@ use super::client::{ClientCache, ClientError, ConnectError};
 use super::conn_guard::ConnState;
 use super::error::{KeepUnread, ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
-use super::{BoxBody, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
+use super::{BoxBody, ConnectBy, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
 use crate::addr::OwnAddrs;
 use crate::defaults::{
     FIRST_BODY_FRAME_WAIT, ORIG_PROTO_HEADER, PROXY_ERROR_HEADER, TARGET_PORT_HEADER,
@@ -76,6 +76,7 @@ impl Forward {
         // Taken off the request, not read: a request handed back unsent may be
         // sent next to an endpoint with neither.
         let connect_timeout = req.extensions_mut().remove::<ConnectTimeout>().map(|t| t.0);
+        let connect_by = req.extensions_mut().remove::<ConnectBy>();
         let to_peer = req.extensions_mut().remove::<ToPeer>();
         let is_connect = req.method() == Method::CONNECT;
         let is_upgrade = upgrade::is_upgrade_request(&req);
@@ -117,7 +118,18 @@ impl Forward {
         let head = (hand_back && !h2).then(|| head_of(&req));
         // Over HTTP/2, connected before the request is changed or given up: a
         // request that cannot be sent goes back whole.
-        let ready = match upstream.client.ready().await {
+        let ready = match connect_by {
+            Some(by) => tokio::time::timeout_at(by.at, upstream.client.ready())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Connect(ConnectError::Timeout {
+                        addr,
+                        after: by.after,
+                    }))
+                }),
+            None => upstream.client.ready().await,
+        };
+        let ready = match ready {
             Ok(ready) => ready,
             Err(e) => return Err(Failed::unsent(client_error(e, addr), req, hand_back)),
         };
@@ -613,6 +625,47 @@ mod tests {
             assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY);
             assert!(rsp.extensions().get::<Unsent>().is_none());
         }
+    }
+
+    /// A peer that never answers a connect (its node gone) fails the request
+    /// as unsent by its attempt's connect deadline, not by the (longer)
+    /// connect timeout: the retry above sends it elsewhere.
+    #[tokio::test]
+    async fn a_connect_that_hangs_hands_the_request_back_by_the_attempts_deadline() {
+        // A listener whose accept queue is full drops further SYNs.
+        let full = tokio::net::TcpSocket::new_v4().unwrap();
+        full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = full.listen(0).unwrap();
+        let addr = full.local_addr().unwrap();
+        let _queued = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (forward, _drain) = forwarder();
+        let mut req = request(addr, true, true);
+        req.extensions_mut()
+            .insert(ConnectTimeout(Duration::from_secs(30)));
+        let after = Duration::from_millis(300);
+        req.extensions_mut().insert(ConnectBy {
+            at: tokio::time::Instant::now() + after,
+            after,
+        });
+        let started = std::time::Instant::now();
+        let rsp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tower::ServiceExt::oneshot(forward, req),
+        )
+        .await
+        .expect("answered by the attempt's deadline")
+        .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(rsp.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        let head = rsp.extensions().get::<Unsent>().and_then(Unsent::take);
+        assert!(
+            head.is_some(),
+            "the request handed back, to be sent elsewhere"
+        );
     }
 
     /// An HTTP/1 app that answers as soon as it has a head, saying whether the

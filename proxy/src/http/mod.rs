@@ -95,3 +95,14 @@ impl ToPeer {
 /// (a backend policy's `connectTimeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectTimeout(pub std::time::Duration);
+
+/// When this request stops waiting for a connection to its endpoint: within
+/// its route's per-attempt timeout, so that an endpoint that never answers a
+/// connect (a lost node) fails the attempt as unsent, to be retried on
+/// another, rather than as an attempt timed out. The connect itself goes on
+/// for the requests after.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectBy {
+    pub at: tokio::time::Instant,
+    pub after: std::time::Duration,
+}
