@@ -1117,6 +1117,38 @@ mod tests {
         }
     }
 
+    /// A gRPC server that fails every call at once (trailers-only
+    /// UNAVAILABLE, HTTP 200) is ejected as one answering 503 would be; a
+    /// call refused for its own sake (NOT_FOUND) ejects nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_server_failing_every_call_is_ejected() {
+        use tower::Service as _;
+        for (code, ejected) in [("14", 1), ("13", 1), ("5", 0), ("0", 0)] {
+            let b = two_in_turn();
+            let failed = Arc::new(AtomicUsize::new(0));
+            let counted = failed.clone();
+            type Empty = http_body_util::Empty<bytes::Bytes>;
+            let inner = tower::service_fn(move |req: http::Request<Empty>| {
+                let to_0 = matches!(req.extensions().get::<crate::http::Dst>(),
+                    Some(crate::http::Dst(crate::addr::DestAddr::Socket(a))) if a.port() == 8000);
+                let mut rsp = http::Response::new(crate::http::empty());
+                rsp.headers_mut()
+                    .insert("content-type", "application/grpc".parse().unwrap());
+                if to_0 {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    rsp.headers_mut()
+                        .insert("grpc-status", code.parse().unwrap());
+                }
+                std::future::ready(Ok::<_, std::convert::Infallible>(rsp))
+            });
+            let mut svc = service::Balance::new(b.clone(), inner, None);
+            while failed.load(Ordering::SeqCst) < 5 {
+                let _ = svc.call(http::Request::new(Empty::new())).await;
+            }
+            assert_eq!(b.ejected(), ejected, "grpc-status {code}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_that_never_answers_is_ejected_when_attempts_time_out() {
         // Round robin: nothing but the breaker steers around a silent endpoint

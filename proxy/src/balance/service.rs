@@ -161,7 +161,8 @@ where
             in_flight.unreachable();
         } else if endpoint_failed(&rsp) {
             in_flight.app_unreachable();
-        } else if rsp.status().is_server_error() {
+        } else if rsp.status().is_server_error() || crate::http::grpc::server_failed(rsp.headers())
+        {
             in_flight.failed();
         } else {
             in_flight.success();

@@ -119,6 +119,15 @@ fn code_in(headers: &HeaderMap) -> Option<usize> {
     )
 }
 
+/// Whether a response head ends its call with a server's failure
+/// (trailers-only UNKNOWN, INTERNAL, UNAVAILABLE or DATA_LOSS): an endpoint
+/// that fails every call fast must not look healthy, and fast, to the
+/// breaker and the balancer, as Envoy's and Linkerd's do not. A status only
+/// the trailers carry is not read: the verdict is given at the head.
+pub fn server_failed(headers: &HeaderMap) -> bool {
+    matches!(code_in(headers), Some(2 | 13 | 14 | 15))
+}
+
 /// On a response the proxy made, how the call ended (an index into
 /// `LABELS`) where the HTTP status alone would mislead: a route's timeout is
 /// DEADLINE_EXCEEDED, not the UNAVAILABLE a 504 reads as, which gRPC clients
