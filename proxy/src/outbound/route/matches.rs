@@ -36,6 +36,9 @@ impl ValueMatch {
 #[derive(Clone, Debug)]
 pub struct RouteMatch {
     pub path: PathMatch,
+    /// A prefix's length as written, which ranks it ("/api/" over "/api"),
+    /// though both match the same segments.
+    pub prefix_len: usize,
     pub method: Option<http::Method>,
     pub headers: Vec<(http::HeaderName, ValueMatch)>,
     pub query: Vec<(String, ValueMatch)>,
@@ -46,6 +49,7 @@ impl Default for RouteMatch {
     fn default() -> Self {
         RouteMatch {
             path: PathMatch::Prefix("/".into()),
+            prefix_len: 1,
             method: None,
             headers: Vec::new(),
             query: Vec::new(),
@@ -79,6 +83,10 @@ fn value(field: &str, exact: Option<String>, re: Option<String>) -> Result<Value
 impl RouteMatch {
     pub fn parse(m: api::HttpMatch) -> Result<RouteMatch, ViewError> {
         use api::http_match::Path;
+        let prefix_len = match &m.path {
+            Some(Path::Prefix(p)) => p.len(),
+            _ => 1,
+        };
         let path = match m.path {
             None => PathMatch::Prefix("/".into()),
             Some(Path::Exact(p)) => PathMatch::Exact(p),
@@ -134,6 +142,7 @@ impl RouteMatch {
         }
         Ok(RouteMatch {
             path,
+            prefix_len,
             method,
             headers,
             query,
@@ -200,7 +209,7 @@ impl RouteMatch {
         let rank = |m: &RouteMatch| match &m.path {
             PathMatch::Exact(_) => (0, 0),
             PathMatch::Regex(_) => (1, 0),
-            PathMatch::Prefix(p) => (2, usize::MAX - p.len()),
+            PathMatch::Prefix(_) => (2, usize::MAX - m.prefix_len),
         };
         rank(self)
             .cmp(&rank(other))
@@ -364,5 +373,11 @@ mod tests {
             "{order:?}"
         );
         assert_eq!(v[3].headers.len(), 1, "{order:?}");
+
+        // Ranked by the prefix as written: "/a/" is the longer, though it
+        // matches what "/a" does.
+        let slash = parse(Some(Path::Prefix("/a/".into())));
+        assert_eq!(slash.precedence(&short), Ordering::Less);
+        assert_eq!(short.precedence(&slash), Ordering::Greater);
     }
 }
