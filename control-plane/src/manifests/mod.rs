@@ -575,6 +575,11 @@ impl ManifestSource {
             }
             let mut found = None;
             for f in &owners {
+                // Refused as it is now (for a route to a missing Service, or
+                // the budget, though it parses): none of that is applied.
+                if self.unsettled.contains(f) {
+                    continue;
+                }
                 let d = defs.entry(f.clone()).or_insert_with(|| {
                     let objects = match left.get(f) {
                         Some(o) => o.clone(),
@@ -1208,6 +1213,18 @@ mod tests {
         std::fs::write(dir.join("a.yaml"), ip(4)).unwrap();
         let s = src.scan().unwrap();
         assert!(has(&s, 4) && src.is_clean());
+
+        // Refused though it parses (a route to a Service that does not
+        // exist): its new definition is never read for the other file's sake.
+        std::fs::write(dir.join("c.yaml"), ip(3)).unwrap();
+        assert!(has(&src.scan().unwrap(), 4));
+        let refused = format!("{}---\n{}", ip(9), route("r", "nowhere"));
+        std::fs::write(dir.join("a.yaml"), refused).unwrap();
+        assert!(src.scan().is_none(), "a refused edit changes nothing");
+        std::fs::write(dir.join("c.yaml"), ip(5)).unwrap();
+        let s = src.scan().unwrap();
+        assert!(!has(&s, 9), "the refused file's definition applied");
+        assert!(has(&s, 5), "the readable definition is in force");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
