@@ -143,7 +143,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", value_enum)]
     pub proxy_access_log: Option<crate::inject::AccessLog>,
     /// This replica's name, recorded in the status writers' Lease (default:
-    /// $HOSTNAME, the pod's name).
+    /// $HOSTNAME, the pod's name, or a random one).
     #[arg(long, env = "STRAIT_POD_NAME")]
     pub pod_name: Option<String>,
     /// With --kubernetes: how long the status writer's Lease lasts unrenewed;
@@ -463,7 +463,10 @@ impl Controller {
                     .pod_name
                     .clone()
                     .or_else(|| std::env::var("HOSTNAME").ok())
-                    .unwrap_or_else(|| format!("strait-controller-{}", std::process::id()));
+                    // Random rather than the pid, which is 1 in every
+                    // container: two replicas of one name would both take
+                    // the lease for theirs, and both write.
+                    .unwrap_or_else(|| format!("strait-controller-{:016x}", rand::random::<u64>()));
                 let (leader_tx, leader_rx) = watch::channel(false);
                 election = Some(tokio::spawn(lease::elect(
                     client.clone(),
@@ -472,6 +475,7 @@ impl Controller {
                         identity: identity.clone(),
                         duration: self.args.lease_duration,
                     },
+                    clean_rx.clone(),
                     leader_tx,
                     stopping.clone(),
                 )));

@@ -28,6 +28,7 @@ pub struct LeaseConfig {
 pub async fn elect(
     client: kube::Client,
     cfg: LeaseConfig,
+    mut ready: watch::Receiver<bool>,
     leader: watch::Sender<bool>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -40,6 +41,12 @@ pub async fn elect(
     let mut held_until: Option<Instant> = None;
     let mut seen = Seen::default();
     let run = async {
+        // Not before this replica's index is whole: one whose lists never
+        // complete (RBAC missing one kind) has no statuses to write, and
+        // holding the lease it would keep the ready replicas from writing.
+        if ready.wait_for(|r| *r).await.is_err() {
+            std::future::pending::<()>().await;
+        }
         loop {
             let started = Instant::now();
             // A hold that ran out while this replica slept (a renewal failed
@@ -211,6 +218,18 @@ mod tests {
         Instant,
         tokio_util::sync::CancellationToken,
     ) {
+        elected_once_ready(failing, watch::channel(true).1)
+    }
+
+    fn elected_once_ready(
+        failing: usize,
+        ready: watch::Receiver<bool>,
+    ) -> (
+        watch::Receiver<bool>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Instant,
+        tokio_util::sync::CancellationToken,
+    ) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
@@ -239,8 +258,24 @@ mod tests {
             duration: Duration::from_secs(15),
         };
         let start = Instant::now();
-        tokio::spawn(elect(client, cfg, tx, stop.clone()));
+        tokio::spawn(elect(client, cfg, ready, tx, stop.clone()));
         (rx, calls, start, stop)
+    }
+
+    /// A replica whose index is not whole yet (a list that never completes)
+    /// does not campaign, so it cannot hold the lease from ready replicas
+    /// with nothing to write; once whole, it does.
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_not_ready_does_not_campaign() {
+        let (ready_tx, ready) = watch::channel(false);
+        let (rx, calls, _, stop) = elected_once_ready(0, ready);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(!*rx.borrow());
+        ready_tx.send_replace(true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(*rx.borrow(), "the leader once ready");
+        stop.cancel();
     }
 
     /// A leader whose renewal hangs (a dead pooled connection) stops writing

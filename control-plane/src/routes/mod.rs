@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use strait_api::v1 as api;
 
-pub(crate) use parse::{core_group, service_parent};
+pub(crate) use parse::service_parent;
 pub use parse::{parse, parse_grpc};
 
 use crate::index::view::service_name;
