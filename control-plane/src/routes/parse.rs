@@ -497,6 +497,17 @@ pub(super) fn rule_parts(
         defaults::MAX_RULE_BACKENDS,
     )?;
     let filters = filters(at, filter_docs, &matches)?;
+    // As Gateway API's own validation: a redirect answers the request, so
+    // backends beside it would be silently unused.
+    let redirects = filters
+        .iter()
+        .any(|f| matches!(f.kind, Some(api::http_filter::Kind::RequestRedirect(_))));
+    if redirects && !backend_refs.is_empty() {
+        return Err(SpecError::new(
+            format!("{at}.backendRefs"),
+            "a rule with a RequestRedirect filter has no backendRefs: the redirect answers",
+        ));
+    }
     let backends = backend_refs
         .iter()
         .enumerate()
@@ -926,6 +937,9 @@ mod tests {
             .as_array_mut()
             .unwrap()
             .pop();
+        // Backends beside a redirect would never be used.
+        assert_eq!(field_of(&v), "spec.rules[0].backendRefs");
+        v["spec"]["rules"][0]["backendRefs"] = json!([]);
         let r = parsed(&v);
         let Some(api::http_filter::Kind::RequestRedirect(red)) = &r.rules[0].filters[0].kind else {
             panic!("{:?}", r.rules[0].filters)
