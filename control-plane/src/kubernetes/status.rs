@@ -477,6 +477,9 @@ fn without_times(v: &Value) -> Value {
     }
 }
 
+/// The shortest time between two rounds of statuses.
+const ROUND_EVERY: Duration = Duration::from_secs(1);
+
 /// Writes statuses while `leader` says this replica holds the lease.
 pub async fn write(
     client: kube::Client,
@@ -487,8 +490,19 @@ pub async fn write(
 ) {
     let mut written: Written = HashMap::new();
     let mut refused = Refused::default();
+    let mut last_round: Option<Instant> = None;
     loop {
+        if *leader.borrow() {
+            // Every status is worked out again each round, and snapshots
+            // come up to 100 a second under endpoint churn, which no status
+            // reads: rounds are a second apart at most, each taking the
+            // changes of the second before it.
+            if let Some(t) = last_round {
+                tokio::time::sleep_until(t + ROUND_EVERY).await;
+            }
+        }
         if *leader.borrow_and_update() {
+            last_round = Some(Instant::now());
             let (all, snap) = (
                 statuses.borrow_and_update().clone(),
                 snapshot.borrow_and_update().clone(),
