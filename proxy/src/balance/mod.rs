@@ -192,6 +192,11 @@ pub struct Endpoints {
     newest: Arc<Mutex<Weak<Endpoints>>>,
     /// A newer list exists: only then is `newest` read.
     replaced: AtomicBool,
+    /// What this backend's lists have added to the ejected gauge, handed
+    /// from each list to the next. Counted as a share rather than set: one
+    /// Service reached at two addresses has a backend (and breaker) at each,
+    /// both on the same gauge, and one going must not zero the other's.
+    reported: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -269,13 +274,18 @@ impl Endpoints {
             metrics,
             newest: prev.map(|p| p.newest.clone()).unwrap_or_default(),
             replaced: AtomicBool::new(false),
+            reported: std::sync::atomic::AtomicI64::new(0),
         };
-        e.metrics.ejected.set(e.ejected() as i64);
         let e = Arc::new(e);
         *e.newest.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&e);
         if let Some(p) = prev {
             p.replaced.store(true, Ordering::Release);
+            // Once replaced, the old list reports through this one: its
+            // share is taken over after, so none is lost in between.
+            let share = p.reported.swap(0, Ordering::Relaxed);
+            e.reported.fetch_add(share, Ordering::Relaxed);
         }
+        e.report();
         e
     }
 
@@ -308,6 +318,13 @@ impl Endpoints {
 
     pub fn config(&self) -> &BackendConfig {
         &self.config
+    }
+
+    /// Brings this list's share of the ejected gauge to its count now.
+    fn report(&self) {
+        let n = self.ejected() as i64;
+        let before = self.reported.swap(n, Ordering::Relaxed);
+        self.metrics.ejected.inc_by(n - before);
     }
 
     fn ejected(&self) -> usize {
@@ -517,7 +534,7 @@ impl InFlight {
         }
         tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
         if let Some(live) = self.backend.in_force() {
-            self.backend.metrics.ejected.set(live.ejected() as i64);
+            live.report();
         }
     }
 
@@ -633,7 +650,7 @@ impl InFlight {
             b.metrics.ejections.inc();
             tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
         }
-        b.metrics.ejected.set(live.ejected() as i64);
+        live.report();
     }
 
     fn record(&self, at_least: Duration) {
@@ -656,7 +673,7 @@ impl Drop for Endpoints {
         // destination was dropped. Nothing of it is ejected any more, and
         // no verdict will come to set the gauge again.
         if !*self.replaced.get_mut() {
-            self.metrics.ejected.set(0);
+            self.metrics.ejected.dec_by(*self.reported.get_mut());
         }
     }
 }
@@ -842,6 +859,33 @@ mod tests {
             1,
             "a replaced list is not the backend gone"
         );
+        drop(newer);
+        assert_eq!(metrics.ejected.get(), 0);
+    }
+
+    /// One Service reached at two addresses has a backend at each, on one
+    /// gauge: the one that goes (its destination idle) takes only its own
+    /// ejections off it.
+    #[tokio::test(start_paused = true)]
+    async fn two_backends_on_one_gauge_count_their_own_ejections() {
+        let a = two_in_turn();
+        let b = Endpoints::new(
+            "b".into(),
+            &eps(2),
+            a.config.clone(),
+            None,
+            a.metrics.clone(),
+        );
+        drop(eject_the_first(&a, false).await);
+        assert_eq!(a.metrics.ejected.get(), 1);
+        drop(eject_the_first(&b, false).await);
+        assert_eq!(a.metrics.ejected.get(), 2);
+        drop(b);
+        assert_eq!(a.metrics.ejected.get(), 1, "the other's ejection stays");
+        let metrics = a.metrics.clone();
+        let newer = replaced(&a);
+        assert_eq!(metrics.ejected.get(), 1, "carried over");
+        drop(a);
         drop(newer);
         assert_eq!(metrics.ejected.get(), 0);
     }
