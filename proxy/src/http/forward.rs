@@ -177,6 +177,15 @@ impl Forward {
                 error,
             }
         })?;
+        if is_connect && upgrade::not_a_tunnel(&rsp) {
+            // Nothing is spliced, and the caller's connection stays HTTP,
+            // read by this proxy.
+            return Err(ProxyError::Upstream {
+                addr,
+                reason: "answered CONNECT 2xx with a body's framing: not a tunnel".into(),
+            }
+            .into());
+        }
         *rsp.version_mut() = version;
         // Only a peer proxy speaks for the mesh: an app's or an outside
         // server's own field would pass for one of ours, counting against its
@@ -666,6 +675,44 @@ mod tests {
             head.is_some(),
             "the request handed back, to be sent elsewhere"
         );
+    }
+
+    /// An app that answers CONNECT 200 with a framed (empty) body has taken
+    /// it for a request, not opened a tunnel: nothing is spliced into it.
+    #[tokio::test]
+    async fn a_connect_answered_as_a_request_is_no_tunnel() {
+        for (answer, tunnel) in [
+            ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.1 200 Connection established\r\n\r\n", true),
+        ] {
+            let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = app.local_addr().unwrap();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut s, _) = app.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                s.write_all(answer.as_bytes()).await.unwrap();
+                let _ = s.read(&mut buf).await;
+            });
+            let (forward, _drain) = forwarder();
+            let mut req = Request::connect("web:8080")
+                .header(header::HOST, "web:8080")
+                .body(crate::http::empty())
+                .unwrap();
+            req.extensions_mut().insert(Dst(DestAddr::Socket(addr)));
+            let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
+            let want = if tunnel {
+                http::StatusCode::OK
+            } else {
+                http::StatusCode::BAD_GATEWAY
+            };
+            assert_eq!(rsp.status(), want, "{answer:?}");
+        }
     }
 
     /// An HTTP/1 app that answers as soon as it has a head, saying whether the
