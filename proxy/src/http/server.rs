@@ -77,6 +77,17 @@ pub struct ConnMeta {
     pub metrics: Arc<Metrics>,
     /// Inbound: the calling proxy's verified identity.
     pub peer: Option<crate::identity::Identity>,
+    /// Inbound: when that identity's certificate expires, and the connection
+    /// is wound down.
+    pub until: Option<tokio::time::Instant>,
+}
+
+/// Resolves at `until`, or never.
+pub async fn expiry(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 pub async fn serve_http1<I, S, B>(
@@ -113,6 +124,11 @@ pub async fn serve_http1<I, S, B>(
         tokio::select! {
             r = conn.as_mut() => r,
             _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            () = expiry(meta.until) => {
+                debug!(client = %meta.client.0, "peer certificate expired; closing after the request in flight");
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -174,6 +190,11 @@ pub async fn serve_http2<I, S, B>(
             conn.as_mut().inner().graceful_shutdown();
             conn.await
         }
+        () = expiry(meta.until) => {
+            debug!(client = %meta.client.0, "peer certificate expired; GOAWAY");
+            conn.as_mut().inner().graceful_shutdown();
+            conn.await
+        }
         _ = state.idle_for(cfg.idle_timeout) => {
             debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
             conn.as_mut().inner().graceful_shutdown();
@@ -221,6 +242,7 @@ mod tests {
             client: crate::addr::ClientAddr("127.0.0.1:40000".parse().unwrap()),
             metrics: Metrics::new(),
             peer: None,
+            until: None,
         };
         (cfg, meta, crate::transport::drain::channel())
     }
@@ -248,6 +270,46 @@ mod tests {
         assert!(
             start.elapsed() <= Duration::from_secs(130),
             "closed after {:?}",
+            start.elapsed()
+        );
+    }
+
+    /// A peer whose certificate expires is served no longer on a connection
+    /// it keeps busy: it is closed at the expiry, not left open while
+    /// requests keep coming.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_when_its_peers_certificate_does() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (cfg, mut meta, (_trigger, drain)) = setup();
+        let start = tokio::time::Instant::now();
+        meta.until = Some(start + Duration::from_secs(5));
+        let svc = tower::service_fn(|_: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(super::super::empty()))
+        });
+        let state = Arc::new(ConnState::default());
+        let served = tokio::spawn(async move {
+            serve_http1(server, svc, state, &cfg, &meta, &drain).await;
+        });
+        // A request a second, each answered, until the connection ends.
+        let mut answered = 0;
+        loop {
+            let asked = client.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+            let mut buf = [0u8; 1024];
+            match (asked, client.read(&mut buf).await) {
+                (Ok(()), Ok(n)) if n > 0 => answered += 1,
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(start.elapsed() < Duration::from_secs(60), "still served");
+        }
+        tokio::time::timeout(Duration::from_secs(1), served)
+            .await
+            .expect("the connection's task ended")
+            .unwrap();
+        assert!((5..=6).contains(&answered), "{answered} answered");
+        assert!(
+            start.elapsed() <= Duration::from_secs(7),
+            "{:?}",
             start.elapsed()
         );
     }

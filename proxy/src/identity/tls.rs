@@ -35,11 +35,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// session carries the certificate of the handshake that made it, and rustls
 /// does not verify it again: a leaf that expired since is refused here.
 pub fn live_identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    live_peer(cert).map(|(id, _)| id)
+}
+
+/// As `live_identity_of`, with how long the leaf has left.
+pub fn live_peer(cert: &CertificateDer<'_>) -> Option<(Identity, std::time::Duration)> {
     let not_after = super::creds::not_after(cert).ok()?;
-    if not_after <= std::time::SystemTime::now() {
-        return None;
-    }
-    identity_of(cert)
+    let left = not_after
+        .duration_since(std::time::SystemTime::now())
+        .ok()
+        .filter(|d| !d.is_zero())?;
+    Some((identity_of(cert)?, left))
 }
 
 /// The identity in a verified peer certificate: its one URI SAN, when that is a

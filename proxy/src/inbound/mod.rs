@@ -63,7 +63,8 @@ impl Inbound {
         let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
         let Some(server) = self.shared.tls_server.clone() else {
-            return crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
+            return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
+                .await;
         };
         // Redirected to us: a client outside the mesh, since peer proxies dial
         // the inbound port itself, which is never redirected. TLS from it is
@@ -71,7 +72,8 @@ impl Inbound {
         // as TCP under the port's policy like any other bytes, and a port
         // declared opaque is not waited on here.
         if target.is_some() {
-            return crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await;
+            return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
+                .await;
         }
         // Dialled directly: a peer proxy, whose handshake may start late (a
         // lost segment, a throttled CPU) and gets the handshake's time for it,
@@ -83,7 +85,8 @@ impl Inbound {
                 crate::boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
             }
             Some(First::Other { silent: false }) => {
-                crate::boxed::pin(|| self.serve(acc.stream, target, None, false, client)).await
+                crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
+                    .await
             }
             Some(First::Other { silent: true }) => {
                 self.shared.metrics.reject_tcp(DIRECTION, "silent");
@@ -111,8 +114,8 @@ impl Inbound {
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(tls::live_identity_of);
-                let Some(peer) = peer else {
+                    .and_then(tls::live_peer);
+                let Some((peer, left)) = peer else {
                     // It chains to our anchors yet names no workload (not a
                     // proxy of ours), or a resumed session's has expired.
                     s.metrics.reject_tcp(DIRECTION, "no_peer_identity");
@@ -122,10 +125,23 @@ impl Inbound {
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE);
                 // Boxed, so that the stages below move a pointer, not the stream.
                 let stream = Box::new(stream);
-                if opaque {
-                    return self.opaque_from_peer(stream, peer, client).await;
+                // Served while the peer's certificate vouches for it: wound
+                // down at its expiry, and what is left cut after a grace.
+                let until = tokio::time::Instant::now() + left;
+                let serving = async {
+                    if opaque {
+                        self.opaque_from_peer(stream, peer, until, client).await
+                    } else {
+                        self.serve(stream, target, Some(peer), Some(until), false, client)
+                            .await
+                    }
+                };
+                tokio::select! {
+                    () = serving => {}
+                    () = tokio::time::sleep_until(until + defaults::PEER_EXPIRY_GRACE) => {
+                        debug!(client = %client.0, "peer certificate expired; connection cut");
+                    }
                 }
-                self.serve(stream, target, Some(peer), false, client).await
             }
             Ok(Err(e)) => {
                 s.metrics
@@ -145,16 +161,28 @@ impl Inbound {
 
     /// An opaque stream carried by a peer proxy: its first two bytes are the
     /// target port.
-    async fn opaque_from_peer<I>(self: Arc<Self>, mut stream: I, peer: Identity, client: ClientAddr)
-    where
+    async fn opaque_from_peer<I>(
+        self: Arc<Self>,
+        mut stream: I,
+        peer: Identity,
+        until: tokio::time::Instant,
+        client: ClientAddr,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         use tokio::io::AsyncReadExt;
         let read = tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, stream.read_u16());
         match read.await {
             Ok(Ok(port)) if port != 0 => {
-                self.serve(stream, Some(TargetPort(port)), Some(peer), true, client)
-                    .await
+                self.serve(
+                    stream,
+                    Some(TargetPort(port)),
+                    Some(peer),
+                    Some(until),
+                    true,
+                    client,
+                )
+                .await
             }
             _ => {
                 self.shared.metrics.reject_tcp(DIRECTION, "no_target_port");
@@ -171,6 +199,7 @@ impl Inbound {
         io: I,
         target: Option<TargetPort>,
         peer: Option<Identity>,
+        until: Option<tokio::time::Instant>,
         silent: bool,
         client: ClientAddr,
     ) where
@@ -230,9 +259,10 @@ impl Inbound {
             client,
             metrics: s.metrics.clone(),
             peer: peer.clone(),
+            until,
         };
         let layers = Stack::new(
-            AuthorizeLayer::new(peer.clone(), s.policy.clone(), s.metrics.clone()),
+            AuthorizeLayer::new(peer.clone(), s.policy.clone(), s.metrics.clone()).until(until),
             SetDstLayer(dst::InboundDst::new(target, rules.clone(), s.config.app_ip)),
         );
         match protocol {

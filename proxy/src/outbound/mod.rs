@@ -109,6 +109,7 @@ impl Outbound {
             client: acc.client,
             metrics: s.metrics.clone(),
             peer: None,
+            until: None,
         };
         let layers = Stack::new(
             RouterLayer::new(s.discovery.clone(), self.build.clone()),
