@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, ServerConfig,
@@ -89,7 +90,7 @@ pub fn server_config(creds: &Arc<Credentials>) -> Result<Arc<ServerConfig>, rust
     .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(creds.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(BoundedChain(verifier)))
         .with_cert_resolver(Arc::new(Resolver(creds.clone())));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
     Ok(Arc::new(cfg))
@@ -138,6 +139,73 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
     inner.to_string()
 }
 
+/// At most this many certificates besides the leaf in a peer's chain: ours
+/// has the issuer, and a CA of the user's a few more. Anyone who reaches a
+/// port can send a chain, and webpki searches the certificates it is given
+/// for a path: a dozen self-issued CAs of one name take it to its
+/// 200,000-step cap, tenths of a second of CPU per handshake.
+const MAX_CHAIN_INTERMEDIATES: usize = 4;
+
+fn bounded(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+    if intermediates.len() > MAX_CHAIN_INTERMEDIATES {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ));
+    }
+    Ok(())
+}
+
+/// A client certificate verifier that refuses long chains before searching
+/// them.
+#[derive(Debug)]
+struct BoundedChain(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for BoundedChain {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        bounded(intermediates)?;
+        self.0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 struct PeerVerifier {
     creds: Arc<Credentials>,
     expected: Identity,
@@ -161,6 +229,7 @@ impl ServerCertVerifier for PeerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        bounded(intermediates)?;
         let ee = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         ee.verify_for_usage(
@@ -247,6 +316,61 @@ mod tests {
             p.not_after = rcgen::date_time_ymd(2020, 1, 1);
         }
         p.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// A peer's chain is refused unsearched when longer than any of ours:
+    /// a dozen self-issued CAs of one name, sent by anyone who reaches the
+    /// inbound port, cost webpki's whole path search each handshake.
+    #[test]
+    fn a_long_chain_is_refused_before_it_is_searched() {
+        use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca = |cn: &str| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root = ca("root").self_signed(&root_key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.der().clone()).unwrap();
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+        let verifier = BoundedChain(inner);
+        let leaf_of = |issuer: &Issuer<'_, KeyPair>| {
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
+            )];
+            p.signed_by(&KeyPair::generate().unwrap(), issuer)
+                .unwrap()
+                .der()
+                .clone()
+        };
+        let mut xs = Vec::new();
+        let mut x_key = None;
+        for _ in 0..12 {
+            let key = KeyPair::generate().unwrap();
+            xs.push(ca("X").self_signed(&key).unwrap().der().clone());
+            x_key.get_or_insert(key);
+        }
+        let leaf = leaf_of(&Issuer::new(ca("X"), x_key.unwrap()));
+        let e = verifier
+            .verify_client_cert(&leaf, &xs, UnixTime::now())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+        // Ours: a leaf of an issuer under the root, the issuer sent along.
+        let issuer_key = KeyPair::generate().unwrap();
+        let root_issuer = Issuer::new(ca("root"), root_key);
+        let issuer_cert = ca("issuer").signed_by(&issuer_key, &root_issuer).unwrap();
+        let leaf = leaf_of(&Issuer::new(ca("issuer"), issuer_key));
+        verifier
+            .verify_client_cert(&leaf, &[issuer_cert.der().clone()], UnixTime::now())
+            .unwrap();
     }
 
     /// A resumed session brings back the leaf of its first handshake: once
