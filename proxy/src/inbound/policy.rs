@@ -202,10 +202,9 @@ pub fn parse(p: api::WorkloadPolicy, trust_domain: &str) -> InboundPolicy {
                 Some((port, port_policy(pp, trust_domain)))
             })
             .collect(),
-        default: p
-            .default
-            .map(|d| port_policy(d, trust_domain))
-            .unwrap_or_default(),
+        // None from our controller, which always sends one; were it absent
+        // (an older or broken one), the open default, but of this mesh only.
+        default: port_policy(p.default.unwrap_or_default(), trust_domain),
         probes: p
             .probes
             .into_iter()
@@ -335,6 +334,14 @@ mod tests {
         );
         assert_eq!(listed.check(80, None), Err(Denied::Unauthenticated(80)));
         assert_eq!(PortPolicy::default().check(80, None), Ok(()));
+
+        // An answer without a default is open to this mesh only.
+        let open = parse(api::WorkloadPolicy::default(), "td");
+        assert_eq!(open.port(80).check(80, Some(&web)), Ok(()));
+        assert_eq!(
+            open.port(80).check(80, Some(&elsewhere)),
+            Err(Denied::ForeignTrustDomain(80, elsewhere.clone()))
+        );
     }
 
     /// STRICT on every port, allowing `subject`.
