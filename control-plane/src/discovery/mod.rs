@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::defaults;
-use crate::identity::caller::Authenticator;
+use crate::identity::caller::{Authenticator, Caller};
 use crate::identity::serving;
 use crate::index::view::{self, view};
 use crate::index::{DestKey, Snapshot};
@@ -187,9 +187,10 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<api::WatchDestination>,
     ) -> Result<Response<UpdateStream>, Status> {
-        if let Some(auth) = &self.auth {
-            auth.caller(&req, "discovery").await?;
-        }
+        let caller = match &self.auth {
+            Some(auth) => Some(auth.caller(&req, "discovery").await?),
+            None => None,
+        };
         let source = serving::source(&req);
         let w = req.into_inner();
         if w.destination.len() > defaults::MAX_DESTINATION_LEN {
@@ -217,11 +218,23 @@ impl Discovery for DiscoveryService {
             "watch"
         );
         let guard = self.watches.open("discovery", source, &key)?;
+        let watched = guard.ended();
+        let expired = caller.as_ref().map(Caller::expired);
+        let ended = async move {
+            match expired {
+                Some(expired) => {
+                    tokio::select! {
+                        () = watched => {}
+                        () = expired => {}
+                    }
+                }
+                None => watched.await,
+            }
+        };
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a
             // view, so made-up names cost nothing to hold. The stream stays open,
             // so the proxy notices a controller going away.
-            let ended = guard.ended();
             let stream = futures_util::stream::once(async { Ok(view::not_meshed()) })
                 .chain(futures_util::stream::pending())
                 .map(move |u| {
@@ -232,7 +245,6 @@ impl Discovery for DiscoveryService {
             return Ok(Response::new(Box::pin(stream)));
         }
         let rx = self.views.subscribe(key);
-        let ended = guard.ended();
         let stream = WatchStream::new(rx)
             .map(move |u| {
                 let _alive = &guard;

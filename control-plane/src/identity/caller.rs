@@ -28,6 +28,30 @@ use crate::metrics::Metrics;
 pub struct Caller {
     pub namespace: String,
     pub service_account: String,
+    /// When the credential that proved it expires (a certificate's notAfter,
+    /// a token's `exp`); `None`: it does not.
+    pub until: Option<std::time::SystemTime>,
+}
+
+impl Caller {
+    /// Resolves when the caller's credential expires. A watch opened with it
+    /// ends then, and the proxy watches again with the credential it holds
+    /// now: a watch is not served on a retired certificate or a stolen
+    /// token for as long as its connection stays open.
+    pub fn expired(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let until = self.until;
+        async move {
+            match until {
+                Some(t) => {
+                    let left = t
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
 }
 
 /// Why a call was refused, as the caller is told it.
@@ -132,6 +156,7 @@ impl Authenticator {
                 Ok(k) => Ok(Caller {
                     namespace: k.namespace,
                     service_account: k.name,
+                    until: crate::kubernetes::tokens::expiry(token),
                 }),
                 Err(TokenError::Unknown) => Err(Refused::UnknownToken),
                 Err(TokenError::Unavailable(e)) => Err(Refused::TokenUnchecked(e)),
@@ -170,9 +195,14 @@ impl Authenticator {
         if id.trust_domain() != trust_domain {
             return Err(bad(format!("{id} is not of trust domain {trust_domain}")));
         }
+        let until = x509_parser::parse_x509_certificate(leaf)
+            .ok()
+            .and_then(|(_, c)| u64::try_from(c.validity().not_after.timestamp()).ok())
+            .and_then(|s| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(s)));
         Ok(Caller {
             namespace: id.namespace().to_string(),
             service_account: id.service_account().to_string(),
+            until,
         })
     }
 }
@@ -232,7 +262,18 @@ mod tests {
     }
 
     fn leaf(issuer: &Issuer<'_, KeyPair>) -> CertificateDer<'static> {
+        leaf_until(
+            issuer,
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+        )
+    }
+
+    fn leaf_until(
+        issuer: &Issuer<'_, KeyPair>,
+        until: std::time::SystemTime,
+    ) -> CertificateDer<'static> {
         let mut p = CertificateParams::default();
+        p.not_after = until.into();
         p.subject_alt_names = vec![SanType::URI(
             "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
         )];
@@ -292,5 +333,57 @@ mod tests {
             (c.namespace.as_str(), c.service_account.as_str()),
             ("shop", "web")
         );
+    }
+
+    /// A discovery watch lasts as long as the credential it was opened
+    /// with: a certificate's notAfter ends it, and the proxy watches again
+    /// with what it holds then.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_ends_when_its_credential_expires() {
+        use futures_util::StreamExt;
+        use strait_api::v1::discovery_server::Discovery;
+        let (auth, ours) = authenticator();
+        let (_, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let metrics = Metrics::new();
+        let svc = crate::discovery::DiscoveryService::new(
+            crate::discovery::Views::new(rx, metrics.clone()),
+            crate::metrics::Watches::new(metrics),
+            Some(auth),
+        );
+        let until = std::time::SystemTime::now() + Duration::from_secs(30);
+        let mut req = Request::new(strait_api::v1::WatchDestination {
+            destination: "web.shop.svc.cluster.local:80".into(),
+            context_namespace: "shop".into(),
+            proxy_id: "web-0.shop".into(),
+        });
+        req.extensions_mut().insert(PeerCerts {
+            certs: Some(vec![leaf_until(&ours, until)].into()),
+            addr: None,
+        });
+        let mut stream = svc.watch(req).await.unwrap().into_inner();
+        assert!(stream.next().await.unwrap().is_ok(), "answered");
+        let started = tokio::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(3600), stream.next())
+            .await
+            .expect("the watch outlived its certificate");
+        assert!(end.is_none(), "{end:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(28) && took <= Duration::from_secs(31),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_tokens_expiry_is_its_exp() {
+        use base64::Engine as _;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"aud":["strait"],"exp":1700000000}"#);
+        let token = format!("e30.{claims}.sig");
+        assert_eq!(
+            crate::kubernetes::tokens::expiry(token.as_bytes()),
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(crate::kubernetes::tokens::expiry(b"a-secret-token"), None);
     }
 }

@@ -272,19 +272,7 @@ fn unavailable() -> TokenError {
 /// not expired: a JWT whose claims (read, not verified: the review verifies)
 /// name the audience and a future expiry. `Some(time left)` when it could.
 fn plausible(token: &str, audience: &str, now: std::time::SystemTime) -> Option<Duration> {
-    use base64::Engine as _;
-    let mut parts = token.split('.');
-    let (Some(_), Some(claims), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let Ok(claims) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims) else {
-        return None;
-    };
-    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&claims) else {
-        return None;
-    };
+    let claims = claims(token)?;
     let ours = match &claims["aud"] {
         serde_json::Value::String(a) => a == audience,
         serde_json::Value::Array(a) => a.iter().any(|a| a == audience),
@@ -295,6 +283,28 @@ fn plausible(token: &str, audience: &str, now: std::time::SystemTime) -> Option<
         .map_or(0, |d| d.as_secs());
     let exp = claims["exp"].as_u64().filter(|exp| ours && *exp > now)?;
     Some(Duration::from_secs(exp - now))
+}
+
+/// A JWT's claims, read, not verified.
+fn claims(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (Some(_), Some(claims), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .ok()?;
+    serde_json::from_slice(&claims).ok()
+}
+
+/// When a token that was verified expires: its `exp`, for a JWT that has
+/// one (a projected service-account token's hour), else never.
+pub fn expiry(token: &[u8]) -> Option<std::time::SystemTime> {
+    let exp = claims(std::str::from_utf8(token).ok()?.trim())?["exp"].as_u64()?;
+    std::time::UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 /// The service account an answered review proves: authenticated, for our
