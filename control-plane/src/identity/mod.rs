@@ -67,7 +67,13 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
             .as_ref()
             .err()
             .map(|s| format!("{:?}: {}", s.code(), s.message()));
-        crate::spans::record("identity.certify", started, attrs, error);
+        // Refusals are anyone's to cause: sampled as their log lines are, so
+        // that junk calls cannot crowd issued certificates' spans out of the
+        // export queue.
+        static REFUSED: strait_otel::sampled::Budget = strait_otel::sampled::Budget::new();
+        if error.is_none() || REFUSED.take().is_some() {
+            crate::spans::record("identity.certify", started, attrs, error);
+        }
         result
     }
 }
