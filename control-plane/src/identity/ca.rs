@@ -148,8 +148,10 @@ impl Ca {
             // A root sent along is a trust anchor, whose dates rustls does
             // not check: it bounds no proxy's leaf. (The API server, in Go,
             // does check it for the webhook's certificate; `strait check`
-            // warns of an anchor's expiry.)
-            if c.subject() != c.issuer() {
+            // warns of an anchor's expiry.) A root signs itself: one only
+            // named by itself (a key rollover's) is an intermediate.
+            let root = c.subject() == c.issuer() && c.verify_signature(None).is_ok();
+            if !root {
                 issuer_not_after = issuer_not_after.min(secs(&c.validity().not_after));
             }
         }
@@ -623,6 +625,28 @@ mod tests {
             leaf.not_after <= SystemTime::now() + Duration::from_secs(90),
             "the leaf ends with the intermediate"
         );
+    }
+
+    /// A self-issued intermediate (a key rollover's: named by itself, signed
+    /// by the old key) bounds leaves as any intermediate does; only a root,
+    /// which signs itself, does not.
+    #[test]
+    fn a_self_issued_intermediate_bounds_leaves_too() {
+        let old_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let old_root = Issuer::new(
+            ca_params("root.test", Duration::from_secs(365 * 86400), 2),
+            old_key,
+        );
+        let new_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let rollover_params = ca_params("root.test", Duration::from_secs(90), 1);
+        let rollover = rollover_params.signed_by(&new_key, &old_root).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = ca_params("identity.test", Duration::from_secs(365 * 86400), 0)
+            .signed_by(&key, &Issuer::new(rollover_params, new_key))
+            .unwrap();
+        let chain = format!("{}{}", issuer.pem(), rollover.pem());
+        let ca = Ca::from_pem(&chain, &key.serialize_pem(), Duration::from_secs(3600)).unwrap();
+        assert!(ca.issuer_not_after() <= SystemTime::now() + Duration::from_secs(90));
     }
 
     #[test]
