@@ -16,7 +16,9 @@ use http::{Request, Response, StatusCode};
 use super::{Avoid, Endpoints, InFlight, PickError, ServedBy};
 use crate::addr::DestAddr;
 use crate::http::body::GuardedBody;
-use crate::http::error::{ClientFaulted, UpstreamFailure, endpoint_failed, error_response};
+use crate::http::error::{
+    ClientFaulted, NoVerdict, UpstreamFailure, endpoint_failed, error_response,
+};
 use crate::http::{BoxBody, Dst, boxed};
 
 /// Balances over `endpoints`, sending through `inner` (the endpoint stack).
@@ -154,8 +156,11 @@ where
             // Only if the inner future answered twice.
             return Poll::Pending;
         };
-        if rsp.extensions().get::<ClientFaulted>().is_some() {
-            // The client broke its own request: nothing learnt of the endpoint.
+        if rsp.extensions().get::<ClientFaulted>().is_some()
+            || rsp.extensions().get::<NoVerdict>().is_some()
+        {
+            // The client broke its own request, or the endpoint's connect was
+            // waited for only briefly: nothing learnt of the endpoint.
             in_flight.no_verdict();
         } else if rsp.extensions().get::<UpstreamFailure>().is_some() {
             in_flight.unreachable();

@@ -29,6 +29,11 @@ pub enum ProxyError {
     Resolve { name: DestAddr, reason: String },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
+    /// No connection to the endpoint within the share of the attempt's
+    /// timeout a connect may have: sent elsewhere, but no verdict on the
+    /// endpoint, whose connect may be only slow (it goes on for the next).
+    #[error("no connection to {addr} within {after:?} of the attempt")]
+    ConnectWait { addr: SocketAddr, after: Duration },
     #[error("connect to {addr} failed: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("upstream {addr} failed: {reason}")]
@@ -42,7 +47,9 @@ impl ProxyError {
             ProxyError::MeshPort(_) | ProxyError::Revoked => StatusCode::FORBIDDEN,
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
             ProxyError::ClientBodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ConnectTimeout { .. } | ProxyError::ConnectWait { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::Resolve { .. }
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -59,7 +66,7 @@ impl ProxyError {
             ProxyError::ClientBodyStalled(_) => "client_body_timeout",
             ProxyError::Revoked => "unauthorized",
             ProxyError::Resolve { .. } => "resolve",
-            ProxyError::ConnectTimeout { .. } => "connect_timeout",
+            ProxyError::ConnectTimeout { .. } | ProxyError::ConnectWait { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
         }
@@ -108,6 +115,9 @@ impl ProxyError {
         if matches!(self, ProxyError::BadRequest(_) | ProxyError::Loop(_)) {
             rsp.extensions_mut().insert(ClientFaulted);
         }
+        if matches!(self, ProxyError::ConnectWait { .. }) {
+            rsp.extensions_mut().insert(NoVerdict);
+        }
         rsp
     }
 
@@ -118,10 +128,16 @@ impl ProxyError {
             self,
             ProxyError::Resolve { .. }
                 | ProxyError::ConnectTimeout { .. }
+                | ProxyError::ConnectWait { .. }
                 | ProxyError::Connect { .. }
         )
     }
 }
+
+/// Marks a response that says nothing of its endpoint, though the request
+/// did not reach it (a connect waited for only part of an attempt).
+#[derive(Clone, Copy, Debug)]
+pub struct NoVerdict;
 
 /// Marks a response the proxy made up because the request could not be sent at
 /// all (no connection): safe to retry whatever the request.

@@ -119,14 +119,16 @@ impl Forward {
         // Over HTTP/2, connected before the request is changed or given up: a
         // request that cannot be sent goes back whole.
         let ready = match connect_by {
-            Some(by) => tokio::time::timeout_at(by.at, upstream.client.ready())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ClientError::Connect(ConnectError::Timeout {
+            Some(by) => match tokio::time::timeout_at(by.at, upstream.client.ready()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let waited = ProxyError::ConnectWait {
                         addr,
                         after: by.after,
-                    }))
-                }),
+                    };
+                    return Err(Failed::unsent(waited, req, hand_back));
+                }
+            },
             None => upstream.client.ready().await,
         };
         let ready = match ready {
@@ -674,6 +676,17 @@ mod tests {
         assert!(
             head.is_some(),
             "the request handed back, to be sent elsewhere"
+        );
+        // A slow connect is not yet a failed endpoint.
+        assert!(
+            rsp.extensions()
+                .get::<crate::http::error::NoVerdict>()
+                .is_some()
+        );
+        assert!(
+            rsp.extensions()
+                .get::<crate::http::error::UpstreamFailure>()
+                .is_none()
         );
     }
 
