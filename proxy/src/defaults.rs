@@ -207,13 +207,6 @@ pub const NAMESPACE: &str = "default";
 /// Worker threads of the proxy's runtime (see `--threads`).
 pub const THREADS: u16 = 1;
 
-/// How long a peer's connection is served past its certificate's expiry:
-/// from expiry it is wound down (HTTP/2 GOAWAY, HTTP/1 closed after the
-/// request in flight, tunnels closed), and what is left then is cut.
-/// Short-lived certificates are the mesh's revocation, so an identity no
-/// longer vouched for is not served for as long as a connection stays open.
-pub const PEER_EXPIRY_GRACE: Duration = Duration::from_secs(30);
-
 /// Certificates are renewed at 65 to 75 % of their lifetime (jittered, so proxies
 /// started together do not renew together), leaving a quarter of it for retries.
 pub const RENEW_AT_MIN: f64 = 0.65;

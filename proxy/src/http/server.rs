@@ -77,8 +77,11 @@ pub struct ConnMeta {
     pub metrics: Arc<Metrics>,
     /// Inbound: the calling proxy's verified identity.
     pub peer: Option<crate::identity::Identity>,
-    /// Inbound: when that identity's certificate expires, and the connection
-    /// is wound down.
+    /// Inbound: when that identity's certificate expires. Short-lived
+    /// certificates are the mesh's revocation: no request is taken on the
+    /// connection after it (HTTP/2 GOAWAY; HTTP/1 closed after the request
+    /// in flight), and the calling proxy asks again on a new connection,
+    /// with the certificate it holds then. What is in flight finishes.
     pub until: Option<tokio::time::Instant>,
 }
 

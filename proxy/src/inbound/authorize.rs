@@ -36,8 +36,6 @@ pub struct AuthorizeLayer {
     grant: Arc<Grant>,
     /// This peer's allow and deny counters, looked up on first use.
     counted: Arc<[OnceLock<Counter>; 2]>,
-    /// When the peer's certificate expires: its tunnels are closed then.
-    until: Option<tokio::time::Instant>,
 }
 
 impl AuthorizeLayer {
@@ -55,14 +53,7 @@ impl AuthorizeLayer {
             policy,
             metrics,
             counted: Arc::default(),
-            until: None,
         }
-    }
-
-    /// Tunnels closed at `until` too (the peer's certificate's expiry).
-    pub fn until(mut self, until: Option<tokio::time::Instant>) -> Self {
-        self.until = until;
-        self
     }
 
     fn count(&self, allowed: bool) {
@@ -158,20 +149,13 @@ where
             // A tunnel lives on after this decision: closed when a policy
             // change revokes it.
             let (policy, peer, metrics) = (l.policy.clone(), l.peer.clone(), l.metrics.clone());
-            let until = l.until;
             req.extensions_mut()
                 .insert(crate::http::upgrade::Revocation(Arc::new(move || {
                     let (policy, peer, metrics) = (policy.clone(), peer.clone(), metrics.clone());
                     Box::pin(async move {
-                        tokio::select! {
-                            denied = super::policy::revoked(policy, port, peer) => {
-                                metrics.reject_tcp(super::DIRECTION, "unauthorized");
-                                strait_otel::sampled!(info, %denied, "upgraded connection no longer authorized; closed");
-                            }
-                            () = crate::http::server::expiry(until) => {
-                                tracing::debug!("peer certificate expired; upgraded connection closed");
-                            }
-                        }
+                        let denied = super::policy::revoked(policy, port, peer).await;
+                        metrics.reject_tcp(super::DIRECTION, "unauthorized");
+                        strait_otel::sampled!(info, %denied, "upgraded connection no longer authorized; closed");
                     })
                 })));
         }

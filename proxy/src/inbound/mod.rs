@@ -125,23 +125,14 @@ impl Inbound {
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE);
                 // Boxed, so that the stages below move a pointer, not the stream.
                 let stream = Box::new(stream);
-                // Served while the peer's certificate vouches for it: wound
-                // down at its expiry, and what is left cut after a grace.
+                // HTTP is served on it while the peer's certificate vouches
+                // for it: no new request once it has expired.
                 let until = tokio::time::Instant::now() + left;
-                let serving = async {
-                    if opaque {
-                        self.opaque_from_peer(stream, peer, until, client).await
-                    } else {
-                        self.serve(stream, target, Some(peer), Some(until), false, client)
-                            .await
-                    }
-                };
-                tokio::select! {
-                    () = serving => {}
-                    () = tokio::time::sleep_until(until + defaults::PEER_EXPIRY_GRACE) => {
-                        debug!(client = %client.0, "peer certificate expired; connection cut");
-                    }
+                if opaque {
+                    return self.opaque_from_peer(stream, peer, until, client).await;
                 }
+                self.serve(stream, target, Some(peer), Some(until), false, client)
+                    .await
             }
             Ok(Err(e)) => {
                 s.metrics
@@ -262,7 +253,7 @@ impl Inbound {
             until,
         };
         let layers = Stack::new(
-            AuthorizeLayer::new(peer.clone(), s.policy.clone(), s.metrics.clone()).until(until),
+            AuthorizeLayer::new(peer.clone(), s.policy.clone(), s.metrics.clone()),
             SetDstLayer(dst::InboundDst::new(target, rules.clone(), s.config.app_ip)),
         );
         match protocol {
