@@ -179,12 +179,16 @@ impl Forward {
                 error,
             }
         })?;
-        if is_connect && upgrade::not_a_tunnel(&rsp) {
+        // On the inbound side, where what is spliced reaches the app
+        // unauthorized: a client going out through an egress proxy that
+        // frames its answer (which clients are told to ignore) is not
+        // refused.
+        if is_connect && self.0.direction == Direction::Inbound && upgrade::not_a_tunnel(&rsp) {
             // Nothing is spliced, and the caller's connection stays HTTP,
             // read by this proxy.
             return Err(ProxyError::Upstream {
                 addr,
-                reason: "answered CONNECT 2xx with a body's framing: not a tunnel".into(),
+                reason: "answered CONNECT as a request (a 2xx other than 200, or with a body's framing): not a tunnel".into(),
             }
             .into());
         }
@@ -560,6 +564,10 @@ mod tests {
     use std::time::Duration;
 
     fn forwarder() -> (Forward, crate::transport::DrainTrigger) {
+        forwarder_to(Direction::Outbound)
+    }
+
+    fn forwarder_to(direction: Direction) -> (Forward, crate::transport::DrainTrigger) {
         let (trigger, drain) = crate::transport::drain::channel();
         let forward = Forward::new(
             ClientCache::new(Duration::from_secs(1), None),
@@ -571,7 +579,7 @@ mod tests {
             },
             Metrics::new(),
             drain,
-            Direction::Outbound,
+            direction,
         );
         (forward, trigger)
     }
@@ -690,17 +698,20 @@ mod tests {
         );
     }
 
-    /// An app that answers CONNECT 200 with a framed (empty) body has taken
-    /// it for a request, not opened a tunnel: nothing is spliced into it.
+    /// An app that answers CONNECT 200 with a framed (empty) body, or 204,
+    /// has taken it for a request, not opened a tunnel: nothing is spliced
+    /// into it. Going out, an egress proxy's framed answer is a tunnel.
     #[tokio::test]
     async fn a_connect_answered_as_a_request_is_no_tunnel() {
-        for (answer, tunnel) in [
-            ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false),
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-                false,
-            ),
-            ("HTTP/1.1 200 Connection established\r\n\r\n", true),
+        let framed = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+        let established = "HTTP/1.1 200 Connection established\r\n\r\n";
+        for (answer, direction, tunnel) in [
+            (framed, Direction::Inbound, false),
+            (chunked, Direction::Inbound, false),
+            ("HTTP/1.1 204 No Content\r\n\r\n", Direction::Inbound, false),
+            (established, Direction::Inbound, true),
+            (framed, Direction::Outbound, true),
         ] {
             let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = app.local_addr().unwrap();
@@ -712,19 +723,18 @@ mod tests {
                 s.write_all(answer.as_bytes()).await.unwrap();
                 let _ = s.read(&mut buf).await;
             });
-            let (forward, _drain) = forwarder();
+            let (forward, _drain) = forwarder_to(direction);
             let mut req = Request::connect("web:8080")
                 .header(header::HOST, "web:8080")
                 .body(crate::http::empty())
                 .unwrap();
             req.extensions_mut().insert(Dst(DestAddr::Socket(addr)));
             let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
-            let want = if tunnel {
-                http::StatusCode::OK
+            if tunnel {
+                assert!(rsp.status().is_success(), "{answer:?} {direction:?}");
             } else {
-                http::StatusCode::BAD_GATEWAY
-            };
-            assert_eq!(rsp.status(), want, "{answer:?}");
+                assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY, "{answer:?}");
+            }
         }
     }
 

@@ -71,15 +71,16 @@ impl std::fmt::Debug for TunnelHold {
     }
 }
 
-/// An answer to CONNECT that is no tunnel, though 2xx: it frames a body
-/// (RFC 9110 forbids `Content-Length` and `Transfer-Encoding` there), as an
-/// HTTP server that took CONNECT for a request answers (Go's with a
-/// catch-all handler). Spliced, the caller's next bytes would reach that
-/// server as requests the proxy never read: unauthorized, and carrying
-/// whatever `strait-client-id` the caller wrote.
+/// An app's answer to CONNECT that is no tunnel, though 2xx: a status other
+/// than 200, or a framed body (RFC 9110 forbids `Content-Length` and
+/// `Transfer-Encoding` there), as an HTTP server that took CONNECT for a
+/// request answers (Go's with a catch-all handler). Spliced, the caller's
+/// next bytes would reach that server as requests the proxy never read:
+/// unauthorized, and carrying whatever `strait-client-id` the caller wrote.
 pub fn not_a_tunnel<B>(rsp: &Response<B>) -> bool {
     rsp.status().is_success()
-        && (rsp.headers().contains_key(header::CONTENT_LENGTH)
+        && (rsp.status() != StatusCode::OK
+            || rsp.headers().contains_key(header::CONTENT_LENGTH)
             || rsp.headers().contains_key(header::TRANSFER_ENCODING))
 }
 
