@@ -139,12 +139,14 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
     inner.to_string()
 }
 
-/// At most this many certificates besides the leaf in a peer's chain: ours
-/// has the issuer, and a CA of the user's a few more. Anyone who reaches a
-/// port can send a chain, and webpki searches the certificates it is given
-/// for a path: a dozen self-issued CAs of one name take it to its
-/// 200,000-step cap, tenths of a second of CPU per handshake.
-const MAX_CHAIN_INTERMEDIATES: usize = 4;
+/// At most this many certificates besides the leaf in a peer's chain:
+/// webpki's own bound on a path's intermediates, so no chain it could
+/// verify is refused (ours has the issuer, a user's CA a few more, perhaps
+/// the root sent along). Anyone who reaches a port can send a chain, and
+/// webpki searches the certificates it is given for a path: a dozen
+/// self-issued CAs of one name take it to its 200,000-step cap, tenths of a
+/// second of CPU per handshake; six, some two thousand, milliseconds.
+const MAX_CHAIN_INTERMEDIATES: usize = 6;
 
 fn bounded(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
     if intermediates.len() > MAX_CHAIN_INTERMEDIATES {
@@ -362,6 +364,17 @@ mod tests {
         assert_eq!(
             e,
             rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        );
+        // As many as a path may have are searched, and cheaply refused.
+        let started = std::time::Instant::now();
+        let e = verifier
+            .verify_client_cert(&leaf, &xs[..MAX_CHAIN_INTERMEDIATES], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            "after {:?}",
+            started.elapsed()
         );
         // Ours: a leaf of an issuer under the root, the issuer sent along.
         let issuer_key = KeyPair::generate().unwrap();
