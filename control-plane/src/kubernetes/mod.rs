@@ -350,9 +350,14 @@ impl Index {
                 // No such kind served (its CRD removed, and its objects with
                 // it, their deletes perhaps missed while no watch was open),
                 // or a route kind the controller may not read: none of it is
-                // used, refused, or written status for.
+                // used, refused, or written status for. Not so strait's
+                // policies: a passing 404 (an API server restarting, its CRDs
+                // not served yet) would open what they guard; they stay in
+                // force until a list says they are gone.
                 self.relisting.remove(&kind);
-                if self.keep_only(kind, &HashSet::new()) {
+                if kind == Kind::AuthorizationPolicy {
+                    self.refused_policies.clear();
+                } else if self.keep_only(kind, &HashSet::new()) {
                     self.dirty = true;
                 }
                 self.listed.insert(kind);
@@ -743,7 +748,7 @@ mod tests {
 
     /// A kind found no longer served (its CRD removed while no watch was
     /// open, its objects' deletes missed) is empty: its routes stop steering
-    /// traffic and no status is written for them.
+    /// traffic and no status is written for them. Policies excepted.
     #[test]
     fn a_kind_no_longer_served_keeps_nothing() {
         let yaml = r#"
@@ -773,6 +778,21 @@ spec:
         assert!(index.snap.routes.is_empty(), "the route still steers");
         assert!(index.statuses.is_empty() && index.statuses_dirty);
         assert!(index.dirty);
+
+        // strait's policies stay in force: the 404 may be an API server's
+        // passing one, and their absence would open what they guard.
+        let policy = "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: lock, namespace: shop}\nspec: {selector: {}, mtls: STRICT}\n";
+        let obj = crate::manifests::parse_file(policy).unwrap().remove(0);
+        index.apply(Change::Apply {
+            kind: Kind::AuthorizationPolicy,
+            name: "shop/lock".into(),
+            object: Box::new(Ok(Some(obj))),
+            status: None,
+            initial: false,
+        });
+        index.apply(Change::Relist(Kind::AuthorizationPolicy));
+        index.apply(Change::Absent(Kind::AuthorizationPolicy));
+        assert_eq!(index.snap.authorizations.len(), 1);
     }
 
     /// An update that changes nothing the index keeps (a Pod's status moving
