@@ -192,11 +192,11 @@ pub struct Endpoints {
     newest: Arc<Mutex<Weak<Endpoints>>>,
     /// A newer list exists: only then is `newest` read.
     replaced: AtomicBool,
-    /// What this backend's lists have added to the ejected gauge, handed
-    /// from each list to the next. Counted as a share rather than set: one
-    /// Service reached at two addresses has a backend (and breaker) at each,
-    /// both on the same gauge, and one going must not zero the other's.
-    reported: std::sync::atomic::AtomicI64,
+    /// What this backend has added to the ejected gauge, shared by its lists
+    /// as `newest` is. Counted as a share rather than set: one Service
+    /// reached at two addresses has a backend (and breaker) at each, both on
+    /// the same gauge, and one going must not zero the other's.
+    reported: Arc<std::sync::atomic::AtomicI64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -274,16 +274,12 @@ impl Endpoints {
             metrics,
             newest: prev.map(|p| p.newest.clone()).unwrap_or_default(),
             replaced: AtomicBool::new(false),
-            reported: std::sync::atomic::AtomicI64::new(0),
+            reported: prev.map(|p| p.reported.clone()).unwrap_or_default(),
         };
         let e = Arc::new(e);
         *e.newest.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&e);
         if let Some(p) = prev {
             p.replaced.store(true, Ordering::Release);
-            // Once replaced, the old list reports through this one: its
-            // share is taken over after, so none is lost in between.
-            let share = p.reported.swap(0, Ordering::Relaxed);
-            e.reported.fetch_add(share, Ordering::Relaxed);
         }
         e.report();
         e
@@ -673,7 +669,8 @@ impl Drop for Endpoints {
         // destination was dropped. Nothing of it is ejected any more, and
         // no verdict will come to set the gauge again.
         if !*self.replaced.get_mut() {
-            self.metrics.ejected.dec_by(*self.reported.get_mut());
+            let share = self.reported.swap(0, Ordering::Relaxed);
+            self.metrics.ejected.dec_by(share);
         }
     }
 }
