@@ -175,7 +175,6 @@ fn valid_identity(s: &str) -> bool {
     s.parse::<strait_api::identity::Identity>().is_ok()
 }
 
-/// Whether a policy applies to a pod.
 /// The AuthorizationPolicies of one namespace.
 pub fn in_namespace<'s>(
     snap: &'s Snapshot,
@@ -191,6 +190,7 @@ pub fn in_namespace<'s>(
         .take_while(move |(k, _)| k.namespace == namespace)
 }
 
+/// Whether a policy applies to a pod.
 fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey) -> bool {
     if key.namespace != pod.namespace {
         return false;
