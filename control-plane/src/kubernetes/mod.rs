@@ -353,11 +353,10 @@ impl Index {
                 // used, refused, or written status for. Not so strait's
                 // policies: a passing 404 (an API server restarting, its CRDs
                 // not served yet) would open what they guard; they stay in
-                // force until a list says they are gone.
+                // force, and the namespaces of refused ones sealed, until a
+                // list says they are gone.
                 self.relisting.remove(&kind);
-                if kind == Kind::AuthorizationPolicy {
-                    self.refused_policies.clear();
-                } else if self.keep_only(kind, &HashSet::new()) {
+                if kind != Kind::AuthorizationPolicy && self.keep_only(kind, &HashSet::new()) {
                     self.dirty = true;
                 }
                 self.listed.insert(kind);
@@ -910,9 +909,14 @@ spec:
         });
         index.seal();
         assert!(sealed(&index).is_empty());
-        // Its CRD removed: nothing of the kind stays refused.
+        // Reported absent (perhaps an API server's passing 404): what it
+        // sealed stays sealed until a list says otherwise.
         index.apply(refused(Kind::AuthorizationPolicy, "shop/web", false));
         index.apply(Change::Absent(Kind::AuthorizationPolicy));
+        index.seal();
+        assert_eq!(sealed(&index), ["shop"]);
+        index.apply(Change::Relist(Kind::AuthorizationPolicy));
+        index.apply(Change::Listed(Kind::AuthorizationPolicy));
         index.seal();
         assert!(sealed(&index).is_empty());
     }
