@@ -156,7 +156,13 @@ impl Authenticator {
                 Ok(k) => Ok(Caller {
                     namespace: k.namespace,
                     service_account: k.name,
-                    until: crate::kubernetes::tokens::expiry(token),
+                    // As the API server checked it; a manifest's token is
+                    // known by its digest, whatever its claims say.
+                    until: match &self.tokens {
+                        Verifier::Kubernetes(_) => crate::kubernetes::tokens::expiry(token)
+                            .filter(|t| *t > std::time::SystemTime::now()),
+                        Verifier::Manifests(_) => None,
+                    },
                 }),
                 Err(TokenError::Unknown) => Err(Refused::UnknownToken),
                 Err(TokenError::Unavailable(e)) => Err(Refused::TokenUnchecked(e)),
@@ -199,6 +205,11 @@ impl Authenticator {
             .ok()
             .and_then(|(_, c)| u64::try_from(c.validity().not_after.timestamp()).ok())
             .and_then(|s| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(s)));
+        // webpki reads the time in whole seconds: a leaf in its last second
+        // would open a watch that ends at once.
+        if until.is_none_or(|t| t <= std::time::SystemTime::now()) {
+            return Err(bad("expired".into()));
+        }
         Ok(Caller {
             namespace: id.namespace().to_string(),
             service_account: id.service_account().to_string(),
