@@ -187,30 +187,38 @@ pub async fn serve_http2<I, S, B>(
         TowerToHyperService::new(svc),
     ));
     tokio::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signaled() => {
-            conn.as_mut().inner().graceful_shutdown();
-            conn.await
-        }
+    // `Some(bounded)`: shut down, and with `bounded` given up once nothing
+    // is in flight.
+    let shutdown = tokio::select! {
+        r = conn.as_mut() => Err(r),
+        _ = drain.signaled() => Ok(false),
         () = expiry(meta.until) => {
             debug!(client = %meta.client.0, "peer certificate expired; GOAWAY");
-            conn.as_mut().inner().graceful_shutdown();
-            conn.await
+            Ok(true)
         }
         _ = state.idle_for(cfg.idle_timeout) => {
             debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
+            Ok(true)
+        }
+    };
+    let res = match shutdown {
+        Err(r) => r,
+        Ok(bounded) => {
             conn.as_mut().inner().graceful_shutdown();
-            // A stream that raced the GOAWAY is let finish. A connection
-            // still in its handshake (a preface sent in part) would take the
-            // shutdown only once the handshake ended, never: given up once
-            // nothing is in flight.
-            loop {
-                match tokio::time::timeout(cfg.header_read_timeout, conn.as_mut()).await {
-                    Ok(r) => break r,
-                    Err(_) if !state.busy() => break Ok(()),
-                    Err(_) => {}
+            if bounded {
+                // A stream that raced the GOAWAY is let finish. A connection
+                // still in its handshake (a preface sent in part) would take
+                // the shutdown only once the handshake ended, never: given up
+                // once nothing is in flight.
+                loop {
+                    match tokio::time::timeout(cfg.header_read_timeout, conn.as_mut()).await {
+                        Ok(r) => break r,
+                        Err(_) if !state.busy() => break Ok(()),
+                        Err(_) => {}
+                    }
                 }
+            } else {
+                conn.await
             }
         }
     };
