@@ -47,6 +47,9 @@ pub struct Credentials {
     /// The current certificate's notAfter, in seconds since the epoch (0:
     /// none yet).
     not_after: std::sync::atomic::AtomicU64,
+    /// Certificates installed so far: what was built for one (client
+    /// configs, whose resumable sessions carry it) is built again.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 // Never prints the key.
@@ -78,6 +81,7 @@ impl Credentials {
             provider,
             current: watch::Sender::new(None),
             not_after: Default::default(),
+            generation: Default::default(),
         })
     }
 
@@ -144,6 +148,8 @@ impl Credentials {
         self.current.send_replace(Some(Arc::new(certified)));
         self.not_after
             .store(epoch_secs(not_after), std::sync::atomic::Ordering::Relaxed);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(Installed { serial, not_after })
     }
 
@@ -152,6 +158,11 @@ impl Credentials {
     pub fn expired(&self) -> bool {
         let t = self.not_after.load(std::sync::atomic::Ordering::Relaxed);
         t != 0 && epoch_secs(std::time::SystemTime::now()) > t
+    }
+
+    /// How many certificates have been installed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The certificate new connections present, once there is one.

@@ -71,7 +71,9 @@ fn sni(peer: &Identity) -> ServerName<'static> {
 
 const STAND_IN_SNI: &str = "identity.strait.invalid";
 
-type ConfigCache = Arc<Mutex<HashMap<(Identity, &'static [u8]), Arc<ClientConfig>>>>;
+/// Client configs by peer and ALPN, each with the certificate generation it
+/// was built under.
+type ConfigCache = Arc<Mutex<HashMap<(Identity, &'static [u8]), (u64, Arc<ClientConfig>)>>>;
 
 /// What mTLS to peer proxies needs: our credentials, the counters of failures,
 /// and the client configs already built.
@@ -93,10 +95,17 @@ impl PeerTls {
         }
     }
 
-    /// The client config for `peer` speaking `alpn`, built once.
+    /// The client config for `peer` speaking `alpn`, built once per
+    /// certificate: a config keeps the sessions it may resume, and a resumed
+    /// session presents the certificate of the handshake that made it, so
+    /// after a renewal the peer would go on seeing the old one, and refuse
+    /// it once expired, at every reconnect.
     fn config(&self, peer: &Identity, alpn: &'static [u8]) -> Result<Arc<ClientConfig>, String> {
+        let generation = self.creds.generation();
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = configs.get(&(peer.clone(), alpn)) {
+        if let Some((g, c)) = configs.get(&(peer.clone(), alpn))
+            && *g == generation
+        {
             return Ok(c.clone());
         }
         let c = tls::client_config(&self.creds, peer.clone(), alpn, self.mismatches.clone())
@@ -105,7 +114,7 @@ impl PeerTls {
             // Bounded: identities come from discovery, but a pod talks to few.
             configs.clear();
         }
-        configs.insert((peer.clone(), alpn), c.clone());
+        configs.insert((peer.clone(), alpn), (generation, c.clone()));
         Ok(c)
     }
 
@@ -173,5 +182,40 @@ mod tests {
         for sa in ["a".repeat(64), format!("{}.b", "a".repeat(200))] {
             assert_eq!(sni(&id(&sa)).to_str(), STAND_IN_SNI, "{sa}");
         }
+    }
+
+    /// After a renewal, new connections are made with a new client config:
+    /// the old one's resumable sessions would present the old certificate.
+    #[test]
+    fn a_renewal_makes_new_client_configs() {
+        use rcgen::{CertificateParams, CertificateSigningRequestParams, IsCa, Issuer, KeyPair};
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = Issuer::new(root_params, root_key);
+        let anchors = crate::identity::TrustAnchors::from_pem(root_cert.pem().as_bytes()).unwrap();
+        let me = Identity::of("cluster.local", "shop", "web").unwrap();
+        let creds = Arc::new(Credentials::generate(me.clone(), anchors).unwrap());
+        let tls = PeerTls::new(creds.clone(), Counter::default(), Counter::default());
+        let install = || {
+            let csr = CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into())
+                .unwrap();
+            let leaf = csr.signed_by(&root).unwrap();
+            creds.install(leaf.der().to_vec(), Vec::new()).unwrap();
+        };
+        install();
+        let first = tls.config(&me, tls::ALPN_H2).unwrap();
+        assert!(Arc::ptr_eq(&first, &tls.config(&me, tls::ALPN_H2).unwrap()));
+        install();
+        let renewed = tls.config(&me, tls::ALPN_H2).unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &renewed),
+            "built again after the renewal"
+        );
+        assert!(Arc::ptr_eq(
+            &renewed,
+            &tls.config(&me, tls::ALPN_H2).unwrap()
+        ));
     }
 }
