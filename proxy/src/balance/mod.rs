@@ -584,6 +584,13 @@ impl InFlight {
         self.settle();
     }
 
+    /// No verdict, but the time it took counts towards the latency estimate.
+    pub fn waited(&self) {
+        if self.settle() {
+            self.record(Duration::ZERO);
+        }
+    }
+
     /// Judged: no longer waiting for an answer (once, whatever judged it).
     /// True for the call that judged it.
     fn settle(&self) -> bool {

@@ -156,11 +156,13 @@ where
             // Only if the inner future answered twice.
             return Poll::Pending;
         };
-        if rsp.extensions().get::<ClientFaulted>().is_some()
-            || rsp.extensions().get::<NoVerdict>().is_some()
-        {
-            // The client broke its own request, or the endpoint's connect was
-            // waited for only briefly: nothing learnt of the endpoint.
+        if rsp.extensions().get::<NoVerdict>().is_some() {
+            // The endpoint's connect was waited for only part of an attempt:
+            // no verdict, but the wait goes into its latency, so that one
+            // whose connects hang (a node gone) is picked less.
+            in_flight.waited();
+        } else if rsp.extensions().get::<ClientFaulted>().is_some() {
+            // The client broke its own request: nothing learnt of the endpoint.
             in_flight.no_verdict();
         } else if rsp.extensions().get::<UpstreamFailure>().is_some() {
             in_flight.unreachable();
