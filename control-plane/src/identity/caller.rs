@@ -153,17 +153,24 @@ impl Authenticator {
         }
         match bearer(req) {
             Some(token) => match self.tokens.verify(token, super::serving::source(req)).await {
-                Ok(k) => Ok(Caller {
-                    namespace: k.namespace,
-                    service_account: k.name,
+                Ok(k) => {
                     // As the API server checked it; a manifest's token is
                     // known by its digest, whatever its claims say.
-                    until: match &self.tokens {
-                        Verifier::Kubernetes(_) => crate::kubernetes::tokens::expiry(token)
-                            .filter(|t| *t > std::time::SystemTime::now()),
+                    let until = match &self.tokens {
+                        Verifier::Kubernetes(_) => crate::kubernetes::tokens::expiry(token),
                         Verifier::Manifests(_) => None,
-                    },
-                }),
+                    };
+                    // A review answered (or cached) a moment before the
+                    // token's end proves nothing past it.
+                    if until.is_some_and(|t| t <= std::time::SystemTime::now()) {
+                        return Err(Refused::UnknownToken);
+                    }
+                    Ok(Caller {
+                        namespace: k.namespace,
+                        service_account: k.name,
+                        until,
+                    })
+                }
                 Err(TokenError::Unknown) => Err(Refused::UnknownToken),
                 Err(TokenError::Unavailable(e)) => Err(Refused::TokenUnchecked(e)),
             },
