@@ -1,7 +1,8 @@
 //! Connecting to upstreams, in one place for every protocol: TCP with our
 //! timeout and TCP_NODELAY, then (to a peer proxy) TLS 1.3 that verifies the
-//! identity discovery promised. One rustls client config per peer identity and
-//! ALPN is kept, so connections to a peer resume their TLS sessions.
+//! identity discovery promised. One rustls client config per peer identity,
+//! ALPN and certificate is kept, so connections to a peer resume their TLS
+//! sessions, with the certificate in use.
 
 use std::collections::HashMap;
 use std::io;
@@ -101,8 +102,8 @@ impl PeerTls {
     /// after a renewal the peer would go on seeing the old one, and refuse
     /// it once expired, at every reconnect.
     fn config(&self, peer: &Identity, alpn: &'static [u8]) -> Result<Arc<ClientConfig>, String> {
-        let generation = self.creds.generation();
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.creds.generation();
         if let Some((g, c)) = configs.get(&(peer.clone(), alpn))
             && *g == generation
         {
@@ -112,7 +113,11 @@ impl PeerTls {
             .map_err(|e| e.to_string())?;
         if configs.len() >= defaults::MAX_PEER_TLS_CONFIGS {
             // Bounded: identities come from discovery, but a pod talks to few.
-            configs.clear();
+            // Those of an older certificate go first.
+            configs.retain(|_, (g, _)| *g == generation);
+            if configs.len() >= defaults::MAX_PEER_TLS_CONFIGS {
+                configs.clear();
+            }
         }
         configs.insert((peer.clone(), alpn), (generation, c.clone()));
         Ok(c)
