@@ -187,8 +187,8 @@ pub async fn serve_http2<I, S, B>(
         TowerToHyperService::new(svc),
     ));
     tokio::pin!(conn);
-    // `Some(bounded)`: shut down, and with `bounded` given up once nothing
-    // is in flight.
+    // `Ok(bounded)`: shut down, and with `bounded` given up once nothing is
+    // in flight; `Err`: the connection ended on its own.
     let shutdown = tokio::select! {
         r = conn.as_mut() => Err(r),
         _ = drain.signaled() => Ok(false),
