@@ -95,20 +95,10 @@ impl InboundPolicy for InboundPolicyService {
                 .inspect_err(|r| auth.refused("inbound_policy", r))?;
         }
         let guard = self.watches.open("inbound_policy", source, &pod)?;
-        // Ended by the controller, or when the caller's credential expires.
-        let watched = guard.ended();
-        let expired = caller.as_ref().map(|(_, c)| c.expired());
-        let ended = async move {
-            match expired {
-                Some(expired) => {
-                    tokio::select! {
-                        () = watched => {}
-                        () = expired => {}
-                    }
-                }
-                None => watched.await,
-            }
-        };
+        let ended = crate::identity::caller::Caller::watch_ends(
+            caller.as_ref().map(|(_, c)| c),
+            guard.ended(),
+        );
         let rx = self.snapshot.clone();
         let wait_for_pods = self.wait_for_pods;
         // The policy now, then again whenever the index changes it. The stream

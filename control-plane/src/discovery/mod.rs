@@ -218,19 +218,7 @@ impl Discovery for DiscoveryService {
             "watch"
         );
         let guard = self.watches.open("discovery", source, &key)?;
-        let watched = guard.ended();
-        let expired = caller.as_ref().map(Caller::expired);
-        let ended = async move {
-            match expired {
-                Some(expired) => {
-                    tokio::select! {
-                        () = watched => {}
-                        () = expired => {}
-                    }
-                }
-                None => watched.await,
-            }
-        };
+        let ended = Caller::watch_ends(caller.as_ref(), guard.ended());
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a
             // view, so made-up names cost nothing to hold. The stream stays open,

@@ -34,6 +34,26 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// When a watch opened by `caller` ends: when the controller ends it
+    /// (`watched`), or when the caller's credential expires.
+    pub fn watch_ends(
+        caller: Option<&Caller>,
+        watched: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let expired = caller.map(Caller::expired);
+        async move {
+            match expired {
+                Some(expired) => {
+                    tokio::select! {
+                        () = watched => {}
+                        () = expired => {}
+                    }
+                }
+                None => watched.await,
+            }
+        }
+    }
+
     /// Resolves when the caller's credential expires. A watch opened with it
     /// ends then, and the proxy watches again with the credential it holds
     /// now: a watch is not served on a retired certificate or a stolen
