@@ -218,3 +218,8 @@ pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// How long a proxy ejects an endpoint the first time when a BackendPolicy's
 /// `outlierDetection` gives no `baseEjectionTime` (the proxy's own default).
 pub const BREAKER_BASE_EJECTION: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Certificates after the issuer in `--issuer-cert`: proxies refuse a chain
+/// of more than six after a leaf (webpki's bound on a path), and present
+/// the issuer and these.
+pub const MAX_ISSUER_CHAIN: usize = 5;

@@ -120,6 +120,19 @@ impl Ca {
             "expected a PEM certificate (-----BEGIN CERTIFICATE-----), found none".to_string(),
         ))?;
         let intermediates: Vec<CertificateDer<'static>> = chain.collect();
+        // Proxies present the issuer and these after their leaf, and take at
+        // most six certificates there (a path's bound): more, and every
+        // handshake between them would fail, unsaid.
+        if intermediates.len() > defaults::MAX_ISSUER_CHAIN {
+            return Err((
+                "--issuer-cert",
+                format!(
+                    "{} certificates after the issuer; proxies take at most {} (the root need not be sent: their trust anchors hold it)",
+                    intermediates.len(),
+                    defaults::MAX_ISSUER_CHAIN
+                ),
+            ));
+        }
         // A key that is not the certificate's would sign leaves nobody can verify.
         let (_, cert) = x509_parser::parse_x509_certificate(&issuer_der)
             .map_err(|e| ("--issuer-cert", e.to_string()))?;
@@ -647,6 +660,28 @@ mod tests {
         let chain = format!("{}{}", issuer.pem(), rollover.pem());
         let ca = Ca::from_pem(&chain, &key.serialize_pem(), Duration::from_secs(3600)).unwrap();
         assert!(ca.issuer_not_after() <= SystemTime::now() + Duration::from_secs(90));
+    }
+
+    /// A chain longer than proxies take is refused at load, not left to
+    /// fail every handshake between them.
+    #[test]
+    fn a_chain_longer_than_proxies_take_is_refused() {
+        let (cert, key) = issuer_valid(Duration::ZERO, Duration::from_secs(3600), false);
+        let extra = |n: usize| {
+            (0..n)
+                .map(|_| issuer_valid(Duration::ZERO, Duration::from_secs(3600), false).0)
+                .collect::<String>()
+        };
+        let long = format!("{cert}{}", extra(defaults::MAX_ISSUER_CHAIN + 1));
+        let err = Ca::from_pem(&long, &key, Duration::from_secs(60)).unwrap_err();
+        assert!(err.1.contains("proxies take at most 5"), "{err:?}");
+        let fits = format!("{cert}{}", extra(defaults::MAX_ISSUER_CHAIN));
+        let ok = Ca::from_pem(&fits, &key, Duration::from_secs(60));
+        assert!(
+            !ok.as_ref().is_err_and(|e| e.1.contains("proxies take")),
+            "{:?}",
+            ok.err()
+        );
     }
 
     #[test]
