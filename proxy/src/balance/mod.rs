@@ -994,6 +994,38 @@ mod tests {
         )
     }
 
+    type Empty = http_body_util::Empty<bytes::Bytes>;
+
+    /// `b` balanced over a stand-in where endpoint 0 answers `answer()` and
+    /// the other 200, with the count of requests endpoint 0 got.
+    fn endpoint_0_answers(
+        b: &Arc<Endpoints>,
+        answer: impl Fn() -> http::Response<crate::http::BoxBody> + Clone + Send + 'static,
+    ) -> (
+        Arc<AtomicUsize>,
+        impl tower::Service<
+            http::Request<Empty>,
+            Response = http::Response<crate::http::BoxBody>,
+            Error = std::convert::Infallible,
+        >,
+    ) {
+        let failed = Arc::new(AtomicUsize::new(0));
+        let counted = failed.clone();
+        let inner = tower::service_fn(move |req: http::Request<Empty>| {
+            let to_0 = matches!(req.extensions().get::<crate::http::Dst>(),
+                Some(crate::http::Dst(crate::addr::DestAddr::Socket(a))) if a.port() == 8000);
+            if to_0 {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            std::future::ready(Ok::<_, std::convert::Infallible>(if to_0 {
+                answer()
+            } else {
+                http::Response::new(crate::http::empty())
+            }))
+        });
+        (failed, service::Balance::new(b.clone(), inner, None))
+    }
+
     /// Two endpoints taken in turn, ejected for 5 s the first time.
     fn two_in_turn() -> Arc<Endpoints> {
         let mut config = BackendConfig {
@@ -1137,22 +1169,7 @@ mod tests {
         for (ours, ejected) in [(false, 1), (true, 0)] {
             let b = two_in_turn();
             // Endpoint 0 fails every request; the other answers.
-            let failed = Arc::new(AtomicUsize::new(0));
-            let counted = failed.clone();
-            type Empty = http_body_util::Empty<bytes::Bytes>;
-            let inner = tower::service_fn(move |req: http::Request<Empty>| {
-                let to_0 = matches!(req.extensions().get::<crate::http::Dst>(),
-                    Some(crate::http::Dst(crate::addr::DestAddr::Socket(a))) if a.port() == 8000);
-                if to_0 {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                }
-                std::future::ready(Ok::<_, std::convert::Infallible>(if to_0 {
-                    answer(ours)
-                } else {
-                    http::Response::new(crate::http::empty())
-                }))
-            });
-            let mut svc = service::Balance::new(b.clone(), inner, None);
+            let (failed, mut svc) = endpoint_0_answers(&b, move || answer(ours));
             for n in [4, 5] {
                 while failed.load(Ordering::SeqCst) < n {
                     let _ = svc.call(http::Request::new(Empty::new())).await;
@@ -1173,23 +1190,14 @@ mod tests {
         use tower::Service as _;
         for (code, ejected) in [("14", 1), ("13", 1), ("5", 0), ("0", 0)] {
             let b = two_in_turn();
-            let failed = Arc::new(AtomicUsize::new(0));
-            let counted = failed.clone();
-            type Empty = http_body_util::Empty<bytes::Bytes>;
-            let inner = tower::service_fn(move |req: http::Request<Empty>| {
-                let to_0 = matches!(req.extensions().get::<crate::http::Dst>(),
-                    Some(crate::http::Dst(crate::addr::DestAddr::Socket(a))) if a.port() == 8000);
+            let (failed, mut svc) = endpoint_0_answers(&b, move || {
                 let mut rsp = http::Response::new(crate::http::empty());
                 rsp.headers_mut()
                     .insert("content-type", "application/grpc".parse().unwrap());
-                if to_0 {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    rsp.headers_mut()
-                        .insert("grpc-status", code.parse().unwrap());
-                }
-                std::future::ready(Ok::<_, std::convert::Infallible>(rsp))
+                rsp.headers_mut()
+                    .insert("grpc-status", code.parse().unwrap());
+                rsp
             });
-            let mut svc = service::Balance::new(b.clone(), inner, None);
             while failed.load(Ordering::SeqCst) < 5 {
                 let _ = svc.call(http::Request::new(Empty::new())).await;
             }
