@@ -1060,8 +1060,14 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
             pid(&h.server)
         );
     }
-    println!("up until interrupted (ctrl-c)");
-    tokio::signal::ctrl_c().await?;
+    println!("up until interrupted (ctrl-c or SIGTERM)");
+    // The pairs and references are killed as they are dropped, which a
+    // default SIGTERM would skip, leaving them running.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     drop((hap, hap_h2));
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
