@@ -42,7 +42,8 @@ where
 {
     let mut said = BytesMut::with_capacity(1024);
     let mut greeting = BytesMut::new();
-    let mut idle = std::pin::pin!(tokio::time::sleep(s.tcp.idle_timeout));
+    let started = tokio::time::Instant::now();
+    let mut idle = std::pin::pin!(tokio::time::sleep_until(started + s.tcp.idle_timeout));
     // The client may speak while the connection onward is being made: then it
     // is not waited for (its route may not even lead there).
     let ahead = opaque::Ahead::OfASilentClient;
@@ -65,6 +66,14 @@ where
                 return None;
             }
             debug!(%dst, "no connection onward for a silent client of a routed Service; waiting for it to speak");
+            // As long as an HTTP server keeps an idle connection open, not an
+            // opaque stream's hour: a client waiting for a greeting (a
+            // server-speaks-first protocol on another port of the Service)
+            // learns it will get none.
+            let wait = started + s.config.http_idle_timeout;
+            if wait < idle.deadline() {
+                idle.as_mut().reset(wait);
+            }
             let never = std::future::pending::<()>();
             let first = first_word(&mut io, &mut said, never, idle.as_mut()).await;
             (first.ended(), None, Some(refused))

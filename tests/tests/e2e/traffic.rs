@@ -1130,6 +1130,58 @@ async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
     );
 }
 
+#[tokio::test]
+async fn a_silent_client_of_a_routed_service_with_nowhere_to_go_waits_an_http_idle_time() {
+    // A silent client of a Service with routes is waited for when nothing can
+    // be connected onward: it may be an HTTP client's pooled connection. But
+    // no longer than an HTTP server keeps an idle connection (here 2 s), not
+    // an opaque stream's hour: it may be waiting for a greeting.
+    let dir = ManifestDir::new();
+    let v2 = Backend::start().await;
+    for svc in ["web-v1", "web-v2"] {
+        dir.write(&format!("svc-{svc}.yaml"), &service(NS, svc, 80));
+    }
+    dir.write("slice-v2.yaml", &endpoint(NS, "web-v2", "v2", v2.addr));
+    dir.write(
+        "route.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: v1, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web-v1, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web-v2, port: 80}}]\n"
+        ),
+    );
+    let cp = ControllerProc::start(dir.path()).await;
+    let opts = strait_tests::mesh::SidecarOpts {
+        args: vec!["--http-idle-timeout=2s".into()],
+        ..Default::default()
+    };
+    let client = Sidecar::start_with(
+        cp.grpc,
+        NS,
+        "client",
+        &["web-v1.test.svc.cluster.local:80"],
+        opts,
+    )
+    .await;
+    let url = format!("http://{}/", client.upstreams[0]);
+    wait::until("the route serving", Duration::from_secs(10), || async {
+        matches!(client::get(&client::http1(), &url).await, Ok((s, _)) if s == 200)
+    })
+    .await;
+
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(client.upstreams[0])
+        .await
+        .expect("connect");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "closed: {closed:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "waited for as long as an idle HTTP connection is kept: {waited:?}"
+    );
+}
+
 /// A client pointed at the outbound port itself (HTTP naming its `Host`)
 /// that opens its connection ahead of use, and speaks after detection gave
 /// up, is still served.
