@@ -670,13 +670,18 @@ fn match_conditions() -> Value {
     ])
 }
 
+/// A pod of a namespace not labelled for injection is injected only when
+/// its own annotation (any value but `disabled`, which is checked) or label
+/// (`enabled`) asks, as `inject::inject` reads them.
+const ASKS_FOR_IT: &str = "(has(object.metadata.annotations) && 'strait.dev/inject' in object.metadata.annotations) || (has(object.metadata.labels) && 'strait.dev/inject' in object.metadata.labels && object.metadata.labels['strait.dev/inject'] == 'enabled')";
+
 /// Two webhooks, as the injector reads them (`inject::webhook`): pods of
 /// labelled namespaces always, other pods (outside the system namespaces) when
 /// their own annotation or label asks.
 fn webhook_configuration(anchors_pem: &str) -> Value {
     use base64::Engine as _;
     let ca_bundle = base64::engine::general_purpose::STANDARD.encode(anchors_pem.as_bytes());
-    let hook = |name: &str, path: &str, selector: Value, failure: &str| {
+    let hook = |name: &str, path: &str, selector: Value, failure: &str, conditions: Value| {
         json!({
             "name": name,
             "admissionReviewVersions": ["v1"],
@@ -689,7 +694,7 @@ fn webhook_configuration(anchors_pem: &str) -> Value {
             "objectSelector": {"matchExpressions": [{"key": "strait.dev/inject", "operator": "NotIn", "values": ["disabled"]}]},
             // What the injector leaves alone is not sent at all: while no
             // controller answers, the fail-closed hook would refuse it.
-            "matchConditions": match_conditions(),
+            "matchConditions": conditions,
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
         })
     };
@@ -702,12 +707,20 @@ fn webhook_configuration(anchors_pem: &str) -> Value {
             // be admitted by a running controller would never come back.
             hook("namespace.inject.strait.dev", crate::inject::webhook::ENABLED_NAMESPACE_PATH,
                  json!({"matchLabels": {"strait.dev/inject": "enabled"},
-                        "matchExpressions": [not_system()]}), "Fail"),
+                        "matchExpressions": [not_system()]}), "Fail", match_conditions()),
             hook("pod.inject.strait.dev", crate::inject::webhook::PATH,
                  json!({"matchExpressions": [
                      {"key": "strait.dev/inject", "operator": "NotIn", "values": ["enabled", "disabled"]},
                      not_system(),
-                 ]}), "Ignore"),
+                 ]}), "Ignore", {
+                     // Only the pods that ask: the API server would otherwise
+                     // wait on the controller for every pod of the cluster.
+                     let mut c = match_conditions();
+                     if let Some(list) = c.as_array_mut() {
+                         list.push(json!({"name": "asks-for-it", "expression": ASKS_FOR_IT}));
+                     }
+                     c
+                 }),
         ],
     })
 }
@@ -842,5 +855,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Outside labelled namespaces only the pods that ask are sent: the API
+    /// server does not wait on the controller for the rest of the cluster.
+    #[test]
+    fn the_opt_in_webhook_sees_only_pods_that_ask() {
+        let config = webhook_configuration("anchors");
+        let asks = |hook: &Value| {
+            hook["matchConditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "asks-for-it" && c["expression"] == ASKS_FOR_IT)
+        };
+        let hooks = config["webhooks"].as_array().unwrap();
+        assert!(!asks(&hooks[0]), "every pod of a labelled namespace");
+        assert_eq!(hooks[1]["name"], "pod.inject.strait.dev");
+        assert!(asks(&hooks[1]));
     }
 }
