@@ -178,6 +178,57 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     }
 }
 
+/// What the bytes of a stream carried as opaque have become, as far as a
+/// lenient server would read them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// A request line that follows control bytes: Netty would read it.
+    Request,
+    /// Never a request.
+    NotARequest,
+    /// Control bytes, and perhaps the start of a line after them.
+    Undecided,
+}
+
+/// `classify` takes a stream that opens with control bytes for opaque at
+/// once, unless a whole request line follows them (binary protocols open so,
+/// and waiting on each would make them HTTP at the timeout). A client that
+/// pauses after its control bytes, or after the start of its line, would
+/// then have its request line, and a forged `strait-client-id` after it,
+/// reach an app that skips them (Netty). This reads the stream's bytes from
+/// its start as they come, for as long as that can happen.
+pub fn opening(buf: &[u8], max_bytes: usize) -> Opening {
+    let full = buf.len() >= max_bytes;
+    let Some(start) = buf.iter().position(|&b| !is_space(b)) else {
+        return if full {
+            Opening::NotARequest
+        } else {
+            Opening::Undecided
+        };
+    };
+    if !skipped_before_request(buf[start]) {
+        // Detection saw the line's own start, and decided.
+        return Opening::NotARequest;
+    }
+    let controls = buf[start..]
+        .iter()
+        .take_while(|&&b| skipped_before_request(b))
+        .count();
+    let rest = &buf[start + controls..];
+    if rest.contains(&b'\n') {
+        return if classify(rest, max_bytes) == Some(Protocol::Http1) {
+            Opening::Request
+        } else {
+            Opening::NotARequest
+        };
+    }
+    if full || classify(rest, max_bytes) == Some(Protocol::Opaque) {
+        Opening::NotARequest
+    } else {
+        Opening::Undecided
+    }
+}
+
 /// Whitespace as the most lenient servers split a request line on it
 /// (Python's `str.split` of the line decoded as Latin-1 included).
 fn is_space(b: u8) -> bool {
@@ -353,6 +404,43 @@ mod tests {
         ] {
             assert_eq!(classify(binary, m), Some(Protocol::Opaque), "{binary:?}");
         }
+    }
+
+    #[test]
+    fn a_request_line_after_control_bytes_is_found_however_late() {
+        let m = 8192;
+        // What detection read: opaque at once.
+        assert_eq!(classify(b"\x00GET / HT", m), Some(Protocol::Opaque));
+        // What the stream then became.
+        for (bytes, want) in [
+            (&b"\x00"[..], Opening::Undecided),
+            (b"\x00\x01 \r\n", Opening::Undecided),
+            (b"\x00GET / HT", Opening::Undecided),
+            (b"\x00GET / HTTP/1.1", Opening::Undecided),
+            (
+                b"\x00GET / HTTP/1.1\r\nstrait-client-id: x\r\n",
+                Opening::Request,
+            ),
+            (b"\x00\x00\x00\x05hello", Opening::Undecided),
+            (b"\x00\x00\x00\x05hello\x00", Opening::NotARequest),
+            (b"\x00\x00\x00\x05hello world\n", Opening::NotARequest),
+            // Detection decided these from their first byte.
+            (b"GET / HT", Opening::NotARequest),
+            (b"hello\x00", Opening::NotARequest),
+            // PostgreSQL's SSLRequest and startup message.
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Opening::NotARequest),
+            (
+                b"\x00\x00\x00\x4a\x00\x03\x00\x00user\x00postgres\x00",
+                Opening::NotARequest,
+            ),
+        ] {
+            assert_eq!(opening(bytes, m), want, "{bytes:?}");
+        }
+        // Past what detection reads: Netty's line limit is half of it.
+        let mut long = vec![0u8];
+        long.extend(std::iter::repeat_n(b'a', m));
+        assert_eq!(opening(&long, m), Opening::NotARequest);
+        assert_eq!(opening(&vec![0u8; m], m), Opening::NotARequest);
     }
 
     #[tokio::test(start_paused = true)]

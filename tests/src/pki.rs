@@ -291,6 +291,39 @@ pub async fn exchange_over_tls(
     exchange_over_tls_after(inbound, leaf, alpn, bytes, Duration::ZERO).await
 }
 
+/// As [`exchange_over_tls`], writing `parts` with `gap` between them: a
+/// client that pauses.
+pub async fn exchange_over_tls_in_parts(
+    inbound: std::net::SocketAddr,
+    leaf: Leaf,
+    alpn: &[u8],
+    parts: &[&[u8]],
+    gap: Duration,
+) -> Vec<u8> {
+    let cfg = peer_client(leaf, alpn);
+    let tcp = TcpStream::connect(inbound).await.expect("connect inbound");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(peer_name(), tcp)
+        .await
+        .expect("TLS to the inbound port");
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        // The stream may have been ended already: what came back tells.
+        if tls.write_all(p).await.is_err() {
+            break;
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    buf
+}
+
+fn peer_name() -> ServerName<'static> {
+    ServerName::try_from("web.test.serviceaccount.identity.strait.cluster.local").expect("name")
+}
+
 /// As [`exchange_over_tls`], the handshake starting `pause` after the connect:
 /// a peer whose ClientHello is late (a lost segment, a throttled CPU).
 pub async fn exchange_over_tls_after(
@@ -303,10 +336,8 @@ pub async fn exchange_over_tls_after(
     let cfg = peer_client(leaf, alpn);
     let tcp = TcpStream::connect(inbound).await.expect("connect inbound");
     tokio::time::sleep(pause).await;
-    let name = ServerName::try_from("web.test.serviceaccount.identity.strait.cluster.local")
-        .expect("name");
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
+        .connect(peer_name(), tcp)
         .await
         .expect("TLS to the inbound port");
     tls.write_all(bytes).await.expect("write");

@@ -5,6 +5,7 @@
 
 mod authorize;
 pub mod dst;
+mod opening;
 pub mod policy;
 mod settle;
 
@@ -26,7 +27,7 @@ use crate::http::stack::HttpStack;
 use crate::identity::{Identity, tls};
 use crate::proxy::{Detection, Shared};
 use crate::telemetry::Direction;
-use crate::telemetry::metrics::DirectionLabels;
+use crate::telemetry::metrics::{DirectionLabels, ReasonLabels};
 use crate::transport::Accepted;
 use crate::transport::orig_dst::orig_dst;
 
@@ -271,6 +272,19 @@ impl Inbound {
                         return;
                     }
                     let app = dst::app_addr(s.config.app_ip, p);
+                    let io = if declared {
+                        opening::GuardedOpening::unguarded(io)
+                    } else {
+                        let refused = s.metrics.http_rejected.get_or_create(&ReasonLabels {
+                            direction: DIRECTION,
+                            reason: "malformed",
+                        });
+                        opening::GuardedOpening::new(
+                            io,
+                            defaults::DETECT_MAX_BYTES,
+                            refused.clone(),
+                        )
+                    };
                     let carried = async {
                         match app_conn {
                             // Made while settling; what the app said on it goes now.

@@ -1215,6 +1215,28 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(!text.contains(FORGED_ID), "reached the app: {text}");
 
+    // Control bytes (which Netty skips before a request line) and the start
+    // of a line, a pause past the detection timeout, then the rest: carried
+    // as opaque, as binary protocols that open with control bytes are, but
+    // ended before the app (an echo server here) has a whole line.
+    let mut first = lenient_app.port().to_be_bytes().to_vec();
+    first.extend(b"\x00GET /client-id HT");
+    let rest = format!("TP/1.1\r\nhost: web\r\nstrait-client-id: {FORGED_ID}\r\n\r\n");
+    let leaf = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
+    let rsp = strait_tests::pki::exchange_over_tls_in_parts(
+        m.web.inbound,
+        leaf,
+        b"strait-opaque/1",
+        &[&first, rest.as_bytes()],
+        Duration::from_millis(600),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&rsp),
+        "\x00GET /client-id HT",
+        "the app saw the line's start only"
+    );
+
     // A meshed app's request whose line is longer than detection reads: HTTP
     // through both proxies, not opaque bytes.
     let c = m.sidecar("client-0", "client", &[WEB]).await;
