@@ -270,7 +270,7 @@ where
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let Some(w) = this.watch.as_mut() else {
-            return this.inner.poll_frame(cx).map_err(Into::into);
+            return this.inner.poll_frame(cx).map(clean).map_err(Into::into);
         };
         if w.ended {
             // Nothing after the end, were it asked again.
@@ -283,7 +283,7 @@ where
                 if let Some(denied) = w.refused() {
                     return Poll::Ready(Some(Err(w.end(&denied))));
                 }
-                Poll::Ready(f.map(|r| r.map_err(Into::into)))
+                Poll::Ready(clean(f).map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
                 let revoked = w.revoked.get_or_insert_with(|| {
@@ -425,6 +425,22 @@ impl http_body::Body for RevocableBody {
     }
 }
 
+/// Trailers claim no identity either: HTTP/1 carries those a request's
+/// `Trailer` field names, HTTP/2 any, and some servers merge them into the
+/// request's fields.
+fn clean<E>(
+    f: Option<Result<http_body::Frame<Bytes>, E>>,
+) -> Option<Result<http_body::Frame<Bytes>, E>> {
+    f.map(|r| {
+        r.map(|mut frame| {
+            if let Some(t) = frame.trailers_mut() {
+                remove_client_id(t);
+            }
+            frame
+        })
+    })
+}
+
 /// Removes every spelling of `strait-client-id` a client may have sent, including
 /// `strait_client_id`, which CGI-style servers (Rack, WSGI, PHP) read as the same
 /// variable as the real header.
@@ -500,6 +516,30 @@ mod tests {
             std::future::ready(Ok::<_, Infallible>(rsp))
         });
         (tx, app)
+    }
+
+    /// Trailers claim no identity: HTTP/1 forwards those the request's
+    /// `Trailer` field names, and some servers merge them into its fields.
+    #[tokio::test]
+    async fn a_client_id_in_trailers_never_reaches_the_app() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(CLIENT_ID_HEADER, HeaderValue::from_static("spiffe://td/x"));
+        trailers.insert(
+            "strait_client_id",
+            HeaderValue::from_static("spiffe://td/x"),
+        );
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames = vec![
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"body"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let body = AdmittedBody { inner, watch: None };
+        let got = body.collect().await.unwrap();
+        let t = got.trailers().cloned().expect("trailers");
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(got.to_bytes(), "body");
     }
 
     /// A streaming response is ended when a change of policy refuses its
