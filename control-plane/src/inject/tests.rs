@@ -714,6 +714,50 @@ spec:
     assert!(out.contains("value: \"2024-01-01\""), "{out}");
 }
 
+/// YAML 1.1's merge keys are merged, as kubectl merges them, and a document
+/// that starts on its `---` line is kept whole.
+#[test]
+fn strait_inject_reads_merge_keys_and_documents_on_the_marker_line() {
+    let input = "\
+# first
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  template:
+    spec:
+      containers:
+        - &common
+          name: worker
+          image: web
+          ports: [{containerPort: 8080}]
+        - name: web
+          <<: *common
+          image: web:2
+--- {apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: [{name: p, image: p}]}}
+--- # a comment
+kind: ConfigMap
+";
+    let (out, reports) = inject_stream(input, &settings()).unwrap();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(
+        reports.iter().all(|r| r.result == Ok("injected")),
+        "{reports:?}"
+    );
+    assert!(!out.contains("<<"), "{out}");
+    let docs: Vec<Value> = out
+        .split("\n---\n")
+        .map(|d| serde_norway::from_str(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 4, "{out}");
+    let web = &docs[1]["spec"]["template"]["spec"]["containers"][1];
+    assert_eq!(web["image"], "web:2", "the container's own field wins");
+    assert_eq!(web["ports"][0]["containerPort"], 8080, "merged");
+    assert_eq!(init_names(&docs[2]).len(), 2);
+    assert_eq!(docs[3]["kind"], "ConfigMap");
+}
+
 #[test]
 fn strait_inject_refuses_a_broken_document_and_names_it() {
     let err = inject_stream("kind: Pod\n---\nkind: [\n", &settings()).unwrap_err();

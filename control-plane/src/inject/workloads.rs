@@ -28,7 +28,7 @@ pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>),
         if i > 0 {
             out.push_str("---\n");
         }
-        let value: Value = match serde_norway::from_str(doc) {
+        let value: Value = match parse(doc) {
             Ok(v) => v,
             Err(e) => {
                 return Err(StreamError::Yaml {
@@ -55,6 +55,17 @@ pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>),
     Ok((out, reports))
 }
 
+/// A document as kubectl reads it: YAML 1.1's merge keys (`<<: *common`)
+/// merged, or they would be written back as a field named `<<`.
+fn parse(doc: &str) -> Result<Value, serde_norway::Error> {
+    if !doc.contains("<<") {
+        return serde_norway::from_str(doc);
+    }
+    let mut v: serde_norway::Value = serde_norway::from_str(doc)?;
+    v.apply_merge()?;
+    serde::Deserialize::deserialize(v)
+}
+
 /// Splits a stream at `---` lines, as kubectl does.
 fn documents(input: &str) -> Vec<&str> {
     let mut docs = Vec::new();
@@ -62,9 +73,13 @@ fn documents(input: &str) -> Vec<&str> {
     let mut pos = 0;
     for line in input.split_inclusive('\n') {
         let bare = line.trim_end();
-        if bare == "---" || bare.starts_with("--- ") {
+        if bare == "---" {
             docs.push(&input[start..pos]);
             start = pos + line.len();
+        } else if bare.starts_with("--- ") {
+            // What follows the marker on its line starts the document.
+            docs.push(&input[start..pos]);
+            start = pos + 4;
         }
         pos += line.len();
     }
