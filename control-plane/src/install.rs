@@ -474,6 +474,16 @@ fn labels() -> Value {
     json!({"app.kubernetes.io/name": CONTROLLER, "app.kubernetes.io/part-of": "strait"})
 }
 
+/// The controller's pods are never meshed: `strait inject` of every
+/// Deployment in the cluster passes them by, and the webhooks never see them
+/// (their namespace aside). A controller whose proxy waits for a controller
+/// would never come back once all its pods were gone.
+fn pod_labels() -> Value {
+    let mut l = labels();
+    l["strait.dev/inject"] = json!("disabled");
+    l
+}
+
 /// The controller's arguments, in the chart's order.
 fn controller_args(v: &Values) -> Vec<String> {
     let mut args: Vec<String> = [
@@ -609,7 +619,7 @@ fn deployment(v: &Values) -> Value {
             "replicas": v.replicas,
             "selector": {"matchLabels": labels()},
             "template": {
-                "metadata": {"labels": labels(),
+                "metadata": {"labels": pod_labels(),
                              "annotations": {"strait.dev/identity-checksum": identity_checksum(&v.identity)}},
                 "spec": {
                     "serviceAccountName": CONTROLLER,
@@ -855,6 +865,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The controller is never meshed, whoever injects what.
+    #[test]
+    fn the_controllers_pods_say_they_are_never_meshed() {
+        let d = deployment(&Values {
+            identity: Identity {
+                anchors_pem: String::new(),
+                issuer_cert_pem: String::new(),
+                issuer_key_pem: String::new(),
+            },
+            trust_domain: defaults::TRUST_DOMAIN.into(),
+            controller_image: "c".into(),
+            proxy_image: "p".into(),
+            proxy_iptables_mode: crate::inject::IptablesMode::default(),
+            replicas: 2,
+            otlp_endpoint: None,
+            proxy_trace_sampling: None,
+            proxy_access_log: None,
+        });
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(labels["strait.dev/inject"], "disabled");
+        let pod = &d["spec"]["template"];
+        let s = crate::inject::Settings::with_anchors("anchors".into());
+        assert!(matches!(
+            crate::inject::inject(pod, crate::inject::Namespace::Enabled, &s),
+            Ok(crate::inject::Outcome::Skip(_))
+        ));
     }
 
     /// Outside labelled namespaces only the pods that ask are sent: the API

@@ -66,6 +66,9 @@ pub struct Settings {
     pub iptables_mode: IptablesMode,
     /// What every proxy exports and logs, unless its pod says otherwise.
     pub telemetry: Telemetry,
+    /// Where the controller runs: never meshed, nor are the system's own
+    /// namespaces (`strait inject`; the webhooks never see them).
+    pub mesh_namespace: String,
 }
 
 /// Traces and access logs of injected proxies, for the whole mesh: flags of
@@ -192,6 +195,7 @@ impl Settings {
     /// identity (said outright only where it is not the installed default's,
     /// which the proxy assumes).
     pub fn controller_at(&mut self, namespace: &str, service_account: &str, grpc_port: u16) {
+        self.mesh_namespace = namespace.to_string();
         self.control_plane = format!("https://{service_account}.{namespace}.svc:{grpc_port}");
         self.control_plane_identity = (namespace != defaults::CONTROLLER_NAMESPACE
             || service_account != defaults::CONTROLLER_SERVICE_ACCOUNT)
@@ -214,6 +218,7 @@ impl Settings {
             token_audience: defaults::TOKEN_AUDIENCE.to_string(),
             iptables_mode: IptablesMode::default(),
             telemetry: Telemetry::default(),
+            mesh_namespace: defaults::CONTROLLER_NAMESPACE.to_string(),
         }
     }
 }

@@ -758,6 +758,38 @@ kind: ConfigMap
     assert_eq!(docs[3]["kind"], "ConfigMap");
 }
 
+/// `kubectl get deploy -A -o yaml | strait inject -` passes by the system's
+/// and the mesh's own workloads: a controller or DNS server whose proxy
+/// waits for them would never start again.
+#[test]
+fn strait_inject_leaves_the_system_and_the_mesh_alone() {
+    let deployment = |ns: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d, namespace: {ns}}}\nspec:\n  template:\n    spec:\n      containers: [{{name: c, image: c}}]\n"
+        )
+    };
+    let input = [
+        "kube-system",
+        "kube-node-lease",
+        "strait-system",
+        "mesh",
+        "prod",
+    ]
+    .map(deployment)
+    .join("---\n");
+    let mut s = settings();
+    s.controller_at("mesh", "strait-controller", 8090);
+    let (out, reports) = inject_stream(&input, &s).unwrap();
+    let injected: Vec<bool> = reports.iter().map(|r| r.result == Ok("injected")).collect();
+    // strait-system is not this mesh's namespace here.
+    assert_eq!(injected, [false, false, true, false, true], "{reports:?}");
+    let meshed: Vec<bool> = out
+        .split("\n---\n")
+        .map(|d| d.contains("strait-proxy"))
+        .collect();
+    assert_eq!(meshed, injected, "{out}");
+}
+
 #[test]
 fn strait_inject_refuses_a_broken_document_and_names_it() {
     let err = inject_stream("kind: Pod\n---\nkind: [\n", &settings()).unwrap_err();

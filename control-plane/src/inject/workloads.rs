@@ -129,6 +129,18 @@ fn inject_object(v: &mut Value, s: &Settings, reports: &mut Vec<Report>) {
         .and_then(Value::as_str)
         .unwrap_or("<unnamed>");
     let object = format!("{}/{name}", kind.to_lowercase());
+    let namespace = v.pointer("/metadata/namespace").and_then(Value::as_str);
+    if namespace.is_some_and(|ns| {
+        ["kube-system", "kube-node-lease", s.mesh_namespace.as_str()].contains(&ns)
+    }) {
+        // The webhooks never see these: DNS and the controller that proxies
+        // wait for must not wait for them.
+        reports.push(Report {
+            object,
+            result: Ok("the system's and the mesh's own namespaces are never meshed"),
+        });
+        return;
+    }
     let Some(pod) = v.pointer_mut(path) else {
         reports.push(Report {
             object,
