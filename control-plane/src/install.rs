@@ -667,12 +667,14 @@ fn deployment(v: &Values) -> Value {
 }
 
 /// The pods the injector would leave alone, as CEL: those on the host's
-/// network, those injected already (`strait inject`, or a reinvocation), and
+/// network or its DNS, those injected already (`strait inject`, or a reinvocation), and
 /// those whose annotation opts out.
 fn match_conditions() -> Value {
     json!([
         {"name": "not-host-network",
          "expression": "!has(object.spec.hostNetwork) || !object.spec.hostNetwork"},
+        {"name": "not-node-dns",
+         "expression": "!has(object.spec.dnsPolicy) || object.spec.dnsPolicy != 'Default'"},
         {"name": "not-injected",
          "expression": "!object.spec.containers.exists(c, c.name == 'strait-proxy') && !(has(object.spec.initContainers) && object.spec.initContainers.exists(c, c.name == 'strait-proxy'))"},
         {"name": "not-opted-out",

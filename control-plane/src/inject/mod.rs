@@ -309,6 +309,13 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Outcome::Skip("the pod uses the host's network"));
     }
+    // The proxy finds its controller by its Service's name, which the node's
+    // resolver does not know: it would never become ready, nor the app start.
+    if spec.get("dnsPolicy").and_then(Value::as_str) == Some("Default") {
+        return Ok(Outcome::Skip(
+            "the pod resolves names with its node's DNS (dnsPolicy: Default), where the controller's Service has no name",
+        ));
+    }
     let named = |list: &str, name: &str| {
         spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
             cs.iter()

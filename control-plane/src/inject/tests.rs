@@ -206,6 +206,20 @@ fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network(
         inject(&host, Namespace::Enabled, &settings()).unwrap(),
         Outcome::Skip("the pod uses the host's network")
     );
+    // The node's DNS has no name for the controller: the proxy could never
+    // reach it. The cluster's DNS, said outright, is fine.
+    for (policy, skipped) in [("Default", true), ("ClusterFirst", false)] {
+        let p = pod(
+            json!({INJECT: "enabled"}),
+            json!({"dnsPolicy": policy, "containers": [{"name": "a", "image": "a"}]}),
+        );
+        let out = inject(&p, Namespace::Enabled, &settings()).unwrap();
+        assert_eq!(
+            matches!(out, Outcome::Skip(_)),
+            skipped,
+            "{policy}: {out:?}"
+        );
+    }
 }
 
 #[test]
