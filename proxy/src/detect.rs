@@ -128,13 +128,17 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF,
     // as lenient servers read it: Tomcat and Python take tabs (or runs of
     // whitespace) between the parts, Python an `HTTP/1.10` or trailing
-    // whitespace. Whatever such a server would take for a request with
+    // whitespace, Netty a method of any bytes but whitespace and controls
+    // (`G@T`). Whatever such a server would take for a request with
     // headers is HTTP here, and what our server's strict parser refuses is
     // refused (400) rather than carried raw to the app, forged
     // `strait-client-id` and all.
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = &buf[..line_end.unwrap_or(buf.len())];
-    let method_len = line.iter().take_while(|&&b| is_tchar(b)).count();
+    let method_len = line
+        .iter()
+        .take_while(|&&b| !skipped_before_request(b))
+        .count();
     if method_len == 0 || (method_len < line.len() && !is_space(line[method_len])) {
         return Some(Protocol::Opaque);
     }
@@ -195,37 +199,85 @@ pub enum Opening {
 /// and waiting on each would make them HTTP at the timeout). A client that
 /// pauses after its control bytes, or after the start of its line, would
 /// then have its request line, and a forged `strait-client-id` after it,
-/// reach an app that skips them (Netty). This reads the stream's bytes from
-/// its start as they come, for as long as that can happen.
-pub fn opening(buf: &[u8], max_bytes: usize) -> Opening {
-    let full = buf.len() >= max_bytes;
-    let Some(start) = buf.iter().position(|&b| !is_space(b)) else {
-        return if full {
-            Opening::NotARequest
-        } else {
-            Opening::Undecided
-        };
-    };
-    if !skipped_before_request(buf[start]) {
-        // Detection saw the line's own start, and decided.
-        return Opening::NotARequest;
+/// reach an app that skips them (Netty). This reads such a stream's bytes as
+/// they come, for as long as that can happen.
+#[derive(Debug)]
+pub struct OpeningWatch {
+    state: Watch,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+enum Watch {
+    /// Whitespace so far.
+    Spaces,
+    /// Whitespace and controls, at least one control: as many as come, for
+    /// Netty skips them all, and none kept.
+    Controls,
+    /// The line after them, up to `max_bytes`.
+    Line(BytesMut),
+}
+
+impl OpeningWatch {
+    pub fn new(max_bytes: usize) -> Self {
+        OpeningWatch {
+            state: Watch::Spaces,
+            max_bytes,
+        }
     }
-    let controls = buf[start..]
-        .iter()
-        .take_while(|&&b| skipped_before_request(b))
-        .count();
-    let rest = &buf[start + controls..];
-    if rest.contains(&b'\n') {
-        return if classify(rest, max_bytes) == Some(Protocol::Http1) {
+
+    /// The stream's next bytes: what it has become with them.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Opening {
+        loop {
+            match &mut self.state {
+                Watch::Spaces => {
+                    let n = bytes.iter().take_while(|&&b| is_space(b)).count();
+                    bytes = &bytes[n..];
+                    let Some(&b) = bytes.first() else {
+                        return Opening::Undecided;
+                    };
+                    if !skipped_before_request(b) {
+                        // Detection saw the line's own start, and decided.
+                        return Opening::NotARequest;
+                    }
+                    self.state = Watch::Controls;
+                }
+                Watch::Controls => {
+                    let n = bytes
+                        .iter()
+                        .take_while(|&&b| skipped_before_request(b))
+                        .count();
+                    bytes = &bytes[n..];
+                    if bytes.is_empty() {
+                        return Opening::Undecided;
+                    }
+                    self.state = Watch::Line(BytesMut::new());
+                }
+                Watch::Line(line) => {
+                    let room = self.max_bytes.saturating_sub(line.len());
+                    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    return judge_line(line, self.max_bytes);
+                }
+            }
+        }
+    }
+}
+
+/// A line that follows control bytes, as much of it as has come.
+fn judge_line(line: &[u8], max_bytes: usize) -> Opening {
+    if line.contains(&b'\n') {
+        return if classify(line, max_bytes) == Some(Protocol::Http1) {
             Opening::Request
         } else {
             Opening::NotARequest
         };
     }
-    if full || classify(rest, max_bytes) == Some(Protocol::Opaque) {
-        Opening::NotARequest
-    } else {
-        Opening::Undecided
+    match classify(line, max_bytes) {
+        Some(Protocol::Opaque) => Opening::NotARequest,
+        // Still undecided with all detection reads: HTTP to detection, and
+        // perhaps a request to a server whose line limit is longer.
+        _ if line.len() >= max_bytes => Opening::Request,
+        _ => Opening::Undecided,
     }
 }
 
@@ -275,10 +327,6 @@ fn standard_method(method: &[u8]) -> bool {
         b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
     ];
     METHODS.contains(&method)
-}
-
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -411,7 +459,7 @@ mod tests {
         let m = 8192;
         // What detection read: opaque at once.
         assert_eq!(classify(b"\x00GET / HT", m), Some(Protocol::Opaque));
-        // What the stream then became.
+        // What the stream then became, fed whole and a byte at a time.
         for (bytes, want) in [
             (&b"\x00"[..], Opening::Undecided),
             (b"\x00\x01 \r\n", Opening::Undecided),
@@ -421,6 +469,7 @@ mod tests {
                 b"\x00GET / HTTP/1.1\r\nstrait-client-id: x\r\n",
                 Opening::Request,
             ),
+            (b" \x00\x85G@T / HTTP/1.1\n", Opening::Request),
             (b"\x00\x00\x00\x05hello", Opening::Undecided),
             (b"\x00\x00\x00\x05hello\x00", Opening::NotARequest),
             (b"\x00\x00\x00\x05hello world\n", Opening::NotARequest),
@@ -434,13 +483,50 @@ mod tests {
                 Opening::NotARequest,
             ),
         ] {
-            assert_eq!(opening(bytes, m), want, "{bytes:?}");
+            assert_eq!(OpeningWatch::new(m).feed(bytes), want, "{bytes:?}");
+            let mut w = OpeningWatch::new(m);
+            let mut last = Opening::Undecided;
+            for b in bytes {
+                if last != Opening::Undecided {
+                    break;
+                }
+                last = w.feed(std::slice::from_ref(b));
+            }
+            assert_eq!(last, want, "{bytes:?}, a byte at a time");
         }
-        // Past what detection reads: Netty's line limit is half of it.
-        let mut long = vec![0u8];
-        long.extend(std::iter::repeat_n(b'a', m));
-        assert_eq!(opening(&long, m), Opening::NotARequest);
-        assert_eq!(opening(&vec![0u8; m], m), Opening::NotARequest);
+        // However many controls come first: none is kept, and the line is
+        // judged when it comes.
+        let mut w = OpeningWatch::new(m);
+        for _ in 0..10 {
+            assert_eq!(w.feed(&[0u8; 4096]), Opening::Undecided);
+        }
+        assert_eq!(w.feed(b"GET / HTTP/1.1\r\n"), Opening::Request);
+        // A line still undecided with all detection reads: taken for a request.
+        let mut w = OpeningWatch::new(m);
+        assert_eq!(w.feed(&[0u8; 100]), Opening::Undecided);
+        assert_eq!(w.feed(&vec![b'a'; m]), Opening::Request);
+    }
+
+    /// Netty takes any bytes but whitespace and controls for a method.
+    #[test]
+    fn a_method_of_any_visible_bytes_is_http() {
+        let m = 8192;
+        for line in [
+            &b"G@T / HTTP/1.1\r\n"[..],
+            b"{GET} /x HTTP/1.1\n",
+            b"\xe9 / HTTP/1.0\n",
+        ] {
+            assert_eq!(classify(line, m), Some(Protocol::Http1), "{line:?}");
+        }
+        // Binary and text protocols that open with such bytes stay opaque.
+        for line in [
+            &b"*1\r\n$4\r\nPING\r\n"[..],
+            b"?\x00\x00\x00\xd4\x07\x00\x00",
+            b"{\"op\":\"sub\"}\n",
+            b"<?xml version='1.0'?>\n",
+        ] {
+            assert_eq!(classify(line, m), Some(Protocol::Opaque), "{line:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,5 +1,5 @@
-//! Plain TCP servers: an echo that honours half-close, and a server-speaks-first
-//! one that greets before the client says anything.
+//! Plain TCP servers: an echo that honours half-close, a server-speaks-first
+//! one that greets before the client says anything, and a silent sink.
 
 use std::net::SocketAddr;
 
@@ -47,6 +47,26 @@ async fn serve(banner: Option<&'static [u8]>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// Reads each connection to its end and says nothing: what each received
+/// comes on the channel once it ends. An app that waits for a whole request
+/// before it answers.
+pub async fn sink() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+    let addr = listener.local_addr().expect("tcp addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got).await;
+                let _ = tx.send(got);
+            });
+        }
+    });
+    (addr, rx)
 }
 
 /// An address whose connects hang: a listener that accepts nobody, its accept

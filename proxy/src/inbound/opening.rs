@@ -11,20 +11,18 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::detect::{Opening, opening};
+use crate::detect::{Opening, OpeningWatch};
 
 pin_project_lite::pin_project! {
     pub struct GuardedOpening<I> {
         #[pin]
         inner: I,
-        // The stream's bytes from its start, while they may yet become a
-        // request line; `None` once they cannot.
-        seen: Option<BytesMut>,
-        max_bytes: usize,
+        // The stream's opening, while it may yet become a request line;
+        // `None` once it cannot.
+        watch: Option<OpeningWatch>,
         refused: Counter,
     }
 }
@@ -34,8 +32,7 @@ impl<I> GuardedOpening<I> {
     pub fn new(inner: I, max_bytes: usize, refused: Counter) -> Self {
         GuardedOpening {
             inner,
-            seen: Some(BytesMut::new()),
-            max_bytes,
+            watch: Some(OpeningWatch::new(max_bytes)),
             refused,
         }
     }
@@ -44,8 +41,7 @@ impl<I> GuardedOpening<I> {
     pub fn unguarded(inner: I) -> Self {
         GuardedOpening {
             inner,
-            seen: None,
-            max_bytes: 0,
+            watch: None,
             refused: Counter::default(),
         }
     }
@@ -60,15 +56,16 @@ impl<I: AsyncRead> AsyncRead for GuardedOpening<I> {
         let this = self.project();
         let before = buf.filled().len();
         ready!(this.inner.poll_read(cx, buf))?;
-        let Some(seen) = this.seen else {
+        let Some(watch) = this.watch else {
             return Poll::Ready(Ok(()));
         };
         let new = &buf.filled()[before..];
-        let room = this.max_bytes.saturating_sub(seen.len());
-        seen.extend_from_slice(&new[..new.len().min(room)]);
-        match opening(seen, *this.max_bytes) {
+        if new.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        match watch.feed(new) {
             Opening::Undecided => {}
-            Opening::NotARequest => *this.seen = None,
+            Opening::NotARequest => *this.watch = None,
             Opening::Request => {
                 // Nothing of what completes the line reaches the app.
                 buf.set_filled(before);
@@ -83,13 +80,25 @@ impl<I: AsyncRead> AsyncRead for GuardedOpening<I> {
     }
 }
 
+/// The app has said something to the client: an HTTP server says nothing
+/// before a whole request head, so the stream is something else (a SOCKS
+/// tunnel may carry HTTP after its binary handshake, a server greets).
+fn spoke(watch: &mut Option<OpeningWatch>, written: &std::io::Result<usize>) {
+    if matches!(written, Ok(n) if *n > 0) {
+        *watch = None;
+    }
+}
+
 impl<I: AsyncWrite> AsyncWrite for GuardedOpening<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let r = ready!(this.inner.poll_write(cx, buf));
+        spoke(this.watch, &r);
+        Poll::Ready(r)
     }
 
     fn poll_write_vectored(
@@ -97,7 +106,10 @@ impl<I: AsyncWrite> AsyncWrite for GuardedOpening<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let r = ready!(this.inner.poll_write_vectored(cx, bufs));
+        spoke(this.watch, &r);
+        Poll::Ready(r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -156,6 +168,22 @@ mod tests {
         let (got, ended, _) = through(&[b"\x00", b"\x01", b"GET / HTTP/1.1\n"]).await;
         assert!(ended);
         assert_eq!(got, b"\x00\x01");
+    }
+
+    /// Once the app has spoken, the stream is no HTTP request: a SOCKS5
+    /// tunnel's binary handshake may be followed by HTTP.
+    #[tokio::test]
+    async fn a_stream_the_app_has_answered_is_carried_whatever_follows() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut g = GuardedOpening::new(server, 8192, Counter::default());
+        let mut b = [0u8; 512];
+        client.write_all(b"\x05\x01\x00").await.unwrap();
+        assert_eq!(g.read(&mut b).await.unwrap(), 3);
+        g.write_all(b"\x05\x00").await.unwrap();
+        let connect = b"\x05\x01\x00\x01\x0a\x00\x01\x17\x1f\x90GET / HTTP/1.1\r\n\r\n";
+        client.write_all(connect).await.unwrap();
+        let n = g.read(&mut b).await.expect("carried");
+        assert_eq!(&b[..n], connect);
     }
 
     #[tokio::test]

@@ -106,7 +106,8 @@ where
         }
         First::Idle => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            info!(direction = DIRECTION.as_str(), %dst, idle = ?s.tcp.idle_timeout, "opaque stream idle, closed");
+            let idle = idle.deadline().saturating_duration_since(started);
+            info!(direction = DIRECTION.as_str(), %dst, ?idle, "opaque stream idle, closed");
             drop(up);
             if let Some(refused) = refused {
                 refused.report(s);

@@ -1218,12 +1218,15 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
     // Control bytes (which Netty skips before a request line) and the start
     // of a line, a pause past the detection timeout, then the rest: carried
     // as opaque, as binary protocols that open with control bytes are, but
-    // ended before the app (an echo server here) has a whole line.
-    let mut first = lenient_app.port().to_be_bytes().to_vec();
+    // ended before the app (one that answers nothing before a whole request,
+    // as HTTP servers do) has a whole line.
+    let (waiting_app, received) = strait_tests::tcp::sink().await;
+    let mut received = received;
+    let mut first = waiting_app.port().to_be_bytes().to_vec();
     first.extend(b"\x00GET /client-id HT");
     let rest = format!("TP/1.1\r\nhost: web\r\nstrait-client-id: {FORGED_ID}\r\n\r\n");
     let leaf = m.pki.leaf(CLIENT_ID, now - hour, now + hour);
-    let rsp = strait_tests::pki::exchange_over_tls_in_parts(
+    strait_tests::pki::exchange_over_tls_in_parts(
         m.web.inbound,
         leaf,
         b"strait-opaque/1",
@@ -1231,8 +1234,12 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
         Duration::from_millis(600),
     )
     .await;
+    let got = tokio::time::timeout(Duration::from_secs(5), received.recv())
+        .await
+        .expect("the app's connection ended")
+        .expect("a connection");
     assert_eq!(
-        String::from_utf8_lossy(&rsp),
+        String::from_utf8_lossy(&got),
         "\x00GET /client-id HT",
         "the app saw the line's start only"
     );
