@@ -915,6 +915,56 @@ async fn opaque_tcp_between_meshed_pods_rides_mtls() {
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
 
+/// An endpoint whose proxy is up and whose app is not (crashed, restarting,
+/// not yet out of the endpoints) takes each opaque stream over mTLS and cuts
+/// it at once: it is avoided, not favoured for being the least loaded.
+#[tokio::test]
+async fn a_meshed_endpoint_whose_app_is_down_is_avoided_for_opaque_streams() {
+    use tokio::io::AsyncReadExt;
+    let m = Mesh::start("web", None).await;
+    let up = strait_tests::tcp::banner(b"220 ready\r\n").await;
+    let down: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let web1 = m.sidecar("web-1", "web", &[]).await;
+    m.dir.write(
+        "pod-web-1.yaml",
+        &meshed_pod(NS, "web-1", "web", web1.inbound.port()),
+    );
+    m.dir.write("svc-db.yaml", &service(NS, "db", 5432));
+    m.dir
+        .write("slice-db-0.yaml", &endpoint(NS, "db", "web-0", up));
+    m.dir
+        .write("slice-db-1.yaml", &endpoint(NS, "db", "web-1", down));
+    let c = m
+        .sidecar("client-0", "client", &["db.test.svc.cluster.local:5432"])
+        .await;
+    let greeted = async || {
+        let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+            .await
+            .unwrap();
+        let mut banner = [0u8; 11];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner));
+        (matches!(read.await, Ok(Ok(_))) && &banner == b"220 ready\r\n").then_some(s)
+    };
+    wait::until("a stream greeted", Duration::from_secs(10), || async {
+        greeted().await.is_some()
+    })
+    .await;
+    // Streams that last (a connection pool's) load the live endpoint; the
+    // dead one's end at once and never do.
+    let mut held = Vec::new();
+    let mut cut = 0;
+    for _ in 0..20 {
+        match greeted().await {
+            Some(s) => held.push(s),
+            None => cut += 1,
+        }
+    }
+    assert!(
+        cut <= 2,
+        "{cut} of 20 streams went to the endpoint whose app is down"
+    );
+}
+
 /// Drops the client from web's allow list and waits for `open`, a stream
 /// admitted before, to be closed; what came on it meanwhile.
 async fn closed_when_revoked(m: &Mesh, open: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> {
