@@ -192,7 +192,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 ),
                 0 => line(
                     Verdict::Fail,
-                    format!("the controller has no ready replica (0 of {want})"),
+                    format!(
+                        "the controller has no ready replica (0 of {want}): kubectl -n {ns} describe deploy/{CONTROLLER}; kubectl -n {ns} logs deploy/{CONTROLLER}"
+                    ),
                 ),
                 r if r < want => line(
                     Verdict::Warn,
@@ -439,8 +441,17 @@ fn webhook_line(
 ) -> Line {
     match bundles {
         Ok(Some(bundles)) => {
-            let matches =
-                |a: &String| !bundles.is_empty() && bundles.iter().all(|b| b == a.as_bytes());
+            // As certificates: the same PEM may be written with other line
+            // ends or a trailing newline.
+            let parsed = |pem: &[u8]| {
+                std::str::from_utf8(pem)
+                    .ok()
+                    .and_then(|p| certificates(p).ok())
+            };
+            let matches = |a: &String| {
+                let a = parsed(a.as_bytes());
+                a.is_some() && !bundles.is_empty() && bundles.iter().all(|b| parsed(b) == a)
+            };
             match anchors {
                 None => line(
                     Verdict::Warn,
@@ -455,7 +466,7 @@ fn webhook_line(
                 Some(_) => line(
                     Verdict::Fail,
                     format!(
-                        "{what}'s caBundle is not the trust anchors: the API server cannot verify it"
+                        "{what}'s caBundle is not the trust anchors: the API server cannot verify the controller's certificate (apply strait install's output again)"
                     ),
                 ),
             }
@@ -1049,15 +1060,23 @@ mod tests {
     /// roots and cannot be verified; a refused read is a warning.
     #[test]
     fn a_webhook_without_a_ca_bundle_fails_and_a_refused_read_warns() {
-        let anchors = Some(Some("PEM".to_string()));
+        let a = crate::identity::ca::generate("cluster.local", Duration::from_secs(86400)).unwrap();
+        let pem = a.anchor_pem.trim_end().to_string();
+        let anchors = Some(Some(format!("{pem}\n")));
         let config = |b: Option<&str>| WebhookClientConfig {
             ca_bundle: b.map(|b| k8s_openapi::ByteString(b.as_bytes().to_vec())),
             ..Default::default()
         };
-        let both = ca_bundles([config(Some("PEM")), config(Some("PEM"))].into_iter());
-        let l = webhook_line("w", Ok(Some(both)), anchors.as_ref(), "m", Verdict::Fail);
+        // The same certificate, written without the trailing newline.
+        let both = ca_bundles([config(Some(&pem)), config(Some(&pem))].into_iter());
+        let l = webhook_line("w", Ok(Some(both)), anchors.as_ref(), "m", Verdict::Ok);
         assert_eq!(l.verdict, Verdict::Ok);
-        let one = ca_bundles([config(Some("PEM")), config(None)].into_iter());
+        let other =
+            crate::identity::ca::generate("cluster.local", Duration::from_secs(86400)).unwrap();
+        let wrong = ca_bundles([config(Some(&other.anchor_pem))].into_iter());
+        let l = webhook_line("w", Ok(Some(wrong)), anchors.as_ref(), "m", Verdict::Fail);
+        assert_eq!(l.verdict, Verdict::Fail);
+        let one = ca_bundles([config(Some(&pem)), config(None)].into_iter());
         let l = webhook_line("w", Ok(Some(one)), anchors.as_ref(), "m", Verdict::Fail);
         assert_eq!(l.verdict, Verdict::Fail);
         let forbidden = kube::Error::Api(Box::new(
