@@ -90,11 +90,28 @@ pub async fn detect_from<I: AsyncRead + Unpin>(
 
 /// `Some` once the bytes so far decide the protocol.
 fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
+    classify_as(buf, max_bytes, Reader::Detection)
+}
+
+/// Whose reading of a line `classify_as` follows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// Detection's: a method of token characters, and HTTP/2's preface.
+    Detection,
+    /// Netty's, for a line after control bytes on a stream already carried
+    /// as opaque: any bytes but whitespace and controls make a method
+    /// (`G@T`), and `PRI * HTTP/2.0` is a request like any other. Too broad
+    /// for detection, which would wait on unframed text (`{"id":1}`, an
+    /// XMPP stream header) and answer it 400 at the timeout.
+    Netty,
+}
+
+fn classify_as(buf: &[u8], max_bytes: usize, reader: Reader) -> Option<Protocol> {
     if buf.is_empty() {
         return None;
     }
     let n = buf.len().min(H2_PREFACE.len());
-    if buf[..n] == H2_PREFACE[..n] {
+    if reader == Reader::Detection && buf[..n] == H2_PREFACE[..n] {
         // "PRI " could still be an HTTP/1 method named PRI; only the full preface decides.
         return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
@@ -128,17 +145,17 @@ fn classify(buf: &[u8], max_bytes: usize) -> Option<Protocol> {
     // HTTP/1 request line: token SP request-target SP "HTTP/1." digit CRLF,
     // as lenient servers read it: Tomcat and Python take tabs (or runs of
     // whitespace) between the parts, Python an `HTTP/1.10` or trailing
-    // whitespace, Netty a method of any bytes but whitespace and controls
-    // (`G@T`). Whatever such a server would take for a request with
+    // whitespace. Whatever such a server would take for a request with
     // headers is HTTP here, and what our server's strict parser refuses is
     // refused (400) rather than carried raw to the app, forged
     // `strait-client-id` and all.
     let line_end = buf.iter().position(|&b| b == b'\n');
     let line = &buf[..line_end.unwrap_or(buf.len())];
-    let method_len = line
-        .iter()
-        .take_while(|&&b| !skipped_before_request(b))
-        .count();
+    let in_method = |b: u8| match reader {
+        Reader::Detection => is_tchar(b),
+        Reader::Netty => !skipped_before_request(b),
+    };
+    let method_len = line.iter().take_while(|&&b| in_method(b)).count();
     if method_len == 0 || (method_len < line.len() && !is_space(line[method_len])) {
         return Some(Protocol::Opaque);
     }
@@ -263,16 +280,18 @@ impl OpeningWatch {
     }
 }
 
-/// A line that follows control bytes, as much of it as has come.
+/// A line that follows control bytes, as much of it as has come, as Netty
+/// would read it.
 fn judge_line(line: &[u8], max_bytes: usize) -> Opening {
+    let read = classify_as(line, max_bytes, Reader::Netty);
     if line.contains(&b'\n') {
-        return if classify(line, max_bytes) == Some(Protocol::Http1) {
+        return if read == Some(Protocol::Http1) {
             Opening::Request
         } else {
             Opening::NotARequest
         };
     }
-    match classify(line, max_bytes) {
+    match read {
         Some(Protocol::Opaque) => Opening::NotARequest,
         // Still undecided with all detection reads: HTTP to detection, and
         // perhaps a request to a server whose line limit is longer.
@@ -318,6 +337,10 @@ fn is_version(v: &[u8]) -> bool {
 /// the controls (lenient ones take bytes above 0x7f in a target).
 fn is_line_byte(b: u8) -> bool {
     is_space(b) || matches!(b, 0x21..=0x7e | 0x80..=0xff)
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// One of HTTP's standard methods: followed by a space, the start of a
@@ -507,16 +530,33 @@ mod tests {
         assert_eq!(w.feed(&vec![b'a'; m]), Opening::Request);
     }
 
-    /// Netty takes any bytes but whitespace and controls for a method.
+    /// Netty takes any bytes but whitespace and controls for a method, and
+    /// reads `PRI * HTTP/2.0` as a request: after control bytes, on a stream
+    /// carried as opaque, such a line is ended. Detection itself keeps to
+    /// token methods, or unframed text would wait for the timeout and be
+    /// answered 400.
     #[test]
-    fn a_method_of_any_visible_bytes_is_http() {
+    fn after_control_bytes_a_line_is_read_as_netty_reads_it() {
         let m = 8192;
         for line in [
-            &b"G@T / HTTP/1.1\r\n"[..],
-            b"{GET} /x HTTP/1.1\n",
-            b"\xe9 / HTTP/1.0\n",
+            &b"\x00G@T / HTTP/1.1\r\n"[..],
+            b"\x00{GET} /x HTTP/1.1\n",
+            b"\x00\xe9 / HTTP/1.0\n",
+            b"\x00PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         ] {
-            assert_eq!(classify(line, m), Some(Protocol::Http1), "{line:?}");
+            assert_eq!(classify(line, m), Some(Protocol::Opaque), "{line:?}");
+            assert_eq!(
+                OpeningWatch::new(m).feed(line),
+                Opening::Request,
+                "{line:?}"
+            );
+        }
+        // Unframed text is opaque at once, not waited on.
+        for text in [
+            &b"{\"id\":1,\"method\":\"x\"}"[..],
+            b"<?xml version='1.0'?><stream:stream to='example.com' version='1.0'>",
+        ] {
+            assert_eq!(classify(text, m), Some(Protocol::Opaque), "{text:?}");
         }
         // Binary and text protocols that open with such bytes stay opaque.
         for line in [
