@@ -32,7 +32,7 @@ pub async fn forward<I>(
     metrics: &Metrics,
     direction: Direction,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Abort + Unpin,
 {
     if let Some(upstream) = connect(dst, cfg, metrics, direction).await {
         splice(client, upstream, dst, cfg, metrics, direction).await;
@@ -83,7 +83,47 @@ pub async fn dial_within(
     .map_err(|e| ("connect", e.to_string()))
 }
 
+/// A connection that can be reset rather than closed. When a stream fails
+/// (one side reset it, or a peer proxy cut it without a TLS close), the other
+/// side must not read a clean end: an app would take a truncated upload for
+/// a whole one.
+pub trait Abort {
+    /// Makes the connection send a reset (RST) when it is dropped.
+    fn abort(&self);
+}
+
+impl Abort for TcpStream {
+    fn abort(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<T: Abort + ?Sized> Abort for Box<T> {
+    fn abort(&self) {
+        (**self).abort()
+    }
+}
+
+impl<T: Abort + ?Sized> Abort for &mut T {
+    fn abort(&self) {
+        (**self).abort()
+    }
+}
+
+impl<T: Abort> Abort for tokio_rustls::client::TlsStream<T> {
+    fn abort(&self) {
+        self.get_ref().0.abort()
+    }
+}
+
+impl<T: Abort> Abort for tokio_rustls::server::TlsStream<T> {
+    fn abort(&self) {
+        self.get_ref().0.abort()
+    }
+}
+
 /// Copies both ways between `client` and an already connected `upstream`.
+/// When either side fails, both are reset.
 pub async fn splice<I, U>(
     client: I,
     mut upstream: U,
@@ -92,8 +132,8 @@ pub async fn splice<I, U>(
     metrics: &Metrics,
     direction: Direction,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Abort + Unpin,
+    U: AsyncRead + AsyncWrite + Abort + Unpin,
 {
     let labels = DirectionLabels { direction };
     let activity = Arc::new(Activity::new());
@@ -106,7 +146,11 @@ pub async fn splice<I, U>(
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
             Ok((up, down)) => debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed"),
-            Err(e) => debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed"),
+            Err(e) => {
+                debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed; resetting both sides");
+                client.inner.abort();
+                upstream.abort();
+            }
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");

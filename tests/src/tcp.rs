@@ -49,10 +49,18 @@ async fn serve(banner: Option<&'static [u8]>) -> SocketAddr {
     addr
 }
 
+/// What a [`sink`] read on one connection, and how the connection ended.
+#[derive(Debug)]
+pub struct Received {
+    pub bytes: Vec<u8>,
+    /// Reset (or failed) rather than closed.
+    pub reset: bool,
+}
+
 /// Reads each connection to its end and says nothing: what each received
 /// comes on the channel once it ends. An app that waits for a whole request
 /// before it answers.
-pub async fn sink() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+pub async fn sink() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
     let addr = listener.local_addr().expect("tcp addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -60,13 +68,62 @@ pub async fn sink() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>
         while let Ok((mut s, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let _ = s.read_to_end(&mut got).await;
-                let _ = tx.send(got);
+                let mut bytes = Vec::new();
+                let reset = s.read_to_end(&mut bytes).await.is_err();
+                let _ = tx.send(Received { bytes, reset });
             });
         }
     });
     (addr, rx)
+}
+
+/// Echoes each connection, and says on the channel how it ended: what came,
+/// and whether it was reset rather than closed.
+pub async fn echo_telling() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+    let addr = listener.local_addr().expect("tcp addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut bytes = Vec::new();
+                let mut buf = [0u8; 4096];
+                let reset = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break false,
+                        Ok(n) => {
+                            bytes.extend_from_slice(&buf[..n]);
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break true;
+                            }
+                        }
+                        Err(_) => break true,
+                    }
+                };
+                let _ = s.shutdown().await;
+                let _ = tx.send(Received { bytes, reset });
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Reads once from each connection, then resets it: an app that fails
+/// mid-stream.
+pub async fn resetting() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+    let addr = listener.local_addr().expect("tcp addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.set_zero_linger();
+            });
+        }
+    });
+    addr
 }
 
 /// An address whose connects hang: a listener that accepts nobody, its accept

@@ -93,6 +93,12 @@ pub fn accepted<B>(is_connect: bool, rsp: &Response<B>) -> bool {
     }
 }
 
+/// hyper's upgraded connection does not reach its socket: a failed upgraded
+/// stream is closed, not reset.
+impl crate::tcp::Abort for TokioIo<hyper::upgrade::Upgraded> {
+    fn abort(&self) {}
+}
+
 /// Copies bytes both ways between the client's and the upstream's upgraded
 /// connections until both sides close, or nothing moves for the opaque-stream
 /// idle timeout (an upgraded connection is an opaque stream from here on).

@@ -160,7 +160,7 @@ impl Inbound {
         until: tokio::time::Instant,
         client: ClientAddr,
     ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin + Send + 'static,
     {
         use tokio::io::AsyncReadExt;
         let read = tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, stream.read_u16());
@@ -195,7 +195,7 @@ impl Inbound {
         silent: bool,
         client: ClientAddr,
     ) where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin + Send + 'static,
     {
         let s = &self.shared;
         let rules = dst::TargetRules {

@@ -80,6 +80,12 @@ impl<I: AsyncRead> AsyncRead for GuardedOpening<I> {
     }
 }
 
+impl<I: crate::tcp::Abort> crate::tcp::Abort for GuardedOpening<I> {
+    fn abort(&self) {
+        self.inner.abort()
+    }
+}
+
 /// The app has said something to the client: an HTTP server says nothing
 /// before a whole request head, so the stream is something else (a SOCKS
 /// tunnel may carry HTTP after its binary handshake, a server greets).

@@ -21,13 +21,16 @@ use crate::transport::connect::PeerTls;
 
 pub async fn forward<I>(s: &Shared, b: &Builder, io: I, dst: DestAddr, resolved: Option<Resolved>)
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin,
 {
     match connect(s, b, dst, resolved, Ahead::No).await {
         Ok(up) => up.splice(s, io, Bytes::new()).await,
         Err(refused) => refused.report(s),
     }
 }
+
+/// How long a clean close of an unused connection may take.
+const CLOSE_WITHIN: Duration = Duration::from_millis(100);
 
 /// An opaque stream's connection onward, made before the client's bytes flow.
 pub struct Upstream {
@@ -58,6 +61,19 @@ impl Upstream {
         }
     }
 
+    /// Ends a stream that carried nothing, cleanly (a TLS close, then a
+    /// FIN), within a moment: what a peer proxy tells its app is that the
+    /// client went away, not that the stream failed.
+    pub async fn close(self) {
+        let shut = async {
+            match self.conn {
+                Conn::Peer(mut t, _) => t.shutdown().await,
+                Conn::Direct(mut t, _) => t.shutdown().await,
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WITHIN, shut).await;
+    }
+
     /// Reads what the server sends before the client has said anything.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match &mut self.conn {
@@ -69,7 +85,7 @@ impl Upstream {
     /// Copies both ways, `first` (already read from the server) to the client first.
     pub async fn splice<I>(self, s: &Shared, io: I, first: Bytes)
     where
-        I: AsyncRead + AsyncWrite + Unpin,
+        I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin,
     {
         let (tcp, m) = (&s.tcp, &s.metrics);
         let load = self.load;
@@ -137,6 +153,12 @@ impl<T: AsyncRead> AsyncRead for Answered<T> {
             _ => {}
         }
         r
+    }
+}
+
+impl<T: crate::tcp::Abort> crate::tcp::Abort for Answered<T> {
+    fn abort(&self) {
+        self.inner.abort()
     }
 }
 

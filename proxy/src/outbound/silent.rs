@@ -38,7 +38,7 @@ pub async fn settle<I>(
     client: ClientAddr,
 ) -> Option<(Protocol, PrefixedIo<I>)>
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin,
 {
     let mut said = BytesMut::with_capacity(1024);
     let mut greeting = BytesMut::new();
@@ -108,7 +108,9 @@ where
             s.count_detected(DIRECTION, Protocol::Opaque);
             let idle = idle.deadline().saturating_duration_since(started);
             info!(direction = DIRECTION.as_str(), %dst, ?idle, "opaque stream idle, closed");
-            drop(up);
+            if let Some(up) = up {
+                up.close().await;
+            }
             if let Some(refused) = refused {
                 refused.report(s);
             }
@@ -130,8 +132,11 @@ where
         return None;
     };
     if protocol != Protocol::Opaque {
-        // The connection made for nothing closes unused.
-        drop(up);
+        // The connection made for nothing closes unused, cleanly: a peer
+        // proxy resets the app's side of a stream cut without a word.
+        if let Some(up) = up {
+            up.close().await;
+        }
         return Some((protocol, io));
     }
     match (up, refused) {

@@ -79,6 +79,12 @@ impl<T: AsyncWrite> AsyncWrite for PrefixedIo<T> {
     }
 }
 
+impl<T: crate::tcp::Abort> crate::tcp::Abort for PrefixedIo<T> {
+    fn abort(&self) {
+        self.inner.abort()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

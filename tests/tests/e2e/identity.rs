@@ -965,6 +965,96 @@ async fn a_meshed_endpoint_whose_app_is_down_is_avoided_for_opaque_streams() {
     );
 }
 
+/// A stream that fails on one side reaches the other as a reset, not as a
+/// clean end: an app must not take a truncated upload for a whole one, nor
+/// a client a cut-off answer for a complete one.
+#[tokio::test]
+async fn a_reset_crosses_the_mesh_as_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mesh::start("web", None).await;
+    let (app, mut received) = strait_tests::tcp::echo_telling().await;
+    let failing_app = strait_tests::tcp::resetting().await;
+    m.dir.write("svc-db.yaml", &service(NS, "db", 5432));
+    m.dir
+        .write("slice-db.yaml", &endpoint(NS, "db", "web-0", app));
+    m.dir.write("svc-cache.yaml", &service(NS, "cache", 6379));
+    m.dir.write(
+        "slice-cache.yaml",
+        &endpoint(NS, "cache", "web-0", failing_app),
+    );
+    let c = m
+        .sidecar(
+            "client-0",
+            "client",
+            &[
+                "db.test.svc.cluster.local:5432",
+                "cache.test.svc.cluster.local:6379",
+            ],
+        )
+        .await;
+    // A stream closed cleanly reaches the app as closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let clean = loop {
+        let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+            .await
+            .unwrap();
+        s.write_all(b"\x00whole").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        // While the mesh starts, a stream may reach the app empty (the
+        // peer proxy connects to it at once): the one that carried the
+        // bytes is the one that tells.
+        match tokio::time::timeout(Duration::from_millis(500), received.recv()).await {
+            Ok(Some(r)) if !r.bytes.is_empty() => break r,
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "the app never reached"
+            ),
+        }
+    };
+    assert_eq!(clean.bytes, b"\x00whole");
+    assert!(!clean.reset, "a clean close stays clean");
+
+    // The client resets in the middle of an upload (what it sent so far
+    // has reached the app: it came back).
+    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    let part = b"\x00\x00\x10\x00part of an upload";
+    s.write_all(part).await.unwrap();
+    let mut back = [0u8; 21];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, part);
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r = received.recv().await.expect("a connection");
+            if r.bytes == part {
+                break r;
+            }
+        }
+    })
+    .await
+    .expect("the app's connection ended");
+    assert!(cut.reset, "the app saw a clean end: {cut:?}");
+
+    // The app resets in the middle of the stream: the client sees a reset.
+    let mut s = tokio::net::TcpStream::connect(c.upstreams[1])
+        .await
+        .unwrap();
+    s.write_all(b"\x00\x01get").await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the stream ended");
+    assert!(
+        ended.is_err(),
+        "the client saw a clean end: {ended:?} {rest:?}"
+    );
+}
+
 /// Drops the client from web's allow list and waits for `open`, a stream
 /// admitted before, to be closed; what came on it meanwhile.
 async fn closed_when_revoked(m: &Mesh, open: &mut tokio::net::TcpStream, what: &str) -> Vec<u8> {
@@ -1289,7 +1379,7 @@ async fn http_carried_raw_never_reaches_the_app_with_a_claimed_identity() {
         .expect("the app's connection ended")
         .expect("a connection");
     assert_eq!(
-        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&got.bytes),
         "\x00GET /client-id HT",
         "the app saw the line's start only"
     );
