@@ -122,6 +122,15 @@ impl<T: Abort> Abort for tokio_rustls::server::TlsStream<T> {
     }
 }
 
+/// How a spliced stream ended.
+#[derive(Debug, Default)]
+pub struct Spliced {
+    /// Bytes that reached the client from upstream.
+    pub down: u64,
+    /// What failed, if anything did (both sides were then reset).
+    pub failed: Option<std::io::ErrorKind>,
+}
+
 /// Copies both ways between `client` and an already connected `upstream`.
 /// When either side fails, both are reset.
 pub async fn splice<I, U>(
@@ -131,7 +140,8 @@ pub async fn splice<I, U>(
     cfg: &TcpConfig,
     metrics: &Metrics,
     direction: Direction,
-) where
+) -> Spliced
+where
     I: AsyncRead + AsyncWrite + Abort + Unpin,
     U: AsyncRead + AsyncWrite + Abort + Unpin,
 {
@@ -142,19 +152,29 @@ pub async fn splice<I, U>(
         activity: activity.clone(),
         read: metrics.tcp_read_bytes.get_or_create(&labels).clone(),
         written: metrics.tcp_write_bytes.get_or_create(&labels).clone(),
+        down: 0,
     };
-    tokio::select! {
+    let failed = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
-            Ok((up, down)) => debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed"),
+            Ok((up, down)) => {
+                debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed");
+                None
+            }
             Err(e) => {
                 debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed; resetting both sides");
                 client.inner.abort();
                 upstream.abort();
+                Some(e.kind())
             }
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
+            None
         }
+    };
+    Spliced {
+        down: client.down,
+        failed,
     }
 }
 
@@ -198,6 +218,8 @@ pin_project_lite::pin_project! {
         activity: Arc<Activity>,
         read: Counter,
         written: Counter,
+        // This stream's bytes written to the client.
+        down: u64,
     }
 }
 
@@ -229,6 +251,7 @@ impl<I: AsyncWrite> AsyncWrite for Counted<I> {
         let res = this.inner.poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = res {
             this.written.inc_by(n as u64);
+            *this.down += n as u64;
             this.activity.touch();
         }
         res

@@ -125,7 +125,7 @@ pub async fn splice(
         metrics,
         direction,
     )
-    .await
+    .await;
 }
 
 #[cfg(test)]

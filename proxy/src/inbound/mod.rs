@@ -290,7 +290,7 @@ impl Inbound {
                             // Made while settling; what the app said on it goes now.
                             Some(up) => {
                                 crate::tcp::splice(io, up, &app, &s.tcp, &s.metrics, DIRECTION)
-                                    .await
+                                    .await;
                             }
                             None => {
                                 crate::tcp::forward(io, &app, &s.tcp, &s.metrics, DIRECTION).await

@@ -91,14 +91,19 @@ impl Upstream {
         let load = self.load;
         match self.conn {
             Conn::Peer(t, addr) => {
-                let mut up = Answered::new(PrefixedIo::new(first, t));
-                crate::tcp::splice(io, &mut up, &addr, tcp, m, DIRECTION).await;
-                // The peer proxy cut the stream without a word: its app
-                // refused it (down, restarting) or its policy did. The
+                let answered = !first.is_empty();
+                let up = PrefixedIo::new(first, t);
+                let ended = crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await;
+                // The peer proxy cut the stream without a word (the app
+                // side is plain TCP, which never ends in UnexpectedEof): its
+                // app refused it (down, restarting) or its policy did. The
                 // connect counted as a success; this makes the endpoint
                 // costly to the balancer, or a dead app behind a live proxy
                 // would draw most new streams (they end at once).
-                if up.cut_unanswered
+                let cut = ended.failed == Some(std::io::ErrorKind::UnexpectedEof);
+                if cut
+                    && !answered
+                    && ended.down == 0
                     && let Some(l) = &load
                 {
                     l.app_unreachable();
@@ -110,79 +115,6 @@ impl Upstream {
                 drop(load);
             }
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Whether the upstream ended a stream abruptly (no TLS close) before
-    /// sending anything.
-    struct Answered<T> {
-        #[pin]
-        inner: T,
-        answered: bool,
-        cut_unanswered: bool,
-    }
-}
-
-impl<T> Answered<T> {
-    fn new(inner: T) -> Self {
-        Answered {
-            inner,
-            answered: false,
-            cut_unanswered: false,
-        }
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Answered<T> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        match &r {
-            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => *this.answered = true,
-            std::task::Poll::Ready(Err(e))
-                if !*this.answered && e.kind() == std::io::ErrorKind::UnexpectedEof =>
-            {
-                *this.cut_unanswered = true
-            }
-            _ => {}
-        }
-        r
-    }
-}
-
-impl<T: crate::tcp::Abort> crate::tcp::Abort for Answered<T> {
-    fn abort(&self) {
-        self.inner.abort()
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Answered<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
     }
 }
 
