@@ -61,25 +61,16 @@ pub struct Received {
 /// comes on the channel once it ends. An app that waits for a whole request
 /// before it answers.
 pub async fn sink() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Received>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
-    let addr = listener.local_addr().expect("tcp addr");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut bytes = Vec::new();
-                let reset = s.read_to_end(&mut bytes).await.is_err();
-                let _ = tx.send(Received { bytes, reset });
-            });
-        }
-    });
-    (addr, rx)
+    telling(false).await
 }
 
 /// Echoes each connection, and says on the channel how it ended: what came,
 /// and whether it was reset rather than closed.
 pub async fn echo_telling() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    telling(true).await
+}
+
+async fn telling(echo: bool) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
     let addr = listener.local_addr().expect("tcp addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -94,14 +85,16 @@ pub async fn echo_telling() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver
                         Ok(0) => break false,
                         Ok(n) => {
                             bytes.extend_from_slice(&buf[..n]);
-                            if s.write_all(&buf[..n]).await.is_err() {
+                            if echo && s.write_all(&buf[..n]).await.is_err() {
                                 break true;
                             }
                         }
                         Err(_) => break true,
                     }
                 };
-                let _ = s.shutdown().await;
+                if echo {
+                    let _ = s.shutdown().await;
+                }
                 let _ = tx.send(Received { bytes, reset });
             });
         }
