@@ -123,19 +123,24 @@ impl<T: Abort> Abort for tokio_rustls::server::TlsStream<T> {
 }
 
 /// How a spliced stream ended.
-#[derive(Debug, Default)]
-pub struct Spliced {
+#[derive(Debug)]
+pub struct Spliced<S = std::convert::Infallible> {
     /// Bytes that reached the client from upstream.
     pub down: u64,
-    /// What failed, if anything did (both sides were then reset).
-    pub failed: Option<std::io::ErrorKind>,
+    /// What failed on the upstream's side, if anything did.
+    pub upstream_failed: Option<std::io::ErrorKind>,
+    /// What ended it, when `stop` did.
+    pub stopped: Option<S>,
 }
+
+/// How long a clean close of a stream may take before it is dropped.
+const CLOSE_WITHIN: Duration = Duration::from_millis(100);
 
 /// Copies both ways between `client` and an already connected `upstream`.
 /// When either side fails, both are reset.
 pub async fn splice<I, U>(
     client: I,
-    mut upstream: U,
+    upstream: U,
     dst: &(dyn std::fmt::Display + Sync),
     cfg: &TcpConfig,
     metrics: &Metrics,
@@ -145,36 +150,92 @@ where
     I: AsyncRead + AsyncWrite + Abort + Unpin,
     U: AsyncRead + AsyncWrite + Abort + Unpin,
 {
+    let never = std::future::pending::<std::convert::Infallible>();
+    splice_until(client, upstream, dst, cfg, metrics, direction, never).await
+}
+
+/// As [`splice`], until `stop` (a policy revoked): then both sides are
+/// reset, as a stream cut short.
+pub async fn splice_until<I, U, S>(
+    client: I,
+    upstream: U,
+    dst: &(dyn std::fmt::Display + Sync),
+    cfg: &TcpConfig,
+    metrics: &Metrics,
+    direction: Direction,
+    stop: impl std::future::Future<Output = S>,
+) -> Spliced<S>
+where
+    I: AsyncRead + AsyncWrite + Abort + Unpin,
+    U: AsyncRead + AsyncWrite + Abort + Unpin,
+{
     let labels = DirectionLabels { direction };
     let activity = Arc::new(Activity::new());
-    let mut client = Counted {
-        inner: client,
-        activity: activity.clone(),
-        read: metrics.tcp_read_bytes.get_or_create(&labels).clone(),
-        written: metrics.tcp_write_bytes.get_or_create(&labels).clone(),
-        down: 0,
-    };
-    let failed = tokio::select! {
+    let mut client = Counted::new(
+        client,
+        activity.clone(),
+        metrics.tcp_read_bytes.get_or_create(&labels).clone(),
+        metrics.tcp_write_bytes.get_or_create(&labels).clone(),
+    );
+    // Counted on the client's side only; watched on both.
+    let mut upstream = Counted::new(
+        upstream,
+        activity.clone(),
+        Counter::default(),
+        Counter::default(),
+    );
+    let mut stopped = None;
+    tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
-            Ok((up, down)) => {
-                debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed");
-                None
-            }
+            Ok((up, down)) => debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed"),
             Err(e) => {
-                debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed; resetting both sides");
-                client.inner.abort();
-                upstream.abort();
-                Some(e.kind())
+                debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed; resetting it");
+                // A side whose end was already passed on cleanly (its write
+                // half shut) keeps it: what is queued to it still goes.
+                for side in [&client as &dyn Side, &upstream] {
+                    if !side.shut() {
+                        side.abort();
+                    }
+                }
             }
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
-            None
+            // Cleanly: a peer proxy resets its app's side of a stream cut
+            // without a TLS close, and nothing failed here.
+            use tokio::io::AsyncWriteExt as _;
+            let closed = async {
+                let _ = client.shutdown().await;
+                let _ = upstream.shutdown().await;
+            };
+            let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
         }
-    };
+        s = stop => {
+            stopped = Some(s);
+            client.inner.abort();
+            upstream.inner.abort();
+        }
+    }
     Spliced {
-        down: client.down,
-        failed,
+        down: client.written_here,
+        upstream_failed: upstream.failed,
+        stopped,
+    }
+}
+
+/// One side of a splice, as the end of a failed stream sees it.
+trait Side {
+    fn shut(&self) -> bool;
+    fn abort(&self);
+}
+
+impl<I: Abort> Side for Counted<I> {
+    fn shut(&self) -> bool {
+        self.shut
+    }
+
+    fn abort(&self) {
+        self.inner.abort()
     }
 }
 
@@ -218,9 +279,38 @@ pin_project_lite::pin_project! {
         activity: Arc<Activity>,
         read: Counter,
         written: Counter,
-        // This stream's bytes written to the client.
-        down: u64,
+        // This stream's bytes written to this side.
+        written_here: u64,
+        // Its write half shut down: its end was passed on.
+        shut: bool,
+        // What failed on it, if anything did.
+        failed: Option<std::io::ErrorKind>,
     }
+}
+
+impl<I> Counted<I> {
+    fn new(inner: I, activity: Arc<Activity>, read: Counter, written: Counter) -> Self {
+        Counted {
+            inner,
+            activity,
+            read,
+            written,
+            written_here: 0,
+            shut: false,
+            failed: None,
+        }
+    }
+}
+
+/// Notes what failed.
+fn noted<T>(
+    failed: &mut Option<std::io::ErrorKind>,
+    p: std::task::Poll<std::io::Result<T>>,
+) -> std::task::Poll<std::io::Result<T>> {
+    if let std::task::Poll::Ready(Err(e)) = &p {
+        failed.get_or_insert(e.kind());
+    }
+    p
 }
 
 impl<I: AsyncRead> AsyncRead for Counted<I> {
@@ -231,7 +321,7 @@ impl<I: AsyncRead> AsyncRead for Counted<I> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
+        let res = noted(this.failed, this.inner.poll_read(cx, buf));
         let n = buf.filled().len() - before;
         if n > 0 {
             this.read.inc_by(n as u64);
@@ -248,10 +338,10 @@ impl<I: AsyncWrite> AsyncWrite for Counted<I> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.project();
-        let res = this.inner.poll_write(cx, buf);
+        let res = noted(this.failed, this.inner.poll_write(cx, buf));
         if let std::task::Poll::Ready(Ok(n)) = res {
             this.written.inc_by(n as u64);
-            *this.down += n as u64;
+            *this.written_here += n as u64;
             this.activity.touch();
         }
         res
@@ -261,14 +351,20 @@ impl<I: AsyncWrite> AsyncWrite for Counted<I> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        noted(this.failed, this.inner.poll_flush(cx))
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        let res = noted(this.failed, this.inner.poll_shutdown(cx));
+        if let std::task::Poll::Ready(Ok(())) = res {
+            *this.shut = true;
+        }
+        res
     }
 }
 

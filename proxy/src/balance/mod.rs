@@ -610,6 +610,14 @@ impl InFlight {
         self.breaker_failure(Failed::Unreachable);
     }
 
+    /// An opaque stream the endpoint's proxy cut before anything came back:
+    /// its app refused or dropped it. A penalty as a failed connect's, not
+    /// the stream's life (which may be long), and a failure to the breaker.
+    pub fn stream_cut(&self) {
+        self.observe(defaults::BALANCER_FAILURE_PENALTY);
+        self.breaker_failure(Failed::Answer);
+    }
+
     /// The peer proxy in front of the endpoint answered that its app could
     /// not be reached: as fast as a failed connect, and as much a penalty,
     /// but a failed answer to the breaker (a connect to that peer proxy says

@@ -11,6 +11,8 @@ mod settle;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::layer::util::Stack;
@@ -285,24 +287,24 @@ impl Inbound {
                             refused.clone(),
                         )
                     };
-                    let carried = async {
-                        match app_conn {
-                            // Made while settling; what the app said on it goes now.
-                            Some(up) => {
-                                crate::tcp::splice(io, up, &app, &s.tcp, &s.metrics, DIRECTION)
-                                    .await;
-                            }
-                            None => {
-                                crate::tcp::forward(io, &app, &s.tcp, &s.metrics, DIRECTION).await
-                            }
-                        }
+                    let (tcp, m) = (&s.tcp, &s.metrics);
+                    // Made while settling, what the app said on it goes now;
+                    // else made now.
+                    let up = match app_conn {
+                        Some(up) => up,
+                        None => match crate::tcp::connect(&app, tcp, m, DIRECTION).await {
+                            Some(up) => crate::transport::PrefixedIo::new(Bytes::new(), up),
+                            None => return,
+                        },
                     };
-                    tokio::select! {
-                        () = carried => {}
-                        denied = policy::revoked(s.policy.clone(), p.0, peer.clone()) => {
-                            s.metrics.reject_tcp(DIRECTION, "unauthorized");
-                            strait_otel::sampled!(info, client = %client.0, %denied, "open stream no longer authorized; closed");
-                        }
+                    // A stream cut when its caller's admission is revoked is
+                    // reset on both sides: the app must not take what it got
+                    // for all there was.
+                    let revoked = policy::revoked(s.policy.clone(), p.0, peer.clone());
+                    let ended = crate::tcp::splice_until(io, up, &app, tcp, m, DIRECTION, revoked);
+                    if let Some(denied) = ended.await.stopped {
+                        s.metrics.reject_tcp(DIRECTION, "unauthorized");
+                        strait_otel::sampled!(info, client = %client.0, %denied, "open stream no longer authorized; reset");
                     }
                 }
                 None => {

@@ -94,19 +94,23 @@ impl Upstream {
                 let answered = !first.is_empty();
                 let up = PrefixedIo::new(first, t);
                 let ended = crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await;
-                // The peer proxy cut the stream without a word (the app
-                // side is plain TCP, which never ends in UnexpectedEof): its
-                // app refused it (down, restarting) or its policy did. The
+                // The peer proxy cut the stream without a word: its app
+                // refused it (down, restarting) or reset it, or its policy
+                // did. The
                 // connect counted as a success; this makes the endpoint
                 // costly to the balancer, or a dead app behind a live proxy
                 // would draw most new streams (they end at once).
-                let cut = ended.failed == Some(std::io::ErrorKind::UnexpectedEof);
+                use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+                let cut = matches!(
+                    ended.upstream_failed,
+                    Some(UnexpectedEof | ConnectionReset | ConnectionAborted)
+                );
                 if cut
                     && !answered
                     && ended.down == 0
                     && let Some(l) = &load
                 {
-                    l.app_unreachable();
+                    l.stream_cut();
                 }
             }
             Conn::Direct(t, dst) => {
