@@ -25,20 +25,6 @@ pub struct TcpConfig {
     pub names: Names,
 }
 
-pub async fn forward<I>(
-    client: I,
-    dst: &DestAddr,
-    cfg: &TcpConfig,
-    metrics: &Metrics,
-    direction: Direction,
-) where
-    I: AsyncRead + AsyncWrite + Abort + Unpin,
-{
-    if let Some(upstream) = connect(dst, cfg, metrics, direction).await {
-        splice(client, upstream, dst, cfg, metrics, direction).await;
-    }
-}
-
 /// Connects to `dst` for an opaque stream; a failure is counted and logged.
 pub async fn connect(
     dst: &DestAddr,
@@ -137,7 +123,7 @@ pub struct Spliced<S = std::convert::Infallible> {
 const CLOSE_WITHIN: Duration = Duration::from_millis(100);
 
 /// Copies both ways between `client` and an already connected `upstream`.
-/// When either side fails, both are reset.
+/// When either side fails, the sides still open are reset.
 pub async fn splice<I, U>(
     client: I,
     upstream: U,
@@ -173,70 +159,55 @@ where
     let activity = Arc::new(Activity::new());
     let mut client = Counted::new(
         client,
-        activity.clone(),
-        metrics.tcp_read_bytes.get_or_create(&labels).clone(),
-        metrics.tcp_write_bytes.get_or_create(&labels).clone(),
+        Some(Metered {
+            activity: activity.clone(),
+            read: metrics.tcp_read_bytes.get_or_create(&labels).clone(),
+            written: metrics.tcp_write_bytes.get_or_create(&labels).clone(),
+        }),
     );
-    // Counted on the client's side only; watched on both.
-    let mut upstream = Counted::new(
-        upstream,
-        activity.clone(),
-        Counter::default(),
-        Counter::default(),
-    );
-    let mut stopped = None;
+    // Metered on the client's side (both directions pass it); watched on both.
+    let mut upstream = Counted::new(upstream, None);
+    let mut ended = Spliced {
+        down: 0,
+        upstream_failed: None,
+        stopped: None,
+    };
     tokio::select! {
+        // A revocation is acted on before any more bytes move.
+        biased;
+        s = stop => {
+            ended.stopped = Some(s);
+            client.inner.abort();
+            upstream.inner.abort();
+        }
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
             Ok((up, down)) => debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed"),
             Err(e) => {
                 debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed; resetting it");
-                // A side whose end was already passed on cleanly (its write
-                // half shut) keeps it: what is queued to it still goes.
-                for side in [&client as &dyn Side, &upstream] {
-                    if !side.shut() {
-                        side.abort();
-                    }
+                ended.upstream_failed = upstream.failed;
+                // A side whose end was already passed on (its write half
+                // shut, what was sent before it flushed) keeps it, as far
+                // as the kernel lets it: a socket closed with unread input
+                // is reset whatever was asked.
+                if !client.shut {
+                    client.inner.abort();
+                }
+                if !upstream.shut {
+                    upstream.inner.abort();
                 }
             }
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
-            // Cleanly: a peer proxy resets its app's side of a stream cut
-            // without a TLS close, and nothing failed here.
+            // Cleanly, both at once: a peer proxy resets its app's side of
+            // a stream cut without a TLS close, and nothing failed here.
             use tokio::io::AsyncWriteExt as _;
-            let closed = async {
-                let _ = client.shutdown().await;
-                let _ = upstream.shutdown().await;
-            };
+            let closed = async { tokio::join!(client.shutdown(), upstream.shutdown()) };
             let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
         }
-        s = stop => {
-            stopped = Some(s);
-            client.inner.abort();
-            upstream.inner.abort();
-        }
     }
-    Spliced {
-        down: client.written_here,
-        upstream_failed: upstream.failed,
-        stopped,
-    }
-}
-
-/// One side of a splice, as the end of a failed stream sees it.
-trait Side {
-    fn shut(&self) -> bool;
-    fn abort(&self);
-}
-
-impl<I: Abort> Side for Counted<I> {
-    fn shut(&self) -> bool {
-        self.shut
-    }
-
-    fn abort(&self) {
-        self.inner.abort()
-    }
+    ended.down = client.written_here;
+    ended
 }
 
 /// When bytes last moved, in milliseconds since the stream started.
@@ -272,13 +243,18 @@ impl Activity {
     }
 }
 
+/// The byte counters and idle timer one side of a stream feeds.
+struct Metered {
+    activity: Arc<Activity>,
+    read: Counter,
+    written: Counter,
+}
+
 pin_project_lite::pin_project! {
     struct Counted<I> {
         #[pin]
         inner: I,
-        activity: Arc<Activity>,
-        read: Counter,
-        written: Counter,
+        metered: Option<Metered>,
         // This stream's bytes written to this side.
         written_here: u64,
         // Its write half shut down: its end was passed on.
@@ -289,12 +265,10 @@ pin_project_lite::pin_project! {
 }
 
 impl<I> Counted<I> {
-    fn new(inner: I, activity: Arc<Activity>, read: Counter, written: Counter) -> Self {
+    fn new(inner: I, metered: Option<Metered>) -> Self {
         Counted {
             inner,
-            activity,
-            read,
-            written,
+            metered,
             written_here: 0,
             shut: false,
             failed: None,
@@ -323,9 +297,11 @@ impl<I: AsyncRead> AsyncRead for Counted<I> {
         let before = buf.filled().len();
         let res = noted(this.failed, this.inner.poll_read(cx, buf));
         let n = buf.filled().len() - before;
-        if n > 0 {
-            this.read.inc_by(n as u64);
-            this.activity.touch();
+        if n > 0
+            && let Some(m) = this.metered
+        {
+            m.read.inc_by(n as u64);
+            m.activity.touch();
         }
         res
     }
@@ -340,9 +316,11 @@ impl<I: AsyncWrite> AsyncWrite for Counted<I> {
         let this = self.project();
         let res = noted(this.failed, this.inner.poll_write(cx, buf));
         if let std::task::Poll::Ready(Ok(n)) = res {
-            this.written.inc_by(n as u64);
             *this.written_here += n as u64;
-            this.activity.touch();
+            if let Some(m) = this.metered {
+                m.written.inc_by(n as u64);
+                m.activity.touch();
+            }
         }
         res
     }
@@ -370,7 +348,113 @@ impl<I: AsyncWrite> AsyncWrite for Counted<I> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
+
+    /// A client and an upstream on loopback, the proxy's two ends of each,
+    /// and the splice between those running.
+    async fn spliced<S: Send + 'static>(
+        idle: Duration,
+        stop: impl std::future::Future<Output = S> + Send + 'static,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Spliced<S>>) {
+        let pair = async || {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (far, _) = l.accept().await.unwrap();
+            (near, far)
+        };
+        let (client, proxy_client) = pair().await;
+        let (proxy_upstream, upstream) = pair().await;
+        let cfg = TcpConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: idle,
+            names: Default::default(),
+        };
+        let task = tokio::spawn(async move {
+            let m = Metrics::new();
+            let dst = "upstream";
+            splice_until(
+                proxy_client,
+                proxy_upstream,
+                &dst,
+                &cfg,
+                &m,
+                Direction::Outbound,
+                stop,
+            )
+            .await
+        });
+        (client, upstream, task)
+    }
+
+    /// How a peer's connection ends: cleanly (EOF) or reset.
+    async fn ends_cleanly(s: &mut TcpStream) -> bool {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest));
+        read.await.expect("the connection ends").is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_failure_resets_the_other_side_and_a_clean_end_stays_clean() {
+        // The client resets: the upstream sees a reset, not a clean end.
+        let never = std::future::pending::<()>();
+        let (mut client, mut upstream, task) = spliced(Duration::from_secs(60), never).await;
+        client.write_all(b"part").await.unwrap();
+        let mut got = [0u8; 4];
+        upstream.read_exact(&mut got).await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        assert!(
+            !ends_cleanly(&mut upstream).await,
+            "the upstream saw a clean end"
+        );
+        assert!(task.await.unwrap().stopped.is_none());
+
+        // Both close cleanly: both see clean ends.
+        let never = std::future::pending::<()>();
+        let (mut client, mut upstream, task) = spliced(Duration::from_secs(60), never).await;
+        client.write_all(b"whole").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"whole");
+        upstream.shutdown().await.unwrap();
+        assert!(ends_cleanly(&mut client).await);
+        let ended = task.await.unwrap();
+        assert_eq!(ended.upstream_failed, None);
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_closes_cleanly_and_a_stopped_one_is_reset() {
+        let never = std::future::pending::<()>();
+        let (mut client, mut upstream, _task) = spliced(Duration::from_millis(200), never).await;
+        assert!(
+            ends_cleanly(&mut upstream).await,
+            "idle: the upstream was reset"
+        );
+        assert!(
+            ends_cleanly(&mut client).await,
+            "idle: the client was reset"
+        );
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<&'static str>();
+        let stopped = async move { stopped.await.unwrap_or("dropped") };
+        let (mut client, mut upstream, task) = spliced(Duration::from_secs(60), stopped).await;
+        client.write_all(b"part").await.unwrap();
+        let mut got = [0u8; 4];
+        upstream.read_exact(&mut got).await.unwrap();
+        stop.send("revoked").unwrap();
+        assert_eq!(task.await.unwrap().stopped, Some("revoked"));
+        assert!(
+            !ends_cleanly(&mut upstream).await,
+            "stopped: the upstream saw a clean end"
+        );
+        assert!(
+            !ends_cleanly(&mut client).await,
+            "stopped: the client saw a clean end"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_timer_restarts_on_activity() {

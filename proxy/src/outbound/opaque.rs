@@ -94,17 +94,14 @@ impl Upstream {
                 let answered = !first.is_empty();
                 let up = PrefixedIo::new(first, t);
                 let ended = crate::tcp::splice(io, up, &addr, tcp, m, DIRECTION).await;
-                // The peer proxy cut the stream without a word: its app
-                // refused it (down, restarting) or reset it, or its policy
-                // did. The
+                // The peer proxy cut the stream without a word (no TLS
+                // close): its app refused it (down, restarting) or its
+                // policy did. Not a reset: the peer resets a stream it
+                // refuses for what the client sent. The
                 // connect counted as a success; this makes the endpoint
                 // costly to the balancer, or a dead app behind a live proxy
                 // would draw most new streams (they end at once).
-                use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
-                let cut = matches!(
-                    ended.upstream_failed,
-                    Some(UnexpectedEof | ConnectionReset | ConnectionAborted)
-                );
+                let cut = ended.upstream_failed == Some(std::io::ErrorKind::UnexpectedEof);
                 if cut
                     && !answered
                     && ended.down == 0
