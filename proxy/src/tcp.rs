@@ -120,7 +120,7 @@ pub struct Spliced<S = std::convert::Infallible> {
 }
 
 /// How long a clean close of a stream may take before it is dropped.
-const CLOSE_WITHIN: Duration = Duration::from_millis(100);
+pub(crate) const CLOSE_WITHIN: Duration = Duration::from_millis(100);
 
 /// Copies both ways between `client` and an already connected `upstream`.
 /// When either side fails, the sides still open are reset.

@@ -29,9 +29,6 @@ where
     }
 }
 
-/// How long a clean close of an unused connection may take.
-const CLOSE_WITHIN: Duration = Duration::from_millis(100);
-
 /// An opaque stream's connection onward, made before the client's bytes flow.
 pub struct Upstream {
     conn: Conn,
@@ -71,7 +68,7 @@ impl Upstream {
                 Conn::Direct(mut t, _) => t.shutdown().await,
             }
         };
-        let _ = tokio::time::timeout(CLOSE_WITHIN, shut).await;
+        let _ = tokio::time::timeout(crate::tcp::CLOSE_WITHIN, shut).await;
     }
 
     /// Reads what the server sends before the client has said anything.
@@ -113,7 +110,6 @@ impl Upstream {
             Conn::Direct(t, dst) => {
                 let up = PrefixedIo::new(first, t);
                 crate::tcp::splice(io, up, &dst, tcp, m, DIRECTION).await;
-                drop(load);
             }
         }
     }

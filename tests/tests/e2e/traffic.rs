@@ -1048,22 +1048,29 @@ async fn a_client_silent_past_detection_is_still_routed_as_http() {
     assert_eq!(rejected().await, rejected0, "nothing refused");
 }
 
-#[tokio::test]
-async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
-    // `web-v1` has no endpoints of its own, only a route to `web-v2`: a silent
-    // client has nothing to connect onward to, and waits to be served as HTTP.
-    let v2 = Backend::start().await;
-    let dir = ManifestDir::new();
-    for svc in ["web-v1", "web-v2", "plain"] {
+/// Services `web-v1`, without endpoints of its own, and `web-v2` at `v2`,
+/// and a route sending all of `web-v1` to `web-v2`.
+fn route_v1_to_v2(dir: &ManifestDir, v2: SocketAddr) {
+    for svc in ["web-v1", "web-v2"] {
         dir.write(&format!("svc-{svc}.yaml"), &service(NS, svc, 80));
     }
-    dir.write("slice-v2.yaml", &endpoint(NS, "web-v2", "v2", v2.addr));
+    dir.write("slice-v2.yaml", &endpoint(NS, "web-v2", "v2", v2));
     dir.write(
         "route.yaml",
         &format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: v1, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web-v1, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web-v2, port: 80}}]\n"
         ),
     );
+}
+
+#[tokio::test]
+async fn a_silent_client_of_a_service_without_endpoints_is_still_routed() {
+    // `web-v1` has no endpoints of its own, only a route to `web-v2`: a silent
+    // client has nothing to connect onward to, and waits to be served as HTTP.
+    let v2 = Backend::start().await;
+    let dir = ManifestDir::new();
+    dir.write("svc-plain.yaml", &service(NS, "plain", 80));
+    route_v1_to_v2(&dir, v2.addr);
     let cp = ControllerProc::start(dir.path()).await;
     let client = Sidecar::start(
         cp.grpc,
@@ -1138,16 +1145,7 @@ async fn a_silent_client_of_a_routed_service_with_nowhere_to_go_waits_an_http_id
     // an opaque stream's hour: it may be waiting for a greeting.
     let dir = ManifestDir::new();
     let v2 = Backend::start().await;
-    for svc in ["web-v1", "web-v2"] {
-        dir.write(&format!("svc-{svc}.yaml"), &service(NS, svc, 80));
-    }
-    dir.write("slice-v2.yaml", &endpoint(NS, "web-v2", "v2", v2.addr));
-    dir.write(
-        "route.yaml",
-        &format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: v1, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web-v1, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web-v2, port: 80}}]\n"
-        ),
-    );
+    route_v1_to_v2(&dir, v2.addr);
     let cp = ControllerProc::start(dir.path()).await;
     let opts = strait_tests::mesh::SidecarOpts {
         args: vec!["--http-idle-timeout=2s".into()],
