@@ -46,6 +46,7 @@ const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+const B3_MULTI: [HeaderName; 5] = [B3_TRACE, B3_SPAN, B3_SAMPLED, B3_FLAGS, B3_PARENT];
 
 /// Whether `name` carries a trace context (W3C or B3) that `inject` writes.
 pub fn is_context_header(name: &HeaderName) -> bool {
@@ -300,7 +301,9 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         // written again too, or it would point at a stale span.
         let format = if h.contains_key(B3) {
             Format::B3Single { debug: b3_debug(h) }
-        } else if h.contains_key(B3_TRACE) {
+        } else if B3_MULTI.iter().any(|k| h.contains_key(k)) {
+            // The sampling state alone counts: left as it came, an
+            // `x-b3-sampled: 0` would contradict the `traceparent` written.
             Format::B3Multi { debug: b3_debug(h) }
         } else {
             Format::W3c
@@ -312,24 +315,10 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         // still name the caller's trace (as OpenTelemetry's composite
         // propagator reads it), else a new trace starts.
     }
-    if let Some(v) = h.get(B3).and_then(|v| v.to_str().ok()) {
-        match v.trim() {
-            "0" => return Some(Parent::Denied),
-            "1" => return Some(Parent::Forced(Format::B3Single { debug: false })),
-            "d" => return Some(Parent::Forced(Format::B3Single { debug: true })),
-            _ => {}
-        }
-        let mut parts = v.split('-');
-        let (trace, span) = (parts.next()?, parts.next()?);
-        let (state, debug) = match parts.next() {
-            None => (None, false),
-            Some("1") => (Some(true), false),
-            Some("d") => (Some(true), true),
-            Some("0") => (Some(false), false),
-            Some(_) => return None,
-        };
-        let format = Format::B3Single { debug };
-        return b3_context(trace, span, state, format).or_else(|| undecided(state, format));
+    // A `b3` that cannot be read says nothing: the multi headers beside it
+    // may still name the caller's trace.
+    if let Some(parent) = h.get(B3).and_then(|v| v.to_str().ok()).and_then(b3_single) {
+        return Some(parent);
     }
     let sampled = h.get(B3_SAMPLED).map(HeaderValue::as_bytes);
     let debug = h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1");
@@ -344,6 +333,27 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         .zip(id(B3_SPAN))
         .and_then(|(trace, span)| b3_context(trace, span, state, format))
         .or_else(|| undecided(state, format))
+}
+
+/// `b3: {trace}-{span}[-{state}[-{parent}]]`, or the state alone.
+fn b3_single(v: &str) -> Option<Parent> {
+    match v.trim() {
+        "0" => return Some(Parent::Denied),
+        "1" => return Some(Parent::Forced(Format::B3Single { debug: false })),
+        "d" => return Some(Parent::Forced(Format::B3Single { debug: true })),
+        _ => {}
+    }
+    let mut parts = v.trim().split('-');
+    let (trace, span) = (parts.next()?, parts.next()?);
+    let (state, debug) = match parts.next() {
+        None => (None, false),
+        Some("1") => (Some(true), false),
+        Some("d") => (Some(true), true),
+        Some("0") => (Some(false), false),
+        Some(_) => return None,
+    };
+    let format = Format::B3Single { debug };
+    b3_context(trace, span, state, format).or_else(|| undecided(state, format))
 }
 
 /// A caller's sampling decision without a trace to join (no ids, or ids
@@ -416,15 +426,26 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
             // A caller that sent both forms (B3 propagators can) has the
             // multi headers written too: left as they came, they would name
             // its own span as the next hop's parent.
-            if [B3_TRACE, B3_SPAN, B3_SAMPLED, B3_FLAGS, B3_PARENT]
-                .iter()
-                .any(|k| h.contains_key(k))
-            {
+            if B3_MULTI.iter().any(|k| h.contains_key(k)) {
                 b3_multi(h, sc, debug);
             }
         }
-        Some(Format::B3Multi { debug }) => b3_multi(h, sc, debug),
-        Some(Format::W3c) | None => {}
+        Some(Format::B3Multi { debug }) => {
+            // A `b3` beside them could not be read: it names no trace the
+            // next hop should join.
+            h.remove(B3);
+            b3_multi(h, sc, debug);
+        }
+        // The caller sent no B3.
+        Some(Format::W3c) => {}
+        // A new trace: B3 that could not be read would contradict the
+        // `traceparent` written.
+        None => {
+            h.remove(B3);
+            for k in B3_MULTI {
+                h.remove(k);
+            }
+        }
     }
 }
 
@@ -834,6 +855,48 @@ mod tests {
         let (sc, f) = decided(extract(&twice));
         assert_eq!(sc.trace_id().to_string(), TRACE);
         assert_eq!(f, Format::B3Multi { debug: false });
+    }
+
+    /// A `b3` that cannot be read leaves the trace to the multi headers, and
+    /// is not passed on beside the context written.
+    #[test]
+    fn an_unreadable_b3_leaves_the_trace_to_the_multi_headers() {
+        for junk in ["garbage", &format!("{TRACE}-{SPAN}-true")] {
+            let mut h = headers(&[
+                ("b3", junk),
+                ("x-b3-traceid", TRACE),
+                ("x-b3-spanid", SPAN),
+                ("x-b3-sampled", "1"),
+            ]);
+            let (sc, f) = decided(extract(&h));
+            assert_eq!(sc.trace_id().to_string(), TRACE, "{junk}");
+            assert_eq!(f, Format::B3Multi { debug: false });
+            inject(&mut h, &ours(), Some(f));
+            assert!(!h.contains_key("b3"), "{junk}");
+            assert_eq!(h["x-b3-spanid"], "1111111111111111");
+        }
+        // Nothing readable: a new trace, and the junk is not passed on.
+        let mut h = headers(&[("b3", "garbage"), ("x-b3-sampled", "maybe")]);
+        assert_eq!(extract(&h), None);
+        inject(&mut h, &ours(), None);
+        assert!(!h.contains_key("b3") && !h.contains_key("x-b3-sampled"));
+        assert!(h.contains_key("traceparent"));
+    }
+
+    /// B3's sampling state beside a `traceparent` is written again, not left
+    /// to contradict it.
+    #[test]
+    fn b3_state_alone_beside_traceparent_is_written_again() {
+        let mut h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("x-b3-sampled", "0"),
+        ]);
+        let (sc, f) = decided(extract(&h));
+        assert!(sc.is_sampled());
+        assert_eq!(f, Format::B3Multi { debug: false });
+        inject(&mut h, &ours(), Some(f));
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert_eq!(h["x-b3-spanid"], "1111111111111111");
     }
 
     /// `b3: d` alone beside a `traceparent` asks for debug too.
