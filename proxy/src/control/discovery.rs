@@ -33,8 +33,10 @@ struct Watch {
 #[derive(Debug, Default)]
 struct WatchState {
     last_used_ms: AtomicU64,
-    /// The stream to the controller is up (it delivered since it last failed).
-    connected: AtomicBool,
+    /// The stream's last failure said the controller could not be reached,
+    /// and nothing has come since (not a refusal: a controller that is up
+    /// and refuses renews nothing either way).
+    away: AtomicBool,
     /// A request already waited for the first answer in vain: later ones do not
     /// wait again (pass through at once) until an answer comes.
     waited: AtomicBool,
@@ -57,9 +59,15 @@ type WatchHandle = (
 );
 
 impl Watch {
-    /// Holds an answer while its stream to the controller is down.
+    /// Holds a meshed answer while the controller cannot be reached: dropped,
+    /// its destination's traffic would lose its identity. A `NotMeshed`
+    /// answer is what no answer gives, so holding one strands nothing.
     fn stranded(&self) -> bool {
-        !self.state.connected.load(Ordering::Relaxed) && self.answer().is_some()
+        self.state.away.load(Ordering::Relaxed)
+            && matches!(
+                self.rx.borrow().as_ref().or(self.state.fallback.as_ref()),
+                Some(Resolution::Service(_))
+            )
     }
 
     /// The answer it has, or failing one, the one it started with.
@@ -289,6 +297,11 @@ impl Discovery {
             debug!(%dest, "dropping idle discovery watch");
             self.remember(dest, &w, now);
         }
+        // Too old to stand in, an answer is only memory held.
+        self.remembered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, at)| now.saturating_sub(*at) < self.remembered_for_ms);
     }
 
     /// Keeps what a dropped watch knew, within `MAX_DISCOVERY_WATCHES`
@@ -356,7 +369,7 @@ async fn follow(
                             {
                                 s.version = received;
                             }
-                            state.connected.store(true, Ordering::Relaxed);
+                            state.away.store(false, Ordering::Relaxed);
                             if !std::mem::replace(&mut first, false)
                                 && let Some(api::destination_update::Kind::Service(s)) =
                                     &update.kind
@@ -396,6 +409,7 @@ async fn follow(
                             if away(&e) {
                                 unreachable.store(true, Ordering::Relaxed);
                             }
+                            state.away.store(away(&e), Ordering::Relaxed);
                             warn!(destination = %req.destination, error = %e.message(), "discovery stream failed; keeping the last answer");
                             break;
                         }
@@ -406,10 +420,10 @@ async fn follow(
                 if away(&e) {
                     unreachable.store(true, Ordering::Relaxed);
                 }
+                state.away.store(away(&e), Ordering::Relaxed);
                 debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
             }
         }
-        state.connected.store(false, Ordering::Relaxed);
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }
@@ -547,6 +561,34 @@ mod tests {
         }
     }
 
+    /// Answers the first watch with `.1` (a Service when true, else not
+    /// meshed), then fails its stream, and every later call, with `.2`.
+    struct Lost(Arc<std::sync::atomic::AtomicUsize>, bool, tonic::Code);
+
+    #[tonic::async_trait]
+    impl Serve for Lost {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            use futures_util::StreamExt;
+            let failure = tonic::Status::new(self.2, "lost");
+            if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
+                return Err(failure);
+            }
+            let first = if self.1 {
+                update(1)
+            } else {
+                api::DestinationUpdate {
+                    kind: Some(api::destination_update::Kind::NotMeshed(Default::default())),
+                }
+            };
+            let s = futures_util::stream::iter([Ok(first), Err(failure)]);
+            Ok(tonic::Response::new(Box::pin(s)))
+        }
+    }
+
     async fn discovery_of(svc: impl Serve) -> Arc<Discovery> {
         discovery_remembering(svc, MAX_REMEMBERED_AGE_MS).await
     }
@@ -676,6 +718,59 @@ mod tests {
         d.drop_idle(d.now_ms() + idle + 1);
         let refused = d.resolve(&dest, Duration::from_millis(300)).await;
         assert!(refused.is_none(), "refused: passed through");
+    }
+
+    /// Only a meshed answer the controller cannot renew for being away is
+    /// kept past idleness (and out of eviction): a watch holding "not meshed",
+    /// or refused by a controller that is up, would otherwise hold its slot
+    /// for ever, and enough of them would leave no slot for meshed
+    /// destinations, passed through without mTLS.
+    #[tokio::test]
+    async fn only_a_meshed_answer_the_controller_cannot_renew_outlives_idleness() {
+        use tonic::Code;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        for (meshed, code, kept) in [
+            (true, Code::Unavailable, true),
+            (false, Code::Unavailable, false),
+            (true, Code::ResourceExhausted, false),
+            (true, Code::Unauthenticated, false),
+        ] {
+            let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let d = discovery_of(Lost(calls.clone(), meshed, code)).await;
+            let (mut rx, _, _) = d.watch(&dest).unwrap();
+            let answered = rx.wait_for(Option::is_some);
+            tokio::time::timeout(Duration::from_secs(10), answered)
+                .await
+                .unwrap()
+                .unwrap();
+            // The stream's failure after its answer was taken in once the
+            // watch is called again.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while calls.load(Ordering::SeqCst) < 2 {
+                assert!(tokio::time::Instant::now() < deadline, "{meshed} {code:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            d.drop_idle(d.now_ms() + idle + 1);
+            assert_eq!(d.watched(), usize::from(kept), "{meshed} {code:?}");
+        }
+    }
+
+    /// Remembered answers too old to stand in are let go, not held until the
+    /// destination is used again.
+    #[tokio::test]
+    async fn answers_too_old_to_stand_in_are_forgotten() {
+        let d = discovery_remembering(Once(Default::default(), Later::Gone), 1000).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        let now = d.now_ms() + idle + 1;
+        d.drop_idle(now);
+        assert_eq!(d.remembered.lock().unwrap().len(), 1);
+        d.drop_idle(now + 999);
+        assert_eq!(d.remembered.lock().unwrap().len(), 1);
+        d.drop_idle(now + 1000);
+        assert_eq!(d.remembered.lock().unwrap().len(), 0);
     }
 
     #[tokio::test]
