@@ -460,8 +460,8 @@ impl H2Client {
         let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
         let mut b = hyper::client::conn::http2::Builder::new(FlushAfterPollExecutor);
         b.timer(TokioTimer::new())
-            .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)
+            .keep_alive_interval(defaults::H2_CLIENT_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(defaults::H2_CLIENT_KEEPALIVE_TIMEOUT)
             .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
             .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
@@ -533,6 +533,11 @@ impl H2Client {
                     }
                 }
             };
+            // Ended (a dead peer's PING timed out, a GOAWAY): out of the set
+            // now rather than at the next request's look.
+            if let Some(inner) = inner.upgrade() {
+                inner.forget(n);
+            }
             if let Err(e) = ended {
                 tracing::debug!(upstream = %addr, error = %e, "HTTP/2 connection to upstream ended");
             }
@@ -898,6 +903,39 @@ mod tests {
             assert_eq!(body.unwrap(), "done");
         }
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
+    }
+
+    /// A peer that stops answering without a reset (its node died, the
+    /// network drops its packets) is given up within the keep-alive's
+    /// interval and timeout: its requests fail and the connection leaves the
+    /// pool, rather than taking requests for 40 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_gone_silent_is_given_up_within_the_keepalive() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            // Its SETTINGS, then nothing: never a PING's answer, never a reset.
+            tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            std::future::pending::<()>().await;
+            drop(tcp);
+        });
+        let c = client(addr);
+        let start = tokio::time::Instant::now();
+        let failed = c.request(get()).await;
+        let took = start.elapsed();
+        assert!(failed.is_err(), "answered by a silent peer");
+        let within = defaults::H2_CLIENT_KEEPALIVE_INTERVAL + defaults::H2_CLIENT_KEEPALIVE_TIMEOUT;
+        assert!(
+            took <= within + Duration::from_secs(1),
+            "gave up after {took:?}"
+        );
+        assert!(
+            c.streams().is_empty(),
+            "the dead connection is still pooled"
+        );
+        silent.abort();
     }
 
     /// A connection carrying a long stream (gRPC streaming, server-sent
