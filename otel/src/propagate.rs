@@ -299,12 +299,15 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
     if h.contains_key(TRACEPARENT) {
         // B3 beside it (from a proxy that answered a B3 caller in kind) is
         // written again too, or it would point at a stale span.
-        let format = if h.contains_key(B3) {
+        // A `b3` that cannot be read is no format to answer in.
+        let b3 = h.get(B3).and_then(|v| v.to_str().ok()).and_then(b3_single);
+        let format = if b3.is_some() {
             Format::B3Single { debug: b3_debug(h) }
         } else if B3_MULTI.iter().any(|k| h.contains_key(k)) {
             // The sampling state alone counts: left as it came, an
             // `x-b3-sampled: 0` would contradict the `traceparent` written.
-            Format::B3Multi { debug: b3_debug(h) }
+            let debug = h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1");
+            Format::B3Multi { debug }
         } else {
             Format::W3c
         };
@@ -881,6 +884,22 @@ mod tests {
         inject(&mut h, &ours(), None);
         assert!(!h.contains_key("b3") && !h.contains_key("x-b3-sampled"));
         assert!(h.contains_key("traceparent"));
+    }
+
+    /// Beside a `traceparent`, a `b3` that cannot be read does not hide the
+    /// multi headers' debug flag.
+    #[test]
+    fn an_unreadable_b3_beside_traceparent_leaves_the_format_to_the_multi_headers() {
+        let mut h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("b3", "garbage"),
+            ("x-b3-flags", "1"),
+        ]);
+        let (_, f) = decided(extract(&h));
+        assert_eq!(f, Format::B3Multi { debug: true });
+        inject(&mut h, &ours(), Some(f));
+        assert_eq!(h["x-b3-flags"], "1");
+        assert!(!h.contains_key("b3"));
     }
 
     /// B3's sampling state beside a `traceparent` is written again, not left
