@@ -43,6 +43,9 @@ struct WatchState {
     /// The answer an earlier watch of this destination held when it was
     /// dropped idle: what requests get should the controller not answer.
     fallback: Option<Resolution>,
+    /// When the fallback was its watch's own answer (`now_ms`): passed on,
+    /// it does not grow younger.
+    fallback_at: u64,
 }
 
 /// How long a dropped watch's last answer may stand in for the controller:
@@ -70,12 +73,17 @@ impl Watch {
             )
     }
 
-    /// The answer it has, or failing one, the one it started with.
-    fn answer(&self) -> Option<Resolution> {
-        self.rx
-            .borrow()
-            .clone()
-            .or_else(|| self.state.fallback.clone())
+    /// The answer it has (as of `now`), or failing one, the one it started
+    /// with (as of when that was an answer).
+    fn answer(&self, now: u64) -> Option<(Resolution, u64)> {
+        match self.rx.borrow().clone() {
+            Some(r) => Some((r, now)),
+            None => self
+                .state
+                .fallback
+                .clone()
+                .map(|r| (r, self.state.fallback_at)),
+        }
     }
 }
 
@@ -225,21 +233,27 @@ impl Discovery {
                 None => return None,
             }
         }
-        let fallback = self
+        let (fallback, fallback_at) = self
             .remembered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(dest)
             .filter(|(_, at)| now.saturating_sub(*at) < self.remembered_for_ms)
-            .map(|(r, _)| r);
+            .map_or((None, 0), |(r, at)| (Some(r), at));
         let (tx, rx) = watch::channel(None);
         let req = api::WatchDestination {
             destination: dest.to_string(),
             context_namespace: self.workload.namespace.clone(),
             proxy_id: format!("{}.{}", self.workload.pod, self.workload.namespace),
         };
+        // Made while the controller is unreachable, with an answer to stand
+        // in: stranded from the start, not evicted before its first call fails.
+        let away = self.unreachable.load(Ordering::Relaxed)
+            && matches!(fallback, Some(Resolution::Service(_)));
         let state = Arc::new(WatchState {
             fallback,
+            fallback_at,
+            away: AtomicBool::new(away),
             ..WatchState::default()
         });
         state.last_used_ms.store(now, Ordering::Relaxed);
@@ -309,7 +323,7 @@ impl Discovery {
     fn remember(&self, dest: DestAddr, w: &Watch, now: u64) {
         // Not `NotMeshed`: it is what no answer gives, and would crowd out
         // the answers worth keeping.
-        let Some(answer @ Resolution::Service(_)) = w.answer() else {
+        let Some((answer @ Resolution::Service(_), at)) = w.answer(now) else {
             return;
         };
         let mut kept = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
@@ -322,7 +336,7 @@ impl Discovery {
                 kept.remove(&oldest);
             }
         }
-        kept.insert(dest, (answer, now));
+        kept.insert(dest, (answer, at));
     }
 
     pub fn watched(&self) -> usize {
@@ -771,6 +785,49 @@ mod tests {
         assert_eq!(d.remembered.lock().unwrap().len(), 1);
         d.drop_idle(now + 1000);
         assert_eq!(d.remembered.lock().unwrap().len(), 0);
+    }
+
+    /// A watch made while the controller is unreachable, starting from a
+    /// remembered answer, is stranded from the start: evicted before its
+    /// first call failed, it would lose the answer's place to no purpose.
+    #[tokio::test]
+    async fn a_watch_made_during_an_outage_from_a_remembered_answer_is_kept() {
+        let d = discovery_of(Once(Default::default(), Later::Gone)).await;
+        let (first, other): (DestAddr, DestAddr) = (
+            "10.96.0.10:80".parse().unwrap(),
+            "10.96.0.11:80".parse().unwrap(),
+        );
+        assert!(service_of(d.resolve(&first, Duration::from_secs(10)).await).is_some());
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(d.now_ms() + idle + 1);
+        // The controller is found gone by another destination's watch.
+        assert!(
+            d.resolve(&other, Duration::from_millis(300))
+                .await
+                .is_none()
+        );
+        assert!(d.unreachable.load(Ordering::Relaxed));
+        d.watch(&first).unwrap();
+        let watches = d.watches.lock().unwrap();
+        assert!(watches[&first].stranded(), "not kept before its first call");
+    }
+
+    /// A remembered answer passed from watch to watch keeps its age: a
+    /// destination watched again and again does not keep an old answer alive.
+    #[tokio::test]
+    async fn a_remembered_answer_keeps_its_age_from_watch_to_watch() {
+        let d = discovery_of(Once(Default::default(), Later::Slow)).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        let then = d.now_ms() + idle + 1;
+        d.drop_idle(then);
+        // Watched again: the controller is slow, the watch has only the
+        // remembered answer when it is dropped in turn.
+        d.watch(&dest).unwrap();
+        d.drop_idle(then + idle + 1);
+        assert_eq!(d.watched(), 0);
+        assert_eq!(d.remembered.lock().unwrap()[&dest].1, then);
     }
 
     #[tokio::test]
