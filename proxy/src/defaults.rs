@@ -83,15 +83,15 @@ pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// huge windows and stops reading could otherwise have a connection's
 /// thousand streams hold 400 MiB.
 pub const H2_MAX_SEND_BUF: usize = 64 * 1024;
-/// HTTP/2 PING interval and timeout of the server, to notice dead clients
-/// on idle connections.
+/// HTTP/2 PING interval and timeout, to notice dead peers on idle
+/// connections (the server's; a client pings only while a stream is open
+/// and nothing has been read for the interval).
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// The same for connections to upstreams, pinged only while a stream is open
-/// and nothing has been read for the interval: a peer whose node died (no
+/// The same for connections to peer proxies (mTLS): one whose node died (no
 /// reset ever comes) stops taking requests within 15 s, not 40.
-pub const H2_CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const H2_CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const H2_PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const H2_PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An HTTP/2 connection to an upstream (a peer proxy, or an app speaking HTTP/2)
 /// is closed after this long unused: no new request, and no stream open.

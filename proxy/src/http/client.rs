@@ -164,6 +164,8 @@ pub struct H2Client {
 
 struct H2Inner {
     connector: Connector,
+    /// PING interval and timeout (`keepalive_for`).
+    keepalive: (Duration, Duration),
     state: Mutex<H2State>,
     /// Held while connecting, so that requests arriving together share one
     /// connection (or one failure) instead of each opening their own.
@@ -365,11 +367,34 @@ impl H2Inner {
     }
 }
 
+/// A peer proxy is across the network, where a node can die without a reset:
+/// given up on quickly. An app (the pod's own) resets if it dies, so a PING
+/// unanswered only means its event loop is busy, and the connection's streams
+/// are not cut for that.
+fn keepalive_for(tls: &PeerMode) -> (Duration, Duration) {
+    match tls {
+        PeerMode::Mtls(..) => (
+            defaults::H2_PEER_KEEPALIVE_INTERVAL,
+            defaults::H2_PEER_KEEPALIVE_TIMEOUT,
+        ),
+        PeerMode::Plain => (
+            defaults::H2_KEEPALIVE_INTERVAL,
+            defaults::H2_KEEPALIVE_TIMEOUT,
+        ),
+    }
+}
+
 impl H2Client {
     fn new(connector: Connector) -> Self {
+        let keepalive = keepalive_for(&connector.tls);
+        Self::with_keepalive(connector, keepalive)
+    }
+
+    fn with_keepalive(connector: Connector, keepalive: (Duration, Duration)) -> Self {
         H2Client {
             inner: Arc::new(H2Inner {
                 connector,
+                keepalive,
                 state: Mutex::default(),
                 connecting: Arc::default(),
             }),
@@ -459,9 +484,10 @@ impl H2Client {
         let addr = self.inner.connector.addr;
         let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
         let mut b = hyper::client::conn::http2::Builder::new(FlushAfterPollExecutor);
+        let (interval, timeout) = self.inner.keepalive;
         b.timer(TokioTimer::new())
-            .keep_alive_interval(defaults::H2_CLIENT_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(defaults::H2_CLIENT_KEEPALIVE_TIMEOUT)
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
             .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
             .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
@@ -905,7 +931,7 @@ mod tests {
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
     }
 
-    /// A peer that stops answering without a reset (its node died, the
+    /// A peer proxy that stops answering without a reset (its node died, the
     /// network drops its packets) is given up within the keep-alive's
     /// interval and timeout: its requests fail and the connection leaves the
     /// pool, rather than taking requests for 40 s.
@@ -921,12 +947,23 @@ mod tests {
             std::future::pending::<()>().await;
             drop(tcp);
         });
-        let c = client(addr);
+        let peer = (
+            defaults::H2_PEER_KEEPALIVE_INTERVAL,
+            defaults::H2_PEER_KEEPALIVE_TIMEOUT,
+        );
+        let c = H2Client::with_keepalive(
+            Connector {
+                addr,
+                timeout: Duration::from_secs(5),
+                tls: PeerMode::Plain,
+            },
+            peer,
+        );
         let start = tokio::time::Instant::now();
         let failed = c.request(get()).await;
         let took = start.elapsed();
         assert!(failed.is_err(), "answered by a silent peer");
-        let within = defaults::H2_CLIENT_KEEPALIVE_INTERVAL + defaults::H2_CLIENT_KEEPALIVE_TIMEOUT;
+        let within = peer.0 + peer.1;
         assert!(
             took <= within + Duration::from_secs(1),
             "gave up after {took:?}"
