@@ -586,7 +586,6 @@ mod tests {
             &self,
             _: tonic::Request<api::WatchDestination>,
         ) -> Result<tonic::Response<Updates>, tonic::Status> {
-            use futures_util::StreamExt;
             let failure = tonic::Status::new(self.2, "lost");
             if self.0.fetch_add(1, Ordering::SeqCst) > 0 {
                 return Err(failure);
