@@ -439,8 +439,11 @@ pub fn inject(h: &mut HeaderMap, sc: &SpanContext, also: Option<Format>) {
             h.remove(B3);
             b3_multi(h, sc, debug);
         }
-        // The caller sent no B3.
-        Some(Format::W3c) => {}
+        // No B3 that could be read: a `b3` there is junk, and would
+        // contradict the `traceparent` written.
+        Some(Format::W3c) => {
+            h.remove(B3);
+        }
         // A new trace: B3 that could not be read would contradict the
         // `traceparent` written.
         None => {
@@ -899,6 +902,15 @@ mod tests {
         assert_eq!(f, Format::B3Multi { debug: true });
         inject(&mut h, &ours(), Some(f));
         assert_eq!(h["x-b3-flags"], "1");
+        assert!(!h.contains_key("b3"));
+        // Alone beside it, the junk is not passed on either.
+        let mut h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("b3", "garbage"),
+        ]);
+        let (_, f) = decided(extract(&h));
+        assert_eq!(f, Format::W3c);
+        inject(&mut h, &ours(), Some(f));
         assert!(!h.contains_key("b3"));
     }
 
