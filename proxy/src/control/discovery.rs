@@ -46,6 +46,11 @@ struct WatchState {
     /// When the fallback was its watch's own answer (`now_ms`): passed on,
     /// it does not grow younger.
     fallback_at: u64,
+    /// When the stream first failed after its last message (`now_ms`;
+    /// `u64::MAX` while it has not): the answer is as old as that.
+    failing_since: AtomicU64,
+    /// What `now_ms` counts from (the discovery's start).
+    epoch: Option<Instant>,
 }
 
 /// How long a dropped watch's last answer may stand in for the controller:
@@ -77,7 +82,7 @@ impl Watch {
     /// with (as of when that was an answer).
     fn answer(&self, now: u64) -> Option<(Resolution, u64)> {
         match self.rx.borrow().clone() {
-            Some(r) => Some((r, now)),
+            Some(r) => Some((r, now.min(self.state.failing_since.load(Ordering::Relaxed)))),
             None => self
                 .state
                 .fallback
@@ -254,6 +259,8 @@ impl Discovery {
             fallback,
             fallback_at,
             away: AtomicBool::new(away),
+            failing_since: AtomicU64::new(u64::MAX),
+            epoch: Some(self.start),
             ..WatchState::default()
         });
         state.last_used_ms.store(now, Ordering::Relaxed);
@@ -356,6 +363,12 @@ async fn follow(
     unreachable: Arc<AtomicBool>,
 ) {
     let mut backoff = Backoff::default();
+    let failed = |state: &WatchState| {
+        if let Some(epoch) = state.epoch {
+            let now = epoch.elapsed().as_millis() as u64;
+            state.failing_since.fetch_min(now, Ordering::Relaxed);
+        }
+    };
     // Views are ordered by arrival here, not by the controller's index version:
     // that restarts with the controller (and differs between replicas), so
     // after a reconnect every change would look older than the last one seen.
@@ -384,6 +397,7 @@ async fn follow(
                                 s.version = received;
                             }
                             state.away.store(false, Ordering::Relaxed);
+                            state.failing_since.store(u64::MAX, Ordering::Relaxed);
                             if !std::mem::replace(&mut first, false)
                                 && let Some(api::destination_update::Kind::Service(s)) =
                                     &update.kind
@@ -424,6 +438,7 @@ async fn follow(
                                 unreachable.store(true, Ordering::Relaxed);
                             }
                             state.away.store(away(&e), Ordering::Relaxed);
+                            failed(&state);
                             warn!(destination = %req.destination, error = %e.message(), "discovery stream failed; keeping the last answer");
                             break;
                         }
@@ -435,6 +450,7 @@ async fn follow(
                     unreachable.store(true, Ordering::Relaxed);
                 }
                 state.away.store(away(&e), Ordering::Relaxed);
+                failed(&state);
                 debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
             }
         }
@@ -827,6 +843,29 @@ mod tests {
         d.drop_idle(then + idle + 1);
         assert_eq!(d.watched(), 0);
         assert_eq!(d.remembered.lock().unwrap()[&dest].1, then);
+    }
+
+    /// A watch's own answer is remembered as of when its stream failed,
+    /// not as of its drop: refused for hours while in use, it is not fresh.
+    #[tokio::test]
+    async fn an_answer_is_remembered_as_old_as_its_streams_failure() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let d = discovery_of(Lost(calls.clone(), true, tonic::Code::ResourceExhausted)).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let failed_by = d.now_ms();
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(failed_by + idle + 1);
+        let at = d.remembered.lock().unwrap()[&dest].1;
+        assert!(
+            at <= failed_by,
+            "remembered as of {at}, failed by {failed_by}"
+        );
     }
 
     #[tokio::test]
