@@ -370,7 +370,7 @@ impl H2Inner {
 /// A peer proxy is across the network, where a node can die without a reset:
 /// given up on quickly. An app (the pod's own) resets if it dies, so a PING
 /// unanswered only means its event loop is busy, and the connection's streams
-/// are not cut for that.
+/// are not cut for that. (With identities off a peer proxy is `Plain` too.)
 fn keepalive_for(tls: &PeerMode) -> (Duration, Duration) {
     match tls {
         PeerMode::Mtls(..) => (
