@@ -170,6 +170,32 @@ struct H2Inner {
     /// Held while connecting, so that requests arriving together share one
     /// connection (or one failure) instead of each opening their own.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// Tells requests waiting on a connect that a stream was given back.
+    room: Arc<Room>,
+}
+
+/// Requests waiting on a connect (every connection full) take a stream given
+/// back on an open one meanwhile, rather than wait out a slow connect (a peer
+/// whose accept queue drops SYNs is slow to connect to just when it is busy).
+#[derive(Default)]
+struct Room {
+    /// How many wait: a stream given back with none waiting tells nobody,
+    /// so a request pays one load for this.
+    waiting: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Room {
+    /// Counts a request as waiting for as long as the guard lives.
+    fn wait(self: &Arc<Self>) -> impl Drop {
+        // SeqCst with `StreamSlot::release`: a waiter that then finds no room
+        // is either seen waiting by the giver or sees the stream given back.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let room = self.clone();
+        scopeguard(move || {
+            room.waiting.fetch_sub(1, Ordering::SeqCst);
+        })
+    }
 }
 
 #[derive(Default)]
@@ -203,11 +229,12 @@ struct ConnLoad {
     max_streams: AtomicUsize,
     /// Requests sent so far, to notice an idle connection.
     requests: AtomicU64,
+    room: Arc<Room>,
 }
 
 impl H2Conn {
     fn has_room(&self) -> bool {
-        self.load.streams.load(Ordering::Relaxed) < self.load.max_streams.load(Ordering::Relaxed)
+        self.load.streams.load(Ordering::SeqCst) < self.load.max_streams.load(Ordering::Relaxed)
     }
 
     fn take(&self) -> StreamSlot {
@@ -223,7 +250,10 @@ struct StreamSlot(Option<Arc<ConnLoad>>);
 impl StreamSlot {
     fn release(&mut self) {
         if let Some(load) = self.0.take() {
-            load.streams.fetch_sub(1, Ordering::Relaxed);
+            load.streams.fetch_sub(1, Ordering::SeqCst);
+            if load.room.waiting.load(Ordering::SeqCst) > 0 {
+                load.room.freed.notify_waiters();
+            }
         }
     }
 }
@@ -356,6 +386,16 @@ impl H2Inner {
         }
     }
 
+    /// A stream on an open connection with room, if there is one.
+    fn room_now(&self) -> Option<(H2Conn, StreamSlot)> {
+        let st = self.state();
+        let c = st
+            .conns
+            .iter()
+            .find(|c| c.sender.is_ready() && c.has_room())?;
+        Some((c.clone(), c.take()))
+    }
+
     /// A stream on any open connection, room or not.
     fn any(&self) -> Option<(H2Conn, StreamSlot)> {
         least_loaded(self.state().conns.iter().filter(|c| c.sender.is_ready()))
@@ -397,6 +437,7 @@ impl H2Client {
                 keepalive,
                 state: Mutex::default(),
                 connecting: Arc::default(),
+                room: Arc::default(),
             }),
         }
     }
@@ -411,7 +452,24 @@ impl H2Client {
             let st = self.inner.state();
             st.attempts - u64::from(st.connecting)
         };
-        let connecting = self.inner.connecting.clone().lock_owned().await;
+        let _waiting = self.inner.room.wait();
+        let lock = self.inner.connecting.clone().lock_owned();
+        tokio::pin!(lock);
+        let connecting = loop {
+            // Enabled (registered with the Notify) before looking, so that a
+            // stream given back after the look is not missed: without the
+            // `enable`, the wake-up could come before the wait.
+            let freed = self.inner.room.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Pick::Stream(c, s) = self.inner.pick() {
+                return Ok((c, s));
+            }
+            tokio::select! {
+                connecting = &mut lock => break connecting,
+                () = freed => {}
+            }
+        };
         if let Pick::Stream(c, s) = self.inner.pick() {
             return Ok((c, s));
         }
@@ -462,7 +520,20 @@ impl H2Client {
                 }
             }
         });
-        let e = match attempt.await {
+        tokio::pin!(attempt);
+        let attempted = loop {
+            let freed = self.inner.room.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(picked) = self.inner.room_now() {
+                return Ok(picked);
+            }
+            tokio::select! {
+                attempted = &mut attempt => break attempted,
+                () = freed => {}
+            }
+        };
+        let e = match attempted {
             Ok(Ok(picked)) => return Ok(picked),
             Ok(Err(e)) => e,
             // The runtime is stopping (the task cannot panic).
@@ -519,6 +590,7 @@ impl H2Client {
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(conn.current_max_send_streams()),
             requests: AtomicU64::new(0),
+            room: self.inner.room.clone(),
         });
         let inner = Arc::downgrade(&self.inner);
         let watched = load.clone();
@@ -1117,6 +1189,92 @@ mod tests {
             1,
             "one connect, carried on when requests gave up"
         );
+    }
+
+    /// Every connection full, requests wait on a connect; one that stalls
+    /// (the peer's accept queue drops SYNs) does not hold them when a stream
+    /// is given back on the open connection meanwhile.
+    #[tokio::test]
+    async fn a_stream_given_back_during_a_slow_connect_is_taken() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (held, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
+        let (h, g) = (held.clone(), gate.clone());
+        // One connection, one stream at a time; no other connection accepted.
+        let listener = Arc::new(listener);
+        let l = listener.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let svc = service_fn(move |_req| {
+                let (h, g) = (h.clone(), g.clone());
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    g.acquire().await.unwrap().forget();
+                    Ok::<_, std::convert::Infallible>(http::Response::new(super::super::full(
+                        "done",
+                    )))
+                }
+            });
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(1)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await
+        });
+        let c = H2Client::new(Connector {
+            addr,
+            timeout: Duration::from_secs(10),
+            tls: PeerMode::Plain,
+        });
+        // The limit learnt, then a request holding the connection's stream.
+        gate.add_permits(1);
+        let rsp = c.request(get()).await.unwrap();
+        rsp.into_body().collect().await.unwrap();
+        let c1 = c.clone();
+        let first = tokio::spawn(async move {
+            let rsp = c1.request(get()).await.unwrap();
+            rsp.into_body().collect().await.unwrap().to_bytes()
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while held.load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Further connects stall: the accept queue is filled.
+        let mut queued = Vec::new();
+        while let Ok(c) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            queued.push(c.unwrap());
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        let mut more = tokio::task::JoinSet::new();
+        for _ in 0..2 {
+            let c = c.clone();
+            more.spawn(async move {
+                let rsp = c.request(get()).await.unwrap();
+                rsp.into_body().collect().await.unwrap().to_bytes()
+            });
+        }
+        while c.attempts() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no second connect");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gate.add_permits(3);
+        assert_eq!(first.await.unwrap(), "done");
+        let both = async {
+            while let Some(body) = more.join_next().await {
+                assert_eq!(body.unwrap(), "done");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3), both)
+            .await
+            .expect("waited out the stalled connect");
+        drop(queued);
     }
 
     #[tokio::test]
