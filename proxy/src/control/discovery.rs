@@ -363,7 +363,14 @@ async fn follow(
     unreachable: Arc<AtomicBool>,
 ) {
     let mut backoff = Backoff::default();
-    let failed = |state: &WatchState| {
+    // A call or stream failed: the answer in force dates from now, and stands
+    // in for the controller's if the controller could not be reached.
+    let failed = |e: &tonic::Status| {
+        let away = away(e);
+        if away {
+            unreachable.store(true, Ordering::Relaxed);
+        }
+        state.away.store(away, Ordering::Relaxed);
         if let Some(epoch) = state.epoch {
             let now = epoch.elapsed().as_millis() as u64;
             state.failing_since.fetch_min(now, Ordering::Relaxed);
@@ -434,11 +441,7 @@ async fn follow(
                             break;
                         }
                         Err(e) => {
-                            if away(&e) {
-                                unreachable.store(true, Ordering::Relaxed);
-                            }
-                            state.away.store(away(&e), Ordering::Relaxed);
-                            failed(&state);
+                            failed(&e);
                             warn!(destination = %req.destination, error = %e.message(), "discovery stream failed; keeping the last answer");
                             break;
                         }
@@ -446,11 +449,7 @@ async fn follow(
                 }
             }
             Err(e) => {
-                if away(&e) {
-                    unreachable.store(true, Ordering::Relaxed);
-                }
-                state.away.store(away(&e), Ordering::Relaxed);
-                failed(&state);
+                failed(&e);
                 debug!(destination = %req.destination, error = %e.message(), "discovery unavailable; keeping the last answer");
             }
         }

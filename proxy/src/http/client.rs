@@ -196,6 +196,30 @@ impl Room {
             room.waiting.fetch_sub(1, Ordering::SeqCst);
         })
     }
+
+    /// Waits for `fut`, unless `look` finds a stream first: it looks now and
+    /// each time one is given back (`Err` holds what it found).
+    async fn unless_freed<F: Future>(
+        &self,
+        mut fut: Pin<&mut F>,
+        look: impl Fn() -> Option<(H2Conn, StreamSlot)>,
+    ) -> Result<F::Output, (H2Conn, StreamSlot)> {
+        loop {
+            // Enabled (registered with the Notify) before looking, so that a
+            // stream given back after the look is not missed: without the
+            // `enable`, the wake-up could come before the wait.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(found) = look() {
+                return Err(found);
+            }
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                () = freed => {}
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -455,20 +479,13 @@ impl H2Client {
         let _waiting = self.inner.room.wait();
         let lock = self.inner.connecting.clone().lock_owned();
         tokio::pin!(lock);
-        let connecting = loop {
-            // Enabled (registered with the Notify) before looking, so that a
-            // stream given back after the look is not missed: without the
-            // `enable`, the wake-up could come before the wait.
-            let freed = self.inner.room.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if let Pick::Stream(c, s) = self.inner.pick() {
-                return Ok((c, s));
-            }
-            tokio::select! {
-                connecting = &mut lock => break connecting,
-                () = freed => {}
-            }
+        let picked = || match self.inner.pick() {
+            Pick::Stream(c, s) => Some((c, s)),
+            Pick::Connect => None,
+        };
+        let connecting = match self.inner.room.unless_freed(lock, picked).await {
+            Ok(connecting) => connecting,
+            Err(picked) => return Ok(picked),
         };
         if let Pick::Stream(c, s) = self.inner.pick() {
             return Ok((c, s));
@@ -521,17 +538,14 @@ impl H2Client {
             }
         });
         tokio::pin!(attempt);
-        let attempted = loop {
-            let freed = self.inner.room.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if let Some(picked) = self.inner.room_now() {
-                return Ok(picked);
-            }
-            tokio::select! {
-                attempted = &mut attempt => break attempted,
-                () = freed => {}
-            }
+        let attempted = match self
+            .inner
+            .room
+            .unless_freed(attempt, || self.inner.room_now())
+            .await
+        {
+            Ok(attempted) => attempted,
+            Err(picked) => return Ok(picked),
         };
         let e = match attempted {
             Ok(Ok(picked)) => return Ok(picked),
