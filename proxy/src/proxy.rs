@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::addr::{ClientAddr, OwnAddrs};
@@ -312,7 +311,7 @@ fn control_plane_identity(config: &Config) -> Result<Identity, StartError> {
 }
 
 pub struct Proxy {
-    control: Option<(Channel, Workload)>,
+    control: Option<(Arc<control::Link>, Workload)>,
     policy_tx: watch::Sender<Option<Arc<InboundPolicy>>>,
     shared: Arc<Shared>,
     trigger: DrainTrigger,
@@ -330,19 +329,12 @@ impl Proxy {
         check_claims(&config)?;
         let identity = credentials(&config)?;
         let metrics = Metrics::new();
-        let control_tls = match &identity {
-            Some(c) => {
-                let want = control_plane_identity(&config)?;
-                Some(
-                    tls::client_config(
-                        c,
-                        want,
-                        tls::ALPN_H2,
-                        metrics.tls_identity_mismatches.clone(),
-                    )
-                    .map_err(|e| StartError::Identity(format!("TLS: {e}")))?,
-                )
-            }
+        let link_tls = match &identity {
+            Some(c) => Some(control::LinkTls {
+                creds: c.clone(),
+                controller: control_plane_identity(&config)?,
+                mismatches: metrics.tls_identity_mismatches.clone(),
+            }),
             None => None,
         };
         let control = match &config.control_plane {
@@ -362,7 +354,7 @@ impl Proxy {
                         .and(config.token_file.clone())
                         .map(Arc::new),
                 };
-                Some((control::channel(url, control_tls)?, workload))
+                Some((control::Link::new(url, link_tls)?, workload))
             }
             None => None,
         };
@@ -418,9 +410,9 @@ impl Proxy {
                 .then(|| Arc::new(InboundPolicy::default())),
         );
         let (trigger, drain) = drain::channel();
-        let discovery = control.as_ref().map(|(channel, workload)| {
+        let discovery = control.as_ref().map(|(link, workload)| {
             Discovery::new(
-                channel.clone(),
+                link.clone(),
                 workload.clone(),
                 metrics.discovery_lag.clone(),
             )
@@ -546,18 +538,14 @@ impl Proxy {
         // with mTLS, once the first certificate is in); without one, bound
         // listeners are all it takes.
         match control {
-            Some((channel, workload)) => {
+            Some((link, workload)) => {
                 let mut rx = policy_tx.subscribe();
-                tokio::spawn(control::policy::follow(
-                    channel.clone(),
-                    workload,
-                    policy_tx,
-                ));
+                tokio::spawn(control::policy::follow(link.clone(), workload, policy_tx));
                 if let Some(creds) = &shared.identity
                     && let Some(token) = &shared.config.token_file
                 {
                     tokio::spawn(identity::follow(
-                        channel,
+                        link,
                         creds.clone(),
                         token.clone(),
                         shared.metrics.clone(),

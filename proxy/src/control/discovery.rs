@@ -11,9 +11,8 @@ use strait_api::v1 as api;
 use strait_api::v1::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
-use super::AuthedChannel;
+use super::{AuthedChannel, Link};
 use tracing::{debug, info, warn};
 
 use super::Workload;
@@ -107,7 +106,7 @@ pub struct Resolved {
 }
 
 pub struct Discovery {
-    client: DiscoveryClient<AuthedChannel>,
+    link: Arc<Link>,
     /// Index change at the controller to an update's receipt here.
     lag: prometheus_client::metrics::histogram::Histogram,
     workload: Workload,
@@ -134,23 +133,22 @@ impl std::fmt::Debug for Discovery {
 
 impl Discovery {
     pub fn new(
-        channel: Channel,
+        link: Arc<Link>,
         workload: Workload,
         lag: prometheus_client::metrics::histogram::Histogram,
     ) -> Arc<Self> {
-        Self::remembering_for(channel, workload, lag, MAX_REMEMBERED_AGE_MS)
+        Self::remembering_for(link, workload, lag, MAX_REMEMBERED_AGE_MS)
     }
 
     fn remembering_for(
-        channel: Channel,
+        link: Arc<Link>,
         workload: Workload,
         lag: prometheus_client::metrics::histogram::Histogram,
         remembered_for_ms: u64,
     ) -> Arc<Self> {
         let d = Arc::new(Discovery {
             lag,
-            client: DiscoveryClient::new(super::authed(channel, &workload))
-                .max_decoding_message_size(crate::defaults::CONTROL_MAX_MESSAGE_BYTES),
+            link,
             workload,
             start: Instant::now(),
             watches: Mutex::default(),
@@ -265,8 +263,14 @@ impl Discovery {
         });
         state.last_used_ms.store(now, Ordering::Relaxed);
         let logical: Arc<Logical> = Arc::default();
+        // The current certificate's channel at each watch (Link).
+        let (link, workload) = (self.link.clone(), self.workload.clone());
+        let client = move || {
+            DiscoveryClient::new(link.authed(&workload))
+                .max_decoding_message_size(crate::defaults::CONTROL_MAX_MESSAGE_BYTES)
+        };
         let task = tokio::spawn(follow(
-            self.client.clone(),
+            client,
             req,
             tx,
             logical.clone(),
@@ -354,7 +358,7 @@ impl Discovery {
 /// Follows one destination for as long as it is watched, reconnecting with
 /// jittered backoff; the last answer stays in force while disconnected.
 async fn follow(
-    mut client: DiscoveryClient<AuthedChannel>,
+    client: impl Fn() -> DiscoveryClient<AuthedChannel>,
     req: api::WatchDestination,
     tx: watch::Sender<Option<Resolution>>,
     logical: Arc<Logical>,
@@ -386,7 +390,7 @@ async fn follow(
         _ => 0,
     };
     loop {
-        match client.watch(req.clone()).await {
+        match client().watch(req.clone()).await {
             Ok(rsp) => {
                 let mut stream = rsp.into_inner();
                 // A stream's first answer is the view as it stands, however
@@ -629,7 +633,7 @@ mod tests {
                 .add_service(DiscoveryServer::new(svc))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let channel = super::super::channel(&format!("http://{addr}"), None).unwrap();
+        let link = Link::new(&format!("http://{addr}"), None).unwrap();
         let workload = Workload {
             namespace: "shop".into(),
             pod: "client-0".into(),
@@ -637,7 +641,7 @@ mod tests {
             token_file: None,
         };
         let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
-        Discovery::remembering_for(channel, workload, lag, for_ms)
+        Discovery::remembering_for(link, workload, lag, for_ms)
     }
 
     fn service_of(r: Option<Resolved>) -> Option<Arc<super::super::view::ServiceView>> {

@@ -12,7 +12,7 @@ pub mod view;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,7 +26,11 @@ use tokio_util::either::Either;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use prometheus_client::metrics::counter::Counter;
+use tracing::warn;
+
 use crate::defaults;
+use crate::identity::{Credentials, Identity, tls};
 
 /// Who this proxy is, as told to the control plane.
 #[derive(Clone, Debug)]
@@ -85,11 +89,90 @@ pub struct ControlPlaneError {
     pub reason: String,
 }
 
+/// How the proxy proves itself over TLS to the controller: its credentials, the
+/// controller's identity, and where a mismatch is counted.
+#[derive(Clone, Debug)]
+pub struct LinkTls {
+    pub creds: Arc<Credentials>,
+    pub controller: Identity,
+    pub mismatches: Counter,
+}
+
+/// The connection to the controller, made again for each new certificate.
+///
+/// A connection presents the certificate it was made with, and one made before
+/// the first certificate presents none: calls on it are proved by the token
+/// alone (a TokenReview at the controller, and a watch that ends when the token
+/// does). So every call takes the channel of the current certificate, made on
+/// first use after it is installed, with a TLS config of its own (a session
+/// resumed from an earlier connection would carry that connection's client
+/// certificate, or none). Watches on an older channel keep it until they end;
+/// its connection closes with the last of them.
+#[derive(Debug)]
+pub struct Link {
+    url: String,
+    tls: Option<LinkTls>,
+    /// The certificate generation the channel was made for, and the channel.
+    current: Mutex<(u64, Channel)>,
+}
+
+impl Link {
+    pub fn new(url: &str, tls: Option<LinkTls>) -> Result<Arc<Self>, ControlPlaneError> {
+        let generation = tls.as_ref().map_or(0, |t| t.creds.generation());
+        let channel = Self::make(url, tls.as_ref())?;
+        Ok(Arc::new(Link {
+            url: url.to_string(),
+            tls,
+            current: Mutex::new((generation, channel)),
+        }))
+    }
+
+    fn make(url: &str, tls: Option<&LinkTls>) -> Result<Channel, ControlPlaneError> {
+        let config = match tls {
+            Some(t) => Some(
+                tls::client_config(
+                    &t.creds,
+                    t.controller.clone(),
+                    tls::ALPN_H2,
+                    t.mismatches.clone(),
+                )
+                .map_err(|e| ControlPlaneError {
+                    url: url.to_string(),
+                    reason: format!("TLS: {e}"),
+                })?,
+            ),
+            None => None,
+        };
+        channel(url, config)
+    }
+
+    /// The channel for a call made now.
+    pub fn channel(&self) -> Channel {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = &self.tls {
+            let generation = t.creds.generation();
+            if current.0 != generation {
+                // The URL and the config were accepted when the link was made.
+                match Self::make(&self.url, Some(t)) {
+                    Ok(c) => *current = (generation, c),
+                    Err(e) => warn!(error = %e, "keeping the control-plane connection"),
+                }
+            }
+        }
+        current.1.clone()
+    }
+
+    /// A channel whose calls carry `workload`'s token.
+    pub fn authed(&self, workload: &Workload) -> AuthedChannel {
+        authed(self.channel(), workload)
+    }
+}
+
 /// A lazily connected channel: the proxy starts (and serves pass-through traffic)
 /// whether or not the control plane is up yet. With `tls` (the proxy has trust
 /// anchors) the URL must be https:// and the controller must present the identity
 /// the TLS config expects; without, it must be http://.
-pub fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, ControlPlaneError> {
+fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, ControlPlaneError> {
     let err = |reason: &str| ControlPlaneError {
         url: url.to_string(),
         reason: reason.to_string(),

@@ -6,20 +6,17 @@ use std::sync::Arc;
 use strait_api::v1 as api;
 use strait_api::v1::inbound_policy_client::InboundPolicyClient;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tracing::{debug, warn};
 
-use super::Workload;
 use super::backoff::Backoff;
+use super::{Link, Workload};
 use crate::inbound::policy::{InboundPolicy, parse};
 
 pub async fn follow(
-    channel: Channel,
+    link: Arc<Link>,
     workload: Workload,
     tx: watch::Sender<Option<Arc<InboundPolicy>>>,
 ) {
-    let mut client = InboundPolicyClient::new(super::authed(channel, &workload))
-        .max_decoding_message_size(crate::defaults::CONTROL_MAX_MESSAGE_BYTES);
     let req = api::WatchWorkload {
         namespace: workload.namespace.clone(),
         pod: workload.pod.clone(),
@@ -27,6 +24,9 @@ pub async fn follow(
     };
     let mut backoff = Backoff::default();
     loop {
+        // The current certificate's channel at each watch (Link).
+        let mut client = InboundPolicyClient::new(link.authed(&workload))
+            .max_decoding_message_size(crate::defaults::CONTROL_MAX_MESSAGE_BYTES);
         match client.watch(req.clone()).await {
             Ok(rsp) => {
                 let mut stream = rsp.into_inner();

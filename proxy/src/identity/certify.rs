@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use super::Credentials;
+use crate::control::Link;
 use crate::control::backoff::Backoff;
 use crate::defaults;
 use crate::telemetry::Metrics;
@@ -29,15 +30,15 @@ enum CertifyError {
 
 /// Keeps the proxy certified for as long as it runs.
 pub async fn follow(
-    channel: Channel,
+    link: Arc<Link>,
     creds: Arc<Credentials>,
     token_file: PathBuf,
     metrics: Arc<Metrics>,
 ) {
-    let mut client = IdentityClient::new(channel);
     let mut backoff = Backoff::default();
     let mut first = true;
     loop {
+        let mut client = IdentityClient::new(link.channel());
         let delay = match certify(&mut client, &creds, &token_file).await {
             Ok((serial, valid_until)) => {
                 backoff.reset();

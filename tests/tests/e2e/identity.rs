@@ -200,6 +200,25 @@ async fn meshed_requests_carry_the_verified_client_identity() {
     );
 }
 
+/// Once it has a certificate, a proxy proves itself to the controller with it:
+/// a destination first used after its token stopped proving anything (expired,
+/// revoked, or the API server down past the controller's cache) is still
+/// watched, so it is still reached over mTLS rather than passed through.
+#[tokio::test]
+async fn watches_opened_after_the_first_certificate_are_proved_by_it() {
+    let m = Mesh::start("web", None).await;
+    // Ready: certified, on a connection opened before that, with the token.
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    token_file(m.tokens.path(), "client", "a-token-nobody-issued");
+    let url = format!("http://{}/client-id", c.upstreams[0]);
+    let (status, body) = get(&url).await;
+    assert_eq!(
+        (status.as_u16(), body.as_str()),
+        (200, CLIENT_ID),
+        "web is watched with the certificate, and reached over mTLS"
+    );
+}
+
 /// One HTTP/2 connection between two proxies carries at most the peer's
 /// 1,000 concurrent streams: more concurrent requests than that ride a second
 /// connection rather than queue (and the server proxy does the same towards an
