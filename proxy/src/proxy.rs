@@ -532,6 +532,11 @@ impl Proxy {
                     ports: shared.config.tcp_probe_ports.clone(),
                     app_ip: shared.config.app_ip,
                 },
+                known: admin::known::Known {
+                    discovery: shared.discovery.clone(),
+                    policy: shared.policy.clone(),
+                    identity: shared.identity.clone(),
+                },
             }),
         ));
         // With a control plane, ready once it has answered for this workload (and,

@@ -2,6 +2,8 @@
 //! and shutdown. Loopback by default; `/shutdown` refuses non-loopback callers
 //! even when the admin address is widened.
 
+pub mod known;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -39,6 +41,8 @@ pub struct AdminState {
     pub identity: Option<Arc<crate::identity::Credentials>>,
     /// The app ports `/probe/tcp/PORT` answers for, and where the app is.
     pub tcp_probes: TcpProbes,
+    /// What `/config` shows of the proxy's state.
+    pub known: known::Known,
 }
 
 #[derive(Clone, Debug)]
@@ -195,8 +199,19 @@ async fn route(
         (Method::GET, "/config") => {
             // The filter in force, which `PUT /log-level` may have changed.
             let mut config = state.config.clone();
-            if let (Some(l), Some(c)) = (&state.log, config.as_object_mut()) {
-                c.insert("log_level".into(), l.current().into());
+            if let Some(c) = config.as_object_mut() {
+                if let Some(l) = &state.log {
+                    c.insert("log_level".into(), l.current().into());
+                }
+                // Which services this pod calls, their endpoints and who may
+                // call it: for the pod itself (and `kubectl port-forward`),
+                // not for every pod that can reach the admin port.
+                let known = if peer.ip().to_canonical().is_loopback() {
+                    state.known.json()
+                } else {
+                    "shown to loopback callers only".into()
+                };
+                c.insert("state".into(), known);
             }
             let json = serde_json::to_string_pretty(&config).unwrap_or_default();
             let mut r = text(StatusCode::OK, format!("{json}\n"));

@@ -52,6 +52,18 @@ struct WatchState {
     epoch: Option<Instant>,
 }
 
+/// One watched destination, as the admin server shows it.
+#[derive(Debug)]
+pub struct Known {
+    pub destination: String,
+    /// The controller's answer on this watch; `None` until the first.
+    pub answer: Option<Resolution>,
+    /// With no answer yet: the one remembered from an earlier watch.
+    pub remembered: Option<Resolution>,
+    pub away: bool,
+    pub idle_ms: u64,
+}
+
 /// How long a dropped watch's last answer may stand in for the controller:
 /// older, its endpoints are likely gone (pods rescheduled), and passing
 /// through to the Service's address, which kube-proxy keeps current, is the
@@ -348,6 +360,32 @@ impl Discovery {
             }
         }
         kept.insert(dest, (answer, at));
+    }
+
+    /// Every destination watched now, by name: its answer (or, until one
+    /// comes, the remembered one it started with), whether the controller
+    /// could not be reached at the last try, and how long since it was used.
+    pub fn known(&self) -> Vec<Known> {
+        let now = self.now_ms();
+        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Known> = watches
+            .iter()
+            .map(|(dest, w)| Known {
+                destination: dest.to_string(),
+                answer: w.rx.borrow().clone(),
+                remembered: w
+                    .rx
+                    .borrow()
+                    .is_none()
+                    .then(|| w.state.fallback.clone())
+                    .flatten(),
+                away: w.state.away.load(Ordering::Relaxed),
+                idle_ms: now.saturating_sub(w.state.last_used_ms.load(Ordering::Relaxed)),
+            })
+            .collect();
+        drop(watches);
+        out.sort_unstable_by(|a, b| a.destination.cmp(&b.destination));
+        out
     }
 
     pub fn watched(&self) -> usize {

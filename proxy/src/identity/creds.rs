@@ -160,6 +160,14 @@ impl Credentials {
         t != 0 && epoch_secs(std::time::SystemTime::now()) > t
     }
 
+    /// The current certificate's notAfter, once there is one.
+    pub fn valid_until(&self) -> Option<std::time::SystemTime> {
+        match self.not_after.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            t => std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(t)),
+        }
+    }
+
     /// How many certificates have been installed.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)

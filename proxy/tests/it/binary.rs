@@ -240,6 +240,21 @@ async fn admin_state_changes_are_refused_from_the_network_and_reads_are_not() {
     for path in ["/live", "/ready", "/metrics", "/config", "/log-level"] {
         assert_eq!(admin_get(remote, path).await.unwrap().0, 200, "{path}");
     }
+    // What the proxy knows of other services and of who may call it is
+    // for the pod itself; its flags are for anyone.
+    let (_, config) = admin_get(remote, "/config").await.unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["state"], "shown to loopback callers only",
+        "{config}"
+    );
+    assert_eq!(config["log_level"], "info", "{config}");
+    let (_, config) = admin_get(local, "/config").await.unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["state"]["inbound_policy"]["default"]["mtls"], "PERMISSIVE",
+        "{config}"
+    );
     let (status, body) = admin_request(remote, "PUT", "/log-level", "trace")
         .await
         .unwrap();

@@ -219,6 +219,42 @@ async fn watches_opened_after_the_first_certificate_are_proved_by_it() {
     );
 }
 
+/// `/config` shows what a proxy knows: its certificate, the destinations it
+/// watches with their endpoints and the identities expected of them, and its
+/// inbound policy.
+#[tokio::test]
+async fn the_admin_config_shows_what_the_proxy_knows() {
+    let m = Mesh::start("web", None).await;
+    strict_for_client(&m).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let (status, _) = get(&format!("http://{}/client-id", c.upstreams[0])).await;
+    assert_eq!(status, 200);
+    let config = |admin| async move {
+        let (status, body) = strait_tests::wait::admin_get(admin, "/config")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["state"].clone()
+    };
+    let known = config(c.admin).await;
+    assert_eq!(known["identity"]["identity"], CLIENT_ID, "{known:#}");
+    assert!(known["identity"]["valid_until"].is_string(), "{known:#}");
+    let dest = &known["destinations"][0];
+    assert_eq!(dest["destination"], WEB, "{known:#}");
+    assert_eq!(dest["controller"], "answering", "{known:#}");
+    assert_eq!(dest["answer"]["service"], WEB, "{known:#}");
+    let endpoint = &dest["answer"]["backends"][0]["endpoints"][0];
+    assert_eq!(
+        endpoint["identity"], "spiffe://cluster.local/ns/test/sa/web",
+        "{known:#}"
+    );
+    assert_eq!(endpoint["proxy_port"], m.web.inbound.port(), "{known:#}");
+    let known = config(m.web.admin).await;
+    let web = &known["inbound_policy"]["default"];
+    assert_eq!(web["mtls"], "STRICT", "{known:#}");
+    assert_eq!(web["allow"][0]["identity"], CLIENT_ID, "{known:#}");
+}
+
 /// One HTTP/2 connection between two proxies carries at most the peer's
 /// 1,000 concurrent streams: more concurrent requests than that ride a second
 /// connection rather than queue (and the server proxy does the same towards an
