@@ -59,7 +59,12 @@ fn server_of<'a>(
     ip: &'a mut Option<Arc<str>>,
 ) -> Option<(&'a str, Option<u16>)> {
     use crate::addr::DestAddr;
-    let authority = authority.as_ref().map(|(h, p)| (h.as_str(), *p));
+    // An IPv6 literal without its brackets, as the conventions want it.
+    let authority = authority.as_ref().map(|(h, p)| {
+        let h = h.as_str();
+        let bare = h.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        (bare.unwrap_or(h), *p)
+    });
     match (direction, destination, authority) {
         (Direction::Inbound, _, Some(a)) => Some(a),
         (Direction::Outbound, Some(DestAddr::Name(n)), _) => Some((n.host(), Some(n.port()))),
@@ -67,11 +72,7 @@ fn server_of<'a>(
         // at the port it connected to unless it named one; not a local
         // listener's name or an address (`--upstream` on loopback).
         (Direction::Outbound, Some(DestAddr::Socket(a)), Some((host, port)))
-            if host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_err()
+            if host.parse::<std::net::IpAddr>().is_err()
                 && !host.eq_ignore_ascii_case("localhost") =>
         {
             Some((host, port.or(Some(a.port()))))
@@ -708,6 +709,16 @@ mod tests {
         assert_eq!(
             server_of(Direction::Inbound, Some(&ip), &web, &mut buf),
             Some(("web.shop.svc.cluster.local", None))
+        );
+        // An IPv6 literal, bare: `url.full` adds the brackets back.
+        assert_eq!(
+            server_of(
+                Direction::Inbound,
+                Some(&ip),
+                &host("[fd00::10]", Some(8080)),
+                &mut buf
+            ),
+            Some(("fd00::10", Some(8080)))
         );
     }
 }
