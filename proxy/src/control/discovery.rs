@@ -368,22 +368,26 @@ impl Discovery {
     pub fn known(&self) -> Vec<Known> {
         let now = self.now_ms();
         let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<Known> = watches
+        let taken: Vec<_> = watches
             .iter()
-            .map(|(dest, w)| Known {
-                destination: dest.to_string(),
-                answer: w.rx.borrow().clone(),
-                remembered: w
-                    .rx
-                    .borrow()
-                    .is_none()
-                    .then(|| w.state.fallback.clone())
-                    .flatten(),
-                away: w.state.away.load(Ordering::Relaxed),
-                idle_ms: now.saturating_sub(w.state.last_used_ms.load(Ordering::Relaxed)),
+            .map(|(dest, w)| {
+                // One borrow: a second, while the follower waits to send,
+                // would wait behind it with `watches` held.
+                let answer = w.rx.borrow().clone();
+                (dest.clone(), answer, w.state.clone())
             })
             .collect();
         drop(watches);
+        let mut out: Vec<Known> = taken
+            .into_iter()
+            .map(|(dest, answer, state)| Known {
+                destination: dest.to_string(),
+                remembered: answer.is_none().then(|| state.fallback.clone()).flatten(),
+                answer,
+                away: state.away.load(Ordering::Relaxed),
+                idle_ms: now.saturating_sub(state.last_used_ms.load(Ordering::Relaxed)),
+            })
+            .collect();
         out.sort_unstable_by(|a, b| a.destination.cmp(&b.destination));
         out
     }
