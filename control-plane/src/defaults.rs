@@ -119,8 +119,9 @@ pub const WATCHES_PER_SOURCE: usize = 2048;
 /// reconnects; a few proxies behind one address (VMs behind NAT) more.
 pub const WATCHES_PER_SOURCE_AND_VIEW: usize = 16;
 /// Connections to the gRPC port one source address may hold open (or be
-/// handshaking) at once: a proxy needs one, and another while it reconnects.
-/// Loopback is not counted.
+/// handshaking) at once: a proxy needs one per certificate its open watches
+/// were made under (two or three around a renewal), and another while it
+/// reconnects. Loopback is not counted.
 pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;

@@ -1,6 +1,7 @@
 //! Dialling the controller: one attempt at a time, and after a failure the
 //! next not before a shared, jittered backoff. Every discovery watch and the
-//! policy watch share one channel, and each retries on its own schedule;
+//! policy watch share one channel (one per certificate, all dialling through
+//! the same gate), and each retries on its own schedule;
 //! without the gate each retry while the controller is away would dial anew
 //! (resolving its name, and with TLS handshaking), hundreds a second from one
 //! proxy with many destinations, times every proxy, at the cluster's DNS and
@@ -52,6 +53,11 @@ impl Drop for Attempt {
     }
 }
 
+/// The gate every channel to the controller dials through: a channel made
+/// for a new certificate does not start the backoff over.
+#[derive(Clone, Debug, Default)]
+pub struct Dials(Shared);
+
 /// A connector whose attempts after a failure wait for the gate.
 #[derive(Clone, Debug)]
 pub struct Gated<C> {
@@ -60,10 +66,10 @@ pub struct Gated<C> {
 }
 
 impl<C> Gated<C> {
-    pub fn new(inner: C) -> Self {
+    pub fn new(inner: C, dials: &Dials) -> Self {
         Gated {
             inner,
-            gate: Arc::default(),
+            gate: dials.0.clone(),
         }
     }
 }
@@ -146,7 +152,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn after_a_failure_the_next_dial_waits_for_the_backoff() {
         let d = Dialled::default();
-        let mut c = Gated::new(d.clone());
+        let mut c = Gated::new(d.clone(), &Dials::default());
         assert!(c.call(uri()).await.is_err());
         assert_eq!(d.dials.load(Ordering::SeqCst), 1);
         // The next attempt waits its turn, then dials.
@@ -177,7 +183,7 @@ mod tests {
     async fn an_attempt_dropped_unfinished_counts_as_failed() {
         let d = Dialled::default();
         d.hang.store(true, Ordering::SeqCst);
-        let mut c = Gated::new(d.clone());
+        let mut c = Gated::new(d.clone(), &Dials::default());
         let gave_up = tokio::time::timeout(Duration::from_secs(2), c.call(uri())).await;
         assert!(gave_up.is_err());
         let gate = c.gate.lock().unwrap().not_before;

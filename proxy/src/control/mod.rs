@@ -112,6 +112,7 @@ pub struct LinkTls {
 pub struct Link {
     url: String,
     tls: Option<LinkTls>,
+    dials: dial::Dials,
     /// The certificate generation the channel was made for, and the channel.
     current: Mutex<(u64, Channel)>,
 }
@@ -119,15 +120,21 @@ pub struct Link {
 impl Link {
     pub fn new(url: &str, tls: Option<LinkTls>) -> Result<Arc<Self>, ControlPlaneError> {
         let generation = tls.as_ref().map_or(0, |t| t.creds.generation());
-        let channel = Self::make(url, tls.as_ref())?;
+        let dials = dial::Dials::default();
+        let channel = Self::make(url, tls.as_ref(), &dials)?;
         Ok(Arc::new(Link {
             url: url.to_string(),
             tls,
+            dials,
             current: Mutex::new((generation, channel)),
         }))
     }
 
-    fn make(url: &str, tls: Option<&LinkTls>) -> Result<Channel, ControlPlaneError> {
+    fn make(
+        url: &str,
+        tls: Option<&LinkTls>,
+        dials: &dial::Dials,
+    ) -> Result<Channel, ControlPlaneError> {
         let config = match tls {
             Some(t) => Some(
                 tls::client_config(
@@ -143,7 +150,7 @@ impl Link {
             ),
             None => None,
         };
-        channel(url, config)
+        channel(url, config, dials)
     }
 
     /// The channel for a call made now.
@@ -153,7 +160,7 @@ impl Link {
             let generation = t.creds.generation();
             if current.0 != generation {
                 // The URL and the config were accepted when the link was made.
-                match Self::make(&self.url, Some(t)) {
+                match Self::make(&self.url, Some(t), &self.dials) {
                     Ok(c) => *current = (generation, c),
                     Err(e) => warn!(error = %e, "keeping the control-plane connection"),
                 }
@@ -172,7 +179,11 @@ impl Link {
 /// whether or not the control plane is up yet. With `tls` (the proxy has trust
 /// anchors) the URL must be https:// and the controller must present the identity
 /// the TLS config expects; without, it must be http://.
-fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, ControlPlaneError> {
+fn channel(
+    url: &str,
+    tls: Option<Arc<ClientConfig>>,
+    dials: &dial::Dials,
+) -> Result<Channel, ControlPlaneError> {
     let err = |reason: &str| ControlPlaneError {
         url: url.to_string(),
         reason: reason.to_string(),
@@ -190,17 +201,21 @@ fn channel(url: &str, tls: Option<Arc<ClientConfig>>) -> Result<Channel, Control
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     match (uri.scheme_str(), tls) {
-        (Some("https"), Some(config)) => Ok(endpoint.connect_with_connector_lazy(
-            dial::Gated::new(TlsConnect {
-                config: Some(config),
-                timeout: defaults::CONTROL_CONNECT_TIMEOUT,
-            }),
-        )),
+        (Some("https"), Some(config)) => {
+            Ok(endpoint.connect_with_connector_lazy(dial::Gated::new(
+                TlsConnect {
+                    config: Some(config),
+                    timeout: defaults::CONTROL_CONNECT_TIMEOUT,
+                },
+                dials,
+            )))
+        }
         (Some("http"), None) => Ok(endpoint.connect_with_connector_lazy(dial::Gated::new(
             TlsConnect {
                 config: None,
                 timeout: defaults::CONTROL_CONNECT_TIMEOUT,
             },
+            dials,
         ))),
         (Some("http"), Some(_)) => Err(err(
             "with --trust-anchors the control plane must be https://: the token and the identities of peers must not travel in the clear",

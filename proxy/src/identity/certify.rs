@@ -38,8 +38,12 @@ pub async fn follow(
     let mut backoff = Backoff::default();
     let mut first = true;
     loop {
+        // For this call only: kept through the renewal's wait, it would hold
+        // an older certificate's connection open for most of a lifetime.
         let mut client = IdentityClient::new(link.channel());
-        let delay = match certify(&mut client, &creds, &token_file).await {
+        let certified = certify(&mut client, &creds, &token_file).await;
+        drop(client);
+        let delay = match certified {
             Ok((serial, valid_until)) => {
                 backoff.reset();
                 if !std::mem::take(&mut first) {
