@@ -29,7 +29,7 @@ struct Watch {
     task: tokio::task::AbortHandle,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct WatchState {
     last_used_ms: AtomicU64,
     /// The stream's last failure said the controller could not be reached,
@@ -49,7 +49,7 @@ struct WatchState {
     /// `u64::MAX` while it has not): the answer is as old as that.
     failing_since: AtomicU64,
     /// What `now_ms` counts from (the discovery's start).
-    epoch: Option<Instant>,
+    epoch: Instant,
 }
 
 /// One watched destination, as the admin server shows it.
@@ -266,14 +266,14 @@ impl Discovery {
         let away = self.unreachable.load(Ordering::Relaxed)
             && matches!(fallback, Some(Resolution::Service(_)));
         let state = Arc::new(WatchState {
+            last_used_ms: AtomicU64::new(now),
+            away: AtomicBool::new(away),
+            waited: AtomicBool::new(false),
             fallback,
             fallback_at,
-            away: AtomicBool::new(away),
             failing_since: AtomicU64::new(u64::MAX),
-            epoch: Some(self.start),
-            ..WatchState::default()
+            epoch: self.start,
         });
-        state.last_used_ms.store(now, Ordering::Relaxed);
         let logical: Arc<Logical> = Arc::default();
         // The current certificate's channel at each watch (Link).
         let (link, workload) = (self.link.clone(), self.workload.clone());
@@ -417,10 +417,8 @@ async fn follow(
             unreachable.store(true, Ordering::Relaxed);
         }
         state.away.store(away, Ordering::Relaxed);
-        if let Some(epoch) = state.epoch {
-            let now = epoch.elapsed().as_millis() as u64;
-            state.failing_since.fetch_min(now, Ordering::Relaxed);
-        }
+        let now = state.epoch.elapsed().as_millis() as u64;
+        state.failing_since.fetch_min(now, Ordering::Relaxed);
     };
     // Views are ordered by arrival here, not by the controller's index version:
     // that restarts with the controller (and differs between replicas), so

@@ -937,10 +937,24 @@ mod tests {
     async fn server(max: u32) -> (SocketAddr, Arc<AtomicUsize>, Arc<Semaphore>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (held, gate) = serve(listener, max, usize::MAX);
+        (addr, held, gate)
+    }
+
+    /// `server` on `listener`, accepting `connections` connections only (the
+    /// listener kept open, so further connects queue on it).
+    fn serve(
+        listener: TcpListener,
+        max: u32,
+        connections: usize,
+    ) -> (Arc<AtomicUsize>, Arc<Semaphore>) {
         let (held, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
         let (h, g) = (held.clone(), gate.clone());
         tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+            for _ in 0..connections {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let (h, g) = (h.clone(), g.clone());
                 let svc = service_fn(move |_req| {
                     let (h, g) = (h.clone(), g.clone());
@@ -958,8 +972,10 @@ mod tests {
                         .serve_connection(TokioIo::new(tcp), svc),
                 );
             }
+            std::future::pending::<()>().await;
+            drop(listener);
         });
-        (addr, held, gate)
+        (held, gate)
     }
 
     fn client(addr: SocketAddr) -> H2Client {
@@ -1214,28 +1230,8 @@ mod tests {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(0).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (held, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Semaphore::new(0)));
-        let (h, g) = (held.clone(), gate.clone());
         // One connection, one stream at a time; no other connection accepted.
-        let listener = Arc::new(listener);
-        let l = listener.clone();
-        tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            let svc = service_fn(move |_req| {
-                let (h, g) = (h.clone(), g.clone());
-                async move {
-                    h.fetch_add(1, Ordering::SeqCst);
-                    g.acquire().await.unwrap().forget();
-                    Ok::<_, std::convert::Infallible>(http::Response::new(super::super::full(
-                        "done",
-                    )))
-                }
-            });
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_concurrent_streams(1)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await
-        });
+        let (held, gate) = serve(listener, 1, 1);
         let c = H2Client::new(Connector {
             addr,
             timeout: Duration::from_secs(10),
