@@ -46,6 +46,10 @@ pub async fn follow(
         let delay = match certified {
             Ok((serial, valid_until)) => {
                 backoff.reset();
+                // Moves the link to the new certificate now (a lazy channel:
+                // no dial), so the one before is not kept for a call that may
+                // not come; watches still on it hold it until they end.
+                drop(link.channel());
                 if !std::mem::take(&mut first) {
                     metrics.identity_renewals.inc();
                 }
