@@ -178,6 +178,27 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
+    /// A channel made for a new certificate dials through the gate of the
+    /// one before: a failure there holds it back too, rather than starting
+    /// the backoff over.
+    #[tokio::test(start_paused = true)]
+    async fn channels_of_one_link_share_the_backoff() {
+        let d = Dialled::default();
+        let dials = Dials::default();
+        let mut older = Gated::new(d.clone(), &dials);
+        assert!(older.call(uri()).await.is_err());
+        d.up.store(true, Ordering::SeqCst);
+        let mut newer = Gated::new(d.clone(), &dials);
+        let start = Instant::now();
+        assert!(newer.call(uri()).await.is_ok());
+        let waited = start.elapsed();
+        assert!(
+            waited >= crate::defaults::CONTROL_BACKOFF_MIN,
+            "dialled after {waited:?}"
+        );
+        assert_eq!(d.dials.load(Ordering::SeqCst), 2);
+    }
+
     /// An attempt given up on (its caller's timeout) counts as failed.
     #[tokio::test(start_paused = true)]
     async fn an_attempt_dropped_unfinished_counts_as_failed() {
