@@ -535,7 +535,6 @@ impl Proxy {
                 known: admin::known::Known {
                     discovery: shared.discovery.clone(),
                     policy: shared.policy.clone(),
-                    identity: shared.identity.clone(),
                 },
             }),
         ));

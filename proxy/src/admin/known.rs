@@ -16,18 +16,18 @@ use crate::identity::Credentials;
 use crate::inbound::policy::{Allow, InboundPolicy, Mode, PolicyRx, PortPolicy};
 use crate::outbound::route::Rule;
 
-/// Where the admin server reads what the proxy knows.
+/// Where the admin server reads what the proxy knows (its credentials are
+/// the admin state's own).
 pub struct Known {
     pub discovery: Option<Arc<Discovery>>,
     pub policy: PolicyRx,
-    pub identity: Option<Arc<Credentials>>,
 }
 
 impl Known {
-    pub fn json(&self) -> Value {
+    pub fn json(&self, creds: Option<&Credentials>) -> Value {
         let policy = self.policy.borrow().clone();
         json!({
-            "identity": self.identity.as_deref().map(identity),
+            "identity": creds.map(identity),
             // null: not known yet (nothing is let in until it is).
             "inbound_policy": policy.as_deref().map(inbound),
             "destinations": self.discovery.as_ref().map(|d| {

@@ -207,7 +207,7 @@ async fn route(
                 // call it: for the pod itself (and `kubectl port-forward`),
                 // not for every pod that can reach the admin port.
                 let known = if peer.ip().to_canonical().is_loopback() {
-                    state.known.json()
+                    state.known.json(state.identity.as_deref())
                 } else {
                     "shown to loopback callers only".into()
                 };

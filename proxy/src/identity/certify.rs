@@ -38,11 +38,15 @@ pub async fn follow(
     let mut backoff = Backoff::default();
     let mut first = true;
     loop {
-        // For this call only: kept through the renewal's wait, it would hold
-        // an older certificate's connection open for most of a lifetime.
-        let mut client = IdentityClient::new(link.channel());
-        let certified = certify(&mut client, &creds, &token_file).await;
-        drop(client);
+        // A client for this call only: kept through the renewal's wait, it
+        // would hold an older certificate's connection open for most of a
+        // lifetime.
+        let certified = certify(
+            &mut IdentityClient::new(link.channel()),
+            &creds,
+            &token_file,
+        )
+        .await;
         let delay = match certified {
             Ok((serial, valid_until)) => {
                 backoff.reset();
