@@ -337,12 +337,36 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         },
     );
 
-    let pods: Api<Pod> = Api::all(client);
-    say(match pods.list(&ListParams::default()).await {
-        Ok(list) => pods_line(&list.items),
-        Err(e) => unread("the pods", &e),
-    });
+    let mut pods = MeshedPods::default();
+    say(
+        match each_listed(&Api::<Pod>::all(client), PODS_PAGE, |p| pods.count(&p)).await {
+            Ok(()) => pods.line(),
+            Err(e) => unread("the pods", &e),
+        },
+    );
     out
+}
+
+/// Pods read per page: a cluster may run tens of thousands, and the API
+/// server answers a list in one response unless asked for pages (kubectl asks
+/// for 500; a pod's object is a few KiB).
+const PODS_PAGE: u32 = 500;
+
+/// Calls `each` on every object of `api`'s collection, `page` at a time, so
+/// that no more than a page is held at once.
+async fn each_listed<K>(api: &Api<K>, page: u32, mut each: impl FnMut(K)) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let mut params = ListParams::default().limit(page);
+    loop {
+        let list = api.list(&params).await?;
+        list.items.into_iter().for_each(&mut each);
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(next) => params = params.continue_token(&next),
+            None => return Ok(()),
+        }
+    }
 }
 
 /// How long a meshed pod may take to start before `check` calls it stuck:
@@ -352,52 +376,60 @@ const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 /// The meshed pods' proxies: those of pods that should be running count (a
 /// finished Job's pod, or one being deleted, keeps its stopped proxy); none
 /// ready among them is a mesh that does not work (no certificate issued, no
-/// configuration), some is a mesh starting or in trouble.
-fn pods_line(pods: &[Pod]) -> Line {
-    let running = |p: &&Pod| {
-        p.metadata.deletion_timestamp.is_none()
-            && !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-    };
-    let meshed: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| has_proxy(p))
-        .filter(running)
-        .collect();
-    let ready = meshed.iter().filter(|p| proxy_ready(p)).count();
-    // Pods still starting (Pending) may simply not be there yet; one Pending
-    // past the proxy's startup window is not starting, it is stuck.
-    let stuck_since = k8s_openapi::jiff::Timestamp::now() - STARTUP_WINDOW;
-    let started = meshed.iter().any(|p| {
-        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+/// configuration), some is a mesh starting or in trouble. Counted a pod at a
+/// time, as the pages arrive.
+#[derive(Debug, Default)]
+struct MeshedPods {
+    meshed: usize,
+    ready: usize,
+    /// One is running, or has been starting for longer than it may.
+    started: bool,
+}
+
+impl MeshedPods {
+    fn count(&mut self, p: &Pod) {
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        if !has_proxy(p)
+            || p.metadata.deletion_timestamp.is_some()
+            || matches!(phase, Some("Succeeded" | "Failed"))
+        {
+            return;
+        }
+        self.meshed += 1;
+        self.ready += usize::from(proxy_ready(p));
+        // Pods still starting (Pending) may simply not be there yet; one Pending
+        // past the proxy's startup window is not starting, it is stuck.
+        let stuck_since = k8s_openapi::jiff::Timestamp::now() - STARTUP_WINDOW;
+        self.started |= phase == Some("Running")
             || p.metadata
                 .creation_timestamp
                 .as_ref()
-                .is_some_and(|t| t.0 < stuck_since)
-    });
-    match (meshed.len(), ready) {
-        (0, _) => line(
-            Verdict::Warn,
-            "no meshed pod yet (label a namespace strait.dev/inject=enabled)",
-        ),
-        (n, r) if r == n => line(
-            Verdict::Ok,
-            format!(
-                "{r} meshed pod(s), every proxy ready (holds its certificate and configuration)"
+                .is_some_and(|t| t.0 < stuck_since);
+    }
+
+    fn line(&self) -> Line {
+        match (self.meshed, self.ready) {
+            (0, _) => line(
+                Verdict::Warn,
+                "no meshed pod yet (label a namespace strait.dev/inject=enabled)",
             ),
-        ),
-        (n, 0) if started => line(
-            Verdict::Fail,
-            format!(
-                "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them, or the pods cannot start (see kubectl describe, and a proxy's log)"
+            (n, r) if r == n => line(
+                Verdict::Ok,
+                format!(
+                    "{r} meshed pod(s), every proxy ready (holds its certificate and configuration)"
+                ),
             ),
-        ),
-        (n, r) => line(
-            Verdict::Warn,
-            format!("{r} of {n} meshed pods have a ready proxy"),
-        ),
+            (n, 0) if self.started => line(
+                Verdict::Fail,
+                format!(
+                    "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them, or the pods cannot start (see kubectl describe, and a proxy's log)"
+                ),
+            ),
+            (n, r) => line(
+                Verdict::Warn,
+                format!("{r} of {n} meshed pods have a ready proxy"),
+            ),
+        }
     }
 }
 
@@ -700,24 +732,17 @@ fn path_up(
 /// Each node's name and kubelet version, read a page at a time: a node's
 /// object is large (its images), and a cluster may have thousands.
 async fn kubelets(client: &kube::Client) -> Result<Vec<(String, String)>, kube::Error> {
-    let nodes = Api::<Node>::all(client.clone());
     let mut out = Vec::new();
-    let mut page = ListParams::default().limit(200);
-    loop {
-        let list = nodes.list(&page).await?;
-        out.extend(list.items.into_iter().map(|n| {
-            let version = n
-                .status
-                .and_then(|s| s.node_info)
-                .map(|i| i.kubelet_version)
-                .unwrap_or_default();
-            (n.metadata.name.unwrap_or_default(), version)
-        }));
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(next) => page = page.continue_token(&next),
-            None => return Ok(out),
-        }
-    }
+    each_listed(&Api::<Node>::all(client.clone()), 200, |n| {
+        let version = n
+            .status
+            .and_then(|s| s.node_info)
+            .map(|i| i.kubelet_version)
+            .unwrap_or_default();
+        out.push((n.metadata.name.unwrap_or_default(), version));
+    })
+    .await?;
+    Ok(out)
 }
 
 /// The verdict on the nodes' kubelets, `(name, version)`.
@@ -813,7 +838,11 @@ mod tests {
 
     #[test]
     fn no_ready_proxy_fails_and_finished_pods_do_not_count() {
-        let verdict = |pods: &[Pod]| pods_line(pods).verdict;
+        let verdict = |pods: &[Pod]| {
+            let mut tally = MeshedPods::default();
+            pods.iter().for_each(|p| tally.count(p));
+            tally.line().verdict
+        };
         let running = |ready| pod("Running", ready, false);
         assert_eq!(verdict(&[running(false), running(false)]), Verdict::Fail);
         assert_eq!(verdict(&[running(true), running(false)]), Verdict::Warn);

@@ -115,6 +115,8 @@ struct State {
     forbidden: Vec<&'static str>,
     tokens: HashMap<String, (String, String, String)>,
     lists: HashMap<&'static str, usize>,
+    /// The most objects one list response of a collection carried.
+    largest_page: HashMap<&'static str, usize>,
     watches: HashMap<&'static str, usize>,
     status_patches: Vec<(String, String, Value)>,
 }
@@ -318,6 +320,18 @@ impl KubeApi {
             .filter(|(p, _)| **p == plural)
             .map(|(_, n)| *n)
             .sum()
+    }
+
+    /// The most objects of a collection one list response carried: a client
+    /// that asks for pages gets none larger than it asked for.
+    pub fn largest_page(&self, plural: &str) -> usize {
+        let st = self.state.lock().expect("state");
+        st.largest_page
+            .iter()
+            .filter(|(p, _)| **p == plural)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0)
     }
 
     /// How many watches of a collection were started.
@@ -590,6 +604,8 @@ fn list(t: &Target, q: &HashMap<String, String>, state: &Mutex<State>) -> Respon
         .map(|(_, v)| clean(v))
         .collect();
     let more = matching.next().is_some();
+    let largest = st.largest_page.entry(t.plural).or_default();
+    *largest = (*largest).max(items.len());
     let mut metadata = json!({"resourceVersion": rv});
     if more {
         metadata["continue"] = json!(format!("{}.{rv}", skip + items.len()));

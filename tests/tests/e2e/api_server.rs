@@ -574,6 +574,39 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 
+    // More meshed pods than one page holds: every one is counted, and none of
+    // the lists asked for all of a large cluster's pods at once.
+    let meshed_pod = |i: usize, ready: bool| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("web-{i}"), "namespace": format!("ns-{}", i % 7)},
+            "spec": {
+                "initContainers": [{"name": "strait-proxy", "restartPolicy": "Always"}],
+                "containers": [{"name": "app"}],
+            },
+            "status": {
+                "phase": "Running",
+                "initContainerStatuses": [{"name": "strait-proxy", "ready": ready,
+                    "image": "", "imageID": "", "restartCount": 0}],
+            },
+        })
+        .to_string()
+    };
+    for i in 0..601 {
+        api.apply(&meshed_pod(i, i != 600));
+    }
+    api.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: unmeshed, namespace: ns-0}\nspec: {containers: [{name: app}]}\n");
+    let text = String::from_utf8_lossy(&check().await.unwrap().stdout).to_string();
+    assert!(
+        text.contains("[warn] 600 of 601 meshed pods have a ready proxy"),
+        "{text}"
+    );
+    assert!(
+        (1..=500).contains(&api.largest_page("pods")),
+        "pods listed {} at once",
+        api.largest_page("pods")
+    );
+
     // Break four things: each is named, and the exit status says so (an old
     // kubelet as a warning: the node may rightly stay).
     api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nstatus: {nodeInfo: {kubeletVersion: v1.28.7}}\n");
