@@ -275,8 +275,14 @@ impl StreamSlot {
     fn release(&mut self) {
         if let Some(load) = self.0.take() {
             load.streams.fetch_sub(1, Ordering::SeqCst);
+            // One stream, one waiter: waking them all would have each look
+            // under the pool's lock for the one stream, N looks per stream
+            // given back while N wait. A waiter woken and gone before it
+            // looks (its connect done, its request dropped) passes the
+            // wake-up on (tokio's `Notified` does on drop); with none
+            // registered it is kept for the next to wait.
             if load.room.waiting.load(Ordering::SeqCst) > 0 {
-                load.room.freed.notify_waiters();
+                load.room.freed.notify_one();
             }
         }
     }
@@ -1262,8 +1268,11 @@ mod tests {
             queued.push(c.unwrap());
             assert!(queued.len() < 64, "the accept queue never filled");
         }
+        // More waiters than streams given back at once: each stream given
+        // back goes to one of them, and none is left waiting on the connect.
+        const WAITING: usize = 20;
         let mut more = tokio::task::JoinSet::new();
-        for _ in 0..2 {
+        for _ in 0..WAITING {
             let c = c.clone();
             more.spawn(async move {
                 let rsp = c.request(get()).await.unwrap();
@@ -1274,7 +1283,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "no second connect");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        gate.add_permits(3);
+        gate.add_permits(1 + WAITING);
         assert_eq!(first.await.unwrap(), "done");
         let both = async {
             while let Some(body) = more.join_next().await {
