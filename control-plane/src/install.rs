@@ -48,9 +48,10 @@ pub struct InstallArgs {
     /// the nodes' kube-proxy uses [default: the installed one, or nft].
     #[arg(long, value_enum)]
     pub proxy_iptables_mode: Option<crate::inject::IptablesMode>,
-    /// Controller replicas: each serves proxies; one at a time writes status.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub replicas: u16,
+    /// Controller replicas: each serves proxies; one at a time writes status
+    /// [default: the installed number, or 2].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replicas: Option<u16>,
     /// The OpenTelemetry collector (OTLP/gRPC, `http://collector:4317`) the
     /// controller and every injected proxy export spans to.
     #[arg(long, value_name = "URL", value_parser = crate::inject::otlp_endpoint)]
@@ -66,6 +67,12 @@ pub struct InstallArgs {
     /// strait is installed (applied there, they replace the mesh's identity).
     #[arg(long)]
     pub ignore_cluster: bool,
+    /// Do not keep the installed replicas, `--otlp-endpoint`,
+    /// `--proxy-trace-sampling` and `--proxy-access-log` where not given
+    /// again: they go back to their defaults (no traces, no access log). The
+    /// identity, trust domain and iptables mode are kept still.
+    #[arg(long)]
+    pub reset_settings: bool,
 }
 
 /// How long looking for an existing install may take.
@@ -94,12 +101,13 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else {
         existing_install(true).await?
     };
-    if args.replicas == 1 {
+    let values = args.values(existing)?;
+    if values.replicas == 1 {
         eprintln!(
             "strait install: with one replica, a node drain or a restart leaves no injector for a while, and pods of labelled namespaces are refused until it is back"
         );
     }
-    render(&args.values(existing)?)
+    render(&values)
 }
 
 /// Whether anything names a cluster: KUBECONFIG, `~/.kube/config`, or a pod's
@@ -193,9 +201,15 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         }
         _ => None,
     };
+    let replicas = controller
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .and_then(|r| u16::try_from(r).ok())
+        .filter(|r| (1..=64).contains(r));
     let InstalledArgs {
         trust_domain,
         iptables_mode,
+        telemetry,
         ..
     } = settings_of(controller, "strait install");
     Ok(Some(Installed {
@@ -203,7 +217,8 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         trust_domain,
         iptables_mode,
         proxy_image: None,
-        telemetry: Default::default(),
+        telemetry,
+        replicas,
     }))
 }
 
@@ -326,6 +341,7 @@ pub async fn installed_for_injection(
             iptables_mode: a.iptables_mode,
             proxy_image: a.proxy_image,
             telemetry: a.telemetry,
+            replicas: None,
         },
     )))
 }
@@ -336,10 +352,14 @@ pub struct Installed {
     pub identity: Option<Identity>,
     pub trust_domain: Option<String>,
     pub iptables_mode: Option<crate::inject::IptablesMode>,
-    /// The proxy image and telemetry its injector uses (read for `strait
-    /// inject` only: `strait install` installs what it is given).
+    /// The proxy image its injector uses (read for `strait inject` only: an
+    /// upgrade installs this release's image unless given one).
     pub proxy_image: Option<String>,
+    /// Kept by `strait install` where not given again, as the replicas are
+    /// (unless `--reset-settings`).
     pub telemetry: crate::inject::Telemetry,
+    /// The controller Deployment's (read by `strait install` only).
+    pub replicas: Option<u16>,
 }
 
 /// The identity material the install carries.
@@ -393,6 +413,46 @@ impl InstallArgs {
             .proxy_iptables_mode
             .or(existing.as_ref().and_then(|e| e.iptables_mode))
             .unwrap_or_default();
+        let kept = existing
+            .as_ref()
+            .filter(|_| !self.reset_settings)
+            .map(|e| (e.replicas, e.telemetry.clone()))
+            .unwrap_or_default();
+        let replicas = self.replicas.or(kept.0).unwrap_or(2);
+        let otlp_endpoint = self.otlp_endpoint.clone().or(kept.1.proxy_otlp_endpoint);
+        let proxy_trace_sampling = self
+            .proxy_trace_sampling
+            .clone()
+            .or(kept.1.proxy_trace_sampling);
+        let proxy_access_log = self.proxy_access_log.or(kept.1.proxy_access_log);
+        let kept: Vec<String> = [
+            (self.replicas.is_none() && kept.0.is_some_and(|r| r != 2))
+                .then(|| format!("--replicas={replicas}")),
+            self.otlp_endpoint
+                .is_none()
+                .then_some(otlp_endpoint.as_ref())
+                .flatten()
+                .map(|e| format!("--otlp-endpoint={e}")),
+            self.proxy_trace_sampling
+                .is_none()
+                .then_some(proxy_trace_sampling.as_ref())
+                .flatten()
+                .map(|r| format!("--proxy-trace-sampling={r}")),
+            self.proxy_access_log
+                .is_none()
+                .then_some(proxy_access_log)
+                .flatten()
+                .map(|l| format!("--proxy-access-log={}", l.as_str())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !kept.is_empty() {
+            eprintln!(
+                "strait install: keeping the installed {} (not given again; --reset-settings drops them)",
+                kept.join(" ")
+            );
+        }
         let existing = existing.and_then(|e| e.identity);
         let identity = match (
             &self.identity_trust_anchors_file,
@@ -443,10 +503,10 @@ impl InstallArgs {
                 .clone()
                 .unwrap_or_else(defaults::proxy_image),
             proxy_iptables_mode,
-            replicas: self.replicas,
-            otlp_endpoint: self.otlp_endpoint.clone(),
-            proxy_trace_sampling: self.proxy_trace_sampling.clone(),
-            proxy_access_log: self.proxy_access_log,
+            replicas,
+            otlp_endpoint,
+            proxy_trace_sampling,
+            proxy_access_log,
         })
     }
 }

@@ -699,6 +699,14 @@ async fn strait_install_again_keeps_the_installed_identity() {
         "corp.example",
         "--proxy-iptables-mode",
         "legacy",
+        "--replicas",
+        "3",
+        "--otlp-endpoint",
+        "http://collector.obs:4317",
+        "--proxy-trace-sampling",
+        "0.25",
+        "--proxy-access-log",
+        "json",
     ];
     let first = install(&settings, &kubeconfig).await.unwrap();
     assert!(
@@ -720,7 +728,11 @@ async fn strait_install_again_keeps_the_installed_identity() {
     }
     let installed = installed_identity(&first.stdout);
 
-    let again = install(&["--replicas", "3"], &kubeconfig).await.unwrap();
+    // Run again to change one setting, the others are kept (an upgrade that
+    // dropped the collector would stop every proxy's traces unnoticed).
+    let again = install(&["--proxy-trace-sampling", "0.5"], &kubeconfig)
+        .await
+        .unwrap();
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{stderr}");
     assert_eq!(installed_identity(&again.stdout), installed);
@@ -728,14 +740,38 @@ async fn strait_install_again_keeps_the_installed_identity() {
         stderr.contains("keeping the trust anchors and issuer"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("keeping the installed --replicas=3 --otlp-endpoint=http://collector.obs:4317 --proxy-access-log=json (not given again; --reset-settings drops them)"),
+        "{stderr}"
+    );
     let again = String::from_utf8(again.stdout).unwrap();
     for kept in [
         "--trust-domain=corp.example",
         "--proxy-iptables-mode=legacy",
+        "--otlp-endpoint=http://collector.obs:4317",
+        "--proxy-otlp-endpoint=http://collector.obs:4317",
+        "--proxy-access-log=json",
+        "--proxy-trace-sampling=0.5",
+        "replicas: 3",
     ] {
-        assert!(again.contains(kept), "{kept} not kept");
+        assert!(again.contains(kept), "{kept} not kept in:\n{again}");
     }
-    assert!(again.contains("replicas: 3"));
+    assert!(!again.contains("--proxy-trace-sampling=0.25"));
+    // Asked to, the settings go back to their defaults; the identity and
+    // trust domain stay.
+    let reset = install(&["--reset-settings"], &kubeconfig).await.unwrap();
+    assert!(reset.status.success());
+    assert_eq!(installed_identity(&reset.stdout), installed);
+    let reset = String::from_utf8(reset.stdout).unwrap();
+    assert!(reset.contains("--trust-domain=corp.example"));
+    assert!(reset.contains("replicas: 2"));
+    for dropped in [
+        "otlp-endpoint",
+        "--proxy-trace-sampling",
+        "--proxy-access-log",
+    ] {
+        assert!(!reset.contains(dropped), "{dropped} kept in:\n{reset}");
+    }
     // The iptables mode may change (the nodes did); the trust domain may not.
     let nft = install(&["--proxy-iptables-mode", "nft"], &kubeconfig)
         .await
