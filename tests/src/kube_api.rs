@@ -315,33 +315,20 @@ impl KubeApi {
     /// How many lists (not watches) of a collection were served.
     pub fn lists(&self, plural: &str) -> usize {
         let st = self.state.lock().expect("state");
-        st.lists
-            .iter()
-            .filter(|(p, _)| **p == plural)
-            .map(|(_, n)| *n)
-            .sum()
+        st.lists.get(plural).copied().unwrap_or(0)
     }
 
     /// The most objects of a collection one list response carried: a client
     /// that asks for pages gets none larger than it asked for.
     pub fn largest_page(&self, plural: &str) -> usize {
         let st = self.state.lock().expect("state");
-        st.largest_page
-            .iter()
-            .filter(|(p, _)| **p == plural)
-            .map(|(_, n)| *n)
-            .max()
-            .unwrap_or(0)
+        st.largest_page.get(plural).copied().unwrap_or(0)
     }
 
     /// How many watches of a collection were started.
     pub fn watches(&self, plural: &str) -> usize {
         let st = self.state.lock().expect("state");
-        st.watches
-            .iter()
-            .filter(|(p, _)| **p == plural)
-            .map(|(_, n)| *n)
-            .sum()
+        st.watches.get(plural).copied().unwrap_or(0)
     }
 
     /// An object as the stand-in holds it (its status included).
