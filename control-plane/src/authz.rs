@@ -360,6 +360,7 @@ mod tests {
                 probes: Vec::new(),
                 ips: Vec::new(),
                 skip_inbound: Vec::new(),
+                node: None,
             },
         );
         let policy = |name: &str, spec: serde_json::Value| {

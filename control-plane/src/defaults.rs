@@ -17,6 +17,17 @@ pub const INBOUND_PORT_ANNOTATION: &str = "strait.dev/inbound-port";
 pub const DEFAULT_INBOUND_PORT: u16 = 4143;
 /// Label every EndpointSlice carries naming its Service (set by Kubernetes).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A node's zone, as Kubernetes labels nodes and EndpointSlices report it.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// A Service's request for topology-aware routing (`Auto`), and its name
+/// before Kubernetes 1.27.
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// How long after a watch opens the controller looks for the watching pod
+/// (to know its zone) when its address is not in the index yet.
+pub const ZONE_LOOKUP: std::time::Duration = std::time::Duration::from_secs(120);
+/// Zone hints per endpoint at most (the API server allows 8).
+pub const MAX_ZONE_HINTS: usize = 8;
 
 /// The manifests directory is watched with inotify; a change is applied after this
 /// quiet period, so an editor's burst of writes becomes one reload.

@@ -626,7 +626,7 @@ fn rbac() -> Vec<Value> {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": CONTROLLER},
             "rules": [
-                {"apiGroups": [""], "resources": ["services", "pods"], "verbs": read},
+                {"apiGroups": [""], "resources": ["services", "pods", "nodes"], "verbs": read},
                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
                 {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": read},
                 {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"]},

@@ -85,7 +85,7 @@ impl Metrics {
         );
         registry.register(
             "watched_destinations",
-            "Destinations watched by at least one proxy",
+            "Destinations watched by at least one proxy, once per zone their watchers are in",
             m.watched_destinations.clone(),
         );
         registry.register(

@@ -240,6 +240,7 @@ mod tests {
                 probes: Vec::new(),
                 ips: Vec::new(),
                 skip_inbound: Vec::new(),
+                node: None,
             },
         );
         tx.send_replace(Arc::new(snap.clone()));

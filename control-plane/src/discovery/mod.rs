@@ -1,6 +1,6 @@
 //! The discovery service: a proxy watches a destination and gets its view, then a
 //! new view whenever it changes. Views are computed once per change per destination
-//! and shared by every proxy watching it.
+//! and caller zone, and shared by every proxy watching it from that zone.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -23,6 +23,9 @@ use crate::metrics::{Metrics, Watches};
 
 type Update = Arc<api::DestinationUpdate>;
 
+/// A destination as seen from a zone (`None`: a caller of unknown zone).
+type ViewKey = (DestKey, Option<String>);
+
 /// The current view of every watched destination.
 #[derive(Debug)]
 pub struct Views {
@@ -33,7 +36,7 @@ pub struct Views {
 
 #[derive(Debug)]
 struct Entries {
-    views: HashMap<DestKey, watch::Sender<Update>>,
+    views: HashMap<ViewKey, watch::Sender<Update>>,
     /// Size at which views nobody watches any more are dropped, so that watches
     /// that come and go do not grow the map between index changes.
     prune_at: usize,
@@ -85,7 +88,7 @@ impl Views {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self, key: DestKey) -> watch::Receiver<Update> {
+    pub fn subscribe(&self, key: ViewKey) -> watch::Receiver<Update> {
         let mut entries = self.entries();
         if let Some(tx) = entries.views.get(&key) {
             return tx.subscribe();
@@ -95,7 +98,7 @@ impl Views {
             entries.prune_at = (entries.views.len() * 2).max(defaults::VIEWS_PRUNE_AT);
         }
         let snap = entries.snap.clone();
-        let mut first = view(&snap, &key);
+        let mut first = view(&snap, &key.0, key.1.as_deref());
         set_stamp(&mut first, (snap.version, changed_at(&snap)));
         let tx = watch::Sender::new(Arc::new(first));
         let rx = tx.subscribe();
@@ -117,7 +120,7 @@ impl Views {
 
     /// Recomputes every watched view from `snap` and pushes the changed ones.
     fn round(&self, snap: Arc<Snapshot>) {
-        let watched: Vec<(DestKey, watch::Sender<Update>)> = {
+        let watched: Vec<(ViewKey, watch::Sender<Update>)> = {
             let mut entries = self.entries();
             entries.snap = snap.clone();
             entries.views.retain(|_, tx| tx.receiver_count() > 0);
@@ -134,7 +137,7 @@ impl Views {
         for (key, tx) in watched {
             // Compared as of the same version: a change elsewhere in the mesh
             // is not a change of this view, and is not pushed.
-            let mut v = view(&snap, &key);
+            let mut v = view(&snap, &key.0, key.1.as_deref());
             set_stamp(&mut v, stamp_of(&tx.borrow()));
             if **tx.borrow() != v {
                 set_stamp(&mut v, (snap.version, changed_at(&snap)));
@@ -232,8 +235,21 @@ impl Discovery for DiscoveryService {
                 .take_until(ended);
             return Ok(Response::new(Box::pin(stream)));
         }
-        let rx = self.views.subscribe(key);
-        let stream = WatchStream::new(rx)
+        let snap = self.views.snapshot.borrow().clone();
+        let unknown = |a: &std::net::IpAddr| {
+            !a.is_loopback() && caller_pod(&snap, Some(*a), caller.as_ref()).is_none()
+        };
+        let stream = match source.filter(unknown) {
+            // A pod the index does not hold yet (its address not reported
+            // when its proxy first asks): its zone is looked up again at
+            // each index change until it is, for a while.
+            Some(addr) => follow(self.views.clone(), key, addr, caller).boxed(),
+            None => {
+                let zone = caller_zone(&snap, source, caller.as_ref());
+                WatchStream::new(self.views.subscribe((key, zone))).boxed()
+            }
+        };
+        let stream = stream
             .map(move |u| {
                 let _alive = &guard;
                 Ok((*u).clone())
@@ -241,6 +257,102 @@ impl Discovery for DiscoveryService {
             .take_until(ended);
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// The pod that opened a watch: the one at its source address, if it is the
+/// caller's (its namespace and service account, where callers prove them).
+fn caller_pod<'a>(
+    snap: &'a Snapshot,
+    source: Option<std::net::IpAddr>,
+    caller: Option<&Caller>,
+) -> Option<&'a crate::index::PodInfo> {
+    let (k, pod) = snap.pod_at(source?)?;
+    let theirs = caller
+        .is_none_or(|c| c.namespace == k.namespace && c.service_account == pod.service_account);
+    theirs.then_some(pod)
+}
+
+/// The zone of the pod that opened a watch, when it is known.
+fn caller_zone(
+    snap: &Snapshot,
+    source: Option<std::net::IpAddr>,
+    caller: Option<&Caller>,
+) -> Option<String> {
+    caller_pod(snap, source, caller)
+        .and_then(|p| snap.zone_of_pod(p))
+        .map(str::to_string)
+}
+
+/// The views of `key` for a watch from `source`, whose pod is not in the
+/// index yet: the zone-less view until the pod is, then its zone's. Looked
+/// for during `ZONE_LOOKUP` only: what is still unknown then (an address
+/// that is no pod's, a pod on its node's network) stays zone-less.
+fn follow(
+    views: Arc<Views>,
+    key: DestKey,
+    source: std::net::IpAddr,
+    caller: Option<Caller>,
+) -> impl Stream<Item = Update> + Send {
+    struct Follow {
+        views: Arc<Views>,
+        key: DestKey,
+        source: std::net::IpAddr,
+        caller: Option<Caller>,
+        rx: watch::Receiver<Update>,
+        /// Until the pod is found, or the deadline passes.
+        snaps: Option<watch::Receiver<Arc<Snapshot>>>,
+        deadline: tokio::time::Instant,
+        /// A view to send now: the zone's, just subscribed to.
+        fresh: bool,
+    }
+    let rx = views.subscribe((key.clone(), None));
+    let snaps = Some(views.snapshot.clone());
+    let start = Follow {
+        views,
+        key,
+        source,
+        caller,
+        rx,
+        snaps,
+        deadline: tokio::time::Instant::now() + defaults::ZONE_LOOKUP,
+        fresh: true,
+    };
+    futures_util::stream::unfold(start, |mut st| async move {
+        loop {
+            if std::mem::take(&mut st.fresh) {
+                let u = st.rx.borrow_and_update().clone();
+                return Some((u, st));
+            }
+            let Some(snaps) = st.snaps.as_mut() else {
+                st.rx.changed().await.ok()?;
+                let u = st.rx.borrow_and_update().clone();
+                return Some((u, st));
+            };
+            tokio::select! {
+                changed = st.rx.changed() => {
+                    changed.ok()?;
+                    let u = st.rx.borrow_and_update().clone();
+                    return Some((u, st));
+                }
+                () = tokio::time::sleep_until(st.deadline) => st.snaps = None,
+                changed = snaps.changed() => {
+                    if changed.is_err() {
+                        st.snaps = None;
+                        continue;
+                    }
+                    let snap = snaps.borrow_and_update().clone();
+                    if caller_pod(&snap, Some(st.source), st.caller.as_ref()).is_none() {
+                        continue;
+                    }
+                    st.snaps = None;
+                    if let Some(zone) = caller_zone(&snap, Some(st.source), st.caller.as_ref()) {
+                        st.rx = st.views.subscribe((st.key.clone(), Some(zone)));
+                        st.fresh = true;
+                    }
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -376,7 +488,7 @@ endpoints: [{{addresses: [{addr}]}}]
         // A round has taken `older` when `newer` is published and the watch starts.
         tx.send_replace(newer.clone());
         let key = DestKey::parse("web.shop:80", "shop").unwrap();
-        let mut w = views.subscribe(key);
+        let mut w = views.subscribe((key, None));
         let mut seen = vec![endpoints(&w.borrow_and_update())];
         views.round(older);
         seen.push(endpoints(&w.borrow_and_update()));
@@ -405,5 +517,86 @@ endpoints: [{{addresses: [{addr}]}}]
         req.get_mut().context_namespace = "a".repeat(60_000);
         let refused = svc.watch(req).await.err().unwrap();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
+    /// The index of a topology-aware Service with an endpoint in each of
+    /// two zones, nodes in both, and the pods `pods` (name, address, node).
+    fn zoned(version: u64, pods: &[(&str, &str, &str)]) -> Arc<Snapshot> {
+        let mut yaml = String::from(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, annotations: {service.kubernetes.io/topology-mode: Auto}}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.0.1.1], zone: a, hints: {forZones: [{name: a}]}}
+  - {addresses: [10.0.2.1], zone: b, hints: {forZones: [{name: b}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: a}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
+"#,
+        );
+        for (name, ip, node) in pods {
+            yaml += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{serviceAccountName: web, nodeName: {node}, containers: [{{name: web, image: web}}]}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+            );
+        }
+        let mut s = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(&yaml).unwrap() {
+            o.insert_into(&mut s);
+        }
+        s.version = version;
+        Arc::new(s)
+    }
+
+    /// A proxy gets the endpoints meant for its pod's zone, found from the
+    /// address it watches from; one whose pod the index does not hold yet
+    /// gets them all, then its zone's once the pod is known.
+    #[tokio::test]
+    async fn a_watch_gets_the_endpoints_of_its_pods_zone() {
+        let (tx, rx) = watch::channel(zoned(1, &[("web-0", "10.0.9.1", "node-a")]));
+        let metrics = Metrics::new();
+        let views = Views::new(rx, metrics.clone());
+        tokio::spawn(views.clone().run());
+        let svc = DiscoveryService::new(views, Watches::new(metrics), None);
+        let watch = |from: &str| {
+            let mut req = watch_from(from, 0);
+            req.get_mut().destination = "api.shop:80".into();
+            svc.watch(req)
+        };
+        async fn next(s: &mut UpdateStream) -> Vec<String> {
+            let u = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+                .await
+                .expect("an update")
+                .unwrap()
+                .unwrap();
+            endpoints(&u).1
+        }
+        let mut in_a = watch("10.0.9.1").await.unwrap().into_inner();
+        assert_eq!(next(&mut in_a).await, ["10.0.1.1:8080"]);
+        let mut unknown = watch("10.0.9.2").await.unwrap().into_inner();
+        assert_eq!(next(&mut unknown).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
+        // Its pod is reported, on a node of zone b.
+        tx.send_replace(zoned(
+            2,
+            &[
+                ("web-0", "10.0.9.1", "node-a"),
+                ("web-1", "10.0.9.2", "node-b"),
+            ],
+        ));
+        assert_eq!(next(&mut unknown).await, ["10.0.2.1:8080"]);
+        // From the loopback address (a proxy beside a local controller): all.
+        let mut local = watch("127.0.0.1").await.unwrap().into_inner();
+        assert_eq!(next(&mut local).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
     }
 }

@@ -49,6 +49,10 @@ pub struct ServicePort {
 pub struct ServiceInfo {
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    /// Topology-aware routing asked for (`service.kubernetes.io/topology-mode:
+    /// Auto`, or `spec.trafficDistribution`): its endpoints' zone hints are
+    /// followed, as kube-proxy follows them.
+    pub topology_aware: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +63,10 @@ pub struct EndpointInfo {
     /// Service is ready, as kube-proxy does (KEP-1669).
     pub draining: bool,
     pub zone: Option<String>,
+    /// The zones whose callers this endpoint is for (`hints.forZones`, set
+    /// by the EndpointSlice controller for topology-aware Services); empty:
+    /// no hint.
+    pub for_zones: Vec<String>,
     pub pod: Option<ObjKey>,
 }
 
@@ -88,6 +96,9 @@ pub struct PodInfo {
     /// Ports its proxy does not intercept (`strait.dev/skip-inbound-ports`),
     /// as inclusive ranges.
     pub skip_inbound: Vec<(u16, u16)>,
+    /// The node it runs on (`spec.nodeName`), once scheduled: whose zone its
+    /// proxy's requests prefer when a Service asks for topology-aware routing.
+    pub node: Option<String>,
 }
 
 /// Everything the controller knows at one moment.
@@ -126,6 +137,9 @@ pub struct Snapshot {
     /// kubelet probes aside) until the policy is fixed or deleted. One
     /// tenant's broken policy closes that tenant's namespace, not the mesh.
     pub sealed_namespaces: BTreeSet<String>,
+    /// Each node's zone (its `topology.kubernetes.io/zone` label), for the
+    /// nodes that have one.
+    pub node_zones: HashMap<String, String>,
 }
 
 /// SHA-256 of a service-account token.
@@ -165,7 +179,14 @@ impl Snapshot {
             routes_by_parent: HashMap::new(),
             backend_policies: HashMap::new(),
             sealed_namespaces: BTreeSet::new(),
+            node_zones: HashMap::new(),
         }
+    }
+
+    /// A pod's zone: that of the node it runs on.
+    pub fn zone_of_pod(&self, pod: &PodInfo) -> Option<&str> {
+        let node = pod.node.as_ref()?;
+        self.node_zones.get(node).map(String::as_str)
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -310,7 +331,22 @@ impl SnapshotBuilder {
                 cluster_ips.push(ip);
             }
         }
-        Ok((k, ServiceInfo { cluster_ips, ports }))
+        let topology_mode = svc.metadata.annotations.as_ref().and_then(|a| {
+            a.get(defaults::TOPOLOGY_MODE_ANNOTATION)
+                .or_else(|| a.get(defaults::TOPOLOGY_HINTS_ANNOTATION))
+        });
+        // As kube-proxy reads them: `trafficDistribution` wins; otherwise
+        // the annotation, `Auto` in either case.
+        let topology_aware = spec.traffic_distribution.is_some()
+            || topology_mode.is_some_and(|m| m.eq_ignore_ascii_case("auto"));
+        Ok((
+            k,
+            ServiceInfo {
+                cluster_ips,
+                ports,
+                topology_aware,
+            },
+        ))
     }
 
     /// Validates an EndpointSlice: returns the Service it belongs to and its name.
@@ -396,6 +432,19 @@ impl SnapshotBuilder {
                 e.addresses.len(),
                 defaults::MAX_ENDPOINT_ADDRESSES,
             )?;
+            let hints = e.hints.as_ref().and_then(|h| h.for_zones.as_ref());
+            at_most(
+                KIND,
+                &k,
+                format!("endpoints[{i}].hints.forZones"),
+                hints.map_or(0, Vec::len),
+                defaults::MAX_ZONE_HINTS,
+            )?;
+            let for_zones: Vec<String> = hints
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect();
             for (j, a) in e.addresses.iter().enumerate() {
                 let addr: IpAddr = a.parse().map_err(|_| ObjectError::Field {
                     kind: KIND,
@@ -408,6 +457,7 @@ impl SnapshotBuilder {
                     ready,
                     draining,
                     zone: e.zone.clone(),
+                    for_zones: for_zones.clone(),
                     pod: pod.clone(),
                 });
             }
@@ -532,8 +582,26 @@ impl SnapshotBuilder {
                     .and_then(|a| a.get(crate::inject::SKIP_INBOUND_PORTS))
                     .map(|v| port_ranges(v))
                     .unwrap_or_default(),
+                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             },
         ))
+    }
+
+    /// A Node: its name and its zone, if it has one.
+    pub fn node(
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Result<(String, Option<String>), ObjectError> {
+        let name = meta
+            .name
+            .clone()
+            .ok_or(ObjectError::NoName { kind: "Node" })?;
+        let zone = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(defaults::ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        Ok((name, zone))
     }
 }
 
@@ -724,6 +792,17 @@ impl Snapshot {
             self.by_pod_ip.entry(*ip).or_default().insert(key.clone());
         }
         self.pods.insert(key, info);
+    }
+
+    pub fn set_node_zone(&mut self, node: String, zone: Option<String>) {
+        match zone {
+            Some(z) => {
+                self.node_zones.insert(node, z);
+            }
+            None => {
+                self.node_zones.remove(&node);
+            }
+        }
     }
 
     pub fn remove_pod(&mut self, key: &ObjKey) {

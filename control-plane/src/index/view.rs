@@ -86,10 +86,12 @@ pub fn service_name(svc: &ObjKey, port: u16) -> String {
     )
 }
 
-/// The view of `key` in `snap`: the Service itself and every Service its routes
-/// send to, each with its ready endpoints and policy; its routes; whether it is
-/// opaque. Everything is in a stable order, so that equal views compare equal.
-pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
+/// The view of `key` in `snap`, for a caller in `zone` (when known): the
+/// Service itself and every Service its routes send to, each with its ready
+/// endpoints (those meant for the caller's zone, where a Service asks for
+/// topology-aware routing) and policy; its routes; whether it is opaque.
+/// Everything is in a stable order, so that equal views compare equal.
+pub fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::DestinationUpdate {
     let (svc, port) = match key {
         DestKey::Service { svc, port } => (svc.clone(), *port),
         DestKey::ClusterIp(sa) => match snap.by_cluster_ip.get(&sa.ip()) {
@@ -105,7 +107,7 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
     let policy = snap.backend_policy(&svc);
     let mut backends = vec![api::Backend {
         name: name.clone(),
-        endpoints: endpoints(snap, &svc, port),
+        endpoints: endpoints(snap, &svc, port, zone),
         policy: policy.map(BackendPolicySpec::to_api),
     }];
     let routes = attached_routes(snap, &svc, sp);
@@ -125,7 +127,7 @@ pub fn view(snap: &Snapshot, key: &DestKey) -> api::DestinationUpdate {
         {
             backends.push(api::Backend {
                 name,
-                endpoints: endpoints(snap, target, target_port),
+                endpoints: endpoints(snap, target, target_port, zone),
                 policy: snap.backend_policy(target).map(BackendPolicySpec::to_api),
             });
         }
@@ -212,10 +214,17 @@ fn service_port<'a>(snap: &'a Snapshot, svc: &ObjKey, port: u16) -> Option<&'a S
 /// still serving (a single replica rolling over, a `Recreate` Deployment, a
 /// scale-down draining), as kube-proxy falls back to them: unmeshed callers
 /// are still served then, so meshed ones must be too.
-fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
+///
+/// Of a topology-aware Service, only the ready endpoints hinted for the
+/// caller's `zone`, under kube-proxy's conditions: every ready endpoint has a
+/// hint, and at least one is for that zone. Otherwise (a caller of unknown
+/// zone, hints missing or being rolled out, none for the zone) all of them,
+/// so that a wrong or partial hint never leaves a caller with nothing.
+fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16, zone: Option<&str>) -> Vec<api::Endpoint> {
     let Some(sp) = service_port(snap, svc, port) else {
         return Vec::new();
     };
+    let topology = snap.services.get(svc).is_some_and(|s| s.topology_aware);
     let port_name = sp.name.clone().unwrap_or_default();
     let slices = || {
         snap.slices
@@ -249,9 +258,26 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16) -> Vec<api::Endpoint> {
         }
     };
     let any_ready = slices().any(|(s, _)| s.endpoints.iter().any(|e| e.ready && live(e).is_some()));
+    let ready = || {
+        slices()
+            .flat_map(|(s, _)| &s.endpoints)
+            .filter(|e| e.ready && live(e).is_some())
+    };
+    let zone = zone.filter(|z| {
+        topology
+            && any_ready
+            && ready().all(|e| !e.for_zones.is_empty())
+            && ready().any(|e| e.for_zones.iter().any(|h| h == z))
+    });
     let mut endpoints = Vec::new();
     for (slice, target) in slices() {
-        let usable = |e: &&crate::index::EndpointInfo| if any_ready { e.ready } else { e.draining };
+        let usable = |e: &&crate::index::EndpointInfo| {
+            if any_ready {
+                e.ready && zone.is_none_or(|z| e.for_zones.iter().any(|h| h == z))
+            } else {
+                e.draining
+            }
+        };
         for e in slice.endpoints.iter().filter(usable) {
             let Some(pod) = live(e) else {
                 continue;
@@ -477,7 +503,7 @@ spec:
     }
 
     fn service(s: &Snapshot, key: &DestKey) -> api::Service {
-        match view(s, key).kind {
+        match view(s, key, None).kind {
             Some(api::destination_update::Kind::Service(s)) => s,
             other => panic!("not a Service: {other:?}"),
         }
@@ -676,7 +702,10 @@ endpoints: {endpoints}
     fn a_cluster_ip_view_equals_the_service_name_view() {
         let snap = snapshot(MESH);
         let by_ip = DestKey::ClusterIp("10.96.0.20:80".parse().unwrap());
-        assert_eq!(view(&snap, &by_ip), view(&snap, &svc("shop", "web", 80)));
+        assert_eq!(
+            view(&snap, &by_ip, None),
+            view(&snap, &svc("shop", "web", 80), None)
+        );
         assert_eq!(service(&snap, &by_ip).routes.len(), 3);
     }
 
@@ -746,15 +775,15 @@ spec:
     #[test]
     fn route_and_policy_changes_change_the_view_and_others_do_not() {
         let key = svc("shop", "web", 80);
-        let before = view(&snapshot(MESH), &key);
+        let before = view(&snapshot(MESH), &key, None);
         let elsewhere = format!(
             "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: shop}}\nspec: {{ports: [{{port: 80}}]}}\n"
         );
-        assert_eq!(view(&snapshot(&elsewhere), &key), before);
+        assert_eq!(view(&snapshot(&elsewhere), &key, None), before);
         let reweighted = MESH.replace("weight: 10}", "weight: 20}");
-        assert_ne!(view(&snapshot(&reweighted), &key), before);
+        assert_ne!(view(&snapshot(&reweighted), &key, None), before);
         let with_policy = format!("{MESH}---{POLICIES}");
-        assert_ne!(view(&snapshot(&with_policy), &key), before);
+        assert_ne!(view(&snapshot(&with_policy), &key, None), before);
     }
 
     /// A Service port that targets the proxy's own ports, or a port the pod's
@@ -802,7 +831,7 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
         let s = snapshot(
             "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {type: ExternalName, externalName: db.example.com, ports: [{port: 5432}]}\n",
         );
-        assert_eq!(view(&s, &svc("shop", "db", 5432)), not_meshed());
+        assert_eq!(view(&s, &svc("shop", "db", 5432), None), not_meshed());
     }
 
     /// A slice that names a pod no longer at its address (gone, and the
@@ -918,24 +947,94 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
             "spiffe://cluster.local/ns/shop/sa/db"
         );
         for ip in ["10.1.0.6", "10.1.0.7", "10.1.0.8"] {
-            assert_eq!(view(&s, &at(ip)), not_meshed(), "{ip}");
+            assert_eq!(view(&s, &at(ip), None), not_meshed(), "{ip}");
         }
         // The proxy's own ports and those it skips are not the app's through it.
         for port in [22, 4140, 4143, 4191, 9000, 9010] {
             let key = DestKey::ClusterIp(format!("10.1.0.5:{port}").parse().unwrap());
-            assert_eq!(view(&s, &key), not_meshed(), "{port}");
+            assert_eq!(view(&s, &key, None), not_meshed(), "{port}");
         }
         // An address two pods claim (one ended, its successor started) is
         // nobody's until one lets go of it.
         for o in crate::manifests::parse_file(&pod("db-1", "10.1.0.5", true, "Pending")).unwrap() {
             o.insert_into(&mut s);
         }
-        assert_eq!(view(&s, &at("10.1.0.5")), not_meshed());
+        assert_eq!(view(&s, &at("10.1.0.5"), None), not_meshed());
         s.remove_pod(&ObjKey {
             namespace: "shop".into(),
             name: "db-0".into(),
         });
         let db1 = service(&s, &at("10.1.0.5"));
         assert_eq!(db1.backends[0].endpoints[0].proxy_port, 4143, "db-1's now");
+    }
+    /// A Service with topology-aware routing: a caller gets the endpoints
+    /// hinted for its zone, under kube-proxy's conditions, and every
+    /// endpoint whenever those do not hold.
+    #[test]
+    fn a_topology_aware_service_sends_callers_to_their_zone() {
+        let mesh = |mode: &str, hints: [&str; 3]| {
+            let endpoint = |ip: &str, zone: &str, hint: &str| {
+                let hints = match hint {
+                    "" => String::new(),
+                    h => format!(", hints: {{forZones: [{{name: {h}}}]}}"),
+                };
+                format!("{{addresses: [{ip}], zone: {zone}{hints}}}")
+            };
+            format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: shop, annotations: {{service.kubernetes.io/topology-mode: {mode}}}}}
+spec: {{clusterIP: 10.96.0.30, ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: api-1, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: [{}, {}, {}]
+"#,
+                endpoint("10.0.1.1", "a", hints[0]),
+                endpoint("10.0.1.2", "a", hints[1]),
+                endpoint("10.0.2.1", "b", hints[2]),
+            )
+        };
+        let key = svc("shop", "api", 80);
+        let seen = |yaml: &str, zone: Option<&str>| -> Vec<String> {
+            match view(&snapshot(yaml), &key, zone).kind {
+                Some(api::destination_update::Kind::Service(s)) => addrs(&s.backends[0])
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+                other => panic!("not a Service: {other:?}"),
+            }
+        };
+        let all = ["10.0.1.1:8080", "10.0.1.2:8080", "10.0.2.1:8080"];
+        let hinted = mesh("Auto", ["a", "a", "b"]);
+        assert_eq!(seen(&hinted, Some("a")), all[..2]);
+        assert_eq!(seen(&hinted, Some("b")), all[2..]);
+        // A caller of unknown zone, or of a zone no endpoint is for.
+        assert_eq!(seen(&hinted, None), all);
+        assert_eq!(seen(&hinted, Some("c")), all);
+        // One ready endpoint without a hint (hints being rolled out).
+        assert_eq!(seen(&mesh("Auto", ["a", "", "b"]), Some("a")), all);
+        // Hints the Service no longer asks for (left by an earlier mode).
+        assert_eq!(seen(&mesh("Disabled", ["a", "a", "b"]), Some("a")), all);
+        // `trafficDistribution` asks as the annotation does; and so does the
+        // annotation's name before Kubernetes 1.27.
+        let distributed = hinted.replace(
+            "spec: {clusterIP: 10.96.0.30,",
+            "spec: {trafficDistribution: PreferClose, clusterIP: 10.96.0.30,",
+        );
+        let distributed = distributed.replace("topology-mode: Auto", "topology-mode: Disabled");
+        assert_eq!(seen(&distributed, Some("b")), all[2..]);
+        let older = hinted.replace("topology-mode", "topology-aware-hints");
+        assert_eq!(seen(&older, Some("b")), all[2..]);
+        // A zone whose endpoints are not ready: the caller is not left with none.
+        let b_down = hinted.replace(
+            "{addresses: [10.0.2.1], zone: b",
+            "{addresses: [10.0.2.1], conditions: {ready: false}, zone: b",
+        );
+        assert_eq!(seen(&b_down, Some("b")), all[..2]);
     }
 }

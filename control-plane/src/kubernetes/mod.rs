@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
@@ -43,6 +43,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    /// Only their zones, for topology-aware routing: their metadata is watched.
+    Node,
     HttpRoute,
     GrpcRoute,
     AuthorizationPolicy,
@@ -50,10 +52,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
+        Kind::Node,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
@@ -70,6 +73,13 @@ impl Kind {
     /// Gateway API's route kinds, whose status is per parent.
     pub fn is_route(self) -> bool {
         matches!(self, Kind::HttpRoute | Kind::GrpcRoute)
+    }
+
+    /// Kinds the ClusterRole of an earlier release did not let the
+    /// controller read: refused, they are as good as absent, rather than
+    /// holding the whole index back during an upgrade.
+    fn added_later(self) -> bool {
+        self.is_route() || self == Kind::Node
     }
 
     /// The custom kinds, as the API serves them.
@@ -432,6 +442,18 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             })
             .await
         }
+        Kind::Node => {
+            // Metadata only: a Node's status (its images, conditions) is
+            // most of it, and none of it is used.
+            let api: Api<PartialObjectMeta<Node>> = Api::all(client);
+            run_watcher(api, config, kind, out, |n| {
+                let o = SnapshotBuilder::node(&n.metadata)
+                    .map(|(name, zone)| Some(Object::Node(name, zone)))
+                    .map_err(|e| e.to_string());
+                (o, None)
+            })
+            .await
+        }
         _ => {
             let Some(ar) = kind.resource() else { return };
             let api: Api<DynamicObject> = Api::all_with(client, &ar);
@@ -519,8 +541,8 @@ async fn run_watcher<K, F>(
                 kind,
                 name: name_of(&o),
             },
-            // A route kind the controller may not read (RBAC of a release
-            // before it read GRPCRoutes) is as good as absent: holding the
+            // A route kind, or Nodes, the controller may not read (RBAC of a
+            // release before it read GRPCRoutes or Nodes) is as good as absent: holding the
             // whole index back for it would stop every update. Not so for
             // strait's policies, whose absence would open workloads. Only a
             // list says so: a watch resumed after one may meet a passing 404
@@ -528,10 +550,9 @@ async fn run_watcher<K, F>(
             // that for absence would forget refused policies that no event
             // brings back, opening their sealed namespaces.
             Err(e)
-                if kind.optional()
-                    && matches!(e, watcher::Error::InitialListFailed(_))
-                    && (api_code(&e) == Some(404)
-                        || kind.is_route() && api_code(&e) == Some(403)) =>
+                if matches!(e, watcher::Error::InitialListFailed(_))
+                    && (kind.optional() && api_code(&e) == Some(404)
+                        || kind.added_later() && api_code(&e) == Some(403)) =>
             {
                 if !absent {
                     absent = true;

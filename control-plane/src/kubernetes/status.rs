@@ -688,6 +688,7 @@ mod tests {
                     port: 80,
                     app_protocol: None,
                 }],
+                topology_aware: false,
             },
         );
         let s = StatusInput::of(Kind::HttpRoute, &route, None);

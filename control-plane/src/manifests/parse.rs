@@ -1,7 +1,7 @@
 //! Parsing manifest files: multi-document YAML, `List` kinds, typed and validated
 //! objects; errors name the document, object and field.
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::HashMap;
 
@@ -19,6 +19,8 @@ pub enum Object {
     Service(ObjKey, ServiceInfo),
     EndpointSlice(ObjKey, String, SliceInfo),
     Pod(ObjKey, PodInfo),
+    /// A Node's name and zone.
+    Node(String, Option<String>),
     /// A service-account token for the identity service (as a digest), and the
     /// service account it proves.
     Token(TokenDigest, ObjKey),
@@ -42,6 +44,7 @@ pub enum ObjId {
     Service(ObjKey),
     EndpointSlice(ObjKey, String),
     Pod(ObjKey),
+    Node(String),
     Token(TokenDigest),
     Authorization(ObjKey),
     Route(RouteId),
@@ -60,6 +63,7 @@ impl std::fmt::Display for ObjId {
                 )
             }
             ObjId::Pod(k) => write!(f, "Pod {k}"),
+            ObjId::Node(n) => write!(f, "Node {n}"),
             ObjId::Token(_) => f.write_str("a service-account token Secret"),
             ObjId::Authorization(k) => write!(f, "AuthorizationPolicy {k}"),
             ObjId::Route(r) => r.fmt(f),
@@ -78,6 +82,7 @@ impl ObjId {
             ObjId::Service(k) => snap.remove_service(k),
             ObjId::EndpointSlice(svc, name) => snap.remove_slice(svc, name),
             ObjId::Pod(k) => snap.remove_pod(k),
+            ObjId::Node(n) => snap.set_node_zone(n.clone(), None),
             ObjId::Token(d) => snap.remove_token(d),
             ObjId::Authorization(k) => snap.remove_authorization(k),
             ObjId::Route(r) => snap.remove_route(r),
@@ -93,6 +98,7 @@ impl Object {
             Object::Service(k, _) => ObjId::Service(k.clone()),
             Object::EndpointSlice(svc, name, _) => ObjId::EndpointSlice(svc.clone(), name.clone()),
             Object::Pod(k, _) => ObjId::Pod(k.clone()),
+            Object::Node(n, _) => ObjId::Node(n.clone()),
             Object::Token(d, _) => ObjId::Token(*d),
             Object::Authorization(k, _) => ObjId::Authorization(k.clone()),
             Object::Route(r, _) => ObjId::Route(r.clone()),
@@ -110,6 +116,7 @@ impl Object {
                 snap.slices.get(svc).and_then(|m| m.get(name)) == Some(s)
             }
             Object::Pod(k, p) => snap.pods.get(k) == Some(p),
+            Object::Node(n, z) => snap.node_zones.get(n) == z.as_ref(),
             Object::Token(d, sa) => snap.tokens.get(d) == Some(sa),
             Object::Authorization(k, a) => snap.authorizations.get(k) == Some(a),
             Object::Route(id, r) => snap.routes.get(id) == Some(r),
@@ -126,6 +133,7 @@ impl Object {
             Object::Service(k, s) => snap.add_service(k, s),
             Object::EndpointSlice(svc, name, s) => snap.add_slice(svc, name, s),
             Object::Pod(k, p) => snap.add_pod(k, p),
+            Object::Node(n, z) => snap.set_node_zone(n, z),
             Object::Token(d, sa) => snap.add_token(d, sa),
             Object::Authorization(k, a) => snap.add_authorization(k, a),
             Object::Route(id, r) => snap.add_route(id, r),
@@ -141,6 +149,7 @@ impl Object {
                 snap.add_slice(svc.clone(), name.clone(), s.clone())
             }
             Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
+            Object::Node(n, z) => snap.set_node_zone(n.clone(), z.clone()),
             Object::Token(d, sa) => snap.add_token(*d, sa.clone()),
             Object::Authorization(k, a) => snap.add_authorization(k.clone(), a.clone()),
             Object::Route(id, r) => snap.add_route(id.clone(), r.clone()),
@@ -212,7 +221,14 @@ fn known(api_version: &str, kind: &str) -> bool {
         (api_version, kind),
         (
             "v1",
-            "Service" | "Pod" | "Secret" | "List" | "ServiceAccount" | "Namespace" | "ConfigMap"
+            "Service"
+                | "Pod"
+                | "Node"
+                | "Secret"
+                | "List"
+                | "ServiceAccount"
+                | "Namespace"
+                | "ConfigMap"
         ) | ("discovery.k8s.io/v1", "EndpointSlice")
             | ("apps/v1", _)
             | (
@@ -323,6 +339,11 @@ fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(),
             let p: Pod = typed(doc, &what, v, false)?;
             let (k, info) = SnapshotBuilder::pod(&p).map_err(invalid)?;
             out.push(Object::Pod(k, info));
+        }
+        ("v1", "Node") => {
+            let n: Node = typed(doc, &what, v, false)?;
+            let (name, zone) = SnapshotBuilder::node(&n.metadata).map_err(invalid)?;
+            out.push(Object::Node(name, zone));
         }
         ("v1", "Secret") => {
             let s: Secret = typed(doc, &what, v, true)?;

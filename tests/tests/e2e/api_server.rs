@@ -94,9 +94,11 @@ async fn the_controller_follows_the_api_server_through_dropped_watches_and_relis
     let dir = ManifestDir::new();
     api.apply(&service(NS, "web", 80));
     // strait's CRDs are not installed in this cluster, and the controller's
-    // role is an earlier release's, without GRPCRoutes: that holds nothing up.
+    // role is an earlier release's, without GRPCRoutes or Nodes: that holds
+    // nothing up.
     api.remove_kind("backendpolicies");
     api.forbid_kind("grpcroutes");
+    api.forbid_kind("nodes");
     let cp = controller(&api, &dir, None).await;
     assert!(
         api.lists("services") >= 1 && api.lists("pods") >= 1 && api.lists("endpointslices") >= 1
@@ -887,6 +889,8 @@ async fn httproute_changes_through_the_api_move_traffic() {
     }
     api.apply(&split(100, 0));
     let cp = controller(&api, &dir, None).await;
+    // Nodes are read too, for their zones (topology-aware routing).
+    assert!(api.lists("nodes") >= 1, "nodes not listed");
     let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
     until_serving(&client, &v1, "the route sends web's traffic to web-v1").await;
     assert_eq!(share(&client, &v1, 20).await, 20);
