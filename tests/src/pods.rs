@@ -44,6 +44,8 @@ pub struct MeshedPod {
     pub pod: Pod,
     pub service_account: String,
     pub proxy: Option<Proc>,
+    /// Its `app` label: the name it was made with.
+    app: String,
 }
 
 impl PodMesh {
@@ -180,23 +182,45 @@ impl PodMesh {
         let token_file = self.files.join(format!("{service_account}.token"));
         std::fs::write(&token_file, &token).expect("write token");
         readable(&token_file, 0o644);
-        self.dir.write(
-            &format!("pod-{}.yaml", pod.name),
-            &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {NS}\n  labels: {{app: {name}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {service_account}\n  containers: [{{name: app, image: app}}]\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n",
-                pod.name,
-                ip = pod.ip,
-            ),
-        );
         let mut p = MeshedPod {
             pod,
             service_account: service_account.to_string(),
             proxy: None,
+            app: name.to_string(),
         };
+        self.write_pod(&p, None);
         let args = self.proxy_args(&p, &token_file, extra);
         p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
         wait::ready(p.admin(), Duration::from_secs(20)).await;
         p
+    }
+
+    /// The pod's manifest, as the API server would have it, on `node`.
+    fn write_pod(&self, p: &MeshedPod, node: Option<&str>) {
+        let node = node
+            .map(|n| format!("  nodeName: {n}\n"))
+            .unwrap_or_default();
+        self.dir.write(
+            &format!("pod-{}.yaml", p.pod.name),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{app: {app}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {sa}\n{node}  containers: [{{name: app, image: app}}]\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n",
+                name = p.pod.name,
+                app = p.app,
+                sa = p.service_account,
+                ip = p.pod.ip,
+            ),
+        );
+    }
+
+    /// Schedules `p` on the node `node` of zone `zone` (the Node written too).
+    pub fn place(&self, p: &MeshedPod, node: &str, zone: &str) {
+        self.dir.write(
+            &format!("node-{node}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\n"
+            ),
+        );
+        self.write_pod(p, Some(node));
     }
 
     fn proxy_args(&self, p: &MeshedPod, token: &std::path::Path, extra: &[&str]) -> Vec<String> {

@@ -236,18 +236,13 @@ impl Discovery for DiscoveryService {
             return Ok(Response::new(Box::pin(stream)));
         }
         let snap = self.views.snapshot.borrow().clone();
-        let unknown = |a: &std::net::IpAddr| {
-            !a.is_loopback() && caller_pod(&snap, Some(*a), caller.as_ref()).is_none()
-        };
-        let stream = match source.filter(unknown) {
-            // A pod the index does not hold yet (its address not reported
-            // when its proxy first asks): its zone is looked up again at
-            // each index change until it is, for a while.
+        let zone = caller_zone(&snap, source, caller.as_ref());
+        let stream = match source.filter(|a| zone.is_none() && !a.is_loopback()) {
+            // A caller whose zone is not known yet (its pod's address not
+            // reported when its proxy first asks, its node not read yet):
+            // looked up again at each index change, for a while.
             Some(addr) => follow(self.views.clone(), key, addr, caller).boxed(),
-            None => {
-                let zone = caller_zone(&snap, source, caller.as_ref());
-                WatchStream::new(self.views.subscribe((key, zone))).boxed()
-            }
+            None => WatchStream::new(self.views.subscribe((key, zone))).boxed(),
         };
         let stream = stream
             .map(move |u| {
@@ -283,10 +278,11 @@ fn caller_zone(
         .map(str::to_string)
 }
 
-/// The views of `key` for a watch from `source`, whose pod is not in the
-/// index yet: the zone-less view until the pod is, then its zone's. Looked
-/// for during `ZONE_LOOKUP` only: what is still unknown then (an address
-/// that is no pod's, a pod on its node's network) stays zone-less.
+/// The views of `key` for a watch from `source`, whose zone is not known
+/// yet: the zone-less view until it is, then its zone's. Looked up during
+/// `ZONE_LOOKUP` only: what is still unknown then (an address that is no
+/// pod's, a pod on its node's network, a node without a zone) stays
+/// zone-less.
 fn follow(
     views: Arc<Views>,
     key: DestKey,
@@ -299,7 +295,7 @@ fn follow(
         source: std::net::IpAddr,
         caller: Option<Caller>,
         rx: watch::Receiver<Update>,
-        /// Until the pod is found, or the deadline passes.
+        /// Until the zone is found, or the deadline passes.
         snaps: Option<watch::Receiver<Arc<Snapshot>>>,
         deadline: tokio::time::Instant,
         /// A view to send now: the zone's, just subscribed to.
@@ -341,11 +337,8 @@ fn follow(
                         continue;
                     }
                     let snap = snaps.borrow_and_update().clone();
-                    if caller_pod(&snap, Some(st.source), st.caller.as_ref()).is_none() {
-                        continue;
-                    }
-                    st.snaps = None;
                     if let Some(zone) = caller_zone(&snap, Some(st.source), st.caller.as_ref()) {
+                        st.snaps = None;
                         st.rx = st.views.subscribe((st.key.clone(), Some(zone)));
                         st.fresh = true;
                     }

@@ -14,3 +14,4 @@ mod kubernetes;
 mod observability;
 mod pods;
 mod traffic;
+mod zones;
