@@ -174,6 +174,11 @@ pub const TARGET_PORT_HEADER: http::HeaderName =
 pub const PROXY_ERROR_HEADER: http::HeaderName =
     http::HeaderName::from_static("strait-proxy-error");
 
+/// How long the series of a caller (`inbound_peer_*`) stay after its last
+/// connection closes: long enough for any scrape interval to see their last
+/// counts, short enough that callers gone for good leave `/metrics`.
+pub const METRICS_RETAIN_IDLE: Duration = Duration::from_secs(10 * 60);
+
 /// Prefix of every metric the proxy exports.
 pub const METRICS_PREFIX: &str = "strait_proxy";
 

@@ -35,7 +35,7 @@ struct Counters {
     responses: Arc<[OnceLock<Counter>; 5]>,
     grpc: ByGrpcStatus,
     /// Inbound: the caller's counters, for this connection.
-    peer: Option<PeerMetrics>,
+    peer: Option<Arc<PeerMetrics>>,
 }
 
 impl RequestMetricsLayer {

@@ -4,13 +4,12 @@
 //! (removed from anything a client sent, so it cannot be forged).
 
 use std::convert::Infallible;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http::{HeaderValue, Request, Response, StatusCode};
-use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
 
 use super::policy::PolicyRx;
@@ -21,7 +20,7 @@ use crate::http::request_body::BodyFault;
 use crate::http::{BoxBody, Dst};
 use crate::identity::Identity;
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::AuthzLabels;
+use crate::telemetry::metrics::PeerMetrics;
 
 /// One connection's authorization: its peer is fixed, so the header the app
 /// is given and the decision counters are made once, not per request.
@@ -34,8 +33,8 @@ pub struct AuthorizeLayer {
     /// What a response stream needs to be revoked: one per connection, so
     /// that a request pays one reference count for it.
     grant: Arc<Grant>,
-    /// This peer's allow and deny counters, looked up on first use.
-    counted: Arc<[OnceLock<Counter>; 2]>,
+    /// This peer's counters, decisions among them.
+    counted: Arc<PeerMetrics>,
 }
 
 impl AuthorizeLayer {
@@ -49,17 +48,15 @@ impl AuthorizeLayer {
                 peer: peer.clone(),
                 metrics: metrics.clone(),
             }),
+            counted: metrics.inbound_peer(peer.as_ref()),
             peer,
             policy,
             metrics,
-            counted: Arc::default(),
         }
     }
 
     fn count(&self, allowed: bool) {
-        self.counted[usize::from(allowed)]
-            .get_or_init(|| counter(&self.metrics, self.peer.as_ref(), "http", allowed))
-            .inc();
+        self.counted.authorized("http", allowed);
     }
 }
 
@@ -79,25 +76,9 @@ pub struct Authorize<S> {
     layer: AuthorizeLayer,
 }
 
-/// Counts a decision; a label per identity (bounded by the service accounts that call).
+/// Counts a decision, in the caller's series (`Metrics::inbound_peer`).
 pub fn count(metrics: &Metrics, peer: Option<&Identity>, protocol: &'static str, allowed: bool) {
-    counter(metrics, peer, protocol, allowed).inc();
-}
-
-fn counter(
-    metrics: &Metrics,
-    peer: Option<&Identity>,
-    protocol: &'static str,
-    allowed: bool,
-) -> Counter {
-    metrics
-        .inbound_authz
-        .get_or_create(&AuthzLabels {
-            peer: peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string()),
-            protocol,
-            decision: if allowed { "allow" } else { "deny" },
-        })
-        .clone()
+    metrics.inbound_peer(peer).authorized(protocol, allowed);
 }
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>

@@ -10,7 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::defaults::METRICS_PREFIX;
+use super::retain::Retained;
+use crate::defaults::{METRICS_PREFIX, METRICS_RETAIN_IDLE};
 use crate::http::grpc;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -152,13 +153,51 @@ pub struct RouteGrpcLabels {
     pub grpc_status: grpc::Label,
 }
 
+/// The `peer` label of a caller.
+fn peer_label(peer: Option<&crate::identity::Identity>) -> String {
+    peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string())
+}
+
 /// The inbound counters of one calling identity, resolved once per connection.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct PeerMetrics {
     pub requests: Counter,
     pub responses: ByStatus,
     pub latency: Histogram,
     pub grpc: ByGrpcStatus,
+    /// Authorization decisions (`AUTHZ_PROTOCOLS` by deny, allow), each
+    /// series made when it first counts.
+    authz: [OnceLock<Counter>; 4],
+    authz_family: Family<AuthzLabels, Counter>,
+    label: String,
+}
+
+/// The `protocol` label of an authorization decision.
+pub const AUTHZ_PROTOCOLS: [&str; 2] = ["http", "tcp"];
+
+impl PeerMetrics {
+    /// Counts an authorization decision of this caller; `protocol` is one of
+    /// `AUTHZ_PROTOCOLS`.
+    pub fn authorized(&self, protocol: &'static str, allowed: bool) {
+        let tcp = usize::from(protocol == AUTHZ_PROTOCOLS[1]);
+        self.authz[tcp * 2 + usize::from(allowed)]
+            .get_or_init(|| {
+                self.authz_family.get_or_create_owned(&authz_labels(
+                    self.label.clone(),
+                    protocol,
+                    allowed,
+                ))
+            })
+            .inc();
+    }
+}
+
+fn authz_labels(peer: String, protocol: &'static str, allowed: bool) -> AuthzLabels {
+    AuthzLabels {
+        peer,
+        protocol,
+        decision: if allowed { "allow" } else { "deny" },
+    }
 }
 
 /// gRPC calls by status, each series made when it first counts: most
@@ -285,6 +324,9 @@ pub struct Metrics {
     pub inbound_peer_latency: Family<PeerLabels, Histogram, fn() -> Histogram>,
     pub backend_ejections: Family<BackendLabels, Counter>,
     pub backend_ejected: Family<BackendLabels, Gauge>,
+    /// The `inbound_peer_*` series of each caller, while in use and for
+    /// `METRICS_RETAIN_IDLE` after.
+    peers: Retained<Option<crate::identity::Identity>, PeerMetrics>,
 }
 
 impl Metrics {
@@ -326,6 +368,7 @@ impl Metrics {
             inbound_peer_latency: Family::new_with_constructor(latency_histogram),
             backend_ejections: Family::default(),
             backend_ejected: Family::default(),
+            peers: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
             registry: Registry::default(),
         };
         registry.register(
@@ -503,7 +546,42 @@ impl Metrics {
             "Endpoints of a backend ejected now",
             m.backend_ejected.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
+        let peers = {
+            let (requests, responses, latency, grpc, authz) = (
+                m.inbound_peer_requests.clone(),
+                m.inbound_peer_responses.clone(),
+                m.inbound_peer_latency.clone(),
+                m.inbound_peer_grpc_responses.clone(),
+                m.inbound_authz.clone(),
+            );
+            Retained::new(
+                METRICS_RETAIN_IDLE,
+                move |peer: &Option<crate::identity::Identity>| {
+                    let peer = peer_label(peer.as_ref());
+                    let labels = PeerLabels { peer: peer.clone() };
+                    requests.remove(&labels);
+                    latency.remove(&labels);
+                    for status_class in STATUS_CLASSES {
+                        let peer = peer.clone();
+                        responses.remove(&PeerStatusLabels { peer, status_class });
+                    }
+                    for grpc_status in grpc::LABELS {
+                        let peer = peer.clone();
+                        grpc.remove(&PeerGrpcLabels { peer, grpc_status });
+                    }
+                    for protocol in AUTHZ_PROTOCOLS {
+                        for allowed in [false, true] {
+                            authz.remove(&authz_labels(peer.clone(), protocol, allowed));
+                        }
+                    }
+                },
+            )
+        };
+        Arc::new(Metrics {
+            registry,
+            peers,
+            ..m
+        })
     }
 
     /// The Prometheus text exposition of every metric.
@@ -511,7 +589,15 @@ impl Metrics {
         let mut out = String::with_capacity(8 * 1024);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // After encoding: what a series counted before it goes is scraped.
+        self.forget_idle(std::time::Instant::now());
         out
+    }
+
+    /// Removes the series of callers nobody has held since a sweep at least
+    /// `METRICS_RETAIN_IDLE` before `now`.
+    pub fn forget_idle(&self, now: std::time::Instant) {
+        self.peers.sweep(now);
     }
 
     /// The proxy's current certificate, for `identity`, expires at `unix`
@@ -618,28 +704,34 @@ impl Metrics {
             })
     }
 
-    /// The inbound counters of one caller; identities come from certificates of
-    /// this mesh, so their number is bounded by its service accounts.
-    pub fn inbound_peer(&self, peer: Option<&crate::identity::Identity>) -> PeerMetrics {
-        let peer = peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string());
-        let labels = PeerLabels { peer: peer.clone() };
-        PeerMetrics {
-            requests: self.inbound_peer_requests.get_or_create_owned(&labels),
-            responses: STATUS_CLASSES.map(|status_class| {
-                self.inbound_peer_responses
-                    .get_or_create_owned(&PeerStatusLabels {
+    /// The inbound counters of one caller, shared by its connections; kept
+    /// for `METRICS_RETAIN_IDLE` after the last one closes.
+    pub fn inbound_peer(&self, peer: Option<&crate::identity::Identity>) -> Arc<PeerMetrics> {
+        self.peers.get(peer.cloned(), |peer| {
+            let peer = peer_label(peer.as_ref());
+            let labels = PeerLabels { peer: peer.clone() };
+            PeerMetrics {
+                requests: self.inbound_peer_requests.get_or_create_owned(&labels),
+                responses: STATUS_CLASSES.map(|status_class| {
+                    self.inbound_peer_responses
+                        .get_or_create_owned(&PeerStatusLabels {
+                            peer: peer.clone(),
+                            status_class,
+                        })
+                }),
+                latency: self.inbound_peer_latency.get_or_create_owned(&labels),
+                grpc: ByGrpcStatus::of(&self.inbound_peer_grpc_responses, {
+                    let peer = peer.clone();
+                    move |grpc_status| PeerGrpcLabels {
                         peer: peer.clone(),
-                        status_class,
-                    })
-            }),
-            latency: self.inbound_peer_latency.get_or_create_owned(&labels),
-            grpc: ByGrpcStatus::of(&self.inbound_peer_grpc_responses, move |grpc_status| {
-                PeerGrpcLabels {
-                    peer: peer.clone(),
-                    grpc_status,
-                }
-            }),
-        }
+                        grpc_status,
+                    }
+                }),
+                authz: Default::default(),
+                authz_family: self.inbound_authz.clone(),
+                label: peer,
+            }
+        })
     }
 
     /// The breaker counters of `backend`.
@@ -683,6 +775,70 @@ mod tests {
         let want =
             format!("{name}{{identity=\"spiffe://cluster.local/ns/shop/sa/web\"}} 1900000000\n");
         assert!(text.contains(&want), "{text}");
+    }
+
+    /// Callers that stopped calling leave `/metrics` once their series have
+    /// been idle for `METRICS_RETAIN_IDLE`; callers still connected stay.
+    #[test]
+    fn a_caller_gone_for_the_retention_leaves_metrics() {
+        use std::time::Instant;
+        let m = Metrics::new();
+        let gone: crate::identity::Identity = "spiffe://cluster.local/ns/ci-4711/sa/tests"
+            .parse()
+            .unwrap();
+        let stays: crate::identity::Identity =
+            "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let series = |text: &str, who: &str| {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.contains(who))
+                .count()
+        };
+        let held = m.inbound_peer(Some(&stays));
+        held.requests.inc();
+        {
+            let conn = m.inbound_peer(Some(&gone));
+            conn.requests.inc();
+            conn.responses[1].inc();
+            conn.latency.observe(0.001);
+            grpc::OnStatus::status(conn.grpc.clone(), 0);
+            conn.authorized("http", true);
+            // An opaque stream's decision, counted without a connection held.
+            m.inbound_peer(Some(&gone)).authorized("tcp", false);
+            // A second connection of the same caller counts in the same series.
+            m.inbound_peer(Some(&gone)).requests.inc();
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/ci-4711/sa/tests\"} 2"),
+            "{text}"
+        );
+        assert!(series(&text, "ci-4711") > 3, "{text}");
+        for decision in [
+            r#"protocol="http",decision="allow"} 1"#,
+            r#"protocol="tcp",decision="deny"} 1"#,
+        ] {
+            assert!(text.contains(decision), "{decision}: {text}");
+        }
+
+        let t0 = Instant::now();
+        m.forget_idle(t0 + METRICS_RETAIN_IDLE - std::time::Duration::from_secs(1));
+        assert!(series(&m.encode(), "ci-4711") > 3, "kept for the retention");
+        m.forget_idle(t0 + METRICS_RETAIN_IDLE * 2);
+        let text = m.encode();
+        assert_eq!(series(&text, "ci-4711"), 0, "{text}");
+        assert!(
+            text.contains("strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/shop/sa/web\"} 1"),
+            "a caller still connected keeps its series: {text}"
+        );
+
+        // Back again: counted from zero in new series.
+        m.inbound_peer(Some(&gone)).requests.inc();
+        let text = m.encode();
+        assert!(
+            text.contains("strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/ci-4711/sa/tests\"} 1"),
+            "{text}"
+        );
+        drop(held);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod access_log;
 pub mod log;
 pub mod metrics;
+pub mod retain;
 pub mod short_str;
 pub mod trace;
 

@@ -1,0 +1,197 @@
+//! Metric series keyed by something the network brings (a calling identity),
+//! handed out while in use and removed from their families once nobody has
+//! held them for `METRICS_RETAIN_IDLE`. Without this, every identity that ever
+//! called stays in `/metrics` and in memory for the life of the proxy (a
+//! namespace per CI run is enough to grow it for good).
+//!
+//! Held means a live `Arc` of the series, which a connection keeps for its
+//! life; the series cannot move while nobody holds it, so removing it after
+//! the wait loses no count a scrape could have seen in that time.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// How often a new key may sweep the others (scrapes sweep each time).
+const SWEEP_ON_INSERT_EVERY: Duration = Duration::from_secs(60);
+
+pub struct Retained<K, V> {
+    state: Mutex<State<K, V>>,
+    retain: Duration,
+    /// Removes one key's series from their families.
+    remove: Box<dyn Fn(&K) + Send + Sync>,
+}
+
+struct State<K, V> {
+    entries: HashMap<K, Entry<V>>,
+    swept: Option<Instant>,
+}
+
+struct Entry<V> {
+    held: Weak<V>,
+    /// When a sweep first found nobody holding it (and nobody has since).
+    idle_since: Option<Instant>,
+}
+
+impl<K: Hash + Eq, V> Retained<K, V> {
+    pub fn new(retain: Duration, remove: impl Fn(&K) + Send + Sync + 'static) -> Self {
+        Retained {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                swept: None,
+            }),
+            retain,
+            remove: Box::new(remove),
+        }
+    }
+
+    /// The series of `key`, the same ones while anybody holds them; `make`
+    /// resolves them in their families (the same series again if they have
+    /// not been removed since).
+    pub fn get(&self, key: K, make: impl FnOnce(&K) -> V) -> Arc<V> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = state.entries.get_mut(&key)
+            && let Some(v) = e.held.upgrade()
+        {
+            e.idle_since = None;
+            return v;
+        }
+        let v = Arc::new(make(&key));
+        state.entries.insert(
+            key,
+            Entry {
+                held: Arc::downgrade(&v),
+                idle_since: None,
+            },
+        );
+        // A proxy nobody scrapes still sheds what it no longer uses.
+        let now = Instant::now();
+        if state
+            .swept
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_ON_INSERT_EVERY)
+        {
+            self.sweep_locked(&mut state, now);
+        }
+        v
+    }
+
+    /// Removes the series nobody has held since a sweep at least `retain`
+    /// before `now`, and marks the ones nobody holds now.
+    pub fn sweep(&self, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.sweep_locked(&mut state, now);
+    }
+
+    fn sweep_locked(&self, state: &mut State<K, V>, now: Instant) {
+        state.swept = Some(now);
+        // Under the lock: a `get` of a key being removed waits, then makes
+        // fresh series rather than handing out ones no longer exported.
+        state.entries.retain(|key, e| {
+            if e.held.strong_count() > 0 {
+                e.idle_since = None;
+                return true;
+            }
+            match e.idle_since {
+                None => {
+                    e.idle_since = Some(now);
+                    true
+                }
+                Some(t) if now.saturating_duration_since(t) >= self.retain => {
+                    (self.remove)(key);
+                    false
+                }
+                Some(_) => true,
+            }
+        });
+    }
+
+    /// Keys tracked, held or waiting out their retention.
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.entries.len()
+    }
+}
+
+impl<K, V> std::fmt::Debug for Retained<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retained")
+            .field("retain", &self.retain)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RETAIN: Duration = Duration::from_secs(600);
+
+    fn retained() -> (Retained<&'static str, u32>, Arc<Mutex<Vec<&'static str>>>) {
+        let removed = Arc::new(Mutex::new(Vec::new()));
+        let r = removed.clone();
+        let retained = Retained::new(RETAIN, move |k: &&'static str| r.lock().unwrap().push(*k));
+        (retained, removed)
+    }
+
+    #[test]
+    fn a_key_nobody_holds_is_removed_after_the_wait_and_not_before() {
+        let (r, removed) = retained();
+        let t0 = Instant::now();
+        let a = r.get("a", |_| 1);
+        drop(a);
+        r.sweep(t0);
+        r.sweep(t0 + RETAIN - Duration::from_secs(1));
+        assert!(
+            removed.lock().unwrap().is_empty(),
+            "removed before the wait"
+        );
+        r.sweep(t0 + RETAIN);
+        assert_eq!(*removed.lock().unwrap(), ["a"]);
+        assert_eq!(r.tracked(), 0);
+    }
+
+    #[test]
+    fn a_held_key_stays_however_long() {
+        let (r, removed) = retained();
+        let t0 = Instant::now();
+        let held = r.get("a", |_| 1);
+        for hours in 0..48 {
+            r.sweep(t0 + Duration::from_secs(3600) * hours);
+        }
+        assert!(removed.lock().unwrap().is_empty());
+        assert!(Arc::ptr_eq(&held, &r.get("a", |_| 2)), "the same series");
+    }
+
+    #[test]
+    fn using_a_key_again_restarts_its_wait() {
+        let (r, removed) = retained();
+        let t0 = Instant::now();
+        drop(r.get("a", |_| 1));
+        r.sweep(t0);
+        // Used (and let go) between two sweeps: its counts may have moved
+        // since the last scrape, so the wait starts over.
+        drop(r.get("a", |_| 1));
+        r.sweep(t0 + RETAIN);
+        assert!(removed.lock().unwrap().is_empty());
+        r.sweep(t0 + RETAIN * 2);
+        assert_eq!(*removed.lock().unwrap(), ["a"]);
+    }
+
+    #[test]
+    fn a_removed_key_is_made_again_when_it_comes_back() {
+        let (r, _) = retained();
+        let t0 = Instant::now();
+        drop(r.get("a", |_| 1));
+        r.sweep(t0);
+        r.sweep(t0 + RETAIN);
+        let made = std::cell::Cell::new(false);
+        let a = r.get("a", |_| {
+            made.set(true);
+            3
+        });
+        assert!(made.get());
+        assert_eq!(*a, 3);
+    }
+}
