@@ -124,7 +124,7 @@ impl BackendConfig {
 }
 
 /// Counters of one backend's breaker.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct BackendMetrics {
     pub ejections: Counter,
     pub ejected: Gauge,
@@ -185,7 +185,8 @@ pub struct Endpoints {
     /// Round robin's turns given over: a counter of their own, so they go
     /// round the usable endpoints whatever the pattern of those out of use.
     given_over: AtomicUsize,
-    metrics: BackendMetrics,
+    /// Shared by every list of this backend (its series stay while one lives).
+    metrics: Arc<BackendMetrics>,
     /// Shared by every list of this backend built one from another: the
     /// newest. A request that outlives its list (a retry waiting out its
     /// backoff while the endpoints change) picks from that one.
@@ -231,7 +232,7 @@ impl Endpoints {
         endpoints: &[Endpoint],
         config: BackendConfig,
         prev: Option<&Endpoints>,
-        metrics: BackendMetrics,
+        metrics: Arc<BackendMetrics>,
     ) -> Arc<Self> {
         let old: HashMap<SocketAddr, &Arc<EndpointState>> = prev
             .map(|p| {
@@ -728,7 +729,7 @@ mod tests {
     }
 
     fn backend(n: u16, config: BackendConfig) -> Arc<Endpoints> {
-        Endpoints::new("b".into(), &eps(n), config, None, BackendMetrics::default())
+        Endpoints::new("b".into(), &eps(n), config, None, Default::default())
     }
 
     fn index(f: &InFlight) -> usize {
@@ -1332,7 +1333,7 @@ mod tests {
             &eps(4),
             BackendConfig::default(),
             Some(&b),
-            BackendMetrics::default(),
+            Default::default(),
         );
         assert!(Arc::ptr_eq(&b.slots[0].state, &next.slots[0].state));
     }
@@ -1350,14 +1351,14 @@ mod tests {
             &moved,
             BackendConfig::default(),
             Some(&first),
-            BackendMetrics::default(),
+            Default::default(),
         );
         let third = Endpoints::new(
             "b".into(),
             &moved,
             BackendConfig::default(),
             Some(&second),
-            BackendMetrics::default(),
+            Default::default(),
         );
         let newest = first.replacement().expect("replaced");
         assert!(Arc::ptr_eq(&newest, &third), "the newest, not the next");

@@ -15,7 +15,7 @@ use rand::Rng;
 
 use crate::http::BoxBody;
 use crate::http::error::error_response;
-use crate::telemetry::metrics::{ByStatus, status_index};
+use crate::telemetry::metrics::{RouteBackendMetrics, status_index};
 
 #[derive(Debug)]
 pub struct WeightedBackend<S> {
@@ -23,9 +23,8 @@ pub struct WeightedBackend<S> {
     /// `None`: the backendRef does not resolve (its Service, or that port of
     /// it, does not exist); its share of requests gets 500.
     pub service: Option<S>,
-    pub responses: ByStatus,
-    /// Each attempt's time to response headers.
-    pub latency: prometheus_client::metrics::histogram::Histogram,
+    /// Each attempt's responses and time to response headers.
+    pub metrics: Arc<RouteBackendMetrics>,
     /// The backend's Service name, for spans and access logs.
     pub name: Arc<str>,
 }
@@ -97,13 +96,12 @@ where
         // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
             let rsp = unresolved("backend not found");
-            b.responses[status_index(rsp.status())].inc();
+            b.metrics.responses[status_index(rsp.status())].inc();
             return Either::Left(ready(Ok(rsp)));
         };
         Either::Right(SplitFuture {
             inner: svc.call(req),
-            responses: b.responses.clone(),
-            latency: b.latency.clone(),
+            metrics: b.metrics.clone(),
             start: tokio::time::Instant::now(),
         })
     }
@@ -116,8 +114,7 @@ pin_project_lite::pin_project! {
     pub struct SplitFuture<F> {
         #[pin]
         inner: F,
-        responses: ByStatus,
-        latency: prometheus_client::metrics::histogram::Histogram,
+        metrics: Arc<RouteBackendMetrics>,
         start: tokio::time::Instant,
     }
 }
@@ -131,8 +128,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let rsp = std::task::ready!(this.inner.poll(cx))?;
-        this.latency.observe(this.start.elapsed().as_secs_f64());
-        this.responses[status_index(rsp.status())].inc();
+        this.metrics
+            .latency
+            .observe(this.start.elapsed().as_secs_f64());
+        this.metrics.responses[status_index(rsp.status())].inc();
         Poll::Ready(Ok(rsp))
     }
 }
@@ -157,8 +156,7 @@ mod tests {
                 .map(|(weight, service)| WeightedBackend {
                     weight,
                     service: Some(service),
-                    responses: Default::default(),
-                    latency: prometheus_client::metrics::histogram::Histogram::new([1.0]),
+                    metrics: Default::default(),
                     name: service.into(),
                 })
                 .collect(),
@@ -187,8 +185,7 @@ mod tests {
         let backend = |weight, service| WeightedBackend {
             weight,
             service,
-            responses: Default::default(),
-            latency: prometheus_client::metrics::histogram::Histogram::new([1.0]),
+            metrics: Default::default(),
             name: "b".into(),
         };
         let mut split = Split::new(vec![backend(1, None), backend(1, Some(ok))]);
@@ -207,8 +204,9 @@ mod tests {
         let failed = statuses.get(&500).copied().unwrap_or(0);
         assert!((50..150).contains(&failed), "{statuses:?}");
         assert_eq!(statuses.get(&200).copied().unwrap_or(0), 200 - failed);
-        let counted =
-            split.backends[0].responses[status_index(StatusCode::INTERNAL_SERVER_ERROR)].get();
+        let counted = split.backends[0].metrics.responses
+            [status_index(StatusCode::INTERNAL_SERVER_ERROR)]
+        .get();
         assert_eq!(counted, failed as u64);
     }
 }

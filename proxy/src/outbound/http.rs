@@ -69,15 +69,9 @@ pub fn route(
                 WeightedBackend {
                     weight: *weight,
                     service: stack,
-                    responses: b
+                    metrics: b
                         .metrics
                         .route_backend(service, &rule.route, &rule.rule, name),
-                    latency: b.metrics.route_backend_latency(
-                        service,
-                        &rule.route,
-                        &rule.rule,
-                        name,
-                    ),
                     name: name.clone(),
                 }
             })

@@ -44,7 +44,8 @@ pub struct Logical {
 struct RouteStage {
     rule: Rule,
     service: RouteService,
-    metrics: RouteMetrics,
+    /// Held for as long as `service` counts into it.
+    metrics: Arc<RouteMetrics>,
     budget: (BudgetConfig, Arc<RetryBudget>),
 }
 

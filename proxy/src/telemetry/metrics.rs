@@ -260,8 +260,25 @@ pub fn status_index(status: http::StatusCode) -> usize {
 /// increments without building labels.
 pub type ByStatus = [Counter; 5];
 
+/// Each attempt's responses and latency on one backend of a route rule.
+#[derive(Debug)]
+pub struct RouteBackendMetrics {
+    pub responses: ByStatus,
+    pub latency: Histogram,
+}
+
+impl Default for RouteBackendMetrics {
+    /// Series of no family, for tests of the stages that count.
+    fn default() -> Self {
+        RouteBackendMetrics {
+            responses: Default::default(),
+            latency: latency_histogram(),
+        }
+    }
+}
+
 /// The counters of one route rule, resolved when the route is built.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct RouteMetrics {
     pub requests: Counter,
     pub responses: ByStatus,
@@ -327,6 +344,57 @@ pub struct Metrics {
     /// The `inbound_peer_*` series of each caller, while in use and for
     /// `METRICS_RETAIN_IDLE` after.
     peers: Retained<Option<crate::identity::Identity>, PeerMetrics>,
+    /// The series of route rules, their backends and breakers, while stages
+    /// of the configuration use them and for `METRICS_RETAIN_IDLE` after: a
+    /// route or Service deleted leaves `/metrics`.
+    routes: Retained<RouteLabels, RouteMetrics>,
+    route_backends: Retained<RouteBackendOnlyLabels, RouteBackendMetrics>,
+    backends: Retained<BackendLabels, crate::balance::BackendMetrics>,
+}
+
+/// `reason` labels of `route_retries_skipped`.
+const RETRY_SKIPPED: [&str; 3] = ["budget_exhausted", "body_too_large", "body_unfinished"];
+/// `reason` labels of `route_timeouts`.
+const TIMEOUTS: [&str; 2] = ["request", "backend_request"];
+
+fn route_reason(l: &RouteLabels, reason: &'static str) -> RouteReasonLabels {
+    RouteReasonLabels {
+        service: l.service.clone(),
+        route: l.route.clone(),
+        rule: l.rule.clone(),
+        reason,
+    }
+}
+
+fn route_status(l: &RouteLabels, status_class: &'static str) -> RouteStatusLabels {
+    RouteStatusLabels {
+        service: l.service.clone(),
+        route: l.route.clone(),
+        rule: l.rule.clone(),
+        status_class,
+    }
+}
+
+fn route_grpc(l: &RouteLabels, grpc_status: grpc::Label) -> RouteGrpcLabels {
+    RouteGrpcLabels {
+        service: l.service.clone(),
+        route: l.route.clone(),
+        rule: l.rule.clone(),
+        grpc_status,
+    }
+}
+
+fn route_backend_status(
+    l: &RouteBackendOnlyLabels,
+    status_class: &'static str,
+) -> RouteBackendLabels {
+    RouteBackendLabels {
+        service: l.service.clone(),
+        route: l.route.clone(),
+        rule: l.rule.clone(),
+        backend: l.backend.clone(),
+        status_class,
+    }
 }
 
 impl Metrics {
@@ -369,6 +437,9 @@ impl Metrics {
             backend_ejections: Family::default(),
             backend_ejected: Family::default(),
             peers: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
+            routes: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
+            route_backends: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
+            backends: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
             registry: Registry::default(),
         };
         registry.register(
@@ -577,9 +648,56 @@ impl Metrics {
                 },
             )
         };
+        let routes = {
+            let (requests, responses, grpc, latency, retries, skipped, timeouts) = (
+                m.route_requests.clone(),
+                m.route_responses.clone(),
+                m.route_grpc_responses.clone(),
+                m.route_latency.clone(),
+                m.route_retries.clone(),
+                m.route_retries_skipped.clone(),
+                m.route_timeouts.clone(),
+            );
+            Retained::new(METRICS_RETAIN_IDLE, move |l: &RouteLabels| {
+                requests.remove(l);
+                latency.remove(l);
+                retries.remove(l);
+                for reason in RETRY_SKIPPED {
+                    skipped.remove(&route_reason(l, reason));
+                }
+                for reason in TIMEOUTS {
+                    timeouts.remove(&route_reason(l, reason));
+                }
+                for status_class in STATUS_CLASSES {
+                    responses.remove(&route_status(l, status_class));
+                }
+                for grpc_status in grpc::LABELS {
+                    grpc.remove(&route_grpc(l, grpc_status));
+                }
+            })
+        };
+        let route_backends = {
+            let (responses, latency) = (m.backend_responses.clone(), m.backend_latency.clone());
+            Retained::new(METRICS_RETAIN_IDLE, move |l: &RouteBackendOnlyLabels| {
+                latency.remove(l);
+                for status_class in STATUS_CLASSES {
+                    responses.remove(&route_backend_status(l, status_class));
+                }
+            })
+        };
+        let backends = {
+            let (ejections, ejected) = (m.backend_ejections.clone(), m.backend_ejected.clone());
+            Retained::new(METRICS_RETAIN_IDLE, move |l: &BackendLabels| {
+                ejections.remove(l);
+                ejected.remove(l);
+            })
+        };
         Arc::new(Metrics {
             registry,
             peers,
+            routes,
+            route_backends,
+            backends,
             ..m
         })
     }
@@ -594,10 +712,13 @@ impl Metrics {
         out
     }
 
-    /// Removes the series of callers nobody has held since a sweep at least
-    /// `METRICS_RETAIN_IDLE` before `now`.
+    /// Removes the series (of callers, routes, backends) nobody has held since
+    /// a sweep at least `METRICS_RETAIN_IDLE` before `now`.
     pub fn forget_idle(&self, now: std::time::Instant) {
         self.peers.sweep(now);
+        self.routes.sweep(now);
+        self.route_backends.sweep(now);
+        self.backends.sweep(now);
     }
 
     /// The proxy's current certificate, for `identity`, expires at `unix`
@@ -617,90 +738,71 @@ impl Metrics {
         })
     }
 
-    /// The counters of one route rule of `service`.
-    pub fn route(&self, service: &str, route: &str, rule: &str) -> RouteMetrics {
+    /// The counters of one route rule of `service`, shared by the stages
+    /// that serve it.
+    pub fn route(&self, service: &str, route: &str, rule: &str) -> Arc<RouteMetrics> {
         let labels = RouteLabels {
             service: service.to_string(),
             route: route.to_string(),
             rule: rule.to_string(),
         };
-        let reason = |reason: &'static str| RouteReasonLabels {
-            service: labels.service.clone(),
-            route: labels.route.clone(),
-            rule: labels.rule.clone(),
-            reason,
-        };
-        // Owned: a family's read guard held to the end of a statement would
-        // block a second insert into the same family in that statement.
-        let skipped = |r| self.route_retries_skipped.get_or_create_owned(&reason(r));
-        let timeouts = |r| self.route_timeouts.get_or_create_owned(&reason(r));
-        let responses = STATUS_CLASSES.map(|status_class| {
-            self.route_responses
-                .get_or_create_owned(&RouteStatusLabels {
-                    service: labels.service.clone(),
-                    route: labels.route.clone(),
-                    rule: labels.rule.clone(),
-                    status_class,
-                })
-        });
-        let requests = self.route_requests.get_or_create_owned(&labels);
-        let latency = self.route_latency.get_or_create_owned(&labels);
-        let retries = self.route_retries.get_or_create_owned(&labels);
-        let retry = crate::retry::RetryMetrics {
-            retries,
-            budget_exhausted: skipped("budget_exhausted"),
-            body_too_large: skipped("body_too_large"),
-            body_unfinished: skipped("body_unfinished"),
-        };
-        let request_timeouts = timeouts("request");
-        let backend_timeouts = timeouts("backend_request");
-        let grpc = ByGrpcStatus::of(&self.route_grpc_responses, move |grpc_status| {
-            RouteGrpcLabels {
-                service: labels.service.clone(),
-                route: labels.route.clone(),
-                rule: labels.rule.clone(),
-                grpc_status,
+        self.routes.get(labels, |labels| {
+            // Owned: a family's read guard held to the end of a statement would
+            // block a second insert into the same family in that statement.
+            let skipped = |r| {
+                self.route_retries_skipped
+                    .get_or_create_owned(&route_reason(labels, r))
+            };
+            let timeouts = |r| {
+                self.route_timeouts
+                    .get_or_create_owned(&route_reason(labels, r))
+            };
+            let retry = crate::retry::RetryMetrics {
+                retries: self.route_retries.get_or_create_owned(labels),
+                budget_exhausted: skipped(RETRY_SKIPPED[0]),
+                body_too_large: skipped(RETRY_SKIPPED[1]),
+                body_unfinished: skipped(RETRY_SKIPPED[2]),
+            };
+            let grpc = ByGrpcStatus::of(&self.route_grpc_responses, {
+                let labels = labels.clone();
+                move |grpc_status| route_grpc(&labels, grpc_status)
+            });
+            RouteMetrics {
+                requests: self.route_requests.get_or_create_owned(labels),
+                responses: STATUS_CLASSES.map(|status_class| {
+                    self.route_responses
+                        .get_or_create_owned(&route_status(labels, status_class))
+                }),
+                latency: self.route_latency.get_or_create_owned(labels),
+                retry,
+                request_timeouts: timeouts(TIMEOUTS[0]),
+                backend_timeouts: timeouts(TIMEOUTS[1]),
+                grpc,
             }
-        });
-        RouteMetrics {
-            requests,
-            responses,
-            latency,
-            retry,
-            request_timeouts,
-            backend_timeouts,
-            grpc,
-        }
-    }
-
-    /// Responses of `backend` on one route rule, per status class.
-    pub fn route_backend(&self, service: &str, route: &str, rule: &str, backend: &str) -> ByStatus {
-        STATUS_CLASSES.map(|status_class| {
-            self.backend_responses
-                .get_or_create_owned(&RouteBackendLabels {
-                    service: service.to_string(),
-                    route: route.to_string(),
-                    rule: rule.to_string(),
-                    backend: backend.to_string(),
-                    status_class,
-                })
         })
     }
 
-    /// The latency histogram of one backend of a route rule.
-    pub fn route_backend_latency(
+    /// Responses and latency of `backend` on one route rule.
+    pub fn route_backend(
         &self,
         service: &str,
         route: &str,
         rule: &str,
         backend: &str,
-    ) -> Histogram {
-        self.backend_latency
-            .get_or_create_owned(&RouteBackendOnlyLabels {
-                service: service.to_string(),
-                route: route.to_string(),
-                rule: rule.to_string(),
-                backend: backend.to_string(),
+    ) -> Arc<RouteBackendMetrics> {
+        let labels = RouteBackendOnlyLabels {
+            service: service.to_string(),
+            route: route.to_string(),
+            rule: rule.to_string(),
+            backend: backend.to_string(),
+        };
+        self.route_backends
+            .get(labels, |labels| RouteBackendMetrics {
+                responses: STATUS_CLASSES.map(|status_class| {
+                    self.backend_responses
+                        .get_or_create_owned(&route_backend_status(labels, status_class))
+                }),
+                latency: self.backend_latency.get_or_create_owned(labels),
             })
     }
 
@@ -735,14 +837,16 @@ impl Metrics {
     }
 
     /// The breaker counters of `backend`.
-    pub fn backend(&self, service: &str, backend: &str) -> crate::balance::BackendMetrics {
+    pub fn backend(&self, service: &str, backend: &str) -> Arc<crate::balance::BackendMetrics> {
         let labels = BackendLabels {
             service: service.to_string(),
             backend: backend.to_string(),
         };
-        let ejections = self.backend_ejections.get_or_create_owned(&labels);
-        let ejected = self.backend_ejected.get_or_create_owned(&labels);
-        crate::balance::BackendMetrics { ejections, ejected }
+        self.backends
+            .get(labels, |labels| crate::balance::BackendMetrics {
+                ejections: self.backend_ejections.get_or_create_owned(labels),
+                ejected: self.backend_ejected.get_or_create_owned(labels),
+            })
     }
 
     pub fn reject_tcp(&self, direction: Direction, reason: &'static str) {
@@ -841,6 +945,74 @@ mod tests {
         drop(held);
     }
 
+    /// A route rule, backend or Service the configuration no longer has
+    /// leaves `/metrics` once no stage has used it for the retention; the
+    /// ones still configured stay, and stages built again share the series.
+    #[test]
+    fn series_of_a_route_no_longer_configured_leave_metrics() {
+        use std::time::{Duration, Instant};
+        let m = Metrics::new();
+        let series = |text: &str, service: &str| {
+            let label = format!("service=\"{service}\"");
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.contains(&label))
+                .count()
+        };
+        // The stages of the configuration in force.
+        let kept = (
+            m.route("web:80", "shop/web", "0"),
+            m.route_backend("web:80", "shop/web", "0", "web-v1"),
+            m.backend("web:80", "web-v1"),
+        );
+        kept.0.requests.inc();
+        {
+            // Stages of a Service since deleted.
+            let (route, backend, breaker) = (
+                m.route("old:80", "shop/old", "0"),
+                m.route_backend("old:80", "shop/old", "0", "old"),
+                m.backend("old:80", "old"),
+            );
+            route.requests.inc();
+            route.retry.budget_exhausted.inc();
+            route.request_timeouts.inc();
+            route.responses[1].inc();
+            grpc::OnStatus::status(route.grpc.clone(), 0);
+            backend.responses[1].inc();
+            backend.latency.observe(0.001);
+            breaker.ejections.inc();
+            breaker.ejected.set(1);
+            breaker.ejected.set(0);
+            // A rebuild of the same configuration shares them.
+            let again = m.route("old:80", "shop/old", "0");
+            again.requests.inc();
+            assert!(Arc::ptr_eq(&route, &again));
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("strait_proxy_route_requests_total{service=\"old:80\",route=\"shop/old\",rule=\"0\"} 2"),
+            "{text}"
+        );
+        let before = series(&text, "old:80");
+        assert!(before >= 10, "{before}: {text}");
+
+        let t0 = Instant::now();
+        m.forget_idle(t0 + METRICS_RETAIN_IDLE - Duration::from_secs(1));
+        assert_eq!(
+            series(&m.encode(), "old:80"),
+            before,
+            "kept for the retention"
+        );
+        m.forget_idle(t0 + METRICS_RETAIN_IDLE * 2);
+        let text = m.encode();
+        assert_eq!(series(&text, "old:80"), 0, "{text}");
+        assert!(
+            text.contains("strait_proxy_route_requests_total{service=\"web:80\",route=\"shop/web\",rule=\"0\"} 1"),
+            "a route in force keeps its series: {text}"
+        );
+        assert!(series(&text, "web:80") >= 5, "{text}");
+        drop(kept);
+    }
+
     #[test]
     fn route_and_backend_counters_resolve_twice_over() {
         let m = Metrics::new();
@@ -848,7 +1020,7 @@ mod tests {
             let r = m.route("web:80", "ns/web", "0");
             r.requests.inc();
             r.retry.budget_exhausted.inc();
-            m.route_backend("web:80", "ns/web", "0", "v1")[1].inc();
+            m.route_backend("web:80", "ns/web", "0", "v1").responses[1].inc();
             m.backend("web:80", "v1").ejections.inc();
         }
         let text = m.encode();
