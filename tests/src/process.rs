@@ -101,17 +101,47 @@ impl Proc {
 /// A free loopback port (bound and released; good enough for tests on one machine).
 /// Never one this process handed out before: two taken before either is bound
 /// (a controller's gRPC and admin ports) could otherwise be the same.
+///
+/// Below the kernel's ephemeral range: a port picked there (as `bind(0)`
+/// picks) is free only until some outgoing connection of any test takes it as
+/// its local port, and the child that was to listen on it then fails with
+/// "address in use". Each test process starts in a block of its own (by pid),
+/// so tests running side by side do not walk the same ports.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if given.insert(port) {
+    const BLOCK: u32 = 64;
+    static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    let (first, last) = unused_by_the_kernel();
+    let span = last - first + 1;
+    let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
+    let start = *next.get_or_insert_with(|| {
+        let blocks = (span / BLOCK).max(1);
+        (std::process::id() % blocks) * BLOCK
+    });
+    for i in 0..span {
+        let offset = (start + i) % span;
+        let port = (first + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some(offset + 1);
             return port;
         }
+    }
+    panic!("no free port in {first}..={last}");
+}
+
+/// Ports the kernel does not hand out on its own: from 20000 to below its
+/// ephemeral range (`ip_local_port_range`), or above it when that starts lower.
+fn unused_by_the_kernel() -> (u32, u32) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    match range {
+        (low, _) if low > 20000 + 1024 => (20000, low - 1),
+        (_, high) if high < 65535 - 1024 => (high + 1, 65535),
+        // The kernel takes nearly every port: a small window of its own.
+        _ => (10000, 11023),
     }
 }
