@@ -20,7 +20,7 @@ use crate::http::request_body::BodyFault;
 use crate::http::{BoxBody, Dst};
 use crate::identity::Identity;
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::PeerMetrics;
+use crate::telemetry::metrics::{Authorized, PeerMetrics};
 
 /// One connection's authorization: its peer is fixed, so the header the app
 /// is given and the decision counters are made once, not per request.
@@ -56,7 +56,7 @@ impl AuthorizeLayer {
     }
 
     fn count(&self, allowed: bool) {
-        self.counted.authorized("http", allowed);
+        self.counted.authorized(Authorized::Http, allowed);
     }
 }
 
@@ -77,8 +77,8 @@ pub struct Authorize<S> {
 }
 
 /// Counts a decision, in the caller's series (`Metrics::inbound_peer`).
-pub fn count(metrics: &Metrics, peer: Option<&Identity>, protocol: &'static str, allowed: bool) {
-    metrics.inbound_peer(peer).authorized(protocol, allowed);
+pub fn count(metrics: &Metrics, peer: Option<&Identity>, what: Authorized, allowed: bool) {
+    metrics.inbound_peer(peer).authorized(what, allowed);
 }
 
 impl<S, B> tower::Service<Request<B>> for Authorize<S>

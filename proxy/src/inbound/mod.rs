@@ -29,7 +29,7 @@ use crate::http::stack::HttpStack;
 use crate::identity::{Identity, tls};
 use crate::proxy::{Detection, Shared};
 use crate::telemetry::Direction;
-use crate::telemetry::metrics::{DirectionLabels, ReasonLabels};
+use crate::telemetry::metrics::{Authorized, DirectionLabels, ReasonLabels};
 use crate::transport::Accepted;
 use crate::transport::orig_dst::orig_dst;
 
@@ -232,7 +232,7 @@ impl Inbound {
                     Some(Ok(p)) => {
                         if let Err(denied) = policy::check(&s.policy, p.0, peer.as_ref()) {
                             s.count_detected(DIRECTION, Protocol::Opaque);
-                            authorize::count(&s.metrics, peer.as_ref(), "tcp", false);
+                            authorize::count(&s.metrics, peer.as_ref(), Authorized::Tcp, false);
                             s.metrics.reject_tcp(DIRECTION, "unauthorized");
                             debug!(client = %client.0, %denied, "inbound connection denied");
                             return;
@@ -267,7 +267,7 @@ impl Inbound {
                 }
                 Some(Ok(p)) => {
                     let decision = policy::check(&s.policy, p.0, peer.as_ref());
-                    authorize::count(&s.metrics, peer.as_ref(), "tcp", decision.is_ok());
+                    authorize::count(&s.metrics, peer.as_ref(), Authorized::Tcp, decision.is_ok());
                     if let Err(denied) = decision {
                         s.metrics.reject_tcp(DIRECTION, "unauthorized");
                         debug!(client = %client.0, %denied, "inbound connection denied");

@@ -165,26 +165,41 @@ pub struct PeerMetrics {
     pub responses: ByStatus,
     pub latency: Histogram,
     pub grpc: ByGrpcStatus,
-    /// Authorization decisions (`AUTHZ_PROTOCOLS` by deny, allow), each
-    /// series made when it first counts.
+    /// Authorization decisions (`Authorized` by deny, allow), each series
+    /// made when it first counts.
     authz: [OnceLock<Counter>; 4],
     authz_family: Family<AuthzLabels, Counter>,
     label: String,
 }
 
-/// The `protocol` label of an authorization decision.
-pub const AUTHZ_PROTOCOLS: [&str; 2] = ["http", "tcp"];
+/// What an authorization decision was about: its `protocol` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authorized {
+    /// An HTTP request.
+    Http,
+    /// An opaque TCP stream (or a connection not yet known to be HTTP).
+    Tcp,
+}
+
+impl Authorized {
+    const ALL: [Authorized; 2] = [Authorized::Http, Authorized::Tcp];
+
+    fn label(self) -> &'static str {
+        match self {
+            Authorized::Http => "http",
+            Authorized::Tcp => "tcp",
+        }
+    }
+}
 
 impl PeerMetrics {
-    /// Counts an authorization decision of this caller; `protocol` is one of
-    /// `AUTHZ_PROTOCOLS`.
-    pub fn authorized(&self, protocol: &'static str, allowed: bool) {
-        let tcp = usize::from(protocol == AUTHZ_PROTOCOLS[1]);
-        self.authz[tcp * 2 + usize::from(allowed)]
+    /// Counts an authorization decision of this caller.
+    pub fn authorized(&self, what: Authorized, allowed: bool) {
+        self.authz[what as usize * 2 + usize::from(allowed)]
             .get_or_init(|| {
                 self.authz_family.get_or_create_owned(&authz_labels(
                     self.label.clone(),
-                    protocol,
+                    what,
                     allowed,
                 ))
             })
@@ -192,10 +207,10 @@ impl PeerMetrics {
     }
 }
 
-fn authz_labels(peer: String, protocol: &'static str, allowed: bool) -> AuthzLabels {
+fn authz_labels(peer: String, what: Authorized, allowed: bool) -> AuthzLabels {
     AuthzLabels {
         peer,
-        protocol,
+        protocol: what.label(),
         decision: if allowed { "allow" } else { "deny" },
     }
 }
@@ -640,7 +655,7 @@ impl Metrics {
                         let peer = peer.clone();
                         grpc.remove(&PeerGrpcLabels { peer, grpc_status });
                     }
-                    for protocol in AUTHZ_PROTOCOLS {
+                    for protocol in Authorized::ALL {
                         for allowed in [false, true] {
                             authz.remove(&authz_labels(peer.clone(), protocol, allowed));
                         }
@@ -905,9 +920,10 @@ mod tests {
             conn.responses[1].inc();
             conn.latency.observe(0.001);
             grpc::OnStatus::status(conn.grpc.clone(), 0);
-            conn.authorized("http", true);
+            conn.authorized(Authorized::Http, true);
             // An opaque stream's decision, counted without a connection held.
-            m.inbound_peer(Some(&gone)).authorized("tcp", false);
+            m.inbound_peer(Some(&gone))
+                .authorized(Authorized::Tcp, false);
             // A second connection of the same caller counts in the same series.
             m.inbound_peer(Some(&gone)).requests.inc();
         }
