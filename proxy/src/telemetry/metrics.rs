@@ -158,6 +158,20 @@ fn peer_label(peer: Option<&crate::identity::Identity>) -> String {
     peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string())
 }
 
+fn peer_status(peer: &str, status_class: &'static str) -> PeerStatusLabels {
+    PeerStatusLabels {
+        peer: peer.to_string(),
+        status_class,
+    }
+}
+
+fn peer_grpc(peer: &str, grpc_status: grpc::Label) -> PeerGrpcLabels {
+    PeerGrpcLabels {
+        peer: peer.to_string(),
+        grpc_status,
+    }
+}
+
 /// The inbound counters of one calling identity, resolved once per connection.
 #[derive(Debug)]
 pub struct PeerMetrics {
@@ -451,10 +465,10 @@ impl Metrics {
             inbound_peer_latency: Family::new_with_constructor(latency_histogram),
             backend_ejections: Family::default(),
             backend_ejected: Family::default(),
-            peers: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
-            routes: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
-            route_backends: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
-            backends: Retained::new(METRICS_RETAIN_IDLE, |_| {}),
+            peers: Retained::new(METRICS_RETAIN_IDLE),
+            routes: Retained::new(METRICS_RETAIN_IDLE),
+            route_backends: Retained::new(METRICS_RETAIN_IDLE),
+            backends: Retained::new(METRICS_RETAIN_IDLE),
             registry: Registry::default(),
         };
         registry.register(
@@ -632,89 +646,7 @@ impl Metrics {
             "Endpoints of a backend ejected now",
             m.backend_ejected.clone(),
         );
-        let peers = {
-            let (requests, responses, latency, grpc, authz) = (
-                m.inbound_peer_requests.clone(),
-                m.inbound_peer_responses.clone(),
-                m.inbound_peer_latency.clone(),
-                m.inbound_peer_grpc_responses.clone(),
-                m.inbound_authz.clone(),
-            );
-            Retained::new(
-                METRICS_RETAIN_IDLE,
-                move |peer: &Option<crate::identity::Identity>| {
-                    let peer = peer_label(peer.as_ref());
-                    let labels = PeerLabels { peer: peer.clone() };
-                    requests.remove(&labels);
-                    latency.remove(&labels);
-                    for status_class in STATUS_CLASSES {
-                        let peer = peer.clone();
-                        responses.remove(&PeerStatusLabels { peer, status_class });
-                    }
-                    for grpc_status in grpc::LABELS {
-                        let peer = peer.clone();
-                        grpc.remove(&PeerGrpcLabels { peer, grpc_status });
-                    }
-                    for protocol in Authorized::ALL {
-                        for allowed in [false, true] {
-                            authz.remove(&authz_labels(peer.clone(), protocol, allowed));
-                        }
-                    }
-                },
-            )
-        };
-        let routes = {
-            let (requests, responses, grpc, latency, retries, skipped, timeouts) = (
-                m.route_requests.clone(),
-                m.route_responses.clone(),
-                m.route_grpc_responses.clone(),
-                m.route_latency.clone(),
-                m.route_retries.clone(),
-                m.route_retries_skipped.clone(),
-                m.route_timeouts.clone(),
-            );
-            Retained::new(METRICS_RETAIN_IDLE, move |l: &RouteLabels| {
-                requests.remove(l);
-                latency.remove(l);
-                retries.remove(l);
-                for reason in RETRY_SKIPPED {
-                    skipped.remove(&route_reason(l, reason));
-                }
-                for reason in TIMEOUTS {
-                    timeouts.remove(&route_reason(l, reason));
-                }
-                for status_class in STATUS_CLASSES {
-                    responses.remove(&route_status(l, status_class));
-                }
-                for grpc_status in grpc::LABELS {
-                    grpc.remove(&route_grpc(l, grpc_status));
-                }
-            })
-        };
-        let route_backends = {
-            let (responses, latency) = (m.backend_responses.clone(), m.backend_latency.clone());
-            Retained::new(METRICS_RETAIN_IDLE, move |l: &RouteBackendOnlyLabels| {
-                latency.remove(l);
-                for status_class in STATUS_CLASSES {
-                    responses.remove(&route_backend_status(l, status_class));
-                }
-            })
-        };
-        let backends = {
-            let (ejections, ejected) = (m.backend_ejections.clone(), m.backend_ejected.clone());
-            Retained::new(METRICS_RETAIN_IDLE, move |l: &BackendLabels| {
-                ejections.remove(l);
-                ejected.remove(l);
-            })
-        };
-        Arc::new(Metrics {
-            registry,
-            peers,
-            routes,
-            route_backends,
-            backends,
-            ..m
-        })
+        Arc::new(Metrics { registry, ..m })
     }
 
     /// The Prometheus text exposition of every metric.
@@ -730,10 +662,66 @@ impl Metrics {
     /// Removes the series (of callers, routes, backends) nobody has held since
     /// a sweep at least `METRICS_RETAIN_IDLE` before `now`.
     pub fn forget_idle(&self, now: std::time::Instant) {
-        self.peers.sweep(now);
-        self.routes.sweep(now);
-        self.route_backends.sweep(now);
-        self.backends.sweep(now);
+        self.peers.sweep(now, |k| self.remove_peer(k));
+        self.routes.sweep(now, |k| self.remove_route(k));
+        self.route_backends
+            .sweep(now, |k| self.remove_route_backend(k));
+        self.backends.sweep(now, |k| self.remove_backend(k));
+    }
+
+    /// Removes a caller's series (the ones `inbound_peer` makes).
+    fn remove_peer(&self, peer: &Option<crate::identity::Identity>) {
+        let peer = peer_label(peer.as_ref());
+        let labels = PeerLabels { peer: peer.clone() };
+        self.inbound_peer_requests.remove(&labels);
+        self.inbound_peer_latency.remove(&labels);
+        for status_class in STATUS_CLASSES {
+            self.inbound_peer_responses
+                .remove(&peer_status(&peer, status_class));
+        }
+        for grpc_status in grpc::LABELS {
+            self.inbound_peer_grpc_responses
+                .remove(&peer_grpc(&peer, grpc_status));
+        }
+        for protocol in Authorized::ALL {
+            for allowed in [false, true] {
+                self.inbound_authz
+                    .remove(&authz_labels(peer.clone(), protocol, allowed));
+            }
+        }
+    }
+
+    /// Removes a route rule's series (the ones `route` makes).
+    fn remove_route(&self, l: &RouteLabels) {
+        self.route_requests.remove(l);
+        self.route_latency.remove(l);
+        self.route_retries.remove(l);
+        for reason in RETRY_SKIPPED {
+            self.route_retries_skipped.remove(&route_reason(l, reason));
+        }
+        for reason in TIMEOUTS {
+            self.route_timeouts.remove(&route_reason(l, reason));
+        }
+        for status_class in STATUS_CLASSES {
+            self.route_responses.remove(&route_status(l, status_class));
+        }
+        for grpc_status in grpc::LABELS {
+            self.route_grpc_responses
+                .remove(&route_grpc(l, grpc_status));
+        }
+    }
+
+    fn remove_route_backend(&self, l: &RouteBackendOnlyLabels) {
+        self.backend_latency.remove(l);
+        for status_class in STATUS_CLASSES {
+            self.backend_responses
+                .remove(&route_backend_status(l, status_class));
+        }
+    }
+
+    fn remove_backend(&self, l: &BackendLabels) {
+        self.backend_ejections.remove(l);
+        self.backend_ejected.remove(l);
     }
 
     /// The proxy's current certificate, for `identity`, expires at `unix`
@@ -761,40 +749,44 @@ impl Metrics {
             route: route.to_string(),
             rule: rule.to_string(),
         };
-        self.routes.get(labels, |labels| {
-            // Owned: a family's read guard held to the end of a statement would
-            // block a second insert into the same family in that statement.
-            let skipped = |r| {
-                self.route_retries_skipped
-                    .get_or_create_owned(&route_reason(labels, r))
-            };
-            let timeouts = |r| {
-                self.route_timeouts
-                    .get_or_create_owned(&route_reason(labels, r))
-            };
-            let retry = crate::retry::RetryMetrics {
-                retries: self.route_retries.get_or_create_owned(labels),
-                budget_exhausted: skipped(RETRY_SKIPPED[0]),
-                body_too_large: skipped(RETRY_SKIPPED[1]),
-                body_unfinished: skipped(RETRY_SKIPPED[2]),
-            };
-            let grpc = ByGrpcStatus::of(&self.route_grpc_responses, {
-                let labels = labels.clone();
-                move |grpc_status| route_grpc(&labels, grpc_status)
-            });
-            RouteMetrics {
-                requests: self.route_requests.get_or_create_owned(labels),
-                responses: STATUS_CLASSES.map(|status_class| {
-                    self.route_responses
-                        .get_or_create_owned(&route_status(labels, status_class))
-                }),
-                latency: self.route_latency.get_or_create_owned(labels),
-                retry,
-                request_timeouts: timeouts(TIMEOUTS[0]),
-                backend_timeouts: timeouts(TIMEOUTS[1]),
-                grpc,
-            }
-        })
+        self.routes.get(
+            labels,
+            |labels| {
+                // Owned: a family's read guard held to the end of a statement would
+                // block a second insert into the same family in that statement.
+                let skipped = |r| {
+                    self.route_retries_skipped
+                        .get_or_create_owned(&route_reason(labels, r))
+                };
+                let timeouts = |r| {
+                    self.route_timeouts
+                        .get_or_create_owned(&route_reason(labels, r))
+                };
+                let retry = crate::retry::RetryMetrics {
+                    retries: self.route_retries.get_or_create_owned(labels),
+                    budget_exhausted: skipped(RETRY_SKIPPED[0]),
+                    body_too_large: skipped(RETRY_SKIPPED[1]),
+                    body_unfinished: skipped(RETRY_SKIPPED[2]),
+                };
+                let grpc = ByGrpcStatus::of(&self.route_grpc_responses, {
+                    let labels = labels.clone();
+                    move |grpc_status| route_grpc(&labels, grpc_status)
+                });
+                RouteMetrics {
+                    requests: self.route_requests.get_or_create_owned(labels),
+                    responses: STATUS_CLASSES.map(|status_class| {
+                        self.route_responses
+                            .get_or_create_owned(&route_status(labels, status_class))
+                    }),
+                    latency: self.route_latency.get_or_create_owned(labels),
+                    retry,
+                    request_timeouts: timeouts(TIMEOUTS[0]),
+                    backend_timeouts: timeouts(TIMEOUTS[1]),
+                    grpc,
+                }
+            },
+            |k| self.remove_route(k),
+        )
     }
 
     /// Responses and latency of `backend` on one route rule.
@@ -811,44 +803,45 @@ impl Metrics {
             rule: rule.to_string(),
             backend: backend.to_string(),
         };
-        self.route_backends
-            .get(labels, |labels| RouteBackendMetrics {
+        self.route_backends.get(
+            labels,
+            |labels| RouteBackendMetrics {
                 responses: STATUS_CLASSES.map(|status_class| {
                     self.backend_responses
                         .get_or_create_owned(&route_backend_status(labels, status_class))
                 }),
                 latency: self.backend_latency.get_or_create_owned(labels),
-            })
+            },
+            |k| self.remove_route_backend(k),
+        )
     }
 
     /// The inbound counters of one caller, shared by its connections; kept
     /// for `METRICS_RETAIN_IDLE` after the last one closes.
     pub fn inbound_peer(&self, peer: Option<&crate::identity::Identity>) -> Arc<PeerMetrics> {
-        self.peers.get(peer.cloned(), |peer| {
-            let peer = peer_label(peer.as_ref());
-            let labels = PeerLabels { peer: peer.clone() };
-            PeerMetrics {
-                requests: self.inbound_peer_requests.get_or_create_owned(&labels),
-                responses: STATUS_CLASSES.map(|status_class| {
-                    self.inbound_peer_responses
-                        .get_or_create_owned(&PeerStatusLabels {
-                            peer: peer.clone(),
-                            status_class,
-                        })
-                }),
-                latency: self.inbound_peer_latency.get_or_create_owned(&labels),
-                grpc: ByGrpcStatus::of(&self.inbound_peer_grpc_responses, {
-                    let peer = peer.clone();
-                    move |grpc_status| PeerGrpcLabels {
-                        peer: peer.clone(),
-                        grpc_status,
-                    }
-                }),
-                authz: Default::default(),
-                authz_family: self.inbound_authz.clone(),
-                label: peer,
-            }
-        })
+        self.peers.get(
+            peer.cloned(),
+            |peer| {
+                let peer = peer_label(peer.as_ref());
+                let labels = PeerLabels { peer: peer.clone() };
+                PeerMetrics {
+                    requests: self.inbound_peer_requests.get_or_create_owned(&labels),
+                    responses: STATUS_CLASSES.map(|status_class| {
+                        self.inbound_peer_responses
+                            .get_or_create_owned(&peer_status(&peer, status_class))
+                    }),
+                    latency: self.inbound_peer_latency.get_or_create_owned(&labels),
+                    grpc: ByGrpcStatus::of(&self.inbound_peer_grpc_responses, {
+                        let peer = peer.clone();
+                        move |grpc_status| peer_grpc(&peer, grpc_status)
+                    }),
+                    authz: Default::default(),
+                    authz_family: self.inbound_authz.clone(),
+                    label: peer,
+                }
+            },
+            |k| self.remove_peer(k),
+        )
     }
 
     /// The breaker counters of `backend`.
@@ -857,11 +850,14 @@ impl Metrics {
             service: service.to_string(),
             backend: backend.to_string(),
         };
-        self.backends
-            .get(labels, |labels| crate::balance::BackendMetrics {
+        self.backends.get(
+            labels,
+            |labels| crate::balance::BackendMetrics {
                 ejections: self.backend_ejections.get_or_create_owned(labels),
                 ejected: self.backend_ejected.get_or_create_owned(labels),
-            })
+            },
+            |k| self.remove_backend(k),
+        )
     }
 
     pub fn reject_tcp(&self, direction: Direction, reason: &'static str) {

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 /// How often a new key may sweep the others (scrapes sweep each time).
 const SWEEP_ON_INSERT_EVERY: Duration = Duration::from_secs(60);
 
+/// `remove`, given to `get` and `sweep`, takes one key's series out of their
+/// families.
 pub struct Retained<K, V> {
     state: Mutex<State<K, V>>,
     retain: Duration,
-    /// Removes one key's series from their families.
-    remove: Box<dyn Fn(&K) + Send + Sync>,
 }
 
 struct State<K, V> {
@@ -35,21 +35,20 @@ struct Entry<V> {
 }
 
 impl<K: Hash + Eq, V> Retained<K, V> {
-    pub fn new(retain: Duration, remove: impl Fn(&K) + Send + Sync + 'static) -> Self {
+    pub fn new(retain: Duration) -> Self {
         Retained {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 swept: None,
             }),
             retain,
-            remove: Box::new(remove),
         }
     }
 
     /// The series of `key`, the same ones while anybody holds them; `make`
     /// resolves them in their families (the same series again if they have
     /// not been removed since).
-    pub fn get(&self, key: K, make: impl FnOnce(&K) -> V) -> Arc<V> {
+    pub fn get(&self, key: K, make: impl FnOnce(&K) -> V, remove: impl FnMut(&K)) -> Arc<V> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = state.entries.get_mut(&key)
             && let Some(v) = e.held.upgrade()
@@ -71,19 +70,19 @@ impl<K: Hash + Eq, V> Retained<K, V> {
             .swept
             .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_ON_INSERT_EVERY)
         {
-            self.sweep_locked(&mut state, now);
+            self.sweep_locked(&mut state, now, remove);
         }
         v
     }
 
     /// Removes the series nobody has held since a sweep at least `retain`
     /// before `now`, and marks the ones nobody holds now.
-    pub fn sweep(&self, now: Instant) {
+    pub fn sweep(&self, now: Instant, remove: impl FnMut(&K)) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.sweep_locked(&mut state, now);
+        self.sweep_locked(&mut state, now, remove);
     }
 
-    fn sweep_locked(&self, state: &mut State<K, V>, now: Instant) {
+    fn sweep_locked(&self, state: &mut State<K, V>, now: Instant, mut remove: impl FnMut(&K)) {
         state.swept = Some(now);
         // Under the lock: a `get` of a key being removed waits, then makes
         // fresh series rather than handing out ones no longer exported.
@@ -98,7 +97,7 @@ impl<K: Hash + Eq, V> Retained<K, V> {
                     true
                 }
                 Some(t) if now.saturating_duration_since(t) >= self.retain => {
-                    (self.remove)(key);
+                    remove(key);
                     false
                 }
                 Some(_) => true,
@@ -128,16 +127,39 @@ mod tests {
 
     const RETAIN: Duration = Duration::from_secs(600);
 
-    fn retained() -> (Retained<&'static str, u32>, Arc<Mutex<Vec<&'static str>>>) {
-        let removed = Arc::new(Mutex::new(Vec::new()));
-        let r = removed.clone();
-        let retained = Retained::new(RETAIN, move |k: &&'static str| r.lock().unwrap().push(*k));
-        (retained, removed)
+    /// A `Retained` whose removals are written down.
+    struct Tested {
+        inner: Retained<&'static str, u32>,
+        removed: Mutex<Vec<&'static str>>,
+    }
+
+    impl Tested {
+        fn get(&self, key: &'static str, make: impl FnOnce(&&'static str) -> u32) -> Arc<u32> {
+            self.inner
+                .get(key, make, |k| self.removed.lock().unwrap().push(*k))
+        }
+
+        fn sweep(&self, now: Instant) {
+            self.inner
+                .sweep(now, |k| self.removed.lock().unwrap().push(*k))
+        }
+
+        fn tracked(&self) -> usize {
+            self.inner.tracked()
+        }
+    }
+
+    fn retained() -> Tested {
+        Tested {
+            inner: Retained::new(RETAIN),
+            removed: Mutex::default(),
+        }
     }
 
     #[test]
     fn a_key_nobody_holds_is_removed_after_the_wait_and_not_before() {
-        let (r, removed) = retained();
+        let r = retained();
+        let removed = &r.removed;
         let t0 = Instant::now();
         let a = r.get("a", |_| 1);
         drop(a);
@@ -154,7 +176,8 @@ mod tests {
 
     #[test]
     fn a_held_key_stays_however_long() {
-        let (r, removed) = retained();
+        let r = retained();
+        let removed = &r.removed;
         let t0 = Instant::now();
         let held = r.get("a", |_| 1);
         for hours in 0..48 {
@@ -166,7 +189,8 @@ mod tests {
 
     #[test]
     fn using_a_key_again_restarts_its_wait() {
-        let (r, removed) = retained();
+        let r = retained();
+        let removed = &r.removed;
         let t0 = Instant::now();
         drop(r.get("a", |_| 1));
         r.sweep(t0);
@@ -181,7 +205,7 @@ mod tests {
 
     #[test]
     fn a_removed_key_is_made_again_when_it_comes_back() {
-        let (r, _) = retained();
+        let r = retained();
         let t0 = Instant::now();
         drop(r.get("a", |_| 1));
         r.sweep(t0);
