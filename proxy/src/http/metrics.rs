@@ -55,12 +55,12 @@ impl RequestMetricsLayer {
     }
 
     /// For one inbound connection: also counted by the caller's identity.
-    pub fn for_peer(&self, peer: Option<&crate::identity::Identity>) -> Self {
-        if self.0.direction != Direction::Inbound {
+    pub fn for_peer(&self, caller: Option<&Arc<PeerMetrics>>) -> Self {
+        let Some(caller) = caller else {
             return self.clone();
-        }
+        };
         let mut c = (*self.0).clone();
-        c.peer = Some(self.0.metrics.inbound_peer(peer));
+        c.peer = Some(caller.clone());
         Self(Arc::new(c))
     }
 }

@@ -77,6 +77,9 @@ pub struct ConnMeta {
     pub metrics: Arc<Metrics>,
     /// Inbound: the calling proxy's verified identity.
     pub peer: Option<crate::identity::Identity>,
+    /// Inbound: the caller's series (`Metrics::inbound_peer`), looked up once
+    /// for the connection and shared by its request counts and decisions.
+    pub caller: Option<Arc<crate::telemetry::metrics::PeerMetrics>>,
     /// Inbound: when that identity's certificate expires. Short-lived
     /// certificates are the mesh's revocation: no request is taken on the
     /// connection after it (HTTP/2 GOAWAY; HTTP/1 closed after the request
@@ -253,6 +256,7 @@ mod tests {
             client: crate::addr::ClientAddr("127.0.0.1:40000".parse().unwrap()),
             metrics: Metrics::new(),
             peer: None,
+            caller: None,
             until: None,
         };
         (cfg, meta, crate::transport::drain::channel())

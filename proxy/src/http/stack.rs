@@ -76,7 +76,7 @@ impl HttpStack {
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
                 .map_request(|req: Request<InFlightBody<Incoming>>| RequestBody::wrap(req, None))
                 .layer(self.grpc_errors)
-                .layer(self.metrics.for_peer(meta.peer.as_ref()))
+                .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,
                 // a bare LF) still leaves its span and access-log line.
                 .layer(trace.clone())
@@ -102,7 +102,7 @@ impl HttpStack {
                     RequestBody::wrap(req, Some(body_timeout))
                 })
                 .layer(self.grpc_errors)
-                .layer(self.metrics.for_peer(meta.peer.as_ref()))
+                .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 .layer(trace)
                 .layer(self.normalize.clone())
                 .layer(dst)

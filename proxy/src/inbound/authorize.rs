@@ -38,7 +38,13 @@ pub struct AuthorizeLayer {
 }
 
 impl AuthorizeLayer {
-    pub fn new(peer: Option<Identity>, policy: PolicyRx, metrics: Arc<Metrics>) -> Self {
+    /// `counted`: the caller's series (`Metrics::inbound_peer`).
+    pub fn new(
+        peer: Option<Identity>,
+        policy: PolicyRx,
+        metrics: Arc<Metrics>,
+        counted: Arc<PeerMetrics>,
+    ) -> Self {
         AuthorizeLayer {
             peer_header: peer
                 .as_ref()
@@ -48,7 +54,7 @@ impl AuthorizeLayer {
                 peer: peer.clone(),
                 metrics: metrics.clone(),
             }),
-            counted: metrics.inbound_peer(peer.as_ref()),
+            counted,
             peer,
             policy,
             metrics,
@@ -452,6 +458,13 @@ mod tests {
     use http_body_util::BodyExt as _;
     use tower::{Layer as _, Service as _};
 
+    /// The layer a connection from `peer` gets, with metrics of its own.
+    fn layer_for(peer: Option<Identity>, policy: PolicyRx) -> AuthorizeLayer {
+        let metrics = Metrics::new();
+        let counted = metrics.inbound_peer(peer.as_ref());
+        AuthorizeLayer::new(peer, policy, metrics, counted)
+    }
+
     /// STRICT, allowing `who` only (and `probes`).
     fn strict_for(who: &str, probes: Vec<Probe>) -> Option<Arc<InboundPolicy>> {
         Some(Arc::new(InboundPolicy {
@@ -541,7 +554,7 @@ mod tests {
         let open = |peer: Option<&str>| {
             let (tx, app) = streaming_app(None);
             let peer = peer.map(|p| p.parse().unwrap());
-            let svc = AuthorizeLayer::new(peer, rx.clone(), Metrics::new()).layer(app);
+            let svc = layer_for(peer, rx.clone()).layer(app);
             (tx, svc)
         };
         let request = || {
@@ -583,7 +596,7 @@ mod tests {
         let call = |version: http::Version| {
             let (tx, app) = streaming_app(Some("application/grpc"));
             let peer = Some("spiffe://td/ns/a/sa/web".parse().unwrap());
-            let mut svc = AuthorizeLayer::new(peer, rx.clone(), Metrics::new()).layer(app);
+            let mut svc = layer_for(peer, rx.clone()).layer(app);
             let mut req = Request::post("/pkg.Svc/Watch")
                 .version(version)
                 .header(http::header::CONTENT_TYPE, "application/grpc")
@@ -676,7 +689,7 @@ mod tests {
             ready(Ok::<_, Infallible>(Response::new(crate::http::empty())))
         });
         let peer = Some("spiffe://td/ns/a/sa/web".parse().unwrap());
-        let mut svc = AuthorizeLayer::new(peer, rx, Metrics::new()).layer(app);
+        let mut svc = layer_for(peer, rx).layer(app);
         let rsp = svc.call(req).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::OK);
         let (head, body) = at_app.await.unwrap().into_parts();

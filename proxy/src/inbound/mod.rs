@@ -248,15 +248,24 @@ impl Inbound {
                 }
             }
         };
+        // The caller's series, once for the connection: its decisions and
+        // its requests are counted there.
+        let caller = s.metrics.inbound_peer(peer.as_ref());
         let meta = ConnMeta {
             direction: DIRECTION,
             client,
             metrics: s.metrics.clone(),
             peer: peer.clone(),
+            caller: Some(caller.clone()),
             until,
         };
         let layers = Stack::new(
-            AuthorizeLayer::new(peer.clone(), s.policy.clone(), s.metrics.clone()),
+            AuthorizeLayer::new(
+                peer.clone(),
+                s.policy.clone(),
+                s.metrics.clone(),
+                caller.clone(),
+            ),
             SetDstLayer(dst::InboundDst::new(target, rules.clone(), s.config.app_ip)),
         );
         match protocol {
@@ -267,7 +276,7 @@ impl Inbound {
                 }
                 Some(Ok(p)) => {
                     let decision = policy::check(&s.policy, p.0, peer.as_ref());
-                    authorize::count(&s.metrics, peer.as_ref(), Authorized::Tcp, decision.is_ok());
+                    caller.authorized(Authorized::Tcp, decision.is_ok());
                     if let Err(denied) = decision {
                         s.metrics.reject_tcp(DIRECTION, "unauthorized");
                         debug!(client = %client.0, %denied, "inbound connection denied");

@@ -109,6 +109,7 @@ impl Outbound {
             client: acc.client,
             metrics: s.metrics.clone(),
             peer: None,
+            caller: None,
             until: None,
         };
         let layers = Stack::new(
