@@ -34,8 +34,8 @@ impl ControllerProc {
         pki: Option<&Pki>,
         lifetime: Option<&str>,
     ) -> ControllerProc {
-        let cp = Self::spawn(dir, grpc, pki, lifetime);
-        wait::ready(cp.admin, Duration::from_secs(20)).await;
+        let mut cp = Self::spawn(dir, grpc, pki, lifetime);
+        cp.ready(Duration::from_secs(20)).await;
         cp
     }
 
@@ -74,6 +74,11 @@ impl ControllerProc {
         args.extend(extra.iter().cloned());
         let proc = Proc::spawn("strait", &args, &[("STRAIT_LOG", "warn")]);
         ControllerProc { proc, grpc, admin }
+    }
+
+    /// Waits until `/ready` answers 200; fails at once if the controller exits.
+    pub async fn ready(&mut self, within: Duration) {
+        self.proc.ready(self.admin, within).await
     }
 
     /// A metric's value; 0 while the admin server does not answer yet.
@@ -162,11 +167,11 @@ impl Sidecar {
         }
         args.extend(opts.args.iter().cloned());
         let envs = [("STRAIT_PROXY_LOG_LEVEL", "warn")];
-        let proc = match opts.binary {
+        let mut proc = match opts.binary {
             Some(path) => Proc::spawn_path(path, &args, &envs, opts.cwd.as_deref()),
             None => Proc::spawn_in("strait-proxy", &args, &envs, opts.cwd.as_deref()),
         };
-        wait::ready(admin, Duration::from_secs(20)).await;
+        proc.ready(admin, Duration::from_secs(20)).await;
         Sidecar {
             proc,
             inbound,

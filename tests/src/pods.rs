@@ -190,8 +190,11 @@ impl PodMesh {
         };
         self.write_pod(&p, None);
         let args = self.proxy_args(&p, &token_file, extra);
-        p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
-        wait::ready(p.admin(), Duration::from_secs(20)).await;
+        let admin = p.admin();
+        let proxy = p
+            .proxy
+            .insert(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
+        proxy.ready(admin, Duration::from_secs(20)).await;
         p
     }
 
@@ -252,8 +255,11 @@ impl PodMesh {
         }
         let token = self.files.join(format!("{}.token", p.service_account));
         let args = self.proxy_args(p, &token, extra);
-        p.proxy = Some(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
-        wait::ready(p.admin(), Duration::from_secs(20)).await;
+        let admin = p.admin();
+        let proxy = p
+            .proxy
+            .insert(p.pod.spawn_as(PROXY_UID, binary("strait-proxy"), &args));
+        proxy.ready(admin, Duration::from_secs(20)).await;
     }
 }
 

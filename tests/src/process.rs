@@ -68,6 +68,16 @@ impl Proc {
         }
     }
 
+    /// Waits until `/ready` on `admin` answers 200; fails at once if the
+    /// process exits first.
+    pub async fn ready(&mut self, admin: std::net::SocketAddr, within: std::time::Duration) {
+        let child = &mut self.child;
+        crate::wait::ready_unless(admin, within, || {
+            child.try_wait().ok().flatten().map(|s| s.to_string())
+        })
+        .await
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running child has a pid")
     }

@@ -71,8 +71,31 @@ pub async fn admin_request(
 
 /// Waits until `/ready` on the admin address answers 200.
 pub async fn ready(admin: SocketAddr, within: Duration) {
-    until(&format!("{admin}/ready"), within, || async move {
-        matches!(admin_get(admin, "/ready").await, Ok((200, _)))
-    })
-    .await
+    ready_unless(admin, within, || None).await
+}
+
+/// As `ready`, but fails as soon as `exited` says how the process that was to
+/// answer ended: a child that cannot start (a port taken, a bad flag) fails
+/// its test at once, not after the whole wait.
+pub async fn ready_unless(
+    admin: SocketAddr,
+    within: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        if matches!(admin_get(admin, "/ready").await, Ok((200, _))) {
+            return;
+        }
+        if let Some(how) = exited() {
+            panic!(
+                "the process to answer {admin}/ready exited before it was ready ({how}); its output is above"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {admin}/ready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

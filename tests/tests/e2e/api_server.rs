@@ -21,7 +21,7 @@ const WEB: &str = "web.test.svc.cluster.local:80";
 const AUDIENCE: &str = "identity.strait.dev";
 
 struct Controller {
-    _proc: Proc,
+    proc: Proc,
     grpc: SocketAddr,
     admin: SocketAddr,
 }
@@ -43,11 +43,7 @@ fn spawn_controller(kubeconfig: &std::path::Path, extra: &[String]) -> Controlle
         &args,
         &[("KUBECONFIG", kubeconfig), ("STRAIT_LOG", "warn")],
     );
-    Controller {
-        _proc: proc,
-        grpc,
-        admin,
-    }
+    Controller { proc, grpc, admin }
 }
 
 /// A ready controller on the stand-in, issuing certificates from `pki` if given.
@@ -60,8 +56,8 @@ async fn controller(api: &KubeApi, dir: &ManifestDir, pki: Option<&Pki>) -> Cont
             ]
         })
         .unwrap_or_default();
-    let cp = spawn_controller(&api.kubeconfig(dir.path()), &extra);
-    wait::ready(cp.admin, Duration::from_secs(20)).await;
+    let mut cp = spawn_controller(&api.kubeconfig(dir.path()), &extra);
+    cp.proc.ready(cp.admin, Duration::from_secs(20)).await;
     cp
 }
 
@@ -301,10 +297,10 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
     api.apply(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-ports, namespace: test}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 81}, {group: \"\", kind: Service, name: multi, port: 80, sectionName: admin}]\n  rules:\n    - backendRefs: [{name: web, port: 9090}]\n",
     );
-    let (a, a_admin) = replica(&api, &dir, "replica-a");
-    let (b, b_admin) = replica(&api, &dir, "replica-b");
-    wait::ready(a_admin, Duration::from_secs(20)).await;
-    wait::ready(b_admin, Duration::from_secs(20)).await;
+    let (mut a, a_admin) = replica(&api, &dir, "replica-a");
+    let (mut b, b_admin) = replica(&api, &dir, "replica-b");
+    a.ready(a_admin, Duration::from_secs(20)).await;
+    b.ready(b_admin, Duration::from_secs(20)).await;
 
     let status_of = |name: &str| api.get("backendpolicies", NS, name).unwrap_or_default();
     wait::until("statuses written", Duration::from_secs(10), || async {
@@ -471,8 +467,8 @@ async fn one_replica_at_a_time_writes_status_and_another_takes_over_when_it_dies
 async fn a_stopping_replica_gives_its_lease_up() {
     let api = KubeApi::start().await;
     let dir = ManifestDir::new();
-    let (a, a_admin) = replica_with(&api, &dir, "replica-a", "6s");
-    wait::ready(a_admin, Duration::from_secs(20)).await;
+    let (mut a, a_admin) = replica_with(&api, &dir, "replica-a", "6s");
+    a.ready(a_admin, Duration::from_secs(20)).await;
     let holder = || {
         api.get("leases", "strait-system", "strait-controller")
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
@@ -483,10 +479,9 @@ async fn a_stopping_replica_gives_its_lease_up() {
         || async { holder().as_deref() == Some("replica-a") },
     )
     .await;
-    let (_b, b_admin) = replica_with(&api, &dir, "replica-b", "6s");
-    wait::ready(b_admin, Duration::from_secs(20)).await;
+    let (mut b, b_admin) = replica_with(&api, &dir, "replica-b", "6s");
+    b.ready(b_admin, Duration::from_secs(20)).await;
 
-    let mut a = a;
     a.sigterm().await;
     // Given up at once, though the replica serves on for its shutdown delay.
     let t = std::time::Instant::now();
@@ -851,11 +846,11 @@ async fn against_a_real_cluster_when_kubeconfig_is_set() {
         eprintln!("skipped: set KUBECONFIG to run this against a real cluster");
         return;
     };
-    let cp = spawn_controller(
+    let mut cp = spawn_controller(
         std::path::Path::new(&kubeconfig),
         &["--pod-name=strait-e2e".into()],
     );
-    wait::ready(cp.admin, Duration::from_secs(60)).await;
+    cp.proc.ready(cp.admin, Duration::from_secs(60)).await;
     let out = tokio::process::Command::new(strait_tests::process::binary("strait"))
         .arg("check")
         .output()

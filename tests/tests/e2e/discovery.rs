@@ -379,7 +379,7 @@ async fn a_controller_started_on_a_broken_file_serves_only_once_it_loads() {
     let grpc: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
         .parse()
         .unwrap();
-    let cp = ControllerProc::spawn(dir.path(), grpc, None, None);
+    let mut cp = ControllerProc::spawn(dir.path(), grpc, None, None);
     wait::until("the rejection counted", Duration::from_secs(20), || async {
         cp.metric("strait_controller_reload_errors_total").await >= 1.0
     })
@@ -392,7 +392,7 @@ async fn a_controller_started_on_a_broken_file_serves_only_once_it_loads() {
     );
 
     dir.write("broken.yaml", &service(NS, "x", 80));
-    wait::ready(cp.admin, Duration::from_secs(10)).await;
+    cp.ready(Duration::from_secs(10)).await;
     // Serving now: a proxy gets its answers.
     let _sidecar = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
 }

@@ -57,8 +57,10 @@ impl MeshedPod {
         let app = pod.spawn_as(0, binary("strait"), &app_args);
         let mut args = vec!["--admin-addr=0.0.0.0:4191".to_string()];
         args.extend(proxy_args.iter().map(|a| a.to_string()));
-        let proxy = pod.spawn_as(UID, binary("strait-proxy"), &args);
-        wait::ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10)).await;
+        let mut proxy = pod.spawn_as(UID, binary("strait-proxy"), &args);
+        proxy
+            .ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10))
+            .await;
         MeshedPod {
             pod,
             _app: app,
@@ -205,12 +207,14 @@ async fn a_port_the_app_binds_to_loopback_only_stays_private_to_the_pod() {
     let _private = app("127.0.0.1:8080", "private");
     let _public = app("0.0.0.0:8081", "public");
     let app_ip = format!("--app-ip={}", pod.ip);
-    let _proxy = pod.spawn_as(
+    let mut proxy = pod.spawn_as(
         UID,
         binary("strait-proxy"),
         &["--admin-addr=0.0.0.0:4191".into(), app_ip],
     );
-    wait::ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10)).await;
+    proxy
+        .ready(SocketAddr::from((pod.ip, 4191)), Duration::from_secs(10))
+        .await;
     let public = SocketAddr::from((pod.ip, 8081));
     wait::until(
         "the public app through the proxy",

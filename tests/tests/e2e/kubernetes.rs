@@ -93,8 +93,8 @@ fn injector(pki: &Pki, dir: &ManifestDir) -> (ControllerProc, u16) {
 async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer() {
     let pki = Pki::new();
     let dir = ManifestDir::new();
-    let (cp, port) = injector(&pki, &dir);
-    strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
+    let (mut cp, port) = injector(&pki, &dir);
+    cp.ready(std::time::Duration::from_secs(20)).await;
 
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
@@ -166,8 +166,8 @@ async fn the_injector_answers_admission_reviews_over_https_signed_by_the_issuer(
 async fn the_validator_refuses_at_apply_a_policy_the_controller_would_refuse() {
     let pki = Pki::new();
     let dir = ManifestDir::new();
-    let (cp, port) = injector(&pki, &dir);
-    strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
+    let (mut cp, port) = injector(&pki, &dir);
+    cp.ready(std::time::Duration::from_secs(20)).await;
     let review = |spec: Value| {
         review_of(
             (
@@ -242,7 +242,7 @@ async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connect
     let pki = Pki::new();
     let dir = ManifestDir::new();
     let (mut cp, port) = injector(&pki, &dir);
-    strait_tests::wait::ready(cp.admin, std::time::Duration::from_secs(20)).await;
+    cp.ready(std::time::Duration::from_secs(20)).await;
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}});

@@ -652,14 +652,14 @@ async fn the_controller_exports_reloads_pushes_and_certificates() {
     let grpc: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
         .parse()
         .unwrap();
-    let cp = ControllerProc::spawn_with(
+    let mut cp = ControllerProc::spawn_with(
         dir.path(),
         grpc,
         Some(&pki),
         None,
         &[format!("--otlp-endpoint={}", collector.endpoint())],
     );
-    wait::ready(cp.admin, Duration::from_secs(20)).await;
+    cp.ready(Duration::from_secs(20)).await;
     let opts = SidecarOpts {
         identity: Some(SidecarIdentity {
             anchors: pki.anchors(),

@@ -1189,7 +1189,7 @@ async fn a_connection_to_the_outbound_port_made_ahead_of_use_is_served() {
     let backend = Backend::start().await;
     let port = |_| format!("127.0.0.1:{}", free_port());
     let (outbound, inbound, admin) = (port(0), port(1), port(2));
-    let _proxy = strait_tests::process::Proc::spawn(
+    let mut proxy = strait_tests::process::Proc::spawn(
         "strait-proxy",
         &[
             format!("--outbound-addr={outbound}"),
@@ -1198,7 +1198,9 @@ async fn a_connection_to_the_outbound_port_made_ahead_of_use_is_served() {
         ],
         &[],
     );
-    wait::ready(admin.parse().unwrap(), Duration::from_secs(10)).await;
+    proxy
+        .ready(admin.parse().unwrap(), Duration::from_secs(10))
+        .await;
     let mut s = tokio::net::TcpStream::connect(&outbound).await.unwrap();
     // Silent past the detection timeout (300 ms): the case under test.
     tokio::time::sleep(Duration::from_millis(600)).await;
