@@ -116,10 +116,13 @@ impl Proc {
 /// picks) is free only until some outgoing connection of any test takes it as
 /// its local port, and the child that was to listen on it then fails with
 /// "address in use". Each test process starts in a block of its own (by pid),
-/// so tests running side by side do not walk the same ports.
+/// so tests running side by side seldom walk the same ports, and claims each
+/// port it hands out with a lock held until it exits, so they never hand out
+/// the same one.
 pub fn free_port() -> u16 {
     const BLOCK: u32 = 64;
     static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    static CLAIMED: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
     let (first, last) = unused_by_the_kernel();
     let span = last - first + 1;
     let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
@@ -130,12 +133,51 @@ pub fn free_port() -> u16 {
     for i in 0..span {
         let offset = (start + i) % span;
         let port = (first + offset) as u16;
+        let claim = match claim(port) {
+            Claim::Taken => continue,
+            Claim::Held(file) => Some(file),
+            Claim::Unsupported => None,
+        };
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             *next = Some(offset + 1);
+            CLAIMED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(claim);
             return port;
         }
     }
     panic!("no free port in {first}..={last}");
+}
+
+enum Claim {
+    Held(std::fs::File),
+    /// Another test process holds it.
+    Taken,
+    /// No lock can be had here (an unwritable temporary directory): the
+    /// bind alone decides.
+    Unsupported,
+}
+
+/// A lock on `port` among the test processes of this machine, held while the
+/// file is open (the kernel lets it go when the process exits, however).
+fn claim(port: u16) -> Claim {
+    let dir = std::env::temp_dir().join("strait-test-ports");
+    let opened = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+    });
+    let Ok(file) = opened else {
+        return Claim::Unsupported;
+    };
+    match file.try_lock() {
+        Ok(()) => Claim::Held(file),
+        Err(std::fs::TryLockError::WouldBlock) => Claim::Taken,
+        Err(std::fs::TryLockError::Error(_)) => Claim::Unsupported,
+    }
 }
 
 /// Ports the kernel does not hand out on its own: from 20000 to below its
