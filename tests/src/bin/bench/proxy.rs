@@ -219,12 +219,41 @@ impl StraitPair {
     }
 }
 
+/// A copy of the proxy binary at `from`, in `work`, synced and dropped from the
+/// page cache before anything runs it. How much of its code a proxy's RSS
+/// counts depends on how the file's pages came into the page cache: a page
+/// fault maps the whole folio it falls in, and a file just written (by the
+/// linker, or copied) sits there in other folios than one read through `exec`'s
+/// own faults, as from a container image. By hand, one binary showed 7.06–7.15
+/// MiB file-backed as copied, 6.36–6.58 as written in 4 KiB blocks and
+/// 6.63–6.68 as dropped and read back: more than the difference between two
+/// builds that a `--baseline` run is for. Staged alike, builds start alike.
+fn staged(work: &std::path::Path, name: &str, from: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = work.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let to = dir.join("strait-proxy");
+    std::fs::copy(from, &to)?;
+    std::fs::File::open(&to)?.sync_all()?;
+    // posix_fadvise(POSIX_FADV_DONTNEED), through dd (coreutils) to keep this
+    // crate free of unsafe code.
+    let dropped = std::process::Command::new("dd")
+        .arg(format!("if={}", to.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()?;
+    anyhow::ensure!(
+        dropped.success(),
+        "dd could not drop {} from the page cache",
+        to.display()
+    );
+    Ok(to)
+}
+
 /// `backend` serves HTTP, `echo` opaque TCP (as a database port, 5432).
 async fn strait_pair(
     backend: SocketAddr,
     echo: SocketAddr,
     mtls: bool,
-    binary: Option<PathBuf>,
+    binary: PathBuf,
     args: Vec<String>,
 ) -> StraitPair {
     let dir = ManifestDir::new();
@@ -248,7 +277,7 @@ async fn strait_pair(
             }
         }),
         cwd: None,
-        binary: binary.clone(),
+        binary: Some(binary.clone()),
         args: args.clone(),
     };
     let server = Sidecar::start_with(cp.grpc, "bench", "backend-0", &[], opts("backend")).await;
@@ -282,24 +311,22 @@ async fn strait_pair(
     }
 }
 
-/// With `on`, the mTLS pair exporting a span per request (100 % sampling) to a
-/// collector that takes every span and keeps none: what tracing costs the
+/// With a binary, the mTLS pair exporting a span per request (100 % sampling)
+/// to a collector that takes every span and keeps none: what tracing costs the
 /// proxies, not what storing spans costs the bench.
 async fn traced_pair(
     backend: SocketAddr,
     echo: SocketAddr,
-    on: bool,
+    binary: Option<PathBuf>,
 ) -> Option<(strait_tests::otlp::OtlpCollector, StraitPair)> {
-    if !on {
-        return None;
-    }
+    let binary = binary?;
     let collector =
         strait_tests::otlp::OtlpCollector::start(strait_tests::otlp::Mode::Discard).await;
     let args = vec![
         format!("--otlp-endpoint={}", collector.endpoint()),
         "--trace-sampling=1".into(),
     ];
-    let pair = strait_pair(backend, echo, true, None, args).await;
+    let pair = strait_pair(backend, echo, true, binary, args).await;
     Some((collector, pair))
 }
 
@@ -363,13 +390,24 @@ pub async fn run(
     if let Some(b) = &baseline {
         anyhow::ensure!(b.exists(), "--baseline: {} not found", b.display());
     }
-    let pair = strait_pair(backend.addr, echo, false, None, Vec::new()).await;
-    let mtls = strait_pair(backend.addr, echo, true, None, Vec::new()).await;
+    // A copy per pair: the pages one pair's processes bring into the page
+    // cache would otherwise be mapped by another pair's for free.
+    let build = strait_tests::process::binary("strait-proxy");
+    let plain = staged(&work, "strait", &build)?;
+    let mtls = staged(&work, "strait-mtls", &build)?;
+    let baseline = baseline
+        .map(|b| staged(&work, "strait-mtls-before", &b))
+        .transpose()?;
+    let traced = with_tracing
+        .then(|| staged(&work, "strait-mtls-traced", &build))
+        .transpose()?;
+    let pair = strait_pair(backend.addr, echo, false, plain, Vec::new()).await;
+    let mtls = strait_pair(backend.addr, echo, true, mtls, Vec::new()).await;
     let before = match baseline {
-        Some(b) => Some(strait_pair(backend.addr, echo, true, Some(b), Vec::new()).await),
+        Some(b) => Some(strait_pair(backend.addr, echo, true, b, Vec::new()).await),
         None => None,
     };
-    let traced = traced_pair(backend.addr, echo, with_tracing).await;
+    let traced = traced_pair(backend.addr, echo, traced).await;
     let mut hap = refs::haproxy(
         &certs,
         &work,
@@ -1021,8 +1059,13 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
     let backend = Backend::start().await;
     let echo = strait_tests::tcp::echo().await;
     let certs = Certs::generate(&work.join("certs")).await?;
-    let mtls = strait_pair(backend.addr, echo, true, None, Vec::new()).await;
-    let traced = traced_pair(backend.addr, echo, with_tracing).await;
+    let build = strait_tests::process::binary("strait-proxy");
+    let mtls = staged(&work, "strait-mtls", &build)?;
+    let traced = with_tracing
+        .then(|| staged(&work, "strait-mtls-traced", &build))
+        .transpose()?;
+    let mtls = strait_pair(backend.addr, echo, true, mtls, Vec::new()).await;
+    let traced = traced_pair(backend.addr, echo, traced).await;
     let hap = refs::haproxy(
         &certs,
         &work,
