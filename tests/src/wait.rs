@@ -82,20 +82,13 @@ pub async fn ready_unless(
     within: Duration,
     mut exited: impl FnMut() -> Option<String>,
 ) {
-    let deadline = Instant::now() + within;
-    loop {
-        if matches!(admin_get(admin, "/ready").await, Ok((200, _))) {
-            return;
-        }
+    until(&format!("{admin}/ready"), within, || {
         if let Some(how) = exited() {
             panic!(
                 "the process to answer {admin}/ready exited before it was ready ({how}); its output is above"
             );
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {admin}/ready"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        async move { matches!(admin_get(admin, "/ready").await, Ok((200, _))) }
+    })
+    .await
 }
