@@ -4,13 +4,16 @@
 //! called stays in `/metrics` and in memory for the life of the proxy (a
 //! namespace per CI run is enough to grow it for good).
 //!
-//! Held means a live `Arc` of the series, which a connection keeps for its
-//! life; the series cannot move while nobody holds it, so removing it after
-//! the wait loses no count a scrape could have seen in that time.
+//! Held means an `Arc` of the series outside this map, which a connection
+//! keeps for its life; the series cannot move while nobody holds it, so
+//! removing it after the wait loses no count a scrape could have seen in that
+//! time. The map keeps its own `Arc` until then, so a caller that comes back
+//! (a new connection per request) gets its series with one lookup rather than
+//! building their labels again.
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often a new key may sweep the others (scrapes sweep each time).
@@ -29,7 +32,8 @@ struct State<K, V> {
 }
 
 struct Entry<V> {
-    held: Weak<V>,
+    /// Held elsewhere while its count is above one.
+    series: Arc<V>,
     /// When a sweep first found nobody holding it (and nobody has since).
     idle_since: Option<Instant>,
 }
@@ -45,22 +49,19 @@ impl<K: Hash + Eq, V> Retained<K, V> {
         }
     }
 
-    /// The series of `key`, the same ones while anybody holds them; `make`
-    /// resolves them in their families (the same series again if they have
-    /// not been removed since).
+    /// The series of `key`, the same ones until they are removed; `make`
+    /// resolves them in their families when they are not tracked.
     pub fn get(&self, key: K, make: impl FnOnce(&K) -> V, remove: impl FnMut(&K)) -> Arc<V> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = state.entries.get_mut(&key)
-            && let Some(v) = e.held.upgrade()
-        {
+        if let Some(e) = state.entries.get_mut(&key) {
             e.idle_since = None;
-            return v;
+            return e.series.clone();
         }
         let v = Arc::new(make(&key));
         state.entries.insert(
             key,
             Entry {
-                held: Arc::downgrade(&v),
+                series: v.clone(),
                 idle_since: None,
             },
         );
@@ -87,7 +88,7 @@ impl<K: Hash + Eq, V> Retained<K, V> {
         // Under the lock: a `get` of a key being removed waits, then makes
         // fresh series rather than handing out ones no longer exported.
         state.entries.retain(|key, e| {
-            if e.held.strong_count() > 0 {
+            if Arc::strong_count(&e.series) > 1 {
                 e.idle_since = None;
                 return true;
             }
@@ -201,6 +202,21 @@ mod tests {
         assert!(removed.lock().unwrap().is_empty());
         r.sweep(t0 + RETAIN * 2);
         assert_eq!(*removed.lock().unwrap(), ["a"]);
+    }
+
+    #[test]
+    fn a_key_let_go_comes_back_without_being_made_again() {
+        let r = retained();
+        let t0 = Instant::now();
+        let first = r.get("a", |_| 1);
+        let kept = Arc::as_ptr(&first);
+        drop(first);
+        r.sweep(t0);
+        let again = r.get("a", |_| panic!("made again while still tracked"));
+        assert_eq!(Arc::as_ptr(&again), kept, "the same series");
+        // Held again: the wait started by the sweep no longer counts.
+        r.sweep(t0 + RETAIN);
+        assert!(r.removed.lock().unwrap().is_empty());
     }
 
     #[test]
