@@ -98,11 +98,10 @@ where
         let start = Instant::now();
         self.layer.0.requests.inc();
         if let Some(p) = &self.layer.0.peer {
-            p.requests.inc();
+            p.http().requests.inc();
         }
         let grpc = grpc::is_call(&req).then(|| {
-            let peer = self.layer.0.peer.as_ref().map(|p| p.grpc.clone());
-            grpc::UntilAnswered::new((self.layer.0.grpc.clone(), peer))
+            grpc::UntilAnswered::new((self.layer.0.grpc.clone(), self.layer.0.peer.clone()))
         });
         MetricsFuture {
             grpc,
@@ -122,7 +121,7 @@ pin_project_lite::pin_project! {
         layer: RequestMetricsLayer,
         // A gRPC call's counters, told `cancelled` if the caller goes away
         // before the response head.
-        grpc: Option<grpc::UntilAnswered<(ByGrpcStatus, Option<ByGrpcStatus>)>>,
+        grpc: Option<grpc::UntilAnswered<(ByGrpcStatus, Option<Arc<PeerMetrics>>)>>,
     }
 }
 
@@ -150,6 +149,7 @@ where
         let took = this.start.elapsed().as_secs_f64();
         layer.latency.observe(took);
         if let Some(p) = &layer.peer {
+            let p = p.http();
             p.latency.observe(took);
             p.responses[status_index(rsp.status())].inc();
         }

@@ -186,7 +186,7 @@ impl Stages {
         // A gRPC call whose caller goes away before the head is counted
         // `cancelled` as this future is dropped.
         let grpc = crate::http::grpc::is_call(&req)
-            .then(|| crate::http::grpc::UntilAnswered::new(m.grpc.clone()));
+            .then(|| crate::http::grpc::UntilAnswered::new(m.clone()));
         let start = Instant::now();
         let mut req = req.map(boxed);
         let mut rsp = match stage.rule.filters.on_request(&mut req, prefix) {

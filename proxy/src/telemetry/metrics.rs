@@ -175,15 +175,31 @@ fn peer_grpc(peer: &str, grpc_status: grpc::Label) -> PeerGrpcLabels {
 /// The inbound counters of one calling identity, resolved once per connection.
 #[derive(Debug)]
 pub struct PeerMetrics {
-    pub requests: Counter,
-    pub responses: ByStatus,
-    pub latency: Histogram,
+    /// Made when the caller's first HTTP request counts: a caller of opaque
+    /// streams only shows no HTTP series.
+    http: OnceLock<PeerHttp>,
+    http_families: PeerHttpFamilies,
     pub grpc: ByGrpcStatus,
     /// Authorization decisions (`Authorized` by deny, allow), each series
     /// made when it first counts.
     authz: [OnceLock<Counter>; 4],
     authz_family: Family<AuthzLabels, Counter>,
     label: String,
+}
+
+/// A caller's HTTP requests, responses by status class and latency.
+#[derive(Debug)]
+pub struct PeerHttp {
+    pub requests: Counter,
+    pub responses: ByStatus,
+    pub latency: Histogram,
+}
+
+#[derive(Clone, Debug)]
+struct PeerHttpFamilies {
+    requests: Family<PeerLabels, Counter>,
+    responses: Family<PeerStatusLabels, Counter>,
+    latency: Family<PeerLabels, Histogram, fn() -> Histogram>,
 }
 
 /// What an authorization decision was about: its `protocol` label.
@@ -207,6 +223,24 @@ impl Authorized {
 }
 
 impl PeerMetrics {
+    /// The caller's HTTP series, made on first use.
+    pub fn http(&self) -> &PeerHttp {
+        self.http.get_or_init(|| {
+            let f = &self.http_families;
+            let labels = PeerLabels {
+                peer: self.label.clone(),
+            };
+            PeerHttp {
+                requests: f.requests.get_or_create_owned(&labels),
+                responses: STATUS_CLASSES.map(|status_class| {
+                    f.responses
+                        .get_or_create_owned(&peer_status(&self.label, status_class))
+                }),
+                latency: f.latency.get_or_create_owned(&labels),
+            }
+        })
+    }
+
     /// Counts an authorization decision of this caller.
     pub fn authorized(&self, what: Authorized, allowed: bool) {
         self.authz[what as usize * 2 + usize::from(allowed)]
@@ -257,12 +291,35 @@ impl ByGrpcStatus {
     }
 }
 
-impl grpc::OnStatus for ByGrpcStatus {
-    fn status(self, code: usize) {
+impl ByGrpcStatus {
+    /// `code` indexes `grpc::LABELS`.
+    pub fn count(&self, code: usize) {
         let c = &self.0;
         c.counters[code]
             .get_or_init(|| (c.make)(grpc::LABELS[code]))
             .inc();
+    }
+}
+
+impl grpc::OnStatus for ByGrpcStatus {
+    fn status(self, code: usize) {
+        self.count(code);
+    }
+}
+
+// A call's status may come long after its request was routed (a stream ends,
+// or its body is dropped): the call holds the route's and the caller's series,
+// so that they are not swept from `/metrics` before it is counted, nor made
+// again after.
+impl grpc::OnStatus for Arc<RouteMetrics> {
+    fn status(self, code: usize) {
+        self.grpc.count(code);
+    }
+}
+
+impl grpc::OnStatus for Arc<PeerMetrics> {
+    fn status(self, code: usize) {
+        self.grpc.count(code);
     }
 }
 
@@ -823,14 +880,13 @@ impl Metrics {
             peer.cloned(),
             |peer| {
                 let peer = peer_label(peer.as_ref());
-                let labels = PeerLabels { peer: peer.clone() };
                 PeerMetrics {
-                    requests: self.inbound_peer_requests.get_or_create_owned(&labels),
-                    responses: STATUS_CLASSES.map(|status_class| {
-                        self.inbound_peer_responses
-                            .get_or_create_owned(&peer_status(&peer, status_class))
-                    }),
-                    latency: self.inbound_peer_latency.get_or_create_owned(&labels),
+                    http: OnceLock::new(),
+                    http_families: PeerHttpFamilies {
+                        requests: self.inbound_peer_requests.clone(),
+                        responses: self.inbound_peer_responses.clone(),
+                        latency: self.inbound_peer_latency.clone(),
+                    },
                     grpc: ByGrpcStatus::of(&self.inbound_peer_grpc_responses, {
                         let peer = peer.clone();
                         move |grpc_status| peer_grpc(&peer, grpc_status)
@@ -909,20 +965,23 @@ mod tests {
                 .count()
         };
         let held = m.inbound_peer(Some(&stays));
-        held.requests.inc();
+        held.http().requests.inc();
         {
             let conn = m.inbound_peer(Some(&gone));
-            conn.requests.inc();
-            conn.responses[1].inc();
-            conn.latency.observe(0.001);
+            let http = conn.http();
+            http.requests.inc();
+            http.responses[1].inc();
+            http.latency.observe(0.001);
             grpc::OnStatus::status(conn.grpc.clone(), 0);
             conn.authorized(Authorized::Http, true);
-            // An opaque stream's decision, counted without a connection held.
+            // An opaque stream of the same caller: its decision in the same series.
             m.inbound_peer(Some(&gone))
                 .authorized(Authorized::Tcp, false);
             // A second connection of the same caller counts in the same series.
-            m.inbound_peer(Some(&gone)).requests.inc();
+            m.inbound_peer(Some(&gone)).http().requests.inc();
         }
+        // Before the scrape that finds them idle, whenever it runs.
+        let t0 = Instant::now();
         let text = m.encode();
         assert!(
             text.contains("strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/ci-4711/sa/tests\"} 2"),
@@ -936,7 +995,6 @@ mod tests {
             assert!(text.contains(decision), "{decision}: {text}");
         }
 
-        let t0 = Instant::now();
         m.forget_idle(t0 + METRICS_RETAIN_IDLE - std::time::Duration::from_secs(1));
         assert!(series(&m.encode(), "ci-4711") > 3, "kept for the retention");
         m.forget_idle(t0 + METRICS_RETAIN_IDLE * 2);
@@ -948,13 +1006,42 @@ mod tests {
         );
 
         // Back again: counted from zero in new series.
-        m.inbound_peer(Some(&gone)).requests.inc();
+        m.inbound_peer(Some(&gone)).http().requests.inc();
         let text = m.encode();
         assert!(
             text.contains("strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/ci-4711/sa/tests\"} 1"),
             "{text}"
         );
         drop(held);
+    }
+
+    /// A caller of opaque streams only shows its decisions, not HTTP series
+    /// that would stay at zero.
+    #[test]
+    fn a_caller_of_opaque_streams_only_has_no_http_series() {
+        let m = Metrics::new();
+        let db: crate::identity::Identity =
+            "spiffe://cluster.local/ns/db/sa/client".parse().unwrap();
+        let conn = m.inbound_peer(Some(&db));
+        conn.authorized(Authorized::Tcp, true);
+        let text = m.encode();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains("ns/db/sa/client"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(
+            lines[0].starts_with("strait_proxy_inbound_authorizations_total{")
+                && lines[0].ends_with(r#"protocol="tcp",decision="allow"} 1"#),
+            "{text}"
+        );
+        conn.http().requests.inc();
+        assert!(
+            m.encode().contains(
+                "strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/db/sa/client\"} 1"
+            ),
+            "an HTTP request makes them"
+        );
     }
 
     /// A route rule, backend or Service the configuration no longer has
@@ -999,6 +1086,8 @@ mod tests {
             again.requests.inc();
             assert!(Arc::ptr_eq(&route, &again));
         }
+        // Before the scrape that finds them idle, whenever it runs.
+        let t0 = Instant::now();
         let text = m.encode();
         assert!(
             text.contains("strait_proxy_route_requests_total{service=\"old:80\",route=\"shop/old\",rule=\"0\"} 2"),
@@ -1007,7 +1096,6 @@ mod tests {
         let before = series(&text, "old:80");
         assert!(before >= 10, "{before}: {text}");
 
-        let t0 = Instant::now();
         m.forget_idle(t0 + METRICS_RETAIN_IDLE - Duration::from_secs(1));
         assert_eq!(
             series(&m.encode(), "old:80"),
@@ -1023,6 +1111,49 @@ mod tests {
         );
         assert!(series(&text, "web:80") >= 5, "{text}");
         drop(kept);
+    }
+
+    /// A gRPC call's status may come long after its request was routed (a
+    /// stream that outlives the destination's stages, or a route deleted
+    /// meanwhile): it is counted in the series the request was, which stay
+    /// until then and leave after.
+    #[test]
+    fn a_grpc_call_keeps_its_route_and_caller_series_until_its_status() {
+        use std::time::{Duration, Instant};
+        let m = Metrics::new();
+        let caller: crate::identity::Identity = "spiffe://cluster.local/ns/ci-4711/sa/tests"
+            .parse()
+            .unwrap();
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && (l.contains("old:80") || l.contains("ci-4711")))
+                .count()
+        };
+        // What the call's response body holds once its stages are gone.
+        let call = (
+            m.route("old:80", "shop/old", "0"),
+            Some(m.inbound_peer(Some(&caller))),
+        );
+        let t0 = Instant::now();
+        let before = series(&m.encode());
+        for minutes in [10, 20, 30, 40] {
+            m.forget_idle(t0 + Duration::from_secs(60 * minutes));
+        }
+        assert_eq!(series(&m.encode()), before, "kept while the call is open");
+
+        grpc::OnStatus::status(call, 0);
+        let text = m.encode();
+        for counted in [
+            "strait_proxy_route_grpc_responses_total{service=\"old:80\",route=\"shop/old\",rule=\"0\",grpc_status=\"0\"} 1",
+            "strait_proxy_inbound_peer_grpc_responses_total{peer=\"spiffe://cluster.local/ns/ci-4711/sa/tests\",grpc_status=\"0\"} 1",
+        ] {
+            assert!(text.contains(counted), "{counted}: {text}");
+        }
+        let t1 = Instant::now();
+        m.forget_idle(t1);
+        m.forget_idle(t1 + METRICS_RETAIN_IDLE);
+        let text = m.encode();
+        assert_eq!(series(&text), 0, "nothing left behind: {text}");
     }
 
     #[test]
