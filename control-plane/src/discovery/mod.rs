@@ -300,6 +300,10 @@ fn follow(
         deadline: tokio::time::Instant,
         /// A view to send now: the zone's, just subscribed to.
         fresh: bool,
+        /// When the index change that made the zone known happened: the zone's
+        /// view is sent as of then, not as of its own last change (which may
+        /// be long before this watch started, and would read as lag).
+        found_at: Option<prost_types::Timestamp>,
     }
     let rx = views.subscribe((key.clone(), None));
     let snaps = Some(views.snapshot.clone());
@@ -312,11 +316,17 @@ fn follow(
         snaps,
         deadline: tokio::time::Instant::now() + defaults::ZONE_LOOKUP,
         fresh: true,
+        found_at: None,
     };
     futures_util::stream::unfold(start, |mut st| async move {
         loop {
             if std::mem::take(&mut st.fresh) {
-                let u = st.rx.borrow_and_update().clone();
+                let mut u = st.rx.borrow_and_update().clone();
+                if let Some(at) = st.found_at.take() {
+                    let mut restamped = (*u).clone();
+                    set_stamp(&mut restamped, (stamp_of(&u).0, Some(at)));
+                    u = Arc::new(restamped);
+                }
                 return Some((u, st));
             }
             let Some(snaps) = st.snaps.as_mut() else {
@@ -341,6 +351,7 @@ fn follow(
                         st.snaps = None;
                         st.rx = st.views.subscribe((st.key.clone(), Some(zone)));
                         st.fresh = true;
+                        st.found_at = changed_at(&snap);
                     }
                 }
             }
@@ -554,10 +565,15 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
 
     /// A proxy gets the endpoints meant for its pod's zone, found from the
     /// address it watches from; one whose pod the index does not hold yet
-    /// gets them all, then its zone's once the pod is known.
+    /// gets them all, then its zone's once the pod is known, stamped with when
+    /// that became known rather than with when its zone's view last changed.
     #[tokio::test]
     async fn a_watch_gets_the_endpoints_of_its_pods_zone() {
-        let (tx, rx) = watch::channel(zoned(1, &[("web-0", "10.0.9.1", "node-a")]));
+        // The index, and so every view of it, as of an hour ago.
+        let hour = std::time::Duration::from_secs(3600);
+        let mut first = Arc::try_unwrap(zoned(1, &[("web-0", "10.0.9.1", "node-a")])).unwrap();
+        first.built -= hour;
+        let (tx, rx) = watch::channel(Arc::new(first));
         let metrics = Metrics::new();
         let views = Views::new(rx, metrics.clone());
         tokio::spawn(views.clone().run());
@@ -567,13 +583,15 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
             req.get_mut().destination = "api.shop:80".into();
             svc.watch(req)
         };
-        async fn next(s: &mut UpdateStream) -> Vec<String> {
-            let u = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+        async fn update(s: &mut UpdateStream) -> api::DestinationUpdate {
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
                 .await
                 .expect("an update")
                 .unwrap()
-                .unwrap();
-            endpoints(&u).1
+                .unwrap()
+        }
+        async fn next(s: &mut UpdateStream) -> Vec<String> {
+            endpoints(&update(s).await).1
         }
         let mut in_a = watch("10.0.9.1").await.unwrap().into_inner();
         assert_eq!(next(&mut in_a).await, ["10.0.1.1:8080"]);
@@ -587,7 +605,16 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
                 ("web-1", "10.0.9.2", "node-b"),
             ],
         ));
-        assert_eq!(next(&mut unknown).await, ["10.0.2.1:8080"]);
+        let found = update(&mut unknown).await;
+        assert_eq!(endpoints(&found).1, ["10.0.2.1:8080"]);
+        let Some(api::destination_update::Kind::Service(s)) = &found.kind else {
+            panic!("{found:?}");
+        };
+        let at = std::time::SystemTime::try_from(s.changed_at.unwrap()).unwrap();
+        let lag = std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default();
+        assert!(lag < hour / 2, "read by the proxy as a lag of {lag:?}");
         // From the loopback address (a proxy beside a local controller): all.
         let mut local = watch("127.0.0.1").await.unwrap().into_inner();
         assert_eq!(next(&mut local).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
