@@ -118,6 +118,8 @@ struct State {
     /// The most objects one list response of a collection carried.
     largest_page: HashMap<&'static str, usize>,
     watches: HashMap<&'static str, usize>,
+    /// Lists and watches that asked for whole objects rather than metadata.
+    whole_reads: HashMap<&'static str, usize>,
     status_patches: Vec<(String, String, Value)>,
 }
 
@@ -318,6 +320,13 @@ impl KubeApi {
         st.lists.get(plural).copied().unwrap_or(0)
     }
 
+    /// How many lists and watches of a collection asked for whole objects
+    /// rather than their metadata (`as=PartialObjectMetadata`).
+    pub fn whole_reads(&self, plural: &str) -> usize {
+        let st = self.state.lock().expect("state");
+        st.whole_reads.get(plural).copied().unwrap_or(0)
+    }
+
     /// The most objects of a collection one list response carried: a client
     /// that asks for pages gets none larger than it asked for.
     pub fn largest_page(&self, plural: &str) -> usize {
@@ -487,11 +496,31 @@ async fn handle(
         );
     }
     let q = query(&req);
+    // `Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1`
+    // (a list) or `as=PartialObjectMetadata` (a watch): metadata only.
+    let shape = if req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+    {
+        Shape::Metadata
+    } else {
+        Shape::Whole
+    };
+    if req.method() == Method::GET && t.name.is_none() && shape == Shape::Whole {
+        *state
+            .lock()
+            .expect("state")
+            .whole_reads
+            .entry(t.plural)
+            .or_default() += 1;
+    }
     match (req.method().clone(), &t.name, t.subresource.as_deref()) {
         (Method::GET, None, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch_stream(&t, &q, &state, &events, cut)
+            watch_stream(&t, &q, shape, &state, &events, cut)
         }
-        (Method::GET, None, None) => list(&t, &q, &state),
+        (Method::GET, None, None) => list(&t, &q, shape, &state),
         (Method::GET, Some(name), None) => {
             let st = state.lock().expect("state");
             // Cluster-scoped objects are kept under "default".
@@ -549,6 +578,27 @@ async fn handle(
     }
 }
 
+/// What a list or watch returns of each object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Whole,
+    /// `PartialObjectMetadata`: the object's metadata alone.
+    Metadata,
+}
+
+impl Shape {
+    fn of(self, object: &Value) -> Value {
+        match self {
+            Shape::Whole => clean(object),
+            Shape::Metadata => json!({
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadata",
+                "metadata": clean(object)["metadata"].clone(),
+            }),
+        }
+    }
+}
+
 fn with_event(mut v: Value, ev: &str) -> Value {
     v["__event"] = json!(ev);
     v
@@ -566,7 +616,12 @@ fn clean(v: &Value) -> Value {
 /// A list, in pages of `limit` items when asked (as kube's watcher does, 500
 /// at a time), each page after the first named by the previous one's
 /// `continue` token; a page's resourceVersion is that of the first.
-fn list(t: &Target, q: &HashMap<String, String>, state: &Mutex<State>) -> Response<Body> {
+fn list(
+    t: &Target,
+    q: &HashMap<String, String>,
+    shape: Shape,
+    state: &Mutex<State>,
+) -> Response<Body> {
     let mut st = state.lock().expect("state");
     let (skip, rv) = match q.get("continue").and_then(|c| c.split_once('.')) {
         Some((skip, rv)) => (skip.parse().unwrap_or(0), rv.to_string()),
@@ -588,7 +643,7 @@ fn list(t: &Target, q: &HashMap<String, String>, state: &Mutex<State>) -> Respon
     let items: Vec<Value> = matching
         .by_ref()
         .take(limit)
-        .map(|(_, v)| clean(v))
+        .map(|(_, v)| shape.of(v))
         .collect();
     let more = matching.next().is_some();
     let largest = st.largest_page.entry(t.plural).or_default();
@@ -597,9 +652,16 @@ fn list(t: &Target, q: &HashMap<String, String>, state: &Mutex<State>) -> Respon
     if more {
         metadata["continue"] = json!(format!("{}.{rv}", skip + items.len()));
     }
+    let (api_version, kind) = match shape {
+        Shape::Whole => (t.api_version.to_string(), format!("{}List", t.kind)),
+        Shape::Metadata => (
+            "meta.k8s.io/v1".to_string(),
+            "PartialObjectMetadataList".to_string(),
+        ),
+    };
     full(
         StatusCode::OK,
-        &json!({"apiVersion": t.api_version, "kind": format!("{}List", t.kind),
+        &json!({"apiVersion": api_version, "kind": kind,
                 "metadata": metadata, "items": items}),
     )
 }
@@ -677,6 +739,7 @@ async fn write(
 fn watch_stream(
     t: &Target,
     q: &HashMap<String, String>,
+    shape: Shape,
     state: &Mutex<State>,
     events: &broadcast::Sender<Event>,
     mut cut: watch::Receiver<u64>,
@@ -710,7 +773,7 @@ fn watch_stream(
             return streaming(rx);
         }
         for e in st.log.iter().filter(|e| e.plural == plural && e.rv > from) {
-            backlog.push(line(event_json(e)));
+            backlog.push(line(event_json(e, shape)));
         }
     }
     let mut rv = from;
@@ -731,7 +794,7 @@ fn watch_stream(
                 e = live.recv() => match e {
                     Ok(e) if e.plural == plural && e.rv > from => {
                         rv = rv.max(e.rv);
-                        if tx.send(line(event_json(&e))).await.is_err() { return; }
+                        if tx.send(line(event_json(&e, shape))).await.is_err() { return; }
                     }
                     Ok(e) => rv = rv.max(e.rv),
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
@@ -749,12 +812,12 @@ fn watch_stream(
     streaming(rx)
 }
 
-fn event_json(e: &Event) -> Value {
+fn event_json(e: &Event, shape: Shape) -> Value {
     let ev = e.object["__event"]
         .as_str()
         .unwrap_or("MODIFIED")
         .to_string();
-    json!({"type": ev, "object": clean(&e.object)})
+    json!({"type": ev, "object": shape.of(&e.object)})
 }
 
 fn streaming(rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) -> Response<Body> {

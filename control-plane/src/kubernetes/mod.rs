@@ -443,8 +443,9 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             .await
         }
         Kind::Node => {
-            // Metadata only: a Node's status (its images, conditions) is
-            // most of it, and none of it is used.
+            // Metadata only (kube asks for `PartialObjectMetadata` for this
+            // type): a Node's status (its images, conditions) is most of it,
+            // changes every few minutes, and none of it is used.
             let api: Api<PartialObjectMeta<Node>> = Api::all(client);
             run_watcher(api, config, kind, out, |n| {
                 let o = SnapshotBuilder::node(&n.metadata)
@@ -669,6 +670,52 @@ mod tests {
         let (_, changes) = watched_for_two_minutes(kind, move |_| (404, missing)).await;
         assert_eq!(changes[..2], ["Relist", "Absent"]);
         assert!(changes[2..].iter().all(|c| c == "Relist"), "{changes:?}");
+    }
+
+    /// Nodes are asked for as metadata, so the API server sends none of their
+    /// status, and their zone is read from the labels that come back.
+    #[tokio::test(start_paused = true)]
+    async fn nodes_are_read_as_metadata_for_their_zone() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let list = r#"{"kind":"PartialObjectMetadataList","apiVersion":"meta.k8s.io/v1","metadata":{"resourceVersion":"7"},"items":[{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{"name":"node-a","resourceVersion":"7","labels":{"topology.kubernetes.io/zone":"a"}}}]}"#;
+        let whole = Arc::new(AtomicUsize::new(0));
+        let counted = whole.clone();
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let metadata = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+            if !metadata {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
+            std::future::ready(
+                http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(
+                        if watch { "" } else { list }.as_bytes().to_vec(),
+                    )),
+            )
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let watching = tokio::spawn(watch_kind(Client::new(api, "default"), Kind::Node, tx));
+        let node = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(c) = rx.recv().await {
+                if let Change::Apply { object, .. } = c
+                    && let Ok(Some(Object::Node(name, zone))) = *object
+                {
+                    return Some((name, zone));
+                }
+            }
+            None
+        })
+        .await
+        .expect("the node applied");
+        watching.abort();
+        assert_eq!(node, Some(("node-a".to_string(), Some("a".to_string()))));
+        assert_eq!(whole.load(Ordering::SeqCst), 0, "a request for whole Nodes");
     }
 
     /// Requests a watcher of Services makes in two minutes of a paused clock

@@ -886,6 +886,11 @@ async fn httproute_changes_through_the_api_move_traffic() {
     let cp = controller(&api, &dir, None).await;
     // Nodes are read too, for their zones (topology-aware routing).
     assert!(api.lists("nodes") >= 1, "nodes not listed");
+    assert_eq!(
+        api.whole_reads("nodes"),
+        0,
+        "Nodes asked for whole, not as metadata"
+    );
     let client = Sidecar::start(cp.grpc, NS, "client", &[WEB]).await;
     until_serving(&client, &v1, "the route sends web's traffic to web-v1").await;
     assert_eq!(share(&client, &v1, 20).await, 20);
