@@ -28,7 +28,11 @@ fn main() -> ExitCode {
 
 fn start() -> anyhow::Result<()> {
     let config = match Cli::parse().into_action() {
-        Action::Run(c) => *c,
+        Action::Run(c) => {
+            // Before any thread or descriptor: the process may be replaced.
+            heap::without_thread_cache();
+            *c
+        }
         Action::Init(args) => {
             let rules = strait_proxy::init::run(&args)?;
             print!("{rules}");

@@ -1214,6 +1214,60 @@ async fn a_connection_to_the_outbound_port_made_ahead_of_use_is_served() {
     assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp:?}");
 }
 
+/// The proxy runs with glibc's per-thread cache off (it kept memory a busy
+/// moment had freed), started again by itself with the setting; an
+/// operator's own setting stands.
+#[tokio::test]
+async fn the_proxy_runs_with_the_allocators_thread_cache_off() {
+    // What the process was started with: glibc 2.36 leaves the first of the
+    // tunables there (it applies them all).
+    let environ = |pid: u32, name: &str| {
+        let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+        let prefix = format!("{name}=");
+        raw.split(|b| *b == 0)
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .find_map(|v| v.strip_prefix(prefix.as_str()))
+            .map(str::to_string)
+    };
+    for (given, first, started_again) in [
+        (None, "glibc.malloc.tcache_count=0", true),
+        (
+            Some("glibc.malloc.trim_threshold=131072"),
+            "glibc.malloc.tcache_count=0",
+            true,
+        ),
+        (
+            Some("glibc.malloc.tcache_count=2"),
+            "glibc.malloc.tcache_count=2",
+            false,
+        ),
+    ] {
+        let port = |_| format!("127.0.0.1:{}", free_port());
+        let (outbound, inbound, admin) = (port(0), port(1), port(2));
+        let envs: Vec<(&str, &str)> = given.map(|g| ("GLIBC_TUNABLES", g)).into_iter().collect();
+        let mut proxy = strait_tests::process::Proc::spawn(
+            "strait-proxy",
+            &[
+                format!("--outbound-addr={outbound}"),
+                format!("--inbound-addr={inbound}"),
+                format!("--admin-addr={admin}"),
+            ],
+            &envs,
+        );
+        proxy
+            .ready(admin.parse().unwrap(), Duration::from_secs(10))
+            .await;
+        let pid = proxy.pid();
+        let tunables = environ(pid, "GLIBC_TUNABLES").unwrap_or_default();
+        assert!(tunables.starts_with(first), "given {given:?}: {tunables}");
+        assert_eq!(
+            environ(pid, "STRAIT_PROXY_ALLOCATOR_SET").is_some(),
+            started_again,
+            "given {given:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_silent_client_still_gets_a_greeting_or_an_opaque_stream() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
