@@ -619,4 +619,28 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
         let mut local = watch("127.0.0.1").await.unwrap().into_inner();
         assert_eq!(next(&mut local).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
     }
+
+    /// A caller's zone is looked for during `ZONE_LOOKUP` only: its pod
+    /// reported after that leaves the watch on every endpoint, with no update.
+    #[tokio::test(start_paused = true)]
+    async fn a_zone_found_after_the_lookup_ends_is_not_followed() {
+        let (tx, rx) = watch::channel(zoned(1, &[]));
+        let metrics = Metrics::new();
+        let views = Views::new(rx, metrics.clone());
+        tokio::spawn(views.clone().run());
+        let svc = DiscoveryService::new(views, Watches::new(metrics), None);
+        let mut req = watch_from("10.0.9.2", 0);
+        req.get_mut().destination = "api.shop:80".into();
+        let mut unknown = svc.watch(req).await.unwrap().into_inner();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), unknown.next())
+            .await
+            .expect("an update")
+            .unwrap()
+            .unwrap();
+        assert_eq!(endpoints(&first).1, ["10.0.1.1:8080", "10.0.2.1:8080"]);
+        tokio::time::sleep(defaults::ZONE_LOOKUP + std::time::Duration::from_secs(1)).await;
+        tx.send_replace(zoned(2, &[("web-1", "10.0.9.2", "node-b")]));
+        let late = tokio::time::timeout(std::time::Duration::from_secs(60), unknown.next()).await;
+        assert!(late.is_err(), "followed after the lookup ended: {late:?}");
+    }
 }
