@@ -23,70 +23,99 @@
 
 use std::time::Duration;
 
-/// Where glibc reads its allocator settings from, at start.
-#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
-const TUNABLES: &str = "GLIBC_TUNABLES";
-#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
-const TCACHE_COUNT: &str = "glibc.malloc.tcache_count";
-/// Set for the process started again, so that it is started again once only,
-/// whatever glibc made of the tunables (it drops them for a privileged
-/// binary, `AT_SECURE`).
-#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
-const STARTED_AGAIN: &str = "STRAIT_PROXY_ALLOCATOR_SET";
+pub use thread_cache::without as without_thread_cache;
 
-/// The `GLIBC_TUNABLES` to start again with, or `None` to run on as is: the
-/// cache is already set, by the operator or by an earlier start.
+/// Starting again with glibc's per-thread cache off (see the top of this file).
 #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
-fn tunables_to_set(current: Option<&std::ffi::OsStr>, started_again: bool) -> Option<String> {
-    if started_again {
-        return None;
+mod thread_cache {
+    /// Where glibc reads its allocator settings from, at start.
+    const TUNABLES: &str = "GLIBC_TUNABLES";
+    const TCACHE_COUNT: &str = "glibc.malloc.tcache_count";
+    /// Set for the process started again, so that it is started again once only,
+    /// whatever glibc made of the tunables (it drops them for a privileged
+    /// binary, `AT_SECURE`).
+    const STARTED_AGAIN: &str = "STRAIT_PROXY_ALLOCATOR_SET";
+
+    /// The `GLIBC_TUNABLES` to start again with, or `None` to run on as is: the
+    /// cache is already set, by the operator or by an earlier start.
+    fn tunables_to_set(current: Option<&std::ffi::OsStr>, started_again: bool) -> Option<String> {
+        if started_again {
+            return None;
+        }
+        let off = format!("{TCACHE_COUNT}=0");
+        match current.map(|c| c.to_str()) {
+            None => Some(off),
+            Some(Some("")) => Some(off),
+            Some(Some(c)) if c.contains(TCACHE_COUNT) => None,
+            // First: glibc 2.36 shows only the first of them in
+            // `/proc/<pid>/environ` (it applies them all).
+            Some(Some(c)) => Some(format!("{off}:{c}")),
+            // Not text: not glibc's to read either; left alone.
+            Some(None) => None,
+        }
     }
-    let off = format!("{TCACHE_COUNT}=0");
-    match current.map(|c| c.to_str()) {
-        None => Some(off),
-        Some(Some("")) => Some(off),
-        Some(Some(c)) if c.contains(TCACHE_COUNT) => None,
-        // First: glibc 2.36 shows only the first of them in
-        // `/proc/<pid>/environ` (it applies them all).
-        Some(Some(c)) => Some(format!("{off}:{c}")),
-        // Not text: not glibc's to read either; left alone.
-        Some(None) => None,
+
+    /// Replaces the process with itself, the thread cache off (see above); returns
+    /// only when that is not needed or cannot be done, to run as it is. Call before
+    /// any thread or descriptor is made.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn without() {
+        use std::os::unix::process::CommandExt as _;
+        let current = std::env::var_os(TUNABLES);
+        let Some(tunables) = tunables_to_set(
+            current.as_deref(),
+            std::env::var_os(STARTED_AGAIN).is_some(),
+        ) else {
+            return;
+        };
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let mut cmd = std::process::Command::new(exe);
+        if let Some(arg0) = args.next() {
+            cmd.arg0(arg0);
+        }
+        // Returns only on failure (the binary replaced or gone since it started):
+        // then the proxy runs with glibc's defaults.
+        let _ = cmd
+            .args(args)
+            .env(TUNABLES, tunables)
+            .env(STARTED_AGAIN, "1")
+            .exec();
+    }
+
+    /// Other C libraries have no such cache, or no such setting.
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn without() {}
+
+    #[cfg(test)]
+    mod tests {
+        use super::tunables_to_set;
+        use std::ffi::OsStr;
+
+        #[test]
+        fn the_cache_is_turned_off_once_and_an_operators_setting_stands() {
+            let off = "glibc.malloc.tcache_count=0";
+            assert_eq!(tunables_to_set(None, false).as_deref(), Some(off));
+            assert_eq!(
+                tunables_to_set(Some(OsStr::new("")), false).as_deref(),
+                Some(off)
+            );
+            assert_eq!(
+                tunables_to_set(Some(OsStr::new("glibc.malloc.trim_threshold=65536")), false)
+                    .as_deref(),
+                Some("glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=65536")
+            );
+            assert_eq!(
+                tunables_to_set(Some(OsStr::new("glibc.malloc.tcache_count=3")), false),
+                None,
+                "the operator's own"
+            );
+            assert_eq!(tunables_to_set(None, true), None, "started again already");
+        }
     }
 }
-
-/// Replaces the process with itself, the thread cache off (see above); returns
-/// only when that is not needed or cannot be done, to run as it is. Call before
-/// any thread or descriptor is made.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn without_thread_cache() {
-    use std::os::unix::process::CommandExt as _;
-    let current = std::env::var_os(TUNABLES);
-    let Some(tunables) = tunables_to_set(
-        current.as_deref(),
-        std::env::var_os(STARTED_AGAIN).is_some(),
-    ) else {
-        return;
-    };
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let mut cmd = std::process::Command::new(exe);
-    if let Some(arg0) = args.next() {
-        cmd.arg0(arg0);
-    }
-    // Returns only on failure (the binary replaced or gone since it started):
-    // then the proxy runs with glibc's defaults.
-    let _ = cmd
-        .args(args)
-        .env(TUNABLES, tunables)
-        .env(STARTED_AGAIN, "1")
-        .exec();
-}
-
-/// Other C libraries have no such cache, or no such setting.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn without_thread_cache() {}
 
 /// Hands freed heap back to the kernel every `every`, for as long as the
 /// runtime runs.
@@ -113,33 +142,6 @@ fn trim() {
 /// Other C libraries (musl) return freed memory themselves, or have no call.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim() {}
-
-#[cfg(test)]
-mod tunables {
-    use super::tunables_to_set;
-    use std::ffi::OsStr;
-
-    #[test]
-    fn the_cache_is_turned_off_once_and_an_operators_setting_stands() {
-        let off = "glibc.malloc.tcache_count=0";
-        assert_eq!(tunables_to_set(None, false).as_deref(), Some(off));
-        assert_eq!(
-            tunables_to_set(Some(OsStr::new("")), false).as_deref(),
-            Some(off)
-        );
-        assert_eq!(
-            tunables_to_set(Some(OsStr::new("glibc.malloc.trim_threshold=65536")), false)
-                .as_deref(),
-            Some("glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=65536")
-        );
-        assert_eq!(
-            tunables_to_set(Some(OsStr::new("glibc.malloc.tcache_count=3")), false),
-            None,
-            "the operator's own"
-        );
-        assert_eq!(tunables_to_set(None, true), None, "started again already");
-    }
-}
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {

@@ -522,6 +522,15 @@ endpoints: [{{addresses: [{addr}]}}]
         let refused = svc.watch(req).await.err().unwrap();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     }
+    /// The next update of a watch, within 5 s.
+    async fn update(s: &mut UpdateStream) -> api::DestinationUpdate {
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+            .await
+            .expect("an update")
+            .unwrap()
+            .unwrap()
+    }
+
     /// The index of a topology-aware Service with an endpoint in each of
     /// two zones, nodes in both, and the pods `pods` (name, address, node).
     fn zoned(version: u64, pods: &[(&str, &str, &str)]) -> Arc<Snapshot> {
@@ -583,13 +592,6 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
             req.get_mut().destination = "api.shop:80".into();
             svc.watch(req)
         };
-        async fn update(s: &mut UpdateStream) -> api::DestinationUpdate {
-            tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
-                .await
-                .expect("an update")
-                .unwrap()
-                .unwrap()
-        }
         async fn next(s: &mut UpdateStream) -> Vec<String> {
             endpoints(&update(s).await).1
         }
@@ -632,12 +634,10 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
         let mut req = watch_from("10.0.9.2", 0);
         req.get_mut().destination = "api.shop:80".into();
         let mut unknown = svc.watch(req).await.unwrap().into_inner();
-        let first = tokio::time::timeout(std::time::Duration::from_secs(5), unknown.next())
-            .await
-            .expect("an update")
-            .unwrap()
-            .unwrap();
-        assert_eq!(endpoints(&first).1, ["10.0.1.1:8080", "10.0.2.1:8080"]);
+        assert_eq!(
+            endpoints(&update(&mut unknown).await).1,
+            ["10.0.1.1:8080", "10.0.2.1:8080"]
+        );
         tokio::time::sleep(defaults::ZONE_LOOKUP + std::time::Duration::from_secs(1)).await;
         tx.send_replace(zoned(2, &[("web-1", "10.0.9.2", "node-b")]));
         let late = tokio::time::timeout(std::time::Duration::from_secs(60), unknown.next()).await;

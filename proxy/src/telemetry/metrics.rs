@@ -195,7 +195,7 @@ pub struct PeerHttp {
     pub latency: Histogram,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct PeerHttpFamilies {
     requests: Family<PeerLabels, Counter>,
     responses: Family<PeerStatusLabels, Counter>,
@@ -289,9 +289,7 @@ impl ByGrpcStatus {
             make: Box::new(move |status| family.get_or_create_owned(&labels(status))),
         }))
     }
-}
 
-impl ByGrpcStatus {
     /// `code` indexes `grpc::LABELS`.
     pub fn count(&self, code: usize) {
         let c = &self.0;
