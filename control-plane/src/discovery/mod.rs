@@ -1,6 +1,7 @@
 //! The discovery service: a proxy watches a destination and gets its view, then a
 //! new view whenever it changes. Views are computed once per change per destination
-//! and caller zone, and shared by every proxy watching it from that zone.
+//! (and per caller zone, for a Service with zone hints in force), and shared by
+//! every proxy watching it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,6 +21,9 @@ use crate::identity::serving;
 use crate::index::view::{self, view};
 use crate::index::{DestKey, Snapshot};
 use crate::metrics::{Metrics, Watches};
+use zones::{Found, Zone, Zones};
+
+mod zones;
 
 type Update = Arc<api::DestinationUpdate>;
 
@@ -32,6 +36,7 @@ pub struct Views {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     entries: Mutex<Entries>,
     metrics: Arc<Metrics>,
+    zones: Zones,
 }
 
 #[derive(Debug)]
@@ -74,6 +79,7 @@ impl Views {
     pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, metrics: Arc<Metrics>) -> Arc<Self> {
         let snap = snapshot.borrow().clone();
         Arc::new(Views {
+            zones: Zones::new(snapshot.clone()),
             snapshot,
             entries: Mutex::new(Entries {
                 views: HashMap::new(),
@@ -134,14 +140,43 @@ impl Views {
                 .collect()
         };
         let (views, mut pushed) = (watched.len(), 0i64);
-        for (key, tx) in watched {
+        let stamp = (snap.version, changed_at(&snap));
+        // Each destination's zone-less view, and whether every zone's is the
+        // same, with the update that view makes once stamped: shared by the
+        // watchers of every zone that changed.
+        let mut any_zone =
+            HashMap::<DestKey, (api::DestinationUpdate, bool, Option<Update>)>::new();
+        for ((dest, zone), tx) in watched {
+            let (common, everywhere, next) = any_zone.entry(dest.clone()).or_insert_with(|| {
+                let (v, everywhere) = view::any_zone(&snap, &dest);
+                (v, everywhere, None)
+            });
+            let old = tx.borrow().clone();
             // Compared as of the same version: a change elsewhere in the mesh
             // is not a change of this view, and is not pushed.
-            let mut v = view(&snap, &key.0, key.1.as_deref());
-            set_stamp(&mut v, stamp_of(&tx.borrow()));
-            if **tx.borrow() != v {
-                set_stamp(&mut v, (snap.version, changed_at(&snap)));
-                tx.send_replace(Arc::new(v));
+            let update = match zone {
+                Some(z) if !*everywhere => {
+                    let mut v = view(&snap, &dest, Some(&z));
+                    set_stamp(&mut v, stamp_of(&old));
+                    (*old != v).then(|| {
+                        set_stamp(&mut v, stamp);
+                        Arc::new(v)
+                    })
+                }
+                _ => {
+                    set_stamp(common, stamp_of(&old));
+                    (*old != *common).then(|| {
+                        next.get_or_insert_with(|| {
+                            let mut v = common.clone();
+                            set_stamp(&mut v, stamp);
+                            Arc::new(v)
+                        })
+                        .clone()
+                    })
+                }
+            };
+            if let Some(u) = update {
+                tx.send_replace(u);
                 self.metrics
                     .push_latency
                     .observe(snap.built.elapsed().as_secs_f64());
@@ -235,14 +270,15 @@ impl Discovery for DiscoveryService {
                 .take_until(ended);
             return Ok(Response::new(Box::pin(stream)));
         }
-        let snap = self.views.snapshot.borrow().clone();
-        let zone = caller_zone(&snap, source, caller.as_ref());
-        let stream = match source.filter(|a| zone.is_none() && !a.is_loopback()) {
+        let zone = Zone::of(&self.views.snapshot.borrow(), source, caller.as_ref());
+        let stream = match source.filter(|a| zone == Zone::Unknown && !a.is_loopback()) {
             // A caller whose zone is not known yet (its pod's address not
-            // reported when its proxy first asks, its node not read yet):
-            // looked up again at each index change, for a while.
-            Some(addr) => follow(self.views.clone(), key, addr, caller).boxed(),
-            None => WatchStream::new(self.views.subscribe((key, zone))).boxed(),
+            // reported when its proxy first asks, its node not read yet).
+            Some(addr) => {
+                let lookup = self.views.zones.lookup(addr, caller.as_ref());
+                follow(self.views.clone(), key, lookup).boxed()
+            }
+            None => WatchStream::new(self.views.subscribe((key, zone.known()))).boxed(),
         };
         let stream = stream
             .map(move |u| {
@@ -254,50 +290,21 @@ impl Discovery for DiscoveryService {
     }
 }
 
-/// The pod that opened a watch: the one at its source address, if it is the
-/// caller's (its namespace and service account, where callers prove them).
-fn caller_pod<'a>(
-    snap: &'a Snapshot,
-    source: Option<std::net::IpAddr>,
-    caller: Option<&Caller>,
-) -> Option<&'a crate::index::PodInfo> {
-    let (k, pod) = snap.pod_at(source?)?;
-    let theirs = caller
-        .is_none_or(|c| c.namespace == k.namespace && c.service_account == pod.service_account);
-    theirs.then_some(pod)
-}
-
-/// The zone of the pod that opened a watch, when it is known.
-fn caller_zone(
-    snap: &Snapshot,
-    source: Option<std::net::IpAddr>,
-    caller: Option<&Caller>,
-) -> Option<String> {
-    caller_pod(snap, source, caller)
-        .and_then(|p| snap.zone_of_pod(p))
-        .map(str::to_string)
-}
-
-/// The views of `key` for a watch from `source`, whose zone is not known
-/// yet: the zone-less view until it is, then its zone's. Looked up during
-/// `ZONE_LOOKUP` only: what is still unknown then (an address that is no
-/// pod's, a pod on its node's network, a node without a zone) stays
-/// zone-less.
+/// The views of `key` for a watch whose zone is not known yet: the
+/// zone-less view until `lookup` finds it, then its zone's. What is not
+/// found (an address that is no pod's, a pod on its node's network, a node
+/// without a zone) stays zone-less.
 fn follow(
     views: Arc<Views>,
     key: DestKey,
-    source: std::net::IpAddr,
-    caller: Option<Caller>,
+    lookup: watch::Receiver<Option<Found>>,
 ) -> impl Stream<Item = Update> + Send {
     struct Follow {
         views: Arc<Views>,
         key: DestKey,
-        source: std::net::IpAddr,
-        caller: Option<Caller>,
         rx: watch::Receiver<Update>,
-        /// Until the zone is found, or the deadline passes.
-        snaps: Option<watch::Receiver<Arc<Snapshot>>>,
-        deadline: tokio::time::Instant,
+        /// Until the zone is found, or the lookup ends.
+        lookup: Option<watch::Receiver<Option<Found>>>,
         /// A view to send now: the zone's, just subscribed to.
         fresh: bool,
         /// When the index change that made the zone known happened: the zone's
@@ -306,15 +313,11 @@ fn follow(
         found_at: Option<prost_types::Timestamp>,
     }
     let rx = views.subscribe((key.clone(), None));
-    let snaps = Some(views.snapshot.clone());
     let start = Follow {
         views,
         key,
-        source,
-        caller,
         rx,
-        snaps,
-        deadline: tokio::time::Instant::now() + defaults::ZONE_LOOKUP,
+        lookup: Some(lookup),
         fresh: true,
         found_at: None,
     };
@@ -329,7 +332,7 @@ fn follow(
                 }
                 return Some((u, st));
             }
-            let Some(snaps) = st.snaps.as_mut() else {
+            let Some(lookup) = st.lookup.as_mut() else {
                 st.rx.changed().await.ok()?;
                 let u = st.rx.borrow_and_update().clone();
                 return Some((u, st));
@@ -340,18 +343,13 @@ fn follow(
                     let u = st.rx.borrow_and_update().clone();
                     return Some((u, st));
                 }
-                () = tokio::time::sleep_until(st.deadline) => st.snaps = None,
-                changed = snaps.changed() => {
-                    if changed.is_err() {
-                        st.snaps = None;
-                        continue;
-                    }
-                    let snap = snaps.borrow_and_update().clone();
-                    if let Some(zone) = caller_zone(&snap, Some(st.source), st.caller.as_ref()) {
-                        st.snaps = None;
+                changed = lookup.changed() => {
+                    let found = changed.ok().and_then(|()| lookup.borrow_and_update().clone());
+                    st.lookup = None;
+                    if let Some(Found { zone, at }) = found {
                         st.rx = st.views.subscribe((st.key.clone(), Some(zone)));
                         st.fresh = true;
-                        st.found_at = changed_at(&snap);
+                        st.found_at = at;
                     }
                 }
             }
@@ -531,8 +529,10 @@ endpoints: [{{addresses: [{addr}]}}]
             .unwrap()
     }
 
-    /// The index of a topology-aware Service with an endpoint in each of
-    /// two zones, nodes in both, and the pods `pods` (name, address, node).
+    /// The index of a topology-aware Service (`api`) with an endpoint in
+    /// each of two zones, a Service that is not (`plain`), nodes in both
+    /// zones and one without a zone (`node-c`), and the pods `pods` (name,
+    /// address, node).
     fn zoned(version: u64, pods: &[(&str, &str, &str)]) -> Arc<Snapshot> {
         let mut yaml = String::from(
             r#"
@@ -557,6 +557,23 @@ metadata: {name: node-a, labels: {topology.kubernetes.io/zone: a}}
 apiVersion: v1
 kind: Node
 metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-c}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.31, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: plain-1, namespace: shop, labels: {kubernetes.io/service-name: plain}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.0.1.5], zone: a, hints: {forZones: [{name: a}]}}
 "#,
         );
         for (name, ip, node) in pods {
@@ -642,5 +659,160 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: b}}
         tx.send_replace(zoned(2, &[("web-1", "10.0.9.2", "node-b")]));
         let late = tokio::time::timeout(std::time::Duration::from_secs(60), unknown.next()).await;
         assert!(late.is_err(), "followed after the lookup ended: {late:?}");
+    }
+
+    /// `snap` with a second endpoint for `api` in each zone and one for `plain`.
+    fn grown(snap: &Snapshot) -> Arc<Snapshot> {
+        let yaml = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-2, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.0.1.2], zone: a, hints: {forZones: [{name: a}]}}
+  - {addresses: [10.0.2.2], zone: b, hints: {forZones: [{name: b}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: plain-2, namespace: shop, labels: {kubernetes.io/service-name: plain}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.0.2.5], zone: b}
+"#;
+        let mut next = snap.clone();
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut next);
+        }
+        next.version += 1;
+        next.built = tokio::time::Instant::now();
+        Arc::new(next)
+    }
+
+    /// A change to a Service without zone hints in force is computed once,
+    /// and the watchers of every zone get the same update; one with hints
+    /// gives each zone its own.
+    #[tokio::test]
+    async fn a_destination_without_zone_hints_is_computed_once_for_every_zone() {
+        let first = zoned(1, &[]);
+        let (_tx, rx) = watch::channel(first.clone());
+        let views = Views::new(rx, Metrics::new());
+        let zones = [None, Some("a"), Some("b")];
+        let watch = |dest: &str| -> Vec<watch::Receiver<Update>> {
+            let dest = DestKey::parse(dest, "shop").unwrap();
+            zones
+                .iter()
+                .map(|z| views.subscribe((dest.clone(), z.map(String::from))))
+                .collect()
+        };
+        let (mut plain, mut api) = (watch("plain.shop:80"), watch("api.shop:80"));
+        views.round(grown(&first));
+        let seen = |rx: &mut watch::Receiver<Update>| -> (Update, Vec<String>) {
+            assert!(rx.has_changed().unwrap(), "no update");
+            let u = rx.borrow_and_update().clone();
+            let eps = endpoints(&u).1;
+            (u, eps)
+        };
+        let plain: Vec<_> = plain.iter_mut().map(seen).collect();
+        for (u, eps) in &plain {
+            assert_eq!(eps, &["10.0.1.5:8080", "10.0.2.5:8080"]);
+            assert!(Arc::ptr_eq(u, &plain[0].0), "computed again for a zone");
+        }
+        let api: Vec<Vec<String>> = api.iter_mut().map(|rx| seen(rx).1).collect();
+        assert_eq!(
+            api,
+            [
+                vec![
+                    "10.0.1.1:8080",
+                    "10.0.1.2:8080",
+                    "10.0.2.1:8080",
+                    "10.0.2.2:8080"
+                ],
+                vec!["10.0.1.1:8080", "10.0.1.2:8080"],
+                vec!["10.0.2.1:8080", "10.0.2.2:8080"],
+            ]
+        );
+    }
+
+    /// Until no lookup is under way, within 5 s.
+    async fn lookups_end(views: &Views) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while views.zones.pending() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("lookups under way");
+    }
+
+    /// Every watch from an address whose zone is not known yet waits on one
+    /// lookup of it, which ends as soon as its pod's node is known, with a
+    /// zone or without one; a watch from a pod known to be of no zone starts
+    /// no lookup.
+    #[tokio::test]
+    async fn the_watches_of_one_address_share_one_lookup_of_its_zone() {
+        let (tx, rx) = watch::channel(zoned(1, &[]));
+        let metrics = Metrics::new();
+        let views = Views::new(rx, metrics.clone());
+        tokio::spawn(views.clone().run());
+        let svc = DiscoveryService::new(views.clone(), Watches::new(metrics), None);
+        let watch = |from: &str, dest: &str| {
+            let mut req = watch_from(from, 0);
+            req.get_mut().destination = dest.into();
+            svc.watch(req)
+        };
+        let mut api = watch("10.0.9.2", "api.shop:80").await.unwrap().into_inner();
+        let mut plain = watch("10.0.9.2", "plain.shop:80")
+            .await
+            .unwrap()
+            .into_inner();
+        let mut zoneless = watch("10.0.9.3", "api.shop:80").await.unwrap().into_inner();
+        for s in [&mut api, &mut zoneless] {
+            assert_eq!(
+                endpoints(&update(s).await).1,
+                ["10.0.1.1:8080", "10.0.2.1:8080"]
+            );
+        }
+        assert_eq!(endpoints(&update(&mut plain).await).1, ["10.0.1.5:8080"]);
+        assert_eq!(views.zones.pending(), 2, "one lookup per address");
+        // One pod reported on a node of zone b, the other on a node without one.
+        tx.send_replace(zoned(
+            2,
+            &[
+                ("web-1", "10.0.9.2", "node-b"),
+                ("web-2", "10.0.9.3", "node-c"),
+            ],
+        ));
+        assert_eq!(endpoints(&update(&mut api).await).1, ["10.0.2.1:8080"]);
+        assert_eq!(endpoints(&update(&mut plain).await).1, ["10.0.1.5:8080"]);
+        lookups_end(&views).await;
+        let mut again = watch("10.0.9.3", "plain.shop:80")
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(endpoints(&update(&mut again).await).1, ["10.0.1.5:8080"]);
+        assert_eq!(views.zones.pending(), 0, "looked up again");
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), zoneless.next());
+        assert!(quiet.await.is_err(), "a zone-less watch was sent an update");
+    }
+
+    /// The pod at a watch's address is its caller's only if the identity the
+    /// caller proved is the pod's (a new pod may hold an address an old one
+    /// had, before the index knows): otherwise its zone is not the caller's.
+    #[test]
+    fn a_pod_of_another_identity_at_the_address_gives_no_zone() {
+        let snap = zoned(1, &[("web-1", "10.0.9.2", "node-b")]);
+        let caller = |ns: &str, sa: &str| Caller {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            until: None,
+        };
+        let at = Some("10.0.9.2".parse().unwrap());
+        let zone = |c: Option<&Caller>| Zone::of(&snap, at, c);
+        assert_eq!(zone(Some(&caller("shop", "web"))), Zone::In("b".into()));
+        assert_eq!(zone(Some(&caller("shop", "db"))), Zone::Unknown);
+        assert_eq!(zone(Some(&caller("pay", "web"))), Zone::Unknown);
+        assert_eq!(zone(None), Zone::In("b".into()));
     }
 }

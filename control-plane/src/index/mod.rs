@@ -137,9 +137,10 @@ pub struct Snapshot {
     /// kubelet probes aside) until the policy is fixed or deleted. One
     /// tenant's broken policy closes that tenant's namespace, not the mesh.
     pub sealed_namespaces: BTreeSet<String>,
-    /// Each node's zone (its `topology.kubernetes.io/zone` label), for the
-    /// nodes that have one.
-    pub node_zones: HashMap<String, String>,
+    /// Each node read and its zone (its `topology.kubernetes.io/zone`
+    /// label), if it has one: a node without a zone is known to have none,
+    /// which a node not read yet is not.
+    pub node_zones: HashMap<String, Option<String>>,
 }
 
 /// SHA-256 of a service-account token.
@@ -186,7 +187,7 @@ impl Snapshot {
     /// A pod's zone: that of the node it runs on.
     pub fn zone_of_pod(&self, pod: &PodInfo) -> Option<&str> {
         let node = pod.node.as_ref()?;
-        self.node_zones.get(node).map(String::as_str)
+        self.node_zones.get(node)?.as_deref()
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -794,15 +795,12 @@ impl Snapshot {
         self.pods.insert(key, info);
     }
 
-    pub fn set_node_zone(&mut self, node: String, zone: Option<String>) {
-        match zone {
-            Some(z) => {
-                self.node_zones.insert(node, z);
-            }
-            None => {
-                self.node_zones.remove(&node);
-            }
-        }
+    pub fn add_node(&mut self, node: String, zone: Option<String>) {
+        self.node_zones.insert(node, zone);
+    }
+
+    pub fn remove_node(&mut self, node: &str) {
+        self.node_zones.remove(node);
     }
 
     pub fn remove_pod(&mut self, key: &ObjKey) {

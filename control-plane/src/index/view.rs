@@ -92,6 +92,27 @@ pub fn service_name(svc: &ObjKey, port: u16) -> String {
 /// topology-aware routing) and policy; its routes; whether it is opaque.
 /// Everything is in a stable order, so that equal views compare equal.
 pub fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::DestinationUpdate {
+    build(snap, key, zone, &mut false)
+}
+
+/// The view of `key` for a caller of unknown zone, and whether it is every
+/// zone's view too: it is unless a Service among its backends has zone hints
+/// in force. So a destination watched from many zones is computed once,
+/// unless it asks for topology-aware routing.
+pub fn any_zone(snap: &Snapshot, key: &DestKey) -> (api::DestinationUpdate, bool) {
+    let mut hinted = false;
+    let v = build(snap, key, None, &mut hinted);
+    (v, !hinted)
+}
+
+/// `view`, noting in `hinted` whether a backend's endpoints depend on the
+/// caller's zone.
+fn build(
+    snap: &Snapshot,
+    key: &DestKey,
+    zone: Option<&str>,
+    hinted: &mut bool,
+) -> api::DestinationUpdate {
     let (svc, port) = match key {
         DestKey::Service { svc, port } => (svc.clone(), *port),
         DestKey::ClusterIp(sa) => match snap.by_cluster_ip.get(&sa.ip()) {
@@ -107,7 +128,7 @@ pub fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::Destinat
     let policy = snap.backend_policy(&svc);
     let mut backends = vec![api::Backend {
         name: name.clone(),
-        endpoints: endpoints(snap, &svc, port, zone),
+        endpoints: endpoints(snap, &svc, port, zone, hinted),
         policy: policy.map(BackendPolicySpec::to_api),
     }];
     let routes = attached_routes(snap, &svc, sp);
@@ -127,7 +148,7 @@ pub fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::Destinat
         {
             backends.push(api::Backend {
                 name,
-                endpoints: endpoints(snap, target, target_port, zone),
+                endpoints: endpoints(snap, target, target_port, zone, hinted),
                 policy: snap.backend_policy(target).map(BackendPolicySpec::to_api),
             });
         }
@@ -220,7 +241,14 @@ fn service_port<'a>(snap: &'a Snapshot, svc: &ObjKey, port: u16) -> Option<&'a S
 /// hint, and at least one is for that zone. Otherwise (a caller of unknown
 /// zone, hints missing or being rolled out, none for the zone) all of them,
 /// so that a wrong or partial hint never leaves a caller with nothing.
-fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16, zone: Option<&str>) -> Vec<api::Endpoint> {
+/// `hinted` is set when the hints are in force, whatever `zone` is.
+fn endpoints(
+    snap: &Snapshot,
+    svc: &ObjKey,
+    port: u16,
+    zone: Option<&str>,
+    hinted: &mut bool,
+) -> Vec<api::Endpoint> {
     let Some(sp) = service_port(snap, svc, port) else {
         return Vec::new();
     };
@@ -263,12 +291,9 @@ fn endpoints(snap: &Snapshot, svc: &ObjKey, port: u16, zone: Option<&str>) -> Ve
             .flat_map(|(s, _)| &s.endpoints)
             .filter(|e| e.ready && live(e).is_some())
     };
-    let zone = zone.filter(|z| {
-        topology
-            && any_ready
-            && ready().all(|e| !e.for_zones.is_empty())
-            && ready().any(|e| e.for_zones.iter().any(|h| h == z))
-    });
+    let hints = topology && any_ready && ready().all(|e| !e.for_zones.is_empty());
+    *hinted |= hints;
+    let zone = zone.filter(|z| hints && ready().any(|e| e.for_zones.iter().any(|h| h == z)));
     let mut endpoints = Vec::new();
     for (slice, target) in slices() {
         let usable = |e: &&crate::index::EndpointInfo| {

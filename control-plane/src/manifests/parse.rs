@@ -82,7 +82,7 @@ impl ObjId {
             ObjId::Service(k) => snap.remove_service(k),
             ObjId::EndpointSlice(svc, name) => snap.remove_slice(svc, name),
             ObjId::Pod(k) => snap.remove_pod(k),
-            ObjId::Node(n) => snap.set_node_zone(n.clone(), None),
+            ObjId::Node(n) => snap.remove_node(n),
             ObjId::Token(d) => snap.remove_token(d),
             ObjId::Authorization(k) => snap.remove_authorization(k),
             ObjId::Route(r) => snap.remove_route(r),
@@ -116,7 +116,7 @@ impl Object {
                 snap.slices.get(svc).and_then(|m| m.get(name)) == Some(s)
             }
             Object::Pod(k, p) => snap.pods.get(k) == Some(p),
-            Object::Node(n, z) => snap.node_zones.get(n) == z.as_ref(),
+            Object::Node(n, z) => snap.node_zones.get(n) == Some(z),
             Object::Token(d, sa) => snap.tokens.get(d) == Some(sa),
             Object::Authorization(k, a) => snap.authorizations.get(k) == Some(a),
             Object::Route(id, r) => snap.routes.get(id) == Some(r),
@@ -133,7 +133,7 @@ impl Object {
             Object::Service(k, s) => snap.add_service(k, s),
             Object::EndpointSlice(svc, name, s) => snap.add_slice(svc, name, s),
             Object::Pod(k, p) => snap.add_pod(k, p),
-            Object::Node(n, z) => snap.set_node_zone(n, z),
+            Object::Node(n, z) => snap.add_node(n, z),
             Object::Token(d, sa) => snap.add_token(d, sa),
             Object::Authorization(k, a) => snap.add_authorization(k, a),
             Object::Route(id, r) => snap.add_route(id, r),
@@ -149,7 +149,7 @@ impl Object {
                 snap.add_slice(svc.clone(), name.clone(), s.clone())
             }
             Object::Pod(k, p) => snap.add_pod(k.clone(), p.clone()),
-            Object::Node(n, z) => snap.set_node_zone(n.clone(), z.clone()),
+            Object::Node(n, z) => snap.add_node(n.clone(), z.clone()),
             Object::Token(d, sa) => snap.add_token(*d, sa.clone()),
             Object::Authorization(k, a) => snap.add_authorization(k.clone(), a.clone()),
             Object::Route(id, r) => snap.add_route(id.clone(), r.clone()),
