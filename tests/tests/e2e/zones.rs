@@ -29,6 +29,28 @@ async fn send(client: &MeshedPod, web: SocketAddr, n: usize) -> usize {
         .await
 }
 
+/// The endpoints of the first destination `client`'s proxy shows in
+/// `/config` (to a caller in its pod: what it knows is not shown to others).
+async fn endpoints_sent(client: &MeshedPod) -> Vec<String> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], client.admin().port()));
+    let got = client
+        .pod
+        .run(move || async move { wait::admin_get(admin, "/config").await })
+        .join()
+        .await;
+    let Ok((200, body)) = got else {
+        return Vec::new();
+    };
+    let config: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
+    let backends = &config["state"]["destinations"][0]["answer"]["backends"];
+    backends[0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["address"].as_str().map(String::from))
+        .collect()
+}
+
 #[tokio::test]
 async fn a_topology_aware_service_keeps_each_clients_requests_in_its_zone() {
     let Some(mut mesh) = PodMesh::start().await else {
@@ -38,9 +60,10 @@ async fn a_topology_aware_service_keeps_each_clients_requests_in_its_zone() {
         mesh.pod("web-a", "web", &[]).await,
         mesh.pod("web-b", "web", &[]).await,
     );
-    let (in_a, in_b) = (
+    let (in_a, in_b, late) = (
         mesh.pod("client-a", "client", &[]).await,
         mesh.pod("client-b", "client", &[]).await,
+        mesh.pod("client-late", "client", &[]).await,
     );
     let (mut apps, mut running) = (Vec::new(), Vec::new());
     for p in [&a, &b] {
@@ -103,6 +126,31 @@ async fn a_topology_aware_service_keeps_each_clients_requests_in_its_zone() {
             client.pod.name
         );
     }
+
+    // A client whose pod is scheduled, as far as the controller knows, only
+    // after its proxy asked for web: sent every endpoint, then its zone's
+    // once its node is read.
+    mesh.wait_reachable(&late, web).await;
+    let (ep_a, ep_b) = (
+        format!("{}:{APP_PORT}", a.pod.ip),
+        format!("{}:{APP_PORT}", b.pod.ip),
+    );
+    let sent = endpoints_sent(&late).await;
+    assert!(sent.contains(&ep_a) && sent.contains(&ep_b), "{sent:?}");
+    mesh.place(&late, "node-a", "zone-a");
+    wait::until(
+        "client-late sent zone-a's endpoints only",
+        Duration::from_secs(10),
+        || async { endpoints_sent(&late).await == [ep_a.clone()] },
+    )
+    .await;
+    let before_b = to_b.requests();
+    assert_eq!(send(&late, web, 20).await, 20);
+    assert_eq!(
+        to_b.requests(),
+        before_b,
+        "client-late's requests left zone-a"
+    );
 
     // Its zone's pod ends: the client is not left without one, it crosses.
     mesh.dir.write(
