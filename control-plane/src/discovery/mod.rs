@@ -529,6 +529,26 @@ endpoints: [{{addresses: [{addr}]}}]
             .unwrap()
     }
 
+    /// A discovery service on `first`, without identities, its views kept
+    /// up to date with the index sent on the returned sender.
+    fn running(
+        first: Arc<Snapshot>,
+    ) -> (watch::Sender<Arc<Snapshot>>, Arc<Views>, DiscoveryService) {
+        let (tx, rx) = watch::channel(first);
+        let metrics = Metrics::new();
+        let views = Views::new(rx, metrics.clone());
+        tokio::spawn(views.clone().run());
+        let svc = DiscoveryService::new(views.clone(), Watches::new(metrics), None);
+        (tx, views, svc)
+    }
+
+    /// A watch of `dest` opened from `from`.
+    async fn watch_of(svc: &DiscoveryService, from: &str, dest: &str) -> UpdateStream {
+        let mut req = watch_from(from, 0);
+        req.get_mut().destination = dest.into();
+        svc.watch(req).await.unwrap().into_inner()
+    }
+
     /// The index of a topology-aware Service (`api`) with an endpoint in
     /// each of two zones, a Service that is not (`plain`), nodes in both
     /// zones and one without a zone (`node-c`), and the pods `pods` (name,
@@ -599,22 +619,14 @@ endpoints:
         let hour = std::time::Duration::from_secs(3600);
         let mut first = Arc::try_unwrap(zoned(1, &[("web-0", "10.0.9.1", "node-a")])).unwrap();
         first.built -= hour;
-        let (tx, rx) = watch::channel(Arc::new(first));
-        let metrics = Metrics::new();
-        let views = Views::new(rx, metrics.clone());
-        tokio::spawn(views.clone().run());
-        let svc = DiscoveryService::new(views, Watches::new(metrics), None);
-        let watch = |from: &str| {
-            let mut req = watch_from(from, 0);
-            req.get_mut().destination = "api.shop:80".into();
-            svc.watch(req)
-        };
+        let (tx, _, svc) = running(Arc::new(first));
+        let watch = |from: &'static str| watch_of(&svc, from, "api.shop:80");
         async fn next(s: &mut UpdateStream) -> Vec<String> {
             endpoints(&update(s).await).1
         }
-        let mut in_a = watch("10.0.9.1").await.unwrap().into_inner();
+        let mut in_a = watch("10.0.9.1").await;
         assert_eq!(next(&mut in_a).await, ["10.0.1.1:8080"]);
-        let mut unknown = watch("10.0.9.2").await.unwrap().into_inner();
+        let mut unknown = watch("10.0.9.2").await;
         assert_eq!(next(&mut unknown).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
         // Its pod is reported, on a node of zone b.
         tx.send_replace(zoned(
@@ -635,7 +647,7 @@ endpoints:
             .unwrap_or_default();
         assert!(lag < hour / 2, "read by the proxy as a lag of {lag:?}");
         // From the loopback address (a proxy beside a local controller): all.
-        let mut local = watch("127.0.0.1").await.unwrap().into_inner();
+        let mut local = watch("127.0.0.1").await;
         assert_eq!(next(&mut local).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
     }
 
@@ -643,14 +655,8 @@ endpoints:
     /// reported after that leaves the watch on every endpoint, with no update.
     #[tokio::test(start_paused = true)]
     async fn a_zone_found_after_the_lookup_ends_is_not_followed() {
-        let (tx, rx) = watch::channel(zoned(1, &[]));
-        let metrics = Metrics::new();
-        let views = Views::new(rx, metrics.clone());
-        tokio::spawn(views.clone().run());
-        let svc = DiscoveryService::new(views, Watches::new(metrics), None);
-        let mut req = watch_from("10.0.9.2", 0);
-        req.get_mut().destination = "api.shop:80".into();
-        let mut unknown = svc.watch(req).await.unwrap().into_inner();
+        let (tx, _, svc) = running(zoned(1, &[]));
+        let mut unknown = watch_of(&svc, "10.0.9.2", "api.shop:80").await;
         assert_eq!(
             endpoints(&update(&mut unknown).await).1,
             ["10.0.1.1:8080", "10.0.2.1:8080"]
@@ -752,22 +758,11 @@ endpoints:
     /// no lookup.
     #[tokio::test]
     async fn the_watches_of_one_address_share_one_lookup_of_its_zone() {
-        let (tx, rx) = watch::channel(zoned(1, &[]));
-        let metrics = Metrics::new();
-        let views = Views::new(rx, metrics.clone());
-        tokio::spawn(views.clone().run());
-        let svc = DiscoveryService::new(views.clone(), Watches::new(metrics), None);
-        let watch = |from: &str, dest: &str| {
-            let mut req = watch_from(from, 0);
-            req.get_mut().destination = dest.into();
-            svc.watch(req)
-        };
-        let mut api = watch("10.0.9.2", "api.shop:80").await.unwrap().into_inner();
-        let mut plain = watch("10.0.9.2", "plain.shop:80")
-            .await
-            .unwrap()
-            .into_inner();
-        let mut zoneless = watch("10.0.9.3", "api.shop:80").await.unwrap().into_inner();
+        let (tx, views, svc) = running(zoned(1, &[]));
+        let watch = |from: &'static str, dest: &'static str| watch_of(&svc, from, dest);
+        let mut api = watch("10.0.9.2", "api.shop:80").await;
+        let mut plain = watch("10.0.9.2", "plain.shop:80").await;
+        let mut zoneless = watch("10.0.9.3", "api.shop:80").await;
         for s in [&mut api, &mut zoneless] {
             assert_eq!(
                 endpoints(&update(s).await).1,
@@ -787,10 +782,7 @@ endpoints:
         assert_eq!(endpoints(&update(&mut api).await).1, ["10.0.2.1:8080"]);
         assert_eq!(endpoints(&update(&mut plain).await).1, ["10.0.1.5:8080"]);
         lookups_end(&views).await;
-        let mut again = watch("10.0.9.3", "plain.shop:80")
-            .await
-            .unwrap()
-            .into_inner();
+        let mut again = watch("10.0.9.3", "plain.shop:80").await;
         assert_eq!(endpoints(&update(&mut again).await).1, ["10.0.1.5:8080"]);
         assert_eq!(views.zones.pending(), 0, "looked up again");
         let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), zoneless.next());
