@@ -628,16 +628,17 @@ endpoints:
         assert_eq!(next(&mut in_a).await, ["10.0.1.1:8080"]);
         let mut unknown = watch("10.0.9.2").await;
         assert_eq!(next(&mut unknown).await, ["10.0.1.1:8080", "10.0.2.1:8080"]);
-        // Its pod is reported, on a node of zone b.
+        // Its pod is reported, on a node of zone a: whose view, watched by
+        // `in_a`, has not changed for an hour.
         tx.send_replace(zoned(
             2,
             &[
                 ("web-0", "10.0.9.1", "node-a"),
-                ("web-1", "10.0.9.2", "node-b"),
+                ("web-1", "10.0.9.2", "node-a"),
             ],
         ));
         let found = update(&mut unknown).await;
-        assert_eq!(endpoints(&found).1, ["10.0.2.1:8080"]);
+        assert_eq!(endpoints(&found).1, ["10.0.1.1:8080"]);
         let Some(api::destination_update::Kind::Service(s)) = &found.kind else {
             panic!("{found:?}");
         };
