@@ -337,10 +337,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         },
     );
 
-    let mut pods = MeshedPods::default();
     say(
-        match each_listed(&Api::<Pod>::all(client), PODS_PAGE, |p| pods.count(&p)).await {
-            Ok(()) => pods.line(),
+        match each_listed(&Api::<Pod>::all(client), PODS_PAGE, MeshedPods::count).await {
+            Ok(pods) => pods.line(),
             Err(e) => unread("the pods", &e),
         },
     );
@@ -352,22 +351,49 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 /// for 500; a pod's object is a few KiB).
 const PODS_PAGE: u32 = 500;
 
-/// Calls `each` on every object of `api`'s collection, `page` at a time, so
-/// that no more than a page is held at once.
-async fn each_listed<K>(api: &Api<K>, page: u32, mut each: impl FnMut(K)) -> Result<(), kube::Error>
+/// Folds every object of `api`'s collection into a fresh `S` with `each`,
+/// `page` at a time, so that no more than a page is held at once. A list that
+/// outlives its continue token (the API server keeps one about five minutes,
+/// then answers 410 Gone) is read again from the start into a fresh `S`, so
+/// that nothing is counted twice, up to `LIST_RESTARTS` times.
+async fn each_listed<K, S: Default>(
+    api: &Api<K>,
+    page: u32,
+    mut each: impl FnMut(&mut S, &K),
+) -> Result<S, kube::Error>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
-    let mut params = ListParams::default().limit(page);
-    loop {
-        let list = api.list(&params).await?;
-        list.items.into_iter().for_each(&mut each);
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(next) => params = params.continue_token(&next),
-            None => return Ok(()),
+    let mut restarts = 0;
+    'list: loop {
+        let mut folded = S::default();
+        let mut params = ListParams::default().limit(page);
+        loop {
+            let list = match api.list(&params).await {
+                Ok(list) => list,
+                Err(kube::Error::Api(s))
+                    if s.code == 410
+                        && params.continue_token.is_some()
+                        && restarts < LIST_RESTARTS =>
+                {
+                    restarts += 1;
+                    continue 'list;
+                }
+                Err(e) => return Err(e),
+            };
+            list.items.iter().for_each(|o| each(&mut folded, o));
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(next) => params = params.continue_token(&next),
+                None => return Ok(folded),
+            }
         }
     }
 }
+
+/// Times a paged list whose continue token expired is read again from the
+/// start before `check` gives up on it: each pass takes as long as the last,
+/// so one that keeps expiring will not finish.
+const LIST_RESTARTS: u32 = 2;
 
 /// How long a meshed pod may take to start before `check` calls it stuck:
 /// about the injected proxy's startup probe's window.
@@ -732,17 +758,20 @@ fn path_up(
 /// Each node's name and kubelet version, read a page at a time: a node's
 /// object is large (its images), and a cluster may have thousands.
 async fn kubelets(client: &kube::Client) -> Result<Vec<(String, String)>, kube::Error> {
-    let mut out = Vec::new();
-    each_listed(&Api::<Node>::all(client.clone()), 200, |n| {
-        let version = n
-            .status
-            .and_then(|s| s.node_info)
-            .map(|i| i.kubelet_version)
-            .unwrap_or_default();
-        out.push((n.metadata.name.unwrap_or_default(), version));
-    })
-    .await?;
-    Ok(out)
+    each_listed(
+        &Api::<Node>::all(client.clone()),
+        200,
+        |out: &mut Vec<_>, n: &Node| {
+            let version = n
+                .status
+                .as_ref()
+                .and_then(|s| s.node_info.as_ref())
+                .map(|i| i.kubelet_version.clone())
+                .unwrap_or_default();
+            out.push((n.metadata.name.clone().unwrap_or_default(), version));
+        },
+    )
+    .await
 }
 
 /// The verdict on the nodes' kubelets, `(name, version)`.
@@ -1142,6 +1171,78 @@ mod tests {
             many.what
         );
         assert_eq!(nodes_line(&[]).verdict, Verdict::Warn);
+    }
+
+    /// The nodes an API server lists in pages whose continue token expires
+    /// `expiring` times (410 Gone, as after about five minutes of paging),
+    /// with the requests it was sent.
+    async fn kubelets_expiring(expiring: usize) -> (Result<Vec<(String, String)>, String>, usize) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        let expired = std::sync::Arc::new(AtomicUsize::new(0));
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let next = req.uri().query().is_some_and(|q| q.contains("continue=t1"));
+            let node = |name: &str| {
+                format!(
+                    r#"{{"metadata":{{"name":"{name}"}},"status":{{"nodeInfo":{{"kubeletVersion":"v1.30.0","architecture":"","bootID":"","containerRuntimeVersion":"","kernelVersion":"","kubeProxyVersion":"","machineID":"","operatingSystem":"","osImage":"","systemUUID":""}}}}}}"#
+                )
+            };
+            let (status, body) = if !next {
+                let a = node("node-a");
+                (
+                    200,
+                    format!(
+                        r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{"continue":"t1"}},"items":[{a}]}}"#
+                    ),
+                )
+            } else if expired.fetch_add(1, Ordering::SeqCst) < expiring {
+                (410, r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"The provided continue parameter is too old to display a consistent list result.","reason":"Expired","code":410}"#.to_string())
+            } else {
+                let b = node("node-b");
+                (
+                    200,
+                    format!(
+                        r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{}},"items":[{b}]}}"#
+                    ),
+                )
+            };
+            std::future::ready(
+                http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.into_bytes())),
+            )
+        });
+        let got = kubelets(&kube::Client::new(api, "default"))
+            .await
+            .map_err(|e| e.to_string());
+        (got, requests.load(Ordering::SeqCst))
+    }
+
+    /// A list that outlives its continue token is read again from the start,
+    /// and what was read before the token expired is not counted twice.
+    #[tokio::test]
+    async fn an_expired_list_is_read_again_and_counted_once() {
+        let names = |got: Result<Vec<(String, String)>, String>| -> Vec<String> {
+            got.expect("listed").into_iter().map(|(n, _)| n).collect()
+        };
+        let (got, requests) = kubelets_expiring(0).await;
+        assert_eq!(
+            (names(got), requests),
+            (vec!["node-a".into(), "node-b".into()], 2)
+        );
+        let (got, requests) = kubelets_expiring(2).await;
+        assert_eq!(
+            (names(got), requests),
+            (vec!["node-a".into(), "node-b".into()], 6)
+        );
+        // One that keeps expiring is given up on, with the API server's word.
+        let (got, requests) = kubelets_expiring(usize::MAX).await;
+        let e = got.expect_err("given up on");
+        assert!(e.contains("too old"), "{e}");
+        assert_eq!(requests, 2 * (1 + LIST_RESTARTS as usize));
     }
 
     /// Checks that could not be made are not passed: the last word says so,
