@@ -13,9 +13,12 @@
 //! for good, and put it over 12 MiB at 2,000 req/s. The cache is off in the
 //! proxy (`glibc.malloc.tcache_count=0`), at no CPU cost seen at 2,000 req/s
 //! or at maximum throughput: the serving thread's allocations are few, and
-//! glibc's arena is uncontended with one thread. glibc reads the setting only
-//! at start, from `GLIBC_TUNABLES`, so the proxy starts itself again with it
-//! set; an operator's own `tcache_count` stands.
+//! glibc's arena is uncontended with one thread. With more (`--threads`), a
+//! task's memory may be freed on another thread than the one that took it,
+//! through the other arena's lock, which the cache would spare: the cache stays
+//! on there. glibc reads the setting only at start, from `GLIBC_TUNABLES`, so
+//! the proxy starts itself again with it set; an operator's own `tcache_count`
+//! stands.
 //!
 //! Part of the binary, not the library, which forbids unsafe code: the one
 //! call below is the binary's allocator policy, as a `#[global_allocator]`
@@ -72,10 +75,17 @@ mod thread_cache {
             return;
         };
         let mut args = std::env::args_os();
-        let mut cmd = std::process::Command::new(exe);
-        if let Some(arg0) = args.next() {
-            cmd.arg0(arg0);
+        let Some(arg0) = args.next() else {
+            return;
+        };
+        // Run through a loader (`ld.so strait-proxy run …`) or a tool, the
+        // executable is the loader, not the proxy: started again with the
+        // proxy's arguments, it would not be the proxy.
+        if !is_self(&exe, &arg0, std::env::var_os("PATH").as_deref()) {
+            return;
         }
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg0(arg0);
         // Returns only on failure (the binary replaced or gone since it started):
         // then the proxy runs with glibc's defaults.
         let _ = cmd
@@ -85,14 +95,74 @@ mod thread_cache {
             .exec();
     }
 
+    /// Whether `arg0`, the name the process was started by (found through
+    /// `path` when it has no `/`, as a shell finds it), is the file `exe`.
+    /// Anything that cannot be read is not.
+    fn is_self(
+        exe: &std::path::Path,
+        arg0: &std::ffi::OsStr,
+        path: Option<&std::ffi::OsStr>,
+    ) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let named = std::path::Path::new(arg0);
+        let found = if arg0.as_encoded_bytes().contains(&b'/') {
+            Some(named.to_path_buf())
+        } else {
+            path.into_iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join(named))
+                .find(|p| p.is_file())
+        };
+        let id = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+        match (found.as_deref().and_then(id), id(exe)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
+    }
+
     /// Other C libraries have no such cache, or no such setting.
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     pub fn without() {}
 
     #[cfg(test)]
     mod tests {
-        use super::tunables_to_set;
+        use super::{is_self, tunables_to_set};
         use std::ffi::OsStr;
+
+        /// Started through a loader, the executable is the loader and the name
+        /// the proxy's: no restart. A name found through `PATH`, or a link to
+        /// the binary, is the binary.
+        #[test]
+        fn only_the_binary_itself_is_started_again() {
+            let dir = std::env::temp_dir().join(format!("strait-heap-{}", std::process::id()));
+            std::fs::create_dir_all(dir.join("bin")).unwrap();
+            let proxy = dir.join("bin/strait-proxy");
+            let loader = dir.join("ld-linux.so.2");
+            std::fs::write(&proxy, "proxy").unwrap();
+            std::fs::write(&loader, "loader").unwrap();
+            let link = dir.join("sidecar");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&proxy, &link).unwrap();
+            let path = std::env::join_paths([dir.join("none"), dir.join("bin")]).unwrap();
+            let path = Some(path.as_os_str());
+
+            assert!(is_self(&proxy, proxy.as_os_str(), None));
+            assert!(is_self(&proxy, link.as_os_str(), None), "a link to it");
+            assert!(
+                is_self(&proxy, OsStr::new("strait-proxy"), path),
+                "found in PATH"
+            );
+            assert!(
+                !is_self(&loader, proxy.as_os_str(), path),
+                "run by a loader"
+            );
+            assert!(
+                !is_self(&proxy, OsStr::new("strait-proxy"), None),
+                "no PATH"
+            );
+            assert!(!is_self(&proxy, OsStr::new("other"), path), "not found");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
 
         #[test]
         fn the_cache_is_turned_off_once_and_an_operators_setting_stands() {

@@ -30,7 +30,9 @@ fn start() -> anyhow::Result<()> {
     let config = match Cli::parse().into_action() {
         Action::Run(c) => {
             // Before any thread or descriptor: the process may be replaced.
-            heap::without_thread_cache();
+            if c.threads <= 1 {
+                heap::without_thread_cache();
+            }
             *c
         }
         Action::Init(args) => {

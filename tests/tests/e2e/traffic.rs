@@ -1216,7 +1216,8 @@ async fn a_connection_to_the_outbound_port_made_ahead_of_use_is_served() {
 
 /// The proxy runs with glibc's per-thread cache off (it kept memory a busy
 /// moment had freed), started again by itself with the setting; an
-/// operator's own setting stands.
+/// operator's own setting stands. With several threads, or run through the
+/// dynamic loader (whose executable is not the proxy), it runs as started.
 #[tokio::test]
 async fn the_proxy_runs_with_the_allocators_thread_cache_off() {
     // What the process was started with: glibc 2.36 leaves the first of the
@@ -1229,41 +1230,65 @@ async fn the_proxy_runs_with_the_allocators_thread_cache_off() {
             .find_map(|v| v.strip_prefix(prefix.as_str()))
             .map(str::to_string)
     };
-    for (given, first, started_again) in [
-        (None, "glibc.malloc.tcache_count=0", true),
+    // The loader this test itself was loaded by: the proxy's too.
+    let loader = std::fs::read_to_string("/proc/self/maps")
+        .expect("maps")
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/ld-linux"))
+        .map(std::path::PathBuf::from)
+        .expect("the dynamic loader in /proc/self/maps");
+    let proxy_bin = strait_tests::process::binary("strait-proxy");
+    for (given, how, first, started_again) in [
+        (None, "", "glibc.malloc.tcache_count=0", true),
         (
             Some("glibc.malloc.trim_threshold=131072"),
+            "",
             "glibc.malloc.tcache_count=0",
             true,
         ),
         (
             Some("glibc.malloc.tcache_count=2"),
+            "",
             "glibc.malloc.tcache_count=2",
             false,
         ),
+        (None, "--threads=2", "", false),
+        (None, "loader", "", false),
     ] {
         let port = |_| format!("127.0.0.1:{}", free_port());
         let (outbound, inbound, admin) = (port(0), port(1), port(2));
         let envs: Vec<(&str, &str)> = given.map(|g| ("GLIBC_TUNABLES", g)).into_iter().collect();
-        let mut proxy = strait_tests::process::Proc::spawn(
-            "strait-proxy",
-            &[
-                format!("--outbound-addr={outbound}"),
-                format!("--inbound-addr={inbound}"),
-                format!("--admin-addr={admin}"),
-            ],
-            &envs,
-        );
+        let mut args = vec![
+            format!("--outbound-addr={outbound}"),
+            format!("--inbound-addr={inbound}"),
+            format!("--admin-addr={admin}"),
+        ];
+        let program = match how {
+            "loader" => {
+                args.insert(0, proxy_bin.display().to_string());
+                loader.clone()
+            }
+            "" => proxy_bin.clone(),
+            flag => {
+                args.push(flag.to_string());
+                proxy_bin.clone()
+            }
+        };
+        let mut proxy = strait_tests::process::Proc::spawn_path(program, &args, &envs, None);
         proxy
             .ready(admin.parse().unwrap(), Duration::from_secs(10))
             .await;
         let pid = proxy.pid();
         let tunables = environ(pid, "GLIBC_TUNABLES").unwrap_or_default();
-        assert!(tunables.starts_with(first), "given {given:?}: {tunables}");
+        assert!(
+            tunables.starts_with(first),
+            "given {given:?} {how}: {tunables}"
+        );
         assert_eq!(
             environ(pid, "STRAIT_PROXY_ALLOCATOR_SET").is_some(),
             started_again,
-            "given {given:?}"
+            "given {given:?} {how}"
         );
     }
 }
