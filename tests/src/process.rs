@@ -180,8 +180,8 @@ fn claim(port: u16) -> Claim {
     }
 }
 
-/// Ports the kernel does not hand out on its own: from 20000 to below its
-/// ephemeral range (`ip_local_port_range`), or above it when that starts lower.
+/// Ports the kernel does not hand out on its own: outside its ephemeral range
+/// (`ip_local_port_range`).
 fn unused_by_the_kernel() -> (u32, u32) {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -190,10 +190,42 @@ fn unused_by_the_kernel() -> (u32, u32) {
             Some((it.next()??, it.next()??))
         })
         .unwrap_or((32768, 60999));
-    match range {
-        (low, _) if low > 20000 + 1024 => (20000, low - 1),
-        (_, high) if high < 65535 - 1024 => (high + 1, 65535),
-        // The kernel takes nearly every port: a small window of its own.
-        _ => (10000, 11023),
+    outside(range)
+}
+
+/// From 20000 to below the ephemeral range `(low, high)` when that leaves at
+/// least 1,024 ports (Linux's default range does); else the larger of the
+/// unprivileged ports below it and those above it, if it has 256; else, the
+/// kernel taking nearly every port, a small window, which it may take too.
+fn outside((low, high): (u32, u32)) -> (u32, u32) {
+    const UNPRIVILEGED: u32 = 1024;
+    if low > 20000 + 1024 {
+        return (20000, low - 1);
+    }
+    let below = (UNPRIVILEGED, low.saturating_sub(1));
+    let above = (high + 1, 65535);
+    let size = |(a, b): (u32, u32)| (b + 1).saturating_sub(a);
+    let larger = if size(below) >= size(above) {
+        below
+    } else {
+        above
+    };
+    if size(larger) >= 256 {
+        larger
+    } else {
+        (10000, 11023)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listening_ports_are_picked_outside_the_kernels_range() {
+        use super::outside;
+        assert_eq!(outside((32768, 60999)), (20000, 32767), "Linux's default");
+        assert_eq!(outside((15000, 28000)), (28001, 65535));
+        assert_eq!(outside((1024, 50000)), (50001, 65535));
+        assert_eq!(outside((8000, 65000)), (1024, 7999));
+        assert_eq!(outside((1024, 65535)), (10000, 11023), "nothing outside");
     }
 }
