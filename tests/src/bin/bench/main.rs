@@ -109,17 +109,14 @@ async fn main() -> anyhow::Result<()> {
             baseline,
             with_tracing,
         } => {
-            let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
             let r = proxy::run(
                 cli.quick,
                 if cli.quick { 1 } else { rounds },
                 &loads,
-                work.clone(),
                 baseline.map(|d| d.join("strait-proxy")),
                 with_tracing,
             )
             .await?;
-            let _ = std::fs::remove_dir_all(&work);
             println!("{}", proxy::markdown(&r));
             let name = if cli.quick {
                 "proxy-quick.json"
@@ -132,8 +129,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         What::Pair { with_tracing } => {
-            let work = std::env::temp_dir().join(format!("strait-bench-{}", std::process::id()));
-            proxy::hold(work, with_tracing).await?;
+            proxy::hold(with_tracing).await?;
         }
         What::Soak {
             minutes,

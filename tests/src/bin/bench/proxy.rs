@@ -219,6 +219,39 @@ impl StraitPair {
     }
 }
 
+/// A directory of this run's own, removed with everything in it when dropped,
+/// however the run ends (an error, or the pair held until interrupted).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(parent: &std::path::Path, name: &str) -> anyhow::Result<Scratch> {
+        let dir = parent.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The directory the proxies' copies are staged in: beside the build, on a
+/// disk as the build is, where the page cache can drop them (a temporary
+/// directory may be memory, whose pages stay).
+fn staging(build: &std::path::Path) -> anyhow::Result<Scratch> {
+    let dir = build.parent().unwrap_or(std::path::Path::new("."));
+    Scratch::new(dir, "bench-staged")
+}
+
 /// A copy of the proxy binary at `from`, in `work`, synced and dropped from the
 /// page cache before anything runs it. How much of its code a proxy's RSS
 /// counts depends on how the file's pages came into the page cache: a page
@@ -366,7 +399,6 @@ pub async fn run(
     quick: bool,
     rounds: usize,
     only: &[String],
-    work: PathBuf,
     baseline: Option<PathBuf>,
     with_tracing: bool,
 ) -> anyhow::Result<Results> {
@@ -382,7 +414,7 @@ pub async fn run(
             .map(|l| l.label.clone())
             .collect::<Vec<_>>()
     );
-    std::fs::create_dir_all(&work)?;
+    let work = Scratch::new(&std::env::temp_dir(), "strait-bench")?;
     refs::raise_open_files();
     let backend = Backend::start().await;
     let echo = strait_tests::tcp::echo().await;
@@ -393,13 +425,14 @@ pub async fn run(
     // A copy per pair: the pages one pair's processes bring into the page
     // cache would otherwise be mapped by another pair's for free.
     let build = strait_tests::process::binary("strait-proxy");
-    let plain = staged(&work, "strait", &build)?;
-    let mtls = staged(&work, "strait-mtls", &build)?;
+    let stage = staging(&build)?;
+    let plain = staged(&stage, "strait", &build)?;
+    let mtls = staged(&stage, "strait-mtls", &build)?;
     let baseline = baseline
-        .map(|b| staged(&work, "strait-mtls-before", &b))
+        .map(|b| staged(&stage, "strait-mtls-before", &b))
         .transpose()?;
     let traced = with_tracing
-        .then(|| staged(&work, "strait-mtls-traced", &build))
+        .then(|| staged(&stage, "strait-mtls-traced", &build))
         .transpose()?;
     let pair = strait_pair(backend.addr, echo, false, plain, Vec::new()).await;
     let mtls = strait_pair(backend.addr, echo, true, mtls, Vec::new()).await;
@@ -1053,16 +1086,17 @@ fn cost_table(
 /// one) and the HAProxy mTLS pairs (HTTP/1.1 and HTTP/2 between the two),
 /// prints where each listens and its pids, and keeps them up until interrupted:
 /// to profile or trace them by hand under a load of one's own.
-pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&work)?;
+pub async fn hold(with_tracing: bool) -> anyhow::Result<()> {
+    let work = Scratch::new(&std::env::temp_dir(), "strait-bench")?;
     refs::raise_open_files();
     let backend = Backend::start().await;
     let echo = strait_tests::tcp::echo().await;
     let certs = Certs::generate(&work.join("certs")).await?;
     let build = strait_tests::process::binary("strait-proxy");
-    let mtls = staged(&work, "strait-mtls", &build)?;
+    let stage = staging(&build)?;
+    let mtls = staged(&stage, "strait-mtls", &build)?;
     let traced = with_tracing
-        .then(|| staged(&work, "strait-mtls-traced", &build))
+        .then(|| staged(&stage, "strait-mtls-traced", &build))
         .transpose()?;
     let mtls = strait_pair(backend.addr, echo, true, mtls, Vec::new()).await;
     let traced = traced_pair(backend.addr, echo, traced).await;
@@ -1112,6 +1146,5 @@ pub async fn hold(work: PathBuf, with_tracing: bool) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     drop((hap, hap_h2));
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
