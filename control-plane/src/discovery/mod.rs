@@ -668,6 +668,33 @@ endpoints:
         assert!(late.is_err(), "followed after the lookup ended: {late:?}");
     }
 
+    /// A watch that joins an address's lookup late still waits the whole
+    /// `ZONE_LOOKUP` for its zone, and the earlier watch with it.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_joining_a_lookup_late_waits_the_whole_window() {
+        let (tx, views, svc) = running(zoned(1, &[]));
+        let mut first = watch_of(&svc, "10.0.9.2", "api.shop:80").await;
+        update(&mut first).await;
+        let most = defaults::ZONE_LOOKUP - std::time::Duration::from_secs(10);
+        tokio::time::sleep(most).await;
+        let mut late = watch_of(&svc, "10.0.9.2", "plain.shop:80").await;
+        update(&mut late).await;
+        tokio::time::sleep(most).await;
+        assert_eq!(
+            views.zones.pending(),
+            1,
+            "ended before the late watch's window"
+        );
+        tx.send_replace(zoned(2, &[("web-1", "10.0.9.2", "node-b")]));
+        assert_eq!(endpoints(&update(&mut first).await).1, ["10.0.2.1:8080"]);
+        lookups_end(&views).await;
+        // Its window too ends: a zone found after it is not followed.
+        let mut last = watch_of(&svc, "10.0.9.3", "api.shop:80").await;
+        update(&mut last).await;
+        tokio::time::sleep(defaults::ZONE_LOOKUP + std::time::Duration::from_secs(1)).await;
+        assert_eq!(views.zones.pending(), 0, "looked up past its window");
+    }
+
     /// `snap` with a second endpoint for `api` in each zone and one for `plain`.
     fn grown(snap: &Snapshot) -> Arc<Snapshot> {
         let yaml = r#"

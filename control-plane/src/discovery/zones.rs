@@ -1,9 +1,10 @@
 //! Which zone a watch comes from: that of the pod at its source address,
 //! through the node it runs on. A proxy opens its watches as it starts,
 //! often before the index holds its pod or its node, so a zone not known
-//! yet is looked up again at each index change, for `ZONE_LOOKUP` at most:
-//! once per address (and caller) however many watches it opens, and no
-//! longer than until its pod's node is known, with or without a zone.
+//! yet is looked up again at each index change, for `ZONE_LOOKUP` after its
+//! latest watch opened at most: once per address (and caller) however many
+//! watches it opens, and no longer than until its pod's node is known, with
+//! or without a zone.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -81,7 +82,15 @@ pub struct Zones {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Each ends (its sender dropped) when the zone is found, known to be
     /// none, or the lookup's time is up; `Some` once found.
-    pending: Arc<Mutex<HashMap<Key, watch::Sender<Option<Found>>>>>,
+    pending: Arc<Mutex<HashMap<Key, Lookup>>>,
+}
+
+#[derive(Debug)]
+struct Lookup {
+    found: watch::Sender<Option<Found>>,
+    /// `ZONE_LOOKUP` after the latest watch that joined it opened: every
+    /// watch waits the whole window, however late it joins.
+    until: tokio::time::Instant,
 }
 
 impl Zones {
@@ -93,8 +102,9 @@ impl Zones {
     }
 
     /// The zone of the pod at `source`, once it is known; closed without
-    /// one if it is not within `ZONE_LOOKUP`. Every watch from one address
-    /// shares one lookup, which ends early when none of them waits any more.
+    /// one if it is not within `ZONE_LOOKUP` of the latest call. Every watch
+    /// from one address shares one lookup, which ends early when none of them
+    /// waits any more.
     pub fn lookup(
         &self,
         source: IpAddr,
@@ -104,32 +114,44 @@ impl Zones {
             source,
             caller.map(|c| (c.namespace.clone(), c.service_account.clone())),
         );
+        let until = tokio::time::Instant::now() + defaults::ZONE_LOOKUP;
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = pending.get(&key) {
-            return tx.subscribe();
+        if let Some(l) = pending.get_mut(&key) {
+            l.until = until;
+            return l.found.subscribe();
         }
-        let (tx, rx) = watch::channel(None);
-        pending.insert(key.clone(), tx);
+        let (found, rx) = watch::channel(None);
+        pending.insert(key.clone(), Lookup { found, until });
         let mut snapshots = self.snapshots.clone();
         let lookups = self.pending.clone();
         let caller = caller.cloned();
         tokio::spawn(async move {
-            let deadline = tokio::time::sleep(defaults::ZONE_LOOKUP);
+            let deadline = tokio::time::sleep_until(until);
             tokio::pin!(deadline);
             loop {
                 tokio::select! {
-                    () = &mut deadline => break,
+                    () = &mut deadline => {
+                        // Moved on by a watch that joined since.
+                        let pending = lookups.lock().unwrap_or_else(|p| p.into_inner());
+                        match pending.get(&key).map(|l| l.until) {
+                            Some(later) if later > deadline.deadline() => {
+                                deadline.as_mut().reset(later);
+                                continue;
+                            }
+                            _ => break,
+                        }
+                    }
                     changed = snapshots.changed() => if changed.is_err() { break },
                 }
                 let snap = snapshots.borrow_and_update().clone();
                 let zone = Zone::of(&snap, Some(key.0), caller.as_ref());
                 let mut pending = lookups.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(tx) = pending.get(&key) else { break };
+                let Some(l) = pending.get(&key) else { break };
                 match zone {
-                    Zone::Unknown if tx.receiver_count() > 0 => continue,
+                    Zone::Unknown if l.found.receiver_count() > 0 => continue,
                     Zone::In(zone) => {
                         let at = super::changed_at(&snap);
-                        tx.send_replace(Some(Found { zone, at }));
+                        l.found.send_replace(Some(Found { zone, at }));
                     }
                     Zone::Unknown | Zone::Zoneless => {}
                 }
