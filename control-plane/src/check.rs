@@ -354,8 +354,11 @@ const PODS_PAGE: u32 = 500;
 /// Folds every object of `api`'s collection into a fresh `S` with `each`,
 /// `page` at a time, so that no more than a page is held at once. A list that
 /// outlives its continue token (the API server keeps one about five minutes,
-/// then answers 410 Gone) is read again from the start into a fresh `S`, so
-/// that nothing is counted twice, up to `LIST_RESTARTS` times.
+/// then answers 410 Gone) goes on from where it stopped with the token the
+/// 410 carries (the API's inconsistent continuation): the rest is read at a
+/// later version, which a count can take. Without one it is read again from
+/// the start into a fresh `S`, so that nothing is counted twice, up to
+/// `LIST_RESTARTS` times.
 async fn each_listed<K, S: Default>(
     api: &Api<K>,
     page: u32,
@@ -371,13 +374,19 @@ where
         loop {
             let list = match api.list(&params).await {
                 Ok(list) => list,
-                Err(kube::Error::Api(s))
-                    if s.code == 410
-                        && params.continue_token.is_some()
-                        && restarts < LIST_RESTARTS =>
-                {
-                    restarts += 1;
-                    continue 'list;
+                Err(kube::Error::Api(s)) if s.code == 410 && params.continue_token.is_some() => {
+                    let inconsistent = s.metadata.as_ref().and_then(|m| m.continue_.as_deref());
+                    match inconsistent.filter(|c| !c.is_empty()) {
+                        Some(next) => {
+                            params = params.continue_token(next);
+                            continue;
+                        }
+                        None if restarts < LIST_RESTARTS => {
+                            restarts += 1;
+                            continue 'list;
+                        }
+                        None => return Err(kube::Error::Api(s)),
+                    }
                 }
                 Err(e) => return Err(e),
             };
@@ -390,9 +399,10 @@ where
     }
 }
 
-/// Times a paged list whose continue token expired is read again from the
-/// start before `check` gives up on it: each pass takes as long as the last,
-/// so one that keeps expiring will not finish.
+/// Times a paged list whose continue token expired, with none to go on
+/// with, is read again from the start before `check` gives up on it: each
+/// pass takes as long as the last, so one that keeps expiring will not
+/// finish.
 const LIST_RESTARTS: u32 = 2;
 
 /// How long a meshed pod may take to start before `check` calls it stuck:
@@ -1173,33 +1183,38 @@ mod tests {
         assert_eq!(nodes_line(&[]).verdict, Verdict::Warn);
     }
 
-    /// The nodes an API server lists in pages whose continue token expires
-    /// `expiring` times (410 Gone, as after about five minutes of paging),
-    /// with the requests it was sent.
-    async fn kubelets_expiring(expiring: usize) -> (Result<Vec<(String, String)>, String>, usize) {
+    /// What an API server that lists two nodes a page at a time answers:
+    /// `expiring` 410 Gone answers to the second page first (as after about
+    /// five minutes of paging), each with a continue token to go on with when
+    /// `inconsistent`, or 410 to the first page when `expiring` is `None`.
+    /// With the requests it was sent.
+    async fn kubelets_expiring(
+        expiring: Option<usize>,
+        inconsistent: bool,
+    ) -> (Result<Vec<(String, String)>, String>, usize) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let requests = std::sync::Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
         let expired = std::sync::Arc::new(AtomicUsize::new(0));
         let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
             counted.fetch_add(1, Ordering::SeqCst);
-            let next = req.uri().query().is_some_and(|q| q.contains("continue=t1"));
+            let query = req.uri().query().unwrap_or_default().to_string();
             let node = |name: &str| {
                 format!(
                     r#"{{"metadata":{{"name":"{name}"}},"status":{{"nodeInfo":{{"kubeletVersion":"v1.30.0","architecture":"","bootID":"","containerRuntimeVersion":"","kernelVersion":"","kubeProxyVersion":"","machineID":"","operatingSystem":"","osImage":"","systemUUID":""}}}}}}"#
                 )
             };
-            let (status, body) = if !next {
-                let a = node("node-a");
-                (
-                    200,
-                    format!(
-                        r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{"continue":"t1"}},"items":[{a}]}}"#
-                    ),
+            let gone = |next: &str| {
+                let token = if inconsistent {
+                    format!(r#""continue":"{next}""#)
+                } else {
+                    String::new()
+                };
+                format!(
+                    r#"{{"kind":"Status","apiVersion":"v1","metadata":{{{token}}},"status":"Failure","message":"The provided continue parameter is too old to display a consistent list result.","reason":"Expired","code":410}}"#
                 )
-            } else if expired.fetch_add(1, Ordering::SeqCst) < expiring {
-                (410, r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"The provided continue parameter is too old to display a consistent list result.","reason":"Expired","code":410}"#.to_string())
-            } else {
+            };
+            let page_b = || {
                 let b = node("node-b");
                 (
                     200,
@@ -1207,6 +1222,25 @@ mod tests {
                         r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{}},"items":[{b}]}}"#
                     ),
                 )
+            };
+            let (status, body) = if query.contains("continue=t2") {
+                page_b()
+            } else if !query.contains("continue=t1") {
+                if expiring.is_none() {
+                    (410, gone("t2"))
+                } else {
+                    let a = node("node-a");
+                    (
+                        200,
+                        format!(
+                            r#"{{"kind":"NodeList","apiVersion":"v1","metadata":{{"continue":"t1"}},"items":[{a}]}}"#
+                        ),
+                    )
+                }
+            } else if expired.fetch_add(1, Ordering::SeqCst) < expiring.unwrap_or(0) {
+                (410, gone("t2"))
+            } else {
+                page_b()
             };
             std::future::ready(
                 http::Response::builder()
@@ -1221,28 +1255,31 @@ mod tests {
         (got, requests.load(Ordering::SeqCst))
     }
 
-    /// A list that outlives its continue token is read again from the start,
-    /// and what was read before the token expired is not counted twice.
+    /// A list that outlives its continue token goes on with the token the
+    /// 410 gives, or is read again from the start without one; what was read
+    /// before is not counted twice, and a first page refused is not retried.
     #[tokio::test]
-    async fn an_expired_list_is_read_again_and_counted_once() {
+    async fn an_expired_list_goes_on_or_is_read_again_and_counted_once() {
         let names = |got: Result<Vec<(String, String)>, String>| -> Vec<String> {
             got.expect("listed").into_iter().map(|(n, _)| n).collect()
         };
-        let (got, requests) = kubelets_expiring(0).await;
-        assert_eq!(
-            (names(got), requests),
-            (vec!["node-a".into(), "node-b".into()], 2)
-        );
-        let (got, requests) = kubelets_expiring(2).await;
-        assert_eq!(
-            (names(got), requests),
-            (vec!["node-a".into(), "node-b".into()], 6)
-        );
-        // One that keeps expiring is given up on, with the API server's word.
-        let (got, requests) = kubelets_expiring(usize::MAX).await;
+        let both = vec!["node-a".to_string(), "node-b".to_string()];
+        let (got, requests) = kubelets_expiring(Some(0), false).await;
+        assert_eq!((names(got), requests), (both.clone(), 2));
+        // Gone on from where it stopped, with the 410's token.
+        let (got, requests) = kubelets_expiring(Some(1), true).await;
+        assert_eq!((names(got), requests), (both.clone(), 3));
+        // No token: from the start, twice at most.
+        let (got, requests) = kubelets_expiring(Some(2), false).await;
+        assert_eq!((names(got), requests), (both.clone(), 6));
+        let (got, requests) = kubelets_expiring(Some(usize::MAX), false).await;
         let e = got.expect_err("given up on");
         assert!(e.contains("too old"), "{e}");
         assert_eq!(requests, 2 * (1 + LIST_RESTARTS as usize));
+        // The first page itself refused: nothing to go on from.
+        let (got, requests) = kubelets_expiring(None, true).await;
+        assert!(got.is_err(), "{got:?}");
+        assert_eq!(requests, 1);
     }
 
     /// Checks that could not be made are not passed: the last word says so,
