@@ -76,6 +76,16 @@ pub struct Found {
     pub at: Option<prost_types::Timestamp>,
 }
 
+/// What a lookup woke for.
+enum Woke {
+    /// Its deadline, perhaps moved since it slept.
+    Deadline,
+    /// An index change, and the zone it gives.
+    Changed(Zone, Arc<Snapshot>),
+    /// The index is gone (the controller stopping).
+    Closed,
+}
+
 /// The lookups under way.
 #[derive(Debug)]
 pub struct Zones {
@@ -117,7 +127,7 @@ impl Zones {
         let until = tokio::time::Instant::now() + defaults::ZONE_LOOKUP;
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = pending.get_mut(&key) {
-            l.until = until;
+            l.until = l.until.max(until);
             return l.found.subscribe();
         }
         let (found, rx) = watch::channel(None);
@@ -129,39 +139,42 @@ impl Zones {
             let deadline = tokio::time::sleep_until(until);
             tokio::pin!(deadline);
             loop {
-                tokio::select! {
-                    () = &mut deadline => {
-                        // Moved on by a watch that joined since.
-                        let pending = lookups.lock().unwrap_or_else(|p| p.into_inner());
-                        match pending.get(&key).map(|l| l.until) {
-                            Some(later) if later > deadline.deadline() => {
-                                deadline.as_mut().reset(later);
-                                continue;
-                            }
-                            _ => break,
+                let woke = tokio::select! {
+                    () = &mut deadline => Woke::Deadline,
+                    changed = snapshots.changed() => match changed {
+                        Ok(()) => {
+                            let snap = snapshots.borrow_and_update().clone();
+                            Woke::Changed(Zone::of(&snap, Some(key.0), caller.as_ref()), snap)
                         }
-                    }
-                    changed = snapshots.changed() => if changed.is_err() { break },
-                }
-                let snap = snapshots.borrow_and_update().clone();
-                let zone = Zone::of(&snap, Some(key.0), caller.as_ref());
+                        Err(_) => Woke::Closed,
+                    },
+                };
+                // Decided, and ended, under the lock `lookup` joins under: a
+                // watch joining meanwhile either moves the deadline or finds
+                // the lookup gone and starts its own.
                 let mut pending = lookups.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(l) = pending.get(&key) else { break };
-                match zone {
-                    Zone::Unknown if l.found.receiver_count() > 0 => continue,
-                    Zone::In(zone) => {
+                let Some(l) = pending.get(&key) else { return };
+                let waited_on = l.found.receiver_count() > 0;
+                match woke {
+                    // Moved on by a watch that joined since.
+                    Woke::Deadline if waited_on && l.until > deadline.deadline() => {
+                        let later = l.until;
+                        drop(pending);
+                        deadline.as_mut().reset(later);
+                        continue;
+                    }
+                    Woke::Changed(Zone::Unknown, _) if waited_on => continue,
+                    Woke::Changed(Zone::In(zone), snap) => {
                         let at = super::changed_at(&snap);
                         l.found.send_replace(Some(Found { zone, at }));
                     }
-                    Zone::Unknown | Zone::Zoneless => {}
+                    Woke::Changed(Zone::Unknown | Zone::Zoneless, _)
+                    | Woke::Deadline
+                    | Woke::Closed => {}
                 }
                 pending.remove(&key);
                 return;
             }
-            lookups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
         });
         rx
     }
