@@ -59,40 +59,45 @@ mod thread_cache {
     }
 
     /// Replaces the process with itself, the thread cache off (see above); returns
-    /// only when that is not needed or cannot be done, to run as it is. Call before
-    /// any thread or descriptor is made.
+    /// only when that is not needed, with `None`, or cannot be done, with why,
+    /// to run as it is. Call before any thread or descriptor is made.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    pub fn without() {
+    pub fn without() -> Option<String> {
         use std::os::unix::process::CommandExt as _;
         let current = std::env::var_os(TUNABLES);
-        let Some(tunables) = tunables_to_set(
+        let tunables = tunables_to_set(
             current.as_deref(),
             std::env::var_os(STARTED_AGAIN).is_some(),
-        ) else {
-            return;
-        };
-        let Ok(exe) = std::env::current_exe() else {
-            return;
+        )?;
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return Some(format!("its executable cannot be read ({e})")),
         };
         let mut args = std::env::args_os();
-        let Some(arg0) = args.next() else {
-            return;
-        };
+        let arg0 = args.next()?;
         // Run through a loader (`ld.so strait-proxy run …`) or a tool, the
         // executable is the loader, not the proxy: started again with the
         // proxy's arguments, it would not be the proxy.
         if !is_self(&exe, &arg0, std::env::var_os("PATH").as_deref()) {
-            return;
+            return Some(format!(
+                "started as {} through {}, which is not it",
+                arg0.to_string_lossy(),
+                exe.display()
+            ));
         }
-        let mut cmd = std::process::Command::new(exe);
+        let mut cmd = std::process::Command::new(&exe);
         cmd.arg0(arg0);
         // Returns only on failure (the binary replaced or gone since it started):
         // then the proxy runs with glibc's defaults.
-        let _ = cmd
+        let e = cmd
             .args(args)
             .env(TUNABLES, tunables)
             .env(STARTED_AGAIN, "1")
             .exec();
+        Some(format!(
+            "{} could not be started again ({e})",
+            exe.display()
+        ))
     }
 
     /// Whether `arg0`, the name the process was started by (found through
@@ -105,13 +110,17 @@ mod thread_cache {
     ) -> bool {
         use std::os::unix::fs::MetadataExt as _;
         let named = std::path::Path::new(arg0);
+        // As `execvp` searches: the first executable file of that name.
+        let executable = |p: &std::path::Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+        };
         let found = if arg0.as_encoded_bytes().contains(&b'/') {
             Some(named.to_path_buf())
         } else {
             path.into_iter()
                 .flat_map(std::env::split_paths)
                 .map(|dir| dir.join(named))
-                .find(|p| p.is_file())
+                .find(|p| executable(p))
         };
         let id = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
         match (found.as_deref().and_then(id), id(exe)) {
@@ -122,7 +131,9 @@ mod thread_cache {
 
     /// Other C libraries have no such cache, or no such setting.
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    pub fn without() {}
+    pub fn without() -> Option<String> {
+        None
+    }
 
     #[cfg(test)]
     mod tests {
@@ -136,14 +147,21 @@ mod thread_cache {
         fn only_the_binary_itself_is_started_again() {
             let dir = std::env::temp_dir().join(format!("strait-heap-{}", std::process::id()));
             std::fs::create_dir_all(dir.join("bin")).unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::create_dir_all(dir.join("data")).unwrap();
             let proxy = dir.join("bin/strait-proxy");
             let loader = dir.join("ld-linux.so.2");
             std::fs::write(&proxy, "proxy").unwrap();
             std::fs::write(&loader, "loader").unwrap();
+            let exec = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(&proxy, exec).unwrap();
+            // Not executable, first in PATH: passed over, as a shell does.
+            std::fs::write(dir.join("data/strait-proxy"), "data").unwrap();
             let link = dir.join("sidecar");
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&proxy, &link).unwrap();
-            let path = std::env::join_paths([dir.join("none"), dir.join("bin")]).unwrap();
+            let path = std::env::join_paths([dir.join("none"), dir.join("data"), dir.join("bin")])
+                .unwrap();
             let path = Some(path.as_os_str());
 
             assert!(is_self(&proxy, proxy.as_os_str(), None));

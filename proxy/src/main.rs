@@ -27,13 +27,15 @@ fn main() -> ExitCode {
 }
 
 fn start() -> anyhow::Result<()> {
-    let config = match Cli::parse().into_action() {
+    let (config, cache_left_on) = match Cli::parse().into_action() {
         Action::Run(c) => {
             // Before any thread or descriptor: the process may be replaced.
-            if c.threads <= 1 {
-                heap::without_thread_cache();
-            }
-            *c
+            let cache_left_on = if c.threads <= 1 {
+                heap::without_thread_cache()
+            } else {
+                None
+            };
+            (*c, cache_left_on)
         }
         Action::Init(args) => {
             let rules = strait_proxy::init::run(&args)?;
@@ -53,7 +55,7 @@ fn start() -> anyhow::Result<()> {
             .build()?,
     };
     let open_files = raise_open_files();
-    let r = rt.block_on(run(config, open_files));
+    let r = rt.block_on(run(config, open_files, cache_left_on));
     // Drained: what is left is blocking work (a resolver call that hangs)
     // that must not hold the process past its grace period.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -86,8 +88,16 @@ fn raise_open_files() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-async fn run(config: Config, open_files: Option<u64>) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    open_files: Option<u64>,
+    cache_left_on: Option<String>,
+) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
+    if let Some(why) = cache_left_on {
+        // Memory a burst freed may stay resident (docs/configuration.md).
+        tracing::info!("glibc's per-thread cache left on: {why}");
+    }
     let max_connections = config.max_connections;
     let proxy = Proxy::bind(config, Some(log)).await?;
     // An opaque stream takes two descriptors (the client's and the
