@@ -224,7 +224,20 @@ impl StraitPair {
 struct Scratch(PathBuf);
 
 impl Scratch {
+    /// `parent/name-<pid>`. Those of runs that were killed (ctrl-c during
+    /// `bench proxy` runs no destructor), whose process is gone, go first.
     fn new(parent: &std::path::Path, name: &str) -> anyhow::Result<Scratch> {
+        let prefix = format!("{name}-");
+        for e in std::fs::read_dir(parent)?.flatten() {
+            let file_name = e.file_name();
+            let pid = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         let dir = parent.join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(Scratch(dir))
