@@ -112,10 +112,10 @@ impl Proc {
 /// Never one this process handed out before: two taken before either is bound
 /// (a controller's gRPC and admin ports) could otherwise be the same.
 ///
-/// Below the kernel's ephemeral range: a port picked there (as `bind(0)`
-/// picks) is free only until some outgoing connection of any test takes it as
-/// its local port, and the child that was to listen on it then fails with
-/// "address in use". Each test process starts in a block of its own (by pid),
+/// Outside the kernel's ephemeral range (see `outside`): a port picked in it
+/// (as `bind(0)` picks) is free only until some outgoing connection of any
+/// test takes it as its local port, and the child that was to listen on it
+/// then fails with "address in use". Each test process starts in a block of its own (by pid),
 /// so tests running side by side seldom walk the same ports, and claims each
 /// port it hands out with a lock held until it exits, so they never hand out
 /// the same one.

@@ -29,21 +29,32 @@ async fn send(client: &MeshedPod, web: SocketAddr, n: usize) -> usize {
         .await
 }
 
-/// The endpoints of the first destination `client`'s proxy shows in
-/// `/config` (to a caller in its pod: what it knows is not shown to others).
-async fn endpoints_sent(client: &MeshedPod) -> Vec<String> {
+/// The endpoints `client`'s proxy shows in `/config` for `dest` (to a caller
+/// in its pod: what it knows is not shown to others).
+async fn endpoints_sent(client: &MeshedPod, dest: SocketAddr) -> Vec<String> {
     let admin = SocketAddr::from(([127, 0, 0, 1], client.admin().port()));
     let got = client
         .pod
         .run(move || async move { wait::admin_get(admin, "/config").await })
         .join()
         .await;
-    let Ok((200, body)) = got else {
-        return Vec::new();
+    let body = match got {
+        Ok((200, body)) => body,
+        other => panic!("/config of {}: {other:?}", client.pod.name),
     };
     let config: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
-    let backends = &config["state"]["destinations"][0]["answer"]["backends"];
-    backends[0]["endpoints"]
+    let destinations = config["state"]["destinations"].as_array().cloned();
+    let known = destinations.iter().flatten();
+    let Some(d) = known
+        .clone()
+        .find(|d| d["destination"].as_str() == Some(dest.to_string().as_str()))
+    else {
+        panic!(
+            "no {dest} among {:?}",
+            known.map(|d| &d["destination"]).collect::<Vec<_>>()
+        );
+    };
+    d["answer"]["backends"][0]["endpoints"]
         .as_array()
         .into_iter()
         .flatten()
@@ -135,13 +146,13 @@ async fn a_topology_aware_service_keeps_each_clients_requests_in_its_zone() {
         format!("{}:{APP_PORT}", a.pod.ip),
         format!("{}:{APP_PORT}", b.pod.ip),
     );
-    let sent = endpoints_sent(&late).await;
+    let sent = endpoints_sent(&late, web).await;
     assert!(sent.contains(&ep_a) && sent.contains(&ep_b), "{sent:?}");
     mesh.place(&late, "node-a", "zone-a");
     wait::until(
         "client-late sent zone-a's endpoints only",
         Duration::from_secs(10),
-        || async { endpoints_sent(&late).await == [ep_a.clone()] },
+        || async { endpoints_sent(&late, web).await == [ep_a.clone()] },
     )
     .await;
     let before_b = to_b.requests();
