@@ -357,8 +357,8 @@ const PODS_PAGE: u32 = 500;
 /// then answers 410 Gone) goes on from where it stopped with the token the
 /// 410 carries (the API's inconsistent continuation): the rest is read at a
 /// later version, which a count can take. Without one it is read again from
-/// the start into a fresh `S`, so that nothing is counted twice, up to
-/// `LIST_RESTARTS` times.
+/// the start into a fresh `S`, so that nothing is counted twice. After
+/// `LIST_EXPIRED` expiries it gives up.
 async fn each_listed<K, S: Default>(
     api: &Api<K>,
     page: u32,
@@ -367,25 +367,26 @@ async fn each_listed<K, S: Default>(
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
 {
-    let mut restarts = 0;
+    let mut expired = 0;
     'list: loop {
         let mut folded = S::default();
         let mut params = ListParams::default().limit(page);
         loop {
             let list = match api.list(&params).await {
                 Ok(list) => list,
-                Err(kube::Error::Api(s)) if s.code == 410 && params.continue_token.is_some() => {
+                Err(kube::Error::Api(s))
+                    if s.code == 410
+                        && params.continue_token.is_some()
+                        && expired < LIST_EXPIRED =>
+                {
+                    expired += 1;
                     let inconsistent = s.metadata.as_ref().and_then(|m| m.continue_.as_deref());
                     match inconsistent.filter(|c| !c.is_empty()) {
                         Some(next) => {
                             params = params.continue_token(next);
                             continue;
                         }
-                        None if restarts < LIST_RESTARTS => {
-                            restarts += 1;
-                            continue 'list;
-                        }
-                        None => return Err(kube::Error::Api(s)),
+                        None => continue 'list,
                     }
                 }
                 Err(e) => return Err(e),
@@ -399,11 +400,10 @@ where
     }
 }
 
-/// Times a paged list whose continue token expired, with none to go on
-/// with, is read again from the start before `check` gives up on it: each
-/// pass takes as long as the last, so one that keeps expiring will not
-/// finish.
-const LIST_RESTARTS: u32 = 2;
+/// Times a paged list's continue token may expire before `check` gives up
+/// on it: a pass read again from the start takes as long as the last, so one
+/// that keeps expiring will not finish.
+const LIST_EXPIRED: u32 = 2;
 
 /// How long a meshed pod may take to start before `check` calls it stuck:
 /// about the injected proxy's startup probe's window.
@@ -1275,7 +1275,7 @@ mod tests {
         let (got, requests) = kubelets_expiring(Some(usize::MAX), false).await;
         let e = got.expect_err("given up on");
         assert!(e.contains("too old"), "{e}");
-        assert_eq!(requests, 2 * (1 + LIST_RESTARTS as usize));
+        assert_eq!(requests, 2 * (1 + LIST_EXPIRED as usize));
         // The first page itself refused: nothing to go on from.
         let (got, requests) = kubelets_expiring(None, true).await;
         assert!(got.is_err(), "{got:?}");
