@@ -74,16 +74,14 @@ mod thread_cache {
             Err(e) => return Some(format!("its executable cannot be read ({e})")),
         };
         let mut args = std::env::args_os();
-        let arg0 = args.next()?;
+        let Some(arg0) = args.next() else {
+            return Some("started without a name (no argv[0])".into());
+        };
         // Run through a loader (`ld.so strait-proxy run …`) or a tool, the
         // executable is the loader, not the proxy: started again with the
         // proxy's arguments, it would not be the proxy.
-        if !is_self(&exe, &arg0, std::env::var_os("PATH").as_deref()) {
-            return Some(format!(
-                "started as {} through {}, which is not it",
-                arg0.to_string_lossy(),
-                exe.display()
-            ));
+        if let Err(why) = is_self(&exe, &arg0, std::env::var_os("PATH").as_deref()) {
+            return Some(why);
         }
         let mut cmd = std::process::Command::new(&exe);
         cmd.arg0(arg0);
@@ -101,13 +99,13 @@ mod thread_cache {
     }
 
     /// Whether `arg0`, the name the process was started by (found through
-    /// `path` when it has no `/`, as a shell finds it), is the file `exe`.
-    /// Anything that cannot be read is not.
+    /// `path` when it has no `/`, as a shell finds it), is the file `exe`;
+    /// if not, why not. Anything that cannot be read is not.
     fn is_self(
         exe: &std::path::Path,
         arg0: &std::ffi::OsStr,
         path: Option<&std::ffi::OsStr>,
-    ) -> bool {
+    ) -> Result<(), String> {
         use std::os::unix::fs::MetadataExt as _;
         let named = std::path::Path::new(arg0);
         // As `execvp` searches: the first executable file of that name.
@@ -115,17 +113,27 @@ mod thread_cache {
             std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
         };
         let found = if arg0.as_encoded_bytes().contains(&b'/') {
-            Some(named.to_path_buf())
+            named.to_path_buf()
         } else {
             path.into_iter()
                 .flat_map(std::env::split_paths)
                 .map(|dir| dir.join(named))
                 .find(|p| executable(p))
+                .ok_or_else(|| format!("started as {}, not found in PATH", named.display()))?
         };
-        let id = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-        match (found.as_deref().and_then(id), id(exe)) {
-            (Some(a), Some(b)) => a == b,
-            _ => false,
+        let id = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(|e| format!("{} cannot be read ({e})", p.display()))
+        };
+        if id(&found)? == id(exe)? {
+            Ok(())
+        } else {
+            Err(format!(
+                "started as {} through {}, which is not it",
+                found.display(),
+                exe.display()
+            ))
         }
     }
 
@@ -164,21 +172,31 @@ mod thread_cache {
                 .unwrap();
             let path = Some(path.as_os_str());
 
-            assert!(is_self(&proxy, proxy.as_os_str(), None));
-            assert!(is_self(&proxy, link.as_os_str(), None), "a link to it");
-            assert!(
+            assert_eq!(is_self(&proxy, proxy.as_os_str(), None), Ok(()));
+            assert_eq!(
+                is_self(&proxy, link.as_os_str(), None),
+                Ok(()),
+                "a link to it"
+            );
+            assert_eq!(
                 is_self(&proxy, OsStr::new("strait-proxy"), path),
+                Ok(()),
                 "found in PATH"
             );
+            let through = is_self(&loader, proxy.as_os_str(), path).unwrap_err();
             assert!(
-                !is_self(&loader, proxy.as_os_str(), path),
-                "run by a loader"
+                through.ends_with("ld-linux.so.2, which is not it"),
+                "{through}"
             );
-            assert!(
-                !is_self(&proxy, OsStr::new("strait-proxy"), None),
-                "no PATH"
+            let not_found = "started as strait-proxy, not found in PATH";
+            assert_eq!(
+                is_self(&proxy, OsStr::new("strait-proxy"), None).unwrap_err(),
+                not_found
             );
-            assert!(!is_self(&proxy, OsStr::new("other"), path), "not found");
+            assert_eq!(
+                is_self(&proxy, OsStr::new("other"), path).unwrap_err(),
+                "started as other, not found in PATH"
+            );
             std::fs::remove_dir_all(&dir).unwrap();
         }
 
