@@ -1231,19 +1231,27 @@ async fn the_proxy_runs_with_the_allocators_thread_cache_off() {
             .find_map(|v| v.strip_prefix(prefix.as_str()))
             .map(str::to_string)
     };
-    // The loader this test itself was loaded by (glibc's, by its file name:
-    // ld-linux-x86-64.so.2, ld-linux-aarch64.so.1, ld64.so.2): the proxy's too.
+    // The loader this test itself was loaded by, the proxy's too: the file
+    // mapped at the address the kernel gives as the loader's (AT_BASE).
+    let auxv = std::fs::read("/proc/self/auxv").expect("auxv");
+    const AT_BASE: u64 = 7;
+    let base = auxv
+        .chunks_exact(16)
+        .map(|e| {
+            let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap());
+            (word(&e[..8]), word(&e[8..]))
+        })
+        .find_map(|(k, v)| (k == AT_BASE && v != 0).then_some(v))
+        .expect("AT_BASE: a dynamically linked test");
     let loader = std::fs::read_to_string("/proc/self/maps")
         .expect("maps")
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .map(std::path::PathBuf::from)
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld64.so"))
+        .find_map(|l| {
+            let start = u64::from_str_radix(l.split('-').next()?, 16).ok()?;
+            let path = l.split_whitespace().nth(5)?;
+            (start == base).then(|| std::path::PathBuf::from(path))
         })
-        .expect("the dynamic loader in /proc/self/maps");
+        .expect("the loader's mapping in /proc/self/maps");
     let proxy_bin = strait_tests::process::binary("strait-proxy");
     for (given, how, first, started_again) in [
         (None, "", Some("glibc.malloc.tcache_count=0"), true),
@@ -1281,7 +1289,17 @@ async fn the_proxy_runs_with_the_allocators_thread_cache_off() {
                 proxy_bin.clone()
             }
         };
-        let mut proxy = strait_tests::process::Proc::spawn_path(program, &args, &envs, None);
+        // The test's own allocator settings, if any, are not the proxy's.
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&args)
+            .env_remove("GLIBC_TUNABLES")
+            .env_remove("STRAIT_PROXY_ALLOCATOR_SET")
+            .envs(envs.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut proxy = strait_tests::process::Proc {
+            child: cmd.spawn().expect("spawn strait-proxy"),
+        };
         proxy
             .ready(admin.parse().unwrap(), Duration::from_secs(10))
             .await;
