@@ -220,27 +220,45 @@ impl StraitPair {
 }
 
 /// A directory of this run's own, removed with everything in it when dropped,
-/// however the run ends (an error, or the pair held until interrupted).
-struct Scratch(PathBuf);
+/// however the run ends (an error, or the pair held until interrupted). A lock
+/// on a file in it, held for the run's life, tells other runs it is in use.
+struct Scratch(PathBuf, #[allow(dead_code)] std::fs::File);
 
 impl Scratch {
-    /// `parent/name-<pid>`. Those of runs that were killed (ctrl-c during
-    /// `bench proxy` runs no destructor), whose process is gone, go first.
+    const LOCK: &str = ".in-use";
+
+    /// `parent/name-<pid>`. Those of earlier runs that were killed (ctrl-c
+    /// during `bench proxy` runs no destructor), whose lock nobody holds, go
+    /// first.
     fn new(parent: &std::path::Path, name: &str) -> anyhow::Result<Scratch> {
         let prefix = format!("{name}-");
         for e in std::fs::read_dir(parent)?.flatten() {
             let file_name = e.file_name();
-            let pid = file_name
+            let ours = file_name
                 .to_str()
                 .and_then(|n| n.strip_prefix(&prefix))
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                .is_some_and(|p| p.parse::<u32>().is_ok());
+            if ours && Self::unused(&e.path()) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
         let dir = parent.join(format!("{name}-{}", std::process::id()));
+        // Left by an earlier process with this pid: not this run's.
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        Ok(Scratch(dir))
+        let lock = std::fs::File::create(dir.join(Self::LOCK))?;
+        lock.try_lock()
+            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", dir.display()))?;
+        Ok(Scratch(dir, lock))
+    }
+
+    /// No run holds `dir`'s lock (or it has none: a run that never got to
+    /// take it).
+    fn unused(dir: &std::path::Path) -> bool {
+        match std::fs::File::open(dir.join(Self::LOCK)) {
+            Ok(f) => f.try_lock().is_ok(),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
     }
 }
 
