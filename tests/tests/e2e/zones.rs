@@ -30,8 +30,8 @@ async fn send(client: &MeshedPod, web: SocketAddr, n: usize) -> usize {
 }
 
 /// The endpoints `client`'s proxy shows in `/config` for `dest` (to a caller
-/// in its pod: what it knows is not shown to others).
-async fn endpoints_sent(client: &MeshedPod, dest: SocketAddr) -> Vec<String> {
+/// in its pod: what it knows is not shown to others), or why none can be read.
+async fn endpoints_sent(client: &MeshedPod, dest: SocketAddr) -> Result<Vec<String>, String> {
     let admin = SocketAddr::from(([127, 0, 0, 1], client.admin().port()));
     let got = client
         .pod
@@ -40,7 +40,7 @@ async fn endpoints_sent(client: &MeshedPod, dest: SocketAddr) -> Vec<String> {
         .await;
     let body = match got {
         Ok((200, body)) => body,
-        other => panic!("/config of {}: {other:?}", client.pod.name),
+        other => return Err(format!("/config of {}: {other:?}", client.pod.name)),
     };
     let config: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
     let destinations = config["state"]["destinations"].as_array().cloned();
@@ -49,17 +49,15 @@ async fn endpoints_sent(client: &MeshedPod, dest: SocketAddr) -> Vec<String> {
         .clone()
         .find(|d| d["destination"].as_str() == Some(dest.to_string().as_str()))
     else {
-        panic!(
-            "no {dest} among {:?}",
-            known.map(|d| &d["destination"]).collect::<Vec<_>>()
-        );
+        let names: Vec<_> = known.map(|d| &d["destination"]).collect();
+        return Err(format!("no {dest} among {names:?}"));
     };
-    d["answer"]["backends"][0]["endpoints"]
+    Ok(d["answer"]["backends"][0]["endpoints"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|e| e["address"].as_str().map(String::from))
-        .collect()
+        .collect())
 }
 
 #[tokio::test]
@@ -146,13 +144,19 @@ async fn a_topology_aware_service_keeps_each_clients_requests_in_its_zone() {
         format!("{}:{APP_PORT}", a.pod.ip),
         format!("{}:{APP_PORT}", b.pod.ip),
     );
-    let sent = endpoints_sent(&late, web).await;
+    let sent = endpoints_sent(&late, web)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(sent.contains(&ep_a) && sent.contains(&ep_b), "{sent:?}");
     mesh.place(&late, "node-a", "zone-a");
     wait::until(
         "client-late sent zone-a's endpoints only",
         Duration::from_secs(10),
-        || async { endpoints_sent(&late, web).await == [ep_a.clone()] },
+        || async {
+            endpoints_sent(&late, web)
+                .await
+                .is_ok_and(|e| e == [ep_a.clone()])
+        },
     )
     .await;
     let before_b = to_b.requests();
