@@ -153,10 +153,11 @@ mod thread_cache {
         /// the binary, is the binary.
         #[test]
         fn only_the_binary_itself_is_started_again() {
-            let dir = std::env::temp_dir().join(format!("strait-heap-{}", std::process::id()));
-            std::fs::create_dir_all(dir.join("bin")).unwrap();
             use std::os::unix::fs::PermissionsExt as _;
-            std::fs::create_dir_all(dir.join("data")).unwrap();
+            let dir = std::env::temp_dir().join(format!("strait-heap-{}", std::process::id()));
+            for sub in ["bin", "data"] {
+                std::fs::create_dir_all(dir.join(sub)).unwrap();
+            }
             let proxy = dir.join("bin/strait-proxy");
             let loader = dir.join("ld-linux.so.2");
             std::fs::write(&proxy, "proxy").unwrap();

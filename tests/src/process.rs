@@ -59,10 +59,14 @@ impl Proc {
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
-        cmd.args(args)
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        cmd.args(args).envs(envs.iter().copied());
+        Self::spawn_command(cmd)
+    }
+
+    /// Spawns `cmd` as made by the caller (an environment variable removed,
+    /// another program in front), with no stdin, killed when dropped.
+    pub fn spawn_command(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
         Proc {
             child: cmd.spawn().expect("spawn binary"),
         }
@@ -115,10 +119,10 @@ impl Proc {
 /// Outside the kernel's ephemeral range (see `outside`): a port picked in it
 /// (as `bind(0)` picks) is free only until some outgoing connection of any
 /// test takes it as its local port, and the child that was to listen on it
-/// then fails with "address in use". Each test process starts in a block of its own (by pid),
-/// so tests running side by side seldom walk the same ports, and claims each
-/// port it hands out with a lock held until it exits, so they never hand out
-/// the same one.
+/// then fails with "address in use". Each test process starts in a block of
+/// its own (by pid), so tests running side by side seldom walk the same
+/// ports, and claims each port it hands out with a lock held until it exits,
+/// so they never hand out the same one.
 pub fn free_port() -> u16 {
     const BLOCK: u32 = 64;
     static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);

@@ -1294,12 +1294,8 @@ async fn the_proxy_runs_with_the_allocators_thread_cache_off() {
         cmd.args(&args)
             .env_remove("GLIBC_TUNABLES")
             .env_remove("STRAIT_PROXY_ALLOCATOR_SET")
-            .envs(envs.iter().copied())
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let mut proxy = strait_tests::process::Proc {
-            child: cmd.spawn().expect("spawn strait-proxy"),
-        };
+            .envs(envs.iter().copied());
+        let mut proxy = strait_tests::process::Proc::spawn_command(cmd);
         proxy
             .ready(admin.parse().unwrap(), Duration::from_secs(10))
             .await;

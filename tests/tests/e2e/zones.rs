@@ -43,8 +43,10 @@ async fn endpoints_sent(client: &MeshedPod, dest: SocketAddr) -> Result<Vec<Stri
         other => return Err(format!("/config of {}: {other:?}", client.pod.name)),
     };
     let config: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
-    let destinations = config["state"]["destinations"].as_array().cloned();
-    let known = destinations.iter().flatten();
+    let known = config["state"]["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten();
     let Some(d) = known
         .clone()
         .find(|d| d["destination"].as_str() == Some(dest.to_string().as_str()))

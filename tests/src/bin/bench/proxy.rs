@@ -222,7 +222,10 @@ impl StraitPair {
 /// A directory of this run's own, removed with everything in it when dropped,
 /// however the run ends (an error, or the pair held until interrupted). A lock
 /// on a file in it, held for the run's life, tells other runs it is in use.
-struct Scratch(PathBuf, #[allow(dead_code)] std::fs::File);
+struct Scratch {
+    dir: PathBuf,
+    _in_use: std::fs::File,
+}
 
 impl Scratch {
     const LOCK: &str = ".in-use";
@@ -249,7 +252,7 @@ impl Scratch {
         let lock = std::fs::File::create(dir.join(Self::LOCK))?;
         lock.try_lock()
             .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", dir.display()))?;
-        Ok(Scratch(dir, lock))
+        Ok(Scratch { dir, _in_use: lock })
     }
 
     /// No run holds `dir`'s lock (or it has none: a run that never got to
@@ -265,13 +268,13 @@ impl Scratch {
 impl std::ops::Deref for Scratch {
     type Target = std::path::Path;
     fn deref(&self) -> &std::path::Path {
-        &self.0
+        &self.dir
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
