@@ -165,6 +165,12 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Inbound connections one address may hold at once until they prove a
+    /// mesh identity; a verified peer's are not counted. Default: a quarter of
+    /// --max-connections.
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE")]
+    pub inbound_max_connections_per_source: Option<usize>,
+
     /// On SIGTERM or POST /shutdown: how long in-flight requests may take to finish.
     #[arg(long, env = "STRAIT_PROXY_SHUTDOWN_GRACE_PERIOD", default_value = "25s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]

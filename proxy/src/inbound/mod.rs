@@ -8,6 +8,7 @@ pub mod dst;
 mod opening;
 pub mod policy;
 mod settle;
+mod unproven;
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use tracing::debug;
 
 use self::authorize::AuthorizeLayer;
 use self::settle::Settled;
+use self::unproven::{Plaintext, Unproven};
 use crate::addr::{ClientAddr, TargetPort};
 use crate::defaults;
 use crate::detect::Protocol;
@@ -39,6 +41,7 @@ const DIRECTION: Direction = Direction::Inbound;
 pub struct Inbound {
     shared: Arc<Shared>,
     http: HttpStack,
+    unproven: Unproven,
 }
 
 /// What the first bytes of a connection said before any detection.
@@ -52,8 +55,14 @@ enum First {
 
 impl Inbound {
     pub fn new(shared: Arc<Shared>) -> Self {
+        let c = &shared.config;
         Inbound {
             http: HttpStack::new(shared.clone(), DIRECTION),
+            unproven: Unproven::new(
+                c.max_connections,
+                c.inbound_max_connections_per_source,
+                shared.tls_server.is_some(),
+            ),
             shared,
         }
     }
@@ -66,6 +75,9 @@ impl Inbound {
         let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
         let Some(server) = self.shared.tls_server.clone() else {
+            let Some(_held) = self.plaintext(client) else {
+                return;
+            };
             return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
                 .await;
         };
@@ -75,6 +87,9 @@ impl Inbound {
         // as TCP under the port's policy like any other bytes, and a port
         // declared opaque is not waited on here.
         if target.is_some() {
+            let Some(_held) = self.plaintext(client) else {
+                return;
+            };
             return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
                 .await;
         }
@@ -83,11 +98,20 @@ impl Inbound {
         // or a plaintext client of a mesh without redirection, for whom
         // nothing is settled before it speaks anyway. Silent all that time,
         // it is neither: closed, rather than held for a header timeout more.
+        let opening = match self.unproven.opening(client.0.ip().to_canonical()) {
+            Ok(opening) => opening,
+            Err(refused) => return self.refuse(refused, client),
+        };
         match first(&acc.stream, defaults::TLS_HANDSHAKE_TIMEOUT).await {
             Some(First::Tls) => {
-                crate::boxed::pin(|| self.from_peer(acc.stream, server, target, client)).await
+                crate::boxed::pin(|| self.from_peer(acc.stream, server, target, client, opening))
+                    .await
             }
             Some(First::Other { silent: false }) => {
+                drop(opening);
+                let Some(_held) = self.plaintext(client) else {
+                    return;
+                };
                 crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
                     .await
             }
@@ -99,14 +123,36 @@ impl Inbound {
         }
     }
 
+    /// A plaintext connection's places (`unproven`), or none: refused,
+    /// counted and logged.
+    fn plaintext(&self, client: ClientAddr) -> Option<Plaintext> {
+        self.unproven
+            .plaintext(client.0.ip().to_canonical())
+            .inspect_err(|refused| self.refuse(*refused, client))
+            .ok()
+    }
+
+    fn refuse(&self, refused: unproven::Refused, client: ClientAddr) {
+        self.shared.metrics.reject_tcp(DIRECTION, refused.reason());
+        // Sampled: each refusal is the client's doing, and counted.
+        strait_otel::sampled!(
+            warn,
+            client = %client.0,
+            reason = refused.reason(),
+            "inbound connection refused: this address, or unauthenticated clients together, hold all they may"
+        );
+    }
+
     /// A connection that opened with a TLS handshake: a peer proxy, whose
-    /// certificate must name a workload.
+    /// certificate must name a workload. `opening`: its address's place until
+    /// it has.
     async fn from_peer(
         self: Arc<Self>,
         stream: TcpStream,
         server: Arc<rustls::ServerConfig>,
         target: Option<TargetPort>,
         client: ClientAddr,
+        opening: strait_api::per_source::Share,
     ) {
         let s = &self.shared;
         let accept = tokio_rustls::TlsAcceptor::from(server).accept(stream);
@@ -125,6 +171,8 @@ impl Inbound {
                     strait_otel::sampled!(warn, client = %client.0, "peer certificate carries no live workload identity; closed");
                     return;
                 };
+                // A proven peer is counted under the listener's cap only.
+                drop(opening);
                 let opaque = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_OPAQUE);
                 // Boxed, so that the stages below move a pointer, not the stream.
                 let stream = Box::new(stream);

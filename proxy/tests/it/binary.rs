@@ -64,6 +64,10 @@ async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
         ),
         (vec!["--max-connections=0"], "--max-connections 0"),
         (
+            vec!["--inbound-max-connections-per-source=0"],
+            "--inbound-max-connections-per-source 0",
+        ),
+        (
             vec![
                 "--trust-anchors=/dev/null",
                 "--token-file=/dev/null",

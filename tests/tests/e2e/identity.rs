@@ -44,6 +44,17 @@ impl Mesh {
     }
 
     async fn start_with(pki: Pki, anchors: PathBuf, web_sa: &str, lifetime: Option<&str>) -> Mesh {
+        Self::start_web_args(pki, anchors, web_sa, lifetime, &[]).await
+    }
+
+    /// With more flags for web's proxy.
+    async fn start_web_args(
+        pki: Pki,
+        anchors: PathBuf,
+        web_sa: &str,
+        lifetime: Option<&str>,
+        web_args: &[&str],
+    ) -> Mesh {
         let dir = ManifestDir::new();
         let tokens = ManifestDir::new();
         for sa in ["client", "web", "intruder"] {
@@ -59,6 +70,7 @@ impl Mesh {
         let backend = Backend::start().await;
         let opts = SidecarOpts {
             identity: Some(identity(&anchors, &tokens, web_sa)),
+            args: web_args.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         };
         let web = Sidecar::start_with(ctl.grpc, NS, "web-0", &[], opts).await;
@@ -1517,4 +1529,122 @@ async fn send_raw(s: &mut tokio::net::TcpStream, parts: &[&[u8]]) -> Vec<u8> {
     let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf));
     read.await.expect("the response ends").unwrap();
     buf
+}
+
+/// A plaintext HTTP/1 request to web's inbound port from `source`, on a
+/// connection left open: the status line, or `None` when the proxy closed it
+/// unanswered.
+async fn plaintext_from(m: &Mesh, source: &str) -> (tokio::net::TcpStream, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(m.web.inbound).await.unwrap();
+    let req = format!(
+        "GET /client-id HTTP/1.1\r\nhost: web\r\nstrait-target-port: {}\r\n\r\n",
+        m.backend.addr.port()
+    );
+    // A refused connection may be closed before the request is written.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut head = [0u8; 12];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("answered or closed");
+    let status = read
+        .ok()
+        .map(|_| String::from_utf8_lossy(&head).into_owned());
+    (s, status)
+}
+
+/// One address holds its share of the inbound listener's plaintext
+/// connections, and plaintext clients together three quarters of it; a
+/// verified peer is counted under neither, and its handshake is not refused
+/// for its address's plaintext connections.
+#[tokio::test]
+async fn plaintext_clients_hold_a_share_per_address_and_leave_room_for_peers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let anchors = pki.anchors();
+    let m = Mesh::start_web_args(
+        pki,
+        anchors,
+        "web",
+        None,
+        &[
+            "--max-connections=8",
+            "--inbound-max-connections-per-source=2",
+        ],
+    )
+    .await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    let via_client = format!("http://{}/client-id", c.upstreams[0]);
+    served_as_client(&via_client, "a peer before any plaintext client").await;
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (s, status) = plaintext_from(&m, "127.0.0.1").await;
+        assert_eq!(status.as_deref(), Some("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let (_, refused) = plaintext_from(&m, "127.0.0.1").await;
+    assert_eq!(
+        refused, None,
+        "a third from one address is closed unanswered"
+    );
+    let rejected = |reason: &str| {
+        let admin = m.web.admin;
+        let name = format!(
+            "strait_proxy_tcp_rejected_connections_total{{direction=\"inbound\",reason=\"{reason}\"}}"
+        );
+        async move { metric_sum(admin, &name).await }
+    };
+    assert_eq!(rejected("source_limit").await, 1.0);
+
+    // Other addresses have shares of their own, up to six plaintext
+    // connections of the eight.
+    let mut others = Vec::new();
+    for source in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        let (s, status) = plaintext_from(&m, source).await;
+        assert_eq!(status.as_deref(), Some("HTTP/1.1 200"), "from {source}");
+        others.push(s);
+    }
+    let (_, refused) = plaintext_from(&m, "127.0.0.4").await;
+    assert_eq!(refused, None, "a seventh plaintext connection is closed");
+    assert_eq!(rejected("unauthenticated_limit").await, 1.0);
+
+    // The peers' quarter: the pooled connection still serves, and a
+    // WebSocket, which takes a connection of its own, opens from the
+    // address that holds its whole plaintext share.
+    served_as_client(&via_client, "a peer with plaintext clients at their limit").await;
+    let mut ws = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        ws.read_exact(&mut b).await.expect("the upgrade's answer");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        rejected("source_limit").await,
+        1.0,
+        "the peer was not refused"
+    );
+
+    // Closed, plaintext connections give their places back.
+    drop(held);
+    wait::until(
+        "the address's share given back",
+        Duration::from_secs(10),
+        || async { plaintext_from(&m, "127.0.0.1").await.1.as_deref() == Some("HTTP/1.1 200") },
+    )
+    .await;
+    drop(others);
 }
