@@ -85,6 +85,7 @@ pub struct Config {
     /// Without it, every destination is passed through. Must be https:// with
     /// --trust-anchors: the token and discovery answers never travel in the clear.
     #[arg(long, env = "STRAIT_PROXY_CONTROL_PLANE", value_name = "URL")]
+    #[serde(serialize_with = "ser_url")]
     pub control_plane: Option<String>,
 
     /// The identity the control plane must present over https:// (default:
@@ -226,6 +227,7 @@ pub struct Config {
     /// span for every sampled outbound request, a server span for every inbound one.
     /// Without it, no span is made.
     #[arg(long, env = "STRAIT_PROXY_OTLP_ENDPOINT", value_name = "URL")]
+    #[serde(serialize_with = "ser_url")]
     pub otlp_endpoint: Option<String>,
 
     /// Share of new traces recorded (0.0 to 1.0). A request whose caller sent a
@@ -313,6 +315,27 @@ fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Resul
     s.serialize_str(&v.to_string())
 }
 
+/// A URL as `/config` shows it: credentials written into it
+/// (`user:password@`) are replaced, since the admin port answers other pods
+/// (the kubelet's probes, Prometheus).
+fn ser_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&without_userinfo(u)),
+        None => s.serialize_none(),
+    }
+}
+
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}redacted@{}", &url[..start], &url[start + at + 1..]).into(),
+        None => url.into(),
+    }
+}
+
 fn ser_display_vec<T: std::fmt::Display, S: serde::Serializer>(
     v: &[T],
     s: S,
@@ -323,6 +346,32 @@ fn ser_display_vec<T: std::fmt::Display, S: serde::Serializer>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_shows_urls_without_their_credentials() {
+        for (url, shown) in [
+            ("https://strait:8090", "https://strait:8090"),
+            ("http://otel:4317/", "http://otel:4317/"),
+            (
+                "https://u:p%40ss@strait:8090/x",
+                "https://redacted@strait:8090/x",
+            ),
+            ("http://tok@en@otel:4317", "http://redacted@otel:4317"),
+            ("http://otel:4317/a@b", "http://otel:4317/a@b"),
+            ("u:p@otel:4317", "redacted@otel:4317"),
+        ] {
+            assert_eq!(without_userinfo(url), shown, "{url}");
+        }
+        let mut c = Config::loopback();
+        c.control_plane = Some("https://user:secret@strait:8090".into());
+        c.otlp_endpoint = Some("http://key@otel:4317".into());
+        let shown = serde_json::to_string(&c).unwrap();
+        assert!(
+            !shown.contains("secret") && !shown.contains("key@"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://redacted@strait:8090"), "{shown}");
+    }
 
     fn config(cli: Cli) -> Config {
         match cli.into_action() {
