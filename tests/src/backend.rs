@@ -74,6 +74,16 @@ impl Backend {
     }
 
     pub async fn start_on(addr: SocketAddr) -> Backend {
+        Self::start_with(addr, None).await
+    }
+
+    /// A backend whose HTTP/2 connections each take at most `streams`
+    /// concurrent streams (hyper's default is 200).
+    pub async fn start_h2_streams(streams: u32) -> Backend {
+        Self::start_with("127.0.0.1:0".parse().expect("addr"), Some(streams)).await
+    }
+
+    async fn start_with(addr: SocketAddr, h2_streams: Option<u32>) -> Backend {
         let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let stats = Arc::new(Stats::default());
@@ -88,7 +98,11 @@ impl Backend {
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(s.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if let Some(n) = h2_streams {
+                        b.http2().max_concurrent_streams(n);
+                    }
+                    let _ = b
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });

@@ -22,6 +22,17 @@ pub fn http2() -> HttpClient {
         .build_http()
 }
 
+/// An HTTP/2 client (prior knowledge) whose connections come from `local`,
+/// one of loopback's addresses (127.0.0.2…): another caller, as the proxy
+/// sees it.
+pub fn http2_from(local: std::net::IpAddr) -> HttpClient {
+    let mut c = HttpConnector::new();
+    c.set_local_address(Some(local));
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(c)
+}
+
 pub fn body(b: impl Into<Bytes>) -> TestBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }

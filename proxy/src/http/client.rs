@@ -832,7 +832,23 @@ impl UpstreamClient {
     }
 }
 
-type PoolKey = (SocketAddr, bool, Option<Identity>, Option<Duration>);
+type PoolKey = (
+    SocketAddr,
+    bool,
+    Option<Identity>,
+    Option<Duration>,
+    Option<PoolPerCaller>,
+);
+
+/// On an inbound request to an HTTP/2 app: the caller's address, whose
+/// requests get HTTP/2 connections of their own. Shared by every caller, the
+/// app's connections (and their stream limits and flow-control windows) would
+/// let one caller that opens streams and never finishes them, or never reads
+/// what it asked for, hold them all, and every other caller's request wait
+/// behind it. Without a proxy each client has connections of its own; so it
+/// has here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolPerCaller(pub std::net::IpAddr);
 
 /// A client for one upstream, with the upstream's address as a URI authority,
 /// made once rather than formatted for every request that names it.
@@ -873,19 +889,21 @@ impl ClientCache {
 
     /// The client for `addr`, speaking HTTP/2 with prior knowledge when `h2`; over
     /// mTLS verifying `peer` when it is a peer proxy and this proxy has an identity.
-    /// `timeout` overrides the connect timeout (a backend policy's).
+    /// `timeout` overrides the connect timeout (a backend policy's); `caller`
+    /// keeps the caller's connections apart from other callers'.
     pub fn get(
         &self,
         addr: SocketAddr,
         h2: bool,
         peer: Option<&Identity>,
         timeout: Option<Duration>,
+        caller: Option<PoolPerCaller>,
     ) -> Upstream {
         let peer = peer.filter(|_| self.tls.is_some());
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.tick += 1;
         let tick = pools.tick;
-        let key = (addr, h2, peer.cloned(), timeout);
+        let key = (addr, h2, peer.cloned(), timeout, caller);
         if let Some((c, used)) = pools.clients.get_mut(&key) {
             *used = tick;
             return c.clone();

@@ -11,7 +11,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri, Version, header};
 use tracing::debug;
 
-use super::client::{ClientCache, ClientError, ConnectError};
+use super::client::{ClientCache, ClientError, ConnectError, PoolPerCaller};
 use super::conn_guard::ConnState;
 use super::error::{KeepUnread, ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
@@ -78,6 +78,7 @@ impl Forward {
         let connect_timeout = req.extensions_mut().remove::<ConnectTimeout>().map(|t| t.0);
         let connect_by = req.extensions_mut().remove::<ConnectBy>();
         let to_peer = req.extensions_mut().remove::<ToPeer>();
+        let caller = req.extensions_mut().remove::<PoolPerCaller>();
         let is_connect = req.method() == Method::CONNECT;
         let is_upgrade = upgrade::is_upgrade_request(&req);
         // A retry counts on getting the request back if it cannot be sent
@@ -113,6 +114,7 @@ impl Forward {
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
+            caller.filter(|_| h2),
         );
         // An HTTP/1 pool connects only once it has the request: keep its head.
         let head = (hand_back && !h2).then(|| head_of(&req));

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::addr::{DestAddr, OwnAddrs, TargetPort};
 use crate::defaults::{self, ORIG_PROTO_HEADER, TARGET_PORT_HEADER};
+use crate::http::client::PoolPerCaller;
 use crate::http::dst::ChooseDst;
 use crate::http::error::ProxyError;
 
@@ -73,6 +74,8 @@ pub struct InboundDst {
     redirected: Option<TargetPort>,
     rules: TargetRules,
     app_ip: IpAddr,
+    /// The caller's address, for its own connections to an HTTP/2 app.
+    caller: Option<PoolPerCaller>,
 }
 
 impl InboundDst {
@@ -81,6 +84,16 @@ impl InboundDst {
             redirected,
             rules,
             app_ip,
+            caller: None,
+        }
+    }
+
+    /// Requests of the caller at `ip` go to an HTTP/2 app over connections
+    /// of their own (`PoolPerCaller`).
+    pub fn for_caller(self, ip: IpAddr) -> Self {
+        Self {
+            caller: Some(PoolPerCaller(ip)),
+            ..self
         }
     }
 }
@@ -89,6 +102,11 @@ impl ChooseDst for InboundDst {
     fn choose<B>(&self, req: &mut Request<B>) -> Result<DestAddr, ProxyError> {
         let port = self.target(req)?;
         restore_version(req, self.rules.trust_carried)?;
+        if let Some(caller) = self.caller
+            && req.version() == Version::HTTP_2
+        {
+            req.extensions_mut().insert(caller);
+        }
         Ok(app_addr(self.app_ip, port))
     }
 }

@@ -314,7 +314,10 @@ impl Inbound {
                 s.metrics.clone(),
                 caller.clone(),
             ),
-            SetDstLayer(dst::InboundDst::new(target, rules.clone(), s.config.app_ip)),
+            SetDstLayer(
+                dst::InboundDst::new(target, rules.clone(), s.config.app_ip)
+                    .for_caller(client.0.ip().to_canonical()),
+            ),
         );
         match protocol {
             Protocol::Opaque => match target.map(|p| rules.check(p)) {

@@ -109,3 +109,54 @@ async fn a_host_naming_the_proxy_itself_is_refused_as_a_loop() {
         "one request, not a cascade: {m}"
     );
 }
+
+/// Callers of an HTTP/2 app do not share its connections: one that holds
+/// every stream it can have there (requests the app does not answer) leaves
+/// another's requests unaffected, as it would without a proxy.
+#[tokio::test]
+async fn one_caller_holding_an_http2_apps_streams_does_not_stall_another() {
+    // Sixteen connections per caller (`H2_MAX_CONNECTIONS_PER_UPSTREAM`), at
+    // the app's one stream each, and one request more waiting.
+    const HELD: usize = 16;
+    let backend = Backend::start_h2_streams(1).await;
+    let proxy = support::start(support::config()).await;
+    let request = |c: &client::HttpClient, path: &str| {
+        let req = Request::get(format!("http://{}{path}", proxy.addrs.inbound))
+            .header("strait-target-port", backend.addr.port().to_string())
+            .body(client::empty())
+            .unwrap();
+        c.request(req)
+    };
+    let greedy = client::http2_from("127.0.0.1".parse().unwrap());
+    let mut held = tokio::task::JoinSet::new();
+    let stats = backend.stats.clone();
+    // One at a time, so that each finds the others' connections full (a
+    // burst before the app's SETTINGS arrive would queue on the first).
+    for n in 1..=HELD {
+        held.spawn(request(&greedy, "/hold"));
+        let stats = stats.clone();
+        strait_tests::wait::until(
+            "the greedy caller's request held at the app",
+            std::time::Duration::from_secs(10),
+            || {
+                let stats = stats.clone();
+                async move { stats.in_flight.load(std::sync::atomic::Ordering::SeqCst) == n }
+            },
+        )
+        .await;
+    }
+    held.spawn(request(&greedy, "/hold"));
+    let other = client::http2_from("127.0.0.2".parse().unwrap());
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        request(&other, "/status/202"),
+    )
+    .await
+    .expect("another caller is answered while the first holds its streams")
+    .unwrap();
+    assert_eq!(answered.status(), StatusCode::ACCEPTED);
+    backend.release_held();
+    while let Some(done) = held.join_next().await {
+        assert_eq!(done.unwrap().unwrap().status(), StatusCode::OK);
+    }
+}
