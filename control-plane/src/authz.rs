@@ -218,21 +218,58 @@ fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey
     false
 }
 
-#[derive(Default)]
+/// What a pod's view may still take, in bytes of its entries, before it is
+/// too large to send.
+struct Budget(usize);
+
+/// The view would pass `MAX_POLICY_VIEW_BYTES`.
+struct TooLarge;
+
+impl Budget {
+    fn spend(&mut self, bytes: usize) -> Result<(), TooLarge> {
+        self.0 = self.0.checked_sub(bytes).ok_or(TooLarge)?;
+        Ok(())
+    }
+}
+
+/// What an entry of the view counts for: its name and a little for its framing.
+fn entry_bytes(name: &str) -> usize {
+    name.len() + 8
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Allow entries `Merged::add` has looked at, to show where merging stops.
+    static VISITED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+#[derive(Clone, Default)]
 struct Merged {
     strict: bool,
     allow: BTreeSet<(u8, String)>,
+    /// What `allow` counts for against the bound.
+    bytes: usize,
 }
 
 impl Merged {
-    fn add(&mut self, spec: &AuthorizationSpec) {
+    /// Only an entry not held yet is counted: a list repeated by many
+    /// policies is in the view once, and does not close the pod.
+    fn add(&mut self, spec: &AuthorizationSpec, budget: &mut Budget) -> Result<(), TooLarge> {
         self.strict |= spec.mtls == MtlsMode::Strict;
         for a in &spec.allow {
-            self.allow.insert(match a {
+            #[cfg(test)]
+            VISITED.with(|v| v.set(v.get() + 1));
+            let entry = match a {
                 Allow::Identity(i) => (0, i.clone()),
                 Allow::Namespace(n) => (1, n.clone()),
-            });
+            };
+            let bytes = entry_bytes(&entry.1);
+            if self.allow.insert(entry) {
+                budget.spend(bytes)?;
+                self.bytes += bytes;
+            }
         }
+        Ok(())
     }
 
     fn to_api(&self, port: u16) -> api::PortPolicy {
@@ -260,68 +297,117 @@ impl Merged {
     }
 }
 
+/// What decides a pod's inbound policy within one snapshot: its namespace,
+/// which of that namespace's policies apply to it (by their place in
+/// `in_namespace`), and its probes. The pods of one workload have the same,
+/// so one answer serves them all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyInputs {
+    namespace: String,
+    applying: Vec<usize>,
+    probes: Vec<api::ProbeRoute>,
+}
+
+// Probe routes compare as plain values (no floats), whatever prost derives.
+impl Eq for PolicyInputs {}
+
+impl std::hash::Hash for PolicyInputs {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.namespace.hash(h);
+        self.applying.hash(h);
+        for p in &self.probes {
+            (p.port, p.kind, &p.path).hash(h);
+        }
+    }
+}
+
+impl PolicyInputs {
+    pub fn of(snap: &Snapshot, pod: &ObjKey) -> Self {
+        let applying = in_namespace(snap, &pod.namespace)
+            .enumerate()
+            .filter(|(_, (key, spec))| applies(snap, key, spec, pod))
+            .map(|(i, _)| i)
+            .collect();
+        PolicyInputs {
+            namespace: pod.namespace.clone(),
+            applying,
+            probes: snap
+                .pods
+                .get(pod)
+                .map(|p| p.probes.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// The inbound policy of one pod: every policy that applies, merged (STRICT if any
 /// says so; the union of their allow lists, empty meaning everyone).
 pub fn workload_policy(snap: &Snapshot, pod: &ObjKey) -> api::WorkloadPolicy {
-    let probes = snap
-        .pods
-        .get(pod)
-        .map(|p| p.probes.clone())
-        .unwrap_or_default();
-    if snap.sealed_namespaces.contains(&pod.namespace) {
+    policy_of(snap, &PolicyInputs::of(snap, pod), pod)
+}
+
+/// The inbound policy that `inputs` make in `snap`; `pod`, one that has
+/// them, is named if it is too large.
+pub fn policy_of(snap: &Snapshot, inputs: &PolicyInputs, pod: &ObjKey) -> api::WorkloadPolicy {
+    let probes = inputs.probes.clone();
+    if snap.sealed_namespaces.contains(&inputs.namespace) {
         return sealed(probes);
     }
+    let mut applying = inputs.applying.iter().peekable();
+    let specs = in_namespace(snap, &inputs.namespace)
+        .enumerate()
+        .filter(|(i, _)| applying.next_if_eq(&i).is_some())
+        .map(|(_, (_, spec))| spec);
+    match merge(specs) {
+        Ok((default, ports)) => api::WorkloadPolicy {
+            ports,
+            default: Some(default),
+            probes,
+        },
+        Err(TooLarge) => {
+            strait_otel::sampled!(
+                warn,
+                pod = %pod,
+                max = crate::defaults::MAX_POLICY_VIEW_BYTES,
+                "the AuthorizationPolicies of this pod make an inbound policy too large to send: every caller is refused until they shrink (fewer ports per policy, namespace entries for many identities)"
+            );
+            sealed(probes)
+        }
+    }
+}
+
+/// The all-ports policy and each named port's. Each port's list repeats the
+/// all-ports one, so the view grows as ports times entries, and policies per
+/// namespace are not counted: a tenant's policies could make it hundreds of
+/// MB, past what a proxy reads. Counted as it is built and given up as soon
+/// as it passes the bound (the pod then closed rather than open), so what
+/// merging holds stays within the bound, and its work within that and the
+/// policies' own size.
+fn merge<'s>(
+    specs: impl Iterator<Item = &'s AuthorizationSpec>,
+) -> Result<(api::PortPolicy, Vec<api::PortPolicy>), TooLarge> {
+    let mut budget = Budget(crate::defaults::MAX_POLICY_VIEW_BYTES);
     let mut all_ports = Merged::default();
     let mut per_port: BTreeMap<u16, Vec<&AuthorizationSpec>> = BTreeMap::new();
-    let mut applying = Vec::new();
-    for (key, spec) in in_namespace(snap, &pod.namespace) {
-        if !applies(snap, key, spec, pod) {
-            continue;
-        }
-        applying.push(spec);
+    for spec in specs {
         if spec.ports.is_empty() {
-            all_ports.add(spec);
+            all_ports.add(spec, &mut budget)?;
         } else {
             for p in &spec.ports {
                 per_port.entry(*p).or_default().push(spec);
             }
         }
     }
-    // Each port's list repeats the all-ports one, so the view grows as ports
-    // times entries, and policies per namespace are not counted: a tenant's
-    // policies could make it hundreds of MB, held and encoded per watching
-    // proxy, past what a proxy reads. Counted as it is built, and past the
-    // bound closed rather than open.
-    let entry_bytes = |m: &Merged| m.allow.iter().map(|(_, v)| v.len() + 8).sum::<usize>();
-    let mut total = entry_bytes(&all_ports);
     let mut ports = Vec::with_capacity(per_port.len());
     for (port, specs) in per_port {
-        if total > crate::defaults::MAX_POLICY_VIEW_BYTES {
-            break;
+        budget.spend(all_ports.bytes)?;
+        let mut m = all_ports.clone();
+        for s in specs {
+            m.add(s, &mut budget)?;
         }
-        let mut m = Merged::default();
-        applying
-            .iter()
-            .filter(|s| s.ports.is_empty())
-            .for_each(|s| m.add(s));
-        specs.into_iter().for_each(|s| m.add(s));
-        total += entry_bytes(&m);
         ports.push(m.to_api(port));
     }
-    if total > crate::defaults::MAX_POLICY_VIEW_BYTES {
-        strait_otel::sampled!(
-            warn,
-            pod = %pod,
-            max = crate::defaults::MAX_POLICY_VIEW_BYTES,
-            "the AuthorizationPolicies of this pod make an inbound policy too large to send: every caller is refused until they shrink (fewer ports per policy, namespace entries for many identities)"
-        );
-        return sealed(probes);
-    }
-    api::WorkloadPolicy {
-        ports,
-        default: Some(all_ports.to_api(0)),
-        probes,
-    }
+    Ok((all_ports.to_api(0), ports))
 }
 
 /// STRICT, allowing an entry that names nobody: every caller refused, on
@@ -406,6 +492,77 @@ mod tests {
         let view = workload_policy(&snap, &pod);
         assert_eq!(view.ports.len(), 2);
         assert!(view.ports.iter().all(|p| p.allow.len() == 1024));
+    }
+
+    /// Merging stops as soon as the view passes the bound: what the
+    /// controller spends on a pod's policy does not grow with how many
+    /// policies a tenant makes, and a view just under the bound is whole.
+    #[test]
+    fn merging_stops_once_the_view_is_too_large() {
+        let mut snap = Snapshot::empty("cluster.local");
+        let pod = ObjKey {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+        };
+        snap.pods.insert(
+            pod.clone(),
+            crate::index::PodInfo {
+                inbound_port: Some(4143),
+                service_account: "web".into(),
+                labels: Default::default(),
+                probes: Vec::new(),
+                ips: Vec::new(),
+                skip_inbound: Vec::new(),
+                node: None,
+            },
+        );
+        // Each entry counts for 100 bytes, each policy for 102,400: 40 of
+        // them fit under 4 MiB, 41 do not.
+        let entry = 100;
+        let team = |t: usize| AuthorizationSpec {
+            target_ref: None,
+            selector: Some(Selector::default()),
+            mtls: MtlsMode::Permissive,
+            ports: Vec::new(),
+            allow: (0..crate::defaults::MAX_POLICY_ALLOW)
+                .map(|i| {
+                    let sa = format!("{:0>55}", t * crate::defaults::MAX_POLICY_ALLOW + i);
+                    Allow::Identity(format!("spiffe://cluster.local/ns/callers/sa/{sa}"))
+                })
+                .collect(),
+        };
+        let add = |snap: &mut Snapshot, teams: std::ops::Range<usize>| {
+            for t in teams {
+                let key = ObjKey {
+                    namespace: "shop".into(),
+                    name: format!("team-{t:03}"),
+                };
+                snap.authorizations.insert(key, team(t));
+            }
+        };
+        assert_eq!(
+            entry_bytes(&format!("spiffe://cluster.local/ns/callers/sa/{:0>55}", 0)),
+            entry
+        );
+        add(&mut snap, 0..40);
+        let whole = workload_policy(&snap, &pod).default.unwrap();
+        assert_eq!(whole.allow.len(), 40 * crate::defaults::MAX_POLICY_ALLOW);
+        assert_eq!(whole.mode, api::MtlsMode::Permissive as i32);
+
+        // 100 such policies: about 10 MB of entries, every one applying.
+        add(&mut snap, 40..100);
+        VISITED.with(|v| v.set(0));
+        let view = workload_policy(&snap, &pod);
+        let default = view.default.unwrap();
+        assert_eq!(default.mode, api::MtlsMode::Strict as i32);
+        assert_eq!(default.allow, [api::Authorization { subject: None }]);
+        // Given up at the first entry past the bound, not after all 102,400.
+        let visited = VISITED.with(|v| v.get());
+        assert_eq!(
+            visited,
+            crate::defaults::MAX_POLICY_VIEW_BYTES / entry + 1,
+            "entries merged"
+        );
     }
 
     /// A pod's policies are its namespace's and no other's, however close
