@@ -1,17 +1,19 @@
 //! The inbound-policy service: a proxy watches its own workload and receives its
 //! mTLS mode and authorization rules, computed from strait's AuthorizationPolicies
-//! that apply to its pod, and again whenever they change.
+//! that apply to its pod, and again whenever they change. Pods that the same
+//! policies apply to (a workload's) share one answer, computed once per change.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use futures_util::{Stream, StreamExt as _};
 use strait_api::v1 as api;
 use strait_api::v1::inbound_policy_server::InboundPolicy;
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 use tonic::{Request, Response, Status};
 
-use crate::authz::workload_policy;
+use crate::authz::{PolicyInputs, policy_of};
 use crate::identity::caller::{Authenticator, may_watch_pod};
 use crate::identity::serving;
 use crate::index::{ObjKey, Snapshot};
@@ -26,6 +28,7 @@ pub struct InboundPolicyService {
     /// Every pod appears in the index (the API server's), so a pod not there
     /// yet is waited for rather than answered with the open default.
     wait_for_pods: bool,
+    answers: Arc<Answers>,
 }
 
 impl InboundPolicyService {
@@ -40,7 +43,68 @@ impl InboundPolicyService {
             watches,
             auth,
             wait_for_pods,
+            answers: Arc::default(),
         }
+    }
+}
+
+type Answer = Arc<api::WorkloadPolicy>;
+
+/// The answers of the latest snapshot, shared by every watch: the pods of one
+/// workload get one answer, computed once per index change and held once,
+/// however many of them watch.
+#[derive(Debug, Default)]
+struct Answers {
+    round: Mutex<Round>,
+    #[cfg(test)]
+    computed: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Round {
+    /// The snapshot `answers` are of. Weak, so as not to keep an old
+    /// snapshot's contents; its allocation stays while this is held, so no
+    /// other snapshot can be at the same address.
+    snap: Weak<Snapshot>,
+    /// Each filled by the first watch that asks: the others wait for it.
+    answers: HashMap<PolicyInputs, Arc<OnceCell<Answer>>>,
+    /// The previous snapshot's: an answer that has not changed is handed out
+    /// again, so a watch sees it is the same by address, not by comparing it.
+    before: HashMap<PolicyInputs, Answer>,
+}
+
+impl Answers {
+    async fn of(&self, snap: &Arc<Snapshot>, pod: &ObjKey) -> Answer {
+        let inputs = PolicyInputs::of(snap, pod);
+        let (cell, before) = {
+            let mut round = self.round.lock().unwrap_or_else(PoisonError::into_inner);
+            if round.snap.as_ptr() != Arc::as_ptr(snap) {
+                let before = std::mem::take(&mut round.answers)
+                    .into_iter()
+                    .filter_map(|(k, cell)| Some((k, cell.get()?.clone())))
+                    .collect();
+                *round = Round {
+                    snap: Arc::downgrade(snap),
+                    answers: HashMap::new(),
+                    before,
+                };
+            }
+            let before = round.before.get(&inputs).cloned();
+            let cell = round.answers.entry(inputs.clone()).or_default().clone();
+            (cell, before)
+        };
+        cell.get_or_init(|| async {
+            #[cfg(test)]
+            self.computed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = policy_of(snap, &inputs, pod);
+            match before {
+                Some(b) if *b == p => b,
+                _ => Arc::new(p),
+            }
+        })
+        .await
+        .clone()
     }
 }
 
@@ -101,13 +165,14 @@ impl InboundPolicy for InboundPolicyService {
         );
         let rx = self.snapshot.clone();
         let wait_for_pods = self.wait_for_pods;
+        let answers = self.answers.clone();
         // The policy now, then again whenever the index changes it. The stream
         // stays open, so a proxy notices a controller going away.
         let stream = futures_util::stream::unfold(
             // `last`: the last answer, and whether the pod was in the index then.
-            (rx, None::<(api::WorkloadPolicy, bool)>, guard, true, false),
+            (rx, None::<(Answer, bool)>, guard, true, false),
             move |(mut rx, last, guard, first, refused)| {
-                let (pod, caller) = (pod.clone(), caller.clone());
+                let (pod, caller, answers) = (pod.clone(), caller.clone(), answers.clone());
                 async move {
                     if refused {
                         return None;
@@ -135,11 +200,14 @@ impl InboundPolicy for InboundPolicyService {
                             }
                             continue;
                         }
-                        let p = workload_policy(&snap, &pod);
-                        if last.as_ref().map(|(l, _)| l) != Some(&p) {
+                        let p = answers.of(&snap, &pod).await;
+                        let same = last
+                            .as_ref()
+                            .is_some_and(|(l, _)| Arc::ptr_eq(l, &p) || **l == *p);
+                        if !same {
                             let known = snap.pods.contains_key(&pod);
                             return Some((
-                                Ok(p.clone()),
+                                Ok((*p).clone()),
                                 (rx, Some((p, known)), guard, false, false),
                             ));
                         }
@@ -186,6 +254,89 @@ mod tests {
         });
         let stream = svc.watch(req).await.unwrap().into_inner();
         (tx, stream)
+    }
+
+    /// The pods of one workload get one answer between them, computed once
+    /// per index change and held once, however many of them watch.
+    #[tokio::test]
+    async fn the_pods_of_one_workload_share_one_policy() {
+        let pod = |app: &str| PodInfo {
+            inbound_port: Some(4143),
+            service_account: app.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            probes: Vec::new(),
+            ips: Vec::new(),
+            skip_inbound: Vec::new(),
+            node: None,
+        };
+        let policy = |name: &str, spec: serde_json::Value| {
+            crate::authz::parse(&serde_json::json!({
+                "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec,
+            }))
+            .unwrap()
+        };
+        let mut snap = Snapshot::empty("cluster.local");
+        for (name, app) in [
+            ("web-0", "web"),
+            ("web-1", "web"),
+            ("web-2", "web"),
+            ("db-0", "db"),
+        ] {
+            snap.pods.insert(key(name), pod(app));
+        }
+        let (k, s) = policy(
+            "web",
+            serde_json::json!({"selector": {"matchLabels": {"app": "web"}}, "mtls": "STRICT"}),
+        );
+        snap.authorizations.insert(k, s);
+        let (tx, rx) = watch::channel(Arc::new(snap.clone()));
+        let svc = InboundPolicyService::new(rx, Watches::new(Metrics::new()), None, true);
+        let mut streams = Vec::new();
+        for name in ["web-0", "web-1", "web-2", "db-0"] {
+            let req = Request::new(api::WatchWorkload {
+                namespace: "shop".into(),
+                pod: name.into(),
+                proxy_id: format!("{name}.shop"),
+            });
+            streams.push(svc.watch(req).await.unwrap().into_inner());
+        }
+        let mut modes = Vec::new();
+        for s in &mut streams {
+            modes.push(s.next().await.unwrap().unwrap().default.unwrap().mode);
+        }
+        let (strict, permissive) = (
+            api::MtlsMode::Strict as i32,
+            api::MtlsMode::Permissive as i32,
+        );
+        assert_eq!(modes, [strict, strict, strict, permissive]);
+        let computed = || {
+            svc.answers
+                .computed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        // One for the web pods, one for db.
+        assert_eq!(computed(), 2);
+        let current = svc.snapshot.borrow().clone();
+        let (a, b) = (
+            svc.answers.of(&current, &key("web-0")).await,
+            svc.answers.of(&current, &key("web-2")).await,
+        );
+        assert!(Arc::ptr_eq(&a, &b), "web-0 and web-2 hold two copies");
+
+        // A change that reaches every web pod is computed once for all of them.
+        let (k, s) = policy(
+            "web-callers",
+            serde_json::json!({"selector": {"matchLabels": {"app": "web"}},
+                               "allow": [{"namespace": "front"}]}),
+        );
+        snap.authorizations.insert(k, s);
+        tx.send_replace(Arc::new(snap));
+        for s in &mut streams[..3] {
+            let p = s.next().await.unwrap().unwrap().default.unwrap();
+            assert_eq!(p.allow.len(), 1);
+        }
+        assert_eq!(computed(), 3);
     }
 
     #[tokio::test]
