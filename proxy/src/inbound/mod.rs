@@ -289,7 +289,7 @@ impl Inbound {
                     }
                     _ => None,
                 };
-                match settle::settle(s, io, app, client).await {
+                match settle::settle(s, io, app, client, peer.is_some()).await {
                     Some(Settled::Http(protocol, io)) => (protocol, io, None),
                     Some(Settled::Opaque(io, up)) => (Protocol::Opaque, io, up),
                     None => return,

@@ -31,12 +31,14 @@ pub(super) enum Settled<I> {
 }
 
 /// Waits for whoever speaks first; `app` is where an opaque stream goes (none
-/// when the client named no port: only its own words can say where).
+/// when the client named no port: only its own words can say where);
+/// `proven`: the client is a verified peer.
 pub(super) async fn settle<I>(
     s: &Shared,
     mut io: I,
     app: Option<DestAddr>,
     client: ClientAddr,
+    proven: bool,
 ) -> Option<Settled<I>>
 where
     I: AsyncRead + Unpin,
@@ -47,8 +49,13 @@ where
     // and only HTTP's: it has as long to start as an HTTP client has for its
     // head, not an opaque stream's idle time (an hour of a connection slot,
     // for anyone who connects and says nothing).
+    // A client outside the mesh, with the app silent too, waits as long as
+    // an HTTP server keeps an idle connection, not an opaque stream's hour:
+    // a server-speaks-first protocol greets at once, and a port whose
+    // clients and server both wait longer is declared opaque.
     let wait = match app {
-        Some(_) => s.tcp.idle_timeout,
+        Some(_) if proven => s.tcp.idle_timeout,
+        Some(_) => s.tcp.idle_timeout.min(s.config.http_idle_timeout),
         None => s.config.http_header_read_timeout,
     };
     let mut idle = std::pin::pin!(tokio::time::sleep(wait));

@@ -259,3 +259,22 @@ async fn an_inbound_listener_on_every_family_serves_redirected_ipv4() {
     assert_eq!((status, body.trim()), (200, "server"));
     assert!(server.requests("inbound").await >= 1.0, "through its proxy");
 }
+
+/// A client outside the mesh that connects to an app port and says nothing,
+/// to an app that says nothing either, is closed after the HTTP idle timeout,
+/// not held for an opaque stream's hour: anyone who reaches the pod could
+/// otherwise keep its connections open at no cost.
+#[tokio::test]
+async fn a_silent_client_from_outside_the_mesh_is_closed_after_the_http_idle_timeout() {
+    use tokio::io::AsyncReadExt;
+    let Some(mut lan) = lan() else { return };
+    let server = MeshedPod::spawn_with(&mut lan, "server", None, &["--http-idle-timeout=2s"]).await;
+    server.answer("/").await;
+    let mut silent = tokio::net::TcpStream::connect(server.app()).await.unwrap();
+    let mut b = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client is still held after 30 s: {closed:?}"
+    );
+}
