@@ -235,3 +235,12 @@ pub const BREAKER_BASE_EJECTION: std::time::Duration = std::time::Duration::from
 /// of more than six after a leaf (webpki's bound on a path), and present
 /// the issuer and these.
 pub const MAX_ISSUER_CHAIN: usize = 5;
+
+/// The largest view of a destination sent, encoded: a quarter of the 32 MiB
+/// a proxy reads, as every watch holds its view encoded until its proxy reads
+/// it. A larger one is sent without the routes that do not fit.
+pub const MAX_DISCOVERY_VIEW_BYTES: usize = 8 * 1024 * 1024;
+/// Routes served on one Service port at most (Gateway API sets no limit):
+/// every calling proxy holds and matches them all, and a port's routes are
+/// a few dozen where teams or paths split it. The oldest are served.
+pub const MAX_ROUTES_PER_PARENT: usize = 256;

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub watches: Family<ServiceLabels, Gauge>,
     /// Destinations with at least one watcher (views computed once per change each).
     pub watched_destinations: Gauge,
+    /// Watched views over `MAX_DISCOVERY_VIEW_BYTES`, sent without the routes
+    /// that do not fit.
+    pub views_cut: Gauge,
     pub push_latency: Histogram,
     pub index_services: Gauge,
     pub index_endpoints: Gauge,
@@ -65,6 +68,7 @@ impl Metrics {
             registry: Registry::default(),
             watches: Family::default(),
             watched_destinations: Gauge::default(),
+            views_cut: Gauge::default(),
             push_latency: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
@@ -87,6 +91,11 @@ impl Metrics {
             "watched_destinations",
             "Destinations watched by at least one proxy, once per zone their watchers are in",
             m.watched_destinations.clone(),
+        );
+        registry.register(
+            "views_cut",
+            "Watched destination views larger than a proxy may be sent (8 MiB encoded), sent without the routes that do not fit",
+            m.views_cut.clone(),
         );
         registry.register(
             "push_latency_seconds",

@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::defaults;
 use crate::identity::caller::{Authenticator, Caller};
 use crate::identity::serving;
-use crate::index::view::{self, view};
+use crate::index::view;
 use crate::index::{DestKey, Snapshot};
 use crate::metrics::{Metrics, Watches};
 use zones::{Found, Zone, Zones};
@@ -104,7 +104,12 @@ impl Views {
             entries.prune_at = (entries.views.len() * 2).max(defaults::VIEWS_PRUNE_AT);
         }
         let snap = entries.snap.clone();
-        let mut first = view(&snap, &key.0, key.1.as_deref());
+        let built = view::build(&snap, &key.0, key.1.as_deref());
+        if built.cut {
+            // Until the next round counts them all again.
+            self.metrics.views_cut.inc();
+        }
+        let mut first = built.update;
         set_stamp(&mut first, (snap.version, changed_at(&snap)));
         let tx = watch::Sender::new(Arc::new(first));
         let rx = tx.subscribe();
@@ -144,19 +149,21 @@ impl Views {
         // Each destination's zone-less view, and whether every zone's is the
         // same, with the update that view makes once stamped: shared by the
         // watchers of every zone that changed.
-        let mut any_zone =
-            HashMap::<DestKey, (api::DestinationUpdate, bool, Option<Update>)>::new();
+        let mut any_zone = HashMap::<DestKey, (view::Built, Option<Update>)>::new();
+        let mut cut = 0i64;
         for ((dest, zone), tx) in watched {
-            let (common, everywhere, next) = any_zone.entry(dest.clone()).or_insert_with(|| {
-                let (v, everywhere) = view::any_zone(&snap, &dest);
-                (v, everywhere, None)
-            });
+            let (common, next) = any_zone
+                .entry(dest.clone())
+                .or_insert_with(|| (view::build(&snap, &dest, None), None));
+            let everywhere = !common.hinted;
             let old = tx.borrow().clone();
             // Compared as of the same version: a change elsewhere in the mesh
             // is not a change of this view, and is not pushed.
             let update = match zone {
-                Some(z) if !*everywhere => {
-                    let mut v = view(&snap, &dest, Some(&z));
+                Some(z) if !everywhere => {
+                    let built = view::build(&snap, &dest, Some(&z));
+                    cut += i64::from(built.cut);
+                    let mut v = built.update;
                     set_stamp(&mut v, stamp_of(&old));
                     (*old != v).then(|| {
                         set_stamp(&mut v, stamp);
@@ -164,6 +171,8 @@ impl Views {
                     })
                 }
                 _ => {
+                    cut += i64::from(common.cut);
+                    let common = &mut common.update;
                     set_stamp(common, stamp_of(&old));
                     (*old != *common).then(|| {
                         next.get_or_insert_with(|| {
@@ -183,6 +192,7 @@ impl Views {
                 pushed += 1;
             }
         }
+        self.metrics.views_cut.set(cut);
         // From the index change to the last view handed to the streams.
         crate::spans::record(
             "discovery.push",
@@ -478,6 +488,86 @@ endpoints: [{{addresses: [{addr}]}}]
             .filter_map(|e| e.addr.as_ref().map(|a| a.addr.clone()))
             .collect();
         (s.version, addrs)
+    }
+
+    /// A watched view too large to send is counted while it is, and the
+    /// proxies watching it get one within the limit.
+    #[test]
+    fn a_watched_view_over_the_size_limit_is_counted_and_sent_within_it() {
+        use crate::index::ObjKey;
+        use crate::routes::{ParentRef, RouteId, RouteSpec, Rule};
+        let web = ObjKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let big = |name: &str| {
+            let rule = Rule {
+                name: None,
+                matches: vec![api::HttpMatch {
+                    path: Some(api::http_match::Path::Exact("x".repeat(3 << 20))),
+                    ..Default::default()
+                }],
+                filters: Vec::new(),
+                backends: Vec::new(),
+                request_timeout: None,
+                backend_request_timeout: None,
+                retry: None,
+            };
+            let spec = RouteSpec {
+                created: None,
+                parents: vec![ParentRef {
+                    service: web.clone(),
+                    port: None,
+                    section_name: None,
+                }],
+                rules: vec![rule],
+            };
+            (
+                RouteId::http(ObjKey {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                }),
+                spec,
+            )
+        };
+        let mut s = (*web_at(1, "10.0.0.1")).clone();
+        for name in ["a", "b", "c"] {
+            let (id, spec) = big(name);
+            s.add_route(id, spec);
+        }
+        let (tx, rx) = watch::channel(Arc::new(s));
+        let metrics = Metrics::new();
+        let views = Views::new(rx, metrics.clone());
+        let key = (DestKey::parse("web.shop:80", "shop").unwrap(), None);
+        let watching = views.subscribe(key);
+        let gauge = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find(|l| l.starts_with("strait_controller_views_cut "))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            gauge(&metrics).as_deref(),
+            Some("strait_controller_views_cut 1")
+        );
+        let sent = watching.borrow().clone();
+        assert!(prost::Message::encoded_len(&*sent) <= defaults::MAX_DISCOVERY_VIEW_BYTES);
+        let Some(api::destination_update::Kind::Service(svc)) = &sent.kind else {
+            panic!("not a Service")
+        };
+        let routes: Vec<&str> = svc.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(routes, ["shop/a", "shop/b"]);
+        assert_eq!(endpoints(&sent).1, ["10.0.0.1:80"]);
+        // Once the routes that did not fit are gone, it is not counted.
+        let mut s = (*web_at(2, "10.0.0.1")).clone();
+        let (id, spec) = big("a");
+        s.add_route(id, spec);
+        tx.send_replace(Arc::new(s.clone()));
+        views.round(Arc::new(s));
+        assert_eq!(
+            gauge(&metrics).as_deref(),
+            Some("strait_controller_views_cut 0")
+        );
     }
 
     /// A watch that starts while a round is recomputing the views from an

@@ -5,6 +5,7 @@
 //! O(1) to take and a change costs what it touches, not the size of the mesh.
 
 pub mod view;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -3,9 +3,10 @@
 
 use std::net::SocketAddr;
 
+use prost::Message as _;
 use strait_api::v1 as api;
 
-use super::{ObjKey, PodInfo, ServicePort, Snapshot};
+use super::{ObjKey, PodInfo, ServicePort, Snapshot, wire};
 use crate::backend_policy::BackendPolicySpec;
 use crate::defaults;
 use crate::routes::{RouteId, RouteKind, RouteSpec};
@@ -92,67 +93,61 @@ pub fn service_name(svc: &ObjKey, port: u16) -> String {
 /// topology-aware routing) and policy; its routes; whether it is opaque.
 /// Everything is in a stable order, so that equal views compare equal.
 pub fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::DestinationUpdate {
-    build(snap, key, zone, &mut false)
+    build(snap, key, zone).update
 }
 
-/// The view of `key` for a caller of unknown zone, and whether it is every
-/// zone's view too: it is unless a Service among its backends has zone hints
-/// in force. So a destination watched from many zones is computed once,
-/// unless it asks for topology-aware routing.
-pub fn any_zone(snap: &Snapshot, key: &DestKey) -> (api::DestinationUpdate, bool) {
-    let mut hinted = false;
-    let v = build(snap, key, None, &mut hinted);
-    (v, !hinted)
+/// A view, and what building it found out besides.
+#[derive(Debug)]
+pub struct Built {
+    pub update: api::DestinationUpdate,
+    /// A backend's endpoints depend on the caller's zone: unless one does, a
+    /// destination's view for a caller of unknown zone is every zone's, and
+    /// a destination watched from many zones is computed once.
+    pub hinted: bool,
+    /// It was over `MAX_DISCOVERY_VIEW_BYTES`, and is sent without what did
+    /// not fit.
+    pub cut: bool,
 }
 
-/// `view`, noting in `hinted` whether a backend's endpoints depend on the
-/// caller's zone.
-fn build(
-    snap: &Snapshot,
-    key: &DestKey,
-    zone: Option<&str>,
-    hinted: &mut bool,
-) -> api::DestinationUpdate {
+/// `view`, with what building it found out.
+pub fn build(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> Built {
+    build_within(snap, key, zone, defaults::MAX_DISCOVERY_VIEW_BYTES)
+}
+
+/// What stamping a view adds to it once built (`discovery::Views`): its
+/// `changed_at`, and a `version` of more digits.
+const STAMP_BYTES: usize = 32;
+
+/// `build`, the view at most `max` bytes encoded: a proxy refuses a message
+/// larger than it reads, so an oversized view would reach no proxy, and held
+/// by every watch until read, it would cost the controller that many times.
+/// Routes go in, in Gateway API's order, while they (with the backends they
+/// bring) fit; one that does not is left out, and the next tried. So the
+/// routes that were served stay served when a newer, larger one is
+/// attached, and the Service's own endpoints are always there: where every
+/// route is left out, callers take the default route to the Service.
+fn build_within(snap: &Snapshot, key: &DestKey, zone: Option<&str>, max: usize) -> Built {
+    let mut built = Built {
+        update: not_meshed(),
+        hinted: false,
+        cut: false,
+    };
     let (svc, port) = match key {
         DestKey::Service { svc, port } => (svc.clone(), *port),
         DestKey::ClusterIp(sa) => match snap.by_cluster_ip.get(&sa.ip()) {
             Some(svc) => (svc.clone(), sa.port()),
-            None => return pod_view(snap, *sa),
+            None => {
+                built.update = pod_view(snap, *sa);
+                return built;
+            }
         },
-        DestKey::External(_) => return not_meshed(),
+        DestKey::External(_) => return built,
     };
     let Some(sp) = service_port(snap, &svc, port) else {
-        return not_meshed();
+        return built;
     };
     let name = service_name(&svc, port);
     let policy = snap.backend_policy(&svc);
-    let mut backends = vec![api::Backend {
-        name: name.clone(),
-        endpoints: endpoints(snap, &svc, port, zone, hinted),
-        policy: policy.map(BackendPolicySpec::to_api),
-    }];
-    let routes = attached_routes(snap, &svc, sp);
-    for b in routes
-        .iter()
-        .flat_map(|(_, r)| &r.rules)
-        .flat_map(|rule| &rule.backends)
-    {
-        let (target, target_port) = b.target(port);
-        let name = service_name(target, target_port);
-        // A Service (or a port of it) that does not exist, or is gone since
-        // the route was accepted, is left out: the proxies answer its share
-        // of requests 500, as Gateway API asks of a backendRef that does not
-        // resolve. One without ready endpoints is sent, and answers 503.
-        if backends.iter().all(|x| x.name != name)
-            && service_port(snap, target, target_port).is_some()
-        {
-            backends.push(api::Backend {
-                name,
-                endpoints: endpoints(snap, target, target_port, zone, hinted),
-                policy: snap.backend_policy(target).map(BackendPolicySpec::to_api),
-            });
-        }
-    }
     let http = |p: &str| {
         defaults::HTTP_APP_PROTOCOLS
             .iter()
@@ -160,28 +155,107 @@ fn build(
     };
     let opaque = sp.app_protocol.as_deref().is_some_and(|p| !http(p))
         || policy.is_some_and(|p| p.opaque_ports.contains(&port));
-    api::DestinationUpdate {
-        kind: Some(api::destination_update::Kind::Service(api::Service {
+    let mut s = api::Service {
+        name: name.clone(),
+        version: snap.version,
+        // Stamped when handed to the streams (`discovery::Views`).
+        changed_at: None,
+        backends: vec![api::Backend {
             name,
-            version: snap.version,
-            // Stamped when handed to the streams (`discovery::Views`).
-            changed_at: None,
-            backends,
-            routes: routes
-                .iter()
-                .map(|(id, r)| r.to_api(&id.key, port))
-                .collect(),
+            endpoints: endpoints(snap, &svc, port, zone, &mut built.hinted),
             policy: policy.map(BackendPolicySpec::to_api),
-            opaque,
-        })),
+        }],
+        routes: Vec::new(),
+        policy: policy.map(BackendPolicySpec::to_api),
+        opaque,
+    };
+    // The update's bytes with `len` bytes of Service.
+    let fits = |len: usize| wire::entry(len) + STAMP_BYTES <= max;
+    let mut len = s.encoded_len();
+    // A Service with more endpoints than fit (some 90,000) keeps the first
+    // that do, by address, rather than none.
+    let mut dropped_endpoints = 0;
+    if !fits(len) {
+        let own = &mut s.backends[0].endpoints;
+        // `len` less each entry: at least what is left, as lengths only shrink.
+        while !fits(len)
+            && let Some(e) = own.pop()
+        {
+            len -= wire::entry(e.encoded_len());
+            dropped_endpoints += 1;
+        }
+        len = s.encoded_len();
     }
+    let mut left_out = Vec::new();
+    for (id, r) in attached_routes(snap, &svc, sp) {
+        let route = r.to_api(&id.key, port);
+        let mut cost = wire::entry(route.encoded_len());
+        let (mut new, mut hinted) = (Vec::<api::Backend>::new(), false);
+        for b in r.rules.iter().flat_map(|rule| &rule.backends) {
+            if !fits(len + cost) {
+                // Left out whatever else it brings: not worked out.
+                break;
+            }
+            let (target, target_port) = b.target(port);
+            let name = service_name(target, target_port);
+            // A Service (or a port of it) that does not exist, or is gone since
+            // the route was accepted, is left out: the proxies answer its share
+            // of requests 500, as Gateway API asks of a backendRef that does not
+            // resolve. One without ready endpoints is sent, and answers 503.
+            if s.backends.iter().chain(&new).all(|x| x.name != name)
+                && service_port(snap, target, target_port).is_some()
+            {
+                let backend = api::Backend {
+                    name,
+                    endpoints: endpoints(snap, target, target_port, zone, &mut hinted),
+                    policy: snap.backend_policy(target).map(BackendPolicySpec::to_api),
+                };
+                cost += wire::entry(backend.encoded_len());
+                new.push(backend);
+            }
+        }
+        if fits(len + cost) {
+            len += cost;
+            built.hinted |= hinted;
+            s.backends.extend(new);
+            s.routes.push(route);
+        } else {
+            left_out.push(id);
+        }
+    }
+    if !left_out.is_empty() || dropped_endpoints > 0 {
+        built.cut = true;
+        let names: Vec<String> = left_out.iter().take(8).map(|id| id.to_string()).collect();
+        strait_otel::sampled!(
+            warn,
+            service = %svc,
+            port,
+            limit_bytes = max,
+            routes_left_out = left_out.len(),
+            first_left_out = ?names,
+            endpoints_left_out = dropped_endpoints,
+            "a Service port's view is larger than a proxy may be sent: the routes that do not fit are left out (the oldest are kept)"
+        );
+    }
+    built.update = api::DestinationUpdate {
+        kind: Some(api::destination_update::Kind::Service(s)),
+    };
+    built
 }
 
-/// The routes attached to a Service port, in Gateway API's order: oldest
-/// first (a route without a creation time counts as oldest), then by
-/// namespace/name. Where a GRPCRoute is attached, the GRPCRoutes only: of
-/// the two kinds on one parent, the more specific wins (GEP-1426) and the
-/// HTTPRoutes are told they conflict.
+/// Gateway API's order of routes: oldest first (a route without a creation
+/// time counts as oldest), then by namespace/name.
+fn precedence(
+    (ka, a): &(&RouteId, &RouteSpec),
+    (kb, b): &(&RouteId, &RouteSpec),
+) -> std::cmp::Ordering {
+    a.created.cmp(&b.created).then_with(|| ka.cmp(kb))
+}
+
+/// The routes served on a Service port, in Gateway API's order, the first
+/// `MAX_ROUTES_PER_PARENT` of them. Where a GRPCRoute is attached, the
+/// GRPCRoutes only: of the two kinds on one parent, the more specific wins
+/// (GEP-1426) and the HTTPRoutes are told they conflict.
 fn attached_routes<'a>(
     snap: &'a Snapshot,
     svc: &ObjKey,
@@ -191,8 +265,36 @@ fn attached_routes<'a>(
     if routes.iter().any(|(id, _)| id.kind == RouteKind::Grpc) {
         routes.retain(|(id, _)| id.kind == RouteKind::Grpc);
     }
-    routes.sort_by(|(ka, a), (kb, b)| a.created.cmp(&b.created).then_with(|| ka.cmp(kb)));
+    routes.sort_by(precedence);
+    // Those past it are told so in their status (`past_route_cap`).
+    routes.truncate(defaults::MAX_ROUTES_PER_PARENT);
     routes
+}
+
+/// Whether route `id`, attached to a Service port, is not served there
+/// because `MAX_ROUTES_PER_PARENT` routes come before it.
+pub fn past_route_cap(snap: &Snapshot, svc: &ObjKey, port: &ServicePort, id: &RouteId) -> bool {
+    // Most Services have a few routes: none is past it.
+    if snap
+        .routes_by_parent
+        .get(svc)
+        .is_none_or(|all| all.len() <= defaults::MAX_ROUTES_PER_PARENT)
+    {
+        return false;
+    }
+    let Some(route) = snap.routes.get(id).filter(|r| r.attaches_to(svc, port)) else {
+        return false;
+    };
+    let grpc = grpc_route_on(snap, svc, port).is_some();
+    if grpc && id.kind != RouteKind::Grpc {
+        // Not served there anyway, and told why.
+        return false;
+    }
+    let ahead = attached(snap, svc, port)
+        .filter(|(k, _)| !grpc || k.kind == RouteKind::Grpc)
+        .filter(|other| precedence(other, &(id, route)).is_lt())
+        .count();
+    ahead >= defaults::MAX_ROUTES_PER_PARENT
 }
 
 fn attached<'a: 'b, 'b>(
@@ -613,6 +715,170 @@ spec:
         let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["shop/z-oldest", "shop/b-canary", "shop/a-newest"]);
         assert_eq!(s.routes[1].rules[0].backends.len(), 2);
+    }
+
+    /// A route on `web` in `shop`, of one rule matching a header of
+    /// `header_bytes`, created `created` seconds into 2024 (`None`: no time).
+    fn route_on(port: Option<u16>, created: Option<i64>, header_bytes: usize) -> RouteSpec {
+        use crate::routes::{ParentRef, Rule};
+        let start = 1_704_067_200;
+        RouteSpec {
+            created: created.map(|s| {
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(start + s).unwrap(),
+                )
+            }),
+            parents: vec![ParentRef {
+                service: ObjKey {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                },
+                port,
+                section_name: None,
+            }],
+            rules: vec![Rule {
+                name: None,
+                matches: vec![api::HttpMatch {
+                    headers: vec![api::HeaderMatch {
+                        name: "x-big".into(),
+                        value: Some(api::header_match::Value::Exact("v".repeat(header_bytes))),
+                    }],
+                    ..Default::default()
+                }],
+                filters: Vec::new(),
+                backends: Vec::new(),
+                request_timeout: None,
+                backend_request_timeout: None,
+                retry: None,
+            }],
+        }
+    }
+
+    fn route_id(name: &str) -> RouteId {
+        RouteId::http(ObjKey {
+            namespace: "shop".into(),
+            name: name.into(),
+        })
+    }
+
+    fn route_names(s: &api::Service) -> Vec<&str> {
+        s.routes.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// A view too large for a proxy to take (a tenant's routes of 1.2 MiB
+    /// each on one port) is sent without the routes that do not fit: the
+    /// older routes and the Service's endpoints are still served, and so
+    /// is a newer route small enough to fit.
+    #[test]
+    fn an_oversized_view_leaves_out_the_newer_routes_that_do_not_fit() {
+        let mut snap = snapshot(MESH);
+        let big = 1_200 * 1024;
+        // After MESH's routes, which are of January 2024's first days.
+        for i in 0..9 {
+            snap.add_route(
+                route_id(&format!("big-{i}")),
+                route_on(Some(80), Some(10 * 86_400 + i), big),
+            );
+        }
+        snap.add_route(route_id("small"), route_on(Some(80), Some(20 * 86_400), 10));
+        let built = build(&snap, &svc("shop", "web", 80), None);
+        assert!(built.cut);
+        let size = built.update.encoded_len();
+        assert!(
+            size + STAMP_BYTES <= defaults::MAX_DISCOVERY_VIEW_BYTES,
+            "{size} bytes"
+        );
+        let Some(api::destination_update::Kind::Service(s)) = &built.update.kind else {
+            panic!("not a Service: {:?}", built.update)
+        };
+        let fit = defaults::MAX_DISCOVERY_VIEW_BYTES / (big + 16);
+        let mut want = vec!["shop/z-oldest", "shop/b-canary", "shop/a-newest"];
+        let bigs: Vec<String> = (0..fit).map(|i| format!("shop/big-{i}")).collect();
+        want.extend(bigs.iter().map(String::as_str));
+        want.push("shop/small");
+        assert_eq!(route_names(s), want);
+        let backends: Vec<(&str, Vec<&str>)> = s
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), addrs(b)))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                (WEB, vec!["10.0.0.1:8080"]),
+                (CANARY, vec!["10.0.0.2:8081"])
+            ]
+        );
+        // Another port of the Service is not cut for this one's routes.
+        assert!(!build(&snap, &svc("shop", "web", 5432), None).cut);
+    }
+
+    /// The limit is on the view as sent: one that fits it is sent whole,
+    /// and one byte less leaves out the newest route.
+    #[test]
+    fn a_view_that_fits_the_limit_is_sent_whole() {
+        let snap = snapshot(MESH);
+        let key = svc("shop", "web", 80);
+        let whole = build_within(&snap, &key, None, usize::MAX);
+        assert!(!whole.cut);
+        let max = whole.update.encoded_len() + STAMP_BYTES;
+        let at = build_within(&snap, &key, None, max);
+        assert!(!at.cut);
+        assert_eq!(at.update, whole.update);
+        assert_eq!(view(&snap, &key, None), whole.update);
+        let under = build_within(&snap, &key, None, max - 1);
+        assert!(under.cut);
+        let Some(api::destination_update::Kind::Service(s)) = &under.update.kind else {
+            panic!("not a Service")
+        };
+        assert_eq!(route_names(s), ["shop/z-oldest", "shop/b-canary"]);
+        assert_eq!(s.backends.len(), 2, "the canary's route is still served");
+    }
+
+    /// Past `MAX_ROUTES_PER_PARENT` routes on a port, the newest (then last
+    /// by namespace/name) are not served there; the port's count is its own.
+    #[test]
+    fn routes_past_the_limit_of_a_port_are_not_served() {
+        let mut snap = snapshot(MESH);
+        let max = defaults::MAX_ROUTES_PER_PARENT;
+        // MESH has three routes on port 80 and two on 5432.
+        for i in 0..max - 3 {
+            snap.add_route(
+                route_id(&format!("r-{i:03}")),
+                route_on(Some(80), Some(86_400), 1),
+            );
+        }
+        let key = svc("shop", "web", 80);
+        let names = |snap: &Snapshot| {
+            route_names(&service(snap, &key))
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let full = names(&snap);
+        assert_eq!(full.len(), max);
+        // Two newer ones, of one creation time: ordered by name.
+        snap.add_route(route_id("s-late"), route_on(Some(80), Some(5 * 86_400), 1));
+        snap.add_route(route_id("a-late"), route_on(Some(80), Some(5 * 86_400), 1));
+        // And one on the other port only.
+        snap.add_route(route_id("db-2"), route_on(Some(5432), Some(0), 1));
+        assert_eq!(names(&snap), full);
+        let web = ObjKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let port80 = snap.services[&web].ports[0].clone();
+        let past =
+            |snap: &Snapshot, name: &str| past_route_cap(snap, &web, &port80, &route_id(name));
+        assert!(past(&snap, "s-late") && past(&snap, "a-late"));
+        for kept in ["r-000", "z-oldest", "db-2"] {
+            assert!(!past(&snap, kept), "{kept}");
+        }
+        assert_eq!(service(&snap, &svc("shop", "web", 5432)).routes.len(), 3);
+        // One of the oldest going makes room for the next.
+        snap.remove_route(&route_id("r-000"));
+        assert!(names(&snap).contains(&"shop/a-late".to_string()));
+        assert!(!past(&snap, "a-late") && past(&snap, "s-late"));
     }
 
     #[test]

@@ -311,6 +311,39 @@ fn conditions(
                 by[0], p.name
             ))
         });
+    // Past the routes a Service port serves, the newest are not served there:
+    // on every port this parentRef names, not accepted; on some, said so.
+    let past_cap = parent
+        .zip(parent_ports.as_ref())
+        .filter(|(_, ports)| s.kind.is_route() && !ports.is_empty())
+        .and_then(|(p, ports)| {
+            let svc = ObjKey {
+                namespace: s.namespace.clone(),
+                name: p.name.clone(),
+            };
+            let key = ObjKey {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+            };
+            let id = match s.kind {
+                Kind::GrpcRoute => crate::routes::RouteId::grpc(key),
+                _ => crate::routes::RouteId::http(key),
+            };
+            let past: Vec<String> = ports
+                .iter()
+                .filter(|sp| crate::index::view::past_route_cap(snap, &svc, sp, &id))
+                .map(|sp| sp.port.to_string())
+                .collect();
+            (!past.is_empty()).then(|| {
+                let why = format!(
+                    "{} older routes (or of a name before this one's) are attached to Service {} port {}: the most strait serves on a port",
+                    crate::defaults::MAX_ROUTES_PER_PARENT,
+                    p.name,
+                    past.join(", ")
+                );
+                (past.len() == ports.len(), why)
+            })
+        });
     // A backendRef to a port its Service does not have sends its share nowhere.
     let bad_ports: Vec<String> = s
         .backend_ports
@@ -366,14 +399,27 @@ fn conditions(
             s.generation,
             old,
         ),
-        (None, None) => condition(
-            "Accepted",
-            true,
-            "Accepted",
-            "accepted by strait",
-            s.generation,
-            old,
-        ),
+        (None, None) => match &past_cap {
+            Some((true, why)) => {
+                condition("Accepted", false, "TooManyRoutes", why, s.generation, old)
+            }
+            Some((false, why)) => condition(
+                "Accepted",
+                true,
+                "Accepted",
+                &format!("accepted by strait, not served where {why}"),
+                s.generation,
+                old,
+            ),
+            None => condition(
+                "Accepted",
+                true,
+                "Accepted",
+                "accepted by strait",
+                s.generation,
+                old,
+            ),
+        },
     };
     // A route's parents are told of under `Accepted`, each in its own entry:
     // its references are its backends.
@@ -716,6 +762,81 @@ mod tests {
         assert_eq!(
             said(1, "ResolvedRefs"),
             ("True".into(), "ResolvedRefs".into())
+        );
+    }
+
+    /// Past the routes a Service port serves, the newest route says it is
+    /// not served there: not accepted where that is every port its
+    /// parentRef names, accepted with the port named where it is some.
+    #[test]
+    fn a_route_past_the_routes_a_port_serves_says_so() {
+        use crate::routes::{ParentRef, RouteId, RouteSpec};
+        let mut snap = Snapshot::empty("cluster.local");
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}, {name: admin, port: 81}]}\n";
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let key = |name: &str| ObjKey {
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        let spec = |port: Option<u16>, day: i64| RouteSpec {
+            created: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(1_704_067_200 + day * 86_400).unwrap(),
+            )),
+            parents: vec![ParentRef {
+                service: key("web"),
+                port,
+                section_name: None,
+            }],
+            rules: Vec::new(),
+        };
+        for i in 0..crate::defaults::MAX_ROUTES_PER_PARENT {
+            snap.add_route(RouteId::http(key(&format!("r-{i:03}"))), spec(Some(80), 0));
+        }
+        // On both ports; then one on port 80 only.
+        snap.add_route(RouteId::http(key("late")), spec(None, 1));
+        snap.add_route(RouteId::http(key("later")), spec(Some(80), 2));
+        let accepted = |name: &str, parent: Value| {
+            let route = serde_json::json!({
+                "metadata": {"namespace": "shop", "name": name},
+                "spec": {"parentRefs": [parent]}
+            });
+            let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+            let c = want["parents"][0]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Accepted")
+                .unwrap()
+                .clone();
+            (
+                c["status"].as_str().unwrap().to_string(),
+                c["reason"].as_str().unwrap().to_string(),
+                c["message"].as_str().unwrap().to_string(),
+            )
+        };
+        let on_80 = serde_json::json!({"group": "", "kind": "Service", "name": "web", "port": 80});
+        let (status, reason, message) = accepted("later", on_80.clone());
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "TooManyRoutes")
+        );
+        assert!(
+            message.contains("256 older routes") && message.contains("port 80"),
+            "{message}"
+        );
+        let both = serde_json::json!({"group": "", "kind": "Service", "name": "web"});
+        let (status, reason, message) = accepted("late", both);
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "Accepted"));
+        assert!(
+            message.contains("not served where") && message.contains("port 80:"),
+            "{message}"
+        );
+        let (status, _, message) = accepted("r-000", on_80);
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("True", "accepted by strait")
         );
     }
 
