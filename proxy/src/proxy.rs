@@ -537,7 +537,6 @@ impl Proxy {
                     ports: shared.config.tcp_probe_ports.clone(),
                     app_ip: shared.config.app_ip,
                 },
-                scraped: admin::Scraped::default(),
                 known: admin::known::Known {
                     discovery: shared.discovery.clone(),
                     policy: shared.policy.clone(),

@@ -43,34 +43,6 @@ pub struct AdminState {
     pub tcp_probes: TcpProbes,
     /// What `/config` shows of the proxy's state.
     pub known: known::Known,
-    /// `/metrics` as last encoded for a caller off loopback.
-    pub scraped: Scraped,
-}
-
-/// How old `/metrics` may be for callers off loopback. Encoding runs on a
-/// thread that serves traffic, and other pods can reach the port: asking
-/// without pause must not make it encode without pause. Prometheus scrapes
-/// every 10 s or more; loopback callers (the pod's own containers, tests)
-/// get it fresh.
-const SCRAPE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The last `/metrics` encoded for a caller off loopback.
-#[derive(Debug, Default)]
-pub struct Scraped(std::sync::Mutex<Option<(std::time::Instant, Bytes)>>);
-
-impl Scraped {
-    /// The text encoded at most `SCRAPE_REUSE` before `now`, else `encode`'s.
-    fn get(&self, now: std::time::Instant, encode: impl FnOnce() -> String) -> Bytes {
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, text)) = &*last
-            && now.saturating_duration_since(*at) < SCRAPE_REUSE
-        {
-            return text.clone();
-        }
-        let text = Bytes::from(encode());
-        *last = Some((now, text.clone()));
-        text
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -215,14 +187,7 @@ async fn route(
             }
         }
         (Method::GET, "/metrics") => {
-            let body = if peer.ip().to_canonical().is_loopback() {
-                Bytes::from(state.metrics.encode())
-            } else {
-                state
-                    .scraped
-                    .get(std::time::Instant::now(), || state.metrics.encode())
-            };
-            let mut r = text(StatusCode::OK, body);
+            let mut r = text(StatusCode::OK, state.metrics.encode());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -308,27 +273,6 @@ async fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metrics_off_loopback_are_encoded_at_most_once_a_second() {
-        let scraped = Scraped::default();
-        let encoded = std::cell::Cell::new(0);
-        let encode = || {
-            encoded.set(encoded.get() + 1);
-            format!("scrape {}", encoded.get())
-        };
-        let t0 = std::time::Instant::now();
-        assert_eq!(scraped.get(t0, encode), "scrape 1");
-        let soon = t0 + std::time::Duration::from_millis(999);
-        assert_eq!(scraped.get(soon, encode), "scrape 1", "reused");
-        assert_eq!(encoded.get(), 1);
-        assert_eq!(
-            scraped.get(t0 + SCRAPE_REUSE, encode),
-            "scrape 2",
-            "a second on"
-        );
-        assert_eq!(encoded.get(), 2);
-    }
 
     #[test]
     fn state_changes_answer_loopback_only() {
