@@ -428,10 +428,8 @@ fn sealed(probes: Vec<api::ProbeRoute>) -> api::WorkloadPolicy {
 mod tests {
     use super::*;
 
-    /// A tenant's policies cannot make a pod's view grow as ports times
-    /// entries without bound: past the bound the pod refuses every caller.
-    #[test]
-    fn a_view_too_large_to_send_closes_the_pod_rather_than_growing() {
+    /// A snapshot with one pod, `shop/web-0`, and no policy.
+    fn with_web_pod() -> (Snapshot, ObjKey) {
         let mut snap = Snapshot::empty("cluster.local");
         let pod = ObjKey {
             namespace: "shop".into(),
@@ -449,6 +447,14 @@ mod tests {
                 node: None,
             },
         );
+        (snap, pod)
+    }
+
+    /// A tenant's policies cannot make a pod's view grow as ports times
+    /// entries without bound: past the bound the pod refuses every caller.
+    #[test]
+    fn a_view_too_large_to_send_closes_the_pod_rather_than_growing() {
+        let (mut snap, pod) = with_web_pod();
         let policy = |name: &str, spec: serde_json::Value| {
             parse(&serde_json::json!({
                 "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
@@ -499,23 +505,7 @@ mod tests {
     /// policies a tenant makes, and a view just under the bound is whole.
     #[test]
     fn merging_stops_once_the_view_is_too_large() {
-        let mut snap = Snapshot::empty("cluster.local");
-        let pod = ObjKey {
-            namespace: "shop".into(),
-            name: "web-0".into(),
-        };
-        snap.pods.insert(
-            pod.clone(),
-            crate::index::PodInfo {
-                inbound_port: Some(4143),
-                service_account: "web".into(),
-                labels: Default::default(),
-                probes: Vec::new(),
-                ips: Vec::new(),
-                skip_inbound: Vec::new(),
-                node: None,
-            },
-        );
+        let (mut snap, pod) = with_web_pod();
         // Each entry counts for 100 bytes, each policy for 102,400: 40 of
         // them fit under 4 MiB, 41 do not.
         let entry = 100;

@@ -495,40 +495,13 @@ endpoints: [{{addresses: [{addr}]}}]
     #[test]
     fn a_watched_view_over_the_size_limit_is_counted_and_sent_within_it() {
         use crate::index::ObjKey;
-        use crate::routes::{ParentRef, RouteId, RouteSpec, Rule};
-        let web = ObjKey {
-            namespace: "shop".into(),
-            name: "web".into(),
-        };
+        use crate::routes::RouteId;
         let big = |name: &str| {
-            let rule = Rule {
-                name: None,
-                matches: vec![api::HttpMatch {
-                    path: Some(api::http_match::Path::Exact("x".repeat(3 << 20))),
-                    ..Default::default()
-                }],
-                filters: Vec::new(),
-                backends: Vec::new(),
-                request_timeout: None,
-                backend_request_timeout: None,
-                retry: None,
-            };
-            let spec = RouteSpec {
-                created: None,
-                parents: vec![ParentRef {
-                    service: web.clone(),
-                    port: None,
-                    section_name: None,
-                }],
-                rules: vec![rule],
-            };
-            (
-                RouteId::http(ObjKey {
-                    namespace: "shop".into(),
-                    name: name.into(),
-                }),
-                spec,
-            )
+            let id = RouteId::http(ObjKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            });
+            (id, crate::index::view::tests::route_on(None, None, 3 << 20))
         };
         let mut s = (*web_at(1, "10.0.0.1")).clone();
         for name in ["a", "b", "c"] {

@@ -505,7 +505,7 @@ fn pod_view(snap: &Snapshot, addr: SocketAddr) -> api::DestinationUpdate {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn svc(ns: &str, name: &str, port: u16) -> DestKey {
@@ -717,9 +717,21 @@ spec:
         assert_eq!(s.routes[1].rules[0].backends.len(), 2);
     }
 
+    /// Each backend's name and endpoint addresses.
+    fn backends_of(s: &api::Service) -> Vec<(&str, Vec<&str>)> {
+        s.backends
+            .iter()
+            .map(|b| (b.name.as_str(), addrs(b)))
+            .collect()
+    }
+
     /// A route on `web` in `shop`, of one rule matching a header of
     /// `header_bytes`, created `created` seconds into 2024 (`None`: no time).
-    fn route_on(port: Option<u16>, created: Option<i64>, header_bytes: usize) -> RouteSpec {
+    pub(crate) fn route_on(
+        port: Option<u16>,
+        created: Option<i64>,
+        header_bytes: usize,
+    ) -> RouteSpec {
         use crate::routes::{ParentRef, Rule};
         let start = 1_704_067_200;
         RouteSpec {
@@ -797,11 +809,7 @@ spec:
         want.extend(bigs.iter().map(String::as_str));
         want.push("shop/small");
         assert_eq!(route_names(s), want);
-        let backends: Vec<(&str, Vec<&str>)> = s
-            .backends
-            .iter()
-            .map(|b| (b.name.as_str(), addrs(b)))
-            .collect();
+        let backends = backends_of(s);
         assert_eq!(
             backends,
             [
@@ -884,11 +892,7 @@ spec:
     #[test]
     fn backend_refs_bring_their_endpoints() {
         let s = service(&snapshot(MESH), &svc("shop", "web", 80));
-        let backends: Vec<(&str, Vec<&str>)> = s
-            .backends
-            .iter()
-            .map(|b| (b.name.as_str(), addrs(b)))
-            .collect();
+        let backends = backends_of(&s);
         assert_eq!(
             backends,
             [

@@ -1146,27 +1146,10 @@ async fn closed_when_revoked(m: &Mesh, open: &mut tokio::net::TcpStream, what: &
 /// drops its caller, the tunnel is closed as a new request would be refused.
 #[tokio::test]
 async fn an_upgraded_connection_closes_when_its_caller_is_no_longer_allowed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m = Mesh::start("web", None).await;
     strict_for_client(&m).await;
     let c = m.sidecar("client-0", "client", &[WEB]).await;
-    let mut ws = tokio::net::TcpStream::connect(c.upstreams[0])
-        .await
-        .unwrap();
-    ws.write_all(
-        b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
-          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        ws.read_exact(&mut b).await.expect("the upgrade's answer");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut ws = websocket(c.upstreams[0]).await;
     closed_when_revoked(&m, &mut ws, "the WebSocket").await;
 }
 
@@ -1561,7 +1544,6 @@ async fn plaintext_from(m: &Mesh, source: &str) -> (tokio::net::TcpStream, Optio
 /// for its address's plaintext connections.
 #[tokio::test]
 async fn plaintext_clients_hold_a_share_per_address_and_leave_room_for_peers() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let anchors = pki.anchors();
     let m = Mesh::start_web_args(
@@ -1615,23 +1597,7 @@ async fn plaintext_clients_hold_a_share_per_address_and_leave_room_for_peers() {
     // WebSocket, which takes a connection of its own, opens from the
     // address that holds its whole plaintext share.
     served_as_client(&via_client, "a peer with plaintext clients at their limit").await;
-    let mut ws = tokio::net::TcpStream::connect(c.upstreams[0])
-        .await
-        .unwrap();
-    ws.write_all(
-        b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
-          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        ws.read_exact(&mut b).await.expect("the upgrade's answer");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let _ws = websocket(c.upstreams[0]).await;
     assert_eq!(
         rejected("source_limit").await,
         1.0,
@@ -1647,4 +1613,26 @@ async fn plaintext_clients_hold_a_share_per_address_and_leave_room_for_peers() {
     )
     .await;
     drop(others);
+}
+
+/// A WebSocket to web opened through a client proxy's `upstream`, its
+/// upgrade answered 101.
+async fn websocket(upstream: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ws = tokio::net::TcpStream::connect(upstream).await.unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        ws.read_exact(&mut b).await.expect("the upgrade's answer");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ws
 }
