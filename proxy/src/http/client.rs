@@ -251,12 +251,6 @@ struct ConnLoad {
     streams: AtomicUsize,
     /// The peer's concurrent-stream limit as last seen by the connection task.
     max_streams: AtomicUsize,
-    /// The limit as the connection has it now. The connection task runs
-    /// when requests are handed to it, not when the peer's SETTINGS arrive,
-    /// so its view can lag: a burst right after the first request would all
-    /// be handed to the first connection, and wait there for streams, while
-    /// others could have been opened. `None` while the task polls it.
-    live_max: Box<dyn Fn() -> Option<usize> + Send + Sync>,
     /// Requests sent so far, to notice an idle connection.
     requests: AtomicU64,
     room: Arc<Room>,
@@ -264,9 +258,7 @@ struct ConnLoad {
 
 impl H2Conn {
     fn has_room(&self) -> bool {
-        let max =
-            (self.load.live_max)().unwrap_or_else(|| self.load.max_streams.load(Ordering::Relaxed));
-        self.load.streams.load(Ordering::SeqCst) < max
+        self.load.streams.load(Ordering::SeqCst) < self.load.max_streams.load(Ordering::Relaxed)
     }
 
     fn take(&self) -> StreamSlot {
@@ -614,26 +606,21 @@ impl H2Client {
             addr,
             source: io::Error::other(format!("HTTP/2 handshake: {e}")),
         })?;
-        let max = conn.current_max_send_streams();
-        // Shared with the pool, which reads the limit from it as it picks.
-        let conn = Arc::new(Mutex::new(Box::pin(conn)));
-        let read = conn.clone();
         let load = Arc::new(ConnLoad {
             streams: AtomicUsize::new(0),
-            max_streams: AtomicUsize::new(max),
-            live_max: Box::new(move || Some(read.try_lock().ok()?.current_max_send_streams())),
+            max_streams: AtomicUsize::new(conn.current_max_send_streams()),
             requests: AtomicU64::new(0),
             room: self.inner.room.clone(),
         });
         let inner = Arc::downgrade(&self.inner);
         let watched = load.clone();
         tokio::spawn(async move {
+            tokio::pin!(conn);
             // Polls the connection, and keeps the pool's view of the peer's
             // stream limit current (SETTINGS may change it at any time). hyper
             // drives the socket in a task of its own; this one is polled as
             // requests are handed to it, so the view is as of the last one.
             let mut conn = std::future::poll_fn(move |cx| {
-                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
                 let polled = conn.as_mut().poll(cx);
                 watched
                     .max_streams
@@ -1068,43 +1055,6 @@ mod tests {
             assert_eq!(body.unwrap(), "done");
         }
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
-    }
-
-    /// The limit the server's SETTINGS set is seen from the request after
-    /// they arrive, not from the next time the connection task happens to
-    /// run: requests past it open connections rather than wait on the first.
-    #[tokio::test]
-    async fn requests_past_a_new_connections_limit_open_others_at_once() {
-        let (addr, held, gate) = server(1).await;
-        let c = client(addr);
-        let mut sent = tokio::task::JoinSet::new();
-        let wait_held = |n: usize| {
-            let held = held.clone();
-            async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                while held.load(Ordering::SeqCst) < n {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "only {} of {n} requests reached the server",
-                        held.load(Ordering::SeqCst)
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        for n in 1..=4 {
-            let c2 = c.clone();
-            sent.spawn(async move {
-                let rsp = c2.request(get()).await.unwrap();
-                rsp.into_body().collect().await.unwrap().to_bytes()
-            });
-            wait_held(n).await;
-        }
-        assert_eq!(c.streams(), vec![1, 1, 1, 1]);
-        gate.add_permits(4);
-        while let Some(body) = sent.join_next().await {
-            assert_eq!(body.unwrap(), "done");
-        }
     }
 
     /// A peer proxy that stops answering without a reset (its node died, the
