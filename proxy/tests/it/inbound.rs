@@ -128,10 +128,16 @@ async fn one_caller_holding_an_http2_apps_streams_does_not_stall_another() {
         c.request(req)
     };
     let greedy = client::http2_from("127.0.0.1".parse().unwrap());
+    // Two requests one after the other first: the pool learns the app's
+    // limit from its first connection's SETTINGS by the second (and gives
+    // it to each connection it opens after).
+    for _ in 0..2 {
+        let rsp = request(&greedy, "/status/200").await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+    }
     let mut held = tokio::task::JoinSet::new();
     let stats = backend.stats.clone();
-    // One at a time, so that each finds the others' connections full (a
-    // burst before the app's SETTINGS arrive would queue on the first).
+    // One at a time, so that each finds the others' connections full.
     for n in 1..=HELD {
         held.spawn(request(&greedy, "/hold"));
         let stats = stats.clone();
