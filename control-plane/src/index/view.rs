@@ -87,15 +87,6 @@ pub fn service_name(svc: &ObjKey, port: u16) -> String {
     )
 }
 
-/// The view of `key` in `snap`, for a caller in `zone` (when known): the
-/// Service itself and every Service its routes send to, each with its ready
-/// endpoints (those meant for the caller's zone, where a Service asks for
-/// topology-aware routing) and policy; its routes; whether it is opaque.
-/// Everything is in a stable order, so that equal views compare equal.
-pub fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::DestinationUpdate {
-    build(snap, key, zone).update
-}
-
 /// A view, and what building it found out besides.
 #[derive(Debug)]
 pub struct Built {
@@ -109,7 +100,11 @@ pub struct Built {
     pub cut: bool,
 }
 
-/// `view`, with what building it found out.
+/// The view of `key` in `snap`, for a caller in `zone` (when known): the
+/// Service itself and every Service its routes send to, each with its ready
+/// endpoints (those meant for the caller's zone, where a Service asks for
+/// topology-aware routing) and policy; its routes; whether it is opaque.
+/// Everything is in a stable order, so that equal views compare equal.
 pub fn build(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> Built {
     build_within(snap, key, zone, defaults::MAX_DISCOVERY_VIEW_BYTES)
 }
@@ -715,6 +710,11 @@ spec:
         let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["shop/z-oldest", "shop/b-canary", "shop/a-newest"]);
         assert_eq!(s.routes[1].rules[0].backends.len(), 2);
+    }
+
+    /// The view alone.
+    fn view(snap: &Snapshot, key: &DestKey, zone: Option<&str>) -> api::DestinationUpdate {
+        build(snap, key, zone).update
     }
 
     /// Each backend's name and endpoint addresses.

@@ -1336,7 +1336,7 @@ mod tests {
         std::fs::write(dir.join("route.yaml"), route("web", "api")).unwrap();
         let mut src = source(&dir);
         let key = crate::index::DestKey::parse("web.a:80", "a").unwrap();
-        let backends = |s: &Snapshot| match crate::index::view::view(s, &key, None).kind {
+        let backends = |s: &Snapshot| match crate::index::view::build(s, &key, None).update.kind {
             Some(strait_api::v1::destination_update::Kind::Service(svc)) => svc
                 .backends
                 .into_iter()
