@@ -161,6 +161,7 @@ impl InboundPolicy for InboundPolicyService {
         let guard = self.watches.open("inbound_policy", source, &pod)?;
         let ended = crate::identity::caller::Caller::watch_ends(
             caller.as_ref().map(|(_, c)| c),
+            &self.snapshot,
             guard.ended(),
         );
         let rx = self.snapshot.clone();

@@ -266,7 +266,7 @@ impl Discovery for DiscoveryService {
             "watch"
         );
         let guard = self.watches.open("discovery", source, &key)?;
-        let ended = Caller::watch_ends(caller.as_ref(), guard.ended());
+        let ended = Caller::watch_ends(caller.as_ref(), &self.views.snapshot, guard.ended());
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a
             // view, so made-up names cost nothing to hold. The stream stays open,
@@ -903,6 +903,7 @@ endpoints:
             namespace: ns.into(),
             service_account: sa.into(),
             until: None,
+            token: None,
         };
         let at = Some("10.0.9.2".parse().unwrap());
         let zone = |c: Option<&Caller>| Zone::of(&snap, at, c);

@@ -20,7 +20,7 @@ use tonic::Request;
 use super::ca::Ca;
 use super::serving::PeerCerts;
 use super::tokens::{TokenError, Verifier};
-use crate::index::{ObjKey, Snapshot};
+use crate::index::{ObjKey, Snapshot, TokenDigest};
 use crate::metrics::Metrics;
 
 /// A proven service account.
@@ -31,27 +31,66 @@ pub struct Caller {
     /// When the credential that proved it expires (a certificate's notAfter,
     /// a token's `exp`); `None`: it does not.
     pub until: Option<std::time::SystemTime>,
+    /// The manifests' token it proved itself with, if that is how: such a
+    /// token has no expiry, and taking it out of the manifests revokes it.
+    pub token: Option<TokenDigest>,
 }
 
 impl Caller {
     /// When a watch opened by `caller` ends: when the controller ends it
-    /// (`watched`), or when the caller's credential expires.
+    /// (`watched`), when the caller's credential expires, or when the
+    /// manifests' token it proved itself with is taken out of `snapshot` (or
+    /// now names another account).
     pub fn watch_ends(
         caller: Option<&Caller>,
+        snapshot: &watch::Receiver<Arc<Snapshot>>,
         watched: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let expired = caller.map(Caller::expired);
+        let revoked = caller.and_then(|c| c.revoked(snapshot.clone()));
         async move {
-            match expired {
-                Some(expired) => {
-                    tokio::select! {
-                        () = watched => {}
-                        () = expired => {}
-                    }
+            let expired = async {
+                match expired {
+                    Some(e) => e.await,
+                    None => std::future::pending().await,
                 }
-                None => watched.await,
+            };
+            let revoked = async {
+                match revoked {
+                    Some(r) => r.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = watched => {}
+                () = expired => {}
+                () = revoked => {}
             }
         }
+    }
+
+    /// Resolves when the manifests no longer give the caller's token to its
+    /// account; `None` for a caller not proven by a manifests' token. A
+    /// snapshot that can no longer change revokes nothing.
+    fn revoked(
+        &self,
+        mut snapshot: watch::Receiver<Arc<Snapshot>>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let digest = self.token?;
+        let account = ObjKey {
+            namespace: self.namespace.clone(),
+            name: self.service_account.clone(),
+        };
+        Some(async move {
+            loop {
+                if snapshot.borrow_and_update().tokens.get(&digest) != Some(&account) {
+                    return;
+                }
+                if snapshot.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        })
     }
 
     /// Resolves when the caller's credential expires. A watch opened with it
@@ -176,9 +215,9 @@ impl Authenticator {
                 Ok(k) => {
                     // As the API server checked it; a manifest's token is
                     // known by its digest, whatever its claims say.
-                    let until = match &self.tokens {
-                        Verifier::Kubernetes(_) => crate::kubernetes::tokens::expiry(token),
-                        Verifier::Manifests(_) => None,
+                    let (until, digest) = match &self.tokens {
+                        Verifier::Kubernetes(_) => (crate::kubernetes::tokens::expiry(token), None),
+                        Verifier::Manifests(_) => (None, Some(TokenDigest::of(token))),
                     };
                     // A review answered (or cached) a moment before the
                     // token's end proves nothing past it.
@@ -189,6 +228,7 @@ impl Authenticator {
                         namespace: k.namespace,
                         service_account: k.name,
                         until,
+                        token: digest,
                     })
                 }
                 Err(TokenError::Unknown) => Err(Refused::UnknownToken),
@@ -241,6 +281,7 @@ impl Authenticator {
             namespace: id.namespace().to_string(),
             service_account: id.service_account().to_string(),
             until,
+            token: None,
         })
     }
 }
@@ -410,6 +451,84 @@ mod tests {
             took >= Duration::from_secs(28) && took <= Duration::from_secs(31),
             "{took:?}"
         );
+    }
+
+    /// A manifests' token has no expiry: a watch opened with it lasts until
+    /// the token is taken out of the manifests, not for as long as its
+    /// connection stays open.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_ends_when_its_token_is_taken_out_of_the_manifests() {
+        use futures_util::StreamExt;
+        use strait_api::v1::discovery_server::Discovery;
+        let (auth, _) = authenticator();
+        let web = ObjKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let db = ObjKey {
+            namespace: "shop".into(),
+            name: "db".into(),
+        };
+        let mut snap = Snapshot::empty("cluster.local");
+        snap.tokens
+            .insert(TokenDigest::of(b"web-token"), web.clone());
+        let (tx, rx) = watch::channel(Arc::new(snap.clone()));
+        let auth = Authenticator {
+            snapshot: rx.clone(),
+            tokens: Verifier::Manifests(rx.clone()),
+            ..auth
+        };
+        let metrics = Metrics::new();
+        let svc = crate::discovery::DiscoveryService::new(
+            crate::discovery::Views::new(rx, metrics.clone()),
+            crate::metrics::Watches::new(metrics),
+            Some(auth),
+        );
+        let watch = || {
+            let mut req = Request::new(strait_api::v1::WatchDestination {
+                destination: "web.shop.svc.cluster.local:80".into(),
+                context_namespace: "shop".into(),
+                proxy_id: "web-0.shop".into(),
+            });
+            req.metadata_mut()
+                .insert("authorization", "Bearer web-token".parse().unwrap());
+            svc.watch(req)
+        };
+        let mut stream = watch().await.unwrap().into_inner();
+        assert!(stream.next().await.unwrap().is_ok(), "answered");
+
+        // Another account's token comes and goes: the watch stays.
+        snap.tokens.insert(TokenDigest::of(b"db-token"), db.clone());
+        tx.send_replace(Arc::new(snap.clone()));
+        let open = tokio::time::timeout(Duration::from_secs(3600), stream.next()).await;
+        assert!(
+            !matches!(open, Ok(None)),
+            "ended on another token: {open:?}"
+        );
+
+        // Its own token now names another account: revoked for this one.
+        snap.tokens
+            .insert(TokenDigest::of(b"web-token"), db.clone());
+        tx.send_replace(Arc::new(snap.clone()));
+        let end = tokio::time::timeout(Duration::from_secs(1), stream.next())
+            .await
+            .expect("the watch outlived its token");
+        assert!(end.is_none(), "{end:?}");
+
+        // Taken out: a new watch is refused, one opened before ends.
+        snap.tokens
+            .insert(TokenDigest::of(b"web-token"), web.clone());
+        tx.send_replace(Arc::new(snap.clone()));
+        let mut stream = watch().await.unwrap().into_inner();
+        assert!(stream.next().await.unwrap().is_ok(), "answered again");
+        snap.tokens.remove(&TokenDigest::of(b"web-token"));
+        tx.send_replace(Arc::new(snap.clone()));
+        let end = tokio::time::timeout(Duration::from_secs(1), stream.next())
+            .await
+            .expect("the watch outlived its token");
+        assert!(end.is_none(), "{end:?}");
+        let refused = watch().await.map(|_| ()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     }
 
     #[test]
