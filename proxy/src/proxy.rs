@@ -527,7 +527,10 @@ impl Proxy {
             admin,
             Arc::new(AdminState {
                 config: serde_json::to_value(&shared.config).unwrap_or_default(),
-                metrics: shared.metrics.clone(),
+                metrics: {
+                    let m = shared.metrics.clone();
+                    admin::Scrapes::new(move |out| m.encode_into(out))
+                },
                 log,
                 shutdown: trigger.handle(),
                 drain: shared.drain.clone(),

@@ -3,6 +3,9 @@
 //! even when the admin address is widened.
 
 pub mod known;
+mod scrape;
+
+pub use scrape::Scrapes;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,7 +21,6 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::defaults;
-use crate::telemetry::Metrics;
 use crate::telemetry::log::LogHandle;
 use crate::transport::Drain;
 use crate::transport::drain::ShutdownHandle;
@@ -31,7 +33,8 @@ const MAX_BODY: usize = 4 * 1024;
 pub struct AdminState {
     /// The running configuration, as `GET /config` shows it.
     pub config: serde_json::Value,
-    pub metrics: Arc<Metrics>,
+    /// `/metrics`, encoded off the serving thread.
+    pub metrics: Scrapes,
     pub log: Option<LogHandle>,
     pub shutdown: ShutdownHandle,
     pub drain: Drain,
@@ -187,7 +190,7 @@ async fn route(
             }
         }
         (Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, state.metrics.encode());
+            let mut r = text(StatusCode::OK, state.metrics.scrape().await);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(

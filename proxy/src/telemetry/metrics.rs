@@ -706,7 +706,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
+        self.encode_into(String::with_capacity(8 * 1024))
+    }
+
+    /// The text appended to `out`.
+    pub fn encode_into(&self, mut out: String) -> String {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         // After encoding: what a series counted before it goes is scraped.
