@@ -77,20 +77,12 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     // Any pod can reach the webhook's Service: connections are bounded, and
-    // so is the time each may take, and the memory all of them hold.
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        defaults::WEBHOOK_MAX_CONNECTIONS,
-    ));
+    // so is the time each may take, and the memory all of them hold; at the
+    // bound a new connection takes the longest idle one's place.
+    let places = super::places::Places::new(defaults::WEBHOOK_MAX_CONNECTIONS);
     let budget = Arc::new(Budget::new(defaults::WEBHOOK_BODY_BUDGET));
     let conns = TaskTracker::new();
     loop {
-        let slot = tokio::select! {
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-            () = stop.cancelled() => break,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = stop.cancelled() => break,
@@ -104,6 +96,10 @@ pub async fn serve(
                 continue;
             }
         };
+        let place = tokio::select! {
+            p = places.take() => p,
+            () = stop.cancelled() => break,
+        };
         let (acceptor, settings, draining, budget) = (
             acceptor.clone(),
             settings.clone(),
@@ -111,43 +107,14 @@ pub async fn serve(
             budget.clone(),
         );
         conns.spawn(async move {
-            let _slot = slot;
-            // A caller that stops reading its answers is cut off rather than
-            // holding its place: hyper reads nothing while a write waits.
-            let tcp = strait_api::write_deadline::WriteDeadline::new(
-                tcp,
-                defaults::TLS_HANDSHAKE_TIMEOUT,
-            );
-            let handshake =
-                tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-            let tls = match handshake {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
-                Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
-            };
-            let svc = service_fn(move |req| {
-                let (settings, budget) = (settings.clone(), budget.clone());
-                async move { Ok::<_, Infallible>(handle(req, &settings, policy, &budget).await) }
-            });
-            // Made while draining: one review, then closed.
-            let keep_alive = !draining.is_cancelled();
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
-                .keep_alive(keep_alive)
-                .serve_connection(TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            if keep_alive {
-                tokio::select! {
-                    biased;
-                    _ = conn.as_mut() => return,
-                    () = draining.cancelled() => {}
+            let place = Arc::new(place);
+            let close = place.close.clone();
+            tokio::select! {
+                () = connection(tcp, peer, acceptor, settings, policy, draining, budget, place) => {}
+                () = close.cancelled() => {
+                    debug!(%peer, "webhook connection closed for a new one: the longest idle");
                 }
-                // The review in flight is answered, then the connection
-                // closes; an idle one closes at once.
-                conn.as_mut().graceful_shutdown();
             }
-            let _ = conn.await;
         });
     }
     // No more connections: the listener closes, and callers are refused
@@ -155,6 +122,57 @@ pub async fn serve(
     drop(listener);
     conns.close();
     conns.wait().await;
+}
+
+/// One connection: the TLS handshake, then its reviews. From `draining` it
+/// is not kept alive.
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    settings: Arc<Settings>,
+    policy: FailurePolicy,
+    draining: CancellationToken,
+    budget: Arc<Budget>,
+    place: Arc<super::places::Place>,
+) {
+    // A caller that stops reading its answers is cut off rather than
+    // holding its place: hyper reads nothing while a write waits.
+    let tcp = strait_api::write_deadline::WriteDeadline::new(tcp, defaults::TLS_HANDSHAKE_TIMEOUT);
+    let handshake =
+        tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
+        Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
+    };
+    let svc = service_fn(move |req| {
+        let (settings, budget, place) = (settings.clone(), budget.clone(), place.clone());
+        async move {
+            let _busy = place.busy();
+            Ok::<_, Infallible>(handle(req, &settings, policy, &budget).await)
+        }
+    });
+    // Made while draining: one review, then closed.
+    let keep_alive = !draining.is_cancelled();
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
+        .keep_alive(keep_alive)
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    if keep_alive {
+        tokio::select! {
+            biased;
+            _ = conn.as_mut() => return,
+            () = draining.cancelled() => {}
+        }
+        // The review in flight is answered, then the connection
+        // closes; an idle one closes at once.
+        conn.as_mut().graceful_shutdown();
+    }
+    let _ = conn.await;
 }
 
 /// What the webhook's reviews may hold in memory at once. A review's body

@@ -195,6 +195,39 @@ async fn the_validator_refuses_at_apply_a_policy_the_controller_would_refuse() {
     assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
 }
 
+/// Any pod can reach the webhook. Connections that say nothing, as many as
+/// it holds and more, do not keep the API server waiting: a new connection
+/// takes the place of the longest idle one, and its review is answered at
+/// once rather than when a silent one times out (10 s).
+#[tokio::test]
+async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let (mut cp, port) = injector(&pki, &dir);
+    cp.ready(std::time::Duration::from_secs(20)).await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let started = std::time::Instant::now();
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        post(&pki, port, "/inject", &review(pod)),
+    )
+    .await;
+    let (status, rsp) = answered.expect("answered while 300 silent connections are open");
+    assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // The oldest silent connections were closed for newer ones.
+    let mut buf = [0u8; 1];
+    let first =
+        tokio::time::timeout(std::time::Duration::from_secs(1), silent[0].read(&mut buf)).await;
+    assert!(matches!(first, Ok(Ok(0)) | Ok(Err(_))), "{first:?}");
+}
+
 /// One review on a kept-alive connection (as the API server keeps them):
 /// the status, or `None` when the connection was closed instead.
 async fn review_on(

@@ -1,0 +1,228 @@
+//! The webhook's connection places. Any pod can reach the webhook's Service,
+//! and with every place held by connections that say nothing (a TLS handshake
+//! never finished, a kept-alive connection never used) the API server's calls
+//! would wait in the backlog, and pods of injected namespaces could not be
+//! created. So when every place is taken, a newcomer gets the place of the
+//! connection idle the longest: one not in a review, whose last review ended
+//! (or which was accepted, if it has had none) before any other's. The API
+//! server opens a new connection when a kept-alive one is closed under it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub struct Places {
+    free: Arc<Semaphore>,
+    open: Mutex<Open>,
+    /// A review ended: a newcomer waiting with every connection in a review
+    /// may take that one's place.
+    became_idle: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: HashMap<u64, Conn>,
+}
+
+struct Conn {
+    /// `None` while a review is under way.
+    idle_since: Option<Instant>,
+    /// Cancelled to give the place up.
+    close: CancellationToken,
+}
+
+/// A connection's place, given back when dropped.
+pub struct Place {
+    places: Arc<Places>,
+    id: u64,
+    pub close: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A review under way on a connection: it is not idle until this drops.
+pub struct Busy<'a>(&'a Place);
+
+impl Places {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Places {
+            free: Arc::new(Semaphore::new(max)),
+            open: Mutex::default(),
+            became_idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// A place for a connection accepted now: a free one, or the longest
+    /// idle connection's, closed for it. With every connection in a review
+    /// it waits for one to end.
+    pub async fn take(self: &Arc<Self>) -> Place {
+        let permit = loop {
+            if let Ok(p) = self.free.clone().try_acquire_owned() {
+                break p;
+            }
+            let became_idle = self.became_idle.notified();
+            tokio::pin!(became_idle);
+            became_idle.as_mut().enable();
+            let closing = self.close_longest_idle();
+            if let Some(idle) = closing {
+                tracing::debug!(
+                    ?idle,
+                    "webhook connections at the limit: the longest idle closed for a new one"
+                );
+            }
+            tokio::select! {
+                p = self.free.clone().acquire_owned() => {
+                    // The semaphore is never closed.
+                    if let Ok(p) = p {
+                        break p;
+                    }
+                }
+                () = &mut became_idle, if closing.is_none() => {}
+            }
+        };
+        let close = CancellationToken::new();
+        let mut open = self.lock();
+        let id = open.next;
+        open.next += 1;
+        open.conns.insert(
+            id,
+            Conn {
+                idle_since: Some(Instant::now()),
+                close: close.clone(),
+            },
+        );
+        Place {
+            places: self.clone(),
+            id,
+            close,
+            _permit: permit,
+        }
+    }
+
+    /// Closes the connection idle the longest; how long it was idle.
+    fn close_longest_idle(&self) -> Option<std::time::Duration> {
+        let mut open = self.lock();
+        let conn = open
+            .conns
+            .values_mut()
+            .filter(|c| c.idle_since.is_some() && !c.close.is_cancelled())
+            .min_by_key(|c| c.idle_since)?;
+        conn.close.cancel();
+        conn.idle_since.map(|t| t.elapsed())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_idle(&self, id: u64, idle: bool) {
+        if let Some(c) = self.lock().conns.get_mut(&id) {
+            c.idle_since = idle.then(Instant::now);
+        }
+        if idle {
+            self.became_idle.notify_waiters();
+        }
+    }
+}
+
+impl Place {
+    pub fn busy(&self) -> Busy<'_> {
+        self.places.set_idle(self.id, false);
+        Busy(self)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.places.set_idle(self.0.id, true);
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.places.lock().conns.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newcomer_takes_the_place_of_the_longest_idle_connection() {
+        let second = Duration::from_secs(1);
+        let places = Places::new(3);
+        let first = places.take().await;
+        tokio::time::advance(second).await;
+        let second_in = places.take().await;
+        tokio::time::advance(second).await;
+        let third = places.take().await;
+        // The first is in a review; the second in, idle the longest, goes.
+        let reviewing = first.busy();
+        tokio::time::advance(second).await;
+        let taking = |places: &Arc<Places>| {
+            let places = places.clone();
+            tokio::spawn(async move { places.take().await })
+        };
+        let waiting = taking(&places);
+        tokio::task::yield_now().await;
+        assert!(!first.close.is_cancelled());
+        assert!(second_in.close.is_cancelled());
+        assert!(!third.close.is_cancelled());
+        assert!(
+            !waiting.is_finished(),
+            "given a place before one was given back"
+        );
+        // Its place is given when the closed connection ends.
+        drop(second_in);
+        let fourth = waiting.await.unwrap();
+        // The first's review ends after the third and fourth came: the
+        // third goes next.
+        tokio::time::advance(second).await;
+        drop(reviewing);
+        let waiting = taking(&places);
+        tokio::task::yield_now().await;
+        assert!(third.close.is_cancelled());
+        assert!(!first.close.is_cancelled() && !fourth.close.is_cancelled());
+        assert!(
+            !waiting.is_finished(),
+            "given a place before one was given back"
+        );
+        drop(third);
+        let fifth = waiting.await.unwrap();
+        assert!(!fifth.close.is_cancelled());
+    }
+
+    /// With every connection in a review a newcomer waits, and takes the
+    /// place of the first whose review ends.
+    #[tokio::test(start_paused = true)]
+    async fn with_every_connection_in_a_review_a_newcomer_waits() {
+        let places = Places::new(1);
+        let only = places.take().await;
+        let busy = only.busy();
+        let waiting = tokio::spawn({
+            let places = places.clone();
+            async move { places.take().await }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            !waiting.is_finished(),
+            "took the place of a connection in a review"
+        );
+        assert!(!only.close.is_cancelled());
+        drop(busy);
+        tokio::task::yield_now().await;
+        assert!(
+            only.close.is_cancelled(),
+            "idle now, and closed for the newcomer"
+        );
+        drop(only);
+        let next = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(next.is_ok());
+    }
+}
