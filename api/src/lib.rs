@@ -3,6 +3,7 @@
 
 pub mod identity;
 pub mod per_source;
+pub mod scrape;
 pub mod write_deadline;
 
 pub mod v1 {

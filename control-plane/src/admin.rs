@@ -13,6 +13,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use strait_api::scrape::Scrapes;
+
 use crate::metrics::Metrics;
 
 /// Admin connections open at once at most: probes and scrapes need a few, and
@@ -28,6 +30,8 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::Receiver<bool>) {
+    // Encoded off the serving threads, shared, a tenth of the time at most.
+    let metrics = Arc::new(Scrapes::new(move |out| metrics.encode_into(out)));
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let by_source = strait_api::per_source::PerSource::sparing_loopback(MAX_CONNECTIONS_PER_SOURCE);
     let mut h1 = hyper::server::conn::http1::Builder::new();
@@ -53,7 +57,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::R
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (metrics, ready) = (metrics.clone(), ready.clone());
                 async move {
-                    Ok::<_, Infallible>(route(&metrics, &ready, req.method(), req.uri().path()))
+                    Ok::<_, Infallible>(
+                        route(&metrics, &ready, req.method(), req.uri().path()).await,
+                    )
                 }
             });
             // A client that asks and never reads the answers would hold its
@@ -64,14 +70,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::R
     }
 }
 
-fn route(
-    metrics: &Metrics,
+async fn route(
+    metrics: &Scrapes,
     ready: &watch::Receiver<bool>,
     method: &Method,
     path: &str,
 ) -> Response<Full<Bytes>> {
-    let (status, body, ctype) = match (method, path) {
-        (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_string(), "text/plain"),
+    let (status, body, ctype): (_, Bytes, _) = match (method, path) {
+        (&Method::GET, "/live") => (StatusCode::OK, "live\n".into(), "text/plain"),
         (&Method::GET, "/ready") if *ready.borrow() => {
             (StatusCode::OK, "ready\n".into(), "text/plain")
         }
@@ -80,11 +86,18 @@ fn route(
             "not ready\n".into(),
             "text/plain",
         ),
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        (&Method::GET, "/metrics") => match metrics.scrape().await {
+            Ok(text) => (
+                StatusCode::OK,
+                text,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{e}\n").into(),
+                "text/plain",
+            ),
+        },
         (_, "/live" | "/ready" | "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed\n".into(),
@@ -92,7 +105,7 @@ fn route(
         ),
         _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -175,7 +175,12 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
+        self.encode_into(String::new())
+    }
+
+    /// The text appended to `out`.
+    pub fn encode_into(&self, mut out: String) -> String {
+        // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }

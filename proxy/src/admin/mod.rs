@@ -3,9 +3,8 @@
 //! even when the admin address is widened.
 
 pub mod known;
-mod scrape;
 
-pub use scrape::Scrapes;
+pub use strait_api::scrape::Scrapes;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -189,16 +188,19 @@ async fn route(
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, state.metrics.scrape().await);
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        }
+        (Method::GET, "/metrics") => match state.metrics.scrape().await {
+            Ok(body) => {
+                let mut r = text(StatusCode::OK, body);
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
         (Method::GET, "/config") => {
             // The filter in force, which `PUT /log-level` may have changed.
             let mut config = state.config.clone();
