@@ -4,8 +4,10 @@
 //! would wait in the backlog, and pods of injected namespaces could not be
 //! created. So when every place is taken, a newcomer gets the place of the
 //! connection idle the longest: one not in a review, whose last review ended
-//! (or which was accepted, if it has had none) before any other's. The API
-//! server opens a new connection when a kept-alive one is closed under it.
+//! (or which was accepted, if it has had none) before any other's, and at
+//! least `GRACE` ago. A review counts from its whole body read: a head whose
+//! body is held back is idle. The API server opens a new connection when a
+//! kept-alive one is closed under it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,12 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// A connection is not closed for another within this of being accepted or
+/// of its last review's end: the answer it was writing is sent, and one just
+/// accepted has time for its handshake and request before a flood of newer
+/// ones can take its place.
+pub const GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Places {
     free: Arc<Semaphore>,
@@ -33,6 +41,14 @@ struct Conn {
     idle_since: Option<Instant>,
     /// Cancelled to give the place up.
     close: CancellationToken,
+}
+
+enum Longest {
+    /// Closed; it had been idle this long.
+    Closed(std::time::Duration),
+    /// The longest idle may be closed from then.
+    TooRecent(Instant),
+    NoneIdle,
 }
 
 /// A connection's place, given back when dropped.
@@ -66,13 +82,17 @@ impl Places {
             let became_idle = self.became_idle.notified();
             tokio::pin!(became_idle);
             became_idle.as_mut().enable();
-            let closing = self.close_longest_idle();
-            if let Some(idle) = closing {
-                tracing::debug!(
-                    ?idle,
-                    "webhook connections at the limit: the longest idle closed for a new one"
-                );
-            }
+            let wait = match self.close_longest_idle(Instant::now()) {
+                Longest::Closed(idle) => {
+                    tracing::debug!(
+                        ?idle,
+                        "webhook connections at the limit: the longest idle closed for a new one"
+                    );
+                    None
+                }
+                Longest::TooRecent(until) => Some(until),
+                Longest::NoneIdle => None,
+            };
             tokio::select! {
                 p = self.free.clone().acquire_owned() => {
                     // The semaphore is never closed.
@@ -80,7 +100,8 @@ impl Places {
                         break p;
                     }
                 }
-                () = &mut became_idle, if closing.is_none() => {}
+                () = &mut became_idle => {}
+                () = tokio::time::sleep_until(wait.unwrap_or_else(Instant::now)), if wait.is_some() => {}
             }
         };
         let close = CancellationToken::new();
@@ -102,16 +123,24 @@ impl Places {
         }
     }
 
-    /// Closes the connection idle the longest; how long it was idle.
-    fn close_longest_idle(&self) -> Option<std::time::Duration> {
+    /// Closes the connection idle the longest, if it has been idle for
+    /// `GRACE` at least.
+    fn close_longest_idle(&self, now: Instant) -> Longest {
         let mut open = self.lock();
-        let conn = open
+        let Some(conn) = open
             .conns
             .values_mut()
             .filter(|c| c.idle_since.is_some() && !c.close.is_cancelled())
-            .min_by_key(|c| c.idle_since)?;
+            .min_by_key(|c| c.idle_since)
+        else {
+            return Longest::NoneIdle;
+        };
+        let since = conn.idle_since.unwrap_or(now);
+        if since + GRACE > now {
+            return Longest::TooRecent(since + GRACE);
+        }
         conn.close.cancel();
-        conn.idle_since.map(|t| t.elapsed())
+        Longest::Closed(now - since)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
@@ -199,7 +228,7 @@ mod tests {
     }
 
     /// With every connection in a review a newcomer waits, and takes the
-    /// place of the first whose review ends.
+    /// place of the first whose review ends, once its answer is sent.
     #[tokio::test(start_paused = true)]
     async fn with_every_connection_in_a_review_a_newcomer_waits() {
         let places = Places::new(1);
@@ -216,6 +245,12 @@ mod tests {
         );
         assert!(!only.close.is_cancelled());
         drop(busy);
+        tokio::task::yield_now().await;
+        assert!(
+            !only.close.is_cancelled(),
+            "closed while its answer may be written"
+        );
+        tokio::time::sleep(GRACE).await;
         tokio::task::yield_now().await;
         assert!(
             only.close.is_cancelled(),

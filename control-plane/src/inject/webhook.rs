@@ -106,16 +106,16 @@ pub async fn serve(
             draining.clone(),
             budget.clone(),
         );
-        conns.spawn(async move {
-            let place = Arc::new(place);
-            let close = place.close.clone();
-            tokio::select! {
-                () = connection(tcp, peer, acceptor, settings, policy, draining, budget, place) => {}
-                () = close.cancelled() => {
-                    debug!(%peer, "webhook connection closed for a new one: the longest idle");
-                }
-            }
-        });
+        conns.spawn(connection(
+            tcp,
+            peer,
+            acceptor,
+            settings,
+            policy,
+            draining,
+            budget,
+            Arc::new(place),
+        ));
     }
     // No more connections: the listener closes, and callers are refused
     // rather than left in its backlog.
@@ -125,9 +125,31 @@ pub async fn serve(
 }
 
 /// One connection: the TLS handshake, then its reviews. From `draining` it
-/// is not kept alive.
+/// is not kept alive. When its place is given to a new connection (it was
+/// idle the longest, and for long enough that the answer to its last review
+/// is sent: `places::GRACE`) it closes at once.
 #[allow(clippy::too_many_arguments)]
 async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: TlsAcceptor,
+    settings: Arc<Settings>,
+    policy: FailurePolicy,
+    draining: CancellationToken,
+    budget: Arc<Budget>,
+    place: Arc<super::places::Place>,
+) {
+    let close = place.close.clone();
+    tokio::select! {
+        () = reviews(tcp, peer, acceptor, settings, policy, draining, budget, place) => {}
+        () = close.cancelled() => {
+            debug!(%peer, "webhook connection closed for a new one: the longest idle");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reviews(
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     acceptor: TlsAcceptor,
@@ -149,10 +171,7 @@ async fn connection(
     };
     let svc = service_fn(move |req| {
         let (settings, budget, place) = (settings.clone(), budget.clone(), place.clone());
-        async move {
-            let _busy = place.busy();
-            Ok::<_, Infallible>(handle(req, &settings, policy, &budget).await)
-        }
+        async move { Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await) }
     });
     // Made while draining: one review, then closed.
     let keep_alive = !draining.is_cancelled();
@@ -168,8 +187,8 @@ async fn connection(
             _ = conn.as_mut() => return,
             () = draining.cancelled() => {}
         }
-        // The review in flight is answered, then the connection
-        // closes; an idle one closes at once.
+        // The review in flight is answered, then the connection closes; an
+        // idle one closes at once.
         conn.as_mut().graceful_shutdown();
     }
     let _ = conn.await;
@@ -225,6 +244,7 @@ async fn handle(
     s: &Settings,
     policy: FailurePolicy,
     budget: &Budget,
+    place: &super::places::Place,
 ) -> Response<Full<Bytes>> {
     let hook = match req.uri().path() {
         PATH => Hook::Inject(Namespace::NotEnabled),
@@ -267,6 +287,9 @@ async fn handle(
             );
         }
     };
+    // In a review from here: a connection that sent a head and holds back
+    // its body is as idle as one that sends nothing, and gives way as soon.
+    let _busy = place.busy();
     let Ok(Ok(_parsing)) = tokio::time::timeout_at(deadline, budget.parsing.acquire()).await else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,

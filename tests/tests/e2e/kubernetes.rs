@@ -215,7 +215,7 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
     let started = std::time::Instant::now();
     let answered = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        post(&pki, port, "/inject", &review(pod)),
+        post(&pki, port, "/inject", &review(pod.clone())),
     )
     .await;
     let (status, rsp) = answered.expect("answered while 300 silent connections are open");
@@ -226,6 +226,29 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
     let first =
         tokio::time::timeout(std::time::Duration::from_secs(1), silent[0].read(&mut buf)).await;
     assert!(matches!(first, Ok(Ok(0)) | Ok(Err(_))), "{first:?}");
+    drop(silent);
+
+    // Nor do connections that send a review's head and hold back its body:
+    // they are as idle as silent ones.
+    let head = "POST /inject HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
+    // Within the 10 s a held-back body may take: no place is given back by
+    // a review ending meanwhile.
+    let started = std::time::Instant::now();
+    let mut holding = Vec::new();
+    for _ in 0..260 {
+        let mut tls = connect(&pki, port).await;
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        holding.push(tls);
+    }
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5).saturating_sub(started.elapsed()),
+        post(&pki, port, "/inject", &review(pod)),
+    )
+    .await;
+    let (status, rsp) = answered.expect("answered while 260 connections hold back their bodies");
+    assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
 /// One review on a kept-alive connection (as the API server keeps them):
