@@ -460,6 +460,7 @@ mod tests {
     async fn a_watch_ends_when_its_token_is_taken_out_of_the_manifests() {
         use futures_util::StreamExt;
         use strait_api::v1::discovery_server::Discovery;
+        use strait_api::v1::inbound_policy_server::InboundPolicy;
         let (auth, _) = authenticator();
         let web = ObjKey {
             namespace: "shop".into(),
@@ -482,7 +483,7 @@ mod tests {
         let svc = crate::discovery::DiscoveryService::new(
             crate::discovery::Views::new(rx, metrics.clone()),
             crate::metrics::Watches::new(metrics),
-            Some(auth),
+            Some(auth.clone()),
         );
         let watch = || {
             let mut req = Request::new(strait_api::v1::WatchDestination {
@@ -521,11 +522,34 @@ mod tests {
         tx.send_replace(Arc::new(snap.clone()));
         let mut stream = watch().await.unwrap().into_inner();
         assert!(stream.next().await.unwrap().is_ok(), "answered again");
+        // The pod's inbound policy, watched with the same token.
+        let policy = crate::policy::InboundPolicyService::new(
+            tx.subscribe(),
+            crate::metrics::Watches::new(Metrics::new()),
+            Some(auth),
+            false,
+        );
+        let mut req = Request::new(strait_api::v1::WatchWorkload {
+            namespace: "shop".into(),
+            pod: "web-0".into(),
+            proxy_id: "web-0.shop".into(),
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer web-token".parse().unwrap());
+        let mut inbound = InboundPolicy::watch(&policy, req)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(inbound.next().await.unwrap().is_ok(), "policy answered");
         snap.tokens.remove(&TokenDigest::of(b"web-token"));
         tx.send_replace(Arc::new(snap.clone()));
         let end = tokio::time::timeout(Duration::from_secs(1), stream.next())
             .await
             .expect("the watch outlived its token");
+        assert!(end.is_none(), "{end:?}");
+        let end = tokio::time::timeout(Duration::from_secs(1), inbound.next())
+            .await
+            .expect("the inbound policy watch outlived its token");
         assert!(end.is_none(), "{end:?}");
         let refused = watch().await.map(|_| ()).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
