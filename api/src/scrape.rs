@@ -9,6 +9,7 @@
 //! served an encoding that began before it was asked.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,29 +19,36 @@ use tokio::time::Instant;
 /// `d`, the next starts no sooner than `d * (SPACING - 1)` after it ended.
 const SPACING: u32 = 10;
 /// The wait before an encoding, at most: one slowed down (its process held
-/// back by a CPU limit) does not hold the next scrape past its timeout.
+/// back by a CPU limit) does not hold the next scrape past its timeout. So
+/// an encoding longer than `MAX_WAIT / (SPACING - 1)` (111 ms) takes more
+/// than a tenth of the time: `d / (d + 1 s)`.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
 type Encode = dyn Fn(String) -> String + Send + Sync;
 
 pub struct Scrapes {
     encode: Arc<Encode>,
+    /// Encodings started so far: a scrape shares an encoding numbered past
+    /// what it read when asked (a clock may read the same twice).
+    started: Arc<AtomicU64>,
     last: Arc<tokio::sync::Mutex<Last>>,
 }
 
 #[derive(Default)]
 struct Last {
-    /// When the last encoding started and ended; `None` before the first.
-    started: Option<Instant>,
+    /// The number of the encoding `text` is, 0 for none.
+    number: u64,
+    /// When the last encoding ended, and how long it took.
     ended: Option<Instant>,
     took: Duration,
     text: Bytes,
 }
 
 /// The encoding did not finish (it panicked, or the process is stopping).
+/// What went wrong is logged, not told to the caller.
 #[derive(Debug, thiserror::Error)]
-#[error("the metrics could not be encoded: {0}")]
-pub struct Failed(String);
+#[error("the metrics could not be encoded")]
+pub struct Failed;
 
 impl Scrapes {
     /// `encode` appends the text to the string it is given (sized from the
@@ -48,23 +56,27 @@ impl Scrapes {
     pub fn new(encode: impl Fn(String) -> String + Send + Sync + 'static) -> Self {
         Scrapes {
             encode: Arc::new(encode),
+            started: Arc::default(),
             last: Arc::default(),
         }
     }
 
     /// The text of an encoding that started after this call.
     pub async fn scrape(&self) -> Result<Bytes, Failed> {
-        let asked = Instant::now();
+        let seen = self.started.load(Ordering::SeqCst);
         // Fair: scrapes are answered in the order they came.
         let last = self.last.clone().lock_owned().await;
-        if last.started.is_some_and(|s| s >= asked) {
+        if last.number > seen {
             return Ok(last.text.clone());
         }
         // A task of its own, which holds the lock until the encoding is
         // done: a scrape given up (its caller gone) does not let the next
         // one start another encoding beside it.
-        let encoding = tokio::spawn(encode(last, self.encode.clone()));
-        encoding.await.map_err(|e| Failed(e.to_string()))?
+        let encoding = tokio::spawn(encode(last, self.started.clone(), self.encode.clone()));
+        encoding.await.map_err(|e| {
+            tracing::warn!(error = %e, "metrics encoding failed");
+            Failed
+        })?
     }
 }
 
@@ -72,29 +84,42 @@ impl Scrapes {
 /// blocking thread, and keeps the text for the scrapes waiting on `last`.
 async fn encode(
     mut last: tokio::sync::OwnedMutexGuard<Last>,
+    started: Arc<AtomicU64>,
     encode: Arc<Encode>,
 ) -> Result<Bytes, Failed> {
     if let Some(ended) = last.ended {
         tokio::time::sleep_until(ended + (last.took * (SPACING - 1)).min(MAX_WAIT)).await;
     }
-    let started = Instant::now();
+    let number = started.fetch_add(1, Ordering::SeqCst) + 1;
+    let at = Instant::now();
     let out = String::with_capacity(last.text.len() + last.text.len() / 4 + 1024);
     // Measured on the blocking thread: the time the encoding took, not the
     // time this task waited to be polled again.
-    let (text, took) = tokio::task::spawn_blocking(move || {
+    let done = tokio::task::spawn_blocking(move || {
         let at = std::time::Instant::now();
         let text = encode(out);
         (text, at.elapsed())
     })
-    .await
-    .map_err(|e| Failed(e.to_string()))?;
-    *last = Last {
-        started: Some(started),
-        ended: Some(Instant::now()),
-        took,
-        text: Bytes::from(text),
-    };
-    Ok(last.text.clone())
+    .await;
+    match done {
+        Ok((text, took)) => {
+            *last = Last {
+                number,
+                ended: Some(Instant::now()),
+                took,
+                text: Bytes::from(text),
+            };
+            Ok(last.text.clone())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics encoding failed");
+            // Spaced as any other: failing encodings run back to back are
+            // still work; the text kept is not shared (its number is old).
+            last.ended = Some(Instant::now());
+            last.took = at.elapsed();
+            Err(Failed)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +218,15 @@ mod tests {
         });
         assert!(scrapes.scrape().await.is_err());
         assert_eq!(&scrapes.scrape().await.unwrap()[..], b"ok\n");
+    }
+
+    /// Each scrape in turn gets an encoding of its own even where the clock
+    /// reads the same for both (paused here).
+    #[tokio::test(start_paused = true)]
+    async fn a_scrape_after_another_is_encoded_afresh_whatever_the_clock_reads() {
+        let (scrapes, _) = counting(Duration::ZERO);
+        assert_eq!(&scrapes.scrape().await.unwrap()[..], b"encodings 1\n");
+        assert_eq!(&scrapes.scrape().await.unwrap()[..], b"encodings 2\n");
     }
 
     /// The serving thread goes on while an encoding runs.

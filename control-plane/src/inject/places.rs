@@ -82,16 +82,19 @@ impl Places {
             let became_idle = self.became_idle.notified();
             tokio::pin!(became_idle);
             became_idle.as_mut().enable();
-            let wait = match self.close_longest_idle(Instant::now()) {
+            // Woken by a review's end only while no connection is idle: one
+            // closed gives its place back soon, and one not idle long
+            // enough yet is older than any that becomes idle now.
+            let (closed, wait) = match self.close_longest_idle(Instant::now()) {
                 Longest::Closed(idle) => {
                     tracing::debug!(
                         ?idle,
                         "webhook connections at the limit: the longest idle closed for a new one"
                     );
-                    None
+                    (true, None)
                 }
-                Longest::TooRecent(until) => Some(until),
-                Longest::NoneIdle => None,
+                Longest::TooRecent(until) => (false, Some(until)),
+                Longest::NoneIdle => (false, None),
             };
             tokio::select! {
                 p = self.free.clone().acquire_owned() => {
@@ -100,7 +103,7 @@ impl Places {
                         break p;
                     }
                 }
-                () = &mut became_idle => {}
+                () = &mut became_idle, if !closed && wait.is_none() => {}
                 () = tokio::time::sleep_until(wait.unwrap_or_else(Instant::now)), if wait.is_some() => {}
             }
         };
@@ -158,6 +161,13 @@ impl Places {
 }
 
 impl Place {
+    /// A request's head came: idle from now (so a connection sending its
+    /// body ranks behind those that send nothing, and has its `GRACE`),
+    /// until its body is read and it is `busy`.
+    pub fn asked(&self) {
+        self.places.set_idle(self.id, true);
+    }
+
     pub fn busy(&self) -> Busy<'_> {
         self.places.set_idle(self.id, false);
         Busy(self)
@@ -225,6 +235,55 @@ mod tests {
         drop(third);
         let fifth = waiting.await.unwrap();
         assert!(!fifth.close.is_cancelled());
+    }
+
+    /// A newcomer closes one connection, however many become idle while
+    /// that one gives its place back.
+    #[tokio::test(start_paused = true)]
+    async fn a_newcomer_closes_one_connection_only() {
+        let places = Places::new(2);
+        let a = places.take().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let b = places.take().await;
+        let review = b.busy();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let waiting = tokio::spawn({
+            let places = places.clone();
+            async move { places.take().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(a.close.is_cancelled());
+        drop(review);
+        tokio::time::sleep(GRACE * 2).await;
+        assert!(
+            !b.close.is_cancelled(),
+            "a second connection closed for one newcomer"
+        );
+        drop(a);
+        assert!(!waiting.await.unwrap().close.is_cancelled());
+        assert!(!b.close.is_cancelled());
+    }
+
+    /// A request's head makes its connection newly idle: one sending its
+    /// body ranks behind those that sent nothing since.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_sending_a_request_is_not_the_first_to_go() {
+        let places = Places::new(2);
+        let kept_alive = places.take().await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let silent = places.take().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        kept_alive.asked();
+        tokio::time::advance(GRACE * 2).await;
+        let waiting = tokio::spawn({
+            let places = places.clone();
+            async move { places.take().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(silent.close.is_cancelled());
+        assert!(!kept_alive.close.is_cancelled());
+        drop(silent);
+        waiting.await.unwrap();
     }
 
     /// With every connection in a review a newcomer waits, and takes the

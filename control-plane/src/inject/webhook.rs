@@ -171,7 +171,10 @@ async fn reviews(
     };
     let svc = service_fn(move |req| {
         let (settings, budget, place) = (settings.clone(), budget.clone(), place.clone());
-        async move { Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await) }
+        async move {
+            place.asked();
+            Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await)
+        }
     });
     // Made while draining: one review, then closed.
     let keep_alive = !draining.is_cancelled();
