@@ -140,61 +140,51 @@ async fn connection(
     place: Arc<super::places::Place>,
 ) {
     let close = place.close.clone();
+    let reviews = async move {
+        // A caller that stops reading its answers is cut off rather than
+        // holding its place: hyper reads nothing while a write waits.
+        let tcp =
+            strait_api::write_deadline::WriteDeadline::new(tcp, defaults::TLS_HANDSHAKE_TIMEOUT);
+        let handshake =
+            tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
+            Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
+        };
+        let svc = service_fn(move |req| {
+            let (settings, budget, place) = (settings.clone(), budget.clone(), place.clone());
+            async move {
+                place.asked();
+                Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await)
+            }
+        });
+        // Made while draining: one review, then closed.
+        let keep_alive = !draining.is_cancelled();
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
+            .keep_alive(keep_alive)
+            .serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        if keep_alive {
+            tokio::select! {
+                biased;
+                _ = conn.as_mut() => return,
+                () = draining.cancelled() => {}
+            }
+            // The review in flight is answered, then the connection closes; an
+            // idle one closes at once.
+            conn.as_mut().graceful_shutdown();
+        }
+        let _ = conn.await;
+    };
     tokio::select! {
-        () = reviews(tcp, peer, acceptor, settings, policy, draining, budget, place) => {}
+        () = reviews => {}
         () = close.cancelled() => {
             debug!(%peer, "webhook connection closed for a new one: the longest idle");
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn reviews(
-    tcp: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    acceptor: TlsAcceptor,
-    settings: Arc<Settings>,
-    policy: FailurePolicy,
-    draining: CancellationToken,
-    budget: Arc<Budget>,
-    place: Arc<super::places::Place>,
-) {
-    // A caller that stops reading its answers is cut off rather than
-    // holding its place: hyper reads nothing while a write waits.
-    let tcp = strait_api::write_deadline::WriteDeadline::new(tcp, defaults::TLS_HANDSHAKE_TIMEOUT);
-    let handshake =
-        tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-    let tls = match handshake {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
-        Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
-    };
-    let svc = service_fn(move |req| {
-        let (settings, budget, place) = (settings.clone(), budget.clone(), place.clone());
-        async move {
-            place.asked();
-            Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await)
-        }
-    });
-    // Made while draining: one review, then closed.
-    let keep_alive = !draining.is_cancelled();
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
-        .keep_alive(keep_alive)
-        .serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    if keep_alive {
-        tokio::select! {
-            biased;
-            _ = conn.as_mut() => return,
-            () = draining.cancelled() => {}
-        }
-        // The review in flight is answered, then the connection closes; an
-        // idle one closes at once.
-        conn.as_mut().graceful_shutdown();
-    }
-    let _ = conn.await;
 }
 
 /// What the webhook's reviews may hold in memory at once. A review's body
