@@ -46,23 +46,30 @@ impl Caller {
         snapshot: &watch::Receiver<Arc<Snapshot>>,
         watched: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let expired = caller.map(Caller::expired);
-        let revoked = caller.and_then(|c| c.revoked(snapshot.clone()));
+        let credential = caller.map(|c| c.credential_ends(snapshot.clone()));
         async move {
-            let expired = async {
-                match expired {
-                    Some(e) => e.await,
-                    None => std::future::pending().await,
+            match credential {
+                Some(ends) => {
+                    tokio::select! {
+                        () = watched => {}
+                        () = ends => {}
+                    }
                 }
-            };
-            let revoked = async {
-                match revoked {
-                    Some(r) => r.await,
-                    None => std::future::pending().await,
-                }
-            };
+                None => watched.await,
+            }
+        }
+    }
+
+    /// Resolves when the credential the caller proved itself with no longer
+    /// proves it: expired, or revoked.
+    fn credential_ends(
+        &self,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let expired = self.expired();
+        let revoked = self.revoked(snapshot);
+        async move {
             tokio::select! {
-                () = watched => {}
                 () = expired => {}
                 () = revoked => {}
             }
@@ -70,18 +77,21 @@ impl Caller {
     }
 
     /// Resolves when the manifests no longer give the caller's token to its
-    /// account; `None` for a caller not proven by a manifests' token. A
-    /// snapshot that can no longer change revokes nothing.
+    /// account; never for a caller not proven by a manifests' token, nor once
+    /// the snapshot can no longer change.
     fn revoked(
         &self,
         mut snapshot: watch::Receiver<Arc<Snapshot>>,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let digest = self.token?;
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let token = self.token;
         let account = ObjKey {
             namespace: self.namespace.clone(),
             name: self.service_account.clone(),
         };
-        Some(async move {
+        async move {
+            let Some(digest) = token else {
+                return std::future::pending().await;
+            };
             loop {
                 if snapshot.borrow_and_update().tokens.get(&digest) != Some(&account) {
                     return;
@@ -90,7 +100,7 @@ impl Caller {
                     return std::future::pending().await;
                 }
             }
-        })
+        }
     }
 
     /// Resolves when the caller's credential expires. A watch opened with it

@@ -130,15 +130,15 @@ impl Places {
     /// `GRACE` at least.
     fn close_longest_idle(&self, now: Instant) -> Longest {
         let mut open = self.lock();
-        let Some(conn) = open
+        let Some((since, conn)) = open
             .conns
             .values_mut()
-            .filter(|c| c.idle_since.is_some() && !c.close.is_cancelled())
-            .min_by_key(|c| c.idle_since)
+            .filter(|c| !c.close.is_cancelled())
+            .filter_map(|c| Some((c.idle_since?, c)))
+            .min_by_key(|(since, _)| *since)
         else {
             return Longest::NoneIdle;
         };
-        let since = conn.idle_since.unwrap_or(now);
         if since + GRACE > now {
             return Longest::TooRecent(since + GRACE);
         }
@@ -192,6 +192,12 @@ mod tests {
 
     use super::*;
 
+    /// A place taken in a task of its own: it may wait for one.
+    fn taking(places: &Arc<Places>) -> tokio::task::JoinHandle<Place> {
+        let places = places.clone();
+        tokio::spawn(async move { places.take().await })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_newcomer_takes_the_place_of_the_longest_idle_connection() {
         let second = Duration::from_secs(1);
@@ -204,10 +210,6 @@ mod tests {
         // The first is in a review; the second in, idle the longest, goes.
         let reviewing = first.busy();
         tokio::time::advance(second).await;
-        let taking = |places: &Arc<Places>| {
-            let places = places.clone();
-            tokio::spawn(async move { places.take().await })
-        };
         let waiting = taking(&places);
         tokio::task::yield_now().await;
         assert!(!first.close.is_cancelled());
@@ -247,10 +249,7 @@ mod tests {
         let b = places.take().await;
         let review = b.busy();
         tokio::time::advance(Duration::from_secs(1)).await;
-        let waiting = tokio::spawn({
-            let places = places.clone();
-            async move { places.take().await }
-        });
+        let waiting = taking(&places);
         tokio::task::yield_now().await;
         assert!(a.close.is_cancelled());
         drop(review);
@@ -275,10 +274,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         kept_alive.asked();
         tokio::time::advance(GRACE * 2).await;
-        let waiting = tokio::spawn({
-            let places = places.clone();
-            async move { places.take().await }
-        });
+        let waiting = taking(&places);
         tokio::task::yield_now().await;
         assert!(silent.close.is_cancelled());
         assert!(!kept_alive.close.is_cancelled());
@@ -293,10 +289,7 @@ mod tests {
         let places = Places::new(1);
         let only = places.take().await;
         let busy = only.busy();
-        let waiting = tokio::spawn({
-            let places = places.clone();
-            async move { places.take().await }
-        });
+        let waiting = taking(&places);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(
             !waiting.is_finished(),

@@ -106,85 +106,68 @@ pub async fn serve(
             draining.clone(),
             budget.clone(),
         );
-        conns.spawn(connection(
-            tcp,
-            peer,
-            acceptor,
-            settings,
-            policy,
-            draining,
-            budget,
-            Arc::new(place),
-        ));
+        conns.spawn(async move {
+            let place = Arc::new(place);
+            let close = place.close.clone();
+            // Given to a new connection (it was idle the longest, and for
+            // `places::GRACE` at least): closed at once.
+            let reviews = async move {
+                // A caller that stops reading its answers is cut off rather
+                // than holding its place: hyper reads nothing while a write
+                // waits.
+                let tcp = strait_api::write_deadline::WriteDeadline::new(
+                    tcp,
+                    defaults::TLS_HANDSHAKE_TIMEOUT,
+                );
+                let handshake =
+                    tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await;
+                let tls = match handshake {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
+                };
+                let svc = service_fn(move |req| {
+                    let (settings, budget, place) =
+                        (settings.clone(), budget.clone(), place.clone());
+                    async move {
+                        place.asked();
+                        Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await)
+                    }
+                });
+                // Made while draining: one review, then closed.
+                let keep_alive = !draining.is_cancelled();
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
+                    .keep_alive(keep_alive)
+                    .serve_connection(TokioIo::new(tls), svc);
+                tokio::pin!(conn);
+                if keep_alive {
+                    tokio::select! {
+                        biased;
+                        _ = conn.as_mut() => return,
+                        () = draining.cancelled() => {}
+                    }
+                    // The review in flight is answered, then the connection
+                    // closes; an idle one closes at once.
+                    conn.as_mut().graceful_shutdown();
+                }
+                let _ = conn.await;
+            };
+            tokio::select! {
+                () = reviews => {}
+                () = close.cancelled() => {
+                    debug!(%peer, "webhook connection closed for a new one: the longest idle");
+                }
+            }
+        });
     }
     // No more connections: the listener closes, and callers are refused
     // rather than left in its backlog.
     drop(listener);
     conns.close();
     conns.wait().await;
-}
-
-/// One connection: the TLS handshake, then its reviews. From `draining` it
-/// is not kept alive. When its place is given to a new connection (it was
-/// idle the longest, and for long enough that the answer to its last review
-/// is sent: `places::GRACE`) it closes at once.
-#[allow(clippy::too_many_arguments)]
-async fn connection(
-    tcp: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    acceptor: TlsAcceptor,
-    settings: Arc<Settings>,
-    policy: FailurePolicy,
-    draining: CancellationToken,
-    budget: Arc<Budget>,
-    place: Arc<super::places::Place>,
-) {
-    let close = place.close.clone();
-    let reviews = async move {
-        // A caller that stops reading its answers is cut off rather than
-        // holding its place: hyper reads nothing while a write waits.
-        let tcp =
-            strait_api::write_deadline::WriteDeadline::new(tcp, defaults::TLS_HANDSHAKE_TIMEOUT);
-        let handshake =
-            tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-        let tls = match handshake {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return debug!(%peer, error = %e, "webhook TLS handshake failed"),
-            Err(_) => return debug!(%peer, "webhook TLS handshake timed out"),
-        };
-        let svc = service_fn(move |req| {
-            let (settings, budget, place) = (settings.clone(), budget.clone(), place.clone());
-            async move {
-                place.asked();
-                Ok::<_, Infallible>(handle(req, &settings, policy, &budget, &place).await)
-            }
-        });
-        // Made while draining: one review, then closed.
-        let keep_alive = !draining.is_cancelled();
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(defaults::TLS_HANDSHAKE_TIMEOUT)
-            .keep_alive(keep_alive)
-            .serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
-        if keep_alive {
-            tokio::select! {
-                biased;
-                _ = conn.as_mut() => return,
-                () = draining.cancelled() => {}
-            }
-            // The review in flight is answered, then the connection closes; an
-            // idle one closes at once.
-            conn.as_mut().graceful_shutdown();
-        }
-        let _ = conn.await;
-    };
-    tokio::select! {
-        () = reviews => {}
-        () = close.cancelled() => {
-            debug!(%peer, "webhook connection closed for a new one: the longest idle");
-        }
-    }
 }
 
 /// What the webhook's reviews may hold in memory at once. A review's body
