@@ -7,6 +7,7 @@
 //! holds its certificate, and a Job's pod still completes. Before it runs
 //! `strait-proxy init`, which writes the pod's interception rules.
 
+mod budget;
 mod places;
 pub mod validate;
 pub mod webhook;

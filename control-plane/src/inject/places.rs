@@ -8,6 +8,10 @@
 //! least `GRACE` ago. A review counts from its whole body read: a head whose
 //! body is held back is idle. The API server opens a new connection when a
 //! kept-alive one is closed under it.
+//!
+//! A connection that has room in the reviews' budget (`budget`) for a body
+//! still to come is also known here, so that a review finding no room can
+//! close the one whose body is late the longest.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,12 +26,21 @@ use tokio_util::sync::CancellationToken;
 /// ones can take its place.
 pub const GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// A body that has held its room this long without all of it read is late:
+/// its connection may be closed for a review that finds no room. The API
+/// server sends a review's body with its head; at a few MiB a second, the
+/// largest review a webhook is sent (4 MiB, written by the API server from
+/// an object it already holds) takes well under this.
+pub const LATE_BODY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct Places {
     free: Arc<Semaphore>,
     open: Mutex<Open>,
     /// A review ended: a newcomer waiting with every connection in a review
     /// may take that one's place.
     became_idle: tokio::sync::Notify,
+    /// A connection gave up its room in the budget (its body read, or closed).
+    pub(super) room_given_back: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -39,16 +52,28 @@ struct Open {
 struct Conn {
     /// `None` while a review is under way.
     idle_since: Option<Instant>,
+    /// Room held in the budget for a body not all read yet: since when, and
+    /// in which of its shares.
+    holding: Option<(Instant, Share)>,
     /// Cancelled to give the place up.
     close: CancellationToken,
 }
 
-enum Longest {
-    /// Closed; it had been idle this long.
+/// Which of the budget's shares room is held in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// Reviews of pods as they usually are.
+    Small,
+    Large,
+}
+
+pub(super) enum Longest {
+    /// Closed; it had been idle (or its body late) this long.
     Closed(std::time::Duration),
-    /// The longest idle may be closed from then.
+    /// The longest idle (or late) may be closed from then.
     TooRecent(Instant),
-    NoneIdle,
+    /// None is idle (or holds room).
+    Nobody,
 }
 
 /// A connection's place, given back when dropped.
@@ -62,12 +87,16 @@ pub struct Place {
 /// A review under way on a connection: it is not idle until this drops.
 pub struct Busy<'a>(&'a Place);
 
+/// Room held in the budget for a body still coming, until this drops.
+pub struct Holding<'a>(&'a Place);
+
 impl Places {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Places {
             free: Arc::new(Semaphore::new(max)),
             open: Mutex::default(),
             became_idle: tokio::sync::Notify::new(),
+            room_given_back: tokio::sync::Notify::new(),
         })
     }
 
@@ -94,7 +123,7 @@ impl Places {
                     (true, None)
                 }
                 Longest::TooRecent(until) => (false, Some(until)),
-                Longest::NoneIdle => (false, None),
+                Longest::Nobody => (false, None),
             };
             tokio::select! {
                 p = self.free.clone().acquire_owned() => {
@@ -115,6 +144,7 @@ impl Places {
             id,
             Conn {
                 idle_since: Some(Instant::now()),
+                holding: None,
                 close: close.clone(),
             },
         );
@@ -129,18 +159,36 @@ impl Places {
     /// Closes the connection idle the longest, if it has been idle for
     /// `GRACE` at least.
     fn close_longest_idle(&self, now: Instant) -> Longest {
-        let mut open = self.lock();
+        self.close_longest(|c| c.idle_since, GRACE, now)
+    }
+
+    /// Closes the connection that has held room in `share` the longest for
+    /// a body not all read, if that is `LATE_BODY` at least.
+    pub(super) fn close_longest_late(&self, share: Share, now: Instant) -> Longest {
+        let late = |c: &Conn| c.holding.filter(|(_, s)| *s == share).map(|(t, _)| t);
+        self.close_longest(late, LATE_BODY, now)
+    }
+
+    /// Closes the connection whose `since` is the earliest, if it is `after`
+    /// before `now`.
+    fn close_longest(
+        &self,
+        since: impl Fn(&Conn) -> Option<Instant>,
+        after: std::time::Duration,
+        now: Instant,
+    ) -> Longest {
+        let open = self.lock();
         let Some((since, conn)) = open
             .conns
-            .values_mut()
+            .values()
             .filter(|c| !c.close.is_cancelled())
-            .filter_map(|c| Some((c.idle_since?, c)))
+            .filter_map(|c| Some((since(c)?, c)))
             .min_by_key(|(since, _)| *since)
         else {
-            return Longest::NoneIdle;
+            return Longest::Nobody;
         };
-        if since + GRACE > now {
-            return Longest::TooRecent(since + GRACE);
+        if since + after > now {
+            return Longest::TooRecent(since + after);
         }
         conn.close.cancel();
         Longest::Closed(now - since)
@@ -171,6 +219,28 @@ impl Place {
     pub fn busy(&self) -> Busy<'_> {
         self.places.set_idle(self.id, false);
         Busy(self)
+    }
+
+    /// Room in `share` is held from now for a body still to be read.
+    pub fn holding(&self, share: Share) -> Holding<'_> {
+        if let Some(c) = self.places.lock().conns.get_mut(&self.id) {
+            c.holding = Some((Instant::now(), share));
+        }
+        Holding(self)
+    }
+
+    pub(super) fn places(&self) -> &Places {
+        &self.places
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        let places = &self.0.places;
+        if let Some(c) = places.lock().conns.get_mut(&self.0.id) {
+            c.holding = None;
+        }
+        places.room_given_back.notify_waiters();
     }
 }
 

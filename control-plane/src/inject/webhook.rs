@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::budget::Budget;
 use super::{Namespace, Outcome, Settings, inject};
 use crate::defaults;
 
@@ -170,51 +171,6 @@ pub async fn serve(
     conns.wait().await;
 }
 
-/// What the webhook's reviews may hold in memory at once. A review's body
-/// reserves its declared length (the most, undeclared) before it is read, and
-/// one review is parsed at a time: a parse can take tens of times its text
-/// (a long array of small numbers), and takes a millisecond or so. Reviews
-/// of pods as they usually are (under 256 KiB) have half the room to
-/// themselves: a few slow senders of large bodies cannot take it all.
-pub struct Budget {
-    bytes: tokio::sync::Semaphore,
-    small: tokio::sync::Semaphore,
-    parsing: tokio::sync::Semaphore,
-}
-
-/// A review at most this large takes its room from the small ones' half.
-const SMALL_REVIEW_BYTES: u64 = 256 * 1024;
-
-impl Budget {
-    pub fn new(bytes: usize) -> Self {
-        Budget {
-            bytes: tokio::sync::Semaphore::new(bytes / 2),
-            small: tokio::sync::Semaphore::new(bytes / 2),
-            parsing: tokio::sync::Semaphore::new(1),
-        }
-    }
-
-    /// Room for a body of `declared` bytes, waited for until `deadline`.
-    async fn room(
-        &self,
-        declared: Option<u64>,
-        deadline: tokio::time::Instant,
-    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
-        let n = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max).min(max));
-        let n = u32::try_from(n).ok()?;
-        let pool = if declared.is_some_and(|d| d <= SMALL_REVIEW_BYTES) {
-            &self.small
-        } else {
-            &self.bytes
-        };
-        tokio::time::timeout_at(deadline, pool.acquire_many(n))
-            .await
-            .ok()?
-            .ok()
-    }
-}
-
 async fn handle(
     req: Request<Incoming>,
     s: &Settings,
@@ -247,7 +203,7 @@ async fn handle(
             "the AdmissionReview is too large\n",
         );
     }
-    let Some(_room) = budget.room(declared, deadline).await else {
+    let Some(mut room) = budget.room(declared, deadline, place).await else {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many AdmissionReviews at once; try again\n",
@@ -263,6 +219,7 @@ async fn handle(
             );
         }
     };
+    room.body_read();
     // In a review from here: a connection that sent a head and holds back
     // its body is as idle as one that sends nothing, and gives way as soon.
     let _busy = place.busy();
@@ -395,31 +352,4 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *rsp.status_mut() = status;
     rsp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// However many connections send large reviews, the bytes held at once
-    /// stay within the budget: past it a review waits for room, and is
-    /// refused if none comes in time.
-    #[tokio::test(start_paused = true)]
-    async fn reviews_hold_no_more_than_the_budget() {
-        let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
-        let budget = Budget::new(6 * max);
-        let soon = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        let held: Vec<_> =
-            futures_util::future::join_all((0..3).map(|_| budget.room(Some(max as u64), soon())))
-                .await;
-        assert!(held.iter().all(Option::is_some));
-        // Undeclared: the most is reserved.
-        assert!(budget.room(None, soon()).await.is_none());
-        // Small reviews (pods as they are) still have their half.
-        let small = budget.room(Some(10_000), soon()).await;
-        assert!(small.is_some());
-        assert_eq!(budget.small.available_permits(), 3 * max - 10_000);
-        drop(held);
-        assert!(budget.room(None, soon()).await.is_some());
-    }
 }

@@ -251,6 +251,45 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// A review reserves room for its declared length before its body comes.
+/// Connections that declare the most a small review may have and send no
+/// body, more than the room there is, do not keep the API server's review
+/// waiting until they time out (10 s): once their bodies are late, a review
+/// that finds no room closes them one by one.
+#[tokio::test]
+async fn bodies_that_never_come_do_not_keep_the_api_server_from_the_injector() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let (mut cp, port) = injector(&pki, &dir);
+    cp.ready(std::time::Duration::from_secs(20)).await;
+    // 64 of them hold the room of small reviews (16 MiB); the rest wait for
+    // room, ahead of the API server's review.
+    let head = "POST /inject HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: 262144\r\n\r\n{";
+    let started = std::time::Instant::now();
+    let mut holding = Vec::new();
+    for _ in 0..100 {
+        let mut tls = connect(&pki, port).await;
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        holding.push(tls);
+    }
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5).saturating_sub(started.elapsed()),
+        post(&pki, port, "/inject", &review(pod)),
+    )
+    .await;
+    let (status, rsp) = answered.expect("answered while 100 connections hold room for no body");
+    assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
+    // The first of them, late the longest, was closed.
+    let mut buf = [0u8; 1];
+    let first =
+        tokio::time::timeout(std::time::Duration::from_secs(1), holding[0].read(&mut buf)).await;
+    assert!(matches!(first, Ok(Ok(0)) | Ok(Err(_))), "{first:?}");
+}
+
 /// One review on a kept-alive connection (as the API server keeps them):
 /// the status, or `None` when the connection was closed instead.
 async fn review_on(
