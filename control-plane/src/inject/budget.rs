@@ -11,16 +11,24 @@
 //! (`places::LATE_BODY` at least), one at a time until it has room; the API
 //! server sends a body with its head, so its own are never late.
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::places::{Holding, Longest, Place, Share};
 use crate::defaults;
 
 pub struct Budget {
-    large: Semaphore,
-    small: Semaphore,
+    large: Pool,
+    small: Pool,
     pub parsing: Semaphore,
+}
+
+/// One share of the room.
+struct Pool {
+    bytes: Semaphore,
+    /// Room was given back to `bytes`: a review waiting for it looks again.
+    given_back: Notify,
+    share: Share,
 }
 
 /// A review at most this large takes its room from the small ones' share.
@@ -29,10 +37,9 @@ const SMALL_REVIEW_BYTES: u64 = 256 * 1024;
 /// Room for one review's body. While the body is still coming its
 /// connection may be closed for another review; not once it is read.
 pub struct Room<'a> {
-    // Given back before `holding` drops, which tells a review waiting for
-    // room to look again.
-    _permit: SemaphorePermit<'a>,
+    permit: Option<SemaphorePermit<'a>>,
     holding: Option<Holding<'a>>,
+    given_back: &'a Notify,
 }
 
 impl Room<'_> {
@@ -41,11 +48,24 @@ impl Room<'_> {
     }
 }
 
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        // The room first, then the word: a review told looks for it.
+        drop(self.permit.take());
+        self.given_back.notify_waiters();
+    }
+}
+
 impl Budget {
     pub fn new(bytes: usize) -> Self {
+        let pool = |share| Pool {
+            bytes: Semaphore::new(bytes / 2),
+            given_back: Notify::new(),
+            share,
+        };
         Budget {
-            large: Semaphore::new(bytes / 2),
-            small: Semaphore::new(bytes / 2),
+            large: pool(Share::Large),
+            small: pool(Share::Small),
             parsing: Semaphore::new(1),
         }
     }
@@ -63,17 +83,17 @@ impl Budget {
         let max = defaults::MAX_ADMISSION_REVIEW_BYTES;
         let n = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max).min(max));
         let n = u32::try_from(n).ok()?;
-        let (pool, share) = if declared.is_some_and(|d| d <= SMALL_REVIEW_BYTES) {
-            (&self.small, Share::Small)
+        let pool = if declared.is_some_and(|d| d <= SMALL_REVIEW_BYTES) {
+            &self.small
         } else {
-            (&self.large, Share::Large)
+            &self.large
         };
         let places = place.places();
-        let acquire = pool.acquire_many(n);
+        let acquire = pool.bytes.acquire_many(n);
         tokio::pin!(acquire);
         let mut look = Some(Instant::now());
         let permit = loop {
-            let given_back = places.room_given_back.notified();
+            let given_back = pool.given_back.notified();
             tokio::pin!(given_back);
             given_back.as_mut().enable();
             // Acquired at once: nothing closed.
@@ -81,7 +101,7 @@ impl Budget {
                 break p;
             }
             if let Some(at) = look.filter(|at| *at <= Instant::now()) {
-                look = match places.close_longest_late(share, at) {
+                look = match places.close_longest_late(pool.share, at) {
                     Longest::Closed(late) => {
                         tracing::debug!(
                             ?late,
@@ -102,8 +122,9 @@ impl Budget {
             }
         };
         Some(Room {
-            _permit: permit,
-            holding: Some(place.holding(share)),
+            permit: Some(permit),
+            holding: Some(place.holding(pool.share)),
+            given_back: &pool.given_back,
         })
     }
 }
@@ -144,7 +165,7 @@ mod tests {
         // Small reviews (pods as they are) still have their share.
         let small = budget.room(Some(10_000), soon(), &conns[4]).await;
         assert!(small.is_some());
-        assert_eq!(budget.small.available_permits(), 3 * max - 10_000);
+        assert_eq!(budget.small.bytes.available_permits(), 3 * max - 10_000);
         assert!(conns.iter().all(|c| !c.close.is_cancelled()));
         drop(held);
         assert!(budget.room(None, soon(), &conns[3]).await.is_some());
@@ -153,21 +174,23 @@ mod tests {
     /// A review that finds no room closes the connections whose bodies are
     /// late, the latest first and one at a time, and takes the room they
     /// give back; bodies not yet late, read ones and the other share's are
-    /// left alone.
+    /// left alone, and neither a body read nor the other share's room given
+    /// back closes another.
     #[tokio::test(start_paused = true)]
     async fn a_review_without_room_closes_connections_whose_bodies_are_late() {
-        let budget = Arc::new(Budget::new(2 * 3 * SMALL_REVIEW_BYTES as usize));
+        let budget = Arc::new(Budget::new(2 * 4 * SMALL_REVIEW_BYTES as usize));
         let places = Places::new(8);
         let each = Some(SMALL_REVIEW_BYTES);
-        // Three hold all the small share; the first reads its body.
+        // Four hold all the small share; the first reads its body.
         let a = places.take().await;
         let mut read = budget.room(each, soon(), &a).await.expect("room");
         read.body_read();
         let b = places.take().await;
         let late = budget.room(each, soon(), &b).await.expect("room");
         tokio::time::advance(Duration::from_millis(500)).await;
-        let c = places.take().await;
-        let later = budget.room(each, soon(), &c).await.expect("room");
+        let (c, g) = (places.take().await, places.take().await);
+        let mut later = budget.room(each, soon(), &c).await.expect("room");
+        let also_later = budget.room(each, soon(), &g).await.expect("room");
         // A large body, later than them all, is in the other share.
         let d = places.take().await;
         let large = budget
@@ -184,22 +207,28 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !b.close.is_cancelled(),
-            "closed before its body was late (600 ms)"
+            "closed before its body was late (900 ms)"
         );
         // At 1 s the first unread body is late: its connection is closed,
         // and only it, while it has not given its room back.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(b.close.is_cancelled());
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // Both later bodies are late now. One is read, which gives no room
+        // back, and the large body's room comes back, which is no room for
+        // a small review: neither closes the other late one.
+        later.body_read();
+        drop(large);
+        tokio::task::yield_now().await;
         assert!(
-            !c.close.is_cancelled(),
+            !g.close.is_cancelled(),
             "a second closed before the first's room came back"
         );
-        assert!(!a.close.is_cancelled() && !d.close.is_cancelled());
+        assert!(!a.close.is_cancelled() && !c.close.is_cancelled() && !d.close.is_cancelled());
         // Closed, its review goes, and with it its room.
         drop(late);
         assert!(waiting.await.unwrap(), "the room given back was taken");
-        assert!(!c.close.is_cancelled() && !d.close.is_cancelled());
-        drop((read, later, large));
+        assert!(!c.close.is_cancelled() && !g.close.is_cancelled());
+        drop((read, later, also_later));
     }
 }

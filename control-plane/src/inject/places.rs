@@ -28,9 +28,11 @@ pub const GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A body that has held its room this long without all of it read is late:
 /// its connection may be closed for a review that finds no room. The API
-/// server sends a review's body with its head; at a few MiB a second, the
-/// largest review a webhook is sent (4 MiB, written by the API server from
-/// an object it already holds) takes well under this.
+/// server writes a review's body right after its head, from an object it
+/// already holds: over a cluster's network even the largest (4 MiB) comes
+/// well within this. Over a slow path (a control plane far from its nodes,
+/// a few MiB a second) a large one may not, and may then be closed, but only
+/// while room is short.
 pub const LATE_BODY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct Places {
@@ -39,8 +41,6 @@ pub struct Places {
     /// A review ended: a newcomer waiting with every connection in a review
     /// may take that one's place.
     became_idle: tokio::sync::Notify,
-    /// A connection gave up its room in the budget (its body read, or closed).
-    pub(super) room_given_back: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -96,7 +96,6 @@ impl Places {
             free: Arc::new(Semaphore::new(max)),
             open: Mutex::default(),
             became_idle: tokio::sync::Notify::new(),
-            room_given_back: tokio::sync::Notify::new(),
         })
     }
 
@@ -236,11 +235,9 @@ impl Place {
 
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
-        let places = &self.0.places;
-        if let Some(c) = places.lock().conns.get_mut(&self.0.id) {
+        if let Some(c) = self.0.places.lock().conns.get_mut(&self.0.id) {
             c.holding = None;
         }
-        places.room_given_back.notify_waiters();
     }
 }
 

@@ -111,7 +111,8 @@ pub async fn serve(
             let place = Arc::new(place);
             let close = place.close.clone();
             // Given to a new connection (it was idle the longest, and for
-            // `places::GRACE` at least): closed at once.
+            // `places::GRACE` at least), or its body is late and a review
+            // needs its room: closed at once.
             let reviews = async move {
                 // A caller that stops reading its answers is cut off rather
                 // than holding its place: hyper reads nothing while a write
@@ -159,7 +160,7 @@ pub async fn serve(
             tokio::select! {
                 () = reviews => {}
                 () = close.cancelled() => {
-                    debug!(%peer, "webhook connection closed for a new one: the longest idle");
+                    debug!(%peer, "webhook connection closed for another: idle the longest, or its body late");
                 }
             }
         });
