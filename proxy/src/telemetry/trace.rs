@@ -357,9 +357,32 @@ struct Started {
     method_original: Option<ShortStr>,
     version: http::Version,
     /// The authority the caller addressed (`:authority` or `Host`).
-    authority: Option<(ShortStr, Option<u16>)>,
+    authority: Option<Addressed>,
     path: ShortStr,
     at: SystemTime,
+}
+
+/// The authority a request addressed, as the serving thread found it.
+#[derive(Debug)]
+enum Addressed {
+    /// Host and port from the request's URI, which hyper has parsed.
+    Split(ShortStr, Option<u16>),
+    /// A `Host` header as it came: split on the export thread, so that a
+    /// traced HTTP/1 request does not pay for parsing it. One over
+    /// `MAX_FIELD` bytes is kept cut, and then names no server.
+    Host(ShortStr),
+}
+
+impl Addressed {
+    fn split(self) -> Option<(ShortStr, Option<u16>)> {
+        match self {
+            Addressed::Split(host, port) => Some((host, port)),
+            Addressed::Host(raw) => {
+                let a: http::uri::Authority = raw.as_str().parse().ok()?;
+                Some((ShortStr::bounded(a.host()), a.port_u16()))
+            }
+        }
+    }
 }
 
 /// A finished span, as queued for export.
@@ -440,11 +463,10 @@ fn start_span<B>(
     let authority = req
         .uri()
         .authority()
-        .map(|a| (ShortStr::bounded(a.host()), a.port_u16()))
+        .map(|a| Addressed::Split(ShortStr::bounded(a.host()), a.port_u16()))
         .or_else(|| {
             let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            let a: http::uri::Authority = h.parse().ok()?;
-            Some((ShortStr::bounded(a.host()), a.port_u16()))
+            Some(Addressed::Host(ShortStr::bounded(h)))
         });
     let method = method_name(req.method());
     Some(Started {
@@ -553,12 +575,8 @@ impl Record for ProxySpan {
             w.int("http.response.status_code", i64::from(s));
         }
         let mut ip = None;
-        let server = server_of(
-            direction,
-            notes.destination.as_ref(),
-            &started.authority,
-            &mut ip,
-        );
+        let authority = started.authority.and_then(Addressed::split);
+        let server = server_of(direction, notes.destination.as_ref(), &authority, &mut ip);
         if let Some((host, port)) = server {
             w.str("server.address", host);
             if let Some(p) = port {
@@ -662,6 +680,28 @@ impl Record for ProxySpan {
 mod tests {
     use super::*;
     use crate::addr::DestAddr;
+
+    /// A `Host` header is split on the export thread as the URI's
+    /// authority would be; one that is not an authority names no server.
+    #[test]
+    fn a_host_header_is_split_where_the_span_is_written() {
+        let split = |h: &str| {
+            Addressed::Host(ShortStr::bounded(h))
+                .split()
+                .map(|(h, p)| (h.as_str().to_string(), p))
+        };
+        let of = |h: &str, p| Some((h.to_string(), p));
+        assert_eq!(split("web.shop:8080"), of("web.shop", Some(8080)));
+        assert_eq!(split("web.shop"), of("web.shop", None));
+        assert_eq!(split("[fd00::10]:80"), of("[fd00::10]", Some(80)));
+        assert_eq!(split("web shop"), None);
+        assert_eq!(split(&"a".repeat(2000)), None);
+        let uri = Addressed::Split(ShortStr::bounded("web.shop"), Some(80)).split();
+        assert_eq!(
+            uri.map(|(h, p)| (h.as_str().to_string(), p)),
+            of("web.shop", Some(80))
+        );
+    }
 
     #[test]
     fn the_server_is_what_the_app_addressed() {
