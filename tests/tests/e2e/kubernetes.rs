@@ -230,17 +230,10 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
 
     // Nor do connections that send a review's head and hold back its body:
     // they are as idle as silent ones.
-    let head = "POST /inject HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{";
     // Within the 10 s a held-back body may take: no place is given back by
     // a review ending meanwhile.
     let started = std::time::Instant::now();
-    let mut holding = Vec::new();
-    for _ in 0..260 {
-        let mut tls = connect(&pki, port).await;
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.flush().await.unwrap();
-        holding.push(tls);
-    }
+    let _holding = holding_back(&pki, port, 1000, 260).await;
     let answered = tokio::time::timeout(
         std::time::Duration::from_secs(5).saturating_sub(started.elapsed()),
         post(&pki, port, "/inject", &review(pod)),
@@ -249,6 +242,27 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
     let (status, rsp) = answered.expect("answered while 260 connections hold back their bodies");
     assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// `n` connections that each send a review's head declaring `length` bytes
+/// and one byte of its body, and hold back the rest.
+async fn holding_back(
+    pki: &Pki,
+    port: u16,
+    length: usize,
+    n: usize,
+) -> Vec<tokio_rustls::client::TlsStream<TcpStream>> {
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n{{"
+    );
+    let mut holding = Vec::new();
+    for _ in 0..n {
+        let mut tls = connect(pki, port).await;
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        holding.push(tls);
+    }
+    holding
 }
 
 /// A review reserves room for its declared length before its body comes.
@@ -264,14 +278,7 @@ async fn bodies_that_never_come_do_not_keep_the_api_server_from_the_injector() {
     cp.ready(std::time::Duration::from_secs(20)).await;
     // 64 of them hold the room of small reviews (16 MiB); the rest wait for
     // room, ahead of the API server's review.
-    let head = "POST /inject HTTP/1.1\r\nhost: strait-controller.strait-system.svc\r\ncontent-type: application/json\r\ncontent-length: 262144\r\n\r\n{";
-    let mut holding = Vec::new();
-    for _ in 0..100 {
-        let mut tls = connect(&pki, port).await;
-        tls.write_all(head.as_bytes()).await.unwrap();
-        tls.flush().await.unwrap();
-        holding.push(tls);
-    }
+    let mut holding = holding_back(&pki, port, 262_144, 100).await;
     let pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
