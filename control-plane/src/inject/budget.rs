@@ -50,7 +50,10 @@ impl Room<'_> {
 
 impl Drop for Room<'_> {
     fn drop(&mut self) {
-        // The room first, then the word: a review told looks for it.
+        // No longer holding, then the room, then the word: a review told
+        // finds the room, and does not take this connection for a late one
+        // still to close (and wait for room it has already had word of).
+        self.holding = None;
         drop(self.permit.take());
         self.given_back.notify_waiters();
     }

@@ -363,7 +363,6 @@ struct Started {
 }
 
 /// The authority a request addressed, as the serving thread found it.
-#[derive(Debug)]
 enum Addressed {
     /// Host and port from the request's URI, which hyper has parsed.
     Split(ShortStr, Option<u16>),
@@ -371,6 +370,20 @@ enum Addressed {
     /// traced HTTP/1 request does not pay for parsing it. One over
     /// `MAX_FIELD` bytes is kept cut, and then names no server.
     Host(ShortStr),
+}
+
+impl std::fmt::Debug for Addressed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addressed::Split(host, port) => f.debug_tuple("Split").field(host).field(port).finish(),
+            // User info in a `Host` is a credential: not shown.
+            Addressed::Host(raw) => {
+                let raw = raw.as_str();
+                let host = raw.rsplit_once('@').map_or(raw, |(_, host)| host);
+                f.debug_tuple("Host").field(&host).finish()
+            }
+        }
+    }
 }
 
 impl Addressed {
@@ -696,6 +709,12 @@ mod tests {
         assert_eq!(split("[fd00::10]:80"), of("[fd00::10]", Some(80)));
         assert_eq!(split("web shop"), None);
         assert_eq!(split(&"a".repeat(2000)), None);
+        let secret = Addressed::Host(ShortStr::bounded("user:pass@web.shop:80"));
+        assert_eq!(format!("{secret:?}"), r#"Host("web.shop:80")"#);
+        assert_eq!(
+            secret.split().map(|(h, _)| h.as_str().to_string()),
+            Some("web.shop".into())
+        );
         let uri = Addressed::Split(ShortStr::bounded("web.shop"), Some(80)).split();
         assert_eq!(
             uri.map(|(h, p)| (h.as_str().to_string(), p)),
