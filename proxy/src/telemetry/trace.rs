@@ -698,11 +698,8 @@ mod tests {
     /// authority would be; one that is not an authority names no server.
     #[test]
     fn a_host_header_is_split_where_the_span_is_written() {
-        let split = |h: &str| {
-            Addressed::Host(ShortStr::bounded(h))
-                .split()
-                .map(|(h, p)| (h.as_str().to_string(), p))
-        };
+        let text = |a: Addressed| a.split().map(|(h, p)| (h.as_str().to_string(), p));
+        let split = |h: &str| text(Addressed::Host(ShortStr::bounded(h)));
         let of = |h: &str, p| Some((h.to_string(), p));
         assert_eq!(split("web.shop:8080"), of("web.shop", Some(8080)));
         assert_eq!(split("web.shop"), of("web.shop", None));
@@ -711,15 +708,9 @@ mod tests {
         assert_eq!(split(&"a".repeat(2000)), None);
         let secret = Addressed::Host(ShortStr::bounded("user:pass@web.shop:80"));
         assert_eq!(format!("{secret:?}"), r#"Host("web.shop:80")"#);
-        assert_eq!(
-            secret.split().map(|(h, _)| h.as_str().to_string()),
-            Some("web.shop".into())
-        );
-        let uri = Addressed::Split(ShortStr::bounded("web.shop"), Some(80)).split();
-        assert_eq!(
-            uri.map(|(h, p)| (h.as_str().to_string(), p)),
-            of("web.shop", Some(80))
-        );
+        assert_eq!(text(secret), of("web.shop", Some(80)));
+        let uri = Addressed::Split(ShortStr::bounded("web.shop"), Some(80));
+        assert_eq!(text(uri), of("web.shop", Some(80)));
     }
 
     #[test]

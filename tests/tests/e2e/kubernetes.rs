@@ -76,6 +76,13 @@ fn review_of((group, version, kind, resource): (&str, &str, &str, &str), object:
     .unwrap()
 }
 
+/// A pod that asks for the proxy by its annotation.
+fn opted_in_pod() -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
+}
+
 /// A controller serving the injector on the returned port.
 fn injector(pki: &Pki, dir: &ManifestDir) -> (ControllerProc, u16) {
     let port = free_port();
@@ -209,9 +216,7 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
     for _ in 0..300 {
         silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     }
-    let pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
-        "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let pod = opted_in_pod();
     let started = std::time::Instant::now();
     let answered = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -279,9 +284,7 @@ async fn bodies_that_never_come_do_not_keep_the_api_server_from_the_injector() {
     // 64 of them hold the room of small reviews (16 MiB); the rest wait for
     // room, ahead of the API server's review.
     let mut holding = holding_back(&pki, port, 262_144, 100).await;
-    let pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
-        "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let pod = opted_in_pod();
     // Within 5 s of the last of them, half the time they could hold room.
     let answered = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -345,9 +348,7 @@ async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connect
     let dir = ManifestDir::new();
     let (mut cp, port) = injector(&pki, &dir);
     cp.ready(std::time::Duration::from_secs(20)).await;
-    let pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "web-1", "namespace": "shop", "annotations": {"strait.dev/inject": "enabled"}},
-        "spec": {"containers": [{"name": "app", "image": "app:1"}]}});
+    let pod = opted_in_pod();
     let mut kept = connect(&pki, port).await;
     assert_eq!(review_on(&mut kept, &review(pod.clone())).await, Some(200));
 
