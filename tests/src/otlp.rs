@@ -99,9 +99,7 @@ impl TraceService for Collector {
         match self.mode {
             Mode::Stall => std::future::pending::<()>().await,
             Mode::Refuse => return Err(tonic::Status::unavailable("refusing on command")),
-            Mode::Discard => {
-                return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
-            }
+            Mode::Discard => unreachable!("served by `Discarding`"),
             Mode::Reject => {
                 let spans: u64 = req
                     .get_ref()
@@ -158,6 +156,81 @@ impl TraceService for Collector {
     }
 }
 
+/// `Mode::Discard`'s trace service: each export is taken whole and answered,
+/// and its spans are never decoded. A benchmark's collector shares the
+/// machine's cores with the proxies it measures; decoding every span (a few
+/// dozen allocations each, in bursts as batches arrive) would load them with
+/// work that a collector on another node does not put beside a proxy.
+#[derive(Clone, Copy, Debug)]
+struct Discarding;
+
+impl tonic::server::NamedService for Discarding {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<B> tower::Service<http::Request<B>> for Discarding
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        Box::pin(async move {
+            if req.uri().path() != "/opentelemetry.proto.collector.trace.v1.TraceService/Export" {
+                return Ok(tonic::Status::unimplemented("only Export").into_http());
+            }
+            let codec = tonic_prost::ProstCodec::<ExportTraceServiceResponse, Unread>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(Discarding, req).await)
+        })
+    }
+}
+
+impl tonic::server::UnaryService<Unread> for Discarding {
+    type Response = ExportTraceServiceResponse;
+    type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
+
+    fn call(&mut self, _: tonic::Request<Unread>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(Default::default())))
+    }
+}
+
+/// An export request read as a message whose every field is skipped: the
+/// top-level `resource_spans` entries are stepped over by length, unparsed.
+#[derive(Debug, Default)]
+struct Unread;
+
+impl tonic_prost::prost::Message for Unread {
+    fn encode_raw(&self, _: &mut impl bytes::BufMut) {}
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: tonic_prost::prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: tonic_prost::prost::encoding::DecodeContext,
+    ) -> Result<(), tonic_prost::prost::DecodeError> {
+        tonic_prost::prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {}
+}
+
 /// A running collector; stops when dropped.
 pub struct OtlpCollector {
     pub addr: SocketAddr,
@@ -179,11 +252,23 @@ impl OtlpCollector {
             counts: counts.clone(),
             mode,
         };
+        let incoming = TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(svc))
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
+            let mut server = tonic::transport::Server::builder();
+            let _ = match mode {
+                Mode::Discard => {
+                    server
+                        .add_service(Discarding)
+                        .serve_with_incoming(incoming)
+                        .await
+                }
+                _ => {
+                    server
+                        .add_service(TraceServiceServer::new(svc))
+                        .serve_with_incoming(incoming)
+                        .await
+                }
+            };
         });
         OtlpCollector {
             addr,
@@ -234,5 +319,45 @@ impl OtlpCollector {
 impl Drop for OtlpCollector {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+    use super::*;
+
+    /// A benchmark's collector answers an export as a real one does, spans
+    /// and all, without keeping any.
+    #[tokio::test]
+    async fn a_discarding_collector_answers_exports_and_keeps_nothing() {
+        let collector = OtlpCollector::start(Mode::Discard).await;
+        let mut client = TraceServiceClient::connect(collector.endpoint())
+            .await
+            .expect("connect");
+        let span = Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            name: "GET".into(),
+            ..Span::default()
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource::default()),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span; 64],
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            }],
+        };
+        for _ in 0..2 {
+            let answer = client.export(request.clone()).await.expect("export taken");
+            assert_eq!(answer.into_inner().partial_success, None);
+        }
+        assert!(collector.spans().is_empty());
     }
 }
