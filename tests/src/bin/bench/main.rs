@@ -38,6 +38,10 @@ enum What {
         /// Only these loads (by label, e.g. "h1 1000/s"); repeatable.
         #[arg(long = "load")]
         loads: Vec<String>,
+        /// Only these scenarios (by name, e.g. "strait-mtls-traced"), beside
+        /// "direct", which every latency is measured against; repeatable.
+        #[arg(long = "scenario")]
+        scenarios: Vec<String>,
         /// Also run the mTLS pair with the `strait-proxy` in DIR (another build,
         /// e.g. of the previous commit) as "strait-mtls-before", interleaved with
         /// the others, to measure a change.
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         What::Proxy {
             rounds,
             loads,
+            scenarios,
             baseline,
             with_tracing,
         } => {
@@ -113,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
                 cli.quick,
                 if cli.quick { 1 } else { rounds },
                 &loads,
+                &scenarios,
                 baseline.map(|d| d.join("strait-proxy")),
                 with_tracing,
             )

@@ -1,5 +1,5 @@
 //! The proxy pair measured against a direct connection and the reference pairs, in
-//! one run, scenarios interleaved (A B C D, A B C D, ...) so that ratios survive a
+//! one run, scenarios interleaved (A B C D, D C B A, ...) so that ratios survive a
 //! noisy machine.
 
 use std::net::SocketAddr;
@@ -427,12 +427,14 @@ fn machine() -> String {
     )
 }
 
-/// Runs every scenario under every load (only those labelled in `only`, when
-/// given), `rounds` times, interleaved.
+/// Runs every scenario under every load (only those labelled in `only`, and
+/// only the scenarios named in `scenarios` beside direct, when given),
+/// `rounds` times, interleaved.
 pub async fn run(
     quick: bool,
     rounds: usize,
     only: &[String],
+    scenarios: &[String],
     baseline: Option<PathBuf>,
     with_tracing: bool,
 ) -> anyhow::Result<Results> {
@@ -569,6 +571,18 @@ pub async fn run(
             ],
         },
     ]);
+    if let Some(unknown) = scenarios
+        .iter()
+        .find(|n| !targets.iter().any(|t| t.name == n.as_str()))
+    {
+        anyhow::bail!(
+            "--scenario {unknown:?}: the scenarios are {:?}",
+            targets.iter().map(|t| t.name).collect::<Vec<_>>()
+        );
+    }
+    targets.retain(|t| {
+        scenarios.is_empty() || t.name == "direct" || scenarios.iter().any(|n| n == t.name)
+    });
     let idle: Vec<Vec<f64>> = targets
         .iter()
         .map(|t| t.pids.iter().map(|(_, p)| rss_mib(*p).0).collect())
@@ -577,7 +591,16 @@ pub async fn run(
     let mut samples = Vec::new();
     for round in 0..rounds {
         for load in loads.iter().cloned() {
-            for t in &targets {
+            // Every other round in the reverse order, so that no scenario always
+            // follows the same one: a pair compared with the one run just before
+            // it (traced after untraced) would otherwise carry whatever running
+            // second costs or saves.
+            let order: Vec<&Target> = if round % 2 == 0 {
+                targets.iter().collect()
+            } else {
+                targets.iter().rev().collect()
+            };
+            for t in order {
                 let Some(addr) = t.addr(&load) else {
                     continue;
                 };
