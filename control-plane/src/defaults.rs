@@ -53,10 +53,11 @@ pub const MAX_MANIFESTS_TOTAL_BYTES: u64 = 256 * 1024 * 1024;
 pub const MAX_SERVICE_PORTS: usize = 256;
 /// A Service has at most two cluster IPs (one per IP family).
 pub const MAX_CLUSTER_IPS: usize = 2;
-/// EndpointSlice: Kubernetes allows 1000 endpoints and 100 ports per slice,
-/// and 100 addresses per endpoint.
+/// EndpointSlice: Kubernetes allows 1000 endpoints per slice and 100
+/// addresses per endpoint. Its slices carry every port of their Service, so
+/// they take as many TCP ports as a Service may have here.
 pub const MAX_SLICE_ENDPOINTS: usize = 1000;
-pub const MAX_SLICE_PORTS: usize = 100;
+pub const MAX_SLICE_PORTS: usize = MAX_SERVICE_PORTS;
 pub const MAX_ENDPOINT_ADDRESSES: usize = 100;
 /// HTTPRoute, as Gateway API's CRD validation: rules per route, and per rule
 /// its matches, filters and backendRefs; headers and query params per match.

@@ -289,7 +289,10 @@ impl SnapshotBuilder {
         const KIND: &str = "Service";
         let k = key(KIND, &svc.metadata)?;
         let spec = svc.spec.clone().unwrap_or_default();
-        let n = spec.ports.as_ref().map_or(0, Vec::len);
+        // Only the ports the mesh carries count: the others are skipped
+        // below and cost nothing once parsed.
+        let n = spec.ports.iter().flatten();
+        let n = n.filter(|p| is_tcp(p.protocol.as_deref())).count();
         at_most(KIND, &k, "spec.ports", n, defaults::MAX_SERVICE_PORTS)?;
         let n = spec.cluster_ips.as_ref().map_or(0, Vec::len);
         at_most(KIND, &k, "spec.clusterIPs", n, defaults::MAX_CLUSTER_IPS)?;
@@ -366,7 +369,10 @@ impl SnapshotBuilder {
                 field: format!("metadata.labels[\"{}\"]", defaults::SERVICE_NAME_LABEL),
                 reason: "missing: an EndpointSlice must name its Service".into(),
             })?;
-        let n = es.ports.as_ref().map_or(0, Vec::len);
+        // Kubernetes copies every port of the Service into each of its
+        // slices, UDP and SCTP included: TCP ports are the ones counted.
+        let n = es.ports.iter().flatten();
+        let n = n.filter(|p| is_tcp(p.protocol.as_deref())).count();
         at_most(KIND, &k, "ports", n, defaults::MAX_SLICE_PORTS)?;
         at_most(
             KIND,

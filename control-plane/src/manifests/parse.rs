@@ -814,6 +814,45 @@ items:
         assert!(e.contains("spec.rules") && e.contains("limit of 16"), "{e}");
     }
 
+    /// Kubernetes copies all of a Service's ports into each of its slices,
+    /// UDP and SCTP too: only the TCP ones the mesh carries count against
+    /// the limits. A slice refused over its UDP ports left the Service with
+    /// no endpoints, and its pods outside their `targetRef` policy.
+    #[test]
+    fn only_tcp_ports_count_against_the_port_limits() {
+        let ports = |n: u16, protocol: &str| -> String {
+            (1..=n)
+                .map(|p| format!("  - {{name: {protocol}{p}, port: {p}, protocol: {protocol}}}\n"))
+                .collect()
+        };
+        let (tcp, udp) = (ports(200, "TCP"), ports(200, "UDP"));
+        let docs = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: shop}}\nspec:\n  ports:\n{tcp}{udp}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: shop\n  labels: {{kubernetes.io/service-name: dns}}\naddressType: IPv4\nports:\n{tcp}{udp}endpoints:\n  - addresses: [10.0.0.1]\n"
+        );
+        let mut snap = crate::index::Snapshot::empty("cluster.local");
+        for o in parse_file(&docs).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let svc = crate::index::ObjKey {
+            namespace: "shop".into(),
+            name: "dns".into(),
+        };
+        assert_eq!(snap.services[&svc].ports.len(), 200);
+        let slice = &snap.slices[&svc]["dns-1"];
+        assert_eq!((slice.ports.len(), slice.endpoints.len()), (200, 1));
+
+        let slice = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s\n  namespace: shop\n  labels: {{kubernetes.io/service-name: big}}\naddressType: IPv4\nports:\n{}endpoints: []\n",
+            ports(300, "TCP")
+        );
+        let e = parse_file(&slice).unwrap_err().remove(0).to_string();
+        assert!(
+            e.contains("EndpointSlice shop/s")
+                && e.contains("300 entries, more than the limit of 256"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_misspelt_strait_kind_is_an_error_not_ignored() {
         for (api, kind) in [
