@@ -209,13 +209,26 @@ fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey
             namespace: key.namespace.clone(),
             name: t.name.clone(),
         };
-        return snap.slices.get(&svc).is_some_and(|slices| {
-            slices.values().any(|s| {
-                s.pods.contains(pod) || s.endpoints.iter().any(|e| e.pod.as_ref() == Some(pod))
-            })
-        });
+        return selects(snap, &svc, pod)
+            || snap.slices.get(&svc).is_some_and(|slices| {
+                slices.values().any(|s| {
+                    s.pods.contains(pod) || s.endpoints.iter().any(|e| e.pod.as_ref() == Some(pod))
+                })
+            });
     }
     false
+}
+
+/// Whether the Service's selector picks the pod. Its slices list a new pod
+/// only once Kubernetes has written them, after the pod's proxy may have
+/// asked for its policy: by the selector the pod is covered from its first
+/// answer. Slices still count, for a Service without a selector.
+fn selects(snap: &Snapshot, svc: &ObjKey, pod: &ObjKey) -> bool {
+    let (Some(s), Some(p)) = (snap.services.get(svc), snap.pods.get(pod)) else {
+        return false;
+    };
+    // Kubernetes reads an empty selector as none: it picks no pod.
+    !s.selector.is_empty() && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
 }
 
 /// What a pod's view may still take, in bytes of its entries, before it is
@@ -621,6 +634,66 @@ spec:
         assert_eq!(web.allow.len(), 1, "{:?}", web.allow);
         // A pod the Service does not name is not covered.
         assert_eq!(of("other-0").mode, api::MtlsMode::Permissive as i32);
+    }
+
+    /// A new pod is covered by its Service's `targetRef` policy from its
+    /// first answer: Kubernetes lists it in a slice only later, and until
+    /// then its proxy went ready on the open default.
+    #[test]
+    fn a_target_ref_policy_covers_a_pod_its_service_selects_before_a_slice_lists_it() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: by-hand, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  mtls: STRICT
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: by-hand, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: by-hand}
+  mtls: STRICT
+"#;
+        let (mut snap, _) = with_web_pod();
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let labelled = |app: &str| crate::index::PodInfo {
+            labels: [("app".to_string(), app.to_string())].into(),
+            ..snap.pods.values().next().unwrap().clone()
+        };
+        let pod = |ns: &str, name: &str| ObjKey {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        let (web, other, elsewhere) = (labelled("web"), labelled("other"), labelled("web"));
+        snap.pods.insert(pod("shop", "web-1"), web);
+        snap.pods.insert(pod("shop", "other-0"), other);
+        snap.pods.insert(pod("front", "web-0"), elsewhere);
+        let mode = |p: ObjKey| workload_policy(&snap, &p).default.unwrap().mode;
+        let (strict, permissive) = (
+            api::MtlsMode::Strict as i32,
+            api::MtlsMode::Permissive as i32,
+        );
+        assert_eq!(mode(pod("shop", "web-1")), strict, "no slice lists it yet");
+        assert_eq!(mode(pod("shop", "other-0")), permissive);
+        // The selector picks pods of the Service's own namespace only.
+        assert_eq!(mode(pod("front", "web-0")), permissive);
+        // A Service without a selector picks no pod: its slices decide. The
+        // unlabelled `shop/web-0` is in none of them.
+        assert_eq!(mode(pod("shop", "web-0")), permissive);
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct ServiceInfo {
     /// Auto`, or `spec.trafficDistribution`): its endpoints' zone hints are
     /// followed, as kube-proxy follows them.
     pub topology_aware: bool,
+    /// `spec.selector`: the pods it is meant for, empty for a Service
+    /// without one (whose slices are written by hand). What a `targetRef`
+    /// policy covers before any slice lists a new pod.
+    pub selector: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -350,6 +354,7 @@ impl SnapshotBuilder {
                 cluster_ips,
                 ports,
                 topology_aware,
+                selector: spec.selector.unwrap_or_default(),
             },
         ))
     }

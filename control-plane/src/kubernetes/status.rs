@@ -735,6 +735,7 @@ mod tests {
                     app_protocol: None,
                 }],
                 topology_aware: false,
+                selector: Default::default(),
             },
         );
         let s = StatusInput::of(Kind::HttpRoute, &route, None);
