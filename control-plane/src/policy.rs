@@ -76,6 +76,15 @@ struct Round {
 impl Answers {
     async fn of(&self, snap: &Arc<Snapshot>, pod: &ObjKey) -> Answer {
         let inputs = PolicyInputs::of(snap, pod);
+        // Only the index's pods are kept: a caller names the namespace of
+        // an unknown one, and would grow the map with each it names until
+        // the index next changes.
+        if !snap.pods.contains_key(pod) {
+            #[cfg(test)]
+            self.computed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Arc::new(policy_of(snap, &inputs, pod));
+        }
         let (cell, before) = {
             let mut round = self.round.lock().unwrap_or_else(PoisonError::into_inner);
             if round.snap.as_ptr() != Arc::as_ptr(snap) {
@@ -338,6 +347,27 @@ mod tests {
             assert_eq!(p.allow.len(), 1);
         }
         assert_eq!(computed(), 3);
+    }
+
+    /// A caller names the namespace it watches: the answers of pods the
+    /// index does not know are not kept, or each name it tried would stay
+    /// held until the index next changed.
+    #[tokio::test]
+    async fn answers_for_pods_the_index_does_not_know_are_not_kept() {
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let svc = InboundPolicyService::new(rx, Watches::new(Metrics::new()), None, true);
+        for i in 0..100 {
+            let req = Request::new(api::WatchWorkload {
+                namespace: format!("made-up-{i}"),
+                pod: "web-0".into(),
+                proxy_id: "web-0.shop".into(),
+            });
+            let mut stream = svc.watch(req).await.unwrap().into_inner();
+            let p = stream.next().await.unwrap().unwrap();
+            assert_eq!(p.default.unwrap().mode, api::MtlsMode::Permissive as i32);
+        }
+        let held = svc.answers.round.lock().unwrap().answers.len();
+        assert_eq!(held, 0, "answers held for pods nobody knows");
     }
 
     #[tokio::test]
