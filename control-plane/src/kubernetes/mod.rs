@@ -120,6 +120,8 @@ enum Change {
         /// What its status is computed from (custom kinds only).
         status: Option<Box<StatusInput>>,
         initial: bool,
+        /// `metadata.uid`: which object of that name this is.
+        uid: Option<String>,
     },
     Delete {
         kind: Kind,
@@ -211,6 +213,11 @@ impl Source for KubernetesSource {
 struct Index {
     snap: Snapshot,
     ids: HashMap<(Kind, String), ObjId>,
+    /// The uid of the object each entry of `ids` came from. One of the same
+    /// name with another uid is another object (deleted and created again,
+    /// perhaps while no watch was open): refused, it does not keep its
+    /// predecessor's last good form in force.
+    uids: HashMap<(Kind, String), String>,
     statuses: HashMap<(Kind, String), StatusInput>,
     relisting: HashMap<Kind, HashSet<String>>,
     listed: HashSet<Kind>,
@@ -236,6 +243,7 @@ impl Index {
         Index {
             snap: Snapshot::empty(trust_domain),
             ids: HashMap::new(),
+            uids: HashMap::new(),
             statuses: HashMap::new(),
             relisting: HashMap::new(),
             listed: HashSet::new(),
@@ -270,6 +278,7 @@ impl Index {
                 object,
                 status,
                 initial,
+                uid,
             } => {
                 if initial && let Some(seen) = self.relisting.get_mut(&kind) {
                     seen.insert(name.clone());
@@ -295,11 +304,18 @@ impl Index {
                     // A bad object keeps its last good form (or stays out),
                     // as a bad manifest does.
                     Err(e) => {
-                        warn!(?kind, object = %name, error = %e, "object rejected; its last good state stays in force");
-                        if kind == Kind::AuthorizationPolicy
-                            && !self.ids.contains_key(&(kind, name.clone()))
-                        {
-                            self.refused_policies.insert(name);
+                        let key = (kind, name);
+                        let another = uid
+                            .as_ref()
+                            .is_some_and(|u| self.uids.get(&key).is_some_and(|was| was != u));
+                        if another {
+                            warn!(?kind, object = %key.1, error = %e, "object rejected; it replaced another of its name, whose last good state is dropped");
+                            self.forget(&key);
+                        } else {
+                            warn!(?kind, object = %key.1, error = %e, "object rejected; its last good state stays in force");
+                        }
+                        if kind == Kind::AuthorizationPolicy && !self.ids.contains_key(&key) {
+                            self.refused_policies.insert(key.1);
                         }
                     }
                     Ok(obj) => {
@@ -319,15 +335,19 @@ impl Index {
                             None => !self.ids.contains_key(&key),
                         };
                         if unchanged {
+                            if let Some(uid) = uid.filter(|_| self.ids.contains_key(&key)) {
+                                self.uids.insert(key, uid);
+                            }
                             return;
                         }
-                        if let Some(old) = self.ids.remove(&key) {
-                            old.remove_from(&mut self.snap);
-                        }
+                        self.forget(&key);
                         if let Some(obj) = obj
                             && let Some(id) = obj.id()
                         {
                             obj.insert_into(&mut self.snap);
+                            if let Some(uid) = uid {
+                                self.uids.insert(key.clone(), uid);
+                            }
                             self.ids.insert(key, id);
                         }
                         self.dirty = true;
@@ -341,10 +361,7 @@ impl Index {
                 if self.statuses.remove(&(kind, name.clone())).is_some() {
                     self.statuses_dirty = true;
                 }
-                if let Some(old) = self.ids.remove(&(kind, name)) {
-                    old.remove_from(&mut self.snap);
-                    self.dirty = true;
-                }
+                self.forget(&(kind, name));
             }
             Change::Relist(kind) => {
                 self.relisting.insert(kind, HashSet::new());
@@ -374,6 +391,15 @@ impl Index {
         }
     }
 
+    /// Takes an object's entries out of the index, if it has any.
+    fn forget(&mut self, key: &(Kind, String)) {
+        self.uids.remove(key);
+        if let Some(old) = self.ids.remove(key) {
+            old.remove_from(&mut self.snap);
+            self.dirty = true;
+        }
+    }
+
     /// Forgets every object of `kind` not in `seen`, with its status, and
     /// says whether the index changed.
     fn keep_only(&mut self, kind: Kind, seen: &HashSet<String>) -> bool {
@@ -385,9 +411,7 @@ impl Index {
             .collect();
         let changed = !gone.is_empty();
         for key in gone {
-            if let Some(old) = self.ids.remove(&key) {
-                old.remove_from(&mut self.snap);
-            }
+            self.forget(&key);
         }
         // Unsealing what they sealed is `seal`'s.
         if kind == Kind::AuthorizationPolicy {
@@ -522,6 +546,7 @@ async fn run_watcher<K, F>(
                     object: Box::new(object),
                     status,
                     initial: true,
+                    uid: o.meta().uid.clone(),
                 }
             }
             Ok(Event::InitDone) => {
@@ -536,6 +561,7 @@ async fn run_watcher<K, F>(
                     object: Box::new(object),
                     status,
                     initial: false,
+                    uid: o.meta().uid.clone(),
                 }
             }
             Ok(Event::Delete(o)) => Change::Delete {
@@ -778,6 +804,7 @@ mod tests {
             object: Box::new(Err("spec.allow[0].identity: wildcards".into())),
             status: None,
             initial,
+            uid: None,
         }
     }
 
@@ -797,6 +824,7 @@ mod tests {
             object: Box::new(Ok(None)),
             status: status.map(Box::new),
             initial: false,
+            uid: None,
         };
         let input = StatusInput::of(
             Kind::HttpRoute,
@@ -837,6 +865,7 @@ spec:
             object: Box::new(Ok(Some(obj))),
             status: Some(Box::new(StatusInput::of(Kind::HttpRoute, &value, None))),
             initial: false,
+            uid: None,
         });
         assert_eq!((index.snap.routes.len(), index.statuses.len()), (1, 1));
         index.dirty = false;
@@ -856,6 +885,7 @@ spec:
             object: Box::new(Ok(Some(obj))),
             status: None,
             initial: false,
+            uid: None,
         });
         index.apply(Change::Relist(Kind::AuthorizationPolicy));
         index.apply(Change::Absent(Kind::AuthorizationPolicy));
@@ -878,6 +908,7 @@ spec:
                 object: Box::new(Ok(Some(obj))),
                 status: None,
                 initial: false,
+                uid: None,
             }
         };
         let mut index = Index::new("cluster.local");
@@ -899,6 +930,7 @@ spec:
             object: Box::new(Ok(None)),
             status: None,
             initial: false,
+            uid: None,
         });
         assert!(!index.dirty, "a route of Gateways only made a snapshot");
     }
@@ -917,6 +949,57 @@ spec:
         let second = index.publish(tokio::time::Instant::now());
         assert_eq!(second.version, 2);
         assert_eq!(second.built.elapsed(), Duration::ZERO);
+    }
+
+    /// A policy deleted and created again, invalid, while no watch was open
+    /// (the relist after a 410 sees only the new one) is another object: the
+    /// deleted one's last good form does not stay in force for it.
+    #[test]
+    fn an_object_refused_under_a_new_uid_does_not_keep_its_predecessors_form() {
+        let policy = "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: shop}\nspec: {selector: {}, mtls: PERMISSIVE, allow: [{namespace: shop}]}\n";
+        let good = |uid: &str| Change::Apply {
+            kind: Kind::AuthorizationPolicy,
+            name: "shop/web".into(),
+            object: Box::new(Ok(Some(
+                crate::manifests::parse_file(policy).unwrap().remove(0),
+            ))),
+            status: None,
+            initial: false,
+            uid: Some(uid.into()),
+        };
+        let bad = |uid: &str| Change::Apply {
+            kind: Kind::AuthorizationPolicy,
+            name: "shop/web".into(),
+            object: Box::new(Err("spec.allow[0].identity: wildcards".into())),
+            status: None,
+            initial: true,
+            uid: Some(uid.into()),
+        };
+        let mut index = Index::new("cluster.local");
+        listed(&mut index);
+        index.apply(good("uid-1"));
+        // The same object made invalid keeps its last good form.
+        index.apply(Change::Relist(Kind::AuthorizationPolicy));
+        index.apply(bad("uid-1"));
+        index.apply(Change::Listed(Kind::AuthorizationPolicy));
+        index.seal();
+        assert_eq!(index.snap.authorizations.len(), 1);
+        assert!(index.snap.sealed_namespaces.is_empty());
+        // Another of its name, invalid: nothing to fall back on, so sealed.
+        index.apply(Change::Relist(Kind::AuthorizationPolicy));
+        index.apply(bad("uid-2"));
+        index.apply(Change::Listed(Kind::AuthorizationPolicy));
+        index.seal();
+        assert!(
+            index.snap.authorizations.is_empty(),
+            "the deleted policy is in force"
+        );
+        assert_eq!(index.snap.sealed_namespaces.len(), 1);
+        // Made valid, it is in force and the namespace opens.
+        index.apply(good("uid-2"));
+        index.seal();
+        assert_eq!(index.snap.authorizations.len(), 1);
+        assert!(index.snap.sealed_namespaces.is_empty());
     }
 
     #[test]
