@@ -139,9 +139,11 @@ pub type Statuses = Arc<HashMap<(Kind, String), StatusInput>>;
 /// at once when the object changes (a conflict's newer version arriving).
 const RETRY_REFUSED_WRITE: Duration = Duration::from_secs(30);
 
-/// What was last written for each object (its uid, and the status times
-/// aside).
-type Written = HashMap<(Kind, String), (String, Value)>;
+/// What was last written for each object: its uid, the version the write
+/// was made from, and the status (times aside). It stands in for the status
+/// read only until a newer version is read: then the status read says
+/// whether the write is still there, or another party has overwritten it.
+type Written = HashMap<(Kind, String), (String, String, Value)>;
 
 /// The status to write for `s` (and what it says, times aside), if one is
 /// due: not when the object already says it or it was written, nor while a
@@ -156,9 +158,9 @@ fn to_write(
 ) -> Option<(Value, Value)> {
     let want = desired(s, snap);
     let said = without_times(&want);
-    let wrote = written
-        .get(key)
-        .is_some_and(|(uid, w)| *uid == s.uid && *w == said);
+    let wrote = written.get(key).is_some_and(|(uid, version, w)| {
+        *uid == s.uid && *version == s.resource_version && *w == said
+    });
     if said == without_times(&s.current) || wrote {
         refused.forget(key);
         return None;
@@ -581,7 +583,10 @@ pub async fn write(
                 {
                     Ok(_) => {
                         debug!(kind = ?s.kind, object = %key.1, "status written");
-                        written.insert(key.clone(), (s.uid.clone(), said));
+                        written.insert(
+                            key.clone(),
+                            (s.uid.clone(), s.resource_version.clone(), said),
+                        );
                         refused.forget(key);
                     }
                     Err(e) => {
@@ -646,10 +651,43 @@ mod tests {
         let (mut written, mut refused) = (Written::new(), Refused::default());
         let first = StatusInput::of(Kind::HttpRoute, &route("a"), None);
         let (_, said) = to_write(&key, &first, &snap, &written, &mut refused).unwrap();
-        written.insert(key.clone(), (first.uid.clone(), said));
+        written.insert(key.clone(), (first.uid.clone(), "7".into(), said));
         assert!(to_write(&key, &first, &snap, &written, &mut refused).is_none());
         let again = StatusInput::of(Kind::HttpRoute, &route("b"), None);
         assert!(to_write(&key, &again, &snap, &written, &mut refused).is_some());
+    }
+
+    /// A status strait wrote that another party then overwrote (a
+    /// `kubectl edit --subresource status`, another controller's stale
+    /// write) is written again once that version is read.
+    #[test]
+    fn a_status_overwritten_after_it_was_written_is_written_again() {
+        let snap = Snapshot::empty("cluster.local");
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r", "resourceVersion": "7", "uid": "a"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}
+        });
+        let key = (Kind::HttpRoute, "shop/r".to_string());
+        let (mut written, mut refused) = (Written::new(), Refused::default());
+        let s = StatusInput::of(Kind::HttpRoute, &route, None);
+        let (want, said) = to_write(&key, &s, &snap, &written, &mut refused).unwrap();
+        written.insert(key.clone(), ("a".into(), "7".into(), said));
+        // Until the write is read back, the version it was made from is not
+        // written to again.
+        assert!(to_write(&key, &s, &snap, &written, &mut refused).is_none());
+        let mut landed = route.clone();
+        landed["status"] = want;
+        landed["metadata"]["resourceVersion"] = "8".into();
+        let s = StatusInput::of(Kind::HttpRoute, &landed, None);
+        assert!(to_write(&key, &s, &snap, &written, &mut refused).is_none());
+        let mut overwritten = route.clone();
+        overwritten["status"] = serde_json::json!({"parents": []});
+        overwritten["metadata"]["resourceVersion"] = "9".into();
+        let s = StatusInput::of(Kind::HttpRoute, &overwritten, None);
+        assert!(
+            to_write(&key, &s, &snap, &written, &mut refused).is_some(),
+            "the overwritten status is left as it is"
+        );
     }
 
     /// A refused write whose status arrived anyway (the write landed though
