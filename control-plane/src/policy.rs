@@ -349,6 +349,48 @@ mod tests {
         assert_eq!(computed(), 3);
     }
 
+    /// A new pod behind a Service with a `targetRef` policy is answered with
+    /// that policy the first time, before any EndpointSlice lists it: the
+    /// proxy goes ready closed, never on the open default.
+    #[tokio::test]
+    async fn a_new_pod_of_a_target_ref_service_is_first_answered_with_its_policy() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  mtls: STRICT
+  allow: [{identity: spiffe://cluster.local/ns/shop/sa/client}]
+"#;
+        let mut snap = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        snap.pods.insert(
+            key("web-0"),
+            PodInfo {
+                inbound_port: Some(4143),
+                service_account: "web".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                probes: Vec::new(),
+                ips: Vec::new(),
+                skip_inbound: Vec::new(),
+                node: None,
+            },
+        );
+        assert!(snap.slices.is_empty());
+        let (_tx, mut stream) = watch(true, snap).await;
+        let first = stream.next().await.unwrap().unwrap().default.unwrap();
+        assert_eq!(first.mode, api::MtlsMode::Strict as i32);
+        assert_eq!(first.allow.len(), 1, "{:?}", first.allow);
+    }
+
     /// A caller names the namespace it watches: the answers of pods the
     /// index does not know are not kept, or each name it tried would stay
     /// held until the index next changed.
