@@ -152,7 +152,7 @@ impl Inbound {
         server: Arc<rustls::ServerConfig>,
         target: Option<TargetPort>,
         client: ClientAddr,
-        opening: strait_api::per_source::Share,
+        opening: unproven::Opening,
     ) {
         let s = &self.shared;
         let accept = tokio_rustls::TlsAcceptor::from(server).accept(stream);

@@ -10,9 +10,13 @@
 //! connection whose certificate names a workload gives its place back: peers
 //! are counted only under `--max-connections`, since one pod's proxy may
 //! rightly hold many (an opaque stream per connection of a database pool).
-//! With mTLS on, plaintext connections of all addresses together hold at
-//! most three quarters of the listener, so that the quarter left is the
-//! peers' whoever floods it.
+//! With mTLS on, plaintext connections and connections still opening, of all
+//! addresses together, hold at most three quarters of the listener, so that
+//! the quarter left is the peers' whoever floods it. A peer's connection must
+//! open too, and cannot be told from a flood's before its handshake ends: past
+//! the three quarters, a connection still opening may take of that quarter,
+//! each address at most a sixty-fourth of it. Filling it then takes sixty-four
+//! addresses rather than one.
 //!
 //! Loopback is counted like any address: in a pod nothing reaches the
 //! inbound port from loopback, and the tests need it counted.
@@ -27,12 +31,27 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 const PLAINTEXT: u64 = 0;
 const OPENING: u64 = 1;
 
+/// Of the peers' quarter, the part one address may hold while opening.
+const RESERVE_PARTS: usize = 64;
+
 /// Clones share their counts.
 #[derive(Clone, Debug)]
 pub(super) struct Unproven {
     by_source: PerSource,
-    /// With mTLS: plaintext connections of every address together.
-    plaintext: Option<Arc<Semaphore>>,
+    /// With mTLS: plaintext and opening connections of every address together.
+    unproven: Option<Arc<Semaphore>>,
+    /// Opening connections past `unproven`, in the peers' quarter.
+    reserve: PerSource,
+}
+
+/// A connection's places until it has said whether it is a peer: its
+/// address's share, and a place in the pool or, past it, in the peers'
+/// quarter (neither without mTLS).
+#[derive(Debug)]
+pub(super) struct Opening {
+    _share: Share,
+    _pool: Option<OwnedSemaphorePermit>,
+    _reserve: Option<Share>,
 }
 
 /// A plaintext connection's places, given back when it closes.
@@ -66,21 +85,35 @@ impl Unproven {
     /// have part of the listener kept for them.
     pub fn new(max_connections: usize, per_source: Option<usize>, mtls: bool) -> Self {
         let per_source = per_source.unwrap_or((max_connections / 4).max(1));
+        let peers = max_connections / 4;
         Unproven {
             by_source: PerSource::new(per_source),
-            plaintext: mtls.then(|| {
-                Arc::new(Semaphore::new(
-                    (max_connections - max_connections / 4).max(1),
-                ))
-            }),
+            unproven: mtls.then(|| Arc::new(Semaphore::new((max_connections - peers).max(1)))),
+            reserve: PerSource::new((peers / RESERVE_PARTS).max(1)),
         }
     }
 
-    /// A place for a connection that has yet to say whether it is a peer.
-    pub fn opening(&self, source: IpAddr) -> Result<Share, Refused> {
-        self.by_source
+    /// Places for a connection that has yet to say whether it is a peer.
+    pub fn opening(&self, source: IpAddr) -> Result<Opening, Refused> {
+        let share = self
+            .by_source
             .take_of(Some(source), OPENING)
-            .ok_or(Refused::Source)
+            .ok_or(Refused::Source)?;
+        let (pool, reserve) = match &self.unproven {
+            None => (None, None),
+            Some(pool) => match pool.clone().try_acquire_owned() {
+                Ok(permit) => (Some(permit), None),
+                Err(_) => {
+                    let place = self.reserve.take(Some(source));
+                    (None, Some(place.ok_or(Refused::Unauthenticated)?))
+                }
+            },
+        };
+        Ok(Opening {
+            _share: share,
+            _pool: pool,
+            _reserve: reserve,
+        })
     }
 
     /// Places for a plaintext connection, for its life.
@@ -89,7 +122,7 @@ impl Unproven {
             .by_source
             .take_of(Some(source), PLAINTEXT)
             .ok_or(Refused::Source)?;
-        let permit = match &self.plaintext {
+        let permit = match &self.unproven {
             Some(room) => Some(
                 room.clone()
                     .try_acquire_owned()
@@ -126,7 +159,9 @@ mod tests {
         let _second = u.opening(ip("10.0.0.1")).unwrap();
         assert_eq!(u.opening(ip("10.0.0.1")).unwrap_err(), Refused::Source);
         drop(opening);
-        let _again = u.opening(ip("10.0.0.1")).unwrap();
+        let again = u.opening(ip("10.0.0.1")).unwrap();
+        // Handshakes that end give their places back.
+        drop((again, _second));
         let others: Vec<_> = ["10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.3"]
             .into_iter()
             .map(|s| u.plaintext(ip(s)).unwrap())
@@ -139,6 +174,42 @@ mod tests {
         drop(a);
         assert!(u.plaintext(ip("10.0.0.4")).is_ok(), "places given back");
         drop(others);
+    }
+
+    /// Four addresses at their opening share (a quarter each) would hold
+    /// the whole listener, and a peer could not open a connection to it.
+    #[test]
+    fn opening_connections_leave_the_peers_quarter_to_many_addresses() {
+        let u = Unproven::new(1024, Some(256), true);
+        let flood: Vec<_> = (1..=3)
+            .flat_map(|i| {
+                let source = ip(&format!("10.0.0.{i}"));
+                (0..256).map(move |_| source)
+            })
+            .map(|source| u.opening(source).unwrap())
+            .collect();
+        // Three quarters are held: plaintext clients get no more,
+        assert_eq!(
+            u.plaintext(ip("10.0.1.1")).unwrap_err(),
+            Refused::Unauthenticated
+        );
+        // and an address opening more gets a sixty-fourth of the rest.
+        let fourth: Vec<_> = (0..256)
+            .map_while(|_| u.opening(ip("10.0.0.4")).ok())
+            .collect();
+        assert_eq!(fourth.len(), 4);
+        assert_eq!(
+            u.opening(ip("10.0.0.4")).unwrap_err(),
+            Refused::Unauthenticated
+        );
+        // Other addresses, the peers among them, still open theirs.
+        let peers: Vec<_> = (0..60)
+            .map(|i| u.opening(ip(&format!("10.0.2.{i}"))).unwrap())
+            .collect();
+        drop(flood);
+        // Given back: the pool is taken first again.
+        let _plain = u.plaintext(ip("10.0.1.1")).unwrap();
+        drop((fourth, peers));
     }
 
     #[test]
