@@ -202,9 +202,21 @@ pub fn parse(p: api::WorkloadPolicy, trust_domain: &str) -> InboundPolicy {
                 Some((port, port_policy(pp, trust_domain)))
             })
             .collect(),
-        // None from our controller, which always sends one; were it absent
-        // (an older or broken one), the open default, but of this mesh only.
-        default: port_policy(p.default.unwrap_or_default(), trust_domain),
+        // Our controller always sends one. Absent (a broken controller, a
+        // truncated message), it narrows access as an unreadable rule does:
+        // the mesh's own workloads only, no plaintext.
+        default: port_policy(
+            p.default.unwrap_or_else(|| {
+                warn!(
+                    "the inbound policy has no default; taken as STRICT for this mesh's workloads"
+                );
+                api::PortPolicy {
+                    mode: api::MtlsMode::Strict as i32,
+                    ..Default::default()
+                }
+            }),
+            trust_domain,
+        ),
         probes: p
             .probes
             .into_iter()
@@ -334,12 +346,22 @@ mod tests {
         );
         assert_eq!(listed.check(80, None), Err(Denied::Unauthenticated(80)));
         assert_eq!(PortPolicy::default().check(80, None), Ok(()));
+    }
 
-        // An answer without a default is open to this mesh only.
-        let open = parse(api::WorkloadPolicy::default(), "td");
-        assert_eq!(open.port(80).check(80, Some(&web)), Ok(()));
+    /// An answer without a default admits this mesh's workloads only: no
+    /// plaintext client, no other mesh's.
+    #[test]
+    fn an_answer_without_a_default_narrows_access_never_opens_it() {
+        let web = id("spiffe://td/ns/shop/sa/web");
+        let elsewhere = id("spiffe://other.td/ns/shop/sa/web");
+        let none = parse(api::WorkloadPolicy::default(), "td");
+        assert_eq!(none.port(80).check(80, Some(&web)), Ok(()));
         assert_eq!(
-            open.port(80).check(80, Some(&elsewhere)),
+            none.port(80).check(80, None),
+            Err(Denied::PlaintextOnStrict(80))
+        );
+        assert_eq!(
+            none.port(80).check(80, Some(&elsewhere)),
             Err(Denied::ForeignTrustDomain(80, elsewhere.clone()))
         );
     }
