@@ -198,6 +198,10 @@ pub struct Endpoints {
     /// reached at two addresses has a backend (and breaker) at each, both on
     /// the same gauge, and one going must not zero the other's.
     reported: Arc<std::sync::atomic::AtomicI64>,
+    /// Held from counting the ejected to ejecting one more, shared by the
+    /// backend's lists: failures judged at once would each see room under
+    /// the cap and together pass it. Failures only take it.
+    ejecting: Arc<Mutex<()>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -276,6 +280,7 @@ impl Endpoints {
             newest: prev.map(|p| p.newest.clone()).unwrap_or_default(),
             replaced: AtomicBool::new(false),
             reported: prev.map(|p| p.reported.clone()).unwrap_or_default(),
+            ejecting: prev.map(|p| p.ejecting.clone()).unwrap_or_default(),
         };
         let e = Arc::new(e);
         *e.newest.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&e);
@@ -649,15 +654,18 @@ impl InFlight {
         if !live.slots.iter().any(|s| Arc::ptr_eq(&s.state, state)) {
             return;
         }
-        let cap = live.config.breaker.cap(live.slots.len());
-        let may_eject = live.ejected() < cap;
-        let ejected = self.state().outlier().failure_as(
-            &live.config.breaker,
-            Instant::now(),
-            may_eject,
-            self.probe,
-            kind,
-        );
+        let ejected = {
+            let _one_at_a_time = live.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+            let cap = live.config.breaker.cap(live.slots.len());
+            let may_eject = live.ejected() < cap;
+            self.state().outlier().failure_as(
+                &live.config.breaker,
+                Instant::now(),
+                may_eject,
+                self.probe,
+                kind,
+            )
+        };
         if ejected {
             b.metrics.ejections.inc();
             tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
@@ -990,6 +998,37 @@ mod tests {
             }
         }
         in_flight
+    }
+
+    /// Failures judged at once on many endpoints eject no more of them than
+    /// `maxEjectionPercent` allows: the count and the ejection are one step.
+    #[test]
+    fn failures_at_once_eject_no_more_than_the_cap() {
+        let mut config = BackendConfig {
+            lb: LbConfig::RoundRobin,
+            ..Default::default()
+        };
+        config.breaker.consecutive_failures = 1;
+        config.breaker.max_ejected_percent = 10;
+        for _ in 0..300 {
+            let b = backend(10, config.clone());
+            let start = Arc::new(std::sync::Barrier::new(10));
+            let failing: Vec<_> = (0..10)
+                .map(|_| {
+                    let f = b.pick(&Default::default(), None).unwrap();
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        f.failed();
+                    })
+                })
+                .collect();
+            for t in failing {
+                t.join().unwrap();
+            }
+            assert_eq!(b.ejected(), 1, "one of ten at most, and one");
+            assert_eq!(b.metrics.ejections.get(), 1);
+        }
     }
 
     /// A newer list of `b`'s endpoints, as discovery makes it.
