@@ -112,8 +112,9 @@ pub const H2_MAX_CONNECTIONS_PER_UPSTREAM: usize = 16;
 /// After another connection to an upstream failed to open, how long requests
 /// queue on the open ones instead of trying again.
 pub const H2_CONNECT_BACKOFF: Duration = Duration::from_secs(1);
-/// Upstream addresses for which a connection pool is kept; beyond this the least
-/// recently used pool is dropped.
+/// Upstream addresses for which a connection pool is kept, and apart as many
+/// inbound callers with HTTP/2 connections of their own to the app; beyond
+/// this the least recently used eighth of them is dropped.
 pub const MAX_CLIENT_POOLS: usize = 4096;
 /// Largest message taken from the controller's streams. gRPC's default of
 /// 4 MiB is a Service of some 40,000 endpoints, or one AuthorizationPolicy

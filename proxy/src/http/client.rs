@@ -847,23 +847,47 @@ pub struct Upstream {
 
 #[derive(Clone, Debug)]
 pub struct ClientCache {
-    pools: Arc<Mutex<Pools>>,
+    /// Outbound clients (to endpoints, peer proxies) and inbound clients
+    /// shared by callers.
+    shared: Arc<Mutex<Pools>>,
+    /// Inbound clients of one caller each (`PoolPerCaller`), apart: callers
+    /// anyone can multiply (one per address that reaches the pod) must not
+    /// evict the clients of this pod's own requests.
+    per_caller: Arc<Mutex<Pools>>,
     connect_timeout: Duration,
     tls: Option<PeerTls>,
 }
 
 /// Clients by upstream, each with the tick of its last use, so that the least
-/// recently used goes first when the cache is full.
+/// recently used go first when the cache is full.
 #[derive(Debug, Default)]
 struct Pools {
     clients: HashMap<PoolKey, (Upstream, u64)>,
     tick: u64,
 }
 
+impl Pools {
+    /// Makes room for one more: when full, the least recently used eighth
+    /// goes in one pass, so that a cache kept full by new upstreams pays a
+    /// pass every `MAX_CLIENT_POOLS / 8` of them rather than on each.
+    /// In-flight requests keep their clones.
+    fn make_room(&mut self) {
+        if self.clients.len() < defaults::MAX_CLIENT_POOLS {
+            return;
+        }
+        let mut ticks: Vec<u64> = self.clients.values().map(|(_, used)| *used).collect();
+        let n = (ticks.len() / 8).max(1);
+        let (_, newest_gone, _) = ticks.select_nth_unstable(n - 1);
+        let newest_gone = *newest_gone;
+        self.clients.retain(|_, (_, used)| *used > newest_gone);
+    }
+}
+
 impl ClientCache {
     pub fn new(connect_timeout: Duration, tls: Option<PeerTls>) -> Self {
         ClientCache {
-            pools: Arc::default(),
+            shared: Arc::default(),
+            per_caller: Arc::default(),
             connect_timeout,
             tls,
         }
@@ -887,7 +911,12 @@ impl ClientCache {
         caller: Option<PoolPerCaller>,
     ) -> Upstream {
         let peer = peer.filter(|_| self.tls.is_some());
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pools = if caller.is_some() {
+            &self.per_caller
+        } else {
+            &self.shared
+        };
+        let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.tick += 1;
         let tick = pools.tick;
         let key = (addr, h2, peer.cloned(), timeout, caller);
@@ -895,24 +924,26 @@ impl ClientCache {
             *used = tick;
             return c.clone();
         }
-        if pools.clients.len() >= defaults::MAX_CLIENT_POOLS {
-            // Bounded memory: the least recently used goes; in-flight requests
-            // keep their clones.
-            let oldest = pools
-                .clients
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                pools.clients.remove(&k);
-            }
-        }
+        pools.make_room();
         let c = Upstream {
             client: self.build(addr, h2, peer, timeout.unwrap_or(self.connect_timeout)),
             authority: http::uri::Authority::try_from(addr.to_string()).ok(),
         };
         pools.clients.insert(key, (c.clone(), tick));
         c
+    }
+
+    /// Whether a client for this key is kept, and how many are: shared and
+    /// per caller.
+    #[cfg(test)]
+    fn kept(&self, addr: SocketAddr, h2: bool) -> (bool, usize, usize) {
+        let shared = self.shared.lock().unwrap();
+        let per_caller = self.per_caller.lock().unwrap();
+        (
+            shared.clients.contains_key(&(addr, h2, None, None, None)),
+            shared.clients.len(),
+            per_caller.clients.len(),
+        )
     }
 
     fn build(
@@ -955,6 +986,47 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
+
+    fn address(i: usize) -> SocketAddr {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i as u32);
+        SocketAddr::from((ip, 8080))
+    }
+
+    /// Inbound callers, as many as there are addresses that reach the pod,
+    /// each with clients of their own, evict none of this pod's outbound
+    /// clients (and their connections to peers).
+    #[tokio::test]
+    async fn clients_per_caller_do_not_evict_the_shared_ones() {
+        let cache = ClientCache::new(Duration::from_secs(1), None);
+        let peer = address(1);
+        cache.get(peer, true, None, None, None);
+        let app = SocketAddr::from(([127, 0, 0, 1], 8080));
+        for i in 0..defaults::MAX_CLIENT_POOLS * 2 {
+            let caller = PoolPerCaller(address(i).ip());
+            cache.get(app, true, None, None, Some(caller));
+        }
+        let (kept, shared, per_caller) = cache.kept(peer, true);
+        assert!(kept, "the outbound client is kept");
+        assert_eq!(shared, 1);
+        assert!(per_caller <= defaults::MAX_CLIENT_POOLS, "{per_caller}");
+    }
+
+    /// Full, the cache drops the least recently used: an upstream in use
+    /// all along stays, one used once long ago goes.
+    #[tokio::test]
+    async fn a_full_cache_drops_the_least_recently_used() {
+        let cache = ClientCache::new(Duration::from_secs(1), None);
+        let (busy, once) = (address(0), address(1));
+        cache.get(once, false, None, None, None);
+        for i in 2..defaults::MAX_CLIENT_POOLS * 3 {
+            cache.get(busy, false, None, None, None);
+            cache.get(address(i), false, None, None, None);
+        }
+        let (kept, shared, _) = cache.kept(busy, false);
+        assert!(kept, "in use all along");
+        assert!(!cache.kept(once, false).0, "used once, long ago");
+        assert!(shared <= defaults::MAX_CLIENT_POOLS, "{shared}");
+    }
 
     /// An HTTP/2 server allowing `max` concurrent streams whose requests wait
     /// for a permit; counts the requests it is holding.
