@@ -137,6 +137,19 @@ impl TokenReviewer {
     }
 
     pub async fn review(&self, token: &[u8], source: Option<IpAddr>) -> Result<ObjKey, TokenError> {
+        let answer = self.reviewed(token, source).await;
+        // A review answered (or kept) a moment before the token's end proves
+        // nothing past it: a review takes up to its timeout, and an answer is
+        // kept from when it came.
+        match answer {
+            Ok(_) if expiry(token).is_some_and(|t| t <= std::time::SystemTime::now()) => {
+                Err(TokenError::Unknown)
+            }
+            answer => answer,
+        }
+    }
+
+    async fn reviewed(&self, token: &[u8], source: Option<IpAddr>) -> Result<ObjKey, TokenError> {
         let digest = TokenDigest::of(token);
         let now = Instant::now();
         for cache in [&self.cache, &self.refused] {
@@ -392,6 +405,44 @@ mod tests {
         assert!(!r.exhausted(pod, later), "a new window");
         r.refused(pod, later);
         assert!(!r.exhausted(pod, later), "counted from 0 again");
+    }
+
+    /// A token that expires while its review is under way proves nothing:
+    /// neither the review's answer nor the answer kept is taken past its
+    /// `exp` (a certificate signed for it would last a day).
+    #[tokio::test]
+    async fn a_token_that_expired_during_its_review_is_refused() {
+        let aud = defaults::TOKEN_AUDIENCE;
+        let api = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+            let body =
+                serde_json::to_vec(&reviewed(true, "system:serviceaccount:shop:web", &[aud]))
+                    .unwrap();
+            async move {
+                // Real time: the token's expiry is read from the clock.
+                tokio::time::sleep(Duration::from_millis(2100)).await;
+                http::Response::builder()
+                    .status(201)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body))
+            }
+        });
+        let r = TokenReviewer::new(kube::Client::new(api, "default"));
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 1;
+        let token = jwt(serde_json::json!({"aud": [aud], "exp": exp}));
+        let pod: Option<IpAddr> = Some("10.0.0.7".parse().unwrap());
+        assert_eq!(
+            r.review(token.as_bytes(), pod).await,
+            Err(TokenError::Unknown)
+        );
+        assert_eq!(
+            r.review(token.as_bytes(), pod).await,
+            Err(TokenError::Unknown),
+            "nor from what was kept"
+        );
     }
 
     /// One review answers every call with a token while it is under way,
