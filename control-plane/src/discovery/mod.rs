@@ -265,7 +265,25 @@ impl Discovery for DiscoveryService {
             proxy = ?w.proxy_id.chars().take(100).collect::<String>(),
             "watch"
         );
-        let guard = self.watches.open("discovery", source, &key)?;
+        // A Service watched by its cluster IP (one of two, dual-stack) is
+        // the view its name is: counted as it, against the address's share
+        // of one view, or each spelling would hold that many more copies.
+        let counted = match &key {
+            DestKey::ClusterIp(sa) => self
+                .views
+                .snapshot
+                .borrow()
+                .by_cluster_ip
+                .get(&sa.ip())
+                .map(|svc| DestKey::Service {
+                    svc: svc.clone(),
+                    port: sa.port(),
+                }),
+            _ => None,
+        };
+        let guard = self
+            .watches
+            .open("discovery", source, counted.as_ref().unwrap_or(&key))?;
         let ended = Caller::watch_ends(caller.as_ref(), &self.views.snapshot, guard.ended());
         if let DestKey::External(_) = key {
             // Never a Service, whatever the index says: answered without keeping a
@@ -450,6 +468,35 @@ mod tests {
         assert!(svc.watch(watch_from("127.0.0.1", 1)).await.is_ok());
         drop(open.pop());
         assert!(svc.watch(watch_from("10.0.0.7", 1)).await.is_ok());
+    }
+
+    /// A Service watched by name and by its cluster IP is one view, and one
+    /// share of watches.
+    #[tokio::test]
+    async fn a_service_by_its_cluster_ip_is_the_same_view_as_by_name() {
+        let (tx, _, svc) = service();
+        tx.send_replace(web_at(1, "10.0.0.1"));
+        let to = |dest: &str| {
+            let mut req = watch_from("10.0.0.7", 0);
+            req.get_mut().destination = dest.into();
+            req
+        };
+        let mut open = Vec::new();
+        for _ in 0..defaults::WATCHES_PER_SOURCE_AND_VIEW {
+            open.push(
+                svc.watch(to("web.shop.svc.cluster.local:80"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let refused = svc.watch(to("10.96.0.20:80")).await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Another port is another view, and an address that is no Service's
+        // is counted by itself.
+        assert!(svc.watch(to("10.96.0.20:81")).await.is_ok());
+        assert!(svc.watch(to("10.0.0.1:80")).await.is_ok());
+        drop(open.pop());
+        assert!(svc.watch(to("10.96.0.20:80")).await.is_ok());
     }
 
     /// A snapshot of one Service whose one endpoint is `addr`, at `version`.
