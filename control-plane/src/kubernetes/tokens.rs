@@ -386,6 +386,37 @@ mod tests {
         )
     }
 
+    /// A reviewer whose API server answers every review, after `delay`,
+    /// that the token is `shop/web`'s; with the count of reviews asked.
+    fn reviewer_answering_web_after(
+        delay: Duration,
+    ) -> (TokenReviewer, Arc<std::sync::atomic::AtomicUsize>) {
+        let aud = defaults::TOKEN_AUDIENCE;
+        let posts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = posts.clone();
+        let api = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body =
+                serde_json::to_vec(&reviewed(true, "system:serviceaccount:shop:web", &[aud]))
+                    .unwrap();
+            async move {
+                tokio::time::sleep(delay).await;
+                http::Response::builder()
+                    .status(201)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body))
+            }
+        });
+        (TokenReviewer::new(kube::Client::new(api, "default")), posts)
+    }
+
+    fn unix_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
     /// Made-up tokens from one address are reviewed a few times per window,
     /// then not until it ends; other addresses are not affected.
     #[tokio::test(start_paused = true)]
@@ -413,25 +444,9 @@ mod tests {
     #[tokio::test]
     async fn a_token_that_expired_during_its_review_is_refused() {
         let aud = defaults::TOKEN_AUDIENCE;
-        let api = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
-            let body =
-                serde_json::to_vec(&reviewed(true, "system:serviceaccount:shop:web", &[aud]))
-                    .unwrap();
-            async move {
-                // Real time: the token's expiry is read from the clock.
-                tokio::time::sleep(Duration::from_millis(2100)).await;
-                http::Response::builder()
-                    .status(201)
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(body))
-            }
-        });
-        let r = TokenReviewer::new(kube::Client::new(api, "default"));
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 1;
+        // Real time: the token's expiry is read from the clock.
+        let (r, _) = reviewer_answering_web_after(Duration::from_millis(2100));
+        let exp = unix_now() + 1;
         let token = jwt(serde_json::json!({"aud": [aud], "exp": exp}));
         let pod: Option<IpAddr> = Some("10.0.0.7".parse().unwrap());
         assert_eq!(
@@ -449,30 +464,10 @@ mod tests {
     /// and its answer is kept though its callers gave up waiting for it.
     #[tokio::test(start_paused = true)]
     async fn a_token_is_reviewed_once_whoever_waits_for_it() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::atomic::Ordering;
         let aud = defaults::TOKEN_AUDIENCE;
-        let posts = Arc::new(AtomicUsize::new(0));
-        let counted = posts.clone();
-        // An API server that takes 3 s per review.
-        let api = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            let body =
-                serde_json::to_vec(&reviewed(true, "system:serviceaccount:shop:web", &[aud]))
-                    .unwrap();
-            async move {
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                http::Response::builder()
-                    .status(201)
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(body))
-            }
-        });
-        let r = TokenReviewer::new(kube::Client::new(api, "default"));
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 3600;
+        let (r, posts) = reviewer_answering_web_after(Duration::from_secs(3));
+        let exp = unix_now() + 3600;
         let token = jwt(serde_json::json!({"aud": [aud], "exp": exp}));
         let pod: Option<IpAddr> = Some("10.0.0.7".parse().unwrap());
         let web = ObjKey {
