@@ -15,13 +15,17 @@ use crate::telemetry::{Direction, Metrics};
 /// server may always decline). Switched, the connection would be a tunnel of
 /// HTTP/2 requests the proxy never reads, each free to carry a forged
 /// `strait-client-id` and none decided by the policy; and the proxies speak
-/// HTTP/2 between them anyway.
+/// HTTP/2 between them anyway. Nor is an `Upgrade` the proxy cannot read
+/// (bytes outside ASCII, where protocol names are tokens): an `h2c` could
+/// hide in it from this check, for a lenient server to switch on.
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     if req.version() >= http::Version::HTTP_2 {
         return false;
     }
+    let upgrade = req.headers().get_all(header::UPGRADE);
     req.method() == Method::CONNECT
         || (req.headers().contains_key(header::UPGRADE)
+            && upgrade.iter().all(|v| v.to_str().is_ok())
             && tokens(req.headers(), header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
             && !tokens(req.headers(), header::UPGRADE).any(|t| t.eq_ignore_ascii_case("h2c")))
 }
@@ -158,5 +162,31 @@ mod tests {
                 "{h:?}"
             );
         }
+    }
+
+    /// A protocol name is a token: an `Upgrade` value with bytes outside
+    /// ASCII names nothing the proxy can read, and may hide an `h2c` from
+    /// the check above (an app's server that splits it leniently would
+    /// switch). Not an upgrade: the field is dropped.
+    #[test]
+    fn an_upgrade_the_proxy_cannot_read_is_dropped() {
+        for value in [&b"h2c, \xff"[..], b"\xe9, websocket"] {
+            let mut r = req("websocket");
+            r.headers_mut().insert(
+                header::UPGRADE,
+                header::HeaderValue::from_bytes(value).unwrap(),
+            );
+            let keep = is_upgrade_request(&r);
+            assert!(!keep, "{value:?}");
+            crate::http::normalize::strip_hop_by_hop(r.headers_mut(), keep);
+            assert!(!r.headers().contains_key(header::UPGRADE), "{value:?}");
+        }
+        // A second field that is readable does not make up for it.
+        let mut r = req("websocket");
+        r.headers_mut().append(
+            header::UPGRADE,
+            header::HeaderValue::from_bytes(b"h2c\x80").unwrap(),
+        );
+        assert!(!is_upgrade_request(&r));
     }
 }
