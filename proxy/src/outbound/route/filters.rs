@@ -142,13 +142,18 @@ impl Filters {
                             ));
                         }
                     };
+                    // Gateway API's codes: 301 and 302 (its core), 303, 307
+                    // and 308 (extended); 302 when none is given.
                     let status = match r.status_code {
-                        0 | 302 => StatusCode::FOUND,
-                        301 => StatusCode::MOVED_PERMANENTLY,
+                        0 => StatusCode::FOUND,
+                        c @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(c as u16)
+                            .map_err(|e| {
+                                ViewError::new("requestRedirect.statusCode", e.to_string())
+                            })?,
                         s => {
                             return Err(ViewError::new(
                                 "requestRedirect.statusCode",
-                                format!("{s} is not 301 or 302"),
+                                format!("{s} is not 301, 302, 303, 307 or 308"),
                             ));
                         }
                     };
@@ -459,6 +464,17 @@ mod tests {
             location(&f, "[fd00::1]:8080", None).1,
             "https://[fd00::1]/a?b=c"
         );
+        // Gateway API's extended codes, which keep the method (307, 308) or
+        // make it a GET (303).
+        for code in [303, 307, 308] {
+            let f = redirect(api::RequestRedirect {
+                status_code: code,
+                ..Default::default()
+            });
+            let (status, at) = location(&f, "web.shop:80", None);
+            assert_eq!(status.as_u16(), code as u16);
+            assert_eq!(at, "http://web.shop/a?b=c");
+        }
         let same = redirect(api::RequestRedirect {
             status_code: 302,
             ..Default::default()
