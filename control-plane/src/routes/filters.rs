@@ -258,13 +258,15 @@ pub(super) fn filters(
                 };
                 let status_code = match r.status_code {
                     None => defaults::DEFAULT_REDIRECT_STATUS,
-                    Some(c @ (301 | 302)) => {
+                    // Gateway API's enum: 301 and 302 (core), 303, 307 and
+                    // 308 (extended).
+                    Some(c @ (301 | 302 | 303 | 307 | 308)) => {
                         u32::try_from(c).unwrap_or(defaults::DEFAULT_REDIRECT_STATUS)
                     }
                     Some(c) => {
                         return Err(SpecError::new(
                             format!("{at}.statusCode"),
-                            format!("{c} is not 301 or 302"),
+                            format!("{c} is not 301, 302, 303, 307 or 308"),
                         ));
                     }
                 };

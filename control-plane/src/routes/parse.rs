@@ -948,7 +948,17 @@ mod tests {
             (red.scheme.as_str(), red.port, red.status_code),
             ("https", 8443, 302)
         );
-        v["spec"]["rules"][0]["filters"][0]["requestRedirect"]["statusCode"] = 307.into();
+        // Gateway API's extended codes are taken as written; others are not.
+        for code in [303, 307, 308] {
+            v["spec"]["rules"][0]["filters"][0]["requestRedirect"]["statusCode"] = code.into();
+            let r = parsed(&v);
+            let Some(api::http_filter::Kind::RequestRedirect(red)) = &r.rules[0].filters[0].kind
+            else {
+                panic!("{:?}", r.rules[0].filters)
+            };
+            assert_eq!(red.status_code, code);
+        }
+        v["spec"]["rules"][0]["filters"][0]["requestRedirect"]["statusCode"] = 305.into();
         assert_eq!(
             field_of(&v),
             "spec.rules[0].filters[0].requestRedirect.statusCode"
