@@ -120,6 +120,16 @@ const GRPC_CODES: [&str; 17] = [
 /// Parses and validates one HTTPRoute. `None`: none of its parents is a Service,
 /// so it is another implementation's (a Gateway's) and not read further.
 pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecError> {
+    // The CRD defaults absent rules to one that matches every path and names
+    // no backend (so answers 500): on the API server a route without rules
+    // holds its Service's traffic, and from manifests it must too, rather
+    // than leave it to the Service as if no route were attached.
+    if v.get("spec").is_some_and(|s| s.get("rules").is_none()) {
+        let mut v = v.clone();
+        v["spec"]["rules"] =
+            serde_json::json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]);
+        return parse_kind::<RuleDoc>(&v, rule);
+    }
     parse_kind::<RuleDoc>(v, rule)
 }
 
@@ -639,6 +649,17 @@ mod tests {
 
     fn parsed(v: &Value) -> RouteSpec {
         parse(v).unwrap().unwrap().1
+    }
+
+    /// As the CRD defaults it on the API server: a route without rules has
+    /// one, matching every path, with no backend.
+    #[test]
+    fn a_route_without_rules_gets_the_crds_default_rule() {
+        let mut v = route();
+        v["spec"].as_object_mut().unwrap().remove("rules");
+        let r = parsed(&v);
+        assert_eq!(r.rules.len(), 1, "{:?}", r.rules);
+        assert!(r.rules[0].backends.is_empty());
     }
 
     fn field_of(v: &Value) -> String {
