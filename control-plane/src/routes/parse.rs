@@ -124,10 +124,18 @@ pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecE
     // no backend (so answers 500): on the API server a route without rules
     // holds its Service's traffic, and from manifests it must too, rather
     // than leave it to the Service as if no route were attached.
-    if v.get("spec").is_some_and(|s| s.get("rules").is_none()) {
+    // (A `spec` that is no mapping is left to fail as it reads.)
+    if v.get("spec")
+        .and_then(serde_json::Value::as_object)
+        .is_some_and(|s| !s.contains_key("rules"))
+    {
         let mut v = v.clone();
-        v["spec"]["rules"] =
-            serde_json::json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]);
+        if let Some(spec) = v.get_mut("spec").and_then(serde_json::Value::as_object_mut) {
+            spec.insert(
+                "rules".into(),
+                serde_json::json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]),
+            );
+        }
         return parse_kind::<RuleDoc>(&v, rule);
     }
     parse_kind::<RuleDoc>(v, rule)
@@ -660,6 +668,11 @@ mod tests {
         let r = parsed(&v);
         assert_eq!(r.rules.len(), 1, "{:?}", r.rules);
         assert!(r.rules[0].backends.is_empty());
+        // A `spec` that is no mapping is refused, as before.
+        for spec in [json!("parentRefs"), json!(7), json!([1])] {
+            v["spec"] = spec;
+            assert!(parse(&v).is_err(), "{v}");
+        }
     }
 
     fn field_of(v: &Value) -> String {
