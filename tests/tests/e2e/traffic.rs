@@ -566,6 +566,43 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
 /// its share of requests is answered 500, as Gateway API asks, while the
 /// route's other rules keep serving; a backend that resolves but has no ready
 /// endpoints answers 503.
+/// A route attached without rules holds its Service's traffic, as on the API
+/// server: absent `rules` are the CRD's default rule (every path, no backend:
+/// 500), not the Service's traffic left to it as if no route were attached.
+#[tokio::test]
+async fn a_route_without_rules_holds_its_services_traffic() {
+    let web = Backend::start().await;
+    let mesh = Mesh::start(&[]).await;
+    mesh.serve("web", "web", &web);
+    mesh.until_ok("/").await;
+    let status = async || match client::get(&client::http1(), &mesh.url("/a")).await {
+        Ok((s, _)) => s.as_u16(),
+        Err(_) => 0,
+    };
+    // `spec` without `rules`.
+    mesh.dir.write(
+        "route.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n"
+        ),
+    );
+    wait::until(
+        "the default rule's 500",
+        Duration::from_secs(10),
+        || async { status().await == 500 },
+    )
+    .await;
+    let reached = web.requests();
+    for _ in 0..5 {
+        assert_eq!(status().await, 500);
+    }
+    assert_eq!(
+        web.requests(),
+        reached,
+        "the Service was reached past the route"
+    );
+}
+
 #[tokio::test]
 async fn a_backend_service_deleted_later_gets_its_share_answered_500() {
     let (v1, v2) = (Backend::start().await, Backend::start().await);
