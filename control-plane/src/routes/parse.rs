@@ -130,12 +130,9 @@ pub fn parse(v: &serde_json::Value) -> Result<Option<(ObjKey, RouteSpec)>, SpecE
         .is_some_and(|s| !s.contains_key("rules"))
     {
         let mut v = v.clone();
-        if let Some(spec) = v.get_mut("spec").and_then(serde_json::Value::as_object_mut) {
-            spec.insert(
-                "rules".into(),
-                serde_json::json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]),
-            );
-        }
+        // A mapping, as just checked: indexing into it cannot panic.
+        v["spec"]["rules"] =
+            serde_json::json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]);
         return parse_kind::<RuleDoc>(&v, rule);
     }
     parse_kind::<RuleDoc>(v, rule)

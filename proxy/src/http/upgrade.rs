@@ -22,10 +22,13 @@ pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     if req.version() >= http::Version::HTTP_2 {
         return false;
     }
-    let upgrade = req.headers().get_all(header::UPGRADE);
     req.method() == Method::CONNECT
         || (req.headers().contains_key(header::UPGRADE)
-            && upgrade.iter().all(|v| v.to_str().is_ok())
+            && req
+                .headers()
+                .get_all(header::UPGRADE)
+                .iter()
+                .all(|v| v.to_str().is_ok())
             && tokens(req.headers(), header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
             && !tokens(req.headers(), header::UPGRADE).any(|t| t.eq_ignore_ascii_case("h2c")))
 }

@@ -562,10 +562,6 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
     .await;
 }
 
-/// A backend Service deleted after its route was accepted no longer resolves:
-/// its share of requests is answered 500, as Gateway API asks, while the
-/// route's other rules keep serving; a backend that resolves but has no ready
-/// endpoints answers 503.
 /// A route attached without rules holds its Service's traffic, as on the API
 /// server: absent `rules` are the CRD's default rule (every path, no backend:
 /// 500), not the Service's traffic left to it as if no route were attached.
@@ -603,6 +599,10 @@ async fn a_route_without_rules_holds_its_services_traffic() {
     );
 }
 
+/// A backend Service deleted after its route was accepted no longer resolves:
+/// its share of requests is answered 500, as Gateway API asks, while the
+/// route's other rules keep serving; a backend that resolves but has no ready
+/// endpoints answers 503.
 #[tokio::test]
 async fn a_backend_service_deleted_later_gets_its_share_answered_500() {
     let (v1, v2) = (Backend::start().await, Backend::start().await);

@@ -145,11 +145,11 @@ impl Filters {
                     // Gateway API's codes: 301 and 302 (its core), 303, 307
                     // and 308 (extended); 302 when none is given.
                     let status = match r.status_code {
-                        0 => StatusCode::FOUND,
-                        c @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(c as u16)
-                            .map_err(|e| {
-                                ViewError::new("requestRedirect.statusCode", e.to_string())
-                            })?,
+                        0 | 302 => StatusCode::FOUND,
+                        301 => StatusCode::MOVED_PERMANENTLY,
+                        303 => StatusCode::SEE_OTHER,
+                        307 => StatusCode::TEMPORARY_REDIRECT,
+                        308 => StatusCode::PERMANENT_REDIRECT,
                         s => {
                             return Err(ViewError::new(
                                 "requestRedirect.statusCode",
