@@ -27,9 +27,12 @@ pub struct ServiceView {
     pub version: u64,
     /// The destination itself first: the default route's backend.
     pub backends: Vec<BackendView>,
-    /// Every rule of every route attached, in the controller's order; empty:
-    /// the default route.
+    /// Every rule of every route attached, in the controller's order.
     pub routes: Vec<Rule>,
+    /// Whether any route is attached, rules or not: if none is, requests take
+    /// the default route to the Service; if one is, those no rule matches are
+    /// answered 404, as Gateway API asks (a route with `rules: []` included).
+    pub attached: bool,
     /// The retry budget of each of this Service's routes.
     pub budget: BudgetConfig,
     pub opaque: bool,
@@ -160,6 +163,7 @@ pub fn parse(
         Some(routes) => Ok(routes),
         None => route::parse(svc.routes.clone()),
     };
+    let mut attached = !svc.routes.is_empty();
     let mut received = Some(svc.routes);
     let routes = match parsed {
         Ok(routes) => routes,
@@ -175,6 +179,7 @@ pub fn parse(
             {
                 tracing::warn!(service = %svc.name, error = %e, "discovery sent routes that do not parse; keeping the last ones with the new endpoints");
                 received = None;
+                attached = prev.attached;
                 prev.routes.clone()
             }
             _ => return Err(e),
@@ -182,6 +187,7 @@ pub fn parse(
     };
     Ok(Resolution::Service(Arc::new(ServiceView {
         routes,
+        attached,
         name: svc.name.into(),
         version: svc.version,
         backends,
@@ -360,5 +366,34 @@ mod tests {
             .map(|e| e.addr.to_string())
             .collect();
         assert_eq!(addrs, ["10.0.0.1:80", "10.0.0.2:80"]);
+    }
+
+    /// A route attached with no rules (`rules: []` is valid Gateway API) is
+    /// still attached: requests are answered 404 rather than left to the
+    /// default route, and a bad update keeps that.
+    #[test]
+    fn a_route_without_rules_is_attached() {
+        let none = parse(service(vec![endpoint("10.0.0.1:80", 4143, WEB)]), None).unwrap();
+        let Resolution::Service(v) = &none else {
+            panic!("a Service");
+        };
+        assert!(!v.attached, "no route");
+        let mut empty = service(vec![endpoint("10.0.0.1:80", 4143, WEB)]);
+        if let Some(api::destination_update::Kind::Service(s)) = &mut empty.kind {
+            s.routes = vec![api::HttpRoute {
+                name: "shop/web".into(),
+                rules: Vec::new(),
+            }];
+        }
+        let attached = parse(empty, Some(&none)).unwrap();
+        let Resolution::Service(v) = &attached else {
+            panic!("a Service");
+        };
+        assert!(v.attached && v.routes.is_empty(), "{v:?}");
+        let bad = with_route(service(vec![endpoint("10.0.0.2:80", 4143, WEB)]), "(");
+        let Ok(Resolution::Service(kept)) = parse(bad, Some(&attached)) else {
+            panic!("a Service");
+        };
+        assert!(kept.attached && kept.routes.is_empty(), "{kept:?}");
     }
 }

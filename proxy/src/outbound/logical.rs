@@ -109,7 +109,7 @@ impl Stages {
             );
             backends.insert(bv.name.clone(), eps);
         }
-        let rules: Vec<Rule> = if !view.routes.is_empty() {
+        let rules: Vec<Rule> = if view.attached {
             view.routes.clone()
         } else {
             let default = view

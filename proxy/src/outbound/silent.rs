@@ -161,5 +161,5 @@ where
 
 /// The destination is a Service with HTTP routes.
 fn routed(resolved: Option<&Resolved>) -> bool {
-    matches!(resolved, Some(Resolved { resolution: Resolution::Service(v), .. }) if !v.routes.is_empty())
+    matches!(resolved, Some(Resolved { resolution: Resolution::Service(v), .. }) if v.attached)
 }

@@ -564,7 +564,8 @@ async fn an_invalid_route_is_reported_and_the_last_good_routes_keep_serving() {
 
 /// A route attached without rules holds its Service's traffic, as on the API
 /// server: absent `rules` are the CRD's default rule (every path, no backend:
-/// 500), not the Service's traffic left to it as if no route were attached.
+/// 500), not the Service's traffic left to it as if no route were attached;
+/// `rules: []` matches nothing (404).
 #[tokio::test]
 async fn a_route_without_rules_holds_its_services_traffic() {
     let web = Backend::start().await;
@@ -591,6 +592,26 @@ async fn a_route_without_rules_holds_its_services_traffic() {
     let reached = web.requests();
     for _ in 0..5 {
         assert_eq!(status().await, 500);
+    }
+    assert_eq!(
+        web.requests(),
+        reached,
+        "the Service was reached past the route"
+    );
+    // `rules: []` (valid: the CRD sets no minimum) is a route attached that
+    // matches nothing: 404, as Gateway API asks, not the Service.
+    mesh.dir.write(
+        "route.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: {NS}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules: []\n"
+        ),
+    );
+    wait::until("no rule's 404", Duration::from_secs(10), || async {
+        status().await == 404
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(status().await, 404);
     }
     assert_eq!(
         web.requests(),
