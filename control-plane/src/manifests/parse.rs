@@ -263,6 +263,21 @@ fn typed<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Drops every field whose value is null (`rules:` with nothing after it), as
+/// the API server does before defaulting an object: a manifest reads as the
+/// object the cluster would keep. Nulls in lists stay, to be refused. The
+/// YAML reader's depth limit bounds the recursion.
+fn drop_nulls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
 fn describe(v: &serde_json::Value) -> String {
     let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("?");
     let meta = v.get("metadata");
@@ -277,10 +292,11 @@ fn describe(v: &serde_json::Value) -> String {
     format!("{kind} {ns}/{name}")
 }
 
-fn object(doc: usize, v: serde_json::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
+fn object(doc: usize, mut v: serde_json::Value, out: &mut Vec<Object>) -> Result<(), ParseError> {
     if v.is_null() {
         return Ok(());
     }
+    drop_nulls(&mut v);
     let api_version = v
         .get("apiVersion")
         .and_then(|a| a.as_str())
@@ -919,5 +935,31 @@ spec:
             &parse_file(&gateway).unwrap()[0],
             Object::Other { .. }
         ));
+    }
+
+    /// A field written with no value (`rules:`) is null, which the API server
+    /// drops before defaulting it: from manifests it is as if not written,
+    /// rather than refused for not being a list.
+    #[test]
+    fn a_field_without_a_value_is_not_written() {
+        let doc = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop, labels: }
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: }]
+  rules:
+"#;
+        let objs = parse_file(doc).unwrap();
+        let Object::Route(_, r) = &objs[0] else {
+            panic!("a route: {objs:?}");
+        };
+        // The CRD's default rule, as for `rules` not written.
+        assert_eq!(r.rules.len(), 1, "{r:?}");
+        assert!(r.rules[0].backends.is_empty());
+        // A null in a list is no field left out: still refused.
+        let item = doc.replace("rules:", "rules: [null]");
+        let errs = parse_file(&item).unwrap_err();
+        assert!(errs[0].to_string().contains("spec.rules[0]"), "{errs:?}");
     }
 }
