@@ -91,7 +91,8 @@ fn resolution(r: &Resolution) -> Value {
         "service": &*s.name,
         "opaque": s.opaque,
         "backends": s.backends.iter().map(backend).collect::<Vec<_>>(),
-        // Empty: the default route, to the first backend.
+        // None attached: the default route, to the first backend.
+        "routes_attached": s.attached,
         "routes": s.routes.iter().map(rule).collect::<Vec<_>>(),
     })
 }

@@ -255,6 +255,7 @@ async fn the_admin_config_shows_what_the_proxy_knows() {
     assert_eq!(dest["destination"], WEB, "{known:#}");
     assert_eq!(dest["controller"], "answering", "{known:#}");
     assert_eq!(dest["answer"]["service"], WEB, "{known:#}");
+    assert_eq!(dest["answer"]["routes_attached"], false, "{known:#}");
     let endpoint = &dest["answer"]["backends"][0]["endpoints"][0];
     assert_eq!(
         endpoint["identity"], "spiffe://cluster.local/ns/test/sa/web",

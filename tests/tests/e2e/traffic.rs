@@ -613,6 +613,14 @@ async fn a_route_without_rules_holds_its_services_traffic() {
     for _ in 0..5 {
         assert_eq!(status().await, 404);
     }
+    // `/config` tells an attached route without rules from none.
+    let (_, body) = strait_tests::wait::admin_get(mesh.client.admin, "/config")
+        .await
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let answer = &config["state"]["destinations"][0]["answer"];
+    assert_eq!(answer["routes_attached"], true, "{config:#}");
+    assert_eq!(answer["routes"], serde_json::json!([]), "{config:#}");
     assert_eq!(
         web.requests(),
         reached,
