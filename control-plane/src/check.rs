@@ -9,7 +9,9 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceDefinitionVersion,
+};
 use kube::api::{Api, ListParams};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -151,25 +153,14 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     }
     say(
         match crds.get_opt("httproutes.gateway.networking.k8s.io").await {
-            Ok(Some(crd)) => {
-                let schema = serde_json::to_string(&crd.spec.versions).unwrap_or_default();
-                if schema.contains("\"retry\"") {
-                    line(
-                        Verdict::Ok,
-                        "Gateway API HTTPRoute is installed (experimental channel: retries available)",
-                    )
-                } else {
-                    line(
-                        Verdict::Warn,
-                        "Gateway API HTTPRoute is installed from the standard channel: HTTPRoute retry is unavailable (install the experimental channel)",
-                    )
-                }
-            }
-            Ok(None) => line(
-                Verdict::Fail,
-                "Gateway API's CRDs are missing: HTTPRoutes (routing, weights, timeouts, retries) are a prerequisite",
-            ),
+            Ok(crd) => httproute_line(crd.as_ref()),
             Err(e) => unread("Gateway API's HTTPRoute CRD", &e),
+        },
+    );
+    say(
+        match crds.get_opt("grpcroutes.gateway.networking.k8s.io").await {
+            Ok(crd) => grpcroute_line(crd.as_ref()),
+            Err(e) => unread("Gateway API's GRPCRoute CRD", &e),
         },
     );
 
@@ -547,6 +538,57 @@ fn webhook_line(
 /// A read refused (a `view` role cannot read Secrets or cluster-scoped
 /// objects) is not the object missing: it is said as what it is, and not
 /// failed on. Any other error fails.
+/// The controller watches Gateway API's routes at `v1` only: a CRD that does
+/// not serve it (HTTPRoute before Gateway API 1.0, GRPCRoute before 1.1) is
+/// as good as absent, and its routes are not served.
+fn served_v1(crd: &CustomResourceDefinition) -> Option<&CustomResourceDefinitionVersion> {
+    crd.spec
+        .versions
+        .iter()
+        .find(|v| v.name == "v1" && v.served)
+}
+
+fn httproute_line(crd: Option<&CustomResourceDefinition>) -> Line {
+    let Some(crd) = crd else {
+        return line(
+            Verdict::Fail,
+            "Gateway API's CRDs are missing: HTTPRoutes (routing, weights, timeouts, retries) are a prerequisite",
+        );
+    };
+    let Some(v1) = served_v1(crd) else {
+        return line(
+            Verdict::Fail,
+            "Gateway API's HTTPRoute CRD does not serve v1 (a release before Gateway API 1.0), the only version the controller reads: no HTTPRoute is served until Gateway API's CRDs are upgraded",
+        );
+    };
+    let schema = serde_json::to_string(&v1.schema).unwrap_or_default();
+    if schema.contains("\"retry\"") {
+        line(
+            Verdict::Ok,
+            "Gateway API HTTPRoute is installed (experimental channel: retries available)",
+        )
+    } else {
+        line(
+            Verdict::Warn,
+            "Gateway API HTTPRoute is installed without HTTPRoute retry (the standard channel, or a release before Gateway API 1.2): install the experimental channel for it",
+        )
+    }
+}
+
+fn grpcroute_line(crd: Option<&CustomResourceDefinition>) -> Line {
+    match crd {
+        None => line(
+            Verdict::Warn,
+            "Gateway API's GRPCRoute CRD is missing (a release before Gateway API 1.1): GRPCRoutes cannot be written; HTTPRoutes still route gRPC",
+        ),
+        Some(crd) if served_v1(crd).is_none() => line(
+            Verdict::Warn,
+            "Gateway API's GRPCRoute CRD does not serve v1 (a release before Gateway API 1.1), the only version the controller reads: GRPCRoutes are not served until Gateway API's CRDs are upgraded",
+        ),
+        Some(_) => line(Verdict::Ok, "Gateway API GRPCRoute is installed"),
+    }
+}
+
 fn unread(what: &str, e: &kube::Error) -> Line {
     match e {
         kube::Error::Api(s) if s.code == 403 => Line {
@@ -1152,6 +1194,49 @@ mod tests {
         ));
         let l = webhook_line("w", Err(forbidden), anchors.as_ref(), "m", Verdict::Fail);
         assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
+    }
+
+    /// Routes are read at Gateway API's `v1` only: a CRD that does not
+    /// serve it fails (HTTPRoute) or warns (GRPCRoute), as does a missing one.
+    #[test]
+    fn route_crds_must_serve_v1() {
+        let crd = |versions: &[(&str, bool)], retry: bool| {
+            let schema = if retry {
+                serde_json::json!({"openAPIV3Schema": {"properties": {"retry": {}}}})
+            } else {
+                serde_json::json!({"openAPIV3Schema": {}})
+            };
+            let versions: Vec<serde_json::Value> = versions
+                .iter()
+                .map(|(name, served)| {
+                    serde_json::json!({"name": name, "served": served, "storage": true, "schema": schema})
+                })
+                .collect();
+            serde_json::from_value::<CustomResourceDefinition>(serde_json::json!({
+                "metadata": {"name": "x"},
+                "spec": {"group": "gateway.networking.k8s.io", "scope": "Namespaced",
+                    "names": {"kind": "X", "plural": "x"}, "versions": versions},
+            }))
+            .unwrap()
+        };
+        let verdict = |l: Line| (l.verdict, l.what);
+        assert_eq!(httproute_line(None).verdict, Verdict::Fail);
+        let (v, what) = verdict(httproute_line(Some(&crd(&[("v1beta1", true)], true))));
+        assert_eq!(v, Verdict::Fail, "{what}");
+        assert!(what.contains("does not serve v1"), "{what}");
+        // Listed but no longer served.
+        let off = crd(&[("v1", false), ("v1beta1", true)], true);
+        assert_eq!(httproute_line(Some(&off)).verdict, Verdict::Fail);
+        let standard = crd(&[("v1", true), ("v1beta1", true)], false);
+        assert_eq!(httproute_line(Some(&standard)).verdict, Verdict::Warn);
+        let experimental = crd(&[("v1", true)], true);
+        assert_eq!(httproute_line(Some(&experimental)).verdict, Verdict::Ok);
+        assert_eq!(grpcroute_line(None).verdict, Verdict::Warn);
+        let (v, what) = verdict(grpcroute_line(Some(&crd(&[("v1alpha2", true)], false))));
+        assert_eq!(v, Verdict::Warn, "{what}");
+        assert!(what.contains("does not serve v1"), "{what}");
+        let current = crd(&[("v1", true), ("v1alpha2", false)], false);
+        assert_eq!(grpcroute_line(Some(&current)).verdict, Verdict::Ok);
     }
 
     /// A kubelet older than the API server is named: pods scheduled on it
