@@ -164,9 +164,28 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         .await
         .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
         .map_err(|e| cannot(&e))?;
+    installed(secret, anchors, controller, identity)
+}
+
+/// What the objects read back say was installed; `None` when nothing was.
+fn installed(
+    secret: Option<k8s_openapi::api::core::v1::Secret>,
+    anchors: Option<k8s_openapi::api::core::v1::ConfigMap>,
+    controller: Option<k8s_openapi::api::apps::v1::Deployment>,
+    identity: bool,
+) -> anyhow::Result<Option<Installed>> {
     let (secret, anchors) = match (secret, anchors) {
-        (None, None) if identity || controller.is_none() => return Ok(None),
-        (None, None) => (None, None),
+        (None, None) if controller.is_none() => return Ok(None),
+        // The identity's objects deleted (for a new one) under a running
+        // controller: its trust domain and settings still hold.
+        (None, None) => {
+            if identity {
+                eprintln!(
+                    "strait install: {NAMESPACE} has the controller but neither Secret {ISSUER_SECRET} nor ConfigMap {ANCHORS_CONFIG_MAP}: a new trust anchor and issuer are generated (running proxies keep trusting the old anchors until restarted)"
+                );
+            }
+            (None, None)
+        }
         (Some(s), Some(a)) => (Some(s), Some(a)),
         _ => anyhow::bail!(
             "{NAMESPACE} has only one of Secret {ISSUER_SECRET} and ConfigMap {ANCHORS_CONFIG_MAP}: pass the --identity-* files"
@@ -840,6 +859,30 @@ pub fn render(v: &Values) -> anyhow::Result<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An install whose identity objects were deleted (for a new identity)
+    /// keeps its trust domain and settings: a trust domain back to the
+    /// default would cut the running proxies off.
+    #[test]
+    fn an_install_without_its_identity_keeps_its_settings() {
+        let controller = serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
+            "spec": {"replicas": 3, "selector": {}, "template": {"spec": {"containers": [
+                {"name": "controller", "args": ["--trust-domain=corp.example", "--proxy-iptables-mode=legacy"]},
+            ]}}}
+        }))
+        .unwrap();
+        let i = installed(None, None, Some(controller), true)
+            .unwrap()
+            .expect("the controller's settings");
+        assert!(i.identity.is_none(), "a new identity is made");
+        assert_eq!(i.trust_domain.as_deref(), Some("corp.example"));
+        assert_eq!(i.iptables_mode, Some(crate::inject::IptablesMode::Legacy));
+        assert_eq!(i.replicas, Some(3));
+        assert!(installed(None, None, None, true).unwrap().is_none());
+        // One of the two is no identity to keep or replace: refused.
+        let anchors = k8s_openapi::api::core::v1::ConfigMap::default();
+        assert!(installed(None, Some(anchors), None, true).is_err());
+    }
 
     /// An install edited by hand, or by a tool that splits flags from their
     /// values, still gives its settings to `strait inject`.
