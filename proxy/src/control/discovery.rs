@@ -184,9 +184,11 @@ impl Discovery {
         let current = rx.borrow().clone();
         // The last answer of an earlier watch, while the controller is away
         // (not when it is only slow: discovery's answer is then on its way).
+        // Away for this watch too until its own call gets through: once the
+        // controller is back, another watch may answer first, and this one
+        // retries on its own backoff (up to 10 s) meanwhile.
         let fallback = || {
-            self.unreachable
-                .load(Ordering::Relaxed)
+            (self.unreachable.load(Ordering::Relaxed) || state.away.load(Ordering::Relaxed))
                 .then(|| state.fallback.clone())
                 .flatten()
         };
@@ -714,6 +716,26 @@ mod tests {
         // And so does every later request, without waiting again.
         let later = service_of(d.resolve(&dest, Duration::from_secs(10)).await);
         assert!(later.is_some());
+    }
+
+    /// The controller back for other watches, a watch still waiting to call
+    /// it again keeps its last answer: passed through meanwhile, its traffic
+    /// would lose mTLS and its routes for up to the watch's backoff.
+    #[tokio::test]
+    async fn a_last_answer_stands_in_until_its_own_watch_gets_through() {
+        let d = discovery_of(Once(Default::default(), Later::Gone)).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(d.now_ms() + idle + 1);
+        assert!(service_of(d.resolve(&dest, Duration::from_millis(300)).await).is_some());
+        // Another destination's watch got through.
+        d.unreachable.store(false, Ordering::Relaxed);
+        let still = service_of(d.resolve(&dest, Duration::from_millis(300)).await);
+        assert!(
+            still.is_some(),
+            "passed through before its watch got through"
+        );
     }
 
     /// Once the controller is back, its first view replaces the last answer
