@@ -358,19 +358,32 @@ impl Endpoints {
         };
         // With every endpoint ejected (a discovery update can leave more than the
         // cap out), fail open: any endpoint beats a certain 503.
-        let (chosen, admit) = self
-            .choose(headers, now, |i| usable(i, true))
-            .or_else(|| self.choose(headers, now, |i| usable(i, false)))
-            .or_else(|| self.choose(headers, now, |_| Some(Admit::Yes)))
-            .ok_or(PickError::NoEndpoints)?;
+        let draw = || {
+            self.choose(headers, now, |i| usable(i, true))
+                .or_else(|| self.choose(headers, now, |i| usable(i, false)))
+                .or_else(|| self.choose(headers, now, |_| Some(Admit::Yes)))
+                .ok_or(PickError::NoEndpoints)
+        };
+        let mut redraws = 0;
+        let (chosen, probe) = loop {
+            let (chosen, admit) = draw()?;
+            if admit != Admit::Probe {
+                break (chosen, None);
+            }
+            // Read again under the lock that starts the probe: another thread
+            // may have started it since the draw. The endpoint is then out
+            // until that probe ends, and the request is drawn again (a few
+            // times at most: a draw that keeps losing goes where it drew).
+            let mut o = self.slots[chosen].state.outlier();
+            if o.admit(now) == Admit::Probe {
+                break (chosen, Some(o.start_probe()));
+            }
+            if redraws == 2 {
+                break (chosen, None);
+            }
+            redraws += 1;
+        };
         let state = &self.slots[chosen].state;
-        // Read again under the lock that starts the probe: another thread may
-        // have started it since the draw.
-        let probe = (admit == Admit::Probe).then(|| {
-            let mut o = state.outlier();
-            (o.admit(now) == Admit::Probe).then(|| o.start_probe())
-        });
-        let probe = probe.flatten();
         state.pending.fetch_add(1, Ordering::Relaxed);
         if state.awaiting.fetch_add(1, Ordering::Relaxed) == 0
             && let Ok(mut e) = state.ewma.lock()
@@ -780,6 +793,52 @@ mod tests {
         // 80 s of load: without a floor, the hung endpoint's estimate
         // decays to nothing and it draws hundreds.
         assert!(hung.len() < 20, "{} requests hung", hung.len());
+    }
+
+    /// One request probes an endpoint whose ejection is over: requests that
+    /// drew it at the same moment and lost the probe to another go elsewhere,
+    /// not to the endpoint the breaker still holds out.
+    #[test]
+    fn requests_that_lose_the_probe_go_elsewhere() {
+        let mut config = BackendConfig::default();
+        config.breaker.base_ejection = Duration::ZERO;
+        let threads = 4;
+        let mut lost = 0;
+        for _ in 0..500 {
+            let b = backend(2, config.clone());
+            let mut failures = 0;
+            while failures < config.breaker.consecutive_failures {
+                let f = b.pick(&Default::default(), None).unwrap();
+                if index(&f) == 0 {
+                    f.failed();
+                    failures += 1;
+                } else {
+                    f.success();
+                }
+            }
+            assert!(b.slots[0].state.outlier().is_ejected());
+            let start = Arc::new(std::sync::Barrier::new(threads));
+            let picks: Vec<InFlight> = (0..threads)
+                .map(|_| {
+                    let (b, start) = (b.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        b.pick(&Default::default(), None).unwrap()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let to_0 = picks.iter().filter(|f| index(f) == 0).count();
+            let probes = picks.iter().filter(|f| f.probe.is_some()).count();
+            assert!(probes <= 1, "{probes} probes at once");
+            lost += to_0 - probes;
+        }
+        assert_eq!(
+            lost, 0,
+            "requests sent to an ejected endpoint without probing it"
+        );
     }
 
     #[tokio::test(start_paused = true)]
