@@ -670,7 +670,14 @@ impl InFlight {
         let ejected = {
             let _one_at_a_time = live.ejecting.lock().unwrap_or_else(|p| p.into_inner());
             let cap = live.config.breaker.cap(live.slots.len());
-            let may_eject = live.ejected() < cap;
+            // The others out: a probe's endpoint is out already, and counts
+            // against the cap only if it goes out again.
+            let others = live
+                .slots
+                .iter()
+                .filter(|s| !Arc::ptr_eq(&s.state, state) && s.state.outlier().is_ejected())
+                .count();
+            let may_eject = others < cap;
             self.state().outlier().failure_as(
                 &live.config.breaker,
                 Instant::now(),
@@ -941,6 +948,33 @@ mod tests {
         );
         drop(newer);
         assert_eq!(metrics.ejected.get(), 0);
+    }
+
+    /// A failed probe ejects again only within the cap: a backend shrunk to
+    /// its ejected endpoint (one endpoint is never ejected) takes it back
+    /// rather than counting it out again and again.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_ejects_again_only_within_the_cap() {
+        let b = two_in_turn();
+        drop(eject_the_first(&b, false).await);
+        let ejections = b.metrics.ejections.get();
+        // Scaled down to the ejected endpoint.
+        let one = Endpoints::new(
+            "b".into(),
+            &eps(1),
+            b.config.clone(),
+            Some(&b),
+            b.metrics.clone(),
+        );
+        drop(b);
+        assert_eq!(one.ejected(), 1, "carried over");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let probe = one.pick(&Default::default(), None).unwrap();
+        assert!(probe.probe.is_some());
+        probe.failed();
+        assert_eq!(one.ejected(), 0, "no room under the cap: back in");
+        assert_eq!(one.metrics.ejections.get(), ejections);
+        assert_eq!(one.metrics.ejected.get(), 0);
     }
 
     /// One Service reached at two addresses has a backend at each, on one

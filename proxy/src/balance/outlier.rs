@@ -182,6 +182,14 @@ impl Outlier {
                 let _ = self.readmit();
                 return false;
             }
+            // No room under the cap (the backend shrank, or the cap was
+            // lowered, since it went out): back in rotation, its record kept
+            // for its next ejection.
+            if !may_eject {
+                self.ejected_until = None;
+                self.consecutive = 0;
+                return false;
+            }
             // The probe failed: out again, for longer.
             self.eject(config, now);
             return true;
