@@ -594,6 +594,14 @@ impl Proxy {
                 left = trigger.in_flight(),
                 "grace period over, closing what is left"
             );
+            // Their requests' spans and access-log lines are queued as they
+            // are dropped, before the flushes below.
+            if !trigger.cut(defaults::TRACE_FLUSH_TIMEOUT).await {
+                warn!(
+                    left = trigger.in_flight(),
+                    "connections still closing at exit"
+                );
+            }
         }
         for l in listeners {
             l.abort();

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug)]
 pub struct DrainTrigger {
     tx: watch::Sender<bool>,
+    cut: watch::Sender<bool>,
     tracker: TaskTracker,
 }
 
@@ -18,18 +19,25 @@ pub struct DrainTrigger {
 #[derive(Clone, Debug)]
 pub struct Drain {
     rx: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
     tracker: TaskTracker,
 }
 
 pub fn channel() -> (DrainTrigger, Drain) {
     let (tx, rx) = watch::channel(false);
+    let (cut, cut_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     (
         DrainTrigger {
             tx,
+            cut,
             tracker: tracker.clone(),
         },
-        Drain { rx, tracker },
+        Drain {
+            rx,
+            cut: cut_rx,
+            tracker,
+        },
     )
 }
 
@@ -58,6 +66,16 @@ impl DrainTrigger {
             .is_ok()
     }
 
+    /// Ends every task still running, dropping what it carries (so each
+    /// request left records its end: its span, its access-log line), and
+    /// waits at most `within` for them to be gone. True when all were.
+    pub async fn cut(&self, within: Duration) -> bool {
+        self.cut.send_replace(true);
+        tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
     /// Tasks still running.
     pub fn in_flight(&self) -> usize {
         self.tracker.len()
@@ -75,12 +93,20 @@ impl Drain {
         *self.rx.borrow()
     }
 
-    /// Spawns a task that shutdown waits for.
+    /// Spawns a task that shutdown waits for, and ends once the grace
+    /// period is over (`DrainTrigger::cut`).
     pub fn spawn<F>(&self, fut: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.tracker.spawn(fut);
+        let mut cut = self.cut.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                () = fut => {}
+                _ = cut.wait_for(|c| *c) => {}
+            }
+        });
     }
 }
 

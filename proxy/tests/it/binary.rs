@@ -363,6 +363,65 @@ async fn one_address_holds_a_few_admin_connections_at_most() {
     .await;
 }
 
+/// A request still open when the shutdown grace period ends is cut, and
+/// still leaves its line: those are the requests a rollout's operator looks for.
+#[tokio::test]
+async fn a_request_cut_at_shutdown_leaves_its_access_log_line() {
+    let backend = Backend::start().await;
+    let (admin, local) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args([
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--inbound-addr=127.0.0.1:0".into(),
+            "--outbound-addr=127.0.0.1:0".into(),
+            format!("--upstream=127.0.0.1:{local}={}", backend.addr),
+            "--access-log=json".into(),
+            "--shutdown-grace-period=1s".into(),
+            "--log-level=warn".into(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    wait::ready(admin, Duration::from_secs(20)).await;
+    let held = tokio::spawn(async move {
+        client::get(
+            &client::http1(),
+            &format!("http://127.0.0.1:{local}/slow/60000"),
+        )
+        .await
+    });
+    wait::until(
+        "the slow request at the app",
+        Duration::from_secs(10),
+        || async { backend.in_flight() == 1 },
+    )
+    .await;
+    let (status, _) = wait::admin_request(admin, "POST", "/shutdown", "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let mut out = String::new();
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        child.stdout.take().unwrap().read_to_string(&mut out),
+    )
+    .await
+    .expect("the proxy gone within 10 s")
+    .unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["path"], "/slow/60000", "{out}");
+    assert_eq!(lines[0]["status"], 0, "{out}");
+    assert_eq!(lines[0]["proxy_error"], "cancelled", "{out}");
+    assert!(held.await.unwrap().is_err(), "the cut request was answered");
+}
+
 #[tokio::test]
 async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
     let backend = Backend::start().await;
