@@ -319,22 +319,32 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
         // propagator reads it), else a new trace starts.
     }
     // A `b3` that cannot be read says nothing: the multi headers beside it
-    // may still name the caller's trace.
-    if let Some(parent) = h.get(B3).and_then(|v| v.to_str().ok()).and_then(b3_single) {
-        return Some(parent);
-    }
+    // may still name the caller's trace. Nor does one of the sampling state
+    // alone name a trace: with the multi headers' ids beside it, it is
+    // their trace's state (where they carry none of their own).
+    let single = h.get(B3).and_then(|v| v.to_str().ok()).and_then(b3_single);
+    let single_state = match single {
+        Some(Parent::Decided(..) | Parent::Deferred(..)) => return single,
+        Some(Parent::Denied) => Some((false, None)),
+        Some(Parent::Forced(f)) => Some((true, Some(f))),
+        None => None,
+    };
     let sampled = h.get(B3_SAMPLED).map(HeaderValue::as_bytes);
     let debug = h.get(B3_FLAGS).is_some_and(|v| v.as_bytes() == b"1");
     let state = match (sampled, debug) {
         (_, true) | (Some(b"1" | b"true"), _) => Some(true),
         (Some(b"0" | b"false"), _) => Some(false),
-        _ => None,
+        _ => single_state.map(|(s, _)| s),
     };
-    let format = Format::B3Multi { debug };
+    // `b3: 1` or `d` is answered in kind (which writes the multi headers too).
+    let format = single_state
+        .and_then(|(_, f)| f)
+        .unwrap_or(Format::B3Multi { debug });
     let id = |k| h.get(k).and_then(|v: &HeaderValue| v.to_str().ok());
     id(B3_TRACE)
         .zip(id(B3_SPAN))
         .and_then(|(trace, span)| b3_context(trace, span, state, format))
+        .or(single)
         .or_else(|| undecided(state, format))
 }
 
@@ -943,5 +953,39 @@ mod tests {
         inject(&mut out, &ours(), Some(f));
         assert!(sc.is_sampled());
         assert_eq!(out["b3"], format!("{TRACE}-1111111111111111-d"));
+    }
+
+    /// A `b3` of the sampling state alone beside the multi headers' ids
+    /// decides the state of their trace, not a new trace (`1`, `d`) or none
+    /// at all (`0`): the caller's trace is continued.
+    #[test]
+    fn b3_state_alone_beside_multi_ids_continues_their_trace() {
+        let ids = |b3: &'static str, sampled: Option<&'static str>| {
+            let mut h = headers(&[("b3", b3), ("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN)]);
+            if let Some(s) = sampled {
+                h.insert("x-b3-sampled", HeaderValue::from_static(s));
+            }
+            h
+        };
+        let (sc, f) = decided(extract(&ids("1", None)));
+        assert_eq!(sc.trace_id().to_string(), TRACE);
+        assert_eq!(sc.span_id().to_string(), SPAN);
+        assert!(sc.is_sampled());
+        assert_eq!(f, Format::B3Single { debug: false });
+        let mut h = ids("1", None);
+        inject(&mut h, &ours(), Some(f));
+        assert_eq!(h["x-b3-traceid"], TRACE);
+        let (sc, f) = decided(extract(&ids("d", None)));
+        assert!(sc.is_sampled() && f == Format::B3Single { debug: true });
+        // `0` is their trace, not sampled.
+        let (sc, _) = decided(extract(&ids("0", None)));
+        assert_eq!(sc.trace_id().to_string(), TRACE);
+        assert!(!sc.is_sampled());
+        // The multi headers' own state comes first.
+        let (sc, _) = decided(extract(&ids("0", Some("1"))));
+        assert!(sc.is_sampled());
+        // Without readable ids beside it, the state alone holds as before.
+        let h = headers(&[("b3", "0"), ("x-b3-traceid", "junk"), ("x-b3-spanid", SPAN)]);
+        assert_eq!(extract(&h), Some(Parent::Denied));
     }
 }
