@@ -483,13 +483,6 @@ fn conditions(
 pub fn desired(s: &StatusInput, snap: &Snapshot) -> Value {
     match s.kind {
         Kind::HttpRoute | Kind::GrpcRoute => {
-            // Entries of other controllers (a Gateway's) are kept as they are.
-            let others = s.current["parents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|p| p["controllerName"] != CONTROLLER_NAME)
-                .cloned();
             let ours = s.parent_refs.iter().map(|parent| {
                 let parent_ref = parent.written.clone();
                 let old = s.current["parents"]
@@ -505,7 +498,21 @@ pub fn desired(s: &StatusInput, snap: &Snapshot) -> Value {
                        "controllerName": CONTROLLER_NAME,
                        "conditions": conditions(s, snap, &old, Some(parent))})
             });
-            json!({"parents": others.chain(ours).collect::<Vec<_>>()})
+            let mut ours: Vec<Value> = ours.collect();
+            // Entries of other controllers (a Gateway's) are kept as they
+            // are, and each of ours where it was (put last, it would be
+            // written again only to reorder, and fought over by a controller
+            // that puts its own last); new ones go last, gone ones go.
+            let mut parents: Vec<Value> = Vec::with_capacity(ours.len());
+            for p in s.current["parents"].as_array().into_iter().flatten() {
+                if p["controllerName"] != CONTROLLER_NAME {
+                    parents.push(p.clone());
+                } else if let Some(i) = ours.iter().position(|o| o["parentRef"] == p["parentRef"]) {
+                    parents.push(ours.remove(i));
+                }
+            }
+            parents.extend(ours);
+            json!({"parents": parents})
         }
         _ => json!({"conditions": conditions(s, snap, &s.current["conditions"], None)}),
     }
@@ -716,6 +723,34 @@ mod tests {
         let s = StatusInput::of(Kind::HttpRoute, &landed, None);
         assert!(to_write(&key, &s, &snap, &written, &mut refused).is_none());
         assert_eq!(refused.next_retry(), None);
+    }
+
+    /// strait's entries stay where they are among other controllers': put
+    /// last each time, they would be written again just to reorder them,
+    /// and against a controller that puts its own last, for ever.
+    #[test]
+    fn entries_keep_their_place_among_other_controllers() {
+        let snap = Snapshot::empty("cluster.local");
+        let gateway = serde_json::json!({"parentRef": {"name": "a-gateway"},
+            "controllerName": "example.io/gateway", "conditions": []});
+        let mut route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r", "resourceVersion": "7", "uid": "a"},
+            "spec": {"parentRefs": [
+                {"group": "", "kind": "Service", "name": "web"},
+                {"name": "a-gateway"}
+            ]},
+            "status": {"parents": [gateway.clone()]}
+        });
+        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+        let ours = want["parents"][1].clone();
+        assert_eq!(ours["controllerName"], CONTROLLER_NAME);
+        // The other controller wrote its entry last.
+        route["status"] = serde_json::json!({"parents": [ours, gateway]});
+        let s = StatusInput::of(Kind::HttpRoute, &route, None);
+        assert_eq!(desired(&s, &snap), route["status"]);
+        let key = (Kind::HttpRoute, "shop/r".to_string());
+        let (written, mut refused) = (Written::new(), Refused::default());
+        assert!(to_write(&key, &s, &snap, &written, &mut refused).is_none());
     }
 
     /// A route that no longer has a Service parent still has strait's
