@@ -448,13 +448,10 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
         }
         Kind::EndpointSlice => {
             let api: Api<EndpointSlice> = Api::all(client);
-            run_watcher(api, config, kind, out, |s| {
-                let o = SnapshotBuilder::slice(s)
-                    .map(|(svc, name, i)| Some(Object::EndpointSlice(svc, name, i)))
-                    .map_err(|e| e.to_string());
-                (o, None)
-            })
-            .await
+            // Only slices that name their Service: others (written by other
+            // tools, which Kubernetes allows) are not read at all.
+            let config = config.labels(defaults::SERVICE_NAME_LABEL);
+            run_watcher(api, config, kind, out, |s| (api_slice(s), None)).await
         }
         Kind::Pod => {
             let api: Api<Pod> = Api::all(client);
@@ -506,6 +503,23 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             .await
         }
     }
+}
+
+/// An EndpointSlice from the API server. One that names no Service is no
+/// error there (another tool's; the watch asks for those that do, but its
+/// label may be taken off): not kept, as a slice that was deleted.
+fn api_slice(s: &EndpointSlice) -> Result<Option<Object>, String> {
+    let named = s
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(defaults::SERVICE_NAME_LABEL));
+    if !named {
+        return Ok(None);
+    }
+    SnapshotBuilder::slice(s)
+        .map(|(svc, name, i)| Some(Object::EndpointSlice(svc, name, i)))
+        .map_err(|e| e.to_string())
 }
 
 async fn run_watcher<K, F>(
@@ -649,6 +663,26 @@ mod tests {
     use super::*;
     use crate::index::ObjKey;
     use std::time::Duration;
+
+    /// A slice that names no Service (another tool's) is not strait's: not
+    /// kept, and no error logged at each of its updates.
+    #[test]
+    fn a_slice_that_names_no_service_is_not_read() {
+        let slice = |labels: serde_json::Value| {
+            serde_json::from_value::<EndpointSlice>(serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "web-abc", "labels": labels},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.0.0.1"]}],
+            }))
+            .unwrap()
+        };
+        assert!(matches!(api_slice(&slice(serde_json::json!({}))), Ok(None)));
+        let named = slice(serde_json::json!({"kubernetes.io/service-name": "web"}));
+        assert!(matches!(
+            api_slice(&named),
+            Ok(Some(Object::EndpointSlice(svc, name, _))) if svc.name == "web" && name == "web-abc"
+        ));
+    }
 
     /// A list the API server fails every time (overloaded, or a kind RBAC
     /// does not grant) is retried ever less often, up to 30 s apart, rather
