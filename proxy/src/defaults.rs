@@ -124,6 +124,11 @@ pub const CONTROL_MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Kubernetes' default terminationGracePeriodSeconds is 30 s; drain a bit less.
 pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(25);
+
+/// After an inbound peer's certificate ends, how long its connection's
+/// requests are still taken: those that raced the GOAWAY sent then. Past it,
+/// each is refused (a peer that ignores the GOAWAY).
+pub const PEER_EXPIRY_GRACE: Duration = Duration::from_secs(5);
 /// After the drain, the last requests' spans get this long to reach the
 /// collector before the process exits (still within Kubernetes' 30 s).
 pub const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);

@@ -35,6 +35,9 @@ pub struct AuthorizeLayer {
     grant: Arc<Grant>,
     /// This peer's counters, decisions among them.
     counted: Arc<PeerMetrics>,
+    /// From when no request of this connection is taken: its certificate's
+    /// end, and the time an honest peer takes to see the GOAWAY sent then.
+    refuse_from: Option<tokio::time::Instant>,
 }
 
 impl AuthorizeLayer {
@@ -58,7 +61,17 @@ impl AuthorizeLayer {
             peer,
             policy,
             metrics,
+            refuse_from: None,
         }
+    }
+
+    /// Refuses requests once the peer's certificate has ended (`until`),
+    /// past `PEER_EXPIRY_GRACE`. HTTP/2's graceful GOAWAY names the streams
+    /// it will still take only once the peer answers its PING: a peer that
+    /// never does could otherwise go on opening streams for ever.
+    pub fn expiring(mut self, until: Option<tokio::time::Instant>) -> Self {
+        self.refuse_from = until.map(|u| u + crate::defaults::PEER_EXPIRY_GRACE);
+        self
     }
 
     fn count(&self, allowed: bool) {
@@ -116,6 +129,14 @@ where
             rx.mark_unchanged();
             rx
         });
+        if l.refuse_from
+            .is_some_and(|t| tokio::time::Instant::now() >= t)
+        {
+            l.count(false);
+            strait_otel::sampled!(info, peer = ?l.peer, "request on a connection whose peer's certificate has ended; refused");
+            let rsp = error_response(StatusCode::FORBIDDEN, "peer certificate expired");
+            return Either::Left(ready(Ok(rsp)));
+        }
         let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
         l.count(decision.is_ok());
         let admitted = match decision {
@@ -456,6 +477,7 @@ mod tests {
     use super::*;
     use crate::inbound::policy::{Allow, InboundPolicy, Mode, PortPolicy, Probe};
     use http_body_util::BodyExt as _;
+    use std::time::Duration;
     use tower::{Layer as _, Service as _};
 
     /// The layer a connection from `peer` gets, with metrics of its own.
@@ -534,6 +556,40 @@ mod tests {
         assert_eq!(t.len(), 1, "{t:?}");
         assert_eq!(t["grpc-status"], "0");
         assert_eq!(got.to_bytes(), "body");
+    }
+
+    /// No request is taken on a connection once its peer's certificate has
+    /// ended (and the grace for the GOAWAY to reach it): one that goes on
+    /// opening streams is refused.
+    #[tokio::test(start_paused = true)]
+    async fn no_request_is_taken_past_the_peers_certificate() {
+        let who = "spiffe://td/ns/a/sa/web";
+        let (_policy, rx) = tokio::sync::watch::channel(strict_for(who, vec![]));
+        let app = tower::service_fn(|_: Request<AdmittedBody<Empty>>| {
+            std::future::ready(Ok::<_, Infallible>(Response::new(BoxBody::default())))
+        });
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut svc = layer_for(Some(who.parse().unwrap()), rx)
+            .expiring(Some(until))
+            .layer(app);
+        let request = || {
+            let mut r = Request::get("/").body(Empty::new()).unwrap();
+            r.extensions_mut().insert(crate::http::Dst(DestAddr::Socket(
+                "127.0.0.1:8080".parse().unwrap(),
+            )));
+            r
+        };
+        assert_eq!(svc.call(request()).await.unwrap().status(), StatusCode::OK);
+        // Within the grace: a stream that raced the GOAWAY.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(svc.call(request()).await.unwrap().status(), StatusCode::OK);
+        tokio::time::advance(crate::defaults::PEER_EXPIRY_GRACE).await;
+        let rsp = svc.call(request()).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            rsp.headers()["strait-proxy-error"],
+            "peer certificate expired"
+        );
     }
 
     /// A streaming response is ended when a change of policy refuses its

@@ -313,7 +313,8 @@ impl Inbound {
                 s.policy.clone(),
                 s.metrics.clone(),
                 caller.clone(),
-            ),
+            )
+            .expiring(until),
             SetDstLayer(
                 dst::InboundDst::new(target, rules.clone(), s.config.app_ip)
                     .for_caller(client.0.ip().to_canonical()),
