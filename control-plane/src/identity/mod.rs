@@ -1,7 +1,8 @@
 //! The identity service: `Certify(csr, token)`. The token says who asks (a
 //! service-account token from the manifests in local mode); the identity is
 //! derived from it, a CSR for any other name is refused, and the leaf is
-//! short-lived. Every issuance is logged with the identity, never the token.
+//! short-lived. Issuances are logged (sampled) with the identity, never the
+//! token, and each one's span names its identity and serial.
 
 pub mod ca;
 pub mod caller;
@@ -62,6 +63,18 @@ impl strait_api::v1::identity_server::Identity for IdentityService {
                 "strait.certificate.bytes",
                 rsp.get_ref().leaf_der.len() as i64,
             ));
+            // Every issuance's span names what was issued; the log line is
+            // sampled.
+            if let Some(Issued { identity, serial }) = rsp.extensions().get::<Issued>() {
+                attrs.push(opentelemetry::KeyValue::new(
+                    "strait.identity",
+                    identity.clone(),
+                ));
+                attrs.push(opentelemetry::KeyValue::new(
+                    "strait.certificate.serial",
+                    serial.clone(),
+                ));
+            }
         }
         let error = result
             .as_ref()
@@ -160,10 +173,23 @@ impl IdentityService {
         // rollout asks once per pod); the count is in the metric.
         strait_otel::sampled!(info, %identity, serial = %leaf.serial, valid_until = %humantime::format_rfc3339_seconds(leaf.not_after), "certificate issued");
         self.metrics.certificates_issued.inc();
-        Ok(Response::new(api::CertifyResponse {
+        let mut rsp = Response::new(api::CertifyResponse {
             leaf_der: leaf.der,
             intermediates_der: ca.chain_der(),
             valid_until: Some(valid_until),
-        }))
+        });
+        rsp.extensions_mut().insert(Issued {
+            identity: identity.to_string(),
+            serial: leaf.serial.to_string(),
+        });
+        Ok(rsp)
     }
+}
+
+/// What a certificate was issued for, kept with the answer for its span
+/// (never sent: tonic sends no extensions).
+#[derive(Clone, Debug)]
+struct Issued {
+    identity: String,
+    serial: String,
 }

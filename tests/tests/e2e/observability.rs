@@ -710,6 +710,18 @@ async fn the_controller_exports_reloads_pushes_and_certificates() {
         certify.attr("strait.identity.asked").as_deref(),
         Some("spiffe://cluster.local/ns/test/sa/client")
     );
+    // What was issued, for an audit the sampled log lines cannot give.
+    assert_eq!(
+        certify.attr("strait.identity").as_deref(),
+        Some("spiffe://cluster.local/ns/test/sa/client")
+    );
+    let serial = certify
+        .attr("strait.certificate.serial")
+        .unwrap_or_default();
+    assert!(
+        serial.len() >= 16 && serial.bytes().all(|b| b.is_ascii_hexdigit() || b == b':'),
+        "serial {serial:?}"
+    );
 }
 
 #[test]
