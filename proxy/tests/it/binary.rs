@@ -363,26 +363,37 @@ async fn one_address_holds_a_few_admin_connections_at_most() {
     .await;
 }
 
+/// A proxy logging each request as JSON on its piped stdout, admin on
+/// `admin`, serving `backend` on `local`, with one more flag.
+fn access_logging(
+    admin: u16,
+    local: u16,
+    backend: std::net::SocketAddr,
+    flag: &str,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args([
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--inbound-addr=127.0.0.1:0".into(),
+            "--outbound-addr=127.0.0.1:0".into(),
+            format!("--upstream=127.0.0.1:{local}={backend}"),
+            "--access-log=json".into(),
+            flag.into(),
+            "--log-level=warn".into(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 /// A request still open when the shutdown grace period ends is cut, and
 /// still leaves its line: those are the requests a rollout's operator looks for.
 #[tokio::test]
 async fn a_request_cut_at_shutdown_leaves_its_access_log_line() {
     let backend = Backend::start().await;
     let (admin, local) = (free_port(), free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
-        .args([
-            format!("--admin-addr=127.0.0.1:{admin}"),
-            "--inbound-addr=127.0.0.1:0".into(),
-            "--outbound-addr=127.0.0.1:0".into(),
-            format!("--upstream=127.0.0.1:{local}={}", backend.addr),
-            "--access-log=json".into(),
-            "--shutdown-grace-period=1s".into(),
-            "--log-level=warn".into(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = access_logging(admin, local, backend.addr, "--shutdown-grace-period=1s");
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
     wait::ready(admin, Duration::from_secs(20)).await;
     let held = tokio::spawn(async move {
@@ -426,21 +437,9 @@ async fn a_request_cut_at_shutdown_leaves_its_access_log_line() {
 async fn the_access_log_has_a_json_line_per_request_with_its_trace() {
     let backend = Backend::start().await;
     let (admin, local) = (free_port(), free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
-        .args([
-            format!("--admin-addr=127.0.0.1:{admin}"),
-            "--inbound-addr=127.0.0.1:0".into(),
-            "--outbound-addr=127.0.0.1:0".into(),
-            format!("--upstream=127.0.0.1:{local}={}", backend.addr),
-            "--access-log=json".into(),
-            // Nobody listens: spans are dropped, their trace ids still logged.
-            format!("--otlp-endpoint=http://127.0.0.1:{}", free_port()),
-            "--log-level=warn".into(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    // Nobody listens: spans are dropped, their trace ids still logged.
+    let otlp = format!("--otlp-endpoint=http://127.0.0.1:{}", free_port());
+    let mut child = access_logging(admin, local, backend.addr, &otlp);
     wait::ready(
         std::net::SocketAddr::from(([127, 0, 0, 1], admin)),
         Duration::from_secs(20),
