@@ -772,6 +772,22 @@ kind: ConfigMap
     assert_eq!(docs[3]["kind"], "ConfigMap");
 }
 
+/// A host-network pod written with a YAML 1.1 boolean (`hostNetwork: yes`,
+/// which kubectl reads as true) is left alone like any other: injected, its
+/// init container would rewrite the node's own iptables.
+#[test]
+fn strait_inject_reads_yaml_1_1_booleans_before_deciding() {
+    for yes in ["yes", "on", "y", "True"] {
+        let input = format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: d}}\nspec:\n  template:\n    spec:\n      hostNetwork: {yes}\n      containers: [{{name: c, image: c}}]\n"
+        );
+        let (out, reports) = inject_stream(&input, &settings()).unwrap();
+        assert_eq!(reports.len(), 1, "{yes}: {reports:?}");
+        assert_ne!(reports[0].result, Ok("injected"), "{yes}: {reports:?}");
+        assert_eq!(out, input, "{yes}: written back as it was");
+    }
+}
+
 /// `kubectl get deploy -A -o yaml | strait inject -` passes by the system's
 /// and the mesh's own workloads: a controller or DNS server whose proxy
 /// waits for them would never start again.

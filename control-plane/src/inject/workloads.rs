@@ -38,12 +38,14 @@ pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>),
             }
         };
         let mut value = value;
+        // Read as kubectl (YAML 1.1) reads it before anything is decided:
+        // `hostNetwork: yes` is a host-network pod, never injected. Written
+        // back the same way, so kubectl reads back what was meant.
+        super::yaml::yaml11_booleans(&mut value);
         let before = reports.len();
         inject_object(&mut value, s, &mut reports);
         let changed = reports[before..].iter().any(|r| r.result == Ok("injected"));
         if changed {
-            // Written so that kubectl (YAML 1.1) reads back what was meant.
-            super::yaml::yaml11_booleans(&mut value);
             out.push_str(&super::yaml::to_yaml(&value));
         } else {
             out.push_str(doc);
