@@ -311,6 +311,17 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Outcome::Skip("the pod uses the host's network"));
     }
+    // The proxy and its init container are Linux programs: a Windows pod
+    // (by `os.name`, or a node selector, as older manifests say it) given
+    // them would never start.
+    let windows = pod.pointer("/spec/os/name").and_then(Value::as_str) == Some("windows")
+        || pod
+            .pointer("/spec/nodeSelector/kubernetes.io~1os")
+            .and_then(Value::as_str)
+            == Some("windows");
+    if windows {
+        return Ok(Outcome::Skip("the pod runs on Windows"));
+    }
     // The proxy finds its controller by its Service's name, which the node's
     // resolver does not know: it would never become ready, nor the app start.
     if spec.get("dnsPolicy").and_then(Value::as_str) == Some("Default") {

@@ -206,6 +206,25 @@ fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network(
         inject(&host, Namespace::Enabled, &settings()).unwrap(),
         Outcome::Skip("the pod uses the host's network")
     );
+    // A Windows pod could run neither the proxy nor its init container.
+    for spec in [
+        json!({"os": {"name": "windows"}, "containers": [{"name": "a", "image": "a"}]}),
+        json!({"nodeSelector": {"kubernetes.io/os": "windows"}, "containers": [{"name": "a", "image": "a"}]}),
+    ] {
+        let p = pod(json!({INJECT: "enabled"}), spec);
+        assert_eq!(
+            inject(&p, Namespace::Enabled, &settings()).unwrap(),
+            Outcome::Skip("the pod runs on Windows")
+        );
+    }
+    let linux = pod(
+        json!({INJECT: "enabled"}),
+        json!({"os": {"name": "linux"}, "containers": [{"name": "a", "image": "a"}]}),
+    );
+    assert!(matches!(
+        inject(&linux, Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Inject(_)
+    ));
     // The node's DNS has no name for the controller: the proxy could never
     // reach it. The cluster's DNS, said outright, is fine.
     for (policy, skipped) in [("Default", true), ("ClusterFirst", false)] {
