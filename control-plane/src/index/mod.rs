@@ -126,8 +126,9 @@ pub struct Snapshot {
     pub tokens: HashMap<TokenDigest, ObjKey>,
     /// strait's AuthorizationPolicies, by namespace/name: ordered, so that a
     /// namespace's are one range, and a pod's policy is not worked out from
-    /// every policy of the mesh at every change.
-    pub authorizations: BTreeMap<ObjKey, crate::authz::AuthorizationSpec>,
+    /// every policy of the mesh at every change. Shared between snapshots, as
+    /// the other maps are: a policy may list a thousand identities.
+    pub authorizations: OrdMap<ObjKey, crate::authz::AuthorizationSpec>,
     /// HTTPRoutes and GRPCRoutes with a Service among their parents.
     pub routes: HashMap<RouteId, RouteSpec>,
     /// The routes naming each Service as a parent: a view finds its routes
@@ -180,7 +181,7 @@ impl Snapshot {
             pods: HashMap::new(),
             by_pod_ip: HashMap::new(),
             tokens: HashMap::new(),
-            authorizations: BTreeMap::new(),
+            authorizations: OrdMap::new(),
             routes: HashMap::new(),
             routes_by_parent: HashMap::new(),
             backend_policies: HashMap::new(),
