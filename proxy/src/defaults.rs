@@ -94,7 +94,8 @@ pub const H2_PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const H2_PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An HTTP/2 connection to an upstream (a peer proxy, or an app speaking HTTP/2)
-/// is closed after this long unused: no new request, and no stream open.
+/// is closed once a check this often finds it was unused since the last one:
+/// no new request, and no stream open (so 10–20 s after its last use).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle pooled HTTP/1 connection to an app is not used past this (Linkerd's
 /// 3 s): under the keep-alive timeout of common app servers (Node.js and
