@@ -210,11 +210,10 @@ fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey
             name: t.name.clone(),
         };
         return selects(snap, &svc, pod)
-            || snap.slices.get(&svc).is_some_and(|slices| {
-                slices.values().any(|s| {
-                    s.pods.contains(pod) || s.endpoints.iter().any(|e| e.pod.as_ref() == Some(pod))
-                })
-            });
+            || snap
+                .slices
+                .get(&svc)
+                .is_some_and(|slices| slices.values().any(|s| s.pods.binary_search(pod).is_ok()));
     }
     false
 }
@@ -693,6 +692,24 @@ spec:
         assert_eq!(mode(pod("front", "web-0")), permissive);
         // A Service without a selector picks no pod: its slices decide. The
         // unlabelled `shop/web-0` is in none of them.
+        assert_eq!(mode(pod("shop", "web-0")), permissive);
+        // Listed in one of them (among others), a pod is covered.
+        let slice = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: by-hand-1, namespace: shop, labels: {kubernetes.io/service-name: by-hand}}
+addressType: IPv4
+ports: [{name: http, port: 80}]
+endpoints:
+  - {addresses: ["10.0.0.9"], targetRef: {kind: Pod, name: zz-9}}
+  - {addresses: ["10.0.0.8"], targetRef: {kind: Pod, name: other-0}}
+  - {addresses: ["10.0.0.1"], targetRef: {kind: Pod, name: aa-1}}
+"#;
+        for o in crate::manifests::parse_file(slice).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let mode = |p: ObjKey| workload_policy(&snap, &p).default.unwrap().mode;
+        assert_eq!(mode(pod("shop", "other-0")), strict);
         assert_eq!(mode(pod("shop", "web-0")), permissive);
     }
 

@@ -81,9 +81,10 @@ pub struct SliceInfo {
     /// Port name ("" for unnamed) to port number.
     pub ports: Vec<(String, u16)>,
     pub endpoints: Vec<EndpointInfo>,
-    /// Of a slice that brings no endpoints (IPv6, FQDN), the pods its
-    /// endpoints name: still the Service's members, which a `targetRef`
-    /// AuthorizationPolicy covers.
+    /// The pods its endpoints name, sorted, once each: the Service's members,
+    /// which a `targetRef` AuthorizationPolicy covers (those of a slice that
+    /// brings no endpoints, IPv6 or FQDN, too). Looked up for every pod at
+    /// every change, so sorted here once rather than scanned there.
     pub pods: Vec<ObjKey>,
 }
 
@@ -480,13 +481,16 @@ impl SnapshotBuilder {
             namespace: k.namespace.clone(),
             name: svc.clone(),
         };
+        let mut pods: Vec<ObjKey> = endpoints.iter().filter_map(|e| e.pod.clone()).collect();
+        pods.sort();
+        pods.dedup();
         Ok((
             svc_key,
             k.name,
             SliceInfo {
                 ports,
                 endpoints,
-                pods: Vec::new(),
+                pods,
             },
         ))
     }
