@@ -786,6 +786,21 @@ impl Snapshot {
             for ip in &info.cluster_ips {
                 if self.by_cluster_ip.get(ip) == Some(key) {
                     self.by_cluster_ip.remove(ip);
+                    // Another Service that claims it too (two manifests
+                    // giving one `clusterIP`, which the API server would not
+                    // take) keeps it: the address stays meshed. Services
+                    // change seldom next to their endpoints: they are looked
+                    // through here (a few µs per thousand) rather than indexed.
+                    let other = self
+                        .services
+                        .iter()
+                        .filter(|(_, s)| s.cluster_ips.contains(ip))
+                        .map(|(k, _)| k)
+                        .min()
+                        .cloned();
+                    if let Some(other) = other {
+                        self.by_cluster_ip.insert(*ip, other);
+                    }
                 }
             }
         }
@@ -929,6 +944,29 @@ mod tests {
             assert!(e.contains("metadata.namespace"), "{ns}: {e}");
             assert!(crate::spec::key(&meta).is_err(), "{ns}");
         }
+    }
+
+    /// Two Services claiming one cluster IP (from manifests: the API server
+    /// would refuse the second): the one that stays keeps the address.
+    #[test]
+    fn a_cluster_ip_claimed_twice_stays_with_the_service_left() {
+        let svc = |name: &str| {
+            let s: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+            }))
+            .unwrap();
+            SnapshotBuilder::service(&s).unwrap()
+        };
+        let ip: IpAddr = "10.96.0.10".parse().unwrap();
+        let mut snap = Snapshot::empty("cluster.local");
+        let (a, b) = (svc("a"), svc("b"));
+        snap.add_service(a.0.clone(), a.1);
+        snap.add_service(b.0.clone(), b.1);
+        snap.remove_service(&b.0);
+        assert_eq!(snap.by_cluster_ip.get(&ip), Some(&a.0));
+        snap.remove_service(&a.0);
+        assert_eq!(snap.by_cluster_ip.get(&ip), None);
     }
 
     /// A UDP port of the same number as a TCP one (DNS's 53, say) lends it
