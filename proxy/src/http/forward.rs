@@ -417,9 +417,16 @@ fn upstream_target<B>(
             .map_err(|_| ProxyError::BadRequest("invalid request target")),
     };
     if h2 {
+        // A request that named no host (HTTP/1.0 without `Host`) names the
+        // destination it was sent to, not the peer proxy's port (the peer
+        // writes `:authority` into the app's `Host`).
         let authority = match app_authority {
             Some(a) => a,
-            None => addr_authority()?,
+            None => match req.extensions().get::<Dst>() {
+                Some(Dst(d)) => Authority::try_from(d.to_string())
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?,
+                None => addr_authority()?,
+            },
         };
         return Ok(UpstreamTarget {
             authority,
@@ -877,6 +884,12 @@ mod tests {
         );
     }
 
+    /// The authority an HTTP/2 request to a peer carries.
+    fn target_of<B>(req: &Request<B>, addr: SocketAddr) -> String {
+        let target = upstream_target(req, app_authority(req).unwrap(), addr, None, true).unwrap();
+        target.authority.to_string()
+    }
+
     #[test]
     fn what_is_changed_for_a_peer_is_recorded_and_undone_whole() {
         // HTTP/1.0, with two values of a strait header the app sent itself.
@@ -906,6 +919,21 @@ mod tests {
         assert_eq!(head.uri, original.uri);
         assert_eq!(head.version, Version::HTTP_10);
         assert_eq!(head.headers, original.headers);
+
+        // HTTP/1.0 without `Host`: the destination it was sent to, not the
+        // peer proxy's address, names it to the peer (and so to the app).
+        let mut bare = Request::get("/a")
+            .version(Version::HTTP_10)
+            .body(())
+            .unwrap();
+        assert_eq!(
+            target_of(&bare, addr),
+            "10.0.0.7:4143",
+            "no destination known"
+        );
+        bare.extensions_mut()
+            .insert(Dst(DestAddr::Socket("10.96.0.10:80".parse().unwrap())));
+        assert_eq!(target_of(&bare, addr), "10.96.0.10:80");
 
         // Not asked to record: nothing is kept.
         let mut req = Request::get("/a").body(()).unwrap();
