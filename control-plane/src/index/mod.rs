@@ -410,14 +410,14 @@ impl SnapshotBuilder {
                     })
                 })
         };
+        let mut pods: Vec<ObjKey> = es.endpoints.iter().filter_map(pod_of).collect();
+        pods.sort();
+        pods.dedup();
         // Proxies listen on IPv4 only: a dual-stack Service's IPv6 slice lists
         // the same pods again at addresses where no proxy answers, and an
         // FQDN slice has no addresses to dial. Neither adds endpoints; their
         // pods are kept, or an IPv6-only Service's policy would cover none.
         if es.address_type != "IPv4" {
-            let mut pods: Vec<ObjKey> = es.endpoints.iter().filter_map(pod_of).collect();
-            pods.sort();
-            pods.dedup();
             return Ok((
                 ObjKey {
                     namespace: k.namespace.clone(),
@@ -481,9 +481,6 @@ impl SnapshotBuilder {
             namespace: k.namespace.clone(),
             name: svc.clone(),
         };
-        let mut pods: Vec<ObjKey> = endpoints.iter().filter_map(|e| e.pod.clone()).collect();
-        pods.sort();
-        pods.dedup();
         Ok((
             svc_key,
             k.name,

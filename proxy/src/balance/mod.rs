@@ -673,10 +673,8 @@ impl InFlight {
             // The others out: a probe's endpoint is out already, and counts
             // against the cap only if it goes out again.
             let others = live
-                .slots
-                .iter()
-                .filter(|s| !Arc::ptr_eq(&s.state, state) && s.state.outlier().is_ejected())
-                .count();
+                .ejected()
+                .saturating_sub(usize::from(state.outlier().is_ejected()));
             let may_eject = others < cap;
             self.state().outlier().failure_as(
                 &live.config.breaker,

@@ -71,9 +71,7 @@ impl DrainTrigger {
     /// waits at most `within` for them to be gone. True when all were.
     pub async fn cut(&self, within: Duration) -> bool {
         self.cut.send_replace(true);
-        tokio::time::timeout(within, self.tracker.wait())
-            .await
-            .is_ok()
+        self.wait(within).await
     }
 
     /// Tasks still running.
