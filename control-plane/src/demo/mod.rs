@@ -546,9 +546,11 @@ async fn run_mesh(
         }
     };
     load.abort();
-    let total = stats.lock().map(|s| s.total.clone()).unwrap_or_default();
+    // Taken together, so the rates are of the requests counted.
+    let elapsed = start.elapsed();
+    let total = stats.lock().map(|mut s| s.take_total()).unwrap_or_default();
     let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
-    table::print_summary(&total, counters, canary, start.elapsed());
+    table::print_summary(&total, counters, canary, elapsed);
     outcome?;
     anyhow::ensure!(
         total.ok_requests() > 0,

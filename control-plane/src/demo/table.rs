@@ -137,7 +137,7 @@ fn policy_lines(w: &Window, proxy: Option<PolicyCounters>, canary: Canary) -> St
 #[derive(Debug, Default)]
 pub struct Stats {
     window: Window,
-    pub total: Window,
+    total: Window,
     /// The slowest request since the last table, and its trace id.
     pub slowest: Option<(u64, String)>,
 }
@@ -151,7 +151,9 @@ impl Stats {
         callers: &str,
         backend_us: Option<u64>,
     ) {
-        let mut hops = chain.split(',');
+        // An empty chain is a request no app answered (the load pod's proxy
+        // answered it): it counts for web, and api was never asked.
+        let mut hops = chain.split(',').filter(|h| !h.is_empty());
         let web = hops.next();
         let api = hops.next();
         let mut callers = callers.split(',');
@@ -168,6 +170,13 @@ impl Stats {
                 callers.next(),
             );
         }
+    }
+
+    /// Every request recorded, the window under way included: the summary's
+    /// figures are over the whole run, so a stop between two tables loses none.
+    pub fn take_total(&mut self) -> Window {
+        self.take_window();
+        std::mem::take(&mut self.total)
     }
 
     pub fn take_window(&mut self) -> Window {
@@ -262,4 +271,42 @@ pub fn print_summary(
         rows(total, elapsed.as_secs_f64()),
         policy_lines(total, proxy, canary)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request the load pod's proxy answered itself (no app in its chain)
+    /// failed at web, and is not counted against api, which it never reached.
+    #[test]
+    fn a_request_that_reached_no_app_is_not_counted_for_api() {
+        let mut s = Stats::default();
+        s.record(false, 900, "", "", None);
+        s.record(
+            true,
+            1200,
+            "web-0,api-1",
+            "spiffe://a,spiffe://b",
+            Some(700),
+        );
+        let w = s.take_window();
+        assert_eq!(w.dests[WEB].requests, 2);
+        assert_eq!(w.dests[WEB].ok, 1);
+        assert_eq!(w.dests[API].requests, 1);
+        assert_eq!(w.dests[API].ok, 1);
+        assert_eq!(w.dests[API].served_by.get("api-1"), Some(&1));
+    }
+
+    /// The summary counts the requests since the last table too.
+    #[test]
+    fn the_total_takes_the_window_under_way() {
+        let mut s = Stats::default();
+        s.record(true, 1000, "web-0,api-0", "", Some(500));
+        let _ = s.take_window();
+        s.record(true, 1000, "web-0,api-1", "", Some(500));
+        let total = s.take_total();
+        assert_eq!(total.dests[WEB].requests, 2);
+        assert_eq!(total.ok_requests(), 2);
+    }
 }
