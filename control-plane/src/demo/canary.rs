@@ -4,6 +4,7 @@
 //! demo ends.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// The file in the manifests directory that holds the api HTTPRoute.
 pub const ROUTES_FILE: &str = "routes.yaml";
@@ -36,10 +37,12 @@ pub fn shift_weights(text: &str) -> Option<String> {
 }
 
 /// routes.yaml of the demo's manifests: shifted once, restored on `restore` or
-/// when dropped (an error or a panic on the way out).
+/// when dropped (an error or a panic on the way out). Clones share the shift,
+/// so that a second signal, which exits without unwinding, can restore it too.
+#[derive(Clone)]
 pub struct RoutesFile {
     path: PathBuf,
-    shifted: Option<Shifted>,
+    shifted: Arc<Mutex<Option<Shifted>>>,
 }
 
 struct Shifted {
@@ -60,8 +63,22 @@ impl RoutesFile {
     pub fn new(manifests: &Path) -> Self {
         RoutesFile {
             path: manifests.join(ROUTES_FILE),
-            shifted: None,
+            shifted: Arc::default(),
         }
+    }
+
+    fn shifted(&self) -> std::sync::MutexGuard<'_, Option<Shifted>> {
+        self.shifted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the file holds the demo's shifted split, as a demo that could
+    /// not clean up (killed) leaves it.
+    pub fn left_shifted(&self) -> bool {
+        std::fs::read_to_string(&self.path).is_ok_and(|t| {
+            backend_refs(WEIGHT_AFTER)
+                .iter()
+                .all(|r| t.contains(r.as_str()))
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -79,7 +96,8 @@ impl RoutesFile {
     /// Rewrites the file with the shifted weights; `false` if it no longer holds
     /// the split to shift.
     pub fn shift(&mut self) -> anyhow::Result<bool> {
-        if self.shifted.is_some() {
+        let mut shifted = self.shifted();
+        if shifted.is_some() {
             return Ok(true);
         }
         let original = std::fs::read(&self.path)?;
@@ -87,7 +105,7 @@ impl RoutesFile {
             return Ok(false);
         };
         write_atomically(&self.path, text.as_bytes())?;
-        self.shifted = Some(Shifted {
+        *shifted = Some(Shifted {
             original,
             written: text.into_bytes(),
         });
@@ -96,7 +114,7 @@ impl RoutesFile {
 
     /// Puts the original text back, unless the file changed after the shift.
     pub fn restore(&mut self) -> anyhow::Result<Restored> {
-        let Some(s) = self.shifted.take() else {
+        let Some(s) = self.shifted().take() else {
             return Ok(Restored::Nothing);
         };
         if std::fs::read(&self.path)? != s.written {
@@ -143,6 +161,19 @@ mod tests {
         assert!(shifted.contains("{name: api, port: 80, weight: 50}"));
         assert!(shifted.contains("{name: api-v2, port: 80, weight: 50}"));
         assert_eq!(shift_weights(&shifted), None);
+    }
+
+    /// The split a killed demo leaves is told from the one that ships.
+    #[test]
+    fn a_file_left_shifted_is_told() {
+        let dir = std::env::temp_dir().join(format!("strait-canary-left-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let f = RoutesFile::new(&dir);
+        std::fs::write(f.path(), SHIPPED).expect("write");
+        assert!(!f.left_shifted());
+        std::fs::write(f.path(), shift_weights(SHIPPED).expect("shifted")).expect("write");
+        assert!(f.left_shifted());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -189,6 +189,12 @@ impl Procs {
             .command(bin, args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            // A group of its own: Ctrl-C at the terminal signals the whole
+            // foreground group, and would stop every child at once, the
+            // controller under its proxies and web-0's proxy before the
+            // summary reads its counters. The demo alone is signalled, and
+            // stops them in order.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {what} ({})", bin.display()))?;
@@ -273,8 +279,20 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let work = Workdir::new()?;
+    let mut routes = RoutesFile::new(&args.manifests);
+    if routes.left_shifted() {
+        eprintln!(
+            "warning: {} holds the demo's shifted split (api {} / api-v2 {}), as a demo that was killed leaves it; the demo will not shift it (`git checkout {}` puts it back)",
+            routes.path().display(),
+            100 - canary::WEIGHT_AFTER,
+            canary::WEIGHT_AFTER,
+            routes.path().display()
+        );
+    }
     let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
     let children = pids.clone();
+    let (mut undo, work_path) = (routes.clone(), work.path.clone());
     tokio::spawn(async move {
         for _ in 0..2 {
             let signal = tokio::select! {
@@ -283,19 +301,21 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
                 _ = hup.recv() => rustix::process::Signal::HUP,
             };
             if stopped.send_replace(true) {
-                // Asked twice: the cleanup is not waited for, but the
-                // processes it would stop are not left running.
+                // Asked twice: the cleanup is not waited for, but what it
+                // would undo is not left behind: the processes, the shifted
+                // routes.yaml, the directory with the issuer's key (exit runs
+                // no destructors).
                 for pid in children.lock().map(|p| p.clone()).unwrap_or_default() {
                     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
                         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                     }
                 }
+                let _ = undo.restore();
+                let _ = std::fs::remove_dir_all(&work_path);
                 std::process::exit(128 + signal.as_raw());
             }
         }
     });
-    let work = Workdir::new()?;
-    let mut routes = RoutesFile::new(&args.manifests);
     let mut procs = Procs {
         running: Vec::new(),
         log,

@@ -171,6 +171,117 @@ async fn a_demo_hung_up_on_cleans_up_after_itself() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// Starts `strait demo` with its output piped and its work directory under
+/// `tmp`, in a process group of its own as a shell starts a foreground job,
+/// and waits for the canary shift: the lines seen so far, and the rest.
+async fn a_shifted_demo(
+    duration: &str,
+    tmp: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    use tokio::io::AsyncBufReadExt as _;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut demo = tokio::process::Command::new(strait_tests::process::binary("strait"))
+        .args(["demo", "--duration", duration])
+        .current_dir(&root)
+        .env("STRAIT_LOG", "warn")
+        .env("TMPDIR", tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let shifted = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            seen.push_str(&l);
+            seen.push('\n');
+            if l.contains("canary shift: rewrote") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(shifted, Ok(true)), "no canary shift:\n{seen}");
+    (demo, lines)
+}
+
+/// The demo's output to its end, and how it ended.
+async fn the_end_of(
+    demo: &mut tokio::process::Child,
+    mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> (std::process::ExitStatus, String, String) {
+    use tokio::io::AsyncReadExt as _;
+    let mut stderr = demo.stderr.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let mut rest = String::new();
+        while let Some(l) = lines.next_line().await.unwrap() {
+            rest.push_str(&l);
+            rest.push('\n');
+        }
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).await.unwrap();
+        (demo.wait().await.unwrap(), rest, err)
+    })
+    .await
+    .expect("the demo ends on a signal")
+}
+
+/// Ctrl-C at a terminal signals the whole foreground process group, not the
+/// demo alone: the demo still stops its processes in order, so the summary
+/// has web-0's proxy counters and no proxy reports its control stream cut.
+#[tokio::test]
+async fn ctrl_c_at_the_terminal_ends_the_demo_in_order() {
+    let tmp = strait_tests::manifests::ManifestDir::new();
+    let (mut demo, lines) = a_shifted_demo("16s", tmp.path()).await;
+    let group = rustix::process::Pid::from_raw(demo.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process_group(group, rustix::process::Signal::INT).unwrap();
+    let (status, rest, stderr) = the_end_of(&mut demo, lines).await;
+    assert!(status.success(), "{status}\n{rest}\n{stderr}");
+    let summary = rest.split("summary over").nth(1).expect("a summary");
+    assert!(number_after(summary, "retries: ") > 0.0, "{summary}");
+    assert!(!stderr.contains("stream failed"), "{stderr}");
+}
+
+/// A second signal ends the demo without waiting for its cleanup, and still
+/// leaves nothing behind: no process, routes.yaml as shipped, no directory
+/// with the issuer's key.
+#[tokio::test]
+async fn a_demo_signalled_twice_leaves_nothing_behind() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let routes = root.join("deploy/examples/demo/routes.yaml");
+    let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
+    let tmp = strait_tests::manifests::ManifestDir::new();
+    let (mut demo, lines) = a_shifted_demo("16s", tmp.path()).await;
+    let pid = rustix::process::Pid::from_raw(demo.id().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let (status, rest, stderr) = the_end_of(&mut demo, lines).await;
+    assert_eq!(status.code(), Some(130), "{rest}\n{stderr}");
+    assert_eq!(
+        std::fs::read(&routes).unwrap(),
+        routes_before,
+        "routes.yaml left shifted"
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // Killed, the controller lets its admin address go (within a deadline:
+    // the kernel tears a killed process down after the demo exits).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind("127.0.0.1:19990").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller outlived the demo"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A collector the exporter cannot reach is refused before anything starts,
 /// with the reason, rather than as a child process's failure.
 #[test]
