@@ -37,6 +37,10 @@ const NAMESPACE: &str = "demo";
 /// web-0's proxy admin: its metrics count the retries, timeouts and ejections of
 /// web's calls to api.
 const WEB_PROXY_METRICS: &str = "http://127.0.1.1:4191/metrics";
+/// How long the demo's trust anchor and issuer are valid: a demo left running
+/// (no `--duration`) must not see every certificate expire under it, and they
+/// go with the demo's directory when it ends.
+const PKI_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// When the canary shifts without `--duration` (with it: at half of it).
 const SHIFT_AFTER: Duration = Duration::from_secs(20);
 /// One load request in this many goes to the slow path.
@@ -375,7 +379,7 @@ impl Workdir {
         let w = Workdir { path };
         let m = w.manifests();
         std::fs::create_dir(&m).with_context(|| format!("creating {}", m.display()))?;
-        let pki = crate::identity::ca::generate("cluster.local", Duration::from_secs(24 * 3600))?;
+        let pki = crate::identity::ca::generate("cluster.local", PKI_VALIDITY)?;
         std::fs::write(w.path.join("anchors.pem"), &pki.anchor_pem)?;
         std::fs::write(w.path.join("issuer.crt"), &pki.issuer_cert_pem)?;
         write_private(&w.path.join("issuer.key"), &pki.issuer_key_pem)?;
@@ -688,6 +692,21 @@ mod tests {
                 (s(k), v.map(s))
             })
             .collect()
+    }
+
+    /// A demo left running for days keeps an issuer that can sign.
+    #[test]
+    fn the_demos_issuer_outlives_a_long_run() {
+        let w = Workdir::new().expect("a work directory");
+        let read = |f: &str| std::fs::read_to_string(w.path.join(f)).expect(f);
+        let ca = crate::identity::ca::Ca::from_pem(
+            &read("issuer.crt"),
+            &read("issuer.key"),
+            Duration::from_secs(60),
+        )
+        .expect("the demo's issuer");
+        let week = std::time::SystemTime::now() + Duration::from_secs(7 * 24 * 3600);
+        assert!(ca.issuer_not_after() > week);
     }
 
     /// `strait --log-level debug --log-format json demo` reaches every
