@@ -51,6 +51,8 @@ const SLOW_EVERY: u64 = 20;
 /// it. Mirrors `deploy/examples/demo/`.
 struct DemoPod {
     name: &'static str,
+    /// Its `app` label: the service name its spans carry, as in a cluster.
+    app_label: &'static str,
     service_account: &'static str,
     ip: &'static str,
     app: bool,
@@ -61,6 +63,7 @@ struct DemoPod {
 const PODS: &[DemoPod] = &[
     DemoPod {
         name: "web-0",
+        app_label: "web",
         service_account: "web",
         ip: "127.0.1.1",
         app: true,
@@ -69,6 +72,7 @@ const PODS: &[DemoPod] = &[
     },
     DemoPod {
         name: "api-0",
+        app_label: "api",
         service_account: "api",
         ip: "127.0.1.2",
         app: true,
@@ -77,6 +81,7 @@ const PODS: &[DemoPod] = &[
     },
     DemoPod {
         name: "api-1",
+        app_label: "api",
         service_account: "api",
         ip: "127.0.1.3",
         app: true,
@@ -86,6 +91,7 @@ const PODS: &[DemoPod] = &[
     // Flaky: 503 to 30 % of requests, which the route's retries hide.
     DemoPod {
         name: "api-2",
+        app_label: "api",
         service_account: "api",
         ip: "127.0.1.4",
         app: true,
@@ -95,6 +101,7 @@ const PODS: &[DemoPod] = &[
     // Broken: 500 to every request, ejected by the breaker.
     DemoPod {
         name: "api-3",
+        app_label: "api",
         service_account: "api",
         ip: "127.0.1.5",
         app: true,
@@ -104,6 +111,7 @@ const PODS: &[DemoPod] = &[
     // The canary, behind Service api-v2.
     DemoPod {
         name: "api-v2-0",
+        app_label: "api-v2",
         service_account: "api",
         ip: "127.0.1.6",
         app: true,
@@ -112,6 +120,7 @@ const PODS: &[DemoPod] = &[
     },
     DemoPod {
         name: "load-0",
+        app_label: "load",
         service_account: "load",
         ip: "127.0.1.10",
         app: false,
@@ -496,7 +505,7 @@ async fn run_mesh(
         ];
         if let Some(e) = &args.otlp_endpoint {
             a.push(format!("--otlp-endpoint={e}"));
-            a.push(format!("--service-name={}", pod.service_account));
+            a.push(format!("--service-name={}", pod.app_label));
         }
         if let Some((port, dest)) = pod.upstream {
             a.push(format!("--upstream={}:{port}={dest}", pod.ip));
@@ -692,6 +701,28 @@ mod tests {
                 (s(k), v.map(s))
             })
             .collect()
+    }
+
+    /// The demo's pods are the manifests' pods: names, addresses, service
+    /// accounts and `app` labels (the canary's spans are named `api-v2`).
+    #[test]
+    fn the_demo_pods_mirror_the_manifests() {
+        let text = include_str!("../../../deploy/examples/demo/pods.yaml");
+        let list: serde_norway::Value = serde_norway::from_str(text).expect("pods.yaml");
+        let items = list["items"].as_sequence().expect("items");
+        assert_eq!(items.len(), PODS.len());
+        for (item, pod) in items.iter().zip(PODS) {
+            let s = |v: &serde_norway::Value| v.as_str().unwrap_or_default().to_string();
+            assert_eq!(s(&item["metadata"]["name"]), pod.name);
+            assert_eq!(
+                s(&item["metadata"]["labels"]["app"]),
+                pod.app_label,
+                "{}",
+                pod.name
+            );
+            assert_eq!(s(&item["spec"]["serviceAccountName"]), pod.service_account);
+            assert_eq!(s(&item["status"]["podIP"]), pod.ip);
+        }
     }
 
     /// A demo left running for days keeps an issuer that can sign.
