@@ -283,6 +283,7 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
         "--manifests {}: not a directory (run from the repository root, or pass --manifests)",
         args.manifests.display()
     );
+    free(&listen_addrs())?;
     // Listening before anything starts, so that Ctrl-C, SIGTERM or a closed
     // terminal (SIGHUP) at any point ends the demo through its cleanup: the
     // processes stopped, routes.yaml restored, the keys' directory removed.
@@ -318,10 +319,21 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
                 // would undo is not left behind: the processes, the shifted
                 // routes.yaml, the directory with the issuer's key (exit runs
                 // no destructors).
-                for pid in children.lock().map(|p| p.clone()).unwrap_or_default() {
-                    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                    }
+                let pids: Vec<_> = children
+                    .lock()
+                    .map(|p| p.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|pid| rustix::process::Pid::from_raw(pid as i32))
+                    .collect();
+                for &pid in &pids {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+                // Gone before the demo is, their addresses with them: a demo
+                // started next finds them free.
+                for pid in pids {
+                    let _ =
+                        rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
                 }
                 let _ = undo.restore();
                 let _ = std::fs::remove_dir_all(&work_path);
@@ -359,6 +371,38 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// Every address the demo's processes listen on: the controller's, and each
+/// pod's app, sidecar and `--upstream` ports.
+fn listen_addrs() -> Vec<String> {
+    let mut addrs = vec![CONTROLLER_GRPC.to_string(), CONTROLLER_ADMIN.to_string()];
+    for pod in PODS {
+        let ports = [Some("4143"), Some("4140"), Some("4191")];
+        let app = pod.app.then_some("8080");
+        let upstream = pod.upstream.map(|(port, _)| port);
+        for port in ports.into_iter().chain([app, upstream]).flatten() {
+            addrs.push(format!("{}:{port}", pod.ip));
+        }
+    }
+    addrs
+}
+
+/// Fails, naming the first address something else listens on: found here,
+/// before anything starts, rather than as one child's exit among many (or,
+/// for a demo still running, its processes answering the new one's readiness
+/// checks). A listener on the wildcard address takes the port of every
+/// loopback address too.
+fn free(addrs: &[String]) -> anyhow::Result<()> {
+    for a in addrs {
+        let addr: SocketAddr = a.parse()?;
+        std::net::TcpListener::bind(addr).with_context(|| {
+            format!(
+                "the demo listens on {a}, which is taken (another demo still running? `ss -ltnp` names what holds it)"
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// What `strait install` would create in a cluster: a fresh trust anchor and
@@ -541,20 +585,23 @@ async fn run_mesh(
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
+    // What the shift did, under every table from then on: on a terminal each
+    // table clears the screen, and a shift that failed must not be seen for a
+    // second and then read as weights left as configured.
+    let mut shifted: Option<String> = None;
     let outcome = loop {
         tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = procs.check() {
                     break Err(e);
                 }
-                let shifted = match canary {
-                    Canary::Planned { from, to, at } if start.elapsed() >= at => {
-                        let (next, line) = shift(routes, from, to, start.elapsed());
-                        canary = next;
-                        Some(line)
-                    }
-                    _ => None,
-                };
+                if let Canary::Planned { from, to, at } = canary
+                    && start.elapsed() >= at
+                {
+                    let (next, line) = shift(routes, from, to, start.elapsed());
+                    canary = next;
+                    shifted = Some(line);
+                }
                 let (s, slowest) = stats
                     .lock()
                     .map(|mut s| (s.take_window(), s.slowest.take()))
@@ -567,7 +614,7 @@ async fn run_mesh(
                         micros as f64 / 1000.0
                     );
                 }
-                if let Some(line) = shifted {
+                if let Some(line) = &shifted {
                     println!("{line}");
                 }
                 if args.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -584,6 +631,9 @@ async fn run_mesh(
     let total = stats.lock().map(|mut s| s.take_total()).unwrap_or_default();
     let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
     table::print_summary(&total, counters, canary, elapsed);
+    if let Some(line) = shifted {
+        println!("{line}");
+    }
     outcome?;
     anyhow::ensure!(
         total.ok_requests() > 0,
@@ -723,6 +773,21 @@ mod tests {
             assert_eq!(s(&item["spec"]["serviceAccountName"]), pod.service_account);
             assert_eq!(s(&item["status"]["podIP"]), pod.ip);
         }
+    }
+
+    /// An address in use is named before anything starts.
+    #[test]
+    fn an_address_in_use_is_named_up_front() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let addr = taken.local_addr().expect("its address").to_string();
+        let free_one = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+            l.local_addr().expect("its address").to_string()
+        };
+        free(std::slice::from_ref(&free_one)).expect("a free address");
+        let e = free(&[free_one, addr.clone()]).expect_err("taken");
+        assert!(format!("{e:#}").contains(&addr), "{e:#}");
+        assert_eq!(listen_addrs().len(), 2 + 7 * 3 + 6 + 2);
     }
 
     /// A demo left running for days keeps an issuer that can sign.
