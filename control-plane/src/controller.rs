@@ -612,6 +612,8 @@ impl Controller {
         let delay = self.args.shutdown_delay;
         let signalled = stopping.clone();
         let stop_injector = stop_webhook.clone();
+        let draining = tokio_util::sync::CancellationToken::new();
+        let drain_started = draining.clone();
         let shutdown = async move {
             shutdown.await;
             ready_tx.send_replace(false);
@@ -620,10 +622,23 @@ impl Controller {
             tokio::time::sleep(delay).await;
             ending.end_all();
             stop_injector.cancel();
+            drain_started.cancel();
         };
-        let served = router
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+        let served = router.serve_with_incoming_shutdown(incoming, shutdown);
+        // The graceful close waits for every stream to end, and one whose
+        // client reads nothing never does: bounded, so that the controller
+        // exits within its grace period rather than being killed.
+        let drain_deadline = async {
+            draining.cancelled().await;
+            tokio::time::sleep(defaults::GRPC_DRAIN_TIMEOUT).await;
+        };
+        let served = tokio::select! {
+            served = served => served,
+            () = drain_deadline => {
+                warn!(after = ?defaults::GRPC_DRAIN_TIMEOUT, "gRPC connections still open after the watches ended (a client reading nothing); cut");
+                Ok(())
+            }
+        };
         stopping.cancel();
         stop_webhook.cancel();
         if let Some(e) = election {

@@ -139,6 +139,12 @@ pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// How long a stopping controller waits for the injector's reviews in flight.
 pub const WEBHOOK_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stopping controller waits, once it has ended the watches, for
+/// its gRPC connections to close; those still open then are cut. A client
+/// that reads nothing (its flow-control window shut) holds its stream's last
+/// message, and so the graceful close, for ever otherwise. With the
+/// longest `--shutdown-delay` (8 s) it fits the pod's 30 s grace period.
+pub const GRPC_DRAIN_TIMEOUT: std::time::Duration = GRPC_REQUEST_TIMEOUT;
 /// How long a stopping controller tries to give its status writer's lease up.
 pub const LEASE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Requests one source address may have waiting for an answer at once (a

@@ -258,6 +258,50 @@ async fn a_controller_stops_after_its_delay_though_proxies_watch_it() {
     assert!(served().await, "the proxies serve on without it");
 }
 
+/// A watcher that reads nothing (its HTTP/2 window shut: a wedged proxy, or
+/// anyone who may watch) holds its stream's last message, and so the graceful
+/// close: the stopping controller cuts it after its drain timeout (15 s) and
+/// exits, rather than wait until it is killed.
+#[tokio::test]
+async fn a_watcher_that_reads_nothing_does_not_hold_a_stopping_controller() {
+    use strait_api::v1 as api;
+    use strait_api::v1::discovery_client::DiscoveryClient;
+    let dir = ManifestDir::new();
+    dir.write("service.yaml", &service(NS, "web", 80));
+    let grpc: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let mut cp = ControllerProc::spawn_with(
+        dir.path(),
+        grpc,
+        None,
+        None,
+        &["--shutdown-delay=0s".into()],
+    );
+    cp.ready(Duration::from_secs(20)).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .expect("connect to the controller");
+    let _held = DiscoveryClient::new(channel)
+        .watch(api::WatchDestination {
+            destination: WEB.into(),
+            context_namespace: NS.into(),
+            proxy_id: "wedged".into(),
+        })
+        .await
+        .expect("the watch begins");
+
+    cp.proc.sigterm().await;
+    let exited = tokio::time::timeout(Duration::from_secs(25), cp.proc.child.wait()).await;
+    assert!(
+        matches!(&exited, Ok(Ok(s)) if s.success()),
+        "the controller did not stop within 25 s: {exited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_malformed_file_leaves_traffic_untouched_and_is_reported() {
     let dir = ManifestDir::new();
