@@ -350,20 +350,22 @@ impl Controller {
         })?;
         let anchors =
             crate::inject::read_anchors("--trust-anchors", anchors_file).map_err(FlagError)?;
-        let acceptor = match (&args.webhook_cert, &args.webhook_key, ca) {
-            (Some(c), Some(k), _) => {
+        // The proxies it injects ask this controller for their certificates,
+        // over TLS: without an issuer none would ever be ready, and their
+        // pods' apps never start.
+        let ca = ca.ok_or_else(|| {
+            FlagError(
+                "--webhook-addr needs --issuer-cert/--issuer-key: the proxies it injects get their certificates from this controller (--webhook-cert/--webhook-key are the webhook's own)".into(),
+            )
+        })?;
+        let acceptor = match (&args.webhook_cert, &args.webhook_key) {
+            (Some(c), Some(k)) => {
                 webhook::acceptor_from_files(c, k).map_err(|e| FlagError(format!("{e:#}")))?
             }
-            (_, _, Some(ca)) => serving::webhook_acceptor(
+            _ => serving::webhook_acceptor(
                 ca.clone(),
                 ServingName::new(&args.trust_domain, &args.namespace, &args.service_account),
             )?,
-            _ => {
-                return Err(FlagError(
-                    "--webhook-addr needs a certificate: --webhook-cert/--webhook-key, or --issuer-cert/--issuer-key to sign one".into(),
-                )
-                .into());
-            }
         };
         let mut settings = Settings::new(anchors, &args.trust_domain, args.proxy_image.as_deref());
         settings.iptables_mode = args.proxy_iptables_mode;

@@ -449,6 +449,29 @@ async fn the_injector_needs_the_trust_anchors_and_a_certificate() {
         err.contains("--webhook-cert") && err.contains("--issuer-cert"),
         "{err}"
     );
+
+    // Its own certificate is not enough: the proxies it injects would get
+    // none, and their apps never start.
+    let out = tokio::process::Command::new(strait_tests::process::binary("strait"))
+        .args(["controller", "--manifests"])
+        .arg(dir.path())
+        .arg(format!("--trust-anchors={}", pki.anchors().display()))
+        .arg(format!("--webhook-cert={}", pki.issuer_cert().display()))
+        .arg(format!("--webhook-key={}", pki.issuer_key().display()))
+        .args([
+            "--webhook-addr=127.0.0.1:0",
+            "--admin-addr=127.0.0.1:0",
+            "--grpc-addr=127.0.0.1:0",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), out)
+        .await
+        .expect("refused at start, not served")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--issuer-cert"), "{err}");
 }
 
 /// The objects of a YAML stream by kind/namespace/name.
