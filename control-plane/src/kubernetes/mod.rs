@@ -550,6 +550,14 @@ async fn run_watcher<K, F>(
         if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
             failing = false;
         }
+        // AuthorizationPolicies not served while their CRD is defined: an API
+        // server starting (its CRDs' resources come after it answers). Taken
+        // for absence, a controller starting then would go ready without any
+        // policy and open every workload they guard; retried instead, not
+        // ready meanwhile.
+        let not_served_yet = kind == Kind::AuthorizationPolicy
+            && matches!(&ev, Err(e @ watcher::Error::InitialListFailed(_)) if api_code(e) == Some(404))
+            && crd_defined(api.clone().into_client(), kind).await;
         let change = match ev {
             Ok(Event::Init) => Change::Relist(kind),
             Ok(Event::InitApply(o)) => {
@@ -592,6 +600,7 @@ async fn run_watcher<K, F>(
             // brings back, opening their sealed namespaces.
             Err(e)
                 if matches!(e, watcher::Error::InitialListFailed(_))
+                    && !not_served_yet
                     && (kind.optional() && api_code(&e) == Some(404)
                         || kind.added_later() && api_code(&e) == Some(403)) =>
             {
@@ -648,6 +657,22 @@ async fn run_watcher<K, F>(
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The HTTP status of an error the API server answered.
+/// Whether `kind`'s CustomResourceDefinition is there. Only the API server's
+/// 404 says it is not, or a ClusterRole that may not read CRDs (of a release
+/// before it could): that is as before, the kind's 404 taken for absence.
+async fn crd_defined(client: Client, kind: Kind) -> bool {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let Some(ar) = kind.resource() else {
+        return false;
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    match crds.get_opt(&format!("{}.{}", ar.plural, ar.group)).await {
+        Ok(found) => found.is_some(),
+        Err(kube::Error::Api(s)) if s.code == 403 => false,
+        Err(_) => true,
+    }
+}
+
 fn api_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
@@ -732,6 +757,28 @@ mod tests {
         assert!(changes[2..].iter().all(|c| c == "Relist"), "{changes:?}");
     }
 
+    /// An API server starting answers 404 for AuthorizationPolicies while
+    /// their CRD is there: not absence, which would make the controller
+    /// ready with no policy, and open what they guard.
+    #[tokio::test(start_paused = true)]
+    async fn policies_not_served_while_their_crd_is_there_are_not_absent() {
+        let missing = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
+        let crd = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{"name":"authorizationpolicies.policy.strait.dev"},"spec":{"group":"policy.strait.dev","names":{"plural":"authorizationpolicies","kind":"AuthorizationPolicy"},"scope":"Namespaced","versions":[]}}"#;
+        let (_, changes) =
+            watched_by_path_for_two_minutes(Kind::AuthorizationPolicy, move |path, _| {
+                if path
+                    .ends_with("/customresourcedefinitions/authorizationpolicies.policy.strait.dev")
+                {
+                    (200, crd)
+                } else {
+                    (404, missing)
+                }
+            })
+            .await;
+        assert!(!changes.is_empty(), "no list tried");
+        assert!(changes.iter().all(|c| c == "Relist"), "{changes:?}");
+    }
+
     /// Nodes are asked for as metadata, so the API server sends none of their
     /// status, and their zone is read from the labels that come back.
     #[tokio::test(start_paused = true)]
@@ -792,13 +839,22 @@ mod tests {
         kind: Kind,
         answer: impl Fn(bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
     ) -> (usize, Vec<String>) {
+        watched_by_path_for_two_minutes(kind, move |_, watch| answer(watch)).await
+    }
+
+    /// As [`watched_for_two_minutes`], against an API that answers
+    /// `answer(path, is_watch)`.
+    async fn watched_by_path_for_two_minutes(
+        kind: Kind,
+        answer: impl Fn(&str, bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
+    ) -> (usize, Vec<String>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
         let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
             counted.fetch_add(1, Ordering::SeqCst);
             let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
-            let (status, body) = answer(watch);
+            let (status, body) = answer(req.uri().path(), watch);
             std::future::ready(
                 http::Response::builder()
                     .status(status)
