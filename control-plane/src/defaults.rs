@@ -137,6 +137,9 @@ pub const WATCHES_PER_SOURCE_AND_VIEW: usize = 16;
 pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How often `--webhook-cert`/`--webhook-key` are read again for a renewed
+/// certificate.
+pub const WEBHOOK_CERT_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a stopping controller waits for the injector's reviews in flight.
 pub const WEBHOOK_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a stopping controller waits, once it has ended the watches, for

@@ -8,6 +8,7 @@
 //! `strait-proxy init`, which writes the pod's interception rules.
 
 mod budget;
+pub mod cert_files;
 mod places;
 pub mod validate;
 pub mod webhook;

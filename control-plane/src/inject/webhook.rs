@@ -21,8 +21,6 @@ use hyper_util::rt::TokioIo;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -45,20 +43,16 @@ pub enum FailurePolicy {
     Ignore,
 }
 
-/// An acceptor for a certificate and key from files (a Secret mounted in the pod).
+/// An acceptor for a certificate and key from files (a Secret mounted in the
+/// pod), taken again when they change.
 pub fn acceptor_from_files(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("--webhook-cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow::anyhow!("--webhook-key {}: {e}", key.display()))?;
+    let files = super::cert_files::FromFiles::watch(cert, key)?;
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| anyhow::anyhow!("--webhook-cert/--webhook-key: {e}"))?;
+    .with_cert_resolver(files);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
