@@ -115,34 +115,11 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
 /// directory with the issuer's key removed.
 #[tokio::test]
 async fn a_demo_hung_up_on_cleans_up_after_itself() {
-    use tokio::io::AsyncBufReadExt as _;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let routes = root.join("deploy/examples/demo/routes.yaml");
     let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
     let tmp = strait_tests::manifests::ManifestDir::new();
-    let mut demo = tokio::process::Command::new(strait_tests::process::binary("strait"))
-        .args(["demo", "--duration", "16s"])
-        .current_dir(&root)
-        .env("STRAIT_LOG", "warn")
-        .env("TMPDIR", tmp.path())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
-    let mut seen = String::new();
-    let shifted = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            seen.push_str(&l);
-            seen.push('\n');
-            if l.contains("canary shift: rewrote") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(matches!(shifted, Ok(true)), "no canary shift:\n{seen}");
+    let (mut demo, lines) = a_shifted_demo("16s", tmp.path()).await;
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
         1,
@@ -150,17 +127,8 @@ async fn a_demo_hung_up_on_cleans_up_after_itself() {
     );
     let pid = rustix::process::Pid::from_raw(demo.id().unwrap() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-    let mut rest = String::new();
-    let status = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            rest.push_str(&l);
-            rest.push('\n');
-        }
-        demo.wait().await.unwrap()
-    })
-    .await
-    .expect("the demo ends on SIGHUP");
-    assert!(status.success(), "{status}\n{rest}");
+    let (status, rest, stderr) = the_end_of(&mut demo, lines).await;
+    assert!(status.success(), "{status}\n{rest}\n{stderr}");
     assert!(rest.contains("summary over"), "{rest}");
     assert_eq!(
         std::fs::read(&routes).unwrap(),
@@ -219,13 +187,21 @@ async fn the_end_of(
     use tokio::io::AsyncReadExt as _;
     let mut stderr = demo.stderr.take().unwrap();
     tokio::time::timeout(Duration::from_secs(20), async {
-        let mut rest = String::new();
-        while let Some(l) = lines.next_line().await.unwrap() {
-            rest.push_str(&l);
-            rest.push('\n');
-        }
-        let mut err = String::new();
-        stderr.read_to_string(&mut err).await.unwrap();
+        // Both read at once: a full pipe would hold the demo up.
+        let out = async {
+            let mut rest = String::new();
+            while let Some(l) = lines.next_line().await.unwrap() {
+                rest.push_str(&l);
+                rest.push('\n');
+            }
+            rest
+        };
+        let err = async {
+            let mut err = String::new();
+            stderr.read_to_string(&mut err).await.unwrap();
+            err
+        };
+        let (rest, err) = tokio::join!(out, err);
         (demo.wait().await.unwrap(), rest, err)
     })
     .await
