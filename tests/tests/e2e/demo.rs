@@ -104,8 +104,11 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
     let spans = collector.trace(trace, 4).await;
     let services: std::collections::BTreeSet<&str> =
         spans.iter().map(|s| s.service.as_str()).collect();
+    // api's hop is the stable version's or the canary's, named for its pod's
+    // app label.
     assert!(
-        ["load", "web", "api"].iter().all(|s| services.contains(s)),
+        ["load", "web"].iter().all(|s| services.contains(s))
+            && (services.contains("api") || services.contains("api-v2")),
         "trace {trace} has spans of {services:?}"
     );
 }
@@ -238,7 +241,13 @@ async fn a_demo_signalled_twice_leaves_nothing_behind() {
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
     let (status, rest, stderr) = the_end_of(&mut demo, lines).await;
-    assert_eq!(status.code(), Some(130), "{rest}\n{stderr}");
+    // Mostly the second signal ends it (128 + the signal the demo saw
+    // second); the cleanup the first started may finish before.
+    assert!(
+        matches!(status.code(), Some(129 | 130))
+            || status.success() && rest.contains("summary over"),
+        "{status}\n{rest}\n{stderr}"
+    );
     assert_eq!(
         std::fs::read(&routes).unwrap(),
         routes_before,
