@@ -185,13 +185,16 @@ pub const DEFAULT_REDIRECT_STATUS: u32 = 302;
 pub const ROUTE_REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Service port `appProtocol` values that are HTTP (or carried over HTTP): any
 /// other value makes the port opaque, as the protocol is not one strait can route.
-pub const HTTP_APP_PROTOCOLS: [&str; 8] = [
+/// `http2` and `grpc-web` are Istio's names, on Services written for it.
+pub const HTTP_APP_PROTOCOLS: [&str; 10] = [
     "",
     "http",
     "https",
     "h2c",
+    "http2",
     "kubernetes.io/h2c",
     "grpc",
+    "grpc-web",
     "kubernetes.io/ws",
     "kubernetes.io/wss",
 ];

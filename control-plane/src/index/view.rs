@@ -1065,6 +1065,15 @@ spec:
         assert!(!service(&snapshot(&plain), &svc("shop", "web", 80)).opaque);
         let mysql = MESH.replace("kubernetes.io/h2c", "mysql");
         assert!(service(&snapshot(&mysql), &svc("shop", "web", 80)).opaque);
+        // Istio's names for HTTP/2 and gRPC-Web: a port moved from Istio
+        // keeps its routes.
+        for http in ["http2", "grpc-web", "HTTP2"] {
+            let named = MESH.replace("kubernetes.io/h2c", http);
+            assert!(
+                !service(&snapshot(&named), &svc("shop", "web", 80)).opaque,
+                "{http} is HTTP"
+            );
+        }
     }
 
     #[test]
