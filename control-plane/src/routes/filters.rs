@@ -1,7 +1,7 @@
 //! HTTPRoute rule filters: request and response header modifiers, URL rewrites
 //! and redirects, validated as the proxies will read them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Deserialize;
 use strait_api::v1 as api;
@@ -127,6 +127,24 @@ fn header_modifier(at: &str, m: &HeaderModifierDoc) -> Result<api::HeaderModifie
             ));
         }
     }
+    // Gateway API: one action per header name. Which of two would win is
+    // the order a proxy applies them in, not what the route says.
+    let named = m.set.iter().map(|h| ("set", &h.name));
+    let named = named
+        .chain(m.add.iter().map(|h| ("add", &h.name)))
+        .chain(m.remove.iter().map(|n| ("remove", n)));
+    let mut seen = HashSet::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (list, name) in named {
+        let i = index.entry(list).or_default();
+        if !seen.insert(name.to_ascii_lowercase()) {
+            return Err(SpecError::new(
+                format!("{at}.{list}[{i}]"),
+                format!("{name:?} has another action in this filter; one per header name"),
+            ));
+        }
+        *i += 1;
+    }
     Ok(api::HeaderModifier {
         set: headers(&format!("{at}.set"), &m.set)?,
         add: headers(&format!("{at}.add"), &m.add)?,
@@ -175,7 +193,14 @@ fn path_modifier(
                     "ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
                 ));
             }
-            Kind::ReplacePrefixMatch(path_value(&field, v)?)
+            // Empty takes the prefix off (Gateway API's table: `/foo/bar`
+            // matched by `/foo` becomes `/bar`).
+            let v = if v.is_empty() {
+                String::new()
+            } else {
+                path_value(&field, v)?
+            };
+            Kind::ReplacePrefixMatch(v)
         }
         other => return Err(unsupported(&format!("{at}.type"), other)),
     };

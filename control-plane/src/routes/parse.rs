@@ -676,6 +676,54 @@ mod tests {
         parse(v).unwrap_err().field
     }
 
+    /// One action per header name in a header filter, whatever the case.
+    #[test]
+    fn a_header_with_two_actions_is_refused() {
+        let mut v = route();
+        set(
+            &mut v,
+            "/spec/rules/0/filters/0/requestHeaderModifier/remove",
+            json!(["x-b", "X-A"]),
+        );
+        assert_eq!(
+            field_of(&v),
+            "spec.rules[0].filters[0].requestHeaderModifier.remove[1]"
+        );
+        set(
+            &mut v,
+            "/spec/rules/0/filters/0/requestHeaderModifier/remove",
+            json!(["x-b"]),
+        );
+        let r = parsed(&v);
+        assert_eq!(r.rules.len(), 2);
+    }
+
+    /// Gateway API's ReplacePrefixMatch table has an empty replacement
+    /// (`/foo/bar` to `/bar`): the prefix taken off.
+    #[test]
+    fn an_empty_prefix_replacement_takes_the_prefix_off() {
+        let mut v = route();
+        set(
+            &mut v,
+            "/spec/rules/0/filters/1/urlRewrite/path/replacePrefixMatch",
+            json!(""),
+        );
+        let r = parsed(&v);
+        let rewrite = format!("{:?}", r.rules[0].filters);
+        assert!(rewrite.contains("ReplacePrefixMatch(\"\")"), "{rewrite}");
+        // Still a path when given: no "/" first is refused.
+        set(
+            &mut v,
+            "/spec/rules/0/filters/1/urlRewrite/path/replacePrefixMatch",
+            json!("v2"),
+        );
+        assert!(
+            field_of(&v).ends_with("replacePrefixMatch"),
+            "{}",
+            field_of(&v)
+        );
+    }
+
     #[test]
     fn an_unnamed_rule_and_one_named_as_its_index_keep_apart() {
         let mut v = route();
