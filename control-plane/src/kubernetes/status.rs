@@ -376,6 +376,11 @@ fn conditions(
         })
         .flatten();
     let accepted = match (&s.error, unmatched) {
+        // Gateway API's reason for a route with a value it cannot take;
+        // policy attachment's for a policy.
+        (Some(e), _) if s.kind.is_route() => {
+            condition("Accepted", false, "UnsupportedValue", e, s.generation, old)
+        }
         (Some(e), _) => condition("Accepted", false, "Invalid", e, s.generation, old),
         (None, _) if conflicted.is_some() => condition(
             "Accepted",
@@ -837,6 +842,38 @@ mod tests {
             said(1, "ResolvedRefs"),
             ("True".into(), "ResolvedRefs".into())
         );
+    }
+
+    /// A route strait cannot take says so with Gateway API's reason
+    /// (tools read it), a policy with policy attachment's.
+    #[test]
+    fn a_refused_object_says_why_in_its_kinds_terms() {
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}
+        });
+        let snap = Snapshot::empty("cluster.local");
+        let error =
+            Some("spec.rules[0].filters[0].type: RequestMirror is not supported".to_string());
+        let s = StatusInput::of(Kind::HttpRoute, &route, error.clone());
+        let want = desired(&s, &snap);
+        let accepted = want["parents"][0]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Accepted")
+            .unwrap()
+            .clone();
+        assert_eq!(accepted["status"], "False");
+        assert_eq!(accepted["reason"], "UnsupportedValue");
+        let policy = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "p"},
+            "spec": {"targetRef": {"group": "", "kind": "Service", "name": "web"}}
+        });
+        let s = StatusInput::of(Kind::BackendPolicy, &policy, error);
+        let want = desired(&s, &snap);
+        let text = want.to_string();
+        assert!(text.contains(r#""reason":"Invalid""#), "{text}");
     }
 
     /// Past the routes a Service port serves, the newest route says it is
