@@ -143,13 +143,7 @@ fn build_within(snap: &Snapshot, key: &DestKey, zone: Option<&str>, max: usize) 
     };
     let name = service_name(&svc, port);
     let policy = snap.backend_policy(&svc);
-    let http = |p: &str| {
-        defaults::HTTP_APP_PROTOCOLS
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(p))
-    };
-    let opaque = sp.app_protocol.as_deref().is_some_and(|p| !http(p))
-        || policy.is_some_and(|p| p.opaque_ports.contains(&port));
+    let opaque = opaque_port(snap, &svc, sp);
     let mut s = api::Service {
         name: name.clone(),
         version: snap.version,
@@ -307,6 +301,21 @@ fn attached<'a: 'b, 'b>(
 
 /// A GRPCRoute attached to a Service port, which the port's HTTPRoutes
 /// give way to.
+/// Whether a Service port is carried as TCP by its callers: its
+/// `appProtocol` is not one of HTTP's, or a BackendPolicy lists it among its
+/// `opaquePorts`. No route applies there.
+pub fn opaque_port(snap: &Snapshot, svc: &ObjKey, sp: &ServicePort) -> bool {
+    let http = |p: &str| {
+        defaults::HTTP_APP_PROTOCOLS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(p))
+    };
+    sp.app_protocol.as_deref().is_some_and(|p| !http(p))
+        || snap
+            .backend_policy(svc)
+            .is_some_and(|p| p.opaque_ports.contains(&sp.port))
+}
+
 pub fn grpc_route_on<'a>(
     snap: &'a Snapshot,
     svc: &ObjKey,

@@ -346,6 +346,31 @@ fn conditions(
                 (past.len() == ports.len(), why)
             })
         });
+    // A port its callers carry as TCP (its appProtocol, a BackendPolicy's
+    // opaquePorts) reads no HTTP: no route is applied there. On every port
+    // this parentRef names, not accepted; on some, said so.
+    let opaque = parent
+        .zip(parent_ports.as_ref())
+        .filter(|(_, ports)| s.kind.is_route() && !ports.is_empty())
+        .and_then(|(p, ports)| {
+            let svc = ObjKey {
+                namespace: s.namespace.clone(),
+                name: p.name.clone(),
+            };
+            let opaque: Vec<String> = ports
+                .iter()
+                .filter(|sp| crate::index::view::opaque_port(snap, &svc, sp))
+                .map(|sp| sp.port.to_string())
+                .collect();
+            (!opaque.is_empty()).then(|| {
+                let why = format!(
+                    "Service {} port {} is opaque (its appProtocol, or a BackendPolicy's opaquePorts): carried as TCP, with no route",
+                    p.name,
+                    opaque.join(", ")
+                );
+                (opaque.len() == ports.len(), why)
+            })
+        });
     // A backendRef to a port its Service does not have sends its share nowhere.
     let bad_ports: Vec<String> = s
         .backend_ports
@@ -406,26 +431,34 @@ fn conditions(
             s.generation,
             old,
         ),
-        (None, None) => match &past_cap {
-            Some((true, why)) => {
+        (None, None) => match (&past_cap, &opaque) {
+            (_, Some((true, why))) => condition(
+                "Accepted",
+                false,
+                "UnsupportedValue",
+                why,
+                s.generation,
+                old,
+            ),
+            (Some((true, why)), _) => {
                 condition("Accepted", false, "TooManyRoutes", why, s.generation, old)
             }
-            Some((false, why)) => condition(
-                "Accepted",
-                true,
-                "Accepted",
-                &format!("accepted by strait, not served where {why}"),
-                s.generation,
-                old,
-            ),
-            None => condition(
-                "Accepted",
-                true,
-                "Accepted",
-                "accepted by strait",
-                s.generation,
-                old,
-            ),
+            (past_cap, opaque) => {
+                let not_served: Vec<&str> = [past_cap, opaque]
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, why)| why.as_str())
+                    .collect();
+                let message = if not_served.is_empty() {
+                    "accepted by strait".to_string()
+                } else {
+                    format!(
+                        "accepted by strait, not served where {}",
+                        not_served.join("; ")
+                    )
+                };
+                condition("Accepted", true, "Accepted", &message, s.generation, old)
+            }
         },
     };
     // A route's parents are told of under `Accepted`, each in its own entry:
@@ -841,6 +874,58 @@ mod tests {
         assert_eq!(
             said(1, "ResolvedRefs"),
             ("True".into(), "ResolvedRefs".into())
+        );
+    }
+
+    /// A route on a port its callers carry as TCP is applied nowhere there:
+    /// not accepted where that is every port its parentRef names, accepted
+    /// with the port named where it is some.
+    #[test]
+    fn a_route_on_an_opaque_port_says_it_is_not_served_there() {
+        let mut snap = Snapshot::empty("cluster.local");
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {ports: [{name: sql, port: 5432, appProtocol: tcp}, {name: http, port: 80, appProtocol: http2}]}\n";
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let accepted = |parent: serde_json::Value| {
+            let route = serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "r"},
+                "spec": {"parentRefs": [parent]}
+            });
+            let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+            let c = want["parents"][0]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Accepted")
+                .unwrap()
+                .clone();
+            (
+                c["status"].as_str().unwrap().to_string(),
+                c["reason"].as_str().unwrap().to_string(),
+                c["message"].as_str().unwrap().to_string(),
+            )
+        };
+        let (status, reason, message) = accepted(
+            serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": 5432}),
+        );
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "UnsupportedValue")
+        );
+        assert!(message.contains("port 5432 is opaque"), "{message}");
+        let (status, _, message) =
+            accepted(serde_json::json!({"group": "", "kind": "Service", "name": "db"}));
+        assert_eq!(status, "True");
+        assert!(
+            message.contains("not served where Service db port 5432 is opaque"),
+            "{message}"
+        );
+        let (status, _, message) =
+            accepted(serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": 80}));
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("True", "accepted by strait")
         );
     }
 
