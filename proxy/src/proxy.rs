@@ -523,6 +523,7 @@ impl Proxy {
             move |acc| inb.clone().handle(acc),
         )));
 
+        let policy_failure = control::policy::LastFailure::default();
         let admin_task = tokio::spawn(admin::serve(
             admin,
             Arc::new(AdminState {
@@ -543,6 +544,7 @@ impl Proxy {
                 known: admin::known::Known {
                     discovery: shared.discovery.clone(),
                     policy: shared.policy.clone(),
+                    policy_failure: policy_failure.clone(),
                 },
             }),
         ));
@@ -552,7 +554,12 @@ impl Proxy {
         match control {
             Some((link, workload)) => {
                 let mut rx = policy_tx.subscribe();
-                tokio::spawn(control::policy::follow(link.clone(), workload, policy_tx));
+                tokio::spawn(control::policy::follow(
+                    link.clone(),
+                    workload,
+                    policy_tx,
+                    policy_failure,
+                ));
                 if let Some(creds) = &shared.identity
                     && let Some(token) = &shared.config.token_file
                 {

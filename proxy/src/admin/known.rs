@@ -21,9 +21,26 @@ use crate::outbound::route::Rule;
 pub struct Known {
     pub discovery: Option<Arc<Discovery>>,
     pub policy: PolicyRx,
+    /// Why the policy's last watch failed, until one answers.
+    pub policy_failure: crate::control::policy::LastFailure,
 }
 
 impl Known {
+    /// What a proxy that is not ready (and not draining) waits for.
+    pub fn waiting_for(&self, creds: Option<&Credentials>) -> String {
+        if self.policy.borrow().is_none() {
+            let mut why = "the control plane's inbound policy for this workload".to_string();
+            if let Some(e) = self.policy_failure.get() {
+                why.push_str(&format!(" (last watch {e})"));
+            }
+            return why;
+        }
+        match creds {
+            Some(c) if c.current().is_none() => "the first certificate".into(),
+            _ => "the control plane".into(),
+        }
+    }
+
     pub fn json(&self, creds: Option<&Credentials>) -> Value {
         let policy = self.policy.borrow().clone();
         json!({

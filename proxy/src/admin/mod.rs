@@ -185,7 +185,11 @@ async fn route(
             } else if *state.ready.borrow() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                let why = state.known.waiting_for(state.identity.as_deref());
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: waiting for {why}\n"),
+                )
             }
         }
         (Method::GET, "/metrics") => match state.metrics.scrape().await {

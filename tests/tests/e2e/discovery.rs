@@ -302,6 +302,37 @@ async fn a_watcher_that_reads_nothing_does_not_hold_a_stopping_controller() {
     );
 }
 
+/// A proxy the controller refuses says why it is not ready: its user need
+/// not guess between a controller it cannot reach and one that refuses it.
+#[tokio::test]
+async fn a_proxy_the_controller_refuses_says_why_it_is_not_ready() {
+    let dir = ManifestDir::new();
+    let cp = ControllerProc::start(dir.path()).await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let _proxy = strait_tests::process::Proc::spawn(
+        "strait-proxy",
+        &[
+            "--inbound-addr=127.0.0.1:0".into(),
+            "--outbound-addr=127.0.0.1:0".into(),
+            format!("--admin-addr={admin}"),
+            format!("--control-plane=http://{}", cp.grpc),
+            // Not a Kubernetes name: the controller refuses the watch.
+            "--namespace=Shop".into(),
+            "--pod-name=web-a".into(),
+        ],
+        &[("STRAIT_PROXY_LOG_LEVEL", "warn")],
+    );
+    let refused = || async {
+        matches!(wait::admin_get(admin, "/ready").await,
+            Ok((503, body)) if body.contains("namespace is not a Kubernetes name"))
+    };
+    let said = wait::until_or(Duration::from_secs(10), refused).await;
+    let last = wait::admin_get(admin, "/ready").await;
+    assert!(said, "/ready said: {last:?}");
+}
+
 #[tokio::test]
 async fn a_malformed_file_leaves_traffic_untouched_and_is_reported() {
     let dir = ManifestDir::new();
