@@ -450,11 +450,31 @@ async fn follow(
                                 s.version = received;
                             }
                             state.away.store(false, Ordering::Relaxed);
+                            // Against the answer in force, or else the one this
+                            // watch started with: a refused part keeps its last good form.
+                            let changed_at = match &update.kind {
+                                Some(api::destination_update::Kind::Service(s)) => s.changed_at,
+                                _ => None,
+                            };
+                            let parsed = {
+                                let prev = tx.borrow();
+                                parse(update, prev.as_ref().or(state.fallback.as_ref()))
+                            };
+                            let r = match parsed {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    // The answer in force is no longer the
+                                    // controller's: it ages from now, as when a
+                                    // stream fails.
+                                    let now = state.epoch.elapsed().as_millis() as u64;
+                                    state.failing_since.fetch_min(now, Ordering::Relaxed);
+                                    warn!(destination = %req.destination, error = %e, "discovery sent an update that does not parse; keeping the last answer");
+                                    continue;
+                                }
+                            };
                             state.failing_since.store(u64::MAX, Ordering::Relaxed);
                             if !std::mem::replace(&mut first, false)
-                                && let Some(api::destination_update::Kind::Service(s)) =
-                                    &update.kind
-                                && let Some(at) = s.changed_at
+                                && let Some(at) = changed_at
                                 && let Ok(at) = std::time::SystemTime::try_from(at)
                             {
                                 // Clocks apart by more than the lag read as zero.
@@ -463,19 +483,6 @@ async fn follow(
                                     .unwrap_or_default();
                                 lag.observe(d.as_secs_f64());
                             }
-                            // Against the answer in force, or else the one this
-                            // watch started with: a refused part keeps its last good form.
-                            let parsed = {
-                                let prev = tx.borrow();
-                                parse(update, prev.as_ref().or(state.fallback.as_ref()))
-                            };
-                            let r = match parsed {
-                                Ok(r) => r,
-                                Err(e) => {
-                                    warn!(destination = %req.destination, error = %e, "discovery sent an update that does not parse; keeping the last answer");
-                                    continue;
-                                }
-                            };
                             if let Resolution::Service(s) = &r {
                                 debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");
                                 logical.refresh(s);
@@ -930,6 +937,57 @@ mod tests {
         assert!(
             at <= failed_by,
             "remembered as of {at}, failed by {failed_by}"
+        );
+    }
+
+    /// Answers with one endpoint, then with an update this proxy cannot
+    /// read (a newer controller's kind), and keeps the stream open.
+    struct Unreadable;
+
+    #[tonic::async_trait]
+    impl Serve for Unreadable {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            use futures_util::StreamExt;
+            let views = [update(1), api::DestinationUpdate { kind: None }];
+            let s = futures_util::stream::iter(views.into_iter().map(Ok))
+                .chain(futures_util::stream::pending());
+            Ok(tonic::Response::new(Box::pin(s)))
+        }
+    }
+
+    /// An answer kept past an update that could not be read is no longer the
+    /// controller's: remembered as of that update, not as fresh when dropped.
+    #[tokio::test]
+    async fn an_answer_kept_past_an_unreadable_update_ages_from_it() {
+        let d = discovery_of(Unreadable).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let refused = || {
+            d.watches.lock().unwrap()[&dest]
+                .state
+                .failing_since
+                .load(Ordering::Relaxed)
+                != u64::MAX
+        };
+        while !refused() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the unreadable update left the answer fresh"
+            );
+            tokio::task::yield_now().await;
+        }
+        let refused_by = d.now_ms();
+        let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
+        d.drop_idle(refused_by + idle + 1);
+        let at = d.remembered.lock().unwrap()[&dest].1;
+        assert!(
+            at <= refused_by,
+            "remembered as of {at}, refused by {refused_by}"
         );
     }
 
