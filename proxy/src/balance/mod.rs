@@ -64,10 +64,20 @@ impl Picked {
     }
 }
 
-/// Set on a retried request: the endpoint that just failed it, to be avoided
-/// when there is another.
-#[derive(Clone, Copy, Debug)]
-pub struct Avoid(pub SocketAddr);
+/// Set on a retried request: the endpoints that failed it so far, to be
+/// avoided while there is another. All of them, not the last only: two
+/// endpoints that fail fast (and so look cheap) would otherwise take every
+/// attempt in turn from a healthy one. At most one per attempt.
+#[derive(Clone, Debug, Default)]
+pub struct Avoid(pub Vec<SocketAddr>);
+
+impl Avoid {
+    pub fn add(&mut self, ep: SocketAddr) {
+        if !self.0.contains(&ep) {
+            self.0.push(ep);
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum HashKey {
@@ -341,7 +351,7 @@ impl Endpoints {
     pub fn pick(
         self: &Arc<Self>,
         headers: &http::HeaderMap,
-        avoid: Option<SocketAddr>,
+        avoid: &[SocketAddr],
     ) -> Result<InFlight, PickError> {
         let n = self.slots.len();
         if n == 0 {
@@ -351,7 +361,7 @@ impl Endpoints {
         // What the breaker says of an endpoint, read once per draw: `None`
         // when it may not take this request.
         let usable = |i: usize, strict: bool| {
-            if strict && avoid == Some(self.slots[i].endpoint.addr) {
+            if strict && avoid.contains(&self.slots[i].endpoint.addr) {
                 return None;
             }
             Some(self.slots[i].state.outlier().admit(now)).filter(|a| *a != Admit::No)
@@ -767,7 +777,7 @@ mod tests {
         let b = backend(3, BackendConfig::default());
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             let i = index(&f);
             counts[i] += 1;
             // Endpoint 0 is ten times slower.
@@ -787,7 +797,7 @@ mod tests {
         let b = backend(3, BackendConfig::default());
         let mut hung = Vec::new();
         for _ in 0..40_000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             tokio::time::advance(Duration::from_millis(2)).await;
             if index(&f) == 0 {
                 hung.push(f);
@@ -813,7 +823,7 @@ mod tests {
             let b = backend(2, config.clone());
             let mut failures = 0;
             while failures < config.breaker.consecutive_failures {
-                let f = b.pick(&Default::default(), None).unwrap();
+                let f = b.pick(&Default::default(), &[]).unwrap();
                 if index(&f) == 0 {
                     f.failed();
                     failures += 1;
@@ -828,7 +838,7 @@ mod tests {
                     let (b, start) = (b.clone(), start.clone());
                     std::thread::spawn(move || {
                         start.wait();
-                        b.pick(&Default::default(), None).unwrap()
+                        b.pick(&Default::default(), &[]).unwrap()
                     })
                 })
                 .collect::<Vec<_>>()
@@ -853,7 +863,7 @@ mod tests {
         let b = backend(3, config);
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             let i = index(&f);
             counts[i] += 1;
             tokio::time::advance(Duration::from_millis(1)).await;
@@ -864,7 +874,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         let mut back = 0;
         for _ in 0..3000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             back += usize::from(index(&f) == 0);
             tokio::time::advance(Duration::from_millis(1)).await;
             f.success();
@@ -881,14 +891,14 @@ mod tests {
         let b = backend(2, BackendConfig::default());
         let mut held = Vec::new();
         for _ in 0..10 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             f.success_took(Duration::from_millis(1));
             held.push(f);
             tokio::time::advance(Duration::from_secs(60)).await;
         }
         let mut counts = [0usize; 2];
         for _ in 0..200 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             counts[index(&f)] += 1;
             tokio::time::advance(Duration::from_millis(1)).await;
             f.success();
@@ -904,7 +914,7 @@ mod tests {
         let b = two_in_turn();
         let mut in_flight = None;
         for _ in 0..100 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             tokio::time::advance(Duration::from_millis(1)).await;
             match index(&f) {
                 0 => f.failed(),
@@ -967,7 +977,7 @@ mod tests {
         drop(b);
         assert_eq!(one.ejected(), 1, "carried over");
         tokio::time::advance(Duration::from_secs(6)).await;
-        let probe = one.pick(&Default::default(), None).unwrap();
+        let probe = one.pick(&Default::default(), &[]).unwrap();
         assert!(probe.probe.is_some());
         probe.failed();
         assert_eq!(one.ejected(), 0, "no room under the cap: back in");
@@ -1016,7 +1026,7 @@ mod tests {
         assert_eq!(newer.metrics.ejected.get(), 0);
         let picked: Vec<usize> = (0..2)
             .map(|_| {
-                let f = newer.pick(&Default::default(), None).unwrap();
+                let f = newer.pick(&Default::default(), &[]).unwrap();
                 let i = index(&f);
                 f.success();
                 i
@@ -1048,7 +1058,7 @@ mod tests {
         let needed = b.config.breaker.consecutive_failures as usize;
         let mut on_first = Vec::new();
         while on_first.len() < needed {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             tokio::time::advance(Duration::from_millis(1)).await;
             if index(&f) == 0 {
                 on_first.push(f);
@@ -1080,7 +1090,7 @@ mod tests {
     async fn eject_the_first(b: &Arc<Endpoints>, hold: bool) -> Option<InFlight> {
         let mut in_flight = None;
         while b.ejected() == 0 || (hold && in_flight.is_none()) {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             tokio::time::advance(Duration::from_millis(1)).await;
             match index(&f) {
                 0 => f.failed(),
@@ -1106,7 +1116,7 @@ mod tests {
             let start = Arc::new(std::sync::Barrier::new(10));
             let failing: Vec<_> = (0..10)
                 .map(|_| {
-                    let f = b.pick(&Default::default(), None).unwrap();
+                    let f = b.pick(&Default::default(), &[]).unwrap();
                     let start = start.clone();
                     std::thread::spawn(move || {
                         start.wait();
@@ -1178,7 +1188,7 @@ mod tests {
     /// A pick of the first endpoint; picks of the other on the way succeed.
     fn pick_0(b: &Arc<Endpoints>) -> InFlight {
         loop {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             if index(&f) == 0 {
                 return f;
             }
@@ -1358,7 +1368,7 @@ mod tests {
         let timeout = Duration::from_secs(1);
         let mut counts = [0usize; 3];
         for _ in 0..300 {
-            let mut f = b.pick(&Default::default(), None).unwrap();
+            let mut f = b.pick(&Default::default(), &[]).unwrap();
             f.give_up_at(Instant::now() + timeout);
             let i = index(&f);
             counts[i] += 1;
@@ -1386,7 +1396,7 @@ mod tests {
         let timeout = Duration::from_secs(10);
         // Endpoint 0 hangs: its attempts time out until it is ejected.
         while b.ejected() == 0 {
-            let mut f = b.pick(&Default::default(), None).unwrap();
+            let mut f = b.pick(&Default::default(), &[]).unwrap();
             f.give_up_at(Instant::now() + timeout);
             if index(&f) == 0 {
                 tokio::time::advance(timeout).await;
@@ -1402,7 +1412,7 @@ mod tests {
         loop {
             until_probed += 1;
             assert!(until_probed < 50, "no probe in 50 requests");
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             let probed = index(&f) == 0;
             tokio::time::advance(Duration::from_millis(1)).await;
             f.success();
@@ -1417,7 +1427,7 @@ mod tests {
     async fn a_client_that_gives_up_early_ejects_nothing() {
         let b = backend(1, BackendConfig::default());
         for _ in 0..100 {
-            let mut f = b.pick(&Default::default(), None).unwrap();
+            let mut f = b.pick(&Default::default(), &[]).unwrap();
             f.give_up_at(Instant::now() + Duration::from_secs(1));
             tokio::time::advance(Duration::from_millis(10)).await;
             drop(f);
@@ -1432,7 +1442,7 @@ mod tests {
         let b = backend(3, config);
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             let i = index(&f);
             counts[i] += 1;
             if i == 0 {
@@ -1451,7 +1461,7 @@ mod tests {
     async fn state_survives_an_update_of_the_list() {
         let b = backend(3, BackendConfig::default());
         for _ in 0..10 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             if index(&f) == 0 {
                 f.failed()
             } else {
@@ -1509,7 +1519,7 @@ mod tests {
         );
         // Neighbours 0 to 4 (half, the cap) fail until ejected.
         for _ in 0..200 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             if index(&f) < 5 {
                 f.failed();
             } else {
@@ -1518,7 +1528,7 @@ mod tests {
         }
         let mut counts = [0usize; 10];
         for _ in 0..1000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             counts[index(&f)] += 1;
             f.success();
         }
@@ -1536,7 +1546,7 @@ mod tests {
             },
         );
         for _ in 0..100 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             if index(&f).is_multiple_of(2) {
                 f.failed();
             } else {
@@ -1545,7 +1555,7 @@ mod tests {
         }
         let mut counts = [0usize; 4];
         for _ in 0..1000 {
-            let f = b.pick(&Default::default(), None).unwrap();
+            let f = b.pick(&Default::default(), &[]).unwrap();
             counts[index(&f)] += 1;
             f.success();
         }
@@ -1595,7 +1605,7 @@ mod tests {
             },
         );
         let seq: Vec<usize> = (0..6)
-            .map(|_| index(&rr.pick(&Default::default(), None).unwrap()))
+            .map(|_| index(&rr.pick(&Default::default(), &[]).unwrap()))
             .collect();
         assert_eq!(seq[..3], seq[3..]);
         let mut sorted = seq[..3].to_vec();
@@ -1611,9 +1621,9 @@ mod tests {
         );
         let mut headers = http::HeaderMap::new();
         headers.insert("cookie", "a=1; session=abc".parse().unwrap());
-        let first = index(&h.pick(&headers, None).unwrap());
+        let first = index(&h.pick(&headers, &[]).unwrap());
         for _ in 0..20 {
-            assert_eq!(index(&h.pick(&headers, None).unwrap()), first);
+            assert_eq!(index(&h.pick(&headers, &[]).unwrap()), first);
         }
     }
 
@@ -1623,18 +1633,25 @@ mod tests {
         let avoid = eps(2)[0].addr;
         for _ in 0..50 {
             assert_ne!(
-                b.pick(&Default::default(), Some(avoid))
+                b.pick(&Default::default(), &[avoid])
                     .unwrap()
                     .endpoint()
                     .addr,
                 avoid
             );
         }
+        // Every endpoint a request failed on, while another is left.
+        let three = backend(3, BackendConfig::default());
+        let failed = [eps(3)[0].addr, eps(3)[1].addr];
+        for _ in 0..50 {
+            let picked = three.pick(&Default::default(), &failed).unwrap();
+            assert_eq!(picked.endpoint().addr, eps(3)[2].addr);
+        }
         let one = backend(1, BackendConfig::default());
-        assert!(one.pick(&Default::default(), Some(eps(1)[0].addr)).is_ok());
+        assert!(one.pick(&Default::default(), &[eps(1)[0].addr]).is_ok());
         assert_eq!(
             backend(0, BackendConfig::default())
-                .pick(&Default::default(), None)
+                .pick(&Default::default(), &[])
                 .unwrap_err(),
             PickError::NoEndpoints
         );

@@ -59,7 +59,6 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
         // Taken before the timeout above starts its clock (it calls us first),
         // so an attempt it gave up on is always past this. Only for a request
         // whose body is all sent: the clock runs while a client uploads, and a
@@ -72,6 +71,10 @@ where
         // the current ones, not to those of when its request began.
         let replacement = self.endpoints.replacement();
         let endpoints = replacement.as_ref().unwrap_or(&self.endpoints);
+        let avoid = req
+            .extensions()
+            .get::<Avoid>()
+            .map_or(&[][..], |a| &a.0[..]);
         let mut in_flight = match endpoints.pick(req.headers(), avoid) {
             Ok(f) => f,
             Err(e) => {

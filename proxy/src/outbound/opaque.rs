@@ -222,7 +222,7 @@ pub async fn connect(
     let within = backend
         .and_then(|eps| eps.config().connect_timeout)
         .unwrap_or(s.tcp.connect_timeout);
-    let picked = backend.and_then(|eps| eps.pick(&http::HeaderMap::new(), None).ok());
+    let picked = backend.and_then(|eps| eps.pick(&http::HeaderMap::new(), &[]).ok());
     let Some(in_flight) = picked else {
         return Err(Refused::NoEndpoints {
             service: view.name.to_string(),

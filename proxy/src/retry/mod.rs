@@ -258,7 +258,12 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         // is where the balancer noted it.
         let picked = || req.extensions().get::<Picked>().and_then(Picked::get);
         if let Some(ep) = served_by.or_else(picked) {
-            req.extensions_mut().insert(Avoid(ep));
+            match req.extensions_mut().get_mut::<Avoid>() {
+                Some(a) => a.add(ep),
+                None => {
+                    req.extensions_mut().insert(Avoid(vec![ep]));
+                }
+            }
         }
         Some(Backoff {
             sleep: tokio::time::sleep(self.backoff()),
@@ -391,6 +396,41 @@ mod tests {
             Future = Backoff,
         >;
 
+    /// Each retry avoids every endpoint that failed the request so far, not
+    /// the last only: two that fail fast would otherwise take every attempt
+    /// in turn from a healthy one.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_every_endpoint_that_failed_the_request() {
+        let p = policy(3, &[503]);
+        for _ in 0..10 {
+            let mut q = p.clone();
+            let q: &mut Tower = &mut q;
+            q.clone_request(&req());
+        }
+        let mut p = p.clone();
+        let p: &mut Tower = &mut p;
+        let mut kept = p.clone_request(&req()).unwrap();
+        let failed_by = |ep: std::net::SocketAddr| {
+            let mut r = rsp(503);
+            if let Ok(r) = &mut r {
+                r.extensions_mut().insert(ServedBy(ep));
+            }
+            r
+        };
+        let (x, y) = (
+            std::net::SocketAddr::from(([10, 0, 0, 1], 8080)),
+            std::net::SocketAddr::from(([10, 0, 0, 2], 8080)),
+        );
+        for ep in [x, y, x] {
+            assert!(p.retry(&mut kept, &mut failed_by(ep)).is_some());
+            kept = p.clone_request(&kept).unwrap();
+        }
+        assert_eq!(
+            kept.extensions().get::<Avoid>().map(|a| a.0.clone()),
+            Some(vec![x, y])
+        );
+    }
+
     /// The 504 of a timed-out attempt is made above the balancer and names no
     /// endpoint: the retry avoids the one the balancer noted on the request.
     #[tokio::test(start_paused = true)]
@@ -417,7 +457,10 @@ mod tests {
                 .insert(crate::timeout::TimedOut(crate::timeout::Kind::Backend));
         }
         assert!(p.retry(&mut kept, &mut timed_out).is_some());
-        assert_eq!(kept.extensions().get::<Avoid>().map(|a| a.0), Some(hung));
+        assert_eq!(
+            kept.extensions().get::<Avoid>().map(|a| a.0.clone()),
+            Some(vec![hung])
+        );
     }
 
     /// A retry counts when it goes, after its backoff: one whose wait the
