@@ -155,6 +155,10 @@ impl Body for ReplayBody {
         let Some(state) = &this.state else {
             return Poll::Ready(None);
         };
+        // No other handle: no attempt can follow this one (the retry layer
+        // dropped its copy of the request at the answer), so what it sends
+        // on (a long-lived stream's messages) need not be kept.
+        let alone = Arc::strong_count(state) == 1;
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(chunk) = s.copy.get(this.pos) {
             this.pos += 1;
@@ -184,8 +188,9 @@ impl Body for ReplayBody {
             Ok(data) => {
                 if !s.overflow {
                     let cost = data.len().max(CHUNK_COST);
-                    if s.cost + cost > s.limit {
-                        // Too large to replay: stop copying, free the copy.
+                    if alone || s.cost + cost > s.limit {
+                        // Too large to replay, or no attempt can follow:
+                        // stop copying, free the copy.
                         s.overflow = true;
                         s.copy = Vec::new();
                         this.pos = 0;
@@ -265,6 +270,29 @@ mod tests {
         assert_eq!(second.replayable(false), Ok(()));
         let again = second.collect().await.unwrap().to_bytes();
         assert_eq!(again, "abcd");
+    }
+
+    /// Once no attempt can follow (the retry layer let its copy of the
+    /// request go at the answer), a long-lived stream's messages are not
+    /// kept: a bidirectional call would otherwise hold up to the limit for
+    /// its whole life.
+    #[tokio::test]
+    async fn nothing_is_kept_once_no_attempt_can_follow() {
+        let chunks = ["0123456789"; 100];
+        let mut first = ReplayBody::new(streamed(&chunks), 64 * 1024);
+        let kept = first.again();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "0123456789");
+        assert_eq!(
+            first.state().unwrap().copy.len(),
+            1,
+            "kept while a retry may come"
+        );
+        drop(kept);
+        while let Some(f) = first.frame().await {
+            f.unwrap();
+        }
+        assert!(first.state().unwrap().copy.is_empty());
     }
 
     #[tokio::test]
