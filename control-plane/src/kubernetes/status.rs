@@ -877,6 +877,25 @@ mod tests {
         );
     }
 
+    /// The `Accepted` condition (status, reason, message) of route `name`
+    /// with one parentRef.
+    fn route_accepted(snap: &Snapshot, name: &str, parent: Value) -> (String, String, String) {
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": name},
+            "spec": {"parentRefs": [parent]}
+        });
+        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), snap);
+        let c = want["parents"][0]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Accepted")
+            .unwrap()
+            .clone();
+        let s = |k: &str| c[k].as_str().unwrap().to_string();
+        (s("status"), s("reason"), s("message"))
+    }
+
     /// A route on a port its callers carry as TCP is applied nowhere there:
     /// not accepted where that is every port its parentRef names, accepted
     /// with the port named where it is some.
@@ -887,25 +906,7 @@ mod tests {
         for o in crate::manifests::parse_file(yaml).unwrap() {
             o.insert_into(&mut snap);
         }
-        let accepted = |parent: serde_json::Value| {
-            let route = serde_json::json!({
-                "metadata": {"namespace": "shop", "name": "r"},
-                "spec": {"parentRefs": [parent]}
-            });
-            let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
-            let c = want["parents"][0]["conditions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == "Accepted")
-                .unwrap()
-                .clone();
-            (
-                c["status"].as_str().unwrap().to_string(),
-                c["reason"].as_str().unwrap().to_string(),
-                c["message"].as_str().unwrap().to_string(),
-            )
-        };
+        let accepted = |parent: serde_json::Value| route_accepted(&snap, "r", parent);
         let (status, reason, message) = accepted(
             serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": 5432}),
         );
@@ -993,25 +994,7 @@ mod tests {
         // On both ports; then one on port 80 only.
         snap.add_route(RouteId::http(key("late")), spec(None, 1));
         snap.add_route(RouteId::http(key("later")), spec(Some(80), 2));
-        let accepted = |name: &str, parent: Value| {
-            let route = serde_json::json!({
-                "metadata": {"namespace": "shop", "name": name},
-                "spec": {"parentRefs": [parent]}
-            });
-            let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
-            let c = want["parents"][0]["conditions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == "Accepted")
-                .unwrap()
-                .clone();
-            (
-                c["status"].as_str().unwrap().to_string(),
-                c["reason"].as_str().unwrap().to_string(),
-                c["message"].as_str().unwrap().to_string(),
-            )
-        };
+        let accepted = |name: &str, parent: Value| route_accepted(&snap, name, parent);
         let on_80 = serde_json::json!({"group": "", "kind": "Service", "name": "web", "port": 80});
         let (status, reason, message) = accepted("later", on_80.clone());
         assert_eq!(

@@ -396,17 +396,22 @@ mod tests {
             Future = Backoff,
         >;
 
+    /// Ten other requests' deposits, for the budget to allow retries.
+    fn deposits_of_others(p: &Policy) {
+        for _ in 0..10 {
+            let mut q = p.clone();
+            let q: &mut Tower = &mut q;
+            q.clone_request(&req());
+        }
+    }
+
     /// Each retry avoids every endpoint that failed the request so far, not
     /// the last only: two that fail fast would otherwise take every attempt
     /// in turn from a healthy one.
     #[tokio::test(start_paused = true)]
     async fn a_retry_avoids_every_endpoint_that_failed_the_request() {
         let p = policy(3, &[503]);
-        for _ in 0..10 {
-            let mut q = p.clone();
-            let q: &mut Tower = &mut q;
-            q.clone_request(&req());
-        }
+        deposits_of_others(&p);
         let mut p = p.clone();
         let p: &mut Tower = &mut p;
         let mut kept = p.clone_request(&req()).unwrap();
@@ -436,12 +441,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_retry_after_a_timeout_avoids_the_endpoint_that_timed_out() {
         let p = policy(2, &[504]);
-        // Other requests' deposits, for the budget to allow one retry.
-        for _ in 0..10 {
-            let mut q = p.clone();
-            let q: &mut Tower = &mut q;
-            q.clone_request(&req());
-        }
+        deposits_of_others(&p);
         let mut p = p.clone();
         let p: &mut Tower = &mut p;
         let mut sent = req();
@@ -469,11 +469,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_retry_counts_once_its_backoff_is_over() {
         let p = policy(3, &[503]);
-        for _ in 0..10 {
-            let mut q = p.clone();
-            let q: &mut Tower = &mut q;
-            q.clone_request(&req());
-        }
+        deposits_of_others(&p);
         let mut q = p.clone();
         let q: &mut Tower = &mut q;
         let mut r = q.clone_request(&req()).unwrap();

@@ -133,12 +133,17 @@ async fn a_demo_hung_up_on_cleans_up_after_itself() {
     let (status, rest, stderr) = the_end_of(&mut demo, lines).await;
     assert!(status.success(), "{status}\n{rest}\n{stderr}");
     assert!(rest.contains("summary over"), "{rest}");
+    nothing_left_behind(&routes, &routes_before, tmp.path());
+}
+
+/// routes.yaml as it was before the demo, and its work directory gone.
+fn nothing_left_behind(routes: &std::path::Path, before: &[u8], tmp: &std::path::Path) {
     assert_eq!(
-        std::fs::read(&routes).unwrap(),
-        routes_before,
+        std::fs::read(routes).unwrap(),
+        before,
         "routes.yaml left shifted"
     );
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(tmp).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -248,13 +253,7 @@ async fn a_demo_signalled_twice_leaves_nothing_behind() {
             || status.success() && rest.contains("summary over"),
         "{status}\n{rest}\n{stderr}"
     );
-    assert_eq!(
-        std::fs::read(&routes).unwrap(),
-        routes_before,
-        "routes.yaml left shifted"
-    );
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    nothing_left_behind(&routes, &routes_before, tmp.path());
     // Its processes were gone before it was: their addresses are free.
     for addr in ["127.0.0.1:19990", "127.0.1.1:4191", "127.0.1.1:8080"] {
         std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
