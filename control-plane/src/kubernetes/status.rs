@@ -294,19 +294,26 @@ fn conditions(
             (None, None) => format!("Service {} has no ports", p.name),
         })
         .or(no_parent);
-    // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
-    // where one is attached to every port this parentRef is, it is not served.
-    let shadowed = parent
+    // The parentRef, its Service and the ports it names there, when it names some.
+    let named_ports = parent
         .zip(parent_ports.as_ref())
-        .filter(|(_, ports)| s.kind == Kind::HttpRoute && !ports.is_empty())
-        .and_then(|(p, ports)| {
+        .filter(|(_, ports)| !ports.is_empty())
+        .map(|(p, ports)| {
             let svc = ObjKey {
                 namespace: s.namespace.clone(),
                 name: p.name.clone(),
             };
+            (p, ports, svc)
+        });
+    // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
+    // where one is attached to every port this parentRef is, it is not served.
+    let shadowed = named_ports
+        .as_ref()
+        .filter(|_| s.kind == Kind::HttpRoute)
+        .and_then(|(p, ports, svc)| {
             let by: Vec<_> = ports
                 .iter()
-                .map(|sp| crate::index::view::grpc_route_on(snap, &svc, sp))
+                .map(|sp| crate::index::view::grpc_route_on(snap, svc, sp))
                 .collect::<Option<_>>()?;
             Some(format!(
                 "{} is attached to Service {} too: of an HTTPRoute and a GRPCRoute on one parent, only the GRPCRoute is served",
@@ -315,14 +322,10 @@ fn conditions(
         });
     // Past the routes a Service port serves, the newest are not served there:
     // on every port this parentRef names, not accepted; on some, said so.
-    let past_cap = parent
-        .zip(parent_ports.as_ref())
-        .filter(|(_, ports)| s.kind.is_route() && !ports.is_empty())
-        .and_then(|(p, ports)| {
-            let svc = ObjKey {
-                namespace: s.namespace.clone(),
-                name: p.name.clone(),
-            };
+    let past_cap = named_ports
+        .as_ref()
+        .filter(|_| s.kind.is_route())
+        .and_then(|(p, ports, svc)| {
             let key = ObjKey {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
@@ -333,7 +336,7 @@ fn conditions(
             };
             let past: Vec<String> = ports
                 .iter()
-                .filter(|sp| crate::index::view::past_route_cap(snap, &svc, sp, &id))
+                .filter(|sp| crate::index::view::past_route_cap(snap, svc, sp, &id))
                 .map(|sp| sp.port.to_string())
                 .collect();
             (!past.is_empty()).then(|| {
@@ -349,17 +352,13 @@ fn conditions(
     // A port its callers carry as TCP (its appProtocol, a BackendPolicy's
     // opaquePorts) reads no HTTP: no route is applied there. On every port
     // this parentRef names, not accepted; on some, said so.
-    let opaque = parent
-        .zip(parent_ports.as_ref())
-        .filter(|(_, ports)| s.kind.is_route() && !ports.is_empty())
-        .and_then(|(p, ports)| {
-            let svc = ObjKey {
-                namespace: s.namespace.clone(),
-                name: p.name.clone(),
-            };
+    let opaque = named_ports
+        .as_ref()
+        .filter(|_| s.kind.is_route())
+        .and_then(|(p, ports, svc)| {
             let opaque: Vec<String> = ports
                 .iter()
-                .filter(|sp| crate::index::view::opaque_port(snap, &svc, sp))
+                .filter(|sp| crate::index::view::opaque_port(snap, svc, sp))
                 .map(|sp| sp.port.to_string())
                 .collect();
             (!opaque.is_empty()).then(|| {
