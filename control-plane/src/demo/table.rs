@@ -13,11 +13,19 @@ const API: &str = "api.demo.svc.cluster.local:80";
 /// The canary's pods name themselves `api-v2-…` in the chain.
 const CANARY_POD_PREFIX: &str = "api-v2-";
 
+/// Latencies the whole run's figures keep at most per destination (8 MB):
+/// past it each new one takes a kept one's place at random (reservoir
+/// sampling), so the summary's percentiles stay the whole run's at
+/// `--rate 10000` for hours.
+const MAX_TOTAL_SAMPLES: usize = 1_000_000;
+
 #[derive(Clone, Debug, Default)]
 pub struct DestStats {
     pub requests: u64,
     pub ok: u64,
     pub micros: Vec<u64>,
+    /// Latencies recorded in all, `micros` holding a sample of them.
+    timed: u64,
     pub served_by: BTreeMap<String, u64>,
     /// The caller identities the serving proxies verified.
     pub callers: BTreeMap<String, u64>,
@@ -38,10 +46,21 @@ impl DestStats {
         }
     }
 
-    fn merge(&mut self, o: &DestStats) {
+    fn merge(&mut self, o: &DestStats, cap: usize) {
         self.requests += o.requests;
         self.ok += o.ok;
-        self.micros.extend_from_slice(&o.micros);
+        let mut rng = rand::rng();
+        for &m in &o.micros {
+            self.timed += 1;
+            if self.micros.len() < cap {
+                self.micros.push(m);
+            } else {
+                let i = rand::Rng::random_range(&mut rng, 0..self.timed);
+                if let Some(kept) = self.micros.get_mut(i as usize) {
+                    *kept = m;
+                }
+            }
+        }
         for (k, v) in &o.served_by {
             *self.served_by.entry(k.clone()).or_default() += v;
         }
@@ -182,7 +201,11 @@ impl Stats {
     pub fn take_window(&mut self) -> Window {
         let w = std::mem::take(&mut self.window);
         for (k, d) in &w.dests {
-            self.total.dests.entry(k).or_default().merge(d);
+            self.total
+                .dests
+                .entry(k)
+                .or_default()
+                .merge(d, MAX_TOTAL_SAMPLES);
         }
         w
     }
@@ -296,6 +319,29 @@ mod tests {
         assert_eq!(w.dests[API].requests, 1);
         assert_eq!(w.dests[API].ok, 1);
         assert_eq!(w.dests[API].served_by.get("api-1"), Some(&1));
+    }
+
+    /// The run's latencies are kept within a bound, as a sample of them all:
+    /// later windows' take their share of places.
+    #[test]
+    fn the_runs_latencies_are_a_bounded_sample() {
+        let mut total = DestStats::default();
+        for window in 0..10u64 {
+            let w = DestStats {
+                requests: 1000,
+                ok: 1000,
+                micros: (0..1000).map(|i| window * 1000 + i).collect(),
+                ..Default::default()
+            };
+            total.merge(&w, 100);
+        }
+        assert_eq!(total.requests, 10_000);
+        assert_eq!(total.micros.len(), 100);
+        let late = total.micros.iter().filter(|m| **m >= 5000).count();
+        assert!(
+            (20..=80).contains(&late),
+            "{late} of 100 from the later half"
+        );
     }
 
     /// The summary counts the requests since the last table too.
