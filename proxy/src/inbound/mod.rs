@@ -277,16 +277,18 @@ impl Inbound {
                 // Authorized before a connection to the app is made for it, as
                 // an opaque stream is: the port's policy decides HTTP alike.
                 let app = match target.map(|p| rules.check(p)) {
-                    Some(Ok(p)) => {
-                        if let Err(denied) = policy::check(&s.policy, p.0, peer.as_ref()) {
+                    Some(Ok(p)) => match policy::silent_client(&s.policy, p.0, peer.as_ref()) {
+                        Ok(true) => Some(dst::app_addr(s.config.app_ip, p)),
+                        // Only its words, if HTTP, lead on (a late probe).
+                        Ok(false) => None,
+                        Err(denied) => {
                             s.count_detected(DIRECTION, Protocol::Opaque);
                             authorize::count(&s.metrics, peer.as_ref(), Authorized::Tcp, false);
                             s.metrics.reject_tcp(DIRECTION, "unauthorized");
                             debug!(client = %client.0, %denied, "inbound connection denied");
                             return;
                         }
-                        Some(dst::app_addr(s.config.app_ip, p))
-                    }
+                    },
                     _ => None,
                 };
                 match settle::settle(s, io, app, client, peer.is_some()).await {

@@ -249,6 +249,32 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
     }
 }
 
+/// What a client silent past the detection wait may do on `port`. `Ok(true)`:
+/// the port admits it as TCP, so a stream to the app is made for it at once.
+/// `Ok(false)`: it may speak first, and only HTTP goes on, each request
+/// authorized: a plaintext client on a port the kubelet probes, since the
+/// probe itself is sent late when the kubelet is throttled, and is let
+/// through by its exact target. `Err`: refused now.
+pub fn silent_client(
+    policy: &PolicyRx,
+    port: u16,
+    peer: Option<&Identity>,
+) -> Result<bool, Denied> {
+    match check(policy, port, peer) {
+        Ok(()) => Ok(true),
+        Err(_)
+            if peer.is_none()
+                && policy
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|p| p.probes.iter().any(|pr| pr.port == port)) =>
+        {
+            Ok(false)
+        }
+        Err(denied) => Err(denied),
+    }
+}
+
 /// Resolves once the port's policy no longer admits `peer`: a stream admitted
 /// when it opened (opaque TCP, an upgraded connection) is closed when a change
 /// revokes it, as a new one would be refused, rather than run for as long as
@@ -419,6 +445,34 @@ mod tests {
             p.port(80).check(80, Some(&web)),
             Err(Denied::NotAllowed(80, web.clone()))
         );
+    }
+
+    /// A plaintext client silent past the detection wait on a STRICT port
+    /// the kubelet probes may still speak (a probe sent late), HTTP only;
+    /// on a port it does not probe it is refused at once; a peer the port
+    /// admits gets its stream.
+    #[test]
+    fn a_silent_client_of_a_probed_port_may_still_send_its_probe() {
+        let (_tx, rx) = watch::channel(Some(Arc::new(parse(
+            strict_for(
+                api::authorization::Subject::Namespace("shop".into()),
+                vec![api::ProbeRoute {
+                    port: 8080,
+                    kind: api::ProbeKind::HttpGet as i32,
+                    path: "/healthz".into(),
+                }],
+            ),
+            "td",
+        ))));
+        assert_eq!(silent_client(&rx, 8080, None), Ok(false));
+        assert_eq!(
+            silent_client(&rx, 9090, None),
+            Err(Denied::PlaintextOnStrict(9090))
+        );
+        let web = id("spiffe://td/ns/shop/sa/web");
+        assert_eq!(silent_client(&rx, 8080, Some(&web)), Ok(true));
+        let other = id("spiffe://td/ns/other/sa/x");
+        assert!(silent_client(&rx, 8080, Some(&other)).is_err());
     }
 
     /// The kubelet's probes get through a STRICT port in plaintext, and
