@@ -851,13 +851,7 @@ mod tests {
         let s = StatusInput::of(Kind::HttpRoute, &route, None);
         let want = desired(&s, &snap);
         let said = |parent: usize, kind: &str| {
-            let c = want["parents"][parent]["conditions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == kind)
-                .unwrap()
-                .clone();
+            let c = condition_in(&want["parents"][parent]["conditions"], kind);
             (c["status"].clone(), c["reason"].clone())
         };
         assert_eq!(want["parents"][1]["parentRef"]["name"], "api");
@@ -876,6 +870,17 @@ mod tests {
         );
     }
 
+    /// The condition of type `kind` in a list of them.
+    fn condition_in(conditions: &Value, kind: &str) -> Value {
+        conditions
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap()
+            .clone()
+    }
+
     /// The `Accepted` condition (status, reason, message) of route `name`
     /// with one parentRef.
     fn route_accepted(snap: &Snapshot, name: &str, parent: Value) -> (String, String, String) {
@@ -884,13 +889,7 @@ mod tests {
             "spec": {"parentRefs": [parent]}
         });
         let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), snap);
-        let c = want["parents"][0]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == "Accepted")
-            .unwrap()
-            .clone();
+        let c = condition_in(&want["parents"][0]["conditions"], "Accepted");
         let s = |k: &str| c[k].as_str().unwrap().to_string();
         (s("status"), s("reason"), s("message"))
     }
@@ -942,13 +941,7 @@ mod tests {
             Some("spec.rules[0].filters[0].type: RequestMirror is not supported".to_string());
         let s = StatusInput::of(Kind::HttpRoute, &route, error.clone());
         let want = desired(&s, &snap);
-        let accepted = want["parents"][0]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == "Accepted")
-            .unwrap()
-            .clone();
+        let accepted = condition_in(&want["parents"][0]["conditions"], "Accepted");
         assert_eq!(accepted["status"], "False");
         assert_eq!(accepted["reason"], "UnsupportedValue");
         let policy = serde_json::json!({
@@ -1040,13 +1033,7 @@ mod tests {
             let v: Value = serde_norway::from_str(&policy(name)).unwrap();
             let s = StatusInput::of(Kind::BackendPolicy, &v, None);
             let want = desired(&s, &snap);
-            let c = want["conditions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["type"] == "Accepted")
-                .cloned()
-                .unwrap();
+            let c = condition_in(&want["conditions"], "Accepted");
             (
                 c["status"].as_str().unwrap().to_string(),
                 c["reason"].as_str().unwrap().to_string(),
