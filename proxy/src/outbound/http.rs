@@ -83,11 +83,10 @@ pub fn route(
             timeout::Kind::Request,
             metrics.request_timeouts.clone(),
         ))
-        .layer(tower::retry::RetryLayer::new(Policy::new(
-            rule.retry.clone(),
-            budget.clone(),
-            metrics.retry.clone(),
-        )))
+        .layer(tower::retry::RetryLayer::new(
+            Policy::new(rule.retry.clone(), budget.clone(), metrics.retry.clone())
+                .with_timeout(rule.request_timeout),
+        ))
         .service(split)
 }
 

@@ -145,6 +145,9 @@ pub struct Policy {
     /// Retries made so far for this request.
     retried: u32,
     deposited: bool,
+    /// The route's request timeout, and when it ends for this request.
+    timeout: Option<Duration>,
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -164,7 +167,16 @@ impl Policy {
             metrics,
             retried: 0,
             deposited: false,
+            timeout: None,
+            deadline: None,
         }
+    }
+
+    /// The route's request timeout (`timeouts.request`), which covers every
+    /// attempt: a retry that could not start before it ends is not made.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Whether this response asks for another attempt.
@@ -195,20 +207,24 @@ impl Policy {
     }
 
     /// Exponential backoff with jitter above a floor: uniform in
-    /// [base * 2^(n-1), base * 2^n]. `backoff` is the least wait between
-    /// attempts (GEP-1731), so even the first retry waits that long; the
-    /// jitter keeps clients that failed together from retrying together.
-    fn backoff(&self) -> Duration {
+    /// [base * 2^(n-1), base * 2^n] for the nth retry.
+    /// `backoff` is the least wait between attempts (GEP-1731), so even the
+    /// first retry waits that long; the jitter keeps clients that failed
+    /// together from retrying together. Near the cap the range is
+    /// [cap / 2, cap] (never below `backoff`), so it stays spread there too.
+    fn backoff(&self, nth: u32) -> Duration {
         let base = self.config.backoff;
         if base.is_zero() {
             return Duration::ZERO;
         }
-        let floor = base
-            .saturating_mul(1 << self.retried.saturating_sub(1).min(16))
-            .min(defaults::MAX_RETRY_BACKOFF);
-        floor
-            .mul_f64(rand::rng().random_range(1.0..=2.0))
-            .min(defaults::MAX_RETRY_BACKOFF)
+        let cap = defaults::MAX_RETRY_BACKOFF.max(base);
+        let floor = base.saturating_mul(1 << nth.saturating_sub(1).min(16));
+        let high = floor.saturating_mul(2).min(cap);
+        let low = floor.min(high / 2).max(base);
+        if low >= high {
+            return high;
+        }
+        rand::rng().random_range(low..=high)
     }
 }
 
@@ -247,6 +263,15 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             let body = req.body().again();
             *req = Request::from_parts(head, body);
         }
+        let wait = self.backoff(self.retried + 1);
+        // A retry that could not start before the request's timeout would
+        // only turn this answer into a 504 at the deadline.
+        if self
+            .deadline
+            .is_some_and(|d| tokio::time::Instant::now() + wait >= d)
+        {
+            return None;
+        }
         let Some(paid) = self.budget.take() else {
             self.metrics.budget_exhausted.inc();
             return None;
@@ -266,7 +291,7 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             }
         }
         Some(Backoff {
-            sleep: tokio::time::sleep(self.backoff()),
+            sleep: tokio::time::sleep(wait),
             pending: Some(Pending {
                 retries: self.metrics.retries.clone(),
                 notes,
@@ -279,6 +304,7 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         if !self.deposited {
             self.deposited = true;
             self.budget.deposit();
+            self.deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         }
         // An upgrade hands the connection over: there is nothing to send again.
         if req.method() == http::Method::CONNECT || crate::http::upgrade::is_upgrade_request(req) {
@@ -658,14 +684,67 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_from_its_floor_and_stays_under_its_cap() {
-        let mut p = policy(10, &[503]);
+        let p = policy(10, &[503]);
         for n in 1..=12 {
-            p.retried = n;
-            let b = p.backoff();
+            let b = p.backoff(n);
             let floor =
                 (Duration::from_millis(10) * (1 << (n - 1))).min(defaults::MAX_RETRY_BACKOFF);
-            assert!(b >= floor && b <= floor * 2, "{n}: {b:?}");
+            // Near the cap the range is its upper half.
+            let low = floor.min(defaults::MAX_RETRY_BACKOFF / 2);
+            assert!(b >= low && b <= floor * 2, "{n}: {b:?}");
             assert!(b <= defaults::MAX_RETRY_BACKOFF, "{n}: {b:?}");
         }
+    }
+
+    /// At the cap the wait is still spread: clients that failed together at
+    /// their tenth retry do not all come back in the same instant.
+    #[tokio::test(start_paused = true)]
+    async fn backoff_at_its_cap_is_still_jittered() {
+        let p = policy(20, &[503]);
+        let waits: std::collections::BTreeSet<Duration> = (0..50).map(|_| p.backoff(15)).collect();
+        assert!(waits.len() > 1, "every wait at the cap was {waits:?}");
+        let cap = defaults::MAX_RETRY_BACKOFF;
+        assert!(
+            waits.iter().all(|w| *w >= cap / 2 && *w <= cap),
+            "{waits:?}"
+        );
+    }
+
+    /// A retry whose backoff would outlast the request's timeout is not
+    /// made: the caller gets the failure it would have waited for, at once,
+    /// not a 504 at the deadline that hides it.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_cannot_start_before_the_deadline_is_not_made() {
+        use tower::{Service, ServiceExt};
+        let config = RetryConfig {
+            attempts: 3,
+            codes: vec![503],
+            grpc_codes: Vec::new(),
+            backoff: Duration::from_millis(200),
+        };
+        let p = policy_for(config).with_timeout(Some(Duration::from_millis(150)));
+        deposits_of_others(&p);
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let backend = {
+            let calls = calls.clone();
+            tower::service_fn(move |_: Request<ReplayBody>| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async { rsp(503) }
+            })
+        };
+        let retry = tower::retry::Retry::new(p, backend);
+        let mut svc = tower::Layer::layer(
+            &crate::timeout::TimeoutLayer::new(
+                Some(Duration::from_millis(150)),
+                crate::timeout::Kind::Request,
+                Counter::default(),
+            ),
+            retry,
+        );
+        let start = tokio::time::Instant::now();
+        let answer = svc.ready().await.unwrap().call(req()).await.unwrap();
+        assert_eq!(answer.status(), 503, "{:?}", answer.headers());
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }
