@@ -75,7 +75,7 @@ impl Inbound {
         let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
         let Some(server) = self.shared.tls_server.clone() else {
-            let Some(_held) = self.plaintext(client) else {
+            let Some(_held) = self.plaintext(client, target) else {
                 return;
             };
             return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
@@ -87,7 +87,7 @@ impl Inbound {
         // as TCP under the port's policy like any other bytes, and a port
         // declared opaque is not waited on here.
         if target.is_some() {
-            let Some(_held) = self.plaintext(client) else {
+            let Some(_held) = self.plaintext(client, target) else {
                 return;
             };
             return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
@@ -109,7 +109,7 @@ impl Inbound {
             }
             Some(First::Other { silent: false }) => {
                 drop(opening);
-                let Some(_held) = self.plaintext(client) else {
+                let Some(_held) = self.plaintext(client, target) else {
                     return;
                 };
                 crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
@@ -124,10 +124,12 @@ impl Inbound {
     }
 
     /// A plaintext connection's places (`unproven`), or none: refused,
-    /// counted and logged.
-    fn plaintext(&self, client: ClientAddr) -> Option<Plaintext> {
+    /// counted and logged. One to a port the kubelet probes may take of the
+    /// places kept for probes.
+    fn plaintext(&self, client: ClientAddr, target: Option<TargetPort>) -> Option<Plaintext> {
+        let probed = target.is_some_and(|t| policy::probed(&self.shared.policy, t.0));
         self.unproven
-            .plaintext(client.0.ip().to_canonical())
+            .plaintext(client.0.ip().to_canonical(), probed)
             .inspect_err(|refused| self.refuse(*refused, client))
             .ok()
     }

@@ -249,6 +249,14 @@ pub fn check(policy: &PolicyRx, port: u16, peer: Option<&Identity>) -> Result<()
     }
 }
 
+/// Whether the kubelet probes `port` (in plaintext, by the policy in force).
+pub fn probed(policy: &PolicyRx, port: u16) -> bool {
+    policy
+        .borrow()
+        .as_ref()
+        .is_some_and(|p| p.probes.iter().any(|pr| pr.port == port))
+}
+
 /// What a client silent past the detection wait may do on `port`. `Ok(true)`:
 /// the port admits it as TCP, so a stream to the app is made for it at once.
 /// `Ok(false)`: it may speak first, and only HTTP goes on, each request
@@ -262,15 +270,7 @@ pub fn silent_client(
 ) -> Result<bool, Denied> {
     match check(policy, port, peer) {
         Ok(()) => Ok(true),
-        Err(_)
-            if peer.is_none()
-                && policy
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|p| p.probes.iter().any(|pr| pr.port == port)) =>
-        {
-            Ok(false)
-        }
+        Err(_) if peer.is_none() && probed(policy, port) => Ok(false),
         Err(denied) => Err(denied),
     }
 }

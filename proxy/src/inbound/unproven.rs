@@ -18,6 +18,11 @@
 //! each address at most a sixty-fourth of it. Filling it then takes sixty-four
 //! addresses rather than one.
 //!
+//! The kubelet's probes come in plaintext from the node's address, which also
+//! carries every outside client the node forwards: a connection to a port it
+//! probes may take one of a few places kept past all of the above, so that a
+//! busy or flooded listener does not fail the probe and get the pod restarted.
+//!
 //! Loopback is counted like any address: in a pod nothing reaches the
 //! inbound port from loopback, and the tests need it counted.
 
@@ -34,6 +39,11 @@ const OPENING: u64 = 1;
 /// Of the peers' quarter, the part one address may hold while opening.
 const RESERVE_PARTS: usize = 64;
 
+/// Places kept for the kubelet's probes past every other limit, and of them
+/// what one address may hold (a liveness and a readiness probe at once).
+const PROBE_PLACES: usize = 16;
+const PROBE_PLACES_PER_SOURCE: usize = 2;
+
 /// Clones share their counts.
 #[derive(Clone, Debug)]
 pub(super) struct Unproven {
@@ -42,6 +52,10 @@ pub(super) struct Unproven {
     unproven: Option<Arc<Semaphore>>,
     /// Opening connections past `unproven`, in the peers' quarter.
     reserve: PerSource,
+    /// Plaintext connections to a port the kubelet probes, past every limit
+    /// above: `PROBE_PLACES` in all, two per address.
+    probes: Arc<Semaphore>,
+    probes_by_source: PerSource,
 }
 
 /// A connection's places until it has said whether it is a peer: its
@@ -90,6 +104,8 @@ impl Unproven {
             by_source: PerSource::new(per_source),
             unproven: mtls.then(|| Arc::new(Semaphore::new((max_connections - peers).max(1)))),
             reserve: PerSource::new((peers / RESERVE_PARTS).max(1)),
+            probes: Arc::new(Semaphore::new(PROBE_PLACES)),
+            probes_by_source: PerSource::new(PROBE_PLACES_PER_SOURCE),
         }
     }
 
@@ -116,8 +132,19 @@ impl Unproven {
         })
     }
 
-    /// Places for a plaintext connection, for its life.
-    pub fn plaintext(&self, source: IpAddr) -> Result<Plaintext, Refused> {
+    /// Places for a plaintext connection, for its life. `probed`: it is to
+    /// a port the kubelet probes, and so may take one of the places kept for
+    /// probes when its address, or plaintext clients together, hold all
+    /// they may: the kubelet shares the node's address with every client
+    /// that node forwards, and a failed probe restarts the pod.
+    pub fn plaintext(&self, source: IpAddr, probed: bool) -> Result<Plaintext, Refused> {
+        match self.pooled(source) {
+            Err(refused) if probed => self.probe(source).ok_or(refused),
+            held => held,
+        }
+    }
+
+    fn pooled(&self, source: IpAddr) -> Result<Plaintext, Refused> {
         let share = self
             .by_source
             .take_of(Some(source), PLAINTEXT)
@@ -135,6 +162,15 @@ impl Unproven {
             _permit: permit,
         })
     }
+
+    fn probe(&self, source: IpAddr) -> Option<Plaintext> {
+        let share = self.probes_by_source.take(Some(source))?;
+        let permit = self.probes.clone().try_acquire_owned().ok()?;
+        Some(Plaintext {
+            _share: share,
+            _permit: Some(permit),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -150,9 +186,12 @@ mod tests {
     fn an_address_holds_its_share_and_plaintext_leaves_the_peers_a_quarter() {
         let u = Unproven::new(8, Some(2), true);
         let a: Vec<_> = (0..2)
-            .map(|_| u.plaintext(ip("10.0.0.1")).unwrap())
+            .map(|_| u.plaintext(ip("10.0.0.1"), false).unwrap())
             .collect();
-        assert_eq!(u.plaintext(ip("10.0.0.1")).unwrap_err(), Refused::Source);
+        assert_eq!(
+            u.plaintext(ip("10.0.0.1"), false).unwrap_err(),
+            Refused::Source
+        );
         // Opening connections are counted apart: a host at its plaintext
         // share may still be a peer.
         let opening = u.opening(ip("10.0.0.1")).unwrap();
@@ -164,15 +203,18 @@ mod tests {
         drop((again, _second));
         let others: Vec<_> = ["10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.3"]
             .into_iter()
-            .map(|s| u.plaintext(ip(s)).unwrap())
+            .map(|s| u.plaintext(ip(s), false).unwrap())
             .collect();
         // Six of eight: the rest is the peers'.
         assert_eq!(
-            u.plaintext(ip("10.0.0.4")).unwrap_err(),
+            u.plaintext(ip("10.0.0.4"), false).unwrap_err(),
             Refused::Unauthenticated
         );
         drop(a);
-        assert!(u.plaintext(ip("10.0.0.4")).is_ok(), "places given back");
+        assert!(
+            u.plaintext(ip("10.0.0.4"), false).is_ok(),
+            "places given back"
+        );
         drop(others);
     }
 
@@ -190,7 +232,7 @@ mod tests {
             .collect();
         // Three quarters are held: plaintext clients get no more,
         assert_eq!(
-            u.plaintext(ip("10.0.1.1")).unwrap_err(),
+            u.plaintext(ip("10.0.1.1"), false).unwrap_err(),
             Refused::Unauthenticated
         );
         // and an address opening more gets a sixty-fourth of the rest.
@@ -208,22 +250,64 @@ mod tests {
             .collect();
         drop(flood);
         // Given back: the pool is taken first again.
-        let _plain = u.plaintext(ip("10.0.1.1")).unwrap();
+        let _plain = u.plaintext(ip("10.0.1.1"), false).unwrap();
         drop((fourth, peers));
+    }
+
+    /// A kubelet probe comes in plaintext from the node's address, which
+    /// carries every outside client that node forwards too. With plaintext
+    /// connections holding all they may (its address's share, or all
+    /// addresses' three quarters), a probe of a probed port still gets a
+    /// place: refused, it would fail, and the pod be restarted for others'
+    /// connections.
+    #[test]
+    fn a_probed_port_keeps_places_for_the_kubelet() {
+        let u = Unproven::new(8, Some(2), true);
+        let held: Vec<_> = ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"]
+            .into_iter()
+            .chain(["10.0.0.3", "10.0.0.3"])
+            .map(|s| u.plaintext(ip(s), false).unwrap())
+            .collect();
+        let node = ip("10.0.0.9");
+        assert_eq!(
+            u.plaintext(node, false).unwrap_err(),
+            Refused::Unauthenticated
+        );
+        // The pool is full and the node's share is not: a probe is let in,
+        let probe = u.plaintext(node, true).expect("a probe's place");
+        // and so is one from an address at its share (the node's, carrying
+        // forwarded clients).
+        let at_share = u.plaintext(ip("10.0.0.1"), true).expect("a probe's place");
+        // Each address has at most two of these, all together at most
+        // sixteen: a flood of probes takes little from the peers' quarter.
+        let _second = u.plaintext(node, true).unwrap();
+        assert_eq!(
+            u.plaintext(node, true).unwrap_err(),
+            Refused::Unauthenticated
+        );
+        let others: Vec<_> = (0..32)
+            .map_while(|i| u.plaintext(ip(&format!("10.0.1.{i}")), true).ok())
+            .collect();
+        assert_eq!(others.len(), PROBE_PLACES - 3);
+        drop((probe, at_share, held, others));
+        let _ = u.plaintext(ip("10.0.1.100"), true).unwrap();
     }
 
     #[test]
     fn without_mtls_only_the_share_counts_and_it_is_never_zero() {
         let u = Unproven::new(8, None, false);
         let held: Vec<_> = (0..2)
-            .map(|_| u.plaintext(ip("10.0.0.1")).unwrap())
+            .map(|_| u.plaintext(ip("10.0.0.1"), false).unwrap())
             .collect();
-        assert_eq!(u.plaintext(ip("10.0.0.1")).unwrap_err(), Refused::Source);
+        assert_eq!(
+            u.plaintext(ip("10.0.0.1"), false).unwrap_err(),
+            Refused::Source
+        );
         let more: Vec<_> = (0..6)
-            .map(|i| u.plaintext(ip(&format!("10.0.1.{i}"))).unwrap())
+            .map(|i| u.plaintext(ip(&format!("10.0.1.{i}")), false).unwrap())
             .collect();
         assert_eq!(held.len() + more.len(), 8);
         let tiny = Unproven::new(1, None, true);
-        let _one = tiny.plaintext(ip("10.0.0.1")).unwrap();
+        let _one = tiny.plaintext(ip("10.0.0.1"), false).unwrap();
     }
 }
