@@ -10,7 +10,7 @@ use strait_api::v1::identity_server::IdentityServer;
 use strait_api::v1::inbound_policy_server::InboundPolicyServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::discovery::{DiscoveryService, Views};
 use crate::identity::IdentityService;
@@ -31,6 +31,7 @@ use crate::policy::InboundPolicyService;
 use crate::source::Source;
 use crate::unanswered::UnansweredLayer;
 use crate::{admin, defaults};
+use strait_api::essential::Essential;
 use strait_api::per_source::PerSource;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -429,6 +430,10 @@ impl Controller {
         // and the injector keeps no connection alive.
         let stopping = tokio_util::sync::CancellationToken::new();
         let mut election = None;
+        // What the controller cannot serve without: should one end unasked (a
+        // panic), it stops, and its restart lists everything anew, rather
+        // than serving the mesh's state as it was for as long as it runs.
+        let mut essential = Essential::new();
         let tokens = match &self.feed {
             Feed::Manifests => {
                 let mut source = ManifestSource::new(
@@ -448,7 +453,7 @@ impl Controller {
                     snap_tx.send_replace(Arc::new(s));
                 }
                 clean_tx.send_replace(source.is_clean());
-                tokio::spawn(source.run(snap_tx, clean_tx));
+                essential.spawn("the manifest reader", source.run(snap_tx, clean_tx));
                 Verifier::Manifests(snap_rx.clone())
             }
             Feed::Kubernetes(client) => {
@@ -459,7 +464,7 @@ impl Controller {
                     metrics.clone(),
                     statuses_tx,
                 );
-                tokio::spawn(source.run(snap_tx, clean_tx));
+                essential.spawn("the API server watches", source.run(snap_tx, clean_tx));
                 let identity = self
                     .args
                     .pod_name
@@ -481,20 +486,26 @@ impl Controller {
                     leader_tx,
                     stopping.clone(),
                 )));
-                tokio::spawn(status::write(
-                    client.clone(),
-                    identity,
-                    statuses_rx,
-                    snap_rx.clone(),
-                    leader_rx,
-                ));
+                essential.spawn(
+                    "the status writer",
+                    status::write(
+                        client.clone(),
+                        identity,
+                        statuses_rx,
+                        snap_rx.clone(),
+                        leader_rx,
+                    ),
+                );
                 Verifier::Kubernetes(Box::new(TokenReviewer::new(client.clone())))
             }
         };
 
         let views = Views::new(snap_rx.clone(), metrics.clone());
-        tokio::spawn(views.clone().run());
-        tokio::spawn(admin::serve(self.admin, metrics.clone(), ready_rx));
+        essential.spawn("the discovery views", views.clone().run());
+        essential.spawn(
+            "the admin server",
+            admin::serve(self.admin, metrics.clone(), ready_rx),
+        );
         // From SIGTERM the injector keeps no connection alive (reviews in
         // flight answered, then closed), so the API server's next calls open
         // new ones, which reach a replica that stays once this pod has left
@@ -526,8 +537,9 @@ impl Controller {
             }
             tokio::select! {
                 r = clean_rx.wait_for(|c| *c) => if r.is_err() {
-                    anyhow::bail!("manifest reader stopped");
+                    anyhow::bail!("the source of the mesh's state stopped");
                 },
+                ended = essential.ended() => return Err(anyhow::Error::new(ended)),
                 _ = &mut shutdown => {
                     stopping.cancel();
                     if let Some(e) = election {
@@ -616,8 +628,20 @@ impl Controller {
         let stop_injector = stop_webhook.clone();
         let draining = tokio_util::sync::CancellationToken::new();
         let drain_started = draining.clone();
+        let failed = Arc::new(std::sync::OnceLock::new());
+        let failure = failed.clone();
+        // Handed back, so that they run on while the connections drain.
+        let (keep_tx, _kept) = tokio::sync::oneshot::channel();
         let shutdown = async move {
-            shutdown.await;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {}
+                ended = essential.ended() => {
+                    error!(task = %ended, "the controller cannot serve without it; stopping");
+                    let _ = failure.set(ended);
+                }
+            }
+            let _ = keep_tx.send(essential);
             ready_tx.send_replace(false);
             signalled.cancel();
             info!(delay = ?delay, "stopping: serving on, not ready, for the shutdown delay");
@@ -650,6 +674,9 @@ impl Controller {
             let _ = tokio::time::timeout(defaults::WEBHOOK_DRAIN_TIMEOUT, i).await;
         }
         served?;
-        Ok(())
+        match failed.get() {
+            Some(ended) => Err(anyhow::Error::new(*ended).context("stopped without being asked")),
+            None => Ok(()),
+        }
     }
 }

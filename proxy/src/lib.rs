@@ -23,4 +23,4 @@ pub mod timeout;
 pub mod transport;
 
 pub use cli::Config;
-pub use proxy::{Addrs, Proxy};
+pub use proxy::{Addrs, Proxy, Stopped};

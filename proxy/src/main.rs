@@ -119,9 +119,12 @@ async fn run(
         wait_for_signal().await;
         handle.shutdown();
     });
-    let clean = proxy.run().await;
-    tracing::info!(clean, "stopped");
-    Ok(())
+    let stopped = proxy.run().await;
+    tracing::info!(clean = stopped.clean, "stopped");
+    match stopped.failed {
+        Some(ended) => Err(anyhow::Error::new(ended).context("stopped without being asked")),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_signal() {

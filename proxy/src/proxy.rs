@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use strait_api::essential::{Ended, Essential};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::addr::{ClientAddr, OwnAddrs};
 use crate::admin::{self, AdminState};
@@ -477,9 +478,9 @@ impl Proxy {
         self.trigger.handle()
     }
 
-    /// Serves until shutdown is asked for, then drains for at most the grace
-    /// period. Returns true when every connection finished within it.
-    pub async fn run(self) -> bool {
+    /// Serves until shutdown is asked for, or a task it cannot do without
+    /// ends, then drains for at most the grace period.
+    pub async fn run(self) -> Stopped {
         let Proxy {
             control,
             policy_tx,
@@ -497,78 +498,93 @@ impl Proxy {
         let out = Arc::new(Outbound::new(shared.clone()));
         let inb = Arc::new(Inbound::new(shared.clone()));
 
-        let mut listeners = Vec::new();
+        // Each one the proxy cannot serve without: should one end unasked (a
+        // panic), the proxy stops rather than stay up serving stale state.
+        let mut essential = Essential::new();
         {
             let out = out.clone();
-            listeners.push(tokio::spawn(outbound.serve(
-                shared.drain.clone(),
-                shared.metrics.clone(),
-                max,
-                move |acc| out.clone().handle(acc, None),
-            )));
+            essential.spawn(
+                "the outbound listener",
+                outbound.serve(
+                    shared.drain.clone(),
+                    shared.metrics.clone(),
+                    max,
+                    move |acc| out.clone().handle(acc, None),
+                ),
+            );
         }
         for (l, dest) in upstreams {
             let out = out.clone();
-            listeners.push(tokio::spawn(l.serve(
+            essential.spawn(
+                "an upstream listener",
+                l.serve(
+                    shared.drain.clone(),
+                    shared.metrics.clone(),
+                    max,
+                    move |acc| out.clone().handle(acc, Some(dest.clone())),
+                ),
+            );
+        }
+        essential.spawn(
+            "the inbound listener",
+            inbound.serve(
                 shared.drain.clone(),
                 shared.metrics.clone(),
                 max,
-                move |acc| out.clone().handle(acc, Some(dest.clone())),
-            )));
-        }
-        listeners.push(tokio::spawn(inbound.serve(
-            shared.drain.clone(),
-            shared.metrics.clone(),
-            max,
-            move |acc| inb.clone().handle(acc),
-        )));
+                move |acc| inb.clone().handle(acc),
+            ),
+        );
 
         let policy_failure = control::policy::LastFailure::default();
-        let admin_task = tokio::spawn(admin::serve(
-            admin,
-            Arc::new(AdminState {
-                config: serde_json::to_value(&shared.config).unwrap_or_default(),
-                metrics: {
-                    let m = shared.metrics.clone();
-                    admin::Scrapes::new(move |out| m.encode_into(out))
-                },
-                log,
-                shutdown: trigger.handle(),
-                drain: shared.drain.clone(),
-                ready: ready.subscribe(),
-                identity: shared.identity.clone(),
-                tcp_probes: admin::TcpProbes {
-                    ports: shared.config.tcp_probe_ports.clone(),
-                    app_ip: shared.config.app_ip,
-                },
-                known: admin::known::Known {
-                    discovery: shared.discovery.clone(),
-                    policy: shared.policy.clone(),
-                    policy_failure: policy_failure.clone(),
-                },
-            }),
-        ));
+        essential.spawn(
+            "the admin server",
+            admin::serve(
+                admin,
+                Arc::new(AdminState {
+                    config: serde_json::to_value(&shared.config).unwrap_or_default(),
+                    metrics: {
+                        let m = shared.metrics.clone();
+                        admin::Scrapes::new(move |out| m.encode_into(out))
+                    },
+                    log,
+                    shutdown: trigger.handle(),
+                    drain: shared.drain.clone(),
+                    ready: ready.subscribe(),
+                    identity: shared.identity.clone(),
+                    tcp_probes: admin::TcpProbes {
+                        ports: shared.config.tcp_probe_ports.clone(),
+                        app_ip: shared.config.app_ip,
+                    },
+                    known: admin::known::Known {
+                        discovery: shared.discovery.clone(),
+                        policy: shared.policy.clone(),
+                        policy_failure: policy_failure.clone(),
+                    },
+                }),
+            ),
+        );
         // With a control plane, ready once it has answered for this workload (and,
         // with mTLS, once the first certificate is in); without one, bound
         // listeners are all it takes.
         match control {
             Some((link, workload)) => {
                 let mut rx = policy_tx.subscribe();
-                tokio::spawn(control::policy::follow(
-                    link.clone(),
-                    workload,
-                    policy_tx,
-                    policy_failure,
-                ));
+                essential.spawn(
+                    "the inbound policy watch",
+                    control::policy::follow(link.clone(), workload, policy_tx, policy_failure),
+                );
                 if let Some(creds) = &shared.identity
                     && let Some(token) = &shared.config.token_file
                 {
-                    tokio::spawn(identity::follow(
-                        link,
-                        creds.clone(),
-                        token.clone(),
-                        shared.metrics.clone(),
-                    ));
+                    essential.spawn(
+                        "the certificate renewal",
+                        identity::follow(
+                            link,
+                            creds.clone(),
+                            token.clone(),
+                            shared.metrics.clone(),
+                        ),
+                    );
                 }
                 let ready = ready.clone();
                 let creds = shared.identity.clone();
@@ -591,7 +607,15 @@ impl Proxy {
             upstreams = ?addrs.upstreams, "proxy listening"
         );
 
-        trigger.requested().await;
+        let failed = tokio::select! {
+            biased;
+            () = trigger.requested() => None,
+            ended = essential.ended() => {
+                error!(task = %ended, "the proxy cannot serve without it; stopping");
+                trigger.drain();
+                Some(ended)
+            }
+        };
         info!(grace = ?shared.config.shutdown_grace_period, in_flight = trigger.in_flight(), "draining");
         let clean = trigger.wait(shared.config.shutdown_grace_period).await;
         if clean {
@@ -610,10 +634,7 @@ impl Proxy {
                 );
             }
         }
-        for l in listeners {
-            l.abort();
-        }
-        admin_task.abort();
+        drop(essential);
         // The last requests' spans leave before the process does, rather than
         // waiting for the next look.
         if let Some(t) = shared.observe.as_ref().and_then(|o| o.tracer.as_ref())
@@ -627,6 +648,15 @@ impl Proxy {
         {
             warn!(within = ?defaults::TRACE_FLUSH_TIMEOUT, "the access-log lines queued at exit could not be written in time");
         }
-        clean
+        Stopped { clean, failed }
     }
+}
+
+/// How a proxy stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Every connection finished within the grace period.
+    pub clean: bool,
+    /// The task whose end stopped it, when not asked to stop.
+    pub failed: Option<Ended>,
 }

@@ -25,8 +25,9 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PartialObject
 use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
+use strait_api::essential::Essential;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::defaults;
 use crate::index::{Snapshot, SnapshotBuilder};
@@ -62,6 +63,20 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::BackendPolicy,
     ];
+
+    /// The watch of this kind, as the log names it.
+    fn watch_name(self) -> &'static str {
+        match self {
+            Kind::Service => "the Service watch",
+            Kind::EndpointSlice => "the EndpointSlice watch",
+            Kind::Pod => "the Pod watch",
+            Kind::Node => "the Node watch",
+            Kind::HttpRoute => "the HTTPRoute watch",
+            Kind::GrpcRoute => "the GRPCRoute watch",
+            Kind::AuthorizationPolicy => "the AuthorizationPolicy watch",
+            Kind::BackendPolicy => "the BackendPolicy watch",
+        }
+    }
 
     fn optional(self) -> bool {
         matches!(
@@ -161,15 +176,28 @@ impl KubernetesSource {
 impl Source for KubernetesSource {
     async fn run(self, tx: watch::Sender<Arc<Snapshot>>, clean: watch::Sender<bool>) {
         let (changes_tx, mut changes) = mpsc::channel::<Change>(1024);
-        let mut tasks = Vec::new();
+        // A watch that ended (a panic) would leave its kind as it last was
+        // for as long as the controller runs: the source ends with it, and
+        // the controller stops.
+        let mut watches = Essential::new();
         for kind in Kind::ALL {
             let (c, out) = (self.client.clone(), changes_tx.clone());
-            tasks.push(tokio::spawn(watch_kind(c, kind, out)));
+            watches.spawn(kind.watch_name(), watch_kind(c, kind, out));
         }
         drop(changes_tx);
         let mut index = Index::new(&self.trust_domain);
         let mut published = false;
-        while let Some(first) = changes.recv().await {
+        loop {
+            let first = tokio::select! {
+                c = changes.recv() => match c {
+                    Some(c) => c,
+                    None => break,
+                },
+                ended = watches.ended() => {
+                    error!(watch = %ended, "a watch of the API server stopped");
+                    break;
+                }
+            };
             let since = tokio::time::Instant::now();
             index.apply(first);
             // Whatever else has arrived within the debounce goes in the same snapshot.
@@ -202,9 +230,6 @@ impl Source for KubernetesSource {
                 index.statuses_dirty = false;
             }
             clean.send_if_modified(|c| std::mem::replace(c, whole) != whole);
-        }
-        for t in tasks {
-            t.abort();
         }
     }
 }

@@ -11,7 +11,7 @@ pub struct TestProxy {
     pub addrs: Addrs,
     pub metrics: std::sync::Arc<strait_proxy::telemetry::Metrics>,
     handle: ShutdownHandle,
-    task: tokio::task::JoinHandle<bool>,
+    task: tokio::task::JoinHandle<strait_proxy::Stopped>,
 }
 
 impl TestProxy {
@@ -27,11 +27,14 @@ impl TestProxy {
     /// Shuts down and returns whether the drain finished within the grace period.
     pub async fn stop(self) -> bool {
         self.handle.shutdown();
-        self.task.await.expect("proxy task")
+        self.join().await
     }
 
+    /// Also checks that nothing but the shutdown asked for stopped it.
     pub async fn join(self) -> bool {
-        self.task.await.expect("proxy task")
+        let stopped = self.task.await.expect("proxy task");
+        assert_eq!(stopped.failed, None, "the proxy stopped by itself");
+        stopped.clean
     }
 
     pub fn metrics_text(&self) -> String {
