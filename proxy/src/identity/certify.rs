@@ -24,6 +24,8 @@ enum CertifyError {
     Token { path: String, reason: String },
     #[error("the control plane refused the certificate request: {0}")]
     Refused(String),
+    #[error("cannot reach the control plane for a certificate: {0}")]
+    Unreachable(String),
     #[error("{0}")]
     Creds(#[from] super::CredsError),
 }
@@ -130,17 +132,48 @@ async fn certify(
     let rsp = tokio::time::timeout(defaults::CERTIFY_TIMEOUT, client.certify(req))
         .await
         .map_err(|_| {
-            CertifyError::Refused(format!("no answer in {:?}", defaults::CERTIFY_TIMEOUT))
+            CertifyError::Unreachable(format!("no answer in {:?}", defaults::CERTIFY_TIMEOUT))
         })?
-        .map_err(|s| CertifyError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+        .map_err(|s| failed_call(&s))?
         .into_inner();
     let installed = creds.install(rsp.leaf_der, rsp.intermediates_der)?;
     Ok((installed.serial, installed.not_after))
 }
 
+/// A failed call: refused by the control plane, which looked at the request
+/// (a bad token, an identity not this pod's), or not heard at all (the
+/// network, the controller down or overloaded); said apart, so that an
+/// operator chasing a network fault is not sent to look at policy.
+fn failed_call(s: &tonic::Status) -> CertifyError {
+    use tonic::Code;
+    let what = format!("{:?}: {}", s.code(), s.message());
+    match s.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            CertifyError::Unreachable(what)
+        }
+        _ => CertifyError::Refused(what),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_controller_not_heard_is_not_said_to_refuse() {
+        let down = failed_call(&tonic::Status::unavailable("tcp connect error"));
+        assert_eq!(
+            down.to_string(),
+            "cannot reach the control plane for a certificate: Unavailable: tcp connect error"
+        );
+        let refused = failed_call(&tonic::Status::permission_denied("token names another pod"));
+        assert!(
+            refused
+                .to_string()
+                .starts_with("the control plane refused the certificate request"),
+            "{refused}"
+        );
+    }
 
     /// A renewal follows the wall clock: after a suspend that moved it past
     /// the renewal time, the renewal comes within one step, not when a timer

@@ -130,7 +130,7 @@ impl Credentials {
                 None,
                 None,
             )
-            .map_err(|e| CredsError::Untrusted(e.to_string()))?;
+            .map_err(|e| CredsError::Untrusted(why_untrusted(&e)))?;
         }
         let uris: Vec<String> = ee.valid_uri_names().map(str::to_string).collect();
         if uris.len() != 1 || uris[0] != self.identity.as_str() {
@@ -198,6 +198,53 @@ pub(crate) fn not_after(leaf: &[u8]) -> Result<std::time::SystemTime, CredsError
     Ok(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
+/// Why a certificate from the control plane does not verify. One not valid
+/// yet, or expired, when just issued says the clocks disagree: this proxy
+/// would refuse every certificate, and never be ready, until they agree.
+fn why_untrusted(e: &webpki::Error) -> String {
+    match e {
+        webpki::Error::CertNotValidYet { .. } => {
+            format!("{e} (is this node's clock behind the control plane's?)")
+        }
+        webpki::Error::CertExpired { .. } => {
+            format!("{e} (is this node's clock ahead of the control plane's?)")
+        }
+        _ => e.to_string(),
+    }
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, Issuer};
+
+    /// A certificate issued by a controller whose clock is far ahead:
+    /// refused, and the refusal points at the clocks.
+    #[test]
+    fn a_certificate_not_valid_yet_points_at_the_clocks() {
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = Issuer::new(root_params, root_key);
+        let anchors = TrustAnchors::from_pem(root_cert.pem().as_bytes()).unwrap();
+        let me = Identity::of("cluster.local", "shop", "web").unwrap();
+        let creds = Credentials::generate(me, anchors).unwrap();
+        let mut csr =
+            CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into()).unwrap();
+        csr.params.not_before = rcgen::date_time_ymd(2999, 1, 1);
+        csr.params.not_after = rcgen::date_time_ymd(2999, 1, 2);
+        let leaf = csr.signed_by(&root).unwrap();
+        let e = creds.install(leaf.der().to_vec(), Vec::new()).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("not valid yet") || e.contains("NotValidYet"),
+            "{e}"
+        );
+        assert!(e.contains("clock behind"), "{e}");
+    }
 }
