@@ -113,6 +113,7 @@ where
                 .headers()
                 .get(header::CONNECTION)
                 .is_some_and(|v| v == "close");
+        response_framing(rsp.headers_mut());
         strip_hop_by_hop(rsp.headers_mut(), keep);
         if close {
             rsp.headers_mut().insert(
@@ -122,6 +123,42 @@ where
         }
         Poll::Ready(Ok(rsp))
     }
+}
+
+/// A response's framing as the next hop must read it. One framed both ways
+/// was read as chunked (RFC 9112 §6.3), and its Content-Length, which an
+/// intermediary must remove, would frame what is sent on: the body cut
+/// short, with the connection kept as if it were whole. A list of one length
+/// (`5, 5`), which hyper takes, is sent as that length: HTTP/2 refuses a list.
+fn response_framing(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+        return;
+    }
+    if let Some(n) = listed_length(headers) {
+        headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+    }
+}
+
+/// The length Content-Length gives when it is a list (several fields, or
+/// commas) whose values all agree; `None` when it is one value, or absent.
+fn listed_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return None;
+    }
+    let mut n = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().ok()?.split(',') {
+            let m: u64 = part.trim().parse().ok()?;
+            if n.is_some_and(|n| n != m) {
+                return None;
+            }
+            n = Some(m);
+        }
+    }
+    n
 }
 
 /// Why a request head is refused.
@@ -171,6 +208,13 @@ pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
     if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
         return Err(HeadRefusal::ConflictingFraming);
     }
+    // A list of one length (`5, 5`), which hyper takes, goes on as that
+    // length: the HTTP/2 hop between proxies refuses a list.
+    if let Some(n) = listed_length(h) {
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+    }
+    let h = req.headers();
     let mut hosts = h.get_all(header::HOST).iter();
     let (first, second) = (hosts.next().is_some(), hosts.next().is_some());
     if second {
@@ -273,6 +317,39 @@ fn protected(n: &HeaderName) -> bool {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// A list of one length goes on as that length, on requests and
+    /// responses: the HTTP/2 hop between proxies refuses a list, and the
+    /// message would fail only inside the mesh.
+    #[test]
+    fn a_list_of_one_length_goes_on_as_that_length() {
+        let mut rsp = HeaderMap::new();
+        rsp.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        response_framing(&mut rsp);
+        assert_eq!(rsp[header::CONTENT_LENGTH], "5");
+        let mut req = Request::post("/")
+            .header(header::HOST, "web")
+            .header(header::CONTENT_LENGTH, "7")
+            .header(header::CONTENT_LENGTH, "7")
+            .body(())
+            .unwrap();
+        check_head(&mut req).unwrap();
+        let lengths: Vec<_> = req
+            .headers()
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(lengths, ["7"]);
+        // One value, or values that disagree (hyper refuses those), are left.
+        let mut one = HeaderMap::new();
+        one.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        response_framing(&mut one);
+        assert_eq!(one[header::CONTENT_LENGTH], "12");
+        assert_eq!(listed_length(&one), None);
+        let mut split = HeaderMap::new();
+        split.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5, 6"));
+        assert_eq!(listed_length(&split), None);
+    }
 
     #[test]
     fn connection_cannot_name_host_strait_or_trace_headers_away() {

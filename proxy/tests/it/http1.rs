@@ -274,10 +274,8 @@ async fn an_unreachable_upstream_is_a_502_naming_it() {
     assert!(reason.contains(&format!("127.0.0.1:{dead}")), "{reason}");
 }
 
-#[tokio::test]
-async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
-    // A server outside the mesh answers with the field the proxies use to tell
-    // their own answers from the app's.
+/// An upstream outside the mesh that answers every request with `response`.
+async fn canned_upstream(response: &'static [u8]) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -291,12 +289,18 @@ async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
                     }
                     head.push(b[0]);
                 }
-                let _ = s
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nstrait-proxy-error: connection refused\r\ncontent-length: 0\r\n\r\n")
-                    .await;
+                let _ = s.write_all(response).await;
             });
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
+    // A server outside the mesh answers with the field the proxies use to tell
+    // their own answers from the app's.
+    let addr = canned_upstream(b"HTTP/1.1 503 Service Unavailable\r\nstrait-proxy-error: connection refused\r\ncontent-length: 0\r\n\r\n").await;
     let proxy = support::start_to(addr).await;
     let rsp = client::http1()
         .request(
@@ -312,4 +316,27 @@ async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
         "{:?}",
         rsp.headers()
     );
+}
+
+/// A response framed both ways is read as chunked (RFC 9112 §6.3), as a
+/// client without the proxy reads it: its Content-Length, which no longer
+/// says anything, must not go on to frame what the proxy sends.
+#[tokio::test]
+async fn a_chunked_response_that_also_gives_a_length_arrives_whole() {
+    let addr = canned_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = support::start_to(addr).await;
+    let rsp = client::http1()
+        .request(
+            Request::get(format!("http://{}/", proxy.upstream()))
+                .body(client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let body = rsp.into_body().collect().await.map(|b| b.to_bytes());
+    assert_eq!(body.ok().as_deref(), Some(&b"hello world"[..]));
 }
