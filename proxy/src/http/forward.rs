@@ -147,6 +147,17 @@ impl Forward {
         // Recorded to be undone should HTTP/2 still hand the request back (its
         // connection closed first, and no other could be had).
         let edits = edit_for_upstream(&mut req, to_peer.as_ref(), h2, target, hand_back && h2);
+        // CONNECT over HTTP/2 goes to a peer as HTTP/1.1's (tunnels take
+        // HTTP/1.1 between proxies), which names its authority in Host.
+        if is_connect && !h2 && version == Version::HTTP_2 {
+            *req.version_mut() = Version::HTTP_11;
+            if let Some(host) = req.uri().authority().map(|a| a.as_str().to_owned())
+                && !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&host)
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
         let conn = req.extensions_mut().remove::<UpgradeConn>();
         let keep_unread = req.extensions().get::<KeepUnread>().is_some();
         let body_fault = req.extensions().get::<BodyFault>().cloned();

@@ -20,7 +20,11 @@ use crate::telemetry::{Direction, Metrics};
 /// hide in it from this check, for a lenient server to switch on.
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     if req.version() >= http::Version::HTTP_2 {
-        return false;
+        // HTTP/2 has no Upgrade; its CONNECT makes the stream a tunnel
+        // (RFC 9113 §8.5). An extended CONNECT (`:protocol`, RFC 8441) is
+        // never offered by the proxy's servers.
+        return req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_none();
     }
     req.method() == Method::CONNECT
         || (req.headers().contains_key(header::UPGRADE)

@@ -340,3 +340,37 @@ async fn a_chunked_response_that_also_gives_a_length_arrives_whole() {
     let body = rsp.into_body().collect().await.map(|b| b.to_bytes());
     assert_eq!(body.ok().as_deref(), Some(&b"hello world"[..]));
 }
+
+/// CONNECT over HTTP/2 (RFC 9113 §8.5; `curl --proxy-http2`, an egress
+/// proxy reached over HTTP/2): the stream becomes the tunnel, as HTTP/1.1's
+/// connection does.
+#[tokio::test]
+async fn an_http2_connect_tunnel_passes_through() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let tcp = TcpStream::connect(proxy.upstream()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::connect("example.test:443")
+        .version(http::Version::HTTP_2)
+        .body(client::empty())
+        .unwrap();
+    let rsp = send.send_request(req).await.unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK, "{:?}", rsp.headers());
+    let tunnel = tokio::time::timeout(Duration::from_secs(5), hyper::upgrade::on(rsp))
+        .await
+        .expect("the tunnel within 5 s")
+        .expect("a tunnel");
+    let mut tunnel = hyper_util::rt::TokioIo::new(tunnel);
+    tunnel.write_all(b"raw tunnel bytes").await.unwrap();
+    let mut echoed = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut echoed))
+        .await
+        .expect("the echo within 5 s")
+        .expect("the echo");
+    assert_eq!(&echoed, b"raw tunnel bytes");
+}
