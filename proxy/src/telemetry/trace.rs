@@ -545,6 +545,32 @@ fn endpoint_strings(e: SocketAddr) -> (Arc<str>, Arc<str>) {
     })
 }
 
+/// Distinct gRPC span names one proxy gives, at most. The client names the
+/// method it calls, and one sending made-up methods would otherwise fill the
+/// tracing backend's index of operations (Jaeger's, Tempo's). Past it a
+/// method not named before gets a span named `grpc`; its service and method
+/// stay in `rpc.service` and `rpc.method`.
+const MAX_RPC_SPAN_NAMES: usize = 1000;
+
+/// Whether a call's span may be named for its method. Run as spans are
+/// encoded, on the exporter's thread, not on the request path.
+fn named_rpc(service: &str, method: &str) -> bool {
+    static SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Box<str>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let name = format!("{service}/{method}");
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.contains(name.as_str()) {
+        return true;
+    }
+    if seen.len() >= MAX_RPC_SPAN_NAMES {
+        return false;
+    }
+    seen.insert(name.into_boxed_str());
+    true
+}
+
 impl Record for ProxySpan {
     fn write(self, w: &mut SpanWriter<'_>) {
         let ProxySpan {
@@ -569,7 +595,10 @@ impl Record for ProxySpan {
         // RPC spans are named for the method they call; HTTP spans for
         // theirs, or `HTTP` for a method the conventions do not know.
         match (rpc.flatten(), &started.method_original) {
-            (Some((service, method)), _) => w.name(&[service, "/", method]),
+            (Some((service, method)), _) if named_rpc(service, method) => {
+                w.name(&[service, "/", method]);
+            }
+            (Some(_), _) => w.name(&["grpc"]),
             (None, Some(_)) => w.name(&["HTTP"]),
             (None, None) => w.name(&[started.method]),
         }
@@ -692,6 +721,19 @@ impl Record for ProxySpan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client choosing its methods freely names at most a thousand spans
+    /// for them; the methods named first keep their names.
+    #[test]
+    fn grpc_span_names_are_bounded() {
+        assert!(named_rpc("shop.Orders", "Get"));
+        for i in 1..MAX_RPC_SPAN_NAMES {
+            assert!(named_rpc("junk.S", &format!("m{i}")), "{i}");
+        }
+        assert!(!named_rpc("junk.S", "one_more"));
+        assert!(named_rpc("shop.Orders", "Get"), "named before");
+        assert!(named_rpc("junk.S", "m7"));
+    }
     use crate::addr::DestAddr;
 
     /// A `Host` header is split on the export thread as the URI's
