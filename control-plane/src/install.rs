@@ -401,6 +401,28 @@ pub struct Values {
     pub proxy_access_log: Option<crate::inject::AccessLog>,
 }
 
+impl Values {
+    /// Values that say nothing (no identity, no images), for what does not
+    /// depend on them: the objects' kinds and names.
+    fn blank() -> Self {
+        Values {
+            identity: Identity {
+                anchors_pem: String::new(),
+                issuer_cert_pem: String::new(),
+                issuer_key_pem: String::new(),
+            },
+            trust_domain: defaults::TRUST_DOMAIN.to_string(),
+            controller_image: String::new(),
+            proxy_image: String::new(),
+            proxy_iptables_mode: Default::default(),
+            replicas: 1,
+            otlp_endpoint: None,
+            proxy_trace_sampling: None,
+            proxy_access_log: None,
+        }
+    }
+}
+
 /// The trust domain asked for, or else the installed one, or else the
 /// default; one asked for that is not the installed one is refused with
 /// `clash(installed, asked)`: a mesh has one trust domain.
@@ -620,7 +642,10 @@ pub fn objects(v: &Values) -> anyhow::Result<Vec<Value>> {
     out.push(json!({
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": CONTROLLER, "namespace": NAMESPACE},
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels()}},
+        // Replicas that are not ready (a bad issuer, a crash loop) may still
+        // be evicted: otherwise they would hold every drain of their nodes.
+        "spec": {"maxUnavailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                 "selector": {"matchLabels": labels()}},
     }));
     out.push(json!({
         "apiVersion": "v1", "kind": "Service",
@@ -746,7 +771,7 @@ fn deployment(v: &Values) -> Value {
 }
 
 /// The pods the injector would leave alone, as CEL: those on the host's
-/// network or its DNS, those injected already (`strait inject`, or a reinvocation), and
+/// network or its DNS, Windows pods, those injected already (`strait inject`, or a reinvocation), and
 /// those whose annotation opts out.
 fn match_conditions() -> Value {
     json!([
@@ -754,6 +779,8 @@ fn match_conditions() -> Value {
          "expression": "!has(object.spec.hostNetwork) || !object.spec.hostNetwork"},
         {"name": "not-node-dns",
          "expression": "!has(object.spec.dnsPolicy) || object.spec.dnsPolicy != 'Default'"},
+        {"name": "not-windows",
+         "expression": "!(has(object.spec.os) && has(object.spec.os.name) && object.spec.os.name == 'windows') && !(has(object.spec.nodeSelector) && 'kubernetes.io/os' in object.spec.nodeSelector && object.spec.nodeSelector['kubernetes.io/os'] == 'windows')"},
         {"name": "not-injected",
          "expression": "!object.spec.containers.exists(c, c.name == 'strait-proxy') && !(has(object.spec.initContainers) && object.spec.initContainers.exists(c, c.name == 'strait-proxy'))"},
         {"name": "not-opted-out",
@@ -844,6 +871,34 @@ fn validation_configuration(anchors_pem: &str) -> Value {
 fn not_system() -> Value {
     json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
            "values": ["kube-system", "kube-node-lease", NAMESPACE]})
+}
+
+/// What `strait install` made, for `strait uninstall | kubectl delete
+/// --ignore-not-found -f -`: each object by its kind and name, in the order
+/// that leaves nothing refusing in between. The webhooks go first: both fail
+/// closed, and once their controller is gone they would refuse every pod of
+/// the labelled namespaces and every policy change, cluster-wide. The
+/// namespace goes last. The CRDs are left out: deleting them deletes every
+/// policy of every namespace (`strait crds | kubectl delete -f -` does that).
+pub fn uninstall() -> anyhow::Result<String> {
+    let names = Values::blank();
+    let docs = objects(&names)?
+        .into_iter()
+        .rev()
+        .filter(|o| o["kind"] != "CustomResourceDefinition")
+        .map(|o| {
+            let mut metadata = serde_json::Map::new();
+            for key in ["name", "namespace"] {
+                if let Some(v) = o["metadata"].get(key) {
+                    metadata.insert(key.to_string(), v.clone());
+                }
+            }
+            serde_norway::to_string(&json!({
+                "apiVersion": o["apiVersion"], "kind": o["kind"], "metadata": metadata,
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(docs.join("---\n"))
 }
 
 /// The YAML stream.
@@ -972,23 +1027,70 @@ mod tests {
         }
     }
 
+    /// Uninstalling removes the fail-closed webhooks before anything they
+    /// need (their controller, its Service) and the namespace last, names
+    /// every other object the install made, leaves the CRDs (and with them
+    /// every policy), and carries no key.
+    #[test]
+    fn uninstall_takes_the_webhooks_out_first_and_the_namespace_last() {
+        let out = uninstall().unwrap();
+        let objects: Vec<Value> = out
+            .split("---\n")
+            .map(|d| serde_norway::from_str(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            &kinds[..2],
+            [
+                "ValidatingWebhookConfiguration",
+                "MutatingWebhookConfiguration"
+            ]
+        );
+        assert_eq!(kinds.last(), Some(&"Namespace"));
+        let named = |o: &Value| {
+            (
+                o["kind"].as_str().unwrap().to_string(),
+                o["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        };
+        let mut installed: Vec<_> = objects_of_an_install()
+            .iter()
+            .filter(|o| o["kind"] != "CustomResourceDefinition")
+            .map(named)
+            .collect();
+        let mut removed: Vec<_> = objects.iter().map(named).collect();
+        installed.sort();
+        removed.sort();
+        assert_eq!(removed, installed);
+        assert!(
+            !out.contains("PRIVATE KEY") && !out.contains("stringData"),
+            "{out}"
+        );
+    }
+
+    fn objects_of_an_install() -> Vec<Value> {
+        objects(&Values {
+            identity: Identity {
+                anchors_pem: "anchors".into(),
+                issuer_cert_pem: "cert".into(),
+                issuer_key_pem: "-----BEGIN PRIVATE KEY-----".into(),
+            },
+            ..Values::blank()
+        })
+        .unwrap()
+    }
+
     /// The controller is never meshed, whoever injects what.
     #[test]
     fn the_controllers_pods_say_they_are_never_meshed() {
         let d = deployment(&Values {
-            identity: Identity {
-                anchors_pem: String::new(),
-                issuer_cert_pem: String::new(),
-                issuer_key_pem: String::new(),
-            },
-            trust_domain: defaults::TRUST_DOMAIN.into(),
             controller_image: "c".into(),
             proxy_image: "p".into(),
-            proxy_iptables_mode: crate::inject::IptablesMode::default(),
             replicas: 2,
-            otlp_endpoint: None,
-            proxy_trace_sampling: None,
-            proxy_access_log: None,
+            ..Values::blank()
         });
         let labels = &d["spec"]["template"]["metadata"]["labels"];
         assert_eq!(labels["strait.dev/inject"], "disabled");

@@ -45,6 +45,10 @@ enum Command {
     /// Print every manifest a cluster needs (`strait install | kubectl apply -f -`),
     /// with a freshly generated trust anchor and issuer unless given.
     Install(strait_control_plane::install::InstallArgs),
+    /// Print what `strait install` made, webhooks first, for `strait uninstall
+    /// | kubectl delete --ignore-not-found -f -` (the CRDs, and with them every
+    /// policy, are left: `strait crds | kubectl delete -f -` removes them).
+    Uninstall,
     /// Check an installed strait: the API, CRDs, controller, injector, identity
     /// expiry and proxies, one line each; exits non-zero when a check fails.
     Check(strait_control_plane::check::CheckArgs),
@@ -103,6 +107,10 @@ fn start() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Check(args) => strait_control_plane::check::run(&args).await,
+            Command::Uninstall => {
+                print!("{}", strait_control_plane::install::uninstall()?);
+                Ok(())
+            }
             Command::Crds => {
                 print!("{}", strait_control_plane::crds::stream()?);
                 Ok(())
