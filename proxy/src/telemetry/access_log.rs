@@ -154,7 +154,7 @@ impl Line {
             direction,
             method: bounded_str(req.method().as_str()),
             authority: bounded(authority),
-            path: bounded(req.uri().path().to_string()),
+            path: bounded_str(req.uri().path()),
             version: match req.version() {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 http::Version::HTTP_2 => "HTTP/2",

@@ -3,7 +3,7 @@
 //! the record rather than on the heap, it costs the serving thread no
 //! allocation and the export thread no free of another thread's memory.
 
-use super::access_log::bounded;
+use super::access_log::bounded_str;
 
 /// Bytes kept inline at most (the whole value is 48 bytes).
 const INLINE: usize = 46;
@@ -25,7 +25,7 @@ impl ShortStr {
                 bytes,
             };
         }
-        ShortStr::Heap(bounded(s.to_string()).into_boxed_str())
+        ShortStr::Heap(bounded_str(s).into_boxed_str())
     }
 
     pub fn as_str(&self) -> &str {
@@ -68,7 +68,7 @@ mod tests {
         assert_eq!(ShortStr::bounded(&edge).as_str(), edge);
         let long = format!("/{}", "ü".repeat(MAX_FIELD));
         let cut = ShortStr::bounded(&long);
-        assert_eq!(cut.as_str(), bounded(long.clone()));
+        assert_eq!(cut.as_str(), bounded_str(&long));
         assert!(cut.as_str().len() <= MAX_FIELD + '…'.len_utf8());
         let mid = "x".repeat(INLINE + 1);
         assert_eq!(String::from(ShortStr::bounded(&mid)), mid);
