@@ -127,7 +127,7 @@ impl Inbound {
     /// counted and logged. One to a port the kubelet probes may take of the
     /// places kept for probes.
     fn plaintext(&self, client: ClientAddr, target: Option<TargetPort>) -> Option<Plaintext> {
-        let probed = target.is_some_and(|t| policy::probed(&self.shared.policy, t.0));
+        let probed = || target.is_some_and(|t| policy::probed(&self.shared.policy, t.0));
         self.unproven
             .plaintext(client.0.ip().to_canonical(), probed)
             .inspect_err(|refused| self.refuse(*refused, client))

@@ -132,14 +132,19 @@ impl Unproven {
         })
     }
 
-    /// Places for a plaintext connection, for its life. `probed`: it is to
-    /// a port the kubelet probes, and so may take one of the places kept for
-    /// probes when its address, or plaintext clients together, hold all
-    /// they may: the kubelet shares the node's address with every client
-    /// that node forwards, and a failed probe restarts the pod.
-    pub fn plaintext(&self, source: IpAddr, probed: bool) -> Result<Plaintext, Refused> {
+    /// Places for a plaintext connection, for its life. One to a port the
+    /// kubelet probes (`probed`, asked only when the limits below refuse it)
+    /// may take one of the places kept for probes when its address, or
+    /// plaintext clients together, hold all they may: the kubelet shares the
+    /// node's address with every client that node forwards, and a failed
+    /// probe restarts the pod.
+    pub fn plaintext(
+        &self,
+        source: IpAddr,
+        probed: impl FnOnce() -> bool,
+    ) -> Result<Plaintext, Refused> {
         match self.pooled(source) {
-            Err(refused) if probed => self.probe(source).ok_or(refused),
+            Err(refused) if probed() => self.probe(source).ok_or(refused),
             held => held,
         }
     }
@@ -186,10 +191,10 @@ mod tests {
     fn an_address_holds_its_share_and_plaintext_leaves_the_peers_a_quarter() {
         let u = Unproven::new(8, Some(2), true);
         let a: Vec<_> = (0..2)
-            .map(|_| u.plaintext(ip("10.0.0.1"), false).unwrap())
+            .map(|_| u.plaintext(ip("10.0.0.1"), || false).unwrap())
             .collect();
         assert_eq!(
-            u.plaintext(ip("10.0.0.1"), false).unwrap_err(),
+            u.plaintext(ip("10.0.0.1"), || false).unwrap_err(),
             Refused::Source
         );
         // Opening connections are counted apart: a host at its plaintext
@@ -203,16 +208,16 @@ mod tests {
         drop((again, _second));
         let others: Vec<_> = ["10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.3"]
             .into_iter()
-            .map(|s| u.plaintext(ip(s), false).unwrap())
+            .map(|s| u.plaintext(ip(s), || false).unwrap())
             .collect();
         // Six of eight: the rest is the peers'.
         assert_eq!(
-            u.plaintext(ip("10.0.0.4"), false).unwrap_err(),
+            u.plaintext(ip("10.0.0.4"), || false).unwrap_err(),
             Refused::Unauthenticated
         );
         drop(a);
         assert!(
-            u.plaintext(ip("10.0.0.4"), false).is_ok(),
+            u.plaintext(ip("10.0.0.4"), || false).is_ok(),
             "places given back"
         );
         drop(others);
@@ -232,7 +237,7 @@ mod tests {
             .collect();
         // Three quarters are held: plaintext clients get no more,
         assert_eq!(
-            u.plaintext(ip("10.0.1.1"), false).unwrap_err(),
+            u.plaintext(ip("10.0.1.1"), || false).unwrap_err(),
             Refused::Unauthenticated
         );
         // and an address opening more gets a sixty-fourth of the rest.
@@ -250,7 +255,7 @@ mod tests {
             .collect();
         drop(flood);
         // Given back: the pool is taken first again.
-        let _plain = u.plaintext(ip("10.0.1.1"), false).unwrap();
+        let _plain = u.plaintext(ip("10.0.1.1"), || false).unwrap();
         drop((fourth, peers));
     }
 
@@ -266,48 +271,50 @@ mod tests {
         let held: Vec<_> = ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"]
             .into_iter()
             .chain(["10.0.0.3", "10.0.0.3"])
-            .map(|s| u.plaintext(ip(s), false).unwrap())
+            .map(|s| u.plaintext(ip(s), || false).unwrap())
             .collect();
         let node = ip("10.0.0.9");
         assert_eq!(
-            u.plaintext(node, false).unwrap_err(),
+            u.plaintext(node, || false).unwrap_err(),
             Refused::Unauthenticated
         );
         // The pool is full and the node's share is not: a probe is let in,
-        let probe = u.plaintext(node, true).expect("a probe's place");
+        let probe = u.plaintext(node, || true).expect("a probe's place");
         // and so is one from an address at its share (the node's, carrying
         // forwarded clients).
-        let at_share = u.plaintext(ip("10.0.0.1"), true).expect("a probe's place");
+        let at_share = u
+            .plaintext(ip("10.0.0.1"), || true)
+            .expect("a probe's place");
         // Each address has at most two of these, all together at most
         // sixteen: a flood of probes takes little from the peers' quarter.
-        let _second = u.plaintext(node, true).unwrap();
+        let _second = u.plaintext(node, || true).unwrap();
         assert_eq!(
-            u.plaintext(node, true).unwrap_err(),
+            u.plaintext(node, || true).unwrap_err(),
             Refused::Unauthenticated
         );
         let others: Vec<_> = (0..32)
-            .map_while(|i| u.plaintext(ip(&format!("10.0.1.{i}")), true).ok())
+            .map_while(|i| u.plaintext(ip(&format!("10.0.1.{i}")), || true).ok())
             .collect();
         assert_eq!(others.len(), PROBE_PLACES - 3);
         drop((probe, at_share, held, others));
-        let _ = u.plaintext(ip("10.0.1.100"), true).unwrap();
+        let _ = u.plaintext(ip("10.0.1.100"), || true).unwrap();
     }
 
     #[test]
     fn without_mtls_only_the_share_counts_and_it_is_never_zero() {
         let u = Unproven::new(8, None, false);
         let held: Vec<_> = (0..2)
-            .map(|_| u.plaintext(ip("10.0.0.1"), false).unwrap())
+            .map(|_| u.plaintext(ip("10.0.0.1"), || false).unwrap())
             .collect();
         assert_eq!(
-            u.plaintext(ip("10.0.0.1"), false).unwrap_err(),
+            u.plaintext(ip("10.0.0.1"), || false).unwrap_err(),
             Refused::Source
         );
         let more: Vec<_> = (0..6)
-            .map(|i| u.plaintext(ip(&format!("10.0.1.{i}")), false).unwrap())
+            .map(|i| u.plaintext(ip(&format!("10.0.1.{i}")), || false).unwrap())
             .collect();
         assert_eq!(held.len() + more.len(), 8);
         let tiny = Unproven::new(1, None, true);
-        let _one = tiny.plaintext(ip("10.0.0.1"), false).unwrap();
+        let _one = tiny.plaintext(ip("10.0.0.1"), || false).unwrap();
     }
 }
