@@ -460,7 +460,9 @@ impl SnapshotBuilder {
                 .flatten()
                 .map(|z| z.name.clone())
                 .collect();
-            for (j, a) in e.addresses.iter().enumerate() {
+            // Only the first address: Kubernetes defines nothing for the
+            // others (its own controller writes one), and kube-proxy uses none.
+            for (j, a) in e.addresses.iter().enumerate().take(1) {
                 let addr: IpAddr = a.parse().map_err(|_| ObjectError::Field {
                     kind: KIND,
                     key: k.clone(),

@@ -421,11 +421,14 @@ fn endpoints(
             ));
         }
     }
+    // An address two slices list is kept from the one that names its pod,
+    // if either does: the other copy would have it called in plaintext.
     endpoints.sort_by(|a, b| {
         a.addr
             .as_ref()
             .map(|x| &x.addr)
             .cmp(&b.addr.as_ref().map(|x| &x.addr))
+            .then((a.proxy_port == 0).cmp(&(b.proxy_port == 0)))
     });
     endpoints.dedup_by(|a, b| a.addr == b.addr);
     endpoints
@@ -1135,6 +1138,51 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
         assert_eq!(proxied(80), (4143, true));
         assert_eq!(proxied(4191), (0, false));
         assert_eq!(proxied(9000), (0, false));
+    }
+
+    /// Only an endpoint's first address is one (Kubernetes defines nothing
+    /// for the others, and kube-proxy does not use them), and an address two
+    /// slices list is taken with its pod when either names one: taken from
+    /// the slice without, a meshed pod would be called in plaintext, and a
+    /// STRICT one refuse it.
+    #[test]
+    fn an_endpoint_is_its_first_address_and_keeps_its_pod_from_any_slice() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {serviceAccountName: web, containers: [{name: web, image: web}]}
+status: {phase: Running, podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-by-hand, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.9]}, {addresses: [10.1.0.7, 10.1.0.8]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: b-controller, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
+"#;
+        let s = snapshot(yaml);
+        let web = service(&s, &svc("shop", "web", 80));
+        let b = &web.backends[0];
+        assert_eq!(addrs(b), ["10.1.0.7:8080", "10.1.0.9:8080"]);
+        let pod = b
+            .endpoints
+            .iter()
+            .find(|e| e.addr.as_ref().unwrap().addr == "10.1.0.9:8080")
+            .unwrap();
+        assert!(pod.identity.is_some() && pod.proxy_port != 0, "{pod:?}");
     }
 
     /// An ExternalName Service is an alias, not a meshed Service without
