@@ -49,6 +49,9 @@ pub struct ServicePort {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceInfo {
     pub cluster_ips: Vec<IpAddr>,
+    /// `clusterIP: None`: no frontend, its callers reach its pods by their
+    /// own addresses, so no route of its applies.
+    pub headless: bool,
     pub ports: Vec<ServicePort>,
     /// Topology-aware routing asked for (`service.kubernetes.io/topology-mode:
     /// Auto`, or `spec.trafficDistribution`): its endpoints' zone hints are
@@ -322,6 +325,7 @@ impl SnapshotBuilder {
                 app_protocol: p.app_protocol.clone(),
             });
         }
+        let headless = spec.cluster_ip.as_deref() == Some("None");
         let mut cluster_ips = Vec::new();
         let ips = spec.cluster_ips.unwrap_or_default();
         for (i, ip) in spec.cluster_ip.iter().chain(ips.iter()).enumerate() {
@@ -354,6 +358,7 @@ impl SnapshotBuilder {
             k,
             ServiceInfo {
                 cluster_ips,
+                headless,
                 ports,
                 topology_aware,
                 selector: spec.selector.unwrap_or_default(),

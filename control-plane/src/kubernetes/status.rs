@@ -305,6 +305,17 @@ fn conditions(
             };
             (p, ports, svc)
         });
+    // A headless Service has no frontend: its callers dial its pods' own
+    // addresses, where no Service's route applies (GEP-1426 leaves such
+    // parents out).
+    let headless = parent
+        .filter(|p| s.kind.is_route() && service(&p.name).is_some_and(|i| i.headless))
+        .map(|p| {
+            format!(
+                "Service {} is headless (clusterIP: None): its callers reach its pods by their own addresses, where no route applies",
+                p.name
+            )
+        });
     // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
     // where one is attached to every port this parentRef is, it is not served.
     let shadowed = named_ports
@@ -419,6 +430,14 @@ fn conditions(
             false,
             "NoMatchingParent",
             &why,
+            s.generation,
+            old,
+        ),
+        (None, None) if headless.is_some() => condition(
+            "Accepted",
+            false,
+            "UnsupportedValue",
+            headless.as_deref().unwrap_or_default(),
             s.generation,
             old,
         ),
@@ -839,6 +858,7 @@ mod tests {
             },
             crate::index::ServiceInfo {
                 cluster_ips: vec![],
+                headless: false,
                 ports: vec![crate::index::ServicePort {
                     name: None,
                     port: 80,
@@ -926,6 +946,29 @@ mod tests {
             (status.as_str(), message.as_str()),
             ("True", "accepted by strait")
         );
+    }
+
+    /// A headless Service has no frontend: its callers reach its pods by
+    /// their own addresses, where no Service's route applies (GEP-1426 leaves
+    /// headless parents out). A route on one is not accepted, and says why.
+    #[test]
+    fn a_route_on_a_headless_service_says_it_is_never_applied() {
+        let mut snap = Snapshot::empty("cluster.local");
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: None, ports: [{name: http, port: 80}]}\n";
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let (status, reason, message) = route_accepted(
+            &snap,
+            "r",
+            serde_json::json!({"group": "", "kind": "Service", "name": "db"}),
+        );
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "UnsupportedValue"),
+            "{message}"
+        );
+        assert!(message.contains("headless"), "{message}");
     }
 
     /// A route strait cannot take says so with Gateway API's reason
