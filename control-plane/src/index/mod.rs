@@ -52,6 +52,8 @@ pub struct ServiceInfo {
     /// `clusterIP: None`: no frontend, its callers reach its pods by their
     /// own addresses, so no route of its applies.
     pub headless: bool,
+    /// `type: ExternalName`: a DNS alias, with no port of the mesh's.
+    pub external_name: bool,
     pub ports: Vec<ServicePort>,
     /// Topology-aware routing asked for (`service.kubernetes.io/topology-mode:
     /// Auto`, or `spec.trafficDistribution`): its endpoints' zone hints are
@@ -359,6 +361,7 @@ impl SnapshotBuilder {
             ServiceInfo {
                 cluster_ips,
                 headless,
+                external_name: alias,
                 ports,
                 topology_aware,
                 selector: spec.selector.unwrap_or_default(),

@@ -308,13 +308,23 @@ fn conditions(
     // A headless Service has no frontend: its callers dial its pods' own
     // addresses, where no Service's route applies (GEP-1426 leaves such
     // parents out).
+    // Nor has an ExternalName Service, a DNS alias whose callers reach the
+    // name it points at.
     let headless = parent
-        .filter(|p| s.kind.is_route() && service(&p.name).is_some_and(|i| i.headless))
-        .map(|p| {
-            format!(
-                "Service {} is headless (clusterIP: None): its callers reach its pods by their own addresses, where no route applies",
-                p.name
-            )
+        .filter(|_| s.kind.is_route())
+        .and_then(|p| Some((p, service(&p.name)?)))
+        .and_then(|(p, i)| {
+            if i.headless {
+                Some(format!(
+                    "Service {} is headless (clusterIP: None): its callers reach its pods by their own addresses, where no route applies",
+                    p.name
+                ))
+            } else {
+                i.external_name.then(|| format!(
+                    "Service {} is an ExternalName alias: its callers reach the name it points at, where no route applies",
+                    p.name
+                ))
+            }
         });
     // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
     // where one is attached to every port this parentRef is, it is not served.
@@ -387,6 +397,11 @@ fn conditions(
         .iter()
         .filter_map(|(name, port)| {
             let info = service(name)?;
+            if info.external_name {
+                return Some(format!(
+                    "Service {name} is an ExternalName alias, which a route cannot send to"
+                ));
+            }
             (!info.ports.iter().any(|sp| sp.port == *port))
                 .then(|| format!("Service {name} has no port {port}"))
         })
@@ -425,19 +440,19 @@ fn conditions(
             s.generation,
             old,
         ),
+        (None, _) if headless.is_some() => condition(
+            "Accepted",
+            false,
+            "UnsupportedValue",
+            headless.as_deref().unwrap_or_default(),
+            s.generation,
+            old,
+        ),
         (None, Some(why)) => condition(
             "Accepted",
             false,
             "NoMatchingParent",
             &why,
-            s.generation,
-            old,
-        ),
-        (None, None) if headless.is_some() => condition(
-            "Accepted",
-            false,
-            "UnsupportedValue",
-            headless.as_deref().unwrap_or_default(),
             s.generation,
             old,
         ),
@@ -859,6 +874,7 @@ mod tests {
             crate::index::ServiceInfo {
                 cluster_ips: vec![],
                 headless: false,
+                external_name: false,
                 ports: vec![crate::index::ServicePort {
                     name: None,
                     port: 80,
@@ -969,6 +985,35 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("headless"), "{message}");
+        // An ExternalName alias: neither a parent nor a backend, and said so
+        // rather than "has no ports".
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: shop}\nspec: {type: ExternalName, externalName: db.example.com, ports: [{port: 443}]}\n";
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let (status, reason, message) = route_accepted(
+            &snap,
+            "r",
+            serde_json::json!({"group": "", "kind": "Service", "name": "ext"}),
+        );
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "UnsupportedValue"),
+            "{message}"
+        );
+        assert!(message.contains("ExternalName alias"), "{message}");
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "to-ext"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "db"}],
+                "rules": [{"backendRefs": [{"name": "ext", "port": 443}]}]
+            }
+        });
+        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+        let refs = condition_in(&want["parents"][0]["conditions"], "ResolvedRefs");
+        let message = refs["message"].as_str().unwrap();
+        assert_eq!(refs["status"], "False");
+        assert!(message.contains("ExternalName alias"), "{message}");
     }
 
     /// A route strait cannot take says so with Gateway API's reason
