@@ -514,14 +514,25 @@ impl Controller {
         let mut injector = None;
         if let Some(w) = self.webhook {
             info!(addr = %self.bound.webhook.map(|a| a.to_string()).unwrap_or_default(), "serving the sidecar injector");
-            injector = Some(tokio::spawn(webhook::serve(
+            let serving = webhook::serve(
                 w.listener,
                 w.acceptor,
                 w.settings,
                 self.args.webhook_failure_policy,
                 stopping.clone(),
                 stop_webhook.clone(),
-            )));
+            );
+            // Awaited at the end, for its drain; essential until then: the
+            // webhook fails closed, and a controller without it would refuse
+            // every pod of the labelled namespaces while it says ready.
+            let (up, gone) = tokio::sync::oneshot::channel::<()>();
+            injector = Some(tokio::spawn(async move {
+                let _up = up;
+                serving.await;
+            }));
+            essential.spawn("the admission webhook", async move {
+                let _ = gone.await;
+            });
         }
         // A controller that starts on broken manifests has no last good state for
         // them: a policy among them would be missing, and the workloads it guards
