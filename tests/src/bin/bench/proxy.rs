@@ -740,11 +740,19 @@ fn ratios(rows: &[(String, String, Sample)]) -> String {
     let mut out = String::from(
         "\n| load | scenario | p99 / direct | p99 / best reference | req/s / HAProxy pair | vCPU / best reference |\n| --- | --- | --- | --- | --- | --- |\n",
     );
+    // A proxy a load does not pass (the plaintext pair's server side under
+    // opaque TCP, which goes straight to the backend) is not averaged in.
     let cpu = |s: &Sample| {
-        if s.vcpu_per_krps.is_empty() {
+        let busy: Vec<f64> = s
+            .vcpu_per_krps
+            .iter()
+            .copied()
+            .filter(|v| *v > 0.0)
+            .collect();
+        if busy.is_empty() {
             f64::NAN
         } else {
-            s.vcpu_per_krps.iter().sum::<f64>() / s.vcpu_per_krps.len() as f64
+            busy.iter().sum::<f64>() / busy.len() as f64
         }
     };
     for (load, scenario, s) in rows.iter().filter(|r| r.1 != "direct") {
@@ -883,8 +891,8 @@ pub fn markdown(r: &Results) -> String {
     }
     out.push_str(&ratios(&rows));
     out.push_str(&verdicts(r));
-    out.push_str(&mtls_cost(&rows));
-    out.push_str(&tracing_cost(&rows));
+    out.push_str(&mtls_cost(&rows, &r.samples));
+    out.push_str(&tracing_cost(&rows, &r.samples));
     out.push_str(
         "\n| scenario | process | idle RSS MiB | peak RSS MiB |\n| --- | --- | --- | --- |\n",
     );
@@ -1060,9 +1068,10 @@ fn verdicts(r: &Results) -> String {
 
 /// What tracing every request costs: the mTLS pair exporting a client and a
 /// server span per request against the same pair without tracing.
-fn tracing_cost(rows: &[(String, String, Sample)]) -> String {
+fn tracing_cost(rows: &[(String, String, Sample)], samples: &[Sample]) -> String {
     cost_table(
         rows,
+        samples,
         ("strait-mtls", "strait-mtls-traced"),
         "traced vs not (strait-mtls, 100 % sampling)",
         "off -> on",
@@ -1070,10 +1079,19 @@ fn tracing_cost(rows: &[(String, String, Sample)]) -> String {
     )
 }
 
-/// What mTLS costs strait: the mTLS pair against the plaintext pair, per load.
-fn mtls_cost(rows: &[(String, String, Sample)]) -> String {
+/// What mTLS costs strait: the mTLS pair against the plaintext pair, per
+/// HTTP load. Not the opaque TCP loads: without identities the plaintext
+/// pair's client proxy sends those straight to the backend, so the pair
+/// would be one proxy against two.
+fn mtls_cost(rows: &[(String, String, Sample)], samples: &[Sample]) -> String {
+    let http: Vec<(String, String, Sample)> = rows
+        .iter()
+        .filter(|r| !r.0.starts_with("tcp"))
+        .cloned()
+        .collect();
     cost_table(
-        rows,
+        &http,
+        samples,
         ("strait", "strait-mtls"),
         "strait-mtls vs strait",
         "plaintext -> mTLS",
@@ -1082,10 +1100,12 @@ fn mtls_cost(rows: &[(String, String, Sample)]) -> String {
 }
 
 /// Scenario `with` against `base`, per load: latency added, CPU and rate
-/// before and after (and the CPU change of both proxies together, if asked).
-/// Empty when the run has neither.
+/// before and after (and the CPU change of both proxies together, if asked:
+/// paired by round, its median and range, since the two proxies' medians may
+/// come from different rounds). Empty when the run has neither.
 fn cost_table(
     rows: &[(String, String, Sample)],
+    samples: &[Sample],
     (base, with): (&str, &str),
     what: &str,
     change: &str,
@@ -1113,7 +1133,10 @@ fn cost_table(
         };
         if out.is_empty() {
             let (extra, dashes) = if cpu_change {
-                (" CPU change (sum of both) |", " --- |")
+                (
+                    " CPU change (sum of both, per round: median (range)) |",
+                    " --- |",
+                )
             } else {
                 ("", "")
             };
@@ -1122,7 +1145,21 @@ fn cost_table(
             ));
         }
         let extra = if cpu_change {
-            format!(" {:+.1} % |", (sum(w) / sum(b) - 1.0) * 100.0)
+            let changes: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.load == load && s.scenario == with)
+                .filter_map(|w| {
+                    let b = samples
+                        .iter()
+                        .find(|b| b.load == load && b.scenario == base && b.round == w.round)?;
+                    Some((sum(w) / sum(b) - 1.0) * 100.0)
+                })
+                .filter(|c| c.is_finite())
+                .collect();
+            match Spread::of(changes) {
+                Some(c) => format!(" {:+.1} % ({:+.1} to {:+.1}) |", c.median, c.min, c.max),
+                None => " - |".to_string(),
+            }
         } else {
             String::new()
         };
@@ -1204,4 +1241,59 @@ pub async fn hold(with_tracing: bool) -> anyhow::Result<()> {
     }
     drop((hap, hap_h2));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(round: usize, scenario: &str, load: &str, vcpu: [f64; 2]) -> Sample {
+        Sample {
+            round,
+            scenario: scenario.into(),
+            load: load.into(),
+            achieved_rps: 1000.0,
+            p50_ms: 0.3,
+            p90_ms: 0.4,
+            p99_ms: 0.6,
+            p999_ms: 1.0,
+            requests: 10_000,
+            errors: 0,
+            vcpu_per_krps: vcpu.to_vec(),
+            peak_rss_mib: vec![11.0, 11.0],
+        }
+    }
+
+    /// The traced pair's CPU change is paired round by round: the two
+    /// proxies' own medians can come from different rounds, and their sum
+    /// then says what no round did.
+    #[test]
+    fn the_cpu_change_is_paired_by_round() {
+        let l = "h1 1000/s";
+        let samples = vec![
+            sample(0, "strait-mtls", l, [0.1, 0.1]),
+            sample(0, "strait-mtls-traced", l, [0.3, 0.1]),
+            sample(1, "strait-mtls", l, [0.2, 0.2]),
+            sample(1, "strait-mtls-traced", l, [0.2, 0.2]),
+            sample(2, "strait-mtls", l, [0.3, 0.3]),
+            sample(2, "strait-mtls-traced", l, [0.3, 0.3]),
+        ];
+        let r = Results {
+            machine: "test".into(),
+            samples,
+            memory: Vec::new(),
+            idle_conns: Vec::new(),
+        };
+        // By round: +100 %, 0, 0. The sums of each proxy's median (0.3 + 0.2
+        // against 0.2 + 0.2) would say +25 %, which no round did.
+        let table = tracing_cost(&summary(&r), &r.samples);
+        assert!(table.contains("| +0.0 % (+0.0 to +100.0) |"), "{table}");
+        // Opaque TCP loads are not in what mTLS costs (one proxy against two).
+        let mut samples = r.samples.clone();
+        samples.push(sample(0, "strait", "tcp conn", [0.07, 0.0]));
+        samples.push(sample(0, "strait-mtls", "tcp conn", [0.35, 0.35]));
+        let r = Results { samples, ..r };
+        let table = mtls_cost(&summary(&r), &r.samples);
+        assert!(!table.contains("tcp conn"), "{table}");
+    }
 }
