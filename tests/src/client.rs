@@ -48,3 +48,38 @@ pub async fn get(client: &HttpClient, url: &str) -> anyhow::Result<(http::Status
     let body = rsp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Opens a CONNECT tunnel over HTTP/2 (RFC 9113 §8.5) through `addr`, as
+/// `curl --proxy-http2` would, and checks that bytes written into it come
+/// back (the test backend echoes a tunnel). Panics, naming the step, if not.
+pub async fn h2_connect_echoes(addr: std::net::SocketAddr) {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("an HTTP/2 connection");
+    tokio::spawn(conn);
+    let req = http::Request::connect("example.test:443")
+        .version(http::Version::HTTP_2)
+        .body(empty())
+        .expect("request");
+    let rsp = send.send_request(req).await.expect("an answer");
+    assert_eq!(rsp.status(), 200, "{:?}", rsp.headers());
+    let tunnel = tokio::time::timeout(Duration::from_secs(5), hyper::upgrade::on(rsp))
+        .await
+        .expect("the tunnel within 5 s")
+        .expect("a tunnel");
+    let mut tunnel = hyper_util::rt::TokioIo::new(tunnel);
+    tunnel
+        .write_all(b"raw tunnel bytes")
+        .await
+        .expect("written into the tunnel");
+    let mut echoed = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut echoed))
+        .await
+        .expect("the echo within 5 s")
+        .expect("the echo");
+    assert_eq!(&echoed, b"raw tunnel bytes");
+}

@@ -296,20 +296,27 @@ async fn canned_upstream(response: &'static [u8]) -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
-    // A server outside the mesh answers with the field the proxies use to tell
-    // their own answers from the app's.
-    let addr = canned_upstream(b"HTTP/1.1 503 Service Unavailable\r\nstrait-proxy-error: connection refused\r\ncontent-length: 0\r\n\r\n").await;
+/// A GET through a proxy whose upstream listener goes to `addr`.
+async fn get_through_a_proxy_to(
+    addr: std::net::SocketAddr,
+) -> http::Response<hyper::body::Incoming> {
     let proxy = support::start_to(addr).await;
-    let rsp = client::http1()
+    client::http1()
         .request(
             Request::get(format!("http://{}/", proxy.upstream()))
                 .body(client::empty())
                 .unwrap(),
         )
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
+    // A server outside the mesh answers with the field the proxies use to tell
+    // their own answers from the app's.
+    let addr = canned_upstream(b"HTTP/1.1 503 Service Unavailable\r\nstrait-proxy-error: connection refused\r\ncontent-length: 0\r\n\r\n").await;
+    let rsp = get_through_a_proxy_to(addr).await;
     assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         rsp.headers().get("strait-proxy-error").is_none(),
@@ -327,15 +334,7 @@ async fn a_chunked_response_that_also_gives_a_length_arrives_whole() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     )
     .await;
-    let proxy = support::start_to(addr).await;
-    let rsp = client::http1()
-        .request(
-            Request::get(format!("http://{}/", proxy.upstream()))
-                .body(client::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let rsp = get_through_a_proxy_to(addr).await;
     assert_eq!(rsp.status(), StatusCode::OK);
     let body = rsp.into_body().collect().await.map(|b| b.to_bytes());
     assert_eq!(body.ok().as_deref(), Some(&b"hello world"[..]));
@@ -348,29 +347,5 @@ async fn a_chunked_response_that_also_gives_a_length_arrives_whole() {
 async fn an_http2_connect_tunnel_passes_through() {
     let backend = Backend::start().await;
     let proxy = support::start_to(backend.addr).await;
-    let tcp = TcpStream::connect(proxy.upstream()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = Request::connect("example.test:443")
-        .version(http::Version::HTTP_2)
-        .body(client::empty())
-        .unwrap();
-    let rsp = send.send_request(req).await.unwrap();
-    assert_eq!(rsp.status(), StatusCode::OK, "{:?}", rsp.headers());
-    let tunnel = tokio::time::timeout(Duration::from_secs(5), hyper::upgrade::on(rsp))
-        .await
-        .expect("the tunnel within 5 s")
-        .expect("a tunnel");
-    let mut tunnel = hyper_util::rt::TokioIo::new(tunnel);
-    tunnel.write_all(b"raw tunnel bytes").await.unwrap();
-    let mut echoed = [0u8; 16];
-    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut echoed))
-        .await
-        .expect("the echo within 5 s")
-        .expect("the echo");
-    assert_eq!(&echoed, b"raw tunnel bytes");
+    client::h2_connect_echoes(proxy.upstream()).await;
 }

@@ -1160,36 +1160,9 @@ async fn an_upgraded_connection_closes_when_its_caller_is_no_longer_allowed() {
 /// that ended at once.
 #[tokio::test]
 async fn an_http2_connect_tunnel_crosses_the_mesh() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let m = Mesh::start("web", None).await;
     let c = m.sidecar("client-0", "client", &[WEB]).await;
-    let tcp = tokio::net::TcpStream::connect(c.upstreams[0])
-        .await
-        .unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::connect("example.test:443")
-        .version(http::Version::HTTP_2)
-        .body(client::empty())
-        .unwrap();
-    let rsp = send.send_request(req).await.unwrap();
-    assert_eq!(rsp.status(), 200, "{:?}", rsp.headers());
-    let tunnel = tokio::time::timeout(Duration::from_secs(5), hyper::upgrade::on(rsp))
-        .await
-        .expect("the tunnel within 5 s")
-        .expect("a tunnel");
-    let mut tunnel = hyper_util::rt::TokioIo::new(tunnel);
-    tunnel.write_all(b"raw tunnel bytes").await.unwrap();
-    let mut echoed = [0u8; 16];
-    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut echoed))
-        .await
-        .expect("the echo within 5 s")
-        .expect("the echo");
-    assert_eq!(&echoed, b"raw tunnel bytes");
+    client::h2_connect_echoes(c.upstreams[0]).await;
 }
 
 /// A response that streams on (server-sent events, a gRPC stream) outlives
