@@ -25,7 +25,12 @@ where
 {
     match connect(s, b, dst, resolved, Ahead::No).await {
         Ok(up) => up.splice(s, io, Bytes::new()).await,
-        Err(refused) => refused.report(s),
+        Err(refused) => {
+            // Reset, as a refused connect is: a client that wrote and
+            // half-closed would take a clean close for the server's answer.
+            io.abort();
+            refused.report(s);
+        }
     }
 }
 

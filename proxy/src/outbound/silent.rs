@@ -62,6 +62,7 @@ where
         First::Server(Err(refused)) => {
             if !routed(resolved.as_ref()) {
                 s.count_detected(DIRECTION, Protocol::Opaque);
+                io.abort();
                 refused.report(s);
                 return None;
             }
@@ -95,11 +96,17 @@ where
                     }
                     up.splice(s, io, greeting.freeze()).await
                 }
-                (None, Some(refused)) => refused.report(s),
+                (None, Some(refused)) => {
+                    io.abort();
+                    refused.report(s);
+                }
                 // The connection onward was still being made: finish it.
                 (None, None) => match connect.await {
                     Ok(up) => up.splice(s, io, Bytes::new()).await,
-                    Err(refused) => refused.report(s),
+                    Err(refused) => {
+                        io.abort();
+                        refused.report(s);
+                    }
                 },
             }
             return None;

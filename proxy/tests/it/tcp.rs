@@ -76,3 +76,27 @@ async fn declared_opaque_ports_skip_detection() {
         .unwrap();
     assert_eq!(&banner, b"+OK redis\r\n");
 }
+
+/// An opaque stream whose connect onward is refused is reset, not closed:
+/// a client that wrote and half-closed (`echo data | nc -N`) would read a
+/// clean, empty answer and take it for the server's.
+#[tokio::test]
+async fn a_refused_opaque_stream_is_reset_not_closed() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = support::start_to(dead).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    s.write_all(&[0u8, 1, 2, 3, 255]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("an end within 5 s");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{got:?}"
+    );
+}
