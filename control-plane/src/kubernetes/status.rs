@@ -307,10 +307,9 @@ fn conditions(
         });
     // A headless Service has no frontend: its callers dial its pods' own
     // addresses, where no Service's route applies (GEP-1426 leaves such
-    // parents out).
-    // Nor has an ExternalName Service, a DNS alias whose callers reach the
-    // name it points at.
-    let headless = parent
+    // parents out); nor has an ExternalName Service, a DNS alias whose
+    // callers reach the name it points at.
+    let no_frontend = parent
         .filter(|_| s.kind.is_route())
         .and_then(|p| Some((p, service(&p.name)?)))
         .and_then(|(p, i)| {
@@ -440,11 +439,11 @@ fn conditions(
             s.generation,
             old,
         ),
-        (None, _) if headless.is_some() => condition(
+        (None, _) if no_frontend.is_some() => condition(
             "Accepted",
             false,
             "UnsupportedValue",
-            headless.as_deref().unwrap_or_default(),
+            no_frontend.as_deref().unwrap_or_default(),
             s.generation,
             old,
         ),
@@ -919,6 +918,13 @@ mod tests {
 
     /// The `Accepted` condition (status, reason, message) of route `name`
     /// with one parentRef.
+    /// The objects of `yaml`, in `snap`.
+    fn insert(snap: &mut Snapshot, yaml: &str) {
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(snap);
+        }
+    }
+
     fn route_accepted(snap: &Snapshot, name: &str, parent: Value) -> (String, String, String) {
         let route = serde_json::json!({
             "metadata": {"namespace": "shop", "name": name},
@@ -937,9 +943,7 @@ mod tests {
     fn a_route_on_an_opaque_port_says_it_is_not_served_there() {
         let mut snap = Snapshot::empty("cluster.local");
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {ports: [{name: sql, port: 5432, appProtocol: tcp}, {name: http, port: 80, appProtocol: http2}]}\n";
-        for o in crate::manifests::parse_file(yaml).unwrap() {
-            o.insert_into(&mut snap);
-        }
+        insert(&mut snap, yaml);
         let accepted = |parent: serde_json::Value| route_accepted(&snap, "r", parent);
         let (status, reason, message) = accepted(
             serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": 5432}),
@@ -971,9 +975,7 @@ mod tests {
     fn a_route_on_a_headless_service_says_it_is_never_applied() {
         let mut snap = Snapshot::empty("cluster.local");
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: None, ports: [{name: http, port: 80}]}\n";
-        for o in crate::manifests::parse_file(yaml).unwrap() {
-            o.insert_into(&mut snap);
-        }
+        insert(&mut snap, yaml);
         let (status, reason, message) = route_accepted(
             &snap,
             "r",
@@ -988,9 +990,7 @@ mod tests {
         // An ExternalName alias: neither a parent nor a backend, and said so
         // rather than "has no ports".
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: shop}\nspec: {type: ExternalName, externalName: db.example.com, ports: [{port: 443}]}\n";
-        for o in crate::manifests::parse_file(yaml).unwrap() {
-            o.insert_into(&mut snap);
-        }
+        insert(&mut snap, yaml);
         let (status, reason, message) = route_accepted(
             &snap,
             "r",
@@ -1050,9 +1050,7 @@ mod tests {
         use crate::routes::{ParentRef, RouteId, RouteSpec};
         let mut snap = Snapshot::empty("cluster.local");
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}, {name: admin, port: 81}]}\n";
-        for o in crate::manifests::parse_file(yaml).unwrap() {
-            o.insert_into(&mut snap);
-        }
+        insert(&mut snap, yaml);
         let key = |name: &str| ObjKey {
             namespace: "shop".into(),
             name: name.into(),
@@ -1114,9 +1112,7 @@ mod tests {
             policy("b")
         );
         let mut snap = Snapshot::empty("cluster.local");
-        for o in crate::manifests::parse_file(&yaml).unwrap() {
-            o.insert_into(&mut snap);
-        }
+        insert(&mut snap, &yaml);
         let accepted = |name: &str| {
             let v: Value = serde_norway::from_str(&policy(name)).unwrap();
             let s = StatusInput::of(Kind::BackendPolicy, &v, None);
