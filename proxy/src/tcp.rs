@@ -157,7 +157,7 @@ where
 {
     let labels = DirectionLabels { direction };
     let activity = Arc::new(Activity::new());
-    let mut client = Counted::new(
+    let client = Counted::new(
         client,
         Some(Metered {
             activity: activity.clone(),
@@ -166,7 +166,15 @@ where
         }),
     );
     // Metered on the client's side (both directions pass it); watched on both.
-    let mut upstream = Counted::new(upstream, None);
+    let upstream = Counted::new(upstream, None);
+    let mut sides = Sides {
+        client,
+        upstream,
+        over: false,
+    };
+    let Sides {
+        client, upstream, ..
+    } = &mut sides;
     let mut ended = Spliced {
         down: 0,
         upstream_failed: None,
@@ -180,7 +188,7 @@ where
             client.inner.abort();
             upstream.inner.abort();
         }
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+        r = tokio::io::copy_bidirectional(client, upstream) => match r {
             Ok((up, down)) => debug!(direction = direction.as_str(), %dst, up, down, "opaque stream closed"),
             Err(e) => {
                 debug!(direction = direction.as_str(), %dst, error = %e, "opaque stream failed; resetting it");
@@ -207,7 +215,26 @@ where
         }
     }
     ended.down = client.written_here;
+    sides.over = true;
     ended
+}
+
+/// Both sides of a stream while it is spliced. Dropped before its end (cut
+/// when the grace period is over, or the process exits), it resets both:
+/// each app must see that the stream was cut, not read a clean end.
+struct Sides<I: Abort, U: Abort> {
+    client: Counted<I>,
+    upstream: Counted<U>,
+    over: bool,
+}
+
+impl<I: Abort, U: Abort> Drop for Sides<I, U> {
+    fn drop(&mut self) {
+        if !self.over {
+            self.client.inner.abort();
+            self.upstream.inner.abort();
+        }
+    }
 }
 
 /// When bytes last moved, in milliseconds since the stream started.

@@ -76,3 +76,45 @@ async fn after_drain_new_connections_are_refused() {
         "listener closed"
     );
 }
+
+/// An opaque stream still open when the grace period ends is reset, on both
+/// sides: a client reading a clean end would take what it got for all
+/// there was (a truncated download, a query's answer cut short).
+#[tokio::test]
+async fn an_opaque_stream_cut_at_the_end_of_the_grace_period_is_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (echo, mut ended) = strait_tests::tcp::echo_telling().await;
+    let mut c = support::with_upstream(support::config(), echo);
+    c.opaque_ports = echo.port().to_string().parse().unwrap();
+    c.shutdown_grace_period = Duration::from_millis(200);
+    let proxy = support::start(c).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.upstream())
+        .await
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    proxy.shutdown();
+    let clean = tokio::time::timeout(Duration::from_secs(5), proxy.join())
+        .await
+        .expect("the proxy stops once the grace period is over");
+    assert!(!clean, "the stream outlived the grace period");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("an end within 5 s");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{rest:?}"
+    );
+    let upstream = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+        .await
+        .expect("the upstream's end within 5 s")
+        .unwrap();
+    assert_eq!(upstream.bytes, b"ping");
+    assert!(upstream.reset, "the upstream read a clean end");
+}
