@@ -359,7 +359,9 @@ impl Inbound {
                         Some(up) => up,
                         None => match crate::tcp::connect(&app, tcp, m, DIRECTION).await {
                             Some(up) => crate::transport::PrefixedIo::new(Bytes::new(), up),
-                            None => return,
+                            // Reset, as the app's refusal is: a client that
+                            // wrote and half-closed must not read a clean end.
+                            None => return crate::tcp::Abort::abort(&io),
                         },
                     };
                     // A stream cut when its caller's admission is revoked is

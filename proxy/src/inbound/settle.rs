@@ -41,7 +41,7 @@ pub(super) async fn settle<I>(
     proven: bool,
 ) -> Option<Settled<I>>
 where
-    I: AsyncRead + Unpin,
+    I: AsyncRead + crate::tcp::Abort + Unpin,
 {
     let mut said = BytesMut::with_capacity(1024);
     let mut greeting = BytesMut::new();
@@ -75,6 +75,8 @@ where
         // client waiting for a greeting is not left hanging.
         First::Server(None) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
+            // Reset, as the app's refusal is: not a clean end.
+            io.abort();
             return None;
         }
         first => (first.ended(), None),

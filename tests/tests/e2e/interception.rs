@@ -278,3 +278,41 @@ async fn a_silent_client_from_outside_the_mesh_is_closed_after_the_http_idle_tim
         "a silent client is still held after 30 s: {closed:?}"
     );
 }
+
+/// A client outside the mesh whose connection to a pod port nothing listens on
+/// is reset, as the app's own kernel would have refused it: a client that wrote
+/// and half-closed (`echo data | nc -N pod 9999`) must not read a clean, empty
+/// answer and take it for the server's. The same for one that waits to be
+/// greeted.
+#[tokio::test]
+async fn a_client_from_outside_the_mesh_to_a_port_nothing_listens_on_is_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(mut lan) = lan() else { return };
+    let server = MeshedPod::start(&mut lan, "server", None).await;
+    let closed_port = SocketAddr::from((server.pod.ip, 9999));
+
+    let mut writer = tokio::net::TcpStream::connect(closed_port).await.unwrap();
+    writer.write_all(&[0u8, 1, 2, 3, 255]).await.unwrap();
+    writer.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), writer.read_to_end(&mut got))
+        .await
+        .expect("an end within 10 s");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a client that wrote: {got:?}"
+    );
+
+    // Silent: the proxy tries the app once the detection wait is over.
+    let mut waiting = tokio::net::TcpStream::connect(closed_port).await.unwrap();
+    let mut b = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), waiting.read(&mut b))
+        .await
+        .expect("an end within 10 s");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a client waiting to be greeted"
+    );
+}
