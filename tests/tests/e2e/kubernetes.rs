@@ -607,6 +607,11 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             vec!["--set=proxyIptablesMode=Legacy".to_string()],
             "proxyIptablesMode \"Legacy\": expected nft or legacy",
         ),
+        // What `strait install --replicas` refuses.
+        (
+            vec!["--set=replicas=0".to_string()],
+            "replicas 0: expected 1 to 64",
+        ),
     ] {
         let out = std::process::Command::new("helm")
             .args(["template", "strait"])
