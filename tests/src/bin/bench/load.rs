@@ -107,8 +107,12 @@ fn parse_oha(json: &[u8]) -> anyhow::Result<Measured> {
                 .sum()
         })
         .unwrap_or(0);
+    // Successes per second: oha's own rate counts every answer (a pair
+    // answering 502 at once would look fast and cheap) and the requests the
+    // end of the run cut short.
+    let secs = num("/summary/total").unwrap_or(0.0);
     Ok(Measured {
-        rps: num("/summary/requestsPerSec").unwrap_or(0.0),
+        rps: if secs > 0.0 { ok as f64 / secs } else { 0.0 },
         pct: [ms("p50"), ms("p90"), ms("p99"), ms("p99.9")],
         requests: ok,
         errors: bad + errors,
@@ -142,25 +146,7 @@ pub async fn h2load(addr: SocketAddr, load: &Load, work: &Path) -> anyhow::Resul
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let rps = stdout
-        .lines()
-        .find(|l| l.starts_with("finished in"))
-        .and_then(|l| l.split(',').nth(1))
-        .and_then(|v| v.trim().split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    let counts = stdout
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or("");
-    let count = |what: &str| {
-        counts
-            .split(',')
-            .find(|p| p.trim().ends_with(what))
-            .and_then(|p| p.split_whitespace().find(|w| w.parse::<u64>().is_ok()))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let summary = H2loadSummary::of(&stdout);
     let mut sorted_ms: Vec<f64> = std::fs::read_to_string(&log)
         .unwrap_or_default()
         .lines()
@@ -171,13 +157,73 @@ pub async fn h2load(addr: SocketAddr, load: &Load, work: &Path) -> anyhow::Resul
         })
         .collect();
     sorted_ms.sort_by(f64::total_cmp);
-    // h2load's "failed" already counts the errored and timed-out requests.
     Ok(Measured::from_sorted(
-        rps,
+        summary.rps_2xx(),
         &sorted_ms,
-        count("done"),
-        count("failed"),
+        summary.count("done", "requests:"),
+        // h2load's "failed" already counts the errored and timed-out requests.
+        summary.count("failed", "requests:"),
     ))
+}
+
+/// What h2load prints at the end of a run.
+struct H2loadSummary<'a> {
+    lines: Vec<&'a str>,
+}
+
+impl<'a> H2loadSummary<'a> {
+    fn of(stdout: &'a str) -> Self {
+        H2loadSummary {
+            lines: stdout.lines().collect(),
+        }
+    }
+
+    /// `N what` in the line starting with `line`: `requests: 20 total, 0
+    /// succeeded`, `status codes: 0 2xx, 20 4xx`.
+    fn count(&self, what: &str, line: &str) -> u64 {
+        self.lines
+            .iter()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| {
+                l[line.len()..]
+                    .split(',')
+                    .find(|p| p.trim().ends_with(what))
+            })
+            .and_then(|p| p.split_whitespace().find_map(|w| w.parse::<u64>().ok()))
+            .unwrap_or(0)
+    }
+
+    /// Seconds the run took: `finished in 8.00s, …` (or `22.00ms`).
+    fn seconds(&self) -> f64 {
+        let Some(took) = self
+            .lines
+            .iter()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|l| l.split(',').next())
+        else {
+            return 0.0;
+        };
+        let took = took.trim();
+        let (n, scale) = if let Some(ms) = took.strip_suffix("ms") {
+            (ms, 1e-3)
+        } else if let Some(us) = took.strip_suffix("us") {
+            (us, 1e-6)
+        } else {
+            (took.trim_end_matches('s'), 1.0)
+        };
+        n.parse::<f64>().map_or(0.0, |n| n * scale)
+    }
+
+    /// 2xx answers per second: h2load's own rate counts every answer (a pair
+    /// answering 502 at once would look fast and cheap).
+    fn rps_2xx(&self) -> f64 {
+        let secs = self.seconds();
+        if secs > 0.0 {
+            self.count("2xx", "status codes:") as f64 / secs
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Runs `one` in `CONNS` loops for `seconds`; latencies of the successes.
@@ -347,14 +393,32 @@ impl Drop for IdleConn {
 mod tests {
     #[test]
     fn oha_json_is_read() {
-        let json = br#"{"summary":{"successRate":1.0,"requestsPerSec":999.5},
+        let json = br#"{"summary":{"successRate":1.0,"requestsPerSec":999.5,"total":10.0},
             "latencyPercentiles":{"p50":0.0004,"p90":0.0006,"p99":0.001,"p99.9":0.002},
             "statusCodeDistribution":{"200":9990,"502":3},
             "errorDistribution":{"connection closed":2,"aborted due to deadline":16}}"#;
         let m = super::parse_oha(json).unwrap();
-        assert_eq!(m.rps, 999.5);
+        assert_eq!(m.rps, 999.0, "successes per second");
         assert_eq!(m.requests, 9990);
         assert_eq!(m.errors, 5);
         assert!((m.pct[0] - 0.4).abs() < 1e-9 && (m.pct[3] - 2.0).abs() < 1e-9);
+    }
+
+    /// A pair answering errors fast must not look fast: only 2xx answers
+    /// count towards the rate (h2load's own says 909 req/s here).
+    #[test]
+    fn h2load_rate_counts_successes_only() {
+        let out = "finished in 22.00ms, 909.21 req/s, 41.07KB/s
+requests: 20 total, 20 started, 20 done, 5 succeeded, 15 failed, 0 errored, 0 timeout
+status codes: 5 2xx, 0 3xx, 10 4xx, 5 5xx
+";
+        let s = super::H2loadSummary::of(out);
+        assert!((s.seconds() - 0.022).abs() < 1e-9);
+        assert!((s.rps_2xx() - 5.0 / 0.022).abs() < 1e-6);
+        assert_eq!(s.count("done", "requests:"), 20);
+        assert_eq!(s.count("failed", "requests:"), 15);
+        let s =
+            super::H2loadSummary::of("finished in 8.00s, 1.00 req/s\nstatus codes: 16000 2xx\n");
+        assert_eq!(s.rps_2xx(), 2000.0);
     }
 }
