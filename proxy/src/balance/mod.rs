@@ -656,14 +656,25 @@ impl InFlight {
         self.breaker_failure(Failed::Answer);
     }
 
-    /// The endpoint answered with a server error: its latency is what it is,
-    /// and the breaker counts the failure.
+    /// The endpoint answered with a server error: the breaker counts the
+    /// failure, and its latency is what it is. Unless the run of failures
+    /// is one that ejects, and the breaker could not (its cap reached, or
+    /// off): then it is recorded as an unreachable one is, since answering
+    /// fast it would win every comparison and draw the traffic of the
+    /// endpoints that work.
     pub fn failed(&self) {
-        self.record(Duration::ZERO);
-        self.breaker_failure(Failed::Answer);
+        let kept_in = self.breaker_failure(Failed::Answer);
+        self.record(if kept_in {
+            defaults::BALANCER_FAILURE_PENALTY
+        } else {
+            Duration::ZERO
+        });
     }
 
-    fn breaker_failure(&self, kind: Failed) {
+    /// Counts a failure; true when its run is one that ejects (the breaker's
+    /// count, or the default one with the breaker off) yet the endpoint is
+    /// still in.
+    fn breaker_failure(&self, kind: Failed) -> bool {
         self.settle();
         let b = &self.backend;
         // Judged by the list in force: this request's may have been replaced
@@ -671,13 +682,13 @@ impl InFlight {
         // endpoint no longer in it is gone, and gets no verdict; nor does any
         // once the backend has left discovery.
         let Some(live) = b.in_force() else {
-            return;
+            return false;
         };
         let state = &b.slots[self.index].state;
         if !live.slots.iter().any(|s| Arc::ptr_eq(&s.state, state)) {
-            return;
+            return false;
         }
-        let ejected = {
+        let (ejected, kept_in) = {
             let _one_at_a_time = live.ejecting.lock().unwrap_or_else(|p| p.into_inner());
             let cap = live.config.breaker.cap(live.slots.len());
             // The others out: a probe's endpoint is out already, and counts
@@ -686,19 +697,27 @@ impl InFlight {
                 .ejected()
                 .saturating_sub(usize::from(state.outlier().is_ejected()));
             let may_eject = others < cap;
-            self.state().outlier().failure_as(
+            let mut outlier = self.state().outlier();
+            let ejected = outlier.failure_as(
                 &live.config.breaker,
                 Instant::now(),
                 may_eject,
                 self.probe,
                 kind,
-            )
+            );
+            let run = match live.config.breaker.consecutive_failures {
+                0 => defaults::BREAKER_CONSECUTIVE_FAILURES,
+                n => n,
+            };
+            let kept_in = !outlier.is_ejected() && outlier.failures_in_a_row() >= run;
+            (ejected, kept_in)
         };
         if ejected {
             b.metrics.ejections.inc();
             tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
         }
         live.report();
+        kept_in
     }
 
     fn record(&self, at_least: Duration) {
@@ -770,6 +789,39 @@ mod tests {
 
     fn index(f: &InFlight) -> usize {
         (f.endpoint().addr.port() - 8000) as usize
+    }
+
+    /// Endpoints failing every request at once must not draw the traffic of
+    /// the one that works where the breaker cannot take them out: two of
+    /// three failing fast (the cap lets one out), or one of three with the
+    /// breaker off.
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_failing_fast_do_not_draw_the_traffic() {
+        for (failing, breaker_on) in [(2usize, true), (1, false)] {
+            let mut config = BackendConfig::default();
+            if !breaker_on {
+                config.breaker.consecutive_failures = 0;
+            }
+            let b = backend(3, config);
+            let mut counts = [0usize; 3];
+            for _ in 0..3000 {
+                let f = b.pick(&Default::default(), &[]).unwrap();
+                let i = index(&f);
+                counts[i] += 1;
+                if i < failing {
+                    tokio::time::advance(Duration::from_millis(1)).await;
+                    f.failed();
+                } else {
+                    tokio::time::advance(Duration::from_millis(20)).await;
+                    f.success();
+                }
+            }
+            let to_failing: usize = counts[..failing].iter().sum();
+            assert!(
+                to_failing < 300,
+                "{failing} failing fast, breaker on: {breaker_on}: {counts:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -125,6 +125,12 @@ impl Outlier {
         self.ejected_until.is_some()
     }
 
+    /// Failures since the last success (or ejection), counted whether or not
+    /// the breaker may act on them.
+    pub fn failures_in_a_row(&self) -> u32 {
+        self.consecutive
+    }
+
     /// Whether `probe` is the probe in flight now: only its outcome decides
     /// an ejected endpoint's fate (requests sent before the ejection may still
     /// come back).
