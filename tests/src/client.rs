@@ -53,8 +53,16 @@ pub async fn get(client: &HttpClient, url: &str) -> anyhow::Result<(http::Status
 /// `curl --proxy-http2` would, and checks that bytes written into it come
 /// back (the test backend echoes a tunnel). Panics, naming the step, if not.
 pub async fn h2_connect_echoes(addr: std::net::SocketAddr) {
+    let mut tunnel = h2_connect(addr).await;
+    tunnel_echoes(&mut tunnel, b"raw tunnel bytes").await;
+}
+
+/// An HTTP/2 CONNECT tunnel through `addr` (to an echoing upstream), with the
+/// connection that carries it.
+pub async fn h2_connect(
+    addr: std::net::SocketAddr,
+) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(hyper_util::rt::TokioIo::new(tcp))
@@ -71,15 +79,24 @@ pub async fn h2_connect_echoes(addr: std::net::SocketAddr) {
         .await
         .expect("the tunnel within 5 s")
         .expect("a tunnel");
-    let mut tunnel = hyper_util::rt::TokioIo::new(tunnel);
+    hyper_util::rt::TokioIo::new(tunnel)
+}
+
+/// `bytes` written into `tunnel` come back.
+pub async fn tunnel_echoes(
+    tunnel: &mut hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    bytes: &[u8],
+) {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tunnel
-        .write_all(b"raw tunnel bytes")
+        .write_all(bytes)
         .await
         .expect("written into the tunnel");
-    let mut echoed = [0u8; 16];
+    let mut echoed = vec![0u8; bytes.len()];
     tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut echoed))
         .await
         .expect("the echo within 5 s")
         .expect("the echo");
-    assert_eq!(&echoed, b"raw tunnel bytes");
+    assert_eq!(echoed, bytes);
 }

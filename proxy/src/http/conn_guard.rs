@@ -138,19 +138,25 @@ impl ConnState {
         self.in_flight.load(Ordering::Acquire) > 0
     }
 
+    /// Whether a request is in flight or a stream it handed over (an HTTP/2
+    /// CONNECT's tunnel, a stream of the connection itself) is still open.
+    pub fn carrying(&self) -> bool {
+        self.busy() || self.tunnels.load(Ordering::Acquire) > 0
+    }
+
     pub fn header_timed_out(&self) -> bool {
         self.header_timed_out.load(Ordering::Acquire)
     }
 
     /// Resolves once the connection served nothing for a whole `idle` period:
-    /// no request in flight, and none arrived. (For HTTP/2, where the streams of a
+    /// no request in flight or tunnel open, and none arrived. (For HTTP/2, where the streams of a
     /// connection are served by one service and no IO guard sees the heads.)
     pub async fn idle_for(&self, idle: Duration) {
         let mut seen = self.served.load(Ordering::Acquire);
         loop {
             tokio::time::sleep(idle).await;
             let served = self.served.load(Ordering::Acquire);
-            if served == seen && self.in_flight.load(Ordering::Acquire) == 0 {
+            if served == seen && !self.carrying() {
                 return;
             }
             seen = served;

@@ -216,7 +216,7 @@ pub async fn serve_http2<I, S, B>(
                 loop {
                     match tokio::time::timeout(cfg.header_read_timeout, conn.as_mut()).await {
                         Ok(r) => break r,
-                        Err(_) if !state.busy() => break Ok(()),
+                        Err(_) if !state.carrying() => break Ok(()),
                         Err(_) => {}
                     }
                 }

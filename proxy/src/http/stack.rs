@@ -71,10 +71,21 @@ impl HttpStack {
         let body_timeout = s.http.body_read_timeout;
         let trace = TraceLayer::new(s.observe.clone(), meta.direction, meta.peer.clone());
         if h2 {
+            let tunnels = state.clone();
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
-                .map_request(|req: Request<InFlightBody<Incoming>>| RequestBody::wrap(req, None))
+                // A CONNECT's tunnel keeps the connection busy while open.
+                .map_request(move |mut req: Request<InFlightBody<Incoming>>| {
+                    if req
+                        .extensions()
+                        .get::<hyper::upgrade::OnUpgrade>()
+                        .is_some()
+                    {
+                        req.extensions_mut().insert(UpgradeConn(tunnels.clone()));
+                    }
+                    RequestBody::wrap(req, None)
+                })
                 .layer(self.grpc_errors)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,

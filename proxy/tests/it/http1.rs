@@ -349,3 +349,20 @@ async fn an_http2_connect_tunnel_passes_through() {
     let proxy = support::start_to(backend.addr).await;
     client::h2_connect_echoes(proxy.upstream()).await;
 }
+
+/// A quiet HTTP/2 CONNECT tunnel is not an idle connection: past the HTTP
+/// idle timeout (and the grace the GOAWAY leaves) it still carries bytes, as
+/// an HTTP/1.1 one does, until the opaque-stream idle timeout.
+#[tokio::test]
+async fn a_quiet_http2_connect_tunnel_outlives_the_http_idle_timeout() {
+    let backend = Backend::start().await;
+    let mut c = support::with_upstream(support::config(), backend.addr);
+    c.http_idle_timeout = Duration::from_millis(300);
+    c.http_header_read_timeout = Duration::from_millis(300);
+    let proxy = support::start(c).await;
+    let mut tunnel = client::h2_connect(proxy.upstream()).await;
+    client::tunnel_echoes(&mut tunnel, b"before").await;
+    // Quiet for five idle timeouts: the time this test is about.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client::tunnel_echoes(&mut tunnel, b"after").await;
+}
