@@ -184,6 +184,12 @@ pub async fn serve_http2<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    // h2 reads on while its writes wait: a client that opens its windows
+    // and reads nothing would hold the connection, and what each of its
+    // streams has buffered, for as long as it sends a byte now and then
+    // (which keeps the pings from noticing). As over HTTP/1, a write that
+    // makes no progress for the body timeout ends the connection.
+    let io = strait_api::write_deadline::WriteDeadline::new(io, cfg.body_read_timeout);
     // Each poll's writes leave together (transport::coalesce).
     let conn = FlushAfterPoll::new(cfg.h2.serve_connection(
         TokioIo::new(Coalesced::new(io)),

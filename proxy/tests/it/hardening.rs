@@ -327,3 +327,49 @@ async fn http2_rapid_reset_closes_the_connection() {
         "the flood did not all reach the app"
     );
 }
+
+/// An HTTP/2 client that opens its flow-control windows wide and then reads
+/// nothing is cut once the proxy's writes make no progress for the body
+/// timeout, as an HTTP/1 one is: it would otherwise hold its connection, and
+/// up to 64 KiB of answer per stream, for as long as it likes (sending a byte
+/// now and then keeps HTTP/2's pings from noticing).
+#[tokio::test]
+async fn an_http2_client_that_reads_nothing_is_cut() {
+    const BODY: usize = 64 << 20;
+    let backend = Backend::start().await;
+    let mut c = support::with_upstream(support::config(), backend.addr);
+    c.http_body_read_timeout = Duration::from_secs(1);
+    let proxy = support::start(c).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE 2^31-1, and the connection's window as wide.
+    let mut settings = 4u16.to_be_bytes().to_vec();
+    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    out.extend(frame(0x4, 0, 0, &settings));
+    out.extend(frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes()));
+    // HPACK: :method GET, :scheme http, :path /bytes/<BODY>, :authority a.
+    let path = format!("/bytes/{BODY}");
+    let mut headers = vec![0x82, 0x86, 0x44, path.len() as u8];
+    headers.extend_from_slice(path.as_bytes());
+    headers.extend_from_slice(&[0x41, 1, b'a']);
+    out.extend(frame(0x1, 0x5, 1, &headers));
+    s.write_all(&out).await.unwrap();
+    // Reads nothing for three body timeouts: the time this test is about.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "still connected after reading {got} bytes: the stalled client was not cut"
+    );
+    assert!(got < BODY, "the whole answer arrived: {got} bytes");
+}
