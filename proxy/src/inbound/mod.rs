@@ -359,9 +359,19 @@ impl Inbound {
                         Some(up) => up,
                         None => match crate::tcp::connect(&app, tcp, m, DIRECTION).await {
                             Some(up) => crate::transport::PrefixedIo::new(Bytes::new(), up),
-                            // Reset, as the app's refusal is: a client that
-                            // wrote and half-closed must not read a clean end.
-                            None => return crate::tcp::Abort::abort(&io),
+                            None => {
+                                // A plaintext client is reset, as the app's
+                                // refusal is: one that wrote and half-closed
+                                // must not read a clean end. A peer proxy gets
+                                // the stream cut without a TLS close, which it
+                                // reads as its endpoint's app down (a reset
+                                // says the client's bytes were refused), and
+                                // resets its own client.
+                                if peer.is_none() {
+                                    crate::tcp::Abort::abort(&io);
+                                }
+                                return;
+                            }
                         },
                     };
                     // A stream cut when its caller's admission is revoked is

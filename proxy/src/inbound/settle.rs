@@ -75,8 +75,11 @@ where
         // client waiting for a greeting is not left hanging.
         First::Server(None) => {
             s.count_detected(DIRECTION, Protocol::Opaque);
-            // Reset, as the app's refusal is: not a clean end.
-            io.abort();
+            // A plaintext client is reset, as the app's refusal is; a peer
+            // proxy reads the stream cut without a TLS close (see `serve`).
+            if !proven {
+                io.abort();
+            }
             return None;
         }
         first => (first.ended(), None),
