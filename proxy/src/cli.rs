@@ -166,6 +166,11 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Requests in flight at once in each direction (inbound, outbound); more
+    /// are answered 503 at once (shed) rather than queued.
+    #[arg(long, env = "STRAIT_PROXY_MAX_IN_FLIGHT_REQUESTS", default_value_t = defaults::MAX_IN_FLIGHT_REQUESTS)]
+    pub max_in_flight_requests: usize,
+
     /// Inbound connections one address may hold at once until they prove a
     /// mesh identity; a verified peer's are not counted. Default: a quarter of
     /// --max-connections.

@@ -52,6 +52,11 @@ pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// Connections open at once per listener; beyond this new ones get 503 (HTTP) or
 /// are closed. Bounds memory against floods.
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// Requests in flight at once per direction: each may hold a connection to
+/// the app (HTTP/1 takes one per request), so peers' multiplexed streams
+/// (1,000 per connection) cannot take every file descriptor the proxy has,
+/// its admin port's included. As Linkerd's default.
+pub const MAX_IN_FLIGHT_REQUESTS: usize = 100_000;
 /// Connections beyond the cap that may be held briefly to be told 503.
 pub const MAX_REJECTING_CONNECTIONS: usize = 256;
 

@@ -255,6 +255,11 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
             "--max-connections 0 would refuse every connection; give at least 1".into(),
         ));
     }
+    if config.max_in_flight_requests == 0 {
+        return Err(StartError::Flag(
+            "--max-in-flight-requests 0 would refuse every request; give at least 1".into(),
+        ));
+    }
     if config.inbound_max_connections_per_source == Some(0) {
         return Err(StartError::Flag(
             "--inbound-max-connections-per-source 0 would refuse every unauthenticated connection; give at least 1".into(),

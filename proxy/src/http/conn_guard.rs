@@ -306,18 +306,47 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
     }
 }
 
+/// Requests in flight across every connection of a direction, and how many
+/// may be: past it a request is marked `OverCap`, and answered 503 without
+/// going further (`normalize`).
+#[derive(Debug)]
+pub struct InFlightCap {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl InFlightCap {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(InFlightCap {
+            count: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// On a request that came past its direction's `InFlightCap`.
+#[derive(Clone, Copy, Debug)]
+pub struct OverCap;
+
 /// Marks a request in flight from the moment it reaches the service until its
 /// response body is finished (or dropped), and its request body too: an app may
 /// answer before it has read the body, which the client goes on sending, and
-/// those bytes are not the next request's head (nor its to time out).
+/// those bytes are not the next request's head (nor its to time out). The
+/// request also counts against its direction's cap until its response ends.
 #[derive(Clone, Debug)]
 pub struct InFlightLayer {
     state: Arc<ConnState>,
+    cap: Arc<InFlightCap>,
 }
 
 impl InFlightLayer {
-    pub fn new(state: Arc<ConnState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<ConnState>, cap: Arc<InFlightCap>) -> Self {
+        Self { state, cap }
     }
 }
 
@@ -327,6 +356,7 @@ impl<S> tower::Layer<S> for InFlightLayer {
         InFlight {
             inner,
             state: self.state.clone(),
+            cap: self.cap.clone(),
         }
     }
 }
@@ -335,15 +365,21 @@ impl<S> tower::Layer<S> for InFlightLayer {
 pub struct InFlight<S> {
     inner: S,
     state: Arc<ConnState>,
+    cap: Arc<InFlightCap>,
 }
 
+/// A request (or its body) in flight on its connection; the response's also
+/// holds the request's place under its direction's cap.
 #[derive(Debug)]
-pub struct Guard(Arc<ConnState>);
+pub struct Guard(Arc<ConnState>, Option<Arc<InFlightCap>>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.reader.wake();
+        }
+        if let Some(cap) = &self.1 {
+            cap.count.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -370,12 +406,15 @@ where
         if let Some(fault) = self.state.fault_of(n) {
             req.extensions_mut().insert(fault);
         }
+        if self.cap.count.fetch_add(1, Ordering::AcqRel) >= self.cap.max {
+            req.extensions_mut().insert(OverCap);
+        }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = Guard(self.state.clone());
+        let guard = Guard(self.state.clone(), Some(self.cap.clone()));
         // Most requests have no body to wait for: no second count.
         let reading = (!req.body().is_end_stream()).then(|| {
             self.state.in_flight.fetch_add(1, Ordering::AcqRel);
-            Guard(self.state.clone())
+            Guard(self.state.clone(), None)
         });
         let req = req.map(|b| GuardedBody::maybe(b, reading));
         InFlightFuture {
@@ -515,7 +554,7 @@ mod tests {
                 }
             })
         };
-        let svc = tower::Layer::layer(&InFlightLayer::new(state), svc);
+        let svc = tower::Layer::layer(&InFlightLayer::new(state, InFlightCap::new(8)), svc);
         let conn = hyper::server::conn::http1::Builder::new().serve_connection(
             hyper_util::rt::TokioIo::new(io),
             hyper_util::service::TowerToHyperService::new(svc),

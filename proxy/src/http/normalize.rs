@@ -11,7 +11,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Version};
 
 use super::BoxBody;
-use super::conn_guard::HeadFault;
+use super::conn_guard::{HeadFault, OverCap};
 use super::error::error_response;
 use super::upgrade;
 use crate::telemetry::{Direction, Metrics};
@@ -61,6 +61,20 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if req.extensions().get::<OverCap>().is_some() {
+            // Shed at once: queued, it would hold what the cap keeps free.
+            self.metrics.reject_http(self.direction, "in_flight_limit");
+            strait_otel::sampled!(
+                warn,
+                direction = self.direction.as_str(),
+                "too many requests in flight (--max-in-flight-requests); answered 503"
+            );
+            let rsp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests in flight",
+            );
+            return Either::Left(std::future::ready(Ok(rsp)));
+        }
         if let Err(refused) = check_head(&mut req) {
             // Each of these lets two parsers read different requests from the
             // same bytes; refuse every reading and close the connection.

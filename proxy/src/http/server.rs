@@ -359,7 +359,10 @@ mod tests {
         let state = Arc::new(ConnState::default());
         // As the stack has it: the guard knows a request is in flight.
         let svc = tower::Layer::layer(
-            &super::super::conn_guard::InFlightLayer::new(state.clone()),
+            &super::super::conn_guard::InFlightLayer::new(
+                state.clone(),
+                super::super::conn_guard::InFlightCap::new(8),
+            ),
             svc,
         );
         let served = tokio::spawn(async move {

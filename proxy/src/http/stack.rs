@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use tower::{Layer, ServiceBuilder};
 
 use super::BoxBody;
-use super::conn_guard::{ConnState, InFlightBody, InFlightLayer};
+use super::conn_guard::{ConnState, InFlightBody, InFlightCap, InFlightLayer};
 use super::forward::{Forward, UpgradeConn};
 use super::grpc::ErrorsLayer;
 use super::metrics::RequestMetricsLayer;
@@ -26,6 +26,8 @@ pub type ClientBody = RequestBody<InFlightBody<Incoming>>;
 #[derive(Clone, Debug)]
 pub struct HttpStack {
     shared: Arc<Shared>,
+    /// Requests in flight in this direction, over all its connections.
+    cap: Arc<InFlightCap>,
     metrics: RequestMetricsLayer,
     grpc_errors: ErrorsLayer,
     normalize: NormalizeLayer,
@@ -35,6 +37,7 @@ pub struct HttpStack {
 impl HttpStack {
     pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
         HttpStack {
+            cap: InFlightCap::new(shared.config.max_in_flight_requests),
             metrics: RequestMetricsLayer::new(shared.metrics.clone(), direction),
             grpc_errors: ErrorsLayer::new(direction),
             normalize: NormalizeLayer::new(shared.metrics.clone(), direction),
@@ -73,7 +76,7 @@ impl HttpStack {
         if h2 {
             let tunnels = state.clone();
             let svc = ServiceBuilder::new()
-                .layer(InFlightLayer::new(state.clone()))
+                .layer(InFlightLayer::new(state.clone(), self.cap.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
                 // A CONNECT's tunnel keeps the connection busy while open.
                 .map_request(move |mut req: Request<InFlightBody<Incoming>>| {
@@ -98,7 +101,7 @@ impl HttpStack {
         } else {
             let upgrades = state.clone();
             let svc = ServiceBuilder::new()
-                .layer(InFlightLayer::new(state.clone()))
+                .layer(InFlightLayer::new(state.clone(), self.cap.clone()))
                 // Told when a request upgrades the connection. Only one hyper
                 // can hand over (an `Upgrade` header, or CONNECT) may, whatever
                 // a route's filters add to it later; the rest are spared it.

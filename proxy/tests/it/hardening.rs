@@ -373,3 +373,48 @@ async fn an_http2_client_that_reads_nothing_is_cut() {
     );
     assert!(got < BODY, "the whole answer arrived: {got} bytes");
 }
+
+/// Requests past `--max-in-flight-requests` are answered 503 at once, named
+/// as the proxy's own answer and counted; once those in flight end, requests
+/// go through again.
+#[tokio::test]
+async fn requests_past_the_in_flight_cap_are_shed_with_503() {
+    let backend = Backend::start().await;
+    let mut c = support::with_upstream(support::config(), backend.addr);
+    c.max_in_flight_requests = 2;
+    let proxy = support::start(c).await;
+    let base = format!("http://{}", proxy.upstream());
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let url = format!("{base}/slow/1500");
+            tokio::spawn(async move {
+                strait_tests::client::get(&strait_tests::client::http1(), &url).await
+            })
+        })
+        .collect();
+    strait_tests::wait::until("2 requests in flight", Duration::from_secs(10), || async {
+        backend.in_flight() == 2
+    })
+    .await;
+    let c = strait_tests::client::http1();
+    let rsp = c.get(format!("{base}/1k").parse().unwrap()).await.unwrap();
+    assert_eq!(rsp.status(), 503);
+    assert_eq!(
+        rsp.headers()["strait-proxy-error"],
+        "too many requests in flight"
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().0, 200, "those in flight finish");
+    }
+    let (status, _) = strait_tests::client::get(&c, &format!("{base}/1k"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "room again once they ended");
+    assert_eq!(
+        metric(
+            &proxy.metrics_text(),
+            "strait_proxy_http_rejected_requests_total{direction=\"outbound\",reason=\"in_flight_limit\"}"
+        ),
+        Some(1.0)
+    );
+}
