@@ -144,3 +144,21 @@ pub async fn stalling() -> (
     }
     (addr, queued, listener)
 }
+
+/// Reads `s` to its end, which must be a reset within `within`, not a clean
+/// close: what was read before it is in the panic's message.
+pub async fn ends_in_a_reset(
+    s: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+    what: &str,
+) {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, s.read_to_end(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no end within {within:?}"));
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{what}: {got:?}"
+    );
+}

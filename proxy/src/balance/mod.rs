@@ -807,6 +807,24 @@ mod tests {
         (f.endpoint().addr.port() - 8000) as usize
     }
 
+    /// How 3,000 requests in turn spread over three endpoints, each answered
+    /// after the time `answer` gives for its endpoint, as it says.
+    async fn shares(
+        b: &Arc<Endpoints>,
+        answer: impl Fn(usize) -> (Duration, fn(&InFlight)),
+    ) -> [usize; 3] {
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            let f = b.pick(&Default::default(), &[]).unwrap();
+            let i = index(&f);
+            counts[i] += 1;
+            let (took, verdict) = answer(i);
+            tokio::time::advance(took).await;
+            verdict(&f);
+        }
+        counts
+    }
+
     /// Endpoints failing every request at once must not draw the traffic of
     /// the one that works where the breaker cannot take them out: two of
     /// three failing fast (the cap lets one out), or one of three with the
@@ -818,20 +836,14 @@ mod tests {
             if !breaker_on {
                 config.breaker.consecutive_failures = 0;
             }
-            let b = backend(3, config);
-            let mut counts = [0usize; 3];
-            for _ in 0..3000 {
-                let f = b.pick(&Default::default(), &[]).unwrap();
-                let i = index(&f);
-                counts[i] += 1;
+            let counts = shares(&backend(3, config), |i| {
                 if i < failing {
-                    tokio::time::advance(Duration::from_millis(1)).await;
-                    f.failed();
+                    (Duration::from_millis(1), InFlight::failed)
                 } else {
-                    tokio::time::advance(Duration::from_millis(20)).await;
-                    f.success();
+                    (Duration::from_millis(20), InFlight::success)
                 }
-            }
+            })
+            .await;
             let to_failing: usize = counts[..failing].iter().sum();
             assert!(
                 to_failing < 300,
@@ -1507,21 +1519,12 @@ mod tests {
     async fn an_unreachable_endpoint_is_avoided_though_it_fails_fast() {
         let mut config = BackendConfig::default();
         config.breaker.consecutive_failures = 0;
-        let b = backend(3, config);
-        let mut counts = [0usize; 3];
-        for _ in 0..3000 {
-            let f = b.pick(&Default::default(), &[]).unwrap();
-            let i = index(&f);
-            counts[i] += 1;
-            if i == 0 {
-                // Connection refused: answered at once.
-                tokio::time::advance(Duration::from_micros(100)).await;
-                f.unreachable();
-            } else {
-                tokio::time::advance(Duration::from_millis(5)).await;
-                f.success();
-            }
-        }
+        let counts = shares(&backend(3, config), |i| match i {
+            // Connection refused: answered at once.
+            0 => (Duration::from_micros(100), InFlight::unreachable),
+            _ => (Duration::from_millis(5), InFlight::success),
+        })
+        .await;
         assert!(counts[0] < 30, "unreachable endpoint got {counts:?}");
     }
 

@@ -79,15 +79,8 @@ impl HttpStack {
                 .layer(InFlightLayer::new(state.clone(), self.cap.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
                 // A CONNECT's tunnel keeps the connection busy while open.
-                .map_request(move |mut req: Request<InFlightBody<Incoming>>| {
-                    if req
-                        .extensions()
-                        .get::<hyper::upgrade::OnUpgrade>()
-                        .is_some()
-                    {
-                        req.extensions_mut().insert(UpgradeConn(tunnels.clone()));
-                    }
-                    RequestBody::wrap(req, None)
+                .map_request(move |req: Request<InFlightBody<Incoming>>| {
+                    RequestBody::wrap(upgradable(req, &tunnels), None)
                 })
                 .layer(self.grpc_errors)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
@@ -105,15 +98,8 @@ impl HttpStack {
                 // Told when a request upgrades the connection. Only one hyper
                 // can hand over (an `Upgrade` header, or CONNECT) may, whatever
                 // a route's filters add to it later; the rest are spared it.
-                .map_request(move |mut req: Request<InFlightBody<Incoming>>| {
-                    if req
-                        .extensions()
-                        .get::<hyper::upgrade::OnUpgrade>()
-                        .is_some()
-                    {
-                        req.extensions_mut().insert(UpgradeConn(upgrades.clone()));
-                    }
-                    RequestBody::wrap(req, Some(body_timeout))
+                .map_request(move |req: Request<InFlightBody<Incoming>>| {
+                    RequestBody::wrap(upgradable(req, &upgrades), Some(body_timeout))
                 })
                 .layer(self.grpc_errors)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
@@ -124,4 +110,17 @@ impl HttpStack {
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;
         }
     }
+}
+
+/// A request hyper could hand over (an `Upgrade` header, or CONNECT) carries
+/// its connection, told when it does.
+fn upgradable<B>(mut req: Request<B>, conn: &Arc<ConnState>) -> Request<B> {
+    if req
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_some()
+    {
+        req.extensions_mut().insert(UpgradeConn(conn.clone()));
+    }
+    req
 }

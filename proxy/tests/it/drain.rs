@@ -102,15 +102,7 @@ async fn an_opaque_stream_cut_at_the_end_of_the_grace_period_is_reset() {
         .await
         .expect("the proxy stops once the grace period is over");
     assert!(!clean, "the stream outlived the grace period");
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
-        .await
-        .expect("an end within 5 s");
-    assert_eq!(
-        read.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "{rest:?}"
-    );
+    strait_tests::tcp::ends_in_a_reset(&mut s, Duration::from_secs(5), "the client").await;
     let upstream = tokio::time::timeout(Duration::from_secs(5), ended.recv())
         .await
         .expect("the upstream's end within 5 s")

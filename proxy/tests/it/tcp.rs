@@ -90,13 +90,5 @@ async fn a_refused_opaque_stream_is_reset_not_closed() {
     let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
     s.write_all(&[0u8, 1, 2, 3, 255]).await.unwrap();
     s.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
-        .await
-        .expect("an end within 5 s");
-    assert_eq!(
-        read.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "{got:?}"
-    );
+    strait_tests::tcp::ends_in_a_reset(&mut s, Duration::from_secs(5), "refused").await;
 }
