@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
-use strait_proxy::http::conn_guard::{ConnState, GuardedIo, InFlightBody, InFlightLayer};
+use strait_proxy::http::conn_guard::{ConnState, GuardedIo, InFlightBody, InFlightCap, InFlightLayer};
 use strait_proxy::http::normalize::check_head;
 use tokio::io::AsyncWriteExt;
 
@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         let state = Arc::new(ConnState::default());
         let io = GuardedIo::new(server, state.clone(), Duration::from_millis(50), Duration::from_millis(50));
         let svc = tower::ServiceBuilder::new()
-            .layer(InFlightLayer::new(state))
+            .layer(InFlightLayer::new(state, InFlightCap::new(usize::MAX)))
             .service(tower::service_fn(guarded));
         let conn = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(io), hyper_util::service::TowerToHyperService::new(svc));
