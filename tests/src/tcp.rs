@@ -119,6 +119,19 @@ pub async fn resetting() -> SocketAddr {
     addr
 }
 
+/// Resets each connection as soon as it is accepted, before a word: an app
+/// that takes connections and drops them (overloaded, or shutting down).
+pub async fn resetting_at_once() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+    let addr = listener.local_addr().expect("tcp addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_zero_linger();
+        }
+    });
+    addr
+}
+
 /// An address whose connects hang: a listener that accepts nobody, its accept
 /// queue filled, so the kernel drops further SYNs. Keep what is returned for
 /// as long as the address must stall.

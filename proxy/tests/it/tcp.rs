@@ -92,3 +92,17 @@ async fn a_refused_opaque_stream_is_reset_not_closed() {
     s.shutdown().await.unwrap();
     strait_tests::tcp::ends_in_a_reset(&mut s, Duration::from_secs(5), "refused").await;
 }
+
+/// A server that resets the connection before a word reaches a client
+/// waiting for its greeting as a reset, as it would without the proxy, not
+/// as a clean close (an empty answer).
+#[tokio::test]
+async fn a_reset_before_the_greeting_reaches_a_silent_client_as_a_reset() {
+    let server = strait_tests::tcp::resetting_at_once().await;
+    let mut c = support::with_upstream(support::config(), server);
+    c.opaque_ports = PortSet::default();
+    c.detect_timeout = Duration::from_millis(100);
+    let proxy = support::start(c).await;
+    let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    strait_tests::tcp::ends_in_a_reset(&mut s, Duration::from_secs(5), "a silent client").await;
+}
