@@ -322,11 +322,6 @@ impl InFlightCap {
             max,
         })
     }
-
-    /// Requests in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
 }
 
 /// On a request that came past its direction's `InFlightCap`.
