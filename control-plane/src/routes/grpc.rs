@@ -2,9 +2,9 @@
 //! POST to `/package.Service/Method`, so a method match is a path match, and
 //! the rest (headers, filters, backends) is an HTTPRoute rule's.
 //!
-//! Precedence, as the proxies order path matches: a service and method
-//! (an exact path), then a regular expression or a method alone, then a
-//! service alone (a path prefix).
+//! Precedence is GRPCRoute's, not the path form's: each match carries the
+//! characters of the service and of the method it names (`GrpcRank`), which
+//! the proxies rank before header matches.
 
 use serde::Deserialize;
 use strait_api::v1 as api;
@@ -88,7 +88,27 @@ fn grpc_match(at: &str, m: &GrpcMatchDoc) -> Result<api::HttpMatch, SpecError> {
         method: String::new(),
         headers: header_matches(at, &m.headers)?,
         query_params: Vec::new(),
+        grpc_rank: Some(rank(m.method.as_ref())),
     })
+}
+
+/// Gateway API ranks GRPCRoute matches by the characters of the service they
+/// match, then of the method. A name counts as written (a leading dot, not in
+/// the call's path, does not), and so does a pattern, as an HTTPRoute's
+/// prefix counts as written.
+fn rank(m: Option<&MethodDoc>) -> api::GrpcRank {
+    let chars = |v: Option<&str>| {
+        let v = v.unwrap_or_default();
+        let v = match m.and_then(|m| m.kind.as_deref()) {
+            Some("RegularExpression") => v,
+            _ => v.strip_prefix('.').unwrap_or(v),
+        };
+        u32::try_from(v.chars().count()).unwrap_or(u32::MAX)
+    };
+    api::GrpcRank {
+        service_chars: chars(m.and_then(|m| m.service.as_deref())),
+        method_chars: chars(m.and_then(|m| m.method.as_deref())),
+    }
 }
 
 /// A method match as the path it matches.
@@ -243,6 +263,35 @@ mod tests {
     fn refused(matches: Value, filters: Value) -> (String, String) {
         let e = parse_grpc(&route(matches, filters)).unwrap_err();
         (e.field, e.reason)
+    }
+
+    /// GRPCRoute ranks by the service named, then the method: a service
+    /// alone goes before a method alone, whatever their paths' forms.
+    #[test]
+    fn a_match_carries_the_characters_of_its_service_and_method() {
+        let rank = |m: Value| {
+            let (_, spec) = parse_grpc(&route(json!([m]), json!([]))).unwrap().unwrap();
+            let r = spec.rules[0].matches[0].grpc_rank.clone().unwrap();
+            (r.service_chars, r.method_chars)
+        };
+        let method = |m: Value| json!({"method": m});
+        assert_eq!(
+            rank(method(json!({"service": ".shop.Cart", "method": "Get"}))),
+            (9, 3)
+        );
+        assert_eq!(rank(method(json!({"service": "shop.Cart"}))), (9, 0));
+        assert_eq!(rank(method(json!({"method": "Get"}))), (0, 3));
+        assert_eq!(
+            rank(method(
+                json!({"type": "RegularExpression", "service": "shop\\..*"})
+            )),
+            (8, 0)
+        );
+        // No method match: any call, ranked last but for its headers.
+        assert_eq!(
+            rank(json!({"headers": [{"name": "x-v", "value": "2"}]})),
+            (0, 0)
+        );
     }
 
     #[test]

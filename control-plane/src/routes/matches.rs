@@ -127,6 +127,7 @@ pub(super) fn http_match(at: &str, m: &MatchDoc) -> Result<api::HttpMatch, SpecE
         method,
         headers,
         query_params,
+        grpc_rank: None,
     })
 }
 

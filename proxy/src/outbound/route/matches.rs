@@ -42,6 +42,9 @@ pub struct RouteMatch {
     pub method: Option<http::Method>,
     pub headers: Vec<(http::HeaderName, ValueMatch)>,
     pub query: Vec<(String, ValueMatch)>,
+    /// A GRPCRoute's match: the characters of the service, then of the
+    /// method, it names, which rank it whatever its path's form.
+    pub grpc: Option<(u32, u32)>,
 }
 
 impl Default for RouteMatch {
@@ -53,6 +56,7 @@ impl Default for RouteMatch {
             method: None,
             headers: Vec::new(),
             query: Vec::new(),
+            grpc: None,
         }
     }
 }
@@ -146,6 +150,7 @@ impl RouteMatch {
             method,
             headers,
             query,
+            grpc: m.grpc_rank.map(|r| (r.service_chars, r.method_chars)),
         })
     }
 
@@ -203,9 +208,22 @@ impl RouteMatch {
     /// Gateway API precedence, most specific first: an exact path, then a regular
     /// expression (implementation-specific in the spec: before prefixes, so a
     /// regex rule is not shadowed by a catch-all), then the longest prefix; then a
-    /// method match, more header matches, more query matches. Equal matches keep
-    /// the order of their routes and rules (a stable sort).
+    /// method match, more header matches, more query matches. GRPCRoute's
+    /// matches rank by the longer service named, then method, then more header
+    /// matches (a port's rules are all of one kind; were they not, gRPC's would
+    /// go first, so that the order stays total). Equal matches keep the order of
+    /// their routes and rules (a stable sort).
     pub fn precedence(&self, other: &RouteMatch) -> Ordering {
+        match (self.grpc, other.grpc) {
+            (Some(a), Some(b)) => {
+                return b
+                    .cmp(&a)
+                    .then_with(|| other.headers.len().cmp(&self.headers.len()));
+            }
+            (Some(_), None) => return Ordering::Less,
+            (None, Some(_)) => return Ordering::Greater,
+            (None, None) => {}
+        }
         let rank = |m: &RouteMatch| match &m.path {
             PathMatch::Exact(_) => (0, 0),
             PathMatch::Regex(_) => (1, 0),

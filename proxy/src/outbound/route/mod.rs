@@ -212,6 +212,43 @@ mod tests {
         assert!(e.starts_with("route ns/bad: "), "{e}");
     }
 
+    /// GRPCRoute: the match naming a service goes before the one naming a
+    /// method only, though the first is a path prefix and the second a
+    /// pattern; and a service and method before either.
+    #[test]
+    fn grpc_matches_rank_by_service_then_method() {
+        use api::http_match::Path;
+        let grpc = |path: Path, service_chars: u32, method_chars: u32| api::HttpMatch {
+            path: Some(path),
+            grpc_rank: Some(api::GrpcRank {
+                service_chars,
+                method_chars,
+            }),
+            ..Default::default()
+        };
+        let mut rules = vec![
+            to(
+                "any-get",
+                vec![grpc(Path::Regex("/[^/]+/Get".into()), 0, 3)],
+            ),
+            to("cart", vec![grpc(Path::Prefix("/shop.Cart".into()), 9, 0)]),
+        ];
+        let pick = |rules: &[api::HttpRouteRule], path: &str| {
+            let rules = parse(vec![route("ns/cart", rules.to_vec())]).unwrap();
+            let t = Table::new(&rules);
+            let req = Request::post(path).body(()).unwrap();
+            rules[t.select(&req).unwrap().0].backends[0].0.to_string()
+        };
+        assert_eq!(pick(&rules, "/shop.Cart/Get"), "cart");
+        assert_eq!(pick(&rules, "/shop.Other/Get"), "any-get");
+        rules.push(to(
+            "cart-get",
+            vec![grpc(Path::Exact("/shop.Cart/Get".into()), 9, 3)],
+        ));
+        assert_eq!(pick(&rules, "/shop.Cart/Get"), "cart-get");
+        assert_eq!(pick(&rules, "/shop.Cart/Put"), "cart");
+    }
+
     #[test]
     fn no_match_means_no_rule() {
         let rules = parse(vec![route(
