@@ -575,12 +575,13 @@ async fn run_watcher<K, F>(
         if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
             failing = false;
         }
-        // AuthorizationPolicies not served while their CRD is defined: an API
-        // server starting (its CRDs' resources come after it answers). Taken
-        // for absence, a controller starting then would go ready without any
-        // policy and open every workload they guard; retried instead, not
-        // ready meanwhile.
-        let not_served_yet = kind == Kind::AuthorizationPolicy
+        // A custom kind not served while its CRD is defined: an API server
+        // starting (its CRDs' resources come after it answers). Taken for
+        // absence, a controller starting then would go ready without any
+        // policy and open every workload they guard, and one running would
+        // take every route and backend policy off every proxy; retried
+        // instead (not ready meanwhile, if not yet).
+        let not_served_yet = kind.optional()
             && matches!(&ev, Err(e @ watcher::Error::InitialListFailed(_)) if api_code(e) == Some(404))
             && crd_defined(api.clone().into_client(), kind).await;
         let change = match ev {
@@ -782,26 +783,42 @@ mod tests {
         assert!(changes[2..].iter().all(|c| c == "Relist"), "{changes:?}");
     }
 
-    /// An API server starting answers 404 for AuthorizationPolicies while
-    /// their CRD is there: not absence, which would make the controller
-    /// ready with no policy, and open what they guard.
+    /// An API server starting answers 404 for custom kinds while their CRDs
+    /// are there: not absence, which would make the controller ready with no
+    /// policy (opening what policies guard) and, on a controller running,
+    /// take every route and backend policy off every proxy until a list
+    /// came back.
     #[tokio::test(start_paused = true)]
-    async fn policies_not_served_while_their_crd_is_there_are_not_absent() {
+    async fn kinds_not_served_while_their_crd_is_there_are_not_absent() {
         let missing = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
-        let crd = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{"name":"authorizationpolicies.policy.strait.dev"},"spec":{"group":"policy.strait.dev","names":{"plural":"authorizationpolicies","kind":"AuthorizationPolicy"},"scope":"Namespaced","versions":[]}}"#;
-        let (_, changes) =
-            watched_by_path_for_two_minutes(Kind::AuthorizationPolicy, move |path, _| {
-                if path
-                    .ends_with("/customresourcedefinitions/authorizationpolicies.policy.strait.dev")
-                {
+        for kind in [
+            Kind::AuthorizationPolicy,
+            Kind::BackendPolicy,
+            Kind::HttpRoute,
+            Kind::GrpcRoute,
+        ] {
+            let ar = kind.resource().unwrap();
+            let name = format!("{}.{}", ar.plural, ar.group);
+            let crd: &'static str = format!(
+                r#"{{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{{"name":"{name}"}},"spec":{{"group":"{}","names":{{"plural":"{}","kind":"{}"}},"scope":"Namespaced","versions":[]}}}}"#,
+                ar.group, ar.plural, ar.kind
+            )
+            .leak();
+            let crd_path: &'static str = format!("/customresourcedefinitions/{name}").leak();
+            let (_, changes) = watched_by_path_for_two_minutes(kind, move |path, _| {
+                if path.ends_with(crd_path) {
                     (200, crd)
                 } else {
                     (404, missing)
                 }
             })
             .await;
-        assert!(!changes.is_empty(), "no list tried");
-        assert!(changes.iter().all(|c| c == "Relist"), "{changes:?}");
+            assert!(!changes.is_empty(), "{kind:?}: no list tried");
+            assert!(
+                changes.iter().all(|c| c == "Relist"),
+                "{kind:?}: {changes:?}"
+            );
+        }
     }
 
     /// Nodes are asked for as metadata, so the API server sends none of their
