@@ -414,6 +414,34 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             mesh.join(", ")
         )));
     }
+    // The proxy's own connections are told apart by its uid and not
+    // redirected: an app container running as it would leave the pod past
+    // the proxy, with no mTLS or policy, and be refused by every peer that
+    // requires mTLS, with nothing said. (An image's own `USER` cannot be seen
+    // here.)
+    let pod_uid = pod.pointer("/spec/securityContext/runAsUser");
+    let as_proxy: Vec<&str> = ["initContainers", "containers"]
+        .into_iter()
+        .flat_map(|list| {
+            spec.get(list)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
+        .filter(|c| {
+            c.pointer("/securityContext/runAsUser")
+                .or(pod_uid)
+                .and_then(Value::as_u64)
+                == Some(u64::from(defaults::PROXY_UID))
+        })
+        .map(|c| c.get("name").and_then(Value::as_str).unwrap_or("?"))
+        .collect();
+    if let Some(name) = as_proxy.first() {
+        return Err(InjectError::Conflict(format!(
+            "container {name} runs as uid {uid}, the proxy's, whose connections are not redirected: its traffic would bypass the proxy (no mTLS, no policy); run it as another uid, or keep the pod out of the mesh (strait.dev/inject: disabled)",
+            uid = defaults::PROXY_UID
+        )));
+    }
 
     let ports = |name: &'static str| -> Result<Option<String>, InjectError> {
         annotation(name)
@@ -431,6 +459,9 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     let skip_in = ports(SKIP_INBOUND_PORTS)?;
     let skip_out = ports(SKIP_OUTBOUND_PORTS)?;
     let skip_cidrs = annotation(SKIP_OUTBOUND_CIDRS)
+        // Empty, as a template renders an unset value: nothing skipped, as
+        // with the port annotations.
+        .filter(|v| v.split(',').any(|c| !c.trim().is_empty()))
         .map(|v| {
             cidrs(v).ok_or(InjectError::Annotation {
                     name: SKIP_OUTBOUND_CIDRS,

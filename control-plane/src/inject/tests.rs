@@ -172,6 +172,48 @@ fn an_app_on_a_port_of_the_proxy_is_refused_by_name() {
     ));
 }
 
+/// The proxy's own connections are the ones not redirected, by its uid: an
+/// app running as that uid would leave the pod past the proxy (no mTLS, no
+/// policy, refused by every peer that requires mTLS) with nothing said.
+#[test]
+fn an_app_running_as_the_proxy_s_uid_is_refused_by_name() {
+    let refused = |spec: Value| {
+        inject(&pod(json!({}), spec), Namespace::Enabled, &settings())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused(json!({"securityContext": {"runAsUser": 2102},
+                           "containers": [{"name": "app", "image": "app:1"}]}));
+    assert!(e.contains("container app runs as uid 2102"), "{e}");
+    let e = refused(json!({"initContainers": [{"name": "migrate", "image": "m",
+                                               "securityContext": {"runAsUser": 2102}}],
+                           "containers": [{"name": "app", "image": "app:1"}]}));
+    assert!(e.contains("container migrate runs as uid 2102"), "{e}");
+    // A container's own uid is the one it runs as.
+    let spec = json!({"securityContext": {"runAsUser": 2102},
+                      "containers": [{"name": "app", "image": "app:1",
+                                      "securityContext": {"runAsUser": 1000}}]});
+    assert!(matches!(
+        inject(&pod(json!({}), spec), Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Inject(_)
+    ));
+}
+
+/// An empty annotation (as a template renders an unset value) skips
+/// nothing rather than refusing the pod.
+#[test]
+fn empty_skip_annotations_skip_nothing() {
+    let p = applied(
+        pod(
+            json!({SKIP_OUTBOUND_CIDRS: "", SKIP_OUTBOUND_PORTS: ""}),
+            app_spec(),
+        ),
+        Namespace::Enabled,
+    );
+    let init = &p["spec"]["initContainers"][0];
+    assert!(env(init, "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS").is_none());
+}
+
 #[test]
 fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network() {
     let plain = pod(json!({}), app_spec());
