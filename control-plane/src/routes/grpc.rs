@@ -271,7 +271,7 @@ mod tests {
     fn a_match_carries_the_characters_of_its_service_and_method() {
         let rank = |m: Value| {
             let (_, spec) = parse_grpc(&route(json!([m]), json!([]))).unwrap().unwrap();
-            let r = spec.rules[0].matches[0].grpc_rank.clone().unwrap();
+            let r = spec.rules[0].matches[0].grpc_rank.unwrap();
             (r.service_chars, r.method_chars)
         };
         let method = |m: Value| json!({"method": m});
