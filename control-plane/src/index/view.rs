@@ -180,7 +180,10 @@ fn build_within(snap: &Snapshot, key: &DestKey, zone: Option<&str>, max: usize) 
         let route = r.to_api(&id.key, port);
         let mut cost = wire::entry(route.encoded_len());
         let (mut new, mut hinted) = (Vec::<api::Backend>::new(), false);
-        for b in r.rules.iter().flat_map(|rule| &rule.backends) {
+        // A ref of a kind strait cannot send to has no backend: its share
+        // is answered 500.
+        let refs = r.rules.iter().flat_map(|rule| &rule.backends);
+        for b in refs.filter(|b| b.unsupported_kind.is_none()) {
             if !fits(len + cost) {
                 // Left out whatever else it brings: not worked out.
                 break;
@@ -722,6 +725,40 @@ spec:
         let names: Vec<&str> = s.routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["shop/z-oldest", "shop/b-canary", "shop/a-newest"]);
         assert_eq!(s.routes[1].rules[0].backends.len(), 2);
+    }
+
+    /// A backendRef of a kind strait does not send to has no backend: its
+    /// share of requests finds none (500), whatever Service shares its name,
+    /// and the rest of the rule is served.
+    #[test]
+    fn a_backend_of_another_kind_takes_its_share_nowhere() {
+        let import = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: z-import, namespace: shop, creationTimestamp: "2023-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - backendRefs:
+      - {name: web-canary, weight: 1}
+      - {group: multicluster.x-k8s.io, kind: ServiceImport, name: web, weight: 1}
+"#;
+        let snap = snapshot(&format!("{MESH}{import}"));
+        let s = service(&snap, &svc("shop", "web", 80));
+        assert_eq!(s.routes[0].name, "shop/z-import");
+        let split: Vec<(&str, u32)> = s.routes[0].rules[0]
+            .backends
+            .iter()
+            .map(|b| (b.backend.as_str(), b.weight))
+            .collect();
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[0], (CANARY, 1));
+        assert_eq!(split[1].1, 1);
+        assert!(
+            s.backends.iter().all(|b| b.name != split[1].0),
+            "{split:?} goes to a backend"
+        );
     }
 
     /// The view alone.

@@ -37,6 +37,9 @@ pub struct StatusInput {
     pub targets: Vec<String>,
     /// Services it sends to (a route's backends).
     pub backends: Vec<String>,
+    /// A route's backendRefs of kinds strait does not send to, as
+    /// `group/Kind name`.
+    pub invalid_kinds: Vec<String>,
     /// A route's Service parents as its parentRefs name them: the port and
     /// `sectionName` (a port's name) each must exist on the Service.
     pub parent_refs: Vec<ParentRef>,
@@ -64,6 +67,7 @@ impl StatusInput {
         let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(String::from);
         let port_at = |v: &Value| v["port"].as_u64().and_then(|p| u16::try_from(p).ok());
         let (mut parent_refs, mut backend_ports) = (Vec::new(), Vec::new());
+        let mut invalid_kinds = Vec::new();
         let (targets, backends) = match kind {
             Kind::HttpRoute | Kind::GrpcRoute => {
                 parent_refs = v["spec"]["parentRefs"]
@@ -88,12 +92,26 @@ impl StatusInput {
                     })
                     .collect::<Vec<_>>();
                 let parents = parent_refs.iter().map(|p| p.name.clone()).collect();
-                let refs: Vec<&Value> = v["spec"]["rules"]
+                let service = |b: &&Value| {
+                    b["kind"].as_str().is_none_or(|k| k == "Service")
+                        && crate::routes::core_group(b["group"].as_str().unwrap_or(""))
+                };
+                let (refs, others): (Vec<&Value>, Vec<&Value>) = v["spec"]["rules"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .flat_map(|r| r["backendRefs"].as_array().into_iter().flatten())
-                    .filter(|b| b["kind"].as_str().is_none_or(|k| k == "Service"))
+                    .partition(service);
+                invalid_kinds = others
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}/{} {}",
+                            b["group"].as_str().unwrap_or(""),
+                            b["kind"].as_str().unwrap_or(""),
+                            b["name"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect();
                 backend_ports = refs
                     .iter()
@@ -117,6 +135,7 @@ impl StatusInput {
             error,
             targets,
             backends,
+            invalid_kinds,
             parent_refs,
             backend_ports,
             current: v.get("status").cloned().unwrap_or(Value::Null),
@@ -511,6 +530,19 @@ fn conditions(
             false,
             "Invalid",
             "not resolved: the object is invalid",
+            s.generation,
+            old,
+        )
+    } else if !s.invalid_kinds.is_empty() {
+        let msg = format!(
+            "not kinds strait sends to (only Services), their share of requests answered 500: {}",
+            s.invalid_kinds.join(", ")
+        );
+        condition(
+            "ResolvedRefs",
+            false,
+            "InvalidKind",
+            &msg,
             s.generation,
             old,
         )
@@ -1014,6 +1046,42 @@ mod tests {
         let message = refs["message"].as_str().unwrap();
         assert_eq!(refs["status"], "False");
         assert!(message.contains("ExternalName alias"), "{message}");
+    }
+
+    /// A backendRef of a kind strait does not send to leaves the route
+    /// accepted and says `ResolvedRefs: False`, reason `InvalidKind`, as
+    /// Gateway API asks.
+    #[test]
+    fn a_backend_of_another_kind_is_an_invalid_kind() {
+        let mut snap = Snapshot::empty("cluster.local");
+        insert(
+            &mut snap,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
+        );
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                "rules": [{"backendRefs": [
+                    {"name": "web", "port": 80},
+                    {"group": "multicluster.x-k8s.io", "kind": "ServiceImport", "name": "web"}
+                ]}]
+            }
+        });
+        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+        let conditions = &want["parents"][0]["conditions"];
+        assert_eq!(condition_in(conditions, "Accepted")["status"], "True");
+        let refs = condition_in(conditions, "ResolvedRefs");
+        assert_eq!(
+            (refs["status"].as_str(), refs["reason"].as_str()),
+            (Some("False"), Some("InvalidKind")),
+            "{refs}"
+        );
+        let message = refs["message"].as_str().unwrap();
+        assert!(
+            message.contains("multicluster.x-k8s.io/ServiceImport web"),
+            "{message}"
+        );
     }
 
     /// A route strait cannot take says so with Gateway API's reason

@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use strait_api::v1 as api;
 
-pub(crate) use parse::service_parent;
+pub(crate) use parse::{core_group, service_parent};
 pub use parse::{parse, parse_grpc};
 
 use crate::index::view::service_name;
@@ -99,6 +99,10 @@ pub struct BackendRef {
     /// `None`: the port of the parent Service the request came to.
     pub port: Option<u16>,
     pub weight: u32,
+    /// A kind strait cannot send to (`group/Kind`, e.g. a ServiceImport):
+    /// unresolved, so its share of requests is answered 500, as Gateway API
+    /// asks (`InvalidKind`), rather than the whole route refused.
+    pub unsupported_kind: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +152,13 @@ impl RouteSpec {
         for (i, rule) in self.rules.iter().enumerate() {
             for (j, b) in rule.backends.iter().enumerate() {
                 let at = format!("spec.rules[{i}].backendRefs[{j}]");
+                if let Some(kind) = &b.unsupported_kind {
+                    out.push(SpecError::new(
+                        format!("{at}.kind"),
+                        format!("{kind} is not a kind strait sends to (only Services)"),
+                    ));
+                    continue;
+                }
                 match service(&b.service) {
                     None => out.push(SpecError::new(
                         format!("{at}.name"),
@@ -202,7 +213,12 @@ impl Rule {
         let mut backends: Vec<api::WeightedBackend> = Vec::new();
         for b in &self.backends {
             let (svc, port) = b.target(parent_port);
-            let name = service_name(svc, port);
+            // Named as no backend is (a Service's name has no `/`), so that
+            // its share finds none: 500.
+            let name = match &b.unsupported_kind {
+                Some(kind) => format!("{kind}/{svc}"),
+                None => service_name(svc, port),
+            };
             // Two refs to one backend are one backend with both weights.
             match backends.iter_mut().find(|w| w.backend == name) {
                 Some(w) => w.weight = w.weight.saturating_add(b.weight),

@@ -379,11 +379,19 @@ fn grpc_codes(v: &str) -> Result<Vec<u32>, SpecError> {
 fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef, SpecError> {
     let kind = b.kind.as_deref().unwrap_or("Service");
     let group = b.group.as_deref().unwrap_or("");
+    let weight = weight(at, b.weight)?;
     if kind != "Service" || !core_group(group) {
-        return Err(SpecError::new(
-            format!("{at}.kind"),
-            format!("{group:?}/{kind:?}: only Services can be backends"),
-        ));
+        // Gateway API: unresolved (`InvalidKind`), its share answered 500;
+        // the rest of the route stands.
+        return Ok(BackendRef {
+            service: ObjKey {
+                namespace: route.namespace.clone(),
+                name: b.name.clone(),
+            },
+            port: None,
+            weight,
+            unsupported_kind: Some(format!("{group}/{kind}")),
+        });
     }
     if !dns_label(&b.name) {
         return Err(SpecError::new(
@@ -397,24 +405,6 @@ fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef
             "filters on a backendRef are not supported (put them on the rule)",
         ));
     }
-    let weight = match b.weight {
-        None => 1,
-        Some(w) if w < 0 => {
-            return Err(SpecError::new(
-                format!("{at}.weight"),
-                format!("{w} is negative"),
-            ));
-        }
-        Some(w) => u32::try_from(w)
-            .ok()
-            .filter(|w| *w <= defaults::MAX_BACKEND_WEIGHT)
-            .ok_or_else(|| {
-                SpecError::new(
-                    format!("{at}.weight"),
-                    format!("{w} is more than {}", defaults::MAX_BACKEND_WEIGHT),
-                )
-            })?,
-    };
     Ok(BackendRef {
         service: ObjKey {
             namespace: own_namespace(
@@ -428,7 +418,27 @@ fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef
         },
         port: b.port.map(|p| port(format!("{at}.port"), p)).transpose()?,
         weight,
+        unsupported_kind: None,
     })
+}
+
+fn weight(at: &str, w: Option<i64>) -> Result<u32, SpecError> {
+    match w {
+        None => Ok(1),
+        Some(w) if w < 0 => Err(SpecError::new(
+            format!("{at}.weight"),
+            format!("{w} is negative"),
+        )),
+        Some(w) => u32::try_from(w)
+            .ok()
+            .filter(|w| *w <= defaults::MAX_BACKEND_WEIGHT)
+            .ok_or_else(|| {
+                SpecError::new(
+                    format!("{at}.weight"),
+                    format!("{w} is more than {}", defaults::MAX_BACKEND_WEIGHT),
+                )
+            }),
+    }
 }
 
 /// A timeout: "0s" is none (Gateway API).
@@ -873,6 +883,30 @@ mod tests {
         assert!(parse(&v).unwrap().is_none());
     }
 
+    /// Gateway API: a backendRef of a kind the implementation does not
+    /// support is unresolved (`InvalidKind`, its share answered 500); the
+    /// route stands.
+    #[test]
+    fn a_backend_of_another_kind_is_unresolved_not_the_route_refused() {
+        let mut v = route();
+        v["spec"]["rules"][0]["backendRefs"][1] = json!({"group": "multicluster.x-k8s.io",
+            "kind": "ServiceImport", "name": "web", "weight": 10});
+        let (_, spec) = parse(&v).unwrap().unwrap();
+        let refs = &spec.rules[0].backends;
+        assert_eq!(refs[0].unsupported_kind, None);
+        assert_eq!(
+            refs[1].unsupported_kind.as_deref(),
+            Some("multicluster.x-k8s.io/ServiceImport")
+        );
+        assert_eq!(refs[1].weight, 10);
+        // Its weight is still checked.
+        v["spec"]["rules"][0]["backendRefs"][1]["weight"] = json!(-1);
+        assert_eq!(
+            parse(&v).unwrap_err().field,
+            "spec.rules[0].backendRefs[1].weight"
+        );
+    }
+
     #[test]
     fn invalid_rules_are_refused_naming_the_field() {
         let cases: Vec<(&str, Value, &str)> = vec![
@@ -885,11 +919,6 @@ mod tests {
                 "/spec/rules/0/backendRefs/0/weight",
                 json!(2_000_000),
                 "spec.rules[0].backendRefs[0].weight",
-            ),
-            (
-                "/spec/rules/0/backendRefs/0/kind",
-                json!("ServiceImport"),
-                "spec.rules[0].backendRefs[0].kind",
             ),
             (
                 "/spec/rules/0/filters/0/type",
