@@ -146,7 +146,7 @@ impl FromStr for DestAddr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(DestAddr::Socket(a));
+            return Ok(DestAddr::Socket(canonical(a)));
         }
         let (host, port) = s
             .rsplit_once(':')
@@ -164,6 +164,25 @@ impl FromStr for DestAddr {
             host: host.trim_end_matches('.').to_ascii_lowercase().into(),
             port,
         }))
+    }
+}
+
+/// One address, one form: an IPv4-mapped IPv6 address as the IPv4 one, and
+/// no scope id or flow label but a link-local address's scope (which it needs
+/// to be reached). Each form would otherwise be a destination of its own, a
+/// watch of its own on the controller for one Service, and a client writing
+/// `Host: [::ffff:10.96.0.20%N]` could open as many as it liked.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V4(_) => a,
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => {
+                let link_local = v6.ip().segments()[0] & 0xffc0 == 0xfe80;
+                let scope = if link_local { v6.scope_id() } else { 0 };
+                SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, scope))
+            }
+        },
     }
 }
 
@@ -285,6 +304,22 @@ mod tests {
         let own = OwnAddrs::new([]).with_public([a("0.0.0.0:4191")], "127.0.0.1".parse().unwrap());
         assert!(own.contains(a("127.0.0.1:4191")));
         assert!(!own.contains(a("10.0.0.7:4191")));
+    }
+
+    #[test]
+    fn an_address_has_one_form() {
+        let parse = |s: &str| s.parse::<DestAddr>().unwrap();
+        let v4 = parse("10.96.0.20:80");
+        for form in [
+            "[::ffff:10.96.0.20]:80",
+            "[::ffff:10.96.0.20%1]:80",
+            "[::ffff:10.96.0.20%4294967295]:80",
+        ] {
+            assert_eq!(parse(form), v4, "{form}");
+        }
+        assert_eq!(parse("[fd00::1%7]:80"), parse("[fd00::1]:80"));
+        // A link-local address keeps the interface it is reached on.
+        assert_eq!(parse("[fe80::1%2]:80").to_string(), "[fe80::1%2]:80");
     }
 
     #[test]
