@@ -262,9 +262,17 @@ impl Inbound {
                 || (target.is_none()
                     && (s.identity.is_none() || client.0.ip().to_canonical().is_loopback())),
         };
-        let declared = target.is_some_and(|p| s.config.opaque_ports.contains(p.0));
         // Only a port declared opaque is carried without a look at its bytes: on
         // any other, HTTP goes through the HTTP stack, whatever came before it.
+        // Not a plaintext client's on a port the kubelet probes that refuses
+        // plaintext: carried unread, it would be refused whole, the kubelet's
+        // probes with it (the pod never ready); read, only a probe gets through.
+        let declared = target.is_some_and(|p| {
+            s.config.opaque_ports.contains(p.0)
+                && !(peer.is_none()
+                    && policy::probed(&s.policy, p.0)
+                    && policy::check(&s.policy, p.0, None).is_err())
+        });
         let detection = if silent && !declared {
             Detection::Silent(io)
         } else {

@@ -22,7 +22,7 @@ use strait_api::testing::echo_client::EchoClient;
 use strait_tests::backend::Backend;
 use strait_tests::netns::{Pod, have};
 use strait_tests::pods::{MeshedPod, PodMesh};
-use strait_tests::{client, grpc};
+use strait_tests::{client, grpc, wait};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A check's outcome: what crossed, or what went wrong.
@@ -894,6 +894,53 @@ async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
             client.identity()
         );
     }
+}
+
+/// The kubelet probes an app port over HTTP in plaintext. On a port declared
+/// opaque whose Service is STRICT, such a connection was carried unread and
+/// refused whole, so the pod never became ready: the probe gets through, and
+/// nothing else in plaintext does.
+#[tokio::test]
+async fn the_kubelets_probe_of_an_opaque_port_passes_strict() {
+    const PROBED: u16 = 9000;
+    let Some(mut mesh) = PodMesh::start().await else {
+        return;
+    };
+    let server = mesh.pod("server", "server", &["--opaque-ports=9000"]).await;
+    let _app = server.pod.run(|| async {
+        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], PROBED))).await;
+        std::future::pending::<()>().await;
+        drop(b);
+    });
+    let (name, ip) = (server.pod.name.clone(), server.pod.ip);
+    mesh.dir.write(
+        &format!("pod-{name}.yaml"),
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: test\n  labels: {{app: server}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: server\n  containers:\n  - name: app\n    image: app\n    readinessProbe: {{httpGet: {{path: /healthz, port: {PROBED}}}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n"
+        ),
+    );
+    strict_service(&mut mesh, "probed", PROBED, &server);
+    let get = |path: &'static str| async move {
+        client::get(&client::http1(), &format!("http://{ip}:{PROBED}{path}"))
+            .await
+            .map(|(status, _)| status.as_u16())
+            .ok()
+    };
+    // STRICT in force (anything else refused, as a request) and the probe
+    // admitted.
+    wait::until(
+        "STRICT and the probe to apply",
+        Duration::from_secs(15),
+        || async { get("/other").await == Some(403) && get("/healthz").await == Some(200) },
+    )
+    .await;
+    // Not an opaque stream in plaintext either.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((ip, PROBED)).await.unwrap();
+    let _ = s.write_all(b"\x00\x01binary\r\n").await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+    assert!(buf.is_empty(), "plaintext bytes were answered: {buf:?}");
 }
 
 fn print_table(rows: &[(&str, Check, f64)]) {
