@@ -262,12 +262,16 @@ pub enum InjectError {
 
 /// Containers of other meshes' injection: two sidecars would each redirect the
 /// pod's traffic, and Linkerd's proxy takes strait's very ports and user id.
-const OTHER_MESHES: [&str; 5] = [
+const OTHER_MESHES: [&str; 9] = [
     "istio-proxy",
     "istio-init",
     "istio-validation",
     "linkerd-proxy",
     "linkerd-init",
+    "kuma-sidecar",
+    "kuma-init",
+    "consul-dataplane",
+    "consul-connect-inject-init",
 ];
 
 /// The patch that injects `pod` (a Pod, or a workload's pod template: both
@@ -374,6 +378,14 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             "the pod already has another mesh's {}: take it out of that mesh first (strait.dev/inject: disabled keeps strait out)",
             other.join(", ")
         )));
+    }
+    // Istio's ambient mode redirects the pod's traffic in its network
+    // namespace, with no container of its own to see: two sets of
+    // interception rules would send each other's traffic astray.
+    if annotation("ambient.istio.io/redirection") == Some("enabled") {
+        return Err(InjectError::Conflict(
+            "the pod is in Istio's ambient mesh (ambient.istio.io/redirection: enabled): take it out of that mesh first (strait.dev/inject: disabled keeps strait out)".into(),
+        ));
     }
     if !spec.get("containers").is_some_and(Value::is_array) {
         return Err(InjectError::Malformed("spec.containers is not a list"));

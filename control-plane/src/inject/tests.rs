@@ -140,6 +140,8 @@ fn leftovers_of_an_injection_or_another_mesh_s_sidecar_are_refused_by_name() {
     for (list, name) in [
         ("containers", "linkerd-proxy"),
         ("initContainers", "istio-init"),
+        ("containers", "kuma-sidecar"),
+        ("initContainers", "consul-connect-inject-init"),
     ] {
         let mut spec = app_spec();
         spec[list] = json!([{"name": name, "image": "x"}, {"name": "app", "image": "app:1"}]);
@@ -170,6 +172,19 @@ fn an_app_on_a_port_of_the_proxy_is_refused_by_name() {
         inject(&pod(json!({}), spec), Namespace::Enabled, &settings()).unwrap(),
         Outcome::Inject(_)
     ));
+}
+
+/// Istio's ambient mode redirects a pod's traffic in its own network
+/// namespace (no container to see): two sets of interception rules in one
+/// pod would send each other's traffic astray.
+#[test]
+fn a_pod_in_istio_s_ambient_mesh_is_refused() {
+    let ambient = pod(
+        json!({"ambient.istio.io/redirection": "enabled"}),
+        app_spec(),
+    );
+    let e = inject(&ambient, Namespace::Enabled, &settings()).unwrap_err();
+    assert!(e.to_string().contains("Istio's ambient mesh"), "{e}");
 }
 
 /// The proxy's own connections are the ones not redirected, by its uid: an
