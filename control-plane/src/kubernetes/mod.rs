@@ -559,6 +559,10 @@ async fn run_watcher<K, F>(
 {
     let mut absent = false;
     let mut failing = false;
+    // Once the kind has been read, a 403 is an authorizer's passing refusal
+    // (one restarting, its caches cold), not an earlier release's role:
+    // retried, and what was read stays in force.
+    let mut read_once = false;
     // Paced here rather than by the watcher's own backoff, which is reset by
     // any event: a relist announces itself (`Init`) before it lists, so a list
     // that failed every time was retried every second for ever, a full list
@@ -599,6 +603,7 @@ async fn run_watcher<K, F>(
             }
             Ok(Event::InitDone) => {
                 absent = false;
+                read_once = true;
                 Change::Listed(kind)
             }
             Ok(Event::Apply(o)) => {
@@ -628,7 +633,7 @@ async fn run_watcher<K, F>(
                 if matches!(e, watcher::Error::InitialListFailed(_))
                     && !not_served_yet
                     && (kind.optional() && api_code(&e) == Some(404)
-                        || kind.added_later() && api_code(&e) == Some(403)) =>
+                        || kind.added_later() && !read_once && api_code(&e) == Some(403)) =>
             {
                 if !absent {
                     absent = true;
@@ -819,6 +824,35 @@ mod tests {
                 "{kind:?}: {changes:?}"
             );
         }
+    }
+
+    /// A 403 on a relist of a kind already read (an authorizer restarting)
+    /// is not an earlier release's role: taken for absence, it would take
+    /// every route off every proxy until a list came back.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_relist_of_a_kind_already_read_is_not_absence() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let list = r#"{"kind":"HTTPRouteList","apiVersion":"gateway.networking.k8s.io/v1","metadata":{"resourceVersion":"7"},"items":[]}"#;
+        // The watch's first event: its resourceVersion is too old.
+        let gone = "{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"message\":\"too old\",\"reason\":\"Expired\",\"code\":410}}\n";
+        let forbidden = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403}"#;
+        let lists = Arc::new(AtomicUsize::new(0));
+        let (_, changes) = watched_for_two_minutes(Kind::HttpRoute, move |watch| {
+            if watch {
+                (200, gone)
+            } else if lists.fetch_add(1, Ordering::SeqCst) == 0 {
+                (200, list)
+            } else {
+                (403, forbidden)
+            }
+        })
+        .await;
+        assert_eq!(changes[..2], ["Relist", "Listed"]);
+        assert!(!changes.iter().any(|c| c == "Absent"), "{changes:?}");
+        // Never read: an earlier release's role, as good as absent.
+        let (_, changes) =
+            watched_for_two_minutes(Kind::HttpRoute, move |_| (403, forbidden)).await;
+        assert_eq!(changes[..2], ["Relist", "Absent"]);
     }
 
     /// Nodes are asked for as metadata, so the API server sends none of their
