@@ -158,6 +158,12 @@ pub type Statuses = Arc<HashMap<(Kind, String), StatusInput>>;
 /// at once when the object changes (a conflict's newer version arriving).
 const RETRY_REFUSED_WRITE: Duration = Duration::from_secs(30);
 
+/// A status write not answered in this long is given up and retried as a
+/// refused one: the writer sends one at a time, and one left hanging (an API
+/// server that stopped answering on that connection) would stop every status
+/// while the lease, renewed apart, stayed with this replica.
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What was last written for each object: its uid, the version the write
 /// was made from, and the status (times aside). It stands in for the status
 /// read only until a newer version is read: then the status read says
@@ -686,10 +692,17 @@ pub async fn write(
                 // entry) is not overwritten from a stale read.
                 let patch =
                     json!({"metadata": {"resourceVersion": s.resource_version}, "status": want});
-                match api
-                    .patch_status(&s.name, &params, &Patch::Merge(patch))
-                    .await
-                {
+                let patched = tokio::time::timeout(
+                    STATUS_WRITE_TIMEOUT,
+                    api.patch_status(&s.name, &params, &Patch::Merge(patch)),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(kube::Error::Service(
+                        format!("no answer in {STATUS_WRITE_TIMEOUT:?}").into(),
+                    ))
+                });
+                match patched {
                     Ok(_) => {
                         debug!(kind = ?s.kind, object = %key.1, "status written");
                         written.insert(
@@ -797,6 +810,52 @@ mod tests {
             to_write(&key, &s, &snap, &written, &mut refused).is_some(),
             "the overwritten status is left as it is"
         );
+    }
+
+    /// A status write the API server never answers is given up and tried
+    /// again, rather than holding every status after it back for good.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_write_is_given_up_and_tried_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let patches = Arc::new(AtomicUsize::new(0));
+        let counted = patches.clone();
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let n = if req.method() == http::Method::PATCH {
+                counted.fetch_add(1, Ordering::SeqCst)
+            } else {
+                usize::MAX
+            };
+            async move {
+                if n == 0 {
+                    // The first write is never answered.
+                    std::future::pending::<()>().await;
+                }
+                let body = r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"r","namespace":"shop"}}"#;
+                http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(body.as_bytes().to_vec()))
+            }
+        });
+        let client = kube::Client::new(api, "default");
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r", "resourceVersion": "7", "uid": "a"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}
+        });
+        let statuses: Statuses = Arc::new(HashMap::from([(
+            (Kind::HttpRoute, "shop/r".to_string()),
+            StatusInput::of(Kind::HttpRoute, &route, None),
+        )]));
+        let (_s, statuses) = watch::channel(statuses);
+        let (_n, snapshot) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
+        let (_l, leader) = watch::channel(true);
+        let writer = tokio::spawn(write(client, "strait".into(), statuses, snapshot, leader));
+        tokio::time::sleep(STATUS_WRITE_TIMEOUT + RETRY_REFUSED_WRITE * 2).await;
+        assert!(
+            patches.load(Ordering::SeqCst) >= 2,
+            "the write was not tried again"
+        );
+        writer.abort();
     }
 
     /// A refused write whose status arrived anyway (the write landed though
