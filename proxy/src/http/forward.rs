@@ -172,6 +172,9 @@ impl Forward {
                 return Err(fault.into());
             }
         }
+        if !h2 && !is_upgrade && !is_connect {
+            chunk_a_get_s_body(&mut req);
+        }
         let mut rsp = ready.send(req).await.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream
             // client made of it (over HTTP/2, a reset stream).
@@ -343,6 +346,23 @@ fn edit_for_upstream<B>(
 
 /// Sets a header; with `record`, returns every value it had (none, normally:
 /// these are strait's own headers, but an app may send them).
+/// hyper frames a GET's or HEAD's body of unknown length as none at all
+/// (rather than send an empty chunked one): the body a client sent chunked
+/// (Go's client does, for a GET whose length it does not know) would be
+/// dropped. Said chunked, it goes as it came.
+fn chunk_a_get_s_body<B: http_body::Body>(req: &mut Request<B>) {
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+        && !req.body().is_end_stream()
+        && req.body().size_hint().exact() != Some(0)
+    {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+}
+
 fn set_header<B>(
     req: &mut Request<B>,
     name: HeaderName,
@@ -817,6 +837,35 @@ mod tests {
         assert_eq!(rsp.status(), http::StatusCode::OK);
         let seen = rsp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(seen, "hello", "the app had the body with the head");
+    }
+
+    /// Go's client sends a GET's body of unknown length chunked (as
+    /// Elasticsearch's search clients do): it reaches an HTTP/1 app chunked,
+    /// not dropped for a GET's usual lack of one.
+    #[tokio::test]
+    async fn a_chunked_get_body_reaches_an_http1_app() {
+        use http_body_util::BodyExt;
+        let app = early_answering_app().await;
+        let chunks = futures_util::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+            bytes::Bytes::from_static(b"hello"),
+        ))]);
+        let mut req = Request::get("/_search")
+            .header(header::HOST, "app")
+            .body(crate::http::boxed(http_body_util::StreamBody::new(chunks)))
+            .unwrap();
+        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+        let (forward, _drain) = forwarder();
+        let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
+        assert_eq!(rsp.status(), http::StatusCode::OK);
+        let seen = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&seen).starts_with("5\r\nhello\r\n"),
+            "the app read {seen:?} after the head"
+        );
+        // A GET without a body stays without one, and unframed.
+        let mut get = Request::get("/").body(crate::http::empty()).unwrap();
+        chunk_a_get_s_body(&mut get);
+        assert!(get.headers().get(header::TRANSFER_ENCODING).is_none());
     }
 
     #[tokio::test]
