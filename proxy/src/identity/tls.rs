@@ -4,13 +4,13 @@
 //! and carries exactly the identity discovery promised for that endpoint.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, ServerConfig,
@@ -93,7 +93,59 @@ pub fn server_config(creds: &Arc<Credentials>) -> Result<Arc<ServerConfig>, rust
         .with_client_cert_verifier(Arc::new(BoundedChain(verifier)))
         .with_cert_resolver(Arc::new(Resolver(creds.clone())));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
+    cfg.session_storage = Arc::new(SessionsOfOneCertificate {
+        creds: creds.clone(),
+        cache: Mutex::new((creds.generation(), fresh_sessions())),
+    });
     Ok(Arc::new(cfg))
+}
+
+/// As many as rustls keeps by default.
+const RESUMABLE_SESSIONS: usize = 256;
+
+fn fresh_sessions() -> Arc<dyn StoresServerSessions> {
+    ServerSessionMemoryCache::new(RESUMABLE_SESSIONS)
+}
+
+/// The sessions peers may resume, while this proxy's certificate is the one
+/// they were made with. A resumed session presents the certificate of the
+/// handshake that made it, and hands on new tickets of it: after a renewal a
+/// peer could go on resuming with the old certificate until, expired, it
+/// refused it at every reconnect. A renewal starts anew, so each peer's next
+/// connection is a full handshake, which presents the new one.
+#[derive(Debug)]
+struct SessionsOfOneCertificate {
+    creds: Arc<Credentials>,
+    cache: Mutex<(u64, Arc<dyn StoresServerSessions>)>,
+}
+
+impl SessionsOfOneCertificate {
+    fn current(&self) -> Arc<dyn StoresServerSessions> {
+        let generation = self.creds.generation();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != generation {
+            *cache = (generation, fresh_sessions());
+        }
+        cache.1.clone()
+    }
+}
+
+impl StoresServerSessions for SessionsOfOneCertificate {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.current().put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.current().get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.current().take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
 }
 
 /// The outbound side, for one peer identity.

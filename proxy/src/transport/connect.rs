@@ -223,4 +223,75 @@ mod tests {
             &tls.config(&me, tls::ALPN_H2).unwrap()
         ));
     }
+
+    /// After a peer renews, a caller that resumed sessions with it gets its
+    /// new certificate at the next connection: a resumed session would
+    /// present the old one (and hand on tickets of it), until, expired, the
+    /// caller refused it at every reconnect.
+    #[tokio::test]
+    async fn a_peer_s_renewal_reaches_callers_that_resumed_with_it() {
+        use rcgen::{
+            CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa,
+            Issuer, KeyPair,
+        };
+        use rustls::HandshakeKind;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = Issuer::new(root_params, root_key);
+        let anchors =
+            || crate::identity::TrustAnchors::from_pem(root_cert.pem().as_bytes()).unwrap();
+        let install = |creds: &Credentials| {
+            let mut csr =
+                CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into())
+                    .unwrap();
+            csr.params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let leaf = csr.signed_by(&root).unwrap().der().to_vec();
+            creds.install(leaf.clone(), Vec::new()).unwrap();
+            leaf
+        };
+        let web = Identity::of("cluster.local", "shop", "web").unwrap();
+        let server = Arc::new(Credentials::generate(web.clone(), anchors()).unwrap());
+        let me = Identity::of("cluster.local", "shop", "client").unwrap();
+        let client = Arc::new(Credentials::generate(me, anchors()).unwrap());
+        install(&client);
+        let first = install(&server);
+
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut s) = acceptor.accept(tcp).await {
+                        let _ = s.write_all(b"x").await;
+                        let _ = s.read(&mut [0u8; 1]).await;
+                    }
+                });
+            }
+        });
+        let tls = PeerTls::new(client, Counter::default(), Counter::default());
+        let connect = || async {
+            let mut s = tls
+                .connect(addr, &web, tls::ALPN_OPAQUE, Duration::from_secs(5))
+                .await
+                .unwrap();
+            // Read past the session tickets, which come first.
+            s.read_exact(&mut [0u8; 1]).await.unwrap();
+            let conn = &s.get_ref().1;
+            let leaf = conn.peer_certificates().unwrap()[0].to_vec();
+            (leaf, conn.handshake_kind())
+        };
+        assert_eq!(connect().await, (first.clone(), Some(HandshakeKind::Full)));
+        assert_eq!(connect().await, (first, Some(HandshakeKind::Resumed)));
+        let renewed = install(&server);
+        assert_eq!(connect().await.0, renewed, "the old certificate came back");
+        assert_eq!(connect().await.0, renewed);
+    }
 }
