@@ -448,16 +448,13 @@ fn upstream_target<B>(
             .map_err(|_| ProxyError::BadRequest("invalid request target")),
     };
     if h2 {
-        // A request that named no host (HTTP/1.0 without `Host`) names the
-        // destination it was sent to, not the peer proxy's port (the peer
-        // writes `:authority` into the app's `Host`).
+        // A request that named no host (HTTP/1.0 without `Host`) was given
+        // its connection's destination by the outbound side
+        // (`outbound::dst`), since the peer writes `:authority` into the
+        // app's `Host`; the connection's address is the last resort.
         let authority = match app_authority {
             Some(a) => a,
-            None => match req.extensions().get::<Dst>() {
-                Some(Dst(d)) => Authority::try_from(d.to_string())
-                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?,
-                None => addr_authority()?,
-            },
+            None => addr_authority()?,
         };
         return Ok(UpstreamTarget {
             authority,
@@ -980,20 +977,13 @@ mod tests {
         assert_eq!(head.version, Version::HTTP_10);
         assert_eq!(head.headers, original.headers);
 
-        // HTTP/1.0 without `Host`: the destination it was sent to, not the
-        // peer proxy's address, names it to the peer (and so to the app).
-        let mut bare = Request::get("/a")
+        // HTTP/1.0 without `Host` (which the outbound side names, see
+        // `outbound::dst`): the connection's address, as a last resort.
+        let bare = Request::get("/a")
             .version(Version::HTTP_10)
             .body(())
             .unwrap();
-        assert_eq!(
-            target_of(&bare, addr),
-            "10.0.0.7:4143",
-            "no destination known"
-        );
-        bare.extensions_mut()
-            .insert(Dst(DestAddr::Socket("10.96.0.10:80".parse().unwrap())));
-        assert_eq!(target_of(&bare, addr), "10.96.0.10:80");
+        assert_eq!(target_of(&bare, addr), "10.0.0.7:4143");
 
         // Not asked to record: nothing is kept.
         let mut req = Request::get("/a").body(()).unwrap();

@@ -23,7 +23,10 @@ impl OutboundDst {
 impl ChooseDst for OutboundDst {
     fn choose<B>(&self, req: &mut Request<B>) -> Result<DestAddr, ProxyError> {
         let dst = match &self.fixed {
-            Some(d) => d.clone(),
+            Some(d) => {
+                name_the_host(req, d);
+                d.clone()
+            }
             None => authority_dst(req)?,
         };
         if let DestAddr::Socket(a) = dst
@@ -32,6 +35,18 @@ impl ChooseDst for OutboundDst {
             return Err(ProxyError::Loop(a));
         }
         Ok(dst)
+    }
+}
+
+/// A request that names no host (HTTP/1.0 without `Host`) names the address
+/// its connection was made to: between the proxies it must name one, and the
+/// app would otherwise be told the peer proxy's own address and port.
+fn name_the_host<B>(req: &mut Request<B>, dst: &DestAddr) {
+    if req.uri().authority().is_none()
+        && !req.headers().contains_key(header::HOST)
+        && let Ok(host) = http::HeaderValue::from_str(&dst.to_string())
+    {
+        req.headers_mut().insert(header::HOST, host);
     }
 }
 
@@ -72,6 +87,23 @@ mod tests {
             .header("host", host)
             .body(())
             .unwrap()
+    }
+
+    /// HTTP/1.0 without `Host`: the address the app's connection was made
+    /// to, as HTTP/1.1's `Host` would name it; a `Host` given is kept.
+    #[test]
+    fn a_request_naming_no_host_names_its_connection_s_destination() {
+        let fixed: DestAddr = "10.96.0.20:80".parse().unwrap();
+        let l = OutboundDst::new(Some(fixed), OwnAddrs::new([]));
+        let mut bare = Request::get("/")
+            .version(http::Version::HTTP_10)
+            .body(())
+            .unwrap();
+        l.choose(&mut bare).unwrap();
+        assert_eq!(bare.headers()[header::HOST], "10.96.0.20:80");
+        let mut named = req("web.shop");
+        l.choose(&mut named).unwrap();
+        assert_eq!(named.headers()[header::HOST], "web.shop");
     }
 
     #[test]

@@ -399,6 +399,35 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
     assert_eq!(status, 403, "{body}");
 }
 
+/// An HTTP/1.0 request without `Host` reaches the app naming the address it
+/// was sent to, not the server proxy's own address and port.
+#[tokio::test]
+async fn an_http10_request_without_host_names_where_it_was_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    served_as_client(
+        &format!("http://{}/client-id", c.upstreams[0]),
+        "web to be reached",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut rsp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rsp))
+        .await
+        .expect("an answer, then the end")
+        .unwrap();
+    let rsp = String::from_utf8_lossy(&rsp).to_lowercase();
+    assert!(rsp.starts_with("http/1.0 200"), "{rsp}");
+    assert!(
+        rsp.contains(&format!("x-seen-host: {WEB}\r\n")),
+        "the app was told another host: {rsp}"
+    );
+}
+
 /// A client that dials a meshed pod's own address, as a StatefulSet's clients
 /// do, reaches it over mTLS with its identity checked, not in plaintext.
 #[tokio::test]
