@@ -174,6 +174,14 @@ impl Forward {
         }
         if !h2 && !is_upgrade && !is_connect {
             chunk_a_get_s_body(&mut req);
+            // HTTP/1.0 closes after each response unless asked not to: the
+            // connection to the upstream is this proxy's to keep. (Not on a
+            // request that may come back unsent, to be sent to another
+            // endpoint, perhaps a peer's over HTTP/2, where no such field is.)
+            if version == Version::HTTP_10 && !hand_back {
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            }
         }
         let mut rsp = ready.send(req).await.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream

@@ -93,9 +93,12 @@ where
             return Either::Left(std::future::ready(Ok(rsp)));
         }
         let keep_upgrade = upgrade::is_upgrade_request(&req);
+        let keep_alive_10 =
+            req.version() == http::Version::HTTP_10 && asks_keep_alive(req.headers());
         strip_hop_by_hop(req.headers_mut(), keep_upgrade);
         Either::Right(NormalizeFuture {
             inner: self.inner.call(req),
+            keep_alive_10,
         })
     }
 }
@@ -105,6 +108,9 @@ pin_project_lite::pin_project! {
     pub struct NormalizeFuture<F> {
         #[pin]
         inner: F,
+        // An HTTP/1.0 client that asked to keep its connection: hyper keeps
+        // it only if the response says so.
+        keep_alive_10: bool,
     }
 }
 
@@ -115,7 +121,8 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let mut rsp = std::task::ready!(self.project().inner.poll(cx))?;
+        let this = self.project();
+        let mut rsp = std::task::ready!(this.inner.poll(cx))?;
         let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
         // The proxy's own answer to a client's broken body closes the
         // connection, and the client is told so (RFC 9110 §15.5.9).
@@ -134,9 +141,36 @@ where
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
             );
+        } else if *this.keep_alive_10 && framed_by_length(&rsp) {
+            // A response of unknown length ends with the connection, as
+            // HTTP/1.0 frames it: that one is not kept.
+            rsp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("keep-alive"),
+            );
         }
         Poll::Ready(Ok(rsp))
     }
+}
+
+/// Whether `Connection` asks to keep the connection (HTTP/1.0's opt-in).
+pub fn asks_keep_alive(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|o| o.trim().eq_ignore_ascii_case("keep-alive"))
+}
+
+/// A response whose length an HTTP/1.0 client can know before it ends.
+fn framed_by_length<B: http_body::Body>(rsp: &Response<B>) -> bool {
+    rsp.headers().contains_key(header::CONTENT_LENGTH)
+        || rsp.body().size_hint().exact().is_some()
+        || matches!(
+            rsp.status(),
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        )
 }
 
 /// A response's framing as the next hop must read it. One framed both ways

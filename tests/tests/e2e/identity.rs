@@ -428,6 +428,61 @@ async fn an_http10_request_without_host_names_where_it_was_sent() {
     );
 }
 
+/// An HTTP/1.0 client that asks to keep its connection (`ab -k`) keeps it
+/// through the mesh: each response says so, and the next request is
+/// answered on the same connection.
+#[tokio::test]
+async fn an_http10_client_keeps_its_connection_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mesh::start("web", None).await;
+    let c = m.sidecar("client-0", "client", &[WEB]).await;
+    served_as_client(
+        &format!("http://{}/client-id", c.upstreams[0]),
+        "web to be reached",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+        .await
+        .unwrap();
+    for i in 0..3 {
+        s.write_all(b"GET /client-id HTTP/1.0\r\nHost: web\r\nConnection: Keep-Alive\r\n\r\n")
+            .await
+            .unwrap();
+        // The head, then as many bytes as it says.
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_eq!(
+                n,
+                1,
+                "request {i}: closed after {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_lowercase();
+        assert!(head.starts_with("http/1.0 200"), "request {i}: {head}");
+        assert!(
+            head.contains("connection: keep-alive\r\n"),
+            "request {i}: {head}"
+        );
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .expect("a length")
+            .trim()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(body, CLIENT_ID.as_bytes(), "request {i}");
+    }
+}
+
 /// A client that dials a meshed pod's own address, as a StatefulSet's clients
 /// do, reaches it over mTLS with its identity checked, not in plaintext.
 #[tokio::test]
