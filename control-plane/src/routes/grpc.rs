@@ -54,7 +54,16 @@ pub(super) fn rule(
     r: &GrpcRuleDoc,
     grpc: Option<&[u32]>,
 ) -> Result<Rule, SpecError> {
-    let matches = rule_matches(at, &r.matches, grpc_match)?;
+    let mut matches = rule_matches(at, &r.matches, grpc_match)?;
+    // A rule without matches takes every call: said as a match that names
+    // nothing, so that it ranks among the route's others as GRPCRoute ranks
+    // it (by its place, among those that name nothing), not after them all.
+    if matches.is_empty() {
+        matches.push(api::HttpMatch {
+            grpc_rank: Some(rank(None)),
+            ..Default::default()
+        });
+    }
     if let Some((i, f)) = (r.filters.iter().enumerate()).find(|(_, f)| !FILTERS.contains(&&*f.kind))
     {
         return Err(SpecError::new(
@@ -291,6 +300,14 @@ mod tests {
         assert_eq!(
             rank(json!({"headers": [{"name": "x-v", "value": "2"}]})),
             (0, 0)
+        );
+        // No match at all: the same, not a match of another kind.
+        let (_, spec) = parse_grpc(&route(json!([]), json!([]))).unwrap().unwrap();
+        let m = &spec.rules[0].matches;
+        assert_eq!(m.len(), 1);
+        assert_eq!(
+            (m[0].path.clone(), m[0].grpc_rank),
+            (None, Some(api::GrpcRank::default()))
         );
     }
 
