@@ -393,14 +393,17 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // The proxy listens on these in the pod's network: an app container
     // declaring one would keep one of them from starting, with no reason
     // given but a crash loop.
-    let taken: Vec<String> = ["initContainers", "containers"]
-        .into_iter()
-        .flat_map(|list| {
-            spec.get(list)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-        })
+    let app_containers = || {
+        ["initContainers", "containers"]
+            .into_iter()
+            .flat_map(|list| {
+                spec.get(list)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+            })
+    };
+    let taken: Vec<String> = app_containers()
         .flat_map(|c| {
             let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
             (c.get("ports")
@@ -432,14 +435,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // requires mTLS, with nothing said. (An image's own `USER` cannot be seen
     // here.)
     let pod_uid = pod.pointer("/spec/securityContext/runAsUser");
-    let as_proxy: Vec<&str> = ["initContainers", "containers"]
-        .into_iter()
-        .flat_map(|list| {
-            spec.get(list)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-        })
+    let as_proxy: Vec<&str> = app_containers()
         .filter(|c| {
             c.pointer("/securityContext/runAsUser")
                 .or(pod_uid)

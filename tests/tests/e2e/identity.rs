@@ -399,11 +399,8 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
     assert_eq!(status, 403, "{body}");
 }
 
-/// An HTTP/1.0 request without `Host` reaches the app naming the address it
-/// was sent to, not the server proxy's own address and port.
-#[tokio::test]
-async fn an_http10_request_without_host_names_where_it_was_sent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A mesh, a client's proxy serving web, and a connection to it.
+async fn connected_to_web() -> (Mesh, Sidecar, tokio::net::TcpStream) {
     let m = Mesh::start("web", None).await;
     let c = m.sidecar("client-0", "client", &[WEB]).await;
     served_as_client(
@@ -411,9 +408,18 @@ async fn an_http10_request_without_host_names_where_it_was_sent() {
         "web to be reached",
     )
     .await;
-    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
+    let s = tokio::net::TcpStream::connect(c.upstreams[0])
         .await
         .unwrap();
+    (m, c, s)
+}
+
+/// An HTTP/1.0 request without `Host` reaches the app naming the address it
+/// was sent to, not the server proxy's own address and port.
+#[tokio::test]
+async fn an_http10_request_without_host_names_where_it_was_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_m, _c, mut s) = connected_to_web().await;
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
     let mut rsp = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rsp))
@@ -434,16 +440,7 @@ async fn an_http10_request_without_host_names_where_it_was_sent() {
 #[tokio::test]
 async fn an_http10_client_keeps_its_connection_alive() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let m = Mesh::start("web", None).await;
-    let c = m.sidecar("client-0", "client", &[WEB]).await;
-    served_as_client(
-        &format!("http://{}/client-id", c.upstreams[0]),
-        "web to be reached",
-    )
-    .await;
-    let mut s = tokio::net::TcpStream::connect(c.upstreams[0])
-        .await
-        .unwrap();
+    let (_m, _c, mut s) = connected_to_web().await;
     for i in 0..3 {
         s.write_all(b"GET /client-id HTTP/1.0\r\nHost: web\r\nConnection: Keep-Alive\r\n\r\n")
             .await
