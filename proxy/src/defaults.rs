@@ -44,6 +44,13 @@ pub const HTTP_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// An opaque TCP stream with no bytes either way for this long is closed (as Istio).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// TCP keepalive on every connection the proxy holds: probed after this long
+/// without a byte, and again as often, `TCP_KEEPALIVE_PROBES` times, so that a
+/// peer gone without a word (its node lost) is found in about 40 s, and
+/// stateful middleboxes (a cloud NAT forgetting flows after 350 s) keep a
+/// quiet stream's entry. Linkerd probes after 10 s too.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 
 /// How often heap freed since is handed back to the kernel (`malloc_trim`), so
 /// a burst's memory leaves within this time of its end.

@@ -34,7 +34,7 @@ pub enum ConnectError {
     Tls { addr: SocketAddr, reason: String },
 }
 
-/// A TCP connection with our timeout and TCP_NODELAY.
+/// A TCP connection with our timeout, TCP_NODELAY and keepalive.
 pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
@@ -44,7 +44,21 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
         })?
         .map_err(|source| ConnectError::Io { addr, source })?;
     let _ = stream.set_nodelay(true);
+    keepalive(&stream);
     Ok(stream)
+}
+
+/// TCP keepalive (`defaults::TCP_KEEPALIVE`). An app's own keepalive is
+/// answered by this proxy's end of its connection, not by its peer: without
+/// the proxy's, a stream to a peer gone without a word (its node lost) would
+/// stay open until the idle timeout, an hour. Set on a listening socket, it
+/// holds for the connections it accepts.
+pub fn keepalive<S: std::os::fd::AsFd>(socket: &S) {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(crate::defaults::TCP_KEEPALIVE)
+        .with_interval(crate::defaults::TCP_KEEPALIVE)
+        .with_retries(crate::defaults::TCP_KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&probes);
 }
 
 /// A TCP connection to a host name (the control plane's), with our timeout.
@@ -58,6 +72,7 @@ pub async fn tcp_host(host: &str, port: u16, timeout: Duration) -> io::Result<Tc
             )
         })??;
     stream.set_nodelay(true)?;
+    keepalive(&stream);
     Ok(stream)
 }
 

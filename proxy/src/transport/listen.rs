@@ -51,6 +51,8 @@ impl Listener {
         let err = |source| BindError { addr, what, source };
         let tcp = TcpListener::bind(addr).await.map_err(err)?;
         let local = tcp.local_addr().map_err(err)?;
+        // Inherited by every connection accepted: no system call each.
+        super::connect::keepalive(&tcp);
         Ok(Listener {
             tcp,
             local,
@@ -130,5 +132,37 @@ impl Listener {
             }
         }
         debug!(listener = %self.local, "stopped accepting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ends the proxy holds probe a quiet peer: the connection it
+    /// accepts (from its listener) and the one it makes.
+    #[tokio::test]
+    async fn connections_accepted_and_made_are_kept_alive() {
+        let l = Listener::bind("127.0.0.1:0".parse().unwrap(), Direction::Inbound, "test")
+            .await
+            .unwrap();
+        let made = super::super::connect::tcp(l.local_addr(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (accepted, _) = l.tcp.accept().await.unwrap();
+        for (end, s) in [("accepted", &accepted), ("made", &made)] {
+            let s = socket2::SockRef::from(s);
+            assert!(s.keepalive().unwrap(), "{end}");
+            assert_eq!(
+                s.tcp_keepalive_time().unwrap(),
+                crate::defaults::TCP_KEEPALIVE,
+                "{end}"
+            );
+            assert_eq!(
+                s.tcp_keepalive_retries().unwrap(),
+                crate::defaults::TCP_KEEPALIVE_PROBES,
+                "{end}"
+            );
+        }
     }
 }
