@@ -81,7 +81,7 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_APP_IP", default_value = "127.0.0.1")]
     pub app_ip: std::net::IpAddr,
 
-    /// The control plane's gRPC address (e.g. https://strait.strait-system.svc:8090).
+    /// The control plane's gRPC address (e.g. https://strait-controller.strait-system.svc:8090).
     /// Without it, every destination is passed through. Must be https:// with
     /// --trust-anchors: the token and discovery answers never travel in the clear.
     #[arg(long, env = "STRAIT_PROXY_CONTROL_PLANE", value_name = "URL")]
