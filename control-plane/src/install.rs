@@ -225,17 +225,23 @@ fn installed(
         .and_then(|d| d.spec.as_ref()?.replicas)
         .and_then(|r| u16::try_from(r).ok())
         .filter(|r| (1..=64).contains(r));
+    let controller_image = controller
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == "controller"))
+        .and_then(|c| c.image.clone());
     let InstalledArgs {
         trust_domain,
         iptables_mode,
+        proxy_image,
         telemetry,
-        ..
     } = settings_of(controller, "strait install");
     Ok(Some(Installed {
         identity,
         trust_domain,
         iptables_mode,
-        proxy_image: None,
+        proxy_image,
+        controller_image,
         telemetry,
         replicas,
     }))
@@ -359,6 +365,7 @@ pub async fn installed_for_injection(
             trust_domain: a.trust_domain,
             iptables_mode: a.iptables_mode,
             proxy_image: a.proxy_image,
+            controller_image: None,
             telemetry: a.telemetry,
             replicas: None,
         },
@@ -371,9 +378,13 @@ pub struct Installed {
     pub identity: Option<Identity>,
     pub trust_domain: Option<String>,
     pub iptables_mode: Option<crate::inject::IptablesMode>,
-    /// The proxy image its injector uses (read for `strait inject` only: an
-    /// upgrade installs this release's image unless given one).
+    /// The proxy image its injector uses. `strait inject` uses it; an upgrade
+    /// installs this release's image unless given one, and says so when it
+    /// replaces another.
     pub proxy_image: Option<String>,
+    /// The controller Deployment's image (read by `strait install` only, to
+    /// say when it is replaced).
+    pub controller_image: Option<String>,
     /// Kept by `strait install` where not given again, as the replicas are
     /// (unless `--reset-settings`).
     pub telemetry: crate::inject::Telemetry,
@@ -439,6 +450,30 @@ pub fn trust_domain(
 }
 
 impl InstallArgs {
+    /// What to say of installed images this install replaces with its
+    /// release's without being told to: one from a registry of the user's own
+    /// would otherwise turn into this release's public one, unpullable there.
+    fn images_replaced(
+        &self,
+        (controller, proxy): (Option<String>, Option<String>),
+        controller_image: &str,
+        proxy_image: &str,
+    ) -> Vec<String> {
+        [
+            ("controller", "--controller-image", &self.controller_image, controller, controller_image),
+            ("proxy", "--proxy-image", &self.proxy_image, proxy, proxy_image),
+        ]
+        .into_iter()
+        .filter(|(_, _, given, _, _)| given.is_none())
+        .filter_map(|(what, flag, _, installed, applied)| {
+            let installed = installed.filter(|i| i != applied)?;
+            Some(format!(
+                "strait install: the installed {what} image {installed} is replaced by {applied} (pass {flag}={installed} to keep it)"
+            ))
+        })
+        .collect()
+    }
+
     /// The values, with `existing` the install in the cluster.
     pub fn values(&self, existing: Option<Installed>) -> anyhow::Result<Values> {
         let trust_domain = trust_domain(
@@ -494,6 +529,10 @@ impl InstallArgs {
                 kept.join(" ")
             );
         }
+        let existing_images = existing
+            .as_ref()
+            .map(|e| (e.controller_image.clone(), e.proxy_image.clone()))
+            .unwrap_or_default();
         let existing = existing.and_then(|e| e.identity);
         let identity = match (
             &self.identity_trust_anchors_file,
@@ -532,17 +571,22 @@ impl InstallArgs {
                 }
             },
         };
+        let controller_image = self
+            .controller_image
+            .clone()
+            .unwrap_or_else(defaults::controller_image);
+        let proxy_image = self
+            .proxy_image
+            .clone()
+            .unwrap_or_else(defaults::proxy_image);
+        for notice in self.images_replaced(existing_images, &controller_image, &proxy_image) {
+            eprintln!("{notice}");
+        }
         Ok(Values {
             identity,
             trust_domain,
-            controller_image: self
-                .controller_image
-                .clone()
-                .unwrap_or_else(defaults::controller_image),
-            proxy_image: self
-                .proxy_image
-                .clone()
-                .unwrap_or_else(defaults::proxy_image),
+            controller_image,
+            proxy_image,
             proxy_iptables_mode,
             replicas,
             otlp_endpoint,
@@ -937,6 +981,59 @@ mod tests {
         // One of the two is no identity to keep or replace: refused.
         let anchors = k8s_openapi::api::core::v1::ConfigMap::default();
         assert!(installed(None, Some(anchors), None, true).is_err());
+    }
+
+    /// An install from a registry of the user's own is upgraded to this
+    /// release's images unless given them again, and is told so, naming the
+    /// flag that keeps them.
+    #[test]
+    fn installed_images_replaced_unasked_are_named() {
+        use clap::{Args, FromArgMatches};
+        let args = |flags: &[&str]| {
+            let cmd = InstallArgs::augment_args(clap::Command::new("install"));
+            let m = cmd
+                .try_get_matches_from(std::iter::once("install").chain(flags.iter().copied()))
+                .unwrap();
+            InstallArgs::from_arg_matches(&m).unwrap()
+        };
+        let controller = serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
+            "spec": {"selector": {}, "template": {"spec": {"containers": [
+                {"name": "controller", "image": "registry.local/strait:v0.1.0",
+                 "args": ["--trust-domain=cluster.local", "--proxy-image=registry.local/strait-proxy:v0.1.0"]},
+            ]}}}
+        }))
+        .unwrap();
+        let i = || installed(None, None, Some(controller.clone()), true).unwrap();
+        let notices = |a: &InstallArgs| {
+            let e = i().unwrap();
+            a.images_replaced(
+                (e.controller_image, e.proxy_image),
+                &a.controller_image
+                    .clone()
+                    .unwrap_or_else(defaults::controller_image),
+                &a.proxy_image.clone().unwrap_or_else(defaults::proxy_image),
+            )
+        };
+        let said = notices(&args(&[]));
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0]
+                .contains("controller image registry.local/strait:v0.1.0 is replaced by ghcr.io/")
+                && said[0].contains("--controller-image=registry.local/strait:v0.1.0"),
+            "{}",
+            said[0]
+        );
+        assert!(
+            said[1].contains("--proxy-image=registry.local/strait-proxy:v0.1.0"),
+            "{}",
+            said[1]
+        );
+        // Given again (or another on purpose): nothing to say.
+        let given = args(&[
+            "--controller-image=registry.local/strait:v0.1.0",
+            "--proxy-image=registry.local/strait-proxy:v0.2.0",
+        ]);
+        assert!(notices(&given).is_empty());
     }
 
     /// An install edited by hand, or by a tool that splits flags from their
