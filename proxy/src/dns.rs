@@ -137,7 +137,7 @@ impl Answer {
 }
 
 impl Names {
-    fn with_resolver(resolver: Resolver) -> Self {
+    pub(crate) fn with_resolver(resolver: Resolver) -> Self {
         Names {
             kept: Arc::default(),
             resolver,
@@ -281,7 +281,9 @@ impl Names {
             Ok(addrs) => {
                 *a = Answer {
                     addrs: addrs.clone(),
-                    next: 0,
+                    // On in turn: started over, a name used now and then
+                    // would send nearly every connection to its first.
+                    next: a.next,
                     until: now + TTL,
                     failed: None,
                 }
@@ -555,6 +557,22 @@ mod tests {
         assert_eq!(taken, [1, 2, 3, 1, 2, 3].map(at));
         let other = names.resolve(&dest("web.example:81"), WAIT).await;
         assert_eq!(other.unwrap(), at(1), "ports apart");
+    }
+
+    /// A name looked up again goes on in turn from where it was: started
+    /// over at each refresh, a name used once every few seconds would send
+    /// nearly every connection to its first address, dead or not.
+    #[tokio::test]
+    async fn a_refreshed_answer_goes_on_in_turn() {
+        let (names, _) = counted(|_| Ok(vec![at(1), at(2)]));
+        let web = dest("web.example:80");
+        let mut taken = vec![names.resolve(&web, WAIT).await.unwrap()];
+        for _ in 0..5 {
+            age(&names, "web.example:80", Duration::from_millis(1));
+            taken.push(names.resolve(&web, WAIT).await.unwrap());
+            settled(&names, "web.example:80").await;
+        }
+        assert_eq!(taken, [1, 2, 1, 2, 1, 2].map(at));
     }
 
     #[test]

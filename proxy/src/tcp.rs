@@ -56,17 +56,30 @@ pub async fn dial_within(
 ) -> Result<TcpStream, (&'static str, String)> {
     // One deadline for the lookup and the connect, as HTTP's connects have.
     let deadline = tokio::time::Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let addr = cfg
         .names
         .resolve(dst, timeout)
         .await
         .map_err(|e| ("resolve", e.to_string()))?;
-    connect::tcp(
-        addr,
-        deadline.saturating_duration_since(tokio::time::Instant::now()),
-    )
-    .await
-    .map_err(|e| ("connect", e.to_string()))
+    let failed = match connect::tcp(addr, left()).await {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    // A name's next address, once, when the first refused (one of a name's
+    // servers gone), as the app's own resolver and dialler would have tried
+    // it: an opaque stream has no retry of its own. Not after a timeout,
+    // which has used the time up.
+    if matches!(dst, DestAddr::Name(_))
+        && matches!(failed, connect::ConnectError::Io { .. })
+        && let Ok(next) = cfg.names.resolve(dst, left()).await
+        && next != addr
+    {
+        return connect::tcp(next, left())
+            .await
+            .map_err(|e| ("connect", e.to_string()));
+    }
+    Err(("connect", failed.to_string()))
 }
 
 /// A connection that can be reset rather than closed. When a stream fails
@@ -378,6 +391,35 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    /// A name one of whose addresses refuses connections is reached at the
+    /// other, every time: an opaque stream has no retry of its own.
+    #[tokio::test]
+    async fn a_name_s_next_address_is_tried_when_one_refuses() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_addr = open.local_addr().unwrap();
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = open.accept().await {
+                held.push(s);
+            }
+        });
+        let cfg = TcpConfig {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            names: Names::with_resolver(Arc::new(move |_: &str, _| Ok(vec![closed, open_addr]))),
+        };
+        let db: DestAddr = "db.example:5432".parse().unwrap();
+        for i in 0..4 {
+            let s = dial(&db, &cfg).await;
+            assert!(s.is_ok(), "connection {i}: {:?}", s.err());
+        }
+    }
 
     /// A client and an upstream on loopback, the proxy's two ends of each,
     /// and the splice between those running.
