@@ -175,10 +175,10 @@ impl Forward {
         if !h2 && !is_upgrade && !is_connect {
             chunk_a_get_s_body(&mut req);
             // HTTP/1.0 closes after each response unless asked not to: the
-            // connection to the upstream is this proxy's to keep. (Not on a
-            // request that may come back unsent, to be sent to another
-            // endpoint, perhaps a peer's over HTTP/2, where no such field is.)
-            if version == Version::HTTP_10 && !hand_back {
+            // connection to the upstream is this proxy's to keep. (A request
+            // that comes back unsent comes back as the head kept before
+            // these changes.)
+            if version == Version::HTTP_10 {
                 req.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
             }
@@ -352,8 +352,6 @@ fn edit_for_upstream<B>(
     edits
 }
 
-/// Sets a header; with `record`, returns every value it had (none, normally:
-/// these are strait's own headers, but an app may send them).
 /// hyper frames a GET's or HEAD's body of unknown length as none at all
 /// (rather than send an empty chunked one): the body a client sent chunked
 /// (Go's client does, for a GET whose length it does not know) would be
@@ -371,6 +369,8 @@ fn chunk_a_get_s_body<B: http_body::Body>(req: &mut Request<B>) {
     }
 }
 
+/// Sets a header; with `record`, returns every value it had (none, normally:
+/// these are strait's own headers, but an app may send them).
 fn set_header<B>(
     req: &mut Request<B>,
     name: HeaderName,
