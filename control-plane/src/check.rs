@@ -166,7 +166,14 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 
     let ns = &args.namespace;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    say(match deployments.get_opt(CONTROLLER).await {
+    let controller = deployments.get_opt(CONTROLLER).await;
+    // A certificate of the operator's own (cert-manager's) for the webhooks,
+    // whose caBundle then holds its CA, not the mesh's anchors.
+    let own_webhook_cert = match &controller {
+        Ok(Some(d)) => crate::install::controller_flag(d, "--webhook-cert"),
+        _ => None,
+    };
+    say(match controller {
         Ok(Some(d)) => {
             let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let ready = d
@@ -274,6 +281,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             })
         }),
         anchors.as_ref(),
+        own_webhook_cert.as_deref(),
         &format!("no MutatingWebhookConfiguration {WEBHOOK_CONFIG}: pods are not injected"),
         Verdict::Fail,
     ));
@@ -291,6 +299,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             })
         }),
         anchors.as_ref(),
+        own_webhook_cert.as_deref(),
         &format!(
             "no ValidatingWebhookConfiguration {VALIDATION_CONFIG}: a misspelt policy is not refused at apply, and closes its namespace or is ignored instead"
         ),
@@ -495,6 +504,7 @@ fn webhook_line(
     what: &str,
     bundles: Result<Option<Vec<Vec<u8>>>, kube::Error>,
     anchors: Option<&Option<String>>,
+    own_cert: Option<&str>,
     missing: &str,
     if_missing: Verdict,
 ) -> Line {
@@ -512,6 +522,13 @@ fn webhook_line(
                 a.is_some() && !bundles.is_empty() && bundles.iter().all(|b| parsed(b) == a)
             };
             match anchors {
+                _ if own_cert.is_some() => line(
+                    Verdict::Warn,
+                    format!(
+                        "{what} is configured; the controller serves a certificate of its own (--webhook-cert {}), whose CA its caBundle must hold: not compared",
+                        own_cert.unwrap_or_default()
+                    ),
+                ),
                 None => line(
                     Verdict::Warn,
                     format!(
@@ -1179,20 +1196,66 @@ mod tests {
         };
         // The same certificate, written without the trailing newline.
         let both = ca_bundles([config(Some(&pem)), config(Some(&pem))].into_iter());
-        let l = webhook_line("w", Ok(Some(both)), anchors.as_ref(), "m", Verdict::Ok);
+        let l = webhook_line(
+            "w",
+            Ok(Some(both)),
+            anchors.as_ref(),
+            None,
+            "m",
+            Verdict::Ok,
+        );
         assert_eq!(l.verdict, Verdict::Ok);
         let other =
             crate::identity::ca::generate("cluster.local", Duration::from_secs(86400)).unwrap();
         let wrong = ca_bundles([config(Some(&other.anchor_pem))].into_iter());
-        let l = webhook_line("w", Ok(Some(wrong)), anchors.as_ref(), "m", Verdict::Fail);
+        let l = webhook_line(
+            "w",
+            Ok(Some(wrong.clone())),
+            anchors.as_ref(),
+            None,
+            "m",
+            Verdict::Fail,
+        );
         assert_eq!(l.verdict, Verdict::Fail);
+        // The controller's own webhook certificate (cert-manager's): its CA
+        // is the bundle, not the anchors; said, not failed.
+        let own = Some("/etc/strait/webhook/tls.crt");
+        let l = webhook_line(
+            "w",
+            Ok(Some(wrong)),
+            anchors.as_ref(),
+            own,
+            "m",
+            Verdict::Fail,
+        );
+        assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
+        assert!(
+            l.what
+                .contains("--webhook-cert /etc/strait/webhook/tls.crt"),
+            "{}",
+            l.what
+        );
         let one = ca_bundles([config(Some(&pem)), config(None)].into_iter());
-        let l = webhook_line("w", Ok(Some(one)), anchors.as_ref(), "m", Verdict::Fail);
+        let l = webhook_line(
+            "w",
+            Ok(Some(one)),
+            anchors.as_ref(),
+            None,
+            "m",
+            Verdict::Fail,
+        );
         assert_eq!(l.verdict, Verdict::Fail);
         let forbidden = kube::Error::Api(Box::new(
             kube::core::Status::failure("forbidden", "Forbidden").with_code(403),
         ));
-        let l = webhook_line("w", Err(forbidden), anchors.as_ref(), "m", Verdict::Fail);
+        let l = webhook_line(
+            "w",
+            Err(forbidden),
+            anchors.as_ref(),
+            None,
+            "m",
+            Verdict::Fail,
+        );
         assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
     }
 

@@ -293,6 +293,20 @@ fn settings_of(
 /// A controller flag's value as the controller reads it: the last
 /// `--flag=value` or `--flag value` among its arguments, or else the
 /// container's `STRAIT_FLAG` variable when it is given literally.
+/// A flag's value as the controller container of `d` is given it.
+pub(crate) fn controller_flag(
+    d: &k8s_openapi::api::apps::v1::Deployment,
+    flag: &str,
+) -> Option<String> {
+    let c = (d.spec.as_ref()?.template.spec.as_ref()?.containers.iter())
+        .find(|c| c.name == "controller")?;
+    flag_value(
+        c.args.as_deref().unwrap_or_default(),
+        c.env.as_deref().unwrap_or_default(),
+        flag,
+    )
+}
+
 fn flag_value(
     args: &[String],
     env: &[k8s_openapi::api::core::v1::EnvVar],
