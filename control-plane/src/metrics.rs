@@ -20,6 +20,11 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -52,6 +57,9 @@ pub struct Metrics {
     pub api_refusals: Family<RefusalLabels, Counter>,
     /// Spans not delivered to the collector.
     pub trace_spans_dropped: Counter,
+    /// 1 while the watch of a kind on the API server fails (retried with
+    /// backoff, the index keeping what it last read of that kind).
+    pub watch_failing: Family<KindLabels, Gauge>,
 }
 
 impl Metrics {
@@ -81,6 +89,7 @@ impl Metrics {
             certify_refusals: Family::default(),
             api_refusals: Family::default(),
             trace_spans_dropped: Counter::default(),
+            watch_failing: Family::default(),
         };
         registry.register(
             "watches",
@@ -137,6 +146,11 @@ impl Metrics {
             "api_refusals",
             "Discovery and inbound-policy calls refused (no or unknown credential, another workload's policy, an address past its share of watches), and gRPC connections closed at once (an address past its share), by service and reason",
             m.api_refusals.clone(),
+        );
+        registry.register(
+            "watch_failing",
+            "1 while the controller's watch of a kind on the Kubernetes API fails (retried with backoff; what was read of the kind stays in force meanwhile), by kind",
+            m.watch_failing.clone(),
         );
         registry.register(
             "trace_spans_dropped",

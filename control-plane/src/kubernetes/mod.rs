@@ -25,6 +25,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PartialObject
 use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource};
+use prometheus_client::metrics::gauge::Gauge;
 use strait_api::essential::Essential;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -75,6 +76,20 @@ impl Kind {
             Kind::GrpcRoute => "the GRPCRoute watch",
             Kind::AuthorizationPolicy => "the AuthorizationPolicy watch",
             Kind::BackendPolicy => "the BackendPolicy watch",
+        }
+    }
+
+    /// The kind, as a metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Node => "Node",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::BackendPolicy => "BackendPolicy",
         }
     }
 
@@ -182,7 +197,12 @@ impl Source for KubernetesSource {
         let mut watches = Essential::new();
         for kind in Kind::ALL {
             let (c, out) = (self.client.clone(), changes_tx.clone());
-            watches.spawn(kind.watch_name(), watch_kind(c, kind, out));
+            let failing = self
+                .metrics
+                .watch_failing
+                .get_or_create(&crate::metrics::KindLabels { kind: kind.label() })
+                .clone();
+            watches.spawn(kind.watch_name(), watch_kind(c, kind, out, failing));
         }
         drop(changes_tx);
         let mut index = Index::new(&self.trust_domain);
@@ -458,12 +478,12 @@ fn name_of<K: Resource>(o: &K) -> String {
     )
 }
 
-async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
+async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>, failing: Gauge) {
     let config = watcher::Config::default();
     match kind {
         Kind::Service => {
             let api: Api<Service> = Api::all(client);
-            run_watcher(api, config, kind, out, |s| {
+            run_watcher(api, config, kind, out, failing.clone(), |s| {
                 let o = SnapshotBuilder::service(s)
                     .map(|(k, i)| Some(Object::Service(k, i)))
                     .map_err(|e| e.to_string());
@@ -476,11 +496,14 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             // Only slices that name their Service: others (written by other
             // tools, which Kubernetes allows) are not read at all.
             let config = config.labels(defaults::SERVICE_NAME_LABEL);
-            run_watcher(api, config, kind, out, |s| (api_slice(s), None)).await
+            run_watcher(api, config, kind, out, failing.clone(), |s| {
+                (api_slice(s), None)
+            })
+            .await
         }
         Kind::Pod => {
             let api: Api<Pod> = Api::all(client);
-            run_watcher(api, config, kind, out, |p| {
+            run_watcher(api, config, kind, out, failing.clone(), |p| {
                 let o = SnapshotBuilder::pod(p)
                     .map(|(k, i)| Some(Object::Pod(k, i)))
                     .map_err(|e| e.to_string());
@@ -493,7 +516,7 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             // type): a Node's status (its images, conditions) is most of it,
             // changes every few minutes, and none of it is used.
             let api: Api<PartialObjectMeta<Node>> = Api::all(client);
-            run_watcher(api, config, kind, out, |n| {
+            run_watcher(api, config, kind, out, failing.clone(), |n| {
                 let o = SnapshotBuilder::node(&n.metadata)
                     .map(|(name, zone)| Some(Object::Node(name, zone)))
                     .map_err(|e| e.to_string());
@@ -505,7 +528,7 @@ async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>) {
             let Some(ar) = kind.resource() else { return };
             let api: Api<DynamicObject> = Api::all_with(client, &ar);
             let (api_version, kind_name) = (ar.api_version.clone(), ar.kind.clone());
-            run_watcher(api, config, kind, out, move |o| {
+            run_watcher(api, config, kind, out, failing.clone(), move |o| {
                 let mut v = match serde_json::to_value(o) {
                     Ok(v) => v,
                     Err(e) => return (Err(e.to_string()), None),
@@ -552,6 +575,7 @@ async fn run_watcher<K, F>(
     config: watcher::Config,
     kind: Kind,
     out: mpsc::Sender<Change>,
+    failing_gauge: Gauge,
     convert: F,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
@@ -578,6 +602,7 @@ async fn run_watcher<K, F>(
         }
         if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
             failing = false;
+            failing_gauge.set(0);
         }
         // A custom kind not served while its CRD is defined: an API server
         // starting (its CRDs' resources come after it answers). Taken for
@@ -665,6 +690,7 @@ async fn run_watcher<K, F>(
                 } else {
                     warn!(?kind, error = %e, "watch failed; retrying with backoff");
                     failing = true;
+                    failing_gauge.set(1);
                 }
                 tokio::time::sleep(backoff.next().unwrap_or(WATCH_BACKOFF_MAX)).await;
                 // An optional kind's watch that meets a 404 is retried as a
@@ -855,6 +881,23 @@ mod tests {
         assert_eq!(changes[..2], ["Relist", "Absent"]);
     }
 
+    /// A watch that fails says so in its kind's gauge until it reads again.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_watch_is_told_in_its_gauge() {
+        let list = r#"{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[]}"#;
+        let broken = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500}"#;
+        let failing = Gauge::default();
+        watched_with_gauge(Kind::Service, move |_, _| (500, broken), failing.clone()).await;
+        assert_eq!(failing.get(), 1, "failing");
+        watched_with_gauge(
+            Kind::Service,
+            move |_, watch| if watch { (0, "") } else { (200, list) },
+            failing.clone(),
+        )
+        .await;
+        assert_eq!(failing.get(), 0, "read again");
+    }
+
     /// Nodes are asked for as metadata, so the API server sends none of their
     /// status, and their zone is read from the labels that come back.
     #[tokio::test(start_paused = true)]
@@ -883,7 +926,12 @@ mod tests {
             )
         });
         let (tx, mut rx) = mpsc::channel(16);
-        let watching = tokio::spawn(watch_kind(Client::new(api, "default"), Kind::Node, tx));
+        let watching = tokio::spawn(watch_kind(
+            Client::new(api, "default"),
+            Kind::Node,
+            tx,
+            Gauge::default(),
+        ));
         let node = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(c) = rx.recv().await {
                 if let Change::Apply { object, .. } = c
@@ -924,6 +972,15 @@ mod tests {
         kind: Kind,
         answer: impl Fn(&str, bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
     ) -> (usize, Vec<String>) {
+        watched_with_gauge(kind, answer, Gauge::default()).await
+    }
+
+    /// As [`watched_by_path_for_two_minutes`], its failures told `failing`.
+    async fn watched_with_gauge(
+        kind: Kind,
+        answer: impl Fn(&str, bool) -> (u16, &'static str) + Clone + Send + Sync + 'static,
+        failing: Gauge,
+    ) -> (usize, Vec<String>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = requests.clone();
@@ -931,12 +988,18 @@ mod tests {
             counted.fetch_add(1, Ordering::SeqCst);
             let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
             let (status, body) = answer(req.uri().path(), watch);
-            std::future::ready(
-                http::Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(kube::client::Body::from(body.as_bytes().to_vec())),
-            )
+            let rsp = http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(body.as_bytes().to_vec()));
+            // Status 0: an API server that never answers (a watch that
+            // waits for changes that do not come).
+            async move {
+                if status == 0 {
+                    std::future::pending::<()>().await;
+                }
+                rsp
+            }
         });
         let client = Client::new(api, "default");
         let (tx, mut rx) = mpsc::channel(16);
@@ -953,6 +1016,7 @@ mod tests {
             watcher::Config::default(),
             kind,
             tx,
+            failing,
             |_| (Ok(None), None),
         );
         assert!(
