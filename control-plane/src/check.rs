@@ -521,14 +521,15 @@ fn webhook_line(
                 let a = parsed(a.as_bytes());
                 a.is_some() && !bundles.is_empty() && bundles.iter().all(|b| parsed(b) == a)
             };
-            match anchors {
-                _ if own_cert.is_some() => line(
+            if let Some(cert) = own_cert {
+                return line(
                     Verdict::Warn,
                     format!(
-                        "{what} is configured; the controller serves a certificate of its own (--webhook-cert {}), whose CA its caBundle must hold: not compared",
-                        own_cert.unwrap_or_default()
+                        "{what} is configured; the controller serves a certificate of its own (--webhook-cert {cert}), whose CA its caBundle must hold: not compared"
                     ),
-                ),
+                );
+            }
+            match anchors {
                 None => line(
                     Verdict::Warn,
                     format!(

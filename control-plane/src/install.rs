@@ -227,8 +227,7 @@ fn installed(
         .filter(|r| (1..=64).contains(r));
     let controller_image = controller
         .as_ref()
-        .and_then(|d| d.spec.as_ref()?.template.spec.as_ref())
-        .and_then(|p| p.containers.iter().find(|c| c.name == "controller"))
+        .and_then(controller_container)
         .and_then(|c| c.image.clone());
     let InstalledArgs {
         trust_domain,
@@ -260,13 +259,8 @@ fn settings_of(
     controller: Option<k8s_openapi::api::apps::v1::Deployment>,
     who: &str,
 ) -> InstalledArgs {
-    let container = controller
-        .and_then(|d| d.spec?.template.spec)
-        .and_then(|p| p.containers.into_iter().find(|c| c.name == "controller"))
-        .unwrap_or_default();
-    let args = container.args.unwrap_or_default();
-    let env = container.env.unwrap_or_default();
-    let arg = |flag: &str| flag_value(&args, &env, flag);
+    let container = controller.as_ref().and_then(controller_container);
+    let arg = |flag: &str| container.and_then(|c| container_flag(c, flag));
     let trust_domain = arg("--trust-domain");
     let iptables_mode = arg("--proxy-iptables-mode")
         .and_then(|m| <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok());
@@ -293,13 +287,22 @@ fn settings_of(
 /// A controller flag's value as the controller reads it: the last
 /// `--flag=value` or `--flag value` among its arguments, or else the
 /// container's `STRAIT_FLAG` variable when it is given literally.
+/// The controller Deployment's own container.
+fn controller_container(
+    d: &k8s_openapi::api::apps::v1::Deployment,
+) -> Option<&k8s_openapi::api::core::v1::Container> {
+    (d.spec.as_ref()?.template.spec.as_ref()?.containers.iter()).find(|c| c.name == "controller")
+}
+
 /// A flag's value as the controller container of `d` is given it.
 pub(crate) fn controller_flag(
     d: &k8s_openapi::api::apps::v1::Deployment,
     flag: &str,
 ) -> Option<String> {
-    let c = (d.spec.as_ref()?.template.spec.as_ref()?.containers.iter())
-        .find(|c| c.name == "controller")?;
+    container_flag(controller_container(d)?, flag)
+}
+
+fn container_flag(c: &k8s_openapi::api::core::v1::Container, flag: &str) -> Option<String> {
     flag_value(
         c.args.as_deref().unwrap_or_default(),
         c.env.as_deref().unwrap_or_default(),

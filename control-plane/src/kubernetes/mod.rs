@@ -582,7 +582,6 @@ async fn run_watcher<K, F>(
     F: Fn(&K) -> (Result<Option<Object>, String>, Option<Box<StatusInput>>),
 {
     let mut absent = false;
-    let mut failing = false;
     // Once the kind has been read, a 403 is an authorizer's passing refusal
     // (one restarting, its caches cold), not an earlier release's role:
     // retried, and what was read stays in force.
@@ -601,7 +600,6 @@ async fn run_watcher<K, F>(
             backoff.reset();
         }
         if matches!(ev, Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) {
-            failing = false;
             failing_gauge.set(0);
         }
         // A custom kind not served while its CRD is defined: an API server
@@ -685,12 +683,10 @@ async fn run_watcher<K, F>(
                 // The watcher resumes (or relists) after a backoff. The first
                 // error after progress is a warning (403: RBAC; a kind not
                 // served), repeats are not.
-                if failing {
+                if failing_gauge.set(1) == 1 {
                     debug!(?kind, error = %e, "watch failed again; retrying");
                 } else {
                     warn!(?kind, error = %e, "watch failed; retrying with backoff");
-                    failing = true;
-                    failing_gauge.set(1);
                 }
                 tokio::time::sleep(backoff.next().unwrap_or(WATCH_BACKOFF_MAX)).await;
                 // An optional kind's watch that meets a 404 is retried as a

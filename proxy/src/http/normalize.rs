@@ -154,7 +154,7 @@ where
 }
 
 /// Whether `Connection` asks to keep the connection (HTTP/1.0's opt-in).
-pub fn asks_keep_alive(headers: &HeaderMap) -> bool {
+fn asks_keep_alive(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
