@@ -210,7 +210,9 @@ impl TokenReviewer {
         };
         match answer.wait_for(Option::is_some).await {
             Ok(a) => a.clone().unwrap_or(Err(TokenError::Unknown)),
-            Err(_) => Err(unavailable()),
+            Err(_) => Err(TokenError::Unavailable(
+                "the token's review ended without an answer".into(),
+            )),
         }
     }
 
@@ -237,7 +239,9 @@ impl TokenReviewer {
         // wait behind a flood.
         let turn = tokio::time::timeout_at(deadline, self.in_flight.acquire());
         let Ok(Ok(_permit)) = turn.await else {
-            return Err(unavailable());
+            return Err(TokenError::Unavailable(
+                "the controller is busy checking other tokens; try again".into(),
+            ));
         };
         let params = PostParams::default();
         let call = self.api.create(&params, &review);
@@ -247,11 +251,13 @@ impl TokenReviewer {
             // Sampled: an API server in trouble fails every review.
             Ok(Err(e)) => {
                 strait_otel::sampled!(warn, error = %e, "TokenReview failed");
-                return Err(unavailable());
+                return Err(review_failed(&e));
             }
             Err(_) => {
                 strait_otel::sampled!(warn, "TokenReview timed out");
-                return Err(unavailable());
+                return Err(TokenError::Unavailable(
+                    "the API server did not answer the token's review in time".into(),
+                ));
             }
         };
         let now = Instant::now();
@@ -277,8 +283,22 @@ impl TokenReviewer {
     }
 }
 
-fn unavailable() -> TokenError {
-    TokenError::Unavailable("the API server did not answer in time".into())
+/// Why a review the API server answered with an error proves nothing, in
+/// words that tell a cluster without the controller's RBAC from one whose
+/// API server is in trouble: every proxy's calls fail alike either way.
+fn review_failed(e: &kube::Error) -> TokenError {
+    TokenError::Unavailable(match e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => format!(
+            "the API server refused the controller's TokenReview (HTTP {}): may the \
+             controller's service account create tokenreviews.authentication.k8s.io?",
+            s.code
+        ),
+        kube::Error::Api(s) => format!(
+            "the API server answered the token's review with HTTP {} ({})",
+            s.code, s.reason
+        ),
+        _ => "the controller could not reach the API server to review the token".into(),
+    })
 }
 
 /// Whether `token` could be a service account token for `audience` that has
@@ -392,22 +412,67 @@ mod tests {
         delay: Duration,
     ) -> (TokenReviewer, Arc<std::sync::atomic::AtomicUsize>) {
         let aud = defaults::TOKEN_AUDIENCE;
+        let body =
+            serde_json::to_value(reviewed(true, "system:serviceaccount:shop:web", &[aud])).unwrap();
+        reviewer_answering(201, body, delay)
+    }
+
+    /// A reviewer whose API server answers every review with `status` and
+    /// `body` after `delay`; with the count of reviews asked.
+    fn reviewer_answering(
+        status: u16,
+        body: serde_json::Value,
+        delay: Duration,
+    ) -> (TokenReviewer, Arc<std::sync::atomic::AtomicUsize>) {
         let posts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = posts.clone();
         let api = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let body =
-                serde_json::to_vec(&reviewed(true, "system:serviceaccount:shop:web", &[aud]))
-                    .unwrap();
+            let body = serde_json::to_vec(&body).unwrap();
             async move {
                 tokio::time::sleep(delay).await;
                 http::Response::builder()
-                    .status(201)
+                    .status(status)
                     .header("content-type", "application/json")
                     .body(kube::client::Body::from(body))
             }
         });
         (TokenReviewer::new(kube::Client::new(api, "default")), posts)
+    }
+
+    /// A controller whose ClusterRole does not let it create TokenReviews
+    /// says so to every proxy it refuses, rather than blaming the API
+    /// server's speed; a slow API server is still named as such.
+    #[tokio::test(start_paused = true)]
+    async fn a_review_the_api_server_refuses_says_why() {
+        let aud = defaults::TOKEN_AUDIENCE;
+        let token = jwt(serde_json::json!({"aud": [aud], "exp": unix_now() + 3600}));
+        let pod: Option<IpAddr> = Some("10.0.0.7".parse().unwrap());
+        let forbidden = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden",
+            "message": "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:strait:strait\" cannot create resource \"tokenreviews\"",
+        });
+        let (r, _) = reviewer_answering(403, forbidden, Duration::ZERO);
+        let Err(TokenError::Unavailable(why)) = r.review(token.as_bytes(), pod).await else {
+            panic!("not unavailable");
+        };
+        assert!(why.contains("HTTP 403"), "{why}");
+        assert!(why.contains("tokenreviews"), "{why}");
+        let busy = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429,
+            "reason": "TooManyRequests", "message": "slow down",
+        });
+        let (r, _) = reviewer_answering(429, busy, Duration::ZERO);
+        let Err(TokenError::Unavailable(why)) = r.review(token.as_bytes(), pod).await else {
+            panic!("not unavailable");
+        };
+        assert!(why.contains("HTTP 429 (TooManyRequests)"), "{why}");
+        let (r, _) = reviewer_answering_web_after(defaults::TOKEN_REVIEW_TIMEOUT * 2);
+        let Err(TokenError::Unavailable(why)) = r.review(token.as_bytes(), pod).await else {
+            panic!("not unavailable");
+        };
+        assert!(why.contains("did not answer"), "{why}");
     }
 
     fn unix_now() -> u64 {
