@@ -379,17 +379,21 @@ fn endpoints(
         let Some(k) = e.pod.as_ref() else {
             return Some(None);
         };
-        let holder = || snap.by_pod_ip.get(&e.addr).filter(|keys| !keys.contains(k));
+        // Another pod claims the address: the pod named (recreated, gone,
+        // or ended with its end not seen yet) may not be what answers there,
+        // and the one that does is not the Service's: called as the pod
+        // named (an identity the two may share), or in plaintext as
+        // unmeshed. As with a pod's own address, two claims are none.
+        let shared = || {
+            snap.by_pod_ip
+                .get(&e.addr)
+                .is_some_and(|keys| keys.iter().any(|o| o != k))
+        };
         match snap.pods.get_key_value(k) {
             // The pod named holds another address now (recreated): what
             // answers at this one is not it.
             Some((_, p)) if !p.ips.is_empty() && !p.ips.contains(&e.addr) => None,
-            // Not addressed yet (recreated), or gone, while another pod holds
-            // the address (a slice behind a force-deleted pod): that one is
-            // not the Service's, and would be called as this pod, or in
-            // plaintext as unmeshed.
-            Some((_, p)) if p.ips.is_empty() && holder().is_some() => None,
-            None if holder().is_some() => None,
+            _ if shared() => None,
             Some(kp) => Some(Some(kp)),
             None => Some(None),
         }
@@ -1297,6 +1301,14 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
             pod("other", "x", "10.1.0.9")
         );
         assert_eq!(endpoints(&unaddressed), [("10.1.0.10:8080".to_string(), 0)]);
+        // Still at its address while a new pod of the same account is seen
+        // there too (its end not seen yet): neither is called as the other.
+        let both = format!(
+            "{}\n{}",
+            pod("shop", "web-0", "10.1.0.9"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: other-0, namespace: shop, annotations: {strait.dev/inbound-port: \"4143\"}}\nspec: {serviceAccountName: web-0, containers: [{name: a, image: a}]}\nstatus: {phase: Running, podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}]}\n---"
+        );
+        assert_eq!(endpoints(&both), [("10.1.0.10:8080".to_string(), 0)]);
 
         // A stale ready endpoint does not count as ready: the one still
         // serving while it terminates stands in, as when none is ready.
