@@ -443,10 +443,11 @@ impl SnapshotBuilder {
             let c = e.conditions.as_ref();
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
             // `ready` is false for every terminating endpoint; `serving` says
-            // whether it still serves (unset: as `ready`).
+            // whether it still serves (unset: it does, as the v1 API says and
+            // kube-proxy reads it).
             let draining = !ready
                 && c.and_then(|c| c.terminating).unwrap_or(false)
-                && c.and_then(|c| c.serving).unwrap_or(ready);
+                && c.and_then(|c| c.serving).unwrap_or(true);
             let pod = pod_of(e);
             at_most(
                 KIND,
@@ -554,12 +555,16 @@ impl SnapshotBuilder {
     pub fn pod(pod: &Pod) -> Result<(ObjKey, PodInfo), ObjectError> {
         const KIND: &str = "Pod";
         let k = key(KIND, &pod.metadata)?;
+        // A pod on the node's network has no proxy of its own to call,
+        // whatever its annotations say (injection skips it).
+        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
         let inbound_port = match pod
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(defaults::INBOUND_PORT_ANNOTATION))
         {
+            _ if host_network => None,
             None => None,
             Some(v) if v.trim().is_empty() => Some(defaults::DEFAULT_INBOUND_PORT),
             Some(v) => Some(

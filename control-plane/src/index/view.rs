@@ -253,6 +253,11 @@ fn attached_routes<'a>(
     svc: &ObjKey,
     port: &ServicePort,
 ) -> Vec<(&'a RouteId, &'a RouteSpec)> {
+    // A headless Service has no frontend, and its routes' status says none
+    // applies (`status.rs`): nor do they for a caller that names it.
+    if snap.services.get(svc).is_some_and(|i| i.headless) {
+        return Vec::new();
+    }
     let mut routes: Vec<(&RouteId, &RouteSpec)> = attached(snap, svc, port).collect();
     if routes.iter().any(|(id, _)| id.kind == RouteKind::Grpc) {
         routes.retain(|(id, _)| id.kind == RouteKind::Grpc);
@@ -1023,6 +1028,84 @@ endpoints: {endpoints}
         }
         let s = service(&snap, &svc("shop", "web", 80));
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.7:8080"]);
+    }
+
+    /// A headless Service's routes are said never to apply (their status):
+    /// a caller that names the Service (an `--upstream`, HTTP sent straight
+    /// to the outbound port) does not get them either.
+    #[test]
+    fn a_headless_service_named_gets_no_routes() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: db}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /a}}], timeouts: {request: 1s}}]
+"#;
+        let s = service(&snapshot(yaml), &svc("shop", "db", 80));
+        assert!(s.routes.is_empty(), "{:?}", s.routes);
+    }
+
+    /// An endpoint whose `serving` is unset serves (the v1 API's reading,
+    /// and kube-proxy's): terminating, it stands in while none is ready,
+    /// though its `ready` is false. Slices written by hand or by another
+    /// controller leave it out.
+    #[test]
+    fn an_endpoint_without_serving_serves() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-1, namespace: shop, labels: {kubernetes.io/service-name: ext}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.2.0.1], conditions: {ready: false, terminating: true}}
+  - {addresses: [10.2.0.2], conditions: {ready: false}}
+"#;
+        let s = service(&snapshot(yaml), &svc("shop", "ext", 80));
+        assert_eq!(addrs(&s.backends[0]), ["10.2.0.1:8080"]);
+    }
+
+    /// A pod on the node's network is not meshed, whatever its annotations
+    /// say (a copied manifest): its endpoint is the app's port in
+    /// plaintext, not the node's address on the proxy's port.
+    #[test]
+    fn a_host_network_pod_is_not_a_meshed_endpoint() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: agent-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {hostNetwork: true, serviceAccountName: agent, containers: [{name: a, image: a}]}
+status: {phase: Running, podIP: 10.9.0.1, podIPs: [{ip: 10.9.0.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: agent, namespace: shop}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: agent-1, namespace: shop, labels: {kubernetes.io/service-name: agent}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+  - {addresses: [10.9.0.1], targetRef: {kind: Pod, name: agent-0}}
+"#;
+        let s = service(&snapshot(yaml), &svc("shop", "agent", 80));
+        let e = &s.backends[0].endpoints;
+        assert_eq!(addrs(&s.backends[0]), ["10.9.0.1:8080"]);
+        assert_eq!(e[0].proxy_port, 0, "{e:?}");
     }
 
     /// A backendRef whose Service is gone is left out of the backends, while
