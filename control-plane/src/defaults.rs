@@ -225,7 +225,9 @@ pub const PROXY_UID: u32 = 2102;
 pub const PROXY_ADMIN_PORT: u16 = 4191;
 /// The proxy's outbound, inbound and admin ports: never an app's, so never a
 /// destination reached through a pod's proxy.
-pub const MESH_PORTS: [u16; 3] = [4140, DEFAULT_INBOUND_PORT, PROXY_ADMIN_PORT];
+pub const MESH_PORTS: [u16; 3] = [PROXY_OUTBOUND_PORT, DEFAULT_INBOUND_PORT, PROXY_ADMIN_PORT];
+/// Where the injected proxy takes the app's redirected connections.
+pub const PROXY_OUTBOUND_PORT: u16 = 4140;
 /// Where the controller serves the admission webhook (its Service maps 443 here).
 pub const WEBHOOK_ADDR: &str = "0.0.0.0:8443";
 /// An AdmissionReview larger than this is refused (a Pod is at most ~1.5 MiB in etcd).

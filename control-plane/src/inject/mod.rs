@@ -675,7 +675,15 @@ fn init_container(
     json!({
         "name": INIT_CONTAINER,
         "image": image,
-        "args": ["init", "--proxy-uid", defaults::PROXY_UID.to_string()],
+        // The ports as flags, not left to the environment: a Service named
+        // `strait-proxy-inbound` in the pod's namespace gives every container
+        // `STRAIT_PROXY_INBOUND_PORT=tcp://...` (Kubernetes' service links).
+        "args": [
+            "init",
+            "--proxy-uid", defaults::PROXY_UID.to_string(),
+            "--inbound-port", defaults::DEFAULT_INBOUND_PORT.to_string(),
+            "--outbound-port", defaults::PROXY_OUTBOUND_PORT.to_string(),
+        ],
         "env": env,
         "resources": resources,
         // iptables needs uid 0 with NET_ADMIN and NET_RAW, and nothing else.

@@ -800,7 +800,11 @@ fn the_init_container_takes_what_the_injector_writes() {
             .map(|a| a.as_str().unwrap()),
     )
     .arg("--dry-run")
-    .env_clear();
+    .env_clear()
+    // Kubernetes' service links for Services named `strait-proxy-inbound`
+    // and `strait-proxy-outbound` in the pod's namespace.
+    .env("STRAIT_PROXY_INBOUND_PORT", "tcp://10.96.0.7:80")
+    .env("STRAIT_PROXY_OUTBOUND_PORT", "tcp://10.96.0.8:80");
     let mut names = Vec::new();
     for e in init["env"].as_array().unwrap() {
         names.push(e["name"].as_str().unwrap().to_string());
