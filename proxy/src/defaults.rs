@@ -95,9 +95,9 @@ pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// huge windows and stops reading could otherwise have a connection's
 /// thousand streams hold 400 MiB.
 pub const H2_MAX_SEND_BUF: usize = 64 * 1024;
-/// HTTP/2 PING interval and timeout, to notice dead peers on idle
-/// connections (the server's; a client pings only while a stream is open
-/// and nothing has been read for the interval).
+/// HTTP/2 PING interval and timeout, to notice dead clients on idle
+/// connections (the server's). As a client, only peer proxies are pinged
+/// (below; `http::client::keepalive_for` says why).
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The same for connections to peer proxies (mTLS): one whose node died (no

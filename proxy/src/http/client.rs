@@ -164,8 +164,8 @@ pub struct H2Client {
 
 struct H2Inner {
     connector: Connector,
-    /// PING interval and timeout (`keepalive_for`).
-    keepalive: (Duration, Duration),
+    /// PING interval and timeout, if pinged (`keepalive_for`).
+    keepalive: Option<(Duration, Duration)>,
     state: Mutex<H2State>,
     /// Held while connecting, so that requests arriving together share one
     /// connection (or one failure) instead of each opening their own.
@@ -438,19 +438,21 @@ impl H2Inner {
 }
 
 /// A peer proxy is across the network, where a node can die without a reset:
-/// given up on quickly. An app (the pod's own) resets if it dies, so a PING
-/// unanswered only means its event loop is busy, and the connection's streams
-/// are not cut for that. (With identities off a peer proxy is `Plain` too.)
-fn keepalive_for(tls: &PeerMode) -> (Duration, Duration) {
+/// pinged, and given up on quickly. Nothing else is pinged: gRPC servers
+/// (grpc-go, grpc-java, C-core) take one PING per 5 minutes from a client
+/// while they send nothing, and at the third too soon close the connection
+/// (`too_many_pings`), failing every call on it: a watch quiet for a minute
+/// would have cost all of them. An app (the pod's own) resets if it dies,
+/// and TCP keepalive (`transport::connect::keepalive`) notices any upstream
+/// whose node is gone. (With identities off a peer proxy is `Plain` too, and
+/// is left to TCP keepalive likewise.)
+fn keepalive_for(tls: &PeerMode) -> Option<(Duration, Duration)> {
     match tls {
-        PeerMode::Mtls(..) => (
+        PeerMode::Mtls(..) => Some((
             defaults::H2_PEER_KEEPALIVE_INTERVAL,
             defaults::H2_PEER_KEEPALIVE_TIMEOUT,
-        ),
-        PeerMode::Plain => (
-            defaults::H2_KEEPALIVE_INTERVAL,
-            defaults::H2_KEEPALIVE_TIMEOUT,
-        ),
+        )),
+        PeerMode::Plain => None,
     }
 }
 
@@ -460,7 +462,7 @@ impl H2Client {
         Self::with_keepalive(connector, keepalive)
     }
 
-    fn with_keepalive(connector: Connector, keepalive: (Duration, Duration)) -> Self {
+    fn with_keepalive(connector: Connector, keepalive: Option<(Duration, Duration)>) -> Self {
         H2Client {
             inner: Arc::new(H2Inner {
                 connector,
@@ -575,11 +577,11 @@ impl H2Client {
         let addr = self.inner.connector.addr;
         let io = tower::Service::call(&mut self.inner.connector.clone(), Uri::default()).await?;
         let mut b = hyper::client::conn::http2::Builder::new(FlushAfterPollExecutor);
-        let (interval, timeout) = self.inner.keepalive;
-        b.timer(TokioTimer::new())
-            .keep_alive_interval(interval)
-            .keep_alive_timeout(timeout)
-            .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
+        b.timer(TokioTimer::new());
+        if let Some((interval, timeout)) = self.inner.keepalive {
+            b.keep_alive_interval(interval).keep_alive_timeout(timeout);
+        }
+        b.initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
             .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
         // Until its SETTINGS arrive, a connection assumes the limit the others to
@@ -1155,7 +1157,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 tls: PeerMode::Plain,
             },
-            peer,
+            Some(peer),
         );
         let start = tokio::time::Instant::now();
         let failed = c.request(get()).await;
@@ -1171,6 +1173,58 @@ mod tests {
             "the dead connection is still pooled"
         );
         silent.abort();
+    }
+
+    /// An app's HTTP/2 connection is not pinged: a gRPC server closes one
+    /// pinged more than once per 5 minutes while it sends nothing
+    /// (`too_many_pings`), and with it every call, a quiet watch's first.
+    #[tokio::test(start_paused = true)]
+    async fn an_app_s_connection_is_not_pinged_while_a_call_is_quiet() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counted = pings.clone();
+        // An HTTP/2 server that answers PINGs and SETTINGS, and never the call.
+        let app = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            let mut preface = [0u8; 24];
+            tcp.read_exact(&mut preface).await.unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                if tcp.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0; len];
+                if tcp.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+                let ack = head[4] & 1 == 1;
+                match head[3] {
+                    6 if !ack => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let mut pong = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                        pong.extend_from_slice(&payload);
+                        tcp.write_all(&pong).await.unwrap();
+                    }
+                    4 if !ack => tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(),
+                    _ => {}
+                }
+            }
+        });
+        let c = H2Client::new(Connector {
+            addr,
+            timeout: Duration::from_secs(5),
+            tls: PeerMode::Plain,
+        });
+        let call = tokio::spawn(async move { c.request(get()).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(pings.load(Ordering::SeqCst), 0);
+        assert!(!call.is_finished(), "the quiet call ended");
+        call.abort();
+        app.abort();
     }
 
     /// A connection carrying a long stream (gRPC streaming, server-sent
