@@ -132,3 +132,50 @@ async fn serve_on(svc: EchoService, addr: SocketAddr) -> SocketAddr {
     );
     addr
 }
+
+/// A gRPC server whose streaming calls send one reply and then hang until
+/// `lose` is notified, when every connection it has is dropped at once (its
+/// process gone, as the caller sees it): no reset, no trailers.
+pub async fn start_lost_mid_call() -> (SocketAddr, std::sync::Arc<tokio::sync::Notify>) {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("bind grpc");
+    let addr = listener.local_addr().expect("grpc addr");
+    let lose = std::sync::Arc::new(tokio::sync::Notify::new());
+    let lost = lose.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let lost = lost.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    // EchoReply { message: "one" }, length-prefixed.
+                    let reply =
+                        bytes::Bytes::from_static(&[0, 0, 0, 0, 5, 0x0a, 3, b'o', b'n', b'e']);
+                    let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                        Frame::data(reply),
+                    )])
+                    .chain(futures_util::stream::pending());
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(StreamBody::new(frames))
+                            .expect("response"),
+                    )
+                });
+                let conn =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    () = lost.notified() => {}
+                }
+            });
+        }
+    });
+    (addr, lose)
+}

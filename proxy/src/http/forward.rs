@@ -81,6 +81,7 @@ impl Forward {
         let caller = req.extensions_mut().remove::<PoolPerCaller>();
         let is_connect = req.method() == Method::CONNECT;
         let is_upgrade = upgrade::is_upgrade_request(&req);
+        let grpc = super::grpc::is_call(&req);
         // A retry counts on getting the request back if it cannot be sent
         // (upgrades and CONNECT are never retried).
         let hand_back =
@@ -259,7 +260,12 @@ impl Forward {
                 }
             });
         }
-        Ok(rsp.map(super::boxed))
+        let rsp = rsp.map(super::boxed);
+        Ok(if grpc {
+            super::grpc::rescued(rsp, addr, upstream_failure)
+        } else {
+            rsp
+        })
     }
 }
 

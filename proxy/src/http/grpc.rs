@@ -389,16 +389,119 @@ fn in_kind(rsp: Response<BoxBody>) -> Response<BoxBody> {
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from_static(LABELS[code]));
-    // gRPC's own escaping: printable ASCII but `%` as it is, the rest as %XX.
-    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
-    // Bounded: the reason may be the server proxy's, relayed.
-    let reason =
-        crate::telemetry::access_log::bounded_str(&String::from_utf8_lossy(reason.as_bytes()));
-    let message = percent_encoding::percent_encode(reason.as_bytes(), ESCAPED).to_string();
-    if let Ok(v) = HeaderValue::from_str(&message) {
+    if let Some(v) = message(reason.as_bytes()) {
         h.insert("grpc-message", v);
     }
     Response::from_parts(head, super::empty())
+}
+
+/// A call's response whose upstream is lost mid-call (its connection closed
+/// or broken, or ended by a GOAWAY) ends with `grpc-status: 14`
+/// (UNAVAILABLE) in trailers, as the caller's gRPC client reports a lost
+/// connection without the mesh. Passed on as it came, the loss reached the
+/// caller as a reset with `INTERNAL_ERROR` (hyper's reset for any body error
+/// without a code of its own): INTERNAL, which clients that reconnect a watch
+/// or retry on UNAVAILABLE do not. A reset the upstream sent (CANCEL, say)
+/// keeps its code, and so does a loss in the middle of a message, where
+/// trailers would be read as a message cut short. Any other response is
+/// returned as it is.
+pub fn rescued(
+    rsp: Response<BoxBody>,
+    upstream: std::net::SocketAddr,
+    lost: Lost,
+) -> Response<BoxBody> {
+    if !is_grpc(rsp.headers()) || rsp.headers().contains_key("grpc-status") {
+        return rsp;
+    }
+    rsp.map(|inner| {
+        super::boxed(Rescue {
+            inner,
+            messages: Messages::default(),
+            upstream,
+            lost,
+            ended: false,
+        })
+    })
+}
+
+/// What became of an upstream, in words, from the error its body ended with.
+pub type Lost = fn(&(dyn std::error::Error + 'static)) -> &'static str;
+
+struct Rescue {
+    inner: BoxBody,
+    messages: Messages,
+    upstream: std::net::SocketAddr,
+    lost: Lost,
+    ended: bool,
+}
+
+/// Whether the upstream itself reset the stream (RST_STREAM): its code is
+/// the caller's to see, and hyper passes it on.
+fn reset_by_upstream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        cur = e.source();
+    }
+    false
+}
+
+impl http_body::Body for Rescue {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.messages.advance(d);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Some(Err(e)) if this.messages.between() && !reset_by_upstream(&*e) => {
+                this.ended = true;
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static(LABELS[14]));
+                let why = format!(
+                    "upstream {} failed: {} mid-call",
+                    this.upstream,
+                    (this.lost)(&*e)
+                );
+                if let Some(m) = message(why.as_bytes()) {
+                    trailers.insert("grpc-message", m);
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `reason` as a `grpc-message`: bounded, and escaped the gRPC way
+/// (printable ASCII but `%` as it is, the rest as %XX).
+fn message(reason: &[u8]) -> Option<HeaderValue> {
+    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    // Bounded: the reason may be the server proxy's, relayed.
+    let reason = crate::telemetry::access_log::bounded_str(&String::from_utf8_lossy(reason));
+    let message = percent_encoding::percent_encode(reason.as_bytes(), ESCAPED).to_string();
+    HeaderValue::from_str(&message).ok()
 }
 
 /// `/package.Service/Method` as its service and method, for spans: names as

@@ -845,6 +845,52 @@ async fn a_grpcroute_method_match_retries_unavailable() {
     assert_eq!(other.message(), "no route matches the request");
 }
 
+/// A gRPC server lost mid-call (its process gone, its connection closed
+/// without a word) is UNAVAILABLE to the caller, as without the mesh: not
+/// INTERNAL, on which clients neither reconnect a watch nor retry.
+#[tokio::test]
+async fn a_grpc_server_lost_mid_call_is_unavailable() {
+    let (app, lose) = strait_tests::grpc::start_lost_mid_call().await;
+    let dir = ManifestDir::new();
+    dir.write("svc.yaml", &service(NS, "echo", 80));
+    dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", app));
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
+    let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(
+        "http://{}",
+        client.upstreams[0]
+    ))
+    .await
+    .unwrap();
+    let mut replies = echo
+        .server_stream(strait_api::testing::EchoRequest {
+            message: "one".into(),
+            repeat: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("the call's head")
+        .into_inner();
+    let first = replies.message().await.expect("the first reply");
+    assert_eq!(first.map(|r| r.message).as_deref(), Some("one"));
+    lose.notify_waiters();
+    let lost = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .expect("the call ended")
+        .expect_err("a status");
+    assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
+    assert!(lost.message().contains("mid-call"), "{lost:?}");
+    // Counted as the caller saw it.
+    let (_, text) = wait::admin_get(client.admin, "/metrics").await.unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("strait_proxy_grpc_responses_total")
+                && l.contains("grpc_status=\"14\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+}
+
 /// Unary calls to an echo server failing every other call UNAVAILABLE,
 /// through a mesh with `route`: none fails. Returns what keeps the mesh up,
 /// and the client.
