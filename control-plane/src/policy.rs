@@ -164,7 +164,7 @@ impl InboundPolicy for InboundPolicyService {
             name: w.pod,
         };
         if let Some((auth, c)) = &caller {
-            may_watch_pod(&self.snapshot.borrow(), c, &pod)
+            may_watch_pod(&self.snapshot.borrow(), c, &pod, source)
                 .inspect_err(|r| auth.refused("inbound_policy", r))?;
         }
         let guard = self.watches.open("inbound_policy", source, &pod)?;
@@ -194,7 +194,7 @@ impl InboundPolicy for InboundPolicyService {
                         let snap = rx.borrow_and_update().clone();
                         // The pod may appear, or change hands, after the watch began.
                         if let Some((auth, c)) = &caller
-                            && let Err(r) = may_watch_pod(&snap, c, &pod)
+                            && let Err(r) = may_watch_pod(&snap, c, &pod, source)
                         {
                             auth.refused("inbound_policy", &r);
                             return Some((Err(r.into()), (rx, last, guard, false, true)));

@@ -296,23 +296,47 @@ impl Authenticator {
     }
 }
 
-/// Whether `caller` may watch the inbound policy of `pod`: a pod of its own
-/// namespace that runs as its own service account (or that the index does not
-/// know yet, which gets the namespace's defaults until it appears).
-pub fn may_watch_pod(snap: &Snapshot, caller: &Caller, pod: &ObjKey) -> Result<(), Refused> {
+/// Whether `caller`, calling from `source`, may watch the inbound policy of
+/// `pod`: a pod of its own namespace that runs as its own service account
+/// (or that the index does not know yet, which gets the namespace's defaults
+/// until it appears), and, when `source` is a pod's address, that pod. Pods
+/// of one account share what proves it (a token's account, a certificate's
+/// identity), and a proxy calls from its own pod's address: one calling from
+/// another pod's asks for a policy not its own (who may call the other pod,
+/// on which ports). An address no pod holds (a node's, after SNAT; loopback
+/// outside Kubernetes) proves nothing either way.
+pub fn may_watch_pod(
+    snap: &Snapshot,
+    caller: &Caller,
+    pod: &ObjKey,
+    source: Option<std::net::IpAddr>,
+) -> Result<(), Refused> {
     if pod.namespace != caller.namespace {
         return Err(Refused::NotYours(format!(
             "pod {}/{} is not in the caller's namespace {}",
             pod.namespace, pod.name, caller.namespace
         )));
     }
-    match snap.pods.get(pod) {
-        Some(p) if p.service_account != caller.service_account => Err(Refused::NotYours(format!(
-            "pod {}/{} runs as service account {}, the caller as {}",
-            pod.namespace, pod.name, p.service_account, caller.service_account
-        ))),
-        _ => Ok(()),
+    // Not which account the pod runs as: that is not the caller's to learn.
+    if snap
+        .pods
+        .get(pod)
+        .is_some_and(|p| p.service_account != caller.service_account)
+    {
+        return Err(Refused::NotYours(format!(
+            "pod {}/{} does not run as the caller's service account {}",
+            pod.namespace, pod.name, caller.service_account
+        )));
     }
+    if let Some((at, _)) = source.and_then(|s| snap.pod_at(s))
+        && at != pod
+    {
+        return Err(Refused::NotYours(format!(
+            "the caller's address is pod {}/{}'s, not pod {}/{}'s",
+            at.namespace, at.name, pod.namespace, pod.name
+        )));
+    }
+    Ok(())
 }
 
 /// The token of an `authorization: Bearer <token>` metadata entry.
@@ -422,6 +446,50 @@ mod tests {
             (c.namespace.as_str(), c.service_account.as_str()),
             ("shop", "web")
         );
+    }
+
+    /// A proxy may watch its own pod's policy, not that of another pod of
+    /// its service account: the address it calls from is its pod's. The
+    /// refusal of another account's pod does not say which account it is.
+    #[test]
+    fn a_caller_may_watch_its_own_pod_s_policy_only() {
+        let mut snap = Snapshot::empty("cluster.local");
+        let pod = |name: &str, sa: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{serviceAccountName: {sa}, containers: [{{name: a, image: a}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n---\n"
+            )
+        };
+        let yaml = pod("web-0", "default", "10.0.0.7")
+            + &pod("pay-0", "default", "10.0.0.8")
+            + &pod("db-0", "db", "10.0.0.9");
+        for o in crate::manifests::parse_file(&yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let caller = Caller {
+            namespace: "shop".into(),
+            service_account: "default".into(),
+            until: None,
+            token: None,
+        };
+        let key = |name: &str| ObjKey {
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        let may = |pod: &str, source| may_watch_pod(&snap, &caller, &key(pod), source);
+        assert!(may("web-0", ip("10.0.0.7")).is_ok());
+        let Err(Refused::NotYours(why)) = may("pay-0", ip("10.0.0.7")) else {
+            panic!("another pod's policy");
+        };
+        assert!(why.contains("web-0"), "{why}");
+        // From an address no pod holds, or none known: the account decides.
+        assert!(may("pay-0", ip("10.1.0.1")).is_ok());
+        assert!(may("pay-0", None).is_ok());
+        assert!(may("new-0", ip("10.1.0.1")).is_ok(), "not known yet");
+        let Err(Refused::NotYours(why)) = may("db-0", ip("10.0.0.9")) else {
+            panic!("another account's pod");
+        };
+        assert!(!why.contains("as db") && !why.contains(" db,"), "{why}");
     }
 
     /// A discovery watch lasts as long as the credential it was opened
