@@ -114,6 +114,9 @@ pub const CONTROLLER_SERVICE_ACCOUNT: &str = "strait-controller";
 
 /// A TLS handshake on the gRPC port must finish within this.
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client of the gRPC port has, once connected (and past its TLS
+/// handshake), to send its first bytes.
+pub const GRPC_FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Longest destination a proxy may watch: a DNS name (253) and a port, with room.
 pub const MAX_DESTINATION_LEN: usize = 300;

@@ -4,6 +4,7 @@
 //! certificate comes from its own CA, lives in memory only, and is renewed at half
 //! its lifetime.
 
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -242,11 +243,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let Some(acceptor) = tls.clone() else {
                 let io = Either::Left(tcp);
-                let accepted = Accepted {
-                    io,
-                    source,
-                    _share: share,
-                };
+                let accepted = Accepted::new(io, source, share);
                 if tx.send(Ok(accepted)).await.is_err() {
                     return;
                 }
@@ -259,11 +256,7 @@ pub fn incoming(
                 {
                     Ok(Ok(s)) => {
                         let io = Either::Right(Box::new(s));
-                        let accepted = Accepted {
-                            io,
-                            source,
-                            _share: share,
-                        };
+                        let accepted = Accepted::new(io, source, share);
                         let _ = tx.send(Ok(accepted)).await;
                     }
                     Ok(Err(e)) => {
@@ -285,6 +278,28 @@ pub struct Accepted {
     /// The address its share was counted for.
     source: std::net::IpAddr,
     _share: Share,
+    /// Until the client's first bytes (HTTP/2's preface) come: a client
+    /// that connects, or finishes its handshake, and says nothing is closed
+    /// then. HTTP/2's PINGs begin only after the preface, and such a
+    /// connection would hold its source's place, and a file, for good.
+    first_bytes_by: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Accepted {
+    fn new(
+        io: Either<TcpStream, Box<TlsStream<TcpStream>>>,
+        source: std::net::IpAddr,
+        share: Share,
+    ) -> Self {
+        Accepted {
+            io,
+            source,
+            _share: share,
+            first_bytes_by: Some(Box::pin(tokio::time::sleep(
+                defaults::GRPC_FIRST_BYTES_TIMEOUT,
+            ))),
+        }
+    }
 }
 
 /// The certificates a client presented (its key was proven in the handshake;
@@ -325,7 +340,22 @@ impl tokio::io::AsyncRead for Accepted {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Some(by) = self.first_bytes_by.as_mut() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes_by = None,
+                Poll::Pending if by.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent nothing",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
@@ -422,5 +452,41 @@ mod tests {
         drop(first);
         let _d = TcpStream::connect(addr).await.unwrap();
         assert!(matches!(within(accepted.next()).await, Ok(Some(Ok(_)))));
+    }
+
+    /// A client that connects and sends nothing (no HTTP/2 preface, before
+    /// which no PING can tell a live client from a dead one) is closed after
+    /// `GRPC_FIRST_BYTES_TIMEOUT`, and gives its place back; one that speaks
+    /// is read as long as it likes.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_says_nothing_is_closed() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener, None, PerSource::new(1), Metrics::new());
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let mut conn = accepted.next().await.unwrap().unwrap();
+        let read = tokio::time::timeout(
+            defaults::GRPC_FIRST_BYTES_TIMEOUT * 2,
+            conn.read(&mut [0u8; 16]),
+        )
+        .await
+        .expect("still open");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::TimedOut)
+        );
+        drop(conn);
+        let mut speaking = TcpStream::connect(addr).await.unwrap();
+        let mut conn = accepted.next().await.unwrap().unwrap();
+        speaking.write_all(b"PRI").await.unwrap();
+        let mut buf = [0u8; 3];
+        conn.read_exact(&mut buf).await.unwrap();
+        let quiet = tokio::time::timeout(
+            defaults::GRPC_FIRST_BYTES_TIMEOUT * 3,
+            conn.read(&mut [0u8; 1]),
+        )
+        .await;
+        assert!(quiet.is_err(), "closed after it spoke: {quiet:?}");
     }
 }
