@@ -36,7 +36,7 @@ pub struct InstallArgs {
     pub identity_issuer_key_file: Option<PathBuf>,
     /// Trust domain of workload identities [default: the installed one, or
     /// cluster.local].
-    #[arg(long)]
+    #[arg(long, value_parser = a_trust_domain)]
     pub trust_domain: Option<String>,
     /// The controller's image (default: this release's).
     #[arg(long, value_name = "IMAGE")]
@@ -679,11 +679,26 @@ fn controller_args(v: &Values) -> Vec<String> {
     args
 }
 
+/// A trust domain the controller would take: refused here rather than
+/// installed as a controller that exits at start.
+fn a_trust_domain(v: &str) -> Result<String, String> {
+    if strait_api::identity::valid_trust_domain(v) {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "{v:?} is not a trust domain (lower-case letters, digits, '-', '.', '_'; no spiffe://)"
+        ))
+    }
+}
+
 /// Every object, in the order `kubectl apply` needs them.
 pub fn objects(v: &Values) -> anyhow::Result<Vec<Value>> {
     let mut out = vec![json!({
         "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": NAMESPACE, "labels": {"strait.dev/inject": "disabled"}},
+        // Kept by Helm when a release stops rendering it or is uninstalled:
+        // deleting it would take the issuer and everything else in it.
+        "metadata": {"name": NAMESPACE, "labels": {"strait.dev/inject": "disabled"},
+                     "annotations": {"helm.sh/resource-policy": "keep"}},
     })];
     for (_, yaml) in crate::crds::render()? {
         out.push(serde_norway::from_str(&yaml)?);

@@ -579,6 +579,28 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         stderr.contains("do not verify against the trust anchors"),
         "{stderr}"
     );
+    // A trust domain the controller would refuse, refused before install.
+    let bad = std::process::Command::new(&strait)
+        .args([
+            "install",
+            "--ignore-cluster",
+            "--trust-domain=spiffe://Example.ORG",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success()
+            && stderr.contains("--trust-domain")
+            && stderr.contains("not a trust domain"),
+        "{stderr}"
+    );
+    // The namespace outlives a release that stops rendering it.
+    let ns = &objects(&install)["Namespace//strait-system"];
+    assert_eq!(
+        ns["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "{ns}"
+    );
     let generated = run(std::process::Command::new(&strait).args(["install", "--ignore-cluster"]));
     let chart = repo("deploy/helm/strait");
     let helm = |extra: &[String]| {
@@ -611,6 +633,11 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         (
             vec!["--set=replicas=0".to_string()],
             "replicas 0: expected 1 to 64",
+        ),
+        // A trust domain the controller would refuse at start.
+        (
+            vec!["--set=trustDomain=spiffe://Cluster.Local".to_string()],
+            "trustDomain \"spiffe://Cluster.Local\": not a trust domain",
         ),
     ] {
         let out = std::process::Command::new("helm")
