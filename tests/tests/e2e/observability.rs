@@ -732,11 +732,8 @@ fn every_metric_the_dashboard_plots_exists_and_is_documented() {
     )
     .expect("the dashboard is JSON");
     let docs = std::fs::read_to_string(root.join("docs/observability.md")).unwrap();
-    let sources = [
-        std::fs::read_to_string(root.join("proxy/src/telemetry/metrics.rs")).unwrap(),
-        std::fs::read_to_string(root.join("control-plane/src/metrics.rs")).unwrap(),
-    ]
-    .concat();
+    let proxy = std::fs::read_to_string(root.join("proxy/src/telemetry/metrics.rs")).unwrap();
+    let controller = std::fs::read_to_string(root.join("control-plane/src/metrics.rs")).unwrap();
     let mut exprs = Vec::new();
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
@@ -769,10 +766,47 @@ fn every_metric_the_dashboard_plots_exists_and_is_documented() {
             "{name} is not in docs/observability.md"
         );
         let registered = short.trim_end_matches("_total");
+        // Under the prefix of the binary that registers it.
+        let sources = if name.starts_with("strait_proxy_") {
+            &proxy
+        } else {
+            &controller
+        };
         assert!(
             sources.contains(&format!("\"{registered}\"")),
-            "{name} is plotted but no such metric is registered"
+            "{name} is plotted but no such metric is registered under its prefix"
         );
+    }
+    for e in &exprs {
+        // Rates of counters and histogram buckets only.
+        for f in ["rate(", "increase("] {
+            for (i, _) in e.match_indices(f) {
+                let arg: String = e[i + f.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    arg.ends_with("_total") || arg.ends_with("_bucket"),
+                    "{f}{arg}: not a counter in {e}"
+                );
+            }
+        }
+        if e.contains("histogram_quantile(") {
+            assert!(e.contains("by (le"), "quantile without le: {e}");
+        }
+        // A ratio whose numerator is a subset of series (non-5xx, status
+        // 0) falls back to 0 where the subset has none: a route whose
+        // every call failed shows 0 %, not a gap.
+        if e.contains(") / ") && (e.contains("!=\"5xx\"") || e.contains("grpc_status=\"0\"")) {
+            assert!(e.contains(" or 0 * "), "no 0 % where all failed: {e}");
+        }
+    }
+    // What the page says to alert on is plotted.
+    for alert in [
+        "strait_controller_identity_issuer_expiration_timestamp_seconds",
+        "strait_controller_watch_failing",
+    ] {
+        assert!(names.contains(alert), "{alert} is not plotted");
     }
 }
 
