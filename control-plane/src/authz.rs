@@ -127,7 +127,25 @@ pub fn parse(v: &serde_json::Value) -> Result<(ObjKey, AuthorizationSpec), SpecE
                 format!("{:?}: only Service can be targeted", t.kind),
             ));
         }
-        (None, Some(_)) => {}
+        (None, Some(sel)) => {
+            // A label no pod can carry (`app: "*"`, as a glob) would select
+            // nothing while the policy reads Accepted: its STRICT or allow
+            // list would never apply.
+            for (k, v) in &sel.match_labels {
+                let field = format!("spec.selector.matchLabels[{k:?}]");
+                if !crate::spec::label_key(k) {
+                    return Err(err(&field, format!("{k:?} is not a label key")));
+                }
+                if !crate::spec::label_value(v) {
+                    return Err(err(
+                        &field,
+                        format!(
+                            "{v:?} is not a label value (selectors match values exactly: no wildcards)"
+                        ),
+                    ));
+                }
+            }
+        }
         _ => {
             return Err(err(
                 "spec",
@@ -748,8 +766,20 @@ endpoints:
         bad["spec"]["mtls"] = "SOMETIMES".into();
         assert!(parse(&bad).unwrap_err().field.contains("mtls"));
 
-        let mut bad = v;
+        let mut bad = v.clone();
         bad["spec"]["targetRef"] = serde_json::json!({"kind": "Service", "name": "web"});
         assert_eq!(parse(&bad).unwrap_err().field, "spec");
+
+        // A selector no pod's labels can match is refused, naming the label.
+        for (k, val) in [("app", "*"), ("my app", "web")] {
+            let mut bad = v.clone();
+            bad["spec"]["selector"]["matchLabels"] = serde_json::json!({k: val});
+            let e = parse(&bad).unwrap_err();
+            assert_eq!(
+                e.field,
+                format!("spec.selector.matchLabels[{k:?}]"),
+                "{e:?}"
+            );
+        }
     }
 }

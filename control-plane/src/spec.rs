@@ -124,9 +124,60 @@ pub fn dns_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(dns_label)
 }
 
+/// A label's name part, or a value when not empty: at most 63 characters,
+/// alphanumeric at both ends, `-`, `_` and `.` between.
+fn label_name(s: &str) -> bool {
+    let alnum = |b: Option<&u8>| b.is_some_and(u8::is_ascii_alphanumeric);
+    !s.is_empty()
+        && s.len() <= 63
+        && alnum(s.as_bytes().first())
+        && alnum(s.as_bytes().last())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// A label key as Kubernetes takes it: a name, after an optional DNS
+/// subdomain prefix and `/`.
+pub fn label_key(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((prefix, name)) => dns_name(prefix) && label_name(name),
+        None => label_name(s),
+    }
+}
+
+/// A label value as Kubernetes takes it (empty is one).
+pub fn label_value(s: &str) -> bool {
+    s.is_empty() || label_name(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_keys_and_values_are_kubernetes_own() {
+        for k in ["app", "app.kubernetes.io/name", "a_b-c.d", "x/y"] {
+            assert!(label_key(k), "{k}");
+        }
+        for k in [
+            "",
+            "*",
+            "my app",
+            "-app",
+            "a/b/c",
+            "Bad_Prefix/x",
+            "/x",
+            "x/",
+        ] {
+            assert!(!label_key(k), "{k}");
+        }
+        for v in ["", "web", "v1.2", "A_b"] {
+            assert!(label_value(v), "{v}");
+        }
+        for v in ["*", "web*", "two words", "-web", &"x".repeat(64)] {
+            assert!(!label_value(v), "{v}");
+        }
+    }
 
     #[test]
     fn gateway_durations_parse_and_others_are_refused() {
