@@ -617,6 +617,18 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
     let key = set_file("identity.issuer.keyPEM", &pki.issuer_key());
     let given = helm(&[anchors, crt.clone(), key.clone()]);
     let default = helm(&[]);
+    // Placement an operator of a large cluster sets: a PriorityClass, and
+    // replicas spread across zones.
+    let placed = objects(&helm(&[
+        "--set=priorityClassName=strait-critical".to_string(),
+        r#"--set-json=topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/name":"strait-controller"}}}]"#.to_string(),
+    ]));
+    let spec = &placed["Deployment/strait-system/strait-controller"]["spec"]["template"]["spec"];
+    assert_eq!(spec["priorityClassName"], "strait-critical", "{spec}");
+    assert_eq!(
+        spec["topologySpreadConstraints"][0]["topologyKey"], "topology.kubernetes.io/zone",
+        "{spec}"
+    );
     // Part of an identity, or something else than PEM, is refused with the
     // reason, rather than rendered into controllers that cannot start.
     for (extra, why) in [
