@@ -303,8 +303,8 @@ impl Authenticator {
 /// of one account share what proves it (a token's account, a certificate's
 /// identity), and a proxy calls from its own pod's address: one calling from
 /// another pod's asks for a policy not its own (who may call the other pod,
-/// on which ports). An address no pod holds (a node's, after SNAT; loopback
-/// outside Kubernetes) proves nothing either way.
+/// on which ports). An address no pod holds (a node's, after SNAT), and
+/// loopback (a machine's proxies outside Kubernetes), prove nothing either way.
 pub fn may_watch_pod(
     snap: &Snapshot,
     caller: &Caller,
@@ -328,7 +328,10 @@ pub fn may_watch_pod(
             pod.namespace, pod.name, caller.service_account
         )));
     }
-    if let Some((at, _)) = source.and_then(|s| snap.pod_at(s))
+    // Loopback is every local process's, whatever a manifest's pod claims.
+    if let Some((at, _)) = source
+        .filter(|s| !s.is_loopback())
+        .and_then(|s| snap.pod_at(s))
         && at != pod
     {
         return Err(Refused::NotYours(format!(
@@ -461,7 +464,8 @@ mod tests {
         };
         let yaml = pod("web-0", "default", "10.0.0.7")
             + &pod("pay-0", "default", "10.0.0.8")
-            + &pod("db-0", "db", "10.0.0.9");
+            + &pod("db-0", "db", "10.0.0.9")
+            + &pod("local-0", "default", "127.0.0.1");
         for o in crate::manifests::parse_file(&yaml).unwrap() {
             o.insert_into(&mut snap);
         }
@@ -486,6 +490,8 @@ mod tests {
         assert!(may("pay-0", ip("10.1.0.1")).is_ok());
         assert!(may("pay-0", None).is_ok());
         assert!(may("new-0", ip("10.1.0.1")).is_ok(), "not known yet");
+        // Loopback is every local proxy's, whichever pod a manifest gives it.
+        assert!(may("pay-0", ip("127.0.0.1")).is_ok());
         let Err(Refused::NotYours(why)) = may("db-0", ip("10.0.0.9")) else {
             panic!("another account's pod");
         };
