@@ -307,9 +307,7 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_log_filter(s: &str) -> Result<String, String> {
-    tracing_subscriber::EnvFilter::try_new(s)
-        .map(|_| s.to_string())
-        .map_err(|e| e.to_string())
+    crate::telemetry::log::parse(s).map(|_| s.to_string())
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
