@@ -124,7 +124,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "STRAIT_TRUST_ANCHORS", value_name = "FILE")]
     pub trust_anchors: Option<PathBuf>,
     /// The proxy image injected pods run (default: this release's).
-    #[arg(long, env = "STRAIT_PROXY_IMAGE", value_name = "IMAGE")]
+    #[arg(long, env = "STRAIT_PROXY_IMAGE", value_name = "IMAGE", value_parser = crate::inject::image)]
     pub proxy_image: Option<String>,
     /// The iptables backend injected pods' init containers write with: the one
     /// the nodes' kube-proxy uses.
@@ -145,7 +145,7 @@ pub struct ControllerArgs {
     pub proxy_access_log: Option<crate::inject::AccessLog>,
     /// This replica's name, recorded in the status writers' Lease (default:
     /// $HOSTNAME, the pod's name, or a random one).
-    #[arg(long, env = "STRAIT_POD_NAME")]
+    #[arg(long, env = "STRAIT_POD_NAME", value_parser = pod_name)]
     pub pod_name: Option<String>,
     /// With --kubernetes: how long the status writer's Lease lasts unrenewed;
     /// another replica takes over writing after it.
@@ -690,4 +690,13 @@ impl Controller {
             None => Ok(()),
         }
     }
+}
+
+/// `--pod-name`: the Lease's holder. Empty would be every such replica's
+/// name at once, and each would take the Lease as its own: two writers.
+fn pod_name(v: &str) -> Result<String, String> {
+    if v.trim().is_empty() {
+        return Err("empty: give the pod's name (the chart sets it from metadata.name), or leave it unset for $HOSTNAME".into());
+    }
+    Ok(v.to_string())
 }

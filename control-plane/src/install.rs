@@ -39,10 +39,10 @@ pub struct InstallArgs {
     #[arg(long, value_parser = a_trust_domain)]
     pub trust_domain: Option<String>,
     /// The controller's image (default: this release's).
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", value_parser = crate::inject::image)]
     pub controller_image: Option<String>,
     /// The proxy image injected pods run (default: this release's).
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", value_parser = crate::inject::image)]
     pub proxy_image: Option<String>,
     /// The iptables backend injected pods' init containers write with: the one
     /// the nodes' kube-proxy uses [default: the installed one, or nft].

@@ -151,9 +151,48 @@ fn issuer_flags_come_together_and_unreadable_files_are_named() {
     );
 }
 
+/// Values a script's unset variable gives: refused naming the flag, rather
+/// than installed as a proxy image every meshed pod is refused for, or a
+/// Lease holder every such replica shares.
+#[test]
+fn empty_images_and_pod_names_are_refused_naming_the_flag() {
+    for (args, flag) in [
+        (
+            &["install", "--ignore-cluster", "--proxy-image", ""][..],
+            "--proxy-image",
+        ),
+        (
+            &[
+                "install",
+                "--ignore-cluster",
+                "--controller-image",
+                "two words",
+            ][..],
+            "--controller-image",
+        ),
+        (
+            &["controller", "--manifests", ".", "--pod-name", ""][..],
+            "--pod-name",
+        ),
+        (
+            &["controller", "--manifests", ".", "--proxy-image", ""][..],
+            "--proxy-image",
+        ),
+    ] {
+        let out = strait().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn log_flags_are_checked_and_name_themselves() {
-    for (flag, value) in [("--log-level", "info,[bad"), ("--log-format", "yaml")] {
+    for (flag, value) in [
+        ("--log-level", "info,[bad"),
+        ("--log-level", ""),
+        ("--log-format", "yaml"),
+    ] {
         let out = strait()
             .args([flag, value, "controller", "--manifests", "."])
             .output()

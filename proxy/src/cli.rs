@@ -328,15 +328,23 @@ fn ser_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S:
     }
 }
 
+/// A URL as `/config` shows it: without its userinfo or its query (an API
+/// key in `?api_key=`), either of which may be a credential.
 fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
     let start = url.find("://").map_or(0, |i| i + 3);
     let end = url[start..]
         .find(['/', '?', '#'])
         .map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    let mut shown: std::borrow::Cow<'_, str> = match url[start..end].rfind('@') {
         Some(at) => format!("{}redacted@{}", &url[..start], &url[start + at + 1..]).into(),
         None => url.into(),
+    };
+    if let Some(q) = shown.find('?') {
+        let fragment = shown[q..].find('#').map(|f| q + f);
+        let rest = fragment.map_or(String::new(), |f| shown[f..].to_string());
+        shown = format!("{}?redacted{rest}", &shown[..q]).into();
     }
+    shown
 }
 
 fn ser_display_vec<T: std::fmt::Display, S: serde::Serializer>(
@@ -362,6 +370,14 @@ mod tests {
             ("http://tok@en@otel:4317", "http://redacted@otel:4317"),
             ("http://otel:4317/a@b", "http://otel:4317/a@b"),
             ("u:p@otel:4317", "redacted@otel:4317"),
+            (
+                "http://otel:4317/?api_key=s3cr3t",
+                "http://otel:4317/?redacted",
+            ),
+            (
+                "http://u:p@otel:4317?k=v#frag",
+                "http://redacted@otel:4317?redacted#frag",
+            ),
         ] {
             assert_eq!(without_userinfo(url), shown, "{url}");
         }

@@ -1086,5 +1086,18 @@ fn valid_image(v: &str) -> bool {
     !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// An image flag's value (`--proxy-image`, `--controller-image`): an empty
+/// one (a script's unset variable) would have every meshed pod refused by
+/// the API server, far from its cause.
+pub fn image(v: &str) -> Result<String, String> {
+    if valid_image(v) {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "{v:?} is not an image reference (e.g. ghcr.io/strait-dev/strait-proxy:v0.1.0)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests;

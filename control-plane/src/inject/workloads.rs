@@ -177,7 +177,7 @@ pub struct InjectArgs {
     #[arg(long, env = "STRAIT_IDENTITY_TRUST_ANCHORS_FILE", value_name = "FILE")]
     pub identity_trust_anchors_file: Option<std::path::PathBuf>,
     /// The proxy image [default: the installed one, or this release's].
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", value_parser = crate::inject::image)]
     pub proxy_image: Option<String>,
     /// The iptables backend the init containers write with: the one the nodes'
     /// kube-proxy uses [default: the installed one, or nft].

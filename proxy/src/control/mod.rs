@@ -191,8 +191,12 @@ fn channel(
     let uri: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| err(&e.to_string()))?;
-    if uri.host().is_none() {
-        return Err(err("expected https://HOST:PORT"));
+    // A missing port would be 443 (or 80), where no controller listens:
+    // the proxy would never go ready, for no reason it could give.
+    if uri.host().is_none() || uri.port_u16().is_none() {
+        return Err(err(
+            "expected https://HOST:PORT (the controller's gRPC port, 8090)",
+        ));
     }
     // No connect timeout here: the connector bounds its attempt itself, and
     // one that waits its turn behind the gate (dial.rs) must not be cut off.

@@ -16,10 +16,12 @@ use rules::{Installed, Ipv4Net, Plan};
 #[derive(Clone, Debug, Args)]
 pub struct InitArgs {
     /// The proxy's inbound port: connections to the pod are redirected here.
-    #[arg(long, env = "STRAIT_PROXY_INBOUND_PORT", default_value_t = defaults::INBOUND_PORT)]
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_PORT", default_value_t = defaults::INBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub inbound_port: u16,
     /// The proxy's outbound port: the app's connections are redirected here.
-    #[arg(long, env = "STRAIT_PROXY_OUTBOUND_PORT", default_value_t = defaults::OUTBOUND_PORT)]
+    #[arg(long, env = "STRAIT_PROXY_OUTBOUND_PORT", default_value_t = defaults::OUTBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub outbound_port: u16,
     /// The uid the proxy runs as: its own connections are never redirected.
     #[arg(long, env = "STRAIT_PROXY_UID", default_value_t = defaults::PROXY_UID)]
@@ -85,6 +87,10 @@ pub enum InitError {
     Spawn(String, std::io::Error),
     #[error("{0} failed ({1}): {2}")]
     Failed(String, std::process::ExitStatus, String),
+    #[error(
+        "--inbound-port and --outbound-port are both {0}: the pod's inbound connections would reach the outbound listener"
+    )]
+    SamePorts(u16),
 }
 
 impl InitArgs {
@@ -105,6 +111,9 @@ impl InitArgs {
 /// Applies the rules (or prints them with `--dry-run`), returning what was
 /// applied: the IPv4 rules, then the IPv6 ones where the pod has IPv6.
 pub fn run(args: &InitArgs) -> Result<String, InitError> {
+    if args.inbound_port == args.outbound_port {
+        return Err(InitError::SamePorts(args.inbound_port));
+    }
     let plan = args.plan();
     if args.dry_run {
         let v4 = plan.restore_input(Installed::default());

@@ -63,6 +63,11 @@ async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
             "--outbound-addr (127.0.0.1:4140) and --upstream 127.0.0.1:4140=127.0.0.1:80 (127.0.0.1:4140) claim the same address",
         ),
         (vec!["--max-connections=0"], "--max-connections 0"),
+        // No port: 80 would be dialled, where no controller listens.
+        (
+            vec!["--control-plane=http://127.0.0.1"],
+            "expected https://HOST:PORT (the controller's gRPC port, 8090)",
+        ),
         (
             vec!["--inbound-max-connections-per-source=0"],
             "--inbound-max-connections-per-source 0",
@@ -88,6 +93,28 @@ async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+
+    // The init container's ports: never 0, never one port for both; no
+    // blank log filter.
+    for (args, says) in [
+        (
+            vec!["init", "--dry-run", "--inbound-port=0"],
+            "--inbound-port",
+        ),
+        (
+            vec!["init", "--dry-run", "--inbound-port=4140"],
+            "--inbound-port and --outbound-port are both 4140",
+        ),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
     }
 
     // A port taken by another process is not a flag error, and still one line.
