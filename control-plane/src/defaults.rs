@@ -35,8 +35,10 @@ pub const MANIFEST_DEBOUNCE: std::time::Duration = std::time::Duration::from_mil
 /// The longest a reload waits for writes to stop.
 pub const MANIFEST_DEBOUNCE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// A manifest that suddenly holds nothing is applied only once it stayed empty
-/// this long: `cmd > file` truncates the file before `cmd` writes it.
-pub const MANIFEST_EMPTY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// this long: `cmd > file` truncates the file before `cmd` writes it, and a
+/// `kustomize build` or `kubectl get -o yaml` takes seconds. Meanwhile the
+/// file's last objects stay, AuthorizationPolicies among them.
+pub const MANIFEST_EMPTY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest manifest file read (a whole namespace's worth of objects fits).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// One document of a manifest: Kubernetes keeps no object larger (etcd's

@@ -136,7 +136,11 @@ fn read(path: &Path) -> Result<String, String> {
     if text.len() as u64 > max {
         return Err(format!("more than the {max} bytes a manifest may hold"));
     }
-    Ok(text)
+    // A byte-order mark (Windows editors write one) is not YAML's to read.
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => Ok(rest.to_string()),
+        None => Ok(text),
+    }
 }
 
 /// Parses files on every core: the first load of a large mesh is mostly YAML.
@@ -268,6 +272,7 @@ impl ManifestSource {
             .retain(|f| paths.binary_search_by(|q| q.as_path().cmp(f)).is_ok());
         let mut changed = self.current.version == 0;
         let mut touched: HashSet<ObjId> = HashSet::new();
+        let mut claimed: Vec<ObjId> = Vec::new();
         let mut fresh: HashMap<FileName, Vec<Object>> = HashMap::new();
         let to_parse: Vec<FileName> = todo.iter().map(|(p, _)| p.clone()).collect();
         let mut candidates = Vec::new();
@@ -337,7 +342,16 @@ impl ManifestSource {
                     debug!(file = %path.display(), "manifest emptied; applied if it stays empty");
                 }
                 Ok(objects) => {
-                    info!(file = %path.display(), objects = objects.len(), "manifest loaded");
+                    match self.files.get(&path) {
+                        Some(old) if objects.is_empty() && !old.ids.is_empty() => warn!(
+                            file = %path.display(),
+                            removed = old.ids.len(),
+                            "manifest stayed empty; its objects are removed"
+                        ),
+                        _ => {
+                            info!(file = %path.display(), objects = objects.len(), "manifest loaded")
+                        }
+                    }
                     self.unsettled.remove(&path);
                     self.unguarded.remove(&path);
                     if let Some(old) = self.files.remove(&path) {
@@ -345,6 +359,7 @@ impl ManifestSource {
                     }
                     let ids: Vec<ObjId> = objects.iter().filter_map(Object::id).collect();
                     self.own(&path, &ids, &mut touched);
+                    claimed.extend(ids.iter().cloned());
                     self.files.insert(path.clone(), FileState { stamp, ids });
                     fresh.insert(path, objects);
                     changed = true;
@@ -410,6 +425,9 @@ impl ManifestSource {
                 changed = true;
             }
         }
+        // Once this scan's removals are done: a file renamed, or an object
+        // moved from one file to another, is not defined twice.
+        self.report_conflicts(&claimed);
         self.apply(touched, fresh);
         // After this scan's files are applied and removed: a policy is in
         // force if some file's accepted version defines it now.
@@ -517,21 +535,32 @@ impl ManifestSource {
     }
 
     fn own(&mut self, path: &FileName, ids: &[ObjId], touched: &mut HashSet<ObjId>) {
-        let mut conflicts = 0;
         for id in ids {
             let files = self.owners.entry(id.clone()).or_default();
             if let Err(at) = files.binary_search(path) {
                 files.insert(at, path.clone());
             }
-            if files.len() > 1 {
-                conflicts += 1;
-                error!(
-                    object = %id,
-                    files = ?files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
-                    "object defined in more than one file; the first one's definition is used"
-                );
-            }
             touched.insert(id.clone());
+        }
+    }
+
+    /// Objects a file of this scan defines that another file defines too.
+    fn report_conflicts(&self, claimed: &[ObjId]) {
+        let mut conflicts = 0;
+        let mut told = HashSet::new();
+        for id in claimed {
+            let Some(files) = self.owners.get(id).filter(|f| f.len() > 1) else {
+                continue;
+            };
+            if !told.insert(id) {
+                continue;
+            }
+            conflicts += 1;
+            error!(
+                object = %id,
+                files = ?files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                "object defined in more than one file; the first one's definition is used"
+            );
         }
         if conflicts > 0 {
             self.metrics.reload_errors.inc();
@@ -1077,6 +1106,19 @@ mod tests {
         std::fs::write(dir.join("shop/web.yaml"), slice("10.0.0.1")).unwrap();
         let s = src.scan().unwrap();
         assert_eq!((s.services.len(), addrs(&s).len()), (1, 1));
+        // Neither was an object defined twice.
+        assert_eq!(src.metrics.reload_errors.get(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file saved with a byte-order mark (Windows editors) reads as any.
+    #[test]
+    fn a_byte_order_mark_is_not_read_as_yaml() {
+        let dir = temp_dir("bom");
+        std::fs::write(dir.join("svc.yaml"), format!("\u{feff}{SVC}")).unwrap();
+        let mut src = source(&dir);
+        assert_eq!(src.scan().unwrap().services.len(), 1);
+        assert!(src.is_clean());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -461,7 +461,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     let mut seen: HashMap<Named, usize> = HashMap::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        match serde_json::Value::deserialize(de) {
+        match Strict::deserialize(de).map(|s| s.0) {
             Ok(v) => {
                 let before = out.len();
                 if let Err(e) = object(doc, v, &mut out) {
@@ -494,6 +494,82 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
         Ok(out)
     } else {
         Err(errors)
+    }
+}
+
+/// A YAML document as JSON, refusing what reading it straight into
+/// `serde_json::Value` would take silently: a key written twice in one
+/// mapping (the last would win: `mtls: STRICT` undone by a second `mtls:`
+/// further down, which kubectl refuses), and merge keys (`<<: *defaults`),
+/// whose fields would be dropped where kubectl merges them.
+struct Strict(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error as _;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "<<" {
+                return Err(A::Error::custom(
+                    "a YAML merge key (<<) is not read here: write its fields out",
+                ));
+            }
+            let Strict(value) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(A::Error::custom(format!(
+                    "field {key:?} is written twice in one mapping"
+                )));
+            }
+            out.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(out))
     }
 }
 
@@ -674,6 +750,22 @@ items:
         assert!(
             matches!(&objs[2], Object::Pod(k, p) if k.name == "web-0" && p.inbound_port == Some(4143))
         );
+    }
+
+    /// What kubectl would refuse or read otherwise is refused, saying why:
+    /// a field written twice (the second `mtls` would have won) and a merge
+    /// key (its fields would have been dropped). Keys that are numbers and
+    /// anchors without merges read as ever.
+    #[test]
+    fn duplicate_fields_and_merge_keys_are_refused() {
+        let twice = "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  mtls: STRICT\n  selector: {matchLabels: {app: web}}\n  mtls: PERMISSIVE\n";
+        let e = parse_file(twice).unwrap_err()[0].to_string();
+        assert!(e.contains("\"mtls\" is written twice"), "{e}");
+        let merged = "apiVersion: v1\nkind: Service\nmetadata: {name: merged, <<: {namespace: shop}}\nspec: {ports: [{port: 80}]}\n";
+        let e = parse_file(merged).unwrap_err()[0].to_string();
+        assert!(e.contains("merge key"), "{e}");
+        let anchored = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: shop, labels: &l {app: a}, annotations: *l}\nspec: {ports: [{port: 80}], selector: {80: x}}\n";
+        assert!(parse_file(anchored).is_ok());
     }
 
     #[test]
