@@ -179,3 +179,41 @@ pub async fn start_lost_mid_call() -> (SocketAddr, std::sync::Arc<tokio::sync::N
     });
     (addr, lose)
 }
+
+/// A gRPC server that resets every call with `reason` before answering (as
+/// grpc-java does with CANCEL when its own deadline passes), counting them.
+pub async fn start_resetting(
+    reason: h2::Reason,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("bind grpc");
+    let addr = listener.local_addr().expect("grpc addr");
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // hyper resets the stream with the code of the h2
+                    // error a service fails with.
+                    async move {
+                        Err::<http::Response<http_body_util::Empty<bytes::Bytes>>, _>(
+                            h2::Error::from(reason),
+                        )
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, calls)
+}

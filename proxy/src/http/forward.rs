@@ -184,7 +184,18 @@ impl Forward {
                     .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
             }
         }
-        let mut rsp = ready.send(req).await.map_err(|e| {
+        let sent = ready.send(req).await;
+        // A call the upstream reset before answering is answered as its
+        // gRPC client would read the reset, not as the proxy's failure.
+        if grpc
+            && let Err(e) = &sent
+            && body_fault.as_ref().and_then(|f| f.fault()).is_none()
+            && let Some(answer) = super::grpc::upstream_reset(&e.error)
+                .and_then(|reason| super::grpc::reset_answer(reason, addr))
+        {
+            return Ok(answer);
+        }
+        let mut rsp = sent.map_err(|e| {
             // The client's body failed: its fault, whatever the upstream
             // client made of it (over HTTP/2, a reset stream).
             if let Some(fault) = body_fault.and_then(|f| f.fault()) {

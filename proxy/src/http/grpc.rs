@@ -435,17 +435,51 @@ struct Rescue {
     ended: bool,
 }
 
-/// Whether the upstream itself reset the stream (RST_STREAM): its code is
-/// the caller's to see, and hyper passes it on.
-fn reset_by_upstream(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The code of the RST_STREAM the upstream itself sent, if that is how its
+/// stream ended: the caller's to see (hyper passes it on, mid-body).
+pub fn upstream_reset(e: &(dyn std::error::Error + 'static)) -> Option<h2::Reason> {
     let mut cur = Some(e);
     while let Some(e) = cur {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_reset() && h2.is_remote();
+            return h2.reason().filter(|_| h2.is_reset() && h2.is_remote());
         }
         cur = e.source();
     }
-    false
+    None
+}
+
+/// A call the upstream reset before answering, answered as the caller's
+/// gRPC client reads such a reset (CANCEL as CANCELLED, ENHANCE_YOUR_CALM as
+/// RESOURCE_EXHAUSTED, INADEQUATE_SECURITY as PERMISSION_DENIED, the rest as
+/// INTERNAL), in a trailers-only response. Made a 502, it was UNAVAILABLE:
+/// retried where UNAVAILABLE is (the server may have run the call, a
+/// grpc-java server resets with CANCEL when its own deadline passes), and
+/// counted against the endpoint. `None` for REFUSED_STREAM, which says the
+/// call was not processed: that stays UNAVAILABLE, safe to retry.
+pub fn reset_answer(
+    reason: h2::Reason,
+    upstream: std::net::SocketAddr,
+) -> Option<Response<BoxBody>> {
+    let code = match reason {
+        h2::Reason::REFUSED_STREAM => return None,
+        h2::Reason::CANCEL => 1,
+        h2::Reason::ENHANCE_YOUR_CALM => 8,
+        h2::Reason::INADEQUATE_SECURITY => 7,
+        _ => 13,
+    };
+    let mut rsp = Response::new(super::empty());
+    let h = rsp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static(LABELS[code]));
+    if let Some(m) =
+        message(format!("upstream {upstream} reset the stream ({reason:?})").as_bytes())
+    {
+        h.insert("grpc-message", m);
+    }
+    Some(rsp)
 }
 
 impl http_body::Body for Rescue {
@@ -467,7 +501,7 @@ impl http_body::Body for Rescue {
                 }
                 Poll::Ready(Some(Ok(f)))
             }
-            Some(Err(e)) if this.messages.between() && !reset_by_upstream(&*e) => {
+            Some(Err(e)) if this.messages.between() && upstream_reset(&*e).is_none() => {
                 this.ended = true;
                 let mut trailers = HeaderMap::new();
                 trailers.insert("grpc-status", HeaderValue::from_static(LABELS[14]));

@@ -891,6 +891,64 @@ async fn a_grpc_server_lost_mid_call_is_unavailable() {
     );
 }
 
+/// A call the server resets before answering reaches the caller with the
+/// code its gRPC client would read from the reset (CANCEL: CANCELLED), and
+/// is not retried as UNAVAILABLE: the server may have run it. A reset that
+/// says the call was not processed (REFUSED_STREAM) is still UNAVAILABLE.
+#[tokio::test]
+async fn a_call_the_server_resets_keeps_the_reset_s_code_and_is_not_retried() {
+    for (reason, want, calls_at_most) in [
+        (h2::Reason::CANCEL, tonic::Code::Cancelled, 1),
+        (h2::Reason::INTERNAL_ERROR, tonic::Code::Internal, 1),
+        (h2::Reason::REFUSED_STREAM, tonic::Code::Unavailable, 3),
+    ] {
+        let (app, calls) = strait_tests::grpc::start_resetting(reason).await;
+        let dir = ManifestDir::new();
+        dir.write("svc.yaml", &service(NS, "echo", 80));
+        dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", app));
+        dir.write(
+            "route.yaml",
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - backendRefs: [{{name: echo, port: 80}}]\n"
+            ),
+        );
+        let cp = ControllerProc::start(dir.path()).await;
+        let client =
+            Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
+        let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(
+            "http://{}",
+            client.upstreams[0]
+        ))
+        .await
+        .unwrap();
+        // Once the route (its retries) is known, one call.
+        wait::until("the route in force", Duration::from_secs(10), || async {
+            metric_sum(client.admin, "strait_proxy_route_requests_total").await > 0.0 || {
+                let _ = echo
+                    .clone()
+                    .unary(strait_api::testing::EchoRequest::default())
+                    .await;
+                false
+            }
+        })
+        .await;
+        let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+        let status = echo
+            .unary(strait_api::testing::EchoRequest::default())
+            .await
+            .expect_err("reset");
+        let made = calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert_eq!(status.code(), want, "{reason:?}: {status:?}");
+        assert!(
+            (1..=calls_at_most).contains(&made),
+            "{reason:?}: {made} calls reached the server"
+        );
+        if reason == h2::Reason::CANCEL {
+            assert!(status.message().contains("reset the stream"), "{status:?}");
+        }
+    }
+}
+
 /// Unary calls to an echo server failing every other call UNAVAILABLE,
 /// through a mesh with `route`: none fails. Returns what keeps the mesh up,
 /// and the client.
