@@ -478,6 +478,10 @@ fn upstream_target<B>(
         // (`outbound::dst`), since the peer writes `:authority` into the
         // app's `Host`; the connection's address is the last resort.
         let authority = match app_authority {
+            // Never the userinfo an absolute-form target may carry: HTTP/2
+            // forbids it in `:authority` (RFC 9113 §8.3.1).
+            Some(a) if a.as_str().contains('@') => Authority::try_from(super::host_port(&a))
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?,
             Some(a) => a,
             None => addr_authority()?,
         };
@@ -1009,6 +1013,12 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(target_of(&bare, addr), "10.0.0.7:4143");
+        // An absolute-form target's userinfo stops here: HTTP/2 forbids it
+        // in `:authority`.
+        let with_userinfo = Request::get("http://user:secret@web:81/x")
+            .body(())
+            .unwrap();
+        assert_eq!(target_of(&with_userinfo, addr), "web:81");
 
         // Not asked to record: nothing is kept.
         let mut req = Request::get("/a").body(()).unwrap();

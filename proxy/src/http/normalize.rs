@@ -220,6 +220,8 @@ pub enum HeadRefusal {
     DuplicateHost,
     #[error("an HTTP/1.1 request without a Host header")]
     MissingHost,
+    #[error("a request target in authority form (host:port) outside CONNECT")]
+    AuthorityForm,
 }
 
 impl HeadRefusal {
@@ -229,6 +231,7 @@ impl HeadRefusal {
             HeadRefusal::BareLf => "bare_lf",
             HeadRefusal::DuplicateHost => "duplicate_host",
             HeadRefusal::MissingHost => "missing_host",
+            HeadRefusal::AuthorityForm => "authority_form",
         }
     }
 
@@ -238,6 +241,7 @@ impl HeadRefusal {
             HeadRefusal::BareLf => "request head lines must end in CRLF",
             HeadRefusal::DuplicateHost => "more than one Host header",
             HeadRefusal::MissingHost => "HTTP/1.1 request without a Host header",
+            HeadRefusal::AuthorityForm => "a request target of host:port is for CONNECT only",
         }
     }
 }
@@ -270,6 +274,11 @@ pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
     }
     let h1 = matches!(req.version(), Version::HTTP_11 | Version::HTTP_10);
     if h1 && req.method() != Method::CONNECT {
+        // `GET example.com:80 HTTP/1.1` (RFC 9112 §3.2.3: CONNECT's form
+        // only) would have gone on as `GET /`, a request nobody sent.
+        if req.uri().authority().is_some() && req.uri().scheme().is_none() {
+            return Err(HeadRefusal::AuthorityForm);
+        }
         if let Some(a) = req.uri().authority() {
             let host = super::host_port(a);
             if h.get(header::HOST).map(|v| v.as_bytes()) != Some(host.as_bytes())
@@ -440,6 +449,10 @@ mod tests {
         let mut abs = req("http://web.test/x", &[]);
         assert_eq!(check_head(&mut abs), Ok(()));
         assert_eq!(abs.headers()[header::HOST], "web.test");
+        assert_eq!(
+            check_head(&mut req("web.test:80", &["web.test"])),
+            Err(HeadRefusal::AuthorityForm)
+        );
         let mut abs = req("http://user:secret@web.test:81/x", &[]);
         assert_eq!(check_head(&mut abs), Ok(()));
         assert_eq!(abs.headers()[header::HOST], "web.test:81", "no userinfo");
