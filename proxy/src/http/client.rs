@@ -45,13 +45,19 @@ pub struct Connector {
 enum PeerMode {
     Plain,
     Mtls(PeerTls, Identity, &'static [u8]),
+    /// Plaintext to an HTTP forward proxy (HTTP/1 only).
+    ForwardProxy,
 }
 
-/// A connection to an upstream: plaintext, or mTLS to a peer proxy.
+/// A connection to an upstream: plaintext, or mTLS to a peer proxy; or
+/// plaintext to an HTTP forward proxy (Squid, an egress proxy), to which
+/// requests go in absolute form (`GET http://host/path`), as the app sent
+/// them: in origin form a forward proxy cannot tell where to.
 #[derive(Debug)]
 pub enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    ToProxy(TcpStream),
 }
 
 impl Connection for UpstreamIo {
@@ -61,6 +67,7 @@ impl Connection for UpstreamIo {
             UpstreamIo::Tls(t) if t.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
                 c.negotiated_h2()
             }
+            UpstreamIo::ToProxy(_) => c.proxy(true),
             _ => c,
         }
     }
@@ -73,7 +80,7 @@ impl AsyncRead for UpstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -86,7 +93,7 @@ impl AsyncWrite for UpstreamIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -97,28 +104,30 @@ impl AsyncWrite for UpstreamIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => {
+                Pin::new(s).poll_write_vectored(cx, bufs)
+            }
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => s.is_write_vectored(),
             UpstreamIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_flush(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -138,6 +147,9 @@ impl tower::Service<Uri> for Connector {
         Box::pin(async move {
             match tls {
                 PeerMode::Plain => Ok(TokioIo::new(UpstreamIo::Plain(
+                    connect::tcp(addr, timeout).await?,
+                ))),
+                PeerMode::ForwardProxy => Ok(TokioIo::new(UpstreamIo::ToProxy(
                     connect::tcp(addr, timeout).await?,
                 ))),
                 PeerMode::Mtls(peer_tls, peer, alpn) => {
@@ -452,7 +464,7 @@ fn keepalive_for(tls: &PeerMode) -> Option<(Duration, Duration)> {
             defaults::H2_PEER_KEEPALIVE_INTERVAL,
             defaults::H2_PEER_KEEPALIVE_TIMEOUT,
         )),
-        PeerMode::Plain => None,
+        PeerMode::Plain | PeerMode::ForwardProxy => None,
     }
 }
 
@@ -601,7 +613,7 @@ impl H2Client {
             (None, PeerMode::Mtls(..)) => {
                 b.initial_max_send_streams(defaults::H2_MAX_CONCURRENT_STREAMS as usize);
             }
-            (None, PeerMode::Plain) => {}
+            (None, PeerMode::Plain | PeerMode::ForwardProxy) => {}
         }
         let io = TokioIo::new(Coalesced::new(io.into_inner()));
         let (sender, conn) = b.handshake(io).await.map_err(|e| ConnectError::Io {
@@ -827,6 +839,7 @@ type PoolKey = (
     Option<Identity>,
     Option<Duration>,
     Option<PoolPerCaller>,
+    bool,
 );
 
 /// On an inbound request to an HTTP/2 app: the caller's address, whose
@@ -904,6 +917,8 @@ impl ClientCache {
     /// mTLS verifying `peer` when it is a peer proxy and this proxy has an identity.
     /// `timeout` overrides the connect timeout (a backend policy's); `caller`
     /// keeps the caller's connections apart from other callers'.
+    /// `forward_proxy`: `addr` is an HTTP forward proxy, sent HTTP/1 requests
+    /// in absolute form.
     pub fn get(
         &self,
         addr: SocketAddr,
@@ -911,7 +926,9 @@ impl ClientCache {
         peer: Option<&Identity>,
         timeout: Option<Duration>,
         caller: Option<PoolPerCaller>,
+        forward_proxy: bool,
     ) -> Upstream {
+        let forward_proxy = forward_proxy && !h2 && peer.is_none();
         let peer = peer.filter(|_| self.tls.is_some());
         let pools = if caller.is_some() {
             &self.per_caller
@@ -921,14 +938,20 @@ impl ClientCache {
         let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.tick += 1;
         let tick = pools.tick;
-        let key = (addr, h2, peer.cloned(), timeout, caller);
+        let key = (addr, h2, peer.cloned(), timeout, caller, forward_proxy);
         if let Some((c, used)) = pools.clients.get_mut(&key) {
             *used = tick;
             return c.clone();
         }
         pools.make_room();
         let c = Upstream {
-            client: self.build(addr, h2, peer, timeout.unwrap_or(self.connect_timeout)),
+            client: self.build(
+                addr,
+                h2,
+                peer,
+                timeout.unwrap_or(self.connect_timeout),
+                forward_proxy,
+            ),
             authority: http::uri::Authority::try_from(addr.to_string()).ok(),
         };
         pools.clients.insert(key, (c.clone(), tick));
@@ -942,7 +965,9 @@ impl ClientCache {
         let shared = self.shared.lock().unwrap();
         let per_caller = self.per_caller.lock().unwrap();
         (
-            shared.clients.contains_key(&(addr, h2, None, None, None)),
+            shared
+                .clients
+                .contains_key(&(addr, h2, None, None, None, false)),
             shared.clients.len(),
             per_caller.clients.len(),
         )
@@ -954,6 +979,7 @@ impl ClientCache {
         h2: bool,
         peer: Option<&Identity>,
         timeout: Duration,
+        forward_proxy: bool,
     ) -> UpstreamClient {
         let tls = match (peer, &self.tls) {
             (Some(id), Some(t)) => PeerMode::Mtls(
@@ -961,6 +987,7 @@ impl ClientCache {
                 id.clone(),
                 if h2 { tls::ALPN_H2 } else { tls::ALPN_HTTP1 },
             ),
+            _ if forward_proxy => PeerMode::ForwardProxy,
             _ => PeerMode::Plain,
         };
         let connector = Connector { addr, timeout, tls };
@@ -1001,11 +1028,11 @@ mod tests {
     async fn clients_per_caller_do_not_evict_the_shared_ones() {
         let cache = ClientCache::new(Duration::from_secs(1), None);
         let peer = address(1);
-        cache.get(peer, true, None, None, None);
+        cache.get(peer, true, None, None, None, false);
         let app = SocketAddr::from(([127, 0, 0, 1], 8080));
         for i in 0..defaults::MAX_CLIENT_POOLS * 2 {
             let caller = PoolPerCaller(address(i).ip());
-            cache.get(app, true, None, None, Some(caller));
+            cache.get(app, true, None, None, Some(caller), false);
         }
         let (kept, shared, per_caller) = cache.kept(peer, true);
         assert!(kept, "the outbound client is kept");
@@ -1019,10 +1046,10 @@ mod tests {
     async fn a_full_cache_drops_the_least_recently_used() {
         let cache = ClientCache::new(Duration::from_secs(1), None);
         let (busy, once) = (address(0), address(1));
-        cache.get(once, false, None, None, None);
+        cache.get(once, false, None, None, None, false);
         for i in 2..defaults::MAX_CLIENT_POOLS * 3 {
-            cache.get(busy, false, None, None, None);
-            cache.get(address(i), false, None, None, None);
+            cache.get(busy, false, None, None, None, false);
+            cache.get(address(i), false, None, None, None, false);
         }
         let (kept, shared, _) = cache.kept(busy, false);
         assert!(kept, "in use all along");

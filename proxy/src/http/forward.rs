@@ -16,7 +16,7 @@ use super::conn_guard::ConnState;
 use super::error::{KeepUnread, ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
 use super::{BoxBody, ConnectBy, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
-use crate::addr::OwnAddrs;
+use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{
     FIRST_BODY_FRAME_WAIT, ORIG_PROTO_HEADER, PROXY_ERROR_HEADER, TARGET_PORT_HEADER,
 };
@@ -110,12 +110,24 @@ impl Forward {
         } else {
             app_authority(&req)?
         };
+        // An app's HTTP/1 request in absolute form (`GET http://host/x`),
+        // passed through: it was sent to an HTTP forward proxy, which needs
+        // that form (RFC 9112 §3.2.2) and gets it. (Between proxies the form
+        // is not carried: a forward proxy in the mesh gets origin form.)
+        let forward_proxy = self.0.direction == Direction::Outbound
+            && to_peer.is_none()
+            && !h2
+            && !is_connect
+            && !is_upgrade
+            && req.uri().scheme().is_some()
+            && req.uri().authority().is_some_and(|a| !names(&dst, a));
         let upstream = self.0.clients.get(
             addr,
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
             caller.filter(|_| h2),
+            forward_proxy,
         );
         // An HTTP/1 pool connects only once it has the request: keep its head.
         let head = (hand_back && !h2).then(|| head_of(&req));
@@ -142,9 +154,20 @@ impl Forward {
         let revocation = is_upgrade
             .then(|| req.extensions_mut().remove::<upgrade::Revocation>())
             .flatten();
-        let target = (!is_connect)
+        let mut target = (!is_connect)
             .then(|| upstream_target(&req, app_authority, addr, upstream.authority.as_ref(), h2))
             .transpose()?;
+        // To a forward proxy the target names the origin, not the proxy
+        // (host and port: never userinfo).
+        if forward_proxy
+            && let Some(t) = target.as_mut()
+            && let Some(origin) = req
+                .uri()
+                .authority()
+                .and_then(|a| Authority::try_from(super::host_port(a)).ok())
+        {
+            t.authority = origin;
+        }
         // Recorded to be undone should HTTP/2 still hand the request back (its
         // connection closed first, and no other could be had).
         let edits = edit_for_upstream(&mut req, to_peer.as_ref(), h2, target, hand_back && h2);
@@ -502,6 +525,23 @@ fn upstream_target<B>(
         authority: addr_authority()?,
         host,
     })
+}
+
+/// Whether `dst` is the origin `a` names: the request's own target, which
+/// this proxy reaches itself (absolute form sent straight to the outbound
+/// port), not a forward proxy's address.
+fn names(dst: &DestAddr, a: &Authority) -> bool {
+    let port = a.port_u16().unwrap_or(80);
+    let host = a.host().trim_start_matches('[').trim_end_matches(']');
+    match dst {
+        DestAddr::Name(n) => n.port() == port && n.host().eq_ignore_ascii_case(host),
+        DestAddr::Socket(sa) => {
+            sa.port() == port
+                && host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip == sa.ip())
+        }
+    }
 }
 
 /// The authority the app addressed: the URI's (absolute form, HTTP/2), else

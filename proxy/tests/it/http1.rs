@@ -260,6 +260,63 @@ async fn http_sent_to_the_outbound_port_follows_its_host_header() {
     );
 }
 
+/// An app configured with an HTTP forward proxy (`http_proxy=`, Squid)
+/// sends its requests in absolute form, which the forward proxy needs to
+/// know where to: they reach it so. Origin-form requests stay as they are.
+#[tokio::test]
+async fn a_forward_proxy_gets_requests_in_absolute_form() {
+    let squid = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let squid_addr = squid.local_addr().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = squid.accept().await else {
+                return;
+            };
+            let lines_tx = lines_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut b).await.is_ok() {
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let _ = lines_tx.send(text.lines().next().unwrap_or_default().to_string());
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let proxy = support::start_to(squid_addr).await;
+    for (line, want) in [
+        (
+            "GET http://example.test:8080/x?y=1 HTTP/1.1\r\nHost: example.test:8080",
+            "GET http://example.test:8080/x?y=1 HTTP/1.1",
+        ),
+        (
+            "GET http://user:pw@example.test/ HTTP/1.1\r\nHost: example.test",
+            "GET http://example.test/ HTTP/1.1",
+        ),
+        ("GET /x HTTP/1.1\r\nHost: example.test", "GET /x HTTP/1.1"),
+    ] {
+        let mut c = TcpStream::connect(proxy.upstream()).await.unwrap();
+        c.write_all(format!("{line}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let seen = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, want);
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_naming_it() {
     let dead = strait_tests::process::free_port();
