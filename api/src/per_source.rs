@@ -70,7 +70,7 @@ impl PerSource {
         Some(Share(Some((self.held.clone(), key))))
     }
 
-    #[cfg(test)]
+    /// Places `source` holds now.
     pub fn held_by(&self, source: IpAddr) -> usize {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         held.get(&(source, 0)).copied().unwrap_or(0)
