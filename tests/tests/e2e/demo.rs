@@ -4,6 +4,19 @@ use std::time::Duration;
 
 use strait_tests::otlp::{Mode, OtlpCollector};
 
+/// A copy of the shipped demo manifests, for one demo to run on: its canary
+/// shift rewrites routes.yaml, and a demo killed mid-run (a test's timeout)
+/// must not leave the checkout's copy shifted for the next.
+fn demo_manifests() -> strait_tests::manifests::ManifestDir {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let copy = strait_tests::manifests::ManifestDir::new();
+    for f in std::fs::read_dir(root.join("deploy/examples/demo")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.path().join(f.file_name())).unwrap();
+    }
+    copy
+}
+
 /// The number that follows `label` on the summary line starting with it.
 fn number_after(summary: &str, label: &str) -> f64 {
     let line = summary
@@ -20,13 +33,15 @@ fn number_after(summary: &str, label: &str) -> f64 {
 #[tokio::test]
 async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let routes = root.join("deploy/examples/demo/routes.yaml");
+    let manifests = demo_manifests();
+    let routes = manifests.path().join("routes.yaml");
     let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
     let collector = OtlpCollector::start(Mode::Accept).await;
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(strait_tests::process::binary("strait"))
             .args(["demo", "--duration", "6s"])
+            .arg(format!("--manifests={}", manifests.path().display()))
             .arg(format!("--otlp-endpoint={}", collector.endpoint()))
             .current_dir(&root)
             .env("STRAIT_LOG", "warn")
@@ -118,11 +133,11 @@ async fn the_demo_runs_a_mesh_shows_traffic_policy_and_restores_its_routes() {
 /// directory with the issuer's key removed.
 #[tokio::test]
 async fn a_demo_hung_up_on_cleans_up_after_itself() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let routes = root.join("deploy/examples/demo/routes.yaml");
+    let manifests = demo_manifests();
+    let routes = manifests.path().join("routes.yaml");
     let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
     let tmp = strait_tests::manifests::ManifestDir::new();
-    let (mut demo, lines) = a_shifted_demo("16s", tmp.path()).await;
+    let (mut demo, lines) = a_shifted_demo("16s", tmp.path(), manifests.path()).await;
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
         1,
@@ -153,6 +168,7 @@ fn nothing_left_behind(routes: &std::path::Path, before: &[u8], tmp: &std::path:
 async fn a_shifted_demo(
     duration: &str,
     tmp: &std::path::Path,
+    manifests: &std::path::Path,
 ) -> (
     tokio::process::Child,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
@@ -161,6 +177,7 @@ async fn a_shifted_demo(
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut demo = tokio::process::Command::new(strait_tests::process::binary("strait"))
         .args(["demo", "--duration", duration])
+        .arg(format!("--manifests={}", manifests.display()))
         .current_dir(&root)
         .env("STRAIT_LOG", "warn")
         .env("TMPDIR", tmp)
@@ -221,8 +238,9 @@ async fn the_end_of(
 /// has web-0's proxy counters and no proxy reports its control stream cut.
 #[tokio::test]
 async fn ctrl_c_at_the_terminal_ends_the_demo_in_order() {
+    let manifests = demo_manifests();
     let tmp = strait_tests::manifests::ManifestDir::new();
-    let (mut demo, lines) = a_shifted_demo("16s", tmp.path()).await;
+    let (mut demo, lines) = a_shifted_demo("16s", tmp.path(), manifests.path()).await;
     let group = rustix::process::Pid::from_raw(demo.id().unwrap() as i32).unwrap();
     rustix::process::kill_process_group(group, rustix::process::Signal::INT).unwrap();
     let (status, rest, stderr) = the_end_of(&mut demo, lines).await;
@@ -237,11 +255,11 @@ async fn ctrl_c_at_the_terminal_ends_the_demo_in_order() {
 /// with the issuer's key.
 #[tokio::test]
 async fn a_demo_signalled_twice_leaves_nothing_behind() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let routes = root.join("deploy/examples/demo/routes.yaml");
+    let manifests = demo_manifests();
+    let routes = manifests.path().join("routes.yaml");
     let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
     let tmp = strait_tests::manifests::ManifestDir::new();
-    let (mut demo, lines) = a_shifted_demo("16s", tmp.path()).await;
+    let (mut demo, lines) = a_shifted_demo("16s", tmp.path(), manifests.path()).await;
     let pid = rustix::process::Pid::from_raw(demo.id().unwrap() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();

@@ -278,8 +278,10 @@ async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
         assert_eq!(rsp.status(), http::StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(rsp.headers()["strait-proxy-error"], "request timeout");
         println!("stalled backend answered by the proxy after {took:?}");
+        // Well before the backend's 2 s; the upper bound leaves a loaded
+        // 2-core machine room (the heavy suites run beside this one).
         assert!(
-            took >= Duration::from_millis(150) && took <= Duration::from_millis(250),
+            took >= Duration::from_millis(150) && took <= Duration::from_millis(600),
             "504 after {took:?}"
         );
     }
