@@ -251,19 +251,28 @@ impl Ca {
             .map_err(|e| e.to_string())?;
         let der = CertificateDer::from(leaf.der);
         let ee = webpki::EndEntityCert::try_from(&der).map_err(|e| e.to_string())?;
-        ee.verify_for_usage(
-            rustls::crypto::aws_lc_rs::default_provider()
-                .signature_verification_algorithms
-                .all,
-            anchors,
-            chain,
-            rustls_pki_types::UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map(|_| ())
-        .map_err(|e| format!("{e:?}"))
+        // Both ends of a proxy's handshake check the leaf, each for its own
+        // use, and so does webpki each intermediate's extended key usage: an
+        // issuer for client authentication only would pass one and have
+        // every proxy refuse every peer.
+        for (usage, role) in [
+            (webpki::KeyUsage::client_auth(), "client"),
+            (webpki::KeyUsage::server_auth(), "server"),
+        ] {
+            ee.verify_for_usage(
+                rustls::crypto::aws_lc_rs::default_provider()
+                    .signature_verification_algorithms
+                    .all,
+                anchors,
+                chain,
+                rustls_pki_types::UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| format!("as a TLS {role}: {e:?}"))?;
+        }
+        Ok(())
     }
 
     /// When the issuer expires: no leaf outlives it.
@@ -519,6 +528,29 @@ mod tests {
         let e = ca.chains_to(&other.anchor_pem).unwrap_err();
         assert!(e.contains("do not verify against the trust anchors"), "{e}");
         assert!(ca.chains_to("no certificate").is_err());
+    }
+
+    /// An issuer (an intermediate under the anchors) whose extended key
+    /// usage admits client authentication only signs leaves every proxy
+    /// would refuse as a server: refused at start, naming the role.
+    #[test]
+    fn an_issuer_for_one_tls_role_only_is_refused() {
+        let anchor_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let anchor_params = ca_params("root.cluster.local", Duration::from_secs(3600), 1);
+        let anchor = anchor_params.self_signed(&anchor_key).unwrap();
+        let anchor_issuer = Issuer::new(anchor_params, anchor_key);
+        let issuer_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = ca_params("identity.cluster.local", Duration::from_secs(3600), 0);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = params.signed_by(&issuer_key, &anchor_issuer).unwrap();
+        let ca = Ca::from_pem(
+            &issuer.pem(),
+            &issuer_key.serialize_pem(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let e = ca.chains_to(&anchor.pem()).unwrap_err();
+        assert!(e.contains("as a TLS server"), "{e}");
     }
 
     #[test]
