@@ -95,7 +95,7 @@ pub fn server_config(creds: &Arc<Credentials>) -> Result<Arc<ServerConfig>, rust
     cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
     cfg.session_storage = Arc::new(SessionsOfOneCertificate {
         creds: creds.clone(),
-        cache: Mutex::new((creds.generation(), fresh_sessions())),
+        cache: Mutex::new(Sessions::of(creds.generation(), false)),
     });
     Ok(Arc::new(cfg))
 }
@@ -113,34 +113,70 @@ fn fresh_sessions() -> Arc<dyn StoresServerSessions> {
 /// peer could go on resuming with the old certificate until, expired, it
 /// refused it at every reconnect. A renewal starts anew, so each peer's next
 /// connection is a full handshake, which presents the new one.
+///
+/// A handshake picks its certificate at the ClientHello and stores its
+/// session at the client's Finished: one that picked the old certificate
+/// just before a renewal would store it among the new one's. So for a
+/// handshake's longest life after a renewal no session is stored (peers
+/// resume again from their next full handshake).
 #[derive(Debug)]
 struct SessionsOfOneCertificate {
     creds: Arc<Credentials>,
-    cache: Mutex<(u64, Arc<dyn StoresServerSessions>)>,
+    cache: Mutex<Sessions>,
+}
+
+/// The sessions of one generation of this proxy's certificate.
+#[derive(Debug)]
+struct Sessions {
+    generation: u64,
+    since: tokio::time::Instant,
+    store: Arc<dyn StoresServerSessions>,
+}
+
+impl Sessions {
+    /// `renewed`: a certificate before this one may still be in handshakes.
+    fn of(generation: u64, renewed: bool) -> Self {
+        let now = tokio::time::Instant::now();
+        Sessions {
+            generation,
+            since: match renewed {
+                true => now,
+                false => now
+                    .checked_sub(crate::defaults::TLS_HANDSHAKE_TIMEOUT)
+                    .unwrap_or(now),
+            },
+            store: fresh_sessions(),
+        }
+    }
 }
 
 impl SessionsOfOneCertificate {
-    fn current(&self) -> Arc<dyn StoresServerSessions> {
+    /// The current generation's sessions, and whether a handshake begun
+    /// under the previous one may still be under way.
+    fn current(&self) -> (Arc<dyn StoresServerSessions>, bool) {
         let generation = self.creds.generation();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.0 != generation {
-            *cache = (generation, fresh_sessions());
+        if cache.generation != generation {
+            // Generation 0 held no certificate: nothing to have picked.
+            *cache = Sessions::of(generation, cache.generation != 0);
         }
-        cache.1.clone()
+        let unsettled = cache.since.elapsed() < crate::defaults::TLS_HANDSHAKE_TIMEOUT;
+        (cache.store.clone(), unsettled)
     }
 }
 
 impl StoresServerSessions for SessionsOfOneCertificate {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
-        self.current().put(key, value)
+        let (store, unsettled) = self.current();
+        !unsettled && store.put(key, value)
     }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.current().get(key)
+        self.current().0.get(key)
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.current().take(key)
+        self.current().0.take(key)
     }
 
     fn can_cache(&self) -> bool {
@@ -358,6 +394,44 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a renewal no session is kept for as long as a handshake that
+    /// picked the old certificate could still finish (and store its own,
+    /// which resumed would present the old certificate on); then they are.
+    #[tokio::test(start_paused = true)]
+    async fn sessions_are_not_kept_while_a_handshake_of_the_old_certificate_may_finish() {
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut root_params = rcgen::CertificateParams::default();
+        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = rcgen::Issuer::new(root_params, root_key);
+        let anchors = crate::identity::TrustAnchors::from_pem(root_cert.pem().as_bytes()).unwrap();
+        let web = Identity::of("cluster.local", "shop", "web").unwrap();
+        let creds = Arc::new(Credentials::generate(web, anchors).unwrap());
+        let install = || {
+            let csr =
+                rcgen::CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into())
+                    .unwrap();
+            let leaf = csr.signed_by(&root).unwrap().der().to_vec();
+            creds.install(leaf, Vec::new()).unwrap();
+        };
+        install();
+        let sessions = SessionsOfOneCertificate {
+            creds: creds.clone(),
+            cache: Mutex::new(Sessions::of(creds.generation(), false)),
+        };
+        // The first certificate: nothing before it.
+        assert!(sessions.put(b"a".to_vec(), b"1".to_vec()));
+        assert_eq!(sessions.get(b"a"), Some(b"1".to_vec()));
+        // Renewed: a handshake that picked the old certificate may finish.
+        install();
+        assert!(!sessions.put(b"b".to_vec(), b"2".to_vec()));
+        assert_eq!(sessions.get(b"a"), None, "the old certificate's are gone");
+        tokio::time::advance(crate::defaults::TLS_HANDSHAKE_TIMEOUT).await;
+        assert!(sessions.put(b"c".to_vec(), b"3".to_vec()));
+        assert_eq!(sessions.get(b"b"), None);
+        assert_eq!(sessions.get(b"c"), Some(b"3".to_vec()));
+    }
 
     /// A leaf for web: expired in 2020, or valid until rcgen's far future.
     fn leaf(expired: bool) -> CertificateDer<'static> {
