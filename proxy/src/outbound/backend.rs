@@ -93,16 +93,21 @@ where
         if let Some(n) = crate::telemetry::trace::notes(&req) {
             n.with(|n| n.backend = Some(b.name.clone()));
         }
+        let grpc = crate::http::grpc::is_call(&req);
         // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
-            let rsp = unresolved("backend not found");
+            let mut rsp = unresolved("backend not found");
             b.metrics.responses[status_index(rsp.status())].inc();
+            if grpc {
+                rsp = crate::http::grpc::on_status(rsp, b.metrics.grpc.clone());
+            }
             return Either::Left(ready(Ok(rsp)));
         };
         Either::Right(SplitFuture {
             inner: svc.call(req),
             metrics: b.metrics.clone(),
             start: tokio::time::Instant::now(),
+            grpc,
         })
     }
 }
@@ -116,6 +121,7 @@ pin_project_lite::pin_project! {
         inner: F,
         metrics: Arc<RouteBackendMetrics>,
         start: tokio::time::Instant,
+        grpc: bool,
     }
 }
 
@@ -132,6 +138,10 @@ where
             .latency
             .observe(this.start.elapsed().as_secs_f64());
         this.metrics.responses[status_index(rsp.status())].inc();
+        let rsp = match *this.grpc {
+            true => crate::http::grpc::on_status(rsp, this.metrics.grpc.clone()),
+            false => rsp,
+        };
         Poll::Ready(Ok(rsp))
     }
 }
@@ -208,5 +218,39 @@ mod tests {
             [status_index(StatusCode::INTERNAL_SERVER_ERROR)]
         .get();
         assert_eq!(counted, failed as u64);
+    }
+
+    /// A canary failing every gRPC call (trailers-only UNAVAILABLE, HTTP
+    /// 200) shows in its own backend's series by `grpc_status`, not as 2xx
+    /// alone.
+    #[tokio::test]
+    async fn each_backend_counts_its_grpc_statuses() {
+        use tower::Service as _;
+        let metrics = crate::telemetry::Metrics::new();
+        let failing = tower::service_fn(|_: Request<()>| async {
+            let mut rsp = Response::new(crate::http::empty());
+            rsp.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            rsp.headers_mut()
+                .insert("grpc-status", "14".parse().unwrap());
+            Ok::<_, Infallible>(rsp)
+        });
+        let mut split = Split::new(vec![WeightedBackend {
+            weight: 1,
+            service: Some(failing),
+            metrics: metrics.route_backend("web:80", "shop/web", "0", "web-canary"),
+            name: "web-canary".into(),
+        }]);
+        for _ in 0..3 {
+            let call = Request::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let rsp = split.call(call).await.unwrap();
+            assert_eq!(rsp.status(), StatusCode::OK);
+        }
+        let text = metrics.encode();
+        let line = "strait_proxy_backend_grpc_responses_total{service=\"web:80\",route=\"shop/web\",rule=\"0\",backend=\"web-canary\",grpc_status=\"14\"} 3";
+        assert!(text.contains(line), "{text}");
     }
 }

@@ -153,6 +153,15 @@ pub struct RouteGrpcLabels {
     pub grpc_status: grpc::Label,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteBackendGrpcLabels {
+    pub service: String,
+    pub route: String,
+    pub rule: String,
+    pub backend: String,
+    pub grpc_status: grpc::Label,
+}
+
 /// The `peer` label of a caller.
 fn peer_label(peer: Option<&crate::identity::Identity>) -> String {
     peer.map_or_else(|| "unauthenticated".to_string(), |p| p.to_string())
@@ -349,6 +358,9 @@ pub type ByStatus = [Counter; 5];
 pub struct RouteBackendMetrics {
     pub responses: ByStatus,
     pub latency: Histogram,
+    /// Each gRPC attempt by its status: a canary failing every call in
+    /// trailers answers HTTP 200.
+    pub grpc: ByGrpcStatus,
 }
 
 impl Default for RouteBackendMetrics {
@@ -357,6 +369,12 @@ impl Default for RouteBackendMetrics {
         RouteBackendMetrics {
             responses: Default::default(),
             latency: latency_histogram(),
+            grpc: ByGrpcStatus::of(&Family::<GrpcLabels, Counter>::default(), |grpc_status| {
+                GrpcLabels {
+                    direction: Direction::Outbound,
+                    grpc_status,
+                }
+            }),
         }
     }
 }
@@ -418,6 +436,7 @@ pub struct Metrics {
     pub route_retries_skipped: Family<RouteReasonLabels, Counter>,
     pub route_timeouts: Family<RouteReasonLabels, Counter>,
     pub backend_responses: Family<RouteBackendLabels, Counter>,
+    pub backend_grpc_responses: Family<RouteBackendGrpcLabels, Counter>,
     pub backend_latency: Family<RouteBackendOnlyLabels, Histogram, fn() -> Histogram>,
     pub inbound_peer_requests: Family<PeerLabels, Counter>,
     pub inbound_peer_responses: Family<PeerStatusLabels, Counter>,
@@ -468,6 +487,19 @@ fn route_grpc(l: &RouteLabels, grpc_status: grpc::Label) -> RouteGrpcLabels {
     }
 }
 
+fn route_backend_grpc(
+    l: &RouteBackendOnlyLabels,
+    grpc_status: grpc::Label,
+) -> RouteBackendGrpcLabels {
+    RouteBackendGrpcLabels {
+        service: l.service.clone(),
+        route: l.route.clone(),
+        rule: l.rule.clone(),
+        backend: l.backend.clone(),
+        grpc_status,
+    }
+}
+
 fn route_backend_status(
     l: &RouteBackendOnlyLabels,
     status_class: &'static str,
@@ -513,6 +545,7 @@ impl Metrics {
             route_retries_skipped: Family::default(),
             route_timeouts: Family::default(),
             backend_responses: Family::default(),
+            backend_grpc_responses: Family::default(),
             backend_latency: Family::new_with_constructor(latency_histogram),
             inbound_peer_requests: Family::default(),
             inbound_peer_responses: Family::default(),
@@ -667,6 +700,11 @@ impl Metrics {
             m.backend_responses.clone(),
         );
         registry.register(
+            "backend_grpc_responses",
+            "gRPC calls per attempt, by route rule, backend and grpc-status",
+            m.backend_grpc_responses.clone(),
+        );
+        registry.register(
             "backend_response_latency_seconds",
             "Each attempt's time to response headers, by service, route, rule and backend",
             m.backend_latency.clone(),
@@ -776,6 +814,10 @@ impl Metrics {
             self.backend_responses
                 .remove(&route_backend_status(l, status_class));
         }
+        for grpc_status in grpc::LABELS {
+            self.backend_grpc_responses
+                .remove(&route_backend_grpc(l, grpc_status));
+        }
     }
 
     fn remove_backend(&self, l: &BackendLabels) {
@@ -870,6 +912,10 @@ impl Metrics {
                         .get_or_create_owned(&route_backend_status(labels, status_class))
                 }),
                 latency: self.backend_latency.get_or_create_owned(labels),
+                grpc: ByGrpcStatus::of(&self.backend_grpc_responses, {
+                    let labels = labels.clone();
+                    move |grpc_status| route_backend_grpc(&labels, grpc_status)
+                }),
             },
             |k| self.remove_route_backend(k),
         )
