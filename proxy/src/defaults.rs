@@ -71,6 +71,12 @@ pub const MAX_REJECTING_CONNECTIONS: usize = 256;
 pub const MAX_HEADERS: usize = 100;
 /// Bytes of an HTTP/1 request head or HTTP/2 header list (beyond it: 431).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The same head as HTTP/2 counts it (RFC 9113 §6.5.2: each field's name and
+/// value and 32 bytes, the pseudo-headers among them), with room for what
+/// the hop between proxies adds (`strait-target-port`, `strait-orig-proto`,
+/// `traceparent`, `:authority` beside `host`): a head an app may send over
+/// HTTP/1 is taken whole by the peer proxy, not refused 431 in the mesh only.
+pub const H2_MAX_HEADER_LIST_BYTES: usize = MAX_HEADER_BYTES + (MAX_HEADERS + 8) * 32 + 1024;
 
 /// Concurrent streams per HTTP/2 connection: plenty for gRPC fan-in, bounded memory.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;

@@ -50,7 +50,7 @@ impl ServerConfig {
             .max_concurrent_streams(defaults::H2_MAX_CONCURRENT_STREAMS)
             .max_pending_accept_reset_streams(defaults::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
-            .max_header_list_size(defaults::MAX_HEADER_BYTES as u32)
+            .max_header_list_size(defaults::H2_MAX_HEADER_LIST_BYTES as u32)
             .max_send_buf_size(defaults::H2_MAX_SEND_BUF)
             .keep_alive_interval(defaults::H2_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(defaults::H2_KEEPALIVE_TIMEOUT)

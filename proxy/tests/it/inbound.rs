@@ -30,6 +30,29 @@ async fn inbound_forwards_to_the_target_port_on_loopback() {
     );
 }
 
+/// A head an app may send over HTTP/1 (under 64 KiB) reaches the app
+/// through the hop between proxies, where HTTP/2 counts it larger (32 bytes
+/// per field) and the client proxy adds its own fields: not a 431 that
+/// only the mesh gives.
+#[tokio::test]
+async fn a_head_an_http1_app_may_send_passes_the_peer_hop() {
+    let backend = Backend::start().await;
+    let proxy = support::start(support::config()).await;
+    let path = format!("/echo-path/{}", "a".repeat(64_900));
+    let mut req = Request::get(format!("http://{}{path}", proxy.addrs.inbound))
+        .header("strait-target-port", backend.addr.port().to_string())
+        .header("strait-orig-proto", "HTTP/1.1");
+    for i in 0..12 {
+        req = req.header(format!("x-h{i}"), "v");
+    }
+    let rsp = client::http2()
+        .request(req.body(client::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_ne!(rsp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(rsp.status().is_success(), "{:?}", rsp.status());
+}
+
 #[tokio::test]
 async fn inbound_without_a_target_port_is_a_clear_400() {
     let proxy = support::start(support::config()).await;
