@@ -8,6 +8,54 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+/// Who gets a connection's place on a port other pods can reach (the admin
+/// ports, where the kubelet probes): any address while open places are free,
+/// up to its share; the last `reserved` only loopback and addresses holding
+/// fewer than two (a probe, a scraper). A few addresses holding their share
+/// each would otherwise fill every place and the kubelet's probes fail.
+#[derive(Debug)]
+pub struct Admission {
+    open: Arc<tokio::sync::Semaphore>,
+    reserved: Arc<tokio::sync::Semaphore>,
+    by_source: PerSource,
+}
+
+/// An admitted connection's place, given back when dropped.
+pub type Place = (tokio::sync::OwnedSemaphorePermit, Share);
+
+/// Addresses holding fewer than this may take a reserved place.
+const RESERVED_FOR_UNDER: usize = 2;
+
+impl Admission {
+    /// `total` places, `reserved` of them kept as above, `per_source` at
+    /// most per address other than loopback.
+    pub fn new(total: usize, reserved: usize, per_source: usize) -> Self {
+        Admission {
+            open: Arc::new(tokio::sync::Semaphore::new(total.saturating_sub(reserved))),
+            reserved: Arc::new(tokio::sync::Semaphore::new(reserved.min(total))),
+            by_source: PerSource::sparing_loopback(per_source),
+        }
+    }
+
+    pub fn admit(&self, source: IpAddr) -> Result<Place, &'static str> {
+        let few = || source.is_loopback() || self.by_source.held_by(source) < RESERVED_FOR_UNDER;
+        let permit = match self.open.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) if few() => self
+                .reserved
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| "connections at the limit; closed")?,
+            Err(_) => return Err("connections at the limit; closed"),
+        };
+        let share = self
+            .by_source
+            .take(Some(source))
+            .ok_or("connections from this address at the limit; closed")?;
+        Ok((permit, share))
+    }
+}
+
 /// Places held, by source and what they are of (0 when not told).
 type Held = Arc<Mutex<HashMap<(IpAddr, u64), usize>>>;
 
@@ -100,6 +148,34 @@ impl Drop for Share {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    /// A few addresses holding their share each cannot take every place:
+    /// the last ones go to addresses holding fewer than two (the kubelet's
+    /// probe) and to loopback.
+    #[test]
+    fn the_kubelet_finds_a_place_when_others_hold_theirs() {
+        let a = super::Admission::new(64, 16, 8);
+        let ip = |i: u8| std::net::IpAddr::from([10, 0, 0, i]);
+        let mut held = Vec::new();
+        for i in 1..=8 {
+            for _ in 0..8 {
+                if let Ok(p) = a.admit(ip(i)) {
+                    held.push(p);
+                }
+            }
+        }
+        // Six take the open places; the last two, arriving with none, two
+        // reserved ones each.
+        assert_eq!(held.len(), 48 + 2 * 2);
+        assert!(a.admit(ip(1)).is_err(), "past the others' places");
+        let kubelet = ip(200);
+        let first = a.admit(kubelet).expect("a reserved place");
+        let _second = a.admit(kubelet).expect("a second, still few");
+        assert!(a.admit(kubelet).is_err(), "not a third");
+        assert!(a.admit(std::net::Ipv4Addr::LOCALHOST.into()).is_ok());
+        drop(first);
+        assert!(a.admit(kubelet).is_ok(), "its place back");
+    }
+
     use super::*;
 
     fn ip(s: &str) -> Option<IpAddr> {

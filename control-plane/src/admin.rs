@@ -25,6 +25,10 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// and starve the kubelet's probes, which would restart the controller and
 /// take it out of its Service.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
+/// Places kept for loopback and addresses holding fewer than two (the
+/// kubelet's probes), which a few pods holding their share each would
+/// otherwise leave none of.
+pub const RESERVED_CONNECTIONS: usize = 16;
 /// A connection that does not finish a request head in this time, idle ones
 /// included, is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,8 +36,12 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::Receiver<bool>) {
     // Encoded off the serving threads, shared, a tenth of the time at most.
     let metrics = Arc::new(Scrapes::new(move |out| metrics.encode_into(out)));
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let by_source = strait_api::per_source::PerSource::sparing_loopback(MAX_CONNECTIONS_PER_SOURCE);
+    // Loopback, spared, is the controller's own pod.
+    let admission = strait_api::per_source::Admission::new(
+        MAX_CONNECTIONS,
+        RESERVED_CONNECTIONS,
+        MAX_CONNECTIONS_PER_SOURCE,
+    );
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -42,18 +50,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: watch::R
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS, "admin connections at the limit; closed");
-            continue;
-        };
-        // Loopback, spared, is the controller's own pod.
-        let Some(share) = by_source.take(Some(peer.ip().to_canonical())) else {
-            strait_otel::sampled!(warn, client = %peer, limit = MAX_CONNECTIONS_PER_SOURCE, "admin connections from this address at the limit; closed");
-            continue;
+        let place = match admission.admit(peer.ip().to_canonical()) {
+            Ok(place) => place,
+            Err(why) => {
+                strait_otel::sampled!(warn, client = %peer, "admin {why}");
+                continue;
+            }
         };
         let (metrics, ready, h1) = (metrics.clone(), ready.clone(), h1.clone());
         tokio::spawn(async move {
-            let _permit = (permit, share);
+            let _place = place;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (metrics, ready) = (metrics.clone(), ready.clone());
                 async move {

@@ -23,7 +23,6 @@ use crate::defaults;
 use crate::telemetry::log::LogHandle;
 use crate::transport::Drain;
 use crate::transport::drain::ShutdownHandle;
-use strait_api::per_source::PerSource;
 use strait_api::write_deadline::WriteDeadline;
 
 /// Bodies the admin server accepts (a log filter) are small.
@@ -92,62 +91,20 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// place and starve the kubelet's probes (which would restart the proxy, and
 /// the app whose TCP probes come here).
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
-/// Places of `MAX_CONNECTIONS` kept for addresses holding fewer than
-/// `RESERVED_FOR_UNDER` (the kubelet's probes, a scraper) and loopback: six
-/// addresses holding their eight each would otherwise fill the rest.
+/// Places of `MAX_CONNECTIONS` kept for loopback and addresses holding
+/// fewer than two (the kubelet's probes): see `Admission`.
 pub const RESERVED_CONNECTIONS: usize = 16;
-const RESERVED_FOR_UNDER: usize = 2;
-
-/// Who gets an admin connection's place: any address while places are
-/// free, up to its share; the reserved ones only an address holding few.
-struct Admission {
-    open: Arc<tokio::sync::Semaphore>,
-    reserved: Arc<tokio::sync::Semaphore>,
-    by_source: PerSource,
-}
-
-type Place = (
-    tokio::sync::OwnedSemaphorePermit,
-    strait_api::per_source::Share,
-);
-
-impl Admission {
-    fn new() -> Self {
-        Admission {
-            open: Arc::new(tokio::sync::Semaphore::new(
-                MAX_CONNECTIONS - RESERVED_CONNECTIONS,
-            )),
-            reserved: Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS)),
-            // Loopback, spared, is the pod's own containers: not another pod.
-            by_source: PerSource::sparing_loopback(MAX_CONNECTIONS_PER_SOURCE),
-        }
-    }
-
-    fn admit(&self, source: std::net::IpAddr) -> Result<Place, &'static str> {
-        let few = || source.is_loopback() || self.by_source.held_by(source) < RESERVED_FOR_UNDER;
-        let permit = match self.open.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) if few() => self
-                .reserved
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| "admin connections at the limit; closed")?,
-            Err(_) => return Err("admin connections at the limit; closed"),
-        };
-        let share = self
-            .by_source
-            .take(Some(source))
-            .ok_or("admin connections from this address at the limit; closed")?;
-        Ok((permit, share))
-    }
-}
 /// A TCP probe's wait for the app without a timeout of its own (the kubelet's
 /// default), and the longest any may ask for.
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    let admission = Admission::new();
+    let admission = strait_api::per_source::Admission::new(
+        MAX_CONNECTIONS,
+        RESERVED_CONNECTIONS,
+        MAX_CONNECTIONS_PER_SOURCE,
+    );
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // A connection that does not finish a request head in time, idle ones
     // included, is closed.
@@ -165,7 +122,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         let place = match admission.admit(peer.ip().to_canonical()) {
             Ok(place) => place,
             Err(why) => {
-                strait_otel::sampled!(warn, client = %peer, "{why}");
+                strait_otel::sampled!(warn, client = %peer, "admin {why}");
                 continue;
             }
         };
@@ -328,37 +285,6 @@ async fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A few addresses holding their share each cannot take every place:
-    /// the last ones go to addresses holding fewer than two (the kubelet's
-    /// probe) and to loopback.
-    #[test]
-    fn the_kubelet_finds_a_place_when_others_hold_theirs() {
-        let a = Admission::new();
-        let ip = |i: u8| std::net::IpAddr::from([10, 0, 0, i]);
-        let mut held = Vec::new();
-        for i in 1..=8 {
-            for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
-                if let Ok(p) = a.admit(ip(i)) {
-                    held.push(p);
-                }
-            }
-        }
-        // Six take the open places; the last two, arriving with none, two
-        // reserved ones each.
-        assert_eq!(
-            held.len(),
-            MAX_CONNECTIONS - RESERVED_CONNECTIONS + 2 * RESERVED_FOR_UNDER
-        );
-        assert!(a.admit(ip(1)).is_err(), "past the others' places");
-        let kubelet = ip(200);
-        let first = a.admit(kubelet).expect("a reserved place");
-        let _second = a.admit(kubelet).expect("a second, still few");
-        assert!(a.admit(kubelet).is_err(), "not a third");
-        assert!(a.admit(std::net::Ipv4Addr::LOCALHOST.into()).is_ok());
-        drop(first);
-        assert!(a.admit(kubelet).is_ok(), "its place back");
-    }
 
     #[test]
     fn state_changes_answer_loopback_only() {
