@@ -1,6 +1,7 @@
 //! The gRPC protocol between strait proxies and the strait control plane
 //! (package `strait.api.v1`): discovery, inbound policy and identity.
 
+pub mod clock;
 pub mod essential;
 pub mod identity;
 pub mod per_source;

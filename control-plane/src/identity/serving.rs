@@ -97,16 +97,26 @@ pub fn webhook_acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcc
 /// A certificate for `name` that renews itself at half its lifetime, for as
 /// long as the returned resolver is in use.
 fn renewing(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<Arc<Current>> {
+    renewing_by(ca, name, SystemTime::now)
+}
+
+/// As `renewing`, by the wall clock `now`: the certificate expires by it, and
+/// a timer alone does not run while the machine sleeps (a paused VM), which
+/// would renew it hours after it expired (every proxy's handshake, and the
+/// API server's webhook calls, refused meanwhile).
+fn renewing_by(
+    ca: Arc<Ca>,
+    name: ServingName,
+    now: fn() -> SystemTime,
+) -> anyhow::Result<Arc<Current>> {
     let (first, mut not_after) = certified(&ca, &name)?;
     let current = Arc::new(Current(RwLock::new(first)));
     let renewing = Arc::downgrade(&current);
     tokio::spawn(async move {
         let mut failures = 0;
         loop {
-            let left = not_after
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            tokio::time::sleep(renewal_delay(left, failures)).await;
+            let left = not_after.duration_since(now()).unwrap_or_default();
+            strait_api::clock::wall_clock_sleep(now() + renewal_delay(left, failures), now).await;
             let Some(current) = renewing.upgrade() else {
                 return;
             };
@@ -401,6 +411,40 @@ mod tests {
     use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
     use tonic::transport::server::Connected;
+
+    /// The controller's serving certificate is renewed by the wall clock:
+    /// after the machine slept past its renewal time (a paused VM), within a
+    /// step of waking, not when a timer that did not run would end.
+    #[tokio::test(start_paused = true)]
+    async fn the_serving_certificate_is_renewed_by_the_wall_clock() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::{Duration, SystemTime};
+        static SLEPT: AtomicU64 = AtomicU64::new(0);
+        fn now() -> SystemTime {
+            SystemTime::now() + Duration::from_secs(SLEPT.load(Ordering::SeqCst))
+        }
+        let g =
+            crate::identity::ca::generate("cluster.local", Duration::from_secs(86_400)).unwrap();
+        let ca = crate::identity::ca::Ca::from_pem(
+            &g.issuer_cert_pem,
+            &g.issuer_key_pem,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let name = super::ServingName::new("cluster.local", "strait-system", "strait-controller");
+        let current = super::renewing_by(Arc::new(ca), name, now).unwrap();
+        let first = current.0.read().unwrap().clone();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(Arc::ptr_eq(&first, &current.0.read().unwrap()));
+        // A minute of timers, and the machine slept 50 minutes: past half
+        // the hour's life.
+        SLEPT.store(3000, Ordering::SeqCst);
+        tokio::time::sleep(strait_api::clock::WALL_CLOCK_STEP + Duration::from_secs(1)).await;
+        assert!(
+            !Arc::ptr_eq(&first, &current.0.read().unwrap()),
+            "not renewed within a step of waking"
+        );
+    }
 
     /// A renewal is due at half the certificate's life; one that keeps
     /// failing is retried ever less often, 30 s apart at most.
