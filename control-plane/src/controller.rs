@@ -452,6 +452,12 @@ impl Controller {
                     );
                     snap_tx.send_replace(Arc::new(s));
                 }
+                // A directory not filled yet (a git-sync's first sync, a
+                // ConfigMap still to come) serves an empty mesh: said, since
+                // every pod then gets the open default policy.
+                if source.file_count() == 0 {
+                    warn!(dirs = ?self.args.manifests, "no manifest files found: serving an empty mesh until some are written");
+                }
                 clean_tx.send_replace(source.is_clean());
                 essential.spawn("the manifest reader", source.run(snap_tx, clean_tx));
                 Verifier::Manifests(snap_rx.clone())

@@ -200,6 +200,11 @@ fn emptied_just_now(objects: &[Object], old: Option<&FileState>, stamp: &Stamp) 
 }
 
 impl ManifestSource {
+    /// Manifest files read (refused ones included).
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
     /// A source over the YAML files of every directory in `dirs`, read as one set.
     pub fn new(dirs: Vec<PathBuf>, trust_domain: &str, metrics: Arc<Metrics>) -> Self {
         ManifestSource {
