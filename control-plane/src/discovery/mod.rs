@@ -152,6 +152,8 @@ impl Views {
         let mut any_zone = HashMap::<DestKey, (view::Built, Option<Update>)>::new();
         let mut cut = 0i64;
         for ((dest, zone), tx) in watched {
+            // By name and by cluster IP, a Service is one view.
+            let dest = view::canonical(&snap, &dest);
             let (common, next) = any_zone
                 .entry(dest.clone())
                 .or_insert_with(|| (view::build(&snap, &dest, None), None));
@@ -497,6 +499,20 @@ mod tests {
         assert!(svc.watch(to("10.0.0.1:80")).await.is_ok());
         drop(open.pop());
         assert!(svc.watch(to("10.96.0.20:80")).await.is_ok());
+    }
+
+    /// Watched by name and by cluster IP, a Service's view is built once per
+    /// change, and both watchers get that one update.
+    #[test]
+    fn a_service_by_name_and_by_cluster_ip_is_built_once_per_change() {
+        let (_tx, rx) = watch::channel(web_at(1, "10.0.0.1"));
+        let views = Views::new(rx, Metrics::new());
+        let by_name = views.subscribe((DestKey::parse("web.shop:80", "shop").unwrap(), None));
+        let by_ip = views.subscribe((DestKey::ClusterIp("10.96.0.20:80".parse().unwrap()), None));
+        views.round(web_at(2, "10.0.0.2"));
+        let (a, b) = (by_name.borrow().clone(), by_ip.borrow().clone());
+        assert_eq!(endpoints(&a), (2, vec!["10.0.0.2:80".to_string()]));
+        assert!(Arc::ptr_eq(&a, &b), "built twice");
     }
 
     /// A snapshot of one Service whose one endpoint is `addr`, at `version`.

@@ -24,6 +24,21 @@ pub enum DestKey {
     External(String),
 }
 
+/// `key` as the Service it names when it is a Service's cluster IP: the
+/// two spellings make the same view (`build`), built once per change.
+pub fn canonical(snap: &Snapshot, key: &DestKey) -> DestKey {
+    match key {
+        DestKey::ClusterIp(sa) => match snap.by_cluster_ip.get(&sa.ip()) {
+            Some(svc) => DestKey::Service {
+                svc: svc.clone(),
+                port: sa.port(),
+            },
+            None => key.clone(),
+        },
+        _ => key.clone(),
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseDestError {
     #[error("destination {0:?} is not HOST:PORT")]
