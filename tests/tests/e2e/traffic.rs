@@ -847,23 +847,42 @@ async fn a_grpcroute_method_match_retries_unavailable() {
     assert_eq!(other.message(), "no route matches the request");
 }
 
+/// A mesh of one Service `echo` whose endpoint is the gRPC server at `app`
+/// (with `route` attached, if any), a client sidecar with a listener for it,
+/// and an Echo client on that listener; the first three keep it up.
+async fn echo_behind(
+    app: SocketAddr,
+    route: Option<&str>,
+) -> (
+    ManifestDir,
+    ControllerProc,
+    Sidecar,
+    strait_api::testing::echo_client::EchoClient<tonic::transport::Channel>,
+) {
+    let dir = ManifestDir::new();
+    dir.write("svc.yaml", &service(NS, "echo", 80));
+    dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", app));
+    if let Some(route) = route {
+        dir.write("route.yaml", route);
+    }
+    let cp = ControllerProc::start(dir.path()).await;
+    let client = Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
+    let echo = strait_api::testing::echo_client::EchoClient::connect(format!(
+        "http://{}",
+        client.upstreams[0]
+    ))
+    .await
+    .unwrap();
+    (dir, cp, client, echo)
+}
+
 /// A gRPC server lost mid-call (its process gone, its connection closed
 /// without a word) is UNAVAILABLE to the caller, as without the mesh: not
 /// INTERNAL, on which clients neither reconnect a watch nor retry.
 #[tokio::test]
 async fn a_grpc_server_lost_mid_call_is_unavailable() {
     let (app, lose) = strait_tests::grpc::start_lost_mid_call().await;
-    let dir = ManifestDir::new();
-    dir.write("svc.yaml", &service(NS, "echo", 80));
-    dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", app));
-    let cp = ControllerProc::start(dir.path()).await;
-    let client = Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
-    let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(
-        "http://{}",
-        client.upstreams[0]
-    ))
-    .await
-    .unwrap();
+    let (_dir, _cp, client, mut echo) = echo_behind(app, None).await;
     let mut replies = echo
         .server_stream(strait_api::testing::EchoRequest {
             message: "one".into(),
@@ -905,24 +924,10 @@ async fn a_call_the_server_resets_keeps_the_reset_s_code_and_is_not_retried() {
         (h2::Reason::REFUSED_STREAM, tonic::Code::Unavailable, 3),
     ] {
         let (app, calls) = strait_tests::grpc::start_resetting(reason).await;
-        let dir = ManifestDir::new();
-        dir.write("svc.yaml", &service(NS, "echo", 80));
-        dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", app));
-        dir.write(
-            "route.yaml",
-            &format!(
-                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - backendRefs: [{{name: echo, port: 80}}]\n"
-            ),
+        let route = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - backendRefs: [{{name: echo, port: 80}}]\n"
         );
-        let cp = ControllerProc::start(dir.path()).await;
-        let client =
-            Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
-        let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(
-            "http://{}",
-            client.upstreams[0]
-        ))
-        .await
-        .unwrap();
+        let (_dir, _cp, client, mut echo) = echo_behind(app, Some(&route)).await;
         // Once the route (its retries) is known, one call.
         wait::until("the route in force", Duration::from_secs(10), || async {
             metric_sum(client.admin, "strait_proxy_route_requests_total").await > 0.0 || {
@@ -961,18 +966,7 @@ async fn grpc_calls_retried_by(
     strait_api::testing::echo_client::EchoClient<tonic::transport::Channel>,
 ) {
     let grpc: SocketAddr = strait_tests::grpc::start_flaky_echo().await;
-    let dir = ManifestDir::new();
-    dir.write("svc.yaml", &service(NS, "echo", 80));
-    dir.write("slice.yaml", &endpoint(NS, "echo", "echo-0", grpc));
-    dir.write("route.yaml", &route);
-    let cp = ControllerProc::start(dir.path()).await;
-    let client = Sidecar::start(cp.grpc, NS, "client", &["echo.test.svc.cluster.local:80"]).await;
-    let mut echo = strait_api::testing::echo_client::EchoClient::connect(format!(
-        "http://{}",
-        client.upstreams[0]
-    ))
-    .await
-    .unwrap();
+    let (_dir, cp, client, mut echo) = echo_behind(grpc, Some(&route)).await;
     // Until the route is known, calls may fail; then every call succeeds.
     wait::until(
         "the retry route in force",
