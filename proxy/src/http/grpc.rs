@@ -107,6 +107,41 @@ pub const INVALID: usize = 17;
 pub const NONE: usize = 18;
 pub const CANCELLED: usize = 19;
 
+/// The caller's deadline for the call, as gRPC over HTTP/2 writes it.
+pub const TIMEOUT_HEADER: &str = "grpc-timeout";
+
+/// A call's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = headers.get(TIMEOUT_HEADER)?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    if n.is_empty() || n.len() > 8 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `left` as a `grpc-timeout` value: milliseconds, rounded up, or a unit
+/// coarse enough to fit in 8 digits.
+pub fn timeout_value(left: std::time::Duration) -> HeaderValue {
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    let text = if ms < 100_000_000 {
+        format!("{ms}m")
+    } else {
+        format!("{}S", left.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0m"))
+}
+
 /// The call's status, as an index into `LABELS`, from a `grpc-status` field.
 fn code_in(headers: &HeaderMap) -> Option<usize> {
     let v = headers.get("grpc-status")?;

@@ -276,6 +276,19 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             self.metrics.budget_exhausted.inc();
             return None;
         };
+        // The retry tells the server what is left of the caller's deadline,
+        // not the whole of it again.
+        if let Some(d) = self.deadline
+            && req
+                .headers()
+                .contains_key(crate::http::grpc::TIMEOUT_HEADER)
+        {
+            let left = d.saturating_duration_since(tokio::time::Instant::now() + wait);
+            req.headers_mut().insert(
+                crate::http::grpc::TIMEOUT_HEADER,
+                crate::http::grpc::timeout_value(left),
+            );
+        }
         self.retried += 1;
         let notes = crate::telemetry::trace::notes(req).cloned();
         let served_by = rsp.extensions().get::<ServedBy>().map(|s| s.0);
@@ -304,7 +317,14 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         if !self.deposited {
             self.deposited = true;
             self.budget.deposit();
-            self.deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+            // The sooner of the route's timeout and the caller's own gRPC
+            // deadline: a retry the caller will not wait for is not made.
+            let caller = crate::http::grpc::timeout(req.headers());
+            self.deadline = match (self.timeout, caller) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map(|t| tokio::time::Instant::now() + t);
         }
         // An upgrade hands the connection over: there is nothing to send again.
         if req.method() == http::Method::CONNECT || crate::http::upgrade::is_upgrade_request(req) {
@@ -707,6 +727,44 @@ mod tests {
         assert!(
             waits.iter().all(|w| *w >= cap / 2 && *w <= cap),
             "{waits:?}"
+        );
+    }
+
+    /// A gRPC caller's own deadline (`grpc-timeout`) bounds retries as the
+    /// route's timeout does: none that could not start before it, and the
+    /// one made says what is left of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_caller_s_deadline_bounds_retries() {
+        let config = |backoff| RetryConfig {
+            attempts: 3,
+            codes: vec![503],
+            grpc_codes: Vec::new(),
+            backoff,
+        };
+        let call = |timeout: &str| {
+            let mut r = req();
+            r.headers_mut()
+                .insert("grpc-timeout", timeout.parse().unwrap());
+            r
+        };
+        // 50 ms left, a 100 ms backoff: no retry.
+        let mut p = policy_for(config(Duration::from_millis(100)));
+        deposits_of_others(&p);
+        let t: &mut Tower = &mut p;
+        let mut r = call("50m");
+        t.clone_request(&r);
+        assert!(t.retry(&mut r, &mut rsp(503)).is_none());
+        // 2 s left, a 100 ms backoff at most 200: a retry, told what is left.
+        let mut p = policy_for(config(Duration::from_millis(100)));
+        deposits_of_others(&p);
+        let t: &mut Tower = &mut p;
+        let mut r = call("2S");
+        t.clone_request(&r);
+        assert!(t.retry(&mut r, &mut rsp(503)).is_some());
+        let left = crate::http::grpc::timeout(r.headers()).unwrap();
+        assert!(
+            left >= Duration::from_millis(1799) && left <= Duration::from_millis(1900),
+            "{left:?}"
         );
     }
 
