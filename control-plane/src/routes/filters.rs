@@ -77,7 +77,23 @@ const PROXY_OWNED: [http::HeaderName; 8] = [
     http::HeaderName::from_static("proxy-connection"),
 ];
 
-fn headers(at: &str, hs: &[HeaderDoc]) -> Result<Vec<api::Header>, SpecError> {
+/// Whether `name` is one of strait's own fields (`strait-proxy-error`,
+/// `strait-client-id`, …): the proxies set and strip them, and one a filter
+/// set would pass an app's answer for the proxy's, or do nothing.
+fn strait_s(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.starts_with("strait-") || n.starts_with("strait_")
+}
+
+/// Which list of a header filter: `Host` is single-valued, an authority, and
+/// never absent from an HTTP/1.1 request.
+#[derive(Clone, Copy, PartialEq)]
+enum Action {
+    Set,
+    Add,
+}
+
+fn headers(at: &str, hs: &[HeaderDoc], action: Action) -> Result<Vec<api::Header>, SpecError> {
     hs.iter()
         .enumerate()
         .map(|(i, h)| {
@@ -87,6 +103,27 @@ fn headers(at: &str, hs: &[HeaderDoc]) -> Result<Vec<api::Header>, SpecError> {
                     format!("{:?} is not a header name", h.name),
                 ));
             };
+            if strait_s(&h.name) {
+                return Err(SpecError::new(
+                    format!("{at}[{i}].name"),
+                    format!("{:?} is one of strait's own fields, which the proxies set themselves", h.name),
+                ));
+            }
+            if name == http::header::HOST {
+                if action == Action::Add {
+                    return Err(SpecError::new(
+                        format!("{at}[{i}].name"),
+                        "Host has one value: a second would have the request refused (400); use set",
+                    ));
+                }
+                let authority = http::uri::Authority::try_from(h.value.as_str());
+                if authority.is_err() || h.value.contains('@') || h.value.is_empty() {
+                    return Err(SpecError::new(
+                        format!("{at}[{i}].value"),
+                        format!("{:?} is not a host[:port]", h.value),
+                    ));
+                }
+            }
             if PROXY_OWNED.contains(&name) {
                 return Err(SpecError::new(
                     format!("{at}[{i}].name"),
@@ -120,10 +157,18 @@ fn header_modifier(at: &str, m: &HeaderModifierDoc) -> Result<api::HeaderModifie
         SpecError::at_most(format!("{at}.{list}"), len, defaults::MAX_MATCH_VALUES)?;
     }
     for (i, n) in m.remove.iter().enumerate() {
-        if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
-            return Err(SpecError::new(
+        let name = http::HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+            SpecError::new(
                 format!("{at}.remove[{i}]"),
                 format!("{n:?} is not a header name"),
+            )
+        })?;
+        if name == http::header::HOST || strait_s(n) || PROXY_OWNED.contains(&name) {
+            return Err(SpecError::new(
+                format!("{at}.remove[{i}]"),
+                format!(
+                    "{n:?} cannot be removed: the request needs it, or the proxies set it themselves"
+                ),
             ));
         }
     }
@@ -146,8 +191,8 @@ fn header_modifier(at: &str, m: &HeaderModifierDoc) -> Result<api::HeaderModifie
         *i += 1;
     }
     Ok(api::HeaderModifier {
-        set: headers(&format!("{at}.set"), &m.set)?,
-        add: headers(&format!("{at}.add"), &m.add)?,
+        set: headers(&format!("{at}.set"), &m.set, Action::Set)?,
+        add: headers(&format!("{at}.add"), &m.add, Action::Add)?,
         remove: m.remove.clone(),
     })
 }

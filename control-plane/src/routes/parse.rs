@@ -708,6 +708,61 @@ mod tests {
         assert_eq!(r.rules.len(), 2);
     }
 
+    /// A header filter a proxy could not follow is refused, naming the
+    /// field: a second Host (the request refused 400), a Host that is no
+    /// authority, Host removed, and strait's own fields.
+    #[test]
+    fn header_filters_a_proxy_could_not_follow_are_refused() {
+        let at = "/spec/rules/0/filters/0/requestHeaderModifier";
+        for (list, value, field) in [
+            (
+                "add",
+                json!([{"name": "Host", "value": "api.internal"}]),
+                "add[0].name",
+            ),
+            (
+                "set",
+                json!([{"name": "host", "value": "api internal"}]),
+                "set[0].value",
+            ),
+            (
+                "set",
+                json!([{"name": "Host", "value": "u:p@api"}]),
+                "set[0].value",
+            ),
+            ("remove", json!(["x-b", "Host"]), "remove[1]"),
+            (
+                "set",
+                json!([{"name": "strait-proxy-error", "value": "x"}]),
+                "set[0].name",
+            ),
+            (
+                "add",
+                json!([{"name": "Strait-Client-Id", "value": "x"}]),
+                "add[0].name",
+            ),
+        ] {
+            let mut v = route();
+            set(&mut v, &format!("{at}/remove"), json!([]));
+            set(&mut v, &format!("{at}/set"), json!([]));
+            set(&mut v, &format!("{at}/{list}"), value.clone());
+            assert_eq!(
+                field_of(&v),
+                format!("spec.rules[0].filters[0].requestHeaderModifier.{field}"),
+                "{list} {value}"
+            );
+        }
+        // Host set to an authority is a route a proxy follows.
+        let mut v = route();
+        set(&mut v, &format!("{at}/remove"), json!([]));
+        set(
+            &mut v,
+            &format!("{at}/set"),
+            json!([{"name": "Host", "value": "api.internal:8080"}]),
+        );
+        assert_eq!(parsed(&v).rules.len(), 2);
+    }
+
     /// Gateway API's ReplacePrefixMatch table has an empty replacement
     /// (`/foo/bar` to `/bar`): the prefix taken off.
     #[test]

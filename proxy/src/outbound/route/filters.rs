@@ -236,7 +236,9 @@ fn rewrite_path(uri: &Uri, p: &PathModifier, matched_prefix: Option<&str>) -> St
             if prefix != "/" && rest == "/" {
                 return with_query(format!("{base}/"), uri);
             }
-            let rest = rest.trim_start_matches('/');
+            // The one slash that joined prefix and rest: `/foo//bar` keeps
+            // its second (an object key's, say).
+            let rest = rest.strip_prefix('/').unwrap_or(rest);
             if rest.is_empty() {
                 if base.is_empty() {
                     "/".into()
@@ -375,6 +377,8 @@ mod tests {
             ("/foo", "/foo", "", "/"),
             ("/foo/", "/foo", "/", "/"),
             ("/foo", "/foo", "/", "/"),
+            ("/foo//bar", "/foo", "/xyz", "/xyz//bar"),
+            ("/foo//", "/foo", "/xyz", "/xyz//"),
         ] {
             let uri: Uri = path.parse().unwrap();
             let p = PathModifier::Prefix(replacement.into());
