@@ -55,6 +55,11 @@ pub struct Stages {
     routes: Vec<RouteStage>,
     backends: HashMap<Arc<str>, Arc<Endpoints>>,
     replay_limit: usize,
+    metrics: Arc<Metrics>,
+    /// The series of requests no rule matches (`route="unmatched"`), made
+    /// with the first: a route that 404s everything shows as failing, not
+    /// as no traffic.
+    unmatched: OnceLock<Arc<RouteMetrics>>,
 }
 
 impl std::fmt::Debug for Stages {
@@ -149,6 +154,8 @@ impl Stages {
             routes,
             backends,
             replay_limit: b.replay_limit,
+            metrics: b.metrics.clone(),
+            unmatched: OnceLock::new(),
         }
     }
 
@@ -174,7 +181,16 @@ impl Stages {
         });
         let Some((i, prefix)) = selected else {
             // Routes are attached and none matches: Gateway API says 404.
-            return error_response(StatusCode::NOT_FOUND, "no route matches the request");
+            let m = self
+                .unmatched
+                .get_or_init(|| self.metrics.route(&self.view.name, "unmatched", ""));
+            m.requests.inc();
+            let grpc = crate::http::grpc::is_call(&req)
+                .then(|| crate::http::grpc::UntilAnswered::new(m.clone()));
+            let rsp = error_response(StatusCode::NOT_FOUND, "no route matches the request");
+            m.latency.observe(0.0);
+            m.responses[status_index(rsp.status())].inc();
+            return crate::http::grpc::UntilAnswered::respond(grpc, rsp);
         };
         let stage = &self.routes[i];
         if let Some(n) = crate::telemetry::trace::notes(&req) {

@@ -832,7 +832,7 @@ async fn a_grpc_method_route_retries_unavailable() {
 /// answered UNIMPLEMENTED (Gateway API's 404).
 #[tokio::test]
 async fn a_grpcroute_method_match_retries_unavailable() {
-    let (_mesh, mut echo) = grpc_calls_retried_by(format!(
+    let (mesh, mut echo) = grpc_calls_retried_by(format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: echo\n  namespace: {NS}\n  annotations: {{retry.strait.dev/grpc-codes: unavailable}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo}}]\n  rules:\n  - matches: [{{method: {{service: strait.testing.v1.Echo, method: Unary}}}}]\n    backendRefs: [{{name: echo, port: 80}}]\n"
     ))
     .await;
@@ -845,6 +845,15 @@ async fn a_grpcroute_method_match_retries_unavailable() {
         .expect_err("no rule matches ServerStream");
     assert_eq!(other.code(), tonic::Code::Unimplemented, "{other:?}");
     assert_eq!(other.message(), "no route matches the request");
+    // Counted, as the Service's unmatched requests: a route that answers
+    // everything 404 shows as failing, not as no traffic.
+    let (_, text) = wait::admin_get(mesh.1.admin, "/metrics").await.unwrap();
+    for line in [
+        "strait_proxy_route_requests_total{service=\"echo.test.svc.cluster.local:80\",route=\"unmatched\",rule=\"\"} 1",
+        "strait_proxy_route_grpc_responses_total{service=\"echo.test.svc.cluster.local:80\",route=\"unmatched\",rule=\"\",grpc_status=\"12\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
 }
 
 /// A mesh of one Service `echo` whose endpoint is the gRPC server at `app`
