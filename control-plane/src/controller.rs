@@ -460,7 +460,7 @@ impl Controller {
                 }
                 clean_tx.send_replace(source.is_clean());
                 essential.spawn("the manifest reader", source.run(snap_tx, clean_tx));
-                Verifier::Manifests(snap_rx.clone())
+                Verifier::manifests(snap_rx.clone())
             }
             Feed::Kubernetes(client) => {
                 let (statuses_tx, statuses_rx) = watch::channel(Statuses::default());

@@ -227,7 +227,7 @@ impl Authenticator {
                     // known by its digest, whatever its claims say.
                     let (until, digest) = match &self.tokens {
                         Verifier::Kubernetes(_) => (crate::kubernetes::tokens::expiry(token), None),
-                        Verifier::Manifests(_) => (None, Some(TokenDigest::of(token))),
+                        Verifier::Manifests(..) => (None, Some(TokenDigest::of(token))),
                     };
                     // A review answered (or cached) a moment before the
                     // token's end proves nothing past it.
@@ -371,7 +371,7 @@ mod tests {
         let auth = Authenticator::new(
             Arc::new(ca.unwrap()),
             rx.clone(),
-            Verifier::Manifests(rx),
+            Verifier::manifests(rx),
             Metrics::new(),
         );
         (auth, issuer)
@@ -560,7 +560,7 @@ mod tests {
         let (tx, rx) = watch::channel(Arc::new(snap.clone()));
         let auth = Authenticator {
             snapshot: rx.clone(),
-            tokens: Verifier::Manifests(rx.clone()),
+            tokens: Verifier::manifests(rx.clone()),
             ..auth
         };
         let metrics = Metrics::new();

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::defaults;
-use crate::identity::tokens::TokenError;
+use crate::identity::tokens::{Refusing, TokenError};
 use crate::index::{ObjKey, TokenDigest};
 use strait_api::per_source::PerSource;
 
@@ -66,44 +66,6 @@ impl Drop for Unlist {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.1);
-    }
-}
-
-/// Refused reviews one address may cause per `REFUSALS_WINDOW`. A pod's own
-/// token is refused only while the API server does not know it yet; made-up
-/// tokens, each differing so that no cached refusal serves, would otherwise
-/// cost the API server a review each, as fast as the address can ask. Past
-/// this, the address's uncached tokens wait for the window's end unreviewed.
-const REFUSALS_PER_SOURCE: u32 = 8;
-const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
-/// Addresses whose refusals are counted, at most (ended windows go first).
-const REFUSING_SOURCES_MAX: usize = 4096;
-
-/// Refused reviews per address, in its current window.
-#[derive(Debug, Default)]
-struct Refusing(Mutex<HashMap<IpAddr, (Instant, u32)>>);
-
-impl Refusing {
-    /// Whether `source` has caused its share of refusals in this window.
-    fn exhausted(&self, source: IpAddr, now: Instant) -> bool {
-        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        held.get(&source)
-            .is_some_and(|(since, n)| now < *since + REFUSALS_WINDOW && *n >= REFUSALS_PER_SOURCE)
-    }
-
-    fn refused(&self, source: IpAddr, now: Instant) {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if held.len() >= REFUSING_SOURCES_MAX && !held.contains_key(&source) {
-            held.retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
-            if held.len() >= REFUSING_SOURCES_MAX {
-                return;
-            }
-        }
-        let (since, n) = held.entry(source).or_insert((now, 0));
-        if now >= *since + REFUSALS_WINDOW {
-            (*since, *n) = (now, 0);
-        }
-        *n += 1;
     }
 }
 
@@ -378,6 +340,7 @@ fn account(r: &TokenReview, audience: &str) -> Result<ObjKey, TokenError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::identity::tokens::{REFUSALS_PER_SOURCE, REFUSALS_WINDOW};
     use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
 
     fn reviewed(authenticated: bool, user: &str, audiences: &[&str]) -> TokenReview {
