@@ -230,7 +230,7 @@ impl Line {
                 if let Some(g) = self.grpc_status {
                     v["grpc_status"] = g.into();
                 }
-                format!("{v}\n")
+                ascii_json(&v)
             }
             LogFormat::Text => {
                 use std::fmt::Write;
@@ -302,6 +302,41 @@ pub fn bounded(mut s: String) -> String {
     s
 }
 
+/// `v` as one line of JSON in ASCII alone: anything else in a string (a
+/// path may carry U+2028, U+0085, U+009B or U+202E) is written `\uXXXX`.
+/// serde_json escapes only the C0 controls, and the others would reach a
+/// terminal, or a reader splitting lines on Unicode line breaks, as they are.
+fn ascii_json(v: &serde_json::Value) -> String {
+    struct Ascii;
+    impl serde_json::ser::Formatter for Ascii {
+        fn write_string_fragment<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            fragment: &str,
+        ) -> std::io::Result<()> {
+            for c in fragment.chars() {
+                if c.is_ascii() {
+                    w.write_all(&[c as u8])?;
+                } else {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        write!(w, "\\u{u:04x}")?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut out = Vec::with_capacity(256);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, Ascii);
+    if serde::Serialize::serialize(v, &mut ser).is_err() {
+        return "{}\n".into();
+    }
+    out.push(b'\n');
+    // ASCII throughout.
+    String::from_utf8(out).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,6 +386,19 @@ mod tests {
             None,
             None,
         )
+    }
+
+    /// A path's Unicode line breaks, C1 controls and direction overrides
+    /// reach the JSON line escaped (ASCII alone), and read back as sent.
+    #[test]
+    fn a_json_line_is_ascii_and_reads_back_as_sent() {
+        let path = "/a\u{2028}b\u{85}c\u{9b}2J\u{202e}d\u{1f600}";
+        let req = Request::get(path).header("host", "web").body(()).unwrap();
+        let json = answered(&req).render(LogFormat::Json);
+        assert!(json.trim_end().is_ascii(), "{json:?}");
+        assert_eq!(json.matches('\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["path"], path);
     }
 
     #[tokio::test]
