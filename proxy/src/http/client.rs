@@ -862,13 +862,16 @@ pub struct Upstream {
 
 #[derive(Clone, Debug)]
 pub struct ClientCache {
-    /// Outbound clients (to endpoints, peer proxies) and inbound clients
-    /// shared by callers.
+    /// Outbound clients (to endpoints, peer proxies).
     shared: Arc<Mutex<Pools>>,
-    /// Inbound clients of one caller each (`PoolPerCaller`), apart: callers
-    /// anyone can multiply (one per address that reaches the pod) must not
-    /// evict the clients of this pod's own requests.
+    /// Inbound HTTP/2 clients of one caller each (`PoolPerCaller`), apart:
+    /// callers anyone can multiply (one per address that reaches the pod)
+    /// must not evict the clients of this pod's own requests.
     per_caller: Arc<Mutex<Pools>>,
+    /// Inbound HTTP/1 clients, shared by callers (one request at a time per
+    /// connection), apart too: a caller's requests to many ports of the pod
+    /// must not evict this pod's outbound clients either.
+    inbound: Arc<Mutex<Pools>>,
     connect_timeout: Duration,
     tls: Option<PeerTls>,
 }
@@ -903,6 +906,7 @@ impl ClientCache {
         ClientCache {
             shared: Arc::default(),
             per_caller: Arc::default(),
+            inbound: Arc::default(),
             connect_timeout,
             tls,
         }
@@ -916,7 +920,8 @@ impl ClientCache {
     /// The client for `addr`, speaking HTTP/2 with prior knowledge when `h2`; over
     /// mTLS verifying `peer` when it is a peer proxy and this proxy has an identity.
     /// `timeout` overrides the connect timeout (a backend policy's); `caller`
-    /// keeps the caller's connections apart from other callers'.
+    /// (an inbound request's) keeps the caller's HTTP/2 connections apart
+    /// from other callers', and inbound clients apart from outbound ones.
     /// `forward_proxy`: `addr` is an HTTP forward proxy, sent HTTP/1 requests
     /// in absolute form.
     pub fn get(
@@ -930,10 +935,10 @@ impl ClientCache {
     ) -> Upstream {
         let forward_proxy = forward_proxy && !h2 && peer.is_none();
         let peer = peer.filter(|_| self.tls.is_some());
-        let pools = if caller.is_some() {
-            &self.per_caller
-        } else {
-            &self.shared
+        let (pools, caller) = match caller {
+            Some(c) if h2 => (&self.per_caller, Some(c)),
+            Some(_) => (&self.inbound, None),
+            None => (&self.shared, None),
         };
         let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
         pools.tick += 1;
@@ -1033,6 +1038,12 @@ mod tests {
         for i in 0..defaults::MAX_CLIENT_POOLS * 2 {
             let caller = PoolPerCaller(address(i).ip());
             cache.get(app, true, None, None, Some(caller), false);
+        }
+        // One caller's HTTP/1 requests to many ports of the pod.
+        let caller = PoolPerCaller(address(1).ip());
+        for port in 1..=(defaults::MAX_CLIENT_POOLS * 2) as u16 {
+            let app = SocketAddr::from(([127, 0, 0, 1], port));
+            cache.get(app, false, None, None, Some(caller), false);
         }
         let (kept, shared, per_caller) = cache.kept(peer, true);
         assert!(kept, "the outbound client is kept");

@@ -126,7 +126,7 @@ impl Forward {
             h2,
             to_peer.as_ref().map(|p| &p.identity),
             connect_timeout,
-            caller.filter(|_| h2),
+            caller,
             forward_proxy,
         );
         // An HTTP/1 pool connects only once it has the request: keep its head.
