@@ -124,8 +124,17 @@ impl Outbound {
                     strait_otel::sampled!(warn, client = %acc.client.0, "non-HTTP connection with no original destination, closed");
                 }
             },
-            Protocol::Http1 => self.http.serve(io, false, layers, &meta).await,
-            Protocol::Http2 => self.http.serve(io, true, layers, &meta).await,
+            // Each request resolves its destination afresh: the answer had
+            // for detection is let go, not held (with its stages and
+            // endpoints) for as long as the connection lives.
+            Protocol::Http1 => {
+                drop(resolved);
+                self.http.serve(io, false, layers, &meta).await
+            }
+            Protocol::Http2 => {
+                drop(resolved);
+                self.http.serve(io, true, layers, &meta).await
+            }
         }
     }
 }
