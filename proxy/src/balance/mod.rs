@@ -247,11 +247,15 @@ impl Endpoints {
         prev: Option<&Endpoints>,
         metrics: Arc<BackendMetrics>,
     ) -> Arc<Self> {
-        let old: HashMap<SocketAddr, &Arc<EndpointState>> = prev
+        // By address and identity: a pod IP reused by a pod of another
+        // account is another endpoint, not the heir of the old one's
+        // ejection and latency.
+        let key = |e: &Endpoint| (e.addr, e.proxy.as_ref().map(|p| p.identity.clone()));
+        let old: HashMap<_, &Arc<EndpointState>> = prev
             .map(|p| {
                 p.slots
                     .iter()
-                    .map(|s| (s.endpoint.addr, &s.state))
+                    .map(|s| (key(&s.endpoint), &s.state))
                     .collect()
             })
             .unwrap_or_default();
@@ -264,7 +268,7 @@ impl Endpoints {
                     .as_ref()
                     .map(|p| ToPeer::new(e.addr.port(), p.identity.clone())),
                 state: old
-                    .get(&e.addr)
+                    .get(&key(e))
                     .map(|s| Arc::clone(s))
                     .unwrap_or_else(|| Arc::new(EndpointState::new())),
             })
@@ -1018,6 +1022,47 @@ mod tests {
         in_flight.expect("a request on endpoint 1").failed();
         assert_eq!(b.metrics.ejected.get(), 0, "none of the list in force");
         drop(newer);
+    }
+
+    /// An address now held by a pod of another identity is a new endpoint:
+    /// it does not inherit the old one's ejection. The same pod keeps it.
+    #[tokio::test(start_paused = true)]
+    async fn an_address_of_another_identity_does_not_inherit_its_ejection() {
+        let as_ = |account: &str| {
+            let id = crate::identity::Identity::of("cluster.local", "shop", account).unwrap();
+            let mut es = eps(2);
+            for e in &mut es {
+                e.proxy = Some(crate::control::view::PeerProxy {
+                    port: 4143,
+                    identity: id.clone(),
+                });
+            }
+            es
+        };
+        let mut config = BackendConfig {
+            lb: LbConfig::RoundRobin,
+            ..Default::default()
+        };
+        config.breaker.base_ejection = Duration::from_secs(5);
+        let b = Endpoints::new("b".into(), &as_("web"), config, None, Default::default());
+        drop(eject_the_first(&b, false).await);
+        assert_eq!(b.ejected(), 1);
+        let same = Endpoints::new(
+            "b".into(),
+            &as_("web"),
+            b.config.clone(),
+            Some(&b),
+            b.metrics.clone(),
+        );
+        assert_eq!(same.ejected(), 1, "the same pod keeps its ejection");
+        let reused = Endpoints::new(
+            "b".into(),
+            &as_("db"),
+            b.config.clone(),
+            Some(&same),
+            b.metrics.clone(),
+        );
+        assert_eq!(reused.ejected(), 0, "another pod at the address");
     }
 
     /// A backend gone from discovery (dropped from its route, its Service
