@@ -417,17 +417,22 @@ fn in_kind(rsp: Response<BoxBody>) -> Response<BoxBody> {
     };
     let (mut head, _) = rsp.into_parts();
     head.status = StatusCode::OK;
-    let h = &mut head.headers;
-    h.remove(http::header::CONTENT_LENGTH);
+    head.headers.remove(http::header::CONTENT_LENGTH);
+    trailers_only(&mut head.headers, code, reason.as_bytes());
+    Response::from_parts(head, super::empty())
+}
+
+/// The fields of a trailers-only gRPC answer: the call ends with `code`,
+/// `reason` its message.
+fn trailers_only(h: &mut HeaderMap, code: usize, reason: &[u8]) {
     h.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from_static(LABELS[code]));
-    if let Some(v) = message(reason.as_bytes()) {
+    if let Some(v) = message(reason) {
         h.insert("grpc-message", v);
     }
-    Response::from_parts(head, super::empty())
 }
 
 /// A call's response whose upstream is lost mid-call (its connection closed
@@ -503,17 +508,8 @@ pub fn reset_answer(
         _ => 13,
     };
     let mut rsp = Response::new(super::empty());
-    let h = rsp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from_static(LABELS[code]));
-    if let Some(m) =
-        message(format!("upstream {upstream} reset the stream ({reason:?})").as_bytes())
-    {
-        h.insert("grpc-message", m);
-    }
+    let why = format!("upstream {upstream} reset the stream ({reason:?})");
+    trailers_only(rsp.headers_mut(), code, why.as_bytes());
     Some(rsp)
 }
 

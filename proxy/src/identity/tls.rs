@@ -129,22 +129,18 @@ struct SessionsOfOneCertificate {
 #[derive(Debug)]
 struct Sessions {
     generation: u64,
-    since: tokio::time::Instant,
+    /// Until when a handshake that picked an earlier certificate may finish.
+    settles_at: Option<tokio::time::Instant>,
     store: Arc<dyn StoresServerSessions>,
 }
 
 impl Sessions {
     /// `renewed`: a certificate before this one may still be in handshakes.
     fn of(generation: u64, renewed: bool) -> Self {
-        let now = tokio::time::Instant::now();
         Sessions {
             generation,
-            since: match renewed {
-                true => now,
-                false => now
-                    .checked_sub(crate::defaults::TLS_HANDSHAKE_TIMEOUT)
-                    .unwrap_or(now),
-            },
+            settles_at: renewed
+                .then(|| tokio::time::Instant::now() + crate::defaults::TLS_HANDSHAKE_TIMEOUT),
             store: fresh_sessions(),
         }
     }
@@ -160,7 +156,9 @@ impl SessionsOfOneCertificate {
             // Generation 0 held no certificate: nothing to have picked.
             *cache = Sessions::of(generation, cache.generation != 0);
         }
-        let unsettled = cache.since.elapsed() < crate::defaults::TLS_HANDSHAKE_TIMEOUT;
+        let unsettled = cache
+            .settles_at
+            .is_some_and(|t| tokio::time::Instant::now() < t);
         (cache.store.clone(), unsettled)
     }
 }
