@@ -228,12 +228,22 @@ fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey
             name: t.name.clone(),
         };
         return selects(snap, &svc, pod)
-            || snap
-                .slices
-                .get(&svc)
-                .is_some_and(|slices| slices.values().any(|s| s.pods.binary_search(pod).is_ok()));
+            || snap.slices.get(&svc).is_some_and(|slices| {
+                slices
+                    .values()
+                    .any(|s| s.pods.binary_search(pod).is_ok() || unnamed_at(snap, s, pod))
+            });
     }
     false
+}
+
+/// Whether the slice lists the pod's address without naming a pod, and the pod
+/// is alone there: the pod the Service's callers reach (see `index::view`).
+fn unnamed_at(snap: &Snapshot, slice: &crate::index::SliceInfo, pod: &ObjKey) -> bool {
+    slice
+        .unnamed
+        .iter()
+        .any(|a| snap.pod_at(*a).is_some_and(|(k, _)| k == pod))
 }
 
 /// Whether the Service's selector picks the pod. Its slices list a new pod
@@ -729,6 +739,59 @@ endpoints:
         let mode = |p: ObjKey| workload_policy(&snap, &p).default.unwrap().mode;
         assert_eq!(mode(pod("shop", "other-0")), strict);
         assert_eq!(mode(pod("shop", "web-0")), permissive);
+    }
+
+    /// Endpoints an operator writes for a Service without a selector may
+    /// name no pod (Patroni's leader Endpoints): the pod alone at such an
+    /// address is what the Service reaches, and its `targetRef` policy covers
+    /// it, as it covers a pod a slice names.
+    #[test]
+    fn a_target_ref_policy_covers_the_pod_at_an_endpoint_naming_none() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {serviceAccountName: db, containers: [{name: db, image: db}]}
+status: {phase: Running, podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {serviceAccountName: db, containers: [{name: db, image: db}]}
+status: {phase: Running, podIP: 10.1.0.10, podIPs: [{ip: 10.1.0.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-leader, namespace: shop}
+spec: {ports: [{name: pg, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-leader-mirrored, namespace: shop, labels: {kubernetes.io/service-name: db-leader}}
+addressType: IPv4
+ports: [{name: pg, port: 5432}]
+endpoints: [{addresses: [10.1.0.9]}]
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-leader, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: db-leader}
+  mtls: STRICT
+"#;
+        let mut snap = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let mode = |name: &str| {
+            let pod = ObjKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            };
+            workload_policy(&snap, &pod).default.unwrap().mode
+        };
+        assert_eq!(mode("db-0"), api::MtlsMode::Strict as i32);
+        assert_eq!(mode("db-1"), api::MtlsMode::Permissive as i32);
     }
 
     #[test]

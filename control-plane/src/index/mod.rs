@@ -91,6 +91,10 @@ pub struct SliceInfo {
     /// brings no endpoints, IPv6 or FQDN, too). Looked up for every pod at
     /// every change, so sorted here once rather than scanned there.
     pub pods: Vec<ObjKey>,
+    /// The addresses of its endpoints that name no pod (written by hand or by
+    /// an operator), sorted: whichever pod is alone at one is a member too.
+    /// Usually none, so a policy's members are not found by a scan.
+    pub unnamed: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -436,6 +440,7 @@ impl SnapshotBuilder {
                     ports,
                     endpoints,
                     pods,
+                    unnamed: Vec::new(),
                 },
             ));
         }
@@ -497,6 +502,7 @@ impl SnapshotBuilder {
             k.name,
             SliceInfo {
                 ports,
+                unnamed: unnamed(&endpoints),
                 endpoints,
                 pods,
             },
@@ -637,6 +643,18 @@ impl SnapshotBuilder {
 
 /// `22,9000-9010` as ranges; what does not read as ports is left out (the
 /// injector refuses such values before a pod runs with them).
+/// The sorted addresses of endpoints that name no pod.
+fn unnamed(endpoints: &[EndpointInfo]) -> Vec<IpAddr> {
+    let mut a: Vec<IpAddr> = endpoints
+        .iter()
+        .filter(|e| e.pod.is_none())
+        .map(|e| e.addr)
+        .collect();
+    a.sort_unstable();
+    a.dedup();
+    a
+}
+
 fn port_ranges(v: &str) -> Vec<(u16, u16)> {
     let port = |p: &str| p.trim().parse::<u16>().ok();
     v.split(',')

@@ -396,8 +396,11 @@ fn endpoints(
     // Endpoints whose pod is no longer at their address are left out first,
     // so that they do not count as the ready ones either.
     let live = |e: &crate::index::EndpointInfo| -> Option<Option<(&ObjKey, &PodInfo)>> {
+        // Written by hand or by an operator (Patroni's leader Endpoints):
+        // whichever pod is at the address alone, as the address itself would
+        // be called, and none where two claim it.
         let Some(k) = e.pod.as_ref() else {
-            return Some(None);
+            return Some(snap.pod_at(e.addr));
         };
         // Another pod claims the address: the pod named (recreated, gone,
         // or ended with its end not seen yet) may not be what answers there,
@@ -1322,6 +1325,55 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
             .find(|e| e.addr.as_ref().unwrap().addr == "10.1.0.9:8080")
             .unwrap();
         assert!(pod.identity.is_some() && pod.proxy_port != 0, "{pod:?}");
+    }
+
+    /// Endpoints written by hand or by an operator (Patroni's leader Service,
+    /// Endpoints mirrored into slices) name no pod: one at a meshed pod's
+    /// address is that pod, called over mTLS as its address alone would be,
+    /// not in plaintext that a STRICT pod refuses. Unmeshed addresses stay
+    /// plaintext.
+    #[test]
+    fn an_endpoint_naming_no_pod_at_a_meshed_pod_s_address_is_that_pod() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {serviceAccountName: db, containers: [{name: db, image: db}]}
+status: {phase: Running, podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-leader, namespace: shop}
+spec: {ports: [{name: pg, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-leader-mirrored, namespace: shop, labels: {kubernetes.io/service-name: db-leader}}
+addressType: IPv4
+ports: [{name: pg, port: 5432}]
+endpoints: [{addresses: [10.1.0.9]}, {addresses: [10.9.0.1]}]
+"#;
+        let s = snapshot(yaml);
+        let leader = service(&s, &svc("shop", "db-leader", 5432));
+        let b = &leader.backends[0];
+        assert_eq!(addrs(b), ["10.1.0.9:5432", "10.9.0.1:5432"]);
+        let at = |a: &str| {
+            b.endpoints
+                .iter()
+                .find(|e| e.addr.as_ref().unwrap().addr == a)
+                .unwrap()
+        };
+        let pod = at("10.1.0.9:5432");
+        assert_eq!(pod.proxy_port, 4143, "{pod:?}");
+        assert_eq!(
+            pod.identity.as_ref().map(|i| i.spiffe_id.as_str()),
+            Some("spiffe://cluster.local/ns/shop/sa/db")
+        );
+        let outside = at("10.9.0.1:5432");
+        assert!(
+            outside.identity.is_none() && outside.proxy_port == 0,
+            "{outside:?}"
+        );
     }
 
     /// An ExternalName Service is an alias, not a meshed Service without
