@@ -99,7 +99,7 @@ where
             let mut rsp = unresolved("backend not found");
             b.metrics.responses[status_index(rsp.status())].inc();
             if grpc {
-                rsp = crate::http::grpc::on_status(rsp, b.metrics.grpc.clone());
+                rsp = crate::http::grpc::on_status(rsp, b.metrics.clone());
             }
             return Either::Left(ready(Ok(rsp)));
         };
@@ -139,7 +139,7 @@ where
             .observe(this.start.elapsed().as_secs_f64());
         this.metrics.responses[status_index(rsp.status())].inc();
         let rsp = match *this.grpc {
-            true => crate::http::grpc::on_status(rsp, this.metrics.grpc.clone()),
+            true => crate::http::grpc::on_status(rsp, this.metrics.clone()),
             false => rsp,
         };
         Poll::Ready(Ok(rsp))

@@ -324,6 +324,12 @@ impl grpc::OnStatus for Arc<RouteMetrics> {
     }
 }
 
+impl grpc::OnStatus for Arc<RouteBackendMetrics> {
+    fn status(self, code: usize) {
+        self.grpc.count(code);
+    }
+}
+
 impl grpc::OnStatus for Arc<PeerMetrics> {
     fn status(self, code: usize) {
         self.grpc.count(code);
@@ -1180,7 +1186,10 @@ mod tests {
         // What the call's response body holds once its stages are gone.
         let call = (
             m.route("old:80", "shop/old", "0"),
-            Some(m.inbound_peer(Some(&caller))),
+            (
+                m.route_backend("old:80", "shop/old", "0", "old-v2"),
+                Some(m.inbound_peer(Some(&caller))),
+            ),
         );
         let t0 = Instant::now();
         let before = series(&m.encode());
@@ -1193,6 +1202,7 @@ mod tests {
         let text = m.encode();
         for counted in [
             "strait_proxy_route_grpc_responses_total{service=\"old:80\",route=\"shop/old\",rule=\"0\",grpc_status=\"0\"} 1",
+            "strait_proxy_backend_grpc_responses_total{service=\"old:80\",route=\"shop/old\",rule=\"0\",backend=\"old-v2\",grpc_status=\"0\"} 1",
             "strait_proxy_inbound_peer_grpc_responses_total{peer=\"spiffe://cluster.local/ns/ci-4711/sa/tests\",grpc_status=\"0\"} 1",
         ] {
             assert!(text.contains(counted), "{counted}: {text}");
