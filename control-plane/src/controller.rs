@@ -14,8 +14,8 @@ use tracing::{error, info, warn};
 
 use crate::discovery::{DiscoveryService, Views};
 use crate::identity::IdentityService;
-use crate::identity::ca::Ca;
 use crate::identity::caller::Authenticator;
+use crate::identity::issuer::Issuer;
 use crate::identity::serving::{self, ServingName};
 use crate::identity::tokens::Verifier;
 use crate::index::Snapshot;
@@ -230,7 +230,7 @@ enum Feed {
 pub struct Controller {
     args: ControllerArgs,
     feed: Feed,
-    ca: Option<Arc<Ca>>,
+    ca: Option<Arc<Issuer>>,
     grpc: TcpListener,
     admin: TcpListener,
     webhook: Option<Webhook>,
@@ -273,18 +273,12 @@ impl Controller {
             .into());
         }
         let ca = match (&args.issuer_cert, &args.issuer_key) {
-            (Some(c), Some(k)) => Some(Arc::new(
-                Ca::load(c, k, args.cert_lifetime).map_err(|e| FlagError(e.to_string()))?,
-            )),
+            (Some(c), Some(k)) => Some(
+                Issuer::load(c, k, args.trust_anchors.as_deref(), args.cert_lifetime)
+                    .map_err(|e| FlagError(e.to_string()))?,
+            ),
             _ => None,
         };
-        // Anchors the issuer does not chain to would be handed to every
-        // injected proxy, and every mTLS handshake would fail.
-        if let (Some(ca), Some(anchors)) = (&ca, &args.trust_anchors) {
-            let pem = crate::inject::read_anchors("--trust-anchors", anchors).map_err(FlagError)?;
-            ca.chains_to(&pem)
-                .map_err(|e| FlagError(format!("--issuer-cert and --trust-anchors: {e}")))?;
-        }
         let grpc = TcpListener::bind(args.grpc_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on --grpc-addr {}: {e}", args.grpc_addr))?;
@@ -341,7 +335,7 @@ impl Controller {
 
     async fn webhook(
         args: &ControllerArgs,
-        ca: Option<&Arc<Ca>>,
+        ca: Option<&Arc<Issuer>>,
         addr: SocketAddr,
     ) -> anyhow::Result<Webhook> {
         let anchors_file = args.trust_anchors.as_ref().ok_or_else(|| {
@@ -395,10 +389,15 @@ impl Controller {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let metrics = Metrics::issuing_until(self.ca.as_ref().and_then(|ca| {
-            let at = ca.issuer_not_after().duration_since(std::time::UNIX_EPOCH);
-            at.ok().map(|d| d.as_secs() as i64)
-        }));
+        let metrics = Metrics::issuing_until(self.ca.as_ref().map(|i| unix_secs(&i.current())));
+        if let Some(issuer) = &self.ca {
+            let m = metrics.clone();
+            tokio::spawn(crate::identity::issuer::reload_every(
+                Arc::downgrade(issuer),
+                defaults::ISSUER_RELOAD,
+                move |ca| m.issuer_expires_at(unix_secs(ca)),
+            ));
+        }
         if let Some(endpoint) = &self.args.otlp_endpoint {
             let exporter = strait_otel::Exporter::start(
                 strait_otel::ExportConfig {
@@ -696,6 +695,12 @@ impl Controller {
             None => Ok(()),
         }
     }
+}
+
+/// When the issuer expires, in Unix seconds.
+fn unix_secs(ca: &crate::identity::ca::Ca) -> i64 {
+    let at = ca.issuer_not_after().duration_since(std::time::UNIX_EPOCH);
+    at.map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `--pod-name`: the Lease's holder. Empty would be every such replica's

@@ -142,6 +142,8 @@ pub const WATCHES_PER_SOURCE_AND_VIEW: usize = 16;
 pub const GRPC_CONNECTIONS_PER_SOURCE: usize = 32;
 /// Largest gRPC message accepted: a CSR and a token are a few KiB.
 pub const GRPC_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How often `--issuer-cert`/`--issuer-key` are read again for a renewed issuer.
+pub const ISSUER_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often `--webhook-cert`/`--webhook-key` are read again for a renewed
 /// certificate.
 pub const WEBHOOK_CERT_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);

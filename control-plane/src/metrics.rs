@@ -60,6 +60,8 @@ pub struct Metrics {
     /// 1 while the watch of a kind on the API server fails (retried with
     /// backoff, the index keeping what it last read of that kind).
     pub watch_failing: Family<KindLabels, Gauge>,
+    /// When the issuer in force expires (registered only when issuing).
+    issuer_expiry: Gauge<i64>,
 }
 
 impl Metrics {
@@ -90,6 +92,7 @@ impl Metrics {
             api_refusals: Family::default(),
             trace_spans_dropped: Counter::default(),
             watch_failing: Family::default(),
+            issuer_expiry: Gauge::default(),
         };
         registry.register(
             "watches",
@@ -158,15 +161,19 @@ impl Metrics {
             m.trace_spans_dropped.clone(),
         );
         if let Some(at) = issuer_expiry {
-            let g = Gauge::<i64>::default();
-            g.set(at);
+            m.issuer_expiry.set(at);
             registry.register(
                 "identity_issuer_expiration_timestamp_seconds",
                 "When the issuer that signs workload certificates expires, in Unix seconds: rotate it before",
-                g,
+                m.issuer_expiry.clone(),
             );
         }
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// A new issuer was taken (its files renewed).
+    pub fn issuer_expires_at(&self, at: i64) {
+        self.issuer_expiry.set(at);
     }
 
     pub fn observe_snapshot(&self, s: &Snapshot) {

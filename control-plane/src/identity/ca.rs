@@ -77,6 +77,11 @@ impl std::fmt::Debug for Ca {
 
 impl Ca {
     pub fn load(cert: &Path, key: &Path, lifetime: Duration) -> Result<Self, CaError> {
+        Self::from_files_read(cert, key, &Self::read_files(cert, key)?, lifetime)
+    }
+
+    /// The issuer's files as they are now: certificate (and chain), then key.
+    pub fn read_files(cert: &Path, key: &Path) -> Result<(String, String), CaError> {
         let read = |flag: &'static str, p: &Path| {
             std::fs::read_to_string(p).map_err(|e| CaError::File {
                 flag,
@@ -84,9 +89,18 @@ impl Ca {
                 reason: e.to_string(),
             })
         };
-        let cert_pem = read("--issuer-cert", cert)?;
-        let key_pem = read("--issuer-key", key)?;
-        Self::from_pem(&cert_pem, &key_pem, lifetime).map_err(|(flag, reason)| CaError::File {
+        Ok((read("--issuer-cert", cert)?, read("--issuer-key", key)?))
+    }
+
+    /// The issuer of what `read_files` read from `cert` and `key`, its
+    /// errors naming the file at fault.
+    pub fn from_files_read(
+        cert: &Path,
+        key: &Path,
+        (cert_pem, key_pem): &(String, String),
+        lifetime: Duration,
+    ) -> Result<Self, CaError> {
+        Self::from_pem(cert_pem, key_pem, lifetime).map_err(|(flag, reason)| CaError::File {
             flag,
             path: if flag == "--issuer-key" { key } else { cert }
                 .display()
@@ -434,7 +448,7 @@ impl std::fmt::Debug for Generated {
     }
 }
 
-fn ca_params(cn: &str, validity: Duration, path_len: u8) -> CertificateParams {
+pub(super) fn ca_params(cn: &str, validity: Duration, path_len: u8) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);

@@ -17,7 +17,7 @@ use strait_api::identity::Identity;
 use tokio::sync::watch;
 use tonic::Request;
 
-use super::ca::Ca;
+use super::issuer::Issuer;
 use super::serving::PeerCerts;
 use super::tokens::{TokenError, Verifier};
 use crate::index::{ObjKey, Snapshot, TokenDigest};
@@ -165,7 +165,7 @@ impl From<Refused> for tonic::Status {
 /// Checks callers; `None` where the controller runs without identities.
 #[derive(Clone, Debug)]
 pub struct Authenticator {
-    ca: Arc<Ca>,
+    ca: Arc<Issuer>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: Verifier,
     metrics: Arc<Metrics>,
@@ -173,7 +173,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(
-        ca: Arc<Ca>,
+        ca: Arc<Issuer>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         tokens: Verifier,
         metrics: Arc<Metrics>,
@@ -253,7 +253,8 @@ impl Authenticator {
 
     fn verify(&self, leaf: &CertificateDer<'_>, trust_domain: &str) -> Result<Caller, Refused> {
         let bad = |e: String| Refused::BadCertificate(e);
-        let issuer = CertificateDer::from(self.ca.issuer_der());
+        let ca = self.ca.current();
+        let issuer = CertificateDer::from(ca.issuer_der());
         let anchor = webpki::anchor_from_trusted_cert(&issuer).map_err(|e| bad(e.to_string()))?;
         let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| bad(e.to_string()))?;
         ee.verify_for_usage(
@@ -356,6 +357,8 @@ mod tests {
 
     use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SanType};
 
+    use super::super::ca::Ca;
+
     use super::*;
 
     fn authenticator() -> (Authenticator, Issuer<'static, KeyPair>) {
@@ -369,7 +372,7 @@ mod tests {
         let issuer = Issuer::from_ca_cert_pem(&g.issuer_cert_pem, issuer_key).unwrap();
         let (_, rx) = watch::channel(Arc::new(Snapshot::empty("cluster.local")));
         let auth = Authenticator::new(
-            Arc::new(ca.unwrap()),
+            super::super::issuer::Issuer::fixed(ca.unwrap()),
             rx.clone(),
             Verifier::manifests(rx),
             Metrics::new(),

@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod caller;
+pub mod issuer;
 pub mod serving;
 pub mod tokens;
 
@@ -15,13 +16,13 @@ use strait_api::v1 as api;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use self::ca::Ca;
+use self::issuer::Issuer;
 use crate::index::Snapshot;
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
 pub struct IdentityService {
-    ca: Option<Arc<Ca>>,
+    ca: Option<Arc<Issuer>>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: tokens::Verifier,
     metrics: Arc<Metrics>,
@@ -29,7 +30,7 @@ pub struct IdentityService {
 
 impl IdentityService {
     pub fn new(
-        ca: Option<Arc<Ca>>,
+        ca: Option<Arc<Issuer>>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         tokens: tokens::Verifier,
         metrics: Arc<Metrics>,
@@ -96,7 +97,7 @@ impl IdentityService {
         &self,
         req: Request<api::CertifyRequest>,
     ) -> Result<Response<api::CertifyResponse>, Status> {
-        let Some(ca) = &self.ca else {
+        let Some(ca) = self.ca.as_ref().map(|i| i.current()) else {
             return Err(self.refuse(
                 "no_issuer",
                 Status::failed_precondition(

@@ -21,6 +21,7 @@ use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use super::ca::Ca;
+use super::issuer::Issuer;
 use crate::defaults;
 use crate::metrics::Metrics;
 use strait_api::per_source::{PerSource, Share};
@@ -65,7 +66,7 @@ fn certified(ca: &Ca, name: &ServingName) -> anyhow::Result<(Arc<CertifiedKey>, 
 
 /// A TLS 1.3 acceptor (ALPN h2) with a certificate that renews itself for as
 /// long as the returned acceptor is in use.
-pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
+pub fn acceptor(ca: Arc<Issuer>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
     let current = renewing(ca, name)?;
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -82,7 +83,7 @@ pub fn acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
 /// The admission webhook's acceptor: the same renewing certificate (the API
 /// server trusts the anchors through the webhook's `caBundle`), HTTP/1.1, no
 /// client certificate.
-pub fn webhook_acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
+pub fn webhook_acceptor(ca: Arc<Issuer>, name: ServingName) -> anyhow::Result<TlsAcceptor> {
     let current = renewing(ca, name)?;
     let mut cfg = ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -94,9 +95,9 @@ pub fn webhook_acceptor(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<TlsAcc
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// A certificate for `name` that renews itself at half its lifetime, for as
-/// long as the returned resolver is in use.
-fn renewing(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<Arc<Current>> {
+/// A certificate for `name` that renews itself at half its lifetime, and at
+/// once under a new issuer, for as long as the returned resolver is in use.
+fn renewing(ca: Arc<Issuer>, name: ServingName) -> anyhow::Result<Arc<Current>> {
     renewing_by(ca, name, SystemTime::now)
 }
 
@@ -105,22 +106,30 @@ fn renewing(ca: Arc<Ca>, name: ServingName) -> anyhow::Result<Arc<Current>> {
 /// would renew it hours after it expired (every proxy's handshake, and the
 /// API server's webhook calls, refused meanwhile).
 fn renewing_by(
-    ca: Arc<Ca>,
+    issuer: Arc<Issuer>,
     name: ServingName,
     now: fn() -> SystemTime,
 ) -> anyhow::Result<Arc<Current>> {
-    let (first, mut not_after) = certified(&ca, &name)?;
+    let mut changes = issuer.changes();
+    let (first, mut not_after) = certified(&issuer.current(), &name)?;
     let current = Arc::new(Current(RwLock::new(first)));
     let renewing = Arc::downgrade(&current);
     tokio::spawn(async move {
         let mut failures = 0;
         loop {
             let left = not_after.duration_since(now()).unwrap_or_default();
-            strait_api::clock::wall_clock_sleep(now() + renewal_delay(left, failures), now).await;
+            let due =
+                strait_api::clock::wall_clock_sleep(now() + renewal_delay(left, failures), now);
+            tokio::select! {
+                () = due => {}
+                // A new issuer: what the old one signed would end with it,
+                // and proxies that trust only a new anchor refuse it.
+                Ok(()) = changes.changed() => {}
+            }
             let Some(current) = renewing.upgrade() else {
                 return;
             };
-            match certified(&ca, &name) {
+            match certified(&issuer.current(), &name) {
                 Ok((c, until)) => {
                     if let Ok(mut slot) = current.0.write() {
                         *slot = c;
@@ -432,7 +441,7 @@ mod tests {
         )
         .unwrap();
         let name = super::ServingName::new("cluster.local", "strait-system", "strait-controller");
-        let current = super::renewing_by(Arc::new(ca), name, now).unwrap();
+        let current = super::renewing_by(Issuer::fixed(ca), name, now).unwrap();
         let first = current.0.read().unwrap().clone();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(Arc::ptr_eq(&first, &current.0.read().unwrap()));
@@ -444,6 +453,34 @@ mod tests {
             !Arc::ptr_eq(&first, &current.0.read().unwrap()),
             "not renewed within a step of waking"
         );
+    }
+
+    /// The controller's serving certificate is signed again as soon as a new
+    /// issuer is taken, not at half its life: the old issuer's chain would
+    /// last only as long as it, and a proxy that trusts only the new anchor
+    /// (the end of a rotation) refuses it.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_issuer_signs_the_serving_certificate_at_once() {
+        use crate::identity::issuer::tests::{Mounted, anchor};
+        let files = Mounted::new("serving-reissued");
+        let (old, new) = (anchor("old-root"), anchor("new-root"));
+        files.write(&old.issuer(), &old.pem);
+        let issuer = files.load();
+        let name = super::ServingName::new("cluster.local", "strait-system", "strait-controller");
+        let current = super::renewing_by(issuer.clone(), name, std::time::SystemTime::now).unwrap();
+        let chain_issuer = || current.0.read().unwrap().cert[1].to_vec();
+        let before = chain_issuer();
+
+        files.write(&new.issuer(), &format!("{}{}", old.pem, new.pem));
+        let taken = issuer.reload().unwrap().expect("the new issuer");
+        // Not a timer's wait: the renewal is due in half an hour.
+        for _ in 0..100 {
+            if chain_issuer() != before {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(chain_issuer(), taken.issuer_der());
     }
 
     /// A renewal is due at half the certificate's life; one that keeps
