@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
@@ -103,11 +103,21 @@ where
             }
             return Either::Left(ready(Ok(rsp)));
         };
+        let start = tokio::time::Instant::now();
+        let attempt = req.extensions().get::<InFlight>().cloned();
+        if let Some(a) = &attempt {
+            a.began(Attempt {
+                metrics: b.metrics.clone(),
+                start,
+                grpc,
+            });
+        }
         Either::Right(SplitFuture {
             inner: svc.call(req),
             metrics: b.metrics.clone(),
-            start: tokio::time::Instant::now(),
+            start,
             grpc,
+            attempt,
         })
     }
 }
@@ -122,6 +132,7 @@ pin_project_lite::pin_project! {
         metrics: Arc<RouteBackendMetrics>,
         start: tokio::time::Instant,
         grpc: bool,
+        attempt: Option<InFlight>,
     }
 }
 
@@ -134,6 +145,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let rsp = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(a) = this.attempt {
+            a.answered();
+        }
         this.metrics
             .latency
             .observe(this.start.elapsed().as_secs_f64());
@@ -143,6 +157,45 @@ where
             false => rsp,
         };
         Poll::Ready(Ok(rsp))
+    }
+}
+
+/// On a request whose rule has a request timeout: the attempt in flight and
+/// its backend. When the timeout answers for it (the attempt dropped
+/// unanswered), its 504 is that backend's too, as Envoy counts a route's
+/// timeout against the cluster chosen: a backend that hangs would otherwise
+/// look healthy in the series canary analysis compares.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(Arc<Mutex<Option<Attempt>>>);
+
+#[derive(Debug)]
+pub struct Attempt {
+    metrics: Arc<RouteBackendMetrics>,
+    start: tokio::time::Instant,
+    grpc: bool,
+}
+
+impl InFlight {
+    fn began(&self, a: Attempt) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(a);
+    }
+
+    fn answered(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+
+    /// The request's timeout answered `rsp` while an attempt was in flight:
+    /// counted against its backend, as its answer.
+    pub fn timed_out(&self, rsp: &Response<BoxBody>) {
+        let Some(a) = self.0.lock().unwrap_or_else(PoisonError::into_inner).take() else {
+            return;
+        };
+        a.metrics.latency.observe(a.start.elapsed().as_secs_f64());
+        a.metrics.responses[status_index(rsp.status())].inc();
+        if a.grpc {
+            let crate::http::grpc::Code(code) = crate::http::grpc::DEADLINE_EXCEEDED;
+            a.metrics.grpc.count(usize::from(code));
+        }
     }
 }
 

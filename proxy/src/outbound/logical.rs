@@ -205,6 +205,11 @@ impl Stages {
             .then(|| crate::http::grpc::UntilAnswered::new(m.clone()));
         let start = Instant::now();
         let mut req = req.map(boxed);
+        let in_flight = stage.rule.request_timeout.is_some().then(|| {
+            let a = crate::outbound::backend::InFlight::default();
+            req.extensions_mut().insert(a.clone());
+            a
+        });
         let mut rsp = match stage.rule.filters.on_request(&mut req, prefix) {
             Err(redirect) => *redirect,
             Ok(()) => {
@@ -239,6 +244,14 @@ impl Stages {
                 }
             }
         };
+        if let Some(a) = &in_flight
+            && rsp
+                .extensions()
+                .get::<crate::timeout::TimedOut>()
+                .is_some_and(|t| t.0 == crate::timeout::Kind::Request)
+        {
+            a.timed_out(&rsp);
+        }
         stage.rule.filters.on_response(&mut rsp);
         m.latency.observe(start.elapsed().as_secs_f64());
         m.responses[status_index(rsp.status())].inc();

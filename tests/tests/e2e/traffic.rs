@@ -267,6 +267,9 @@ async fn with_request_timeout(b: &Backend) -> Mesh {
 async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
     let b = Backend::start().await;
     let mesh = with_request_timeout(&b).await;
+    const BACKEND_5XX: &str = "strait_proxy_backend_responses_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",backend=\"web.test.svc.cluster.local:80\",status_class=\"5xx\"}";
+    // Those of the wait for the mesh to be up.
+    let failed_before = mesh.metric(BACKEND_5XX).await;
     let c = client::http1();
     for _ in 0..3 {
         let t = Instant::now();
@@ -289,6 +292,9 @@ async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
         mesh.metric("strait_proxy_route_timeouts_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",reason=\"request\"}").await,
         3.0
     );
+    // The backend that stalled answers for the 504s in its own series, which
+    // canary analysis compares: it does not look healthy.
+    assert_eq!(mesh.metric(BACKEND_5XX).await - failed_before, 3.0);
 }
 
 /// A gRPC call the proxy fails is answered as gRPC answers: HTTP 200, the code
@@ -325,6 +331,11 @@ async fn a_grpc_call_the_proxy_fails_is_answered_as_a_grpc_error() {
         mesh.metric("strait_proxy_route_grpc_responses_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",grpc_status=\"4\"}").await,
         1.0,
         "counted as the code the app received"
+    );
+    assert_eq!(
+        mesh.metric("strait_proxy_backend_grpc_responses_total{service=\"web.test.svc.cluster.local:80\",route=\"test/web\",rule=\"0\",backend=\"web.test.svc.cluster.local:80\",grpc_status=\"4\"}").await,
+        1.0,
+        "and against the backend that stalled"
     );
     // The app's own answer passes as it came.
     let rsp = c.request(call("/status/503")).await.unwrap();
