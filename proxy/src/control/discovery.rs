@@ -50,6 +50,10 @@ struct WatchState {
     failing_since: AtomicU64,
     /// What `now_ms` counts from (the discovery's start).
     epoch: Instant,
+    /// Woken when a call or stream of the watch fails.
+    failed: tokio::sync::Notify,
+    /// How many of its calls and streams failed.
+    failures: std::sync::atomic::AtomicU32,
 }
 
 /// One watched destination, as the admin server shows it.
@@ -200,16 +204,39 @@ impl Discovery {
                 // every request to this destination wait as long again.
                 None if state.waited.load(Ordering::Relaxed) => return None,
                 None => {
-                    let r = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
-                    match r {
-                        Ok(Ok(r)) => r.clone()?,
-                        _ => {
+                    // Until the watch's calls keep failing: then no answer is
+                    // coming soon (the controller down, or refusing it), and
+                    // waiting on would stall every new destination's first
+                    // request while the controller is away.
+                    let first = async {
+                        loop {
+                            let failed = state.failed.notified();
+                            tokio::pin!(failed);
+                            failed.as_mut().enable();
+                            // Its first retry failed too: not a blip (a
+                            // controller replica going away), which the
+                            // retry 100-200 ms later gets past.
+                            if state.failures.load(Ordering::Relaxed) >= 2 {
+                                return None;
+                            }
+                            tokio::select! {
+                                biased;
+                                r = rx.wait_for(Option::is_some) => return r.ok().and_then(|r| r.clone()),
+                                () = failed => {}
+                            }
+                        }
+                    };
+                    let answered = tokio::time::timeout(timeout, first).await.ok().flatten();
+                    // An answer the stream gave just before it failed.
+                    match answered.or_else(|| rx.borrow().clone()) {
+                        Some(r) => r,
+                        None => {
                             state.waited.store(true, Ordering::Relaxed);
                             if let Some(last) = fallback() {
                                 warn!(destination = %dest, ?timeout, "no answer from discovery in time; using its last answer until it answers");
                                 last
                             } else {
-                                warn!(destination = %dest, ?timeout, "no answer from discovery in time; passing through until it answers");
+                                warn!(destination = %dest, ?timeout, "no answer from discovery (in time, or at all); passing through until it answers");
                                 return None;
                             }
                         }
@@ -275,6 +302,8 @@ impl Discovery {
             fallback_at,
             failing_since: AtomicU64::new(u64::MAX),
             epoch: self.start,
+            failed: tokio::sync::Notify::new(),
+            failures: Default::default(),
         });
         let logical: Arc<Logical> = Arc::default();
         // The current certificate's channel at each watch (Link).
@@ -421,6 +450,8 @@ async fn follow(
         state.away.store(away, Ordering::Relaxed);
         let now = state.epoch.elapsed().as_millis() as u64;
         state.failing_since.fetch_min(now, Ordering::Relaxed);
+        state.failures.fetch_add(1, Ordering::Relaxed);
+        state.failed.notify_waiters();
     };
     // Views are ordered by arrival here, not by the controller's index version:
     // that restarts with the controller (and differs between replicas), so
@@ -872,6 +903,65 @@ mod tests {
         assert_eq!(d.remembered.lock().unwrap().len(), 1);
         d.drop_idle(now + 1000);
         assert_eq!(d.remembered.lock().unwrap().len(), 0);
+    }
+
+    /// While the controller is down (or refuses the watch), a destination
+    /// with no answer to stand in (an external API's address, the cloud's
+    /// metadata) passes through as soon as its watch's call fails, not after
+    /// the whole wait: no answer is coming, and each new destination's first
+    /// request would stall as long.
+    #[tokio::test]
+    async fn a_destination_passes_through_at_once_when_its_watch_fails() {
+        for code in [tonic::Code::Unavailable, tonic::Code::PermissionDenied] {
+            let failing = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+            let d = discovery_of(Lost(failing, false, code)).await;
+            for dest in ["169.254.169.254:80", "203.0.113.7:443"] {
+                let t = tokio::time::Instant::now();
+                let r = d
+                    .resolve(&dest.parse().unwrap(), Duration::from_secs(5))
+                    .await;
+                assert!(r.is_none(), "{code:?} {dest}");
+                let took = t.elapsed();
+                assert!(took < Duration::from_secs(2), "{code:?} {dest}: {took:?}");
+            }
+        }
+    }
+
+    /// Fails the first watch, as a controller replica going away does, and
+    /// answers every later one with a Service.
+    struct Blip(Arc<std::sync::atomic::AtomicUsize>);
+
+    #[tonic::async_trait]
+    impl Serve for Blip {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(tonic::Status::unavailable("going away"));
+            }
+            use futures_util::StreamExt;
+            let s = futures_util::stream::iter([Ok::<_, tonic::Status>(update(1))])
+                .chain(futures_util::stream::pending());
+            Ok(tonic::Response::new(Box::pin(s)))
+        }
+    }
+
+    /// One failed call is a blip the watch's retry gets past: a meshed
+    /// destination's first request waits for that answer rather than passing
+    /// through in plaintext (which a STRICT server refuses).
+    #[tokio::test]
+    async fn a_first_request_waits_past_one_failed_call() {
+        let d = discovery_of(Blip(Default::default())).await;
+        let dest: DestAddr = "10.96.0.10:80".parse().unwrap();
+        let r = service_of(d.resolve(&dest, Duration::from_secs(5)).await);
+        assert_eq!(
+            r.expect("answered after the retry").backends[0]
+                .endpoints
+                .len(),
+            1
+        );
     }
 
     /// A watch made while the controller is unreachable, starting from a
