@@ -484,6 +484,7 @@ mod tests {
                 probes: Vec::new(),
                 ips: Vec::new(),
                 skip_inbound: Vec::new(),
+                opaque: Vec::new(),
                 node: None,
             },
         );

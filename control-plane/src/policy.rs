@@ -277,6 +277,7 @@ mod tests {
             probes: Vec::new(),
             ips: Vec::new(),
             skip_inbound: Vec::new(),
+            opaque: Vec::new(),
             node: None,
         };
         let policy = |name: &str, spec: serde_json::Value| {
@@ -381,6 +382,7 @@ spec:
                 probes: Vec::new(),
                 ips: Vec::new(),
                 skip_inbound: Vec::new(),
+                opaque: Vec::new(),
                 node: None,
             },
         );
@@ -464,6 +466,7 @@ spec:
                 probes: Vec::new(),
                 ips: Vec::new(),
                 skip_inbound: Vec::new(),
+                opaque: Vec::new(),
                 node: None,
             },
         );

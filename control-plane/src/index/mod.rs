@@ -111,6 +111,10 @@ pub struct PodInfo {
     /// Ports its proxy does not intercept (`strait.dev/skip-inbound-ports`),
     /// as inclusive ranges.
     pub skip_inbound: Vec<(u16, u16)>,
+    /// Ports its proxy carries as opaque TCP (`strait.dev/opaque-ports`), as
+    /// inclusive ranges: those who call the pod by its address skip detection
+    /// on them too, as Linkerd's opaque-ports annotation has them.
+    pub opaque: Vec<(u16, u16)>,
     /// The node it runs on (`spec.nodeName`), once scheduled: whose zone its
     /// proxy's requests prefer when a Service asks for topology-aware routing.
     pub node: Option<String>,
@@ -618,6 +622,13 @@ impl SnapshotBuilder {
                     .and_then(|a| a.get(crate::inject::SKIP_INBOUND_PORTS))
                     .map(|v| port_ranges(v))
                     .unwrap_or_default(),
+                opaque: pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::inject::OPAQUE_PORTS))
+                    .map(|v| port_ranges(v))
+                    .unwrap_or_default(),
                 node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             },
         ))
@@ -641,8 +652,6 @@ impl SnapshotBuilder {
     }
 }
 
-/// `22,9000-9010` as ranges; what does not read as ports is left out (the
-/// injector refuses such values before a pod runs with them).
 /// The sorted addresses of endpoints that name no pod.
 fn unnamed(endpoints: &[EndpointInfo]) -> Vec<IpAddr> {
     let mut a: Vec<IpAddr> = endpoints
@@ -655,6 +664,8 @@ fn unnamed(endpoints: &[EndpointInfo]) -> Vec<IpAddr> {
     a
 }
 
+/// `22,9000-9010` as ranges; what does not read as ports is left out (the
+/// injector refuses such values before a pod runs with them).
 fn port_ranges(v: &str) -> Vec<(u16, u16)> {
     let port = |p: &str| p.trim().parse::<u16>().ok();
     v.split(',')

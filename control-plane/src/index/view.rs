@@ -536,7 +536,11 @@ fn pod_view(snap: &Snapshot, addr: SocketAddr) -> api::DestinationUpdate {
             }],
             routes: Vec::new(),
             policy: None,
-            opaque: false,
+            // As its own proxy carries the port (its `strait.dev/opaque-ports`).
+            opaque: pod
+                .opaque
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&addr.port())),
         })),
     }
 }
@@ -1476,7 +1480,7 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
     fn a_pods_own_address_is_that_pod_over_mtls() {
         let pod = |name: &str, ip: &str, meshed: bool, phase: &str| {
             let annotations = if meshed {
-                "annotations: {strait.dev/inbound-port: \"4143\", strait.dev/skip-inbound-ports: \"22,9000-9010\"}"
+                "annotations: {strait.dev/inbound-port: \"4143\", strait.dev/skip-inbound-ports: \"22,9000-9010\", strait.dev/opaque-ports: \"5060,6440-6450\"}"
             } else {
                 "annotations: {}"
             };
@@ -1508,6 +1512,12 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
         );
         for ip in ["10.1.0.6", "10.1.0.7", "10.1.0.8"] {
             assert_eq!(view(&s, &at(ip), None), not_meshed(), "{ip}");
+        }
+        // The ports the pod declares opaque are opaque to its callers too:
+        // a server-first protocol not waited on, SIP not read as HTTP.
+        for (port, opaque) in [(5060, true), (6446, true), (6451, false), (5432, false)] {
+            let key = DestKey::ClusterIp(format!("10.1.0.5:{port}").parse().unwrap());
+            assert_eq!(service(&s, &key).opaque, opaque, "{port}");
         }
         // The proxy's own ports and those it skips are not the app's through it.
         for port in [22, 4140, 4143, 4191, 9000, 9010] {
