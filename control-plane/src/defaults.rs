@@ -192,18 +192,18 @@ pub const DEFAULT_REDIRECT_STATUS: u32 = 302;
 pub const ROUTE_REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Service port `appProtocol` values that are HTTP (or carried over HTTP): any
 /// other value makes the port opaque, as the protocol is not one strait can route.
-/// `http2` and `grpc-web` are Istio's names, on Services written for it.
-pub const HTTP_APP_PROTOCOLS: [&str; 10] = [
+/// `http2` and `grpc-web` are Istio's names, on Services written for it. Not
+/// `https` nor `kubernetes.io/wss`: the app's own TLS, which no proxy reads (as
+/// Istio has them), so no route could apply there.
+pub const HTTP_APP_PROTOCOLS: [&str; 8] = [
     "",
     "http",
-    "https",
     "h2c",
     "http2",
     "kubernetes.io/h2c",
     "grpc",
     "grpc-web",
     "kubernetes.io/ws",
-    "kubernetes.io/wss",
 ];
 /// Bounds of a retry budget's `ttl`: shorter reacts to noise, longer remembers
 /// traffic long gone (the proxies clamp to the same range).

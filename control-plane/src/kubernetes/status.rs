@@ -407,8 +407,12 @@ fn conditions(
                 .map(|sp| sp.port.to_string())
                 .collect();
             (!opaque.is_empty()).then(|| {
+                let (ports_are, what) = match opaque.len() {
+                    1 => ("port", "is"),
+                    _ => ("ports", "are"),
+                };
                 let why = format!(
-                    "Service {} port {} is opaque (its appProtocol, or a BackendPolicy's opaquePorts): carried as TCP, with no route",
+                    "Service {} {ports_are} {} {what} opaque (its appProtocol, or a BackendPolicy's opaquePorts): carried as TCP, with no route",
                     p.name,
                     opaque.join(", ")
                 );
@@ -1033,9 +1037,20 @@ mod tests {
     #[test]
     fn a_route_on_an_opaque_port_says_it_is_not_served_there() {
         let mut snap = Snapshot::empty("cluster.local");
-        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {ports: [{name: sql, port: 5432, appProtocol: tcp}, {name: http, port: 80, appProtocol: http2}]}\n";
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {ports: [{name: sql, port: 5432, appProtocol: tcp}, {name: http, port: 80, appProtocol: http2}, {name: tls, port: 443, appProtocol: https}, {name: wss, port: 8443, appProtocol: kubernetes.io/wss}]}\n";
         insert(&mut snap, yaml);
         let accepted = |parent: serde_json::Value| route_accepted(&snap, "r", parent);
+        // The app's own TLS: no proxy reads a request there to route.
+        for port in [443, 8443] {
+            let (status, reason, message) = accepted(
+                serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": port}),
+            );
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "UnsupportedValue"),
+                "{port}: {message}"
+            );
+        }
         let (status, reason, message) = accepted(
             serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": 5432}),
         );
@@ -1046,9 +1061,9 @@ mod tests {
         assert!(message.contains("port 5432 is opaque"), "{message}");
         let (status, _, message) =
             accepted(serde_json::json!({"group": "", "kind": "Service", "name": "db"}));
-        assert_eq!(status, "True");
+        assert_eq!(status, "True", "{message}");
         assert!(
-            message.contains("not served where Service db port 5432 is opaque"),
+            message.contains("not served where Service db ports 5432, 443, 8443 are opaque"),
             "{message}"
         );
         let (status, _, message) =
