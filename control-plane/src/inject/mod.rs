@@ -29,6 +29,10 @@ pub const SKIP_OUTBOUND_CIDRS: &str = "strait.dev/skip-outbound-cidrs";
 /// At most this many networks in `SKIP_OUTBOUND_CIDRS`: each is a rule.
 const MAX_SKIP_CIDRS: usize = 64;
 pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
+/// The proxy's TCP connect timeout to upstreams (`--connect-timeout`): an app
+/// calling far-away or slow-accepting servers (the internet, across regions)
+/// needs more than the 1 s default, which one lost SYN uses up.
+pub const PROXY_CONNECT_TIMEOUT: &str = "strait.dev/proxy-connect-timeout";
 /// The proxy's resources, as Kubernetes quantities (`100m`, `64Mi`).
 pub const PROXY_CPU_REQUEST: &str = "strait.dev/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT: &str = "strait.dev/proxy-cpu-limit";
@@ -179,6 +183,15 @@ pub fn read_anchors(flag: &str, path: &std::path::Path) -> Result<String, String
                 path.display()
             )
         })
+}
+
+/// A connect timeout the proxy takes: a duration humantime reads, more than
+/// nothing, and not so long that a dead upstream holds its callers for good.
+fn valid_connect_timeout(v: &str) -> Option<std::time::Duration> {
+    humantime::parse_duration(v.trim())
+        .ok()
+        .filter(|d| *d >= std::time::Duration::from_millis(1))
+        .filter(|d| *d <= std::time::Duration::from_secs(600))
 }
 
 impl Settings {
@@ -490,7 +503,15 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         })
         .transpose()?;
     let resources = proxy_resources(&annotation)?;
-    let telemetry = telemetry_env(pod, &annotation, &s.telemetry)?;
+    let mut more_env = telemetry_env(pod, &annotation, &s.telemetry)?;
+    if let Some(v) = annotation(PROXY_CONNECT_TIMEOUT) {
+        valid_connect_timeout(v).ok_or(InjectError::Annotation {
+            name: PROXY_CONNECT_TIMEOUT,
+            value: v.to_string(),
+            why: "is not a duration from 1ms to 10m (e.g. 500ms, 5s)",
+        })?;
+        more_env.push(json!({"name": "STRAIT_PROXY_CONNECT_TIMEOUT", "value": v}));
+    }
     let image = match annotation(PROXY_IMAGE) {
         Some(i) if valid_image(i) => i.to_string(),
         Some(i) => {
@@ -534,7 +555,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         log_level.as_deref(),
         probed.as_deref(),
         resources,
-        telemetry,
+        more_env,
     );
     let volumes = [
         json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
@@ -815,7 +836,7 @@ fn proxy_container(
     log_level: Option<&str>,
     tcp_probe_ports: Option<&str>,
     resources: Value,
-    telemetry: Vec<Value>,
+    more_env: Vec<Value>,
 ) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let value = |name: &str, v: &str| json!({"name": name, "value": v});
@@ -849,7 +870,7 @@ fn proxy_container(
     if let Some(p) = tcp_probe_ports {
         env.push(value("STRAIT_PROXY_TCP_PROBE_PORTS", p));
     }
-    env.extend(telemetry);
+    env.extend(more_env);
     let probe = |path: &str, period: u32, failures: u32| {
         json!({"httpGet": {"path": path, "port": defaults::PROXY_ADMIN_PORT},
                "periodSeconds": period, "failureThreshold": failures})

@@ -304,6 +304,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
         pod(
             json!({OPAQUE_PORTS: "5432", SKIP_INBOUND_PORTS: "22,9000-9010",
                    SKIP_OUTBOUND_PORTS: "443", PROXY_LOG_LEVEL: "debug",
+                   PROXY_CONNECT_TIMEOUT: "5s",
                    SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
@@ -324,6 +325,10 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(
         env(proxy, "STRAIT_PROXY_LOG_LEVEL").unwrap()["value"],
         "debug"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_CONNECT_TIMEOUT").unwrap()["value"],
+        "5s"
     );
     assert_eq!(
         env(init, "STRAIT_PROXY_SKIP_INBOUND_PORTS").unwrap()["value"],
@@ -466,6 +471,9 @@ fn bad_annotations_are_named_in_the_error() {
         (SKIP_INBOUND_PORTS, "0"),
         (SKIP_OUTBOUND_PORTS, "90-80"),
         (PROXY_LOG_LEVEL, "loud=="),
+        (PROXY_CONNECT_TIMEOUT, "5"),
+        (PROXY_CONNECT_TIMEOUT, "0s"),
+        (PROXY_CONNECT_TIMEOUT, "1h"),
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::/8"),
