@@ -337,13 +337,104 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         },
     );
 
-    say(
-        match each_listed(&Api::<Pod>::all(client), PODS_PAGE, MeshedPods::count).await {
-            Ok(pods) => pods.line(),
-            Err(e) => unread("the pods", &e),
+    // The bundle every proxy should hold, as a set: the same certificates
+    // however a PEM text spaces or orders them.
+    let bundle = anchors
+        .as_ref()
+        .and_then(|a| a.as_deref())
+        .and_then(anchor_set);
+    let listed = each_listed(
+        &Api::<Pod>::all(client),
+        PODS_PAGE,
+        |(meshed, stale): &mut (MeshedPods, StaleAnchors), p| {
+            meshed.count(p);
+            if let Some(b) = &bundle {
+                stale.count(p, b);
+            }
         },
-    );
+    )
+    .await;
+    match listed {
+        Ok((meshed, stale)) => {
+            say(meshed.line());
+            if let Some(l) = stale.line() {
+                say(l);
+            }
+        }
+        Err(e) => say(unread("the pods", &e)),
+    }
     out
+}
+
+/// A bundle's certificates, sorted: `None` if it does not parse.
+fn anchor_set(pem: &str) -> Option<Vec<Vec<u8>>> {
+    let mut set: Vec<Vec<u8>> = certificates(pem).ok()?.iter().map(|c| c.to_vec()).collect();
+    set.sort();
+    set.dedup();
+    Some(set)
+}
+
+/// Meshed pods whose proxies were given other trust anchors than the
+/// installed bundle (injected before it changed, or from manifests `strait
+/// inject` wrote then): mid-rotation, the pods still to restart before the
+/// issuer moves, or they are cut off from it.
+#[derive(Debug, Default)]
+struct StaleAnchors {
+    stale: usize,
+    /// The first few, by namespace and name.
+    named: Vec<String>,
+}
+
+impl StaleAnchors {
+    const NAMED: usize = 5;
+
+    fn count(&mut self, p: &Pod, bundle: &[Vec<u8>]) {
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        if p.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed"))
+        {
+            return;
+        }
+        let given = p
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+            .filter(|c| c.name == crate::inject::PROXY_CONTAINER)
+            .flat_map(|c| c.env.iter().flatten())
+            .find(|e| e.name == "STRAIT_PROXY_TRUST_ANCHORS_PEM")
+            .and_then(|e| e.value.as_deref());
+        let Some(given) = given else {
+            return;
+        };
+        if anchor_set(given).as_deref() == Some(bundle) {
+            return;
+        }
+        self.stale += 1;
+        if self.named.len() < Self::NAMED {
+            let m = &p.metadata;
+            self.named.push(format!(
+                "{}/{}",
+                m.namespace.as_deref().unwrap_or(""),
+                m.name.as_deref().unwrap_or("")
+            ));
+        }
+    }
+
+    fn line(&self) -> Option<Line> {
+        (self.stale > 0).then(|| {
+            let more = match self.stale - self.named.len() {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            line(
+                Verdict::Warn,
+                format!(
+                    "{} meshed pod(s) hold other trust anchors than ConfigMap {ANCHORS_CONFIG_MAP} ({}{more}): restart them before moving the issuer to a new anchor, or they lose their peers and the controller",
+                    self.stale,
+                    self.named.join(", ")
+                ),
+            )
+        })
+    }
 }
 
 /// Pods read per page: a cluster may run tens of thousands, and the API
@@ -933,6 +1024,53 @@ mod tests {
             },
         }))
         .unwrap()
+    }
+
+    /// Mid-rotation, the pods whose proxies still hold the old bundle are
+    /// named before the issuer moves: however the bundle's PEM is laid out,
+    /// the same certificates are the same anchors.
+    #[test]
+    fn pods_holding_other_anchors_are_named() {
+        let (old, new) = (
+            crate::identity::ca::generate("cluster.local", std::time::Duration::from_secs(3600))
+                .unwrap()
+                .anchor_pem,
+            crate::identity::ca::generate("cluster.local", std::time::Duration::from_secs(3600))
+                .unwrap()
+                .anchor_pem,
+        );
+        let given = |name: &str, pem: &str, phase: &str| {
+            let mut p = pod(phase, true, false);
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("shop".into());
+            let proxy = &mut p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0];
+            proxy.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+                name: "STRAIT_PROXY_TRUST_ANCHORS_PEM".into(),
+                value: Some(pem.into()),
+                value_from: None,
+            }]);
+            p
+        };
+        let bundle = anchor_set(&format!("{old}{new}")).unwrap();
+        let mut tally = StaleAnchors::default();
+        for p in [
+            given("both", &format!("{new}\n\n{old}"), "Running"),
+            given("old-only", &old, "Running"),
+            given("done", &old, "Succeeded"),
+            pod("Running", true, false),
+        ] {
+            tally.count(&p, &bundle);
+        }
+        let l = tally.line().expect("one pod to restart");
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(
+            l.what.contains("1 meshed pod(s)") && l.what.contains("shop/old-only"),
+            "{}",
+            l.what
+        );
+        let mut none = StaleAnchors::default();
+        none.count(&given("both", &format!("{old}{new}"), "Running"), &bundle);
+        assert!(none.line().is_none());
     }
 
     #[test]
