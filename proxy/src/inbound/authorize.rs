@@ -7,11 +7,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use futures_util::future::{Either, Ready, ready};
-use http::{HeaderValue, Request, Response, StatusCode};
-use tracing::debug;
-
 use super::policy::PolicyRx;
 use crate::addr::DestAddr;
 use crate::defaults::CLIENT_ID_HEADER;
@@ -21,6 +16,9 @@ use crate::http::{BoxBody, Dst};
 use crate::identity::Identity;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{Authorized, PeerMetrics};
+use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderValue, Request, Response, StatusCode};
 
 /// One connection's authorization: its peer is fixed, so the header the app
 /// is given and the decision counters are made once, not per request.
@@ -30,6 +28,8 @@ pub struct AuthorizeLayer {
     peer_header: Option<HeaderValue>,
     policy: PolicyRx,
     metrics: Arc<Metrics>,
+    /// The connection's client, named when a request is refused.
+    client: Option<crate::addr::ClientAddr>,
     /// What a response stream needs to be revoked: one per connection, so
     /// that a request pays one reference count for it.
     grant: Arc<Grant>,
@@ -62,7 +62,14 @@ impl AuthorizeLayer {
             policy,
             metrics,
             refuse_from: None,
+            client: None,
         }
+    }
+
+    /// The connection's client, for the log line of a refusal.
+    pub fn for_client(mut self, client: crate::addr::ClientAddr) -> Self {
+        self.client = Some(client);
+        self
     }
 
     /// Refuses requests once the peer's certificate has ended (`until`),
@@ -74,8 +81,11 @@ impl AuthorizeLayer {
         self
     }
 
-    fn count(&self, allowed: bool) {
-        self.counted.authorized(Authorized::Http, allowed);
+    fn count(&self, decision: &Result<super::policy::Admitted, super::policy::Denied>) {
+        match decision {
+            Ok(super::policy::Admitted::Probe) => self.counted.probe_admitted(),
+            d => self.counted.authorized(Authorized::Http, d.is_ok()),
+        }
     }
 }
 
@@ -132,17 +142,22 @@ where
         if l.refuse_from
             .is_some_and(|t| tokio::time::Instant::now() >= t)
         {
-            l.count(false);
+            self.layer.counted.authorized(Authorized::Http, false);
             strait_otel::sampled!(info, peer = ?l.peer, "request on a connection whose peer's certificate has ended; refused");
             let rsp = error_response(StatusCode::FORBIDDEN, "peer certificate expired");
             return Either::Left(ready(Ok(rsp)));
         }
         let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
-        l.count(decision.is_ok());
+        l.count(&decision);
         let admitted = match decision {
             Ok(a) => a,
             Err(denied) => {
-                debug!(%denied, "inbound request denied");
+                // At info: the one trace of a refusal on this side, which
+                // callers and their operators ask about. Sampled: a stranger
+                // can cause as many as they like.
+                let client = l.client.map(|c| c.0);
+                let peer = l.peer.as_ref().map_or("unauthenticated", |p| p.as_str());
+                strait_otel::sampled!(info, client = ?client, peer, port, %denied, "inbound request denied");
                 let status = match denied {
                     super::policy::Denied::NoPolicyYet => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::FORBIDDEN,

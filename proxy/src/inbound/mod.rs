@@ -295,7 +295,8 @@ impl Inbound {
                             s.count_detected(DIRECTION, Protocol::Opaque);
                             authorize::count(&s.metrics, peer.as_ref(), Authorized::Tcp, false);
                             s.metrics.reject_tcp(DIRECTION, "unauthorized");
-                            debug!(client = %client.0, %denied, "inbound connection denied");
+                            let peer = peer.as_ref().map_or("unauthenticated", |p| p.as_str());
+                            strait_otel::sampled!(info, client = %client.0, peer, port = p.0, %denied, "inbound connection denied");
                             return;
                         }
                     },
@@ -326,6 +327,7 @@ impl Inbound {
                 s.metrics.clone(),
                 caller.clone(),
             )
+            .for_client(client)
             .expiring(until),
             SetDstLayer(
                 dst::InboundDst::new(target, rules.clone(), s.config.app_ip)
@@ -343,7 +345,8 @@ impl Inbound {
                     caller.authorized(Authorized::Tcp, decision.is_ok());
                     if let Err(denied) = decision {
                         s.metrics.reject_tcp(DIRECTION, "unauthorized");
-                        debug!(client = %client.0, %denied, "inbound connection denied");
+                        let peer = peer.as_ref().map_or("unauthenticated", |p| p.as_str());
+                        strait_otel::sampled!(info, client = %client.0, peer, port = p.0, %denied, "inbound connection denied");
                         return;
                     }
                     let app = dst::app_addr(s.config.app_ip, p);

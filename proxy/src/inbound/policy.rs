@@ -314,11 +314,12 @@ pub fn check_request<B: http_body::Body>(
     let Some(p) = &*policy else {
         return Err(Denied::NoPolicyYet);
     };
-    match p.port(port).check(port, peer) {
-        Ok(()) => Ok(Admitted::Policy),
-        Err(_) if peer.is_none() && p.is_probe(port, req) => Ok(Admitted::Probe),
-        Err(denied) => Err(denied),
+    // A probe whatever the policy says, so that it is counted apart from
+    // other plaintext: nothing to revoke either way (never an upgrade).
+    if peer.is_none() && p.is_probe(port, req) {
+        return Ok(Admitted::Probe);
     }
+    p.port(port).check(port, peer).map(|()| Admitted::Policy)
 }
 
 #[cfg(test)]

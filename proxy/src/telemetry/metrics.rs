@@ -189,9 +189,10 @@ pub struct PeerMetrics {
     http: OnceLock<PeerHttp>,
     http_families: PeerHttpFamilies,
     pub grpc: ByGrpcStatus,
-    /// Authorization decisions (`Authorized` by deny, allow), each series
-    /// made when it first counts.
-    authz: [OnceLock<Counter>; 4],
+    /// Authorization decisions (`Authorized` by deny, allow; then HTTP
+    /// requests let in as the kubelet's probes), each series made when it
+    /// first counts.
+    authz: [OnceLock<Counter>; 5],
     authz_family: Family<AuthzLabels, Counter>,
     label: String,
 }
@@ -259,6 +260,23 @@ impl PeerMetrics {
                     what,
                     allowed,
                 ))
+            })
+            .inc();
+    }
+}
+
+impl PeerMetrics {
+    /// An HTTP request let in as one of the kubelet's probes: `decision="probe"`,
+    /// apart from `allow`, so that plaintext callers other than the kubelet
+    /// show (whether any remain, before a port goes STRICT).
+    pub fn probe_admitted(&self) {
+        self.authz[4]
+            .get_or_init(|| {
+                self.authz_family.get_or_create_owned(&AuthzLabels {
+                    peer: self.label.clone(),
+                    protocol: Authorized::Http.label(),
+                    decision: "probe",
+                })
             })
             .inc();
     }

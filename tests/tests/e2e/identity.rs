@@ -377,6 +377,8 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
         },
     )
     .await;
+    let (_, text) = wait::admin_get(m.web.admin, "/metrics").await.unwrap();
+    let before = plaintext(&text);
     let (status, body) = m.plaintext_to("GET", "/healthz").await;
     assert_eq!((status.as_u16(), body.as_str()), (200, "ok"));
     for (method, target) in [
@@ -397,6 +399,29 @@ async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
     let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
     let (status, body) = m.plaintext_with("GET", "/healthz", &upgrade, "").await;
     assert_eq!(status, 403, "{body}");
+    // The probes are counted apart from other plaintext callers, so that an
+    // operator can tell whether any but the kubelet remain.
+    let (_, text) = wait::admin_get(m.web.admin, "/metrics").await.unwrap();
+    let after = plaintext(&text);
+    assert!(after("probe") >= before("probe") + 1.0, "{text}");
+    assert_eq!(after("allow"), before("allow"), "{text}");
+    assert_eq!(after("deny"), before("deny") + 6.0, "{text}");
+}
+
+/// Plaintext HTTP requests by the authorization's decision, in a proxy's
+/// metrics.
+fn plaintext(text: &str) -> impl Fn(&str) -> f64 + '_ {
+    move |decision: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("strait_proxy_inbound_authorizations_total{")
+                    && l.contains("peer=\"unauthenticated\"")
+                    && l.contains("protocol=\"http\"")
+                    && l.contains(&format!("decision=\"{decision}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    }
 }
 
 /// A mesh, a client's proxy serving web, and a connection to it.
