@@ -16,15 +16,31 @@ pub struct PeakEwma {
     stamp: Instant,
     /// When the requests now awaited began to wait.
     busy_since: Instant,
+    /// The estimate is a guess, which the first answer replaces whole.
+    guessed: bool,
 }
 
 impl PeakEwma {
     pub fn new(now: Instant) -> Self {
+        Self::guessing(None, now)
+    }
+
+    /// An endpoint with no answer yet, guessed to cost `like` (nanoseconds;
+    /// at least the default): what its backend's others cost, so that it
+    /// draws its share until it answers rather than every pick it is in.
+    pub fn guessing(like: Option<f64>, now: Instant) -> Self {
+        let floor = defaults::BALANCER_DEFAULT_RTT.as_nanos() as f64;
         PeakEwma {
-            cost_ns: defaults::BALANCER_DEFAULT_RTT.as_nanos() as f64,
+            cost_ns: like.map_or(floor, |c| c.max(floor)),
             stamp: now,
             busy_since: now,
+            guessed: true,
         }
+    }
+
+    /// Whether an answer has been observed: the estimate is no guess.
+    pub fn answered(&self) -> bool {
+        !self.guessed
     }
 
     fn decay(&self, now: Instant) -> f64 {
@@ -34,7 +50,12 @@ impl PeakEwma {
 
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        if rtt > self.cost_ns {
+        if std::mem::replace(&mut self.guessed, false) {
+            // The guess goes whole, though not below the default, where
+            // every estimate starts: endpoints answering in microseconds
+            // would otherwise be told apart by noise, the cheaper taking all.
+            self.cost_ns = rtt.max(defaults::BALANCER_DEFAULT_RTT.as_nanos() as f64);
+        } else if rtt > self.cost_ns {
             self.cost_ns = rtt;
         } else {
             let w = self.decay(now);

@@ -139,6 +139,27 @@ pub struct BackendMetrics {
     pub ejected: Gauge,
 }
 
+/// What an endpoint that has not answered yet is guessed to cost: the median
+/// estimate of those of its backend that have answered, so that it draws
+/// about its share until its own answers say more. Guessed fast (the 1 ms
+/// default) it won every pick it was drawn for until it held dozens of
+/// requests: a rollout's new pod, still cold (a JVM's first answers take
+/// seconds), got twice its share from every caller. `None`: none has
+/// answered, and the default stands.
+fn typical_cost<'a>(states: impl Iterator<Item = &'a EndpointState>, now: Instant) -> Option<f64> {
+    let mut costs: Vec<f64> = states
+        .filter_map(|s| {
+            let e = s.ewma.lock().ok()?;
+            e.answered().then(|| e.cost(now))
+        })
+        .collect();
+    if costs.is_empty() {
+        return None;
+    }
+    costs.sort_unstable_by(f64::total_cmp);
+    Some(costs[costs.len() / 2])
+}
+
 #[derive(Debug)]
 pub struct EndpointState {
     ewma: Mutex<PeakEwma>,
@@ -150,9 +171,10 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    fn new() -> Self {
+    /// `like`: what a new endpoint is guessed to cost (`typical_cost`).
+    fn new(like: Option<f64>, now: Instant) -> Self {
         EndpointState {
-            ewma: Mutex::new(PeakEwma::new(Instant::now())),
+            ewma: Mutex::new(PeakEwma::guessing(like, now)),
             pending: AtomicU32::new(0),
             awaiting: AtomicU32::new(0),
             outlier: Mutex::default(),
@@ -259,6 +281,8 @@ impl Endpoints {
                     .collect()
             })
             .unwrap_or_default();
+        let now = Instant::now();
+        let like = typical_cost(old.values().map(|s| &***s), now);
         let slots: Box<[Slot]> = endpoints
             .iter()
             .map(|e| Slot {
@@ -270,7 +294,7 @@ impl Endpoints {
                 state: old
                     .get(&key(e))
                     .map(|s| Arc::clone(s))
-                    .unwrap_or_else(|| Arc::new(EndpointState::new())),
+                    .unwrap_or_else(|| Arc::new(EndpointState::new(like, now))),
             })
             .collect();
         // The breaker switched off: those it had ejected are in again, judged
@@ -279,7 +303,7 @@ impl Endpoints {
             for s in &slots {
                 let was_out = s.state.outlier().readmit();
                 if was_out && let Ok(mut e) = s.state.ewma.lock() {
-                    *e = PeakEwma::new(Instant::now());
+                    *e = PeakEwma::guessing(like, now);
                 }
             }
         }
@@ -574,8 +598,18 @@ impl InFlight {
     /// Its failures are behind it: judged afresh, as a new endpoint is, or
     /// their penalty would keep it idle long after.
     fn readmitted(&self) {
+        let now = Instant::now();
+        let like = typical_cost(
+            self.backend
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != self.index)
+                .map(|(_, s)| &*s.state),
+            now,
+        );
         if let Ok(mut e) = self.state().ewma.lock() {
-            *e = PeakEwma::new(Instant::now());
+            *e = PeakEwma::guessing(like, now);
         }
         tracing::info!(backend = %self.backend.name, endpoint = %self.endpoint().addr, "ejected endpoint re-admitted after a successful probe");
         if let Some(live) = self.backend.in_force() {
@@ -854,6 +888,41 @@ mod tests {
                 "{failing} failing fast, breaker on: {breaker_on}: {counts:?}"
             );
         }
+    }
+
+    /// A pod added to a busy backend (a rollout's new replica) draws about
+    /// its share while it has not answered, not every pick it is drawn for:
+    /// guessed fast, it took requests until it held dozens, from every
+    /// caller, while still cold. Its first answer then says what it costs.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_draws_its_share_until_it_answers() {
+        let b = backend(10, BackendConfig::default());
+        for _ in 0..500 {
+            let f = b.pick(&Default::default(), &[]).unwrap();
+            tokio::time::advance(Duration::from_millis(50)).await;
+            f.success();
+        }
+        let grown = Endpoints::new(
+            "b".into(),
+            &eps(11),
+            BackendConfig::default(),
+            Some(&b),
+            Default::default(),
+        );
+        // Held, unanswered: the new pod is slow to start.
+        let held: Vec<InFlight> = (0..1100)
+            .map(|_| grown.pick(&Default::default(), &[]).unwrap())
+            .collect();
+        let to_new = held.iter().filter(|f| index(f) == 10).count();
+        // Its share is 100; guessed at 1 ms it took about 200.
+        assert!(to_new < 150, "{to_new} of 1100 to the new endpoint");
+        // Answering fast, it is known to be fast at once.
+        let fast = held.into_iter().find(|f| index(f) == 10).unwrap();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        fast.success();
+        let state = &grown.slots[10].state;
+        let cost = state.ewma.lock().unwrap().cost(Instant::now());
+        assert!(cost < 6e6, "{cost}");
     }
 
     #[tokio::test(start_paused = true)]
