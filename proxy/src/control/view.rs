@@ -182,7 +182,19 @@ pub fn parse(
                 attached = prev.attached;
                 prev.routes.clone()
             }
-            _ => return Err(e),
+            // Last routes whose backends are gone: the last view stays whole.
+            Some(Resolution::Service(prev)) if *prev.name == *svc.name => return Err(e),
+            // Nothing readable to keep (a new watch, or this proxy older than
+            // the controller's routes): the Service as if no route were
+            // attached, its own endpoints called over mTLS, rather than no
+            // answer, which would send its traffic around the mesh in
+            // plaintext, past every identity check.
+            _ => {
+                tracing::warn!(service = %svc.name, error = %e, "discovery sent routes that do not parse, and none before; serving the Service without routes until they do");
+                received = None;
+                attached = false;
+                Vec::new()
+            }
         },
     };
     Ok(Resolution::Service(Arc::new(ServiceView {
@@ -276,7 +288,18 @@ mod tests {
         )
         .unwrap();
         let bad = with_route(service(vec![endpoint("10.0.0.2:80", 4143, WEB)]), "(");
-        assert!(parse(bad.clone(), None).is_err(), "nothing to keep");
+        // Nothing to keep (a new watch, this proxy older than the routes):
+        // the Service without routes, its endpoints still called over mTLS,
+        // rather than no answer, which would send its traffic around the
+        // mesh in plaintext.
+        let Ok(Resolution::Service(bare)) = parse(bad.clone(), None) else {
+            panic!("a Service");
+        };
+        assert!(!bare.attached && bare.routes.is_empty(), "{bare:?}");
+        assert!(bare.received.is_none(), "read again with the next update");
+        let e = &bare.backends[0].endpoints[0];
+        assert_eq!(e.addr.to_string(), "10.0.0.2:80");
+        assert!(e.proxy.is_some(), "{e:?}");
         let Ok(Resolution::Service(next)) = parse(bad, Some(&first)) else {
             panic!("a Service");
         };
