@@ -165,7 +165,15 @@ impl Filters {
                         status,
                     });
                 }
-                None => {}
+                // A kind a newer controller sends (prost leaves what it does
+                // not know unset): skipped, the rule would do something else
+                // than its route says. Refused, as any part not understood.
+                None => {
+                    return Err(ViewError::new(
+                        "filters",
+                        "a filter of a kind this proxy does not know (a newer controller's): upgrade the proxy",
+                    ));
+                }
             }
         }
         out.sets_host = out.request.iter().any(HeaderModifier::names_host);
@@ -350,6 +358,12 @@ impl Redirect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_of_an_unknown_kind_is_refused_not_skipped() {
+        let e = Filters::parse(vec![api::HttpFilter { kind: None }]).unwrap_err();
+        assert!(format!("{e}").contains("does not know"), "{e}");
+    }
 
     #[test]
     fn prefix_rewrites_keep_the_rest_of_the_path_and_the_query() {
