@@ -45,6 +45,8 @@ pub struct StatusInput {
     pub parent_refs: Vec<ParentRef>,
     /// The ports a route's backendRefs name, per Service.
     pub backend_ports: Vec<(String, u16)>,
+    /// The ports an AuthorizationPolicy names (its pods' own).
+    pub policy_ports: Vec<u16>,
     /// Its status as last read.
     pub current: Value,
 }
@@ -138,6 +140,15 @@ impl StatusInput {
             invalid_kinds,
             parent_refs,
             backend_ports,
+            policy_ports: match kind {
+                Kind::AuthorizationPolicy => v["spec"]["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| u16::try_from(p.as_u64()?).ok())
+                    .collect(),
+                _ => Vec::new(),
+            },
             current: v.get("status").cloned().unwrap_or(Value::Null),
         }
     }
@@ -510,7 +521,9 @@ fn conditions(
                     .flatten()
                     .map(|(_, why)| why.as_str())
                     .collect();
-                let message = if not_served.is_empty() {
+                let message = if let Some(note) = service_ports_named(s, snap) {
+                    format!("accepted by strait; {note}")
+                } else if not_served.is_empty() {
                     "accepted by strait".to_string()
                 } else {
                     format!(
@@ -589,6 +602,41 @@ fn conditions(
         condition("ResolvedRefs", false, reason, &msg, s.generation, old)
     };
     vec![accepted, resolved]
+}
+
+/// A `targetRef` policy's ports that are its Service's ports and none of its
+/// pods' (the slices' target ports): `ports` names the pods' own ports, as
+/// Istio's and Linkerd's policies do, so `80` on a Service that sends port 80
+/// to the pods' 8080 protects nothing while 8080 stays as open as before.
+/// Said in the status, which otherwise reads as if all were well.
+fn service_ports_named(s: &StatusInput, snap: &Snapshot) -> Option<String> {
+    let target = s.targets.first()?;
+    let svc = ObjKey {
+        namespace: s.namespace.clone(),
+        name: target.clone(),
+    };
+    let pods: std::collections::BTreeSet<u16> = snap
+        .slices
+        .get(&svc)?
+        .values()
+        .flat_map(|slice| slice.ports.iter().map(|(_, p)| *p))
+        .collect();
+    let info = snap.services.get(&svc)?;
+    let wrong: Vec<String> = s
+        .policy_ports
+        .iter()
+        .filter(|p| !pods.contains(p) && info.ports.iter().any(|sp| sp.port == **p))
+        .map(u16::to_string)
+        .collect();
+    if wrong.is_empty() || pods.is_empty() {
+        return None;
+    }
+    let listen: Vec<String> = pods.iter().map(u16::to_string).collect();
+    Some(format!(
+        "ports {} are Service {target}'s, not its pods' (they listen on {}): a policy's ports are the pods' own, so these protect nothing",
+        wrong.join(", "),
+        listen.join(", ")
+    ))
 }
 
 /// The status the object should have.
@@ -1029,6 +1077,41 @@ mod tests {
         let c = condition_in(&want["parents"][0]["conditions"], "Accepted");
         let s = |k: &str| c[k].as_str().unwrap().to_string();
         (s("status"), s("reason"), s("message"))
+    }
+
+    /// A policy's `ports` are its pods' own: naming the Service's port (80,
+    /// which the Service sends to the pods' 8080) protects nothing, and the
+    /// status says so rather than reading as if all were well.
+    #[test]
+    fn a_policy_naming_its_service_s_port_says_it_protects_nothing() {
+        let mut snap = Snapshot::empty("cluster.local");
+        insert(
+            &mut snap,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80, targetPort: 8080}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.1.0.9]}]\n",
+        );
+        let message = |ports: Value| {
+            let policy = serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "p"},
+                "spec": {"targetRef": {"kind": "Service", "name": "web"}, "mtls": "STRICT", "ports": ports}
+            });
+            let want = desired(
+                &StatusInput::of(Kind::AuthorizationPolicy, &policy, None),
+                &snap,
+            );
+            let c = condition_in(&want["conditions"], "Accepted");
+            (
+                c["status"].clone(),
+                c["message"].as_str().unwrap().to_string(),
+            )
+        };
+        let (status, m) = message(serde_json::json!([80]));
+        assert_eq!(status, "True");
+        assert!(
+            m.contains("ports 80 are Service web's, not its pods' (they listen on 8080)"),
+            "{m}"
+        );
+        let (_, m) = message(serde_json::json!([8080]));
+        assert_eq!(m, "accepted by strait");
     }
 
     /// A route on a port its callers carry as TCP is applied nowhere there:
