@@ -607,6 +607,15 @@ impl SnapshotBuilder {
                 reason: format!("{service_account:?} is not a service-account name"),
             });
         }
+        // A port-list annotation, as ranges.
+        let ranges = |name: &str| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(name))
+                .map(|v| port_ranges(v))
+                .unwrap_or_default()
+        };
         Ok((
             k,
             PodInfo {
@@ -615,20 +624,8 @@ impl SnapshotBuilder {
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 probes: pod.spec.as_ref().map(probe_routes).unwrap_or_default(),
                 ips: own_ips(pod),
-                skip_inbound: pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(crate::inject::SKIP_INBOUND_PORTS))
-                    .map(|v| port_ranges(v))
-                    .unwrap_or_default(),
-                opaque: pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(crate::inject::OPAQUE_PORTS))
-                    .map(|v| port_ranges(v))
-                    .unwrap_or_default(),
+                skip_inbound: ranges(crate::inject::SKIP_INBOUND_PORTS),
+                opaque: ranges(crate::inject::OPAQUE_PORTS),
                 node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             },
         ))
