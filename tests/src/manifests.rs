@@ -66,6 +66,14 @@ pub fn endpoint(ns: &str, svc: &str, pod: &str, app: SocketAddr) -> String {
     )
 }
 
+/// A Pod without a proxy: what an endpoint's `targetRef` names. From the API
+/// server, an endpoint whose pod the controller has not seen is left out.
+pub fn unmeshed_pod(ns: &str, pod: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: {ns}\nspec:\n  containers: [{{name: app, image: app}}]\n"
+    )
+}
+
 /// A meshed Pod whose proxy's inbound listener is on `inbound_port`.
 pub fn meshed_pod(ns: &str, pod: &str, service_account: &str, inbound_port: u16) -> String {
     format!(

@@ -161,6 +161,11 @@ pub struct Snapshot {
     /// label), if it has one: a node without a zone is known to have none,
     /// which a node not read yet is not.
     pub node_zones: HashMap<String, Option<String>>,
+    /// Every pod of the cluster is indexed, meshed or not (the API server's
+    /// watch): a pod an endpoint names and the index lacks is one not seen
+    /// yet (its watch behind the slices', relisting), not an unmeshed one.
+    /// From manifests, a slice may name pods no file declares.
+    pub every_pod_indexed: bool,
 }
 
 /// SHA-256 of a service-account token.
@@ -201,6 +206,7 @@ impl Snapshot {
             backend_policies: HashMap::new(),
             sealed_namespaces: BTreeSet::new(),
             node_zones: HashMap::new(),
+            every_pod_indexed: false,
         }
     }
 

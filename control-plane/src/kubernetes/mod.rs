@@ -286,7 +286,10 @@ impl Index {
 
     fn new(trust_domain: &str) -> Self {
         Index {
-            snap: Snapshot::empty(trust_domain),
+            snap: Snapshot {
+                every_pod_indexed: true,
+                ..Snapshot::empty(trust_domain)
+            },
             ids: HashMap::new(),
             uids: HashMap::new(),
             statuses: HashMap::new(),

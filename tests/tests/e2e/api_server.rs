@@ -880,6 +880,7 @@ async fn httproute_changes_through_the_api_move_traffic() {
     );
     for (svc, b) in [("web", &web), ("web-v1", &v1), ("web-v2", &v2)] {
         api.apply(&service(NS, svc, 80));
+        api.apply(&strait_tests::manifests::unmeshed_pod(NS, svc));
         api.apply(&endpoint(NS, svc, svc, b.addr));
     }
     api.apply(&split(100, 0));
