@@ -514,9 +514,12 @@ async fn follow(
                                     .unwrap_or_default();
                                 lag.observe(d.as_secs_f64());
                             }
-                            if let Resolution::Service(s) = &r {
-                                debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");
-                                logical.refresh(s);
+                            match &r {
+                                Resolution::Service(s) => {
+                                    debug!(destination = %req.destination, service = %s.name, backends = s.backends.len(), routes = s.routes.len(), "discovery update");
+                                    logical.refresh(s);
+                                }
+                                Resolution::NotMeshed => logical.clear(received),
                             }
                             tx.send_replace(Some(r));
                         }

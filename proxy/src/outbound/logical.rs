@@ -39,6 +39,10 @@ pub struct Logical {
     /// What the stages were first built with, to rebuild them as soon as a
     /// new view arrives rather than at the next request.
     builder: OnceLock<Builder>,
+    /// The destination stopped being a meshed Service after views up to this
+    /// version: a request that resolved one of them before gets stages of
+    /// its own, not kept.
+    gone_after: std::sync::atomic::AtomicU64,
 }
 
 struct RouteStage {
@@ -82,6 +86,9 @@ impl Logical {
             // Current, or newer than the view a slow caller resolved earlier.
             return s.clone();
         }
+        if view.version <= self.gone_after.load(std::sync::atomic::Ordering::Relaxed) {
+            return Arc::new(Stages::build(view.clone(), None, b));
+        }
         let s = Arc::new(Stages::build(view.clone(), current.as_deref(), b));
         *current = Some(s.clone());
         s
@@ -96,6 +103,20 @@ impl Logical {
         if let Some(b) = self.builder.get() {
             self.stages(view, b);
         }
+    }
+
+    /// The destination is no longer a meshed Service (deleted, its port
+    /// removed, made an ExternalName) as of the update numbered `version`:
+    /// its stages go once requests under way let go of them, and with them
+    /// their metric series and their share of the ejected-endpoints gauge,
+    /// which callers still dialling the old address would otherwise keep.
+    pub fn clear(&self, version: u64) {
+        self.gone_after
+            .fetch_max(version, std::sync::atomic::Ordering::Relaxed);
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
@@ -256,5 +277,84 @@ impl Stages {
         m.latency.observe(start.elapsed().as_secs_f64());
         m.responses[status_index(rsp.status())].inc();
         crate::http::grpc::UntilAnswered::respond(grpc, rsp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use strait_api::v1 as api;
+
+    use super::*;
+    use crate::control::view::Resolution;
+
+    fn builder() -> (Builder, crate::transport::DrainTrigger) {
+        let (trigger, drain) = crate::transport::drain::channel();
+        let forward = Forward::new(
+            crate::http::client::ClientCache::new(Duration::from_secs(1), None),
+            crate::addr::OwnAddrs::new([]),
+            crate::tcp::TcpConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(10),
+                names: Default::default(),
+            },
+            Metrics::new(),
+            drain,
+            crate::telemetry::Direction::Outbound,
+        );
+        let b = Builder {
+            forward,
+            metrics: Metrics::new(),
+            replay_limit: 0,
+        };
+        (b, trigger)
+    }
+
+    fn view(version: u64) -> Arc<ServiceView> {
+        let update = api::DestinationUpdate {
+            kind: Some(api::destination_update::Kind::Service(api::Service {
+                name: "web.shop.svc.cluster.local:80".into(),
+                version,
+                backends: vec![api::Backend {
+                    name: "web.shop.svc.cluster.local:80".into(),
+                    endpoints: vec![api::Endpoint {
+                        addr: Some(api::SocketAddress {
+                            addr: "10.0.0.1:8080".into(),
+                        }),
+                        weight: 1,
+                        ..Default::default()
+                    }],
+                    policy: None,
+                }],
+                ..Default::default()
+            })),
+        };
+        match crate::control::view::parse(update, None).unwrap() {
+            Resolution::Service(v) => v,
+            Resolution::NotMeshed => panic!("a Service"),
+        }
+    }
+
+    /// A Service deleted (or its port, or made an ExternalName) while
+    /// callers still dial its old address: its stages go, and with them
+    /// their metric series and their share of the ejected-endpoints gauge.
+    /// A request that resolved the old view before gets stages of its own,
+    /// not kept; the Service back is kept again.
+    #[tokio::test]
+    async fn a_destination_no_longer_meshed_lets_its_stages_go() {
+        let (b, _drain) = builder();
+        let l = Logical::default();
+        let kept = |s: Arc<Stages>| {
+            let weak = Arc::downgrade(&s);
+            drop(s);
+            weak.upgrade().is_some()
+        };
+        assert!(kept(l.stages(&view(1), &b)));
+        l.clear(1);
+        assert!(l.current.lock().unwrap().is_none());
+        assert!(!kept(l.stages(&view(1), &b)), "an old view's stages kept");
+        assert!(kept(l.stages(&view(2), &b)), "the Service back");
     }
 }
