@@ -240,10 +240,15 @@ fn applies(snap: &Snapshot, key: &ObjKey, spec: &AuthorizationSpec, pod: &ObjKey
 /// Whether the slice lists the pod's address without naming a pod, and the pod
 /// is alone there: the pod the Service's callers reach (see `index::view`).
 fn unnamed_at(snap: &Snapshot, slice: &crate::index::SliceInfo, pod: &ObjKey) -> bool {
-    slice
-        .unnamed
-        .iter()
-        .any(|a| snap.pod_at(*a).is_some_and(|(k, _)| k == pod))
+    if slice.unnamed.is_empty() {
+        return false;
+    }
+    snap.pods.get(pod).is_some_and(|p| {
+        p.ips.iter().any(|ip| {
+            slice.unnamed.binary_search(ip).is_ok()
+                && snap.pod_at(*ip).is_some_and(|(k, _)| k == pod)
+        })
+    })
 }
 
 /// Whether the Service's selector picks the pod. Its slices list a new pod

@@ -632,10 +632,15 @@ fn service_ports_named(s: &StatusInput, snap: &Snapshot) -> Option<String> {
         return None;
     }
     let listen: Vec<String> = pods.iter().map(u16::to_string).collect();
+    let (ports, reach) = match wrong.len() {
+        1 => ("port", "reaches"),
+        _ => ("ports", "reach"),
+    };
     Some(format!(
-        "ports {} are Service {target}'s, not its pods' (they listen on {}): a policy's ports are the pods' own, so these protect nothing",
+        "{ports} {} of Service {target} {reach} its pods on {}: a policy's ports are the pods' own, and no endpoint of the Service listens on {}",
         wrong.join(", "),
-        listen.join(", ")
+        listen.join(", "),
+        wrong.join(", ")
     ))
 }
 
@@ -1107,7 +1112,7 @@ mod tests {
         let (status, m) = message(serde_json::json!([80]));
         assert_eq!(status, "True");
         assert!(
-            m.contains("ports 80 are Service web's, not its pods' (they listen on 8080)"),
+            m.contains("port 80 of Service web reaches its pods on 8080"),
             "{m}"
         );
         let (_, m) = message(serde_json::json!([8080]));

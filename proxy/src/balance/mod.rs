@@ -147,10 +147,14 @@ pub struct BackendMetrics {
 /// seconds), got twice its share from every caller. `None`: none has
 /// answered, and the default stands.
 fn typical_cost<'a>(states: impl Iterator<Item = &'a EndpointState>, now: Instant) -> Option<f64> {
+    // Not those failing (their estimate the failure penalty or more): half
+    // a backend failing in an incident would otherwise have the capacity
+    // added for it guessed slow, and left idle until its first answer.
+    let failing = defaults::BALANCER_FAILURE_PENALTY.as_nanos() as f64;
     let mut costs: Vec<f64> = states
         .filter_map(|s| {
             let e = s.ewma.lock().ok()?;
-            e.answered().then(|| e.cost(now))
+            e.answered().then(|| e.cost(now)).filter(|c| *c < failing)
         })
         .collect();
     if costs.is_empty() {

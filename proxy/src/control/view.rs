@@ -127,12 +127,14 @@ fn endpoints(b: Vec<api::Endpoint>) -> Result<Vec<Endpoint>, String> {
 /// control plane should never send one, and a proxy must not trust that, nor
 /// serve half of a Service's endpoints. Routes that do not read (a newer
 /// controller's, say, during an upgrade) keep the last routes that did, with
-/// the update's endpoints, so that endpoints still follow the pods. With no
-/// view of the Service before, or last routes that name a backend the last
-/// view carried and the update does not, the update is refused rather than
-/// served without some of its routes (every request on the first backend
-/// whatever the weights said) or with a backend gone (500s for its share). A
-/// backend the last view did not carry either does not resolve, and stays so.
+/// the update's endpoints, so that endpoints still follow the pods. Last
+/// routes that name a backend the last view carried and the update does not
+/// refuse the update (500s for that backend's share otherwise): the last view
+/// stays whole. With no view of the Service before, it is served as if no
+/// route were attached (its own endpoints, the first backend, over mTLS):
+/// where passing its traffic through would have sent it too, but in
+/// plaintext. A backend the last view did not carry either does not resolve,
+/// and stays so.
 pub fn parse(
     update: api::DestinationUpdate,
     previous: Option<&Resolution>,

@@ -561,6 +561,29 @@ mod tests {
         }
         let outsider = id("spiffe://td/ns/other/sa/x");
         assert!(!decide(8080, Some(&outsider), &req("GET", "/ready?full=1")));
+        // Under PERMISSIVE, which lets plaintext in anyway, a probe is still
+        // told apart (counted `probe`), so that plaintext `allow` is every
+        // caller but the kubelet.
+        let mut open = strict_for(
+            api::authorization::Subject::Namespace("shop".into()),
+            vec![api::ProbeRoute {
+                port: 8080,
+                kind: api::ProbeKind::HttpGet as i32,
+                path: "/ready?full=1".into(),
+            }],
+        );
+        let default = open.default.as_mut().unwrap();
+        default.mode = api::MtlsMode::Permissive as i32;
+        default.allow.clear();
+        tx.send_replace(Some(Arc::new(parse(open, "td"))));
+        assert_eq!(
+            check_request(&rx, 8080, None, &req("GET", "/ready?full=1")),
+            Ok(Admitted::Probe)
+        );
+        assert_eq!(
+            check_request(&rx, 8080, None, &req("GET", "/other")),
+            Ok(Admitted::Policy)
+        );
         tx.send_replace(None);
         assert_eq!(
             check_request(&rx, 8080, None, &req("GET", "/ready?full=1")),
