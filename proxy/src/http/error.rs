@@ -100,6 +100,14 @@ impl ProxyError {
         if self.not_sent() {
             rsp.extensions_mut().insert(RequestNotSent);
         }
+        if matches!(
+            self,
+            ProxyError::Resolve { .. }
+                | ProxyError::ConnectTimeout { .. }
+                | ProxyError::Connect { .. }
+        ) {
+            rsp.extensions_mut().insert(CloseClient);
+        }
         if matches!(self, ProxyError::ClientBody) {
             rsp.extensions_mut().insert(super::grpc::CALLER_CANCELLED);
         }
@@ -138,6 +146,15 @@ impl ProxyError {
 /// did not reach it (a connect waited for only part of an attempt).
 #[derive(Clone, Copy, Debug)]
 pub struct NoVerdict;
+
+/// Marks an answer for a destination that could not be reached, should it be
+/// the one the client gets (no retry got through): its HTTP/1 connection is
+/// closed after it. Without the mesh the server going away would have closed
+/// it; a client holding it would otherwise fail every request on it (a pod
+/// gone after a rollout, a Service made again elsewhere) rather than connect
+/// and resolve its name again.
+#[derive(Clone, Copy, Debug)]
+pub struct CloseClient;
 
 /// Marks a response the proxy made up because the request could not be sent at
 /// all (no connection): safe to retry whatever the request.

@@ -263,6 +263,31 @@ async fn http_sent_to_the_outbound_port_follows_its_host_header() {
 /// An app configured with an HTTP forward proxy (`http_proxy=`, Squid)
 /// sends its requests in absolute form, which the forward proxy needs to
 /// know where to: they reach it so. Origin-form requests stay as they are.
+/// A destination the proxy cannot connect to (a pod gone after a rollout,
+/// a Service recreated elsewhere) answers 502 and closes the app's
+/// keep-alive connection: without the mesh the server's going away would
+/// have closed it, and the app, reconnecting, resolves its name again rather
+/// than failing every request on the connection it holds.
+#[tokio::test]
+async fn a_connect_failure_closes_the_app_s_connection() {
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", strait_tests::process::free_port())
+        .parse()
+        .unwrap();
+    let proxy = support::start_to(dead).await;
+    let mut c = TcpStream::connect(proxy.upstream()).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: db-0.db\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut answer))
+        .await
+        .expect("the connection closed after the answer")
+        .unwrap();
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 502"), "{answer}");
+    assert!(lower.contains("\r\nconnection: close\r\n"), "{answer}");
+}
+
 #[tokio::test]
 async fn a_forward_proxy_gets_requests_in_absolute_form() {
     let squid = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
