@@ -753,30 +753,12 @@ endpoints:
     /// it, as it covers a pod a slice names.
     #[test]
     fn a_target_ref_policy_covers_the_pod_at_an_endpoint_naming_none() {
-        let yaml = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: db-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
-spec: {serviceAccountName: db, containers: [{name: db, image: db}]}
-status: {phase: Running, podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}]}
----
+        let others = r#"
 apiVersion: v1
 kind: Pod
 metadata: {name: db-1, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
 spec: {serviceAccountName: db, containers: [{name: db, image: db}]}
 status: {phase: Running, podIP: 10.1.0.10, podIPs: [{ip: 10.1.0.10}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: db-leader, namespace: shop}
-spec: {ports: [{name: pg, port: 5432}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: db-leader-mirrored, namespace: shop, labels: {kubernetes.io/service-name: db-leader}}
-addressType: IPv4
-ports: [{name: pg, port: 5432}]
-endpoints: [{addresses: [10.1.0.9]}]
 ---
 apiVersion: policy.strait.dev/v1alpha1
 kind: AuthorizationPolicy
@@ -785,8 +767,12 @@ spec:
   targetRef: {kind: Service, name: db-leader}
   mtls: STRICT
 "#;
+        let yaml = format!(
+            "{}---\n{others}",
+            crate::index::view::tests::LEADER_NAMING_NO_POD
+        );
         let mut snap = Snapshot::empty("cluster.local");
-        for o in crate::manifests::parse_file(yaml).unwrap() {
+        for o in crate::manifests::parse_file(&yaml).unwrap() {
             o.insert_into(&mut snap);
         }
         let mode = |name: &str| {

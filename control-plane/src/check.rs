@@ -389,17 +389,13 @@ impl StaleAnchors {
     const NAMED: usize = 5;
 
     fn count(&mut self, p: &Pod, bundle: &[Vec<u8>]) {
-        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-        if p.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed"))
-        {
+        if !should_run(p) {
             return;
         }
-        let given = p
-            .spec
-            .iter()
-            .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-            .filter(|c| c.name == crate::inject::PROXY_CONTAINER)
-            .flat_map(|c| c.env.iter().flatten())
+        let given = proxy_container(p)
+            .and_then(|c| c.env.as_ref())
+            .into_iter()
+            .flatten()
             .find(|e| e.name == "STRAIT_PROXY_TRUST_ANCHORS_PEM")
             .and_then(|e| e.value.as_deref());
         let Some(given) = given else {
@@ -515,13 +511,10 @@ struct MeshedPods {
 
 impl MeshedPods {
     fn count(&mut self, p: &Pod) {
-        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-        if !has_proxy(p)
-            || p.metadata.deletion_timestamp.is_some()
-            || matches!(phase, Some("Succeeded" | "Failed"))
-        {
+        if proxy_container(p).is_none() || !should_run(p) {
             return;
         }
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         self.meshed += 1;
         self.ready += usize::from(proxy_ready(p));
         // Pods still starting (Pending) may simply not be there yet; one Pending
@@ -560,11 +553,19 @@ impl MeshedPods {
     }
 }
 
-fn has_proxy(p: &Pod) -> bool {
-    let spec = p.spec.as_ref();
-    spec.into_iter()
+/// The pod's proxy container, if it is meshed.
+fn proxy_container(p: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
+    p.spec
+        .iter()
         .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-        .any(|c| c.name == crate::inject::PROXY_CONTAINER)
+        .find(|c| c.name == crate::inject::PROXY_CONTAINER)
+}
+
+/// Whether the pod should be running: a finished Job's pod, or one being
+/// deleted, keeps a stopped proxy.
+fn should_run(p: &Pod) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    p.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
 fn proxy_ready(p: &Pod) -> bool {

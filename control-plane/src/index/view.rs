@@ -1335,14 +1335,10 @@ endpoints: [{addresses: [10.1.0.9], targetRef: {kind: Pod, name: web-0}}]
         assert!(pod.identity.is_some() && pod.proxy_port != 0, "{pod:?}");
     }
 
-    /// Endpoints written by hand or by an operator (Patroni's leader Service,
-    /// Endpoints mirrored into slices) name no pod: one at a meshed pod's
-    /// address is that pod, called over mTLS as its address alone would be,
-    /// not in plaintext that a STRICT pod refuses. Unmeshed addresses stay
-    /// plaintext.
-    #[test]
-    fn an_endpoint_naming_no_pod_at_a_meshed_pod_s_address_is_that_pod() {
-        let yaml = r#"
+    /// A Service whose endpoints an operator writes without naming pods
+    /// (Patroni's leader): one at meshed pod `shop/db-0`'s address, one at an
+    /// address outside the cluster.
+    pub(crate) const LEADER_NAMING_NO_POD: &str = r#"
 apiVersion: v1
 kind: Pod
 metadata: {name: db-0, namespace: shop, annotations: {strait.dev/inbound-port: "4143"}}
@@ -1361,7 +1357,15 @@ addressType: IPv4
 ports: [{name: pg, port: 5432}]
 endpoints: [{addresses: [10.1.0.9]}, {addresses: [10.9.0.1]}]
 "#;
-        let s = snapshot(yaml);
+
+    /// Endpoints written by hand or by an operator (Patroni's leader Service,
+    /// Endpoints mirrored into slices) name no pod: one at a meshed pod's
+    /// address is that pod, called over mTLS as its address alone would be,
+    /// not in plaintext that a STRICT pod refuses. Unmeshed addresses stay
+    /// plaintext.
+    #[test]
+    fn an_endpoint_naming_no_pod_at_a_meshed_pod_s_address_is_that_pod() {
+        let s = snapshot(LEADER_NAMING_NO_POD);
         let leader = service(&s, &svc("shop", "db-leader", 5432));
         let b = &leader.backends[0];
         assert_eq!(addrs(b), ["10.1.0.9:5432", "10.9.0.1:5432"]);

@@ -116,6 +116,7 @@ impl ProxyError {
             rsp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             rsp.extensions_mut().insert(ClientFaulted);
+            rsp.extensions_mut().insert(CloseClient);
         }
         // Refused here after an endpoint was picked (a bad Host, a loop): the
         // endpoint never saw the request, so its balancer learns nothing, and
@@ -147,12 +148,13 @@ impl ProxyError {
 #[derive(Clone, Copy, Debug)]
 pub struct NoVerdict;
 
-/// Marks an answer for a destination that could not be reached, should it be
-/// the one the client gets (no retry got through): its HTTP/1 connection is
-/// closed after it. Without the mesh the server going away would have closed
-/// it; a client holding it would otherwise fail every request on it (a pod
-/// gone after a rollout, a Service made again elsewhere) rather than connect
-/// and resolve its name again.
+/// Marks a proxy's answer after which the client's HTTP/1 connection is
+/// closed, should it be the one the client gets: the client's own fault (the
+/// rest of its body unread), or a destination that could not be reached (no
+/// retry got through). Without the mesh the server going away would have
+/// closed the connection; a client holding it would otherwise fail every
+/// request on it (a pod gone after a rollout, a Service made again
+/// elsewhere) rather than connect and resolve its name again.
 #[derive(Clone, Copy, Debug)]
 pub struct CloseClient;
 

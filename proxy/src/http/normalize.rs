@@ -124,21 +124,13 @@ where
         let this = self.project();
         let mut rsp = std::task::ready!(this.inner.poll(cx))?;
         let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        // The proxy's own answer to a client's broken body closes the
-        // connection, and the client is told so (RFC 9110 §15.5.9).
-        let close = (rsp
+        // The proxy's own answer to a client's broken body, or for a
+        // destination that could not be reached, closes the connection, and
+        // the client is told so (RFC 9110 §15.5.9).
+        let close = rsp
             .extensions()
-            .get::<super::error::ClientFaulted>()
-            .is_some()
-            && rsp
-                .headers()
-                .get(header::CONNECTION)
-                .is_some_and(|v| v == "close"))
-            // Or a destination that could not be reached (`CloseClient`).
-            || rsp
-                .extensions()
-                .get::<super::error::CloseClient>()
-                .is_some();
+            .get::<super::error::CloseClient>()
+            .is_some();
         response_framing(rsp.headers_mut());
         strip_hop_by_hop(rsp.headers_mut(), keep);
         if close {
