@@ -762,8 +762,11 @@ fn ratios(rows: &[(String, String, Sample)]) -> String {
                 .map(|r| &r.2)
         };
         let refs: Vec<&Sample> = REFERENCES.iter().filter_map(|n| of(n)).collect();
-        let best_p99 = refs.iter().map(|r| r.p99_ms).fold(f64::INFINITY, f64::min);
-        let best_cpu = refs.iter().map(|r| cpu(r)).fold(f64::INFINITY, f64::min);
+        // No reference in the run (`--scenario` left them out): no ratio,
+        // rather than a figure over infinity read as 0.00.
+        let best = |f: &dyn Fn(&Sample) -> f64| refs.iter().map(|r| f(r)).fold(f64::NAN, f64::min);
+        let best_p99 = best(&|r| r.p99_ms);
+        let best_cpu = best(&cpu);
         let fmt = |x: f64| {
             if x.is_finite() {
                 format!("{x:.2}")
@@ -893,6 +896,7 @@ pub fn markdown(r: &Results) -> String {
     out.push_str(&verdicts(r));
     out.push_str(&mtls_cost(&rows, &r.samples));
     out.push_str(&tracing_cost(&rows, &r.samples));
+    out.push_str(&baseline_cost(&rows, &r.samples));
     out.push_str(
         "\n| scenario | process | idle RSS MiB | peak RSS MiB |\n| --- | --- | --- | --- |\n",
     );
@@ -1075,6 +1079,19 @@ fn tracing_cost(rows: &[(String, String, Sample)], samples: &[Sample]) -> String
         ("strait-mtls", "strait-mtls-traced"),
         "traced vs not (strait-mtls, 100 % sampling)",
         "off -> on",
+        true,
+    )
+}
+
+/// What a change costs: the mTLS pair against the same pair on the
+/// `--baseline` build, paired by round like the tracing cost.
+fn baseline_cost(rows: &[(String, String, Sample)], samples: &[Sample]) -> String {
+    cost_table(
+        rows,
+        samples,
+        ("strait-mtls-before", "strait-mtls"),
+        "this build vs --baseline (strait-mtls)",
+        "before -> this build",
         true,
     )
 }
@@ -1295,5 +1312,35 @@ mod tests {
         let r = Results { samples, ..r };
         let table = mtls_cost(&summary(&r), &r.samples);
         assert!(!table.contains("tcp conn"), "{table}");
+    }
+
+    /// A run against `--baseline` alone (no reference pairs) prints the
+    /// change paired by round, and no ratio to a reference it did not run.
+    #[test]
+    fn a_baseline_run_says_what_changed_and_no_reference_ratio() {
+        let l = "h2 1000/s";
+        let samples = vec![
+            sample(0, "strait-mtls-before", l, [0.1, 0.1]),
+            sample(0, "strait-mtls", l, [0.1, 0.12]),
+            sample(1, "strait-mtls-before", l, [0.2, 0.2]),
+            sample(1, "strait-mtls", l, [0.18, 0.18]),
+            sample(2, "strait-mtls-before", l, [0.1, 0.1]),
+            sample(2, "strait-mtls", l, [0.1, 0.1]),
+        ];
+        let r = Results {
+            machine: "test".into(),
+            samples,
+            memory: Vec::new(),
+            idle_conns: Vec::new(),
+        };
+        let rows = summary(&r);
+        // By round: +10 %, -10 %, 0.
+        let table = baseline_cost(&rows, &r.samples);
+        assert!(table.contains("| +0.0 % (-10.0 to +10.0) |"), "{table}");
+        let ratios = ratios(&rows);
+        assert!(
+            ratios.contains(&format!("| {l} | strait-mtls | - | - | - | - |")),
+            "{ratios}"
+        );
     }
 }
