@@ -33,6 +33,16 @@ pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
 /// calling far-away or slow-accepting servers (the internet, across regions)
 /// needs more than the 1 s default, which one lost SYN uses up.
 pub const PROXY_CONNECT_TIMEOUT: &str = "strait.dev/proxy-connect-timeout";
+/// The proxy's connection limits (`--max-connections`,
+/// `--inbound-max-connections-per-source`): a pod that edge clients reach in
+/// plaintext (an ingress controller behind a load balancer or a node's
+/// address) holds many connections from a few addresses.
+pub const PROXY_MAX_CONNECTIONS: &str = "strait.dev/proxy-max-connections";
+pub const PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: &str =
+    "strait.dev/proxy-inbound-max-connections-per-source";
+/// The highest connection limit an annotation may set: each connection may
+/// take two open files, and the kernel's default ceiling is 2^20.
+const MAX_CONNECTION_LIMIT: usize = 500_000;
 /// The proxy's resources, as Kubernetes quantities (`100m`, `64Mi`).
 pub const PROXY_CPU_REQUEST: &str = "strait.dev/proxy-cpu-request";
 pub const PROXY_CPU_LIMIT: &str = "strait.dev/proxy-cpu-limit";
@@ -511,6 +521,27 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             why: "is not a duration from 1ms to 10m (e.g. 500ms, 5s)",
         })?;
         more_env.push(json!({"name": "STRAIT_PROXY_CONNECT_TIMEOUT", "value": v}));
+    }
+    for (name, var) in [
+        (PROXY_MAX_CONNECTIONS, "STRAIT_PROXY_MAX_CONNECTIONS"),
+        (
+            PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE,
+            "STRAIT_PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE",
+        ),
+    ] {
+        if let Some(v) = annotation(name) {
+            let n = v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_CONNECTION_LIMIT).contains(n))
+                .ok_or(InjectError::Annotation {
+                    name,
+                    value: v.to_string(),
+                    why: "is not a whole number from 1 to 500000",
+                })?;
+            more_env.push(json!({"name": var, "value": n.to_string()}));
+        }
     }
     let image = match annotation(PROXY_IMAGE) {
         Some(i) if valid_image(i) => i.to_string(),

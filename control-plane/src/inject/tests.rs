@@ -305,6 +305,8 @@ fn annotations_reach_the_proxy_and_the_init_container() {
             json!({OPAQUE_PORTS: "5432", SKIP_INBOUND_PORTS: "22,9000-9010",
                    SKIP_OUTBOUND_PORTS: "443", PROXY_LOG_LEVEL: "debug",
                    PROXY_CONNECT_TIMEOUT: "5s",
+                   PROXY_MAX_CONNECTIONS: "50000",
+                   PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
                    SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
@@ -329,6 +331,14 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(
         env(proxy, "STRAIT_PROXY_CONNECT_TIMEOUT").unwrap()["value"],
         "5s"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_MAX_CONNECTIONS").unwrap()["value"],
+        "50000"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE").unwrap()["value"],
+        "40000"
     );
     assert_eq!(
         env(init, "STRAIT_PROXY_SKIP_INBOUND_PORTS").unwrap()["value"],
@@ -474,6 +484,9 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_CONNECT_TIMEOUT, "5"),
         (PROXY_CONNECT_TIMEOUT, "0s"),
         (PROXY_CONNECT_TIMEOUT, "1h"),
+        (PROXY_MAX_CONNECTIONS, "0"),
+        (PROXY_MAX_CONNECTIONS, "lots"),
+        (PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE, "600000"),
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::/8"),
