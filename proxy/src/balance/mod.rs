@@ -147,14 +147,17 @@ pub struct BackendMetrics {
 /// seconds), got twice its share from every caller. `None`: none has
 /// answered, and the default stands.
 fn typical_cost<'a>(states: impl Iterator<Item = &'a EndpointState>, now: Instant) -> Option<f64> {
-    // Not those failing (their estimate the failure penalty or more): half
-    // a backend failing in an incident would otherwise have the capacity
-    // added for it guessed slow, and left idle until its first answer.
-    let failing = defaults::BALANCER_FAILURE_PENALTY.as_nanos() as f64;
+    // Not those failing (their estimate a penalty): half a backend failing
+    // in an incident would otherwise have the capacity added for it guessed
+    // slow, and left idle until its first answer.
     let mut costs: Vec<f64> = states
+        .filter(|s| {
+            let o = s.outlier();
+            !o.is_avoided(now) && !o.is_ejected()
+        })
         .filter_map(|s| {
             let e = s.ewma.lock().ok()?;
-            e.answered().then(|| e.cost(now)).filter(|c| *c < failing)
+            e.answered().then(|| e.cost(now))
         })
         .collect();
     if costs.is_empty() {
@@ -508,6 +511,14 @@ impl Endpoints {
         if b.1 == Admit::Probe {
             return Some(b);
         }
+        // One that failed fast loses to one that works, whatever either
+        // costs: its penalty is a latency, and an endpoint that works but
+        // is slow, or busy, would cost more and lose to it.
+        match (a.1 == Admit::Failing, b.1 == Admit::Failing) {
+            (true, false) => return Some(b),
+            (false, true) => return Some(a),
+            _ => {}
+        }
         let (ca, cb) = (
             self.slots[a.0].state.cost(now),
             self.slots[b.0].state.cost(now),
@@ -693,7 +704,7 @@ impl InFlight {
     /// their latency they would make a dead endpoint the most attractive one, so
     /// they are recorded as a penalty, and counted by the breaker.
     pub fn unreachable(&self) {
-        self.record(defaults::BALANCER_FAILURE_PENALTY);
+        self.penalize();
         self.breaker_failure(Failed::Unreachable);
     }
 
@@ -702,6 +713,7 @@ impl InFlight {
     /// the stream's life (which may be long), and a failure to the breaker.
     pub fn stream_cut(&self) {
         self.observe(defaults::BALANCER_FAILURE_PENALTY);
+        self.avoid();
         self.breaker_failure(Failed::Answer);
     }
 
@@ -710,8 +722,19 @@ impl InFlight {
     /// but a failed answer to the breaker (a connect to that peer proxy says
     /// nothing of its app).
     pub fn app_unreachable(&self) {
-        self.record(defaults::BALANCER_FAILURE_PENALTY);
+        self.penalize();
         self.breaker_failure(Failed::Answer);
+    }
+
+    /// The endpoint shed the request (429, or gRPC RESOURCE_EXHAUSTED): it
+    /// is protecting itself, not broken, so the breaker counts nothing (nor
+    /// does the answer decide a probe); but its fast answer is no measure of
+    /// its cost, and as one it would draw more of the load it refuses. It
+    /// is passed over while others work.
+    pub fn shed(&self) {
+        if self.settle() {
+            self.avoid();
+        }
     }
 
     /// The endpoint answered with a server error: the breaker counts the
@@ -721,12 +744,11 @@ impl InFlight {
     /// fast it would win every comparison and draw the traffic of the
     /// endpoints that work.
     pub fn failed(&self) {
-        let kept_in = self.breaker_failure(Failed::Answer);
-        self.record(if kept_in {
-            defaults::BALANCER_FAILURE_PENALTY
+        if self.breaker_failure(Failed::Answer) {
+            self.penalize();
         } else {
-            Duration::ZERO
-        });
+            self.record(Duration::ZERO);
+        }
     }
 
     /// Counts a failure; true when its run is one that ejects (the breaker's
@@ -776,6 +798,17 @@ impl InFlight {
         }
         live.report();
         kept_in
+    }
+
+    /// A fast failure: recorded as the failure penalty, and passed over
+    /// while other endpoints work.
+    fn penalize(&self) {
+        self.record(defaults::BALANCER_FAILURE_PENALTY);
+        self.avoid();
+    }
+
+    fn avoid(&self) {
+        self.state().outlier().avoid(Instant::now());
     }
 
     fn record(&self, at_least: Duration) {
@@ -873,24 +906,96 @@ mod tests {
     /// breaker off.
     #[tokio::test(start_paused = true)]
     async fn endpoints_failing_fast_do_not_draw_the_traffic() {
-        for (failing, breaker_on) in [(2usize, true), (1, false)] {
-            let mut config = BackendConfig::default();
-            if !breaker_on {
-                config.breaker.consecutive_failures = 0;
-            }
-            let counts = shares(&backend(3, config), |i| {
-                if i < failing {
-                    (Duration::from_millis(1), InFlight::failed)
-                } else {
-                    (Duration::from_millis(20), InFlight::success)
+        // However slow the one that works: answering in 1.5 s it cost more
+        // than the failures' penalty, and the failing took nearly all.
+        for works_in in [Duration::from_millis(20), Duration::from_millis(1500)] {
+            for (failing, breaker_on) in [(2usize, true), (1, false)] {
+                let mut config = BackendConfig::default();
+                if !breaker_on {
+                    config.breaker.consecutive_failures = 0;
                 }
-            })
-            .await;
-            let to_failing: usize = counts[..failing].iter().sum();
-            assert!(
-                to_failing < 300,
-                "{failing} failing fast, breaker on: {breaker_on}: {counts:?}"
-            );
+                let counts = shares(&backend(3, config), |i| {
+                    if i < failing {
+                        (Duration::from_millis(1), InFlight::failed)
+                    } else {
+                        (works_in, InFlight::success)
+                    }
+                })
+                .await;
+                let to_failing: usize = counts[..failing].iter().sum();
+                assert!(
+                    to_failing < 300,
+                    "{failing} failing fast, breaker on: {breaker_on}, the other answering in {works_in:?}: {counts:?}"
+                );
+            }
+        }
+    }
+
+    /// An endpoint failing fast loses to one that works however many
+    /// requests that one holds: compared by cost, the failure's penalty (1 s)
+    /// was less than ten requests held by an endpoint answering in 100 ms,
+    /// and the failing one took every request past those.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_loses_to_a_busy_one_that_works() {
+        let mut config = BackendConfig::default();
+        config.breaker.consecutive_failures = 0;
+        let b = backend(2, config);
+        for _ in 0..10 {
+            let f = b.pick(&Default::default(), &[]).unwrap();
+            if index(&f) == 0 {
+                f.unreachable();
+            } else {
+                tokio::time::advance(Duration::from_millis(100)).await;
+                f.success();
+            }
+        }
+        let mut held = Vec::new();
+        let mut to_failing = 0;
+        for _ in 0..200 {
+            let f = b.pick(&Default::default(), &[]).unwrap();
+            if index(&f) == 0 {
+                to_failing += 1;
+                f.unreachable();
+            } else {
+                held.push(f);
+            }
+        }
+        assert!(
+            to_failing < 10,
+            "{to_failing} of 200 to the failing endpoint"
+        );
+    }
+
+    /// An endpoint that sheds load (429, or gRPC RESOURCE_EXHAUSTED) answers
+    /// fast, and counted as a fast success it drew more of the load it was
+    /// refusing. It is passed over while others take requests; the breaker
+    /// does not count it (the endpoint is protecting itself, not broken).
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_shedding_load_is_passed_over() {
+        use tower::Service as _;
+        for (what, status, grpc_status) in [
+            ("429", http::StatusCode::TOO_MANY_REQUESTS, None),
+            ("RESOURCE_EXHAUSTED", http::StatusCode::OK, Some("8")),
+        ] {
+            let b = backend(3, BackendConfig::default());
+            let (to_0, mut svc) = endpoint_0_answers(&b, move || {
+                let mut rsp = http::Response::new(crate::http::empty());
+                *rsp.status_mut() = status;
+                if let Some(code) = grpc_status {
+                    rsp.headers_mut()
+                        .insert("content-type", "application/grpc".parse().unwrap());
+                    rsp.headers_mut()
+                        .insert("grpc-status", code.parse().unwrap());
+                }
+                rsp
+            });
+            for _ in 0..300 {
+                let _ = svc.call(http::Request::new(Empty::new())).await;
+            }
+            let to_0 = to_0.load(Ordering::SeqCst);
+            // Its share would be 100.
+            assert!(to_0 < 30, "{what}: {to_0} of 300 to the endpoint shedding");
+            assert_eq!(b.ejected(), 0, "{what}");
         }
     }
 
@@ -900,10 +1005,11 @@ mod tests {
     /// caller, while still cold. Its first answer then says what it costs.
     #[tokio::test(start_paused = true)]
     async fn a_new_endpoint_draws_its_share_until_it_answers() {
+        let took = Duration::from_millis(50);
         let b = backend(10, BackendConfig::default());
         for _ in 0..500 {
             let f = b.pick(&Default::default(), &[]).unwrap();
-            tokio::time::advance(Duration::from_millis(50)).await;
+            tokio::time::advance(took).await;
             f.success();
         }
         let grown = Endpoints::new(
@@ -919,7 +1025,10 @@ mod tests {
             .collect();
         let to_new = held.iter().filter(|f| index(f) == 10).count();
         // Its share is 100; guessed at 1 ms it took about 200.
-        assert!(to_new < 150, "{to_new} of 1100 to the new endpoint");
+        assert!(
+            to_new < 150,
+            "{took:?}: {to_new} of 1100 to the new endpoint"
+        );
         // Answering fast, it is known to be fast at once.
         let fast = held.into_iter().find(|f| index(f) == 10).unwrap();
         tokio::time::advance(Duration::from_millis(5)).await;
@@ -978,15 +1087,15 @@ mod tests {
         let mut lost = 0;
         for _ in 0..500 {
             let b = backend(2, config.clone());
-            let mut failures = 0;
-            while failures < config.breaker.consecutive_failures {
-                let f = b.pick(&Default::default(), &[]).unwrap();
-                if index(&f) == 0 {
-                    f.failed();
-                    failures += 1;
-                } else {
-                    f.success();
-                }
+            // Ejected directly: drawn against an endpoint answering in
+            // microseconds, it would take a million draws to fail five times
+            // (both estimates sit at the 1 ms floor, decaying alike, the
+            // busy one a hair lower).
+            for _ in 0..config.breaker.consecutive_failures {
+                b.slots[0]
+                    .state
+                    .outlier()
+                    .failure(&config.breaker, Instant::now(), true, None);
             }
             assert!(b.slots[0].state.outlier().is_ejected());
             let start = Arc::new(std::sync::Barrier::new(threads));

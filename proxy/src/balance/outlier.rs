@@ -77,6 +77,12 @@ pub struct Outlier {
     /// Probes started so far: a probe that ends without a verdict (cancelled)
     /// frees the slot only if it is still the current one.
     probes: u64,
+    /// Until then the balancer takes any other endpoint first: it failed
+    /// fast (refused, or answered a failure the breaker could not act on,
+    /// or shed load), which a latency estimate alone would read as cheap.
+    avoid_until: Option<Instant>,
+    /// Times avoided since its last success: each time twice as long.
+    avoided: u32,
 }
 
 /// What failed: an answer (a server error, a timeout), or the connection.
@@ -90,6 +96,8 @@ pub enum Failed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
     Yes,
+    /// It may, but any endpoint not failing goes first.
+    Failing,
     /// Its ejection is over: this request is the probe.
     Probe,
     No,
@@ -98,6 +106,7 @@ pub enum Admit {
 impl Outlier {
     pub fn admit(&self, now: Instant) -> Admit {
         match self.ejected_until {
+            None if self.avoid_until.is_some_and(|u| now < u) => Admit::Failing,
             None => Admit::Yes,
             Some(_) if self.probing => Admit::No,
             Some(until) if now >= until => Admit::Probe,
@@ -138,9 +147,26 @@ impl Outlier {
         self.probing && probe == Some(self.probes)
     }
 
+    /// Failed fast: passed over while others work, for 1 s, then twice as
+    /// long each time until a success (so that it is tried again now and
+    /// then, and found when it recovers, but at a rate of its own rather than
+    /// whenever the others cost more than its penalty).
+    pub fn avoid(&mut self, now: Instant) {
+        let d = defaults::BALANCER_FAILURE_PENALTY.saturating_mul(1 << self.avoided.min(5));
+        self.avoid_until = Some(now + d);
+        self.avoided = self.avoided.saturating_add(1);
+    }
+
+    /// Whether it is passed over now (`avoid`).
+    pub fn is_avoided(&self, now: Instant) -> bool {
+        self.avoid_until.is_some_and(|u| now < u)
+    }
+
     /// Records a success; returns true when it re-admits the endpoint.
     pub fn success(&mut self, probe: Option<u64>) -> bool {
         self.consecutive = 0;
+        self.avoid_until = None;
+        self.avoided = 0;
         if self.is_current(probe) {
             // The probe passed: back in rotation, with a clean record.
             self.ejected_until = None;
@@ -222,6 +248,8 @@ impl Outlier {
     pub fn readmit(&mut self) -> bool {
         let was_out = self.ejected_until.is_some() || self.probing;
         self.consecutive = 0;
+        self.avoid_until = None;
+        self.avoided = 0;
         self.only_unreachable = false;
         self.ejected_until = None;
         self.ejections = 0;

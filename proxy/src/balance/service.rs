@@ -171,6 +171,10 @@ where
             in_flight.unreachable();
         } else if endpoint_failed(&rsp) {
             in_flight.app_unreachable();
+        } else if rsp.status() == StatusCode::TOO_MANY_REQUESTS
+            || crate::http::grpc::shed(rsp.headers())
+        {
+            in_flight.shed();
         } else if rsp.status().is_server_error() || crate::http::grpc::server_failed(rsp.headers())
         {
             in_flight.failed();

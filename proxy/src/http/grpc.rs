@@ -163,6 +163,12 @@ pub fn server_failed(headers: &HeaderMap) -> bool {
     matches!(code_in(headers), Some(2 | 13 | 14 | 15))
 }
 
+/// Whether a response head ends its call with RESOURCE_EXHAUSTED in
+/// trailers-only form: the server shedding load, as a 429 is.
+pub fn shed(headers: &HeaderMap) -> bool {
+    code_in(headers) == Some(8)
+}
+
 /// On a response the proxy made, how the call ended (an index into
 /// `LABELS`) where the HTTP status alone would mislead: a route's timeout is
 /// DEADLINE_EXCEEDED, not the UNAVAILABLE a 504 reads as, which gRPC clients
