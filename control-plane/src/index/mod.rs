@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use imbl::{HashMap, OrdMap, OrdSet};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Secret, Service};
+use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod, PodSpec, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use strait_api::v1 as api;
@@ -715,10 +715,12 @@ fn own_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
-/// The kubelet's HTTP and gRPC probes of a pod's containers, as the requests
-/// its proxy lets through in plaintext. Not those for another host, nor HTTPS
-/// ones (TLS without a client certificate): the proxy does not see them as
-/// the kubelet's.
+/// The kubelet's HTTP and gRPC probes of a pod's containers, and its HTTP
+/// lifecycle hooks (`preStop`, `postStart`: sent the same way, from the
+/// node, and a refusal is taken for success, so an app's drain call would
+/// be skipped unseen), as the requests its proxy lets through in plaintext.
+/// Not those for another host, nor HTTPS ones (TLS without a client
+/// certificate): the proxy does not see them as the kubelet's.
 fn probe_routes(spec: &PodSpec) -> Vec<api::ProbeRoute> {
     let mut routes: Vec<api::ProbeRoute> = Vec::new();
     let containers = spec
@@ -727,22 +729,31 @@ fn probe_routes(spec: &PodSpec) -> Vec<api::ProbeRoute> {
         .flatten()
         .chain(&spec.containers);
     for c in containers {
+        let http_get = |h: &HTTPGetAction| {
+            let elsewhere = h.host.as_deref().is_some_and(|h| !h.is_empty());
+            let http = h
+                .scheme
+                .as_deref()
+                .is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+            let path = kubelet_target(h.path.as_deref().unwrap_or_default());
+            container_port(c, &h.port)
+                .filter(|_| http && !elsewhere && path.len() <= defaults::MAX_PROBE_PATH)
+                .map(|port| api::ProbeRoute {
+                    port: port.into(),
+                    kind: api::ProbeKind::HttpGet as i32,
+                    path,
+                })
+        };
+        let hooks = c
+            .lifecycle
+            .iter()
+            .flat_map(|l| [&l.pre_stop, &l.post_start])
+            .flatten()
+            .filter_map(|h| h.http_get.as_ref().and_then(http_get));
         let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
-        for p in probes.into_iter().flatten() {
-            let route = if let Some(h) = &p.http_get {
-                let elsewhere = h.host.as_deref().is_some_and(|h| !h.is_empty());
-                let http = h
-                    .scheme
-                    .as_deref()
-                    .is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
-                let path = kubelet_target(h.path.as_deref().unwrap_or_default());
-                container_port(c, &h.port)
-                    .filter(|_| http && !elsewhere && path.len() <= defaults::MAX_PROBE_PATH)
-                    .map(|port| api::ProbeRoute {
-                        port: port.into(),
-                        kind: api::ProbeKind::HttpGet as i32,
-                        path,
-                    })
+        let probes = probes.into_iter().flatten().filter_map(|p| {
+            if let Some(h) = &p.http_get {
+                http_get(h)
             } else if let Some(g) = &p.grpc {
                 u16::try_from(g.port)
                     .ok()
@@ -754,11 +765,10 @@ fn probe_routes(spec: &PodSpec) -> Vec<api::ProbeRoute> {
                     })
             } else {
                 None
-            };
-            if let Some(r) = route
-                && !routes.contains(&r)
-                && routes.len() < defaults::MAX_PROBE_ROUTES
-            {
+            }
+        });
+        for r in probes.chain(hooks) {
+            if !routes.contains(&r) && routes.len() < defaults::MAX_PROBE_ROUTES {
                 routes.push(r);
             }
         }
@@ -1080,6 +1090,42 @@ mod tests {
                 (8080, get, "/ready?full=1"),
                 (9090, grpc, "/grpc.health.v1.Health/Check"),
                 (8082, get, "/health/%C3%A4%20b"),
+            ]
+        );
+    }
+
+    /// The kubelet's HTTP lifecycle hooks come from the node in plaintext as
+    /// its probes do: refused under STRICT, a `preStop` drain call was
+    /// skipped unseen (the kubelet takes any answer for success).
+    #[test]
+    fn the_kubelets_http_hooks_are_let_through_as_its_probes() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-0", "namespace": "shop"},
+            "spec": {"containers": [
+                {"name": "app", "image": "app",
+                 "ports": [{"name": "admin", "containerPort": 8022}],
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}},
+                 "lifecycle": {
+                     "preStop": {"httpGet": {"path": "/wait-for-drain", "port": "admin"}},
+                     "postStart": {"httpGet": {"path": "/warm", "port": 8443, "scheme": "HTTPS"}}}},
+                {"name": "other", "image": "other",
+                 "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}},
+                               "postStart": {"httpGet": {"path": "/started", "port": 9000}}}}
+            ]}
+        }))
+        .unwrap();
+        let (_, info) = SnapshotBuilder::pod(&pod).unwrap();
+        let got: Vec<(u32, &str)> = info
+            .probes
+            .iter()
+            .map(|r| (r.port, r.path.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (8080, "/ready"),
+                (8022, "/wait-for-drain"),
+                (9000, "/started")
             ]
         );
     }
