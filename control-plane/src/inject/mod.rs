@@ -730,6 +730,9 @@ fn init_container(
         // The ports as flags, not left to the environment: a Service named
         // `strait-proxy-inbound` in the pod's namespace gives every container
         // `STRAIT_PROXY_INBOUND_PORT=tcp://...` (Kubernetes' service links).
+        // Its reason (an iptables error) in `kubectl describe`, not only in
+        // its log: a Job's pod that fails here is not retried in place.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "args": [
             "init",
             "--proxy-uid", defaults::PROXY_UID.to_string(),
@@ -910,6 +913,7 @@ fn proxy_container(
         "name": PROXY_CONTAINER,
         "image": image,
         "restartPolicy": "Always",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": env,
         "ports": [
             {"name": "strait-inbound", "containerPort": defaults::DEFAULT_INBOUND_PORT},

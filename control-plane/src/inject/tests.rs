@@ -53,6 +53,10 @@ fn an_annotated_pod_gets_the_init_container_and_the_native_sidecar() {
     assert_eq!(init_names(&p), ["strait-init", "strait-proxy"]);
     let proxy = &p["spec"]["initContainers"][1];
     assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
+    // Why either failed, in `kubectl describe pod`.
+    for c in &p["spec"]["initContainers"].as_array().unwrap()[..2] {
+        assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
+    }
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
     assert_eq!(
