@@ -163,8 +163,10 @@ pub struct Config {
     pub tcp_idle_timeout: Duration,
 
     /// Connections open at once per listener; more get 503 or are closed.
-    #[arg(long, env = "STRAIT_PROXY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
-    pub max_connections: usize,
+    /// Default: 20,000, or fewer where the container's memory limit (its
+    /// cgroup's) would not hold that many.
+    #[arg(long, env = "STRAIT_PROXY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 
     /// Requests in flight at once in each direction (inbound, outbound); more
     /// are answered 503 at once (shed) rather than queued.
@@ -266,6 +268,11 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// Connections open at once per listener (`--max-connections`).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(defaults::MAX_CONNECTIONS)
+    }
+
     /// The defaults, with every listener on an ephemeral loopback port: for tests
     /// and embedding.
     pub fn loopback() -> Self {

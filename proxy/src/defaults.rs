@@ -59,6 +59,15 @@ pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 /// Connections open at once per listener; beyond this new ones get 503 (HTTP) or
 /// are closed. Bounds memory against floods.
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// Where the container has a memory limit, `--max-connections` by default is
+/// at most what fits in it: this much kept for the proxy itself, and this
+/// much per connection of both listeners full (an idle HTTP/1 keep-alive
+/// connection holds about 17 KiB, hyper's two buffers and its task). A
+/// flood the limits allow must not get the proxy OOM-killed.
+pub const MEMORY_RESERVE: u64 = 32 << 20;
+pub const MEMORY_PER_CONNECTION: u64 = 32 << 10;
+/// And at least this many, however low the limit.
+pub const MIN_MAX_CONNECTIONS: usize = 256;
 /// Requests in flight at once per direction: each may hold a connection to
 /// the app (HTTP/1 takes one per request), so peers' multiplexed streams
 /// (1,000 per connection) cannot take every file descriptor the proxy has,

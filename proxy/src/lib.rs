@@ -5,6 +5,7 @@ pub mod addr;
 pub mod admin;
 pub mod balance;
 pub mod boxed;
+pub mod cgroup;
 pub mod cli;
 pub mod control;
 pub mod defaults;

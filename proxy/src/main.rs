@@ -27,15 +27,28 @@ fn main() -> ExitCode {
 }
 
 fn start() -> anyhow::Result<()> {
-    let (config, cache_left_on) = match Cli::parse().into_action() {
-        Action::Run(c) => {
+    let (config, cache_left_on, fitted) = match Cli::parse().into_action() {
+        Action::Run(mut c) => {
+            // Not given: as many as the container's memory limit holds.
+            let fitted = match (c.max_connections, strait_proxy::cgroup::memory_limit()) {
+                (None, Some(limit)) => {
+                    let n = strait_proxy::cgroup::connections_within(limit);
+                    c.max_connections = Some(n);
+                    Some(Fitted::Lowered(limit, n))
+                }
+                (Some(n), Some(limit)) if !strait_proxy::cgroup::holds(limit, n) => {
+                    Some(Fitted::Over(limit, n))
+                }
+                _ => None,
+            };
+            c.max_connections = Some(c.max_connections());
             // Before any thread or descriptor: the process may be replaced.
             let cache_left_on = if c.threads <= 1 {
                 heap::without_thread_cache()
             } else {
                 None
             };
-            (*c, cache_left_on)
+            (*c, cache_left_on, fitted)
         }
         Action::Init(args) => {
             let rules = strait_proxy::init::run(&args)?;
@@ -55,7 +68,7 @@ fn start() -> anyhow::Result<()> {
             .build()?,
     };
     let open_files = raise_open_files();
-    let r = rt.block_on(run(config, open_files, cache_left_on));
+    let r = rt.block_on(run(config, open_files, cache_left_on, fitted));
     // Drained: what is left is blocking work (a resolver call that hangs)
     // that must not hold the process past its grace period.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -88,17 +101,41 @@ fn raise_open_files() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
+/// `--max-connections` against the container's memory limit (bytes).
+enum Fitted {
+    /// Not given: this many, what the limit holds.
+    Lowered(u64, usize),
+    /// Given, and more than the limit holds.
+    Over(u64, usize),
+}
+
 async fn run(
     config: Config,
     open_files: Option<u64>,
     cache_left_on: Option<String>,
+    fitted: Option<Fitted>,
 ) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
+    match fitted {
+        Some(Fitted::Lowered(limit, n)) if n < strait_proxy::defaults::MAX_CONNECTIONS => {
+            tracing::info!(
+                memory_limit_mib = limit >> 20,
+                max_connections = n,
+                "connections per listener limited to what the container's memory limit holds (--max-connections sets it)"
+            );
+        }
+        Some(Fitted::Over(limit, n)) => tracing::warn!(
+            memory_limit_mib = limit >> 20,
+            max_connections = n,
+            "--max-connections is more than the container's memory limit holds (about 64 KiB per connection of both listeners): a flood of connections could get the proxy killed"
+        ),
+        _ => {}
+    }
     if let Some(why) = cache_left_on {
         // Memory a burst freed may stay resident (docs/configuration.md).
         tracing::info!("glibc's per-thread cache left on: {why}");
     }
-    let max_connections = config.max_connections;
+    let max_connections = config.max_connections();
     let proxy = Proxy::bind(config, Some(log)).await?;
     // An opaque stream takes two descriptors (the client's and the
     // upstream's); a limit this low runs out at a few thousand connections.

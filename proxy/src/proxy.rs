@@ -250,7 +250,7 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
             )));
         }
     }
-    if config.max_connections == 0 {
+    if config.max_connections() == 0 {
         return Err(StartError::Flag(
             "--max-connections 0 would refuse every connection; give at least 1".into(),
         ));
@@ -499,7 +499,7 @@ impl Proxy {
             log,
             ready,
         } = self;
-        let max = shared.config.max_connections;
+        let max = shared.config.max_connections();
         let out = Arc::new(Outbound::new(shared.clone()));
         let inb = Arc::new(Inbound::new(shared.clone()));
 

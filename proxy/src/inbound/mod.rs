@@ -59,7 +59,7 @@ impl Inbound {
         Inbound {
             http: HttpStack::new(shared.clone(), DIRECTION),
             unproven: Unproven::new(
-                c.max_connections,
+                c.max_connections(),
                 c.inbound_max_connections_per_source,
                 shared.tls_server.is_some(),
             ),

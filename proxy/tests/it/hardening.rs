@@ -203,7 +203,7 @@ async fn an_idle_keep_alive_connection_is_closed_quietly() {
 async fn connections_beyond_the_cap_get_503() {
     let backend = Backend::start().await;
     let mut c = support::with_upstream(support::config(), backend.addr);
-    c.max_connections = 2;
+    c.max_connections = Some(2);
     let proxy = support::start(c).await;
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -234,7 +234,7 @@ async fn connections_beyond_the_cap_get_503() {
 async fn an_upgraded_connection_keeps_its_place_under_the_cap() {
     let backend = Backend::start().await;
     let mut c = support::with_upstream(support::config(), backend.addr);
-    c.max_connections = 1;
+    c.max_connections = Some(1);
     let proxy = support::start(c).await;
     // A CONNECT tunnel: hyper hands the stream over and is done with it.
     let mut tunnel = TcpStream::connect(proxy.upstream()).await.unwrap();

@@ -1,0 +1,132 @@
+//! The container's memory limit, as its cgroup says: the proxy sizes its
+//! default connection limit to it, so that what its limits let in cannot get
+//! it OOM-killed (the injected sidecar's limit is 250 MiB; 20,000 idle
+//! connections on each listener would take several times that).
+
+use std::path::Path;
+
+use crate::defaults;
+
+/// The memory limit of this process's cgroup, in bytes: cgroup v2's
+/// `memory.max`, else v1's `memory.limit_in_bytes`, of the cgroup
+/// `/proc/self/cgroup` names, else of the mount's root (a container's own
+/// cgroup, where it has a namespace or the mount of its own). `None` without
+/// one (no file, `max`, or v1's "unlimited", a number near `u64::MAX`).
+pub fn memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    memory_limit_under(Path::new("/sys/fs/cgroup"), &own)
+}
+
+fn memory_limit_under(root: &Path, own: &str) -> Option<u64> {
+    let mut files = Vec::new();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            files.push(root.join(path).join("memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            files.push(root.join("memory").join(path).join("memory.limit_in_bytes"));
+        }
+    }
+    files.push(root.join("memory.max"));
+    files.push(root.join("memory/memory.limit_in_bytes"));
+    let v = files.iter().find_map(|f| std::fs::read_to_string(f).ok())?;
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        // v1 writes "unlimited" as the largest page-aligned i64.
+        .filter(|b| *b < 1 << 60)
+}
+
+/// Connections per listener that fit in `limit` bytes with both listeners
+/// full (`MEMORY_PER_CONNECTION` each, after `MEMORY_RESERVE`), within
+/// `MIN_MAX_CONNECTIONS` and the default `MAX_CONNECTIONS`.
+pub fn connections_within(limit: u64) -> usize {
+    let n = limit.saturating_sub(defaults::MEMORY_RESERVE) / (2 * defaults::MEMORY_PER_CONNECTION);
+    usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .clamp(defaults::MIN_MAX_CONNECTIONS, defaults::MAX_CONNECTIONS)
+}
+
+/// Whether `limit` bytes hold `n` connections on each listener, as
+/// `connections_within` counts them (a `--max-connections` given).
+pub fn holds(limit: u64, n: usize) -> bool {
+    (n as u64)
+        .saturating_mul(2 * defaults::MEMORY_PER_CONNECTION)
+        .saturating_add(defaults::MEMORY_RESERVE)
+        <= limit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_is_read_from_either_cgroup_version() {
+        let dir = tempfile_dir();
+        let at_root = |d: &Path| memory_limit_under(d, "");
+        assert_eq!(at_root(&dir), None, "no cgroup files");
+        std::fs::write(dir.join("memory.max"), "max\n").unwrap();
+        assert_eq!(at_root(&dir), None, "v2, unlimited");
+        std::fs::write(dir.join("memory.max"), "262144000\n").unwrap();
+        assert_eq!(at_root(&dir), Some(262_144_000));
+        // Its own cgroup's, where /proc/self/cgroup names one that exists.
+        std::fs::create_dir_all(dir.join("kubepods/pod1/c1")).unwrap();
+        std::fs::write(dir.join("kubepods/pod1/c1/memory.max"), "104857600").unwrap();
+        assert_eq!(
+            memory_limit_under(&dir, "0::/kubepods/pod1/c1\n"),
+            Some(100 << 20)
+        );
+        assert_eq!(
+            memory_limit_under(&dir, "0::/elsewhere\n"),
+            Some(262_144_000),
+            "a path outside this mount: the mount's own"
+        );
+        std::fs::remove_file(dir.join("memory.max")).unwrap();
+        std::fs::create_dir_all(dir.join("memory/docker/abc")).unwrap();
+        let v1 = dir.join("memory/memory.limit_in_bytes");
+        std::fs::write(&v1, "9223372036854771712\n").unwrap();
+        assert_eq!(at_root(&dir), None, "v1, unlimited");
+        std::fs::write(&v1, "536870912\n").unwrap();
+        assert_eq!(at_root(&dir), Some(512 << 20));
+        std::fs::write(
+            dir.join("memory/docker/abc/memory.limit_in_bytes"),
+            "268435456",
+        )
+        .unwrap();
+        assert_eq!(
+            memory_limit_under(&dir, "12:pids:/docker/abc\n5:cpuacct,memory:/docker/abc\n"),
+            Some(256 << 20)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The injected default (250 MiB) holds 3,488 connections per listener,
+    /// both full of idle keep-alive connections (about 17 KiB each, measured)
+    /// well inside it; no limit, or a large one, leaves the default.
+    #[test]
+    fn connections_fit_the_limit() {
+        let n = connections_within(250 << 20);
+        assert_eq!(n, 3_488);
+        let idle_full = 2 * n as u64 * 17 * 1024 + defaults::MEMORY_RESERVE;
+        assert!(idle_full < 250 << 20, "{idle_full}");
+        assert_eq!(connections_within(4 << 30), defaults::MAX_CONNECTIONS);
+        assert!(holds(250 << 20, n) && !holds(250 << 20, n + 1));
+        assert!(holds(4 << 30, 50_000), "more than the default, given");
+        assert_eq!(connections_within(16 << 20), defaults::MIN_MAX_CONNECTIONS);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "strait-cgroup-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
