@@ -966,6 +966,55 @@ mod tests {
         );
     }
 
+    /// An ejected endpoint whose probe is answered 429 stays out and is not
+    /// probed again until it has been passed over a while: the probe
+    /// decided nothing, and probing again at once sent it every request
+    /// drawn. Avoidance survives an update of the endpoints with the
+    /// breaker off, and a burst of failures in flight together doubles it
+    /// once, not once each.
+    #[tokio::test(start_paused = true)]
+    async fn passing_over_holds_through_probes_updates_and_bursts() {
+        use tower::Service as _;
+        let b = backend(2, BackendConfig::default());
+        for _ in 0..5 {
+            b.slots[0]
+                .state
+                .outlier()
+                .failure(&b.config.breaker, Instant::now(), true, None);
+        }
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let (to_0, mut svc) = endpoint_0_answers(&b, || {
+            let mut rsp = http::Response::new(crate::http::empty());
+            *rsp.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+            rsp
+        });
+        for _ in 0..100 {
+            let _ = svc.call(http::Request::new(Empty::new())).await;
+        }
+        assert_eq!(to_0.load(Ordering::SeqCst), 1, "one probe");
+        assert!(b.slots[0].state.outlier().is_ejected());
+
+        let mut off = BackendConfig::default();
+        off.breaker.consecutive_failures = 0;
+        let b = backend(3, off.clone());
+        pick_0(&b).unreachable();
+        let next = Endpoints::new("b".into(), &eps(3), off, Some(&b), b.metrics.clone());
+        assert!(next.slots[0].state.outlier().is_avoided(Instant::now()));
+
+        let b = backend(1, BackendConfig::default());
+        let burst: Vec<InFlight> = (0..6)
+            .map(|_| b.pick(&Default::default(), &[]).unwrap())
+            .collect();
+        for f in burst {
+            f.unreachable();
+        }
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(
+            !b.slots[0].state.outlier().is_avoided(Instant::now()),
+            "passed over for 1 s, not 32"
+        );
+    }
+
     /// An endpoint that sheds load (429, or gRPC RESOURCE_EXHAUSTED) answers
     /// fast, and counted as a fast success it drew more of the load it was
     /// refusing. It is passed over while others take requests; the breaker

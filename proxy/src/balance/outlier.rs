@@ -109,7 +109,9 @@ impl Outlier {
             None if self.avoid_until.is_some_and(|u| now < u) => Admit::Failing,
             None => Admit::Yes,
             Some(_) if self.probing => Admit::No,
-            Some(until) if now >= until => Admit::Probe,
+            // Not while it sheds load: its probe's 429 decided nothing, and
+            // probing again at once would send it every request drawn.
+            Some(until) if now >= until && !self.is_avoided(now) => Admit::Probe,
             Some(_) => Admit::No,
         }
     }
@@ -152,6 +154,11 @@ impl Outlier {
     /// then, and found when it recovers, but at a rate of its own rather than
     /// whenever the others cost more than its penalty).
     pub fn avoid(&mut self, now: Instant) {
+        // Failures of requests sent before it was passed over (a burst in
+        // flight together) are one failure, not one doubling each.
+        if self.is_avoided(now) {
+            return;
+        }
         let d = defaults::BALANCER_FAILURE_PENALTY.saturating_mul(1 << self.avoided.min(5));
         self.avoid_until = Some(now + d);
         self.avoided = self.avoided.saturating_add(1);
@@ -244,12 +251,11 @@ impl Outlier {
     }
 
     /// In again with a clean slate (the breaker switched off); whether it
-    /// was out.
+    /// was out. Being passed over is the balancer's, not the breaker's, and
+    /// stays: with the breaker off, every update of the endpoints comes here.
     pub fn readmit(&mut self) -> bool {
         let was_out = self.ejected_until.is_some() || self.probing;
         self.consecutive = 0;
-        self.avoid_until = None;
-        self.avoided = 0;
         self.only_unreachable = false;
         self.ejected_until = None;
         self.ejections = 0;
