@@ -259,6 +259,8 @@ pub struct InFlight {
     /// When the route's per-attempt timeout gives up on the endpoint: dropped
     /// unjudged by then, the request timed out, a failure of the endpoint's.
     deadline: Option<Instant>,
+    /// When its body ended, for one that had a body to send.
+    body_end: Option<crate::retry::BodyEnd>,
     /// An outcome was recorded.
     judged: std::sync::atomic::AtomicBool,
     /// A connection made ahead: its success (and its probe, given back at
@@ -440,6 +442,7 @@ impl Endpoints {
             start: now,
             probe,
             deadline: None,
+            body_end: None,
             judged: Default::default(),
             judged_when_used: Default::default(),
         })
@@ -565,9 +568,27 @@ fn hash_key<'a>(key: &HashKey, headers: &'a http::HeaderMap) -> Option<&'a [u8]>
 
 impl InFlight {
     /// The request is given up on at `deadline` (the route's `backendRequest`
-    /// timeout), and counts then as the endpoint's failure.
-    pub fn give_up_at(&mut self, deadline: Instant) {
+    /// timeout), and counts then as the endpoint's failure; for a request
+    /// with a body, only if it ended (`body_end`) in the first half of the
+    /// attempt, so the endpoint had the whole request at least as long.
+    pub fn give_up_at(&mut self, deadline: Instant, body_end: Option<crate::retry::BodyEnd>) {
         self.deadline = Some(deadline);
+        self.body_end = body_end;
+    }
+
+    /// The attempt timed out with the whole request long enough at the
+    /// endpoint for the timeout to be its failure.
+    fn timed_out(&self, now: Instant) -> bool {
+        let Some(d) = self.deadline.filter(|d| now >= *d) else {
+            return false;
+        };
+        match &self.body_end {
+            None => true,
+            Some(e) => {
+                let half = d.saturating_duration_since(self.start) / 2;
+                e.at().is_some_and(|at| at <= self.start + half)
+            }
+        }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -841,7 +862,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.state().pending.fetch_sub(1, Ordering::Relaxed);
         if !self.judged.load(Ordering::Relaxed) {
-            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.timed_out(Instant::now()) {
                 // The attempt timed out: an endpoint that accepts requests and
                 // never answers must not keep its share of them.
                 self.failed();
@@ -1725,7 +1746,7 @@ mod tests {
         let mut counts = [0usize; 3];
         for _ in 0..300 {
             let mut f = b.pick(&Default::default(), &[]).unwrap();
-            f.give_up_at(Instant::now() + timeout);
+            f.give_up_at(Instant::now() + timeout, None);
             let i = index(&f);
             counts[i] += 1;
             if i == 0 {
@@ -1753,7 +1774,7 @@ mod tests {
         // Endpoint 0 hangs: its attempts time out until it is ejected.
         while b.ejected() == 0 {
             let mut f = b.pick(&Default::default(), &[]).unwrap();
-            f.give_up_at(Instant::now() + timeout);
+            f.give_up_at(Instant::now() + timeout, None);
             if index(&f) == 0 {
                 tokio::time::advance(timeout).await;
                 drop(f);
@@ -1784,11 +1805,75 @@ mod tests {
         let b = backend(1, BackendConfig::default());
         for _ in 0..100 {
             let mut f = b.pick(&Default::default(), &[]).unwrap();
-            f.give_up_at(Instant::now() + Duration::from_secs(1));
+            f.give_up_at(Instant::now() + Duration::from_secs(1), None);
             tokio::time::advance(Duration::from_millis(10)).await;
             drop(f);
         }
         assert_eq!(b.ejected(), 0);
+    }
+
+    /// Through the balancer: a server that reads a gRPC call's (or a small
+    /// POST's) whole body and never answers is ejected when its attempts time
+    /// out, as one answering 503 is; it never was, since the body had not
+    /// ended when the balancer sent the request on.
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_reads_the_body_and_hangs_is_ejected() {
+        use http_body_util::BodyExt as _;
+        use tower::Service as _;
+        let b = two_in_turn();
+        let inner = tower::service_fn(|req: http::Request<crate::retry::ReplayBody>| async move {
+            let _ = req.into_body().collect().await;
+            std::future::pending::<
+                Result<http::Response<crate::http::BoxBody>, std::convert::Infallible>,
+            >()
+            .await
+        });
+        let timeout = Duration::from_millis(100);
+        let mut svc = service::Balance::new(b.clone(), inner, Some(timeout));
+        for _ in 0..10 {
+            let body = crate::retry::ReplayBody::new(
+                crate::http::full(bytes::Bytes::from_static(b"hello")),
+                1024,
+            );
+            let mut req = http::Request::new(body);
+            if let Some(end) = req.body().end_noted() {
+                req.extensions_mut().insert(end);
+            }
+            // The route's timeout above the balancer drops the attempt.
+            let _ = tokio::time::timeout(timeout, svc.call(req)).await;
+        }
+        assert_eq!(b.ejected(), 1);
+    }
+
+    /// An attempt with a body that times out is the endpoint's failure when
+    /// the body was all sent early in the attempt (a gRPC call's, a small
+    /// POST's): a hung gRPC server was never ejected. Not when the client
+    /// was still sending it, or sent it too late for the endpoint to answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_attempt_with_a_body_sent_in_time_counts() {
+        let timeout = Duration::from_secs(1);
+        for (ended_after, ejected) in [
+            (Some(Duration::ZERO), 1),
+            (Some(Duration::from_millis(400)), 1),
+            (Some(Duration::from_millis(900)), 0),
+            (None, 0),
+        ] {
+            let b = two_in_turn();
+            for _ in 0..5 {
+                let mut f = pick_0(&b);
+                let end = crate::retry::BodyEnd::default();
+                f.give_up_at(Instant::now() + timeout, Some(end.clone()));
+                if let Some(after) = ended_after {
+                    tokio::time::advance(after).await;
+                    end.ended();
+                    tokio::time::advance(timeout - after).await;
+                } else {
+                    tokio::time::advance(timeout).await;
+                }
+                drop(f);
+            }
+            assert_eq!(b.ejected(), ejected, "body ended after {ended_after:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

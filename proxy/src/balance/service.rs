@@ -60,12 +60,18 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Taken before the timeout above starts its clock (it calls us first),
-        // so an attempt it gave up on is always past this. Only for a request
-        // whose body is all sent: the clock runs while a client uploads, and a
-        // client that trickles its body must not eject the endpoint.
+        // so an attempt it gave up on is always past this. For a request with
+        // a body, only if told when it ends: the clock runs while a client
+        // uploads, and a client that trickles its body must not eject the
+        // endpoint (`InFlight` judges by when it ended).
+        let body_end = if req.body().is_end_stream() {
+            None
+        } else {
+            req.extensions().get::<crate::retry::BodyEnd>().cloned()
+        };
         let deadline = self
             .attempt_timeout
-            .filter(|_| req.body().is_end_stream())
+            .filter(|_| req.body().is_end_stream() || body_end.is_some())
             .map(|t| tokio::time::Instant::now() + t);
         // A retry may come after discovery changed the endpoints: it goes to
         // the current ones, not to those of when its request began.
@@ -87,7 +93,7 @@ where
             }
         };
         if let Some(d) = deadline {
-            in_flight.give_up_at(d);
+            in_flight.give_up_at(d, body_end);
         }
         let ep = in_flight.endpoint();
         let served_by = ep.addr;

@@ -252,6 +252,13 @@ impl Stages {
                     0
                 };
                 let mut req = req.map(|body| ReplayBody::new(body, keep));
+                if stage.rule.backend_timeout.is_some()
+                    && let Some(end) = req.body().end_noted()
+                {
+                    // For the balancer: a timed-out attempt whose body was
+                    // sent in time is the endpoint's failure.
+                    req.extensions_mut().insert(end);
+                }
                 if keep > 0 && req.body().too_large() {
                     req.extensions_mut().insert(KeepUnread);
                 }

@@ -18,7 +18,7 @@ use tower::retry::budget::Budget;
 
 pub use self::budget::RetryBudget;
 
-pub use self::replay::{NotReplayable, ReplayBody};
+pub use self::replay::{BodyEnd, NotReplayable, ReplayBody};
 use crate::balance::{Avoid, Picked, ServedBy};
 use crate::defaults;
 use crate::http::BoxBody;

@@ -54,7 +54,35 @@ struct State {
     started: bool,
     /// The original body ended (its trailers, if any, are in `trailers`).
     complete: bool,
+    /// Told when it ended (`end_noted`).
+    end: Option<BodyEnd>,
     trailers: Option<HeaderMap>,
+}
+
+impl State {
+    fn completed(&mut self) {
+        self.complete = true;
+        if let Some(e) = &self.end {
+            e.ended();
+        }
+    }
+}
+
+/// When a request's body ended, once it has: an attempt the route's
+/// `backendRequest` timeout gives up on is the endpoint's failure only if the
+/// endpoint had the whole request for long enough.
+#[derive(Clone, Debug, Default)]
+pub struct BodyEnd(Arc<std::sync::OnceLock<tokio::time::Instant>>);
+
+impl BodyEnd {
+    pub fn at(&self) -> Option<tokio::time::Instant> {
+        self.0.get().copied()
+    }
+
+    /// The body ended now (once: later calls change nothing).
+    pub fn ended(&self) {
+        let _ = self.0.set(tokio::time::Instant::now());
+    }
 }
 
 pub struct ReplayBody {
@@ -95,11 +123,19 @@ impl ReplayBody {
                 overflow,
                 started: false,
                 complete: false,
+                end: None,
                 trailers: None,
             }))),
             pos: 0,
             trailers_sent: false,
         }
+    }
+
+    /// What will say when the body ended; `None` for one that had ended
+    /// before it started.
+    pub fn end_noted(&self) -> Option<BodyEnd> {
+        let mut s = self.state()?;
+        Some(s.end.get_or_insert_with(BodyEnd::default).clone())
     }
 
     /// Known from its declared length to be over the limit: no copy of it is
@@ -177,7 +213,7 @@ impl Body for ReplayBody {
         let frame = match Pin::new(&mut s.rest).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
-                s.complete = true;
+                s.completed();
                 this.trailers_sent = true;
                 return Poll::Ready(None);
             }
@@ -210,7 +246,7 @@ impl Body for ReplayBody {
             Err(frame) => match frame.into_trailers() {
                 Ok(t) => {
                     s.trailers = Some(t.clone());
-                    s.complete = true;
+                    s.completed();
                     this.trailers_sent = true;
                     Frame::trailers(t)
                 }
@@ -219,7 +255,7 @@ impl Body for ReplayBody {
         };
         if !s.complete && s.rest.is_end_stream() {
             // The data just sent was the last frame: no trailers follow.
-            s.complete = true;
+            s.completed();
             this.trailers_sent = true;
         }
         Poll::Ready(Some(Ok(frame)))
