@@ -173,6 +173,13 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_MAX_IN_FLIGHT_REQUESTS", default_value_t = defaults::MAX_IN_FLIGHT_REQUESTS)]
     pub max_in_flight_requests: usize,
 
+    /// Destinations whose discovery answers are watched at once (and answers
+    /// kept of those dropped); beyond it the least recently used is dropped.
+    /// Raise it for an app that dials more distinct addresses than this in
+    /// turn (an ingress controller balancing over many pods itself).
+    #[arg(long, env = "STRAIT_PROXY_MAX_DISCOVERY_WATCHES", default_value_t = defaults::MAX_DISCOVERY_WATCHES)]
+    pub max_discovery_watches: usize,
+
     /// Inbound connections one address may hold at once until they prove a
     /// mesh identity; a verified peer's are not counted. Default: a quarter of
     /// --max-connections.

@@ -255,6 +255,11 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
             "--max-connections 0 would refuse every connection; give at least 1".into(),
         ));
     }
+    if config.max_discovery_watches == 0 {
+        return Err(StartError::Flag(
+            "--max-discovery-watches 0 would watch no destination; give at least 1".into(),
+        ));
+    }
     if config.max_in_flight_requests == 0 {
         return Err(StartError::Flag(
             "--max-in-flight-requests 0 would refuse every request; give at least 1".into(),
@@ -426,6 +431,7 @@ impl Proxy {
                 link.clone(),
                 workload.clone(),
                 metrics.discovery_lag.clone(),
+                config.max_discovery_watches,
             )
         });
         let own =

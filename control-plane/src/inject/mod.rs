@@ -40,6 +40,9 @@ pub const PROXY_CONNECT_TIMEOUT: &str = "strait.dev/proxy-connect-timeout";
 pub const PROXY_MAX_CONNECTIONS: &str = "strait.dev/proxy-max-connections";
 pub const PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: &str =
     "strait.dev/proxy-inbound-max-connections-per-source";
+/// Destinations the proxy watches at once (`--max-discovery-watches`): an
+/// ingress controller that dials each of thousands of pods in turn.
+pub const PROXY_MAX_DISCOVERY_WATCHES: &str = "strait.dev/proxy-max-discovery-watches";
 /// The highest connection limit an annotation may set: each connection may
 /// take two open files, and the kernel's default ceiling is 2^20.
 const MAX_CONNECTION_LIMIT: usize = 500_000;
@@ -522,11 +525,27 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         })?;
         more_env.push(json!({"name": "STRAIT_PROXY_CONNECT_TIMEOUT", "value": v}));
     }
-    for (name, var) in [
-        (PROXY_MAX_CONNECTIONS, "STRAIT_PROXY_MAX_CONNECTIONS"),
+    const CONNECTIONS: (usize, &str) = (
+        MAX_CONNECTION_LIMIT,
+        "is not a whole number from 1 to 500000",
+    );
+    // Each watch is a stream to the controller.
+    const WATCHES: (usize, &str) = (50_000, "is not a whole number from 1 to 50000");
+    for (name, var, (max, why)) in [
+        (
+            PROXY_MAX_CONNECTIONS,
+            "STRAIT_PROXY_MAX_CONNECTIONS",
+            CONNECTIONS,
+        ),
         (
             PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE,
             "STRAIT_PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE",
+            CONNECTIONS,
+        ),
+        (
+            PROXY_MAX_DISCOVERY_WATCHES,
+            "STRAIT_PROXY_MAX_DISCOVERY_WATCHES",
+            WATCHES,
         ),
     ] {
         if let Some(v) = annotation(name) {
@@ -534,11 +553,11 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 .trim()
                 .parse::<usize>()
                 .ok()
-                .filter(|n| (1..=MAX_CONNECTION_LIMIT).contains(n))
+                .filter(|n| (1..=max).contains(n))
                 .ok_or(InjectError::Annotation {
                     name,
                     value: v.to_string(),
-                    why: "is not a whole number from 1 to 500000",
+                    why,
                 })?;
             more_env.push(json!({"name": var, "value": n.to_string()}));
         }

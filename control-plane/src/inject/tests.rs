@@ -311,6 +311,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
                    PROXY_CONNECT_TIMEOUT: "5s",
                    PROXY_MAX_CONNECTIONS: "50000",
                    PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
+                   PROXY_MAX_DISCOVERY_WATCHES: "5000",
                    SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
@@ -343,6 +344,10 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(
         env(proxy, "STRAIT_PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE").unwrap()["value"],
         "40000"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_MAX_DISCOVERY_WATCHES").unwrap()["value"],
+        "5000"
     );
     assert_eq!(
         env(init, "STRAIT_PROXY_SKIP_INBOUND_PORTS").unwrap()["value"],
@@ -491,6 +496,8 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_MAX_CONNECTIONS, "0"),
         (PROXY_MAX_CONNECTIONS, "lots"),
         (PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE, "600000"),
+        (PROXY_MAX_DISCOVERY_WATCHES, "-1"),
+        (PROXY_MAX_DISCOVERY_WATCHES, "60000"),
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::/8"),

@@ -137,6 +137,9 @@ pub struct Discovery {
     unreachable: Arc<AtomicBool>,
     /// How long a remembered answer may stand in (`MAX_REMEMBERED_AGE_MS`).
     remembered_for_ms: u64,
+    /// Destinations watched at once, and answers remembered
+    /// (`--max-discovery-watches`).
+    max_watches: usize,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -152,8 +155,9 @@ impl Discovery {
         link: Arc<Link>,
         workload: Workload,
         lag: prometheus_client::metrics::histogram::Histogram,
+        max_watches: usize,
     ) -> Arc<Self> {
-        Self::remembering_for(link, workload, lag, MAX_REMEMBERED_AGE_MS)
+        Self::remembering_for(link, workload, lag, MAX_REMEMBERED_AGE_MS, max_watches)
     }
 
     fn remembering_for(
@@ -161,6 +165,7 @@ impl Discovery {
         workload: Workload,
         lag: prometheus_client::metrics::histogram::Histogram,
         remembered_for_ms: u64,
+        max_watches: usize,
     ) -> Arc<Self> {
         let d = Arc::new(Discovery {
             lag,
@@ -171,6 +176,7 @@ impl Discovery {
             remembered: Mutex::default(),
             unreachable: Arc::default(),
             remembered_for_ms,
+            max_watches: max_watches.max(1),
         });
         tokio::spawn(Self::sweep(Arc::downgrade(&d)));
         d
@@ -257,7 +263,7 @@ impl Discovery {
             w.state.last_used_ms.store(now, Ordering::Relaxed);
             return Some((w.rx.clone(), w.logical.clone(), w.state.clone()));
         }
-        if watches.len() >= defaults::MAX_DISCOVERY_WATCHES {
+        if watches.len() >= self.max_watches {
             // Bounded: a flood of distinct destinations (random Host headers) evicts
             // the least recently used watch rather than growing without end. Never
             // one that holds an answer while the controller is away: it could not
@@ -372,7 +378,7 @@ impl Discovery {
             .retain(|_, (_, at)| now.saturating_sub(*at) < self.remembered_for_ms);
     }
 
-    /// Keeps what a dropped watch knew, within `MAX_DISCOVERY_WATCHES`
+    /// Keeps what a dropped watch knew, within `max_watches`
     /// answers (the oldest forgotten first).
     fn remember(&self, dest: DestAddr, w: &Watch, now: u64) {
         // Not `NotMeshed`: it is what no answer gives, and would crowd out
@@ -381,7 +387,7 @@ impl Discovery {
             return;
         };
         let mut kept = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() >= defaults::MAX_DISCOVERY_WATCHES && !kept.contains_key(&dest) {
+        if kept.len() >= self.max_watches && !kept.contains_key(&dest) {
             let oldest = kept
                 .iter()
                 .min_by_key(|(_, (_, at))| *at)
@@ -709,6 +715,10 @@ mod tests {
     }
 
     async fn discovery_remembering(svc: impl Serve, for_ms: u64) -> Arc<Discovery> {
+        discovery_with(svc, for_ms, defaults::MAX_DISCOVERY_WATCHES).await
+    }
+
+    async fn discovery_with(svc: impl Serve, for_ms: u64, max_watches: usize) -> Arc<Discovery> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
@@ -724,7 +734,7 @@ mod tests {
             token_file: None,
         };
         let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
-        Discovery::remembering_for(link, workload, lag, for_ms)
+        Discovery::remembering_for(link, workload, lag, for_ms, max_watches)
     }
 
     fn service_of(r: Option<Resolved>) -> Option<Arc<super::super::view::ServiceView>> {
@@ -740,6 +750,20 @@ mod tests {
     /// A destination used now and then (a job every few minutes) keeps its
     /// identity and routes through a controller outage: its watch, dropped
     /// idle, left its last answer.
+    /// `--max-discovery-watches` bounds the destinations watched at once:
+    /// the least recently used goes for a new one.
+    #[tokio::test]
+    async fn the_watch_cap_is_the_flag_s() {
+        for (cap, watched) in [(3, 3), (1000, 4)] {
+            let d = discovery_with(Large(1), MAX_REMEMBERED_AGE_MS, cap).await;
+            for i in 1..=4 {
+                let dest: DestAddr = format!("10.96.0.{i}:80").parse().unwrap();
+                assert!(service_of(d.resolve(&dest, Duration::from_secs(10)).await).is_some());
+            }
+            assert_eq!(d.watched(), watched, "cap {cap}");
+        }
+    }
+
     #[tokio::test]
     async fn a_destination_used_again_while_the_controller_is_away_gets_its_last_answer() {
         let d = discovery_of(Once(Default::default(), Later::Gone)).await;
