@@ -829,7 +829,7 @@ impl InFlight {
     }
 
     fn avoid(&self) {
-        self.state().outlier().avoid(Instant::now());
+        self.state().outlier().avoid(Instant::now(), self.probe);
     }
 
     fn record(&self, at_least: Duration) {
@@ -1014,6 +1014,22 @@ mod tests {
         }
         assert_eq!(to_0.load(Ordering::SeqCst), 1, "one probe");
         assert!(b.slots[0].state.outlier().is_ejected());
+
+        // Late answers of requests sent before an ejection neither delay
+        // its probe nor clear what its probe's answer set.
+        let b = two_in_turn();
+        let late = pick_0(&b);
+        for _ in 0..5 {
+            pick_0(&b).failed();
+        }
+        assert_eq!(b.ejected(), 1);
+        tokio::time::advance(Duration::from_millis(4900)).await;
+        late.unreachable();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(
+            b.slots[0].state.outlier().admit(Instant::now()),
+            Admit::Probe
+        );
 
         let mut off = BackendConfig::default();
         off.breaker.consecutive_failures = 0;

@@ -153,10 +153,12 @@ impl Outlier {
     /// long each time until a success (so that it is tried again now and
     /// then, and found when it recovers, but at a rate of its own rather than
     /// whenever the others cost more than its penalty).
-    pub fn avoid(&mut self, now: Instant) {
+    pub fn avoid(&mut self, now: Instant, probe: Option<u64>) {
         // Failures of requests sent before it was passed over (a burst in
-        // flight together) are one failure, not one doubling each.
-        if self.is_avoided(now) {
+        // flight together) are one failure, not one doubling each; and late
+        // answers of an ejected endpoint's requests change nothing, as they
+        // do not for the breaker: only its probe's does.
+        if self.is_avoided(now) || (self.ejected_until.is_some() && !self.is_current(probe)) {
             return;
         }
         let d = defaults::BALANCER_FAILURE_PENALTY.saturating_mul(1 << self.avoided.min(5));
@@ -172,14 +174,18 @@ impl Outlier {
     /// Records a success; returns true when it re-admits the endpoint.
     pub fn success(&mut self, probe: Option<u64>) -> bool {
         self.consecutive = 0;
-        self.avoid_until = None;
-        self.avoided = 0;
         if self.is_current(probe) {
             // The probe passed: back in rotation, with a clean record.
             self.ejected_until = None;
             self.ejections = 0;
             self.probing = false;
+            self.avoid_until = None;
+            self.avoided = 0;
             return true;
+        }
+        if self.ejected_until.is_none() {
+            self.avoid_until = None;
+            self.avoided = 0;
         }
         false
     }
