@@ -41,11 +41,14 @@ fn memory_limit_under(root: &Path, own: &str) -> Option<u64> {
         .filter(|b| *b < 1 << 60)
 }
 
-/// Connections per listener that fit in `limit` bytes with both listeners
+/// Connections per listener that fit in `limit` bytes with one listener
 /// full (`MEMORY_PER_CONNECTION` each, after `MEMORY_RESERVE`), within
-/// `MIN_MAX_CONNECTIONS` and the default `MAX_CONNECTIONS`.
+/// `MIN_MAX_CONNECTIONS` and the default `MAX_CONNECTIONS`. One: the inbound
+/// listener is the one the network can fill; the outbound one holds the
+/// app's own connections, and sizing for both full would halve what a
+/// database's or a cache's pod may be connected to.
 pub fn connections_within(limit: u64) -> usize {
-    let n = limit.saturating_sub(defaults::MEMORY_RESERVE) / (2 * defaults::MEMORY_PER_CONNECTION);
+    let n = limit.saturating_sub(defaults::MEMORY_RESERVE) / defaults::MEMORY_PER_CONNECTION;
     usize::try_from(n)
         .unwrap_or(usize::MAX)
         .clamp(defaults::MIN_MAX_CONNECTIONS, defaults::MAX_CONNECTIONS)
@@ -55,7 +58,7 @@ pub fn connections_within(limit: u64) -> usize {
 /// `connections_within` counts them (a `--max-connections` given).
 pub fn holds(limit: u64, n: usize) -> bool {
     (n as u64)
-        .saturating_mul(2 * defaults::MEMORY_PER_CONNECTION)
+        .saturating_mul(defaults::MEMORY_PER_CONNECTION)
         .saturating_add(defaults::MEMORY_RESERVE)
         <= limit
 }
@@ -104,18 +107,20 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// The injected default (250 MiB) holds 3,488 connections per listener,
-    /// both full of idle keep-alive connections (about 17 KiB each, measured)
-    /// well inside it; no limit, or a large one, leaves the default.
+    /// The injected default (250 MiB) holds 6,976 connections per listener,
+    /// the inbound one full of idle keep-alive connections (about 17 KiB
+    /// each, measured) well inside it; no limit, or a large one, leaves the
+    /// default.
     #[test]
     fn connections_fit_the_limit() {
         let n = connections_within(250 << 20);
-        assert_eq!(n, 3_488);
-        let idle_full = 2 * n as u64 * 17 * 1024 + defaults::MEMORY_RESERVE;
+        assert_eq!(n, 6_976);
+        let idle_full = n as u64 * 17 * 1024 + defaults::MEMORY_RESERVE;
         assert!(idle_full < 250 << 20, "{idle_full}");
         assert_eq!(connections_within(4 << 30), defaults::MAX_CONNECTIONS);
         assert!(holds(250 << 20, n) && !holds(250 << 20, n + 1));
         assert!(holds(4 << 30, 50_000), "more than the default, given");
+        assert!(!holds(250 << 20, 50_000));
         assert_eq!(connections_within(16 << 20), defaults::MIN_MAX_CONNECTIONS);
     }
 

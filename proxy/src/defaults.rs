@@ -61,7 +61,7 @@ pub const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 20_000;
 /// Where the container has a memory limit, `--max-connections` by default is
 /// at most what fits in it: this much kept for the proxy itself, and this
-/// much per connection of both listeners full (an idle HTTP/1 keep-alive
+/// much per connection of a full listener (an idle HTTP/1 keep-alive
 /// connection holds about 17 KiB, hyper's two buffers and its task). A
 /// flood the limits allow must not get the proxy OOM-killed.
 pub const MEMORY_RESERVE: u64 = 32 << 20;

@@ -42,13 +42,23 @@ fn start() -> anyhow::Result<()> {
                 _ => None,
             };
             c.max_connections = Some(c.max_connections());
+            // A per-source share given alone is bounded by the plaintext
+            // share of the (perhaps fitted) total: say so rather than cut it
+            // unseen.
+            let max = c.max_connections();
+            let mtls = c.trust_anchors.is_some() || c.trust_anchors_pem.is_some();
+            let plaintext_share = if mtls { max - max / 4 } else { max };
+            let over_share = c
+                .inbound_max_connections_per_source
+                .filter(|p| *p > plaintext_share)
+                .map(|p| (p, max));
             // Before any thread or descriptor: the process may be replaced.
             let cache_left_on = if c.threads <= 1 {
                 heap::without_thread_cache()
             } else {
                 None
             };
-            (*c, cache_left_on, fitted)
+            (*c, cache_left_on, (fitted, over_share))
         }
         Action::Init(args) => {
             let rules = strait_proxy::init::run(&args)?;
@@ -113,9 +123,16 @@ async fn run(
     config: Config,
     open_files: Option<u64>,
     cache_left_on: Option<String>,
-    fitted: Option<Fitted>,
+    (fitted, over_share): (Option<Fitted>, Option<(usize, usize)>),
 ) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
+    if let Some((per_source, max)) = over_share {
+        tracing::warn!(
+            per_source,
+            max_connections = max,
+            "--inbound-max-connections-per-source is more than --max-connections lets one address hold (three quarters of it with mTLS on): raise --max-connections with it"
+        );
+    }
     match fitted {
         Some(Fitted::Lowered(limit, n)) if n < strait_proxy::defaults::MAX_CONNECTIONS => {
             tracing::info!(
@@ -127,7 +144,7 @@ async fn run(
         Some(Fitted::Over(limit, n)) => tracing::warn!(
             memory_limit_mib = limit >> 20,
             max_connections = n,
-            "--max-connections is more than the container's memory limit holds (about 64 KiB per connection of both listeners): a flood of connections could get the proxy killed"
+            "--max-connections is more than the container's memory limit holds (about 32 KiB per connection): a flood of connections could get the proxy killed"
         ),
         _ => {}
     }
