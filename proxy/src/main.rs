@@ -27,38 +27,16 @@ fn main() -> ExitCode {
 }
 
 fn start() -> anyhow::Result<()> {
-    let (config, cache_left_on, fitted) = match Cli::parse().into_action() {
+    let (config, cache_left_on, limits) = match Cli::parse().into_action() {
         Action::Run(mut c) => {
-            // Not given: as many as the container's memory limit holds.
-            let fitted = match (c.max_connections, strait_proxy::cgroup::memory_limit()) {
-                (None, Some(limit)) => {
-                    let n = strait_proxy::cgroup::connections_within(limit);
-                    c.max_connections = Some(n);
-                    Some(Fitted::Lowered(limit, n))
-                }
-                (Some(n), Some(limit)) if !strait_proxy::cgroup::holds(limit, n) => {
-                    Some(Fitted::Over(limit, n))
-                }
-                _ => None,
-            };
-            c.max_connections = Some(c.max_connections());
-            // A per-source share given alone is bounded by the plaintext
-            // share of the (perhaps fitted) total: say so rather than cut it
-            // unseen.
-            let max = c.max_connections();
-            let mtls = c.trust_anchors.is_some() || c.trust_anchors_pem.is_some();
-            let plaintext_share = if mtls { max - max / 4 } else { max };
-            let over_share = c
-                .inbound_max_connections_per_source
-                .filter(|p| *p > plaintext_share)
-                .map(|p| (p, max));
+            let limits = fit_connection_limits(&mut c);
             // Before any thread or descriptor: the process may be replaced.
             let cache_left_on = if c.threads <= 1 {
                 heap::without_thread_cache()
             } else {
                 None
             };
-            (*c, cache_left_on, (fitted, over_share))
+            (*c, cache_left_on, limits)
         }
         Action::Init(args) => {
             let rules = strait_proxy::init::run(&args)?;
@@ -78,7 +56,7 @@ fn start() -> anyhow::Result<()> {
             .build()?,
     };
     let open_files = raise_open_files();
-    let r = rt.block_on(run(config, open_files, cache_left_on, fitted));
+    let r = rt.block_on(run(config, open_files, cache_left_on, limits));
     // Drained: what is left is blocking work (a resolver call that hangs)
     // that must not hold the process past its grace period.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -111,42 +89,75 @@ fn raise_open_files() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// `--max-connections` against the container's memory limit (bytes).
-enum Fitted {
-    /// Not given: this many, what the limit holds.
+/// What fitting the connection limits to the container found, to be logged
+/// once logging is up. Memory limits in bytes.
+enum LimitNote {
+    /// `--max-connections` not given: this many, what the limit holds.
     Lowered(u64, usize),
     /// Given, and more than the limit holds.
     Over(u64, usize),
+    /// `--inbound-max-connections-per-source` above what the total lets one
+    /// address hold (per source, total).
+    PerSourceOver(usize, usize),
+}
+
+/// Sets `--max-connections`, when not given, to what the container's memory
+/// limit holds, and says what a given limit cannot have.
+fn fit_connection_limits(c: &mut Config) -> Vec<LimitNote> {
+    use strait_proxy::cgroup;
+    let mut notes = Vec::new();
+    match (c.max_connections, cgroup::memory_limit()) {
+        (None, Some(limit)) => {
+            let n = cgroup::connections_within(limit);
+            c.max_connections = Some(n);
+            if n < strait_proxy::defaults::MAX_CONNECTIONS {
+                notes.push(LimitNote::Lowered(limit, n));
+            }
+        }
+        (Some(n), Some(limit)) if !cgroup::holds(limit, n) => notes.push(LimitNote::Over(limit, n)),
+        _ => {}
+    }
+    let max = c.max_connections();
+    c.max_connections = Some(max);
+    // A per-source share given alone is bounded by the unproven share of the
+    // (perhaps fitted) total: said, rather than cut unseen.
+    let mtls = c.trust_anchors.is_some() || c.trust_anchors_pem.is_some();
+    let share = if mtls {
+        strait_proxy::inbound::unproven_share(max)
+    } else {
+        max
+    };
+    if let Some(p) = c.inbound_max_connections_per_source.filter(|p| *p > share) {
+        notes.push(LimitNote::PerSourceOver(p, max));
+    }
+    notes
 }
 
 async fn run(
     config: Config,
     open_files: Option<u64>,
     cache_left_on: Option<String>,
-    (fitted, over_share): (Option<Fitted>, Option<(usize, usize)>),
+    limits: Vec<LimitNote>,
 ) -> anyhow::Result<()> {
     let log = log::init(&config.log_level, config.log_format)?;
-    if let Some((per_source, max)) = over_share {
-        tracing::warn!(
-            per_source,
-            max_connections = max,
-            "--inbound-max-connections-per-source is more than --max-connections lets one address hold (three quarters of it with mTLS on): raise --max-connections with it"
-        );
-    }
-    match fitted {
-        Some(Fitted::Lowered(limit, n)) if n < strait_proxy::defaults::MAX_CONNECTIONS => {
-            tracing::info!(
+    for note in limits {
+        match note {
+            LimitNote::Lowered(limit, n) => tracing::info!(
                 memory_limit_mib = limit >> 20,
                 max_connections = n,
                 "connections per listener limited to what the container's memory limit holds (--max-connections sets it)"
-            );
+            ),
+            LimitNote::Over(limit, n) => tracing::warn!(
+                memory_limit_mib = limit >> 20,
+                max_connections = n,
+                "--max-connections is more than the container's memory limit holds (about 32 KiB per connection): a flood of connections could get the proxy killed"
+            ),
+            LimitNote::PerSourceOver(per_source, max) => tracing::warn!(
+                per_source,
+                max_connections = max,
+                "--inbound-max-connections-per-source is more than --max-connections lets one address hold (three quarters of it with mTLS on): raise --max-connections with it"
+            ),
         }
-        Some(Fitted::Over(limit, n)) => tracing::warn!(
-            memory_limit_mib = limit >> 20,
-            max_connections = n,
-            "--max-connections is more than the container's memory limit holds (about 32 KiB per connection): a flood of connections could get the proxy killed"
-        ),
-        _ => {}
     }
     if let Some(why) = cache_left_on {
         // Memory a burst freed may stay resident (docs/configuration.md).

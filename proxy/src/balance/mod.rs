@@ -903,6 +903,17 @@ mod tests {
         (f.endpoint().addr.port() - 8000) as usize
     }
 
+    /// Ejects endpoint 0 by its breaker's count of failures, without
+    /// drawing it.
+    fn eject_0(b: &Endpoints) {
+        for _ in 0..b.config.breaker.consecutive_failures {
+            b.slots[0]
+                .state
+                .outlier()
+                .failure(&b.config.breaker, Instant::now(), true, None);
+        }
+    }
+
     /// How 3,000 requests in turn spread over three endpoints, each answered
     /// after the time `answer` gives for its endpoint, as it says.
     async fn shares(
@@ -997,12 +1008,7 @@ mod tests {
     async fn passing_over_holds_through_probes_updates_and_bursts() {
         use tower::Service as _;
         let b = backend(2, BackendConfig::default());
-        for _ in 0..5 {
-            b.slots[0]
-                .state
-                .outlier()
-                .failure(&b.config.breaker, Instant::now(), true, None);
-        }
+        eject_0(&b);
         tokio::time::advance(Duration::from_secs(6)).await;
         let (to_0, mut svc) = endpoint_0_answers(&b, || {
             let mut rsp = http::Response::new(crate::http::empty());
@@ -1091,11 +1097,10 @@ mod tests {
     /// caller, while still cold. Its first answer then says what it costs.
     #[tokio::test(start_paused = true)]
     async fn a_new_endpoint_draws_its_share_until_it_answers() {
-        let took = Duration::from_millis(50);
         let b = backend(10, BackendConfig::default());
         for _ in 0..500 {
             let f = b.pick(&Default::default(), &[]).unwrap();
-            tokio::time::advance(took).await;
+            tokio::time::advance(Duration::from_millis(50)).await;
             f.success();
         }
         let grown = Endpoints::new(
@@ -1111,10 +1116,7 @@ mod tests {
             .collect();
         let to_new = held.iter().filter(|f| index(f) == 10).count();
         // Its share is 100; guessed at 1 ms it took about 200.
-        assert!(
-            to_new < 150,
-            "{took:?}: {to_new} of 1100 to the new endpoint"
-        );
+        assert!(to_new < 150, "{to_new} of 1100 to the new endpoint");
         // Answering fast, it is known to be fast at once.
         let fast = held.into_iter().find(|f| index(f) == 10).unwrap();
         tokio::time::advance(Duration::from_millis(5)).await;
@@ -1177,12 +1179,7 @@ mod tests {
             // microseconds, it would take a million draws to fail five times
             // (both estimates sit at the 1 ms floor, decaying alike, the
             // busy one a hair lower).
-            for _ in 0..config.breaker.consecutive_failures {
-                b.slots[0]
-                    .state
-                    .outlier()
-                    .failure(&config.breaker, Instant::now(), true, None);
-            }
+            eject_0(&b);
             assert!(b.slots[0].state.outlier().is_ejected());
             let start = Arc::new(std::sync::Barrier::new(threads));
             let picks: Vec<InFlight> = (0..threads)

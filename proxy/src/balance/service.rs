@@ -64,14 +64,13 @@ where
         // a body, only if told when it ends: the clock runs while a client
         // uploads, and a client that trickles its body must not eject the
         // endpoint (`InFlight` judges by when it ended).
-        let body_end = if req.body().is_end_stream() {
-            None
-        } else {
-            req.extensions().get::<crate::retry::BodyEnd>().cloned()
-        };
+        let sent = req.body().is_end_stream();
+        let body_end = (!sent)
+            .then(|| req.extensions().get::<crate::retry::BodyEnd>().cloned())
+            .flatten();
         let deadline = self
             .attempt_timeout
-            .filter(|_| req.body().is_end_stream() || body_end.is_some())
+            .filter(|_| sent || body_end.is_some())
             .map(|t| tokio::time::Instant::now() + t);
         // A retry may come after discovery changed the endpoints: it goes to
         // the current ones, not to those of when its request began.

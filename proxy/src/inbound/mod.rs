@@ -9,6 +9,7 @@ mod opening;
 pub mod policy;
 mod settle;
 mod unproven;
+pub use unproven::unproven_share;
 
 use std::sync::Arc;
 

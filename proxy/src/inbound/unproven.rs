@@ -93,6 +93,13 @@ impl Refused {
     }
 }
 
+/// With mTLS on, the places of a listener of `max_connections` that
+/// connections yet to prove a mesh identity may hold together: a quarter is
+/// kept for the mesh's peers.
+pub fn unproven_share(max_connections: usize) -> usize {
+    (max_connections - max_connections / 4).max(1)
+}
+
 impl Unproven {
     /// `per_source`: the share of one address (by default a quarter of
     /// `max_connections`); `mtls`: whether peers can prove themselves, and so
@@ -102,7 +109,7 @@ impl Unproven {
         let peers = max_connections / 4;
         Unproven {
             by_source: PerSource::new(per_source),
-            unproven: mtls.then(|| Arc::new(Semaphore::new((max_connections - peers).max(1)))),
+            unproven: mtls.then(|| Arc::new(Semaphore::new(unproven_share(max_connections)))),
             reserve: PerSource::new((peers / RESERVE_PARTS).max(1)),
             probes: Arc::new(Semaphore::new(PROBE_PLACES)),
             probes_by_source: PerSource::new(PROBE_PLACES_PER_SOURCE),
