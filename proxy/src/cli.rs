@@ -422,7 +422,7 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_ports() {
         let c = Cli::parse_from(["strait-proxy"]).into_config_for_test();
-        assert_eq!(c.inbound_addr.to_string(), "0.0.0.0:4143");
+        assert_eq!(c.inbound_addr.to_string(), "[::]:4143");
         assert_eq!(c.outbound_addr.to_string(), "127.0.0.1:4140");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:4191");
         assert!(c.opaque_ports.contains(5432) && c.opaque_ports.contains(6379));

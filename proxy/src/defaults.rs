@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-/// Connections from other proxies (and plaintext clients where policy allows).
-pub const INBOUND_ADDR: &str = "0.0.0.0:4143";
+/// Connections from other proxies (and plaintext clients where policy allows),
+/// over IPv4 and IPv6 (IPv4 only where the kernel has no IPv6).
+pub const INBOUND_ADDR: &str = "[::]:4143";
 /// The app's outgoing connections, redirected here by iptables; loopback only.
 pub const OUTBOUND_ADDR: &str = "127.0.0.1:4140";
 /// Health, metrics and control; loopback only so nothing outside the pod reaches it.

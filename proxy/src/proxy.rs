@@ -207,6 +207,8 @@ impl Shared {
 pub struct Addrs {
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
+    /// The outbound listener's port on IPv6 loopback, where it listens there too.
+    pub outbound_v6: Option<SocketAddr>,
     pub admin: SocketAddr,
     /// One per `--upstream`, in order.
     pub upstreams: Vec<SocketAddr>,
@@ -375,16 +377,16 @@ impl Proxy {
             None => None,
         };
         let inbound = Listener::bind(config.inbound_addr, Direction::Inbound, "inbound").await?;
-        let outbound =
-            Listener::bind(config.outbound_addr, Direction::Outbound, "outbound").await?;
+        let outbound = Listener::bind(config.outbound_addr, Direction::Outbound, "outbound")
+            .await?
+            .with_ipv6_loopback()?;
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
             let l = Listener::bind(u.local, Direction::Outbound, "upstream").await?;
             upstreams.push((l, u.dest.clone()));
         }
-        let admin = tokio::net::TcpListener::bind(config.admin_addr)
-            .await
-            .map_err(|source| BindError {
+        let admin =
+            crate::transport::listen::bind(config.admin_addr).map_err(|source| BindError {
                 addr: config.admin_addr,
                 what: "admin",
                 source,
@@ -397,6 +399,7 @@ impl Proxy {
         let addrs = Addrs {
             inbound: inbound.local_addr(),
             outbound: outbound.local_addr(),
+            outbound_v6: outbound.ipv6_loopback(),
             admin: admin_addr,
             upstreams: upstreams.iter().map(|(l, _)| l.local_addr()).collect(),
         };
@@ -614,7 +617,8 @@ impl Proxy {
             }
         }
         info!(
-            inbound = %addrs.inbound, outbound = %addrs.outbound, admin = %addrs.admin,
+            inbound = %addrs.inbound, outbound = %addrs.outbound,
+            outbound_v6 = ?addrs.outbound_v6, admin = %addrs.admin,
             upstreams = ?addrs.upstreams, "proxy listening"
         );
 

@@ -8,24 +8,31 @@
 //! traffic. Everything is removed on drop, panics included: deleting the LAN's
 //! namespace takes the bridge and every veth with it.
 //!
+//! Pods are dual-stack where the host has IPv6: an IPv6 address each on the
+//! LAN's /64 too, and a default IPv6 route via the host.
+//!
 //! Needs root and iproute2; [`Lan::new`] says so (fails in CI, skips elsewhere).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::process::Proc;
 
-/// A /24 of 10.0.0.0/8 with a bridge, the host at .1 and pods from .2.
+/// A /24 of 10.0.0.0/8 with a bridge, the host at .1 and pods from .2; and
+/// the same hosts on a /64 of fd00::/8 where IPv6 can be had.
 pub struct Lan {
     net: [u8; 2],
     pods: u8,
+    ipv6: bool,
 }
 
 /// A pod: a network namespace with `eth0` on the LAN and a default route via the host.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, where the LAN has IPv6.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Lan {
@@ -42,7 +49,11 @@ impl Lan {
         for i in 0..2000 {
             let n = (start + i * 7919) % (50 * 256);
             let net = [200 + (n / 256) as u8, (n % 256) as u8];
-            let lan = Lan { net, pods: 0 };
+            let mut lan = Lan {
+                net,
+                pods: 0,
+                ipv6: false,
+            };
             if ip(&["netns", "add", &lan.ns()]).is_err() {
                 continue;
             }
@@ -51,7 +62,7 @@ impl Lan {
                 "link", "add", &host, "type", "veth", "peer", "name", "uplink", "netns", &ns,
             ];
             if ip(&veth).is_ok() {
-                lan.wire();
+                lan.ipv6 = lan.wire();
                 return Some(lan);
             }
         }
@@ -70,12 +81,23 @@ impl Lan {
         Ipv4Addr::new(10, self.net[0], self.net[1], host)
     }
 
+    fn addr6(&self, host: u8) -> Ipv6Addr {
+        let [a, b] = self.net.map(u16::from);
+        Ipv6Addr::new(0xfd00, a, b, 0, 0, 0, 0, u16::from(host))
+    }
+
     /// The host's address on this LAN (where pods reach a controller on the host).
     pub fn host_ip(&self) -> Ipv4Addr {
         self.addr(1)
     }
 
-    fn wire(&self) {
+    /// Whether pods on this LAN have IPv6 addresses.
+    pub fn has_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// Wires the LAN; whether it has IPv6.
+    fn wire(&self) -> bool {
         let (ns, host) = (self.ns(), self.host_link());
         must(ip_in(&ns, &["link", "add", "br0", "type", "bridge"]));
         must(ip_in(&ns, &["link", "set", "uplink", "master", "br0"]));
@@ -85,15 +107,19 @@ impl Lan {
         let cidr = format!("{}/24", self.host_ip());
         must(ip(&["addr", "add", &cidr, "dev", &host]));
         must(ip(&["link", "set", &host, "up"]));
+        // Without duplicate address detection, an address is usable at once.
+        let cidr6 = format!("{}/64", self.addr6(1));
+        ip(&["-6", "addr", "add", &cidr6, "dev", &host, "nodad"]).is_ok()
     }
 
     /// A new pod on this LAN.
     pub fn pod(&mut self, name: &str) -> Pod {
         self.pods += 1;
         assert!(self.pods < 250, "a LAN holds at most 249 pods");
-        let pod = Pod {
+        let mut pod = Pod {
             name: format!("strait-{}-{}-{name}", self.net[0], self.net[1]),
             ip: self.addr(self.pods + 1),
+            ip6: None,
         };
         let (lan, port) = (self.ns(), format!("p{}", self.pods));
         must(ip(&["netns", "add", &pod.name]));
@@ -109,6 +135,20 @@ impl Lan {
         must(ip_in(&pod.name, &["link", "set", "lo", "up"]));
         let via = self.host_ip().to_string();
         must(ip_in(&pod.name, &["route", "add", "default", "via", &via]));
+        if self.ipv6 {
+            let ip6 = self.addr6(self.pods + 1);
+            let cidr6 = format!("{ip6}/64");
+            must(ip_in(
+                &pod.name,
+                &["-6", "addr", "add", &cidr6, "dev", "eth0", "nodad"],
+            ));
+            let via6 = self.addr6(1).to_string();
+            must(ip_in(
+                &pod.name,
+                &["-6", "route", "add", "default", "via", &via6],
+            ));
+            pod.ip6 = Some(ip6);
+        }
         pod
     }
 }

@@ -26,6 +26,8 @@ pub const PROXY_UID: u32 = 2102;
 const TRUST_DOMAIN: &str = "cluster.local";
 /// Where Services get their virtual addresses.
 const CLUSTER_IPS: &str = "10.96.0.0/16";
+/// Where dual-stack Services get their IPv6 ones.
+const CLUSTER_IPS6: &str = "fd00:96::/112";
 
 pub struct PodMesh {
     pub lan: Lan,
@@ -130,6 +132,46 @@ impl PodMesh {
         SocketAddr::from((ip, port))
     }
 
+    /// A dual-stack Service (IPv4 first, as `PreferDualStack` makes it), with
+    /// an EndpointSlice of each family listing `pods`: its IPv4 and IPv6
+    /// addresses.
+    pub fn dual_stack_service(
+        &mut self,
+        name: &str,
+        port: u16,
+        target: u16,
+        pods: &[&MeshedPod],
+    ) -> (SocketAddr, SocketAddr) {
+        self.cluster_ips += 1;
+        let n = self.cluster_ips;
+        let (ip, ip6) = (
+            Ipv4Addr::new(10, 96, 0, n),
+            std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, u16::from(n)),
+        );
+        self.dir.write(
+            &format!("svc-{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  clusterIP: {ip}\n  clusterIPs: [\"{ip}\", \"{ip6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n  ports: [{{name: main, port: {port}, targetPort: {target}}}]\n"
+            ),
+        );
+        self.endpoints(name, target, pods);
+        let mut eps = String::new();
+        for p in pods {
+            let ip6 = p.pod.ip6.expect("a dual-stack pod");
+            eps.push_str(&format!(
+                "  - addresses: [\"{ip6}\"]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, name: {}}}\n",
+                p.pod.name
+            ));
+        }
+        self.dir.write(
+            &format!("slice-{name}-v6.yaml"),
+            &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-v6\n  namespace: {NS}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv6\nports: [{{name: main, port: {target}}}]\nendpoints:\n{eps}"
+            ),
+        );
+        (SocketAddr::from((ip, port)), SocketAddr::from((ip6, port)))
+    }
+
     /// The Service's endpoints: `port` on each of `pods`.
     pub fn endpoints(&self, service: &str, port: u16, pods: &[&MeshedPod]) {
         let mut eps = String::new();
@@ -174,6 +216,18 @@ impl PodMesh {
             "{}",
             String::from_utf8_lossy(&reject.stderr)
         );
+        if pod.ip6.is_some() {
+            let reject = pod
+                .command("ip6tables-nft")
+                .args(["-A", "OUTPUT", "-d", CLUSTER_IPS6, "-j", "REJECT"])
+                .output()
+                .expect("ip6tables");
+            assert!(
+                reject.status.success(),
+                "{}",
+                String::from_utf8_lossy(&reject.stderr)
+            );
+        }
         let token = format!("token-of-{service_account}");
         self.dir.write(
             &format!("token-{service_account}.yaml"),
@@ -203,10 +257,15 @@ impl PodMesh {
         let node = node
             .map(|n| format!("  nodeName: {n}\n"))
             .unwrap_or_default();
+        let ip6 = p
+            .pod
+            .ip6
+            .map(|ip6| format!(", {{ip: \"{ip6}\"}}"))
+            .unwrap_or_default();
         self.dir.write(
             &format!("pod-{}.yaml", p.pod.name),
             &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{app: {app}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {sa}\n{node}  containers: [{{name: app, image: app}}]\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{app: {app}}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: {sa}\n{node}  containers: [{{name: app, image: app}}]\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}{ip6}]}}\n",
                 name = p.pod.name,
                 app = p.app,
                 sa = p.service_account,

@@ -95,6 +95,9 @@ pub struct SliceInfo {
     /// an operator), sorted: whichever pod is alone at one is a member too.
     /// Usually none, so a policy's members are not found by a scan.
     pub unnamed: Vec<IpAddr>,
+    /// An IPv6 slice: its endpoints are used only by a Service with no IPv4
+    /// slice, since a dual-stack Service's list the same pods again.
+    pub ipv6: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -435,11 +438,10 @@ impl SnapshotBuilder {
         let mut pods: Vec<ObjKey> = es.endpoints.iter().filter_map(pod_of).collect();
         pods.sort();
         pods.dedup();
-        // Proxies listen on IPv4 only: a dual-stack Service's IPv6 slice lists
-        // the same pods again at addresses where no proxy answers, and an
-        // FQDN slice has no addresses to dial. Neither adds endpoints; their
-        // pods are kept, or an IPv6-only Service's policy would cover none.
-        if es.address_type != "IPv4" {
+        // An FQDN slice has no addresses to dial: it adds no endpoints; its
+        // pods are kept, as an IPv6 slice's are.
+        let ipv6 = es.address_type == "IPv6";
+        if es.address_type != "IPv4" && !ipv6 {
             return Ok((
                 ObjKey {
                     namespace: k.namespace.clone(),
@@ -451,6 +453,7 @@ impl SnapshotBuilder {
                     endpoints,
                     pods,
                     unnamed: Vec::new(),
+                    ipv6: false,
                 },
             ));
         }
@@ -515,6 +518,7 @@ impl SnapshotBuilder {
                 unnamed: unnamed(&endpoints),
                 endpoints,
                 pods,
+                ipv6,
             },
         ))
     }

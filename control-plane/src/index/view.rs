@@ -383,11 +383,18 @@ fn endpoints(
     };
     let topology = snap.services.get(svc).is_some_and(|s| s.topology_aware);
     let port_name = sp.name.clone().unwrap_or_default();
+    // A dual-stack Service's IPv6 slices list its pods again: one family's
+    // endpoints, IPv4 where it has them (proxies listen on both).
+    let ipv4 = snap.slices.get(svc).is_some_and(|s| {
+        s.values()
+            .any(|slice| !slice.ipv6 && !slice.endpoints.is_empty())
+    });
     let slices = || {
         snap.slices
             .get(svc)
             .into_iter()
             .flat_map(|s| s.values())
+            .filter(|slice| !(ipv4 && slice.ipv6))
             .filter_map(|slice| {
                 let (_, target) = slice.ports.iter().find(|(n, _)| *n == port_name)?;
                 Some((slice, *target))
@@ -987,11 +994,13 @@ spec:
         );
     }
 
-    /// A dual-stack Service has a slice per family, listing the same pods;
-    /// proxies listen on IPv4 only, so the IPv6 one adds no endpoints (nor
-    /// does an FQDN one, which has no addresses to dial).
+    /// A dual-stack Service has a slice per family, listing the same pods:
+    /// its IPv4 one brings the endpoints, so that no pod is called twice as
+    /// often. An IPv6-only Service's IPv6 slice brings them (proxies listen
+    /// on both families), and an FQDN slice never does: it has no addresses
+    /// to dial.
     #[test]
-    fn only_ipv4_slices_bring_endpoints() {
+    fn one_family_of_slices_brings_endpoints() {
         let yaml = format!(
             "{MESH}---
 apiVersion: discovery.k8s.io/v1
@@ -1011,6 +1020,24 @@ endpoints: [{{addresses: [db.example.com]}}]
         );
         let s = service(&snapshot(&yaml), &svc("shop", "web", 80));
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
+
+        let mut snap = snapshot(&yaml);
+        let web = snap
+            .slices
+            .get_mut(&ObjKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            })
+            .unwrap();
+        for name in web.keys().cloned().collect::<Vec<_>>() {
+            let mut s = web.get(&name).unwrap().clone();
+            if !s.ipv6 {
+                s.endpoints.clear();
+            }
+            web.insert(name, s);
+        }
+        let s = service(&snap, &svc("shop", "web", 80));
+        assert_eq!(addrs(&s.backends[0]), ["[fd00::1]:8080"], "IPv6 only");
     }
 
     /// Endpoints terminating but still serving are used while none is ready,

@@ -500,7 +500,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             cidrs(v).ok_or(InjectError::Annotation {
                     name: SKIP_OUTBOUND_CIDRS,
                     value: v.to_string(),
-                    why: "is not a list of at most 64 IPv4 networks, host bits zero (e.g. 169.254.169.254,10.0.0.0/8)",
+                    why: "is not a list of at most 64 IPv4 or IPv6 networks, host bits zero (e.g. 169.254.169.254,10.0.0.0/8,fd00::/8)",
                 })
         })
         .transpose()?;
@@ -981,19 +981,29 @@ fn valid_ports(v: &str) -> bool {
 
 /// "169.254.169.254, 10.0.0.0/8" as the init's `--skip-outbound-cidrs`
 /// takes it (comma-separated, no spaces), if it is at most `MAX_SKIP_CIDRS`
-/// networks the init accepts: IPv4, a bare address a /32, host bits zero (a
-/// network the init would refuse would keep the pod from starting).
+/// networks the init accepts: IPv4 or IPv6, a bare address a /32 or /128,
+/// host bits zero (a network the init would refuse would keep the pod from
+/// starting).
 fn cidrs(v: &str) -> Option<String> {
+    use std::net::IpAddr;
     let cidr = |c: &str| {
-        let (ip, len) = c.split_once('/').unwrap_or((c, "32"));
-        let (Ok(ip), Some(len)) = (
-            ip.parse::<std::net::Ipv4Addr>(),
-            len.parse::<u32>().ok().filter(|l| *l <= 32),
-        ) else {
+        let (ip, len) = match c.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (c, None),
+        };
+        let Ok(ip) = ip.parse::<IpAddr>() else {
             return false;
         };
-        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-        u32::from(ip) & !mask == 0
+        let (value, bits) = match ip {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        let Some(len) = len.map_or(Some(bits), |l| l.parse::<u32>().ok().filter(|l| *l <= bits))
+        else {
+            return false;
+        };
+        let host_bits = u128::MAX.checked_shr(128 - (bits - len)).unwrap_or(0);
+        value & host_bits == 0
     };
     let cidrs: Vec<&str> = v
         .split(',')

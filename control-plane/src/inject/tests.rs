@@ -312,7 +312,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
                    PROXY_MAX_CONNECTIONS: "50000",
                    PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
                    PROXY_MAX_DISCOVERY_WATCHES: "5000",
-                   SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8",
+                   SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8, fd00:10:96::/112",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
                    "volumes": [{"name": "data", "emptyDir": {}}],
@@ -359,7 +359,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     );
     assert_eq!(
         env(init, "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS").unwrap()["value"],
-        "169.254.169.254,10.0.0.0/8"
+        "169.254.169.254,10.0.0.0/8,fd00:10:96::/112"
     );
     // The default backend (nft) is the init's own default.
     assert!(env(init, "STRAIT_PROXY_IPTABLES_MODE").is_none());
@@ -500,7 +500,7 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_MAX_DISCOVERY_WATCHES, "60000"),
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
-        (SKIP_OUTBOUND_CIDRS, "fd00::/8"),
+        (SKIP_OUTBOUND_CIDRS, "fd00::1/64"),
         (SKIP_OUTBOUND_CIDRS, "10.1.2.3/16"),
         (INJECT, "yes"),
         (PROXY_OTLP_ENDPOINT, "collector:4317"),

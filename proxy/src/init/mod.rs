@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 
 use crate::addr::PortSet;
 use crate::defaults;
-use rules::{Installed, Ipv4Net, Plan};
+use rules::{Installed, IpNet, Plan};
 
 #[derive(Clone, Debug, Args)]
 pub struct InitArgs {
@@ -33,14 +33,15 @@ pub struct InitArgs {
     /// Destination ports the app reaches directly, not through the proxy.
     #[arg(long, env = "STRAIT_PROXY_SKIP_OUTBOUND_PORTS", default_value = "")]
     pub skip_outbound_ports: PortSet,
-    /// Destination networks the app reaches directly (comma-separated IPv4 CIDRs).
+    /// Destination networks the app reaches directly (comma-separated IPv4 or
+    /// IPv6 CIDRs).
     #[arg(
         long,
         env = "STRAIT_PROXY_SKIP_OUTBOUND_CIDRS",
         value_delimiter = ',',
         value_name = "CIDR"
     )]
-    pub skip_outbound_cidrs: Vec<Ipv4Net>,
+    pub skip_outbound_cidrs: Vec<IpNet>,
     /// Which iptables backend writes the rules: nft (the default on current
     /// distributions and nodes) or legacy (older nodes whose kube-proxy uses it).
     #[arg(long, env = "STRAIT_PROXY_IPTABLES_MODE", value_enum, default_value_t = IptablesMode::Nft)]

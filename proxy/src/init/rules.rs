@@ -6,7 +6,7 @@
 //! applying twice leaves one set of rules; the jumps are added only when absent.
 
 use std::fmt::{self, Write as _};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use crate::addr::PortSet;
@@ -28,7 +28,8 @@ pub struct Plan {
     /// Inbound ports that reach the app (or the proxy) directly.
     pub skip_inbound_ports: PortSet,
     pub skip_outbound_ports: PortSet,
-    pub skip_outbound_cidrs: Vec<Ipv4Net>,
+    /// Of either family: each goes to its own family's rules.
+    pub skip_outbound_cidrs: Vec<IpNet>,
 }
 
 /// Whether the hooks already jump to strait's chains (from `iptables-save -t nat`).
@@ -61,28 +62,7 @@ impl Plan {
 
         self.inbound_rules(&mut out);
 
-        // Outbound: the app's TCP connections go to the proxy; the proxy's own
-        // (by uid), loopback's and skipped destinations go out as they are.
-        let o = OUTBOUND_CHAIN;
-        let _ = writeln!(
-            out,
-            "-A {o} -m owner --uid-owner {} -j RETURN",
-            self.proxy_uid
-        );
-        let _ = writeln!(out, "-A {o} -o lo -j RETURN");
-        let _ = writeln!(out, "-A {o} -d 127.0.0.0/8 -j RETURN");
-        for range in ranges(&self.skip_outbound_ports) {
-            let _ = writeln!(out, "-A {o} -p tcp --dport {range} -j RETURN");
-        }
-        for cidr in &self.skip_outbound_cidrs {
-            let _ = writeln!(out, "-A {o} -d {cidr} -j RETURN");
-        }
-        let _ = writeln!(
-            out,
-            "-A {o} -p tcp -j REDIRECT --to-ports {}",
-            self.outbound_port
-        );
-
+        self.outbound_rules(&mut out, "127.0.0.0/8", IpNet::is_ipv4);
         if !installed.inbound_jump {
             let _ = writeln!(out, "-A {INBOUND_HOOK} -p tcp -j {INBOUND_CHAIN}");
         }
@@ -110,17 +90,47 @@ impl Plan {
         );
     }
 
-    /// The IPv6 rules (`ip6tables-restore --noflush`): inbound only. Connections
-    /// to the pod over IPv6 go to the inbound port like IPv4 ones, where the
-    /// proxy does not listen, so they are refused rather than reaching the app
-    /// around the proxy's mTLS and authorization. The app's own IPv6
-    /// connections leave the pod unmeshed.
+    /// Outbound: the app's TCP connections go to the proxy; the proxy's own
+    /// (by uid), loopback's and skipped destinations go out as they are.
+    fn outbound_rules(&self, out: &mut String, loopback: &str, family: fn(&IpNet) -> bool) {
+        let o = OUTBOUND_CHAIN;
+        let _ = writeln!(
+            out,
+            "-A {o} -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        );
+        let _ = writeln!(out, "-A {o} -o lo -j RETURN");
+        let _ = writeln!(out, "-A {o} -d {loopback} -j RETURN");
+        for range in ranges(&self.skip_outbound_ports) {
+            let _ = writeln!(out, "-A {o} -p tcp --dport {range} -j RETURN");
+        }
+        for cidr in self.skip_outbound_cidrs.iter().filter(|c| family(c)) {
+            let _ = writeln!(out, "-A {o} -d {cidr} -j RETURN");
+        }
+        let _ = writeln!(
+            out,
+            "-A {o} -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        );
+    }
+
+    /// The IPv6 rules (`ip6tables-restore --noflush`), as the IPv4 ones: the
+    /// proxy listens on IPv6 too (inbound on `[::]`, outbound on `[::1]`), so
+    /// a dual-stack Service's IPv6 leg is meshed like its IPv4 one. Where the
+    /// proxy cannot listen on IPv6 (a kernel without it), there are no IPv6
+    /// connections to redirect.
     pub fn restore_input_v6(&self, installed: Installed) -> String {
         let mut out = String::from("*nat\n");
-        let _ = writeln!(out, ":{INBOUND_CHAIN} - [0:0]");
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            let _ = writeln!(out, ":{chain} - [0:0]");
+        }
         self.inbound_rules(&mut out);
+        self.outbound_rules(&mut out, "::1/128", |c| !c.is_ipv4());
         if !installed.inbound_jump {
             let _ = writeln!(out, "-A {INBOUND_HOOK} -p tcp -j {INBOUND_CHAIN}");
+        }
+        if !installed.outbound_jump {
+            let _ = writeln!(out, "-A {OUTBOUND_HOOK} -p tcp -j {OUTBOUND_CHAIN}");
         }
         out.push_str("COMMIT\n");
         out
@@ -147,41 +157,65 @@ fn ranges(ports: &PortSet) -> Vec<String> {
     out
 }
 
-/// An IPv4 network, "10.0.0.0/8" (a bare address is a /32). Host bits must be
-/// zero, so a typo cannot silently skip a different network than meant.
+/// An IPv4 or IPv6 network, "10.0.0.0/8" or "fd00::/8" (a bare address is
+/// a /32 or /128). Host bits must be zero, so a typo cannot silently skip a
+/// different network than meant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4Net {
-    addr: Ipv4Addr,
+pub struct IpNet {
+    addr: IpAddr,
     prefix: u8,
+}
+
+impl IpNet {
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid CIDR {0:?}: {1}")]
 pub struct CidrError(String, &'static str);
 
-impl FromStr for Ipv4Net {
+impl FromStr for IpNet {
     type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why| CidrError(s.to_string(), why);
-        let (addr, prefix) = s.trim().split_once('/').unwrap_or((s.trim(), "32"));
-        let addr: Ipv4Addr = addr
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| bad("not an IPv4 address (ADDR/PREFIX)"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| bad("the prefix length is 0-32"))?;
-        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-        if u32::from(addr) & !mask != 0 {
+            .map_err(|_| bad("not an IP address (ADDR/PREFIX)"))?;
+        let bits: u8 = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = match prefix {
+            None => bits,
+            Some(p) => p.parse().ok().filter(|p| *p <= bits).ok_or_else(|| {
+                bad(if addr.is_ipv4() {
+                    "the prefix length is 0-32"
+                } else {
+                    "the prefix length is 0-128"
+                })
+            })?,
+        };
+        let value = match addr {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        // The low `bits - prefix` bits: the host's part of the address.
+        let host_bits = u128::MAX
+            .checked_shr(128 - u32::from(bits - prefix))
+            .unwrap_or(0);
+        if value & host_bits != 0 {
             return Err(bad("host bits are set"));
         }
-        Ok(Ipv4Net { addr, prefix })
+        Ok(IpNet { addr, prefix })
     }
 }
 
-impl fmt::Display for Ipv4Net {
+impl fmt::Display for IpNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
@@ -198,7 +232,10 @@ mod tests {
             proxy_uid: 2102,
             skip_inbound_ports: "22,4191".parse().unwrap(),
             skip_outbound_ports: "443,8000-8002".parse().unwrap(),
-            skip_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            skip_outbound_cidrs: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10:96::/112".parse().unwrap(),
+            ],
         }
     }
 
@@ -240,31 +277,56 @@ COMMIT
         );
     }
 
+    /// A dual-stack pod's IPv6 connections are meshed as its IPv4 ones, with
+    /// IPv6 loopback and IPv6 skipped networks left alone.
     #[test]
-    fn ipv6_connections_to_the_pod_cannot_go_around_the_proxy() {
+    fn ipv6_gets_the_same_rules_with_its_own_loopback_and_networks() {
         let v6 = plan().restore_input_v6(Installed::default());
-        assert!(v6.contains("-A STRAIT_INBOUND -p tcp -j REDIRECT --to-ports 4143"));
-        assert!(v6.contains("-A PREROUTING -p tcp -j STRAIT_INBOUND"));
-        assert!(
-            !v6.contains("STRAIT_OUTBOUND"),
-            "the app's IPv6 egress is left alone"
-        );
+        let expected = "\
+*nat
+:STRAIT_INBOUND - [0:0]
+:STRAIT_OUTBOUND - [0:0]
+-A STRAIT_INBOUND -p tcp --dport 22 -j RETURN
+-A STRAIT_INBOUND -p tcp --dport 4143 -j RETURN
+-A STRAIT_INBOUND -p tcp --dport 4191 -j RETURN
+-A STRAIT_INBOUND -p tcp -j REDIRECT --to-ports 4143
+-A STRAIT_OUTBOUND -m owner --uid-owner 2102 -j RETURN
+-A STRAIT_OUTBOUND -o lo -j RETURN
+-A STRAIT_OUTBOUND -d ::1/128 -j RETURN
+-A STRAIT_OUTBOUND -p tcp --dport 443 -j RETURN
+-A STRAIT_OUTBOUND -p tcp --dport 8000:8002 -j RETURN
+-A STRAIT_OUTBOUND -d fd00:10:96::/112 -j RETURN
+-A STRAIT_OUTBOUND -p tcp -j REDIRECT --to-ports 4140
+-A PREROUTING -p tcp -j STRAIT_INBOUND
+-A OUTPUT -p tcp -j STRAIT_OUTBOUND
+COMMIT
+";
+        assert_eq!(v6, expected);
         let again = plan().restore_input_v6(Installed::from_save(&v6));
-        assert!(!again.contains("-A PREROUTING"));
+        assert!(!again.contains("-A PREROUTING") && !again.contains("-A OUTPUT"));
     }
 
     #[test]
     fn cidrs_are_checked() {
-        assert_eq!(
-            "10.0.0.1".parse::<Ipv4Net>().unwrap().to_string(),
-            "10.0.0.1/32"
-        );
-        assert_eq!(
-            "0.0.0.0/0".parse::<Ipv4Net>().unwrap().to_string(),
-            "0.0.0.0/0"
-        );
-        for bad in ["10.0.0.1/8", "10.0.0.0/33", "fd00::/8", "10.0.0/8", "x"] {
-            assert!(bad.parse::<Ipv4Net>().is_err(), "{bad}");
+        for (given, read) in [
+            ("10.0.0.1", "10.0.0.1/32"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("fd00::/8", "fd00::/8"),
+            ("fd00::1", "fd00::1/128"),
+            ("::/0", "::/0"),
+        ] {
+            assert_eq!(given.parse::<IpNet>().unwrap().to_string(), read);
+        }
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "fd00::1/64",
+            "fd00::/129",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/",
+        ] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }
     }
 }

@@ -1,9 +1,15 @@
 //! A TCP listener with a cap on open connections, that stops accepting on drain.
+//!
+//! An address of every IPv6 host (`[::]`) takes IPv4 connections too, as a
+//! dual-stack pod's inbound port must, and is taken for `0.0.0.0` where the
+//! kernel has no IPv6. The outbound listener on IPv4 loopback also listens on
+//! IPv6 loopback, where `init`'s IPv6 rules send the app's IPv6 connections.
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +35,8 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct Listener {
     tcp: TcpListener,
+    /// The same port on IPv6 loopback (see `with_ipv6_loopback`).
+    v6_loopback: Option<TcpListener>,
     local: SocketAddr,
     direction: Direction,
 }
@@ -49,15 +57,61 @@ impl Listener {
         what: &'static str,
     ) -> Result<Self, BindError> {
         let err = |source| BindError { addr, what, source };
-        let tcp = TcpListener::bind(addr).await.map_err(err)?;
+        let tcp = bind(addr).map_err(err)?;
         let local = tcp.local_addr().map_err(err)?;
         // Inherited by every connection accepted: no system call each.
         super::connect::keepalive(&tcp);
         Ok(Listener {
             tcp,
+            v6_loopback: None,
             local,
             direction,
         })
+    }
+
+    /// A listener on IPv4 loopback also listens at its port on IPv6 loopback,
+    /// where the kernel has it: the app's IPv6 connections are redirected
+    /// there. One limit of connections covers both. Where IPv6 loopback is
+    /// missing, or (for an ephemeral port) its port is taken, the listener
+    /// stays IPv4 only.
+    pub fn with_ipv6_loopback(mut self) -> Result<Self, BindError> {
+        if self.local.ip() != Ipv4Addr::LOCALHOST {
+            return Ok(self);
+        }
+        let addr = SocketAddr::from((Ipv6Addr::LOCALHOST, self.local.port()));
+        match bind(addr) {
+            Ok(tcp) => {
+                super::connect::keepalive(&tcp);
+                self.v6_loopback = Some(tcp);
+            }
+            Err(e) if no_ipv6(&e) || e.kind() == io::ErrorKind::AddrInUse => {
+                debug!(%addr, error = %e, "not listening on IPv6 loopback");
+            }
+            Err(source) => {
+                return Err(BindError {
+                    addr,
+                    what: "IPv6 loopback",
+                    source,
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// Where IPv6 loopback is listened on too.
+    pub fn ipv6_loopback(&self) -> Option<SocketAddr> {
+        self.v6_loopback.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let Some(v6) = &self.v6_loopback else {
+            return self.tcp.accept().await;
+        };
+        std::future::poll_fn(|cx| match self.tcp.poll_accept(cx) {
+            Poll::Pending => v6.poll_accept(cx),
+            ready => ready,
+        })
+        .await
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -83,10 +137,12 @@ impl Listener {
             let accepted = tokio::select! {
                 biased;
                 _ = drain.signaled() => break,
-                r = self.tcp.accept() => r,
+                r = self.accept() => r,
             };
             let (stream, peer) = match accepted {
-                Ok(a) => a,
+                // IPv4 clients of a dual-stack listener as IPv4 (not
+                // `::ffff:10.0.0.5`), for policy, limits, logs and metrics.
+                Ok((s, peer)) => (s, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
                 Err(e) => {
                     // Out of file descriptors and the like: log, back off briefly so
                     // we do not spin, and keep serving what is open.
@@ -135,6 +191,42 @@ impl Listener {
     }
 }
 
+/// Binds `addr`; `[::]` takes IPv4 connections too (whatever
+/// `net.ipv6.bindv6only` says), and is `0.0.0.0` where the kernel has no IPv6.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let every_host_v6 = addr.ip() == Ipv6Addr::UNSPECIFIED;
+    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
+        Err(e) if every_host_v6 && no_ipv6(&e) => {
+            debug!(%addr, error = %e, "no IPv6: listening on IPv4 only");
+            Socket::new(Domain::IPV4, Type::STREAM, None)?
+        }
+        r => r?,
+    };
+    let addr = match socket.domain()? {
+        Domain::IPV4 if every_host_v6 => SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())),
+        _ => addr,
+    };
+    if every_host_v6 && addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // As std's and Tokio's own listeners: a restarted proxy rebinds its port
+    // while the last one's connections are in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The kernel has no IPv6 (booted without it), or not on this interface.
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +255,46 @@ mod tests {
                 crate::defaults::TCP_KEEPALIVE_PROBES,
                 "{end}"
             );
+        }
+    }
+
+    /// `[::]` takes IPv4 connections too, and their clients are seen as
+    /// IPv4 (policy's networks, per-source limits and logs are IPv4); an
+    /// IPv4 loopback listener also answers on IPv6 loopback.
+    #[tokio::test]
+    async fn every_host_takes_both_families_and_loopback_gets_its_ipv6_twin() {
+        let (_trigger, drain) = super::super::drain::channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let any = Listener::bind("[::]:0".parse().unwrap(), Direction::Inbound, "test")
+            .await
+            .unwrap();
+        let port = any.local_addr().port();
+        let seen = tx.clone();
+        tokio::spawn(any.serve(drain.clone(), Metrics::new(), 10, move |a| {
+            let _ = seen.send(a.client.0);
+            async {}
+        }));
+        let _c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let client = rx.recv().await.unwrap();
+        assert_eq!(client.ip(), std::net::IpAddr::from(Ipv4Addr::LOCALHOST));
+
+        let lo = Listener::bind("127.0.0.1:0".parse().unwrap(), Direction::Outbound, "test")
+            .await
+            .unwrap()
+            .with_ipv6_loopback()
+            .unwrap();
+        let Some(v6) = lo.ipv6_loopback() else {
+            eprintln!("skipped: no IPv6 loopback here");
+            return;
+        };
+        assert_eq!(v6.port(), lo.local_addr().port());
+        tokio::spawn(lo.serve(drain, Metrics::new(), 10, move |a| {
+            let _ = tx.send(a.client.0);
+            async {}
+        }));
+        for addr in [SocketAddr::from((Ipv4Addr::LOCALHOST, v6.port())), v6] {
+            let _c = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(rx.recv().await.unwrap().ip(), addr.ip(), "{addr}");
         }
     }
 }

@@ -943,6 +943,58 @@ async fn the_kubelets_probe_of_an_opaque_port_passes_strict() {
     assert!(buf.is_empty(), "plaintext bytes were answered: {buf:?}");
 }
 
+/// A dual-stack Service's IPv6 leg is meshed as its IPv4 one. Most clients
+/// (glibc's address order) dial a dual-stack Service's IPv6 cluster IP first;
+/// that, and a pod's IPv6 address, go through both proxies with mTLS; and a
+/// client outside the mesh reaching the pod over IPv6 meets the proxy's
+/// policy. Before, the app's IPv6 connections left unmeshed and IPv6
+/// connections to a meshed pod were refused.
+#[tokio::test]
+async fn a_dual_stack_services_ipv6_leg_is_meshed_too() {
+    let Some(mut mesh) = PodMesh::start().await else {
+        return;
+    };
+    if !mesh.lan.has_ipv6() {
+        strait_tests::host::missing("IPv6 in network namespaces");
+        return;
+    }
+    let server = mesh.pod("server", "server", &[]).await;
+    let client = mesh.pod("client", "client", &[]).await;
+    let _app = server.pod.run(|| async {
+        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT))).await;
+        std::future::pending::<()>().await;
+        drop(b);
+    });
+    let (web, web6) = mesh.dual_stack_service("web", 80, HTTP_PORT, &[&server]);
+    mesh.strict("web");
+    mesh.wait_reachable(&client, web).await;
+
+    let server6 = SocketAddr::from((server.pod.ip6.expect("IPv6"), HTTP_PORT));
+    for target in [web6, server6] {
+        let before = admitted(&server, &client).await;
+        let got = client
+            .pod
+            .run(move || async move {
+                client::get(&client::http1(), &format!("http://{target}/"))
+                    .await
+                    .map(|(status, _)| status.as_u16())
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .await;
+        assert_eq!(got, Ok(200), "the client's app to {target}");
+        assert_eq!(
+            admitted(&server, &client).await - before,
+            1.0,
+            "{target}: admitted as the client's identity, so over mTLS"
+        );
+    }
+    let (status, _) = client::get(&client::http1(), &format!("http://{server6}/"))
+        .await
+        .expect("the server's proxy answers over IPv6");
+    assert_eq!(status, 403, "plaintext over IPv6 meets STRICT");
+}
+
 fn print_table(rows: &[(&str, Check, f64)]) {
     println!("\n| protocol | outcome | admitted as the client's identity |\n| --- | --- | --- |");
     for (name, outcome, n) in rows {
