@@ -126,8 +126,14 @@ pub const MAX_DESTINATION_LEN: usize = 300;
 /// change and whenever the map grows past this (then twice its live size).
 pub const VIEWS_PRUNE_AT: usize = 1024;
 /// Streams one proxy connection may hold: its discovery watches (the proxy keeps
-/// at most 1,000), its policy watch and certificate requests, with room.
+/// at most 1,000 by default, `MAX_PROXY_DISCOVERY_WATCHES` at most), its policy
+/// watch and certificate requests, with room.
 pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 2048;
+/// The most discovery watches a proxy may be set to keep (the proxy's own
+/// bound, `strait.dev/proxy-max-discovery-watches`'s): they share its
+/// connection's `GRPC_MAX_CONCURRENT_STREAMS` with its policy watch and
+/// certificate requests, and a call beyond them would wait, unanswered.
+pub const MAX_PROXY_DISCOVERY_WATCHES: usize = 2000;
 /// Watches (discovery and policy) one source address may hold open at once:
 /// one connection's worth, twice what one proxy keeps. Loopback is not counted.
 pub const WATCHES_PER_SOURCE: usize = 2048;

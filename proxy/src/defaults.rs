@@ -227,6 +227,12 @@ pub const DISCOVERY_FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// A pod rarely talks to more than a few hundred Services; the cap bounds memory
 /// and the controller's streams against a flood of made-up names.
 pub const MAX_DISCOVERY_WATCHES: usize = 1000;
+/// The most `--max-discovery-watches` may be: every watch is a stream on the
+/// proxy's one connection to the controller, which takes 2,048 at once
+/// (the controller's `GRPC_MAX_CONCURRENT_STREAMS`) with the policy watch and
+/// certificate requests. A watch beyond would wait for a place unanswered,
+/// and a certificate renewal behind it.
+pub const MAX_DISCOVERY_WATCHES_LIMIT: usize = 2000;
 /// A destination no request used for this long stops being watched.
 pub const DISCOVERY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -262,6 +262,15 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
             "--max-discovery-watches 0 would watch no destination; give at least 1".into(),
         ));
     }
+    if config.max_discovery_watches > crate::defaults::MAX_DISCOVERY_WATCHES_LIMIT {
+        return Err(StartError::Flag(format!(
+            "--max-discovery-watches {}: each watch is a stream on the proxy's one connection \
+             to the controller, which takes 2,048 at once with the policy watch and \
+             certificate requests; give at most {}",
+            config.max_discovery_watches,
+            crate::defaults::MAX_DISCOVERY_WATCHES_LIMIT
+        )));
+    }
     if config.max_in_flight_requests == 0 {
         return Err(StartError::Flag(
             "--max-in-flight-requests 0 would refuse every request; give at least 1".into(),

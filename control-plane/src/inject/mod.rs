@@ -529,8 +529,13 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         MAX_CONNECTION_LIMIT,
         "is not a whole number from 1 to 500000",
     );
-    // Each watch is a stream to the controller.
-    const WATCHES: (usize, &str) = (50_000, "is not a whole number from 1 to 50000");
+    // Each watch is a stream on the proxy's one connection to the controller,
+    // which takes `GRPC_MAX_CONCURRENT_STREAMS` (2,048) at once with the
+    // policy watch and certificate requests: one more would wait unanswered.
+    const WATCHES: (usize, &str) = (
+        defaults::MAX_PROXY_DISCOVERY_WATCHES,
+        "is not a whole number from 1 to 2000",
+    );
     for (name, var, (max, why)) in [
         (
             PROXY_MAX_CONNECTIONS,

@@ -311,7 +311,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
                    PROXY_CONNECT_TIMEOUT: "5s",
                    PROXY_MAX_CONNECTIONS: "50000",
                    PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
-                   PROXY_MAX_DISCOVERY_WATCHES: "5000",
+                   PROXY_MAX_DISCOVERY_WATCHES: "1500",
                    SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8, fd00:10:96::/112",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
@@ -347,7 +347,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     );
     assert_eq!(
         env(proxy, "STRAIT_PROXY_MAX_DISCOVERY_WATCHES").unwrap()["value"],
-        "5000"
+        "1500"
     );
     assert_eq!(
         env(init, "STRAIT_PROXY_SKIP_INBOUND_PORTS").unwrap()["value"],
@@ -497,7 +497,7 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_MAX_CONNECTIONS, "lots"),
         (PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE, "600000"),
         (PROXY_MAX_DISCOVERY_WATCHES, "-1"),
-        (PROXY_MAX_DISCOVERY_WATCHES, "60000"),
+        (PROXY_MAX_DISCOVERY_WATCHES, "2001"),
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::1/64"),

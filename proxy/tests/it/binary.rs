@@ -63,6 +63,11 @@ async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
             "--outbound-addr (127.0.0.1:4140) and --upstream 127.0.0.1:4140=127.0.0.1:80 (127.0.0.1:4140) claim the same address",
         ),
         (vec!["--max-connections=0"], "--max-connections 0"),
+        // More watches than the one connection to the controller carries.
+        (
+            vec!["--max-discovery-watches=2001"],
+            "--max-discovery-watches 2001: each watch is a stream",
+        ),
         // No port: 80 would be dialled, where no controller listens.
         (
             vec!["--control-plane=http://127.0.0.1"],
