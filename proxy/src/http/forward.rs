@@ -167,6 +167,9 @@ impl Forward {
                 .and_then(|a| Authority::try_from(super::host_port(a)).ok())
         {
             t.authority = origin;
+            if let Some(scheme) = req.uri().scheme() {
+                t.scheme = scheme.clone();
+            }
         }
         // Recorded to be undone should HTTP/2 still hand the request back (its
         // connection closed first, and no other could be had).
@@ -509,6 +512,7 @@ fn upstream_target<B>(
             None => addr_authority()?,
         };
         return Ok(UpstreamTarget {
+            scheme: Scheme::HTTP,
             authority,
             host: None,
         });
@@ -522,6 +526,7 @@ fn upstream_target<B>(
         _ => None,
     };
     Ok(UpstreamTarget {
+        scheme: Scheme::HTTP,
         authority: addr_authority()?,
         host,
     })
@@ -561,6 +566,9 @@ fn app_authority<B>(req: &Request<B>) -> Result<Option<Authority>, ProxyError> {
 /// The request target for the upstream, worked out (and any error found)
 /// before a connection is made for it.
 struct UpstreamTarget {
+    /// `http`, but for a forward proxy's request: the scheme the app gave
+    /// (`https://` has the proxy open TLS to the origin).
+    scheme: Scheme,
     authority: Authority,
     /// A Host header to add (HTTP/1.1 from an absolute-form request line).
     host: Option<HeaderValue>,
@@ -572,7 +580,7 @@ impl UpstreamTarget {
             req.headers_mut().insert(header::HOST, host);
         }
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme);
         parts.authority = Some(self.authority);
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));

@@ -325,6 +325,16 @@ async fn a_forward_proxy_gets_requests_in_absolute_form() {
             "GET http://user:pw@example.test/ HTTP/1.1\r\nHost: example.test",
             "GET http://example.test/ HTTP/1.1",
         ),
+        // The proxy it goes to opens the TLS to the origin (Squid does):
+        // sent on as `http://`, it would fetch in plaintext.
+        (
+            "GET https://example.test/x HTTP/1.1\r\nHost: example.test",
+            "GET https://example.test/x HTTP/1.1",
+        ),
+        (
+            "GET ftp://example.test/file HTTP/1.1\r\nHost: example.test",
+            "GET ftp://example.test/file HTTP/1.1",
+        ),
         ("GET /x HTTP/1.1\r\nHost: example.test", "GET /x HTTP/1.1"),
     ] {
         let mut c = TcpStream::connect(proxy.upstream()).await.unwrap();
