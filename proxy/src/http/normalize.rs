@@ -85,7 +85,7 @@ where
                 reason = refused.reason(),
                 "refused request: {refused}"
             );
-            let mut rsp = error_response(StatusCode::BAD_REQUEST, refused.message());
+            let mut rsp = error_response(refused.status(), refused.message());
             rsp.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
@@ -123,6 +123,18 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let mut rsp = std::task::ready!(this.inner.poll(cx))?;
+        if !only_chunked(rsp.headers()) {
+            // Its body is still in a coding the client was not told of.
+            strait_otel::sampled!(
+                info,
+                "an upstream's response has a transfer coding other than chunked; answered 502"
+            );
+            rsp = error_response(
+                StatusCode::BAD_GATEWAY,
+                "the upstream's response has a transfer coding other than chunked",
+            );
+            rsp.extensions_mut().insert(super::error::CloseClient);
+        }
         let keep = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
         // The proxy's own answer to a client's broken body, or for a
         // destination that could not be reached, closes the connection, and
@@ -185,6 +197,21 @@ fn response_framing(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether Transfer-Encoding, if any, is `chunked` alone: the one coding
+/// hyper decodes, so the only one whose header may be dropped.
+fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
 /// The length Content-Length gives when it is a list (several fields, or
 /// commas) whose values all agree; `None` when it is one value, or absent.
 fn listed_length(headers: &HeaderMap) -> Option<u64> {
@@ -219,6 +246,8 @@ pub enum HeadRefusal {
     MissingHost,
     #[error("a request target in authority form (host:port) outside CONNECT")]
     AuthorityForm,
+    #[error("a transfer coding other than chunked")]
+    TransferCoding,
 }
 
 impl HeadRefusal {
@@ -229,6 +258,16 @@ impl HeadRefusal {
             HeadRefusal::DuplicateHost => "duplicate_host",
             HeadRefusal::MissingHost => "missing_host",
             HeadRefusal::AuthorityForm => "authority_form",
+            HeadRefusal::TransferCoding => "transfer_coding",
+        }
+    }
+
+    /// 501 for a coding nobody here can decode (RFC 9112 §6.1), as a server
+    /// would answer; 400 for a malformed head.
+    fn status(self) -> StatusCode {
+        match self {
+            HeadRefusal::TransferCoding => StatusCode::NOT_IMPLEMENTED,
+            _ => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -239,6 +278,7 @@ impl HeadRefusal {
             HeadRefusal::DuplicateHost => "more than one Host header",
             HeadRefusal::MissingHost => "HTTP/1.1 request without a Host header",
             HeadRefusal::AuthorityForm => "a request target of host:port is for CONNECT only",
+            HeadRefusal::TransferCoding => "transfer codings other than chunked are not supported",
         }
     }
 }
@@ -256,6 +296,12 @@ pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
     let h = req.headers();
     if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
         return Err(HeadRefusal::ConflictingFraming);
+    }
+    // hyper decodes the chunked framing and leaves any other coding
+    // (`gzip, chunked`) on the bytes, and Transfer-Encoding is not sent on:
+    // the app would read gzip as the body.
+    if !only_chunked(h) {
+        return Err(HeadRefusal::TransferCoding);
     }
     // A list of one length (`5, 5`), which hyper takes, goes on as that
     // length: the HTTP/2 hop between proxies refuses a list.

@@ -245,3 +245,61 @@ async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
         "{lines} log lines for {JUNK} junk requests:\n{log}"
     );
 }
+
+/// A transfer coding other than chunked (`gzip, chunked`) is one hyper does
+/// not decode, and Transfer-Encoding is not sent on: the next hop would read
+/// the gzip bytes as the body. A request with one is answered 501 (RFC 9112
+/// §6.1) and never reaches the app; a response with one is a 502, both ways
+/// of the pair (from an app behind the inbound side, and from an upstream).
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_not_passed_on_undecoded() {
+    let backend = Backend::start().await;
+    let proxy = binary(backend.addr, &[]).await;
+    // (One not ending in chunked, hyper refuses with 400 itself.)
+    for coding in ["gzip, chunked", "chunked, chunked"] {
+        let req = format!(
+            "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let rsp = raw(proxy.upstream, req.as_bytes()).await;
+        assert_eq!(status_of(&rsp), "501", "{coding}: {rsp}");
+        assert!(
+            header(&rsp, "strait-proxy-error").is_some_and(|e| e.contains("transfer coding")),
+            "{rsp}"
+        );
+    }
+    assert_eq!(backend.requests(), 0, "nothing reached the app");
+    // Chunked alone is read and sent on.
+    let rsp = raw(
+        proxy.upstream,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&rsp), "200", "{rsp}");
+
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut b).await.is_ok() {
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let proxy = binary(app_addr, &[]).await;
+    let ask = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nstrait-target-port: {}\r\nConnection: close\r\n\r\n",
+        app_addr.port()
+    );
+    for to in [proxy.upstream, proxy.inbound] {
+        let rsp = raw(to, ask.as_bytes()).await;
+        assert_eq!(status_of(&rsp), "502", "{to}: {rsp}");
+        assert!(!rsp.contains("hello"), "{rsp}");
+    }
+}
