@@ -378,6 +378,10 @@ impl ConnectError {
                 addr: *addr,
                 reason: reason.clone(),
             },
+            ConnectError::OwnCertificate { addr, reason } => ConnectError::OwnCertificate {
+                addr: *addr,
+                reason,
+            },
         }
     }
 }

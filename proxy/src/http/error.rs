@@ -38,6 +38,10 @@ pub enum ProxyError {
     Connect { addr: SocketAddr, reason: String },
     #[error("upstream {addr} failed: {reason}")]
     Upstream { addr: SocketAddr, reason: String },
+    /// This proxy cannot present a valid certificate: nothing of the
+    /// endpoint is learnt, and a retry would meet the same.
+    #[error("{0}")]
+    OwnCertificate(&'static str),
 }
 
 impl ProxyError {
@@ -53,6 +57,7 @@ impl ProxyError {
             ProxyError::Resolve { .. }
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::OwnCertificate(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -69,6 +74,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::ConnectWait { .. } => "connect_timeout",
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
+            ProxyError::OwnCertificate(_) => "no_certificate",
         }
     }
 
@@ -121,7 +127,10 @@ impl ProxyError {
         // Refused here after an endpoint was picked (a bad Host, a loop): the
         // endpoint never saw the request, so its balancer learns nothing, and
         // a probe of an ejected endpoint does not re-admit it unasked.
-        if matches!(self, ProxyError::BadRequest(_) | ProxyError::Loop(_)) {
+        if matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::Loop(_) | ProxyError::OwnCertificate(_)
+        ) {
             rsp.extensions_mut().insert(ClientFaulted);
         }
         if matches!(self, ProxyError::ConnectWait { .. }) {
@@ -193,8 +202,9 @@ pub struct ReturnUnsent;
 pub struct KeepUnread;
 
 /// Marks a response to a request the client failed (its body was malformed or
-/// stalled, its head refused before it was sent): it says nothing about the
-/// endpoint, good or bad.
+/// stalled, its head refused before it was sent), or that this proxy could
+/// not send for a fault of its own (no valid certificate): it says nothing
+/// about the endpoint, good or bad, and a retry would meet the same.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientFaulted;
 
@@ -247,5 +257,12 @@ mod tests {
             assert!(!endpoint_failed(&rsp));
             assert!(!rsp.headers().contains_key(http::header::CONNECTION));
         }
+        // Nor what this proxy could not send for want of a valid
+        // certificate of its own: no peer would have taken it.
+        let rsp =
+            ProxyError::OwnCertificate("this proxy's certificate has expired").into_response();
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(rsp.extensions().get::<ClientFaulted>().is_some());
+        assert!(rsp.extensions().get::<UpstreamFailure>().is_none());
     }
 }

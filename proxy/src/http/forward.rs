@@ -610,6 +610,7 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
             addr,
             reason: format!("mTLS: {reason}"),
         },
+        ConnectError::OwnCertificate { reason, .. } => ProxyError::OwnCertificate(reason),
     };
     let e = match e {
         ClientError::Connect(c) => return connect(&c),

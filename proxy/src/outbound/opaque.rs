@@ -238,6 +238,15 @@ pub async fn connect(
         return dial(DestAddr::Socket(ep.addr), Some(in_flight), within).await;
     };
     let addr = ep.connect_addr();
+    if let Some(reason) = peer_tls.own_certificate_problem() {
+        // This proxy's fault, not the endpoint's.
+        in_flight.no_verdict();
+        return Err(Refused::Peer {
+            addr,
+            identity: peer.identity.to_string(),
+            error: reason.to_string(),
+        });
+    }
     let start = tokio::time::Instant::now();
     match over_mtls(ep.addr.port(), addr, peer, peer_tls, within).await {
         Ok(t) => {

@@ -32,6 +32,13 @@ pub enum ConnectError {
     },
     #[error("mTLS to {addr}: {reason}")]
     Tls { addr: SocketAddr, reason: String },
+    /// This proxy has no certificate, or its own has expired: every peer
+    /// would refuse it, so nothing is tried, and nothing is learnt of `addr`.
+    #[error("{reason}")]
+    OwnCertificate {
+        addr: SocketAddr,
+        reason: &'static str,
+    },
 }
 
 /// A TCP connection with our timeout, TCP_NODELAY and keepalive.
@@ -138,6 +145,21 @@ impl PeerTls {
         Ok(c)
     }
 
+    /// Why this proxy cannot prove its identity to a peer now, if it cannot:
+    /// it has no certificate yet (started while the control plane was out of
+    /// reach), or its own has expired (not renewed in time). A peer would
+    /// refuse the handshake, which would be taken for the peer's failure,
+    /// and healthy endpoints ejected for what is this proxy's.
+    pub fn own_certificate_problem(&self) -> Option<&'static str> {
+        if self.creds.current().is_none() {
+            Some("this proxy has no certificate yet: the control plane has not issued one")
+        } else if self.creds.expired() {
+            Some("this proxy's certificate has expired: the control plane has not renewed it")
+        } else {
+            None
+        }
+    }
+
     /// An mTLS connection to the peer proxy at `addr`, which must present `peer`.
     pub async fn connect(
         &self,
@@ -146,6 +168,9 @@ impl PeerTls {
         alpn: &'static [u8],
         timeout: Duration,
     ) -> Result<TlsStream<TcpStream>, ConnectError> {
+        if let Some(reason) = self.own_certificate_problem() {
+            return Err(ConnectError::OwnCertificate { addr, reason });
+        }
         let tls_err = |reason: String| ConnectError::Tls { addr, reason };
         let config = self.config(peer, alpn).map_err(tls_err)?;
         let name = sni(peer);
@@ -202,6 +227,36 @@ mod tests {
         for sa in ["a".repeat(64), format!("{}.b", "a".repeat(200))] {
             assert_eq!(sni(&id(&sa)).to_str(), STAND_IN_SNI, "{sa}");
         }
+    }
+
+    /// Without a certificate of its own, the proxy does not dial a peer only
+    /// to be refused: the error names this proxy, not the peer.
+    #[tokio::test]
+    async fn no_certificate_of_its_own_is_no_peers_failure() {
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut root_params = rcgen::CertificateParams::default();
+        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let anchors = crate::identity::TrustAnchors::from_pem(root_cert.pem().as_bytes()).unwrap();
+        let me = Identity::of("cluster.local", "shop", "web").unwrap();
+        let creds = Arc::new(Credentials::generate(me.clone(), anchors).unwrap());
+        let failures = Counter::default();
+        let tls = PeerTls::new(creds, Counter::default(), failures.clone());
+        // Something listens: a dial would have got a connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let e = tls
+            .connect(addr, &me, tls::ALPN_H2, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConnectError::OwnCertificate { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("this proxy has no certificate"),
+            "{e}"
+        );
+        assert_eq!(failures.get(), 0, "no handshake failed");
+        let nothing = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        assert!(nothing.is_err(), "no connection was made");
     }
 
     /// After a renewal, new connections are made with a new client config:
