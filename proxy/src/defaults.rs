@@ -223,6 +223,13 @@ pub const CONTROL_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long the first request to a new destination waits for discovery's first
 /// answer before the destination is treated as not meshed (passed through).
 pub const DISCOVERY_FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// As long, at most, while the controller is known to be out of reach (a
+/// watch's call failed to reach it and none has got through since): long
+/// enough for a blip (a replica going away, reconnected to in 100–200 ms),
+/// not the whole wait for every new destination through an outage, whose
+/// own failed call would come too late to end it, queued behind every other
+/// watch's reconnect.
+pub const DISCOVERY_WAIT_WHILE_UNREACHABLE: Duration = Duration::from_millis(500);
 /// Destinations watched at once; beyond this the least recently used is dropped.
 /// A pod rarely talks to more than a few hundred Services; the cap bounds memory
 /// and the controller's streams against a flood of made-up names.

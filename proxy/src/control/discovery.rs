@@ -232,6 +232,11 @@ impl Discovery {
                             }
                         }
                     };
+                    let timeout = if self.unreachable.load(Ordering::Relaxed) {
+                        timeout.min(defaults::DISCOVERY_WAIT_WHILE_UNREACHABLE)
+                    } else {
+                        timeout
+                    };
                     let answered = tokio::time::timeout(timeout, first).await.ok().flatten();
                     // An answer the stream gave just before it failed.
                     match answered.or_else(|| rx.borrow().clone()) {
@@ -952,6 +957,29 @@ mod tests {
                 assert!(took < Duration::from_secs(2), "{code:?} {dest}: {took:?}");
             }
         }
+    }
+
+    /// While the controller is out of reach (any watch found it so), a new
+    /// destination's first request waits only as long as a blip takes: its
+    /// own watch's call queues behind every other watch's reconnect and
+    /// would fail too late to end the wait, so every new destination (an
+    /// external API's rotating addresses) would wait the whole 2 s.
+    #[tokio::test]
+    async fn a_new_destination_waits_briefly_while_the_controller_is_out_of_reach() {
+        let d = discovery_of(Once(Default::default(), Later::Slow)).await;
+        let first: DestAddr = "10.96.0.10:80".parse().unwrap();
+        assert!(service_of(d.resolve(&first, Duration::from_secs(10)).await).is_some());
+        d.unreachable.store(true, Ordering::Relaxed);
+        let t = tokio::time::Instant::now();
+        let r = d
+            .resolve(&"203.0.113.7:443".parse().unwrap(), Duration::from_secs(5))
+            .await;
+        assert!(r.is_none());
+        let took = t.elapsed();
+        assert!(
+            took >= defaults::DISCOVERY_WAIT_WHILE_UNREACHABLE && took < Duration::from_secs(2),
+            "{took:?}"
+        );
     }
 
     /// Fails the first watch, as a controller replica going away does, and
