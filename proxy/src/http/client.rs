@@ -599,7 +599,10 @@ impl H2Client {
         }
         b.initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW)
-            .max_header_list_size(defaults::MAX_HEADER_BYTES as u32);
+            // As the peer's server takes: a head an app may send over HTTP/1
+            // comes back whole, rather than as a stream error (and past
+            // about 112 KB a GOAWAY that fails every stream of the connection).
+            .max_header_list_size(defaults::H2_MAX_HEADER_LIST_BYTES as u32);
         // Until its SETTINGS arrive, a connection assumes the limit the others to
         // this upstream have seen (a peer proxy's is known): a burst that opened
         // it must not overshoot and have streams refused.
@@ -1008,6 +1011,10 @@ impl ClientCache {
             .timer(TokioTimer::new())
             .pool_idle_timeout(defaults::HTTP1_POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(defaults::POOL_MAX_IDLE_PER_HOST)
+            // A response head as large as a request's may be (hyper's own
+            // limit is about 400 KB): one larger could not cross the HTTP/2
+            // hop between proxies, and is a 502 that says so.
+            .http1_max_buf_size(defaults::MAX_HEADER_BYTES)
             // The request keeps the Host the app sent; we never invent one.
             .set_host(false);
         UpstreamClient::Http1(Arc::new(b.build(connector)))

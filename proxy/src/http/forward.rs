@@ -254,6 +254,17 @@ impl Forward {
             }
             .into());
         }
+        // An HTTP/1 head over the limit a request's has could not cross the
+        // HTTP/2 hop between proxies: refused there, it would read as a
+        // broken connection (and past about 112 KB fail every stream on
+        // it). hyper's read buffer bounds it only roughly.
+        if !h2 && head_bytes(rsp.headers()) > crate::defaults::MAX_HEADER_BYTES {
+            return Err(ProxyError::Upstream {
+                addr,
+                reason: "sent a response head over 64 KiB or 100 fields".into(),
+            }
+            .into());
+        }
         *rsp.version_mut() = version;
         // Only a peer proxy speaks for the mesh: an app's or an outside
         // server's own field would pass for one of ours, counting against its
@@ -549,6 +560,14 @@ fn names(dst: &DestAddr, a: &Authority) -> bool {
     }
 }
 
+/// A head's size as its fields' names and values.
+fn head_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum()
+}
+
 /// The authority the app addressed: the URI's (absolute form, HTTP/2), else
 /// the Host header's.
 fn app_authority<B>(req: &Request<B>) -> Result<Option<Authority>, ProxyError> {
@@ -638,6 +657,9 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> &'static str {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() {
                 return "closed the connection before a complete response";
+            }
+            if h.is_parse_too_large() {
+                return "sent a response head over 64 KiB or 100 fields";
             }
             if h.is_parse() || h.is_parse_status() {
                 return "sent a malformed response";

@@ -417,6 +417,33 @@ async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
     );
 }
 
+/// A response head larger than a request's may be could not cross the
+/// HTTP/2 hop between proxies (refused there, and past about 112 KB the
+/// whole connection with every stream on it): it is a 502 that says why,
+/// where the app's head was read; one of 60 KB still passes.
+#[tokio::test]
+async fn a_response_head_over_the_limit_is_a_502_that_says_so() {
+    let big: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+        "a".repeat(100 * 1024)
+    )
+    .leak()
+    .as_bytes();
+    let rsp = get_through_a_proxy_to(canned_upstream(big).await).await;
+    assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+    let reason = rsp.headers()["strait-proxy-error"].to_str().unwrap();
+    assert!(reason.contains("response head over 64 KiB"), "{reason}");
+    let fits: &'static [u8] = format!(
+        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+        "a".repeat(60 * 1024)
+    )
+    .leak()
+    .as_bytes();
+    let rsp = get_through_a_proxy_to(canned_upstream(fits).await).await;
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(rsp.headers()["x-big"].len(), 60 * 1024);
+}
+
 /// A response framed both ways is read as chunked (RFC 9112 §6.3), as a
 /// client without the proxy reads it: its Content-Length, which no longer
 /// says anything, must not go on to frame what the proxy sends.
