@@ -388,7 +388,7 @@ impl Proxy {
         let inbound = Listener::bind(config.inbound_addr, Direction::Inbound, "inbound").await?;
         let outbound = Listener::bind(config.outbound_addr, Direction::Outbound, "outbound")
             .await?
-            .with_ipv6_loopback()?;
+            .with_ipv6_loopback(config.outbound_addr.port() == 0)?;
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
             let l = Listener::bind(u.local, Direction::Outbound, "upstream").await?;

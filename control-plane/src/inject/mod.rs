@@ -590,6 +590,9 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         skip_in.as_deref(),
         skip_out.as_deref(),
         skip_cidrs.as_deref(),
+        // A proxy the pod names may be too old to listen on IPv6 loopback:
+        // its app's IPv6 connections are left alone rather than refused.
+        annotation(PROXY_IMAGE).is_none(),
         resources.clone(),
     );
     // An older proxy, named by the pod, would not answer a rewritten probe:
@@ -732,10 +735,14 @@ fn init_container(
     skip_in: Option<&str>,
     skip_out: Option<&str>,
     skip_cidrs: Option<&str>,
+    ipv6_outbound: bool,
     resources: Value,
 ) -> Value {
     let image = &s.proxy_image;
     let mut env = Vec::new();
+    if !ipv6_outbound {
+        env.push(json!({"name": "STRAIT_PROXY_IPV6_OUTBOUND", "value": "false"}));
+    }
     if let Some(p) = skip_in {
         env.push(json!({"name": "STRAIT_PROXY_SKIP_INBOUND_PORTS", "value": p}));
     }

@@ -85,6 +85,8 @@ fn an_annotated_pod_gets_the_init_container_and_the_native_sidecar() {
         init["securityContext"]["capabilities"]["add"],
         json!(["NET_ADMIN", "NET_RAW"])
     );
+    // The proxy injected listens on IPv6 loopback: IPv6 egress goes to it.
+    assert!(env(init, "STRAIT_PROXY_IPV6_OUTBOUND").is_none());
     let token = p["spec"]["volumes"]
         .as_array()
         .unwrap()
@@ -366,6 +368,12 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(proxy["image"], "registry.local/strait-proxy:dev");
     // The root, NET_ADMIN init container keeps the operator's image.
     assert_eq!(init["image"], settings().proxy_image);
+    // A proxy the pod names may not listen on IPv6 loopback: the app's IPv6
+    // connections are not sent there.
+    assert_eq!(
+        env(init, "STRAIT_PROXY_IPV6_OUTBOUND").unwrap()["value"],
+        "false"
+    );
     let volumes: Vec<&str> = p["spec"]["volumes"]
         .as_array()
         .unwrap()

@@ -42,6 +42,12 @@ pub struct InitArgs {
         value_name = "CIDR"
     )]
     pub skip_outbound_cidrs: Vec<IpNet>,
+    /// Whether the app's IPv6 connections go to the proxy (on `[::1]`) as its
+    /// IPv4 ones do. Off for a proxy too old to listen on IPv6 loopback
+    /// (the injector turns it off for a pod that names its own proxy
+    /// image): then they leave the pod unmeshed, as they did with it.
+    #[arg(long, env = "STRAIT_PROXY_IPV6_OUTBOUND", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ipv6_outbound: bool,
     /// Which iptables backend writes the rules: nft (the default on current
     /// distributions and nodes) or legacy (older nodes whose kube-proxy uses it).
     #[arg(long, env = "STRAIT_PROXY_IPTABLES_MODE", value_enum, default_value_t = IptablesMode::Nft)]
@@ -105,6 +111,7 @@ impl InitArgs {
             skip_inbound_ports: skip_in,
             skip_outbound_ports: self.skip_outbound_ports.clone(),
             skip_outbound_cidrs: self.skip_outbound_cidrs.clone(),
+            ipv6_outbound: self.ipv6_outbound,
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct Plan {
     pub skip_outbound_ports: PortSet,
     /// Of either family: each goes to its own family's rules.
     pub skip_outbound_cidrs: Vec<IpNet>,
+    /// The app's IPv6 connections go to the proxy too.
+    pub ipv6_outbound: bool,
 }
 
 /// Whether the hooks already jump to strait's chains (from `iptables-save -t nat`).
@@ -125,11 +127,16 @@ impl Plan {
             let _ = writeln!(out, ":{chain} - [0:0]");
         }
         self.inbound_rules(&mut out);
-        self.outbound_rules(&mut out, "::1/128", |c| !c.is_ipv4());
+        if self.ipv6_outbound {
+            // Link-local destinations too: their scope (the interface) does
+            // not survive the redirect, and the proxy could not dial them.
+            let _ = writeln!(out, "-A {OUTBOUND_CHAIN} -d fe80::/10 -j RETURN");
+            self.outbound_rules(&mut out, "::1/128", |c| !c.is_ipv4());
+        }
         if !installed.inbound_jump {
             let _ = writeln!(out, "-A {INBOUND_HOOK} -p tcp -j {INBOUND_CHAIN}");
         }
-        if !installed.outbound_jump {
+        if self.ipv6_outbound && !installed.outbound_jump {
             let _ = writeln!(out, "-A {OUTBOUND_HOOK} -p tcp -j {OUTBOUND_CHAIN}");
         }
         out.push_str("COMMIT\n");
@@ -236,6 +243,7 @@ mod tests {
                 "10.96.0.0/12".parse().unwrap(),
                 "fd00:10:96::/112".parse().unwrap(),
             ],
+            ipv6_outbound: true,
         }
     }
 
@@ -290,6 +298,7 @@ COMMIT
 -A STRAIT_INBOUND -p tcp --dport 4143 -j RETURN
 -A STRAIT_INBOUND -p tcp --dport 4191 -j RETURN
 -A STRAIT_INBOUND -p tcp -j REDIRECT --to-ports 4143
+-A STRAIT_OUTBOUND -d fe80::/10 -j RETURN
 -A STRAIT_OUTBOUND -m owner --uid-owner 2102 -j RETURN
 -A STRAIT_OUTBOUND -o lo -j RETURN
 -A STRAIT_OUTBOUND -d ::1/128 -j RETURN
@@ -304,6 +313,17 @@ COMMIT
         assert_eq!(v6, expected);
         let again = plan().restore_input_v6(Installed::from_save(&v6));
         assert!(!again.contains("-A PREROUTING") && !again.contains("-A OUTPUT"));
+        // For a proxy that does not listen on IPv6 loopback: inbound only.
+        let inbound_only = Plan {
+            ipv6_outbound: false,
+            ..plan()
+        }
+        .restore_input_v6(Installed::default());
+        assert!(inbound_only.contains("-A PREROUTING -p tcp -j STRAIT_INBOUND"));
+        assert!(
+            !inbound_only.contains("-A OUTPUT")
+                && !inbound_only.contains("REDIRECT --to-ports 4140")
+        );
     }
 
     #[test]

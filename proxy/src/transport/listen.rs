@@ -73,8 +73,8 @@ impl Listener {
     /// where the kernel has it: the app's IPv6 connections are redirected
     /// there. One limit of connections covers both. Where IPv6 loopback is
     /// missing, or (for an ephemeral port) its port is taken, the listener
-    /// stays IPv4 only.
-    pub fn with_ipv6_loopback(mut self) -> Result<Self, BindError> {
+    /// stays IPv4 only. `ephemeral`: the port was the kernel's pick (0).
+    pub fn with_ipv6_loopback(mut self, ephemeral: bool) -> Result<Self, BindError> {
         if self.local.ip() != Ipv4Addr::LOCALHOST {
             return Ok(self);
         }
@@ -84,7 +84,7 @@ impl Listener {
                 super::connect::keepalive(&tcp);
                 self.v6_loopback = Some(tcp);
             }
-            Err(e) if no_ipv6(&e) || e.kind() == io::ErrorKind::AddrInUse => {
+            Err(e) if no_ipv6(&e) || (ephemeral && e.kind() == io::ErrorKind::AddrInUse) => {
                 debug!(%addr, error = %e, "not listening on IPv6 loopback");
             }
             Err(source) => {
@@ -281,7 +281,7 @@ mod tests {
         let lo = Listener::bind("127.0.0.1:0".parse().unwrap(), Direction::Outbound, "test")
             .await
             .unwrap()
-            .with_ipv6_loopback()
+            .with_ipv6_loopback(true)
             .unwrap();
         let Some(v6) = lo.ipv6_loopback() else {
             eprintln!("skipped: no IPv6 loopback here");
@@ -296,5 +296,26 @@ mod tests {
             let _c = TcpStream::connect(addr).await.unwrap();
             assert_eq!(rx.recv().await.unwrap().ip(), addr.ip(), "{addr}");
         }
+    }
+
+    /// A fixed outbound port taken on IPv6 loopback is an error: `init`
+    /// sends the app's IPv6 connections there, to whatever holds it.
+    #[tokio::test]
+    async fn a_fixed_port_taken_on_ipv6_loopback_is_an_error() {
+        let Ok(held) = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)) else {
+            eprintln!("skipped: no IPv6 loopback here");
+            return;
+        };
+        let port = held.local_addr().unwrap().port();
+        let l = Listener::bind(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Direction::Outbound,
+            "outbound",
+        )
+        .await
+        .unwrap();
+        let e = l.with_ipv6_loopback(false).unwrap_err();
+        assert_eq!(e.source.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains(&format!("[::1]:{port}")), "{e}");
     }
 }
