@@ -232,12 +232,27 @@ impl Discovery {
                             }
                         }
                     };
-                    let timeout = if self.unreachable.load(Ordering::Relaxed) {
-                        timeout.min(defaults::DISCOVERY_WAIT_WHILE_UNREACHABLE)
-                    } else {
-                        timeout
+                    // In a block: `first` borrows the receiver until dropped.
+                    let answered = {
+                        tokio::pin!(first);
+                        if self.unreachable.load(Ordering::Relaxed) {
+                            let short = timeout.min(defaults::DISCOVERY_WAIT_WHILE_UNREACHABLE);
+                            match tokio::time::timeout(short, &mut first).await {
+                                Ok(r) => r,
+                                // The controller came back meanwhile: its answer
+                                // is on its way, behind the others' reconnects.
+                                Err(_) if !self.unreachable.load(Ordering::Relaxed) => {
+                                    tokio::time::timeout(timeout.saturating_sub(short), first)
+                                        .await
+                                        .ok()
+                                        .flatten()
+                                }
+                                Err(_) => None,
+                            }
+                        } else {
+                            tokio::time::timeout(timeout, first).await.ok().flatten()
+                        }
                     };
-                    let answered = tokio::time::timeout(timeout, first).await.ok().flatten();
                     // An answer the stream gave just before it failed.
                     match answered.or_else(|| rx.borrow().clone()) {
                         Some(r) => r,
@@ -980,6 +995,45 @@ mod tests {
             took >= defaults::DISCOVERY_WAIT_WHILE_UNREACHABLE && took < Duration::from_secs(2),
             "{took:?}"
         );
+    }
+
+    /// The short wait is not cut short when the controller comes back during
+    /// it: the destination's answer is then on its way, and a meshed
+    /// destination passed through in plaintext would meet STRICT's refusal.
+    #[tokio::test]
+    async fn the_short_wait_goes_on_when_the_controller_comes_back_during_it() {
+        let d = discovery_of(Delayed(Duration::from_millis(900))).await;
+        d.unreachable.store(true, Ordering::Relaxed);
+        let back = {
+            let d = d.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                d.unreachable.store(false, Ordering::Relaxed);
+            })
+        };
+        let r = d
+            .resolve(&"10.96.0.10:80".parse().unwrap(), Duration::from_secs(2))
+            .await;
+        back.await.unwrap();
+        assert!(service_of(r).is_some(), "answered after 0.9 s");
+    }
+
+    /// Answers every watch with a Service, after `0`.
+    struct Delayed(Duration);
+
+    #[tonic::async_trait]
+    impl Serve for Delayed {
+        type WatchStream = Updates;
+        async fn watch(
+            &self,
+            _: tonic::Request<api::WatchDestination>,
+        ) -> Result<tonic::Response<Updates>, tonic::Status> {
+            tokio::time::sleep(self.0).await;
+            use futures_util::StreamExt;
+            let s = futures_util::stream::iter([Ok::<_, tonic::Status>(update(1))])
+                .chain(futures_util::stream::pending());
+            Ok(tonic::Response::new(Box::pin(s)))
+        }
     }
 
     /// Fails the first watch, as a controller replica going away does, and
