@@ -38,6 +38,11 @@ pub enum ProxyError {
     Connect { addr: SocketAddr, reason: String },
     #[error("upstream {addr} failed: {reason}")]
     Upstream { addr: SocketAddr, reason: String },
+    /// The upstream did not process the request: it refused the stream, or
+    /// its graceful GOAWAY named only earlier ones. Safe to send again, and
+    /// nothing against the endpoint (it is busy, or going away).
+    #[error("upstream {addr} {reason}")]
+    Refused { addr: SocketAddr, reason: String },
     /// This proxy cannot present a valid certificate: nothing of the
     /// endpoint is learnt, and a retry would meet the same.
     #[error("{0}")]
@@ -57,7 +62,9 @@ impl ProxyError {
             ProxyError::Resolve { .. }
             | ProxyError::Connect { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::OwnCertificate(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::OwnCertificate(_) | ProxyError::Refused { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -75,6 +82,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::OwnCertificate(_) => "no_certificate",
+            ProxyError::Refused { .. } => "refused",
         }
     }
 
@@ -133,7 +141,10 @@ impl ProxyError {
         ) {
             rsp.extensions_mut().insert(ClientFaulted);
         }
-        if matches!(self, ProxyError::ConnectWait { .. }) {
+        if matches!(
+            self,
+            ProxyError::ConnectWait { .. } | ProxyError::Refused { .. }
+        ) {
             rsp.extensions_mut().insert(NoVerdict);
         }
         rsp
@@ -148,6 +159,7 @@ impl ProxyError {
                 | ProxyError::ConnectTimeout { .. }
                 | ProxyError::ConnectWait { .. }
                 | ProxyError::Connect { .. }
+                | ProxyError::Refused { .. }
         )
     }
 }

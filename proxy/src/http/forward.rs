@@ -643,32 +643,67 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
         }
         src = s.source();
     }
+    if unprocessed(e.as_ref()) {
+        return ProxyError::Refused {
+            addr,
+            reason: upstream_failure(e.as_ref()).into_owned(),
+        };
+    }
     ProxyError::Upstream {
         addr,
-        reason: upstream_failure(e.as_ref()).to_string(),
+        reason: upstream_failure(e.as_ref()).into_owned(),
     }
+}
+
+/// Whether the upstream said it did not process the request (RFC 9113 §8.7):
+/// it refused the stream (over its concurrent-stream limit), or a graceful
+/// GOAWAY named only earlier streams (shutting down, max connection age).
+fn unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            let reason = h2.reason();
+            return h2.is_remote()
+                && ((h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM))
+                    || (h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR)));
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// What went wrong with an upstream, in our words: library errors describe
 /// their own state, which tells the reader of `strait-proxy-error` nothing.
-fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> &'static str {
+fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> std::borrow::Cow<'static, str> {
     let mut cur = Some(e);
     while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && let Some(reason) = h2.reason()
+        {
+            return match (h2.is_remote(), h2.is_go_away(), reason) {
+                (true, false, h2::Reason::REFUSED_STREAM) => {
+                    "refused the stream (not processed)".into()
+                }
+                (true, false, _) => format!("reset the stream ({reason:?})").into(),
+                (true, true, _) => format!("closed the connection (GOAWAY {reason:?})").into(),
+                (false, ..) => "broke the HTTP/2 protocol".into(),
+            };
+        }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() {
-                return "closed the connection before a complete response";
+                return "closed the connection before a complete response".into();
             }
             if h.is_parse_too_large() {
-                return "sent a response head over 64 KiB or 100 fields";
+                return "sent a response head over 64 KiB or 100 fields".into();
             }
             if h.is_parse() || h.is_parse_status() {
-                return "sent a malformed response";
+                return "sent a malformed response".into();
             }
             if h.is_timeout() {
-                return "timed out";
+                return "timed out".into();
             }
             if h.is_canceled() || h.is_closed() {
-                return "closed the connection";
+                return "closed the connection".into();
             }
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -679,18 +714,12 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> &'static str {
                 }
                 std::io::ErrorKind::TimedOut => "timed out",
                 _ => "connection error",
-            };
+            }
+            .into();
         }
         cur = e.source();
     }
-    let text = e.to_string();
-    if text.contains("stream error") || text.contains("reset") {
-        "reset the stream"
-    } else if text.contains("protocol error") || text.contains("GOAWAY") {
-        "broke the HTTP/2 protocol"
-    } else {
-        "failed mid-request"
-    }
+    "failed mid-request".into()
 }
 
 #[cfg(test)]

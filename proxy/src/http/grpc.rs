@@ -471,7 +471,7 @@ pub fn rescued(
 }
 
 /// What became of an upstream, in words, from the error its body ended with.
-pub type Lost = fn(&(dyn std::error::Error + 'static)) -> &'static str;
+pub type Lost = fn(&(dyn std::error::Error + 'static)) -> std::borrow::Cow<'static, str>;
 
 struct Rescue {
     inner: BoxBody,

@@ -485,3 +485,40 @@ async fn a_quiet_http2_connect_tunnel_outlives_the_http_idle_timeout() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     client::tunnel_echoes(&mut tunnel, b"after").await;
 }
+
+/// An HTTP/2 upstream that refuses a stream (over its concurrent-stream
+/// limit: grpc-go's `MaxConcurrentStreams`) did not process the request
+/// (RFC 9113 §8.7): a 503 that says so, safe to send again, and nothing
+/// against the endpoint; not a 502 "failed mid-request".
+#[tokio::test]
+async fn a_stream_the_upstream_refused_is_said_not_processed() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    let proxy = support::start_to(addr).await;
+    let rsp = client::http2()
+        .request(
+            Request::get(format!("http://{}/", proxy.upstream()))
+                .body(client::body(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let reason = rsp.headers()["strait-proxy-error"].to_str().unwrap();
+    assert!(
+        reason.contains("refused the stream (not processed)"),
+        "{reason}"
+    );
+}
