@@ -206,22 +206,16 @@ impl PodMesh {
         pod.init(&[]);
         // Nothing a proxy passes through (a cluster IP it has no answer for yet)
         // leaves for the host: those addresses exist only in the manifests.
-        let reject = pod
-            .command("iptables-nft")
-            .args(["-A", "OUTPUT", "-d", CLUSTER_IPS, "-j", "REJECT"])
-            .output()
-            .expect("iptables");
-        assert!(
-            reject.status.success(),
-            "{}",
-            String::from_utf8_lossy(&reject.stderr)
-        );
-        if pod.ip6.is_some() {
+        let families = [
+            ("iptables-nft", CLUSTER_IPS),
+            ("ip6tables-nft", CLUSTER_IPS6),
+        ];
+        for (iptables, cluster_ips) in &families[..if pod.ip6.is_some() { 2 } else { 1 }] {
             let reject = pod
-                .command("ip6tables-nft")
-                .args(["-A", "OUTPUT", "-d", CLUSTER_IPS6, "-j", "REJECT"])
+                .command(iptables)
+                .args(["-A", "OUTPUT", "-d", cluster_ips, "-j", "REJECT"])
                 .output()
-                .expect("ip6tables");
+                .expect(iptables);
             assert!(
                 reject.status.success(),
                 "{}",

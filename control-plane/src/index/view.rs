@@ -994,6 +994,22 @@ spec:
         );
     }
 
+    /// Changes every slice of shop/web in place.
+    fn edit_web_slices(snap: &mut Snapshot, f: impl Fn(&mut crate::index::SliceInfo)) {
+        let web = snap
+            .slices
+            .get_mut(&ObjKey {
+                namespace: "shop".into(),
+                name: "web".into(),
+            })
+            .unwrap();
+        for name in web.keys().cloned().collect::<Vec<_>>() {
+            let mut s = web.get(&name).unwrap().clone();
+            f(&mut s);
+            web.insert(name, s);
+        }
+    }
+
     /// A dual-stack Service has a slice per family, listing the same pods:
     /// its IPv4 one brings the endpoints, so that no pod is called twice as
     /// often. An IPv6-only Service's IPv6 slice brings them (proxies listen
@@ -1022,20 +1038,11 @@ endpoints: [{{addresses: [db.example.com]}}]
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
 
         let mut snap = snapshot(&yaml);
-        let web = snap
-            .slices
-            .get_mut(&ObjKey {
-                namespace: "shop".into(),
-                name: "web".into(),
-            })
-            .unwrap();
-        for name in web.keys().cloned().collect::<Vec<_>>() {
-            let mut s = web.get(&name).unwrap().clone();
+        edit_web_slices(&mut snap, |s| {
             if !s.ipv6 {
                 s.endpoints.clear();
             }
-            web.insert(name, s);
-        }
+        });
         let s = service(&snap, &svc("shop", "web", 80));
         assert_eq!(addrs(&s.backends[0]), ["[fd00::1]:8080"], "IPv6 only");
     }
@@ -1067,18 +1074,9 @@ endpoints: {endpoints}
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.1:8080"]);
         // Without it: the one still serving.
         let mut snap = snapshot(&slice(&format!("[{draining}, {gone}, {starting}]")));
-        let web = snap
-            .slices
-            .get_mut(&ObjKey {
-                namespace: "shop".into(),
-                name: "web".into(),
-            })
-            .unwrap();
-        for name in web.keys().cloned().collect::<Vec<_>>() {
-            let mut s = web.get(&name).unwrap().clone();
-            s.endpoints.retain(|e| e.addr.to_string() != "10.0.0.1");
-            web.insert(name, s);
-        }
+        edit_web_slices(&mut snap, |s| {
+            s.endpoints.retain(|e| e.addr.to_string() != "10.0.0.1")
+        });
         let s = service(&snap, &svc("shop", "web", 80));
         assert_eq!(addrs(&s.backends[0]), ["10.0.0.7:8080"]);
     }

@@ -423,22 +423,19 @@ async fn an_upstreams_own_proxy_error_field_is_not_taken_for_the_proxys() {
 /// where the app's head was read; one of 60 KB still passes.
 #[tokio::test]
 async fn a_response_head_over_the_limit_is_a_502_that_says_so() {
-    let big: &'static [u8] = format!(
-        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
-        "a".repeat(100 * 1024)
-    )
-    .leak()
-    .as_bytes();
-    let rsp = get_through_a_proxy_to(canned_upstream(big).await).await;
+    let head = |kib: usize| -> &'static [u8] {
+        format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+            "a".repeat(kib * 1024)
+        )
+        .leak()
+        .as_bytes()
+    };
+    let rsp = get_through_a_proxy_to(canned_upstream(head(100)).await).await;
     assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
     let reason = rsp.headers()["strait-proxy-error"].to_str().unwrap();
     assert!(reason.contains("response head over 64 KiB"), "{reason}");
-    let fits: &'static [u8] = format!(
-        "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
-        "a".repeat(60 * 1024)
-    )
-    .leak()
-    .as_bytes();
+    let fits = head(60);
     let rsp = get_through_a_proxy_to(canned_upstream(fits).await).await;
     assert_eq!(rsp.status(), StatusCode::OK);
     assert_eq!(rsp.headers()["x-big"].len(), 60 * 1024);
