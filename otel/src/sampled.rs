@@ -73,9 +73,56 @@ macro_rules! sampled {
     }};
 }
 
+/// Failures in a row of one task that retries on its own (a certificate
+/// renewal, a lease): worth a warning are the first few, one whose reason
+/// changed, and every 60th (ten minutes apart at a 10 s backoff), with the
+/// count; the rest belong at debug. Out of reach for a day, a renewal every
+/// 10 s would otherwise log thousands of the same line.
+#[derive(Debug, Default)]
+pub struct FailureRun {
+    failures: u32,
+    last: String,
+}
+
+impl FailureRun {
+    /// Counts a failure; whether it is worth a warning.
+    pub fn failed(&mut self, reason: &str) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let new = reason != self.last;
+        if new {
+            self.last = reason.to_string();
+        }
+        self.failures <= 3 || new || self.failures.is_multiple_of(60)
+    }
+
+    /// Failures so far in this run.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Ends the run; how many failures it had.
+    pub fn succeeded(&mut self) -> u32 {
+        self.last.clear();
+        std::mem::take(&mut self.failures)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An hour of an unreachable controller at a 10 s backoff is a few
+    /// warnings, not 360; a failure that says something new is always one,
+    /// and a success starts the count again.
+    #[test]
+    fn failures_in_a_row_are_warned_of_sparingly() {
+        let mut run = FailureRun::default();
+        let warned = (0..360).filter(|_| run.failed("unreachable")).count();
+        assert_eq!(warned, 3 + 6, "the first three, then one each 60");
+        assert!(run.failed("refused"), "a new reason");
+        assert_eq!(run.succeeded(), 361);
+        assert!(run.failed("unreachable") && run.failures() == 1);
+    }
 
     #[test]
     fn a_burst_then_silence_counted() {

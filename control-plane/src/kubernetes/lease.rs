@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub const LEASE_NAME: &str = "strait-controller";
 
@@ -40,6 +40,8 @@ pub async fn elect(
     // duration, less a margin for clocks and the request's own time.
     let mut held_until: Option<Instant> = None;
     let mut seen = Seen::default();
+    // An API server out of reach would otherwise be a warning every renewal.
+    let mut failing = strait_otel::sampled::FailureRun::default();
     let run = async {
         // Not before this replica's index is whole: one whose lists never
         // complete (RBAC missing one kind) has no statuses to write, and
@@ -65,11 +67,31 @@ pub async fn elect(
                 _ => started + renew_every,
             };
             let outcome = tokio::time::timeout_at(deadline, attempt(&api, &cfg, &mut seen)).await;
-            match outcome {
-                Ok(Ok(true)) => held_until = Some(started + recorded - recorded / 4),
-                Ok(Ok(false)) => held_until = None,
-                Ok(Err(e)) => warn!(error = %e, "lease renewal failed"),
-                Err(_) => warn!("lease renewal timed out"),
+            let failure = match outcome {
+                Ok(Ok(true)) => {
+                    held_until = Some(started + recorded - recorded / 4);
+                    None
+                }
+                Ok(Ok(false)) => {
+                    held_until = None;
+                    None
+                }
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timed out".to_string()),
+            };
+            match failure {
+                Some(error) if failing.failed(&error) => {
+                    warn!(%error, failures = failing.failures(), "lease renewal failed");
+                }
+                Some(error) => {
+                    debug!(%error, failures = failing.failures(), "lease renewal failed");
+                }
+                None => {
+                    let failures = failing.succeeded();
+                    if failures > 0 {
+                        info!(failures, "lease renewal succeeded after failing");
+                    }
+                }
             }
             let holds = held_until.is_some_and(|t| Instant::now() < t);
             if leader.send_if_modified(|l| std::mem::replace(l, holds) != holds) {

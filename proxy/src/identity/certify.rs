@@ -39,9 +39,9 @@ pub async fn follow(
 ) {
     let mut backoff = Backoff::default();
     let mut first = true;
-    // Failures in a row, and the last one's words: a controller out of reach
-    // for hours would otherwise log a warning every 10 s, per proxy.
-    let (mut failing, mut last_error) = (0u32, String::new());
+    // A controller out of reach for hours would otherwise log a warning
+    // every 10 s, per proxy.
+    let mut run = strait_otel::sampled::FailureRun::default();
     loop {
         // A client for this call only: kept through the renewal's wait, it
         // would hold an older certificate's connection open for most of a
@@ -55,10 +55,9 @@ pub async fn follow(
         let delay = match certified {
             Ok((serial, valid_until)) => {
                 backoff.reset();
-                if failing > 0 {
-                    info!(identity = %creds.identity(), failures = failing, "certificate request succeeded after failing");
-                    failing = 0;
-                    last_error.clear();
+                let failures = run.succeeded();
+                if failures > 0 {
+                    info!(identity = %creds.identity(), failures, "certificate request succeeded after failing");
                 }
                 // Moves the link to the new certificate now (a lazy channel:
                 // no dial), so the one before is not kept for a call that may
@@ -85,14 +84,13 @@ pub async fn follow(
             Err(e) => {
                 metrics.identity_failures.inc();
                 let d = backoff.next_delay();
-                failing = failing.saturating_add(1);
                 let error = e.to_string();
-                if worth_a_warning(failing, error != last_error) {
-                    warn!(identity = %creds.identity(), %error, retry_in = ?d, failures = failing, "certificate request failed");
+                let failures = run.failures() + 1;
+                if run.failed(&error) {
+                    warn!(identity = %creds.identity(), %error, retry_in = ?d, failures, "certificate request failed");
                 } else {
-                    debug!(identity = %creds.identity(), %error, retry_in = ?d, failures = failing, "certificate request failed");
+                    debug!(identity = %creds.identity(), %error, retry_in = ?d, failures, "certificate request failed");
                 }
-                last_error = error;
                 tokio::time::sleep(d).await;
                 None
             }
@@ -101,13 +99,6 @@ pub async fn follow(
             strait_api::clock::wall_clock_sleep(SystemTime::now() + renew, SystemTime::now).await;
         }
     }
-}
-
-/// Whether the `failures`-th failure in a row is logged as a warning: the
-/// first few, one that says something new, and every 60th (about every ten
-/// minutes at the longest backoff) with the count; the metric counts all.
-fn worth_a_warning(failures: u32, new_reason: bool) -> bool {
-    failures <= 3 || new_reason || failures.is_multiple_of(60)
 }
 
 /// When to renew a certificate that is valid for `lifetime` from now: at 65 to
@@ -162,16 +153,6 @@ fn failed_call(s: &tonic::Status) -> CertifyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An hour of an unreachable controller at the longest backoff (10 s)
-    /// is a few warnings, not 360; a failure that says something new is
-    /// always one.
-    #[test]
-    fn failures_in_a_row_are_warned_of_sparingly() {
-        let warned = (1..=360).filter(|n| worth_a_warning(*n, *n == 1)).count();
-        assert_eq!(warned, 3 + 6, "the first three, then one each 60");
-        assert!(worth_a_warning(200, true), "a new reason");
-    }
 
     #[test]
     fn a_controller_not_heard_is_not_said_to_refuse() {
