@@ -1068,9 +1068,18 @@ mod tests {
         for (what, status, grpc_status) in [
             ("429", http::StatusCode::TOO_MANY_REQUESTS, None),
             ("RESOURCE_EXHAUSTED", http::StatusCode::OK, Some("8")),
+            // A stream refused unprocessed, here or at the peer's app.
+            ("refused", http::StatusCode::SERVICE_UNAVAILABLE, None),
         ] {
             let b = backend(3, BackendConfig::default());
             let (to_0, mut svc) = endpoint_0_answers(&b, move || {
+                if what == "refused" {
+                    return crate::http::error::ProxyError::Refused {
+                        addr: "10.0.0.1:8080".parse().unwrap(),
+                        reason: "refused the stream (not processed)".into(),
+                    }
+                    .into_response();
+                }
                 let mut rsp = http::Response::new(crate::http::empty());
                 *rsp.status_mut() = status;
                 if let Some(code) = grpc_status {

@@ -17,7 +17,7 @@ use super::{Avoid, Endpoints, InFlight, PickError, ServedBy};
 use crate::addr::DestAddr;
 use crate::http::body::GuardedBody;
 use crate::http::error::{
-    ClientFaulted, NoVerdict, UpstreamFailure, endpoint_failed, error_response,
+    ClientFaulted, NoVerdict, NotProcessed, UpstreamFailure, endpoint_failed, error_response,
 };
 use crate::http::{BoxBody, Dst, boxed};
 
@@ -164,7 +164,11 @@ where
             // Only if the inner future answered twice.
             return Poll::Pending;
         };
-        if rsp.extensions().get::<NoVerdict>().is_some() {
+        if rsp.extensions().get::<NotProcessed>().is_some() {
+            // Refused unprocessed (at its stream limit, or going away): a
+            // fast answer that is no measure of its cost.
+            in_flight.shed();
+        } else if rsp.extensions().get::<NoVerdict>().is_some() {
             // The endpoint's connect was waited for only part of an attempt:
             // no verdict, but the wait goes into its latency, so that one
             // whose connects hang (a node gone) is picked less.

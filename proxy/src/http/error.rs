@@ -141,11 +141,11 @@ impl ProxyError {
         ) {
             rsp.extensions_mut().insert(ClientFaulted);
         }
-        if matches!(
-            self,
-            ProxyError::ConnectWait { .. } | ProxyError::Refused { .. }
-        ) {
+        if matches!(self, ProxyError::ConnectWait { .. }) {
             rsp.extensions_mut().insert(NoVerdict);
+        }
+        if matches!(self, ProxyError::Refused { .. }) {
+            rsp.extensions_mut().insert(NotProcessed);
         }
         rsp
     }
@@ -163,6 +163,17 @@ impl ProxyError {
         )
     }
 }
+
+/// Marks an upstream's word that it did not process the request (it refused
+/// the stream, or its GOAWAY came first), ours or a peer proxy's: the
+/// endpoint is busy or going away, not failing, and its fast answer is no
+/// measure of its cost. Passed over as one shedding load is.
+#[derive(Clone, Copy, Debug)]
+pub struct NotProcessed;
+
+/// What a peer proxy's `strait-proxy-error` says when its app did not
+/// process the request (`ProxyError::Refused`).
+pub const NOT_PROCESSED: &str = "(not processed)";
 
 /// Marks a response that says nothing of its endpoint, though the request
 /// did not reach it (a connect waited for only part of an attempt).

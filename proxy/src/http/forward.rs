@@ -271,6 +271,10 @@ impl Forward {
         // endpoint as unreachable and reaching the client as the proxy's word.
         if to_peer.is_none() {
             rsp.headers_mut().remove(PROXY_ERROR_HEADER);
+        } else if peer_says_unprocessed(&rsp) {
+            // The peer's app refused it unprocessed: as if refused here.
+            rsp.extensions_mut().insert(super::error::NotProcessed);
+            rsp.extensions_mut().insert(super::error::RequestNotSent);
         }
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)
@@ -655,6 +659,17 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
     }
 }
 
+/// Whether a peer proxy's answer says its app did not process the request
+/// (its `ProxyError::Refused`).
+fn peer_says_unprocessed<B>(rsp: &Response<B>) -> bool {
+    rsp.status() == http::StatusCode::SERVICE_UNAVAILABLE
+        && rsp
+            .headers()
+            .get(PROXY_ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.ends_with(super::error::NOT_PROCESSED))
+}
+
 /// Whether the upstream said it did not process the request (RFC 9113 §8.7):
 /// it refused the stream (over its concurrent-stream limit), or a graceful
 /// GOAWAY named only earlier streams (shutting down, max connection age).
@@ -682,9 +697,14 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> std::borrow::Cow<'
         {
             return match (h2.is_remote(), h2.is_go_away(), reason) {
                 (true, false, h2::Reason::REFUSED_STREAM) => {
-                    "refused the stream (not processed)".into()
+                    format!("refused the stream {}", super::error::NOT_PROCESSED).into()
                 }
                 (true, false, _) => format!("reset the stream ({reason:?})").into(),
+                (true, true, h2::Reason::NO_ERROR) => format!(
+                    "closed the connection (GOAWAY NO_ERROR) {}",
+                    super::error::NOT_PROCESSED
+                )
+                .into(),
                 (true, true, _) => format!("closed the connection (GOAWAY {reason:?})").into(),
                 (false, ..) => "broke the HTTP/2 protocol".into(),
             };
@@ -725,6 +745,35 @@ fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> std::borrow::Cow<'
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer proxy's "not processed" is read as such (its app refused the
+    /// stream), and only that: its other 503s and 502s are its app failing.
+    #[test]
+    fn a_peer_s_refusal_unprocessed_is_told_apart() {
+        let answer = |status: http::StatusCode, reason: &str| {
+            let mut rsp = Response::new(());
+            *rsp.status_mut() = status;
+            rsp.headers_mut()
+                .insert(PROXY_ERROR_HEADER, HeaderValue::from_str(reason).unwrap());
+            rsp
+        };
+        let said = ProxyError::Refused {
+            addr: "127.0.0.1:8080".parse().unwrap(),
+            reason: format!("refused the stream {}", super::super::error::NOT_PROCESSED),
+        };
+        assert!(peer_says_unprocessed(&answer(
+            said.status(),
+            &said.to_string()
+        )));
+        assert!(!peer_says_unprocessed(&answer(
+            http::StatusCode::BAD_GATEWAY,
+            "upstream 127.0.0.1:8080 failed: reset the stream (CANCEL)"
+        )));
+        assert!(!peer_says_unprocessed(&answer(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight"
+        )));
+    }
     use crate::addr::DestAddr;
     use crate::identity::Identity;
     use std::time::Duration;
