@@ -171,8 +171,9 @@ impl ProxyError {
 #[derive(Clone, Copy, Debug)]
 pub struct NotProcessed;
 
-/// What a peer proxy's `strait-proxy-error` says when its app did not
-/// process the request (`ProxyError::Refused`).
+/// What a peer proxy's `strait-proxy-error` ends with when the request was
+/// not processed: its app refused the stream (`ProxyError::Refused`), or the
+/// peer was over its `--max-in-flight-requests`.
 pub const NOT_PROCESSED: &str = "(not processed)";
 
 /// Marks a response that says nothing of its endpoint, though the request

@@ -747,7 +747,8 @@ mod tests {
     use super::*;
 
     /// A peer proxy's "not processed" is read as such (its app refused the
-    /// stream), and only that: its other 503s and 502s are its app failing.
+    /// stream, or the peer was over its in-flight cap), and only that: its
+    /// other 503s and 502s are its app failing.
     #[test]
     fn a_peer_s_refusal_unprocessed_is_told_apart() {
         let answer = |status: http::StatusCode, reason: &str| {
@@ -769,9 +770,14 @@ mod tests {
             http::StatusCode::BAD_GATEWAY,
             "upstream 127.0.0.1:8080 failed: reset the stream (CANCEL)"
         )));
+        // A peer over its in-flight cap refused it before anything was done.
+        assert!(peer_says_unprocessed(&answer(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight (not processed)"
+        )));
         assert!(!peer_says_unprocessed(&answer(
             http::StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests in flight"
+            "no endpoints for web.shop:80"
         )));
     }
     use crate::addr::DestAddr;

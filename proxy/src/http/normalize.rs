@@ -69,9 +69,12 @@ where
                 direction = self.direction.as_str(),
                 "too many requests in flight (--max-in-flight-requests); answered 503"
             );
+            // "Not processed": a calling proxy passes this one over for a
+            // while, as for a 429, and may send the request elsewhere, rather
+            // than take an overloaded proxy for a failing app and eject it.
             let rsp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "too many requests in flight",
+                "too many requests in flight (not processed)",
             );
             return Either::Left(std::future::ready(Ok(rsp)));
         }

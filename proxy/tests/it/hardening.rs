@@ -401,7 +401,7 @@ async fn requests_past_the_in_flight_cap_are_shed_with_503() {
     assert_eq!(rsp.status(), 503);
     assert_eq!(
         rsp.headers()["strait-proxy-error"],
-        "too many requests in flight"
+        "too many requests in flight (not processed)"
     );
     for h in held {
         assert_eq!(h.await.unwrap().unwrap().0, 200, "those in flight finish");
