@@ -85,8 +85,9 @@ pub async fn follow(
                 metrics.identity_failures.inc();
                 let d = backoff.next_delay();
                 let error = e.to_string();
-                let failures = run.failures() + 1;
-                if run.failed(&error) {
+                let warn = run.failed(&error);
+                let failures = run.failures();
+                if warn {
                     warn!(identity = %creds.identity(), %error, retry_in = ?d, failures, "certificate request failed");
                 } else {
                     debug!(identity = %creds.identity(), %error, retry_in = ?d, failures, "certificate request failed");

@@ -196,16 +196,13 @@ impl Listener {
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let every_host_v6 = addr.ip() == Ipv6Addr::UNSPECIFIED;
-    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
+    let (socket, addr) = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
         Err(e) if every_host_v6 && no_ipv6(&e) => {
             debug!(%addr, error = %e, "no IPv6: listening on IPv4 only");
-            Socket::new(Domain::IPV4, Type::STREAM, None)?
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            (Socket::new(Domain::IPV4, Type::STREAM, None)?, v4)
         }
-        r => r?,
-    };
-    let addr = match socket.domain()? {
-        Domain::IPV4 if every_host_v6 => SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())),
-        _ => addr,
+        r => (r?, addr),
     };
     if every_host_v6 && addr.is_ipv6() {
         socket.set_only_v6(false)?;
