@@ -847,7 +847,8 @@ fn deployment(v: &Values) -> Value {
 }
 
 /// The pods the injector would leave alone, as CEL: those on the host's
-/// network or its DNS, Windows pods, those injected already (`strait inject`, or a reinvocation), and
+/// network or its DNS, Windows pods, those injected already (`strait inject`, or a reinvocation)
+/// and in no other mesh, and
 /// those whose annotation opts out.
 fn match_conditions() -> Value {
     json!([
@@ -857,11 +858,31 @@ fn match_conditions() -> Value {
          "expression": "!has(object.spec.dnsPolicy) || object.spec.dnsPolicy != 'Default'"},
         {"name": "not-windows",
          "expression": "!(has(object.spec.os) && has(object.spec.os.name) && object.spec.os.name == 'windows') && !(has(object.spec.nodeSelector) && 'kubernetes.io/os' in object.spec.nodeSelector && object.spec.nodeSelector['kubernetes.io/os'] == 'windows')"},
-        {"name": "not-injected",
-         "expression": "!object.spec.containers.exists(c, c.name == 'strait-proxy') && !(has(object.spec.initContainers) && object.spec.initContainers.exists(c, c.name == 'strait-proxy'))"},
+        {"name": "not-injected-or-in-another-mesh", "expression": not_injected_or_in_another_mesh()},
         {"name": "not-opted-out",
          "expression": "!(has(object.metadata.annotations) && 'strait.dev/inject' in object.metadata.annotations && object.metadata.annotations['strait.dev/inject'] == 'disabled')"},
     ])
+}
+
+/// Injected pods are not sent, unless another mesh has claimed them too (a
+/// manifest from `strait inject` given Istio's or Linkerd's sidecar by their
+/// injectors): the injector refuses those, with the reason.
+fn not_injected_or_in_another_mesh() -> String {
+    let has = |names: &str| {
+        format!(
+            "object.spec.containers.exists(c, c.name {names}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, c.name {names}))"
+        )
+    };
+    let others = crate::inject::OTHER_MESHES
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "!({}) || {} || (has(object.metadata.labels) && 'istio.io/dataplane-mode' in object.metadata.labels && object.metadata.labels['istio.io/dataplane-mode'] == 'ambient')",
+        has("== 'strait-proxy'"),
+        has(&format!("in [{others}]"))
+    )
 }
 
 /// A pod of a namespace not labelled for injection is injected only when
@@ -1229,6 +1250,25 @@ mod tests {
             crate::inject::inject(pod, crate::inject::Namespace::Enabled, &s),
             Ok(crate::inject::Outcome::Skip(_))
         ));
+    }
+
+    /// An injected pod is not sent to the injector, unless another mesh has
+    /// claimed it too (the injector refuses it).
+    #[test]
+    fn injected_pods_are_sent_only_when_another_mesh_claimed_them() {
+        let conditions = match_conditions();
+        let c = conditions
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "not-injected-or-in-another-mesh")
+            .unwrap();
+        let e = c["expression"].as_str().unwrap();
+        for name in crate::inject::OTHER_MESHES {
+            assert!(e.contains(&format!("'{name}'")), "{name}: {e}");
+        }
+        assert!(e.starts_with("!(object.spec.containers.exists(c, c.name == 'strait-proxy')"));
+        assert!(e.contains("'istio.io/dataplane-mode'"));
     }
 
     /// Outside labelled namespaces only the pods that ask are sent: the API

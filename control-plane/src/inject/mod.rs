@@ -288,7 +288,7 @@ pub enum InjectError {
 
 /// Containers of other meshes' injection: two sidecars would each redirect the
 /// pod's traffic, and Linkerd's proxy takes strait's very ports and user id.
-const OTHER_MESHES: [&str; 9] = [
+pub(crate) const OTHER_MESHES: [&str; 9] = [
     "istio-proxy",
     "istio-init",
     "istio-validation",
@@ -366,6 +366,33 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
         })
     };
+    // Before "already injected": a manifest injected by `strait inject` that
+    // another mesh's injector then gave its sidecar too would run two.
+    let other: Vec<&str> = OTHER_MESHES
+        .into_iter()
+        .filter(|n| named("initContainers", n) || named("containers", n))
+        .collect();
+    if !other.is_empty() {
+        return Err(InjectError::Conflict(format!(
+            "the pod already has another mesh's {}: take it out of that mesh first (strait.dev/inject: disabled keeps strait out)",
+            other.join(", ")
+        )));
+    }
+    // Istio's ambient mode redirects the pod's traffic in its network
+    // namespace, with no container of its own to see: two sets of
+    // interception rules would send each other's traffic astray. It enrolls a
+    // pod by its `istio.io/dataplane-mode` label (or its namespace's, which
+    // `strait-proxy init` finds by the rules) and annotates it only after
+    // admission, once its rules are written.
+    let ambient_label = pod
+        .pointer("/metadata/labels/istio.io~1dataplane-mode")
+        .and_then(Value::as_str)
+        == Some("ambient");
+    if ambient_label || annotation("ambient.istio.io/redirection") == Some("enabled") {
+        return Err(InjectError::Conflict(
+            "the pod is in Istio's ambient mesh (its istio.io/dataplane-mode label, or ambient.istio.io/redirection): take it out of that mesh first (strait.dev/inject: disabled keeps strait out)".into(),
+        ));
+    }
     if named("initContainers", PROXY_CONTAINER) || named("containers", PROXY_CONTAINER) {
         return Ok(Outcome::Skip("already injected"));
     }
@@ -394,24 +421,6 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             "the pod has {} from an earlier injection but no {PROXY_CONTAINER}: remove them, or the proxy too was meant to stay",
             left.join(", ")
         )));
-    }
-    let other: Vec<&str> = OTHER_MESHES
-        .into_iter()
-        .filter(|n| named("initContainers", n) || named("containers", n))
-        .collect();
-    if !other.is_empty() {
-        return Err(InjectError::Conflict(format!(
-            "the pod already has another mesh's {}: take it out of that mesh first (strait.dev/inject: disabled keeps strait out)",
-            other.join(", ")
-        )));
-    }
-    // Istio's ambient mode redirects the pod's traffic in its network
-    // namespace, with no container of its own to see: two sets of
-    // interception rules would send each other's traffic astray.
-    if annotation("ambient.istio.io/redirection") == Some("enabled") {
-        return Err(InjectError::Conflict(
-            "the pod is in Istio's ambient mesh (ambient.istio.io/redirection: enabled): take it out of that mesh first (strait.dev/inject: disabled keeps strait out)".into(),
-        ));
     }
     if !spec.get("containers").is_some_and(Value::is_array) {
         return Err(InjectError::Malformed("spec.containers is not a list"));

@@ -183,14 +183,43 @@ fn an_app_on_a_port_of_the_proxy_is_refused_by_name() {
 /// Istio's ambient mode redirects a pod's traffic in its own network
 /// namespace (no container to see): two sets of interception rules in one
 /// pod would send each other's traffic astray.
+/// Istio enrolls a pod by its label and annotates it only after admission:
+/// the label is what the injector sees.
 #[test]
 fn a_pod_in_istio_s_ambient_mesh_is_refused() {
-    let ambient = pod(
+    let annotated = pod(
         json!({"ambient.istio.io/redirection": "enabled"}),
         app_spec(),
     );
-    let e = inject(&ambient, Namespace::Enabled, &settings()).unwrap_err();
-    assert!(e.to_string().contains("Istio's ambient mesh"), "{e}");
+    let mut labelled = pod(json!({}), app_spec());
+    labelled["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "ambient"});
+    for p in [annotated, labelled] {
+        let e = inject(&p, Namespace::Enabled, &settings()).unwrap_err();
+        assert!(e.to_string().contains("Istio's ambient mesh"), "{e}");
+    }
+    let mut opted_out = pod(json!({}), app_spec());
+    opted_out["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "none"});
+    assert!(matches!(
+        inject(&opted_out, Namespace::Enabled, &settings()).unwrap(),
+        Outcome::Inject(_)
+    ));
+}
+
+/// A manifest injected by `strait inject` that another mesh's injector then
+/// gave its own sidecar is refused, not passed as injected: the two would
+/// redirect each other's connections (Linkerd's takes strait's very ports).
+#[test]
+fn an_injected_pod_another_mesh_claimed_too_is_refused() {
+    let mut both = applied(pod(json!({}), app_spec()), Namespace::Enabled);
+    both["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "linkerd-proxy", "image": "x"}));
+    let e = inject(&both, Namespace::Enabled, &settings()).unwrap_err();
+    assert!(
+        e.to_string().contains("another mesh's linkerd-proxy"),
+        "{e}"
+    );
 }
 
 /// The proxy's own connections are the ones not redirected, by its uid: an

@@ -98,6 +98,10 @@ pub enum InitError {
         "--inbound-port and --outbound-port are both {0}: the pod's inbound connections would reach the outbound listener"
     )]
     SamePorts(u16),
+    #[error(
+        "the pod's network already has another mesh's interception rules (chain {0}): take the pod or its namespace out of that mesh first (for Istio's ambient mesh, its istio.io/dataplane-mode label)"
+    )]
+    OtherMesh(String),
 }
 
 impl InitArgs {
@@ -130,6 +134,7 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
     }
     let mode = args.iptables_mode;
     let save = iptables(mode.command("iptables", "save"), &["-t", "nat"], None)?;
+    refuse_other_mesh(&save)?;
     let v4 = plan.restore_input(Installed::from_save(&save));
     // --noflush: other tables and chains (a CNI's, kube-proxy's) stay as they are.
     iptables(
@@ -141,6 +146,7 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
     if has_ipv6() {
         let v6 =
             iptables(mode.command("ip6tables", "save"), &["-t", "nat"], None).and_then(|save| {
+                refuse_other_mesh(&save)?;
                 let v6 = plan.restore_input_v6(Installed::from_save(&save));
                 iptables(
                     mode.command("ip6tables", "restore"),
@@ -168,6 +174,13 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
         }
     }
     Ok(applied)
+}
+
+fn refuse_other_mesh(save: &str) -> Result<(), InitError> {
+    match rules::other_mesh_chain(save) {
+        Some(chain) => Err(InitError::OtherMesh(chain.to_string())),
+        None => Ok(()),
+    }
 }
 
 fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, InitError> {

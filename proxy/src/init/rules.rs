@@ -34,6 +34,20 @@ pub struct Plan {
     pub ipv6_outbound: bool,
 }
 
+/// The chain prefixes of other meshes' interception rules: Istio's (sidecar
+/// and ambient), Linkerd's, Kuma's and Consul's.
+const OTHER_MESHES_CHAINS: [&str; 4] = ["ISTIO_", "PROXY_INIT_", "KUMA_", "CONSUL_"];
+
+/// A chain of another mesh's in `iptables-save -t nat` output: its rules
+/// would send strait's traffic astray and strait's its (the pod's namespace
+/// enrolled in Istio's ambient mesh, which the injector cannot see).
+pub fn other_mesh_chain(save: &str) -> Option<&str> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|chain| OTHER_MESHES_CHAINS.iter().any(|p| chain.starts_with(p)))
+}
+
 /// Whether the hooks already jump to strait's chains (from `iptables-save -t nat`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Installed {
@@ -283,6 +297,29 @@ COMMIT
             second.contains(":STRAIT_INBOUND - [0:0]"),
             "chains are re-declared, so emptied"
         );
+    }
+
+    /// Another mesh's chains are found by their prefixes; strait's own and
+    /// the kernel's are not another mesh's.
+    #[test]
+    fn another_mesh_s_chains_are_found_by_name() {
+        let ours = plan().restore_input(Installed::default());
+        assert_eq!(other_mesh_chain(&ours), None);
+        let kube = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n-A OUTPUT -j KUBE-SERVICES\nCOMMIT\n";
+        assert_eq!(other_mesh_chain(kube), None);
+        for (chain, save) in [
+            (
+                "ISTIO_PRERT",
+                ":ISTIO_PRERT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n",
+            ),
+            (
+                "PROXY_INIT_REDIRECT",
+                ":OUTPUT ACCEPT [0:0]\n:PROXY_INIT_REDIRECT - [0:0]\n",
+            ),
+            ("KUMA_MESH_INBOUND", ":KUMA_MESH_INBOUND - [0:0]\n"),
+        ] {
+            assert_eq!(other_mesh_chain(save), Some(chain));
+        }
     }
 
     /// A dual-stack pod's IPv6 connections are meshed as its IPv4 ones, with

@@ -185,6 +185,53 @@ async fn a_meshed_pod_reaches_another_pods_admin_port() {
     );
 }
 
+/// A pod whose network already has another mesh's interception rules (its
+/// namespace enrolled in Istio's ambient mesh, which admission cannot see) is
+/// refused by `init`, naming the chain, with none of strait's rules written.
+#[tokio::test]
+async fn init_refuses_a_pod_another_mesh_already_intercepts() {
+    let Some(mut lan) = lan() else { return };
+    let pod = lan.pod("ambient");
+    // What istio-cni writes for an ambient pod, in short.
+    let istio = "*nat\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n";
+    let mut restore = pod
+        .command("iptables-nft-restore")
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    restore
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(istio.as_bytes())
+        .unwrap();
+    assert!(restore.wait().unwrap().success());
+
+    let out = pod
+        .command(binary("strait-proxy"))
+        .arg("init")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "init went on: {err}");
+    assert!(
+        err.contains("another mesh's interception rules (chain ISTIO_OUTPUT)"),
+        "{err}"
+    );
+    let save = pod
+        .command("iptables-nft-save")
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
+    let save = String::from_utf8_lossy(&save.stdout);
+    assert!(
+        !save.contains("STRAIT_"),
+        "strait's rules were written: {save}"
+    );
+}
+
 /// In a pod the inbound side dials the app on the pod's address (as the
 /// injector configures it): a port the app binds to loopback only is not
 /// reachable from other pods through the mesh, one bound to every address is.
