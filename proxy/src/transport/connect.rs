@@ -55,17 +55,24 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
     Ok(stream)
 }
 
-/// TCP keepalive (`defaults::TCP_KEEPALIVE`). An app's own keepalive is
-/// answered by this proxy's end of its connection, not by its peer: without
-/// the proxy's, a stream to a peer gone without a word (its node lost) would
-/// stay open until the idle timeout, an hour. Set on a listening socket, it
-/// holds for the connections it accepts.
+/// TCP keepalive (`defaults::TCP_KEEPALIVE`) and its bound on unacknowledged
+/// data (`defaults::TCP_USER_TIMEOUT`). An app's own keepalive is answered by
+/// this proxy's end of its connection, not by its peer: without the proxy's,
+/// a stream to a peer gone without a word (its node lost) would stay open
+/// until the idle timeout, an hour. Keepalive probes only a quiet
+/// connection: one with bytes sent and unacknowledged (a query written to a
+/// pooled database connection, a push to a subscriber) is retransmitted for
+/// some 15 minutes unless the user timeout ends it. Set on a listening
+/// socket, both hold for the connections it accepts.
 pub fn keepalive<S: std::os::fd::AsFd>(socket: &S) {
     let probes = socket2::TcpKeepalive::new()
         .with_time(crate::defaults::TCP_KEEPALIVE)
         .with_interval(crate::defaults::TCP_KEEPALIVE)
         .with_retries(crate::defaults::TCP_KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&probes);
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_tcp_keepalive(&probes);
+    #[cfg(target_os = "linux")]
+    let _ = s.set_tcp_user_timeout(Some(crate::defaults::TCP_USER_TIMEOUT));
 }
 
 /// A TCP connection to a host name (the control plane's), with our timeout.

@@ -252,6 +252,11 @@ mod tests {
                 crate::defaults::TCP_KEEPALIVE_PROBES,
                 "{end}"
             );
+            assert_eq!(
+                s.tcp_user_timeout().unwrap(),
+                Some(crate::defaults::TCP_USER_TIMEOUT),
+                "{end}: a peer gone with bytes in flight is given up too"
+            );
         }
     }
 
