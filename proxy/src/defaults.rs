@@ -86,6 +86,13 @@ pub const MAX_REJECTING_CONNECTIONS: usize = 256;
 pub const MAX_HEADERS: usize = 100;
 /// Bytes of an HTTP/1 request head or HTTP/2 header list (beyond it: 431).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// hyper's HTTP/1 read and write buffers grow to about this at most (its
+/// default is about 408 KiB). A body chunk is what one read returned, so an
+/// app's fast upload came in chunks of up to half a MiB, two or three held per
+/// upload on the way to a slower peer, and a slow download queued 408 KiB: a
+/// few hundred transfers filled the sidecar's memory. Above `MAX_HEADER_BYTES`, since a
+/// head must fit in the buffer whole.
+pub const HTTP1_MAX_BUF_BYTES: usize = MAX_HEADER_BYTES + 16 * 1024;
 /// The same head as HTTP/2 counts it (RFC 9113 §6.5.2: each field's name and
 /// value and 32 bytes, the pseudo-headers among them), with room for what
 /// the hop between proxies adds (`strait-target-port`, `strait-orig-proto`,

@@ -602,7 +602,10 @@ impl H2Client {
             // As the peer's server takes: a head an app may send over HTTP/1
             // comes back whole, rather than as a stream error (and past
             // about 112 KB a GOAWAY that fails every stream of the connection).
-            .max_header_list_size(defaults::H2_MAX_HEADER_LIST_BYTES as u32);
+            .max_header_list_size(defaults::H2_MAX_HEADER_LIST_BYTES as u32)
+            // A request body waiting on the peer's window holds this much
+            // per stream, not hyper's 1 MiB (as the server's answers).
+            .max_send_buf_size(defaults::H2_MAX_SEND_BUF);
         // Until its SETTINGS arrive, a connection assumes the limit the others to
         // this upstream have seen (a peer proxy's is known): a burst that opened
         // it must not overshoot and have streams refused.
