@@ -47,6 +47,8 @@ pub struct StatusInput {
     pub backend_ports: Vec<(String, u16)>,
     /// The ports an AuthorizationPolicy names (its pods' own).
     pub policy_ports: Vec<u16>,
+    /// A BackendPolicy's `opaquePorts` (its Service's ports).
+    pub opaque_ports: Vec<u16>,
     /// Its status as last read.
     pub current: Value,
 }
@@ -141,17 +143,24 @@ impl StatusInput {
             parent_refs,
             backend_ports,
             policy_ports: match kind {
-                Kind::AuthorizationPolicy => v["spec"]["ports"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| u16::try_from(p.as_u64()?).ok())
-                    .collect(),
+                Kind::AuthorizationPolicy => ports_at(&v["spec"]["ports"]),
+                _ => Vec::new(),
+            },
+            opaque_ports: match kind {
+                Kind::BackendPolicy => ports_at(&v["spec"]["opaquePorts"]),
                 _ => Vec::new(),
             },
             current: v.get("status").cloned().unwrap_or(Value::Null),
         }
     }
+}
+
+fn ports_at(list: &Value) -> Vec<u16> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| u16::try_from(p.as_u64()?).ok())
+        .collect()
 }
 
 impl StatusInput {
@@ -345,22 +354,30 @@ fn conditions(
     // addresses, where no Service's route applies (GEP-1426 leaves such
     // parents out); nor has an ExternalName Service, a DNS alias whose
     // callers reach the name it points at.
-    let no_frontend = parent
-        .filter(|_| s.kind.is_route())
-        .and_then(|p| Some((p, service(&p.name)?)))
-        .and_then(|(p, i)| {
-            if i.headless {
-                Some(format!(
-                    "Service {} is headless (clusterIP: None): its callers reach its pods by their own addresses, where no route applies",
-                    p.name
-                ))
-            } else {
-                i.external_name.then(|| format!(
-                    "Service {} is an ExternalName alias: its callers reach the name it points at, where no route applies",
-                    p.name
-                ))
-            }
-        });
+    // Nor does a Service's BackendPolicy for them (only where a route sends
+    // to the Service).
+    let no_frontend_for = |name: &String, what: &str| {
+        let i = service(name)?;
+        if i.headless {
+            Some(format!(
+                "Service {name} is headless (clusterIP: None): its callers reach its pods by their own addresses, where no {what} applies"
+            ))
+        } else {
+            i.external_name.then(|| format!(
+                "Service {name} is an ExternalName alias: its callers reach the name it points at, where no {what} applies"
+            ))
+        }
+    };
+    let no_frontend = match s.kind {
+        Kind::BackendPolicy => s.targets.iter().find_map(|t| {
+            no_frontend_for(t, "Service's policy").map(|why| {
+                format!("{why} (only a route that sends to the Service uses it; declare its pods' opaque ports in their strait.dev/opaque-ports)")
+            })
+        }),
+        _ => parent
+            .filter(|_| s.kind.is_route())
+            .and_then(|p| no_frontend_for(&p.name, "route")),
+    };
     // An HTTPRoute gives way to a GRPCRoute on the same parent (GEP-1426):
     // where one is attached to every port this parentRef is, it is not served.
     let shadowed = named_ports
@@ -521,7 +538,8 @@ fn conditions(
                     .flatten()
                     .map(|(_, why)| why.as_str())
                     .collect();
-                let message = if let Some(note) = service_ports_named(s, snap) {
+                let note = service_ports_named(s, snap).or_else(|| opaque_ports_missing(s, snap));
+                let message = if let Some(note) = note {
                     format!("accepted by strait; {note}")
                 } else if not_served.is_empty() {
                     "accepted by strait".to_string()
@@ -641,6 +659,36 @@ fn service_ports_named(s: &StatusInput, snap: &Snapshot) -> Option<String> {
         wrong.join(", "),
         listen.join(", "),
         wrong.join(", ")
+    ))
+}
+
+/// A BackendPolicy's `opaquePorts` its Service does not have: they name the
+/// Service's ports, not its pods' (as an AuthorizationPolicy's `ports` do),
+/// and one of the pods' `8080` behind the Service's `80` leaves `80` detected.
+fn opaque_ports_missing(s: &StatusInput, snap: &Snapshot) -> Option<String> {
+    let target = s.targets.first()?;
+    let info = snap.services.get(&ObjKey {
+        namespace: s.namespace.clone(),
+        name: target.clone(),
+    })?;
+    let missing: Vec<String> = s
+        .opaque_ports
+        .iter()
+        .filter(|p| !info.ports.iter().any(|sp| sp.port == **p))
+        .map(u16::to_string)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let has: Vec<String> = info.ports.iter().map(|sp| sp.port.to_string()).collect();
+    Some(format!(
+        "opaquePorts {} are not ports of Service {target} ({}): they name the Service's ports, and none is opaque by them",
+        missing.join(", "),
+        if has.is_empty() {
+            "it has none".to_string()
+        } else {
+            format!("its ports: {}", has.join(", "))
+        }
     ))
 }
 
@@ -1358,6 +1406,47 @@ mod tests {
             accepted("b"),
             ("False".to_string(), "Conflicted".to_string())
         );
+    }
+
+    /// A BackendPolicy on a headless Service is not taken for applied: its
+    /// callers dial the pods, where no Service's policy applies. One whose
+    /// opaquePorts name ports the Service lacks (its pods' own) says so.
+    #[test]
+    fn a_backend_policy_that_callers_never_use_says_so() {
+        let policy = |target: &str, opaque: &str| {
+            format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p-{target}, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: {target}}}\n  outlierDetection: {{consecutiveFailures: 5}}\n  opaquePorts: [{opaque}]\n"
+            )
+        };
+        let mut snap = Snapshot::empty("cluster.local");
+        insert(
+            &mut snap,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: None, ports: [{port: 5432}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 8080}]}\n",
+        );
+        let accepted = |yaml: String| {
+            let v: Value = serde_norway::from_str(&yaml).unwrap();
+            let want = desired(&StatusInput::of(Kind::BackendPolicy, &v, None), &snap);
+            let c = condition_in(&want["conditions"], "Accepted");
+            (
+                c["status"].as_str().unwrap().to_string(),
+                c["reason"].as_str().unwrap().to_string(),
+                c["message"].as_str().unwrap().to_string(),
+            )
+        };
+        let (status, reason, message) = accepted(policy("db", "5432"));
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "UnsupportedValue")
+        );
+        assert!(message.contains("headless"), "{message}");
+        let (status, _, message) = accepted(policy("api", "8080"));
+        assert_eq!(status, "True");
+        assert!(
+            message.contains("opaquePorts 8080 are not ports of Service api (its ports: 80)"),
+            "{message}"
+        );
+        let (_, _, message) = accepted(policy("api", "80"));
+        assert_eq!(message, "accepted by strait");
     }
 
     /// A message quoting a long refused value is cut, so that the status
