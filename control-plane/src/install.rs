@@ -681,7 +681,7 @@ fn controller_args(v: &Values) -> Vec<String> {
 
 /// A trust domain the controller would take: refused here rather than
 /// installed as a controller that exits at start.
-fn a_trust_domain(v: &str) -> Result<String, String> {
+pub(crate) fn a_trust_domain(v: &str) -> Result<String, String> {
     if strait_api::identity::valid_trust_domain(v) {
         Ok(v.to_string())
     } else {

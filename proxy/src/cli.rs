@@ -146,13 +146,14 @@ pub struct Config {
 
     /// Time a request body may go without a byte from the client before the
     /// request is cut with 408 (an upload that stalls holds the upstream too);
-    /// also how long an HTTP/1 answer may wait on a client that reads none
-    /// of it before the connection is closed.
+    /// also how long an answer may wait on a client that reads none of it
+    /// (HTTP/1 or HTTP/2) before the connection is closed.
     #[arg(long, env = "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub http_body_read_timeout: Duration,
 
-    /// An idle HTTP/1 keep-alive connection is closed after this long.
+    /// An idle HTTP/1 keep-alive connection is closed after this long, and an
+    /// HTTP/2 connection with no stream gets GOAWAY.
     #[arg(long, env = "STRAIT_PROXY_HTTP_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_timeout)]
     #[serde(serialize_with = "ser_duration")]
     pub http_idle_timeout: Duration,

@@ -106,27 +106,60 @@ pub struct Telemetry {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct TelemetryArgs {
     /// The OpenTelemetry collector (plaintext OTLP/gRPC,
-    /// `http://collector:4317`) every injected proxy exports spans to; a pod's
+    /// `http://collector:4317`) every injected proxy exports spans to, or
+    /// `none` [default: the installed one]; a pod's
     /// `strait.dev/proxy-otlp-endpoint` overrides it.
-    #[arg(long, value_name = "URL", value_parser = otlp_endpoint)]
+    #[arg(long, value_name = "URL", value_parser = otlp_endpoint_or_none)]
     pub proxy_otlp_endpoint: Option<String>,
     /// Share of new traces injected proxies record (0.0 to 1.0; callers'
-    /// sampled traces are always followed); default the proxy's, 1.0.
+    /// sampled traces are always followed) [default: the installed one, or
+    /// the proxy's 1.0].
     #[arg(long, value_name = "RATIO", value_parser = sampling_ratio)]
     pub proxy_trace_sampling: Option<String>,
-    /// Injected proxies' access log on their stdout.
+    /// Injected proxies' access log on their stdout, or `off` [default: the
+    /// installed one].
     #[arg(long, value_enum)]
-    pub proxy_access_log: Option<AccessLog>,
+    pub proxy_access_log: Option<AccessLogArg>,
 }
 
-impl From<TelemetryArgs> for Telemetry {
-    fn from(a: TelemetryArgs) -> Telemetry {
+impl TelemetryArgs {
+    /// As given, and what is not given as `installed` has it: `none` and
+    /// `off` leave the installed endpoint and access log out.
+    pub fn over(&self, installed: Telemetry) -> Telemetry {
         Telemetry {
-            proxy_otlp_endpoint: a.proxy_otlp_endpoint,
-            proxy_trace_sampling: a.proxy_trace_sampling,
-            proxy_access_log: a.proxy_access_log,
+            proxy_otlp_endpoint: match self.proxy_otlp_endpoint.as_deref() {
+                Some(NO_ENDPOINT) => None,
+                Some(e) => Some(e.to_string()),
+                None => installed.proxy_otlp_endpoint,
+            },
+            proxy_trace_sampling: (self.proxy_trace_sampling.clone())
+                .or(installed.proxy_trace_sampling),
+            proxy_access_log: match self.proxy_access_log {
+                Some(AccessLogArg::Text) => Some(AccessLog::Text),
+                Some(AccessLogArg::Json) => Some(AccessLog::Json),
+                Some(AccessLogArg::Off) => None,
+                None => installed.proxy_access_log,
+            },
         }
     }
+}
+
+const NO_ENDPOINT: &str = "none";
+
+fn otlp_endpoint_or_none(v: &str) -> Result<String, String> {
+    if v == NO_ENDPOINT {
+        return Ok(v.to_string());
+    }
+    otlp_endpoint(v)
+}
+
+/// `strait inject --proxy-access-log`: a format, or none even where the
+/// install has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLogArg {
+    Text,
+    Json,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -185,7 +185,7 @@ pub struct InjectArgs {
     pub proxy_iptables_mode: Option<super::IptablesMode>,
     /// Trust domain of workload identities [default: the installed one, or
     /// cluster.local].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::install::a_trust_domain)]
     pub trust_domain: Option<String>,
     /// Do not read the install in the cluster: the anchors file is then needed,
     /// and the settings are as given (or their defaults). Nothing is read
@@ -274,15 +274,7 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         .proxy_iptables_mode
         .or(installed.as_ref().and_then(|i| i.iptables_mode))
         .unwrap_or_default();
-    let given: super::Telemetry = args.telemetry.clone().into();
-    let installed = installed.map(|i| i.telemetry).unwrap_or_default();
-    settings.telemetry = super::Telemetry {
-        proxy_otlp_endpoint: given.proxy_otlp_endpoint.or(installed.proxy_otlp_endpoint),
-        proxy_trace_sampling: given
-            .proxy_trace_sampling
-            .or(installed.proxy_trace_sampling),
-        proxy_access_log: given.proxy_access_log.or(installed.proxy_access_log),
-    };
+    settings.telemetry = (args.telemetry).over(installed.map(|i| i.telemetry).unwrap_or_default());
     Ok(settings)
 }
 
@@ -318,4 +310,58 @@ pub async fn run(args: &InjectArgs) -> anyhow::Result<()> {
     }
     print!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: InjectArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<InjectArgs, clap::Error> {
+        Cli::try_parse_from(["strait-inject", "app.yaml"].iter().chain(flags)).map(|c| c.args)
+    }
+
+    /// A trust domain the proxies would refuse at start is refused here, as
+    /// `strait install` refuses it, before anything is printed: otherwise
+    /// every injected pod's proxy would exit and its app never start.
+    #[test]
+    fn a_trust_domain_a_proxy_would_refuse_is_refused() {
+        for bad in ["spiffe://corp.example", "Corp.Example"] {
+            let e = parse(&["--trust-domain", bad]).expect_err(bad);
+            assert!(e.to_string().contains("is not a trust domain"), "{e}");
+        }
+        let ok = parse(&["--trust-domain", "corp.example"]).unwrap();
+        assert_eq!(ok.trust_domain.as_deref(), Some("corp.example"));
+    }
+
+    /// What is not given comes from the install; `none` and `off` leave its
+    /// collector and access log out.
+    #[test]
+    fn telemetry_not_given_is_the_installed_and_can_be_turned_off() {
+        let installed = || super::super::Telemetry {
+            proxy_otlp_endpoint: Some("http://collector:4317".into()),
+            proxy_trace_sampling: Some("0.5".into()),
+            proxy_access_log: Some(super::super::AccessLog::Json),
+        };
+        let kept = parse(&[]).unwrap().telemetry.over(installed());
+        assert_eq!(
+            kept.proxy_otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        assert_eq!(kept.proxy_access_log, Some(super::super::AccessLog::Json));
+        let off = parse(&["--proxy-otlp-endpoint", "none", "--proxy-access-log", "off"])
+            .unwrap()
+            .telemetry
+            .over(installed());
+        assert_eq!(off.proxy_otlp_endpoint, None);
+        assert_eq!(off.proxy_access_log, None);
+        assert_eq!(off.proxy_trace_sampling.as_deref(), Some("0.5"));
+        assert!(parse(&["--proxy-otlp-endpoint", "collector:4317"]).is_err());
+    }
 }
