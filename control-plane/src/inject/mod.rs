@@ -33,6 +33,13 @@ pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
 /// calling far-away or slow-accepting servers (the internet, across regions)
 /// needs more than the 1 s default, which one lost SYN uses up.
 pub const PROXY_CONNECT_TIMEOUT: &str = "strait.dev/proxy-connect-timeout";
+/// How long a quiet opaque stream (`--tcp-idle-timeout`, 1 h) and an idle
+/// HTTP connection (`--http-idle-timeout`, 120 s) are kept: a database's
+/// `LISTEN` waiter or a subscriber quiet for hours, or a load balancer that
+/// keeps idle connections to the pod longer than 120 s (Google's: 600 s),
+/// needs more.
+pub const PROXY_TCP_IDLE_TIMEOUT: &str = "strait.dev/proxy-tcp-idle-timeout";
+pub const PROXY_HTTP_IDLE_TIMEOUT: &str = "strait.dev/proxy-http-idle-timeout";
 /// The proxy's connection limits (`--max-connections`,
 /// `--inbound-max-connections-per-source`): a pod that edge clients reach in
 /// plaintext (an ingress controller behind a load balancer or a node's
@@ -231,13 +238,15 @@ pub fn read_anchors(flag: &str, path: &std::path::Path) -> Result<String, String
         })
 }
 
-/// A connect timeout the proxy takes: a duration humantime reads, more than
-/// nothing, and not so long that a dead upstream holds its callers for good.
-fn valid_connect_timeout(v: &str) -> Option<std::time::Duration> {
+/// A duration humantime reads, from `min` to `max`.
+fn valid_duration(
+    v: &str,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> Option<std::time::Duration> {
     humantime::parse_duration(v.trim())
         .ok()
-        .filter(|d| *d >= std::time::Duration::from_millis(1))
-        .filter(|d| *d <= std::time::Duration::from_secs(600))
+        .filter(|d| (min..=max).contains(d))
 }
 
 impl Settings {
@@ -559,13 +568,41 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         .transpose()?;
     let resources = proxy_resources(&annotation)?;
     let mut more_env = telemetry_env(pod, &annotation, &s.telemetry)?;
-    if let Some(v) = annotation(PROXY_CONNECT_TIMEOUT) {
-        valid_connect_timeout(v).ok_or(InjectError::Annotation {
-            name: PROXY_CONNECT_TIMEOUT,
-            value: v.to_string(),
-            why: "is not a duration from 1ms to 10m (e.g. 500ms, 5s)",
-        })?;
-        more_env.push(json!({"name": "STRAIT_PROXY_CONNECT_TIMEOUT", "value": v}));
+    use std::time::Duration;
+    // A connect timeout more than nothing, and not so long that a dead
+    // upstream holds its callers for good; idle timeouts of a second at
+    // least, and bounded, since what they keep holds memory and a slot.
+    for (name, var, min, max, why) in [
+        (
+            PROXY_CONNECT_TIMEOUT,
+            "STRAIT_PROXY_CONNECT_TIMEOUT",
+            Duration::from_millis(1),
+            Duration::from_secs(600),
+            "is not a duration from 1ms to 10m (e.g. 500ms, 5s)",
+        ),
+        (
+            PROXY_TCP_IDLE_TIMEOUT,
+            "STRAIT_PROXY_TCP_IDLE_TIMEOUT",
+            Duration::from_secs(1),
+            Duration::from_secs(30 * 86_400),
+            "is not a duration from 1s to 30d (e.g. 4h)",
+        ),
+        (
+            PROXY_HTTP_IDLE_TIMEOUT,
+            "STRAIT_PROXY_HTTP_IDLE_TIMEOUT",
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+            "is not a duration from 1s to 24h (e.g. 620s)",
+        ),
+    ] {
+        if let Some(v) = annotation(name) {
+            valid_duration(v, min, max).ok_or(InjectError::Annotation {
+                name,
+                value: v.to_string(),
+                why,
+            })?;
+            more_env.push(json!({"name": var, "value": v}));
+        }
     }
     const CONNECTIONS: (usize, &str) = (
         MAX_CONNECTION_LIMIT,

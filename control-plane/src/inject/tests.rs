@@ -340,6 +340,8 @@ fn annotations_reach_the_proxy_and_the_init_container() {
             json!({OPAQUE_PORTS: "5432", SKIP_INBOUND_PORTS: "22,9000-9010",
                    SKIP_OUTBOUND_PORTS: "443", PROXY_LOG_LEVEL: "debug",
                    PROXY_CONNECT_TIMEOUT: "5s",
+                   PROXY_TCP_IDLE_TIMEOUT: "4h",
+                   PROXY_HTTP_IDLE_TIMEOUT: "620s",
                    PROXY_MAX_CONNECTIONS: "50000",
                    PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
                    PROXY_MAX_DISCOVERY_WATCHES: "1500",
@@ -367,6 +369,14 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(
         env(proxy, "STRAIT_PROXY_CONNECT_TIMEOUT").unwrap()["value"],
         "5s"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_TCP_IDLE_TIMEOUT").unwrap()["value"],
+        "4h"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_HTTP_IDLE_TIMEOUT").unwrap()["value"],
+        "620s"
     );
     assert_eq!(
         env(proxy, "STRAIT_PROXY_MAX_CONNECTIONS").unwrap()["value"],
@@ -530,6 +540,10 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_CONNECT_TIMEOUT, "5"),
         (PROXY_CONNECT_TIMEOUT, "0s"),
         (PROXY_CONNECT_TIMEOUT, "1h"),
+        (PROXY_TCP_IDLE_TIMEOUT, "0s"),
+        (PROXY_TCP_IDLE_TIMEOUT, "60d"),
+        (PROXY_HTTP_IDLE_TIMEOUT, "2d"),
+        (PROXY_HTTP_IDLE_TIMEOUT, "never"),
         (PROXY_MAX_CONNECTIONS, "0"),
         (PROXY_MAX_CONNECTIONS, "lots"),
         (PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE, "600000"),
