@@ -289,6 +289,11 @@ pub const RENEW_AFTER_MIN: Duration = Duration::from_secs(1);
 pub const CERTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer has this long to finish its TLS handshake (as the HTTP header timeout).
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, and for how many bytes, a connection whose handshake was
+/// refused is read from after the alert, so that the client reads the alert
+/// rather than meet a reset (`inbound::linger`).
+pub const REFUSED_HANDSHAKE_LINGER: Duration = Duration::from_secs(1);
+pub const REFUSED_HANDSHAKE_LINGER_BYTES: usize = 64 * 1024;
 /// The service account of this workload, when not told (as Kubernetes' default).
 pub const SERVICE_ACCOUNT: &str = "default";
 /// The trust domain of workload identities, as Kubernetes' default cluster domain.

@@ -181,6 +181,16 @@ impl Sidecar {
     }
 }
 
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+pub async fn metric_where(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let (_, text) = wait::admin_get(admin, "/metrics").await.expect("scrape /metrics");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The sum of every sample of a metric (all label sets) on an admin server.
 pub async fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
     let Ok((_, text)) = wait::admin_get(admin, "/metrics").await else {

@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -56,15 +56,25 @@ enum PeerMode {
 #[derive(Debug)]
 pub enum UpstreamIo {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<PeerStream>),
     ToProxy(TcpStream),
+}
+
+/// An mTLS connection to a peer proxy, and the alert the peer refused this
+/// proxy's certificate with, once it has: in TLS 1.3 that comes on the first
+/// read, after the handshake, and HTTP/2 keeps only the kind of an I/O
+/// error, so it is noted where it is read.
+#[derive(Debug)]
+pub struct PeerStream {
+    tls: TlsStream<TcpStream>,
+    refused: Arc<OnceLock<rustls::AlertDescription>>,
 }
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         let c = Connected::new();
         match self {
-            UpstreamIo::Tls(t) if t.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
+            UpstreamIo::Tls(t) if t.tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
                 c.negotiated_h2()
             }
             UpstreamIo::ToProxy(_) => c.proxy(true),
@@ -81,7 +91,15 @@ impl AsyncRead for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => {
+                let read = Pin::new(&mut s.tls).poll_read(cx, buf);
+                if let Poll::Ready(Err(e)) = &read
+                    && let Some(alert) = tls::refused_our_certificate(e)
+                {
+                    let _ = s.refused.set(alert);
+                }
+                read
+            }
         }
     }
 }
@@ -94,7 +112,7 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(&mut s.tls).poll_write(cx, buf),
         }
     }
 
@@ -107,28 +125,28 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => {
                 Pin::new(s).poll_write_vectored(cx, bufs)
             }
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(&mut s.tls).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.tls.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut s.tls).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Plain(s) | UpstreamIo::ToProxy(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(&mut s.tls).poll_shutdown(cx),
         }
     }
 }
@@ -154,7 +172,10 @@ impl tower::Service<Uri> for Connector {
                 ))),
                 PeerMode::Mtls(peer_tls, peer, alpn) => {
                     let s = peer_tls.connect(addr, &peer, alpn, timeout).await?;
-                    Ok(TokioIo::new(UpstreamIo::Tls(Box::new(s))))
+                    Ok(TokioIo::new(UpstreamIo::Tls(Box::new(PeerStream {
+                        tls: s,
+                        refused: Arc::default(),
+                    }))))
                 }
             }
         })
@@ -266,6 +287,8 @@ struct ConnLoad {
     /// Requests sent so far, to notice an idle connection.
     requests: AtomicU64,
     room: Arc<Room>,
+    /// A peer proxy's refusal of this proxy's certificate, as read.
+    refused: Option<Arc<OnceLock<rustls::AlertDescription>>>,
 }
 
 impl H2Conn {
@@ -625,6 +648,10 @@ impl H2Client {
             }
             (None, PeerMode::Plain | PeerMode::ForwardProxy) => {}
         }
+        let refused = match io.inner() {
+            UpstreamIo::Tls(s) => Some(s.refused.clone()),
+            _ => None,
+        };
         let io = TokioIo::new(Coalesced::new(io.into_inner()));
         let (sender, conn) = b.handshake(io).await.map_err(|e| ConnectError::Io {
             addr,
@@ -635,6 +662,7 @@ impl H2Client {
             max_streams: AtomicUsize::new(conn.current_max_send_streams()),
             requests: AtomicU64::new(0),
             room: self.inner.room.clone(),
+            refused,
         });
         let inner = Arc::downgrade(&self.inner);
         let watched = load.clone();
@@ -713,6 +741,19 @@ impl H2Client {
                 Ok(rsp) => return Ok(rsp.map(|b| UpstreamBody::new(b, slot))),
                 Err(e) => e,
             };
+            // A peer that refused this proxy's certificate refuses it on
+            // another connection too: its word is what the caller is told,
+            // and the app never saw the request.
+            if let Some(alert) = conn.load.refused.as_ref().and_then(|r| r.get()) {
+                return Err(SendError {
+                    error: ConnectError::Tls {
+                        addr: self.inner.connector.addr,
+                        reason: format!("{} (TLS alert {alert:?})", tls::REFUSED_OUR_CERTIFICATE),
+                    }
+                    .into(),
+                    unsent: e.take_message(),
+                });
+            }
             let Some(back) = e.take_message() else {
                 return Err(ClientError::from(e.into_error()).into());
             };

@@ -225,6 +225,40 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
     inner.to_string()
 }
 
+/// What a caller is told of a peer proxy that refused this proxy's
+/// certificate (with the alert).
+pub const REFUSED_OUR_CERTIFICATE: &str = "the peer refused this proxy's certificate";
+
+/// The alert a peer proxy refused this proxy's certificate with, if `e` is
+/// one. In TLS 1.3 the client's handshake ends before the server has checked
+/// the client's certificate: a refusal (a peer that does not trust the issuer
+/// yet, mid-rotation) arrives as the alert on the first read, failing the
+/// connection's requests rather than the handshake.
+pub fn refused_our_certificate(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as A;
+    let Some(rustls::Error::AlertReceived(alert)) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return None;
+    };
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired
+            // A chain whose issuer's name a trusted anchor has, but not its
+            // key: a rotation that kept the issuer's name.
+            | A::DecryptError
+    )
+    .then_some(*alert)
+}
+
 /// At most this many certificates besides the leaf in a peer's chain:
 /// webpki's own bound on a path's intermediates, so no chain it could
 /// verify is refused (ours has the issuer, a user's CA a few more, perhaps

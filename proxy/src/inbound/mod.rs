@@ -158,7 +158,9 @@ impl Inbound {
         opening: unproven::Opening,
     ) {
         let s = &self.shared;
-        let accept = tokio_rustls::TlsAcceptor::from(server).accept(stream);
+        let accept = tokio_rustls::TlsAcceptor::from(server)
+            .accept(stream)
+            .into_fallible();
         match tokio::time::timeout(defaults::TLS_HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(stream)) => {
                 let peer = stream
@@ -188,7 +190,7 @@ impl Inbound {
                 self.serve(stream, target, Some(peer), Some(until), false, client)
                     .await
             }
-            Ok(Err(e)) => {
+            Ok(Err((e, tcp))) => {
                 s.metrics
                     .tls_handshake_failures
                     .get_or_create(&DirectionLabels {
@@ -196,6 +198,8 @@ impl Inbound {
                     })
                     .inc();
                 strait_otel::sampled!(warn, client = %client.0, error = %e, "mTLS handshake from peer failed");
+                // Boxed: only this branch holds it, every connection's future would.
+                Box::pin(linger(tcp)).await;
             }
             Err(_) => {
                 s.metrics.reject_tcp(DIRECTION, "tls_handshake_timeout");
@@ -416,4 +420,25 @@ async fn first(stream: &TcpStream, wait: std::time::Duration) -> Option<First> {
         Ok(Ok(_)) if b[0] == defaults::TLS_HANDSHAKE_BYTE => Some(First::Tls),
         Ok(Ok(_)) => Some(First::Other { silent: false }),
     }
+}
+/// After a refused handshake, whose alert has been written: in TLS 1.3 the
+/// client's handshake ended before ours and it sends its first request at
+/// once, which a socket closed at once answers with a reset that can discard
+/// the alert unread, leaving the client unable to say why it was refused (a
+/// peer that does not trust its issuer yet). Our side is closed and what the
+/// client sends read and dropped until it closes, for a moment at most.
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 1024];
+    let mut left = defaults::REFUSED_HANDSHAKE_LINGER_BYTES;
+    let _ = tokio::time::timeout(defaults::REFUSED_HANDSHAKE_LINGER, async {
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }

@@ -301,6 +301,72 @@ mod tests {
         ));
     }
 
+    /// A peer that does not trust this proxy's issuer (its anchors not yet
+    /// rotated) refuses its certificate only after the client's handshake
+    /// has ended, in TLS 1.3: the refusal comes as an alert on the first
+    /// read, and is known for what it is there.
+    #[tokio::test]
+    async fn a_peer_refusing_our_certificate_is_known_by_its_alert() {
+        use rcgen::{
+            CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa,
+            Issuer, KeyPair,
+        };
+        use tokio::io::AsyncReadExt;
+        let root = || {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let pem = params.self_signed(&key).unwrap().pem();
+            (Issuer::new(params, key), pem)
+        };
+        let ((old, old_pem), (new, new_pem)) = (root(), root());
+        let install = |creds: &Credentials, by: &Issuer<'_, KeyPair>| {
+            let mut csr =
+                CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into())
+                    .unwrap();
+            csr.params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let leaf = csr.signed_by(by).unwrap().der().to_vec();
+            creds.install(leaf, Vec::new()).unwrap();
+        };
+        let anchors = |pem: &str| crate::identity::TrustAnchors::from_pem(pem.as_bytes()).unwrap();
+        // The peer trusts the old issuer only; this proxy, renewed by the new
+        // one, trusts both.
+        let web = Identity::of("cluster.local", "shop", "web").unwrap();
+        let server = Arc::new(Credentials::generate(web.clone(), anchors(&old_pem)).unwrap());
+        install(&server, &old);
+        let me = Identity::of("cluster.local", "shop", "client").unwrap();
+        let both = format!("{old_pem}{new_pem}");
+        let client = Arc::new(Credentials::generate(me, anchors(&both)).unwrap());
+        install(&client, &new);
+
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            if let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let failures = Counter::default();
+        let tls = PeerTls::new(client, Counter::default(), failures.clone());
+        let mut s = tls
+            .connect(addr, &web, tls::ALPN_H2, Duration::from_secs(5))
+            .await
+            .expect("the client's side of a TLS 1.3 handshake ends first");
+        let e = s.read(&mut [0u8; 1]).await.unwrap_err();
+        // Both roots have rcgen's default name, as a rotation that keeps the
+        // issuer's name: the peer finds a root of that name whose key did not
+        // sign, and says so with a decrypt_error alert (unknown_ca otherwise).
+        assert_eq!(
+            tls::refused_our_certificate(&e),
+            Some(rustls::AlertDescription::DecryptError),
+            "{e:?}"
+        );
+    }
+
     /// After a peer renews, a caller that resumed sessions with it gets its
     /// new certificate at the next connection: a resumed session would
     /// present the old one (and hand on tickets of it), until, expired, the

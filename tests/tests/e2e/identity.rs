@@ -11,7 +11,9 @@ use strait_api::v1::identity_client::IdentityClient;
 use strait_tests::backend::Backend;
 use strait_tests::load::Load;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
-use strait_tests::mesh::{ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum};
+use strait_tests::mesh::{
+    ControllerProc, Sidecar, SidecarIdentity, SidecarOpts, metric_sum, metric_where,
+};
 use strait_tests::pki::{
     Pki, controller_channel, controller_channel_as, csr, exchange_over_tls, request_over_tls,
     token_file, token_secret,
@@ -928,6 +930,46 @@ async fn trust_anchors_rotate_without_stopping_traffic() {
     .await;
     let (_, failed, errors) = load.stop().await;
     assert_eq!(failed, 0, "{errors:?}");
+    drop(ctl);
+}
+
+/// A rotation half done: the client's proxy holds a certificate of the new
+/// issuer, and web's proxy trusts only the old anchor. In TLS 1.3 web's
+/// refusal comes after the client's handshake has ended; the caller still
+/// says what it is, and counts it as the failed handshake it is.
+#[tokio::test]
+async fn a_peer_that_does_not_trust_the_issuer_yet_is_named_by_the_caller() {
+    let (a, b) = (Pki::new(), Pki::new());
+    let bundle = ManifestDir::new();
+    bundle.write(
+        "bundle.pem",
+        &format!("{}{}", a.generated.anchor_pem, b.generated.anchor_pem),
+    );
+    let both = bundle.path().join("bundle.pem");
+    let only_a = a.anchors();
+    let m = Mesh::start_with(a, only_a, "web", None).await;
+    let grpc = m.ctl.grpc;
+    let mut old = m.ctl.proc;
+    old.child.kill().await.expect("stop the first controller");
+    let ctl = ControllerProc::start_with(m.dir.path(), grpc, Some(&b), None).await;
+    let opts = SidecarOpts {
+        identity: Some(identity(&both, &m.tokens, "client")),
+        ..Default::default()
+    };
+    let c = Sidecar::start_with(grpc, NS, "client-0", &[WEB], opts).await;
+    let (status, body) = get(&format!("http://{}/client-id", c.upstreams[0])).await;
+    assert_eq!(status, http::StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body.contains("the peer refused this proxy's certificate (TLS alert"),
+        "{body}"
+    );
+    let failed = metric_where(
+        c.admin,
+        "strait_proxy_tls_handshake_failures_total",
+        &["direction=\"outbound\""],
+    )
+    .await;
+    assert!(failed >= 1.0, "handshake failures counted: {failed}");
     drop(ctl);
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use strait_tests::backend::Backend;
 use strait_tests::manifests::{ManifestDir, endpoint, meshed_pod, service};
-use strait_tests::mesh::{ControllerProc, Sidecar, SidecarOpts, metric_sum};
+use strait_tests::mesh::{ControllerProc, Sidecar, SidecarOpts, metric_sum, metric_where};
 use strait_tests::otlp::{Mode, OtlpCollector, Received};
 use strait_tests::{client, wait};
 
@@ -482,16 +482,6 @@ async fn an_export_the_collector_refuses_once_is_sent_again() {
             0.0
         );
     }
-}
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-async fn metric_where(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-    let (_, text) = wait::admin_get(admin, "/metrics").await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]
