@@ -183,7 +183,9 @@ impl Sidecar {
 
 /// The sum of the samples of `name` whose labels contain every one of `labels`.
 pub async fn metric_where(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-    let (_, text) = wait::admin_get(admin, "/metrics").await.expect("scrape /metrics");
+    let (_, text) = wait::admin_get(admin, "/metrics")
+        .await
+        .expect("scrape /metrics");
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .filter(|l| labels.iter().all(|want| l.contains(want)))

@@ -47,9 +47,16 @@ pub const PROXY_HTTP_IDLE_TIMEOUT: &str = "strait.dev/proxy-http-idle-timeout";
 pub const PROXY_MAX_CONNECTIONS: &str = "strait.dev/proxy-max-connections";
 pub const PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: &str =
     "strait.dev/proxy-inbound-max-connections-per-source";
+/// The proxy's worker threads (`--threads`, 1 by default): a busy gateway or
+/// ingress pod whose proxy has more than a core. Not given, a CPU limit over
+/// one core gives as many threads as it has cores, rounded up (as Linkerd
+/// and Istio derive theirs).
+pub const PROXY_THREADS: &str = "strait.dev/proxy-threads";
 /// Destinations the proxy watches at once (`--max-discovery-watches`): an
 /// ingress controller that dials each of thousands of pods in turn.
 pub const PROXY_MAX_DISCOVERY_WATCHES: &str = "strait.dev/proxy-max-discovery-watches";
+/// The proxy's `--threads` at most.
+const MAX_THREADS: u16 = 64;
 /// The highest connection limit an annotation may set: each connection may
 /// take two open files, and the kernel's default ceiling is 2^20.
 const MAX_CONNECTION_LIMIT: usize = 500_000;
@@ -608,6 +615,18 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         MAX_CONNECTION_LIMIT,
         "is not a whole number from 1 to 500000",
     );
+    // A CPU limit's cores, rounded up (its validity is checked with the
+    // resources above).
+    let limit_threads = annotation(PROXY_CPU_LIMIT)
+        .and_then(quantity)
+        .map(|q| q.div_euclid(1_000_000_000) + i128::from(q.rem_euclid(1_000_000_000) != 0))
+        .map(|cores| cores.clamp(1, i128::from(MAX_THREADS)))
+        .filter(|cores| *cores > 1);
+    if annotation(PROXY_THREADS).is_none()
+        && let Some(n) = limit_threads
+    {
+        more_env.push(json!({"name": "STRAIT_PROXY_THREADS", "value": n.to_string()}));
+    }
     // Each watch is a stream on the proxy's one connection to the controller,
     // which takes `GRPC_MAX_CONCURRENT_STREAMS` (2,048) at once with the
     // policy watch and certificate requests: one more would wait unanswered.
@@ -630,6 +649,14 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             PROXY_MAX_DISCOVERY_WATCHES,
             "STRAIT_PROXY_MAX_DISCOVERY_WATCHES",
             WATCHES,
+        ),
+        (
+            PROXY_THREADS,
+            "STRAIT_PROXY_THREADS",
+            (
+                usize::from(MAX_THREADS),
+                "is not a whole number from 1 to 64",
+            ),
         ),
     ] {
         if let Some(v) = annotation(name) {

@@ -530,6 +530,34 @@ fn traces_and_access_logs_follow_the_mesh_unless_the_pod_says_otherwise() {
     }
 }
 
+/// A proxy given more than a core runs as many threads: by its annotation,
+/// or, not given, by its CPU limit's cores rounded up.
+#[test]
+fn the_proxy_s_threads_follow_its_annotation_or_its_cpu_limit() {
+    let threads = |annotations: Value| {
+        let p = applied(pod(annotations, app_spec()), Namespace::Enabled);
+        env(&p["spec"]["initContainers"][1], "STRAIT_PROXY_THREADS")
+            .map(|e| e["value"].as_str().unwrap().to_string())
+    };
+    assert_eq!(threads(json!({PROXY_THREADS: "4"})).as_deref(), Some("4"));
+    assert_eq!(threads(json!({PROXY_CPU_LIMIT: "4"})).as_deref(), Some("4"));
+    assert_eq!(
+        threads(json!({PROXY_CPU_LIMIT: "2500m"})).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        threads(json!({PROXY_CPU_LIMIT: "8", PROXY_THREADS: "2"})).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        threads(json!({PROXY_CPU_LIMIT: "1"})),
+        None,
+        "one is the default"
+    );
+    assert_eq!(threads(json!({PROXY_CPU_LIMIT: "500m"})), None);
+    assert_eq!(threads(json!({})), None);
+}
+
 #[test]
 fn bad_annotations_are_named_in_the_error() {
     for (k, v) in [
@@ -549,6 +577,8 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE, "600000"),
         (PROXY_MAX_DISCOVERY_WATCHES, "-1"),
         (PROXY_MAX_DISCOVERY_WATCHES, "2001"),
+        (PROXY_THREADS, "0"),
+        (PROXY_THREADS, "65"),
         (PROXY_IMAGE, "two words"),
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::1/64"),

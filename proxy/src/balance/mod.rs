@@ -368,8 +368,12 @@ impl Endpoints {
         &self.config
     }
 
-    /// Brings this list's share of the ejected gauge to its count now.
+    /// Brings this list's share of the ejected gauge to its count now. Counted
+    /// and published under the ejecting lock: on several threads, a count
+    /// taken before another's readmission and published after it would leave
+    /// the gauge wrong until the next change.
     fn report(&self) {
+        let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let n = self.ejected() as i64;
         let before = self.reported.swap(n, Ordering::Relaxed);
         self.metrics.ejected.inc_by(n - before);
