@@ -28,6 +28,9 @@ struct Counters {
     metrics: Arc<Metrics>,
     direction: Direction,
     requests: Counter,
+    /// Requests dropped before their response head (the caller went away,
+    /// or its timeout cancelled them): no response is counted for them.
+    cancelled: Counter,
     latency: Histogram,
     /// The responses counter of each status class, looked up in the family on
     /// first use (a series appears once it counts) and kept: a request then
@@ -42,12 +45,17 @@ impl RequestMetricsLayer {
     pub fn new(metrics: Arc<Metrics>, direction: Direction) -> Self {
         let labels = DirectionLabels { direction };
         let requests = metrics.http_requests.get_or_create(&labels).clone();
+        let cancelled = metrics
+            .http_requests_cancelled
+            .get_or_create(&labels)
+            .clone();
         let latency = metrics.http_response_latency.get_or_create(&labels).clone();
         Self(Arc::new(Counters {
             grpc: metrics.grpc(direction),
             metrics,
             direction,
             requests,
+            cancelled,
             latency,
             responses: Arc::default(),
             peer: None,
@@ -108,6 +116,7 @@ where
             inner: self.inner.call(req),
             start,
             layer: self.layer.clone(),
+            answered: false,
         }
     }
 }
@@ -122,6 +131,17 @@ pin_project_lite::pin_project! {
         // A gRPC call's counters, told `cancelled` if the caller goes away
         // before the response head.
         grpc: Option<grpc::UntilAnswered<(ByGrpcStatus, Option<Arc<PeerMetrics>>)>>,
+        answered: bool,
+    }
+
+    impl<F> PinnedDrop for MetricsFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped unanswered: the caller went away (a timeout of its
+            // own, a reset stream), which no response series shows.
+            if !this.answered {
+                this.layer.0.cancelled.inc();
+            }
+        }
     }
 }
 
@@ -134,6 +154,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
+        *this.answered = true;
         let grpc = this.grpc.take();
         let rsp = match out {
             Ok(rsp) => rsp,
@@ -166,5 +187,38 @@ where
             })
             .inc();
         Poll::Ready(Ok(grpc::UntilAnswered::respond(grpc, rsp)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer as _, Service as _};
+
+    /// A request dropped before its response head (its caller's timeout
+    /// cancelled it) is counted as cancelled, and one answered is not: the
+    /// callee's response series alone would show neither.
+    #[tokio::test]
+    async fn a_request_dropped_unanswered_is_counted_cancelled() {
+        let metrics = Metrics::new();
+        let layer = RequestMetricsLayer::new(metrics.clone(), Direction::Inbound);
+        let mut slow = layer.layer(tower::service_fn(|_: Request<()>| {
+            std::future::pending::<Result<Response<BoxBody>, std::convert::Infallible>>()
+        }));
+        let mut quick = layer.layer(tower::service_fn(|_: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(super::super::empty()))
+        }));
+        let cancelled = || {
+            metrics
+                .http_requests_cancelled
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Inbound,
+                })
+                .get()
+        };
+        drop(slow.call(Request::new(())));
+        assert_eq!(cancelled(), 1);
+        quick.call(Request::new(())).await.unwrap();
+        assert_eq!(cancelled(), 1, "an answered request is not cancelled");
     }
 }

@@ -434,6 +434,7 @@ pub struct Metrics {
     pub tcp_write_bytes: Family<DirectionLabels, Counter>,
     pub protocol_detected: Family<ProtocolLabels, Counter>,
     pub http_requests: Family<DirectionLabels, Counter>,
+    pub http_requests_cancelled: Family<DirectionLabels, Counter>,
     pub http_responses: Family<StatusLabels, Counter>,
     pub http_response_latency: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub http_rejected: Family<ReasonLabels, Counter>,
@@ -548,6 +549,7 @@ impl Metrics {
             tcp_write_bytes: Family::default(),
             protocol_detected: Family::default(),
             http_requests: Family::default(),
+            http_requests_cancelled: Family::default(),
             http_responses: Family::default(),
             http_response_latency: Family::new_with_constructor(latency_histogram),
             http_rejected: Family::default(),
@@ -617,6 +619,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests received",
             m.http_requests.clone(),
+        );
+        registry.register(
+            "http_requests_cancelled",
+            "HTTP requests whose caller went away before the response head",
+            m.http_requests_cancelled.clone(),
         );
         registry.register(
             "http_responses",

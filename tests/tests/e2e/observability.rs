@@ -791,6 +791,21 @@ fn every_metric_the_dashboard_plots_exists_and_is_documented() {
             assert!(e.contains(" or 0 * "), "no 0 % where all failed: {e}");
         }
     }
+    // The server side's panels say which namespace (and for errors which
+    // pod) answered, not the mesh's sum.
+    for e in exprs
+        .iter()
+        .filter(|e| e.contains("strait_proxy_inbound_") || e.contains("strait_proxy_tls_"))
+    {
+        assert!(
+            e.contains("namespace=~\"$namespace\""),
+            "not by namespace: {e}"
+        );
+        assert!(
+            e.contains("by (namespace") || e.contains("by (le, namespace"),
+            "{e}"
+        );
+    }
     // What the page says to alert on is plotted.
     for alert in [
         "strait_controller_identity_issuer_expiration_timestamp_seconds",
