@@ -443,6 +443,7 @@ impl Proxy {
                 link.clone(),
                 workload.clone(),
                 metrics.discovery_lag.clone(),
+                metrics.control_unreachable.clone(),
                 config.max_discovery_watches,
             )
         });

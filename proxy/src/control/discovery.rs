@@ -134,7 +134,7 @@ pub struct Discovery {
     remembered: Mutex<HashMap<DestAddr, (Resolution, u64)>>,
     /// The last watch call or stream to the controller failed, and none has
     /// answered since: what tells an outage from a slow answer.
-    unreachable: Arc<AtomicBool>,
+    unreachable: Arc<Unreachable>,
     /// How long a remembered answer may stand in (`MAX_REMEMBERED_AGE_MS`).
     remembered_for_ms: u64,
     /// Destinations watched at once, and answers remembered
@@ -150,20 +150,50 @@ impl std::fmt::Debug for Discovery {
     }
 }
 
+/// Whether the last call a watch made found the controller out of reach (and
+/// none has got through since): `/config`'s "unreachable", and the
+/// `control_unreachable` gauge.
+#[derive(Debug, Default)]
+struct Unreachable {
+    flag: AtomicBool,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Unreachable {
+    fn set(&self, away: bool) {
+        self.flag.store(away, Ordering::Relaxed);
+        self.gauge.set(i64::from(away));
+    }
+
+    fn get(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+}
+
 impl Discovery {
     pub fn new(
         link: Arc<Link>,
         workload: Workload,
         lag: prometheus_client::metrics::histogram::Histogram,
+        unreachable: prometheus_client::metrics::gauge::Gauge,
         max_watches: usize,
     ) -> Arc<Self> {
-        Self::remembering_for(link, workload, lag, MAX_REMEMBERED_AGE_MS, max_watches)
+        Self::remembering_for(
+            link,
+            workload,
+            (lag, unreachable),
+            MAX_REMEMBERED_AGE_MS,
+            max_watches,
+        )
     }
 
     fn remembering_for(
         link: Arc<Link>,
         workload: Workload,
-        lag: prometheus_client::metrics::histogram::Histogram,
+        (lag, unreachable): (
+            prometheus_client::metrics::histogram::Histogram,
+            prometheus_client::metrics::gauge::Gauge,
+        ),
         remembered_for_ms: u64,
         max_watches: usize,
     ) -> Arc<Self> {
@@ -174,7 +204,10 @@ impl Discovery {
             start: Instant::now(),
             watches: Mutex::default(),
             remembered: Mutex::default(),
-            unreachable: Arc::default(),
+            unreachable: Arc::new(Unreachable {
+                flag: AtomicBool::new(false),
+                gauge: unreachable,
+            }),
             remembered_for_ms,
             max_watches: max_watches.max(1),
         });
@@ -198,7 +231,7 @@ impl Discovery {
         // controller is back, another watch may answer first, and this one
         // retries on its own backoff (up to 10 s) meanwhile.
         let fallback = || {
-            (self.unreachable.load(Ordering::Relaxed) || state.away.load(Ordering::Relaxed))
+            (self.unreachable.get() || state.away.load(Ordering::Relaxed))
                 .then(|| state.fallback.clone())
                 .flatten()
         };
@@ -235,13 +268,13 @@ impl Discovery {
                     // In a block: `first` borrows the receiver until dropped.
                     let answered = {
                         tokio::pin!(first);
-                        if self.unreachable.load(Ordering::Relaxed) {
+                        if self.unreachable.get() {
                             let short = timeout.min(defaults::DISCOVERY_WAIT_WHILE_UNREACHABLE);
                             match tokio::time::timeout(short, &mut first).await {
                                 Ok(r) => r,
                                 // The controller came back meanwhile: its answer
                                 // is on its way, behind the others' reconnects.
-                                Err(_) if !self.unreachable.load(Ordering::Relaxed) => {
+                                Err(_) if !self.unreachable.get() => {
                                     tokio::time::timeout(timeout.saturating_sub(short), first)
                                         .await
                                         .ok()
@@ -318,8 +351,7 @@ impl Discovery {
         };
         // Made while the controller is unreachable, with an answer to stand
         // in: stranded from the start, not evicted before its first call fails.
-        let away = self.unreachable.load(Ordering::Relaxed)
-            && matches!(fallback, Some(Resolution::Service(_)));
+        let away = self.unreachable.get() && matches!(fallback, Some(Resolution::Service(_)));
         let state = Arc::new(WatchState {
             last_used_ms: AtomicU64::new(now),
             away: AtomicBool::new(away),
@@ -463,7 +495,7 @@ async fn follow(
     logical: Arc<Logical>,
     state: Arc<WatchState>,
     lag: prometheus_client::metrics::histogram::Histogram,
-    unreachable: Arc<AtomicBool>,
+    unreachable: Arc<Unreachable>,
 ) {
     let mut backoff = Backoff::default();
     // A call or stream failed: the answer in force dates from now, and stands
@@ -471,7 +503,7 @@ async fn follow(
     let failed = |e: &tonic::Status| {
         let away = away(e);
         if away {
-            unreachable.store(true, Ordering::Relaxed);
+            unreachable.set(true);
         }
         state.away.store(away, Ordering::Relaxed);
         let now = state.epoch.elapsed().as_millis() as u64;
@@ -499,7 +531,7 @@ async fn follow(
                     match stream.message().await {
                         Ok(Some(mut update)) => {
                             backoff.connected();
-                            unreachable.store(false, Ordering::Relaxed);
+                            unreachable.set(false);
                             received += 1;
                             if let Some(api::destination_update::Kind::Service(s)) =
                                 &mut update.kind
@@ -754,7 +786,13 @@ mod tests {
             token_file: None,
         };
         let lag = prometheus_client::metrics::histogram::Histogram::new([1.0]);
-        Discovery::remembering_for(link, workload, lag, for_ms, max_watches)
+        Discovery::remembering_for(
+            link,
+            workload,
+            (lag, Default::default()),
+            for_ms,
+            max_watches,
+        )
     }
 
     fn service_of(r: Option<Resolved>) -> Option<Arc<super::super::view::ServiceView>> {
@@ -815,7 +853,7 @@ mod tests {
         d.drop_idle(d.now_ms() + idle + 1);
         assert!(service_of(d.resolve(&dest, Duration::from_millis(300)).await).is_some());
         // Another destination's watch got through.
-        d.unreachable.store(false, Ordering::Relaxed);
+        d.unreachable.set(false);
         let still = service_of(d.resolve(&dest, Duration::from_millis(300)).await);
         assert!(
             still.is_some(),
@@ -984,7 +1022,7 @@ mod tests {
         let d = discovery_of(Once(Default::default(), Later::Slow)).await;
         let first: DestAddr = "10.96.0.10:80".parse().unwrap();
         assert!(service_of(d.resolve(&first, Duration::from_secs(10)).await).is_some());
-        d.unreachable.store(true, Ordering::Relaxed);
+        d.unreachable.set(true);
         let t = tokio::time::Instant::now();
         let r = d
             .resolve(&"203.0.113.7:443".parse().unwrap(), Duration::from_secs(5))
@@ -1003,12 +1041,12 @@ mod tests {
     #[tokio::test]
     async fn the_short_wait_goes_on_when_the_controller_comes_back_during_it() {
         let d = discovery_of(Delayed(Duration::from_millis(900))).await;
-        d.unreachable.store(true, Ordering::Relaxed);
+        d.unreachable.set(true);
         let back = {
             let d = d.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                d.unreachable.store(false, Ordering::Relaxed);
+                d.unreachable.set(false);
             })
         };
         let r = d
@@ -1092,7 +1130,8 @@ mod tests {
                 .await
                 .is_none()
         );
-        assert!(d.unreachable.load(Ordering::Relaxed));
+        assert!(d.unreachable.get());
+        assert_eq!(d.unreachable.gauge.get(), 1, "the gauge says so too");
         d.watch(&first).unwrap();
         let watches = d.watches.lock().unwrap();
         assert!(watches[&first].stranded(), "not kept before its first call");

@@ -451,6 +451,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// From an index change at the controller to its update's receipt here.
     pub discovery_lag: Histogram,
+    pub control_unreachable: Gauge,
     pub tls_handshake_failures: Family<DirectionLabels, Counter>,
     pub inbound_authz: Family<AuthzLabels, Counter>,
     pub route_requests: Family<RouteLabels, Counter>,
@@ -561,6 +562,7 @@ impl Metrics {
             trace_spans_dropped: Counter::default(),
             access_log_dropped: Counter::default(),
             discovery_lag: latency_histogram(),
+            control_unreachable: Gauge::default(),
             tls_handshake_failures: Family::default(),
             inbound_authz: Family::default(),
             route_requests: Family::default(),
@@ -674,6 +676,11 @@ impl Metrics {
             "control_discovery_lag_seconds",
             "From an index change at the controller to its discovery update's receipt by this proxy (after a watch's first answer; clocks as they are)",
             m.discovery_lag.clone(),
+        );
+        registry.register(
+            "control_unreachable",
+            "1 while discovery finds the controller out of reach (no call answered since one failed)",
+            m.control_unreachable.clone(),
         );
         registry.register(
             "access_log_dropped",
