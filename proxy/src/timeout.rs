@@ -28,6 +28,13 @@ impl Kind {
             Kind::Backend => "backend request timeout",
         }
     }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Request => "request_timeout",
+            Kind::Backend => "backend_request_timeout",
+        }
+    }
 }
 
 /// A timeout, or none (`after: None` passes requests through untouched).
@@ -126,7 +133,11 @@ where
                     Ok(rsp) => rsp,
                     Err(_) => {
                         expired.inc();
-                        let mut rsp = error_response(StatusCode::GATEWAY_TIMEOUT, kind.reason());
+                        let mut rsp = error_response(
+                            kind.label(),
+                            StatusCode::GATEWAY_TIMEOUT,
+                            kind.reason(),
+                        );
                         rsp.extensions_mut().insert(TimedOut(*kind));
                         rsp.extensions_mut()
                             .insert(crate::http::grpc::DEADLINE_EXCEEDED);

@@ -1712,7 +1712,11 @@ mod tests {
         use crate::http::error::{UpstreamFailure, error_response};
         use tower::Service as _;
         let answer = |ours: bool| {
-            let mut rsp = error_response(http::StatusCode::BAD_GATEWAY, "connection refused");
+            let mut rsp = error_response(
+                "connect",
+                http::StatusCode::BAD_GATEWAY,
+                "connection refused",
+            );
             if ours {
                 rsp.extensions_mut().insert(UpstreamFailure);
             }

@@ -87,7 +87,11 @@ where
                     PickError::NoEndpoints => (StatusCode::SERVICE_UNAVAILABLE, "no endpoints"),
                 };
                 tracing::debug!(backend = %endpoints.name(), reason, "no endpoint for request");
-                let rsp = error_response(status, &format!("{reason} for {}", endpoints.name()));
+                let rsp = error_response(
+                    "no_endpoints",
+                    status,
+                    &format!("{reason} for {}", endpoints.name()),
+                );
                 return Either::Left(ready(Ok(rsp)));
             }
         };

@@ -691,6 +691,7 @@ mod tests {
     fn the_proxys_own_errors_are_answered_as_grpc_errors() {
         use crate::http::error::error_response;
         let answered = in_kind(error_response(
+            "no_endpoints",
             StatusCode::SERVICE_UNAVAILABLE,
             "no endpoints for web:80 (100% ejected)",
         ));
@@ -712,14 +713,18 @@ mod tests {
             "trailers-only"
         );
 
-        let mut timeout = error_response(StatusCode::GATEWAY_TIMEOUT, "request timeout");
+        let mut timeout = error_response(
+            "request_timeout",
+            StatusCode::GATEWAY_TIMEOUT,
+            "request timeout",
+        );
         timeout.extensions_mut().insert(DEADLINE_EXCEEDED);
         assert_eq!(in_kind(timeout).headers()["grpc-status"], "4");
 
         // The app's own answers pass as they came.
         let app = response(503, None, frames(b"busy", None));
         assert_eq!(in_kind(app).status(), StatusCode::SERVICE_UNAVAILABLE);
-        let mut already = error_response(StatusCode::SERVICE_UNAVAILABLE, "x");
+        let mut already = error_response("refused", StatusCode::SERVICE_UNAVAILABLE, "x");
         already
             .headers_mut()
             .insert("grpc-status", HeaderValue::from_static("8"));

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 
 use super::{BoxBody, grpc};
 use crate::telemetry::metrics::{
-    ByGrpcStatus, DirectionLabels, PeerMetrics, StatusLabels, status_class, status_index,
+    ByGrpcStatus, DirectionLabels, PeerMetrics, ReasonLabels, StatusLabels, status_class,
+    status_index,
 };
 use crate::telemetry::{Direction, Metrics};
 
@@ -167,6 +168,18 @@ where
             }
         };
         let layer = &*this.layer.0;
+        // Its own answers (an error, a refusal) the proxy tells apart from
+        // the upstream's by why; rare, so looked up by label when they come.
+        if let Some(made) = rsp.extensions().get::<super::error::ProxyMade>() {
+            layer
+                .metrics
+                .http_proxy_errors
+                .get_or_create(&ReasonLabels {
+                    direction: layer.direction,
+                    reason: made.0,
+                })
+                .inc();
+        }
         let took = this.start.elapsed().as_secs_f64();
         layer.latency.observe(took);
         if let Some(p) = &layer.peer {

@@ -73,6 +73,7 @@ where
             // while, as for a 429, and may send the request elsewhere, rather
             // than take an overloaded proxy for a failing app and eject it.
             let rsp = error_response(
+                "in_flight_limit",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests in flight (not processed)",
             );
@@ -88,7 +89,7 @@ where
                 reason = refused.reason(),
                 "refused request: {refused}"
             );
-            let mut rsp = error_response(refused.status(), refused.message());
+            let mut rsp = error_response("rejected", refused.status(), refused.message());
             rsp.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
@@ -133,6 +134,7 @@ where
                 "an upstream's response has a transfer coding other than chunked; answered 502"
             );
             rsp = error_response(
+                "upstream",
                 StatusCode::BAD_GATEWAY,
                 "the upstream's response has a transfer coding other than chunked",
             );

@@ -25,6 +25,7 @@ pub async fn over_capacity(mut stream: TcpStream) {
     let io = TokioIo::new(PrefixedIo::new(d.prefix.freeze(), stream));
     let svc = service_fn(|_req| async {
         Ok::<_, Infallible>(error_response(
+            "connection_limit",
             StatusCode::SERVICE_UNAVAILABLE,
             "connection limit reached",
         ))

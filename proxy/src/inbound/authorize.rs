@@ -144,7 +144,11 @@ where
         {
             self.layer.counted.authorized(Authorized::Http, false);
             strait_otel::sampled!(info, peer = ?l.peer, "request on a connection whose peer's certificate has ended; refused");
-            let rsp = error_response(StatusCode::FORBIDDEN, "peer certificate expired");
+            let rsp = error_response(
+                "unauthorized",
+                StatusCode::FORBIDDEN,
+                "peer certificate expired",
+            );
             return Either::Left(ready(Ok(rsp)));
         }
         let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
@@ -162,7 +166,7 @@ where
                     super::policy::Denied::NoPolicyYet => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::FORBIDDEN,
                 };
-                let rsp = error_response(status, &denied.to_string());
+                let rsp = error_response("forbidden", status, &denied.to_string());
                 return Either::Left(ready(Ok(rsp)));
             }
         };

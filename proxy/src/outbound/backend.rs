@@ -202,7 +202,7 @@ impl InFlight {
 /// A request a rule has no backend for: 500, as Gateway API asks, and to a
 /// gRPC caller UNAVAILABLE, as its GRPCRoute asks (a 500 reads as UNKNOWN).
 fn unresolved(reason: &str) -> Response<BoxBody> {
-    let mut rsp = error_response(StatusCode::INTERNAL_SERVER_ERROR, reason);
+    let mut rsp = error_response("no_backend", StatusCode::INTERNAL_SERVER_ERROR, reason);
     rsp.extensions_mut().insert(crate::http::grpc::UNAVAILABLE);
     rsp
 }

@@ -208,7 +208,11 @@ impl Stages {
             m.requests.inc();
             let grpc = crate::http::grpc::is_call(&req)
                 .then(|| crate::http::grpc::UntilAnswered::new(m.clone()));
-            let rsp = error_response(StatusCode::NOT_FOUND, "no route matches the request");
+            let rsp = error_response(
+                "no_route",
+                StatusCode::NOT_FOUND,
+                "no route matches the request",
+            );
             m.latency.observe(0.0);
             m.responses[status_index(rsp.status())].inc();
             return crate::http::grpc::UntilAnswered::respond(grpc, rsp);

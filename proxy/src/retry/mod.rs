@@ -606,6 +606,7 @@ mod tests {
         assert!(!p.retryable(true, &rsp(502).unwrap()));
         let proxys = || {
             crate::http::error::error_response(
+                "connect",
                 http::StatusCode::BAD_GATEWAY,
                 "connect to 10.0.0.7:8080 failed: refused",
             )
@@ -625,6 +626,7 @@ mod tests {
             "whatever the codes"
         );
         let relayed_loop = crate::http::error::error_response(
+            "loop",
             http::StatusCode::BAD_REQUEST,
             "request loop: 10.0.0.7:4143 is this proxy",
         );
@@ -636,6 +638,7 @@ mod tests {
         });
         assert!(!p13.retryable(true, &relayed_loop));
         let mut timeout = crate::http::error::error_response(
+            "request_timeout",
             http::StatusCode::GATEWAY_TIMEOUT,
             "request timeout",
         );

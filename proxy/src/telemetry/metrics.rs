@@ -438,6 +438,7 @@ pub struct Metrics {
     pub http_responses: Family<StatusLabels, Counter>,
     pub http_response_latency: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub http_rejected: Family<ReasonLabels, Counter>,
+    pub http_proxy_errors: Family<ReasonLabels, Counter>,
     pub grpc_responses: Family<GrpcLabels, Counter>,
     /// No series until the first certificate: a proxy without one exports
     /// nothing rather than an expiry in 1970.
@@ -554,6 +555,7 @@ impl Metrics {
             http_responses: Family::default(),
             http_response_latency: Family::new_with_constructor(latency_histogram),
             http_rejected: Family::default(),
+            http_proxy_errors: Family::default(),
             grpc_responses: Family::default(),
             identity_cert_expiry: Family::default(),
             identity_renewals: Counter::default(),
@@ -641,6 +643,11 @@ impl Metrics {
             "http_rejected_requests",
             "HTTP requests refused by the proxy before forwarding, by reason",
             m.http_rejected.clone(),
+        );
+        registry.register(
+            "http_proxy_errors",
+            "Responses the proxy made itself in place of the upstream's, by reason",
+            m.http_proxy_errors.clone(),
         );
         registry.register(
             "grpc_responses",

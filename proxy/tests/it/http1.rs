@@ -519,3 +519,40 @@ async fn a_stream_the_upstream_refused_is_said_not_processed() {
         "{reason}"
     );
 }
+
+/// The proxy's own answers are counted apart from the upstream's, by why:
+/// a refused connect is `connect`, an app's 500 is no proxy error.
+#[tokio::test]
+async fn the_proxys_own_errors_are_counted_by_reason() {
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = support::start_to(gone).await;
+    let c = client::http1();
+    let (status, _) = client::get(&c, &format!("http://{}/", proxy.upstream()))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let m = proxy.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_http_proxy_errors_total{direction=\"outbound\",reason=\"connect\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let (status, _) = client::get(&c, &format!("http://{}/status/500", proxy.upstream()))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let m = proxy.metrics_text();
+    assert!(
+        !m.contains("strait_proxy_http_proxy_errors_total{"),
+        "the app's answer is not the proxy's: {m}"
+    );
+}
