@@ -156,6 +156,30 @@ impl<'a> SpanWriter<'a> {
         e.attributes.truncate(n);
     }
 
+    /// One more attribute on the event last written.
+    pub fn event_str(&mut self, key: &str, value: &str) {
+        self.event_attr(key, any_value::Value::StringValue(value.to_string()));
+    }
+
+    pub fn event_int(&mut self, key: &str, value: i64) {
+        self.event_attr(key, any_value::Value::IntValue(value));
+    }
+
+    fn event_attr(&mut self, key: &str, value: any_value::Value) {
+        let Some(e) = self
+            .events
+            .checked_sub(1)
+            .and_then(|i| self.span.events.get_mut(i))
+        else {
+            return;
+        };
+        e.attributes.push(KeyValue {
+            key: key.to_string(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..KeyValue::default()
+        });
+    }
+
     pub fn dropped_events(&mut self, n: u32) {
         self.span.dropped_events_count = n;
     }
@@ -408,6 +432,7 @@ mod tests {
             w.int("n", self.retries);
             for i in 0..self.retries {
                 w.event("retry", SystemTime::UNIX_EPOCH, "attempt", i + 1);
+                w.event_str("failed_endpoint", "10.0.0.7:8080");
             }
             if let Some(e) = self.failed {
                 w.error(e);
@@ -500,6 +525,14 @@ mod tests {
         assert_eq!(spans[1].attributes.len(), 1);
         assert_eq!(attr(&spans[1], "n"), Some(any_value::Value::IntValue(1)));
         assert_eq!(spans[1].events.len(), 1);
+        // A reused event has its own attributes only: the attempt, and the
+        // one added after it.
+        let keys: Vec<&str> = spans[1].events[0]
+            .attributes
+            .iter()
+            .map(|kv| kv.key.as_str())
+            .collect();
+        assert_eq!(keys, ["attempt", "failed_endpoint"]);
 
         // Nothing to send, nothing encoded.
         assert!(enc.encode(Vec::<Test>::new()).is_none());

@@ -295,7 +295,8 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         // A timed-out attempt's 504 was made above the balancer: its endpoint
         // is where the balancer noted it.
         let picked = || req.extensions().get::<Picked>().and_then(Picked::get);
-        if let Some(ep) = served_by.or_else(picked) {
+        let failed_endpoint = served_by.or_else(picked);
+        if let Some(ep) = failed_endpoint {
             match req.extensions_mut().get_mut::<Avoid>() {
                 Some(a) => a.add(ep),
                 None => {
@@ -308,6 +309,7 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
             pending: Some(Pending {
                 retries: self.metrics.retries.clone(),
                 notes,
+                failed: (failed_endpoint, rsp.status().as_u16()),
                 paid: Some((self.budget.clone(), paid)),
             }),
         })
@@ -357,6 +359,8 @@ pin_project_lite::pin_project! {
 struct Pending {
     retries: Counter,
     notes: Option<crate::telemetry::trace::RequestNotes>,
+    /// The failed attempt's endpoint and status, for the span.
+    failed: (Option<std::net::SocketAddr>, u16),
     paid: Option<(Arc<RetryBudget>, budget::Withdrawal)>,
 }
 
@@ -365,7 +369,7 @@ impl Pending {
         self.paid = None;
         self.retries.inc();
         if let Some(n) = &self.notes {
-            n.retried();
+            n.retried(self.failed.0, self.failed.1);
         }
     }
 }

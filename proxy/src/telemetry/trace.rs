@@ -96,8 +96,18 @@ pub struct Notes {
     pub endpoint: Option<SocketAddr>,
     pub peer: Option<Identity>,
     pub retries: u32,
-    /// When each retry was sent, for the span's events (the first few).
-    pub retried_at: Vec<SystemTime>,
+    /// Each retry as it was sent, for the span's events (the first few).
+    pub retried_at: Vec<Retried>,
+}
+
+/// A retry: when it was sent, and what the attempt before it met (which a
+/// later attempt's endpoint and status would otherwise hide: a request
+/// retried to 200 names only the endpoint that answered).
+#[derive(Clone, Copy, Debug)]
+pub struct Retried {
+    pub at: SystemTime,
+    pub failed_endpoint: Option<SocketAddr>,
+    pub failed_status: u16,
 }
 
 /// Retry events kept per span at most; the count says the rest.
@@ -114,12 +124,17 @@ impl RequestNotes {
         }
     }
 
-    /// A retry is about to be sent: counted, and an event on the span.
-    pub fn retried(&self) {
+    /// A retry is about to be sent: counted, and an event on the span naming
+    /// the endpoint and status of the attempt that failed.
+    pub fn retried(&self, failed_endpoint: Option<SocketAddr>, failed_status: u16) {
         self.with(|notes| {
             notes.retries += 1;
             if notes.retried_at.len() < RETRY_EVENTS {
-                notes.retried_at.push(SystemTime::now());
+                notes.retried_at.push(Retried {
+                    at: SystemTime::now(),
+                    failed_endpoint,
+                    failed_status,
+                });
             }
         });
     }
@@ -712,8 +727,12 @@ impl Record for ProxySpan {
             w.error(error.as_deref().unwrap_or_default());
         }
         w.dropped_events(notes.retries.saturating_sub(RETRY_EVENTS as u32));
-        for (at, n) in notes.retried_at.iter().zip(1i64..) {
-            w.event("retry", *at, "strait.retry.attempt", n);
+        for (r, n) in notes.retried_at.iter().zip(1i64..) {
+            w.event("retry", r.at, "strait.retry.attempt", n);
+            w.event_int("strait.retry.failed_status", i64::from(r.failed_status));
+            if let Some(ep) = r.failed_endpoint {
+                w.event_str("strait.retry.failed_endpoint", &ep.to_string());
+            }
         }
     }
 }

@@ -115,6 +115,69 @@ fn of_trace<'a>(spans: &'a [Received], trace: &str, kind: i32) -> Vec<&'a Receiv
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
+/// A request retried to a 200 names the attempt that failed on its span's
+/// retry event: the span's own endpoint and status are the last attempt's.
+#[tokio::test]
+async fn a_retry_event_names_the_failed_attempt() {
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let m = Mesh::start(&collector.endpoint(), &[]).await;
+    m._dir.write(
+        "route.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n    retry: {{codes: [503], attempts: 3, backoff: 1ms}}\n"
+        ),
+    );
+    // Every other request fails at the backend: once the route is in force,
+    // none fails through the mesh.
+    let url = m.url("/flaky/50");
+    wait::until("the retrying route", Duration::from_secs(10), || async {
+        let c = client::http1();
+        let mut ok = 0;
+        for _ in 0..4 {
+            let req = http::Request::get(&url).body(client::empty()).unwrap();
+            if c.request(req).await.is_ok_and(|r| r.status() == 200) {
+                ok += 1;
+            }
+        }
+        ok == 4
+    })
+    .await;
+    let spans = collector
+        .wait_until(Duration::from_secs(10), |spans| {
+            spans.iter().any(|s| {
+                s.span.kind == CLIENT && s.attr("strait.retry.count").as_deref() == Some("1")
+            })
+        })
+        .await;
+    let retried = spans
+        .iter()
+        .find(|s| s.span.kind == CLIENT && s.attr("strait.retry.count").as_deref() == Some("1"))
+        .expect("a retried request's span");
+    assert_eq!(
+        retried.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let event = &retried.span.events[0];
+    assert_eq!(event.name, "retry");
+    let attr = |key: &str| {
+        event
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.clone()?.value)
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    assert_eq!(
+        attr("strait.retry.failed_status"),
+        Some(Value::IntValue(503))
+    );
+    assert_eq!(
+        attr("strait.retry.failed_endpoint"),
+        Some(Value::StringValue(m.backend.addr.to_string())),
+        "the endpoint as the span names it: {event:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_request_through_two_proxies_joins_the_apps_trace() {
     let collector = OtlpCollector::start(Mode::Accept).await;
