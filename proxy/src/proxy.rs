@@ -385,6 +385,7 @@ impl Proxy {
             }
             None => None,
         };
+        crate::transport::connect::app_at(config.app_ip);
         let inbound = Listener::bind(config.inbound_addr, Direction::Inbound, "inbound").await?;
         let outbound = Listener::bind(config.outbound_addr, Direction::Outbound, "outbound")
             .await?

@@ -68,6 +68,8 @@ pub enum UpstreamIo {
 pub struct PeerStream {
     tls: TlsStream<TcpStream>,
     refused: Arc<OnceLock<rustls::AlertDescription>>,
+    /// Outbound handshake failures, which the refusal is (once).
+    failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Connection for UpstreamIo {
@@ -95,8 +97,9 @@ impl AsyncRead for UpstreamIo {
                 let read = Pin::new(&mut s.tls).poll_read(cx, buf);
                 if let Poll::Ready(Err(e)) = &read
                     && let Some(alert) = tls::refused_our_certificate(e)
+                    && s.refused.set(alert).is_ok()
                 {
-                    let _ = s.refused.set(alert);
+                    s.failures.inc();
                 }
                 read
             }
@@ -175,6 +178,7 @@ impl tower::Service<Uri> for Connector {
                     Ok(TokioIo::new(UpstreamIo::Tls(Box::new(PeerStream {
                         tls: s,
                         refused: Arc::default(),
+                        failures: peer_tls.handshake_failures(),
                     }))))
                 }
             }

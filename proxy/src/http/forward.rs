@@ -148,7 +148,7 @@ impl Forward {
         };
         let ready = match ready {
             Ok(ready) => ready,
-            Err(e) => return Err(Failed::unsent(self.0.client_error(e, addr), req, hand_back)),
+            Err(e) => return Err(Failed::unsent(client_error(e, addr), req, hand_back)),
         };
         let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
         let revocation = is_upgrade
@@ -227,7 +227,7 @@ impl Forward {
             if let Some(fault) = body_fault.and_then(|f| f.fault()) {
                 return Failed::from(fault);
             }
-            let error = self.0.client_error(e.error, addr);
+            let error = client_error(e.error, addr);
             let unsent = match (e.unsent, edits) {
                 (Some(req), Some(edits)) => {
                     let (mut head, _) = req.into_parts();
@@ -612,25 +612,6 @@ impl UpstreamTarget {
         if let Ok(uri) = Uri::from_parts(parts) {
             *req.uri_mut() = uri;
         }
-    }
-}
-
-impl Shared {
-    /// `client_error`, counting a peer's refusal of this proxy's certificate
-    /// as the failed mTLS handshake it is.
-    fn client_error(&self, e: ClientError, addr: SocketAddr) -> ProxyError {
-        let error = client_error(e, addr);
-        if matches!(&error, ProxyError::Connect { reason, .. }
-            if reason.strip_prefix("mTLS: ").is_some_and(|r| r.starts_with(crate::identity::tls::REFUSED_OUR_CERTIFICATE)))
-        {
-            self.metrics
-                .tls_handshake_failures
-                .get_or_create(&crate::telemetry::metrics::DirectionLabels {
-                    direction: self.direction,
-                })
-                .inc();
-        }
-        error
     }
 }
 

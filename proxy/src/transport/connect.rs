@@ -41,6 +41,22 @@ pub enum ConnectError {
     },
 }
 
+/// Where this proxy reaches its own app when that is not loopback (an
+/// injected pod's own address), set once at start: connections there face
+/// the app, which cannot vanish without a word (`keepalive`).
+static APP_IP: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+
+pub fn app_at(ip: std::net::IpAddr) {
+    if !ip.is_loopback() {
+        let _ = APP_IP.set(ip);
+    }
+}
+
+/// Whether `addr` is this pod's own app (or anything on loopback).
+fn faces_app(addr: SocketAddr) -> bool {
+    addr.ip().is_loopback() || APP_IP.get() == Some(&addr.ip())
+}
+
 /// A TCP connection with our timeout, TCP_NODELAY and keepalive.
 pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -51,7 +67,7 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
         })?
         .map_err(|source| ConnectError::Io { addr, source })?;
     let _ = stream.set_nodelay(true);
-    keepalive(&stream);
+    keepalive(&stream, !faces_app(addr));
     Ok(stream)
 }
 
@@ -62,9 +78,13 @@ pub async fn tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conne
 /// until the idle timeout, an hour. Keepalive probes only a quiet
 /// connection: one with bytes sent and unacknowledged (a query written to a
 /// pooled database connection, a push to a subscriber) is retransmitted for
-/// some 15 minutes unless the user timeout ends it. Set on a listening
-/// socket, both hold for the connections it accepts.
-pub fn keepalive<S: std::os::fd::AsFd>(socket: &S) {
+/// some 15 minutes unless the user timeout ends it. The user timeout also
+/// ends a connection whose receiver keeps its window shut that long (Linux
+/// since 5.11 and its stable updates), so it is set only on `network`
+/// sockets (peers, upstreams, callers, the controller), never on those to
+/// and from this pod's app, which cannot vanish and may stop reading. Set on
+/// a listening socket, both hold for the connections it accepts.
+pub fn keepalive<S: std::os::fd::AsFd>(socket: &S, network: bool) {
     let probes = socket2::TcpKeepalive::new()
         .with_time(crate::defaults::TCP_KEEPALIVE)
         .with_interval(crate::defaults::TCP_KEEPALIVE)
@@ -72,7 +92,9 @@ pub fn keepalive<S: std::os::fd::AsFd>(socket: &S) {
     let s = socket2::SockRef::from(socket);
     let _ = s.set_tcp_keepalive(&probes);
     #[cfg(target_os = "linux")]
-    let _ = s.set_tcp_user_timeout(Some(crate::defaults::TCP_USER_TIMEOUT));
+    if network {
+        let _ = s.set_tcp_user_timeout(Some(crate::defaults::TCP_USER_TIMEOUT));
+    }
 }
 
 /// A TCP connection to a host name (the control plane's), with our timeout.
@@ -86,7 +108,7 @@ pub async fn tcp_host(host: &str, port: u16, timeout: Duration) -> io::Result<Tc
             )
         })??;
     stream.set_nodelay(true)?;
-    keepalive(&stream);
+    keepalive(&stream, true);
     Ok(stream)
 }
 
@@ -123,6 +145,12 @@ impl PeerTls {
             handshake_failures,
             configs: Arc::default(),
         }
+    }
+
+    /// Outbound handshake failures: a refusal that comes after the
+    /// handshake (TLS 1.3) counts there too.
+    pub fn handshake_failures(&self) -> Counter {
+        self.handshake_failures.clone()
     }
 
     /// The client config for `peer` speaking `alpn`, built once per

@@ -59,8 +59,10 @@ impl Listener {
         let err = |source| BindError { addr, what, source };
         let tcp = bind(addr).map_err(err)?;
         let local = tcp.local_addr().map_err(err)?;
-        // Inherited by every connection accepted: no system call each.
-        super::connect::keepalive(&tcp);
+        // Inherited by every connection accepted: no system call each. The
+        // inbound listener's callers come over the network; the others' are
+        // this pod's app.
+        super::connect::keepalive(&tcp, direction == Direction::Inbound);
         Ok(Listener {
             tcp,
             v6_loopback: None,
@@ -81,7 +83,7 @@ impl Listener {
         let addr = SocketAddr::from((Ipv6Addr::LOCALHOST, self.local.port()));
         match bind(addr) {
             Ok(tcp) => {
-                super::connect::keepalive(&tcp);
+                super::connect::keepalive(&tcp, false);
                 self.v6_loopback = Some(tcp);
             }
             Err(e) if no_ipv6(&e) || (ephemeral && e.kind() == io::ErrorKind::AddrInUse) => {
@@ -229,17 +231,31 @@ mod tests {
     use super::*;
 
     /// Both ends the proxy holds probe a quiet peer: the connection it
-    /// accepts (from its listener) and the one it makes.
+    /// accepts (from its listener) and the one it makes. Only those facing
+    /// the network give up on bytes unacknowledged: the app's may stop
+    /// reading, and cannot vanish.
     #[tokio::test]
     async fn connections_accepted_and_made_are_kept_alive() {
         let l = Listener::bind("127.0.0.1:0".parse().unwrap(), Direction::Inbound, "test")
             .await
             .unwrap();
+        // To loopback: the app's side.
         let made = super::super::connect::tcp(l.local_addr(), Duration::from_secs(5))
             .await
             .unwrap();
         let (accepted, _) = l.tcp.accept().await.unwrap();
-        for (end, s) in [("accepted", &accepted), ("made", &made)] {
+        let app_side = Listener::bind("127.0.0.1:0".parse().unwrap(), Direction::Outbound, "test")
+            .await
+            .unwrap();
+        let _from_app = tokio::net::TcpStream::connect(app_side.local_addr())
+            .await
+            .unwrap();
+        let (from_app, _) = app_side.tcp.accept().await.unwrap();
+        for (end, s, network) in [
+            ("accepted", &accepted, true),
+            ("made", &made, false),
+            ("the app's", &from_app, false),
+        ] {
             let s = socket2::SockRef::from(s);
             assert!(s.keepalive().unwrap(), "{end}");
             assert_eq!(
@@ -254,8 +270,8 @@ mod tests {
             );
             assert_eq!(
                 s.tcp_user_timeout().unwrap(),
-                Some(crate::defaults::TCP_USER_TIMEOUT),
-                "{end}: a peer gone with bytes in flight is given up too"
+                network.then_some(crate::defaults::TCP_USER_TIMEOUT),
+                "{end}: a peer gone with bytes in flight is given up too, the app never"
             );
         }
     }
