@@ -887,8 +887,10 @@ fn not_injected_or_in_another_mesh() -> String {
 
 /// A pod of a namespace not labelled for injection is injected only when
 /// its own annotation (any value but `disabled`, which is checked) or label
-/// (`enabled`) asks, as `inject::inject` reads them.
-const ASKS_FOR_IT: &str = "(has(object.metadata.annotations) && 'strait.dev/inject' in object.metadata.annotations) || (has(object.metadata.labels) && 'strait.dev/inject' in object.metadata.labels && object.metadata.labels['strait.dev/inject'] == 'enabled')";
+/// (`enabled`) asks, as `inject::inject` reads them; one injected already
+/// (`strait inject` writes `strait.dev/inbound-port`) is looked at for
+/// another mesh's sidecar (`not-injected-or-in-another-mesh` sends only those).
+const ASKS_FOR_IT: &str = "(has(object.metadata.annotations) && ('strait.dev/inject' in object.metadata.annotations || 'strait.dev/inbound-port' in object.metadata.annotations)) || (has(object.metadata.labels) && 'strait.dev/inject' in object.metadata.labels && object.metadata.labels['strait.dev/inject'] == 'enabled')";
 
 /// Two webhooks, as the injector reads them (`inject::webhook`): pods of
 /// labelled namespaces always, other pods (outside the system namespaces) when

@@ -370,6 +370,15 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         .get("spec")
         .and_then(Value::as_object)
         .ok_or(InjectError::Malformed("no spec"))?;
+    let named = |list: &str, name: &str| {
+        spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+        })
+    };
+    // Injected already (`strait inject`'s output names no `strait.dev/inject`):
+    // looked at below for another mesh's sidecar whatever asks.
+    let injected = named("initContainers", PROXY_CONTAINER) || named("containers", PROXY_CONTAINER);
     match annotation(INJECT) {
         Some("disabled") => return Ok(Outcome::Skip("the pod's strait.dev/inject is disabled")),
         Some("enabled") => {}
@@ -381,7 +390,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             });
         }
         // The label asks as the annotation does (as Istio's pod label does).
-        None if ns == Namespace::NotEnabled && label != Some("enabled") => {
+        None if ns == Namespace::NotEnabled && label != Some("enabled") && !injected => {
             return Ok(Outcome::Skip(
                 "neither the pod nor its namespace asks for it",
             ));
@@ -409,12 +418,6 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             "the pod resolves names with its node's DNS (dnsPolicy: Default), where the controller's Service has no name",
         ));
     }
-    let named = |list: &str, name: &str| {
-        spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
-        })
-    };
     // Before "already injected": a manifest injected by `strait inject` that
     // another mesh's injector then gave its sidecar too would run two.
     let other: Vec<&str> = OTHER_MESHES
@@ -442,7 +445,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             "the pod is in Istio's ambient mesh (its istio.io/dataplane-mode label, or ambient.istio.io/redirection): take it out of that mesh first (strait.dev/inject: disabled keeps strait out)".into(),
         ));
     }
-    if named("initContainers", PROXY_CONTAINER) || named("containers", PROXY_CONTAINER) {
+    if injected {
         return Ok(Outcome::Skip("already injected"));
     }
     // What an earlier injection left when its proxy was taken out by hand:

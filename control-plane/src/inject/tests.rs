@@ -215,10 +215,20 @@ fn an_injected_pod_another_mesh_claimed_too_is_refused() {
         .as_array_mut()
         .unwrap()
         .push(json!({"name": "linkerd-proxy", "image": "x"}));
-    let e = inject(&both, Namespace::Enabled, &settings()).unwrap_err();
+    // Whether or not its namespace is labelled: `strait inject`'s output
+    // names no `strait.dev/inject`.
+    for ns in [Namespace::Enabled, Namespace::NotEnabled] {
+        let e = inject(&both, ns, &settings()).unwrap_err();
+        assert!(
+            e.to_string().contains("another mesh's linkerd-proxy"),
+            "{e}"
+        );
+    }
     assert!(
-        e.to_string().contains("another mesh's linkerd-proxy"),
-        "{e}"
+        both["metadata"]["annotations"]
+            .get("strait.dev/inbound-port")
+            .is_some(),
+        "what the opt-in webhook's condition looks for"
     );
 }
 
