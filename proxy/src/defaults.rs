@@ -146,8 +146,14 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (hyper resends only requests the close beat to the socket.) Apps with a
 /// shorter keep-alive (gunicorn's async workers, 2 s) can still meet the race.
 pub const HTTP1_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Idle HTTP/1 connections kept per upstream.
-pub const POOL_MAX_IDLE_PER_HOST: usize = 64;
+/// Idle HTTP/1 connections kept per upstream: all of them, until
+/// `HTTP1_POOL_IDLE_TIMEOUT` (as Linkerd's inbound). A cap closed what a burst
+/// above it had opened, only to open them again at the next burst: a
+/// handshake each time, and the proxy left holding every closed
+/// connection's TIME_WAIT, which all its callers' connections to one app port
+/// share (some 28,000 ports a minute). The connections in use are bounded by
+/// `--max-in-flight-requests`.
+pub const POOL_MAX_IDLE_PER_HOST: usize = usize::MAX;
 /// HTTP/2 connections opened to one upstream when every open one is at the
 /// peer's concurrent-stream limit; past this, requests wait for a stream.
 pub const H2_MAX_CONNECTIONS_PER_UPSTREAM: usize = 16;

@@ -368,10 +368,22 @@ fn conditions(
             ))
         }
     };
+    // A route that sends to the Service uses its policy there.
+    let a_route_sends_to = |name: &String| {
+        snap.routes.values().any(|r| {
+            r.rules
+                .iter()
+                .flat_map(|rule| &rule.backends)
+                .any(|b| b.service.namespace == s.namespace && b.service.name == *name)
+        })
+    };
     let no_frontend = match s.kind {
         Kind::BackendPolicy => s.targets.iter().find_map(|t| {
+            if a_route_sends_to(t) {
+                return None;
+            }
             no_frontend_for(t, "Service's policy").map(|why| {
-                format!("{why} (only a route that sends to the Service uses it; declare its pods' opaque ports in their strait.dev/opaque-ports)")
+                format!("{why} (only a route that sends to the Service would use it, and none does; declare its pods' opaque ports in their strait.dev/opaque-ports)")
             })
         }),
         _ => parent
@@ -1423,9 +1435,9 @@ mod tests {
             &mut snap,
             "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: None, ports: [{port: 5432}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 8080}]}\n",
         );
-        let accepted = |yaml: String| {
+        let accepted_in = |snap: &Snapshot, yaml: String| {
             let v: Value = serde_norway::from_str(&yaml).unwrap();
-            let want = desired(&StatusInput::of(Kind::BackendPolicy, &v, None), &snap);
+            let want = desired(&StatusInput::of(Kind::BackendPolicy, &v, None), snap);
             let c = condition_in(&want["conditions"], "Accepted");
             (
                 c["status"].as_str().unwrap().to_string(),
@@ -1433,20 +1445,27 @@ mod tests {
                 c["message"].as_str().unwrap().to_string(),
             )
         };
-        let (status, reason, message) = accepted(policy("db", "5432"));
+        let (status, reason, message) = accepted_in(&snap, policy("db", "5432"));
         assert_eq!(
             (status.as_str(), reason.as_str()),
             ("False", "UnsupportedValue")
         );
         assert!(message.contains("headless"), "{message}");
-        let (status, _, message) = accepted(policy("api", "8080"));
+        let (status, _, message) = accepted_in(&snap, policy("api", "8080"));
         assert_eq!(status, "True");
         assert!(
             message.contains("opaquePorts 8080 are not ports of Service api (its ports: 80)"),
             "{message}"
         );
-        let (_, _, message) = accepted(policy("api", "80"));
+        let (_, _, message) = accepted_in(&snap, policy("api", "80"));
         assert_eq!(message, "accepted by strait");
+        // Once a route sends to the headless Service, the policy is used there.
+        insert(
+            &mut snap,
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-db, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: api}]\n  rules:\n  - backendRefs: [{name: db, port: 5432}]\n",
+        );
+        let (status, _, message) = accepted_in(&snap, policy("db", "5432"));
+        assert_eq!(status, "True", "{message}");
     }
 
     /// A message quoting a long refused value is cut, so that the status

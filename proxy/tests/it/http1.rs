@@ -556,3 +556,28 @@ async fn the_proxys_own_errors_are_counted_by_reason() {
         "the app's answer is not the proxy's: {m}"
     );
 }
+
+/// Connections a burst opened to an upstream are all kept for the next
+/// burst: a cap on idle ones closed those above it (the proxy left holding
+/// their TIME_WAIT) only to open them again.
+#[tokio::test]
+async fn a_burst_s_connections_are_all_reused_by_the_next() {
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let url = format!("http://{}/slow/300", proxy.upstream());
+    let burst = || async {
+        let c = client::http1();
+        let all = (0..80).map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            async move { client::get(&c, &url).await.unwrap().0 }
+        });
+        for status in futures_util::future::join_all(all).await {
+            assert_eq!(status, StatusCode::OK);
+        }
+    };
+    burst().await;
+    let first = backend.connections();
+    assert!(first >= 70, "the burst ran at once: {first} connections");
+    burst().await;
+    assert_eq!(backend.connections(), first, "the second burst reused them");
+}
