@@ -54,10 +54,12 @@ pub const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
 pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// How long sent bytes may go unacknowledged on a connection over the network
 /// before it is given up (`TCP_USER_TIMEOUT`), for a peer gone while data was
-/// in flight, which keepalive does not probe. Linux applies it as well to a
-/// receiver that keeps its window shut, so it is longer than keepalive's
-/// 40 s: a stream whose far app stops reading for a minute is cut.
-pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// in flight, which keepalive does not probe. Set, it also takes over from
+/// keepalive's count of probes, so it is keepalive's 40 s: longer would find
+/// a quiet dead peer later too. Linux applies it as well to a receiver that
+/// keeps its window shut (Linkerd's is 30 s).
+pub const TCP_USER_TIMEOUT: Duration =
+    Duration::from_secs(TCP_KEEPALIVE.as_secs() * (1 + TCP_KEEPALIVE_PROBES as u64));
 
 /// How often heap freed since is handed back to the kernel (`malloc_trim`), so
 /// a burst's memory leaves within this time of its end.

@@ -350,6 +350,29 @@ pub fn grpc_route_on<'a>(
         .min()
 }
 
+/// Whether a route served on some Service port sends there to `target` (a
+/// backendRef of a kind strait sends to, at a port `target` has): where a
+/// headless Service's BackendPolicy is used after all.
+pub fn served_route_sends_to(snap: &Snapshot, target: &ObjKey) -> bool {
+    snap.routes.iter().any(|(id, r)| {
+        r.parents.iter().any(|p| {
+            let Some(info) = snap.services.get(&p.service) else {
+                return false;
+            };
+            info.ports.iter().any(|sp| {
+                r.rules.iter().flat_map(|rule| &rule.backends).any(|b| {
+                    let (to, port) = b.target(sp.port);
+                    b.unsupported_kind.is_none()
+                        && to == target
+                        && service_port(snap, to, port).is_some()
+                }) && attached_routes(snap, &p.service, sp)
+                    .iter()
+                    .any(|(served, _)| *served == id)
+            })
+        })
+    })
+}
+
 /// A Service's port, when the index has both.
 fn service_port<'a>(snap: &'a Snapshot, svc: &ObjKey, port: u16) -> Option<&'a ServicePort> {
     snap.services

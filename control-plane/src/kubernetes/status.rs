@@ -368,14 +368,17 @@ fn conditions(
             ))
         }
     };
-    // A route that sends to the Service uses its policy there.
+    // A route served elsewhere that sends to a headless Service uses its
+    // policy there (none can send to an ExternalName one).
     let a_route_sends_to = |name: &String| {
-        snap.routes.values().any(|r| {
-            r.rules
-                .iter()
-                .flat_map(|rule| &rule.backends)
-                .any(|b| b.service.namespace == s.namespace && b.service.name == *name)
-        })
+        service(name).is_some_and(|i| i.headless && !i.external_name)
+            && crate::index::view::served_route_sends_to(
+                snap,
+                &ObjKey {
+                    namespace: s.namespace.clone(),
+                    name: name.clone(),
+                },
+            )
     };
     let no_frontend = match s.kind {
         Kind::BackendPolicy => s.targets.iter().find_map(|t| {
@@ -1459,7 +1462,14 @@ mod tests {
         );
         let (_, _, message) = accepted_in(&snap, policy("api", "80"));
         assert_eq!(message, "accepted by strait");
-        // Once a route sends to the headless Service, the policy is used there.
+        // A route on the headless Service itself is never served: no use.
+        insert(
+            &mut snap,
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: self-db, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: db}]\n  rules:\n  - backendRefs: [{name: db, port: 5432}]\n",
+        );
+        let (status, _, message) = accepted_in(&snap, policy("db", "5432"));
+        assert_eq!(status, "False", "{message}");
+        // Once a route served elsewhere sends to it, the policy is used there.
         insert(
             &mut snap,
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-db, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: api}]\n  rules:\n  - backendRefs: [{name: db, port: 5432}]\n",
