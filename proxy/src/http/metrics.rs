@@ -169,8 +169,11 @@ where
         };
         let layer = &*this.layer.0;
         // Its own answers (an error, a refusal) the proxy tells apart from
-        // the upstream's by why; rare, so looked up by label when they come.
-        if let Some(made) = rsp.extensions().get::<super::error::ProxyMade>() {
+        // the upstream's by why; rare, so looked up by label when they come,
+        // and looked for only among errors (every one is 4xx or 5xx).
+        if rsp.status().as_u16() >= 400
+            && let Some(made) = rsp.extensions().get::<super::error::ProxyMade>()
+        {
             layer
                 .metrics
                 .http_proxy_errors
