@@ -251,6 +251,32 @@ impl PeerTls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::{
+        CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair,
+    };
+
+    /// A root CA, and its certificate's PEM.
+    fn test_root() -> (Issuer<'static, KeyPair>, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        (Issuer::new(params, key), pem)
+    }
+
+    /// Signs `creds`'s request with `by`, installs the leaf, and returns it.
+    fn install_signed(creds: &Credentials, by: &Issuer<'_, KeyPair>) -> Vec<u8> {
+        let mut csr =
+            CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into()).unwrap();
+        csr.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = csr.signed_by(by).unwrap().der().to_vec();
+        creds.install(leaf.clone(), Vec::new()).unwrap();
+        leaf
+    }
 
     #[test]
     fn every_identity_has_a_server_name() {
@@ -335,40 +361,18 @@ mod tests {
     /// read, and is known for what it is there.
     #[tokio::test]
     async fn a_peer_refusing_our_certificate_is_known_by_its_alert() {
-        use rcgen::{
-            CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa,
-            Issuer, KeyPair,
-        };
         use tokio::io::AsyncReadExt;
-        let root = || {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::default();
-            params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            let pem = params.self_signed(&key).unwrap().pem();
-            (Issuer::new(params, key), pem)
-        };
-        let ((old, old_pem), (new, new_pem)) = (root(), root());
-        let install = |creds: &Credentials, by: &Issuer<'_, KeyPair>| {
-            let mut csr =
-                CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into())
-                    .unwrap();
-            csr.params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let leaf = csr.signed_by(by).unwrap().der().to_vec();
-            creds.install(leaf, Vec::new()).unwrap();
-        };
+        let ((old, old_pem), (new, new_pem)) = (test_root(), test_root());
         let anchors = |pem: &str| crate::identity::TrustAnchors::from_pem(pem.as_bytes()).unwrap();
         // The peer trusts the old issuer only; this proxy, renewed by the new
         // one, trusts both.
         let web = Identity::of("cluster.local", "shop", "web").unwrap();
         let server = Arc::new(Credentials::generate(web.clone(), anchors(&old_pem)).unwrap());
-        install(&server, &old);
+        install_signed(&server, &old);
         let me = Identity::of("cluster.local", "shop", "client").unwrap();
         let both = format!("{old_pem}{new_pem}");
         let client = Arc::new(Credentials::generate(me, anchors(&both)).unwrap());
-        install(&client, &new);
+        install_signed(&client, &new);
 
         let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -401,31 +405,11 @@ mod tests {
     /// caller refused it at every reconnect.
     #[tokio::test]
     async fn a_peer_s_renewal_reaches_callers_that_resumed_with_it() {
-        use rcgen::{
-            CertificateParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa,
-            Issuer, KeyPair,
-        };
         use rustls::HandshakeKind;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let root_key = KeyPair::generate().unwrap();
-        let mut root_params = CertificateParams::default();
-        root_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let root_cert = root_params.self_signed(&root_key).unwrap();
-        let root = Issuer::new(root_params, root_key);
-        let anchors =
-            || crate::identity::TrustAnchors::from_pem(root_cert.pem().as_bytes()).unwrap();
-        let install = |creds: &Credentials| {
-            let mut csr =
-                CertificateSigningRequestParams::from_der(&creds.csr_der().unwrap().into())
-                    .unwrap();
-            csr.params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let leaf = csr.signed_by(&root).unwrap().der().to_vec();
-            creds.install(leaf.clone(), Vec::new()).unwrap();
-            leaf
-        };
+        let (root, root_pem) = test_root();
+        let anchors = || crate::identity::TrustAnchors::from_pem(root_pem.as_bytes()).unwrap();
+        let install = |creds: &Credentials| install_signed(creds, &root);
         let web = Identity::of("cluster.local", "shop", "web").unwrap();
         let server = Arc::new(Credentials::generate(web.clone(), anchors()).unwrap());
         let me = Identity::of("cluster.local", "shop", "client").unwrap();
