@@ -60,6 +60,7 @@ pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// keeps its window shut (Linkerd's is 30 s).
 pub const TCP_USER_TIMEOUT: Duration =
     Duration::from_secs(TCP_KEEPALIVE.as_secs() * (1 + TCP_KEEPALIVE_PROBES as u64));
+const _: () = assert!(TCP_USER_TIMEOUT.as_secs() == 40, "keepalive's give-up time");
 
 /// How often heap freed since is handed back to the kernel (`malloc_trim`), so
 /// a burst's memory leaves within this time of its end.

@@ -359,15 +359,20 @@ pub fn served_route_sends_to(snap: &Snapshot, target: &ObjKey) -> bool {
             let Some(info) = snap.services.get(&p.service) else {
                 return false;
             };
+            // Not on an opaque port, where no route is applied; a backend
+            // weighted 0 gets nothing.
             info.ports.iter().any(|sp| {
-                r.rules.iter().flat_map(|rule| &rule.backends).any(|b| {
-                    let (to, port) = b.target(sp.port);
-                    b.unsupported_kind.is_none()
-                        && to == target
-                        && service_port(snap, to, port).is_some()
-                }) && attached_routes(snap, &p.service, sp)
-                    .iter()
-                    .any(|(served, _)| *served == id)
+                !opaque_port(snap, &p.service, sp)
+                    && r.rules.iter().flat_map(|rule| &rule.backends).any(|b| {
+                        let (to, port) = b.target(sp.port);
+                        b.unsupported_kind.is_none()
+                            && b.weight > 0
+                            && to == target
+                            && service_port(snap, to, port).is_some()
+                    })
+                    && attached_routes(snap, &p.service, sp)
+                        .iter()
+                        .any(|(served, _)| *served == id)
             })
         })
     })

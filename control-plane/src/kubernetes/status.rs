@@ -386,7 +386,7 @@ fn conditions(
                 return None;
             }
             no_frontend_for(t, "Service's policy").map(|why| {
-                format!("{why} (only a route that sends to the Service would use it, and none does; declare its pods' opaque ports in their strait.dev/opaque-ports)")
+                format!("{why} (only a route served on another Service's port that sends to it would use it, and none is served; declare its pods' opaque ports in their strait.dev/opaque-ports)")
             })
         }),
         _ => parent
@@ -1469,6 +1469,7 @@ mod tests {
         );
         let (status, _, message) = accepted_in(&snap, policy("db", "5432"));
         assert_eq!(status, "False", "{message}");
+        assert!(message.contains("none is served"), "{message}");
         // Once a route served elsewhere sends to it, the policy is used there.
         insert(
             &mut snap,
@@ -1476,6 +1477,13 @@ mod tests {
         );
         let (status, _, message) = accepted_in(&snap, policy("db", "5432"));
         assert_eq!(status, "True", "{message}");
+        // Unless the port it is on is carried as TCP, where no route applies.
+        insert(
+            &mut snap,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 8080, appProtocol: tcp}]}\n",
+        );
+        let (status, _, message) = accepted_in(&snap, policy("db", "5432"));
+        assert_eq!(status, "False", "{message}");
     }
 
     /// A message quoting a long refused value is cut, so that the status

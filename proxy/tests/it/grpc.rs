@@ -174,3 +174,34 @@ async fn http2_trailers_pass_through() {
     assert_eq!(total, 300000);
     assert!(frames > 1, "streamed, not one buffered blob");
 }
+
+/// A gRPC call the proxy answers itself (its upstream refuses connections)
+/// is UNAVAILABLE to the caller, answered as HTTP 200 with a grpc-status, and
+/// still counted as the proxy's own answer, by why.
+#[tokio::test]
+async fn a_grpc_call_the_proxy_answers_is_counted_as_its_own() {
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = support::start_to(gone).await;
+    let channel = Channel::from_shared(format!("http://{}", proxy.upstream()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = EchoClient::new(channel)
+        .unary(req("hi", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    let m = proxy.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_http_proxy_errors_total{direction=\"outbound\",reason=\"connect\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
