@@ -180,10 +180,7 @@ async fn http2_trailers_pass_through() {
 /// still counted as the proxy's own answer, by why.
 #[tokio::test]
 async fn a_grpc_call_the_proxy_answers_is_counted_as_its_own() {
-    let gone = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let gone = support::refused_addr();
     let proxy = support::start_to(gone).await;
     let channel = Channel::from_shared(format!("http://{}", proxy.upstream()))
         .unwrap()
@@ -195,13 +192,10 @@ async fn a_grpc_call_the_proxy_answers_is_counted_as_its_own() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
-    let m = proxy.metrics_text();
     assert_eq!(
-        metric(
-            &m,
-            "strait_proxy_http_proxy_errors_total{direction=\"outbound\",reason=\"connect\"}"
-        ),
+        support::outbound_proxy_errors(&proxy, "connect"),
         Some(1.0),
-        "{m}"
+        "{}",
+        proxy.metrics_text()
     );
 }

@@ -524,24 +524,18 @@ async fn a_stream_the_upstream_refused_is_said_not_processed() {
 /// a refused connect is `connect`, an app's 500 is no proxy error.
 #[tokio::test]
 async fn the_proxys_own_errors_are_counted_by_reason() {
-    let gone = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let gone = support::refused_addr();
     let proxy = support::start_to(gone).await;
     let c = client::http1();
     let (status, _) = client::get(&c, &format!("http://{}/", proxy.upstream()))
         .await
         .unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    let m = proxy.metrics_text();
     assert_eq!(
-        metric(
-            &m,
-            "strait_proxy_http_proxy_errors_total{direction=\"outbound\",reason=\"connect\"}"
-        ),
+        support::outbound_proxy_errors(&proxy, "connect"),
         Some(1.0),
-        "{m}"
+        "{}",
+        proxy.metrics_text()
     );
 
     let backend = Backend::start().await;

@@ -83,3 +83,19 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A loopback address nothing listens on: connecting there is refused.
+pub fn refused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Responses the proxy made itself outbound for `reason`.
+pub fn outbound_proxy_errors(proxy: &TestProxy, reason: &str) -> Option<f64> {
+    metric(
+        &proxy.metrics_text(),
+        &format!(
+            "strait_proxy_http_proxy_errors_total{{direction=\"outbound\",reason=\"{reason}\"}}"
+        ),
+    )
+}

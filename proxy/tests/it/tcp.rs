@@ -82,10 +82,7 @@ async fn declared_opaque_ports_skip_detection() {
 /// clean, empty answer and take it for the server's.
 #[tokio::test]
 async fn a_refused_opaque_stream_is_reset_not_closed() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = support::refused_addr();
     let proxy = support::start_to(dead).await;
     let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
     s.write_all(&[0u8, 1, 2, 3, 255]).await.unwrap();
