@@ -61,6 +61,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let head = req.method() == Method::HEAD;
         if req.extensions().get::<OverCap>().is_some() {
             // Shed at once: queued, it would hold what the cap keeps free.
             self.metrics.reject_http(self.direction, "in_flight_limit");
@@ -77,7 +78,7 @@ where
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many requests in flight (not processed)",
             );
-            return Either::Left(std::future::ready(Ok(rsp)));
+            return Either::Left(std::future::ready(Ok(to_method(rsp, head))));
         }
         if let Err(refused) = check_head(&mut req) {
             // Each of these lets two parsers read different requests from the
@@ -94,7 +95,7 @@ where
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
             );
-            return Either::Left(std::future::ready(Ok(rsp)));
+            return Either::Left(std::future::ready(Ok(to_method(rsp, head))));
         }
         let keep_upgrade = upgrade::is_upgrade_request(&req);
         let keep_alive_10 =
@@ -103,6 +104,7 @@ where
         Either::Right(NormalizeFuture {
             inner: self.inner.call(req),
             keep_alive_10,
+            head,
         })
     }
 }
@@ -115,6 +117,7 @@ pin_project_lite::pin_project! {
         // An HTTP/1.0 client that asked to keep its connection: hyper keeps
         // it only if the response says so.
         keep_alive_10: bool,
+        head: bool,
     }
 }
 
@@ -163,8 +166,31 @@ where
                 header::HeaderValue::from_static("keep-alive"),
             );
         }
-        Poll::Ready(Ok(rsp))
+        Poll::Ready(Ok(to_method(rsp, *this.head)))
     }
+}
+
+/// A response to HEAD has no content (RFC 9110 §9.3.2). hyper's HTTP/1
+/// server leaves it out, but its HTTP/2 server sends the body as DATA, which
+/// the caller's HTTP/2 stack takes for a protocol error and resets the stream
+/// over (and a calling proxy, after 1,024 of them on one connection to a
+/// peer, tears down the connection with every stream on it). The proxy's own
+/// answers have a body; an upstream's answer to HEAD has none. The length
+/// the body would have had is kept, as a GET's answer would give it.
+fn to_method(mut rsp: Response<BoxBody>, head: bool) -> Response<BoxBody> {
+    if !head {
+        return rsp;
+    }
+    let length = http_body::Body::size_hint(rsp.body()).exact();
+    let headers = rsp.headers_mut();
+    if let Some(n) = length.filter(|n| *n > 0)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        headers.insert(header::CONTENT_LENGTH, n.into());
+    }
+    *rsp.body_mut() = super::empty();
+    rsp
 }
 
 /// Whether `Connection` asks to keep the connection (HTTP/1.0's opt-in).

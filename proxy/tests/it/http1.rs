@@ -575,3 +575,26 @@ async fn a_burst_s_connections_are_all_reused_by_the_next() {
     burst().await;
     assert_eq!(backend.connections(), first, "the second burst reused them");
 }
+
+/// The proxy's own answer to a HEAD has no content (RFC 9110 §9.3.2), over
+/// HTTP/2 too: DATA on a HEAD stream is malformed, the caller's HTTP/2 stack
+/// resets the stream, and a calling proxy whose connection to a peer counts
+/// 1,024 such resets tears that connection down with everything on it.
+#[tokio::test]
+async fn the_proxys_own_answer_to_a_head_has_no_body() {
+    let gone = support::refused_addr();
+    let proxy = support::start_to(gone).await;
+    for c in [client::http1(), client::http2()] {
+        let req = Request::head(format!("http://{}/", proxy.upstream()))
+            .body(client::body(Bytes::new()))
+            .unwrap();
+        let rsp = c.request(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+        assert!(rsp.headers().contains_key("strait-proxy-error"));
+        // The length a GET's answer would have had, as HEAD gives it.
+        let length = &rsp.headers()[http::header::CONTENT_LENGTH];
+        assert_ne!(length, "0", "{:?}", rsp.headers());
+        let body = rsp.into_body().collect().await.map(|b| b.to_bytes());
+        assert!(body.as_ref().is_ok_and(Bytes::is_empty), "{body:?}");
+    }
+}
