@@ -353,18 +353,32 @@ pub fn check_head<B>(req: &mut Request<B>) -> Result<(), HeadRefusal> {
         if req.uri().authority().is_some() && req.uri().scheme().is_none() {
             return Err(HeadRefusal::AuthorityForm);
         }
-        if let Some(a) = req.uri().authority() {
-            let host = super::host_port(a);
-            if h.get(header::HOST).map(|v| v.as_bytes()) != Some(host.as_bytes())
-                && let Ok(v) = header::HeaderValue::from_str(&host)
-            {
-                req.headers_mut().insert(header::HOST, v);
-            }
+        if req.uri().authority().is_some() {
+            host_from_authority(req);
         } else if !first && req.version() == Version::HTTP_11 {
             return Err(HeadRefusal::MissingHost);
         }
+    } else if !h1 && first {
+        // HTTP/2: `:authority` is the target (the destination, the next hop
+        // and an HTTP/2 app read it); a `host` naming another would pick a
+        // route's Host rule for a request the app serves as the authority's
+        // (RFC 9113 §8.3.1).
+        host_from_authority(req);
     }
     Ok(())
+}
+
+/// Makes Host name the request target's authority, when it has one.
+fn host_from_authority<B>(req: &mut Request<B>) {
+    let Some(a) = req.uri().authority() else {
+        return;
+    };
+    let host = super::host_port(a);
+    if req.headers().get(header::HOST).map(|v| v.as_bytes()) != Some(host.as_bytes())
+        && let Ok(v) = header::HeaderValue::from_str(&host)
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
 }
 
 static HOP_BY_HOP: [HeaderName; 5] = [
@@ -533,6 +547,33 @@ mod tests {
         let mut h10 = req("/", &[]);
         *h10.version_mut() = Version::HTTP_10;
         assert_eq!(check_head(&mut h10), Ok(()), "HTTP/1.0 needs no Host");
+    }
+
+    /// Over HTTP/2 the target is `:authority`, which the destination, the
+    /// next hop and an HTTP/2 app read: a `host` field naming another is
+    /// made to agree (RFC 9113 §8.3.1), so that a route matching on Host
+    /// picks the rule for the request the app serves.
+    #[test]
+    fn an_http2_host_field_agrees_with_the_authority() {
+        let h2 = |uri: &str, host: Option<&str>| {
+            let mut b = Request::builder().uri(uri).version(Version::HTTP_2);
+            if let Some(h) = host {
+                b = b.header(header::HOST, h);
+            }
+            b.body(()).unwrap()
+        };
+        let mut other = h2("http://web.shop/x", Some("admin.shop"));
+        assert_eq!(check_head(&mut other), Ok(()));
+        assert_eq!(other.headers()[header::HOST], "web.shop");
+        let mut same = h2("http://web.shop:8080/x", Some("web.shop:8080"));
+        assert_eq!(check_head(&mut same), Ok(()));
+        assert_eq!(same.headers()[header::HOST], "web.shop:8080");
+        let mut none = h2("http://web.shop/x", None);
+        assert_eq!(check_head(&mut none), Ok(()));
+        assert!(!none.headers().contains_key(header::HOST), "none added");
+        let mut host_only = h2("/x", Some("web.shop"));
+        assert_eq!(check_head(&mut host_only), Ok(()));
+        assert_eq!(host_only.headers()[header::HOST], "web.shop");
     }
 
     #[test]
