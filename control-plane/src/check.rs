@@ -379,32 +379,21 @@ fn anchor_set(pem: &str) -> Option<Vec<Vec<u8>>> {
 /// inject` wrote then): mid-rotation, the pods still to restart before the
 /// issuer moves, or they are cut off from it.
 #[derive(Debug, Default)]
-struct StaleAnchors {
-    stale: usize,
+struct StaleAnchors(Named);
+
+/// Pods counted, the first few named.
+#[derive(Debug, Default)]
+pub(crate) struct Named {
+    pub count: usize,
     /// The first few, by namespace and name.
     named: Vec<String>,
 }
 
-impl StaleAnchors {
+impl Named {
     const NAMED: usize = 5;
 
-    fn count(&mut self, p: &Pod, bundle: &[Vec<u8>]) {
-        if !should_run(p) {
-            return;
-        }
-        let given = proxy_container(p)
-            .and_then(|c| c.env.as_ref())
-            .into_iter()
-            .flatten()
-            .find(|e| e.name == "STRAIT_PROXY_TRUST_ANCHORS_PEM")
-            .and_then(|e| e.value.as_deref());
-        let Some(given) = given else {
-            return;
-        };
-        if anchor_set(given).as_deref() == Some(bundle) {
-            return;
-        }
-        self.stale += 1;
+    fn push(&mut self, p: &Pod) {
+        self.count += 1;
         if self.named.len() < Self::NAMED {
             let m = &p.metadata;
             self.named.push(format!(
@@ -414,19 +403,76 @@ impl StaleAnchors {
             ));
         }
     }
+}
+
+/// `ns/a, ns/b and 3 more`.
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.named.join(", "))?;
+        match self.count - self.named.len() {
+            0 => Ok(()),
+            n => write!(f, " and {n} more"),
+        }
+    }
+}
+
+/// The meshed pods that should be running, and the trust domain their
+/// proxies were given: what `strait install` and `strait uninstall` look for
+/// where the install is gone, or about to go.
+#[derive(Debug, Default)]
+pub(crate) struct Meshed {
+    pub pods: Named,
+    pub trust_domain: Option<String>,
+}
+
+impl Meshed {
+    fn count(&mut self, p: &Pod) {
+        let Some(proxy) = proxy_container(p).filter(|_| should_run(p)) else {
+            return;
+        };
+        self.pods.push(p);
+        if self.trust_domain.is_none() {
+            self.trust_domain = proxy_env(proxy, "STRAIT_PROXY_TRUST_DOMAIN").map(String::from);
+        }
+    }
+}
+
+/// Every meshed pod of the cluster, a page at a time.
+pub(crate) async fn meshed_pods(client: kube::Client) -> Result<Meshed, kube::Error> {
+    each_listed(&Api::<Pod>::all(client), PODS_PAGE, Meshed::count).await
+}
+
+/// A literal variable of the proxy container.
+fn proxy_env<'a>(proxy: &'a k8s_openapi::api::core::v1::Container, name: &str) -> Option<&'a str> {
+    proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+impl StaleAnchors {
+    fn count(&mut self, p: &Pod, bundle: &[Vec<u8>]) {
+        if !should_run(p) {
+            return;
+        }
+        let given = proxy_container(p).and_then(|c| proxy_env(c, "STRAIT_PROXY_TRUST_ANCHORS_PEM"));
+        let Some(given) = given else {
+            return;
+        };
+        if anchor_set(given).as_deref() != Some(bundle) {
+            self.0.push(p);
+        }
+    }
 
     fn line(&self) -> Option<Line> {
-        (self.stale > 0).then(|| {
-            let more = match self.stale - self.named.len() {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
+        (self.0.count > 0).then(|| {
             line(
                 Verdict::Warn,
                 format!(
-                    "{} meshed pod(s) hold other trust anchors than ConfigMap {ANCHORS_CONFIG_MAP} ({}{more}): restart them before moving the issuer to a new anchor, or they lose their peers and the controller",
-                    self.stale,
-                    self.named.join(", ")
+                    "{} meshed pod(s) hold other trust anchors than ConfigMap {ANCHORS_CONFIG_MAP} ({}): restart them before moving the issuer to a new anchor, or they lose their peers and the controller",
+                    self.0.count, self.0
                 ),
             )
         })

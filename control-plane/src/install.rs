@@ -77,6 +77,9 @@ pub struct InstallArgs {
 
 /// How long looking for an existing install may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long reading every pod may take, a page at a time: tens of
+/// thousands of them are some hundred pages.
+const PODS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The manifests, keeping the identity of the install already in the cluster
 /// (as the chart does with `lookup`): applying them again, to change an image
@@ -149,7 +152,7 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
     let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
-    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, NAMESPACE);
+    let deployments: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let all = async {
         if !identity {
             return Ok::<_, kube::Error>((None, None, deployments.get_opt(CONTROLLER).await?));
@@ -164,7 +167,62 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         .await
         .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
         .map_err(|e| cannot(&e))?;
+    if secret.is_none() && anchors.is_none() && controller.is_none() {
+        return left_behind(client, identity).await;
+    }
     installed(secret, anchors, controller, identity)
+}
+
+/// With no install in its namespace, what one left: meshed pods, or the
+/// injector's configuration, which is cluster-wide and outlives a deleted
+/// namespace. Their proxies trust the anchors that went with the namespace,
+/// and a new identity would cut every one of them off from the new
+/// controller and from the pods it injects, which no check would show until
+/// their certificates expired. With the identity given (restored from a
+/// backup), the pods' trust domain is kept, as an install's would be.
+async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Option<Installed>> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let hooks: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client.clone());
+    let look = async {
+        Ok::<_, kube::Error>((
+            hooks.get_opt(WEBHOOK_CONFIG).await?.is_some(),
+            crate::check::meshed_pods(client).await?,
+        ))
+    };
+    let (injector, meshed) = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, look)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{NAMESPACE} holds no install, and whether one left meshed pods could not be told ({e}); pass --ignore-cluster to generate a new identity anyway"
+            )
+        })?;
+    if !identity {
+        return Ok(meshed.trust_domain.map(|d| Installed {
+            trust_domain: Some(d),
+            ..Installed::default()
+        }));
+    }
+    if meshed.pods.count == 0 && !injector {
+        return Ok(None);
+    }
+    let left = if meshed.pods.count > 0 {
+        format!(
+            "{} meshed pod(s) run ({}){}",
+            meshed.pods.count,
+            meshed.pods,
+            meshed
+                .trust_domain
+                .map(|d| format!(" in trust domain {d:?}"))
+                .unwrap_or_default()
+        )
+    } else {
+        format!("MutatingWebhookConfiguration {WEBHOOK_CONFIG} remains")
+    };
+    anyhow::bail!(
+        "{NAMESPACE} holds no install, but {left}: its trust anchors and issuer went with it (was the namespace deleted?). A new identity would leave every running proxy cut off from the new controller and from newly injected pods. Give the old identity with the --identity-* files (and --trust-domain), or pass --ignore-cluster to generate a new one, apply it, then restart every meshed workload (docs/kubernetes.md, \"The identity lost\")"
+    )
 }
 
 /// What the objects read back say was installed; `None` when nothing was.
@@ -390,6 +448,7 @@ pub async fn installed_for_injection(
 }
 
 /// What an install in the cluster was made with.
+#[derive(Default)]
 pub struct Installed {
     /// Unless the identity was given, so not read back.
     pub identity: Option<Identity>,
@@ -972,6 +1031,45 @@ fn not_system() -> Value {
            "values": ["kube-system", "kube-node-lease", NAMESPACE]})
 }
 
+#[derive(Debug, Default, clap::Args)]
+pub struct UninstallArgs {
+    /// Print the objects even though meshed pods still run, or the cluster
+    /// cannot be asked: with the controller gone their proxies get no
+    /// certificate, and each leaves its Services when the one it holds
+    /// expires (the first some 6 h later).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `strait uninstall`: what the install made (below), once no meshed pod is
+/// left running, as `linkerd uninstall` asks. A pod keeps its sidecar until
+/// it is recreated, and a pod restarted in place after the controller went
+/// (a node's reboot) redirects its traffic to a proxy that can never start,
+/// and its app never starts either.
+pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<String> {
+    if !args.force && has_kube_config() {
+        let cannot = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "cannot tell whether meshed pods still run ({e}); pass --force to print the objects anyway"
+            )
+        };
+        let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
+        let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
+        let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
+            .await
+            .map_err(|_| cannot(&format_args!("no answer in {PODS_LOOKUP_TIMEOUT:?}")))?
+            .map_err(|e| cannot(&e))?;
+        if meshed.pods.count > 0 {
+            anyhow::bail!(
+                "{} meshed pod(s) still run ({}): take the strait.dev/inject label off their namespaces (and the annotation off their templates) and restart them first (docs/kubernetes.md, \"Uninstalling\"), or pass --force. With the controller gone their proxies get no certificate, and each pod leaves its Services once the one it holds expires",
+                meshed.pods.count,
+                meshed.pods
+            );
+        }
+    }
+    uninstall_objects()
+}
+
 /// What `strait install` made, for `strait uninstall | kubectl delete
 /// --ignore-not-found -f -`: each object by its kind and name, in the order
 /// that leaves nothing refusing in between. The webhooks go first: both fail
@@ -979,7 +1077,7 @@ fn not_system() -> Value {
 /// the labelled namespaces and every policy change, cluster-wide. The
 /// namespace goes last. The CRDs are left out: deleting them deletes every
 /// policy of every namespace (`strait crds | kubectl delete -f -` does that).
-pub fn uninstall() -> anyhow::Result<String> {
+pub fn uninstall_objects() -> anyhow::Result<String> {
     let names = Values::blank();
     let docs = objects(&names)?
         .into_iter()
@@ -1185,7 +1283,7 @@ mod tests {
     /// every policy), and carries no key.
     #[test]
     fn uninstall_takes_the_webhooks_out_first_and_the_namespace_last() {
-        let out = uninstall().unwrap();
+        let out = uninstall_objects().unwrap();
         let objects: Vec<Value> = out
             .split("---\n")
             .map(|d| serde_norway::from_str(d).unwrap())

@@ -47,8 +47,9 @@ enum Command {
     Install(strait_control_plane::install::InstallArgs),
     /// Print what `strait install` made, webhooks first, for `strait uninstall
     /// | kubectl delete --ignore-not-found -f -` (the CRDs, and with them every
-    /// policy, are left: `strait crds | kubectl delete -f -` removes them).
-    Uninstall,
+    /// policy, are left: `strait crds | kubectl delete -f -` removes them);
+    /// refused while meshed pods still run, unless `--force`.
+    Uninstall(strait_control_plane::install::UninstallArgs),
     /// Check an installed strait: the API, CRDs, controller, injector, identity
     /// expiry and proxies, one line each; exits non-zero when a check fails.
     Check(strait_control_plane::check::CheckArgs),
@@ -107,8 +108,8 @@ fn start() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Check(args) => strait_control_plane::check::run(&args).await,
-            Command::Uninstall => {
-                print!("{}", strait_control_plane::install::uninstall()?);
+            Command::Uninstall(args) => {
+                print!("{}", strait_control_plane::install::uninstall(&args).await?);
                 Ok(())
             }
             Command::Crds => {

@@ -1072,3 +1072,137 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
     );
     assert!(stderr.contains("--identity-trust-anchors-file"), "{stderr}");
 }
+
+/// A pod `strait install` or `strait inject` meshed: its proxy container and
+/// the trust domain it was given.
+fn injected_pod(ns: &str, pod: &str, trust_domain: &str, phase: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}}}\nspec:\n  containers:\n  - {{name: app, image: app}}\n  - name: strait-proxy\n    image: strait-proxy\n    env: [{{name: STRAIT_PROXY_TRUST_DOMAIN, value: {trust_domain}}}]\nstatus: {{phase: {phase}}}\n"
+    )
+}
+
+/// `strait` run against the stand-in.
+async fn strait_on(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(strait_tests::process::binary("strait"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A cluster whose strait namespace was deleted (the identity with it) still
+/// runs meshed pods, and keeps the injector's cluster-wide configuration: a
+/// new install's new anchors would cut every running proxy off from the new
+/// controller and from newly injected pods, unnoticed for hours. `strait
+/// install` says so and names the ways on; given the old identity back, it
+/// takes the pods' trust domain.
+#[tokio::test]
+async fn strait_install_over_a_deleted_install_says_what_it_left() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    api.apply(&injected_pod("shop", "web", "corp.example", "Running"));
+    let refused = strait_on(&kubeconfig, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && refused.stdout.is_empty(),
+        "{stderr}"
+    );
+    for said in [
+        "1 meshed pod(s) run (shop/web) in trust domain \"corp.example\"",
+        "--identity-*",
+        "--ignore-cluster",
+    ] {
+        assert!(stderr.contains(said), "{said} not in: {stderr}");
+    }
+    // The old identity given back: the pods' trust domain, not the default.
+    let pki = Pki::new();
+    let files = [
+        format!("--identity-trust-anchors-file={}", pki.anchors().display()),
+        format!(
+            "--identity-issuer-certificate-file={}",
+            pki.issuer_cert().display()
+        ),
+        format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
+    ];
+    let files: Vec<&str> = ["install"]
+        .into_iter()
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let restored = strait_on(&kubeconfig, &files).await;
+    assert!(restored.status.success());
+    assert!(String::from_utf8_lossy(&restored.stdout).contains("--trust-domain=corp.example"));
+    let mut clash = files.clone();
+    clash.extend(["--trust-domain", "cluster.local"]);
+    assert!(!strait_on(&kubeconfig, &clash).await.status.success());
+    assert!(
+        strait_on(&kubeconfig, &["install", "--ignore-cluster"])
+            .await
+            .status
+            .success()
+    );
+
+    // The pods gone, the injector's configuration still names the install.
+    api.delete("v1", "Pod", "shop", "web");
+    let hook = strait_on(&kubeconfig, &["install", "--ignore-cluster"]).await;
+    for doc in String::from_utf8(hook.stdout).unwrap().split("\n---\n") {
+        if doc.contains("kind: MutatingWebhookConfiguration") {
+            api.apply(doc);
+        }
+    }
+    let refused = strait_on(&kubeconfig, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("MutatingWebhookConfiguration strait-proxy-injector remains"),
+        "{stderr}"
+    );
+    // A finished Job's pod is no meshed pod left running; nothing left, a
+    // first install.
+    api.delete(
+        "admissionregistration.k8s.io/v1",
+        "MutatingWebhookConfiguration",
+        "default",
+        "strait-proxy-injector",
+    );
+    api.apply(&injected_pod("shop", "job", "corp.example", "Succeeded"));
+    let first = strait_on(&kubeconfig, &["install"]).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+}
+
+/// `strait uninstall` waits for the meshed pods, as `linkerd uninstall`
+/// does: with the controller gone their proxies get no certificate, and a
+/// pod restarted in place never starts. `--force` prints the objects anyway.
+#[tokio::test]
+async fn strait_uninstall_waits_for_the_meshed_pods() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    api.apply(&injected_pod("shop", "web", "cluster.local", "Running"));
+    let refused = strait_on(&kubeconfig, &["uninstall"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && refused.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 meshed pod(s) still run (shop/web)") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let forced = strait_on(&kubeconfig, &["uninstall", "--force"]).await;
+    assert!(forced.status.success());
+    assert!(String::from_utf8_lossy(&forced.stdout).contains("kind: MutatingWebhookConfiguration"));
+    api.delete("v1", "Pod", "shop", "web");
+    let done = strait_on(&kubeconfig, &["uninstall"]).await;
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(done.stdout, forced.stdout);
+}
