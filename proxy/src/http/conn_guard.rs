@@ -51,6 +51,19 @@ pub struct ConnState {
     /// the connection holds its place under the listener's connection limit.
     tunnels: AtomicUsize,
     tunnels_done: tokio::sync::Notify,
+    /// Inbound: the requests in flight of every connection from this one's
+    /// address (`InFlightCap::of_source`).
+    source: Option<Arc<AtomicUsize>>,
+}
+
+impl ConnState {
+    /// A connection whose requests count toward its caller's share too.
+    pub fn of_caller(source: Arc<AtomicUsize>) -> Self {
+        ConnState {
+            source: Some(source),
+            ..ConnState::default()
+        }
+    }
 }
 
 /// Heads at fault noted ahead of their serving.
@@ -308,11 +321,26 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
 
 /// Requests in flight across every connection of a direction, and how many
 /// may be: past it a request is marked `OverCap`, and answered 503 without
-/// going further (`normalize`).
+/// going further (`normalize`). Inbound, one caller's address may hold a
+/// quarter of them, as of the listener's connections: HTTP/2 lets a client
+/// keep a thousand streams open per connection for as long as it likes (it
+/// need only give no flow-control window), and one that did so over a few
+/// connections would otherwise have every other caller, and the kubelet's
+/// probes, answered 503.
 #[derive(Debug)]
 pub struct InFlightCap {
     count: AtomicUsize,
     max: usize,
+    per_source: usize,
+    /// Each address's count, shared by its connections while any is open.
+    sources: std::sync::Mutex<Sources>,
+}
+
+#[derive(Debug, Default)]
+struct Sources {
+    counts: std::collections::HashMap<std::net::IpAddr, std::sync::Weak<AtomicUsize>>,
+    /// Entries when those of closed callers were last let go.
+    pruned_at: usize,
 }
 
 impl InFlightCap {
@@ -320,13 +348,38 @@ impl InFlightCap {
         Arc::new(InFlightCap {
             count: AtomicUsize::new(0),
             max,
+            per_source: (max / 4).max(1),
+            sources: Default::default(),
         })
+    }
+
+    /// The count of `source`'s requests in flight, looked up once per
+    /// connection (`ConnState::of_caller`).
+    pub fn of_source(&self, source: std::net::IpAddr) -> Arc<AtomicUsize> {
+        let source = source.to_canonical();
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = sources.counts.get(&source).and_then(|w| w.upgrade()) {
+            return count;
+        }
+        // Callers gone leave their entries: let them go as often as the
+        // map doubles, so that it holds at most twice the callers connected.
+        if sources.counts.len() >= 2 * sources.pruned_at.max(64) {
+            sources.counts.retain(|_, w| w.strong_count() > 0);
+            sources.pruned_at = sources.counts.len();
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        sources.counts.insert(source, Arc::downgrade(&count));
+        count
     }
 }
 
-/// On a request that came past its direction's `InFlightCap`.
-#[derive(Clone, Copy, Debug)]
-pub struct OverCap;
+/// On a request that came past its direction's `InFlightCap`, or past its
+/// caller's share of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverCap {
+    Direction,
+    Caller,
+}
 
 /// Marks a request in flight from the moment it reaches the service until its
 /// response body is finished (or dropped), and its request body too: an app may
@@ -375,6 +428,9 @@ impl Drop for Guard {
         }
         if let Some(cap) = &self.1 {
             cap.count.fetch_sub(1, Ordering::AcqRel);
+            if let Some(source) = &self.0.source {
+                source.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 }
@@ -401,8 +457,14 @@ where
         if let Some(fault) = self.state.fault_of(n) {
             req.extensions_mut().insert(fault);
         }
-        if self.cap.count.fetch_add(1, Ordering::AcqRel) >= self.cap.max {
-            req.extensions_mut().insert(OverCap);
+        // Both counted whatever either says: the guard gives both back.
+        let over_direction = self.cap.count.fetch_add(1, Ordering::AcqRel) >= self.cap.max;
+        let over_caller = (self.state.source.as_ref())
+            .is_some_and(|s| s.fetch_add(1, Ordering::AcqRel) >= self.cap.per_source);
+        if over_direction {
+            req.extensions_mut().insert(OverCap::Direction);
+        } else if over_caller {
+            req.extensions_mut().insert(OverCap::Caller);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone(), Some(self.cap.clone()));
@@ -447,6 +509,26 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A caller's connections share one count (an IPv4 caller seen through
+    /// a dual-stack socket too), and the counts of callers gone are let go.
+    #[test]
+    fn a_caller_s_connections_share_its_count() {
+        let cap = InFlightCap::new(8);
+        let a = cap.of_source("10.0.0.1".parse().unwrap());
+        let mapped = cap.of_source("::ffff:10.0.0.1".parse().unwrap());
+        assert!(Arc::ptr_eq(&a, &mapped));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &cap.of_source("10.0.0.2".parse().unwrap())
+        ));
+        for i in 0..1000u32 {
+            drop(cap.of_source(std::net::Ipv4Addr::from(0x0b00_0000 + i).into()));
+        }
+        let held = cap.sources.lock().unwrap().counts.len();
+        assert!(held <= 128, "{held} entries kept for callers gone");
+        assert!(Arc::ptr_eq(&a, &cap.of_source("10.0.0.1".parse().unwrap())));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_request_head_gets_408() {

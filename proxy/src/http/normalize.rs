@@ -62,22 +62,29 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let head = req.method() == Method::HEAD;
-        if req.extensions().get::<OverCap>().is_some() {
+        if let Some(over) = req.extensions().get::<OverCap>() {
             // Shed at once: queued, it would hold what the cap keeps free.
-            self.metrics.reject_http(self.direction, "in_flight_limit");
+            let (reason, text) = match over {
+                OverCap::Direction => (
+                    "in_flight_limit",
+                    "too many requests in flight (not processed)",
+                ),
+                OverCap::Caller => (
+                    "source_in_flight_limit",
+                    "too many requests in flight from this caller (not processed)",
+                ),
+            };
+            self.metrics.reject_http(self.direction, reason);
             strait_otel::sampled!(
                 warn,
                 direction = self.direction.as_str(),
+                reason,
                 "too many requests in flight (--max-in-flight-requests); answered 503"
             );
             // "Not processed": a calling proxy passes this one over for a
             // while, as for a 429, and may send the request elsewhere, rather
             // than take an overloaded proxy for a failing app and eject it.
-            let rsp = error_response(
-                "in_flight_limit",
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many requests in flight (not processed)",
-            );
+            let rsp = error_response(reason, StatusCode::SERVICE_UNAVAILABLE, text);
             return Either::Left(std::future::ready(Ok(to_method(rsp, head))));
         }
         if let Err(refused) = check_head(&mut req) {

@@ -189,3 +189,49 @@ async fn one_caller_holding_an_http2_apps_streams_does_not_stall_another() {
         assert_eq!(done.unwrap().unwrap().status(), StatusCode::OK);
     }
 }
+
+/// One caller may hold a quarter of the inbound requests in flight
+/// (`--max-in-flight-requests`), as of the connections: an HTTP/2 client
+/// that opens streams it never lets finish (it gives no flow-control
+/// window, or the app holds them) would otherwise take the whole cap, and
+/// every other caller, and the kubelet's probes, would be answered 503.
+#[tokio::test]
+async fn one_caller_holds_at_most_a_quarter_of_the_requests_in_flight() {
+    let backend = Backend::start().await;
+    let mut config = support::config();
+    config.max_in_flight_requests = 8;
+    let proxy = support::start(config).await;
+    let request = |c: &client::HttpClient, path: &str| {
+        let req = Request::get(format!("http://{}{path}", proxy.addrs.inbound))
+            .header("strait-target-port", backend.addr.port().to_string())
+            .body(client::empty())
+            .unwrap();
+        c.request(req)
+    };
+    let greedy = client::http2_from("127.0.0.1".parse().unwrap());
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        held.spawn(request(&greedy, "/hold"));
+    }
+    strait_tests::wait::until(
+        "the greedy caller's requests held at the app",
+        std::time::Duration::from_secs(10),
+        || async { backend.in_flight() == 2 },
+    )
+    .await;
+    let shed = request(&greedy, "/status/200").await.unwrap();
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        shed.headers()["strait-proxy-error"],
+        "too many requests in flight from this caller (not processed)"
+    );
+    let other = client::http2_from("127.0.0.2".parse().unwrap());
+    let answered = request(&other, "/status/202").await.unwrap();
+    assert_eq!(answered.status(), StatusCode::ACCEPTED);
+    backend.release_held();
+    while let Some(done) = held.join_next().await {
+        assert_eq!(done.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    let room = request(&greedy, "/status/200").await.unwrap();
+    assert_eq!(room.status(), StatusCode::OK, "room again once they ended");
+}
