@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::http::BoxBody;
 use crate::http::error::error_response;
+use crate::telemetry::metrics::OnFirstUse;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -42,11 +43,11 @@ impl Kind {
 pub struct TimeoutLayer {
     after: Option<Duration>,
     kind: Kind,
-    expired: Counter,
+    expired: OnFirstUse<Counter>,
 }
 
 impl TimeoutLayer {
-    pub fn new(after: Option<Duration>, kind: Kind, expired: Counter) -> Self {
+    pub fn new(after: Option<Duration>, kind: Kind, expired: OnFirstUse<Counter>) -> Self {
         TimeoutLayer {
             after,
             kind,
@@ -79,13 +80,13 @@ enum Inner<S> {
 pub struct Timeout<S> {
     inner: Inner<S>,
     kind: Kind,
-    expired: Counter,
+    expired: OnFirstUse<Counter>,
 }
 
 pin_project! {
     #[project = TimeoutFutureProj]
     pub enum TimeoutFuture<T, U> {
-        Timed { #[pin] f: T, kind: Kind, expired: Counter },
+        Timed { #[pin] f: T, kind: Kind, expired: OnFirstUse<Counter> },
         Untimed { #[pin] f: U },
     }
 }
@@ -169,7 +170,7 @@ mod tests {
             &TimeoutLayer::new(
                 Some(Duration::from_millis(200)),
                 Kind::Request,
-                expired.clone(),
+                OnFirstUse::made(expired.clone()),
             ),
             stall,
         );

@@ -97,7 +97,7 @@ where
         // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
             let mut rsp = unresolved("backend not found");
-            b.metrics.responses[status_index(rsp.status())].inc();
+            b.metrics.http.get().responses[status_index(rsp.status())].inc();
             if grpc {
                 rsp = crate::http::grpc::on_status(rsp, b.metrics.clone());
             }
@@ -148,10 +148,7 @@ where
         if let Some(a) = this.attempt {
             a.answered();
         }
-        this.metrics
-            .latency
-            .observe(this.start.elapsed().as_secs_f64());
-        this.metrics.responses[status_index(rsp.status())].inc();
+        (this.metrics.http.get()).observe(rsp.status(), this.start.elapsed().as_secs_f64());
         let rsp = match *this.grpc {
             true => crate::http::grpc::on_status(rsp, this.metrics.clone()),
             false => rsp,
@@ -190,8 +187,7 @@ impl InFlight {
         let Some(a) = self.0.lock().unwrap_or_else(PoisonError::into_inner).take() else {
             return;
         };
-        a.metrics.latency.observe(a.start.elapsed().as_secs_f64());
-        a.metrics.responses[status_index(rsp.status())].inc();
+        (a.metrics.http.get()).observe(rsp.status(), a.start.elapsed().as_secs_f64());
         if a.grpc {
             let crate::http::grpc::Code(code) = crate::http::grpc::DEADLINE_EXCEEDED;
             a.metrics.grpc.count(usize::from(code));
@@ -267,7 +263,7 @@ mod tests {
         let failed = statuses.get(&500).copied().unwrap_or(0);
         assert!((50..150).contains(&failed), "{statuses:?}");
         assert_eq!(statuses.get(&200).copied().unwrap_or(0), 200 - failed);
-        let counted = split.backends[0].metrics.responses
+        let counted = split.backends[0].metrics.http.get().responses
             [status_index(StatusCode::INTERNAL_SERVER_ERROR)]
         .get();
         assert_eq!(counted, failed as u64);

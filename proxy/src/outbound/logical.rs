@@ -21,7 +21,7 @@ use crate::http::forward::Forward;
 use crate::http::{BoxBody, BoxError, boxed};
 use crate::retry::{BudgetConfig, ReplayBody};
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{RouteMetrics, status_index};
+use crate::telemetry::metrics::RouteMetrics;
 
 /// What building a destination's stages takes.
 #[derive(Clone, Debug)]
@@ -213,8 +213,7 @@ impl Stages {
                 StatusCode::NOT_FOUND,
                 "no route matches the request",
             );
-            m.latency.observe(0.0);
-            m.responses[status_index(rsp.status())].inc();
+            m.http.get().observe(rsp.status(), 0.0);
             return crate::http::grpc::UntilAnswered::respond(grpc, rsp);
         };
         let stage = &self.routes[i];
@@ -285,8 +284,9 @@ impl Stages {
             a.timed_out(&rsp);
         }
         stage.rule.filters.on_response(&mut rsp);
-        m.latency.observe(start.elapsed().as_secs_f64());
-        m.responses[status_index(rsp.status())].inc();
+        m.http
+            .get()
+            .observe(rsp.status(), start.elapsed().as_secs_f64());
         crate::http::grpc::UntilAnswered::respond(grpc, rsp)
     }
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
+
+use crate::telemetry::metrics::OnFirstUse;
 use rand::Rng;
 use strait_api::v1 as api;
 use tower::retry::budget::Budget;
@@ -130,10 +132,10 @@ impl BudgetConfig {
 /// Counters of one route's retries.
 #[derive(Clone, Debug)]
 pub struct RetryMetrics {
-    pub retries: Counter,
-    pub budget_exhausted: Counter,
-    pub body_too_large: Counter,
-    pub body_unfinished: Counter,
+    pub retries: OnFirstUse<Counter>,
+    pub budget_exhausted: OnFirstUse<Counter>,
+    pub body_too_large: OnFirstUse<Counter>,
+    pub body_unfinished: OnFirstUse<Counter>,
 }
 
 /// The retry policy of one request on one route.
@@ -357,7 +359,7 @@ pin_project_lite::pin_project! {
 
 /// A retry decided and paid for, not yet sent.
 struct Pending {
-    retries: Counter,
+    retries: OnFirstUse<Counter>,
     notes: Option<crate::telemetry::trace::RequestNotes>,
     /// The failed attempt's endpoint and status, for the span.
     failed: (Option<std::net::SocketAddr>, u16),
@@ -421,10 +423,10 @@ mod tests {
             Arc::new(config),
             Arc::new(budget.build()),
             RetryMetrics {
-                retries: Counter::default(),
-                budget_exhausted: Counter::default(),
-                body_too_large: Counter::default(),
-                body_unfinished: Counter::default(),
+                retries: OnFirstUse::made(Counter::default()),
+                budget_exhausted: OnFirstUse::made(Counter::default()),
+                body_too_large: OnFirstUse::made(Counter::default()),
+                body_unfinished: OnFirstUse::made(Counter::default()),
             },
         )
     }
@@ -525,20 +527,20 @@ mod tests {
         let mut r = q.clone_request(&req()).unwrap();
         let cut_short = q.retry(&mut r, &mut rsp(503)).expect("a retry");
         drop(cut_short);
-        assert_eq!(p.metrics.retries.get(), 0);
+        assert_eq!(p.metrics.retries.get().get(), 0);
         let waited = q.retry(&mut r, &mut rsp(503)).expect("a retry");
         let t = tokio::time::Instant::now();
         waited.await;
         assert!(t.elapsed() >= Duration::from_millis(5), "backed off");
-        assert_eq!(p.metrics.retries.get(), 1);
+        assert_eq!(p.metrics.retries.get().get(), 1);
         // 11 requests at 20 % pay for 2 retries: the one cut short was not
         // one of them.
         let last = q
             .retry(&mut r, &mut rsp(503))
             .expect("the budget's second retry");
         last.await;
-        assert_eq!(p.metrics.retries.get(), 2);
-        assert_eq!(p.metrics.budget_exhausted.get(), 0);
+        assert_eq!(p.metrics.retries.get().get(), 2);
+        assert_eq!(p.metrics.budget_exhausted.get().get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -555,7 +557,7 @@ mod tests {
         let allowed = waiting.len();
         // 20 % of 100 requests.
         assert!((18..=22).contains(&allowed), "{allowed} retries allowed");
-        assert_eq!(p.metrics.retries.get(), 0, "none sent yet");
+        assert_eq!(p.metrics.retries.get().get(), 0, "none sent yet");
     }
 
     #[tokio::test(start_paused = true)]
@@ -802,7 +804,7 @@ mod tests {
             &crate::timeout::TimeoutLayer::new(
                 Some(Duration::from_millis(150)),
                 crate::timeout::Kind::Request,
-                Counter::default(),
+                OnFirstUse::made(Counter::default()),
             ),
             retry,
         );

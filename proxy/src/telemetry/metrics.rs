@@ -377,11 +377,78 @@ pub fn status_index(status: http::StatusCode) -> usize {
 /// increments without building labels.
 pub type ByStatus = [Counter; 5];
 
+/// Series made in their families when first used, then kept: a caller's
+/// stages are built for every rule and backend of every Service it reaches
+/// (and for its opaque destinations' default rule), most of which it never
+/// uses, and a thousand callers of one Service exporting zeros for each would
+/// be most of Prometheus's series. Resolved once, as the labels are built
+/// only then.
+#[derive(Clone)]
+pub struct OnFirstUse<M>(Arc<FirstUse<M>>);
+
+struct FirstUse<M> {
+    made: OnceLock<M>,
+    make: Box<dyn Fn() -> M + Send + Sync>,
+}
+
+impl<M> OnFirstUse<M> {
+    pub fn new(make: impl Fn() -> M + Send + Sync + 'static) -> Self {
+        OnFirstUse(Arc::new(FirstUse {
+            made: OnceLock::new(),
+            make: Box::new(make),
+        }))
+    }
+
+    /// Already made: a series of no family, for tests.
+    pub fn made(m: M) -> Self
+    where
+        M: Clone + Send + Sync + 'static,
+    {
+        let first = OnFirstUse::new(move || m.clone());
+        first.get();
+        first
+    }
+
+    pub fn get(&self) -> &M {
+        self.0.made.get_or_init(|| (self.0.make)())
+    }
+}
+
+impl OnFirstUse<Counter> {
+    pub fn inc(&self) {
+        self.get().inc();
+    }
+}
+
+impl<M> std::fmt::Debug for OnFirstUse<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.made.get().is_some() {
+            "OnFirstUse(made)"
+        } else {
+            "OnFirstUse(not yet)"
+        })
+    }
+}
+
+/// A rule's or a backend's responses and latency, made together so that a
+/// success rate has every class from its first response.
+#[derive(Debug)]
+pub struct Responses {
+    pub responses: ByStatus,
+    pub latency: Histogram,
+}
+
+impl Responses {
+    pub fn observe(&self, status: http::StatusCode, seconds: f64) {
+        self.latency.observe(seconds);
+        self.responses[status_index(status)].inc();
+    }
+}
+
 /// Each attempt's responses and latency on one backend of a route rule.
 #[derive(Debug)]
 pub struct RouteBackendMetrics {
-    pub responses: ByStatus,
-    pub latency: Histogram,
+    pub http: OnFirstUse<Responses>,
     /// Each gRPC attempt by its status: a canary failing every call in
     /// trailers answers HTTP 200.
     pub grpc: ByGrpcStatus,
@@ -391,8 +458,10 @@ impl Default for RouteBackendMetrics {
     /// Series of no family, for tests of the stages that count.
     fn default() -> Self {
         RouteBackendMetrics {
-            responses: Default::default(),
-            latency: latency_histogram(),
+            http: OnFirstUse::new(|| Responses {
+                responses: Default::default(),
+                latency: latency_histogram(),
+            }),
             grpc: ByGrpcStatus::of(&Family::<GrpcLabels, Counter>::default(), |grpc_status| {
                 GrpcLabels {
                     direction: Direction::Outbound,
@@ -403,15 +472,15 @@ impl Default for RouteBackendMetrics {
     }
 }
 
-/// The counters of one route rule, resolved when the route is built.
+/// The counters of one route rule, resolved when the route is built and
+/// each made when first used.
 #[derive(Debug)]
 pub struct RouteMetrics {
-    pub requests: Counter,
-    pub responses: ByStatus,
-    pub latency: Histogram,
+    pub requests: OnFirstUse<Counter>,
+    pub http: OnFirstUse<Responses>,
     pub retry: crate::retry::RetryMetrics,
-    pub request_timeouts: Counter,
-    pub backend_timeouts: Counter,
+    pub request_timeouts: OnFirstUse<Counter>,
+    pub backend_timeouts: OnFirstUse<Counter>,
     pub grpc: ByGrpcStatus,
 }
 
@@ -901,15 +970,20 @@ impl Metrics {
                 // Owned: a family's read guard held to the end of a statement would
                 // block a second insert into the same family in that statement.
                 let skipped = |r| {
-                    self.route_retries_skipped
-                        .get_or_create_owned(&route_reason(labels, r))
+                    let (family, labels) =
+                        (self.route_retries_skipped.clone(), route_reason(labels, r));
+                    OnFirstUse::new(move || family.get_or_create_owned(&labels))
                 };
                 let timeouts = |r| {
-                    self.route_timeouts
-                        .get_or_create_owned(&route_reason(labels, r))
+                    let (family, labels) = (self.route_timeouts.clone(), route_reason(labels, r));
+                    OnFirstUse::new(move || family.get_or_create_owned(&labels))
+                };
+                let retries = {
+                    let (family, labels) = (self.route_retries.clone(), labels.clone());
+                    OnFirstUse::new(move || family.get_or_create_owned(&labels))
                 };
                 let retry = crate::retry::RetryMetrics {
-                    retries: self.route_retries.get_or_create_owned(labels),
+                    retries,
                     budget_exhausted: skipped(RETRY_SKIPPED[0]),
                     body_too_large: skipped(RETRY_SKIPPED[1]),
                     body_unfinished: skipped(RETRY_SKIPPED[2]),
@@ -918,13 +992,24 @@ impl Metrics {
                     let labels = labels.clone();
                     move |grpc_status| route_grpc(&labels, grpc_status)
                 });
+                let requests = {
+                    let (family, labels) = (self.route_requests.clone(), labels.clone());
+                    OnFirstUse::new(move || family.get_or_create_owned(&labels))
+                };
+                let http = {
+                    let responses = self.route_responses.clone();
+                    let latency = self.route_latency.clone();
+                    let labels = labels.clone();
+                    OnFirstUse::new(move || Responses {
+                        responses: STATUS_CLASSES.map(|status_class| {
+                            responses.get_or_create_owned(&route_status(&labels, status_class))
+                        }),
+                        latency: latency.get_or_create_owned(&labels),
+                    })
+                };
                 RouteMetrics {
-                    requests: self.route_requests.get_or_create_owned(labels),
-                    responses: STATUS_CLASSES.map(|status_class| {
-                        self.route_responses
-                            .get_or_create_owned(&route_status(labels, status_class))
-                    }),
-                    latency: self.route_latency.get_or_create_owned(labels),
+                    requests,
+                    http,
                     retry,
                     request_timeouts: timeouts(TIMEOUTS[0]),
                     backend_timeouts: timeouts(TIMEOUTS[1]),
@@ -952,11 +1037,18 @@ impl Metrics {
         self.route_backends.get(
             labels,
             |labels| RouteBackendMetrics {
-                responses: STATUS_CLASSES.map(|status_class| {
-                    self.backend_responses
-                        .get_or_create_owned(&route_backend_status(labels, status_class))
-                }),
-                latency: self.backend_latency.get_or_create_owned(labels),
+                http: {
+                    let responses = self.backend_responses.clone();
+                    let latency = self.backend_latency.clone();
+                    let labels = labels.clone();
+                    OnFirstUse::new(move || Responses {
+                        responses: STATUS_CLASSES.map(|status_class| {
+                            responses
+                                .get_or_create_owned(&route_backend_status(&labels, status_class))
+                        }),
+                        latency: latency.get_or_create_owned(&labels),
+                    })
+                },
                 grpc: ByGrpcStatus::of(&self.backend_grpc_responses, {
                     let labels = labels.clone();
                     move |grpc_status| route_backend_grpc(&labels, grpc_status)
@@ -1157,6 +1249,7 @@ mod tests {
             m.backend("web:80", "web-v1"),
         );
         kept.0.requests.inc();
+        kept.0.http.get().observe(http::StatusCode::OK, 0.001);
         {
             // Stages of a Service since deleted.
             let (route, backend, breaker) = (
@@ -1167,10 +1260,10 @@ mod tests {
             route.requests.inc();
             route.retry.budget_exhausted.inc();
             route.request_timeouts.inc();
-            route.responses[1].inc();
+            route.http.get().responses[1].inc();
             grpc::OnStatus::status(route.grpc.clone(), 0);
-            backend.responses[1].inc();
-            backend.latency.observe(0.001);
+            backend.http.get().responses[1].inc();
+            backend.http.get().latency.observe(0.001);
             breaker.ejections.inc();
             breaker.ejected.set(1);
             breaker.ejected.set(0);
@@ -1204,6 +1297,43 @@ mod tests {
         );
         assert!(series(&text, "web:80") >= 5, "{text}");
         drop(kept);
+    }
+
+    /// A rule, a backend or a retry counter no request has used exports
+    /// nothing: a caller builds stages for every rule and backend of each
+    /// Service it reaches (and for its opaque destinations), and a thousand
+    /// callers each exporting zeros for all of them would be most of
+    /// Prometheus's series. A rule's first request brings its responses by
+    /// every class and its latency, so that a success rate has them all.
+    #[test]
+    fn series_are_made_by_their_first_use() {
+        let m = Metrics::new();
+        let (used, unused) = (
+            m.route("web:80", "shop/web", "0"),
+            m.route("web:80", "shop/web", "1"),
+        );
+        let backends = (
+            m.route_backend("web:80", "shop/web", "0", "web-v1"),
+            m.route_backend("web:80", "shop/web", "0", "web-v2"),
+        );
+        let text = m.encode();
+        assert!(!text.contains("shop/web"), "{text}");
+        used.requests.inc();
+        used.http.get().observe(http::StatusCode::OK, 0.001);
+        backends.0.http.get().observe(http::StatusCode::OK, 0.001);
+        let text = m.encode();
+        let lines = |needle: &str| {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && l.contains(needle))
+                .count()
+        };
+        assert!(text.contains("strait_proxy_route_requests_total{service=\"web:80\",route=\"shop/web\",rule=\"0\"} 1"), "{text}");
+        assert_eq!(lines("rule=\"1\""), 0, "{text}");
+        assert_eq!(lines("backend=\"web-v2\""), 0, "{text}");
+        assert_eq!(lines("rule=\"0\",status_class="), 5, "every class: {text}");
+        assert_eq!(lines("route_retries"), 0, "no retry made: {text}");
+        assert_eq!(lines("route_timeouts"), 0, "no timeout: {text}");
+        drop((unused, backends));
     }
 
     /// A gRPC call's status may come long after its request was routed (a
@@ -1260,7 +1390,11 @@ mod tests {
             let r = m.route("web:80", "ns/web", "0");
             r.requests.inc();
             r.retry.budget_exhausted.inc();
-            m.route_backend("web:80", "ns/web", "0", "v1").responses[1].inc();
+            m.route_backend("web:80", "ns/web", "0", "v1")
+                .http
+                .get()
+                .responses[1]
+                .inc();
             m.backend("web:80", "v1").ejections.inc();
         }
         let text = m.encode();
