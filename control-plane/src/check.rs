@@ -422,7 +422,18 @@ impl std::fmt::Display for Named {
 #[derive(Debug, Default)]
 pub(crate) struct Meshed {
     pub pods: Named,
+    /// What the first of them was injected with.
+    pub given: Option<Given>,
+}
+
+/// What the injector gave a meshed pod: its install's settings.
+#[derive(Debug, Default)]
+pub(crate) struct Given {
     pub trust_domain: Option<String>,
+    pub anchors_pem: Option<String>,
+    /// `None` for the default (nft), which the injector leaves unsaid.
+    pub iptables_mode: Option<String>,
+    pub proxy_image: Option<String>,
 }
 
 impl Meshed {
@@ -431,8 +442,23 @@ impl Meshed {
             return;
         };
         self.pods.push(p);
-        if self.trust_domain.is_none() {
-            self.trust_domain = proxy_env(proxy, "STRAIT_PROXY_TRUST_DOMAIN").map(String::from);
+        if self.given.is_none() {
+            let init = p
+                .spec
+                .iter()
+                .flat_map(|s| s.init_containers.iter().flatten());
+            let init = init
+                .into_iter()
+                .find(|c| c.name == crate::inject::INIT_CONTAINER);
+            let env = |name| proxy_env(proxy, name).map(String::from);
+            self.given = Some(Given {
+                trust_domain: env("STRAIT_PROXY_TRUST_DOMAIN"),
+                anchors_pem: env("STRAIT_PROXY_TRUST_ANCHORS_PEM"),
+                iptables_mode: init
+                    .and_then(|c| proxy_env(c, "STRAIT_PROXY_IPTABLES_MODE"))
+                    .map(String::from),
+                proxy_image: proxy.image.clone(),
+            });
         }
     }
 }

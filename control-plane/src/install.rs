@@ -104,7 +104,15 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else {
         existing_install(true).await?
     };
+    let pods_anchors = existing.as_ref().and_then(|e| e.pods_anchors_pem.clone());
     let values = args.values(existing)?;
+    if let Some(pods_anchors) = pods_anchors {
+        issuer_under(&values.identity, &pods_anchors).map_err(|e| {
+            anyhow::anyhow!(
+                "the identity given is not the one the meshed pods left behind trust ({e}): they would be cut off from the new controller; give that install's identity, or pass --ignore-cluster"
+            )
+        })?;
+    }
     if values.replicas == 1 {
         eprintln!(
             "strait install: with one replica, a node drain or a restart leaves no injector for a while, and pods of labelled namespaces are refused until it is back"
@@ -175,53 +183,73 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
 
 /// With no install in its namespace, what one left: meshed pods, or the
 /// injector's configuration, which is cluster-wide and outlives a deleted
-/// namespace. Their proxies trust the anchors that went with the namespace,
-/// and a new identity would cut every one of them off from the new
-/// controller and from the pods it injects, which no check would show until
-/// their certificates expired. With the identity given (restored from a
-/// backup), the pods' trust domain is kept, as an install's would be.
+/// namespace. The pods' proxies trust the anchors that went with the
+/// namespace, and a new identity would cut every one of them off from the
+/// new controller and from the pods it injects, which no check would show
+/// until their certificates expired. With the identity given (restored from
+/// a backup), the pods' settings are kept, as an install's would be, and the
+/// identity must be theirs (`run`).
 async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Option<Installed>> {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let hooks: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client.clone());
-    let look = async {
-        Ok::<_, kube::Error>((
-            hooks.get_opt(WEBHOOK_CONFIG).await?.is_some(),
-            crate::check::meshed_pods(client).await?,
-        ))
+    let within = |what: &str, e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "{NAMESPACE} holds no install, and whether one left {what} could not be told ({e}); pass --ignore-cluster to generate a new identity anyway"
+        )
     };
-    let (injector, meshed) = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, look)
+    let injector = tokio::time::timeout(LOOKUP_TIMEOUT, hooks.get_opt(WEBHOOK_CONFIG))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{NAMESPACE} holds no install, and whether one left meshed pods could not be told ({e}); pass --ignore-cluster to generate a new identity anyway"
+        .map_err(|_| {
+            within(
+                "its injector",
+                &format_args!("no answer in {LOOKUP_TIMEOUT:?}"),
             )
-        })?;
+        })?
+        .map_err(|e| within("its injector", &e))?
+        .is_some();
+    let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
+        .await
+        .map_err(|_| format!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let meshed = match meshed {
+        Ok(meshed) => meshed,
+        // Pods it may not list (an installer's narrower account) or a slow
+        // list: only the injector's configuration can tell then.
+        Err(e) if !injector => {
+            eprintln!(
+                "strait install: the pods could not be read ({e}), so meshed pods an install left could not be looked for"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(within("meshed pods", &e)),
+    };
     if !identity {
-        return Ok(meshed.trust_domain.map(|d| Installed {
-            trust_domain: Some(d),
+        return Ok(meshed.given.map(|g| Installed {
+            trust_domain: g.trust_domain,
+            iptables_mode: g.iptables_mode.and_then(|m| {
+                <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok()
+            }),
+            proxy_image: g.proxy_image,
+            pods_anchors_pem: g.anchors_pem,
             ..Installed::default()
         }));
     }
-    if meshed.pods.count == 0 && !injector {
+    let Some(given) = meshed.given.filter(|_| meshed.pods.count > 0) else {
+        if injector {
+            eprintln!(
+                "strait install: {NAMESPACE} holds no install, but MutatingWebhookConfiguration {WEBHOOK_CONFIG} remains (the namespace deleted?); no meshed pod runs, so a new identity is generated and replaces the one it names"
+            );
+        }
         return Ok(None);
-    }
-    let left = if meshed.pods.count > 0 {
-        format!(
-            "{} meshed pod(s) run ({}){}",
-            meshed.pods.count,
-            meshed.pods,
-            meshed
-                .trust_domain
-                .map(|d| format!(" in trust domain {d:?}"))
-                .unwrap_or_default()
-        )
-    } else {
-        format!("MutatingWebhookConfiguration {WEBHOOK_CONFIG} remains")
     };
+    let domain = given
+        .trust_domain
+        .map(|d| format!(" in trust domain {d:?}"))
+        .unwrap_or_default();
     anyhow::bail!(
-        "{NAMESPACE} holds no install, but {left}: its trust anchors and issuer went with it (was the namespace deleted?). A new identity would leave every running proxy cut off from the new controller and from newly injected pods. Give the old identity with the --identity-* files (and --trust-domain), or pass --ignore-cluster to generate a new one, apply it, then restart every meshed workload (docs/kubernetes.md, \"The identity lost\")"
+        "{NAMESPACE} holds no install, but {} meshed pod(s) run ({}){domain}: its trust anchors and issuer went with it (was the namespace deleted?). A new identity would leave every running proxy cut off from the new controller and from newly injected pods. Give the old identity with the --identity-* files (the pods' trust domain, iptables mode and proxy image are kept), or pass --ignore-cluster to generate a new one (with --trust-domain and --proxy-iptables-mode as the pods have them), apply it, then restart every meshed workload (docs/kubernetes.md, \"The identity lost\")",
+        meshed.pods.count,
+        meshed.pods
     )
 }
 
@@ -301,6 +329,7 @@ fn installed(
         controller_image,
         telemetry,
         replicas,
+        pods_anchors_pem: None,
     }))
 }
 
@@ -443,6 +472,7 @@ pub async fn installed_for_injection(
             controller_image: None,
             telemetry: a.telemetry,
             replicas: None,
+            pods_anchors_pem: None,
         },
     )))
 }
@@ -466,6 +496,9 @@ pub struct Installed {
     pub telemetry: crate::inject::Telemetry,
     /// The controller Deployment's (read by `strait install` only).
     pub replicas: Option<u16>,
+    /// With no install left, the trust anchors its meshed pods hold: an
+    /// identity given must be under them.
+    pub pods_anchors_pem: Option<String>,
 }
 
 /// The identity material the install carries.
@@ -675,20 +708,24 @@ impl InstallArgs {
 /// `identity` if the controller would take it: an issuer it can load, which
 /// signs certificates that verify against the anchors.
 fn checked(identity: Identity, anchors_from: &str, pair_from: &str) -> anyhow::Result<Identity> {
-    // The controller would refuse them at start; say so now.
+    if !identity.anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("{anchors_from}: no PEM certificate in it");
+    }
+    issuer_under(&identity, &identity.anchors_pem)
+        .map_err(|e| anyhow::anyhow!("{pair_from}: {e}"))?;
+    Ok(identity)
+}
+
+/// Whether `identity`'s issuer signs certificates that verify against
+/// `anchors_pem`: the controller would refuse it at start otherwise.
+fn issuer_under(identity: &Identity, anchors_pem: &str) -> anyhow::Result<()> {
     let issuer = ca::Ca::from_pem(
         &identity.issuer_cert_pem,
         &identity.issuer_key_pem,
         Duration::from_secs(3600),
     )
     .map_err(|(flag, e)| anyhow::anyhow!("the issuer cannot be used ({flag}): {e}"))?;
-    if !identity.anchors_pem.contains("-----BEGIN CERTIFICATE-----") {
-        anyhow::bail!("{anchors_from}: no PEM certificate in it");
-    }
-    issuer
-        .chains_to(&identity.anchors_pem)
-        .map_err(|e| anyhow::anyhow!("{pair_from}: {e}"))?;
-    Ok(identity)
+    issuer.chains_to(anchors_pem).map_err(anyhow::Error::msg)
 }
 
 fn labels() -> Value {

@@ -1073,12 +1073,26 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
     assert!(stderr.contains("--identity-trust-anchors-file"), "{stderr}");
 }
 
-/// A pod `strait install` or `strait inject` meshed: its proxy container and
-/// the trust domain it was given.
-fn injected_pod(ns: &str, pod: &str, trust_domain: &str, phase: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}}}\nspec:\n  containers:\n  - {{name: app, image: app}}\n  - name: strait-proxy\n    image: strait-proxy\n    env: [{{name: STRAIT_PROXY_TRUST_DOMAIN, value: {trust_domain}}}]\nstatus: {{phase: {phase}}}\n"
-    )
+/// A pod `strait install` or `strait inject` meshed: its init and proxy
+/// containers, with what they were given (legacy iptables, a registry of
+/// the cluster's own, the trust domain and anchors).
+fn injected_pod(ns: &str, pod: &str, trust_domain: &str, anchors: &str, phase: &str) -> String {
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod, "namespace": ns},
+        "spec": {
+            "initContainers": [{"name": "strait-init", "image": "registry.local/strait-proxy:1",
+                                "env": [{"name": "STRAIT_PROXY_IPTABLES_MODE", "value": "legacy"}]}],
+            "containers": [
+                {"name": "app", "image": "app"},
+                {"name": "strait-proxy", "image": "registry.local/strait-proxy:1",
+                 "env": [{"name": "STRAIT_PROXY_TRUST_DOMAIN", "value": trust_domain},
+                         {"name": "STRAIT_PROXY_TRUST_ANCHORS_PEM", "value": anchors}]},
+            ],
+        },
+        "status": {"phase": phase},
+    });
+    serde_norway::to_string(&pod).unwrap()
 }
 
 /// `strait` run against the stand-in.
@@ -1102,7 +1116,15 @@ async fn strait_install_over_a_deleted_install_says_what_it_left() {
     let api = KubeApi::start().await;
     let dir = ManifestDir::new();
     let kubeconfig = api.kubeconfig(dir.path());
-    api.apply(&injected_pod("shop", "web", "corp.example", "Running"));
+    let pki = Pki::new();
+    let anchors = std::fs::read_to_string(pki.anchors()).unwrap();
+    api.apply(&injected_pod(
+        "shop",
+        "web",
+        "corp.example",
+        &anchors,
+        "Running",
+    ));
     let refused = strait_on(&kubeconfig, &["install"]).await;
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -1116,26 +1138,57 @@ async fn strait_install_over_a_deleted_install_says_what_it_left() {
     ] {
         assert!(stderr.contains(said), "{said} not in: {stderr}");
     }
-    // The old identity given back: the pods' trust domain, not the default.
-    let pki = Pki::new();
-    let files = [
-        format!("--identity-trust-anchors-file={}", pki.anchors().display()),
-        format!(
-            "--identity-issuer-certificate-file={}",
-            pki.issuer_cert().display()
-        ),
-        format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
-    ];
-    let files: Vec<&str> = ["install"]
-        .into_iter()
-        .chain(files.iter().map(String::as_str))
-        .collect();
-    let restored = strait_on(&kubeconfig, &files).await;
-    assert!(restored.status.success());
-    assert!(String::from_utf8_lossy(&restored.stdout).contains("--trust-domain=corp.example"));
-    let mut clash = files.clone();
+    // The old identity given back: the pods' settings, not the defaults.
+    let files = |pki: &Pki| {
+        vec![
+            "install".to_string(),
+            format!("--identity-trust-anchors-file={}", pki.anchors().display()),
+            format!(
+                "--identity-issuer-certificate-file={}",
+                pki.issuer_cert().display()
+            ),
+            format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
+        ]
+    };
+    let args = files(&pki);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let restored = strait_on(&kubeconfig, &args).await;
+    let out = String::from_utf8_lossy(&restored.stdout);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    for kept in [
+        "--trust-domain=corp.example",
+        "--proxy-iptables-mode=legacy",
+    ] {
+        assert!(out.contains(kept), "{kept} not kept: {out}");
+    }
+    assert!(
+        String::from_utf8_lossy(&restored.stderr)
+            .contains("installed proxy image registry.local/strait-proxy:1 is replaced"),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let mut clash = args.clone();
     clash.extend(["--trust-domain", "cluster.local"]);
     assert!(!strait_on(&kubeconfig, &clash).await.status.success());
+    // Another identity (a backup of another cluster, or from before a
+    // rotation) is not the one the pods trust.
+    let other = Pki::new();
+    let args = files(&other);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let wrong = strait_on(&kubeconfig, &args).await;
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && wrong.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("not the one the meshed pods left behind trust"),
+        "{stderr}"
+    );
     assert!(
         strait_on(&kubeconfig, &["install", "--ignore-cluster"])
             .await
@@ -1151,27 +1204,21 @@ async fn strait_install_over_a_deleted_install_says_what_it_left() {
             api.apply(doc);
         }
     }
-    let refused = strait_on(&kubeconfig, &["install"]).await;
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
+    // A finished Job's pod is no meshed pod left running: nothing trusts
+    // the lost anchors, and the new identity replaces the configuration's.
+    api.apply(&injected_pod(
+        "shop",
+        "job",
+        "corp.example",
+        &anchors,
+        "Succeeded",
+    ));
+    let fresh = strait_on(&kubeconfig, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&fresh.stderr);
+    assert!(fresh.status.success(), "{stderr}");
     assert!(
         stderr.contains("MutatingWebhookConfiguration strait-proxy-injector remains"),
         "{stderr}"
-    );
-    // A finished Job's pod is no meshed pod left running; nothing left, a
-    // first install.
-    api.delete(
-        "admissionregistration.k8s.io/v1",
-        "MutatingWebhookConfiguration",
-        "default",
-        "strait-proxy-injector",
-    );
-    api.apply(&injected_pod("shop", "job", "corp.example", "Succeeded"));
-    let first = strait_on(&kubeconfig, &["install"]).await;
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
     );
 }
 
@@ -1183,7 +1230,7 @@ async fn strait_uninstall_waits_for_the_meshed_pods() {
     let api = KubeApi::start().await;
     let dir = ManifestDir::new();
     let kubeconfig = api.kubeconfig(dir.path());
-    api.apply(&injected_pod("shop", "web", "cluster.local", "Running"));
+    api.apply(&injected_pod("shop", "web", "cluster.local", "", "Running"));
     let refused = strait_on(&kubeconfig, &["uninstall"]).await;
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(

@@ -52,8 +52,8 @@ controllers, which read it only at start.
 {{- dict "anchors" (index $anchors.data "ca.crt") "crt" (index $secret.data "tls.crt" | b64dec) "key" (index $secret.data "tls.key" | b64dec) | toJson -}}
 {{- else if or $secret $anchors -}}
 {{- fail (printf "%s has only one of Secret strait-identity-issuer and ConfigMap strait-trust-anchors: give the identity values (a new identity would replace the one running proxies trust)" .Values.namespace) -}}
-{{- else if lookup "admissionregistration.k8s.io/v1" "MutatingWebhookConfiguration" "" "strait-proxy-injector" -}}
-{{- fail (printf "%s holds no identity, but MutatingWebhookConfiguration strait-proxy-injector remains: the install's trust anchors and issuer were lost (the namespace deleted?), and its meshed pods still trust them. Give the old identity values; or delete that configuration to generate a new identity, then restart every meshed workload (docs/kubernetes.md, \"The identity lost\")" .Values.namespace) -}}
+{{- else if and (lookup "admissionregistration.k8s.io/v1" "MutatingWebhookConfiguration" "" "strait-proxy-injector") (not (lookup "apps/v1" "Deployment" .Values.namespace "strait-controller")) -}}
+{{- fail (printf "%s holds no install, but MutatingWebhookConfiguration strait-proxy-injector remains: the install's trust anchors and issuer were lost (the namespace deleted?), and meshed pods may still trust them. Give the old identity values; or, once no meshed pod runs (or to restart them all after), delete that configuration to generate a new identity (docs/kubernetes.md, \"The identity lost\")" .Values.namespace) -}}
 {{- else -}}
 {{- $ca := genCAWithKey (printf "root.%s" .Values.trustDomain) 365 (genPrivateKey "ecdsa") -}}
 {{- dict "anchors" $ca.Cert "crt" $ca.Cert "key" $ca.Key | toJson -}}
