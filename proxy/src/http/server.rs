@@ -87,6 +87,11 @@ pub struct ConnMeta {
     /// in flight), and the calling proxy asks again on a new connection,
     /// with the certificate it holds then. What is in flight finishes.
     pub until: Option<tokio::time::Instant>,
+    /// Inbound: whether the connection's requests count toward its caller's
+    /// share of the requests in flight (`InFlightCap`): not a plaintext
+    /// connection to a port the kubelet probes, whose address (the node's)
+    /// others share.
+    pub caller_share: bool,
 }
 
 /// Resolves at `until`, or never.
@@ -265,6 +270,7 @@ mod tests {
             peer: None,
             caller: None,
             until: None,
+            caller_share: false,
         };
         (cfg, meta, crate::transport::drain::channel())
     }

@@ -70,9 +70,9 @@ impl HttpStack {
         <L::Service as tower::Service<Request<ClientBody>>>::Future: Send + 'static,
     {
         let s = &self.shared;
-        let state = Arc::new(match meta.direction {
-            Direction::Inbound => ConnState::of_caller(self.cap.of_source(meta.client.0.ip())),
-            Direction::Outbound => ConnState::default(),
+        let state = Arc::new(match meta.caller_share {
+            true => ConnState::of_caller(self.cap.of_source(meta.client.0.ip())),
+            false => ConnState::default(),
         });
         let body_timeout = s.http.body_read_timeout;
         let trace = TraceLayer::new(s.observe.clone(), meta.direction, meta.peer.clone());

@@ -324,6 +324,7 @@ impl Inbound {
             peer: peer.clone(),
             caller: Some(caller.clone()),
             until,
+            caller_share: peer.is_some() || !target.is_some_and(|p| policy::probed(&s.policy, p.0)),
         };
         let layers = Stack::new(
             AuthorizeLayer::new(

@@ -111,6 +111,7 @@ impl Outbound {
             peer: None,
             caller: None,
             until: None,
+            caller_share: false,
         };
         let layers = Stack::new(
             RouterLayer::new(s.discovery.clone(), self.build.clone()),
