@@ -3,6 +3,8 @@
 //! request; when the queue is full a line is dropped and counted, and so is
 //! every line of a write that failed (stdout closed).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::Request;
@@ -16,6 +18,10 @@ use super::trace::Notes;
 use crate::cli::LogFormat;
 
 const QUEUE_LINES: usize = 4096;
+/// And at most this much text queued: a line is up to some KiB (a long path
+/// and Host, JSON-escaped), and lines held through a slow stdout must not
+/// take what the proxy's memory limit leaves it.
+const QUEUE_BYTES: usize = 4 << 20;
 /// Lines queued together go out in one write of about this much at most.
 const WRITE_BYTES: usize = 64 * 1024;
 
@@ -25,6 +31,8 @@ pub struct AccessLog {
     flush: mpsc::Sender<oneshot::Sender<()>>,
     format: LogFormat,
     dropped: Counter,
+    /// Bytes of the lines queued, not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
 }
 
 impl AccessLog {
@@ -40,17 +48,29 @@ impl AccessLog {
     ) -> Self {
         let (tx, rx) = mpsc::channel::<String>(QUEUE_LINES);
         let (flush, asks) = mpsc::channel(4);
-        tokio::spawn(write_lines(out, rx, asks, dropped.clone()));
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write_lines(out, rx, asks, dropped.clone(), queued.clone()));
         AccessLog {
             tx,
             flush,
             format,
             dropped,
+            queued,
         }
     }
 
     pub fn write(&self, line: Line) {
-        if self.tx.try_send(line.render(self.format)).is_err() {
+        let mut line = line.render(self.format);
+        // Queued for as long as stdout is slow: only its text.
+        line.shrink_to_fit();
+        let n = line.len();
+        if self.queued.fetch_add(n, Ordering::AcqRel) + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.dropped.inc();
+            return;
+        }
+        if self.tx.try_send(line).is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
             self.dropped.inc();
         }
     }
@@ -71,6 +91,7 @@ async fn write_lines(
     mut rx: mpsc::Receiver<String>,
     mut asks: mpsc::Receiver<oneshot::Sender<()>>,
     dropped: Counter,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -87,6 +108,7 @@ async fn write_lines(
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
             buf.extend_from_slice(l.as_bytes());
+            queued.fetch_sub(l.len(), Ordering::AcqRel);
             lines += 1;
             // A flush takes everything queued; a burst goes out in parts.
             if buf.len() >= WRITE_BYTES && ask.is_none() {
@@ -344,11 +366,13 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
 
-    /// stdout as a test sees it: what was written, or a pipe nobody reads.
+    /// stdout as a test sees it: what was written, a pipe nobody reads
+    /// (`closed`), or one that takes nothing for now (`stalled`).
     #[derive(Clone, Default)]
     struct Out {
         written: Arc<Mutex<Vec<u8>>>,
         closed: bool,
+        stalled: bool,
     }
 
     impl AsyncWrite for Out {
@@ -359,6 +383,9 @@ mod tests {
         ) -> Poll<std::io::Result<usize>> {
             if self.closed {
                 return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            if self.stalled {
+                return Poll::Pending;
             }
             self.written.lock().unwrap().extend_from_slice(b);
             Poll::Ready(Ok(b.len()))
@@ -429,6 +456,39 @@ mod tests {
         }
         assert!(log.flush(Duration::from_secs(5)).await);
         assert_eq!(dropped.get(), 10);
+    }
+
+    /// Through a stdout that takes nothing, the lines queued hold at most
+    /// `QUEUE_BYTES`, however long each is (a 1 KiB path of two-byte
+    /// characters is 3 KiB of JSON escapes), and those past it are dropped
+    /// and counted.
+    #[tokio::test]
+    async fn lines_queued_hold_a_bounded_amount() {
+        let out = Out {
+            stalled: true,
+            ..Out::default()
+        };
+        let dropped = Counter::default();
+        let log = AccessLog::start_to(out, LogFormat::Json, dropped.clone());
+        let path = format!("/{}", "é".repeat(512));
+        let req = Request::get(path.as_str())
+            .header("host", "h".repeat(1024))
+            .body(())
+            .unwrap();
+        let one = answered(&req).render(LogFormat::Json).len();
+        assert!(one > 3000, "{one}");
+        for _ in 0..QUEUE_LINES {
+            log.write(answered(&req));
+        }
+        let queued = log.queued.load(Ordering::Acquire);
+        assert!(queued <= QUEUE_BYTES, "{queued}");
+        assert!(queued + one > QUEUE_BYTES, "filled: {queued}");
+        // Some thousands of 3 KiB lines: most past the bound.
+        assert!(
+            dropped.get() as usize > QUEUE_LINES / 2,
+            "{}",
+            dropped.get()
+        );
     }
 
     /// Text names its fields as JSON does.
