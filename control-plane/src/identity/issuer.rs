@@ -23,7 +23,6 @@ pub struct Issuer {
     files: Option<Files>,
 }
 
-#[derive(Debug)]
 struct Files {
     cert: PathBuf,
     key: PathBuf,
@@ -31,6 +30,19 @@ struct Files {
     lifetime: Duration,
     /// The files as last taken: unchanged ones are not parsed again.
     taken: Mutex<(String, String)>,
+}
+
+/// Never the key the files held (`taken`): every service holding the
+/// issuer derives `Debug`, and one such value logged would log it.
+impl std::fmt::Debug for Files {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Files")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("anchors", &self.anchors)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the files were not taken.
@@ -230,6 +242,8 @@ pub(super) mod tests {
         let first = old.issuer();
         files.write(&first, &old.pem);
         let issuer = files.load();
+        let shown = format!("{issuer:?}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
         let mut changes = issuer.changes();
         assert!(issuer.reload().unwrap().is_none(), "unchanged files");
         assert!(!changes.has_changed().unwrap());

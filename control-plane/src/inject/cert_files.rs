@@ -23,11 +23,17 @@ pub struct FromFiles {
     current: RwLock<Loaded>,
 }
 
-#[derive(Debug)]
 struct Loaded {
     certified: Arc<CertifiedKey>,
     /// The files' contents it was made of: unchanged files are not parsed again.
     read: (Vec<u8>, Vec<u8>),
+}
+
+/// Never the key file's contents (`read`).
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").finish_non_exhaustive()
+    }
 }
 
 impl ResolvesServerCert for FromFiles {
