@@ -77,6 +77,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn start() -> anyhow::Result<()> {
+    strait_api::core_dumps::off();
     let mut cli = Cli::parse();
     if cli.log_level.is_none() {
         cli.log_level = log::from_env().map_err(FlagError)?;

@@ -55,6 +55,7 @@ fn start() -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     };
+    strait_api::core_dumps::off();
     let open_files = raise_open_files();
     let r = rt.block_on(run(config, open_files, cache_left_on, limits));
     // Drained: what is left is blocking work (a resolver call that hangs)

@@ -633,4 +633,11 @@ async fn the_open_file_limit_is_raised_to_the_hard_one() {
     let f: Vec<&str> = line.split_whitespace().collect();
     let (soft, hard) = (f[3], f[4]);
     assert_eq!(soft, hard, "{line}");
+    // And no core dump, which would put its memory (its key) on disk.
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let f: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!((f[4], f[5]), ("0", "0"), "{core}");
 }
