@@ -567,9 +567,12 @@ fn endpoint_strings(e: SocketAddr) -> (Arc<str>, Arc<str>) {
 /// stay in `rpc.service` and `rpc.method`.
 const MAX_RPC_SPAN_NAMES: usize = 1000;
 
-/// Whether a call's span may be named for its method. Run as spans are
-/// encoded, on the exporter's thread, not on the request path.
-fn named_rpc(service: &str, method: &str) -> bool {
+/// Whether a call's span may be named for its method. A method not named
+/// before takes a place only from a call its server `served`: answered with a
+/// status other than UNIMPLEMENTED, and not by a proxy's own error, so that
+/// made-up methods (a scanner's) do not take the places of real ones. Run as
+/// spans are encoded, on the exporter's thread, not on the request path.
+fn named_rpc(service: &str, method: &str, served: bool) -> bool {
     static SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Box<str>>>> =
         std::sync::LazyLock::new(Default::default);
     let name = format!("{service}/{method}");
@@ -579,7 +582,7 @@ fn named_rpc(service: &str, method: &str) -> bool {
     if seen.contains(name.as_str()) {
         return true;
     }
-    if seen.len() >= MAX_RPC_SPAN_NAMES {
+    if !served || seen.len() >= MAX_RPC_SPAN_NAMES {
         return false;
     }
     seen.insert(name.into_boxed_str());
@@ -607,10 +610,14 @@ impl Record for ProxySpan {
         // The RPC conventions beside HTTP's: the service and method from the
         // path, and the call's status.
         let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
+        let served = error.is_none()
+            && grpc_code
+                .and_then(|c| grpc::LABELS.get(c))
+                .is_some_and(|l| l.parse::<u8>().is_ok_and(|c| c != 12));
         // RPC spans are named for the method they call; HTTP spans for
         // theirs, or `HTTP` for a method the conventions do not know.
         match (rpc.flatten(), &started.method_original) {
-            (Some((service, method)), _) if named_rpc(service, method) => {
+            (Some((service, method)), _) if named_rpc(service, method, served) => {
                 w.name(&[service, "/", method]);
             }
             (Some(_), _) => w.name(&["grpc"]),
@@ -745,13 +752,17 @@ mod tests {
     /// for them; the methods named first keep their names.
     #[test]
     fn grpc_span_names_are_bounded() {
-        assert!(named_rpc("shop.Orders", "Get"));
-        for i in 1..MAX_RPC_SPAN_NAMES {
-            assert!(named_rpc("junk.S", &format!("m{i}")), "{i}");
+        // Methods the server does not have (UNIMPLEMENTED) take no place.
+        for i in 0..2 * MAX_RPC_SPAN_NAMES {
+            assert!(!named_rpc("made.Up", &format!("m{i}"), false));
         }
-        assert!(!named_rpc("junk.S", "one_more"));
-        assert!(named_rpc("shop.Orders", "Get"), "named before");
-        assert!(named_rpc("junk.S", "m7"));
+        assert!(named_rpc("shop.Orders", "Get", true));
+        for i in 1..MAX_RPC_SPAN_NAMES {
+            assert!(named_rpc("junk.S", &format!("m{i}"), true), "{i}");
+        }
+        assert!(!named_rpc("junk.S", "one_more", true));
+        assert!(named_rpc("shop.Orders", "Get", false), "named before");
+        assert!(named_rpc("junk.S", "m7", true));
     }
     use crate::addr::DestAddr;
 
