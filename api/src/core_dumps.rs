@@ -4,13 +4,15 @@
 //! proxy's workload key, the controller's issuer key. Panics unwind and dump
 //! nothing either way.
 
-/// Sets the core file size to zero, soft and hard, for this process and what
-/// it starts.
+/// Sets the core file size to one byte, soft and hard, for this process and
+/// what it starts: below any core file's size, and the value Linux takes to
+/// mean "no dump" where `core_pattern` pipes dumps to a handler (it ignores
+/// the limit there otherwise, zero included).
 pub fn off() {
     use rustix::process::{Resource, Rlimit, setrlimit};
     let none = Rlimit {
-        current: Some(0),
-        maximum: Some(0),
+        current: Some(1),
+        maximum: Some(1),
     };
     // Lowering a limit is always allowed; nothing to do if it fails.
     let _ = setrlimit(Resource::Core, none);

@@ -639,5 +639,6 @@ async fn the_open_file_limit_is_raised_to_the_hard_one() {
         .find(|l| l.starts_with("Max core file size"))
         .unwrap();
     let f: Vec<&str> = core.split_whitespace().collect();
-    assert_eq!((f[4], f[5]), ("0", "0"), "{core}");
+    assert_eq!((f[4], f[5]), ("1", "1"), "{core}");
 }
+
