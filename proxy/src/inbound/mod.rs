@@ -324,7 +324,13 @@ impl Inbound {
             peer: peer.clone(),
             caller: Some(caller.clone()),
             until,
-            caller_share: peer.is_some() || !target.is_some_and(|p| policy::probed(&s.policy, p.0)),
+            // An HTTP/1 connection carries one request at a time, and one
+            // whose client stops reading is cut (`--http-body-read-timeout`):
+            // the kubelet's probes are HTTP/1, and over HTTP/2 a client could
+            // hold a thousand streams per connection on the probed port.
+            caller_share: peer.is_some()
+                || protocol != Protocol::Http1
+                || !target.is_some_and(|p| policy::probed(&s.policy, p.0)),
         };
         let layers = Stack::new(
             AuthorizeLayer::new(
