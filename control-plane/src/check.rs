@@ -430,7 +430,9 @@ pub(crate) struct Meshed {
 #[derive(Debug, Default)]
 pub(crate) struct Given {
     pub trust_domain: Option<String>,
-    pub anchors_pem: Option<String>,
+    /// Each distinct bundle of anchors the pods hold (mid-rotation, two),
+    /// a few at most.
+    pub anchors_pem: Vec<String>,
     /// `None` for the default (nft), which the injector leaves unsaid.
     pub iptables_mode: Option<String>,
     pub proxy_image: Option<String>,
@@ -442,7 +444,7 @@ impl Meshed {
             return;
         };
         self.pods.push(p);
-        if self.given.is_none() {
+        let given = self.given.get_or_insert_with(|| {
             let init = p
                 .spec
                 .iter()
@@ -450,15 +452,25 @@ impl Meshed {
             let init = init
                 .into_iter()
                 .find(|c| c.name == crate::inject::INIT_CONTAINER);
-            let env = |name| proxy_env(proxy, name).map(String::from);
-            self.given = Some(Given {
-                trust_domain: env("STRAIT_PROXY_TRUST_DOMAIN"),
-                anchors_pem: env("STRAIT_PROXY_TRUST_ANCHORS_PEM"),
+            Given {
+                trust_domain: proxy_env(proxy, "STRAIT_PROXY_TRUST_DOMAIN").map(String::from),
+                anchors_pem: Vec::new(),
                 iptables_mode: init
                     .and_then(|c| proxy_env(c, "STRAIT_PROXY_IPTABLES_MODE"))
                     .map(String::from),
                 proxy_image: proxy.image.clone(),
-            });
+            }
+        });
+        const BUNDLES: usize = 4;
+        if let Some(pem) = proxy_env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM")
+            && given.anchors_pem.len() < BUNDLES
+            && let Some(set) = anchor_set(pem)
+            && !given
+                .anchors_pem
+                .iter()
+                .any(|b| anchor_set(b).as_ref() == Some(&set))
+        {
+            given.anchors_pem.push(pem.to_string());
         }
     }
 }

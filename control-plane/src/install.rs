@@ -104,14 +104,30 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else {
         existing_install(true).await?
     };
-    let pods_anchors = existing.as_ref().and_then(|e| e.pods_anchors_pem.clone());
+    let pods_anchors = (existing.as_ref())
+        .map(|e| e.pods_anchors_pem.clone())
+        .unwrap_or_default();
     let values = args.values(existing)?;
-    if let Some(pods_anchors) = pods_anchors {
-        issuer_under(&values.identity, &pods_anchors).map_err(|e| {
-            anyhow::anyhow!(
-                "the identity given is not the one the meshed pods left behind trust ({e}): they would be cut off from the new controller; give that install's identity, or pass --ignore-cluster"
-            )
-        })?;
+    if !pods_anchors.is_empty() {
+        let under: Vec<_> = (pods_anchors.iter())
+            .map(|a| issuer_under(&values.identity, a))
+            .collect();
+        // Mid-rotation the pods hold two bundles: the issuer must be under
+        // one, and those holding the other are named for a restart.
+        match under.iter().filter(|u| u.is_ok()).count() {
+            0 => {
+                let e = under.into_iter().find_map(Result::err);
+                anyhow::bail!(
+                    "the identity given is not the one the meshed pods left behind trust ({}): they would be cut off from the new controller; give that install's identity, or pass --ignore-cluster",
+                    e.map(|e| e.to_string()).unwrap_or_default()
+                );
+            }
+            n if n < under.len() => eprintln!(
+                "strait install: the identity given is under the trust anchors of some meshed pods but not all (they hold {} bundles): `strait check` names those holding others, to restart",
+                under.len()
+            ),
+            _ => {}
+        }
     }
     if values.replicas == 1 {
         eprintln!(
@@ -211,18 +227,9 @@ async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Opt
         .await
         .map_err(|_| format!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
         .and_then(|r| r.map_err(|e| e.to_string()));
-    let meshed = match meshed {
-        Ok(meshed) => meshed,
-        // Pods it may not list (an installer's narrower account) or a slow
-        // list: only the injector's configuration can tell then.
-        Err(e) if !injector => {
-            eprintln!(
-                "strait install: the pods could not be read ({e}), so meshed pods an install left could not be looked for"
-            );
-            return Ok(None);
-        }
-        Err(e) => return Err(within("meshed pods", &e)),
-    };
+    // Pods it may not list (an installer's narrower account) or a slow list:
+    // nothing tells then whether proxies trust what was lost.
+    let meshed = meshed.map_err(|e| within("meshed pods", &e))?;
     if !identity {
         return Ok(meshed.given.map(|g| Installed {
             trust_domain: g.trust_domain,
@@ -242,14 +249,23 @@ async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Opt
         }
         return Ok(None);
     };
-    let domain = given
-        .trust_domain
+    let domain = (given.trust_domain.as_ref())
         .map(|d| format!(" in trust domain {d:?}"))
         .unwrap_or_default();
+    // What a new install must be given to fit the pods.
+    let as_theirs = [
+        (given.trust_domain.as_ref()).map(|d| format!(" --trust-domain={d}")),
+        Some(format!(
+            " --proxy-iptables-mode={}",
+            given.iptables_mode.as_deref().unwrap_or("nft")
+        )),
+    ];
+    let as_theirs: String = as_theirs.into_iter().flatten().collect();
     anyhow::bail!(
-        "{NAMESPACE} holds no install, but {} meshed pod(s) run ({}){domain}: its trust anchors and issuer went with it (was the namespace deleted?). A new identity would leave every running proxy cut off from the new controller and from newly injected pods. Give the old identity with the --identity-* files (the pods' trust domain, iptables mode and proxy image are kept), or pass --ignore-cluster to generate a new one (with --trust-domain and --proxy-iptables-mode as the pods have them), apply it, then restart every meshed workload (docs/kubernetes.md, \"The identity lost\")",
+        "{NAMESPACE} holds no install, but {} meshed pod(s) run ({}){domain}: its trust anchors and issuer went with it (was the namespace deleted?). A new identity would leave every running proxy cut off from the new controller and from newly injected pods. Give the old identity with the --identity-* files (the pods' trust domain and iptables mode are kept), or pass --ignore-cluster{} to generate a new one, apply it, then restart every meshed workload (docs/kubernetes.md, \"The identity lost\")",
         meshed.pods.count,
-        meshed.pods
+        meshed.pods,
+        as_theirs
     )
 }
 
@@ -329,7 +345,7 @@ fn installed(
         controller_image,
         telemetry,
         replicas,
-        pods_anchors_pem: None,
+        pods_anchors_pem: Vec::new(),
     }))
 }
 
@@ -472,7 +488,7 @@ pub async fn installed_for_injection(
             controller_image: None,
             telemetry: a.telemetry,
             replicas: None,
-            pods_anchors_pem: None,
+            pods_anchors_pem: Vec::new(),
         },
     )))
 }
@@ -498,7 +514,7 @@ pub struct Installed {
     pub replicas: Option<u16>,
     /// With no install left, the trust anchors its meshed pods hold: an
     /// identity given must be under them.
-    pub pods_anchors_pem: Option<String>,
+    pub pods_anchors_pem: Vec<String>,
 }
 
 /// The identity material the install carries.
