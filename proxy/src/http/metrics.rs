@@ -182,6 +182,21 @@ where
                     reason: made.0,
                 })
                 .inc();
+            // A 5xx the proxy made (connect refused or timed out, no
+            // endpoints, a route's timeout) is what an engineer asks a
+            // proxy's log about first; 4xx are the client's, and logged
+            // where they are decided.
+            if rsp.status().is_server_error() {
+                let why = rsp.headers().get(crate::defaults::PROXY_ERROR_HEADER);
+                strait_otel::sampled!(
+                    info,
+                    direction = layer.direction.as_str(),
+                    reason = made.0,
+                    status = rsp.status().as_u16(),
+                    error = why.and_then(|v| v.to_str().ok()).unwrap_or(""),
+                    "request answered by the proxy"
+                );
+            }
         }
         let took = this.start.elapsed().as_secs_f64();
         layer.latency.observe(took);

@@ -642,3 +642,53 @@ async fn the_open_file_limit_is_raised_to_the_hard_one() {
     assert_eq!((f[4], f[5]), ("1", "1"), "{core}");
 }
 
+/// A request the proxy itself answers with a 5xx (here, its upstream
+/// refuses the connection) is in the proxy's log at the default level, with
+/// why: the first place an engineer looks when meshed calls fail.
+#[tokio::test]
+async fn a_5xx_the_proxy_makes_is_logged_with_why() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (admin, outbound) = (free_port(), free_port());
+    let mut proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args([
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--inbound-addr=127.0.0.1:0".into(),
+            format!("--outbound-addr=127.0.0.1:{outbound}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait::ready(
+        format!("127.0.0.1:{admin}").parse().unwrap(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let gone = free_port();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", outbound))
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET http://127.0.0.1:{gone}/ HTTP/1.1\r\nhost: 127.0.0.1:{gone}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    proxy.start_kill().unwrap();
+    let out = proxy.wait_with_output().await.unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("request answered by the proxy"))
+        .unwrap_or_else(|| panic!("no line for the 502 in:\n{log}"));
+    assert!(line.contains("connect"), "{line}");
+    assert!(line.contains(&gone.to_string()), "{line}");
+}
