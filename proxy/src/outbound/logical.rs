@@ -222,7 +222,11 @@ impl Stages {
             n.with(|n| n.route = Some((self.view.name.clone(), r.route.clone(), r.rule.clone())));
         }
         let m = &stage.metrics;
-        m.requests.inc();
+        m.request(crate::telemetry::metrics::Configured {
+            request_timeout: stage.rule.request_timeout.is_some(),
+            backend_timeout: stage.rule.backend_timeout.is_some(),
+            retries_responses: stage.rule.retry.retries_responses(),
+        });
         // A gRPC call whose caller goes away before the head is counted
         // `cancelled` as this future is dropped.
         let grpc = crate::http::grpc::is_call(&req)

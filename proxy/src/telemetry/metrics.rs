@@ -412,6 +412,14 @@ impl<M> OnFirstUse<M> {
     pub fn get(&self) -> &M {
         self.0.made.get_or_init(|| (self.0.make)())
     }
+
+    /// As `get`, calling `first` when it is made.
+    pub fn get_then(&self, first: impl FnOnce()) -> &M {
+        self.0.made.get_or_init(|| {
+            first();
+            (self.0.make)()
+        })
+    }
 }
 
 impl OnFirstUse<Counter> {
@@ -472,6 +480,16 @@ impl Default for RouteBackendMetrics {
     }
 }
 
+/// What a rule does whose counters its first request brings, at 0: the
+/// incident that first counts one is then seen by `rate()` and `increase()`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Configured {
+    pub request_timeout: bool,
+    pub backend_timeout: bool,
+    /// Retries responses, not only requests never sent.
+    pub retries_responses: bool,
+}
+
 /// The counters of one route rule, resolved when the route is built and
 /// each made when first used.
 #[derive(Debug)]
@@ -482,6 +500,29 @@ pub struct RouteMetrics {
     pub request_timeouts: OnFirstUse<Counter>,
     pub backend_timeouts: OnFirstUse<Counter>,
     pub grpc: ByGrpcStatus,
+}
+
+impl RouteMetrics {
+    /// Counts a request of the rule; its first brings the counters of what
+    /// the rule does (every rule retries requests never sent).
+    pub fn request(&self, configured: Configured) {
+        self.requests
+            .get_then(|| {
+                self.retry.retries.get();
+                self.retry.budget_exhausted.get();
+                if configured.retries_responses {
+                    self.retry.body_too_large.get();
+                    self.retry.body_unfinished.get();
+                }
+                if configured.request_timeout {
+                    self.request_timeouts.get();
+                }
+                if configured.backend_timeout {
+                    self.backend_timeouts.get();
+                }
+            })
+            .inc();
+    }
 }
 
 /// Latency buckets in seconds: fine below a millisecond, where a proxy lives.
@@ -1333,7 +1374,20 @@ mod tests {
         assert_eq!(lines("rule=\"0\",status_class="), 5, "every class: {text}");
         assert_eq!(lines("route_retries"), 0, "no retry made: {text}");
         assert_eq!(lines("route_timeouts"), 0, "no timeout: {text}");
-        drop((unused, backends));
+        // Counted through the stage: what the rule does is there at 0.
+        let timed = m.route("web:80", "shop/web", "2");
+        timed.request(Configured {
+            request_timeout: true,
+            ..Configured::default()
+        });
+        let text = m.encode();
+        assert!(text.contains("strait_proxy_route_timeouts_total{service=\"web:80\",route=\"shop/web\",rule=\"2\",reason=\"request\"} 0"), "{text}");
+        assert!(text.contains("strait_proxy_route_retries_total{service=\"web:80\",route=\"shop/web\",rule=\"2\"} 0"), "{text}");
+        assert!(
+            !text.contains("rule=\"2\",reason=\"backend_request\""),
+            "{text}"
+        );
+        drop((unused, backends, timed));
     }
 
     /// A gRPC call's status may come long after its request was routed (a
