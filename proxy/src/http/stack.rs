@@ -75,7 +75,10 @@ impl HttpStack {
             false => ConnState::default(),
         });
         let body_timeout = s.http.body_read_timeout;
-        let trace = TraceLayer::new(s.observe.clone(), meta.direction, meta.peer.clone());
+        let mut trace = TraceLayer::new(s.observe.clone(), meta.direction, meta.peer.clone());
+        if meta.direction == Direction::Inbound {
+            trace = trace.for_client(meta.client.0.ip());
+        }
         if h2 {
             let tunnels = state.clone();
             let svc = ServiceBuilder::new()

@@ -149,6 +149,9 @@ pub struct Line {
     backend: Option<String>,
     endpoint: Option<String>,
     peer: Option<String>,
+    /// Inbound: the caller's address, which tells a plaintext caller's
+    /// line (no `peer_identity`) whose it is.
+    client: Option<std::net::IpAddr>,
     retries: u32,
     trace_id: Option<String>,
     error: Option<String>,
@@ -188,11 +191,18 @@ impl Line {
             backend: None,
             endpoint: None,
             peer: None,
+            client: None,
             retries: 0,
             trace_id: None,
             error: None,
             grpc_status: None,
         }
+    }
+
+    /// Inbound: the caller's address.
+    pub fn from_client(mut self, client: Option<std::net::IpAddr>) -> Line {
+        self.client = client;
+        self
     }
 
     pub fn finish(
@@ -252,6 +262,9 @@ impl Line {
                 if let Some(g) = self.grpc_status {
                     v["grpc_status"] = g.into();
                 }
+                if let Some(c) = self.client {
+                    v["client_addr"] = c.to_string().into();
+                }
                 ascii_json(&v)
             }
             LogFormat::Text => {
@@ -282,6 +295,9 @@ impl Line {
                 }
                 if let Some(g) = self.grpc_status {
                     let _ = write!(s, " grpc_status={g}");
+                }
+                if let Some(c) = self.client {
+                    let _ = write!(s, " client_addr={c}");
                 }
                 if let Some(e) = &self.error {
                     let _ = write!(s, " proxy_error={e:?}");
@@ -489,6 +505,22 @@ mod tests {
             "{}",
             dropped.get()
         );
+    }
+
+    /// An inbound line names the caller's address, the one way to tell
+    /// which plaintext callers remain (they have no `peer_identity`).
+    #[test]
+    fn an_inbound_line_names_its_caller_s_address() {
+        let req = Request::get("/").header("host", "web").body(()).unwrap();
+        let line = Line::of(&req, Direction::Inbound)
+            .from_client(Some("10.1.2.3".parse().unwrap()))
+            .finish(200, Duration::ZERO, &Notes::default(), None, None, None);
+        assert!(
+            line.render(LogFormat::Text)
+                .contains(" client_addr=10.1.2.3")
+        );
+        let json: serde_json::Value = serde_json::from_str(&line.render(LogFormat::Json)).unwrap();
+        assert_eq!(json["client_addr"], "10.1.2.3");
     }
 
     /// Text names its fields as JSON does.

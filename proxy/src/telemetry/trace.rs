@@ -151,6 +151,8 @@ pub struct TraceLayer {
     direction: Direction,
     /// Inbound: the verified identity of the calling proxy.
     peer: Option<Identity>,
+    /// Inbound: the caller's address, for the access log.
+    client: Option<std::net::IpAddr>,
 }
 
 impl TraceLayer {
@@ -163,7 +165,14 @@ impl TraceLayer {
             observe,
             direction,
             peer,
+            client: None,
         }
+    }
+
+    /// Inbound: the caller's address, for the access log.
+    pub fn for_client(mut self, client: std::net::IpAddr) -> Self {
+        self.client = Some(client.to_canonical());
+        self
     }
 }
 
@@ -218,7 +227,7 @@ where
         let line = observe
             .access_log
             .as_ref()
-            .map(|_| Line::of(&req, direction));
+            .map(|_| Line::of(&req, direction).from_client(self.layer.client));
         let pending = Pending {
             observe,
             direction,
@@ -610,10 +619,9 @@ impl Record for ProxySpan {
         // The RPC conventions beside HTTP's: the service and method from the
         // path, and the call's status.
         let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
-        let served = error.is_none()
-            && grpc_code
-                .and_then(|c| grpc::LABELS.get(c))
-                .is_some_and(|l| l.parse::<u8>().is_ok_and(|c| c != 12));
+        // Cancelled (a watch the client ends) counts: a made-up method is
+        // answered UNIMPLEMENTED before its caller could go.
+        let served = error.is_none() && grpc_code.is_some_and(|c| c != 12);
         // RPC spans are named for the method they call; HTTP spans for
         // theirs, or `HTTP` for a method the conventions do not know.
         match (rpc.flatten(), &started.method_original) {
