@@ -472,6 +472,7 @@ impl Proxy {
                 config.http_header_read_timeout,
                 config.http_body_read_timeout,
                 config.http_idle_timeout,
+                config.max_in_flight_requests,
             ),
             config,
         });

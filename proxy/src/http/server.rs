@@ -30,6 +30,13 @@ pub struct ServerConfig {
     /// behind an `Arc` that building one per connection would allocate again.
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// Towards the app (the outbound listener): as many streams as the
+    /// direction may have requests in flight. An app's client keeps one
+    /// connection per destination and queues every call past the limit a
+    /// server sets, unanswered; long-lived calls (watches, subscriptions)
+    /// past 1,000 would have stopped every other call on it. The network's
+    /// clients keep the bound.
+    h2_app: http2::Builder<TokioExecutor>,
 }
 
 impl ServerConfig {
@@ -37,6 +44,7 @@ impl ServerConfig {
         header_read_timeout: Duration,
         body_read_timeout: Duration,
         idle_timeout: Duration,
+        app_streams: usize,
     ) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -60,12 +68,15 @@ impl ServerConfig {
             // small gRPC messages in flight at once.
             .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW);
+        let mut h2_app = h2.clone();
+        h2_app.max_concurrent_streams(u32::try_from(app_streams).unwrap_or(u32::MAX));
         ServerConfig {
             header_read_timeout,
             body_read_timeout,
             idle_timeout,
             h1,
             h2,
+            h2_app,
         }
     }
 }
@@ -197,7 +208,11 @@ pub async fn serve_http2<I, S, B>(
     // makes no progress for the body timeout ends the connection.
     let io = strait_api::write_deadline::WriteDeadline::new(io, cfg.body_read_timeout);
     // Each poll's writes leave together (transport::coalesce).
-    let conn = FlushAfterPoll::new(cfg.h2.serve_connection(
+    let h2 = match meta.direction {
+        Direction::Outbound => &cfg.h2_app,
+        Direction::Inbound => &cfg.h2,
+    };
+    let conn = FlushAfterPoll::new(h2.serve_connection(
         TokioIo::new(Coalesced::new(io)),
         TowerToHyperService::new(svc),
     ));
@@ -262,6 +277,7 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_secs(30),
             Duration::from_secs(120),
+            defaults::MAX_IN_FLIGHT_REQUESTS,
         );
         let meta = ConnMeta {
             direction: Direction::Inbound,

@@ -618,3 +618,40 @@ async fn the_proxys_own_answer_to_a_head_has_no_body() {
         assert!(body.as_ref().is_ok_and(Bytes::is_empty), "{body:?}");
     }
 }
+
+/// An app's HTTP/2 client holding a thousand long-lived calls open on its one
+/// connection to the proxy (watches, subscriptions) can still make another:
+/// the proxy lets the app open as many streams as it may have requests in
+/// flight, where a limit of 1,000 would have the app's client queue every
+/// call after, unanswered, as gRPC clients do at the limit a server sets.
+#[tokio::test]
+async fn an_app_holding_a_thousand_streams_can_open_another() {
+    const HELD: usize = 1000;
+    let backend = Backend::start().await;
+    let proxy = support::start_to(backend.addr).await;
+    let c = client::http2();
+    let url = format!("http://{}", proxy.upstream());
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..HELD {
+        let (c, url) = (c.clone(), url.clone());
+        held.spawn(async move { client::get(&c, &format!("{url}/hold")).await });
+    }
+    strait_tests::wait::until(
+        "every call held at the app",
+        Duration::from_secs(20),
+        || async { backend.in_flight() == HELD },
+    )
+    .await;
+    let another = tokio::time::timeout(
+        Duration::from_secs(5),
+        client::get(&c, &format!("{url}/status/202")),
+    )
+    .await
+    .expect("a call past 1,000 open streams is answered")
+    .unwrap();
+    assert_eq!(another.0, StatusCode::ACCEPTED);
+    backend.release_held();
+    while let Some(done) = held.join_next().await {
+        assert_eq!(done.unwrap().unwrap().0, StatusCode::OK);
+    }
+}
