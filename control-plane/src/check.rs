@@ -7,7 +7,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, CustomResourceDefinitionVersion,
@@ -337,6 +337,18 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         },
     );
 
+    // Pods Pod Security refuses never exist, so no count of pods shows them.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let enabled = ListParams::default().labels(&format!("{}=enabled", crate::inject::INJECT));
+    match namespaces.list(&enabled).await {
+        Ok(list) => {
+            if let Some(l) = refusing_pod_security(&list.items) {
+                say(l);
+            }
+        }
+        Err(e) => say(unread("the labelled namespaces", &e)),
+    }
+
     // The bundle every proxy should hold, as a set: the same certificates
     // however a PEM text spaces or orders them.
     let bundle = anchors
@@ -366,6 +378,34 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     out
 }
 
+/// Namespaces labelled for injection whose Pod Security level refuses the
+/// init container (root, `NET_ADMIN`, `NET_RAW`): every pod the injector
+/// meshes there is refused, and is never seen as a pod.
+fn refusing_pod_security(namespaces: &[Namespace]) -> Option<Line> {
+    let refusing: Vec<String> = namespaces
+        .iter()
+        .filter_map(|n| {
+            let labels = n.metadata.labels.as_ref()?;
+            if labels.get(crate::inject::INJECT).map(String::as_str) != Some("enabled") {
+                return None;
+            }
+            let level = labels.get("pod-security.kubernetes.io/enforce")?;
+            matches!(level.as_str(), "baseline" | "restricted")
+                .then(|| format!("{} ({level})", n.metadata.name.as_deref().unwrap_or("")))
+        })
+        .collect();
+    (!refusing.is_empty()).then(|| {
+        line(
+            Verdict::Fail,
+            format!(
+                "namespace(s) labelled {}=enabled enforce a Pod Security level that refuses the init container's NET_ADMIN and NET_RAW, so their meshed pods are never created: {} (label them pod-security.kubernetes.io/enforce=privileged, or exempt the init container: docs/kubernetes.md, Known limits)",
+                crate::inject::INJECT,
+                refusing.join(", ")
+            ),
+        )
+    })
+}
+
 /// A bundle's certificates, sorted: `None` if it does not parse.
 fn anchor_set(pem: &str) -> Option<Vec<Vec<u8>>> {
     let mut set: Vec<Vec<u8>> = certificates(pem).ok()?.iter().map(|c| c.to_vec()).collect();
@@ -393,11 +433,17 @@ impl Named {
     const NAMED: usize = 5;
 
     fn push(&mut self, p: &Pod) {
+        self.push_with(p, None);
+    }
+
+    /// With what to say of it, in parentheses.
+    fn push_with(&mut self, p: &Pod, detail: Option<String>) {
         self.count += 1;
         if self.named.len() < Self::NAMED {
             let m = &p.metadata;
+            let detail = detail.map(|d| format!(" ({d})")).unwrap_or_default();
             self.named.push(format!(
-                "{}/{}",
+                "{}/{}{detail}",
                 m.namespace.as_deref().unwrap_or(""),
                 m.name.as_deref().unwrap_or("")
             ));
@@ -591,6 +637,8 @@ struct MeshedPods {
     ready: usize,
     /// One is running, or has been starting for longer than it may.
     started: bool,
+    /// The first few not ready, with why their containers say.
+    unready: Named,
 }
 
 impl MeshedPods {
@@ -600,7 +648,11 @@ impl MeshedPods {
         }
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         self.meshed += 1;
-        self.ready += usize::from(proxy_ready(p));
+        if proxy_ready(p) {
+            self.ready += 1;
+        } else {
+            self.unready.push_with(p, not_ready_why(p));
+        }
         // Pods still starting (Pending) may simply not be there yet; one Pending
         // past the proxy's startup window is not starting, it is stuck.
         let stuck_since = k8s_openapi::jiff::Timestamp::now() - STARTUP_WINDOW;
@@ -626,12 +678,16 @@ impl MeshedPods {
             (n, 0) if self.started => line(
                 Verdict::Fail,
                 format!(
-                    "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them, or the pods cannot start (see kubectl describe, and a proxy's log)"
+                    "none of {n} meshed pods has a ready proxy: no certificate or configuration reaches them, or the pods cannot start (see kubectl describe, and a proxy's log): {}",
+                    self.unready
                 ),
             ),
             (n, r) => line(
                 Verdict::Warn,
-                format!("{r} of {n} meshed pods have a ready proxy"),
+                format!(
+                    "{r} of {n} meshed pods have a ready proxy; not ready: {}",
+                    self.unready
+                ),
             ),
         }
     }
@@ -650,6 +706,42 @@ fn proxy_container(p: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
 fn should_run(p: &Pod) -> bool {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     p.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// What the mesh's containers of a pod whose proxy is not ready say: the
+/// init container's or the proxy's waiting reason, or the message it last
+/// ended with (`strait-init` says why its rules failed; the proxy's startup
+/// probe, why it is not ready).
+fn not_ready_why(p: &Pod) -> Option<String> {
+    let status = p.status.as_ref()?;
+    let mesh = [
+        crate::inject::INIT_CONTAINER,
+        crate::inject::PROXY_CONTAINER,
+    ];
+    let said = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter(|c| mesh.contains(&c.name.as_str()))
+        .find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = waiting.reason.as_deref()?;
+            // A crash loop's own reason says nothing of why: the last end does.
+            let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+            let why = last.and_then(|t| t.message.as_deref().or(t.reason.as_deref()));
+            let why = why.map(|w| {
+                let w = w.trim();
+                let cut: String = w.chars().take(120).collect();
+                if cut.len() < w.len() {
+                    format!(": {cut}…")
+                } else {
+                    format!(": {cut}")
+                }
+            });
+            Some(format!("{}: {reason}{}", c.name, why.unwrap_or_default()))
+        });
+    said.or_else(|| status.phase.clone())
 }
 
 fn proxy_ready(p: &Pod) -> bool {
@@ -1185,6 +1277,60 @@ mod tests {
         ];
         assert_eq!(verdict(&finished), Verdict::Ok);
         assert_eq!(verdict(&[pod("Succeeded", false, false)]), Verdict::Warn);
+    }
+
+    /// A labelled namespace that enforces `baseline` or `restricted` refuses
+    /// every meshed pod; `privileged`, or no level, does not.
+    #[test]
+    fn namespaces_whose_pod_security_refuses_the_init_container_fail() {
+        let ns = |name: &str, level: Option<&str>| -> Namespace {
+            let mut labels = serde_json::json!({"strait.dev/inject": "enabled"});
+            if let Some(l) = level {
+                labels["pod-security.kubernetes.io/enforce"] = l.into();
+            }
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "labels": labels}}),
+            )
+            .unwrap()
+        };
+        assert!(refusing_pod_security(&[ns("a", None), ns("b", Some("privileged"))]).is_none());
+        let mut unlabelled = ns("c", Some("restricted"));
+        unlabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("strait.dev/inject");
+        assert!(refusing_pod_security(&[unlabelled]).is_none());
+        let l = refusing_pod_security(&[ns("a", None), ns("shop", Some("restricted"))]).unwrap();
+        assert_eq!(l.verdict, Verdict::Fail);
+        assert!(l.what.contains("shop (restricted)"), "{}", l.what);
+    }
+
+    /// The pods whose proxy is not ready are named, with what their mesh
+    /// containers say: an init container that cannot write its rules and a
+    /// proxy that is merely starting are told apart.
+    #[test]
+    fn pods_not_ready_are_named_with_why() {
+        let mut crashing = pod("Pending", false, false);
+        crashing.metadata.namespace = Some("shop".into());
+        crashing.metadata.name = Some("web-1".into());
+        let status = crashing.status.as_mut().unwrap();
+        status.init_container_statuses = Some(vec![serde_json::from_value(serde_json::json!({
+            "name": crate::inject::INIT_CONTAINER, "ready": false, "image": "", "imageID": "", "restartCount": 4,
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "iptables-nft: Could not fetch rule set generation id\n"}},
+        }))
+        .unwrap()]);
+        let mut tally = MeshedPods::default();
+        for p in [pod("Running", true, false), crashing] {
+            tally.count(&p);
+        }
+        let said = tally.line().what;
+        assert!(
+            said.contains("not ready: shop/web-1 (strait-init: CrashLoopBackOff: iptables-nft: Could not fetch rule set generation id)"),
+            "{said}"
+        );
     }
 
     /// A CA certificate `cn` valid for `days`, signed by `by` (or itself).

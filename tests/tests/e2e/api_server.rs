@@ -595,7 +595,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     api.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: unmeshed, namespace: ns-0}\nspec: {containers: [{name: app}]}\n");
     let text = String::from_utf8_lossy(&check().await.unwrap().stdout).to_string();
     assert!(
-        text.contains("[warn] 600 of 601 meshed pods have a ready proxy"),
+        text.contains("[warn] 600 of 601 meshed pods have a ready proxy; not ready: ns-"),
         "{text}"
     );
     assert!(
