@@ -50,6 +50,9 @@ struct RouteStage {
     service: RouteService,
     /// Held for as long as `service` counts into it.
     metrics: Arc<RouteMetrics>,
+    /// The counters of what this build of the rule does, made at its first
+    /// request (`RouteMetrics::bring`).
+    brought: std::sync::Once,
     budget: (BudgetConfig, Arc<RetryBudget>),
 }
 
@@ -165,6 +168,7 @@ impl Stages {
                     rule,
                     service,
                     metrics,
+                    brought: std::sync::Once::new(),
                     budget,
                 }
             })
@@ -222,10 +226,13 @@ impl Stages {
             n.with(|n| n.route = Some((self.view.name.clone(), r.route.clone(), r.rule.clone())));
         }
         let m = &stage.metrics;
-        m.request(crate::telemetry::metrics::Configured {
-            request_timeout: stage.rule.request_timeout.is_some(),
-            backend_timeout: stage.rule.backend_timeout.is_some(),
-            retries_responses: stage.rule.retry.retries_responses(),
+        m.requests.inc();
+        stage.brought.call_once(|| {
+            m.bring(crate::telemetry::metrics::Configured {
+                request_timeout: stage.rule.request_timeout.is_some(),
+                backend_timeout: stage.rule.backend_timeout.is_some(),
+                retries_responses: stage.rule.retry.retries_responses(),
+            })
         });
         // A gRPC call whose caller goes away before the head is counted
         // `cancelled` as this future is dropped.

@@ -412,14 +412,6 @@ impl<M> OnFirstUse<M> {
     pub fn get(&self) -> &M {
         self.0.made.get_or_init(|| (self.0.make)())
     }
-
-    /// As `get`, calling `first` when it is made.
-    pub fn get_then(&self, first: impl FnOnce()) -> &M {
-        self.0.made.get_or_init(|| {
-            first();
-            (self.0.make)()
-        })
-    }
 }
 
 impl OnFirstUse<Counter> {
@@ -503,25 +495,23 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    /// Counts a request of the rule; its first brings the counters of what
-    /// the rule does (every rule retries requests never sent).
-    pub fn request(&self, configured: Configured) {
-        self.requests
-            .get_then(|| {
-                self.retry.retries.get();
-                self.retry.budget_exhausted.get();
-                if configured.retries_responses {
-                    self.retry.body_too_large.get();
-                    self.retry.body_unfinished.get();
-                }
-                if configured.request_timeout {
-                    self.request_timeouts.get();
-                }
-                if configured.backend_timeout {
-                    self.backend_timeouts.get();
-                }
-            })
-            .inc();
+    /// Makes the counters of what the rule does, at 0 (every rule retries
+    /// requests never sent): called on the first request of each build of
+    /// the rule's stage, since an edit of the route may add a timeout to a
+    /// rule whose series are kept.
+    pub fn bring(&self, configured: Configured) {
+        self.retry.retries.get();
+        self.retry.budget_exhausted.get();
+        if configured.retries_responses {
+            self.retry.body_too_large.get();
+            self.retry.body_unfinished.get();
+        }
+        if configured.request_timeout {
+            self.request_timeouts.get();
+        }
+        if configured.backend_timeout {
+            self.backend_timeouts.get();
+        }
     }
 }
 
@@ -1376,7 +1366,10 @@ mod tests {
         assert_eq!(lines("route_timeouts"), 0, "no timeout: {text}");
         // Counted through the stage: what the rule does is there at 0.
         let timed = m.route("web:80", "shop/web", "2");
-        timed.request(Configured {
+        timed.requests.inc();
+        timed.bring(Configured::default());
+        // The route edited to add a timeout: the same series, brought again.
+        m.route("web:80", "shop/web", "2").bring(Configured {
             request_timeout: true,
             ..Configured::default()
         });

@@ -598,6 +598,19 @@ fn named_rpc(service: &str, method: &str, served: bool) -> bool {
     true
 }
 
+/// Whether a call's end says its server has the method: a status of the
+/// server's, not UNIMPLEMENTED, nor the proxy's own (`error`); or cancelled
+/// after the server's head (a watch its client ends). Cancelled before the
+/// head, or no status, says nothing of it: a client may call a made-up method
+/// and go at once, and a catch-all server may answer any path without one.
+fn served(grpc_code: Option<usize>, status: Option<u16>, error: bool) -> bool {
+    match grpc_code {
+        Some(grpc::CANCELLED) => status.is_some(),
+        Some(c) => c < grpc::INVALID && c != 12 && !error,
+        None => false,
+    }
+}
+
 impl Record for ProxySpan {
     fn write(self, w: &mut SpanWriter<'_>) {
         let ProxySpan {
@@ -619,9 +632,7 @@ impl Record for ProxySpan {
         // The RPC conventions beside HTTP's: the service and method from the
         // path, and the call's status.
         let rpc = grpc.then(|| grpc::service_and_method(started.path.as_str()));
-        // Cancelled (a watch the client ends) counts: a made-up method is
-        // answered UNIMPLEMENTED before its caller could go.
-        let served = error.is_none() && grpc_code.is_some_and(|c| c != 12);
+        let served = served(grpc_code, status, error.is_some());
         // RPC spans are named for the method they call; HTTP spans for
         // theirs, or `HTTP` for a method the conventions do not know.
         match (rpc.flatten(), &started.method_original) {
@@ -758,6 +769,24 @@ mod tests {
 
     /// A client choosing its methods freely names at most a thousand spans
     /// for them; the methods named first keep their names.
+    #[test]
+    fn a_method_is_served_by_its_server_s_status_or_a_cancel_after_its_head() {
+        assert!(served(Some(0), Some(200), false));
+        assert!(served(Some(5), Some(200), false));
+        assert!(!served(Some(12), Some(200), false), "UNIMPLEMENTED");
+        assert!(!served(Some(14), Some(503), true), "the proxy's own");
+        assert!(
+            served(Some(grpc::CANCELLED), Some(200), true),
+            "a watch ended"
+        );
+        assert!(
+            !served(Some(grpc::CANCELLED), None, true),
+            "gone before the head"
+        );
+        assert!(!served(Some(grpc::NONE), Some(200), false), "no status");
+        assert!(!served(Some(grpc::INVALID), Some(200), false));
+    }
+
     #[test]
     fn grpc_span_names_are_bounded() {
         // Methods the server does not have (UNIMPLEMENTED) take no place.
