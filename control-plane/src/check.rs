@@ -340,14 +340,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     // Pods Pod Security refuses never exist, so no count of pods shows them.
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let enabled = ListParams::default().labels(&format!("{}=enabled", crate::inject::INJECT));
-    match namespaces.list(&enabled).await {
-        Ok(list) => {
-            if let Some(l) = refusing_pod_security(&list.items) {
-                say(l);
-            }
-        }
-        Err(e) => say(unread("the labelled namespaces", &e)),
-    }
+    let labelled = namespaces.list(&enabled).await;
 
     // The bundle every proxy should hold, as a set: the same certificates
     // however a PEM text spaces or orders them.
@@ -372,6 +365,14 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             if let Some(l) = stale.line() {
                 say(l);
             }
+            match &labelled {
+                Ok(list) => {
+                    if let Some(l) = refusing_pod_security(&list.items, &meshed.namespaces) {
+                        say(l);
+                    }
+                }
+                Err(e) => say(unread("the labelled namespaces", e)),
+            }
         }
         Err(e) => say(unread("the pods", &e)),
     }
@@ -381,9 +382,20 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 /// Namespaces labelled for injection whose Pod Security level refuses the
 /// init container (root, `NET_ADMIN`, `NET_RAW`): every pod the injector
 /// meshes there is refused, and is never seen as a pod.
-fn refusing_pod_security(namespaces: &[Namespace]) -> Option<Line> {
+/// A namespace where meshed pods run is not refused (an admission
+/// configuration exempts it, or the init container, whatever its label says).
+fn refusing_pod_security(
+    namespaces: &[Namespace],
+    meshed_in: &std::collections::HashSet<String>,
+) -> Option<Line> {
     let refusing: Vec<String> = namespaces
         .iter()
+        .filter(|n| {
+            !n.metadata
+                .name
+                .as_ref()
+                .is_some_and(|n| meshed_in.contains(n))
+        })
         .filter_map(|n| {
             let labels = n.metadata.labels.as_ref()?;
             if labels.get(crate::inject::INJECT).map(String::as_str) != Some("enabled") {
@@ -639,6 +651,8 @@ struct MeshedPods {
     started: bool,
     /// The first few not ready, with why their containers say.
     unready: Named,
+    /// The namespaces a meshed pod runs in.
+    namespaces: std::collections::HashSet<String>,
 }
 
 impl MeshedPods {
@@ -648,6 +662,12 @@ impl MeshedPods {
         }
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         self.meshed += 1;
+        if phase == Some("Running")
+            && let Some(ns) = &p.metadata.namespace
+            && !self.namespaces.contains(ns)
+        {
+            self.namespaces.insert(ns.clone());
+        }
         if proxy_ready(p) {
             self.ready += 1;
         } else {
@@ -708,40 +728,67 @@ fn should_run(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Succeeded" | "Failed"))
 }
 
-/// What the mesh's containers of a pod whose proxy is not ready say: the
-/// init container's or the proxy's waiting reason, or the message it last
-/// ended with (`strait-init` says why its rules failed; the proxy's startup
-/// probe, why it is not ready).
+/// What the mesh's containers of a pod whose proxy is not ready say: one
+/// waiting, its reason and the last line it ended with (its log's tail, by
+/// `FallbackToLogsOnError`: the error it exited on), or the waiting message
+/// (a configuration error); a proxy running but not ready, as much, and its
+/// restarts (no certificate or configuration yet: its log says why).
 fn not_ready_why(p: &Pod) -> Option<String> {
     let status = p.status.as_ref()?;
     let mesh = [
         crate::inject::INIT_CONTAINER,
         crate::inject::PROXY_CONTAINER,
     ];
-    let said = status
+    let mut ours = status
         .init_container_statuses
         .iter()
         .flatten()
         .chain(status.container_statuses.iter().flatten())
-        .filter(|c| mesh.contains(&c.name.as_str()))
-        .find_map(|c| {
-            let waiting = c.state.as_ref()?.waiting.as_ref()?;
-            let reason = waiting.reason.as_deref()?;
-            // A crash loop's own reason says nothing of why: the last end does.
-            let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
-            let why = last.and_then(|t| t.message.as_deref().or(t.reason.as_deref()));
-            let why = why.map(|w| {
-                let w = w.trim();
-                let cut: String = w.chars().take(120).collect();
-                if cut.len() < w.len() {
-                    format!(": {cut}…")
-                } else {
-                    format!(": {cut}")
-                }
-            });
-            Some(format!("{}: {reason}{}", c.name, why.unwrap_or_default()))
-        });
-    said.or_else(|| status.phase.clone())
+        .filter(|c| mesh.contains(&c.name.as_str()));
+    let said = ours.clone().find_map(|c| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref().unwrap_or("waiting");
+        let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+        let why = (last.and_then(|t| t.message.as_deref()))
+            .or(waiting.message.as_deref())
+            .and_then(last_line);
+        Some(match why {
+            Some(w) => format!("{}: {reason}: {w}", c.name),
+            None => format!("{}: {reason}", c.name),
+        })
+    });
+    said.or_else(|| {
+        ours.find(|c| {
+            c.name == crate::inject::PROXY_CONTAINER
+                && c.state.as_ref().is_some_and(|s| s.running.is_some())
+        })
+        .map(|c| {
+            format!(
+                "{}: running, not ready, {} restart(s): see its log",
+                c.name, c.restart_count
+            )
+        })
+    })
+    .or_else(|| status.phase.clone())
+}
+
+/// A message's last line that says something, on one line and cut short.
+fn last_line(message: &str) -> Option<String> {
+    let line = message
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())?;
+    let clean: String = line
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(160)
+        .collect();
+    Some(if clean.len() < line.len() {
+        format!("{clean}…")
+    } else {
+        clean
+    })
 }
 
 fn proxy_ready(p: &Pod) -> bool {
@@ -1293,7 +1340,10 @@ mod tests {
             )
             .unwrap()
         };
-        assert!(refusing_pod_security(&[ns("a", None), ns("b", Some("privileged"))]).is_none());
+        let none = Default::default();
+        assert!(
+            refusing_pod_security(&[ns("a", None), ns("b", Some("privileged"))], &none).is_none()
+        );
         let mut unlabelled = ns("c", Some("restricted"));
         unlabelled
             .metadata
@@ -1301,10 +1351,14 @@ mod tests {
             .as_mut()
             .unwrap()
             .remove("strait.dev/inject");
-        assert!(refusing_pod_security(&[unlabelled]).is_none());
-        let l = refusing_pod_security(&[ns("a", None), ns("shop", Some("restricted"))]).unwrap();
+        assert!(refusing_pod_security(&[unlabelled], &none).is_none());
+        let l =
+            refusing_pod_security(&[ns("a", None), ns("shop", Some("restricted"))], &none).unwrap();
         assert_eq!(l.verdict, Verdict::Fail);
         assert!(l.what.contains("shop (restricted)"), "{}", l.what);
+        // Meshed pods run there: an exemption admits them.
+        let running = ["shop".to_string()].into();
+        assert!(refusing_pod_security(&[ns("shop", Some("restricted"))], &running).is_none());
     }
 
     /// The pods whose proxy is not ready are named, with what their mesh
@@ -1319,16 +1373,29 @@ mod tests {
         status.init_container_statuses = Some(vec![serde_json::from_value(serde_json::json!({
             "name": crate::inject::INIT_CONTAINER, "ready": false, "image": "", "imageID": "", "restartCount": 4,
             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-            "lastState": {"terminated": {"exitCode": 1, "message": "iptables-nft: Could not fetch rule set generation id\n"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "2026-12-06T10:00:00Z INFO starting\niptables-nft: Could not fetch rule set generation id\n\n"}},
         }))
         .unwrap()]);
+        // Running, its startup probe not passed yet.
+        let mut starting = pod("Running", false, false);
+        starting.metadata.name = Some("web-2".into());
+        starting.status.as_mut().unwrap().init_container_statuses =
+            Some(vec![serde_json::from_value(serde_json::json!({
+                "name": crate::inject::PROXY_CONTAINER, "ready": false, "image": "", "imageID": "", "restartCount": 2,
+                "state": {"running": {}},
+            }))
+            .unwrap()]);
         let mut tally = MeshedPods::default();
-        for p in [pod("Running", true, false), crashing] {
+        for p in [pod("Running", true, false), crashing, starting] {
             tally.count(&p);
         }
         let said = tally.line().what;
         assert!(
-            said.contains("not ready: shop/web-1 (strait-init: CrashLoopBackOff: iptables-nft: Could not fetch rule set generation id)"),
+            said.contains("shop/web-1 (strait-init: CrashLoopBackOff: iptables-nft: Could not fetch rule set generation id)"),
+            "{said}"
+        );
+        assert!(
+            said.contains("/web-2 (strait-proxy: running, not ready, 2 restart(s)"),
             "{said}"
         );
     }
