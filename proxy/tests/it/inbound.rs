@@ -143,13 +143,7 @@ async fn one_caller_holding_an_http2_apps_streams_does_not_stall_another() {
     const HELD: usize = 16;
     let backend = Backend::start_h2_streams(1).await;
     let proxy = support::start(support::config()).await;
-    let request = |c: &client::HttpClient, path: &str| {
-        let req = Request::get(format!("http://{}{path}", proxy.addrs.inbound))
-            .header("strait-target-port", backend.addr.port().to_string())
-            .body(client::empty())
-            .unwrap();
-        c.request(req)
-    };
+    let request = |c: &client::HttpClient, path: &str| to_app(c, &proxy, &backend, path);
     let greedy = client::http2_from("127.0.0.1".parse().unwrap());
     // Two requests one after the other first: the pool learns the app's
     // limit from its first connection's SETTINGS by the second (and gives
@@ -201,13 +195,7 @@ async fn one_caller_holds_at_most_a_quarter_of_the_requests_in_flight() {
     let mut config = support::config();
     config.max_in_flight_requests = 8;
     let proxy = support::start(config).await;
-    let request = |c: &client::HttpClient, path: &str| {
-        let req = Request::get(format!("http://{}{path}", proxy.addrs.inbound))
-            .header("strait-target-port", backend.addr.port().to_string())
-            .body(client::empty())
-            .unwrap();
-        c.request(req)
-    };
+    let request = |c: &client::HttpClient, path: &str| to_app(c, &proxy, &backend, path);
     let greedy = client::http2_from("127.0.0.1".parse().unwrap());
     let mut held = tokio::task::JoinSet::new();
     for _ in 0..2 {
@@ -234,4 +222,19 @@ async fn one_caller_holds_at_most_a_quarter_of_the_requests_in_flight() {
     }
     let room = request(&greedy, "/status/200").await.unwrap();
     assert_eq!(room.status(), StatusCode::OK, "room again once they ended");
+}
+
+/// A GET of `path` through the inbound listener to the app `backend`, as a
+/// peer sends it (its target port named).
+fn to_app(
+    c: &client::HttpClient,
+    proxy: &support::TestProxy,
+    backend: &Backend,
+    path: &str,
+) -> hyper_util::client::legacy::ResponseFuture {
+    let req = Request::get(format!("http://{}{path}", proxy.addrs.inbound))
+        .header("strait-target-port", backend.addr.port().to_string())
+        .body(client::empty())
+        .unwrap();
+    c.request(req)
 }
