@@ -42,6 +42,18 @@ impl Pki {
         self.dir.path().join("issuer.key")
     }
 
+    /// `strait install`'s flags that give it this identity.
+    pub fn install_flags(&self) -> [String; 3] {
+        [
+            format!("--identity-trust-anchors-file={}", self.anchors().display()),
+            format!(
+                "--identity-issuer-certificate-file={}",
+                self.issuer_cert().display()
+            ),
+            format!("--identity-issuer-key-file={}", self.issuer_key().display()),
+        ]
+    }
+
     /// The issuer's certificate, DER.
     pub fn issuer_der(&self) -> Vec<u8> {
         CertificateDer::from_pem_slice(self.generated.issuer_cert_pem.as_bytes())

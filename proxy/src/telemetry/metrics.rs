@@ -400,6 +400,7 @@ impl<M> OnFirstUse<M> {
     }
 
     /// Already made: a series of no family, for tests.
+    #[cfg(test)]
     pub fn made(m: M) -> Self
     where
         M: Clone + Send + Sync + 'static,

@@ -788,14 +788,7 @@ async fn strait_install_again_keeps_the_installed_identity() {
     );
     // Given identity files (rotating the anchors), the settings still are kept.
     let pki = Pki::new();
-    let files = [
-        format!("--identity-trust-anchors-file={}", pki.anchors().display()),
-        format!(
-            "--identity-issuer-certificate-file={}",
-            pki.issuer_cert().display()
-        ),
-        format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
-    ];
+    let files = pki.install_flags();
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
     let rotated = install(&files, &kubeconfig).await.unwrap();
     let out = String::from_utf8_lossy(&rotated.stdout);
@@ -1140,15 +1133,9 @@ async fn strait_install_over_a_deleted_install_says_what_it_left() {
     }
     // The old identity given back: the pods' settings, not the defaults.
     let files = |pki: &Pki| {
-        vec![
-            "install".to_string(),
-            format!("--identity-trust-anchors-file={}", pki.anchors().display()),
-            format!(
-                "--identity-issuer-certificate-file={}",
-                pki.issuer_cert().display()
-            ),
-            format!("--identity-issuer-key-file={}", pki.issuer_key().display()),
-        ]
+        let mut args = vec!["install".to_string()];
+        args.extend(pki.install_flags());
+        args
     };
     let args = files(&pki);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
