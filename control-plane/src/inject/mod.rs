@@ -727,7 +727,10 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     let volumes = [
         json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
             "audience": s.token_audience, "expirationSeconds": 3600, "path": "token"}}]}}),
-        json!({"name": XTABLES_VOLUME, "emptyDir": {}}),
+        // Only iptables' lock file. In memory: the cluster autoscaler will not
+        // drain a node for a pod with a disk-backed emptyDir (its default
+        // `--skip-nodes-with-local-storage`), and every meshed pod has this one.
+        json!({"name": XTABLES_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}),
     ];
 
     // The app's own init containers' probes first, at their indices before
@@ -1060,7 +1063,11 @@ fn proxy_container(
             {"name": "strait-admin", "containerPort": defaults::PROXY_ADMIN_PORT},
         ],
         // The app starts once the proxy holds its certificate and configuration.
-        "startupProbe": probe("/ready", 1, 120),
+        // Ten minutes, as Istio's: a restart never brings a certificate sooner
+        // (a new key, the same controller), and killing the proxy while the
+        // controller or the API server is away (a cold start of the cluster, a
+        // node rebooted) adds the kubelet's back-off of up to 5 min after it is back.
+        "startupProbe": probe("/ready", 1, 600),
         "readinessProbe": probe("/ready", 10, 3),
         "livenessProbe": probe("/live", 10, 3),
         "resources": resources,

@@ -58,6 +58,21 @@ fn an_annotated_pod_gets_the_init_container_and_the_native_sidecar() {
         assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
     }
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+    // Given ten minutes to get its certificate, so that a controller or API
+    // server away for a while is not made worse by the kubelet's back-off.
+    let startup = &proxy["startupProbe"];
+    assert!(
+        startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap()
+            >= 600,
+        "{startup}"
+    );
+    // No volume the cluster autoscaler takes for local storage (a disk-backed
+    // emptyDir), which would keep it from draining any node a meshed pod is on.
+    for v in p["spec"]["volumes"].as_array().unwrap() {
+        if let Some(dir) = v.get("emptyDir") {
+            assert_eq!(dir["medium"], "Memory", "{v}");
+        }
+    }
     assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
     assert_eq!(
         env(proxy, "STRAIT_PROXY_NAMESPACE").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
