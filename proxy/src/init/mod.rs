@@ -64,6 +64,13 @@ pub enum IptablesMode {
 }
 
 impl IptablesMode {
+    fn other(self) -> Self {
+        match self {
+            IptablesMode::Nft => IptablesMode::Legacy,
+            IptablesMode::Legacy => IptablesMode::Nft,
+        }
+    }
+
     fn command(self, family: &str, verb: &str) -> String {
         match self {
             IptablesMode::Nft => format!("{family}-nft-{verb}"),
@@ -135,6 +142,7 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
     let mode = args.iptables_mode;
     let save = iptables(mode.command("iptables", "save"), &["-t", "nat"], None)?;
     refuse_other_mesh(&save)?;
+    refuse_other_mesh_in_other_backend(mode, "iptables")?;
     let v4 = plan.restore_input(Installed::from_save(&save));
     // --noflush: other tables and chains (a CNI's, kube-proxy's) stay as they are.
     iptables(
@@ -147,6 +155,7 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
         let v6 =
             iptables(mode.command("ip6tables", "save"), &["-t", "nat"], None).and_then(|save| {
                 refuse_other_mesh(&save)?;
+                refuse_other_mesh_in_other_backend(mode, "ip6tables")?;
                 let v6 = plan.restore_input_v6(Installed::from_save(&save));
                 iptables(
                     mode.command("ip6tables", "restore"),
@@ -180,6 +189,17 @@ fn refuse_other_mesh(save: &str) -> Result<(), InitError> {
     match rules::other_mesh_chain(save) {
         Some(chain) => Err(InitError::OtherMesh(chain.to_string())),
         None => Ok(()),
+    }
+}
+
+/// The kernel runs both backends' rules: another mesh's written with the
+/// other one (Istio takes legacy where the node has no nft rules) redirects
+/// as ours do. Listed without `-t`, which lists the tables there are and
+/// creates none; a backend whose tool is missing or fails has no rules to see.
+fn refuse_other_mesh_in_other_backend(mode: IptablesMode, family: &str) -> Result<(), InitError> {
+    match iptables(mode.other().command(family, "save"), &[], None) {
+        Ok(save) => refuse_other_mesh(&save),
+        Err(_) => Ok(()),
     }
 }
 

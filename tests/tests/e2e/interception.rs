@@ -187,15 +187,23 @@ async fn a_meshed_pod_reaches_another_pods_admin_port() {
 
 /// A pod whose network already has another mesh's interception rules (its
 /// namespace enrolled in Istio's ambient mesh, which admission cannot see) is
-/// refused by `init`, naming the chain, with none of strait's rules written.
+/// refused by `init`, naming the chain, with none of strait's rules written;
+/// also where the other mesh wrote them with the other iptables backend
+/// (Istio takes legacy on nodes without nft rules), which the kernel runs too.
 #[tokio::test]
 async fn init_refuses_a_pod_another_mesh_already_intercepts() {
     let Some(mut lan) = lan() else { return };
-    let pod = lan.pod("ambient");
+    for backend in ["nft", "legacy"] {
+        refused_over_another_mesh(&mut lan, backend);
+    }
+}
+
+fn refused_over_another_mesh(lan: &mut Lan, backend: &str) {
+    let pod = lan.pod(&format!("ambient-{backend}"));
     // What istio-cni writes for an ambient pod, in short.
     let istio = "*nat\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n";
     let mut restore = pod
-        .command("iptables-nft-restore")
+        .command(format!("iptables-{backend}-restore"))
         .arg("--noflush")
         .stdin(std::process::Stdio::piped())
         .spawn()
@@ -215,10 +223,10 @@ async fn init_refuses_a_pod_another_mesh_already_intercepts() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "init went on: {err}");
+    assert!(!out.status.success(), "init went on over {backend}: {err}");
     assert!(
         err.contains("another mesh's interception rules (chain ISTIO_OUTPUT)"),
-        "{err}"
+        "{backend}: {err}"
     );
     let save = pod
         .command("iptables-nft-save")
