@@ -126,6 +126,18 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         Err(e) => unread("the nodes (kubelet versions)", &e),
     });
 
+    // Cilium's configuration, where Cilium is the network: absent elsewhere.
+    let cilium: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    match cilium.get_opt(CILIUM_CONFIG).await {
+        Ok(Some(cm)) => {
+            if let Some(l) = cilium_line(&cm.data.unwrap_or_default()) {
+                say(l);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => say(unread(&format!("kube-system/{CILIUM_CONFIG}"), &e)),
+    }
+
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [
         "authorizationpolicies.policy.strait.dev",
@@ -920,6 +932,46 @@ fn grpcroute_line(crd: Option<&CustomResourceDefinition>) -> Line {
         ),
         Some(_) => line(Verdict::Ok, "Gateway API GRPCRoute is installed"),
     }
+}
+
+/// Cilium's agent configuration (its Helm chart writes it).
+const CILIUM_CONFIG: &str = "cilium-config";
+
+/// Whether Cilium balances Services at `connect()` inside pods (its
+/// kube-proxy replacement's socket load balancing): an app's connection to a
+/// ClusterIP then leaves for a pod's address before the interception rules
+/// see it, and its proxy finds that pod rather than the Service. Linkerd and
+/// Istio need the same `socketLB.hostNamespaceOnly`.
+fn cilium_line(config: &std::collections::BTreeMap<String, String>) -> Option<Line> {
+    let value = |k: &str| config.get(k).map(|v| v.trim().to_ascii_lowercase());
+    let replaces_kube_proxy = matches!(
+        value("kube-proxy-replacement").as_deref(),
+        Some("true" | "strict")
+    );
+    // With kube-proxy replacement on, socket balancing is unless turned off.
+    let socket_lb = match value("bpf-lb-sock").as_deref() {
+        Some("true") => true,
+        Some("false") => false,
+        _ => replaces_kube_proxy,
+    };
+    if !socket_lb {
+        return None;
+    }
+    Some(
+        if value("bpf-lb-sock-hostns-only").as_deref() == Some("true") {
+            line(
+                Verdict::Ok,
+                "Cilium's socket load balancing leaves pods alone (bpf-lb-sock-hostns-only)",
+            )
+        } else {
+            line(
+                Verdict::Fail,
+                format!(
+                    "Cilium balances Services inside pods (socket load balancing, kube-system/{CILIUM_CONFIG}): a meshed app's connection to a Service reaches its proxy addressed to one pod, so the Service's routes, retries, timeouts, balancing and BackendPolicy are not applied; set Cilium's socketLB.hostNamespaceOnly=true (bpf-lb-sock-hostns-only: \"true\") and restart its agents and the meshed pods"
+                ),
+            )
+        },
+    )
 }
 
 fn unread(what: &str, e: &kube::Error) -> Line {
@@ -1885,6 +1937,50 @@ mod tests {
         let partly = summary(&[ok(), refused]).unwrap();
         assert!(partly.contains("1 check(s) could not be made"), "{partly}");
         assert!(summary(&[ok(), line(Verdict::Fail, "x")]).is_err());
+    }
+
+    #[test]
+    fn cilium_balancing_inside_pods_fails() {
+        let config = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let verdict =
+            |pairs: &[(&str, &str)]| cilium_line(&config(pairs)).map(|l| (l.verdict, l.what));
+        // kube-proxy replacement balances at connect() by default.
+        let (v, what) = verdict(&[("kube-proxy-replacement", "true")]).unwrap();
+        assert_eq!(v, Verdict::Fail);
+        assert!(what.contains("socketLB.hostNamespaceOnly=true"), "{what}");
+        assert_eq!(
+            verdict(&[
+                ("kube-proxy-replacement", "strict"),
+                ("bpf-lb-sock", "true")
+            ])
+            .unwrap()
+            .0,
+            Verdict::Fail
+        );
+        assert_eq!(
+            verdict(&[("kube-proxy-replacement", "false"), ("bpf-lb-sock", "true")])
+                .unwrap()
+                .0,
+            Verdict::Fail
+        );
+        assert_eq!(
+            verdict(&[
+                ("kube-proxy-replacement", "true"),
+                ("bpf-lb-sock-hostns-only", "true")
+            ])
+            .unwrap()
+            .0,
+            Verdict::Ok
+        );
+        // No socket balancing: nothing to say.
+        assert!(verdict(&[("kube-proxy-replacement", "false")]).is_none());
+        assert!(verdict(&[("kube-proxy-replacement", "true"), ("bpf-lb-sock", "false")]).is_none());
+        assert!(verdict(&[]).is_none());
     }
 
     #[test]

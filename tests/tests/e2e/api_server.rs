@@ -604,9 +604,11 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         api.largest_page("pods")
     );
 
-    // Break four things: each is named, and the exit status says so (an old
-    // kubelet as a warning: the node may rightly stay).
+    // Break five things: each is named, and the exit status says so (an old
+    // kubelet as a warning: the node may rightly stay). Cilium replacing
+    // kube-proxy balances Services inside pods, around the proxies.
     api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nstatus: {nodeInfo: {kubeletVersion: v1.28.7}}\n");
+    api.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cilium-config, namespace: kube-system}\ndata: {kube-proxy-replacement: \"true\"}\n");
     api.delete(
         "admissionregistration.k8s.io/v1",
         "ValidatingWebhookConfiguration",
@@ -640,7 +642,11 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         text.contains("[FAIL] no ValidatingWebhookConfiguration strait-policy-validator"),
         "{text}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("3 check(s) failed"));
+    assert!(
+        text.contains("[FAIL] Cilium balances Services inside pods"),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 check(s) failed"));
 
     // An earlier release's CRD, which prunes unknown fields (Helm does not
     // upgrade CRDs), is named as such.
