@@ -616,10 +616,24 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
     let crt = set_file("identity.issuer.crtPEM", &pki.issuer_cert());
     let key = set_file("identity.issuer.keyPEM", &pki.issuer_key());
     let given = helm(&[anchors, crt.clone(), key.clone()]);
-    let default = helm(&[]);
+    // Without an identity and with no cluster to read one back from (as Argo
+    // CD renders), refused: each render would make another.
+    let no_cluster = std::process::Command::new("helm")
+        .args(["template", "strait"])
+        .arg(&chart)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&no_cluster.stderr);
+    assert!(
+        !no_cluster.status.success() && stderr.contains("rendered without a cluster"),
+        "{stderr}"
+    );
+    let throwaway = "--set=identity.generateWithoutCluster=true".to_string();
+    let default = helm(std::slice::from_ref(&throwaway));
     // Placement an operator of a large cluster sets: a PriorityClass, and
     // replicas spread across zones.
     let placed = objects(&helm(&[
+        throwaway.clone(),
         "--set=priorityClassName=strait-critical".to_string(),
         r#"--set-json=topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/name":"strait-controller"}}}]"#.to_string(),
     ]));
@@ -655,6 +669,7 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         let out = std::process::Command::new("helm")
             .args(["template", "strait"])
             .arg(&chart)
+            .arg(&throwaway)
             .args(&extra)
             .output()
             .unwrap();
@@ -740,6 +755,7 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
     run(std::process::Command::new("helm")
         .arg("lint")
         .arg("--strict")
+        .arg(&throwaway)
         .arg(&chart));
 
     // Every built-in object passes strict validation (unknown fields are errors).

@@ -54,6 +54,11 @@ controllers, which read it only at start.
 {{- fail (printf "%s has only one of Secret strait-identity-issuer and ConfigMap strait-trust-anchors: give the identity values (a new identity would replace the one running proxies trust)" .Values.namespace) -}}
 {{- else if and (lookup "admissionregistration.k8s.io/v1" "MutatingWebhookConfiguration" "" "strait-proxy-injector") (not (lookup "apps/v1" "Deployment" .Values.namespace "strait-controller")) -}}
 {{- fail (printf "%s holds no install, but MutatingWebhookConfiguration strait-proxy-injector remains: the install's trust anchors and issuer were lost (the namespace deleted?), and meshed pods may still trust them. Give the old identity values; or, once no meshed pod runs (or to restart them all after), delete that configuration to generate a new identity (docs/kubernetes.md, \"The identity lost\")" .Values.namespace) -}}
+{{- else if not (or (lookup "v1" "Namespace" "" "kube-system") .Values.identity.generateWithoutCluster) -}}
+{{- /* Rendered with no cluster to read back from (helm template, Argo CD): an
+identity generated here would be another at every render, and applied, would
+replace the anchors under running proxies. */ -}}
+{{- fail "rendered without a cluster (helm template, Argo CD, --dry-run), where an installed identity cannot be read back: a generated one would differ at each render and, applied, cut running proxies off. Give identity.trustAnchorsPEM, identity.issuer.crtPEM and identity.issuer.keyPEM (docs/kubernetes.md, \"Installing\"), or set identity.generateWithoutCluster=true for a render that is never applied over an install" -}}
 {{- else -}}
 {{- $ca := genCAWithKey (printf "root.%s" .Values.trustDomain) 365 (genPrivateKey "ecdsa") -}}
 {{- dict "anchors" $ca.Cert "crt" $ca.Cert "key" $ca.Key | toJson -}}
