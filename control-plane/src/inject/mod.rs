@@ -78,9 +78,11 @@ pub const SERVICE_NAME: &str = "strait.dev/service-name";
 /// The containers and volumes injection adds, by name: a pod that has the
 /// proxy container is already injected.
 pub const PROXY_CONTAINER: &str = "strait-proxy";
+/// Why a pod with strait's proxy is not injected (again).
+pub const ALREADY_INJECTED: &str = "already injected";
 pub const INIT_CONTAINER: &str = "strait-init";
-const TOKEN_VOLUME: &str = "strait-token";
-const XTABLES_VOLUME: &str = "strait-xtables";
+pub(super) const TOKEN_VOLUME: &str = "strait-token";
+pub(super) const XTABLES_VOLUME: &str = "strait-xtables";
 const TOKEN_DIR: &str = "/var/run/strait/token";
 
 /// What every injected proxy is told: where the control plane is and what to trust.
@@ -446,7 +448,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         ));
     }
     if injected {
-        return Ok(Outcome::Skip("already injected"));
+        return Ok(Outcome::Skip(ALREADY_INJECTED));
     }
     // What an earlier injection left when its proxy was taken out by hand:
     // added again, the names clash (the API server refuses the pod), and an

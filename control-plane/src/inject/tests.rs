@@ -1237,3 +1237,77 @@ fn proxy_resources_follow_the_pods_annotations() {
         );
     }
 }
+
+/// Manifests kept as `strait inject` wrote them are injected again with the
+/// settings of now (a rotated anchor bundle, a new proxy image), as the webhook
+/// injects new pods; with the same settings they are left as written.
+#[test]
+fn injected_manifests_take_new_settings_and_are_otherwise_left_alone() {
+    let input = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db, namespace: shop}
+spec:
+  template:
+    spec:
+      containers:
+        - name: db
+          image: postgres
+          livenessProbe: {tcpSocket: {port: 5432}, timeoutSeconds: 3}
+      volumes:
+        - name: config
+          configMap: {name: db, defaultMode: 0644}
+";
+    let (once, reports) = inject_stream(input, &settings()).unwrap();
+    assert_eq!(reports[0].result, Ok("injected"));
+
+    // Nothing changed: the document as it was, byte for byte.
+    let (again, reports) = inject_stream(&once, &settings()).unwrap();
+    assert_eq!(reports[0].result, Ok("already injected"));
+    assert_eq!(again, once);
+
+    // A rotation's bundle and a new image: both taken, nothing added twice.
+    let bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n";
+    let rotated = Settings {
+        proxy_image: "registry.example/strait-proxy:next".into(),
+        ..Settings::with_anchors(bundle.into())
+    };
+    let (out, reports) = inject_stream(&once, &rotated).unwrap();
+    assert_eq!(
+        reports[0].result,
+        Ok("injected again: its proxy had other settings")
+    );
+    let v: Value = serde_norway::from_str(&out).unwrap();
+    let pod = &v["spec"]["template"]["spec"];
+    assert_eq!(
+        init_names(&v["spec"]["template"]),
+        ["strait-init", "strait-proxy"]
+    );
+    let proxy = &pod["initContainers"][1];
+    assert_eq!(proxy["image"], "registry.example/strait-proxy:next");
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM").unwrap()["value"],
+        bundle
+    );
+    let volumes: Vec<&str> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(volumes, ["config", "strait-token", "strait-xtables"]);
+    assert_eq!(pod["volumes"][0]["configMap"]["defaultMode"], 420);
+    // The probe rewritten once, its port still given to the proxy.
+    assert_eq!(
+        pod["containers"][0]["livenessProbe"]["httpGet"]["path"],
+        "/probe/tcp/5432?timeout=3s"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_TCP_PROBE_PORTS").unwrap()["value"],
+        "5432"
+    );
+    // And the result is itself left alone with those settings.
+    let (twice, reports) = inject_stream(&out, &rotated).unwrap();
+    assert_eq!(reports[0].result, Ok("already injected"));
+    assert_eq!(twice, out);
+}

@@ -4,7 +4,10 @@
 
 use serde_json::Value;
 
-use super::{Namespace, Outcome, Settings, inject};
+use super::{ALREADY_INJECTED, Namespace, Outcome, Settings, inject};
+
+const INJECTED: &str = "injected";
+const INJECTED_AGAIN: &str = "injected again: its proxy had other settings";
 
 /// What happened to one workload, for the report on stderr.
 #[derive(Debug, PartialEq)]
@@ -44,7 +47,9 @@ pub fn inject_stream(input: &str, s: &Settings) -> Result<(String, Vec<Report>),
         super::yaml::yaml11_booleans(&mut value);
         let before = reports.len();
         inject_object(&mut value, s, &mut reports);
-        let changed = reports[before..].iter().any(|r| r.result == Ok("injected"));
+        let changed = reports[before..]
+            .iter()
+            .any(|r| matches!(r.result, Ok(INJECTED | INJECTED_AGAIN)));
         if changed {
             out.push_str(&super::yaml::to_yaml(&value));
         } else {
@@ -151,19 +156,77 @@ fn inject_object(v: &mut Value, s: &Settings, reports: &mut Vec<Report>) {
         return;
     };
     let result = match inject(pod, Namespace::Enabled, s) {
-        Ok(Outcome::Inject(patch)) => json_patch::patch(pod, &patch)
-            .map(|()| {
-                // Read as kubectl would have read the file (YAML 1.1).
-                if let Some(volumes) = pod.pointer_mut("/spec/volumes") {
-                    super::yaml::octal_modes(volumes);
-                }
-                "injected"
-            })
-            .map_err(|e| e.to_string()),
+        Ok(Outcome::Inject(patch)) => patched(pod, &patch).map(|()| INJECTED),
+        Ok(Outcome::Skip(ALREADY_INJECTED)) => injected_again(pod, s),
         Ok(Outcome::Skip(why)) => Ok(why),
         Err(e) => Err(e.to_string()),
     };
     reports.push(Report { object, result });
+}
+
+fn patched(pod: &mut Value, patch: &json_patch::Patch) -> Result<(), String> {
+    json_patch::patch(pod, patch).map_err(|e| e.to_string())?;
+    // Read as kubectl would have read the file (YAML 1.1).
+    if let Some(volumes) = pod.pointer_mut("/spec/volumes") {
+        super::yaml::octal_modes(volumes);
+    }
+    Ok(())
+}
+
+/// A pod template an earlier `strait inject` wrote: injected again from what
+/// it was, so that manifests kept injected take a new anchor bundle (a
+/// rotation), proxy image or setting as the webhook's pods do. Left as
+/// written when that changes nothing.
+fn injected_again(pod: &mut Value, s: &Settings) -> Result<&'static str, String> {
+    let mut bare = pod.clone();
+    uninject(&mut bare);
+    let patch = match inject(&bare, Namespace::Enabled, s) {
+        Ok(Outcome::Inject(patch)) => patch,
+        Ok(Outcome::Skip(_)) => return Ok(ALREADY_INJECTED),
+        Err(e) => return Err(e.to_string()),
+    };
+    patched(&mut bare, &patch)?;
+    let mut was = pod.clone();
+    if let Some(volumes) = was.pointer_mut("/spec/volumes") {
+        super::yaml::octal_modes(volumes);
+    }
+    if bare == was {
+        return Ok(ALREADY_INJECTED);
+    }
+    *pod = bare;
+    Ok(INJECTED_AGAIN)
+}
+
+/// What injection adds that injecting again would add twice: the init
+/// container, the proxy, their volumes and the annotation. Probes it
+/// rewrote stay rewritten (injection lists their ports again).
+fn uninject(pod: &mut Value) {
+    let ours = |item: &Value, names: &[&str]| {
+        item.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| names.contains(&n))
+    };
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (list, names) in [
+        (
+            "initContainers",
+            &[super::INIT_CONTAINER, super::PROXY_CONTAINER][..],
+        ),
+        ("containers", &[super::PROXY_CONTAINER][..]),
+        ("volumes", &[super::TOKEN_VOLUME, super::XTABLES_VOLUME][..]),
+    ] {
+        if let Some(items) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            items.retain(|i| !ours(i, names));
+        }
+    }
+    if let Some(a) = pod
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        a.remove(crate::defaults::INBOUND_PORT_ANNOTATION);
+    }
 }
 
 /// `strait inject FILE|-`.
