@@ -143,6 +143,8 @@ pub struct ControllerArgs {
     /// Injected proxies' access log on their stdout.
     #[arg(long, env = "STRAIT_PROXY_ACCESS_LOG", value_enum)]
     pub proxy_access_log: Option<crate::inject::AccessLog>,
+    #[command(flatten)]
+    pub proxy_resources: crate::inject::ProxyResources,
     /// This replica's name, recorded in the status writers' Lease (default:
     /// $HOSTNAME, the pod's name, or a random one).
     #[arg(long, env = "STRAIT_POD_NAME", value_parser = pod_name)]
@@ -369,6 +371,8 @@ impl Controller {
             proxy_trace_sampling: args.proxy_trace_sampling.clone(),
             proxy_access_log: args.proxy_access_log,
         };
+        args.proxy_resources.check().map_err(anyhow::Error::msg)?;
+        settings.proxy_resources = args.proxy_resources.clone();
         settings.controller_at(
             &args.namespace,
             &args.service_account,

@@ -62,15 +62,18 @@ pub struct InstallArgs {
     /// Injected proxies' access log on their stdout; default none.
     #[arg(long, value_enum)]
     pub proxy_access_log: Option<crate::inject::AccessLog>,
+    #[command(flatten)]
+    pub proxy_resources: crate::inject::ProxyResources,
     /// Do not look for an existing install's identity in the cluster: without
     /// the identity flags, a new trust anchor and issuer are generated even if
     /// strait is installed (applied there, they replace the mesh's identity).
     #[arg(long)]
     pub ignore_cluster: bool,
     /// Do not keep the installed replicas, `--otlp-endpoint`,
-    /// `--proxy-trace-sampling` and `--proxy-access-log` where not given
-    /// again: they go back to their defaults (no traces, no access log). The
-    /// identity, trust domain and iptables mode are kept still.
+    /// `--proxy-trace-sampling`, `--proxy-access-log` and the proxies'
+    /// resources where not given again: they go back to their defaults (no
+    /// traces, no access log). The identity, trust domain and iptables mode
+    /// are kept still.
     #[arg(long)]
     pub reset_settings: bool,
 }
@@ -336,6 +339,7 @@ fn installed(
         iptables_mode,
         proxy_image,
         telemetry,
+        proxy_resources,
     } = settings_of(controller, "strait install");
     Ok(Some(Installed {
         identity,
@@ -344,6 +348,7 @@ fn installed(
         proxy_image,
         controller_image,
         telemetry,
+        proxy_resources,
         replicas,
         pods_anchors_pem: Vec::new(),
     }))
@@ -356,6 +361,7 @@ struct InstalledArgs {
     iptables_mode: Option<crate::inject::IptablesMode>,
     proxy_image: Option<String>,
     telemetry: crate::inject::Telemetry,
+    proxy_resources: crate::inject::ProxyResources,
 }
 
 fn settings_of(
@@ -383,6 +389,13 @@ fn settings_of(
             proxy_access_log: arg("--proxy-access-log").and_then(|l| {
                 <crate::inject::AccessLog as clap::ValueEnum>::from_str(&l, false).ok()
             }),
+        },
+        // Read as given (the controller refuses one it cannot read).
+        proxy_resources: crate::inject::ProxyResources {
+            proxy_cpu_request: arg("--proxy-cpu-request"),
+            proxy_cpu_limit: arg("--proxy-cpu-limit"),
+            proxy_memory_request: arg("--proxy-memory-request"),
+            proxy_memory_limit: arg("--proxy-memory-limit"),
         },
     }
 }
@@ -487,6 +500,7 @@ pub async fn installed_for_injection(
             proxy_image: a.proxy_image,
             controller_image: None,
             telemetry: a.telemetry,
+            proxy_resources: a.proxy_resources,
             replicas: None,
             pods_anchors_pem: Vec::new(),
         },
@@ -510,6 +524,8 @@ pub struct Installed {
     /// Kept by `strait install` where not given again, as the replicas are
     /// (unless `--reset-settings`).
     pub telemetry: crate::inject::Telemetry,
+    /// The injected proxies' default resources, kept likewise.
+    pub proxy_resources: crate::inject::ProxyResources,
     /// The controller Deployment's (read by `strait install` only).
     pub replicas: Option<u16>,
     /// With no install left, the trust anchors its meshed pods hold: an
@@ -535,6 +551,7 @@ pub struct Values {
     pub otlp_endpoint: Option<String>,
     pub proxy_trace_sampling: Option<String>,
     pub proxy_access_log: Option<crate::inject::AccessLog>,
+    pub proxy_resources: crate::inject::ProxyResources,
 }
 
 impl Values {
@@ -555,6 +572,7 @@ impl Values {
             otlp_endpoint: None,
             proxy_trace_sampling: None,
             proxy_access_log: None,
+            proxy_resources: Default::default(),
         }
     }
 }
@@ -617,8 +635,10 @@ impl InstallArgs {
         let kept = existing
             .as_ref()
             .filter(|_| !self.reset_settings)
-            .map(|e| (e.replicas, e.telemetry.clone()))
+            .map(|e| (e.replicas, e.telemetry.clone(), e.proxy_resources.clone()))
             .unwrap_or_default();
+        let proxy_resources = self.proxy_resources.clone().or(kept.2.clone());
+        proxy_resources.check().map_err(anyhow::Error::msg)?;
         let replicas = self.replicas.or(kept.0).unwrap_or(2);
         let otlp_endpoint = self.otlp_endpoint.clone().or(kept.1.proxy_otlp_endpoint);
         let proxy_trace_sampling = self
@@ -647,6 +667,12 @@ impl InstallArgs {
         ]
         .into_iter()
         .flatten()
+        .chain(
+            kept.2
+                .flags()
+                .filter(|(f, _)| !self.proxy_resources.flags().any(|(given, _)| given == *f))
+                .map(|(f, v)| format!("{f}={v}")),
+        )
         .collect();
         if !kept.is_empty() {
             eprintln!(
@@ -717,6 +743,7 @@ impl InstallArgs {
             otlp_endpoint,
             proxy_trace_sampling,
             proxy_access_log,
+            proxy_resources,
         })
     }
 }
@@ -784,6 +811,9 @@ fn controller_args(v: &Values) -> Vec<String> {
     }
     if let Some(l) = v.proxy_access_log {
         args.push(format!("--proxy-access-log={}", l.as_str()));
+    }
+    for (flag, value) in v.proxy_resources.flags() {
+        args.push(format!("{flag}={value}"));
     }
     args.push(format!("--webhook-addr={}", defaults::WEBHOOK_ADDR));
     args.push("--admin-addr=0.0.0.0:9990".into());

@@ -105,6 +105,81 @@ pub struct Settings {
     /// Where the controller runs: never meshed, nor are the system's own
     /// namespaces (`strait inject`; the webhooks never see them).
     pub mesh_namespace: String,
+    /// The proxy's resources where a pod does not set its own.
+    pub proxy_resources: ProxyResources,
+}
+
+/// The mesh's defaults for every proxy's resources (`--proxy-cpu-request`
+/// and the like): a namespace's LimitRange or ResourceQuota may ask each
+/// container for more than the built-in ones, or for a CPU limit, and
+/// setting them on every pod of every team is what a mesh-wide value saves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct ProxyResources {
+    /// Injected proxies' CPU request, where a pod's
+    /// `strait.dev/proxy-cpu-request` does not say [default: 10m].
+    #[arg(long, value_name = "QUANTITY", value_parser = a_quantity)]
+    pub proxy_cpu_request: Option<String>,
+    /// Injected proxies' CPU limit [default: none].
+    #[arg(long, value_name = "QUANTITY", value_parser = a_quantity)]
+    pub proxy_cpu_limit: Option<String>,
+    /// Injected proxies' memory request [default: 20Mi].
+    #[arg(long, value_name = "QUANTITY", value_parser = a_quantity)]
+    pub proxy_memory_request: Option<String>,
+    /// Injected proxies' memory limit [default: 250Mi].
+    #[arg(long, value_name = "QUANTITY", value_parser = a_quantity)]
+    pub proxy_memory_limit: Option<String>,
+}
+
+impl ProxyResources {
+    /// `(flag, value)` of each one set, in the controller's argument order.
+    pub fn flags(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("--proxy-cpu-request", &self.proxy_cpu_request),
+            ("--proxy-cpu-limit", &self.proxy_cpu_limit),
+            ("--proxy-memory-request", &self.proxy_memory_request),
+            ("--proxy-memory-limit", &self.proxy_memory_limit),
+        ]
+        .into_iter()
+        .filter_map(|(f, v)| Some((f, v.as_deref()?)))
+    }
+
+    /// As given, each not given taken from `installed`.
+    pub fn or(self, installed: ProxyResources) -> ProxyResources {
+        ProxyResources {
+            proxy_cpu_request: self.proxy_cpu_request.or(installed.proxy_cpu_request),
+            proxy_cpu_limit: self.proxy_cpu_limit.or(installed.proxy_cpu_limit),
+            proxy_memory_request: self.proxy_memory_request.or(installed.proxy_memory_request),
+            proxy_memory_limit: self.proxy_memory_limit.or(installed.proxy_memory_limit),
+        }
+    }
+
+    /// Refused where a request is above its limit: every pod would be.
+    pub fn check(&self) -> Result<(), String> {
+        for (req, limit, what) in [
+            (&self.proxy_cpu_request, &self.proxy_cpu_limit, "cpu"),
+            (
+                &self.proxy_memory_request,
+                &self.proxy_memory_limit,
+                "memory",
+            ),
+        ] {
+            if let (Some(r), Some(l)) = (req, limit)
+                && quantity(r) > quantity(l)
+            {
+                return Err(format!(
+                    "--proxy-{what}-request {r} is above --proxy-{what}-limit {l}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Kubernetes quantity, as a flag's value.
+pub fn a_quantity(v: &str) -> Result<String, String> {
+    quantity(v)
+        .map(|_| v.to_string())
+        .ok_or_else(|| format!("{v:?} is not a Kubernetes quantity (e.g. 100m, 0.5, 64Mi, 1Gi)"))
 }
 
 /// Traces and access logs of injected proxies, for the whole mesh: flags of
@@ -299,6 +374,7 @@ impl Settings {
             iptables_mode: IptablesMode::default(),
             telemetry: Telemetry::default(),
             mesh_namespace: defaults::CONTROLLER_NAMESPACE.to_string(),
+            proxy_resources: ProxyResources::default(),
         }
     }
 }
@@ -578,7 +654,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 })
         })
         .transpose()?;
-    let resources = proxy_resources(&annotation)?;
+    let resources = proxy_resources(&annotation, &s.proxy_resources)?;
     let mut more_env = telemetry_env(pod, &annotation, &s.telemetry)?;
     use std::time::Duration;
     // A connect timeout more than nothing, and not so long that a dead
@@ -1166,11 +1242,13 @@ pub(crate) fn clipped(s: &str) -> &str {
 /// A proxy's log filter at most: a few dozen directives.
 const MAX_LOG_FILTER_BYTES: usize = 512;
 
-/// The proxy's resources: the pod's annotations over the defaults (requests
-/// 10m CPU and 20Mi, a 250Mi memory limit, no CPU limit). A default request
+/// The proxy's resources: the pod's annotations over the mesh's defaults, or
+/// else the built-in ones (requests 10m CPU and 20Mi, a 250Mi memory limit,
+/// no CPU limit). A default request
 /// above a given limit comes down to it; a given one is refused.
 fn proxy_resources<'a>(
     annotation: &impl Fn(&str) -> Option<&'a str>,
+    mesh: &'a ProxyResources,
 ) -> Result<Value, InjectError> {
     let get = |name: &'static str| -> Result<Option<(&'a str, i128)>, InjectError> {
         let Some(v) = annotation(name) else {
@@ -1188,13 +1266,19 @@ fn proxy_resources<'a>(
     let mut requests = serde_json::Map::new();
     let mut limits = serde_json::Map::new();
     for (kind, req_name, limit_name, default_req, default_limit) in [
-        ("cpu", PROXY_CPU_REQUEST, PROXY_CPU_LIMIT, "10m", None),
+        (
+            "cpu",
+            PROXY_CPU_REQUEST,
+            PROXY_CPU_LIMIT,
+            mesh.proxy_cpu_request.as_deref().unwrap_or("10m"),
+            mesh.proxy_cpu_limit.as_deref(),
+        ),
         (
             "memory",
             PROXY_MEMORY_REQUEST,
             PROXY_MEMORY_LIMIT,
-            "20Mi",
-            Some("250Mi"),
+            mesh.proxy_memory_request.as_deref().unwrap_or("20Mi"),
+            Some(mesh.proxy_memory_limit.as_deref().unwrap_or("250Mi")),
         ),
     ] {
         let given_req = get(req_name)?;

@@ -1311,3 +1311,56 @@ spec:
     assert_eq!(reports[0].result, Ok("already injected"));
     assert_eq!(twice, out);
 }
+
+/// The mesh's defaults for the proxy's resources (a namespace's LimitRange
+/// asks every container for more, or for a CPU limit) apply where a pod sets
+/// none; a pod's annotations still win.
+#[test]
+fn the_mesh_s_proxy_resources_apply_where_a_pod_sets_none() {
+    let mut s = settings();
+    s.proxy_resources = ProxyResources {
+        proxy_cpu_request: Some("50m".into()),
+        proxy_cpu_limit: Some("1".into()),
+        proxy_memory_request: None,
+        proxy_memory_limit: Some("1Gi".into()),
+    };
+    let injected = |annotations: Value| {
+        let mut p = pod(annotations, app_spec());
+        let Outcome::Inject(patch) = inject(&p, Namespace::Enabled, &s).unwrap() else {
+            panic!("skipped")
+        };
+        json_patch::patch(&mut p, &patch).unwrap();
+        p
+    };
+    let p = injected(json!({}));
+    for c in &p["spec"]["initContainers"].as_array().unwrap()[..2] {
+        assert_eq!(
+            c["resources"],
+            json!({"requests": {"cpu": "50m", "memory": "20Mi"},
+                   "limits": {"cpu": "1", "memory": "1Gi"}}),
+            "{}",
+            c["name"]
+        );
+    }
+    let p = injected(
+        json!({"strait.dev/proxy-cpu-limit": "20m", "strait.dev/proxy-memory-request": "32Mi"}),
+    );
+    assert_eq!(
+        p["spec"]["initContainers"][1]["resources"],
+        json!({"requests": {"cpu": "20m", "memory": "32Mi"},
+               "limits": {"cpu": "20m", "memory": "1Gi"}}),
+        "the pod's own limit, the mesh's request brought down to it"
+    );
+    // A mesh whose request is above its limit would refuse every pod.
+    let bad = ProxyResources {
+        proxy_memory_request: Some("2Gi".into()),
+        proxy_memory_limit: Some("1Gi".into()),
+        ..ProxyResources::default()
+    };
+    assert!(
+        bad.check()
+            .unwrap_err()
+            .contains("--proxy-memory-request 2Gi is above")
+    );
+    assert!(a_quantity("lots").is_err());
+}

@@ -337,7 +337,9 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         .proxy_iptables_mode
         .or(installed.as_ref().and_then(|i| i.iptables_mode))
         .unwrap_or_default();
-    settings.telemetry = (args.telemetry).over(installed.map(|i| i.telemetry).unwrap_or_default());
+    let installed = installed.unwrap_or_default();
+    settings.telemetry = (args.telemetry).over(installed.telemetry);
+    settings.proxy_resources = installed.proxy_resources;
     Ok(settings)
 }
 

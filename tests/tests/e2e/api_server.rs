@@ -710,6 +710,10 @@ async fn strait_install_again_keeps_the_installed_identity() {
         "0.25",
         "--proxy-access-log",
         "json",
+        "--proxy-cpu-limit",
+        "2",
+        "--proxy-memory-request",
+        "64Mi",
     ];
     let first = install(&settings, &kubeconfig).await.unwrap();
     assert!(
@@ -744,7 +748,7 @@ async fn strait_install_again_keeps_the_installed_identity() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("keeping the installed --replicas=3 --otlp-endpoint=http://collector.obs:4317 --proxy-access-log=json (not given again; --reset-settings drops them)"),
+        stderr.contains("keeping the installed --replicas=3 --otlp-endpoint=http://collector.obs:4317 --proxy-access-log=json --proxy-cpu-limit=2 --proxy-memory-request=64Mi (not given again; --reset-settings drops them)"),
         "{stderr}"
     );
     let again = String::from_utf8(again.stdout).unwrap();
@@ -755,6 +759,8 @@ async fn strait_install_again_keeps_the_installed_identity() {
         "--proxy-otlp-endpoint=http://collector.obs:4317",
         "--proxy-access-log=json",
         "--proxy-trace-sampling=0.5",
+        "--proxy-cpu-limit=2",
+        "--proxy-memory-request=64Mi",
         "replicas: 3",
     ] {
         assert!(again.contains(kept), "{kept} not kept in:\n{again}");
@@ -772,6 +778,8 @@ async fn strait_install_again_keeps_the_installed_identity() {
         "otlp-endpoint",
         "--proxy-trace-sampling",
         "--proxy-access-log",
+        "--proxy-cpu-limit",
+        "--proxy-memory-request",
     ] {
         assert!(!reset.contains(dropped), "{dropped} kept in:\n{reset}");
     }
@@ -950,6 +958,8 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
         // A registry of its own (air-gapped) and the mesh's collector.
         .args(["--proxy-image", "registry.internal/strait-proxy:1"])
         .args(["--otlp-endpoint", "http://collector.obs:4317"])
+        // What a namespace's LimitRange asks of every container.
+        .args(["--proxy-cpu-limit", "1"])
         .output()
         .unwrap();
     assert!(installed.status.success());
@@ -1015,6 +1025,7 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
         env("STRAIT_PROXY_OTLP_ENDPOINT").as_deref(),
         Some("http://collector.obs:4317")
     );
+    assert_eq!(inits[1]["resources"]["limits"]["cpu"], "1", "{inits:?}");
 
     let other = inject(&["--trust-domain", "cluster.local"]).await.unwrap();
     let stderr = String::from_utf8_lossy(&other.stderr);

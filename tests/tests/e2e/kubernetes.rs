@@ -655,6 +655,10 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             vec!["--set=proxyIptablesMode=Legacy".to_string()],
             "proxyIptablesMode \"Legacy\": expected nft or legacy",
         ),
+        (
+            vec!["--set=proxyResources.cpuLimit=lots".to_string()],
+            "proxyResources.cpuLimit \"lots\": expected a Kubernetes quantity",
+        ),
         // What `strait install --replicas` refuses.
         (
             vec!["--set=replicas=0".to_string()],
@@ -714,7 +718,8 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         .args(&identity)
         .arg(format!("--otlp-endpoint={}", telemetry[0]))
         .arg(format!("--proxy-trace-sampling={}", telemetry[1]))
-        .arg(format!("--proxy-access-log={}", telemetry[2])));
+        .arg(format!("--proxy-access-log={}", telemetry[2]))
+        .args(["--proxy-cpu-request=50m", "--proxy-memory-limit=1Gi"]));
     let charted = helm(&[
         set_file("identity.trustAnchorsPEM", &pki.anchors()),
         set_file("identity.issuer.crtPEM", &pki.issuer_cert()),
@@ -722,6 +727,8 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         format!("--set=tracing.otlpEndpoint={}", telemetry[0]),
         format!("--set=tracing.proxySampling={}", telemetry[1]),
         format!("--set=proxyAccessLog={}", telemetry[2]),
+        "--set=proxyResources.cpuRequest=50m".to_string(),
+        "--set=proxyResources.memoryLimit=1Gi".to_string(),
     ]);
     assert_eq!(objects(&charted), objects(&installed));
     let args = objects(&installed)["Deployment/strait-system/strait-controller"]["spec"]
@@ -732,6 +739,8 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         "--proxy-otlp-endpoint=http://otel.observability:4317",
         "--proxy-trace-sampling=0.1",
         "--proxy-access-log=json",
+        "--proxy-cpu-request=50m",
+        "--proxy-memory-limit=1Gi",
     ] {
         assert!(
             args.as_array().unwrap().iter().any(|a| a == want),
