@@ -38,6 +38,9 @@ pub struct AuthorizeLayer {
     /// From when no request of this connection is taken: its certificate's
     /// end, and the time an honest peer takes to see the GOAWAY sent then.
     refuse_from: Option<tokio::time::Instant>,
+    /// The connection holds a place kept for the kubelet's probes: it is
+    /// served probes only, each answer closing it.
+    probes_only: bool,
 }
 
 impl AuthorizeLayer {
@@ -63,7 +66,17 @@ impl AuthorizeLayer {
             metrics,
             refuse_from: None,
             client: None,
+            probes_only: false,
         }
+    }
+
+    /// The connection holds a place kept for the kubelet's probes, past the
+    /// limits other clients of its address met: anything else on it would
+    /// keep that place from the next probe (the kubelet opens a connection
+    /// per probe), so it is refused, and a probe's answer closes it.
+    pub fn probes_only(mut self, probes_only: bool) -> Self {
+        self.probes_only = probes_only;
+        self
     }
 
     /// The connection's client, for the log line of a refusal.
@@ -152,6 +165,22 @@ where
             return Either::Left(ready(Ok(rsp)));
         }
         let decision = super::policy::check_request(&l.policy, port, l.peer.as_ref(), &req);
+        // HTTP/1 is closed by its answer; an HTTP/2 connection (a gRPC
+        // probe's) ends with its client.
+        let close = l.probes_only && req.version() != http::Version::HTTP_2;
+        if l.probes_only && !matches!(decision, Ok(super::policy::Admitted::Probe)) {
+            l.metrics.reject_tcp(super::DIRECTION, "source_limit");
+            let mut rsp = error_response(
+                "connection_limit",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection limit reached (not processed)",
+            );
+            if close {
+                rsp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Either::Left(ready(Ok(rsp)));
+        }
         l.count(&decision);
         let admitted = match decision {
             Ok(a) => a,
@@ -216,6 +245,7 @@ where
             inner: self.inner.call(req),
             grant: grant.map(|g| (g, port, fault)),
             trailers,
+            close,
         })
     }
 }
@@ -352,6 +382,8 @@ pin_project_lite::pin_project! {
         grant: Option<(Arc<Grant>, u16, Option<BodyFault>)>,
         // Whether the caller can be sent trailers.
         trailers: bool,
+        // Whether the connection closes after this answer.
+        close: bool,
     }
 }
 
@@ -364,7 +396,11 @@ where
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         use http_body::Body as _;
         let this = self.project();
-        let Ok(rsp) = std::task::ready!(this.inner.poll(cx));
+        let Ok(mut rsp) = std::task::ready!(this.inner.poll(cx));
+        if *this.close {
+            rsp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let open_ended = !rsp.body().is_end_stream() && rsp.body().size_hint().exact().is_none();
         let Some((g, port, fault)) = this.grant.take().filter(|_| open_ended) else {
             return Poll::Ready(Ok(rsp));
@@ -659,6 +695,60 @@ mod tests {
         probe_tx.send(Bytes::from_static(b"two")).unwrap();
         let frame = from_probe.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "two");
+    }
+
+    /// A connection in a place kept for the kubelet's probes is served its
+    /// probe and closed; anything else on it is refused, so that an ordinary
+    /// client of the node's address (forwarded traffic) gives the place back
+    /// at once rather than keep it from the next probe.
+    #[tokio::test]
+    async fn a_connection_in_a_probe_s_place_is_served_a_probe_and_closed() {
+        // The default policy (plaintext allowed), so only the place decides.
+        let policy = Some(Arc::new(InboundPolicy {
+            ports: Default::default(),
+            default: PortPolicy {
+                mode: Mode::Permissive,
+                allow: Vec::new(),
+                trust_domain: Some("td".into()),
+            },
+            probes: vec![Probe {
+                port: 8080,
+                grpc: false,
+                target: "/healthz".into(),
+            }],
+        }));
+        let (_tx, rx) = tokio::sync::watch::channel(policy);
+        let app = tower::service_fn(|_: Request<AdmittedBody<Empty>>| {
+            std::future::ready(Ok::<_, Infallible>(Response::new(crate::http::full("ok"))))
+        });
+        let mut svc = layer_for(None, rx.clone()).probes_only(true).layer(app);
+        let request = |path: &str| {
+            let mut r = Request::get(path)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            r.extensions_mut().insert(crate::http::Dst(DestAddr::Socket(
+                "127.0.0.1:8080".parse().unwrap(),
+            )));
+            r
+        };
+        let probe = svc.call(request("/healthz")).await.unwrap();
+        assert_eq!(probe.status(), StatusCode::OK);
+        assert_eq!(probe.headers()[http::header::CONNECTION], "close");
+        let other = svc.call(request("/orders")).await.unwrap();
+        assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(other.headers()[http::header::CONNECTION], "close");
+        assert_eq!(
+            other.headers()["strait-proxy-error"],
+            "connection limit reached (not processed)"
+        );
+        // In an ordinary place, the same request is the app's.
+        let mut svc =
+            layer_for(None, rx).layer(tower::service_fn(|_: Request<AdmittedBody<Empty>>| {
+                std::future::ready(Ok::<_, Infallible>(Response::new(crate::http::full("ok"))))
+            }));
+        let rsp = svc.call(request("/orders")).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert!(!rsp.headers().contains_key(http::header::CONNECTION));
     }
 
     /// Through the layer: a gRPC caller over HTTP/2 is told PERMISSION_DENIED;

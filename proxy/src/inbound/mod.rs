@@ -76,11 +76,14 @@ impl Inbound {
         let target = orig_dst(&acc.stream).map(|o| TargetPort(o.0.port()));
         let client = acc.client;
         let Some(server) = self.shared.tls_server.clone() else {
-            let Some(_held) = self.plaintext(client, target) else {
+            let Some(held) = self.plaintext(client, target) else {
                 return;
             };
-            return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
-                .await;
+            let probe_only = held.probe_only;
+            return crate::boxed::pin(|| {
+                self.serve(acc.stream, target, None, None, false, client, probe_only)
+            })
+            .await;
         };
         // Redirected to us: a client outside the mesh, since peer proxies dial
         // the inbound port itself, which is never redirected. TLS from it is
@@ -88,11 +91,14 @@ impl Inbound {
         // as TCP under the port's policy like any other bytes, and a port
         // declared opaque is not waited on here.
         if target.is_some() {
-            let Some(_held) = self.plaintext(client, target) else {
+            let Some(held) = self.plaintext(client, target) else {
                 return;
             };
-            return crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
-                .await;
+            let probe_only = held.probe_only;
+            return crate::boxed::pin(|| {
+                self.serve(acc.stream, target, None, None, false, client, probe_only)
+            })
+            .await;
         }
         // Dialled directly: a peer proxy, whose handshake may start late (a
         // lost segment, a throttled CPU) and gets the handshake's time for it,
@@ -110,11 +116,14 @@ impl Inbound {
             }
             Some(First::Other { silent: false }) => {
                 drop(opening);
-                let Some(_held) = self.plaintext(client, target) else {
+                let Some(held) = self.plaintext(client, target) else {
                     return;
                 };
-                crate::boxed::pin(|| self.serve(acc.stream, target, None, None, false, client))
-                    .await
+                let probe_only = held.probe_only;
+                crate::boxed::pin(|| {
+                    self.serve(acc.stream, target, None, None, false, client, probe_only)
+                })
+                .await
             }
             Some(First::Other { silent: true }) => {
                 self.shared.metrics.reject_tcp(DIRECTION, "silent");
@@ -187,8 +196,16 @@ impl Inbound {
                 if opaque {
                     return self.opaque_from_peer(stream, peer, until, client).await;
                 }
-                self.serve(stream, target, Some(peer), Some(until), false, client)
-                    .await
+                self.serve(
+                    stream,
+                    target,
+                    Some(peer),
+                    Some(until),
+                    false,
+                    client,
+                    false,
+                )
+                .await
             }
             Ok(Err((e, tcp))) => {
                 s.metrics
@@ -230,6 +247,7 @@ impl Inbound {
                     Some(until),
                     true,
                     client,
+                    false,
                 )
                 .await
             }
@@ -251,6 +269,7 @@ impl Inbound {
         until: Option<tokio::time::Instant>,
         silent: bool,
         client: ClientAddr,
+        probe_only: bool,
     ) where
         I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin + Send + 'static,
     {
@@ -340,13 +359,19 @@ impl Inbound {
                 caller.clone(),
             )
             .for_client(client)
-            .expiring(until),
+            .expiring(until)
+            .probes_only(probe_only),
             SetDstLayer(
                 dst::InboundDst::new(target, rules.clone(), s.config.app_ip)
                     .for_caller(client.0.ip().to_canonical()),
             ),
         );
         match protocol {
+            // In a place kept for the kubelet's probes, which are HTTP.
+            Protocol::Opaque if probe_only => {
+                s.metrics
+                    .reject_tcp(DIRECTION, unproven::Refused::Source.reason());
+            }
             Protocol::Opaque => match target.map(|p| rules.check(p)) {
                 Some(Err(e)) => {
                     s.metrics.reject_tcp(DIRECTION, "loop");

@@ -73,6 +73,10 @@ pub(super) struct Opening {
 pub(super) struct Plaintext {
     _share: Share,
     _permit: Option<OwnedSemaphorePermit>,
+    /// Held in the places kept for the kubelet's probes: the connection is
+    /// served a probe and closed, and nothing else (it would keep the place
+    /// from the next probe).
+    pub probe_only: bool,
 }
 
 /// Why a connection was refused: the reason it is counted under.
@@ -172,6 +176,7 @@ impl Unproven {
         Ok(Plaintext {
             _share: share,
             _permit: permit,
+            probe_only: false,
         })
     }
 
@@ -181,6 +186,7 @@ impl Unproven {
         Some(Plaintext {
             _share: share,
             _permit: Some(permit),
+            probe_only: true,
         })
     }
 }
@@ -286,7 +292,9 @@ mod tests {
             Refused::Unauthenticated
         );
         // The pool is full and the node's share is not: a probe is let in,
+        // in a place that serves probes only,
         let probe = u.plaintext(node, || true).expect("a probe's place");
+        assert!(probe.probe_only && !held[0].probe_only);
         // and so is one from an address at its share (the node's, carrying
         // forwarded clients).
         let at_share = u
