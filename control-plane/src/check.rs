@@ -647,8 +647,8 @@ where
 const LIST_EXPIRED: u32 = 2;
 
 /// How long a meshed pod may take to start before `check` calls it stuck:
-/// about the injected proxy's startup probe's window.
-const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+/// the injected proxy's startup probe's window.
+const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The meshed pods' proxies: those of pods that should be running count (a
 /// finished Job's pod, or one being deleted, keeps its stopped proxy); none
@@ -948,12 +948,10 @@ fn cilium_line(config: &std::collections::BTreeMap<String, String>) -> Option<Li
         value("kube-proxy-replacement").as_deref(),
         Some("true" | "strict")
     );
-    // With kube-proxy replacement on, socket balancing is unless turned off.
-    let socket_lb = match value("bpf-lb-sock").as_deref() {
-        Some("true") => true,
-        Some("false") => false,
-        _ => replaces_kube_proxy,
-    };
+    // Kube-proxy replacement turns socket balancing on whatever
+    // `bpf-lb-sock` says (its chart writes `false` beside it); without it,
+    // that key alone does.
+    let socket_lb = replaces_kube_proxy || value("bpf-lb-sock").as_deref() == Some("true");
     if !socket_lb {
         return None;
     }
@@ -1979,7 +1977,13 @@ mod tests {
         );
         // No socket balancing: nothing to say.
         assert!(verdict(&[("kube-proxy-replacement", "false")]).is_none());
-        assert!(verdict(&[("kube-proxy-replacement", "true"), ("bpf-lb-sock", "false")]).is_none());
+        assert_eq!(
+            verdict(&[("kube-proxy-replacement", "true"), ("bpf-lb-sock", "false")])
+                .unwrap()
+                .0,
+            Verdict::Fail,
+            "the agent balances inside pods whatever bpf-lb-sock says"
+        );
         assert!(verdict(&[]).is_none());
     }
 

@@ -241,6 +241,7 @@ pub struct Controller {
 
 impl Controller {
     pub async fn bind(args: ControllerArgs) -> anyhow::Result<Self> {
+        args.proxy_resources.check().map_err(FlagError)?;
         if !strait_api::identity::valid_trust_domain(&args.trust_domain) {
             return Err(FlagError(format!(
                 "--trust-domain {:?}: not a trust domain (lower-case letters, digits, '-', '.', '_')",
@@ -371,7 +372,6 @@ impl Controller {
             proxy_trace_sampling: args.proxy_trace_sampling.clone(),
             proxy_access_log: args.proxy_access_log,
         };
-        args.proxy_resources.check().map_err(anyhow::Error::msg)?;
         settings.proxy_resources = args.proxy_resources.clone();
         settings.controller_at(
             &args.namespace,

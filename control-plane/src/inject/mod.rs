@@ -83,6 +83,8 @@ pub const ALREADY_INJECTED: &str = "already injected";
 pub const INIT_CONTAINER: &str = "strait-init";
 pub(super) const TOKEN_VOLUME: &str = "strait-token";
 pub(super) const XTABLES_VOLUME: &str = "strait-xtables";
+/// The volumes injection adds.
+pub(super) const VOLUMES: [&str; 2] = [TOKEN_VOLUME, XTABLES_VOLUME];
 const TOKEN_DIR: &str = "/var/run/strait/token";
 
 /// What every injected proxy is told: where the control plane is and what to trust.
@@ -153,13 +155,22 @@ impl ProxyResources {
         }
     }
 
-    /// Refused where a request is above its limit: every pod would be.
+    /// Refused where a request is above its limit (given, or the built-in
+    /// memory limit): every pod would be.
     pub fn check(&self) -> Result<(), String> {
         for (req, limit, what) in [
-            (&self.proxy_cpu_request, &self.proxy_cpu_limit, "cpu"),
+            (
+                &self.proxy_cpu_request,
+                self.proxy_cpu_limit.as_deref(),
+                "cpu",
+            ),
             (
                 &self.proxy_memory_request,
-                &self.proxy_memory_limit,
+                Some(
+                    self.proxy_memory_limit
+                        .as_deref()
+                        .unwrap_or(DEFAULT_MEMORY_LIMIT),
+                ),
                 "memory",
             ),
         ] {
@@ -167,13 +178,16 @@ impl ProxyResources {
                 && quantity(r) > quantity(l)
             {
                 return Err(format!(
-                    "--proxy-{what}-request {r} is above --proxy-{what}-limit {l}"
+                    "--proxy-{what}-request {r} is above the proxy's {what} limit {l} (--proxy-{what}-limit)"
                 ));
             }
         }
         Ok(())
     }
 }
+
+/// The proxy's memory limit where neither the mesh nor the pod sets one.
+const DEFAULT_MEMORY_LIMIT: &str = "250Mi";
 
 /// A Kubernetes quantity, as a flag's value.
 pub fn a_quantity(v: &str) -> Result<String, String> {
@@ -540,11 +554,7 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     let left: Vec<&str> = [INIT_CONTAINER]
         .into_iter()
         .filter(|n| named("initContainers", n) || named("containers", n))
-        .chain(
-            [TOKEN_VOLUME, XTABLES_VOLUME]
-                .into_iter()
-                .filter(|v| volume(v)),
-        )
+        .chain(VOLUMES.into_iter().filter(|v| volume(v)))
         .collect();
     if !left.is_empty() {
         return Err(InjectError::Conflict(format!(
@@ -698,7 +708,9 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     );
     // A CPU limit's cores, rounded up (its validity is checked with the
     // resources above).
-    let limit_threads = annotation(PROXY_CPU_LIMIT)
+    let limit_threads = resources
+        .pointer("/limits/cpu")
+        .and_then(Value::as_str)
         .and_then(quantity)
         .map(|q| q.div_euclid(1_000_000_000) + i128::from(q.rem_euclid(1_000_000_000) != 0))
         .map(|cores| cores.clamp(1, i128::from(MAX_THREADS)))
@@ -1278,15 +1290,20 @@ fn proxy_resources<'a>(
             PROXY_MEMORY_REQUEST,
             PROXY_MEMORY_LIMIT,
             mesh.proxy_memory_request.as_deref().unwrap_or("20Mi"),
-            Some(mesh.proxy_memory_limit.as_deref().unwrap_or("250Mi")),
+            Some(
+                mesh.proxy_memory_limit
+                    .as_deref()
+                    .unwrap_or(DEFAULT_MEMORY_LIMIT),
+            ),
         ),
     ] {
         let given_req = get(req_name)?;
-        let limit = match get(limit_name)? {
-            Some(l) => Some(l),
-            None => default_limit.map(|d| (d, quantity(d).unwrap_or(i128::MAX))),
-        };
-        let req = match (given_req, limit) {
+        let given_limit = get(limit_name)?;
+        let default_limit = default_limit.map(|d| (d, quantity(d).unwrap_or(i128::MAX)));
+        // What the pod gives wins over a default: a default request above
+        // its limit comes down to it, a default limit below its request goes
+        // up to it. Both given, a request above its limit is refused.
+        let (req, limit) = match (given_req, given_limit) {
             (Some((r, q)), Some((_, l))) if q > l => {
                 return Err(InjectError::Annotation {
                     name: req_name,
@@ -1294,12 +1311,16 @@ fn proxy_resources<'a>(
                     why: "is above the proxy's limit",
                 });
             }
-            (Some((r, _)), _) => r,
-            (None, Some((l, lq))) if quantity(default_req).is_some_and(|d| d > lq) => l,
-            (None, _) => default_req,
+            (Some((r, _)), Some((l, _))) => (r, Some(l)),
+            (Some((r, q)), None) => match default_limit {
+                Some((_, l)) if q > l => (r, Some(r)),
+                d => (r, d.map(|d| d.0)),
+            },
+            (None, Some((l, lq))) if quantity(default_req).is_some_and(|d| d > lq) => (l, Some(l)),
+            (None, l) => (default_req, l.or(default_limit).map(|l| l.0)),
         };
         requests.insert(kind.into(), json!(req));
-        if let Some((l, _)) = limit {
+        if let Some(l) = limit {
             limits.insert(kind.into(), json!(l));
         }
     }

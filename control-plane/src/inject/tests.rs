@@ -1224,10 +1224,22 @@ fn proxy_resources_follow_the_pods_annotations() {
         app_spec(),
     );
     assert!(inject(&over, Namespace::NotEnabled, &settings()).is_err());
+    // A request above the default limit takes the limit up with it: what
+    // the pod gives wins over a default.
+    let big = applied(
+        pod(
+            json!({INJECT: "enabled", PROXY_MEMORY_REQUEST: "1Gi"}),
+            app_spec(),
+        ),
+        Namespace::NotEnabled,
+    );
+    assert_eq!(
+        big["spec"]["initContainers"][1]["resources"],
+        json!({"requests": {"cpu": "10m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}})
+    );
     for (name, value, why) in [
         (PROXY_CPU_REQUEST, "lots", "quantity"),
         (PROXY_MEMORY_LIMIT, "-1Mi", "quantity"),
-        (PROXY_MEMORY_REQUEST, "1Gi", "above the proxy's limit"),
     ] {
         let p = pod(json!({INJECT: "enabled", name: value}), app_spec());
         let e = inject(&p, Namespace::NotEnabled, &settings()).unwrap_err();
@@ -1265,6 +1277,30 @@ spec:
     let (again, reports) = inject_stream(&once, &settings()).unwrap();
     assert_eq!(reports[0].result, Ok("already injected"));
     assert_eq!(again, once);
+
+    // Read back from the cluster, with what the API server fills in and its
+    // way of writing quantities: still the same injection.
+    let mut read_back: Value = serde_norway::from_str(&once).unwrap();
+    let spec = &mut read_back["spec"]["template"]["spec"];
+    for c in spec["initContainers"].as_array_mut().unwrap() {
+        c["imagePullPolicy"] = json!("IfNotPresent");
+        c["terminationMessagePath"] = json!("/dev/termination-log");
+        if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+            for p in ports {
+                p["protocol"] = json!("TCP");
+            }
+        }
+        if c["name"] == "strait-proxy" {
+            c["readinessProbe"]["timeoutSeconds"] = json!(1);
+            c["readinessProbe"]["successThreshold"] = json!(1);
+            c["readinessProbe"]["httpGet"]["scheme"] = json!("HTTP");
+        }
+    }
+    spec["volumes"][1]["projected"]["defaultMode"] = json!(420);
+    let read_back = super::yaml::to_yaml(&read_back);
+    let (again, reports) = inject_stream(&read_back, &settings()).unwrap();
+    assert_eq!(reports[0].result, Ok("already injected"));
+    assert_eq!(again, read_back);
 
     // A rotation's bundle and a new image: both taken, nothing added twice.
     let bundle = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----\n";
@@ -1363,4 +1399,22 @@ fn the_mesh_s_proxy_resources_apply_where_a_pod_sets_none() {
             .contains("--proxy-memory-request 2Gi is above")
     );
     assert!(a_quantity("lots").is_err());
+    // Nor above the built-in memory limit.
+    let over_default = ProxyResources {
+        proxy_memory_request: Some("300Mi".into()),
+        ..ProxyResources::default()
+    };
+    assert!(over_default.check().is_err());
+    // A pod asking for more than the mesh's limit takes the limit up with
+    // it (the pod wins over a default), and its proxy gets a thread per
+    // core of the limit, whoever set it.
+    let p = injected(json!({"strait.dev/proxy-cpu-request": "2"}));
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(proxy["resources"]["limits"]["cpu"], "2");
+    assert_eq!(env(proxy, "STRAIT_PROXY_THREADS").unwrap()["value"], "2");
+    let p = injected(json!({}));
+    assert!(
+        env(&p["spec"]["initContainers"][1], "STRAIT_PROXY_THREADS").is_none(),
+        "one core: one thread"
+    );
 }

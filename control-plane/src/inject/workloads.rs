@@ -166,11 +166,15 @@ fn inject_object(v: &mut Value, s: &Settings, reports: &mut Vec<Report>) {
 
 fn patched(pod: &mut Value, patch: &json_patch::Patch) -> Result<(), String> {
     json_patch::patch(pod, patch).map_err(|e| e.to_string())?;
-    // Read as kubectl would have read the file (YAML 1.1).
+    as_kubectl_reads(pod);
+    Ok(())
+}
+
+/// A pod's file modes as kubectl would have read the file (YAML 1.1).
+fn as_kubectl_reads(pod: &mut Value) {
     if let Some(volumes) = pod.pointer_mut("/spec/volumes") {
         super::yaml::octal_modes(volumes);
     }
-    Ok(())
 }
 
 /// A pod template an earlier `strait inject` wrote: injected again from what
@@ -187,14 +191,45 @@ fn injected_again(pod: &mut Value, s: &Settings) -> Result<&'static str, String>
     };
     patched(&mut bare, &patch)?;
     let mut was = pod.clone();
-    if let Some(volumes) = was.pointer_mut("/spec/volumes") {
-        super::yaml::octal_modes(volumes);
-    }
-    if bare == was {
+    as_kubectl_reads(&mut was);
+    if same(&bare, &was) {
         return Ok(ALREADY_INJECTED);
     }
     *pod = bare;
     Ok(INJECTED_AGAIN)
+}
+
+/// Fields the API server fills in where injection writes none: a manifest
+/// read back from the cluster (`kubectl get deploy -o yaml`) has them.
+const DEFAULTED: [&str; 8] = [
+    "imagePullPolicy",
+    "terminationMessagePath",
+    "protocol",
+    "timeoutSeconds",
+    "successThreshold",
+    "scheme",
+    "apiVersion",
+    "defaultMode",
+];
+
+/// Whether `was` is what injection writes now (`fresh`), but for fields the
+/// API server defaults and quantities it writes otherwise (`0.5` as `500m`).
+fn same(fresh: &Value, was: &Value) -> bool {
+    match (fresh, was) {
+        (Value::Object(f), Value::Object(w)) => {
+            f.iter()
+                .all(|(k, v)| w.get(k).is_some_and(|wv| same(v, wv)))
+                && w.keys()
+                    .all(|k| f.contains_key(k) || DEFAULTED.contains(&k.as_str()))
+        }
+        (Value::Array(f), Value::Array(w)) => {
+            f.len() == w.len() && f.iter().zip(w).all(|(a, b)| same(a, b))
+        }
+        (Value::String(f), Value::String(w)) => {
+            f == w || super::quantity(f).is_some_and(|q| super::quantity(w) == Some(q))
+        }
+        _ => fresh == was,
+    }
 }
 
 /// What injection adds that injecting again would add twice: the init
@@ -215,7 +250,7 @@ fn uninject(pod: &mut Value) {
             &[super::INIT_CONTAINER, super::PROXY_CONTAINER][..],
         ),
         ("containers", &[super::PROXY_CONTAINER][..]),
-        ("volumes", &[super::TOKEN_VOLUME, super::XTABLES_VOLUME][..]),
+        ("volumes", &super::VOLUMES[..]),
     ] {
         if let Some(items) = spec.get_mut(list).and_then(Value::as_array_mut) {
             items.retain(|i| !ours(i, names));
@@ -260,6 +295,8 @@ pub struct InjectArgs {
     pub namespace: String,
     #[command(flatten)]
     pub telemetry: super::TelemetryArgs,
+    #[command(flatten)]
+    pub proxy_resources: super::ProxyResources,
 }
 
 /// The anchors, trust domain and iptables mode to inject with: as given, and
@@ -339,7 +376,11 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         .unwrap_or_default();
     let installed = installed.unwrap_or_default();
     settings.telemetry = (args.telemetry).over(installed.telemetry);
-    settings.proxy_resources = installed.proxy_resources;
+    settings.proxy_resources = (args.proxy_resources.clone()).or(installed.proxy_resources);
+    settings
+        .proxy_resources
+        .check()
+        .map_err(anyhow::Error::msg)?;
     Ok(settings)
 }
 

@@ -81,7 +81,7 @@ impl Inbound {
             };
             let probe_only = held.probe_only;
             return crate::boxed::pin(|| {
-                self.serve(acc.stream, target, None, None, false, client, probe_only)
+                self.serve(acc.stream, target, None, false, client, probe_only)
             })
             .await;
         };
@@ -96,7 +96,7 @@ impl Inbound {
             };
             let probe_only = held.probe_only;
             return crate::boxed::pin(|| {
-                self.serve(acc.stream, target, None, None, false, client, probe_only)
+                self.serve(acc.stream, target, None, false, client, probe_only)
             })
             .await;
         }
@@ -121,7 +121,7 @@ impl Inbound {
                 };
                 let probe_only = held.probe_only;
                 crate::boxed::pin(|| {
-                    self.serve(acc.stream, target, None, None, false, client, probe_only)
+                    self.serve(acc.stream, target, None, false, client, probe_only)
                 })
                 .await
             }
@@ -196,16 +196,8 @@ impl Inbound {
                 if opaque {
                     return self.opaque_from_peer(stream, peer, until, client).await;
                 }
-                self.serve(
-                    stream,
-                    target,
-                    Some(peer),
-                    Some(until),
-                    false,
-                    client,
-                    false,
-                )
-                .await
+                self.serve(stream, target, Some((peer, until)), false, client, false)
+                    .await
             }
             Ok(Err((e, tcp))) => {
                 s.metrics
@@ -243,8 +235,7 @@ impl Inbound {
                 self.serve(
                     stream,
                     Some(TargetPort(port)),
-                    Some(peer),
-                    Some(until),
+                    Some((peer, until)),
                     true,
                     client,
                     false,
@@ -258,21 +249,24 @@ impl Inbound {
         }
     }
 
-    /// Serves a stream to the app. `silent`: its protocol is to be settled by
+    /// Serves a stream to the app. `peer`: a verified peer, and when its
+    /// certificate ends. `probe_only`: in a place kept for the kubelet's
+    /// probes (`Unproven::plaintext`). `silent`: its protocol is to be settled by
     /// whoever speaks first rather than detected (the client already said nothing
     /// for the detection timeout, or a peer proxy carried it as opaque).
     async fn serve<I>(
         self: Arc<Self>,
         io: I,
         target: Option<TargetPort>,
-        peer: Option<Identity>,
-        until: Option<tokio::time::Instant>,
+        peer: Option<(Identity, tokio::time::Instant)>,
         silent: bool,
         client: ClientAddr,
         probe_only: bool,
     ) where
         I: AsyncRead + AsyncWrite + crate::tcp::Abort + Unpin + Send + 'static,
     {
+        // A verified peer, and when its certificate ends.
+        let (peer, until) = peer.map_or((None, None), |(p, u)| (Some(p), Some(u)));
         let s = &self.shared;
         let rules = dst::TargetRules {
             own: s.own.clone(),

@@ -58,7 +58,7 @@ controllers, which read it only at start.
 {{- /* Rendered with no cluster to read back from (helm template, Argo CD): an
 identity generated here would be another at every render, and applied, would
 replace the anchors under running proxies. */ -}}
-{{- fail "rendered without a cluster (helm template, Argo CD, --dry-run), where an installed identity cannot be read back: a generated one would differ at each render and, applied, cut running proxies off. Give identity.trustAnchorsPEM, identity.issuer.crtPEM and identity.issuer.keyPEM (docs/kubernetes.md, \"Installing\"), or set identity.generateWithoutCluster=true for a render that is never applied over an install" -}}
+{{- fail "rendered without a cluster (helm template, Argo CD, --dry-run), where an installed identity cannot be read back: a generated one would differ at each render and, applied, cut running proxies off. Give identity.trustAnchorsPEM, identity.issuer.crtPEM and identity.issuer.keyPEM (docs/kubernetes.md, \"Installing\"), or set identity.generateWithoutCluster=true where this render is only looked at and the real install or upgrade reads the cluster (helm diff, helmfile's diff), never where it is applied (Argo CD, helm template | kubectl apply)" -}}
 {{- else -}}
 {{- $ca := genCAWithKey (printf "root.%s" .Values.trustDomain) 365 (genPrivateKey "ecdsa") -}}
 {{- dict "anchors" $ca.Cert "crt" $ca.Cert "key" $ca.Key | toJson -}}
