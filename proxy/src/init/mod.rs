@@ -174,10 +174,34 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
                 if !std::fs::read_to_string("/proc/net/if_inet6")
                     .is_ok_and(|t| has_global_ipv6(&t)) =>
             {
-                eprintln!(
-                    "strait-proxy init: the IPv6 rules were not applied, and the pod has no IPv6 address but link-local ones: {e}"
-                );
-                applied.push_str("# ip6tables: not applied (no IPv6 address but link-local)\n");
+                // Its link-local addresses are still reachable from its link
+                // (a bridge CNI's neighbours): refused in the filter table.
+                let refused = iptables(mode.command("ip6tables", "save"), &["-t", "filter"], None)
+                    .and_then(|save| {
+                        let rules = rules::refuse_v6_input(rules::input_jumps(&save));
+                        iptables(
+                            mode.command("ip6tables", "restore"),
+                            &["--noflush", "--wait"],
+                            Some(&rules),
+                        )
+                        .map(|_| rules)
+                    });
+                match refused {
+                    Ok(rules) => {
+                        eprintln!(
+                            "strait-proxy init: the IPv6 nat rules were not applied ({e}); the pod has no IPv6 address but link-local ones, and other hosts' IPv6 connections to it are refused"
+                        );
+                        applied.push_str(&format!("# ip6tables (nat not applied)\n{rules}"));
+                    }
+                    Err(f) => {
+                        eprintln!(
+                            "strait-proxy init: no IPv6 rules were applied, and the pod has no IPv6 address but link-local ones: {e}; {f}"
+                        );
+                        applied.push_str(
+                            "# ip6tables: not applied (no IPv6 address but link-local)\n",
+                        );
+                    }
+                }
             }
             Err(e) => return Err(e),
         }

@@ -158,6 +158,32 @@ impl Plan {
     }
 }
 
+/// Where the IPv6 nat rules cannot be loaded (no `ip6table_nat`) and the pod
+/// has no IPv6 address but link-local ones: other hosts' new TCP connections
+/// over IPv6 are refused in the filter table instead, so that a neighbour on
+/// the pod's link cannot reach the app at its link-local address around the
+/// proxy. The pod serves nothing over IPv6. `jumped`: `INPUT` already jumps
+/// to the chain (from `ip6tables-save -t filter`).
+pub fn refuse_v6_input(jumped: bool) -> String {
+    let mut out = String::from("*filter\n");
+    let _ = writeln!(out, ":{INBOUND_CHAIN} - [0:0]");
+    let _ = writeln!(
+        out,
+        "-A {INBOUND_CHAIN} ! -i lo -p tcp --syn -j REJECT --reject-with tcp-reset"
+    );
+    if !jumped {
+        let _ = writeln!(out, "-A INPUT -p tcp -j {INBOUND_CHAIN}");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// Whether `INPUT` jumps to strait's chain (from `ip6tables-save -t filter`).
+pub fn input_jumps(save: &str) -> bool {
+    let rule = format!("-A INPUT -p tcp -j {INBOUND_CHAIN}");
+    save.lines().any(|l| l.trim_end() == rule)
+}
+
 /// Consecutive ports as iptables ranges ("8000:8100"), one per rule: no
 /// multiport, so there is no limit of 15 per rule to split around.
 fn ranges(ports: &PortSet) -> Vec<String> {

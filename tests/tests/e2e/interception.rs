@@ -357,3 +357,119 @@ async fn a_client_from_outside_the_mesh_to_a_port_nothing_listens_on_is_reset() 
     strait_tests::tcp::ends_in_a_reset(&mut waiting, within, "a client waiting to be greeted")
         .await;
 }
+
+/// A pod's address on its link (`fe80::…`), once usable (its duplicate
+/// address detection over), and its interface's index there.
+async fn link_local(pod: &Pod) -> (std::net::Ipv6Addr, u32) {
+    let shown = || {
+        let out = pod
+            .command("ip")
+            .args(["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait::until(
+        "a usable link-local address",
+        Duration::from_secs(10),
+        || {
+            let s = shown();
+            async move { s.contains("inet6 fe80") && !s.contains("tentative") }
+        },
+    )
+    .await;
+    let s = shown();
+    let index: u32 = s.split(':').next().unwrap().trim().parse().unwrap();
+    let addr = s
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (addr, index)
+}
+
+/// On a node that cannot load the IPv6 nat rules (no `ip6table_nat`), a pod
+/// with only link-local IPv6 starts without them; a neighbour on its link
+/// (a bridge CNI's) could then reach the app at that address around the
+/// proxy. Its new connections are refused in the filter table instead.
+#[tokio::test]
+async fn a_pods_link_local_ipv6_is_closed_where_the_ipv6_nat_rules_cannot_load() {
+    let Some(mut lan) = lan() else { return };
+    let pod = lan.pod("v6-no-nat");
+    let neighbour = lan.pod("v6-neighbour");
+    // Link-local IPv6 only, as on an IPv4 cluster.
+    if let Some(ip6) = pod.ip6 {
+        let cidr = format!("{ip6}/64");
+        let out = pod
+            .command("ip")
+            .args(["-6", "addr", "del", &cidr, "dev", "eth0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let (target, _) = link_local(&pod).await;
+    let (_, index) = link_local(&neighbour).await;
+    let _app = pod.run(|| async {
+        let listener = tokio::net::TcpListener::bind("[::]:8080").await.unwrap();
+        loop {
+            let _ = listener.accept().await;
+        }
+    });
+    let reach = || {
+        neighbour
+            .run(move || async move {
+                let to = std::net::SocketAddrV6::new(target, 8080, 0, index);
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+                    .await
+                    .is_ok_and(|c| c.is_ok())
+            })
+            .join()
+    };
+    wait::until(
+        "the app reached over the link",
+        Duration::from_secs(10),
+        || reach(),
+    )
+    .await;
+
+    // ip6tables whose nat table cannot be loaded, as on such a node.
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v ip6tables-nft-restore"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("strait-no-nat6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("ip6tables-nft-restore");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *'*nat'*) echo \"can't initialize ip6tables table 'nat'\" >&2; exit 1;; esac\nprintf '%s\\n' \"$input\" | exec {} \"$@\"\n",
+            real.trim()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap());
+    let out = pod
+        .command(binary("strait-proxy"))
+        .arg("init")
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !reach().await,
+        "the neighbour still reaches the app around the proxy"
+    );
+    assert!(err.contains("IPv6 connections to it are refused"), "{err}");
+}
