@@ -431,7 +431,7 @@ async fn a_pods_link_local_ipv6_is_closed_where_the_ipv6_nat_rules_cannot_load()
     wait::until(
         "the app reached over the link",
         Duration::from_secs(10),
-        || reach(),
+        &reach,
     )
     .await;
 
