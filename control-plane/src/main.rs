@@ -78,6 +78,9 @@ fn main() -> std::process::ExitCode {
 
 fn start() -> anyhow::Result<()> {
     strait_api::core_dumps::off();
+    // Each connected proxy holds a descriptor or two, and the webhook, the
+    // API server's client and the admin port draw on the same limit.
+    strait_api::open_files::raise();
     let mut cli = Cli::parse();
     if cli.log_level.is_none() {
         cli.log_level = log::from_env().map_err(FlagError)?;

@@ -31,7 +31,7 @@ fn values_that_can_only_misbehave_exit_2_with_one_line() {
     let junk = dir.join("junk.pem");
     std::fs::write(&junk, "not a certificate\n").unwrap();
     let junk = junk.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["demo", "--rate", "0"], "--rate"),
         (
             &[
@@ -60,6 +60,18 @@ fn values_that_can_only_misbehave_exit_2_with_one_line() {
         (
             &["controller", "--manifests", "/nonexistent/x"],
             "not a directory",
+        ),
+        (
+            &[
+                "controller",
+                "--manifests",
+                ".",
+                "--proxy-memory-request",
+                "2Gi",
+                "--proxy-memory-limit",
+                "1Gi",
+            ],
+            "--proxy-memory-request 2Gi is above the proxy's memory limit 1Gi",
         ),
     ];
     for (args, says) in cases {
@@ -201,4 +213,54 @@ fn log_flags_are_checked_and_name_themselves() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{err}");
     }
+}
+
+/// A runtime that leaves the soft open-file limit at 1,024 would stop the
+/// controller accepting proxies (and the webhook its calls, the kubelet its
+/// probes) at a few hundred meshed pods: it raises it to the hard one.
+#[test]
+fn the_controller_raises_its_open_file_limit() {
+    let dir = std::env::temp_dir().join(format!("strait-nofile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} controller --manifests {} --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0",
+            env!("CARGO_BIN_EXE_strait"),
+            dir.display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (limits, exe) = (
+        format!("/proc/{}/limits", child.id()),
+        format!("/proc/{}/exe", child.id()),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let raised = loop {
+        // The shell first, with the runner's limits: only the controller's count.
+        let started =
+            std::fs::read_link(&exe).is_ok_and(|e| e.file_name() == Some("strait".as_ref()));
+        let line = std::fs::read_to_string(&limits).ok().and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .map(String::from)
+        });
+        let f: Vec<String> = line
+            .iter()
+            .flat_map(|l| l.split_whitespace().map(String::from))
+            .collect();
+        if started && f.len() > 4 && f[3] == f[4] {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::yield_now();
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(raised, "the soft limit stayed below the hard one");
 }

@@ -56,7 +56,7 @@ fn start() -> anyhow::Result<()> {
             .build()?,
     };
     strait_api::core_dumps::off();
-    let open_files = raise_open_files();
+    let open_files = strait_api::open_files::raise();
     let r = rt.block_on(run(config, open_files, cache_left_on, limits));
     // Drained: what is left is blocking work (a resolver call that hangs)
     // that must not hold the process past its grace period.
@@ -66,29 +66,6 @@ fn start() -> anyhow::Result<()> {
 
 /// Below this many open files the proxy warns at start.
 const MIN_OPEN_FILES: u64 = 4096;
-
-/// Raises the soft limit on open files to the hard one, which container
-/// runtimes often leave at 1,024 (Go raises it by itself; Rust does not): an
-/// opaque stream takes two descriptors, so a few hundred would exhaust it,
-/// and the admin port and its probes with them, long before
-/// `--max-connections`. Returns the limit now in force.
-fn raise_open_files() -> Option<u64> {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let cur = getrlimit(Resource::Nofile);
-    // No hard limit (`None`): as far as the kernel's own (`nr_open`,
-    // 1,048,576 by default) lets a soft one go.
-    let want = cur.maximum.unwrap_or(1 << 20);
-    if cur.current.is_some_and(|c| c < want) {
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(want),
-                maximum: cur.maximum,
-            },
-        );
-    }
-    getrlimit(Resource::Nofile).current
-}
 
 /// What fitting the connection limits to the container found, to be logged
 /// once logging is up. Memory limits in bytes.
