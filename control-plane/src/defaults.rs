@@ -250,10 +250,14 @@ pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;
 /// Bytes of AdmissionReviews the webhook holds at once, whatever the number
 /// of connections: eight of the largest, well inside the controller's memory.
 pub const WEBHOOK_BODY_BUDGET: usize = 8 * MAX_ADMISSION_REVIEW_BYTES;
-/// TokenReviews in flight at once, and how long one may take, its wait for a
-/// turn included: less than a proxy waits for its call (5 s).
+/// TokenReviews in flight at once, and how long one may take once sent:
+/// with the wait for a turn below, less than a proxy waits for its call (5 s).
 pub const TOKEN_REVIEWS_IN_FLIGHT: usize = 32;
-pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+pub const TOKEN_REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a token waits for one of the reviews in flight before it is
+/// told the controller is busy: with the review's own time, within a
+/// proxy's deadline for its call.
+pub const TOKEN_REVIEW_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a proxy ejects an endpoint the first time when a BackendPolicy's
 /// `outlierDetection` gives no `baseEjectionTime` (the proxy's own default).
