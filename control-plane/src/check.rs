@@ -781,6 +781,21 @@ fn not_ready_why(p: &Pod) -> Option<String> {
             )
         })
     })
+    // Not scheduled: the scheduler says why (no node fits, or one that
+    // refuses what the pod asks, as EKS Fargate refuses NET_ADMIN).
+    .or_else(|| {
+        let unscheduled = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        let why = unscheduled.message.as_deref().and_then(last_line);
+        let reason = unscheduled.reason.as_deref().unwrap_or("Unschedulable");
+        Some(match why {
+            Some(w) => format!("not scheduled: {reason}: {w}"),
+            None => format!("not scheduled: {reason}"),
+        })
+    })
     .or_else(|| status.phase.clone())
 }
 
@@ -1435,11 +1450,23 @@ mod tests {
                 "state": {"running": {}},
             }))
             .unwrap()]);
+        // Never scheduled: the scheduler's reason.
+        let mut pending = pod("Pending", false, false);
+        pending.metadata.name = Some("web-3".into());
+        pending.status.as_mut().unwrap().conditions = Some(vec![serde_json::from_value(serde_json::json!({
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "Pod not supported on Fargate: invalid SecurityContext fields: Capabilities added: NET_ADMIN",
+        }))
+        .unwrap()]);
         let mut tally = MeshedPods::default();
-        for p in [pod("Running", true, false), crashing, starting] {
+        for p in [pod("Running", true, false), crashing, starting, pending] {
             tally.count(&p);
         }
         let said = tally.line().what;
+        assert!(
+            said.contains("/web-3 (not scheduled: Unschedulable: Pod not supported on Fargate"),
+            "{said}"
+        );
         assert!(
             said.contains("shop/web-1 (strait-init: CrashLoopBackOff: iptables-nft: Could not fetch rule set generation id)"),
             "{said}"

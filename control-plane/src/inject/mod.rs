@@ -492,6 +492,14 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Outcome::Skip("the pod uses the host's network"));
     }
+    // EKS Fargate (its own webhook, called first, names its scheduler)
+    // refuses to run a container that adds NET_ADMIN: the pod would stay
+    // Pending, never scheduled, with the reason only in its events.
+    if spec.get("schedulerName").and_then(Value::as_str) == Some("fargate-scheduler") {
+        return Ok(Outcome::Skip(
+            "the pod runs on EKS Fargate, which does not allow the init container's NET_ADMIN",
+        ));
+    }
     // The proxy and its init container are Linux programs: a Windows pod
     // (by `os.name`, or a node selector, as older manifests say it) given
     // them would never start.

@@ -1418,3 +1418,20 @@ fn the_mesh_s_proxy_resources_apply_where_a_pod_sets_none() {
         "one core: one thread"
     );
 }
+
+/// EKS Fargate refuses a container that adds NET_ADMIN: its pods (its own
+/// webhook names their scheduler) are left unmeshed, with why, rather than
+/// admitted to stay Pending.
+#[test]
+fn a_fargate_pod_is_left_alone_with_why() {
+    let mut spec = app_spec();
+    spec["schedulerName"] = json!("fargate-scheduler");
+    let p = pod(json!({INJECT: "enabled"}), spec);
+    let Outcome::Skip(why) = inject(&p, Namespace::Enabled, &settings()).unwrap() else {
+        panic!("injected");
+    };
+    assert!(
+        why.contains("Fargate") && why.contains("NET_ADMIN"),
+        "{why}"
+    );
+}
