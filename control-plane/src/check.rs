@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -360,6 +360,28 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         .as_ref()
         .and_then(|a| a.as_deref())
         .and_then(anchor_set);
+    // Pods refused at admission for the mesh's containers (a platform's
+    // policy: OpenShift's SCC, GKE Autopilot, Kyverno) never exist as pods:
+    // their ReplicaSets say why.
+    if let Ok(list) = &labelled {
+        let mut refused = Vec::new();
+        for ns in list.items.iter().filter_map(|n| n.metadata.name.as_deref()) {
+            match Api::<ReplicaSet>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await
+            {
+                Ok(sets) => refused.extend(sets.items.iter().filter_map(refused_for_the_mesh)),
+                Err(e) => {
+                    say(unread(&format!("the ReplicaSets of {ns}"), &e));
+                    break;
+                }
+            }
+        }
+        if let Some(l) = refused_line(&refused) {
+            say(l);
+        }
+    }
+
     let listed = each_listed(
         &Api::<Pod>::all(client),
         PODS_PAGE,
@@ -947,6 +969,51 @@ fn grpcroute_line(crd: Option<&CustomResourceDefinition>) -> Line {
         ),
         Some(_) => line(Verdict::Ok, "Gateway API GRPCRoute is installed"),
     }
+}
+
+/// A ReplicaSet whose pods are refused for what injection adds: its name
+/// and the refusal's last line.
+fn refused_for_the_mesh(rs: &ReplicaSet) -> Option<String> {
+    let failure = rs
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    let message = failure.message.as_deref()?;
+    let ours = [
+        crate::inject::INIT_CONTAINER,
+        crate::inject::PROXY_CONTAINER,
+        "NET_ADMIN",
+        "NET_RAW",
+    ];
+    let at = ours.iter().filter_map(|w| message.find(w)).min()?;
+    // Around what names the mesh: policies' messages run long (an SCC's
+    // lists every provider it tried).
+    let from = message.floor_char_boundary(at.saturating_sub(80));
+    let excerpt = last_line(&message[from..]).unwrap_or_default();
+    Some(format!(
+        "{}/{} ({}{excerpt})",
+        rs.metadata.namespace.as_deref().unwrap_or(""),
+        rs.metadata.name.as_deref().unwrap_or(""),
+        if from > 0 { "…" } else { "" },
+    ))
+}
+
+fn refused_line(refused: &[String]) -> Option<Line> {
+    let (first, more) = (refused.iter().take(5), refused.len().saturating_sub(5));
+    (!refused.is_empty()).then(|| {
+        line(
+            Verdict::Fail,
+            format!(
+                "{} workload(s) cannot create meshed pods, refused at admission for the mesh's containers: {}{} (docs/kubernetes.md, Platforms)",
+                refused.len(),
+                first.cloned().collect::<Vec<_>>().join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() },
+            ),
+        )
+    })
 }
 
 /// Cilium's agent configuration (its Helm chart writes it).
@@ -2012,6 +2079,38 @@ mod tests {
             "the agent balances inside pods whatever bpf-lb-sock says"
         );
         assert!(verdict(&[]).is_none());
+    }
+
+    #[test]
+    fn workloads_whose_meshed_pods_are_refused_are_named() {
+        let rs = |name: &str, message: &str| -> ReplicaSet {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "status": {"replicas": 0, "conditions": [{
+                    "type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                    "message": message,
+                }]},
+            }))
+            .unwrap()
+        };
+        let scc = rs(
+            "web-5d9",
+            "pods \"web-5d9-\" is forbidden: unable to validate against any security context constraint: [provider \"restricted-v2\": .initContainers[0].securityContext.capabilities.add: Invalid value: \"NET_ADMIN\": capability may not be added]",
+        );
+        let quota = rs(
+            "db-7f2",
+            "pods \"db-7f2-\" is forbidden: exceeded quota: compute",
+        );
+        let named: Vec<String> = [&scc, &quota]
+            .into_iter()
+            .filter_map(refused_for_the_mesh)
+            .collect();
+        assert_eq!(named.len(), 1, "a quota is not the mesh's doing: {named:?}");
+        let l = refused_line(&named).unwrap();
+        assert_eq!(l.verdict, Verdict::Fail);
+        assert!(l.what.contains("shop/web-5d9 (…"), "{}", l.what);
+        assert!(l.what.contains("NET_ADMIN"), "{}", l.what);
+        assert!(refused_line(&[]).is_none());
     }
 
     #[test]

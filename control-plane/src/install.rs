@@ -945,7 +945,10 @@ fn deployment(v: &Values) -> Value {
                              "annotations": {"strait.dev/identity-checksum": identity_checksum(&v.identity)}},
                 "spec": {
                     "serviceAccountName": CONTROLLER,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 2103, "runAsGroup": 2103,
+                    // The image's user (2103), not a fixed one: OpenShift's
+                    // restricted SCC gives pods a uid of the namespace's range
+                    // and refuses any other.
+                    "securityContext": {"runAsNonRoot": true,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     // Replicas on different nodes where the cluster has them.
                     "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{

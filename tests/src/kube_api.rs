@@ -74,6 +74,7 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
     ("/api/v1", "v1", "ConfigMap", "configmaps"),
     ("/api/v1", "v1", "Secret", "secrets"),
     ("/apis/apps/v1", "apps/v1", "Deployment", "deployments"),
+    ("/apis/apps/v1", "apps/v1", "ReplicaSet", "replicasets"),
     (
         "/apis/apiextensions.k8s.io/v1",
         "apiextensions.k8s.io/v1",

@@ -639,6 +639,9 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
     ]));
     let spec = &placed["Deployment/strait-system/strait-controller"]["spec"]["template"]["spec"];
     assert_eq!(spec["priorityClassName"], "strait-critical", "{spec}");
+    // No fixed uid (the image's), which OpenShift's restricted SCC refuses.
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{spec}");
+    assert!(spec["securityContext"].get("runAsUser").is_none(), "{spec}");
     assert_eq!(
         spec["topologySpreadConstraints"][0]["topologyKey"], "topology.kubernetes.io/zone",
         "{spec}"
