@@ -365,17 +365,23 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     // their ReplicaSets say why.
     if let Ok(list) = &labelled {
         let mut refused = Vec::new();
+        let mut unreadable = None;
         for ns in list.items.iter().filter_map(|n| n.metadata.name.as_deref()) {
-            match Api::<ReplicaSet>::namespaced(client.clone(), ns)
-                .list(&ListParams::default())
-                .await
-            {
-                Ok(sets) => refused.extend(sets.items.iter().filter_map(refused_for_the_mesh)),
+            // A page at a time: each holds a pod template, and a Deployment
+            // keeps ten old ones.
+            let api = Api::<ReplicaSet>::namespaced(client.clone(), ns);
+            let listed = each_listed(&api, 100, |out: &mut Vec<String>, rs| {
+                out.extend(refused_for_the_mesh(rs));
+            });
+            match listed.await {
+                Ok(found) => refused.extend(found),
                 Err(e) => {
-                    say(unread(&format!("the ReplicaSets of {ns}"), &e));
-                    break;
+                    unreadable.get_or_insert((ns.to_string(), e));
                 }
             }
+        }
+        if let Some((ns, e)) = unreadable {
+            say(unread(&format!("the ReplicaSets of {ns}"), &e));
         }
         if let Some(l) = refused_line(&refused) {
             say(l);
@@ -982,16 +988,43 @@ fn refused_for_the_mesh(rs: &ReplicaSet) -> Option<String> {
         .flatten()
         .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
     let message = failure.message.as_deref()?;
+    // The capabilities count where the workload's own containers add none
+    // (a policy may name a container by its place, not its name).
+    let adds = |cap: &str| {
+        let spec = rs
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.as_ref()?.spec.as_ref());
+        spec.into_iter()
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
+            .filter_map(|c| {
+                c.security_context
+                    .as_ref()?
+                    .capabilities
+                    .as_ref()?
+                    .add
+                    .as_ref()
+            })
+            .flatten()
+            .any(|a| a == cap)
+    };
     let ours = [
         crate::inject::INIT_CONTAINER,
         crate::inject::PROXY_CONTAINER,
-        "NET_ADMIN",
-        "NET_RAW",
-    ];
-    let at = ours.iter().filter_map(|w| message.find(w)).min()?;
+    ]
+    .into_iter()
+    .chain(["NET_ADMIN", "NET_RAW"].into_iter().filter(|c| !adds(c)));
+    let at = ours.filter_map(|w| message.find(w)).min()?;
     // Around what names the mesh: policies' messages run long (an SCC's
     // lists every provider it tried).
-    let from = message.floor_char_boundary(at.saturating_sub(80));
+    let from = (0..=at.saturating_sub(80))
+        .rev()
+        .find(|i| message.is_char_boundary(*i))
+        .unwrap_or(0);
     let excerpt = last_line(&message[from..]).unwrap_or_default();
     Some(format!(
         "{}/{} ({}{excerpt})",
@@ -2101,11 +2134,26 @@ mod tests {
             "db-7f2",
             "pods \"db-7f2-\" is forbidden: exceeded quota: compute",
         );
-        let named: Vec<String> = [&scc, &quota]
+        // Its own container adds NET_ADMIN: the refusal is the app's.
+        let mut vpn = rs(
+            "vpn-1a2",
+            "pods \"vpn-1a2-\" is forbidden: violates PodSecurity \"baseline:latest\": non-default capabilities (container \"vpn\" must not include \"NET_ADMIN\")",
+        );
+        vpn.spec = serde_json::from_value(serde_json::json!({
+            "selector": {},
+            "template": {"spec": {"containers": [{"name": "vpn",
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]}},
+        }))
+        .unwrap();
+        let named: Vec<String> = [&scc, &quota, &vpn]
             .into_iter()
             .filter_map(refused_for_the_mesh)
             .collect();
-        assert_eq!(named.len(), 1, "a quota is not the mesh's doing: {named:?}");
+        assert_eq!(
+            named.len(),
+            1,
+            "a quota, or the app's own capability, is not the mesh's doing: {named:?}"
+        );
         let l = refused_line(&named).unwrap();
         assert_eq!(l.verdict, Verdict::Fail);
         assert!(l.what.contains("shop/web-5d9 (…"), "{}", l.what);

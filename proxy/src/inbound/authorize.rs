@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use super::policy::PolicyRx;
 use crate::addr::DestAddr;
 use crate::defaults::CLIENT_ID_HEADER;
-use crate::http::error::error_response;
+use crate::http::error::{CloseClient, error_response};
 use crate::http::request_body::BodyFault;
 use crate::http::{BoxBody, Dst};
 use crate::identity::Identity;
@@ -176,8 +176,7 @@ where
                 "connection limit reached (not processed)",
             );
             if close {
-                rsp.headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                rsp.extensions_mut().insert(CloseClient);
             }
             return Either::Left(ready(Ok(rsp)));
         }
@@ -397,9 +396,9 @@ where
         use http_body::Body as _;
         let this = self.project();
         let Ok(mut rsp) = std::task::ready!(this.inner.poll(cx));
+        // Said in the response head (`Connection: close`) as it is written.
         if *this.close {
-            rsp.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            rsp.extensions_mut().insert(CloseClient);
         }
         let open_ended = !rsp.body().is_end_stream() && rsp.body().size_hint().exact().is_none();
         let Some((g, port, fault)) = this.grant.take().filter(|_| open_ended) else {
@@ -733,10 +732,10 @@ mod tests {
         };
         let probe = svc.call(request("/healthz")).await.unwrap();
         assert_eq!(probe.status(), StatusCode::OK);
-        assert_eq!(probe.headers()[http::header::CONNECTION], "close");
+        assert!(probe.extensions().get::<CloseClient>().is_some());
         let other = svc.call(request("/orders")).await.unwrap();
         assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(other.headers()[http::header::CONNECTION], "close");
+        assert!(other.extensions().get::<CloseClient>().is_some());
         assert_eq!(
             other.headers()["strait-proxy-error"],
             "connection limit reached (not processed)"
@@ -748,7 +747,7 @@ mod tests {
             }));
         let rsp = svc.call(request("/orders")).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::OK);
-        assert!(!rsp.headers().contains_key(http::header::CONNECTION));
+        assert!(rsp.extensions().get::<CloseClient>().is_none());
     }
 
     /// Through the layer: a gRPC caller over HTTP/2 is told PERMISSION_DENIED;

@@ -285,12 +285,15 @@ impl Inbound {
         // Not a plaintext client's on a port the kubelet probes that refuses
         // plaintext: carried unread, it would be refused whole, the kubelet's
         // probes with it (the pod never ready); read, only a probe gets through.
-        let declared = target.is_some_and(|p| {
-            s.config.opaque_ports.contains(p.0)
-                && !(peer.is_none()
-                    && policy::probed(&s.policy, p.0)
-                    && policy::check(&s.policy, p.0, None).is_err())
-        });
+        // Nor in a place kept for the kubelet's probes, where only a probe
+        // is served.
+        let declared = !probe_only
+            && target.is_some_and(|p| {
+                s.config.opaque_ports.contains(p.0)
+                    && !(peer.is_none()
+                        && policy::probed(&s.policy, p.0)
+                        && policy::check(&s.policy, p.0, None).is_err())
+            });
         let detection = if silent && !declared {
             Detection::Silent(io)
         } else {
@@ -336,7 +339,14 @@ impl Inbound {
             metrics: s.metrics.clone(),
             peer: peer.clone(),
             caller: Some(caller.clone()),
-            until,
+            // In a place kept for the kubelet's probes, no request is taken
+            // past the time a probe has to be sent: the connection is then
+            // closed (HTTP/2: GOAWAY), whatever its client goes on sending.
+            until: if probe_only {
+                Some(tokio::time::Instant::now() + defaults::HTTP_HEADER_READ_TIMEOUT)
+            } else {
+                until
+            },
             // An HTTP/1 connection carries one request at a time, and one
             // whose client stops reading is cut (`--http-body-read-timeout`):
             // the kubelet's probes are HTTP/1, and over HTTP/2 a client could

@@ -1026,3 +1026,97 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The node's address carries the kubelet's probes and every outside client
+/// the node forwards. Past that address's share, a connection to a probed port
+/// takes one of the places kept for probes: one that is not a probe is
+/// answered 503 and closed at once, so that the kubelet's next probe finds
+/// its place (before, forwarded keep-alive clients kept both, and the probe
+/// was refused).
+#[tokio::test]
+async fn forwarded_clients_leave_the_kubelets_probe_its_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PROBED: u16 = 9000;
+    let Some(mut mesh) = PodMesh::start().await else {
+        return;
+    };
+    let server = mesh
+        .pod(
+            "server",
+            "server",
+            &["--inbound-max-connections-per-source=2"],
+        )
+        .await;
+    let _app = server.pod.run(|| async {
+        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], PROBED))).await;
+        std::future::pending::<()>().await;
+        drop(b);
+    });
+    let (name, ip) = (server.pod.name.clone(), server.pod.ip);
+    mesh.dir.write(
+        &format!("pod-{name}.yaml"),
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: test\n  labels: {{app: server}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: server\n  containers:\n  - name: app\n    image: app\n    readinessProbe: {{httpGet: {{path: /healthz, port: {PROBED}}}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n"
+        ),
+    );
+    // A request on a connection of its own, kept open: its status, and
+    // whether the proxy closed the connection after it.
+    let keep_alive = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect((ip, PROBED)).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: server\r\n\r\n");
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the response's end (its body is short) or the connection's.
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        let status = String::from_utf8_lossy(&got).get(9..12).map(String::from);
+        (s, status, closed)
+    };
+    wait::until(
+        "the probe known to the proxy",
+        Duration::from_secs(15),
+        || async {
+            let probe =
+                client::get(&client::http1(), &format!("http://{ip}:{PROBED}/healthz")).await;
+            matches!(probe, Ok((s, _)) if s == 200)
+        },
+    )
+    .await;
+    // Those connections given back, so that the share below is whole.
+    wait::until(
+        "no inbound connection open",
+        Duration::from_secs(15),
+        || async {
+            server
+                .metric(
+                    "strait_proxy_tcp_open_connections",
+                    &["direction=\"inbound\""],
+                )
+                .await
+                == 0.0
+        },
+    )
+    .await;
+    // The address's share, held by forwarded clients.
+    let (_a, sa, _) = keep_alive("/orders").await;
+    let (_b, sb, _) = keep_alive("/orders").await;
+    assert_eq!((sa.as_deref(), sb.as_deref()), (Some("200"), Some("200")));
+    // Two more: past the share, in the probes' places, answered and closed.
+    for _ in 0..2 {
+        let (_c, status, closed) = keep_alive("/orders").await;
+        assert_eq!(status.as_deref(), Some("503"));
+        assert!(
+            closed,
+            "a probe's place kept by a client that is not a probe"
+        );
+    }
+    // The kubelet's probe, from the same address, still gets through.
+    let probe = client::get(&client::http1(), &format!("http://{ip}:{PROBED}/healthz")).await;
+    assert!(matches!(probe, Ok((s, _)) if s == 200), "{probe:?}");
+}
