@@ -896,6 +896,29 @@ async fn every_protocol_crosses_the_mesh_with_mtls_and_the_callers_identity() {
     }
 }
 
+/// A meshed pod whose app serves `port`, and whose pod (as the controller
+/// reads it) has the kubelet probe `/healthz` there; with the app's handle.
+async fn probed_server(
+    mesh: &mut PodMesh,
+    port: u16,
+    extra: &[&str],
+) -> (MeshedPod, strait_tests::netns::InPod<()>) {
+    let server = mesh.pod("server", "server", extra).await;
+    let app = server.pod.run(move || async move {
+        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], port))).await;
+        std::future::pending::<()>().await;
+        drop(b);
+    });
+    let (name, ip) = (server.pod.name.clone(), server.pod.ip);
+    mesh.dir.write(
+        &format!("pod-{name}.yaml"),
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: test\n  labels: {{app: server}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: server\n  containers:\n  - name: app\n    image: app\n    readinessProbe: {{httpGet: {{path: /healthz, port: {port}}}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n"
+        ),
+    );
+    (server, app)
+}
+
 /// The kubelet probes an app port over HTTP in plaintext. On a port declared
 /// opaque whose Service is STRICT, such a connection was carried unread and
 /// refused whole, so the pod never became ready: the probe gets through, and
@@ -906,19 +929,8 @@ async fn the_kubelets_probe_of_an_opaque_port_passes_strict() {
     let Some(mut mesh) = PodMesh::start().await else {
         return;
     };
-    let server = mesh.pod("server", "server", &["--opaque-ports=9000"]).await;
-    let _app = server.pod.run(|| async {
-        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], PROBED))).await;
-        std::future::pending::<()>().await;
-        drop(b);
-    });
-    let (name, ip) = (server.pod.name.clone(), server.pod.ip);
-    mesh.dir.write(
-        &format!("pod-{name}.yaml"),
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: test\n  labels: {{app: server}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: server\n  containers:\n  - name: app\n    image: app\n    readinessProbe: {{httpGet: {{path: /healthz, port: {PROBED}}}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n"
-        ),
-    );
+    let (server, _app) = probed_server(&mut mesh, PROBED, &["--opaque-ports=9000"]).await;
+    let ip = server.pod.ip;
     strict_service(&mut mesh, "probed", PROBED, &server);
     let get = |path: &'static str| async move {
         client::get(&client::http1(), &format!("http://{ip}:{PROBED}{path}"))
@@ -1040,25 +1052,13 @@ async fn forwarded_clients_leave_the_kubelets_probe_its_place() {
     let Some(mut mesh) = PodMesh::start().await else {
         return;
     };
-    let server = mesh
-        .pod(
-            "server",
-            "server",
-            &["--inbound-max-connections-per-source=2"],
-        )
-        .await;
-    let _app = server.pod.run(|| async {
-        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], PROBED))).await;
-        std::future::pending::<()>().await;
-        drop(b);
-    });
-    let (name, ip) = (server.pod.name.clone(), server.pod.ip);
-    mesh.dir.write(
-        &format!("pod-{name}.yaml"),
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: test\n  labels: {{app: server}}\n  annotations: {{strait.dev/inbound-port: \"4143\"}}\nspec:\n  serviceAccountName: server\n  containers:\n  - name: app\n    image: app\n    readinessProbe: {{httpGet: {{path: /healthz, port: {PROBED}}}}}\nstatus: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n"
-        ),
-    );
+    let (server, _app) = probed_server(
+        &mut mesh,
+        PROBED,
+        &["--inbound-max-connections-per-source=2"],
+    )
+    .await;
+    let ip = server.pod.ip;
     // A request on a connection of its own, kept open: its status, and
     // whether the proxy closed the connection after it.
     let keep_alive = |path: &'static str| async move {
