@@ -401,7 +401,20 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     .await;
     match listed {
         Ok((meshed, stale)) => {
-            say(meshed.line());
+            let mut l = meshed.line();
+            // Labelled, and still none: the pods running then were not
+            // restarted (injection happens only at a pod's creation).
+            if meshed.meshed == 0
+                && let Ok(list) = &labelled
+                && !list.items.is_empty()
+            {
+                l.what = format!(
+                    "no meshed pod yet, though {} namespace(s) are labelled {}=enabled: pods are meshed when created, so restart those that ran before (kubectl rollout restart)",
+                    list.items.len(),
+                    crate::inject::INJECT
+                );
+            }
+            say(l);
             if let Some(l) = stale.line() {
                 say(l);
             }
