@@ -364,7 +364,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     // policy: OpenShift's SCC, GKE Autopilot, Kyverno) never exist as pods:
     // their ReplicaSets say why.
     if let Ok(list) = &labelled {
-        let mut refused = Vec::new();
+        let mut refused = Named::default();
         let mut unreadable = None;
         for ns in list.items.iter().filter_map(|n| n.metadata.name.as_deref()) {
             // A page at a time: each holds a pod template, and a Deployment
@@ -374,7 +374,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 out.extend(refused_for_the_mesh(rs));
             });
             match listed.await {
-                Ok(found) => refused.extend(found),
+                Ok(found) => found.into_iter().for_each(|r| refused.push_named(|| r)),
                 Err(e) => {
                     unreadable.get_or_insert((ns.to_string(), e));
                 }
@@ -503,15 +503,22 @@ impl Named {
 
     /// With what to say of it, in parentheses.
     fn push_with(&mut self, p: &Pod, detail: Option<String>) {
-        self.count += 1;
-        if self.named.len() < Self::NAMED {
+        self.push_named(|| {
             let m = &p.metadata;
             let detail = detail.map(|d| format!(" ({d})")).unwrap_or_default();
-            self.named.push(format!(
+            format!(
                 "{}/{}{detail}",
                 m.namespace.as_deref().unwrap_or(""),
                 m.name.as_deref().unwrap_or("")
-            ));
+            )
+        });
+    }
+
+    /// One more, named (`name` is made only then) if among the first few.
+    fn push_named(&mut self, name: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.named.len() < Self::NAMED {
+            self.named.push(name());
         }
     }
 }
@@ -1047,16 +1054,13 @@ fn refused_for_the_mesh(rs: &ReplicaSet) -> Option<String> {
     ))
 }
 
-fn refused_line(refused: &[String]) -> Option<Line> {
-    let (first, more) = (refused.iter().take(5), refused.len().saturating_sub(5));
-    (!refused.is_empty()).then(|| {
+fn refused_line(refused: &Named) -> Option<Line> {
+    (refused.count > 0).then(|| {
         line(
             Verdict::Fail,
             format!(
-                "{} workload(s) cannot create meshed pods, refused at admission for the mesh's containers: {}{} (docs/kubernetes.md, Platforms)",
-                refused.len(),
-                first.cloned().collect::<Vec<_>>().join(", "),
-                if more > 0 { format!(" and {more} more") } else { String::new() },
+                "{} workload(s) cannot create meshed pods, refused at admission for the mesh's containers: {refused} (docs/kubernetes.md, Platforms)",
+                refused.count,
             ),
         )
     })
@@ -2167,11 +2171,13 @@ mod tests {
             1,
             "a quota, or the app's own capability, is not the mesh's doing: {named:?}"
         );
-        let l = refused_line(&named).unwrap();
+        let mut refused = Named::default();
+        named.iter().for_each(|r| refused.push_named(|| r.clone()));
+        let l = refused_line(&refused).unwrap();
         assert_eq!(l.verdict, Verdict::Fail);
         assert!(l.what.contains("shop/web-5d9 (…"), "{}", l.what);
         assert!(l.what.contains("NET_ADMIN"), "{}", l.what);
-        assert!(refused_line(&[]).is_none());
+        assert!(refused_line(&Named::default()).is_none());
     }
 
     #[test]

@@ -140,30 +140,18 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
         return Ok(format!("# iptables\n{v4}# ip6tables\n{v6}"));
     }
     let mode = args.iptables_mode;
-    let save = iptables(mode.command("iptables", "save"), &["-t", "nat"], None)?;
-    refuse_other_mesh(&save)?;
-    refuse_other_mesh_in_other_backend(mode, "iptables")?;
-    let v4 = plan.restore_input(Installed::from_save(&save));
-    // --noflush: other tables and chains (a CNI's, kube-proxy's) stay as they are.
-    iptables(
-        mode.command("iptables", "restore"),
-        &["--noflush", "--wait"],
-        Some(&v4),
-    )?;
+    let v4 = restored(mode, "iptables", "nat", |save| {
+        refuse_other_mesh(save)?;
+        refuse_other_mesh_in_other_backend(mode, "iptables")?;
+        Ok(plan.restore_input(Installed::from_save(save)))
+    })?;
     let mut applied = format!("# iptables\n{v4}");
     if has_ipv6() {
-        let v6 =
-            iptables(mode.command("ip6tables", "save"), &["-t", "nat"], None).and_then(|save| {
-                refuse_other_mesh(&save)?;
-                refuse_other_mesh_in_other_backend(mode, "ip6tables")?;
-                let v6 = plan.restore_input_v6(Installed::from_save(&save));
-                iptables(
-                    mode.command("ip6tables", "restore"),
-                    &["--noflush", "--wait"],
-                    Some(&v6),
-                )
-                .map(|_| v6)
-            });
+        let v6 = restored(mode, "ip6tables", "nat", |save| {
+            refuse_other_mesh(save)?;
+            refuse_other_mesh_in_other_backend(mode, "ip6tables")?;
+            Ok(plan.restore_input_v6(Installed::from_save(save)))
+        });
         match v6 {
             Ok(v6) => applied.push_str(&format!("# ip6tables\n{v6}")),
             // The IPv6 rules only keep callers from reaching the app over
@@ -176,16 +164,9 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
             {
                 // Its link-local addresses are still reachable from its link
                 // (a bridge CNI's neighbours): refused in the filter table.
-                let refused = iptables(mode.command("ip6tables", "save"), &["-t", "filter"], None)
-                    .and_then(|save| {
-                        let rules = rules::refuse_v6_input(rules::input_jumps(&save));
-                        iptables(
-                            mode.command("ip6tables", "restore"),
-                            &["--noflush", "--wait"],
-                            Some(&rules),
-                        )
-                        .map(|_| rules)
-                    });
+                let refused = restored(mode, "ip6tables", "filter", |save| {
+                    Ok(rules::refuse_v6_input(rules::input_jumps(save)))
+                });
                 match refused {
                     Ok(rules) => {
                         eprintln!(
@@ -207,6 +188,25 @@ pub fn run(args: &InitArgs) -> Result<String, InitError> {
         }
     }
     Ok(applied)
+}
+
+/// Rules `make` writes from what `family`'s `table` holds now, applied;
+/// `--noflush`: other tables and chains (a CNI's, kube-proxy's) stay as they
+/// are.
+fn restored(
+    mode: IptablesMode,
+    family: &str,
+    table: &str,
+    make: impl FnOnce(&str) -> Result<String, InitError>,
+) -> Result<String, InitError> {
+    let save = iptables(mode.command(family, "save"), &["-t", table], None)?;
+    let rules = make(&save)?;
+    iptables(
+        mode.command(family, "restore"),
+        &["--noflush", "--wait"],
+        Some(&rules),
+    )?;
+    Ok(rules)
 }
 
 fn refuse_other_mesh(save: &str) -> Result<(), InitError> {
