@@ -94,6 +94,7 @@ where
             n.with(|n| n.backend = Some(b.name.clone()));
         }
         let grpc = crate::http::grpc::is_call(&req);
+        b.metrics.requests.inc();
         // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
             let mut rsp = unresolved("backend not found");

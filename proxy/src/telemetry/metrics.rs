@@ -449,6 +449,10 @@ impl Responses {
 /// Each attempt's responses and latency on one backend of a route rule.
 #[derive(Debug)]
 pub struct RouteBackendMetrics {
+    /// Each attempt sent: one its caller gave up on before an answer (its
+    /// own timeout, a reset) has no response, and only this count shows it,
+    /// so that a backend that hangs does not read as healthy.
+    pub requests: OnFirstUse<Counter>,
     pub http: OnFirstUse<Responses>,
     /// Each gRPC attempt by its status: a canary failing every call in
     /// trailers answers HTTP 200.
@@ -459,6 +463,7 @@ impl Default for RouteBackendMetrics {
     /// Series of no family, for tests of the stages that count.
     fn default() -> Self {
         RouteBackendMetrics {
+            requests: OnFirstUse::new(Counter::default),
             http: OnFirstUse::new(|| Responses {
                 responses: Default::default(),
                 latency: latency_histogram(),
@@ -563,6 +568,7 @@ pub struct Metrics {
     pub route_retries: Family<RouteLabels, Counter>,
     pub route_retries_skipped: Family<RouteReasonLabels, Counter>,
     pub route_timeouts: Family<RouteReasonLabels, Counter>,
+    pub backend_requests: Family<RouteBackendOnlyLabels, Counter>,
     pub backend_responses: Family<RouteBackendLabels, Counter>,
     pub backend_grpc_responses: Family<RouteBackendGrpcLabels, Counter>,
     pub backend_latency: Family<RouteBackendOnlyLabels, Histogram, fn() -> Histogram>,
@@ -675,6 +681,7 @@ impl Metrics {
             route_retries: Family::default(),
             route_retries_skipped: Family::default(),
             route_timeouts: Family::default(),
+            backend_requests: Family::default(),
             backend_responses: Family::default(),
             backend_grpc_responses: Family::default(),
             backend_latency: Family::new_with_constructor(latency_histogram),
@@ -841,6 +848,11 @@ impl Metrics {
             m.route_timeouts.clone(),
         );
         registry.register(
+            "backend_requests",
+            "Attempts sent per route rule and backend; those without a response were given up by their caller",
+            m.backend_requests.clone(),
+        );
+        registry.register(
             "backend_responses",
             "Responses per attempt, by route rule, backend and status class",
             m.backend_responses.clone(),
@@ -955,6 +967,7 @@ impl Metrics {
     }
 
     fn remove_route_backend(&self, l: &RouteBackendOnlyLabels) {
+        self.backend_requests.remove(l);
         self.backend_latency.remove(l);
         for status_class in STATUS_CLASSES {
             self.backend_responses
@@ -1069,6 +1082,10 @@ impl Metrics {
         self.route_backends.get(
             labels,
             |labels| RouteBackendMetrics {
+                requests: {
+                    let (family, labels) = (self.backend_requests.clone(), labels.clone());
+                    OnFirstUse::new(move || family.get_or_create_owned(&labels))
+                },
                 http: {
                     let responses = self.backend_responses.clone();
                     let latency = self.backend_latency.clone();

@@ -297,6 +297,53 @@ async fn a_request_timeout_cuts_a_stalled_backend_with_a_504() {
     assert_eq!(mesh.metric(BACKEND_5XX).await - failed_before, 3.0);
 }
 
+/// Without a route timeout, a caller that gives up first (its own timeout)
+/// leaves its attempt in the backend's requests and in no response: the
+/// success rate canary analysis computes from them counts the hang, as
+/// Linkerd's backend requests and Envoy's code-0 responses do.
+#[tokio::test]
+async fn an_attempt_its_caller_gave_up_on_counts_against_its_backend() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[(
+        "route.yaml",
+        route("web", "", "  - backendRefs: [{name: web, port: 80}]\n"),
+    )])
+    .await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    const REQUESTS: &str = "strait_proxy_backend_requests_total";
+    const RESPONSES: &str = "strait_proxy_backend_responses_total";
+    let (sent, answered) = (mesh.metric(REQUESTS).await, mesh.metric(RESPONSES).await);
+    assert!(
+        sent >= 1.0 && sent == answered,
+        "{sent} sent, {answered} answered"
+    );
+    let c = client::http1();
+    for _ in 0..3 {
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(200),
+            c.get(mesh.url("/slow/5000").parse().unwrap()),
+        )
+        .await;
+        assert!(
+            gave_up.is_err(),
+            "the backend answered before the caller gave up"
+        );
+    }
+    // The attempts' futures go as the connections close.
+    wait::until(
+        "the abandoned attempts counted",
+        Duration::from_secs(5),
+        || async { mesh.metric(REQUESTS).await - sent == 3.0 },
+    )
+    .await;
+    assert_eq!(
+        mesh.metric(RESPONSES).await,
+        answered,
+        "no response was counted"
+    );
+}
+
 /// A gRPC call the proxy fails is answered as gRPC answers: HTTP 200, the code
 /// the app's gRPC library reports (a route's timeout is DEADLINE_EXCEEDED, not
 /// the UNAVAILABLE a 504 reads as) and the proxy's reason as its message.
