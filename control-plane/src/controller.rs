@@ -35,6 +35,14 @@ use strait_api::essential::Essential;
 use strait_api::per_source::PerSource;
 
 #[derive(Clone, Debug, clap::Args)]
+// Every controller flag is also a `STRAIT_*` variable, these shared with
+// `install` and `inject` too, which take no variables.
+#[command(
+    mut_arg("proxy_cpu_request", |a| a.env("STRAIT_PROXY_CPU_REQUEST")),
+    mut_arg("proxy_cpu_limit", |a| a.env("STRAIT_PROXY_CPU_LIMIT")),
+    mut_arg("proxy_memory_request", |a| a.env("STRAIT_PROXY_MEMORY_REQUEST")),
+    mut_arg("proxy_memory_limit", |a| a.env("STRAIT_PROXY_MEMORY_LIMIT"))
+)]
 pub struct ControllerArgs {
     /// Read Services, EndpointSlices, Pods, Secrets and policies from the YAML files
     /// in DIR (re-read on change), instead of the Kubernetes API. Repeatable (or

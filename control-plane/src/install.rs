@@ -1222,6 +1222,23 @@ mod tests {
         assert!(installed(None, Some(anchors), None, true).is_err());
     }
 
+    /// The settings read back from the controller's variables are the ones
+    /// it reads: each of its flags is a `STRAIT_*` variable.
+    #[test]
+    fn every_controller_flag_is_the_variable_read_back() {
+        use clap::Args;
+        let cmd = crate::controller::ControllerArgs::augment_args(clap::Command::new("controller"));
+        for a in cmd.get_arguments() {
+            let Some(long) = a.get_long() else { continue };
+            let want = format!("STRAIT_{}", long.replace('-', "_").to_uppercase());
+            assert_eq!(
+                a.get_env().and_then(|e| e.to_str()),
+                Some(want.as_str()),
+                "--{long}"
+            );
+        }
+    }
+
     /// An install from a registry of the user's own is upgraded to this
     /// release's images unless given them again, and is told so, naming the
     /// flag that keeps them.
