@@ -381,6 +381,9 @@ impl Controller {
             proxy_access_log: args.proxy_access_log,
         };
         settings.proxy_resources = args.proxy_resources.clone();
+        if let Some(why) = settings.earlier_proxy() {
+            warn!("{why}");
+        }
         settings.controller_at(
             &args.namespace,
             &args.service_account,

@@ -609,9 +609,18 @@ impl InstallArgs {
         .into_iter()
         .filter(|(_, _, given, _, _)| given.is_none())
         .filter_map(|(what, flag, _, installed, applied)| {
-            let installed = installed.filter(|i| i != applied)?;
+            // This release's images in place of another's from the same
+            // repository: the upgrade asked for, nothing to say.
+            let installed = installed.filter(|i| {
+                crate::inject::repository(i) != crate::inject::repository(applied)
+            })?;
+            // Pinning the installed image would keep an earlier release's
+            // proxy under this release's injector: its tag from the
+            // registry it came from instead.
+            let tag = &applied[crate::inject::repository(applied).len()..];
+            let ours = format!("{}{tag}", crate::inject::repository(&installed));
             Some(format!(
-                "strait install: the installed {what} image {installed} is replaced by {applied} (pass {flag}={installed} to keep it)"
+                "strait install: the installed {what} image {installed} is replaced by {applied} (pass {flag}={ours} to take this release from the installed repository)"
             ))
         })
         .collect()
@@ -1241,7 +1250,9 @@ mod tests {
 
     /// An install from a registry of the user's own is upgraded to this
     /// release's images unless given them again, and is told so, naming the
-    /// flag that keeps them.
+    /// flag that takes this release from that registry (pinning the
+    /// installed one would keep an earlier proxy under this injector); an
+    /// install of the public images is upgraded without a word.
     #[test]
     fn installed_images_replaced_unasked_are_named() {
         use clap::{Args, FromArgMatches};
@@ -1252,16 +1263,20 @@ mod tests {
                 .unwrap();
             InstallArgs::from_arg_matches(&m).unwrap()
         };
-        let controller = serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
-            "spec": {"selector": {}, "template": {"spec": {"containers": [
-                {"name": "controller", "image": "registry.local/strait:v0.1.0",
-                 "args": ["--trust-domain=cluster.local", "--proxy-image=registry.local/strait-proxy:v0.1.0"]},
-            ]}}}
-        }))
-        .unwrap();
-        let i = || installed(None, None, Some(controller.clone()), true).unwrap();
-        let notices = |a: &InstallArgs| {
-            let e = i().unwrap();
+        let at = |registry: &str| {
+            serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
+                "spec": {"selector": {}, "template": {"spec": {"containers": [
+                    {"name": "controller", "image": format!("{registry}/strait:v0.0.9"),
+                     "args": ["--trust-domain=cluster.local", format!("--proxy-image={registry}/strait-proxy:v0.0.9")]},
+                ]}}}
+            }))
+            .unwrap()
+        };
+        let mut controller = at("registry.local");
+        let notices = |a: &InstallArgs, controller: &k8s_openapi::api::apps::v1::Deployment| {
+            let e = installed(None, None, Some(controller.clone()), true)
+                .unwrap()
+                .unwrap();
             a.images_replaced(
                 (e.controller_image, e.proxy_image),
                 &a.controller_image
@@ -1270,17 +1285,20 @@ mod tests {
                 &a.proxy_image.clone().unwrap_or_else(defaults::proxy_image),
             )
         };
-        let said = notices(&args(&[]));
+        let said = notices(&args(&[]), &controller);
+        let ours = env!("CARGO_PKG_VERSION");
         assert_eq!(said.len(), 2, "{said:?}");
         assert!(
             said[0]
-                .contains("controller image registry.local/strait:v0.1.0 is replaced by ghcr.io/")
-                && said[0].contains("--controller-image=registry.local/strait:v0.1.0"),
+                .contains("controller image registry.local/strait:v0.0.9 is replaced by ghcr.io/")
+                && said[0].contains(&format!("--controller-image=registry.local/strait:v{ours}")),
             "{}",
             said[0]
         );
         assert!(
-            said[1].contains("--proxy-image=registry.local/strait-proxy:v0.1.0"),
+            said[1].contains(&format!(
+                "--proxy-image=registry.local/strait-proxy:v{ours}"
+            )),
             "{}",
             said[1]
         );
@@ -1289,7 +1307,11 @@ mod tests {
             "--controller-image=registry.local/strait:v0.1.0",
             "--proxy-image=registry.local/strait-proxy:v0.2.0",
         ]);
-        assert!(notices(&given).is_empty());
+        assert!(notices(&given, &controller).is_empty());
+        // The public images of an earlier release: the upgrade asked for.
+        controller = at("ghcr.io/strait-dev");
+        let said = notices(&args(&[]), &controller);
+        assert!(said.is_empty(), "{said:?}");
     }
 
     /// An install edited by hand, or by a tool that splits flags from their

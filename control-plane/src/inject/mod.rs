@@ -359,6 +359,17 @@ impl Settings {
         s
     }
 
+    /// What to say when the mesh's proxy image is of an earlier release.
+    pub fn earlier_proxy(&self) -> Option<String> {
+        earlier_release(&self.proxy_image).then(|| {
+            format!(
+                "the proxy image {} is of an earlier release than this injector ({}): probes are left as written and apps' IPv6 connections unmeshed, as for a pod that names its own image; give this release's proxy image to have them",
+                self.proxy_image,
+                env!("CARGO_PKG_VERSION")
+            )
+        })
+    }
+
     /// Proxies reach the controller by its Service, named for its service
     /// account, in its namespace, and check that it presents that account's
     /// identity (said outright only where it is not the installed default's,
@@ -786,6 +797,9 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         None => s.proxy_image.clone(),
     };
 
+    // A proxy of another release, named by the pod or the mesh's of an
+    // earlier one, may be too old for what this release writes.
+    let older = annotation(PROXY_IMAGE).is_some() || earlier_release(&s.proxy_image);
     // The init container runs as root with NET_ADMIN: its image is always the
     // operator's, never one a pod's author names (the proxy's runs as the
     // proxy's user, with no capability, as any container of theirs could).
@@ -797,17 +811,17 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         skip_in.as_deref(),
         skip_out.as_deref(),
         skip_cidrs.as_deref(),
-        // A proxy the pod names may be too old to listen on IPv6 loopback:
-        // its app's IPv6 connections are left alone rather than refused.
-        annotation(PROXY_IMAGE).is_none(),
+        // An older proxy may not listen on IPv6 loopback: its app's IPv6
+        // connections are left alone rather than refused.
+        !older,
         resources.clone(),
     );
-    // An older proxy, named by the pod, would not answer a rewritten probe:
-    // its probes stay as written.
-    let (probe_ops, init_probe_ops, probed) = match annotation(PROXY_IMAGE) {
-        None => tcp_probes(spec),
+    // An older proxy would not answer a rewritten probe: its probes stay as
+    // written.
+    let (probe_ops, init_probe_ops, probed) = match older {
+        false => tcp_probes(spec),
         // Probes an earlier injection rewrote still need their ports listed.
-        Some(_) => (Vec::new(), Vec::new(), tcp_probes(spec).2),
+        true => (Vec::new(), Vec::new(), tcp_probes(spec).2),
     };
     let probed = (!probed.is_empty()).then(|| {
         let ports: Vec<String> = probed.iter().map(u16::to_string).collect();
@@ -1410,6 +1424,37 @@ fn quantity(v: &str) -> Option<i128> {
 }
 
 /// An image reference: no spaces or control characters, bounded.
+/// An image without its tag or digest: `registry.local/strait-proxy`.
+pub fn repository(image: &str) -> &str {
+    let name = image.split('@').next().unwrap_or(image);
+    match name.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => name,
+    }
+}
+
+/// The release an image's tag names (`v0.1.0`, `0.2.0-rc.1`): none for a
+/// digest, `latest` or a tag of the user's own.
+fn release_of(image: &str) -> Option<[u64; 3]> {
+    let name = image.split('@').next()?;
+    let tag = name.get(repository(name).len() + 1..)?;
+    let version = tag.strip_prefix('v').unwrap_or(tag);
+    let mut parts = version.split(['-', '+']).next()?.split('.');
+    let mut release = [0; 3];
+    for n in &mut release {
+        *n = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(release)
+}
+
+/// A proxy image of an earlier release than this injector's (a pinned
+/// `--proxy-image` kept across an upgrade, a CLI newer than the install):
+/// its proxy may not answer what this release writes into pods.
+fn earlier_release(image: &str) -> bool {
+    let ours = release_of(concat!(":", env!("CARGO_PKG_VERSION")));
+    matches!((release_of(image), ours), (Some(theirs), Some(ours)) if theirs < ours)
+}
+
 fn valid_image(v: &str) -> bool {
     !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_graphic())
 }

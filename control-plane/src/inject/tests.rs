@@ -1155,6 +1155,45 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
         pinned["spec"]["containers"][0]["readinessProbe"],
         json!({"tcpSocket": {"port": 5432}})
     );
+
+    // So is the mesh's own image when it is of an earlier release (pinned
+    // across an upgrade, a CLI newer than the install); this release's, a
+    // later one or a digest are not.
+    let probe_with = |image: &str| {
+        let mut s = settings();
+        s.proxy_image = image.into();
+        let mut p = pod(
+            json!({INJECT: "enabled"}),
+            json!({"containers": [{"name": "db", "image": "db",
+                   "readinessProbe": {"tcpSocket": {"port": 5432}}}]}),
+        );
+        let Outcome::Inject(patch) = inject(&p, Namespace::Enabled, &s).unwrap() else {
+            panic!("skipped")
+        };
+        json_patch::patch(&mut p, &patch).unwrap();
+        (
+            s.earlier_proxy(),
+            p["spec"]["containers"][0]["readinessProbe"].clone(),
+        )
+    };
+    let (said, probe) = probe_with("registry.local/strait-proxy:v0.0.9");
+    assert_eq!(probe, json!({"tcpSocket": {"port": 5432}}));
+    assert!(said.unwrap().contains("of an earlier release"));
+    for image in [
+        format!(
+            "registry.local:5000/strait-proxy:v{}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "registry.local/strait-proxy:v99.0.0-rc.1".into(),
+        "registry.local/strait-proxy@sha256:0123".into(),
+        "registry.local:5000/strait-proxy".into(),
+    ] {
+        let (said, probe) = probe_with(&image);
+        assert!(
+            probe.get("httpGet").is_some() && said.is_none(),
+            "{image}: {probe}"
+        );
+    }
 }
 
 /// The proxy's resources: defaults, or what the pod's annotations say; a

@@ -360,6 +360,9 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
     let proxy_image =
         (args.proxy_image.as_ref()).or(installed.as_ref().and_then(|i| i.proxy_image.as_ref()));
     let mut settings = Settings::new(anchors, &trust_domain, proxy_image.map(String::as_str));
+    if let Some(why) = settings.earlier_proxy() {
+        eprintln!("strait inject: {why}");
+    }
     // Installed elsewhere than the default: its controller's Service and
     // identity there, as its injector would set them.
     let port = crate::defaults::GRPC_ADDR
