@@ -185,6 +185,10 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         Ok(Some(d)) => crate::install::controller_flag(d, "--webhook-cert"),
         _ => None,
     };
+    let proxy_image = match &controller {
+        Ok(Some(d)) => crate::install::controller_flag(d, "--proxy-image"),
+        _ => None,
+    };
     say(match controller {
         Ok(Some(d)) => {
             let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -391,16 +395,19 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     let listed = each_listed(
         &Api::<Pod>::all(client),
         PODS_PAGE,
-        |(meshed, stale): &mut (MeshedPods, StaleAnchors), p| {
+        |(meshed, stale, other): &mut (MeshedPods, StaleAnchors, OtherProxies), p| {
             meshed.count(p);
             if let Some(b) = &bundle {
                 stale.count(p, b);
+            }
+            if let Some(want) = &proxy_image {
+                other.count(p, want);
             }
         },
     )
     .await;
     match listed {
-        Ok((meshed, stale)) => {
+        Ok((meshed, stale, other)) => {
             let mut l = meshed.line();
             // Labelled, and still none: the pods running then were not
             // restarted (injection happens only at a pod's creation).
@@ -416,6 +423,11 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             }
             say(l);
             if let Some(l) = stale.line() {
+                say(l);
+            }
+            if let Some(want) = &proxy_image
+                && let Some(l) = other.line(want)
+            {
                 say(l);
             }
             match &labelled {
@@ -628,6 +640,39 @@ impl StaleAnchors {
                 Verdict::Warn,
                 format!(
                     "{} meshed pod(s) hold other trust anchors than ConfigMap {ANCHORS_CONFIG_MAP} ({}): restart them before moving the issuer to a new anchor, or they lose their peers and the controller",
+                    self.0.count, self.0
+                ),
+            )
+        })
+    }
+}
+
+/// Meshed pods whose proxy is another image than the one the injector gives
+/// now: injected before an upgrade (or a move to another registry), they run
+/// the earlier proxy until they are restarted. A pod that names its own
+/// (`strait.dev/proxy-image`) keeps it on purpose.
+#[derive(Debug, Default)]
+struct OtherProxies(Named);
+
+impl OtherProxies {
+    fn count(&mut self, p: &Pod, want: &str) {
+        let pinned = (p.metadata.annotations.as_ref())
+            .is_some_and(|a| a.contains_key(crate::inject::PROXY_IMAGE));
+        if pinned || !should_run(p) {
+            return;
+        }
+        let image = proxy_container(p).and_then(|c| c.image.as_deref());
+        if let Some(image) = image.filter(|i| *i != want) {
+            self.0.push_with(p, Some(image.to_string()));
+        }
+    }
+
+    fn line(&self, want: &str) -> Option<Line> {
+        (self.0.count > 0).then(|| {
+            line(
+                Verdict::Warn,
+                format!(
+                    "{} meshed pod(s) run another proxy than the injector's {want} ({}): injected before an upgrade, a pod keeps its proxy until restarted (kubectl rollout restart)",
                     self.0.count, self.0
                 ),
             )
@@ -1477,6 +1522,45 @@ mod tests {
         let mut none = StaleAnchors::default();
         none.count(&given("both", &format!("{old}{new}"), "Running"), &bundle);
         assert!(none.line().is_none());
+    }
+
+    /// After an upgrade, the pods still running the earlier proxy are named,
+    /// but not those that name their own image or have finished.
+    #[test]
+    fn pods_running_an_earlier_proxy_are_named() {
+        let with = |name: &str, image: &str, phase: &str, pinned: bool| {
+            let mut p = pod(phase, true, false);
+            p.metadata.name = Some(name.into());
+            p.metadata.namespace = Some("shop".into());
+            if pinned {
+                p.metadata.annotations =
+                    Some([(crate::inject::PROXY_IMAGE.to_string(), image.to_string())].into());
+            }
+            p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0].image =
+                Some(image.into());
+            p
+        };
+        let (old, new) = ("r/strait-proxy:v0.0.9", "r/strait-proxy:v0.1.0");
+        let mut tally = OtherProxies::default();
+        for p in [
+            with("current", new, "Running", false),
+            with("earlier", old, "Running", false),
+            with("pinned", old, "Running", true),
+            with("done", old, "Succeeded", false),
+        ] {
+            tally.count(&p, new);
+        }
+        let l = tally.line(new).expect("one pod to restart");
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(
+            l.what.starts_with("1 meshed pod(s)")
+                && l.what.contains("shop/earlier (r/strait-proxy:v0.0.9)"),
+            "{}",
+            l.what
+        );
+        let mut none = OtherProxies::default();
+        none.count(&with("current", new, "Running", false), new);
+        assert!(none.line(new).is_none());
     }
 
     #[test]
