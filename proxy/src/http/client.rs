@@ -632,7 +632,13 @@ impl H2Client {
             .max_header_list_size(defaults::H2_MAX_HEADER_LIST_BYTES as u32)
             // A request body waiting on the peer's window holds this much
             // per stream, not hyper's 1 MiB (as the server's answers).
-            .max_send_buf_size(defaults::H2_MAX_SEND_BUF);
+            .max_send_buf_size(defaults::H2_MAX_SEND_BUF)
+            // Frames on a stream that ended here (a caller cancelled it while
+            // the upstream's were in flight) are each refused with a reset;
+            // h2's cap on those is for the connection's whole life, and past
+            // it the connection and all its streams go. The cap guards a
+            // server from being made to reset; to a client each costs a frame.
+            .max_local_error_reset_streams(None);
         // Until its SETTINGS arrive, a connection assumes the limit the others to
         // this upstream have seen (a peer proxy's is known): a burst that opened
         // it must not overshoot and have streams refused.
@@ -1226,6 +1232,70 @@ mod tests {
             assert_eq!(body.unwrap(), "done");
         }
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
+    }
+
+    /// Frames a peer sends on a stream that has ended for us (in flight when
+    /// a caller cancelled it) are each refused with a reset of h2's own,
+    /// which h2 counts for the connection's life and, past 1,024 by default,
+    /// ends the connection with GOAWAY and every stream on it: a peer shared
+    /// by all a pod's callers, with gRPC calls cancelled every second, would
+    /// be dropped again and again. Here each answer is followed by such a frame.
+    #[tokio::test]
+    async fn late_frames_on_ended_streams_do_not_end_the_connection() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    tcp.read_exact(&mut preface).await?;
+                    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                    loop {
+                        let mut head = [0u8; 9];
+                        tcp.read_exact(&mut head).await?;
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        tcp.read_exact(&mut vec![0; len]).await?;
+                        let (kind, flags, id) = (head[3], head[4], &head[5..9]);
+                        match kind {
+                            // SETTINGS, acknowledged.
+                            4 if flags & 1 == 0 => {
+                                tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?
+                            }
+                            // HEADERS: `:status 200` ending the stream, then
+                            // an empty DATA frame on it.
+                            1 => {
+                                let mut out = vec![0, 0, 1, 1, 5];
+                                out.extend_from_slice(id);
+                                out.push(0x88);
+                                out.extend_from_slice(&[0, 0, 0, 0, 0]);
+                                out.extend_from_slice(id);
+                                tcp.write_all(&out).await?;
+                            }
+                            _ => {}
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<_, std::io::Error>(())
+                });
+            }
+        });
+        let c = client(addr);
+        for i in 0..1100 {
+            let rsp = c.request(get()).await;
+            let rsp = rsp.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(rsp.status(), 200);
+            rsp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the connection was ended and another opened"
+        );
     }
 
     /// A peer proxy that stops answering without a reset (its node died, the
