@@ -462,11 +462,12 @@ impl Proxy {
             metrics,
             clients: ClientCache::new(config.connect_timeout, peer_tls.clone()),
             peer_tls,
-            drain,
+            drain: drain.clone(),
             tcp: TcpConfig {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.tcp_idle_timeout,
                 names: Default::default(),
+                drain: Some(drain),
             },
             http: ServerConfig::new(
                 config.http_header_read_timeout,

@@ -23,6 +23,9 @@ pub struct TcpConfig {
     pub idle_timeout: Duration,
     /// Names resolved lately, shared by every stack that connects.
     pub names: Names,
+    /// The proxy's shutdown: once it drains, a stream one of whose sides
+    /// has ended is closed rather than waited on.
+    pub drain: Option<crate::transport::drain::Drain>,
 }
 
 /// Connects to `dst` for an opaque stream; a failure is counted and logged.
@@ -179,7 +182,8 @@ where
         }),
     );
     // Metered on the client's side (both directions pass it); watched on both.
-    let upstream = Counted::new(upstream, None);
+    let mut upstream = Counted::new(upstream, None);
+    upstream.ends = Some(activity.clone());
     let mut sides = Sides {
         client,
         upstream,
@@ -220,16 +224,45 @@ where
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
-            // Cleanly, both at once: a peer proxy resets its app's side of
-            // a stream cut without a TLS close, and nothing failed here.
-            use tokio::io::AsyncWriteExt as _;
-            let closed = async { tokio::join!(client.shutdown(), upstream.shutdown()) };
-            let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
+            close_both(client, upstream).await;
+        }
+        // Shutting down, the app's side is over: the kubelet stops the proxy
+        // after its pod's app has exited, which ended each of the app's
+        // streams. The other side (an idle pooled client, waiting to be
+        // used) may not say it is done for minutes, and would hold the
+        // shutdown until its grace period ends.
+        _ = half_closed_while_draining(cfg.drain.as_ref(), &activity) => {
+            debug!(direction = direction.as_str(), %dst, "draining: a stream one side has ended, closed");
+            close_both(client, upstream).await;
         }
     }
     ended.down = client.written_here;
     sides.over = true;
     ended
+}
+
+/// Closes both sides cleanly, at once: a peer proxy resets its app's side of
+/// a stream cut without a TLS close, and nothing failed here.
+async fn close_both<I, U>(client: &mut Counted<I>, upstream: &mut Counted<U>)
+where
+    I: AsyncWrite + Unpin,
+    U: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
+    let closed = async { tokio::join!(client.shutdown(), upstream.shutdown()) };
+    let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
+}
+
+/// Resolves once the proxy drains and one of the stream's sides has ended;
+/// never without a drain.
+async fn half_closed_while_draining(drain: Option<&crate::transport::drain::Drain>, a: &Activity) {
+    match drain {
+        Some(d) => {
+            d.signaled().await;
+            a.half_closed().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Both sides of a stream while it is spliced. Dropped before its end (cut
@@ -250,11 +283,14 @@ impl<I: Abort, U: Abort> Drop for Sides<I, U> {
     }
 }
 
-/// When bytes last moved, in milliseconds since the stream started.
+/// When bytes last moved, in milliseconds since the stream started, and
+/// whether one side has ended.
 #[derive(Debug)]
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    half_closed: std::sync::atomic::AtomicBool,
+    ended: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -262,6 +298,25 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            half_closed: Default::default(),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A side's end was passed on to the other.
+    fn end(&self) {
+        self.half_closed.store(true, Ordering::Release);
+        self.ended.notify_waiters();
+    }
+
+    async fn half_closed(&self) {
+        loop {
+            // Made before the look: a notification between the two is kept.
+            let ended = self.ended.notified();
+            if self.half_closed.load(Ordering::Acquire) {
+                return;
+            }
+            ended.await;
         }
     }
 
@@ -295,6 +350,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: I,
         metered: Option<Metered>,
+        // Told when this side's write half is shut.
+        ends: Option<Arc<Activity>>,
         // This stream's bytes written to this side.
         written_here: u64,
         // Its write half shut down: its end was passed on.
@@ -306,9 +363,11 @@ pin_project_lite::pin_project! {
 
 impl<I> Counted<I> {
     fn new(inner: I, metered: Option<Metered>) -> Self {
+        let ends = metered.as_ref().map(|m| m.activity.clone());
         Counted {
             inner,
             metered,
+            ends,
             written_here: 0,
             shut: false,
             failed: None,
@@ -381,6 +440,9 @@ impl<I: AsyncWrite> AsyncWrite for Counted<I> {
         let res = noted(this.failed, this.inner.poll_shutdown(cx));
         if let std::task::Poll::Ready(Ok(())) = res {
             *this.shut = true;
+            if let Some(a) = this.ends {
+                a.end();
+            }
         }
         res
     }
@@ -413,6 +475,7 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             names: Names::with_resolver(Arc::new(move |_: &str, _| Ok(vec![closed, open_addr]))),
+            drain: None,
         };
         let db: DestAddr = "db.example:5432".parse().unwrap();
         for i in 0..4 {
@@ -427,6 +490,15 @@ mod tests {
         idle: Duration,
         stop: impl std::future::Future<Output = S> + Send + 'static,
     ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Spliced<S>>) {
+        spliced_with(idle, stop, None).await
+    }
+
+    /// As `spliced`, with the proxy's drain.
+    async fn spliced_with<S: Send + 'static>(
+        idle: Duration,
+        stop: impl std::future::Future<Output = S> + Send + 'static,
+        drain: Option<crate::transport::drain::Drain>,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Spliced<S>>) {
         let pair = async || {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -439,6 +511,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: idle,
             names: Default::default(),
+            drain,
         };
         let task = tokio::spawn(async move {
             let m = Metrics::new();
@@ -523,6 +596,34 @@ mod tests {
             !ends_cleanly(&mut client).await,
             "stopped: the client saw a clean end"
         );
+    }
+
+    /// Draining, a stream both of whose sides are open carries on; once one
+    /// side ends (the app, gone before its proxy is stopped), it is closed
+    /// at once, though the other (an idle pooled client) says nothing.
+    #[tokio::test]
+    async fn draining_closes_a_stream_once_one_side_has_ended() {
+        let (trigger, drain) = crate::transport::drain::channel();
+        let never = std::future::pending::<()>();
+        let (mut client, mut upstream, task) =
+            spliced_with(Duration::from_secs(60), never, Some(drain)).await;
+        trigger.drain();
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        upstream.read_exact(&mut got).await.unwrap();
+        upstream.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong", "draining, an open stream carries on");
+        upstream.shutdown().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(
+            ended
+                .expect("closed once a side ended")
+                .unwrap()
+                .upstream_failed
+                .is_none()
+        );
+        assert!(ends_cleanly(&mut client).await, "the client was reset");
     }
 
     #[tokio::test(start_paused = true)]

@@ -321,6 +321,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(10),
                 names: Default::default(),
+                drain: None,
             },
             Metrics::new(),
             drain,
