@@ -173,7 +173,7 @@ where
 {
     let labels = DirectionLabels { direction };
     let activity = Arc::new(Activity::new());
-    let client = Counted::new(
+    let mut client = Counted::new(
         client,
         Some(Metered {
             activity: activity.clone(),
@@ -183,7 +183,14 @@ where
     );
     // Metered on the client's side (both directions pass it); watched on both.
     let mut upstream = Counted::new(upstream, None);
-    upstream.ends = Some(activity.clone());
+    // A drain waits for the app's end (the app is gone by then), passed on
+    // through the other side's write half: the client's inbound, the
+    // upstream's outbound. The far side's end is the app's to answer.
+    let app_ends = match direction {
+        Direction::Inbound => &mut client.ends,
+        Direction::Outbound => &mut upstream.ends,
+    };
+    *app_ends = Some(activity.clone());
     let mut sides = Sides {
         client,
         upstream,
@@ -226,13 +233,13 @@ where
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
             close_both(client, upstream).await;
         }
-        // Shutting down, the app's side is over: the kubelet stops the proxy
-        // after its pod's app has exited, which ended each of the app's
-        // streams. The other side (an idle pooled client, waiting to be
-        // used) may not say it is done for minutes, and would hold the
+        // Shutting down, once the app's side is over: the kubelet stops the
+        // proxy after its pod's app has exited, which ended each of the
+        // app's streams. The other side (an idle pooled client, waiting to
+        // be used) may not say it is done for minutes, and would hold the
         // shutdown until its grace period ends.
-        _ = half_closed_while_draining(cfg.drain.as_ref(), &activity) => {
-            debug!(direction = direction.as_str(), %dst, "draining: a stream one side has ended, closed");
+        _ = app_ended_while_draining(cfg.drain.as_ref(), &activity) => {
+            debug!(direction = direction.as_str(), %dst, "draining: a stream its app has ended, closed");
             close_both(client, upstream).await;
         }
     }
@@ -253,13 +260,13 @@ where
     let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
 }
 
-/// Resolves once the proxy drains and one of the stream's sides has ended;
-/// never without a drain.
-async fn half_closed_while_draining(drain: Option<&crate::transport::drain::Drain>, a: &Activity) {
+/// Resolves once the proxy drains and the app's side of the stream has
+/// ended; never without a drain.
+async fn app_ended_while_draining(drain: Option<&crate::transport::drain::Drain>, a: &Activity) {
     match drain {
         Some(d) => {
             d.signaled().await;
-            a.half_closed().await;
+            a.app_ended().await;
         }
         None => std::future::pending().await,
     }
@@ -284,12 +291,12 @@ impl<I: Abort, U: Abort> Drop for Sides<I, U> {
 }
 
 /// When bytes last moved, in milliseconds since the stream started, and
-/// whether one side has ended.
+/// whether the app's side has ended.
 #[derive(Debug)]
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
-    half_closed: std::sync::atomic::AtomicBool,
+    app_ended: std::sync::atomic::AtomicBool,
     ended: tokio::sync::Notify,
 }
 
@@ -298,22 +305,22 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
-            half_closed: Default::default(),
+            app_ended: Default::default(),
             ended: tokio::sync::Notify::new(),
         }
     }
 
-    /// A side's end was passed on to the other.
+    /// The app's end was passed on to the other side.
     fn end(&self) {
-        self.half_closed.store(true, Ordering::Release);
+        self.app_ended.store(true, Ordering::Release);
         self.ended.notify_waiters();
     }
 
-    async fn half_closed(&self) {
+    async fn app_ended(&self) {
         loop {
             // Made before the look: a notification between the two is kept.
             let ended = self.ended.notified();
-            if self.half_closed.load(Ordering::Acquire) {
+            if self.app_ended.load(Ordering::Acquire) {
                 return;
             }
             ended.await;
@@ -350,7 +357,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: I,
         metered: Option<Metered>,
-        // Told when this side's write half is shut.
+        // Told when this side's write half is shut (the app's end passed on).
         ends: Option<Arc<Activity>>,
         // This stream's bytes written to this side.
         written_here: u64,
@@ -363,11 +370,10 @@ pin_project_lite::pin_project! {
 
 impl<I> Counted<I> {
     fn new(inner: I, metered: Option<Metered>) -> Self {
-        let ends = metered.as_ref().map(|m| m.activity.clone());
         Counted {
             inner,
             metered,
-            ends,
+            ends: None,
             written_here: 0,
             shut: false,
             failed: None,
@@ -598,32 +604,35 @@ mod tests {
         );
     }
 
-    /// Draining, a stream both of whose sides are open carries on; once one
-    /// side ends (the app, gone before its proxy is stopped), it is closed
-    /// at once, though the other (an idle pooled client) says nothing.
+    /// Draining, a stream carries on while its app's side is open, the far
+    /// side's end passed on; once the app's side ends (the app, gone before
+    /// its proxy is stopped), it is closed at once, though the far side (an
+    /// idle pooled client, inbound) says nothing. Outbound here: the app is
+    /// the client.
     #[tokio::test]
-    async fn draining_closes_a_stream_once_one_side_has_ended() {
+    async fn draining_closes_a_stream_once_its_app_has_ended() {
         let (trigger, drain) = crate::transport::drain::channel();
         let never = std::future::pending::<()>();
-        let (mut client, mut upstream, task) =
+        let (mut app, mut far, task) =
             spliced_with(Duration::from_secs(60), never, Some(drain)).await;
         trigger.drain();
-        client.write_all(b"ping").await.unwrap();
+        far.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.unwrap();
+        app.write_all(b"more").await.unwrap();
         let mut got = [0u8; 4];
-        upstream.read_exact(&mut got).await.unwrap();
-        upstream.write_all(b"pong").await.unwrap();
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"pong", "draining, an open stream carries on");
-        upstream.shutdown().await.unwrap();
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"more", "draining, the app's side carries on");
+        app.shutdown().await.unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
         assert!(
             ended
-                .expect("closed once a side ended")
+                .expect("closed once the app ended")
                 .unwrap()
                 .upstream_failed
                 .is_none()
         );
-        assert!(ends_cleanly(&mut client).await, "the client was reset");
+        assert!(ends_cleanly(&mut far).await, "the far side was reset");
     }
 
     #[tokio::test(start_paused = true)]
