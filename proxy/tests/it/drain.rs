@@ -110,3 +110,47 @@ async fn an_opaque_stream_cut_at_the_end_of_the_grace_period_is_reset() {
     assert_eq!(upstream.bytes, b"ping");
     assert!(upstream.reset, "the upstream read a clean end");
 }
+
+/// Shutting down, a stream whose app has ended its side is closed at once
+/// rather than held for the grace period while the far side says nothing:
+/// a pod's proxy is stopped after its app has exited, and an idle pooled
+/// connection of a client may stay silent for minutes. Here the app is the
+/// client (an outbound stream); the far server reads the end and keeps its
+/// side open.
+#[tokio::test]
+async fn draining_does_not_wait_on_a_stream_its_app_has_ended() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let far = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let far_addr = far.local_addr().unwrap();
+    let (read_end, got_end) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = far.accept().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        let _ = read_end.send(all);
+        // Silent, its side open, as long as the test runs.
+        std::future::pending::<()>().await;
+        drop(s);
+    });
+    let mut c = support::with_upstream(support::config(), far_addr);
+    c.opaque_ports = far_addr.port().to_string().parse().unwrap();
+    c.shutdown_grace_period = Duration::from_secs(30);
+    let proxy = support::start(c).await;
+    let mut app = tokio::net::TcpStream::connect(proxy.upstream())
+        .await
+        .unwrap();
+    app.write_all(b"bye").await.unwrap();
+    app.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), got_end).await;
+    assert_eq!(
+        got.expect("the app's end reached the far side").unwrap(),
+        b"bye"
+    );
+
+    proxy.shutdown();
+    let clean = tokio::time::timeout(Duration::from_secs(5), proxy.join())
+        .await
+        .expect("the proxy stops well within its grace period");
+    assert!(clean, "a stream was cut at the end of the grace period");
+}
