@@ -662,7 +662,7 @@ impl OtherProxies {
             return;
         }
         let image = proxy_container(p).and_then(|c| c.image.as_deref());
-        if let Some(image) = image.filter(|i| *i != want) {
+        if let Some(image) = image.filter(|i| !same_image(i, want)) {
             self.0.push_with(p, Some(image.to_string()));
         }
     }
@@ -672,11 +672,21 @@ impl OtherProxies {
             line(
                 Verdict::Warn,
                 format!(
-                    "{} meshed pod(s) run another proxy than the injector's {want} ({}): injected before an upgrade, a pod keeps its proxy until restarted (kubectl rollout restart)",
+                    "{} meshed pod(s) run another proxy than the injector's {want} ({}): injected before an upgrade, a pod keeps its proxy until restarted (kubectl rollout restart; manifests `strait inject` wrote, injected again first)",
                     self.0.count, self.0
                 ),
             )
         })
+    }
+}
+
+/// The same image, but for a digest one side has pinned it by (a policy
+/// engine's admission adds one to the tag it was given).
+fn same_image(a: &str, b: &str) -> bool {
+    match (a.split_once('@'), b.split_once('@')) {
+        (Some(_), Some(_)) | (None, None) => a == b,
+        (Some((a, _)), None) => a == b,
+        (None, Some((b, _))) => a == b,
     }
 }
 
@@ -1560,7 +1570,9 @@ mod tests {
         );
         let mut none = OtherProxies::default();
         none.count(&with("current", new, "Running", false), new);
-        assert!(none.line(new).is_none());
+        let digested = format!("{new}@sha256:ab");
+        none.count(&with("digested", &digested, "Running", false), new);
+        assert!(none.line(new).is_none(), "{:?}", none.line(new));
     }
 
     #[test]

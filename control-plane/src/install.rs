@@ -609,10 +609,11 @@ impl InstallArgs {
         .into_iter()
         .filter(|(_, _, given, _, _)| given.is_none())
         .filter_map(|(what, flag, _, installed, applied)| {
-            // This release's images in place of another's from the same
-            // repository: the upgrade asked for, nothing to say.
+            // This release's images in place of another's tag of the same
+            // repository: the upgrade asked for, nothing to say. One pinned
+            // by digest is named: the pin goes.
             let installed = installed.filter(|i| {
-                crate::inject::repository(i) != crate::inject::repository(applied)
+                i.contains('@') || crate::inject::repository(i) != crate::inject::repository(applied)
             })?;
             // Pinning the installed image would keep an earlier release's
             // proxy under this release's injector: its tag from the
@@ -1312,6 +1313,22 @@ mod tests {
         controller = at("ghcr.io/strait-dev");
         let said = notices(&args(&[]), &controller);
         assert!(said.is_empty(), "{said:?}");
+        // Pinned by digest: the pin would go unsaid.
+        let pinned = |flag: &str| {
+            let mut c = controller.clone();
+            let spec = c.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+            spec.containers[0].args = Some(vec![
+                "--trust-domain=cluster.local".into(),
+                format!("--proxy-image={flag}"),
+            ]);
+            c
+        };
+        let c = pinned("ghcr.io/strait-dev/strait-proxy:v0.0.9@sha256:ab");
+        let said = notices(&args(&[]), &c);
+        assert!(
+            said.len() == 1 && said[0].contains("strait-proxy:v0.0.9@sha256:ab is replaced"),
+            "{said:?}"
+        );
     }
 
     /// An install edited by hand, or by a tool that splits flags from their

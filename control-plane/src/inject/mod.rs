@@ -363,9 +363,9 @@ impl Settings {
     pub fn earlier_proxy(&self) -> Option<String> {
         earlier_release(&self.proxy_image).then(|| {
             format!(
-                "the proxy image {} is of an earlier release than this injector ({}): probes are left as written and apps' IPv6 connections unmeshed, as for a pod that names its own image; give this release's proxy image to have them",
+                "the proxy image {} is of a release before {}, whose proxy does not answer the probes this injector rewrites nor listen on IPv6 loopback: probes are left as written and apps' IPv6 connections unmeshed, as for a pod that names its own image; give this release's proxy image to have them",
                 self.proxy_image,
-                env!("CARGO_PKG_VERSION")
+                SERVES_WHAT_IS_WRITTEN_SINCE.map(|n| n.to_string()).join(".")
             )
         })
     }
@@ -1423,7 +1423,6 @@ fn quantity(v: &str) -> Option<i128> {
     scaled(v, (1_000_000_000, 1))
 }
 
-/// An image reference: no spaces or control characters, bounded.
 /// An image without its tag or digest: `registry.local/strait-proxy`.
 pub fn repository(image: &str) -> &str {
     let name = image.split('@').next().unwrap_or(image);
@@ -1447,14 +1446,19 @@ fn release_of(image: &str) -> Option<[u64; 3]> {
     parts.next().is_none().then_some(release)
 }
 
-/// A proxy image of an earlier release than this injector's (a pinned
-/// `--proxy-image` kept across an upgrade, a CLI newer than the install):
-/// its proxy may not answer what this release writes into pods.
+/// The first release whose proxy serves all the injector writes into a pod
+/// for it: the probes it rewrites (`/probe/tcp`), IPv6 loopback. A release
+/// that adds to that list moves this to itself.
+const SERVES_WHAT_IS_WRITTEN_SINCE: [u64; 3] = [0, 1, 0];
+
+/// A proxy image of an earlier release than `SERVES_WHAT_IS_WRITTEN_SINCE`
+/// (a pinned `--proxy-image` kept across an upgrade, a CLI newer than the
+/// install): its proxy would not answer what the injector writes.
 fn earlier_release(image: &str) -> bool {
-    let ours = release_of(concat!(":", env!("CARGO_PKG_VERSION")));
-    matches!((release_of(image), ours), (Some(theirs), Some(ours)) if theirs < ours)
+    release_of(image).is_some_and(|r| r < SERVES_WHAT_IS_WRITTEN_SINCE)
 }
 
+/// An image reference: no spaces or control characters, bounded.
 fn valid_image(v: &str) -> bool {
     !v.is_empty() && v.len() <= 512 && v.bytes().all(|b| b.is_ascii_graphic())
 }

@@ -1178,7 +1178,7 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
     };
     let (said, probe) = probe_with("registry.local/strait-proxy:v0.0.9");
     assert_eq!(probe, json!({"tcpSocket": {"port": 5432}}));
-    assert!(said.unwrap().contains("of an earlier release"));
+    assert!(said.unwrap().contains("of a release before 0.1.0"));
     for image in [
         format!(
             "registry.local:5000/strait-proxy:v{}",
