@@ -231,16 +231,24 @@ where
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
             info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
-            close_both(client, upstream).await;
+            // Cleanly, both at once: a peer proxy resets its app's side of
+            // a stream cut without a TLS close, and nothing failed here.
+            use tokio::io::AsyncWriteExt as _;
+            let closed = async { tokio::join!(client.shutdown(), upstream.shutdown()) };
+            let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
         }
-        // Shutting down, once the app's side is over: the kubelet stops the
-        // proxy after its pod's app has exited, which ended each of the
-        // app's streams. The other side (an idle pooled client, waiting to
-        // be used) may not say it is done for minutes, and would hold the
-        // shutdown until its grace period ends.
+        // Shutting down, once the app's side is over and nothing has moved
+        // for a moment: the kubelet stops the proxy after its pod's app has
+        // exited, which ended each of the app's streams. The other side (an
+        // idle pooled client, waiting to be used) may not say it is done for
+        // minutes, and would hold the shutdown until its grace period ends.
+        // An answer still coming to an app that half-closed keeps it going.
+        // Reset, as a stream cut at the grace period's end: what was passed
+        // on is whole, what was not must not read as a clean end.
         _ = app_ended_while_draining(cfg.drain.as_ref(), &activity) => {
-            debug!(direction = direction.as_str(), %dst, "draining: a stream its app has ended, closed");
-            close_both(client, upstream).await;
+            debug!(direction = direction.as_str(), %dst, "draining: a stream its app has ended, quiet since, reset");
+            client.inner.abort();
+            upstream.inner.abort();
         }
     }
     ended.down = client.written_here;
@@ -248,25 +256,19 @@ where
     ended
 }
 
-/// Closes both sides cleanly, at once: a peer proxy resets its app's side of
-/// a stream cut without a TLS close, and nothing failed here.
-async fn close_both<I, U>(client: &mut Counted<I>, upstream: &mut Counted<U>)
-where
-    I: AsyncWrite + Unpin,
-    U: AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt as _;
-    let closed = async { tokio::join!(client.shutdown(), upstream.shutdown()) };
-    let _ = tokio::time::timeout(CLOSE_WITHIN, closed).await;
-}
+/// How long a stream whose app has ended may go quiet, draining, before it
+/// is cut.
+const QUIET_AFTER_APP_END: Duration = Duration::from_secs(1);
 
-/// Resolves once the proxy drains and the app's side of the stream has
-/// ended; never without a drain.
+/// Resolves once the proxy drains, the app's side of the stream has ended
+/// and nothing has moved since for `QUIET_AFTER_APP_END`; never without a
+/// drain.
 async fn app_ended_while_draining(drain: Option<&crate::transport::drain::Drain>, a: &Activity) {
     match drain {
         Some(d) => {
             d.signaled().await;
             a.app_ended().await;
+            a.idle_for(QUIET_AFTER_APP_END).await;
         }
         None => std::future::pending().await,
     }
@@ -606,11 +608,11 @@ mod tests {
 
     /// Draining, a stream carries on while its app's side is open, the far
     /// side's end passed on; once the app's side ends (the app, gone before
-    /// its proxy is stopped), it is closed at once, though the far side (an
-    /// idle pooled client, inbound) says nothing. Outbound here: the app is
-    /// the client.
+    /// its proxy is stopped) and nothing moves for a moment, it is cut,
+    /// though the far side (an idle pooled client, inbound) says nothing.
+    /// Outbound here: the app is the client.
     #[tokio::test]
-    async fn draining_closes_a_stream_once_its_app_has_ended() {
+    async fn draining_cuts_a_stream_once_its_app_has_ended() {
         let (trigger, drain) = crate::transport::drain::channel();
         let never = std::future::pending::<()>();
         let (mut app, mut far, task) =
@@ -627,12 +629,41 @@ mod tests {
         let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
         assert!(
             ended
-                .expect("closed once the app ended")
+                .expect("cut once the app ended")
                 .unwrap()
                 .upstream_failed
                 .is_none()
         );
-        assert!(ends_cleanly(&mut far).await, "the far side was reset");
+    }
+
+    /// An app that half-closes and waits for its answer gets it whole while
+    /// the proxy drains: the far side's answer, 200 ms in coming, keeps the
+    /// stream.
+    #[tokio::test]
+    async fn draining_leaves_an_answer_on_its_way_to_the_app() {
+        let (trigger, drain) = crate::transport::drain::channel();
+        let never = std::future::pending::<()>();
+        let (mut app, mut far, task) =
+            spliced_with(Duration::from_secs(60), never, Some(drain)).await;
+        trigger.drain();
+        app.write_all(b"ask").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut asked = Vec::new();
+        far.read_to_end(&mut asked).await.unwrap();
+        assert_eq!(asked, b"ask");
+        // The far side's time to answer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        far.write_all(&[7u8; 65536]).await.unwrap();
+        far.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        app.read_to_end(&mut answer)
+            .await
+            .expect("the answer, not a reset");
+        assert_eq!(answer.len(), 65536);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ended with both sides")
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
