@@ -49,6 +49,19 @@ enum PeerMode {
     ForwardProxy,
 }
 
+/// The cap on resets h2 makes itself over a connection's life. A peer proxy
+/// (its identity verified) carries all its pod's callers for days: none. A
+/// plaintext upstream keeps h2's, so that one that sends frames on old
+/// streams and reads nothing cannot pile up the resets queued for it.
+fn local_error_resets(tls: &PeerMode) -> Option<usize> {
+    match tls {
+        PeerMode::Mtls(..) => None,
+        PeerMode::Plain | PeerMode::ForwardProxy => {
+            Some(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        }
+    }
+}
+
 /// A connection to an upstream: plaintext, or mTLS to a peer proxy; or
 /// plaintext to an HTTP forward proxy (Squid, an egress proxy), to which
 /// requests go in absolute form (`GET http://host/path`), as the app sent
@@ -633,12 +646,14 @@ impl H2Client {
             // A request body waiting on the peer's window holds this much
             // per stream, not hyper's 1 MiB (as the server's answers).
             .max_send_buf_size(defaults::H2_MAX_SEND_BUF)
-            // Frames on a stream that ended here (a caller cancelled it while
-            // the upstream's were in flight) are each refused with a reset;
-            // h2's cap on those is for the connection's whole life, and past
-            // it the connection and all its streams go. The cap guards a
-            // server from being made to reset; to a client each costs a frame.
-            .max_local_error_reset_streams(None);
+            // Frames on a stream a caller cancelled, in flight as it did, are
+            // ignored while h2 remembers the stream, and each refused with a
+            // reset of h2's own once it has forgotten it; h2 caps those for
+            // the connection's whole life, and past the cap the connection
+            // and all its streams go. Remembered as many as may be open,
+            // legitimate late frames are not refused.
+            .max_concurrent_reset_streams(defaults::H2_MAX_CONCURRENT_STREAMS as usize)
+            .max_local_error_reset_streams(local_error_resets(&self.inner.connector.tls));
         // Until its SETTINGS arrive, a connection assumes the limit the others to
         // this upstream have seen (a peer proxy's is known): a burst that opened
         // it must not overshoot and have streams refused.
@@ -1234,14 +1249,14 @@ mod tests {
         assert_eq!(c.streams(), vec![0, 0, 0], "every stream is given back");
     }
 
-    /// Frames a peer sends on a stream that has ended for us (in flight when
-    /// a caller cancelled it) are each refused with a reset of h2's own,
-    /// which h2 counts for the connection's life and, past 1,024 by default,
-    /// ends the connection with GOAWAY and every stream on it: a peer shared
-    /// by all a pod's callers, with gRPC calls cancelled every second, would
-    /// be dropped again and again. Here each answer is followed by such a frame.
+    /// Frames an upstream sends on a stream a caller cancelled, in flight
+    /// as it did, are not refused with resets of h2's own while h2 remembers
+    /// the stream (1,000 a second here, 50 by default), and a plaintext
+    /// upstream's connection is ended past 1,024 of those in its life, with
+    /// every stream on it. Here each of 1,100 cancelled streams, a hundred
+    /// at a time, gets such a frame.
     #[tokio::test]
-    async fn late_frames_on_ended_streams_do_not_end_the_connection() {
+    async fn late_frames_on_cancelled_streams_do_not_end_the_connection() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1254,28 +1269,31 @@ mod tests {
                 tokio::spawn(async move {
                     let mut preface = [0u8; 24];
                     tcp.read_exact(&mut preface).await?;
-                    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                    // SETTINGS: 1,000 streams at once.
+                    tcp.write_all(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 3, 0xe8])
+                        .await?;
                     loop {
                         let mut head = [0u8; 9];
                         tcp.read_exact(&mut head).await?;
                         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
                         tcp.read_exact(&mut vec![0; len]).await?;
                         let (kind, flags, id) = (head[3], head[4], &head[5..9]);
+                        let frame = |kind: u8, flags: u8, payload: &[u8]| {
+                            let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                            f.extend_from_slice(&[kind, flags]);
+                            f.extend_from_slice(id);
+                            f.extend_from_slice(payload);
+                            f
+                        };
                         match kind {
                             // SETTINGS, acknowledged.
                             4 if flags & 1 == 0 => {
                                 tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?
                             }
-                            // HEADERS: `:status 200` ending the stream, then
-                            // an empty DATA frame on it.
-                            1 => {
-                                let mut out = vec![0, 0, 1, 1, 5];
-                                out.extend_from_slice(id);
-                                out.push(0x88);
-                                out.extend_from_slice(&[0, 0, 0, 0, 0]);
-                                out.extend_from_slice(id);
-                                tcp.write_all(&out).await?;
-                            }
+                            // HEADERS: `:status 200`, a body to come.
+                            1 => tcp.write_all(&frame(1, 4, &[0x88])).await?,
+                            // RST_STREAM: a DATA frame that was on its way.
+                            3 => tcp.write_all(&frame(0, 0, b"late")).await?,
                             _ => {}
                         }
                     }
@@ -1285,16 +1303,40 @@ mod tests {
             }
         });
         let c = client(addr);
-        for i in 0..1100 {
-            let rsp = c.request(get()).await;
-            let rsp = rsp.unwrap_or_else(|e| panic!("request {i}: {e}"));
-            assert_eq!(rsp.status(), 200);
-            rsp.into_body().collect().await.unwrap();
+        // The server's stream limit known before the bursts.
+        drop(c.request(get()).await.unwrap());
+        for round in 0..11 {
+            let heads = (0..100).map(|_| c.request(get()));
+            let answers = futures_util::future::join_all(heads).await;
+            for (i, rsp) in answers.into_iter().enumerate() {
+                let rsp = rsp.unwrap_or_else(|e| panic!("round {round}, request {i}: {e}"));
+                assert_eq!(rsp.status(), 200);
+            }
+            // Dropped unread: each stream cancelled.
         }
+        let rsp = c
+            .request(get())
+            .await
+            .expect("the connection still answers");
+        assert_eq!(rsp.status(), 200);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
             "the connection was ended and another opened"
+        );
+    }
+
+    /// A peer proxy's connections have no cap on the resets h2 makes; a
+    /// plaintext upstream's keep h2's.
+    #[test]
+    fn only_a_verified_peer_s_connection_has_no_cap_on_resets() {
+        assert_eq!(
+            local_error_resets(&PeerMode::Plain),
+            Some(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        );
+        assert_eq!(
+            local_error_resets(&PeerMode::ForwardProxy),
+            Some(defaults::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
         );
     }
 
