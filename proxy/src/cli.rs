@@ -181,6 +181,20 @@ pub struct Config {
     #[arg(long, env = "STRAIT_PROXY_MAX_DISCOVERY_WATCHES", default_value_t = defaults::MAX_DISCOVERY_WATCHES)]
     pub max_discovery_watches: usize,
 
+    /// Networks whose addresses discovery is asked about (comma-separated
+    /// CIDRs); a connection to an address outside them passes through at
+    /// once, unmeshed. Link-local addresses never are asked about. Add a
+    /// cluster's pod or Service range that is outside the default.
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_DISCOVERY_NETWORKS",
+        value_delimiter = ',',
+        value_name = "CIDR",
+        default_value = defaults::DISCOVERY_NETWORKS
+    )]
+    #[serde(serialize_with = "ser_display_vec")]
+    pub discovery_networks: Vec<crate::addr::IpNet>,
+
     /// Inbound connections one address may hold at once until they prove a
     /// mesh identity; a verified peer's are not counted. Default: a quarter of
     /// --max-connections.

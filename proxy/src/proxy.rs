@@ -446,6 +446,7 @@ impl Proxy {
                 metrics.discovery_lag.clone(),
                 metrics.control_unreachable.clone(),
                 config.max_discovery_watches,
+                config.discovery_networks.clone(),
             )
         });
         let own =

@@ -28,6 +28,10 @@ pub const SKIP_OUTBOUND_PORTS: &str = "strait.dev/skip-outbound-ports";
 pub const SKIP_OUTBOUND_CIDRS: &str = "strait.dev/skip-outbound-cidrs";
 /// At most this many networks in `SKIP_OUTBOUND_CIDRS`: each is a rule.
 const MAX_SKIP_CIDRS: usize = 64;
+/// Networks whose addresses the proxy asks discovery about
+/// (`--discovery-networks`): a cluster's pod or Service range outside the
+/// private ones.
+pub const DISCOVERY_NETWORKS: &str = "strait.dev/discovery-networks";
 pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
 /// The proxy's TCP connect timeout to upstreams (`--connect-timeout`): an app
 /// calling far-away or slow-accepting servers (the internet, across regions)
@@ -672,6 +676,15 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 })
         })
         .transpose()?;
+    let discovery_networks = annotation(DISCOVERY_NETWORKS)
+        .map(|v| {
+            cidrs(v).ok_or(InjectError::Annotation {
+                name: DISCOVERY_NETWORKS,
+                value: v.to_string(),
+                why: "is not a list of at most 64 IPv4 or IPv6 networks, host bits zero (e.g. 10.0.0.0/8,100.64.0.0/10,::/0)",
+            })
+        })
+        .transpose()?;
     let log_level = annotation(PROXY_LOG_LEVEL)
         .map(|v| {
             valid_log_level(v)
@@ -685,6 +698,9 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         .transpose()?;
     let resources = proxy_resources(&annotation, &s.proxy_resources)?;
     let mut more_env = telemetry_env(pod, &annotation, &s.telemetry)?;
+    if let Some(networks) = discovery_networks {
+        more_env.push(json!({"name": "STRAIT_PROXY_DISCOVERY_NETWORKS", "value": networks}));
+    }
     use std::time::Duration;
     // A connect timeout more than nothing, and not so long that a dead
     // upstream holds its callers for good; idle timeouts of a second at

@@ -371,6 +371,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
                    PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
                    PROXY_MAX_DISCOVERY_WATCHES: "1500",
                    SKIP_OUTBOUND_CIDRS: "169.254.169.254, 10.0.0.0/8, fd00:10:96::/112",
+                   DISCOVERY_NETWORKS: "10.0.0.0/8, 34.118.224.0/20",
                    PROXY_IMAGE: "registry.local/strait-proxy:dev"}),
             json!({"initContainers": [{"name": "migrate", "image": "m"}],
                    "volumes": [{"name": "data", "emptyDir": {}}],
@@ -394,6 +395,10 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(
         env(proxy, "STRAIT_PROXY_CONNECT_TIMEOUT").unwrap()["value"],
         "5s"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_DISCOVERY_NETWORKS").unwrap()["value"],
+        "10.0.0.0/8,34.118.224.0/20"
     );
     assert_eq!(
         env(proxy, "STRAIT_PROXY_TCP_IDLE_TIMEOUT").unwrap()["value"],
@@ -608,6 +613,7 @@ fn bad_annotations_are_named_in_the_error() {
         (SKIP_OUTBOUND_CIDRS, "10.0.0.0/33"),
         (SKIP_OUTBOUND_CIDRS, "fd00::1/64"),
         (SKIP_OUTBOUND_CIDRS, "10.1.2.3/16"),
+        (DISCOVERY_NETWORKS, "10.0.0.0/8,cluster"),
         (INJECT, "yes"),
         (PROXY_OTLP_ENDPOINT, "collector:4317"),
         (PROXY_OTLP_ENDPOINT, "https://collector:4317"),

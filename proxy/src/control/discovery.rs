@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{AuthedChannel, Link};
+use crate::addr::IpNet;
 use tracing::{debug, info, warn};
 
 use super::Workload;
@@ -140,6 +141,9 @@ pub struct Discovery {
     /// Destinations watched at once, and answers remembered
     /// (`--max-discovery-watches`).
     max_watches: usize,
+    /// Where the addresses discovery is asked about are
+    /// (`--discovery-networks`); every one when empty.
+    networks: Vec<IpNet>,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -177,13 +181,14 @@ impl Discovery {
         lag: prometheus_client::metrics::histogram::Histogram,
         unreachable: prometheus_client::metrics::gauge::Gauge,
         max_watches: usize,
+        networks: Vec<IpNet>,
     ) -> Arc<Self> {
         Self::remembering_for(
             link,
             workload,
             (lag, unreachable),
             MAX_REMEMBERED_AGE_MS,
-            max_watches,
+            (max_watches, networks),
         )
     }
 
@@ -195,7 +200,7 @@ impl Discovery {
             prometheus_client::metrics::gauge::Gauge,
         ),
         remembered_for_ms: u64,
-        max_watches: usize,
+        (max_watches, networks): (usize, Vec<IpNet>),
     ) -> Arc<Self> {
         let d = Arc::new(Discovery {
             lag,
@@ -210,6 +215,7 @@ impl Discovery {
             }),
             remembered_for_ms,
             max_watches: max_watches.max(1),
+            networks,
         });
         tokio::spawn(Self::sweep(Arc::downgrade(&d)));
         d
@@ -309,7 +315,25 @@ impl Discovery {
         })
     }
 
+    /// Whether discovery is asked about `dest`: a name always; an address in
+    /// the networks given, never a link-local one (a cloud's metadata
+    /// service, which a client asks with a short timeout).
+    fn asks_about(&self, dest: &DestAddr) -> bool {
+        let DestAddr::Socket(a) = dest else {
+            return true;
+        };
+        let ip = a.ip().to_canonical();
+        let link_local = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        !link_local && (self.networks.is_empty() || self.networks.iter().any(|n| n.contains(ip)))
+    }
+
     fn watch(&self, dest: &DestAddr) -> Option<WatchHandle> {
+        if !self.asks_about(dest) {
+            return None;
+        }
         let now = self.now_ms();
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(w) = watches.get(dest) {
@@ -771,6 +795,14 @@ mod tests {
     }
 
     async fn discovery_with(svc: impl Serve, for_ms: u64, max_watches: usize) -> Arc<Discovery> {
+        discovery_in(svc, for_ms, (max_watches, Vec::new())).await
+    }
+
+    async fn discovery_in(
+        svc: impl Serve,
+        for_ms: u64,
+        watches_and_networks: (usize, Vec<IpNet>),
+    ) -> Arc<Discovery> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
@@ -791,7 +823,7 @@ mod tests {
             workload,
             (lag, Default::default()),
             for_ms,
-            max_watches,
+            watches_and_networks,
         )
     }
 
@@ -820,6 +852,38 @@ mod tests {
             }
             assert_eq!(d.watched(), watched, "cap {cap}");
         }
+    }
+
+    /// Discovery is asked about addresses in `--discovery-networks` only,
+    /// and never a link-local one: a connection to the internet or a
+    /// cloud's metadata service passes through at once, whatever the
+    /// controller's state, and takes no watch. Names always are.
+    #[tokio::test]
+    async fn only_addresses_in_the_discovery_networks_are_asked_about() {
+        let networks = ["10.0.0.0/8", "::/0"].map(|n| n.parse().unwrap()).to_vec();
+        let d = discovery_in(Large(1), MAX_REMEMBERED_AGE_MS, (1000, networks)).await;
+        let asked = |dest: &str| {
+            let d = d.clone();
+            let dest: DestAddr = dest.parse().unwrap();
+            async move { d.resolve(&dest, Duration::from_secs(10)).await.is_some() }
+        };
+        for outside in [
+            "8.8.8.8:443",
+            "169.254.169.254:80",
+            "[fe80::1]:80",
+            "[::ffff:8.8.4.4]:443",
+        ] {
+            assert!(!asked(outside).await, "{outside}");
+        }
+        assert_eq!(d.watched(), 0);
+        for inside in [
+            "10.96.0.1:80",
+            "[2600:1f14::1]:443",
+            "web.shop.svc.cluster.local:80",
+        ] {
+            assert!(asked(inside).await, "{inside}");
+        }
+        assert_eq!(d.watched(), 3);
     }
 
     #[tokio::test]

@@ -5,10 +5,9 @@
 //! `PREROUTING` and `OUTPUT`. Declaring a chain in restore input empties it, so
 //! applying twice leaves one set of rules; the jumps are added only when absent.
 
-use std::fmt::{self, Write as _};
-use std::net::IpAddr;
-use std::str::FromStr;
+use std::fmt::Write as _;
 
+pub use crate::addr::IpNet;
 use crate::addr::PortSet;
 
 pub const INBOUND_CHAIN: &str = "STRAIT_INBOUND";
@@ -202,70 +201,6 @@ fn ranges(ports: &PortSet) -> Vec<String> {
         });
     }
     out
-}
-
-/// An IPv4 or IPv6 network, "10.0.0.0/8" or "fd00::/8" (a bare address is
-/// a /32 or /128). Host bits must be zero, so a typo cannot silently skip a
-/// different network than meant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    pub fn is_ipv4(&self) -> bool {
-        self.addr.is_ipv4()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("invalid CIDR {0:?}: {1}")]
-pub struct CidrError(String, &'static str);
-
-impl FromStr for IpNet {
-    type Err = CidrError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why| CidrError(s.to_string(), why);
-        let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| bad("not an IP address (ADDR/PREFIX)"))?;
-        let bits: u8 = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = match prefix {
-            None => bits,
-            Some(p) => p.parse().ok().filter(|p| *p <= bits).ok_or_else(|| {
-                bad(if addr.is_ipv4() {
-                    "the prefix length is 0-32"
-                } else {
-                    "the prefix length is 0-128"
-                })
-            })?,
-        };
-        let value = match addr {
-            IpAddr::V4(a) => u128::from(u32::from(a)),
-            IpAddr::V6(a) => u128::from(a),
-        };
-        // The low `bits - prefix` bits: the host's part of the address.
-        let host_bits = u128::MAX
-            .checked_shr(128 - u32::from(bits - prefix))
-            .unwrap_or(0);
-        if value & host_bits != 0 {
-            return Err(bad("host bits are set"));
-        }
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl fmt::Display for IpNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
 }
 
 #[cfg(test)]
