@@ -252,15 +252,14 @@ pub const DISCOVERY_FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// own failed call would come too late to end it, queued behind every other
 /// watch's reconnect.
 pub const DISCOVERY_WAIT_WHILE_UNREACHABLE: Duration = Duration::from_millis(500);
-/// Addresses discovery is asked about (`--discovery-networks`): where
-/// clusters put pods and Services (the private IPv4 ranges, the shared
-/// address space some use, all of IPv6, whose pod ranges are often public),
-/// and loopback (`--upstream` to a local address; a pod's own loopback is
-/// never redirected). A connection to an address outside them (the
-/// internet, a cloud API) passes through at once, as Linkerd's
-/// `clusterNetworks` have it, rather than waiting on the controller.
-pub const DISCOVERY_NETWORKS: &str =
-    "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,::/0";
+/// Addresses discovery is asked about (`--discovery-networks`): every one
+/// (but link-local ones) unless narrowed to a cluster's pod and Service
+/// ranges, after which a connection to any other address (the internet, a
+/// cloud API) passes through at once, as Linkerd's `clusterNetworks` have
+/// it. Not narrowed by default: clusters put pods and Services outside the
+/// private ranges too (GKE's default Service range is 34.118.224.0/20), and
+/// a meshed Service's address not asked about would lose its mTLS.
+pub const DISCOVERY_NETWORKS: &str = "0.0.0.0/0,::/0";
 /// Destinations watched at once; beyond this the least recently used is dropped.
 /// A pod rarely talks to more than a few hundred Services; the cap bounds memory
 /// and the controller's streams against a flood of made-up names.
