@@ -37,9 +37,6 @@ pub struct ServerConfig {
     /// past 1,000 would have stopped every other call on it. The network's
     /// clients keep the bound.
     h2_app: http2::Builder<TokioExecutor>,
-    /// Towards a peer proxy, its identity verified: without h2's lifetime
-    /// cap on the resets h2 makes itself, as the app's.
-    h2_peer: http2::Builder<TokioExecutor>,
 }
 
 impl ServerConfig {
@@ -71,17 +68,7 @@ impl ServerConfig {
             // small gRPC messages in flight at once.
             .initial_connection_window_size(defaults::H2_CONNECTION_WINDOW)
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW);
-        // h2 refuses each frame on a stream it has forgotten (one that ended
-        // here while the caller's frames were in flight: a call answered
-        // before its body was read, a stream shed) with a reset of its own,
-        // and past 1,024 over a connection's life ends the connection and
-        // every stream on it. The cap guards against clients that make a
-        // server reset on purpose (CVE-2025-8671), which a plaintext one may
-        // be; a peer proxy's connection carries all its pod's callers, for
-        // days, and the app is the pod's own.
-        let mut h2_peer = h2.clone();
-        h2_peer.max_local_error_reset_streams(None);
-        let mut h2_app = h2_peer.clone();
+        let mut h2_app = h2.clone();
         h2_app.max_concurrent_streams(u32::try_from(app_streams).unwrap_or(u32::MAX));
         ServerConfig {
             header_read_timeout,
@@ -90,7 +77,6 @@ impl ServerConfig {
             h1,
             h2,
             h2_app,
-            h2_peer,
         }
     }
 }
@@ -222,10 +208,9 @@ pub async fn serve_http2<I, S, B>(
     // makes no progress for the body timeout ends the connection.
     let io = strait_api::write_deadline::WriteDeadline::new(io, cfg.body_read_timeout);
     // Each poll's writes leave together (transport::coalesce).
-    let h2 = match (meta.direction, &meta.peer) {
-        (Direction::Outbound, _) => &cfg.h2_app,
-        (Direction::Inbound, Some(_)) => &cfg.h2_peer,
-        (Direction::Inbound, None) => &cfg.h2,
+    let h2 = match meta.direction {
+        Direction::Outbound => &cfg.h2_app,
+        Direction::Inbound => &cfg.h2,
     };
     let conn = FlushAfterPoll::new(h2.serve_connection(
         TokioIo::new(Coalesced::new(io)),
@@ -354,99 +339,6 @@ mod tests {
             largest <= 2 * defaults::HTTP1_MAX_BUF_BYTES,
             "a chunk of {largest} bytes"
         );
-    }
-
-    /// Frames a caller sends on a stream that has ended here (answered
-    /// before its body was read) are ignored while h2 remembers the stream
-    /// (50 at most), and past that each is refused with a reset of h2's own,
-    /// capped at 1,024 for a connection's life: a peer proxy's connection,
-    /// shared by its pod's callers, is not ended for them; a plaintext
-    /// client's still is.
-    #[tokio::test]
-    async fn late_frames_end_a_plaintext_client_s_connection_only() {
-        /// Reads frames until `want` HEADERS have come; false at a GOAWAY or
-        /// the connection's end.
-        async fn answers(client: &mut tokio::io::DuplexStream, want: usize) -> bool {
-            let mut answered = 0;
-            while answered < want {
-                let mut head = [0u8; 9];
-                if client.read_exact(&mut head).await.is_err() {
-                    return false;
-                }
-                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                if client.read_exact(&mut vec![0; len]).await.is_err() {
-                    return false;
-                }
-                match head[3] {
-                    7 => return false,
-                    4 if head[4] & 1 == 0 => {
-                        let _ = client.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
-                    }
-                    1 => answered += 1,
-                    _ => {}
-                }
-            }
-            true
-        }
-        /// Whether the connection still answers after 1,250 frames on
-        /// streams h2 no longer remembers.
-        async fn still_answers(peer: Option<crate::identity::Identity>) -> bool {
-            let (mut client, server) = tokio::io::duplex(1 << 16);
-            let (cfg, mut meta, (_trigger, drain)) = setup();
-            meta.peer = peer;
-            let svc = tower::service_fn(|_: Request<Incoming>| async {
-                Ok::<_, Infallible>(Response::new(super::super::empty()))
-            });
-            let state = Arc::new(ConnState::default());
-            tokio::spawn(async move {
-                serve_http2(server, svc, state, &cfg, &meta, &drain).await;
-            });
-            client
-                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                .await
-                .unwrap();
-            client
-                .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
-                .await
-                .unwrap();
-            // HEADERS (`:method GET`, `:scheme http`, `:path /`), a body
-            // still to come unless `end`.
-            let headers = |id: u32, end: bool| {
-                let mut f = vec![0, 0, 3, 1, if end { 5 } else { 4 }];
-                f.extend_from_slice(&id.to_be_bytes());
-                f.extend_from_slice(&[0x82, 0x86, 0x84]);
-                f
-            };
-            let mut next = 1u32;
-            for _ in 0..25 {
-                let ids: Vec<u32> = (0..100).map(|i| next + 2 * i).collect();
-                next += 200;
-                for id in &ids {
-                    if client.write_all(&headers(*id, false)).await.is_err() {
-                        return false;
-                    }
-                }
-                if !answers(&mut client, ids.len()).await {
-                    return false;
-                }
-                // An empty DATA frame on each of the first 50, answered and
-                // reset, and forgotten behind the 50 after them.
-                for id in &ids[..50] {
-                    let mut f = vec![0, 0, 0, 0, 0];
-                    f.extend_from_slice(&id.to_be_bytes());
-                    if client.write_all(&f).await.is_err() {
-                        return false;
-                    }
-                }
-            }
-            client.write_all(&headers(next, true)).await.is_ok() && answers(&mut client, 1).await
-        }
-        let peer = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        assert!(
-            still_answers(Some(peer)).await,
-            "a peer's connection was ended"
-        );
-        assert!(!still_answers(None).await, "a plaintext client's was not");
     }
 
     /// A client that sends part of the HTTP/2 preface and then nothing holds
