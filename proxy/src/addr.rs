@@ -285,14 +285,21 @@ impl IpNet {
         self.addr.is_ipv4()
     }
 
-    /// `ip` is in this network (an IPv4-mapped IPv6 address as its IPv4 one).
+    /// `ip` is in this network (an IPv4-mapped IPv6 address, or network, as
+    /// its IPv4 one).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let bits = |a: IpAddr| match a {
             IpAddr::V4(a) => (u128::from(u32::from(a)), 32u32),
             IpAddr::V6(a) => (u128::from(a), 128),
         };
-        let ((net, width), (ip, ip_width)) = (bits(self.addr), bits(ip.to_canonical()));
-        let host = width - u32::from(self.prefix);
+        let (addr, prefix) = match self.addr {
+            IpAddr::V6(a) if self.prefix >= 96 && a.to_ipv4_mapped().is_some() => {
+                (self.addr.to_canonical(), self.prefix - 96)
+            }
+            _ => (self.addr, self.prefix),
+        };
+        let ((net, width), (ip, ip_width)) = (bits(addr), bits(ip.to_canonical()));
+        let host = width - u32::from(prefix);
         width == ip_width && net.checked_shr(host).unwrap_or(0) == ip.checked_shr(host).unwrap_or(0)
     }
 }
@@ -365,6 +372,10 @@ mod tests {
         assert!(!net("192.168.1.7").contains(ip("192.168.1.8")));
         assert!(
             net("fd00::/8").contains(ip("fdab::1")) && !net("fd00::/8").contains(ip("fe80::1"))
+        );
+        assert!(
+            net("::ffff:10.0.0.0/104").contains(ip("10.9.9.9")),
+            "a mapped network"
         );
     }
 

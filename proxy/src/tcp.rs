@@ -243,12 +243,17 @@ where
         // idle pooled client, waiting to be used) may not say it is done for
         // minutes, and would hold the shutdown until its grace period ends.
         // An answer still coming to an app that half-closed keeps it going.
-        // Reset, as a stream cut at the grace period's end: what was passed
-        // on is whole, what was not must not read as a clean end.
+        // The side still open is reset, as at the grace period's end (what
+        // it sent was not all taken); the one the app's end was passed to
+        // keeps it, and what the kernel has still to deliver of it.
         _ = app_ended_while_draining(cfg.drain.as_ref(), &activity) => {
-            debug!(direction = direction.as_str(), %dst, "draining: a stream its app has ended, quiet since, reset");
-            client.inner.abort();
-            upstream.inner.abort();
+            debug!(direction = direction.as_str(), %dst, "draining: a stream its app has ended, quiet since, cut");
+            if !client.shut {
+                client.inner.abort();
+            }
+            if !upstream.shut {
+                upstream.inner.abort();
+            }
         }
     }
     ended.down = client.written_here;
@@ -312,8 +317,10 @@ impl Activity {
         }
     }
 
-    /// The app's end was passed on to the other side.
+    /// The app's end was passed on to the other side: the quiet a drain
+    /// waits for counts from here.
     fn end(&self) {
+        self.touch();
         self.app_ended.store(true, Ordering::Release);
         self.ended.notify_waiters();
     }
