@@ -310,7 +310,14 @@ impl Encoder {
 
 /// The collector's `TraceService`, sent requests already encoded.
 #[derive(Clone, Debug)]
-pub(crate) struct Collector(tonic::client::Grpc<tonic::transport::Channel>);
+pub(crate) struct Collector(
+    tonic::client::Grpc<tonic::transport::Channel>,
+    /// Each export's `traceparent`: a trace not sampled. A proxy the export
+    /// passes (a meshed collector's sidecar) follows its callers' decisions,
+    /// and would otherwise start a trace of each export, and export that,
+    /// and so on for ever.
+    tonic::metadata::AsciiMetadataValue,
+);
 
 impl Collector {
     /// Connects when first used, and again after a failure.
@@ -320,7 +327,13 @@ impl Collector {
             .connect_timeout(timeout)
             .timeout(timeout)
             .connect_lazy();
-        Ok(Collector(tonic::client::Grpc::new(channel)))
+        let untraced = format!(
+            "00-{}-{}-00",
+            crate::export::new_trace_id(),
+            crate::export::new_span_id()
+        );
+        let untraced = untraced.parse().map_err(|_| "a traceparent".to_string())?;
+        Ok(Collector(tonic::client::Grpc::new(channel), untraced))
     }
 
     pub async fn export(&self, body: Bytes) -> Result<ExportTraceServiceResponse, tonic::Status> {
@@ -331,7 +344,9 @@ impl Collector {
         let path = http::uri::PathAndQuery::from_static(
             "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         );
-        grpc.unary(tonic::Request::new(body), path, Encoded)
+        let mut req = tonic::Request::new(body);
+        req.metadata_mut().insert("traceparent", self.1.clone());
+        grpc.unary(req, path, Encoded)
             .await
             .map(tonic::Response::into_inner)
     }

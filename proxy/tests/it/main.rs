@@ -11,3 +11,4 @@ mod http1;
 mod inbound;
 mod support;
 mod tcp;
+mod trace;
