@@ -491,6 +491,7 @@ mod tests {
                 skip_inbound: Vec::new(),
                 opaque: Vec::new(),
                 node: None,
+                host_ports: Vec::new(),
             },
         );
         (snap, pod)

@@ -279,6 +279,7 @@ mod tests {
             skip_inbound: Vec::new(),
             opaque: Vec::new(),
             node: None,
+            host_ports: Vec::new(),
         };
         let policy = |name: &str, spec: serde_json::Value| {
             crate::authz::parse(&serde_json::json!({
@@ -384,6 +385,7 @@ spec:
                 skip_inbound: Vec::new(),
                 opaque: Vec::new(),
                 node: None,
+                host_ports: Vec::new(),
             },
         );
         assert!(snap.slices.is_empty());
@@ -468,6 +470,7 @@ spec:
                 skip_inbound: Vec::new(),
                 opaque: Vec::new(),
                 node: None,
+                host_ports: Vec::new(),
             },
         );
         tx.send_replace(Arc::new(snap.clone()));

@@ -10,7 +10,7 @@ pub mod wire;
 use std::collections::{BTreeMap, BTreeSet};
 
 use imbl::{HashMap, OrdMap, OrdSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod, PodSpec, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -121,6 +121,10 @@ pub struct PodInfo {
     /// The node it runs on (`spec.nodeName`), once scheduled: whose zone its
     /// proxy's requests prefer when a Service asks for topology-aware routing.
     pub node: Option<String>,
+    /// Its node's addresses and `hostPort`s that lead to its container ports
+    /// (a node-local agent's, a broker advertising its node's address),
+    /// while it runs.
+    pub host_ports: Vec<(SocketAddr, u16)>,
 }
 
 /// Everything the controller knows at one moment.
@@ -138,6 +142,8 @@ pub struct Snapshot {
     /// The pods at each address: one, but for a moment two while an address
     /// passes from a pod that ended to a new one.
     pub by_pod_ip: HashMap<IpAddr, OrdSet<ObjKey>>,
+    /// The pods behind each node address and `hostPort`, as `by_pod_ip`.
+    pub by_host_port: HashMap<SocketAddr, OrdSet<ObjKey>>,
     /// Service-account tokens (local mode), by digest: the service account each
     /// proves. Only digests are kept, so the tokens themselves are not in memory.
     pub tokens: HashMap<TokenDigest, ObjKey>,
@@ -202,6 +208,7 @@ impl Snapshot {
             slices: HashMap::new(),
             pods: HashMap::new(),
             by_pod_ip: HashMap::new(),
+            by_host_port: HashMap::new(),
             tokens: HashMap::new(),
             authorizations: OrdMap::new(),
             routes: HashMap::new(),
@@ -637,6 +644,7 @@ impl SnapshotBuilder {
                 skip_inbound: ranges(crate::inject::SKIP_INBOUND_PORTS),
                 opaque: ranges(crate::inject::OPAQUE_PORTS),
                 node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                host_ports: host_ports(pod),
             },
         ))
     }
@@ -694,6 +702,45 @@ impl PodInfo {
                 .iter()
                 .any(|(lo, hi)| (*lo..=*hi).contains(&port))
     }
+}
+
+/// Where on its node a running pod's TCP container ports are published
+/// (`hostPort`, at the port's `hostIP` or every node address): Kubernetes
+/// gives a node address and port to one pod at a time.
+fn host_ports(pod: &Pod) -> Vec<(SocketAddr, u16)> {
+    let (Some(spec), Some(status)) = (pod.spec.as_ref(), pod.status.as_ref()) else {
+        return Vec::new();
+    };
+    if own_ips(pod).is_empty() {
+        return Vec::new();
+    }
+    let node_ips: Vec<IpAddr> = (status.host_ips.iter().flatten().map(|i| i.ip.as_str()))
+        .chain(status.host_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let mut out: Vec<(SocketAddr, u16)> = Vec::new();
+    let ports = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten());
+    for p in ports.filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP") {
+        let (Some(host), Ok(container)) = (p.host_port, u16::try_from(p.container_port)) else {
+            continue;
+        };
+        let Ok(host) = u16::try_from(host) else {
+            continue;
+        };
+        let bound: Option<IpAddr> = p.host_ip.as_deref().and_then(|ip| ip.parse().ok());
+        for ip in node_ips
+            .iter()
+            .filter(|ip| bound.is_none_or(|b| b.is_unspecified() || b == **ip))
+        {
+            out.push((SocketAddr::new(*ip, host), container));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// A pod's own addresses, while it runs.
@@ -882,6 +929,12 @@ impl Snapshot {
         for ip in &info.ips {
             self.by_pod_ip.entry(*ip).or_default().insert(key.clone());
         }
+        for (at, _) in &info.host_ports {
+            self.by_host_port
+                .entry(*at)
+                .or_default()
+                .insert(key.clone());
+        }
         self.pods.insert(key, info);
     }
 
@@ -905,6 +958,28 @@ impl Snapshot {
                 }
             }
         }
+        for (at, _) in &old.host_ports {
+            if let Some(keys) = self.by_host_port.get_mut(at) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_host_port.remove(at);
+                }
+            }
+        }
+    }
+
+    /// The pod a node address and `hostPort` lead to, with the pod's address
+    /// (of the node address's family) and container port there; unless
+    /// none or more than one claims it.
+    pub fn pod_at_host_port(&self, at: SocketAddr) -> Option<(&ObjKey, &PodInfo, SocketAddr)> {
+        let keys = self.by_host_port.get(&at).filter(|k| k.len() == 1)?;
+        let (key, pod) = keys
+            .iter()
+            .next()
+            .and_then(|k| self.pods.get_key_value(k))?;
+        let (_, port) = pod.host_ports.iter().find(|(a, _)| *a == at)?;
+        let ip = (pod.ips.iter().find(|ip| ip.is_ipv4() == at.is_ipv4())).or(pod.ips.first())?;
+        Some((key, pod, SocketAddr::new(*ip, *port)))
     }
 
     /// The pod at `ip`, unless none or more than one claims it.

@@ -547,11 +547,16 @@ fn endpoint(
 /// client chose where to go. Not meshed when no pod, or more than one, holds
 /// the address, its pod has no proxy, or the port is not the app's through
 /// the proxy (the proxy's own ports, ports it skips).
+///
+/// A node's address at a pod's `hostPort` is that pod's address at the
+/// container port, as Linkerd has it: the client's proxy calls the pod's
+/// proxy, with mTLS, rather than the node in plaintext.
 fn pod_view(snap: &Snapshot, addr: SocketAddr) -> api::DestinationUpdate {
-    let Some((key, pod)) = snap
-        .pod_at(addr.ip())
-        .filter(|(_, p)| p.proxied_port(addr.port()))
-    else {
+    let at = match snap.pod_at(addr.ip()) {
+        Some((key, pod)) => Some((key, pod, addr)),
+        None => snap.pod_at_host_port(addr),
+    };
+    let Some((key, pod, addr)) = at.filter(|(_, p, a)| p.proxied_port(a.port())) else {
         return not_meshed();
     };
     // Named for the pods' service account, not the pod: the name labels the
@@ -1605,6 +1610,37 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
         let db1 = service(&s, &at("10.1.0.5"));
         assert_eq!(db1.backends[0].endpoints[0].proxy_port, 4143, "db-1's now");
     }
+
+    /// A node's address at a meshed pod's `hostPort` (a node-local agent, a
+    /// broker advertising its node's address) is that pod at its container
+    /// port, over mTLS with its identity; not once the pod has ended, nor at
+    /// a port it does not publish, nor for a UDP one.
+    #[test]
+    fn a_node_address_at_a_pods_host_port_is_that_pod() {
+        let pod = |name: &str, phase: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: obs, annotations: {{strait.dev/inbound-port: \"4143\"}}}}\nspec: {{serviceAccountName: agent, containers: [{{name: agent, image: a, ports: [{{containerPort: 4317, hostPort: 14317}}, {{containerPort: 8125, hostPort: 8125, protocol: UDP}}, {{containerPort: 9090}}]}}]}}\nstatus: {{phase: {phase}, hostIP: 10.0.0.9, hostIPs: [{{ip: 10.0.0.9}}], podIP: 10.1.0.5, podIPs: [{{ip: 10.1.0.5}}]}}\n"
+            )
+        };
+        let at = |a: &str| DestKey::ClusterIp(a.parse().unwrap());
+        let s = snapshot(&pod("agent-x", "Running"));
+        let v = service(&s, &at("10.0.0.9:14317"));
+        let [b] = v.backends.as_slice() else {
+            panic!("{v:?}")
+        };
+        assert_eq!(addrs(b), ["10.1.0.5:4317"]);
+        assert_eq!(b.endpoints[0].proxy_port, 4143);
+        assert_eq!(
+            b.endpoints[0].identity.as_ref().unwrap().spiffe_id,
+            "spiffe://cluster.local/ns/obs/sa/agent"
+        );
+        for other in ["10.0.0.9:8125", "10.0.0.9:9090", "10.0.0.8:14317"] {
+            assert_eq!(view(&s, &at(other), None), not_meshed(), "{other}");
+        }
+        let s = snapshot(&pod("agent-x", "Succeeded"));
+        assert_eq!(view(&s, &at("10.0.0.9:14317"), None), not_meshed());
+    }
+
     /// A Service with topology-aware routing: a caller gets the endpoints
     /// hinted for its zone, under kube-proxy's conditions, and every
     /// endpoint whenever those do not hold.
