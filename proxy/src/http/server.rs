@@ -70,6 +70,14 @@ impl ServerConfig {
             .initial_stream_window_size(defaults::H2_STREAM_WINDOW);
         let mut h2_app = h2.clone();
         h2_app.max_concurrent_streams(u32::try_from(app_streams).unwrap_or(u32::MAX));
+        // h2 refuses each frame on a stream it has forgotten (one answered
+        // here before its body was read: an open breaker's 503, a timeout
+        // during an upload) with a reset of its own, remembering 50 streams
+        // for a second, and past 1,024 such resets over a connection's life
+        // ends it with every stream on it. The cap guards against network
+        // clients that make a server reset on purpose (CVE-2025-8671); the
+        // app is the pod's own, and its one connection carries all its calls.
+        h2_app.max_local_error_reset_streams(None);
         ServerConfig {
             header_read_timeout,
             body_read_timeout,
@@ -338,6 +346,101 @@ mod tests {
         assert!(
             largest <= 2 * defaults::HTTP1_MAX_BUF_BYTES,
             "a chunk of {largest} bytes"
+        );
+    }
+
+    /// Frames a caller sends on a stream that has ended here (answered
+    /// before its body was read) are ignored while h2 remembers the stream
+    /// (50 at most, for a second), and past that each is refused with a
+    /// reset of h2's own, capped at 1,024 for a connection's life: the app's
+    /// connection, carrying all its calls, is not ended for them; a network
+    /// client's still is.
+    #[tokio::test]
+    async fn late_frames_end_a_network_client_s_connection_only() {
+        /// Reads frames until `want` HEADERS have come; false at a GOAWAY or
+        /// the connection's end.
+        async fn answers(client: &mut tokio::io::DuplexStream, want: usize) -> bool {
+            let mut answered = 0;
+            while answered < want {
+                let mut head = [0u8; 9];
+                if client.read_exact(&mut head).await.is_err() {
+                    return false;
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                if client.read_exact(&mut vec![0; len]).await.is_err() {
+                    return false;
+                }
+                match head[3] {
+                    7 => return false,
+                    4 if head[4] & 1 == 0 => {
+                        let _ = client.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
+                    }
+                    1 => answered += 1,
+                    _ => {}
+                }
+            }
+            true
+        }
+        /// Whether the connection still answers after 1,250 frames on
+        /// streams h2 no longer remembers.
+        async fn still_answers(direction: Direction) -> bool {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let (cfg, mut meta, (_trigger, drain)) = setup();
+            meta.direction = direction;
+            let svc = tower::service_fn(|_: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(super::super::empty()))
+            });
+            let state = Arc::new(ConnState::default());
+            tokio::spawn(async move {
+                serve_http2(server, svc, state, &cfg, &meta, &drain).await;
+            });
+            client
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            client
+                .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            // HEADERS (`:method GET`, `:scheme http`, `:path /`), a body
+            // still to come unless `end`.
+            let headers = |id: u32, end: bool| {
+                let mut f = vec![0, 0, 3, 1, if end { 5 } else { 4 }];
+                f.extend_from_slice(&id.to_be_bytes());
+                f.extend_from_slice(&[0x82, 0x86, 0x84]);
+                f
+            };
+            let mut next = 1u32;
+            for _ in 0..25 {
+                let ids: Vec<u32> = (0..100).map(|i| next + 2 * i).collect();
+                next += 200;
+                for id in &ids {
+                    if client.write_all(&headers(*id, false)).await.is_err() {
+                        return false;
+                    }
+                }
+                if !answers(&mut client, ids.len()).await {
+                    return false;
+                }
+                // An empty DATA frame on each, answered and reset: 50 at
+                // most are remembered.
+                for id in &ids {
+                    let mut f = vec![0, 0, 0, 0, 0];
+                    f.extend_from_slice(&id.to_be_bytes());
+                    if client.write_all(&f).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+            client.write_all(&headers(next, true)).await.is_ok() && answers(&mut client, 1).await
+        }
+        assert!(
+            still_answers(Direction::Outbound).await,
+            "the app's connection was ended"
+        );
+        assert!(
+            !still_answers(Direction::Inbound).await,
+            "a network client's was not"
         );
     }
 
