@@ -310,14 +310,7 @@ impl Encoder {
 
 /// The collector's `TraceService`, sent requests already encoded.
 #[derive(Clone, Debug)]
-pub(crate) struct Collector(
-    tonic::client::Grpc<tonic::transport::Channel>,
-    /// Each export's `traceparent`: a trace not sampled. A proxy the export
-    /// passes (a meshed collector's sidecar) follows its callers' decisions,
-    /// and would otherwise start a trace of each export, and export that,
-    /// and so on for ever.
-    tonic::metadata::AsciiMetadataValue,
-);
+pub(crate) struct Collector(tonic::client::Grpc<tonic::transport::Channel>);
 
 impl Collector {
     /// Connects when first used, and again after a failure.
@@ -327,13 +320,7 @@ impl Collector {
             .connect_timeout(timeout)
             .timeout(timeout)
             .connect_lazy();
-        let untraced = format!(
-            "00-{}-{}-00",
-            crate::export::new_trace_id(),
-            crate::export::new_span_id()
-        );
-        let untraced = untraced.parse().map_err(|_| "a traceparent".to_string())?;
-        Ok(Collector(tonic::client::Grpc::new(channel), untraced))
+        Ok(Collector(tonic::client::Grpc::new(channel)))
     }
 
     pub async fn export(&self, body: Bytes) -> Result<ExportTraceServiceResponse, tonic::Status> {
@@ -345,7 +332,18 @@ impl Collector {
             "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         );
         let mut req = tonic::Request::new(body);
-        req.metadata_mut().insert("traceparent", self.1.clone());
+        // A trace not sampled, its own for each export. A proxy the export
+        // passes (a meshed collector's sidecar) follows its callers'
+        // decisions, and would otherwise start a trace of each export, and
+        // export that, and so on for ever.
+        let untraced = format!(
+            "00-{}-{}-00",
+            crate::export::new_trace_id(),
+            crate::export::new_span_id()
+        );
+        if let Ok(v) = untraced.parse() {
+            req.metadata_mut().insert("traceparent", v);
+        }
         grpc.unary(req, path, Encoded)
             .await
             .map(tonic::Response::into_inner)
