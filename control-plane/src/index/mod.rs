@@ -743,6 +743,20 @@ fn host_ports(pod: &Pod) -> Vec<(SocketAddr, u16)> {
     out
 }
 
+/// Takes `key` from `index`'s entry at `at`, and the entry once empty.
+fn unindex<K: std::hash::Hash + Eq + Clone>(
+    index: &mut HashMap<K, OrdSet<ObjKey>>,
+    at: &K,
+    key: &ObjKey,
+) {
+    if let Some(keys) = index.get_mut(at) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(at);
+        }
+    }
+}
+
 /// A pod's own addresses, while it runs.
 fn own_ips(pod: &Pod) -> Vec<IpAddr> {
     let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
@@ -951,20 +965,10 @@ impl Snapshot {
             return;
         };
         for ip in &old.ips {
-            if let Some(keys) = self.by_pod_ip.get_mut(ip) {
-                keys.remove(key);
-                if keys.is_empty() {
-                    self.by_pod_ip.remove(ip);
-                }
-            }
+            unindex(&mut self.by_pod_ip, ip, key);
         }
         for (at, _) in &old.host_ports {
-            if let Some(keys) = self.by_host_port.get_mut(at) {
-                keys.remove(key);
-                if keys.is_empty() {
-                    self.by_host_port.remove(at);
-                }
-            }
+            unindex(&mut self.by_host_port, at, key);
         }
     }
 
