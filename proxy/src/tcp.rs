@@ -23,8 +23,8 @@ pub struct TcpConfig {
     pub idle_timeout: Duration,
     /// Names resolved lately, shared by every stack that connects.
     pub names: Names,
-    /// The proxy's shutdown: once it drains, a stream one of whose sides
-    /// has ended is closed rather than waited on.
+    /// The proxy's shutdown: once it drains, a stream whose app has ended
+    /// its side is cut after a quiet moment rather than waited on.
     pub drain: Option<crate::transport::drain::Drain>,
 }
 
