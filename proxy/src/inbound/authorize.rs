@@ -181,6 +181,11 @@ where
             return Either::Left(ready(Ok(rsp)));
         }
         l.count(&decision);
+        if matches!(decision, Ok(super::policy::Admitted::Probe))
+            && let Some(n) = crate::telemetry::trace::notes(&req)
+        {
+            n.with(|n| n.probe = true);
+        }
         let admitted = match decision {
             Ok(a) => a,
             Err(denied) => {

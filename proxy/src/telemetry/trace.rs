@@ -98,6 +98,9 @@ pub struct Notes {
     pub retries: u32,
     /// Each retry as it was sent, for the span's events (the first few).
     pub retried_at: Vec<Retried>,
+    /// The kubelet's probe, let in in plaintext: no span (a root trace every
+    /// probe period of every pod would crowd out the app's), but a log line.
+    pub probe: bool,
 }
 
 /// A retry: when it was sent, and what the attempt before it met (which a
@@ -342,7 +345,7 @@ impl Pending {
                 grpc_code,
             ));
         }
-        if let (Some(t), Some(started)) = (&self.observe.tracer, span) {
+        if let (Some(t), Some(started)) = (&self.observe.tracer, span.filter(|_| !notes.probe)) {
             let end = started.at + self.start.elapsed();
             t.record(ProxySpan {
                 started,

@@ -356,6 +356,59 @@ async fn strict_refuses_plaintext_and_the_allow_list_picks_identities() {
     .await;
 }
 
+/// The kubelet's probes start no trace: a root span every probe period of
+/// every pod, at the default sampling, would crowd out the app's. Other
+/// plaintext requests still do.
+#[tokio::test]
+async fn the_kubelets_probes_are_not_traced() {
+    use strait_tests::otlp::{Mode, OtlpCollector};
+    let collector = OtlpCollector::start(Mode::Accept).await;
+    let otlp = format!("--otlp-endpoint={}", collector.endpoint());
+    let pki = Pki::new();
+    let anchors = pki.anchors();
+    let m = Mesh::start_web_args(pki, anchors, "web", None, &[&otlp, "--trace-sampling=1"]).await;
+    let app_port = m.backend.addr.port();
+    m.dir.write(
+        "pod-web.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {app_port}}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}\n",
+            m.web.inbound.port()
+        ),
+    );
+    // Probes until one is let in as a probe (the route known): those
+    // before it were ordinary requests, and traced.
+    let admitted = || {
+        metric_where(
+            m.web.admin,
+            "strait_proxy_inbound_authorizations_total",
+            &["decision=\"probe\""],
+        )
+    };
+    let mut before = 0;
+    wait::until("the probe route", Duration::from_secs(5), || {
+        before += 1;
+        async {
+            m.plaintext_to("GET", "/healthz").await;
+            admitted().await > 0.0
+        }
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(m.plaintext_to("GET", "/healthz").await.0, 200);
+    }
+    assert_eq!(m.plaintext_to("GET", "/other").await.0, 200);
+    let path = |s: &strait_tests::otlp::Received| s.attr("url.path").unwrap_or_default();
+    // Spans leave in the order they end: the probes' would be before it.
+    let spans = collector
+        .wait_until(Duration::from_secs(10), |spans| {
+            spans.iter().any(|s| path(s) == "/other")
+        })
+        .await;
+    assert!(spans.iter().any(|s| path(s) == "/other"), "{spans:#?}");
+    let probes = spans.iter().filter(|s| path(s) == "/healthz").count();
+    assert_eq!(probes, before - 1, "spans of requests let in as probes");
+}
+
 /// STRICT does not fail the pod's probes: the kubelet, which has no identity,
 /// gets through in plaintext to exactly what the pod declares it probes.
 #[tokio::test]
