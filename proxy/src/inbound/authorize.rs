@@ -181,10 +181,8 @@ where
             return Either::Left(ready(Ok(rsp)));
         }
         l.count(&decision);
-        if matches!(decision, Ok(super::policy::Admitted::Probe))
-            && let Some(n) = crate::telemetry::trace::notes(&req)
-        {
-            n.with(|n| n.probe = true);
+        if matches!(decision, Ok(super::policy::Admitted::Probe)) {
+            crate::telemetry::trace::probe(&mut req);
         }
         let admitted = match decision {
             Ok(a) => a,

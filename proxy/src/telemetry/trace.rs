@@ -143,6 +143,25 @@ impl RequestNotes {
     }
 }
 
+/// A request let in as the kubelet's probe: its span is not recorded, and
+/// the context handed to the app says the trace is not sampled, so that an
+/// instrumented app does not record one either (under a parent that never
+/// arrives).
+pub fn probe<B>(req: &mut Request<B>) {
+    let Some(notes) = notes(req) else {
+        return;
+    };
+    notes.with(|n| n.probe = true);
+    let header = http::header::HeaderName::from_static("traceparent");
+    let unsampled = (req.headers().get(&header))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_suffix("-01"))
+        .and_then(|v| http::HeaderValue::from_str(&format!("{v}-00")).ok());
+    if let Some(v) = unsampled {
+        req.headers_mut().insert(header, v);
+    }
+}
+
 /// Notes of `req`, if anyone will read them.
 pub fn notes<B>(req: &Request<B>) -> Option<&RequestNotes> {
     req.extensions().get::<RequestNotes>()

@@ -371,7 +371,7 @@ async fn the_kubelets_probes_are_not_traced() {
     m.dir.write(
         "pod-web.yaml",
         &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {app_port}}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {app_port}}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}\n    livenessProbe: {{httpGet: {{path: /trace-context, port: http}}}}\n",
             m.web.inbound.port()
         ),
     );
@@ -396,6 +396,13 @@ async fn the_kubelets_probes_are_not_traced() {
     for _ in 0..3 {
         assert_eq!(m.plaintext_to("GET", "/healthz").await.0, 200);
     }
+    // Nor does an instrumented app: the context it is handed is not sampled.
+    let (_, seen) = m.plaintext_to("GET", "/trace-context").await;
+    let traceparent = seen.lines().next().unwrap_or_default();
+    assert!(
+        traceparent.starts_with("traceparent=00-") && traceparent.ends_with("-00"),
+        "{seen}"
+    );
     assert_eq!(m.plaintext_to("GET", "/other").await.0, 200);
     let path = |s: &strait_tests::otlp::Received| s.attr("url.path").unwrap_or_default();
     // Spans leave in the order they end: the probes' would be before it.
