@@ -182,9 +182,10 @@ pub struct Config {
     pub max_discovery_watches: usize,
 
     /// Networks whose addresses discovery is asked about (comma-separated
-    /// CIDRs); a connection to an address outside them passes through at
-    /// once, unmeshed. Link-local addresses never are asked about. Add a
-    /// cluster's pod or Service range that is outside the default.
+    /// CIDRs; every address by default); a connection to an address outside
+    /// them passes through at once, unmeshed. Narrowed, they must hold the
+    /// cluster's pod, Service and node ranges. Link-local addresses never
+    /// are asked about.
     #[arg(
         long,
         env = "STRAIT_PROXY_DISCOVERY_NETWORKS",

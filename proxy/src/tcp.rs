@@ -271,8 +271,10 @@ const QUIET_AFTER_APP_END: Duration = Duration::from_secs(1);
 async fn app_ended_while_draining(drain: Option<&crate::transport::drain::Drain>, a: &Activity) {
     match drain {
         Some(d) => {
-            d.signaled().await;
+            // The stream's own signal first: a stream whose app has not
+            // ended waits on nothing shared.
             a.app_ended().await;
+            d.signaled().await;
             a.idle_for(QUIET_AFTER_APP_END).await;
         }
         None => std::future::pending().await,

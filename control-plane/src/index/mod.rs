@@ -633,6 +633,12 @@ impl SnapshotBuilder {
                 .map(|v| port_ranges(v))
                 .unwrap_or_default()
         };
+        let ips = own_ips(pod);
+        let host_ports = if ips.is_empty() {
+            Vec::new()
+        } else {
+            host_ports(pod)
+        };
         Ok((
             k,
             PodInfo {
@@ -640,11 +646,11 @@ impl SnapshotBuilder {
                 service_account,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 probes: pod.spec.as_ref().map(probe_routes).unwrap_or_default(),
-                ips: own_ips(pod),
+                ips,
                 skip_inbound: ranges(crate::inject::SKIP_INBOUND_PORTS),
                 opaque: ranges(crate::inject::OPAQUE_PORTS),
                 node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-                host_ports: host_ports(pod),
+                host_ports,
             },
         ))
     }
@@ -704,16 +710,13 @@ impl PodInfo {
     }
 }
 
-/// Where on its node a running pod's TCP container ports are published
-/// (`hostPort`, at the port's `hostIP` or every node address): Kubernetes
-/// gives a node address and port to one pod at a time.
+/// Where on its node a pod's TCP container ports are published (`hostPort`,
+/// at the port's `hostIP` or every node address): Kubernetes gives a node
+/// address and port to one pod at a time. Asked of a running pod only.
 fn host_ports(pod: &Pod) -> Vec<(SocketAddr, u16)> {
     let (Some(spec), Some(status)) = (pod.spec.as_ref(), pod.status.as_ref()) else {
         return Vec::new();
     };
-    if own_ips(pod).is_empty() {
-        return Vec::new();
-    }
     let node_ips: Vec<IpAddr> = (status.host_ips.iter().flatten().map(|i| i.ip.as_str()))
         .chain(status.host_ip.as_deref())
         .filter_map(|ip| ip.parse().ok())

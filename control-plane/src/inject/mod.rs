@@ -29,8 +29,9 @@ pub const SKIP_OUTBOUND_CIDRS: &str = "strait.dev/skip-outbound-cidrs";
 /// At most this many networks in `SKIP_OUTBOUND_CIDRS`: each is a rule.
 const MAX_SKIP_CIDRS: usize = 64;
 /// Networks whose addresses the proxy asks discovery about
-/// (`--discovery-networks`): a cluster's pod or Service range outside the
-/// private ones.
+/// (`--discovery-networks`, every address by default): narrowed to the
+/// cluster's pod, Service and node ranges, anything else passes through at
+/// once.
 pub const DISCOVERY_NETWORKS: &str = "strait.dev/discovery-networks";
 pub const PROXY_LOG_LEVEL: &str = "strait.dev/proxy-log-level";
 /// The proxy's TCP connect timeout to upstreams (`--connect-timeout`): an app
