@@ -113,6 +113,24 @@ impl Mesh {
         self.plaintext_to("GET", "/client-id").await
     }
 
+    /// Declares web's pod with an HTTP probe (readiness, then liveness) at
+    /// each path, of its app's port.
+    fn probed_at(&self, paths: &[&str]) {
+        let probes: String = ["readinessProbe", "livenessProbe"]
+            .iter()
+            .zip(paths)
+            .map(|(kind, path)| format!("    {kind}: {{httpGet: {{path: {path}, port: http}}}}\n"))
+            .collect();
+        self.dir.write(
+            "pod-web.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {}}}]\n{probes}",
+                self.web.inbound.port(),
+                self.backend.addr.port()
+            ),
+        );
+    }
+
     async fn plaintext_to(&self, method: &str, target: &str) -> (http::StatusCode, String) {
         self.plaintext_with(method, target, &[], "").await
     }
@@ -367,14 +385,7 @@ async fn the_kubelets_probes_are_not_traced() {
     let pki = Pki::new();
     let anchors = pki.anchors();
     let m = Mesh::start_web_args(pki, anchors, "web", None, &[&otlp, "--trace-sampling=1"]).await;
-    let app_port = m.backend.addr.port();
-    m.dir.write(
-        "pod-web.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {app_port}}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}\n    livenessProbe: {{httpGet: {{path: /trace-context, port: http}}}}\n",
-            m.web.inbound.port()
-        ),
-    );
+    m.probed_at(&["/healthz", "/trace-context"]);
     // Probes until one is let in as a probe (the route known): those
     // before it were ordinary requests, and traced.
     let admitted = || {
@@ -421,14 +432,7 @@ async fn the_kubelets_probes_are_not_traced() {
 #[tokio::test]
 async fn the_kubelets_probes_pass_strict_and_nothing_else_does() {
     let m = Mesh::start("web", None).await;
-    let app_port = m.backend.addr.port();
-    m.dir.write(
-        "pod-web.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  namespace: {NS}\n  annotations: {{strait.dev/inbound-port: \"{}\"}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: app\n    ports: [{{name: http, containerPort: {app_port}}}]\n    readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}\n",
-            m.web.inbound.port()
-        ),
-    );
+    m.probed_at(&["/healthz"]);
     m.dir
         .write("policy.yaml", &policy("STRICT", "{namespace: test}"));
     wait::until(
