@@ -1236,39 +1236,22 @@ fn valid_ports(v: &str) -> bool {
         })
 }
 
-/// "169.254.169.254, 10.0.0.0/8" as the init's `--skip-outbound-cidrs`
-/// takes it (comma-separated, no spaces), if it is at most `MAX_SKIP_CIDRS`
-/// networks the init accepts: IPv4 or IPv6, a bare address a /32 or /128,
-/// host bits zero (a network the init would refuse would keep the pod from
-/// starting).
+/// "169.254.169.254, 10.0.0.0/8" as the proxy's network flags take it
+/// (comma-separated, no spaces), if it is at most `MAX_SKIP_CIDRS` networks
+/// they accept, read by their parser: a network the init or the proxy
+/// refused would keep the pod from starting.
 fn cidrs(v: &str) -> Option<String> {
-    use std::net::IpAddr;
-    let cidr = |c: &str| {
-        let (ip, len) = match c.split_once('/') {
-            Some((ip, len)) => (ip, Some(len)),
-            None => (c, None),
-        };
-        let Ok(ip) = ip.parse::<IpAddr>() else {
-            return false;
-        };
-        let (value, bits) = match ip {
-            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
-            IpAddr::V6(a) => (u128::from(a), 128),
-        };
-        let Some(len) = len.map_or(Some(bits), |l| l.parse::<u32>().ok().filter(|l| *l <= bits))
-        else {
-            return false;
-        };
-        let host_bits = u128::MAX.checked_shr(128 - (bits - len)).unwrap_or(0);
-        value & host_bits == 0
-    };
     let cidrs: Vec<&str> = v
         .split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .collect();
-    (!cidrs.is_empty() && cidrs.len() <= MAX_SKIP_CIDRS && cidrs.iter().all(|c| cidr(c)))
-        .then(|| cidrs.join(","))
+    (!cidrs.is_empty()
+        && cidrs.len() <= MAX_SKIP_CIDRS
+        && cidrs
+            .iter()
+            .all(|c| c.parse::<strait_api::net::IpNet>().is_ok()))
+    .then(|| cidrs.join(","))
 }
 
 /// A RUST_LOG-style filter: directives of `target=level` or `level`, or
