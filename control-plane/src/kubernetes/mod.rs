@@ -611,9 +611,31 @@ async fn run_watcher<K, F>(
         // policy and open every workload they guard, and one running would
         // take every route and backend policy off every proxy; retried
         // instead (not ready meanwhile, if not yet).
-        let not_served_yet = kind.optional()
+        let crd = if kind.optional()
             && matches!(&ev, Err(e @ watcher::Error::InitialListFailed(_)) if api_code(e) == Some(404))
-            && crd_defined(api.clone().into_client(), kind).await;
+        {
+            crd_serving(api.clone().into_client(), kind).await
+        } else {
+            Crd::Missing
+        };
+        // A route CRD of an earlier Gateway API release, serving only other
+        // versions than the one read here, is there for good: absent, not
+        // waited on (that would keep the controller from ever going ready).
+        // Strait's own policies are waited on whatever the reason: a
+        // policy left unread would open what it guards.
+        let not_served_yet = match &crd {
+            Crd::Serves => true,
+            Crd::ServesOnly(_) => !kind.is_route(),
+            Crd::Missing => false,
+        };
+        if let (Crd::ServesOnly(versions), false) = (&crd, kind.is_route()) {
+            warn!(
+                ?kind,
+                served = ?versions,
+                wanted = kind.resource().map(|ar| ar.version),
+                "the CRD does not serve the version this controller reads (CRDs of another release?); not ready until it does"
+            );
+        }
         let change = match ev {
             Ok(Event::Init) => Change::Relist(kind),
             Ok(Event::InitApply(o)) => {
@@ -669,6 +691,12 @@ async fn run_watcher<K, F>(
                             error = %e,
                             "not allowed to read this kind (the ClusterRole of an earlier release?); none are used until it is"
                         );
+                    } else if let Crd::ServesOnly(versions) = &crd {
+                        warn!(
+                            ?kind,
+                            served = ?versions,
+                            "the CRD does not serve v1, the only version read (Gateway API before 1.1 for GRPCRoute, 1.0 for HTTPRoute); none are used until its CRDs are upgraded"
+                        );
                     } else {
                         warn!(
                             ?kind,
@@ -712,23 +740,39 @@ async fn run_watcher<K, F>(
 /// default backoff's cap, as client-go's reflector's.
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The HTTP status of an error the API server answered.
-/// Whether `kind`'s CustomResourceDefinition is there. Only the API server's
-/// 404 says it is not, or a ClusterRole that may not read CRDs (of a release
-/// before it could): that is as before, the kind's 404 taken for absence.
-async fn crd_defined(client: Client, kind: Kind) -> bool {
+/// What `kind`'s CustomResourceDefinition says of the version read here.
+enum Crd {
+    /// It serves it (a 404 for it is an API server starting).
+    Serves,
+    /// It is there, serving only these versions.
+    ServesOnly(Vec<String>),
+    /// It is not there, or may not be read (a ClusterRole of a release
+    /// before it could): as before, the kind's 404 taken for absence.
+    Missing,
+}
+
+async fn crd_serving(client: Client, kind: Kind) -> Crd {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let Some(ar) = kind.resource() else {
-        return false;
+        return Crd::Missing;
     };
     let crds: Api<CustomResourceDefinition> = Api::all(client);
     match crds.get_opt(&format!("{}.{}", ar.plural, ar.group)).await {
-        Ok(found) => found.is_some(),
-        Err(kube::Error::Api(s)) if s.code == 403 => false,
-        Err(_) => true,
+        Ok(Some(crd)) => {
+            let served = crd.spec.versions.iter().filter(|v| v.served);
+            if served.clone().any(|v| v.name == ar.version) {
+                Crd::Serves
+            } else {
+                Crd::ServesOnly(served.map(|v| v.name.clone()).collect())
+            }
+        }
+        Ok(None) => Crd::Missing,
+        Err(kube::Error::Api(s)) if s.code == 403 => Crd::Missing,
+        Err(_) => Crd::Serves,
     }
 }
 
+/// The HTTP status of an error the API server answered.
 fn api_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
@@ -820,35 +864,64 @@ mod tests {
     /// came back.
     #[tokio::test(start_paused = true)]
     async fn kinds_not_served_while_their_crd_is_there_are_not_absent() {
-        let missing = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
         for kind in [
             Kind::AuthorizationPolicy,
             Kind::BackendPolicy,
             Kind::HttpRoute,
             Kind::GrpcRoute,
         ] {
-            let ar = kind.resource().unwrap();
-            let name = format!("{}.{}", ar.plural, ar.group);
-            let crd: &'static str = format!(
-                r#"{{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{{"name":"{name}"}},"spec":{{"group":"{}","names":{{"plural":"{}","kind":"{}"}},"scope":"Namespaced","versions":[]}}}}"#,
-                ar.group, ar.plural, ar.kind
-            )
-            .leak();
-            let crd_path: &'static str = format!("/customresourcedefinitions/{name}").leak();
-            let (_, changes) = watched_by_path_for_two_minutes(kind, move |path, _| {
-                if path.ends_with(crd_path) {
-                    (200, crd)
-                } else {
-                    (404, missing)
-                }
-            })
-            .await;
+            let version = kind.resource().unwrap().version;
+            let changes = watched_with_crd_serving(kind, &version).await;
             assert!(!changes.is_empty(), "{kind:?}: no list tried");
             assert!(
                 changes.iter().all(|c| c == "Relist"),
                 "{kind:?}: {changes:?}"
             );
         }
+    }
+
+    /// Gateway API's CRDs of a release before the version read here (a
+    /// GRPCRoute serving only v1alpha2, as before 1.1, or as another mesh's
+    /// CRDs install it) are there for good: waited on, the controller would
+    /// never go ready, refusing every pod the webhook injects. Strait's own
+    /// policies of another version are waited on still: unread, they would
+    /// open what they guard.
+    #[tokio::test(start_paused = true)]
+    async fn route_kinds_whose_crd_serves_another_version_are_absent() {
+        for kind in [Kind::HttpRoute, Kind::GrpcRoute] {
+            let changes = watched_with_crd_serving(kind, "v1alpha2").await;
+            assert_eq!(changes[..2], ["Relist", "Absent"], "{kind:?}");
+        }
+        for kind in [Kind::AuthorizationPolicy, Kind::BackendPolicy] {
+            let changes = watched_with_crd_serving(kind, "v1").await;
+            assert!(
+                !changes.is_empty() && changes.iter().all(|c| c == "Relist"),
+                "{kind:?}: {changes:?}"
+            );
+        }
+    }
+
+    /// `kind` watched for two minutes while its list is a 404 and its CRD
+    /// serves `version` only (and defines another, not served).
+    async fn watched_with_crd_serving(kind: Kind, version: &str) -> Vec<String> {
+        let missing = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
+        let ar = kind.resource().unwrap();
+        let name = format!("{}.{}", ar.plural, ar.group);
+        let crd: &'static str = format!(
+            r#"{{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{{"name":"{name}"}},"spec":{{"group":"{}","names":{{"plural":"{}","kind":"{}"}},"scope":"Namespaced","versions":[{{"name":"{version}","served":true,"storage":true}},{{"name":"v0","served":false,"storage":false}}]}}}}"#,
+            ar.group, ar.plural, ar.kind
+        )
+        .leak();
+        let crd_path: &'static str = format!("/customresourcedefinitions/{name}").leak();
+        let (_, changes) = watched_by_path_for_two_minutes(kind, move |path, _| {
+            if path.ends_with(crd_path) {
+                (200, crd)
+            } else {
+                (404, missing)
+            }
+        })
+        .await;
+        changes
     }
 
     /// A 403 on a relist of a kind already read (an authorizer restarting)
