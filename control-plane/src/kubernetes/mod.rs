@@ -359,6 +359,14 @@ impl Index {
                         if another {
                             warn!(?kind, object = %key.1, error = %e, "object rejected; it replaced another of its name, whose last good state is dropped");
                             self.forget(&key);
+                        } else if kind == Kind::Pod {
+                            // A Pod's phase and addresses are the kubelet's:
+                            // its last good form would hold its addresses
+                            // after it ended, taking the next pod given
+                            // them out of the mesh (two claims of an
+                            // address count as none).
+                            warn!(?kind, object = %key.1, error = %e, "pod rejected; left out of the mesh until it is mended");
+                            self.forget(&key);
                         } else {
                             warn!(?kind, object = %key.1, error = %e, "object rejected; its last good state stays in force");
                         }
@@ -1235,6 +1243,47 @@ spec:
             uid: None,
         });
         assert!(!index.dirty, "a route of Gateways only made a snapshot");
+    }
+
+    /// A pod made invalid in place (an annotation edited on a running pod)
+    /// keeps no last good form: that form would keep its address after the
+    /// pod ended, and the next pod given the address, in any namespace,
+    /// would be left out of its Services and answered as unmeshed.
+    #[test]
+    fn a_pod_refused_keeps_no_last_good_form() {
+        let pod = |name: &str, ns: &str, inbound: &str| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, annotations: {{strait.dev/inbound-port: \"{inbound}\"}}}}\nspec: {{serviceAccountName: web, containers: [{{name: web, image: web}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.9, podIPs: [{{ip: 10.1.0.9}}]}}\n",
+            );
+            Change::Apply {
+                kind: Kind::Pod,
+                name: format!("{ns}/{name}"),
+                object: Box::new(
+                    crate::manifests::parse_file(&yaml)
+                        .map(|mut objects| Some(objects.remove(0)))
+                        .map_err(|e| format!("{e:?}")),
+                ),
+                status: None,
+                initial: false,
+                uid: Some(format!("{ns}-{name}")),
+            }
+        };
+        let ip: std::net::IpAddr = "10.1.0.9".parse().unwrap();
+        let mut index = Index::new("cluster.local");
+        listed(&mut index);
+        index.apply(pod("job-0", "a", "4143"));
+        index.apply(pod("job-0", "a", "not a port"));
+        index.seal();
+        assert!(
+            index.snap.pod_at(ip).is_none(),
+            "the refused pod holds its address"
+        );
+        // The pod ends unseen (its updates all refused); the address goes to
+        // another namespace's pod, which is that address's pod.
+        index.apply(pod("web-0", "b", "4143"));
+        index.seal();
+        let (key, _) = index.snap.pod_at(ip).expect("the address's new pod");
+        assert_eq!(key.to_string(), "b/web-0");
     }
 
     /// Each snapshot served is numbered after the last and dated by the
