@@ -195,10 +195,10 @@ fn build_within(snap: &Snapshot, key: &DestKey, zone: Option<&str>, max: usize) 
         let route = r.to_api(&id.key, port);
         let mut cost = wire::entry(route.encoded_len());
         let (mut new, mut hinted) = (Vec::<api::Backend>::new(), false);
-        // A ref of a kind strait cannot send to has no backend: its share
-        // is answered 500.
+        // A ref strait cannot send to (another kind, another namespace) has
+        // no backend: its share is answered 500.
         let refs = r.rules.iter().flat_map(|rule| &rule.backends);
-        for b in refs.filter(|b| b.unsupported_kind.is_none()) {
+        for b in refs.filter(|b| b.unresolvable.is_none()) {
             if !fits(len + cost) {
                 // Left out whatever else it brings: not worked out.
                 break;
@@ -365,7 +365,7 @@ pub fn served_route_sends_to(snap: &Snapshot, target: &ObjKey) -> bool {
                 !opaque_port(snap, &p.service, sp)
                     && r.rules.iter().flat_map(|rule| &rule.backends).any(|b| {
                         let (to, port) = b.target(sp.port);
-                        b.unsupported_kind.is_none()
+                        b.unresolvable.is_none()
                             && b.weight > 0
                             && to == target
                             && service_port(snap, to, port).is_some()
@@ -802,38 +802,51 @@ spec:
         assert_eq!(s.routes[1].rules[0].backends.len(), 2);
     }
 
-    /// A backendRef of a kind strait does not send to has no backend: its
-    /// share of requests finds none (500), whatever Service shares its name,
-    /// and the rest of the rule is served.
+    /// A backendRef of a kind strait does not send to, or to another
+    /// namespace's Service (no ReferenceGrant is read), has no backend: its
+    /// share of requests finds none (500), whatever Service shares its
+    /// name, and the rest of the rule is served.
     #[test]
     fn a_backend_of_another_kind_takes_its_share_nowhere() {
-        let import = r#"
+        for other in [
+            "{group: multicluster.x-k8s.io, kind: ServiceImport, name: web, weight: 1}",
+            "{name: web, namespace: other, port: 80, weight: 1}",
+        ] {
+            let import = format!(
+                r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: other}}
+spec: {{clusterIP: 10.96.9.9, ports: [{{name: http, port: 80}}]}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: z-import, namespace: shop, creationTimestamp: "2023-01-01T00:00:00Z"}
+metadata: {{name: z-import, namespace: shop, creationTimestamp: "2023-01-01T00:00:00Z"}}
 spec:
-  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  parentRefs: [{{group: "", kind: Service, name: web, port: 80}}]
   rules:
     - backendRefs:
-      - {name: web-canary, weight: 1}
-      - {group: multicluster.x-k8s.io, kind: ServiceImport, name: web, weight: 1}
-"#;
-        let snap = snapshot(&format!("{MESH}{import}"));
-        let s = service(&snap, &svc("shop", "web", 80));
-        assert_eq!(s.routes[0].name, "shop/z-import");
-        let split: Vec<(&str, u32)> = s.routes[0].rules[0]
-            .backends
-            .iter()
-            .map(|b| (b.backend.as_str(), b.weight))
-            .collect();
-        assert_eq!(split.len(), 2);
-        assert_eq!(split[0], (CANARY, 1));
-        assert_eq!(split[1].1, 1);
-        assert!(
-            s.backends.iter().all(|b| b.name != split[1].0),
-            "{split:?} goes to a backend"
-        );
+      - {{name: web-canary, weight: 1}}
+      - {other}
+"#
+            );
+            let snap = snapshot(&format!("{MESH}{import}"));
+            let s = service(&snap, &svc("shop", "web", 80));
+            assert_eq!(s.routes[0].name, "shop/z-import");
+            let split: Vec<(&str, u32)> = s.routes[0].rules[0]
+                .backends
+                .iter()
+                .map(|b| (b.backend.as_str(), b.weight))
+                .collect();
+            assert_eq!(split.len(), 2);
+            assert_eq!(split[0], (CANARY, 1));
+            assert_eq!(split[1].1, 1);
+            assert!(
+                s.backends.iter().all(|b| b.name != split[1].0),
+                "{split:?} goes to a backend"
+            );
+        }
     }
 
     /// The view alone.

@@ -40,6 +40,9 @@ pub struct StatusInput {
     /// A route's backendRefs of kinds strait does not send to, as
     /// `group/Kind name`.
     pub invalid_kinds: Vec<String>,
+    /// A route's backendRefs to Services of other namespaces, as
+    /// `namespace/name`.
+    pub not_permitted: Vec<String>,
     /// A route's Service parents as its parentRefs name them: the port and
     /// `sectionName` (a port's name) each must exist on the Service.
     pub parent_refs: Vec<ParentRef>,
@@ -71,7 +74,7 @@ impl StatusInput {
         let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(String::from);
         let port_at = |v: &Value| v["port"].as_u64().and_then(|p| u16::try_from(p).ok());
         let (mut parent_refs, mut backend_ports) = (Vec::new(), Vec::new());
-        let mut invalid_kinds = Vec::new();
+        let (mut invalid_kinds, mut not_permitted) = (Vec::new(), Vec::new());
         let (targets, backends) = match kind {
             Kind::HttpRoute | Kind::GrpcRoute => {
                 parent_refs = v["spec"]["parentRefs"]
@@ -117,6 +120,20 @@ impl StatusInput {
                         )
                     })
                     .collect();
+                let own = meta["namespace"].as_str().unwrap_or("default");
+                let (refs, others): (Vec<&Value>, Vec<&Value>) = refs
+                    .into_iter()
+                    .partition(|b| b["namespace"].as_str().is_none_or(|ns| ns == own));
+                not_permitted = others
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}/{}",
+                            b["namespace"].as_str().unwrap_or(""),
+                            b["name"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
                 backend_ports = refs
                     .iter()
                     .filter_map(|b| Some((str_at(b, "/name")?, port_at(b)?)))
@@ -140,6 +157,7 @@ impl StatusInput {
             targets,
             backends,
             invalid_kinds,
+            not_permitted,
             parent_refs,
             backend_ports,
             policy_ports: match kind {
@@ -598,6 +616,20 @@ fn conditions(
             "ResolvedRefs",
             false,
             "InvalidKind",
+            &msg,
+            s.generation,
+            old,
+        )
+    } else if !s.not_permitted.is_empty() {
+        let msg = format!(
+            "{}, their share of requests answered 500: {}",
+            crate::routes::OTHER_NAMESPACE,
+            s.not_permitted.join(", ")
+        );
+        condition(
+            "ResolvedRefs",
+            false,
+            "RefNotPermitted",
             &msg,
             s.generation,
             old,
@@ -1306,6 +1338,41 @@ mod tests {
         assert!(
             message.contains("multicluster.x-k8s.io/ServiceImport web"),
             "{message}"
+        );
+    }
+
+    /// A backendRef to another namespace's Service leaves the route
+    /// accepted and says `ResolvedRefs: False`, reason `RefNotPermitted`:
+    /// strait reads no ReferenceGrant, so none permits it.
+    #[test]
+    fn a_backend_in_another_namespace_is_not_permitted() {
+        let mut snap = Snapshot::empty("cluster.local");
+        insert(
+            &mut snap,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
+        );
+        let route = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "r"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                "rules": [{"backendRefs": [
+                    {"name": "web", "namespace": "shop", "port": 80},
+                    {"name": "web", "namespace": "canary", "port": 80}
+                ]}]
+            }
+        });
+        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+        let conditions = &want["parents"][0]["conditions"];
+        assert_eq!(condition_in(conditions, "Accepted")["status"], "True");
+        let refs = condition_in(conditions, "ResolvedRefs");
+        assert_eq!(
+            (refs["status"].as_str(), refs["reason"].as_str()),
+            (Some("False"), Some("RefNotPermitted")),
+            "{refs}"
+        );
+        assert!(
+            refs["message"].as_str().unwrap().contains("canary/web"),
+            "{refs}"
         );
     }
 

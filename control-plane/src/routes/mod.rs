@@ -99,10 +99,22 @@ pub struct BackendRef {
     /// `None`: the port of the parent Service the request came to.
     pub port: Option<u16>,
     pub weight: u32,
+    /// Why it resolves to nothing: its share of requests is answered 500,
+    /// as Gateway API asks, rather than the whole route refused.
+    pub unresolvable: Option<Unresolvable>,
+}
+
+/// Why a backend in another namespace is not sent to.
+pub const OTHER_NAMESPACE: &str = "a backend in another namespace needs that namespace's consent (a ReferenceGrant), which strait does not read";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unresolvable {
     /// A kind strait cannot send to (`group/Kind`, e.g. a ServiceImport):
-    /// unresolved, so its share of requests is answered 500, as Gateway API
-    /// asks (`InvalidKind`), rather than the whole route refused.
-    pub unsupported_kind: Option<String>,
+    /// `InvalidKind`.
+    Kind(String),
+    /// A Service in another namespace, whose consent (a ReferenceGrant)
+    /// strait does not read: `RefNotPermitted`.
+    OtherNamespace,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,12 +164,25 @@ impl RouteSpec {
         for (i, rule) in self.rules.iter().enumerate() {
             for (j, b) in rule.backends.iter().enumerate() {
                 let at = format!("spec.rules[{i}].backendRefs[{j}]");
-                if let Some(kind) = &b.unsupported_kind {
-                    out.push(SpecError::new(
-                        format!("{at}.kind"),
-                        format!("{kind} is not a kind strait sends to (only Services)"),
-                    ));
-                    continue;
+                match &b.unresolvable {
+                    Some(Unresolvable::Kind(kind)) => {
+                        out.push(SpecError::new(
+                            format!("{at}.kind"),
+                            format!("{kind} is not a kind strait sends to (only Services)"),
+                        ));
+                        continue;
+                    }
+                    Some(Unresolvable::OtherNamespace) => {
+                        out.push(SpecError::new(
+                            format!("{at}.namespace"),
+                            format!(
+                                "{:?} is not the route's namespace: {OTHER_NAMESPACE}",
+                                b.service.namespace
+                            ),
+                        ));
+                        continue;
+                    }
+                    None => {}
                 }
                 match service(&b.service) {
                     None => out.push(SpecError::new(
@@ -215,8 +240,9 @@ impl Rule {
             let (svc, port) = b.target(parent_port);
             // Named as no backend is (a Service's name has no `/`), so that
             // its share finds none: 500.
-            let name = match &b.unsupported_kind {
-                Some(kind) => format!("{kind}/{svc}"),
+            let name = match &b.unresolvable {
+                Some(Unresolvable::Kind(kind)) => format!("{kind}/{svc}"),
+                Some(Unresolvable::OtherNamespace) => format!("ReferenceGrant/{svc}"),
                 None => service_name(svc, port),
             };
             // Two refs to one backend are one backend with both weights.

@@ -13,7 +13,7 @@ use strait_api::v1 as api;
 use super::filters::{FilterDoc, filters};
 use super::grpc::GrpcRuleDoc;
 use super::matches::{MatchDoc, http_match};
-use super::{BackendRef, ParentRef, Retry, RouteSpec, Rule};
+use super::{BackendRef, ParentRef, Retry, RouteSpec, Rule, Unresolvable};
 use crate::defaults;
 use crate::index::ObjKey;
 use crate::spec::{self, SpecError, dns_label};
@@ -390,7 +390,7 @@ fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef
             },
             port: None,
             weight,
-            unsupported_kind: Some(format!("{group}/{kind}")),
+            unresolvable: Some(Unresolvable::Kind(format!("{group}/{kind}"))),
         });
     }
     if !dns_label(&b.name) {
@@ -405,20 +405,28 @@ fn backend_ref(route: &ObjKey, at: &str, b: &BackendRefDoc) -> Result<BackendRef
             "filters on a backendRef are not supported (put them on the rule)",
         ));
     }
+    // Another namespace's Service: unresolved (`RefNotPermitted`), its
+    // share answered 500; the rest of the route stands.
+    let (namespace, unresolvable) = match &b.namespace {
+        Some(ns) if *ns != route.namespace => {
+            if !dns_label(ns) {
+                return Err(SpecError::new(
+                    format!("{at}.namespace"),
+                    format!("{ns:?} is not a namespace name"),
+                ));
+            }
+            (ns.clone(), Some(Unresolvable::OtherNamespace))
+        }
+        _ => (route.namespace.clone(), None),
+    };
     Ok(BackendRef {
         service: ObjKey {
-            namespace: own_namespace(
-                &format!("{at}.namespace"),
-                route,
-                b.namespace.as_ref(),
-                "a backend in another namespace needs that namespace's consent (a ReferenceGrant), \
-                 which is not supported",
-            )?,
+            namespace,
             name: b.name.clone(),
         },
         port: b.port.map(|p| port(format!("{at}.port"), p)).transpose()?,
         weight,
-        unsupported_kind: None,
+        unresolvable,
     })
 }
 
@@ -854,11 +862,17 @@ mod tests {
         let e = parse(&v).unwrap_err();
         assert_eq!(e.field, "spec.parentRefs[0].namespace");
         assert!(e.reason.contains("its own namespace"), "{}", e.reason);
+        // A backend there is unresolved, its share answered 500 (Gateway
+        // API's `RefNotPermitted`): the rest of the route stands.
         let mut v = route();
         v["spec"]["rules"][0]["backendRefs"][1]["namespace"] = "prod".into();
+        let refs = &parsed(&v).rules[0].backends;
+        assert_eq!(refs[0].unresolvable, None);
+        assert_eq!(refs[1].unresolvable, Some(Unresolvable::OtherNamespace));
+        assert_eq!(refs[1].service.namespace, "prod");
+        v["spec"]["rules"][0]["backendRefs"][1]["namespace"] = "Prod!".into();
         let e = parse(&v).unwrap_err();
         assert_eq!(e.field, "spec.rules[0].backendRefs[1].namespace");
-        assert!(e.reason.contains("ReferenceGrant"), "{}", e.reason);
     }
 
     #[test]
@@ -948,10 +962,12 @@ mod tests {
             "kind": "ServiceImport", "name": "web", "weight": 10});
         let (_, spec) = parse(&v).unwrap().unwrap();
         let refs = &spec.rules[0].backends;
-        assert_eq!(refs[0].unsupported_kind, None);
+        assert_eq!(refs[0].unresolvable, None);
         assert_eq!(
-            refs[1].unsupported_kind.as_deref(),
-            Some("multicluster.x-k8s.io/ServiceImport")
+            refs[1].unresolvable,
+            Some(Unresolvable::Kind(
+                "multicluster.x-k8s.io/ServiceImport".into()
+            ))
         );
         assert_eq!(refs[1].weight, 10);
         // Its weight is still checked.
