@@ -856,14 +856,18 @@ pub fn objects(v: &Values) -> anyhow::Result<Vec<Value>> {
         out.push(serde_norway::from_str(&yaml)?);
     }
     out.extend(rbac());
+    // Kept by `helm uninstall` too: an install after one (a release mended
+    // by uninstalling it) reads them back rather than making anchors the
+    // running proxies do not trust.
+    let keep = json!({"helm.sh/resource-policy": "keep"});
     out.push(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": ANCHORS_CONFIG_MAP, "namespace": NAMESPACE},
+        "metadata": {"name": ANCHORS_CONFIG_MAP, "namespace": NAMESPACE, "annotations": keep},
         "data": {"ca.crt": v.identity.anchors_pem},
     }));
     out.push(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-        "metadata": {"name": ISSUER_SECRET, "namespace": NAMESPACE},
+        "metadata": {"name": ISSUER_SECRET, "namespace": NAMESPACE, "annotations": keep},
         "stringData": {"tls.crt": v.identity.issuer_cert_pem, "tls.key": v.identity.issuer_key_pem},
     }));
     out.push(deployment(v));

@@ -595,12 +595,19 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             && stderr.contains("not a trust domain"),
         "{stderr}"
     );
-    // The namespace outlives a release that stops rendering it.
-    let ns = &objects(&install)["Namespace//strait-system"];
-    assert_eq!(
-        ns["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
-        "{ns}"
-    );
+    // The namespace outlives a release that stops rendering it, and the
+    // identity a release uninstalled (to be installed again, reading it back).
+    for kept in [
+        "Namespace//strait-system",
+        "ConfigMap/strait-system/strait-trust-anchors",
+        "Secret/strait-system/strait-identity-issuer",
+    ] {
+        let o = &objects(&install)[kept];
+        assert_eq!(
+            o["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{kept}: {o}"
+        );
+    }
     let generated = run(std::process::Command::new(&strait).args(["install", "--ignore-cluster"]));
     let chart = repo("deploy/helm/strait");
     let helm = |extra: &[String]| {
