@@ -26,6 +26,8 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
     /// The namespace strait is installed in.
     #[arg(long, default_value = crate::defaults::CONTROLLER_NAMESPACE)]
     pub namespace: String,
@@ -87,12 +89,17 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         println!("[{tag}] {}", l.what);
         out.push(l);
     };
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
+    let client = match args.cluster.client().await {
+        Ok((c, name)) => {
+            println!("checking the cluster at {name}");
+            c
+        }
         Err(e) => {
             say(line(
                 Verdict::Fail,
-                format!("no Kubernetes configuration (KUBECONFIG or in-cluster): {e}"),
+                format!(
+                    "no Kubernetes configuration (--kubeconfig, KUBECONFIG or in-cluster): {e:#}"
+                ),
             ));
             return out;
         }

@@ -24,6 +24,8 @@ const GENERATED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, clap::Args)]
 pub struct InstallArgs {
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
     /// The trust anchors (PEM) proxies verify peers with; with the issuer flags,
     /// instead of a freshly generated anchor and issuer.
     #[arg(long, value_name = "FILE", requires_all = ["identity_issuer_certificate_file", "identity_issuer_key_file"])]
@@ -98,14 +100,14 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else if given {
         // The identity is given; the settings are still read back, but a
         // cluster that cannot be asked (rendering for elsewhere) is no error.
-        existing_install(false).await.unwrap_or_else(|e| {
+        existing_install(&args.cluster, false).await.unwrap_or_else(|e| {
             eprintln!(
                 "strait install: the installed settings could not be read back ({e:#}); the identity files given are used, with --trust-domain and --proxy-iptables-mode as given (give them as installed)"
             );
             None
         })
     } else {
-        existing_install(true).await?
+        existing_install(&args.cluster, true).await?
     };
     let pods_anchors = (existing.as_ref())
         .map(|e| e.pods_anchors_pem.clone())
@@ -140,28 +142,16 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     render(&values)
 }
 
-/// Whether anything names a cluster: KUBECONFIG, `~/.kube/config`, or a pod's
-/// in-cluster configuration. kubectl would use it, so a configuration that
-/// cannot be read is an error rather than no cluster.
-fn has_kube_config() -> bool {
-    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
-    set("KUBECONFIG")
-        || set("KUBERNETES_SERVICE_HOST")
-        || std::env::var_os("HOME").is_some_and(|h| {
-            std::path::Path::new(&h)
-                .join(".kube")
-                .join("config")
-                .exists()
-        })
-}
-
-/// The install in the cluster KUBECONFIG (or the in-cluster configuration)
-/// names, its identity too if `identity`; `None` when nothing names a cluster
-/// (rendering for elsewhere) or it has no install.
-async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
+/// The install in the cluster `cluster` names, its identity too if
+/// `identity`; `None` when nothing names a cluster (rendering for elsewhere)
+/// or it has no install.
+async fn existing_install(
+    cluster: &crate::cluster::ClusterArgs,
+    identity: bool,
+) -> anyhow::Result<Option<Installed>> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    if !has_kube_config() {
+    if !cluster.named() {
         if !identity {
             return Ok(None);
         }
@@ -175,8 +165,8 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
             "cannot tell whether strait is installed (reading {NAMESPACE}/{ISSUER_SECRET}): {e}; pass the --identity-* files, or --ignore-cluster to generate a new identity anyway"
         )
     };
-    let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
-    let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
+    let (client, name) = cluster.client().await.map_err(|e| cannot(&e))?;
+    eprintln!("strait install: reading the install in the cluster at {name}");
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let deployments: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), NAMESPACE);
@@ -195,7 +185,13 @@ async fn existing_install(identity: bool) -> anyhow::Result<Option<Installed>> {
         .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
         .map_err(|e| cannot(&e))?;
     if secret.is_none() && anchors.is_none() && controller.is_none() {
-        return left_behind(client, identity).await;
+        let left = left_behind(client, identity).await?;
+        if identity && left.is_none() {
+            eprintln!(
+                "strait install: no install there: a new trust anchor and issuer are generated"
+            );
+        }
+        return Ok(left);
     }
     installed(secret, anchors, controller, identity)
 }
@@ -454,15 +450,16 @@ fn flag_value(
     })
 }
 
-/// What `strait inject` needs of the install in the cluster KUBECONFIG names:
+/// What `strait inject` needs of the install in the cluster `cluster` names:
 /// its trust anchors (public, unlike the issuer's key, which is not read) and
 /// its settings. `None` when nothing names a cluster or it has no install.
 pub async fn installed_for_injection(
+    cluster: &crate::cluster::ClusterArgs,
     namespace: &str,
 ) -> anyhow::Result<Option<(Option<String>, Installed)>> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::ConfigMap;
-    if !has_kube_config() {
+    if !cluster.named() {
         return Ok(None);
     }
     let cannot = |e: &dyn std::fmt::Display| {
@@ -470,8 +467,8 @@ pub async fn installed_for_injection(
             "cannot read the install in the cluster ({namespace}/{ANCHORS_CONFIG_MAP}): {e}"
         )
     };
-    let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
-    let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
+    let (client, name) = cluster.client().await.map_err(|e| cannot(&e))?;
+    eprintln!("strait inject: reading the install in the cluster at {name}");
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), namespace);
     let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, namespace);
     let both = async {
@@ -1133,6 +1130,8 @@ fn not_system() -> Value {
 
 #[derive(Debug, Default, clap::Args)]
 pub struct UninstallArgs {
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
     /// Print the objects even though meshed pods still run, or the cluster
     /// cannot be asked: with the controller gone their proxies get no
     /// certificate, and each leaves its Services when the one it holds
@@ -1147,14 +1146,13 @@ pub struct UninstallArgs {
 /// (a node's reboot) redirects its traffic to a proxy that can never start,
 /// and its app never starts either.
 pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<String> {
-    if !args.force && has_kube_config() {
+    if !args.force && args.cluster.named() {
         let cannot = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!(
                 "cannot tell whether meshed pods still run ({e}); pass --force to print the objects anyway"
             )
         };
-        let config = kube::Config::infer().await.map_err(|e| cannot(&e))?;
-        let client = kube::Client::try_from(config).map_err(|e| cannot(&e))?;
+        let (client, _) = args.cluster.client().await.map_err(|e| cannot(&e))?;
         let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
             .await
             .map_err(|_| cannot(&format_args!("no answer in {PODS_LOOKUP_TIMEOUT:?}")))?

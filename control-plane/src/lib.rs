@@ -6,6 +6,7 @@ pub mod admin;
 pub mod authz;
 pub mod backend_policy;
 pub mod check;
+pub mod cluster;
 pub mod controller;
 pub mod crds;
 pub mod defaults;

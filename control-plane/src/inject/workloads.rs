@@ -267,11 +267,13 @@ fn uninject(pod: &mut Value) {
 /// `strait inject FILE|-`.
 #[derive(Debug, clap::Args)]
 pub struct InjectArgs {
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
     /// The YAML to inject: a file, or `-` for standard input.
     #[arg(value_name = "FILE|-")]
     pub input: String,
     /// The mesh's trust anchors (PEM) [default: those of the install in the
-    /// cluster KUBECONFIG names, its ConfigMap strait-system/strait-trust-anchors].
+    /// cluster read, its ConfigMap strait-system/strait-trust-anchors].
     #[arg(long, env = "STRAIT_IDENTITY_TRUST_ANCHORS_FILE", value_name = "FILE")]
     pub identity_trust_anchors_file: Option<std::path::PathBuf>,
     /// The proxy image [default: the installed one, or this release's].
@@ -317,7 +319,7 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
     let installed = if args.ignore_cluster || all_given {
         None
     } else {
-        match crate::install::installed_for_injection(&args.namespace).await {
+        match crate::install::installed_for_injection(&args.cluster, &args.namespace).await {
             Ok(i) => i,
             // Rendering for another cluster with everything given is no error.
             Err(e) if given.is_some() => {
@@ -337,7 +339,7 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         && g.trim() != c.trim()
     {
         eprintln!(
-            "strait inject: the anchors file given differs from the anchors of the install in the cluster KUBECONFIG names; its trust domain and iptables mode are used unless given (--ignore-cluster to read nothing)"
+            "strait inject: the anchors file given differs from the anchors of the install in the cluster read; its trust domain and iptables mode are used unless given (--ignore-cluster to read nothing)"
         );
     }
     let anchors = given.or(cluster_anchors).ok_or_else(|| {
@@ -350,7 +352,7 @@ async fn settings_from_args(args: &InjectArgs) -> anyhow::Result<Settings> {
         installed.as_ref().and_then(|i| i.trust_domain.as_deref()),
         |have, want| {
             format!(
-                "strait is installed with trust domain {have:?} in the cluster KUBECONFIG names: proxies injected with {want:?} could not reach its controller; leave --trust-domain out, or pass --ignore-cluster to render for another cluster"
+                "strait is installed with trust domain {have:?} in the cluster read: proxies injected with {want:?} could not reach its controller; leave --trust-domain out, or pass --ignore-cluster to render for another cluster"
             )
         },
     )?;

@@ -1123,6 +1123,98 @@ async fn strait_on(kubeconfig: &std::path::Path, args: &[&str]) -> std::process:
         .unwrap()
 }
 
+/// `--kubeconfig` and `--context` choose the cluster the CLI reads, as
+/// kubectl's do: `strait install | kubectl --context prod apply -f -` must
+/// keep prod's identity whatever the current context is (another cluster's,
+/// or a new one where that has none, would cut prod's proxies off), and says
+/// which cluster it read.
+#[tokio::test]
+async fn the_cli_reads_the_cluster_its_flags_name() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let prod = api.kubeconfig(dir.path());
+    let strait = strait_tests::process::binary("strait");
+    let first = tokio::process::Command::new(&strait)
+        .args(["install", "--ignore-cluster"])
+        .output()
+        .await
+        .unwrap();
+    assert!(first.status.success());
+    for doc in String::from_utf8(first.stdout.clone())
+        .unwrap()
+        .split("\n---\n")
+    {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        if matches!(
+            v["kind"].as_str(),
+            Some("ConfigMap" | "Secret" | "Deployment")
+        ) {
+            api.apply(doc);
+        }
+    }
+    let (anchors, _) = installed_identity(&first.stdout);
+    // The current context: a cluster nobody answers; `prod`: the install.
+    let server = format!("http://{}", api.addr);
+    dir.write(
+        "two-contexts",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster: {{server: \"http://127.0.0.1:{}\"}}\n- name: prod\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: dev\n  context: {{cluster: gone, user: u}}\n- name: prod\n  context: {{cluster: prod, user: u}}\ncurrent-context: dev\n",
+            strait_tests::process::free_port()
+        ),
+    );
+    let two = dir.path().join("two-contexts");
+    let prod = prod.to_str().unwrap();
+    for (args, what) in [
+        (&["install", "--context", "prod"][..], "install --context"),
+        (
+            &["install", "--kubeconfig", prod][..],
+            "install --kubeconfig",
+        ),
+    ] {
+        let out = strait_on(&two, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {stderr}");
+        assert_eq!(installed_identity(&out.stdout).0, anchors, "{what}");
+        assert!(
+            stderr.contains(&server),
+            "{what} names no cluster: {stderr}"
+        );
+    }
+    // Unflagged, the current context, which does not answer: refused.
+    let out = strait_on(&two, &["install"]).await;
+    assert!(!out.status.success() && out.stdout.is_empty());
+    // inject and check read the same cluster.
+    dir.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec:\n  containers: [{name: app, image: app}]\n",
+    );
+    let pod = dir.path().join("pod.yaml");
+    let out = strait_on(
+        &two,
+        &["inject", pod.to_str().unwrap(), "--context", "prod"],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let injected = String::from_utf8_lossy(&out.stdout);
+    let first_line = anchors.lines().nth(1).unwrap();
+    assert!(
+        injected.contains(first_line),
+        "not the installed anchors: {injected}"
+    );
+    let out = strait_on(&two, &["check", "--context", "prod"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("checking the cluster at {server}"))
+            && text.contains("(context prod)"),
+        "{text}"
+    );
+    assert!(text.contains("[ok  ] the Kubernetes API answers"), "{text}");
+}
+
 /// A cluster whose strait namespace was deleted (the identity with it) still
 /// runs meshed pods, and keeps the injector's cluster-wide configuration: a
 /// new install's new anchors would cut every running proxy off from the new
