@@ -1072,6 +1072,12 @@ impl ClientCache {
             // limit is about 400 KB): one larger could not cross the HTTP/2
             // hop between proxies, and is a 502 that says so.
             .http1_max_buf_size(defaults::MAX_HEADER_BYTES)
+            // Legacy servers' heads that clients read directly (`Server :
+            // x`, a header folded over two lines): a proxy removes the
+            // space (RFC 9112 5.1) and unfolds, rather than answering 502
+            // and counting the endpoint as failing. Framing is unchanged.
+            .http1_allow_spaces_after_header_name_in_responses(true)
+            .http1_allow_obsolete_multiline_headers_in_responses(true)
             // The request keeps the Host the app sent; we never invent one.
             .set_host(false);
         UpstreamClient::Http1(Arc::new(b.build(connector)))

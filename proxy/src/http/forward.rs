@@ -1050,6 +1050,38 @@ mod tests {
         assert!(get.headers().get(header::TRANSFER_ENCODING).is_none());
     }
 
+    /// A legacy server's head that a client reads when talking to it
+    /// directly (whitespace before a colon, a folded header) is passed on
+    /// mended, not answered 502 against a healthy endpoint.
+    #[tokio::test]
+    async fn a_legacy_response_head_is_mended_not_refused() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await.unwrap();
+            tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Folded: a\r\n b\r\nServer : legacy\r\n\r\nok")
+                .await
+                .unwrap();
+            let _ = tcp.read(&mut buf).await;
+        });
+        let mut req = Request::get("/")
+            .header(header::HOST, "app")
+            .body(crate::http::empty())
+            .unwrap();
+        req.extensions_mut().insert(Dst(DestAddr::Socket(app)));
+        let (forward, _drain) = forwarder();
+        let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
+        assert_eq!(rsp.status(), http::StatusCode::OK);
+        assert_eq!(rsp.headers()["x-folded"], "a b");
+        assert_eq!(rsp.headers()["server"], "legacy");
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
     #[tokio::test]
     async fn a_body_that_fails_before_the_head_goes_never_reaches_the_app() {
         use futures_util::FutureExt;
