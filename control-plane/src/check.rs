@@ -60,7 +60,10 @@ fn line(verdict: Verdict, what: impl Into<String>) -> Line {
 /// Runs every check, printing each as it completes; fails when any fails.
 pub async fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let lines = checks(args).await;
-    println!("{}", summary(&lines).map_err(anyhow::Error::msg)?);
+    crate::cluster::print(format_args!(
+        "{}\n",
+        summary(&lines).map_err(anyhow::Error::msg)?
+    ));
     Ok(())
 }
 
@@ -86,12 +89,12 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             Verdict::Warn => "warn",
             Verdict::Fail => "FAIL",
         };
-        println!("[{tag}] {}", l.what);
+        crate::cluster::print(format_args!("[{tag}] {}\n", l.what));
         out.push(l);
     };
     let client = match args.cluster.client().await {
         Ok((c, name)) => {
-            println!("checking the cluster at {name}");
+            crate::cluster::print(format_args!("checking the cluster at {name}\n"));
             c
         }
         Err(e) => {

@@ -1,4 +1,5 @@
-//! Which cluster the CLI reads: kubectl's `--kubeconfig` and `--context`.
+//! The CLI and the cluster: which one it reads (kubectl's `--kubeconfig` and
+//! `--context`), and where its output goes.
 //! `strait install | kubectl --context prod apply -f -` must read prod's
 //! install, not the current context's: another cluster's identity (or a new
 //! one, where that cluster has none) would cut prod's proxies off.
@@ -67,5 +68,21 @@ impl ClusterArgs {
             None => config.cluster_url.to_string(),
         };
         Ok((kube::Client::try_from(config)?, name))
+    }
+}
+
+/// Writes a command's output to stdout. A reader that went away (`strait
+/// check | head -3`) ends the process quietly, with the status a process
+/// killed by SIGPIPE has, as a C or Go tool's would: Rust's `print!` would
+/// panic instead.
+pub fn print(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(128 + 13);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
     }
 }

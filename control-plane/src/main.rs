@@ -108,16 +108,25 @@ fn start() -> anyhow::Result<()> {
                 demo::run(args, log).await
             }
             Command::Install(args) => {
-                print!("{}", strait_control_plane::install::run(&args).await?);
+                strait_control_plane::cluster::print(format_args!(
+                    "{}",
+                    strait_control_plane::install::run(&args).await?
+                ));
                 Ok(())
             }
             Command::Check(args) => strait_control_plane::check::run(&args).await,
             Command::Uninstall(args) => {
-                print!("{}", strait_control_plane::install::uninstall(&args).await?);
+                strait_control_plane::cluster::print(format_args!(
+                    "{}",
+                    strait_control_plane::install::uninstall(&args).await?
+                ));
                 Ok(())
             }
             Command::Crds => {
-                print!("{}", strait_control_plane::crds::stream()?);
+                strait_control_plane::cluster::print(format_args!(
+                    "{}",
+                    strait_control_plane::crds::stream()?
+                ));
                 Ok(())
             }
             Command::Inject(args) => strait_control_plane::inject::workloads::run(&args).await,

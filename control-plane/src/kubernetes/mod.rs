@@ -365,7 +365,7 @@ impl Index {
                             // after it ended, taking the next pod given
                             // them out of the mesh (two claims of an
                             // address count as none).
-                            warn!(?kind, object = %key.1, error = %e, "pod rejected; left out of the mesh until it is mended");
+                            warn!(?kind, object = %key.1, error = %e, "pod rejected; left out of its Services' endpoints until it is mended");
                             self.forget(&key);
                         } else {
                             warn!(?kind, object = %key.1, error = %e, "object rejected; its last good state stays in force");

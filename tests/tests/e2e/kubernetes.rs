@@ -374,6 +374,26 @@ async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connect
 
 /// Environment variables are read as a deployment writes them: a boolean as
 /// `false`, `0` or `yes`, and a log filter checked as the flag's is.
+/// A reader that goes away (`strait check | head -3`, `| grep -q`) ends the
+/// CLI as SIGPIPE ends a C or Go tool: quietly, not with a panic's message
+/// and status 101.
+#[test]
+fn output_to_a_reader_gone_ends_quietly() {
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(strait_tests::process::binary("strait"))
+        .args(["install", "--ignore-cluster"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before anything is written: the first write fails.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn environment_variables_read_as_deployments_write_them() {
     let dir = ManifestDir::new();
