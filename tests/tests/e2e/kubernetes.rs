@@ -666,6 +666,20 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
     ]));
     let spec = &placed["Deployment/strait-system/strait-controller"]["spec"]["template"]["spec"];
     assert_eq!(spec["priorityClassName"], "strait-critical", "{spec}");
+    // The controller's log filter, for an incident, through the chart.
+    let debug = objects(&helm(&[
+        throwaway.clone(),
+        "--set=logLevel=debug".to_string(),
+    ]));
+    let args = &debug["Deployment/strait-system/strait-controller"]["spec"]["template"]["spec"]["containers"]
+        [0]["args"];
+    assert!(
+        args.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--log-level=debug"),
+        "{args}"
+    );
     // No fixed uid (the image's), which OpenShift's restricted SCC refuses.
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{spec}");
     assert!(spec["securityContext"].get("runAsUser").is_none(), "{spec}");
@@ -698,6 +712,20 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
         (
             vec!["--set=trustDomain=spiffe://Cluster.Local".to_string()],
             "trustDomain \"spiffe://Cluster.Local\": not a trust domain",
+        ),
+        // A misspelt key, which would change nothing, and a pull secret
+        // the API server would refuse.
+        (
+            vec!["--set=replica=3".to_string()],
+            "Additional property replica is not allowed",
+        ),
+        (
+            vec!["--set=tracing.otlpEndpiont=http://c:4317".to_string()],
+            "Additional property otlpEndpiont is not allowed",
+        ),
+        (
+            vec!["--set=imagePullSecrets[0]=regcred".to_string()],
+            "imagePullSecrets.0: Invalid type",
         ),
     ] {
         let out = std::process::Command::new("helm")
