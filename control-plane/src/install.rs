@@ -112,7 +112,17 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     let pods_anchors = (existing.as_ref())
         .map(|e| e.pods_anchors_pem.clone())
         .unwrap_or_default();
+    let installed_args = (existing.as_ref())
+        .map(|e| e.controller_args.clone())
+        .unwrap_or_default();
     let values = args.values(existing)?;
+    let dropped = flags_dropped(&installed_args, &controller_args(&values));
+    if !dropped.is_empty() {
+        eprintln!(
+            "strait install: the installed controller also has {}, set by hand, which this install does not write: kubectl apply replaces the arguments where it changes them (an upgrade does), and those are gone; set them as STRAIT_* variables on the Deployment instead, which apply keeps",
+            dropped.join(", ")
+        );
+    }
     if !pods_anchors.is_empty() {
         let under: Vec<_> = (pods_anchors.iter())
             .map(|a| issuer_under(&values.identity, a))
@@ -330,6 +340,11 @@ fn installed(
         .as_ref()
         .and_then(controller_container)
         .and_then(|c| c.image.clone());
+    let controller_args = controller
+        .as_ref()
+        .and_then(controller_container)
+        .and_then(|c| c.args.clone())
+        .unwrap_or_default();
     let InstalledArgs {
         trust_domain,
         iptables_mode,
@@ -346,6 +361,7 @@ fn installed(
         telemetry,
         proxy_resources,
         replicas,
+        controller_args,
         pods_anchors_pem: Vec::new(),
     }))
 }
@@ -499,6 +515,7 @@ pub async fn installed_for_injection(
             telemetry: a.telemetry,
             proxy_resources: a.proxy_resources,
             replicas: None,
+            controller_args: Vec::new(),
             pods_anchors_pem: Vec::new(),
         },
     )))
@@ -525,6 +542,9 @@ pub struct Installed {
     pub proxy_resources: crate::inject::ProxyResources,
     /// The controller Deployment's (read by `strait install` only).
     pub replicas: Option<u16>,
+    /// The controller container's arguments (read by `strait install`
+    /// only, to name those set by hand that the install would drop).
+    pub controller_args: Vec<String>,
     /// With no install left, the trust anchors its meshed pods hold: an
     /// identity given must be under them.
     pub pods_anchors_pem: Vec<String>,
@@ -793,6 +813,22 @@ fn pod_labels() -> Value {
 }
 
 /// The controller's arguments, in the chart's order.
+/// The flags among `installed` that `new` does not have, by name.
+fn flags_dropped(installed: &[String], new: &[String]) -> Vec<String> {
+    let name = |a: &String| {
+        a.starts_with("--")
+            .then(|| a.split_once('=').map_or(a.as_str(), |(n, _)| n).to_string())
+    };
+    let new: std::collections::HashSet<String> = new.iter().filter_map(name).collect();
+    let mut out: Vec<String> = installed
+        .iter()
+        .filter_map(name)
+        .filter(|n| !new.contains(n))
+        .collect();
+    out.dedup();
+    out
+}
+
 fn controller_args(v: &Values) -> Vec<String> {
     let mut args: Vec<String> = [
         "controller",
@@ -1210,6 +1246,33 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Flags set by hand on the installed controller that an install does
+    /// not write (a webhook failure policy for a cluster that needs it, a
+    /// webhook certificate of cert-manager's) are named: applied, an upgrade
+    /// would drop them unseen.
+    #[test]
+    fn controller_flags_set_by_hand_are_named_where_an_install_drops_them() {
+        let controller = serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
+            "spec": {"replicas": 2, "selector": {}, "template": {"spec": {"containers": [
+                {"name": "controller", "args": [
+                    "controller", "--kubernetes", "--trust-domain=cluster.local",
+                    "--webhook-failure-policy=ignore", "--cert-lifetime", "48h",
+                ]},
+            ]}}}
+        }))
+        .unwrap();
+        let i = installed(None, None, Some(controller), true)
+            .unwrap()
+            .unwrap();
+        let installed_args = i.controller_args.clone();
+        let new = controller_args(&install_args(&[]).values(Some(i)).unwrap());
+        assert_eq!(
+            flags_dropped(&installed_args, &new),
+            ["--webhook-failure-policy", "--cert-lifetime"]
+        );
+        assert!(flags_dropped(&new, &new).is_empty());
+    }
+
     /// An install whose identity objects were deleted (for a new identity)
     /// keeps its trust domain and settings: a trust domain back to the
     /// default would cut the running proxies off.
@@ -1256,16 +1319,18 @@ mod tests {
     /// flag that takes this release from that registry (pinning the
     /// installed one would keep an earlier proxy under this injector); an
     /// install of the public images is upgraded without a word.
+    fn install_args(flags: &[&str]) -> InstallArgs {
+        use clap::{Args, FromArgMatches};
+        let cmd = InstallArgs::augment_args(clap::Command::new("install"));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("install").chain(flags.iter().copied()))
+            .unwrap();
+        InstallArgs::from_arg_matches(&m).unwrap()
+    }
+
     #[test]
     fn installed_images_replaced_unasked_are_named() {
-        use clap::{Args, FromArgMatches};
-        let args = |flags: &[&str]| {
-            let cmd = InstallArgs::augment_args(clap::Command::new("install"));
-            let m = cmd
-                .try_get_matches_from(std::iter::once("install").chain(flags.iter().copied()))
-                .unwrap();
-            InstallArgs::from_arg_matches(&m).unwrap()
-        };
+        let args = install_args;
         let at = |registry: &str| {
             serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
                 "spec": {"selector": {}, "template": {"spec": {"containers": [
