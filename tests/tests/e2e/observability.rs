@@ -853,6 +853,14 @@ fn every_metric_the_dashboard_plots_exists_and_is_documented() {
         if e.contains(") / ") && (e.contains("!=\"5xx\"") || e.contains("grpc_status=\"0\"")) {
             assert!(e.contains(" or 0 * "), "no 0 % where all failed: {e}");
         }
+        // An HTTP success rate is over the requests: one its caller gave up
+        // on has no response, and a backend that hangs would read 100 %.
+        if e.contains("route_responses_total") && e.contains("!=\"5xx\"") {
+            assert!(
+                e.ends_with("(rate(strait_proxy_route_requests_total{service=~\"$service\"}[$__rate_interval]))"),
+                "a success rate over responses only: {e}"
+            );
+        }
     }
     // The server side's panels say which namespace (and for errors which
     // pod) answered, not the mesh's sum.
