@@ -602,6 +602,8 @@ impl Controller {
             // Bounded per connection: streams, and the size of what a client
             // sends, read or not yet.
             .max_concurrent_streams(Some(defaults::GRPC_MAX_CONCURRENT_STREAMS))
+            .http2_max_local_error_reset_streams(Some(defaults::GRPC_MAX_LOCAL_ERROR_RESETS))
+            .http2_max_pending_accept_reset_streams(Some(defaults::GRPC_MAX_PENDING_ACCEPT_RESETS))
             .http2_max_header_list_size(defaults::GRPC_MAX_HEADER_LIST_BYTES)
             .initial_stream_window_size(defaults::GRPC_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(defaults::GRPC_CONNECTION_WINDOW_BYTES)

@@ -396,6 +396,41 @@ fn grpc_headers(path: &str) -> Vec<u8> {
 /// buffer before anyone is authenticated. Past the address's share they are
 /// refused at once (`RESOURCE_EXHAUSTED`, counted), and the controller stays
 /// ready for everyone else.
+/// A client that makes the controller's HTTP/2 reset stream after stream
+/// for its own errors, and reads nothing, is sent away: each reset would be
+/// queued for it without bound, and any pod may reach the controller's
+/// port before proving anything.
+#[tokio::test]
+async fn streams_reset_for_a_client_s_errors_end_its_connection_to_the_controller() {
+    use strait_tests::manifests::ManifestDir;
+    use strait_tests::mesh::ControllerProc;
+
+    let dir = ManifestDir::new();
+    let cp = ControllerProc::start(dir.path()).await;
+    let mut frames = Vec::new();
+    for i in 0..2000u32 {
+        let stream = 2 * i + 1;
+        // A call, then a window update that overflows its stream's window:
+        // h2 resets the stream itself.
+        frames.extend(frame(
+            0x1,
+            0x5,
+            stream,
+            &grpc_headers("/strait.api.v1.Discovery/Watch"),
+        ));
+        frames.extend(frame(0x8, 0, stream, &0x7fff_ffffu32.to_be_bytes()));
+    }
+    assert_eq!(
+        h2_attack(cp.grpc, frames).await,
+        Some(0xb),
+        "no GOAWAY(ENHANCE_YOUR_CALM)"
+    );
+    let (status, _) = strait_tests::wait::admin_get(cp.admin, "/ready")
+        .await
+        .expect("admin");
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn unfinished_grpc_requests_from_one_address_are_refused_past_its_share() {
     use strait_tests::manifests::ManifestDir;
