@@ -386,24 +386,25 @@ impl Proxy {
             None => None,
         };
         crate::transport::connect::app_at(config.app_ip);
-        let inbound = Listener::bind(config.inbound_addr, Direction::Inbound, "inbound").await?;
-        let outbound = Listener::bind(config.outbound_addr, Direction::Outbound, "outbound")
+        let inbound =
+            Listener::bind(config.inbound_addr, Direction::Inbound, "--inbound-addr").await?;
+        let outbound = Listener::bind(config.outbound_addr, Direction::Outbound, "--outbound-addr")
             .await?
             .with_ipv6_loopback(config.outbound_addr.port() == 0)?;
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
-            let l = Listener::bind(u.local, Direction::Outbound, "upstream").await?;
+            let l = Listener::bind(u.local, Direction::Outbound, "--upstream").await?;
             upstreams.push((l, u.dest.clone()));
         }
         let admin =
             crate::transport::listen::bind(config.admin_addr).map_err(|source| BindError {
                 addr: config.admin_addr,
-                what: "admin",
+                what: "--admin-addr",
                 source,
             })?;
         let admin_addr = admin.local_addr().map_err(|source| BindError {
             addr: config.admin_addr,
-            what: "admin",
+            what: "--admin-addr",
             source,
         })?;
         let addrs = Addrs {

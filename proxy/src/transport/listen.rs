@@ -42,7 +42,9 @@ pub struct Listener {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({what}): {source}")]
+// The cause is the source, which `{:#}` prints after: named here too, it
+// would be said twice.
+#[error("cannot listen on {addr} ({what})")]
 pub struct BindError {
     pub addr: SocketAddr,
     pub what: &'static str,
@@ -92,7 +94,7 @@ impl Listener {
             Err(source) => {
                 return Err(BindError {
                     addr,
-                    what: "IPv6 loopback",
+                    what: "--outbound-addr's port on IPv6 loopback too",
                     source,
                 });
             }

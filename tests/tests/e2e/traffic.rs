@@ -1690,3 +1690,30 @@ async fn a_clients_bad_chunking_never_counts_against_an_endpoint() {
         assert!(b.requests() > before[i], "endpoint {i} still serves");
     }
 }
+
+/// A port already taken stops the proxy with the flag that names it, and the
+/// system's reason said once.
+#[tokio::test]
+async fn a_port_taken_names_its_flag() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap();
+    let port = || format!("127.0.0.1:{}", free_port());
+    let out = tokio::process::Command::new(strait_tests::process::binary("strait-proxy"))
+        .arg(format!("--outbound-addr={}", port()))
+        .arg(format!("--inbound-addr={}", port()))
+        .arg(format!("--admin-addr={taken}"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {taken} (--admin-addr)")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}
