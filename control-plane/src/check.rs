@@ -1021,17 +1021,26 @@ fn served_v1(crd: &CustomResourceDefinition) -> Option<&CustomResourceDefinition
         .find(|v| v.name == "v1" && v.served)
 }
 
+/// Gateway API's CRDs, the experimental channel (HTTPRoute `retry`), in a
+/// release the controller reads: what a check that finds them missing or
+/// too early says to run.
+const GATEWAY_API_INSTALL: &str = "kubectl apply --server-side -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.2.1/experimental-install.yaml";
+
 fn httproute_line(crd: Option<&CustomResourceDefinition>) -> Line {
     let Some(crd) = crd else {
         return line(
             Verdict::Fail,
-            "Gateway API's CRDs are missing: HTTPRoutes (routing, weights, timeouts, retries) are a prerequisite",
+            format!(
+                "Gateway API's CRDs are missing: HTTPRoutes (routing, weights, timeouts, retries) are a prerequisite; install them: {GATEWAY_API_INSTALL}"
+            ),
         );
     };
     let Some(v1) = served_v1(crd) else {
         return line(
             Verdict::Fail,
-            "Gateway API's HTTPRoute CRD does not serve v1 (a release before Gateway API 1.0), the only version the controller reads: no HTTPRoute is served until Gateway API's CRDs are upgraded",
+            format!(
+                "Gateway API's HTTPRoute CRD does not serve v1 (a release before Gateway API 1.0), the only version the controller reads: no HTTPRoute is served until Gateway API's CRDs are upgraded: {GATEWAY_API_INSTALL}"
+            ),
         );
     };
     let schema = serde_json::to_string(&v1.schema).unwrap_or_default();
@@ -1043,7 +1052,9 @@ fn httproute_line(crd: Option<&CustomResourceDefinition>) -> Line {
     } else {
         line(
             Verdict::Warn,
-            "Gateway API HTTPRoute is installed without HTTPRoute retry (the standard channel, or a release before Gateway API 1.2): install the experimental channel for it",
+            format!(
+                "Gateway API HTTPRoute is installed without HTTPRoute retry (the standard channel, or a release before Gateway API 1.2): install the experimental channel for it: {GATEWAY_API_INSTALL}"
+            ),
         )
     }
 }
@@ -1052,11 +1063,15 @@ fn grpcroute_line(crd: Option<&CustomResourceDefinition>) -> Line {
     match crd {
         None => line(
             Verdict::Warn,
-            "Gateway API's GRPCRoute CRD is missing (a release before Gateway API 1.1): GRPCRoutes cannot be written; HTTPRoutes still route gRPC",
+            format!(
+                "Gateway API's GRPCRoute CRD is missing (a release before Gateway API 1.1): GRPCRoutes cannot be written; HTTPRoutes still route gRPC ({GATEWAY_API_INSTALL})"
+            ),
         ),
         Some(crd) if served_v1(crd).is_none() => line(
             Verdict::Warn,
-            "Gateway API's GRPCRoute CRD does not serve v1 (a release before Gateway API 1.1), the only version the controller reads: GRPCRoutes are not served until Gateway API's CRDs are upgraded",
+            format!(
+                "Gateway API's GRPCRoute CRD does not serve v1 (a release before Gateway API 1.1), the only version the controller reads: GRPCRoutes are not served until Gateway API's CRDs are upgraded: {GATEWAY_API_INSTALL}"
+            ),
         ),
         Some(_) => line(Verdict::Ok, "Gateway API GRPCRoute is installed"),
     }
@@ -2020,7 +2035,13 @@ mod tests {
             .unwrap()
         };
         let verdict = |l: Line| (l.verdict, l.what);
-        assert_eq!(httproute_line(None).verdict, Verdict::Fail);
+        let (v, what) = verdict(httproute_line(None));
+        assert_eq!(v, Verdict::Fail);
+        // Says what to run.
+        assert!(
+            what.contains("kubectl apply --server-side -f https://"),
+            "{what}"
+        );
         let (v, what) = verdict(httproute_line(Some(&crd(&[("v1beta1", true)], true))));
         assert_eq!(v, Verdict::Fail, "{what}");
         assert!(what.contains("does not serve v1"), "{what}");

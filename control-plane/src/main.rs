@@ -12,7 +12,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "strait", version, about = "strait's control plane and CLI")]
 struct Cli {
     /// Log filter, RUST_LOG syntax (`info,strait_control_plane=debug`); default
-    /// `$STRAIT_LOG`, else `info`.
+    /// `$STRAIT_LOG`, else `info` (`warn` for the processes `strait demo` runs).
     #[arg(long, global = true, env = "STRAIT_LOG_LEVEL", value_parser = log::parse_filter)]
     log_level: Option<String>,
     /// Log format.
