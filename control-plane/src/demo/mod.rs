@@ -184,6 +184,14 @@ fn forget(pids: &Mutex<Vec<u32>>, pid: Option<u32>) {
     }
 }
 
+/// Writes to stdout; false once nobody reads it (`strait demo | head`),
+/// which ends the demo through its cleanup rather than a panic.
+fn say(text: std::fmt::Arguments) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(text).and_then(|()| out.flush()).is_ok()
+}
+
 /// Turns true once the demo is asked to stop (a signal).
 type Stop = tokio::sync::watch::Receiver<bool>;
 
@@ -352,16 +360,20 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
     let shipped = canary::WEIGHT_BEFORE;
     match restored {
         Ok(Restored::Nothing) => {}
-        Ok(Restored::Original) => println!(
-            "restored {} (api {} / api-v2 {shipped})",
-            routes.path().display(),
-            100 - shipped
-        ),
-        Ok(Restored::LeftEdited) => println!(
-            "left {} as it is: it changed after the demo's shift (it had api {} / api-v2 {shipped})",
-            routes.path().display(),
-            100 - shipped
-        ),
+        Ok(Restored::Original) => {
+            say(format_args!(
+                "restored {} (api {} / api-v2 {shipped})\n",
+                routes.path().display(),
+                100 - shipped
+            ));
+        }
+        Ok(Restored::LeftEdited) => {
+            say(format_args!(
+                "left {} as it is: it changed after the demo's shift (it had api {} / api-v2 {shipped})\n",
+                routes.path().display(),
+                100 - shipped
+            ));
+        }
         Err(e) => {
             let e = e.context(format!("restoring {}", routes.path().display()));
             if result.is_ok() {
@@ -490,10 +502,10 @@ async fn run_mesh(
     routes: &mut RoutesFile,
     mut stop: Stop,
 ) -> anyhow::Result<()> {
-    println!(
-        "starting the controller on {CONTROLLER_GRPC} with {}",
+    let _ = say(format_args!(
+        "starting the controller on {CONTROLLER_GRPC} with {}\n",
         args.manifests.display()
-    );
+    ));
     procs.spawn(
         "controller",
         me,
@@ -559,10 +571,10 @@ async fn run_mesh(
     for pod in PODS {
         ready(&format!("{}:4191", pod.ip), procs, &stop).await?;
     }
-    println!(
-        "mesh ready: {} pods, each with a strait-proxy sidecar holding a certificate for its service account; proxies talk mTLS",
+    let _ = say(format_args!(
+        "mesh ready: {} pods, each with a strait-proxy sidecar holding a certificate for its service account; proxies talk mTLS\n",
         PODS.len()
-    );
+    ));
 
     let metrics_client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -607,15 +619,20 @@ async fn run_mesh(
                     .map(|mut s| (s.take_window(), s.slowest.take()))
                     .unwrap_or_default();
                 let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
-                table::print_live(&s, counters, canary, start.elapsed(), args.rate, tty);
+                let mut text = table::live(&s, counters, canary, start.elapsed(), args.rate, tty);
                 if let Some((micros, trace)) = slowest.filter(|_| traced) {
-                    println!(
-                        "slowest request of the last second: {:.1} ms, trace {trace} (look it up in your tracing backend)",
+                    text += &format!(
+                        "slowest request of the last second: {:.1} ms, trace {trace} (look it up in your tracing backend)\n",
                         micros as f64 / 1000.0
                     );
                 }
                 if let Some(line) = &shifted {
-                    println!("{line}");
+                    text += &format!("{line}\n");
+                }
+                // Nobody reads any more (`strait demo | head`): the demo ends
+                // through its cleanup.
+                if !say(format_args!("{text}")) {
+                    break Ok(());
                 }
                 if args.duration.is_some_and(|d| start.elapsed() >= d) {
                     break Ok(());
@@ -630,10 +647,11 @@ async fn run_mesh(
     let elapsed = start.elapsed();
     let total = stats.lock().map(|mut s| s.take_total()).unwrap_or_default();
     let counters = proxy_metrics::fetch(&metrics_client, &metrics_url).await;
-    table::print_summary(&total, counters, canary, elapsed);
+    let mut text = table::summary(&total, counters, canary, elapsed);
     if let Some(line) = shifted {
-        println!("{line}");
+        text += &format!("{line}\n");
     }
+    let _ = say(format_args!("{text}"));
     outcome?;
     anyhow::ensure!(
         total.ok_requests() > 0,

@@ -263,37 +263,36 @@ fn rows(w: &Window, seconds: f64) -> String {
     out
 }
 
-pub fn print_live(
+/// The table of the last second (on a terminal, clearing the screen first).
+pub fn live(
     w: &Window,
     proxy: Option<PolicyCounters>,
     canary: Canary,
     elapsed: Duration,
     rate: u32,
     tty: bool,
-) {
-    if tty {
-        print!("\x1b[H\x1b[2J");
-    }
-    println!(
-        "strait demo: {}s, {rate} req/s offered (Ctrl-C to stop)\n{}\n{}",
+) -> String {
+    format!(
+        "{}strait demo: {}s, {rate} req/s offered (Ctrl-C to stop)\n{}\n{}\n",
+        if tty { "\x1b[H\x1b[2J" } else { "" },
         elapsed.as_secs(),
         rows(w, 1.0),
         policy_lines(w, proxy, canary)
-    );
+    )
 }
 
-pub fn print_summary(
+pub fn summary(
     total: &Window,
     proxy: Option<PolicyCounters>,
     canary: Canary,
     elapsed: Duration,
-) {
-    println!(
-        "summary over {:.0}s:\n{}\n{}",
+) -> String {
+    format!(
+        "summary over {:.0}s:\n{}\n{}\n",
         elapsed.as_secs_f64(),
         rows(total, elapsed.as_secs_f64()),
         policy_lines(total, proxy, canary)
-    );
+    )
 }
 
 #[cfg(test)]

@@ -151,6 +151,32 @@ async fn a_demo_hung_up_on_cleans_up_after_itself() {
     nothing_left_behind(&routes, &routes_before, tmp.path());
 }
 
+/// A reader that goes away (`strait demo | head -20`) ends the demo through
+/// its cleanup, as a signal does, not with a panic that leaves its
+/// processes and routes.yaml behind.
+#[tokio::test]
+async fn a_demo_whose_reader_went_away_cleans_up_after_itself() {
+    use tokio::io::AsyncReadExt as _;
+    let manifests = demo_manifests();
+    let routes = manifests.path().join("routes.yaml");
+    let routes_before = std::fs::read(&routes).expect("the demo's routes.yaml");
+    let tmp = strait_tests::manifests::ManifestDir::new();
+    // Shifted half way, at 12 s: ended by its reader, long before 24 s.
+    let (mut demo, lines) = a_shifted_demo("24s", tmp.path(), manifests.path()).await;
+    drop(lines);
+    let mut stderr = String::new();
+    let mut err = demo.stderr.take().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(6), async {
+        err.read_to_string(&mut stderr).await.unwrap();
+        demo.wait().await.unwrap()
+    })
+    .await
+    .expect("the demo ends once nobody reads it");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.success(), "{status}\n{stderr}");
+    nothing_left_behind(&routes, &routes_before, tmp.path());
+}
+
 /// routes.yaml as it was before the demo, and its work directory gone.
 fn nothing_left_behind(routes: &std::path::Path, before: &[u8], tmp: &std::path::Path) {
     assert_eq!(
