@@ -33,6 +33,10 @@ use table::{Canary, Stats};
 
 const CONTROLLER_GRPC: &str = "127.0.0.1:18090";
 const CONTROLLER_ADMIN: &str = "127.0.0.1:19990";
+/// The demo's apps' port on their loopback addresses (as services.yaml and
+/// endpoints.yaml say): not 8080, which a developer's own server on all
+/// addresses is likely to hold.
+const APP_PORT: &str = "18080";
 const NAMESPACE: &str = "demo";
 /// web-0's proxy admin: its metrics count the retries, timeouts and ejections of
 /// web's calls to api.
@@ -391,7 +395,7 @@ fn listen_addrs() -> Vec<String> {
     let mut addrs = vec![CONTROLLER_GRPC.to_string(), CONTROLLER_ADMIN.to_string()];
     for pod in PODS {
         let ports = [Some("4143"), Some("4140"), Some("4191")];
-        let app = pod.app.then_some("8080");
+        let app = pod.app.then_some(APP_PORT);
         let upstream = pod.upstream.map(|(port, _)| port);
         for port in ports.into_iter().chain([app, upstream]).flatten() {
             addrs.push(format!("{}:{port}", pod.ip));
@@ -410,7 +414,7 @@ fn free(addrs: &[String]) -> anyhow::Result<()> {
         let addr: SocketAddr = a.parse()?;
         std::net::TcpListener::bind(addr).with_context(|| {
             format!(
-                "the demo listens on {a}, which is taken (another demo still running? `ss -ltnp` names what holds it)"
+                "the demo listens on {a}, which is taken (another demo still running? a server on all addresses, 0.0.0.0, at that port takes it too; `ss -ltnp` names what holds it)"
             )
         })?;
     }
@@ -532,7 +536,7 @@ async fn run_mesh(
         if pod.app {
             let mut a = vec![
                 "demo-app".to_string(),
-                format!("--listen={}:8080", pod.ip),
+                format!("--listen={}:{APP_PORT}", pod.ip),
                 format!("--name={}", pod.name),
             ];
             a.extend(pod.app_args.iter().map(|s| s.to_string()));

@@ -299,7 +299,7 @@ async fn a_demo_signalled_twice_leaves_nothing_behind() {
     );
     nothing_left_behind(&routes, &routes_before, tmp.path());
     // Its processes were gone before it was: their addresses are free.
-    for addr in ["127.0.0.1:19990", "127.0.1.1:4191", "127.0.1.1:8080"] {
+    for addr in ["127.0.0.1:19990", "127.0.1.1:4191", "127.0.1.1:18080"] {
         std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
     }
 }
