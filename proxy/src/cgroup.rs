@@ -1,9 +1,12 @@
 //! The container's memory limit, as its cgroup says: the proxy sizes its
 //! default connection limit to it, so that what its limits let in cannot get
 //! it OOM-killed (the injected sidecar's limit is 250 MiB; 20,000 idle
-//! connections on each listener would take several times that).
+//! connections on each listener would take several times that), and sheds
+//! new requests near it.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::defaults;
 
@@ -39,6 +42,87 @@ fn memory_limit_under(root: &Path, own: &str) -> Option<u64> {
         .ok()
         // v1 writes "unlimited" as the largest page-aligned i64.
         .filter(|b| *b < 1 << 60)
+}
+
+/// Whether the proxy is near its container's memory limit: past 90 % of it
+/// resident, new requests are shed (503, not processed) until it is back
+/// under 85 %. Its limits bound connections, but not the bytes each request
+/// may hold (a stream's HTTP/2 window, 256 KiB, while the app reads slowly):
+/// a burst of slow uploads would otherwise get the proxy OOM-killed, and
+/// every connection of the pod with it. The process's own resident memory,
+/// not the cgroup's use: that counts the page cache, which the kernel
+/// reclaims before it kills, and in a cgroup shared with others (a host's
+/// service, a CI job) their memory too.
+#[derive(Clone, Debug, Default)]
+pub struct Pressure(Option<Arc<AtomicBool>>);
+
+impl Pressure {
+    /// Watched every `MEMORY_PRESSURE_EVERY` where the container has a
+    /// limit; never high where it has none. On a runtime.
+    pub fn of_own_cgroup() -> Self {
+        match memory_limit() {
+            Some(limit) if resident().is_some() => Self::watch(limit, resident),
+            _ => Pressure(None),
+        }
+    }
+
+    fn watch(limit: u64, used: fn() -> Option<u64>) -> Self {
+        let high = Arc::new(AtomicBool::new(false));
+        let flag = Arc::downgrade(&high);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(defaults::MEMORY_PRESSURE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(flag) = flag.upgrade() else { return };
+                let Some(used) = used() else { continue };
+                let was = flag.load(Ordering::Relaxed);
+                let now = high_after(was, used, limit);
+                if now != was {
+                    flag.store(now, Ordering::Relaxed);
+                    if now {
+                        tracing::warn!(
+                            used,
+                            limit,
+                            "near the container's memory limit: new requests are answered 503 until it is back under 85 %"
+                        );
+                    } else {
+                        tracing::info!(used, limit, "back under 85 % of the memory limit");
+                    }
+                }
+            }
+        });
+        Pressure(Some(high))
+    }
+
+    /// Set by hand (tests).
+    pub fn fixed(high: bool) -> Self {
+        Pressure(Some(Arc::new(AtomicBool::new(high))))
+    }
+
+    pub fn is_high(&self) -> bool {
+        self.0.as_ref().is_some_and(|h| h.load(Ordering::Relaxed))
+    }
+}
+
+/// This process's resident memory, in bytes (`VmRSS`).
+fn resident() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// High past 90 % of `limit`; once high, until under 85 %.
+fn high_after(was: bool, used: u64, limit: u64) -> bool {
+    let at = |pct: u64| limit / 100 * pct;
+    if was { used >= at(85) } else { used > at(90) }
 }
 
 /// Connections per listener that fit in `limit` bytes with one listener
@@ -122,6 +206,36 @@ mod tests {
         assert!(holds(4 << 30, 50_000), "more than the default, given");
         assert!(!holds(250 << 20, 50_000));
         assert_eq!(connections_within(16 << 20), defaults::MIN_MAX_CONNECTIONS);
+    }
+
+    /// Shedding starts past 90 % of the limit and stops under 85 %, so a
+    /// proxy hovering at the line does not flap; with no limit, never.
+    #[test]
+    fn pressure_is_high_past_90_percent_until_under_85() {
+        let limit = 100 << 20;
+        assert!(!high_after(false, limit / 100 * 90, limit));
+        assert!(high_after(false, limit / 100 * 90 + 1, limit));
+        assert!(high_after(true, limit / 100 * 86, limit));
+        assert!(!high_after(true, limit / 100 * 85 - 1, limit));
+        assert!(!Pressure::default().is_high(), "no limit: never high");
+        assert!(resident().is_some_and(|r| r > 0), "this process's own");
+    }
+
+    /// The watch follows the memory in use: high once it passes 90 % of
+    /// the limit, low again under 85 %.
+    #[tokio::test(start_paused = true)]
+    async fn pressure_follows_the_memory_in_use() {
+        static USED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+        let p = Pressure::watch(10_000, || Some(USED.load(Ordering::Relaxed)));
+        let settle = || tokio::time::sleep(defaults::MEMORY_PRESSURE_EVERY * 2);
+        settle().await;
+        assert!(!p.is_high());
+        USED.store(9_500, Ordering::Relaxed);
+        settle().await;
+        assert!(p.is_high());
+        USED.store(8_000, Ordering::Relaxed);
+        settle().await;
+        assert!(!p.is_high());
     }
 
     fn tempfile_dir() -> std::path::PathBuf {

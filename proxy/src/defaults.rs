@@ -78,6 +78,10 @@ pub const MEMORY_RESERVE: u64 = 32 << 20;
 pub const MEMORY_PER_CONNECTION: u64 = 32 << 10;
 /// And at least this many, however low the limit.
 pub const MIN_MAX_CONNECTIONS: usize = 256;
+/// How often the cgroup's memory use is read, to shed new requests near the
+/// limit (`cgroup::Pressure`): a slow upload holds at most a stream's window,
+/// so between two reads a burst adds little.
+pub const MEMORY_PRESSURE_EVERY: Duration = Duration::from_millis(100);
 /// Requests in flight at once per direction: each may hold a connection to
 /// the app (HTTP/1 takes one per request), so peers' multiplexed streams
 /// (1,000 per connection) cannot take every file descriptor the proxy has,

@@ -54,6 +54,8 @@ pub struct Shared {
     pub own: OwnAddrs,
     /// Spans and access log, when either is on.
     pub observe: Option<Arc<Observe>>,
+    /// Near the container's memory limit, new requests are shed.
+    pub memory: crate::cgroup::Pressure,
 }
 
 /// The tracer (with `--otlp-endpoint`) and the access log (with `--access-log`).
@@ -456,6 +458,7 @@ impl Proxy {
         let observe = observe(&config, &metrics)?;
         let shared = Arc::new(Shared {
             observe,
+            memory: crate::cgroup::Pressure::of_own_cgroup(),
             own,
             discovery,
             identity,

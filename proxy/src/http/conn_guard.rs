@@ -332,6 +332,8 @@ pub struct InFlightCap {
     count: AtomicUsize,
     max: usize,
     per_source: usize,
+    /// Near the container's memory limit: new requests shed too.
+    pressure: crate::cgroup::Pressure,
     /// Each address's count, shared by its connections while any is open.
     sources: std::sync::Mutex<Sources>,
 }
@@ -345,10 +347,15 @@ struct Sources {
 
 impl InFlightCap {
     pub fn new(max: usize) -> Arc<Self> {
+        Self::with_pressure(max, crate::cgroup::Pressure::default())
+    }
+
+    pub fn with_pressure(max: usize, pressure: crate::cgroup::Pressure) -> Arc<Self> {
         Arc::new(InFlightCap {
             count: AtomicUsize::new(0),
             max,
             per_source: (max / 4).max(1),
+            pressure,
             sources: Default::default(),
         })
     }
@@ -374,11 +381,12 @@ impl InFlightCap {
 }
 
 /// On a request that came past its direction's `InFlightCap`, or past its
-/// caller's share of it.
+/// caller's share of it, or while the proxy is near its memory limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverCap {
     Direction,
     Caller,
+    Memory,
 }
 
 /// Marks a request in flight from the moment it reaches the service until its
@@ -465,6 +473,8 @@ where
             req.extensions_mut().insert(OverCap::Direction);
         } else if over_caller {
             req.extensions_mut().insert(OverCap::Caller);
+        } else if self.cap.pressure.is_high() {
+            req.extensions_mut().insert(OverCap::Memory);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(self.state.clone(), Some(self.cap.clone()));
@@ -528,6 +538,36 @@ mod tests {
         let held = cap.sources.lock().unwrap().counts.len();
         assert!(held <= 128, "{held} entries kept for callers gone");
         assert!(Arc::ptr_eq(&a, &cap.of_source("10.0.0.1".parse().unwrap())));
+    }
+
+    /// Near the memory limit every new request is marked to be shed
+    /// (answered 503, not processed); otherwise none is.
+    #[tokio::test]
+    async fn requests_are_shed_while_memory_is_near_its_limit() {
+        use http_body_util::Empty;
+        for high in [false, true] {
+            let cap = InFlightCap::with_pressure(8, crate::cgroup::Pressure::fixed(high));
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let svc = {
+                let seen = seen.clone();
+                tower::service_fn(move |req: Request<InFlightBody<Empty<bytes::Bytes>>>| {
+                    *seen.lock().unwrap() = req.extensions().get::<OverCap>().copied();
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(
+                            Empty::<bytes::Bytes>::new(),
+                        ))
+                    }
+                })
+            };
+            let svc = tower::Layer::layer(
+                &InFlightLayer::new(Arc::new(ConnState::default()), cap),
+                svc,
+            );
+            tower::ServiceExt::oneshot(svc, Request::new(Empty::new()))
+                .await
+                .unwrap();
+            assert_eq!(*seen.lock().unwrap(), high.then_some(OverCap::Memory));
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,13 +73,17 @@ where
                     "source_in_flight_limit",
                     "too many requests in flight from this caller (not processed)",
                 ),
+                OverCap::Memory => (
+                    "memory_pressure",
+                    "the proxy is near its memory limit (not processed)",
+                ),
             };
             self.metrics.reject_http(self.direction, reason);
             strait_otel::sampled!(
                 warn,
                 direction = self.direction.as_str(),
                 reason,
-                "too many requests in flight (--max-in-flight-requests); answered 503"
+                "{text}: answered 503 (--max-in-flight-requests, or the memory limit)"
             );
             // "Not processed": a calling proxy passes this one over for a
             // while, as for a 429, and may send the request elsewhere, rather

@@ -37,7 +37,10 @@ pub struct HttpStack {
 impl HttpStack {
     pub fn new(shared: Arc<Shared>, direction: Direction) -> Self {
         HttpStack {
-            cap: InFlightCap::new(shared.config.max_in_flight_requests),
+            cap: InFlightCap::with_pressure(
+                shared.config.max_in_flight_requests,
+                shared.memory.clone(),
+            ),
             metrics: RequestMetricsLayer::new(shared.metrics.clone(), direction),
             grpc_errors: ErrorsLayer::new(direction),
             normalize: NormalizeLayer::new(shared.metrics.clone(), direction),
