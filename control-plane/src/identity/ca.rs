@@ -312,9 +312,15 @@ impl Ca {
     /// exactly that identity and nothing else. The leaf carries only what we put
     /// in it: the SAN, the usages, the validity; nothing else is copied.
     pub fn sign(&self, csr_der: &[u8], identity: &str) -> Result<Leaf, SignError> {
+        // The key's type first, from the request as written: verifying an
+        // RSA request's signature costs the controller more than refusing it.
+        check_key_type(csr_der)?;
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(|e| SignError::BadCsr(e.to_string()))?;
-        check_key(csr_der, csr.public_key.algorithm())?;
+        let alg = csr.public_key.algorithm();
+        if *alg != rcgen::PKCS_ECDSA_P256_SHA256 && *alg != rcgen::PKCS_ED25519 {
+            return Err(bad_key());
+        }
         let sans = &csr.params.subject_alt_names;
         let only_ours = matches!(sans.as_slice(), [SanType::URI(u)] if u.as_str() == identity);
         if !only_ours {
@@ -403,27 +409,22 @@ impl Ca {
 /// is signed with the matching algorithm: rcgen takes the leaf's key algorithm
 /// from the CSR's signature, so a P-384 key signed with SHA-256 would yield a
 /// leaf whose key and algorithm disagree.
-fn check_key(csr_der: &[u8], alg: &rcgen::SignatureAlgorithm) -> Result<(), SignError> {
+/// An ECDSA P-256 or Ed25519 key, as the request's SubjectPublicKeyInfo
+/// says, before its signature is checked.
+fn check_key_type(csr_der: &[u8]) -> Result<(), SignError> {
     use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
     use x509_parser::prelude::FromDer;
     let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
         .map_err(|e| SignError::BadCsr(e.to_string()))?;
     let spki = &req.certification_request_info.subject_pki.algorithm;
     let curve = spki.parameters.as_ref().and_then(|p| p.as_oid().ok());
-    let ok = if *alg == rcgen::PKCS_ECDSA_P256_SHA256 {
-        spki.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256)
-    } else if *alg == rcgen::PKCS_ED25519 {
-        spki.algorithm == OID_SIG_ED25519
-    } else {
-        false
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(SignError::BadCsr(
-            "the key must be ECDSA P-256 (signed with SHA-256) or Ed25519".into(),
-        ))
-    }
+    let ok = spki.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256)
+        || spki.algorithm == OID_SIG_ED25519;
+    if ok { Ok(()) } else { Err(bad_key()) }
+}
+
+fn bad_key() -> SignError {
+    SignError::BadCsr("the key must be ECDSA P-256 (signed with SHA-256) or Ed25519".into())
 }
 
 fn random_serial() -> SerialNumber {
@@ -626,8 +627,17 @@ mod tests {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![uri(WEB)];
-        let der = p.serialize_request(&key).unwrap().der().to_vec();
+        let mut der = p.serialize_request(&key).unwrap().der().to_vec();
         assert!(matches!(ca().sign(&der, WEB), Err(SignError::BadCsr(_))));
+        // Refused for its key before its signature is checked (an RSA
+        // request's costs more to verify than to refuse): a broken
+        // signature is not what is said.
+        let last = der.len() - 1;
+        der[last] ^= 0xff;
+        match ca().sign(&der, WEB) {
+            Err(SignError::BadCsr(why)) => assert!(why.contains("the key must be"), "{why}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 
     /// A self-signed CA valid from `from` to `to` (relative to now), as PEM.
