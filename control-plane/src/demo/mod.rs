@@ -205,15 +205,56 @@ struct Procs {
     /// The children's process ids, for a second signal to kill them without
     /// waiting for the cleanup.
     pids: Arc<Mutex<Vec<u32>>>,
+    logs: Arc<Logs>,
+}
+
+/// The demo's processes' log lines, each to stderr as it comes, named by its
+/// process. On a terminal, where each table clears the screen, the latest
+/// are also shown under the table: a manifest edited while the demo runs and
+/// refused must not be said for a moment and wiped.
+#[derive(Debug, Default)]
+struct Logs {
+    tty: bool,
+    latest: Mutex<std::collections::VecDeque<String>>,
+}
+
+impl Logs {
+    /// Lines kept under the table.
+    const LATEST: usize = 6;
+
+    fn line(&self, who: &str, line: &str) {
+        use std::io::Write;
+        let line = format!("[{who}] {line}");
+        let _ = writeln!(std::io::stderr(), "{line}");
+        if self.tty
+            && let Ok(mut latest) = self.latest.lock()
+        {
+            if latest.len() == Self::LATEST {
+                latest.pop_front();
+            }
+            latest.push_back(line);
+        }
+    }
+
+    /// What goes under the table: the latest lines, if any.
+    fn under_table(&self) -> String {
+        let latest = self.latest.lock().map(|l| l.clone()).unwrap_or_default();
+        if latest.is_empty() {
+            return String::new();
+        }
+        let lines: Vec<String> = latest.into_iter().collect();
+        format!("latest log lines:\n{}\n", lines.join("\n"))
+    }
 }
 
 impl Procs {
     fn spawn(&mut self, what: &str, bin: &Path, args: &[String]) -> anyhow::Result<()> {
-        let child = self
+        let mut child = self
             .log
             .command(bin, args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             // A group of its own: Ctrl-C at the terminal signals the whole
             // foreground group, and would stop every child at once, the
             // controller under its proxies and web-0's proxy before the
@@ -225,6 +266,16 @@ impl Procs {
             .with_context(|| format!("starting {what} ({})", bin.display()))?;
         if let (Some(pid), Ok(mut pids)) = (child.id(), self.pids.lock()) {
             pids.push(pid);
+        }
+        if let Some(stderr) = child.stderr.take() {
+            use tokio::io::AsyncBufReadExt;
+            let (logs, who) = (self.logs.clone(), what.to_string());
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    logs.line(&who, &l);
+                }
+            });
         }
         self.running.push((what.to_string(), child));
         Ok(())
@@ -357,6 +408,10 @@ pub async fn run(args: DemoArgs, log: ChildLog) -> anyhow::Result<()> {
         running: Vec::new(),
         log,
         pids: pids.clone(),
+        logs: Arc::new(Logs {
+            tty: std::io::stdout().is_terminal(),
+            ..Logs::default()
+        }),
     };
     let result = run_mesh(&args, &work, &me, &proxy, &mut procs, &mut routes, stop).await;
     let restored = routes.restore();
@@ -633,6 +688,7 @@ async fn run_mesh(
                 if let Some(line) = &shifted {
                     text += &format!("{line}\n");
                 }
+                text += &procs.logs.under_table();
                 // Nobody reads any more (`strait demo | head`): the demo ends
                 // through its cleanup.
                 if !say(format_args!("{text}")) {
@@ -764,6 +820,31 @@ async fn drive(rate: u32, stats: Arc<Mutex<Stats>>, traced: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a terminal the latest lines, named by their process, are kept to
+    /// be shown under each table, which clears the screen; elsewhere none
+    /// are (each went to stderr as it came, and stays).
+    #[test]
+    fn the_latest_log_lines_go_under_the_table_on_a_terminal() {
+        let logs = Logs {
+            tty: true,
+            ..Logs::default()
+        };
+        assert_eq!(logs.under_table(), "");
+        for i in 0..10 {
+            logs.line("controller", &format!("line {i}"));
+        }
+        let under = logs.under_table();
+        assert!(
+            under.starts_with("latest log lines:\n[controller] line 4\n"),
+            "{under}"
+        );
+        assert!(under.ends_with("[controller] line 9\n"), "{under}");
+        assert_eq!(under.lines().count(), 1 + Logs::LATEST);
+        let piped = Logs::default();
+        piped.line("controller", "line");
+        assert_eq!(piped.under_table(), "");
+    }
 
     fn envs(c: &Command) -> Vec<(String, Option<String>)> {
         c.as_std()
