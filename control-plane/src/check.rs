@@ -60,7 +60,7 @@ fn line(verdict: Verdict, what: impl Into<String>) -> Line {
 /// Runs every check, printing each as it completes; fails when any fails.
 pub async fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let lines = checks(args).await;
-    crate::cluster::print(format_args!(
+    crate::output::print(format_args!(
         "{}\n",
         summary(&lines).map_err(anyhow::Error::msg)?
     ));
@@ -89,12 +89,12 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             Verdict::Warn => "warn",
             Verdict::Fail => "FAIL",
         };
-        crate::cluster::print(format_args!("[{tag}] {}\n", l.what));
+        crate::output::print(format_args!("[{tag}] {}\n", l.what));
         out.push(l);
     };
     let client = match args.cluster.client().await {
         Ok((c, name)) => {
-            crate::cluster::print(format_args!("checking the cluster at {name}\n"));
+            crate::output::print(format_args!("checking the cluster at {name}\n"));
             c
         }
         Err(e) => {

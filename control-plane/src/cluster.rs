@@ -1,5 +1,4 @@
-//! The CLI and the cluster: which one it reads (kubectl's `--kubeconfig` and
-//! `--context`), and where its output goes.
+//! Which cluster the CLI reads: kubectl's `--kubeconfig` and `--context`.
 //! `strait install | kubectl --context prod apply -f -` must read prod's
 //! install, not the current context's: another cluster's identity (or a new
 //! one, where that cluster has none) would cut prod's proxies off.
@@ -7,6 +6,11 @@
 use std::path::PathBuf;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// A `--context` the kubeconfig does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoSuchContext(String);
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClusterArgs {
@@ -38,6 +42,21 @@ impl ClusterArgs {
             })
     }
 
+    /// `client`, its failures but a misspelt context told as `cannot` says
+    /// (with the way out of a cluster that cannot be read).
+    pub async fn client_or(
+        &self,
+        cannot: impl Fn(&dyn std::fmt::Display) -> anyhow::Error,
+    ) -> anyhow::Result<(kube::Client, String)> {
+        self.client().await.map_err(|e| {
+            if e.is::<NoSuchContext>() {
+                e
+            } else {
+                cannot(&e)
+            }
+        })
+    }
+
     /// A client of the cluster, and how to name it to the user (its server
     /// and context), so that reading the wrong one shows.
     pub async fn client(&self) -> anyhow::Result<(kube::Client, String)> {
@@ -45,19 +64,40 @@ impl ClusterArgs {
             context: self.context.clone(),
             ..Default::default()
         };
+        // A context misspelt is said as such: kube's own error reads as no
+        // configuration at all, and the advice after it (generate a new
+        // identity) would be wrong.
+        let has = |file: &Kubeconfig, at: &dyn std::fmt::Display| match &self.context {
+            Some(c) if !file.contexts.iter().any(|n| n.name == *c) => Err(NoSuchContext(format!(
+                "no context {c:?} in {at} (it has {})",
+                file.contexts
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            _ => Ok(()),
+        };
         let (config, context) = match &self.kubeconfig {
             Some(path) => {
                 let file = Kubeconfig::read_from(path)?;
+                has(&file, &path.display())?;
                 let current = file.current_context.clone();
                 (
                     kube::Config::from_custom_kubeconfig(file, &options).await?,
                     self.context.clone().or(current),
                 )
             }
-            None if self.context.is_some() => (
-                kube::Config::from_kubeconfig(&options).await?,
-                self.context.clone(),
-            ),
+            None if self.context.is_some() => {
+                has(
+                    &Kubeconfig::read()?,
+                    &"the kubeconfig (KUBECONFIG, else ~/.kube/config)",
+                )?;
+                (
+                    kube::Config::from_kubeconfig(&options).await?,
+                    self.context.clone(),
+                )
+            }
             None => (
                 kube::Config::infer().await?,
                 Kubeconfig::read().ok().and_then(|k| k.current_context),
@@ -68,21 +108,5 @@ impl ClusterArgs {
             None => config.cluster_url.to_string(),
         };
         Ok((kube::Client::try_from(config)?, name))
-    }
-}
-
-/// Writes a command's output to stdout. A reader that went away (`strait
-/// check | head -3`) ends the process quietly, with the status a process
-/// killed by SIGPIPE has, as a C or Go tool's would: Rust's `print!` would
-/// panic instead.
-pub fn print(text: std::fmt::Arguments) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(128 + 13);
-        }
-        eprintln!("error: writing the output: {e}");
-        std::process::exit(1);
     }
 }

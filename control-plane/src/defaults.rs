@@ -131,13 +131,15 @@ pub const VIEWS_PRUNE_AT: usize = 1024;
 pub const GRPC_MAX_CONCURRENT_STREAMS: u32 = 2048;
 /// Streams a connection may make h2 reset for its own errors (a window
 /// overflowed, a frame on a closed stream) before it is sent away with
-/// `GOAWAY(ENHANCE_YOUR_CALM)`, and streams it may reset before the server
-/// accepts them. tonic turns hyper's cap off unless given one: each reset
-/// is queued for a client that need not read, which any pod could grow
-/// without bound before proving anything (RUSTSEC-2024-0003, MadeYouReset).
+/// `GOAWAY(ENHANCE_YOUR_CALM)`. tonic turns hyper's cap off unless given
+/// one: each reset is queued for a client that need not read, which any pod
+/// could grow without bound before proving anything (RUSTSEC-2024-0003,
+/// MadeYouReset).
 /// The proxy's listeners keep the same 1,024; a proxy's calls send their
 /// message with the head and never draw one.
 pub const GRPC_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// h2's own default, given so that no later tonic can lift it as it does
+/// the cap above.
 pub const GRPC_MAX_PENDING_ACCEPT_RESETS: usize = 20;
 /// The most discovery watches a proxy may be set to keep (the proxy's own
 /// bound, `strait.dev/proxy-max-discovery-watches`'s): they share its

@@ -119,7 +119,7 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     let dropped = flags_dropped(&installed_args, &controller_args(&values));
     if !dropped.is_empty() {
         eprintln!(
-            "strait install: the installed controller also has {}, set by hand, which this install does not write: kubectl apply replaces the arguments where it changes them (an upgrade does), and those are gone; set them as STRAIT_* variables on the Deployment instead, which apply keeps",
+            "strait install: the installed controller also has {}, which no install writes (set by hand?): kubectl apply replaces the arguments where it changes them (an upgrade does), and those are gone; set them as STRAIT_* variables on the Deployment instead, which apply keeps",
             dropped.join(", ")
         );
     }
@@ -175,7 +175,7 @@ async fn existing_install(
             "cannot tell whether strait is installed (reading {NAMESPACE}/{ISSUER_SECRET}): {e}; pass the --identity-* files, or --ignore-cluster to generate a new identity anyway"
         )
     };
-    let (client, name) = cluster.client().await.map_err(|e| cannot(&e))?;
+    let (client, name) = cluster.client_or(cannot).await?;
     eprintln!("strait install: reading the install in the cluster at {name}");
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), NAMESPACE);
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), NAMESPACE);
@@ -483,7 +483,7 @@ pub async fn installed_for_injection(
             "cannot read the install in the cluster ({namespace}/{ANCHORS_CONFIG_MAP}): {e}"
         )
     };
-    let (client, name) = cluster.client().await.map_err(|e| cannot(&e))?;
+    let (client, name) = cluster.client_or(cannot).await?;
     eprintln!("strait inject: reading the install in the cluster at {name}");
     let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), namespace);
     let deployments: kube::Api<Deployment> = kube::Api::namespaced(client, namespace);
@@ -812,8 +812,23 @@ fn pod_labels() -> Value {
     l
 }
 
-/// The controller's arguments, in the chart's order.
-/// The flags among `installed` that `new` does not have, by name.
+/// Flags an install writes with some settings only (dropped by
+/// `--reset-settings`, or not given), or the chart only (its `logLevel`):
+/// not set by hand when an install leaves them out.
+const WRITTEN_SOMETIMES: &[&str] = &[
+    "--otlp-endpoint",
+    "--proxy-otlp-endpoint",
+    "--proxy-trace-sampling",
+    "--proxy-access-log",
+    "--proxy-cpu-request",
+    "--proxy-cpu-limit",
+    "--proxy-memory-request",
+    "--proxy-memory-limit",
+    "--log-level",
+];
+
+/// The flags among `installed` that `new` does not have, by name, but for
+/// those an install or the chart writes.
 fn flags_dropped(installed: &[String], new: &[String]) -> Vec<String> {
     let name = |a: &String| {
         a.starts_with("--")
@@ -823,12 +838,13 @@ fn flags_dropped(installed: &[String], new: &[String]) -> Vec<String> {
     let mut out: Vec<String> = installed
         .iter()
         .filter_map(name)
-        .filter(|n| !new.contains(n))
+        .filter(|n| !new.contains(n) && !WRITTEN_SOMETIMES.contains(&n.as_str()))
         .collect();
     out.dedup();
     out
 }
 
+/// The controller's arguments, in the chart's order.
 fn controller_args(v: &Values) -> Vec<String> {
     let mut args: Vec<String> = [
         "controller",
@@ -1188,7 +1204,8 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<String> {
                 "cannot tell whether meshed pods still run ({e}); pass --force to print the objects anyway"
             )
         };
-        let (client, _) = args.cluster.client().await.map_err(|e| cannot(&e))?;
+        let (client, name) = args.cluster.client_or(cannot).await?;
+        eprintln!("strait uninstall: looking for meshed pods in the cluster at {name}");
         let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
             .await
             .map_err(|_| cannot(&format_args!("no answer in {PODS_LOOKUP_TIMEOUT:?}")))?
@@ -1257,6 +1274,8 @@ mod tests {
                 {"name": "controller", "args": [
                     "controller", "--kubernetes", "--trust-domain=cluster.local",
                     "--webhook-failure-policy=ignore", "--cert-lifetime", "48h",
+                    // Written by an install with telemetry, or by the chart.
+                    "--otlp-endpoint=http://c:4317", "--log-level=debug",
                 ]},
             ]}}}
         }))
@@ -1265,7 +1284,9 @@ mod tests {
             .unwrap()
             .unwrap();
         let installed_args = i.controller_args.clone();
-        let new = controller_args(&install_args(&[]).values(Some(i)).unwrap());
+        // Settings put back to their defaults are not flags set by hand.
+        let new = controller_args(&install_args(&["--reset-settings"]).values(Some(i)).unwrap());
+        assert!(!new.iter().any(|a| a.starts_with("--otlp-endpoint")));
         assert_eq!(
             flags_dropped(&installed_args, &new),
             ["--webhook-failure-policy", "--cert-lifetime"]
@@ -1314,11 +1335,6 @@ mod tests {
         }
     }
 
-    /// An install from a registry of the user's own is upgraded to this
-    /// release's images unless given them again, and is told so, naming the
-    /// flag that takes this release from that registry (pinning the
-    /// installed one would keep an earlier proxy under this injector); an
-    /// install of the public images is upgraded without a word.
     fn install_args(flags: &[&str]) -> InstallArgs {
         use clap::{Args, FromArgMatches};
         let cmd = InstallArgs::augment_args(clap::Command::new("install"));
@@ -1328,6 +1344,11 @@ mod tests {
         InstallArgs::from_arg_matches(&m).unwrap()
     }
 
+    /// An install from a registry of the user's own is upgraded to this
+    /// release's images unless given them again, and is told so, naming the
+    /// flag that takes this release from that registry (pinning the
+    /// installed one would keep an earlier proxy under this injector); an
+    /// install of the public images is upgraded without a word.
     #[test]
     fn installed_images_replaced_unasked_are_named() {
         let args = install_args;

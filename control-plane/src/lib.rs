@@ -20,6 +20,7 @@ pub mod kubernetes;
 pub mod log;
 pub mod manifests;
 pub mod metrics;
+pub mod output;
 pub mod policy;
 pub mod routes;
 pub mod source;

@@ -108,7 +108,7 @@ fn start() -> anyhow::Result<()> {
                 demo::run(args, log).await
             }
             Command::Install(args) => {
-                strait_control_plane::cluster::print(format_args!(
+                strait_control_plane::output::print(format_args!(
                     "{}",
                     strait_control_plane::install::run(&args).await?
                 ));
@@ -116,14 +116,14 @@ fn start() -> anyhow::Result<()> {
             }
             Command::Check(args) => strait_control_plane::check::run(&args).await,
             Command::Uninstall(args) => {
-                strait_control_plane::cluster::print(format_args!(
+                strait_control_plane::output::print(format_args!(
                     "{}",
                     strait_control_plane::install::uninstall(&args).await?
                 ));
                 Ok(())
             }
             Command::Crds => {
-                strait_control_plane::cluster::print(format_args!(
+                strait_control_plane::output::print(format_args!(
                     "{}",
                     strait_control_plane::crds::stream()?
                 ));

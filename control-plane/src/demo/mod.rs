@@ -191,9 +191,7 @@ fn forget(pids: &Mutex<Vec<u32>>, pid: Option<u32>) {
 /// Writes to stdout; false once nobody reads it (`strait demo | head`),
 /// which ends the demo through its cleanup rather than a panic.
 fn say(text: std::fmt::Arguments) -> bool {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    out.write_fmt(text).and_then(|()| out.flush()).is_ok()
+    crate::output::write(text).is_ok()
 }
 
 /// Turns true once the demo is asked to stop (a signal).

@@ -419,7 +419,7 @@ pub async fn run(args: &InjectArgs) -> anyhow::Result<()> {
     if failed > 0 {
         anyhow::bail!("{failed} workload(s) could not be injected; nothing was printed");
     }
-    crate::cluster::print(format_args!("{out}"));
+    crate::output::print(format_args!("{out}"));
     Ok(())
 }
 

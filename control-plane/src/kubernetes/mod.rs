@@ -636,7 +636,10 @@ async fn run_watcher<K, F>(
             Crd::ServesOnly(_) => !kind.is_route(),
             Crd::Missing => false,
         };
-        if let (Crd::ServesOnly(versions), false) = (&crd, kind.is_route()) {
+        // Once, as the watch's own failure is: repeats are at each backoff.
+        if let (Crd::ServesOnly(versions), false) = (&crd, kind.is_route())
+            && failing_gauge.get() == 0
+        {
             warn!(
                 ?kind,
                 served = ?versions,

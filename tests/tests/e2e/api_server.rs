@@ -1183,6 +1183,16 @@ async fn the_cli_reads_the_cluster_its_flags_name() {
     // Unflagged, the current context, which does not answer: refused.
     let out = strait_on(&two, &["install"]).await;
     assert!(!out.status.success() && out.stdout.is_empty());
+    // A context misspelt is said as such, not as a cluster to start afresh.
+    let out = strait_on(&two, &["install", "--context", "prdo"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("no context \"prdo\"")
+            && stderr.contains("dev, prod")
+            && !stderr.contains("--ignore-cluster"),
+        "{stderr}"
+    );
     // inject and check read the same cluster.
     dir.write(
         "pod.yaml",

@@ -391,11 +391,6 @@ fn grpc_headers(path: &str) -> Vec<u8> {
     h
 }
 
-/// Requests whose message never completes, more of them from one address
-/// than the controller answers at once: each held one would keep a message's
-/// buffer before anyone is authenticated. Past the address's share they are
-/// refused at once (`RESOURCE_EXHAUSTED`, counted), and the controller stays
-/// ready for everyone else.
 /// A client that makes the controller's HTTP/2 reset stream after stream
 /// for its own errors, and reads nothing, is sent away: each reset would be
 /// queued for it without bound, and any pod may reach the controller's
@@ -431,6 +426,11 @@ async fn streams_reset_for_a_client_s_errors_end_its_connection_to_the_controlle
     assert_eq!(status, 200);
 }
 
+/// Requests whose message never completes, more of them from one address
+/// than the controller answers at once: each held one would keep a message's
+/// buffer before anyone is authenticated. Past the address's share they are
+/// refused at once (`RESOURCE_EXHAUSTED`, counted), and the controller stays
+/// ready for everyone else.
 #[tokio::test]
 async fn unfinished_grpc_requests_from_one_address_are_refused_past_its_share() {
     use strait_tests::manifests::ManifestDir;

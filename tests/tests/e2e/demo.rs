@@ -166,7 +166,7 @@ async fn a_demo_whose_reader_went_away_cleans_up_after_itself() {
     drop(lines);
     let mut stderr = String::new();
     let mut err = demo.stderr.take().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(6), async {
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
         err.read_to_string(&mut stderr).await.unwrap();
         demo.wait().await.unwrap()
     })

@@ -372,8 +372,6 @@ async fn a_stopping_controller_answers_reviews_for_its_delay_then_closes_connect
     assert!(matches!(&exited, Ok(Ok(s)) if s.success()), "{exited:?}");
 }
 
-/// Environment variables are read as a deployment writes them: a boolean as
-/// `false`, `0` or `yes`, and a log filter checked as the flag's is.
 /// A reader that goes away (`strait check | head -3`, `| grep -q`) ends the
 /// CLI as SIGPIPE ends a C or Go tool: quietly, not with a panic's message
 /// and status 101.
@@ -394,6 +392,8 @@ fn output_to_a_reader_gone_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Environment variables are read as a deployment writes them: a boolean as
+/// `false`, `0` or `yes`, and a log filter checked as the flag's is.
 #[test]
 fn environment_variables_read_as_deployments_write_them() {
     let dir = ManifestDir::new();
@@ -714,18 +714,15 @@ fn install_the_chart_and_inject_make_the_same_valid_manifests() {
             "trustDomain \"spiffe://Cluster.Local\": not a trust domain",
         ),
         // A misspelt key, which would change nothing, and a pull secret
-        // the API server would refuse.
-        (
-            vec!["--set=replica=3".to_string()],
-            "Additional property replica is not allowed",
-        ),
+        // the API server would refuse (named whatever Helm's wording).
+        (vec!["--set=replica=3".to_string()], "replica"),
         (
             vec!["--set=tracing.otlpEndpiont=http://c:4317".to_string()],
-            "Additional property otlpEndpiont is not allowed",
+            "otlpEndpiont",
         ),
         (
             vec!["--set=imagePullSecrets[0]=regcred".to_string()],
-            "imagePullSecrets.0: Invalid type",
+            "imagePullSecrets",
         ),
     ] {
         let out = std::process::Command::new("helm")

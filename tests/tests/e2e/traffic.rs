@@ -1697,10 +1697,9 @@ async fn a_clients_bad_chunking_never_counts_against_an_endpoint() {
 async fn a_port_taken_names_its_flag() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = held.local_addr().unwrap();
-    let port = || format!("127.0.0.1:{}", free_port());
     let out = tokio::process::Command::new(strait_tests::process::binary("strait-proxy"))
-        .arg(format!("--outbound-addr={}", port()))
-        .arg(format!("--inbound-addr={}", port()))
+        .arg("--outbound-addr=127.0.0.1:0")
+        .arg("--inbound-addr=127.0.0.1:0")
         .arg(format!("--admin-addr={taken}"))
         .output()
         .await
