@@ -270,9 +270,64 @@ pub fn error_response(made: &'static str, status: StatusCode, reason: &str) -> R
     rsp
 }
 
+/// Responses as the caller gets them: `redacted` where it is `unverified`.
+pub fn redact_if(
+    unverified: bool,
+) -> impl Fn(Response<BoxBody>) -> Response<BoxBody> + Clone + Send + Sync + 'static {
+    move |rsp| if unverified { redacted(rsp) } else { rsp }
+}
+
+/// A response the proxy made, as a caller it has not verified gets it: the
+/// status alone, with its standard phrase for a body, neither the reason
+/// header nor the reason's text. Those name pod addresses, app ports and how
+/// a port's policy is set (`connect to 10.42.1.17:8080 failed`, `port 8080
+/// allows only listed identities`), which a client outside the mesh (a
+/// NodePort's, an unmeshed ingress's, passing them on to the internet) has
+/// no use for; meshed callers' proxies read them, and get them. As Linkerd,
+/// which sends its error header to meshed peers only. An app's own
+/// responses carry no such header here (forwarding removes any), so they
+/// pass as they are.
+fn redacted(mut rsp: Response<BoxBody>) -> Response<BoxBody> {
+    if rsp.headers_mut().remove(PROXY_ERROR_HEADER).is_none() {
+        return rsp;
+    }
+    rsp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    // A HEAD's answer stays empty.
+    if !http_body::Body::is_end_stream(rsp.body()) {
+        let phrase = rsp.status().canonical_reason().unwrap_or("error");
+        *rsp.body_mut() = super::full(format!("{phrase}\n"));
+    }
+    rsp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an unverified caller gets of the proxy's own answer: its status
+    /// and phrase, not the addresses and policy in the reason; anything
+    /// else passes untouched.
+    #[tokio::test]
+    async fn an_unverified_caller_gets_the_status_not_the_reason() {
+        use http_body_util::BodyExt;
+        let rsp = redacted(error_response(
+            "connect",
+            StatusCode::BAD_GATEWAY,
+            "connect to 10.42.1.17:8080 failed: connection refused",
+        ));
+        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+        assert!(!rsp.headers().contains_key(PROXY_ERROR_HEADER));
+        assert_eq!(
+            rsp.extensions().get::<ProxyMade>(),
+            Some(&ProxyMade("connect"))
+        );
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"Bad Gateway\n");
+        let app = Response::new(super::super::full("the app's own 502"));
+        let app = redacted(app);
+        let body = app.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"the app's own 502");
+    }
 
     /// What the proxy refuses after picking an endpoint, the endpoint never
     /// saw: its balancer must learn nothing from it (a 400 read as a success

@@ -78,6 +78,12 @@ impl HttpStack {
             false => ConnState::default(),
         });
         let body_timeout = s.http.body_read_timeout;
+        // Inbound, where mTLS is on, a caller with no verified identity gets
+        // the proxy's own answers without their reasons (after the metrics
+        // and the span have them).
+        let unverified =
+            meta.direction == Direction::Inbound && s.identity.is_some() && meta.peer.is_none();
+        let redact = super::error::redact_if(unverified);
         let mut trace = TraceLayer::new(s.observe.clone(), meta.direction, meta.peer.clone());
         if meta.direction == Direction::Inbound {
             trace = trace.for_client(meta.client.0.ip());
@@ -92,6 +98,7 @@ impl HttpStack {
                     RequestBody::wrap(upgradable(req, &tunnels), None)
                 })
                 .layer(self.grpc_errors)
+                .map_response(redact)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,
                 // a bare LF) still leaves its span and access-log line.
@@ -111,6 +118,7 @@ impl HttpStack {
                     RequestBody::wrap(upgradable(req, &upgrades), Some(body_timeout))
                 })
                 .layer(self.grpc_errors)
+                .map_response(redact)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 .layer(trace)
                 .layer(self.normalize.clone())
