@@ -1305,75 +1305,48 @@ mod tests {
         assert!(message.contains("ExternalName alias"), "{message}");
     }
 
-    /// A backendRef of a kind strait does not send to leaves the route
-    /// accepted and says `ResolvedRefs: False`, reason `InvalidKind`, as
-    /// Gateway API asks.
+    /// A backendRef strait cannot send to leaves the route accepted and says
+    /// why under `ResolvedRefs: False`, with Gateway API's reason: a kind it
+    /// does not send to (`InvalidKind`), another namespace's Service, which
+    /// no ReferenceGrant strait reads permits (`RefNotPermitted`).
     #[test]
-    fn a_backend_of_another_kind_is_an_invalid_kind() {
+    fn a_backend_strait_cannot_send_to_says_why_in_gateway_api_s_terms() {
         let mut snap = Snapshot::empty("cluster.local");
         insert(
             &mut snap,
             "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
         );
-        let route = serde_json::json!({
-            "metadata": {"namespace": "shop", "name": "r"},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
-                "rules": [{"backendRefs": [
-                    {"name": "web", "port": 80},
-                    {"group": "multicluster.x-k8s.io", "kind": "ServiceImport", "name": "web"}
-                ]}]
-            }
-        });
-        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
-        let conditions = &want["parents"][0]["conditions"];
-        assert_eq!(condition_in(conditions, "Accepted")["status"], "True");
-        let refs = condition_in(conditions, "ResolvedRefs");
-        assert_eq!(
-            (refs["status"].as_str(), refs["reason"].as_str()),
-            (Some("False"), Some("InvalidKind")),
-            "{refs}"
-        );
-        let message = refs["message"].as_str().unwrap();
-        assert!(
-            message.contains("multicluster.x-k8s.io/ServiceImport web"),
-            "{message}"
-        );
-    }
-
-    /// A backendRef to another namespace's Service leaves the route
-    /// accepted and says `ResolvedRefs: False`, reason `RefNotPermitted`:
-    /// strait reads no ReferenceGrant, so none permits it.
-    #[test]
-    fn a_backend_in_another_namespace_is_not_permitted() {
-        let mut snap = Snapshot::empty("cluster.local");
-        insert(
-            &mut snap,
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
-        );
-        let route = serde_json::json!({
-            "metadata": {"namespace": "shop", "name": "r"},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
-                "rules": [{"backendRefs": [
-                    {"name": "web", "namespace": "shop", "port": 80},
-                    {"name": "web", "namespace": "canary", "port": 80}
-                ]}]
-            }
-        });
-        let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
-        let conditions = &want["parents"][0]["conditions"];
-        assert_eq!(condition_in(conditions, "Accepted")["status"], "True");
-        let refs = condition_in(conditions, "ResolvedRefs");
-        assert_eq!(
-            (refs["status"].as_str(), refs["reason"].as_str()),
-            (Some("False"), Some("RefNotPermitted")),
-            "{refs}"
-        );
-        assert!(
-            refs["message"].as_str().unwrap().contains("canary/web"),
-            "{refs}"
-        );
+        for (other, reason, named) in [
+            (
+                serde_json::json!({"group": "multicluster.x-k8s.io", "kind": "ServiceImport", "name": "web"}),
+                "InvalidKind",
+                "multicluster.x-k8s.io/ServiceImport web",
+            ),
+            (
+                serde_json::json!({"name": "web", "namespace": "canary", "port": 80}),
+                "RefNotPermitted",
+                "canary/web",
+            ),
+        ] {
+            let route = serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "r"},
+                "spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                    "rules": [{"backendRefs": [{"name": "web", "namespace": "shop", "port": 80}, other]}]
+                }
+            });
+            let want = desired(&StatusInput::of(Kind::HttpRoute, &route, None), &snap);
+            let conditions = &want["parents"][0]["conditions"];
+            assert_eq!(condition_in(conditions, "Accepted")["status"], "True");
+            let refs = condition_in(conditions, "ResolvedRefs");
+            assert_eq!(
+                (refs["status"].as_str(), refs["reason"].as_str()),
+                (Some("False"), Some(reason)),
+                "{refs}"
+            );
+            let message = refs["message"].as_str().unwrap();
+            assert!(message.contains(named), "{message}");
+        }
     }
 
     /// A route strait cannot take says so with Gateway API's reason

@@ -673,6 +673,17 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
 
 /// The trust anchors and issuer `strait install` put in a cluster, and the
 /// `ca.crt` of its output.
+/// Applies the objects of `kinds` among `strait install`'s output, as an
+/// install applied would leave them.
+fn apply_installed(api: &KubeApi, manifests: &[u8], kinds: &[&str]) {
+    for doc in String::from_utf8_lossy(manifests).split("\n---\n") {
+        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
+        if v["kind"].as_str().is_some_and(|k| kinds.contains(&k)) {
+            api.apply(doc);
+        }
+    }
+}
+
 fn installed_identity(manifests: &[u8]) -> (String, String) {
     let text = std::str::from_utf8(manifests).unwrap();
     let (mut anchors, mut issuer) = (None, None);
@@ -729,18 +740,7 @@ async fn strait_install_again_keeps_the_installed_identity() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    for doc in String::from_utf8(first.stdout.clone())
-        .unwrap()
-        .split("\n---\n")
-    {
-        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
-        if matches!(
-            v["kind"].as_str(),
-            Some("ConfigMap" | "Secret" | "Deployment")
-        ) {
-            api.apply(doc);
-        }
-    }
+    apply_installed(&api, &first.stdout, &["ConfigMap", "Secret", "Deployment"]);
     let installed = installed_identity(&first.stdout);
 
     // Run again to change one setting, the others are kept (an upgrade that
@@ -971,15 +971,7 @@ async fn strait_inject_takes_the_installed_anchors_and_settings() {
         .output()
         .unwrap();
     assert!(installed.status.success());
-    for doc in String::from_utf8(installed.stdout.clone())
-        .unwrap()
-        .split("\n---\n")
-    {
-        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
-        if matches!(v["kind"].as_str(), Some("ConfigMap" | "Deployment")) {
-            api.apply(doc);
-        }
-    }
+    apply_installed(&api, &installed.stdout, &["ConfigMap", "Deployment"]);
     let (anchors, _) = installed_identity(&installed.stdout);
     dir.write(
         "pod.yaml",
@@ -1140,18 +1132,7 @@ async fn the_cli_reads_the_cluster_its_flags_name() {
         .await
         .unwrap();
     assert!(first.status.success());
-    for doc in String::from_utf8(first.stdout.clone())
-        .unwrap()
-        .split("\n---\n")
-    {
-        let v: serde_json::Value = serde_norway::from_str(doc).unwrap();
-        if matches!(
-            v["kind"].as_str(),
-            Some("ConfigMap" | "Secret" | "Deployment")
-        ) {
-            api.apply(doc);
-        }
-    }
+    apply_installed(&api, &first.stdout, &["ConfigMap", "Secret", "Deployment"]);
     let (anchors, _) = installed_identity(&first.stdout);
     // The current context: a cluster nobody answers; `prod`: the install.
     let server = format!("http://{}", api.addr);

@@ -72,6 +72,22 @@ fn goaway(got: &[u8]) -> Option<u32> {
 
 /// Sends an HTTP/2 connection's worth of `frames` after the preface; returns
 /// the GOAWAY code the peer answered with, if it did.
+/// `n` discovery watch calls on streams 1, 3, …, their HEADERS with `flags`,
+/// each followed by what `then` makes for its stream.
+fn watch_calls(n: u32, flags: u8, then: impl Fn(u32) -> Vec<u8>) -> Vec<u8> {
+    let mut frames = Vec::new();
+    for stream in (0..n).map(|i| 2 * i + 1) {
+        frames.extend(frame(
+            0x1,
+            flags,
+            stream,
+            &grpc_headers("/strait.api.v1.Discovery/Watch"),
+        ));
+        frames.extend(then(stream));
+    }
+    frames
+}
+
 async fn h2_attack(addr: SocketAddr, frames: Vec<u8>) -> Option<u32> {
     let mut s = TcpStream::connect(addr).await.ok()?;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -402,19 +418,11 @@ async fn streams_reset_for_a_client_s_errors_end_its_connection_to_the_controlle
 
     let dir = ManifestDir::new();
     let cp = ControllerProc::start(dir.path()).await;
-    let mut frames = Vec::new();
-    for i in 0..2000u32 {
-        let stream = 2 * i + 1;
-        // A call, then a window update that overflows its stream's window:
-        // h2 resets the stream itself.
-        frames.extend(frame(
-            0x1,
-            0x5,
-            stream,
-            &grpc_headers("/strait.api.v1.Discovery/Watch"),
-        ));
-        frames.extend(frame(0x8, 0, stream, &0x7fff_ffffu32.to_be_bytes()));
-    }
+    // Calls each followed by a window update that overflows its stream's
+    // window: h2 resets the stream itself.
+    let frames = watch_calls(2000, 0x5, |stream| {
+        frame(0x8, 0, stream, &0x7fff_ffffu32.to_be_bytes())
+    });
     assert_eq!(
         h2_attack(cp.grpc, frames).await,
         Some(0xb),
@@ -446,18 +454,10 @@ async fn unfinished_grpc_requests_from_one_address_are_refused_past_its_share() 
     // One connection, 200 calls, each announcing a 64 KiB message and
     // sending only the 5-byte prefix of it.
     const CALLS: u32 = 200;
-    let mut frames = Vec::new();
-    for i in 0..CALLS {
-        let stream = 2 * i + 1;
-        // HEADERS with END_HEADERS, then DATA without END_STREAM.
-        frames.extend(frame(
-            0x1,
-            0x4,
-            stream,
-            &grpc_headers("/strait.api.v1.Discovery/Watch"),
-        ));
-        frames.extend(frame(0x0, 0x0, stream, &[0, 0, 1, 0, 0]));
-    }
+    // HEADERS with END_HEADERS, then DATA without END_STREAM.
+    let frames = watch_calls(CALLS, 0x4, |stream| {
+        frame(0x0, 0x0, stream, &[0, 0, 1, 0, 0])
+    });
     let mut s = TcpStream::connect(grpc).await.expect("connect");
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(frame(0x4, 0, 0, &[]));
