@@ -36,12 +36,6 @@ pub struct RetryConfig {
     /// The least wait before the first retry; it doubles with each (jittered
     /// up to twice itself).
     pub backoff: Duration,
-    /// The route asks for retries (a `retry` stanza): an attempt whose
-    /// backend timed out (`timeouts.backendRequest`) or reset or closed
-    /// before its answer is retried too, whatever the codes, as Gateway API
-    /// has it (implementations SHOULD retry connection errors and timeouts
-    /// when a retry is configured) and Linkerd does.
-    pub on_errors: bool,
 }
 
 impl RetryConfig {
@@ -54,7 +48,6 @@ impl RetryConfig {
             codes: Vec::new(),
             grpc_codes: Vec::new(),
             backoff: Duration::ZERO,
-            on_errors: false,
         }
     }
 
@@ -62,7 +55,7 @@ impl RetryConfig {
     /// that never reached a backend. Only then is a copy of each request kept:
     /// a request that never left comes back whole (`Unsent`).
     pub fn retries_responses(&self) -> bool {
-        self.on_errors || !self.codes.is_empty() || !self.grpc_codes.is_empty()
+        !self.codes.is_empty() || !self.grpc_codes.is_empty()
     }
 
     pub fn parse(r: Option<api::RetryPolicy>) -> Self {
@@ -84,7 +77,6 @@ impl RetryConfig {
                 .map_or(defaults::RETRY_BACKOFF, |d| {
                     d.min(defaults::MAX_RETRY_BACKOFF)
                 }),
-            on_errors: true,
         }
     }
 }
@@ -204,14 +196,6 @@ impl Policy {
             return false;
         }
         if self.config.codes.contains(&rsp.status().as_u16()) {
-            return true;
-        }
-        if self.config.on_errors
-            && rsp
-                .extensions()
-                .get::<crate::http::error::ProxyMade>()
-                .is_some_and(|m| matches!(m.0, "upstream" | "backend_request_timeout"))
-        {
             return true;
         }
         // Of a gRPC call only. A gRPC error without a body comes as a
@@ -426,40 +410,7 @@ mod tests {
             codes: codes.to_vec(),
             grpc_codes: vec![14],
             backoff: Duration::from_millis(10),
-            on_errors: true,
         })
-    }
-
-    /// A `retry` stanza retries an attempt whose backend timed out or was
-    /// cut before its answer, whatever its codes (Gateway API's SHOULD, and
-    /// the docs' example, whose codes are 502 and 503 only); an app's own
-    /// 502 is the codes' to say, and a route without a stanza retries none.
-    #[test]
-    fn a_retry_stanza_retries_timeouts_and_resets_whatever_its_codes() {
-        use crate::http::error::error_response;
-        use http::StatusCode;
-        let timed_out = error_response(
-            "backend_request_timeout",
-            StatusCode::GATEWAY_TIMEOUT,
-            "backend request timeout",
-        );
-        let cut = error_response("upstream", StatusCode::BAD_GATEWAY, "upstream cut");
-        let app = Response::builder()
-            .status(502)
-            .body(crate::http::empty())
-            .unwrap();
-        let p = policy(3, &[503]);
-        assert!(p.retryable(false, &timed_out));
-        assert!(p.retryable(false, &cut));
-        assert!(!p.retryable(false, &app));
-        let none = policy_for(RetryConfig::connect_only());
-        assert!(!none.retryable(false, &timed_out) && !none.retryable(false, &cut));
-        // A stanza without codes keeps a copy to retry with.
-        let bare = RetryConfig::parse(Some(api::RetryPolicy {
-            attempts: 2,
-            ..Default::default()
-        }));
-        assert!(bare.retries_responses());
     }
 
     fn policy_for(config: RetryConfig) -> Policy {
@@ -690,7 +641,6 @@ mod tests {
             codes: Vec::new(),
             grpc_codes: vec![13],
             backoff: Duration::from_millis(10),
-            on_errors: true,
         });
         assert!(!p13.retryable(true, &relayed_loop));
         let mut timeout = crate::http::error::error_response(
@@ -799,7 +749,6 @@ mod tests {
             codes: vec![503],
             grpc_codes: Vec::new(),
             backoff,
-            on_errors: true,
         };
         let call = |timeout: &str| {
             let mut r = req();
@@ -839,7 +788,6 @@ mod tests {
             codes: vec![503],
             grpc_codes: Vec::new(),
             backoff: Duration::from_millis(200),
-            on_errors: true,
         };
         let p = policy_for(config).with_timeout(Some(Duration::from_millis(150)));
         deposits_of_others(&p);
