@@ -4,7 +4,7 @@
 //! connections on each listener would take several times that), and sheds
 //! new requests near it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,12 +16,29 @@ use crate::defaults;
 /// cgroup, where it has a namespace or the mount of its own). `None` without
 /// one (no file, `max`, or v1's "unlimited", a number near `u64::MAX`).
 pub fn memory_limit() -> Option<u64> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    memory_limit_under(Path::new("/sys/fs/cgroup"), &own)
+    own_memory().map(|m| m.limit)
 }
 
+/// A cgroup's memory limit, and where its use is read.
+#[derive(Clone, Debug)]
+struct Memory {
+    limit: u64,
+    dir: PathBuf,
+    v2: bool,
+}
+
+fn own_memory() -> Option<Memory> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    memory_under(Path::new("/sys/fs/cgroup"), &own)
+}
+
+#[cfg(test)]
 fn memory_limit_under(root: &Path, own: &str) -> Option<u64> {
-    let mut files = Vec::new();
+    memory_under(root, own).map(|m| m.limit)
+}
+
+fn memory_under(root: &Path, own: &str) -> Option<Memory> {
+    let mut dirs = Vec::new();
     for line in own.lines() {
         let mut f = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
@@ -29,30 +46,74 @@ fn memory_limit_under(root: &Path, own: &str) -> Option<u64> {
         };
         let path = path.trim_start_matches('/');
         if controllers.is_empty() {
-            files.push(root.join(path).join("memory.max"));
+            dirs.push((root.join(path), true));
         } else if controllers.split(',').any(|c| c == "memory") {
-            files.push(root.join("memory").join(path).join("memory.limit_in_bytes"));
+            dirs.push((root.join("memory").join(path), false));
         }
     }
-    files.push(root.join("memory.max"));
-    files.push(root.join("memory/memory.limit_in_bytes"));
-    let v = files.iter().find_map(|f| std::fs::read_to_string(f).ok())?;
-    v.trim()
+    dirs.push((root.to_path_buf(), true));
+    dirs.push((root.join("memory"), false));
+    let (dir, v2, v) = dirs.into_iter().find_map(|(dir, v2)| {
+        let file = if v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        let v = std::fs::read_to_string(dir.join(file)).ok()?;
+        Some((dir, v2, v))
+    })?;
+    let limit = v
+        .trim()
         .parse::<u64>()
         .ok()
         // v1 writes "unlimited" as the largest page-aligned i64.
-        .filter(|b| *b < 1 << 60)
+        .filter(|b| *b < 1 << 60)?;
+    Some(Memory { limit, dir, v2 })
+}
+
+impl Memory {
+    /// What the cgroup uses less its inactive page cache, which the kernel
+    /// reclaims before it kills: the working set, as the kubelet reckons it.
+    /// Socket buffers count (cgroup v2 charges them), and heap the allocator
+    /// keeps after it was freed.
+    fn working_set(&self) -> Option<u64> {
+        let (usage, inactive) = if self.v2 {
+            ("memory.current", "inactive_file")
+        } else {
+            ("memory.usage_in_bytes", "total_inactive_file")
+        };
+        let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).ok();
+        let used = read(usage)?.trim().parse::<u64>().ok()?;
+        let inactive = read("memory.stat")
+            .and_then(|stat| {
+                stat.lines().find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    (k == inactive).then(|| v.trim().parse::<u64>().ok())?
+                })
+            })
+            .unwrap_or(0);
+        Some(used.saturating_sub(inactive))
+    }
+}
+
+/// Called while memory is near the limit (the binary's heap trim): freed
+/// heap the allocator kept would otherwise hold the proxy there.
+static ON_PRESSURE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what to call while memory is near the limit.
+pub fn on_pressure(f: fn()) {
+    let _ = ON_PRESSURE.set(f);
 }
 
 /// Whether the proxy is near its container's memory limit: past 90 % of it
-/// resident, new requests are shed (503, not processed) until it is back
-/// under 85 %. Its limits bound connections, but not the bytes each request
-/// may hold (a stream's HTTP/2 window, 256 KiB, while the app reads slowly):
-/// a burst of slow uploads would otherwise get the proxy OOM-killed, and
-/// every connection of the pod with it. The process's own resident memory,
-/// not the cgroup's use: that counts the page cache, which the kernel
-/// reclaims before it kills, and in a cgroup shared with others (a host's
-/// service, a CI job) their memory too.
+/// in use (the cgroup's working set), new requests are shed (503, not
+/// processed) until it is back under 85 %. Its limits bound connections, but
+/// not the bytes each request may hold (a stream's HTTP/2 window, 256 KiB,
+/// and the socket buffers behind it, while the app reads slowly): a burst of
+/// slow uploads would otherwise get the proxy OOM-killed, and every
+/// connection of the pod with it. A sidecar's cgroup is its own; a proxy in a
+/// cgroup shared with others (a host's service) sheds when they together
+/// near its limit, which is then near too.
 #[derive(Clone, Debug, Default)]
 pub struct Pressure(Option<Arc<AtomicBool>>);
 
@@ -60,13 +121,13 @@ impl Pressure {
     /// Watched every `MEMORY_PRESSURE_EVERY` where the container has a
     /// limit; never high where it has none. On a runtime.
     pub fn of_own_cgroup() -> Self {
-        match memory_limit() {
-            Some(limit) if resident().is_some() => Self::watch(limit, resident),
+        match own_memory() {
+            Some(m) if m.working_set().is_some() => Self::watch(m.limit, move || m.working_set()),
             _ => Pressure(None),
         }
     }
 
-    fn watch(limit: u64, used: fn() -> Option<u64>) -> Self {
+    fn watch(limit: u64, used: impl Fn() -> Option<u64> + Send + 'static) -> Self {
         let high = Arc::new(AtomicBool::new(false));
         let flag = Arc::downgrade(&high);
         tokio::spawn(async move {
@@ -78,6 +139,9 @@ impl Pressure {
                 let Some(used) = used() else { continue };
                 let was = flag.load(Ordering::Relaxed);
                 let now = high_after(was, used, limit);
+                if now && let Some(f) = ON_PRESSURE.get() {
+                    f();
+                }
                 if now != was {
                     flag.store(now, Ordering::Relaxed);
                     if now {
@@ -103,20 +167,6 @@ impl Pressure {
     pub fn is_high(&self) -> bool {
         self.0.as_ref().is_some_and(|h| h.load(Ordering::Relaxed))
     }
-}
-
-/// This process's resident memory, in bytes (`VmRSS`).
-fn resident() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// High past 90 % of `limit`; once high, until under 85 %.
@@ -218,7 +268,30 @@ mod tests {
         assert!(high_after(true, limit / 100 * 86, limit));
         assert!(!high_after(true, limit / 100 * 85 - 1, limit));
         assert!(!Pressure::default().is_high(), "no limit: never high");
-        assert!(resident().is_some_and(|r| r > 0), "this process's own");
+        // The working set: in use less the inactive page cache, of either
+        // version's files.
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("memory.max"), "1000000\n").unwrap();
+        std::fs::write(dir.join("memory.current"), "600000\n").unwrap();
+        std::fs::write(
+            dir.join("memory.stat"),
+            "anon 300000\nfile 300000\nactive_file 100000\ninactive_file 200000\n",
+        )
+        .unwrap();
+        let m = memory_under(&dir, "").unwrap();
+        assert_eq!((m.limit, m.working_set()), (1_000_000, Some(400_000)));
+        std::fs::remove_file(dir.join("memory.max")).unwrap();
+        std::fs::create_dir_all(dir.join("memory")).unwrap();
+        std::fs::write(dir.join("memory/memory.limit_in_bytes"), "1000000").unwrap();
+        std::fs::write(dir.join("memory/memory.usage_in_bytes"), "500000").unwrap();
+        std::fs::write(
+            dir.join("memory/memory.stat"),
+            "inactive_file 1\ntotal_inactive_file 100000\n",
+        )
+        .unwrap();
+        let m = memory_under(&dir, "").unwrap();
+        assert_eq!(m.working_set(), Some(400_000));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The watch follows the memory in use: high once it passes 90 % of

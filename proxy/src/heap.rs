@@ -238,7 +238,7 @@ pub async fn return_freed(every: Duration) {
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn trim() {
+pub fn trim() {
     // SAFETY: no arguments beyond the padding to keep; glibc takes each
     // arena's lock, so it is safe against every other thread's allocations.
     unsafe {
@@ -248,7 +248,7 @@ fn trim() {
 
 /// Other C libraries (musl) return freed memory themselves, or have no call.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
+pub fn trim() {}
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {

@@ -158,6 +158,8 @@ async fn run(
     tokio::spawn(heap::return_freed(
         strait_proxy::defaults::HEAP_TRIM_INTERVAL,
     ));
+    // Near the memory limit, freed heap is handed back at once.
+    strait_proxy::cgroup::on_pressure(heap::trim);
     tokio::spawn(async move {
         wait_for_signal().await;
         handle.shutdown();

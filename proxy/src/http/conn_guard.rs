@@ -54,6 +54,10 @@ pub struct ConnState {
     /// Inbound: the requests in flight of every connection from this one's
     /// address (`InFlightCap::of_source`).
     source: Option<Arc<AtomicUsize>>,
+    /// Inbound, plaintext HTTP/1 to a port the kubelet probes: never shed
+    /// for memory (a liveness probe refused would restart the app, which
+    /// frees nothing of the proxy's).
+    probes: bool,
 }
 
 impl ConnState {
@@ -61,6 +65,14 @@ impl ConnState {
     pub fn of_caller(source: Arc<AtomicUsize>) -> Self {
         ConnState {
             source: Some(source),
+            ..ConnState::default()
+        }
+    }
+
+    /// A connection that may carry the kubelet's probes.
+    pub fn of_probes() -> Self {
+        ConnState {
+            probes: true,
             ..ConnState::default()
         }
     }
@@ -473,7 +485,7 @@ where
             req.extensions_mut().insert(OverCap::Direction);
         } else if over_caller {
             req.extensions_mut().insert(OverCap::Caller);
-        } else if self.cap.pressure.is_high() {
+        } else if !self.state.probes && self.cap.pressure.is_high() {
             req.extensions_mut().insert(OverCap::Memory);
         }
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -541,11 +553,12 @@ mod tests {
     }
 
     /// Near the memory limit every new request is marked to be shed
-    /// (answered 503, not processed); otherwise none is.
+    /// (answered 503, not processed) but the kubelet's probes; otherwise
+    /// none is.
     #[tokio::test]
     async fn requests_are_shed_while_memory_is_near_its_limit() {
         use http_body_util::Empty;
-        for high in [false, true] {
+        for (high, probes) in [(false, false), (true, false), (true, true)] {
             let cap = InFlightCap::with_pressure(8, crate::cgroup::Pressure::fixed(high));
             let seen = Arc::new(std::sync::Mutex::new(None));
             let svc = {
@@ -559,14 +572,16 @@ mod tests {
                     }
                 })
             };
-            let svc = tower::Layer::layer(
-                &InFlightLayer::new(Arc::new(ConnState::default()), cap),
-                svc,
-            );
+            let state = match probes {
+                true => ConnState::of_probes(),
+                false => ConnState::default(),
+            };
+            let svc = tower::Layer::layer(&InFlightLayer::new(Arc::new(state), cap), svc);
             tower::ServiceExt::oneshot(svc, Request::new(Empty::new()))
                 .await
                 .unwrap();
-            assert_eq!(*seen.lock().unwrap(), high.then_some(OverCap::Memory));
+            let shed = high && !probes;
+            assert_eq!(*seen.lock().unwrap(), shed.then_some(OverCap::Memory));
         }
     }
 

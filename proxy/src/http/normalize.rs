@@ -83,7 +83,7 @@ where
                 warn,
                 direction = self.direction.as_str(),
                 reason,
-                "{text}: answered 503 (--max-in-flight-requests, or the memory limit)"
+                "{text}: answered 503"
             );
             // "Not processed": a calling proxy passes this one over for a
             // while, as for a 429, and may send the request elsewhere, rather

@@ -75,6 +75,9 @@ impl HttpStack {
         let s = &self.shared;
         let state = Arc::new(match meta.caller_share {
             true => ConnState::of_caller(self.cap.of_source(meta.client.0.ip())),
+            // Inbound, spared its caller's share: plaintext HTTP/1 to a
+            // probed port, the kubelet's probes.
+            false if meta.direction == Direction::Inbound => ConnState::of_probes(),
             false => ConnState::default(),
         });
         let body_timeout = s.http.body_read_timeout;
