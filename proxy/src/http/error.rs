@@ -278,8 +278,8 @@ pub fn redact_if(
 }
 
 /// A response the proxy made, as a caller it has not verified gets it: the
-/// status alone, with its standard phrase for a body, neither the reason
-/// header nor the reason's text. Those name pod addresses, app ports and how
+/// status alone, with its standard phrase for a body, and `proxy error`
+/// (`(not processed)` where it was not) for the reason. Those name pod addresses, app ports and how
 /// a port's policy is set (`connect to 10.42.1.17:8080 failed`, `port 8080
 /// allows only listed identities`), which a client outside the mesh (a
 /// NodePort's, an unmeshed ingress's, passing them on to the internet) has
@@ -288,9 +288,22 @@ pub fn redact_if(
 /// responses carry no such header here (forwarding removes any), so they
 /// pass as they are.
 fn redacted(mut rsp: Response<BoxBody>) -> Response<BoxBody> {
-    if rsp.headers_mut().remove(PROXY_ERROR_HEADER).is_none() {
+    let Some(reason) = rsp.headers_mut().remove(PROXY_ERROR_HEADER) else {
         return rsp;
-    }
+    };
+    // A calling proxy without an identity of its own (plaintext, to a
+    // PERMISSIVE port) still reads that the answer is the proxy's, and
+    // whether the request was processed: not where it failed.
+    let unprocessed = reason.as_bytes().ends_with(NOT_PROCESSED.as_bytes());
+    rsp.headers_mut().insert(
+        PROXY_ERROR_HEADER,
+        HeaderValue::from_static(if unprocessed {
+            "proxy error (not processed)"
+        } else {
+            "proxy error"
+        }),
+    );
+    rsp.headers_mut().remove("grpc-message");
     rsp.headers_mut().remove(http::header::CONTENT_LENGTH);
     // A HEAD's answer stays empty.
     if !http_body::Body::is_end_stream(rsp.body()) {
@@ -316,13 +329,23 @@ mod tests {
             "connect to 10.42.1.17:8080 failed: connection refused",
         ));
         assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
-        assert!(!rsp.headers().contains_key(PROXY_ERROR_HEADER));
+        assert_eq!(rsp.headers()[PROXY_ERROR_HEADER], "proxy error");
         assert_eq!(
             rsp.extensions().get::<ProxyMade>(),
             Some(&ProxyMade("connect"))
         );
         let body = rsp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"Bad Gateway\n");
+        // Whether it was processed is still said, for a calling proxy.
+        let shed = redacted(error_response(
+            "in_flight_limit",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight (not processed)",
+        ));
+        assert_eq!(
+            shed.headers()[PROXY_ERROR_HEADER],
+            "proxy error (not processed)"
+        );
         let app = Response::new(super::super::full("the app's own 502"));
         let app = redacted(app);
         let body = app.into_body().collect().await.unwrap().to_bytes();
