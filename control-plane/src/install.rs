@@ -116,10 +116,15 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
         .map(|e| e.controller_args.clone())
         .unwrap_or_default();
     let values = args.values(existing)?;
-    let dropped = flags_dropped(&installed_args, &controller_args(&values));
+    let asked = if args.reset_settings {
+        RESET_BY_SETTINGS
+    } else {
+        &[]
+    };
+    let dropped = flags_dropped(&installed_args, &controller_args(&values), asked);
     if !dropped.is_empty() {
         eprintln!(
-            "strait install: the installed controller also has {}, which no install writes (set by hand?): kubectl apply replaces the arguments where it changes them (an upgrade does), and those are gone; set them as STRAIT_* variables on the Deployment instead, which apply keeps",
+            "strait install: the installed controller also has {}, which this install does not write (set by hand, or by the chart?): kubectl apply replaces the arguments where it changes them (an upgrade does), and those are gone; set them as STRAIT_* variables on the Deployment instead, which apply keeps",
             dropped.join(", ")
         );
     }
@@ -812,10 +817,9 @@ fn pod_labels() -> Value {
     l
 }
 
-/// Flags an install writes with some settings only (dropped by
-/// `--reset-settings`, or not given), or the chart only (its `logLevel`):
-/// not set by hand when an install leaves them out.
-const WRITTEN_SOMETIMES: &[&str] = &[
+/// The settings `--reset-settings` puts back to their defaults: flags an
+/// install wrote, dropped as asked, not set by hand.
+const RESET_BY_SETTINGS: &[&str] = &[
     "--otlp-endpoint",
     "--proxy-otlp-endpoint",
     "--proxy-trace-sampling",
@@ -824,12 +828,11 @@ const WRITTEN_SOMETIMES: &[&str] = &[
     "--proxy-cpu-limit",
     "--proxy-memory-request",
     "--proxy-memory-limit",
-    "--log-level",
 ];
 
 /// The flags among `installed` that `new` does not have, by name, but for
-/// those an install or the chart writes.
-fn flags_dropped(installed: &[String], new: &[String]) -> Vec<String> {
+/// those in `asked` (dropped as asked).
+fn flags_dropped(installed: &[String], new: &[String], asked: &[&str]) -> Vec<String> {
     let name = |a: &String| {
         a.starts_with("--")
             .then(|| a.split_once('=').map_or(a.as_str(), |(n, _)| n).to_string())
@@ -838,7 +841,7 @@ fn flags_dropped(installed: &[String], new: &[String]) -> Vec<String> {
     let mut out: Vec<String> = installed
         .iter()
         .filter_map(name)
-        .filter(|n| !new.contains(n) && !WRITTEN_SOMETIMES.contains(&n.as_str()))
+        .filter(|n| !new.contains(n) && !asked.contains(&n.as_str()))
         .collect();
     out.dedup();
     out
@@ -1274,7 +1277,7 @@ mod tests {
                 {"name": "controller", "args": [
                     "controller", "--kubernetes", "--trust-domain=cluster.local",
                     "--webhook-failure-policy=ignore", "--cert-lifetime", "48h",
-                    // Written by an install with telemetry, or by the chart.
+                    // Written by an install with telemetry, and by the chart.
                     "--otlp-endpoint=http://c:4317", "--log-level=debug",
                 ]},
             ]}}}
@@ -1287,11 +1290,13 @@ mod tests {
         // Settings put back to their defaults are not flags set by hand.
         let new = controller_args(&install_args(&["--reset-settings"]).values(Some(i)).unwrap());
         assert!(!new.iter().any(|a| a.starts_with("--otlp-endpoint")));
+        // The chart's --log-level is dropped too, and said; the telemetry
+        // --reset-settings drops is as asked.
         assert_eq!(
-            flags_dropped(&installed_args, &new),
-            ["--webhook-failure-policy", "--cert-lifetime"]
+            flags_dropped(&installed_args, &new, RESET_BY_SETTINGS),
+            ["--webhook-failure-policy", "--cert-lifetime", "--log-level"]
         );
-        assert!(flags_dropped(&new, &new).is_empty());
+        assert!(flags_dropped(&new, &new, &[]).is_empty());
     }
 
     /// An install whose identity objects were deleted (for a new identity)

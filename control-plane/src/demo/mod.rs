@@ -266,12 +266,19 @@ impl Procs {
             pids.push(pid);
         }
         if let Some(stderr) = child.stderr.take() {
-            use tokio::io::AsyncBufReadExt;
+            use tokio::io::{AsyncBufReadExt, AsyncReadExt};
             let (logs, who) = (self.logs.clone(), what.to_string());
+            // Read to the end whatever comes (a line cut at 16 KiB, bytes
+            // not UTF-8 replaced): a pipe left unread would block the child.
             tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    logs.line(&who, &l);
+                let mut r = tokio::io::BufReader::new(stderr);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match (&mut r).take(16 << 10).read_until(b'\n', &mut line).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => logs.line(&who, &String::from_utf8_lossy(line.trim_ascii_end())),
+                    }
                 }
             });
         }

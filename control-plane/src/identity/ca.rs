@@ -317,6 +317,9 @@ impl Ca {
         check_key_type(csr_der)?;
         let csr = CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(|e| SignError::BadCsr(e.to_string()))?;
+        // Signed with the algorithm matching the key: rcgen takes the leaf's
+        // key algorithm from the request's signature, so a P-256 key signed
+        // with SHA-384 would yield a leaf whose key and algorithm disagree.
         let alg = csr.public_key.algorithm();
         if *alg != rcgen::PKCS_ECDSA_P256_SHA256 && *alg != rcgen::PKCS_ED25519 {
             return Err(bad_key());
@@ -405,12 +408,8 @@ impl Ca {
     }
 }
 
-/// The CSR's key is one proxies generate (ECDSA P-256, or Ed25519), and the CSR
-/// is signed with the matching algorithm: rcgen takes the leaf's key algorithm
-/// from the CSR's signature, so a P-384 key signed with SHA-256 would yield a
-/// leaf whose key and algorithm disagree.
-/// An ECDSA P-256 or Ed25519 key, as the request's SubjectPublicKeyInfo
-/// says, before its signature is checked.
+/// An ECDSA P-256 or Ed25519 key (those proxies generate), as the request's
+/// SubjectPublicKeyInfo says, before its signature is checked.
 fn check_key_type(csr_der: &[u8]) -> Result<(), SignError> {
     use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
     use x509_parser::prelude::FromDer;
