@@ -251,6 +251,12 @@ impl<E> tower::retry::Policy<Request<ReplayBody>, Response<BoxBody>, E> for Poli
         if !self.retryable(grpc_call, rsp) || self.retried >= attempts {
             return None;
         }
+        // With no copy kept, only a request that came back unsent can go
+        // again: any other is no retry, and not its body's fault (its copy
+        // was never asked for, so every body "overflows" it).
+        if !self.config.retries_responses() && rsp.extensions().get::<Unsent>().is_none() {
+            return None;
+        }
         if let Err(why) = req.body().replayable(not_sent) {
             match why {
                 NotReplayable::TooLarge => self.metrics.body_too_large.inc(),
@@ -429,6 +435,28 @@ mod tests {
                 body_unfinished: OnFirstUse::made(Counter::default()),
             },
         )
+    }
+
+    /// On a route that keeps no copy, a request its peer did not process
+    /// but that did not come back (a peer's `not processed` 503) is no
+    /// retry, and not counted as a body too large to replay: there was no
+    /// copy to be too large for.
+    #[tokio::test]
+    async fn no_retry_without_a_copy_is_not_a_body_too_large() {
+        use http_body_util::BodyExt;
+        let p = policy_for(RetryConfig::connect_only());
+        deposits_of_others(&p);
+        let mut q = p.clone();
+        let q: &mut Tower = &mut q;
+        let mut body = ReplayBody::new(crate::http::full("ten bytes!"), 0);
+        body.frame().await.unwrap().unwrap();
+        let mut r = Request::new(body);
+        let mut shed = rsp(503);
+        if let Ok(rsp) = &mut shed {
+            rsp.extensions_mut().insert(RequestNotSent);
+        }
+        assert!(q.retry(&mut r, &mut shed).is_none());
+        assert_eq!(p.metrics.body_too_large.get().get(), 0);
     }
 
     fn req() -> Request<ReplayBody> {
