@@ -80,7 +80,7 @@ const PROXY_OWNED: [http::HeaderName; 8] = [
 /// Whether `name` is one of strait's own fields (`strait-proxy-error`,
 /// `strait-client-id`, …): the proxies set and strip them, and one a filter
 /// set would pass an app's answer for the proxy's, or do nothing.
-fn strait_s(name: &str) -> bool {
+pub(super) fn strait_s(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     n.starts_with("strait-") || n.starts_with("strait_")
 }

@@ -311,6 +311,16 @@ mod tests {
         );
     }
 
+    /// As HTTPRoute's: strait's own fields are set after matching.
+    #[test]
+    fn a_match_on_strait_s_own_fields_is_refused() {
+        let (field, _) = refused(
+            json!([{"headers": [{"name": "strait-client-id", "value": "x"}]}]),
+            json!([]),
+        );
+        assert_eq!(field, "spec.rules[0].matches[0].headers[0].name");
+    }
+
     #[test]
     fn a_method_match_is_the_path_of_the_call() {
         use api::http_match::Path;

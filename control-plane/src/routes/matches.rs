@@ -150,6 +150,18 @@ pub(super) fn header_matches(
                 format!("{:?} is not a header name", h.name),
             ));
         }
+        // Matching happens in the caller's proxy, before any `strait-*`
+        // field is set or checked: it would read what the caller's app sent,
+        // so `strait-client-id` there would be a claim, not an identity.
+        if super::filters::strait_s(&h.name) {
+            return Err(SpecError::new(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is one of strait's own fields, which callers' proxies match before it is set                      (what the caller's app sent, not a verified identity); an AuthorizationPolicy decides by identity",
+                    h.name
+                ),
+            ));
+        }
         use api::header_match::Value;
         let value = match value_kind(&at, h)? {
             true => Value::Exact(h.value.clone()),

@@ -694,6 +694,27 @@ mod tests {
         parse(v).unwrap_err().field
     }
 
+    /// A match on one of strait's own fields is refused: the caller's proxy
+    /// matches what the caller's app sent, so a route on `strait-client-id`
+    /// would route on a claim anyone can make.
+    #[test]
+    fn a_match_on_strait_s_own_fields_is_refused() {
+        for name in ["strait-client-id", "Strait_Target_Port"] {
+            let mut v = route();
+            set(
+                &mut v,
+                "/spec/rules/0/matches/0/headers",
+                json!([{"name": "x-user", "value": "a"}, {"name": name, "value": "spiffe://cluster.local/ns/shop/sa/tester"}]),
+            );
+            let e = parse(&v).unwrap_err();
+            assert_eq!(
+                e.field, "spec.rules[0].matches[0].headers[1].name",
+                "{name}"
+            );
+            assert!(e.reason.contains("AuthorizationPolicy"), "{}", e.reason);
+        }
+    }
+
     /// One action per header name in a header filter, whatever the case.
     #[test]
     fn a_header_with_two_actions_is_refused() {
