@@ -58,6 +58,9 @@ pub struct ConnState {
     /// for memory (a liveness probe refused would restart the app, which
     /// frees nothing of the proxy's).
     probes: bool,
+    /// Outbound HTTP/2: asked to close (GOAWAY) once its destination could
+    /// not be reached (`ask_close`). A permit is kept until the server waits.
+    close_asked: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -171,6 +174,20 @@ impl ConnState {
 
     pub fn header_timed_out(&self) -> bool {
         self.header_timed_out.load(Ordering::Acquire)
+    }
+
+    /// Asks the connection to go away once its streams are done: an app's
+    /// HTTP/2 connection to a destination gone (a pod address after a
+    /// rollout) would otherwise stay open and fail every request on it, where
+    /// without the mesh the server's going away would have closed it, and the
+    /// app (a gRPC channel balancing over a headless Service's pods) would
+    /// have resolved its name again.
+    pub fn ask_close(&self) {
+        self.close_asked.notify_one();
+    }
+
+    pub async fn close_asked(&self) {
+        self.close_asked.notified().await;
     }
 
     /// Resolves once the connection served nothing for a whole `idle` period:

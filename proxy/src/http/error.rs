@@ -107,7 +107,15 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<BoxBody> {
-        let mut rsp = error_response(self.reason(), self.status(), &self.to_string());
+        let mut text = self.to_string();
+        // Said of a request none of which left (a refusal says it already):
+        // a calling proxy may send it to another endpoint, as it would one
+        // it could not connect to itself.
+        if self.not_sent() && !matches!(self, ProxyError::Refused { .. }) {
+            text.push(' ');
+            text.push_str(NOT_SENT);
+        }
+        let mut rsp = error_response(self.reason(), self.status(), &text);
         if self.is_upstream_failure() {
             rsp.extensions_mut().insert(UpstreamFailure);
         }
@@ -164,6 +172,12 @@ impl ProxyError {
     }
 }
 
+/// What a proxy's `strait-proxy-error` ends with when none of the request
+/// left it: the peer proxy could not connect to its app (a pod whose app is
+/// shutting down while its proxy still serves). The endpoint failed, but the
+/// request may go to another one.
+pub const NOT_SENT: &str = "(not sent)";
+
 /// Marks an upstream's word that it did not process the request (it refused
 /// the stream, or its GOAWAY came first), ours or a peer proxy's: the
 /// endpoint is busy or going away, not failing, and its fast answer is no
@@ -190,6 +204,14 @@ pub struct NoVerdict;
 /// elsewhere) rather than connect and resolve its name again.
 #[derive(Clone, Copy, Debug)]
 pub struct CloseClient;
+
+/// Whether an app's HTTP/2 connection is to go away after this answer: its
+/// destination could not be reached (`CloseClient`), not the client's own
+/// fault, which over HTTP/2 is its stream's alone.
+pub fn destination_unreachable<B>(rsp: &Response<B>) -> bool {
+    rsp.extensions().get::<CloseClient>().is_some()
+        && rsp.extensions().get::<ClientFaulted>().is_none()
+}
 
 /// Marks a response the proxy made up because the request could not be sent at
 /// all (no connection): safe to retry whatever the request.
@@ -294,11 +316,13 @@ fn redacted(mut rsp: Response<BoxBody>) -> Response<BoxBody> {
     // A calling proxy without an identity of its own (plaintext, to a
     // PERMISSIVE port) still reads that the answer is the proxy's, and
     // whether the request was processed: not where it failed.
-    let unprocessed = reason.as_bytes().ends_with(NOT_PROCESSED.as_bytes());
+    let said = |marker: &str| reason.as_bytes().ends_with(marker.as_bytes());
     rsp.headers_mut().insert(
         PROXY_ERROR_HEADER,
-        HeaderValue::from_static(if unprocessed {
+        HeaderValue::from_static(if said(NOT_PROCESSED) {
             "proxy error (not processed)"
+        } else if said(NOT_SENT) {
+            "proxy error (not sent)"
         } else {
             "proxy error"
         }),

@@ -130,7 +130,11 @@ impl Forward {
             forward_proxy,
         );
         // An HTTP/1 pool connects only once it has the request: keep its head.
-        let head = (hand_back && !h2).then(|| head_of(&req));
+        // So for a peer proxy, of a request without a body (which needs no
+        // copy to go again): the peer may answer that its app took none of
+        // it (`NOT_SENT`, `NOT_PROCESSED`).
+        let mut head = (hand_back && (!h2 || (to_peer.is_some() && req.body().is_end_stream())))
+            .then(|| head_of(&req));
         // Over HTTP/2, connected before the request is changed or given up: a
         // request that cannot be sent goes back whole.
         let ready = match connect_by {
@@ -234,7 +238,7 @@ impl Forward {
                     edits.undo(&mut head);
                     Some(head)
                 }
-                _ => head,
+                _ => head.take(),
             };
             Failed {
                 unsent: unsent.filter(|_| error.not_sent()),
@@ -271,10 +275,20 @@ impl Forward {
         // endpoint as unreachable and reaching the client as the proxy's word.
         if to_peer.is_none() {
             rsp.headers_mut().remove(PROXY_ERROR_HEADER);
-        } else if peer_says_unprocessed(&rsp) {
-            // The peer's app refused it unprocessed: as if refused here.
-            rsp.extensions_mut().insert(super::error::NotProcessed);
+        } else if let Some(said) = peer_says_unsent(&rsp) {
+            // The peer's app refused it unprocessed: as if refused here. Or
+            // the peer could not reach its app: as if this proxy could not
+            // reach the endpoint (counted against it), and sent elsewhere.
+            if said == super::error::NOT_PROCESSED {
+                rsp.extensions_mut().insert(super::error::NotProcessed);
+            } else {
+                // Should it reach the app: its destination is unreachable.
+                rsp.extensions_mut().insert(super::error::CloseClient);
+            }
             rsp.extensions_mut().insert(super::error::RequestNotSent);
+            if let Some(head) = head.take() {
+                rsp.extensions_mut().insert(Unsent::new(head));
+            }
         }
         if let Some(client_upgrade) = client_upgrade
             && upgrade::accepted(is_connect, &rsp)
@@ -660,14 +674,24 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
 }
 
 /// Whether a peer proxy's answer says its app did not process the request
-/// (its `ProxyError::Refused`).
-fn peer_says_unprocessed<B>(rsp: &Response<B>) -> bool {
-    rsp.status() == http::StatusCode::SERVICE_UNAVAILABLE
-        && rsp
-            .headers()
-            .get(PROXY_ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.ends_with(super::error::NOT_PROCESSED))
+/// (`NOT_PROCESSED`: its app refused the stream, or the peer shed it, 503),
+/// or never got any of it (`NOT_SENT`: the peer could not connect to it,
+/// 502 or 504), and which.
+fn peer_says_unsent<B>(rsp: &Response<B>) -> Option<&'static str> {
+    use super::error::{NOT_PROCESSED, NOT_SENT};
+    use http::StatusCode;
+    let said = rsp.headers().get(PROXY_ERROR_HEADER)?.as_bytes();
+    match rsp.status() {
+        StatusCode::SERVICE_UNAVAILABLE if said.ends_with(NOT_PROCESSED.as_bytes()) => {
+            Some(NOT_PROCESSED)
+        }
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+            if said.ends_with(NOT_SENT.as_bytes()) =>
+        {
+            Some(NOT_SENT)
+        }
+        _ => None,
+    }
 }
 
 /// Whether the upstream said it did not process the request (RFC 9113 §8.7):
@@ -747,10 +771,12 @@ mod tests {
     use super::*;
 
     /// A peer proxy's "not processed" is read as such (its app refused the
-    /// stream, or the peer was over its in-flight cap), and only that: its
-    /// other 503s and 502s are its app failing.
+    /// stream, or the peer was over its in-flight cap), and its "not sent"
+    /// (it could not connect to its app), and only those: its other 503s
+    /// and 502s are its app failing.
     #[test]
-    fn a_peer_s_refusal_unprocessed_is_told_apart() {
+    fn a_peer_s_answer_that_its_app_took_nothing_is_told_apart() {
+        use super::super::error::{NOT_PROCESSED, NOT_SENT};
         let answer = |status: http::StatusCode, reason: &str| {
             let mut rsp = Response::new(());
             *rsp.status_mut() = status;
@@ -758,27 +784,68 @@ mod tests {
                 .insert(PROXY_ERROR_HEADER, HeaderValue::from_str(reason).unwrap());
             rsp
         };
-        let said = ProxyError::Refused {
-            addr: "127.0.0.1:8080".parse().unwrap(),
-            reason: format!("refused the stream {}", super::super::error::NOT_PROCESSED),
+        // As the peer makes them.
+        let made = |e: ProxyError| {
+            let rsp = e.into_response();
+            let reason = rsp.headers()[PROXY_ERROR_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            peer_says_unsent(&answer(rsp.status(), &reason))
         };
-        assert!(peer_says_unprocessed(&answer(
-            said.status(),
-            &said.to_string()
-        )));
-        assert!(!peer_says_unprocessed(&answer(
-            http::StatusCode::BAD_GATEWAY,
-            "upstream 127.0.0.1:8080 failed: reset the stream (CANCEL)"
-        )));
+        let app: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(
+            made(ProxyError::Refused {
+                addr: app,
+                reason: format!("refused the stream {NOT_PROCESSED}"),
+            }),
+            Some(NOT_PROCESSED)
+        );
+        assert_eq!(
+            made(ProxyError::Connect {
+                addr: app,
+                reason: "connection refused".into(),
+            }),
+            Some(NOT_SENT)
+        );
+        assert_eq!(
+            made(ProxyError::ConnectTimeout {
+                addr: app,
+                after: Duration::from_secs(1),
+            }),
+            Some(NOT_SENT)
+        );
+        // The app failed it mid-request: some of it may have been done.
+        assert_eq!(
+            made(ProxyError::Upstream {
+                addr: app,
+                reason: "reset the stream (CANCEL)".into(),
+            }),
+            None
+        );
         // A peer over its in-flight cap refused it before anything was done.
-        assert!(peer_says_unprocessed(&answer(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests in flight (not processed)"
-        )));
-        assert!(!peer_says_unprocessed(&answer(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "no endpoints for web.shop:80"
-        )));
+        assert_eq!(
+            peer_says_unsent(&answer(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests in flight (not processed)"
+            )),
+            Some(NOT_PROCESSED)
+        );
+        assert_eq!(
+            peer_says_unsent(&answer(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "no endpoints for web.shop:80"
+            )),
+            None
+        );
+        // Only with the status it comes with.
+        assert_eq!(
+            peer_says_unsent(&answer(
+                http::StatusCode::OK,
+                "connect to x failed (not sent)"
+            )),
+            None
+        );
     }
     use crate::addr::DestAddr;
     use crate::identity::Identity;

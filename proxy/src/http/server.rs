@@ -238,6 +238,10 @@ pub async fn serve_http2<I, S, B>(
             debug!(direction = meta.direction.as_str(), client = %meta.client.0, "idle HTTP/2 connection, closing");
             Ok(true)
         }
+        () = state.close_asked() => {
+            debug!(direction = meta.direction.as_str(), client = %meta.client.0, "destination unreachable; GOAWAY");
+            Ok(true)
+        }
     };
     let res = match shutdown {
         Err(r) => r,

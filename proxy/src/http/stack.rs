@@ -93,6 +93,10 @@ impl HttpStack {
         }
         if h2 {
             let tunnels = state.clone();
+            // An app's connection (one destination's) goes away after an
+            // answer that its destination could not be reached, as an HTTP/1
+            // one is closed; a peer's carries every request of its pod.
+            let closes = (meta.direction == Direction::Outbound).then(|| state.clone());
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone(), self.cap.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
@@ -101,6 +105,7 @@ impl HttpStack {
                     RequestBody::wrap(upgradable(req, &tunnels), None)
                 })
                 .layer(self.grpc_errors)
+                .map_response(close_if_unreachable(closes))
                 .map_response(redact)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,
@@ -129,6 +134,21 @@ impl HttpStack {
                 .service(self.forward.clone());
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;
         }
+    }
+}
+
+/// Answers as they are, `conn` asked to close after one saying the
+/// destination could not be reached.
+fn close_if_unreachable(
+    conn: Option<Arc<ConnState>>,
+) -> impl Fn(Response<BoxBody>) -> Response<BoxBody> + Clone + Send + Sync + 'static {
+    move |rsp| {
+        if let Some(conn) = &conn
+            && super::error::destination_unreachable(&rsp)
+        {
+            conn.ask_close();
+        }
+        rsp
     }
 }
 

@@ -844,6 +844,52 @@ async fn a_dead_endpoint_costs_a_retry_not_a_failed_request() {
     }
 }
 
+/// A pod whose app has stopped listening while its proxy still serves (an
+/// app shutting down gracefully, still in its Service's endpoints until the
+/// change reaches every caller) costs a request without a body a retry on
+/// another endpoint, on a route with no retries: its proxy answers that
+/// none of the request reached the app, and the caller's proxy sends it on
+/// as it would one it could not connect to itself. (It answered 502, which
+/// reached the client.)
+#[tokio::test]
+async fn an_app_gone_behind_its_live_proxy_costs_a_retry_not_a_failed_request() {
+    let b = Backend::start().await;
+    let mesh = Mesh::start(&[]).await;
+    mesh.serve("web", "web-0", &b);
+    mesh.until_ok("/").await;
+    let draining = Sidecar::start(mesh.cp.grpc, NS, "draining", &[]).await;
+    mesh.dir.write(
+        "pod-draining.yaml",
+        &meshed_pod(NS, "draining", "web", draining.inbound.port()),
+    );
+    let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    mesh.dir.write(
+        "slice-draining.yaml",
+        &endpoint(NS, "web", "draining", nobody),
+    );
+    let mut sent = 0;
+    wait::until(
+        "a request to the draining pod retried",
+        Duration::from_secs(10),
+        || {
+            sent += 1;
+            let mesh = &mesh;
+            async move {
+                let (status, text) = client::get(&client::http1(), &mesh.url("/")).await.unwrap();
+                assert_eq!(status, http::StatusCode::OK, "{text}");
+                mesh.metric("strait_proxy_route_retries_total").await > 0.0
+            }
+        },
+    )
+    .await;
+    // The draining pod's proxy said so, and counted its failure to connect.
+    assert!(
+        metric_sum(draining.admin, "strait_proxy_http_proxy_errors_total").await > 0.0,
+        "the draining pod's proxy was never asked"
+    );
+    println!("retried within {sent} requests, none failed");
+}
+
 /// A rule that retries statuses still retries a request no endpoint took,
 /// even one whose body is too large to keep a copy of: that body was never
 /// read. (It was read ahead by one frame, and then could not be sent again:
