@@ -5,6 +5,7 @@ pub mod clock;
 pub mod core_dumps;
 pub mod essential;
 pub mod identity;
+pub mod listen;
 pub mod net;
 pub mod open_files;
 pub mod per_source;

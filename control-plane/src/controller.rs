@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use strait_api::listen;
 use strait_api::v1::discovery_server::DiscoveryServer;
 use strait_api::v1::identity_server::IdentityServer;
 use strait_api::v1::inbound_policy_server::InboundPolicyServer;
@@ -103,7 +104,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "STRAIT_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// Serve the sidecar injector (a mutating admission webhook, HTTPS) here,
-    /// e.g. 0.0.0.0:8443. Its certificate is --webhook-cert/--webhook-key, or
+    /// e.g. [::]:8443. Its certificate is --webhook-cert/--webhook-key, or
     /// else one the issuer signs for the controller's Service name.
     #[arg(long, env = "STRAIT_WEBHOOK_ADDR", requires = "trust_anchors")]
     pub webhook_addr: Option<SocketAddr>,
@@ -290,10 +291,11 @@ impl Controller {
             ),
             _ => None,
         };
-        let grpc = TcpListener::bind(args.grpc_addr)
-            .await
+        // `[::]` (as installed) is both families, or IPv4 where the node has
+        // no IPv6: the kubelet probes the pod's first address, either.
+        let grpc = listen::bind(args.grpc_addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on --grpc-addr {}: {e}", args.grpc_addr))?;
-        let admin = TcpListener::bind(args.admin_addr).await.map_err(|e| {
+        let admin = listen::bind(args.admin_addr).map_err(|e| {
             anyhow::anyhow!("cannot listen on --admin-addr {}: {e}", args.admin_addr)
         })?;
         let webhook = match args.webhook_addr {
@@ -389,8 +391,7 @@ impl Controller {
             &args.service_account,
             args.grpc_addr.port(),
         );
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = listen::bind(addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on --webhook-addr {addr}: {e}"))?;
         Ok(Webhook {
             listener,

@@ -1,7 +1,7 @@
 //! Every default and well-known name of the control plane, with why.
 
 /// gRPC for the proxies (discovery, inbound policy, identity).
-pub const GRPC_ADDR: &str = "0.0.0.0:8090";
+pub const GRPC_ADDR: &str = "[::]:8090";
 /// Health and metrics; loopback by default (as Linkerd's 9990).
 pub const ADMIN_ADDR: &str = "127.0.0.1:9990";
 
@@ -254,7 +254,7 @@ pub const MESH_PORTS: [u16; 3] = [PROXY_OUTBOUND_PORT, DEFAULT_INBOUND_PORT, PRO
 /// Where the injected proxy takes the app's redirected connections.
 pub const PROXY_OUTBOUND_PORT: u16 = 4140;
 /// Where the controller serves the admission webhook (its Service maps 443 here).
-pub const WEBHOOK_ADDR: &str = "0.0.0.0:8443";
+pub const WEBHOOK_ADDR: &str = "[::]:8443";
 /// An AdmissionReview larger than this is refused (a Pod is at most ~1.5 MiB in etcd).
 pub const MAX_ADMISSION_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// Connections the webhook serves at once (the API server needs a handful).

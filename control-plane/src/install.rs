@@ -878,7 +878,7 @@ fn controller_args(v: &Values) -> Vec<String> {
         args.push(format!("{flag}={value}"));
     }
     args.push(format!("--webhook-addr={}", defaults::WEBHOOK_ADDR));
-    args.push("--admin-addr=0.0.0.0:9990".into());
+    args.push("--admin-addr=[::]:9990".into());
     args.push("--log-format=json".into());
     args
 }

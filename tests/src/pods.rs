@@ -281,7 +281,8 @@ impl PodMesh {
 
     fn proxy_args(&self, p: &MeshedPod, token: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args = vec![
-            "--admin-addr=0.0.0.0:4191".to_string(),
+            // As injected.
+            "--admin-addr=[::]:4191".to_string(),
             format!("--control-plane=https://{}", self.grpc),
             format!("--namespace={NS}"),
             format!("--pod-name={}", p.pod.name),

@@ -1161,7 +1161,7 @@ fn proxy_container(
         // answer loopback callers only.
         value(
             "STRAIT_PROXY_ADMIN_ADDR",
-            &format!("0.0.0.0:{}", defaults::PROXY_ADMIN_PORT),
+            &format!("[::]:{}", defaults::PROXY_ADMIN_PORT),
         ),
     ];
     if let Some(id) = &s.control_plane_identity {

@@ -87,6 +87,11 @@ fn an_annotated_pod_gets_the_init_container_and_the_native_sidecar() {
         "status.podIP",
         "the app is dialled on the pod's address, so loopback-only ports stay private"
     );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_ADMIN_ADDR").unwrap()["value"],
+        "[::]:4191",
+        "the kubelet probes the pod's first address, IPv4 or IPv6"
+    );
     assert!(
         env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM").unwrap()["value"]
             .as_str()

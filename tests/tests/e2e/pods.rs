@@ -1005,6 +1005,14 @@ async fn a_dual_stack_services_ipv6_leg_is_meshed_too() {
         .await
         .expect("the server's proxy answers over IPv6");
     assert_eq!(status, 403, "plaintext over IPv6 meets STRICT");
+    // Where the pod's first address is IPv6, the kubelet probes it there.
+    let (status, body) = client::get(
+        &client::http1(),
+        &format!("http://{}/ready", SocketAddr::from((server6.ip(), 4191))),
+    )
+    .await
+    .expect("the server's proxy's admin port answers over IPv6");
+    assert_eq!(status, 200, "{body}");
 }
 
 fn print_table(rows: &[(&str, Check, f64)]) {
