@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use crate::telemetry::metrics::OnFirstUse;
 use http::HeaderName;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -132,11 +133,38 @@ impl BackendConfig {
     }
 }
 
-/// Counters of one backend's breaker.
+/// Counters of one backend's breaker, made on its first pick (or ejection):
+/// a caller's backends are built for every Service it resolves, most never
+/// used, and a fleet exporting zeros for each would be most of its series.
+/// Made before any ejection, so that an alert on their increase sees the first.
+pub struct BackendMetrics(OnFirstUse<BreakerSeries>);
+
 #[derive(Debug, Default)]
-pub struct BackendMetrics {
+pub struct BreakerSeries {
     pub ejections: Counter,
     pub ejected: Gauge,
+}
+
+impl BackendMetrics {
+    pub fn new(make: impl Fn() -> BreakerSeries + Send + Sync + 'static) -> Self {
+        BackendMetrics(OnFirstUse::new(make))
+    }
+
+    pub fn get(&self) -> &BreakerSeries {
+        self.0.get()
+    }
+}
+
+impl Default for BackendMetrics {
+    fn default() -> Self {
+        BackendMetrics::new(BreakerSeries::default)
+    }
+}
+
+impl std::fmt::Debug for BackendMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// What an endpoint that has not answered yet is guessed to cost: the median
@@ -376,7 +404,9 @@ impl Endpoints {
         let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let n = self.ejected() as i64;
         let before = self.reported.swap(n, Ordering::Relaxed);
-        self.metrics.ejected.inc_by(n - before);
+        if n != before {
+            self.metrics.get().ejected.inc_by(n - before);
+        }
     }
 
     fn ejected(&self) -> usize {
@@ -397,6 +427,8 @@ impl Endpoints {
         if n == 0 {
             return Err(PickError::NoEndpoints);
         }
+        // The backend is in use: its breaker's series are exported from now.
+        self.metrics.get();
         let now = Instant::now();
         // What the breaker says of an endpoint, read once per draw: `None`
         // when it may not take this request.
@@ -818,7 +850,7 @@ impl InFlight {
             (ejected, kept_in)
         };
         if ejected {
-            b.metrics.ejections.inc();
+            b.metrics.get().ejections.inc();
             tracing::info!(backend = %b.name, endpoint = %self.endpoint().addr, "endpoint ejected after consecutive failures");
         }
         live.report();
@@ -857,7 +889,9 @@ impl Drop for Endpoints {
         // no verdict will come to set the gauge again.
         if !*self.replaced.get_mut() {
             let share = self.reported.swap(0, Ordering::Relaxed);
-            self.metrics.ejected.dec_by(share);
+            if share != 0 {
+                self.metrics.get().ejected.dec_by(share);
+            }
         }
     }
 }
@@ -905,6 +939,30 @@ mod tests {
 
     fn index(f: &InFlight) -> usize {
         (f.endpoint().addr.port() - 8000) as usize
+    }
+
+    /// A backend resolved but never picked exports no breaker series (a
+    /// caller's destinations each build every backend they have); its first
+    /// pick makes them, at 0, before any ejection.
+    #[test]
+    fn a_backend_s_breaker_series_are_made_by_its_first_pick() {
+        let m = crate::telemetry::metrics::Metrics::new();
+        let b = Endpoints::new(
+            "b".into(),
+            &eps(2),
+            BackendConfig::default(),
+            None,
+            m.backend("web:80", "b"),
+        );
+        assert!(!m.encode().contains("backend_eject"), "never picked");
+        b.pick(&Default::default(), &[]).unwrap().success();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "strait_proxy_backend_ejections_total{service=\"web:80\",backend=\"b\"} 0"
+            ),
+            "{text}"
+        );
     }
 
     /// Ejects endpoint 0 by its breaker's count of failures, without
@@ -1287,7 +1345,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(b.metrics.ejected.get(), 1, "endpoint 0 ejected");
+        assert_eq!(b.metrics.get().ejected.get(), 1, "endpoint 0 ejected");
         // Endpoint 0 leaves the Service; the request on endpoint 1 then fails.
         let newer = Endpoints::new(
             "b".into(),
@@ -1296,9 +1354,13 @@ mod tests {
             Some(&b),
             b.metrics.clone(),
         );
-        assert_eq!(b.metrics.ejected.get(), 0);
+        assert_eq!(b.metrics.get().ejected.get(), 0);
         in_flight.expect("a request on endpoint 1").failed();
-        assert_eq!(b.metrics.ejected.get(), 0, "none of the list in force");
+        assert_eq!(
+            b.metrics.get().ejected.get(),
+            0,
+            "none of the list in force"
+        );
         drop(newer);
     }
 
@@ -1353,12 +1415,12 @@ mod tests {
         let newer = replaced(&b);
         drop(b);
         assert_eq!(
-            metrics.ejected.get(),
+            metrics.get().ejected.get(),
             1,
             "a replaced list is not the backend gone"
         );
         drop(newer);
-        assert_eq!(metrics.ejected.get(), 0);
+        assert_eq!(metrics.get().ejected.get(), 0);
     }
 
     /// A failed probe ejects again only within the cap: a backend shrunk to
@@ -1368,7 +1430,7 @@ mod tests {
     async fn a_failed_probe_ejects_again_only_within_the_cap() {
         let b = two_in_turn();
         drop(eject_the_first(&b, false).await);
-        let ejections = b.metrics.ejections.get();
+        let ejections = b.metrics.get().ejections.get();
         // Scaled down to the ejected endpoint.
         let one = Endpoints::new(
             "b".into(),
@@ -1384,8 +1446,8 @@ mod tests {
         assert!(probe.probe.is_some());
         probe.failed();
         assert_eq!(one.ejected(), 0, "no room under the cap: back in");
-        assert_eq!(one.metrics.ejections.get(), ejections);
-        assert_eq!(one.metrics.ejected.get(), 0);
+        assert_eq!(one.metrics.get().ejections.get(), ejections);
+        assert_eq!(one.metrics.get().ejected.get(), 0);
     }
 
     /// One Service reached at two addresses has a backend at each, on one
@@ -1402,17 +1464,21 @@ mod tests {
             a.metrics.clone(),
         );
         drop(eject_the_first(&a, false).await);
-        assert_eq!(a.metrics.ejected.get(), 1);
+        assert_eq!(a.metrics.get().ejected.get(), 1);
         drop(eject_the_first(&b, false).await);
-        assert_eq!(a.metrics.ejected.get(), 2);
+        assert_eq!(a.metrics.get().ejected.get(), 2);
         drop(b);
-        assert_eq!(a.metrics.ejected.get(), 1, "the other's ejection stays");
+        assert_eq!(
+            a.metrics.get().ejected.get(),
+            1,
+            "the other's ejection stays"
+        );
         let metrics = a.metrics.clone();
         let newer = replaced(&a);
-        assert_eq!(metrics.ejected.get(), 1, "carried over");
+        assert_eq!(metrics.get().ejected.get(), 1, "carried over");
         drop(a);
         drop(newer);
-        assert_eq!(metrics.ejected.get(), 0);
+        assert_eq!(metrics.get().ejected.get(), 0);
     }
 
     /// Switching the breaker off (a BackendPolicy's `consecutiveFailures: 0`)
@@ -1426,7 +1492,7 @@ mod tests {
         off.breaker.consecutive_failures = 0;
         let newer = Endpoints::new("b".into(), &eps(2), off, Some(&b), b.metrics.clone());
         assert_eq!(newer.ejected(), 0);
-        assert_eq!(newer.metrics.ejected.get(), 0);
+        assert_eq!(newer.metrics.get().ejected.get(), 0);
         let picked: Vec<usize> = (0..2)
             .map(|_| {
                 let f = newer.pick(&Default::default(), &[]).unwrap();
@@ -1446,10 +1512,10 @@ mod tests {
         let in_flight = eject_the_first(&b, true).await;
         let metrics = b.metrics.clone();
         drop(replaced(&b));
-        assert_eq!(metrics.ejected.get(), 0);
+        assert_eq!(metrics.get().ejected.get(), 0);
         in_flight.expect("a request on endpoint 1").failed();
         drop(b);
-        assert_eq!(metrics.ejected.get(), 0);
+        assert_eq!(metrics.get().ejected.get(), 0);
     }
 
     /// An endpoint discovery took away meanwhile gets no verdict from a
@@ -1473,7 +1539,7 @@ mod tests {
         for f in on_first {
             f.failed();
         }
-        assert_eq!(b.metrics.ejections.get(), 0, "one failure short");
+        assert_eq!(b.metrics.get().ejections.get(), 0, "one failure short");
         // Endpoint 0 leaves the Service, two others join (room under the
         // ejection cap); its last request then fails.
         let newer = Endpoints::new(
@@ -1484,7 +1550,7 @@ mod tests {
             b.metrics.clone(),
         );
         last.failed();
-        assert_eq!(b.metrics.ejections.get(), 0);
+        assert_eq!(b.metrics.get().ejections.get(), 0);
         drop(newer);
     }
 
@@ -1531,7 +1597,7 @@ mod tests {
                 t.join().unwrap();
             }
             assert_eq!(b.ejected(), 1, "one of ten at most, and one");
-            assert_eq!(b.metrics.ejections.get(), 1);
+            assert_eq!(b.metrics.get().ejections.get(), 1);
         }
     }
 

@@ -1142,9 +1142,14 @@ impl Metrics {
         };
         self.backends.get(
             labels,
-            |labels| crate::balance::BackendMetrics {
-                ejections: self.backend_ejections.get_or_create_owned(labels),
-                ejected: self.backend_ejected.get_or_create_owned(labels),
+            |labels| {
+                let (ejections, ejected) =
+                    (self.backend_ejections.clone(), self.backend_ejected.clone());
+                let labels = labels.clone();
+                crate::balance::BackendMetrics::new(move || crate::balance::BreakerSeries {
+                    ejections: ejections.get_or_create_owned(&labels),
+                    ejected: ejected.get_or_create_owned(&labels),
+                })
             },
             |k| self.remove_backend(k),
         )
@@ -1313,9 +1318,9 @@ mod tests {
             grpc::OnStatus::status(route.grpc.clone(), 0);
             backend.http.get().responses[1].inc();
             backend.http.get().latency.observe(0.001);
-            breaker.ejections.inc();
-            breaker.ejected.set(1);
-            breaker.ejected.set(0);
+            breaker.get().ejections.inc();
+            breaker.get().ejected.set(1);
+            breaker.get().ejected.set(0);
             // A rebuild of the same configuration shares them.
             let again = m.route("old:80", "shop/old", "0");
             again.requests.inc();
@@ -1398,7 +1403,25 @@ mod tests {
             !text.contains("rule=\"2\",reason=\"backend_request\""),
             "{text}"
         );
-        drop((unused, backends, timed));
+        // A backend's breaker: built for every backend resolved, exported
+        // from its first pick, at 0.
+        let breaker = m.backend("web:80", "web-v1");
+        assert!(!m.encode().contains("backend_eject"), "unused");
+        breaker.get();
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "strait_proxy_backend_ejections_total{service=\"web:80\",backend=\"web-v1\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "strait_proxy_backend_ejected_endpoints{service=\"web:80\",backend=\"web-v1\"} 0"
+            ),
+            "{text}"
+        );
+        drop((unused, backends, timed, breaker));
     }
 
     /// A gRPC call's status may come long after its request was routed (a
@@ -1460,7 +1483,7 @@ mod tests {
                 .get()
                 .responses[1]
                 .inc();
-            m.backend("web:80", "v1").ejections.inc();
+            m.backend("web:80", "v1").get().ejections.inc();
         }
         let text = m.encode();
         assert!(text.contains("strait_proxy_route_requests_total{service=\"web:80\",route=\"ns/web\",rule=\"0\"} 2"), "{text}");
