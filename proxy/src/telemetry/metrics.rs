@@ -944,6 +944,11 @@ impl Metrics {
                     .remove(&authz_labels(peer.clone(), protocol, allowed));
             }
         }
+        self.inbound_authz.remove(&AuthzLabels {
+            peer,
+            protocol: Authorized::Http.label(),
+            decision: "probe",
+        });
     }
 
     /// Removes a route rule's series (the ones `route` makes).
@@ -1218,6 +1223,8 @@ mod tests {
                 .authorized(Authorized::Tcp, false);
             // A second connection of the same caller counts in the same series.
             m.inbound_peer(Some(&gone)).http().requests.inc();
+            // The kubelet's probes, of no identity, gone likewise.
+            m.inbound_peer(None).probe_admitted();
         }
         // Before the scrape that finds them idle, whenever it runs.
         let t0 = Instant::now();
@@ -1239,6 +1246,7 @@ mod tests {
         m.forget_idle(t0 + METRICS_RETAIN_IDLE * 2);
         let text = m.encode();
         assert_eq!(series(&text, "ci-4711"), 0, "{text}");
+        assert_eq!(series(&text, "unauthenticated"), 0, "{text}");
         assert!(
             text.contains("strait_proxy_inbound_peer_requests_total{peer=\"spiffe://cluster.local/ns/shop/sa/web\"} 1"),
             "a caller still connected keeps its series: {text}"
