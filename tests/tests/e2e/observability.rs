@@ -876,6 +876,11 @@ fn every_metric_the_dashboard_plots_exists_and_is_documented() {
             e.contains("by (namespace") || e.contains("by (le, namespace"),
             "{e}"
         );
+        // Per pod, only the pods with something to show: every proxy
+        // exports these at 0, and a fleet's flat lines would bury them.
+        if e.contains("by (namespace, pod") {
+            assert!(e.ends_with(" > 0"), "a line per pod, zeros too: {e}");
+        }
     }
     // What the page says to alert on is plotted.
     for alert in [
