@@ -99,7 +99,7 @@ fn has_global_ipv6(if_inet6: &str) -> bool {
 pub enum InitError {
     #[error("cannot run {0}: {1} (is iptables installed?)")]
     Spawn(String, std::io::Error),
-    #[error("{0} failed ({1}): {2}")]
+    #[error("{0} failed ({1}): {2}{hint}", hint = module_hint(.2))]
     Failed(String, std::process::ExitStatus, String),
     #[error(
         "--inbound-port and --outbound-port are both {0}: the pod's inbound connections would reach the outbound listener"
@@ -227,6 +227,28 @@ fn refuse_other_mesh_in_other_backend(mode: IptablesMode, family: &str) -> Resul
     }
 }
 
+/// What to do where the tool says the kernel lacks what the rules use: the
+/// tool names neither the module nor the way out, and every meshed pod of
+/// the node then waits in its init container.
+fn module_hint(stderr: &str) -> &'static str {
+    const SAID: [&str; 5] = [
+        "kernel module",
+        "insmod",
+        "can't initialize iptables table",
+        "Could not fetch rule set generation id",
+        "not supported",
+    ];
+    if SAID.iter().any(|s| stderr.contains(s)) {
+        " (the node's kernel cannot load what the rules use: the nat table (iptable_nat, \
+         ip6table_nat), the owner match and REDIRECT (xt_owner, xt_REDIRECT), and for \
+         --iptables-mode=nft nf_tables, nft_chain_nat and nft_compat; load them on the node \
+         (/etc/modules-load.d, as SELinux may keep containers from loading them), or install \
+         with the other --proxy-iptables-mode)"
+    } else {
+        ""
+    }
+}
+
 fn iptables(cmd: String, args: &[&str], stdin: Option<&str>) -> Result<String, InitError> {
     let mut child = Command::new(&cmd)
         .args(args)
@@ -284,6 +306,30 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_file(&tool);
+    }
+
+    /// A node whose kernel cannot load what the rules use is named as such,
+    /// with the modules and the way out; other failures are as the tool said.
+    #[test]
+    fn a_missing_kernel_module_is_named_with_the_way_out() {
+        let failed = |err: &str| {
+            InitError::Failed(
+                "iptables-nft-restore".into(),
+                std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+                err.into(),
+            )
+            .to_string()
+        };
+        for said in [
+            "Warning: Extension owner revision 0 not supported, missing kernel module?",
+            "iptables-restore v1.8.9 (legacy): can't initialize iptables table `nat': Table does not exist (do you need to insmod?)",
+        ] {
+            let e = failed(said);
+            assert!(e.contains(said) && e.contains("xt_owner"), "{e}");
+            assert!(e.contains("--proxy-iptables-mode"), "{e}");
+        }
+        let e = failed("line 2 failed");
+        assert!(!e.contains("xt_owner"), "{e}");
     }
 
     /// Every command `init` may run is in the proxy's image: a node with IPv6
