@@ -45,6 +45,11 @@ pub const PROXY_CONNECT_TIMEOUT: &str = "strait.dev/proxy-connect-timeout";
 /// needs more.
 pub const PROXY_TCP_IDLE_TIMEOUT: &str = "strait.dev/proxy-tcp-idle-timeout";
 pub const PROXY_HTTP_IDLE_TIMEOUT: &str = "strait.dev/proxy-http-idle-timeout";
+/// How long a request body may go without a byte, and a write to a client
+/// without progress (`--http-body-read-timeout`, 30 s): an app that reads a
+/// download in pauses longer than that (a batch written per chunk), streams
+/// an upload with gaps, or serves downloads edge clients pause, needs more.
+pub const PROXY_HTTP_BODY_READ_TIMEOUT: &str = "strait.dev/proxy-http-body-read-timeout";
 /// The proxy's connection limits (`--max-connections`,
 /// `--inbound-max-connections-per-source`): a pod that edge clients reach in
 /// plaintext (an ingress controller behind a load balancer or a node's
@@ -727,6 +732,13 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             Duration::from_secs(1),
             Duration::from_secs(86_400),
             "is not a duration from 1s to 24h (e.g. 620s)",
+        ),
+        (
+            PROXY_HTTP_BODY_READ_TIMEOUT,
+            "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT",
+            Duration::from_secs(1),
+            Duration::from_secs(3_600),
+            "is not a duration from 1s to 1h (e.g. 5m)",
         ),
     ] {
         if let Some(v) = annotation(name) {

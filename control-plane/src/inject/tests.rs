@@ -372,6 +372,7 @@ fn annotations_reach_the_proxy_and_the_init_container() {
                    PROXY_CONNECT_TIMEOUT: "5s",
                    PROXY_TCP_IDLE_TIMEOUT: "4h",
                    PROXY_HTTP_IDLE_TIMEOUT: "620s",
+                   PROXY_HTTP_BODY_READ_TIMEOUT: "5m",
                    PROXY_MAX_CONNECTIONS: "50000",
                    PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE: " 40000",
                    PROXY_MAX_DISCOVERY_WATCHES: "1500",
@@ -412,6 +413,10 @@ fn annotations_reach_the_proxy_and_the_init_container() {
     assert_eq!(
         env(proxy, "STRAIT_PROXY_HTTP_IDLE_TIMEOUT").unwrap()["value"],
         "620s"
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_HTTP_BODY_READ_TIMEOUT").unwrap()["value"],
+        "5m"
     );
     assert_eq!(
         env(proxy, "STRAIT_PROXY_MAX_CONNECTIONS").unwrap()["value"],
@@ -607,6 +612,8 @@ fn bad_annotations_are_named_in_the_error() {
         (PROXY_TCP_IDLE_TIMEOUT, "60d"),
         (PROXY_HTTP_IDLE_TIMEOUT, "2d"),
         (PROXY_HTTP_IDLE_TIMEOUT, "never"),
+        (PROXY_HTTP_BODY_READ_TIMEOUT, "0s"),
+        (PROXY_HTTP_BODY_READ_TIMEOUT, "2h"),
         (PROXY_MAX_CONNECTIONS, "0"),
         (PROXY_MAX_CONNECTIONS, "lots"),
         (PROXY_INBOUND_MAX_CONNECTIONS_PER_SOURCE, "600000"),
