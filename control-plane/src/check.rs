@@ -148,6 +148,23 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         Err(e) => say(unread(&format!("kube-system/{CILIUM_CONFIG}"), &e)),
     }
 
+    // Calico's, where its eBPF data plane runs: the same balancing at
+    // connect() as Cilium's. Absent (a 404) where Calico is not.
+    let felix = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("crd.projectcalico.org", "v1", "FelixConfiguration"),
+        "felixconfigurations",
+    );
+    let felix: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &felix);
+    match felix.get_opt("default").await {
+        Ok(Some(f)) => {
+            if let Some(l) = calico_line(&f.data["spec"]) {
+                say(l);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => say(unread("Calico's FelixConfiguration default", &e)),
+    }
+
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [
         "authorizationpolicies.policy.strait.dev",
@@ -1184,6 +1201,31 @@ fn cilium_line(config: &std::collections::BTreeMap<String, String>) -> Option<Li
     )
 }
 
+/// Whether Calico's eBPF data plane balances Services at `connect()` inside
+/// pods (its connect-time load balancer, on by default for TCP): as Cilium's
+/// socket balancing, it hands the proxy a pod's address for a Service's.
+fn calico_line(spec: &serde_json::Value) -> Option<Line> {
+    if spec["bpfEnabled"].as_bool() != Some(true) {
+        return None;
+    }
+    // The field of Calico 3.27 and later; before, a boolean (default on).
+    let off = match spec["bpfConnectTimeLoadBalancing"].as_str() {
+        Some(mode) => mode == "Disabled",
+        None => spec["bpfConnectTimeLoadBalancingEnabled"].as_bool() == Some(false),
+    };
+    Some(if off {
+        line(
+            Verdict::Ok,
+            "Calico's eBPF data plane leaves Services to the pods (bpfConnectTimeLoadBalancing: Disabled)",
+        )
+    } else {
+        line(
+            Verdict::Fail,
+            "Calico's eBPF data plane balances Services inside pods (connect-time load balancing, FelixConfiguration default): a meshed app's connection to a Service reaches its proxy addressed to one pod, so the Service's routes, retries, timeouts, balancing and BackendPolicy are not applied; set bpfConnectTimeLoadBalancing: Disabled and bpfHostNetworkedNATWithoutCTLB: Enabled in it, and restart the meshed pods",
+        )
+    })
+}
+
 fn unread(what: &str, e: &kube::Error) -> Line {
     match e {
         kube::Error::Api(s) if s.code == 403 => Line {
@@ -2206,6 +2248,32 @@ mod tests {
         let partly = summary(&[ok(), refused]).unwrap();
         assert!(partly.contains("1 check(s) could not be made"), "{partly}");
         assert!(summary(&[ok(), line(Verdict::Fail, "x")]).is_err());
+    }
+
+    #[test]
+    fn calico_balancing_inside_pods_fails() {
+        let verdict = |spec: serde_json::Value| calico_line(&spec).map(|l| l.verdict);
+        assert_eq!(verdict(serde_json::json!({})), None, "iptables data plane");
+        assert_eq!(verdict(serde_json::json!({"bpfEnabled": false})), None);
+        for on in [
+            serde_json::json!({"bpfEnabled": true}),
+            serde_json::json!({"bpfEnabled": true, "bpfConnectTimeLoadBalancing": "TCP"}),
+            serde_json::json!({"bpfEnabled": true, "bpfConnectTimeLoadBalancingEnabled": true}),
+        ] {
+            let l = calico_line(&on).unwrap();
+            assert_eq!(l.verdict, Verdict::Fail, "{on}");
+            assert!(
+                l.what.contains("bpfConnectTimeLoadBalancing: Disabled"),
+                "{}",
+                l.what
+            );
+        }
+        for off in [
+            serde_json::json!({"bpfEnabled": true, "bpfConnectTimeLoadBalancing": "Disabled"}),
+            serde_json::json!({"bpfEnabled": true, "bpfConnectTimeLoadBalancingEnabled": false}),
+        ] {
+            assert_eq!(verdict(off.clone()), Some(Verdict::Ok), "{off}");
+        }
     }
 
     #[test]
