@@ -449,6 +449,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 );
             }
             say(l);
+            if let Some(l) = meshed.init_failed_line() {
+                say(l);
+            }
             if let Some(l) = stale.line() {
                 say(l);
             }
@@ -795,11 +798,21 @@ struct MeshedPods {
     unready: Named,
     /// The namespaces a meshed pod runs in.
     namespaces: std::collections::HashSet<String>,
+    /// Pods ended (a Job's, with `restartPolicy: Never`) by their init
+    /// container's failure in the last hour: not retried in place, so no
+    /// pod is left crash-looping to say so.
+    init_failed: Named,
 }
 
 impl MeshedPods {
     fn count(&mut self, p: &Pod) {
-        if proxy_container(p).is_none() || !should_run(p) {
+        if proxy_container(p).is_none() {
+            return;
+        }
+        if let Some(why) = init_failed(p) {
+            self.init_failed.push_with(p, Some(why));
+        }
+        if !should_run(p) {
             return;
         }
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -823,6 +836,23 @@ impl MeshedPods {
                 .creation_timestamp
                 .as_ref()
                 .is_some_and(|t| t.0 < stuck_since);
+    }
+
+    /// Recent pods that ended in `strait-init`: a node that cannot write
+    /// the rules (a kernel module missing, the wrong iptables backend) fails
+    /// every Job scheduled there, and nothing else shows it.
+    fn init_failed_line(&self) -> Option<Line> {
+        (self.init_failed.count > 0).then(|| {
+            line(
+                Verdict::Fail,
+                format!(
+                    "{} meshed pod(s) ended in the last hour because {} failed (their interception rules could not be written; a Job's pod is not retried in place): {}",
+                    self.init_failed.count,
+                    crate::inject::INIT_CONTAINER,
+                    self.init_failed
+                ),
+            )
+        })
     }
 
     fn line(&self) -> Line {
@@ -868,6 +898,29 @@ fn proxy_container(p: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
 fn should_run(p: &Pod) -> bool {
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     p.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// Why a pod ended in the last hour in its init container, as it said.
+fn init_failed(p: &Pod) -> Option<String> {
+    let status = p.status.as_ref()?;
+    if status.phase.as_deref() != Some("Failed") {
+        return None;
+    }
+    let since = k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(3_600);
+    let init = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == crate::inject::INIT_CONTAINER)?;
+    let ended = init.state.as_ref()?.terminated.as_ref()?;
+    if ended.exit_code == 0 || ended.finished_at.as_ref().is_some_and(|t| t.0 < since) {
+        return None;
+    }
+    let why = ended.message.as_deref().and_then(last_line);
+    Some(match why {
+        Some(w) => format!("exit {}: {w}", ended.exit_code),
+        None => format!("exit {}", ended.exit_code),
+    })
 }
 
 /// What the mesh's containers of a pod whose proxy is not ready say: one
@@ -1669,6 +1722,41 @@ mod tests {
         ];
         assert_eq!(verdict(&finished), Verdict::Ok);
         assert_eq!(verdict(&[pod("Succeeded", false, false)]), Verdict::Warn);
+    }
+
+    /// A Job's pod that ended in `strait-init` is not retried in place, so
+    /// no crash-looping pod names the node's problem: check does, with what
+    /// the init container said, for an hour.
+    #[test]
+    fn pods_ended_by_the_init_container_are_named() {
+        let ended = |exit: i32, at: &str| {
+            let mut p = pod("Failed", false, false);
+            p.status.as_mut().unwrap().init_container_statuses = Some(vec![serde_json::from_value(serde_json::json!({
+                "name": crate::inject::INIT_CONTAINER, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit, "finishedAt": at,
+                    "message": "iptables-nft-restore failed (exit status: 1): Warning: Extension owner revision 0 not supported, missing kernel module?"}}
+            })).unwrap()]);
+            p
+        };
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut tally = MeshedPods::default();
+        for p in [
+            ended(1, &now),
+            ended(0, &now),
+            ended(1, "2026-01-01T00:00:00Z"),
+            pod("Failed", false, false),
+        ] {
+            tally.count(&p);
+        }
+        let l = tally.init_failed_line().expect("one pod named");
+        assert_eq!(l.verdict, Verdict::Fail);
+        assert!(
+            l.what.starts_with("1 meshed pod(s)") && l.what.contains("missing kernel module"),
+            "{}",
+            l.what
+        );
+        assert_eq!(tally.line().verdict, Verdict::Warn, "no pod running yet");
+        assert!(MeshedPods::default().init_failed_line().is_none());
     }
 
     /// A labelled namespace that enforces `baseline` or `restricted` refuses
