@@ -45,6 +45,9 @@ pub const PROXY_CONNECT_TIMEOUT: &str = "strait.dev/proxy-connect-timeout";
 /// needs more.
 pub const PROXY_TCP_IDLE_TIMEOUT: &str = "strait.dev/proxy-tcp-idle-timeout";
 pub const PROXY_HTTP_IDLE_TIMEOUT: &str = "strait.dev/proxy-http-idle-timeout";
+/// Istio's label for whether its ambient mesh takes a pod (`ambient`), or
+/// not (`none`, which a namespace's label does not override).
+pub const AMBIENT_MODE: &str = "istio.io/dataplane-mode";
 /// How long a request body may go without a byte, and a write to a client
 /// without progress (`--http-body-read-timeout`, 30 s): an app that reads a
 /// download in pauses longer than that (a batch written per chunk), streams
@@ -558,7 +561,10 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
     // `strait-proxy init` finds by the rules) and annotates it only after
     // admission, once its rules are written.
     let ambient_label = pod
-        .pointer("/metadata/labels/istio.io~1dataplane-mode")
+        .pointer(&format!(
+            "/metadata/labels/{}",
+            pointer_escape(AMBIENT_MODE)
+        ))
         .and_then(Value::as_str)
         == Some("ambient");
     if ambient_label || annotation("ambient.istio.io/redirection") == Some("enabled") {
@@ -905,6 +911,19 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
             "value": {"annotations": {defaults::INBOUND_PORT_ANNOTATION: inbound_port}}}));
     } else {
         return Err(InjectError::Malformed("metadata is not an object"));
+    }
+    // Istio's ambient mesh enrolls running pods once their namespace is
+    // labelled for it, writing its rules beside the proxy's: a pod of ours
+    // says it is not to be (metadata exists by now).
+    if pod
+        .pointer("/metadata/labels")
+        .is_some_and(Value::is_object)
+    {
+        ops.push(json!({"op": "add",
+            "path": format!("/metadata/labels/{}", pointer_escape(AMBIENT_MODE)),
+            "value": "none"}));
+    } else {
+        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {AMBIENT_MODE: "none"}}));
     }
     let patch = serde_json::from_value(Value::Array(ops))
         .map_err(|_| InjectError::Malformed("cannot express the patch"))?;

@@ -225,6 +225,31 @@ fn a_pod_in_istio_s_ambient_mesh_is_refused() {
     ));
 }
 
+/// Istio's node agent enrolls running pods once their namespace is labelled
+/// for ambient: an injected pod says it is not to be, beside its own labels
+/// or as its first, and `init`'s look for another mesh's rules, made once at
+/// the pod's start, is not all that stands in the way.
+#[test]
+fn an_injected_pod_keeps_istio_s_ambient_mesh_out() {
+    let mut labelled = pod(json!({}), app_spec());
+    labelled["metadata"]["labels"] = json!({"app": "web"});
+    let unlabelled = pod(json!({}), app_spec());
+    let mut bare = json!({"apiVersion": "v1", "kind": "Pod", "spec": app_spec()});
+    for p in [labelled, unlabelled, bare.take()] {
+        let p = applied(p, Namespace::Enabled);
+        assert_eq!(
+            p["metadata"]["labels"]["istio.io/dataplane-mode"], "none",
+            "{p}"
+        );
+    }
+    let mut labelled = pod(json!({}), app_spec());
+    labelled["metadata"]["labels"] = json!({"app": "web"});
+    assert_eq!(
+        applied(labelled, Namespace::Enabled)["metadata"]["labels"]["app"],
+        "web"
+    );
+}
+
 /// A manifest injected by `strait inject` that another mesh's injector then
 /// gave its own sidecar is refused, not passed as injected: the two would
 /// redirect each other's connections (Linkerd's takes strait's very ports).
