@@ -58,8 +58,10 @@ pub struct ConnState {
     /// for memory (a liveness probe refused would restart the app, which
     /// frees nothing of the proxy's).
     probes: bool,
-    /// Outbound HTTP/2: asked to close (GOAWAY) once its destination could
-    /// not be reached (`ask_close`). A permit is kept until the server waits.
+    /// Outbound HTTP/2 to one destination: asked to close (GOAWAY) by an
+    /// answer that its destination could not be reached (`ask_close`).
+    close_on_unreachable: bool,
+    /// A permit is kept until the server waits.
     close_asked: tokio::sync::Notify,
 }
 
@@ -78,6 +80,13 @@ impl ConnState {
             probes: true,
             ..ConnState::default()
         }
+    }
+
+    /// A connection sent away by an answer that its one destination could
+    /// not be reached (`ask_close`).
+    pub fn closing_on_unreachable(mut self) -> Self {
+        self.close_on_unreachable = true;
+        self
     }
 }
 
@@ -540,6 +549,12 @@ where
         let out = ready!(this.inner.poll(cx));
         // Released now if there is no body to hold it.
         let guard = this.guard.take();
+        if let (Ok(rsp), Some(Guard(state, _))) = (&out, &guard)
+            && state.close_on_unreachable
+            && super::error::destination_unreachable(rsp)
+        {
+            state.ask_close();
+        }
         Poll::Ready(out.map(|rsp| rsp.map(|inner| GuardedBody::maybe(inner, guard))))
     }
 }

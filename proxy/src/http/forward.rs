@@ -130,11 +130,13 @@ impl Forward {
             forward_proxy,
         );
         // An HTTP/1 pool connects only once it has the request: keep its head.
-        // So for a peer proxy, of a request without a body (which needs no
-        // copy to go again): the peer may answer that its app took none of
-        // it (`NOT_SENT`, `NOT_PROCESSED`).
-        let mut head = (hand_back && (!h2 || (to_peer.is_some() && req.body().is_end_stream())))
-            .then(|| head_of(&req));
+        let head = (hand_back && !h2).then(|| head_of(&req));
+        // To a peer proxy, which may answer that its app took none of it
+        // (`NOT_SENT`, `NOT_PROCESSED`): the head of a request without a
+        // body, which needs no copy to go again (its extensions are moved in
+        // as it is sent, not copied).
+        let mut peer_head = (hand_back && h2 && to_peer.is_some() && req.body().is_end_stream())
+            .then(|| head_without_extensions(&req));
         // Over HTTP/2, connected before the request is changed or given up: a
         // request that cannot be sent goes back whole.
         let ready = match connect_by {
@@ -214,6 +216,9 @@ impl Forward {
                     .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
             }
         }
+        if let Some(h) = peer_head.as_mut() {
+            h.extensions = std::mem::take(req.extensions_mut());
+        }
         let sent = ready.send(req).await;
         // A call the upstream reset before answering is answered as its
         // gRPC client would read the reset, not as the proxy's failure.
@@ -238,7 +243,7 @@ impl Forward {
                     edits.undo(&mut head);
                     Some(head)
                 }
-                _ => head.take(),
+                _ => head,
             };
             Failed {
                 unsent: unsent.filter(|_| error.not_sent()),
@@ -276,18 +281,20 @@ impl Forward {
         if to_peer.is_none() {
             rsp.headers_mut().remove(PROXY_ERROR_HEADER);
         } else if let Some(said) = peer_says_unsent(&rsp) {
-            // The peer's app refused it unprocessed: as if refused here. Or
-            // the peer could not reach its app: as if this proxy could not
-            // reach the endpoint (counted against it), and sent elsewhere.
-            if said == super::error::NOT_PROCESSED {
+            // The peer's app refused it unprocessed: as if refused here (and
+            // passed over). Or the peer could not reach its app: sent
+            // elsewhere if it had no body (one with a body has gone to the
+            // peer, and is retried only by a route's codes, from its copy),
+            // counted against the endpoint either way.
+            let unprocessed = said == super::error::NOT_PROCESSED;
+            if unprocessed {
                 rsp.extensions_mut().insert(super::error::NotProcessed);
-            } else {
-                // Should it reach the app: its destination is unreachable.
-                rsp.extensions_mut().insert(super::error::CloseClient);
             }
-            rsp.extensions_mut().insert(super::error::RequestNotSent);
-            if let Some(head) = head.take() {
+            if let Some(head) = peer_head.take() {
+                rsp.extensions_mut().insert(super::error::RequestNotSent);
                 rsp.extensions_mut().insert(Unsent::new(head));
+            } else if unprocessed {
+                rsp.extensions_mut().insert(super::error::RequestNotSent);
             }
         }
         if let Some(client_upgrade) = client_upgrade
@@ -676,22 +683,27 @@ fn client_error(e: ClientError, addr: SocketAddr) -> ProxyError {
 /// Whether a peer proxy's answer says its app did not process the request
 /// (`NOT_PROCESSED`: its app refused the stream, or the peer shed it, 503),
 /// or never got any of it (`NOT_SENT`: the peer could not connect to it,
-/// 502 or 504), and which.
+/// 502 or 504), and which. The status first: most answers are read no further.
 fn peer_says_unsent<B>(rsp: &Response<B>) -> Option<&'static str> {
     use super::error::{NOT_PROCESSED, NOT_SENT};
     use http::StatusCode;
+    let marker = match rsp.status() {
+        StatusCode::SERVICE_UNAVAILABLE => NOT_PROCESSED,
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => NOT_SENT,
+        _ => return None,
+    };
     let said = rsp.headers().get(PROXY_ERROR_HEADER)?.as_bytes();
-    match rsp.status() {
-        StatusCode::SERVICE_UNAVAILABLE if said.ends_with(NOT_PROCESSED.as_bytes()) => {
-            Some(NOT_PROCESSED)
-        }
-        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
-            if said.ends_with(NOT_SENT.as_bytes()) =>
-        {
-            Some(NOT_SENT)
-        }
-        _ => None,
-    }
+    said.ends_with(marker.as_bytes()).then_some(marker)
+}
+
+/// A request's head but its extensions, which the caller moves in.
+fn head_without_extensions<B>(req: &Request<B>) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r.into_parts().0
 }
 
 /// Whether the upstream said it did not process the request (RFC 9113 §8.7):

@@ -111,6 +111,12 @@ pub struct ConnMeta {
     /// connection to a port the kubelet probes, whose address (the node's)
     /// others share.
     pub caller_share: bool,
+    /// Outbound: every request of the connection goes to one destination
+    /// (its original destination, or an `--upstream` listener's), so an
+    /// answer that it cannot be reached is the connection's, not only the
+    /// request's; not so for HTTP sent straight to the outbound port, whose
+    /// requests each name theirs.
+    pub one_destination: bool,
 }
 
 /// Resolves at `until`, or never.
@@ -299,6 +305,7 @@ mod tests {
             caller: None,
             until: None,
             caller_share: false,
+            one_destination: false,
         };
         (cfg, meta, crate::transport::drain::channel())
     }

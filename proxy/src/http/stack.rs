@@ -73,13 +73,20 @@ impl HttpStack {
         <L::Service as tower::Service<Request<ClientBody>>>::Future: Send + 'static,
     {
         let s = &self.shared;
-        let state = Arc::new(match meta.caller_share {
+        let mut state = match meta.caller_share {
             true => ConnState::of_caller(self.cap.of_source(meta.client.0.ip())),
             // Inbound, spared its caller's share: plaintext HTTP/1 to a
             // probed port, the kubelet's probes.
             false if meta.direction == Direction::Inbound => ConnState::of_probes(),
             false => ConnState::default(),
-        });
+        };
+        // An app's HTTP/2 connection to one destination goes away after an
+        // answer that it could not be reached, as an HTTP/1 one is closed; a
+        // peer's carries every request of its pod.
+        if h2 && meta.direction == Direction::Outbound && meta.one_destination {
+            state = state.closing_on_unreachable();
+        }
+        let state = Arc::new(state);
         let body_timeout = s.http.body_read_timeout;
         // Inbound, where mTLS is on, a caller with no verified identity gets
         // the proxy's own answers without their reasons (after the metrics
@@ -93,10 +100,6 @@ impl HttpStack {
         }
         if h2 {
             let tunnels = state.clone();
-            // An app's connection (one destination's) goes away after an
-            // answer that its destination could not be reached, as an HTTP/1
-            // one is closed; a peer's carries every request of its pod.
-            let closes = (meta.direction == Direction::Outbound).then(|| state.clone());
             let svc = ServiceBuilder::new()
                 .layer(InFlightLayer::new(state.clone(), self.cap.clone()))
                 // No stall timeout over HTTP/2: streams may rightly be quiet.
@@ -105,7 +108,6 @@ impl HttpStack {
                     RequestBody::wrap(upgradable(req, &tunnels), None)
                 })
                 .layer(self.grpc_errors)
-                .map_response(close_if_unreachable(closes))
                 .map_response(redact)
                 .layer(self.metrics.for_peer(meta.caller.as_ref()))
                 // Outside normalization, so a request it refuses (smuggling,
@@ -134,21 +136,6 @@ impl HttpStack {
                 .service(self.forward.clone());
             serve_http1(io, svc, state, &s.http, meta, &s.drain).await;
         }
-    }
-}
-
-/// Answers as they are, `conn` asked to close after one saying the
-/// destination could not be reached.
-fn close_if_unreachable(
-    conn: Option<Arc<ConnState>>,
-) -> impl Fn(Response<BoxBody>) -> Response<BoxBody> + Clone + Send + Sync + 'static {
-    move |rsp| {
-        if let Some(conn) = &conn
-            && super::error::destination_unreachable(&rsp)
-        {
-            conn.ask_close();
-        }
-        rsp
     }
 }
 

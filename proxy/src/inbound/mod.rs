@@ -354,6 +354,7 @@ impl Inbound {
             caller_share: peer.is_some()
                 || protocol != Protocol::Http1
                 || !target.is_some_and(|p| policy::probed(&s.policy, p.0)),
+            one_destination: false,
         };
         let layers = Stack::new(
             AuthorizeLayer::new(

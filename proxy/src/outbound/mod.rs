@@ -112,6 +112,7 @@ impl Outbound {
             caller: None,
             until: None,
             caller_share: false,
+            one_destination: dst.is_some(),
         };
         let layers = Stack::new(
             RouterLayer::new(s.discovery.clone(), self.build.clone()),

@@ -331,6 +331,31 @@ async fn a_connect_failure_sends_the_app_s_http2_connection_away() {
         .unwrap();
 }
 
+/// HTTP/2 sent straight to the outbound port names each request's
+/// destination: one that cannot be reached fails that request, not the
+/// connection, whose other requests go where they name.
+#[tokio::test]
+async fn a_connection_naming_each_request_s_destination_stays_after_one_is_unreachable() {
+    let backend = Backend::start().await;
+    let proxy = support::start(support::config()).await;
+    let tcp = TcpStream::connect(proxy.addrs.outbound).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let dead = strait_tests::process::free_port();
+    for (authority, want) in [
+        (format!("127.0.0.1:{dead}"), StatusCode::BAD_GATEWAY),
+        (backend.addr.to_string(), StatusCode::OK),
+    ] {
+        let mut h2 = h2.clone().ready().await.unwrap();
+        let req = Request::get(format!("http://{authority}/"))
+            .body(())
+            .unwrap();
+        let (rsp, _) = h2.send_request(req, true).unwrap();
+        assert_eq!(rsp.await.unwrap().status(), want, "{authority}");
+    }
+    assert!(!conn.is_finished(), "the connection went away");
+}
+
 /// An app configured with an HTTP forward proxy (`http_proxy=`, Squid)
 /// sends its requests in absolute form, which the forward proxy needs to
 /// know where to: they reach it so. Origin-form requests stay as they are.
