@@ -157,7 +157,7 @@ pub(super) fn header_matches(
             return Err(SpecError::new(
                 format!("{at}.name"),
                 format!(
-                    "{:?} is one of strait's own fields, which callers' proxies match before it is set                      (what the caller's app sent, not a verified identity); an AuthorizationPolicy decides by identity",
+                    "{:?} is one of strait's own fields, which callers' proxies match before it is set (what the caller's app sent, not a verified identity); an AuthorizationPolicy decides by identity",
                     h.name
                 ),
             ));

@@ -712,6 +712,7 @@ mod tests {
                 "{name}"
             );
             assert!(e.reason.contains("AuthorizationPolicy"), "{}", e.reason);
+            assert!(!e.reason.contains("  "), "{}", e.reason);
         }
     }
 
