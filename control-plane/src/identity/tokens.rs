@@ -33,25 +33,52 @@ const REFUSING_SOURCES_MAX: usize = 4096;
 
 /// Refused reviews per address, in its current window.
 #[derive(Debug, Default)]
-pub struct Refusing(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+pub struct Refusing(Mutex<Refusals>);
+
+#[derive(Debug, Default)]
+struct Refusals {
+    by_source: HashMap<IpAddr, (Instant, u32)>,
+    /// The window of every address the map has no place for: one with
+    /// thousands of addresses (an IPv6 /64 holds more than enough) would
+    /// otherwise guess uncounted from the next one. Shared, it bounds them
+    /// all together, at the cost of new addresses' waits while the map is
+    /// full.
+    overflow: Option<(Instant, u32)>,
+}
+
+impl Refusals {
+    /// The window `source` counts in, if any.
+    fn window(&self, source: IpAddr) -> Option<&(Instant, u32)> {
+        match self.by_source.get(&source) {
+            Some(w) => Some(w),
+            None if self.by_source.len() >= REFUSING_SOURCES_MAX => self.overflow.as_ref(),
+            None => None,
+        }
+    }
+}
 
 impl Refusing {
     /// Whether `source` has caused its share of refusals in this window.
     pub fn exhausted(&self, source: IpAddr, now: Instant) -> bool {
         let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        held.get(&source)
+        held.window(source)
             .is_some_and(|(since, n)| now < *since + REFUSALS_WINDOW && *n >= REFUSALS_PER_SOURCE)
     }
 
     pub fn refused(&self, source: IpAddr, now: Instant) {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if held.len() >= REFUSING_SOURCES_MAX && !held.contains_key(&source) {
-            held.retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
-            if held.len() >= REFUSING_SOURCES_MAX {
-                return;
-            }
+        let held = &mut *held;
+        if held.by_source.len() >= REFUSING_SOURCES_MAX && !held.by_source.contains_key(&source) {
+            held.by_source
+                .retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
         }
-        let (since, n) = held.entry(source).or_insert((now, 0));
+        let (since, n) = if held.by_source.len() < REFUSING_SOURCES_MAX
+            || held.by_source.contains_key(&source)
+        {
+            held.by_source.entry(source).or_insert((now, 0))
+        } else {
+            held.overflow.get_or_insert((now, 0))
+        };
         if now >= *since + REFUSALS_WINDOW {
             (*since, *n) = (now, 0);
         }

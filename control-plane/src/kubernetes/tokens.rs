@@ -469,6 +469,31 @@ mod tests {
         assert!(!r.exhausted(pod, later), "counted from 0 again");
     }
 
+    /// Addresses past those the map keeps count together: one with thousands
+    /// of addresses cannot guess uncounted from the next.
+    #[tokio::test(start_paused = true)]
+    async fn addresses_past_those_counted_share_one_window() {
+        let r = Refusing::default();
+        let now = Instant::now();
+        let addr =
+            |i: u32| IpAddr::from(std::net::Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i)));
+        for i in 0..4096 {
+            r.refused(addr(i), now);
+        }
+        for i in 0..REFUSALS_PER_SOURCE {
+            let next = addr(5000 + i);
+            assert!(!r.exhausted(next, now), "{i}");
+            r.refused(next, now);
+        }
+        assert!(r.exhausted(addr(9999), now), "the rest wait with them");
+        assert!(
+            !r.exhausted(addr(0), now),
+            "a counted address keeps its own"
+        );
+        tokio::time::advance(REFUSALS_WINDOW).await;
+        assert!(!r.exhausted(addr(9999), Instant::now()), "a new window");
+    }
+
     /// A token that expires while its review is under way proves nothing:
     /// neither the review's answer nor the answer kept is taken past its
     /// `exp` (a certificate signed for it would last a day).
