@@ -103,10 +103,95 @@ impl ClusterArgs {
                 Kubeconfig::read().ok().and_then(|k| k.current_context),
             ),
         };
+        let mut config = config;
+        if config.proxy_url.is_some()
+            && config.proxy_url == env_proxy()
+            && config.cluster_url.host().is_some_and(bypassed)
+        {
+            config.proxy_url = None;
+        }
         let name = match context {
             Some(c) => format!("{} (context {c})", config.cluster_url),
             None => config.cluster_url.to_string(),
         };
         Ok((kube::Client::try_from(config)?, name))
+    }
+}
+
+/// The proxy the environment names, which kube takes where the kubeconfig
+/// names none (`proxy-url`).
+fn env_proxy() -> Option<http::Uri> {
+    ["HTTPS_PROXY", "https_proxy"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))?
+        .parse()
+        .ok()
+}
+
+/// Whether `NO_PROXY` takes `host` away from the environment's proxy, as
+/// kubectl reads it: `*`, an address, a network (`10.0.0.0/8`), or a domain
+/// and its subdomains (`corp`, `.corp`). kube matches it against the proxy's
+/// own address, not the server's, so a cluster listed there was still sent
+/// through the proxy.
+fn bypassed(host: &str) -> bool {
+    let list = ["NO_PROXY", "no_proxy"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok())
+        .unwrap_or_default();
+    no_proxy_matches(&list, host)
+}
+
+fn no_proxy_matches(list: &str, host: &str) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    let ip = host.parse::<std::net::IpAddr>().ok();
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            if let Some(ip) = ip {
+                return entry
+                    .parse::<strait_api::net::IpNet>()
+                    .is_ok_and(|net| net.contains(ip));
+            }
+            // A port, if any, is not compared: the server's is the API's own.
+            let name = entry.rsplit_once(':').map_or(entry, |(n, _)| n);
+            let name = name
+                .trim_start_matches('*')
+                .trim_start_matches('.')
+                .to_ascii_lowercase();
+            !name.is_empty() && (host == name || host.ends_with(&format!(".{name}")))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::no_proxy_matches;
+
+    /// `NO_PROXY` as kubectl reads it, against the API server's host.
+    #[test]
+    fn no_proxy_names_hosts_domains_and_networks() {
+        let list = "localhost, .corp.example,internal:6443, 10.0.0.0/8,fd00::/8, 192.168.1.7";
+        for host in [
+            "localhost",
+            "api.corp.example",
+            "corp.example",
+            "internal",
+            "10.1.2.3",
+            "[fd00::1]",
+            "192.168.1.7",
+        ] {
+            assert!(no_proxy_matches(list, host), "{host}");
+        }
+        for host in ["api.example", "notcorp.example", "192.168.1.8", "11.0.0.1"] {
+            assert!(!no_proxy_matches(list, host), "{host}");
+        }
+        assert!(no_proxy_matches("*", "anything"));
+        assert!(!no_proxy_matches("", "anything"));
     }
 }

@@ -1115,6 +1115,36 @@ async fn strait_on(kubeconfig: &std::path::Path, args: &[&str]) -> std::process:
         .unwrap()
 }
 
+/// Behind a corporate proxy the CLI reaches the cluster as kubectl does:
+/// `HTTPS_PROXY` is taken (it failed: kube's proxy support was left out),
+/// and `NO_PROXY` keeps an API server it names off it (kube compares it
+/// with the proxy's address, not the server's).
+#[tokio::test]
+async fn the_cli_reaches_the_cluster_as_kubectl_does_behind_a_proxy() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    // Not at the server's address: kube's own test would read it as listed.
+    let dead_proxy = format!("http://127.0.0.2:{}", strait_tests::process::free_port());
+    let install = |no_proxy: &'static str| {
+        tokio::process::Command::new(strait_tests::process::binary("strait"))
+            .arg("install")
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HTTPS_PROXY", &dead_proxy)
+            .env("NO_PROXY", no_proxy)
+            .output()
+    };
+    let out = install("localhost,127.0.0.1").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&api.addr.to_string()), "{stderr}");
+    // Not listed: through the proxy, which does not answer, and said so.
+    let out = install("example.com").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("disabled feature"), "{stderr}");
+}
+
 /// `--kubeconfig` and `--context` choose the cluster the CLI reads, as
 /// kubectl's do: `strait install | kubectl --context prod apply -f -` must
 /// keep prod's identity whatever the current context is (another cluster's,
