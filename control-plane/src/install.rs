@@ -615,38 +615,56 @@ pub fn trust_domain(
 }
 
 impl InstallArgs {
-    /// What to say of installed images this install replaces with its
-    /// release's without being told to: one from a registry of the user's own
-    /// would otherwise turn into this release's public one, unpullable there.
-    fn images_replaced(
+    /// This release's images, from the installed repositories where the
+    /// install took them from a registry of its own (an air-gapped mirror):
+    /// the public ones would not be pulled there, and every new meshed pod
+    /// would wait on its init container. With what to say of each: the
+    /// repository kept, and a digest pin dropped.
+    fn images(
         &self,
         (controller, proxy): (Option<String>, Option<String>),
-        controller_image: &str,
-        proxy_image: &str,
-    ) -> Vec<String> {
-        [
-            ("controller", "--controller-image", &self.controller_image, controller, controller_image),
-            ("proxy", "--proxy-image", &self.proxy_image, proxy, proxy_image),
-        ]
-        .into_iter()
-        .filter(|(_, _, given, _, _)| given.is_none())
-        .filter_map(|(what, flag, _, installed, applied)| {
-            // This release's images in place of another's tag of the same
-            // repository: the upgrade asked for, nothing to say. One pinned
-            // by digest is named: the pin goes.
-            let installed = installed.filter(|i| {
-                i.contains('@') || crate::inject::repository(i) != crate::inject::repository(applied)
-            })?;
-            // Pinning the installed image would keep an earlier release's
-            // proxy under this release's injector: its tag from the
-            // registry it came from instead.
-            let tag = &applied[crate::inject::repository(applied).len()..];
-            let ours = format!("{}{tag}", crate::inject::repository(&installed));
-            Some(format!(
-                "strait install: the installed {what} image {installed} is replaced by {applied} (pass {flag}={ours} to take this release from the installed repository)"
-            ))
-        })
-        .collect()
+    ) -> ((String, String), Vec<String>) {
+        let mut said = Vec::new();
+        let mut image = |what: &str,
+                         flag: &str,
+                         given: &Option<String>,
+                         installed: Option<String>,
+                         ours: String| {
+            if let Some(g) = given {
+                return g.clone();
+            }
+            let Some(installed) = installed else {
+                return ours;
+            };
+            let repo = crate::inject::repository(&installed);
+            let tag = &ours[crate::inject::repository(&ours).len()..];
+            let taken = format!("{repo}{tag}");
+            if repo != crate::inject::repository(&ours) {
+                said.push(format!(
+                    "strait install: this release's {what} image from the installed repository, {taken} (pass {flag} for another)"
+                ));
+            } else if installed.contains('@') {
+                said.push(format!(
+                    "strait install: the installed {what} image {installed} is pinned by digest; this release's is {taken}, by tag (pass {flag} to pin it)"
+                ));
+            }
+            taken
+        };
+        let c = image(
+            "controller",
+            "--controller-image",
+            &self.controller_image,
+            controller,
+            defaults::controller_image(),
+        );
+        let p = image(
+            "proxy",
+            "--proxy-image",
+            &self.proxy_image,
+            proxy,
+            defaults::proxy_image(),
+        );
+        ((c, p), said)
     }
 
     /// The values, with `existing` the install in the cluster.
@@ -754,15 +772,8 @@ impl InstallArgs {
                 }
             },
         };
-        let controller_image = self
-            .controller_image
-            .clone()
-            .unwrap_or_else(defaults::controller_image);
-        let proxy_image = self
-            .proxy_image
-            .clone()
-            .unwrap_or_else(defaults::proxy_image);
-        for notice in self.images_replaced(existing_images, &controller_image, &proxy_image) {
+        let ((controller_image, proxy_image), notices) = self.images(existing_images);
+        for notice in notices {
             eprintln!("{notice}");
         }
         Ok(Values {
@@ -1349,13 +1360,13 @@ mod tests {
         InstallArgs::from_arg_matches(&m).unwrap()
     }
 
-    /// An install from a registry of the user's own is upgraded to this
-    /// release's images unless given them again, and is told so, naming the
-    /// flag that takes this release from that registry (pinning the
-    /// installed one would keep an earlier proxy under this injector); an
-    /// install of the public images is upgraded without a word.
+    /// An install from a registry of the user's own (an air-gapped mirror)
+    /// is upgraded to this release's images from that registry, and is told
+    /// so (the public ones would not be pulled there; pinning the installed
+    /// one would keep an earlier proxy under this injector); an install of
+    /// the public images is upgraded without a word.
     #[test]
-    fn installed_images_replaced_unasked_are_named() {
+    fn installed_repositories_are_kept_and_said() {
         let args = install_args;
         let at = |registry: &str| {
             serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(json!({
@@ -1366,61 +1377,66 @@ mod tests {
             }))
             .unwrap()
         };
-        let mut controller = at("registry.local");
-        let notices = |a: &InstallArgs, controller: &k8s_openapi::api::apps::v1::Deployment| {
+        let images = |a: &InstallArgs, controller: &k8s_openapi::api::apps::v1::Deployment| {
             let e = installed(None, None, Some(controller.clone()), true)
                 .unwrap()
                 .unwrap();
-            a.images_replaced(
-                (e.controller_image, e.proxy_image),
-                &a.controller_image
-                    .clone()
-                    .unwrap_or_else(defaults::controller_image),
-                &a.proxy_image.clone().unwrap_or_else(defaults::proxy_image),
-            )
+            a.images((e.controller_image, e.proxy_image))
         };
-        let said = notices(&args(&[]), &controller);
         let ours = env!("CARGO_PKG_VERSION");
+        // A mirror of the user's own: this release from there, and said.
+        let ((c, p), said) = images(&args(&[]), &at("registry.local"));
+        assert_eq!(c, format!("registry.local/strait:v{ours}"));
+        assert_eq!(p, format!("registry.local/strait-proxy:v{ours}"));
         assert_eq!(said.len(), 2, "{said:?}");
-        assert!(
-            said[0]
-                .contains("controller image registry.local/strait:v0.0.9 is replaced by ghcr.io/")
-                && said[0].contains(&format!("--controller-image=registry.local/strait:v{ours}")),
-            "{}",
-            said[0]
-        );
-        assert!(
-            said[1].contains(&format!(
-                "--proxy-image=registry.local/strait-proxy:v{ours}"
-            )),
-            "{}",
-            said[1]
-        );
-        // Given again (or another on purpose): nothing to say.
+        assert!(said[0].contains("--controller-image"), "{}", said[0]);
+        // Given again (or another on purpose): as given, nothing to say.
         let given = args(&[
             "--controller-image=registry.local/strait:v0.1.0",
             "--proxy-image=registry.local/strait-proxy:v0.2.0",
         ]);
-        assert!(notices(&given, &controller).is_empty());
+        let ((c, p), said) = images(&given, &at("registry.local"));
+        assert_eq!(
+            (c.as_str(), p.as_str(), said.len()),
+            (
+                "registry.local/strait:v0.1.0",
+                "registry.local/strait-proxy:v0.2.0",
+                0
+            )
+        );
         // The public images of an earlier release: the upgrade asked for.
-        controller = at("ghcr.io/strait-dev");
-        let said = notices(&args(&[]), &controller);
+        let public = at("ghcr.io/strait-dev");
+        let ((c, p), said) = images(&args(&[]), &public);
+        assert_eq!(
+            (c, p),
+            (defaults::controller_image(), defaults::proxy_image())
+        );
         assert!(said.is_empty(), "{said:?}");
-        // Pinned by digest: the pin would go unsaid.
-        let pinned = |flag: &str| {
-            let mut c = controller.clone();
-            let spec = c.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
-            spec.containers[0].args = Some(vec![
-                "--trust-domain=cluster.local".into(),
-                format!("--proxy-image={flag}"),
-            ]);
-            c
-        };
-        let c = pinned("ghcr.io/strait-dev/strait-proxy:v0.0.9@sha256:ab");
-        let said = notices(&args(&[]), &c);
+        // Pinned by digest: the pin goes, and is said to.
+        let mut pinned = public.clone();
+        let spec = pinned
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap();
+        spec.containers[0].args = Some(vec![
+            "--trust-domain=cluster.local".into(),
+            "--proxy-image=ghcr.io/strait-dev/strait-proxy:v0.0.9@sha256:ab".into(),
+        ]);
+        let ((_, p), said) = images(&args(&[]), &pinned);
+        assert_eq!(p, defaults::proxy_image());
         assert!(
-            said.len() == 1 && said[0].contains("strait-proxy:v0.0.9@sha256:ab is replaced"),
+            said.len() == 1
+                && said[0].contains("strait-proxy:v0.0.9@sha256:ab is pinned by digest"),
             "{said:?}"
+        );
+        // Nothing installed: this release's public images.
+        assert_eq!(
+            args(&[]).images((None, None)).0,
+            (defaults::controller_image(), defaults::proxy_image())
         );
     }
 

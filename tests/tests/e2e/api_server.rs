@@ -1290,9 +1290,17 @@ async fn strait_install_over_a_deleted_install_says_what_it_left() {
     ] {
         assert!(out.contains(kept), "{kept} not kept: {out}");
     }
+    // The pods' registry kept (this release's tag), and said.
+    assert!(
+        out.contains(&format!(
+            "--proxy-image=registry.local/strait-proxy:v{}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{out}"
+    );
     assert!(
         String::from_utf8_lossy(&restored.stderr)
-            .contains("installed proxy image registry.local/strait-proxy:1 is replaced"),
+            .contains("proxy image from the installed repository, registry.local/strait-proxy:v"),
         "{}",
         String::from_utf8_lossy(&restored.stderr)
     );
