@@ -68,13 +68,16 @@ pub struct AuthorizationSpec {
     pub target_ref: Option<TargetRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<Selector>,
-    /// STRICT: only mTLS from the mesh; PERMISSIVE (the default): plaintext too.
+    /// STRICT: only mTLS from the mesh; PERMISSIVE (the default): plaintext
+    /// too, unless another policy covering the port says STRICT (STRICT wins).
     #[serde(default)]
     pub mtls: MtlsMode,
     /// The workload's own ports this applies to; empty for all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
-    /// Who may call; empty: any caller the mTLS mode lets in.
+    /// Who may call; empty: this policy sets only the mode (callers are those
+    /// any policy covering the port lists, or, where none lists any, every
+    /// identity of the mesh and, PERMISSIVE, plaintext).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<Allow>,
 }

@@ -514,6 +514,24 @@ fn conditions(
             })
         })
         .flatten();
+    // A policy whose target does not exist covers nothing until it does:
+    // not accepted (policy attachment's TargetNotFound), so that a typo in
+    // its name does not read as a port closed.
+    let no_target = Some(
+        s.targets
+            .iter()
+            .filter(|t| !s.kind.is_route() && !exists(t))
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .filter(|m| !m.is_empty())
+    .map(|m| {
+        format!(
+            "no Service {} in namespace {}: the policy covers nothing until there is",
+            m.join(", "),
+            s.namespace
+        )
+    });
     let accepted = match (&s.error, unmatched) {
         // Gateway API's reason for a route with a value it cannot take;
         // policy attachment's for a policy.
@@ -521,6 +539,14 @@ fn conditions(
             condition("Accepted", false, "UnsupportedValue", e, s.generation, old)
         }
         (Some(e), _) => condition("Accepted", false, "Invalid", e, s.generation, old),
+        (None, _) if no_target.is_some() => condition(
+            "Accepted",
+            false,
+            "TargetNotFound",
+            no_target.as_deref().unwrap_or_default(),
+            s.generation,
+            old,
+        ),
         (None, _) if conflicted.is_some() => condition(
             "Accepted",
             false,
@@ -1168,6 +1194,13 @@ mod tests {
         }
     }
 
+    /// A policy's condition `kind`: status, reason, message.
+    fn status_of(want: &Value, kind: &str) -> (String, String, String) {
+        let c = condition_in(&want["conditions"], kind);
+        let s = |k: &str| c[k].as_str().unwrap().to_string();
+        (s("status"), s("reason"), s("message"))
+    }
+
     fn route_accepted(snap: &Snapshot, name: &str, parent: Value) -> (String, String, String) {
         let route = serde_json::json!({
             "metadata": {"namespace": "shop", "name": name},
@@ -1212,6 +1245,44 @@ mod tests {
         );
         let (_, m) = message(serde_json::json!([8080]));
         assert_eq!(m, "accepted by strait");
+    }
+
+    /// A policy whose Service does not exist (a typo in its name) covers
+    /// nothing: not accepted, so that `kubectl get` does not show a STRICT
+    /// port that is open; accepted once the Service is there.
+    #[test]
+    fn a_policy_whose_service_does_not_exist_is_not_accepted() {
+        let mut snap = Snapshot::empty("cluster.local");
+        for kind in [Kind::AuthorizationPolicy, Kind::BackendPolicy] {
+            let policy = serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "p"},
+                "spec": {"targetRef": {"kind": "Service", "name": "web-api"}, "mtls": "STRICT"}
+            });
+            let want = desired(&StatusInput::of(kind, &policy, None), &snap);
+            let (status, reason, message) = status_of(&want, "Accepted");
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "TargetNotFound"),
+                "{kind:?}"
+            );
+            assert!(
+                message.contains("no Service web-api in namespace shop"),
+                "{message}"
+            );
+        }
+        insert(
+            &mut snap,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web-api, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
+        );
+        let policy = serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "p"},
+            "spec": {"targetRef": {"kind": "Service", "name": "web-api"}, "mtls": "STRICT"}
+        });
+        let want = desired(
+            &StatusInput::of(Kind::AuthorizationPolicy, &policy, None),
+            &snap,
+        );
+        assert_eq!(status_of(&want, "Accepted").0, "True");
     }
 
     /// A route on a port its callers carry as TCP is applied nowhere there:
