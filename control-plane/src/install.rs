@@ -1167,7 +1167,9 @@ fn webhook_configuration(anchors_pem: &str) -> Value {
 /// Policies are checked as the controller parses them (`inject::validate`),
 /// so a misspelt or invalid one fails at apply. Fail closed: while no
 /// controller answers, a policy cannot be created or changed (a clear error
-/// to retry), rather than stored unchecked; deletes are never held up.
+/// to retry), rather than stored unchecked; deletes are never held up, nor
+/// (`SPEC_CHANGED`) a change of its metadata alone: a finalizer the garbage
+/// collector removes, a label GitOps sets.
 fn validation_configuration(anchors_pem: &str) -> Value {
     use base64::Engine as _;
     let ca_bundle = base64::engine::general_purpose::STANDARD.encode(anchors_pem.as_bytes());
@@ -1181,11 +1183,17 @@ fn validation_configuration(anchors_pem: &str) -> Value {
             "failurePolicy": "Fail",
             "timeoutSeconds": 10,
             "clientConfig": {"caBundle": ca_bundle, "service": {"name": CONTROLLER, "namespace": NAMESPACE, "path": crate::inject::validate::PATH, "port": 443}},
+            "matchConditions": [{"name": "spec-changed", "expression": SPEC_CHANGED}],
             "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": ["policy.strait.dev"], "apiVersions": ["*"],
                        "resources": ["authorizationpolicies", "backendpolicies"], "scope": "Namespaced"}],
         }],
     })
 }
+
+/// A policy's create, or an update of its spec: the API server asks the
+/// validator only then, so that a foreground deletion's finalizer, removed by
+/// the garbage collector, is not held up by a controller that is down.
+pub const SPEC_CHANGED: &str = "request.operation == 'CREATE' || !has(object.spec) || !has(oldObject.spec) || object.spec != oldObject.spec";
 
 /// Namespaces no webhook of the mesh's sees, by name (which the API server
 /// sets, so no label can take it off).
@@ -1620,6 +1628,21 @@ mod tests {
         }
         assert!(e.starts_with("!(object.spec.containers.exists(c, c.name == 'strait-proxy')"));
         assert!(e.contains("'istio.io/dataplane-mode'"));
+    }
+
+    /// The fail-closed validator is asked of a create or a spec changed
+    /// only: a foreground deletion's finalizer, which the garbage collector
+    /// removes by an update, is not held up while no controller answers.
+    #[test]
+    fn the_validator_is_asked_only_of_specs() {
+        let config = validation_configuration("anchors");
+        let hook = &config["webhooks"][0];
+        assert_eq!(hook["failurePolicy"], "Fail");
+        assert_eq!(
+            hook["matchConditions"],
+            json!([{"name": "spec-changed", "expression": SPEC_CHANGED}])
+        );
+        assert!(SPEC_CHANGED.contains("object.spec != oldObject.spec"));
     }
 
     /// Outside labelled namespaces only the pods that ask are sent: the API
