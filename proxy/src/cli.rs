@@ -111,6 +111,13 @@ pub struct Config {
     #[serde(serialize_with = "ser_display")]
     pub opaque_ports: PortSet,
 
+    /// This workload's own ports carried as opaque TCP inbound, in place of
+    /// --opaque-ports there (the injector's from `strait.dev/opaque-ports`):
+    /// what the pod serves, not the port numbers it calls elsewhere.
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_OPAQUE_PORTS")]
+    #[serde(serialize_with = "ser_opt_display")]
+    pub inbound_opaque_ports: Option<PortSet>,
+
     /// App ports the admin server reports on at `/probe/tcp/PORT`: 200 when the app
     /// accepts a connection there, 503 when not. The injector points the app's
     /// `tcpSocket` probes there, since a probe of the port itself would reach this
@@ -291,6 +298,13 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The ports carried as opaque TCP inbound.
+    pub fn inbound_opaque_ports(&self) -> &PortSet {
+        self.inbound_opaque_ports
+            .as_ref()
+            .unwrap_or(&self.opaque_ports)
+    }
+
     /// Connections open at once per listener (`--max-connections`).
     pub fn max_connections(&self) -> usize {
         self.max_connections.unwrap_or(defaults::MAX_CONNECTIONS)
@@ -346,6 +360,16 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
 
 fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&v.to_string())
+}
+
+fn ser_opt_display<T: std::fmt::Display, S: serde::Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&v.to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 /// A URL as `/config` shows it: credentials written into it

@@ -862,10 +862,17 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         let ports: Vec<String> = probed.iter().map(u16::to_string).collect();
         ports.join(",")
     });
+    // The pod's own ports: inbound only, not the port numbers its app calls
+    // elsewhere (its MinIO on 9000 is HTTP whatever its own 9000 is). A
+    // proxy of an earlier release knows one list only.
+    let opaque = opaque.as_deref().map(|p| match older {
+        false => ("STRAIT_PROXY_INBOUND_OPAQUE_PORTS", p),
+        true => ("STRAIT_PROXY_OPAQUE_PORTS", p),
+    });
     let proxy = proxy_container(
         &image,
         s,
-        opaque.as_deref(),
+        opaque,
         log_level.as_deref(),
         probed.as_deref(),
         resources,
@@ -1169,7 +1176,7 @@ fn container_port(c: &Value, port: &Value) -> Option<u16> {
 fn proxy_container(
     image: &str,
     s: &Settings,
-    opaque: Option<&str>,
+    opaque: Option<(&str, &str)>,
     log_level: Option<&str>,
     tcp_probe_ports: Option<&str>,
     resources: Value,
@@ -1198,8 +1205,8 @@ fn proxy_container(
     if let Some(id) = &s.control_plane_identity {
         env.push(value("STRAIT_PROXY_CONTROL_PLANE_IDENTITY", id));
     }
-    if let Some(p) = opaque {
-        env.push(value("STRAIT_PROXY_OPAQUE_PORTS", p));
+    if let Some((var, p)) = opaque {
+        env.push(value(var, p));
     }
     if let Some(l) = log_level {
         env.push(value("STRAIT_PROXY_LOG_LEVEL", l));

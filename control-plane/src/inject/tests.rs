@@ -225,6 +225,36 @@ fn a_pod_in_istio_s_ambient_mesh_is_refused() {
     ));
 }
 
+/// A pod's opaque ports are its own, inbound: the port numbers its app
+/// calls elsewhere keep the proxy's defaults (its MinIO on 9000 stays HTTP
+/// whatever its own 9000 is). A proxy of an earlier release (a pod naming
+/// its own image) knows one list only, and gets it there.
+#[test]
+fn a_pod_s_opaque_ports_are_its_inbound_ones() {
+    let p = applied(
+        pod(json!({OPAQUE_PORTS: "9000"}), app_spec()),
+        Namespace::Enabled,
+    );
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_INBOUND_OPAQUE_PORTS").unwrap()["value"],
+        "9000"
+    );
+    assert!(env(proxy, "STRAIT_PROXY_OPAQUE_PORTS").is_none());
+    let p = applied(
+        pod(
+            json!({OPAQUE_PORTS: "9000", PROXY_IMAGE: "registry.local/strait-proxy:v0.0.1"}),
+            app_spec(),
+        ),
+        Namespace::Enabled,
+    );
+    let proxy = &p["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_OPAQUE_PORTS").unwrap()["value"],
+        "9000"
+    );
+}
+
 /// Istio's node agent enrolls running pods once their namespace is labelled
 /// for ambient: an injected pod says it is not to be, beside its own labels
 /// or as its first, and `init`'s look for another mesh's rules, made once at

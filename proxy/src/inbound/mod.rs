@@ -289,7 +289,7 @@ impl Inbound {
         // is served.
         let declared = !probe_only
             && target.is_some_and(|p| {
-                s.config.opaque_ports.contains(p.0)
+                s.config.inbound_opaque_ports().contains(p.0)
                     && !(peer.is_none()
                         && policy::probed(&s.policy, p.0)
                         && policy::check(&s.policy, p.0, None).is_err())

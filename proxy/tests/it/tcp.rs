@@ -34,6 +34,33 @@ async fn opaque_echo_preserves_half_close() {
     );
 }
 
+/// The workload's own opaque ports (`strait.dev/opaque-ports`) are its
+/// inbound ones: its app's calls to another server's port of the same number
+/// are still read as HTTP, routed and counted.
+#[tokio::test]
+async fn the_workload_s_own_opaque_ports_leave_its_calls_out_alone() {
+    let backend = strait_tests::backend::Backend::start().await;
+    let mut c = support::with_upstream(support::config(), backend.addr);
+    c.inbound_opaque_ports = Some(backend.addr.port().to_string().parse().unwrap());
+    let proxy = support::start(c).await;
+    let (status, _) = strait_tests::client::get(
+        &strait_tests::client::http1(),
+        &format!("http://{}/", proxy.upstream()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let m = proxy.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_protocol_detected_connections_total{direction=\"outbound\",protocol=\"http1\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn server_speaks_first_on_an_undeclared_port_is_answered_within_the_bounded_wait() {
     let server = strait_tests::tcp::banner(b"220 smtp.test ESMTP\r\n").await;
