@@ -466,6 +466,11 @@ mod tests {
         assert_eq!(c.outbound_addr.to_string(), "127.0.0.1:4140");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:4191");
         assert!(c.opaque_ports.contains(5432) && c.opaque_ports.contains(6379));
+        assert!(
+            c.opaque_ports.contains(2181),
+            "ZooKeeper's bare four-letter words"
+        );
+        assert_eq!(c.inbound_opaque_ports(), &c.opaque_ports);
         assert_eq!(c.detect_timeout, defaults::DETECT_TIMEOUT);
         assert_eq!(c.shutdown_grace_period, defaults::SHUTDOWN_GRACE_PERIOD);
         assert_eq!(
