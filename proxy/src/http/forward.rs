@@ -241,6 +241,10 @@ impl Forward {
                 (Some(req), Some(edits)) => {
                     let (mut head, _) = req.into_parts();
                     edits.undo(&mut head);
+                    // Moved into the peer's copy as it was sent.
+                    if let Some(kept) = peer_head.take() {
+                        head.extensions = kept.extensions;
+                    }
                     Some(head)
                 }
                 _ => head,
