@@ -78,37 +78,42 @@ impl ClusterArgs {
             ))),
             _ => Ok(()),
         };
-        let (config, context) = match &self.kubeconfig {
+        let (mut config, context, file) = match &self.kubeconfig {
             Some(path) => {
                 let file = Kubeconfig::read_from(path)?;
                 has(&file, &path.display())?;
                 let current = file.current_context.clone();
                 (
-                    kube::Config::from_custom_kubeconfig(file, &options).await?,
+                    kube::Config::from_custom_kubeconfig(file.clone(), &options).await?,
                     self.context.clone().or(current),
+                    Some(file),
                 )
             }
             None if self.context.is_some() => {
-                has(
-                    &Kubeconfig::read()?,
-                    &"the kubeconfig (KUBECONFIG, else ~/.kube/config)",
-                )?;
+                let file = Kubeconfig::read()?;
+                has(&file, &"the kubeconfig (KUBECONFIG, else ~/.kube/config)")?;
                 (
                     kube::Config::from_kubeconfig(&options).await?,
                     self.context.clone(),
+                    Some(file),
                 )
             }
-            None => (
-                kube::Config::infer().await?,
-                Kubeconfig::read().ok().and_then(|k| k.current_context),
-            ),
+            None => {
+                let file = Kubeconfig::read().ok();
+                let current = file.as_ref().and_then(|k| k.current_context.clone());
+                (kube::Config::infer().await?, current, file)
+            }
         };
-        let mut config = config;
-        if config.proxy_url.is_some()
-            && config.proxy_url == env_proxy()
-            && config.cluster_url.host().is_some_and(bypassed)
-        {
-            config.proxy_url = None;
+        // The proxy as kubectl picks it (kube reads `NO_PROXY` against the
+        // proxy's own address): the cluster's `proxy-url`, else the
+        // environment's, but for a loopback server or one `NO_PROXY` names.
+        // In a pod (no kubeconfig), as kube has it.
+        if let Some(file) = &file {
+            let host = config.cluster_url.host().unwrap_or_default().to_string();
+            config.proxy_url = match cluster_proxy(file, context.as_deref()) {
+                Some(explicit) => explicit.parse().ok(),
+                None => env_proxy().filter(|_| !local(&host) && !bypassed(&host)),
+            };
         }
         let name = match context {
             Some(c) => format!("{} (context {c})", config.cluster_url),
@@ -116,6 +121,36 @@ impl ClusterArgs {
         };
         Ok((kube::Client::try_from(config)?, name))
     }
+}
+
+/// The `proxy-url` of the context's cluster, where the kubeconfig gives one.
+fn cluster_proxy(file: &Kubeconfig, context: Option<&str>) -> Option<String> {
+    let context = context.or(file.current_context.as_deref())?;
+    let cluster = &file
+        .contexts
+        .iter()
+        .find(|c| c.name == context)?
+        .context
+        .as_ref()?
+        .cluster;
+    file.clusters
+        .iter()
+        .find(|c| c.name == *cluster)?
+        .cluster
+        .as_ref()?
+        .proxy_url
+        .clone()
+        .filter(|p| !p.is_empty())
+}
+
+/// A server on this machine, which Go's HTTP client (kubectl's) never sends
+/// through a proxy.
+fn local(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The proxy the environment names, which kube takes where the kubeconfig
@@ -154,18 +189,27 @@ fn no_proxy_matches(list: &str, host: &str) -> bool {
             if entry == "*" {
                 return true;
             }
+            // A port, if any, is not compared: the server's is the API's own.
             if let Some(ip) = ip {
-                return entry
+                let e = entry.trim_start_matches('[');
+                let e = e.split(']').next().unwrap_or(e);
+                let e = match e.split_once(':') {
+                    Some((v4, port)) if !port.contains(':') => v4,
+                    _ => e,
+                };
+                return e
                     .parse::<strait_api::net::IpNet>()
                     .is_ok_and(|net| net.contains(ip));
             }
-            // A port, if any, is not compared: the server's is the API's own.
             let name = entry.rsplit_once(':').map_or(entry, |(n, _)| n);
+            // `.corp` and `*.corp`: its subdomains only; `corp`: it and them.
+            let subdomains_only = name.starts_with('.') || name.starts_with("*.");
             let name = name
                 .trim_start_matches('*')
                 .trim_start_matches('.')
                 .to_ascii_lowercase();
-            !name.is_empty() && (host == name || host.ends_with(&format!(".{name}")))
+            !name.is_empty()
+                && ((host == name && !subdomains_only) || host.ends_with(&format!(".{name}")))
         })
 }
 
@@ -173,22 +217,40 @@ fn no_proxy_matches(list: &str, host: &str) -> bool {
 mod tests {
     use super::no_proxy_matches;
 
+    /// kubectl sends nothing on this machine through a proxy.
+    #[test]
+    fn a_server_on_this_machine_is_local() {
+        for host in ["localhost", "127.0.0.1", "127.1.2.3", "[::1]"] {
+            assert!(super::local(host), "{host}");
+        }
+        assert!(!super::local("10.0.0.1") && !super::local("api.example"));
+    }
+
     /// `NO_PROXY` as kubectl reads it, against the API server's host.
     #[test]
     fn no_proxy_names_hosts_domains_and_networks() {
-        let list = "localhost, .corp.example,internal:6443, 10.0.0.0/8,fd00::/8, 192.168.1.7";
+        let list = "localhost, .corp.example,internal:6443, 10.0.0.0/8,fd00::/8, 192.168.1.7, 172.16.0.9:6443, [fd01::9]:443, lab";
         for host in [
             "localhost",
             "api.corp.example",
-            "corp.example",
             "internal",
             "10.1.2.3",
             "[fd00::1]",
             "192.168.1.7",
+            "172.16.0.9",
+            "[fd01::9]",
+            "lab",
+            "k8s.lab",
         ] {
             assert!(no_proxy_matches(list, host), "{host}");
         }
-        for host in ["api.example", "notcorp.example", "192.168.1.8", "11.0.0.1"] {
+        for host in [
+            "api.example",
+            "notcorp.example",
+            "corp.example",
+            "192.168.1.8",
+            "11.0.0.1",
+        ] {
             assert!(!no_proxy_matches(list, host), "{host}");
         }
         assert!(no_proxy_matches("*", "anything"));

@@ -1116,30 +1116,37 @@ async fn strait_on(kubeconfig: &std::path::Path, args: &[&str]) -> std::process:
 }
 
 /// Behind a corporate proxy the CLI reaches the cluster as kubectl does:
-/// `HTTPS_PROXY` is taken (it failed: kube's proxy support was left out),
-/// and `NO_PROXY` keeps an API server it names off it (kube compares it
-/// with the proxy's address, not the server's).
+/// `HTTPS_PROXY` set everywhere left every command failing (kube's proxy
+/// support was left out), while kubectl sends nothing on this machine
+/// through it; a cluster's own `proxy-url` is taken whatever the server.
+/// (`NO_PROXY`'s reading is tested in `cluster.rs`.)
 #[tokio::test]
 async fn the_cli_reaches_the_cluster_as_kubectl_does_behind_a_proxy() {
     let api = KubeApi::start().await;
     let dir = ManifestDir::new();
     let kubeconfig = api.kubeconfig(dir.path());
-    // Not at the server's address: kube's own test would read it as listed.
     let dead_proxy = format!("http://127.0.0.2:{}", strait_tests::process::free_port());
-    let install = |no_proxy: &'static str| {
+    let install = |kubeconfig: &std::path::Path| {
         tokio::process::Command::new(strait_tests::process::binary("strait"))
             .arg("install")
-            .env("KUBECONFIG", &kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("HTTPS_PROXY", &dead_proxy)
-            .env("NO_PROXY", no_proxy)
+            .env("NO_PROXY", "example.com")
             .output()
     };
-    let out = install("localhost,127.0.0.1").await.unwrap();
+    let out = install(&kubeconfig).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains(&api.addr.to_string()), "{stderr}");
-    // Not listed: through the proxy, which does not answer, and said so.
-    let out = install("example.com").await.unwrap();
+    // The cluster's own proxy, which does not answer: through it, and said so.
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    let server = format!("server: \"http://{}\"", api.addr);
+    assert!(text.contains(&server), "{text}");
+    dir.write(
+        "proxied",
+        &text.replace(&server, &format!("{server}, proxy-url: \"{dead_proxy}\"")),
+    );
+    let out = install(&dir.path().join("proxied")).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(!stderr.contains("disabled feature"), "{stderr}");
