@@ -38,12 +38,20 @@ pub struct Refusing(Mutex<Refusals>);
 #[derive(Debug, Default)]
 struct Refusals {
     by_source: HashMap<IpAddr, (Instant, u32)>,
-    /// The window of every address the map has no place for: one with
-    /// thousands of addresses (an IPv6 /64 holds more than enough) would
-    /// otherwise guess uncounted from the next one. Shared, it bounds them
-    /// all together, at the cost of new addresses' waits while the map is
-    /// full.
-    overflow: Option<(Instant, u32)>,
+    /// The windows of addresses the map has no place for, one per network
+    /// (IPv4 /24, IPv6 /64): a host with thousands of addresses (an IPv6 /64
+    /// holds more than enough) would otherwise guess uncounted from the next
+    /// one. Its addresses count together, and new addresses of other
+    /// networks are not held up by it.
+    overflow: HashMap<IpAddr, (Instant, u32)>,
+}
+
+/// The network an address past those counted on their own counts in.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) & 0xffff_ff00).into()),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !u128::from(u64::MAX)).into()),
+    }
 }
 
 impl Refusals {
@@ -51,7 +59,9 @@ impl Refusals {
     fn window(&self, source: IpAddr) -> Option<&(Instant, u32)> {
         match self.by_source.get(&source) {
             Some(w) => Some(w),
-            None if self.by_source.len() >= REFUSING_SOURCES_MAX => self.overflow.as_ref(),
+            None if self.by_source.len() >= REFUSING_SOURCES_MAX => {
+                self.overflow.get(&network(source))
+            }
             None => None,
         }
     }
@@ -77,7 +87,23 @@ impl Refusing {
         {
             held.by_source.entry(source).or_insert((now, 0))
         } else {
-            held.overflow.get_or_insert((now, 0))
+            let net = network(source);
+            if held.overflow.len() >= REFUSING_SOURCES_MAX && !held.overflow.contains_key(&net) {
+                held.overflow
+                    .retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
+                if held.overflow.len() >= REFUSING_SOURCES_MAX {
+                    // Thousands of networks at once: the oldest window goes.
+                    if let Some(oldest) = held
+                        .overflow
+                        .iter()
+                        .min_by_key(|(_, (since, _))| *since)
+                        .map(|(k, _)| *k)
+                    {
+                        held.overflow.remove(&oldest);
+                    }
+                }
+            }
+            held.overflow.entry(net).or_insert((now, 0))
         };
         if now >= *since + REFUSALS_WINDOW {
             (*since, *n) = (now, 0);
