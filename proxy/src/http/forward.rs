@@ -15,7 +15,10 @@ use super::client::{ClientCache, ClientError, ConnectError, PoolPerCaller};
 use super::conn_guard::ConnState;
 use super::error::{KeepUnread, ProxyError, ReturnUnsent, Unsent};
 use super::request_body::BodyFault;
-use super::{BoxBody, ConnectBy, ConnectTimeout, Dst, ToPeer, first_frame, head_of, upgrade};
+use super::{
+    BoxBody, ConnectBy, ConnectTimeout, Dst, ToPeer, first_frame, head_of, head_without_extensions,
+    upgrade,
+};
 use crate::addr::{DestAddr, OwnAddrs};
 use crate::defaults::{
     FIRST_BODY_FRAME_WAIT, ORIG_PROTO_HEADER, PROXY_ERROR_HEADER, TARGET_PORT_HEADER,
@@ -698,16 +701,6 @@ fn peer_says_unsent<B>(rsp: &Response<B>) -> Option<&'static str> {
     };
     let said = rsp.headers().get(PROXY_ERROR_HEADER)?.as_bytes();
     said.ends_with(marker.as_bytes()).then_some(marker)
-}
-
-/// A request's head but its extensions, which the caller moves in.
-fn head_without_extensions<B>(req: &Request<B>) -> http::request::Parts {
-    let mut r = Request::new(());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r.into_parts().0
 }
 
 /// Whether the upstream said it did not process the request (RFC 9113 §8.7):

@@ -59,12 +59,18 @@ where
 /// A copy of a request's head: what is needed to send it again with a body of
 /// the caller's.
 pub fn head_of<B>(req: &http::Request<B>) -> http::request::Parts {
+    let mut head = head_without_extensions(req);
+    head.extensions = req.extensions().clone();
+    head
+}
+
+/// A request's head but its extensions, which the caller moves in.
+pub fn head_without_extensions<B>(req: &http::Request<B>) -> http::request::Parts {
     let mut r = http::Request::new(());
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
     *r.version_mut() = req.version();
     *r.headers_mut() = req.headers().clone();
-    *r.extensions_mut() = req.extensions().clone();
     r.into_parts().0
 }
 
