@@ -338,11 +338,19 @@ impl Controller {
             )
             .into());
         }
-        let client = kube::Client::try_default().await.map_err(|e| {
+        let unusable = |e: &dyn std::fmt::Display| {
             FlagError(format!(
                 "--kubernetes: no usable Kubernetes configuration (in-cluster, or KUBECONFIG): {e}"
             ))
-        })?;
+        };
+        let mut config = kube::Config::infer().await.map_err(|e| unusable(&e))?;
+        // An API server gone without a word (its node lost) would hold a
+        // list, or a watch re-made on its pooled connection, for as long as
+        // the kernel retransmits (some 15 minutes), the index frozen
+        // meanwhile. Watches end within `defaults::WATCH_TIMEOUT`, so no
+        // answer goes quieter than this on a server that is there.
+        config.read_timeout = Some(defaults::API_READ_TIMEOUT);
+        let client = kube::Client::try_from(config).map_err(|e| unusable(&e))?;
         Ok(Feed::Kubernetes(client))
     }
 

@@ -165,6 +165,13 @@ pub const ISSUER_RELOAD: std::time::Duration = std::time::Duration::from_secs(10
 /// How often `--webhook-cert`/`--webhook-key` are read again for a renewed
 /// certificate.
 pub const WEBHOOK_CERT_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the API server keeps one watch of the controller's before it
+/// ends it, and the controller watches again (from where it was: bookmarks).
+pub const WATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(55);
+/// The longest the controller waits on the API server without a byte: a
+/// watch ends within `WATCH_TIMEOUT`, so only a server gone silent (its node
+/// lost, its connection with it) goes quieter.
+pub const API_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 /// How long a stopping controller waits for the injector's reviews in flight.
 pub const WEBHOOK_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a stopping controller waits, once it has ended the watches, for

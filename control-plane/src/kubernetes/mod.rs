@@ -490,7 +490,11 @@ fn name_of<K: Resource>(o: &K) -> String {
 }
 
 async fn watch_kind(client: Client, kind: Kind, out: mpsc::Sender<Change>, failing: Gauge) {
-    let config = watcher::Config::default();
+    // The API server ends each watch within this (a bookmark keeps the
+    // next one cheap), and one gone quiet is made again 5 s after: kube's
+    // default (290 s) left the index frozen for five minutes behind an API
+    // server lost without a word, while the replica read as ready.
+    let config = watcher::Config::default().timeout(defaults::WATCH_TIMEOUT.as_secs() as u32);
     match kind {
         Kind::Service => {
             let api: Api<Service> = Api::all(client);
@@ -829,6 +833,44 @@ mod tests {
         let n = requests_in_two_minutes(move |_| (500, status)).await;
         // 0.8 s doubling to 30 s (with jitter) is about 9 tries in two minutes.
         assert!((4..=12).contains(&n), "{n} lists in two minutes");
+    }
+
+    /// Each watch asks the API server to end it within a minute, so a
+    /// server lost without a word (its node gone, no FIN) freezes the index
+    /// that long at most, not the five minutes of kube's default.
+    #[tokio::test(start_paused = true)]
+    async fn watches_ask_to_end_within_a_minute() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let api = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let watch = query.contains("watch=true");
+            seen.lock().unwrap().push(query);
+            let list = r#"{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[]}"#;
+            async move {
+                if watch {
+                    std::future::pending::<()>().await;
+                }
+                http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(list.as_bytes().to_vec()))
+            }
+        });
+        let (tx, _rx) = mpsc::channel(16);
+        let run = watch_kind(
+            Client::new(api, "default"),
+            Kind::Service,
+            tx,
+            Gauge::default(),
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        let asked = asked.lock().unwrap();
+        let watches: Vec<_> = asked.iter().filter(|q| q.contains("watch=true")).collect();
+        assert!(
+            !watches.is_empty() && watches.iter().all(|q| q.contains("timeoutSeconds=55")),
+            "{asked:?}"
+        );
     }
 
     /// Nor is a list that succeeds followed by a watch that fails at once
