@@ -44,6 +44,9 @@ struct Refusals {
     /// one. Its addresses count together, and new addresses of other
     /// networks are not held up by it.
     overflow: HashMap<IpAddr, (Instant, u32)>,
+    /// Past as many networks, one window for all the rest: a host with
+    /// thousands of networks guesses no faster than one of them.
+    rest: Option<(Instant, u32)>,
 }
 
 /// The network an address past those counted on their own counts in.
@@ -60,7 +63,11 @@ impl Refusals {
         match self.by_source.get(&source) {
             Some(w) => Some(w),
             None if self.by_source.len() >= REFUSING_SOURCES_MAX => {
-                self.overflow.get(&network(source))
+                match self.overflow.get(&network(source)) {
+                    Some(w) => Some(w),
+                    None if self.overflow.len() >= REFUSING_SOURCES_MAX => self.rest.as_ref(),
+                    None => None,
+                }
             }
             None => None,
         }
@@ -91,19 +98,12 @@ impl Refusing {
             if held.overflow.len() >= REFUSING_SOURCES_MAX && !held.overflow.contains_key(&net) {
                 held.overflow
                     .retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
-                if held.overflow.len() >= REFUSING_SOURCES_MAX {
-                    // Thousands of networks at once: the oldest window goes.
-                    if let Some(oldest) = held
-                        .overflow
-                        .iter()
-                        .min_by_key(|(_, (since, _))| *since)
-                        .map(|(k, _)| *k)
-                    {
-                        held.overflow.remove(&oldest);
-                    }
-                }
             }
-            held.overflow.entry(net).or_insert((now, 0))
+            if held.overflow.len() < REFUSING_SOURCES_MAX || held.overflow.contains_key(&net) {
+                held.overflow.entry(net).or_insert((now, 0))
+            } else {
+                held.rest.get_or_insert((now, 0))
+            }
         };
         if now >= *since + REFUSALS_WINDOW {
             (*since, *n) = (now, 0);

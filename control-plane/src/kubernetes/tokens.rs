@@ -469,8 +469,10 @@ mod tests {
         assert!(!r.exhausted(pod, later), "counted from 0 again");
     }
 
-    /// Addresses past those the map keeps count together: one with thousands
-    /// of addresses cannot guess uncounted from the next.
+    /// Addresses past those the map keeps count together by network, and
+    /// networks past as many all together: a host with thousands of
+    /// addresses cannot guess uncounted from the next, nor hold up a new
+    /// pod's first certificate elsewhere.
     #[tokio::test(start_paused = true)]
     async fn addresses_past_those_counted_share_one_window() {
         let r = Refusing::default();
@@ -485,11 +487,28 @@ mod tests {
             assert!(!r.exhausted(next, now), "{i}");
             r.refused(next, now);
         }
-        assert!(r.exhausted(addr(9999), now), "the rest wait with them");
+        assert!(
+            r.exhausted(addr(9999), now),
+            "the rest of its network waits with them"
+        );
         assert!(
             !r.exhausted(addr(0), now),
             "a counted address keeps its own"
         );
+        let net = |i: u128| IpAddr::from(std::net::Ipv6Addr::from(0xfd02_u128 << 112 | i << 64));
+        assert!(
+            !r.exhausted(net(0), now),
+            "another network's new address is not held up"
+        );
+        // Past as many networks, the rest share one window: thousands of
+        // networks guess no faster than one.
+        for i in 0..4096 {
+            r.refused(net(i), now);
+        }
+        for i in 0..REFUSALS_PER_SOURCE {
+            r.refused(net(5000 + u128::from(i)), now);
+        }
+        assert!(r.exhausted(net(9999), now), "the rest wait together");
         tokio::time::advance(REFUSALS_WINDOW).await;
         assert!(!r.exhausted(addr(9999), Instant::now()), "a new window");
     }
