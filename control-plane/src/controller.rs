@@ -350,6 +350,9 @@ impl Controller {
         // meanwhile. Watches end within `defaults::WATCH_TIMEOUT`, so no
         // answer goes quieter than this on a server that is there.
         config.read_timeout = Some(defaults::API_READ_TIMEOUT);
+        // Counted from the request, not from when a pooled connection was
+        // last read.
+        config.reset_reader_on_write = true;
         let client = kube::Client::try_from(config).map_err(|e| unusable(&e))?;
         Ok(Feed::Kubernetes(client))
     }
