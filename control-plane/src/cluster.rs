@@ -99,9 +99,16 @@ impl ClusterArgs {
                 )
             }
             None => {
-                let file = Kubeconfig::read().ok();
+                let config = kube::Config::infer().await?;
+                // The kubeconfig, if that is what kube read (not the pod's
+                // own configuration, which it falls back to).
+                let file = Kubeconfig::read().ok().filter(|f| {
+                    context_cluster(f, None)
+                        .and_then(|c| c.server.as_deref()?.parse::<http::Uri>().ok())
+                        .is_some_and(|s| s.authority() == config.cluster_url.authority())
+                });
                 let current = file.as_ref().and_then(|k| k.current_context.clone());
-                (kube::Config::infer().await?, current, file)
+                (config, current, file)
             }
         };
         // The proxy as kubectl picks it (kube reads `NO_PROXY` against the
@@ -110,9 +117,13 @@ impl ClusterArgs {
         // In a pod (no kubeconfig), as kube has it.
         if let Some(file) = &file {
             let host = config.cluster_url.host().unwrap_or_default().to_string();
-            config.proxy_url = match cluster_proxy(file, context.as_deref()) {
+            let explicit = context_cluster(file, context.as_deref())
+                .and_then(|c| c.proxy_url.clone())
+                .filter(|p| !p.is_empty());
+            let plain = config.cluster_url.scheme_str() == Some("http");
+            config.proxy_url = match explicit {
                 Some(explicit) => explicit.parse().ok(),
-                None => env_proxy().filter(|_| !local(&host) && !bypassed(&host)),
+                None => env_proxy(plain).filter(|_| !local(&host) && !bypassed(&host)),
             };
         }
         let name = match context {
@@ -123,8 +134,11 @@ impl ClusterArgs {
     }
 }
 
-/// The `proxy-url` of the context's cluster, where the kubeconfig gives one.
-fn cluster_proxy(file: &Kubeconfig, context: Option<&str>) -> Option<String> {
+/// The cluster of `context` (else the current one) in the kubeconfig.
+fn context_cluster<'a>(
+    file: &'a Kubeconfig,
+    context: Option<&str>,
+) -> Option<&'a kube::config::Cluster> {
     let context = context.or(file.current_context.as_deref())?;
     let cluster = &file
         .contexts
@@ -137,10 +151,7 @@ fn cluster_proxy(file: &Kubeconfig, context: Option<&str>) -> Option<String> {
         .iter()
         .find(|c| c.name == *cluster)?
         .cluster
-        .as_ref()?
-        .proxy_url
-        .clone()
-        .filter(|p| !p.is_empty())
+        .as_ref()
 }
 
 /// A server on this machine, which Go's HTTP client (kubectl's) never sends
@@ -155,8 +166,13 @@ fn local(host: &str) -> bool {
 
 /// The proxy the environment names, which kube takes where the kubeconfig
 /// names none (`proxy-url`).
-fn env_proxy() -> Option<http::Uri> {
-    ["HTTPS_PROXY", "https_proxy"]
+/// `HTTP_PROXY` for a server of plain HTTP, as Go reads them.
+fn env_proxy(plain: bool) -> Option<http::Uri> {
+    let names = match plain {
+        true => ["HTTP_PROXY", "http_proxy"],
+        false => ["HTTPS_PROXY", "https_proxy"],
+    };
+    names
         .iter()
         .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))?
         .parse()

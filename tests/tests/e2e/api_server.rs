@@ -1131,6 +1131,8 @@ async fn the_cli_reaches_the_cluster_as_kubectl_does_behind_a_proxy() {
             .arg("install")
             .env("KUBECONFIG", kubeconfig)
             .env("HTTPS_PROXY", &dead_proxy)
+            // The stand-in speaks plain HTTP: Go takes this one for it.
+            .env("HTTP_PROXY", &dead_proxy)
             .env("NO_PROXY", "example.com")
             .output()
     };
