@@ -465,6 +465,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                     if let Some(l) = refusing_pod_security(&list.items, &meshed.namespaces) {
                         say(l);
                     }
+                    if let Some(l) = also_in_ambient(&list.items) {
+                        say(l);
+                    }
                 }
                 Err(e) => say(unread("the labelled namespaces", e)),
             }
@@ -472,6 +475,35 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         Err(e) => say(unread("the pods", &e)),
     }
     out
+}
+
+/// Namespaces labelled for injection and for Istio's ambient mesh: their
+/// injected pods carry `istio.io/dataplane-mode: none`, which takes them out
+/// of ambient without a word, its policies with it.
+fn also_in_ambient(namespaces: &[Namespace]) -> Option<Line> {
+    let both: Vec<&str> = namespaces
+        .iter()
+        .filter(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::inject::AMBIENT_MODE))
+                .is_some_and(|m| m == "ambient")
+        })
+        .filter_map(|n| n.metadata.name.as_deref())
+        .collect();
+    (!both.is_empty()).then(|| {
+        line(
+            Verdict::Warn,
+            format!(
+                "namespace(s) labelled {}=enabled are also in Istio's ambient mesh ({}=ambient): {}; their meshed pods leave ambient (they carry {}=none), so its mTLS and policies no longer cover them: take each namespace out of one mesh",
+                crate::inject::INJECT,
+                crate::inject::AMBIENT_MODE,
+                both.join(", "),
+                crate::inject::AMBIENT_MODE,
+            ),
+        )
+    })
 }
 
 /// Namespaces labelled for injection whose Pod Security level refuses the
@@ -1757,6 +1789,26 @@ mod tests {
         );
         assert_eq!(tally.line().verdict, Verdict::Warn, "no pod running yet");
         assert!(MeshedPods::default().init_failed_line().is_none());
+    }
+
+    /// A namespace labelled for both meshes is named: its injected pods
+    /// leave ambient without a word.
+    #[test]
+    fn namespaces_in_istio_s_ambient_mesh_too_are_named() {
+        let ns = |name: &str, ambient: bool| -> Namespace {
+            let mut labels = serde_json::json!({"strait.dev/inject": "enabled"});
+            if ambient {
+                labels["istio.io/dataplane-mode"] = "ambient".into();
+            }
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "labels": labels}}),
+            )
+            .unwrap()
+        };
+        assert!(also_in_ambient(&[ns("a", false)]).is_none());
+        let l = also_in_ambient(&[ns("a", false), ns("shop", true)]).unwrap();
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(l.what.contains(": shop;"), "{}", l.what);
     }
 
     /// A labelled namespace that enforces `baseline` or `restricted` refuses

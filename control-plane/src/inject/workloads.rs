@@ -233,8 +233,9 @@ fn same(fresh: &Value, was: &Value) -> bool {
 }
 
 /// What injection adds that injecting again would add twice: the init
-/// container, the proxy, their volumes and the annotation. Probes it
-/// rewrote stay rewritten (injection lists their ports again).
+/// container, the proxy, their volumes and the annotation (its label is set
+/// again as it is). Probes it rewrote stay rewritten (injection lists their
+/// ports again).
 fn uninject(pod: &mut Value) {
     let ours = |item: &Value, names: &[&str]| {
         item.get("name")
