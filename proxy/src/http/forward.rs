@@ -138,7 +138,8 @@ impl Forward {
         // (`NOT_SENT`, `NOT_PROCESSED`): the head of a request without a
         // body, which needs no copy to go again (its extensions are moved in
         // as it is sent, not copied).
-        let mut peer_head = (hand_back && h2 && to_peer.is_some() && req.body().is_end_stream())
+        let bodiless = req.body().is_end_stream();
+        let mut peer_head = (hand_back && h2 && to_peer.is_some() && bodiless)
             .then(|| head_without_extensions(&req));
         // Over HTTP/2, connected before the request is changed or given up: a
         // request that cannot be sent goes back whole.
@@ -300,7 +301,8 @@ impl Forward {
             if let Some(head) = peer_head.take() {
                 rsp.extensions_mut().insert(super::error::RequestNotSent);
                 rsp.extensions_mut().insert(Unsent::new(head));
-            } else if unprocessed {
+            } else if unprocessed || bodiless {
+                // A route that retries keeps its own copy.
                 rsp.extensions_mut().insert(super::error::RequestNotSent);
             }
         }

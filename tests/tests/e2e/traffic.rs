@@ -853,41 +853,52 @@ async fn a_dead_endpoint_costs_a_retry_not_a_failed_request() {
 /// reached the client.)
 #[tokio::test]
 async fn an_app_gone_behind_its_live_proxy_costs_a_retry_not_a_failed_request() {
-    let b = Backend::start().await;
-    let mesh = Mesh::start(&[]).await;
-    mesh.serve("web", "web-0", &b);
-    mesh.until_ok("/").await;
-    let draining = Sidecar::start(mesh.cp.grpc, NS, "draining", &[]).await;
-    mesh.dir.write(
-        "pod-draining.yaml",
-        &meshed_pod(NS, "draining", "web", draining.inbound.port()),
-    );
-    let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    mesh.dir.write(
-        "slice-draining.yaml",
-        &endpoint(NS, "web", "draining", nobody),
-    );
-    let mut sent = 0;
-    wait::until(
-        "a request to the draining pod retried",
-        Duration::from_secs(10),
-        || {
-            sent += 1;
-            let mesh = &mesh;
-            async move {
-                let (status, text) = client::get(&client::http1(), &mesh.url("/")).await.unwrap();
-                assert_eq!(status, http::StatusCode::OK, "{text}");
-                mesh.metric("strait_proxy_route_retries_total").await > 0.0
-            }
-        },
-    )
-    .await;
-    // The draining pod's proxy said so, and counted its failure to connect.
-    assert!(
-        metric_sum(draining.admin, "strait_proxy_http_proxy_errors_total").await > 0.0,
-        "the draining pod's proxy was never asked"
-    );
-    println!("retried within {sent} requests, none failed");
+    // On a route with no retries (no copy kept: the head is), and on one
+    // that retries other statuses (its own copy).
+    for routes in [vec![], vec![("route.yaml", route("web", "", RETRY_503))]] {
+        let what = if routes.is_empty() {
+            "no route"
+        } else {
+            "a route retrying 503"
+        };
+        let b = Backend::start().await;
+        let mesh = Mesh::start(&routes).await;
+        mesh.serve("web", "web-0", &b);
+        mesh.until_ok("/").await;
+        let draining = Sidecar::start(mesh.cp.grpc, NS, "draining", &[]).await;
+        mesh.dir.write(
+            "pod-draining.yaml",
+            &meshed_pod(NS, "draining", "web", draining.inbound.port()),
+        );
+        let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        mesh.dir.write(
+            "slice-draining.yaml",
+            &endpoint(NS, "web", "draining", nobody),
+        );
+        let mut sent = 0;
+        wait::until(
+            &format!("a request to the draining pod ({what})"),
+            Duration::from_secs(10),
+            || {
+                sent += 1;
+                let (mesh, draining) = (&mesh, draining.admin);
+                async move {
+                    let (status, text) =
+                        client::get(&client::http1(), &mesh.url("/")).await.unwrap();
+                    assert_eq!(status, http::StatusCode::OK, "{what}: {text}");
+                    // Until the draining pod's proxy has said it could not
+                    // reach its app.
+                    metric_sum(draining, "strait_proxy_http_proxy_errors_total").await > 0.0
+                }
+            },
+        )
+        .await;
+        assert!(
+            mesh.metric("strait_proxy_route_retries_total").await > 0.0,
+            "{what}: answered, not retried"
+        );
+        println!("{what}: retried within {sent} requests, none failed");
+    }
 }
 
 /// A rule that retries statuses still retries a request no endpoint took,
