@@ -85,31 +85,34 @@ impl Refusing {
     pub fn refused(&self, source: IpAddr, now: Instant) {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let held = &mut *held;
-        if held.by_source.len() >= REFUSING_SOURCES_MAX && !held.by_source.contains_key(&source) {
-            held.by_source
-                .retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
-        }
-        let (since, n) = if held.by_source.len() < REFUSING_SOURCES_MAX
-            || held.by_source.contains_key(&source)
-        {
-            held.by_source.entry(source).or_insert((now, 0))
-        } else {
-            let net = network(source);
-            if held.overflow.len() >= REFUSING_SOURCES_MAX && !held.overflow.contains_key(&net) {
-                held.overflow
-                    .retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
-            }
-            if held.overflow.len() < REFUSING_SOURCES_MAX || held.overflow.contains_key(&net) {
-                held.overflow.entry(net).or_insert((now, 0))
-            } else {
-                held.rest.get_or_insert((now, 0))
-            }
+        let (since, n) = match place(&mut held.by_source, source, now) {
+            Some(w) => w,
+            None => match place(&mut held.overflow, network(source), now) {
+                Some(w) => w,
+                None => held.rest.get_or_insert((now, 0)),
+            },
         };
         if now >= *since + REFUSALS_WINDOW {
             (*since, *n) = (now, 0);
         }
         *n += 1;
     }
+}
+
+/// `key`'s window in `map`, made if there is room (ended windows go first
+/// when it is full); `None` when there is none.
+fn place(
+    map: &mut HashMap<IpAddr, (Instant, u32)>,
+    key: IpAddr,
+    now: Instant,
+) -> Option<&mut (Instant, u32)> {
+    if map.len() >= REFUSING_SOURCES_MAX && !map.contains_key(&key) {
+        map.retain(|_, (since, _)| now < *since + REFUSALS_WINDOW);
+        if map.len() >= REFUSING_SOURCES_MAX {
+            return None;
+        }
+    }
+    Some(map.entry(key).or_insert((now, 0)))
 }
 
 /// Where tokens are checked.
