@@ -11,7 +11,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p strait-proxy --bin strait-proxy \
     && cp target/release/strait-proxy /strait-proxy
 
-# iptables and the libraries and extensions it loads, gathered in one tree.
+# iptables and the libraries and extensions it loads, gathered in one tree
+# (from the multiarch directory its library is in: amd64 and arm64 alike,
+# with what a slim image has).
 FROM debian:bookworm-slim AS iptables
 RUN apt-get update && apt-get install -y --no-install-recommends iptables \
     && mkdir -p /out/usr/sbin /out/usr/lib \
@@ -20,11 +22,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends iptables \
              /usr/sbin/iptables-legacy-restore /usr/sbin/iptables-legacy-save \
              /usr/sbin/ip6tables-nft-restore /usr/sbin/ip6tables-nft-save \
              /usr/sbin/ip6tables-legacy-restore /usr/sbin/ip6tables-legacy-save /out/usr/sbin/ \
-    && arch=$(dpkg-architecture -qDEB_HOST_MULTIARCH) \
-    && mkdir -p /out/usr/lib/$arch \
-    && cp -a /usr/lib/$arch/xtables /usr/lib/$arch/libxtables.so.* /usr/lib/$arch/libip4tc.so.* \
-             /usr/lib/$arch/libip6tc.so.* /usr/lib/$arch/libnftnl.so.* /usr/lib/$arch/libmnl.so.* \
-             /usr/lib/$arch/libnetfilter_conntrack.so.* /usr/lib/$arch/libnfnetlink.so.* /out/usr/lib/$arch/
+    && lib=$(dirname "$(dpkg -L libxtables12 | grep -m1 '/libxtables\.so\.')") \
+    && mkdir -p /out$lib \
+    && cp -a $lib/xtables $lib/libxtables.so.* $lib/libip4tc.so.* \
+             $lib/libip6tc.so.* $lib/libnftnl.so.* $lib/libmnl.so.* \
+             $lib/libnetfilter_conntrack.so.* $lib/libnfnetlink.so.* /out$lib/
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=iptables /out/ /

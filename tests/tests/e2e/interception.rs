@@ -473,3 +473,94 @@ async fn a_pods_link_local_ipv6_is_closed_where_the_ipv6_nat_rules_cannot_load()
     );
     assert!(err.contains("IPv6 connections to it are refused"), "{err}");
 }
+
+/// The proxy image's iptables stage gathers the commands `init` runs and the
+/// libraries and extensions they load, on Debian as that stage's base is, by
+/// what its packages say rather than a tool a slim image lacks: run here (CI's
+/// host is Debian with iptables) into a temporary tree in place of `/out`, with
+/// only the commands of Debian's essential packages, as a slim image has.
+#[test]
+fn the_image_s_iptables_stage_gathers_what_init_runs() {
+    let dockerfile = include_str!("../../../deploy/docker/strait-proxy.Dockerfile");
+    let run = dockerfile
+        .split("AS iptables\nRUN ")
+        .nth(1)
+        .and_then(|s| s.split("\n\n").next())
+        .expect("the iptables stage's RUN")
+        .replace("\\\n", " ");
+    let (_, gather) = run
+        .split_once("--no-install-recommends iptables")
+        .expect("the stage installs iptables");
+    let gather = gather
+        .trim_start()
+        .strip_prefix("&&")
+        .expect("then gathers");
+    let debian = std::process::Command::new("dpkg")
+        .args(["-L", "libxtables12"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !debian || !std::path::Path::new("/usr/sbin/xtables-legacy-multi").exists() {
+        strait_tests::host::missing("Debian's iptables package (nft and legacy)");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("strait-image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let script = gather.replace("/out", &out.display().to_string());
+    let ran = std::process::Command::new("/bin/sh")
+        .args(["-ec", &script])
+        .env("PATH", essential_commands(&out))
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    for cmd in [
+        "xtables-nft-multi",
+        "xtables-legacy-multi",
+        "ip6tables-nft-restore",
+    ] {
+        assert!(out.join("usr/sbin").join(cmd).exists(), "{cmd}");
+    }
+    let libs: Vec<_> = std::fs::read_dir(out.join("usr/lib"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        libs.len() == 1 && libs[0].display().to_string().ends_with("-linux-gnu"),
+        "{libs:?}"
+    );
+    for ext in ["libxt_owner.so", "libxt_REDIRECT.so"] {
+        assert!(libs[0].join("xtables").join(ext).exists(), "{ext}");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(out.with_extension("bin")).unwrap();
+}
+
+/// A directory (beside `out`) of links to the commands of this host's
+/// essential packages, for a `PATH` with no others.
+fn essential_commands(out: &std::path::Path) -> std::path::PathBuf {
+    let bin = out.with_extension("bin");
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).unwrap();
+    let query = std::process::Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${Essential}\\n"])
+        .output()
+        .unwrap();
+    let essential = String::from_utf8(query.stdout).unwrap();
+    for pkg in essential.lines().filter_map(|l| l.strip_suffix(" yes")) {
+        let files = std::process::Command::new("dpkg")
+            .args(["-L", pkg])
+            .output()
+            .unwrap();
+        for f in String::from_utf8_lossy(&files.stdout).lines() {
+            let path = std::path::Path::new(f);
+            let dir = path.parent().and_then(|d| d.to_str()).unwrap_or("");
+            if dir.ends_with("/bin") || dir.ends_with("/sbin") {
+                let _ = std::os::unix::fs::symlink(path, bin.join(path.file_name().unwrap()));
+            }
+        }
+    }
+    bin
+}
