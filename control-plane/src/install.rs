@@ -1022,6 +1022,10 @@ fn deployment(v: &Values) -> Value {
                              "annotations": {"strait.dev/identity-checksum": identity_checksum(&v.identity)}},
                 "spec": {
                     "serviceAccountName": CONTROLLER,
+                    // A Linux program: a mixed cluster's Windows nodes,
+                    // often untainted, would take a replica that never
+                    // starts (and the disruption budget with it).
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
                     // The image's user (2103), not a fixed one: OpenShift's
                     // restricted SCC gives pods a uid of the namespace's range
                     // and refuses any other.
@@ -1068,8 +1072,12 @@ fn deployment(v: &Values) -> Value {
     })
 }
 
+/// Not a pod for Windows nodes, as `inject` reads it: by `os.name`, a node
+/// selector, or a required node affinity whose every term asks for Windows.
+const NOT_WINDOWS: &str = "!(has(object.spec.os) && has(object.spec.os.name) && object.spec.os.name == 'windows') && !(has(object.spec.nodeSelector) && 'kubernetes.io/os' in object.spec.nodeSelector && object.spec.nodeSelector['kubernetes.io/os'] == 'windows') && !(has(object.spec.affinity) && has(object.spec.affinity.nodeAffinity) && has(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution) && size(object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms) > 0 && object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t, has(t.matchExpressions) && t.matchExpressions.exists(e, e.key == 'kubernetes.io/os' && e.operator == 'In' && has(e.values) && !('linux' in e.values))))";
+
 /// The pods the injector would leave alone, as CEL: those on the host's
-/// network or its DNS, Windows pods, those injected already (`strait inject`, or a reinvocation)
+/// network or its DNS, on EKS Fargate, Windows pods, those injected already (`strait inject`, or a reinvocation)
 /// and in no other mesh, and
 /// those whose annotation opts out.
 fn match_conditions() -> Value {
@@ -1078,8 +1086,9 @@ fn match_conditions() -> Value {
          "expression": "!has(object.spec.hostNetwork) || !object.spec.hostNetwork"},
         {"name": "not-node-dns",
          "expression": "!has(object.spec.dnsPolicy) || object.spec.dnsPolicy != 'Default'"},
-        {"name": "not-windows",
-         "expression": "!(has(object.spec.os) && has(object.spec.os.name) && object.spec.os.name == 'windows') && !(has(object.spec.nodeSelector) && 'kubernetes.io/os' in object.spec.nodeSelector && object.spec.nodeSelector['kubernetes.io/os'] == 'windows')"},
+        {"name": "not-fargate",
+         "expression": "!has(object.spec.schedulerName) || object.spec.schedulerName != 'fargate-scheduler'"},
+        {"name": "not-windows", "expression": NOT_WINDOWS},
         {"name": "not-injected-or-in-another-mesh", "expression": not_injected_or_in_another_mesh()},
         {"name": "not-opted-out",
          "expression": "!(has(object.metadata.annotations) && 'strait.dev/inject' in object.metadata.annotations && object.metadata.annotations['strait.dev/inject'] == 'disabled')"},
@@ -1604,6 +1613,11 @@ mod tests {
         let labels = &d["spec"]["template"]["metadata"]["labels"];
         assert_eq!(labels["strait.dev/inject"], "disabled");
         let pod = &d["spec"]["template"];
+        // Nor scheduled where it could not start.
+        assert_eq!(
+            pod["spec"]["nodeSelector"],
+            json!({"kubernetes.io/os": "linux"})
+        );
         let s = crate::inject::Settings::with_anchors("anchors".into());
         assert!(matches!(
             crate::inject::inject(pod, crate::inject::Namespace::Enabled, &s),
@@ -1628,6 +1642,33 @@ mod tests {
         }
         assert!(e.starts_with("!(object.spec.containers.exists(c, c.name == 'strait-proxy')"));
         assert!(e.contains("'istio.io/dataplane-mode'"));
+    }
+
+    /// Pods the injector skips for where they run are not sent either: the
+    /// fail-closed hook would refuse them while no controller answers.
+    #[test]
+    fn pods_skipped_for_where_they_run_are_not_sent() {
+        let conditions = match_conditions();
+        let expr = |name: &str| {
+            conditions
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap()["expression"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert!(expr("not-fargate").contains("'fargate-scheduler'"));
+        let windows = expr("not-windows");
+        for field in [
+            "object.spec.os.name",
+            "object.spec.nodeSelector",
+            "nodeSelectorTerms.all(",
+        ] {
+            assert!(windows.contains(field), "{field}: {windows}");
+        }
     }
 
     /// The fail-closed validator is asked of a create or a spec changed

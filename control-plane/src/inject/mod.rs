@@ -465,6 +465,33 @@ pub(crate) const OTHER_MESHES: [&str; 9] = [
     "consul-connect-inject-init",
 ];
 
+/// Whether a pod is for Windows nodes: by its `os.name`, or, as older
+/// manifests say it, a node selector or a required node affinity whose every
+/// term asks for Windows (the webhook's `not-windows` condition reads the same).
+fn runs_on_windows(pod: &Value) -> bool {
+    const OS: &str = "kubernetes.io/os";
+    let windows_term = |t: &Value| {
+        t["matchExpressions"].as_array().is_some_and(|es| {
+            es.iter().any(|e| {
+                e["key"] == OS
+                    && e["operator"] == "In"
+                    && e["values"]
+                        .as_array()
+                        .is_some_and(|v| !v.iter().any(|v| v == "linux"))
+            })
+        })
+    };
+    let terms = pod
+        .pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
+        .and_then(Value::as_array);
+    pod.pointer("/spec/os/name").and_then(Value::as_str) == Some("windows")
+        || pod
+            .pointer("/spec/nodeSelector/kubernetes.io~1os")
+            .and_then(Value::as_str)
+            == Some("windows")
+        || terms.is_some_and(|ts| !ts.is_empty() && ts.iter().all(windows_term))
+}
+
 /// The patch that injects `pod` (a Pod, or a workload's pod template: both
 /// have `metadata` and `spec`), or why it is left alone.
 pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, InjectError> {
@@ -525,14 +552,8 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
         ));
     }
     // The proxy and its init container are Linux programs: a Windows pod
-    // (by `os.name`, or a node selector, as older manifests say it) given
-    // them would never start.
-    let windows = pod.pointer("/spec/os/name").and_then(Value::as_str) == Some("windows")
-        || pod
-            .pointer("/spec/nodeSelector/kubernetes.io~1os")
-            .and_then(Value::as_str)
-            == Some("windows");
-    if windows {
+    // given them would never start.
+    if runs_on_windows(pod) {
         return Ok(Outcome::Skip("the pod runs on Windows"));
     }
     // The proxy finds its controller by its Service's name, which the node's

@@ -387,6 +387,8 @@ fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network(
     for spec in [
         json!({"os": {"name": "windows"}, "containers": [{"name": "a", "image": "a"}]}),
         json!({"nodeSelector": {"kubernetes.io/os": "windows"}, "containers": [{"name": "a", "image": "a"}]}),
+        json!({"affinity": os_affinity(&[&["windows"]]), "containers": [{"name": "a", "image": "a"}]}),
+        json!({"affinity": os_affinity(&[&["windows"], &["windows"]]), "containers": [{"name": "a", "image": "a"}]}),
     ] {
         let p = pod(json!({INJECT: "enabled"}), spec);
         assert_eq!(
@@ -394,14 +396,18 @@ fn the_namespace_label_injects_unless_the_pod_opts_out_or_uses_the_host_network(
             Outcome::Skip("the pod runs on Windows")
         );
     }
-    let linux = pod(
-        json!({INJECT: "enabled"}),
+    // A pod that may land on Linux nodes is injected.
+    for spec in [
         json!({"os": {"name": "linux"}, "containers": [{"name": "a", "image": "a"}]}),
-    );
-    assert!(matches!(
-        inject(&linux, Namespace::Enabled, &settings()).unwrap(),
-        Outcome::Inject(_)
-    ));
+        json!({"affinity": os_affinity(&[&["linux", "windows"]]), "containers": [{"name": "a", "image": "a"}]}),
+        json!({"affinity": os_affinity(&[&["windows"], &["linux"]]), "containers": [{"name": "a", "image": "a"}]}),
+    ] {
+        let linux = pod(json!({INJECT: "enabled"}), spec);
+        assert!(matches!(
+            inject(&linux, Namespace::Enabled, &settings()).unwrap(),
+            Outcome::Inject(_)
+        ));
+    }
     // The node's DNS has no name for the controller: the proxy could never
     // reach it. The cluster's DNS, said outright, is fine.
     for (policy, skipped) in [("Default", true), ("ClusterFirst", false)] {
@@ -1546,4 +1552,14 @@ fn a_fargate_pod_is_left_alone_with_why() {
         why.contains("Fargate") && why.contains("NET_ADMIN"),
         "{why}"
     );
+}
+
+/// A required node affinity with one term per entry, each asking for
+/// `kubernetes.io/os` in the values given.
+fn os_affinity(terms: &[&[&str]]) -> Value {
+    let terms: Vec<Value> = terms
+        .iter()
+        .map(|values| json!({"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": values}]}))
+        .collect();
+    json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}})
 }
