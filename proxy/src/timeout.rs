@@ -1,7 +1,8 @@
 //! Route timeouts as a layer (tower's `Timeout`): `timeouts.request` above the
 //! retries covers every attempt together, `timeouts.backendRequest` below them
 //! covers each attempt. Both run until the response headers: a stream that has
-//! started is not cut. On expiry the proxy answers 504 with `strait-proxy-error`.
+//! started is not cut. On expiry the proxy answers 504 with `strait-proxy-error`
+//! naming the timeout and its limit.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,6 +66,7 @@ impl<S> tower::Layer<S> for TimeoutLayer {
                 None => Inner::Untimed(inner),
             },
             kind: self.kind,
+            after: self.after.unwrap_or_default(),
             expired: self.expired.clone(),
         }
     }
@@ -80,13 +82,14 @@ enum Inner<S> {
 pub struct Timeout<S> {
     inner: Inner<S>,
     kind: Kind,
+    after: Duration,
     expired: OnFirstUse<Counter>,
 }
 
 pin_project! {
     #[project = TimeoutFutureProj]
     pub enum TimeoutFuture<T, U> {
-        Timed { #[pin] f: T, kind: Kind, expired: OnFirstUse<Counter> },
+        Timed { #[pin] f: T, kind: Kind, after: Duration, expired: OnFirstUse<Counter> },
         Untimed { #[pin] f: U },
     }
 }
@@ -112,6 +115,7 @@ where
             Inner::Timed(t) => TimeoutFuture::Timed {
                 f: t.call(req),
                 kind: self.kind,
+                after: self.after,
                 expired: self.expired.clone(),
             },
             Inner::Untimed(s) => TimeoutFuture::Untimed { f: s.call(req) },
@@ -129,16 +133,24 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             TimeoutFutureProj::Untimed { f } => f.poll(cx),
-            TimeoutFutureProj::Timed { f, kind, expired } => {
+            TimeoutFutureProj::Timed {
+                f,
+                kind,
+                after,
+                expired,
+            } => {
                 Poll::Ready(Ok(match ready!(f.poll(cx)) {
                     Ok(rsp) => rsp,
                     Err(_) => {
                         expired.inc();
-                        let mut rsp = error_response(
-                            kind.label(),
-                            StatusCode::GATEWAY_TIMEOUT,
+                        // The limit that fired, as the route gives it.
+                        let reason = format!(
+                            "{} after {}",
                             kind.reason(),
+                            humantime::format_duration(*after)
                         );
+                        let mut rsp =
+                            error_response(kind.label(), StatusCode::GATEWAY_TIMEOUT, &reason);
                         rsp.extensions_mut().insert(TimedOut(*kind));
                         rsp.extensions_mut()
                             .insert(crate::http::grpc::DEADLINE_EXCEEDED);
@@ -177,7 +189,10 @@ mod tests {
         let start = tokio::time::Instant::now();
         let rsp = svc.ready().await.unwrap().call(()).await.unwrap();
         assert_eq!(rsp.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(rsp.headers()["strait-proxy-error"], "request timeout");
+        assert_eq!(
+            rsp.headers()["strait-proxy-error"],
+            "request timeout after 200ms"
+        );
         assert_eq!(start.elapsed(), Duration::from_millis(200));
         assert_eq!(expired.get(), 1);
     }

@@ -70,6 +70,13 @@ pub enum Denied {
         "identity {1} is of another trust domain than this mesh's; port {0} admits it only by name"
     )]
     ForeignTrustDomain(u16, Identity),
+    /// Every entry of the list names nobody: the controller sealed the port
+    /// (its policies were refused or too large to send), so naming the
+    /// caller would send whoever reads it to the allow lists.
+    #[error(
+        "port {0} admits no caller: its AuthorizationPolicies could not be applied (the controller's log says why)"
+    )]
+    NoneAdmitted(u16),
 }
 
 impl PortPolicy {
@@ -95,6 +102,8 @@ impl PortPolicy {
                 });
                 if ok {
                     Ok(())
+                } else if self.allow.iter().all(|a| *a == Allow::Unreadable) {
+                    Err(Denied::NoneAdmitted(port))
                 } else {
                     Err(Denied::NotAllowed(port, id.clone()))
                 }
@@ -444,7 +453,37 @@ mod tests {
         let web = id("spiffe://td/ns/shop/sa/web");
         assert_eq!(
             p.port(80).check(80, Some(&web)),
+            Err(Denied::NoneAdmitted(80))
+        );
+        // Beside a readable entry, a caller it does not name is named.
+        let mut both = strict_for(api::authorization::Subject::Namespace("pay".into()), vec![]);
+        both.default
+            .as_mut()
+            .unwrap()
+            .allow
+            .push(api::Authorization { subject: None });
+        assert_eq!(
+            parse(both, "td").port(80).check(80, Some(&web)),
             Err(Denied::NotAllowed(80, web.clone()))
+        );
+    }
+
+    /// A namespace the controller sealed (its policies refused, or too large
+    /// to send) is not answered as if the caller were missing from a list.
+    #[test]
+    fn a_sealed_port_says_it_admits_no_one() {
+        let mut sealed = strict_for(api::authorization::Subject::Namespace("x".into()), vec![]);
+        sealed.default.as_mut().unwrap().allow = vec![api::Authorization { subject: None }];
+        let web = id("spiffe://td/ns/shop/sa/web");
+        let denied = parse(sealed, "td")
+            .port(8080)
+            .check(8080, Some(&web))
+            .unwrap_err();
+        assert_eq!(denied, Denied::NoneAdmitted(8080));
+        let said = denied.to_string();
+        assert!(
+            !said.contains("shop/sa/web") && said.contains("could not be applied"),
+            "{said}"
         );
     }
 

@@ -97,7 +97,7 @@ where
         b.metrics.requests.inc();
         // No attempt is made, so none is timed.
         let Some(mut svc) = b.service.clone() else {
-            let mut rsp = unresolved("backend not found");
+            let mut rsp = unresolved(&not_found(&b.name));
             b.metrics.http.get().responses[status_index(rsp.status())].inc();
             if grpc {
                 rsp = crate::http::grpc::on_status(rsp, b.metrics.clone());
@@ -198,6 +198,22 @@ impl InFlight {
 
 /// A request a rule has no backend for: 500, as Gateway API asks, and to a
 /// gRPC caller UNAVAILABLE, as its GRPCRoute asks (a 500 reads as UNKNOWN).
+/// Why a backend has no service, by the name the controller gave it: a
+/// reference it could not resolve is named for what it lacks (a Service's
+/// name has no `/`).
+fn not_found(name: &str) -> String {
+    match name.rsplit_once('/') {
+        Some(("ReferenceGrant", svc)) => {
+            format!("backend {svc} is in another namespace, and no ReferenceGrant allows it")
+        }
+        Some((kind, svc)) => format!(
+            "backend {svc} is a {}, not a Service",
+            kind.trim_start_matches('/')
+        ),
+        None => format!("backend {name} not found"),
+    }
+}
+
 fn unresolved(reason: &str) -> Response<BoxBody> {
     let mut rsp = error_response("no_backend", StatusCode::INTERNAL_SERVER_ERROR, reason);
     rsp.extensions_mut().insert(crate::http::grpc::UNAVAILABLE);
@@ -234,6 +250,23 @@ mod tests {
         assert!(none.choose().is_none());
     }
 
+    /// The 500 says which backend, and why a reference went unresolved.
+    #[test]
+    fn an_unresolved_backend_is_named_with_what_it_lacks() {
+        assert_eq!(
+            not_found("web.shop.svc.cluster.local:80"),
+            "backend web.shop.svc.cluster.local:80 not found"
+        );
+        assert_eq!(
+            not_found("ReferenceGrant/api"),
+            "backend api is in another namespace, and no ReferenceGrant allows it"
+        );
+        assert_eq!(
+            not_found("multicluster.x-k8s.io/ServiceImport/api"),
+            "backend api is a multicluster.x-k8s.io/ServiceImport, not a Service"
+        );
+    }
+
     /// The share of a backend that does not resolve is answered 500 and
     /// counted under it; the others are served.
     #[tokio::test]
@@ -255,8 +288,9 @@ mod tests {
             if rsp.status() == StatusCode::INTERNAL_SERVER_ERROR {
                 assert_eq!(
                     rsp.headers()[crate::defaults::PROXY_ERROR_HEADER],
-                    "backend not found"
+                    "backend b not found"
                 );
+
                 assert_eq!(crate::http::grpc::retry_code(&rsp), Some(14), "UNAVAILABLE");
             }
             *statuses.entry(rsp.status().as_u16()).or_insert(0) += 1;
