@@ -12,6 +12,15 @@ pub mod per_source;
 pub mod scrape;
 pub mod write_deadline;
 
+/// Ports whose protocols speak first from the server or are never HTTP: SMTP (25, 587),
+/// ZooKeeper (2181: its four-letter words, `mntr`, are sent bare and read
+/// as an HTTP method left waiting), MySQL (3306), SQL Server/others (4444),
+/// PostgreSQL (5432), Redis (6379), Elasticsearch transport (9300), memcached
+/// (11211). Callers carry them as TCP without protocol detection (the proxy's
+/// default `--opaque-ports`), so the controller applies no route there unless
+/// the Service's `appProtocol` says HTTP.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 9] = [25, 587, 2181, 3306, 4444, 5432, 6379, 9300, 11211];
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("strait.api.v1");

@@ -471,6 +471,12 @@ mod tests {
             "ZooKeeper's bare four-letter words"
         );
         assert_eq!(c.inbound_opaque_ports(), &c.opaque_ports);
+        // The list the controller reckons callers carry as TCP.
+        let listed: Vec<String> = strait_api::DEFAULT_OPAQUE_PORTS
+            .iter()
+            .map(u16::to_string)
+            .collect();
+        assert_eq!(defaults::OPAQUE_PORTS, listed.join(","));
         assert_eq!(c.detect_timeout, defaults::DETECT_TIMEOUT);
         assert_eq!(c.shutdown_grace_period, defaults::SHUTDOWN_GRACE_PERIOD);
         assert_eq!(

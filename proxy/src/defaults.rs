@@ -14,11 +14,8 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:4191";
 /// target port, whichever ports this proxy itself listens on.
 pub const MESH_PORTS: [u16; 3] = [4140, 4143, 4191];
 
-/// Ports whose protocols speak first from the server or are never HTTP: SMTP (25, 587),
-/// ZooKeeper (2181: its four-letter words, `mntr`, are sent bare and read
-/// as an HTTP method left waiting), MySQL (3306), SQL Server/others (4444),
-/// PostgreSQL (5432), Redis (6379), Elasticsearch transport (9300), memcached
-/// (11211). They skip protocol detection.
+/// `strait_api::DEFAULT_OPAQUE_PORTS` as the flag's default. They skip
+/// protocol detection.
 pub const OPAQUE_PORTS: &str = "25,587,2181,3306,4444,5432,6379,9300,11211";
 
 /// How long to wait for the client's first bytes before connecting onward as for

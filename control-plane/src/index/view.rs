@@ -159,6 +159,7 @@ fn build_within(snap: &Snapshot, key: &DestKey, zone: Option<&str>, max: usize) 
     let name = service_name(&svc, port);
     let policy = snap.backend_policy(&svc);
     let opaque = opaque_port(snap, &svc, sp);
+    let http = !opaque && sp.app_protocol.as_deref().is_some_and(http_app_protocol);
     let mut s = api::Service {
         name: name.clone(),
         version: snap.version,
@@ -172,6 +173,7 @@ fn build_within(snap: &Snapshot, key: &DestKey, zone: Option<&str>, max: usize) 
         routes: Vec::new(),
         policy: policy.map(BackendPolicySpec::to_api),
         opaque,
+        http,
     };
     // The update's bytes with `len` bytes of Service.
     let fits = |len: usize| wire::entry(len) + STAMP_BYTES <= max;
@@ -326,17 +328,23 @@ fn attached<'a: 'b, 'b>(
 /// give way to.
 /// Whether a Service port is carried as TCP by its callers: its
 /// `appProtocol` is not one of HTTP's, or a BackendPolicy lists it among its
-/// `opaquePorts`. No route applies there.
+/// `opaquePorts`, or, with no `appProtocol`, callers carry it so by default
+/// (`strait_api::DEFAULT_OPAQUE_PORTS`). No route applies there.
 pub fn opaque_port(snap: &Snapshot, svc: &ObjKey, sp: &ServicePort) -> bool {
-    let http = |p: &str| {
-        defaults::HTTP_APP_PROTOCOLS
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(p))
-    };
-    sp.app_protocol.as_deref().is_some_and(|p| !http(p))
-        || snap
+    match sp.app_protocol.as_deref() {
+        Some(p) if !http_app_protocol(p) => true,
+        None if strait_api::DEFAULT_OPAQUE_PORTS.contains(&sp.port) => true,
+        _ => snap
             .backend_policy(svc)
-            .is_some_and(|p| p.opaque_ports.contains(&sp.port))
+            .is_some_and(|p| p.opaque_ports.contains(&sp.port)),
+    }
+}
+
+/// Whether an `appProtocol` is HTTP's (or carried over HTTP).
+fn http_app_protocol(p: &str) -> bool {
+    defaults::HTTP_APP_PROTOCOLS
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(p))
 }
 
 pub fn grpc_route_on<'a>(
@@ -585,6 +593,7 @@ fn pod_view(snap: &Snapshot, addr: SocketAddr) -> api::DestinationUpdate {
                 .opaque
                 .iter()
                 .any(|(lo, hi)| (*lo..=*hi).contains(&addr.port())),
+            http: false,
         })),
     }
 }

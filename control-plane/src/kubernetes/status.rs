@@ -473,7 +473,7 @@ fn conditions(
                     _ => ("ports", "are"),
                 };
                 let why = format!(
-                    "Service {} {ports_are} {} {what} opaque (its appProtocol, or a BackendPolicy's opaquePorts): carried as TCP, with no route",
+                    "Service {} {ports_are} {} {what} opaque (its appProtocol, or a BackendPolicy's opaquePorts, or, without an appProtocol, one callers carry as TCP by default: give an HTTP port appProtocol: http): carried as TCP, with no route",
                     p.name,
                     opaque.join(", ")
                 );
@@ -1322,6 +1322,22 @@ mod tests {
         );
         let (status, _, message) =
             accepted(serde_json::json!({"group": "", "kind": "Service", "name": "db", "port": 80}));
+        assert_eq!(
+            (status.as_str(), message.as_str()),
+            ("True", "accepted by strait")
+        );
+        // A port callers carry as TCP by default (Selenium's 4444), without an
+        // appProtocol, is opaque; with an HTTP one it is routed.
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: grid, namespace: shop}\nspec: {ports: [{name: wd, port: 4444}]}\n";
+        insert(&mut snap, yaml);
+        let grid =
+            serde_json::json!({"group": "", "kind": "Service", "name": "grid", "port": 4444});
+        let (status, _, message) = route_accepted(&snap, "r", grid.clone());
+        assert_eq!(status, "False", "{message}");
+        assert!(message.contains("appProtocol: http"), "{message}");
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: grid, namespace: shop}\nspec: {ports: [{name: wd, port: 4444, appProtocol: http}]}\n";
+        insert(&mut snap, yaml);
+        let (status, _, message) = route_accepted(&snap, "r", grid);
         assert_eq!(
             (status.as_str(), message.as_str()),
             ("True", "accepted by strait")

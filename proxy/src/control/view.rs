@@ -36,6 +36,9 @@ pub struct ServiceView {
     /// The retry budget of each of this Service's routes.
     pub budget: BudgetConfig,
     pub opaque: bool,
+    /// The Service port's `appProtocol` names HTTP: detected, and routed,
+    /// even on a port of this proxy's `--opaque-ports`.
+    pub http: bool,
     /// The routes as received, when `routes` are they: an update with the
     /// same (most are endpoint changes) reuses `routes` rather than compile
     /// their regexes again.
@@ -207,6 +210,7 @@ pub fn parse(
         backends,
         budget,
         opaque: svc.opaque,
+        http: svc.http,
         received,
     })))
 }

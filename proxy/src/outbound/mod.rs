@@ -72,10 +72,17 @@ impl Outbound {
             Some(d) => self.resolve(d).await,
             None => None,
         };
-        let opaque = dst
-            .as_ref()
-            .is_some_and(|d| s.config.opaque_ports.contains(d.port()))
-            || matches!(&resolved, Some(Resolved { resolution: Resolution::Service(v), .. }) if v.opaque);
+        // The Service's word first (its appProtocol, a BackendPolicy's
+        // opaquePorts), then this proxy's own list.
+        let opaque = match &resolved {
+            Some(Resolved {
+                resolution: Resolution::Service(v),
+                ..
+            }) if v.opaque || v.http => v.opaque,
+            _ => dst
+                .as_ref()
+                .is_some_and(|d| s.config.opaque_ports.contains(d.port())),
+        };
         let detected = s.detect_or_silence(acc.stream, opaque, DIRECTION, acc.client);
         let (protocol, io) = match (detected.await, &dst) {
             (None, _) => return,
