@@ -264,14 +264,6 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         .get_opt(ANCHORS_CONFIG_MAP)
         .await
         .map(|cm| cm.and_then(|cm| cm.data?.remove("ca.crt")));
-    say(match &anchors {
-        Ok(Some(pem)) => expiry("the trust anchor", pem, false),
-        Ok(None) => line(
-            Verdict::Fail,
-            format!("no trust anchors (ConfigMap {ns}/{ANCHORS_CONFIG_MAP}, key ca.crt)"),
-        ),
-        Err(e) => unread(&format!("ConfigMap {ns}/{ANCHORS_CONFIG_MAP}"), e),
-    });
     let issuer = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(ISSUER_SECRET)
         .await
@@ -285,6 +277,21 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 Some((text("tls.crt")?, text("tls.key")))
             })
         });
+    say(match &anchors {
+        Ok(Some(pem)) => {
+            let issuer = issuer
+                .as_ref()
+                .ok()
+                .and_then(|i| i.as_ref())
+                .map(|(c, _)| c.as_str());
+            anchors_expiry(pem, issuer)
+        }
+        Ok(None) => line(
+            Verdict::Fail,
+            format!("no trust anchors (ConfigMap {ns}/{ANCHORS_CONFIG_MAP}, key ca.crt)"),
+        ),
+        Err(e) => unread(&format!("ConfigMap {ns}/{ANCHORS_CONFIG_MAP}"), e),
+    });
     say(match &issuer {
         Ok(Some((pem, _))) => expiry("the issuer", pem, true),
         Ok(None) => line(
@@ -1365,11 +1372,19 @@ fn expiry(what: &str, pem: &str, whole_chain: bool) -> Line {
     } else {
         format!("{what}'s intermediate ({subject})")
     };
-    let now = std::time::SystemTime::now()
+    dated(&what, not_after)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let left = not_after - now;
+        .unwrap_or(0)
+}
+
+/// The verdict on a certificate that ends at `not_after` (Unix seconds).
+fn dated(what: &str, not_after: i64) -> Line {
+    let left = not_after - unix_now();
     let days = left / 86400;
     if left <= 0 {
         line(
@@ -1435,11 +1450,6 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
             );
         }
     };
-    fn parse<'a>(der: &'a CertificateDer<'static>) -> Option<X509Certificate<'a>> {
-        x509_parser::parse_x509_certificate(der)
-            .map(|(_, c)| c)
-            .ok()
-    }
     // What the controller's webpki would try, and then some: a Secret of
     // thousands of certificates is not something to verify pair by pair.
     if chain.len() > MAX_CHAIN {
@@ -1453,25 +1463,7 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
     }
     let chain: Vec<_> = chain.iter().filter_map(parse).collect();
     let anchors: Vec<_> = anchors.iter().filter_map(parse).collect();
-    // A path from the issuer up through the certificates with it, in any
-    // order, to an anchor (or to a certificate that is one), as webpki builds
-    // it for the controller: only a certificate named as the issuer is tried.
-    let mut unsupported = false;
-    let mut signs = |by: &X509Certificate<'_>, c: &X509Certificate<'_>| {
-        if by.subject().as_raw() != c.issuer().as_raw() {
-            return false;
-        }
-        match c.verify_signature(Some(by.public_key())) {
-            Ok(()) => true,
-            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
-                unsupported = true;
-                false
-            }
-            Err(_) => false,
-        }
-    };
-    let mut used = vec![false; chain.len()];
-    let anchored = path_up(0, &chain, &anchors, &mut used, &mut signs);
+    let (anchored, unsupported) = anchored(&chain, &anchors);
     let issuer = chain
         .first()
         .map(|c| c.subject().to_string())
@@ -1496,6 +1488,97 @@ fn chain_line(issuer_pem: &str, anchors_pem: &str) -> Line {
                 "the issuer ({issuer}) is not signed under the trust anchors: the controller does not start with it, and proxies would refuse every certificate it signs (rotate in the order docs/kubernetes.md gives)"
             ),
         )
+    }
+}
+
+fn parse<'a>(der: &'a CertificateDer<'static>) -> Option<X509Certificate<'a>> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c)
+        .ok()
+}
+
+/// Whether a path leads from the issuer (`chain[0]`) up through the
+/// certificates with it, in any order, to one of `anchors` (or to a
+/// certificate that is one), as webpki builds it for the controller: only a
+/// certificate named as the issuer is tried. And whether a signature on the
+/// way used an algorithm this check cannot verify.
+fn anchored(chain: &[X509Certificate<'_>], anchors: &[X509Certificate<'_>]) -> (bool, bool) {
+    if chain.is_empty() {
+        return (false, false);
+    }
+    let mut unsupported = false;
+    let mut signs = |by: &X509Certificate<'_>, c: &X509Certificate<'_>| {
+        if by.subject().as_raw() != c.issuer().as_raw() {
+            return false;
+        }
+        match c.verify_signature(Some(by.public_key())) {
+            Ok(()) => true,
+            Err(x509_parser::error::X509Error::SignatureUnsupportedAlgorithm) => {
+                unsupported = true;
+                false
+            }
+            Err(_) => false,
+        }
+    };
+    let mut used = vec![false; chain.len()];
+    let found = path_up(0, chain, anchors, &mut used, &mut signs);
+    (found, unsupported)
+}
+
+/// The trust anchors' expiry. Every certificate of the mesh ends with the
+/// anchor its issuer is under (the API server checks a webhook's root by
+/// date too), so that one is judged, the earliest to end where the issuer is
+/// under several or cannot be read; an anchor past its end that signs no
+/// issuer is only stale, to be dropped from the bundle.
+fn anchors_expiry(anchors_pem: &str, issuer_pem: Option<&str>) -> Line {
+    let ders = match certificates(anchors_pem) {
+        Ok(d) => d,
+        Err(e) => return line(Verdict::Fail, format!("the trust anchors {e}")),
+    };
+    let anchors: Vec<_> = ders.iter().filter_map(parse).collect();
+    let chain_ders = issuer_pem
+        .and_then(|p| certificates(p).ok())
+        .filter(|c| c.len() <= MAX_CHAIN)
+        .unwrap_or_default();
+    let chain: Vec<_> = chain_ders.iter().filter_map(parse).collect();
+    let mut in_use: Vec<bool> = anchors
+        .iter()
+        .map(|a| anchored(&chain, std::slice::from_ref(a)).0)
+        .collect();
+    if !in_use.contains(&true) {
+        // No issuer to tell by (the chain line says why): all of them.
+        in_use = vec![true; anchors.len()];
+    }
+    let ends = |a: &X509Certificate<'_>| a.validity().not_after.timestamp();
+    let Some(first) = (0..anchors.len())
+        .filter(|&i| in_use[i])
+        .min_by_key(|&i| ends(&anchors[i]))
+    else {
+        return line(
+            Verdict::Fail,
+            "the trust anchors are not valid certificates",
+        );
+    };
+    let what = match anchors.len() {
+        1 => "the trust anchor".to_string(),
+        _ => format!("the trust anchor ({})", anchors[first].subject()),
+    };
+    let verdict = dated(&what, ends(&anchors[first]));
+    let stale: Vec<String> = (0..anchors.len())
+        .filter(|&i| !in_use[i] && ends(&anchors[i]) <= unix_now())
+        .map(|i| anchors[i].subject().to_string())
+        .collect();
+    if verdict.verdict == Verdict::Ok && !stale.is_empty() {
+        line(
+            Verdict::Warn,
+            format!(
+                "{}; the bundle's {} expired and signs no issuer: drop it from the bundle",
+                verdict.what,
+                stale.join(", ")
+            ),
+        )
+    } else {
+        verdict
     }
 }
 
@@ -1986,6 +2069,42 @@ mod tests {
         let l = issuer_key_line(&leaf, &key.serialize_pem());
         assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
         assert!(l.what.contains("not a CA"), "{}", l.what);
+    }
+
+    /// Mid-rotation the bundle holds two anchors: the one the issuer is
+    /// under is judged, not the first written; an expired one under no
+    /// issuer is only told to be dropped.
+    #[test]
+    fn the_anchor_the_issuer_is_under_is_the_one_judged() {
+        let (old, old_ca) = ca("old.test", -1, None);
+        let (new, new_ca) = ca("new.test", 400, None);
+        let (issuer, _) = ca("issuer.test", 365, Some(&new_ca));
+        let l = anchors_expiry(&format!("{old}{new}"), Some(&issuer));
+        assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
+        assert!(
+            l.what.contains("CN=new.test) is valid") && l.what.contains("CN=old.test expired"),
+            "{}",
+            l.what
+        );
+        // The issuer still under the old one, which ends within the month,
+        // written second: told, not hidden behind the first.
+        let (old, old_ca) = ca("old.test", 10, None);
+        let (issuer, _) = ca("issuer.test", 365, Some(&old_ca));
+        let l = anchors_expiry(&format!("{new}{old}"), Some(&issuer));
+        assert_eq!(l.verdict, Verdict::Warn, "{}", l.what);
+        assert!(l.what.contains("(CN=old.test) expires in"), "{}", l.what);
+        // No issuer to tell by: the earliest to end.
+        let (gone, _) = ca("gone.test", -1, None);
+        let l = anchors_expiry(&format!("{new}{gone}"), None);
+        assert_eq!(l.verdict, Verdict::Fail, "{}", l.what);
+        // One anchor, as most installs have: named as before.
+        let l = anchors_expiry(&new, Some(&issuer));
+        assert_eq!(l.verdict, Verdict::Ok, "{}", l.what);
+        assert!(
+            l.what.starts_with("the trust anchor is valid"),
+            "{}",
+            l.what
+        );
     }
 
     /// The issuer's intermediates bound what it signs as much as it does:
