@@ -2076,7 +2076,7 @@ mod tests {
     /// issuer is only told to be dropped.
     #[test]
     fn the_anchor_the_issuer_is_under_is_the_one_judged() {
-        let (old, old_ca) = ca("old.test", -1, None);
+        let (old, _) = ca("old.test", -1, None);
         let (new, new_ca) = ca("new.test", 400, None);
         let (issuer, _) = ca("issuer.test", 365, Some(&new_ca));
         let l = anchors_expiry(&format!("{old}{new}"), Some(&issuer));

@@ -138,7 +138,7 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
             0 => {
                 let e = under.into_iter().find_map(Result::err);
                 anyhow::bail!(
-                    "the identity given is not the one the meshed pods left behind trust ({}): they would be cut off from the new controller; give that install's identity, or pass --ignore-cluster",
+                    "the identity is not one the meshed pods' proxies trust ({}): the controllers would restart with it and every proxy not restarted since would be cut off from them and from newly injected pods; give the installed identity, rotate as docs/kubernetes.md says (a bundle of the old and new anchors with the old issuer first, then restart the meshed workloads), or pass --ignore-cluster",
                     e.map(|e| e.to_string()).unwrap_or_default()
                 );
             }
@@ -208,7 +208,33 @@ async fn existing_install(
         }
         return Ok(left);
     }
-    installed(secret, anchors, controller, identity)
+    let mut found = installed(secret, anchors, controller, identity)?;
+    // The identity replaced under a running install (files given, or its
+    // Secret and ConfigMap deleted for a new one): the controllers restart
+    // with it, so the meshed pods' proxies must trust its issuer (`run`), as
+    // after a lost namespace.
+    if let Some(f) = found.as_mut().filter(|f| f.identity.is_none()) {
+        f.pods_anchors_pem = pods_anchors(client).await;
+    }
+    Ok(found)
+}
+
+/// The trust anchor bundles the meshed pods' proxies hold; none, said,
+/// when the pods cannot be read.
+async fn pods_anchors(client: kube::Client) -> Vec<String> {
+    let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
+        .await
+        .map_err(|_| format!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match meshed {
+        Ok(m) => m.given.map(|g| g.anchors_pem).unwrap_or_default(),
+        Err(e) => {
+            eprintln!(
+                "strait install: the meshed pods could not be read ({e}): whether their proxies trust the new identity is not checked"
+            );
+            Vec::new()
+        }
+    }
 }
 
 /// With no install in its namespace, what one left: meshed pods, or the

@@ -1245,6 +1245,58 @@ async fn the_cli_reads_the_cluster_its_flags_name() {
     assert!(text.contains("[ok  ] the Kubernetes API answers"), "{text}");
 }
 
+/// A new identity over a running install (files given in one step, or its
+/// Secret and ConfigMap deleted for a new one) would restart the controllers
+/// with an issuer the running proxies do not trust, cutting them off: refused
+/// while meshed pods hold other anchors, with the way on.
+#[tokio::test]
+async fn strait_install_refuses_an_identity_the_running_proxies_do_not_trust() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let first = strait_on(&kubeconfig, &["install"]).await;
+    assert!(first.status.success());
+    apply_installed(&api, &first.stdout, &["ConfigMap", "Secret", "Deployment"]);
+    let (anchors, _) = installed_identity(&first.stdout);
+    api.apply(&injected_pod(
+        "shop",
+        "web",
+        "cluster.local",
+        &anchors,
+        "Running",
+    ));
+    let other = Pki::new();
+    let mut args = vec!["install".to_string()];
+    args.extend(other.install_flags());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = strait_on(&kubeconfig, &args).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && refused.stdout.is_empty(),
+        "{stderr}"
+    );
+    for said in [
+        "not one the meshed pods' proxies trust",
+        "--ignore-cluster",
+        "rotate",
+    ] {
+        assert!(stderr.contains(said), "{said} not in: {stderr}");
+    }
+    // The identity's objects deleted for a new one: the same.
+    api.delete("v1", "Secret", "strait-system", "strait-identity-issuer");
+    api.delete("v1", "ConfigMap", "strait-system", "strait-trust-anchors");
+    let regenerated = strait_on(&kubeconfig, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&regenerated.stderr);
+    assert!(!regenerated.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not one the meshed pods' proxies trust"),
+        "{stderr}"
+    );
+    // No meshed pod left: nothing to cut off.
+    api.delete("v1", "Pod", "shop", "web");
+    assert!(strait_on(&kubeconfig, &args).await.status.success());
+}
+
 /// A cluster whose strait namespace was deleted (the identity with it) still
 /// runs meshed pods, and keeps the injector's cluster-wide configuration: a
 /// new install's new anchors would cut every running proxy off from the new
@@ -1328,7 +1380,7 @@ async fn strait_install_over_a_deleted_install_says_what_it_left() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("not the one the meshed pods left behind trust"),
+        stderr.contains("not one the meshed pods' proxies trust"),
         "{stderr}"
     );
     assert!(
