@@ -544,7 +544,7 @@ fn refusing_pod_security(
         line(
             Verdict::Fail,
             format!(
-                "namespace(s) labelled {}=enabled enforce a Pod Security level that refuses the init container's NET_ADMIN and NET_RAW, so their meshed pods are never created: {} (label them pod-security.kubernetes.io/enforce=privileged, or exempt the init container: docs/kubernetes.md, Known limits)",
+                "namespace(s) labelled {}=enabled enforce a Pod Security level that refuses the init container's NET_ADMIN and NET_RAW, so their meshed pods are never created: {} (label them pod-security.kubernetes.io/enforce=privileged: Pod Security exempts namespaces, users and runtime classes, never one container; docs/kubernetes.md, Known limits)",
                 crate::inject::INJECT,
                 refusing.join(", ")
             ),
