@@ -7,7 +7,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, LimitRange, Namespace, Node, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, CustomResourceDefinitionVersion,
@@ -215,6 +215,16 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     let proxy_image = match &controller {
         Ok(Some(d)) => crate::install::controller_flag(d, "--proxy-image"),
         _ => None,
+    };
+    let flag = |f: &str| match &controller {
+        Ok(Some(d)) => crate::install::controller_flag(d, f),
+        _ => None,
+    };
+    let proxy_resources = crate::inject::ProxyResources {
+        proxy_cpu_request: flag("--proxy-cpu-request"),
+        proxy_cpu_limit: flag("--proxy-cpu-limit"),
+        proxy_memory_request: flag("--proxy-memory-request"),
+        proxy_memory_limit: flag("--proxy-memory-limit"),
     };
     say(match controller {
         Ok(Some(d)) => {
@@ -427,7 +437,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     }
 
     let listed = each_listed(
-        &Api::<Pod>::all(client),
+        &Api::<Pod>::all(client.clone()),
         PODS_PAGE,
         |(meshed, stale, other): &mut (MeshedPods, StaleAnchors, OtherProxies), p| {
             meshed.count(p);
@@ -475,6 +485,32 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                     if let Some(l) = also_in_ambient(&list.items) {
                         say(l);
                     }
+                    let names: std::collections::HashSet<&str> = (list.items.iter())
+                        .filter_map(|n| n.metadata.name.as_deref())
+                        .collect();
+                    if !names.is_empty() {
+                        match Api::<LimitRange>::all(client.clone())
+                            .list(&ListParams::default())
+                            .await
+                        {
+                            Ok(ranges) => {
+                                let labelled = ranges.items.iter().filter(|r| {
+                                    r.metadata
+                                        .namespace
+                                        .as_deref()
+                                        .is_some_and(|n| names.contains(n))
+                                });
+                                if let Some(l) = limit_ranges_refusing(
+                                    labelled,
+                                    &proxy_resources,
+                                    &meshed.namespaces,
+                                ) {
+                                    say(l);
+                                }
+                            }
+                            Err(e) => say(unread("the LimitRanges", &e)),
+                        }
+                    }
                 }
                 Err(e) => say(unread("the labelled namespaces", e)),
             }
@@ -482,6 +518,93 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         Err(e) => say(unread("the pods", &e)),
     }
     out
+}
+
+/// LimitRanges of labelled namespaces that the injected proxy, as the mesh's
+/// resources make it, does not fit: every pod meshed there without
+/// `strait.dev/proxy-*` annotations that fit is refused, with an error that
+/// names no container, which its owners' own containers do not cause.
+/// Where meshed pods run (annotated ones fit), a warning.
+fn limit_ranges_refusing<'a>(
+    ranges: impl Iterator<Item = &'a LimitRange>,
+    mesh: &crate::inject::ProxyResources,
+    meshed_in: &std::collections::HashSet<String>,
+) -> Option<Line> {
+    use crate::inject::quantity;
+    let [requests, limits] = crate::inject::default_proxy_resources(mesh);
+    let mut refusing = Vec::new();
+    let mut pods_run = false;
+    for r in ranges {
+        let items = r
+            .spec
+            .as_ref()
+            .map(|s| s.limits.as_slice())
+            .unwrap_or_default();
+        let mut why = Vec::new();
+        for item in items.iter().filter(|i| i.type_ == "Container") {
+            let get = |m: &Option<
+                std::collections::BTreeMap<
+                    String,
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+                >,
+            >,
+                       k: &str| {
+                let q = m.as_ref()?.get(k)?;
+                Some((q.0.clone(), quantity(&q.0)?))
+            };
+            for (k, (req_text, req)) in &requests {
+                // The limit the proxy ends with: its own, or the range's
+                // default (its max where it has none).
+                let limit = limits
+                    .get(k)
+                    .cloned()
+                    .or_else(|| get(&item.default, k))
+                    .or_else(|| get(&item.max, k));
+                if let (Some((max_text, max)), Some((l_text, l))) = (get(&item.max, k), &limit)
+                    && l > &max
+                {
+                    why.push(format!("{k} limit {l_text} above its max {max_text}"));
+                }
+                if let Some((min_text, min)) = get(&item.min, k)
+                    && *req < min
+                {
+                    why.push(format!("{k} request {req_text} below its min {min_text}"));
+                }
+                if let Some((l_text, l)) = &limit {
+                    if l < req {
+                        why.push(format!(
+                            "{k} limit {l_text} (its default) below the proxy's request {req_text}"
+                        ));
+                    } else if let Some((ratio_text, ratio)) = get(&item.max_limit_request_ratio, k)
+                        && l.saturating_mul(1_000_000_000) > ratio.saturating_mul(*req)
+                    {
+                        why.push(format!(
+                            "{k} limit {l_text} over request {req_text} above its maxLimitRequestRatio {ratio_text}"
+                        ));
+                    }
+                }
+            }
+        }
+        if !why.is_empty() {
+            let ns = r.metadata.namespace.as_deref().unwrap_or("");
+            pods_run |= meshed_in.contains(ns);
+            refusing.push(format!(
+                "{ns}/{} ({})",
+                r.metadata.name.as_deref().unwrap_or(""),
+                why.join(", ")
+            ));
+        }
+    }
+    (!refusing.is_empty()).then(|| {
+        line(
+            if pods_run { Verdict::Warn } else { Verdict::Fail },
+            format!(
+                "LimitRange(s) of namespaces labelled {}=enabled refuse the injected proxy as the mesh's resources make it, so meshed pods there are refused (by an error naming no container): {} (give the proxy resources within them: strait.dev/proxy-cpu-request and the like on the pods, or strait install --proxy-memory-limit and the like for the mesh)",
+                crate::inject::INJECT,
+                refusing.join("; ")
+            ),
+        )
+    })
 }
 
 /// Namespaces labelled for injection and for Istio's ambient mesh: their
@@ -1892,6 +2015,77 @@ mod tests {
         let l = also_in_ambient(&[ns("a", false), ns("shop", true)]).unwrap();
         assert_eq!(l.verdict, Verdict::Warn);
         assert!(l.what.contains(": shop;"), "{}", l.what);
+    }
+
+    /// A LimitRange the injected proxy does not fit (20Mi requested under a
+    /// 250Mi limit is a ratio of 12.5) refuses every meshed pod there, by
+    /// an error naming no container: named, with what does not fit.
+    #[test]
+    fn limit_ranges_the_injected_proxy_does_not_fit_are_named() {
+        let range = |ns: &str, limits: serde_json::Value| -> LimitRange {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "limits", "namespace": ns},
+                "spec": {"limits": [limits]},
+            }))
+            .unwrap()
+        };
+        let none = Default::default();
+        let mesh = crate::inject::ProxyResources::default();
+        let fits = [
+            range(
+                "a",
+                serde_json::json!({"type": "Container", "max": {"memory": "1Gi"}, "min": {"cpu": "1m"}}),
+            ),
+            range(
+                "b",
+                serde_json::json!({"type": "Pod", "max": {"memory": "100Mi"}}),
+            ),
+            range(
+                "c",
+                serde_json::json!({"type": "Container", "default": {"cpu": "500m"}, "maxLimitRequestRatio": {"cpu": "50"}}),
+            ),
+        ];
+        assert!(limit_ranges_refusing(fits.iter(), &mesh, &none).is_none());
+        let refusing = [
+            range(
+                "ratio",
+                serde_json::json!({"type": "Container", "maxLimitRequestRatio": {"memory": "4"}}),
+            ),
+            range(
+                "max",
+                serde_json::json!({"type": "Container", "max": {"memory": "128Mi"}}),
+            ),
+            range(
+                "min",
+                serde_json::json!({"type": "Container", "min": {"cpu": "50m", "memory": "32Mi"}}),
+            ),
+            range(
+                "cpu",
+                serde_json::json!({"type": "Container", "default": {"cpu": "2"}, "maxLimitRequestRatio": {"cpu": "10"}}),
+            ),
+        ];
+        let l = limit_ranges_refusing(refusing.iter(), &mesh, &none).unwrap();
+        assert_eq!(l.verdict, Verdict::Fail);
+        for said in [
+            "ratio/limits (memory limit 250Mi over request 20Mi above its maxLimitRequestRatio 4)",
+            "max/limits (memory limit 250Mi above its max 128Mi)",
+            "min/limits (cpu request 10m below its min 50m, memory request 20Mi below its min 32Mi)",
+            "cpu/limits (cpu limit 2 over request 10m above its maxLimitRequestRatio 10)",
+        ] {
+            assert!(l.what.contains(said), "{said} not in {}", l.what);
+        }
+        // The mesh's resources set to fit: nothing to say.
+        let fitted = crate::inject::ProxyResources {
+            proxy_cpu_request: Some("200m".into()),
+            proxy_cpu_limit: Some("1".into()),
+            proxy_memory_request: Some("64Mi".into()),
+            proxy_memory_limit: Some("128Mi".into()),
+        };
+        assert!(limit_ranges_refusing(refusing[..2].iter(), &fitted, &none).is_none());
+        // Meshed pods run there (annotated to fit): a warning.
+        let running = ["max".to_string()].into_iter().collect();
+        let l = limit_ranges_refusing(refusing[1..2].iter(), &mesh, &running).unwrap();
+        assert_eq!(l.verdict, Verdict::Warn);
     }
 
     /// A labelled namespace that enforces `baseline` or `restricted` refuses

@@ -1408,13 +1408,33 @@ fn proxy_resources<'a>(
     Ok(json!({"requests": requests, "limits": limits}))
 }
 
+/// The requests and limits a pod without `strait.dev/proxy-*` annotations
+/// gives its proxy (and init container) under the mesh's defaults, by
+/// resource: each as written, and its value (`quantity`).
+pub(crate) fn default_proxy_resources(
+    mesh: &ProxyResources,
+) -> [std::collections::BTreeMap<String, (String, i128)>; 2] {
+    let made = proxy_resources(&|_| None, mesh).unwrap_or_default();
+    ["requests", "limits"].map(|which| {
+        made[which]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| {
+                let v = v.as_str()?;
+                Some((k.clone(), (v.to_string(), quantity(v)?)))
+            })
+            .collect()
+    })
+}
+
 /// A Kubernetes quantity's value in billionths (`100m` is 100,000,000,
 /// `64Mi` 64 × 2^20 × 10^9), exact, for checking and comparing as the API
 /// server does: a decimal number, optionally signed `+`, with a binary
 /// (`Ki`…`Ei`) or decimal (`n`…`E`) suffix or a decimal exponent (`1e3`).
 /// Negative values are refused (no resource is), and so are values too
 /// large to hold.
-fn quantity(v: &str) -> Option<i128> {
+pub(crate) fn quantity(v: &str) -> Option<i128> {
     if v.is_empty() || v.len() > 32 {
         return None;
     }
