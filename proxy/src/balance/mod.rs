@@ -348,7 +348,14 @@ impl Endpoints {
             name,
             slots,
             config,
-            next: AtomicUsize::new(prev.map_or(0, |p| p.next.load(Ordering::Relaxed))),
+            // A fresh list starts at a random turn: every proxy sees the
+            // endpoints in one order (by address), and callers that each
+            // send a request now and then (a watch idle for a minute is
+            // dropped, its list with it) would all start at the first pod.
+            next: AtomicUsize::new(prev.map_or_else(
+                || rand::rng().random::<u32>() as usize,
+                |p| p.next.load(Ordering::Relaxed),
+            )),
             given_over: AtomicUsize::new(0),
             metrics,
             newest: prev.map(|p| p.newest.clone()).unwrap_or_default(),
@@ -497,16 +504,27 @@ impl Endpoints {
         match &self.config.lb {
             LbConfig::RoundRobin => {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                if let Some(a) = ok(turn % n) {
-                    return Some((turn % n, a));
+                match ok(turn % n) {
+                    Some(a) if a != Admit::Failing => return Some((turn % n, a)),
+                    _ => {}
                 }
-                // A turn of an endpoint out of use goes to the usable ones in
-                // turn: given to the next in line, a run of ejected neighbours
-                // (one node's pods, sorted by address) would all land on one.
+                // A turn of an endpoint out of use, or passed over for
+                // failing fast or shedding load (as P2C passes it over), goes
+                // to the usable ones in turn, those that work first: given to
+                // the next in line, a run of ejected neighbours (one node's
+                // pods, sorted by address) would all land on one.
                 let usable: Vec<(usize, Admit)> =
                     (0..n).filter_map(|i| ok(i).map(|a| (i, a))).collect();
-                (!usable.is_empty())
-                    .then(|| usable[self.given_over.fetch_add(1, Ordering::Relaxed) % usable.len()])
+                let working: Vec<(usize, Admit)> = (usable.iter().copied())
+                    .filter(|(_, a)| *a != Admit::Failing)
+                    .collect();
+                let from = if working.is_empty() {
+                    &usable
+                } else {
+                    &working
+                };
+                (!from.is_empty())
+                    .then(|| from[self.given_over.fetch_add(1, Ordering::Relaxed) % from.len()])
             }
             LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
                 // Rendezvous hashing: the same key picks the same endpoint on
@@ -658,7 +676,7 @@ impl InFlight {
         if !self.settle() {
             return;
         }
-        if self.state().outlier().success(self.probe) {
+        if self.state().outlier().success(self.probe, self.start) {
             self.readmitted();
         }
         match took {
@@ -722,10 +740,10 @@ impl InFlight {
             let mut o = self.state().outlier();
             if o.admit(Instant::now()) == Admit::Probe {
                 let p = o.start_probe();
-                o.success(Some(p))
+                o.success(Some(p), Instant::now())
             } else {
                 // A success: the endpoint's run of failures is over.
-                o.success(None)
+                o.success(None, Instant::now())
             }
         };
         if readmitted {
@@ -1160,6 +1178,69 @@ mod tests {
             assert!(to_0 < 30, "{what}: {to_0} of 300 to the endpoint shedding");
             assert_eq!(b.ejected(), 0, "{what}");
         }
+    }
+
+    /// An endpoint shedding load answers some of the requests it held well:
+    /// those, sent before it shed, do not end its passing over.
+    #[tokio::test(start_paused = true)]
+    async fn a_success_sent_before_a_shed_does_not_end_the_passing_over() {
+        let b = two_in_turn();
+        let earlier = pick_0(&b);
+        pick_0(&b).shed();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        earlier.success();
+        assert!(
+            b.slots[0].state.outlier().is_avoided(Instant::now()),
+            "passed over for 1 s, not 5 ms"
+        );
+        // One sent since ends it.
+        pick_0(&b).success();
+        assert!(!b.slots[0].state.outlier().is_avoided(Instant::now()));
+    }
+
+    /// Round robin passes over an endpoint that sheds load (or fails fast
+    /// past the breaker's cap) while others work, as P2C does.
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_passes_over_an_endpoint_shedding_load() {
+        let b = backend(
+            3,
+            BackendConfig {
+                lb: LbConfig::RoundRobin,
+                ..Default::default()
+            },
+        );
+        let mut to_0 = 0;
+        for _ in 0..300 {
+            let f = b.pick(&Default::default(), &[]).unwrap();
+            if index(&f) == 0 {
+                to_0 += 1;
+                f.shed();
+            } else {
+                f.success();
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        // Its share would be 100; tried again as each pass-over ends.
+        assert!((1..30).contains(&to_0), "{to_0} of 300");
+    }
+
+    /// Lists made afresh (a caller's first request, or one after its watch
+    /// went idle) do not all start their turns at the first endpoint, which
+    /// every proxy has in the same order.
+    #[test]
+    fn round_robin_lists_do_not_all_start_at_the_first_endpoint() {
+        let mut first = [0usize; 3];
+        for _ in 0..300 {
+            let b = backend(
+                3,
+                BackendConfig {
+                    lb: LbConfig::RoundRobin,
+                    ..Default::default()
+                },
+            );
+            first[index(&b.pick(&Default::default(), &[]).unwrap())] += 1;
+        }
+        assert!(first.iter().all(|&c| c > 50), "{first:?}");
     }
 
     /// A pod added to a busy backend (a rollout's new replica) draws about
@@ -1655,9 +1736,12 @@ mod tests {
     }
 
     /// A pick of the first endpoint; picks of the other on the way succeed.
+    /// The other is avoided, as a retry avoids an endpoint that failed it:
+    /// the first is drawn while it is passed over too, unless it is out.
     fn pick_0(b: &Arc<Endpoints>) -> InFlight {
+        let other = [b.slots[1].endpoint.addr];
         loop {
-            let f = b.pick(&Default::default(), &[]).unwrap();
+            let f = b.pick(&Default::default(), &other).unwrap();
             if index(&f) == 0 {
                 return f;
             }
@@ -1795,6 +1879,8 @@ mod tests {
             for n in [4, 5] {
                 while failed.load(Ordering::SeqCst) < n {
                     let _ = svc.call(http::Request::new(Empty::new())).await;
+                    // Passed over while the other works, for a while.
+                    tokio::time::advance(Duration::from_millis(100)).await;
                 }
                 if n == 4 {
                     pick_0(&b).connected_ahead(Duration::from_millis(1));

@@ -81,6 +81,8 @@ pub struct Outlier {
     /// fast (refused, or answered a failure the breaker could not act on,
     /// or shed load), which a latency estimate alone would read as cheap.
     avoid_until: Option<Instant>,
+    /// When it was last passed over: only a success sent since ends that.
+    avoided_at: Option<Instant>,
     /// Times avoided since its last success: each time twice as long.
     avoided: u32,
 }
@@ -163,6 +165,7 @@ impl Outlier {
         }
         let d = defaults::BALANCER_FAILURE_PENALTY.saturating_mul(1 << self.avoided.min(5));
         self.avoid_until = Some(now + d);
+        self.avoided_at = Some(now);
         self.avoided = self.avoided.saturating_add(1);
     }
 
@@ -171,8 +174,9 @@ impl Outlier {
         self.avoid_until.is_some_and(|u| now < u)
     }
 
-    /// Records a success; returns true when it re-admits the endpoint.
-    pub fn success(&mut self, probe: Option<u64>) -> bool {
+    /// Records a success of a request sent at `sent`; returns true when it
+    /// re-admits the endpoint.
+    pub fn success(&mut self, probe: Option<u64>, sent: Instant) -> bool {
         self.consecutive = 0;
         if self.is_current(probe) {
             // The probe passed: back in rotation, with a clean record.
@@ -183,7 +187,11 @@ impl Outlier {
             self.avoided = 0;
             return true;
         }
-        if self.ejected_until.is_none() {
+        // Not by a request sent before it was passed over: an endpoint
+        // shedding load answers some of those it holds well, and one of them
+        // would end the passing over within milliseconds, as would an
+        // endpoint refusing connections some of the time.
+        if self.ejected_until.is_none() && self.avoided_at.is_none_or(|at| sent > at) {
             self.avoid_until = None;
             self.avoided = 0;
         }
@@ -312,7 +320,7 @@ mod tests {
         let mut o = Outlier::default();
         let now = Instant::now();
         assert!(!o.failure(&c, now, true, None));
-        assert!(!o.success(None));
+        assert!(!o.success(None, Instant::now()));
         assert!(!o.failure(&c, now, true, None));
         assert!(!o.failure(&c, now, true, None));
         assert!(o.failure(&c, now, true, None), "third in a row ejects");
@@ -328,9 +336,12 @@ mod tests {
             "a cancelled probe frees the slot"
         );
         let p = o.start_probe();
-        assert!(!o.success(None), "only the probe's answer re-admits");
+        assert!(
+            !o.success(None, Instant::now()),
+            "only the probe's answer re-admits"
+        );
         assert_eq!(o.admit(later), Admit::No);
-        assert!(o.success(Some(p)), "the probe re-admits");
+        assert!(o.success(Some(p), Instant::now()), "the probe re-admits");
         assert_eq!(o.admit(later), Admit::Yes);
     }
 
