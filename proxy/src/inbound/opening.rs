@@ -86,8 +86,10 @@ impl<I: crate::tcp::Abort> crate::tcp::Abort for GuardedOpening<I> {
     }
 }
 
-/// The app has said something to the client: an HTTP server says nothing
-/// before a whole request head, so the stream is something else (a SOCKS
+/// The app has said something to the client: an HTTP/1 server says nothing
+/// before a whole request head (an HTTP/2 server's first SETTINGS come here
+/// only once the client's own bytes were found not to be HTTP, `settle`),
+/// so the stream is something else (a SOCKS
 /// tunnel may carry HTTP after its binary handshake, a server greets).
 fn spoke(watch: &mut Option<OpeningWatch>, written: &std::io::Result<usize>) {
     if matches!(written, Ok(n) if *n > 0) {

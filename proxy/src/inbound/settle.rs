@@ -7,7 +7,8 @@
 //!
 //! So, as outbound (`outbound::silent`), the connection to the app is made at
 //! once and whoever speaks first decides. The app: the stream is opaque, with
-//! the app's greeting. The client: its bytes are detected as any client's are,
+//! the app's greeting (not an HTTP/2 server's SETTINGS, sent before it reads
+//! a client's preface: then the client still decides). The client: its bytes are detected as any client's are,
 //! and when they are HTTP the connection made for nothing is closed unused.
 
 use bytes::{Bytes, BytesMut};
@@ -20,7 +21,7 @@ use crate::addr::{ClientAddr, DestAddr};
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
-use crate::transport::first_word::{First, first_word};
+use crate::transport::first_word::{First, first_word, http2_server_settings};
 
 /// How the stream turned out.
 pub(super) enum Settled<I> {
@@ -68,8 +69,15 @@ where
     let (first, up) = match first_word(&mut io, &mut said, connect, idle.as_mut()).await {
         First::Server(Some(mut up)) => {
             let spoke = up.read_buf(&mut greeting);
-            let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
-            (first.ended(), Some(up))
+            let mut first = first_word(&mut io, &mut said, spoke, idle.as_mut())
+                .await
+                .ended();
+            // An HTTP/2 server's SETTINGS: the client still decides.
+            if matches!(first, First::Server(())) && http2_server_settings(&greeting) {
+                let never = std::future::pending::<()>();
+                first = first_word(&mut io, &mut said, never, idle.as_mut()).await;
+            }
+            (first, Some(up))
         }
         // Refused (counted and logged), as an opaque stream to it would be: a
         // client waiting for a greeting is not left hanging.
@@ -112,6 +120,7 @@ where
         // The connection made for nothing closes unused.
         return Some(Settled::Http(protocol, io));
     }
-    let up = up.map(|up| PrefixedIo::new(Bytes::new(), up));
+    // What the app said first (an HTTP/2 server's SETTINGS) goes first.
+    let up = up.map(|up| PrefixedIo::new(greeting.freeze(), up));
     Some(Settled::Opaque(io, up))
 }

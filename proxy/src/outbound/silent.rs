@@ -7,7 +7,9 @@
 //! timeouts), pinned to one endpoint for the connection's life.
 //!
 //! So the opaque stream's connection is made at once, and whoever speaks first
-//! decides. The server: the stream is opaque. The client: its bytes are
+//! decides. The server: the stream is opaque (unless what it said is an HTTP/2
+//! server's SETTINGS, sent before it reads a client's preface: then the client
+//! still decides). The client: its bytes are
 //! detected as any client's are, and when they are HTTP the connection made for
 //! nothing is closed unused. When no connection can be made, the client is
 //! closed as an opaque stream's would be, unless its Service has HTTP routes.
@@ -25,7 +27,7 @@ use crate::control::view::Resolution;
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
-use crate::transport::first_word::{First, first_word};
+use crate::transport::first_word::{First, first_word, http2_server_settings};
 
 /// Carries a silent client's stream to its end when it turns out opaque, or
 /// returns it, with what it said, when it is HTTP.
@@ -52,8 +54,15 @@ where
     let (first, up, refused) = match connected {
         First::Server(Ok(mut up)) => {
             let spoke = up.read_buf(&mut greeting);
-            let first = first_word(&mut io, &mut said, spoke, idle.as_mut()).await;
-            (first.ended(), Some(up), None)
+            let mut first = first_word(&mut io, &mut said, spoke, idle.as_mut())
+                .await
+                .ended();
+            // An HTTP/2 server's SETTINGS: the client still decides.
+            if matches!(first, First::Server(())) && http2_server_settings(&greeting) {
+                let never = std::future::pending::<()>();
+                first = first_word(&mut io, &mut said, never, idle.as_mut()).await;
+            }
+            (first, Some(up), None)
         }
         // No endpoint, or refused. A Service with HTTP routes is declared HTTP
         // (it may have no endpoints of its own): its client is waited for.
@@ -147,10 +156,11 @@ where
         return Some((protocol, io));
     }
     match (up, refused) {
-        // Opaque: the connect is what an opaque stream is judged by.
+        // Opaque: the connect is what an opaque stream is judged by. What
+        // the server said first (an HTTP/2 server's SETTINGS) goes first.
         (Some(up), _) => {
             up.used();
-            up.splice(s, io, Bytes::new()).await
+            up.splice(s, io, greeting.freeze()).await
         }
         // The client spoke while the connection onward was being made: finish it.
         (None, None) => match connect.await {

@@ -49,3 +49,43 @@ where
         () = idle => First::Idle,
     }
 }
+
+/// Whether a server's first bytes are an HTTP/2 server's SETTINGS frame
+/// (a length that is a multiple of 6, type 4, no flags, stream 0). An HTTP/2
+/// server (h2, grpc-go, Netty) sends it as soon as it accepts, then waits for
+/// the client's preface: that is no greeting of a server-speaks-first
+/// protocol, and the client's words must still decide, or its HTTP/2 would
+/// pass raw, past the HTTP stack, with whatever `strait-client-id` it claims.
+pub fn http2_server_settings(greeting: &[u8]) -> bool {
+    match greeting {
+        [l0, l1, l2, 4, 0, 0, 0, 0, 0, ..] => {
+            u32::from_be_bytes([0, *l0, *l1, *l2]).is_multiple_of(6)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http2_server_s_settings_are_told_from_greetings() {
+        // h2's first frame: SETTINGS with three settings.
+        assert!(http2_server_settings(&[0, 0, 18, 4, 0, 0, 0, 0, 0, 0, 3]));
+        assert!(http2_server_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        for greeting in [
+            &b"220 smtp.test ESMTP\r\n"[..],
+            // MySQL's handshake: a 3-byte length, sequence 0.
+            &[74, 0, 0, 0, 10, b'8', b'.', b'0', b'.', b'3'][..],
+            // A SETTINGS ACK, a frame on a stream, a length not of settings.
+            &[0, 0, 0, 4, 1, 0, 0, 0, 0][..],
+            &[0, 0, 6, 4, 0, 0, 0, 0, 1][..],
+            &[0, 0, 7, 4, 0, 0, 0, 0, 0][..],
+            // Too short to tell.
+            &[0, 0, 0, 4][..],
+        ] {
+            assert!(!http2_server_settings(greeting), "{greeting:?}");
+        }
+    }
+}

@@ -130,3 +130,74 @@ async fn a_reset_before_the_greeting_reaches_a_silent_client_as_a_reset() {
     let mut s = TcpStream::connect(proxy.upstream()).await.unwrap();
     strait_tests::tcp::ends_in_a_reset(&mut s, Duration::from_secs(5), "a silent client").await;
 }
+
+/// An HTTP/2 server sends its SETTINGS as soon as it accepts, before it
+/// reads a client's preface: no greeting of a server-speaks-first protocol.
+/// A client silent past the detection wait and then speaking HTTP/2 is
+/// served as HTTP, its requests routed and counted, not carried raw (on the
+/// inbound side, raw HTTP/2 would reach the app with whatever
+/// `strait-client-id` it claimed).
+#[tokio::test]
+async fn a_silent_client_of_an_http2_server_is_still_served_as_http() {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(tokio::sync::Notify::new());
+    let on_accept = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            on_accept.notify_one();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"h2 app")),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    let mut c = support::with_upstream(support::config(), server);
+    c.opaque_ports = PortSet::default();
+    c.detect_timeout = Duration::from_millis(100);
+    let proxy = support::start(c).await;
+    let s = TcpStream::connect(proxy.upstream()).await.unwrap();
+    // Silent until the proxy has connected onward, and the server's
+    // SETTINGS have had time to arrive.
+    tokio::time::timeout(Duration::from_secs(5), accepted.notified())
+        .await
+        .expect("the proxy connects onward for a silent client");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{server}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let body = rsp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"h2 app");
+    let m = proxy.metrics_text();
+    assert_eq!(
+        metric(
+            &m,
+            "strait_proxy_protocol_detected_connections_total{direction=\"outbound\",protocol=\"http2\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
