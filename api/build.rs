@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    tonic_prost_build::configure().compile_with_config(config, &protos, &["proto"])?;
+    // Small buffers per call: see `codec`.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBuffers")
+        .compile_with_config(config, &protos, &["proto"])?;
     Ok(())
 }

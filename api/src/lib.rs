@@ -2,6 +2,7 @@
 //! (package `strait.api.v1`): discovery, inbound policy and identity.
 
 pub mod clock;
+pub mod codec;
 pub mod core_dumps;
 pub mod essential;
 pub mod identity;
