@@ -120,12 +120,21 @@ impl Views {
         rx
     }
 
-    /// Recomputes every watched view on each new snapshot and pushes the changed ones.
+    /// Recomputes every watched view on each new snapshot and pushes the
+    /// changed ones. A round builds every watched view, tens of thousands of
+    /// endpoints in a large mesh: it runs off the runtime's workers, which
+    /// it would otherwise hold from TLS handshakes, new watches and the
+    /// fail-closed webhook, and snapshots made meanwhile make one round.
     pub async fn run(self: Arc<Self>) {
         let mut rx = self.snapshot.clone();
         while rx.changed().await.is_ok() {
             let snap = rx.borrow_and_update().clone();
-            self.round(snap);
+            let this = self.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || this.round(snap)).await
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
         }
     }
 
