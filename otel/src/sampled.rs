@@ -60,6 +60,46 @@ impl Default for Budget {
     }
 }
 
+/// Budgets of one call site, one per key (a reason label of a fixed set), so
+/// that a noisy key does not crowd the others out of the log: a destination
+/// with no endpoints answering every request would leave no line for the
+/// timeout an engineer is paged about. Keys share a budget when they hash
+/// alike.
+#[derive(Debug)]
+pub struct Keyed<const N: usize>([Budget; N]);
+
+impl<const N: usize> Keyed<N> {
+    pub const fn new() -> Self {
+        Keyed([const { Budget::new() }; N])
+    }
+
+    /// As [`Budget::take`], from `key`'s budget.
+    pub fn take(&self, key: &str) -> Option<u64> {
+        let h = key.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        self.0[h % N].take()
+    }
+}
+
+impl<const N: usize> Default for Keyed<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `sampled_by!(reason, info, …)`: as [`sampled!`], with a budget per value
+/// of `reason` (a `&str` of a small fixed set).
+#[macro_export]
+macro_rules! sampled_by {
+    ($key:expr, $level:ident, $($arg:tt)+) => {{
+        static BUDGETS: $crate::sampled::Keyed<16> = $crate::sampled::Keyed::new();
+        if let Some(suppressed) = BUDGETS.take($key) {
+            ::tracing::$level!(suppressed, $($arg)+);
+        }
+    }};
+}
+
 /// `sampled!(warn, client = %c, "message")`: a `tracing` event at that level,
 /// at most a few per ten seconds from this call site, with `suppressed` saying
 /// how many were left out before it.
@@ -133,5 +173,18 @@ mod tests {
             BURST as usize
         );
         assert_eq!(b.suppressed.load(Ordering::Relaxed), 100 - BURST as u64);
+    }
+
+    /// A reason logged on every request leaves the others their lines.
+    #[test]
+    fn a_noisy_key_leaves_the_others_their_budget() {
+        let k = Keyed::<16>::new();
+        for _ in 0..1000 {
+            k.take("no_endpoints");
+        }
+        for other in ["request_timeout", "connect", "upstream"] {
+            assert!(k.take(other).is_some(), "{other}");
+        }
+        assert!(k.take("no_endpoints").is_none());
     }
 }

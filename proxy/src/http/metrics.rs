@@ -185,10 +185,11 @@ where
             // A 5xx the proxy made (connect refused or timed out, no
             // endpoints, a route's timeout) is what an engineer asks a
             // proxy's log about first; 4xx are the client's, and logged
-            // where they are decided.
+            // where they are decided. Sampled per reason.
             if rsp.status().is_server_error() {
                 let why = rsp.headers().get(crate::defaults::PROXY_ERROR_HEADER);
-                strait_otel::sampled!(
+                strait_otel::sampled_by!(
+                    made.0,
                     info,
                     direction = layer.direction.as_str(),
                     reason = made.0,
