@@ -35,6 +35,7 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
     ("/api/v1", "v1", "Pod", "pods"),
     ("/api/v1", "v1", "Node", "nodes"),
     ("/api/v1", "v1", "Namespace", "namespaces"),
+    ("/api/v1", "v1", "LimitRange", "limitranges"),
     (
         "/apis/discovery.k8s.io/v1",
         "discovery.k8s.io/v1",

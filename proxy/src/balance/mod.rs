@@ -513,18 +513,22 @@ impl Endpoints {
                 // to the usable ones in turn, those that work first: given to
                 // the next in line, a run of ejected neighbours (one node's
                 // pods, sorted by address) would all land on one.
-                let usable: Vec<(usize, Admit)> =
-                    (0..n).filter_map(|i| ok(i).map(|a| (i, a))).collect();
-                let working: Vec<(usize, Admit)> = (usable.iter().copied())
-                    .filter(|(_, a)| *a != Admit::Failing)
-                    .collect();
-                let from = if working.is_empty() {
-                    &usable
-                } else {
-                    &working
+                // Counted, then the k-th taken: no allocation per request
+                // while an endpoint fails.
+                let ok = &ok;
+                let usable = |working: bool| {
+                    (0..n).filter_map(move |i| {
+                        ok(i)
+                            .filter(|a| !working || *a != Admit::Failing)
+                            .map(|a| (i, a))
+                    })
                 };
-                (!from.is_empty())
-                    .then(|| from[self.given_over.fetch_add(1, Ordering::Relaxed) % from.len()])
+                let working = usable(true).next().is_some();
+                let count = usable(working).count();
+                (count > 0).then(|| {
+                    let k = self.given_over.fetch_add(1, Ordering::Relaxed) % count;
+                    usable(working).nth(k).expect("counted")
+                })
             }
             LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
                 // Rendezvous hashing: the same key picks the same endpoint on
@@ -742,8 +746,9 @@ impl InFlight {
                 let p = o.start_probe();
                 o.success(Some(p), Instant::now())
             } else {
-                // A success: the endpoint's run of failures is over.
-                o.success(None, Instant::now())
+                // A success: the endpoint's run of failures is over (by a
+                // connection made since it was last passed over).
+                o.success(None, self.start)
             }
         };
         if readmitted {
@@ -1196,6 +1201,15 @@ mod tests {
         // One sent since ends it.
         pick_0(&b).success();
         assert!(!b.slots[0].state.outlier().is_avoided(Instant::now()));
+        // Nor does a connection made ahead before it, used since.
+        let b = two_in_turn();
+        let ahead = pick_0(&b);
+        ahead.connected_ahead(Duration::from_millis(1));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        pick_0(&b).shed();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        ahead.used();
+        assert!(b.slots[0].state.outlier().is_avoided(Instant::now()));
     }
 
     /// Round robin passes over an endpoint that sheds load (or fails fast

@@ -74,7 +74,7 @@ pub enum Denied {
     /// (its policies were refused or too large to send), so naming the
     /// caller would send whoever reads it to the allow lists.
     #[error(
-        "port {0} admits no caller: its AuthorizationPolicies could not be applied (the controller's log says why)"
+        "port {0} admits no caller: its AuthorizationPolicies could not be applied (refused by the controller, or not readable by this proxy: their logs say why)"
     )]
     NoneAdmitted(u16),
 }

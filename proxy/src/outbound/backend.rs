@@ -199,18 +199,20 @@ impl InFlight {
 /// A request a rule has no backend for: 500, as Gateway API asks, and to a
 /// gRPC caller UNAVAILABLE, as its GRPCRoute asks (a 500 reads as UNKNOWN).
 /// Why a backend has no service, by the name the controller gave it: a
-/// reference it could not resolve is named for what it lacks (a Service's
-/// name has no `/`).
+/// reference it could not resolve is named for what it lacks,
+/// `ReferenceGrant/<ns>/<name>` or `<group>/<Kind>/<ns>/<name>` (a
+/// Service's name has no `/`).
 fn not_found(name: &str) -> String {
-    match name.rsplit_once('/') {
-        Some(("ReferenceGrant", svc)) => {
-            format!("backend {svc} is in another namespace, and no ReferenceGrant allows it")
-        }
-        Some((kind, svc)) => format!(
-            "backend {svc} is a {}, not a Service",
+    if let Some(svc) = name.strip_prefix("ReferenceGrant/") {
+        return format!("backend {svc} is in another namespace, and no ReferenceGrant allows it");
+    }
+    let mut parts = name.rsplitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(svc), Some(ns), Some(kind)) => format!(
+            "backend {ns}/{svc} is a {}, not a Service",
             kind.trim_start_matches('/')
         ),
-        None => format!("backend {name} not found"),
+        _ => format!("backend {name} not found"),
     }
 }
 
@@ -257,13 +259,18 @@ mod tests {
             not_found("web.shop.svc.cluster.local:80"),
             "backend web.shop.svc.cluster.local:80 not found"
         );
+        // As the controller names them (`routes::Rule::to_api`).
         assert_eq!(
-            not_found("ReferenceGrant/api"),
-            "backend api is in another namespace, and no ReferenceGrant allows it"
+            not_found("ReferenceGrant/pay/api"),
+            "backend pay/api is in another namespace, and no ReferenceGrant allows it"
         );
         assert_eq!(
-            not_found("multicluster.x-k8s.io/ServiceImport/api"),
-            "backend api is a multicluster.x-k8s.io/ServiceImport, not a Service"
+            not_found("multicluster.x-k8s.io/ServiceImport/shop/api"),
+            "backend shop/api is a multicluster.x-k8s.io/ServiceImport, not a Service"
+        );
+        assert_eq!(
+            not_found("/Pod/shop/api"),
+            "backend shop/api is a Pod, not a Service"
         );
     }
 

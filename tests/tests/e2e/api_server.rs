@@ -606,13 +606,15 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         api.largest_page("pods")
     );
 
-    // Break six things: each is named, and the exit status says so (an old
+    // Break seven things: each is named, and the exit status says so (an old
     // kubelet as a warning: the node may rightly stay). Cilium replacing
     // kube-proxy balances Services inside pods, around the proxies.
     api.apply("apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\nstatus: {nodeInfo: {kubeletVersion: v1.28.7}}\n");
     api.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cilium-config, namespace: kube-system}\ndata: {kube-proxy-replacement: \"true\"}\n");
     // A platform's policy refusing the init container: its pods never exist.
     api.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: web-5d9, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, template: {metadata: {labels: {app: web}}, spec: {containers: [{name: web}]}}}\nstatus: {replicas: 0, conditions: [{type: ReplicaFailure, status: \"True\", reason: FailedCreate, message: \"pods \\\"web-5d9-x\\\" is forbidden: GKE Warden rejected the request: linux capability 'NET_ADMIN' on container 'strait-init' not allowed\"}]}\n");
+    // A LimitRange the injected proxy does not fit (250Mi over 20Mi).
+    api.apply("apiVersion: v1\nkind: LimitRange\nmetadata: {name: ratio, namespace: shop}\nspec: {limits: [{type: Container, maxLimitRequestRatio: {memory: \"4\"}}]}\n");
     api.delete(
         "admissionregistration.k8s.io/v1",
         "ValidatingWebhookConfiguration",
@@ -654,7 +656,11 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         text.contains("[FAIL] 1 workload(s) cannot create meshed pods, refused at admission for the mesh's containers: shop/web-5d9 ("),
         "{text}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("5 check(s) failed"));
+    assert!(
+        text.contains("[FAIL] LimitRange(s) of namespaces labelled strait.dev/inject=enabled refuse the injected proxy as the mesh's resources make it, so meshed pods there are refused (by an error naming no container): shop/ratio (memory limit 250Mi over request 20Mi above its maxLimitRequestRatio 4)"),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("6 check(s) failed"));
 
     // An earlier release's CRD, which prunes unknown fields (Helm does not
     // upgrade CRDs), is named as such.
