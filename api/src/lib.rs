@@ -18,8 +18,8 @@ pub mod write_deadline;
 /// as an HTTP method left waiting), MySQL (3306), SQL Server/others (4444),
 /// PostgreSQL (5432), Redis (6379), Elasticsearch transport (9300), memcached
 /// (11211). Callers carry them as TCP without protocol detection (the proxy's
-/// default `--opaque-ports`), so the controller applies no route there unless
-/// the Service's `appProtocol` says HTTP.
+/// default `--opaque-ports`), so a route's status says it is not served on
+/// such a Service port unless the port's `appProtocol` says HTTP.
 pub const DEFAULT_OPAQUE_PORTS: [u16; 9] = [25, 587, 2181, 3306, 4444, 5432, 6379, 9300, 11211];
 
 pub mod v1 {

@@ -324,20 +324,25 @@ fn attached<'a: 'b, 'b>(
         .filter(move |(_, r)| r.attaches_to(svc, port))
 }
 
-/// A GRPCRoute attached to a Service port, which the port's HTTPRoutes
-/// give way to.
-/// Whether a Service port is carried as TCP by its callers: its
-/// `appProtocol` is not one of HTTP's, or a BackendPolicy lists it among its
-/// `opaquePorts`, or, with no `appProtocol`, callers carry it so by default
-/// (`strait_api::DEFAULT_OPAQUE_PORTS`). No route applies there.
+/// Whether a Service port is declared opaque, as discovery tells callers:
+/// its `appProtocol` is not one of HTTP's, or a BackendPolicy lists it among
+/// its `opaquePorts`. No route applies there.
 pub fn opaque_port(snap: &Snapshot, svc: &ObjKey, sp: &ServicePort) -> bool {
-    match sp.app_protocol.as_deref() {
-        Some(p) if !http_app_protocol(p) => true,
-        None if strait_api::DEFAULT_OPAQUE_PORTS.contains(&sp.port) => true,
-        _ => snap
+    sp.app_protocol
+        .as_deref()
+        .is_some_and(|p| !http_app_protocol(p))
+        || snap
             .backend_policy(svc)
-            .is_some_and(|p| p.opaque_ports.contains(&sp.port)),
-    }
+            .is_some_and(|p| p.opaque_ports.contains(&sp.port))
+}
+
+/// Whether callers carry a Service port as TCP, as a route's status tells
+/// it: declared opaque, or, with no `appProtocol`, one of the ports proxies
+/// carry so by default (`strait_api::DEFAULT_OPAQUE_PORTS`, their
+/// `--opaque-ports` unless set otherwise; an HTTP `appProtocol` takes it out).
+pub fn carried_as_tcp(snap: &Snapshot, svc: &ObjKey, sp: &ServicePort) -> bool {
+    opaque_port(snap, svc, sp)
+        || (sp.app_protocol.is_none() && strait_api::DEFAULT_OPAQUE_PORTS.contains(&sp.port))
 }
 
 /// Whether an `appProtocol` is HTTP's (or carried over HTTP).
@@ -347,6 +352,8 @@ fn http_app_protocol(p: &str) -> bool {
         .any(|h| h.eq_ignore_ascii_case(p))
 }
 
+/// A GRPCRoute attached to a Service port, which the port's HTTPRoutes
+/// give way to.
 pub fn grpc_route_on<'a>(
     snap: &'a Snapshot,
     svc: &ObjKey,
@@ -370,7 +377,7 @@ pub fn served_route_sends_to(snap: &Snapshot, target: &ObjKey) -> bool {
             // Not on an opaque port, where no route is applied; a backend
             // weighted 0 gets nothing.
             info.ports.iter().any(|sp| {
-                !opaque_port(snap, &p.service, sp)
+                !carried_as_tcp(snap, &p.service, sp)
                     && r.rules.iter().flat_map(|rule| &rule.backends).any(|b| {
                         let (to, port) = b.target(sp.port);
                         b.unresolvable.is_none()

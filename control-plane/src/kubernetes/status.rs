@@ -464,7 +464,7 @@ fn conditions(
         .and_then(|(p, ports, svc)| {
             let opaque: Vec<String> = ports
                 .iter()
-                .filter(|sp| crate::index::view::opaque_port(snap, svc, sp))
+                .filter(|sp| crate::index::view::carried_as_tcp(snap, svc, sp))
                 .map(|sp| sp.port.to_string())
                 .collect();
             (!opaque.is_empty()).then(|| {

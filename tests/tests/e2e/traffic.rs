@@ -1205,6 +1205,39 @@ async fn an_http_app_protocol_routes_a_port_callers_carry_as_tcp_by_default() {
     let (status, _) = client::get(&http, &url("/other")).await.unwrap();
     assert_eq!(status, 404);
     assert_eq!(grid.requests(), reached, "carried past the route");
+
+    // Without an appProtocol, a caller whose own list leaves the port out
+    // (`--opaque-ports=`) routes it too: the controller does not impose
+    // the default list.
+    dir.write(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: grid, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 4444}}]\n"
+        ),
+    );
+    let own = strait_tests::mesh::SidecarOpts {
+        args: vec!["--opaque-ports=".into()],
+        ..Default::default()
+    };
+    let client = Sidecar::start_with(
+        cp.grpc,
+        NS,
+        "client-2",
+        &["grid.test.svc.cluster.local:4444"],
+        own,
+    )
+    .await;
+    let url = |path: &str| format!("http://{}{path}", client.upstreams[0]);
+    wait::until(
+        "the grid through the proxy",
+        Duration::from_secs(10),
+        || async { matches!(client::get(&http, &url("/wd/hub")).await, Ok((s, _)) if s == 200) },
+    )
+    .await;
+    let reached = grid.requests();
+    let (status, _) = client::get(&http, &url("/other")).await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(grid.requests(), reached, "carried past the route");
 }
 
 /// An endpoint that refuses opaque streams is judged unreachable, as one that
