@@ -541,25 +541,24 @@ fn limit_ranges_refusing<'a>(
             .map(|s| s.limits.as_slice())
             .unwrap_or_default();
         let mut why = Vec::new();
-        for item in items.iter().filter(|i| i.type_ == "Container") {
-            let get = |m: &Option<
-                std::collections::BTreeMap<
-                    String,
-                    k8s_openapi::apimachinery::pkg::api::resource::Quantity,
-                >,
+        type Quantities = Option<
+            std::collections::BTreeMap<
+                String,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
             >,
-                       k: &str| {
-                let q = m.as_ref()?.get(k)?;
-                Some((q.0.clone(), quantity(&q.0)?))
-            };
-            for (k, (req_text, req)) in &requests {
-                // The limit the proxy ends with: its own, or the range's
-                // default (its max where it has none).
-                let limit = limits
-                    .get(k)
-                    .cloned()
-                    .or_else(|| get(&item.default, k))
-                    .or_else(|| get(&item.max, k));
+        >;
+        let get = |m: &Quantities, k: &str| {
+            let q = m.as_ref()?.get(k)?;
+            Some((q.0.clone(), quantity(&q.0)?))
+        };
+        let containers = || items.iter().filter(|i| i.type_ == "Container");
+        for (k, (req_text, req)) in &requests {
+            // The limit the proxy ends with: its own, or the range's default
+            // (the API server makes a `max` the default where none is given).
+            let limit = limits.get(k).cloned().or_else(|| {
+                containers().find_map(|i| get(&i.default, k).or_else(|| get(&i.max, k)))
+            });
+            for item in containers() {
                 if let (Some((max_text, max)), Some((l_text, l))) = (get(&item.max, k), &limit)
                     && l > &max
                 {
@@ -570,18 +569,36 @@ fn limit_ranges_refusing<'a>(
                 {
                     why.push(format!("{k} request {req_text} below its min {min_text}"));
                 }
-                if let Some((l_text, l)) = &limit {
-                    if l < req {
-                        why.push(format!(
-                            "{k} limit {l_text} (its default) below the proxy's request {req_text}"
-                        ));
-                    } else if let Some((ratio_text, ratio)) = get(&item.max_limit_request_ratio, k)
-                        && l.saturating_mul(1_000_000_000) > ratio.saturating_mul(*req)
+                let ratio = get(&item.max_limit_request_ratio, k);
+                match (&limit, ratio) {
+                    (Some((l_text, l)), _) if l < req => why.push(format!(
+                        "{k} limit {l_text} (its default) below the proxy's request {req_text}"
+                    )),
+                    (Some((l_text, l)), Some((ratio_text, ratio)))
+                        if l.saturating_mul(1_000_000_000) > ratio.saturating_mul(*req) =>
                     {
                         why.push(format!(
                             "{k} limit {l_text} over request {req_text} above its maxLimitRequestRatio {ratio_text}"
                         ));
                     }
+                    (None, Some((ratio_text, _))) => why.push(format!(
+                        "no {k} limit, which its maxLimitRequestRatio {ratio_text} needs"
+                    )),
+                    _ => {}
+                }
+            }
+            // A pod's max is of its containers' sum, which the proxy's
+            // own limit alone may pass, and which needs every container to
+            // have one.
+            for item in items.iter().filter(|i| i.type_ == "Pod") {
+                match (get(&item.max, k), &limit) {
+                    (Some((max_text, max)), Some((l_text, l))) if *l > max => why.push(format!(
+                        "{k} limit {l_text} above its pod max {max_text} alone"
+                    )),
+                    (Some((max_text, _)), None) => why.push(format!(
+                        "no {k} limit, which its pod max {max_text} needs of every container"
+                    )),
+                    _ => {}
                 }
             }
         }
@@ -2038,7 +2055,7 @@ mod tests {
             ),
             range(
                 "b",
-                serde_json::json!({"type": "Pod", "max": {"memory": "100Mi"}}),
+                serde_json::json!({"type": "Pod", "max": {"memory": "1Gi"}}),
             ),
             range(
                 "c",
@@ -2063,6 +2080,14 @@ mod tests {
                 "cpu",
                 serde_json::json!({"type": "Container", "default": {"cpu": "2"}, "maxLimitRequestRatio": {"cpu": "10"}}),
             ),
+            range(
+                "nolimit",
+                serde_json::json!({"type": "Container", "maxLimitRequestRatio": {"cpu": "4"}}),
+            ),
+            range(
+                "pod",
+                serde_json::json!({"type": "Pod", "max": {"memory": "100Mi", "cpu": "2"}}),
+            ),
         ];
         let l = limit_ranges_refusing(refusing.iter(), &mesh, &none).unwrap();
         assert_eq!(l.verdict, Verdict::Fail);
@@ -2071,6 +2096,8 @@ mod tests {
             "max/limits (memory limit 250Mi above its max 128Mi)",
             "min/limits (cpu request 10m below its min 50m, memory request 20Mi below its min 32Mi)",
             "cpu/limits (cpu limit 2 over request 10m above its maxLimitRequestRatio 10)",
+            "nolimit/limits (no cpu limit, which its maxLimitRequestRatio 4 needs)",
+            "pod/limits (no cpu limit, which its pod max 2 needs of every container, memory limit 250Mi above its pod max 100Mi alone)",
         ] {
             assert!(l.what.contains(said), "{said} not in {}", l.what);
         }
