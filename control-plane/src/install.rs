@@ -115,6 +115,8 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     let installed_args = (existing.as_ref())
         .map(|e| e.controller_args.clone())
         .unwrap_or_default();
+    // The identity's objects deleted under a running controller, for a new one.
+    let regenerated = !given && existing.as_ref().is_some_and(|e| e.identity.is_none());
     let values = args.values(existing)?;
     let asked = if args.reset_settings {
         RESET_BY_SETTINGS
@@ -138,8 +140,9 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
             0 => {
                 let e = under.into_iter().find_map(Result::err);
                 anyhow::bail!(
-                    "the identity is not one the meshed pods' proxies trust ({}): the controllers would restart with it and every proxy not restarted since would be cut off from them and from newly injected pods; give the installed identity, rotate as docs/kubernetes.md says (a bundle of the old and new anchors with the old issuer first, then restart the meshed workloads), or pass --ignore-cluster",
-                    e.map(|e| e.to_string()).unwrap_or_default()
+                    "the identity is not one the meshed pods' proxies trust ({}): the controllers would restart with it and every proxy not restarted since would be cut off from them and from newly injected pods; give the installed identity, rotate as docs/kubernetes.md says (a bundle of the old and new anchors with the old issuer first, then restart the meshed workloads), or go ahead with --ignore-cluster, which reads nothing back, so with the installed settings given again: {}",
+                    e.map(|e| e.to_string()).unwrap_or_default(),
+                    values.as_flags()
                 );
             }
             n if n < under.len() => eprintln!(
@@ -148,6 +151,11 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
             ),
             _ => {}
         }
+    }
+    if regenerated {
+        eprintln!(
+            "strait install: {NAMESPACE} has the controller but neither Secret {ISSUER_SECRET} nor ConfigMap {ANCHORS_CONFIG_MAP}: a new trust anchor and issuer are generated (no meshed pod's proxy holds other anchors)"
+        );
     }
     if values.replicas == 1 {
         eprintln!(
@@ -208,7 +216,7 @@ async fn existing_install(
         }
         return Ok(left);
     }
-    let mut found = installed(secret, anchors, controller, identity)?;
+    let mut found = installed(secret, anchors, controller)?;
     // The identity replaced under a running install (files given, or its
     // Secret and ConfigMap deleted for a new one): the controllers restart
     // with it, so the meshed pods' proxies must trust its issuer (`run`), as
@@ -219,14 +227,18 @@ async fn existing_install(
     Ok(found)
 }
 
+/// Every meshed pod, read within `PODS_LOOKUP_TIMEOUT`; the error says why not.
+async fn meshed_pods(client: kube::Client) -> Result<crate::check::Meshed, String> {
+    tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
+        .await
+        .map_err(|_| format!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+}
+
 /// The trust anchor bundles the meshed pods' proxies hold; none, said,
 /// when the pods cannot be read.
 async fn pods_anchors(client: kube::Client) -> Vec<String> {
-    let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
-        .await
-        .map_err(|_| format!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    match meshed {
+    match meshed_pods(client).await {
         Ok(m) => m.given.map(|g| g.anchors_pem).unwrap_or_default(),
         Err(e) => {
             eprintln!(
@@ -263,13 +275,11 @@ async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Opt
         })?
         .map_err(|e| within("its injector", &e))?
         .is_some();
-    let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
-        .await
-        .map_err(|_| format!("no answer in {PODS_LOOKUP_TIMEOUT:?}"))
-        .and_then(|r| r.map_err(|e| e.to_string()));
     // Pods it may not list (an installer's narrower account) or a slow list:
     // nothing tells then whether proxies trust what was lost.
-    let meshed = meshed.map_err(|e| within("meshed pods", &e))?;
+    let meshed = meshed_pods(client)
+        .await
+        .map_err(|e| within("meshed pods", &e))?;
     if !identity {
         return Ok(meshed.given.map(|g| Installed {
             trust_domain: g.trust_domain,
@@ -314,20 +324,13 @@ fn installed(
     secret: Option<k8s_openapi::api::core::v1::Secret>,
     anchors: Option<k8s_openapi::api::core::v1::ConfigMap>,
     controller: Option<k8s_openapi::api::apps::v1::Deployment>,
-    identity: bool,
 ) -> anyhow::Result<Option<Installed>> {
     let (secret, anchors) = match (secret, anchors) {
         (None, None) if controller.is_none() => return Ok(None),
         // The identity's objects deleted (for a new one) under a running
         // controller: its trust domain and settings still hold.
-        (None, None) => {
-            if identity {
-                eprintln!(
-                    "strait install: {NAMESPACE} has the controller but neither Secret {ISSUER_SECRET} nor ConfigMap {ANCHORS_CONFIG_MAP}: a new trust anchor and issuer are generated (running proxies keep trusting the old anchors until restarted)"
-                );
-            }
-            (None, None)
-        }
+        // Said in `run`, once the meshed pods' anchors are read.
+        (None, None) => (None, None),
         (Some(s), Some(a)) => (Some(s), Some(a)),
         _ => anyhow::bail!(
             "{NAMESPACE} has only one of Secret {ISSUER_SECRET} and ConfigMap {ANCHORS_CONFIG_MAP}: pass the --identity-* files"
@@ -603,6 +606,38 @@ pub struct Values {
 }
 
 impl Values {
+    /// The `strait install` flags that make these settings (not the
+    /// identity), for an install that cannot read them back.
+    fn as_flags(&self) -> String {
+        let mut flags = vec![
+            format!("--trust-domain={}", self.trust_domain),
+            format!(
+                "--proxy-iptables-mode={}",
+                self.proxy_iptables_mode.as_str()
+            ),
+            format!("--replicas={}", self.replicas),
+            format!("--controller-image={}", self.controller_image),
+            format!("--proxy-image={}", self.proxy_image),
+        ];
+        flags.extend(
+            self.otlp_endpoint
+                .iter()
+                .map(|e| format!("--otlp-endpoint={e}")),
+        );
+        flags.extend(
+            (self.proxy_trace_sampling.iter()).map(|r| format!("--proxy-trace-sampling={r}")),
+        );
+        flags.extend(
+            (self.proxy_access_log.iter()).map(|l| format!("--proxy-access-log={}", l.as_str())),
+        );
+        flags.extend(
+            self.proxy_resources
+                .flags()
+                .map(|(f, v)| format!("{f}={v}")),
+        );
+        flags.join(" ")
+    }
+
     /// Values that say nothing (no identity, no images), for what does not
     /// depend on them: the objects' kinds and names.
     fn blank() -> Self {
@@ -1263,10 +1298,7 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<String> {
         };
         let (client, name) = args.cluster.client_or(cannot).await?;
         eprintln!("strait uninstall: looking for meshed pods in the cluster at {name}");
-        let meshed = tokio::time::timeout(PODS_LOOKUP_TIMEOUT, crate::check::meshed_pods(client))
-            .await
-            .map_err(|_| cannot(&format_args!("no answer in {PODS_LOOKUP_TIMEOUT:?}")))?
-            .map_err(|e| cannot(&e))?;
+        let meshed = meshed_pods(client).await.map_err(|e| cannot(&e))?;
         if meshed.pods.count > 0 {
             anyhow::bail!(
                 "{} meshed pod(s) still run ({}): take the strait.dev/inject label off their namespaces (and the annotation off their templates) and restart them first (docs/kubernetes.md, \"Uninstalling\"), or pass --force. With the controller gone their proxies get no certificate, and each pod leaves its Services once the one it holds expires",
@@ -1337,9 +1369,7 @@ mod tests {
             ]}}}
         }))
         .unwrap();
-        let i = installed(None, None, Some(controller), true)
-            .unwrap()
-            .unwrap();
+        let i = installed(None, None, Some(controller)).unwrap().unwrap();
         let installed_args = i.controller_args.clone();
         // Settings put back to their defaults are not flags set by hand.
         let new = controller_args(&install_args(&["--reset-settings"]).values(Some(i)).unwrap());
@@ -1364,17 +1394,17 @@ mod tests {
             ]}}}
         }))
         .unwrap();
-        let i = installed(None, None, Some(controller), true)
+        let i = installed(None, None, Some(controller))
             .unwrap()
             .expect("the controller's settings");
         assert!(i.identity.is_none(), "a new identity is made");
         assert_eq!(i.trust_domain.as_deref(), Some("corp.example"));
         assert_eq!(i.iptables_mode, Some(crate::inject::IptablesMode::Legacy));
         assert_eq!(i.replicas, Some(3));
-        assert!(installed(None, None, None, true).unwrap().is_none());
+        assert!(installed(None, None, None).unwrap().is_none());
         // One of the two is no identity to keep or replace: refused.
         let anchors = k8s_openapi::api::core::v1::ConfigMap::default();
-        assert!(installed(None, Some(anchors), None, true).is_err());
+        assert!(installed(None, Some(anchors), None).is_err());
     }
 
     /// The settings read back from the controller's variables are the ones
@@ -1421,7 +1451,7 @@ mod tests {
             .unwrap()
         };
         let images = |a: &InstallArgs, controller: &k8s_openapi::api::apps::v1::Deployment| {
-            let e = installed(None, None, Some(controller.clone()), true)
+            let e = installed(None, None, Some(controller.clone()))
                 .unwrap()
                 .unwrap();
             a.images((e.controller_image, e.proxy_image))

@@ -1260,7 +1260,7 @@ async fn strait_install_refuses_an_identity_the_running_proxies_do_not_trust() {
     let api = KubeApi::start().await;
     let dir = ManifestDir::new();
     let kubeconfig = api.kubeconfig(dir.path());
-    let first = strait_on(&kubeconfig, &["install"]).await;
+    let first = strait_on(&kubeconfig, &["install", "--proxy-iptables-mode", "legacy"]).await;
     assert!(first.status.success());
     apply_installed(&api, &first.stdout, &["ConfigMap", "Secret", "Deployment"]);
     let (anchors, _) = installed_identity(&first.stdout);
@@ -1298,6 +1298,11 @@ async fn strait_install_refuses_an_identity_the_running_proxies_do_not_trust() {
         stderr.contains("not one the meshed pods' proxies trust"),
         "{stderr}"
     );
+    // The way on keeps the installed settings, and nothing says a new
+    // identity was made.
+    assert!(stderr.contains("--ignore-cluster"), "{stderr}");
+    assert!(stderr.contains("--proxy-iptables-mode=legacy"), "{stderr}");
+    assert!(!stderr.contains("are generated"), "{stderr}");
     // No meshed pod left: nothing to cut off.
     api.delete("v1", "Pod", "shop", "web");
     assert!(strait_on(&kubeconfig, &args).await.status.success());
