@@ -698,6 +698,11 @@ async fn run_watcher<K, F>(
                     && (kind.optional() && api_code(&e) == Some(404)
                         || kind.added_later() && !read_once && api_code(&e) == Some(403)) =>
             {
+                // Refused, the kind's routes or zones are silently off: as a
+                // failing watch, alerted on (a CRD not installed is not).
+                if api_code(&e) == Some(403) {
+                    failing_gauge.set(1);
+                }
                 if !absent {
                     absent = true;
                     if api_code(&e) == Some(403) {

@@ -170,6 +170,18 @@ async fn the_controller_follows_the_api_server_through_dropped_watches_and_relis
     // Still ready throughout.
     let (status, _) = wait::admin_get(cp.admin, "/ready").await.unwrap();
     assert_eq!(status, 200);
+    // The kinds it may not read are off, which an alert on failing watches
+    // says; a kind not installed is not a failure.
+    let (_, metrics) = wait::admin_get(cp.admin, "/metrics").await.unwrap();
+    for (kind, failing) in [
+        ("GRPCRoute", 1),
+        ("Node", 1),
+        ("BackendPolicy", 0),
+        ("EndpointSlice", 0),
+    ] {
+        let series = format!("strait_controller_watch_failing{{kind=\"{kind}\"}} {failing}");
+        assert!(metrics.contains(&series), "{series} not in:\n{metrics}");
+    }
 }
 
 #[tokio::test]
