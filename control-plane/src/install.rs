@@ -100,12 +100,20 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else if given {
         // The identity is given; the settings are still read back, but a
         // cluster that cannot be asked (rendering for elsewhere) is no error.
-        existing_install(&args.cluster, false).await.unwrap_or_else(|e| {
-            eprintln!(
-                "strait install: the installed settings could not be read back ({e:#}); the identity files given are used, with --trust-domain and --proxy-iptables-mode as given (give them as installed)"
-            );
-            None
-        })
+        // One that answered with a refusal is: an install may be there, and
+        // its settings would be replaced by the defaults unseen.
+        match existing_install(&args.cluster, false).await {
+            Ok(e) => e,
+            Err(e) if forbidden(&e) => anyhow::bail!(
+                "{e:#}: these credentials may not read the install, so its settings would be replaced by the defaults; use credentials that can, or pass --ignore-cluster with its settings given (--trust-domain, --proxy-iptables-mode and the like)"
+            ),
+            Err(e) => {
+                eprintln!(
+                    "strait install: the installed settings could not be read back ({e:#}); the identity files given are used, with --trust-domain and --proxy-iptables-mode as given (give them as installed)"
+                );
+                None
+            }
+        }
     } else {
         existing_install(&args.cluster, true).await?
     };
@@ -165,6 +173,17 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     render(&values)
 }
 
+/// The cluster answered that these credentials may not read what an install
+/// is made of: unlike a cluster that cannot be asked, no reason to go on as
+/// if nothing were installed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Forbidden(String);
+
+fn forbidden(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Forbidden>().is_some()
+}
+
 /// The install in the cluster `cluster` names, its identity too if
 /// `identity`; `None` when nothing names a cluster (rendering for elsewhere)
 /// or it has no install.
@@ -203,10 +222,28 @@ async fn existing_install(
             deployments.get_opt(CONTROLLER).await?,
         ))
     };
-    let (secret, anchors, controller) = tokio::time::timeout(LOOKUP_TIMEOUT, all)
+    let read = tokio::time::timeout(LOOKUP_TIMEOUT, all)
         .await
-        .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?
-        .map_err(|e| cannot(&e))?;
+        .map_err(|_| cannot(&format_args!("no answer in {LOOKUP_TIMEOUT:?}")))?;
+    // Refused the Secret (an account that may view but not read secrets):
+    // the cluster answered, and where strait is installed, a new identity
+    // is not the way on.
+    if let Err(kube::Error::Api(s)) = &read
+        && s.code == 403
+        && let Ok(Some(_)) = deployments.get_opt(CONTROLLER).await
+    {
+        anyhow::bail!(Forbidden(format!(
+            "strait is installed in the cluster at {name} (Deployment {NAMESPACE}/{CONTROLLER}), but these credentials may not read its identity ({}): use credentials that can read Secret {NAMESPACE}/{ISSUER_SECRET}, or give the installed identity with the --identity-* files; a new one would cut every running proxy off",
+            s.message
+        )));
+    }
+    let (secret, anchors, controller) = read.map_err(|e| match &e {
+        kube::Error::Api(s) if s.code == 403 => anyhow::Error::new(Forbidden(format!(
+            "cannot tell whether strait is installed: these credentials may not read {NAMESPACE} ({})",
+            s.message
+        ))),
+        _ => cannot(&e),
+    })?;
     if secret.is_none() && anchors.is_none() && controller.is_none() {
         let left = left_behind(client, identity).await?;
         if identity && left.is_none() {

@@ -1263,6 +1263,44 @@ async fn the_cli_reads_the_cluster_its_flags_name() {
     assert!(text.contains("[ok  ] the Kubernetes API answers"), "{text}");
 }
 
+/// Credentials that may view the cluster but not read the install's
+/// Secret (or Deployment) are told so: not offered a new identity, nor given
+/// the defaults in place of the installed settings.
+#[tokio::test]
+async fn strait_install_refused_a_read_says_so_rather_than_start_afresh() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let first = strait_on(&kubeconfig, &["install", "--trust-domain", "prod.example"]).await;
+    assert!(first.status.success());
+    apply_installed(&api, &first.stdout, &["ConfigMap", "Secret", "Deployment"]);
+    api.forbid_kind("secrets");
+    let refused = strait_on(&kubeconfig, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && refused.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("strait is installed in the cluster at"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("--ignore-cluster to generate"), "{stderr}");
+    // The identity given, its settings still cannot be read: no defaults.
+    api.forbid_kind("deployments");
+    let pki = Pki::new();
+    let mut args = vec!["install".to_string()];
+    args.extend(pki.install_flags());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let given = strait_on(&kubeconfig, &args).await;
+    let stderr = String::from_utf8_lossy(&given.stderr);
+    assert!(
+        !given.status.success() && given.stdout.is_empty(),
+        "{stderr}"
+    );
+    assert!(stderr.contains("may not read"), "{stderr}");
+}
+
 /// A new identity over a running install (files given in one step, or its
 /// Secret and ConfigMap deleted for a new one) would restart the controllers
 /// with an issuer the running proxies do not trust, cutting them off: refused
