@@ -21,7 +21,7 @@ use crate::addr::{ClientAddr, DestAddr};
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
-use crate::transport::first_word::{First, first_word, http2_server_settings};
+use crate::transport::first_word::{First, first_word, unless_http2_settings};
 
 /// How the stream turned out.
 pub(super) enum Settled<I> {
@@ -69,14 +69,11 @@ where
     let (first, up) = match first_word(&mut io, &mut said, connect, idle.as_mut()).await {
         First::Server(Some(mut up)) => {
             let spoke = up.read_buf(&mut greeting);
-            let mut first = first_word(&mut io, &mut said, spoke, idle.as_mut())
+            let first = first_word(&mut io, &mut said, spoke, idle.as_mut())
                 .await
                 .ended();
-            // An HTTP/2 server's SETTINGS: the client still decides.
-            if matches!(first, First::Server(())) && http2_server_settings(&greeting) {
-                let never = std::future::pending::<()>();
-                first = first_word(&mut io, &mut said, never, idle.as_mut()).await;
-            }
+            let first =
+                unless_http2_settings(first, &greeting, &mut io, &mut said, idle.as_mut()).await;
             (first, Some(up))
         }
         // Refused (counted and logged), as an opaque stream to it would be: a

@@ -27,7 +27,7 @@ use crate::control::view::Resolution;
 use crate::detect::Protocol;
 use crate::proxy::Shared;
 use crate::transport::PrefixedIo;
-use crate::transport::first_word::{First, first_word, http2_server_settings};
+use crate::transport::first_word::{First, first_word, unless_http2_settings};
 
 /// Carries a silent client's stream to its end when it turns out opaque, or
 /// returns it, with what it said, when it is HTTP.
@@ -54,14 +54,11 @@ where
     let (first, up, refused) = match connected {
         First::Server(Ok(mut up)) => {
             let spoke = up.read_buf(&mut greeting);
-            let mut first = first_word(&mut io, &mut said, spoke, idle.as_mut())
+            let first = first_word(&mut io, &mut said, spoke, idle.as_mut())
                 .await
                 .ended();
-            // An HTTP/2 server's SETTINGS: the client still decides.
-            if matches!(first, First::Server(())) && http2_server_settings(&greeting) {
-                let never = std::future::pending::<()>();
-                first = first_word(&mut io, &mut said, never, idle.as_mut()).await;
-            }
+            let first =
+                unless_http2_settings(first, &greeting, &mut io, &mut said, idle.as_mut()).await;
             (first, Some(up), None)
         }
         // No endpoint, or refused. A Service with HTTP routes is declared HTTP

@@ -50,6 +50,25 @@ where
     }
 }
 
+/// The server's side decided `first` with `greeting`: unless that is an
+/// HTTP/2 server's SETTINGS, then the client's first bytes (or `idle`) are
+/// waited for still.
+pub async fn unless_http2_settings<C>(
+    first: First<()>,
+    greeting: &[u8],
+    client: &mut C,
+    said: &mut BytesMut,
+    idle: Pin<&mut Sleep>,
+) -> First<()>
+where
+    C: AsyncRead + Unpin,
+{
+    if matches!(first, First::Server(())) && http2_server_settings(greeting) {
+        return first_word(client, said, std::future::pending::<()>(), idle).await;
+    }
+    first
+}
+
 /// Whether a server's first bytes are an HTTP/2 server's SETTINGS frame
 /// (a length that is a multiple of 6, type 4, no flags, stream 0). An HTTP/2
 /// server (h2, grpc-go, Netty) sends it as soon as it accepts, then waits for
