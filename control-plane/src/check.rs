@@ -524,101 +524,121 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
 /// resources make it, does not fit: every pod meshed there without
 /// `strait.dev/proxy-*` annotations that fit is refused, with an error that
 /// names no container, which its owners' own containers do not cause.
-/// Where meshed pods run (annotated ones fit), a warning.
+/// Where meshed pods run (annotated ones fit), a warning. As Kubernetes'
+/// LimitRanger has it: a limit the proxy lacks is given a Container item's
+/// `default` (the API server makes a `max` the default where none is
+/// given) of any of its namespace's ranges, in no set order, and every
+/// range then judges the pod.
 fn limit_ranges_refusing<'a>(
     ranges: impl Iterator<Item = &'a LimitRange>,
     mesh: &crate::inject::ProxyResources,
     meshed_in: &std::collections::HashSet<String>,
 ) -> Option<Line> {
     use crate::inject::quantity;
-    let [requests, limits] = crate::inject::default_proxy_resources(mesh);
-    let mut refusing = Vec::new();
-    let mut pods_run = false;
-    for r in ranges {
-        let items = r
-            .spec
+    use k8s_openapi::api::core::v1::LimitRangeItem;
+    type Quantities = Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >;
+    let get = |m: &Quantities, k: &str| {
+        let q = m.as_ref()?.get(k)?;
+        Some((q.0.clone(), quantity(&q.0)?))
+    };
+    let items = |r: &'a LimitRange| -> &'a [LimitRangeItem] {
+        r.spec
             .as_ref()
             .map(|s| s.limits.as_slice())
-            .unwrap_or_default();
-        let mut why = Vec::new();
-        type Quantities = Option<
-            std::collections::BTreeMap<
-                String,
-                k8s_openapi::apimachinery::pkg::api::resource::Quantity,
-            >,
-        >;
-        let get = |m: &Quantities, k: &str| {
-            let q = m.as_ref()?.get(k)?;
-            Some((q.0.clone(), quantity(&q.0)?))
-        };
-        let containers = || items.iter().filter(|i| i.type_ == "Container");
+            .unwrap_or_default()
+    };
+    let [requests, limits] = crate::inject::default_proxy_resources(mesh);
+    let mut by_namespace = std::collections::BTreeMap::<&str, Vec<&LimitRange>>::new();
+    for r in ranges {
+        by_namespace
+            .entry(r.metadata.namespace.as_deref().unwrap_or(""))
+            .or_default()
+            .push(r);
+    }
+    let mut refusing = Vec::new();
+    let mut pods_run = false;
+    for (ns, ranges) in by_namespace {
         for (k, (req_text, req)) in &requests {
-            // The limit the proxy ends with: its own, or the range's default
-            // (the API server makes a `max` the default where none is given).
-            let limit = limits.get(k).cloned().or_else(|| {
-                containers().find_map(|i| get(&i.default, k).or_else(|| get(&i.max, k)))
-            });
-            for item in containers() {
-                if let (Some((max_text, max)), Some((l_text, l))) = (get(&item.max, k), &limit)
-                    && l > &max
-                {
-                    why.push(format!("{k} limit {l_text} above its max {max_text}"));
-                }
-                if let Some((min_text, min)) = get(&item.min, k)
-                    && *req < min
-                {
-                    why.push(format!("{k} request {req_text} below its min {min_text}"));
-                }
-                let ratio = get(&item.max_limit_request_ratio, k);
-                match (&limit, ratio) {
-                    (Some((l_text, l)), _) if l < req => why.push(format!(
-                        "{k} limit {l_text} (its default) below the proxy's request {req_text}"
-                    )),
-                    (Some((l_text, l)), Some((ratio_text, ratio)))
-                        if l.saturating_mul(1_000_000_000) > ratio.saturating_mul(*req) =>
-                    {
-                        why.push(format!(
-                            "{k} limit {l_text} over request {req_text} above its maxLimitRequestRatio {ratio_text}"
-                        ));
+            // The limits the proxy may end with: its own, or any default.
+            let limit: Vec<(String, i128)> = match limits.get(k) {
+                Some(own) => vec![own.clone()],
+                None => (ranges.iter())
+                    .flat_map(|r| items(r))
+                    .filter(|i| i.type_ == "Container")
+                    .filter_map(|i| get(&i.default, k).or_else(|| get(&i.max, k)))
+                    .collect(),
+            };
+            for r in &ranges {
+                let mut why = Vec::new();
+                for item in items(r) {
+                    let pod = item.type_ == "Pod";
+                    if item.type_ != "Container" && !pod {
+                        continue;
                     }
-                    (None, Some((ratio_text, _))) => why.push(format!(
-                        "no {k} limit, which its maxLimitRequestRatio {ratio_text} needs"
-                    )),
-                    _ => {}
+                    if let Some((max_text, max)) = get(&item.max, k)
+                        && let Some((l_text, _)) = limit.iter().find(|(_, l)| *l > max)
+                    {
+                        // A pod's max is of its containers' sum, which the
+                        // proxy's limit alone may pass.
+                        let of = if pod { "its pod max" } else { "its max" };
+                        let alone = if pod { " alone" } else { "" };
+                        why.push(format!("{k} limit {l_text} above {of} {max_text}{alone}"));
+                    }
+                    if pod {
+                        continue;
+                    }
+                    if let Some((min_text, min)) = get(&item.min, k)
+                        && *req < min
+                    {
+                        why.push(format!("{k} request {req_text} below its min {min_text}"));
+                    }
+                    let ratio = get(&item.max_limit_request_ratio, k);
+                    if let Some((l_text, _)) = limit.iter().find(|(_, l)| l < req) {
+                        why.push(format!(
+                            "{k} limit {l_text} (a default) below the proxy's request {req_text}"
+                        ));
+                    } else if let Some((ratio_text, ratio)) = ratio {
+                        match limit.iter().find(|(_, l)| {
+                            l.saturating_mul(1_000_000_000) > ratio.saturating_mul(*req)
+                        }) {
+                            Some((l_text, _)) => why.push(format!(
+                                "{k} limit {l_text} over request {req_text} above its maxLimitRequestRatio {ratio_text}"
+                            )),
+                            None if limit.is_empty() => why.push(format!(
+                                "no {k} limit, which its maxLimitRequestRatio {ratio_text} needs"
+                            )),
+                            None => {}
+                        }
+                    }
+                }
+                if !why.is_empty() {
+                    refusing.push((ns, r.metadata.name.as_deref().unwrap_or(""), why));
                 }
             }
-            // A pod's max is of its containers' sum, which the proxy's
-            // own limit alone may pass, and which needs every container to
-            // have one.
-            for item in items.iter().filter(|i| i.type_ == "Pod") {
-                match (get(&item.max, k), &limit) {
-                    (Some((max_text, max)), Some((l_text, l))) if *l > max => why.push(format!(
-                        "{k} limit {l_text} above its pod max {max_text} alone"
-                    )),
-                    (Some((max_text, _)), None) => why.push(format!(
-                        "no {k} limit, which its pod max {max_text} needs of every container"
-                    )),
-                    _ => {}
-                }
-            }
-        }
-        if !why.is_empty() {
-            let ns = r.metadata.namespace.as_deref().unwrap_or("");
-            pods_run |= meshed_in.contains(ns);
-            refusing.push(format!(
-                "{ns}/{} ({})",
-                r.metadata.name.as_deref().unwrap_or(""),
-                why.join(", ")
-            ));
         }
     }
-    (!refusing.is_empty()).then(|| {
+    // One entry per range, its reasons of every resource together.
+    let mut named: Vec<(&str, &str, Vec<String>)> = Vec::new();
+    for (ns, name, why) in refusing {
+        match named.iter_mut().find(|(n, m, _)| *n == ns && *m == name) {
+            Some((_, _, all)) => all.extend(why),
+            None => named.push((ns, name, why)),
+        }
+        pods_run |= meshed_in.contains(ns);
+    }
+    (!named.is_empty()).then(|| {
+        let named: Vec<String> = named
+            .iter()
+            .map(|(ns, name, why)| format!("{ns}/{name} ({})", why.join(", ")))
+            .collect();
         line(
             if pods_run { Verdict::Warn } else { Verdict::Fail },
             format!(
                 "LimitRange(s) of namespaces labelled {}=enabled refuse the injected proxy as the mesh's resources make it, so meshed pods there are refused (by an error naming no container): {} (give the proxy resources within them: strait.dev/proxy-cpu-request and the like on the pods, or strait install --proxy-memory-limit and the like for the mesh)",
                 crate::inject::INJECT,
-                refusing.join("; ")
+                named.join("; ")
             ),
         )
     })
@@ -2097,10 +2117,49 @@ mod tests {
             "min/limits (cpu request 10m below its min 50m, memory request 20Mi below its min 32Mi)",
             "cpu/limits (cpu limit 2 over request 10m above its maxLimitRequestRatio 10)",
             "nolimit/limits (no cpu limit, which its maxLimitRequestRatio 4 needs)",
-            "pod/limits (no cpu limit, which its pod max 2 needs of every container, memory limit 250Mi above its pod max 100Mi alone)",
+            "pod/limits (memory limit 250Mi above its pod max 100Mi alone)",
         ] {
             assert!(l.what.contains(said), "{said} not in {}", l.what);
         }
+        // A namespace's ranges together: one's default is another's limit.
+        let in_ns = |name: &str, limits: serde_json::Value| -> LimitRange {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "x"},
+                "spec": {"limits": [limits]},
+            }))
+            .unwrap()
+        };
+        let together = [
+            in_ns(
+                "defaults",
+                serde_json::json!({"type": "Container", "default": {"cpu": "500m"}}),
+            ),
+            in_ns(
+                "ratio",
+                serde_json::json!({"type": "Container", "maxLimitRequestRatio": {"cpu": "100"}}),
+            ),
+            in_ns(
+                "pod",
+                serde_json::json!({"type": "Pod", "max": {"cpu": "2"}}),
+            ),
+        ];
+        assert!(limit_ranges_refusing(together.iter(), &mesh, &none).is_none());
+        let clash = [
+            in_ns(
+                "defaults",
+                serde_json::json!({"type": "Container", "default": {"cpu": "2"}}),
+            ),
+            in_ns(
+                "max",
+                serde_json::json!({"type": "Container", "max": {"cpu": "1"}}),
+            ),
+        ];
+        let l = limit_ranges_refusing(clash.iter(), &mesh, &none).unwrap();
+        assert!(
+            l.what.contains("x/max (cpu limit 2 above its max 1)"),
+            "{}",
+            l.what
+        );
         // The mesh's resources set to fit: nothing to say.
         let fitted = crate::inject::ProxyResources {
             proxy_cpu_request: Some("200m".into()),

@@ -104,9 +104,7 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
         // its settings would be replaced by the defaults unseen.
         match existing_install(&args.cluster, false).await {
             Ok(e) => e,
-            Err(e) if forbidden(&e) => anyhow::bail!(
-                "{e:#}: these credentials may not read the install, so its settings would be replaced by the defaults; use credentials that can, or pass --ignore-cluster with its settings given (--trust-domain, --proxy-iptables-mode and the like)"
-            ),
+            Err(e) if stopped(&e) => return Err(e),
             Err(e) => {
                 eprintln!(
                     "strait install: the installed settings could not be read back ({e:#}); the identity files given are used, with --trust-domain and --proxy-iptables-mode as given (give them as installed)"
@@ -173,16 +171,20 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     render(&values)
 }
 
-/// The cluster answered that these credentials may not read what an install
-/// is made of: unlike a cluster that cannot be asked, no reason to go on as
-/// if nothing were installed.
+/// The cluster answered, but not enough to go on: these credentials may not
+/// read what an install is made of, or the meshed pods. Unlike a cluster
+/// that cannot be asked (rendering for elsewhere), no reason to go on as if
+/// nothing were installed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Forbidden(String);
+struct Stop(String);
 
-fn forbidden(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<Forbidden>().is_some()
+fn stopped(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Stop>().is_some()
 }
+
+/// The ways on when the install cannot be read back.
+const UNREAD_WAYS_ON: &str = "use credentials that can; if the output is for another cluster, pass --context or --kubeconfig for it; or pass --ignore-cluster, which reads nothing, with the settings given (--trust-domain, --proxy-iptables-mode and the like)";
 
 /// The install in the cluster `cluster` names, its identity too if
 /// `identity`; `None` when nothing names a cluster (rendering for elsewhere)
@@ -232,14 +234,14 @@ async fn existing_install(
         && s.code == 403
         && let Ok(Some(_)) = deployments.get_opt(CONTROLLER).await
     {
-        anyhow::bail!(Forbidden(format!(
+        anyhow::bail!(Stop(format!(
             "strait is installed in the cluster at {name} (Deployment {NAMESPACE}/{CONTROLLER}), but these credentials may not read its identity ({}): use credentials that can read Secret {NAMESPACE}/{ISSUER_SECRET}, or give the installed identity with the --identity-* files; a new one would cut every running proxy off",
             s.message
         )));
     }
     let (secret, anchors, controller) = read.map_err(|e| match &e {
-        kube::Error::Api(s) if s.code == 403 => anyhow::Error::new(Forbidden(format!(
-            "cannot tell whether strait is installed: these credentials may not read {NAMESPACE} ({})",
+        kube::Error::Api(s) if s.code == 403 => anyhow::Error::new(Stop(format!(
+            "these credentials may not read {NAMESPACE} ({}), so whether strait is installed there, and with which settings, cannot be told: {UNREAD_WAYS_ON}",
             s.message
         ))),
         _ => cannot(&e),
@@ -259,7 +261,7 @@ async fn existing_install(
     // with it, so the meshed pods' proxies must trust its issuer (`run`), as
     // after a lost namespace.
     if let Some(f) = found.as_mut().filter(|f| f.identity.is_none()) {
-        f.pods_anchors_pem = pods_anchors(client).await;
+        f.pods_anchors_pem = pods_anchors(client).await?;
     }
     Ok(found)
 }
@@ -272,17 +274,16 @@ async fn meshed_pods(client: kube::Client) -> Result<crate::check::Meshed, Strin
         .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
-/// The trust anchor bundles the meshed pods' proxies hold; none, said,
-/// when the pods cannot be read.
-async fn pods_anchors(client: kube::Client) -> Vec<String> {
+/// The trust anchor bundles the meshed pods' proxies hold. Pods that cannot
+/// be read stop the install: nothing then tells whether a new identity
+/// would cut them off.
+async fn pods_anchors(client: kube::Client) -> anyhow::Result<Vec<String>> {
     match meshed_pods(client).await {
-        Ok(m) => m.given.map(|g| g.anchors_pem).unwrap_or_default(),
-        Err(e) => {
-            eprintln!(
-                "strait install: the meshed pods could not be read ({e}): whether their proxies trust the new identity is not checked"
-            );
-            Vec::new()
-        }
+        Ok(m) => Ok(m.given.map(|g| g.anchors_pem).unwrap_or_default()),
+        Err(e) => Err(Stop(format!(
+            "the meshed pods could not be read ({e}), so whether their proxies trust the new identity cannot be told: use credentials that may list pods in every namespace, or pass --ignore-cluster, which reads nothing, with the installed settings given (--trust-domain, --proxy-iptables-mode and the like)"
+        ))
+        .into()),
     }
 }
 

@@ -63,22 +63,24 @@ impl Default for Budget {
 /// Budgets of one call site, one per key (a reason label of a fixed set), so
 /// that a noisy key does not crowd the others out of the log: a destination
 /// with no endpoints answering every request would leave no line for the
-/// timeout an engineer is paged about. Keys share a budget when they hash
-/// alike.
+/// timeout an engineer is paged about. A key takes the first free slot the
+/// first time it is seen; past `N` keys, the last slot is shared.
 #[derive(Debug)]
-pub struct Keyed<const N: usize>([Budget; N]);
+pub struct Keyed<const N: usize>([(OnceLock<&'static str>, Budget); N]);
 
 impl<const N: usize> Keyed<N> {
     pub const fn new() -> Self {
-        Keyed([const { Budget::new() }; N])
+        Keyed([const { (OnceLock::new(), Budget::new()) }; N])
     }
 
     /// As [`Budget::take`], from `key`'s budget.
-    pub fn take(&self, key: &str) -> Option<u64> {
-        let h = key.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        self.0[h % N].take()
+    pub fn take(&self, key: &'static str) -> Option<u64> {
+        for (k, budget) in &self.0 {
+            if *k.get_or_init(|| key) == key {
+                return budget.take();
+            }
+        }
+        self.0[N - 1].1.take()
     }
 }
 
@@ -89,11 +91,11 @@ impl<const N: usize> Default for Keyed<N> {
 }
 
 /// `sampled_by!(reason, info, …)`: as [`sampled!`], with a budget per value
-/// of `reason` (a `&str` of a small fixed set).
+/// of `reason` (a `&'static str` of a small fixed set).
 #[macro_export]
 macro_rules! sampled_by {
     ($key:expr, $level:ident, $($arg:tt)+) => {{
-        static BUDGETS: $crate::sampled::Keyed<16> = $crate::sampled::Keyed::new();
+        static BUDGETS: $crate::sampled::Keyed<32> = $crate::sampled::Keyed::new();
         if let Some(suppressed) = BUDGETS.take($key) {
             ::tracing::$level!(suppressed, $($arg)+);
         }
@@ -178,13 +180,31 @@ mod tests {
     /// A reason logged on every request leaves the others their lines.
     #[test]
     fn a_noisy_key_leaves_the_others_their_budget() {
-        let k = Keyed::<16>::new();
-        for _ in 0..1000 {
-            k.take("no_endpoints");
+        // The proxy's reasons for a 5xx of its own (docs/configuration.md).
+        let reasons = [
+            "connect",
+            "connect_timeout",
+            "upstream",
+            "refused",
+            "no_endpoints",
+            "resolve",
+            "no_backend",
+            "request_timeout",
+            "backend_request_timeout",
+            "in_flight_limit",
+            "source_in_flight_limit",
+            "memory_pressure",
+            "connection_limit",
+        ];
+        for noisy in reasons {
+            let k = Keyed::<32>::new();
+            for _ in 0..1000 {
+                k.take(noisy);
+            }
+            assert!(k.take(noisy).is_none(), "{noisy}");
+            for other in reasons.iter().filter(|r| **r != noisy) {
+                assert!(k.take(other).is_some(), "{other} after {noisy}");
+            }
         }
-        for other in ["request_timeout", "connect", "upstream"] {
-            assert!(k.take(other).is_some(), "{other}");
-        }
-        assert!(k.take("no_endpoints").is_none());
     }
 }

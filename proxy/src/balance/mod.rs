@@ -523,11 +523,14 @@ impl Endpoints {
                             .map(|a| (i, a))
                     })
                 };
+                // Each pass reads the endpoints' state afresh, which other
+                // requests may change meanwhile: one gone by the second
+                // pass leaves this draw empty, and the fail-open draws go on.
                 let working = usable(true).next().is_some();
                 let count = usable(working).count();
-                (count > 0).then(|| {
+                (count > 0).then_some(()).and_then(|()| {
                     let k = self.given_over.fetch_add(1, Ordering::Relaxed) % count;
-                    usable(working).nth(k).expect("counted")
+                    usable(working).nth(k)
                 })
             }
             LbConfig::ConsistentHash(key) => match hash_key(key, headers) {
@@ -1236,6 +1239,33 @@ mod tests {
         }
         // Its share would be 100; tried again as each pass-over ends.
         assert!((1..30).contains(&to_0), "{to_0} of 300");
+    }
+
+    /// An endpoint's state may change between round robin's passes over
+    /// the list (another request starts its probe, or ejects it): the draw
+    /// comes back empty, for the fail-open draws to take over, and does not
+    /// panic in the request path.
+    #[test]
+    fn round_robin_survives_endpoints_changing_during_its_draw() {
+        let b = backend(
+            3,
+            BackendConfig {
+                lb: LbConfig::RoundRobin,
+                ..Default::default()
+            },
+        );
+        b.next.store(0, Ordering::Relaxed);
+        b.given_over.store(1, Ordering::Relaxed);
+        let calls = std::cell::Cell::new(0);
+        let ok = |i: usize| {
+            calls.set(calls.get() + 1);
+            match i {
+                0 => None,
+                2 if calls.get() > 6 => None,
+                _ => Some(Admit::Yes),
+            }
+        };
+        assert_eq!(b.choose(&Default::default(), Instant::now(), ok), None);
     }
 
     /// Lists made afresh (a caller's first request, or one after its watch

@@ -1299,6 +1299,35 @@ async fn strait_install_refused_a_read_says_so_rather_than_start_afresh() {
         "{stderr}"
     );
     assert!(stderr.contains("may not read"), "{stderr}");
+    // Nothing installed, Secrets refused: the ways on are named.
+    let fresh = KubeApi::start().await;
+    let fresh_dir = ManifestDir::new();
+    let fresh_config = fresh.kubeconfig(fresh_dir.path());
+    fresh.forbid_kind("secrets");
+    let refused = strait_on(&fresh_config, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    for way in ["--context", "--ignore-cluster"] {
+        assert!(stderr.contains(way), "{way} not in {stderr}");
+    }
+    // A new identity over a running install, the meshed pods unreadable:
+    // not told that no pod holds other anchors.
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let first = strait_on(&kubeconfig, &["install"]).await;
+    apply_installed(&api, &first.stdout, &["ConfigMap", "Secret", "Deployment"]);
+    api.delete("v1", "Secret", "strait-system", "strait-identity-issuer");
+    api.delete("v1", "ConfigMap", "strait-system", "strait-trust-anchors");
+    api.forbid_kind("pods");
+    let unread = strait_on(&kubeconfig, &["install"]).await;
+    let stderr = String::from_utf8_lossy(&unread.stderr);
+    assert!(!unread.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the meshed pods could not be read"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("no meshed pod's proxy holds"), "{stderr}");
 }
 
 /// A new identity over a running install (files given in one step, or its
