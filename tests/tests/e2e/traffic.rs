@@ -1172,72 +1172,59 @@ async fn a_port_declared_opaque_by_app_protocol_skips_detection() {
 
 /// A Service port among the callers' default opaque ports (Selenium's 4444)
 /// whose `appProtocol` says HTTP is routed as HTTP: its route applies, where
-/// the caller's own list would carry it as TCP past every rule.
+/// the caller's own list would carry it as TCP past every rule. Without an
+/// `appProtocol`, a caller whose own list leaves the port out
+/// (`--opaque-ports=`) routes it too: the controller does not impose the
+/// default list on it.
 #[tokio::test]
 async fn an_http_app_protocol_routes_a_port_callers_carry_as_tcp_by_default() {
     let grid = Backend::start().await;
     let dir = ManifestDir::new();
-    dir.write(
-        "svc.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: grid, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 4444, appProtocol: http}}]\n"
-        ),
-    );
-    dir.write("slice.yaml", &endpoint(NS, "grid", "grid-0", grid.addr));
-    dir.write(
-        "route.yaml",
-        &format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: grid, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: grid, port: 4444}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /wd}}}}]\n    backendRefs: [{{name: grid, port: 4444}}]\n"
-        ),
-    );
+    for (name, app_protocol) in [("grid", ", appProtocol: http"), ("grid-plain", "")] {
+        dir.write(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 4444{app_protocol}}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {name}, port: 4444}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /wd}}}}]\n    backendRefs: [{{name: {name}, port: 4444}}]\n"
+            ),
+        );
+        dir.write(
+            &format!("{name}-slice.yaml"),
+            &endpoint(NS, name, &format!("{name}-0"), grid.addr),
+        );
+    }
     let cp = ControllerProc::start(dir.path()).await;
-    let client = Sidecar::start(cp.grpc, NS, "client", &["grid.test.svc.cluster.local:4444"]).await;
-    let http = client::http1();
-    let url = |path: &str| format!("http://{}{path}", client.upstreams[0]);
-    wait::until(
-        "the grid through the proxy",
-        Duration::from_secs(10),
-        || async { matches!(client::get(&http, &url("/wd/hub")).await, Ok((s, _)) if s == 200) },
-    )
-    .await;
-    let reached = grid.requests();
-    // Past the route's only rule: the proxy's 404, not the app's answer.
-    let (status, _) = client::get(&http, &url("/other")).await.unwrap();
-    assert_eq!(status, 404);
-    assert_eq!(grid.requests(), reached, "carried past the route");
-
-    // Without an appProtocol, a caller whose own list leaves the port out
-    // (`--opaque-ports=`) routes it too: the controller does not impose
-    // the default list.
-    dir.write(
-        "svc.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: grid, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 4444}}]\n"
-        ),
-    );
-    let own = strait_tests::mesh::SidecarOpts {
+    let own_list = strait_tests::mesh::SidecarOpts {
         args: vec!["--opaque-ports=".into()],
         ..Default::default()
     };
-    let client = Sidecar::start_with(
-        cp.grpc,
-        NS,
-        "client-2",
-        &["grid.test.svc.cluster.local:4444"],
-        own,
-    )
-    .await;
-    let url = |path: &str| format!("http://{}{path}", client.upstreams[0]);
-    wait::until(
-        "the grid through the proxy",
-        Duration::from_secs(10),
-        || async { matches!(client::get(&http, &url("/wd/hub")).await, Ok((s, _)) if s == 200) },
-    )
-    .await;
-    let reached = grid.requests();
-    let (status, _) = client::get(&http, &url("/other")).await.unwrap();
-    assert_eq!(status, 404);
-    assert_eq!(grid.requests(), reached, "carried past the route");
+    let clients = [
+        Sidecar::start(cp.grpc, NS, "client", &["grid.test.svc.cluster.local:4444"]).await,
+        Sidecar::start_with(
+            cp.grpc,
+            NS,
+            "client-2",
+            &["grid-plain.test.svc.cluster.local:4444"],
+            own_list,
+        )
+        .await,
+    ];
+    let http = client::http1();
+    for c in &clients {
+        let url = |path: &str| format!("http://{}{path}", c.upstreams[0]);
+        wait::until(
+            "the grid through the proxy",
+            Duration::from_secs(10),
+            || async {
+                matches!(client::get(&http, &url("/wd/hub")).await, Ok((s, _)) if s == 200)
+            },
+        )
+        .await;
+        let reached = grid.requests();
+        // Past the route's only rule: the proxy's 404, not the app's answer.
+        let (status, _) = client::get(&http, &url("/other")).await.unwrap();
+        assert_eq!(status, 404);
+        assert_eq!(grid.requests(), reached, "carried past the route");
+    }
 }
 
 /// An endpoint that refuses opaque streams is judged unreachable, as one that
