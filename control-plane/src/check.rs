@@ -517,7 +517,106 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         }
         Err(e) => say(unread("the pods", &e)),
     }
+
+    // What strait did not take: a route that never applies, a policy that
+    // never guards, which nothing above would show.
+    let mut refused = Vec::new();
+    for (group, version, kind, plural) in NOT_ACCEPTED_KINDS {
+        let ar = kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk(group, version, kind),
+            plural,
+        );
+        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+        match each_listed(&api, PODS_PAGE, |out: &mut Vec<String>, o| {
+            out.extend(not_accepted(kind, o));
+        })
+        .await
+        {
+            Ok(found) => refused.extend(found),
+            // Its CRD not installed: nothing of the kind to take.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => say(unread(&format!("the {kind}s"), &e)),
+        }
+    }
+    if let Some(l) = not_accepted_line(&refused) {
+        say(l);
+    }
     out
+}
+
+/// The kinds whose status says whether strait took them.
+const NOT_ACCEPTED_KINDS: [(&str, &str, &str, &str); 4] = [
+    ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+    (
+        "policy.strait.dev",
+        "v1alpha1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
+    (
+        "policy.strait.dev",
+        "v1alpha1",
+        "BackendPolicy",
+        "backendpolicies",
+    ),
+];
+
+/// `kind namespace/name (reason: message)` of each `Accepted: False` that
+/// strait wrote on the object: a route's under its own parent entries (other
+/// controllers' are theirs), a policy's in its conditions.
+fn not_accepted(kind: &str, o: &kube::api::DynamicObject) -> Vec<String> {
+    let status = &o.data["status"];
+    let conditions: Vec<&serde_json::Value> = match status["parents"].as_array() {
+        Some(parents) => parents
+            .iter()
+            .filter(|p| p["controllerName"] == crate::kubernetes::status::CONTROLLER_NAME)
+            .flat_map(|p| p["conditions"].as_array().into_iter().flatten())
+            .collect(),
+        None => status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect(),
+    };
+    let name = format!(
+        "{kind} {}/{}",
+        o.metadata.namespace.as_deref().unwrap_or(""),
+        o.metadata.name.as_deref().unwrap_or("")
+    );
+    conditions
+        .into_iter()
+        .filter(|c| c["type"] == "Accepted" && c["status"] == "False")
+        .map(|c| {
+            let said = |k: &str| c[k].as_str().unwrap_or("");
+            format!(
+                "{name} ({}: {})",
+                said("reason"),
+                crate::inject::clipped(said("message"))
+            )
+        })
+        .collect()
+}
+
+/// The routes and policies strait did not accept, the first few named.
+fn not_accepted_line(refused: &[String]) -> Option<Line> {
+    const NAMED: usize = 5;
+    (!refused.is_empty()).then(|| {
+        let more = refused.len().saturating_sub(NAMED);
+        let more = if more > 0 {
+            format!("; and {more} more")
+        } else {
+            String::new()
+        };
+        line(
+            Verdict::Warn,
+            format!(
+                "{} route(s) or policy(ies) not accepted by strait, so not applied: {}{more} (kubectl describe names each condition)",
+                refused.len(),
+                refused[..refused.len().min(NAMED)].join("; ")
+            ),
+        )
+    })
 }
 
 /// LimitRanges of labelled namespaces that the injected proxy, as the mesh's
@@ -2052,6 +2151,56 @@ mod tests {
         let l = also_in_ambient(&[ns("a", false), ns("shop", true)]).unwrap();
         assert_eq!(l.verdict, Verdict::Warn);
         assert!(l.what.contains(": shop;"), "{}", l.what);
+    }
+
+    /// Routes and policies strait did not accept are named with its reason;
+    /// another controller's refusal of a route is not strait's to tell.
+    #[test]
+    fn what_strait_did_not_accept_is_named() {
+        let obj = |v: serde_json::Value| -> kube::api::DynamicObject {
+            serde_json::from_value(v).unwrap()
+        };
+        let route = obj(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "status": {"parents": [
+                {"controllerName": "example.io/gateway", "conditions": [{"type": "Accepted", "status": "False", "reason": "NotAllowed", "message": "theirs"}]},
+                {"controllerName": "strait.dev/controller", "conditions": [
+                    {"type": "Accepted", "status": "False", "reason": "UnsupportedValue", "message": "ours"},
+                    {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound", "message": "not this one"}]},
+            ]},
+        }));
+        assert_eq!(
+            not_accepted("HTTPRoute", &route),
+            ["HTTPRoute shop/web (UnsupportedValue: ours)"]
+        );
+        let policy = obj(serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "status": {"conditions": [{"type": "Accepted", "status": "False", "reason": "TargetNotFound", "message": "no Service wbe"}]},
+        }));
+        let named = not_accepted("AuthorizationPolicy", &policy);
+        assert_eq!(
+            named,
+            ["AuthorizationPolicy shop/p (TargetNotFound: no Service wbe)"]
+        );
+        let accepted = obj(serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "BackendPolicy",
+            "metadata": {"name": "b", "namespace": "shop"},
+            "status": {"conditions": [{"type": "Accepted", "status": "True"}]},
+        }));
+        assert!(not_accepted("BackendPolicy", &accepted).is_empty());
+        let many: Vec<String> = (0..7)
+            .map(|i| format!("HTTPRoute shop/r{i} (x: y)"))
+            .collect();
+        let l = not_accepted_line(&many).unwrap();
+        assert_eq!(l.verdict, Verdict::Warn);
+        assert!(
+            l.what.starts_with("7 route(s)") && l.what.contains("; and 2 more"),
+            "{}",
+            l.what
+        );
+        assert!(not_accepted_line(&[]).is_none());
     }
 
     /// A LimitRange the injected proxy does not fit (20Mi requested under a

@@ -625,6 +625,14 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     api.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cilium-config, namespace: kube-system}\ndata: {kube-proxy-replacement: \"true\"}\n");
     // A platform's policy refusing the init container: its pods never exist.
     api.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: web-5d9, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, template: {metadata: {labels: {app: web}}, spec: {containers: [{name: web}]}}}\nstatus: {replicas: 0, conditions: [{type: ReplicaFailure, status: \"True\", reason: FailedCreate, message: \"pods \\\"web-5d9-x\\\" is forbidden: GKE Warden rejected the request: linux capability 'NET_ADMIN' on container 'strait-init' not allowed\"}]}\n");
+    // A route strait did not accept, and one another controller did not
+    // (not strait's to tell).
+    for (name, controller) in [
+        ("grid", "strait.dev/controller"),
+        ("edge", "example.io/gateway"),
+    ] {
+        api.apply(&format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: {name}}}]}}\nstatus: {{parents: [{{controllerName: {controller}, parentRef: {{kind: Service, name: {name}}}, conditions: [{{type: Accepted, status: \"False\", reason: UnsupportedValue, message: \"Service {name} port 4444 is opaque\"}}]}}]}}\n"));
+    }
     // A LimitRange the injected proxy does not fit (250Mi over 20Mi).
     api.apply("apiVersion: v1\nkind: LimitRange\nmetadata: {name: ratio, namespace: shop}\nspec: {limits: [{type: Container, maxLimitRequestRatio: {memory: \"4\"}}]}\n");
     api.delete(
@@ -670,6 +678,10 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     );
     assert!(
         text.contains("[FAIL] LimitRange(s) of namespaces labelled strait.dev/inject=enabled refuse the injected proxy as the mesh's resources make it, so meshed pods there are refused (by an error naming no container): shop/ratio (memory limit 250Mi over request 20Mi above its maxLimitRequestRatio 4)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[warn] 1 route(s) or policy(ies) not accepted by strait, so not applied: HTTPRoute shop/grid (UnsupportedValue: Service grid port 4444 is opaque) (kubectl describe"),
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("6 check(s) failed"));
