@@ -518,24 +518,32 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         Err(e) => say(unread("the pods", &e)),
     }
 
-    // What strait did not take: a route that never applies, a policy that
-    // never guards, which nothing above would show.
-    let mut refused = Vec::new();
-    for (group, version, kind, plural) in NOT_ACCEPTED_KINDS {
-        let ar = kube::api::ApiResource::from_gvk_with_plural(
-            &kube::api::GroupVersionKind::gvk(group, version, kind),
-            plural,
-        );
+    // What strait did not take: a route that is not applied, a policy that
+    // does not guard, which nothing above would show.
+    let mut refused = Named::default();
+    for kind in crate::kubernetes::Kind::ALL {
+        let Some(ar) = kind.resource() else {
+            continue;
+        };
         let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
-        match each_listed(&api, PODS_PAGE, |out: &mut Vec<String>, o| {
-            out.extend(not_accepted(kind, o));
+        let listed = each_listed(&api, PODS_PAGE, |out: &mut Named, o| {
+            if let Some(why) = not_accepted(kind, o) {
+                out.push_named(|| format!("{} {why}", ar.kind));
+            }
         })
-        .await
-        {
+        .await;
+        match listed {
             Ok(found) => refused.extend(found),
-            // Its CRD not installed: nothing of the kind to take.
+            // Its CRD not installed: nothing of the kind to take (said above).
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => say(unread(&format!("the {kind}s"), &e)),
+            // A check that can only warn does not fail for a list it missed.
+            Err(e) => say(Line {
+                unchecked: true,
+                ..line(
+                    Verdict::Warn,
+                    format!("the {} cannot be read ({e}): not checked", ar.plural),
+                )
+            }),
         }
     }
     if let Some(l) = not_accepted_line(&refused) {
@@ -544,76 +552,67 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     out
 }
 
-/// The kinds whose status says whether strait took them.
-const NOT_ACCEPTED_KINDS: [(&str, &str, &str, &str); 4] = [
-    ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
-    ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
-    (
-        "policy.strait.dev",
-        "v1alpha1",
-        "AuthorizationPolicy",
-        "authorizationpolicies",
-    ),
-    (
-        "policy.strait.dev",
-        "v1alpha1",
-        "BackendPolicy",
-        "backendpolicies",
-    ),
-];
-
-/// `kind namespace/name (reason: message)` of each `Accepted: False` that
-/// strait wrote on the object: a route's under its own parent entries (other
-/// controllers' are theirs), a policy's in its conditions.
-fn not_accepted(kind: &str, o: &kube::api::DynamicObject) -> Vec<String> {
-    let status = &o.data["status"];
-    let conditions: Vec<&serde_json::Value> = match status["parents"].as_array() {
-        Some(parents) => parents
-            .iter()
-            .filter(|p| p["controllerName"] == crate::kubernetes::status::CONTROLLER_NAME)
-            .flat_map(|p| p["conditions"].as_array().into_iter().flatten())
-            .collect(),
-        None => status["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .collect(),
+/// `namespace/name (via parent: reason: message)` when strait wrote
+/// `Accepted: False` of the object's current generation: a route's under its
+/// own parent entries (other controllers' are theirs), one object once,
+/// naming the parents refused; a policy's in its conditions.
+fn not_accepted(kind: crate::kubernetes::Kind, o: &kube::api::DynamicObject) -> Option<String> {
+    let generation = o.metadata.generation.unwrap_or(0);
+    let refused = |c: &&serde_json::Value| {
+        c["type"] == "Accepted"
+            && c["status"] == "False"
+            && c["observedGeneration"]
+                .as_i64()
+                .is_none_or(|g| g >= generation)
     };
-    let name = format!(
-        "{kind} {}/{}",
-        o.metadata.namespace.as_deref().unwrap_or(""),
-        o.metadata.name.as_deref().unwrap_or("")
-    );
-    conditions
-        .into_iter()
-        .filter(|c| c["type"] == "Accepted" && c["status"] == "False")
-        .map(|c| {
-            let said = |k: &str| c[k].as_str().unwrap_or("");
-            format!(
-                "{name} ({}: {})",
-                said("reason"),
-                crate::inject::clipped(said("message"))
-            )
-        })
-        .collect()
+    let said = |c: &serde_json::Value| {
+        let s = |k: &str| c[k].as_str().unwrap_or("");
+        format!("{}: {}", s("reason"), crate::inject::clipped(s("message")))
+    };
+    let status = &o.data["status"];
+    let why: Vec<String> = if kind.is_route() {
+        (status["parents"].as_array().into_iter().flatten())
+            .filter(|p| p["controllerName"] == crate::kubernetes::status::CONTROLLER_NAME)
+            .filter_map(|p| {
+                let c = p["conditions"].as_array()?.iter().find(refused)?;
+                let r = &p["parentRef"];
+                let port = r["port"]
+                    .as_u64()
+                    .map(|p| format!(":{p}"))
+                    .unwrap_or_default();
+                Some(format!(
+                    "via {} {}{port}: {}",
+                    r["kind"].as_str().unwrap_or("Service"),
+                    r["name"].as_str().unwrap_or(""),
+                    said(c)
+                ))
+            })
+            .collect()
+    } else {
+        (status["conditions"].as_array().into_iter().flatten())
+            .find(refused)
+            .map(said)
+            .into_iter()
+            .collect()
+    };
+    (!why.is_empty()).then(|| {
+        format!(
+            "{}/{} ({})",
+            o.metadata.namespace.as_deref().unwrap_or(""),
+            o.metadata.name.as_deref().unwrap_or(""),
+            why.join("; ")
+        )
+    })
 }
 
 /// The routes and policies strait did not accept, the first few named.
-fn not_accepted_line(refused: &[String]) -> Option<Line> {
-    const NAMED: usize = 5;
-    (!refused.is_empty()).then(|| {
-        let more = refused.len().saturating_sub(NAMED);
-        let more = if more > 0 {
-            format!("; and {more} more")
-        } else {
-            String::new()
-        };
+fn not_accepted_line(refused: &Named) -> Option<Line> {
+    (refused.count > 0).then(|| {
         line(
             Verdict::Warn,
             format!(
-                "{} route(s) or policy(ies) not accepted by strait, so not applied: {}{more} (kubectl describe names each condition)",
-                refused.len(),
-                refused[..refused.len().min(NAMED)].join("; ")
+                "{} route(s) or policy(ies) not accepted by strait, so not applied there (a route on a port callers carry as TCP by default is applied only by proxies whose --opaque-ports leave it out): {refused} (kubectl describe names each condition)",
+                refused.count,
             ),
         )
     })
@@ -852,6 +851,13 @@ impl Named {
                 m.name.as_deref().unwrap_or("")
             )
         });
+    }
+
+    /// Those of `other` too, named while there is room.
+    fn extend(&mut self, other: Named) {
+        let room = Self::NAMED.saturating_sub(self.named.len());
+        self.named.extend(other.named.into_iter().take(room));
+        self.count += other.count;
     }
 
     /// One more, named (`name` is made only then) if among the first few.
@@ -2153,54 +2159,72 @@ mod tests {
         assert!(l.what.contains(": shop;"), "{}", l.what);
     }
 
-    /// Routes and policies strait did not accept are named with its reason;
-    /// another controller's refusal of a route is not strait's to tell.
+    /// Routes and policies strait did not accept are named with its reason,
+    /// a route once whatever its parents, with those refused; another
+    /// controller's refusal of a route is not strait's to tell, nor is a
+    /// refusal of an earlier generation.
     #[test]
     fn what_strait_did_not_accept_is_named() {
+        use crate::kubernetes::Kind;
         let obj = |v: serde_json::Value| -> kube::api::DynamicObject {
             serde_json::from_value(v).unwrap()
         };
+        let refused = |parent: &str, port: u16| {
+            serde_json::json!({"controllerName": "strait.dev/controller",
+                "parentRef": {"kind": "Service", "name": parent, "port": port},
+                "conditions": [
+                    {"type": "Accepted", "status": "False", "reason": "UnsupportedValue", "message": "ours"},
+                    {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound", "message": "not this one"}]})
+        };
         let route = obj(serde_json::json!({
             "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": "shop"},
+            "metadata": {"name": "web", "namespace": "shop", "generation": 2},
             "status": {"parents": [
                 {"controllerName": "example.io/gateway", "conditions": [{"type": "Accepted", "status": "False", "reason": "NotAllowed", "message": "theirs"}]},
-                {"controllerName": "strait.dev/controller", "conditions": [
-                    {"type": "Accepted", "status": "False", "reason": "UnsupportedValue", "message": "ours"},
-                    {"type": "ResolvedRefs", "status": "False", "reason": "BackendNotFound", "message": "not this one"}]},
+                refused("web", 80),
+                refused("api", 8080),
             ]},
         }));
         assert_eq!(
-            not_accepted("HTTPRoute", &route),
-            ["HTTPRoute shop/web (UnsupportedValue: ours)"]
+            not_accepted(Kind::HttpRoute, &route).as_deref(),
+            Some(
+                "shop/web (via Service web:80: UnsupportedValue: ours; via Service api:8080: UnsupportedValue: ours)"
+            )
         );
         let policy = obj(serde_json::json!({
             "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
-            "metadata": {"name": "p", "namespace": "shop"},
-            "status": {"conditions": [{"type": "Accepted", "status": "False", "reason": "TargetNotFound", "message": "no Service wbe"}]},
+            "metadata": {"name": "p", "namespace": "shop", "generation": 3},
+            "status": {"conditions": [{"type": "Accepted", "status": "False", "reason": "TargetNotFound", "message": "no Service wbe", "observedGeneration": 3}]},
         }));
-        let named = not_accepted("AuthorizationPolicy", &policy);
         assert_eq!(
-            named,
-            ["AuthorizationPolicy shop/p (TargetNotFound: no Service wbe)"]
+            not_accepted(Kind::AuthorizationPolicy, &policy).as_deref(),
+            Some("shop/p (TargetNotFound: no Service wbe)")
         );
+        // Fixed since: the refusal is of an earlier generation.
+        let fixed = obj(serde_json::json!({
+            "apiVersion": "policy.strait.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop", "generation": 4},
+            "status": {"conditions": [{"type": "Accepted", "status": "False", "reason": "TargetNotFound", "message": "no Service wbe", "observedGeneration": 3}]},
+        }));
+        assert_eq!(not_accepted(Kind::AuthorizationPolicy, &fixed), None);
         let accepted = obj(serde_json::json!({
             "apiVersion": "policy.strait.dev/v1alpha1", "kind": "BackendPolicy",
             "metadata": {"name": "b", "namespace": "shop"},
             "status": {"conditions": [{"type": "Accepted", "status": "True"}]},
         }));
-        assert!(not_accepted("BackendPolicy", &accepted).is_empty());
-        let many: Vec<String> = (0..7)
-            .map(|i| format!("HTTPRoute shop/r{i} (x: y)"))
-            .collect();
+        assert_eq!(not_accepted(Kind::BackendPolicy, &accepted), None);
+        let mut many = Named::default();
+        for i in 0..7 {
+            many.push_named(|| format!("HTTPRoute shop/r{i} (x: y)"));
+        }
         let l = not_accepted_line(&many).unwrap();
         assert_eq!(l.verdict, Verdict::Warn);
         assert!(
-            l.what.starts_with("7 route(s)") && l.what.contains("; and 2 more"),
+            l.what.starts_with("7 route(s)") && l.what.contains(" and 2 more"),
             "{}",
             l.what
         );
-        assert!(not_accepted_line(&[]).is_none());
+        assert!(not_accepted_line(&Named::default()).is_none());
     }
 
     /// A LimitRange the injected proxy does not fit (20Mi requested under a

@@ -196,8 +196,6 @@ impl InFlight {
     }
 }
 
-/// A request a rule has no backend for: 500, as Gateway API asks, and to a
-/// gRPC caller UNAVAILABLE, as its GRPCRoute asks (a 500 reads as UNKNOWN).
 /// Why a backend has no service, by the name the controller gave it: a
 /// reference it could not resolve is named for what it lacks,
 /// `ReferenceGrant/<ns>/<name>` or `<group>/<Kind>/<ns>/<name>` (a
@@ -216,6 +214,8 @@ fn not_found(name: &str) -> String {
     }
 }
 
+/// A request a rule has no backend for: 500, as Gateway API asks, and to a
+/// gRPC caller UNAVAILABLE, as its GRPCRoute asks (a 500 reads as UNKNOWN).
 fn unresolved(reason: &str) -> Response<BoxBody> {
     let mut rsp = error_response("no_backend", StatusCode::INTERNAL_SERVER_ERROR, reason);
     rsp.extensions_mut().insert(crate::http::grpc::UNAVAILABLE);

@@ -633,6 +633,7 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     ] {
         api.apply(&format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{parentRefs: [{{kind: Service, name: {name}}}]}}\nstatus: {{parents: [{{controllerName: {controller}, parentRef: {{kind: Service, name: {name}}}, conditions: [{{type: Accepted, status: \"False\", reason: UnsupportedValue, message: \"Service {name} port 4444 is opaque\"}}]}}]}}\n"));
     }
+    api.forbid_kind("grpcroutes");
     // A LimitRange the injected proxy does not fit (250Mi over 20Mi).
     api.apply("apiVersion: v1\nkind: LimitRange\nmetadata: {name: ratio, namespace: shop}\nspec: {limits: [{type: Container, maxLimitRequestRatio: {memory: \"4\"}}]}\n");
     api.delete(
@@ -681,7 +682,18 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         "{text}"
     );
     assert!(
-        text.contains("[warn] 1 route(s) or policy(ies) not accepted by strait, so not applied: HTTPRoute shop/grid (UnsupportedValue: Service grid port 4444 is opaque) (kubectl describe"),
+        text.contains(
+            "[warn] 1 route(s) or policy(ies) not accepted by strait, so not applied there"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(": HTTPRoute shop/grid (via Service grid: UnsupportedValue: Service grid port 4444 is opaque) (kubectl describe"),
+        "{text}"
+    );
+    // A kind these credentials may not list is not checked, and fails nothing.
+    assert!(
+        text.contains("[warn] the grpcroutes cannot be read"),
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("6 check(s) failed"));
