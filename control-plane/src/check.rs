@@ -208,24 +208,13 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     let controller = deployments.get_opt(CONTROLLER).await;
     // A certificate of the operator's own (cert-manager's) for the webhooks,
     // whose caBundle then holds its CA, not the mesh's anchors.
-    let own_webhook_cert = match &controller {
-        Ok(Some(d)) => crate::install::controller_flag(d, "--webhook-cert"),
-        _ => None,
-    };
-    let proxy_image = match &controller {
-        Ok(Some(d)) => crate::install::controller_flag(d, "--proxy-image"),
-        _ => None,
-    };
-    let flag = |f: &str| match &controller {
-        Ok(Some(d)) => crate::install::controller_flag(d, f),
-        _ => None,
-    };
-    let proxy_resources = crate::inject::ProxyResources {
-        proxy_cpu_request: flag("--proxy-cpu-request"),
-        proxy_cpu_limit: flag("--proxy-cpu-limit"),
-        proxy_memory_request: flag("--proxy-memory-request"),
-        proxy_memory_limit: flag("--proxy-memory-limit"),
-    };
+    let installed = controller.as_ref().ok().and_then(Option::as_ref);
+    let flag = |f: &str| installed.and_then(|d| crate::install::controller_flag(d, f));
+    let own_webhook_cert = flag("--webhook-cert");
+    let proxy_image = flag("--proxy-image");
+    let proxy_resources = installed
+        .map(crate::install::proxy_resources_of)
+        .unwrap_or_default();
     say(match controller {
         Ok(Some(d)) => {
             let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);

@@ -232,7 +232,8 @@ async fn existing_install(
     // is not the way on.
     if let Err(kube::Error::Api(s)) = &read
         && s.code == 403
-        && let Ok(Some(_)) = deployments.get_opt(CONTROLLER).await
+        && let Ok(Ok(Some(_))) =
+            tokio::time::timeout(LOOKUP_TIMEOUT, deployments.get_opt(CONTROLLER)).await
     {
         anyhow::bail!(Stop(format!(
             "strait is installed in the cluster at {name} (Deployment {NAMESPACE}/{CONTROLLER}), but these credentials may not read its identity ({}): use credentials that can read Secret {NAMESPACE}/{ISSUER_SECRET}, or give the installed identity with the --identity-* files; a new one would cut every running proxy off",
@@ -475,12 +476,10 @@ fn settings_of(
             }),
         },
         // Read as given (the controller refuses one it cannot read).
-        proxy_resources: crate::inject::ProxyResources {
-            proxy_cpu_request: arg("--proxy-cpu-request"),
-            proxy_cpu_limit: arg("--proxy-cpu-limit"),
-            proxy_memory_request: arg("--proxy-memory-request"),
-            proxy_memory_limit: arg("--proxy-memory-limit"),
-        },
+        proxy_resources: controller
+            .as_ref()
+            .map(proxy_resources_of)
+            .unwrap_or_default(),
     }
 }
 
@@ -495,6 +494,20 @@ fn controller_container(
 }
 
 /// A flag's value as the controller container of `d` is given it.
+/// The proxies' resources the controller Deployment's own arguments give
+/// (read as given: the controller refuses one it cannot read).
+pub(crate) fn proxy_resources_of(
+    d: &k8s_openapi::api::apps::v1::Deployment,
+) -> crate::inject::ProxyResources {
+    let arg = |flag: &str| controller_flag(d, flag);
+    crate::inject::ProxyResources {
+        proxy_cpu_request: arg("--proxy-cpu-request"),
+        proxy_cpu_limit: arg("--proxy-cpu-limit"),
+        proxy_memory_request: arg("--proxy-memory-request"),
+        proxy_memory_limit: arg("--proxy-memory-limit"),
+    }
+}
+
 pub(crate) fn controller_flag(
     d: &k8s_openapi::api::apps::v1::Deployment,
     flag: &str,

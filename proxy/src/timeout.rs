@@ -62,11 +62,10 @@ impl<S> tower::Layer<S> for TimeoutLayer {
     fn layer(&self, inner: S) -> Timeout<S> {
         Timeout {
             inner: match self.after {
-                Some(d) => Inner::Timed(tower::timeout::Timeout::new(inner, d)),
+                Some(d) => Inner::Timed(tower::timeout::Timeout::new(inner, d), d),
                 None => Inner::Untimed(inner),
             },
             kind: self.kind,
-            after: self.after.unwrap_or_default(),
             expired: self.expired.clone(),
         }
     }
@@ -74,7 +73,8 @@ impl<S> tower::Layer<S> for TimeoutLayer {
 
 #[derive(Clone, Debug)]
 enum Inner<S> {
-    Timed(tower::timeout::Timeout<S>),
+    /// With its limit, for the answer to name.
+    Timed(tower::timeout::Timeout<S>, Duration),
     Untimed(S),
 }
 
@@ -82,7 +82,6 @@ enum Inner<S> {
 pub struct Timeout<S> {
     inner: Inner<S>,
     kind: Kind,
-    after: Duration,
     expired: OnFirstUse<Counter>,
 }
 
@@ -105,17 +104,17 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         match &mut self.inner {
             // Our services are always ready; an error here cannot happen.
-            Inner::Timed(t) => t.poll_ready(cx).map(|_| Ok(())),
+            Inner::Timed(t, _) => t.poll_ready(cx).map(|_| Ok(())),
             Inner::Untimed(s) => s.poll_ready(cx),
         }
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
         match &mut self.inner {
-            Inner::Timed(t) => TimeoutFuture::Timed {
+            Inner::Timed(t, after) => TimeoutFuture::Timed {
                 f: t.call(req),
                 kind: self.kind,
-                after: self.after,
+                after: *after,
                 expired: self.expired.clone(),
             },
             Inner::Untimed(s) => TimeoutFuture::Untimed { f: s.call(req) },
