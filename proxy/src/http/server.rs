@@ -111,11 +111,12 @@ pub struct ConnMeta {
     /// connection to a port the kubelet probes, whose address (the node's)
     /// others share.
     pub caller_share: bool,
-    /// Outbound: every request of the connection goes to one destination
-    /// (its original destination, or an `--upstream` listener's), so an
-    /// answer that it cannot be reached is the connection's, not only the
-    /// request's; not so for HTTP sent straight to the outbound port, whose
-    /// requests each name theirs.
+    /// Every request of the connection goes to one destination (outbound,
+    /// its original destination or an `--upstream` listener's; inbound, the
+    /// app port a client outside the mesh was redirected from), so an answer
+    /// that it cannot be reached is the connection's, not only the request's;
+    /// not so for HTTP sent straight to the outbound port, or a peer proxy's,
+    /// whose requests each name theirs.
     pub one_destination: bool,
 }
 

@@ -80,10 +80,13 @@ impl HttpStack {
             false if meta.direction == Direction::Inbound => ConnState::of_probes(),
             false => ConnState::default(),
         };
-        // An app's HTTP/2 connection to one destination goes away after an
-        // answer that it could not be reached, as an HTTP/1 one is closed; a
-        // peer's carries every request of its pod.
-        if h2 && meta.direction == Direction::Outbound && meta.one_destination {
+        // An HTTP/2 connection to one destination goes away after an answer
+        // that it could not be reached, as an HTTP/1 one is closed: outbound
+        // the app's, which resolves the name again; inbound a client's from
+        // outside the mesh, when the app has stopped listening (shutting
+        // down), which reconnects through its Service to a pod that serves.
+        // A peer's carries every request of its pod.
+        if h2 && meta.one_destination {
             state = state.closing_on_unreachable();
         }
         let state = Arc::new(state);

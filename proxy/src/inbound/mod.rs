@@ -354,7 +354,10 @@ impl Inbound {
             caller_share: peer.is_some()
                 || protocol != Protocol::Http1
                 || !target.is_some_and(|p| policy::probed(&s.policy, p.0)),
-            one_destination: false,
+            // Redirected (a client outside the mesh), or an opaque stream a
+            // peer carried: one app port. A peer's own connection names the
+            // port per request.
+            one_destination: target.is_some(),
         };
         let layers = Stack::new(
             AuthorizeLayer::new(

@@ -955,6 +955,73 @@ async fn the_kubelets_probe_of_an_opaque_port_passes_strict() {
     assert!(buf.is_empty(), "plaintext bytes were answered: {buf:?}");
 }
 
+/// A client outside the mesh holding an HTTP/2 connection to a meshed pod (a
+/// gRPC client in a namespace not yet meshed, through the Service's cluster
+/// IP or a node port) is sent away once the app stops listening, shutting
+/// down, as the app's own GOAWAY would have sent it: it reconnects through
+/// the Service to a pod that serves. Before, every request on the connection
+/// failed until the pod was gone, a removed endpoint moving no connection.
+#[tokio::test]
+async fn an_unmeshed_http2_client_is_sent_away_when_the_app_stops_listening() {
+    let Some(mut mesh) = PodMesh::start().await else {
+        return;
+    };
+    let server = mesh.pod("server", "server", &[]).await;
+    let app = server.pod.run(|| async {
+        let b = Backend::start_on(SocketAddr::from(([0, 0, 0, 0], HTTP_PORT))).await;
+        std::future::pending::<()>().await;
+        drop(b);
+    });
+    let target = SocketAddr::from((server.pod.ip, HTTP_PORT));
+    wait::until(
+        "the app to answer through its proxy",
+        Duration::from_secs(15),
+        || async {
+            client::get(&client::http1(), &format!("http://{target}/"))
+                .await
+                .is_ok_and(|(status, _)| status == StatusCode::OK)
+        },
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut conn = tokio::spawn(conn);
+    let get = |h2: h2::client::SendRequest<Bytes>| async move {
+        let mut h2 = h2.ready().await.map_err(|e| e.to_string())?;
+        let req = Request::get(format!("http://{target}/")).body(()).unwrap();
+        let (rsp, _) = h2.send_request(req, true).map_err(|e| e.to_string())?;
+        rsp.await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(get(h2.clone()).await, Ok(200));
+
+    // The app stops listening; its pod and proxy stay.
+    drop(app);
+    server
+        .pod
+        .run(|| {
+            wait::until(
+                "the app to stop listening",
+                Duration::from_secs(10),
+                || async {
+                    tokio::net::TcpStream::connect(("127.0.0.1", HTTP_PORT))
+                        .await
+                        .is_err()
+                },
+            )
+        })
+        .join()
+        .await;
+    assert_eq!(get(h2.clone()).await, Ok(502), "the app is not listening");
+    tokio::time::timeout(Duration::from_secs(10), &mut conn)
+        .await
+        .expect("the connection went away after the answer")
+        .unwrap()
+        .unwrap();
+    println!("an HTTP/2 client outside the mesh: 502 once, then GOAWAY");
+}
+
 /// A dual-stack Service's IPv6 leg is meshed as its IPv4 one. Most clients
 /// (glibc's address order) dial a dual-stack Service's IPv6 cluster IP first;
 /// that, and a pod's IPv6 address, go through both proxies with mTLS; and a
