@@ -332,6 +332,10 @@ pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "strait-controller";
 /// Connecting (TCP and TLS) to the control plane.
 pub const CONTROL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The largest count a limit flag takes (connections, requests in flight):
+/// each connection holds a file descriptor and buffers, so more is a typo.
+pub const MAX_COUNT_FLAG: usize = 10_000_000;
+
 /// The longest duration any flag takes (a year): longer is a typo, and deadlines
 /// computed from it must not overflow.
 pub const MAX_DURATION_FLAG: Duration = Duration::from_secs(366 * 24 * 3600);

@@ -254,11 +254,6 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
             )));
         }
     }
-    if config.max_connections() == 0 {
-        return Err(StartError::Flag(
-            "--max-connections 0 would refuse every connection; give at least 1".into(),
-        ));
-    }
     if config.max_discovery_watches == 0 {
         return Err(StartError::Flag(
             "--max-discovery-watches 0 would watch no destination; give at least 1".into(),
@@ -273,15 +268,39 @@ fn check_claims(config: &Config) -> Result<(), StartError> {
             crate::defaults::MAX_DISCOVERY_WATCHES_LIMIT
         )));
     }
-    if config.max_in_flight_requests == 0 {
-        return Err(StartError::Flag(
-            "--max-in-flight-requests 0 would refuse every request; give at least 1".into(),
-        ));
-    }
-    if config.inbound_max_connections_per_source == Some(0) {
-        return Err(StartError::Flag(
-            "--inbound-max-connections-per-source 0 would refuse every unauthenticated connection; give at least 1".into(),
-        ));
+    for (flag, n, zero_would) in [
+        (
+            "--max-connections",
+            Some(config.max_connections()),
+            "refuse every connection",
+        ),
+        (
+            "--max-in-flight-requests",
+            Some(config.max_in_flight_requests),
+            "refuse every request",
+        ),
+        (
+            "--inbound-max-connections-per-source",
+            config.inbound_max_connections_per_source,
+            "refuse every unauthenticated connection",
+        ),
+    ] {
+        match n {
+            Some(0) => {
+                return Err(StartError::Flag(format!(
+                    "{flag} 0 would {zero_would}; give at least 1"
+                )));
+            }
+            // A limit is a semaphore's permits, which panic past 2^61: far
+            // past what file descriptors allow, so a typo.
+            Some(n) if n > crate::defaults::MAX_COUNT_FLAG => {
+                return Err(StartError::Flag(format!(
+                    "{flag} {n}: give at most {}",
+                    crate::defaults::MAX_COUNT_FLAG
+                )));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -63,6 +63,15 @@ async fn bad_values_exit_2_with_one_line_and_no_backtrace() {
             "--outbound-addr (127.0.0.1:4140) and --upstream 127.0.0.1:4140=127.0.0.1:80 (127.0.0.1:4140) claim the same address",
         ),
         (vec!["--max-connections=0"], "--max-connections 0"),
+        // A semaphore's permits: past 2^61 they panicked at start.
+        (
+            vec!["--max-connections=2305843009213693952"],
+            "--max-connections 2305843009213693952: give at most 10000000",
+        ),
+        (
+            vec!["--max-in-flight-requests=10000001"],
+            "--max-in-flight-requests 10000001: give at most",
+        ),
         // More watches than the one connection to the controller carries.
         (
             vec!["--max-discovery-watches=2001"],
