@@ -428,7 +428,7 @@ impl Discovery {
 
     fn drop_idle(&self, now: u64) {
         let idle = defaults::DISCOVERY_IDLE_TIMEOUT.as_millis() as u64;
-        let dropped: Vec<(DestAddr, Watch)> = {
+        {
             let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
             let gone: Vec<DestAddr> = watches
                 .iter()
@@ -439,13 +439,15 @@ impl Discovery {
                 })
                 .map(|(d, _)| d.clone())
                 .collect();
-            gone.into_iter()
-                .filter_map(|d| watches.remove(&d).map(|w| (d, w)))
-                .collect()
-        };
-        for (dest, w) in dropped {
-            debug!(%dest, "dropping idle discovery watch");
-            self.remember(dest, &w, now);
+            // Remembered before `watches` is let go, as an evicted watch is:
+            // a request in between would start a watch without the answer
+            // to stand in, left beside it unused.
+            for dest in gone {
+                if let Some(w) = watches.remove(&dest) {
+                    debug!(%dest, "dropping idle discovery watch");
+                    self.remember(dest, &w, now);
+                }
+            }
         }
         // Too old to stand in, an answer is only memory held.
         self.remembered
