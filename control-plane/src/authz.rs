@@ -790,6 +790,46 @@ spec:
         assert_eq!(mode("db-1"), api::MtlsMode::Permissive as i32);
     }
 
+    /// A selector's labels are all required, as a Kubernetes label selector's
+    /// are: `{app: web, tier: canary}` covers the canary pods only, not every
+    /// `app: web` pod (which it would open or seal).
+    #[test]
+    fn a_selector_covers_pods_with_all_its_labels() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, labels: {app: web}, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {serviceAccountName: web, containers: [{name: web, image: web}]}
+status: {phase: Running, podIP: 10.1.0.1, podIPs: [{ip: 10.1.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-canary-0, namespace: shop, labels: {app: web, tier: canary}, annotations: {strait.dev/inbound-port: "4143"}}
+spec: {serviceAccountName: web, containers: [{name: web, image: web}]}
+status: {phase: Running, podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}]}
+---
+apiVersion: policy.strait.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: canary, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web, tier: canary}}
+  mtls: STRICT
+"#;
+        let mut snap = Snapshot::empty("cluster.local");
+        for o in crate::manifests::parse_file(yaml).unwrap() {
+            o.insert_into(&mut snap);
+        }
+        let mode = |name: &str| {
+            let pod = ObjKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            };
+            workload_policy(&snap, &pod).default.unwrap().mode
+        };
+        assert_eq!(mode("web-canary-0"), api::MtlsMode::Strict as i32);
+        assert_eq!(mode("web-0"), api::MtlsMode::Permissive as i32);
+    }
+
     #[test]
     fn policies_need_one_target_and_valid_identities() {
         let v = serde_json::json!({

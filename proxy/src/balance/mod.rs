@@ -2028,14 +2028,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_gives_up_early_ejects_nothing() {
-        let b = backend(1, BackendConfig::default());
-        for _ in 0..100 {
-            let mut f = b.pick(&Default::default(), &[]).unwrap();
-            f.give_up_at(Instant::now() + Duration::from_secs(1), None);
+        // Two endpoints: one alone is never ejected, whatever it does.
+        let b = two_in_turn();
+        for i in 0..100 {
+            // (An ejected endpoint is drawn no more.)
+            assert_eq!(b.ejected(), 0, "after {i}");
+            let mut f = pick_0(&b);
+            let until = Instant::now() + Duration::from_secs(1);
+            f.give_up_at(until, None);
             tokio::time::advance(Duration::from_millis(10)).await;
             drop(f);
         }
         assert_eq!(b.ejected(), 0);
+        assert_eq!(b.slots[0].state.outlier().failures_in_a_row(), 0);
     }
 
     /// Through the balancer: a server that reads a gRPC call's (or a small

@@ -399,6 +399,42 @@ mod tests {
         );
     }
 
+    /// A peer whose certificate names the identity asked for but was issued
+    /// under no anchor this proxy trusts (a self-made CA, another mesh's) is
+    /// refused before a byte is sent: else anyone answering on an endpoint's
+    /// address with a certificate naming the right SPIFFE ID got its traffic.
+    #[tokio::test]
+    async fn a_peer_issued_under_no_trusted_anchor_is_refused() {
+        let ((ours, ours_pem), (other, other_pem)) = (test_root(), test_root());
+        let anchors = |pem: &str| crate::identity::TrustAnchors::from_pem(pem.as_bytes()).unwrap();
+        let web = Identity::of("cluster.local", "shop", "web").unwrap();
+        let server = Arc::new(Credentials::generate(web.clone(), anchors(&other_pem)).unwrap());
+        install_signed(&server, &other);
+        let me = Identity::of("cluster.local", "shop", "client").unwrap();
+        let client = Arc::new(Credentials::generate(me, anchors(&ours_pem)).unwrap());
+        install_signed(&client, &ours);
+
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(tcp).await.is_ok()
+        });
+        let (mismatches, failures) = (Counter::default(), Counter::default());
+        let tls = PeerTls::new(client, mismatches.clone(), failures.clone());
+        let e = tls
+            .connect(addr, &web, tls::ALPN_H2, Duration::from_secs(5))
+            .await
+            .expect_err("a certificate under an untrusted issuer");
+        assert!(matches!(e, ConnectError::Tls { .. }), "{e:?}");
+        // Both roots have rcgen's default name: the one trusted did not sign.
+        assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+        assert_eq!(failures.get(), 1, "counted as a handshake failure");
+        assert_eq!(mismatches.get(), 0, "not taken for another identity");
+        assert!(!served.await.unwrap(), "the server saw the handshake fail");
+    }
+
     /// After a peer renews, a caller that resumed sessions with it gets its
     /// new certificate at the next connection: a resumed session would
     /// present the old one (and hand on tickets of it), until, expired, the

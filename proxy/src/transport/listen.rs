@@ -273,8 +273,7 @@ mod tests {
             .with_ipv6_loopback(true)
             .unwrap();
         let Some(v6) = lo.ipv6_loopback() else {
-            eprintln!("skipped: no IPv6 loopback here");
-            return;
+            return strait_tests::host::missing("IPv6 loopback (::1)");
         };
         assert_eq!(v6.port(), lo.local_addr().port());
         tokio::spawn(lo.serve(drain, Metrics::new(), 10, move |a| {
@@ -292,8 +291,7 @@ mod tests {
     #[tokio::test]
     async fn a_fixed_port_taken_on_ipv6_loopback_is_an_error() {
         let Ok(held) = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)) else {
-            eprintln!("skipped: no IPv6 loopback here");
-            return;
+            return strait_tests::host::missing("IPv6 loopback (::1)");
         };
         let port = held.local_addr().unwrap().port();
         let l = Listener::bind(
