@@ -894,22 +894,30 @@ async fn strait_install_again_keeps_the_installed_identity() {
     }
 }
 
-/// Against a real cluster, when one is configured: the controller's source
+/// Against a real cluster, when one is named for it: the controller's source
 /// lists it and becomes ready, and `strait check` runs (its verdict depends on
-/// what is installed there, so only its running is asserted).
+/// what is installed there, so only its running is asserted). Not on
+/// `KUBECONFIG`, which a developer's shell names their own clusters by; and
+/// the controller's Lease is asked for in a namespace that does not exist, so
+/// it never writes a status there.
 #[tokio::test]
-async fn against_a_real_cluster_when_kubeconfig_is_set() {
-    let Some(kubeconfig) = std::env::var_os("KUBECONFIG") else {
-        eprintln!("skipped: set KUBECONFIG to run this against a real cluster");
+async fn against_a_real_cluster_when_one_is_named() {
+    let Some(kubeconfig) = std::env::var_os("STRAIT_E2E_KUBECONFIG") else {
+        eprintln!("skipped: set STRAIT_E2E_KUBECONFIG to run this against a real cluster");
         return;
     };
     let mut cp = spawn_controller(
         std::path::Path::new(&kubeconfig),
-        &["--pod-name=strait-e2e".into()],
+        &[
+            "--pod-name=strait-e2e".into(),
+            "--namespace=strait-e2e-no-such-namespace".into(),
+        ],
     );
     cp.proc.ready(cp.admin, Duration::from_secs(60)).await;
     let out = tokio::process::Command::new(strait_tests::process::binary("strait"))
         .arg("check")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
         .output()
         .await
         .unwrap();
