@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::budget::Budget;
 use super::{Namespace, Outcome, Settings, inject};
@@ -178,14 +178,17 @@ async fn handle(
         ENABLED_NAMESPACE_PATH => Hook::Inject(Namespace::Enabled),
         super::validate::PATH => Hook::Validate,
         _ => {
-            return text(
+            return closing(text(
                 StatusCode::NOT_FOUND,
                 "not found; the webhooks are at /inject and /validate\n",
-            );
+            ));
         }
     };
     if req.method() != Method::POST {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n");
+        return closing(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST an AdmissionReview\n",
+        ));
     }
     let deadline = tokio::time::Instant::now() + defaults::TLS_HANDSHAKE_TIMEOUT;
     let declared = req
@@ -306,7 +309,9 @@ fn respond(
     match outcome {
         Ok(Outcome::Inject(patch)) => match rsp.clone().with_patch(patch) {
             Ok(r) => {
-                info!(pod = super::clipped(&pod), "injected");
+                // Sampled: the pod's name is the caller's word, and any pod
+                // can send reviews.
+                strait_otel::sampled!(info, pod = super::clipped(&pod), "injected");
                 r
             }
             Err(e) => fail(rsp, policy, &pod, &e.to_string()),
@@ -341,6 +346,15 @@ fn fail(
             rsp
         }
     }
+}
+
+/// Closes the connection after `rsp`: the API server sends nothing but
+/// reviews, and a connection asking for anything else would otherwise hold
+/// one of the webhook's places for as long as it kept asking.
+fn closing(mut rsp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    rsp.headers_mut()
+        .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    rsp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

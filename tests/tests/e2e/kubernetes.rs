@@ -249,6 +249,37 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// A connection asking the webhook for anything but a review (a GET, another
+/// path) is closed after its answer: asking again every few milliseconds
+/// kept it from ever being idle, so 256 of them held every place the API
+/// server's reviews need.
+#[tokio::test]
+async fn a_connection_asking_for_no_review_is_closed_after_its_answer() {
+    let pki = Pki::new();
+    let dir = ManifestDir::new();
+    let (mut cp, port) = injector(&pki, &dir);
+    cp.ready(std::time::Duration::from_secs(20)).await;
+    for head in [
+        "GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        "GET /inject HTTP/1.1\r\nhost: x\r\n\r\n",
+    ] {
+        let mut tls = connect(&pki, port).await;
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tls.read_to_end(&mut out),
+        )
+        .await;
+        assert!(read.is_ok(), "{head:?}: the connection was kept open");
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("HTTP/1.1 404") || text.starts_with("HTTP/1.1 405"),
+            "{text}"
+        );
+    }
+}
+
 /// `n` connections that each send a review's head declaring `length` bytes
 /// and one byte of its body, and hold back the rest.
 async fn holding_back(
