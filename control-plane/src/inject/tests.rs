@@ -1563,3 +1563,30 @@ fn os_affinity(terms: &[&[&str]]) -> Value {
         .collect();
     json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}})
 }
+
+/// A review of a great many small values (any pod may send one) is refused
+/// unread: 4 MiB of `[0,0,…]` is two million values, 64 MiB once read.
+/// A pod with thousands of containers' worth of fields is read as before.
+#[test]
+fn a_review_of_too_many_values_is_refused_unread() {
+    let mut big = pod(json!({"strait.dev/inject": "enabled"}), app_spec());
+    big["spec"]["x"] = json!(vec![0u8; 600_000]);
+    let (status, rsp) = webhook(&big, Namespace::Enabled, FailurePolicy::Fail);
+    assert_eq!(status, 400);
+    let msg = rsp["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("more than 500000 values"), "{rsp}");
+
+    let env: Vec<Value> = (0..20_000)
+        .map(|i| json!({"name": format!("V{i}"), "value": "x, y: \"z\""}))
+        .collect();
+    let spec = json!({"containers": [{"name": "app", "image": "app:1", "env": env}]});
+    let (status, rsp) = webhook(
+        &pod(json!({"strait.dev/inject": "enabled"}), spec),
+        Namespace::Enabled,
+        FailurePolicy::Fail,
+    );
+    assert_eq!((status, &rsp["response"]["allowed"]), (200, &json!(true)));
+    assert!(rsp["response"]["patch"].is_array(), "injected");
+}

@@ -9,6 +9,7 @@
 
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use serde_json::Value;
 use tracing::debug;
 
 use crate::spec::SpecError;
@@ -18,26 +19,29 @@ pub const PATH: &str = "/validate";
 /// The group whose kinds are checked; anything else sent here is admitted.
 const GROUP: &str = "policy.strait.dev";
 
-pub fn respond(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+/// Checks `object`, the request's object (`old`, the stored one an update
+/// replaces), as `webhook::read` took them out of the review.
+pub fn respond(
+    req: &AdmissionRequest<DynamicObject>,
+    object: Option<Value>,
+    old: Option<&Value>,
+) -> AdmissionResponse {
     let rsp = AdmissionResponse::from(req);
-    let Some(object) = req.object.as_ref().filter(|_| req.kind.group == GROUP) else {
+    let Some(mut v) = object.filter(|_| req.kind.group == GROUP) else {
         return rsp;
     };
+    // Written into below, which JSON other than an object would not take.
+    if !v.is_object() || !v.get("metadata").is_none_or(Value::is_object) {
+        return rsp.deny("the object cannot be read");
+    }
     // A change that leaves the spec as it was (a label, a finalizer taken off
     // so that a delete completes) is not held up by a spec stored before it
     // was checked here (an earlier release, the webhook away). The parsers
     // read nothing else that may change.
-    if req.operation == Operation::Update
-        && req
-            .old_object
-            .as_ref()
-            .is_some_and(|old| old.data.get("spec") == object.data.get("spec"))
+    if req.operation == Operation::Update && old.is_some_and(|old| old.get("spec") == v.get("spec"))
     {
         return rsp;
     }
-    let Ok(mut v) = serde_json::to_value(object) else {
-        return rsp.deny("the object cannot be read");
-    };
     // As the controller will see it once stored: a generated name is not
     // made yet at admission, and the namespace is the request's.
     let meta = &mut v["metadata"];
@@ -88,7 +92,13 @@ mod tests {
 
     use super::*;
 
-    fn request(kind: &str, object: Value) -> AdmissionRequest<DynamicObject> {
+    /// The request to create `object`, its answer.
+    fn create(kind: &str, object: Value) -> AdmissionResponse {
+        let (req, object) = request(kind, object);
+        respond(&req, object, None)
+    }
+
+    fn request(kind: &str, object: Value) -> (AdmissionRequest<DynamicObject>, Option<Value>) {
         let review = json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
@@ -100,9 +110,8 @@ mod tests {
                 "object": object,
             }
         });
-        let review: kube::core::admission::AdmissionReview<DynamicObject> =
-            serde_json::from_value(review).unwrap();
-        review.try_into().unwrap()
+        let r = crate::inject::webhook::read(&serde_json::to_vec(&review).unwrap()).unwrap();
+        (r.req, r.object)
     }
 
     fn authz(spec: Value) -> Value {
@@ -115,7 +124,7 @@ mod tests {
     #[test]
     fn a_policy_the_controller_would_refuse_is_refused_by_name() {
         let typo = authz(json!({"selector": {"matchLabels": {"app": "web"}}, "mTLS": "STRICT"}));
-        let rsp = respond(&request("AuthorizationPolicy", typo));
+        let rsp = create("AuthorizationPolicy", typo);
         assert!(!rsp.allowed);
         let msg = rsp.result.message;
         assert!(
@@ -124,10 +133,10 @@ mod tests {
         );
 
         let right = authz(json!({"selector": {"matchLabels": {"app": "web"}}, "mtls": "STRICT"}));
-        assert!(respond(&request("AuthorizationPolicy", right)).allowed);
+        assert!(create("AuthorizationPolicy", right).allowed);
 
         let both = authz(json!({"selector": {}, "targetRef": {"kind": "Service", "name": "web"}}));
-        let rsp = respond(&request("AuthorizationPolicy", both));
+        let rsp = create("AuthorizationPolicy", both);
         assert!(
             !rsp.allowed && rsp.result.message.contains("exactly one of"),
             "{rsp:?}"
@@ -136,7 +145,7 @@ mod tests {
         let backend = json!({"apiVersion": "policy.strait.dev/v1alpha1", "kind": "BackendPolicy",
             "metadata": {"name": "web"},
             "spec": {"targetRef": {"kind": "Service", "name": "web"}, "opaquePorts": [0]}});
-        let rsp = respond(&request("BackendPolicy", backend));
+        let rsp = create("BackendPolicy", backend);
         assert!(
             !rsp.allowed && rsp.result.message.contains("spec.opaquePorts[0]"),
             "{rsp:?}"
@@ -149,9 +158,9 @@ mod tests {
     fn a_generated_name_is_checked_not_refused() {
         let mut v = authz(json!({"selector": {"matchLabels": {"app": "web"}}}));
         v["metadata"] = json!({"generateName": "web-"});
-        assert!(respond(&request("AuthorizationPolicy", v.clone())).allowed);
+        assert!(create("AuthorizationPolicy", v.clone()).allowed);
         v["spec"]["allowed"] = json!([]);
-        assert!(!respond(&request("AuthorizationPolicy", v)).allowed);
+        assert!(!create("AuthorizationPolicy", v).allowed);
     }
 
     /// A policy stored invalid (before the webhook) can still be labelled,
@@ -161,10 +170,9 @@ mod tests {
     fn a_stored_invalid_policy_is_not_held_up_but_its_spec_is_still_checked() {
         let bad = authz(json!({"selector": {}, "targetRef": {"kind": "Service", "name": "web"}}));
         let update = |old: &Value, new: &Value| {
-            let mut req = request("AuthorizationPolicy", new.clone());
+            let (mut req, new) = request("AuthorizationPolicy", new.clone());
             req.operation = Operation::Update;
-            req.old_object = Some(serde_json::from_value(old.clone()).unwrap());
-            respond(&req)
+            respond(&req, new, Some(old))
         };
         let mut labelled = bad.clone();
         labelled["metadata"]["labels"] = json!({"team": "a"});
@@ -187,12 +195,12 @@ mod tests {
     /// Kinds of other groups sent here pass untouched.
     #[test]
     fn other_kinds_pass() {
-        let mut req = request(
+        let (mut req, object) = request(
             "Pod",
             json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "p"}, "spec": {"bogus": true}}),
         );
         req.kind.group = String::new();
-        assert!(respond(&req).allowed);
+        assert!(respond(&req, object, None).allowed);
     }
 }

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use rustls::ServerConfig;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -268,44 +269,88 @@ pub fn review(
             AdmissionResponse::invalid(why).into_review(),
         )
     };
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => return invalid(format!("not an AdmissionReview: {e}")),
-    };
-    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+    if values_in(body) > defaults::MAX_ADMISSION_REVIEW_VALUES {
+        return invalid(format!(
+            "the AdmissionReview holds more than {} values",
+            defaults::MAX_ADMISSION_REVIEW_VALUES
+        ));
+    }
+    let Reviewed { req, object, old } = match read(body) {
         Ok(r) => r,
         Err(e) => return invalid(format!("not an AdmissionReview: {e}")),
     };
     let rsp = match hook {
-        Hook::Inject(ns) => respond(&req, ns, s, policy),
-        Hook::Validate => super::validate::respond(&req),
+        Hook::Inject(ns) => respond(&req, object, ns, s, policy),
+        Hook::Validate => super::validate::respond(&req, object, old.as_ref()),
     };
     (StatusCode::OK, rsp.into_review())
 }
 
+/// At most how many values the JSON `body` holds: one more than its commas
+/// and colons outside strings. Read in one pass, without allocating.
+fn values_in(body: &[u8]) -> usize {
+    let (mut n, mut in_string, mut escaped) = (1, false, false);
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b',' || b == b':' {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// A review's request, and its objects as JSON (in `req`, none).
+pub struct Reviewed {
+    pub req: AdmissionRequest<DynamicObject>,
+    pub object: Option<Value>,
+    pub old: Option<Value>,
+}
+
+/// Reads a review, its objects taken out before kube's types read the rest:
+/// those flatten, which serde does by buffering the whole, then copying it,
+/// so a 4 MiB review of small values (any pod may send one) held three
+/// copies at once, 220 MiB, against the controller's memory limit. The
+/// objects are read once, and moved.
+pub fn read(body: &[u8]) -> Result<Reviewed, serde_json::Error> {
+    fn take(v: &mut Value, at: &str) -> Option<Value> {
+        v.pointer_mut(at).map(Value::take).filter(|o| !o.is_null())
+    }
+    let mut v: Value = serde_json::from_slice(body)?;
+    let object = take(&mut v, "/request/object");
+    let old = take(&mut v, "/request/oldObject");
+    let review: AdmissionReview<DynamicObject> = serde_json::from_value(v)?;
+    let req = review.try_into().map_err(serde::de::Error::custom)?;
+    Ok(Reviewed { req, object, old })
+}
+
 fn respond(
     req: &AdmissionRequest<DynamicObject>,
+    object: Option<Value>,
     ns: Namespace,
     s: &Settings,
     policy: FailurePolicy,
 ) -> AdmissionResponse {
     let rsp = AdmissionResponse::from(req);
-    let pod_name = req
-        .object
-        .as_ref()
-        .and_then(|o| o.metadata.name.clone().or(o.metadata.generate_name.clone()))
-        .unwrap_or_default();
+    let meta = |k: &str| object.as_ref()?.get("metadata")?.get(k)?.as_str();
+    let pod_name = meta("name").or(meta("generateName")).unwrap_or_default();
     let pod = format!(
         "{}/{pod_name}",
         req.namespace.as_deref().unwrap_or("default")
     );
     // Only pods are injected; anything else sent here passes untouched.
-    let Some(object) = req.object.as_ref().filter(|_| req.kind.kind == "Pod") else {
+    let Some(object) = object.filter(|_| req.kind.kind == "Pod") else {
         return rsp;
     };
-    let outcome = serde_json::to_value(object)
-        .map_err(|_| super::InjectError::Malformed("cannot read the pod"))
-        .and_then(|pod| inject(&pod, ns, s));
+    let outcome = inject(&object, ns, s);
     match outcome {
         Ok(Outcome::Inject(patch)) => match rsp.clone().with_patch(patch) {
             Ok(r) => {
@@ -352,8 +397,10 @@ fn fail(
 /// reviews, and a connection asking for anything else would otherwise hold
 /// one of the webhook's places for as long as it kept asking.
 fn closing(mut rsp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
-    rsp.headers_mut()
-        .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    rsp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
     rsp
 }
 

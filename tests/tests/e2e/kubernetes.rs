@@ -266,11 +266,9 @@ async fn a_connection_asking_for_no_review_is_closed_after_its_answer() {
         let mut tls = connect(&pki, port).await;
         tls.write_all(head.as_bytes()).await.unwrap();
         let mut out = Vec::new();
-        let read = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            tls.read_to_end(&mut out),
-        )
-        .await;
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out))
+                .await;
         assert!(read.is_ok(), "{head:?}: the connection was kept open");
         let text = String::from_utf8_lossy(&out);
         assert!(
