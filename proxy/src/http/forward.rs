@@ -185,8 +185,11 @@ impl Forward {
         // connection closed first, and no other could be had).
         let edits = edit_for_upstream(&mut req, to_peer.as_ref(), h2, target, hand_back && h2);
         // CONNECT over HTTP/2 goes to a peer as HTTP/1.1's (tunnels take
-        // HTTP/1.1 between proxies), which names its authority in Host.
-        if is_connect && !h2 && version == Version::HTTP_2 {
+        // HTTP/1.1 between proxies), which names its authority in Host; and
+        // HTTP/1.0's (Python's before 3.12, `openssl s_client -proxy`) as
+        // HTTP/1.1's too, which hyper's client refused to send, failing it
+        // as the upstream's fault. The client is answered in its version.
+        if is_connect && !h2 && version != Version::HTTP_11 {
             *req.version_mut() = Version::HTTP_11;
             if let Some(host) = req.uri().authority().map(|a| a.as_str().to_owned())
                 && !req.headers().contains_key(header::HOST)
@@ -1035,6 +1038,43 @@ mod tests {
             } else {
                 assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY, "{answer:?}");
             }
+        }
+    }
+
+    /// An HTTP/1.0 CONNECT (Python's before 3.12 through a forward proxy) is
+    /// tunnelled as HTTP/1.1's, in both directions: it was answered 502, and
+    /// counted against the endpoint.
+    #[tokio::test]
+    async fn an_http10_connect_is_tunnelled() {
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = app.local_addr().unwrap();
+            let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut s, _) = app.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap();
+                let _ = head_tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+                s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = s.read(&mut buf).await;
+            });
+            let (forward, _drain) = forwarder_to(direction);
+            let mut req = Request::connect("web:8080")
+                .version(Version::HTTP_10)
+                .body(crate::http::empty())
+                .unwrap();
+            req.extensions_mut().insert(Dst(DestAddr::Socket(addr)));
+            let rsp = tower::ServiceExt::oneshot(forward, req).await.unwrap();
+            assert_eq!(rsp.status(), http::StatusCode::OK, "{direction:?}");
+            assert_eq!(rsp.version(), Version::HTTP_10, "{direction:?}");
+            let head = head_rx.await.unwrap();
+            assert!(
+                head.starts_with("CONNECT web:8080 HTTP/1.1\r\n"),
+                "{direction:?}: {head:?}"
+            );
         }
     }
 
