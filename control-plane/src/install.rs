@@ -256,13 +256,39 @@ async fn existing_install(
         }
         return Ok(left);
     }
+    let no_controller = controller.is_none();
     let mut found = installed(secret, anchors, controller)?;
-    // The identity replaced under a running install (files given, or its
-    // Secret and ConfigMap deleted for a new one): the controllers restart
-    // with it, so the meshed pods' proxies must trust its issuer (`run`), as
-    // after a lost namespace.
-    if let Some(f) = found.as_mut().filter(|f| f.identity.is_none()) {
-        f.pods_anchors_pem = pods_anchors(client).await?;
+    match found.as_mut() {
+        // The identity replaced under a running install (files given, or its
+        // Secret and ConfigMap deleted for a new one): the controllers restart
+        // with it, so the meshed pods' proxies must trust its issuer (`run`),
+        // as after a lost namespace.
+        Some(f) if f.identity.is_none() => f.pods_anchors_pem = pods_anchors(client).await?,
+        // The identity kept without its controller (`helm uninstall` keeps
+        // the Secret and ConfigMap): no Deployment says the trust domain and
+        // iptables mode it ran with, and a default one would cut the running
+        // proxies off. Their pods say.
+        Some(f) if no_controller => match meshed_pods(client).await {
+            Ok(m) => {
+                if let Some(g) = m.given {
+                    eprintln!(
+                        "strait install: {NAMESPACE} holds the identity but no controller: keeping the trust domain, iptables mode and proxy image its meshed pods were injected with"
+                    );
+                    f.trust_domain = g.trust_domain;
+                    f.iptables_mode = g.iptables_mode.and_then(|m| {
+                        <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok()
+                    });
+                    f.proxy_image = g.proxy_image;
+                }
+            }
+            Err(e) => {
+                return Err(Stop(format!(
+                    "{NAMESPACE} holds the identity but no controller, and the meshed pods could not be read ({e}), so the trust domain and iptables mode they were injected with cannot be told: use credentials that may list pods in every namespace"
+                ))
+                .into());
+            }
+        },
+        _ => {}
     }
     Ok(found)
 }
@@ -458,7 +484,7 @@ fn settings_of(
     let trust_domain = arg("--trust-domain");
     let iptables_mode = arg("--proxy-iptables-mode")
         .and_then(|m| <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok());
-    if trust_domain.is_none() {
+    if trust_domain.is_none() && container.is_some() {
         eprintln!(
             "{who}: Deployment {NAMESPACE}/{CONTROLLER} names no --trust-domain; pass --trust-domain if it is not {}",
             defaults::TRUST_DOMAIN

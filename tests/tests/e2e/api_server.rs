@@ -1419,6 +1419,62 @@ async fn strait_install_refuses_an_identity_the_running_proxies_do_not_trust() {
     assert!(strait_on(&kubeconfig, &args).await.status.success());
 }
 
+/// `helm uninstall` keeps the identity's Secret and ConfigMap and deletes the
+/// controller. `strait install` after it kept the identity but, no
+/// Deployment saying otherwise, installed the default trust domain and
+/// iptables mode, cutting every running proxy off: the meshed pods say what
+/// the controller ran with.
+#[tokio::test]
+async fn strait_install_over_a_kept_identity_takes_the_pods_settings() {
+    let api = KubeApi::start().await;
+    let dir = ManifestDir::new();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let first = strait_on(
+        &kubeconfig,
+        &[
+            "install",
+            "--trust-domain=corp.example",
+            "--proxy-iptables-mode=legacy",
+        ],
+    )
+    .await;
+    assert!(first.status.success());
+    apply_installed(&api, &first.stdout, &["ConfigMap", "Secret"]);
+    let (anchors, _) = installed_identity(&first.stdout);
+    api.apply(&injected_pod(
+        "shop",
+        "web",
+        "corp.example",
+        &anchors,
+        "Running",
+    ));
+    let again = strait_on(&kubeconfig, &["install"]).await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr),
+    );
+    assert!(again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("holds the identity but no controller"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("names no --trust-domain"), "{stderr}");
+    for kept in [
+        "--trust-domain=corp.example",
+        "--proxy-iptables-mode=legacy",
+    ] {
+        assert!(stdout.contains(kept), "{kept} not in the install");
+    }
+    assert_eq!(
+        installed_identity(&again.stdout).0,
+        anchors,
+        "the identity kept"
+    );
+    // Another trust domain than the pods' is refused, as over a controller.
+    let other = strait_on(&kubeconfig, &["install", "--trust-domain=other.example"]).await;
+    assert!(!other.status.success());
+}
+
 /// A cluster whose strait namespace was deleted (the identity with it) still
 /// runs meshed pods, and keeps the injector's cluster-wide configuration: a
 /// new install's new anchors would cut every running proxy off from the new
