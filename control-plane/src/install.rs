@@ -444,6 +444,19 @@ fn installed(
         .and_then(controller_container)
         .and_then(|c| c.args.clone())
         .unwrap_or_default();
+    // Set on the Deployment by hand or by the chart's values (a large
+    // cluster's controller given more memory): kept, as the replicas are.
+    let controller_resources = controller
+        .as_ref()
+        .and_then(controller_container)
+        .and_then(|c| c.resources.as_ref())
+        .and_then(|r| serde_json::to_value(r).ok())
+        .filter(|r| *r != default_controller_resources());
+    let controller_pull_policy = controller
+        .as_ref()
+        .and_then(controller_container)
+        .and_then(|c| c.image_pull_policy.clone())
+        .filter(|p| p != DEFAULT_PULL_POLICY);
     let InstalledArgs {
         trust_domain,
         iptables_mode,
@@ -461,6 +474,8 @@ fn installed(
         proxy_resources,
         replicas,
         controller_args,
+        controller_resources,
+        controller_pull_policy,
         pods_anchors_pem: Vec::new(),
     }))
 }
@@ -627,6 +642,8 @@ pub async fn installed_for_injection(
             proxy_resources: a.proxy_resources,
             replicas: None,
             controller_args: Vec::new(),
+            controller_resources: None,
+            controller_pull_policy: None,
             pods_anchors_pem: Vec::new(),
         },
     )))
@@ -656,6 +673,10 @@ pub struct Installed {
     /// The controller container's arguments (read by `strait install`
     /// only, to name those set by hand that the install would drop).
     pub controller_args: Vec<String>,
+    /// The controller container's resources and image pull policy where not
+    /// the install's own (read by `strait install` only, and kept).
+    pub controller_resources: Option<serde_json::Value>,
+    pub controller_pull_policy: Option<String>,
     /// With no install left, the trust anchors its meshed pods hold: an
     /// identity given must be under them.
     pub pods_anchors_pem: Vec<String>,
@@ -680,6 +701,9 @@ pub struct Values {
     pub proxy_trace_sampling: Option<String>,
     pub proxy_access_log: Option<crate::inject::AccessLog>,
     pub proxy_resources: crate::inject::ProxyResources,
+    /// The controller container's, where not the install's defaults.
+    pub controller_resources: Option<serde_json::Value>,
+    pub controller_pull_policy: Option<String>,
 }
 
 impl Values {
@@ -733,6 +757,8 @@ impl Values {
             proxy_trace_sampling: None,
             proxy_access_log: None,
             proxy_resources: Default::default(),
+            controller_resources: None,
+            controller_pull_policy: None,
         }
     }
 }
@@ -825,6 +851,29 @@ impl InstallArgs {
             .filter(|_| !self.reset_settings)
             .map(|e| (e.replicas, e.telemetry.clone(), e.proxy_resources.clone()))
             .unwrap_or_default();
+        let (controller_resources, controller_pull_policy) = existing
+            .as_ref()
+            .filter(|_| !self.reset_settings)
+            .map(|e| {
+                (
+                    e.controller_resources.clone(),
+                    e.controller_pull_policy.clone(),
+                )
+            })
+            .unwrap_or_default();
+        let controller_kept: Vec<String> = [
+            (controller_resources.as_ref()).map(|r| format!("resources {r}")),
+            (controller_pull_policy.as_ref()).map(|p| format!("imagePullPolicy {p}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !controller_kept.is_empty() {
+            eprintln!(
+                "strait install: keeping the controller's {} from its Deployment (--reset-settings drops them)",
+                controller_kept.join(" and ")
+            );
+        }
         let proxy_resources = self.proxy_resources.clone().or(kept.2.clone());
         proxy_resources.check().map_err(anyhow::Error::msg)?;
         let replicas = self.replicas.or(kept.0).unwrap_or(2);
@@ -925,6 +974,8 @@ impl InstallArgs {
             proxy_trace_sampling,
             proxy_access_log,
             proxy_resources,
+            controller_resources,
+            controller_pull_policy,
         })
     }
 }
@@ -1178,7 +1229,7 @@ fn deployment(v: &Values) -> Value {
                     "containers": [{
                         "name": "controller",
                         "image": v.controller_image,
-                        "imagePullPolicy": "IfNotPresent",
+                        "imagePullPolicy": v.controller_pull_policy.as_deref().unwrap_or(DEFAULT_PULL_POLICY),
                         "args": controller_args(v),
                         "env": [
                             {"name": "STRAIT_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -1191,8 +1242,7 @@ fn deployment(v: &Values) -> Value {
                         ],
                         "readinessProbe": probe("/ready"),
                         "livenessProbe": probe("/live"),
-                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"},
-                                      "limits": {"memory": "512Mi"}},
+                        "resources": v.controller_resources.clone().unwrap_or_else(default_controller_resources),
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                             "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [
@@ -1209,6 +1259,13 @@ fn deployment(v: &Values) -> Value {
         },
     })
 }
+
+/// The controller container's resources unless the installed ones differ.
+fn default_controller_resources() -> Value {
+    json!({"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}})
+}
+
+const DEFAULT_PULL_POLICY: &str = "IfNotPresent";
 
 /// Not a pod for Windows nodes, as `inject` reads it: by `os.name`, a node
 /// selector, or a required node affinity whose every term asks for Windows.
@@ -1458,6 +1515,37 @@ mod tests {
             ["--webhook-failure-policy", "--cert-lifetime", "--log-level"]
         );
         assert!(flags_dropped(&new, &new, &[]).is_empty());
+    }
+
+    /// The controller's resources and pull policy set on its Deployment (a
+    /// large cluster's controller given 2 GiB, by hand or the chart's values)
+    /// are kept by an upgrade: put back to 512 MiB, its new replicas were
+    /// killed for memory and the rollout stalled. An install's own read back
+    /// as its own, and `--reset-settings` drops them.
+    #[test]
+    fn the_controllers_resources_set_on_its_deployment_are_kept() {
+        let of = |resources: Value, pull: &str| {
+            let d = json!({"spec": {"selector": {}, "template": {"spec": {"containers": [
+                {"name": "controller", "args": ["--trust-domain=cluster.local"],
+                 "resources": resources, "imagePullPolicy": pull},
+            ]}}}});
+            let d = serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(d).unwrap();
+            installed(None, None, Some(d)).unwrap().unwrap()
+        };
+        let container = |flags: &[&str], i: Installed| {
+            let d = deployment(&install_args(flags).values(Some(i)).unwrap());
+            d["spec"]["template"]["spec"]["containers"][0].clone()
+        };
+        let raised =
+            json!({"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}});
+        let c = container(&[], of(raised.clone(), "Always"));
+        assert_eq!(c["resources"], raised);
+        assert_eq!(c["imagePullPolicy"], "Always");
+        let c = container(&["--reset-settings"], of(raised, "Always"));
+        assert_eq!(c["resources"], default_controller_resources());
+        assert_eq!(c["imagePullPolicy"], DEFAULT_PULL_POLICY);
+        let own = of(default_controller_resources(), DEFAULT_PULL_POLICY);
+        assert!(own.controller_resources.is_none() && own.controller_pull_policy.is_none());
     }
 
     /// An install whose identity objects were deleted (for a new identity)
