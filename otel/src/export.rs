@@ -261,6 +261,15 @@ pub fn endpoint_problem(e: &str) -> Option<String> {
         Ok(u) => u,
         Err(err) => return Some(format!("{err}; {expected}")),
     };
+    // OTLP/gRPC sends neither from the URL; written into a pod's or a
+    // Deployment's arguments, a password would be there for anyone who may
+    // read them (the chart refuses both too).
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some(format!("credentials in the URL are not sent; {expected}"));
+    }
+    if uri.query().is_some() {
+        return Some(format!("a query is not sent; {expected}"));
+    }
     match (uri.scheme_str(), uri.host(), uri.port_u16()) {
         (Some("http"), Some(_), Some(_)) => None,
         (Some("https"), ..) => Some(format!("TLS to the collector is not supported; {expected}")),
@@ -505,6 +514,8 @@ mod tests {
             "otel:4317",
             "http://otel:4317 x",
             "",
+            "http://user:pw@otel:4317",
+            "http://otel:4317/?token=x",
         ] {
             assert!(endpoint_problem(bad).is_some(), "{bad}");
         }
