@@ -5,7 +5,6 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::HashMap;
 
-use serde::Deserialize;
 
 use crate::defaults;
 use crate::index::{
@@ -459,9 +458,13 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<Named, usize> = HashMap::new();
+    // A document holds no more values than it has bytes, but through its
+    // aliases: each alias is read again in full.
+    let sizes: Vec<usize> = documents(text).map(str::len).collect();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        match Strict::deserialize(de).map(|s| s.0) {
+        let values = std::cell::Cell::new(sizes.get(i).copied().unwrap_or(text.len()) + 16);
+        match serde::de::DeserializeSeed::deserialize(Strict(&values), de) {
             Ok(v) => {
                 let before = out.len();
                 if let Err(e) = object(doc, v, &mut out) {
@@ -501,59 +504,88 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
 /// `serde_json::Value` would take silently: a key written twice in one
 /// mapping (the last would win: `mtls: STRICT` undone by a second `mtls:`
 /// further down, which kubectl refuses), and merge keys (`<<: *defaults`),
-/// whose fields would be dropped where kubectl merges them.
-struct Strict(serde_json::Value);
+/// whose fields would be dropped where kubectl merges them. And one that
+/// makes more values than it is given (its bytes): an anchor of 20,000
+/// values aliased 20,000 times is 140 kB of YAML and four hundred million
+/// values, which would kill the controller for memory at every start (as the
+/// API server's CVE-2019-11253).
+struct Strict<'b>(&'b std::cell::Cell<usize>);
 
-impl<'de> Deserialize<'de> for Strict {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(Strict)
+impl<'de> serde::de::DeserializeSeed<'de> for Strict<'_> {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(StrictVisitor(self.0))
     }
 }
 
-struct StrictVisitor;
+struct StrictVisitor<'b>(&'b std::cell::Cell<usize>);
 
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+impl StrictVisitor<'_> {
+    /// One value more made, if the document may make it.
+    fn made<E: serde::de::Error>(&self) -> Result<(), E> {
+        let left = self.0.get().checked_sub(1).ok_or_else(|| {
+            E::custom(
+                "the document makes more values than it has bytes: its aliases repeat too much",
+            )
+        })?;
+        self.0.set(left);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor<'_> {
     type Value = serde_json::Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a YAML value")
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(v.into())
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(v.into())
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(v.into())
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(v.into())
     }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(v.into())
     }
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(serde_json::Value::Null)
     }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        self.made()?;
         Ok(serde_json::Value::Null)
     }
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        Strict::deserialize(d).map(|s| s.0)
+        serde::de::DeserializeSeed::deserialize(Strict(self.0), d)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        self.made()?;
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-        while let Some(Strict(v)) = seq.next_element()? {
+        while let Some(v) = seq.next_element_seed(Strict(self.0))? {
             out.push(v);
         }
         Ok(serde_json::Value::Array(out))
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         use serde::de::Error as _;
+        self.made()?;
         let mut out = serde_json::Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if key == "<<" {
@@ -561,7 +593,7 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
                     "a YAML merge key (<<) is not read here: write its fields out",
                 ));
             }
-            let Strict(value) = map.next_value()?;
+            let value = map.next_value_seed(Strict(self.0))?;
             if out.contains_key(&key) {
                 return Err(A::Error::custom(format!(
                     "field {key:?} is written twice in one mapping"
@@ -766,6 +798,24 @@ items:
         assert!(e.contains("merge key"), "{e}");
         let anchored = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: shop, labels: &l {app: a}, annotations: *l}\nspec: {ports: [{port: 80}], selector: {80: x}}\n";
         assert!(parse_file(anchored).is_ok());
+    }
+
+    /// Aliases that repeat an anchor many times make far more values than
+    /// the document has bytes: 16 kB of YAML made four million, so a file
+    /// of 140 kB (under every size limit) four hundred million, enough to
+    /// kill the controller for memory at each start. Refused, saying why.
+    #[test]
+    fn aliases_that_expand_past_the_document_are_refused() {
+        let n = 2000;
+        let bomb = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: bomb, namespace: shop}}\ndata: {{a: &a [{}], b: [{}]}}\n",
+            vec!["x"; n].join(","),
+            vec!["*a"; n].join(",")
+        );
+        assert!(bomb.len() < 16_000);
+        let e = parse_file(&bomb).unwrap_err()[0].to_string();
+        assert!(e.contains("aliases repeat too much"), "{e}");
+        // A few aliases are read as ever (the test above).
     }
 
     #[test]
