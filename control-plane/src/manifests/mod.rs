@@ -104,6 +104,9 @@ pub struct ManifestSource {
     /// from a last good version: the namespaces they name. What such a
     /// policy guards would be open, so those namespaces are sealed.
     unguarded: BTreeMap<FileName, Unguarded>,
+    /// When a scan first found no manifest file left while some held
+    /// objects: they stay `MANIFEST_EMPTY_GRACE` from then.
+    all_gone_since: Option<std::time::Instant>,
 }
 
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
@@ -203,6 +206,28 @@ fn emptied_just_now(objects: &[Object], old: Option<&FileState>, stamp: &Stamp) 
 }
 
 impl ManifestSource {
+    /// Whether no manifest file is left (`paths`) while some held objects,
+    /// since a moment ago: a directory being regenerated (`rm *.yaml`, then
+    /// kustomize or helm template writing it again, a `git checkout`), whose
+    /// objects, every Service, policy and token of the mesh, stay in force
+    /// until it has stayed empty a while, as an emptied file's do.
+    fn all_gone_a_moment_ago(&mut self, paths: &[PathBuf]) -> bool {
+        let held = self.files.values().any(|f| !f.ids.is_empty());
+        if !paths.is_empty() || !held {
+            self.all_gone_since = None;
+            return false;
+        }
+        let since = *self.all_gone_since.get_or_insert_with(|| {
+            warn!(
+                files = self.files.len(),
+                "every manifest file is gone; their objects stay in force for {:?} in case they are being written again",
+                defaults::MANIFEST_EMPTY_GRACE
+            );
+            std::time::Instant::now()
+        });
+        since.elapsed() < defaults::MANIFEST_EMPTY_GRACE
+    }
+
     /// Manifest files read (refused ones included).
     pub fn file_count(&self) -> usize {
         self.files.len()
@@ -222,6 +247,7 @@ impl ManifestSource {
             budget: defaults::MAX_MANIFESTS_TOTAL_BYTES,
             over_budget: HashSet::new(),
             unguarded: BTreeMap::new(),
+            all_gone_since: None,
         }
     }
 
@@ -248,6 +274,9 @@ impl ManifestSource {
         self.unreadable = unreadable;
         paths.sort();
         paths.dedup();
+        if self.all_gone_a_moment_ago(&paths) {
+            return None;
+        }
         let mut todo = Vec::new();
         let mut over_budget = Vec::new();
         let mut total: u64 = 0;
@@ -1156,6 +1185,9 @@ mod tests {
                 .contains_key(&"10.96.0.2".parse::<std::net::IpAddr>().unwrap())
         );
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        // The last file gone: after a while (see below).
+        assert!(src.scan().is_none());
+        src.all_gone_since = Some(std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2);
         assert!(src.scan().unwrap().services.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1193,6 +1225,33 @@ mod tests {
             s.by_cluster_ip
                 .contains_key(&"10.96.0.9".parse::<std::net::IpAddr>().unwrap())
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Every file removed at once (a directory regenerated: `rm *.yaml`,
+    /// then kustomize writing it again) took every Service, policy and
+    /// token of the mesh away at the next scan. They stay a moment, and go
+    /// once the directory has stayed empty; a file back in time changes
+    /// nothing.
+    #[test]
+    fn every_file_removed_a_moment_ago_is_applied_only_once_they_stay_gone() {
+        let dir = temp_dir("all-gone");
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        let mut src = source(&dir);
+        assert_eq!(src.scan().unwrap().services.len(), 1);
+        std::fs::remove_file(dir.join("svc.yaml")).unwrap();
+        assert!(src.scan().is_none(), "nothing is taken away yet");
+        assert!(src.scan().is_none());
+        // Written again in time.
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        let back = src.scan();
+        assert_eq!(back.map_or(0, |s| s.services.len()), 1, "back as it was");
+        // Gone for good.
+        std::fs::remove_file(dir.join("svc.yaml")).unwrap();
+        assert!(src.scan().is_none());
+        src.all_gone_since = Some(std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2);
+        let s = src.scan().unwrap();
+        assert!(s.services.is_empty(), "gone for good: its objects are gone");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
