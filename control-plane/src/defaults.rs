@@ -265,7 +265,7 @@ pub const WEBHOOK_ADDR: &str = "[::]:8443";
 /// An AdmissionReview larger than this is refused (a Pod is at most ~1.5 MiB in etcd).
 pub const MAX_ADMISSION_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// And one of more values than this (some 25 MiB read, however small they
-/// are; a pod with 20,000 environment variables holds 60,000).
+/// are; a pod with 20,000 environment variables holds 80,000).
 pub const MAX_ADMISSION_REVIEW_VALUES: usize = 500_000;
 /// Connections the webhook serves at once (the API server needs a handful).
 pub const WEBHOOK_MAX_CONNECTIONS: usize = 256;

@@ -197,10 +197,10 @@ async fn handle(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > defaults::MAX_ADMISSION_REVIEW_BYTES as u64) {
-        return text(
+        return closing(text(
             StatusCode::PAYLOAD_TOO_LARGE,
             "the AdmissionReview is too large\n",
-        );
+        ));
     }
     let Some(mut room) = budget.room(declared, deadline, place).await else {
         return text(
@@ -212,10 +212,10 @@ async fn handle(
     let body = match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) | Err(_) => {
-            return text(
+            return closing(text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "the AdmissionReview is too large, too slow or cut short\n",
-            );
+            ));
         }
     };
     room.body_read();
@@ -236,6 +236,10 @@ async fn handle(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    // Not a review the API server would send.
+    if status == StatusCode::BAD_REQUEST {
+        return closing(rsp);
+    }
     rsp
 }
 
@@ -394,8 +398,8 @@ fn fail(
 }
 
 /// Closes the connection after `rsp`: the API server sends nothing but
-/// reviews, and a connection asking for anything else would otherwise hold
-/// one of the webhook's places for as long as it kept asking.
+/// reviews it may read, and a connection sending anything else would
+/// otherwise hold one of the webhook's places for as long as it kept at it.
 fn closing(mut rsp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     rsp.headers_mut().insert(
         header::CONNECTION,

@@ -5,7 +5,6 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::HashMap;
 
-
 use crate::defaults;
 use crate::index::{
     ObjKey, PodInfo, ServiceInfo, SliceInfo, Snapshot, SnapshotBuilder, TokenDigest,

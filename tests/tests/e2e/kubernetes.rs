@@ -250,7 +250,7 @@ async fn silent_connections_do_not_keep_the_api_server_from_the_injector() {
 }
 
 /// A connection asking the webhook for anything but a review (a GET, another
-/// path) is closed after its answer: asking again every few milliseconds
+/// path, a body that is no review) is closed after its answer: asking again every few milliseconds
 /// kept it from ever being idle, so 256 of them held every place the API
 /// server's reviews need.
 #[tokio::test]
@@ -262,6 +262,7 @@ async fn a_connection_asking_for_no_review_is_closed_after_its_answer() {
     for head in [
         "GET / HTTP/1.1\r\nhost: x\r\n\r\n",
         "GET /inject HTTP/1.1\r\nhost: x\r\n\r\n",
+        "POST /inject HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx",
     ] {
         let mut tls = connect(&pki, port).await;
         tls.write_all(head.as_bytes()).await.unwrap();
@@ -271,10 +272,7 @@ async fn a_connection_asking_for_no_review_is_closed_after_its_answer() {
                 .await;
         assert!(read.is_ok(), "{head:?}: the connection was kept open");
         let text = String::from_utf8_lossy(&out);
-        assert!(
-            text.starts_with("HTTP/1.1 404") || text.starts_with("HTTP/1.1 405"),
-            "{text}"
-        );
+        assert!(["404", "405", "400"].contains(&&text[9..12]), "{text}");
     }
 }
 
