@@ -95,6 +95,8 @@ const PODS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// rules the nodes cannot load.
 pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     let given = args.identity_trust_anchors_file.is_some();
+    // What the meshed pods would be read for, with no controller to say it.
+    let settings_given = args.trust_domain.is_some() && args.proxy_iptables_mode.is_some();
     let existing = if args.ignore_cluster {
         None
     } else if given {
@@ -102,7 +104,7 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
         // cluster that cannot be asked (rendering for elsewhere) is no error.
         // One that answered with a refusal is: an install may be there, and
         // its settings would be replaced by the defaults unseen.
-        match existing_install(&args.cluster, false).await {
+        match existing_install(&args.cluster, false, settings_given).await {
             Ok(e) => e,
             Err(e) if stopped(&e) => return Err(e),
             Err(e) => {
@@ -113,7 +115,7 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
             }
         }
     } else {
-        existing_install(&args.cluster, true).await?
+        existing_install(&args.cluster, true, settings_given).await?
     };
     let pods_anchors = (existing.as_ref())
         .map(|e| e.pods_anchors_pem.clone())
@@ -192,6 +194,7 @@ const UNREAD_WAYS_ON: &str = "use credentials that can; if the output is for ano
 async fn existing_install(
     cluster: &crate::cluster::ClusterArgs,
     identity: bool,
+    settings_given: bool,
 ) -> anyhow::Result<Option<Installed>> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -267,12 +270,12 @@ async fn existing_install(
         // The identity kept without its controller (`helm uninstall` keeps
         // the Secret and ConfigMap): no Deployment says the trust domain and
         // iptables mode it ran with, and a default one would cut the running
-        // proxies off. Their pods say.
-        Some(f) if no_controller => match meshed_pods(client).await {
+        // proxies off. Their pods say, unless both are given.
+        Some(f) if no_controller && !settings_given => match meshed_pods(client).await {
             Ok(m) => {
                 if let Some(g) = m.given {
                     eprintln!(
-                        "strait install: {NAMESPACE} holds the identity but no controller: keeping the trust domain, iptables mode and proxy image its meshed pods were injected with"
+                        "strait install: {NAMESPACE} holds the identity but no controller: keeping the trust domain, iptables mode and proxy image its meshed pods were injected with; the replicas, traces, access log and proxy resources it was installed with are not known without its Deployment: give them again if they were set"
                     );
                     f.trust_domain = g.trust_domain;
                     f.iptables_mode = g.iptables_mode.and_then(|m| {
@@ -283,7 +286,7 @@ async fn existing_install(
             }
             Err(e) => {
                 return Err(Stop(format!(
-                    "{NAMESPACE} holds the identity but no controller, and the meshed pods could not be read ({e}), so the trust domain and iptables mode they were injected with cannot be told: use credentials that may list pods in every namespace"
+                    "{NAMESPACE} holds the identity but no controller, and the meshed pods could not be read ({e}), so the trust domain and iptables mode they were injected with cannot be told: use credentials that may list pods in every namespace, or give both as they were installed (--trust-domain, --proxy-iptables-mode)"
                 ))
                 .into());
             }
@@ -510,7 +513,18 @@ fn settings_of(
         iptables_mode,
         proxy_image: arg("--proxy-image"),
         telemetry: crate::inject::Telemetry {
-            proxy_otlp_endpoint: arg("--proxy-otlp-endpoint"),
+            // One an earlier release took (credentials or a query in it,
+            // which OTLP/gRPC never sent) would stop the new controller and
+            // new proxies at start.
+            proxy_otlp_endpoint: arg("--proxy-otlp-endpoint").filter(|e| {
+                let taken = crate::inject::otlp_endpoint(e).is_ok();
+                if !taken {
+                    eprintln!(
+                        "{who}: the installed --proxy-otlp-endpoint has credentials or a query in its URL, which are not sent and no longer taken: left out; give --otlp-endpoint as http://HOST:PORT"
+                    );
+                }
+                taken
+            }),
             proxy_trace_sampling: arg("--proxy-trace-sampling"),
             proxy_access_log: arg("--proxy-access-log").and_then(|l| {
                 <crate::inject::AccessLog as clap::ValueEnum>::from_str(&l, false).ok()
@@ -1739,6 +1753,16 @@ mod tests {
         );
         assert_eq!(a.proxy_image, None);
         assert_eq!(a.trust_domain, None);
+        // An endpoint an earlier release took with credentials in it is left
+        // out: the new controller and proxies would refuse it at start.
+        let a = settings_of(
+            Some(deployment(
+                &["--proxy-otlp-endpoint=http://u:p@collector:4317"],
+                vec![],
+            )),
+            "test",
+        );
+        assert_eq!(a.telemetry.proxy_otlp_endpoint, None);
     }
 
     /// Neither webhook, the fail-closed one included, sees the system's or the

@@ -1473,6 +1473,20 @@ async fn strait_install_over_a_kept_identity_takes_the_pods_settings() {
     // Another trust domain than the pods' is refused, as over a controller.
     let other = strait_on(&kubeconfig, &["install", "--trust-domain=other.example"]).await;
     assert!(!other.status.success());
+    // Both given, the pods are not needed (an installer that may not list
+    // them is not stopped).
+    let given = strait_on(
+        &kubeconfig,
+        &[
+            "install",
+            "--trust-domain=corp.example",
+            "--proxy-iptables-mode=legacy",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&given.stderr);
+    assert!(given.status.success(), "{stderr}");
+    assert!(!stderr.contains("no controller"), "{stderr}");
 }
 
 /// A cluster whose strait namespace was deleted (the identity with it) still
