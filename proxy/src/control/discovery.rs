@@ -132,7 +132,7 @@ pub struct Discovery {
     /// The last answers of watches dropped idle, with when (`now_ms`): a
     /// destination used again while the controller is away gets its last
     /// answer (its identity, its routes) rather than being passed through.
-    remembered: Mutex<HashMap<DestAddr, (Resolution, u64)>>,
+    remembered: Mutex<Remembered>,
     /// The last watch call or stream to the controller failed, and none has
     /// answered since: what tells an outage from a slow answer.
     unreachable: Arc<Unreachable>,
@@ -441,12 +441,17 @@ impl Discovery {
                 .collect();
             // Remembered before `watches` is let go, as an evicted watch is:
             // a request in between would start a watch without the answer
-            // to stand in, left beside it unused.
-            for dest in gone {
-                if let Some(w) = watches.remove(&dest) {
-                    debug!(%dest, "dropping idle discovery watch");
-                    self.remember(dest, &w, now);
+            // to stand in, left beside it unused. The oldest answers past
+            // the bound go once all are in, not one search per watch.
+            if !gone.is_empty() {
+                let mut kept = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+                for dest in gone {
+                    if let Some(w) = watches.remove(&dest) {
+                        debug!(%dest, "dropping idle discovery watch");
+                        keep_answer(&mut kept, dest, &w, now);
+                    }
                 }
+                forget_oldest(&mut kept, self.max_watches);
             }
         }
         // Too old to stand in, an answer is only memory held.
@@ -459,22 +464,9 @@ impl Discovery {
     /// Keeps what a dropped watch knew, within `max_watches`
     /// answers (the oldest forgotten first).
     fn remember(&self, dest: DestAddr, w: &Watch, now: u64) {
-        // Not `NotMeshed`: it is what no answer gives, and would crowd out
-        // the answers worth keeping.
-        let Some((answer @ Resolution::Service(_), at)) = w.answer(now) else {
-            return;
-        };
         let mut kept = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() >= self.max_watches && !kept.contains_key(&dest) {
-            let oldest = kept
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(d, _)| d.clone());
-            if let Some(oldest) = oldest {
-                kept.remove(&oldest);
-            }
-        }
-        kept.insert(dest, (answer, at));
+        keep_answer(&mut kept, dest, w, now);
+        forget_oldest(&mut kept, self.max_watches);
     }
 
     /// Every destination watched now, by name: its answer (or, until one
@@ -509,6 +501,30 @@ impl Discovery {
 
     pub fn watched(&self) -> usize {
         self.watches.lock().map(|w| w.len()).unwrap_or(0)
+    }
+}
+
+type Remembered = HashMap<DestAddr, (Resolution, u64)>;
+
+/// Keeps what a dropped watch knew. Not `NotMeshed`: it is what no answer
+/// gives, and would crowd out the answers worth keeping.
+fn keep_answer(kept: &mut Remembered, dest: DestAddr, w: &Watch, now: u64) {
+    if let Some((answer @ Resolution::Service(_), at)) = w.answer(now) {
+        kept.insert(dest, (answer, at));
+    }
+}
+
+/// Forgets the oldest answers past `max`.
+fn forget_oldest(kept: &mut Remembered, max: usize) {
+    let over = kept.len().saturating_sub(max);
+    if over == 0 {
+        return;
+    }
+    let mut by_age: Vec<(u64, DestAddr)> =
+        kept.iter().map(|(d, (_, at))| (*at, d.clone())).collect();
+    by_age.select_nth_unstable_by_key(over - 1, |(at, _)| *at);
+    for (_, d) in &by_age[..over] {
+        kept.remove(d);
     }
 }
 
