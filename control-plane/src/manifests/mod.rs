@@ -119,6 +119,33 @@ fn read_and_parse(path: &Path) -> Parsed {
 
 /// A manifest's text: a regular file (or a link to one) of bounded size.
 fn read(path: &Path) -> Result<String, String> {
+    let text = String::from_utf8(read_bytes(path)?)
+        .map_err(|e| format!("not UTF-8 ({e}): save it as UTF-8"))?;
+    // A byte-order mark (Windows editors write one) is not YAML's to read.
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => Ok(rest.to_string()),
+        None => Ok(text),
+    }
+}
+
+/// A refused file's text as well as it can be read, for the policies it
+/// would hold: UTF-16 with its byte-order mark (PowerShell 5's `>`), or
+/// UTF-8 with what is not replaced (a Windows editor's accented comment).
+fn read_lossy(path: &Path) -> Result<String, String> {
+    let bytes = read_bytes(path)?;
+    let utf16 = |b: &[u8], of: fn([u8; 2]) -> u16| {
+        let units: Vec<u16> = b.chunks_exact(2).map(|c| of([c[0], c[1]])).collect();
+        String::from_utf16_lossy(&units)
+    };
+    Ok(match bytes.as_slice() {
+        [0xff, 0xfe, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        [0xfe, 0xff, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        _ => String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}
+
+/// A manifest's bytes: a regular file (or a link to one) of bounded size.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
@@ -135,18 +162,14 @@ fn read(path: &Path) -> Result<String, String> {
     // Sized once from the file's length: grown by doubling, a large file
     // left its copies behind in the reading thread's malloc arena, tens of
     // MiB of resident memory for one refused 3 MB file.
-    let mut text = String::with_capacity(usize::try_from(meta.len()).unwrap_or(0) + 1);
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0) + 1);
     file.take(max + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(|e| e.to_string())?;
-    if text.len() as u64 > max {
+    if bytes.len() as u64 > max {
         return Err(format!("more than the {max} bytes a manifest may hold"));
     }
-    // A byte-order mark (Windows editors write one) is not YAML's to read.
-    match text.strip_prefix('\u{feff}') {
-        Some(rest) => Ok(rest.to_string()),
-        None => Ok(text),
-    }
+    Ok(bytes)
 }
 
 /// Parses files on every core: the first load of a large mesh is mostly YAML.
@@ -212,7 +235,11 @@ impl ManifestSource {
     /// objects, every Service, policy and token of the mesh, stay in force
     /// until it has stayed empty a while, as an emptied file's do.
     fn all_gone_a_moment_ago(&mut self, paths: &[PathBuf]) -> bool {
-        let held = self.files.values().any(|f| !f.ids.is_empty());
+        // (Not those of a directory that cannot be read now: kept anyway.)
+        let held = self
+            .files
+            .iter()
+            .any(|(p, f)| !f.ids.is_empty() && !self.unreadable.iter().any(|d| p.starts_with(d)));
         if !paths.is_empty() || !held {
             self.all_gone_since = None;
             return false;
@@ -270,6 +297,9 @@ impl ManifestSource {
                 self.unreadable = vec![dir.clone()];
                 return None;
             }
+        }
+        for dir in unreadable.iter().filter(|d| !self.unreadable.contains(d)) {
+            warn!(dir = %dir.display(), "cannot read manifests subdirectory; its files stay as they were");
         }
         self.unreadable = unreadable;
         paths.sort();
@@ -412,7 +442,7 @@ impl ManifestSource {
                     }
                     self.unsettled.insert(path.clone());
                     let last_good = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
-                    let unguarded = self::read(&path)
+                    let unguarded = read_lossy(&path)
                         .map(|text| unguarded_policies(&text, last_good))
                         .unwrap_or_default();
                     if unguarded.is_empty() {
@@ -791,12 +821,20 @@ fn list_yaml(
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
-        if entry.file_name().to_string_lossy().starts_with('.') {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
             continue;
         }
         if path.is_dir() {
+            // An ext filesystem's own, root's only, at the top of a volume
+            // given whole (a PVC): never manifests, and unreadable it would
+            // keep the controller from ever starting.
+            if name == "lost+found" {
+                continue;
+            }
             if let Err(e) = list_yaml(&path, out, unreadable, visited) {
-                warn!(dir = %path.display(), error = %e, "cannot read manifests subdirectory; its files stay as they were");
+                // Said once by `scan`, not at every rescan.
+                debug!(dir = %path.display(), error = %e, "cannot read manifests subdirectory");
                 unreadable.push(path);
             }
         } else if matches!(
@@ -1069,6 +1107,20 @@ mod tests {
         assert_eq!(s.sealed_namespaces.iter().collect::<Vec<_>>(), ["ops"]);
         std::fs::remove_file(dir.join("new.yaml")).unwrap();
         assert!(src.scan().unwrap().sealed_namespaces.is_empty());
+        // Not UTF-8 (a Windows editor's accented comment, PowerShell 5's
+        // UTF-16): refused, and its policy seals its namespace all the same.
+        let mut latin1 = policy("STRICT").into_bytes();
+        latin1.extend_from_slice(b"# \xe9quipe\n");
+        let mut utf16 = vec![0xff, 0xfe];
+        utf16.extend(policy("STRICT").encode_utf16().flat_map(u16::to_le_bytes));
+        for bytes in [latin1, utf16] {
+            std::fs::write(dir.join("win.yaml"), bytes).unwrap();
+            let s = src.scan().unwrap();
+            assert!(s.authorizations.is_empty(), "refused");
+            assert_eq!(s.sealed_namespaces.iter().collect::<Vec<_>>(), ["shop"]);
+            std::fs::remove_file(dir.join("win.yaml")).unwrap();
+            assert!(src.scan().unwrap().sealed_namespaces.is_empty());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1288,6 +1340,11 @@ mod tests {
         std::fs::create_dir(dir.join("loop")).unwrap();
         std::os::unix::fs::symlink("..", dir.join("loop/up")).unwrap();
         std::os::unix::fs::symlink("/dev/zero", dir.join("zero.yaml")).unwrap();
+        // An ext filesystem's own (root's only, so unreadable to the
+        // controller, which would never start): not looked into.
+        std::fs::create_dir(dir.join("lost+found")).unwrap();
+        std::fs::write(dir.join("lost+found/#1234"), "kind: [broken").unwrap();
+        std::fs::write(dir.join("lost+found/found.yaml"), "kind: [broken").unwrap();
         let mut src = source(&dir);
         let s = src.scan().unwrap();
         assert_eq!(s.services.len(), 1);
