@@ -441,14 +441,19 @@ impl ManifestSource {
                         self.metrics.reload_errors.inc();
                     }
                     self.unsettled.insert(path.clone());
-                    let last_good = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
-                    let unguarded = read_lossy(&path)
-                        .map(|text| unguarded_policies(&text, last_good))
-                        .unwrap_or_default();
-                    if unguarded.is_empty() {
-                        self.unguarded.remove(&path);
-                    } else {
-                        self.unguarded.insert(path.clone(), unguarded);
+                    // Read again only when the file changed: a held one (a
+                    // route to a Service still missing) comes back every
+                    // scan, and is up to 64 MiB of YAML to parse again.
+                    if !retried {
+                        let last_good = self.files.get(&path).map_or(&[][..], |f| &f.ids[..]);
+                        let unguarded = read_lossy(&path)
+                            .map(|text| unguarded_policies(&text, last_good))
+                            .unwrap_or_default();
+                        if unguarded.is_empty() {
+                            self.unguarded.remove(&path);
+                        } else {
+                            self.unguarded.insert(path.clone(), unguarded);
+                        }
                     }
                     if let Some(objects) = held {
                         self.held.insert(
