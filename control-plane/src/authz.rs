@@ -775,19 +775,24 @@ spec:
             "{}---\n{others}",
             crate::index::view::tests::LEADER_NAMING_NO_POD
         );
+        let mode = shop_modes(&yaml);
+        assert_eq!(mode("db-0"), api::MtlsMode::Strict as i32);
+        assert_eq!(mode("db-1"), api::MtlsMode::Permissive as i32);
+    }
+
+    /// The mTLS mode each pod of `shop` (by name) gets, with `yaml` applied.
+    fn shop_modes(yaml: &str) -> impl Fn(&str) -> i32 {
         let mut snap = Snapshot::empty("cluster.local");
-        for o in crate::manifests::parse_file(&yaml).unwrap() {
+        for o in crate::manifests::parse_file(yaml).unwrap() {
             o.insert_into(&mut snap);
         }
-        let mode = |name: &str| {
+        move |name| {
             let pod = ObjKey {
                 namespace: "shop".into(),
                 name: name.into(),
             };
             workload_policy(&snap, &pod).default.unwrap().mode
-        };
-        assert_eq!(mode("db-0"), api::MtlsMode::Strict as i32);
-        assert_eq!(mode("db-1"), api::MtlsMode::Permissive as i32);
+        }
     }
 
     /// A selector's labels are all required, as a Kubernetes label selector's
@@ -815,17 +820,7 @@ spec:
   selector: {matchLabels: {app: web, tier: canary}}
   mtls: STRICT
 "#;
-        let mut snap = Snapshot::empty("cluster.local");
-        for o in crate::manifests::parse_file(yaml).unwrap() {
-            o.insert_into(&mut snap);
-        }
-        let mode = |name: &str| {
-            let pod = ObjKey {
-                namespace: "shop".into(),
-                name: name.into(),
-            };
-            workload_policy(&snap, &pod).default.unwrap().mode
-        };
+        let mode = shop_modes(yaml);
         assert_eq!(mode("web-canary-0"), api::MtlsMode::Strict as i32);
         assert_eq!(mode("web-0"), api::MtlsMode::Permissive as i32);
     }
