@@ -886,7 +886,6 @@ impl Unguarded {
 /// says it holds one and none of its last good objects (`last_good`) is a
 /// policy, which would stand in for them.
 fn unguarded_policies(text: &str, last_good: &[ObjId]) -> Unguarded {
-    use serde::Deserialize as _;
     fn collect(v: &serde_json::Value, out: &mut Vec<ObjKey>) {
         let kind = v["kind"].as_str().unwrap_or_default();
         if let Some(items) = v["items"].as_array().filter(|_| kind.ends_with("List")) {
@@ -906,8 +905,10 @@ fn unguarded_policies(text: &str, last_good: &[ObjId]) -> Unguarded {
     }
     let mut out = Unguarded::default();
     let mut unreadable = false;
-    for de in serde_norway::Deserializer::from_str(text) {
-        match serde_json::Value::deserialize(de) {
+    // Read as the file itself was: a file refused for its aliases would
+    // take the controller's memory here otherwise.
+    for read in parse::json_documents(text) {
+        match read {
             Ok(v) => collect(&v, &mut out.policies),
             Err(_) => {
                 unreadable = true;
@@ -1336,6 +1337,23 @@ mod tests {
             "emptied for good: its objects are gone"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A refused file is read again for the policies it would seal: an
+    /// alias bomb refused by the parser must not be expanded there either
+    /// (it would take the controller's memory at its first scan), and its
+    /// namespace is guessed from its text.
+    #[test]
+    fn a_refused_alias_bomb_is_not_expanded_for_its_policies() {
+        let n = 2000;
+        let bomb = format!(
+            "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: lock, namespace: shop}}\nspec: {{a: &a [{}], b: [{}]}}\n",
+            vec!["x"; n].join(","),
+            vec!["*a"; n].join(",")
+        );
+        let u = unguarded_policies(&bomb, &[]);
+        assert!(u.policies.is_empty());
+        assert_eq!(u.guessed.iter().collect::<Vec<_>>(), ["shop"]);
     }
 
     #[test]

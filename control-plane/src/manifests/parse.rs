@@ -457,13 +457,9 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<Named, usize> = HashMap::new();
-    // A document holds no more values than it has bytes, but through its
-    // aliases: each alias is read again in full.
-    let sizes: Vec<usize> = documents(text).map(str::len).collect();
-    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+    for (i, read) in json_documents(text).enumerate() {
         let doc = i + 1;
-        let values = std::cell::Cell::new(sizes.get(i).copied().unwrap_or(text.len()) + 16);
-        match serde::de::DeserializeSeed::deserialize(Strict(&values), de) {
+        match read {
             Ok(v) => {
                 let before = out.len();
                 if let Err(e) = object(doc, v, &mut out) {
@@ -497,6 +493,26 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     } else {
         Err(errors)
     }
+}
+
+/// The fewest values a stream may make, whatever its size: aliases that
+/// share a block (a List of pods with one container spec) make more values
+/// than bytes, and kubectl (go-yaml) allows some 400,000 of them.
+const MIN_VALUES: usize = 1_000_000;
+
+/// The documents of a YAML stream as JSON (`Strict`), which together make at
+/// most as many values as the stream has bytes (or `MIN_VALUES`): a YAML
+/// stream holds no more values than bytes but through its aliases, each
+/// read again in full.
+pub(super) fn json_documents(
+    text: &str,
+) -> impl Iterator<Item = Result<serde_json::Value, serde_norway::Error>> + '_ {
+    let values = std::cell::Cell::new(text.len().max(MIN_VALUES));
+    serde_norway::Deserializer::from_str(text).map(move |de| {
+        // An empty document still makes a value.
+        values.set(values.get() + 16);
+        serde::de::DeserializeSeed::deserialize(Strict(&values), de)
+    })
 }
 
 /// A YAML document as JSON, refusing what reading it straight into
@@ -814,7 +830,15 @@ items:
         assert!(bomb.len() < 16_000);
         let e = parse_file(&bomb).unwrap_err()[0].to_string();
         assert!(e.contains("aliases repeat too much"), "{e}");
-        // A few aliases are read as ever (the test above).
+        // A few aliases are read as ever (the test above), and empty
+        // documents take no other document's share.
+        let sa = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: a, namespace: shop}\n";
+        let stream = format!("---\n---\n# note\n---\n{GOOD}---\n{sa}");
+        assert!(
+            parse_file(&stream).is_ok(),
+            "{:?}",
+            parse_file(&stream).err()
+        );
     }
 
     #[test]
