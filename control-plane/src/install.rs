@@ -126,12 +126,21 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     // The identity's objects deleted under a running controller, for a new one.
     let regenerated = !given && existing.as_ref().is_some_and(|e| e.identity.is_none());
     let values = args.values(existing)?;
-    let asked = if args.reset_settings {
-        RESET_BY_SETTINGS
+    let mut asked: Vec<&str> = if args.reset_settings {
+        RESET_BY_SETTINGS.to_vec()
     } else {
-        &[]
+        Vec::new()
     };
-    let dropped = flags_dropped(&installed_args, &controller_args(&values), asked);
+    // Left out as no longer taken (`settings_of` said so): not to be set again.
+    let refused_endpoint = installed_args.iter().any(|a| {
+        (a.strip_prefix("--proxy-otlp-endpoint=")
+            .or(a.strip_prefix("--otlp-endpoint=")))
+        .is_some_and(|e| crate::inject::otlp_endpoint(e).is_err())
+    });
+    if refused_endpoint {
+        asked.extend(["--otlp-endpoint", "--proxy-otlp-endpoint"]);
+    }
+    let dropped = flags_dropped(&installed_args, &controller_args(&values), &asked);
     if !dropped.is_empty() {
         eprintln!(
             "strait install: the installed controller also has {}, which this install does not write (set by hand, or by the chart?): kubectl apply replaces the arguments where it changes them (an upgrade does), and those are gone; set them as STRAIT_* variables on the Deployment instead, which apply keeps",
@@ -270,27 +279,38 @@ async fn existing_install(
         // The identity kept without its controller (`helm uninstall` keeps
         // the Secret and ConfigMap): no Deployment says the trust domain and
         // iptables mode it ran with, and a default one would cut the running
-        // proxies off. Their pods say, unless both are given.
-        Some(f) if no_controller && !settings_given => match meshed_pods(client).await {
-            Ok(m) => {
-                if let Some(g) = m.given {
-                    eprintln!(
-                        "strait install: {NAMESPACE} holds the identity but no controller: keeping the trust domain, iptables mode and proxy image its meshed pods were injected with; the replicas, traces, access log and proxy resources it was installed with are not known without its Deployment: give them again if they were set"
-                    );
-                    f.trust_domain = g.trust_domain;
-                    f.iptables_mode = g.iptables_mode.and_then(|m| {
-                        <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok()
-                    });
-                    f.proxy_image = g.proxy_image;
+        // proxies off. Their pods say; given as flags too, they are checked
+        // against the pods' (`values`), and only a cluster whose pods cannot
+        // be read takes them unchecked.
+        Some(f) if no_controller => {
+            eprintln!(
+                "strait install: {NAMESPACE} holds the identity but no controller: the replicas, traces, access log and proxy resources it was installed with are not known without its Deployment; give them again if they were set"
+            );
+            match meshed_pods(client).await {
+                Ok(m) => {
+                    if let Some(g) = m.given {
+                        eprintln!(
+                            "strait install: keeping the trust domain, iptables mode and proxy image the meshed pods were injected with"
+                        );
+                        f.trust_domain = g.trust_domain;
+                        f.iptables_mode = g.iptables_mode.and_then(|m| {
+                            <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false)
+                                .ok()
+                        });
+                        f.proxy_image = g.proxy_image;
+                    }
+                }
+                Err(e) if settings_given => eprintln!(
+                    "strait install: the meshed pods could not be read ({e}): the --trust-domain and --proxy-iptables-mode given are taken as they were installed, unchecked"
+                ),
+                Err(e) => {
+                    return Err(Stop(format!(
+                        "{NAMESPACE} holds the identity but no controller, and the meshed pods could not be read ({e}), so the trust domain and iptables mode they were injected with cannot be told: use credentials that may list pods in every namespace, or give both as they were installed (--trust-domain, --proxy-iptables-mode)"
+                    ))
+                    .into());
                 }
             }
-            Err(e) => {
-                return Err(Stop(format!(
-                    "{NAMESPACE} holds the identity but no controller, and the meshed pods could not be read ({e}), so the trust domain and iptables mode they were injected with cannot be told: use credentials that may list pods in every namespace, or give both as they were installed (--trust-domain, --proxy-iptables-mode)"
-                ))
-                .into());
-            }
-        },
+        }
         _ => {}
     }
     Ok(found)
@@ -517,13 +537,19 @@ fn settings_of(
             // which OTLP/gRPC never sent) would stop the new controller and
             // new proxies at start.
             proxy_otlp_endpoint: arg("--proxy-otlp-endpoint").filter(|e| {
-                let taken = crate::inject::otlp_endpoint(e).is_ok();
-                if !taken {
-                    eprintln!(
-                        "{who}: the installed --proxy-otlp-endpoint has credentials or a query in its URL, which are not sent and no longer taken: left out; give --otlp-endpoint as http://HOST:PORT"
-                    );
-                }
-                taken
+                let Err(why) = crate::inject::otlp_endpoint(e) else {
+                    return true;
+                };
+                let flag = match who {
+                    "strait install" => "--otlp-endpoint",
+                    _ => "--proxy-otlp-endpoint",
+                };
+                // (Not the URL itself: it may hold a password.)
+                let why = why.split_once("\": ").map_or("", |(_, w)| w);
+                eprintln!(
+                    "{who}: the installed --proxy-otlp-endpoint is no longer taken ({why}): left out; give {flag} again"
+                );
+                false
             }),
             proxy_trace_sampling: arg("--proxy-trace-sampling"),
             proxy_access_log: arg("--proxy-access-log").and_then(|l| {
