@@ -131,14 +131,14 @@ pub async fn run(args: &InstallArgs) -> anyhow::Result<String> {
     } else {
         Vec::new()
     };
-    // Left out as no longer taken (`settings_of` said so): not to be set again.
-    let refused_endpoint = installed_args.iter().any(|a| {
-        (a.strip_prefix("--proxy-otlp-endpoint=")
-            .or(a.strip_prefix("--otlp-endpoint=")))
-        .is_some_and(|e| crate::inject::otlp_endpoint(e).is_err())
-    });
-    if refused_endpoint {
-        asked.extend(["--otlp-endpoint", "--proxy-otlp-endpoint"]);
+    // An endpoint no longer taken is left out (`settings_of` says so), not
+    // to be set again by hand.
+    for flag in ["--otlp-endpoint", "--proxy-otlp-endpoint"] {
+        if flag_value(&installed_args, &[], flag)
+            .is_some_and(|e| crate::inject::otlp_endpoint(&e).is_err())
+        {
+            asked.push(flag);
+        }
     }
     let dropped = flags_dropped(&installed_args, &controller_args(&values), &asked);
     if !dropped.is_empty() {
@@ -260,7 +260,7 @@ async fn existing_install(
         _ => cannot(&e),
     })?;
     if secret.is_none() && anchors.is_none() && controller.is_none() {
-        let left = left_behind(client, identity).await?;
+        let left = left_behind(client, identity, settings_given).await?;
         if identity && left.is_none() {
             eprintln!(
                 "strait install: no install there: a new trust anchor and issuer are generated"
@@ -290,7 +290,7 @@ async fn existing_install(
                 Ok(m) => {
                     if let Some(g) = m.given {
                         eprintln!(
-                            "strait install: keeping the trust domain, iptables mode and proxy image the meshed pods were injected with"
+                            "strait install: taking the trust domain, iptables mode and proxy image the meshed pods were injected with, where not given"
                         );
                         f.trust_domain = g.trust_domain;
                         f.iptables_mode = g.iptables_mode.and_then(|m| {
@@ -345,7 +345,11 @@ async fn pods_anchors(client: kube::Client) -> anyhow::Result<Vec<String>> {
 /// until their certificates expired. With the identity given (restored from
 /// a backup), the pods' settings are kept, as an install's would be, and the
 /// identity must be theirs (`run`).
-async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Option<Installed>> {
+async fn left_behind(
+    client: kube::Client,
+    identity: bool,
+    settings_given: bool,
+) -> anyhow::Result<Option<Installed>> {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let hooks: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client.clone());
     let within = |what: &str, e: &dyn std::fmt::Display| {
@@ -365,10 +369,24 @@ async fn left_behind(client: kube::Client, identity: bool) -> anyhow::Result<Opt
         .is_some();
     // Pods it may not list (an installer's narrower account) or a slow list:
     // nothing tells then whether proxies trust what was lost.
-    let meshed = meshed_pods(client)
-        .await
-        .map_err(|e| within("meshed pods", &e))?;
+    let meshed = match meshed_pods(client).await {
+        Ok(m) => m,
+        // The identity given (restored from a backup): the pods are what
+        // would say the trust domain and iptables mode, given neither.
+        Err(e) if !identity && !settings_given => {
+            return Err(Stop(format!(
+                "{NAMESPACE} holds no install, and the meshed pods could not be read ({e}), so the trust domain and iptables mode they were injected with cannot be told: use credentials that may list pods in every namespace, or give both as they were installed (--trust-domain, --proxy-iptables-mode)"
+            ))
+            .into());
+        }
+        Err(e) => return Err(within("meshed pods", &e)),
+    };
     if !identity {
+        if meshed.given.is_some() {
+            eprintln!(
+                "strait install: {NAMESPACE} holds no install: taking the trust domain, iptables mode and proxy image its meshed pods were injected with, where not given; the replicas, traces, access log and proxy resources it had are not known: give them again if they were set"
+            );
+        }
         return Ok(meshed.given.map(|g| Installed {
             trust_domain: g.trust_domain,
             iptables_mode: g.iptables_mode.and_then(|m| {

@@ -905,9 +905,10 @@ fn unguarded_policies(text: &str, last_good: &[ObjId]) -> Unguarded {
     }
     let mut out = Unguarded::default();
     let mut unreadable = false;
-    // Read as the file itself was: a file refused for its aliases would
-    // take the controller's memory here otherwise.
-    for read in parse::json_documents(text) {
+    // Within the budget the file itself was read with (a file refused for
+    // its aliases would take the controller's memory here otherwise), but
+    // taking what it refused for: a key written twice, a merge key.
+    for read in parse::json_documents(text, parse::Reading::Lenient) {
         match read {
             Ok(v) => collect(&v, &mut out.policies),
             Err(_) => {
@@ -1336,6 +1337,32 @@ mod tests {
             s.services.is_empty(),
             "emptied for good: its objects are gone"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file refused for a key written twice still names the policies it
+    /// would hold: a policy added in another namespace beside one in force
+    /// seals that namespace, as for any other refusal.
+    #[test]
+    fn a_policy_refused_for_a_key_written_twice_seals_its_namespace() {
+        let dir = temp_dir("twice");
+        let policy = |ns: &str, extra: &str| {
+            format!(
+                "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: lock, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  mtls: STRICT\n{extra}"
+            )
+        };
+        std::fs::write(dir.join("svc.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("lock.yaml"), policy("shop", "")).unwrap();
+        let mut src = source(&dir);
+        assert_eq!(src.scan().unwrap().authorizations.len(), 1);
+        let both = format!(
+            "{}---\n{}",
+            policy("shop", ""),
+            policy("bank", "  mtls: PERMISSIVE\n")
+        );
+        std::fs::write(dir.join("lock.yaml"), both).unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.sealed_namespaces.iter().collect::<Vec<_>>(), ["bank"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

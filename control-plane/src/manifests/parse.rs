@@ -457,7 +457,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<Named, usize> = HashMap::new();
-    for (i, read) in json_documents(text).enumerate() {
+    for (i, read) in json_documents(text, Reading::Strict).enumerate() {
         let doc = i + 1;
         match read {
             Ok(v) => {
@@ -495,121 +495,151 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, Vec<ParseError>> {
     }
 }
 
-/// The fewest values a stream may make, whatever its size: aliases that
-/// share a block (a List of pods with one container spec) make more values
-/// than bytes, and kubectl (go-yaml) allows some 400,000 of them.
-const MIN_VALUES: usize = 1_000_000;
+/// What reading a stream may make, whatever its size: aliases that share a
+/// block (a List of pods with one container spec) make more than its text,
+/// and kubectl (go-yaml) allows some 400,000 values from them.
+const MIN_MADE: usize = 1_000_000;
 
-/// The documents of a YAML stream as JSON (`Strict`), which together make at
-/// most as many values as the stream has bytes (or `MIN_VALUES`): a YAML
-/// stream holds no more values than bytes but through its aliases, each
-/// read again in full.
+/// How documents are read: as the controller takes a file (`Strict`), or to
+/// tell what a refused one would hold (`Lenient`: a key written twice is
+/// the last one, a merge key a key like another).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Reading {
+    Strict,
+    Lenient,
+}
+
+/// The documents of a YAML stream as JSON. Each value made counts one, and
+/// a string or key its length more: read once, a stream makes at most twice
+/// its bytes (or `MIN_MADE`), but through aliases, each read again in full.
+/// An anchor of 20,000 values aliased 20,000 times is 140 kB of YAML and
+/// four hundred million values, and a 700 kB string aliased 200,000 times
+/// 140 GB, which would kill the controller for memory at every start (as the
+/// API server's CVE-2019-11253).
 pub(super) fn json_documents(
     text: &str,
+    how: Reading,
 ) -> impl Iterator<Item = Result<serde_json::Value, serde_norway::Error>> + '_ {
-    let values = std::cell::Cell::new(text.len().max(MIN_VALUES));
+    let budget = std::cell::Cell::new((2 * text.len()).max(MIN_MADE));
     serde_norway::Deserializer::from_str(text).map(move |de| {
         // An empty document still makes a value.
-        values.set(values.get() + 16);
-        serde::de::DeserializeSeed::deserialize(Strict(&values), de)
+        budget.set(budget.get() + 16);
+        serde::de::DeserializeSeed::deserialize(
+            Json {
+                budget: &budget,
+                how,
+            },
+            de,
+        )
     })
 }
 
-/// A YAML document as JSON, refusing what reading it straight into
-/// `serde_json::Value` would take silently: a key written twice in one
-/// mapping (the last would win: `mtls: STRICT` undone by a second `mtls:`
-/// further down, which kubectl refuses), and merge keys (`<<: *defaults`),
-/// whose fields would be dropped where kubectl merges them. And one that
-/// makes more values than it is given (its bytes): an anchor of 20,000
-/// values aliased 20,000 times is 140 kB of YAML and four hundred million
-/// values, which would kill the controller for memory at every start (as the
-/// API server's CVE-2019-11253).
-struct Strict<'b>(&'b std::cell::Cell<usize>);
-
-impl<'de> serde::de::DeserializeSeed<'de> for Strict<'_> {
-    type Value = serde_json::Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(StrictVisitor(self.0))
-    }
+/// A YAML document as JSON, refusing (when `Strict`) what reading it
+/// straight into `serde_json::Value` would take silently: a key written
+/// twice in one mapping (the last would win: `mtls: STRICT` undone by a
+/// second `mtls:` further down, which kubectl refuses), and merge keys
+/// (`<<: *defaults`), whose fields would be dropped where kubectl merges
+/// them; and (either way) more than the stream's budget.
+#[derive(Clone, Copy)]
+struct Json<'b> {
+    budget: &'b std::cell::Cell<usize>,
+    how: Reading,
 }
 
-struct StrictVisitor<'b>(&'b std::cell::Cell<usize>);
-
-impl StrictVisitor<'_> {
-    /// One value more made, if the document may make it.
-    fn made<E: serde::de::Error>(&self) -> Result<(), E> {
-        let left = self.0.get().checked_sub(1).ok_or_else(|| {
-            E::custom(
-                "the document makes more values than it has bytes: its aliases repeat too much",
-            )
+impl Json<'_> {
+    /// A value made, with `len` bytes of its own.
+    fn made<E: serde::de::Error>(&self, len: usize) -> Result<(), E> {
+        let left = self.budget.get().checked_sub(1 + len).ok_or_else(|| {
+            E::custom("the file's aliases repeat too much: they make more than twice its size")
         })?;
-        self.0.set(left);
+        self.budget.set(left);
         Ok(())
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for StrictVisitor<'_> {
+impl<'de> serde::de::DeserializeSeed<'de> for Json<'_> {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A mapping's key, counted as a string value.
+struct Key<'b>(Json<'b>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+    type Value = String;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        let key = <String as serde::Deserialize>::deserialize(d)?;
+        self.0.made(key.len())?;
+        Ok(key)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Json<'_> {
     type Value = serde_json::Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a YAML value")
     }
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(0)?;
         Ok(v.into())
     }
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(0)?;
         Ok(v.into())
     }
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(0)?;
         Ok(v.into())
     }
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(0)?;
         Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(v.len())?;
         Ok(v.into())
     }
     fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(v.len())?;
         Ok(v.into())
     }
     fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(0)?;
         Ok(serde_json::Value::Null)
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        self.made()?;
+        self.made(0)?;
         Ok(serde_json::Value::Null)
     }
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        serde::de::DeserializeSeed::deserialize(Strict(self.0), d)
+        serde::de::DeserializeSeed::deserialize(self, d)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        self.made()?;
+        self.made(0)?;
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-        while let Some(v) = seq.next_element_seed(Strict(self.0))? {
+        while let Some(v) = seq.next_element_seed(self)? {
             out.push(v);
         }
         Ok(serde_json::Value::Array(out))
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         use serde::de::Error as _;
-        self.made()?;
+        self.made(0)?;
+        let strict = self.how == Reading::Strict;
         let mut out = serde_json::Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "<<" {
+        while let Some(key) = map.next_key_seed(Key(self))? {
+            if key == "<<" && strict {
                 return Err(A::Error::custom(
                     "a YAML merge key (<<) is not read here: write its fields out",
                 ));
             }
-            let value = map.next_value_seed(Strict(self.0))?;
-            if out.contains_key(&key) {
+            let value = map.next_value_seed(self)?;
+            if out.contains_key(&key) && strict {
                 return Err(A::Error::custom(format!(
                     "field {key:?} is written twice in one mapping"
                 )));
@@ -829,6 +859,14 @@ items:
         );
         assert!(bomb.len() < 16_000);
         let e = parse_file(&bomb).unwrap_err()[0].to_string();
+        assert!(e.contains("aliases repeat too much"), "{e}");
+        // A long string aliased many times: few values, many bytes.
+        let long = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: long, namespace: shop}}\ndata: {{a: &a \"{}\", b: [{}]}}\n",
+            "x".repeat(100_000),
+            vec!["*a"; 100].join(",")
+        );
+        let e = parse_file(&long).unwrap_err()[0].to_string();
         assert!(e.contains("aliases repeat too much"), "{e}");
         // A few aliases are read as ever (the test above), and empty
         // documents take no other document's share.
