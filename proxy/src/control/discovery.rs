@@ -520,6 +520,17 @@ fn forget_oldest(kept: &mut Remembered, max: usize) {
     if over == 0 {
         return;
     }
+    // One at a time (a watch evicted for a new destination): a search, no copy.
+    if over == 1 {
+        let oldest = kept
+            .iter()
+            .min_by_key(|(_, (_, at))| *at)
+            .map(|(d, _)| d.clone());
+        if let Some(d) = oldest {
+            kept.remove(&d);
+        }
+        return;
+    }
     let mut by_age: Vec<(u64, DestAddr)> =
         kept.iter().map(|(d, (_, at))| (*at, d.clone())).collect();
     by_age.select_nth_unstable_by_key(over - 1, |(at, _)| *at);
