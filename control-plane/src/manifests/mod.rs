@@ -104,9 +104,10 @@ pub struct ManifestSource {
     /// from a last good version: the namespaces they name. What such a
     /// policy guards would be open, so those namespaces are sealed.
     unguarded: BTreeMap<FileName, Unguarded>,
-    /// When a scan first found no manifest file left while some held
-    /// objects: they stay `MANIFEST_EMPTY_GRACE` from then.
-    all_gone_since: Option<std::time::Instant>,
+    /// Each `--manifests` directory a scan found with no manifest file left
+    /// while some held objects, and when: they stay `MANIFEST_EMPTY_GRACE`
+    /// from then.
+    emptied_dirs: HashMap<PathBuf, std::time::Instant>,
 }
 
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
@@ -229,30 +230,38 @@ fn emptied_just_now(objects: &[Object], old: Option<&FileState>, stamp: &Stamp) 
 }
 
 impl ManifestSource {
-    /// Whether no manifest file is left (`paths`) while some held objects,
-    /// since a moment ago: a directory being regenerated (`rm *.yaml`, then
-    /// kustomize or helm template writing it again, a `git checkout`), whose
-    /// objects, every Service, policy and token of the mesh, stay in force
-    /// until it has stayed empty a while, as an emptied file's do.
-    fn all_gone_a_moment_ago(&mut self, paths: &[PathBuf]) -> bool {
-        // (Not those of a directory that cannot be read now: kept anyway.)
-        let held = self
-            .files
-            .iter()
-            .any(|(p, f)| !f.ids.is_empty() && !self.unreadable.iter().any(|d| p.starts_with(d)));
-        if !paths.is_empty() || !held {
-            self.all_gone_since = None;
-            return false;
+    /// The `--manifests` directories with no manifest file left (`paths`)
+    /// while some held objects, since a moment ago: a directory being
+    /// regenerated (`rm *.yaml`, then kustomize or helm template writing it
+    /// again, a `git checkout`), whose objects (every policy of a policies
+    /// directory) stay in force until it has stayed empty a while, as an
+    /// emptied file's do, or a file is back in it.
+    fn dirs_emptied_a_moment_ago(&mut self, paths: &[PathBuf]) -> Vec<PathBuf> {
+        let mut waiting = Vec::new();
+        for dir in &self.dirs {
+            // (Not files of a directory that cannot be read now: kept anyway.)
+            let held = self.files.iter().any(|(p, f)| {
+                !f.ids.is_empty()
+                    && p.starts_with(dir)
+                    && !self.unreadable.iter().any(|d| p.starts_with(d))
+            });
+            if !held || paths.iter().any(|p| p.starts_with(dir)) {
+                self.emptied_dirs.remove(dir);
+                continue;
+            }
+            let since = *self.emptied_dirs.entry(dir.clone()).or_insert_with(|| {
+                warn!(
+                    dir = %dir.display(),
+                    "every manifest file of the directory is gone; their objects stay in force for {:?} in case they are being written again",
+                    defaults::MANIFEST_EMPTY_GRACE
+                );
+                std::time::Instant::now()
+            });
+            if since.elapsed() < defaults::MANIFEST_EMPTY_GRACE {
+                waiting.push(dir.clone());
+            }
         }
-        let since = *self.all_gone_since.get_or_insert_with(|| {
-            warn!(
-                files = self.files.len(),
-                "every manifest file is gone; their objects stay in force for {:?} in case they are being written again",
-                defaults::MANIFEST_EMPTY_GRACE
-            );
-            std::time::Instant::now()
-        });
-        since.elapsed() < defaults::MANIFEST_EMPTY_GRACE
+        waiting
     }
 
     /// Manifest files read (refused ones included).
@@ -274,7 +283,7 @@ impl ManifestSource {
             budget: defaults::MAX_MANIFESTS_TOTAL_BYTES,
             over_budget: HashSet::new(),
             unguarded: BTreeMap::new(),
-            all_gone_since: None,
+            emptied_dirs: HashMap::new(),
         }
     }
 
@@ -304,9 +313,7 @@ impl ManifestSource {
         self.unreadable = unreadable;
         paths.sort();
         paths.dedup();
-        if self.all_gone_a_moment_ago(&paths) {
-            return None;
-        }
+        let waiting = self.dirs_emptied_a_moment_ago(&paths);
         let mut todo = Vec::new();
         let mut over_budget = Vec::new();
         let mut total: u64 = 0;
@@ -486,6 +493,7 @@ impl ManifestSource {
             .chain(&self.unsettled)
             .filter(|p| paths.binary_search_by(|q| q.as_path().cmp(p)).is_err())
             .filter(|p| !self.unreadable.iter().any(|d| p.starts_with(d)))
+            .filter(|p| !waiting.iter().any(|d| p.starts_with(d)))
             .cloned()
             .collect();
         for path in gone {
@@ -1246,7 +1254,9 @@ mod tests {
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
         // The last file gone: after a while (see below).
         assert!(src.scan().is_none());
-        src.all_gone_since = Some(std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2);
+        for t in src.emptied_dirs.values_mut() {
+            *t = std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2;
+        }
         assert!(src.scan().unwrap().services.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1308,10 +1318,54 @@ mod tests {
         // Gone for good.
         std::fs::remove_file(dir.join("svc.yaml")).unwrap();
         assert!(src.scan().is_none());
-        src.all_gone_since = Some(std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2);
+        for t in src.emptied_dirs.values_mut() {
+            *t = std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2;
+        }
         let s = src.scan().unwrap();
         assert!(s.services.is_empty(), "gone for good: its objects are gone");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The wait is per `--manifests` directory: one of two regenerated by
+    /// removing its files first keeps its policies a moment, while the
+    /// other's changes apply.
+    #[test]
+    fn a_directory_emptied_among_others_keeps_its_objects_a_moment() {
+        let (services, policies) = (temp_dir("two-svc"), temp_dir("two-pol"));
+        std::fs::write(services.join("svc.yaml"), SVC).unwrap();
+        std::fs::write(
+            policies.join("lock.yaml"),
+            "apiVersion: policy.strait.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: lock, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, mtls: STRICT}\n",
+        )
+        .unwrap();
+        let mut src = ManifestSource::new(
+            vec![services.clone(), policies.clone()],
+            "cluster.local",
+            Metrics::new(),
+        );
+        assert_eq!(src.scan().unwrap().authorizations.len(), 1);
+        std::fs::remove_file(policies.join("lock.yaml")).unwrap();
+        std::fs::write(
+            services.join("svc.yaml"),
+            SVC.replace("10.96.0.1", "10.96.0.2"),
+        )
+        .unwrap();
+        let s = src.scan().unwrap();
+        assert_eq!(s.authorizations.len(), 1, "the policy stays a moment");
+        assert!(
+            s.by_cluster_ip
+                .contains_key(&"10.96.0.2".parse::<std::net::IpAddr>().unwrap()),
+            "the other directory's change applies"
+        );
+        for t in src.emptied_dirs.values_mut() {
+            *t = std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2;
+        }
+        assert!(
+            src.scan().unwrap().authorizations.is_empty(),
+            "gone for good"
+        );
+        std::fs::remove_dir_all(&services).unwrap();
+        std::fs::remove_dir_all(&policies).unwrap();
     }
 
     #[test]
