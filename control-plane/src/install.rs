@@ -292,12 +292,7 @@ async fn existing_install(
                         eprintln!(
                             "strait install: taking the trust domain, iptables mode and proxy image the meshed pods were injected with, where not given"
                         );
-                        f.trust_domain = g.trust_domain;
-                        f.iptables_mode = g.iptables_mode.and_then(|m| {
-                            <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false)
-                                .ok()
-                        });
-                        f.proxy_image = g.proxy_image;
+                        f.take_pods_settings(g);
                     }
                 }
                 Err(e) if settings_given => eprintln!(
@@ -387,14 +382,13 @@ async fn left_behind(
                 "strait install: {NAMESPACE} holds no install: taking the trust domain, iptables mode and proxy image its meshed pods were injected with, where not given; the replicas, traces, access log and proxy resources it had are not known: give them again if they were set"
             );
         }
-        return Ok(meshed.given.map(|g| Installed {
-            trust_domain: g.trust_domain,
-            iptables_mode: g.iptables_mode.and_then(|m| {
-                <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok()
-            }),
-            proxy_image: g.proxy_image,
-            pods_anchors_pem: g.anchors_pem,
-            ..Installed::default()
+        return Ok(meshed.given.map(|g| {
+            let mut i = Installed {
+                pods_anchors_pem: g.anchors_pem.clone(),
+                ..Installed::default()
+            };
+            i.take_pods_settings(g);
+            i
         }));
     }
     let Some(given) = meshed.given.filter(|_| meshed.pods.count > 0) else {
@@ -476,26 +470,16 @@ fn installed(
         .and_then(|d| d.spec.as_ref()?.replicas)
         .and_then(|r| u16::try_from(r).ok())
         .filter(|r| (1..=64).contains(r));
-    let controller_image = controller
-        .as_ref()
-        .and_then(controller_container)
-        .and_then(|c| c.image.clone());
-    let controller_args = controller
-        .as_ref()
-        .and_then(controller_container)
-        .and_then(|c| c.args.clone())
-        .unwrap_or_default();
+    let container = controller.as_ref().and_then(controller_container);
+    let controller_image = container.and_then(|c| c.image.clone());
+    let controller_args = container.and_then(|c| c.args.clone()).unwrap_or_default();
     // Set on the Deployment by hand or by the chart's values (a large
     // cluster's controller given more memory): kept, as the replicas are.
-    let controller_resources = controller
-        .as_ref()
-        .and_then(controller_container)
+    let controller_resources = container
         .and_then(|c| c.resources.as_ref())
         .and_then(|r| serde_json::to_value(r).ok())
         .filter(|r| *r != default_controller_resources());
-    let controller_pull_policy = controller
-        .as_ref()
-        .and_then(controller_container)
+    let controller_pull_policy = container
         .and_then(|c| c.image_pull_policy.clone())
         .filter(|p| p != DEFAULT_PULL_POLICY);
     let InstalledArgs {
@@ -738,6 +722,17 @@ pub struct Installed {
     /// With no install left, the trust anchors its meshed pods hold: an
     /// identity given must be under them.
     pub pods_anchors_pem: Vec<String>,
+}
+
+impl Installed {
+    /// What the meshed pods were injected with, where no controller says it.
+    fn take_pods_settings(&mut self, g: crate::check::Given) {
+        self.trust_domain = g.trust_domain;
+        self.iptables_mode = g.iptables_mode.and_then(|m| {
+            <crate::inject::IptablesMode as clap::ValueEnum>::from_str(&m, false).ok()
+        });
+        self.proxy_image = g.proxy_image;
+    }
 }
 
 /// The identity material the install carries.
