@@ -62,16 +62,32 @@ fn memory_under(root: &Path, own: &str) -> Option<Memory> {
         let v = std::fs::read_to_string(dir.join(file)).ok()?;
         Some((dir, v2, v))
     })?;
-    let limit = v
-        .trim()
-        .parse::<u64>()
-        .ok()
-        // v1 writes "unlimited" as the largest page-aligned i64.
-        .filter(|b| *b < 1 << 60)?;
+    let limit = parse_limit(&v)?;
     Some(Memory { limit, dir, v2 })
 }
 
+/// A limit file's bytes, `None` where unlimited (v2's `max`; v1 writes
+/// "unlimited" as the largest page-aligned i64).
+fn parse_limit(v: &str) -> Option<u64> {
+    v.trim().parse::<u64>().ok().filter(|b| *b < 1 << 60)
+}
+
 impl Memory {
+    /// The working set and the limit now (`None` where unlimited): the
+    /// kubelet resizes a running container's limit in place (a pod's
+    /// `resize`, a VPA), and shedding at 90 % of the old one would answer
+    /// 503 with memory to spare, or let the proxy be killed under a lowered
+    /// one.
+    fn now(&self) -> Option<(u64, Option<u64>)> {
+        let file = if self.v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        let limit = std::fs::read_to_string(self.dir.join(file)).ok()?;
+        Some((self.working_set()?, parse_limit(&limit)))
+    }
+
     /// What the cgroup uses less its inactive page cache, which the kernel
     /// reclaims before it kills: the working set, as the kubelet reckons it.
     /// Socket buffers count (cgroup v2 charges them), and heap the allocator
@@ -122,23 +138,34 @@ impl Pressure {
     /// limit; never high where it has none. On a runtime.
     pub fn of_own_cgroup() -> Self {
         match own_memory() {
-            Some(m) if m.working_set().is_some() => Self::watch(m.limit, move || m.working_set()),
+            Some(m) if m.working_set().is_some() => Self::watch(m.limit, move || m.now()),
             _ => Pressure(None),
         }
     }
 
-    fn watch(limit: u64, used: impl Fn() -> Option<u64> + Send + 'static) -> Self {
+    fn watch(limit: u64, now: impl Fn() -> Option<(u64, Option<u64>)> + Send + 'static) -> Self {
         let high = Arc::new(AtomicBool::new(false));
         let flag = Arc::downgrade(&high);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(defaults::MEMORY_PRESSURE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut limit = Some(limit);
             loop {
                 every.tick().await;
                 let Some(flag) = flag.upgrade() else { return };
-                let Some(used) = used() else { continue };
+                let Some((used, limit_now)) = now() else {
+                    continue;
+                };
+                if limit_now != limit {
+                    tracing::info!(
+                        was = limit,
+                        now = limit_now,
+                        "the container's memory limit changed: shedding follows it (the connection limit stays as fitted at start)"
+                    );
+                    limit = limit_now;
+                }
                 let was = flag.load(Ordering::Relaxed);
-                let now = high_after(was, used, limit);
+                let now = limit.is_some_and(|limit| high_after(was, used, limit));
                 if now && let Some(f) = ON_PRESSURE.get() {
                     f();
                 }
@@ -299,7 +326,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pressure_follows_the_memory_in_use() {
         static USED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
-        let p = Pressure::watch(10_000, || Some(USED.load(Ordering::Relaxed)));
+        let p = Pressure::watch(10_000, || {
+            Some((USED.load(Ordering::Relaxed), Some(10_000)))
+        });
         let settle = || tokio::time::sleep(defaults::MEMORY_PRESSURE_EVERY * 2);
         settle().await;
         assert!(!p.is_high());
@@ -309,6 +338,34 @@ mod tests {
         USED.store(8_000, Ordering::Relaxed);
         settle().await;
         assert!(!p.is_high());
+    }
+
+    /// A limit resized in place (a pod's `resize`, a VPA) is followed:
+    /// raised, shedding stops; lowered, it starts; unlimited, never.
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_resized_in_place_is_followed() {
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("memory.max"), "1000000\n").unwrap();
+        std::fs::write(dir.join("memory.current"), "950000\n").unwrap();
+        std::fs::write(dir.join("memory.stat"), "inactive_file 0\n").unwrap();
+        let m = memory_under(&dir, "").unwrap();
+        let p = Pressure::watch(m.limit, move || m.now());
+        let settle = || tokio::time::sleep(defaults::MEMORY_PRESSURE_EVERY * 2);
+        settle().await;
+        assert!(p.is_high(), "95 % of the limit");
+        std::fs::write(dir.join("memory.max"), "4000000\n").unwrap();
+        settle().await;
+        assert!(
+            !p.is_high(),
+            "raised: still shedding at 90 % of the old limit"
+        );
+        std::fs::write(dir.join("memory.max"), "1000000\n").unwrap();
+        settle().await;
+        assert!(p.is_high(), "lowered again");
+        std::fs::write(dir.join("memory.max"), "max\n").unwrap();
+        settle().await;
+        assert!(!p.is_high(), "unlimited");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tempfile_dir() -> std::path::PathBuf {
