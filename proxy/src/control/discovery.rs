@@ -156,21 +156,21 @@ impl std::fmt::Debug for Discovery {
 
 /// Whether the last call a watch made found the controller out of reach (and
 /// none has got through since): `/config`'s "unreachable", and the
-/// `control_unreachable` gauge.
+/// `control_unreachable` gauge. The gauge is the one record: watches on
+/// other threads set it at once, and a flag beside it could be left saying
+/// the opposite until the next call.
 #[derive(Debug, Default)]
 struct Unreachable {
-    flag: AtomicBool,
     gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Unreachable {
     fn set(&self, away: bool) {
-        self.flag.store(away, Ordering::Relaxed);
         self.gauge.set(i64::from(away));
     }
 
     fn get(&self) -> bool {
-        self.flag.load(Ordering::Relaxed)
+        self.gauge.get() != 0
     }
 }
 
@@ -209,10 +209,7 @@ impl Discovery {
             start: Instant::now(),
             watches: Mutex::default(),
             remembered: Mutex::default(),
-            unreachable: Arc::new(Unreachable {
-                flag: AtomicBool::new(false),
-                gauge: unreachable,
-            }),
+            unreachable: Arc::new(Unreachable { gauge: unreachable }),
             remembered_for_ms,
             max_watches: max_watches.max(1),
             networks,

@@ -39,10 +39,11 @@ impl LogHandle {
             filter: filter.to_string(),
             reason,
         })?;
+        // Held across the reload: two callers at once on two threads would
+        // otherwise leave one's filter in force and the other's reported.
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.reload(f).map_err(|_| LogError::Gone)?;
-        if let Ok(mut c) = self.current.lock() {
-            *c = filter.to_string();
-        }
+        *current = filter.to_string();
         Ok(())
     }
 }
