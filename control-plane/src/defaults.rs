@@ -109,6 +109,12 @@ pub const ISSUER_MIN_REMAINING: std::time::Duration = std::time::Duration::from_
 /// Certificates are back-dated this much, so a peer whose clock is slightly behind
 /// still accepts a brand-new one.
 pub const CERT_BACKDATE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Trust anchors and issuers made here (`strait install`, the demo) are
+/// back-dated this much: they are made on the installer's machine, whose
+/// clock may be minutes ahead of the cluster's (a kind cluster in a VM that
+/// lags its host after a sleep), and an issuer not yet valid stops the
+/// controller and fails every chain under it.
+pub const CA_BACKDATE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Where the controller runs, for its own identity.
 pub const CONTROLLER_NAMESPACE: &str = "strait-system";

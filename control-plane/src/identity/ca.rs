@@ -196,8 +196,11 @@ impl Ca {
             return Err((
                 "--issuer-cert",
                 format!(
-                    "not valid before {}",
-                    humantime::format_rfc3339_seconds(not_before)
+                    "not valid before {}, {} from now by this machine's clock: is the clock of the machine that made it ahead of this one's? It is taken once it is valid",
+                    humantime::format_rfc3339_seconds(not_before),
+                    humantime::format_duration(Duration::from_secs(
+                        not_before.duration_since(now).unwrap_or_default().as_secs()
+                    )),
                 ),
             ));
         }
@@ -460,7 +463,7 @@ pub(super) fn ca_params(cn: &str, validity: Duration, path_len: u8) -> Certifica
         KeyUsagePurpose::DigitalSignature,
     ];
     let now = SystemTime::now();
-    p.not_before = (now - defaults::CERT_BACKDATE).into();
+    p.not_before = (now - defaults::CA_BACKDATE).into();
     p.not_after = (now + validity).into();
     p.serial_number = Some(random_serial());
     p
@@ -651,6 +654,31 @@ mod tests {
             p.not_after = (now + to).into();
         }
         (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    /// An identity made on a machine whose clock is minutes ahead of the
+    /// cluster's is valid there at once.
+    #[test]
+    fn a_generated_identity_is_valid_to_a_clock_behind() {
+        let g = generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3590);
+        for pem in [&g.anchor_pem, &g.issuer_cert_pem] {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let from = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(c.validity().not_before.timestamp() as u64);
+            assert!(from <= an_hour_ago, "{pem}");
+        }
+        // One not yet valid here says why it may be.
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = ca_params("identity.test", Duration::from_secs(7200), 0);
+        p.not_before = (SystemTime::now() + Duration::from_secs(600)).into();
+        let cert = p.self_signed(&key).unwrap().pem();
+        let err = Ca::from_pem(&cert, &key.serialize_pem(), Duration::from_secs(60)).unwrap_err();
+        assert!(
+            err.1.contains("clock of the machine that made it"),
+            "{err:?}"
+        );
     }
 
     #[test]
