@@ -108,6 +108,11 @@ pub struct ManifestSource {
     /// while some held objects, and when: they stay `MANIFEST_EMPTY_GRACE`
     /// from then.
     emptied_dirs: HashMap<PathBuf, std::time::Instant>,
+    /// Each file a scan found emptied while it held objects: its stamp
+    /// then, and when this controller first saw that version (by its own
+    /// steady clock: the file's mtime is the writer's, which may be minutes
+    /// off, and would drop every policy of the file at once).
+    emptied_files: HashMap<FileName, (Stamp, std::time::Instant)>,
 }
 
 type Parsed = Result<Vec<Object>, Vec<ParseError>>;
@@ -216,20 +221,32 @@ fn parse_all(paths: &[FileName]) -> Vec<Parsed> {
     out
 }
 
-/// Whether a file's new content is "nothing" while it held objects, and it was
-/// written a moment ago: likely a file being rewritten in place (`> file`, then
-/// the writer's output). Applied only once it has stayed empty a while.
-fn emptied_just_now(objects: &[Object], old: Option<&FileState>, stamp: &Stamp) -> bool {
-    objects.is_empty()
-        && old.is_some_and(|o| !o.ids.is_empty())
-        && stamp.modified.is_some_and(|m| {
-            SystemTime::now()
-                .duration_since(m)
-                .is_ok_and(|age| age < defaults::MANIFEST_EMPTY_GRACE)
-        })
-}
-
 impl ManifestSource {
+    /// Whether a file's new content is "nothing" while it held objects, and
+    /// this version was first seen a moment ago: likely a file being
+    /// rewritten in place (`> file`, then the writer's output). Applied only
+    /// once it has stayed empty a while.
+    fn emptied_just_now(&mut self, path: &FileName, objects: &[Object], stamp: &Stamp) -> bool {
+        let held = self.files.get(path).is_some_and(|o| !o.ids.is_empty());
+        if !objects.is_empty() || !held {
+            self.emptied_files.remove(path);
+            return false;
+        }
+        let (seen, since) = self
+            .emptied_files
+            .entry(path.clone())
+            .or_insert_with(|| (stamp.clone(), std::time::Instant::now()));
+        if seen != stamp {
+            *seen = stamp.clone();
+            *since = std::time::Instant::now();
+        }
+        let waiting = since.elapsed() < defaults::MANIFEST_EMPTY_GRACE;
+        if !waiting {
+            self.emptied_files.remove(path);
+        }
+        waiting
+    }
+
     /// The `--manifests` directories with no manifest file left (`paths`)
     /// while some held objects, since a moment ago: a directory being
     /// regenerated (`rm *.yaml`, then kustomize or helm template writing it
@@ -284,6 +301,7 @@ impl ManifestSource {
             over_budget: HashSet::new(),
             unguarded: BTreeMap::new(),
             emptied_dirs: HashMap::new(),
+            emptied_files: HashMap::new(),
         }
     }
 
@@ -412,7 +430,7 @@ impl ManifestSource {
         } in candidates
         {
             match parsed {
-                Ok(objects) if emptied_just_now(&objects, self.files.get(&path), &stamp) => {
+                Ok(objects) if self.emptied_just_now(&path, &objects, &stamp) => {
                     debug!(file = %path.display(), "manifest emptied; applied if it stays empty");
                 }
                 Ok(objects) => {
@@ -499,6 +517,7 @@ impl ManifestSource {
         for path in gone {
             self.unsettled.remove(&path);
             self.unguarded.remove(&path);
+            self.emptied_files.remove(&path);
             if let Some(old) = self.files.remove(&path) {
                 info!(file = %path.display(), "manifest removed");
                 self.disown(&path, &old.ids, &mut touched);
@@ -1380,17 +1399,28 @@ mod tests {
             src.scan().is_none(),
             "a just-emptied file changes nothing yet"
         );
+        // Timed by this controller's clock, not the writer's: a file
+        // stamped a minute ahead or behind waits as long.
         let f = std::fs::File::options()
             .write(true)
             .open(dir.join("svc.yaml"))
             .unwrap();
-        f.set_modified(SystemTime::now() - defaults::MANIFEST_EMPTY_GRACE * 2)
-            .unwrap();
+        for skew in [
+            SystemTime::now() + std::time::Duration::from_secs(60),
+            SystemTime::now() - std::time::Duration::from_secs(60),
+        ] {
+            f.set_modified(skew).unwrap();
+            assert!(src.scan().is_none(), "{skew:?}: changes nothing yet");
+        }
+        for (_, t) in src.emptied_files.values_mut() {
+            *t = std::time::Instant::now() - defaults::MANIFEST_EMPTY_GRACE * 2;
+        }
         let s = src.scan().unwrap();
         assert!(
             s.services.is_empty(),
             "emptied for good: its objects are gone"
         );
+        assert!(src.emptied_files.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
