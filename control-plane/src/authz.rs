@@ -495,6 +495,7 @@ mod tests {
                 opaque: Vec::new(),
                 node: None,
                 host_ports: Vec::new(),
+                deleting: false,
             },
         );
         (snap, pod)

@@ -280,6 +280,7 @@ mod tests {
             opaque: Vec::new(),
             node: None,
             host_ports: Vec::new(),
+            deleting: false,
         };
         let policy = |name: &str, spec: serde_json::Value| {
             crate::authz::parse(&serde_json::json!({
@@ -386,6 +387,7 @@ spec:
                 opaque: Vec::new(),
                 node: None,
                 host_ports: Vec::new(),
+                deleting: false,
             },
         );
         assert!(snap.slices.is_empty());
@@ -471,6 +473,7 @@ spec:
                 opaque: Vec::new(),
                 node: None,
                 host_ports: Vec::new(),
+                deleting: false,
             },
         );
         tx.send_replace(Arc::new(snap.clone()));

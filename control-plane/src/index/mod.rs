@@ -125,6 +125,11 @@ pub struct PodInfo {
     /// (a node-local agent's, a broker advertising its node's address),
     /// while it runs.
     pub host_ports: Vec<(SocketAddr, u16)>,
+    /// Being deleted (`metadata.deletionTimestamp`): one stuck terminating
+    /// (a volume that will not unmount, a finalizer) keeps its address in
+    /// its status for as long, after the network may have given it to a new
+    /// pod.
+    pub deleting: bool,
 }
 
 /// Everything the controller knows at one moment.
@@ -140,7 +145,8 @@ pub struct Snapshot {
     pub slices: HashMap<ObjKey, OrdMap<String, SliceInfo>>,
     pub pods: HashMap<ObjKey, PodInfo>,
     /// The pods at each address: one, but for a moment two while an address
-    /// passes from a pod that ended to a new one.
+    /// passes from a pod that ended to a new one (or for longer, from one
+    /// stuck terminating: see `holder`).
     pub by_pod_ip: HashMap<IpAddr, OrdSet<ObjKey>>,
     /// The pods behind each node address and `hostPort`, as `by_pod_ip`.
     pub by_host_port: HashMap<SocketAddr, OrdSet<ObjKey>>,
@@ -651,6 +657,7 @@ impl SnapshotBuilder {
                 opaque: ranges(crate::inject::OPAQUE_PORTS),
                 node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                 host_ports,
+                deleting: pod.metadata.deletion_timestamp.is_some(),
             },
         ))
     }
@@ -979,11 +986,7 @@ impl Snapshot {
     /// (of the node address's family) and container port there; unless
     /// none or more than one claims it.
     pub fn pod_at_host_port(&self, at: SocketAddr) -> Option<(&ObjKey, &PodInfo, SocketAddr)> {
-        let keys = self.by_host_port.get(&at).filter(|k| k.len() == 1)?;
-        let (key, pod) = keys
-            .iter()
-            .next()
-            .and_then(|k| self.pods.get_key_value(k))?;
+        let (key, pod) = self.holder(self.by_host_port.get(&at)?)?;
         let (_, port) = pod.host_ports.iter().find(|(a, _)| *a == at)?;
         let ip = (pod.ips.iter().find(|ip| ip.is_ipv4() == at.is_ipv4())).or(pod.ips.first())?;
         Some((key, pod, SocketAddr::new(*ip, *port)))
@@ -991,9 +994,23 @@ impl Snapshot {
 
     /// The pod at `ip`, unless none or more than one claims it.
     pub fn pod_at(&self, ip: IpAddr) -> Option<(&ObjKey, &PodInfo)> {
-        let keys = self.by_pod_ip.get(&ip)?;
-        match keys.len() {
-            1 => keys.iter().next().and_then(|k| self.pods.get_key_value(k)),
+        self.holder(self.by_pod_ip.get(&ip)?)
+    }
+
+    /// Which of the pods claiming one address holds it: the one alone, else
+    /// the one alone not being deleted, else none (an address passing from
+    /// a pod that ended unseen to a new one: either may answer there). A pod
+    /// stuck terminating lets go of its address on the network long before
+    /// its status does, and its new pod would otherwise be out of the mesh
+    /// for as long as it stays stuck (hours, till someone force-deletes it).
+    pub fn holder<'a>(&'a self, keys: &'a OrdSet<ObjKey>) -> Option<(&'a ObjKey, &'a PodInfo)> {
+        let mut claims = keys.iter().filter_map(|k| self.pods.get_key_value(k));
+        if keys.len() == 1 {
+            return claims.next();
+        }
+        let mut live = claims.filter(|(_, p)| !p.deleting);
+        match (live.next(), live.next()) {
+            (Some(one), None) => Some(one),
             _ => None,
         }
     }

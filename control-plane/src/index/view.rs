@@ -456,11 +456,11 @@ fn endpoints(
         // or ended with its end not seen yet) may not be what answers there,
         // and the one that does is not the Service's: called as the pod
         // named (an identity the two may share), or in plaintext as
-        // unmeshed. As with a pod's own address, two claims are none.
+        // unmeshed. As with a pod's own address, two claims are none, but
+        // for one of them being deleted.
         let shared = || {
-            snap.by_pod_ip
-                .get(&e.addr)
-                .is_some_and(|keys| keys.iter().any(|o| o != k))
+            (snap.by_pod_ip.get(&e.addr))
+                .is_some_and(|keys| snap.holder(keys).is_none_or(|(h, _)| h != k))
         };
         match snap.pods.get_key_value(k) {
             // The pod named holds another address now (recreated): what
@@ -1638,6 +1638,41 @@ status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
         });
         let db1 = service(&s, &at("10.1.0.5"));
         assert_eq!(db1.backends[0].endpoints[0].proxy_port, 4143, "db-1's now");
+    }
+
+    /// A pod stuck terminating (a volume that will not unmount) keeps its
+    /// address in its status after the network gave it to a new pod: the
+    /// address is the new pod's, as a Service's endpoint and called
+    /// directly, not out of the mesh until someone force-deletes the old.
+    #[test]
+    fn an_address_given_on_by_a_pod_stuck_terminating_is_the_new_pods() {
+        let pod = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, {extra}annotations: {{strait.dev/inbound-port: \"4143\"}}}}\nspec: {{serviceAccountName: {name}, containers: [{{name: web, image: web}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.5, podIPs: [{{ip: 10.1.0.5}}]}}\n---\n"
+            )
+        };
+        let svc_and_slice = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.1.0.5], targetRef: {kind: Pod, name: web-new, namespace: shop}}]\n";
+        let stuck = pod("web-old", "deletionTimestamp: \"2026-01-01T00:00:00Z\", ");
+        let s = snapshot(&[stuck.clone(), pod("web-new", ""), svc_and_slice.into()].concat());
+        let web = service(&s, &svc("shop", "web", 80));
+        assert_eq!(addrs(&web.backends[0]), ["10.1.0.5:8080"]);
+        let direct = service(&s, &DestKey::ClusterIp("10.1.0.5:8080".parse().unwrap()));
+        let e = &direct.backends[0].endpoints[0];
+        assert_eq!(
+            e.identity.as_ref().unwrap().spiffe_id,
+            "spiffe://cluster.local/ns/shop/sa/web-new"
+        );
+        // Two claims neither being deleted, or both: nobody's, as before.
+        let s = snapshot(&[pod("web-old", ""), pod("web-new", ""), svc_and_slice.into()].concat());
+        assert!(
+            service(&s, &svc("shop", "web", 80)).backends[0]
+                .endpoints
+                .is_empty()
+        );
+        let both = pod("web-new", "deletionTimestamp: \"2026-01-01T00:00:00Z\", ");
+        let s = snapshot(&[stuck, both].concat());
+        let direct = DestKey::ClusterIp("10.1.0.5:8080".parse().unwrap());
+        assert_eq!(view(&s, &direct, None), not_meshed());
     }
 
     /// A node's address at a meshed pod's `hostPort` (a node-local agent, a
