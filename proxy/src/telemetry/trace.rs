@@ -597,6 +597,49 @@ fn endpoint_strings(e: SocketAddr) -> (Arc<str>, Arc<str>) {
 /// method not named before gets a span named `grpc`; its service and method
 /// stay in `rpc.service` and `rpc.method`.
 const MAX_RPC_SPAN_NAMES: usize = 1000;
+/// A name no span has had for this long gives its place to a new one: a
+/// proxy living for weeks in front of APIs that change (v1 retired for v2)
+/// would otherwise name none of the new methods once full.
+const RPC_SPAN_NAME_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The gRPC span names given, and when each last was.
+#[derive(Default)]
+struct RpcNames {
+    seen: std::collections::HashMap<Box<str>, std::time::Instant>,
+    /// While full: no name can have been idle long enough before this.
+    none_idle_before: Option<std::time::Instant>,
+}
+
+impl RpcNames {
+    fn named(&mut self, name: &str, served: bool, now: std::time::Instant) -> bool {
+        if let Some(last) = self.seen.get_mut(name) {
+            *last = now;
+            return true;
+        }
+        if !served {
+            return false;
+        }
+        if self.seen.len() >= MAX_RPC_SPAN_NAMES {
+            if self.none_idle_before.is_some_and(|t| now < t) {
+                return false;
+            }
+            let Some((oldest, last)) = (self.seen.iter())
+                .min_by_key(|(_, last)| **last)
+                .map(|(n, last)| (n.clone(), *last))
+            else {
+                return false;
+            };
+            if now.saturating_duration_since(last) < RPC_SPAN_NAME_IDLE {
+                // Names are only ever seen later, so none is idle before then.
+                self.none_idle_before = Some(last + RPC_SPAN_NAME_IDLE);
+                return false;
+            }
+            self.seen.remove(&oldest);
+        }
+        self.seen.insert(name.into(), now);
+        true
+    }
+}
 
 /// Whether a call's span may be named for its method. A method not named
 /// before takes a place only from a call its server `served`: answered with a
@@ -604,20 +647,12 @@ const MAX_RPC_SPAN_NAMES: usize = 1000;
 /// made-up methods (a scanner's) do not take the places of real ones. Run as
 /// spans are encoded, on the exporter's thread, not on the request path.
 fn named_rpc(service: &str, method: &str, served: bool) -> bool {
-    static SEEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Box<str>>>> =
+    static SEEN: std::sync::LazyLock<std::sync::Mutex<RpcNames>> =
         std::sync::LazyLock::new(Default::default);
     let name = format!("{service}/{method}");
-    let mut seen = SEEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if seen.contains(name.as_str()) {
-        return true;
-    }
-    if !served || seen.len() >= MAX_RPC_SPAN_NAMES {
-        return false;
-    }
-    seen.insert(name.into_boxed_str());
-    true
+    SEEN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .named(&name, served, std::time::Instant::now())
 }
 
 /// Whether a call's end says its server has the method: a status of the
@@ -822,6 +857,29 @@ mod tests {
         assert!(!named_rpc("junk.S", "one_more", true));
         assert!(named_rpc("shop.Orders", "Get", false), "named before");
         assert!(named_rpc("junk.S", "m7", true));
+    }
+
+    /// Once full, a name no span has had for an hour gives its place to a
+    /// new method served (an API's v2 after its v1 was retired); one in use
+    /// keeps its place.
+    #[test]
+    fn a_grpc_span_name_idle_for_an_hour_gives_its_place() {
+        let mut names = RpcNames::default();
+        let t0 = std::time::Instant::now();
+        for i in 0..MAX_RPC_SPAN_NAMES {
+            assert!(names.named(&format!("v1.S/m{i}"), true, t0));
+        }
+        let later = t0 + RPC_SPAN_NAME_IDLE / 2;
+        assert!(names.named("v1.S/m7", false, later), "in use");
+        assert!(!names.named("v2.S/m0", true, later), "full, none idle");
+        let after = t0 + RPC_SPAN_NAME_IDLE + std::time::Duration::from_secs(1);
+        assert!(names.named("v2.S/m0", true, after));
+        assert!(names.named("v1.S/m7", false, after), "kept: seen since");
+        assert!(
+            !names.named("v2.S/m1", false, after),
+            "not served: no place"
+        );
+        assert_eq!(names.seen.len(), MAX_RPC_SPAN_NAMES);
     }
     use crate::addr::DestAddr;
 
