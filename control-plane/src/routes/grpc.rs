@@ -26,6 +26,7 @@ pub(super) struct GrpcRuleDoc {
     filters: Vec<FilterDoc>,
     #[serde(default)]
     backend_refs: Vec<BackendRefDoc>,
+    session_persistence: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +55,7 @@ pub(super) fn rule(
     r: &GrpcRuleDoc,
     grpc: Option<&[u32]>,
 ) -> Result<Rule, SpecError> {
+    super::parse::refuse_session_persistence(at, &r.session_persistence)?;
     let mut matches = rule_matches(at, &r.matches, grpc_match)?;
     // A rule without matches takes every call: said as a match that names
     // nothing, so that it ranks among the route's others as GRPCRoute ranks
@@ -309,6 +311,15 @@ mod tests {
             (m[0].path.clone(), m[0].grpc_rank),
             (None, Some(api::GrpcRank::default()))
         );
+    }
+
+    /// As HTTPRoute's: session persistence is refused.
+    #[test]
+    fn session_persistence_is_refused() {
+        let mut v = route(json!([]), json!([]));
+        v["spec"]["rules"][0]["sessionPersistence"] = json!({"type": "Header", "sessionName": "s"});
+        let e = parse_grpc(&v).unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].sessionPersistence");
     }
 
     /// As HTTPRoute's: strait's own fields are set after matching.

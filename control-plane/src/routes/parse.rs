@@ -67,6 +67,24 @@ struct RuleDoc {
     backend_refs: Vec<BackendRefDoc>,
     timeouts: Option<TimeoutsDoc>,
     retry: Option<RetryDoc>,
+    session_persistence: Option<serde::de::IgnoredAny>,
+}
+
+/// Session persistence (experimental, kept where its channel's CRDs are
+/// installed) asks every request of a session to go to one endpoint; the
+/// proxies balance each request, so a route asking it is refused rather
+/// than accepted and balanced anyway (logins failing now and then).
+pub(super) fn refuse_session_persistence(
+    at: &str,
+    asked: &Option<serde::de::IgnoredAny>,
+) -> Result<(), SpecError> {
+    match asked {
+        Some(_) => Err(SpecError::new(
+            format!("{at}.sessionPersistence"),
+            "session persistence is not supported (each request is balanced on its own)",
+        )),
+        None => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -587,6 +605,7 @@ pub(super) fn rule_matches<M>(
 }
 
 fn rule(route: &ObjKey, at: &str, r: &RuleDoc, grpc: Option<&[u32]>) -> Result<Rule, SpecError> {
+    refuse_session_persistence(at, &r.session_persistence)?;
     let matches = rule_matches(at, &r.matches, http_match)?;
     let mut rule = rule_parts(
         route,
@@ -692,6 +711,15 @@ mod tests {
 
     fn field_of(v: &Value) -> String {
         parse(v).unwrap_err().field
+    }
+
+    /// A rule asking for session persistence is refused, not accepted and
+    /// balanced per request anyway.
+    #[test]
+    fn session_persistence_is_refused() {
+        let mut v = route();
+        v["spec"]["rules"][1]["sessionPersistence"] = json!({"type": "Cookie", "sessionName": "s"});
+        assert_eq!(field_of(&v), "spec.rules[1].sessionPersistence");
     }
 
     /// A match on one of strait's own fields is refused: the caller's proxy
