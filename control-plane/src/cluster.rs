@@ -122,7 +122,10 @@ impl ClusterArgs {
                 .filter(|p| !p.is_empty());
             let plain = config.cluster_url.scheme_str() == Some("http");
             config.proxy_url = match explicit {
-                Some(explicit) => explicit.parse().ok(),
+                // kubectl refuses one it cannot read, rather than go direct.
+                Some(explicit) => Some(explicit.parse().map_err(|e| {
+                    anyhow::anyhow!("the kubeconfig's proxy-url {explicit:?} is not a URL: {e}")
+                })?),
                 None => env_proxy(plain).filter(|_| !local(&host) && !bypassed(&host)),
             };
         }
@@ -172,11 +175,18 @@ fn env_proxy(plain: bool) -> Option<http::Uri> {
         true => ["HTTP_PROXY", "http_proxy"],
         false => ["HTTPS_PROXY", "https_proxy"],
     };
-    names
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))?
-        .parse()
-        .ok()
+    let v = (names.iter()).find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))?;
+    proxy_uri(&v)
+}
+
+/// A proxy as Go reads the environment's: one written without a scheme
+/// (`proxy.corp:3128`, common in corporate setups) is `http://`, where kube
+/// would refuse it and every command reading the cluster fail.
+fn proxy_uri(v: &str) -> Option<http::Uri> {
+    match v.parse::<http::Uri>() {
+        Ok(u) if u.scheme().is_some() && u.host().is_some() => Some(u),
+        _ => format!("http://{v}").parse().ok(),
+    }
 }
 
 /// Whether `NO_PROXY` takes `host` away from the environment's proxy, as
@@ -232,6 +242,22 @@ fn no_proxy_matches(list: &str, host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::no_proxy_matches;
+
+    /// The environment's proxy as Go (kubectl) reads it: with no scheme,
+    /// `http://`.
+    #[test]
+    fn a_proxy_without_a_scheme_is_http() {
+        for (v, want) in [
+            ("proxy.corp:3128", "http://proxy.corp:3128/"),
+            ("proxy", "http://proxy/"),
+            ("10.0.0.1:3128", "http://10.0.0.1:3128/"),
+            ("http://proxy.corp:3128", "http://proxy.corp:3128/"),
+            ("https://proxy.corp", "https://proxy.corp/"),
+            ("socks5://127.0.0.1:1080", "socks5://127.0.0.1:1080/"),
+        ] {
+            assert_eq!(super::proxy_uri(v).unwrap().to_string(), want, "{v}");
+        }
+    }
 
     /// kubectl sends nothing on this machine through a proxy.
     #[test]
