@@ -729,7 +729,8 @@ pub fn inject(pod: &Value, ns: Namespace, s: &Settings) -> Result<Outcome, Injec
                 })
         })
         .transpose()?;
-    let resources = proxy_resources(&annotation, &s.proxy_resources)?;
+    let mut resources = proxy_resources(&annotation, &s.proxy_resources)?;
+    fit_pod_resources(&mut resources, spec, &annotation)?;
     let mut more_env = telemetry_env(pod, &annotation, &s.telemetry)?;
     if let Some(networks) = discovery_networks {
         more_env.push(json!({"name": "STRAIT_PROXY_DISCOVERY_NETWORKS", "value": networks}));
@@ -1406,6 +1407,96 @@ fn proxy_resources<'a>(
         }
     }
     Ok(json!({"requests": requests, "limits": limits}))
+}
+
+/// Fits the proxy's resources (and so its init container's) within the
+/// pod's own (`spec.resources`, pod-level resources: beta and on by default
+/// since Kubernetes 1.34), which the API server holds every container to:
+/// their requests together at most the pod's (its limit, where it gives no
+/// request), each one's limit at most the pod's. A default request comes
+/// down to what the app's containers leave (nothing, at worst: the proxy
+/// then shares the pod's budget), a default limit to the pod's; a value an
+/// annotation gives that does not fit is refused, rather than the pod by the
+/// API server.
+fn fit_pod_resources<'a>(
+    resources: &mut Value,
+    spec: &serde_json::Map<String, Value>,
+    annotation: &impl Fn(&str) -> Option<&'a str>,
+) -> Result<(), InjectError> {
+    let Some(pod) = spec.get("resources").filter(|r| r.is_object()) else {
+        return Ok(());
+    };
+    let amount = |v: Option<&Value>| match v? {
+        Value::String(q) => quantity(q),
+        Value::Number(n) => quantity(&n.to_string()),
+        _ => None,
+    };
+    // The app's containers and sidecars (a native sidecar's request counts
+    // with theirs; a one-off init container's only while it runs, before
+    // the proxy's): not strait's own, from an earlier injection.
+    let requested = |kind: &str| -> i128 {
+        let app = |c: &&Value| {
+            !matches!(
+                c.get("name").and_then(Value::as_str),
+                Some(PROXY_CONTAINER | INIT_CONTAINER)
+            )
+        };
+        let sidecar = |c: &&Value| c.get("restartPolicy").and_then(Value::as_str) == Some("Always");
+        let list = |name: &str| {
+            spec.get(name)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        };
+        (list("containers").filter(app))
+            .chain(list("initContainers").filter(app).filter(sidecar))
+            .filter_map(|c| amount(c.pointer(&format!("/resources/requests/{kind}"))))
+            .sum()
+    };
+    for (kind, req_name, limit_name, unit) in [
+        ("cpu", PROXY_CPU_REQUEST, PROXY_CPU_LIMIT, 1_000_000),
+        (
+            "memory",
+            PROXY_MEMORY_REQUEST,
+            PROXY_MEMORY_LIMIT,
+            1_000_000_000,
+        ),
+    ] {
+        let pod_limit = amount(pod.pointer(&format!("/limits/{kind}")));
+        let pod_request = amount(pod.pointer(&format!("/requests/{kind}"))).or(pod_limit);
+        let refused = |name: &'static str, value: &str| InjectError::Annotation {
+            name,
+            value: value.to_string(),
+            why: "does not fit the pod's own spec.resources (its containers' requests together, and each one's limit, may not pass the pod's)",
+        };
+        if let Some(max) = pod_limit
+            && let Some(l) = resources.pointer_mut(&format!("/limits/{kind}"))
+            && amount(Some(l)).is_some_and(|l| l > max)
+        {
+            if let Some(v) = annotation(limit_name) {
+                return Err(refused(limit_name, v));
+            }
+            *l = pod["limits"][kind].clone();
+        }
+        if let Some(budget) = pod_request
+            && let Some(r) = resources.pointer_mut(&format!("/requests/{kind}"))
+        {
+            let left = (budget - requested(kind)).max(0);
+            if amount(Some(r)).is_some_and(|r| r > left) {
+                if let Some(v) = annotation(req_name) {
+                    return Err(refused(req_name, v));
+                }
+                // Millicores, bytes: rounded down, so as not to pass it.
+                let left = left / unit;
+                *r = json!(if kind == "cpu" {
+                    format!("{left}m")
+                } else {
+                    left.to_string()
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The requests and limits a pod without `strait.dev/proxy-*` annotations

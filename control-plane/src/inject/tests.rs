@@ -1275,6 +1275,64 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
     }
 }
 
+/// Pod-level resources: the API server refuses a pod whose containers'
+/// requests together pass the pod's, or a container's limit past the pod's.
+/// The proxy's defaults are fitted within them; an annotation's value that
+/// does not fit refuses the pod, naming it.
+#[test]
+fn the_proxy_fits_the_pods_own_resources() {
+    let spec = |pod_resources: Value| {
+        json!({"resources": pod_resources,
+               "initContainers": [{"name": "agent", "image": "a", "restartPolicy": "Always",
+                                   "resources": {"requests": {"cpu": "100m"}}}],
+               "containers": [{"name": "app", "image": "app:1",
+                               "resources": {"requests": {"cpu": "400m", "memory": "100Mi"}}}]})
+    };
+    let resources = |annotations: Value, pod_resources: Value| {
+        let mut a = json!({INJECT: "enabled"});
+        a.as_object_mut()
+            .unwrap()
+            .extend(annotations.as_object().unwrap().clone());
+        let p = applied(pod(a, spec(pod_resources)), Namespace::NotEnabled);
+        assert_eq!(
+            p["spec"]["initContainers"][0]["resources"],
+            p["spec"]["initContainers"][1]["resources"]
+        );
+        p["spec"]["initContainers"][1]["resources"].clone()
+    };
+    // The app's containers take all the pod asks: the proxy shares it.
+    assert_eq!(
+        resources(
+            json!({}),
+            json!({"requests": {"cpu": "500m", "memory": "100Mi"}})
+        ),
+        json!({"requests": {"cpu": "0m", "memory": "0"}, "limits": {"memory": "250Mi"}})
+    );
+    // Some left: the default where it fits, else what is left; the limit
+    // down to the pod's, its request (none given) being its limit.
+    assert_eq!(
+        resources(
+            json!({}),
+            json!({"requests": {"cpu": 1}, "limits": {"memory": "110Mi"}})
+        ),
+        json!({"requests": {"cpu": "10m", "memory": "10485760"}, "limits": {"memory": "110Mi"}})
+    );
+    assert_eq!(
+        resources(json!({}), json!({"limits": {"memory": "2Gi"}})),
+        json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}})
+    );
+    let mut a = json!({INJECT: "enabled"});
+    a[PROXY_MEMORY_LIMIT] = json!("1Gi");
+    let err = inject(
+        &pod(a, spec(json!({"limits": {"memory": "800Mi"}}))),
+        Namespace::NotEnabled,
+        &settings(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains(PROXY_MEMORY_LIMIT), "{err}");
+    assert!(err.to_string().contains("spec.resources"), "{err}");
+}
+
 /// The proxy's resources: defaults, or what the pod's annotations say; a
 /// value that is not a quantity, or a request above its limit, refuses the
 /// pod with the annotation's name.
