@@ -1223,6 +1223,28 @@ fn rbac() -> Vec<Value> {
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": CONTROLLER},
             "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}],
         }),
+        // strait's policies for Kubernetes' own user-facing roles, as
+        // cert-manager's are: a namespace's admins and editors write them
+        // there (as its NetworkPolicies), its viewers read them (which
+        // policy answers their callers 403), with no binding of the
+        // platform team's.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "strait-edit", "labels": {
+                "rbac.authorization.k8s.io/aggregate-to-admin": "true",
+                "rbac.authorization.k8s.io/aggregate-to-edit": "true"}},
+            "rules": [{"apiGroups": ["policy.strait.dev"], "resources": ["authorizationpolicies", "backendpolicies"],
+                       "verbs": ["create", "delete", "deletecollection", "patch", "update"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "strait-view", "labels": {
+                "rbac.authorization.k8s.io/aggregate-to-admin": "true",
+                "rbac.authorization.k8s.io/aggregate-to-edit": "true",
+                "rbac.authorization.k8s.io/aggregate-to-view": "true"}},
+            "rules": [{"apiGroups": ["policy.strait.dev"], "resources": ["authorizationpolicies", "backendpolicies"],
+                       "verbs": read}],
+        }),
         // The leader lease lives in the controller's namespace only.
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
@@ -1833,6 +1855,41 @@ mod tests {
     /// need (their controller, its Service) and the namespace last, names
     /// every other object the install made, leaves the CRDs (and with them
     /// every policy), and carries no key.
+    /// A namespace's admins and editors may write strait's policies there,
+    /// and its viewers read them, through Kubernetes' own roles.
+    #[test]
+    fn the_user_facing_roles_take_straits_policies() {
+        let objects = objects_of_an_install();
+        let role = |name: &str| {
+            (objects.iter())
+                .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("no ClusterRole {name}"))
+                .clone()
+        };
+        let aggregated = |r: &Value, to: &str| {
+            r["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{to}")]
+                == "true"
+        };
+        let grants = |r: &Value, verb: &str| {
+            r["rules"].as_array().unwrap().iter().any(|rule| {
+                rule["apiGroups"] == json!(["policy.strait.dev"])
+                    && rule["resources"] == json!(["authorizationpolicies", "backendpolicies"])
+                    && rule["verbs"].as_array().unwrap().iter().any(|v| v == verb)
+            })
+        };
+        let (edit, view) = (role("strait-edit"), role("strait-view"));
+        assert!(
+            aggregated(&edit, "admin") && aggregated(&edit, "edit") && !aggregated(&edit, "view")
+        );
+        assert!(grants(&edit, "create") && grants(&edit, "delete"));
+        assert!(
+            ["admin", "edit", "view"]
+                .iter()
+                .all(|to| aggregated(&view, to))
+        );
+        assert!(grants(&view, "list") && !grants(&view, "create"));
+    }
+
     #[test]
     fn uninstall_takes_the_webhooks_out_first_and_the_namespace_last() {
         let out = uninstall_objects().unwrap();
