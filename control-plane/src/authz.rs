@@ -24,15 +24,19 @@ pub enum MtlsMode {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetRef {
+    /// "" (or "core").
     #[serde(default)]
     pub group: String,
+    /// Service.
     pub kind: String,
+    /// The Service's name, in the policy's namespace.
     pub name: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
+    /// Labels a pod must all carry.
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
@@ -41,8 +45,11 @@ pub struct Selector {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub enum Allow {
+    /// A workload identity:
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
     #[serde(rename = "identity")]
     Identity(String),
+    /// Every workload of this namespace.
     #[serde(rename = "namespace")]
     Namespace(String),
 }
@@ -58,14 +65,18 @@ pub enum Allow {
     doc = "Which workloads a policy covers, their mTLS mode (STRICT or PERMISSIVE), and which identities may call them.",
     status = "crate::crds::PolicyStatus",
     shortname = "authz",
+    category = "strait",
     printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.mtls"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationSpec {
+    /// The Service whose pods this policy covers; or `selector`, not both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<TargetRef>,
+    /// The pods of the policy's namespace it covers, by label; or
+    /// `targetRef`, not both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<Selector>,
     /// STRICT: only mTLS from the mesh; PERMISSIVE (the default): plaintext

@@ -62,7 +62,8 @@ struct Doc {
     spec: SpecDoc,
 }
 
-/// The BackendPolicy resource as users write it (validated by `parse`).
+/// A BackendPolicy: the Service it governs, and how its endpoints are
+/// reached.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, CustomResource)]
 #[kube(
     group = "policy.strait.dev",
@@ -72,6 +73,7 @@ struct Doc {
     doc = "How a Service's endpoints are reached: connect timeout, load balancing, outlier ejection, retry budget, opaque ports.",
     status = "crate::crds::PolicyStatus",
     shortname = "bp",
+    category = "strait",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -128,6 +130,7 @@ pub struct OutlierDoc {
     /// The first ejection's length; each further one doubles it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection_time: Option<String>,
+    /// The longest an ejection lasts, however often the endpoint fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_time: Option<String>,
     /// At most this share of the endpoints is ejected at once.

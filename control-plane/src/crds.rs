@@ -107,6 +107,48 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// `kubectl get strait` lists both kinds, and `kubectl explain` says
+    /// what the fields a user writes first take.
+    #[test]
+    fn the_crds_are_a_category_and_explain_their_fields() {
+        let stream = stream().unwrap();
+        let crds: Vec<serde_json::Value> = stream
+            .split("---\n")
+            .map(|d| serde_norway::from_str(d).unwrap())
+            .collect();
+        assert_eq!(crds.len(), 2);
+        for crd in &crds {
+            assert_eq!(
+                crd["spec"]["names"]["categories"],
+                serde_json::json!(["strait"])
+            );
+        }
+        let spec = |i: usize| {
+            &crds[i]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        };
+        let authz = &spec(0)["properties"];
+        for at in [
+            "/targetRef/properties/name",
+            "/selector/properties/matchLabels",
+            "/allow/items/properties/identity",
+        ] {
+            let d = authz
+                .pointer(&format!("{at}/description"))
+                .and_then(|d| d.as_str());
+            assert!(d.is_some_and(|d| !d.is_empty()), "{at}");
+        }
+        assert!(
+            authz
+                .pointer("/allow/items/properties/identity/description")
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .contains("spiffe://")
+        );
+        let bp = spec(1)["description"].as_str().unwrap();
+        assert!(!bp.contains("parse"), "{bp}");
+    }
+
     /// `deploy/crds/` is what `strait crds` prints: regenerate with
     /// `strait crds > deploy/crds/policy.strait.dev.yaml` when the types change.
     #[test]
