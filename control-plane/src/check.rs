@@ -458,6 +458,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             if let Some(l) = meshed.init_failed_line() {
                 say(l);
             }
+            if let Some(l) = meshed.uncaptured_line() {
+                say(l);
+            }
             if let Some(l) = stale.line() {
                 say(l);
             }
@@ -1095,6 +1098,11 @@ struct MeshedPods {
     /// container's failure in the last hour: not retried in place, so no
     /// pod is left crash-looping to say so.
     init_failed: Named,
+    /// Running a proxy with no `strait-init` (a manifest `strait inject`
+    /// wrote, edited by hand; a policy engine stripping containers that ask
+    /// for NET_ADMIN): nothing sends the app's traffic through its proxy,
+    /// which is ready all the same.
+    uncaptured: Named,
 }
 
 impl MeshedPods {
@@ -1107,6 +1115,12 @@ impl MeshedPods {
         }
         if !should_run(p) {
             return;
+        }
+        let intercepted = (p.spec.iter())
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .any(|c| c.name == crate::inject::INIT_CONTAINER);
+        if !intercepted {
+            self.uncaptured.push(p);
         }
         let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
         self.meshed += 1;
@@ -1143,6 +1157,21 @@ impl MeshedPods {
                     self.init_failed.count,
                     crate::inject::INIT_CONTAINER,
                     self.init_failed
+                ),
+            )
+        })
+    }
+
+    /// Pods whose proxy nothing sends traffic through.
+    fn uncaptured_line(&self) -> Option<Line> {
+        (self.uncaptured.count > 0).then(|| {
+            line(
+                Verdict::Fail,
+                format!(
+                    "{} meshed pod(s) run a proxy but no {}: their traffic does not go through it (no mTLS, no policy); inject their manifests again or restart them: {}",
+                    self.uncaptured.count,
+                    crate::inject::INIT_CONTAINER,
+                    self.uncaptured
                 ),
             )
         })
@@ -1328,16 +1357,18 @@ fn webhook_line(
 ) -> Line {
     match bundles {
         Ok(Some(bundles)) => {
-            // As certificates: the same PEM may be written with other line
-            // ends or a trailing newline.
-            let parsed = |pem: &[u8]| {
-                std::str::from_utf8(pem)
-                    .ok()
-                    .and_then(|p| certificates(p).ok())
-            };
+            // As sets of certificates: the same PEM may be written with
+            // other line ends, in another order (a rotation's old and new),
+            // or with more CAs beside the anchors, and verify alike.
             let matches = |a: &String| {
-                let a = parsed(a.as_bytes());
-                a.is_some() && !bundles.is_empty() && bundles.iter().all(|b| parsed(b) == a)
+                let Some(a) = anchor_set(a) else {
+                    return false;
+                };
+                !bundles.is_empty()
+                    && bundles.iter().all(|b| {
+                        (std::str::from_utf8(b).ok().and_then(anchor_set))
+                            .is_some_and(|b| a.iter().all(|c| b.binary_search(c).is_ok()))
+                    })
             };
             if let Some(cert) = own_cert {
                 return line(
@@ -1962,7 +1993,8 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "metadata": metadata,
             "spec": {
-                "initContainers": [{"name": crate::inject::PROXY_CONTAINER, "restartPolicy": "Always"}],
+                "initContainers": [{"name": crate::inject::PROXY_CONTAINER, "restartPolicy": "Always"},
+                                   {"name": crate::inject::INIT_CONTAINER}],
                 "containers": [{"name": "app"}],
             },
             "status": {
@@ -2091,6 +2123,26 @@ mod tests {
         ];
         assert_eq!(verdict(&finished), Verdict::Ok);
         assert_eq!(verdict(&[pod("Succeeded", false, false)]), Verdict::Warn);
+        // A ready proxy nothing sends traffic through is named.
+        let mut tally = MeshedPods::default();
+        let mut bare = running(true);
+        bare.spec
+            .as_mut()
+            .unwrap()
+            .init_containers
+            .as_mut()
+            .unwrap()
+            .pop();
+        for p in [running(true), bare] {
+            tally.count(&p);
+        }
+        let l = tally.uncaptured_line().expect("one pod named");
+        assert!(
+            l.verdict == Verdict::Fail && l.what.starts_with("1 meshed pod(s)"),
+            "{}",
+            l.what
+        );
+        assert!(MeshedPods::default().uncaptured_line().is_none());
     }
 
     /// A Job's pod that ended in `strait-init` is not retried in place, so
@@ -2712,6 +2764,19 @@ mod tests {
             Verdict::Fail,
         );
         assert_eq!(l.verdict, Verdict::Fail);
+        // Mid-rotation: old and new, in the other order, or with another CA
+        // beside them, verify alike; a bundle missing one of them does not.
+        let (old, new) = (pem.as_str(), other.anchor_pem.trim_end());
+        let rotating = Some(Some(format!("{old}\n{new}\n")));
+        for (bundle, want) in [
+            (format!("{new}\n{old}\n"), Verdict::Ok),
+            (format!("{new}\n{}{old}\n", a.issuer_cert_pem), Verdict::Ok),
+            (new.to_string(), Verdict::Fail),
+        ] {
+            let b = ca_bundles([config(Some(&bundle))].into_iter());
+            let l = webhook_line("w", Ok(Some(b)), rotating.as_ref(), None, "m", Verdict::Ok);
+            assert_eq!(l.verdict, want, "{bundle}");
+        }
         // The controller's own webhook certificate (cert-manager's): its CA
         // is the bundle, not the anchors; said, not failed.
         let own = Some("/etc/strait/webhook/tls.crt");
