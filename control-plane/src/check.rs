@@ -425,11 +425,29 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         }
     }
 
+    // Pods the injector would mesh that run without a proxy: created
+    // before their namespace was labelled, or while the controller was
+    // down (the webhook for a pod's own ask lets it through then).
+    let asked = Asked {
+        enabled: labelled
+            .as_ref()
+            .map(|l| labelled_as(&l.items, "enabled"))
+            .unwrap_or_default(),
+        disabled: namespaces
+            .list(&ListParams::default().labels(&format!("{}=disabled", crate::inject::INJECT)))
+            .await
+            .map(|l| labelled_as(&l.items, "disabled"))
+            .unwrap_or_default(),
+        system: ns.clone(),
+    };
     let listed = each_listed(
         &Api::<Pod>::all(client.clone()),
         PODS_PAGE,
         |(meshed, stale, other): &mut (MeshedPods, StaleAnchors, OtherProxies), p| {
             meshed.count(p);
+            if asked.unmeshed(p) {
+                meshed.unmeshed.push(p);
+            }
             if let Some(b) = &bundle {
                 stale.count(p, b);
             }
@@ -459,6 +477,9 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
                 say(l);
             }
             if let Some(l) = meshed.uncaptured_line() {
+                say(l);
+            }
+            if let Some(l) = meshed.unmeshed_line() {
                 say(l);
             }
             if let Some(l) = stale.line() {
@@ -1103,6 +1124,59 @@ struct MeshedPods {
     /// for NET_ADMIN): nothing sends the app's traffic through its proxy,
     /// which is ready all the same.
     uncaptured: Named,
+    /// Running without a proxy though the injector would give them one.
+    unmeshed: Named,
+}
+
+/// Where the injector meshes pods, to find those that run without a proxy.
+struct Asked {
+    /// Namespaces labelled `strait.dev/inject=enabled`.
+    enabled: std::collections::HashSet<String>,
+    /// Namespaces labelled `strait.dev/inject=disabled`: the webhooks skip them.
+    disabled: std::collections::HashSet<String>,
+    /// The mesh's own namespace, which the webhooks skip too.
+    system: String,
+}
+
+impl Asked {
+    /// Whether `p` runs without a proxy the injector would give it now.
+    fn unmeshed(&self, p: &Pod) -> bool {
+        let Some(ns) = p.metadata.namespace.as_deref() else {
+            return false;
+        };
+        if proxy_container(p).is_some()
+            || !should_run(p)
+            || self.disabled.contains(ns)
+            || ["kube-system", "kube-node-lease", self.system.as_str()].contains(&ns)
+        {
+            return false;
+        }
+        let state = match self.enabled.contains(ns) {
+            true => crate::inject::Namespace::Enabled,
+            false => crate::inject::Namespace::NotEnabled,
+        };
+        // The injector's own rules say which it would take (not a pod on the
+        // node's network, nor one that opted out): no false alarms.
+        let settings = crate::inject::Settings::with_anchors(String::new());
+        serde_json::to_value(p).is_ok_and(|v| {
+            matches!(
+                crate::inject::inject(&v, state, &settings),
+                Ok(crate::inject::Outcome::Inject(_))
+            )
+        })
+    }
+}
+
+/// The names of the namespaces labelled `strait.dev/inject=value`.
+fn labelled_as(items: &[Namespace], value: &str) -> std::collections::HashSet<String> {
+    (items.iter())
+        .filter(|n| {
+            (n.metadata.labels.as_ref())
+                .and_then(|l| l.get(crate::inject::INJECT))
+                .is_some_and(|v| v == value)
+        })
+        .filter_map(|n| n.metadata.name.clone())
+        .collect()
 }
 
 impl MeshedPods {
@@ -1157,6 +1231,19 @@ impl MeshedPods {
                     self.init_failed.count,
                     crate::inject::INIT_CONTAINER,
                     self.init_failed
+                ),
+            )
+        })
+    }
+
+    /// Pods the injector would mesh, running without a proxy.
+    fn unmeshed_line(&self) -> Option<Line> {
+        (self.unmeshed.count > 0).then(|| {
+            line(
+                Verdict::Warn,
+                format!(
+                    "{} pod(s) asked to be meshed run without a proxy (created before their namespace was labelled, or while the controller was down): no mTLS and no policy for them until restarted (kubectl rollout restart): {}",
+                    self.unmeshed.count, self.unmeshed
                 ),
             )
         })
@@ -2143,6 +2230,63 @@ mod tests {
             l.what
         );
         assert!(MeshedPods::default().uncaptured_line().is_none());
+    }
+
+    /// Pods the injector would mesh that run without a proxy are named (a
+    /// labelled namespace's pods from before the label, a pod asking for it
+    /// while the controller was down); those it would leave alone are not.
+    #[test]
+    fn pods_asked_to_be_meshed_without_a_proxy_are_named() {
+        let plain = |ns: &str, name: &str, extra: serde_json::Value| -> Pod {
+            let mut v = serde_json::json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+                "status": {"phase": "Running"},
+            });
+            json_patch::merge(&mut v, &extra);
+            serde_json::from_value(v).unwrap()
+        };
+        let asked = Asked {
+            enabled: ["shop".to_string()].into(),
+            disabled: ["legacy".to_string()].into(),
+            system: "strait-system".into(),
+        };
+        let annotated =
+            serde_json::json!({"metadata": {"annotations": {crate::inject::INJECT: "enabled"}}});
+        let mut meshed = pod("Running", true, false);
+        meshed.metadata.namespace = Some("shop".into());
+        for (p, want) in [
+            (
+                plain("shop", "before-the-label", serde_json::json!({})),
+                true,
+            ),
+            (plain("other", "asked-while-down", annotated.clone()), true),
+            (plain("other", "never-asked", serde_json::json!({})), false),
+            (
+                plain("legacy", "in-an-opted-out-namespace", annotated.clone()),
+                false,
+            ),
+            (plain("strait-system", "the-controller", annotated), false),
+            (
+                plain(
+                    "shop",
+                    "host",
+                    serde_json::json!({"spec": {"hostNetwork": true}}),
+                ),
+                false,
+            ),
+            (
+                plain(
+                    "shop",
+                    "done",
+                    serde_json::json!({"status": {"phase": "Succeeded"}}),
+                ),
+                false,
+            ),
+            (meshed, false),
+        ] {
+            assert_eq!(asked.unmeshed(&p), want, "{:?}", p.metadata.name);
+        }
     }
 
     /// A Job's pod that ended in `strait-init` is not retried in place, so

@@ -592,7 +592,8 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("web-{i}"), "namespace": format!("ns-{}", i % 7)},
             "spec": {
-                "initContainers": [{"name": "strait-proxy", "restartPolicy": "Always"}],
+                "initContainers": [{"name": "strait-init"},
+                                   {"name": "strait-proxy", "restartPolicy": "Always"}],
                 "containers": [{"name": "app"}],
             },
             "status": {
@@ -607,9 +608,16 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
         api.apply(&meshed_pod(i, i != 600));
     }
     api.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: unmeshed, namespace: ns-0}\nspec: {containers: [{name: app}]}\n");
+    // One of the labelled namespace's, from before its label.
+    api.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: before-the-label, namespace: shop}\nspec: {containers: [{name: app, image: app}]}\nstatus: {phase: Running}\n");
     let text = String::from_utf8_lossy(&check().await.unwrap().stdout).to_string();
     assert!(
         text.contains("[warn] 600 of 601 meshed pods have a ready proxy; not ready: ns-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[warn] 1 pod(s) asked to be meshed run without a proxy")
+            && text.contains("shop/before-the-label"),
         "{text}"
     );
     assert!(
