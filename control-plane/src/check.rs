@@ -1151,8 +1151,15 @@ impl Asked {
         {
             return false;
         }
+        let asks = |m: &Option<std::collections::BTreeMap<String, String>>| {
+            m.as_ref()
+                .and_then(|m| m.get(crate::inject::INJECT))
+                .is_some_and(|v| v == "enabled")
+        };
         let state = match self.enabled.contains(ns) {
             true => crate::inject::Namespace::Enabled,
+            // Most of a cluster's pods: not made into JSON to be told so.
+            false if !asks(&p.metadata.annotations) && !asks(&p.metadata.labels) => return false,
             false => crate::inject::Namespace::NotEnabled,
         };
         // The injector's own rules say which it would take (not a pod on the
