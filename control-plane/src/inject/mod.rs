@@ -1411,13 +1411,15 @@ fn proxy_resources<'a>(
 
 /// Fits the proxy's resources (and so its init container's) within the
 /// pod's own (`spec.resources`, pod-level resources: beta and on by default
-/// since Kubernetes 1.34), which the API server holds every container to:
-/// their requests together at most the pod's (its limit, where it gives no
-/// request), each one's limit at most the pod's. A default request comes
-/// down to what the app's containers leave (nothing, at worst: the proxy
-/// then shares the pod's budget), a default limit to the pod's; a value an
-/// annotation gives that does not fit is refused, rather than the pod by the
-/// API server.
+/// since Kubernetes 1.34). The API server holds the containers' requests
+/// together (as it adds them up: sidecars with the containers, a one-off
+/// init container with the sidecars started before it, the proxy among
+/// them) to the pod's request, or its limit where it gives none. A default
+/// request comes down to what the app's containers leave (nothing, at
+/// worst: the proxy then shares the pod's budget), and one an annotation
+/// gives that does not fit is refused, rather than the pod by the API
+/// server. A default limit comes down to the pod's, so that the proxy's
+/// memory shedding is near the limit that holds.
 fn fit_pod_resources<'a>(
     resources: &mut Value,
     spec: &serde_json::Map<String, Value>,
@@ -1431,27 +1433,36 @@ fn fit_pod_resources<'a>(
         Value::Number(n) => quantity(&n.to_string()),
         _ => None,
     };
-    // The app's containers and sidecars (a native sidecar's request counts
-    // with theirs; a one-off init container's only while it runs, before
-    // the proxy's): not strait's own, from an earlier injection.
-    let requested = |kind: &str| -> i128 {
+    // What the app's containers need of the pod's request, the proxy left
+    // out (and strait's own, from an earlier injection).
+    let needed = |kind: &str| -> i128 {
         let app = |c: &&Value| {
             !matches!(
                 c.get("name").and_then(Value::as_str),
                 Some(PROXY_CONTAINER | INIT_CONTAINER)
             )
         };
-        let sidecar = |c: &&Value| c.get("restartPolicy").and_then(Value::as_str) == Some("Always");
+        // A request not given is its limit (the API server defaults it so).
+        let request = |c: &Value| {
+            amount(c.pointer(&format!("/resources/requests/{kind}")))
+                .or_else(|| amount(c.pointer(&format!("/resources/limits/{kind}"))))
+                .unwrap_or(0)
+        };
         let list = |name: &str| {
             spec.get(name)
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
         };
-        (list("containers").filter(app))
-            .chain(list("initContainers").filter(app).filter(sidecar))
-            .filter_map(|c| amount(c.pointer(&format!("/resources/requests/{kind}"))))
-            .sum()
+        let (mut sidecars, mut init_peak) = (0, 0);
+        for c in list("initContainers").filter(app) {
+            match c.get("restartPolicy").and_then(Value::as_str) {
+                Some("Always") => sidecars += request(c),
+                _ => init_peak = init_peak.max(sidecars + request(c)),
+            }
+        }
+        let running: i128 = list("containers").filter(app).map(request).sum();
+        (running + sidecars).max(init_peak)
     };
     for (kind, req_name, limit_name, unit) in [
         ("cpu", PROXY_CPU_REQUEST, PROXY_CPU_LIMIT, 1_000_000),
@@ -1464,35 +1475,35 @@ fn fit_pod_resources<'a>(
     ] {
         let pod_limit = amount(pod.pointer(&format!("/limits/{kind}")));
         let pod_request = amount(pod.pointer(&format!("/requests/{kind}"))).or(pod_limit);
-        let refused = |name: &'static str, value: &str| InjectError::Annotation {
-            name,
-            value: value.to_string(),
-            why: "does not fit the pod's own spec.resources (its containers' requests together, and each one's limit, may not pass the pod's)",
+        // Millicores, bytes: rounded down, so as not to pass it.
+        let written = |n: i128| {
+            let n = n / unit;
+            json!(if kind == "cpu" {
+                format!("{n}m")
+            } else {
+                n.to_string()
+            })
         };
         if let Some(max) = pod_limit
             && let Some(l) = resources.pointer_mut(&format!("/limits/{kind}"))
             && amount(Some(l)).is_some_and(|l| l > max)
+            && annotation(limit_name).is_none()
         {
-            if let Some(v) = annotation(limit_name) {
-                return Err(refused(limit_name, v));
-            }
-            *l = pod["limits"][kind].clone();
+            *l = written(max);
         }
         if let Some(budget) = pod_request
             && let Some(r) = resources.pointer_mut(&format!("/requests/{kind}"))
         {
-            let left = (budget - requested(kind)).max(0);
+            let left = (budget - needed(kind)).max(0);
             if amount(Some(r)).is_some_and(|r| r > left) {
                 if let Some(v) = annotation(req_name) {
-                    return Err(refused(req_name, v));
+                    return Err(InjectError::Annotation {
+                        name: req_name,
+                        value: v.to_string(),
+                        why: "does not fit the pod's own spec.resources: the containers' requests together, this one's among them, may not pass the pod's",
+                    });
                 }
-                // Millicores, bytes: rounded down, so as not to pass it.
-                let left = left / unit;
-                *r = json!(if kind == "cpu" {
-                    format!("{left}m")
-                } else {
-                    left.to_string()
-                });
+                *r = written(left);
             }
         }
     }

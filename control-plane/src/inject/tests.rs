@@ -1276,24 +1276,38 @@ fn tcp_probe_rewrites_keep_timeouts_sidecars_and_earlier_rewrites() {
 }
 
 /// Pod-level resources: the API server refuses a pod whose containers'
-/// requests together pass the pod's, or a container's limit past the pod's.
-/// The proxy's defaults are fitted within them; an annotation's value that
-/// does not fit refuses the pod, naming it.
+/// requests together (an init container's with the sidecars before it, the
+/// proxy among them) pass the pod's. The proxy's defaults are fitted within
+/// them, its limit within the pod's; an annotation's request that does not
+/// fit refuses the pod, naming it.
 #[test]
 fn the_proxy_fits_the_pods_own_resources() {
     let spec = |pod_resources: Value| {
         json!({"resources": pod_resources,
                "initContainers": [{"name": "agent", "image": "a", "restartPolicy": "Always",
-                                   "resources": {"requests": {"cpu": "100m"}}}],
+                                   "resources": {"requests": {"cpu": "100m"}}},
+                                  {"name": "migrate", "image": "m",
+                                   "resources": {"limits": {"cpu": "1"}}}],
                "containers": [{"name": "app", "image": "app:1",
                                "resources": {"requests": {"cpu": "400m", "memory": "100Mi"}}}]})
     };
-    let resources = |annotations: Value, pod_resources: Value| {
+    let injected = |annotations: Value, pod_resources: Value| {
         let mut a = json!({INJECT: "enabled"});
         a.as_object_mut()
             .unwrap()
             .extend(annotations.as_object().unwrap().clone());
-        let p = applied(pod(a, spec(pod_resources)), Namespace::NotEnabled);
+        inject(
+            &pod(a, spec(pod_resources)),
+            Namespace::NotEnabled,
+            &settings(),
+        )
+    };
+    let resources = |annotations: Value, pod_resources: Value| {
+        let Ok(Outcome::Inject(patch)) = injected(annotations, pod_resources) else {
+            panic!("not injected")
+        };
+        let mut p = pod(json!({}), spec(json!({})));
+        json_patch::patch(&mut p, &patch).unwrap();
         assert_eq!(
             p["spec"]["initContainers"][0]["resources"],
             p["spec"]["initContainers"][1]["resources"]
@@ -1302,34 +1316,34 @@ fn the_proxy_fits_the_pods_own_resources() {
     };
     // The app's containers take all the pod asks: the proxy shares it.
     assert_eq!(
-        resources(
-            json!({}),
-            json!({"requests": {"cpu": "500m", "memory": "100Mi"}})
-        ),
-        json!({"requests": {"cpu": "0m", "memory": "0"}, "limits": {"memory": "250Mi"}})
+        resources(json!({}), json!({"requests": {"memory": "100Mi"}})),
+        json!({"requests": {"cpu": "10m", "memory": "0"}, "limits": {"memory": "250Mi"}})
+    );
+    // The migration (its request its limit) runs beside the agent and the
+    // proxy: 1.1 cores of 1.1 taken.
+    assert_eq!(
+        resources(json!({}), json!({"requests": {"cpu": "1100m"}})),
+        json!({"requests": {"cpu": "0m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}})
     );
     // Some left: the default where it fits, else what is left; the limit
     // down to the pod's, its request (none given) being its limit.
     assert_eq!(
         resources(
             json!({}),
-            json!({"requests": {"cpu": 1}, "limits": {"memory": "110Mi"}})
+            json!({"requests": {"cpu": 2}, "limits": {"memory": "110Mi"}})
         ),
-        json!({"requests": {"cpu": "10m", "memory": "10485760"}, "limits": {"memory": "110Mi"}})
+        json!({"requests": {"cpu": "10m", "memory": "10485760"}, "limits": {"memory": "115343360"}})
     );
     assert_eq!(
         resources(json!({}), json!({"limits": {"memory": "2Gi"}})),
         json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}})
     );
-    let mut a = json!({INJECT: "enabled"});
-    a[PROXY_MEMORY_LIMIT] = json!("1Gi");
-    let err = inject(
-        &pod(a, spec(json!({"limits": {"memory": "800Mi"}}))),
-        Namespace::NotEnabled,
-        &settings(),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains(PROXY_MEMORY_LIMIT), "{err}");
+    // A limit given is kept; a request given that cannot fit refuses the pod.
+    let tight = json!({"limits": {"memory": "800Mi"}});
+    let given = resources(json!({PROXY_MEMORY_LIMIT: "1Gi"}), tight.clone());
+    assert_eq!(given["limits"]["memory"], "1Gi");
+    let err = injected(json!({PROXY_MEMORY_REQUEST: "750Mi"}), tight).unwrap_err();
+    assert!(err.to_string().contains(PROXY_MEMORY_REQUEST), "{err}");
     assert!(err.to_string().contains("spec.resources"), "{err}");
 }
 
