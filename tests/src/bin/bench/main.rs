@@ -60,11 +60,16 @@ enum What {
         #[arg(long)]
         with_tracing: bool,
     },
-    /// Prints the tables of a `bench proxy` run again from its JSON (and redraws
-    /// its plots into --out).
+    /// Prints the tables of a `bench proxy` run again from its JSON.
     Report {
         /// The JSON a run wrote (e.g. docs/bench/proxy.json).
         from: PathBuf,
+        /// Also redraw its plots into DIR. Only when asked: the plots the
+        /// benchmark page shows are the full run's, and a report of another
+        /// run drawn over them would put its figures beside the full run's
+        /// tables.
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
     },
     /// A long run of mixed traffic through an mTLS pair while endpoints churn,
     /// sampling every process's memory and open files (not in CI).
@@ -160,11 +165,13 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", soak::markdown(&r));
             std::fs::write(cli.out.join("soak.json"), serde_json::to_string_pretty(&r)?)?;
         }
-        What::Report { from } => {
+        What::Report { from, plots } => {
             let r: proxy::Results = serde_json::from_str(&std::fs::read_to_string(&from)?)?;
             println!("{}", proxy::markdown(&r));
-            for p in plot::write(&r, &cli.out)? {
-                eprintln!("wrote {}", p.display());
+            if let Some(dir) = plots {
+                for p in plot::write(&r, &dir)? {
+                    eprintln!("wrote {}", p.display());
+                }
             }
         }
         What::ControllerScale {

@@ -20,6 +20,27 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(240, 228, 66),
 ];
 
+/// A scenario's colour, the same in every plot: by position, a scenario
+/// would take another's colour where that one is not drawn (HAProxy's TCP
+/// pair in its HTTP pair's in the TCP plots).
+fn color_of(scenario: &str) -> RGBColor {
+    let known = [
+        "strait",
+        "strait-mtls",
+        "strait-mtls-traced",
+        "haproxy-mtls",
+        "nginx-mtls",
+        "haproxy-tcp-mtls",
+        "strait-mtls-before",
+        "haproxy-h2-mtls",
+    ];
+    let i = known.iter().position(|k| *k == scenario).unwrap_or_else(|| {
+        // Another's: a colour from its name, the same at every run.
+        scenario.bytes().map(usize::from).sum::<usize>()
+    });
+    COLORS[i % COLORS.len()]
+}
+
 /// Registers a font for labels (the fonts-dejavu-core package).
 fn font() -> anyhow::Result<()> {
     let bytes = std::fs::read(FONT)
@@ -77,7 +98,7 @@ fn bars(
         .label_style(("sans-serif", 14))
         .draw()?;
     for (si, (_, values)) in series.iter().enumerate() {
-        let color = COLORS[si % COLORS.len()];
+        let color = color_of(&series[si].0);
         chart.draw_series(
             values
                 .iter()
@@ -91,7 +112,7 @@ fn bars(
         )?;
     }
     for (si, (name, _)) in series.iter().enumerate() {
-        let color = COLORS[si % COLORS.len()];
+        let color = color_of(name);
         let y = 60 + 26 * si as i32;
         legend.draw(&Rectangle::new([(10, y), (26, y + 14)], color.filled()))?;
         legend.draw(&Text::new(
