@@ -34,10 +34,13 @@ fn color_of(scenario: &str) -> RGBColor {
         "strait-mtls-before",
         "haproxy-h2-mtls",
     ];
-    let i = known.iter().position(|k| *k == scenario).unwrap_or_else(|| {
-        // Another's: a colour from its name, the same at every run.
-        scenario.bytes().map(usize::from).sum::<usize>()
-    });
+    let i = known
+        .iter()
+        .position(|k| *k == scenario)
+        .unwrap_or_else(|| {
+            // Another's: a colour from its name, the same at every run.
+            scenario.bytes().map(usize::from).sum::<usize>()
+        });
     COLORS[i % COLORS.len()]
 }
 

@@ -71,6 +71,17 @@ pub struct Sample {
     pub peak_rss_mib: Vec<f64>,
 }
 
+impl Sample {
+    /// Whether the sample says anything of the scenario: a round with
+    /// failed requests (their latency is in oha's percentiles, and a fast
+    /// 502 is fast), or that served nothing (no CPU per request to speak
+    /// of, which would read as the lowest), is left out of every table,
+    /// plot and verdict.
+    pub fn valid(&self) -> bool {
+        self.errors == 0 && self.achieved_rps > 0.0
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Memory {
     pub scenario: String,
@@ -648,8 +659,19 @@ pub async fn run(
                     peak_rss_mib,
                 };
                 eprintln!(
-                    "round {round} {:<13} {:<12} {:>8.0} req/s  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  errors {}",
-                    s.scenario, s.load, s.achieved_rps, s.p50_ms, s.p99_ms, s.p999_ms, s.errors
+                    "round {round} {:<13} {:<12} {:>8.0} req/s  p50 {:.3}  p99 {:.3}  p99.9 {:.3} ms  errors {}{}",
+                    s.scenario,
+                    s.load,
+                    s.achieved_rps,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.p999_ms,
+                    s.errors,
+                    if s.valid() {
+                        ""
+                    } else {
+                        "  (left out: invalid)"
+                    }
                 );
                 samples.push(s);
             }
@@ -800,8 +822,11 @@ pub fn summary(r: &Results) -> Vec<(String, String, Sample)> {
         let ss: Vec<&Sample> = r
             .samples
             .iter()
-            .filter(|s| s.load == load && s.scenario == scenario)
+            .filter(|s| s.load == load && s.scenario == scenario && s.valid())
             .collect();
+        if ss.is_empty() {
+            continue;
+        }
         let m = |f: fn(&Sample) -> f64| median(ss.iter().map(|s| f(s)).collect());
         let n = ss.first().map_or(0, |s| s.vcpu_per_krps.len());
         let vcpu = (0..n)
@@ -894,9 +919,16 @@ pub fn markdown(r: &Results) -> String {
     }
     out.push_str(&ratios(&rows));
     out.push_str(&verdicts(r));
-    out.push_str(&mtls_cost(&rows, &r.samples));
-    out.push_str(&tracing_cost(&rows, &r.samples));
-    out.push_str(&baseline_cost(&rows, &r.samples));
+    let valid: Vec<Sample> = r.samples.iter().filter(|s| s.valid()).cloned().collect();
+    out.push_str(&mtls_cost(&rows, &valid));
+    out.push_str(&tracing_cost(&rows, &valid));
+    out.push_str(&baseline_cost(&rows, &valid));
+    for s in r.samples.iter().filter(|s| !s.valid()) {
+        out.push_str(&format!(
+            "\nLeft out: round {} of {} under {} ({} errors, {:.0} req/s).\n",
+            s.round, s.scenario, s.load, s.errors, s.achieved_rps
+        ));
+    }
     out.push_str(
         "\n| scenario | process | idle RSS MiB | peak RSS MiB |\n| --- | --- | --- | --- |\n",
     );
@@ -970,7 +1002,7 @@ fn verdicts(r: &Results) -> String {
     let rounds = |load: &str, scenario: &str| -> Vec<&Sample> {
         r.samples
             .iter()
-            .filter(|s| s.load == load && s.scenario == scenario)
+            .filter(|s| s.load == load && s.scenario == scenario && s.valid())
             .collect()
     };
     let added = |load: &str, scenario: &str, f: fn(&Sample) -> f64| {
@@ -1312,6 +1344,35 @@ mod tests {
         let r = Results { samples, ..r };
         let table = mtls_cost(&summary(&r), &r.samples);
         assert!(!table.contains("tcp conn"), "{table}");
+    }
+
+    /// A round with failed requests, or that served nothing, says nothing of
+    /// its scenario: left out of the verdicts (a CPU of 0 would read as the
+    /// lowest), and named.
+    #[test]
+    fn a_round_with_errors_is_left_out() {
+        let l = "h1 1000/s";
+        let mut samples = Vec::new();
+        for round in 0..3 {
+            samples.push(sample(round, "direct", l, [0.0, 0.0]));
+            samples.push(sample(round, "nginx-mtls", l, [0.08, 0.08]));
+            let mut broken = sample(round, "strait-mtls", l, [0.0, 0.0]);
+            (broken.errors, broken.achieved_rps) = (10_000, 0.0);
+            samples.push(broken);
+        }
+        let r = Results {
+            machine: "test".into(),
+            samples,
+            memory: Vec::new(),
+            idle_conns: Vec::new(),
+        };
+        assert!(summary(&r).iter().all(|(_, s, _)| s != "strait-mtls"));
+        let text = markdown(&r);
+        assert!(!text.contains("lower"), "{text}");
+        assert!(
+            text.contains("Left out: round 0 of strait-mtls under h1 1000/s (10000 errors"),
+            "{text}"
+        );
     }
 
     /// A run against `--baseline` alone (no reference pairs) prints the

@@ -292,14 +292,14 @@ pub fn nginx(
         )
     };
     let client = format!(
-        "{}  upstream b {{ server 127.0.0.1:{tls}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{h1};\n    listen 127.0.0.1:{h2} http2;\n    location / {{\n      proxy_pass https://b;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_certificate {};\n      proxy_ssl_certificate_key {};\n      proxy_ssl_trusted_certificate {};\n      proxy_ssl_verify on;\n      proxy_ssl_name b.test;\n      proxy_ssl_server_name on;\n      proxy_ssl_protocols TLSv1.3;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
+        "{}  upstream b {{ server 127.0.0.1:{tls}; keepalive 64; keepalive_requests 1000000; keepalive_timeout 300s; }}\n  server {{\n    listen 127.0.0.1:{h1};\n    listen 127.0.0.1:{h2} http2;\n    location / {{\n      proxy_pass https://b;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_certificate {};\n      proxy_ssl_certificate_key {};\n      proxy_ssl_trusted_certificate {};\n      proxy_ssl_verify on;\n      proxy_ssl_name b.test;\n      proxy_ssl_server_name on;\n      proxy_ssl_protocols TLSv1.3;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
         head("a"),
         certs.p("client.crt"),
         certs.p("client.key"),
         certs.p("ca.pem")
     );
     let server = format!(
-        "{}  upstream app {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{tls} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_client_certificate {};\n    ssl_verify_client on;\n    ssl_protocols TLSv1.3;\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        "{}  upstream app {{ server {backend}; keepalive 64; keepalive_requests 1000000; keepalive_timeout 300s; }}\n  server {{\n    listen 127.0.0.1:{tls} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_client_certificate {};\n    ssl_verify_client on;\n    ssl_protocols TLSv1.3;\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
         head("b"),
         certs.p("server.crt"),
         certs.p("server.key"),
