@@ -203,9 +203,33 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
         },
     );
 
-    let ns = &args.namespace;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let controller = deployments.get_opt(CONTROLLER).await;
+    let mut ns = args.namespace.clone();
+    let mut controller = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .get_opt(CONTROLLER)
+        .await;
+    // No controller where asked, and the injector's webhook calls one
+    // elsewhere (the chart's `namespace` value): that install is checked,
+    // rather than six failures saying to install again.
+    if matches!(controller, Ok(None))
+        && let Ok(Some(hook)) = Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .get_opt(WEBHOOK_CONFIG)
+            .await
+        && let Some(there) = (hook.webhooks.iter().flatten())
+            .find_map(|w| Some(w.client_config.service.as_ref()?.namespace.clone()))
+            .filter(|there| *there != ns)
+    {
+        say(line(
+            Verdict::Warn,
+            format!(
+                "no controller in {ns}; the injector's webhook calls one in {there}: checking that install (strait check --namespace {there})"
+            ),
+        ));
+        ns = there;
+        controller = Api::<Deployment>::namespaced(client.clone(), &ns)
+            .get_opt(CONTROLLER)
+            .await;
+    }
+    let ns = &ns;
     // A certificate of the operator's own (cert-manager's) for the webhooks,
     // whose caBundle then holds its CA, not the mesh's anchors.
     let installed = controller.as_ref().ok().and_then(Option::as_ref);

@@ -584,6 +584,22 @@ async fn strait_check_passes_on_an_installed_cluster_and_names_what_is_missing()
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+    // Asked about another namespace (strait installed elsewhere, as the
+    // chart's `namespace` value puts it): the install the injector's
+    // webhook calls is checked, and said.
+    let elsewhere = tokio::process::Command::new(&strait)
+        .args(["check", "--namespace", "mesh-system"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&elsewhere.stdout).to_string();
+    assert!(elsewhere.status.success(), "{text}");
+    assert!(
+        text.contains("[warn] no controller in mesh-system; the injector's webhook calls one in strait-system: checking that install (strait check --namespace strait-system)")
+            && text.contains("[ok  ] the controller is ready (2 of 2 replicas)"),
+        "{text}"
+    );
 
     // More meshed pods than one page holds: every one is counted, and none of
     // the lists asked for all of a large cluster's pods at once.
