@@ -506,7 +506,7 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             if let Some(l) = meshed.unmeshed_line() {
                 say(l);
             }
-            if let Some(l) = stale.line() {
+            if let Some(l) = stale.line(ns) {
                 say(l);
             }
             if let Some(want) = &proxy_image
@@ -1005,12 +1005,15 @@ impl StaleAnchors {
         }
     }
 
-    fn line(&self) -> Option<Line> {
+    /// Said with the controller first: it gives new pods the anchors it
+    /// read at start, so after the ConfigMap changed by hand, restarting
+    /// the pods alone would give them the old ones again.
+    fn line(&self, ns: &str) -> Option<Line> {
         (self.0.count > 0).then(|| {
             line(
                 Verdict::Warn,
                 format!(
-                    "{} meshed pod(s) hold other trust anchors than ConfigMap {ANCHORS_CONFIG_MAP} ({}): restart them before moving the issuer to a new anchor, or they lose their peers and the controller",
+                    "{} meshed pod(s) hold other trust anchors than ConfigMap {ANCHORS_CONFIG_MAP} ({}): restart them before moving the issuer to a new anchor, or they lose their peers and the controller; the controller first if it started before the ConfigMap changed (it gives new pods the anchors it read then: kubectl -n {ns} rollout restart deploy/{CONTROLLER})",
                     self.0.count, self.0
                 ),
             )
@@ -2161,16 +2164,19 @@ mod tests {
         ] {
             tally.count(&p, &bundle);
         }
-        let l = tally.line().expect("one pod to restart");
+        let l = tally.line("strait-system").expect("one pod to restart");
         assert_eq!(l.verdict, Verdict::Warn);
         assert!(
-            l.what.contains("1 meshed pod(s)") && l.what.contains("shop/old-only"),
+            l.what.contains("1 meshed pod(s)")
+                && l.what.contains("shop/old-only")
+                && l.what
+                    .contains("kubectl -n strait-system rollout restart deploy/strait-controller"),
             "{}",
             l.what
         );
         let mut none = StaleAnchors::default();
         none.count(&given("both", &format!("{old}{new}"), "Running"), &bundle);
-        assert!(none.line().is_none());
+        assert!(none.line("strait-system").is_none());
     }
 
     /// After an upgrade, the pods still running the earlier proxy are named,
