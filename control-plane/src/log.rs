@@ -42,15 +42,23 @@ pub fn init(level: Option<&str>, json: bool) {
     let filter = level
         .and_then(|l| filter(l).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour codes only for a person at a terminal, never in a file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    // Other crates' lines a stranger can cause, sampled (h2's per frame).
+    let others = strait_otel::sampled::OthersSampled::default();
     let _ = if json {
-        b.json().flatten_event(true).try_init()
+        b.json()
+            .flatten_event(true)
+            .finish()
+            .with(others)
+            .try_init()
     } else {
-        b.try_init()
+        b.finish().with(others).try_init()
     };
 }
 

@@ -115,6 +115,33 @@ macro_rules! sampled {
     }};
 }
 
+/// Sampling for the lines of other crates: h2 warns once per unsolicited
+/// PING acknowledgement a peer sends (17 bytes each, the connection kept),
+/// and hyper-util once per CONNECT whose target has a path, quoting it. A
+/// stranger reaching a listener could write the node's disk full through
+/// them, on the thread that serves requests. Their events at info and above
+/// take a budget per place in their code, as strait's own such lines do;
+/// debug and trace, off unless asked for, pass.
+#[derive(Debug, Default)]
+pub struct OthersSampled {
+    budgets: std::sync::Mutex<std::collections::HashMap<tracing::callsite::Identifier, Budget>>,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OthersSampled {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let meta = event.metadata();
+        if meta.target().starts_with("strait") || *meta.level() > tracing::Level::INFO {
+            return true;
+        }
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets.entry(meta.callsite()).or_default().take().is_some()
+    }
+}
+
 /// Failures in a row of one task that retries on its own (a certificate
 /// renewal, a lease): worth a warning are the first few, one whose reason
 /// changed, and every 60th (ten minutes apart at a 10 s backoff), with the

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::addr::DestAddr;
 use crate::dns::Names;
@@ -230,7 +230,7 @@ where
             }
         },
         _ = activity.idle_for(cfg.idle_timeout) => {
-            info!(direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
+            strait_otel::sampled!(info, direction = direction.as_str(), %dst, idle = ?cfg.idle_timeout, "opaque stream idle, closed");
             // Cleanly, both at once: a peer proxy resets its app's side of
             // a stream cut without a TLS close, and nothing failed here.
             use tokio::io::AsyncWriteExt as _;

@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::either::Either;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::ca::Ca;
 use super::issuer::Issuer;
@@ -241,7 +241,7 @@ pub fn incoming(
                     Ok(c) => c,
                     Err(e) => {
                         // Out of file descriptors, typically: let some close.
-                        warn!(error = %e, "accept failed");
+                        strait_otel::sampled!(warn, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::budget::Budget;
 use super::{Namespace, Outcome, Settings, inject};
@@ -87,7 +87,7 @@ pub async fn serve(
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors, say: wait rather than spin.
-                warn!(error = %e, "webhook accept failed");
+                strait_otel::sampled!(warn, error = %e, "webhook accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
@@ -366,7 +366,7 @@ fn respond(
             Err(e) => fail(rsp, policy, &pod, &e.to_string()),
         },
         Ok(Outcome::Skip(why)) => {
-            debug!(%pod, reason = why, "not injected");
+            debug!(pod = super::clipped(&pod), reason = why, "not injected");
             rsp
         }
         Err(e) => fail(rsp, policy, &pod, &e.to_string()),

@@ -16,7 +16,7 @@
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::DIRECTION;
 use super::logical::Builder;
@@ -120,7 +120,7 @@ where
         First::Idle => {
             s.count_detected(DIRECTION, Protocol::Opaque);
             let idle = idle.deadline().saturating_duration_since(started);
-            info!(direction = DIRECTION.as_str(), %dst, ?idle, "opaque stream idle, closed");
+            strait_otel::sampled!(info, direction = DIRECTION.as_str(), %dst, ?idle, "opaque stream idle, closed");
             if let Some(up) = up {
                 up.close().await;
             }

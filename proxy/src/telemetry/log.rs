@@ -70,7 +70,9 @@ pub fn init(filter: &str, format: LogFormat) -> Result<LogHandle, LogError> {
         reason,
     })?;
     let (layer, handle) = reload::Layer::new(f);
-    let registry = tracing_subscriber::registry().with(layer);
+    let registry = tracing_subscriber::registry()
+        .with(layer)
+        .with(strait_otel::sampled::OthersSampled::default());
     let res = match format {
         LogFormat::Text => registry
             .with(

@@ -246,6 +246,66 @@ async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
     );
 }
 
+/// h2 logs a warning for every PING acknowledgement it never asked for,
+/// and keeps the connection: 17 bytes each, a stranger's stream of them
+/// would be a log line each. Other crates' lines are sampled as strait's
+/// own are.
+#[tokio::test]
+async fn a_flood_of_unasked_ping_acks_is_logged_as_a_sample() {
+    let backend = Backend::start().await;
+    let (admin, upstream) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+        .args([
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--inbound-addr=127.0.0.1:0".into(),
+            "--outbound-addr=127.0.0.1:0".into(),
+            format!("--upstream=127.0.0.1:{upstream}={}", backend.addr),
+            "--log-level=info".into(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait::ready(
+        SocketAddr::from(([127, 0, 0, 1], admin)),
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut s = TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+    // The preface, an empty SETTINGS, the acknowledgements, then a PING of
+    // our own: its answer comes once every frame before it was read.
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
+    const ACKS: usize = 1000;
+    for _ in 0..ACKS {
+        bytes.extend_from_slice(b"\0\0\x08\x06\x01\0\0\0\0\0\0\0\0\0\0\0\0");
+    }
+    bytes.extend_from_slice(b"\0\0\x08\x06\0\0\0\0\0strait!!");
+    s.write_all(&bytes).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0; len];
+            s.read_exact(&mut payload).await.unwrap();
+            if head[3] == 6 && head[4] & 1 == 1 && payload == b"strait!!" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "our PING was not answered");
+    child.start_kill().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines = log.lines().filter(|l| l.contains("PING ack")).count();
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} log lines for {ACKS} unasked PING acknowledgements"
+    );
+}
+
 /// A transfer coding other than chunked (`gzip, chunked`) is one hyper does
 /// not decode, and Transfer-Encoding is not sent on: the next hop would read
 /// the gzip bytes as the body. A request with one is answered 501 (RFC 9112
