@@ -119,6 +119,9 @@ async fn main() -> anyhow::Result<()> {
             baseline,
             with_tracing,
         } => {
+            // Only a full run is the page's: a quick, partial or baseline
+            // run writes its JSON beside it and draws no plot over its plots.
+            let full = !cli.quick && loads.is_empty() && scenarios.is_empty() && baseline.is_none();
             let r = proxy::run(
                 cli.quick,
                 if cli.quick { 1 } else { rounds },
@@ -129,14 +132,16 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             println!("{}", proxy::markdown(&r));
-            let name = if cli.quick {
-                "proxy-quick.json"
-            } else {
-                "proxy.json"
+            let name = match (cli.quick, full) {
+                (true, _) => "proxy-quick.json",
+                (false, true) => "proxy.json",
+                (false, false) => "proxy-partial.json",
             };
             std::fs::write(cli.out.join(name), serde_json::to_string_pretty(&r)?)?;
-            for p in plot::write(&r, &cli.out)? {
-                eprintln!("wrote {}", p.display());
+            if full {
+                for p in plot::write(&r, &cli.out)? {
+                    eprintln!("wrote {}", p.display());
+                }
             }
         }
         What::Pair { with_tracing } => {

@@ -878,18 +878,21 @@ pub fn markdown(r: &Results) -> String {
             .iter()
             .find(|(l, sc, _)| l == load && sc == "direct")
             .map(|r| r.2.p99_ms);
+        // Without a direct row (its every round left out), nothing is
+        // added over it: said as "-", not as nothing added.
         let best_ref = rows
             .iter()
             .filter(|(l, sc, _)| l == load && REFERENCES.contains(&sc.as_str()))
-            .map(|r| r.2.p99_ms - direct.unwrap_or(0.0))
+            .filter_map(|r| Some(r.2.p99_ms - direct?))
             .fold(f64::INFINITY, f64::min);
-        let added = direct.map(|d| s.p99_ms - d).unwrap_or(0.0);
+        let added = direct.map(|d| s.p99_ms - d);
         let vcpu: Vec<String> = s.vcpu_per_krps.iter().map(|v| format!("{v:.3}")).collect();
         let peak: Vec<String> = s.peak_rss_mib.iter().map(|v| format!("{v:.1}")).collect();
-        let vs_ref = if scenario == "direct" || !best_ref.is_finite() {
-            "-".to_string()
-        } else {
-            format!("{:+.3}", added - best_ref)
+        let vs_ref = match added {
+            Some(a) if scenario != "direct" && best_ref.is_finite() => {
+                format!("{:+.3}", a - best_ref)
+            }
+            _ => "-".to_string(),
         };
         out.push_str(&format!(
             "| {load} | {scenario} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
@@ -909,10 +912,9 @@ pub fn markdown(r: &Results) -> String {
             } else {
                 peak.join(" / ")
             },
-            if scenario == "direct" {
-                "-".into()
-            } else {
-                format!("{added:+.3}")
+            match added {
+                Some(a) if scenario != "direct" => format!("{a:+.3}"),
+                _ => "-".into(),
             },
             vs_ref
         ));
@@ -1373,6 +1375,17 @@ mod tests {
             text.contains("Left out: round 0 of strait-mtls under h1 1000/s (10000 errors"),
             "{text}"
         );
+        // Every direct round left out: nothing is said added over it.
+        let mut samples = r.samples.clone();
+        for s in samples.iter_mut().filter(|s| s.scenario == "direct") {
+            s.errors = 1;
+        }
+        let text = markdown(&Results { samples, ..r });
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("| h1 1000/s | nginx-mtls |"))
+            .unwrap();
+        assert!(row.ends_with("| - | - |"), "{row}");
     }
 
     /// A run against `--baseline` alone (no reference pairs) prints the
