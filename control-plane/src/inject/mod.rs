@@ -1418,8 +1418,8 @@ fn proxy_resources<'a>(
 /// request comes down to what the app's containers leave (nothing, at
 /// worst: the proxy then shares the pod's budget), and one an annotation
 /// gives that does not fit is refused, rather than the pod by the API
-/// server. A default limit comes down to the pod's, so that the proxy's
-/// memory shedding is near the limit that holds.
+/// server. A limit, given or not, comes down to the pod's: the proxy could
+/// not use more, and sizes its memory shedding and connections to its own.
 fn fit_pod_resources<'a>(
     resources: &mut Value,
     spec: &serde_json::Map<String, Value>,
@@ -1464,14 +1464,9 @@ fn fit_pod_resources<'a>(
         let running: i128 = list("containers").filter(app).map(request).sum();
         (running + sidecars).max(init_peak)
     };
-    for (kind, req_name, limit_name, unit) in [
-        ("cpu", PROXY_CPU_REQUEST, PROXY_CPU_LIMIT, 1_000_000),
-        (
-            "memory",
-            PROXY_MEMORY_REQUEST,
-            PROXY_MEMORY_LIMIT,
-            1_000_000_000,
-        ),
+    for (kind, req_name, unit) in [
+        ("cpu", PROXY_CPU_REQUEST, 1_000_000),
+        ("memory", PROXY_MEMORY_REQUEST, 1_000_000_000),
     ] {
         let pod_limit = amount(pod.pointer(&format!("/limits/{kind}")));
         let pod_request = amount(pod.pointer(&format!("/requests/{kind}"))).or(pod_limit);
@@ -1487,7 +1482,6 @@ fn fit_pod_resources<'a>(
         if let Some(max) = pod_limit
             && let Some(l) = resources.pointer_mut(&format!("/limits/{kind}"))
             && amount(Some(l)).is_some_and(|l| l > max)
-            && annotation(limit_name).is_none()
         {
             *l = written(max);
         }

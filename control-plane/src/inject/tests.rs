@@ -1338,10 +1338,12 @@ fn the_proxy_fits_the_pods_own_resources() {
         resources(json!({}), json!({"limits": {"memory": "2Gi"}})),
         json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "250Mi"}})
     );
-    // A limit given is kept; a request given that cannot fit refuses the pod.
+    // A limit given comes down too (the proxy would size its shedding to
+    // what the pod's cgroup never lets it reach); a request given that
+    // cannot fit refuses the pod.
     let tight = json!({"limits": {"memory": "800Mi"}});
     let given = resources(json!({PROXY_MEMORY_LIMIT: "1Gi"}), tight.clone());
-    assert_eq!(given["limits"]["memory"], "1Gi");
+    assert_eq!(given["limits"]["memory"], "838860800");
     let err = injected(json!({PROXY_MEMORY_REQUEST: "750Mi"}), tight).unwrap_err();
     assert!(err.to_string().contains(PROXY_MEMORY_REQUEST), "{err}");
     assert!(err.to_string().contains("spec.resources"), "{err}");
