@@ -1174,7 +1174,12 @@ impl Asked {
         if proxy_container(p).is_some()
             || !should_run(p)
             || self.disabled.contains(ns)
-            || ["kube-system", "kube-node-lease", self.system.as_str()].contains(&ns)
+            || ns == self.system
+            || crate::defaults::SYSTEM_NAMESPACES.contains(&ns)
+            // A static pod's mirror: the kubelet runs it from a file, and
+            // no webhook ever sees it.
+            || (p.metadata.annotations.as_ref())
+                .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
         {
             return false;
         }
@@ -1276,7 +1281,7 @@ impl MeshedPods {
             line(
                 Verdict::Warn,
                 format!(
-                    "{} pod(s) asked to be meshed run without a proxy (created before their namespace was labelled, or while the controller was down): no mTLS and no policy for them until restarted (kubectl rollout restart): {}",
+                    "{} pod(s) asked to be meshed run without a proxy (created before their namespace was labelled, or while the controller was down): no mTLS and no policy for them until recreated (kubectl rollout restart, once nothing above refuses new meshed pods and the controller is ready): {}",
                     self.unmeshed.count, self.unmeshed
                 ),
             )
@@ -1479,17 +1484,20 @@ fn webhook_line(
     match bundles {
         Ok(Some(bundles)) => {
             // As sets of certificates: the same PEM may be written with
-            // other line ends, in another order (a rotation's old and new),
-            // or with more CAs beside the anchors, and verify alike.
-            let matches = |a: &String| {
-                let Some(a) = anchor_set(a) else {
-                    return false;
-                };
-                !bundles.is_empty()
-                    && bundles.iter().all(|b| {
-                        (std::str::from_utf8(b).ok().and_then(anchor_set))
-                            .is_some_and(|b| a.iter().all(|c| b.binary_search(c).is_ok()))
-                    })
+            // other line ends, or in another order (a rotation's old and
+            // new). Certificates beside the anchors verify alike, but one
+            // may be an anchor a rotation meant to retire: said.
+            let compared = |a: &String| {
+                let a = anchor_set(a)?;
+                let mut beside = 0;
+                for b in &bundles {
+                    let b = std::str::from_utf8(b).ok().and_then(anchor_set)?;
+                    if !a.iter().all(|c| b.binary_search(c).is_ok()) {
+                        return None;
+                    }
+                    beside = beside.max(b.len() - a.len());
+                }
+                (!bundles.is_empty()).then_some(beside)
             };
             if let Some(cert) = own_cert {
                 return line(
@@ -1499,16 +1507,22 @@ fn webhook_line(
                     ),
                 );
             }
-            match anchors {
+            match anchors.map(|a| a.as_ref().and_then(compared)) {
                 None => line(
                     Verdict::Warn,
                     format!(
                         "{what} is configured; its caBundle is not compared with the unread anchors"
                     ),
                 ),
-                Some(Some(a)) if matches(a) => line(
+                Some(Some(0)) => line(
                     Verdict::Ok,
                     format!("{what} is configured and trusts the mesh's anchors"),
+                ),
+                Some(Some(n)) => line(
+                    Verdict::Warn,
+                    format!(
+                        "{what} trusts the mesh's anchors and {n} other certificate(s) beside them: an anchor a rotation retired is still trusted there until its caBundle is written again (apply strait install's output again)"
+                    ),
                 ),
                 Some(_) => line(
                     Verdict::Fail,
@@ -2321,6 +2335,14 @@ mod tests {
                 false,
             ),
             (meshed, false),
+            (
+                plain(
+                    "shop",
+                    "kube-apiserver-static",
+                    serde_json::json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "abc"}}}),
+                ),
+                false,
+            ),
         ] {
             assert_eq!(asked.unmeshed(&p), want, "{:?}", p.metadata.name);
         }
@@ -2945,13 +2967,17 @@ mod tests {
             Verdict::Fail,
         );
         assert_eq!(l.verdict, Verdict::Fail);
-        // Mid-rotation: old and new, in the other order, or with another CA
-        // beside them, verify alike; a bundle missing one of them does not.
+        // Mid-rotation: old and new, in the other order, verify alike;
+        // another CA beside them does too, said (a retired anchor still
+        // trusted); a bundle missing one of them does not.
         let (old, new) = (pem.as_str(), other.anchor_pem.trim_end());
         let rotating = Some(Some(format!("{old}\n{new}\n")));
         for (bundle, want) in [
             (format!("{new}\n{old}\n"), Verdict::Ok),
-            (format!("{new}\n{}{old}\n", a.issuer_cert_pem), Verdict::Ok),
+            (
+                format!("{new}\n{}{old}\n", a.issuer_cert_pem),
+                Verdict::Warn,
+            ),
             (new.to_string(), Verdict::Fail),
         ] {
             let b = ca_bundles([config(Some(&bundle))].into_iter());

@@ -118,6 +118,10 @@ pub const CA_BACKDATE: std::time::Duration = std::time::Duration::from_secs(3600
 
 /// Where the controller runs, for its own identity.
 pub const CONTROLLER_NAMESPACE: &str = "strait-system";
+/// Namespaces of the cluster's own no webhook of the mesh's sees (beside the
+/// mesh's own): DNS and the API server's leases, which the controller, and
+/// so every proxy, waits for.
+pub const SYSTEM_NAMESPACES: [&str; 2] = ["kube-system", "kube-node-lease"];
 pub const CONTROLLER_SERVICE_ACCOUNT: &str = "strait-controller";
 
 /// A TLS handshake on the gRPC port must finish within this.

@@ -1477,8 +1477,9 @@ pub const SPEC_CHANGED: &str = "request.operation == 'CREATE' || !has(object.spe
 /// Namespaces no webhook of the mesh's sees, by name (which the API server
 /// sets, so no label can take it off).
 fn not_system() -> Value {
+    let [system, lease] = crate::defaults::SYSTEM_NAMESPACES;
     json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-           "values": ["kube-system", "kube-node-lease", NAMESPACE]})
+           "values": [system, lease, NAMESPACE]})
 }
 
 #[derive(Debug, Default, clap::Args)]

@@ -138,7 +138,7 @@ fn inject_object(v: &mut Value, s: &Settings, reports: &mut Vec<Report>) {
     let object = format!("{}/{name}", kind.to_lowercase());
     let namespace = v.pointer("/metadata/namespace").and_then(Value::as_str);
     if namespace.is_some_and(|ns| {
-        ["kube-system", "kube-node-lease", s.mesh_namespace.as_str()].contains(&ns)
+        ns == s.mesh_namespace || crate::defaults::SYSTEM_NAMESPACES.contains(&ns)
     }) {
         // The webhooks never see these: DNS and the controller that proxies
         // wait for must not wait for them.
