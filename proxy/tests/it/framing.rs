@@ -199,11 +199,11 @@ async fn target_ports_must_be_one_plain_number_and_never_a_proxys() {
     assert_eq!(backend.requests(), 1);
 }
 
-#[tokio::test]
-async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
-    let backend = Backend::start().await;
+/// A proxy in front of `backend` logging at info, its output kept: its
+/// admin and upstream addresses, once ready.
+async fn logging_at_info(backend: &Backend) -> (tokio::process::Child, SocketAddr, SocketAddr) {
     let (admin, upstream) = (free_port(), free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
         .args([
             format!("--admin-addr=127.0.0.1:{admin}"),
             "--inbound-addr=127.0.0.1:0".into(),
@@ -217,8 +217,14 @@ async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
         .spawn()
         .unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
-    let upstream = SocketAddr::from(([127, 0, 0, 1], upstream));
     wait::ready(admin, Duration::from_secs(20)).await;
+    (child, admin, SocketAddr::from(([127, 0, 0, 1], upstream)))
+}
+
+#[tokio::test]
+async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
+    let backend = Backend::start().await;
+    let (mut child, admin, upstream) = logging_at_info(&backend).await;
     const JUNK: usize = 200;
     for _ in 0..JUNK {
         let rsp = raw(upstream, b"GET / HTTP/1.1\nHost: a\n\n").await;
@@ -253,26 +259,8 @@ async fn a_flood_of_junk_is_counted_in_full_and_logged_as_a_sample() {
 #[tokio::test]
 async fn a_flood_of_unasked_ping_acks_is_logged_as_a_sample() {
     let backend = Backend::start().await;
-    let (admin, upstream) = (free_port(), free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
-        .args([
-            format!("--admin-addr=127.0.0.1:{admin}"),
-            "--inbound-addr=127.0.0.1:0".into(),
-            "--outbound-addr=127.0.0.1:0".into(),
-            format!("--upstream=127.0.0.1:{upstream}={}", backend.addr),
-            "--log-level=info".into(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait::ready(
-        SocketAddr::from(([127, 0, 0, 1], admin)),
-        Duration::from_secs(20),
-    )
-    .await;
-    let mut s = TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+    let (mut child, _, upstream) = logging_at_info(&backend).await;
+    let mut s = TcpStream::connect(upstream).await.unwrap();
     // The preface, an empty SETTINGS, the acknowledgements, then a PING of
     // our own: its answer comes once every frame before it was read.
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".to_vec();
