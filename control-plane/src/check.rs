@@ -207,27 +207,43 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
     let mut controller = Api::<Deployment>::namespaced(client.clone(), &ns)
         .get_opt(CONTROLLER)
         .await;
-    // No controller where asked, and the injector's webhook calls one
-    // elsewhere (the chart's `namespace` value): that install is checked,
-    // rather than six failures saying to install again.
-    if matches!(controller, Ok(None))
-        && let Ok(Some(hook)) = Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .get_opt(WEBHOOK_CONFIG)
-            .await
-        && let Some(there) = (hook.webhooks.iter().flatten())
-            .find_map(|w| Some(w.client_config.service.as_ref()?.namespace.clone()))
-            .filter(|there| *there != ns)
+    // Where the injector's webhooks call their controller: with none where
+    // asked and all calling one elsewhere (the chart's `namespace` value),
+    // that install is checked, rather than six failures saying to install
+    // again; with one here and a webhook calling elsewhere (another
+    // install's), pods are admitted by that one, said.
+    let called: Vec<String> = match Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get_opt(WEBHOOK_CONFIG)
+        .await
     {
-        say(line(
+        Ok(Some(hook)) => (hook.webhooks.iter().flatten())
+            .filter_map(|w| Some(w.client_config.service.as_ref()?.namespace.clone()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let elsewhere: Vec<&String> = called.iter().filter(|n| **n != ns).collect();
+    match (&controller, elsewhere.first()) {
+        (Ok(None), Some(&there))
+            if elsewhere.len() == called.len() && called.iter().all(|n| n == there) =>
+        {
+            say(line(
+                Verdict::Warn,
+                format!(
+                    "no controller in {ns}; the injector's webhook calls one in {there}: checking that install (strait check --namespace {there})"
+                ),
+            ));
+            ns = there.clone();
+            controller = Api::<Deployment>::namespaced(client.clone(), &ns)
+                .get_opt(CONTROLLER)
+                .await;
+        }
+        (_, Some(there)) => say(line(
             Verdict::Warn,
             format!(
-                "no controller in {ns}; the injector's webhook calls one in {there}: checking that install (strait check --namespace {there})"
+                "the injector's webhook calls a controller in {there}, not in {ns}: pods are admitted there (strait check --namespace {there})"
             ),
-        ));
-        ns = there;
-        controller = Api::<Deployment>::namespaced(client.clone(), &ns)
-            .get_opt(CONTROLLER)
-            .await;
+        )),
+        _ => {}
     }
     let ns = &ns;
     // A certificate of the operator's own (cert-manager's) for the webhooks,
@@ -1176,8 +1192,8 @@ impl Asked {
             || self.disabled.contains(ns)
             || ns == self.system
             || crate::defaults::SYSTEM_NAMESPACES.contains(&ns)
-            // A static pod's mirror: the kubelet runs it from a file, and
-            // no webhook ever sees it.
+            // A static pod's mirror: the kubelet runs it from a file on the
+            // node, which no restart through the API changes.
             || (p.metadata.annotations.as_ref())
                 .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
         {
@@ -1521,7 +1537,7 @@ fn webhook_line(
                 Some(Some(n)) => line(
                     Verdict::Warn,
                     format!(
-                        "{what} trusts the mesh's anchors and {n} other certificate(s) beside them: an anchor a rotation retired is still trusted there until its caBundle is written again (apply strait install's output again)"
+                        "{what} trusts the mesh's anchors and {n} other certificate(s) beside them: an anchor a rotation retired is still trusted there until its caBundle is written again (apply strait install's output again, or helm upgrade)"
                     ),
                 ),
                 Some(_) => line(

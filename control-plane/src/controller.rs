@@ -199,12 +199,12 @@ fn parse_lease(s: &str) -> Result<Duration, String> {
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
     let d =
         humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 24h, 1h, 10s)"))?;
-    // A proxy renews at half its certificate's life at the soonest, and no
+    // A proxy renews at 65 % of its certificate's life at the soonest, and no
     // sooner than a second after the last; the certificate's end is written
     // in whole seconds, so one issued for less than 3s may end first.
     if d < Duration::from_secs(3) {
         return Err(
-            "a certificate must live at least 3s (its proxy renews it no sooner than half-way, and 1s)".into(),
+            "a certificate must live at least 3s (its proxy renews it at two thirds of its life or so, and no sooner than 1s)".into(),
         );
     }
     if d > defaults::MAX_CERT_LIFETIME {

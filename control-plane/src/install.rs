@@ -1852,10 +1852,6 @@ mod tests {
         }
     }
 
-    /// Uninstalling removes the fail-closed webhooks before anything they
-    /// need (their controller, its Service) and the namespace last, names
-    /// every other object the install made, leaves the CRDs (and with them
-    /// every policy), and carries no key.
     /// A namespace's admins and editors may write strait's policies there,
     /// and its viewers read them, through Kubernetes' own roles.
     #[test]
@@ -1891,6 +1887,10 @@ mod tests {
         assert!(grants(&view, "list") && !grants(&view, "create"));
     }
 
+    /// Uninstalling removes the fail-closed webhooks before anything they
+    /// need (their controller, its Service) and the namespace last, names
+    /// every other object the install made, leaves the CRDs (and with them
+    /// every policy), and carries no key.
     #[test]
     fn uninstall_takes_the_webhooks_out_first_and_the_namespace_last() {
         let out = uninstall_objects().unwrap();

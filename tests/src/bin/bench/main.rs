@@ -119,9 +119,14 @@ async fn main() -> anyhow::Result<()> {
             baseline,
             with_tracing,
         } => {
-            // Only a full run is the page's: a quick, partial or baseline
-            // run writes its JSON beside it and draws no plot over its plots.
-            let full = !cli.quick && loads.is_empty() && scenarios.is_empty() && baseline.is_none();
+            // Only a full run (every load and pair, the traced one with
+            // them) is the page's: another writes its JSON beside it and
+            // draws no plot over its plots.
+            let full = !cli.quick
+                && with_tracing
+                && loads.is_empty()
+                && scenarios.is_empty()
+                && baseline.is_none();
             let r = proxy::run(
                 cli.quick,
                 if cli.quick { 1 } else { rounds },

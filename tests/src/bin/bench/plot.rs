@@ -269,3 +269,56 @@ pub fn write(r: &Results, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>>
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::Sample;
+
+    /// A run's plots are drawn (CI's quick run draws none, so this is what
+    /// keeps the drawing working), each a PNG.
+    #[test]
+    fn a_runs_plots_are_drawn() {
+        let sample = |scenario: &str, p99: f64| Sample {
+            round: 0,
+            scenario: scenario.into(),
+            load: "h1 1000/s".into(),
+            achieved_rps: 1000.0,
+            p50_ms: 0.2,
+            p90_ms: 0.3,
+            p99_ms: p99,
+            p999_ms: 1.0,
+            requests: 10_000,
+            errors: 0,
+            vcpu_per_krps: if scenario == "direct" {
+                Vec::new()
+            } else {
+                vec![0.1, 0.1]
+            },
+            peak_rss_mib: if scenario == "direct" {
+                Vec::new()
+            } else {
+                vec![11.0, 11.0]
+            },
+        };
+        let r = Results {
+            machine: "test".into(),
+            samples: vec![
+                sample("direct", 0.5),
+                sample("strait-mtls", 0.9),
+                sample("haproxy-mtls", 0.8),
+            ],
+            memory: Vec::new(),
+            idle_conns: Vec::new(),
+        };
+        let dir = std::env::temp_dir().join(format!("strait-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let drawn = write(&r, &dir).unwrap();
+        assert!(!drawn.is_empty());
+        for p in &drawn {
+            let bytes = std::fs::read(p).unwrap();
+            assert!(bytes.starts_with(b"\x89PNG"), "{}", p.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
