@@ -221,11 +221,8 @@ async fn checks(args: &CheckArgs) -> Vec<Line> {
             .collect(),
         _ => Vec::new(),
     };
-    let elsewhere: Vec<&String> = called.iter().filter(|n| **n != ns).collect();
-    match (&controller, elsewhere.first()) {
-        (Ok(None), Some(&there))
-            if elsewhere.len() == called.len() && called.iter().all(|n| n == there) =>
-        {
+    match (&controller, called.iter().find(|n| **n != ns)) {
+        (Ok(None), Some(there)) if called.iter().all(|n| n == there) => {
             say(line(
                 Verdict::Warn,
                 format!(

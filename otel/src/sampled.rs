@@ -120,7 +120,8 @@ macro_rules! sampled {
 /// and hyper-util once per CONNECT whose target has a path, quoting it. A
 /// stranger reaching a listener could write the node's disk full through
 /// them, on the thread that serves requests. Their events at info and above
-/// take a budget per place in their code, as strait's own such lines do;
+/// take a budget per place in their code, as strait's own such lines do
+/// (with no count of those left out: their fields are not ours to add);
 /// debug and trace, off unless asked for, pass.
 #[derive(Debug, Default)]
 pub struct OthersSampled {

@@ -984,7 +984,7 @@ impl Snapshot {
 
     /// The pod a node address and `hostPort` lead to, with the pod's address
     /// (of the node address's family) and container port there; unless
-    /// none or more than one claims it.
+    /// none, or more than one not being deleted, claims it (`holder`).
     pub fn pod_at_host_port(&self, at: SocketAddr) -> Option<(&ObjKey, &PodInfo, SocketAddr)> {
         let (key, pod) = self.holder(self.by_host_port.get(&at)?)?;
         let (_, port) = pod.host_ports.iter().find(|(a, _)| *a == at)?;
@@ -992,7 +992,8 @@ impl Snapshot {
         Some((key, pod, SocketAddr::new(*ip, *port)))
     }
 
-    /// The pod at `ip`, unless none or more than one claims it.
+    /// The pod at `ip`, unless none, or more than one not being deleted,
+    /// claims it (`holder`).
     pub fn pod_at(&self, ip: IpAddr) -> Option<(&ObjKey, &PodInfo)> {
         self.holder(self.by_pod_ip.get(&ip)?)
     }
